@@ -1,0 +1,335 @@
+//! Field projection: `fields` / `exclude` lists of dotted paths checked
+//! against a known document shape, then applied to JSON documents.
+//!
+//! Paths are validated against a fixed schema (never against SQL), so an
+//! unknown or hostile name is an error that names it and can never reach a
+//! query as text.
+
+use crate::daily::parse_day_key;
+use crate::names::to_camel;
+use serde_json::{Map, Value};
+
+/// The shape of a document: which paths exist.
+#[derive(Debug)]
+pub enum Shape {
+    /// A value taken whole.
+    Leaf,
+    /// An object with named members.
+    Fields(&'static [(&'static str, Shape)]),
+    /// An object keyed by day of month (`"1"`..`"31"`, or `*` for every day).
+    Days(&'static Shape),
+}
+
+static DAY: Shape = Shape::Fields(&[("sales", Shape::Leaf), ("customers", Shape::Leaf), ("transactions", Shape::Leaf)]);
+
+/// A store as it appears in documents.
+pub static STORE_DOC: Shape = STORE_SHAPE;
+
+/// A monthly sales document (`sales.sales_doc()`), optionally with its store.
+pub static SALES_DOC: Shape = Shape::Fields(&[
+    ("id", Shape::Leaf),
+    ("storeId", Shape::Leaf),
+    ("year", Shape::Leaf),
+    ("month", Shape::Leaf),
+    ("dailyData", Shape::Days(&DAY)),
+    ("totalSales", Shape::Leaf),
+    ("totalCustomers", Shape::Leaf),
+    ("daysReported", Shape::Leaf),
+    ("version", Shape::Leaf),
+    ("createdAt", Shape::Leaf),
+    ("updatedAt", Shape::Leaf),
+    ("store", STORE_SHAPE),
+]);
+
+// A const, so that it can be embedded in SALES_DOC and exported as STORE_DOC.
+const STORE_SHAPE: Shape = Shape::Fields(&[
+    ("id", Shape::Leaf),
+    ("code", Shape::Leaf),
+    ("name", Shape::Leaf),
+    ("region", Shape::Leaf),
+    ("status", Shape::Leaf),
+    ("version", Shape::Leaf),
+    ("createdAt", Shape::Leaf),
+    ("updatedAt", Shape::Leaf),
+]);
+
+pub const MAX_PATHS: usize = 200;
+pub const MAX_PATH_LEN: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionError {
+    /// The path as the caller wrote it.
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ProjectionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "field \"{}\": {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ProjectionError {}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Trie {
+    terminal: bool,
+    children: Vec<(String, Trie)>,
+}
+
+impl Trie {
+    fn insert(&mut self, segments: &[String]) {
+        if self.terminal {
+            return;
+        }
+        let Some((first, rest)) = segments.split_first() else {
+            self.terminal = true;
+            self.children.clear();
+            return;
+        };
+        let idx = match self.children.iter().position(|(k, _)| k == first) {
+            Some(i) => i,
+            None => {
+                self.children.push((first.clone(), Trie::default()));
+                self.children.len() - 1
+            }
+        };
+        self.children[idx].1.insert(rest);
+    }
+
+    fn get(&self, key: &str) -> Option<&Trie> {
+        self.children.iter().find(|(k, _)| k == key).map(|(_, t)| t)
+    }
+
+    /// The sub-trie that applies to member `key`: its own entry merged with `*`.
+    fn child_for(&self, key: &str) -> Option<std::borrow::Cow<'_, Trie>> {
+        match (self.get(key), self.get("*")) {
+            (Some(a), None) => Some(std::borrow::Cow::Borrowed(a)),
+            (None, Some(b)) => Some(std::borrow::Cow::Borrowed(b)),
+            (None, None) => None,
+            (Some(a), Some(b)) => Some(std::borrow::Cow::Owned(a.merged(b))),
+        }
+    }
+
+    fn merged(&self, other: &Trie) -> Trie {
+        if self.terminal || other.terminal {
+            return Trie { terminal: true, children: vec![] };
+        }
+        let mut out = self.clone();
+        for (k, t) in &other.children {
+            match out.children.iter_mut().find(|(ok, _)| ok == k) {
+                Some((_, existing)) => *existing = existing.merged(t),
+                None => out.children.push((k.clone(), t.clone())),
+            }
+        }
+        out
+    }
+}
+
+/// A checked `fields` / `exclude` pair, ready to apply to many documents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection {
+    include: Option<Trie>,
+    exclude: Option<Trie>,
+    /// The canonical (camelCase) paths that were asked for, for metadata.
+    pub fields: Vec<String>,
+    pub excluded: Vec<String>,
+}
+
+/// Splits and checks one path against `shape`, returning canonical segments.
+pub fn parse_path(shape: &Shape, raw: &str) -> Result<Vec<String>, ProjectionError> {
+    let err = |reason: &str| ProjectionError { field: raw.to_string(), reason: reason.to_string() };
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err(err("empty field name"));
+    }
+    if trimmed.len() > MAX_PATH_LEN {
+        return Err(err("field path is too long"));
+    }
+    let mut out = Vec::new();
+    let mut shape = shape;
+    for seg in trimmed.split('.') {
+        if seg.is_empty() || !seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'*') {
+            return Err(err("unknown field"));
+        }
+        match shape {
+            Shape::Leaf => return Err(err("unknown field (path goes below a plain value)")),
+            Shape::Fields(members) => {
+                let name = to_camel(seg);
+                let Some((canonical, next)) = members.iter().find(|(m, _)| *m == name) else {
+                    return Err(err("unknown field"));
+                };
+                out.push((*canonical).to_string());
+                shape = next;
+            }
+            Shape::Days(day) => {
+                if seg != "*" && !matches!(parse_day_key(seg), Some(1..=31)) {
+                    return Err(err("unknown field (day must be 1..31 or *)"));
+                }
+                out.push(seg.to_string());
+                shape = day;
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Projection {
+    /// Checks `fields` and `exclude` against `shape`. Empty `fields` means all.
+    pub fn new<S: AsRef<str>>(shape: &Shape, fields: &[S], exclude: &[S]) -> Result<Self, ProjectionError> {
+        if fields.len() + exclude.len() > MAX_PATHS {
+            return Err(ProjectionError {
+                field: String::new(),
+                reason: format!("at most {MAX_PATHS} fields may be given"),
+            });
+        }
+        let build = |list: &[S]| -> Result<(Option<Trie>, Vec<String>), ProjectionError> {
+            if list.is_empty() {
+                return Ok((None, vec![]));
+            }
+            let mut trie = Trie::default();
+            let mut names = Vec::new();
+            for f in list {
+                let segs = parse_path(shape, f.as_ref())?;
+                names.push(segs.join("."));
+                trie.insert(&segs);
+            }
+            Ok((Some(trie), names))
+        };
+        let (include, fields) = build(fields)?;
+        let (exclude, excluded) = build(exclude)?;
+        Ok(Self { include, exclude, fields, excluded })
+    }
+
+    /// True when the projection leaves documents as they are.
+    pub fn is_identity(&self) -> bool {
+        self.include.is_none() && self.exclude.is_none()
+    }
+
+    /// Applies `fields` then `exclude` to one document.
+    pub fn apply(&self, doc: &Value) -> Value {
+        let mut out = match &self.include {
+            Some(t) => include(doc, t),
+            None => doc.clone(),
+        };
+        if let Some(t) = &self.exclude {
+            exclude(&mut out, t);
+        }
+        out
+    }
+
+    /// Like `apply` but takes ownership (avoids a copy when nothing is picked).
+    pub fn apply_owned(&self, doc: Value) -> Value {
+        let mut out = match &self.include {
+            Some(t) => include(&doc, t),
+            None => doc,
+        };
+        if let Some(t) = &self.exclude {
+            exclude(&mut out, t);
+        }
+        out
+    }
+}
+
+fn include(v: &Value, t: &Trie) -> Value {
+    if t.terminal {
+        return v.clone();
+    }
+    match v {
+        Value::Object(m) => {
+            let mut out = Map::new();
+            for (k, mv) in m {
+                if let Some(child) = t.child_for(k) {
+                    out.insert(k.clone(), include(mv, &child));
+                }
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}
+
+fn exclude(v: &mut Value, t: &Trie) {
+    let Value::Object(m) = v else { return };
+    let keys: Vec<String> = m.keys().cloned().collect();
+    for k in keys {
+        if let Some(child) = t.child_for(&k) {
+            if child.terminal {
+                m.remove(&k);
+            } else if let Some(mv) = m.get_mut(&k) {
+                exclude(mv, &child);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc() -> Value {
+        json!({
+            "id": 1, "storeId": 7, "year": 2024, "month": 1,
+            "dailyData": {"1": {"sales": 10, "customers": 2}, "2": {"sales": 20, "customers": 3}},
+            "totalSales": 30, "version": 1,
+            "store": {"id": 7, "name": "Main St", "region": "North"}
+        })
+    }
+
+    fn p(fields: &[&str], exclude: &[&str]) -> Result<Projection, ProjectionError> {
+        Projection::new(&SALES_DOC, fields, exclude)
+    }
+
+    #[test]
+    fn top_level_and_snake_case() {
+        let out = p(&["id", "store_id", "total_sales"], &[]).unwrap().apply(&doc());
+        assert_eq!(out, json!({"id": 1, "storeId": 7, "totalSales": 30}));
+    }
+
+    #[test]
+    fn nested_paths() {
+        let out = p(&["dailyData.1.sales", "store.name"], &[]).unwrap().apply(&doc());
+        assert_eq!(out, json!({"dailyData": {"1": {"sales": 10}}, "store": {"name": "Main St"}}));
+    }
+
+    #[test]
+    fn wildcard_days() {
+        let out = p(&["daily_data.*.sales"], &[]).unwrap().apply(&doc());
+        assert_eq!(out, json!({"dailyData": {"1": {"sales": 10}, "2": {"sales": 20}}}));
+    }
+
+    #[test]
+    fn exclude_after_fields() {
+        let out = p(&["id", "dailyData"], &["dailyData.2", "dailyData.1.customers"]).unwrap().apply(&doc());
+        assert_eq!(out, json!({"id": 1, "dailyData": {"1": {"sales": 10}}}));
+        let out = p(&[], &["dailyData", "store"]).unwrap().apply(&doc());
+        assert_eq!(out, json!({"id": 1, "storeId": 7, "year": 2024, "month": 1, "totalSales": 30, "version": 1}));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = p(&["id", "colour"], &[]).unwrap_err();
+        assert_eq!(e.field, "colour");
+        let e = p(&["id; DROP TABLE sales.stores"], &[]).unwrap_err();
+        assert_eq!(e.field, "id; DROP TABLE sales.stores");
+        assert!(p(&["dailyData.32"], &[]).is_err());
+        assert!(p(&["dailyData.1.profit"], &[]).is_err());
+        assert!(p(&["year.x"], &[]).is_err());
+        assert!(p(&[""], &[]).is_err());
+        assert!(p(&[], &["nope"]).is_err());
+    }
+
+    #[test]
+    fn parent_then_child_keeps_parent() {
+        let out = p(&["store", "store.name"], &[]).unwrap().apply(&doc());
+        assert_eq!(out, json!({"store": {"id": 7, "name": "Main St", "region": "North"}}));
+    }
+
+    #[test]
+    fn canonical_names_reported() {
+        let pr = p(&["store_id", "daily_data.1.sales"], &[]).unwrap();
+        assert_eq!(pr.fields, vec!["storeId", "dailyData.1.sales"]);
+        assert!(p(&[], &[]).unwrap().is_identity());
+    }
+}

@@ -1,0 +1,83 @@
+-- Index health for the sales tables: what is wrong and the statement that
+-- fixes it. The statements use CONCURRENTLY, which cannot run inside a
+-- function or transaction, so `sales-server maintain` (or an operator) runs
+-- them one by one.
+--
+-- reason:
+--   invalid    a CREATE/REINDEX ... CONCURRENTLY that failed left it unusable
+--   duplicate  same table, columns, operator classes, expressions and predicate
+--              as another index that is kept (constraint-backed, unique, oldest)
+--   unused     never scanned since statistics were reset, at least min_unused_bytes,
+--              backs no constraint (advisory: `maintain` drops these only when asked)
+--   bloated    a btree at least min_bloat_bytes and over twice the size its
+--              rows need (estimate from pg_stats widths)
+CREATE FUNCTION sales.index_report(min_unused_bytes bigint DEFAULT 1048576, min_bloat_bytes bigint DEFAULT 8388608)
+RETURNS TABLE (index_name text, table_name text, size_bytes bigint, reason text, detail text, fix text)
+LANGUAGE sql STABLE AS $$
+WITH idx AS (
+    SELECT i.indexrelid, i.indrelid, c.relname::text AS iname, t.relname::text AS tname,
+           i.indisvalid AS valid, i.indisunique AS uniq,
+           i.indkey::text AS keys, i.indclass::text AS classes,
+           coalesce(pg_get_expr(i.indexprs, i.indrelid), '') AS exprs,
+           coalesce(pg_get_expr(i.indpred, i.indrelid), '') AS pred,
+           pg_relation_size(i.indexrelid) AS size, c.relpages, t.reltuples,
+           coalesce(s.idx_scan, 0) AS scans, am.amname,
+           EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) AS backs_constraint
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_class t ON t.oid = i.indrelid
+    JOIN pg_namespace n ON n.oid = t.relnamespace
+    JOIN pg_am am ON am.oid = c.relam
+    LEFT JOIN pg_stat_all_indexes s ON s.indexrelid = i.indexrelid
+    WHERE n.nspname = 'sales'
+), ranked AS (
+    SELECT idx.*,
+           row_number() OVER (PARTITION BY indrelid, keys, classes, exprs, pred, valid
+                              ORDER BY backs_constraint DESC, uniq DESC, indexrelid) AS rank_in_twins,
+           first_value(iname) OVER (PARTITION BY indrelid, keys, classes, exprs, pred, valid
+                                    ORDER BY backs_constraint DESC, uniq DESC, indexrelid) AS keeper
+    FROM idx
+), widths AS (
+    SELECT idx.indexrelid,
+           sum(st.avg_width) AS key_width,
+           count(st.avg_width) = count(*) AS all_known
+    FROM idx
+    CROSS JOIN LATERAL unnest(string_to_array(idx.keys, ' ')::int2[]) AS k(attnum)
+    LEFT JOIN pg_attribute a ON a.attrelid = idx.indrelid AND a.attnum = k.attnum
+    LEFT JOIN pg_stats st ON st.schemaname = 'sales' AND st.tablename = idx.tname AND st.attname = a.attname
+    GROUP BY idx.indexrelid
+)
+SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'invalid',
+       CASE WHEN v.iname IS NOT NULL THEN format('unusable; a valid twin exists (sales.%I)', v.iname)
+            ELSE 'unusable: a concurrent build or reindex did not finish' END,
+       CASE WHEN v.iname IS NOT NULL THEN format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
+            ELSE format('REINDEX INDEX CONCURRENTLY sales.%I', r.iname) END
+FROM ranked r
+LEFT JOIN LATERAL (SELECT o.iname FROM idx o
+                   WHERE o.valid AND o.indrelid = r.indrelid AND o.keys = r.keys AND o.classes = r.classes
+                     AND o.exprs = r.exprs AND o.pred = r.pred LIMIT 1) v ON true
+WHERE NOT r.valid
+UNION ALL
+SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'duplicate',
+       format('same definition as sales.%I, which is kept', r.keeper),
+       format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
+FROM ranked r
+WHERE r.valid AND r.rank_in_twins > 1 AND NOT r.backs_constraint
+UNION ALL
+SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'unused',
+       'no scans since statistics were last reset',
+       format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
+FROM ranked r
+WHERE r.valid AND r.rank_in_twins = 1 AND r.scans = 0 AND NOT r.backs_constraint AND NOT r.uniq
+  AND r.size >= min_unused_bytes
+UNION ALL
+SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'bloated',
+       format('%s bytes where about %s would do', r.size,
+              ((ceil(r.reltuples * (w.key_width + 16) / (8192 * 0.9)) + 1) * 8192)::bigint),
+       format('REINDEX INDEX CONCURRENTLY sales.%I', r.iname)
+FROM ranked r JOIN widths w USING (indexrelid)
+WHERE r.valid AND r.amname = 'btree' AND r.exprs = '' AND w.all_known AND r.reltuples > 0
+  AND r.size >= min_bloat_bytes
+  AND r.relpages > 2 * (ceil(r.reltuples * (w.key_width + 16) / (8192 * 0.9)) + 1)
+ORDER BY 4, 1
+$$;

@@ -1,0 +1,26 @@
+//! pg_sales: the work of the sales backend, inside Postgres.
+//!
+//! Each capability lives in its own module; this file only wires them. The
+//! schema (tables, triggers, event functions, index report) is hand-written
+//! SQL in `sql/`, loaded after the Rust functions it calls.
+
+use pgrx::prelude::*;
+
+mod error;
+mod projection;
+mod upsert;
+mod validate;
+
+pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", finalize);
+extension_sql_file!("../sql/maintenance.sql", name = "maintenance", requires = ["schema"]);
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
