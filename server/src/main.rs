@@ -1,1 +1,125 @@
-fn main(){}
+use clap::Parser;
+use sales_server::cli::{Cli, Command, UserCommand};
+use sales_server::config::Config;
+use sales_server::{db, logging, maintain, seed, users, Server};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&config);
+    match run(cli.command.unwrap_or(Command::Serve), config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested; finishing requests in flight");
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            config.require_jwt_secret()?;
+            let server = Server::bind(config).await?;
+            tracing::info!(addr = %server.addr, version = sales_server::VERSION, "listening");
+            println!("listening on http://{}", server.addr);
+            server.run(shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await?;
+            println!("migrations applied: {applied}");
+            Ok(())
+        }
+        Command::Seed(args) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let started = std::time::Instant::now();
+            let s = seed::seed(&pool, &args).await?;
+            if s.skipped {
+                println!("database already has stores; nothing seeded (drop --if-empty to add anyway)");
+            } else {
+                println!(
+                    "seeded {} stores, {} store-months ({} new, {} updated) in {:.1}s",
+                    s.stores,
+                    s.records,
+                    s.inserted,
+                    s.updated,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+        Command::User(UserCommand::Add(args)) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let password = users::read_password(args.password)?;
+            let (id, created) = users::upsert_user(&pool, &args.email, &args.role, &args.stores, &password).await?;
+            println!("{} user {} ({}) with id {id}", if created { "created" } else { "updated" }, args.email, args.role);
+            Ok(())
+        }
+        Command::Maintain(args) => {
+            let pool = db::connect(&config).await?;
+            let findings = maintain::report(&pool).await?;
+            if findings.is_empty() {
+                println!("index report: nothing to fix");
+            }
+            for f in &findings {
+                println!("{:<9} {} on {} ({} bytes): {}", f.reason, f.index_name, f.table_name, f.size_bytes, f.detail);
+            }
+            let statements = maintain::plan(&findings, args.drop_unused);
+            if args.dry_run {
+                for s in &statements {
+                    println!("would run: {s}");
+                }
+                return Ok(());
+            }
+            let mut failed = 0;
+            for a in maintain::apply(&config.database_url, &statements).await? {
+                match &a.outcome {
+                    Ok(()) => println!("ran: {} ({:.0} ms)", a.statement, a.elapsed.as_secs_f64() * 1000.0),
+                    Err(e) => {
+                        failed += 1;
+                        println!("failed: {}: {e}", a.statement)
+                    }
+                }
+            }
+            let pruned = maintain::prune_events(&pool, config.event_retention).await?;
+            println!("pruned {pruned} events older than {}s", config.event_retention.as_secs());
+            if failed > 0 {
+                anyhow::bail!("{failed} maintenance statement(s) failed");
+            }
+            Ok(())
+        }
+        Command::Openapi => {
+            // The spec needs no live connections: a lazy pool never connects.
+            let state = sales_server::state::AppState::offline(config)?;
+            println!("{}", sales_server::http::openapi_json(state));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Test harness: every test gets its own database (with the extension and all
+//! migrations) on the real Postgres cluster, its own Redis key prefix, and,
+//! when it needs one, its own server on a free port.
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use sales_server::config::Config;
+pub use sales_server::RunningServer;
+
+/// The cluster the tests use (same as `make test` sets up).
+pub fn base_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| sales_server::config::DEFAULT_DATABASE_URL.to_string())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+/// Path of the server binary built by `make test` (debug profile).
+pub fn server_bin() -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug/sales-server")
+}
+
+/// A database of its own, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// Creates `pgs_test_<random>`, installs the extension and runs migrations.
+    pub async fn new() -> Self {
+        let name = format!("pgs_test_{}", uuid::Uuid::new_v4().simple());
+        let base = PgConnectOptions::from_str(&base_url()).expect("DATABASE_URL");
+        let mut admin = base.clone().database("postgres").connect().await.expect("connect to postgres db");
+        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        admin.close().await.ok();
+        let opts = base.database(&name);
+        let url = format!("{}", opts.to_url_lossy());
+        let pool = PgPoolOptions::new().max_connections(10).connect_with(opts).await.expect("connect to test database");
+        sales_server::db::migrate(&pool).await.expect("migrations");
+        Self { name, url, pool }
+    }
+
+    /// A fresh single connection (for LISTEN, or for holding a transaction open).
+    pub async fn connect(&self) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&self.url).await.expect("connect")
+    }
+
+    /// Inserts `n` stores (codes T001..), returning their ids.
+    pub async fn stores(&self, n: usize) -> Vec<i64> {
+        let codes: Vec<String> = (1..=n).map(|i| format!("T{i:03}")).collect();
+        let regions: Vec<String> = (0..n).map(|i| ["North", "South", "East"][i % 3].to_string()).collect();
+        sqlx::query_scalar(
+            "INSERT INTO sales.stores (code, name, region)
+             SELECT c, 'Store ' || c, r FROM unnest($1::text[], $2::text[]) AS t(c, r) RETURNING id",
+        )
+        .bind(&codes)
+        .bind(&regions)
+        .fetch_all(&self.pool)
+        .await
+        .expect("insert stores")
+    }
+
+    /// Server configuration pointing at this database, with `overrides`.
+    pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        let mut vars: HashMap<String, String> = HashMap::new();
+        vars.insert("DATABASE_URL".into(), self.url.clone());
+        vars.insert("PORT".into(), "0".into());
+        vars.insert("JWT_SECRET".into(), TEST_JWT_SECRET.into());
+        vars.insert("REDIS_URL".into(), redis_url());
+        vars.insert("CACHE_PREFIX".into(), self.name.clone());
+        vars.insert("DB_POOL_MAX".into(), "8".into());
+        vars.insert("DB_POOL_MIN".into(), "0".into());
+        vars.insert("LOG_LEVEL".into(), "warn".into());
+        for (k, v) in overrides {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Config::from_map(&vars).expect("test configuration")
+    }
+
+    /// Starts an in-process server on a free port.
+    pub async fn server(&self, overrides: &[(&str, &str)]) -> RunningServer {
+        sales_server::Server::bind(self.config(overrides)).await.expect("server bind").spawn()
+    }
+
+    /// Environment for running the server binary against this database.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.url.clone()),
+            ("JWT_SECRET".into(), TEST_JWT_SECRET.into()),
+            ("REDIS_URL".into(), redis_url()),
+            ("CACHE_PREFIX".into(), self.name.clone()),
+            ("LOG_LEVEL".into(), "warn".into()),
+        ]
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Async drop is not available; a short-lived runtime on its own thread
+        // removes the database so runs do not pile up.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    if let Ok(opts) = PgConnectOptions::from_str(&base_url()) {
+                        if let Ok(mut c) = opts.database("postgres").connect().await {
+                            let _ = c.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                        }
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string())
+}

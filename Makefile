@@ -1,0 +1,73 @@
+# pg_sales: `make run` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+DB_USER     ?= sales_app
+DB_PASSWORD ?= pg_sales_dev
+DB_NAME     ?= pg_sales
+export DATABASE_URL ?= postgres://$(DB_USER):$(DB_PASSWORD)@127.0.0.1:5432/$(DB_NAME)
+export REDIS_URL    ?= redis://127.0.0.1:6379
+export JWT_SECRET   ?= pg-sales-development-secret-change-me-in-production
+export PORT         ?= 3001
+export DEMO_ADMIN_EMAIL    ?= admin@pg-sales.local
+export DEMO_ADMIN_PASSWORD ?= demo-admin-password
+export CARGO_TERM_COLOR ?= never
+
+SERVER_RELEASE := target/release/sales-server
+SERVER_DEBUG   := target/debug/sales-server
+
+.PHONY: run test setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
+
+setup:
+	./scripts/setup.sh all
+
+services:
+	./scripts/setup.sh services
+
+build: setup
+	cargo build --release -p sales-server
+
+build-debug: setup
+	cargo build -p sales-server
+
+migrate: build
+	$(SERVER_RELEASE) migrate
+
+seed: migrate
+	$(SERVER_RELEASE) seed --if-empty
+
+demo-admin: migrate
+	@echo "$(DEMO_ADMIN_PASSWORD)" | $(SERVER_RELEASE) user add --email "$(DEMO_ADMIN_EMAIL)" --role admin >/dev/null
+	@echo "demo admin: $(DEMO_ADMIN_EMAIL) / $(DEMO_ADMIN_PASSWORD)"
+
+## Installs what is missing, starts Postgres and Redis, builds and installs the
+## extension, migrates, loads demo data and serves on 127.0.0.1:$(PORT).
+run: seed demo-admin
+	@echo "serving on http://127.0.0.1:$(PORT)  (health: /health, docs: /docs)"
+	exec $(SERVER_RELEASE) serve
+
+## The same set-up, then every test: unit, extension (SQL) and end-to-end.
+test: setup
+	cargo build -p sales-server
+	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}
+
+## Benchmarks print ratios against floors measured in the same run.
+bench: build
+	cargo build --release -p sales-e2e --bins
+	./scripts/bench.sh
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+## Regenerates openapi/openapi.json from the server's code.
+openapi: build-debug
+	$(SERVER_DEBUG) openapi > openapi/openapi.json
+
+## Drops and recreates the demo database (after an incompatible extension change).
+reset-db: setup
+	sudo -u postgres dropdb --if-exists --force $(DB_NAME)
+	./scripts/setup.sh database

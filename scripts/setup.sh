@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Brings a Debian 12 machine (as root) to the point where pg_sales can run and
+# be tested: packages, cargo-pgrx, the Postgres cluster and Redis, the
+# extension, the application role and database. Every step checks first and
+# skips what is already done, so a second run takes seconds.
+set -euo pipefail
+
+PG_MAJOR=15
+PG_CONFIG=/usr/lib/postgresql/${PG_MAJOR}/bin/pg_config
+PGRX_VERSION=0.18.1
+DB_USER=${PG_SALES_DB_USER:-sales_app}
+DB_PASSWORD=${PG_SALES_DB_PASSWORD:-pg_sales_dev}
+DB_NAME=${PG_SALES_DB_NAME:-pg_sales}
+REDIS_PORT=${PG_SALES_REDIS_PORT:-6379}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STAMP_DIR=$ROOT/target/.setup
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup must run as root (it installs packages and manages the Postgres cluster)" >&2
+        exit 1
+    fi
+}
+
+deps() {
+    need_root
+    local pkgs=(postgresql-${PG_MAJOR} postgresql-contrib postgresql-server-dev-${PG_MAJOR} libclang-dev clang
+                pkg-config libssl-dev redis-server sudo ca-certificates)
+    local missing=()
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx ${PGRX_VERSION}" ]; then
+        log "installing cargo-pgrx ${PGRX_VERSION} (takes a few minutes once)"
+        cargo install cargo-pgrx --version "${PGRX_VERSION}" --locked
+    fi
+    if ! grep -qs "^pg${PG_MAJOR} = \"${PG_CONFIG}\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+        log "cargo pgrx init --pg${PG_MAJOR} ${PG_CONFIG}"
+        cargo pgrx init --pg${PG_MAJOR} "${PG_CONFIG}" >/dev/null
+    fi
+}
+
+postgres_up() {
+    need_root
+    if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -qx "${PG_MAJOR} main"; then
+        log "creating Postgres ${PG_MAJOR} cluster main"
+        pg_createcluster ${PG_MAJOR} main >/dev/null
+    fi
+    local conf=/etc/postgresql/${PG_MAJOR}/main/conf.d/pg_sales.conf
+    local want="# managed by pg_sales scripts/setup.sh
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = all
+max_connections = 300
+wal_level = replica
+max_wal_senders = 10
+listen_addresses = '127.0.0.1'"
+    local restart=no
+    if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
+        mkdir -p "$(dirname "$conf")"
+        printf '%s\n' "$want" > "$conf"
+        restart=yes
+    fi
+    if ! pg_lsclusters -h | awk '$1=='"${PG_MAJOR}"' && $2=="main" {print $4}' | grep -q online; then
+        log "starting Postgres ${PG_MAJOR}/main"
+        pg_ctlcluster ${PG_MAJOR} main start
+    elif [ $restart = yes ]; then
+        log "restarting Postgres ${PG_MAJOR}/main for new settings"
+        pg_ctlcluster ${PG_MAJOR} main restart
+    fi
+    for _ in $(seq 1 50); do
+        sudo -u postgres psql -qAtc 'select 1' >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "Postgres did not become ready" >&2
+    exit 1
+}
+
+redis_up() {
+    if ! redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+        log "starting redis-server on 127.0.0.1:${REDIS_PORT}"
+        mkdir -p /var/lib/pg_sales-redis
+        redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+            --dir /var/lib/pg_sales-redis --logfile /var/lib/pg_sales-redis/redis.log
+        for _ in $(seq 1 50); do
+            redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0
+            sleep 0.1
+        done
+        echo "Redis did not become ready" >&2
+        exit 1
+    fi
+}
+
+extension() {
+    need_root
+    mkdir -p "$STAMP_DIR"
+    local hash
+    hash=$(cd "$ROOT" && cat Cargo.toml Cargo.lock extension/Cargo.toml extension/pg_sales.control \
+        $(find extension/src extension/sql core/src -type f | sort) | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$STAMP_DIR/extension" 2>/dev/null)" = "$hash" ] && [ -f /usr/lib/postgresql/${PG_MAJOR}/lib/pg_sales.so ]; then
+        return 0
+    fi
+    log "building and installing the pg_sales extension (release)"
+    (cd "$ROOT/extension" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
+    echo "$hash" > "$STAMP_DIR/extension"
+}
+
+database() {
+    # The application role is a superuser in this development set-up so that
+    # tests can create databases, install the extension and run index
+    # maintenance; README says how to run with less.
+    sudo -u postgres psql -qAt -v ON_ERROR_STOP=1 >/dev/null <<SQL
+DO \$\$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${DB_USER}') THEN
+        CREATE ROLE ${DB_USER} LOGIN SUPERUSER PASSWORD '${DB_PASSWORD}';
+    END IF;
+END \$\$;
+SQL
+    if ! sudo -u postgres psql -qAt -c "select 1 from pg_database where datname = '${DB_NAME}'" | grep -q 1; then
+        log "creating database ${DB_NAME}"
+        sudo -u postgres createdb -O "${DB_USER}" "${DB_NAME}"
+    fi
+    # Upgrade the extension in place when a newer build was installed.
+    sudo -u postgres psql -qAt -d "${DB_NAME}" -c "select 1" >/dev/null
+}
+
+case "${1:-all}" in
+    deps) deps ;;
+    services) postgres_up; redis_up ;;
+    extension) extension ;;
+    database) database ;;
+    all) deps; postgres_up; redis_up; extension; database ;;
+    *) echo "usage: $0 [deps|services|extension|database|all]" >&2; exit 2 ;;
+esac

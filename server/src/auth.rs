@@ -1,0 +1,294 @@
+//! JWT: issuing (HS256 with JWT_SECRET) and verifying (HS256, or RS256 /
+//! ES256 with the PEM key in JWT_PUBLIC_KEY_FILE for tokens from an outside
+//! identity provider). The verified claims become a [`Principal`] that every
+//! query is scoped by; HTTP and WebSocket share this code.
+
+use crate::config::Config;
+use anyhow::Context;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Manager,
+    Staff,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Manager => "manager",
+            Role::Staff => "staff",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "manager" => Some(Role::Manager),
+            "staff" => Some(Role::Staff),
+            _ => None,
+        }
+    }
+}
+
+/// What a token carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    pub role: Role,
+    /// Stores a non-admin may see.
+    #[serde(default)]
+    pub stores: Vec<i64>,
+    pub exp: i64,
+    #[serde(default)]
+    pub iat: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// The caller, as established by a verified token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: i64,
+    pub email: Option<String>,
+    pub role: Role,
+    /// Empty for admins (who see everything).
+    pub stores: HashSet<i64>,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Whether this caller may read or write sales of `store`.
+    pub fn can_access_store(&self, store: i64) -> bool {
+        self.is_admin() || self.stores.contains(&store)
+    }
+
+    /// Managers and admins export; staff do not.
+    pub fn can_export(&self) -> bool {
+        matches!(self.role, Role::Admin | Role::Manager)
+    }
+
+    /// Managers (for their stores) and admins change store status.
+    pub fn can_manage_store(&self, store: i64) -> bool {
+        self.is_admin() || (self.role == Role::Manager && self.stores.contains(&store))
+    }
+
+    /// `None` means unrestricted; otherwise the sorted store ids.
+    pub fn scope(&self) -> Option<Vec<i64>> {
+        if self.is_admin() {
+            None
+        } else {
+            let mut v: Vec<i64> = self.stores.iter().copied().collect();
+            v.sort_unstable();
+            Some(v)
+        }
+    }
+
+    /// A stable string for cache keys: two callers with different scopes never share one.
+    pub fn scope_key(&self) -> String {
+        match self.scope() {
+            None => "all".into(),
+            Some(v) => format!("{}:{}", self.role.as_str(), v.iter().map(i64::to_string).collect::<Vec<_>>().join(",")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+pub struct Auth {
+    encoding: EncodingKey,
+    hs_decoding: DecodingKey,
+    /// (algorithm, key) for tokens from an outside identity provider.
+    external: Option<(Algorithm, DecodingKey)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    expiry_secs: i64,
+}
+
+impl Auth {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let secret = config.require_jwt_secret()?;
+        let external = match &config.jwt_public_key_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).with_context(|| format!("JWT_PUBLIC_KEY_FILE: reading {path}"))?;
+                if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                    Some((Algorithm::RS256, k))
+                } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                    Some((Algorithm::ES256, k))
+                } else {
+                    anyhow::bail!("JWT_PUBLIC_KEY_FILE: {path} is not an RSA or EC public key in PEM form");
+                }
+            }
+        };
+        Ok(Self {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            hs_decoding: DecodingKey::from_secret(secret.as_bytes()),
+            external,
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+            expiry_secs: config.jwt_expiry.as_secs() as i64,
+        })
+    }
+
+    pub fn expiry_secs(&self) -> i64 {
+        self.expiry_secs
+    }
+
+    /// Issues an HS256 token for a user.
+    pub fn issue(&self, user_id: i64, email: &str, role: Role, stores: Vec<i64>) -> anyhow::Result<(String, Claims)> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims {
+            sub: user_id.to_string(),
+            email: Some(email.to_string()),
+            role,
+            stores: if role == Role::Admin { vec![] } else { stores },
+            exp: now + self.expiry_secs,
+            iat: now,
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
+        Ok((token, claims))
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = 5;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match &self.issuer {
+            Some(iss) => v.set_issuer(&[iss]),
+            None => v.iss = None,
+        }
+        match &self.audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        v
+    }
+
+    /// Verifies a token and returns the caller. Only HS256 and the configured
+    /// external algorithm are accepted (never `none`).
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let key = match (header.alg, &self.external) {
+            (Algorithm::HS256, _) => &self.hs_decoding,
+            (alg, Some((ext, key))) if alg == *ext => key,
+            (alg, _) => return Err(AuthError::Invalid(format!("algorithm {alg:?} is not accepted"))),
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation(header.alg)).map_err(|e| {
+            match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            }
+        })?;
+        let c = data.claims;
+        let user_id: i64 = c.sub.parse().map_err(|_| AuthError::Invalid("sub must be a numeric user id".into()))?;
+        Ok(Principal {
+            user_id,
+            email: c.email,
+            role: c.role,
+            stores: if c.role == Role::Admin { HashSet::new() } else { c.stores.into_iter().collect() },
+        })
+    }
+}
+
+/// Strips `Bearer ` from an Authorization header value.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn auth(extra: &[(&str, &str)]) -> Auth {
+        let mut vars: HashMap<String, String> =
+            [("JWT_SECRET".to_string(), "0123456789abcdef0123456789abcdef".to_string())].into_iter().collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Auth::from_config(&Config::from_map(&vars).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_scope() {
+        let a = auth(&[]);
+        let (t, _) = a.issue(7, "s@x.io", Role::Staff, vec![3, 1]).unwrap();
+        let p = a.verify(&t).unwrap();
+        assert_eq!(p.user_id, 7);
+        assert!(p.can_access_store(3) && !p.can_access_store(2));
+        assert_eq!(p.scope(), Some(vec![1, 3]));
+        assert_eq!(p.scope_key(), "staff:1,3");
+        assert!(!p.can_export());
+    }
+
+    #[test]
+    fn refuses_bad_tokens() {
+        let a = auth(&[]);
+        assert!(matches!(a.verify("garbage"), Err(AuthError::Invalid(_))));
+        // alg: none
+        let none = format!(
+            "{}.{}.",
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"alg":"none","typ":"JWT"}"#),
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"sub":"1","role":"admin","exp":9999999999}"#)
+        );
+        assert!(a.verify(&none).is_err());
+        // Wrong secret.
+        let other = Auth::from_config(
+            &Config::from_map(&[("JWT_SECRET".to_string(), "another-secret-another-secret-xx".to_string())].into_iter().collect()).unwrap(),
+        )
+        .unwrap();
+        let (t, _) = other.issue(1, "a@x.io", Role::Admin, vec![]).unwrap();
+        assert!(matches!(a.verify(&t), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn expired() {
+        let a = auth(&[]);
+        let claims = Claims { sub: "1".into(), email: None, role: Role::Admin, stores: vec![], exp: 1000, iat: 0, iss: None, aud: None };
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
+        assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
+    }
+
+    #[test]
+    fn issuer_and_audience_checked_when_set() {
+        let a = auth(&[("JWT_ISSUER", "pg-sales"), ("JWT_AUDIENCE", "api")]);
+        let (t, _) = a.issue(1, "a@x.io", Role::Admin, vec![]).unwrap();
+        assert!(a.verify(&t).is_ok());
+        let plain = auth(&[]);
+        let (t2, _) = plain.issue(1, "a@x.io", Role::Admin, vec![]).unwrap();
+        assert!(a.verify(&t2).is_err(), "token without iss/aud refused when they are required");
+    }
+
+    #[test]
+    fn bearer_header() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! Command line: `sales-server [serve|migrate|seed|user add|maintain|openapi]`.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "sales-server", version, about = "pg_sales: REST, WebSocket and cache server for store sales")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run migrations, then serve HTTP and WebSocket (the default).
+    Serve,
+    /// Apply database migrations (installs the extension on first run).
+    Migrate,
+    /// Load demo data: stores in regions with months of daily sales.
+    Seed(SeedArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Fix index problems found by sales.index_report(), ANALYZE, and prune old events.
+    Maintain(MaintainArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SeedArgs {
+    /// Number of stores.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub stores: u32,
+    /// Number of regions the stores are spread over (at most 12).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=12))]
+    pub regions: u32,
+    /// Months of history per store, ending with the current month.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=1200))]
+    pub months: u32,
+    /// Last month to generate, as YYYY-MM (default: the current month, up to today).
+    #[arg(long)]
+    pub end: Option<String>,
+    /// Random seed, for repeatable data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Records per batch_upsert call.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub batch: u32,
+    /// Do nothing when the database already has stores.
+    #[arg(long)]
+    pub if_empty: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user, or update the one with this email.
+    Add(UserAddArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UserAddArgs {
+    #[arg(long)]
+    pub email: String,
+    /// admin, manager or staff.
+    #[arg(long)]
+    pub role: String,
+    /// A store the user may see (repeat for several; ignored for admins).
+    #[arg(long = "store")]
+    pub stores: Vec<i64>,
+    /// The password; prompted for (or read from stdin) when absent.
+    #[arg(long)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MaintainArgs {
+    /// Print the report and the statements without running them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also drop indexes reported as unused.
+    #[arg(long)]
+    pub drop_unused: bool,
+}

@@ -1,0 +1,303 @@
+//! Configuration: read once from the environment into one struct. Each bad
+//! value is refused at start with a message naming the variable.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{var}: {reason} (got {value:?})")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub database_replica_url: Option<String>,
+    pub db_pool_min: u32,
+    pub db_pool_max: u32,
+    pub db_idle_timeout: Duration,
+    pub db_connection_timeout: Duration,
+    pub db_query_timeout: Duration,
+    /// `None`: no Redis; an in-process cache serves a single instance.
+    pub redis_url: Option<String>,
+    pub redis_cluster_urls: Vec<String>,
+    pub redis_timeout: Duration,
+    pub bind_addr: String,
+    pub port: u16,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub compression_level: u32,
+    pub cache_ttl: Duration,
+    pub cache_prefix: String,
+    pub cache_compress_min: usize,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key_file: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_expiry: Duration,
+    pub batch_max_records: usize,
+    pub body_limit: usize,
+    pub rate_limit_per_minute: u32,
+    pub cors_origins: Vec<String>,
+    pub hsts: bool,
+    pub export_max_concurrent: usize,
+    pub event_retention: Duration,
+    pub ws_ping_interval: Duration,
+    pub ws_send_queue: usize,
+    pub slow_query_ms: u64,
+    pub shutdown_timeout: Duration,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://sales_app:pg_sales_dev@127.0.0.1:5432/pg_sales";
+
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    fn get(&self, var: &'static str) -> Option<&str> {
+        self.0.get(var).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError { var, value: value.to_string(), reason: reason.into() }
+    }
+
+    fn string(&self, var: &'static str, default: &str) -> String {
+        self.get(var).unwrap_or(default).to_string()
+    }
+
+    fn opt(&self, var: &'static str) -> Option<String> {
+        self.get(var).map(str::to_string)
+    }
+
+    fn num<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        var: &'static str,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError> {
+        let Some(raw) = self.get(var) else { return Ok(default) };
+        let v: T = raw
+            .parse()
+            .map_err(|_| Self::err(var, raw, format!("must be a whole number between {min} and {max}")))?;
+        if v < min || v > max {
+            return Err(Self::err(var, raw, format!("must be between {min} and {max}")));
+        }
+        Ok(v)
+    }
+
+    fn duration(&self, var: &'static str, default: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
+        let Some(raw) = self.get(var) else { return Ok(default) };
+        let d = parse_duration(raw).ok_or_else(|| {
+            Self::err(var, raw, "must be a duration such as 500ms, 30s, 5m, 2h or 7d (a bare number is seconds)")
+        })?;
+        if d < min || d > max {
+            return Err(Self::err(var, raw, format!("must be between {min:?} and {max:?}")));
+        }
+        Ok(d)
+    }
+
+    fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).map(|s| s.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(s) if matches!(s.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
+            Some(s) if matches!(s.as_str(), "0" | "false" | "no" | "off") => Ok(false),
+            Some(s) => Err(Self::err(var, &s, "must be true or false")),
+        }
+    }
+
+    fn list(&self, var: &'static str) -> Vec<String> {
+        self.get(var)
+            .map(|s| s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// `500ms`, `30s`, `5m`, `2h`, `7d`; a bare number is seconds.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (num, unit) = raw.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let secs = |m: u64| n.checked_mul(m).map(Duration::from_secs);
+    match unit.trim() {
+        "" | "s" => secs(1),
+        "ms" => Some(Duration::from_millis(n)),
+        "m" | "min" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => None,
+    }
+}
+
+fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    if schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
+        Ok(())
+    } else {
+        Err(Env::err(var, url, format!("must be a URL starting with {}", schemes.join(":// or ") + "://")))
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let e = Env(vars);
+        let s = Duration::from_secs;
+        let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL);
+        check_url("DATABASE_URL", &database_url, &["postgres", "postgresql"])?;
+        let database_replica_url = e.opt("DATABASE_REPLICA_URL");
+        if let Some(u) = &database_replica_url {
+            check_url("DATABASE_REPLICA_URL", u, &["postgres", "postgresql"])?;
+        }
+        let db_pool_min = e.num("DB_POOL_MIN", 2u32, 0, 1000)?;
+        let db_pool_max = e.num("DB_POOL_MAX", 20u32, 1, 1000)?;
+        if db_pool_min > db_pool_max {
+            return Err(Env::err("DB_POOL_MIN", &db_pool_min.to_string(), format!("must not exceed DB_POOL_MAX ({db_pool_max})")));
+        }
+        let redis_url = match e.opt("REDIS_URL") {
+            Some(u) => {
+                check_url("REDIS_URL", &u, &["redis", "rediss"])?;
+                Some(u)
+            }
+            None => match e.opt("REDIS_HOST") {
+                Some(host) => {
+                    let port = e.num("REDIS_PORT", 6379u16, 1, 65535)?;
+                    let db = e.num("REDIS_DB", 0u32, 0, 15)?;
+                    let auth = e.opt("REDIS_PASSWORD").map(|p| format!(":{p}@")).unwrap_or_default();
+                    Some(format!("redis://{auth}{host}:{port}/{db}"))
+                }
+                None => None,
+            },
+        };
+        let redis_cluster_urls = e.list("REDIS_CLUSTER_URLS");
+        for u in &redis_cluster_urls {
+            check_url("REDIS_CLUSTER_URLS", u, &["redis", "rediss"])?;
+        }
+        let log_format = match e.string("LOG_FORMAT", "pretty").to_ascii_lowercase().as_str() {
+            "pretty" | "text" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => return Err(Env::err("LOG_FORMAT", other, "must be json or pretty")),
+        };
+        let log_level = e.string("LOG_LEVEL", "info");
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(Env::err("LOG_LEVEL", &log_level, "must be a level (error, warn, info, debug, trace) or a filter"));
+        }
+        let jwt_secret = e.opt("JWT_SECRET");
+        if let Some(secret) = &jwt_secret {
+            if secret.len() < 32 {
+                return Err(Env::err("JWT_SECRET", "<hidden>", "must be at least 32 characters"));
+            }
+        }
+        let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE");
+        if let Some(path) = &jwt_public_key_file {
+            if std::fs::metadata(path).is_err() {
+                return Err(Env::err("JWT_PUBLIC_KEY_FILE", path, "file cannot be read"));
+            }
+        }
+        Ok(Config {
+            database_url,
+            database_replica_url,
+            db_pool_min,
+            db_pool_max,
+            db_idle_timeout: e.duration("DB_IDLE_TIMEOUT", s(300), s(1), s(86400))?,
+            db_connection_timeout: e.duration("DB_CONNECTION_TIMEOUT", s(5), Duration::from_millis(100), s(300))?,
+            db_query_timeout: e.duration("DB_QUERY_TIMEOUT", s(30), Duration::from_millis(10), s(3600))?,
+            redis_url,
+            redis_cluster_urls,
+            redis_timeout: e.duration("REDIS_TIMEOUT", Duration::from_millis(250), Duration::from_millis(10), s(60))?,
+            bind_addr: e.string("BIND_ADDR", "127.0.0.1"),
+            port: e.num("PORT", 3001u16, 0, 65535)?,
+            log_level,
+            log_format,
+            compression_level: e.num("COMPRESSION_LEVEL", 3u32, 1, 9)?,
+            cache_ttl: e.duration("CACHE_TTL", s(60), s(1), s(86400 * 7))?,
+            cache_prefix: e.string("CACHE_PREFIX", "pg_sales"),
+            cache_compress_min: e.num("CACHE_COMPRESS_MIN", 1024usize, 0, 1 << 30)?,
+            jwt_secret,
+            jwt_public_key_file,
+            jwt_issuer: e.opt("JWT_ISSUER"),
+            jwt_audience: e.opt("JWT_AUDIENCE"),
+            jwt_expiry: e.duration("JWT_EXPIRY", s(3600), s(60), s(86400 * 30))?,
+            batch_max_records: e.num("BATCH_MAX_RECORDS", 5000usize, 1, 100_000)?,
+            body_limit: e.num("BODY_LIMIT", 16usize << 20, 1024, 1 << 30)?,
+            rate_limit_per_minute: e.num("RATE_LIMIT_PER_MINUTE", 600u32, 1, 10_000_000)?,
+            cors_origins: e.list("CORS_ORIGINS"),
+            hsts: e.bool("HSTS", false)?,
+            export_max_concurrent: e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?,
+            event_retention: e.duration("EVENT_RETENTION", s(7 * 86400), s(60), s(365 * 86400))?,
+            ws_ping_interval: e.duration("WS_PING_INTERVAL", s(30), Duration::from_millis(100), s(3600))?,
+            ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
+            slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
+            shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,
+        })
+    }
+
+    /// The HMAC secret, required by commands that verify or issue tokens.
+    pub fn require_jwt_secret(&self) -> Result<&str, ConfigError> {
+        self.jwt_secret
+            .as_deref()
+            .ok_or_else(|| Env::err("JWT_SECRET", "", "must be set (at least 32 characters) to issue and verify tokens"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_map(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.port, 3001);
+        assert_eq!(c.db_pool_max, 20);
+        assert_eq!(c.cache_ttl, Duration::from_secs(60));
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        assert_eq!(cfg(&[("DB_POOL_MAX", "abc")]).unwrap_err().var, "DB_POOL_MAX");
+        assert_eq!(cfg(&[("PORT", "70000")]).unwrap_err().var, "PORT");
+        assert_eq!(cfg(&[("LOG_FORMAT", "xml")]).unwrap_err().var, "LOG_FORMAT");
+        assert_eq!(cfg(&[("DB_QUERY_TIMEOUT", "soon")]).unwrap_err().var, "DB_QUERY_TIMEOUT");
+        assert_eq!(cfg(&[("DATABASE_URL", "mysql://x")]).unwrap_err().var, "DATABASE_URL");
+        assert_eq!(cfg(&[("JWT_SECRET", "short")]).unwrap_err().var, "JWT_SECRET");
+        assert_eq!(cfg(&[("DB_POOL_MIN", "50"), ("DB_POOL_MAX", "10")]).unwrap_err().var, "DB_POOL_MIN");
+        assert_eq!(cfg(&[("REDIS_URL", "http://x")]).unwrap_err().var, "REDIS_URL");
+        assert_eq!(cfg(&[("COMPRESSION_LEVEL", "0")]).unwrap_err().var, "COMPRESSION_LEVEL");
+        assert_eq!(cfg(&[("HSTS", "maybe")]).unwrap_err().var, "HSTS");
+    }
+
+    #[test]
+    fn redis_from_parts() {
+        let c = cfg(&[("REDIS_HOST", "10.0.0.5"), ("REDIS_PORT", "6380"), ("REDIS_PASSWORD", "pw"), ("REDIS_DB", "2")]).unwrap();
+        assert_eq!(c.redis_url.as_deref(), Some("redis://:pw@10.0.0.5:6380/2"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

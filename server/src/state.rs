@@ -1,0 +1,49 @@
+//! What every request handler shares.
+
+use crate::config::Config;
+use crate::db;
+use anyhow::Context;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct AppState {
+    pub config: Config,
+    pub pool: PgPool,
+    pub redis: Option<redis::Client>,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub async fn connect(config: Config) -> anyhow::Result<Arc<Self>> {
+        let pool = db::connect(&config).await.context("connecting to Postgres (DATABASE_URL)")?;
+        let redis = match &config.redis_url {
+            Some(url) => Some(redis::Client::open(url.as_str()).context("REDIS_URL")?),
+            None => None,
+        };
+        Ok(Arc::new(Self { config, pool, redis, started: Instant::now() }))
+    }
+
+    /// PING with a short timeout; `None` when Redis is not configured.
+    pub async fn redis_ping(&self) -> Option<Result<Duration, String>> {
+        let client = self.redis.as_ref()?;
+        let started = Instant::now();
+        let attempt = async {
+            let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| e.to_string())
+        };
+        Some(match tokio::time::timeout(self.config.redis_timeout.max(Duration::from_millis(500)), attempt).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("timed out".into()),
+        })
+    }
+}
+
+impl AppState {
+    /// A state whose pool never connects until used: for printing the spec.
+    pub fn offline(config: Config) -> anyhow::Result<Arc<Self>> {
+        let pool = db::lazy_pool_for(&config.database_url, &config)?;
+        Ok(Arc::new(Self { config, pool, redis: None, started: Instant::now() }))
+    }
+}
