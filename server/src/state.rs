@@ -1,5 +1,6 @@
 //! What every request handler shares.
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::db;
 use anyhow::Context;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub struct AppState {
     pub config: Config,
+    pub auth: Auth,
     pub pool: PgPool,
     pub redis: Option<redis::Client>,
     pub started: Instant,
@@ -16,12 +18,13 @@ pub struct AppState {
 
 impl AppState {
     pub async fn connect(config: Config) -> anyhow::Result<Arc<Self>> {
+        let auth = Auth::from_config(&config)?;
         let pool = db::connect(&config).await.context("connecting to Postgres (DATABASE_URL)")?;
         let redis = match &config.redis_url {
             Some(url) => Some(redis::Client::open(url.as_str()).context("REDIS_URL")?),
             None => None,
         };
-        Ok(Arc::new(Self { config, pool, redis, started: Instant::now() }))
+        Ok(Arc::new(Self { config, auth, pool, redis, started: Instant::now() }))
     }
 
     /// PING with a short timeout; `None` when Redis is not configured.
@@ -44,6 +47,12 @@ impl AppState {
     /// A state whose pool never connects until used: for printing the spec.
     pub fn offline(config: Config) -> anyhow::Result<Arc<Self>> {
         let pool = db::lazy_pool_for(&config.database_url, &config)?;
-        Ok(Arc::new(Self { config, pool, redis: None, started: Instant::now() }))
+        let mut config = config;
+        if config.jwt_secret.is_none() {
+            // Printing the spec verifies no token; any secret will do.
+            config.jwt_secret = Some("x".repeat(32));
+        }
+        let auth = Auth::from_config(&config)?;
+        Ok(Arc::new(Self { config, auth, pool, redis: None, started: Instant::now() }))
     }
 }
