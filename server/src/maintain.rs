@@ -64,7 +64,7 @@ pub async fn apply(database_url: &str, statements: &[String]) -> Result<Vec<Acti
     let mut actions = Vec::new();
     for s in statements {
         let started = std::time::Instant::now();
-        let outcome = sqlx::raw_sql(s).execute(&mut conn).await.map(|_| ()).map_err(|e| e.to_string());
+        let outcome = sqlx::Executor::execute(&mut conn, s.as_str()).await.map(|_| ()).map_err(|e| e.to_string());
         actions.push(Action { statement: s.clone(), outcome, elapsed: started.elapsed() });
     }
     Ok(actions)
