@@ -56,3 +56,17 @@ impl AppState {
         Ok(Arc::new(Self { config, auth, pool, redis: None, started: Instant::now() }))
     }
 }
+
+impl AppState {
+    /// The pool for reads that may be served by a replica.
+    pub fn read_pool(&self) -> PgPool {
+        self.pool.clone()
+    }
+
+    /// Called by a write handler after its transaction commits, before it
+    /// answers: the hook for read-your-writes (cache invalidation).
+    pub async fn after_write(&self, _summary: &serde_json::Value) {}
+
+    /// Called after a store is created or changed.
+    pub async fn after_store_write(&self) {}
+}

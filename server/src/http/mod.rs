@@ -1,8 +1,18 @@
 //! HTTP surface: the OpenAPI-described endpoints and the routes around them.
 
+pub mod admin;
+pub mod error;
+pub mod filters;
 pub mod health;
+pub mod login;
+pub mod middleware;
+pub mod raw;
+pub mod sales;
+pub mod security;
+pub mod stores;
 
 use crate::state::AppState;
+use poem::middleware::Cors;
 use poem::{EndpointExt, Route};
 use poem_openapi::{OpenApiService, Tags};
 use std::sync::Arc;
@@ -11,13 +21,31 @@ use std::sync::Arc;
 pub enum ApiTags {
     /// Liveness, readiness and dependency state.
     Health,
+    /// Log in for a JWT.
+    Auth,
+    /// Monthly sales per store: read, write, summarise.
+    Sales,
+    /// Stores and their status.
+    Stores,
+    /// Announcements, notifications, maintenance (admin only).
+    Admin,
 }
 
-pub type Apis = health::HealthApi;
+pub type Apis = (health::HealthApi, login::LoginApi, sales::SalesApi, stores::StoresApi, admin::AdminApi);
 
 pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
-    OpenApiService::new(health::HealthApi { state }, "pg_sales API", crate::VERSION)
-        .description("Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension.")
+    let apis = (
+        health::HealthApi { state: state.clone() },
+        login::LoginApi { state: state.clone() },
+        sales::SalesApi { state: state.clone() },
+        stores::StoresApi { state: state.clone() },
+        admin::AdminApi { state },
+    );
+    OpenApiService::new(apis, "pg_sales API", crate::VERSION).description(
+        "Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension. \
+         Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
+         Requests are rate limited per token and per IP (429 with Retry-After); bodies are limited to BODY_LIMIT bytes (413).",
+    )
 }
 
 /// The OpenAPI document, as served at `/openapi.json`.
@@ -29,9 +57,25 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let api = api_service(state.clone());
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
-    Route::new()
-        .at("/openapi.json", spec)
-        .nest("/docs", docs)
-        .nest("/", api)
+    let limits = Arc::new(middleware::RateLimits::new(state.config.rate_limit_per_minute));
+    let hsts = state.config.hsts;
+    let mut cors = Cors::new()
+        .allow_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
+        .allow_headers(["authorization", "content-type", "if-none-match", "x-request-id"])
+        .expose_headers(["etag", "x-request-id", "retry-after"])
+        .max_age(600);
+    for origin in &state.config.cors_origins {
+        cors = cors.allow_origin(origin.as_str());
+    }
+    let (s1, s2) = (state.clone(), state.clone());
+    let routes = Route::new().at("/openapi.json", spec).nest("/docs", docs).nest("/", api);
+    let routes = routes
+        .around(move |ep, req| middleware::with_representation(ep, req, s1.clone()))
+        .around(move |ep, req| middleware::with_limits(ep, req, s2.clone(), limits.clone()));
+    let routes = if state.config.cors_origins.is_empty() { routes.boxed() } else { routes.with(cors).boxed() };
+    routes
+        .around(move |ep, req| middleware::with_security_headers(ep, req, hsts))
+        .around(middleware::with_request_id)
+        .data(state)
         .boxed()
 }

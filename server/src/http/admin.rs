@@ -1,0 +1,178 @@
+//! `/api/admin/*`: announcements, user notifications, index report and maintenance.
+
+use super::error::{ApiError, ApiResult};
+use super::sales::set_actor;
+use super::security::BearerAuth;
+use super::ApiTags;
+use crate::state::AppState;
+use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
+use std::sync::Arc;
+
+pub struct AdminApi {
+    pub state: Arc<AppState>,
+}
+
+#[derive(Enum, Debug, Clone, Copy)]
+#[oai(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    Warning,
+    Critical,
+}
+
+#[derive(Object, Debug)]
+pub struct Announcement {
+    #[oai(validator(min_length = 1, max_length = 2000))]
+    pub message: String,
+    pub level: Option<Level>,
+    pub data: Option<serde_json::Value>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct Notification {
+    pub user_id: i64,
+    #[oai(validator(min_length = 1, max_length = 2000))]
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct EventCreated {
+    pub event_id: i64,
+}
+
+#[derive(ApiResponse)]
+pub enum EventResponse {
+    /// The event was stored and will be delivered over WebSockets.
+    #[oai(status = 201)]
+    Created(Json<EventCreated>),
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct IndexFinding {
+    pub index_name: String,
+    pub table_name: String,
+    pub size_bytes: i64,
+    /// invalid, duplicate, unused or bloated.
+    pub reason: String,
+    pub detail: String,
+    /// The statement that fixes it.
+    pub fix: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct MaintenanceRequest {
+    /// Only report what would run.
+    pub dry_run: Option<bool>,
+    /// Also drop indexes reported as unused.
+    pub drop_unused: Option<bool>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct MaintenanceAction {
+    pub statement: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub elapsed_ms: f64,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct MaintenanceResult {
+    pub findings: Vec<IndexFinding>,
+    pub actions: Vec<MaintenanceAction>,
+    pub dry_run: bool,
+}
+
+#[OpenApi(tag = "ApiTags::Admin")]
+impl AdminApi {
+    /// Send a system announcement to every WebSocket client subscribed to `announcements` (admin only).
+    #[oai(path = "/api/admin/announcements", method = "post")]
+    async fn announce(&self, auth: BearerAuth, body: Json<Announcement>) -> ApiResult<EventResponse> {
+        auth.require_admin()?;
+        let level = format!("{:?}", body.level.unwrap_or(Level::Info)).to_lowercase();
+        let mut tx = self.state.pool.begin().await?;
+        set_actor(&mut *tx, auth.0.user_id).await?;
+        let id: i64 = sqlx::query_scalar("SELECT sales.announce($1, $2, coalesce($3, '{}'::jsonb))")
+            .bind(&body.message)
+            .bind(level)
+            .bind(&body.data)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
+    }
+
+    /// Send a notification to one user's WebSocket connections (admin only). Unknown user: 404.
+    #[oai(path = "/api/admin/notifications", method = "post")]
+    async fn notify(&self, auth: BearerAuth, body: Json<Notification>) -> ApiResult<EventResponse> {
+        auth.require_admin()?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sales.users WHERE id = $1)")
+            .bind(body.user_id)
+            .fetch_one(&self.state.pool)
+            .await?;
+        if !exists {
+            return Err(ApiError::not_found(format!("no user {}", body.user_id)));
+        }
+        let mut tx = self.state.pool.begin().await?;
+        set_actor(&mut *tx, auth.0.user_id).await?;
+        let id: i64 = sqlx::query_scalar("SELECT sales.notify_user($1, $2, coalesce($3, '{}'::jsonb))")
+            .bind(body.user_id)
+            .bind(&body.message)
+            .bind(&body.data)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
+    }
+
+    /// Invalid, duplicate, unused and bloated indexes on the sales tables, with the fix for each (admin only).
+    #[oai(path = "/api/admin/indexes", method = "get")]
+    async fn indexes(&self, auth: BearerAuth) -> ApiResult<Json<Vec<IndexFinding>>> {
+        auth.require_admin()?;
+        let findings = crate::maintain::report(&self.state.pool).await?;
+        Ok(Json(findings.into_iter().map(to_finding).collect()))
+    }
+
+    /// Apply the index report's fixes without blocking writes (CONCURRENTLY), then ANALYZE (admin only).
+    #[oai(path = "/api/admin/maintenance", method = "post")]
+    async fn maintenance(&self, auth: BearerAuth, body: Json<MaintenanceRequest>) -> ApiResult<Json<MaintenanceResult>> {
+        auth.require_admin()?;
+        let findings = crate::maintain::report(&self.state.pool).await?;
+        let plan = crate::maintain::plan(&findings, body.drop_unused.unwrap_or(false));
+        let dry_run = body.dry_run.unwrap_or(false);
+        let actions = if dry_run {
+            plan.into_iter()
+                .map(|statement| MaintenanceAction { statement, ok: true, error: None, elapsed_ms: 0.0 })
+                .collect()
+        } else {
+            crate::maintain::apply(&self.state.config.database_url, &plan)
+                .await?
+                .into_iter()
+                .map(|a| MaintenanceAction {
+                    statement: a.statement,
+                    ok: a.outcome.is_ok(),
+                    error: a.outcome.err(),
+                    elapsed_ms: a.elapsed.as_secs_f64() * 1000.0,
+                })
+                .collect()
+        };
+        Ok(Json(MaintenanceResult { findings: findings.into_iter().map(to_finding).collect(), actions, dry_run }))
+    }
+}
+
+fn to_finding(f: crate::maintain::Finding) -> IndexFinding {
+    IndexFinding {
+        index_name: f.index_name,
+        table_name: f.table_name,
+        size_bytes: f.size_bytes,
+        reason: f.reason,
+        detail: f.detail,
+        fix: f.fix,
+    }
+}

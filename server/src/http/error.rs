@@ -1,0 +1,203 @@
+//! One error type at the HTTP edge, one JSON shape for every error:
+//! `{"error": {"code", "message", "details", "requestId"}}`.
+//!
+//! Database errors are mapped here, once: named constraints and the
+//! extension's SQLSTATEs become 4xx; anything else is logged with the request
+//! id and answered as a bare 500 that leaks no SQL.
+
+use poem_openapi::{payload::Json, ApiResponse, Object};
+use serde_json::Value;
+
+tokio::task_local! {
+    /// The current request's id, set by the request-id middleware.
+    pub static REQUEST_ID: String;
+}
+
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
+}
+
+#[derive(Object, Debug, Clone)]
+#[oai(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// Machine-readable code, e.g. `bad_parameter`, `forbidden`, `validation_failed`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Structured context: the offending parameter, a per-record report, ...
+    pub details: Option<Value>,
+    /// The request id (also in the `X-Request-Id` header and the logs).
+    pub request_id: Option<String>,
+}
+
+#[derive(Object, Debug, Clone)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>, details: Option<Value>) -> Json<Self> {
+        Json(ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: message.into(),
+                details,
+                request_id: current_request_id(),
+            },
+        })
+    }
+}
+
+#[derive(ApiResponse, Debug)]
+pub enum ApiError {
+    /// A parameter or the body is malformed; `details.parameter` names it.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// Missing, expired or invalid bearer token, or wrong credentials.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The token does not allow this (role, or a store outside its scope).
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// No such resource.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// Conflicts with existing data (e.g. a duplicate store code).
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    /// The body or batch is larger than allowed.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// Well-formed but invalid data; `details` carries the per-record report.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// Too many requests; retry after the `Retry-After` seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// Unexpected failure (logged with the request id).
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// A dependency is unavailable or the query timed out; retry later.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+impl ApiError {
+    pub fn bad_param(parameter: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        ApiError::BadRequest(ErrorBody::new(
+            "bad_parameter",
+            format!("{parameter}: {message}"),
+            Some(serde_json::json!({"parameter": parameter, "reason": message})),
+        ))
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::Unauthorized(ErrorBody::new("unauthorized", message, None))
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::Forbidden(ErrorBody::new("forbidden", message, None))
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::NotFound(ErrorBody::new("not_found", message, None))
+    }
+
+    pub fn conflict(message: impl Into<String>, details: Option<Value>) -> Self {
+        ApiError::Conflict(ErrorBody::new("conflict", message, details))
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        ApiError::PayloadTooLarge(ErrorBody::new("payload_too_large", message, None))
+    }
+
+    pub fn unprocessable(message: impl Into<String>, details: Option<Value>) -> Self {
+        ApiError::Unprocessable(ErrorBody::new("validation_failed", message, details))
+    }
+
+    pub fn too_many(retry_after: u64) -> Self {
+        ApiError::TooManyRequests(
+            ErrorBody::new("rate_limited", format!("rate limit reached; retry after {retry_after} s"), None),
+            retry_after,
+        )
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError::Unavailable(ErrorBody::new("unavailable", message, None))
+    }
+
+    /// Logs the cause and returns an opaque 500.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::Internal(ErrorBody::new("internal", "internal error; see the server log for this request id", None))
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized(_) => 401,
+            ApiError::Forbidden(_) => 403,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::PayloadTooLarge(_) => 413,
+            ApiError::Unprocessable(_) => 422,
+            ApiError::TooManyRequests(..) => 429,
+            ApiError::Internal(_) => 500,
+            ApiError::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        let Some(db) = e.as_database_error() else {
+            return match e {
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                    tracing::warn!(error = %e, "database unavailable");
+                    ApiError::unavailable("database unavailable; retry later")
+                }
+                other => ApiError::internal(other),
+            };
+        };
+        let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+        let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+        let detail = pg.and_then(|p| p.detail()).map(str::to_string);
+        let constraint = db.constraint().map(str::to_string);
+        match code.as_str() {
+            // Batch rejected by the extension: the report is JSON in DETAIL.
+            "PS422" => {
+                let report = detail.and_then(|d| serde_json::from_str::<Value>(&d).ok());
+                ApiError::unprocessable(db.message().to_string(), report)
+            }
+            "PS410" => ApiError::conflict(db.message().to_string(), Some(serde_json::json!({"resync": true}))),
+            "22023" | "22P02" => ApiError::BadRequest(ErrorBody::new("bad_parameter", db.message().to_string(), None)),
+            "23505" => ApiError::conflict(
+                "already exists",
+                Some(serde_json::json!({"constraint": constraint, "detail": detail})),
+            ),
+            "23503" => ApiError::conflict(
+                "refers to a row that does not exist, or is still referred to",
+                Some(serde_json::json!({"constraint": constraint})),
+            ),
+            "23514" | "23502" => ApiError::unprocessable(
+                format!("violates {}", constraint.clone().unwrap_or_else(|| "a constraint".into())),
+                Some(serde_json::json!({"constraint": constraint})),
+            ),
+            "40001" | "40P01" => ApiError::unavailable("conflicting concurrent write; retry"),
+            "57014" => ApiError::unavailable("query timed out (DB_QUERY_TIMEOUT)"),
+            "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006" => {
+                ApiError::unavailable("database unavailable; retry later")
+            }
+            _ => ApiError::internal(format!("database error {code}: {}", db.message())),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::internal(format!("{e:#}"))
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

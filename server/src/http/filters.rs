@@ -1,0 +1,204 @@
+//! Query parameters shared by list, summary and export: parsed into typed
+//! values, checked against the caller's scope, and pushed into SQL only as
+//! bind parameters.
+
+use super::error::{ApiError, ApiResult};
+use crate::auth::Principal;
+use sales_core::projection::{Projection, Shape};
+use sqlx::{Postgres, QueryBuilder};
+
+#[derive(Debug, Clone, Default)]
+pub struct SalesFilter {
+    pub store_ids: Option<Vec<i64>>,
+    pub region: Option<String>,
+    pub year: Option<i32>,
+    pub month: Option<i32>,
+    pub from: Option<(i32, i32)>,
+    pub to: Option<(i32, i32)>,
+    pub min_total_sales: Option<f64>,
+    pub max_total_sales: Option<f64>,
+}
+
+/// Raw filter parameters as they arrive.
+#[derive(Debug, Clone, Default)]
+pub struct RawFilter {
+    pub store_id: Option<String>,
+    pub region: Option<String>,
+    pub year: Option<i32>,
+    pub month: Option<i32>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub min_total_sales: Option<f64>,
+    pub max_total_sales: Option<f64>,
+}
+
+/// `1,2,3` -> ids; each must be a positive integer; at most 1,000.
+pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
+    let mut out = Vec::new();
+    for part in raw.split(',') {
+        let p = part.trim();
+        if p.is_empty() {
+            continue;
+        }
+        match p.parse::<i64>() {
+            Ok(v) if v > 0 => out.push(v),
+            _ => return Err(ApiError::bad_param(param, format!("{p:?} is not a positive integer id"))),
+        }
+    }
+    if out.is_empty() {
+        return Err(ApiError::bad_param(param, "give at least one id"));
+    }
+    if out.len() > 1000 {
+        return Err(ApiError::bad_param(param, "at most 1000 ids"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// `2024-06` -> (2024, 6).
+pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
+    let err = || ApiError::bad_param(param, format!("{raw:?} is not a month like 2024-06"));
+    let (y, m) = raw.trim().split_once('-').ok_or_else(err)?;
+    let y: i32 = y.parse().map_err(|_| err())?;
+    let m: i32 = m.parse().map_err(|_| err())?;
+    if !(2000..=2100).contains(&y) || !(1..=12).contains(&m) {
+        return Err(err());
+    }
+    Ok((y, m))
+}
+
+/// Comma-separated field paths -> a checked projection (400 naming the field).
+pub fn parse_projection(shape: &Shape, fields: Option<&str>, exclude: Option<&str>) -> ApiResult<Projection> {
+    let split = |s: Option<&str>| -> Vec<String> {
+        s.map(|v| v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()).unwrap_or_default()
+    };
+    let f = split(fields);
+    let x = split(exclude);
+    Projection::new(shape, &f, &x).map_err(|e| {
+        let param = if f.iter().any(|p| p == &e.field) { "fields" } else { "exclude" };
+        ApiError::BadRequest(super::error::ErrorBody::new(
+            "bad_parameter",
+            format!("{param}: {e}"),
+            Some(serde_json::json!({"parameter": param, "field": e.field, "reason": e.reason})),
+        ))
+    })
+}
+
+impl SalesFilter {
+    pub fn parse(raw: &RawFilter) -> ApiResult<Self> {
+        if let Some(y) = raw.year {
+            if !(2000..=2100).contains(&y) {
+                return Err(ApiError::bad_param("year", format!("{y} is outside 2000..2100")));
+            }
+        }
+        if let Some(m) = raw.month {
+            if !(1..=12).contains(&m) {
+                return Err(ApiError::bad_param("month", format!("{m} is outside 1..12")));
+            }
+        }
+        let from = raw.from.as_deref().map(|v| parse_period("from", v)).transpose()?;
+        let to = raw.to.as_deref().map(|v| parse_period("to", v)).transpose()?;
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                return Err(ApiError::bad_param("from", "must not be after `to`"));
+            }
+        }
+        for (name, v) in [("minTotalSales", raw.min_total_sales), ("maxTotalSales", raw.max_total_sales)] {
+            if let Some(v) = v {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(ApiError::bad_param(name, "must be a non-negative number"));
+                }
+            }
+        }
+        let region = raw.region.as_deref().map(str::trim).filter(|r| !r.is_empty()).map(str::to_string);
+        if region.as_ref().is_some_and(|r| r.len() > 100) {
+            return Err(ApiError::bad_param("region", "at most 100 characters"));
+        }
+        Ok(Self {
+            store_ids: raw.store_id.as_deref().map(|s| parse_id_list("storeId", s)).transpose()?,
+            region,
+            year: raw.year,
+            month: raw.month,
+            from,
+            to,
+            min_total_sales: raw.min_total_sales,
+            max_total_sales: raw.max_total_sales,
+        })
+    }
+
+    /// 403 when the caller names a store outside its scope (never an empty
+    /// list, which would hide the refusal).
+    pub fn check_scope(&self, who: &Principal) -> ApiResult<()> {
+        if let Some(ids) = &self.store_ids {
+            let denied: Vec<i64> = ids.iter().copied().filter(|id| !who.can_access_store(*id)).collect();
+            if !denied.is_empty() {
+                return Err(ApiError::Forbidden(super::error::ErrorBody::new(
+                    "forbidden",
+                    format!("stores outside your scope: {denied:?}"),
+                    Some(serde_json::json!({"storeIds": denied})),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `AND ...` conditions on `m` (monthly_sales) and `s` (stores).
+    pub fn push_where(&self, qb: &mut QueryBuilder<'_, Postgres>, who: &Principal) {
+        if let Some(ids) = &self.store_ids {
+            qb.push(" AND m.store_id = ANY(").push_bind(ids.clone()).push(")");
+        }
+        if let Some(scope) = who.scope() {
+            qb.push(" AND m.store_id = ANY(").push_bind(scope).push(")");
+        }
+        if let Some(r) = &self.region {
+            qb.push(" AND s.region = ").push_bind(r.clone());
+        }
+        if let Some(y) = self.year {
+            qb.push(" AND m.year = ").push_bind(y);
+        }
+        if let Some(m) = self.month {
+            qb.push(" AND m.month = ").push_bind(m);
+        }
+        if let Some((y, m)) = self.from {
+            qb.push(" AND (m.year, m.month) >= (").push_bind(y).push("::int, ").push_bind(m).push("::int)");
+        }
+        if let Some((y, m)) = self.to {
+            qb.push(" AND (m.year, m.month) <= (").push_bind(y).push("::int, ").push_bind(m).push("::int)");
+        }
+        if let Some(v) = self.min_total_sales {
+            qb.push(" AND m.total_sales >= ").push_bind(v).push("::numeric");
+        }
+        if let Some(v) = self.max_total_sales {
+            qb.push(" AND m.total_sales <= ").push_bind(v).push("::numeric");
+        }
+    }
+
+    /// The stores a write or read touches, for cache tags (None = many).
+    pub fn single_store(&self) -> Option<i64> {
+        match self.store_ids.as_deref() {
+            Some([one]) => Some(*one),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_lists() {
+        assert_eq!(parse_id_list("storeId", "3, 1,3").unwrap(), vec![1, 3]);
+        assert!(parse_id_list("storeId", "1,x").is_err());
+        assert!(parse_id_list("storeId", "-1").is_err());
+        assert!(parse_id_list("storeId", ",").is_err());
+    }
+
+    #[test]
+    fn periods() {
+        assert_eq!(parse_period("from", "2024-06").unwrap(), (2024, 6));
+        assert!(parse_period("from", "2024-13").is_err());
+        assert!(parse_period("from", "june").is_err());
+    }
+}

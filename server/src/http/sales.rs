@@ -1,0 +1,678 @@
+//! `/api/v2/sales`: list (filters, projection, sort, keyset pagination),
+//! one record, batch upsert and delete, summaries.
+//!
+//! Documents are built and projected inside Postgres (`sales.sales_doc`,
+//! `sales.project`); the server splices the resulting JSON text into the
+//! response without parsing it.
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::filters::{parse_projection, RawFilter, SalesFilter};
+use super::raw::RawJson;
+use super::security::BearerAuth;
+use super::ApiTags;
+use crate::state::AppState;
+use base64::Engine;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
+use sales_core::projection::{Projection, SALES_DOC};
+use serde_json::{json, Value};
+use sqlx::{Postgres, QueryBuilder, Row};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 200;
+pub const MAX_OFFSET: i64 = 10_000;
+
+pub struct SalesApi {
+    pub state: Arc<AppState>,
+}
+
+/// One day of sales.
+#[derive(Object, Debug, Clone)]
+pub struct DaySales {
+    pub sales: Option<f64>,
+    pub customers: Option<i64>,
+    pub transactions: Option<i64>,
+}
+
+/// A store-month of sales as the API shows it (every member may be projected away).
+#[derive(Object, Debug, Clone)]
+#[oai(rename_all = "camelCase")]
+pub struct SalesRecord {
+    pub id: Option<i64>,
+    pub store_id: Option<i64>,
+    pub year: Option<i32>,
+    pub month: Option<i32>,
+    /// Keyed by day of month: `{"1": {"sales": 1000, "customers": 52}}`.
+    pub daily_data: Option<std::collections::BTreeMap<String, DaySales>>,
+    pub total_sales: Option<f64>,
+    pub total_customers: Option<i64>,
+    pub days_reported: Option<i32>,
+    /// Incremented by every change; events carry it too.
+    pub version: Option<i64>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// Present when a `store.*` field is requested.
+    pub store: Option<super::stores::Store>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct ListMeta {
+    /// The canonical paths of `fields` (empty: all).
+    pub fields: Vec<String>,
+    pub exclude: Vec<String>,
+    pub count: i64,
+    pub limit: i64,
+    /// True when the requested limit was above 200 and was lowered.
+    pub limit_clamped: bool,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    pub sort: String,
+    pub took_ms: f64,
+}
+
+#[derive(Object, Debug)]
+pub struct SalesPage {
+    pub data: Vec<SalesRecord>,
+    /// Dropped with `includeMetadata=false`.
+    pub meta: Option<ListMeta>,
+}
+
+#[derive(Object, Debug)]
+pub struct SalesOne {
+    pub data: SalesRecord,
+}
+
+#[derive(ApiResponse)]
+pub enum ListResponse {
+    /// A page of sales records.
+    #[oai(status = 200)]
+    Ok(RawJson<SalesPage>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneResponse {
+    /// The record.
+    #[oai(status = 200)]
+    Ok(RawJson<SalesOne>),
+}
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Days in the request replace the same days; other days are kept.
+    Merge,
+    /// The request's daily data replaces the month's.
+    Replace,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchUpsertRequest {
+    /// Records like `{"storeId": 12, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 1000, "customers": 52}}}`.
+    pub sales_data_array: Vec<Value>,
+    /// `merge` (default) or `replace`.
+    pub mode: Option<BatchMode>,
+    /// All or nothing (default true). With false, valid records are written and the rest reported.
+    pub atomic: Option<bool>,
+}
+
+#[derive(Object, Debug)]
+pub struct RecordError {
+    /// Position in the request array.
+    pub index: i64,
+    /// Path of the offending value, e.g. `dailyData.31`.
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchSummary {
+    pub total: i64,
+    pub inserted: i64,
+    pub updated: i64,
+    /// Valid records that changed nothing.
+    pub unchanged: i64,
+    pub failed: i64,
+    /// Records folded into a later one with the same store and month.
+    pub merged: i64,
+    /// The batch-completed event (None when nothing was written).
+    pub event_id: Option<i64>,
+    pub errors: Vec<RecordError>,
+    pub duplicates: Vec<Value>,
+}
+
+#[derive(ApiResponse)]
+pub enum BatchResponse {
+    /// Summary of the batch.
+    #[oai(status = 200)]
+    Ok(RawJson<BatchSummary>),
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchDeleteRequest {
+    /// Record ids.
+    pub ids: Option<Vec<i64>>,
+    /// `{"storeId", "year", "month"}` keys.
+    pub keys: Option<Vec<Value>>,
+    /// All or nothing (default true).
+    pub atomic: Option<bool>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct DeleteSummary {
+    pub total: i64,
+    pub deleted: i64,
+    pub failed: i64,
+    pub event_id: Option<i64>,
+    pub errors: Vec<RecordError>,
+}
+
+#[derive(ApiResponse)]
+pub enum DeleteResponse {
+    /// Summary of the deletion.
+    #[oai(status = 200)]
+    Ok(RawJson<DeleteSummary>),
+}
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum GroupBy {
+    Store,
+    Region,
+    Month,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryRow {
+    /// Store id, region name, or `YYYY-MM`.
+    pub key: String,
+    pub store_code: Option<String>,
+    pub store_name: Option<String>,
+    pub total_sales: f64,
+    pub total_customers: i64,
+    /// Store-months counted.
+    pub months: i64,
+    pub stores: i64,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryPage {
+    pub data: Vec<SummaryRow>,
+    pub meta: Value,
+}
+
+#[derive(ApiResponse)]
+pub enum SummaryResponse {
+    /// Totals per group.
+    #[oai(status = 200)]
+    Ok(RawJson<SummaryPage>),
+}
+
+/// A sortable key: (name, SQL expression, SQL type for cursor values).
+const SORT_KEYS: &[(&str, &str, &str)] = &[
+    ("id", "m.id", "bigint"),
+    ("storeId", "m.store_id", "bigint"),
+    ("year", "m.year", "integer"),
+    ("month", "m.month", "integer"),
+    ("totalSales", "m.total_sales", "numeric"),
+    ("totalCustomers", "m.total_customers", "bigint"),
+    ("daysReported", "m.days_reported", "integer"),
+    ("updatedAt", "m.updated_at", "timestamptz"),
+    ("createdAt", "m.created_at", "timestamptz"),
+];
+
+#[derive(Debug, Clone)]
+pub struct SortKey {
+    pub name: &'static str,
+    pub expr: &'static str,
+    pub ty: &'static str,
+    pub desc: bool,
+}
+
+/// `-year,-month,storeId` -> keys (camelCase or snake_case; `period` = year, month).
+pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
+    let raw = raw.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("storeId,year,month");
+    let mut keys: Vec<SortKey> = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (desc, name) = match part.strip_prefix('-') {
+            Some(n) => (true, n),
+            None => (false, part.strip_prefix('+').unwrap_or(part)),
+        };
+        let camel = sales_core::names::to_camel(name);
+        let names: Vec<&str> = if camel == "period" { vec!["year", "month"] } else { vec![camel.as_str()] };
+        for n in names {
+            let Some((k, expr, ty)) = SORT_KEYS.iter().find(|(k, _, _)| *k == n) else {
+                return Err(ApiError::bad_param(
+                    "sort",
+                    format!("cannot sort by {name:?}; allowed: period, {}", SORT_KEYS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")),
+                ));
+            };
+            if keys.iter().any(|e| e.name == *k) {
+                return Err(ApiError::bad_param("sort", format!("{k} given twice")));
+            }
+            keys.push(SortKey { name: k, expr, ty, desc });
+        }
+    }
+    if keys.len() > 6 {
+        return Err(ApiError::bad_param("sort", "at most 6 keys"));
+    }
+    // The id makes the order total, so keyset pages never skip or repeat a row.
+    if !keys.iter().any(|k| k.name == "id") {
+        keys.push(SortKey { name: "id", expr: "m.id", ty: "bigint", desc: false });
+    }
+    Ok(keys)
+}
+
+pub fn sort_spec(keys: &[SortKey]) -> String {
+    keys.iter().map(|k| format!("{}{}", if k.desc { "-" } else { "" }, k.name)).collect::<Vec<_>>().join(",")
+}
+
+/// Opaque keyset cursor: the sort it belongs to and the last row's key values.
+pub fn encode_cursor(spec: &str, values: &[String]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"s": spec, "v": values}).to_string())
+}
+
+pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> {
+    let bad = |why: &str| ApiError::bad_param("cursor", why.to_string());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw.trim()).map_err(|_| bad("not a cursor from this API"))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad("not a cursor from this API"))?;
+    if v["s"].as_str() != Some(spec) {
+        return Err(bad("the cursor belongs to a different sort; keep `sort` the same across pages"));
+    }
+    let vals: Vec<String> = v["v"]
+        .as_array()
+        .ok_or_else(|| bad("malformed cursor"))?
+        .iter()
+        .map(|x| x.as_str().map(str::to_string))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("malformed cursor"))?;
+    if vals.len() != n {
+        return Err(bad("malformed cursor"));
+    }
+    Ok(vals)
+}
+
+/// The document expression for one row, projected in Postgres.
+pub fn doc_sql(p: &Projection, qb: &mut QueryBuilder<'_, Postgres>) {
+    let with_store = p.fields.iter().any(|f| f == "store" || f.starts_with("store."));
+    let doc = if with_store { "sales.sales_doc(m, s)" } else { "sales.sales_doc(m)" };
+    if p.is_identity() {
+        qb.push(doc);
+    } else {
+        qb.push("sales.project(").push(doc).push(", ").push_bind(p.fields.clone()).push("::text[], ");
+        qb.push_bind(p.excluded.clone()).push("::text[])");
+    }
+}
+
+/// `(k1, k2, ...) after (v1, v2, ...)` for mixed directions, as an OR chain.
+fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[String]) {
+    qb.push(" AND (");
+    for i in 0..keys.len() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        qb.push("(");
+        for (j, k) in keys.iter().enumerate().take(i) {
+            qb.push(k.expr).push(" = CAST(").push_bind(vals[j].clone()).push(format!(" AS {})", k.ty)).push(" AND ");
+        }
+        let k = &keys[i];
+        qb.push(k.expr).push(if k.desc { " < " } else { " > " });
+        qb.push("CAST(").push_bind(vals[i].clone()).push(format!(" AS {}))", k.ty));
+    }
+    qb.push(")");
+}
+
+fn ms(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// Sets the acting user for event rows written in this transaction.
+pub async fn set_actor<'c, E>(conn: E, user_id: i64) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    sqlx::query("SELECT set_config('sales.user_id', $1, true)").bind(user_id.to_string()).execute(conn).await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+#[OpenApi(tag = "ApiTags::Sales")]
+impl SalesApi {
+    /// List sales records. Filters combine with AND; only stores in the caller's scope are visible,
+    /// and naming a store outside it is 403. `fields`/`exclude` take dotted paths
+    /// (`dailyData.1.sales`, `dailyData.*.sales`, `store.name`; camelCase or snake_case).
+    #[oai(path = "/api/v2/sales", method = "get")]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        /// One store id or several, comma-separated.
+        #[oai(name = "storeId")]
+        store_id: Query<Option<String>>,
+        region: Query<Option<String>>,
+        year: Query<Option<i32>>,
+        month: Query<Option<i32>>,
+        /// First month of a range, `YYYY-MM`.
+        from: Query<Option<String>>,
+        /// Last month of a range, `YYYY-MM` (inclusive).
+        to: Query<Option<String>>,
+        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<f64>>,
+        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<f64>>,
+        /// Comma-separated paths to include.
+        fields: Query<Option<String>>,
+        /// Comma-separated paths to leave out (applied after `fields`).
+        exclude: Query<Option<String>>,
+        /// Comma-separated keys, `-` for descending: period, year, month, storeId, totalSales,
+        /// totalCustomers, daysReported, updatedAt, createdAt, id. Default `storeId,year,month`.
+        sort: Query<Option<String>>,
+        /// Page size, default 50; above 200 it is lowered to 200 (`meta.limitClamped`).
+        limit: Query<Option<i64>>,
+        /// `meta.nextCursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Rows to skip (at most 10,000; use `cursor` beyond that). Not with `cursor`.
+        offset: Query<Option<i64>>,
+        /// `false` drops `meta`.
+        #[oai(name = "includeMetadata")]
+        include_metadata: Query<Option<bool>>,
+    ) -> ApiResult<ListResponse> {
+        let started = Instant::now();
+        let filter = SalesFilter::parse(&RawFilter {
+            store_id: store_id.0,
+            region: region.0,
+            year: year.0,
+            month: month.0,
+            from: from.0,
+            to: to.0,
+            min_total_sales: min_total_sales.0,
+            max_total_sales: max_total_sales.0,
+        })?;
+        filter.check_scope(&auth.0)?;
+        let projection = parse_projection(&SALES_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        let keys = parse_sort(sort.0.as_deref())?;
+        let spec = sort_spec(&keys);
+        let requested = limit.0.unwrap_or(DEFAULT_LIMIT);
+        if requested < 1 {
+            return Err(ApiError::bad_param("limit", format!("{requested} is not a page size; use 1..{MAX_LIMIT}")));
+        }
+        let limit = requested.min(MAX_LIMIT);
+        let offset = offset.0.unwrap_or(0);
+        if !(0..=MAX_OFFSET).contains(&offset) {
+            return Err(ApiError::bad_param("offset", format!("must be between 0 and {MAX_OFFSET}; use cursor to go further")));
+        }
+        let after = match cursor.0.as_deref() {
+            Some(c) if offset > 0 => {
+                let _ = c;
+                return Err(ApiError::bad_param("offset", "cannot be combined with cursor"));
+            }
+            Some(c) => Some(decode_cursor(c, &spec, keys.len())?),
+            None => None,
+        };
+
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+        doc_sql(&projection, &mut qb);
+        qb.push(")::text AS doc, ARRAY[");
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                qb.push(", ");
+            }
+            qb.push(k.expr).push("::text");
+        }
+        qb.push("] AS cur FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true");
+        filter.push_where(&mut qb, &auth.0);
+        if let Some(vals) = &after {
+            push_keyset(&mut qb, &keys, vals);
+        }
+        qb.push(" ORDER BY ");
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                qb.push(", ");
+            }
+            qb.push(k.expr).push(if k.desc { " DESC" } else { " ASC" });
+        }
+        qb.push(" LIMIT ").push_bind(limit + 1);
+        if offset > 0 {
+            qb.push(" OFFSET ").push_bind(offset);
+        }
+        let rows = qb.build().fetch_all(&self.state.read_pool()).await?;
+        let has_more = rows.len() as i64 > limit;
+        let rows = &rows[..rows.len().min(limit as usize)];
+        let mut body = String::with_capacity(rows.iter().map(|r| r.get::<&str, _>(0).len() + 1).sum::<usize>() + 256);
+        body.push_str("{\"data\":[");
+        for (i, r) in rows.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(r.get::<&str, _>(0));
+        }
+        body.push(']');
+        if include_metadata.0.unwrap_or(true) {
+            let next = if has_more {
+                rows.last().map(|r| encode_cursor(&spec, &r.get::<Vec<String>, _>(1)))
+            } else {
+                None
+            };
+            let meta = json!({
+                "fields": projection.fields, "exclude": projection.excluded, "count": rows.len(),
+                "limit": limit, "limitClamped": requested > MAX_LIMIT, "nextCursor": next, "sort": spec,
+                "tookMs": ms(started),
+            });
+            body.push_str(",\"meta\":");
+            body.push_str(&meta.to_string());
+        }
+        body.push('}');
+        Ok(ListResponse::Ok(RawJson::new(body)))
+    }
+
+    /// Totals by store, region or month over the filtered records.
+    #[oai(path = "/api/v2/sales/summary", method = "get")]
+    async fn summary(
+        &self,
+        auth: BearerAuth,
+        /// `store` (default), `region` or `month`.
+        #[oai(name = "groupBy")]
+        group_by: Query<Option<GroupBy>>,
+        #[oai(name = "storeId")] store_id: Query<Option<String>>,
+        region: Query<Option<String>>,
+        year: Query<Option<i32>>,
+        month: Query<Option<i32>>,
+        from: Query<Option<String>>,
+        to: Query<Option<String>>,
+    ) -> ApiResult<SummaryResponse> {
+        let started = Instant::now();
+        let filter = SalesFilter::parse(&RawFilter {
+            store_id: store_id.0,
+            region: region.0,
+            year: year.0,
+            month: month.0,
+            from: from.0,
+            to: to.0,
+            ..Default::default()
+        })?;
+        filter.check_scope(&auth.0)?;
+        let group = group_by.0.unwrap_or(GroupBy::Store);
+        let (key, extra, group_sql, order) = match group {
+            GroupBy::Store => ("m.store_id::text", ", 'storeCode', min(s.code), 'storeName', min(s.name)", "m.store_id", "m.store_id"),
+            GroupBy::Region => ("s.region", "", "s.region", "s.region"),
+            GroupBy::Month => ("format('%s-%s', m.year, lpad(m.month::text, 2, '0'))", "", "m.year, m.month", "m.year, m.month"),
+        };
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
+               SELECT jsonb_build_object('key', {key}, 'totalSales', sum(m.total_sales),
+                      'totalCustomers', sum(m.total_customers), 'months', count(*),
+                      'stores', count(DISTINCT m.store_id){extra}) AS r,
+                      row_number() OVER (ORDER BY {order}) AS ord
+               FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true"
+        ));
+        filter.push_where(&mut qb, &auth.0);
+        qb.push(format!(" GROUP BY {group_sql}) g"));
+        let data: String = qb.build_query_scalar().fetch_one(&self.state.read_pool()).await?;
+        let meta = json!({
+            "groupBy": format!("{group:?}").to_lowercase(),
+            "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
+            "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
+            "tookMs": ms(started),
+        });
+        Ok(SummaryResponse::Ok(RawJson::new(format!("{{\"data\":{data},\"meta\":{meta}}}"))))
+    }
+
+    /// One sales record by id, with optional `fields` / `exclude`.
+    #[oai(path = "/api/v2/sales/:id", method = "get")]
+    async fn get_one(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        fields: Query<Option<String>>,
+        exclude: Query<Option<String>>,
+    ) -> ApiResult<OneResponse> {
+        let projection = parse_projection(&SALES_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT m.store_id, (");
+        doc_sql(&projection, &mut qb);
+        qb.push(")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ");
+        qb.push_bind(id.0);
+        let row = qb.build().fetch_optional(&self.state.read_pool()).await?;
+        let Some(row) = row else {
+            return Err(ApiError::not_found(format!("no sales record {}", id.0)));
+        };
+        auth.require_store(row.get(0))?;
+        Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{}}}", row.get::<&str, _>(1)))))
+    }
+
+    /// Validate and upsert many store-months in one transaction. With `atomic` (default) any
+    /// invalid record rejects the batch with 422 and a per-record report; nothing is written.
+    #[oai(path = "/api/v2/sales/batch", method = "post")]
+    async fn batch_upsert(&self, auth: BearerAuth, body: Json<BatchUpsertRequest>) -> ApiResult<BatchResponse> {
+        let max = self.state.config.batch_max_records;
+        let n = body.sales_data_array.len();
+        if n > max {
+            return Err(ApiError::too_large(format!("{n} records; at most {max} per batch (BATCH_MAX_RECORDS)")));
+        }
+        if n == 0 {
+            return Err(ApiError::bad_param("salesDataArray", "must hold at least one record"));
+        }
+        // Scope first: a record for a store outside the token's scope is 403,
+        // whatever else is wrong with the batch.
+        let mut denied: Vec<i64> = body
+            .sales_data_array
+            .iter()
+            .filter_map(|r| r.get("storeId").or_else(|| r.get("store_id")))
+            .filter_map(|v| sales_core::record::parse_id(v).ok())
+            .filter(|id| !auth.0.can_access_store(*id))
+            .collect();
+        if !denied.is_empty() {
+            denied.sort_unstable();
+            denied.dedup();
+            return Err(ApiError::Forbidden(ErrorBody::new(
+                "forbidden",
+                format!("stores outside your scope: {denied:?}"),
+                Some(json!({"storeIds": denied})),
+            )));
+        }
+        let atomic = body.atomic.unwrap_or(true);
+        let replace = body.mode == Some(BatchMode::Replace);
+        let records = Value::Array(body.0.sales_data_array);
+        let mut tx = self.state.pool.begin().await?;
+        set_actor(&mut *tx, auth.0.user_id).await?;
+        let summary: Value = sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+            .bind(&records)
+            .bind(replace)
+            .bind(atomic)
+            .bind(auth.0.scope())
+            .fetch_one(&mut *tx)
+            .await?;
+        let failed = summary["failed"].as_i64().unwrap_or(0);
+        if atomic && failed > 0 {
+            tx.rollback().await?;
+            return Err(ApiError::unprocessable(format!("{failed} of {n} records are invalid; nothing was written"), Some(summary)));
+        }
+        tx.commit().await?;
+        self.state.after_write(&summary).await;
+        Ok(BatchResponse::Ok(RawJson::new(summary.to_string())))
+    }
+
+    /// Delete store-months by id and/or by `{storeId, year, month}` keys. Unknown items are
+    /// reported; with `atomic` (default) nothing is deleted when any item fails (422).
+    #[oai(path = "/api/v2/sales/batch", method = "delete")]
+    async fn batch_delete(&self, auth: BearerAuth, body: Json<BatchDeleteRequest>) -> ApiResult<DeleteResponse> {
+        let ids = body.ids.clone().unwrap_or_default();
+        let keys = body.keys.clone().unwrap_or_default();
+        let n = ids.len() + keys.len();
+        if n == 0 {
+            return Err(ApiError::bad_param("ids", "give ids or keys to delete"));
+        }
+        let max = self.state.config.batch_max_records;
+        if n > max {
+            return Err(ApiError::too_large(format!("{n} items; at most {max} per batch (BATCH_MAX_RECORDS)")));
+        }
+        // Scope: stores named in keys, and the stores of the ids.
+        let mut stores: Vec<i64> = keys
+            .iter()
+            .filter_map(|k| k.get("storeId").or_else(|| k.get("store_id")))
+            .filter_map(|v| sales_core::record::parse_id(v).ok())
+            .collect();
+        if !ids.is_empty() && !auth.0.is_admin() {
+            let of_ids: Vec<i64> =
+                sqlx::query_scalar("SELECT DISTINCT store_id FROM sales.monthly_sales WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&self.state.pool)
+                    .await?;
+            stores.extend(of_ids);
+        }
+        let mut denied: Vec<i64> = stores.into_iter().filter(|s| !auth.0.can_access_store(*s)).collect();
+        if !denied.is_empty() {
+            denied.sort_unstable();
+            denied.dedup();
+            return Err(ApiError::Forbidden(ErrorBody::new(
+                "forbidden",
+                format!("stores outside your scope: {denied:?}"),
+                Some(json!({"storeIds": denied})),
+            )));
+        }
+        let atomic = body.atomic.unwrap_or(true);
+        let mut tx = self.state.pool.begin().await?;
+        set_actor(&mut *tx, auth.0.user_id).await?;
+        let summary: Value = sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
+            .bind(if ids.is_empty() { None } else { Some(ids) })
+            .bind(if keys.is_empty() { None } else { Some(Value::Array(keys)) })
+            .bind(atomic)
+            .bind(auth.0.scope())
+            .fetch_one(&mut *tx)
+            .await?;
+        let failed = summary["failed"].as_i64().unwrap_or(0);
+        if atomic && failed > 0 {
+            tx.rollback().await?;
+            return Err(ApiError::unprocessable(format!("{failed} of {n} items failed; nothing was deleted"), Some(summary)));
+        }
+        tx.commit().await?;
+        self.state.after_write(&summary).await;
+        Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sort_parsing() {
+        let k = parse_sort(Some("-period,store_id")).unwrap();
+        assert_eq!(sort_spec(&k), "-year,-month,storeId,id");
+        assert!(parse_sort(Some("name")).is_err());
+        assert!(parse_sort(Some("year,-year")).is_err());
+        assert_eq!(sort_spec(&parse_sort(None).unwrap()), "storeId,year,month,id");
+    }
+
+    #[test]
+    fn cursor_round_trip() {
+        let c = encode_cursor("storeId,id", &["1".into(), "9".into()]);
+        assert_eq!(decode_cursor(&c, "storeId,id", 2).unwrap(), vec!["1", "9"]);
+        assert!(decode_cursor(&c, "-storeId,id", 2).is_err());
+        assert!(decode_cursor("garbage!", "storeId,id", 2).is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! Bearer JWT as a poem-openapi security scheme: handlers that take a
+//! [`BearerAuth`] only run for a verified caller.
+
+use super::error::ApiError;
+use crate::auth::{AuthError, Principal};
+use crate::state::AppState;
+use poem::Request;
+use poem_openapi::{auth::Bearer, SecurityScheme};
+use std::sync::Arc;
+
+/// A JWT from `POST /api/v2/auth/login` (or from the configured identity provider).
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "JWT", checker = "verify_bearer")]
+pub struct BearerAuth(pub Principal);
+
+async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
+    let state = req
+        .data::<Arc<AppState>>()
+        .ok_or_else(|| poem::Error::from_string("state missing", poem::http::StatusCode::INTERNAL_SERVER_ERROR))?;
+    match state.auth.verify(&bearer.token) {
+        Ok(p) => {
+            tracing::Span::current().record("user_id", p.user_id);
+            Ok(p)
+        }
+        Err(e) => {
+            let msg = match e {
+                AuthError::Missing => "missing bearer token".to_string(),
+                AuthError::Expired => "token expired; log in again".to_string(),
+                AuthError::Invalid(why) => format!("invalid token: {why}"),
+            };
+            Err(poem::Error::from_response(poem::IntoResponse::into_response(ApiError::unauthorized(msg))))
+        }
+    }
+}
+
+impl BearerAuth {
+    /// 403 unless the caller may use `store`.
+    pub fn require_store(&self, store: i64) -> Result<(), ApiError> {
+        if self.0.can_access_store(store) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("store {store} is outside your scope")))
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.0.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("admin role required"))
+        }
+    }
+}

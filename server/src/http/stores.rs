@@ -1,0 +1,230 @@
+//! `/api/v2/stores`: list, get, create, change (status changes emit
+//! `store-status-changed` through the table's triggers).
+
+use super::error::{ApiError, ApiResult};
+use super::filters::parse_projection;
+use super::raw::RawJson;
+use super::sales::set_actor;
+use super::security::BearerAuth;
+use super::ApiTags;
+use crate::state::AppState;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
+use sales_core::projection::STORE_DOC;
+use sqlx::{Postgres, QueryBuilder, Row};
+use std::sync::Arc;
+
+pub struct StoresApi {
+    pub state: Arc<AppState>,
+}
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum StoreStatus {
+    Open,
+    Closed,
+    Renovating,
+}
+
+impl StoreStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            StoreStatus::Open => "open",
+            StoreStatus::Closed => "closed",
+            StoreStatus::Renovating => "renovating",
+        }
+    }
+}
+
+/// A store (every member may be projected away with `fields`).
+#[derive(Object, Debug, Clone)]
+#[oai(rename_all = "camelCase")]
+pub struct Store {
+    pub id: Option<i64>,
+    pub code: Option<String>,
+    pub name: Option<String>,
+    pub region: Option<String>,
+    /// open, closed or renovating.
+    pub status: Option<String>,
+    pub version: Option<i64>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+#[derive(Object, Debug)]
+pub struct StorePage {
+    pub data: Vec<Store>,
+    pub meta: serde_json::Value,
+}
+
+#[derive(Object, Debug)]
+pub struct StoreOne {
+    pub data: Store,
+}
+
+#[derive(Object, Debug)]
+pub struct CreateStore {
+    /// Unique; letters, digits, `_` and `-`, at most 32.
+    #[oai(validator(pattern = r"^[A-Za-z0-9_-]{1,32}$"))]
+    pub code: String,
+    #[oai(validator(min_length = 1, max_length = 200))]
+    pub name: String,
+    #[oai(validator(min_length = 1, max_length = 100))]
+    pub region: String,
+    pub status: Option<StoreStatus>,
+}
+
+#[derive(Object, Debug)]
+pub struct UpdateStore {
+    pub status: Option<StoreStatus>,
+    #[oai(validator(min_length = 1, max_length = 200))]
+    pub name: Option<String>,
+    #[oai(validator(min_length = 1, max_length = 100))]
+    pub region: Option<String>,
+}
+
+#[derive(ApiResponse)]
+pub enum ListResponse {
+    /// Stores in the caller's scope.
+    #[oai(status = 200)]
+    Ok(RawJson<StorePage>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneResponse {
+    /// The store.
+    #[oai(status = 200)]
+    Ok(RawJson<StoreOne>),
+}
+
+#[derive(ApiResponse)]
+pub enum CreatedResponse {
+    /// Created.
+    #[oai(status = 201)]
+    Created(RawJson<StoreOne>),
+}
+
+fn doc_sql(p: &sales_core::projection::Projection, qb: &mut QueryBuilder<'_, Postgres>) {
+    if p.is_identity() {
+        qb.push("sales.store_doc(s)");
+    } else {
+        qb.push("sales.project_store(sales.store_doc(s), ").push_bind(p.fields.clone()).push("::text[], ");
+        qb.push_bind(p.excluded.clone()).push("::text[])");
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Stores")]
+impl StoresApi {
+    /// Stores in the caller's scope, by id; filter by region and status.
+    #[oai(path = "/api/v2/stores", method = "get")]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        region: Query<Option<String>>,
+        status: Query<Option<StoreStatus>>,
+        fields: Query<Option<String>>,
+        exclude: Query<Option<String>>,
+        /// Default 200, at most 1000.
+        limit: Query<Option<i64>>,
+        /// Rows to skip.
+        offset: Query<Option<i64>>,
+    ) -> ApiResult<ListResponse> {
+        let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        let limit = limit.0.unwrap_or(200);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::bad_param("limit", "must be between 1 and 1000"));
+        }
+        let offset = offset.0.unwrap_or(0);
+        if !(0..=1_000_000).contains(&offset) {
+            return Err(ApiError::bad_param("offset", "must be between 0 and 1000000"));
+        }
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ");
+        doc_sql(&projection, &mut qb);
+        qb.push(" AS d FROM sales.stores s WHERE true");
+        if let Some(scope) = auth.0.scope() {
+            qb.push(" AND s.id = ANY(").push_bind(scope).push(")");
+        }
+        if let Some(r) = region.0.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+            qb.push(" AND s.region = ").push_bind(r.to_string());
+        }
+        if let Some(st) = status.0 {
+            qb.push(" AND s.status = ").push_bind(st.as_str());
+        }
+        qb.push(" ORDER BY s.id LIMIT ").push_bind(limit).push(" OFFSET ").push_bind(offset).push(") t");
+        let data: String = qb.build_query_scalar().fetch_one(&self.state.read_pool()).await?;
+        let meta = serde_json::json!({"limit": limit, "offset": offset, "fields": projection.fields});
+        Ok(ListResponse::Ok(RawJson::new(format!("{{\"data\":{data},\"meta\":{meta}}}"))))
+    }
+
+    /// One store (403 outside the caller's scope).
+    #[oai(path = "/api/v2/stores/:id", method = "get")]
+    async fn get_one(&self, auth: BearerAuth, id: Path<i64>, fields: Query<Option<String>>, exclude: Query<Option<String>>) -> ApiResult<OneResponse> {
+        let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        auth.require_store(id.0)?;
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+        doc_sql(&projection, &mut qb);
+        qb.push(")::text FROM sales.stores s WHERE s.id = ").push_bind(id.0);
+        let doc: Option<String> = qb.build_query_scalar().fetch_optional(&self.state.read_pool()).await?;
+        let doc = doc.ok_or_else(|| ApiError::not_found(format!("no store {}", id.0)))?;
+        Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{doc}}}"))))
+    }
+
+    /// Create a store (admin only). A duplicate code is 409.
+    #[oai(path = "/api/v2/stores", method = "post")]
+    async fn create(&self, auth: BearerAuth, body: Json<CreateStore>) -> ApiResult<CreatedResponse> {
+        auth.require_admin()?;
+        let mut tx = self.state.pool.begin().await?;
+        set_actor(&mut *tx, auth.0.user_id).await?;
+        let doc: String = sqlx::query_scalar(
+            "INSERT INTO sales.stores AS s (code, name, region, status) VALUES ($1, $2, $3, $4) RETURNING sales.store_doc(s)::text",
+        )
+        .bind(body.code.trim())
+        .bind(body.name.trim())
+        .bind(body.region.trim())
+        .bind(body.status.unwrap_or(StoreStatus::Open).as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
+            Some("23505") => ApiError::conflict(format!("store code {} already exists", body.code), None),
+            _ => e.into(),
+        })?;
+        tx.commit().await?;
+        self.state.after_store_write().await;
+        Ok(CreatedResponse::Created(RawJson::new(format!("{{\"data\":{doc}}}"))))
+    }
+
+    /// Change a store. Admins may change anything; managers only the status of their stores.
+    /// A status change emits `store-status-changed`.
+    #[oai(path = "/api/v2/stores/:id", method = "patch")]
+    async fn update(&self, auth: BearerAuth, id: Path<i64>, body: Json<UpdateStore>) -> ApiResult<OneResponse> {
+        if body.status.is_none() && body.name.is_none() && body.region.is_none() {
+            return Err(ApiError::bad_param("body", "give status, name or region"));
+        }
+        if !auth.0.is_admin() {
+            if !auth.0.can_manage_store(id.0) {
+                return Err(ApiError::forbidden(format!("you may not change store {}", id.0)));
+            }
+            if body.name.is_some() || body.region.is_some() {
+                return Err(ApiError::forbidden("only admins change name or region"));
+            }
+        }
+        let mut tx = self.state.pool.begin().await?;
+        set_actor(&mut *tx, auth.0.user_id).await?;
+        let row = sqlx::query(
+            "UPDATE sales.stores AS s SET status = coalesce($2, status), name = coalesce($3, name), region = coalesce($4, region)
+             WHERE id = $1 RETURNING sales.store_doc(s)::text",
+        )
+        .bind(id.0)
+        .bind(body.status.map(StoreStatus::as_str))
+        .bind(body.name.as_deref().map(str::trim))
+        .bind(body.region.as_deref().map(str::trim))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(ApiError::not_found(format!("no store {}", id.0)));
+        };
+        tx.commit().await?;
+        self.state.after_store_write().await;
+        Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{}}}", row.get::<&str, _>(0)))))
+    }
+}
