@@ -13,7 +13,8 @@ pub use sales_server::RunningServer;
 
 /// The cluster the tests use (same as `make test` sets up).
 pub fn base_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| sales_server::config::DEFAULT_DATABASE_URL.to_string())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| sales_server::config::DEFAULT_DATABASE_URL.to_string())
 }
 
 pub fn redis_url() -> String {
@@ -42,25 +43,41 @@ impl TestDb {
     pub async fn new() -> Self {
         let name = format!("pgs_test_{}", uuid::Uuid::new_v4().simple());
         let base = PgConnectOptions::from_str(&base_url()).expect("DATABASE_URL");
-        let mut admin = base.clone().database("postgres").connect().await.expect("connect to postgres db");
-        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        let mut admin = base
+            .clone()
+            .database("postgres")
+            .connect()
+            .await
+            .expect("connect to postgres db");
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
         admin.close().await.ok();
         let opts = base.database(&name);
         let url = format!("{}", opts.to_url_lossy());
-        let pool = PgPoolOptions::new().max_connections(10).connect_with(opts).await.expect("connect to test database");
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(opts)
+            .await
+            .expect("connect to test database");
         sales_server::db::migrate(&pool).await.expect("migrations");
         Self { name, url, pool }
     }
 
     /// A fresh single connection (for LISTEN, or for holding a transaction open).
     pub async fn connect(&self) -> sqlx::PgConnection {
-        sqlx::PgConnection::connect(&self.url).await.expect("connect")
+        sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("connect")
     }
 
     /// Inserts `n` stores (codes T001..), returning their ids.
     pub async fn stores(&self, n: usize) -> Vec<i64> {
         let codes: Vec<String> = (1..=n).map(|i| format!("T{i:03}")).collect();
-        let regions: Vec<String> = (0..n).map(|i| ["North", "South", "East"][i % 3].to_string()).collect();
+        let regions: Vec<String> = (0..n)
+            .map(|i| ["North", "South", "East"][i % 3].to_string())
+            .collect();
         sqlx::query_scalar(
             "INSERT INTO sales.stores (code, name, region)
              SELECT c, 'Store ' || c, r FROM unnest($1::text[], $2::text[]) AS t(c, r) RETURNING id",
@@ -91,7 +108,10 @@ impl TestDb {
 
     /// Starts an in-process server on a free port.
     pub async fn server(&self, overrides: &[(&str, &str)]) -> RunningServer {
-        sales_server::Server::bind(self.config(overrides)).await.expect("server bind").spawn()
+        sales_server::Server::bind(self.config(overrides))
+            .await
+            .expect("server bind")
+            .spawn()
     }
 
     /// Environment for running the server binary against this database.
@@ -112,12 +132,18 @@ impl Drop for TestDb {
         // Async drop is not available; a short-lived runtime on its own thread
         // removes the database so runs do not pile up.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async move {
                     if let Ok(opts) = PgConnectOptions::from_str(&base_url()) {
                         if let Ok(mut c) = opts.database("postgres").connect().await {
-                            let _ = c.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                            let _ = c
+                                .execute(
+                                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                                )
+                                .await;
                         }
                     }
                 });
@@ -147,5 +173,103 @@ where
 
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.to_string())
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string())
+}
+
+/// Creates (or updates) a user and returns (user id, bearer token).
+pub async fn user_token(
+    db: &TestDb,
+    server: &RunningServer,
+    email: &str,
+    role: &str,
+    stores: &[i64],
+) -> (i64, String) {
+    let (id, _) = sales_server::users::upsert_user(&db.pool, email, role, stores, "password-123")
+        .await
+        .expect("create user");
+    let role = sales_server::auth::Role::parse(role).expect("role");
+    let (token, _) = server
+        .state
+        .auth
+        .issue(id, email, role, stores.to_vec())
+        .expect("token");
+    (id, token)
+}
+
+/// A small HTTP client for one server and one token.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(server: &RunningServer, token: Option<&str>) -> Self {
+        Self {
+            base: format!("http://{}", server.addr),
+            token: token.map(str::to_string),
+            http: reqwest::Client::builder()
+                .no_gzip()
+                .no_brotli()
+                .no_zstd()
+                .build()
+                .expect("client"),
+        }
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .req(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        assert!(status < 500, "GET {path} answered {status}");
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .req(method.clone(), path)
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        assert!(status < 500, "{method} {path} answered {status}");
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.send_json(reqwest::Method::POST, path, body).await
+    }
+}
+
+/// A month of daily data with `days` days of `sales` each.
+pub fn month(store: i64, year: i32, month: i32, days: u32, sales: f64) -> serde_json::Value {
+    let daily: serde_json::Map<String, serde_json::Value> = (1..=days)
+        .map(|d| {
+            (
+                d.to_string(),
+                serde_json::json!({"sales": sales, "customers": 10}),
+            )
+        })
+        .collect();
+    serde_json::json!({"storeId": store, "year": year, "month": month, "dailyData": daily})
 }

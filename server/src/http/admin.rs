@@ -93,17 +93,22 @@ pub struct MaintenanceResult {
 impl AdminApi {
     /// Send a system announcement to every WebSocket client subscribed to `announcements` (admin only).
     #[oai(path = "/api/admin/announcements", method = "post")]
-    async fn announce(&self, auth: BearerAuth, body: Json<Announcement>) -> ApiResult<EventResponse> {
+    async fn announce(
+        &self,
+        auth: BearerAuth,
+        body: Json<Announcement>,
+    ) -> ApiResult<EventResponse> {
         auth.require_admin()?;
         let level = format!("{:?}", body.level.unwrap_or(Level::Info)).to_lowercase();
         let mut tx = self.state.pool.begin().await?;
         set_actor(&mut *tx, auth.0.user_id).await?;
-        let id: i64 = sqlx::query_scalar("SELECT sales.announce($1, $2, coalesce($3, '{}'::jsonb))")
-            .bind(&body.message)
-            .bind(level)
-            .bind(&body.data)
-            .fetch_one(&mut *tx)
-            .await?;
+        let id: i64 =
+            sqlx::query_scalar("SELECT sales.announce($1, $2, coalesce($3, '{}'::jsonb))")
+                .bind(&body.message)
+                .bind(level)
+                .bind(&body.data)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
     }
@@ -112,21 +117,23 @@ impl AdminApi {
     #[oai(path = "/api/admin/notifications", method = "post")]
     async fn notify(&self, auth: BearerAuth, body: Json<Notification>) -> ApiResult<EventResponse> {
         auth.require_admin()?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sales.users WHERE id = $1)")
-            .bind(body.user_id)
-            .fetch_one(&self.state.pool)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sales.users WHERE id = $1)")
+                .bind(body.user_id)
+                .fetch_one(&self.state.pool)
+                .await?;
         if !exists {
             return Err(ApiError::not_found(format!("no user {}", body.user_id)));
         }
         let mut tx = self.state.pool.begin().await?;
         set_actor(&mut *tx, auth.0.user_id).await?;
-        let id: i64 = sqlx::query_scalar("SELECT sales.notify_user($1, $2, coalesce($3, '{}'::jsonb))")
-            .bind(body.user_id)
-            .bind(&body.message)
-            .bind(&body.data)
-            .fetch_one(&mut *tx)
-            .await?;
+        let id: i64 =
+            sqlx::query_scalar("SELECT sales.notify_user($1, $2, coalesce($3, '{}'::jsonb))")
+                .bind(body.user_id)
+                .bind(&body.message)
+                .bind(&body.data)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
     }
@@ -141,14 +148,23 @@ impl AdminApi {
 
     /// Apply the index report's fixes without blocking writes (CONCURRENTLY), then ANALYZE (admin only).
     #[oai(path = "/api/admin/maintenance", method = "post")]
-    async fn maintenance(&self, auth: BearerAuth, body: Json<MaintenanceRequest>) -> ApiResult<Json<MaintenanceResult>> {
+    async fn maintenance(
+        &self,
+        auth: BearerAuth,
+        body: Json<MaintenanceRequest>,
+    ) -> ApiResult<Json<MaintenanceResult>> {
         auth.require_admin()?;
         let findings = crate::maintain::report(&self.state.pool).await?;
         let plan = crate::maintain::plan(&findings, body.drop_unused.unwrap_or(false));
         let dry_run = body.dry_run.unwrap_or(false);
         let actions = if dry_run {
             plan.into_iter()
-                .map(|statement| MaintenanceAction { statement, ok: true, error: None, elapsed_ms: 0.0 })
+                .map(|statement| MaintenanceAction {
+                    statement,
+                    ok: true,
+                    error: None,
+                    elapsed_ms: 0.0,
+                })
                 .collect()
         } else {
             crate::maintain::apply(&self.state.config.database_url, &plan)
@@ -162,7 +178,11 @@ impl AdminApi {
                 })
                 .collect()
         };
-        Ok(Json(MaintenanceResult { findings: findings.into_iter().map(to_finding).collect(), actions, dry_run }))
+        Ok(Json(MaintenanceResult {
+            findings: findings.into_iter().map(to_finding).collect(),
+            actions,
+            dry_run,
+        }))
     }
 }
 

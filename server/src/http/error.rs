@@ -118,7 +118,11 @@ impl ApiError {
 
     pub fn too_many(retry_after: u64) -> Self {
         ApiError::TooManyRequests(
-            ErrorBody::new("rate_limited", format!("rate limit reached; retry after {retry_after} s"), None),
+            ErrorBody::new(
+                "rate_limited",
+                format!("rate limit reached; retry after {retry_after} s"),
+                None,
+            ),
             retry_after,
         )
     }
@@ -130,7 +134,11 @@ impl ApiError {
     /// Logs the cause and returns an opaque 500.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
-        ApiError::Internal(ErrorBody::new("internal", "internal error; see the server log for this request id", None))
+        ApiError::Internal(ErrorBody::new(
+            "internal",
+            "internal error; see the server log for this request id",
+            None,
+        ))
     }
 
     pub fn status(&self) -> u16 {
@@ -170,8 +178,15 @@ impl From<sqlx::Error> for ApiError {
                 let report = detail.and_then(|d| serde_json::from_str::<Value>(&d).ok());
                 ApiError::unprocessable(db.message().to_string(), report)
             }
-            "PS410" => ApiError::conflict(db.message().to_string(), Some(serde_json::json!({"resync": true}))),
-            "22023" | "22P02" => ApiError::BadRequest(ErrorBody::new("bad_parameter", db.message().to_string(), None)),
+            "PS410" => ApiError::conflict(
+                db.message().to_string(),
+                Some(serde_json::json!({"resync": true})),
+            ),
+            "22023" | "22P02" => ApiError::BadRequest(ErrorBody::new(
+                "bad_parameter",
+                db.message().to_string(),
+                None,
+            )),
             "23505" => ApiError::conflict(
                 "already exists",
                 Some(serde_json::json!({"constraint": constraint, "detail": detail})),
@@ -181,7 +196,10 @@ impl From<sqlx::Error> for ApiError {
                 Some(serde_json::json!({"constraint": constraint})),
             ),
             "23514" | "23502" => ApiError::unprocessable(
-                format!("violates {}", constraint.clone().unwrap_or_else(|| "a constraint".into())),
+                format!(
+                    "violates {}",
+                    constraint.clone().unwrap_or_else(|| "a constraint".into())
+                ),
                 Some(serde_json::json!({"constraint": constraint})),
             ),
             "40001" | "40P01" => ApiError::unavailable("conflicting concurrent write; retry"),

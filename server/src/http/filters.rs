@@ -42,7 +42,12 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
         }
         match p.parse::<i64>() {
             Ok(v) if v > 0 => out.push(v),
-            _ => return Err(ApiError::bad_param(param, format!("{p:?} is not a positive integer id"))),
+            _ => {
+                return Err(ApiError::bad_param(
+                    param,
+                    format!("{p:?} is not a positive integer id"),
+                ))
+            }
         }
     }
     if out.is_empty() {
@@ -69,14 +74,28 @@ pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
 }
 
 /// Comma-separated field paths -> a checked projection (400 naming the field).
-pub fn parse_projection(shape: &Shape, fields: Option<&str>, exclude: Option<&str>) -> ApiResult<Projection> {
+pub fn parse_projection(
+    shape: &Shape,
+    fields: Option<&str>,
+    exclude: Option<&str>,
+) -> ApiResult<Projection> {
     let split = |s: Option<&str>| -> Vec<String> {
-        s.map(|v| v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()).unwrap_or_default()
+        s.map(|v| {
+            v.split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
     };
     let f = split(fields);
     let x = split(exclude);
     Projection::new(shape, &f, &x).map_err(|e| {
-        let param = if f.iter().any(|p| p == &e.field) { "fields" } else { "exclude" };
+        let param = if f.iter().any(|p| p == &e.field) {
+            "fields"
+        } else {
+            "exclude"
+        };
         ApiError::BadRequest(super::error::ErrorBody::new(
             "bad_parameter",
             format!("{param}: {e}"),
@@ -89,34 +108,60 @@ impl SalesFilter {
     pub fn parse(raw: &RawFilter) -> ApiResult<Self> {
         if let Some(y) = raw.year {
             if !(2000..=2100).contains(&y) {
-                return Err(ApiError::bad_param("year", format!("{y} is outside 2000..2100")));
+                return Err(ApiError::bad_param(
+                    "year",
+                    format!("{y} is outside 2000..2100"),
+                ));
             }
         }
         if let Some(m) = raw.month {
             if !(1..=12).contains(&m) {
-                return Err(ApiError::bad_param("month", format!("{m} is outside 1..12")));
+                return Err(ApiError::bad_param(
+                    "month",
+                    format!("{m} is outside 1..12"),
+                ));
             }
         }
-        let from = raw.from.as_deref().map(|v| parse_period("from", v)).transpose()?;
-        let to = raw.to.as_deref().map(|v| parse_period("to", v)).transpose()?;
+        let from = raw
+            .from
+            .as_deref()
+            .map(|v| parse_period("from", v))
+            .transpose()?;
+        let to = raw
+            .to
+            .as_deref()
+            .map(|v| parse_period("to", v))
+            .transpose()?;
         if let (Some(f), Some(t)) = (from, to) {
             if f > t {
                 return Err(ApiError::bad_param("from", "must not be after `to`"));
             }
         }
-        for (name, v) in [("minTotalSales", raw.min_total_sales), ("maxTotalSales", raw.max_total_sales)] {
+        for (name, v) in [
+            ("minTotalSales", raw.min_total_sales),
+            ("maxTotalSales", raw.max_total_sales),
+        ] {
             if let Some(v) = v {
                 if !v.is_finite() || v < 0.0 {
                     return Err(ApiError::bad_param(name, "must be a non-negative number"));
                 }
             }
         }
-        let region = raw.region.as_deref().map(str::trim).filter(|r| !r.is_empty()).map(str::to_string);
+        let region = raw
+            .region
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_string);
         if region.as_ref().is_some_and(|r| r.len() > 100) {
             return Err(ApiError::bad_param("region", "at most 100 characters"));
         }
         Ok(Self {
-            store_ids: raw.store_id.as_deref().map(|s| parse_id_list("storeId", s)).transpose()?,
+            store_ids: raw
+                .store_id
+                .as_deref()
+                .map(|s| parse_id_list("storeId", s))
+                .transpose()?,
             region,
             year: raw.year,
             month: raw.month,
@@ -131,7 +176,11 @@ impl SalesFilter {
     /// list, which would hide the refusal).
     pub fn check_scope(&self, who: &Principal) -> ApiResult<()> {
         if let Some(ids) = &self.store_ids {
-            let denied: Vec<i64> = ids.iter().copied().filter(|id| !who.can_access_store(*id)).collect();
+            let denied: Vec<i64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !who.can_access_store(*id))
+                .collect();
             if !denied.is_empty() {
                 return Err(ApiError::Forbidden(super::error::ErrorBody::new(
                     "forbidden",
@@ -146,7 +195,9 @@ impl SalesFilter {
     /// Appends `AND ...` conditions on `m` (monthly_sales) and `s` (stores).
     pub fn push_where(&self, qb: &mut QueryBuilder<'_, Postgres>, who: &Principal) {
         if let Some(ids) = &self.store_ids {
-            qb.push(" AND m.store_id = ANY(").push_bind(ids.clone()).push(")");
+            qb.push(" AND m.store_id = ANY(")
+                .push_bind(ids.clone())
+                .push(")");
         }
         if let Some(scope) = who.scope() {
             qb.push(" AND m.store_id = ANY(").push_bind(scope).push(")");
@@ -161,16 +212,28 @@ impl SalesFilter {
             qb.push(" AND m.month = ").push_bind(m);
         }
         if let Some((y, m)) = self.from {
-            qb.push(" AND (m.year, m.month) >= (").push_bind(y).push("::int, ").push_bind(m).push("::int)");
+            qb.push(" AND (m.year, m.month) >= (")
+                .push_bind(y)
+                .push("::int, ")
+                .push_bind(m)
+                .push("::int)");
         }
         if let Some((y, m)) = self.to {
-            qb.push(" AND (m.year, m.month) <= (").push_bind(y).push("::int, ").push_bind(m).push("::int)");
+            qb.push(" AND (m.year, m.month) <= (")
+                .push_bind(y)
+                .push("::int, ")
+                .push_bind(m)
+                .push("::int)");
         }
         if let Some(v) = self.min_total_sales {
-            qb.push(" AND m.total_sales >= ").push_bind(v).push("::numeric");
+            qb.push(" AND m.total_sales >= ")
+                .push_bind(v)
+                .push("::numeric");
         }
         if let Some(v) = self.max_total_sales {
-            qb.push(" AND m.total_sales <= ").push_bind(v).push("::numeric");
+            qb.push(" AND m.total_sales <= ")
+                .push_bind(v)
+                .push("::numeric");
         }
     }
 

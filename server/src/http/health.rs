@@ -79,7 +79,9 @@ impl HealthApi {
     #[oai(path = "/health", method = "get")]
     async fn health(&self) -> HealthResponse {
         let started = Instant::now();
-        let pg = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.state.pool).await;
+        let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&self.state.pool)
+            .await;
         let postgres = Dependency {
             configured: true,
             up: pg.is_ok(),
@@ -87,9 +89,24 @@ impl HealthApi {
             error: pg.err().map(|e| e.to_string()),
         };
         let redis = match self.state.redis_ping().await {
-            None => Dependency { configured: false, up: false, latency_ms: None, error: None },
-            Some(Ok(d)) => Dependency { configured: true, up: true, latency_ms: Some(ms(d)), error: None },
-            Some(Err(e)) => Dependency { configured: true, up: false, latency_ms: None, error: Some(e) },
+            None => Dependency {
+                configured: false,
+                up: false,
+                latency_ms: None,
+                error: None,
+            },
+            Some(Ok(d)) => Dependency {
+                configured: true,
+                up: true,
+                latency_ms: Some(ms(d)),
+                error: None,
+            },
+            Some(Err(e)) => Dependency {
+                configured: true,
+                up: false,
+                latency_ms: None,
+                error: Some(e),
+            },
         };
         let status = if !postgres.up {
             "down"
@@ -115,7 +132,9 @@ impl HealthApi {
     /// Liveness: the process answers. Makes no checks (also the floor for benchmarks).
     #[oai(path = "/health/live", method = "get")]
     async fn live(&self) -> Json<Liveness> {
-        Json(Liveness { status: "ok".into() })
+        Json(Liveness {
+            status: "ok".into(),
+        })
     }
 
     /// Readiness: Postgres reachable, all migrations applied, extension version matching this server.
@@ -123,12 +142,15 @@ impl HealthApi {
     async fn ready(&self) -> ReadyResponse {
         let mut problems = Vec::new();
         let expected = crate::db::MIGRATOR.iter().count() as i64;
-        let ext: Result<Option<String>, _> =
-            sqlx::query_scalar("SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'")
-                .fetch_optional(&self.state.pool)
-                .await;
+        let ext: Result<Option<String>, _> = sqlx::query_scalar(
+            "SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'",
+        )
+        .fetch_optional(&self.state.pool)
+        .await;
         let applied: Result<i64, _> =
-            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&self.state.pool).await;
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.state.pool)
+                .await;
         let extension_version = match ext {
             Ok(v) => v,
             Err(e) => {
@@ -137,10 +159,13 @@ impl HealthApi {
             }
         };
         match &extension_version {
-            Some(v) if v != crate::VERSION => {
-                problems.push(format!("extension pg_sales is {v}, this server expects {}", crate::VERSION))
+            Some(v) if v != crate::VERSION => problems.push(format!(
+                "extension pg_sales is {v}, this server expects {}",
+                crate::VERSION
+            )),
+            None if problems.is_empty() => {
+                problems.push("extension pg_sales is not installed".into())
             }
-            None if problems.is_empty() => problems.push("extension pg_sales is not installed".into()),
             _ => {}
         }
         let applied = applied.unwrap_or(0);

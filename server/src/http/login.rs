@@ -50,8 +50,9 @@ pub enum LoginResponse {
 
 // Verifying against this when the email is unknown keeps the response time
 // the same as for a wrong password, so emails cannot be probed.
-static DUMMY_HASH: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| crate::users::hash_password("not-a-real-password").unwrap_or_default());
+static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    crate::users::hash_password("not-a-real-password").unwrap_or_default()
+});
 
 #[OpenApi(tag = "ApiTags::Auth")]
 impl LoginApi {
@@ -69,19 +70,26 @@ impl LoginApi {
             Some(r) => (r.2.clone(), true),
             None => (DUMMY_HASH.to_string(), false),
         };
-        let ok = tokio::task::spawn_blocking(move || crate::users::verify_password(&password, &hash))
-            .await
-            .map_err(ApiError::internal)?;
+        let ok =
+            tokio::task::spawn_blocking(move || crate::users::verify_password(&password, &hash))
+                .await
+                .map_err(ApiError::internal)?;
         let Some((id, email, _, role, stores)) = row.filter(|_| ok && found) else {
             return Err(ApiError::unauthorized("wrong email or password"));
         };
-        let role = Role::parse(&role).ok_or_else(|| ApiError::internal(format!("user {id} has unknown role {role}")))?;
+        let role = Role::parse(&role)
+            .ok_or_else(|| ApiError::internal(format!("user {id} has unknown role {role}")))?;
         let (token, _) = self.state.auth.issue(id, &email, role, stores.clone())?;
         Ok(LoginResponse::Ok(Json(LoginResponseBody {
             token,
             token_type: "Bearer".into(),
             expires_in: self.state.auth.expiry_secs(),
-            user: UserInfo { id, email, role: role.as_str().into(), stores: if role == Role::Admin { vec![] } else { stores } },
+            user: UserInfo {
+                id,
+                email,
+                role: role.as_str().into(),
+                stores: if role == Role::Admin { vec![] } else { stores },
+            },
         })))
     }
 }

@@ -41,10 +41,16 @@ pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Res
     let path = req.uri().path().to_string();
     let span = tracing::info_span!("request", request_id = %id, method = %method, path = %path, user_id = tracing::field::Empty);
     let started = Instant::now();
-    let result = REQUEST_ID.scope(id.clone(), ep.call(req).instrument(span.clone())).await;
+    let result = REQUEST_ID
+        .scope(id.clone(), ep.call(req).instrument(span.clone()))
+        .await;
     let mut resp = match result {
         Ok(r) => r.into_response(),
-        Err(e) => REQUEST_ID.scope(id.clone(), async { error_response(e) }).await,
+        Err(e) => {
+            REQUEST_ID
+                .scope(id.clone(), async { error_response(e) })
+                .await
+        }
     };
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -85,12 +91,26 @@ pub fn error_response(e: poem::Error) -> Response {
     } else {
         e.to_string()
     };
-    let body = ErrorBody::new(code, message, None);
+    // poem-openapi names the parameter between backticks: surface it.
+    let details = message
+        .strip_prefix("failed to parse parameter `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(param, _)| serde_json::json!({"parameter": param}));
+    let message = if status == StatusCode::UNAUTHORIZED && message == "authorization error" {
+        "missing or malformed bearer token (send Authorization: Bearer <JWT>)".to_string()
+    } else {
+        message
+    };
+    let body = ErrorBody::new(code, message, details);
     let mut resp = Response::builder()
         .status(status)
         .content_type("application/json; charset=utf-8")
-        .body(serde_json::to_vec(&serde_json::json!({"error": body.0.error_json()})).unwrap_or_default());
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        .body(
+            serde_json::to_vec(&serde_json::json!({"error": body.0.error_json()}))
+                .unwrap_or_default(),
+        );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -129,7 +149,12 @@ impl RateLimits {
     /// `Err(seconds to wait)` when either limit is reached.
     pub fn check(&self, ip: &str, token: Option<&str>) -> Result<(), u64> {
         // Forget idle keys now and then so the maps stay small.
-        if self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10_000 == 9_999 {
+        if self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 10_000
+            == 9_999
+        {
             self.by_ip.retain_recent();
             self.by_token.retain_recent();
         }
@@ -149,20 +174,40 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Rate limits (API routes only) and the body size limit.
-pub async fn with_limits<E: Endpoint>(ep: Arc<E>, req: Request, state: Arc<AppState>, limits: Arc<RateLimits>) -> poem::Result<Response> {
+pub async fn with_limits<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    state: Arc<AppState>,
+    limits: Arc<RateLimits>,
+) -> poem::Result<Response> {
     let path = req.uri().path();
     if path.starts_with("/api/") {
         let ip = req.remote_addr().to_string();
-        let ip = ip.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or(ip);
-        let token = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(crate::auth::bearer);
+        let ip = ip
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or(ip);
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::bearer);
         if let Err(retry) = limits.check(&ip, token) {
             return Ok(super::error::ApiError::too_many(retry).into_response());
         }
     }
     let limit = state.config.body_limit;
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if len > limit {
-            return Ok(super::error::ApiError::too_large(format!("body of {len} bytes exceeds BODY_LIMIT ({limit} bytes)")).into_response());
+            return Ok(super::error::ApiError::too_large(format!(
+                "body of {len} bytes exceeds BODY_LIMIT ({limit} bytes)"
+            ))
+            .into_response());
         }
     } else if req.headers().contains_key(header::TRANSFER_ENCODING) {
         // Chunked body: read it with the limit applied.
@@ -170,7 +215,10 @@ pub async fn with_limits<E: Endpoint>(ep: Arc<E>, req: Request, state: Arc<AppSt
         let bytes = match body.into_bytes_limit(limit).await {
             Ok(b) => b,
             Err(_) => {
-                return Ok(super::error::ApiError::too_large(format!("body exceeds BODY_LIMIT ({limit} bytes)")).into_response())
+                return Ok(super::error::ApiError::too_large(format!(
+                    "body exceeds BODY_LIMIT ({limit} bytes)"
+                ))
+                .into_response())
             }
         };
         let req = Request::from_parts(req_parts, poem::Body::from(bytes));
@@ -200,13 +248,19 @@ impl Encoding {
 
 /// Picks the best encoding the client accepts (q > 0), preferring zstd, br, gzip.
 pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
-    let Some(accept) = accept else { return Encoding::Identity };
+    let Some(accept) = accept else {
+        return Encoding::Identity;
+    };
     let mut best: Option<(Encoding, f32, usize)> = None;
     for part in accept.split(',') {
         let mut it = part.trim().split(';');
         let name = it.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = it
-            .find_map(|p| p.trim().strip_prefix("q=").and_then(|v| v.trim().parse::<f32>().ok()))
+            .find_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|v| v.trim().parse::<f32>().ok())
+            })
             .unwrap_or(1.0);
         if q <= 0.0 {
             continue;
@@ -219,7 +273,9 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
             _ => vec![],
         };
         for enc in candidates {
-            let Some(rank) = offered.iter().position(|o| *o == enc) else { continue };
+            let Some(rank) = offered.iter().position(|o| *o == enc) else {
+                continue;
+            };
             let better = match best {
                 None => true,
                 Some((_, bq, br)) => q > bq || (q == bq && rank < br),
@@ -234,12 +290,19 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
 
 /// Compresses `data`; `level` is COMPRESSION_LEVEL (1..9), raised for large bodies.
 pub fn compress(enc: Encoding, data: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
-    let level = if data.len() > COMPRESS_HIGH { (level + 3).min(9) } else { level.clamp(1, 9) };
+    let level = if data.len() > COMPRESS_HIGH {
+        (level + 3).min(9)
+    } else {
+        level.clamp(1, 9)
+    };
     match enc {
         Encoding::Identity => Ok(data.to_vec()),
         Encoding::Zstd => zstd::bulk::compress(data, level as i32),
         Encoding::Gzip => {
-            let mut w = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::new(level));
+            let mut w = flate2::write::GzEncoder::new(
+                Vec::with_capacity(data.len() / 4),
+                flate2::Compression::new(level),
+            );
             w.write_all(data)?;
             w.finish()
         }
@@ -264,29 +327,55 @@ fn compressible(content_type: Option<&str>) -> bool {
 }
 
 fn if_none_match_hits(header_value: Option<&str>, etag: &str) -> bool {
-    header_value.is_some_and(|v| v.split(',').any(|t| {
-        let t = t.trim();
-        t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
-    }))
+    header_value.is_some_and(|v| {
+        v.split(',').any(|t| {
+            let t = t.trim();
+            t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
+        })
+    })
 }
 
 /// ETag / 304, Cache-Control, Vary and compression for buffered bodies.
-pub async fn with_representation<E: Endpoint>(ep: Arc<E>, req: Request, state: Arc<AppState>) -> poem::Result<Response> {
+pub async fn with_representation<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    state: Arc<AppState>,
+) -> poem::Result<Response> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let accept = req.headers().get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let inm = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let mut resp = ep.call(req).await.map(IntoResponse::into_response).unwrap_or_else(error_response);
+    let accept = req
+        .headers()
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let inm = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut resp = ep
+        .call(req)
+        .await
+        .map(IntoResponse::into_response)
+        .unwrap_or_else(error_response);
     let headers = resp.headers_mut();
-    headers.insert(header::VARY, HeaderValue::from_static("Authorization, Accept-Encoding"));
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS || resp.extensions().get::<Streaming>().is_some() {
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("Authorization, Accept-Encoding"),
+    );
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || resp.extensions().get::<Streaming>().is_some()
+    {
         return Ok(resp);
     }
-    let cacheable = (method == Method::GET || method == Method::HEAD) && resp.status() == StatusCode::OK;
+    let cacheable =
+        (method == Method::GET || method == Method::HEAD) && resp.status() == StatusCode::OK;
     if !resp.headers().contains_key(header::CACHE_CONTROL) {
         let value = if cacheable && path.starts_with("/api/v2/") {
             format!("private, max-age={}", state.config.cache_ttl.as_secs())
-        } else if cacheable && (path == "/openapi.json" || path.starts_with("/docs") || path.starts_with("/assets")) {
+        } else if cacheable
+            && (path == "/openapi.json" || path.starts_with("/docs") || path.starts_with("/assets"))
+        {
             "no-cache".to_string()
         } else {
             "no-store".to_string()
@@ -295,12 +384,22 @@ pub async fn with_representation<E: Endpoint>(ep: Arc<E>, req: Request, state: A
             resp.headers_mut().insert(header::CACHE_CONTROL, v);
         }
     }
-    let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let (parts, body) = resp.into_parts();
-    let bytes = body.into_bytes().await.map_err(|e| poem::Error::new(e, StatusCode::INTERNAL_SERVER_ERROR))?;
+    let bytes = body
+        .into_bytes()
+        .await
+        .map_err(|e| poem::Error::new(e, StatusCode::INTERNAL_SERVER_ERROR))?;
     let mut enc = Encoding::Identity;
     if bytes.len() >= COMPRESS_MIN && compressible(content_type.as_deref()) {
-        enc = negotiate(accept.as_deref(), &[Encoding::Zstd, Encoding::Brotli, Encoding::Gzip]);
+        enc = negotiate(
+            accept.as_deref(),
+            &[Encoding::Zstd, Encoding::Brotli, Encoding::Gzip],
+        );
     }
     let mut resp = Response::from_parts(parts, poem::Body::empty());
     if cacheable {
@@ -325,12 +424,18 @@ pub async fn with_representation<E: Endpoint>(ep: Arc<E>, req: Request, state: A
         let level = state.config.compression_level;
         let data = bytes.clone();
         let compressed = if bytes.len() > 256 * 1024 {
-            tokio::task::spawn_blocking(move || compress(enc, &data, level)).await.ok().and_then(Result::ok)
+            tokio::task::spawn_blocking(move || compress(enc, &data, level))
+                .await
+                .ok()
+                .and_then(Result::ok)
         } else {
             compress(enc, &data, level).ok()
         };
         if let Some(c) = compressed {
-            resp.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.token()));
+            resp.headers_mut().insert(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_static(enc.token()),
+            );
             resp.headers_mut().remove(header::CONTENT_LENGTH);
             resp.set_body(c);
             return Ok(resp);
@@ -342,14 +447,24 @@ pub async fn with_representation<E: Endpoint>(ep: Arc<E>, req: Request, state: A
 
 /// Security headers. The CSP is strict for the API; pages (/docs and the
 /// dashboard) need their own inline scripts and styles.
-pub async fn with_security_headers<E: Endpoint>(ep: Arc<E>, req: Request, hsts: bool) -> poem::Result<Response> {
+pub async fn with_security_headers<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    hsts: bool,
+) -> poem::Result<Response> {
     let path = req.uri().path().to_string();
     let mut resp = ep.call(req).await.map(IntoResponse::into_response)?;
     let h = resp.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    let page = path == "/" || path.starts_with("/docs") || path.starts_with("/assets") || path.ends_with(".html");
+    let page = path == "/"
+        || path.starts_with("/docs")
+        || path.starts_with("/assets")
+        || path.ends_with(".html");
     let csp = if page {
         "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self' ws: wss:; frame-ancestors 'none'"
     } else {
@@ -357,7 +472,10 @@ pub async fn with_security_headers<E: Endpoint>(ep: Arc<E>, req: Request, hsts: 
     };
     h.insert("content-security-policy", HeaderValue::from_static(csp));
     if hsts {
-        h.insert("strict-transport-security", HeaderValue::from_static("max-age=31536000; includeSubDomains"));
+        h.insert(
+            "strict-transport-security",
+            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+        );
     }
     Ok(resp)
 }
@@ -369,11 +487,20 @@ mod tests {
     #[test]
     fn negotiation() {
         let all = [Encoding::Zstd, Encoding::Brotli, Encoding::Gzip];
-        assert_eq!(negotiate(Some("gzip, deflate, br, zstd"), &all), Encoding::Zstd);
+        assert_eq!(
+            negotiate(Some("gzip, deflate, br, zstd"), &all),
+            Encoding::Zstd
+        );
         assert_eq!(negotiate(Some("gzip, br"), &all), Encoding::Brotli);
         assert_eq!(negotiate(Some("gzip"), &all), Encoding::Gzip);
-        assert_eq!(negotiate(Some("zstd;q=0, gzip;q=0.5"), &all), Encoding::Gzip);
-        assert_eq!(negotiate(Some("br;q=0.2, gzip;q=0.9"), &all), Encoding::Gzip);
+        assert_eq!(
+            negotiate(Some("zstd;q=0, gzip;q=0.5"), &all),
+            Encoding::Gzip
+        );
+        assert_eq!(
+            negotiate(Some("br;q=0.2, gzip;q=0.9"), &all),
+            Encoding::Gzip
+        );
         assert_eq!(negotiate(Some("identity"), &all), Encoding::Identity);
         assert_eq!(negotiate(Some("*"), &all), Encoding::Zstd);
         assert_eq!(negotiate(None, &all), Encoding::Identity);
@@ -386,7 +513,10 @@ mod tests {
             let c = compress(enc, &data, 3).unwrap();
             assert!(c.len() < data.len() / 5, "{enc:?}");
         }
-        assert_eq!(zstd::decode_all(&compress(Encoding::Zstd, &data, 3).unwrap()[..]).unwrap(), data);
+        assert_eq!(
+            zstd::decode_all(&compress(Encoding::Zstd, &data, 3).unwrap()[..]).unwrap(),
+            data
+        );
     }
 
     #[test]

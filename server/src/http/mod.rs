@@ -31,14 +31,28 @@ pub enum ApiTags {
     Admin,
 }
 
-pub type Apis = (health::HealthApi, login::LoginApi, sales::SalesApi, stores::StoresApi, admin::AdminApi);
+pub type Apis = (
+    health::HealthApi,
+    login::LoginApi,
+    sales::SalesApi,
+    stores::StoresApi,
+    admin::AdminApi,
+);
 
 pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
     let apis = (
-        health::HealthApi { state: state.clone() },
-        login::LoginApi { state: state.clone() },
-        sales::SalesApi { state: state.clone() },
-        stores::StoresApi { state: state.clone() },
+        health::HealthApi {
+            state: state.clone(),
+        },
+        login::LoginApi {
+            state: state.clone(),
+        },
+        sales::SalesApi {
+            state: state.clone(),
+        },
+        stores::StoresApi {
+            state: state.clone(),
+        },
         admin::AdminApi { state },
     );
     OpenApiService::new(apis, "pg_sales API", crate::VERSION).description(
@@ -57,22 +71,36 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let api = api_service(state.clone());
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
-    let limits = Arc::new(middleware::RateLimits::new(state.config.rate_limit_per_minute));
+    let limits = Arc::new(middleware::RateLimits::new(
+        state.config.rate_limit_per_minute,
+    ));
     let hsts = state.config.hsts;
     let mut cors = Cors::new()
         .allow_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
-        .allow_headers(["authorization", "content-type", "if-none-match", "x-request-id"])
+        .allow_headers([
+            "authorization",
+            "content-type",
+            "if-none-match",
+            "x-request-id",
+        ])
         .expose_headers(["etag", "x-request-id", "retry-after"])
         .max_age(600);
     for origin in &state.config.cors_origins {
         cors = cors.allow_origin(origin.as_str());
     }
     let (s1, s2) = (state.clone(), state.clone());
-    let routes = Route::new().at("/openapi.json", spec).nest("/docs", docs).nest("/", api);
+    let routes = Route::new()
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .nest("/", api);
     let routes = routes
         .around(move |ep, req| middleware::with_representation(ep, req, s1.clone()))
         .around(move |ep, req| middleware::with_limits(ep, req, s2.clone(), limits.clone()));
-    let routes = if state.config.cors_origins.is_empty() { routes.boxed() } else { routes.with(cors).boxed() };
+    let routes = if state.config.cors_origins.is_empty() {
+        routes.boxed()
+    } else {
+        routes.with(cors).boxed()
+    };
     routes
         .around(move |ep, req| middleware::with_security_headers(ep, req, hsts))
         .around(middleware::with_request_id)

@@ -6,7 +6,7 @@
 use poem::{IntoResponse, Response};
 use poem_openapi::payload::Payload;
 use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, MetaSchemaRef, Registry};
-use poem_openapi::{ApiResponse, types::Type};
+use poem_openapi::{types::Type, ApiResponse};
 use std::marker::PhantomData;
 
 pub struct RawJson<T>(pub String, PhantomData<T>);
@@ -31,7 +31,9 @@ impl<T: Type + Send> Payload for RawJson<T> {
 
 impl<T: Send> IntoResponse for RawJson<T> {
     fn into_response(self) -> Response {
-        Response::builder().content_type("application/json; charset=utf-8").body(self.0)
+        Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(self.0)
     }
 }
 
@@ -42,7 +44,10 @@ impl<T: Type + Send> ApiResponse for RawJson<T> {
                 description: "",
                 status: Some(200),
                 status_range: None,
-                content: vec![MetaMediaType { content_type: Self::CONTENT_TYPE, schema: Self::schema_ref() }],
+                content: vec![MetaMediaType {
+                    content_type: Self::CONTENT_TYPE,
+                    schema: Self::schema_ref(),
+                }],
                 headers: vec![],
             }],
         }

@@ -239,7 +239,10 @@ pub struct SortKey {
 
 /// `-year,-month,storeId` -> keys (camelCase or snake_case; `period` = year, month).
 pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
-    let raw = raw.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("storeId,year,month");
+    let raw = raw
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("storeId,year,month");
     let mut keys: Vec<SortKey> = Vec::new();
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (desc, name) = match part.strip_prefix('-') {
@@ -247,18 +250,30 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
             None => (false, part.strip_prefix('+').unwrap_or(part)),
         };
         let camel = sales_core::names::to_camel(name);
-        let names: Vec<&str> = if camel == "period" { vec!["year", "month"] } else { vec![camel.as_str()] };
+        let names: Vec<&str> = if camel == "period" {
+            vec!["year", "month"]
+        } else {
+            vec![camel.as_str()]
+        };
         for n in names {
             let Some((k, expr, ty)) = SORT_KEYS.iter().find(|(k, _, _)| *k == n) else {
                 return Err(ApiError::bad_param(
                     "sort",
-                    format!("cannot sort by {name:?}; allowed: period, {}", SORT_KEYS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")),
+                    format!(
+                        "cannot sort by {name:?}; allowed: period, {}",
+                        SORT_KEYS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+                    ),
                 ));
             };
             if keys.iter().any(|e| e.name == *k) {
                 return Err(ApiError::bad_param("sort", format!("{k} given twice")));
             }
-            keys.push(SortKey { name: k, expr, ty, desc });
+            keys.push(SortKey {
+                name: k,
+                expr,
+                ty,
+                desc,
+            });
         }
     }
     if keys.len() > 6 {
@@ -266,26 +281,39 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
     }
     // The id makes the order total, so keyset pages never skip or repeat a row.
     if !keys.iter().any(|k| k.name == "id") {
-        keys.push(SortKey { name: "id", expr: "m.id", ty: "bigint", desc: false });
+        keys.push(SortKey {
+            name: "id",
+            expr: "m.id",
+            ty: "bigint",
+            desc: false,
+        });
     }
     Ok(keys)
 }
 
 pub fn sort_spec(keys: &[SortKey]) -> String {
-    keys.iter().map(|k| format!("{}{}", if k.desc { "-" } else { "" }, k.name)).collect::<Vec<_>>().join(",")
+    keys.iter()
+        .map(|k| format!("{}{}", if k.desc { "-" } else { "" }, k.name))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Opaque keyset cursor: the sort it belongs to and the last row's key values.
 pub fn encode_cursor(spec: &str, values: &[String]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"s": spec, "v": values}).to_string())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"s": spec, "v": values}).to_string())
 }
 
 pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> {
     let bad = |why: &str| ApiError::bad_param("cursor", why.to_string());
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw.trim()).map_err(|_| bad("not a cursor from this API"))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw.trim())
+        .map_err(|_| bad("not a cursor from this API"))?;
     let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad("not a cursor from this API"))?;
     if v["s"].as_str() != Some(spec) {
-        return Err(bad("the cursor belongs to a different sort; keep `sort` the same across pages"));
+        return Err(bad(
+            "the cursor belongs to a different sort; keep `sort` the same across pages",
+        ));
     }
     let vals: Vec<String> = v["v"]
         .as_array()
@@ -302,12 +330,23 @@ pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> 
 
 /// The document expression for one row, projected in Postgres.
 pub fn doc_sql(p: &Projection, qb: &mut QueryBuilder<'_, Postgres>) {
-    let with_store = p.fields.iter().any(|f| f == "store" || f.starts_with("store."));
-    let doc = if with_store { "sales.sales_doc(m, s)" } else { "sales.sales_doc(m)" };
+    let with_store = p
+        .fields
+        .iter()
+        .any(|f| f == "store" || f.starts_with("store."));
+    let doc = if with_store {
+        "sales.sales_doc(m, s)"
+    } else {
+        "sales.sales_doc(m)"
+    };
     if p.is_identity() {
         qb.push(doc);
     } else {
-        qb.push("sales.project(").push(doc).push(", ").push_bind(p.fields.clone()).push("::text[], ");
+        qb.push("sales.project(")
+            .push(doc)
+            .push(", ")
+            .push_bind(p.fields.clone())
+            .push("::text[], ");
         qb.push_bind(p.excluded.clone()).push("::text[])");
     }
 }
@@ -321,11 +360,17 @@ fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[St
         }
         qb.push("(");
         for (j, k) in keys.iter().enumerate().take(i) {
-            qb.push(k.expr).push(" = CAST(").push_bind(vals[j].clone()).push(format!(" AS {})", k.ty)).push(" AND ");
+            qb.push(k.expr)
+                .push(" = CAST(")
+                .push_bind(vals[j].clone())
+                .push(format!(" AS {})", k.ty))
+                .push(" AND ");
         }
         let k = &keys[i];
         qb.push(k.expr).push(if k.desc { " < " } else { " > " });
-        qb.push("CAST(").push_bind(vals[i].clone()).push(format!(" AS {}))", k.ty));
+        qb.push("CAST(")
+            .push_bind(vals[i].clone())
+            .push(format!(" AS {}))", k.ty));
     }
     qb.push(")");
 }
@@ -339,7 +384,10 @@ pub async fn set_actor<'c, E>(conn: E, user_id: i64) -> Result<(), sqlx::Error>
 where
     E: sqlx::Executor<'c, Database = Postgres>,
 {
-    sqlx::query("SELECT set_config('sales.user_id', $1, true)").bind(user_id.to_string()).execute(conn).await?;
+    sqlx::query("SELECT set_config('sales.user_id', $1, true)")
+        .bind(user_id.to_string())
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -399,17 +447,26 @@ impl SalesApi {
         let spec = sort_spec(&keys);
         let requested = limit.0.unwrap_or(DEFAULT_LIMIT);
         if requested < 1 {
-            return Err(ApiError::bad_param("limit", format!("{requested} is not a page size; use 1..{MAX_LIMIT}")));
+            return Err(ApiError::bad_param(
+                "limit",
+                format!("{requested} is not a page size; use 1..{MAX_LIMIT}"),
+            ));
         }
         let limit = requested.min(MAX_LIMIT);
         let offset = offset.0.unwrap_or(0);
         if !(0..=MAX_OFFSET).contains(&offset) {
-            return Err(ApiError::bad_param("offset", format!("must be between 0 and {MAX_OFFSET}; use cursor to go further")));
+            return Err(ApiError::bad_param(
+                "offset",
+                format!("must be between 0 and {MAX_OFFSET}; use cursor to go further"),
+            ));
         }
         let after = match cursor.0.as_deref() {
             Some(c) if offset > 0 => {
                 let _ = c;
-                return Err(ApiError::bad_param("offset", "cannot be combined with cursor"));
+                return Err(ApiError::bad_param(
+                    "offset",
+                    "cannot be combined with cursor",
+                ));
             }
             Some(c) => Some(decode_cursor(c, &spec, keys.len())?),
             None => None,
@@ -443,7 +500,12 @@ impl SalesApi {
         let rows = qb.build().fetch_all(&self.state.read_pool()).await?;
         let has_more = rows.len() as i64 > limit;
         let rows = &rows[..rows.len().min(limit as usize)];
-        let mut body = String::with_capacity(rows.iter().map(|r| r.get::<&str, _>(0).len() + 1).sum::<usize>() + 256);
+        let mut body = String::with_capacity(
+            rows.iter()
+                .map(|r| r.get::<&str, _>(0).len() + 1)
+                .sum::<usize>()
+                + 256,
+        );
         body.push_str("{\"data\":[");
         for (i, r) in rows.iter().enumerate() {
             if i > 0 {
@@ -454,7 +516,8 @@ impl SalesApi {
         body.push(']');
         if include_metadata.0.unwrap_or(true) {
             let next = if has_more {
-                rows.last().map(|r| encode_cursor(&spec, &r.get::<Vec<String>, _>(1)))
+                rows.last()
+                    .map(|r| encode_cursor(&spec, &r.get::<Vec<String>, _>(1)))
             } else {
                 None
             };
@@ -498,9 +561,19 @@ impl SalesApi {
         filter.check_scope(&auth.0)?;
         let group = group_by.0.unwrap_or(GroupBy::Store);
         let (key, extra, group_sql, order) = match group {
-            GroupBy::Store => ("m.store_id::text", ", 'storeCode', min(s.code), 'storeName', min(s.name)", "m.store_id", "m.store_id"),
+            GroupBy::Store => (
+                "m.store_id::text",
+                ", 'storeCode', min(s.code), 'storeName', min(s.name)",
+                "m.store_id",
+                "m.store_id",
+            ),
             GroupBy::Region => ("s.region", "", "s.region", "s.region"),
-            GroupBy::Month => ("format('%s-%s', m.year, lpad(m.month::text, 2, '0'))", "", "m.year, m.month", "m.year, m.month"),
+            GroupBy::Month => (
+                "format('%s-%s', m.year, lpad(m.month::text, 2, '0'))",
+                "",
+                "m.year, m.month",
+                "m.year, m.month",
+            ),
         };
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
             "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
@@ -512,14 +585,19 @@ impl SalesApi {
         ));
         filter.push_where(&mut qb, &auth.0);
         qb.push(format!(" GROUP BY {group_sql}) g"));
-        let data: String = qb.build_query_scalar().fetch_one(&self.state.read_pool()).await?;
+        let data: String = qb
+            .build_query_scalar()
+            .fetch_one(&self.state.read_pool())
+            .await?;
         let meta = json!({
             "groupBy": format!("{group:?}").to_lowercase(),
             "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
             "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
             "tookMs": ms(started),
         });
-        Ok(SummaryResponse::Ok(RawJson::new(format!("{{\"data\":{data},\"meta\":{meta}}}"))))
+        Ok(SummaryResponse::Ok(RawJson::new(format!(
+            "{{\"data\":{data},\"meta\":{meta}}}"
+        ))))
     }
 
     /// One sales record by id, with optional `fields` / `exclude`.
@@ -541,20 +619,32 @@ impl SalesApi {
             return Err(ApiError::not_found(format!("no sales record {}", id.0)));
         };
         auth.require_store(row.get(0))?;
-        Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{}}}", row.get::<&str, _>(1)))))
+        Ok(OneResponse::Ok(RawJson::new(format!(
+            "{{\"data\":{}}}",
+            row.get::<&str, _>(1)
+        ))))
     }
 
     /// Validate and upsert many store-months in one transaction. With `atomic` (default) any
     /// invalid record rejects the batch with 422 and a per-record report; nothing is written.
     #[oai(path = "/api/v2/sales/batch", method = "post")]
-    async fn batch_upsert(&self, auth: BearerAuth, body: Json<BatchUpsertRequest>) -> ApiResult<BatchResponse> {
+    async fn batch_upsert(
+        &self,
+        auth: BearerAuth,
+        body: Json<BatchUpsertRequest>,
+    ) -> ApiResult<BatchResponse> {
         let max = self.state.config.batch_max_records;
         let n = body.sales_data_array.len();
         if n > max {
-            return Err(ApiError::too_large(format!("{n} records; at most {max} per batch (BATCH_MAX_RECORDS)")));
+            return Err(ApiError::too_large(format!(
+                "{n} records; at most {max} per batch (BATCH_MAX_RECORDS)"
+            )));
         }
         if n == 0 {
-            return Err(ApiError::bad_param("salesDataArray", "must hold at least one record"));
+            return Err(ApiError::bad_param(
+                "salesDataArray",
+                "must hold at least one record",
+            ));
         }
         // Scope first: a record for a store outside the token's scope is 403,
         // whatever else is wrong with the batch.
@@ -589,7 +679,10 @@ impl SalesApi {
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
             tx.rollback().await?;
-            return Err(ApiError::unprocessable(format!("{failed} of {n} records are invalid; nothing was written"), Some(summary)));
+            return Err(ApiError::unprocessable(
+                format!("{failed} of {n} records are invalid; nothing was written"),
+                Some(summary),
+            ));
         }
         tx.commit().await?;
         self.state.after_write(&summary).await;
@@ -599,7 +692,11 @@ impl SalesApi {
     /// Delete store-months by id and/or by `{storeId, year, month}` keys. Unknown items are
     /// reported; with `atomic` (default) nothing is deleted when any item fails (422).
     #[oai(path = "/api/v2/sales/batch", method = "delete")]
-    async fn batch_delete(&self, auth: BearerAuth, body: Json<BatchDeleteRequest>) -> ApiResult<DeleteResponse> {
+    async fn batch_delete(
+        &self,
+        auth: BearerAuth,
+        body: Json<BatchDeleteRequest>,
+    ) -> ApiResult<DeleteResponse> {
         let ids = body.ids.clone().unwrap_or_default();
         let keys = body.keys.clone().unwrap_or_default();
         let n = ids.len() + keys.len();
@@ -608,7 +705,9 @@ impl SalesApi {
         }
         let max = self.state.config.batch_max_records;
         if n > max {
-            return Err(ApiError::too_large(format!("{n} items; at most {max} per batch (BATCH_MAX_RECORDS)")));
+            return Err(ApiError::too_large(format!(
+                "{n} items; at most {max} per batch (BATCH_MAX_RECORDS)"
+            )));
         }
         // Scope: stores named in keys, and the stores of the ids.
         let mut stores: Vec<i64> = keys
@@ -617,14 +716,18 @@ impl SalesApi {
             .filter_map(|v| sales_core::record::parse_id(v).ok())
             .collect();
         if !ids.is_empty() && !auth.0.is_admin() {
-            let of_ids: Vec<i64> =
-                sqlx::query_scalar("SELECT DISTINCT store_id FROM sales.monthly_sales WHERE id = ANY($1)")
-                    .bind(&ids)
-                    .fetch_all(&self.state.pool)
-                    .await?;
+            let of_ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT DISTINCT store_id FROM sales.monthly_sales WHERE id = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_all(&self.state.pool)
+            .await?;
             stores.extend(of_ids);
         }
-        let mut denied: Vec<i64> = stores.into_iter().filter(|s| !auth.0.can_access_store(*s)).collect();
+        let mut denied: Vec<i64> = stores
+            .into_iter()
+            .filter(|s| !auth.0.can_access_store(*s))
+            .collect();
         if !denied.is_empty() {
             denied.sort_unstable();
             denied.dedup();
@@ -639,7 +742,11 @@ impl SalesApi {
         set_actor(&mut *tx, auth.0.user_id).await?;
         let summary: Value = sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
             .bind(if ids.is_empty() { None } else { Some(ids) })
-            .bind(if keys.is_empty() { None } else { Some(Value::Array(keys)) })
+            .bind(if keys.is_empty() {
+                None
+            } else {
+                Some(Value::Array(keys))
+            })
             .bind(atomic)
             .bind(auth.0.scope())
             .fetch_one(&mut *tx)
@@ -647,7 +754,10 @@ impl SalesApi {
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
             tx.rollback().await?;
-            return Err(ApiError::unprocessable(format!("{failed} of {n} items failed; nothing was deleted"), Some(summary)));
+            return Err(ApiError::unprocessable(
+                format!("{failed} of {n} items failed; nothing was deleted"),
+                Some(summary),
+            ));
         }
         tx.commit().await?;
         self.state.after_write(&summary).await;
@@ -665,7 +775,10 @@ mod tests {
         assert_eq!(sort_spec(&k), "-year,-month,storeId,id");
         assert!(parse_sort(Some("name")).is_err());
         assert!(parse_sort(Some("year,-year")).is_err());
-        assert_eq!(sort_spec(&parse_sort(None).unwrap()), "storeId,year,month,id");
+        assert_eq!(
+            sort_spec(&parse_sort(None).unwrap()),
+            "storeId,year,month,id"
+        );
     }
 
     #[test]

@@ -14,9 +14,12 @@ use std::sync::Arc;
 pub struct BearerAuth(pub Principal);
 
 async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
-    let state = req
-        .data::<Arc<AppState>>()
-        .ok_or_else(|| poem::Error::from_string("state missing", poem::http::StatusCode::INTERNAL_SERVER_ERROR))?;
+    let state = req.data::<Arc<AppState>>().ok_or_else(|| {
+        poem::Error::from_string(
+            "state missing",
+            poem::http::StatusCode::INTERNAL_SERVER_ERROR,
+        )
+    })?;
     match state.auth.verify(&bearer.token) {
         Ok(p) => {
             tracing::Span::current().record("user_id", p.user_id);
@@ -28,7 +31,9 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
                 AuthError::Expired => "token expired; log in again".to_string(),
                 AuthError::Invalid(why) => format!("invalid token: {why}"),
             };
-            Err(poem::Error::from_response(poem::IntoResponse::into_response(ApiError::unauthorized(msg))))
+            Err(poem::Error::from_response(
+                poem::IntoResponse::into_response(ApiError::unauthorized(msg)),
+            ))
         }
     }
 }
@@ -39,7 +44,9 @@ impl BearerAuth {
         if self.0.can_access_store(store) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!("store {store} is outside your scope")))
+            Err(ApiError::forbidden(format!(
+                "store {store} is outside your scope"
+            )))
         }
     }
 

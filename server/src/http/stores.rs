@@ -108,7 +108,9 @@ fn doc_sql(p: &sales_core::projection::Projection, qb: &mut QueryBuilder<'_, Pos
     if p.is_identity() {
         qb.push("sales.store_doc(s)");
     } else {
-        qb.push("sales.project_store(sales.store_doc(s), ").push_bind(p.fields.clone()).push("::text[], ");
+        qb.push("sales.project_store(sales.store_doc(s), ")
+            .push_bind(p.fields.clone())
+            .push("::text[], ");
         qb.push_bind(p.excluded.clone()).push("::text[])");
     }
 }
@@ -136,9 +138,14 @@ impl StoresApi {
         }
         let offset = offset.0.unwrap_or(0);
         if !(0..=1_000_000).contains(&offset) {
-            return Err(ApiError::bad_param("offset", "must be between 0 and 1000000"));
+            return Err(ApiError::bad_param(
+                "offset",
+                "must be between 0 and 1000000",
+            ));
         }
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ");
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+            "SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ",
+        );
         doc_sql(&projection, &mut qb);
         qb.push(" AS d FROM sales.stores s WHERE true");
         if let Some(scope) = auth.0.scope() {
@@ -150,28 +157,52 @@ impl StoresApi {
         if let Some(st) = status.0 {
             qb.push(" AND s.status = ").push_bind(st.as_str());
         }
-        qb.push(" ORDER BY s.id LIMIT ").push_bind(limit).push(" OFFSET ").push_bind(offset).push(") t");
-        let data: String = qb.build_query_scalar().fetch_one(&self.state.read_pool()).await?;
-        let meta = serde_json::json!({"limit": limit, "offset": offset, "fields": projection.fields});
-        Ok(ListResponse::Ok(RawJson::new(format!("{{\"data\":{data},\"meta\":{meta}}}"))))
+        qb.push(" ORDER BY s.id LIMIT ")
+            .push_bind(limit)
+            .push(" OFFSET ")
+            .push_bind(offset)
+            .push(") t");
+        let data: String = qb
+            .build_query_scalar()
+            .fetch_one(&self.state.read_pool())
+            .await?;
+        let meta =
+            serde_json::json!({"limit": limit, "offset": offset, "fields": projection.fields});
+        Ok(ListResponse::Ok(RawJson::new(format!(
+            "{{\"data\":{data},\"meta\":{meta}}}"
+        ))))
     }
 
     /// One store (403 outside the caller's scope).
     #[oai(path = "/api/v2/stores/:id", method = "get")]
-    async fn get_one(&self, auth: BearerAuth, id: Path<i64>, fields: Query<Option<String>>, exclude: Query<Option<String>>) -> ApiResult<OneResponse> {
+    async fn get_one(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        fields: Query<Option<String>>,
+        exclude: Query<Option<String>>,
+    ) -> ApiResult<OneResponse> {
         let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
         auth.require_store(id.0)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
         doc_sql(&projection, &mut qb);
-        qb.push(")::text FROM sales.stores s WHERE s.id = ").push_bind(id.0);
-        let doc: Option<String> = qb.build_query_scalar().fetch_optional(&self.state.read_pool()).await?;
+        qb.push(")::text FROM sales.stores s WHERE s.id = ")
+            .push_bind(id.0);
+        let doc: Option<String> = qb
+            .build_query_scalar()
+            .fetch_optional(&self.state.read_pool())
+            .await?;
         let doc = doc.ok_or_else(|| ApiError::not_found(format!("no store {}", id.0)))?;
         Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{doc}}}"))))
     }
 
     /// Create a store (admin only). A duplicate code is 409.
     #[oai(path = "/api/v2/stores", method = "post")]
-    async fn create(&self, auth: BearerAuth, body: Json<CreateStore>) -> ApiResult<CreatedResponse> {
+    async fn create(
+        &self,
+        auth: BearerAuth,
+        body: Json<CreateStore>,
+    ) -> ApiResult<CreatedResponse> {
         auth.require_admin()?;
         let mut tx = self.state.pool.begin().await?;
         set_actor(&mut *tx, auth.0.user_id).await?;
@@ -190,19 +221,29 @@ impl StoresApi {
         })?;
         tx.commit().await?;
         self.state.after_store_write().await;
-        Ok(CreatedResponse::Created(RawJson::new(format!("{{\"data\":{doc}}}"))))
+        Ok(CreatedResponse::Created(RawJson::new(format!(
+            "{{\"data\":{doc}}}"
+        ))))
     }
 
     /// Change a store. Admins may change anything; managers only the status of their stores.
     /// A status change emits `store-status-changed`.
     #[oai(path = "/api/v2/stores/:id", method = "patch")]
-    async fn update(&self, auth: BearerAuth, id: Path<i64>, body: Json<UpdateStore>) -> ApiResult<OneResponse> {
+    async fn update(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        body: Json<UpdateStore>,
+    ) -> ApiResult<OneResponse> {
         if body.status.is_none() && body.name.is_none() && body.region.is_none() {
             return Err(ApiError::bad_param("body", "give status, name or region"));
         }
         if !auth.0.is_admin() {
             if !auth.0.can_manage_store(id.0) {
-                return Err(ApiError::forbidden(format!("you may not change store {}", id.0)));
+                return Err(ApiError::forbidden(format!(
+                    "you may not change store {}",
+                    id.0
+                )));
             }
             if body.name.is_some() || body.region.is_some() {
                 return Err(ApiError::forbidden("only admins change name or region"));
@@ -225,6 +266,9 @@ impl StoresApi {
         };
         tx.commit().await?;
         self.state.after_store_write().await;
-        Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{}}}", row.get::<&str, _>(0)))))
+        Ok(OneResponse::Ok(RawJson::new(format!(
+            "{{\"data\":{}}}",
+            row.get::<&str, _>(0)
+        ))))
     }
 }

@@ -1,0 +1,941 @@
+//! REST API v2 end to end: a real server on a free port, its own database,
+//! real Redis. Every request asserts the server never answers 5xx.
+
+use reqwest::Method;
+use sales_e2e::{month, user_token, Api, TestDb, TEST_JWT_SECRET};
+use serde_json::{json, Value};
+
+struct Fixture {
+    db: TestDb,
+    server: sales_e2e::RunningServer,
+    stores: Vec<i64>,
+    admin: Api,
+}
+
+async fn fixture(overrides: &[(&str, &str)]) -> Fixture {
+    let db = TestDb::new().await;
+    let stores = db.stores(4).await;
+    let server = db.server(overrides).await;
+    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    Fixture {
+        db,
+        server,
+        stores,
+        admin,
+    }
+}
+
+async fn seed_months(f: &Fixture) {
+    let mut recs = Vec::new();
+    for &s in &f.stores {
+        for m in 1..=6 {
+            recs.push(month(s, 2024, m, 28, 100.0 * s as f64 + m as f64));
+        }
+    }
+    let (st, body) = f
+        .admin
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": recs}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["inserted"], 24);
+}
+
+#[tokio::test]
+async fn login_and_tokens() {
+    let f = fixture(&[]).await;
+    sales_server::users::upsert_user(
+        &f.db.pool,
+        "m@example.com",
+        "manager",
+        &[f.stores[0]],
+        "manager-password",
+    )
+    .await
+    .unwrap();
+    let anon = Api::new(&f.server, None);
+
+    let (st, body) = anon
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "M@example.com", "password": "manager-password"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["tokenType"], "Bearer");
+    assert_eq!(body["user"]["role"], "manager");
+    assert_eq!(body["user"]["stores"], json!([f.stores[0]]));
+    let token = body["token"].as_str().unwrap().to_string();
+    let (st, _) = Api::new(&f.server, Some(&token))
+        .get(&format!("/api/v2/sales?storeId={}", f.stores[0]))
+        .await;
+    assert_eq!(st, 200);
+
+    let (st, body) = anon
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "m@example.com", "password": "wrong-password"}),
+        )
+        .await;
+    assert_eq!(st, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (st, _) = anon
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "nobody@example.com", "password": "whatever-it-is"}),
+        )
+        .await;
+    assert_eq!(st, 401);
+    let (st, body) = anon
+        .post("/api/v2/auth/login", &json!({"email": "m@example.com"}))
+        .await;
+    assert_eq!(st, 400, "{body}");
+
+    // Missing token.
+    let (st, body) = anon.get("/api/v2/sales").await;
+    assert_eq!(st, 401);
+    assert!(body["error"]["requestId"].is_string());
+
+    // Expired, wrongly signed, alg none, garbage.
+    let now = chrono::Utc::now().timestamp();
+    let claims =
+        |exp: i64| json!({"sub": "1", "role": "admin", "stores": [], "exp": exp, "iat": now - 100});
+    let sign = |c: &Value, secret: &str| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            c,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let expired = sign(&claims(now - 3600), TEST_JWT_SECRET);
+    let (st, body) = Api::new(&f.server, Some(&expired))
+        .get("/api/v2/sales")
+        .await;
+    assert_eq!(st, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body}"
+    );
+    let wrong = sign(
+        &claims(now + 3600),
+        "some-other-secret-some-other-secret-0000",
+    );
+    assert_eq!(
+        Api::new(&f.server, Some(&wrong))
+            .get("/api/v2/sales")
+            .await
+            .0,
+        401
+    );
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&claims(now + 3600))
+    );
+    assert_eq!(
+        Api::new(&f.server, Some(&none))
+            .get("/api/v2/sales")
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        Api::new(&f.server, Some("not.a.token"))
+            .get("/api/v2/sales")
+            .await
+            .0,
+        401
+    );
+    let valid = sign(&claims(now + 3600), TEST_JWT_SECRET);
+    assert_eq!(
+        Api::new(&f.server, Some(&valid))
+            .get("/api/v2/sales")
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn scope_is_enforced() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let (_, staff_token) =
+        user_token(&f.db, &f.server, "s@example.com", "staff", &[f.stores[0]]).await;
+    let staff = Api::new(&f.server, Some(&staff_token));
+
+    // No filter: only the staff member's store.
+    let (st, body) = staff.get("/api/v2/sales?limit=200&fields=storeId").await;
+    assert_eq!(st, 200);
+    let ids: Vec<i64> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["storeId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    assert!(ids.iter().all(|&s| s == f.stores[0]));
+
+    // Another store: 403, not an empty list.
+    let other = f.stores[1];
+    let (st, body) = staff.get(&format!("/api/v2/sales?storeId={other}")).await;
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(body["error"]["details"]["storeIds"], json!([other]));
+    let (st, _) = staff
+        .get(&format!("/api/v2/sales?storeId={},{other}", f.stores[0]))
+        .await;
+    assert_eq!(st, 403);
+    let (_, list) = f
+        .admin
+        .get(&format!("/api/v2/sales?storeId={other}&fields=id"))
+        .await;
+    let foreign_id = list["data"][0]["id"].as_i64().unwrap();
+    assert_eq!(
+        staff.get(&format!("/api/v2/sales/{foreign_id}")).await.0,
+        403
+    );
+    assert_eq!(staff.get(&format!("/api/v2/stores/{other}")).await.0, 403);
+    let (st, _) = staff
+        .get(&format!("/api/v2/sales/summary?storeId={other}"))
+        .await;
+    assert_eq!(st, 403);
+
+    // Writes outside scope: 403 and nothing written.
+    let (st, _) = staff
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(other, 2025, 1, 3, 1.0)]}),
+        )
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = staff
+        .send_json(
+            Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"ids": [foreign_id]}),
+        )
+        .await;
+    assert_eq!(st, 403);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales WHERE store_id = $1")
+        .bind(other)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 6);
+
+    // Staff may write their own store; staff may not create stores or change status.
+    let (st, body) = staff
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(f.stores[0], 2025, 1, 3, 1.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        staff
+            .post(
+                "/api/v2/stores",
+                &json!({"code": "Z1", "name": "Z", "region": "North"})
+            )
+            .await
+            .0,
+        403
+    );
+    let (st, _) = staff
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v2/stores/{}", f.stores[0]),
+            &json!({"status": "closed"}),
+        )
+        .await;
+    assert_eq!(st, 403);
+
+    // Stores list is scoped.
+    let (_, body) = staff.get("/api/v2/stores").await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn list_projection_pagination_and_sorting() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let a = &f.admin;
+
+    let (st, body) = a
+        .get("/api/v2/sales?fields=storeId,year,month,dailyData.1.sales&limit=3")
+        .await;
+    assert_eq!(st, 200);
+    let first = &body["data"][0];
+    assert_eq!(first.as_object().unwrap().len(), 4, "{first}");
+    assert_eq!(first["dailyData"].as_object().unwrap().len(), 1);
+    assert!(first["dailyData"]["1"]["customers"].is_null());
+    assert_eq!(
+        body["meta"]["fields"],
+        json!(["storeId", "year", "month", "dailyData.1.sales"])
+    );
+    assert_eq!(body["meta"]["count"], 3);
+
+    // snake_case, exclude, nested store.
+    let (_, body) = a
+        .get("/api/v2/sales?fields=store_id,total_sales,store.name&exclude=total_sales&limit=1")
+        .await;
+    let r = &body["data"][0];
+    assert!(
+        r["totalSales"].is_null() && r["storeId"].is_number() && r["store"]["name"].is_string(),
+        "{r}"
+    );
+
+    // Unknown field, SQL in fields: 400 naming the field.
+    let (st, body) = a.get("/api/v2/sales?fields=storeId,colour").await;
+    assert_eq!(st, 400);
+    assert_eq!(body["error"]["details"]["field"], "colour");
+    let (st, body) = a
+        .get("/api/v2/sales?fields=id%3B%20DROP%20TABLE%20sales.stores%3B--")
+        .await;
+    assert_eq!(st, 400);
+    assert_eq!(body["error"]["details"]["parameter"], "fields");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+    assert_eq!(a.get("/api/v2/sales?exclude=nope").await.0, 400);
+
+    // Limits.
+    for bad in ["0", "-1", "abc"] {
+        let (st, body) = a.get(&format!("/api/v2/sales?limit={bad}")).await;
+        assert_eq!(st, 400, "limit={bad}");
+        assert_eq!(body["error"]["details"]["parameter"], "limit");
+    }
+    let (st, body) = a.get("/api/v2/sales?limit=10000&fields=id").await;
+    assert_eq!(st, 200);
+    assert_eq!(body["meta"]["limit"], 200);
+    assert_eq!(body["meta"]["limitClamped"], true);
+    assert_eq!(body["meta"]["count"], 24);
+
+    // Bad filters.
+    assert_eq!(a.get("/api/v2/sales?month=13").await.0, 400);
+    assert_eq!(a.get("/api/v2/sales?from=2024-13").await.0, 400);
+    assert_eq!(a.get("/api/v2/sales?from=2024-05&to=2024-01").await.0, 400);
+    assert_eq!(a.get("/api/v2/sales?storeId=1,x").await.0, 400);
+    assert_eq!(a.get("/api/v2/sales?sort=name").await.0, 400);
+    assert_eq!(a.get("/api/v2/sales?cursor=garbage").await.0, 400);
+
+    // Keyset pages cover every row exactly once, in the requested order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => {
+                format!("/api/v2/sales?sort=-totalSales&fields=id,totalSales&limit=5&cursor={c}")
+            }
+            None => "/api/v2/sales?sort=-totalSales&fields=id,totalSales&limit=5".to_string(),
+        };
+        let (st, body) = a.get(&path).await;
+        assert_eq!(st, 200, "{body}");
+        for r in body["data"].as_array().unwrap() {
+            seen.push((r["totalSales"].as_f64().unwrap(), r["id"].as_i64().unwrap()));
+        }
+        match body["meta"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 24);
+    let mut ids: Vec<i64> = seen.iter().map(|s| s.1).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 24, "no row twice");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 >= w[1].0),
+        "descending totals"
+    );
+    // A cursor is tied to its sort.
+    let (_, body) = a.get("/api/v2/sales?sort=-totalSales&limit=5").await;
+    let c = body["meta"]["nextCursor"].as_str().unwrap();
+    assert_eq!(
+        a.get(&format!("/api/v2/sales?sort=year&cursor={c}"))
+            .await
+            .0,
+        400
+    );
+
+    // Filters, ranges, offset, includeMetadata=false.
+    let s = f.stores[2];
+    let (_, body) = a
+        .get(&format!(
+            "/api/v2/sales?storeId={s}&from=2024-02&to=2024-04&fields=month"
+        ))
+        .await;
+    let months: Vec<i64> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["month"].as_i64().unwrap())
+        .collect();
+    assert_eq!(months, vec![2, 3, 4]);
+    let (_, body) = a
+        .get(&format!("/api/v2/sales?storeId={s}&offset=4&fields=month"))
+        .await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let (_, body) = a
+        .get("/api/v2/sales?region=South&fields=storeId&includeMetadata=false")
+        .await;
+    assert!(body.get("meta").is_none());
+    assert!(body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["storeId"] == f.stores[1]));
+
+    // One record.
+    let id = seen[0].1;
+    let (st, body) = a
+        .get(&format!("/api/v2/sales/{id}?fields=id,dailyData.2"))
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(body["data"]["id"], id);
+    assert_eq!(body["data"]["dailyData"].as_object().unwrap().len(), 1);
+    assert_eq!(a.get("/api/v2/sales/999999").await.0, 404);
+    assert_eq!(a.get("/api/v2/sales/abc").await.0, 400);
+}
+
+#[tokio::test]
+async fn batch_writes_and_summaries() {
+    let f = fixture(&[("BATCH_MAX_RECORDS", "50"), ("BODY_LIMIT", "20000")]).await;
+    let a = &f.admin;
+    let s = f.stores[0];
+
+    let (st, body) = a
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 31, 10.0), month(s, 2024, 2, 29, 5.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        (body["inserted"].as_i64(), body["updated"].as_i64()),
+        (Some(2), Some(0))
+    );
+    assert!(body["eventId"].is_number());
+
+    // Merge by day (default) then replace.
+    let (_, body) = a.post("/api/v2/sales/batch", &json!({"salesDataArray": [{"storeId": s.to_string(), "year": 2024, "month": 1, "dailyData": {"1": {"sales": 99}}}]})).await;
+    assert_eq!(body["updated"], 1);
+    let days: i32 = sqlx::query_scalar(
+        "SELECT days_reported FROM sales.monthly_sales WHERE store_id = $1 AND month = 1",
+    )
+    .bind(s)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(days, 31);
+    let (_, body) = a.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 99}}}]})).await;
+    assert_eq!(body["updated"], 1);
+    let days: i32 = sqlx::query_scalar(
+        "SELECT days_reported FROM sales.monthly_sales WHERE store_id = $1 AND month = 1",
+    )
+    .bind(s)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(days, 1);
+    // Same again: unchanged.
+    let (_, body) = a.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 99}}}]})).await;
+    assert_eq!(body["unchanged"], 1);
+
+    // Invalid records: 422 with a per-record report, nothing written.
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    let (st, body) = a
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [
+                month(s, 2024, 3, 3, 1.0),
+                {"storeId": s, "year": 2024, "month": 13, "dailyData": {}},
+                {"storeId": s, "year": 2024, "month": 4, "dailyData": {"31": {"sales": 1}}},
+                {"storeId": s, "year": 2024, "month": 5, "dailyData": {"1": {"sales": -5}}},
+                {"storeId": 999999, "year": 2024, "month": 5, "dailyData": {}},
+            ]}),
+        )
+        .await;
+    assert_eq!(st, 422, "{body}");
+    let errors = body["error"]["details"]["errors"].as_array().unwrap();
+    let fields: Vec<(i64, &str)> = errors
+        .iter()
+        .map(|e| (e["index"].as_i64().unwrap(), e["field"].as_str().unwrap()))
+        .collect();
+    assert!(fields.contains(&(1, "month")), "{fields:?}");
+    assert!(fields.contains(&(2, "dailyData.31")));
+    assert!(fields.contains(&(3, "dailyData.1.sales")));
+    assert!(fields.contains(&(4, "storeId")));
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(before, after, "a rejected batch writes nothing");
+    assert_eq!(
+        a.get(&format!("/api/v2/sales?storeId={s}&month=3")).await.1["meta"]["count"],
+        0
+    );
+
+    // Best effort writes the valid ones.
+    let (st, body) = a.post("/api/v2/sales/batch", &json!({"atomic": false, "salesDataArray": [month(s, 2024, 3, 3, 1.0), {"storeId": s, "year": 2024, "month": 13, "dailyData": {}}]})).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        (body["inserted"].as_i64(), body["failed"].as_i64()),
+        (Some(1), Some(1))
+    );
+
+    // Malformed JSON, wrong types, bad mode, empty, oversized.
+    let r = a
+        .req(Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body("{\"salesDataArray\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_parameter");
+    assert_eq!(
+        a.post("/api/v2/sales/batch", &json!({"salesDataArray": "nope"}))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        a.post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [], "mode": "merge"})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        a.post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 6, 1, 1.0)], "mode": "upsert"})
+        )
+        .await
+        .0,
+        400
+    );
+    let many: Vec<Value> = (0..51)
+        .map(|i| month(s, 2030, 1 + (i % 12), 1, 1.0))
+        .collect();
+    let (st, body) = a
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": many}))
+        .await;
+    assert_eq!(st, 413, "{body}");
+    let big: Vec<Value> = (0..40)
+        .map(|i| month(s, 2031, 1 + (i % 12), 31, 1.0))
+        .collect();
+    let (st, _) = a
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": big}))
+        .await;
+    assert_eq!(st, 413, "body over BODY_LIMIT");
+
+    // Summaries.
+    let (st, body) = a
+        .get("/api/v2/sales/summary?groupBy=month&from=2024-01&to=2024-03")
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let keys: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, vec!["2024-01", "2024-02", "2024-03"]);
+    assert_eq!(body["data"][1]["totalSales"].as_f64(), Some(145.0));
+    let (_, body) = a.get("/api/v2/sales/summary?groupBy=store").await;
+    assert_eq!(body["data"][0]["key"], s.to_string());
+    assert!(body["data"][0]["storeCode"].is_string());
+    assert_eq!(a.get("/api/v2/sales/summary?groupBy=week").await.0, 400);
+
+    // Delete by id and by key; unknown ones reported, atomic.
+    let id: i64 =
+        sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND month = 2")
+            .bind(s)
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
+    let (st, body) = a
+        .send_json(
+            Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"ids": [id, 987654]}),
+        )
+        .await;
+    assert_eq!(st, 422, "{body}");
+    let (st, body) = a
+        .send_json(
+            Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"ids": [id], "keys": [{"storeId": s, "year": 2024, "month": 3}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["deleted"], 2);
+    assert_eq!(
+        a.send_json(Method::DELETE, "/api/v2/sales/batch", &json!({}))
+            .await
+            .0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn stores_endpoints() {
+    let f = fixture(&[]).await;
+    let a = &f.admin;
+    let (st, body) = a
+        .post(
+            "/api/v2/stores",
+            &json!({"code": "NEW-1", "name": "New Store", "region": "West"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let id = body["data"]["id"].as_i64().unwrap();
+    assert_eq!(body["data"]["status"], "open");
+    assert_eq!(
+        a.post(
+            "/api/v2/stores",
+            &json!({"code": "NEW-1", "name": "Again", "region": "West"})
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(
+        a.post(
+            "/api/v2/stores",
+            &json!({"code": "bad code!", "name": "x", "region": "West"})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        a.post(
+            "/api/v2/stores",
+            &json!({"code": "X2", "name": "x", "region": "West", "status": "gone"})
+        )
+        .await
+        .0,
+        400
+    );
+
+    let (_, body) = a.get("/api/v2/stores?region=West&fields=code").await;
+    assert_eq!(body["data"], json!([{"code": "NEW-1"}]));
+    assert_eq!(a.get("/api/v2/stores?fields=colour").await.0, 400);
+    assert_eq!(a.get("/api/v2/stores/424242").await.0, 404);
+
+    let (_, mtoken) = user_token(&f.db, &f.server, "mgr@example.com", "manager", &[id]).await;
+    let manager = Api::new(&f.server, Some(&mtoken));
+    let (st, body) = manager
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v2/stores/{id}"),
+            &json!({"status": "renovating"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["status"], "renovating");
+    assert_eq!(body["data"]["version"], 2);
+    let kind: String = sqlx::query_scalar(
+        "SELECT kind FROM sales.events WHERE store_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "store-status-changed");
+    assert_eq!(
+        manager
+            .send_json(
+                Method::PATCH,
+                &format!("/api/v2/stores/{id}"),
+                &json!({"name": "Renamed"})
+            )
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        manager
+            .send_json(
+                Method::PATCH,
+                &format!("/api/v2/stores/{}", f.stores[0]),
+                &json!({"status": "closed"})
+            )
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        a.send_json(
+            Method::PATCH,
+            "/api/v2/stores/424242",
+            &json!({"status": "closed"})
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        a.send_json(Method::PATCH, &format!("/api/v2/stores/{id}"), &json!({}))
+            .await
+            .0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn representation_etag_compression_headers() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let a = &f.admin;
+    let path = "/api/v2/sales?limit=24&sort=id&includeMetadata=false";
+
+    let r = a.req(Method::GET, path).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers().clone();
+    let etag = h["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"'));
+    assert_eq!(h["vary"], "Authorization, Accept-Encoding");
+    assert_eq!(h["cache-control"], "private, max-age=60");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert!(h.contains_key("content-security-policy") && h.contains_key("referrer-policy"));
+    assert!(h.contains_key("x-request-id"));
+    let plain = r.bytes().await.unwrap();
+
+    let r = a
+        .req(Method::GET, path)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert!(r.bytes().await.unwrap().is_empty());
+
+    // Each encoding decodes to the same bytes.
+    for enc in ["zstd", "br", "gzip"] {
+        let r = a
+            .req(Method::GET, path)
+            .header("accept-encoding", enc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-encoding"], enc);
+        let tag = r.headers()["etag"].to_str().unwrap().to_string();
+        assert_ne!(tag, etag, "each encoding has its own strong ETag");
+        let body = r.bytes().await.unwrap();
+        assert!(body.len() < plain.len());
+        let decoded = match enc {
+            "zstd" => zstd::decode_all(&body[..]).unwrap(),
+            "gzip" => {
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out)
+                    .unwrap();
+                out
+            }
+            _ => {
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut brotli::Decompressor::new(&body[..], 4096),
+                    &mut out,
+                )
+                .unwrap();
+                out
+            }
+        };
+        assert_eq!(decoded, plain.to_vec(), "{enc}");
+        let r = a
+            .req(Method::GET, path)
+            .header("accept-encoding", enc)
+            .header("if-none-match", &tag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304);
+    }
+    // Small bodies are not compressed.
+    let r = a
+        .req(Method::GET, "/api/v2/sales?limit=1&fields=id")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+
+    // A request id is taken from the request.
+    let r = a
+        .req(Method::GET, "/api/v2/sales?limit=1")
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    // Writes and errors are not cached.
+    let r = a
+        .req(Method::GET, "/api/v2/sales?limit=0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["requestId"].is_string());
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after() {
+    let f = fixture(&[("RATE_LIMIT_PER_MINUTE", "5")]).await;
+    let mut statuses = Vec::new();
+    let mut retry = None;
+    for _ in 0..7 {
+        let r = f
+            .admin
+            .req(Method::GET, "/api/v2/stores")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "rate_limited");
+        }
+    }
+    assert_eq!(&statuses[..5], &[200; 5]);
+    assert_eq!(statuses[5], 429, "{statuses:?}");
+    assert!(retry.unwrap() >= 1);
+    // Another token has its own budget.
+    let (_, other) = user_token(&f.db, &f.server, "o@example.com", "admin", &[]).await;
+    assert_eq!(
+        Api::new(&f.server, Some(&other))
+            .get("/api/v2/stores")
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let f = fixture(&[]).await;
+    let (uid, token) = user_token(
+        &f.db,
+        &f.server,
+        "staff@example.com",
+        "staff",
+        &[f.stores[0]],
+    )
+    .await;
+    let staff = Api::new(&f.server, Some(&token));
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/admin/announcements",
+            &json!({"message": "Inventory tonight", "level": "warning"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    assert!(body["eventId"].is_number());
+    assert_eq!(
+        staff
+            .post("/api/admin/announcements", &json!({"message": "x"}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        f.admin
+            .post("/api/admin/announcements", &json!({"message": ""}))
+            .await
+            .0,
+        400
+    );
+    let (st, _) = f
+        .admin
+        .post(
+            "/api/admin/notifications",
+            &json!({"userId": uid, "message": "Hi"}),
+        )
+        .await;
+    assert_eq!(st, 201);
+    assert_eq!(
+        f.admin
+            .post(
+                "/api/admin/notifications",
+                &json!({"userId": 424242, "message": "Hi"})
+            )
+            .await
+            .0,
+        404
+    );
+    let (st, body) = f.admin.get("/api/admin/indexes").await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body.is_array());
+    let (st, body) = f
+        .admin
+        .post("/api/admin/maintenance", &json!({"dryRun": true}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["statement"].as_str().unwrap().starts_with("ANALYZE")));
+    assert_eq!(staff.get("/api/admin/indexes").await.0, 403);
+}
+
+#[tokio::test]
+async fn openapi_describes_every_endpoint() {
+    let f = fixture(&[]).await;
+    let (st, spec) = Api::new(&f.server, None).get("/openapi.json").await;
+    assert_eq!(st, 200);
+    for (path, method) in [
+        ("/api/v2/auth/login", "post"),
+        ("/api/v2/sales", "get"),
+        ("/api/v2/sales/{id}", "get"),
+        ("/api/v2/sales/batch", "post"),
+        ("/api/v2/sales/batch", "delete"),
+        ("/api/v2/sales/summary", "get"),
+        ("/api/v2/stores", "get"),
+        ("/api/v2/stores", "post"),
+        ("/api/v2/stores/{id}", "get"),
+        ("/api/v2/stores/{id}", "patch"),
+        ("/health", "get"),
+    ] {
+        let op = &spec["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} missing from the spec");
+        assert!(
+            op["description"].is_string() || op["summary"].is_string(),
+            "{method} {path} has no description"
+        );
+    }
+    let list = &spec["paths"]["/api/v2/sales"]["get"];
+    for status in ["200", "400", "401", "403", "429"] {
+        assert!(list["responses"][status].is_object(), "list lacks {status}");
+    }
+    let r = reqwest::get(format!("http://{}/docs", f.server.addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
