@@ -101,7 +101,11 @@ impl Principal {
     pub fn scope_key(&self) -> String {
         match self.scope() {
             None => "all".into(),
-            Some(v) => format!("{}:{}", self.role.as_str(), v.iter().map(i64::to_string).collect::<Vec<_>>().join(",")),
+            Some(v) => format!(
+                "{}:{}",
+                self.role.as_str(),
+                v.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            ),
         }
     }
 }
@@ -132,13 +136,16 @@ impl Auth {
         let external = match &config.jwt_public_key_file {
             None => None,
             Some(path) => {
-                let pem = std::fs::read(path).with_context(|| format!("JWT_PUBLIC_KEY_FILE: reading {path}"))?;
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("JWT_PUBLIC_KEY_FILE: reading {path}"))?;
                 if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
                     Some((Algorithm::RS256, k))
                 } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
                     Some((Algorithm::ES256, k))
                 } else {
-                    anyhow::bail!("JWT_PUBLIC_KEY_FILE: {path} is not an RSA or EC public key in PEM form");
+                    anyhow::bail!(
+                        "JWT_PUBLIC_KEY_FILE: {path} is not an RSA or EC public key in PEM form"
+                    );
                 }
             }
         };
@@ -157,7 +164,13 @@ impl Auth {
     }
 
     /// Issues an HS256 token for a user.
-    pub fn issue(&self, user_id: i64, email: &str, role: Role, stores: Vec<i64>) -> anyhow::Result<(String, Claims)> {
+    pub fn issue(
+        &self,
+        user_id: i64,
+        email: &str,
+        role: Role,
+        stores: Vec<i64>,
+    ) -> anyhow::Result<(String, Claims)> {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
             sub: user_id.to_string(),
@@ -191,25 +204,36 @@ impl Auth {
     /// Verifies a token and returns the caller. Only HS256 and the configured
     /// external algorithm are accepted (never `none`).
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let key = match (header.alg, &self.external) {
             (Algorithm::HS256, _) => &self.hs_decoding,
             (alg, Some((ext, key))) if alg == *ext => key,
-            (alg, _) => return Err(AuthError::Invalid(format!("algorithm {alg:?} is not accepted"))),
+            (alg, _) => {
+                return Err(AuthError::Invalid(format!(
+                    "algorithm {alg:?} is not accepted"
+                )))
+            }
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation(header.alg)).map_err(|e| {
-            match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation(header.alg))
+            .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
-            }
-        })?;
+            })?;
         let c = data.claims;
-        let user_id: i64 = c.sub.parse().map_err(|_| AuthError::Invalid("sub must be a numeric user id".into()))?;
+        let user_id: i64 = c
+            .sub
+            .parse()
+            .map_err(|_| AuthError::Invalid("sub must be a numeric user id".into()))?;
         Ok(Principal {
             user_id,
             email: c.email,
             role: c.role,
-            stores: if c.role == Role::Admin { HashSet::new() } else { c.stores.into_iter().collect() },
+            stores: if c.role == Role::Admin {
+                HashSet::new()
+            } else {
+                c.stores.into_iter().collect()
+            },
         })
     }
 }
@@ -217,7 +241,10 @@ impl Auth {
 /// Strips `Bearer ` from an Authorization header value.
 pub fn bearer(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -226,8 +253,12 @@ mod tests {
     use std::collections::HashMap;
 
     fn auth(extra: &[(&str, &str)]) -> Auth {
-        let mut vars: HashMap<String, String> =
-            [("JWT_SECRET".to_string(), "0123456789abcdef0123456789abcdef".to_string())].into_iter().collect();
+        let mut vars: HashMap<String, String> = [(
+            "JWT_SECRET".to_string(),
+            "0123456789abcdef0123456789abcdef".to_string(),
+        )]
+        .into_iter()
+        .collect();
         for (k, v) in extra {
             vars.insert(k.to_string(), v.to_string());
         }
@@ -253,13 +284,27 @@ mod tests {
         // alg: none
         let none = format!(
             "{}.{}.",
-            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"alg":"none","typ":"JWT"}"#),
-            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"sub":"1","role":"admin","exp":9999999999}"#)
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                r#"{"alg":"none","typ":"JWT"}"#
+            ),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                r#"{"sub":"1","role":"admin","exp":9999999999}"#
+            )
         );
         assert!(a.verify(&none).is_err());
         // Wrong secret.
         let other = Auth::from_config(
-            &Config::from_map(&[("JWT_SECRET".to_string(), "another-secret-another-secret-xx".to_string())].into_iter().collect()).unwrap(),
+            &Config::from_map(
+                &[(
+                    "JWT_SECRET".to_string(),
+                    "another-secret-another-secret-xx".to_string(),
+                )]
+                .into_iter()
+                .collect(),
+            )
+            .unwrap(),
         )
         .unwrap();
         let (t, _) = other.issue(1, "a@x.io", Role::Admin, vec![]).unwrap();
@@ -269,7 +314,16 @@ mod tests {
     #[test]
     fn expired() {
         let a = auth(&[]);
-        let claims = Claims { sub: "1".into(), email: None, role: Role::Admin, stores: vec![], exp: 1000, iat: 0, iss: None, aud: None };
+        let claims = Claims {
+            sub: "1".into(),
+            email: None,
+            role: Role::Admin,
+            stores: vec![],
+            exp: 1000,
+            iat: 0,
+            iss: None,
+            aud: None,
+        };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
     }
@@ -281,7 +335,10 @@ mod tests {
         assert!(a.verify(&t).is_ok());
         let plain = auth(&[]);
         let (t2, _) = plain.issue(1, "a@x.io", Role::Admin, vec![]).unwrap();
-        assert!(a.verify(&t2).is_err(), "token without iss/aud refused when they are required");
+        assert!(
+            a.verify(&t2).is_err(),
+            "token without iss/aud refused when they are required"
+        );
     }
 
     #[test]

@@ -3,7 +3,11 @@
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "sales-server", version, about = "pg_sales: REST, WebSocket and cache server for store sales")]
+#[command(
+    name = "sales-server",
+    version,
+    about = "pg_sales: REST, WebSocket and cache server for store sales"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -67,7 +67,11 @@ impl Env<'_> {
     }
 
     fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError { var, value: value.to_string(), reason: reason.into() }
+        ConfigError {
+            var,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
     }
 
     fn string(&self, var: &'static str, default: &str) -> String {
@@ -85,23 +89,49 @@ impl Env<'_> {
         min: T,
         max: T,
     ) -> Result<T, ConfigError> {
-        let Some(raw) = self.get(var) else { return Ok(default) };
-        let v: T = raw
-            .parse()
-            .map_err(|_| Self::err(var, raw, format!("must be a whole number between {min} and {max}")))?;
+        let Some(raw) = self.get(var) else {
+            return Ok(default);
+        };
+        let v: T = raw.parse().map_err(|_| {
+            Self::err(
+                var,
+                raw,
+                format!("must be a whole number between {min} and {max}"),
+            )
+        })?;
         if v < min || v > max {
-            return Err(Self::err(var, raw, format!("must be between {min} and {max}")));
+            return Err(Self::err(
+                var,
+                raw,
+                format!("must be between {min} and {max}"),
+            ));
         }
         Ok(v)
     }
 
-    fn duration(&self, var: &'static str, default: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
-        let Some(raw) = self.get(var) else { return Ok(default) };
+    fn duration(
+        &self,
+        var: &'static str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(raw) = self.get(var) else {
+            return Ok(default);
+        };
         let d = parse_duration(raw).ok_or_else(|| {
-            Self::err(var, raw, "must be a duration such as 500ms, 30s, 5m, 2h or 7d (a bare number is seconds)")
+            Self::err(
+                var,
+                raw,
+                "must be a duration such as 500ms, 30s, 5m, 2h or 7d (a bare number is seconds)",
+            )
         })?;
         if d < min || d > max {
-            return Err(Self::err(var, raw, format!("must be between {min:?} and {max:?}")));
+            return Err(Self::err(
+                var,
+                raw,
+                format!("must be between {min:?} and {max:?}"),
+            ));
         }
         Ok(d)
     }
@@ -117,7 +147,12 @@ impl Env<'_> {
 
     fn list(&self, var: &'static str) -> Vec<String> {
         self.get(var)
-            .map(|s| s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
+            .map(|s| {
+                s.split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -143,7 +178,14 @@ fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), Confi
     if schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
         Ok(())
     } else {
-        Err(Env::err(var, url, format!("must be a URL starting with {}", schemes.join(":// or ") + "://")))
+        Err(Env::err(
+            var,
+            url,
+            format!(
+                "must be a URL starting with {}",
+                schemes.join(":// or ") + "://"
+            ),
+        ))
     }
 }
 
@@ -165,7 +207,11 @@ impl Config {
         let db_pool_min = e.num("DB_POOL_MIN", 2u32, 0, 1000)?;
         let db_pool_max = e.num("DB_POOL_MAX", 20u32, 1, 1000)?;
         if db_pool_min > db_pool_max {
-            return Err(Env::err("DB_POOL_MIN", &db_pool_min.to_string(), format!("must not exceed DB_POOL_MAX ({db_pool_max})")));
+            return Err(Env::err(
+                "DB_POOL_MIN",
+                &db_pool_min.to_string(),
+                format!("must not exceed DB_POOL_MAX ({db_pool_max})"),
+            ));
         }
         let redis_url = match e.opt("REDIS_URL") {
             Some(u) => {
@@ -176,7 +222,10 @@ impl Config {
                 Some(host) => {
                     let port = e.num("REDIS_PORT", 6379u16, 1, 65535)?;
                     let db = e.num("REDIS_DB", 0u32, 0, 15)?;
-                    let auth = e.opt("REDIS_PASSWORD").map(|p| format!(":{p}@")).unwrap_or_default();
+                    let auth = e
+                        .opt("REDIS_PASSWORD")
+                        .map(|p| format!(":{p}@"))
+                        .unwrap_or_default();
                     Some(format!("redis://{auth}{host}:{port}/{db}"))
                 }
                 None => None,
@@ -186,19 +235,31 @@ impl Config {
         for u in &redis_cluster_urls {
             check_url("REDIS_CLUSTER_URLS", u, &["redis", "rediss"])?;
         }
-        let log_format = match e.string("LOG_FORMAT", "pretty").to_ascii_lowercase().as_str() {
+        let log_format = match e
+            .string("LOG_FORMAT", "pretty")
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "pretty" | "text" => LogFormat::Pretty,
             "json" => LogFormat::Json,
             other => return Err(Env::err("LOG_FORMAT", other, "must be json or pretty")),
         };
         let log_level = e.string("LOG_LEVEL", "info");
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(Env::err("LOG_LEVEL", &log_level, "must be a level (error, warn, info, debug, trace) or a filter"));
+            return Err(Env::err(
+                "LOG_LEVEL",
+                &log_level,
+                "must be a level (error, warn, info, debug, trace) or a filter",
+            ));
         }
         let jwt_secret = e.opt("JWT_SECRET");
         if let Some(secret) = &jwt_secret {
             if secret.len() < 32 {
-                return Err(Env::err("JWT_SECRET", "<hidden>", "must be at least 32 characters"));
+                return Err(Env::err(
+                    "JWT_SECRET",
+                    "<hidden>",
+                    "must be at least 32 characters",
+                ));
             }
         }
         let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE");
@@ -213,11 +274,26 @@ impl Config {
             db_pool_min,
             db_pool_max,
             db_idle_timeout: e.duration("DB_IDLE_TIMEOUT", s(300), s(1), s(86400))?,
-            db_connection_timeout: e.duration("DB_CONNECTION_TIMEOUT", s(5), Duration::from_millis(100), s(300))?,
-            db_query_timeout: e.duration("DB_QUERY_TIMEOUT", s(30), Duration::from_millis(10), s(3600))?,
+            db_connection_timeout: e.duration(
+                "DB_CONNECTION_TIMEOUT",
+                s(5),
+                Duration::from_millis(100),
+                s(300),
+            )?,
+            db_query_timeout: e.duration(
+                "DB_QUERY_TIMEOUT",
+                s(30),
+                Duration::from_millis(10),
+                s(3600),
+            )?,
             redis_url,
             redis_cluster_urls,
-            redis_timeout: e.duration("REDIS_TIMEOUT", Duration::from_millis(250), Duration::from_millis(10), s(60))?,
+            redis_timeout: e.duration(
+                "REDIS_TIMEOUT",
+                Duration::from_millis(250),
+                Duration::from_millis(10),
+                s(60),
+            )?,
             bind_addr: e.string("BIND_ADDR", "127.0.0.1"),
             port: e.num("PORT", 3001u16, 0, 65535)?,
             log_level,
@@ -238,7 +314,12 @@ impl Config {
             hsts: e.bool("HSTS", false)?,
             export_max_concurrent: e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?,
             event_retention: e.duration("EVENT_RETENTION", s(7 * 86400), s(60), s(365 * 86400))?,
-            ws_ping_interval: e.duration("WS_PING_INTERVAL", s(30), Duration::from_millis(100), s(3600))?,
+            ws_ping_interval: e.duration(
+                "WS_PING_INTERVAL",
+                s(30),
+                Duration::from_millis(100),
+                s(3600),
+            )?,
             ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
             slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
             shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,
@@ -247,9 +328,13 @@ impl Config {
 
     /// The HMAC secret, required by commands that verify or issue tokens.
     pub fn require_jwt_secret(&self) -> Result<&str, ConfigError> {
-        self.jwt_secret
-            .as_deref()
-            .ok_or_else(|| Env::err("JWT_SECRET", "", "must be set (at least 32 characters) to issue and verify tokens"))
+        self.jwt_secret.as_deref().ok_or_else(|| {
+            Env::err(
+                "JWT_SECRET",
+                "",
+                "must be set (at least 32 characters) to issue and verify tokens",
+            )
+        })
     }
 }
 
@@ -258,7 +343,12 @@ mod tests {
     use super::*;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_map(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Config::from_map(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -273,21 +363,50 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        assert_eq!(cfg(&[("DB_POOL_MAX", "abc")]).unwrap_err().var, "DB_POOL_MAX");
+        assert_eq!(
+            cfg(&[("DB_POOL_MAX", "abc")]).unwrap_err().var,
+            "DB_POOL_MAX"
+        );
         assert_eq!(cfg(&[("PORT", "70000")]).unwrap_err().var, "PORT");
         assert_eq!(cfg(&[("LOG_FORMAT", "xml")]).unwrap_err().var, "LOG_FORMAT");
-        assert_eq!(cfg(&[("DB_QUERY_TIMEOUT", "soon")]).unwrap_err().var, "DB_QUERY_TIMEOUT");
-        assert_eq!(cfg(&[("DATABASE_URL", "mysql://x")]).unwrap_err().var, "DATABASE_URL");
-        assert_eq!(cfg(&[("JWT_SECRET", "short")]).unwrap_err().var, "JWT_SECRET");
-        assert_eq!(cfg(&[("DB_POOL_MIN", "50"), ("DB_POOL_MAX", "10")]).unwrap_err().var, "DB_POOL_MIN");
-        assert_eq!(cfg(&[("REDIS_URL", "http://x")]).unwrap_err().var, "REDIS_URL");
-        assert_eq!(cfg(&[("COMPRESSION_LEVEL", "0")]).unwrap_err().var, "COMPRESSION_LEVEL");
+        assert_eq!(
+            cfg(&[("DB_QUERY_TIMEOUT", "soon")]).unwrap_err().var,
+            "DB_QUERY_TIMEOUT"
+        );
+        assert_eq!(
+            cfg(&[("DATABASE_URL", "mysql://x")]).unwrap_err().var,
+            "DATABASE_URL"
+        );
+        assert_eq!(
+            cfg(&[("JWT_SECRET", "short")]).unwrap_err().var,
+            "JWT_SECRET"
+        );
+        assert_eq!(
+            cfg(&[("DB_POOL_MIN", "50"), ("DB_POOL_MAX", "10")])
+                .unwrap_err()
+                .var,
+            "DB_POOL_MIN"
+        );
+        assert_eq!(
+            cfg(&[("REDIS_URL", "http://x")]).unwrap_err().var,
+            "REDIS_URL"
+        );
+        assert_eq!(
+            cfg(&[("COMPRESSION_LEVEL", "0")]).unwrap_err().var,
+            "COMPRESSION_LEVEL"
+        );
         assert_eq!(cfg(&[("HSTS", "maybe")]).unwrap_err().var, "HSTS");
     }
 
     #[test]
     fn redis_from_parts() {
-        let c = cfg(&[("REDIS_HOST", "10.0.0.5"), ("REDIS_PORT", "6380"), ("REDIS_PASSWORD", "pw"), ("REDIS_DB", "2")]).unwrap();
+        let c = cfg(&[
+            ("REDIS_HOST", "10.0.0.5"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_PASSWORD", "pw"),
+            ("REDIS_DB", "2"),
+        ])
+        .unwrap();
         assert_eq!(c.redis_url.as_deref(), Some("redis://:pw@10.0.0.5:6380/2"));
     }
 

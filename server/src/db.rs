@@ -12,7 +12,10 @@ pub fn connect_options(url: &str, cfg: &Config) -> Result<PgConnectOptions, sqlx
     Ok(PgConnectOptions::from_str(url)?
         .application_name("sales-server")
         // DB_QUERY_TIMEOUT bounds every statement on the server side.
-        .options([("statement_timeout", format!("{}", cfg.db_query_timeout.as_millis()))]))
+        .options([(
+            "statement_timeout",
+            format!("{}", cfg.db_query_timeout.as_millis()),
+        )]))
 }
 
 /// The primary's pool. Connections are checked before use, so a restarted

@@ -33,7 +33,9 @@ impl Server {
     /// binds the port (`PORT=0` picks a free one; see `addr`).
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let state = AppState::connect(config).await?;
-        db::migrate(&state.pool).await.context("running migrations")?;
+        db::migrate(&state.pool)
+            .await
+            .context("running migrations")?;
         let bind = format!("{}:{}", state.config.bind_addr, state.config.port);
         let acceptor = TcpListener::bind(bind.clone())
             .into_acceptor()
@@ -44,12 +46,19 @@ impl Server {
             .first()
             .and_then(|a| a.as_socket_addr().copied())
             .context("listener has no socket address")?;
-        Ok(Self { addr, state, acceptor: acceptor.boxed() })
+        Ok(Self {
+            addr,
+            state,
+            acceptor: acceptor.boxed(),
+        })
     }
 
     /// Serves until `shutdown` resolves, then finishes requests in flight
     /// (bounded by SHUTDOWN_TIMEOUT).
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
         let app = http::app(self.state.clone());
         let timeout = self.state.config.shutdown_timeout;
         poem::Server::new_with_acceptor(self.acceptor)
@@ -74,7 +83,12 @@ impl Server {
                 tracing::error!(error = %e, "server stopped with an error");
             }
         });
-        RunningServer { addr, state, stop: Some(tx), task }
+        RunningServer {
+            addr,
+            state,
+            stop: Some(tx),
+            task,
+        }
     }
 }
 

@@ -28,7 +28,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -51,7 +52,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Migrate => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await?;
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+                .fetch_one(&pool)
+                .await?;
             println!("migrations applied: {applied}");
             Ok(())
         }
@@ -61,7 +64,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let s = seed::seed(&pool, &args).await?;
             if s.skipped {
-                println!("database already has stores; nothing seeded (drop --if-empty to add anyway)");
+                println!(
+                    "database already has stores; nothing seeded (drop --if-empty to add anyway)"
+                );
             } else {
                 println!(
                     "seeded {} stores, {} store-months ({} new, {} updated) in {:.1}s",
@@ -78,8 +83,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let password = users::read_password(args.password)?;
-            let (id, created) = users::upsert_user(&pool, &args.email, &args.role, &args.stores, &password).await?;
-            println!("{} user {} ({}) with id {id}", if created { "created" } else { "updated" }, args.email, args.role);
+            let (id, created) =
+                users::upsert_user(&pool, &args.email, &args.role, &args.stores, &password).await?;
+            println!(
+                "{} user {} ({}) with id {id}",
+                if created { "created" } else { "updated" },
+                args.email,
+                args.role
+            );
             Ok(())
         }
         Command::Maintain(args) => {
@@ -89,7 +100,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("index report: nothing to fix");
             }
             for f in &findings {
-                println!("{:<9} {} on {} ({} bytes): {}", f.reason, f.index_name, f.table_name, f.size_bytes, f.detail);
+                println!(
+                    "{:<9} {} on {} ({} bytes): {}",
+                    f.reason, f.index_name, f.table_name, f.size_bytes, f.detail
+                );
             }
             let statements = maintain::plan(&findings, args.drop_unused);
             if args.dry_run {
@@ -101,7 +115,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let mut failed = 0;
             for a in maintain::apply(&config.database_url, &statements).await? {
                 match &a.outcome {
-                    Ok(()) => println!("ran: {} ({:.0} ms)", a.statement, a.elapsed.as_secs_f64() * 1000.0),
+                    Ok(()) => println!(
+                        "ran: {} ({:.0} ms)",
+                        a.statement,
+                        a.elapsed.as_secs_f64() * 1000.0
+                    ),
                     Err(e) => {
                         failed += 1;
                         println!("failed: {}: {e}", a.statement)
@@ -109,7 +127,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 }
             }
             let pruned = maintain::prune_events(&pool, config.event_retention).await?;
-            println!("pruned {pruned} events older than {}s", config.event_retention.as_secs());
+            println!(
+                "pruned {pruned} events older than {}s",
+                config.event_retention.as_secs()
+            );
             if failed > 0 {
                 anyhow::bail!("{failed} maintenance statement(s) failed");
             }

@@ -11,11 +11,36 @@ use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 
 const REGIONS: &[&str] = &[
-    "North", "South", "East", "West", "Central", "Coastal", "Highlands", "Lakes", "Valley", "Metro", "Islands", "Plains",
+    "North",
+    "South",
+    "East",
+    "West",
+    "Central",
+    "Coastal",
+    "Highlands",
+    "Lakes",
+    "Valley",
+    "Metro",
+    "Islands",
+    "Plains",
 ];
 const PLACES: &[&str] = &[
-    "Market Street", "Harbour", "Old Town", "Riverside", "Station", "Park Lane", "High Street", "Mill Road",
-    "Cathedral", "Airport", "University", "Garden City", "Bridge End", "Castle Hill", "Seafront", "Northgate",
+    "Market Street",
+    "Harbour",
+    "Old Town",
+    "Riverside",
+    "Station",
+    "Park Lane",
+    "High Street",
+    "Mill Road",
+    "Cathedral",
+    "Airport",
+    "University",
+    "Garden City",
+    "Bridge End",
+    "Castle Hill",
+    "Seafront",
+    "Northgate",
 ];
 
 #[derive(Debug, Default)]
@@ -55,14 +80,25 @@ fn parse_end(raw: Option<&str>) -> anyhow::Result<((i32, u32), Option<u32>)> {
             if !(1..=12).contains(&m) {
                 bail!("--end: month must be 1..12");
             }
-            let last = if (y, m) == (today.year(), today.month()) { Some(today.day()) } else { None };
+            let last = if (y, m) == (today.year(), today.month()) {
+                Some(today.day())
+            } else {
+                None
+            };
             Ok(((y, m), last))
         }
     }
 }
 
 /// One month of daily data for a store.
-fn month_data(rng: &mut StdRng, base: f64, growth: f64, year: i32, month: u32, last_day: Option<u32>) -> Value {
+fn month_data(
+    rng: &mut StdRng,
+    base: f64,
+    growth: f64,
+    year: i32,
+    month: u32,
+    last_day: Option<u32>,
+) -> Value {
     let days = sales_core::daily::days_in_month(year as i64, month as i64).unwrap_or(28);
     let days = last_day.map_or(days, |d| d.min(days));
     let season = match month {
@@ -75,7 +111,9 @@ fn month_data(rng: &mut StdRng, base: f64, growth: f64, year: i32, month: u32, l
     };
     let mut out = Map::new();
     for d in 1..=days {
-        let weekday = NaiveDate::from_ymd_opt(year, month, d).map(|dt| dt.weekday().num_days_from_monday()).unwrap_or(0);
+        let weekday = NaiveDate::from_ymd_opt(year, month, d)
+            .map(|dt| dt.weekday().num_days_from_monday())
+            .unwrap_or(0);
         let week = match weekday {
             5 => 1.35,
             6 => 1.2,
@@ -93,9 +131,14 @@ fn month_data(rng: &mut StdRng, base: f64, growth: f64, year: i32, month: u32, l
 
 pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary> {
     if args.if_empty {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores").fetch_one(pool).await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores")
+            .fetch_one(pool)
+            .await?;
         if n > 0 {
-            return Ok(SeedSummary { skipped: true, ..Default::default() });
+            return Ok(SeedSummary {
+                skipped: true,
+                ..Default::default()
+            });
         }
     }
     let (end, last_day) = parse_end(args.end.as_deref())?;
@@ -105,15 +148,26 @@ pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary>
     let n = args.stores as usize;
     let codes: Vec<String> = (1..=n).map(|i| format!("ST{i:04}")).collect();
     let names: Vec<String> = (0..n)
-        .map(|i| format!("{} {}", PLACES[i % PLACES.len()], REGIONS[i % args.regions as usize]))
+        .map(|i| {
+            format!(
+                "{} {}",
+                PLACES[i % PLACES.len()],
+                REGIONS[i % args.regions as usize]
+            )
+        })
         .collect();
-    let regions: Vec<String> = (0..n).map(|i| REGIONS[i % args.regions as usize].to_string()).collect();
+    let regions: Vec<String> = (0..n)
+        .map(|i| REGIONS[i % args.regions as usize].to_string())
+        .collect();
     let statuses: Vec<String> = (0..n)
-        .map(|i| match i % 40 {
-            7 => "renovating",
-            23 => "closed",
-            _ => "open",
-        }.to_string())
+        .map(|i| {
+            match i % 40 {
+                7 => "renovating",
+                23 => "closed",
+                _ => "open",
+            }
+            .to_string()
+        })
         .collect();
     let ids: Vec<i64> = sqlx::query_scalar(
         "WITH input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(code, name, region, status, ord)),
@@ -142,7 +196,10 @@ pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary>
     );
     bar.set_message("seeding");
 
-    let mut summary = SeedSummary { stores: ids.len(), ..Default::default() };
+    let mut summary = SeedSummary {
+        stores: ids.len(),
+        ..Default::default()
+    };
     let mut batch: Vec<Value> = Vec::with_capacity(args.batch as usize);
     for &store in &ids {
         let base: f64 = rng.gen_range(1500.0..15000.0);
@@ -161,7 +218,12 @@ pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary>
     Ok(summary)
 }
 
-async fn flush(pool: &PgPool, batch: &mut Vec<Value>, summary: &mut SeedSummary, bar: &ProgressBar) -> anyhow::Result<()> {
+async fn flush(
+    pool: &PgPool,
+    batch: &mut Vec<Value>,
+    summary: &mut SeedSummary,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -185,7 +247,10 @@ mod tests {
 
     #[test]
     fn months_wrap_years() {
-        assert_eq!(months_back((2025, 2), 3), vec![(2024, 12), (2025, 1), (2025, 2)]);
+        assert_eq!(
+            months_back((2025, 2), 3),
+            vec![(2024, 12), (2025, 1), (2025, 2)]
+        );
     }
 
     #[test]

@@ -19,12 +19,20 @@ pub struct AppState {
 impl AppState {
     pub async fn connect(config: Config) -> anyhow::Result<Arc<Self>> {
         let auth = Auth::from_config(&config)?;
-        let pool = db::connect(&config).await.context("connecting to Postgres (DATABASE_URL)")?;
+        let pool = db::connect(&config)
+            .await
+            .context("connecting to Postgres (DATABASE_URL)")?;
         let redis = match &config.redis_url {
             Some(url) => Some(redis::Client::open(url.as_str()).context("REDIS_URL")?),
             None => None,
         };
-        Ok(Arc::new(Self { config, auth, pool, redis, started: Instant::now() }))
+        Ok(Arc::new(Self {
+            config,
+            auth,
+            pool,
+            redis,
+            started: Instant::now(),
+        }))
     }
 
     /// PING with a short timeout; `None` when Redis is not configured.
@@ -32,14 +40,27 @@ impl AppState {
         let client = self.redis.as_ref()?;
         let started = Instant::now();
         let attempt = async {
-            let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| e.to_string())
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
         };
-        Some(match tokio::time::timeout(self.config.redis_timeout.max(Duration::from_millis(500)), attempt).await {
-            Ok(Ok(_)) => Ok(started.elapsed()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err("timed out".into()),
-        })
+        Some(
+            match tokio::time::timeout(
+                self.config.redis_timeout.max(Duration::from_millis(500)),
+                attempt,
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(started.elapsed()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("timed out".into()),
+            },
+        )
     }
 }
 
@@ -53,7 +74,13 @@ impl AppState {
             config.jwt_secret = Some("x".repeat(32));
         }
         let auth = Auth::from_config(&config)?;
-        Ok(Arc::new(Self { config, auth, pool, redis: None, started: Instant::now() }))
+        Ok(Arc::new(Self {
+            config,
+            auth,
+            pool,
+            redis: None,
+            started: Instant::now(),
+        }))
     }
 }
 

@@ -1,7 +1,9 @@
 //! Users: argon2 password hashes, roles and store scope.
 
 use anyhow::{bail, Context};
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use sqlx::PgPool;
 
@@ -18,7 +20,11 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
 
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -32,7 +38,11 @@ pub async fn upsert_user(
     password: &str,
 ) -> anyhow::Result<(i64, bool)> {
     let email = email.trim();
-    if !email.contains('@') || email.starts_with('@') || email.ends_with('@') || email.contains(char::is_whitespace) {
+    if !email.contains('@')
+        || email.starts_with('@')
+        || email.ends_with('@')
+        || email.contains(char::is_whitespace)
+    {
         bail!("--email: {email:?} is not an email address");
     }
     if !ROLES.contains(&role) {
@@ -41,7 +51,11 @@ pub async fn upsert_user(
     if password.chars().count() < MIN_PASSWORD_LEN {
         bail!("password: must be at least {MIN_PASSWORD_LEN} characters");
     }
-    let stores: Vec<i64> = if role == "admin" { vec![] } else { stores.to_vec() };
+    let stores: Vec<i64> = if role == "admin" {
+        vec![]
+    } else {
+        stores.to_vec()
+    };
     if role != "admin" && stores.is_empty() {
         bail!("--store: a {role} needs at least one store");
     }

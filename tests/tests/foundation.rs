@@ -17,7 +17,13 @@ async fn tables_exist_in_schema_sales() {
     assert_eq!(tables, vec!["events", "monthly_sales", "stores", "users"]);
 }
 
-async fn insert_month(db: &TestDb, store: i64, year: i32, month: i32, daily: &str) -> Result<(), sqlx::Error> {
+async fn insert_month(
+    db: &TestDb,
+    store: i64,
+    year: i32,
+    month: i32,
+    daily: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ($1, $2, $3, $4::jsonb)")
         .bind(store)
         .bind(year)
@@ -29,7 +35,10 @@ async fn insert_month(db: &TestDb, store: i64, year: i32, month: i32, daily: &st
 }
 
 fn constraint(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.constraint()).unwrap_or_default().to_string()
+    e.as_database_error()
+        .and_then(|d| d.constraint())
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]
@@ -47,28 +56,50 @@ async fn postgres_refuses_bad_rows() {
     let e = insert_month(&db, s, 1999, 1, "{}").await.unwrap_err();
     assert_eq!(constraint(&e), "monthly_sales_year_check");
 
-    let e = insert_month(&db, s, 2024, 4, r#"{"31": {"sales": 1}}"#).await.unwrap_err();
+    let e = insert_month(&db, s, 2024, 4, r#"{"31": {"sales": 1}}"#)
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("23514"));
     assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
 
-    let e = insert_month(&db, s, 2023, 2, r#"{"29": {"sales": 1}}"#).await.unwrap_err();
-    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
-    insert_month(&db, s, 2024, 2, r#"{"29": {"sales": 1}}"#).await.expect("29 February 2024 exists");
-
-    let e = insert_month(&db, s, 2024, 5, r#"{"3": {"sales": -1}}"#).await.unwrap_err();
-    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
-    let e = insert_month(&db, s, 2024, 5, r#"{"3": {"sales": "12"}}"#).await.unwrap_err();
-    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
-    let e = insert_month(&db, s, 2024, 5, r#"{"3": {"customers": -2}}"#).await.unwrap_err();
-    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
-
-    insert_month(&db, s, 2024, 4, r#"{"30": {"sales": 10.5, "customers": 3}}"#).await.expect("valid row");
-
-    // The same rules hold for a plain UPDATE.
-    let e = sqlx::query("UPDATE sales.monthly_sales SET daily_data = '{\"31\": {\"sales\": 1}}' WHERE month = 4")
-        .execute(&db.pool)
+    let e = insert_month(&db, s, 2023, 2, r#"{"29": {"sales": 1}}"#)
         .await
         .unwrap_err();
+    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
+    insert_month(&db, s, 2024, 2, r#"{"29": {"sales": 1}}"#)
+        .await
+        .expect("29 February 2024 exists");
+
+    let e = insert_month(&db, s, 2024, 5, r#"{"3": {"sales": -1}}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
+    let e = insert_month(&db, s, 2024, 5, r#"{"3": {"sales": "12"}}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
+    let e = insert_month(&db, s, 2024, 5, r#"{"3": {"customers": -2}}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
+
+    insert_month(
+        &db,
+        s,
+        2024,
+        4,
+        r#"{"30": {"sales": 10.5, "customers": 3}}"#,
+    )
+    .await
+    .expect("valid row");
+
+    // The same rules hold for a plain UPDATE.
+    let e = sqlx::query(
+        "UPDATE sales.monthly_sales SET daily_data = '{\"31\": {\"sales\": 1}}' WHERE month = 4",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
     assert_eq!(constraint(&e), "monthly_sales_daily_data_check");
 
     // Derived totals follow daily_data.
@@ -81,21 +112,31 @@ async fn postgres_refuses_bad_rows() {
     assert_eq!(total.to_string(), "10.5");
     assert_eq!((customers, days), (3, 1));
 
-    let e = sqlx::query("INSERT INTO sales.stores (code, name, region, status) VALUES ('X1', 'x', 'North', 'gone')")
-        .execute(&db.pool)
-        .await
-        .unwrap_err();
+    let e = sqlx::query(
+        "INSERT INTO sales.stores (code, name, region, status) VALUES ('X1', 'x', 'North', 'gone')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("23514"));
 }
 
 #[tokio::test]
 async fn bad_configuration_exits_naming_the_variable() {
-    let out = Command::new(server_bin()).arg("migrate").env("DB_POOL_MAX", "abc").output().expect("run server binary");
+    let out = Command::new(server_bin())
+        .arg("migrate")
+        .env("DB_POOL_MAX", "abc")
+        .output()
+        .expect("run server binary");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("DB_POOL_MAX"), "stderr: {stderr}");
 
-    let out = Command::new(server_bin()).arg("serve").env("LOG_FORMAT", "xml").output().unwrap();
+    let out = Command::new(server_bin())
+        .arg("serve")
+        .env("LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_FORMAT"));
 }
@@ -106,19 +147,43 @@ async fn cli_seed_and_user_add() {
     let run = |args: &[&str], stdin: Option<&str>| {
         let mut cmd = Command::new(server_bin());
         cmd.args(args).envs(db.env());
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
         if let Some(input) = stdin {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         } else {
             drop(child.stdin.take());
         }
         child.wait_with_output().unwrap()
     };
 
-    let out = run(&["seed", "--stores", "12", "--regions", "3", "--months", "3", "--end", "2024-03"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &[
+            "seed",
+            "--stores",
+            "12",
+            "--regions",
+            "3",
+            "--months",
+            "3",
+            "--end",
+            "2024-03",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (stores, months, regions): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM sales.stores), (SELECT count(*) FROM sales.monthly_sales),
                 (SELECT count(DISTINCT region) FROM sales.stores)",
@@ -127,10 +192,12 @@ async fn cli_seed_and_user_add() {
     .await
     .unwrap();
     assert_eq!((stores, months, regions), (12, 36, 3));
-    let full: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales WHERE month = 2 AND days_reported = 29")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let full: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sales.monthly_sales WHERE month = 2 AND days_reported = 29",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(full, 12, "February 2024 has 29 days of data per store");
 
     // --if-empty leaves a seeded database alone.
@@ -139,28 +206,104 @@ async fn cli_seed_and_user_add() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing seeded"));
 
     // Password from stdin; the same email again updates the user.
-    let out = run(&["user", "add", "--email", "m@example.com", "--role", "manager", "--store", "1", "--store", "2"], Some("first-password\n"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = run(&["user", "add", "--email", "M@example.com", "--role", "staff", "--store", "3", "--password", "second-password"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &[
+            "user",
+            "add",
+            "--email",
+            "m@example.com",
+            "--role",
+            "manager",
+            "--store",
+            "1",
+            "--store",
+            "2",
+        ],
+        Some("first-password\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &[
+            "user",
+            "add",
+            "--email",
+            "M@example.com",
+            "--role",
+            "staff",
+            "--store",
+            "3",
+            "--password",
+            "second-password",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("updated"));
-    let (n, role, stores, hash): (i64, String, Vec<i64>, String) = sqlx::query_as(
-        "SELECT count(*) OVER (), role, store_ids, password_hash FROM sales.users",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let (n, role, stores, hash): (i64, String, Vec<i64>, String) =
+        sqlx::query_as("SELECT count(*) OVER (), role, store_ids, password_hash FROM sales.users")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!((n, role.as_str(), stores), (1, "staff", vec![3]));
-    assert!(sales_server::users::verify_password("second-password", &hash));
+    assert!(sales_server::users::verify_password(
+        "second-password",
+        &hash
+    ));
 
     // Bad input is refused with the flag named.
-    let out = run(&["user", "add", "--email", "x@example.com", "--role", "boss", "--password", "long-enough"], None);
+    let out = run(
+        &[
+            "user",
+            "add",
+            "--email",
+            "x@example.com",
+            "--role",
+            "boss",
+            "--password",
+            "long-enough",
+        ],
+        None,
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--role"));
-    let out = run(&["user", "add", "--email", "x@example.com", "--role", "staff", "--store", "999", "--password", "long-enough"], None);
+    let out = run(
+        &[
+            "user",
+            "add",
+            "--email",
+            "x@example.com",
+            "--role",
+            "staff",
+            "--store",
+            "999",
+            "--password",
+            "long-enough",
+        ],
+        None,
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--store"));
-    let out = run(&["user", "add", "--email", "x@example.com", "--role", "admin", "--password", "short"], None);
+    let out = run(
+        &[
+            "user",
+            "add",
+            "--email",
+            "x@example.com",
+            "--role",
+            "admin",
+            "--password",
+            "short",
+        ],
+        None,
+    );
     assert!(!out.status.success());
 }
 
@@ -168,7 +311,12 @@ async fn cli_seed_and_user_add() {
 async fn health_reports_postgres_and_redis() {
     let db = TestDb::new().await;
     let server = db.server(&[]).await;
-    let body: Value = reqwest::get(server.url("/health")).await.unwrap().json().await.unwrap();
+    let body: Value = reqwest::get(server.url("/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["status"], "ok", "{body}");
     assert_eq!(body["postgres"]["up"], true);
     assert_eq!(body["redis"]["up"], true);
@@ -197,10 +345,16 @@ async fn health_reports_postgres_and_redis() {
 async fn openapi_file_matches_the_server() {
     let db = TestDb::new().await;
     let server = db.server(&[]).await;
-    let served: Value = reqwest::get(server.url("/openapi.json")).await.unwrap().json().await.unwrap();
+    let served: Value = reqwest::get(server.url("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
-    let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("openapi/openapi.json exists"))
-        .expect("openapi/openapi.json is JSON");
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("openapi/openapi.json exists"))
+            .expect("openapi/openapi.json is JSON");
     assert!(
         served == committed,
         "openapi/openapi.json is out of date: run `make openapi` and commit the result"
