@@ -138,6 +138,37 @@ impl AdminApi {
         Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
     }
 
+    /// Cache hit rate and sizes on this instance (admin only).
+    #[oai(path = "/api/admin/cache/stats", method = "get")]
+    async fn cache_stats(&self, auth: BearerAuth) -> ApiResult<Json<CacheStats>> {
+        auth.require_admin()?;
+        let s = self.state.cache.snapshot();
+        Ok(Json(CacheStats {
+            backend: s.backend.into(),
+            healthy: s.healthy,
+            hits: s.hits,
+            misses: s.misses,
+            hit_rate: s.hit_rate,
+            sets: s.sets,
+            errors: s.errors,
+            invalidations: s.invalidations,
+            bytes_stored: s.bytes_stored,
+            bytes_saved_by_compression: s.bytes_saved_by_compression,
+        }))
+    }
+
+    /// Clear the cache on every instance: all of it, or the entries of one tag (admin only).
+    #[oai(path = "/api/admin/cache/clear", method = "post")]
+    async fn cache_clear(&self, auth: BearerAuth, body: Json<CacheClear>) -> ApiResult<Json<CacheCleared>> {
+        auth.require_admin()?;
+        let tag = body.0.tag.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        match &tag {
+            Some(t) => self.state.cache.invalidate(std::slice::from_ref(t)).await,
+            None => self.state.cache.clear_all().await,
+        }
+        Ok(Json(CacheCleared { cleared: tag.unwrap_or_else(|| crate::cache::TAG_ALL.into()) }))
+    }
+
     /// Invalid, duplicate, unused and bloated indexes on the sales tables, with the fix for each (admin only).
     #[oai(path = "/api/admin/indexes", method = "get")]
     async fn indexes(&self, auth: BearerAuth) -> ApiResult<Json<Vec<IndexFinding>>> {
@@ -184,6 +215,38 @@ impl AdminApi {
             dry_run,
         }))
     }
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct CacheStats {
+    /// `redis`, `redis-cluster` or `memory`.
+    pub backend: String,
+    /// False while Redis is unreachable (requests are answered from Postgres).
+    pub healthy: bool,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub sets: u64,
+    pub errors: u64,
+    /// Tag invalidations (by events, writes and clears).
+    pub invalidations: u64,
+    pub bytes_stored: u64,
+    pub bytes_saved_by_compression: u64,
+}
+
+#[derive(Object, Debug)]
+pub struct CacheClear {
+    /// Clear only entries with this tag (e.g. `store:12`, `store:12:2024-03`, `stores`, `sales:all`);
+    /// absent: everything.
+    #[oai(validator(max_length = 200))]
+    pub tag: Option<String>,
+}
+
+#[derive(Object, Debug)]
+pub struct CacheCleared {
+    /// The tag that was invalidated (`all` for everything).
+    pub cleared: String,
 }
 
 fn to_finding(f: crate::maintain::Finding) -> IndexFinding {

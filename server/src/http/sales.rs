@@ -5,6 +5,7 @@
 //! `sales.project`); the server splices the resulting JSON text into the
 //! response without parsing it.
 
+use super::cached::{cached, sales_tags};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::filters::{parse_projection, RawFilter, SalesFilter};
 use super::raw::RawJson;
@@ -400,6 +401,7 @@ impl SalesApi {
     #[oai(path = "/api/v2/sales", method = "get")]
     async fn list(
         &self,
+        req: &poem::Request,
         auth: BearerAuth,
         /// One store id or several, comma-separated.
         #[oai(name = "storeId")]
@@ -472,71 +474,39 @@ impl SalesApi {
             None => None,
         };
 
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
-        doc_sql(&projection, &mut qb);
-        qb.push(")::text AS doc, ARRAY[");
-        for (i, k) in keys.iter().enumerate() {
-            if i > 0 {
-                qb.push(", ");
-            }
-            qb.push(k.expr).push("::text");
-        }
-        qb.push("] AS cur FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true");
-        filter.push_where(&mut qb, &auth.0);
-        if let Some(vals) = &after {
-            push_keyset(&mut qb, &keys, vals);
-        }
-        qb.push(" ORDER BY ");
-        for (i, k) in keys.iter().enumerate() {
-            if i > 0 {
-                qb.push(", ");
-            }
-            qb.push(k.expr).push(if k.desc { " DESC" } else { " ASC" });
-        }
-        qb.push(" LIMIT ").push_bind(limit + 1);
-        if offset > 0 {
-            qb.push(" OFFSET ").push_bind(offset);
-        }
-        let rows = qb.build().fetch_all(&self.state.read_pool()).await?;
-        let has_more = rows.len() as i64 > limit;
-        let rows = &rows[..rows.len().min(limit as usize)];
-        let mut body = String::with_capacity(
-            rows.iter()
-                .map(|r| r.get::<&str, _>(0).len() + 1)
-                .sum::<usize>()
-                + 256,
+        let with_store = projection.fields.iter().any(|f| f.starts_with("store"));
+        let tags = sales_tags(
+            filter.store_ids.as_deref(),
+            filter.year,
+            filter.month,
+            &auth.0,
+            with_store,
         );
-        body.push_str("{\"data\":[");
-        for (i, r) in rows.iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(r.get::<&str, _>(0));
-        }
-        body.push(']');
-        if include_metadata.0.unwrap_or(true) {
-            let next = if has_more {
-                rows.last()
-                    .map(|r| encode_cursor(&spec, &r.get::<Vec<String>, _>(1)))
-            } else {
-                None
-            };
-            let meta = json!({
-                "fields": projection.fields, "exclude": projection.excluded, "count": rows.len(),
-                "limit": limit, "limitClamped": requested > MAX_LIMIT, "nextCursor": next, "sort": spec,
-                "tookMs": ms(started),
-            });
-            body.push_str(",\"meta\":");
-            body.push_str(&meta.to_string());
-        }
-        body.push('}');
+        let include_meta = include_metadata.0.unwrap_or(true);
+        let query = ListQuery {
+            who: &auth.0,
+            filter: &filter,
+            projection: &projection,
+            keys: &keys,
+            spec: &spec,
+            limit,
+            requested,
+            offset,
+            after: after.as_ref(),
+            include_meta,
+            started,
+        };
+        let body = cached(&self.state, req, &auth.0, tags, || {
+            list_body(&self.state, query)
+        })
+        .await?;
         Ok(ListResponse::Ok(RawJson::new(body)))
     }
-
     /// Totals by store, region or month over the filtered records.
     #[oai(path = "/api/v2/sales/summary", method = "get")]
     async fn summary(
         &self,
+        req: &poem::Request,
         auth: BearerAuth,
         /// `store` (default), `region` or `month`.
         #[oai(name = "groupBy")]
@@ -575,41 +545,50 @@ impl SalesApi {
                 "m.year, m.month",
             ),
         };
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
+        let tags = sales_tags(filter.store_ids.as_deref(), None, None, &auth.0, true);
+        let body = cached(&self.state, req, &auth.0, tags, || async {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
                SELECT jsonb_build_object('key', {key}, 'totalSales', sum(m.total_sales),
                       'totalCustomers', sum(m.total_customers), 'months', count(*),
                       'stores', count(DISTINCT m.store_id){extra}) AS r,
                       row_number() OVER (ORDER BY {order}) AS ord
                FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true"
-        ));
-        filter.push_where(&mut qb, &auth.0);
-        qb.push(format!(" GROUP BY {group_sql}) g"));
-        let data: String = qb
-            .build_query_scalar()
-            .fetch_one(&self.state.read_pool())
-            .await?;
-        let meta = json!({
-            "groupBy": format!("{group:?}").to_lowercase(),
-            "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
-            "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
-            "tookMs": ms(started),
-        });
-        Ok(SummaryResponse::Ok(RawJson::new(format!(
-            "{{\"data\":{data},\"meta\":{meta}}}"
-        ))))
+            ));
+            filter.push_where(&mut qb, &auth.0);
+            qb.push(format!(" GROUP BY {group_sql}) g"));
+            let data: String = qb
+                .build_query_scalar()
+                .fetch_one(&self.state.read_pool())
+                .await?;
+            let meta = json!({
+                "groupBy": format!("{group:?}").to_lowercase(),
+                "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
+                "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
+                "tookMs": ms(started),
+            });
+            Ok(format!("{{\"data\":{data},\"meta\":{meta}}}"))
+        })
+        .await?;
+        Ok(SummaryResponse::Ok(RawJson::new(body)))
     }
 
     /// One sales record by id, with optional `fields` / `exclude`.
     #[oai(path = "/api/v2/sales/:id", method = "get")]
     async fn get_one(
         &self,
+        req: &poem::Request,
         auth: BearerAuth,
         id: Path<i64>,
         fields: Query<Option<String>>,
         exclude: Query<Option<String>>,
     ) -> ApiResult<OneResponse> {
         let projection = parse_projection(&SALES_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        let tags = vec![
+            crate::cache::tag_row(id.0),
+            crate::cache::TAG_STORES.to_string(),
+        ];
+        let body = cached(&self.state, req, &auth.0, tags, || async {
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT m.store_id, (");
         doc_sql(&projection, &mut qb);
         qb.push(")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ");
@@ -619,10 +598,10 @@ impl SalesApi {
             return Err(ApiError::not_found(format!("no sales record {}", id.0)));
         };
         auth.require_store(row.get(0))?;
-        Ok(OneResponse::Ok(RawJson::new(format!(
-            "{{\"data\":{}}}",
-            row.get::<&str, _>(1)
-        ))))
+        Ok(format!("{{\"data\":{}}}", row.get::<&str, _>(1)))
+        })
+        .await?;
+        Ok(OneResponse::Ok(RawJson::new(body)))
     }
 
     /// Validate and upsert many store-months in one transaction. With `atomic` (default) any
@@ -684,8 +663,9 @@ impl SalesApi {
                 Some(summary),
             ));
         }
+        let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
-        self.state.after_write(&summary).await;
+        self.state.cache.invalidate(&tags).await;
         Ok(BatchResponse::Ok(RawJson::new(summary.to_string())))
     }
 
@@ -759,10 +739,91 @@ impl SalesApi {
                 Some(summary),
             ));
         }
+        let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
-        self.state.after_write(&summary).await;
+        self.state.cache.invalidate(&tags).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
     }
+}
+
+/// Everything a list query needs, checked.
+pub struct ListQuery<'a> {
+    pub who: &'a crate::auth::Principal,
+    pub filter: &'a SalesFilter,
+    pub projection: &'a Projection,
+    pub keys: &'a [SortKey],
+    pub spec: &'a str,
+    pub limit: i64,
+    pub requested: i64,
+    pub offset: i64,
+    pub after: Option<&'a Vec<String>>,
+    pub include_meta: bool,
+    pub started: Instant,
+}
+
+/// Runs a list query; the body is the page as JSON text.
+pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+    doc_sql(q.projection, &mut qb);
+    qb.push(")::text AS doc, ARRAY[");
+    for (i, k) in q.keys.iter().enumerate() {
+        if i > 0 {
+            qb.push(", ");
+        }
+        qb.push(k.expr).push("::text");
+    }
+    qb.push(
+        "] AS cur FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true",
+    );
+    q.filter.push_where(&mut qb, q.who);
+    if let Some(vals) = q.after {
+        push_keyset(&mut qb, q.keys, vals);
+    }
+    qb.push(" ORDER BY ");
+    for (i, k) in q.keys.iter().enumerate() {
+        if i > 0 {
+            qb.push(", ");
+        }
+        qb.push(k.expr).push(if k.desc { " DESC" } else { " ASC" });
+    }
+    qb.push(" LIMIT ").push_bind(q.limit + 1);
+    if q.offset > 0 {
+        qb.push(" OFFSET ").push_bind(q.offset);
+    }
+    let rows = qb.build().fetch_all(&state.read_pool()).await?;
+    let has_more = rows.len() as i64 > q.limit;
+    let rows = &rows[..rows.len().min(q.limit as usize)];
+    let mut body = String::with_capacity(
+        rows.iter()
+            .map(|r| r.get::<&str, _>(0).len() + 1)
+            .sum::<usize>()
+            + 256,
+    );
+    body.push_str("{\"data\":[");
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(r.get::<&str, _>(0));
+    }
+    body.push(']');
+    if q.include_meta {
+        let next = if has_more {
+            rows.last()
+                .map(|r| encode_cursor(q.spec, &r.get::<Vec<String>, _>(1)))
+        } else {
+            None
+        };
+        let meta = json!({
+            "fields": q.projection.fields, "exclude": q.projection.excluded, "count": rows.len(),
+            "limit": q.limit, "limitClamped": q.requested > MAX_LIMIT, "nextCursor": next, "sort": q.spec,
+            "tookMs": ms(q.started),
+        });
+        body.push_str(",\"meta\":");
+        body.push_str(&meta.to_string());
+    }
+    body.push('}');
+    Ok(body)
 }
 
 #[cfg(test)]

@@ -219,8 +219,9 @@ impl StoresApi {
             Some("23505") => ApiError::conflict(format!("store code {} already exists", body.code), None),
             _ => e.into(),
         })?;
+        let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
-        self.state.after_store_write().await;
+        self.state.cache.invalidate(&tags).await;
         Ok(CreatedResponse::Created(RawJson::new(format!(
             "{{\"data\":{doc}}}"
         ))))
@@ -264,8 +265,9 @@ impl StoresApi {
         let Some(row) = row else {
             return Err(ApiError::not_found(format!("no store {}", id.0)));
         };
+        let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
-        self.state.after_store_write().await;
+        self.state.cache.invalidate(&tags).await;
         Ok(OneResponse::Ok(RawJson::new(format!(
             "{{\"data\":{}}}",
             row.get::<&str, _>(0)
