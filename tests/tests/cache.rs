@@ -1,0 +1,264 @@
+//! Cache over real Redis: hits and misses, scope isolation, invalidation
+//! (API write on the same instance, plain SQL, another instance), compressed
+//! entries, clear by tag, and Redis going away and coming back.
+
+use sales_e2e::{eventually, month, user_token, Api, TestDb};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+async fn stats(admin: &Api) -> Value {
+    let (st, body) = admin.get("/api/admin/cache/stats").await;
+    assert_eq!(st, 200, "{body}");
+    body
+}
+
+async fn setup(db: &TestDb, stores: &[i64], admin: &Api) {
+    let recs: Vec<Value> = stores.iter().flat_map(|&s| (1..=3).map(move |m| month(s, 2024, m, 28, 10.0 * s as f64))).collect();
+    let (st, body) = admin.post("/api/v2/sales/batch", &json!({"salesDataArray": recs})).await;
+    assert_eq!(st, 200, "{body}");
+    let _ = db;
+}
+
+fn total(body: &Value) -> f64 {
+    body["data"][0]["totalSales"].as_f64().unwrap_or(-1.0)
+}
+
+#[tokio::test]
+async fn hits_misses_and_read_your_writes() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=2&fields=totalSales");
+
+    let before = stats(&admin).await;
+    let (_, first) = admin.get(&path).await;
+    let (_, second) = admin.get(&path).await;
+    assert_eq!(first, second);
+    let after = stats(&admin).await;
+    assert_eq!(after["misses"].as_u64().unwrap() - before["misses"].as_u64().unwrap(), 1);
+    assert_eq!(after["hits"].as_u64().unwrap() - before["hits"].as_u64().unwrap(), 1);
+    assert_eq!(after["backend"], "redis");
+    assert_eq!(total(&second), 280.0 * s as f64 / 2.0 * 2.0);
+
+    // A write through the API is visible to the writer's very next read.
+    let (st, _) = admin.post("/api/v2/sales/batch", &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 2, "dailyData": {"1": {"sales": 1000}}}]})).await;
+    assert_eq!(st, 200);
+    let (_, fresh) = admin.get(&path).await;
+    assert_ne!(total(&fresh), total(&second), "read-your-writes");
+    // Another month of the same store was not invalidated.
+    let other = format!("/api/v2/sales?storeId={s}&year=2024&month=3&fields=totalSales");
+    admin.get(&other).await;
+    let h0 = stats(&admin).await["hits"].as_u64().unwrap();
+    admin.post("/api/v2/sales/batch", &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 2, "dailyData": {"2": {"sales": 5}}}]})).await;
+    admin.get(&other).await;
+    assert_eq!(stats(&admin).await["hits"].as_u64().unwrap(), h0 + 1, "month 3 entry survives a month 2 write");
+
+    // Clear by tag, then everything.
+    admin.get(&other).await;
+    let (st, body) = admin.post("/api/admin/cache/clear", &json!({"tag": format!("store:{s}:2024-03")})).await;
+    assert_eq!(st, 200, "{body}");
+    let m0 = stats(&admin).await["misses"].as_u64().unwrap();
+    admin.get(&other).await;
+    assert_eq!(stats(&admin).await["misses"].as_u64().unwrap(), m0 + 1);
+    admin.get(&other).await;
+    admin.post("/api/admin/cache/clear", &json!({})).await;
+    let m1 = stats(&admin).await["misses"].as_u64().unwrap();
+    admin.get(&other).await;
+    assert_eq!(stats(&admin).await["misses"].as_u64().unwrap(), m1 + 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn scope_isolation() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let (_, t1) = user_token(&db, &server, "one@example.com", "manager", &[stores[0]]).await;
+    let (_, t2) = user_token(&db, &server, "two@example.com", "manager", &[stores[1]]).await;
+    // Same URL, different scopes: never the same entry.
+    let path = "/api/v2/sales?fields=storeId&limit=200";
+    let (_, a) = Api::new(&server, Some(&t1)).get(path).await;
+    let (_, b) = Api::new(&server, Some(&t2)).get(path).await;
+    let (_, c) = admin.get(path).await;
+    let ids = |v: &Value| v["data"].as_array().unwrap().iter().map(|r| r["storeId"].as_i64().unwrap()).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(ids(&a), [stores[0]].into());
+    assert_eq!(ids(&b), [stores[1]].into());
+    assert_eq!(ids(&c), stores.iter().copied().collect());
+    // Again (now from the cache): still separate.
+    let (_, a2) = Api::new(&server, Some(&t1)).get(path).await;
+    let (_, b2) = Api::new(&server, Some(&t2)).get(path).await;
+    assert_eq!((a2, b2), (a, b));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalidation_by_sql_and_across_instances() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let one = db.server(&[]).await;
+    let two = db.server(&[]).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    let a2 = Api::new(&two, Some(&token));
+    setup(&db, &stores, &a1).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    let (_, cached1) = a1.get(&path).await;
+    let (_, cached2) = a2.get(&path).await;
+    assert_eq!(cached1, cached2);
+
+    // Plain SQL: both instances see the change once the relay has read the event.
+    sqlx::query("UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 7}}' WHERE store_id = $1 AND year = 2024 AND month = 1")
+        .bind(s)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for api in [&a1, &a2] {
+        eventually(Duration::from_secs(2), "fresh value after SQL update", || async {
+            let (_, b) = api.get(&path).await;
+            (total(&b) == 7.0).then_some(())
+        })
+        .await;
+    }
+
+    // A write through instance one invalidates instance two's view.
+    let (st, _) = a1.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 9}}}]})).await;
+    assert_eq!(st, 200);
+    eventually(Duration::from_secs(2), "instance two serves the new value", || async {
+        let (_, b) = a2.get(&path).await;
+        (total(&b) == 9.0).then_some(())
+    })
+    .await;
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn compressed_entries_round_trip() {
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await;
+    let server = db.server(&[("CACHE_COMPRESS_MIN", "512")]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let path = "/api/v2/sales?limit=200";
+    let r1 = admin.req(reqwest::Method::GET, path).send().await.unwrap().bytes().await.unwrap();
+    let saved_before = stats(&admin).await["bytesSavedByCompression"].as_u64().unwrap();
+    assert!(saved_before > 0, "a large entry is stored compressed");
+    let hits = stats(&admin).await["hits"].as_u64().unwrap();
+    let r2 = admin.req(reqwest::Method::GET, path).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(stats(&admin).await["hits"].as_u64().unwrap(), hits + 1);
+    assert_eq!(r1, r2, "a compressed hit decodes to the same bytes");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn in_process_cache_without_redis() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let mut cfg = db.config(&[]);
+    cfg.redis_url = None;
+    let server = sales_server::Server::bind(cfg).await.unwrap().spawn();
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let path = format!("/api/v2/sales?storeId={}&fields=totalSales", stores[0]);
+    admin.get(&path).await;
+    admin.get(&path).await;
+    let st = stats(&admin).await;
+    assert_eq!(st["backend"], "memory");
+    assert_eq!(st["hits"], 1);
+    let (_, health) = Api::new(&server, None).get("/health").await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["redis"]["configured"], false);
+    server.stop().await;
+}
+
+/// A private redis-server on its own port, so stopping it disturbs no other test.
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        Self { port, child }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn redis_outage_and_recovery() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let port = free_port();
+    let mut redis = OwnRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    eventually(Duration::from_secs(5), "private redis up", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
+    let server = db.server(&[("REDIS_URL", url.as_str()), ("REDIS_TIMEOUT", "200ms")]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    let anon = Api::new(&server, None);
+    setup(&db, &stores, &admin).await;
+    let path = format!("/api/v2/sales?storeId={}&fields=totalSales", stores[0]);
+    admin.get(&path).await;
+    admin.get(&path).await;
+    assert_eq!(stats(&admin).await["hits"], 1);
+
+    redis.stop();
+    // Requests keep succeeding from Postgres; health says degraded.
+    for _ in 0..5 {
+        let (st, body) = admin.get(&path).await;
+        assert_eq!(st, 200);
+        assert!(total(&body) > 0.0);
+    }
+    let (st, health) = anon.get("/health").await;
+    assert_eq!(st, 200);
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(stats(&admin).await["healthy"], false);
+
+    let _redis = OwnRedis::start(port);
+    eventually(Duration::from_secs(10), "health ok after redis restart", || async {
+        let (_, h) = anon.get("/health").await;
+        (h["status"] == "ok").then_some(())
+    })
+    .await;
+    // Hits resume.
+    eventually(Duration::from_secs(5), "cache hits again", || async {
+        let h0 = stats(&admin).await["hits"].as_u64().unwrap();
+        admin.get(&path).await;
+        admin.get(&path).await;
+        (stats(&admin).await["hits"].as_u64().unwrap() > h0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
