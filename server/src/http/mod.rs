@@ -1,6 +1,7 @@
 //! HTTP surface: the OpenAPI-described endpoints and the routes around them.
 
 pub mod admin;
+pub mod dashboard;
 pub mod error;
 pub mod filters;
 pub mod health;
@@ -90,9 +91,11 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     }
     let (s1, s2) = (state.clone(), state.clone());
     let routes = Route::new()
+        .at("/assets/:file", poem::get(dashboard::assets))
         .at("/openapi.json", spec)
         .nest("/docs", docs)
-        .nest("/", api);
+        .nest("/", api)
+        .around(dashboard::with_index);
     let routes = routes
         .around(move |ep, req| middleware::with_representation(ep, req, s1.clone()))
         .around(move |ep, req| middleware::with_limits(ep, req, s2.clone(), limits.clone()));

@@ -1,0 +1,809 @@
+// pg_sales live dashboard: plain JavaScript, no dependencies, works offline.
+//
+// REST (/api/v2) for the initial state, one WebSocket (/ws?token=JWT) for live
+// events. Sales events refetch the summaries (debounced); store events patch the
+// store list; export-progress events drive the export progress bar. When the
+// socket drops, the page shows that it is reconnecting, reconnects with
+// exponential backoff, re-subscribes and resumes from the last event id it saw.
+'use strict';
+
+(() => {
+  const SESSION_KEY = 'pg_sales.session';
+  const FEED_MAX = 100;
+  const SEEN_MAX = 2000;
+  const REFRESH_DEBOUNCE_MS = 250;
+  const REFRESH_MAX_WAIT_MS = 2000;
+  const PING_EVERY_MS = 20000;
+  const SILENCE_LIMIT_MS = 50000;
+  const BACKOFF_BASE_MS = 500;
+  const BACKOFF_MAX_MS = 15000;
+
+  const $ = (id) => document.getElementById(id);
+  const svgNS = 'http://www.w3.org/2000/svg';
+
+  const state = {
+    token: null,
+    user: null,
+    month: currentMonth(),
+    topN: 20,
+    stores: new Map(), // id -> store document
+    byStore: [], // summary rows (groupBy=store)
+    byRegion: [], // summary rows (groupBy=region)
+    salesVersions: new Map(), // monthly_sales id -> highest version seen
+    lastEventId: null,
+    seen: new Set(),
+    seenOrder: [],
+    ws: null,
+    wsSubs: new Set(),
+    attempt: 0,
+    everConnected: false,
+    reconnectTimer: null,
+    reconnectAt: 0,
+    countdownTimer: null,
+    pingTimer: null,
+    lastMessageAt: 0,
+    refreshTimer: null,
+    refreshFirstAt: 0,
+    refreshFlash: new Set(),
+    summarySeq: 0,
+    exportJob: null,
+  };
+
+  // ---------- formatting ----------
+
+  const nf0 = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+  const nf2 = new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+  const compact = new Intl.NumberFormat(undefined, { notation: 'compact', maximumFractionDigits: 1 });
+
+  function currentMonth() {
+    const d = new Date();
+    return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}`;
+  }
+
+  function monthLabel(ym) {
+    const [y, m] = ym.split('-').map(Number);
+    if (!y || !m) return ym;
+    return new Date(y, m - 1, 1).toLocaleString(undefined, { month: 'long', year: 'numeric' });
+  }
+
+  function num(v) {
+    const n = typeof v === 'number' ? v : Number(v);
+    return Number.isFinite(n) ? n : 0;
+  }
+
+  function storeLabel(id) {
+    const s = state.stores.get(Number(id));
+    return s ? `${s.name} (${s.code})` : `store ${id}`;
+  }
+
+  function el(tag, attrs, ...children) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === undefined || v === null) continue;
+      if (k === 'class') e.className = v;
+      else if (k === 'text') e.textContent = v;
+      else e.setAttribute(k, v);
+    }
+    for (const c of children) e.append(c);
+    return e;
+  }
+
+  function svg(tag, attrs, text) {
+    const e = document.createElementNS(svgNS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  // ---------- REST ----------
+
+  class ApiError extends Error {
+    constructor(message, status) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  async function errorMessage(res) {
+    try {
+      const body = await res.json();
+      if (body && body.error && body.error.message) return body.error.message;
+    } catch (_) { /* not JSON */ }
+    return `${res.status} ${res.statusText || 'error'}`;
+  }
+
+  async function api(path, options = {}) {
+    const headers = { Accept: 'application/json', ...(options.headers || {}) };
+    if (state.token) headers.Authorization = `Bearer ${state.token}`;
+    // no-cache: revalidate with the ETag (304) instead of trusting max-age.
+    const res = await fetch(path, { cache: 'no-cache', ...options, headers });
+    if (res.status === 401 && state.token && !options.noLogout) {
+      logout('Your session has ended; please sign in again.');
+      throw new ApiError('unauthorized', 401);
+    }
+    if (!res.ok) throw new ApiError(await errorMessage(res), res.status);
+    return options.raw ? res : res.json();
+  }
+
+  // ---------- session ----------
+
+  function saveSession() {
+    try {
+      sessionStorage.setItem(SESSION_KEY, JSON.stringify({ token: state.token, user: state.user }));
+    } catch (_) { /* storage disabled: keep it in memory only */ }
+  }
+
+  function loadSession() {
+    try {
+      const s = JSON.parse(sessionStorage.getItem(SESSION_KEY) || 'null');
+      if (s && typeof s.token === 'string') return s;
+    } catch (_) { /* ignore */ }
+    return null;
+  }
+
+  async function login(ev) {
+    ev.preventDefault();
+    const email = $('email');
+    const password = $('password');
+    const err = $('login-error');
+    err.textContent = '';
+    email.removeAttribute('aria-invalid');
+    password.removeAttribute('aria-invalid');
+    if (!email.value.trim()) {
+      email.setAttribute('aria-invalid', 'true');
+      err.textContent = 'Enter your email address.';
+      email.focus();
+      return;
+    }
+    if (!password.value) {
+      password.setAttribute('aria-invalid', 'true');
+      err.textContent = 'Enter your password.';
+      password.focus();
+      return;
+    }
+    const btn = $('login-submit');
+    btn.disabled = true;
+    btn.textContent = 'Signing in…';
+    try {
+      const res = await fetch('/api/v2/auth/login', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+        body: JSON.stringify({ email: email.value.trim(), password: password.value }),
+        cache: 'no-store',
+      });
+      if (!res.ok) {
+        const msg = res.status === 401 ? 'Wrong email or password.' : await errorMessage(res);
+        password.setAttribute('aria-invalid', 'true');
+        err.textContent = msg;
+        password.select();
+        return;
+      }
+      const body = await res.json();
+      state.token = body.token;
+      state.user = body.user;
+      saveSession();
+      password.value = '';
+      start();
+    } catch (e) {
+      err.textContent = `Cannot reach the server (${e.message}).`;
+    } finally {
+      btn.disabled = false;
+      btn.textContent = 'Sign in';
+    }
+  }
+
+  function logout(message) {
+    const ws = state.ws;
+    state.token = null;
+    state.user = null;
+    state.ws = null;
+    if (ws) ws.close(1000, 'logout');
+    clearTimeout(state.reconnectTimer);
+    clearInterval(state.countdownTimer);
+    clearInterval(state.pingTimer);
+    clearTimeout(state.refreshTimer);
+    try { sessionStorage.removeItem(SESSION_KEY); } catch (_) { /* ignore */ }
+    state.stores.clear();
+    state.salesVersions.clear();
+    state.seen.clear();
+    state.seenOrder = [];
+    state.lastEventId = null;
+    state.everConnected = false;
+    state.attempt = 0;
+    $('feed').replaceChildren();
+    $('feed-empty').hidden = false;
+    $('session').hidden = true;
+    $('reconnect-banner').hidden = true;
+    $('dashboard-view').hidden = true;
+    $('login-view').hidden = false;
+    $('login-error').textContent = typeof message === 'string' ? message : '';
+    $('email').focus();
+  }
+
+  function start() {
+    $('login-view').hidden = true;
+    $('dashboard-view').hidden = false;
+    $('session').hidden = false;
+    $('who').textContent = state.user ? `${state.user.email} · ${state.user.role}` : '';
+    $('month').value = state.month;
+    $('main').focus();
+    loadStores().then(subscribeAll, () => {});
+    loadSummaries();
+    connect();
+  }
+
+  // ---------- stores ----------
+
+  async function loadStores() {
+    const body = await api('/api/v2/stores?limit=1000');
+    state.stores.clear();
+    for (const s of body.data || []) state.stores.set(Number(s.id), s);
+    renderStores();
+    // Names may have arrived after the chart.
+    renderChart();
+  }
+
+  function renderStores(flashId) {
+    const filter = $('store-filter').value.trim().toLowerCase();
+    const list = $('stores');
+    const items = [];
+    const all = [...state.stores.values()].sort((a, b) => String(a.code).localeCompare(String(b.code)));
+    const counts = { open: 0, closed: 0, renovating: 0 };
+    for (const s of all) {
+      counts[s.status] = (counts[s.status] || 0) + 1;
+      const hay = `${s.name} ${s.code} ${s.region} ${s.status}`.toLowerCase();
+      if (filter && !hay.includes(filter)) continue;
+      const li = el('li', { 'data-store-id': s.id, 'data-status': s.status },
+        el('span', { class: 'store-name' },
+          el('span', { text: s.name }), ' ',
+          el('span', { class: 'store-meta', text: `${s.code} · ${s.region}` })),
+        el('span', { class: `badge badge-${s.status}`, text: s.status }));
+      if (flashId !== undefined && Number(s.id) === Number(flashId)) {
+        li.classList.add('flash');
+        setTimeout(() => li.classList.remove('flash'), 2000);
+      }
+      items.push(li);
+    }
+    list.replaceChildren(...items);
+    $('stores-count').textContent =
+      `(${all.length}: ${counts.open} open, ${counts.closed} closed, ${counts.renovating} renovating)`;
+  }
+
+  // ---------- summaries ----------
+
+  async function loadSummaries() {
+    const seq = ++state.summarySeq;
+    const m = state.month;
+    const q = `from=${encodeURIComponent(m)}&to=${encodeURIComponent(m)}`;
+    try {
+      const [stores, regions] = await Promise.all([
+        api(`/api/v2/sales/summary?groupBy=store&${q}`),
+        api(`/api/v2/sales/summary?groupBy=region&${q}`),
+      ]);
+      if (seq !== state.summarySeq) return; // a newer request won
+      state.byStore = stores.data || [];
+      state.byRegion = regions.data || [];
+      const flash = state.refreshFlash;
+      state.refreshFlash = new Set();
+      renderChart(flash);
+      renderRegions(flash.size > 0);
+    } catch (e) {
+      if (e.status === 401) return;
+      $('chart-caption').textContent = `Could not load the sales summary: ${e.message}`;
+    }
+  }
+
+  // Debounced refetch; under a steady stream of events it still runs every
+  // REFRESH_MAX_WAIT_MS.
+  function scheduleRefresh(storeId) {
+    if (storeId !== undefined && storeId !== null) state.refreshFlash.add(String(storeId));
+    const now = Date.now();
+    if (!state.refreshTimer) state.refreshFirstAt = now;
+    clearTimeout(state.refreshTimer);
+    const wait = Math.max(0, Math.min(REFRESH_DEBOUNCE_MS, state.refreshFirstAt + REFRESH_MAX_WAIT_MS - now));
+    state.refreshTimer = setTimeout(() => {
+      state.refreshTimer = null;
+      loadSummaries();
+    }, wait);
+  }
+
+  function renderChart(flash) {
+    const svgEl = $('chart');
+    const wrap = $('chart-wrap');
+    $('chart-month').textContent = `· ${monthLabel(state.month)}`;
+    $('regions-month').textContent = `· ${monthLabel(state.month)}`;
+    const rows = [...state.byStore].sort((a, b) => num(b.totalSales) - num(a.totalSales));
+    const shown = state.topN > 0 ? rows.slice(0, state.topN) : rows;
+    const width = Math.max(260, Math.floor(wrap.clientWidth || 600));
+    // Narrow (phone) widths put each store's name above its bar.
+    const narrow = width < 520;
+    const rowH = narrow ? 40 : 26;
+    const top = 22;
+    const labelW = narrow ? 0 : Math.min(220, Math.floor(width * 0.36));
+    const x0 = narrow ? 2 : labelW;
+    const valueW = narrow ? 52 : 70;
+    const barMax = Math.max(40, width - x0 - valueW - 8);
+    const barY = narrow ? 20 : 4;
+    const barH = narrow ? 15 : rowH - 8;
+    const textY = narrow ? 32 : 17;
+    const height = top + Math.max(1, shown.length) * rowH + 6;
+    svgEl.setAttribute('viewBox', `0 0 ${width} ${height}`);
+    svgEl.setAttribute('width', String(width));
+    svgEl.setAttribute('height', String(height));
+    const total = rows.reduce((acc, r) => acc + num(r.totalSales), 0);
+    const parts = [];
+    if (shown.length === 0) {
+      parts.push(svg('text', { class: 'empty', x: 8, y: top + 16 }, `No sales reported for ${monthLabel(state.month)} yet.`));
+    } else {
+      const max = Math.max(...shown.map((r) => num(r.totalSales)), 1);
+      const ticks = narrow ? 2 : 4;
+      for (let i = 0; i <= ticks; i++) {
+        const x = x0 + (barMax * i) / ticks;
+        parts.push(svg('line', { class: 'grid-line', x1: x, x2: x, y1: top - 4, y2: height - 4 }));
+        parts.push(svg('text', { class: 'axis', x, y: 12, 'text-anchor': i === 0 ? 'start' : 'middle' }, compact.format((max * i) / ticks)));
+      }
+      const maxChars = Math.max(6, Math.floor(((narrow ? width : labelW) - 8) / 7));
+      shown.forEach((r, i) => {
+        const value = num(r.totalSales);
+        const y = top + i * rowH;
+        const name = r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key);
+        const label = name.length > maxChars ? `${name.slice(0, maxChars - 1)}…` : name;
+        const w = Math.max(value > 0 ? 2 : 0, Math.round((value / max) * barMax));
+        const g = svg('g', { class: 'row', 'data-store-id': r.key, 'data-value': String(value) });
+        g.append(svg('title', {}, `${name}: ${nf2.format(value)} sales, ${nf0.format(num(r.totalCustomers))} customers`));
+        g.append(narrow
+          ? svg('text', { class: 'label above', x: x0, y: y + 15, 'text-anchor': 'start' }, label)
+          : svg('text', { class: 'label', x: labelW - 6, y: y + 17, 'text-anchor': 'end' }, label));
+        const bar = svg('rect', { class: 'bar', x: x0, y: y + barY, width: w, height: barH, rx: 3, 'data-value': String(value) });
+        if (flash && flash.has(String(r.key))) {
+          bar.classList.add('flash');
+          setTimeout(() => bar.classList.remove('flash'), 1500);
+        }
+        g.append(bar);
+        const text = compact.format(value);
+        const inside = w > barMax - 4 && w > 60;
+        g.append(svg('text', {
+          class: inside ? 'value inside' : 'value',
+          x: inside ? x0 + w - 6 : x0 + w + 6,
+          y: y + textY,
+          'text-anchor': inside ? 'end' : 'start',
+        }, text));
+        parts.push(g);
+      });
+    }
+    svgEl.replaceChildren(...parts);
+    const which = state.topN > 0 && rows.length > state.topN ? `Top ${shown.length} of ${rows.length} stores` : `${rows.length} stores`;
+    $('chart-caption').textContent = rows.length
+      ? `${which} by sales in ${monthLabel(state.month)}; all stores together: ${nf2.format(total)}.`
+      : `No sales reported for ${monthLabel(state.month)} yet.`;
+    const tbody = $('chart-table').tBodies[0];
+    tbody.replaceChildren(...rows.map((r) => el('tr', {},
+      el('th', { scope: 'row', text: r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key) }),
+      el('td', { class: 'num', text: nf2.format(num(r.totalSales)) }),
+      el('td', { class: 'num', text: nf0.format(num(r.totalCustomers)) }))));
+  }
+
+  function renderRegions(flash) {
+    const rows = [...state.byRegion].sort((a, b) => num(b.totalSales) - num(a.totalSales));
+    const total = rows.reduce((acc, r) => acc + num(r.totalSales), 0);
+    const customers = rows.reduce((acc, r) => acc + num(r.totalCustomers), 0);
+    const stores = rows.reduce((acc, r) => acc + num(r.stores), 0);
+    const body = $('regions').tBodies[0];
+    body.replaceChildren(...rows.map((r) => {
+      const share = total > 0 ? (num(r.totalSales) / total) * 100 : 0;
+      const tr = el('tr', { 'data-region': r.key, 'data-value': String(num(r.totalSales)) },
+        el('th', { scope: 'row' }, r.key,
+          el('span', { class: 'share', style: `width:${share.toFixed(1)}%`, 'aria-hidden': 'true' })),
+        el('td', { class: 'num', text: nf0.format(num(r.totalSales)) }),
+        el('td', { class: 'num', text: nf0.format(num(r.totalCustomers)) }),
+        el('td', { class: 'num', text: nf0.format(num(r.stores)) }));
+      return tr;
+    }));
+    if (rows.length === 0) {
+      body.append(el('tr', {}, el('td', { colspan: '4', class: 'muted', text: 'No sales this month yet.' })));
+    }
+    $('regions-total-sales').textContent = nf0.format(total);
+    $('regions-total-customers').textContent = nf0.format(customers);
+    $('regions-total-stores').textContent = nf0.format(stores);
+    const foot = $('regions').tFoot.rows[0];
+    if (flash) {
+      foot.classList.add('flash');
+      setTimeout(() => foot.classList.remove('flash'), 1500);
+    }
+  }
+
+  // ---------- feed ----------
+
+  function addFeed(kindClass, kindText, text, ts, id) {
+    const feed = $('feed');
+    const when = ts ? new Date(ts) : new Date();
+    const li = el('li', { class: 'new', 'data-event-id': id ?? '' },
+      el('time', { datetime: when.toISOString(), text: when.toLocaleTimeString() }),
+      el('span', { class: `kind kind-${kindClass}`, text: kindText }),
+      el('span', { class: 'text', text }));
+    feed.prepend(li);
+    while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
+    $('feed-empty').hidden = true;
+  }
+
+  // ---------- WebSocket ----------
+
+  function setConn(kind, text) {
+    const c = $('conn');
+    c.dataset.state = kind;
+    $('conn-text').textContent = text;
+  }
+
+  function wsUrl() {
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return `${proto}//${location.host}/ws?token=${encodeURIComponent(state.token)}`;
+  }
+
+  function send(msg) {
+    const ws = state.ws;
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify(msg));
+      return true;
+    }
+    return false;
+  }
+
+  function wantedChannels() {
+    const ch = ['stores', 'announcements'];
+    for (const id of state.stores.keys()) ch.push(`sales-data-${id}`);
+    return ch;
+  }
+
+  function subscribeAll() {
+    for (const event of wantedChannels()) {
+      if (state.wsSubs.has(event)) continue;
+      if (send({ type: 'subscribe', event })) state.wsSubs.add(event);
+    }
+  }
+
+  function connect() {
+    clearTimeout(state.reconnectTimer);
+    clearInterval(state.countdownTimer);
+    state.reconnectTimer = null;
+    if (!state.token) return;
+    if (state.ws) {
+      const old = state.ws;
+      state.ws = null;
+      old.close(1000, 'reconnecting');
+    }
+    if (state.attempt === 0 && !state.everConnected) setConn('connecting', 'Connecting…');
+    else setConn('reconnecting', 'Reconnecting…');
+    let ws;
+    try {
+      ws = new WebSocket(wsUrl());
+    } catch (e) {
+      scheduleReconnect();
+      return;
+    }
+    state.ws = ws;
+    state.wsSubs = new Set();
+    ws.onopen = () => {
+      if (state.ws !== ws) return;
+      const wasDown = state.everConnected;
+      state.everConnected = true;
+      state.attempt = 0;
+      state.lastMessageAt = Date.now();
+      setConn('live', 'Live');
+      $('reconnect-banner').hidden = true;
+      // Subscribe first, then ask for what was missed: the replay is filtered
+      // by this connection's subscriptions.
+      subscribeAll();
+      if (state.lastEventId !== null) send({ type: 'resume', lastEventId: state.lastEventId });
+      clearInterval(state.pingTimer);
+      state.pingTimer = setInterval(heartbeat, PING_EVERY_MS / 2);
+      if (wasDown) {
+        addFeed('other', 'Reconnected', 'Live updates resumed.', null, null);
+        // Whatever the replay brings, the totals are refetched once.
+        scheduleRefresh();
+        loadStores().then(subscribeAll, () => {});
+      }
+    };
+    ws.onmessage = (e) => {
+      if (state.ws !== ws) return;
+      state.lastMessageAt = Date.now();
+      let msg;
+      try {
+        msg = JSON.parse(e.data);
+      } catch (_) {
+        return;
+      }
+      handleMessage(msg);
+    };
+    ws.onclose = (e) => {
+      if (state.ws !== ws) return;
+      state.ws = null;
+      clearInterval(state.pingTimer);
+      if (!state.token) return;
+      if (e.code === 4001) {
+        logout('Your session has expired; please sign in again.');
+        return;
+      }
+      scheduleReconnect();
+    };
+    ws.onerror = () => { /* a close event follows */ };
+  }
+
+  function heartbeat() {
+    if (!state.ws) return;
+    if (Date.now() - state.lastMessageAt > SILENCE_LIMIT_MS) {
+      // Nothing heard (not even a pong): the connection is dead.
+      const ws = state.ws;
+      ws.onclose({ code: 4000 });
+      ws.close();
+      return;
+    }
+    send({ type: 'ping' });
+  }
+
+  function scheduleReconnect() {
+    clearTimeout(state.reconnectTimer);
+    clearInterval(state.countdownTimer);
+    const exp = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
+    const delay = Math.round(exp * (0.75 + Math.random() * 0.5));
+    state.attempt += 1;
+    state.reconnectAt = Date.now() + delay;
+    setConn('reconnecting', 'Reconnecting…');
+    const banner = $('reconnect-banner');
+    banner.hidden = false;
+    const tick = () => {
+      const s = Math.max(0, Math.ceil((state.reconnectAt - Date.now()) / 1000));
+      $('reconnect-text').textContent = s > 0
+        ? `Live updates interrupted: reconnecting in ${s} s (attempt ${state.attempt})…`
+        : `Live updates interrupted: reconnecting (attempt ${state.attempt})…`;
+    };
+    tick();
+    state.countdownTimer = setInterval(tick, 1000);
+    state.reconnectTimer = setTimeout(connect, delay);
+  }
+
+  function remember(id) {
+    if (state.seen.has(id)) return false;
+    state.seen.add(id);
+    state.seenOrder.push(id);
+    if (state.seenOrder.length > SEEN_MAX) state.seen.delete(state.seenOrder.shift());
+    return true;
+  }
+
+  function handleMessage(msg) {
+    if (msg.type) {
+      switch (msg.type) {
+        case 'ready':
+          if (state.lastEventId === null && Number.isFinite(msg.lastEventId)) state.lastEventId = msg.lastEventId;
+          break;
+        case 'resumed':
+          if (msg.replayed > 0) {
+            addFeed('other', 'Caught up', `${msg.replayed} event${msg.replayed === 1 ? '' : 's'} missed while offline were replayed.`, null, null);
+          }
+          break;
+        case 'error':
+          if (msg.event) state.wsSubs.delete(msg.event);
+          console.warn('websocket error', msg.code, msg.message, msg.event || '');
+          break;
+        default:
+          break; // subscribed, unsubscribed, pong
+      }
+      return;
+    }
+    if (!msg.event) return;
+    if (msg.id !== undefined && msg.id !== null) {
+      if (!remember(msg.id)) return; // a replayed duplicate
+      state.lastEventId = msg.id;
+    }
+    handleEvent(msg.event, msg.data || {}, msg.ts, msg.id);
+  }
+
+  const SALES_VERBS = {
+    'sales-data-created': 'Sales reported',
+    'sales-data-updated': 'Sales updated',
+    'sales-data-deleted': 'Sales deleted',
+  };
+
+  function handleEvent(kind, d, ts, id) {
+    switch (kind) {
+      case 'sales-data-created':
+      case 'sales-data-updated':
+      case 'sales-data-deleted': {
+        const rowId = d.id;
+        if (rowId !== undefined && d.version !== undefined) {
+          const seen = state.salesVersions.get(rowId);
+          // Transactions can commit out of order: keep the highest version.
+          if (seen !== undefined && seen >= d.version && kind !== 'sales-data-deleted') return;
+          state.salesVersions.set(rowId, d.version);
+        }
+        const ym = `${d.year}-${String(d.month).padStart(2, '0')}`;
+        let text = `${storeLabel(d.storeId)} · ${ym}`;
+        if (kind !== 'sales-data-deleted' && d.totalSales !== undefined) {
+          text += ` · total ${nf2.format(num(d.totalSales))}`;
+          if (Array.isArray(d.changedDays) && d.changedDays.length) {
+            text += ` (${d.changedDays.length} day${d.changedDays.length === 1 ? '' : 's'} changed)`;
+          }
+        }
+        addFeed('sales', SALES_VERBS[kind], text, ts, id);
+        if (ym === state.month) scheduleRefresh(d.storeId);
+        break;
+      }
+      case 'batch-completed': {
+        const parts = [];
+        for (const k of ['inserted', 'updated', 'deleted', 'failed']) {
+          if (num(d[k]) > 0) parts.push(`${nf0.format(num(d[k]))} ${k}`);
+        }
+        addFeed('batch', 'Batch completed', parts.join(', ') || `${nf0.format(num(d.total))} records`, ts, id);
+        break;
+      }
+      case 'store-created':
+      case 'store-updated':
+      case 'store-status-changed':
+      case 'store-deleted': {
+        const sid = Number(d.id);
+        const known = state.stores.get(sid);
+        if (known && known.version !== undefined && d.version !== undefined && known.version >= d.version) return;
+        if (kind === 'store-deleted') state.stores.delete(sid);
+        else state.stores.set(sid, { ...(known || {}), ...d });
+        renderStores(sid);
+        if (kind === 'store-created') subscribeAll();
+        const name = d.name ? `${d.name} (${d.code})` : storeLabel(sid);
+        if (kind === 'store-status-changed') {
+          addFeed('store', 'Store status', `${name}: ${d.previousStatus || '?'} → ${d.status}`, ts, id);
+        } else {
+          addFeed('store', kind === 'store-created' ? 'Store opened' : kind === 'store-deleted' ? 'Store removed' : 'Store changed', name, ts, id);
+        }
+        break;
+      }
+      case 'system-announcement': {
+        const level = d.level && d.level !== 'info' ? `[${d.level}] ` : '';
+        addFeed('announcement', 'Announcement', level + (d.message || d.text || d.title || JSON.stringify(d)), ts, id);
+        break;
+      }
+      case 'user-notification':
+        addFeed('announcement', 'Notification', d.message || d.text || d.title || JSON.stringify(d), ts, id);
+        break;
+      case 'export-progress':
+        exportProgress(d);
+        break;
+      default:
+        addFeed('other', kind, '', ts, id);
+    }
+  }
+
+  // ---------- export ----------
+
+  function exportProgress(d) {
+    const job = state.exportJob;
+    if (!job) return;
+    if (job.id && d.exportId && String(d.exportId) !== String(job.id)) return;
+    job.wsSeen = true;
+    const bar = $('export-progress');
+    bar.hidden = false;
+    const pct = d.done ? 100 : Math.max(0, Math.min(100, num(d.percent)));
+    bar.value = pct;
+    bar.setAttribute('aria-valuetext', `${Math.round(pct)}%`);
+    const total = num(d.estimatedTotal);
+    $('export-status').textContent = d.done
+      ? `Export finished on the server: ${nf0.format(num(d.rowsSent))} rows.`
+      : `Exporting: ${nf0.format(num(d.rowsSent))}${total ? ` of ~${nf0.format(total)}` : ''} rows (${Math.round(pct)}%)`;
+  }
+
+  function filenameFrom(res, fallback) {
+    const cd = res.headers.get('content-disposition') || '';
+    const m = /filename\*?=(?:UTF-8'')?"?([^";]+)"?/i.exec(cd);
+    return m ? decodeURIComponent(m[1]) : fallback;
+  }
+
+  async function startExport() {
+    if (state.exportJob) return;
+    const btn = $('export-btn');
+    const bar = $('export-progress');
+    const status = $('export-status');
+    const range = $('export-range').value;
+    const params = new URLSearchParams({ format: 'csv' });
+    if (range === 'month') {
+      params.set('from', state.month);
+      params.set('to', state.month);
+    }
+    const job = { id: null, wsSeen: false };
+    state.exportJob = job;
+    btn.disabled = true;
+    bar.hidden = false;
+    bar.value = 0;
+    bar.removeAttribute('aria-valuetext');
+    status.textContent = 'Starting export…';
+    try {
+      const res = await api(`/api/v2/sales/export?${params}`, { raw: true, cache: 'no-store', headers: { Accept: 'text/csv' } });
+      job.id = res.headers.get('x-export-id');
+      const chunks = [];
+      let bytes = 0;
+      let lines = 0;
+      if (res.body && res.body.getReader) {
+        const reader = res.body.getReader();
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          chunks.push(value);
+          bytes += value.length;
+          for (let i = 0; i < value.length; i++) if (value[i] === 10) lines++;
+          if (!job.wsSeen) status.textContent = `Downloading: ${nf0.format(Math.max(0, lines - 1))} rows (${compact.format(bytes)}B)`;
+        }
+      } else {
+        chunks.push(await res.arrayBuffer());
+      }
+      const blob = new Blob(chunks, { type: 'text/csv' });
+      const name = filenameFrom(res, range === 'month' ? `sales-${state.month}.csv` : 'sales-all.csv');
+      const url = URL.createObjectURL(blob);
+      const a = el('a', { href: url, download: name, hidden: '' });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 30000);
+      bar.value = 100;
+      bar.setAttribute('aria-valuetext', '100%');
+      status.textContent = `Saved ${name} (${nf0.format(Math.max(0, lines - 1))} rows).`;
+    } catch (e) {
+      if (e.status !== 401) status.textContent = `Export failed: ${e.message}`;
+      bar.hidden = true;
+    } finally {
+      state.exportJob = null;
+      btn.disabled = false;
+    }
+  }
+
+  // ---------- wiring ----------
+
+  function init() {
+    $('login-form').addEventListener('submit', login);
+    $('logout').addEventListener('click', () => logout(''));
+    $('reconnect-now').addEventListener('click', () => { state.attempt = 0; connect(); });
+    $('month').addEventListener('change', (e) => {
+      if (!/^\d{4}-\d{2}$/.test(e.target.value)) return;
+      state.month = e.target.value;
+      loadSummaries();
+    });
+    $('top-n').addEventListener('change', (e) => {
+      state.topN = Number(e.target.value) || 0;
+      renderChart();
+    });
+    $('store-filter').addEventListener('input', () => renderStores());
+    $('feed-clear').addEventListener('click', () => {
+      $('feed').replaceChildren();
+      $('feed-empty').hidden = false;
+    });
+    $('export-btn').addEventListener('click', startExport);
+    window.addEventListener('online', () => {
+      if (state.token && !state.ws) { state.attempt = 0; connect(); }
+    });
+    let resizeTimer = null;
+    let lastWidth = 0;
+    const ro = new ResizeObserver(() => {
+      const w = $('chart-wrap').clientWidth;
+      if (w === lastWidth) return;
+      lastWidth = w;
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(() => renderChart(), 100);
+    });
+    ro.observe($('chart-wrap'));
+
+    // For tests and the curious: the live state, and a way to cut the socket.
+    window.pgSalesDashboard = {
+      state,
+      dropConnection() {
+        if (state.ws) state.ws.close(4999, 'dropped');
+      },
+    };
+
+    const saved = loadSession();
+    if (saved) {
+      state.token = saved.token;
+      state.user = saved.user;
+      start();
+    } else {
+      $('email').focus();
+    }
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})();

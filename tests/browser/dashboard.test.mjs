@@ -1,0 +1,260 @@
+// End-to-end test of the dashboard in a real browser: Debian's chromium driven
+// by playwright-core. Started by tests/tests/dashboard.rs, which runs a server
+// with demo data and passes:
+//   DASHBOARD_URL        http://127.0.0.1:<port>
+//   DASHBOARD_EMAIL      an admin's email
+//   DASHBOARD_PASSWORD   its password
+//   DASHBOARD_OUT        folder for screenshots (default: <repo>/test-output)
+//   DASHBOARD_EXPORT     "1" when the server has /api/v2/sales/export (then the export is tested)
+//   CHROMIUM             browser binary (default /usr/bin/chromium)
+// Exits non-zero on the first failed check.
+import { chromium } from 'playwright-core';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const BASE = (process.env.DASHBOARD_URL || '').replace(/\/$/, '');
+const EMAIL = process.env.DASHBOARD_EMAIL;
+const PASSWORD = process.env.DASHBOARD_PASSWORD;
+const OUT = process.env.DASHBOARD_OUT || path.resolve(here, '../../test-output');
+const WITH_EXPORT = process.env.DASHBOARD_EXPORT === '1';
+const EXECUTABLE = process.env.CHROMIUM || '/usr/bin/chromium';
+const STEP_TIMEOUT = 15000;
+
+if (!BASE || !EMAIL || !PASSWORD) {
+  console.error('set DASHBOARD_URL, DASHBOARD_EMAIL and DASHBOARD_PASSWORD');
+  process.exit(2);
+}
+
+const started = Date.now();
+const log = (...a) => console.log(`[dashboard ${((Date.now() - started) / 1000).toFixed(1)}s]`, ...a);
+
+async function api(method, p, token, body) {
+  const res = await fetch(BASE + p, {
+    method,
+    headers: {
+      Accept: 'application/json',
+      ...(token ? { Authorization: `Bearer ${token}` } : {}),
+      ...(body ? { 'Content-Type': 'application/json' } : {}),
+    },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await res.text();
+  let json = null;
+  try { json = JSON.parse(text); } catch (_) { /* not JSON */ }
+  return { status: res.status, json, text };
+}
+
+function currentMonth() {
+  const d = new Date();
+  return { year: d.getFullYear(), month: d.getMonth() + 1, ym: `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}` };
+}
+
+// The chart's bars as the page drew them: [{storeId, value}] in drawing order.
+const bars = (page) => page.$$eval('#chart g.row', (gs) => gs.map((g) => ({
+  storeId: g.getAttribute('data-store-id'),
+  value: Number(g.getAttribute('data-value')),
+  width: Number(g.querySelector('rect.bar').getAttribute('width')),
+})));
+
+async function storeTotal(token, storeId, { year, month }) {
+  const r = await api('GET', `/api/v2/sales?storeId=${storeId}&year=${year}&month=${month}&fields=totalSales,version`, token);
+  assert.equal(r.status, 200, r.text);
+  return r.json.data.length ? Number(r.json.data[0].totalSales) : 0;
+}
+
+async function postDay(token, storeId, { year, month }, day, sales) {
+  const r = await api('POST', '/api/v2/sales/batch', token, {
+    salesDataArray: [{ storeId: Number(storeId), year, month, dailyData: { [String(day)]: { sales, customers: 77 } } }],
+  });
+  assert.equal(r.status, 200, `batch: ${r.status} ${r.text}`);
+  return r.json;
+}
+
+async function main() {
+  fs.mkdirSync(OUT, { recursive: true });
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'pg-sales-chromium-'));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: EXECUTABLE,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1280, height: 900 },
+    acceptDownloads: true,
+    timeout: 30000,
+  });
+  const problems = [];
+  try {
+    const page = context.pages()[0] || await context.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+    page.on('console', (m) => { if (m.type() === 'error') problems.push(`console error: ${m.text()}`); });
+
+    // ---- the page and its headers ----
+    const resp = await page.goto(`${BASE}/`);
+    assert.equal(resp.status(), 200);
+    assert.match(resp.headers()['content-type'], /^text\/html/);
+    assert.match(resp.headers()['content-security-policy'] || '', /script-src 'self'/);
+    for (const [asset, type] of [['app.js', /javascript/], ['styles.css', /text\/css/]]) {
+      const r = await fetch(`${BASE}/assets/${asset}`);
+      assert.equal(r.status, 200, asset);
+      assert.match(r.headers.get('content-type'), type, asset);
+    }
+    assert.equal((await fetch(`${BASE}/assets/nope.js`)).status, 404);
+    log('page served');
+
+    // ---- accessibility basics: every control has a label ----
+    const unlabeled = await page.$$eval('input, select', (els) => els
+      .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+      .map((e) => e.id || e.name));
+    assert.deepEqual(unlabeled, [], 'controls without a label');
+    assert.equal(await page.getAttribute('#feed', 'aria-live'), 'polite');
+
+    // ---- login: a wrong password shows an error, the right one gets in ----
+    await page.getByLabel('Email').fill(EMAIL);
+    await page.getByLabel('Password').fill('not-the-password');
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#login-error').filter({ hasText: /wrong email or password/i }).waitFor();
+    assert.equal(await page.getAttribute('#password', 'aria-invalid'), 'true');
+    log('wrong password rejected with a visible error');
+    await page.getByLabel('Password').fill(PASSWORD);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#dashboard-view').waitFor({ state: 'visible' });
+    log('logged in');
+
+    // ---- the chart with demo data, region totals, stores ----
+    await page.waitForFunction(() => document.querySelectorAll('#chart g.row').length > 0);
+    const before = await bars(page);
+    assert.ok(before.length >= 5, `bars: ${before.length}`);
+    assert.ok(before.every((b) => b.value > 0 && b.width > 0), `every bar non-zero: ${JSON.stringify(before)}`);
+    for (let i = 1; i < before.length; i++) assert.ok(before[i - 1].value >= before[i].value, 'bars sorted by sales');
+    const regionRows = await page.$$eval('#regions tbody tr[data-region]', (rs) => rs.map((r) => Number(r.dataset.value)));
+    assert.ok(regionRows.length >= 2 && regionRows.every((v) => v > 0), `regions: ${regionRows}`);
+    await page.waitForFunction(() => document.querySelectorAll('#stores li').length > 0);
+    const storeCount = await page.locator('#stores li').count();
+    log(`chart: ${before.length} bars, ${regionRows.length} regions, ${storeCount} stores`);
+
+    // The REST totals agree with the chart.
+    const login = await api('POST', '/api/v2/auth/login', null, { email: EMAIL, password: PASSWORD });
+    assert.equal(login.status, 200, login.text);
+    const token = login.json.token;
+    const now = currentMonth();
+    const summary = await api('GET', `/api/v2/sales/summary?groupBy=store&from=${now.ym}&to=${now.ym}`, token);
+    const top = [...summary.json.data].sort((a, b) => Number(b.totalSales) - Number(a.totalSales))[0];
+    assert.equal(before[0].storeId, String(top.key));
+    assert.equal(before[0].value, Number(top.totalSales));
+
+    // ---- live: the socket connects ----
+    await page.locator('#conn[data-state="live"]').waitFor();
+    log('websocket live');
+    await page.evaluate(() => { window.__noReload = true; });
+
+    // ---- a batch through the API moves the chart and lands in the feed ----
+    // The last bar's store gets a big day, so it jumps to the top of the chart.
+    const target = before[before.length - 1];
+    const regionTotalBefore = await page.$eval('#regions-total-sales', (e) => e.textContent);
+    await postDay(token, target.storeId, now, 1, Math.round(before[0].value * 2));
+    const expected = await storeTotal(token, target.storeId, now);
+    assert.ok(expected > before[0].value);
+    await page.waitForFunction(({ id, v }) => {
+      const g = document.querySelector('#chart g.row');
+      return g && g.getAttribute('data-store-id') === id && Number(g.getAttribute('data-value')) === v;
+    }, { id: String(target.storeId), v: expected });
+    await page.locator('#feed li').filter({ hasText: /Sales (updated|reported)/ }).first().waitFor();
+    const feedText = await page.locator('#feed').innerText();
+    const code = (await api('GET', `/api/v2/stores/${target.storeId}`, token)).json.data.code;
+    assert.ok(feedText.includes(code), `feed mentions ${code}: ${feedText}`);
+    await page.waitForFunction((t) => document.querySelector('#regions-total-sales').textContent !== t, regionTotalBefore);
+    assert.equal(await page.evaluate(() => window.__noReload), true, 'no reload');
+    log(`batch for store ${target.storeId}: bar now on top at ${expected}, feed and region totals updated`);
+
+    // ---- a store status change shows in the list and the feed ----
+    const statusStore = before[1].storeId;
+    const patch = await api('PATCH', `/api/v2/stores/${statusStore}`, token, { status: 'renovating' });
+    assert.equal(patch.status, 200, patch.text);
+    await page.locator(`#stores li[data-store-id="${statusStore}"][data-status="renovating"]`).waitFor();
+    await page.locator('#feed li').filter({ hasText: /open → renovating/ }).first().waitFor();
+    log('store status change shown');
+
+    // ---- an announcement reaches the feed ----
+    const ann = await api('POST', '/api/admin/announcements', token, { message: 'Stock-take tonight at 18:00', level: 'warning' });
+    assert.equal(ann.status, 201, ann.text);
+    await page.locator('#feed li').filter({ hasText: 'Stock-take tonight at 18:00' }).first().waitFor();
+    log('announcement shown');
+
+    // ---- network drop: "reconnecting", then resume with what was missed ----
+    await context.setOffline(true);
+    await page.evaluate(() => window.pgSalesDashboard.dropConnection());
+    await page.locator('#conn[data-state="reconnecting"]').waitFor();
+    await page.locator('#reconnect-banner').waitFor({ state: 'visible' });
+    assert.match(await page.locator('#reconnect-banner').innerText(), /reconnecting/i);
+    log('offline: reconnecting shown');
+    await page.screenshot({ path: path.join(OUT, 'dashboard-reconnecting.png') });
+    // While the page is offline, another store gets sales.
+    const missed = before[2].storeId;
+    await postDay(token, missed, now, 1, Math.round(before[0].value * 3));
+    const missedTotal = await storeTotal(token, missed, now);
+    await page.waitForTimeout(1000);
+    await context.setOffline(false);
+    await page.locator('#conn[data-state="live"]').waitFor({ timeout: 30000 });
+    await page.locator('#reconnect-banner').waitFor({ state: 'hidden' });
+    await page.waitForFunction(({ id, v }) => {
+      const g = document.querySelector('#chart g.row');
+      return g && g.getAttribute('data-store-id') === id && Number(g.getAttribute('data-value')) === v;
+    }, { id: String(missed), v: missedTotal });
+    const missedCode = (await api('GET', `/api/v2/stores/${missed}`, token)).json.data.code;
+    await page.locator('#feed li').filter({ hasText: missedCode }).first().waitFor();
+    assert.equal(await page.evaluate(() => window.__noReload), true, 'no reload');
+    log('back online: resumed, missed event in the feed, chart updated');
+
+    // ---- export with progress ----
+    if (WITH_EXPORT) {
+      await page.selectOption('#export-range', 'all');
+      const download = page.waitForEvent('download', { timeout: 30000 });
+      await page.getByRole('button', { name: 'Export CSV' }).click();
+      const file = await download;
+      const csvPath = path.join(OUT, 'dashboard-export.csv');
+      await file.saveAs(csvPath);
+      const csv = fs.readFileSync(csvPath, 'utf8');
+      const lines = csv.trim().split('\n');
+      assert.ok(lines.length > 10, `export rows: ${lines.length}`);
+      await page.locator('#export-status').filter({ hasText: /Saved/ }).waitFor();
+      assert.equal(await page.$eval('#export-progress', (e) => e.value), 100);
+      const sawProgress = await page.evaluate(() => document.querySelector('#export-status').textContent);
+      log(`export: ${lines.length - 1} rows saved as ${file.suggestedFilename()} (${sawProgress})`);
+    } else {
+      log('export: skipped (the server has no /api/v2/sales/export yet)');
+    }
+
+    // ---- screenshots: laptop, then phone width ----
+    await page.waitForTimeout(1600); // let the update highlight fade
+    await page.screenshot({ path: path.join(OUT, 'dashboard.png'), fullPage: true });
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.waitForTimeout(300);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `horizontal overflow at phone width: ${overflow}px`);
+    await page.screenshot({ path: path.join(OUT, 'dashboard-phone.png'), fullPage: true });
+    log(`screenshots in ${OUT}`);
+
+    // ---- log out clears the session ----
+    await page.setViewportSize({ width: 1280, height: 900 });
+    await page.getByRole('button', { name: 'Log out' }).click();
+    await page.locator('#login-view').waitFor({ state: 'visible' });
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('pg_sales.session')), null);
+
+    const real = problems.filter((p) => !/WebSocket|ERR_INTERNET_DISCONNECTED|Failed to load resource/.test(p));
+    assert.deepEqual(real, [], 'errors in the page');
+  } finally {
+    await context.close();
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+  log('all checks passed');
+}
+
+main().catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exit(1);
+});
