@@ -14,7 +14,11 @@ pub const MAX_YEAR: i64 = 2100;
 pub const MAX_METRIC: f64 = 1e12;
 
 /// Metrics a day may carry, and whether each must be a whole number.
-pub const METRICS: &[(&str, bool)] = &[("sales", false), ("customers", true), ("transactions", true)];
+pub const METRICS: &[(&str, bool)] = &[
+    ("sales", false),
+    ("customers", true),
+    ("transactions", true),
+];
 
 pub fn is_leap(year: i64) -> bool {
     (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
@@ -33,7 +37,11 @@ pub fn days_in_month(year: i64, month: i64) -> Option<u32> {
 
 /// Parses a day key: canonical decimal (`"7"`, not `"07"` or `" 7"`).
 pub fn parse_day_key(key: &str) -> Option<u32> {
-    if key.is_empty() || key.len() > 2 || key.starts_with('0') || !key.bytes().all(|b| b.is_ascii_digit()) {
+    if key.is_empty()
+        || key.len() > 2
+        || key.starts_with('0')
+        || !key.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     key.parse().ok()
@@ -48,14 +56,20 @@ pub fn validate(year: i64, month: i64, daily: &Value, prefix: &str) -> Vec<Field
         return errors;
     };
     let Some(obj) = daily.as_object() else {
-        errors.push(FieldError::new(prefix, "must be an object keyed by day of month"));
+        errors.push(FieldError::new(
+            prefix,
+            "must be an object keyed by day of month",
+        ));
         return errors;
     };
     for (key, value) in obj {
         let path = format!("{prefix}.{key}");
         match parse_day_key(key) {
             None => {
-                errors.push(FieldError::new(&path, format!("day key must be a number from 1 to {days}")));
+                errors.push(FieldError::new(
+                    &path,
+                    format!("day key must be a number from 1 to {days}"),
+                ));
                 continue;
             }
             Some(d) if d == 0 || d > days => {
@@ -74,23 +88,36 @@ pub fn validate(year: i64, month: i64, daily: &Value, prefix: &str) -> Vec<Field
 
 fn validate_day(value: &Value, path: &str, errors: &mut Vec<FieldError>) {
     let Some(day) = value.as_object() else {
-        errors.push(FieldError::new(path, "must be an object like {\"sales\": 1000, \"customers\": 52}"));
+        errors.push(FieldError::new(
+            path,
+            "must be an object like {\"sales\": 1000, \"customers\": 52}",
+        ));
         return;
     };
     if day.is_empty() {
-        errors.push(FieldError::new(path, "must hold at least one metric (sales, customers, transactions)"));
+        errors.push(FieldError::new(
+            path,
+            "must hold at least one metric (sales, customers, transactions)",
+        ));
     }
     for (metric, v) in day {
         let mpath = format!("{path}.{metric}");
         let Some(&(_, whole)) = METRICS.iter().find(|(m, _)| *m == metric) else {
-            errors.push(FieldError::new(mpath, "unknown metric; allowed: sales, customers, transactions"));
+            errors.push(FieldError::new(
+                mpath,
+                "unknown metric; allowed: sales, customers, transactions",
+            ));
             continue;
         };
         match v.as_f64() {
-            Some(n) if !v.is_number() || !n.is_finite() => errors.push(FieldError::new(mpath, "must be a number")),
+            Some(n) if !v.is_number() || !n.is_finite() => {
+                errors.push(FieldError::new(mpath, "must be a number"))
+            }
             Some(n) if n < 0.0 => errors.push(FieldError::new(mpath, "must not be negative")),
             Some(n) if n > MAX_METRIC => errors.push(FieldError::new(mpath, "is larger than 1e12")),
-            Some(n) if whole && n.fract() != 0.0 => errors.push(FieldError::new(mpath, "must be a whole number")),
+            Some(n) if whole && n.fract() != 0.0 => {
+                errors.push(FieldError::new(mpath, "must be a whole number"))
+            }
             Some(_) => {}
             None => errors.push(FieldError::new(mpath, "must be a number")),
         }
@@ -151,7 +178,10 @@ mod tests {
         let e = validate(2023, 2, &json!({"29": {"sales": 1}}), "dailyData");
         assert_eq!(e[0].field, "dailyData.29");
         assert!(validate(2024, 2, &json!({"29": {"sales": 1}}), "dailyData").is_empty());
-        assert_eq!(validate(2024, 2, &json!({"30": {"sales": 1}}), "dailyData").len(), 1);
+        assert_eq!(
+            validate(2024, 2, &json!({"30": {"sales": 1}}), "dailyData").len(),
+            1
+        );
 
         let e = validate(2024, 1, &json!({"1": {"sales": -1}}), "dailyData");
         assert_eq!(e[0].field, "dailyData.1.sales");
@@ -160,7 +190,12 @@ mod tests {
         let e = validate(2024, 1, &json!({"1": {"sales": "100"}}), "dailyData");
         assert_eq!(e[0].reason, "must be a number");
 
-        let e = validate(2024, 1, &json!({"1": {"sales": 1, "profit": 2}}), "dailyData");
+        let e = validate(
+            2024,
+            1,
+            &json!({"1": {"sales": 1, "profit": 2}}),
+            "dailyData",
+        );
         assert_eq!(e[0].field, "dailyData.1.profit");
 
         let e = validate(2024, 1, &json!({"1": {"customers": 1.5}}), "dailyData");
@@ -175,7 +210,12 @@ mod tests {
 
     #[test]
     fn every_error_is_reported() {
-        let e = validate(2024, 4, &json!({"31": {"sales": 1}, "2": {"sales": -1}, "x": {}}), "dailyData");
+        let e = validate(
+            2024,
+            4,
+            &json!({"31": {"sales": 1}, "2": {"sales": -1}, "x": {}}),
+            "dailyData",
+        );
         assert_eq!(e.len(), 3);
     }
 

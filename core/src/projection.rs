@@ -6,7 +6,7 @@
 //! query as text.
 
 use crate::daily::parse_day_key;
-use crate::names::to_camel;
+use crate::names::to_snake;
 use serde_json::{Map, Value};
 
 /// The shape of a document: which paths exist.
@@ -20,7 +20,11 @@ pub enum Shape {
     Days(&'static Shape),
 }
 
-static DAY: Shape = Shape::Fields(&[("sales", Shape::Leaf), ("customers", Shape::Leaf), ("transactions", Shape::Leaf)]);
+static DAY: Shape = Shape::Fields(&[
+    ("sales", Shape::Leaf),
+    ("customers", Shape::Leaf),
+    ("transactions", Shape::Leaf),
+]);
 
 /// A store as it appears in documents.
 pub static STORE_DOC: Shape = STORE_SHAPE;
@@ -65,7 +69,11 @@ pub struct ProjectionError {
 
 impl std::fmt::Display for ProjectionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "field \"{}\": {}", self.field, self.reason)
+        if self.field.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "field \"{}\": {}", self.field, self.reason)
+        }
     }
 }
 
@@ -113,7 +121,10 @@ impl Trie {
 
     fn merged(&self, other: &Trie) -> Trie {
         if self.terminal || other.terminal {
-            return Trie { terminal: true, children: vec![] };
+            return Trie {
+                terminal: true,
+                children: vec![],
+            };
         }
         let mut out = self.clone();
         for (k, t) in &other.children {
@@ -138,7 +149,10 @@ pub struct Projection {
 
 /// Splits and checks one path against `shape`, returning canonical segments.
 pub fn parse_path(shape: &Shape, raw: &str) -> Result<Vec<String>, ProjectionError> {
-    let err = |reason: &str| ProjectionError { field: raw.to_string(), reason: reason.to_string() };
+    let err = |reason: &str| ProjectionError {
+        field: raw.to_string(),
+        reason: reason.to_string(),
+    };
     let trimmed = raw.trim();
     if trimmed.is_empty() {
         return Err(err("empty field name"));
@@ -149,14 +163,22 @@ pub fn parse_path(shape: &Shape, raw: &str) -> Result<Vec<String>, ProjectionErr
     let mut out = Vec::new();
     let mut shape = shape;
     for seg in trimmed.split('.') {
-        if seg.is_empty() || !seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'*') {
+        if seg.is_empty()
+            || !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'*')
+        {
             return Err(err("unknown field"));
         }
         match shape {
             Shape::Leaf => return Err(err("unknown field (path goes below a plain value)")),
             Shape::Fields(members) => {
-                let name = to_camel(seg);
-                let Some((canonical, next)) = members.iter().find(|(m, _)| *m == name) else {
+                // Exactly the camelCase name or its snake_case form: `storeId`
+                // or `store_id`, not `store__id`, `_storeid` or `STOREID`.
+                let Some((canonical, next)) = members
+                    .iter()
+                    .find(|(m, _)| *m == seg || to_snake(m) == seg)
+                else {
                     return Err(err("unknown field"));
                 };
                 out.push((*canonical).to_string());
@@ -176,7 +198,11 @@ pub fn parse_path(shape: &Shape, raw: &str) -> Result<Vec<String>, ProjectionErr
 
 impl Projection {
     /// Checks `fields` and `exclude` against `shape`. Empty `fields` means all.
-    pub fn new<S: AsRef<str>>(shape: &Shape, fields: &[S], exclude: &[S]) -> Result<Self, ProjectionError> {
+    pub fn new<S: AsRef<str>>(
+        shape: &Shape,
+        fields: &[S],
+        exclude: &[S],
+    ) -> Result<Self, ProjectionError> {
         if fields.len() + exclude.len() > MAX_PATHS {
             return Err(ProjectionError {
                 field: String::new(),
@@ -198,7 +224,12 @@ impl Projection {
         };
         let (include, fields) = build(fields)?;
         let (exclude, excluded) = build(exclude)?;
-        Ok(Self { include, exclude, fields, excluded })
+        Ok(Self {
+            include,
+            exclude,
+            fields,
+            excluded,
+        })
     }
 
     /// True when the projection leaves documents as they are.
@@ -283,28 +314,46 @@ mod tests {
 
     #[test]
     fn top_level_and_snake_case() {
-        let out = p(&["id", "store_id", "total_sales"], &[]).unwrap().apply(&doc());
+        let out = p(&["id", "store_id", "total_sales"], &[])
+            .unwrap()
+            .apply(&doc());
         assert_eq!(out, json!({"id": 1, "storeId": 7, "totalSales": 30}));
     }
 
     #[test]
     fn nested_paths() {
-        let out = p(&["dailyData.1.sales", "store.name"], &[]).unwrap().apply(&doc());
-        assert_eq!(out, json!({"dailyData": {"1": {"sales": 10}}, "store": {"name": "Main St"}}));
+        let out = p(&["dailyData.1.sales", "store.name"], &[])
+            .unwrap()
+            .apply(&doc());
+        assert_eq!(
+            out,
+            json!({"dailyData": {"1": {"sales": 10}}, "store": {"name": "Main St"}})
+        );
     }
 
     #[test]
     fn wildcard_days() {
         let out = p(&["daily_data.*.sales"], &[]).unwrap().apply(&doc());
-        assert_eq!(out, json!({"dailyData": {"1": {"sales": 10}, "2": {"sales": 20}}}));
+        assert_eq!(
+            out,
+            json!({"dailyData": {"1": {"sales": 10}, "2": {"sales": 20}}})
+        );
     }
 
     #[test]
     fn exclude_after_fields() {
-        let out = p(&["id", "dailyData"], &["dailyData.2", "dailyData.1.customers"]).unwrap().apply(&doc());
+        let out = p(
+            &["id", "dailyData"],
+            &["dailyData.2", "dailyData.1.customers"],
+        )
+        .unwrap()
+        .apply(&doc());
         assert_eq!(out, json!({"id": 1, "dailyData": {"1": {"sales": 10}}}));
         let out = p(&[], &["dailyData", "store"]).unwrap().apply(&doc());
-        assert_eq!(out, json!({"id": 1, "storeId": 7, "year": 2024, "month": 1, "totalSales": 30, "version": 1}));
+        assert_eq!(
+            out,
+            json!({"id": 1, "storeId": 7, "year": 2024, "month": 1, "totalSales": 30, "version": 1})
+        );
     }
 
     #[test]
@@ -323,7 +372,10 @@ mod tests {
     #[test]
     fn parent_then_child_keeps_parent() {
         let out = p(&["store", "store.name"], &[]).unwrap().apply(&doc());
-        assert_eq!(out, json!({"store": {"id": 7, "name": "Main St", "region": "North"}}));
+        assert_eq!(
+            out,
+            json!({"store": {"id": 7, "name": "Main St", "region": "North"}})
+        );
     }
 
     #[test]

@@ -52,7 +52,13 @@ pub fn parse_id(v: &Value) -> Result<i64, &'static str> {
     Ok(n)
 }
 
-fn parse_int(v: Option<&Value>, field: &str, lo: i64, hi: i64, errors: &mut Vec<FieldError>) -> Option<i64> {
+fn parse_int(
+    v: Option<&Value>,
+    field: &str,
+    lo: i64,
+    hi: i64,
+    errors: &mut Vec<FieldError>,
+) -> Option<i64> {
     match v {
         None | Some(Value::Null) => {
             errors.push(FieldError::new(field, "is required"));
@@ -77,16 +83,24 @@ fn parse_int(v: Option<&Value>, field: &str, lo: i64, hi: i64, errors: &mut Vec<
 }
 
 /// Normalises keys to camelCase and reports keys that are not allowed.
-fn normalise<'a>(obj: &'a Map<String, Value>, allowed: &[&str], errors: &mut Vec<FieldError>) -> Map<String, Value> {
+fn normalise(
+    obj: Map<String, Value>,
+    allowed: &[&str],
+    errors: &mut Vec<FieldError>,
+) -> Map<String, Value> {
     let mut out = Map::new();
     for (k, v) in obj {
-        let camel = to_camel(k);
+        let camel = to_camel(&k);
         if allowed.contains(&camel.as_str()) {
-            if out.insert(camel.clone(), v.clone()).is_some() {
+            if out.contains_key(&camel) {
                 errors.push(FieldError::new(k.as_str(), format!("{camel} given twice")));
             }
+            out.insert(camel, v);
         } else {
-            errors.push(FieldError::new(k.as_str(), format!("unknown field; allowed: {}", allowed.join(", "))));
+            errors.push(FieldError::new(
+                k.as_str(),
+                format!("unknown field; allowed: {}", allowed.join(", ")),
+            ));
         }
     }
     out
@@ -117,32 +131,43 @@ fn parse_key_parts(obj: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Op
 
 /// Validates one record; every problem is reported, not just the first.
 pub fn parse_record(v: &Value) -> Result<SalesRecord, Vec<FieldError>> {
+    into_record(v.clone())
+}
+
+/// Like [`parse_record`], taking the value (no copy of its daily data).
+pub fn into_record(v: Value) -> Result<SalesRecord, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let Some(raw) = v.as_object() else {
+    let Value::Object(raw) = v else {
         return Err(vec![FieldError::new("", "record must be an object")]);
     };
-    let obj = normalise(raw, RECORD_KEYS, &mut errors);
+    let mut obj = normalise(raw, RECORD_KEYS, &mut errors);
     let key = parse_key_parts(&obj, &mut errors);
-    let daily = match obj.get("dailyData") {
+    let daily = match obj.remove("dailyData") {
         None | Some(Value::Null) => {
             errors.push(FieldError::new("dailyData", "is required"));
             None
         }
         Some(d) => Some(d),
     };
-    if let (Some(d), Some(k)) = (daily, key) {
-        errors.extend(daily::validate(k.year as i64, k.month as i64, d, "dailyData"));
-    } else if let Some(d) = daily {
-        if !d.is_object() {
-            errors.push(FieldError::new("dailyData", "must be an object keyed by day of month"));
-        }
+    match (&daily, key) {
+        (Some(d), Some(k)) => errors.extend(daily::validate(
+            k.year as i64,
+            k.month as i64,
+            d,
+            "dailyData",
+        )),
+        (Some(d), None) if !d.is_object() => errors.push(FieldError::new(
+            "dailyData",
+            "must be an object keyed by day of month",
+        )),
+        _ => {}
     }
     match (errors.is_empty(), key, daily) {
         (true, Some(k), Some(Value::Object(d))) => Ok(SalesRecord {
             store_id: k.store_id,
             year: k.year,
             month: k.month,
-            daily_data: d.clone(),
+            daily_data: d,
         }),
         _ => Err(errors),
     }
@@ -152,9 +177,12 @@ pub fn parse_record(v: &Value) -> Result<SalesRecord, Vec<FieldError>> {
 pub fn parse_month_key(v: &Value) -> Result<MonthKey, Vec<FieldError>> {
     let mut errors = Vec::new();
     let Some(raw) = v.as_object() else {
-        return Err(vec![FieldError::new("", "key must be an object with storeId, year and month")]);
+        return Err(vec![FieldError::new(
+            "",
+            "key must be an object with storeId, year and month",
+        )]);
     };
-    let obj = normalise(raw, KEY_KEYS, &mut errors);
+    let obj = normalise(raw.clone(), KEY_KEYS, &mut errors);
     let key = parse_key_parts(&obj, &mut errors);
     match key {
         Some(k) if errors.is_empty() => Ok(k),
@@ -171,13 +199,15 @@ mod tests {
     fn accepts_api_shape_and_snake_case() {
         let r = parse_record(&json!({"storeId": "123", "year": 2024, "month": 1, "dailyData": {"1": {"sales": 1000, "customers": 52}}})).unwrap();
         assert_eq!(r.key(), (123, 2024, 1));
-        let r = parse_record(&json!({"store_id": 7, "year": 2024, "month": 2, "daily_data": {}})).unwrap();
+        let r = parse_record(&json!({"store_id": 7, "year": 2024, "month": 2, "daily_data": {}}))
+            .unwrap();
         assert_eq!(r.key(), (7, 2024, 2));
     }
 
     #[test]
     fn reports_every_problem() {
-        let e = parse_record(&json!({"year": 2024, "month": 13, "dailyData": {}, "color": "red"})).unwrap_err();
+        let e = parse_record(&json!({"year": 2024, "month": 13, "dailyData": {}, "color": "red"}))
+            .unwrap_err();
         let fields: Vec<_> = e.iter().map(|e| e.field.as_str()).collect();
         assert!(fields.contains(&"storeId"));
         assert!(fields.contains(&"month"));
@@ -195,11 +225,15 @@ mod tests {
 
     #[test]
     fn day_errors_carry_path() {
-        let e = parse_record(&json!({"storeId": 1, "year": 2023, "month": 4, "dailyData": {"31": {"sales": 1}}})).unwrap_err();
+        let e = parse_record(
+            &json!({"storeId": 1, "year": 2023, "month": 4, "dailyData": {"31": {"sales": 1}}}),
+        )
+        .unwrap_err();
         assert_eq!(e[0].field, "dailyData.31");
         let e = parse_record(&json!([1])).unwrap_err();
         assert_eq!(e[0].reason, "record must be an object");
-        let e = parse_record(&json!({"storeId": 1, "year": 2023, "month": 4, "dailyData": null})).unwrap_err();
+        let e = parse_record(&json!({"storeId": 1, "year": 2023, "month": 4, "dailyData": null}))
+            .unwrap_err();
         assert_eq!(e[0].field, "dailyData");
     }
 
@@ -207,7 +241,11 @@ mod tests {
     fn delete_keys() {
         assert_eq!(
             parse_month_key(&json!({"storeId": 3, "year": 2024, "month": 5})).unwrap(),
-            MonthKey { store_id: 3, year: 2024, month: 5 }
+            MonthKey {
+                store_id: 3,
+                year: 2024,
+                month: 5
+            }
         );
         assert!(parse_month_key(&json!({"storeId": 3, "year": 2024})).is_err());
     }

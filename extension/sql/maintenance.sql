@@ -5,8 +5,10 @@
 --
 -- reason:
 --   invalid    a CREATE/REINDEX ... CONCURRENTLY that failed left it unusable
---   duplicate  same table, columns, operator classes, expressions and predicate
---              as another index that is kept (constraint-backed, unique, oldest)
+--   duplicate  same table, access method, key and INCLUDE columns, operator
+--              classes, collations, sort options, expressions and predicate as
+--              another valid index that is kept (constraint-backed, unique,
+--              oldest first); a non-unique index is a duplicate of a unique twin
 --   unused     never scanned since statistics were reset, at least min_unused_bytes,
 --              backs no constraint (advisory: `maintain` drops these only when asked)
 --   bloated    a btree at least min_bloat_bytes and over twice the size its
@@ -17,9 +19,16 @@ LANGUAGE sql STABLE AS $$
 WITH idx AS (
     SELECT i.indexrelid, i.indrelid, c.relname::text AS iname, t.relname::text AS tname,
            i.indisvalid AS valid, i.indisunique AS uniq,
-           i.indkey::text AS keys, i.indclass::text AS classes,
+           i.indkey::text AS keys,
            coalesce(pg_get_expr(i.indexprs, i.indrelid), '') AS exprs,
            coalesce(pg_get_expr(i.indpred, i.indrelid), '') AS pred,
+           -- Everything that makes two indexes interchangeable. DESC / NULLS
+           -- FIRST (indoption) and INCLUDE columns (indnkeyatts) matter:
+           -- (a, b DESC) is not a twin of (a, b), nor (a) INCLUDE (b) of (a, b).
+           concat_ws('|', am.amname, i.indkey::text, i.indnkeyatts, i.indclass::text, i.indcollation::text,
+                     i.indoption::text, i.indnullsnotdistinct,
+                     coalesce(pg_get_expr(i.indexprs, i.indrelid), ''),
+                     coalesce(pg_get_expr(i.indpred, i.indrelid), '')) AS def,
            pg_relation_size(i.indexrelid) AS size, c.relpages, t.reltuples,
            coalesce(s.idx_scan, 0) AS scans, am.amname,
            EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) AS backs_constraint
@@ -32,9 +41,9 @@ WITH idx AS (
     WHERE n.nspname = 'sales'
 ), ranked AS (
     SELECT idx.*,
-           row_number() OVER (PARTITION BY indrelid, keys, classes, exprs, pred, valid
+           row_number() OVER (PARTITION BY indrelid, def, valid
                               ORDER BY backs_constraint DESC, uniq DESC, indexrelid) AS rank_in_twins,
-           first_value(iname) OVER (PARTITION BY indrelid, keys, classes, exprs, pred, valid
+           first_value(iname) OVER (PARTITION BY indrelid, def, valid
                                     ORDER BY backs_constraint DESC, uniq DESC, indexrelid) AS keeper
     FROM idx
 ), widths AS (
@@ -54,8 +63,7 @@ SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'invali
             ELSE format('REINDEX INDEX CONCURRENTLY sales.%I', r.iname) END
 FROM ranked r
 LEFT JOIN LATERAL (SELECT o.iname FROM idx o
-                   WHERE o.valid AND o.indrelid = r.indrelid AND o.keys = r.keys AND o.classes = r.classes
-                     AND o.exprs = r.exprs AND o.pred = r.pred LIMIT 1) v ON true
+                   WHERE o.valid AND o.indrelid = r.indrelid AND o.def = r.def LIMIT 1) v ON true
 WHERE NOT r.valid
 UNION ALL
 SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'duplicate',

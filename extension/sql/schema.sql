@@ -55,15 +55,22 @@ CREATE UNIQUE INDEX users_email_key ON sales.users (lower(email));
 -- The event log. `xid` is the writer's transaction id: readers order by
 -- (xid, id) and stop below the oldest running transaction, so an event whose
 -- transaction commits late is never skipped (see events_since).
+-- `user_id` is set only on user-only events (notifications): a consumer
+-- delivers such an event to that user alone. `actor_id` is who caused the
+-- event (the `sales.user_id` setting), for auditing; it restricts nothing.
+-- `wakes` marks the first event of a transaction: its deferred trigger sends
+-- the transaction's single NOTIFY at commit (see sales.arm_notify).
 CREATE TABLE sales.events (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind         text NOT NULL,
     store_id     bigint,
     user_id      bigint,
+    actor_id     bigint,
     row_id       bigint,
     row_version  bigint,
     payload      jsonb NOT NULL DEFAULT '{}'::jsonb,
     xid          xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    wakes        boolean NOT NULL DEFAULT false,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX events_xid_id_idx ON sales.events (xid, id);
@@ -105,24 +112,55 @@ $$;
 -- Versions and timestamps, whoever writes.
 ---------------------------------------------------------------------------
 
-CREATE FUNCTION sales.tg_bump_version() RETURNS trigger
+-- The version counts real changes: a row's version (and updated_at) moves
+-- only when a column a writer owns changes. A no-op `UPDATE ... SET x = x`
+-- keeps both, so it makes no event either. The comparison names the columns
+-- on purpose: generated columns are not computed yet in a BEFORE trigger, so
+-- comparing whole rows would see every update as a change. version,
+-- created_at and updated_at are managed here; values a writer puts in them
+-- are ignored.
+CREATE FUNCTION sales.tg_sales_version() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW IS DISTINCT FROM OLD THEN
+    IF NEW.id <> OLD.id THEN
+        RAISE EXCEPTION 'the id of a sales record cannot change' USING ERRCODE = '22023';
+    END IF;
+    IF (NEW.store_id, NEW.year, NEW.month, NEW.daily_data)
+       IS DISTINCT FROM (OLD.store_id, OLD.year, OLD.month, OLD.daily_data) THEN
         NEW.version := OLD.version + 1;
         NEW.updated_at := now();
-        NEW.created_at := OLD.created_at;
+    ELSE
+        NEW.version := OLD.version;
+        NEW.updated_at := OLD.updated_at;
     END IF;
+    NEW.created_at := OLD.created_at;
+    RETURN NEW;
+END $$;
+
+CREATE FUNCTION sales.tg_stores_version() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id <> OLD.id THEN
+        RAISE EXCEPTION 'the id of a store cannot change' USING ERRCODE = '22023';
+    END IF;
+    IF (NEW.code, NEW.name, NEW.region, NEW.status) IS DISTINCT FROM (OLD.code, OLD.name, OLD.region, OLD.status) THEN
+        NEW.version := OLD.version + 1;
+        NEW.updated_at := now();
+    ELSE
+        NEW.version := OLD.version;
+        NEW.updated_at := OLD.updated_at;
+    END IF;
+    NEW.created_at := OLD.created_at;
     RETURN NEW;
 END $$;
 
 CREATE TRIGGER monthly_sales_bump_version BEFORE UPDATE ON sales.monthly_sales
-    FOR EACH ROW EXECUTE FUNCTION sales.tg_bump_version();
+    FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_version();
 CREATE TRIGGER stores_bump_version BEFORE UPDATE ON sales.stores
-    FOR EACH ROW EXECUTE FUNCTION sales.tg_bump_version();
+    FOR EACH ROW EXECUTE FUNCTION sales.tg_stores_version();
 
 ---------------------------------------------------------------------------
--- Events: one row per changed row, one NOTIFY per statement.
+-- Events: one row per changed row, one NOTIFY per transaction.
 ---------------------------------------------------------------------------
 
 -- The acting user, when the caller said who it is (the server does, with
@@ -132,72 +170,103 @@ LANGUAGE sql STABLE AS $$
     SELECT nullif(current_setting('sales.user_id', true), '')::bigint
 $$;
 
--- Wakes listeners with the highest event id. Batch functions set
--- sales.defer_notify so that a whole batch makes one NOTIFY, sent by them.
-CREATE FUNCTION sales.notify_events(max_id bigint) RETURNS void
-LANGUAGE plpgsql AS $$
+-- One NOTIFY per writing transaction, whatever it does: a plain statement,
+-- an INSERT ... ON CONFLICT (which fires both INSERT and UPDATE statement
+-- triggers), a store DELETE that cascades to its months, a batch, or several
+-- statements in one transaction. Notifications are only delivered at commit
+-- anyway, so more than one per transaction would only wake listeners twice
+-- and serialise commits longer.
+--
+-- How: the first event a transaction appends is marked `wakes`; a deferred
+-- constraint trigger on that one row runs at commit and notifies the highest
+-- event id of the transaction. This function says whether the event about to
+-- be written is that first one. Its flag is a transaction-local setting, so a
+-- rolled-back savepoint forgets it together with the event rows it covered.
+-- Callers call it only when they do append at least one row (arming without
+-- writing the marked row would silence the rest of the transaction).
+CREATE FUNCTION sales.arm_notify() RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    IF max_id IS NOT NULL AND coalesce(current_setting('sales.defer_notify', true), '') <> 'on' THEN
-        PERFORM pg_notify('sales_events', max_id::text);
+    IF current_setting('sales.notify_armed', true) = 'on' THEN
+        RETURN false;
     END IF;
+    PERFORM set_config('sales.notify_armed', 'on', true);
+    RETURN true;
 END $$;
 
-CREATE FUNCTION sales.tg_sales_inserted() RETURNS trigger
+CREATE FUNCTION sales.tg_events_wake() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE max_id bigint;
 BEGIN
-    WITH ins AS (
-        INSERT INTO sales.events (kind, store_id, user_id, row_id, row_version, payload)
-        SELECT 'sales-data-created', n.store_id, sales.current_actor(), n.id, n.version,
-               jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
-                                  'version', n.version, 'totalSales', n.total_sales,
-                                  'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                                  'changedDays', (SELECT coalesce(jsonb_agg(k ORDER BY k::int), '[]') FROM jsonb_object_keys(n.daily_data) k))
-        FROM new_rows n ORDER BY n.store_id, n.year, n.month
-        RETURNING id)
-    SELECT max(id) INTO max_id FROM ins;
-    PERFORM sales.notify_events(max_id);
+    SELECT max(e.id) INTO max_id FROM sales.events e WHERE e.xid = pg_current_xact_id();
+    -- Normally this runs at commit. After SET CONSTRAINTS ALL IMMEDIATE it
+    -- runs mid-transaction: re-arm so that later events wake listeners again.
+    PERFORM set_config('sales.notify_armed', '', true);
+    IF max_id IS NOT NULL THEN
+        PERFORM pg_notify('sales_events', max_id::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE CONSTRAINT TRIGGER events_wake AFTER INSERT ON sales.events
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (NEW.wakes) EXECUTE FUNCTION sales.tg_events_wake();
+
+-- The statement triggers below append one event per changed row, in a stable
+-- order, and mark the first one with `wakes` when it is the transaction's
+-- first event (CASE makes sure arm_notify runs for row 1 only, and not at
+-- all when the statement changed nothing).
+CREATE FUNCTION sales.tg_sales_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    SELECT 'sales-data-created', n.store_id, sales.current_actor(), n.id, n.version,
+           jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
+                              'version', n.version, 'totalSales', n.total_sales,
+                              'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
+                              'changedDays', (SELECT coalesce(jsonb_agg(k ORDER BY k::int), '[]')
+                                              FROM jsonb_object_keys(n.daily_data) k)),
+           CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
+    FROM (SELECT r.*, row_number() OVER (ORDER BY r.store_id, r.year, r.month) AS rn FROM new_rows r) n
+    ORDER BY n.rn;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION sales.tg_sales_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE max_id bigint;
 BEGIN
-    WITH ins AS (
-        INSERT INTO sales.events (kind, store_id, user_id, row_id, row_version, payload)
-        SELECT 'sales-data-updated', n.store_id, sales.current_actor(), n.id, n.version,
-               jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
-                                  'version', n.version, 'totalSales', n.total_sales,
-                                  'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                                  'changedDays', (
-                                      SELECT coalesce(jsonb_agg(k ORDER BY k::int), '[]') FROM (
-                                          SELECT k FROM jsonb_each(n.daily_data) e(k, v) WHERE o.daily_data -> k IS DISTINCT FROM v
-                                          UNION
-                                          SELECT k FROM jsonb_object_keys(o.daily_data) k WHERE NOT n.daily_data ? k) c),
-                                  'previousStoreId', CASE WHEN o.store_id <> n.store_id THEN o.store_id END)
-        FROM new_rows n JOIN old_rows o ON o.id = n.id
-        WHERE n.version <> o.version
-        ORDER BY n.store_id, n.year, n.month
-        RETURNING id)
-    SELECT max(id) INTO max_id FROM ins;
-    PERFORM sales.notify_events(max_id);
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    SELECT 'sales-data-updated', n.store_id, sales.current_actor(), n.id, n.version,
+           jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
+                              'version', n.version, 'totalSales', n.total_sales,
+                              'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
+                              'changedDays', (
+                                  SELECT coalesce(jsonb_agg(k ORDER BY k::int), '[]') FROM (
+                                      SELECT k FROM jsonb_each(n.daily_data) e(k, v) WHERE n.old_daily -> k IS DISTINCT FROM v
+                                      UNION
+                                      SELECT k FROM jsonb_object_keys(n.old_daily) k WHERE NOT n.daily_data ? k) c))
+           || CASE WHEN n.old_store <> n.store_id
+                   THEN jsonb_build_object('previousStoreId', n.old_store) ELSE '{}'::jsonb END,
+           CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
+    FROM (SELECT r.*, o.daily_data AS old_daily, o.store_id AS old_store,
+                 row_number() OVER (ORDER BY r.store_id, r.year, r.month) AS rn
+          FROM new_rows r JOIN old_rows o ON o.id = r.id
+          -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
+          WHERE r.version <> o.version) n
+    ORDER BY n.rn;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE max_id bigint;
 BEGIN
-    WITH ins AS (
-        INSERT INTO sales.events (kind, store_id, user_id, row_id, row_version, payload)
-        SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
-               jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
-                                  'version', o.version + 1)
-        FROM old_rows o ORDER BY o.store_id, o.year, o.month
-        RETURNING id)
-    SELECT max(id) INTO max_id FROM ins;
-    PERFORM sales.notify_events(max_id);
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
+           jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
+                              'version', o.version + 1),
+           CASE WHEN o.rn = 1 THEN sales.arm_notify() ELSE false END
+    FROM (SELECT r.*, row_number() OVER (ORDER BY r.store_id, r.year, r.month) AS rn FROM old_rows r) o
+    ORDER BY o.rn;
     RETURN NULL;
 END $$;
 
@@ -210,32 +279,32 @@ CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
 
 CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE max_id bigint;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        WITH ins AS (
-            INSERT INTO sales.events (kind, store_id, user_id, row_id, row_version, payload)
-            SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n)
-            FROM new_rows n ORDER BY n.id RETURNING id)
-        SELECT max(id) INTO max_id FROM ins;
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, n.doc,
+               CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
+        FROM (SELECT r.id, r.version, sales.store_doc(r) AS doc, row_number() OVER (ORDER BY r.id) AS rn FROM new_rows r) n
+        ORDER BY n.rn;
     ELSIF TG_OP = 'UPDATE' THEN
-        WITH ins AS (
-            INSERT INTO sales.events (kind, store_id, user_id, row_id, row_version, payload)
-            SELECT CASE WHEN n.status <> o.status THEN 'store-status-changed' ELSE 'store-updated' END,
-                   n.id, sales.current_actor(), n.id, n.version,
-                   sales.store_doc(n) || jsonb_build_object('previousStatus', o.status)
-            FROM new_rows n JOIN old_rows o ON o.id = n.id
-            WHERE n.version <> o.version ORDER BY n.id RETURNING id)
-        SELECT max(id) INTO max_id FROM ins;
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        SELECT CASE WHEN n.status <> n.old_status THEN 'store-status-changed' ELSE 'store-updated' END,
+               n.id, sales.current_actor(), n.id, n.version,
+               n.doc || jsonb_build_object('previousStatus', n.old_status),
+               CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
+        FROM (SELECT r.id, r.version, r.status, sales.store_doc(r) AS doc, o.status AS old_status,
+                     row_number() OVER (ORDER BY r.id) AS rn
+              FROM new_rows r JOIN old_rows o ON o.id = r.id
+              WHERE r.version <> o.version) n
+        ORDER BY n.rn;
     ELSE
-        WITH ins AS (
-            INSERT INTO sales.events (kind, store_id, user_id, row_id, row_version, payload)
-            SELECT 'store-deleted', o.id, sales.current_actor(), o.id, o.version + 1,
-                   jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1)
-            FROM old_rows o ORDER BY o.id RETURNING id)
-        SELECT max(id) INTO max_id FROM ins;
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        SELECT 'store-deleted', o.id, sales.current_actor(), o.id, o.version + 1,
+               jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1),
+               CASE WHEN o.rn = 1 THEN sales.arm_notify() ELSE false END
+        FROM (SELECT r.*, row_number() OVER (ORDER BY r.id) AS rn FROM old_rows r) o
+        ORDER BY o.rn;
     END IF;
-    PERFORM sales.notify_events(max_id);
     RETURN NULL;
 END $$;
 
@@ -246,22 +315,25 @@ CREATE TRIGGER stores_events_upd AFTER UPDATE ON sales.stores
 CREATE TRIGGER stores_events_del AFTER DELETE ON sales.stores
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_stores_changed();
 
--- Appends one event and wakes listeners (for announcements, notifications,
--- batch summaries).
+-- Appends one event (announcements, notifications, batch summaries) and
+-- returns its id. `user_id` makes it a user-only event: set it only for
+-- events meant for that one user.
 CREATE FUNCTION sales.emit(kind text, payload jsonb, store_id bigint DEFAULT NULL, user_id bigint DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE new_id bigint;
 BEGIN
-    INSERT INTO sales.events (kind, store_id, user_id, payload)
-    VALUES (kind, store_id, coalesce(user_id, sales.current_actor()), coalesce(payload, '{}'))
+    IF kind IS NULL OR length(btrim(kind)) = 0 THEN
+        RAISE EXCEPTION 'event kind must not be empty' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload, wakes)
+    VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'), sales.arm_notify())
     RETURNING id INTO new_id;
-    PERFORM sales.notify_events(new_id);
     RETURN new_id;
 END $$;
 
+-- A system announcement for everyone; returns its event id.
 CREATE FUNCTION sales.announce(message text, level text DEFAULT 'info', data jsonb DEFAULT '{}')
 RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE new_id bigint;
 BEGIN
     IF message IS NULL OR length(btrim(message)) = 0 THEN
         RAISE EXCEPTION 'announcement message must not be empty' USING ERRCODE = '22023';
@@ -270,40 +342,39 @@ BEGIN
         RAISE EXCEPTION 'announcement level must be info, warning or critical, not %', coalesce(level, 'NULL')
             USING ERRCODE = '22023';
     END IF;
-    -- user_id stays NULL: an announcement is for everyone.
-    INSERT INTO sales.events (kind, payload)
-    VALUES ('system-announcement', jsonb_build_object('message', message, 'level', level, 'data', coalesce(data, '{}'),
-                                                      'from', sales.current_actor()))
-    RETURNING id INTO new_id;
-    PERFORM sales.notify_events(new_id);
-    RETURN new_id;
+    RETURN sales.emit('system-announcement',
+                      jsonb_build_object('message', message, 'level', level, 'data', coalesce(data, '{}'),
+                                         'from', sales.current_actor()));
 END $$;
 
+-- A notification for one user (user_id set: delivered to that user only);
+-- returns its event id.
 CREATE FUNCTION sales.notify_user(user_id bigint, message text, data jsonb DEFAULT '{}')
 RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE new_id bigint;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = notify_user.user_id) THEN
-        RAISE EXCEPTION 'user % does not exist', user_id USING ERRCODE = '22023';
+    IF user_id IS NULL OR NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = notify_user.user_id) THEN
+        RAISE EXCEPTION 'user % does not exist', coalesce(user_id::text, 'NULL') USING ERRCODE = '22023';
     END IF;
     IF message IS NULL OR length(btrim(message)) = 0 THEN
         RAISE EXCEPTION 'notification message must not be empty' USING ERRCODE = '22023';
     END IF;
-    INSERT INTO sales.events (kind, user_id, payload)
-    VALUES ('user-notification', notify_user.user_id,
-            jsonb_build_object('message', message, 'data', coalesce(data, '{}'), 'from', sales.current_actor()))
-    RETURNING id INTO new_id;
-    PERFORM sales.notify_events(new_id);
-    RETURN new_id;
+    RETURN sales.emit('user-notification',
+                      jsonb_build_object('message', message, 'data', coalesce(data, '{}'), 'from', sales.current_actor()),
+                      NULL, notify_user.user_id);
 END $$;
 
 -- Events after `after_id`, in delivery order (xid, id), only from
 -- transactions older than every transaction still running. An event whose
 -- transaction commits later therefore always sorts after everything already
 -- returned: a reader that resumes from the last id it saw never skips one.
--- The price: one long-running write transaction holds back later events
--- until it ends. after_id = 0 reads from the start; an id that is no longer
--- in the table (pruned) raises SQLSTATE PS410 (resync required).
+-- The price: one long-running write transaction (in any database of the
+-- cluster: transaction ids are cluster-wide) holds back later events until
+-- it ends. after_id = 0 reads from the start; an id that is not (or no
+-- longer) in the table raises SQLSTATE PS410 (resync required).
+--
+-- STABLE on purpose: the horizon and the rows come from the same snapshot.
+-- With a newer snapshot for the rows, a transaction committing in between
+-- could have an xid below the horizon and still be invisible, and be skipped.
 CREATE FUNCTION sales.events_since(after_id bigint, max_rows integer DEFAULT 1000)
 RETURNS SETOF sales.events LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -321,7 +392,7 @@ BEGIN
     ELSE
         SELECT e.xid INTO pos_xid FROM sales.events e WHERE e.id = after_id;
         IF pos_xid IS NULL THEN
-            RAISE EXCEPTION 'event % is no longer retained; resync required', after_id
+            RAISE EXCEPTION 'event % is unknown or no longer retained; resync required', after_id
                 USING ERRCODE = 'PS410';
         END IF;
     END IF;
@@ -342,11 +413,38 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Deletes events older than `retention`; returns how many went.
+--
+-- It deletes a prefix of the delivery order (xid, id), never a hole: the cut
+-- is the last finished event older than `retention`, and everything up to it
+-- in (xid, id) order goes. (created_at is the transaction's start, which is
+-- not monotonic in xid, so deleting by created_at alone could remove an event
+-- that sorts after one that is kept, and a reader would skip it silently.)
+-- A reader positioned on a kept event therefore finds every later event; one
+-- positioned on a pruned event gets PS410. The newest finished event is always
+-- kept, so a reader that is up to date is never told to resync.
 CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days') RETURNS bigint
 LANGUAGE plpgsql AS $$
-DECLARE n bigint;
+DECLARE
+    n bigint;
+    horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    cut_xid xid8;
+    cut_id bigint;
+    last_xid xid8;
+    last_id bigint;
 BEGIN
-    DELETE FROM sales.events WHERE created_at < now() - retention;
+    IF retention IS NULL OR retention < interval '0' THEN
+        RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    SELECT e.xid, e.id INTO last_xid, last_id FROM sales.events e
+    WHERE e.xid < horizon ORDER BY e.xid DESC, e.id DESC LIMIT 1;
+    SELECT e.xid, e.id INTO cut_xid, cut_id FROM sales.events e
+    WHERE e.created_at < now() - retention AND e.xid < horizon
+      AND (e.xid, e.id) < (last_xid, last_id)
+    ORDER BY e.xid DESC, e.id DESC LIMIT 1;
+    IF cut_id IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM sales.events e WHERE (e.xid, e.id) <= (cut_xid, cut_id);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
@@ -357,14 +455,19 @@ END $$;
 -- per-record report as JSON in DETAIL.
 ---------------------------------------------------------------------------
 
-CREATE FUNCTION sales.batch_upsert(records jsonb, mode text DEFAULT 'merge', atomic boolean DEFAULT true)
+-- mode: 'merge' (days in the record replace those days, others stay) or
+-- 'replace' (the record's daily data replaces the month's). atomic: all or
+-- nothing (PS422 with the report) or best effort (valid records are written,
+-- the rest reported). allowed_stores: the caller's store scope (NULL = any).
+CREATE FUNCTION sales.batch_upsert(records jsonb, mode text DEFAULT 'merge', atomic boolean DEFAULT true,
+                                   allowed_stores bigint[] DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE result jsonb;
 BEGIN
     IF mode IS NULL OR mode NOT IN ('merge', 'replace') THEN
         RAISE EXCEPTION 'mode must be merge or replace, not %', coalesce(mode, 'NULL') USING ERRCODE = '22023';
     END IF;
-    result := sales.batch_upsert_impl(records, mode = 'replace', coalesce(atomic, true));
+    result := sales.batch_upsert_impl(records, mode = 'replace', coalesce(atomic, true), allowed_stores);
     IF coalesce(atomic, true) AND (result ->> 'failed')::int > 0 THEN
         RAISE EXCEPTION 'batch rejected: % of % records are invalid; nothing was written',
             result ->> 'failed', result ->> 'total'
@@ -373,11 +476,12 @@ BEGIN
     RETURN result;
 END $$;
 
-CREATE FUNCTION sales.batch_delete(ids bigint[] DEFAULT NULL, keys jsonb DEFAULT NULL, atomic boolean DEFAULT true)
+CREATE FUNCTION sales.batch_delete(ids bigint[] DEFAULT NULL, keys jsonb DEFAULT NULL, atomic boolean DEFAULT true,
+                                   allowed_stores bigint[] DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE result jsonb;
 BEGIN
-    result := sales.batch_delete_impl(ids, keys, coalesce(atomic, true));
+    result := sales.batch_delete_impl(ids, keys, coalesce(atomic, true), allowed_stores);
     IF coalesce(atomic, true) AND (result ->> 'failed')::int > 0 THEN
         RAISE EXCEPTION 'batch delete rejected: % of % items are invalid; nothing was deleted',
             result ->> 'failed', result ->> 'total'
@@ -385,4 +489,3 @@ BEGIN
     END IF;
     RETURN result;
 END $$;
-

@@ -8,9 +8,6 @@ pub enum SalesError {
     /// A parameter (field list, option) is not acceptable: SQLSTATE 22023.
     #[error("{0}")]
     InvalidParameter(String),
-    /// The input is not of the expected JSON shape: SQLSTATE 22032.
-    #[error("{0}")]
-    InvalidJson(String),
     /// A query the extension runs failed.
     #[error("internal query failed: {0}")]
     Spi(#[from] pgrx::spi::Error),
@@ -20,7 +17,6 @@ impl SalesError {
     fn code(&self) -> PgSqlErrorCode {
         match self {
             SalesError::InvalidParameter(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            SalesError::InvalidJson(_) => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SalesError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }

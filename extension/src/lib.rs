@@ -14,7 +14,11 @@ mod validate;
 pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", finalize);
-extension_sql_file!("../sql/maintenance.sql", name = "maintenance", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/maintenance.sql",
+    name = "maintenance",
+    requires = ["schema"]
+);
 
 #[cfg(test)]
 pub mod pg_test {

@@ -11,7 +11,11 @@ impl From<ProjectionError> for SalesError {
     }
 }
 
-fn build(fields: Option<Vec<Option<String>>>, exclude: Option<Vec<Option<String>>>, store: bool) -> Projection {
+fn build(
+    fields: Option<Vec<Option<String>>>,
+    exclude: Option<Vec<Option<String>>>,
+    store: bool,
+) -> Projection {
     let f: Vec<String> = fields.unwrap_or_default().into_iter().flatten().collect();
     let x: Vec<String> = exclude.unwrap_or_default().into_iter().flatten().collect();
     let shape = if store { &STORE_DOC } else { &SALES_DOC };
@@ -53,9 +57,14 @@ fn project_each(
 ) -> SetOfIterator<'static, pgrx::JsonB> {
     let p = build(fields, exclude, false);
     let serde_json::Value::Array(items) = docs.0 else {
-        SalesError::InvalidJson("project_each expects a JSON array of documents".into()).raise()
+        SalesError::InvalidParameter("project_each expects a JSON array of documents".into())
+            .raise()
     };
-    SetOfIterator::new(items.into_iter().map(move |d| pgrx::JsonB(p.apply_owned(d))))
+    SetOfIterator::new(
+        items
+            .into_iter()
+            .map(move |d| pgrx::JsonB(p.apply_owned(d))),
+    )
 }
 
 /// Checks a field list without projecting anything; raises 22023 naming the

@@ -2,61 +2,60 @@
 //!
 //! Both validate every item first and report all problems at once (index,
 //! field, reason). The write itself is one set-based statement over all rows,
-//! in (store, year, month) or id order, so two concurrent batches lock shared
-//! rows in the same order and cannot deadlock. Per-row events come from the
-//! table's statement triggers; NOTIFY is deferred so that one batch wakes
-//! listeners once, with its `batch-completed` event id.
+//! locking them in (store, year, month) order, so two concurrent batches, or
+//! a batch upsert and a batch delete, lock shared rows in the same order and
+//! cannot deadlock. Per-row events come from the table's statement triggers;
+//! each batch appends one `batch-completed` event after them, and the
+//! transaction sends one NOTIFY at commit (see `sales.arm_notify`).
 
 use crate::error::{OrRaise, SalesError};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use sales_core::record::{parse_id, parse_month_key, parse_record, MonthKey};
+use sales_core::record::{into_record, parse_id, parse_month_key, MonthKey};
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+/// Problems found in a batch, per item.
 struct Report {
-    errors: Vec<Value>,
+    errors: Vec<(usize, String, String)>,
     failed: HashSet<usize>,
 }
 
 impl Report {
     fn new() -> Self {
-        Self { errors: Vec::new(), failed: HashSet::new() }
+        Self {
+            errors: Vec::new(),
+            failed: HashSet::new(),
+        }
     }
 
     fn add(&mut self, index: usize, field: &str, reason: impl Into<String>) {
         self.failed.insert(index);
-        self.errors.push(json!({"index": index, "field": field, "reason": reason.into()}));
+        self.errors.push((index, field.to_string(), reason.into()));
+    }
+
+    /// The errors as JSON, by item index (stable: an item's errors keep the
+    /// order they were found in).
+    fn into_json(mut self) -> Value {
+        self.errors.sort_by_key(|e| e.0);
+        Value::Array(
+            self.errors
+                .into_iter()
+                .map(|(index, field, reason)| json!({"index": index, "field": field, "reason": reason}))
+                .collect(),
+        )
     }
 }
 
-/// Runs `f` with trigger NOTIFYs deferred, restoring the caller's setting.
-fn with_deferred_notify<T>(client: &mut SpiClient<'_>, f: impl FnOnce(&mut SpiClient<'_>) -> T) -> T {
-    let prev: Option<String> = client
-        .update("SELECT current_setting('sales.defer_notify', true)", Some(1), &[])
-        .and_then(|t| t.first().get_one())
-        .or_raise();
-    client
-        .update("SELECT set_config('sales.defer_notify', 'on', true)", None, &[])
-        .or_raise();
-    let out = f(client);
-    client
-        .update(
-            "SELECT set_config('sales.defer_notify', $1, true)",
-            None,
-            &[prev.unwrap_or_default().into()],
-        )
-        .or_raise();
-    out
-}
-
-/// Appends the batch's summary event (which also sends the one NOTIFY).
-fn emit_batch_event(client: &mut SpiClient<'_>, payload: &Value) -> i64 {
+/// Appends the batch's summary event. The transaction's one NOTIFY (sent at
+/// commit) carries the highest event id, which is this one when the batch is
+/// the transaction's last write.
+fn emit_batch_event(client: &mut SpiClient<'_>, payload: Value) -> i64 {
     client
         .update(
             "SELECT sales.emit('batch-completed', $1)",
             Some(1),
-            &[pgrx::JsonB(payload.clone()).into()],
+            &[pgrx::JsonB(payload).into()],
         )
         .and_then(|t| t.first().get_one::<i64>())
         .or_raise()
@@ -85,13 +84,21 @@ fn scope_set(allowed: Option<Vec<Option<i64>>>) -> Option<HashSet<i64>> {
     allowed.map(|a| a.into_iter().flatten().collect())
 }
 
+fn outside_scope(store: i64) -> String {
+    format!("store {store} is outside the caller's scope")
+}
+
+/// One statement for the whole batch. Rows arrive sorted by key (`o`), and
+/// `INSERT ... SELECT ... ORDER BY` inserts, and on conflict locks, in that
+/// order. `WHERE ... IS DISTINCT FROM` skips rows the batch would not change
+/// (still locked, but not rewritten: no new version, no event), so they count
+/// as unchanged. `xmax = 0` tells a fresh insert from an update.
 const UPSERT_SQL: &str = r#"
-WITH input AS (
-    SELECT r.s, r.y, r.m, r.d, r.o
-    FROM jsonb_to_recordset($1) AS r(s bigint, y integer, m integer, d jsonb, o integer)
-), up AS (
+WITH up AS (
     INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data)
-    SELECT s, y, m, d FROM input ORDER BY o
+    SELECT r.s, r.y, r.m, r.d
+    FROM jsonb_to_recordset($1) AS r(s bigint, y integer, m integer, d jsonb, o integer)
+    ORDER BY r.o
     ON CONFLICT (store_id, year, month) DO UPDATE
         SET daily_data = CASE WHEN $2 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END
         WHERE t.daily_data IS DISTINCT FROM
@@ -103,8 +110,11 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 
 /// Validates and upserts many monthly records in one statement. Returns
 /// `{total, inserted, updated, unchanged, failed, merged, eventId, errors,
-/// duplicates}`. With `atomic` and any invalid record nothing is written
-/// (`sales.batch_upsert` then raises PS422 with this report).
+/// duplicates}`, where `total = inserted + updated + unchanged + merged +
+/// failed`. With `atomic` and any invalid record nothing is written
+/// (`sales.batch_upsert` then raises PS422 with this report). Records for the
+/// same (store, year, month) are folded in input order, the later winning
+/// (day by day when merging); each fold is listed in `duplicates`.
 /// `allowed_stores` (NULL = any) refuses records of other stores.
 #[pg_extern(volatile)]
 fn batch_upsert_impl(
@@ -120,11 +130,11 @@ fn batch_upsert_impl(
     let total = items.len();
     let mut report = Report::new();
     let mut valid = Vec::with_capacity(total);
-    for (i, item) in items.iter().enumerate() {
-        match parse_record(item) {
+    for (i, item) in items.into_iter().enumerate() {
+        match into_record(item) {
             Ok(r) => match &scope {
                 Some(s) if !s.contains(&r.store_id) => {
-                    report.add(i, "storeId", format!("store {} is outside the caller's scope", r.store_id))
+                    report.add(i, "storeId", outside_scope(r.store_id))
                 }
                 _ => valid.push((i, r)),
             },
@@ -137,7 +147,12 @@ fn batch_upsert_impl(
     }
 
     Spi::connect_mut(|client| {
-        let wanted: Vec<i64> = valid.iter().map(|(_, r)| r.store_id).collect::<HashSet<_>>().into_iter().collect();
+        let wanted: Vec<i64> = valid
+            .iter()
+            .map(|(_, r)| r.store_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let exists = existing_stores(client, wanted);
         // Fold records by key in input order: later records win, day by day
         // when merging, whole when replacing.
@@ -148,18 +163,19 @@ fn batch_upsert_impl(
                 report.add(i, "storeId", format!("store {} does not exist", r.store_id));
                 continue;
             }
-            match by_key.get_mut(&r.key()) {
-                Some((first, data)) => {
-                    duplicates.push(json!({"index": *first, "supersededBy": i}));
+            let key = r.key();
+            match by_key.get_mut(&key) {
+                Some((last, data)) => {
+                    duplicates.push(json!({"index": *last, "supersededBy": i}));
                     if replace {
                         *data = r.daily_data;
                     } else {
                         data.extend(r.daily_data);
                     }
-                    *first = i;
+                    *last = i;
                 }
                 None => {
-                    by_key.insert(r.key(), (i, r.daily_data));
+                    by_key.insert(key, (i, r.daily_data));
                 }
             }
         }
@@ -167,42 +183,66 @@ fn batch_upsert_impl(
         let mut summary = json!({
             "total": total, "inserted": 0, "updated": 0, "unchanged": 0, "failed": failed,
             "merged": duplicates.len(), "eventId": null,
-            "errors": report.errors, "duplicates": duplicates,
+            "errors": report.into_json(), "duplicates": duplicates,
         });
         if (atomic && failed > 0) || by_key.is_empty() {
             return pgrx::JsonB(summary);
         }
 
+        let n = by_key.len() as i64;
+        let stores: Vec<i64> = by_key
+            .keys()
+            .map(|k| k.0)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let rows: Vec<Value> = by_key
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(o, ((s, y, m), (_, d)))| json!({"s": s, "y": y, "m": m, "d": d, "o": o}))
             .collect();
-        let n = rows.len();
-        let stores: Vec<i64> = by_key.keys().map(|k| k.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let (inserted, updated) = with_deferred_notify(client, |c| {
-            c.update(UPSERT_SQL, None, &[pgrx::JsonB(Value::Array(rows)).into(), replace.into()])
-                .and_then(|t| t.first().get_two::<i64, i64>())
-                .or_raise()
-        });
+        let (inserted, updated) = client
+            .update(
+                UPSERT_SQL,
+                None,
+                &[pgrx::JsonB(Value::Array(rows)).into(), replace.into()],
+            )
+            .and_then(|t| t.first().get_two::<i64, i64>())
+            .or_raise();
         let inserted = inserted.unwrap_or_default();
         let updated = updated.unwrap_or_default();
+        let unchanged = n - inserted - updated;
         summary["inserted"] = json!(inserted);
         summary["updated"] = json!(updated);
-        summary["unchanged"] = json!(n as i64 - inserted - updated);
+        summary["unchanged"] = json!(unchanged);
         let event = json!({
             "operation": "upsert", "mode": if replace { "replace" } else { "merge" },
             "total": total, "inserted": inserted, "updated": updated,
-            "unchanged": n as i64 - inserted - updated, "failed": failed, "storeIds": stores,
+            "unchanged": unchanged, "failed": failed, "storeIds": stores,
         });
-        summary["eventId"] = json!(emit_batch_event(client, &event));
+        summary["eventId"] = json!(emit_batch_event(client, event));
         pgrx::JsonB(summary)
     })
 }
 
+/// Finds and locks the rows named by ids and keys, in (store, year, month)
+/// order (the order `batch_upsert` locks in). Returns (id, store, year, month).
+const LOCK_SQL: &str = r#"
+SELECT m.id, m.store_id, m.year, m.month
+FROM sales.monthly_sales m
+WHERE m.id IN (SELECT unnest($1::bigint[])
+               UNION ALL
+               SELECT x.id FROM unnest($2::bigint[], $3::integer[], $4::integer[]) AS k(s, y, mo)
+               JOIN sales.monthly_sales x ON x.store_id = k.s AND x.year = k.y AND x.month = k.mo)
+ORDER BY m.store_id, m.year, m.month
+FOR UPDATE OF m
+"#;
+
 /// Deletes monthly records by id and/or by `{storeId, year, month}` keys.
 /// Unknown ids or keys are reported; with `atomic` nothing is deleted when
-/// any item fails. Returns `{total, deleted, failed, eventId, errors}`.
+/// any item fails. Item `i` of the report is `ids[i]` for the ids, then
+/// `keys[i - len(ids)]`. Returns `{total, deleted, failed, eventId, errors}`.
+/// Both NULL is a mistake (22023); empty arrays delete nothing.
 #[pg_extern(volatile)]
 fn batch_delete_impl(
     ids: Option<Vec<Option<i64>>>,
@@ -210,19 +250,22 @@ fn batch_delete_impl(
     atomic: default!(bool, true),
     allowed_stores: default!(Option<Vec<Option<i64>>>, "NULL"),
 ) -> pgrx::JsonB {
-    let ids = ids.unwrap_or_default();
     let keys = match keys.map(|k| k.0) {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a,
-        Some(_) => SalesError::InvalidParameter("keys must be a JSON array of {storeId, year, month}".into()).raise(),
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(a),
+        Some(_) => SalesError::InvalidParameter(
+            "keys must be a JSON array of {storeId, year, month}".into(),
+        )
+        .raise(),
     };
-    if ids.is_empty() && keys.is_empty() {
+    if ids.is_none() && keys.is_none() {
         SalesError::InvalidParameter("give ids or keys to delete".into()).raise();
     }
+    let ids = ids.unwrap_or_default();
+    let keys = keys.unwrap_or_default();
     let scope = scope_set(allowed_stores);
     let total = ids.len() + keys.len();
     let mut report = Report::new();
-    // Item index i < ids.len() is ids[i]; after that, keys[i - ids.len()].
     let mut wanted_ids: Vec<(usize, i64)> = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         match id.map(|v| parse_id(&json!(v))) {
@@ -238,78 +281,108 @@ fn batch_delete_impl(
             Ok(mk) => wanted_keys.push((i, mk)),
             Err(errs) => {
                 for e in errs {
-                    report.add(i, &format!("keys[{j}].{}", e.field).trim_end_matches('.').to_string(), e.reason);
+                    let field = if e.field.is_empty() {
+                        format!("keys[{j}]")
+                    } else {
+                        format!("keys[{j}].{}", e.field)
+                    };
+                    report.add(i, &field, e.reason);
                 }
             }
         }
     }
 
     Spi::connect_mut(|client| {
-        // Resolve everything to (item, row id, store id) in one query.
-        let lookup: Vec<Value> = wanted_ids
-            .iter()
-            .map(|(i, id)| json!({"o": i, "id": id}))
-            .chain(wanted_keys.iter().map(|(i, k)| json!({"o": i, "s": k.store_id, "y": k.year, "m": k.month})))
-            .collect();
-        let mut resolved: Vec<(usize, Option<i64>, Option<i64>)> = Vec::new();
-        if !lookup.is_empty() {
+        // Lock first, then judge: a row found here exists until the end of
+        // the transaction, so the report cannot go stale before the delete.
+        let mut by_id: HashMap<i64, (i64, MonthKey)> = HashMap::new();
+        if !wanted_ids.is_empty() || !wanted_keys.is_empty() {
             let table = client
-                .select(
-                    "SELECT k.o, m.id, m.store_id
-                     FROM jsonb_to_recordset($1) AS k(o integer, id bigint, s bigint, y integer, m integer)
-                     LEFT JOIN sales.monthly_sales m
-                       ON (k.id IS NOT NULL AND m.id = k.id)
-                       OR (k.id IS NULL AND m.store_id = k.s AND m.year = k.y AND m.month = k.m)
-                     ORDER BY k.o",
+                .update(
+                    LOCK_SQL,
                     None,
-                    &[pgrx::JsonB(Value::Array(lookup)).into()],
+                    &[
+                        wanted_ids
+                            .iter()
+                            .map(|(_, id)| *id)
+                            .collect::<Vec<i64>>()
+                            .into(),
+                        wanted_keys
+                            .iter()
+                            .map(|(_, k)| k.store_id)
+                            .collect::<Vec<i64>>()
+                            .into(),
+                        wanted_keys
+                            .iter()
+                            .map(|(_, k)| k.year)
+                            .collect::<Vec<i32>>()
+                            .into(),
+                        wanted_keys
+                            .iter()
+                            .map(|(_, k)| k.month)
+                            .collect::<Vec<i32>>()
+                            .into(),
+                    ],
                 )
                 .or_raise();
             for row in table {
-                let o: i32 = row.get(1).or_raise().unwrap_or_default();
-                resolved.push((o as usize, row.get(2).or_raise(), row.get(3).or_raise()));
+                let id: i64 = row.get(1).or_raise().unwrap_or_default();
+                let store: i64 = row.get(2).or_raise().unwrap_or_default();
+                let year: i32 = row.get(3).or_raise().unwrap_or_default();
+                let month: i32 = row.get(4).or_raise().unwrap_or_default();
+                by_id.insert(
+                    id,
+                    (
+                        store,
+                        MonthKey {
+                            store_id: store,
+                            year,
+                            month,
+                        },
+                    ),
+                );
             }
         }
+        let by_key: HashMap<MonthKey, i64> = by_id.iter().map(|(id, (_, k))| (*k, *id)).collect();
         let mut targets: Vec<i64> = Vec::new();
-        for (i, id, store) in resolved {
-            let field = if i < ids.len() { format!("ids[{i}]") } else { format!("keys[{}]", i - ids.len()) };
-            match (id, store) {
-                (Some(id), Some(store)) => match &scope {
-                    Some(s) if !s.contains(&store) => {
-                        report.add(i, &field, format!("store {store} is outside the caller's scope"))
-                    }
+        let mut judge =
+            |i: usize, field: String, found: Option<(i64, i64)>, report: &mut Report| match found {
+                Some((id, store)) => match &scope {
+                    Some(s) if !s.contains(&store) => report.add(i, &field, outside_scope(store)),
                     _ => targets.push(id),
                 },
-                _ => report.add(i, &field, "no such sales record"),
-            }
+                None => report.add(i, &field, "no such sales record"),
+            };
+        for (i, id) in &wanted_ids {
+            let found = by_id.get(id).map(|(store, _)| (*id, *store));
+            judge(*i, format!("ids[{i}]"), found, &mut report);
+        }
+        for (i, k) in &wanted_keys {
+            let found = by_key.get(k).map(|id| (*id, k.store_id));
+            judge(*i, format!("keys[{}]", i - ids.len()), found, &mut report);
         }
         targets.sort_unstable();
         targets.dedup();
         let failed = report.failed.len();
         let mut summary = json!({
-            "total": total, "deleted": 0, "failed": failed, "eventId": null, "errors": report.errors,
+            "total": total, "deleted": 0, "failed": failed, "eventId": null, "errors": report.into_json(),
         });
         if (atomic && failed > 0) || targets.is_empty() {
             return pgrx::JsonB(summary);
         }
-        let deleted = with_deferred_notify(client, |c| {
-            c.update(
-                "WITH locked AS (
-                     SELECT id FROM sales.monthly_sales WHERE id = ANY($1) ORDER BY id FOR UPDATE
-                 ), gone AS (
-                     DELETE FROM sales.monthly_sales m USING locked l WHERE m.id = l.id RETURNING m.store_id
-                 )
-                 SELECT count(*), coalesce(array_agg(DISTINCT store_id), '{}') FROM gone",
+        let (count, stores) = client
+            .update(
+                "WITH gone AS (DELETE FROM sales.monthly_sales WHERE id = ANY($1) RETURNING store_id)
+                 SELECT count(*), coalesce(array_agg(DISTINCT store_id ORDER BY store_id), '{}') FROM gone",
                 None,
                 &[targets.into()],
             )
             .and_then(|t| t.first().get_two::<i64, Vec<i64>>())
-            .or_raise()
-        });
-        let (count, stores) = (deleted.0.unwrap_or_default(), deleted.1.unwrap_or_default());
+            .or_raise();
+        let (count, stores) = (count.unwrap_or_default(), stores.unwrap_or_default());
         summary["deleted"] = json!(count);
         let event = json!({"operation": "delete", "total": total, "deleted": count, "failed": failed, "storeIds": stores});
-        summary["eventId"] = json!(emit_batch_event(client, &event));
+        summary["eventId"] = json!(emit_batch_event(client, event));
         pgrx::JsonB(summary)
     })
 }

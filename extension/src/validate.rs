@@ -17,10 +17,14 @@ fn daily_data_valid(year: i32, month: i32, daily: pgrx::JsonB) -> bool {
 fn daily_data_errors(year: i32, month: i32, daily: pgrx::JsonB) -> pgrx::JsonB {
     let mut errors = Vec::new();
     if !(daily::MIN_YEAR..=daily::MAX_YEAR).contains(&(year as i64)) {
-        errors.push(serde_json::json!({"field": "year", "reason": format!("{year} is outside 2000..2100")}));
+        errors.push(
+            serde_json::json!({"field": "year", "reason": format!("{year} is outside 2000..2100")}),
+        );
     }
     if daily::days_in_month(year as i64, month as i64).is_none() {
-        errors.push(serde_json::json!({"field": "month", "reason": format!("{month} is outside 1..12")}));
+        errors.push(
+            serde_json::json!({"field": "month", "reason": format!("{month} is outside 1..12")}),
+        );
     }
     for e in daily::validate(year as i64, month as i64, &daily.0, "dailyData") {
         errors.push(serde_json::json!({"field": e.field, "reason": e.reason}));

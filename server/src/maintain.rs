@@ -25,9 +25,11 @@ pub struct Action {
 }
 
 pub async fn report(pool: &PgPool) -> Result<Vec<Finding>, sqlx::Error> {
-    let rows = sqlx::query("SELECT index_name, table_name, size_bytes, reason, detail, fix FROM sales.index_report()")
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT index_name, table_name, size_bytes, reason, detail, fix FROM sales.index_report()",
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|r| Finding {
@@ -49,7 +51,12 @@ pub fn plan(findings: &[Finding], drop_unused: bool) -> Vec<String> {
         .map(|f| f.fix.clone())
         .collect();
     out.dedup();
-    for t in ["sales.stores", "sales.monthly_sales", "sales.users", "sales.events"] {
+    for t in [
+        "sales.stores",
+        "sales.monthly_sales",
+        "sales.users",
+        "sales.events",
+    ] {
         out.push(format!("ANALYZE {t}"));
     }
     out
@@ -60,12 +67,21 @@ pub fn plan(findings: &[Finding], drop_unused: bool) -> Vec<String> {
 pub async fn apply(database_url: &str, statements: &[String]) -> Result<Vec<Action>, sqlx::Error> {
     let mut conn = sqlx::PgConnection::connect(database_url).await?;
     // Index builds may take long; the server-wide statement timeout does not apply here.
-    sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut conn)
+        .await?;
     let mut actions = Vec::new();
     for s in statements {
         let started = std::time::Instant::now();
-        let outcome = sqlx::Executor::execute(&mut conn, s.as_str()).await.map(|_| ()).map_err(|e| e.to_string());
-        actions.push(Action { statement: s.clone(), outcome, elapsed: started.elapsed() });
+        let outcome = sqlx::Executor::execute(&mut conn, s.as_str())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        actions.push(Action {
+            statement: s.clone(),
+            outcome,
+            elapsed: started.elapsed(),
+        });
     }
     Ok(actions)
 }
