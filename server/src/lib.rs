@@ -2,15 +2,19 @@
 //! [`Server::bind`]; tests do the same in-process.
 
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod logging;
 pub mod maintain;
+pub mod metrics;
 pub mod seed;
 pub mod state;
 pub mod users;
+pub mod ws;
 
 use anyhow::Context;
 use config::Config;
@@ -32,10 +36,14 @@ impl Server {
     /// Connects to Postgres (and Redis when configured), runs migrations and
     /// binds the port (`PORT=0` picks a free one; see `addr`).
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        metrics::init(config.slow_query_ms);
         let state = AppState::connect(config).await?;
         db::migrate(&state.pool)
             .await
             .context("running migrations")?;
+        events::relay::init(&state)
+            .await
+            .context("reading the event log position")?;
         let bind = format!("{}:{}", state.config.bind_addr, state.config.port);
         let acceptor = TcpListener::bind(bind.clone())
             .into_acceptor()
@@ -61,10 +69,22 @@ impl Server {
     ) -> anyhow::Result<()> {
         let app = http::app(self.state.clone());
         let timeout = self.state.config.shutdown_timeout;
-        poem::Server::new_with_acceptor(self.acceptor)
+        // The event relay and WebSocket heartbeat live as long as the server;
+        // on shutdown, sockets close with 1001 while HTTP requests finish.
+        let realtime = ws::start(&self.state);
+        let hub = self.state.hub.clone();
+        let shutdown = async move {
+            shutdown.await;
+            hub.begin_shutdown();
+        };
+        let served = poem::Server::new_with_acceptor(self.acceptor)
             .name("sales-server")
             .run_with_graceful_shutdown(app, shutdown, Some(timeout))
-            .await?;
+            .await;
+        realtime
+            .stop(&self.state, timeout.min(std::time::Duration::from_secs(10)))
+            .await;
+        served?;
         Ok(())
     }
 

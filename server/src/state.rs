@@ -1,6 +1,7 @@
 //! What every request handler shares.
 
 use crate::auth::Auth;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::db;
 use anyhow::Context;
@@ -12,7 +13,9 @@ pub struct AppState {
     pub config: Config,
     pub auth: Auth,
     pub pool: PgPool,
-    pub redis: Option<redis::Client>,
+    pub cache: Cache,
+    /// WebSocket fan-out, fed by the event relay.
+    pub hub: Arc<crate::ws::Hub>,
     pub started: Instant,
 }
 
@@ -22,45 +25,25 @@ impl AppState {
         let pool = db::connect(&config)
             .await
             .context("connecting to Postgres (DATABASE_URL)")?;
-        let redis = match &config.redis_url {
-            Some(url) => Some(redis::Client::open(url.as_str()).context("REDIS_URL")?),
-            None => None,
-        };
+        let cache = Cache::new(&config);
+        // Give Redis a moment so a healthy instance does not start degraded.
+        cache.wait_ready(std::time::Duration::from_secs(2)).await;
+        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
+            &config,
+        )));
         Ok(Arc::new(Self {
             config,
             auth,
             pool,
-            redis,
+            cache,
+            hub,
             started: Instant::now(),
         }))
     }
 
-    /// PING with a short timeout; `None` when Redis is not configured.
+    /// Redis reachability; `None` when the in-process cache is used.
     pub async fn redis_ping(&self) -> Option<Result<Duration, String>> {
-        let client = self.redis.as_ref()?;
-        let started = Instant::now();
-        let attempt = async {
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| e.to_string())?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        Some(
-            match tokio::time::timeout(
-                self.config.redis_timeout.max(Duration::from_millis(500)),
-                attempt,
-            )
-            .await
-            {
-                Ok(Ok(_)) => Ok(started.elapsed()),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err("timed out".into()),
-            },
-        )
+        self.cache.ping().await
     }
 }
 
@@ -69,16 +52,23 @@ impl AppState {
     pub fn offline(config: Config) -> anyhow::Result<Arc<Self>> {
         let pool = db::lazy_pool_for(&config.database_url, &config)?;
         let mut config = config;
+        config.redis_url = None;
+        config.redis_cluster_urls.clear();
         if config.jwt_secret.is_none() {
             // Printing the spec verifies no token; any secret will do.
             config.jwt_secret = Some("x".repeat(32));
         }
         let auth = Auth::from_config(&config)?;
+        let cache = Cache::new(&config);
+        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
+            &config,
+        )));
         Ok(Arc::new(Self {
             config,
             auth,
             pool,
-            redis: None,
+            cache,
+            hub,
             started: Instant::now(),
         }))
     }
@@ -89,11 +79,4 @@ impl AppState {
     pub fn read_pool(&self) -> PgPool {
         self.pool.clone()
     }
-
-    /// Called by a write handler after its transaction commits, before it
-    /// answers: the hook for read-your-writes (cache invalidation).
-    pub async fn after_write(&self, _summary: &serde_json::Value) {}
-
-    /// Called after a store is created or changed.
-    pub async fn after_store_write(&self) {}
 }

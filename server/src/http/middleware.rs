@@ -56,6 +56,7 @@ pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Res
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status().as_u16();
+    crate::metrics::record_request(method.as_str(), &path, status, started);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| {
         if status >= 500 {

@@ -1,8 +1,10 @@
 //! HTTP surface: the OpenAPI-described endpoints and the routes around them.
 
 pub mod admin;
+pub mod cached;
 pub mod dashboard;
 pub mod error;
+pub mod export;
 pub mod filters;
 pub mod health;
 pub mod login;
@@ -36,6 +38,7 @@ pub type Apis = (
     health::HealthApi,
     login::LoginApi,
     sales::SalesApi,
+    export::ExportApi,
     stores::StoresApi,
     admin::AdminApi,
 );
@@ -51,6 +54,7 @@ pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
         sales::SalesApi {
             state: state.clone(),
         },
+        export::ExportApi::new(state.clone()),
         stores::StoresApi {
             state: state.clone(),
         },
@@ -61,6 +65,14 @@ pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
          Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
          Requests are rate limited per token and per IP (429 with Retry-After); bodies are limited to BODY_LIMIT bytes (413).",
     )
+}
+
+/// Prometheus text format.
+#[poem::handler]
+async fn metrics_endpoint(state: poem::web::Data<&Arc<AppState>>) -> poem::Response {
+    poem::Response::builder()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::metrics::render(&state).await)
 }
 
 /// The OpenAPI document, as served at `/openapi.json`.
@@ -93,7 +105,13 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let routes = Route::new()
         .at("/assets/:file", poem::get(dashboard::assets))
         .at("/openapi.json", spec)
+        .at("/metrics", poem::get(metrics_endpoint))
         .nest("/docs", docs)
+        .at("/ws", crate::ws::endpoint(state.clone()))
+        .at(
+            "/api/admin/websocket/stats",
+            crate::ws::stats_endpoint(state.clone()),
+        )
         .nest("/", api)
         .around(dashboard::with_index);
     let routes = routes

@@ -557,10 +557,9 @@ impl SalesApi {
             ));
             filter.push_where(&mut qb, &auth.0);
             qb.push(format!(" GROUP BY {group_sql}) g"));
-            let data: String = qb
-                .build_query_scalar()
-                .fetch_one(&self.state.read_pool())
-                .await?;
+            let data: String =
+                crate::metrics::timed("sales_summary", qb.build_query_scalar().fetch_one(&self.state.read_pool()))
+                    .await?;
             let meta = json!({
                 "groupBy": format!("{group:?}").to_lowercase(),
                 "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
@@ -593,7 +592,7 @@ impl SalesApi {
         doc_sql(&projection, &mut qb);
         qb.push(")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ");
         qb.push_bind(id.0);
-        let row = qb.build().fetch_optional(&self.state.read_pool()).await?;
+        let row = crate::metrics::timed("sales_get", qb.build().fetch_optional(&self.state.read_pool())).await?;
         let Some(row) = row else {
             return Err(ApiError::not_found(format!("no sales record {}", id.0)));
         };
@@ -648,13 +647,16 @@ impl SalesApi {
         let records = Value::Array(body.0.sales_data_array);
         let mut tx = self.state.pool.begin().await?;
         set_actor(&mut *tx, auth.0.user_id).await?;
-        let summary: Value = sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-            .bind(&records)
-            .bind(replace)
-            .bind(atomic)
-            .bind(auth.0.scope())
-            .fetch_one(&mut *tx)
-            .await?;
+        let summary: Value = crate::metrics::timed(
+            "batch_upsert",
+            sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+                .bind(&records)
+                .bind(replace)
+                .bind(atomic)
+                .bind(auth.0.scope())
+                .fetch_one(&mut *tx),
+        )
+        .await?;
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
             tx.rollback().await?;
@@ -790,7 +792,7 @@ pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> 
     if q.offset > 0 {
         qb.push(" OFFSET ").push_bind(q.offset);
     }
-    let rows = qb.build().fetch_all(&state.read_pool()).await?;
+    let rows = crate::metrics::timed("sales_list", qb.build().fetch_all(&state.read_pool())).await?;
     let has_more = rows.len() as i64 > q.limit;
     let rows = &rows[..rows.len().min(q.limit as usize)];
     let mut body = String::with_capacity(

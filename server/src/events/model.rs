@@ -1,0 +1,322 @@
+//! Events as the relay reads them from `sales.events`, and the NOTIFY-only
+//! (ephemeral) messages such as export progress.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use sqlx::postgres::PgRow;
+use sqlx::{PgExecutor, Row};
+
+/// NOTIFY channel carrying the highest new event id (see `sales.notify_events`).
+pub const EVENTS_CHANNEL: &str = "sales_events";
+/// NOTIFY channel for messages that are delivered live and never stored:
+/// payload `{"userId": 5, "event": "export-progress", "data": {...}}`.
+pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
+
+/// A place in delivery order. `sales.events_since` returns events in
+/// `(xid, id)` order, so that is the order the relay delivers them in and the
+/// order in which positions compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pos {
+    pub xid: i64,
+    pub id: i64,
+}
+
+impl Pos {
+    pub const START: Pos = Pos { xid: 0, id: 0 };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    SalesCreated,
+    SalesUpdated,
+    SalesDeleted,
+    BatchCompleted,
+    StoreCreated,
+    StoreUpdated,
+    StoreStatusChanged,
+    StoreDeleted,
+    Announcement,
+    UserNotification,
+    /// A kind this server does not know; relayed to nobody.
+    Other,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Kind {
+        match s {
+            "sales-data-created" => Kind::SalesCreated,
+            "sales-data-updated" => Kind::SalesUpdated,
+            "sales-data-deleted" => Kind::SalesDeleted,
+            "batch-completed" => Kind::BatchCompleted,
+            "store-created" => Kind::StoreCreated,
+            "store-updated" => Kind::StoreUpdated,
+            "store-status-changed" => Kind::StoreStatusChanged,
+            "store-deleted" => Kind::StoreDeleted,
+            "system-announcement" => Kind::Announcement,
+            "user-notification" => Kind::UserNotification,
+            _ => Kind::Other,
+        }
+    }
+
+    pub fn is_sales(self) -> bool {
+        matches!(
+            self,
+            Kind::SalesCreated | Kind::SalesUpdated | Kind::SalesDeleted
+        )
+    }
+
+    pub fn is_store(self) -> bool {
+        matches!(
+            self,
+            Kind::StoreCreated | Kind::StoreUpdated | Kind::StoreStatusChanged | Kind::StoreDeleted
+        )
+    }
+}
+
+/// One row of `sales.events`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: i64,
+    /// The writer's transaction id (`xid8`, as a number).
+    pub xid: i64,
+    pub kind_name: String,
+    pub kind: Kind,
+    pub store_id: Option<i64>,
+    /// The addressee of a user notification; the actor for every other kind.
+    pub user_id: Option<i64>,
+    pub row_id: Option<i64>,
+    pub row_version: Option<i64>,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, (xid::text)::bigint AS xid, kind, store_id, user_id, row_id, row_version, payload, created_at";
+
+impl Event {
+    pub fn pos(&self) -> Pos {
+        Pos {
+            xid: self.xid,
+            id: self.id,
+        }
+    }
+
+    /// For a sales row that moved to another store, the store it left.
+    pub fn previous_store_id(&self) -> Option<i64> {
+        self.payload.get("previousStoreId").and_then(Value::as_i64)
+    }
+
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let kind_name: String = row.try_get("kind")?;
+        Ok(Event {
+            id: row.try_get("id")?,
+            xid: row.try_get("xid")?,
+            kind: Kind::parse(&kind_name),
+            kind_name,
+            store_id: row.try_get("store_id")?,
+            user_id: row.try_get("user_id")?,
+            row_id: row.try_get("row_id")?,
+            row_version: row.try_get("row_version")?,
+            payload: row.try_get("payload")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+
+    /// Events after `after_id` in delivery order (see `sales.events_since`).
+    /// A pruned `after_id` fails with SQLSTATE PS410.
+    pub async fn since<'e>(
+        exec: impl PgExecutor<'e>,
+        after_id: i64,
+        max_rows: i32,
+    ) -> Result<Vec<Event>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM sales.events_since($1, $2)");
+        let rows = sqlx::query(&sql)
+            .bind(after_id)
+            .bind(max_rows)
+            .fetch_all(exec)
+            .await?;
+        rows.iter().map(Event::from_row).collect()
+    }
+
+    /// Events after a known position, in delivery order: what `events_since`
+    /// returns, for a reader whose last event has since been pruned.
+    pub async fn after_position<'e>(
+        exec: impl PgExecutor<'e>,
+        pos: Pos,
+        max_rows: i32,
+    ) -> Result<Vec<Event>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sales.events
+             WHERE (xid, id) > (($1::text)::xid8, $2) AND xid < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY xid, id LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(pos.xid.to_string())
+            .bind(pos.id)
+            .bind(max_rows as i64)
+            .fetch_all(exec)
+            .await?;
+        rows.iter().map(Event::from_row).collect()
+    }
+
+    /// The delivery position of a retained event, `None` when it is not in the table.
+    pub async fn position_of<'e>(
+        exec: impl PgExecutor<'e>,
+        id: i64,
+    ) -> Result<Option<Pos>, sqlx::Error> {
+        if id == 0 {
+            return Ok(Some(Pos::START));
+        }
+        let xid: Option<i64> =
+            sqlx::query_scalar("SELECT (xid::text)::bigint FROM sales.events WHERE id = $1")
+                .bind(id)
+                .fetch_optional(exec)
+                .await?;
+        Ok(xid.map(|xid| Pos { xid, id }))
+    }
+
+    /// Where a new reader starts: the last event `events_since` would return.
+    pub async fn head<'e>(exec: impl PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT e.id, (e.xid::text)::bigint FROM sales.events e WHERE e.id = sales.events_head()",
+        )
+        .fetch_optional(exec)
+        .await?;
+        Ok(row.map(|(id, xid)| Pos { xid, id }).unwrap_or(Pos::START))
+    }
+
+    /// The frame clients receive:
+    /// `{"id":N,"event":"sales-data-updated","data":{...,"storeId":..,"version":..},"ts":"..."}`.
+    pub fn to_frame(&self) -> String {
+        let mut data = match &self.payload {
+            Value::Object(m) => m.clone(),
+            Value::Null => Map::new(),
+            other => {
+                let mut m = Map::new();
+                m.insert("value".into(), other.clone());
+                m
+            }
+        };
+        if let Some(s) = self.store_id {
+            data.entry("storeId").or_insert(Value::from(s));
+        }
+        if let Some(v) = self.row_version {
+            data.entry("version").or_insert(Value::from(v));
+        }
+        let frame = serde_json::json!({
+            "id": self.id,
+            "event": self.kind_name,
+            "data": Value::Object(data),
+            "ts": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        });
+        frame.to_string()
+    }
+}
+
+/// Whether a database error is "that event is no longer retained" (PS410).
+pub fn is_pruned(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "PS410")
+}
+
+/// A NOTIFY-only message for one user (export progress and the like).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ephemeral {
+    pub user_id: i64,
+    pub event: String,
+    pub data: Value,
+}
+
+impl Ephemeral {
+    pub fn parse(payload: &str) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(payload).map_err(|e| format!("not JSON: {e}"))?;
+        let user_id = v
+            .get("userId")
+            .and_then(|u| {
+                u.as_i64()
+                    .or_else(|| u.as_str().and_then(|s| s.parse().ok()))
+            })
+            .ok_or("userId must be a user id")?;
+        let event = v
+            .get("event")
+            .and_then(Value::as_str)
+            .ok_or("event must be a string")?;
+        if event.is_empty()
+            || event.len() > 64
+            || !event.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        {
+            return Err("event must be a lowercase-hyphenated name".into());
+        }
+        Ok(Ephemeral {
+            user_id,
+            event: event.to_string(),
+            data: v.get("data").cloned().unwrap_or(Value::Null),
+        })
+    }
+
+    /// `{"event":"export-progress","data":{...},"ts":"..."}`: no id, never replayed.
+    pub fn to_frame(&self) -> String {
+        serde_json::json!({
+            "event": self.event,
+            "data": self.data,
+            "ts": Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: &str, payload: Value) -> Event {
+        Event {
+            id: 7,
+            xid: 100,
+            kind_name: kind.into(),
+            kind: Kind::parse(kind),
+            store_id: Some(3),
+            user_id: Some(1),
+            row_id: Some(9),
+            row_version: Some(2),
+            payload,
+            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn frame_adds_store_and_version_without_overriding() {
+        let f: Value = serde_json::from_str(
+            &ev("sales-data-updated", serde_json::json!({"id": 9})).to_frame(),
+        )
+        .unwrap();
+        assert_eq!(f["id"], 7);
+        assert_eq!(f["event"], "sales-data-updated");
+        assert_eq!(f["data"]["storeId"], 3);
+        assert_eq!(f["data"]["version"], 2);
+        assert_eq!(f["ts"], "2023-11-14T22:13:20.000000Z");
+        let f: Value = serde_json::from_str(
+            &ev("store-updated", serde_json::json!({"version": 5})).to_frame(),
+        )
+        .unwrap();
+        assert_eq!(f["data"]["version"], 5);
+    }
+
+    #[test]
+    fn positions_order_by_xid_then_id() {
+        assert!(Pos { xid: 5, id: 100 } < Pos { xid: 6, id: 1 });
+        assert!(Pos { xid: 5, id: 1 } < Pos { xid: 5, id: 2 });
+        assert!(Pos::START < Pos { xid: 1, id: 1 });
+    }
+
+    #[test]
+    fn ephemeral_payloads() {
+        let e = Ephemeral::parse(r#"{"userId":4,"event":"export-progress","data":{"rows":10}}"#)
+            .unwrap();
+        assert_eq!(e.user_id, 4);
+        assert_eq!(e.data["rows"], 10);
+        assert!(Ephemeral::parse(r#"{"event":"export-progress"}"#).is_err());
+        assert!(Ephemeral::parse(r#"{"userId":1,"event":"Bad Name"}"#).is_err());
+        assert!(Ephemeral::parse("nope").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! Prometheus metrics (`GET /metrics`): request and query durations recorded
+//! as they happen; pool, cache, WebSocket, relay and process figures read
+//! at scrape time from the components that own them.
+
+use crate::state::AppState;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+static SLOW_QUERY_MS: AtomicU64 = AtomicU64::new(500);
+
+const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Installs the global recorder once per process (several in-process
+/// servers, as in tests, share it).
+pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
+    SLOW_QUERY_MS.store(slow_query_ms, Ordering::Relaxed);
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), BUCKETS)
+                .ok()?
+                .install_recorder()
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .as_ref()
+}
+
+/// `/api/v2/sales/123` -> `/api/v2/sales/:id`, so routes stay few.
+pub fn route_label(path: &str) -> String {
+    path.split('/')
+        .map(|seg| if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) { ":id" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+pub fn record_request(method: &str, path: &str, status: u16, started: Instant) {
+    let route = if path.starts_with("/assets/") { "/assets/:file".to_string() } else { route_label(path) };
+    let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
+    metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    metrics::counter!("http_requests_total", &labels).increment(1);
+}
+
+/// Times a database call under a statement name; slow ones are logged.
+pub async fn timed<T, F: std::future::Future<Output = T>>(statement: &'static str, fut: F) -> T {
+    let started = Instant::now();
+    let out = fut.await;
+    let secs = started.elapsed().as_secs_f64();
+    metrics::histogram!("db_query_duration_seconds", "statement" => statement).record(secs);
+    let ms = secs * 1000.0;
+    if ms >= SLOW_QUERY_MS.load(Ordering::Relaxed) as f64 {
+        tracing::warn!(statement, duration_ms = ms, "slow query");
+    }
+    out
+}
+
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn gauge(name: &'static str, v: f64) {
+    metrics::gauge!(name).set(v);
+}
+
+/// Reads the components' current figures into gauges, then renders.
+pub async fn render(state: &AppState) -> String {
+    let Some(handle) = HANDLE.get().and_then(Option::as_ref) else {
+        return "# metrics recorder unavailable\n".into();
+    };
+    let pool = &state.pool;
+    gauge("db_pool_connections", pool.size() as f64);
+    gauge("db_pool_idle_connections", pool.num_idle() as f64);
+    gauge("db_pool_max_connections", state.config.db_pool_max as f64);
+
+    let c = state.cache.snapshot();
+    metrics::counter!("cache_hits_total").absolute(c.hits);
+    metrics::counter!("cache_misses_total").absolute(c.misses);
+    metrics::counter!("cache_errors_total").absolute(c.errors);
+    metrics::counter!("cache_invalidations_total").absolute(c.invalidations);
+    metrics::counter!("cache_compression_saved_bytes_total").absolute(c.bytes_saved_by_compression);
+    gauge("cache_healthy", if c.healthy { 1.0 } else { 0.0 });
+
+    let ws = state.hub.stats();
+    let n = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    gauge("websocket_connections", n(&ws["connections"]["total"]));
+    if let Some(roles) = ws["connections"]["byRole"].as_object() {
+        for (role, v) in roles {
+            metrics::gauge!("websocket_connections_by_role", "role" => role.clone()).set(n(v));
+        }
+    }
+    if let Some(chans) = ws["subscriptions"]["byChannel"].as_object() {
+        gauge("websocket_subscriptions", chans.values().map(n).sum());
+    }
+    metrics::counter!("websocket_messages_sent_total").absolute(n(&ws["messages"]["sent"]) as u64);
+    metrics::counter!("websocket_messages_dropped_total").absolute(n(&ws["messages"]["dropped"]) as u64);
+    metrics::counter!("websocket_closed_slow_total").absolute(n(&ws["closed"]["slowConsumer"]) as u64);
+    metrics::counter!("websocket_closed_heartbeat_total").absolute(n(&ws["closed"]["heartbeat"]) as u64);
+    metrics::counter!("events_relayed_total").absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
+    let relayed_to = state.hub.relay.last_event_id.load(Ordering::Relaxed);
+    gauge("events_relay_connected", if state.hub.relay.connected.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+    gauge("events_relay_last_event_id", relayed_to as f64);
+    // Relay lag: events the log holds past what this instance has relayed.
+    if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sales.events WHERE id > $1")
+        .bind(relayed_to)
+        .fetch_one(pool)
+        .await
+    {
+        gauge("events_relay_lag_events", head as f64);
+    }
+    if let Some(rss) = rss_bytes() {
+        gauge("process_resident_memory_bytes", rss as f64);
+    }
+    gauge("process_uptime_seconds", state.started.elapsed().as_secs_f64());
+    handle.render()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn route_labels() {
+        assert_eq!(super::route_label("/api/v2/sales/123"), "/api/v2/sales/:id");
+        assert_eq!(super::route_label("/api/v2/sales"), "/api/v2/sales");
+    }
+}

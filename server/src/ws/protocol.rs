@@ -1,0 +1,200 @@
+//! The WebSocket protocol: what clients send, what the server answers, the
+//! channel names and the close codes. Every frame is a JSON text frame.
+//!
+//! Client → server:
+//! `{"type":"subscribe","event":"sales-data-12"}`, `{"type":"unsubscribe","event":"stores"}`,
+//! `{"type":"ping"}`, `{"type":"resume","lastEventId":1234}`.
+//!
+//! Server → client: `{"type":"ready",...}` once, acks (`subscribed`, `unsubscribed`,
+//! `resumed`), `{"type":"pong"}`, `{"type":"error","code":...,"message":...}` and
+//! events `{"id":N,"event":"sales-data-updated","data":{...},"ts":"..."}`
+//! (ephemeral ones such as `export-progress` carry no `id`).
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Server shutting down (standard "going away").
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// The client sends requests faster than it reads the replies.
+pub const CLOSE_POLICY: u16 = 1008;
+/// A client frame larger than the limit.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// No pong to two pings in a row.
+pub const CLOSE_HEARTBEAT: u16 = 4000;
+/// The token the connection was opened with has expired.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// The send queue overflowed: the client reads too slowly. It can reconnect
+/// and resume from the last event id it processed.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+pub const REASON_SLOW_CONSUMER: &str = "slow consumer; resume with lastEventId";
+
+/// A channel a client subscribes to explicitly. Each user's own channel
+/// (user notifications, the batches they made, their export progress) is
+/// implicit and needs no subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// `sales-data-<storeId>`: created/updated/deleted sales of one store.
+    Sales(i64),
+    /// `stores`: store-created/-updated/-status-changed/-deleted, for stores in scope.
+    Stores,
+    /// `announcements`: system announcements.
+    Announcements,
+    /// `batch`: every batch-completed event (admins only).
+    Batch,
+}
+
+/// Names of the implicit channels; subscribing to them is acknowledged and changes nothing.
+pub const IMPLICIT: &[&str] = &[
+    "notifications",
+    "user-notifications",
+    "export-progress",
+    "batch-completed",
+];
+
+impl Channel {
+    pub fn parse(name: &str) -> Option<Channel> {
+        match name {
+            "stores" => Some(Channel::Stores),
+            "announcements" => Some(Channel::Announcements),
+            "batch" => Some(Channel::Batch),
+            _ => {
+                let id = name.strip_prefix("sales-data-")?;
+                if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                id.parse().ok().filter(|&s: &i64| s > 0).map(Channel::Sales)
+            }
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Channel::Sales(s) => format!("sales-data-{s}"),
+            Channel::Stores => "stores".into(),
+            Channel::Announcements => "announcements".into(),
+            Channel::Batch => "batch".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientMessage {
+    Subscribe {
+        event: String,
+    },
+    Unsubscribe {
+        event: String,
+    },
+    Ping,
+    Resume {
+        #[serde(rename = "lastEventId")]
+        last_event_id: i64,
+    },
+}
+
+impl ClientMessage {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| {
+            let e = e.to_string();
+            if e.contains("unknown variant") {
+                "type must be subscribe, unsubscribe, ping or resume".to_string()
+            } else {
+                format!("malformed message: {e}")
+            }
+        })
+    }
+}
+
+pub fn ready(
+    user_id: i64,
+    role: &str,
+    position: i64,
+    heartbeat_ms: u128,
+    send_queue: usize,
+) -> String {
+    json!({
+        "type": "ready", "userId": user_id, "role": role, "lastEventId": position,
+        "heartbeatMs": heartbeat_ms as u64, "sendQueue": send_queue,
+    })
+    .to_string()
+}
+
+pub fn subscribed(event: &str, implicit: bool) -> String {
+    if implicit {
+        json!({"type": "subscribed", "event": event, "implicit": true}).to_string()
+    } else {
+        json!({"type": "subscribed", "event": event}).to_string()
+    }
+}
+
+pub fn unsubscribed(event: &str) -> String {
+    json!({"type": "unsubscribed", "event": event}).to_string()
+}
+
+pub fn pong() -> String {
+    r#"{"type":"pong"}"#.to_string()
+}
+
+/// Sent when a replay ends: `replayed` events came from the log; live events follow.
+pub fn resumed(last_event_id: i64, replayed: u64, position: i64) -> String {
+    json!({"type": "resumed", "lastEventId": last_event_id, "replayed": replayed, "position": position}).to_string()
+}
+
+pub fn error(code: &str, message: &str, event: Option<&str>) -> String {
+    let mut v = json!({"type": "error", "code": code, "message": message});
+    if let Some(e) = event {
+        v["event"] = Value::from(e);
+    }
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert_eq!(Channel::parse("sales-data-12"), Some(Channel::Sales(12)));
+        assert_eq!(Channel::parse("stores"), Some(Channel::Stores));
+        assert_eq!(
+            Channel::parse("announcements"),
+            Some(Channel::Announcements)
+        );
+        assert_eq!(Channel::parse("batch"), Some(Channel::Batch));
+        for bad in [
+            "sales-data-",
+            "sales-data-0",
+            "sales-data--1",
+            "sales-data-1x",
+            "sales-data-99999999999999999999",
+            "x",
+        ] {
+            assert_eq!(Channel::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Channel::Sales(5).name(), "sales-data-5");
+    }
+
+    #[test]
+    fn client_messages() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"subscribe","event":"stores"}"#),
+            Ok(ClientMessage::Subscribe {
+                event: "stores".into()
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"resume","lastEventId":42}"#),
+            Ok(ClientMessage::Resume { last_event_id: 42 })
+        );
+        assert!(ClientMessage::parse(r#"{"type":"dance"}"#)
+            .unwrap_err()
+            .contains("type must be"));
+        assert!(ClientMessage::parse("{").is_err());
+        assert!(ClientMessage::parse(r#"{"type":"resume"}"#).is_err());
+    }
+}
