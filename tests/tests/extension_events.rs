@@ -1,0 +1,800 @@
+//! Events: one row per changed row from every write path, one NOTIFY per
+//! transaction (so one per statement or batch), nothing from rolled-back
+//! work, `events_since` never skipping a late-committing event, announcements,
+//! user notifications, `events_head`, `prune_events` and PS410.
+
+mod extension_support;
+
+use extension_support::*;
+use rand::Rng;
+use sales_e2e::{eventually, TestDb};
+use serde_json::{json, Value};
+use sqlx::{Connection, Row};
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+struct Ev {
+    id: i64,
+    kind: String,
+    store_id: Option<i64>,
+    user_id: Option<i64>,
+    actor_id: Option<i64>,
+    row_id: Option<i64>,
+    row_version: Option<i64>,
+    payload: Value,
+}
+
+fn ev(r: &sqlx::postgres::PgRow) -> Ev {
+    Ev {
+        id: r.get("id"),
+        kind: r.get("kind"),
+        store_id: r.get("store_id"),
+        user_id: r.get("user_id"),
+        actor_id: r.get("actor_id"),
+        row_id: r.get("row_id"),
+        row_version: r.get("row_version"),
+        payload: r.get("payload"),
+    }
+}
+
+/// Events with id > `after`, in id order, read from the table itself (not
+/// `events_since`, whose horizon other tests' open transactions may hold back).
+async fn events_after(db: &TestDb, after: i64) -> Vec<Ev> {
+    sqlx::query("SELECT * FROM sales.events WHERE id > $1 ORDER BY id")
+        .bind(after)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(ev)
+        .collect()
+}
+
+async fn max_event(db: &TestDb) -> i64 {
+    scalar_i64(db, "SELECT coalesce(max(id), 0) FROM sales.events").await
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn since(db: &TestDb, after: i64, max: i32) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT id, (xid::text)::bigint AS x FROM sales.events_since($1, $2)")
+        .bind(after)
+        .bind(max)
+        .fetch_all(&db.pool)
+        .await?;
+    Ok(rows.iter().map(|r| (r.get("id"), r.get("x"))).collect())
+}
+
+#[tokio::test]
+async fn every_write_path_appends_events() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let created = events_after(&db, 0).await;
+    assert_eq!(created.len(), 2);
+    assert!(created
+        .iter()
+        .all(|e| e.kind == "store-created" && e.row_version == Some(1)));
+    assert_eq!(created[0].payload["code"], "T001");
+    assert_eq!(created[0].store_id, Some(s[0]));
+
+    // A batch through the function, with the actor set as the server does.
+    let mut last = max_event(&db).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('sales.user_id', '42', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1)")
+        .bind(json!([
+            record(s[0], 2024, 1, days(1, 2, 10.0, 1)),
+            record(s[1], 2024, 1, days(1, 1, 5.0, 1))
+        ]))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let evs = events_after(&db, last).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "sales-data-created",
+            "sales-data-created",
+            "batch-completed"
+        ]
+    );
+    assert_eq!(evs[2].id, r["eventId"].as_i64().unwrap());
+    for e in &evs {
+        assert_eq!(e.actor_id, Some(42), "{e:?}");
+        assert_eq!(
+            e.user_id, None,
+            "only user notifications have a user_id: {e:?}"
+        );
+    }
+    assert_eq!(evs[0].store_id, Some(s[0]));
+    assert_eq!(evs[0].row_version, Some(1));
+    assert_eq!(evs[0].payload["totalSales"], json!(20.0));
+    assert_eq!(evs[0].payload["changedDays"], json!(["1", "2"]));
+    assert_eq!(evs[2].payload["storeIds"], json!([s[0], s[1]]));
+    let row_id = evs[0].row_id.unwrap();
+
+    // Plain SQL UPDATE by anyone: an event with the new version and the changed days.
+    last = max_event(&db).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.monthly_sales SET daily_data = daily_data - '2' || '{{\"9\": {{\"sales\": 1}}}}' WHERE id = {row_id}"
+        ),
+    )
+    .await;
+    let evs = events_after(&db, last).await;
+    assert_eq!(evs.len(), 1);
+    assert_eq!(
+        (evs[0].kind.as_str(), evs[0].row_id, evs[0].row_version),
+        ("sales-data-updated", Some(row_id), Some(2))
+    );
+    assert_eq!(evs[0].payload["changedDays"], json!(["2", "9"]));
+    assert_eq!(evs[0].payload["version"], 2);
+    assert_eq!(evs[0].actor_id, None);
+
+    // A no-op UPDATE changes no version and makes no event.
+    last = max_event(&db).await;
+    exec(
+        &db,
+        "UPDATE sales.monthly_sales SET daily_data = daily_data, version = 99",
+    )
+    .await;
+    assert!(events_after(&db, last).await.is_empty());
+    assert_eq!(
+        scalar_i64(
+            &db,
+            &format!("SELECT version FROM sales.monthly_sales WHERE id = {row_id}")
+        )
+        .await,
+        2
+    );
+
+    // Plain INSERT, and INSERT ... ON CONFLICT DO UPDATE.
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ({0}, 2024, 2, '{{}}'), ({0}, 2024, 1, '{{\"3\": {{\"sales\": 3}}}}')
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = EXCLUDED.daily_data",
+            s[0]
+        ),
+    )
+    .await;
+    let evs = events_after(&db, last).await;
+    let kinds: HashSet<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(evs.len(), 2);
+    assert_eq!(
+        kinds,
+        HashSet::from(["sales-data-created", "sales-data-updated"])
+    );
+    let upd = evs.iter().find(|e| e.kind == "sales-data-updated").unwrap();
+    assert_eq!(upd.row_version, Some(3));
+
+    // Plain DELETE: the event carries the version after the row's last one.
+    last = max_event(&db).await;
+    exec(
+        &db,
+        &format!("DELETE FROM sales.monthly_sales WHERE id = {row_id}"),
+    )
+    .await;
+    let evs = events_after(&db, last).await;
+    assert_eq!(evs.len(), 1);
+    assert_eq!(
+        (evs[0].kind.as_str(), evs[0].row_id, evs[0].row_version),
+        ("sales-data-deleted", Some(row_id), Some(4))
+    );
+    assert_eq!(evs[0].payload["month"], 1);
+
+    // Stores: status change, other change, delete (cascading to its months).
+    last = max_event(&db).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.stores SET status = 'renovating' WHERE id = {}",
+            s[1]
+        ),
+    )
+    .await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.stores SET name = 'Renamed' WHERE id = {}",
+            s[1]
+        ),
+    )
+    .await;
+    exec(
+        &db,
+        &format!("UPDATE sales.stores SET name = name WHERE id = {}", s[1]),
+    )
+    .await;
+    let evs = events_after(&db, last).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["store-status-changed", "store-updated"]);
+    assert_eq!(evs[0].payload["status"], "renovating");
+    assert_eq!(evs[0].payload["previousStatus"], "open");
+    assert_eq!((evs[0].row_version, evs[1].row_version), (Some(2), Some(3)));
+    assert_eq!(evs[1].payload["name"], "Renamed");
+
+    last = max_event(&db).await;
+    exec(
+        &db,
+        &format!("DELETE FROM sales.stores WHERE id = {}", s[1]),
+    )
+    .await;
+    let evs = events_after(&db, last).await;
+    let kinds: HashSet<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        HashSet::from(["store-deleted", "sales-data-deleted"])
+    );
+    assert!(evs.iter().all(|e| e.store_id == Some(s[1])));
+
+    // Ids cannot change (events join old and new rows by id).
+    let e = sqlx::query("UPDATE sales.stores SET id = id + 1000")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(pg_error(&e).0, "22023");
+}
+
+#[tokio::test]
+async fn one_notify_per_statement_batch_and_transaction() {
+    let db = TestDb::new().await;
+    let s = db.stores(10).await;
+    let mut notes = Notifications::listen(&db).await;
+    assert_eq!(
+        notes.drain(&db).await.len(),
+        0,
+        "nothing before the first write"
+    );
+
+    // A 5,000-record batch: one NOTIFY, carrying the batch event id (the highest).
+    let batch: Vec<Value> = (0..5000)
+        .map(|k| {
+            record(
+                s[k % 10],
+                2000 + (k / 120) as i32,
+                1 + (k / 10 % 12) as i32,
+                days(1, 28, 1.0, 1),
+            )
+        })
+        .collect();
+    let r = upsert_ok(&db, &Value::Array(batch)).await;
+    assert_eq!(r["inserted"], 5000);
+    let ids = notes.drain(&db).await;
+    assert_eq!(ids, vec![r["eventId"].as_i64().unwrap()]);
+    assert_eq!(ids[0], max_event(&db).await);
+
+    // A plain UPDATE of 5,000 rows: one.
+    exec(
+        &db,
+        "UPDATE sales.monthly_sales SET daily_data = daily_data || '{\"1\": {\"sales\": 2}}'",
+    )
+    .await;
+    assert_eq!(notes.drain(&db).await, vec![max_event(&db).await]);
+    // INSERT ... ON CONFLICT that both inserts and updates: one.
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ({0}, 2000, 1, '{{}}'), ({0}, 2099, 1, '{{}}')
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = EXCLUDED.daily_data",
+            s[0]
+        ),
+    )
+    .await;
+    assert_eq!(notes.drain(&db).await, vec![max_event(&db).await]);
+    // A store delete that cascades to its months: one.
+    exec(
+        &db,
+        &format!("DELETE FROM sales.stores WHERE id = {}", s[2]),
+    )
+    .await;
+    assert_eq!(notes.drain(&db).await, vec![max_event(&db).await]);
+    // batch_delete: one.
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_delete(NULL, $1)")
+        .bind(json!([{"storeId": s[0], "year": 2099, "month": 1}]))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(notes.drain(&db).await, vec![r["eventId"].as_i64().unwrap()]);
+    // Statements that change nothing: none.
+    exec(
+        &db,
+        "UPDATE sales.monthly_sales SET daily_data = daily_data WHERE month = 1",
+    )
+    .await;
+    exec(&db, "UPDATE sales.stores SET status = 'open' WHERE false").await;
+    exec(&db, "DELETE FROM sales.monthly_sales WHERE year = 1999").await;
+    let r = upsert_ok(&db, &json!([])).await;
+    assert!(r["eventId"].is_null());
+    assert!(notes.drain(&db).await.is_empty());
+    // Several statements in one transaction: one, at commit, with the highest id.
+    let mut tx = db.pool.begin().await.unwrap();
+    for m in 1..=3 {
+        sqlx::query("UPDATE sales.monthly_sales SET daily_data = daily_data || '{\"5\": {\"sales\": 5}}' WHERE month = $1")
+            .bind(m)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query("SELECT sales.announce('done')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(notes.drain(&db).await, vec![max_event(&db).await]);
+}
+
+#[tokio::test]
+async fn rolled_back_work_leaves_no_events_and_no_notify() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let mut notes = Notifications::listen(&db).await;
+    notes.drain(&db).await;
+    let before = max_event(&db).await;
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s, 2024, 1, days(1, 31, 1.0, 1))]))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT sales.announce('never')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(events_after(&db, before).await.is_empty());
+    assert!(notes.drain(&db).await.is_empty());
+
+    // A failed statement (CHECK violation) rolls its events back too.
+    let e = sqlx::query("INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ($1, 2024, 4, '{\"31\": {\"sales\": 1}}')")
+        .bind(s)
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(pg_error(&e).0, "23514");
+    assert!(events_after(&db, before).await.is_empty());
+    assert!(notes.drain(&db).await.is_empty());
+
+    // A rolled-back savepoint takes its events (and its claim on the NOTIFY)
+    // with it; the transaction's later write still wakes listeners, once.
+    let mut conn = db.connect().await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SAVEPOINT a").execute(&mut *tx).await.unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s, 2024, 2, days(1, 3, 1.0, 1))]))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK TO SAVEPOINT a")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s, 2024, 3, days(1, 3, 1.0, 1))]))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let evs = events_after(&db, before).await;
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    assert_eq!(evs[0].payload["month"], 3);
+    assert_eq!(notes.drain(&db).await, vec![evs[1].id]);
+}
+
+/// The outbox gap: a transaction that took a smaller event id (and an older
+/// transaction id) commits after one with a larger id. `events_since` must
+/// not hand out the later event before the earlier one is visible, or a
+/// reader resuming from the later id would skip the earlier one for good.
+#[tokio::test]
+async fn events_since_never_skips_a_late_committing_event() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let reader_start = max_event(&db).await;
+    // Wait until the setup events are readable (other tests' transactions may delay that).
+    eventually(Duration::from_secs(60), "setup events readable", || async {
+        let got = since(&db, 0, 1000).await.unwrap();
+        (got.last().map(|e| e.0) == Some(reader_start)).then_some(())
+    })
+    .await;
+
+    // T1 writes first (smaller id, older xid) and stays open.
+    let mut c1 = db.connect().await;
+    let mut t1 = c1.begin().await.unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
+        .execute(&mut *t1)
+        .await
+        .unwrap();
+    let t1_ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM sales.events WHERE xid = pg_current_xact_id() ORDER BY id",
+    )
+    .fetch_all(&mut *t1)
+    .await
+    .unwrap();
+    // T2 writes later (larger id) and commits first.
+    let r = upsert_ok(&db, &json!([record(s[1], 2024, 1, days(1, 1, 1.0, 1))])).await;
+    let t2_last = r["eventId"].as_i64().unwrap();
+    let t2_ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM sales.events WHERE id > $1 ORDER BY id")
+            .bind(reader_start)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        t1_ids.iter().max() < t2_ids.iter().min(),
+        "T1 took the smaller ids"
+    );
+
+    // While T1 is open, T2's committed events are held back.
+    for _ in 0..5 {
+        assert!(since(&db, reader_start, 1000).await.unwrap().is_empty());
+        assert_eq!(
+            scalar_i64(&db, "SELECT sales.events_head()").await,
+            reader_start
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t1.commit().await.unwrap();
+
+    // Now both, T1's first, each exactly once.
+    let got = eventually(
+        Duration::from_secs(60),
+        "both transactions' events",
+        || async {
+            let got = since(&db, reader_start, 1000).await.unwrap();
+            (got.len() == t1_ids.len() + t2_ids.len()).then_some(got)
+        },
+    )
+    .await;
+    let ids: Vec<i64> = got.iter().map(|e| e.0).collect();
+    assert_eq!(ids, [t1_ids.clone(), t2_ids.clone()].concat());
+    // Resuming from T1's last event yields T2's; from T2's last, nothing.
+    let from_t1: Vec<i64> = since(&db, *t1_ids.last().unwrap(), 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(from_t1, t2_ids);
+    assert!(since(&db, t2_last, 1000).await.unwrap().is_empty());
+
+    // The other way round: T3 gets its transaction id first but appends its
+    // event after T4 (smaller xid, larger id). Delivery follows commit safety,
+    // not ids: T3's event comes first, and a reader at T4's id misses nothing.
+    let mut c3 = db.connect().await;
+    let mut t3 = c3.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&mut *t3)
+        .await
+        .unwrap();
+    let r4 = upsert_ok(&db, &json!([record(s[1], 2024, 2, days(1, 1, 1.0, 1))])).await;
+    let t4_last = r4["eventId"].as_i64().unwrap();
+    sqlx::query("SELECT sales.announce('late')")
+        .execute(&mut *t3)
+        .await
+        .unwrap();
+    let t3_id: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&mut *t3)
+        .await
+        .unwrap();
+    assert!(t3_id > t4_last);
+    assert!(
+        since(&db, t2_last, 1000).await.unwrap().is_empty(),
+        "T4 held back while T3 is open"
+    );
+    t3.commit().await.unwrap();
+    let got = eventually(Duration::from_secs(60), "T3 and T4 events", || async {
+        let got = since(&db, t2_last, 1000).await.unwrap();
+        (got.iter().any(|e| e.0 == t4_last) && got.iter().any(|e| e.0 == t3_id)).then_some(got)
+    })
+    .await;
+    assert_eq!(
+        got.first().map(|e| e.0),
+        Some(t3_id),
+        "T3 (older xid) first: {got:?}"
+    );
+    assert_eq!(got.last().map(|e| e.0), Some(t4_last));
+    assert!(since(&db, t4_last, 1000).await.unwrap().is_empty());
+}
+
+/// Eight writers with transactions that overlap and commit out of id order,
+/// and a reader polling `events_since` in small pages: the reader ends up
+/// with every event exactly once, in (xid, id) order.
+#[tokio::test]
+async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
+    let db = TestDb::new().await;
+    let stores = db.stores(8).await;
+    const WRITERS: usize = 8;
+    const TXNS: usize = 12;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let url = db.url.clone();
+        let store = stores[w];
+        writers.push(tokio::spawn(async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            for t in 0..TXNS {
+                let mut tx = conn.begin().await.unwrap();
+                let pause = rand::thread_rng().gen_range(0..40);
+                match t % 3 {
+                    0 => {
+                        let batch: Vec<Value> =
+                            (1..=3).map(|m| record(store, 2024, m, json!({"1": {"sales": t * 10 + m as usize}}))).collect();
+                        sqlx::query("SELECT sales.batch_upsert($1)").bind(Value::Array(batch)).execute(&mut *tx).await
+                    }
+                    1 => sqlx::query("UPDATE sales.monthly_sales SET daily_data = daily_data || jsonb_build_object('2', jsonb_build_object('sales', $2::int)) WHERE store_id = $1")
+                        .bind(store)
+                        .bind(t as i32)
+                        .execute(&mut *tx)
+                        .await,
+                    _ => sqlx::query("SELECT sales.announce($1)").bind(format!("w{w} t{t}")).execute(&mut *tx).await,
+                }
+                .unwrap();
+                // Hold the transaction open a little, so commits interleave.
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    let pool = db.pool.clone();
+    let start = max_event(&db).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_reader = stop.clone();
+    // The reader starts from 0 (the setup events may be held back by other
+    // tests' transactions too) and stops once the writers are done and it
+    // has read as many events as the table holds.
+    let reader = tokio::spawn(async move {
+        let mut last = 0i64;
+        let mut seen: Vec<(i64, i64)> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let rows =
+                sqlx::query("SELECT id, (xid::text)::bigint AS x FROM sales.events_since($1, 7)")
+                    .bind(last)
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            for r in &rows {
+                seen.push((r.get("x"), r.get("id")));
+            }
+            if let Some(r) = rows.last() {
+                last = r.get("id");
+                continue;
+            }
+            if stop_reader.load(std::sync::atomic::Ordering::SeqCst) {
+                let total: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if seen.len() as i64 >= total {
+                    return seen;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reader timed out with {} events",
+                seen.len()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    for w in writers {
+        w.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await.unwrap();
+    let all: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY xid, id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let seen_ids: Vec<i64> = seen.iter().map(|e| e.1).collect();
+    let unique: HashSet<i64> = seen_ids.iter().copied().collect();
+    assert_eq!(unique.len(), seen_ids.len(), "an event was delivered twice");
+    assert_eq!(seen_ids, all, "every event, once, in (xid, id) order");
+    // Per writer: 4 batches x (3 rows + 1 summary) + 4 updates x 3 rows + 4 announcements.
+    assert_eq!(all.len() - start as usize, WRITERS * (4 * 4 + 4 * 3 + 4));
+    // Ids alone are not the delivery order when commits interleave: the order is (xid, id).
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(sorted, seen);
+}
+
+#[tokio::test]
+async fn announcements_and_user_notifications() {
+    let db = TestDb::new().await;
+    let user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, password_hash, role) VALUES ('u@example.com', '$argon2id$x', 'staff') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mut notes = Notifications::listen(&db).await;
+    notes.drain(&db).await;
+
+    let id: i64 = sqlx::query_scalar(
+        "SELECT sales.announce('Maintenance at 22:00', 'warning', '{\"minutes\": 15}')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(notes.drain(&db).await, vec![id]);
+    let e = &events_after(&db, id - 1).await[0];
+    assert_eq!(
+        (e.kind.as_str(), e.user_id, e.store_id),
+        ("system-announcement", None, None)
+    );
+    assert_eq!(e.payload["message"], "Maintenance at 22:00");
+    assert_eq!(e.payload["level"], "warning");
+    assert_eq!(e.payload["data"], json!({"minutes": 15}));
+    let id: i64 = sqlx::query_scalar("SELECT sales.announce('hello')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events_after(&db, id - 1).await[0].payload["level"], "info");
+
+    for bad in [
+        "SELECT sales.announce('')",
+        "SELECT sales.announce('   ')",
+        "SELECT sales.announce(NULL)",
+        "SELECT sales.announce('x', 'loud')",
+        "SELECT sales.announce('x', NULL)",
+    ] {
+        expect_code(
+            sqlx::query_scalar::<_, i64>(bad).fetch_one(&db.pool).await,
+            "22023",
+        );
+    }
+
+    let id: i64 = sqlx::query_scalar(
+        "SELECT sales.notify_user($1, 'Your export is ready', '{\"url\": \"/x\"}')",
+    )
+    .bind(user)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let e = &events_after(&db, id - 1).await[0];
+    assert_eq!(
+        (e.kind.as_str(), e.user_id),
+        ("user-notification", Some(user))
+    );
+    assert_eq!(e.payload["message"], "Your export is ready");
+    assert_eq!(e.payload["data"]["url"], "/x");
+    let msg = expect_code(
+        sqlx::query_scalar::<_, i64>("SELECT sales.notify_user(987654, 'hi')")
+            .fetch_one(&db.pool)
+            .await,
+        "22023",
+    );
+    assert!(msg.contains("987654"), "{msg}");
+    expect_code(
+        sqlx::query_scalar::<_, i64>("SELECT sales.notify_user(NULL, 'hi')")
+            .fetch_one(&db.pool)
+            .await,
+        "22023",
+    );
+    expect_code(
+        sqlx::query_scalar::<_, i64>("SELECT sales.notify_user($1, '')")
+            .bind(user)
+            .fetch_one(&db.pool)
+            .await,
+        "22023",
+    );
+    // Two successful calls, two NOTIFYs; failed calls none.
+    assert_eq!(notes.drain(&db).await.len(), 2);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.events").await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn events_head_prune_and_resync() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    for m in 1..=6 {
+        upsert_ok(&db, &json!([record(s, 2024, m, days(1, 1, 1.0, 1))])).await;
+    }
+    // 1 store event + 6 x (row + batch) events, each batch its own transaction.
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY xid, id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 13);
+    let head = eventually(Duration::from_secs(60), "events_head", || async {
+        let h = scalar_i64(&db, "SELECT sales.events_head()").await;
+        (h == *ids.last().unwrap()).then_some(h)
+    })
+    .await;
+    assert_eq!(head, *ids.last().unwrap());
+    assert_eq!(
+        since(&db, 0, 3)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.0)
+            .collect::<Vec<_>>(),
+        ids[..3].to_vec()
+    );
+
+    // Nothing is old enough: nothing pruned.
+    assert_eq!(
+        scalar_i64(&db, "SELECT sales.prune_events('1 day')").await,
+        0
+    );
+
+    // Only event 6 (a middle one) is old. Pruning removes the whole prefix up
+    // to it: deleting it alone would let a reader at event 5 skip it silently.
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.events SET created_at = now() - interval '30 days' WHERE id = {}",
+            ids[5]
+        ),
+    )
+    .await;
+    assert_eq!(
+        scalar_i64(&db, "SELECT sales.prune_events('7 days')").await,
+        6
+    );
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY xid, id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ids[6..].to_vec());
+    for gone in &ids[..6] {
+        let (code, message, _) = pg_error(&since(&db, *gone, 10).await.unwrap_err());
+        assert_eq!(code, "PS410", "{message}");
+        assert!(message.contains("resync"), "{message}");
+    }
+    let rest: Vec<i64> = since(&db, ids[6], 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(rest, ids[7..].to_vec());
+
+    // Everything old: all but the newest go, so an up-to-date reader never has to resync.
+    exec(
+        &db,
+        "UPDATE sales.events SET created_at = now() - interval '30 days'",
+    )
+    .await;
+    assert_eq!(
+        scalar_i64(&db, "SELECT sales.prune_events('7 days')").await,
+        6
+    );
+    assert!(since(&db, *ids.last().unwrap(), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        scalar_i64(&db, "SELECT sales.events_head()").await,
+        *ids.last().unwrap()
+    );
+
+    // Bad arguments.
+    expect_code(since(&db, -1, 10).await, "22023");
+    expect_code(since(&db, 0, 0).await, "22023");
+    expect_code(since(&db, 0, 100_001).await, "22023");
+    expect_code(
+        sqlx::query_scalar::<_, i64>("SELECT sales.prune_events('-1 day')")
+            .fetch_one(&db.pool)
+            .await,
+        "22023",
+    );
+    let (code, _, _) = pg_error(&since(&db, 10_000_000, 10).await.unwrap_err());
+    assert_eq!(code, "PS410", "an id that never existed");
+}
