@@ -47,6 +47,7 @@
     refreshFlash: new Set(),
     summarySeq: 0,
     exportJob: null,
+    exportProgressEvents: 0,
   };
 
   // ---------- formatting ----------
@@ -672,32 +673,50 @@
 
   // ---------- export ----------
 
+  // export-progress events (at most two a second, and a final one with
+  // done: true) drive the progress bar while the download runs.
   function exportProgress(d) {
     const job = state.exportJob;
     if (!job) return;
     if (job.id && d.exportId && String(d.exportId) !== String(job.id)) return;
+    state.exportProgressEvents += 1;
     job.wsSeen = true;
+    const pct = d.done ? 100 : Math.max(0, Math.min(100, num(d.percent)));
+    const total = num(d.estimatedTotal);
+    if (job.finished) {
+      // The download already ended; the server's final word is added.
+      if (d.done && d.status && d.status !== 'completed') {
+        $('export-status').textContent += ` The server reports the export ${d.status}.`;
+      }
+      if (d.done) state.exportJob = null;
+      return;
+    }
+    setExportBar(pct);
+    $('export-status').textContent = d.done
+      ? `Export ${d.status || 'finished'} on the server: ${nf0.format(num(d.rowsSent))} rows; saving…`
+      : `Exporting: ${nf0.format(num(d.rowsSent))}${total ? ` of ~${nf0.format(total)}` : ''} rows (${Math.round(pct)}%)`;
+  }
+
+  function setExportBar(pct) {
     const bar = $('export-progress');
     bar.hidden = false;
-    const pct = d.done ? 100 : Math.max(0, Math.min(100, num(d.percent)));
     bar.value = pct;
     bar.setAttribute('aria-valuetext', `${Math.round(pct)}%`);
-    const total = num(d.estimatedTotal);
-    $('export-status').textContent = d.done
-      ? `Export finished on the server: ${nf0.format(num(d.rowsSent))} rows.`
-      : `Exporting: ${nf0.format(num(d.rowsSent))}${total ? ` of ~${nf0.format(total)}` : ''} rows (${Math.round(pct)}%)`;
   }
 
   function filenameFrom(res, fallback) {
     const cd = res.headers.get('content-disposition') || '';
     const m = /filename\*?=(?:UTF-8'')?"?([^";]+)"?/i.exec(cd);
-    return m ? decodeURIComponent(m[1]) : fallback;
+    try {
+      return m ? decodeURIComponent(m[1]) : fallback;
+    } catch (_) {
+      return fallback;
+    }
   }
 
   async function startExport() {
-    if (state.exportJob) return;
+    if (state.exportJob && !state.exportJob.finished) return;
     const btn = $('export-btn');
-    const bar = $('export-progress');
     const status = $('export-status');
     const range = $('export-range').value;
     const params = new URLSearchParams({ format: 'csv' });
@@ -705,16 +724,16 @@
       params.set('from', state.month);
       params.set('to', state.month);
     }
-    const job = { id: null, wsSeen: false };
+    const job = { id: null, wsSeen: false, finished: false };
     state.exportJob = job;
     btn.disabled = true;
-    bar.hidden = false;
-    bar.value = 0;
-    bar.removeAttribute('aria-valuetext');
+    btn.setAttribute('aria-busy', 'true');
+    setExportBar(0);
     status.textContent = 'Starting export…';
     try {
       const res = await api(`/api/v2/sales/export?${params}`, { raw: true, cache: 'no-store', headers: { Accept: 'text/csv' } });
       job.id = res.headers.get('x-export-id');
+      const estimated = num(res.headers.get('x-export-estimated-rows'));
       const chunks = [];
       let bytes = 0;
       let lines = 0;
@@ -726,7 +745,12 @@
           chunks.push(value);
           bytes += value.length;
           for (let i = 0; i < value.length; i++) if (value[i] === 10) lines++;
-          if (!job.wsSeen) status.textContent = `Downloading: ${nf0.format(Math.max(0, lines - 1))} rows (${compact.format(bytes)}B)`;
+          if (!job.wsSeen) {
+            // No progress event yet: show what has arrived.
+            const rows = Math.max(0, lines - 1);
+            if (estimated > 0) setExportBar(Math.min(99, (rows / estimated) * 100));
+            status.textContent = `Downloading: ${nf0.format(rows)}${estimated ? ` of ~${nf0.format(estimated)}` : ''} rows (${compact.format(bytes)}B)`;
+          }
         }
       } else {
         chunks.push(await res.arrayBuffer());
@@ -739,15 +763,18 @@
       a.click();
       a.remove();
       setTimeout(() => URL.revokeObjectURL(url), 30000);
-      bar.value = 100;
-      bar.setAttribute('aria-valuetext', '100%');
+      setExportBar(100);
       status.textContent = `Saved ${name} (${nf0.format(Math.max(0, lines - 1))} rows).`;
+      job.finished = true;
+      // Keep listening a little for the server's final progress event.
+      setTimeout(() => { if (state.exportJob === job) state.exportJob = null; }, 5000);
     } catch (e) {
       if (e.status !== 401) status.textContent = `Export failed: ${e.message}`;
-      bar.hidden = true;
-    } finally {
+      $('export-progress').hidden = true;
       state.exportJob = null;
+    } finally {
       btn.disabled = false;
+      btn.removeAttribute('aria-busy');
     }
   }
 

@@ -207,6 +207,8 @@ async function main() {
     }, { id: String(missed), v: missedTotal });
     const missedCode = (await api('GET', `/api/v2/stores/${missed}`, token)).json.data.code;
     await page.locator('#feed li').filter({ hasText: missedCode }).first().waitFor();
+    // It came from the replay the page asked for (resume with its last event id).
+    await page.locator('#feed li').filter({ hasText: /Caught up/ }).first().waitFor();
     assert.equal(await page.evaluate(() => window.__noReload), true, 'no reload');
     log('back online: resumed, missed event in the feed, chart updated');
 
@@ -221,10 +223,14 @@ async function main() {
       const csv = fs.readFileSync(csvPath, 'utf8');
       const lines = csv.trim().split('\n');
       assert.ok(lines.length > 10, `export rows: ${lines.length}`);
+      assert.match(lines[0], /store/i, `CSV header: ${lines[0]}`);
       await page.locator('#export-status').filter({ hasText: /Saved/ }).waitFor();
       assert.equal(await page.$eval('#export-progress', (e) => e.value), 100);
-      const sawProgress = await page.evaluate(() => document.querySelector('#export-status').textContent);
-      log(`export: ${lines.length - 1} rows saved as ${file.suggestedFilename()} (${sawProgress})`);
+      // The progress came (also) from export-progress events on the WebSocket.
+      await page.waitForFunction(() => window.pgSalesDashboard.state.exportProgressEvents > 0);
+      const events = await page.evaluate(() => window.pgSalesDashboard.state.exportProgressEvents);
+      const status = await page.locator('#export-status').innerText();
+      log(`export: ${lines.length - 1} rows saved as ${file.suggestedFilename()}, ${events} progress events (${status})`);
     } else {
       log('export: skipped (the server has no /api/v2/sales/export yet)');
     }
