@@ -98,6 +98,8 @@ async fn dashboard_in_chromium() {
         .env("DASHBOARD_OUT", &out)
         .env("DASHBOARD_EXPORT", if with_export { "1" } else { "0" })
         .env("CHROMIUM", chromium())
+        // The seed's "current month" is UTC; the page and the script use local time.
+        .env("TZ", "UTC")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
