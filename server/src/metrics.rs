@@ -78,6 +78,13 @@ pub async fn render(state: &AppState) -> String {
     gauge("db_pool_idle_connections", pool.num_idle() as f64);
     gauge("db_pool_max_connections", state.config.db_pool_max as f64);
 
+    if let Some(r) = &state.replica {
+        gauge("db_replica_up", if r.up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+        metrics::counter!("db_replica_reads_total").absolute(r.reads.load(Ordering::Relaxed));
+        metrics::counter!("db_replica_fallbacks_total").absolute(r.fallbacks.load(Ordering::Relaxed));
+        gauge("db_replica_pool_connections", r.pool.size() as f64);
+    }
+
     let c = state.cache.snapshot();
     metrics::counter!("cache_hits_total").absolute(c.hits);
     metrics::counter!("cache_misses_total").absolute(c.misses);

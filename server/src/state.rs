@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::db;
 use anyhow::Context;
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,82 @@ pub struct AppState {
     pub cache: Cache,
     /// WebSocket fan-out, fed by the event relay.
     pub hub: Arc<crate::ws::Hub>,
+    /// Streaming replica for reads (DATABASE_REPLICA_URL), when configured.
+    pub replica: Option<Replica>,
     pub started: Instant,
+}
+
+/// A read replica and whether it is answering. A background check flips
+/// `up`; while it is down, reads go to the primary.
+pub struct Replica {
+    pub pool: PgPool,
+    pub up: Arc<AtomicBool>,
+    pub reads: AtomicU64,
+    pub fallbacks: AtomicU64,
+    /// The primary's WAL position when this instance last learned of a
+    /// change (its own write, or an event from the relay). A cached read
+    /// may only come from the replica once it has replayed that far;
+    /// otherwise the cache could store data older than the invalidation
+    /// that made room for it.
+    pub min_lsn: AtomicU64,
+}
+
+/// `16/B374D848` -> a comparable number.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+pub fn format_lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+impl Replica {
+    fn start(url: &str, config: &Config) -> anyhow::Result<Self> {
+        let pool = db::lazy_pool_for(url, config).context("DATABASE_REPLICA_URL")?;
+        let up = Arc::new(AtomicBool::new(false));
+        let (p, flag) = (pool.clone(), up.clone());
+        tokio::spawn(async move {
+            let mut was: Option<bool> = None;
+            loop {
+                let ok = tokio::time::timeout(
+                    Duration::from_millis(800),
+                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery() OR true").fetch_one(&p),
+                )
+                .await
+                .map(|r| r.is_ok())
+                .unwrap_or(false);
+                flag.store(ok, Ordering::Relaxed);
+                if was != Some(ok) {
+                    if ok {
+                        tracing::info!("read replica reachable; list, summary and export reads go to it");
+                    } else {
+                        tracing::warn!("read replica unreachable; reads fall back to the primary");
+                    }
+                    was = Some(ok);
+                }
+                if p.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 250 })).await;
+            }
+        });
+        Ok(Self {
+            pool,
+            up,
+            reads: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            min_lsn: AtomicU64::new(0),
+        })
+    }
+
+    /// Waits up to `limit` for the first successful check.
+    async fn wait_up(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.up.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl AppState {
@@ -31,12 +107,21 @@ impl AppState {
         let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
             &config,
         )));
+        let replica = match &config.database_replica_url {
+            Some(url) => {
+                let r = Replica::start(url, &config)?;
+                r.wait_up(Duration::from_secs(2)).await;
+                Some(r)
+            }
+            None => None,
+        };
         Ok(Arc::new(Self {
             config,
             auth,
             pool,
             cache,
             hub,
+            replica,
             started: Instant::now(),
         }))
     }
@@ -69,14 +154,76 @@ impl AppState {
             pool,
             cache,
             hub,
+            replica: None,
             started: Instant::now(),
         }))
     }
 }
 
 impl AppState {
-    /// The pool for reads that may be served by a replica.
+    /// The pool for reads that may be served by a replica (list, summary,
+    /// one record, export): the replica while it answers, else the primary.
+    /// Writes, LISTEN and anything that must see its own writes use `pool`.
     pub fn read_pool(&self) -> PgPool {
-        self.pool.clone()
+        match &self.replica {
+            Some(r) if r.up.load(Ordering::Relaxed) => {
+                r.reads.fetch_add(1, Ordering::Relaxed);
+                r.pool.clone()
+            }
+            Some(r) => {
+                r.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.pool.clone()
+            }
+            None => self.pool.clone(),
+        }
+    }
+
+    /// Records the primary's current WAL position as the point replica reads
+    /// must have reached (no-op without a replica).
+    pub async fn note_change<'c, E>(&self, conn: E)
+    where
+        E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+    {
+        let Some(r) = &self.replica else { return };
+        if let Ok(lsn) = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text").fetch_one(conn).await {
+            if let Some(v) = parse_lsn(&lsn) {
+                r.min_lsn.fetch_max(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A connection for a read whose result may be cached: from the replica
+    /// when it is up and has replayed every change this instance knows of,
+    /// else from the primary.
+    pub async fn read_conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        if let Some(r) = &self.replica {
+            if r.up.load(Ordering::Relaxed) {
+                let min = format_lsn(r.min_lsn.load(Ordering::Relaxed));
+                if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_millis(500), r.pool.acquire()).await {
+                    let caught_up: Result<bool, _> =
+                        sqlx::query_scalar("SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, true)")
+                            .bind(&min)
+                            .fetch_one(&mut *conn)
+                            .await;
+                    if let Ok(true) = caught_up {
+                        r.reads.fetch_add(1, Ordering::Relaxed);
+                        return Ok(conn);
+                    }
+                }
+            }
+            r.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        self.pool.acquire().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lsn_round_trip() {
+        let v = super::parse_lsn("16/B374D848").unwrap();
+        assert_eq!(v, (0x16 << 32) | 0xB374D848);
+        assert_eq!(super::format_lsn(v), "16/B374D848");
+        assert!(super::parse_lsn("x").is_none());
     }
 }

@@ -273,3 +273,58 @@ pub fn month(store: i64, year: i32, month: i32, days: u32, sales: f64) -> serde_
         .collect();
     serde_json::json!({"storeId": store, "year": year, "month": month, "dailyData": daily})
 }
+
+/// A streaming replica of the test cluster, made with pg_basebackup into a
+/// temporary directory and started on a free port; stopped and removed on drop.
+pub struct PgReplica {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+}
+
+impl PgReplica {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::path::PathBuf::from(format!("/tmp/pgs_replica_{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.to_string_lossy().to_string();
+        let sh = |cmd: &str| {
+            let out = std::process::Command::new("bash").arg("-c").arg(cmd).output().expect("bash");
+            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        sh(&format!("chown postgres:postgres {d} && chmod 700 {d}"));
+        let base = PgConnectOptions::from_str(&base_url()).unwrap();
+        let user = base.get_username().to_string();
+        sh(&format!(
+            "sudo -u postgres env PGPASSWORD=pg_sales_dev pg_basebackup -h 127.0.0.1 -p 5432 -U {user} -D {d} -R -X stream -c fast"
+        ));
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{d}'\n\
+             hba_file = '/etc/postgresql/15/main/pg_hba.conf'\nident_file = '/etc/postgresql/15/main/pg_ident.conf'\n\
+             hot_standby = on\nmax_connections = 300\nmax_wal_senders = 10\nshared_buffers = 64MB\n"
+        );
+        std::fs::write(dir.join("postgresql.conf"), conf).unwrap();
+        sh(&format!("chown postgres:postgres {d}/postgresql.conf"));
+        sh(&format!("sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D {d} -l {d}/server.log -w -t 60 start"));
+        Self { port, dir }
+    }
+
+    /// The URL of `db`'s database on the replica.
+    pub fn url_for(&self, db: &TestDb) -> String {
+        let opts = PgConnectOptions::from_str(&db.url).unwrap().port(self.port);
+        format!("{}", opts.to_url_lossy())
+    }
+
+    pub fn stop(&self) {
+        let _ = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D {} -m immediate -w stop", self.dir.display()))
+            .output();
+    }
+}
+
+impl Drop for PgReplica {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

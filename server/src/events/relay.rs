@@ -133,7 +133,6 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> End {
-    let hub = &state.hub;
     // Ids we were told about and have not read yet, with when we heard.
     let mut pending: BTreeMap<i64, Instant> = BTreeMap::new();
     let mut retry = PENDING_POLL_MIN;
@@ -221,10 +220,15 @@ async fn drain(
         // the same stream, before clients are told about it.
         let mut tags: Vec<String> = page
             .iter()
-            .flat_map(|e| crate::cache::tags_for_event(&e.kind_name, e.store_id, e.row_id, &e.payload))
+            .flat_map(|e| {
+                crate::cache::tags_for_event(&e.kind_name, e.store_id, e.row_id, &e.payload)
+            })
             .collect();
         tags.sort();
         tags.dedup();
+        if !page.is_empty() {
+            state.note_change(&mut *listener).await;
+        }
         state.cache.invalidate(&tags).await;
         for e in &page {
             pending.remove(&e.id);

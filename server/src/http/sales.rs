@@ -558,7 +558,7 @@ impl SalesApi {
             filter.push_where(&mut qb, &auth.0);
             qb.push(format!(" GROUP BY {group_sql}) g"));
             let data: String =
-                crate::metrics::timed("sales_summary", qb.build_query_scalar().fetch_one(&self.state.read_pool()))
+                crate::metrics::timed("sales_summary", qb.build_query_scalar().fetch_one(&mut *self.state.read_conn().await?))
                     .await?;
             let meta = json!({
                 "groupBy": format!("{group:?}").to_lowercase(),
@@ -592,7 +592,7 @@ impl SalesApi {
         doc_sql(&projection, &mut qb);
         qb.push(")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ");
         qb.push_bind(id.0);
-        let row = crate::metrics::timed("sales_get", qb.build().fetch_optional(&self.state.read_pool())).await?;
+        let row = crate::metrics::timed("sales_get", qb.build().fetch_optional(&mut *self.state.read_conn().await?)).await?;
         let Some(row) = row else {
             return Err(ApiError::not_found(format!("no sales record {}", id.0)));
         };
@@ -667,6 +667,7 @@ impl SalesApi {
         }
         let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
+        self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
         Ok(BatchResponse::Ok(RawJson::new(summary.to_string())))
     }
@@ -743,6 +744,7 @@ impl SalesApi {
         }
         let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
+        self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
     }
@@ -792,7 +794,8 @@ pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> 
     if q.offset > 0 {
         qb.push(" OFFSET ").push_bind(q.offset);
     }
-    let rows = crate::metrics::timed("sales_list", qb.build().fetch_all(&state.read_pool())).await?;
+    let mut conn = state.read_conn().await?;
+    let rows = crate::metrics::timed("sales_list", qb.build().fetch_all(&mut *conn)).await?;
     let has_more = rows.len() as i64 > q.limit;
     let rows = &rows[..rows.len().min(q.limit as usize)];
     let mut body = String::with_capacity(

@@ -221,6 +221,7 @@ impl StoresApi {
         })?;
         let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
+        self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
         Ok(CreatedResponse::Created(RawJson::new(format!(
             "{{\"data\":{doc}}}"
@@ -267,6 +268,7 @@ impl StoresApi {
         };
         let tags = crate::cache::tx_event_tags(&mut tx).await?;
         tx.commit().await?;
+        self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
         Ok(OneResponse::Ok(RawJson::new(format!(
             "{{\"data\":{}}}",
