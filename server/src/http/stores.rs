@@ -115,6 +115,7 @@ fn doc_sql(p: &sales_core::projection::Projection, qb: &mut QueryBuilder<'_, Pos
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[OpenApi(tag = "ApiTags::Stores")]
 impl StoresApi {
     /// Stores in the caller's scope, by id; filter by region and status.
