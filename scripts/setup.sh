@@ -38,6 +38,19 @@ deps() {
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+    # The dashboard's browser test: Debian's Chromium driven by playwright-core.
+    if [ ! -x /usr/bin/chromium ]; then
+        log "installing chromium (browser tests)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    if ! command -v node >/dev/null; then
+        log "installing nodejs (browser tests)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    if [ ! -d "$ROOT/tests/browser/node_modules/playwright-core" ]; then
+        log "npm ci in tests/browser"
+        (cd "$ROOT/tests/browser" && npm ci --no-audit --no-fund >/dev/null)
+    fi
     if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx ${PGRX_VERSION}" ]; then
         log "installing cargo-pgrx ${PGRX_VERSION} (takes a few minutes once)"
         cargo install cargo-pgrx --version "${PGRX_VERSION}" --locked
