@@ -10,7 +10,8 @@
 --              another valid index that is kept (constraint-backed, unique,
 --              oldest first); a non-unique index is a duplicate of a unique twin
 --   unused     never scanned since statistics were reset, at least min_unused_bytes,
---              backs no constraint (advisory: `maintain` drops these only when asked)
+--              backs no constraint, not marked required (see below)
+--              (advisory: `maintain` drops these only when asked)
 --   bloated    a btree at least min_bloat_bytes and over twice the size its
 --              rows need (estimate from pg_stats widths)
 CREATE FUNCTION sales.index_report(min_unused_bytes bigint DEFAULT 1048576, min_bloat_bytes bigint DEFAULT 8388608)
@@ -31,7 +32,12 @@ WITH idx AS (
                      coalesce(pg_get_expr(i.indpred, i.indrelid), '')) AS def,
            pg_relation_size(i.indexrelid) AS size, c.relpages, t.reltuples,
            coalesce(s.idx_scan, 0) AS scans, am.amname,
-           EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) AS backs_constraint
+           EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) AS backs_constraint,
+           NOT i.indisvalid AND c.relname ~ '_cc(new|old)[0-9]*$' AS leftover,
+           -- Marked as part of the design (COMMENT ON INDEX ... IS 'pg_sales: required ...'):
+           -- e.g. events_since needs events_xid_id_idx however rarely it runs.
+           -- Never proposed for dropping; kept first among twins.
+           coalesce(obj_description(i.indexrelid, 'pg_class') LIKE 'pg_sales: required%', false) AS required
     FROM pg_index i
     JOIN pg_class c ON c.oid = i.indexrelid
     JOIN pg_class t ON t.oid = i.indrelid
@@ -42,9 +48,9 @@ WITH idx AS (
 ), ranked AS (
     SELECT idx.*,
            row_number() OVER (PARTITION BY indrelid, def, valid
-                              ORDER BY backs_constraint DESC, uniq DESC, indexrelid) AS rank_in_twins,
+                              ORDER BY backs_constraint DESC, required DESC, uniq DESC, indexrelid) AS rank_in_twins,
            first_value(iname) OVER (PARTITION BY indrelid, def, valid
-                                    ORDER BY backs_constraint DESC, uniq DESC, indexrelid) AS keeper
+                                    ORDER BY backs_constraint DESC, required DESC, uniq DESC, indexrelid) AS keeper
     FROM idx
 ), widths AS (
     SELECT idx.indexrelid,
@@ -57,9 +63,15 @@ WITH idx AS (
     GROUP BY idx.indexrelid
 )
 SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'invalid',
-       CASE WHEN v.iname IS NOT NULL THEN format('unusable; a valid twin exists (sales.%I)', v.iname)
+       CASE WHEN r.leftover THEN 'unusable: left behind by a REINDEX ... CONCURRENTLY that failed'
+            WHEN v.iname IS NOT NULL THEN format('unusable; a valid twin exists (sales.%I)', v.iname)
+            WHEN r.uniq THEN 'unusable: a concurrent build or reindex did not finish (a unique index '
+                             'rebuilds only once the duplicate keys are gone)'
             ELSE 'unusable: a concurrent build or reindex did not finish' END,
-       CASE WHEN v.iname IS NOT NULL THEN format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
+       -- A REINDEX leftover (<name>_ccnew / _ccold) is dropped, never rebuilt:
+       -- rebuilding it would only leave another copy behind.
+       CASE WHEN (r.leftover OR v.iname IS NOT NULL) AND NOT r.required
+            THEN format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
             ELSE format('REINDEX INDEX CONCURRENTLY sales.%I', r.iname) END
 FROM ranked r
 LEFT JOIN LATERAL (SELECT o.iname FROM idx o
@@ -70,13 +82,13 @@ SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'duplic
        format('same definition as sales.%I, which is kept', r.keeper),
        format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
 FROM ranked r
-WHERE r.valid AND r.rank_in_twins > 1 AND NOT r.backs_constraint
+WHERE r.valid AND r.rank_in_twins > 1 AND NOT r.backs_constraint AND NOT r.required
 UNION ALL
 SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'unused',
        'no scans since statistics were last reset',
        format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
 FROM ranked r
-WHERE r.valid AND r.rank_in_twins = 1 AND r.scans = 0 AND NOT r.backs_constraint AND NOT r.uniq
+WHERE r.valid AND r.rank_in_twins = 1 AND r.scans = 0 AND NOT r.backs_constraint AND NOT r.uniq AND NOT r.required
   AND r.size >= min_unused_bytes
 UNION ALL
 SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'bloated',

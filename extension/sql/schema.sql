@@ -75,6 +75,9 @@ CREATE TABLE sales.events (
 );
 CREATE INDEX events_xid_id_idx ON sales.events (xid, id);
 CREATE INDEX events_created_at_idx ON sales.events (created_at);
+-- index_report never proposes dropping these, however seldom they are scanned.
+COMMENT ON INDEX sales.events_xid_id_idx IS 'pg_sales: required by events_since, events_head and the NOTIFY trigger';
+COMMENT ON INDEX sales.events_created_at_idx IS 'pg_sales: required by prune_events';
 
 -- Keep table data in pg_dump output even though the tables belong to the extension.
 SELECT pg_catalog.pg_extension_config_dump('sales.stores', '');

@@ -43,14 +43,22 @@ pub async fn report(pool: &PgPool) -> Result<Vec<Finding>, sqlx::Error> {
         .collect())
 }
 
-/// The statements a run would execute, in order.
+/// The statements a run would execute, in order: drops first (they are
+/// cheap and leave less to rebuild), then rebuilds, each statement once,
+/// then `ANALYZE` of every table. Unused indexes are dropped only when
+/// `drop_unused` is set.
 pub fn plan(findings: &[Finding], drop_unused: bool) -> Vec<String> {
-    let mut out: Vec<String> = findings
+    let mut out: Vec<String> = Vec::new();
+    let wanted = findings
         .iter()
-        .filter(|f| f.reason != "unused" || drop_unused)
-        .map(|f| f.fix.clone())
-        .collect();
-    out.dedup();
+        .filter(|f| f.reason != "unused" || drop_unused);
+    let (drops, others): (Vec<&Finding>, Vec<&Finding>) =
+        wanted.partition(|f| f.fix.starts_with("DROP "));
+    for f in drops.into_iter().chain(others) {
+        if !out.contains(&f.fix) {
+            out.push(f.fix.clone());
+        }
+    }
     for t in [
         "sales.stores",
         "sales.monthly_sales",
@@ -63,7 +71,10 @@ pub fn plan(findings: &[Finding], drop_unused: bool) -> Vec<String> {
 }
 
 /// Runs each statement on one dedicated connection (outside any transaction).
-/// A failing statement is reported and the rest still run.
+/// A failing statement is reported and the rest still run. A failed
+/// `REINDEX INDEX CONCURRENTLY` leaves an invalid `<index>_ccnew` copy
+/// behind; it is dropped right away (and reported), so a failed run does not
+/// leave more to clean up than it found.
 pub async fn apply(database_url: &str, statements: &[String]) -> Result<Vec<Action>, sqlx::Error> {
     let mut conn = sqlx::PgConnection::connect(database_url).await?;
     // Index builds may take long; the server-wide statement timeout does not apply here.
@@ -72,18 +83,46 @@ pub async fn apply(database_url: &str, statements: &[String]) -> Result<Vec<Acti
         .await?;
     let mut actions = Vec::new();
     for s in statements {
-        let started = std::time::Instant::now();
-        let outcome = sqlx::Executor::execute(&mut conn, s.as_str())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        actions.push(Action {
-            statement: s.clone(),
-            outcome,
-            elapsed: started.elapsed(),
-        });
+        let action = run(&mut conn, s).await;
+        let failed_reindex = action.outcome.is_err();
+        actions.push(action);
+        if !failed_reindex {
+            continue;
+        }
+        let Some(index) = s.strip_prefix("REINDEX INDEX CONCURRENTLY sales.") else {
+            continue;
+        };
+        let leftovers: Vec<String> = sqlx::query_scalar(
+            "SELECT format('DROP INDEX CONCURRENTLY sales.%I', c.relname)
+             FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'sales' AND NOT i.indisvalid
+               AND left(c.relname, length($1)) = $1
+               AND substr(c.relname, length($1) + 1) ~ '^_ccnew[0-9]*$'",
+        )
+        .bind(index.trim_matches('"'))
+        .fetch_all(&mut conn)
+        .await?;
+        for drop in leftovers {
+            actions.push(run(&mut conn, &drop).await);
+        }
     }
     Ok(actions)
+}
+
+async fn run(conn: &mut sqlx::PgConnection, statement: &str) -> Action {
+    let started = std::time::Instant::now();
+    // Simple query protocol: one statement, no transaction block.
+    let outcome = sqlx::Executor::execute(&mut *conn, statement)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    Action {
+        statement: statement.to_string(),
+        outcome,
+        elapsed: started.elapsed(),
+    }
 }
 
 /// Deletes events older than `retention`; returns how many.
@@ -92,4 +131,42 @@ pub async fn prune_events(pool: &PgPool, retention: Duration) -> Result<i64, sql
         .bind(retention.as_secs_f64())
         .fetch_one(pool)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(name: &str, reason: &str, fix: &str) -> Finding {
+        Finding {
+            index_name: name.into(),
+            table_name: "sales.stores".into(),
+            size_bytes: 0,
+            reason: reason.into(),
+            detail: String::new(),
+            fix: fix.into(),
+        }
+    }
+
+    #[test]
+    fn plan_orders_drops_first_and_skips_unused_unless_asked() {
+        let f = vec![
+            finding("a", "invalid", "REINDEX INDEX CONCURRENTLY sales.a"),
+            finding("b", "duplicate", "DROP INDEX CONCURRENTLY sales.b"),
+            finding("c", "unused", "DROP INDEX CONCURRENTLY sales.c"),
+            finding("a", "bloated", "REINDEX INDEX CONCURRENTLY sales.a"),
+        ];
+        let p = plan(&f, false);
+        assert_eq!(
+            &p[..2],
+            &[
+                "DROP INDEX CONCURRENTLY sales.b",
+                "REINDEX INDEX CONCURRENTLY sales.a"
+            ]
+        );
+        assert_eq!(p.len(), 2 + 4);
+        assert!(p[2..].iter().all(|s| s.starts_with("ANALYZE ")));
+        let p = plan(&f, true);
+        assert_eq!(p[1], "DROP INDEX CONCURRENTLY sales.c");
+    }
 }

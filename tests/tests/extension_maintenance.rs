@@ -1,0 +1,287 @@
+//! Index maintenance: `sales.index_report()` finds invalid, duplicate, unused
+//! and bloated indexes with the statement that fixes each; the
+//! `sales-server maintain` binary applies the fixes (and `--dry-run` does not).
+
+mod extension_support;
+
+use extension_support::*;
+use sales_e2e::{server_bin, TestDb};
+use serde_json::json;
+use std::process::{Command, Output};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+struct Finding {
+    index_name: String,
+    table_name: String,
+    size_bytes: i64,
+    reason: String,
+    detail: String,
+    fix: String,
+}
+
+async fn report(db: &TestDb, args: &str) -> Vec<Finding> {
+    sqlx::query_as(&format!("SELECT * FROM sales.index_report({args})"))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+fn find<'a>(findings: &'a [Finding], index: &str, reason: &str) -> Option<&'a Finding> {
+    findings
+        .iter()
+        .find(|f| f.index_name == index && f.reason == reason)
+}
+
+fn maintain(db: &TestDb, args: &[&str]) -> (Output, String) {
+    let out = Command::new(server_bin())
+        .arg("maintain")
+        .args(args)
+        .envs(db.env())
+        .output()
+        .expect("run sales-server maintain (build it with `cargo build -p sales-server`)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+/// (name, valid) of every index on the sales tables.
+async fn indexes(db: &TestDb) -> Vec<(String, bool)> {
+    sqlx::query_as(
+        "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'sales' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[tokio::test]
+async fn maintain_fixes_invalid_and_duplicate_indexes() {
+    let db = TestDb::new().await;
+    let s = db.stores(4).await; // regions North, South, East, North
+    upsert_ok(
+        &db,
+        &json!([
+            record(s[0], 2024, 1, days(1, 31, 1.0, 1)),
+            record(s[1], 2024, 1, days(1, 31, 1.0, 1))
+        ]),
+    )
+    .await;
+    // Nothing to report on a fresh database.
+    assert_eq!(report(&db, "").await, vec![]);
+
+    // A duplicate of a migration's covering index, and one of the unique constraint's.
+    exec(&db, "CREATE INDEX monthly_sales_period_twin ON sales.monthly_sales (year, month, store_id) INCLUDE (total_sales, total_customers, days_reported, version)").await;
+    exec(
+        &db,
+        "CREATE INDEX monthly_sales_key_twin ON sales.monthly_sales (store_id, year, month)",
+    )
+    .await;
+    // An index made invalid (as a crashed concurrent build leaves it).
+    exec(&db, "CREATE INDEX stores_name_idx ON sales.stores (name)").await;
+    exec(&db, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'sales.stores_name_idx'::regclass").await;
+    // A unique index whose concurrent build failed on duplicate keys.
+    let e =
+        sqlx::query("CREATE UNIQUE INDEX CONCURRENTLY stores_region_key ON sales.stores (region)")
+            .execute(&db.pool)
+            .await
+            .unwrap_err();
+    assert_eq!(pg_error(&e).0, "23505");
+
+    let found = report(&db, "").await;
+    let twin = find(&found, "sales.monthly_sales_period_twin", "duplicate").expect("period twin");
+    assert!(twin.detail.contains("monthly_sales_period_idx"), "{twin:?}");
+    assert_eq!(
+        twin.fix,
+        "DROP INDEX CONCURRENTLY sales.monthly_sales_period_twin"
+    );
+    assert_eq!(twin.table_name, "sales.monthly_sales");
+    assert!(twin.size_bytes > 0);
+    let key_twin = find(&found, "sales.monthly_sales_key_twin", "duplicate").expect("key twin");
+    assert!(
+        key_twin
+            .detail
+            .contains("monthly_sales_store_year_month_key"),
+        "{key_twin:?}"
+    );
+    let invalid = find(&found, "sales.stores_name_idx", "invalid").expect("invalid index");
+    assert_eq!(
+        invalid.fix,
+        "REINDEX INDEX CONCURRENTLY sales.stores_name_idx"
+    );
+    let failed = find(&found, "sales.stores_region_key", "invalid").expect("failed unique build");
+    assert!(failed.detail.contains("duplicate keys"), "{failed:?}");
+    assert_eq!(found.len(), 4, "{found:#?}");
+
+    // --dry-run prints the plan and changes nothing.
+    let before = indexes(&db).await;
+    let (out, text) = maintain(&db, &["--dry-run"]);
+    assert!(out.status.success(), "{text}");
+    for f in &found {
+        assert!(text.contains(&format!("would run: {}", f.fix)), "{text}");
+        assert!(text.contains(&f.index_name), "{text}");
+    }
+    assert!(
+        text.contains("would run: ANALYZE sales.monthly_sales"),
+        "{text}"
+    );
+    assert_eq!(indexes(&db).await, before);
+    assert_eq!(report(&db, "").await, found);
+
+    // A real run fixes what it can. The unique index cannot be rebuilt while
+    // the duplicate regions exist: that statement fails, the run says so and
+    // exits non-zero, and the copy the failed REINDEX left is dropped.
+    let (out, text) = maintain(&db, &[]);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("ran: DROP INDEX CONCURRENTLY sales.monthly_sales_period_twin"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ran: DROP INDEX CONCURRENTLY sales.monthly_sales_key_twin"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ran: REINDEX INDEX CONCURRENTLY sales.stores_name_idx"),
+        "{text}"
+    );
+    assert!(
+        text.contains("failed: REINDEX INDEX CONCURRENTLY sales.stores_region_key"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ran: DROP INDEX CONCURRENTLY sales.stores_region_key_ccnew"),
+        "{text}"
+    );
+    assert!(text.contains("ran: ANALYZE sales.stores"), "{text}");
+    let after = indexes(&db).await;
+    let names: Vec<&str> = after.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(!names.contains(&"monthly_sales_period_twin"));
+    assert!(!names.contains(&"monthly_sales_key_twin"));
+    assert!(!names.iter().any(|n| n.contains("_ccnew")), "{names:?}");
+    assert!(after.contains(&("stores_name_idx".to_string(), true)));
+    assert!(after.contains(&("stores_region_key".to_string(), false)));
+    let left = report(&db, "").await;
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0].index_name, "sales.stores_region_key");
+
+    // Once the duplicates are gone, the next run rebuilds it, and the report is empty.
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.stores SET region = 'West' WHERE id = {}",
+            s[3]
+        ),
+    )
+    .await;
+    let (out, text) = maintain(&db, &[]);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("ran: REINDEX INDEX CONCURRENTLY sales.stores_region_key"),
+        "{text}"
+    );
+    assert!(indexes(&db)
+        .await
+        .contains(&("stores_region_key".to_string(), true)));
+    assert_eq!(report(&db, "").await, vec![]);
+    let (out, text) = maintain(&db, &[]);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("nothing to fix"), "{text}");
+}
+
+#[tokio::test]
+async fn sort_order_and_include_variants_are_not_duplicates() {
+    let db = TestDb::new().await;
+    exec(
+        &db,
+        "CREATE INDEX ms_a ON sales.monthly_sales (store_id, year, month DESC)",
+    )
+    .await;
+    exec(&db, "CREATE INDEX st_a ON sales.stores (region, name)").await;
+    exec(
+        &db,
+        "CREATE INDEX st_b ON sales.stores (region) INCLUDE (name)",
+    )
+    .await;
+    exec(&db, "CREATE INDEX st_c ON sales.stores (lower(name))").await;
+    exec(&db, "CREATE INDEX st_d ON sales.stores (lower(code))").await;
+    exec(
+        &db,
+        "CREATE INDEX st_e ON sales.stores (name) WHERE status = 'open'",
+    )
+    .await;
+    exec(
+        &db,
+        "CREATE INDEX st_f ON sales.stores (name) WHERE status = 'closed'",
+    )
+    .await;
+    exec(&db, "CREATE INDEX st_g ON sales.stores USING hash (name)").await;
+    exec(&db, "CREATE INDEX st_h ON sales.stores (name)").await;
+    let found = report(&db, "").await;
+    assert_eq!(found, vec![], "{found:#?}");
+    // Real twins of those are found.
+    exec(
+        &db,
+        "CREATE INDEX st_e2 ON sales.stores (name) WHERE status = 'open'",
+    )
+    .await;
+    exec(&db, "CREATE INDEX st_c2 ON sales.stores (lower(name))").await;
+    let found = report(&db, "").await;
+    let names: Vec<&str> = found.iter().map(|f| f.index_name.as_str()).collect();
+    assert_eq!(names, vec!["sales.st_c2", "sales.st_e2"], "{found:#?}");
+}
+
+#[tokio::test]
+async fn unused_and_bloated_indexes_are_reported() {
+    let db = TestDb::new().await;
+    exec(&db, "CREATE INDEX events_kind_idx ON sales.events (kind)").await;
+    exec(
+        &db,
+        "INSERT INTO sales.events (kind) SELECT 'kind-' || (g % 1000) FROM generate_series(1, 100000) g",
+    )
+    .await;
+    exec(&db, "DELETE FROM sales.events WHERE id % 50 <> 0").await;
+    exec(&db, "VACUUM ANALYZE sales.events").await;
+
+    let found = report(&db, "0, 0").await;
+    let unused = find(&found, "sales.events_kind_idx", "unused").expect("unused");
+    assert_eq!(unused.fix, "DROP INDEX CONCURRENTLY sales.events_kind_idx");
+    let bloated = find(&found, "sales.events_kind_idx", "bloated").expect("bloated");
+    assert_eq!(
+        bloated.fix,
+        "REINDEX INDEX CONCURRENTLY sales.events_kind_idx"
+    );
+    // The extension's own indexes are never proposed for dropping.
+    assert!(
+        !found
+            .iter()
+            .any(|f| f.index_name == "sales.events_xid_id_idx" && f.fix.starts_with("DROP")),
+        "{found:#?}"
+    );
+
+    // Applying the fix shrinks it below the estimate.
+    exec(&db, &bloated.fix).await;
+    let found = report(&db, "0, 0").await;
+    assert!(
+        find(&found, "sales.events_kind_idx", "bloated").is_none(),
+        "{found:#?}"
+    );
+
+    // maintain leaves unused indexes alone unless asked.
+    let (out, text) = maintain(&db, &[]);
+    assert!(out.status.success(), "{text}");
+    assert!(indexes(&db)
+        .await
+        .iter()
+        .any(|(n, _)| n == "events_kind_idx"));
+}
