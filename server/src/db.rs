@@ -49,3 +49,97 @@ pub fn lazy_pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
+
+/// Errors worth another try: serialization failures and deadlocks (the
+/// transaction was rolled back), and lost or refused connections.
+pub fn is_transient(e: &sqlx::Error, connection_errors: bool) -> bool {
+    match e {
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            Some("40001") | Some("40P01") => true,
+            Some(c)
+                if connection_errors
+                    && (c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03") =>
+            {
+                true
+            }
+            _ => false,
+        },
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => connection_errors,
+        _ => false,
+    }
+}
+
+/// Runs `f` up to 4 times with exponential backoff and jitter (25 ms, 50 ms,
+/// 100 ms, each +0..50%) while it fails transiently. `idempotent` work is
+/// retried after connection errors too (a COMMIT whose outcome is unknown
+/// may have happened, so only work that can safely run twice qualifies).
+pub async fn retry<T, F, Fut>(
+    what: &'static str,
+    idempotent: bool,
+    mut f: F,
+) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    use rand::Rng;
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Err(e) if attempt < 3 && is_transient(&e, idempotent) => {
+                let base = 25u64 << attempt;
+                let jitter = rand::thread_rng().gen_range(0..=base / 2);
+                tracing::warn!(operation = what, attempt = attempt + 1, error = %e, "transient database error; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(base + jitter)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn retries_transient_then_succeeds() {
+        let calls = AtomicU32::new(0);
+        let out = retry("t", true, || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(sqlx::Error::PoolTimedOut)
+            } else {
+                Ok(7)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(out, 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn does_not_retry_connection_errors_for_non_idempotent_work() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), _> = retry("t", false, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(sqlx::Error::PoolTimedOut)
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_four_attempts() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), _> = retry("t", true, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(sqlx::Error::PoolTimedOut)
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+}

@@ -159,14 +159,74 @@ impl AdminApi {
 
     /// Clear the cache on every instance: all of it, or the entries of one tag (admin only).
     #[oai(path = "/api/admin/cache/clear", method = "post")]
-    async fn cache_clear(&self, auth: BearerAuth, body: Json<CacheClear>) -> ApiResult<Json<CacheCleared>> {
+    async fn cache_clear(
+        &self,
+        auth: BearerAuth,
+        body: Json<CacheClear>,
+    ) -> ApiResult<Json<CacheCleared>> {
         auth.require_admin()?;
-        let tag = body.0.tag.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        let tag = body
+            .0
+            .tag
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
         match &tag {
             Some(t) => self.state.cache.invalidate(std::slice::from_ref(t)).await,
             None => self.state.cache.clear_all().await,
         }
-        Ok(Json(CacheCleared { cleared: tag.unwrap_or_else(|| crate::cache::TAG_ALL.into()) }))
+        Ok(Json(CacheCleared {
+            cleared: tag.unwrap_or_else(|| crate::cache::TAG_ALL.into()),
+        }))
+    }
+
+    /// The slowest and the most frequent statements on the `sales` tables, from
+    /// pg_stat_statements (admin only). Without it, says how to enable it.
+    #[oai(path = "/api/admin/queries", method = "get")]
+    async fn queries(
+        &self,
+        auth: BearerAuth,
+        limit: poem_openapi::param::Query<Option<i64>>,
+    ) -> ApiResult<Json<QueryStats>> {
+        auth.require_admin()?;
+        let limit = limit.0.unwrap_or(20);
+        if !(1..=500).contains(&limit) {
+            return Err(ApiError::bad_param("limit", "must be between 1 and 500"));
+        }
+        let pool = &self.state.pool;
+        let installed: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if !installed {
+            // Needs privileges; when refused the answer below says what to do.
+            let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .execute(pool)
+                .await;
+        }
+        let disabled = |why: String| {
+            Json(QueryStats {
+                enabled: false,
+                message: Some(why),
+                slowest: vec![],
+                most_frequent: vec![],
+            })
+        };
+        match query_stats(pool, "s.mean_exec_time", limit).await {
+            Ok(slowest) => {
+                let most_frequent = query_stats(pool, "s.calls", limit).await?;
+                Ok(Json(QueryStats {
+                    enabled: true,
+                    message: None,
+                    slowest,
+                    most_frequent,
+                }))
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "pg_stat_statements unavailable");
+                Ok(disabled(ENABLE_STATEMENTS.to_string()))
+            }
+        }
     }
 
     /// Invalid, duplicate, unused and bloated indexes on the sales tables, with the fix for each (admin only).
@@ -247,6 +307,61 @@ pub struct CacheClear {
 pub struct CacheCleared {
     /// The tag that was invalidated (`all` for everything).
     pub cleared: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct QueryStat {
+    pub query_id: String,
+    /// Normalised statement text (constants replaced by $n).
+    pub query: String,
+    pub calls: i64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    pub rows: i64,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct QueryStats {
+    /// False when pg_stat_statements is not loaded; `message` says how to enable it.
+    pub enabled: bool,
+    pub message: Option<String>,
+    /// Highest mean time first.
+    pub slowest: Vec<QueryStat>,
+    /// Most calls first.
+    pub most_frequent: Vec<QueryStat>,
+}
+
+const ENABLE_STATEMENTS: &str =
+    "pg_stat_statements is not available: add shared_preload_libraries = 'pg_stat_statements' \
+    to postgresql.conf (make run does this in the cluster it manages), restart Postgres, then run \
+    CREATE EXTENSION pg_stat_statements in this database as a superuser";
+
+async fn query_stats(
+    pool: &sqlx::PgPool,
+    order: &str,
+    limit: i64,
+) -> Result<Vec<QueryStat>, sqlx::Error> {
+    let sql = format!(
+        "SELECT s.queryid::text, s.query, s.calls, s.total_exec_time, s.mean_exec_time, s.rows
+         FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+         WHERE d.datname = current_database() AND s.query ~* '\\msales\\.'
+         ORDER BY {order} DESC LIMIT $1"
+    );
+    let rows: Vec<(String, String, i64, f64, f64, i64)> =
+        sqlx::query_as(&sql).bind(limit).fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(query_id, query, calls, total, mean, rows)| QueryStat {
+            query_id,
+            query,
+            calls,
+            total_ms: (total * 1000.0).round() / 1000.0,
+            mean_ms: (mean * 1000.0).round() / 1000.0,
+            rows,
+        })
+        .collect())
 }
 
 fn to_finding(f: crate::maintain::Finding) -> IndexFinding {

@@ -137,7 +137,8 @@ impl HealthApi {
         })
     }
 
-    /// Readiness: Postgres reachable, all migrations applied, extension version matching this server.
+    /// Readiness: Postgres reachable, all migrations applied, extension version matching this
+    /// server, event relay listening. Redis down does not make an instance unready (degraded).
     #[oai(path = "/health/ready", method = "get")]
     async fn ready(&self) -> ReadyResponse {
         let mut problems = Vec::new();
@@ -167,6 +168,15 @@ impl HealthApi {
                 problems.push("extension pg_sales is not installed".into())
             }
             _ => {}
+        }
+        if !self
+            .state
+            .hub
+            .relay
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            problems.push("event relay is not listening".into());
         }
         let applied = applied.unwrap_or(0);
         if applied < expected {

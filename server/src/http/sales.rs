@@ -557,9 +557,12 @@ impl SalesApi {
             ));
             filter.push_where(&mut qb, &auth.0);
             qb.push(format!(" GROUP BY {group_sql}) g"));
-            let data: String =
-                crate::metrics::timed("sales_summary", qb.build_query_scalar().fetch_one(&mut *self.state.read_conn().await?))
-                    .await?;
+            let data: String = crate::metrics::timed(
+                "sales_summary",
+                qb.build_query_scalar()
+                    .fetch_one(&mut *self.state.read_conn().await?),
+            )
+            .await?;
             let meta = json!({
                 "groupBy": format!("{group:?}").to_lowercase(),
                 "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
@@ -645,28 +648,38 @@ impl SalesApi {
         let atomic = body.atomic.unwrap_or(true);
         let replace = body.mode == Some(BatchMode::Replace);
         let records = Value::Array(body.0.sales_data_array);
-        let mut tx = self.state.pool.begin().await?;
-        set_actor(&mut *tx, auth.0.user_id).await?;
-        let summary: Value = crate::metrics::timed(
-            "batch_upsert",
-            sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-                .bind(&records)
-                .bind(replace)
-                .bind(atomic)
-                .bind(auth.0.scope())
-                .fetch_one(&mut *tx),
-        )
+        let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
+        // The upsert is idempotent (running it twice leaves the same rows),
+        // so it is retried after lost connections as well as deadlocks.
+        let (summary, tags) = crate::db::retry("batch_upsert", true, || async {
+            let mut tx = pool.begin().await?;
+            set_actor(&mut *tx, user).await?;
+            let summary: Value = crate::metrics::timed(
+                "batch_upsert",
+                sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+                    .bind(&records)
+                    .bind(replace)
+                    .bind(atomic)
+                    .bind(&scope)
+                    .fetch_one(&mut *tx),
+            )
+            .await?;
+            if atomic && summary["failed"].as_i64().unwrap_or(0) > 0 {
+                tx.rollback().await?;
+                return Ok((summary, Vec::new()));
+            }
+            let tags = crate::cache::tx_event_tags(&mut tx).await?;
+            tx.commit().await?;
+            Ok((summary, tags))
+        })
         .await?;
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
-            tx.rollback().await?;
             return Err(ApiError::unprocessable(
                 format!("{failed} of {n} records are invalid; nothing was written"),
                 Some(summary),
             ));
         }
-        let tags = crate::cache::tx_event_tags(&mut tx).await?;
-        tx.commit().await?;
         self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
         Ok(BatchResponse::Ok(RawJson::new(summary.to_string())))
@@ -765,8 +778,8 @@ pub struct ListQuery<'a> {
     pub started: Instant,
 }
 
-/// Runs a list query; the body is the page as JSON text.
-pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> {
+/// The list query for `q`, built fresh for each attempt (binds are consumed).
+fn list_query(q: &ListQuery<'_>) -> QueryBuilder<'static, Postgres> {
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
     doc_sql(q.projection, &mut qb);
     qb.push(")::text AS doc, ARRAY[");
@@ -794,8 +807,17 @@ pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> 
     if q.offset > 0 {
         qb.push(" OFFSET ").push_bind(q.offset);
     }
-    let mut conn = state.read_conn().await?;
-    let rows = crate::metrics::timed("sales_list", qb.build().fetch_all(&mut *conn)).await?;
+    qb
+}
+
+/// Runs a list query; the body is the page as JSON text.
+pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> {
+    let rows = crate::db::retry("sales_list", true, || async {
+        let mut conn = state.read_conn().await?;
+        let mut qb = list_query(&q);
+        crate::metrics::timed("sales_list", qb.build().fetch_all(&mut *conn)).await
+    })
+    .await?;
     let has_more = rows.len() as i64 > q.limit;
     let rows = &rows[..rows.len().min(q.limit as usize)];
     let mut body = String::with_capacity(

@@ -1,0 +1,834 @@
+//! Streaming export end to end: `GET /api/v2/sales/export` against a real
+//! server, its own database and real Redis. Every format and shape is parsed
+//! back with a real parser and compared with what the database holds.
+
+use reqwest::header::HeaderMap;
+use sales_e2e::{eventually, user_token, Api, TestDb};
+use serde_json::{json, Map, Value};
+use std::io::Read;
+use std::time::Duration;
+
+struct Fixture {
+    db: TestDb,
+    server: sales_e2e::RunningServer,
+    stores: Vec<i64>,
+    admin: Api,
+    admin_id: i64,
+}
+
+/// A store name that needs every kind of CSV quoting.
+const AWKWARD_NAME: &str = "Acme, \"Best\" Store\nSecond line; 'single' \\ back";
+
+async fn fixture(overrides: &[(&str, &str)]) -> Fixture {
+    let db = TestDb::new().await;
+    let stores = db.stores(4).await;
+    let server = db.server(overrides).await;
+    let (admin_id, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    Fixture {
+        db,
+        server,
+        stores,
+        admin,
+        admin_id,
+    }
+}
+
+/// Six months for each store, with gaps, days without customers and days
+/// with transactions, fractional and whole sales; one awkward store name.
+async fn seed(f: &Fixture) {
+    seed_year(f, 2024, 6).await;
+    sqlx::query("UPDATE sales.stores SET name = $1 WHERE id = $2")
+        .bind(AWKWARD_NAME)
+        .bind(f.stores[1])
+        .execute(&f.db.pool)
+        .await
+        .expect("awkward name");
+}
+
+async fn seed_year(f: &Fixture, year: i32, months: i32) {
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         SELECT s, $2, mo, (
+             SELECT jsonb_object_agg(d::text, CASE
+                 WHEN d % 7 = 0 THEN jsonb_build_object('sales', d * 10 + s)
+                 WHEN d % 5 = 0 THEN jsonb_build_object('sales', round(d * 1.25 + s, 2), 'customers', d, 'transactions', d + 1)
+                 ELSE jsonb_build_object('sales', d * 100 + mo + 0.5, 'customers', d + s) END)
+             FROM generate_series(1, 28) d WHERE d % 9 <> 0)
+         FROM unnest($1::bigint[]) s, generate_series(1, $3) mo",
+    )
+    .bind(&f.stores)
+    .bind(year)
+    .bind(months)
+    .execute(&f.db.pool)
+    .await
+    .expect("seed months");
+}
+
+struct Export {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Export {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("utf-8 body")
+    }
+}
+
+async fn export(api: &Api, query: &str, accept_encoding: Option<&str>) -> Export {
+    let mut req = api.req(
+        reqwest::Method::GET,
+        &format!("/api/v2/sales/export?{query}"),
+    );
+    if let Some(enc) = accept_encoding {
+        req = req.header("accept-encoding", enc);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(60), req.send())
+        .await
+        .expect("export answered in time")
+        .expect("request");
+    let status = r.status().as_u16();
+    assert!(status < 500, "export?{query} answered {status}");
+    let headers = r.headers().clone();
+    let body = tokio::time::timeout(Duration::from_secs(120), r.bytes())
+        .await
+        .expect("export body in time")
+        .expect("body")
+        .to_vec();
+    Export {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn csv_records(body: &[u8]) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut rd = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(body);
+    let header: Vec<String> = rd
+        .headers()
+        .expect("csv header")
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let rows = rd
+        .records()
+        .map(|r| r.expect("csv record").iter().map(str::to_string).collect())
+        .collect();
+    (header, rows)
+}
+
+fn ndjson(body: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(body)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// A number as the CSV shows it, compared as a number.
+fn num(s: &str) -> Option<f64> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s.parse().expect("a number"))
+    }
+}
+
+fn jnum(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+/// Store-days as the database has them, in key order.
+async fn db_days(f: &Fixture, store_filter: Option<&[i64]>) -> Vec<Value> {
+    let ids: Option<Vec<i64>> = store_filter.map(|s| s.to_vec());
+    sqlx::query_scalar(
+        "SELECT jsonb_build_object('storeId', m.store_id, 'storeCode', s.code, 'storeName', s.name,
+                'date', make_date(m.year, m.month, e.k::int)::text, 'day', e.v)
+         FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id,
+              jsonb_each(m.daily_data) e(k, v)
+         WHERE $1::bigint[] IS NULL OR m.store_id = ANY($1)
+         ORDER BY m.store_id, m.year, m.month, e.k::int",
+    )
+    .bind(ids)
+    .fetch_all(&f.db.pool)
+    .await
+    .expect("db days")
+}
+
+/// Sales documents (as `GET /api/v2/sales` shows them) in key order.
+async fn db_docs(f: &Fixture, store_filter: Option<&[i64]>) -> Vec<Value> {
+    let ids: Option<Vec<i64>> = store_filter.map(|s| s.to_vec());
+    sqlx::query_scalar(
+        "SELECT sales.sales_doc(m) || jsonb_build_object('storeName', s.name, 'storeCode', s.code, 'region', s.region)
+         FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+         WHERE $1::bigint[] IS NULL OR m.store_id = ANY($1)
+         ORDER BY m.store_id, m.year, m.month",
+    )
+    .bind(ids)
+    .fetch_all(&f.db.pool)
+    .await
+    .expect("db docs")
+}
+
+fn day_key(d: &Value) -> String {
+    format!("{}:{}", d["storeId"], d["date"].as_str().unwrap())
+}
+
+fn month_key(doc: &Value) -> String {
+    format!(
+        "{}:{}-{:02}",
+        doc["storeId"],
+        doc["year"],
+        doc["month"].as_i64().unwrap()
+    )
+}
+
+fn check_daily_objects(rows: &[Value], want: &[Value]) {
+    assert_eq!(rows.len(), want.len());
+    for (r, d) in rows.iter().zip(want) {
+        let o = r.as_object().expect("row object");
+        let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "key",
+                "storeId",
+                "storeCode",
+                "storeName",
+                "date",
+                "sales",
+                "customers",
+                "transactions"
+            ]
+        );
+        assert_eq!(r["key"], json!(day_key(d)));
+        assert_eq!(r["storeId"], d["storeId"]);
+        assert_eq!(r["storeCode"], d["storeCode"]);
+        assert_eq!(r["storeName"], d["storeName"]);
+        assert_eq!(r["date"], d["date"]);
+        for m in ["sales", "customers", "transactions"] {
+            assert_eq!(jnum(&r[m]), jnum(&d["day"][m]), "{m} of {}", r["key"]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_format_and_shape_matches_the_database() {
+    let f = fixture(&[]).await;
+    seed(&f).await;
+    let days = db_days(&f, None).await;
+    let docs = db_docs(&f, None).await;
+    assert_eq!(docs.len(), 24);
+    assert!(days.len() > 500);
+
+    // Daily CSV: RFC 4180 with CRLF, header, awkward names round-trip.
+    let e = export(&f.admin, "format=csv&shape=daily", None).await;
+    assert_eq!(e.status, 200, "{}", String::from_utf8_lossy(&e.body));
+    assert_eq!(e.header("content-type"), "text/csv; charset=utf-8");
+    assert_eq!(
+        e.header("content-disposition"),
+        "attachment; filename=\"sales-all-daily.csv\""
+    );
+    assert_eq!(e.header("cache-control"), "no-store");
+    assert!(!e.header("x-export-id").is_empty());
+    assert!(e.headers.get("etag").is_none());
+    assert_eq!(e.header("x-export-estimated-rows"), days.len().to_string());
+    assert!(e
+        .text()
+        .starts_with("key,store_id,store_code,store_name,date,sales,customers,transactions\r\n"));
+    let (header, rows) = csv_records(&e.body);
+    assert_eq!(
+        header,
+        [
+            "key",
+            "store_id",
+            "store_code",
+            "store_name",
+            "date",
+            "sales",
+            "customers",
+            "transactions"
+        ]
+    );
+    assert_eq!(rows.len(), days.len());
+    for (r, d) in rows.iter().zip(&days) {
+        assert_eq!(r[0], day_key(d));
+        assert_eq!(r[1], d["storeId"].to_string());
+        assert_eq!(r[2], d["storeCode"].as_str().unwrap());
+        assert_eq!(r[3], d["storeName"].as_str().unwrap());
+        assert_eq!(r[4], d["date"].as_str().unwrap());
+        for (i, m) in ["sales", "customers", "transactions"].iter().enumerate() {
+            assert_eq!(num(&r[5 + i]), jnum(&d["day"][m]), "{m} of {}", r[0]);
+        }
+    }
+    assert!(rows.iter().any(|r| r[3] == AWKWARD_NAME));
+    assert!(e.text().contains("\"Acme, \"\"Best\"\" Store\nSecond line"));
+
+    // Daily JSON (one array) and NDJSON (one object per line).
+    let e = export(&f.admin, "format=json&shape=daily", None).await;
+    assert_eq!(e.status, 200);
+    assert_eq!(e.header("content-type"), "application/json");
+    check_daily_objects(e.json().as_array().expect("one JSON array"), &days);
+    let e = export(&f.admin, "format=ndjson&shape=daily", None).await;
+    assert_eq!(e.status, 200);
+    assert_eq!(e.header("content-type"), "application/x-ndjson");
+    assert_eq!(
+        e.header("content-disposition"),
+        "attachment; filename=\"sales-all-daily.ndjson\""
+    );
+    check_daily_objects(&ndjson(&e.body), &days);
+
+    // Monthly CSV: a row per store-month, a column pair per day.
+    let e = export(&f.admin, "format=csv&shape=monthly", None).await;
+    assert_eq!(e.status, 200);
+    let (header, rows) = csv_records(&e.body);
+    assert_eq!(header.len(), 10 + 62);
+    assert_eq!(
+        header[..10],
+        [
+            "key",
+            "store_id",
+            "store_code",
+            "store_name",
+            "region",
+            "year",
+            "month",
+            "total_sales",
+            "total_customers",
+            "days_reported"
+        ]
+    );
+    assert_eq!(header[10], "d1_sales");
+    assert_eq!(header[11], "d1_customers");
+    assert_eq!(header[71], "d31_customers");
+    assert_eq!(rows.len(), docs.len());
+    for (r, d) in rows.iter().zip(&docs) {
+        assert_eq!(r[0], month_key(d));
+        assert_eq!(r[1], d["storeId"].to_string());
+        assert_eq!(r[2], d["storeCode"].as_str().unwrap());
+        assert_eq!(r[3], d["storeName"].as_str().unwrap());
+        assert_eq!(r[4], d["region"].as_str().unwrap());
+        assert_eq!(r[5], d["year"].to_string());
+        assert_eq!(r[6], d["month"].to_string());
+        assert_eq!(num(&r[7]), jnum(&d["totalSales"]));
+        assert_eq!(num(&r[8]), jnum(&d["totalCustomers"]));
+        assert_eq!(num(&r[9]), jnum(&d["daysReported"]));
+        for day in 1..=31usize {
+            let v = &d["dailyData"][day.to_string()];
+            assert_eq!(
+                num(&r[8 + 2 * day]),
+                jnum(&v["sales"]),
+                "d{day} of {}",
+                r[0]
+            );
+            assert_eq!(
+                num(&r[9 + 2 * day]),
+                jnum(&v["customers"]),
+                "d{day} of {}",
+                r[0]
+            );
+        }
+    }
+    assert!(rows.iter().any(|r| r[3] == AWKWARD_NAME));
+
+    // Monthly JSON / NDJSON: the sales documents plus `key`.
+    for fmt in ["json", "ndjson"] {
+        let e = export(&f.admin, &format!("format={fmt}&shape=monthly"), None).await;
+        assert_eq!(e.status, 200);
+        let rows = if fmt == "json" {
+            e.json().as_array().expect("array").clone()
+        } else {
+            ndjson(&e.body)
+        };
+        assert_eq!(rows.len(), docs.len());
+        for (r, d) in rows.iter().zip(&docs) {
+            let mut want: Map<String, Value> = d.as_object().unwrap().clone();
+            for k in ["storeName", "storeCode", "region"] {
+                want.remove(k);
+            }
+            want.insert("key".into(), json!(month_key(d)));
+            assert_eq!(r.as_object().unwrap().keys().next().unwrap(), "key");
+            assert_eq!(r, &Value::Object(want), "{fmt}");
+        }
+    }
+
+    // Projection (monthly JSON): only `key` and the asked-for paths.
+    let e = export(
+        &f.admin,
+        "format=ndjson&shape=monthly&fields=storeId,total_sales,dailyData.2.sales,store.name",
+        None,
+    )
+    .await;
+    assert_eq!(e.status, 200);
+    let rows = ndjson(&e.body);
+    assert_eq!(rows.len(), docs.len());
+    for (r, d) in rows.iter().zip(&docs) {
+        let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["dailyData", "key", "store", "storeId", "totalSales"]);
+        assert_eq!(r["store"]["name"], d["storeName"]);
+        assert_eq!(
+            jnum(&r["dailyData"]["2"]["sales"]),
+            jnum(&d["dailyData"]["2"]["sales"])
+        );
+    }
+    // Everything excluded: the key stays.
+    let e = export(
+        &f.admin,
+        "format=json&shape=monthly&exclude=id,storeId,year,month,dailyData,totalSales,totalCustomers,daysReported,version,createdAt,updatedAt",
+        None,
+    )
+    .await;
+    assert_eq!(e.status, 200);
+    let rows = e.json();
+    assert_eq!(rows[0], json!({"key": month_key(&docs[0])}));
+
+    // Filters: one store, a period range; the file name says so.
+    let s = f.stores[2];
+    let e = export(
+        &f.admin,
+        &format!("format=csv&shape=daily&storeId={s}&from=2024-02&to=2024-03"),
+        None,
+    )
+    .await;
+    assert_eq!(e.status, 200);
+    assert_eq!(
+        e.header("content-disposition"),
+        format!("attachment; filename=\"sales-store{s}-2024-02_2024-03-daily.csv\"")
+    );
+    let (_, rows) = csv_records(&e.body);
+    let want: Vec<String> = db_days(&f, Some(&[s]))
+        .await
+        .iter()
+        .filter(|d| {
+            let date = d["date"].as_str().unwrap();
+            ("2024-02".."2024-04").contains(&date)
+        })
+        .map(day_key)
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), want);
+    let e = export(&f.admin, "format=json&shape=daily&minTotalSales=1e12", None).await;
+    assert_eq!(e.status, 200);
+    assert_eq!(e.text(), "[]\n");
+    let e = export(&f.admin, "format=csv&shape=daily&year=2023", None).await;
+    assert_eq!(
+        e.text(),
+        "key,store_id,store_code,store_name,date,sales,customers,transactions\r\n"
+    );
+    let e = export(&f.admin, "format=ndjson&shape=daily&year=2023", None).await;
+    assert_eq!(e.text(), "");
+}
+
+/// Splits a full export at several keys, resumes after each, and checks
+/// that the parts put together equal the full export.
+#[tokio::test]
+async fn resume_after_key_equals_one_full_export() {
+    let f = fixture(&[]).await;
+    seed(&f).await;
+    for (fmt, shape) in [
+        ("csv", "daily"),
+        ("ndjson", "daily"),
+        ("json", "daily"),
+        ("csv", "monthly"),
+        ("ndjson", "monthly"),
+        ("json", "monthly"),
+    ] {
+        let base = format!("format={fmt}&shape={shape}");
+        let full = export(&f.admin, &base, None).await;
+        assert_eq!(full.status, 200);
+        // (key, row as text) of every row.
+        let rows_of = |e: &Export| -> Vec<(String, String)> {
+            match fmt {
+                "csv" => {
+                    let (_, rows) = csv_records(&e.body);
+                    rows.into_iter()
+                        .map(|r| (r[0].clone(), r.join("\u{1}")))
+                        .collect()
+                }
+                "ndjson" => ndjson(&e.body)
+                    .into_iter()
+                    .map(|v| (v["key"].as_str().unwrap().to_string(), v.to_string()))
+                    .collect(),
+                _ => e
+                    .json()
+                    .as_array()
+                    .expect("array")
+                    .iter()
+                    .map(|v| (v["key"].as_str().unwrap().to_string(), v.to_string()))
+                    .collect(),
+            }
+        };
+        let all = rows_of(&full);
+        let n = all.len();
+        assert!(n > 20, "{base}");
+        let keys: Vec<String> = all.iter().map(|r| r.0.clone()).collect();
+        let mut sorted = keys.clone();
+        // Key order: store id (as a number), then the date.
+        sorted.sort_by_key(|k| {
+            let (store, date) = k.split_once(':').unwrap();
+            (store.parse::<i64>().unwrap(), date.to_string())
+        });
+        assert_eq!(sorted, keys, "rows come in key order ({base})");
+        sorted.dedup();
+        assert_eq!(sorted.len(), n, "keys are unique ({base})");
+        // Cut points: a few rows in, a third, two thirds, the last row but one.
+        let cuts = [2, n / 3, 2 * n / 3, n - 2];
+        let mut joined: Vec<(String, String)> = all[..=cuts[0]].to_vec();
+        for (i, &cut) in cuts.iter().enumerate() {
+            let after = &all[cut].0;
+            let part = export(&f.admin, &format!("{base}&after={after}"), None).await;
+            assert_eq!(part.status, 200, "{}", part.text());
+            let rows = rows_of(&part);
+            let upto = cuts.get(i + 1).copied().unwrap_or(n - 1);
+            assert_eq!(rows.len(), n - cut - 1, "{base} after {after}");
+            assert_eq!(
+                part.header("x-export-estimated-rows"),
+                (n - cut - 1).to_string(),
+                "{base} after {after}"
+            );
+            joined.extend_from_slice(&rows[..upto - cut]);
+        }
+        assert_eq!(joined, all, "{base}");
+        // After the very last key: nothing.
+        let last = keys.last().unwrap();
+        let tail = export(&f.admin, &format!("{base}&after={last}"), None).await;
+        assert_eq!(tail.status, 200);
+        assert!(rows_of(&tail).is_empty(), "{base}");
+    }
+    // CSV without a header, for appending a resumed part to a file.
+    let e = export(&f.admin, "format=csv&shape=daily&header=false", None).await;
+    assert!(e
+        .text()
+        .starts_with(&format!("{}:2024-01-01,", f.stores[0])));
+    // A key of the wrong shape is refused, naming the parameter.
+    let e = export(&f.admin, "format=csv&shape=daily&after=1:2024-01", None).await;
+    assert_eq!(e.status, 400);
+    assert_eq!(e.json()["error"]["details"]["parameter"], "after");
+    let e = export(&f.admin, "format=csv&shape=monthly&after=garbage", None).await;
+    assert_eq!(e.status, 400);
+}
+
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .read_to_end(&mut out)
+        .expect("valid gzip");
+    out
+}
+
+#[tokio::test]
+async fn compressed_exports_decode_to_the_same_content() {
+    let f = fixture(&[("COMPRESSION_LEVEL", "3")]).await;
+    seed(&f).await;
+    for year in 2021..=2023 {
+        seed_year(&f, year, 12).await;
+    }
+    for query in [
+        "format=csv&shape=daily",
+        "format=json&shape=monthly",
+        "format=ndjson&shape=daily",
+    ] {
+        let plain = export(&f.admin, query, Some("identity")).await;
+        assert_eq!(plain.status, 200);
+        assert!(plain.headers.get("content-encoding").is_none());
+        assert!(plain.body.len() > 64 * 1024, "several chunks ({query})");
+
+        let z = export(&f.admin, query, Some("gzip, deflate, br, zstd")).await;
+        assert_eq!(z.status, 200);
+        assert_eq!(z.header("content-encoding"), "zstd");
+        assert!(z.header("vary").contains("Accept-Encoding"));
+        assert!(z.body.len() < plain.body.len() / 3, "{query}");
+        assert_eq!(zstd::decode_all(&z.body[..]).expect("zstd"), plain.body);
+
+        let g = export(&f.admin, query, Some("gzip")).await;
+        assert_eq!(g.status, 200);
+        assert_eq!(g.header("content-encoding"), "gzip");
+        assert!(g.body.len() < plain.body.len() / 3, "{query}");
+        assert_eq!(gunzip(&g.body), plain.body);
+
+        // Brotli is not offered for streams: identity.
+        let b = export(&f.admin, query, Some("br")).await;
+        assert!(b.headers.get("content-encoding").is_none());
+        assert_eq!(b.body, plain.body);
+    }
+}
+
+#[tokio::test]
+async fn progress_events_go_through_postgres() {
+    let f = fixture(&[]).await;
+    seed(&f).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&f.db.url)
+        .await
+        .expect("listener");
+    listener.listen("sales_ephemeral").await.expect("listen");
+    let e = export(&f.admin, "format=ndjson&shape=daily", None).await;
+    assert_eq!(e.status, 200);
+    let rows = ndjson(&e.body).len() as u64;
+    let id = e.header("x-export-id").to_string();
+    let mut events: Vec<Value> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = tokio::time::timeout_at(deadline, listener.recv())
+            .await
+            .expect("final progress event within 15 s")
+            .expect("notification");
+        let v: Value = serde_json::from_str(n.payload()).expect("JSON payload");
+        if v["data"]["exportId"] != json!(id) {
+            continue;
+        }
+        let done = v["data"]["done"] == json!(true);
+        events.push(v);
+        if done {
+            break;
+        }
+    }
+    for v in &events {
+        assert_eq!(v["userId"], json!(f.admin_id));
+        assert_eq!(v["event"], "export-progress");
+        assert_eq!(v["data"]["estimatedTotal"], json!(rows));
+        assert!(v["data"]["percent"].as_f64().unwrap() <= 100.0);
+    }
+    let last = &events.last().unwrap()["data"];
+    assert_eq!(last["status"], "completed");
+    assert_eq!(last["rowsSent"], json!(rows));
+    assert_eq!(last["percent"], json!(100.0));
+    assert_eq!(last["cancelled"], json!(false));
+    assert!(last["error"].is_null());
+    // A few per second at most.
+    assert!(events.len() <= 10, "{} events", events.len());
+}
+
+#[tokio::test]
+async fn roles_scope_and_bad_parameters() {
+    let f = fixture(&[]).await;
+    seed(&f).await;
+    let (a, b) = (f.stores[0], f.stores[1]);
+    let (_, staff) = user_token(&f.db, &f.server, "s@example.com", "staff", &[a]).await;
+    let staff = Api::new(&f.server, Some(&staff));
+    let (_, manager) = user_token(&f.db, &f.server, "m@example.com", "manager", &[a]).await;
+    let manager = Api::new(&f.server, Some(&manager));
+
+    let e = export(&staff, &format!("format=csv&storeId={a}"), None).await;
+    assert_eq!(e.status, 403);
+    assert_eq!(e.json()["error"]["code"], "forbidden");
+    let e = export(&Api::new(&f.server, None), "format=csv", None).await;
+    assert_eq!(e.status, 401);
+
+    // A manager: a store outside the scope is 403; no filter means only theirs.
+    let e = export(&manager, &format!("format=csv&storeId={b}"), None).await;
+    assert_eq!(e.status, 403);
+    let e = export(&manager, &format!("format=csv&storeId={a},{b}"), None).await;
+    assert_eq!(e.status, 403);
+    let e = export(&manager, "format=ndjson&shape=daily", None).await;
+    assert_eq!(e.status, 200);
+    let rows = ndjson(&e.body);
+    assert_eq!(rows.len(), db_days(&f, Some(&[a])).await.len());
+    assert!(rows.iter().all(|r| r["storeId"] == json!(a)));
+
+    for (query, param) in [
+        ("format=xml", "format"),
+        ("format=csv&shape=weekly", "shape"),
+        ("format=csv&fields=storeId", "fields"),
+        ("format=json&shape=daily&fields=storeId", "fields"),
+        ("format=json&shape=monthly&fields=nope", "fields"),
+        ("format=csv&year=1999", "year"),
+        ("format=csv&from=2024-07&to=2024-01", "from"),
+        ("format=csv&storeId=x", "storeId"),
+        ("format=csv&region=a%00b", "region"),
+        ("format=csv&after=1:2024-13", "after"),
+    ] {
+        let e = export(&f.admin, query, None).await;
+        assert_eq!(e.status, 400, "{query}: {}", e.text());
+        assert_eq!(
+            e.json()["error"]["details"]["parameter"],
+            json!(param),
+            "{query}: {}",
+            e.text()
+        );
+    }
+    // A region name with quotes is a value, never SQL.
+    let e = export(&f.admin, "format=csv&region=No'rth%22%3B--", None).await;
+    assert_eq!(e.status, 200);
+    assert_eq!(csv_records(&e.body).1.len(), 0);
+    let e = export(&f.admin, "format=csv&shape=daily&region=North", None).await;
+    assert_eq!(e.status, 200);
+    assert!(!csv_records(&e.body).1.is_empty());
+}
+
+/// Sessions of the test database that an export could leave behind: a
+/// running COPY, or a transaction left open.
+async fn leftovers(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT format('%s %s %s', pid, state, left(query, 60)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND ((state = 'active' AND query ILIKE 'COPY%')
+                OR state IN ('idle in transaction', 'idle in transaction (aborted)'))",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// About 290,000 store-days (some 45 MB of JSON): far more than socket
+/// buffers hold, so an export is still running when the client leaves.
+async fn seed_big(f: &Fixture) {
+    let mut tx = f.db.pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE sales.monthly_sales DISABLE TRIGGER USER")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO sales.stores (code, name, region)
+         SELECT 'BIG' || i, 'Big store ' || i, 'West' FROM generate_series(1, 400) i",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         SELECT s.id, 2022 + mo / 12, 1 + mo % 12,
+                (SELECT jsonb_object_agg(d::text, jsonb_build_object('sales', d * 10.5, 'customers', d, 'transactions', d + 3))
+                 FROM generate_series(1, 28) d)
+         FROM sales.stores s, generate_series(0, 23) mo WHERE s.code LIKE 'BIG%'",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("ALTER TABLE sales.monthly_sales ENABLE TRIGGER USER")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Opens an export and reads its first chunk; the response is kept open.
+async fn open_export(api: &Api, query: &str) -> (String, reqwest::Response) {
+    let mut r = api
+        .req(
+            reqwest::Method::GET,
+            &format!("/api/v2/sales/export?{query}"),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-export-id"].to_str().unwrap().to_string();
+    let first = tokio::time::timeout(Duration::from_secs(30), r.chunk())
+        .await
+        .expect("first chunk in time")
+        .expect("chunk")
+        .expect("a first chunk");
+    assert!(!first.is_empty());
+    (id, r)
+}
+
+#[tokio::test]
+async fn disconnect_cancels_the_query_and_the_limit_answers_429() {
+    let f = fixture(&[("EXPORT_MAX_CONCURRENT", "1")]).await;
+    seed_big(&f).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&f.db.url)
+        .await
+        .expect("listener");
+    listener.listen("sales_ephemeral").await.expect("listen");
+
+    let (id, open) = open_export(&f.admin, "format=json&shape=daily").await;
+    // The export is running (a COPY on the server's connection) ...
+    let running = eventually(Duration::from_secs(10), "the COPY to show up", || async {
+        let l = leftovers(&f.db).await;
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert!(running.iter().any(|s| s.contains("COPY")), "{running:?}");
+
+    // ... and holds the only export slot.
+    let busy = export(&f.admin, "format=csv", None).await;
+    assert_eq!(busy.status, 429, "{}", busy.text());
+    assert!(busy.header("retry-after").parse::<u64>().unwrap() >= 1);
+    assert_eq!(busy.json()["error"]["code"], "rate_limited");
+
+    // The client goes away mid-stream.
+    drop(open);
+    let left = eventually(
+        Duration::from_secs(15),
+        "no COPY and no open transaction in pg_stat_activity",
+        || async {
+            let l = leftovers(&f.db).await;
+            l.is_empty().then_some(l)
+        },
+    )
+    .await;
+    assert!(left.is_empty());
+
+    // The user is told the export was cancelled, short of its total.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let last = loop {
+        let n = tokio::time::timeout_at(deadline, listener.recv())
+            .await
+            .expect("a final progress event")
+            .expect("notification");
+        let v: Value = serde_json::from_str(n.payload()).unwrap();
+        if v["data"]["exportId"] == json!(id) && v["data"]["done"] == json!(true) {
+            break v;
+        }
+    };
+    assert_eq!(last["data"]["status"], "cancelled");
+    assert_eq!(last["data"]["cancelled"], json!(true));
+    let sent = last["data"]["rowsSent"].as_u64().unwrap();
+    let total = last["data"]["estimatedTotal"].as_u64().unwrap();
+    assert!(sent < total, "{sent} of {total}");
+
+    // The slot is free again, and the pool still works.
+    let ok = eventually(
+        Duration::from_secs(10),
+        "the export slot to be freed",
+        || async {
+            let e = export(
+                &f.admin,
+                "format=csv&shape=monthly&year=2023&storeId=1",
+                None,
+            )
+            .await;
+            (e.status == 200).then_some(e)
+        },
+    )
+    .await;
+    assert!(ok.text().starts_with("key,"));
+    let (st, _) = f.admin.get("/api/v2/sales?limit=1").await;
+    assert_eq!(st, 200);
+
+    // Cancelling before the first byte (a slow client that never reads) is
+    // handled the same way: open, drop at once.
+    let r = f
+        .admin
+        .req(
+            reqwest::Method::GET,
+            "/api/v2/sales/export?format=csv&shape=daily",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(r);
+    eventually(
+        Duration::from_secs(15),
+        "no leftovers after an early drop",
+        || async { leftovers(&f.db).await.is_empty().then_some(()) },
+    )
+    .await;
+}
