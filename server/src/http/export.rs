@@ -725,8 +725,7 @@ impl ExportApi {
             encoding,
             level: self.state.config.compression_level,
             header: csv_header,
-            read_pool: self.state.read_pool(),
-            notify_pool: self.state.pool.clone(),
+            state: self.state.clone(),
             user_id: auth.0.user_id,
             export_id: export_id.clone(),
             _permit: permit,
@@ -758,8 +757,7 @@ struct Job {
     encoding: Encoding,
     level: u32,
     header: bool,
-    read_pool: PgPool,
-    notify_pool: PgPool,
+    state: Arc<AppState>,
     user_id: i64,
     export_id: String,
     /// Held for as long as the export runs (EXPORT_MAX_CONCURRENT).
@@ -805,7 +803,7 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
     let (progress_tx, progress_rx) = watch::channel(Snapshot::default());
     let notifier = tokio::spawn(
         notify_progress(
-            job.notify_pool.clone(),
+            job.state.pool.clone(),
             job.user_id,
             job.export_id.clone(),
             job.format,
@@ -814,7 +812,8 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
         )
         .instrument(tracing::Span::current()),
     );
-    let mut conn = match job.read_pool.acquire().await {
+    // A replica when one is configured and has caught up, else the primary.
+    let mut conn = match job.state.read_conn().await {
         Ok(c) => c,
         Err(e) => {
             let _ = started.send(Err(ApiError::from(e)));
@@ -824,7 +823,7 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
             return;
         }
     };
-    let mut pid: Option<i32> = None;
+    let mut pid: Option<Backend> = None;
     let mut started = Some(started);
     let mut bytes_out: u64 = 0;
     let outcome = {
@@ -854,7 +853,7 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
             );
         }
         Err(stop) => {
-            discard(conn, pid, &job.read_pool).await;
+            discard(conn, pid, &job.state).await;
             let state = match &stop {
                 Stop::Cancelled(why) => {
                     tracing::info!(export_id = %job.export_id, rows, reason = why, "export cancelled");
@@ -889,19 +888,37 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
     let _ = notifier.await;
 }
 
+/// The server process behind a connection: its pid and start time, which
+/// together name it unambiguously on whichever server (primary or replica)
+/// it runs.
+type Backend = (i32, chrono::DateTime<chrono::Utc>);
+
 /// A connection whose COPY may still be running: cancel the query from
-/// another connection and close this one (never back to the pool).
-async fn discard(conn: PoolConnection<Postgres>, pid: Option<i32>, pool: &PgPool) {
+/// another connection and close this one (never back to the pool). The
+/// session also has `client_connection_check_interval` set, so the server
+/// stops on its own once the socket is gone, even mid-sort.
+async fn discard(conn: PoolConnection<Postgres>, backend: Option<Backend>, state: &AppState) {
     let raw = conn.detach();
-    if let Some(pid) = pid {
-        let cancel = sqlx::query("SELECT pg_cancel_backend($1)")
+    if let Some((pid, started)) = backend {
+        // The connection came from the replica or the primary: ask both; the
+        // start time makes sure only this session is cancelled.
+        let mut pools = vec![state.pool.clone()];
+        if state.config.database_replica_url.is_some() {
+            pools.push(state.read_pool());
+        }
+        for pool in pools {
+            let cancel = sqlx::query(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2",
+            )
             .bind(pid)
-            .execute(pool);
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), cancel)
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut))
-        {
-            tracing::warn!(pid, error = %e, "could not cancel the export query; closing its connection");
+            .bind(started)
+            .execute(&pool);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), cancel)
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+            {
+                tracing::warn!(pid, error = %e, "could not cancel the export query; closing its connection");
+            }
         }
     }
     // Closing the session ends (rolls back) its transaction.
@@ -933,24 +950,29 @@ async fn stream(
     job: &Job,
     tx: &mpsc::Sender<io::Result<Bytes>>,
     started: &mut Option<Started>,
-    pid: &mut Option<i32>,
+    pid: &mut Option<Backend>,
     progress: &watch::Sender<Snapshot>,
     bytes_out: &mut u64,
 ) -> Result<(), Stop> {
     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await?;
-    let (backend, total): (i32, i64) =
-        sqlx::query_as(&format!("SELECT pg_backend_pid(), ({})", job.sql.count))
-            .persistent(false)
-            .fetch_one(&mut **conn)
-            .await?;
-    *pid = Some(backend);
+    let (backend, backend_start, total): (i32, chrono::DateTime<chrono::Utc>, i64) =
+        sqlx::query_as(&format!(
+            "SELECT pg_backend_pid(), \
+             (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), ({})",
+            job.sql.count
+        ))
+        .persistent(false)
+        .fetch_one(&mut **conn)
+        .await?;
+    *pid = Some((backend, backend_start));
     let total = total.max(0) as u64;
     // The COPY may run longer than DB_QUERY_TIMEOUT; the transaction-local
     // settings end with it.
     conn.execute(
         "SET LOCAL statement_timeout = 0; SET LOCAL jit = off; \
-         SET LOCAL idle_in_transaction_session_timeout = '60s'",
+         SET LOCAL idle_in_transaction_session_timeout = '60s'; \
+         SET LOCAL client_connection_check_interval = '1s'",
     )
     .await?;
     let mut rows = conn.copy_out_raw(&job.sql.copy).await?;
