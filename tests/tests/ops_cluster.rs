@@ -1,0 +1,381 @@
+//! Redis Cluster: the cache over three local `redis-server --cluster-enabled
+//! yes` nodes joined by `redis-cli --cluster create`. Hits and misses, and tag
+//! invalidation when the entry and its tags live in different slots (on
+//! different nodes): an API write, a plain SQL UPDATE (through the relay),
+//! a multi-store list, and an admin clear.
+
+use sales_e2e::{eventually, month, user_token, Api, TestDb};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Three cluster nodes on loopback, each in its own temporary directory;
+/// killed and removed on drop.
+struct RedisCluster {
+    ports: Vec<u16>,
+    dirs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+/// A port `p` such that `p` and the cluster bus port `p + 10000` are both free
+/// (chosen below the kernel's ephemeral range so outgoing connections do not
+/// take them meanwhile).
+fn cluster_port(taken: &[u16]) -> u16 {
+    use rand::Rng;
+    for _ in 0..1000 {
+        let p: u16 = rand::thread_rng().gen_range(12000..22000);
+        if taken.iter().any(|t| t.abs_diff(p) < 3) {
+            continue;
+        }
+        let a = std::net::TcpListener::bind(("127.0.0.1", p));
+        let b = std::net::TcpListener::bind(("127.0.0.1", p + 10000));
+        if a.is_ok() && b.is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        let mut c = RedisCluster {
+            ports: Vec::new(),
+            dirs: Vec::new(),
+            children: Vec::new(),
+        };
+        for _ in 0..3 {
+            let port = cluster_port(&c.ports);
+            let dir = std::env::temp_dir()
+                .join(format!("pgs_rcluster_{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(dir.join("nodes.conf"))
+                .args([
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            c.ports.push(port);
+            c.dirs.push(dir);
+            c.children.push(child);
+        }
+        for &p in &c.ports {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while redis_cli(p, &["ping"]).trim() != "PONG" {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster node {p} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for &p in &c.ports {
+            while !redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster_state never became ok on {p}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        c
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The keys each node holds under `prefix`.
+    fn keys_by_node(&self, prefix: &str) -> Vec<Vec<String>> {
+        self.ports
+            .iter()
+            .map(|&p| {
+                redis_cli(p, &["--scan", "--pattern", &format!("{prefix}:*")])
+                    .lines()
+                    .map(str::to_string)
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The node (index) that holds `key`'s slot, and the value there.
+    fn get(&self, key: &str) -> Option<String> {
+        self.ports.iter().find_map(|&p| {
+            let v = redis_cli(p, &["get", key]);
+            let v = v.trim();
+            (!v.is_empty() && !v.starts_with("MOVED")).then(|| v.to_string())
+        })
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+async fn stats(admin: &Api) -> Value {
+    let (st, body) = admin.get("/api/admin/cache/stats").await;
+    assert_eq!(st, 200, "{body}");
+    body
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+/// GETs `path` and says whether it was a hit, with the body.
+async fn probe(admin: &Api, path: &str) -> (bool, Value) {
+    let before = stats(admin).await;
+    let (st, body) = admin.get(path).await;
+    assert_eq!(st, 200, "{path}: {body}");
+    let after = stats(admin).await;
+    let hit = n(&after, "hits") > n(&before, "hits");
+    assert_ne!(
+        hit,
+        n(&after, "misses") > n(&before, "misses"),
+        "exactly one of hit or miss"
+    );
+    (hit, body)
+}
+
+/// Waits until `server`'s relay has handled every event in the log (and so
+/// made its invalidations), so a later relay bump cannot race a probe.
+async fn settled(db: &TestDb, server: &sales_server::RunningServer) {
+    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "relay caught up", || async {
+        (server.state.hub.position().id >= head).then_some(())
+    })
+    .await;
+}
+
+fn total_of(body: &Value, store: i64) -> f64 {
+    body["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter(|r| r["storeId"].as_i64() == Some(store))
+        .map(|r| r["totalSales"].as_f64().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn cache_over_redis_cluster_invalidates_across_slots() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await;
+    let (a, b, c) = (stores[0], stores[1], stores[2]);
+    let mut cfg = db.config(&[("REDIS_TIMEOUT", "1s")]);
+    cfg.redis_url = None;
+    cfg.redis_cluster_urls = cluster.urls();
+    let server = sales_server::Server::bind(cfg).await.expect("bind").spawn();
+    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+
+    let st = stats(&admin).await;
+    assert_eq!(st["backend"], "redis-cluster", "{st}");
+    assert_eq!(st["healthy"], true, "{st}");
+    let (_, health) = Api::new(&server, None).get("/health").await;
+    assert_eq!(health["status"], "ok", "{health}");
+
+    let recs: Vec<Value> = stores
+        .iter()
+        .flat_map(|&s| (1..=3).map(move |m| month(s, 2024, m, 28, s as f64)))
+        .collect();
+    let (st, body) = admin
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": recs}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    settled(&db, &server).await;
+
+    // Entries with different tags: one store-month, another month of the
+    // same store, another store's month, a two-store list (two tags) and a
+    // cross-store list (sales:all).
+    let a2 = format!("/api/v2/sales?storeId={a}&year=2024&month=2&fields=storeId,totalSales");
+    let a3 = format!("/api/v2/sales?storeId={a}&year=2024&month=3&fields=storeId,totalSales");
+    let b2 = format!("/api/v2/sales?storeId={b}&year=2024&month=2&fields=storeId,totalSales");
+    let ab = format!(
+        "/api/v2/sales?storeId={a},{b}&year=2024&month=2&fields=storeId,totalSales&limit=200"
+    );
+    let all = "/api/v2/sales?year=2024&month=2&fields=storeId,totalSales&limit=200".to_string();
+    let summary = "/api/v2/sales/summary?groupBy=store".to_string();
+    for p in [&a2, &a3, &b2, &ab, &all, &summary] {
+        let (hit, _) = probe(&admin, p).await;
+        assert!(!hit, "first read of {p} is a miss");
+        let (hit, _) = probe(&admin, p).await;
+        assert!(hit, "second read of {p} is a hit");
+    }
+    let (_, body) = probe(&admin, &a2).await;
+    assert_eq!(total_of(&body, a), 28.0 * a as f64);
+
+    // Entries and tag counters are spread over the nodes (different slots).
+    let keys = cluster.keys_by_node(&db.name);
+    let used = keys.iter().filter(|k| !k.is_empty()).count();
+    assert!(used >= 2, "keys on one node only: {keys:?}");
+
+    // An API write to store A, month 2.
+    let (st, body) = admin
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": [{"storeId": a, "year": 2024, "month": 2, "dailyData": {"1": {"sales": 1000}}}]}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let want = 27.0 * a as f64 + 1000.0;
+    // The writer reads its own write at once from every entry that depends on it.
+    for p in [&a2, &ab, &all] {
+        let (hit, body) = probe(&admin, p).await;
+        assert!(!hit, "{p} was invalidated by the write");
+        assert_eq!(total_of(&body, a), want, "{p}: {body}");
+    }
+    let (hit, body) = probe(&admin, &summary).await;
+    assert!(!hit, "summary invalidated");
+    let row = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == a.to_string())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        row["totalSales"].as_f64().unwrap(),
+        want + 2.0 * 28.0 * a as f64,
+        "{row}"
+    );
+    // Unrelated entries survive (also the relay's own bump for the write).
+    settled(&db, &server).await;
+    for p in [&a3, &b2] {
+        let (hit, _) = probe(&admin, p).await;
+        assert!(hit, "{p} survives a write to store {a} month 2");
+    }
+    // The counters the write bumped live in different slots.
+    let t_month = format!("{}:t:store:{a}:2024-02", db.name);
+    let t_store = format!("{}:t:store:{a}", db.name);
+    let t_all = format!("{}:t:sales:all", db.name);
+    for t in [&t_month, &t_store, &t_all] {
+        let v: u64 = cluster
+            .get(t)
+            .unwrap_or_else(|| panic!("{t} missing"))
+            .parse()
+            .unwrap();
+        assert!(v >= 1, "{t} = {v}");
+    }
+    let slots: std::collections::BTreeSet<String> = [&t_month, &t_store, &t_all]
+        .iter()
+        .map(|t| {
+            redis_cli(cluster.ports[0], &["cluster", "keyslot", t])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(slots.len(), 3, "three different slots: {slots:?}");
+
+    // A plain SQL UPDATE of store B month 2: the relay invalidates.
+    sqlx::query("UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 7}}' WHERE store_id = $1 AND year = 2024 AND month = 2")
+        .bind(b)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for p in [&b2, &ab, &all] {
+        eventually(
+            Duration::from_secs(5),
+            "fresh value after a SQL update",
+            || async {
+                let (_, body) = admin.get(p).await;
+                (total_of(&body, b) == 7.0).then_some(())
+            },
+        )
+        .await;
+    }
+    settled(&db, &server).await;
+    admin.get(&b2).await;
+    let (hit, body) = probe(&admin, &b2).await;
+    assert!(hit, "the fresh value is cached again");
+    assert_eq!(total_of(&body, b), 7.0);
+    let (_, body) = probe(&admin, &all).await;
+    assert_eq!(total_of(&body, a), want, "store {a} unchanged");
+    assert_eq!(total_of(&body, c), 28.0 * c as f64, "store {c} unchanged");
+
+    // A second instance shares the cluster cache and its invalidations.
+    let mut cfg = db.config(&[("REDIS_TIMEOUT", "1s")]);
+    cfg.redis_url = None;
+    cfg.redis_cluster_urls = cluster.urls();
+    let two = sales_server::Server::bind(cfg).await.expect("bind").spawn();
+    let admin2 = Api::new(&two, Some(&token));
+    settled(&db, &two).await;
+    let (hit, body) = probe(&admin2, &a3).await;
+    assert!(hit, "instance two hits what instance one stored: {body}");
+    let (st, _) = admin2
+        .post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": a, "year": 2024, "month": 3, "dailyData": {"1": {"sales": 5}}}]}))
+        .await;
+    assert_eq!(st, 200);
+    eventually(
+        Duration::from_secs(5),
+        "instance one sees instance two's write",
+        || async {
+            let (_, body) = admin.get(&a3).await;
+            (total_of(&body, a) == 5.0).then_some(())
+        },
+    )
+    .await;
+
+    // Admin clear: everything misses once.
+    let (st, body) = admin.post("/api/admin/cache/clear", &json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    for p in [&a2, &b2, &all] {
+        let (hit, _) = probe(&admin, p).await;
+        assert!(!hit, "{p} misses after clear");
+    }
+    let st = stats(&admin).await;
+    assert_eq!(n(&st, "errors"), 0, "no cluster errors: {st}");
+    two.stop().await;
+    server.stop().await;
+    drop(cluster);
+}
