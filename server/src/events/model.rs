@@ -82,15 +82,17 @@ pub struct Event {
     pub kind_name: String,
     pub kind: Kind,
     pub store_id: Option<i64>,
-    /// The addressee of a user notification; the actor for every other kind.
+    /// Set only on user-only events (notifications): that user alone sees them.
     pub user_id: Option<i64>,
+    /// Who caused the event (the `sales.user_id` setting of the writer).
+    pub actor_id: Option<i64>,
     pub row_id: Option<i64>,
     pub row_version: Option<i64>,
     pub payload: Value,
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, (xid::text)::bigint AS xid, kind, store_id, user_id, row_id, row_version, payload, created_at";
+const COLUMNS: &str = "id, (xid::text)::bigint AS xid, kind, store_id, user_id, actor_id, row_id, row_version, payload, created_at";
 
 impl Event {
     pub fn pos(&self) -> Pos {
@@ -114,6 +116,7 @@ impl Event {
             kind_name,
             store_id: row.try_get("store_id")?,
             user_id: row.try_get("user_id")?,
+            actor_id: row.try_get("actor_id")?,
             row_id: row.try_get("row_id")?,
             row_version: row.try_get("row_version")?,
             payload: row.try_get("payload")?,
@@ -276,7 +279,8 @@ mod tests {
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: Some(3),
-            user_id: Some(1),
+            user_id: None,
+            actor_id: Some(1),
             row_id: Some(9),
             row_version: Some(2),
             payload,

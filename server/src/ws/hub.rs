@@ -151,6 +151,13 @@ impl ResumeSnapshot {
                 live |= pos > s;
             }
         };
+        if let Some(u) = e.user_id {
+            // A user-only event: that user's own channel, nothing else.
+            if u == conn.user_id {
+                check(Some(self.user_since));
+            }
+            return matched && !live;
+        }
         match e.kind {
             k if k.is_sales() => {
                 if let Some(s) = e.store_id {
@@ -164,11 +171,10 @@ impl ResumeSnapshot {
                 check(self.since(Channel::Stores))
             }
             Kind::Announcement => check(self.since(Channel::Announcements)),
-            Kind::UserNotification if e.user_id == Some(conn.user_id) => {
-                check(Some(self.user_since))
-            }
             Kind::BatchCompleted => {
-                if e.user_id == Some(conn.user_id) {
+                // The batch's author gets it on their own channel; admins may
+                // follow every batch.
+                if e.actor_id == Some(conn.user_id) {
                     check(Some(self.user_since));
                 }
                 check(self.since(Channel::Batch));
@@ -230,6 +236,10 @@ impl Registry {
     /// Calls `f` for each connection an event goes to (a connection may come
     /// twice; the queue drops the repeat).
     fn targets(&self, e: &Event, mut f: impl FnMut(&Arc<Conn>)) {
+        if let Some(u) = e.user_id {
+            // A user-only event (user notifications): that user alone.
+            return Self::each(self.users.get(&u), &mut f);
+        }
         match e.kind {
             k if k.is_sales() => {
                 if let Some(s) = e.store_id {
@@ -249,14 +259,9 @@ impl Registry {
                 }
             }
             Kind::Announcement => Self::each(self.channels.get(&Channel::Announcements), &mut f),
-            Kind::UserNotification => {
-                if let Some(u) = e.user_id {
-                    Self::each(self.users.get(&u), &mut f);
-                }
-            }
             Kind::BatchCompleted => {
-                if let Some(u) = e.user_id {
-                    Self::each(self.users.get(&u), &mut f);
+                if let Some(a) = e.actor_id {
+                    Self::each(self.users.get(&a), &mut f);
                 }
                 Self::each(self.channels.get(&Channel::Batch), &mut f);
             }
@@ -391,6 +396,16 @@ impl Hub {
     /// Subscribes after checking the connection's claims; `Ok(false)` when
     /// it was already subscribed.
     pub fn subscribe(&self, conn: &Arc<Conn>, ch: Channel) -> Result<bool, SubscribeError> {
+        let mut reg = self.reg();
+        self.subscribe_locked(&mut reg, conn, ch)
+    }
+
+    fn subscribe_locked(
+        &self,
+        reg: &mut Registry,
+        conn: &Arc<Conn>,
+        ch: Channel,
+    ) -> Result<bool, SubscribeError> {
         let allowed = match ch {
             Channel::Sales(s) => conn.can_access_store(s),
             Channel::Batch => conn.is_admin(),
@@ -400,7 +415,6 @@ impl Hub {
             self.counters.refused_subscriptions.fetch_add(1, Relaxed);
             return Err(SubscribeError::Forbidden(ch.name()));
         }
-        let mut reg = self.reg();
         let position = reg.position;
         {
             let mut st = conn.lock();
@@ -554,22 +568,37 @@ impl Hub {
     }
 
     /// Starts a resume: live events for `conn` are held back from now on.
-    pub fn begin_resume(&self, conn: &Conn) -> Result<ResumeSnapshot, &'static str> {
-        let reg = self.reg();
+    /// Subscribing to `add` at the same moment, so that nothing is
+    /// delivered live on them before the replay.
+    #[allow(clippy::type_complexity)]
+    pub fn begin_resume(
+        &self,
+        conn: &Arc<Conn>,
+        add: &[Channel],
+    ) -> Result<(ResumeSnapshot, Vec<Result<bool, SubscribeError>>), &'static str> {
+        let mut reg = self.reg();
+        {
+            let st = conn.lock();
+            if st.close.is_some() {
+                return Err("connection is closing");
+            }
+            if st.catch_up.is_some() {
+                return Err("a resume is already in progress");
+            }
+        }
+        let added = add
+            .iter()
+            .map(|ch| self.subscribe_locked(&mut reg, conn, *ch))
+            .collect();
         let mut st = conn.lock();
-        if st.close.is_some() {
-            return Err("connection is closing");
-        }
-        if st.catch_up.is_some() {
-            return Err("a resume is already in progress");
-        }
         st.catch_up = Some(Vec::new());
         self.counters.resumes.fetch_add(1, Relaxed);
-        Ok(ResumeSnapshot {
+        let snap = ResumeSnapshot {
             upto: reg.position,
             subs: st.subs.clone(),
             user_since: st.user_since,
-        })
+        };
+        Ok((snap, added))
     }
 
     /// Queues a replayed event, waiting (without holding anything) while the
@@ -768,44 +797,6 @@ impl Hub {
         })
     }
 
-    /// Publishes the stats as Prometheus series (no-ops without a recorder).
-    pub fn publish_metrics(&self) {
-        let (total, roles) = {
-            let reg = self.reg();
-            let mut roles = [0u64; 3];
-            for c in reg.conns.values() {
-                roles[match c.role {
-                    Role::Admin => 0,
-                    Role::Manager => 1,
-                    Role::Staff => 2,
-                }] += 1;
-            }
-            (reg.conns.len(), roles)
-        };
-        for (role, n) in ["admin", "manager", "staff"].iter().zip(roles) {
-            metrics::gauge!("ws_connections", "role" => *role).set(n as f64);
-        }
-        metrics::gauge!("ws_connections_total").set(total as f64);
-        let k = &self.counters;
-        metrics::counter!("ws_messages_sent_total").absolute(k.sent.load(Relaxed));
-        metrics::counter!("ws_messages_dropped_total").absolute(k.dropped.load(Relaxed));
-        for (reason, v) in [
-            ("slow_consumer", &k.closed_slow),
-            ("heartbeat", &k.closed_heartbeat),
-            ("token_expired", &k.closed_expired),
-            ("shutdown", &k.closed_shutdown),
-            ("policy", &k.closed_policy),
-        ] {
-            metrics::counter!("ws_closed_total", "reason" => reason).absolute(v.load(Relaxed));
-        }
-        metrics::counter!("ws_events_relayed_total").absolute(k.events_relayed.load(Relaxed));
-        metrics::gauge!("ws_relay_connected").set(if self.relay.connected.load(Relaxed) {
-            1.0
-        } else {
-            0.0
-        });
-    }
-
     #[cfg(test)]
     fn queued(&self, conn: &Conn) -> Vec<String> {
         conn.lock()
@@ -847,14 +838,21 @@ mod tests {
         }
     }
 
+    /// `user` is the addressee of a user notification, else the actor.
     fn event(id: i64, kind: &str, store: Option<i64>, user: Option<i64>) -> Event {
+        let only_for = if kind == "user-notification" {
+            user
+        } else {
+            None
+        };
         Event {
             id,
             xid: 1000 + id,
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: store,
-            user_id: user,
+            user_id: only_for,
+            actor_id: user,
             row_id: None,
             row_version: Some(1),
             payload: json!({}),
@@ -934,7 +932,7 @@ mod tests {
         h.dispatch(&event(1, "sales-data-created", Some(1), None)); // before the subscription
         h.subscribe(&c, Channel::Sales(1)).unwrap();
         h.dispatch(&event(2, "sales-data-created", Some(1), None)); // live
-        let snap = h.begin_resume(&c).unwrap();
+        let (snap, _) = h.begin_resume(&c, &[]).unwrap();
         assert_eq!(snap.upto.id, 2);
         h.dispatch(&event(3, "sales-data-created", Some(1), None)); // held back
         assert!(
@@ -949,7 +947,7 @@ mod tests {
             !snap.wants(&c, &event(1, "sales-data-created", Some(2), None)),
             "not subscribed"
         );
-        assert!(h.begin_resume(&c).is_err());
+        assert!(h.begin_resume(&c, &[]).is_err());
         assert_eq!(ids(&h, &c), vec![2]);
         h.finish_resume(
             &c,
@@ -960,7 +958,7 @@ mod tests {
         );
         assert_eq!(ids(&h, &c), vec![2, 3]);
         // After the resume, every event since `from` counts as delivered.
-        let again = h.begin_resume(&c).unwrap();
+        let (again, _) = h.begin_resume(&c, &[]).unwrap();
         assert!(!again.wants(&c, &event(1, "sales-data-created", Some(1), None)));
     }
 

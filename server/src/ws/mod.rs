@@ -45,8 +45,10 @@ const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 const READ_BUFFER: usize = 512;
 /// Frames are gathered up to this many bytes before a write to the socket.
 const WRITE_BUFFER: usize = 4096;
-/// How long a closing connection waits for the client's close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection waits for the client's close frame: a slow
+/// consumer gets time to read what was already written before the close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CLOSE_TIMEOUT_SLOW: Duration = Duration::from_secs(10);
 /// Events read from the log per query during a replay.
 const REPLAY_PAGE: i32 = 500;
 
@@ -342,7 +344,12 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, state: Arc<AppState
     match outcome {
         Outcome::Close(code, reason) => {
             hub.close(&conn, code, reason);
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let wait = if code == protocol::CLOSE_SLOW_CONSUMER {
+                CLOSE_TIMEOUT_SLOW
+            } else {
+                CLOSE_TIMEOUT
+            };
+            let _ = tokio::time::timeout(wait, async {
                 if socket.close(Some(close_frame(code, reason))).await.is_ok() {
                     // Read until the client answers, so it gets everything sent before.
                     while let Some(Ok(_)) = socket.next().await {}
@@ -449,30 +456,11 @@ impl Session {
         };
         match request {
             ClientMessage::Ping => hub.reply(conn, protocol::pong()),
-            ClientMessage::Subscribe { event } => match Channel::parse(&event) {
-                Some(ch) => match hub.subscribe(conn, ch) {
-                    Ok(_) => hub.reply(conn, protocol::subscribed(&event, false)),
-                    Err(e @ SubscribeError::Forbidden(_)) => hub.reply(
-                        conn,
-                        protocol::error("forbidden", &e.to_string(), Some(&event)),
-                    ),
-                    Err(e @ SubscribeError::TooMany(_)) => hub.reply(
-                        conn,
-                        protocol::error("too_many_subscriptions", &e.to_string(), Some(&event)),
-                    ),
-                },
-                None if protocol::IMPLICIT.contains(&event.as_str()) => {
-                    hub.reply(conn, protocol::subscribed(&event, true))
+            ClientMessage::Subscribe { event } => {
+                if let Some(ch) = channel_or_reply(hub, conn, &event) {
+                    subscribe_reply(hub, conn, &event, hub.subscribe(conn, ch))
                 }
-                None => hub.reply(
-                    conn,
-                    protocol::error(
-                        "unknown_channel",
-                        "channels are sales-data-<storeId>, stores, announcements and batch",
-                        Some(&event),
-                    ),
-                ),
-            },
+            }
             ClientMessage::Unsubscribe { event } => match Channel::parse(&event) {
                 Some(ch) => {
                     hub.unsubscribe(conn, ch);
@@ -491,7 +479,10 @@ impl Session {
                     protocol::error("unknown_channel", "no such channel", Some(&event)),
                 ),
             },
-            ClientMessage::Resume { last_event_id } => {
+            ClientMessage::Resume {
+                last_event_id,
+                events,
+            } => {
                 if last_event_id < 0 {
                     return hub.reply(
                         conn,
@@ -502,8 +493,16 @@ impl Session {
                         ),
                     );
                 }
-                match hub.begin_resume(conn) {
-                    Ok(snap) => {
+                let named: Vec<(String, Channel)> = events
+                    .into_iter()
+                    .filter_map(|e| channel_or_reply(hub, conn, &e).map(|ch| (e, ch)))
+                    .collect();
+                let channels: Vec<Channel> = named.iter().map(|(_, ch)| *ch).collect();
+                match hub.begin_resume(conn, &channels) {
+                    Ok((snap, added)) => {
+                        for ((name, _), result) in named.iter().zip(added) {
+                            subscribe_reply(hub, conn, name, result);
+                        }
                         tokio::spawn(replay(
                             self.state.clone(),
                             conn.clone(),
@@ -516,6 +515,42 @@ impl Session {
             }
         }
     }
+}
+
+/// The channel a name denotes; otherwise answers (implicit channel: ack;
+/// unknown: error) and returns `None`.
+fn channel_or_reply(hub: &Hub, conn: &Conn, event: &str) -> Option<Channel> {
+    match Channel::parse(event) {
+        Some(ch) => Some(ch),
+        None if protocol::IMPLICIT.contains(&event) => {
+            hub.reply(conn, protocol::subscribed(event, true));
+            None
+        }
+        None => {
+            hub.reply(
+                conn,
+                protocol::error(
+                    "unknown_channel",
+                    "channels are sales-data-<storeId>, stores, announcements and batch",
+                    Some(event),
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn subscribe_reply(hub: &Hub, conn: &Conn, event: &str, result: Result<bool, SubscribeError>) {
+    let text = match result {
+        Ok(_) => protocol::subscribed(event, false),
+        Err(e @ SubscribeError::Forbidden(_)) => {
+            protocol::error("forbidden", &e.to_string(), Some(event))
+        }
+        Err(e @ SubscribeError::TooMany(_)) => {
+            protocol::error("too_many_subscriptions", &e.to_string(), Some(event))
+        }
+    };
+    hub.reply(conn, text);
 }
 
 enum ReplayEnd {
@@ -688,12 +723,10 @@ pub fn start(state: &Arc<AppState>) -> Realtime {
         let mut ping = tokio::time::interval(hub.cfg.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
-        let mut metrics = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = rx.changed() => return,
                 _ = ping.tick() => hub.heartbeat(),
-                _ = metrics.tick() => hub.publish_metrics(),
             }
         }
     });

@@ -3,7 +3,8 @@
 //!
 //! Client → server:
 //! `{"type":"subscribe","event":"sales-data-12"}`, `{"type":"unsubscribe","event":"stores"}`,
-//! `{"type":"ping"}`, `{"type":"resume","lastEventId":1234}`.
+//! `{"type":"ping"}`, `{"type":"resume","lastEventId":1234}` (optionally with
+//! `"events":["sales-data-12",...]` to subscribe and resume in one step).
 //!
 //! Server → client: `{"type":"ready",...}` once, acks (`subscribed`, `unsubscribed`,
 //! `resumed`), `{"type":"pong"}`, `{"type":"error","code":...,"message":...}` and
@@ -87,9 +88,13 @@ pub enum ClientMessage {
         event: String,
     },
     Ping,
+    /// `events` (optional) subscribes to those channels at the moment the
+    /// replay starts, so nothing on them arrives live before the replay.
     Resume {
         #[serde(rename = "lastEventId")]
         last_event_id: i64,
+        #[serde(default)]
+        events: Vec<String>,
     },
 }
 
@@ -189,12 +194,22 @@ mod tests {
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"resume","lastEventId":42}"#),
-            Ok(ClientMessage::Resume { last_event_id: 42 })
+            Ok(ClientMessage::Resume {
+                last_event_id: 42,
+                events: vec![]
+            })
         );
         assert!(ClientMessage::parse(r#"{"type":"dance"}"#)
             .unwrap_err()
             .contains("type must be"));
         assert!(ClientMessage::parse("{").is_err());
         assert!(ClientMessage::parse(r#"{"type":"resume"}"#).is_err());
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"resume","lastEventId":1,"events":["stores"]}"#),
+            Ok(ClientMessage::Resume {
+                last_event_id: 1,
+                events: vec!["stores".into()]
+            })
+        );
     }
 }

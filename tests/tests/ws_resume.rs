@@ -1,0 +1,239 @@
+//! Resume: a client that comes back with its last event id is replayed what
+//! it may see and missed, then follows live events with no gap and no
+//! duplicate at the seam, even while writes go on; a pruned id answers
+//! `resync_required`.
+
+mod ws_common;
+
+use sales_e2e::TestDb;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+use ws_common::*;
+
+/// Waits until the server has relayed everything logged so far (the
+/// horizon is cluster-wide: other databases' transactions can hold it back).
+async fn relayed_all(db: &TestDb, server: &sales_e2e::RunningServer) {
+    let max: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    sales_e2e::eventually(WAIT, "the relay to catch up", || async {
+        (server.state.hub.position().id >= max).then_some(())
+    })
+    .await;
+}
+
+/// Frames after a resume until `n` events have arrived: (events, the resumed reply).
+async fn after_resume(c: &mut Client, n: usize) -> (Vec<Value>, Value) {
+    let mut got: Vec<Value> = c.pending.drain(..).collect();
+    let mut resumed = None;
+    while got.len() < n || resumed.is_none() {
+        let f = c.frame().await.expect("open");
+        match f["type"].as_str() {
+            Some("resumed") => resumed = Some(f),
+            Some("subscribed") => {}
+            None => got.push(f),
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    c.assert_no_event(Duration::from_millis(300)).await;
+    (got, resumed.unwrap())
+}
+
+/// Ids of the sales events of `store` after `after`, in delivery order.
+async fn logged_ids(db: &TestDb, store: i64, after: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT id FROM sales.events WHERE kind LIKE 'sales-data-%' AND store_id = $1 AND id > $2 ORDER BY xid, id",
+    )
+    .bind(store)
+    .bind(after)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let (s1, s2) = (s[0], s[1]);
+    let me = user(&db, "me@example.test", "staff", &[s1]).await;
+    let someone = user(&db, "someone@example.test", "staff", &[s2]).await;
+    let server = db.server(&[]).await;
+    let t = token(me, "staff", &[s1]);
+
+    let mut c = Client::connect(server.addr, &t).await;
+    c.subscribe(&format!("sales-data-{s1}")).await;
+    upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await;
+    let last_seen = c.event().await["id"].as_i64().unwrap();
+    drop(c);
+
+    // While away: 100 events for s1, interleaved with events it may not see.
+    for i in 0..100 {
+        upsert(
+            &db,
+            vec![record(
+                s1,
+                2024,
+                1 + (i % 12),
+                1 + (i as u32 % 28),
+                i as i64,
+            )],
+        )
+        .await;
+        if i % 10 == 0 {
+            upsert(&db, vec![record(s2, 2024, 1, 1, i as i64)]).await;
+            sqlx::query("SELECT sales.notify_user($1, 'for someone else')")
+                .bind(someone)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("SELECT sales.notify_user($1, 'missed while away')")
+        .bind(me)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(logged_ids(&db, s1, last_seen).await.len(), 100);
+    relayed_all(&db, &server).await;
+
+    // Writes keep coming while it reconnects, subscribes and resumes.
+    let writer = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            for i in 0..60 {
+                let rec = record(s1, 2025, 1 + (i % 12), 1, 1000 + i as i64);
+                sqlx::query("SELECT sales.batch_upsert($1)")
+                    .bind(json!([rec]))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let channel = format!("sales-data-{s1}");
+    // One client subscribes and resumes in one message: strict log order.
+    let mut atomic = Client::connect(server.addr, &t).await;
+    atomic
+        .send(json!({"type": "resume", "lastEventId": last_seen, "events": [channel]}))
+        .await;
+    // Another subscribes first and resumes after some live events arrived.
+    let mut separate = Client::connect(server.addr, &t).await;
+    separate.subscribe(&channel).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    separate
+        .send(json!({"type": "resume", "lastEventId": last_seen}))
+        .await;
+    writer.await.unwrap();
+
+    let expected_sales = logged_ids(&db, s1, last_seen).await;
+    assert_eq!(expected_sales.len(), 160);
+    for (name, c) in [("atomic", &mut atomic), ("separate", &mut separate)] {
+        let (got, resumed) = after_resume(c, expected_sales.len() + 1).await;
+        assert_eq!(resumed["lastEventId"], last_seen);
+        let ids: Vec<i64> = got.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+        let unique: HashSet<i64> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len(), "{name}: no duplicates: {ids:?}");
+        let mut sales: Vec<i64> = got
+            .iter()
+            .filter(|e| e["event"] != "user-notification")
+            .map(|e| e["id"].as_i64().unwrap())
+            .collect();
+        if name == "separate" {
+            // Events delivered live before the resume came first; the rest
+            // follows in log order.
+            let order: std::collections::HashMap<i64, usize> = expected_sales
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i))
+                .collect();
+            sales.sort_by_key(|id| order[id]);
+        }
+        assert_eq!(
+            sales, expected_sales,
+            "{name}: every sales event of s1 once, in log order"
+        );
+        let notes: Vec<&Value> = got
+            .iter()
+            .filter(|e| e["event"] == "user-notification")
+            .collect();
+        assert_eq!(notes.len(), 1, "{name}: only the user's own notification");
+        assert_eq!(notes[0]["data"]["message"], "missed while away");
+        assert!(got
+            .iter()
+            .all(|e| e["data"]["storeId"] == s1 || e["event"] == "user-notification"));
+        if name == "atomic" {
+            assert!(resumed["replayed"].as_u64().unwrap() >= 101, "{resumed}");
+            // Versions of each row only go up.
+            let mut seen: std::collections::HashMap<i64, i64> = Default::default();
+            for e in got.iter().filter(|e| e["event"] != "user-notification") {
+                let (row, v) = (
+                    e["data"]["id"].as_i64().unwrap(),
+                    e["data"]["version"].as_i64().unwrap(),
+                );
+                assert!(
+                    seen.insert(row, v).is_none_or(|old| old < v),
+                    "row {row} went back to version {v}"
+                );
+            }
+        }
+    }
+    let st = stats(server.addr).await;
+    assert_eq!(st["resumes"], 2);
+    assert!(st["messages"]["replayed"].as_u64().unwrap() >= 101);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resume_from_zero_replays_what_is_retained() {
+    let db = TestDb::new().await;
+    let s1 = db.stores(1).await[0];
+    upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await; // before the server started
+    let server = db.server(&[]).await;
+    relayed_all(&db, &server).await;
+    let mut c = Client::connect(server.addr, &token(1, "admin", &[])).await;
+    c.subscribe("stores").await;
+    c.subscribe(&format!("sales-data-{s1}")).await;
+    c.send(json!({"type": "resume", "lastEventId": 0})).await;
+    let ev = c.events(2).await;
+    assert_eq!(ev[0]["event"], "store-created");
+    assert_eq!(ev[1]["event"], "sales-data-created");
+    assert_eq!(c.reply("resumed").await["replayed"], 2);
+    upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
+    assert_eq!(c.event().await["event"], "sales-data-updated");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pruned_id_requires_resync_and_the_connection_goes_on() {
+    let db = TestDb::new().await;
+    let s1 = db.stores(1).await[0];
+    let server = db.server(&[]).await;
+    let mut c = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
+    c.subscribe(&format!("sales-data-{s1}")).await;
+    upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await;
+    let old = c.event().await["id"].as_i64().unwrap();
+    // The maintenance command prunes with EVENT_RETENTION; prune everything.
+    sqlx::query("SELECT sales.prune_events('0 seconds')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    c.send(json!({"type": "resume", "lastEventId": old})).await;
+    let err = c.reply("resumed").await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "resync_required");
+    upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
+    assert_eq!(c.event().await["event"], "sales-data-updated");
+    assert_eq!(stats(server.addr).await["resyncRequired"], 1);
+
+    // An id that never existed is just as unknown.
+    c.send(json!({"type": "resume", "lastEventId": 987654321}))
+        .await;
+    assert_eq!(c.reply("resumed").await["code"], "resync_required");
+    server.stop().await;
+}
