@@ -281,7 +281,7 @@ async fn cache_over_redis_cluster_invalidates_across_slots() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["key"] == a.to_string())
+        .find(|r| r["key"].as_str().and_then(|k| k.parse::<i64>().ok()) == Some(a))
         .cloned()
         .unwrap();
     assert_eq!(

@@ -205,6 +205,13 @@ pub struct Cache {
     ttl: Duration,
     compress_min: usize,
     degraded: Arc<AtomicBool>,
+    /// Invalidations that failed (Redis unreachable), counted; `settled` is
+    /// the count the last full clear covered. While they differ, Redis may
+    /// hold entries a write has made stale (it comes back from a snapshot,
+    /// or a partition heals), so nothing is served until every entry has
+    /// been invalidated at once.
+    lost: AtomicU64,
+    settled: AtomicU64,
 }
 
 impl Cache {
@@ -223,6 +230,8 @@ impl Cache {
             ttl: config.cache_ttl,
             compress_min: config.cache_compress_min,
             degraded,
+            lost: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
         }
     }
 
@@ -275,6 +284,11 @@ impl Cache {
     }
 
     pub async fn lookup(&self, key: &str, tags: &[String]) -> Lookup {
+        if !self.settle_lost_invalidations().await {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Miss(None);
+        }
         let tag_keys = self.tag_keys(tags);
         let found = match &self.backend {
             Backend::Redis(r) => r.fetch(key, &tag_keys).await,
@@ -297,6 +311,25 @@ impl Cache {
                 Lookup::Miss(None)
             }
         }
+    }
+
+    /// After a failed invalidation, bumps the tag every entry carries before
+    /// anything is served again. False while that is not possible yet.
+    async fn settle_lost_invalidations(&self) -> bool {
+        let lost = self.lost.load(Ordering::Acquire);
+        if lost == self.settled.load(Ordering::Acquire) {
+            return true;
+        }
+        let Backend::Redis(r) = &self.backend else {
+            return true;
+        };
+        if r.bump(&[self.tag_key(TAG_ALL)]).await.is_err() {
+            return false;
+        }
+        if self.settled.fetch_max(lost, Ordering::AcqRel) < lost {
+            tracing::info!("cache cleared: invalidations were lost while Redis was unavailable");
+        }
+        true
     }
 
     pub async fn store(&self, key: &str, versions: Vec<u64>, body: Vec<u8>) {
@@ -340,6 +373,7 @@ impl Cache {
                 .fetch_add(keys.len() as u64, Ordering::Relaxed);
         } else {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.lost.fetch_add(1, Ordering::AcqRel);
         }
     }
 

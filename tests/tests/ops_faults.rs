@@ -1,0 +1,1122 @@
+//! Fault tests, bounded in time and on loopback only:
+//!
+//! - Postgres (a private cluster, so other tests are not disturbed) restarted
+//!   while clients read, write and hold WebSockets: the server process stays
+//!   up, answers 503 at worst while the database is away, succeeds again
+//!   within 5 s of it being back, and every WebSocket client (some of them
+//!   dropped and reconnecting during the outage) ends up with every event.
+//! - Redis killed and restarted under load: every request answered 2xx,
+//!   health degraded while it is down and ok after.
+//! - The server binary killed with SIGKILL in the middle of a 5,000-record
+//!   batch: the database holds all of it or none of it, and no events of a
+//!   batch that did not happen.
+//! - A short soak: the soak binary (`make soak`) for 20 s with 100 WebSockets.
+
+use futures_util::{SinkExt, StreamExt};
+use sales_e2e::private_pg::PrivatePg;
+use sales_e2e::{eventually, redis_url, server_bin, TestDb, TEST_JWT_SECRET};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Signs a token the way the server does (HS256 with the test secret).
+fn sign(user_id: i64, role: &str, stores: &[i64]) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({
+        "sub": user_id.to_string(), "email": format!("user{user_id}@example.test"),
+        "role": role, "stores": stores, "exp": now + 3600, "iat": now,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The server binary running as a child process; killed on drop.
+struct ServerProc {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl ServerProc {
+    /// Starts `sales-server serve` with `env` and PORT=0, and waits for its
+    /// "listening on http://..." line.
+    fn start(env: &[(String, String)]) -> ServerProc {
+        let bin = server_bin();
+        assert!(
+            bin.exists(),
+            "{} is missing: build it with `cargo build -p sales-server`",
+            bin.display()
+        );
+        let log =
+            std::env::temp_dir().join(format!("pgs_server_{}.log", uuid::Uuid::new_v4().simple()));
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .env_remove("DATABASE_REPLICA_URL")
+            .env_remove("REDIS_CLUSTER_URLS")
+            .env_remove("LOG_FORMAT")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PORT", "0")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the server binary");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.trim().strip_prefix("listening on http://") {
+                        break a.parse().expect("address");
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "the server did not start: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+            }
+        };
+        ServerProc { child, addr, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// Waits (polling) for the process to exit.
+    async fn exited(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap()
+}
+
+/// One HTTP request made by the load.
+#[derive(Debug, Clone)]
+struct Op {
+    kind: &'static str,
+    start: Instant,
+    end: Instant,
+    /// The status, or the transport error.
+    outcome: Result<u16, String>,
+}
+
+/// Reads and writes against `base` until `stop`: writers change one day of
+/// a store-month per request (so each write makes events), readers list,
+/// get one record and summarise.
+fn spawn_load(
+    base: String,
+    token: String,
+    stores: Vec<i64>,
+    ids: Vec<i64>,
+    writers: usize,
+    readers: usize,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Vec<Op>>>, Vec<tokio::task::JoinHandle<()>>) {
+    let ops: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (base, token, stores, stop, ops) = (
+            base.clone(),
+            token.clone(),
+            stores.clone(),
+            stop.clone(),
+            ops.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = http();
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                let store = stores[(w + k) % stores.len()];
+                let rec = json!({"storeId": store, "year": 2024, "month": 1 + (k % 12),
+                    "dailyData": {(1 + k % 28).to_string(): {"sales": (w * 1_000_000 + k) as f64, "customers": 1}}});
+                let start = Instant::now();
+                let r = client
+                    .post(format!("{base}/api/v2/sales/batch"))
+                    .bearer_auth(&token)
+                    .json(&json!({"salesDataArray": [rec]}))
+                    .send()
+                    .await;
+                let outcome = match r {
+                    Ok(r) => Ok(r.status().as_u16()),
+                    Err(e) => Err(e.to_string()),
+                };
+                ops.lock().unwrap().push(Op { kind: "write", start, end: Instant::now(), outcome });
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }));
+    }
+    for r in 0..readers {
+        let (base, token, stores, ids, stop, ops) = (
+            base.clone(),
+            token.clone(),
+            stores.clone(),
+            ids.clone(),
+            stop.clone(),
+            ops.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = http();
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                let (kind, path) = match (r + k) % 3 {
+                    0 => ("list", format!("/api/v2/sales?storeId={}&fields=storeId,year,month,totalSales&limit={}", stores[k % stores.len()], 10 + k % 50)),
+                    1 => ("get", format!("/api/v2/sales/{}?fields=id,totalSales", ids[k % ids.len()])),
+                    _ => ("summary", format!("/api/v2/sales/summary?groupBy=store&year=2024&month={}", 1 + k % 12)),
+                };
+                let start = Instant::now();
+                let r = client.get(format!("{base}{path}")).bearer_auth(&token).send().await;
+                let outcome = match r {
+                    Ok(r) => {
+                        let st = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        Ok(st)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                ops.lock().unwrap().push(Op { kind, start, end: Instant::now(), outcome });
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    (ops, tasks)
+}
+
+/// What a WebSocket follower received.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The hub position at the first connection: everything after it is owed.
+    baseline: Option<i64>,
+    /// Ids of sales-data events, in arrival order.
+    ids: Vec<i64>,
+    connects: u32,
+    resumed: u32,
+    /// Error replies (a failed resume while the database is down closes
+    /// the socket with 1011 instead).
+    errors: Vec<String>,
+}
+
+/// A client that subscribes to `channels`, and after every (re)connection
+/// resumes from the last event id it received, like a real client would.
+/// Bumping `kick` drops its connection (it reconnects at once).
+fn spawn_follower(
+    addr: SocketAddr,
+    token: String,
+    channels: Vec<String>,
+    mut stop: watch::Receiver<bool>,
+    mut kick: watch::Receiver<u32>,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        let url = format!("ws://{addr}/ws?token={token}");
+        let mut last: Option<i64> = None;
+        while !*stop.borrow() {
+            let ws = match tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_tungstenite::connect_async(&url),
+            )
+            .await
+            {
+                Ok(Ok((ws, _))) => ws,
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            seen.lock().unwrap().connects += 1;
+            kick.borrow_and_update();
+            let (mut tx, mut rx) = ws.split();
+            let mut ok = true;
+            for ch in &channels {
+                ok &= tx
+                    .send(Message::text(
+                        json!({"type": "subscribe", "event": ch}).to_string(),
+                    ))
+                    .await
+                    .is_ok();
+            }
+            let mut resume_sent = false;
+            if !ok {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = kick.changed() => break,
+                    msg = rx.next() => match msg {
+                        Some(Ok(Message::Text(t))) => {
+                            let v: Value = serde_json::from_str(&t).expect("JSON frame");
+                            match v["type"].as_str() {
+                                Some("ready") => {
+                                    let at = v["lastEventId"].as_i64().expect("ready.lastEventId");
+                                    let from = *last.get_or_insert(at);
+                                    seen.lock().unwrap().baseline.get_or_insert(at);
+                                    // Subscriptions were sent first, so the replay covers them.
+                                    if tx.send(Message::text(json!({"type": "resume", "lastEventId": from}).to_string())).await.is_err() {
+                                        break;
+                                    }
+                                    resume_sent = true;
+                                }
+                                Some("resumed") => seen.lock().unwrap().resumed += 1,
+                                Some("error") => seen.lock().unwrap().errors.push(v.to_string()),
+                                Some(_) => {}
+                                None => {
+                                    if let Some(id) = v["id"].as_i64() {
+                                        assert!(resume_sent, "an event before ready: {v}");
+                                        if v["event"].as_str().is_some_and(|e| e.starts_with("sales-data-")) {
+                                            seen.lock().unwrap().ids.push(id);
+                                        }
+                                        last = Some(id);
+                                    }
+                                }
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                        Some(Ok(_)) => {}
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    (out, task)
+}
+
+/// Ids of the sales-data events of `stores` delivered after event `after`
+/// (in the relay's (xid, id) order).
+async fn owed(pool: &sqlx::PgPool, stores: &[i64], after: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT id FROM sales.events
+         WHERE kind LIKE 'sales-data-%' AND store_id = ANY($1)
+           AND (xid::text::bigint, id) > coalesce((SELECT (xid::text::bigint, id) FROM sales.events WHERE id = $2), (0::bigint, 0::bigint))
+         ORDER BY xid, id",
+    )
+    .bind(stores)
+    .bind(after)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn postgres_restart_under_load() {
+    let pg = tokio::task::spawn_blocking(PrivatePg::start).await.unwrap();
+    let (url, pool) = pg.create_database("pgs_fault").await;
+    let stores: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO sales.stores (code, name, region)
+         SELECT 'F' || i, 'Store ' || i, 'North' FROM generate_series(1, 4) i RETURNING id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let (admin_id, _) =
+        sales_server::users::upsert_user(&pool, "admin@example.test", "admin", &[], "password-123")
+            .await
+            .unwrap();
+    let recs: Vec<Value> = stores
+        .iter()
+        .flat_map(|&s| (1..=12).map(move |m| sales_e2e::month(s, 2024, m, 28, 10.0)))
+        .collect();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(Value::Array(recs))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.monthly_sales ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+
+    let prefix = format!("pgs_fault_{}", uuid::Uuid::new_v4().simple());
+    let env: Vec<(String, String)> = [
+        ("DATABASE_URL", url.as_str()),
+        ("JWT_SECRET", TEST_JWT_SECRET),
+        ("REDIS_URL", redis_url().as_str()),
+        ("CACHE_PREFIX", prefix.as_str()),
+        ("LOG_LEVEL", "warn"),
+        ("RATE_LIMIT_PER_MINUTE", "1000000"),
+        ("DB_POOL_MAX", "8"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut server = ServerProc::start(&env);
+    let token = sign(admin_id, "admin", &[]);
+    let base = format!("http://{}", server.addr);
+
+    // Four followers: two keep their connection, two are dropped when the
+    // database goes away and reconnect (resuming) while it is down.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (kick_tx, kick_rx) = watch::channel(0u32);
+    let (_idle_tx, idle_kick) = watch::channel(0u32);
+    let mut followers = Vec::new();
+    for i in 0..4 {
+        let channels: Vec<String> = if i % 2 == 0 {
+            stores.iter().map(|s| format!("sales-data-{s}")).collect()
+        } else {
+            vec![format!("sales-data-{}", stores[i])]
+        };
+        let subscribed: Vec<i64> = if i % 2 == 0 {
+            stores.clone()
+        } else {
+            vec![stores[i]]
+        };
+        let kick = if i < 2 {
+            kick_rx.clone()
+        } else {
+            idle_kick.clone()
+        };
+        let (seen, task) = spawn_follower(
+            server.addr,
+            sign(admin_id, "admin", &[]),
+            channels,
+            stop_rx.clone(),
+            kick,
+        );
+        followers.push((subscribed, seen, task));
+    }
+    eventually(
+        Duration::from_secs(10),
+        "followers resumed once",
+        || async {
+            followers
+                .iter()
+                .all(|(_, s, _)| s.lock().unwrap().resumed >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let (ops, load) = spawn_load(
+        base.clone(),
+        token.clone(),
+        stores.clone(),
+        ids,
+        2,
+        2,
+        stop_load.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The restart: fast shutdown (open connections are terminated), one
+    // second away, start.
+    kick_tx.send_modify(|k| *k += 1);
+    let pg = Arc::new(pg);
+    let p = pg.clone();
+    let (down_at, back_at) =
+        tokio::task::spawn_blocking(move || p.restart(Duration::from_millis(1500)))
+            .await
+            .unwrap();
+    eprintln!("postgres down for {:?}", back_at - down_at);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    stop_load.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(server.alive(), "the server process died: {}", server.log());
+
+    // HTTP: only 503s, only while the database was away or just back, and
+    // every kind of request succeeds again within 5 s.
+    let ops = ops.lock().unwrap().clone();
+    let recovered_by = back_at + Duration::from_secs(5);
+    let mut by_kind: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for op in &ops {
+        let e = by_kind.entry(op.kind).or_default();
+        match &op.outcome {
+            Ok(200) => e.0 += 1,
+            Ok(503) => {
+                e.1 += 1;
+                assert!(op.end >= down_at, "503 before the restart: {op:?}");
+                assert!(
+                    op.start <= recovered_by,
+                    "503 for a request started {:?} after Postgres was back: {op:?}",
+                    op.start - back_at
+                );
+            }
+            other => panic!(
+                "{} answered {other:?} ({:?} after Postgres was back)\n{}",
+                op.kind,
+                op.end.checked_duration_since(back_at),
+                server.log()
+            ),
+        }
+    }
+    eprintln!("requests by kind (ok, 503): {by_kind:?}");
+    for kind in ["write", "list", "get", "summary"] {
+        let first_ok = ops
+            .iter()
+            .filter(|o| o.kind == kind && o.start >= back_at && o.outcome == Ok(200))
+            .map(|o| o.end)
+            .min()
+            .unwrap_or_else(|| panic!("no {kind} succeeded after the restart"));
+        assert!(
+            first_ok <= recovered_by,
+            "{kind} first succeeded {:?} after Postgres was back",
+            first_ok - back_at
+        );
+        assert!(
+            ops.iter()
+                .any(|o| o.kind == kind && o.start > recovered_by && o.outcome == Ok(200)),
+            "{kind}: load went on after recovery"
+        );
+    }
+    let writes_ok = ops
+        .iter()
+        .filter(|o| o.kind == "write" && o.outcome == Ok(200))
+        .count();
+    assert!(writes_ok >= 20, "{writes_ok} writes");
+
+    // WebSockets: every follower gets every event owed to it, once.
+    let check_pool = pg.pool(&pg.url("pgs_fault"), 2).await;
+    let mut expected = Vec::new();
+    for (subscribed, seen, _) in &followers {
+        let baseline = seen.lock().unwrap().baseline.unwrap();
+        expected.push(owed(&check_pool, subscribed, baseline).await);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "every event delivered to every follower",
+        || async {
+            followers
+                .iter()
+                .zip(&expected)
+                .all(|((_, seen, _), want)| {
+                    let got: HashSet<i64> = seen.lock().unwrap().ids.iter().copied().collect();
+                    want.iter().all(|id| got.contains(id))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    for (i, ((_, seen, _), want)) in followers.iter().zip(&expected).enumerate() {
+        let s = seen.lock().unwrap();
+        let unique: HashSet<i64> = s.ids.iter().copied().collect();
+        assert_eq!(unique.len(), s.ids.len(), "follower {i} got duplicates");
+        assert!(
+            want.len() >= 10,
+            "follower {i} was owed {} events",
+            want.len()
+        );
+        assert!(
+            !s.errors.iter().any(|e| e.contains("resync_required")),
+            "{:?}",
+            s.errors
+        );
+        eprintln!(
+            "follower {i}: {} events, {} connections, {} resumes",
+            s.ids.len(),
+            s.connects,
+            s.resumed
+        );
+        if i < 2 {
+            assert!(s.connects >= 2, "follower {i} was dropped and reconnected");
+        }
+    }
+    let ready = http()
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    let _ = stop_tx.send(true);
+    for (_, _, t) in followers {
+        let _ = t.await;
+    }
+    // Still a clean shutdown after all that.
+    server.signal("TERM");
+    let st = server
+        .exited(Duration::from_secs(20))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(st.success(), "exit status {st:?}: {}", server.log());
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    drop(check_pool);
+    drop(pool);
+}
+
+/// A private redis-server on its own port, so stopping it disturbs no other test.
+struct OwnRedis {
+    child: Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        Self::start_in(port, None)
+    }
+
+    /// With `dir`, Redis keeps its snapshot (dump.rdb) there and loads it at start.
+    fn start_in(port: u16, dir: Option<&std::path::Path>) -> Self {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        if let Some(d) = dir {
+            cmd.arg("--dir").arg(d);
+        }
+        let child = cmd.stdout(Stdio::null()).spawn().expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn health(base: &str) -> Value {
+    let r = http()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(r.status(), 200, "health answers 200 while Postgres is up");
+    r.json().await.unwrap()
+}
+
+async fn cache_stats(base: &str, token: &str) -> Value {
+    let r = http()
+        .get(format!("{base}/api/admin/cache/stats"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn ids_of(db: &TestDb) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM sales.monthly_sales ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_under_load() {
+    let db = TestDb::new().await;
+    let stores = db.stores(4).await;
+    let port = free_port();
+    let mut redis = OwnRedis::start(port);
+    let redis_at = format!("redis://127.0.0.1:{port}");
+    let server = db
+        .server(&[
+            ("REDIS_URL", redis_at.as_str()),
+            ("REDIS_TIMEOUT", "200ms"),
+            ("RATE_LIMIT_PER_MINUTE", "1000000"),
+        ])
+        .await;
+    let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
+    let base = format!("http://{}", server.addr);
+    let recs: Vec<Value> = stores
+        .iter()
+        .flat_map(|&s| (1..=12).map(move |m| sales_e2e::month(s, 2024, m, 28, 10.0)))
+        .collect();
+    let r = http()
+        .post(format!("{base}/api/v2/sales/batch"))
+        .bearer_auth(&token)
+        .json(&json!({"salesDataArray": recs}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(health(&base).await["status"], "ok");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ops, load) = spawn_load(
+        base.clone(),
+        token.clone(),
+        stores.clone(),
+        ids_of(&db).await,
+        2,
+        3,
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let hits_before = cache_stats(&base, &token).await["hits"].as_u64().unwrap();
+    assert!(hits_before > 0, "the load hits the cache");
+
+    redis.stop();
+    let killed = Instant::now();
+    eventually(Duration::from_secs(5), "health degraded", || async {
+        let h = health(&base).await;
+        (h["status"] == "degraded" && h["redis"]["up"] == false).then_some(())
+    })
+    .await;
+    eprintln!("degraded after {:?}", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = cache_stats(&base, &token).await;
+    assert_eq!(st["healthy"], false, "{st}");
+
+    let _redis = OwnRedis::start(port);
+    let restarted = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "health ok after the restart",
+        || async { (health(&base).await["status"] == "ok").then_some(()) },
+    )
+    .await;
+    eprintln!("ok again after {:?}", restarted.elapsed());
+    let hits_back = cache_stats(&base, &token).await["hits"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let st = cache_stats(&base, &token).await;
+    assert!(
+        st["hits"].as_u64().unwrap() > hits_back,
+        "cache hits again after the restart: {st}"
+    );
+    assert!(
+        st["errors"].as_u64().unwrap() > 0,
+        "the outage was noticed: {st}"
+    );
+
+    let ops = ops.lock().unwrap().clone();
+    let during = ops
+        .iter()
+        .filter(|o| o.start >= killed && o.end <= restarted)
+        .count();
+    assert!(during >= 20, "only {during} requests while Redis was down");
+    for op in &ops {
+        assert_eq!(
+            op.outcome,
+            Ok(200),
+            "{op:?} (Redis killed at +{:?})",
+            op.start.checked_duration_since(killed)
+        );
+    }
+    eprintln!(
+        "{} requests, {during} while Redis was down, all 200",
+        ops.len()
+    );
+    server.stop().await;
+}
+
+/// Redis frozen (SIGSTOP: a partition, or a stall) while a write happens: the
+/// write cannot bump its tags, so when Redis answers again the entry stored
+/// before must not be served.
+#[tokio::test]
+async fn redis_stall_loses_no_invalidation() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let s = stores[0];
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let redis_at = format!("redis://127.0.0.1:{port}");
+    let server = db
+        .server(&[("REDIS_URL", redis_at.as_str()), ("REDIS_TIMEOUT", "200ms")])
+        .await;
+    let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
+    let base = format!("http://{}", server.addr);
+    let write = |sales: f64| {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let r = http()
+                .post(format!("{base}/api/v2/sales/batch"))
+                .bearer_auth(&token)
+                .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    let read = || {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let r = http()
+                .get(format!(
+                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
+                ))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
+                .as_f64()
+                .unwrap()
+        }
+    };
+    write(1.0).await;
+    // Let the relay's own invalidation for that write land first.
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "relay caught up", || async {
+        (server.state.hub.position().id >= head).then_some(())
+    })
+    .await;
+    assert_eq!(read().await, 1.0);
+    assert_eq!(read().await, 1.0);
+    assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
+
+    redis.signal("STOP");
+    write(2.0).await;
+    assert_eq!(read().await, 2.0, "served from Postgres while Redis stalls");
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "relay handled the write",
+        || async { (server.state.hub.position().id >= head).then_some(()) },
+    )
+    .await;
+    redis.signal("CONT");
+    eventually(
+        Duration::from_secs(10),
+        "health ok after the stall",
+        || async { (health(&base).await["status"] == "ok").then_some(()) },
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            read().await,
+            2.0,
+            "no stale entry after Redis answers again"
+        );
+    }
+    server.stop().await;
+}
+
+/// Redis restarted from its snapshot (the default Redis configuration
+/// persists): entries and tag versions come back as they were when the
+/// snapshot was taken, so a write made while Redis was away, whose
+/// invalidation failed, must not leave the older entry servable.
+#[tokio::test]
+async fn redis_restored_from_snapshot_serves_no_stale_entry() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let s = stores[0];
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pgs_redis_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = OwnRedis::start_in(port, Some(&dir));
+    let redis_at = format!("redis://127.0.0.1:{port}");
+    let server = db
+        .server(&[("REDIS_URL", redis_at.as_str()), ("REDIS_TIMEOUT", "200ms")])
+        .await;
+    let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
+    let base = format!("http://{}", server.addr);
+    let write = |sales: f64| {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let r = http()
+                .post(format!("{base}/api/v2/sales/batch"))
+                .bearer_auth(&token)
+                .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    let read = || {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let r = http()
+                .get(format!(
+                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
+                ))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
+                .as_f64()
+                .unwrap()
+        }
+    };
+    write(1.0).await;
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "relay caught up", || async {
+        (server.state.hub.position().id >= head).then_some(())
+    })
+    .await;
+    assert_eq!(read().await, 1.0);
+    assert_eq!(read().await, 1.0);
+    assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
+    // Snapshot, then Redis goes away.
+    let saved = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "save"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&saved.stdout).contains("OK"));
+    redis.stop();
+
+    write(2.0).await;
+    assert_eq!(
+        read().await,
+        2.0,
+        "served from Postgres while Redis is away"
+    );
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "relay handled the write",
+        || async { (server.state.hub.position().id >= head).then_some(()) },
+    )
+    .await;
+
+    let _redis = OwnRedis::start_in(port, Some(&dir));
+    eventually(
+        Duration::from_secs(10),
+        "health ok after the restart",
+        || async { (health(&base).await["status"] == "ok").then_some(()) },
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(read().await, 2.0, "no stale entry from the snapshot");
+    }
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The server killed with SIGKILL while Postgres runs its 5,000-record batch:
+/// the batch's transaction never commits, so the database holds none of it
+/// (or, had the commit won the race, all of it), never a part, and no events
+/// of a batch that did not happen. A new server then takes the same batch.
+#[tokio::test]
+async fn sigkill_in_the_middle_of_a_large_batch() {
+    let db = TestDb::new().await;
+    let stores = db.stores(50).await;
+    let (admin_id, _) = sales_server::users::upsert_user(
+        &db.pool,
+        "admin@example.test",
+        "admin",
+        &[],
+        "password-123",
+    )
+    .await
+    .unwrap();
+    let token = sign(admin_id, "admin", &[]);
+    let mut env = db.env();
+    env.push(("RATE_LIMIT_PER_MINUTE".into(), "1000000".into()));
+    let mut server = ServerProc::start(&env);
+    let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    // 50 stores x 100 months, 28 days each.
+    let records: Vec<Value> = stores
+        .iter()
+        .flat_map(|&s| {
+            (0..100).map(move |i| {
+                sales_e2e::month(
+                    s,
+                    2000 + i / 12,
+                    1 + i % 12,
+                    28,
+                    (s * 1000 + i as i64) as f64,
+                )
+            })
+        })
+        .collect();
+    assert_eq!(records.len(), 5000);
+    let body = json!({"salesDataArray": records});
+    let post = {
+        let (url, token, body) = (
+            server.url("/api/v2/sales/batch"),
+            token.clone(),
+            body.clone(),
+        );
+        tokio::spawn(async move { http().post(url).bearer_auth(token).json(&body).send().await })
+    };
+    // Kill it once Postgres is running the batch.
+    let started = Instant::now();
+    eventually(Duration::from_secs(30), "batch_upsert running in Postgres", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND state = 'active' AND query LIKE '%batch_upsert_impl%' AND pid <> pg_backend_pid()",
+        )
+        .bind(&db.name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (n > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    eprintln!("killed {:?} after the request was sent", started.elapsed());
+    assert!(post.await.unwrap().is_err(), "the request got no answer");
+
+    // The orphaned backend finishes (or notices the lost client) and aborts.
+    eventually(Duration::from_secs(60), "the server's connections are gone", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'sales-server%'",
+        )
+        .bind(&db.name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (n == 0).then_some(())
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let sales_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sales.events WHERE kind LIKE 'sales-data-%'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let batches: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    eprintln!("after SIGKILL: {rows} rows, {sales_events} sales events, {batches} batch events");
+    assert!(rows == 0 || rows == 5000, "a partial batch: {rows} rows");
+    if rows == 0 {
+        let events_now: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            events_now, events_before,
+            "no events from a batch that did not happen"
+        );
+    } else {
+        assert_eq!(sales_events, 5000);
+        assert_eq!(batches, 1);
+    }
+
+    // A new server takes the same batch in full.
+    let server = ServerProc::start(&env);
+    let r = http()
+        .post(server.url("/api/v2/sales/batch"))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let summary: Value = r.json().await.unwrap();
+    assert_eq!(
+        summary["inserted"].as_i64().unwrap() + summary["unchanged"].as_i64().unwrap(),
+        5000,
+        "{summary}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 5000);
+}
