@@ -65,8 +65,12 @@ where
         .cache
         .key(req.uri().path(), &query_pairs(req), &who.scope_key());
     match state.cache.lookup(&key, &tags).await {
-        Lookup::Hit(body) => String::from_utf8(body).map_err(ApiError::internal),
+        Lookup::Hit(body) => {
+            super::error::set_cache_status("hit");
+            String::from_utf8(body).map_err(ApiError::internal)
+        }
         Lookup::Miss(versions) => {
+            super::error::set_cache_status("miss");
             let body = compute().await?;
             if let Some(v) = versions {
                 state.cache.store(&key, v, body.clone().into_bytes()).await;

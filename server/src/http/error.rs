@@ -13,6 +13,16 @@ tokio::task_local! {
     pub static REQUEST_ID: String;
 }
 
+tokio::task_local! {
+    /// Whether the current request was answered from the cache (`hit`/`miss`),
+    /// reported in the `X-Cache` header.
+    pub static CACHE_STATUS: std::cell::Cell<Option<&'static str>>;
+}
+
+pub fn set_cache_status(status: &'static str) {
+    let _ = CACHE_STATUS.try_with(|c| c.set(Some(status)));
+}
+
 pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(|id| id.clone()).ok()
 }

@@ -41,8 +41,14 @@ pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Res
     let path = req.uri().path().to_string();
     let span = tracing::info_span!("request", request_id = %id, method = %method, path = %path, user_id = tracing::field::Empty);
     let started = Instant::now();
-    let result = REQUEST_ID
-        .scope(id.clone(), ep.call(req).instrument(span.clone()))
+    let (result, cache_status) = REQUEST_ID
+        .scope(
+            id.clone(),
+            super::error::CACHE_STATUS.scope(std::cell::Cell::new(None), async {
+                let r = ep.call(req).instrument(span.clone()).await;
+                (r, super::error::CACHE_STATUS.with(|c| c.get()))
+            }),
+        )
         .await;
     let mut resp = match result {
         Ok(r) => r.into_response(),
@@ -54,6 +60,9 @@ pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Res
     };
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(c) = cache_status {
+        resp.headers_mut().insert("x-cache", HeaderValue::from_static(c));
     }
     let status = resp.status().as_u16();
     crate::metrics::record_request(method.as_str(), &path, status, started);

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# REST API benchmark: wrk, 32 connections, BENCH_SECONDS (default 20) each.
+# Floors measured in the same run: the server's static endpoint
+# (/health/live, no checks) and pgbench running the same SQL as a miss.
+. "$(dirname "$0")/bench_common.sh"
+SECS=${BENCH_SECONDS:-20}
+CONNS=${BENCH_CONNECTIONS:-32}
+PORT=${BENCH_PORT:-3191}
+bench_db
+start_server "$PORT"
+TOKEN=$(bench_token "$PORT")
+URL="http://127.0.0.1:${PORT}"
+AUTH="Authorization: Bearer ${TOKEN}"
+
+run() { # name, wrk args...
+    local name=$1
+    shift
+    local line
+    line=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -s "$ROOT/scripts/wrk/report_wrap.lua" "$@" 2>&1 | grep '^RESULT' || true)
+    printf '%-22s %s\n' "$name" "${line#RESULT }"
+    eval "$(echo "${line#RESULT }" | tr ' ' '\n' | sed "s/^/${name}_/")"
+}
+
+# wrk takes one script: wrap each request generator with the reporter.
+mk_script() { cat "$ROOT/scripts/wrk/$1.lua" "$ROOT/scripts/wrk/report.lua" > "$ROOT/scripts/wrk/report_wrap.lua"; }
+
+echo "== REST API, ${CONNS} connections, ${SECS}s each (pg_sales bench database: 200 stores x 24 months)"
+cat "$ROOT/scripts/wrk/report.lua" > "$ROOT/scripts/wrk/report_wrap.lua"
+run static "$URL/health/live"
+HIT_PATH="/api/v2/sales?storeId=7&year=2025&month=6&fields=storeId,year,month,totalSales"
+curl -sf -H "$AUTH" "$URL$HIT_PATH" >/dev/null
+run hit -H "$AUTH" "$URL$HIT_PATH"
+mk_script miss; run miss -H "$AUTH" "$URL"
+mk_script page; run page200 -H "$AUTH" "$URL"
+mk_script batch; run batch50 -H "$AUTH" "$URL"
+rm -f "$ROOT/scripts/wrk/report_wrap.lua"
+
+# pgbench: the statement a miss runs, over TCP like the server.
+cat > /tmp/pg_sales_bench_miss.sql <<'SQL'
+\set s random(1, 200)
+\set m random(1, 12)
+SELECT (sales.project(sales.sales_doc(m), '{storeId,year,month,totalSales}'::text[], '{}'::text[]))::text, ARRAY[m.store_id::text, m.year::text, m.month::text, m.id::text]
+FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+WHERE true AND m.store_id = ANY(ARRAY[:s]::bigint[]) AND m.year = 2025 AND m.month = :m
+ORDER BY m.store_id, m.year, m.month, m.id LIMIT 51;
+SQL
+PGB=$(PGPASSWORD=pg_sales_dev /usr/lib/postgresql/15/bin/pgbench -h 127.0.0.1 -U sales_app -n -M prepared -c "$CONNS" -j 2 -T "$SECS" -f /tmp/pg_sales_bench_miss.sql "$BENCH_DB" 2>/dev/null | awk '/^tps/ {print $3}')
+printf '%-22s tps=%s\n' "pgbench(miss SQL)" "$PGB"
+
+ratio() { python3 -c "a=float('$1'); b=float('$2'); print(f'{a/b:.2f}' if b else 'n/a')"; }
+echo
+echo "hit   / static req/s : $(ratio "$hit_rps" "$static_rps")x   (target >= 0.5)"
+echo "hit p99              : ${hit_p99_ms} ms   (target <= 2 ms)"
+echo "miss  / pgbench      : $(ratio "$miss_rps" "$PGB")x   (target >= 0.6)"
+
+echo
+echo "== bytes per response (one store-month; a page of 50)"
+for q in "storeId=7&year=2025&month=6" "storeId=7&year=2025&month=6&fields=storeId,year,month,totalSales" "limit=50" "limit=50&fields=storeId,year,month,totalSales"; do
+    for enc in identity gzip br zstd; do
+        n=$(curl -s -o /dev/null -w '%{size_download}' -H "$AUTH" -H "Accept-Encoding: $enc" "$URL/api/v2/sales?$q")
+        printf '%-60s %-9s %8s bytes\n' "$q" "$enc" "$n"
+    done
+done
