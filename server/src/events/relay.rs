@@ -7,7 +7,7 @@
 //! returns events below the oldest running transaction, so an event can be
 //! committed and notified yet held back by an unrelated open transaction. The
 //! relay therefore remembers the ids it was notified of and polls again (5 ms,
-//! doubling to 250 ms) until each has been read; with nothing pending it still
+//! doubling to 50 ms) until each has been read; with nothing pending it still
 //! polls every second, which also covers a NOTIFY lost in a reconnect.
 
 use super::model::{is_pruned, Ephemeral, Event, Pos, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 const PAGE: i32 = 1000;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 const PENDING_POLL_MIN: Duration = Duration::from_millis(5);
-const PENDING_POLL_MAX: Duration = Duration::from_millis(250);
+const PENDING_POLL_MAX: Duration = Duration::from_millis(50);
 /// A notified id not seen after this long is forgotten (it cannot be read:
 /// pruned, or the payload was not ours).
 const PENDING_FORGET: Duration = Duration::from_secs(600);

@@ -1,0 +1,645 @@
+//! WebSocket fan-out benchmark (issue 5, "Benchmark"): connections held,
+//! server memory per idle connection, messages/s delivered, and latency from
+//! the write to each client's receipt (p50 / p99), for N clients spread over
+//! S stores.
+//!
+//! `bench_ws run` is the coordinator. It starts `bench_ws clients` processes
+//! (at most --per-proc clients each, each process from its own loopback
+//! source address), reads the server's VmRSS before and after they connect,
+//! then drives writes through the REST batch endpoint
+//! (`POST /api/v2/sales/batch`, one record per store per batch, so one batch
+//! fans out to every client once). Latency is the receipt time minus the
+//! event's `ts` (the writing transaction's start, `created_at`), measured on
+//! the same machine clock. Phase 1 writes at a fixed rate; phase 2 writes as
+//! fast as --writers concurrent writers can (saturation).
+//!
+//! Run with `scripts/bench_ws.sh`, which starts a release server per size.
+//! Flags of `run` (defaults in brackets): --url [http://127.0.0.1:3101]
+//! --server-pid (required) --clients [1000] --stores [10] --per-proc [4000]
+//! --rate [4] batches/s --seconds [10] --saturate-seconds [10] --writers [4]
+//! Environment: DATABASE_URL (store ids), JWT_SECRET (tokens).
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+fn usage() -> ! {
+    eprintln!(
+        "{}",
+        include_str!("bench_ws.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .map(|l| l.trim_start_matches("//!").trim_start())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    std::process::exit(2)
+}
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn get(&self, flag: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| self.0.get(i + 1))
+            .map(String::as_str)
+    }
+    fn num<T: std::str::FromStr>(&self, flag: &str, default: T) -> T {
+        match self.get(flag) {
+            None => default,
+            Some(v) => v.parse().unwrap_or_else(|_| {
+                eprintln!("{flag}: not a number: {v}");
+                usage()
+            }),
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+fn sign(user: i64, role: &str, stores: &[i64]) -> String {
+    let secret = std::env::var("JWT_SECRET").expect("JWT_SECRET");
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": user.to_string(), "role": role, "stores": stores, "exp": now + 86400, "iat": now});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = Args(argv.clone());
+    match argv.first().map(String::as_str) {
+        Some("clients") => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(clients(args));
+        }
+        Some("run") => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(run(args));
+        }
+        _ => usage(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client process
+// ---------------------------------------------------------------------------
+
+struct Shared {
+    hist: Mutex<Histogram<u64>>,
+    received: AtomicU64,
+    closed: AtomicU64,
+    first_us: AtomicU64,
+    last_us: AtomicU64,
+    recording: AtomicBool,
+}
+
+/// The `ts` of an event frame, as microseconds since the epoch.
+fn event_ts_us(frame: &str) -> Option<u64> {
+    if !frame.starts_with("{\"id\":") {
+        return None;
+    }
+    let at = frame.rfind("\"ts\":\"")? + 6;
+    let end = at + frame[at..].find('"')?;
+    let t = chrono::DateTime::parse_from_rfc3339(&frame[at..end]).ok()?;
+    Some(t.timestamp_micros() as u64)
+}
+
+async fn clients(args: Args) {
+    let url = args
+        .get("--url")
+        .unwrap_or("ws://127.0.0.1:3101/ws")
+        .to_string();
+    let count: usize = args.num("--count", 1000);
+    let first_user: i64 = args.num("--first-user", 1_000_000);
+    let stores: Vec<i64> = args
+        .get("--stores")
+        .unwrap_or("1")
+        .split(',')
+        .map(|s| s.parse().expect("--stores: ids"))
+        .collect();
+    let source: std::net::Ipv4Addr = args
+        .get("--source-ip")
+        .unwrap_or("127.0.0.1")
+        .parse()
+        .unwrap();
+    let concurrency: usize = args.num("--connect-concurrency", 100);
+    let server: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("--url must be ws://ip:port/ws");
+
+    let shared = Arc::new(Shared {
+        hist: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).unwrap()),
+        received: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        first_us: AtomicU64::new(u64::MAX),
+        last_us: AtomicU64::new(0),
+        recording: AtomicBool::new(true),
+    });
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::with_capacity(count);
+    for i in 0..count {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let store = stores[i % stores.len()];
+        let token = sign(first_user + i as i64, "staff", &[store]);
+        let (url, shared, failed) = (url.clone(), shared.clone(), failed.clone());
+        handles.push(tokio::spawn(async move {
+            let connected = async {
+                let sock = tokio::net::TcpSocket::new_v4().ok()?;
+                sock.bind((source, 0).into()).ok()?;
+                let stream = sock.connect(server).await.ok()?;
+                stream.set_nodelay(true).ok()?;
+                let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+                    format!("{url}?token={token}"),
+                    stream,
+                    Some(config),
+                )
+                .await
+                .ok()?;
+                ws.send(Message::text(
+                    json!({"type": "subscribe", "event": format!("sales-data-{store}")})
+                        .to_string(),
+                ))
+                .await
+                .ok()?;
+                loop {
+                    match ws.next().await? {
+                        Ok(Message::Text(t)) if t.as_str().contains("\"subscribed\"") => break,
+                        Ok(Message::Text(t)) if t.as_str().contains("\"error\"") => return None,
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    }
+                }
+                Some(ws)
+            };
+            let ws = tokio::time::timeout(Duration::from_secs(60), connected)
+                .await
+                .ok()
+                .flatten();
+            drop(permit);
+            let Some(mut ws) = ws else {
+                failed.fetch_add(1, Relaxed);
+                return;
+            };
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(t) = msg {
+                    if let Some(ts) = event_ts_us(t.as_str()) {
+                        if shared.recording.load(Relaxed) {
+                            let now = now_us();
+                            shared
+                                .hist
+                                .lock()
+                                .unwrap()
+                                .saturating_record(now.saturating_sub(ts).max(1));
+                            shared.received.fetch_add(1, Relaxed);
+                            shared.first_us.fetch_min(now, Relaxed);
+                            shared.last_us.fetch_max(now, Relaxed);
+                        }
+                    }
+                }
+            }
+            shared.closed.fetch_add(1, Relaxed);
+        }));
+    }
+    // Wait until every client has subscribed (or failed).
+    let _ = sem.acquire_many(concurrency as u32).await.unwrap();
+    let mut out = tokio::io::stdout();
+    let line =
+        json!({"connected": count as u64 - failed.load(Relaxed), "failed": failed.load(Relaxed)});
+    out.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    out.flush().await.unwrap();
+
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(cmd)) = lines.next_line().await {
+        match cmd.trim() {
+            "reset" => {
+                shared.hist.lock().unwrap().reset();
+                shared.received.store(0, Relaxed);
+                shared.first_us.store(u64::MAX, Relaxed);
+                shared.last_us.store(0, Relaxed);
+                shared.recording.store(true, Relaxed);
+                out.write_all(b"{\"reset\":true}\n").await.unwrap();
+            }
+            "report" => {
+                let mut buf = Vec::new();
+                V2Serializer::new()
+                    .serialize(&*shared.hist.lock().unwrap(), &mut buf)
+                    .unwrap();
+                use base64::Engine;
+                let line = json!({
+                    "received": shared.received.load(Relaxed),
+                    "closed": shared.closed.load(Relaxed),
+                    "open": count as u64 - failed.load(Relaxed) - shared.closed.load(Relaxed),
+                    "first_us": shared.first_us.load(Relaxed),
+                    "last_us": shared.last_us.load(Relaxed),
+                    "hist": base64::engine::general_purpose::STANDARD.encode(&buf),
+                });
+                out.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+            }
+            "quit" => break,
+            _ => {}
+        }
+        out.flush().await.unwrap();
+    }
+    for h in handles {
+        h.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Coordinator
+// ---------------------------------------------------------------------------
+
+struct Child {
+    proc: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Child {
+    async fn ask(&mut self, cmd: &str) -> Value {
+        self.stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .unwrap();
+        self.stdin.flush().await.unwrap();
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("client process answered");
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("server /proc status");
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Phase {
+    received: u64,
+    hist: Histogram<u64>,
+    first_us: u64,
+    last_us: u64,
+    open: u64,
+}
+
+async fn collect(children: &mut [Child]) -> Phase {
+    let mut p = Phase {
+        received: 0,
+        hist: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap(),
+        first_us: u64::MAX,
+        last_us: 0,
+        open: 0,
+    };
+    for c in children.iter_mut() {
+        let r = c.ask("report").await;
+        p.received += r["received"].as_u64().unwrap();
+        p.open += r["open"].as_u64().unwrap();
+        p.first_us = p.first_us.min(r["first_us"].as_u64().unwrap());
+        p.last_us = p.last_us.max(r["last_us"].as_u64().unwrap());
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(r["hist"].as_str().unwrap())
+            .unwrap();
+        let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).unwrap();
+        p.hist.add(h).unwrap();
+    }
+    p
+}
+
+/// Waits until the clients have received `expected` messages or nothing new
+/// arrived for `quiet`.
+async fn settle(children: &mut [Child], expected: u64, quiet: Duration) -> Phase {
+    let mut last = 0;
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let p = collect(children).await;
+        if p.received >= expected {
+            return p;
+        }
+        if p.received != last {
+            last = p.received;
+            since = Instant::now();
+        } else if since.elapsed() > quiet {
+            return p;
+        }
+    }
+}
+
+struct Writer {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    stores: Vec<i64>,
+    counter: AtomicU64,
+}
+
+impl Writer {
+    /// One batch: one changed record per store, so one event per store.
+    async fn write(&self) -> bool {
+        let n = self.counter.fetch_add(1, Relaxed);
+        let month = 1 + (n % 12) as i64;
+        let day = 1 + ((n / 12) % 28);
+        let records: Vec<Value> = self
+            .stores
+            .iter()
+            .map(|s| {
+                json!({"storeId": s, "year": 2030, "month": month,
+                       "dailyData": {day.to_string(): {"sales": 1000 + n, "customers": 1 + n % 50}}})
+            })
+            .collect();
+        match self
+            .http
+            .post(format!("{}/api/v2/sales/batch", self.url))
+            .bearer_auth(&self.token)
+            .json(&json!({"salesDataArray": records}))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                eprintln!(
+                    "batch refused: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                );
+                false
+            }
+            Err(e) => {
+                eprintln!("batch failed: {e}");
+                false
+            }
+        }
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn report_phase(name: &str, p: &Phase, batches: u64, clients: usize) {
+    let expected = batches * clients as u64;
+    let span = p.last_us.saturating_sub(p.first_us).max(1);
+    let rate = p.received as f64 / (span as f64 / 1e6);
+    println!(
+        "  {name}: batches {batches}, messages {} of {expected} expected, {:.0} messages/s delivered, latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+        p.received,
+        rate,
+        ms(p.hist.value_at_quantile(0.50)),
+        ms(p.hist.value_at_quantile(0.99)),
+        ms(p.hist.value_at_quantile(0.999)),
+        ms(p.hist.max()),
+    );
+}
+
+async fn run(args: Args) {
+    let url = args
+        .get("--url")
+        .unwrap_or("http://127.0.0.1:3101")
+        .trim_end_matches('/')
+        .to_string();
+    let pid: u32 = args
+        .get("--server-pid")
+        .unwrap_or_else(|| usage())
+        .parse()
+        .unwrap();
+    let clients: usize = args.num("--clients", 1000);
+    let store_count: usize = args.num("--stores", 10);
+    let per_proc: usize = args.num("--per-proc", 4000);
+    let rate: f64 = args.num("--rate", 4.0);
+    let seconds: u64 = args.num("--seconds", 10);
+    let saturate_seconds: u64 = args.num("--saturate-seconds", 10);
+    let writers: usize = args.num("--writers", 4);
+
+    let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL").expect("DATABASE_URL"))
+        .await
+        .unwrap();
+    let stores: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.stores ORDER BY id LIMIT $1")
+        .bind(store_count as i64)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stores.len(),
+        store_count,
+        "the bench database needs {store_count} stores"
+    );
+    let ws_url = format!("{}/ws", url.replace("http://", "ws://"));
+
+    println!(
+        "== {clients} clients over {store_count} stores ({} per store), {} client processes",
+        clients / store_count,
+        clients.div_ceil(per_proc)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_kb(pid);
+    let exe = std::env::current_exe().unwrap();
+    let started = Instant::now();
+    let mut children: Vec<Child> = Vec::new();
+    let mut left = clients;
+    let mut first_store_offset = 0usize;
+    while left > 0 {
+        let k = children.len();
+        let n = left.min(per_proc);
+        // Rotate the store list so that stores are evenly covered across processes.
+        let mut rotated = stores.clone();
+        rotated.rotate_left(first_store_offset % stores.len());
+        first_store_offset += n;
+        let list = rotated
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut proc = tokio::process::Command::new(&exe)
+            .args([
+                "clients",
+                "--url",
+                &ws_url,
+                "--count",
+                &n.to_string(),
+                "--stores",
+                &list,
+            ])
+            .args([
+                "--first-user",
+                &(1_000_000 + (k * per_proc) as i64).to_string(),
+            ])
+            .args(["--source-ip", &format!("127.0.0.{}", 10 + k)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a client process");
+        let stdin = proc.stdin.take().unwrap();
+        let lines = BufReader::new(proc.stdout.take().unwrap()).lines();
+        children.push(Child { proc, stdin, lines });
+        left -= n;
+    }
+    let mut connected = 0;
+    for c in children.iter_mut() {
+        let line = tokio::time::timeout(Duration::from_secs(300), c.lines.next_line())
+            .await
+            .expect("clients connected in time")
+            .unwrap()
+            .expect("client process output");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        connected += v["connected"].as_u64().unwrap();
+        if v["failed"].as_u64().unwrap() > 0 {
+            println!("  client process: {} connections failed", v["failed"]);
+        }
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kb(pid);
+    let admin = sign(1, "admin", &[]);
+    let stats: Value = reqwest::Client::new()
+        .get(format!("{url}/api/admin/websocket/stats"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap_or(Value::Null);
+    let per_conn = (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / connected.max(1) as f64;
+    println!(
+        "  connected {connected} in {connect_secs:.1} s; server says {} open; server RSS {:.1} MiB -> {:.1} MiB: {:.0} bytes ({:.2} kB) per idle connection",
+        stats["connections"]["total"],
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        per_conn,
+        per_conn / 1024.0
+    );
+
+    let writer = Arc::new(Writer {
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(writers * 2)
+            .build()
+            .unwrap(),
+        url: url.clone(),
+        token: sign(1, "admin", &[]),
+        stores: stores.clone(),
+        counter: AtomicU64::new(now_us() % 1_000_000),
+    });
+    // Warm-up batch (not measured).
+    writer.write().await;
+    settle(&mut children, connected, Duration::from_secs(5)).await;
+
+    // Phase 1: a fixed rate.
+    for c in children.iter_mut() {
+        c.ask("reset").await;
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut inflight = Vec::new();
+    while Instant::now() < end {
+        tick.tick().await;
+        let w = writer.clone();
+        inflight.push(tokio::spawn(async move { w.write().await }));
+    }
+    let mut ok = 0;
+    for h in inflight {
+        ok += h.await.unwrap() as u64;
+    }
+    let fixed = settle(&mut children, ok * connected, Duration::from_secs(5)).await;
+    report_phase(
+        &format!(
+            "fixed rate {rate} batches/s ({} events/s)",
+            rate * store_count as f64
+        ),
+        &fixed,
+        ok,
+        connected as usize,
+    );
+
+    // Phase 2: saturation.
+    if saturate_seconds > 0 {
+        for c in children.iter_mut() {
+            c.ask("reset").await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..writers {
+            let (w, stop, done) = (writer.clone(), stop.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Relaxed) {
+                    if w.write().await {
+                        done.fetch_add(1, Relaxed);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(saturate_seconds)).await;
+        stop.store(true, Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n = done.load(Relaxed);
+        let sat = settle(&mut children, n * connected, Duration::from_secs(5)).await;
+        report_phase(
+            &format!("saturation, {writers} writers"),
+            &sat,
+            n,
+            connected as usize,
+        );
+        println!("  connections held at the end: {} (client side)", sat.open);
+    }
+    let rss_end = rss_kb(pid);
+    println!(
+        "  server RSS at the end: {:.1} MiB",
+        rss_end as f64 / 1024.0
+    );
+
+    for c in children.iter_mut() {
+        let _ = c.stdin.write_all(b"quit\n").await;
+        let _ = c.stdin.flush().await;
+    }
+    for mut c in children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.proc.wait()).await;
+        let _ = c.proc.start_kill();
+    }
+}
