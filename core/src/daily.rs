@@ -4,6 +4,7 @@
 //! extension) and the per-record report of `batch_upsert`, so a row refused by
 //! one is refused by the other.
 
+use crate::json::{JsonRead, Kind};
 use crate::FieldError;
 use serde_json::Value;
 
@@ -50,88 +51,100 @@ pub fn parse_day_key(key: &str) -> Option<u32> {
 /// Every problem with `daily` for the given month, with paths under `prefix`
 /// (usually `dailyData`). An empty result means valid.
 pub fn validate(year: i64, month: i64, daily: &Value, prefix: &str) -> Vec<FieldError> {
+    validate_json(year, month, daily, prefix)
+}
+
+/// [`validate`] for any [`JsonRead`] value (the extension passes binary
+/// jsonb). Paths are only built for values that are refused: a valid month
+/// is checked without allocating.
+pub fn validate_json<'a, J: JsonRead<'a>>(
+    year: i64,
+    month: i64,
+    daily: J,
+    prefix: &str,
+) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let Some(days) = days_in_month(year, month) else {
         // The month itself is reported by the caller; day keys cannot be judged.
         return errors;
     };
-    let Some(obj) = daily.as_object() else {
+    if daily.kind() != Kind::Object {
         errors.push(FieldError::new(
             prefix,
             "must be an object keyed by day of month",
         ));
         return errors;
-    };
-    for (key, value) in obj {
-        let path = format!("{prefix}.{key}");
-        match parse_day_key(key) {
-            None => {
-                errors.push(FieldError::new(
-                    &path,
-                    format!("day key must be a number from 1 to {days}"),
-                ));
-                continue;
-            }
-            Some(d) if d == 0 || d > days => {
-                errors.push(FieldError::new(
-                    &path,
-                    format!("day {d} does not exist in {year}-{month:02} ({days} days)"),
-                ));
-                continue;
-            }
-            Some(_) => {}
-        }
-        validate_day(value, &path, &mut errors);
     }
+    daily.each_member(|key, value| match parse_day_key(key) {
+        None => errors.push(FieldError::new(
+            format!("{prefix}.{key}"),
+            format!("day key must be a number from 1 to {days}"),
+        )),
+        Some(d) if d == 0 || d > days => errors.push(FieldError::new(
+            format!("{prefix}.{key}"),
+            format!("day {d} does not exist in {year}-{month:02} ({days} days)"),
+        )),
+        Some(_) => validate_day(value, prefix, key, &mut errors),
+    });
     errors
 }
 
-fn validate_day(value: &Value, path: &str, errors: &mut Vec<FieldError>) {
-    let Some(day) = value.as_object() else {
+fn validate_day<'a, J: JsonRead<'a>>(
+    value: J,
+    prefix: &str,
+    key: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    if value.kind() != Kind::Object {
         errors.push(FieldError::new(
-            path,
+            format!("{prefix}.{key}"),
             "must be an object like {\"sales\": 1000, \"customers\": 52}",
         ));
         return;
-    };
-    if day.is_empty() {
+    }
+    if value.is_empty() {
         errors.push(FieldError::new(
-            path,
+            format!("{prefix}.{key}"),
             "must hold at least one metric (sales, customers, transactions)",
         ));
     }
-    for (metric, v) in day {
-        let mpath = format!("{path}.{metric}");
+    value.each_member(|metric, v| {
+        let path = || format!("{prefix}.{key}.{metric}");
         let Some(&(_, whole)) = METRICS.iter().find(|(m, _)| *m == metric) else {
             errors.push(FieldError::new(
-                mpath,
+                path(),
                 "unknown metric; allowed: sales, customers, transactions",
             ));
-            continue;
+            return;
         };
         match v.as_f64() {
-            Some(n) if !v.is_number() || !n.is_finite() => {
-                errors.push(FieldError::new(mpath, "must be a number"))
+            Some(n) if !n.is_finite() => errors.push(FieldError::new(path(), "must be a number")),
+            Some(n) if n < 0.0 => errors.push(FieldError::new(path(), "must not be negative")),
+            Some(n) if n > MAX_METRIC => {
+                errors.push(FieldError::new(path(), "is larger than 1e12"))
             }
-            Some(n) if n < 0.0 => errors.push(FieldError::new(mpath, "must not be negative")),
-            Some(n) if n > MAX_METRIC => errors.push(FieldError::new(mpath, "is larger than 1e12")),
             Some(n) if whole && n.fract() != 0.0 => {
-                errors.push(FieldError::new(mpath, "must be a whole number"))
+                errors.push(FieldError::new(path(), "must be a whole number"))
             }
             Some(_) => {}
-            None => errors.push(FieldError::new(mpath, "must be a number")),
+            None => errors.push(FieldError::new(path(), "must be a number")),
         }
-    }
+    });
 }
 
 /// Boolean form used by the table's CHECK constraint on `daily_data`. A bad
 /// year or month is left to their own constraints (true here), so the error
 /// names the column that is wrong.
 pub fn is_valid(year: i64, month: i64, daily: &Value) -> bool {
+    is_valid_json(year, month, daily)
+}
+
+/// [`is_valid`] for any [`JsonRead`] value.
+pub fn is_valid_json<'a, J: JsonRead<'a>>(year: i64, month: i64, daily: J) -> bool {
     if !(MIN_YEAR..=MAX_YEAR).contains(&year) || days_in_month(year, month).is_none() {
         return true;
     }
-    validate(year, month, daily, "dailyData").is_empty()
+    validate_json(year, month, daily, "dailyData").is_empty()
 }
 
 #[cfg(test)]
@@ -224,5 +237,22 @@ mod tests {
         assert!(is_valid(1999, 1, &json!({})));
         assert!(is_valid(2024, 13, &json!({"40": 1})));
         assert!(!is_valid(2024, 1, &json!({"40": 1})));
+    }
+
+    #[test]
+    fn bounds_of_metrics() {
+        assert!(validate(2024, 1, &json!({"1": {"sales": 1e12}}), "d").is_empty());
+        assert_eq!(
+            validate(2024, 1, &json!({"1": {"sales": 1000000000001u64}}), "d")[0].reason,
+            "is larger than 1e12"
+        );
+        assert!(validate(2024, 1, &json!({"1": {"customers": 2.0}}), "d").is_empty());
+        assert_eq!(
+            validate(2024, 1, &json!({"1": {"sales": null}}), "d")[0].reason,
+            "must be a number"
+        );
+        assert_eq!(validate(2024, 1, &json!({"1": 5}), "d")[0].field, "d.1");
+        // A month outside 1..12 cannot judge days; the caller reports the month.
+        assert!(validate(2024, 13, &json!({"40": 1}), "d").is_empty());
     }
 }

@@ -2,6 +2,7 @@
 //! `{"storeId": "123", "year": 2024, "month": 1, "dailyData": {...}}`.
 
 use crate::daily::{self, MAX_YEAR, MIN_YEAR};
+use crate::json::{JsonRead, Kind};
 use crate::names::to_camel;
 use crate::FieldError;
 use serde_json::{Map, Value};
@@ -29,21 +30,23 @@ pub struct MonthKey {
     pub month: i32,
 }
 
-const RECORD_KEYS: &[&str] = &["storeId", "year", "month", "dailyData"];
-const KEY_KEYS: &[&str] = &["storeId", "year", "month"];
-
 /// Reads a positive integer id given as a JSON number or a numeric string.
 pub fn parse_id(v: &Value) -> Result<i64, &'static str> {
-    let n = match v {
-        Value::Number(n) => n.as_i64().ok_or("must be a whole number")?,
-        Value::String(s) => {
-            let t = s.trim();
+    parse_id_json(v)
+}
+
+/// [`parse_id`] for any [`JsonRead`] value.
+pub fn parse_id_json<'a, J: JsonRead<'a>>(v: J) -> Result<i64, &'static str> {
+    let n = match v.kind() {
+        Kind::Number => v.as_i64().ok_or("must be a whole number")?,
+        Kind::String => {
+            let t = v.as_str().unwrap_or_default().trim();
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
                 return Err("must be a number or a numeric string");
             }
             t.parse::<i64>().map_err(|_| "is out of range")?
         }
-        Value::Null => return Err("is required"),
+        Kind::Null => return Err("is required"),
         _ => return Err("must be a number or a numeric string"),
     };
     if n <= 0 {
@@ -52,67 +55,77 @@ pub fn parse_id(v: &Value) -> Result<i64, &'static str> {
     Ok(n)
 }
 
-fn parse_int(
-    v: Option<&Value>,
+fn parse_int<'a, J: JsonRead<'a>>(
+    v: Option<J>,
     field: &str,
     lo: i64,
     hi: i64,
     errors: &mut Vec<FieldError>,
 ) -> Option<i64> {
-    match v {
-        None | Some(Value::Null) => {
-            errors.push(FieldError::new(field, "is required"));
+    let Some(v) = v.filter(|v| v.kind() != Kind::Null) else {
+        errors.push(FieldError::new(field, "is required"));
+        return None;
+    };
+    if v.kind() != Kind::Number {
+        errors.push(FieldError::new(field, "must be a number"));
+        return None;
+    }
+    match v.as_i64() {
+        Some(i) if (lo..=hi).contains(&i) => Some(i),
+        Some(i) => {
+            errors.push(FieldError::new(field, format!("{i} is outside {lo}..{hi}")));
             None
         }
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(i) if (lo..=hi).contains(&i) => Some(i),
-            Some(i) => {
-                errors.push(FieldError::new(field, format!("{i} is outside {lo}..{hi}")));
-                None
-            }
-            None => {
-                errors.push(FieldError::new(field, "must be a whole number"));
-                None
-            }
-        },
-        Some(_) => {
-            errors.push(FieldError::new(field, "must be a number"));
+        None => {
+            errors.push(FieldError::new(field, "must be a whole number"));
             None
         }
     }
 }
 
-/// Normalises keys to camelCase and reports keys that are not allowed.
-fn normalise(
-    obj: Map<String, Value>,
-    allowed: &[&str],
+/// Sorts an object's members into `allowed` slots by camelCase name
+/// (`store_id` fills `storeId`), reporting unknown and repeated names.
+fn normalise<'a, J: JsonRead<'a>, const N: usize>(
+    obj: J,
+    allowed: &[&str; N],
     errors: &mut Vec<FieldError>,
-) -> Map<String, Value> {
-    let mut out = Map::new();
-    for (k, v) in obj {
-        let camel = to_camel(&k);
-        if allowed.contains(&camel.as_str()) {
-            if out.contains_key(&camel) {
-                errors.push(FieldError::new(k.as_str(), format!("{camel} given twice")));
+) -> [Option<J>; N] {
+    let mut slots = [None; N];
+    obj.each_member(|k, v| {
+        // The common case, a name spelled exactly as allowed, needs no conversion.
+        let slot = match allowed.iter().position(|a| *a == k) {
+            Some(i) => Some(i),
+            None => {
+                let camel = to_camel(k);
+                allowed.iter().position(|a| *a == camel)
             }
-            out.insert(camel, v);
-        } else {
-            errors.push(FieldError::new(
-                k.as_str(),
+        };
+        match slot {
+            Some(i) if slots[i].is_some() => {
+                errors.push(FieldError::new(k, format!("{} given twice", allowed[i])))
+            }
+            Some(i) => slots[i] = Some(v),
+            None => errors.push(FieldError::new(
+                k,
                 format!("unknown field; allowed: {}", allowed.join(", ")),
-            ));
+            )),
         }
-    }
-    out
+    });
+    slots
 }
 
-fn parse_key_parts(obj: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<MonthKey> {
-    let store = match obj.get("storeId") {
+fn parse_key_parts<'a, J: JsonRead<'a>>(
+    store: Option<J>,
+    year: Option<J>,
+    month: Option<J>,
+    errors: &mut Vec<FieldError>,
+) -> Option<MonthKey> {
+    let store = match store {
         None => {
             errors.push(FieldError::new("storeId", "is required"));
             None
         }
-        Some(v) => match parse_id(v) {
+        Some(v) => match parse_id_json(v) {
             Ok(id) => Some(id),
             Err(reason) => {
                 errors.push(FieldError::new("storeId", reason));
@@ -120,8 +133,8 @@ fn parse_key_parts(obj: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Op
             }
         },
     };
-    let year = parse_int(obj.get("year"), "year", MIN_YEAR, MAX_YEAR, errors);
-    let month = parse_int(obj.get("month"), "month", 1, 12, errors);
+    let year = parse_int(year, "year", MIN_YEAR, MAX_YEAR, errors);
+    let month = parse_int(month, "month", 1, 12, errors);
     Some(MonthKey {
         store_id: store?,
         year: year? as i32,
@@ -129,61 +142,77 @@ fn parse_key_parts(obj: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Op
     })
 }
 
-/// Validates one record; every problem is reported, not just the first.
-pub fn parse_record(v: &Value) -> Result<SalesRecord, Vec<FieldError>> {
-    into_record(v.clone())
+/// A record that passed validation: its key, and its daily data as given.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordParts<J> {
+    pub key: MonthKey,
+    pub daily: J,
 }
 
-/// Like [`parse_record`], taking the value (no copy of its daily data).
-pub fn into_record(v: Value) -> Result<SalesRecord, Vec<FieldError>> {
+/// Validates one record; every problem is reported, not just the first.
+pub fn parse_record(v: &Value) -> Result<SalesRecord, Vec<FieldError>> {
+    let parts = check_record(v)?;
+    Ok(SalesRecord {
+        store_id: parts.key.store_id,
+        year: parts.key.year,
+        month: parts.key.month,
+        daily_data: parts.daily.as_object().cloned().unwrap_or_default(),
+    })
+}
+
+/// [`parse_record`] for any [`JsonRead`] value, without copying anything.
+pub fn check_record<'a, J: JsonRead<'a>>(v: J) -> Result<RecordParts<J>, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let Value::Object(raw) = v else {
+    if v.kind() != Kind::Object {
         return Err(vec![FieldError::new("", "record must be an object")]);
-    };
-    let mut obj = normalise(raw, RECORD_KEYS, &mut errors);
-    let key = parse_key_parts(&obj, &mut errors);
-    let daily = match obj.remove("dailyData") {
-        None | Some(Value::Null) => {
+    }
+    let [store, year, month, daily] = normalise(v, RECORD_KEYS, &mut errors);
+    let key = parse_key_parts(store, year, month, &mut errors);
+    let daily = match daily.filter(|d| d.kind() != Kind::Null) {
+        None => {
             errors.push(FieldError::new("dailyData", "is required"));
             None
         }
         Some(d) => Some(d),
     };
-    match (&daily, key) {
-        (Some(d), Some(k)) => errors.extend(daily::validate(
+    match (daily, key) {
+        (Some(d), Some(k)) => errors.extend(daily::validate_json(
             k.year as i64,
             k.month as i64,
             d,
             "dailyData",
         )),
-        (Some(d), None) if !d.is_object() => errors.push(FieldError::new(
+        (Some(d), None) if d.kind() != Kind::Object => errors.push(FieldError::new(
             "dailyData",
             "must be an object keyed by day of month",
         )),
         _ => {}
     }
     match (errors.is_empty(), key, daily) {
-        (true, Some(k), Some(Value::Object(d))) => Ok(SalesRecord {
-            store_id: k.store_id,
-            year: k.year,
-            month: k.month,
-            daily_data: d,
-        }),
+        (true, Some(key), Some(daily)) => Ok(RecordParts { key, daily }),
         _ => Err(errors),
     }
 }
 
+const RECORD_KEYS: &[&str; 4] = &["storeId", "year", "month", "dailyData"];
+const KEY_KEYS: &[&str; 3] = &["storeId", "year", "month"];
+
 /// Validates one delete key `{"storeId", "year", "month"}`.
 pub fn parse_month_key(v: &Value) -> Result<MonthKey, Vec<FieldError>> {
+    check_month_key(v)
+}
+
+/// [`parse_month_key`] for any [`JsonRead`] value.
+pub fn check_month_key<'a, J: JsonRead<'a>>(v: J) -> Result<MonthKey, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let Some(raw) = v.as_object() else {
+    if v.kind() != Kind::Object {
         return Err(vec![FieldError::new(
             "",
             "key must be an object with storeId, year and month",
         )]);
-    };
-    let obj = normalise(raw.clone(), KEY_KEYS, &mut errors);
-    let key = parse_key_parts(&obj, &mut errors);
+    }
+    let [store, year, month] = normalise(v, KEY_KEYS, &mut errors);
+    let key = parse_key_parts(store, year, month, &mut errors);
     match key {
         Some(k) if errors.is_empty() => Ok(k),
         _ => Err(errors),
@@ -248,5 +277,43 @@ mod tests {
             }
         );
         assert!(parse_month_key(&json!({"storeId": 3, "year": 2024})).is_err());
+    }
+
+    #[test]
+    fn names_given_twice_and_whole_numbers() {
+        let e = parse_record(
+            &json!({"storeId": 1, "store_id": 2, "year": 2024, "month": 1, "dailyData": {}}),
+        )
+        .unwrap_err();
+        assert!(e.iter().any(|e| e.reason.contains("given twice")), "{e:?}");
+        let e = parse_record(&json!({"storeId": 1, "year": 2024.0, "month": 1, "dailyData": {}}))
+            .unwrap_err();
+        assert_eq!(
+            (e[0].field.as_str(), e[0].reason.as_str()),
+            ("year", "must be a whole number")
+        );
+        let e = parse_record(&json!({"storeId": 1, "year": "2024", "month": 1, "dailyData": {}}))
+            .unwrap_err();
+        assert_eq!(e[0].reason, "must be a number");
+        let e = parse_record(&json!({"storeId": true, "year": 2024, "month": 1, "dailyData": {}}))
+            .unwrap_err();
+        assert_eq!(e[0].field, "storeId");
+    }
+
+    #[test]
+    fn check_record_borrows_the_daily_data() {
+        let v =
+            json!({"store_id": "9", "year": 2024, "month": 2, "daily_data": {"29": {"sales": 1}}});
+        let parts = check_record(&v).unwrap();
+        assert_eq!(
+            parts.key,
+            MonthKey {
+                store_id: 9,
+                year: 2024,
+                month: 2
+            }
+        );
+        assert!(std::ptr::eq(parts.daily, &v["daily_data"]));
+        assert!(check_month_key(&json!({"storeId": 1, "year": 2024, "month": 1, "x": 1})).is_err());
     }
 }

@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 mod error;
+mod jsonb;
 mod projection;
 mod upsert;
 mod validate;

@@ -9,10 +9,12 @@
 //! transaction sends one NOTIFY at commit (see `sales.arm_notify`).
 
 use crate::error::{OrRaise, SalesError};
+use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use sales_core::record::{into_record, parse_id, parse_month_key, MonthKey};
-use serde_json::{json, Map, Value};
+use sales_core::json::{JsonRead, Kind};
+use sales_core::record::{check_record, parse_id, parse_month_key, MonthKey};
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Problems found in a batch, per item.
@@ -88,25 +90,49 @@ fn outside_scope(store: i64) -> String {
     format!("store {store} is outside the caller's scope")
 }
 
-/// One statement for the whole batch. Rows arrive sorted by key (`o`), and
+/// One statement for the whole batch. The records stay in the caller's jsonb
+/// (`$1`): each row names its record by index (`$5`) and the field holding
+/// its days (`$6`, `dailyData` or `daily_data`), so no JSON is rebuilt or
+/// reparsed and numbers reach the table exactly as sent. A key given several
+/// times in merge mode lists all its records in `$7` ('{2,7}'): their days
+/// are folded in input order, later days winning (jsonb_object_agg keeps the
+/// last of equal keys).
+///
+/// Rows arrive sorted by key (`WITH ORDINALITY` over sorted arrays), and
 /// `INSERT ... SELECT ... ORDER BY` inserts, and on conflict locks, in that
 /// order. `WHERE ... IS DISTINCT FROM` skips rows the batch would not change
 /// (still locked, but not rewritten: no new version, no event), so they count
 /// as unchanged. `xmax = 0` tells a fresh insert from an update.
 const UPSERT_SQL: &str = r#"
-WITH up AS (
+WITH input AS (
+    SELECT k.s, k.y, k.m, k.o,
+           CASE WHEN k.srcs IS NULL THEN $1 #> ARRAY[k.i::text, k.f]
+                ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value ORDER BY src.n), '{}')
+                      FROM unnest(k.srcs::int[]) WITH ORDINALITY AS src(i, n),
+                           jsonb_each(coalesce($1 #> ARRAY[src.i::text, 'dailyData'],
+                                               $1 #> ARRAY[src.i::text, 'daily_data'])) AS e)
+           END AS d
+    FROM unnest($2::bigint[], $3::integer[], $4::integer[], $5::integer[], $6::text[], $7::text[])
+         WITH ORDINALITY AS k(s, y, m, i, f, srcs, o)
+), up AS (
     INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data)
-    SELECT r.s, r.y, r.m, r.d
-    FROM jsonb_to_recordset($1) AS r(s bigint, y integer, m integer, d jsonb, o integer)
-    ORDER BY r.o
+    SELECT s, y, m, d FROM input ORDER BY o
     ON CONFLICT (store_id, year, month) DO UPDATE
-        SET daily_data = CASE WHEN $2 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END
+        SET daily_data = CASE WHEN $8 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END
         WHERE t.daily_data IS DISTINCT FROM
-              (CASE WHEN $2 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END)
+              (CASE WHEN $8 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END)
     RETURNING (t.xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up
 "#;
+
+/// The records of one (store, year, month) key, in input order.
+struct Sources {
+    /// Record indexes, first to last.
+    records: Vec<usize>,
+    /// Where the last record keeps its days: "dailyData" or "daily_data".
+    field: &'static str,
+}
 
 /// Validates and upserts many monthly records in one statement. Returns
 /// `{total, inserted, updated, unchanged, failed, merged, eventId, errors,
@@ -118,66 +144,73 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 /// `allowed_stores` (NULL = any) refuses records of other stores.
 #[pg_extern(volatile)]
 fn batch_upsert_impl(
-    records: Option<pgrx::JsonB>,
+    records: Option<RawJsonb>,
     replace: default!(bool, false),
     atomic: default!(bool, true),
     allowed_stores: default!(Option<Vec<Option<i64>>>, "NULL"),
 ) -> pgrx::JsonB {
-    let Some(pgrx::JsonB(Value::Array(items))) = records else {
+    let not_array = || -> ! {
         SalesError::InvalidParameter("records must be a JSON array of sales records".into()).raise()
     };
+    let Some(records) = records else { not_array() };
+    let root = records.root();
+    if root.kind() != Kind::Array {
+        not_array()
+    }
     let scope = scope_set(allowed_stores);
-    let total = items.len();
+    let total = root.len();
     let mut report = Report::new();
-    let mut valid = Vec::with_capacity(total);
-    for (i, item) in items.into_iter().enumerate() {
-        match into_record(item) {
-            Ok(r) => match &scope {
-                Some(s) if !s.contains(&r.store_id) => {
-                    report.add(i, "storeId", outside_scope(r.store_id))
-                }
-                _ => valid.push((i, r)),
-            },
-            Err(errs) => {
-                for e in errs {
-                    report.add(i, &e.field, e.reason);
-                }
+    // (index, key, field holding the days) of each record that passed.
+    let mut valid: Vec<(usize, MonthKey, &'static str)> = Vec::with_capacity(total);
+    root.each_element(|i, item| match check_record(item) {
+        Ok(parts) => match &scope {
+            Some(s) if !s.contains(&parts.key.store_id) => {
+                report.add(i, "storeId", outside_scope(parts.key.store_id))
+            }
+            _ => {
+                let field = if item.get("dailyData").is_some() {
+                    "dailyData"
+                } else {
+                    "daily_data"
+                };
+                valid.push((i, parts.key, field))
+            }
+        },
+        Err(errs) => {
+            for e in errs {
+                report.add(i, &e.field, e.reason);
             }
         }
-    }
+    });
 
     Spi::connect_mut(|client| {
         let wanted: Vec<i64> = valid
             .iter()
-            .map(|(_, r)| r.store_id)
+            .map(|(_, k, _)| k.store_id)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         let exists = existing_stores(client, wanted);
-        // Fold records by key in input order: later records win, day by day
-        // when merging, whole when replacing.
-        let mut by_key: BTreeMap<(i64, i32, i32), (usize, Map<String, Value>)> = BTreeMap::new();
+        let mut by_key: BTreeMap<MonthKey, Sources> = BTreeMap::new();
         let mut duplicates = Vec::new();
-        for (i, r) in valid {
-            if !exists.contains(&r.store_id) {
-                report.add(i, "storeId", format!("store {} does not exist", r.store_id));
+        for (i, key, field) in valid {
+            if !exists.contains(&key.store_id) {
+                report.add(
+                    i,
+                    "storeId",
+                    format!("store {} does not exist", key.store_id),
+                );
                 continue;
             }
-            let key = r.key();
-            match by_key.get_mut(&key) {
-                Some((last, data)) => {
-                    duplicates.push(json!({"index": *last, "supersededBy": i}));
-                    if replace {
-                        *data = r.daily_data;
-                    } else {
-                        data.extend(r.daily_data);
-                    }
-                    *last = i;
-                }
-                None => {
-                    by_key.insert(key, (i, r.daily_data));
-                }
+            let sources = by_key.entry(key).or_insert_with(|| Sources {
+                records: Vec::new(),
+                field,
+            });
+            if let Some(last) = sources.records.last() {
+                duplicates.push(json!({"index": last, "supersededBy": i}));
             }
+            sources.records.push(i);
+            sources.field = field;
         }
         let failed = report.failed.len();
         let mut summary = json!({
@@ -189,36 +222,58 @@ fn batch_upsert_impl(
             return pgrx::JsonB(summary);
         }
 
-        let n = by_key.len() as i64;
-        let stores: Vec<i64> = by_key
-            .keys()
-            .map(|k| k.0)
+        let n = by_key.len();
+        let mut stores = Vec::with_capacity(n);
+        let mut years = Vec::with_capacity(n);
+        let mut months = Vec::with_capacity(n);
+        let mut indexes = Vec::with_capacity(n);
+        let mut fields = Vec::with_capacity(n);
+        let mut folds: Vec<Option<String>> = Vec::with_capacity(n);
+        for (key, src) in &by_key {
+            stores.push(key.store_id);
+            years.push(key.year);
+            months.push(key.month);
+            indexes.push(*src.records.last().expect("a key has a record") as i32);
+            fields.push(src.field.to_string());
+            // Replacing keeps only the last record; merging folds them all.
+            folds.push((!replace && src.records.len() > 1).then(|| {
+                let list: Vec<String> = src.records.iter().map(|i| i.to_string()).collect();
+                format!("{{{}}}", list.join(","))
+            }));
+        }
+        let batch_stores: Vec<i64> = stores
+            .iter()
+            .copied()
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .collect();
-        let rows: Vec<Value> = by_key
-            .into_iter()
-            .enumerate()
-            .map(|(o, ((s, y, m), (_, d)))| json!({"s": s, "y": y, "m": m, "d": d, "o": o}))
             .collect();
         let (inserted, updated) = client
             .update(
                 UPSERT_SQL,
                 None,
-                &[pgrx::JsonB(Value::Array(rows)).into(), replace.into()],
+                &[
+                    records.datum().into(),
+                    stores.into(),
+                    years.into(),
+                    months.into(),
+                    indexes.into(),
+                    fields.into(),
+                    folds.into(),
+                    replace.into(),
+                ],
             )
             .and_then(|t| t.first().get_two::<i64, i64>())
             .or_raise();
         let inserted = inserted.unwrap_or_default();
         let updated = updated.unwrap_or_default();
-        let unchanged = n - inserted - updated;
+        let unchanged = n as i64 - inserted - updated;
         summary["inserted"] = json!(inserted);
         summary["updated"] = json!(updated);
         summary["unchanged"] = json!(unchanged);
         let event = json!({
             "operation": "upsert", "mode": if replace { "replace" } else { "merge" },
             "total": total, "inserted": inserted, "updated": updated,
-            "unchanged": unchanged, "failed": failed, "storeIds": stores,
+            "unchanged": unchanged, "failed": failed, "storeIds": batch_stores,
         });
         summary["eventId"] = json!(emit_batch_event(client, event));
         pgrx::JsonB(summary)

@@ -1,20 +1,25 @@
-//! The CHECK constraint on `monthly_sales.daily_data`.
+//! What the table computes for every row: the CHECK constraint on
+//! `monthly_sales.daily_data`, the derived totals (generated columns) and the
+//! changed days events report. All read the jsonb in place (see `jsonb.rs`):
+//! they run once per row written, whoever writes.
 
+use crate::jsonb::{Jb, NumericDatum, RawJsonb};
 use pgrx::prelude::*;
 use sales_core::daily;
+use sales_core::json::JsonRead;
 
 /// True when `daily` is valid for `year`-`month`: day keys that exist in that
 /// month, known metrics, non-negative numbers. Backs a CHECK constraint, so
 /// every writer, SQL or API, is held to the same rules.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn daily_data_valid(year: i32, month: i32, daily: pgrx::JsonB) -> bool {
-    daily::is_valid(year as i64, month as i64, &daily.0)
+fn daily_data_valid(year: i32, month: i32, daily: RawJsonb) -> bool {
+    daily::is_valid_json(year as i64, month as i64, daily.root())
 }
 
 /// Every problem with one `daily_data` value, as
 /// `[{"field": "dailyData.31", "reason": "..."}]` (empty when valid).
 #[pg_extern(immutable, strict, parallel_safe)]
-fn daily_data_errors(year: i32, month: i32, daily: pgrx::JsonB) -> pgrx::JsonB {
+fn daily_data_errors(year: i32, month: i32, daily: RawJsonb) -> pgrx::JsonB {
     let mut errors = Vec::new();
     if !(daily::MIN_YEAR..=daily::MAX_YEAR).contains(&(year as i64)) {
         errors.push(
@@ -26,8 +31,70 @@ fn daily_data_errors(year: i32, month: i32, daily: pgrx::JsonB) -> pgrx::JsonB {
             serde_json::json!({"field": "month", "reason": format!("{month} is outside 1..12")}),
         );
     }
-    for e in daily::validate(year as i64, month as i64, &daily.0, "dailyData") {
+    for e in daily::validate_json(year as i64, month as i64, daily.root(), "dailyData") {
         errors.push(serde_json::json!({"field": e.field, "reason": e.reason}));
     }
     pgrx::JsonB(serde_json::Value::Array(errors))
+}
+
+/// Sum of one metric over the days of `daily`, exactly (numeric). Days
+/// without the metric, and values that are not numbers (which the CHECK
+/// constraint then refuses), count as nothing. Generated columns are computed
+/// before constraints are checked, so this must not fail on invalid data.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn daily_sum(daily: RawJsonb, metric: &str) -> NumericDatum {
+    let mut sum = NumericDatum::zero();
+    daily.root().each_member(|_, day| {
+        if let Some(Jb::Number(n)) = day.get(metric) {
+            sum = std::mem::replace(&mut sum, NumericDatum::zero()).add(n);
+        }
+    });
+    sum
+}
+
+/// Number of days reported in `daily` (0 when it is not an object).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn daily_days(daily: RawJsonb) -> i32 {
+    match daily.root() {
+        Jb::Object(c) => c.len() as i32,
+        _ => 0,
+    }
+}
+
+/// The days whose data differ between `old` and `new` (added, removed or
+/// changed), as a JSON array of day keys in day order. For events.
+#[pg_extern(immutable, parallel_safe)]
+fn changed_days(old: Option<RawJsonb>, new: Option<RawJsonb>) -> pgrx::JsonB {
+    let old_root = old.as_ref().map(|o| o.root()).unwrap_or(Jb::Null);
+    let new_root = new.as_ref().map(|n| n.root()).unwrap_or(Jb::Null);
+    let mut days: Vec<&str> = Vec::new();
+    new_root.each_member(|k, v| match old_root.get(k) {
+        Some(o) if same(o, v) => {}
+        _ => days.push(k),
+    });
+    old_root.each_member(|k, _| {
+        if new_root.get(k).is_none() {
+            days.push(k);
+        }
+    });
+    days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
+    pgrx::JsonB(serde_json::Value::Array(
+        days.into_iter()
+            .map(|d| serde_json::Value::String(d.to_string()))
+            .collect(),
+    ))
+}
+
+/// jsonb equality of two values (as `=` on jsonb: 1.0 equals 1).
+fn same(a: Jb<'_>, b: Jb<'_>) -> bool {
+    match (a, b) {
+        (Jb::Object(x), Jb::Object(y)) | (Jb::Array(x), Jb::Array(y)) => unsafe {
+            pg_sys::compareJsonbContainers(x.as_ptr(), y.as_ptr()) == 0
+        },
+        (Jb::Null, Jb::Null) => true,
+        (Jb::Bool(x), Jb::Bool(y)) => x == y,
+        (Jb::String(x), Jb::String(y)) => x == y,
+        (Jb::Number(x), Jb::Number(y)) => x.decode().to_f64() == y.decode().to_f64(),
+        _ => false,
+    }
 }

@@ -906,3 +906,91 @@ async fn daily_data_errors_lists_every_problem() {
             .unwrap();
     assert!(ok);
 }
+
+/// Numbers reach the table exactly as sent (no float round trip), and totals
+/// are exact numeric sums.
+#[tokio::test]
+async fn numbers_are_stored_and_summed_exactly() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let text = format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 1,
+             "dailyData": {{"1": {{"sales": 100.10, "customers": 3}}, "2": {{"sales": 0.1}}, "3": {{"sales": 0.2}},
+                            "4": {{"sales": 123456789.123456789}}, "5": {{"sales": 1e12}}}}}}]"#
+    );
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1::jsonb)")
+        .bind(&text)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(r["inserted"], 1, "{r}");
+    let (day1, day4, total): (String, String, String) = sqlx::query_as(
+        "SELECT daily_data -> '1' ->> 'sales', daily_data -> '4' ->> 'sales', total_sales::text FROM sales.monthly_sales",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(day1, "100.10");
+    assert_eq!(day4, "123456789.123456789");
+    assert_eq!(total, "1000123456889.523456789");
+    // Just above the limit, and a fraction where a whole number is needed.
+    let text = format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 2, "dailyData": {{"1": {{"sales": 1000000000000.5}}, "2": {{"customers": 2.5}}, "3": {{"customers": 2.0}}}}}}]"#
+    );
+    let e = sqlx::query_scalar::<_, Value>("SELECT sales.batch_upsert($1::jsonb)")
+        .bind(&text)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_err();
+    let report = ps422_report(&e);
+    assert!(
+        has_error(&report, 0, "dailyData.1.sales", "larger than 1e12"),
+        "{report}"
+    );
+    assert!(
+        has_error(&report, 0, "dailyData.2.customers", "whole number"),
+        "{report}"
+    );
+    assert_eq!(report["failed"], 1);
+    assert_eq!(
+        errors_of(&report).len(),
+        2,
+        "2.0 is a whole number: {report}"
+    );
+}
+
+/// Duplicates spelled differently (`dailyData` / `daily_data`) fold too.
+#[tokio::test]
+async fn duplicates_fold_across_spellings() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let batch = json!([
+        {"store_id": s, "year": 2024, "month": 6, "daily_data": {"1": {"sales": 1}, "2": {"sales": 2}}},
+        {"storeId": s, "year": 2024, "month": 6, "dailyData": {"2": {"sales": 20}}},
+        {"storeId": s, "year": 2024, "month": 6, "dailyData": {}},
+    ]);
+    let r = upsert_ok(&db, &batch).await;
+    assert_eq!(
+        (r["inserted"].as_i64(), r["merged"].as_i64()),
+        (Some(1), Some(2)),
+        "{r}"
+    );
+    let d: Value = sqlx::query_scalar("SELECT daily_data FROM sales.monthly_sales")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(d, json!({"1": {"sales": 1}, "2": {"sales": 20}}));
+    // All empty: an empty month, not NULL.
+    let r = upsert_ok(
+        &db,
+        &json!([record(s, 2024, 7, json!({})), record(s, 2024, 7, json!({}))]),
+    )
+    .await;
+    assert_eq!(r["inserted"], 1);
+    let days: i32 =
+        sqlx::query_scalar("SELECT days_reported FROM sales.monthly_sales WHERE month = 7")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(days, 0);
+}

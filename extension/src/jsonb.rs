@@ -1,0 +1,495 @@
+//! Reading `jsonb` in place, in Postgres' binary format.
+//!
+//! `pgrx::JsonB` converts every argument with `jsonb_out` (text, one
+//! `numeric_out` per number) and parses that text with serde, and converts
+//! results back with `jsonb_in`. For the CHECK constraint (called for every
+//! row written), the generated total columns and `batch_upsert`'s input, that
+//! round trip cost more than the work itself. [`RawJsonb`] instead hands out
+//! views ([`Jb`]) into the detoasted datum, walked with Postgres' own jsonb
+//! iterator; numbers stay `numeric` (exact sums, no text).
+//!
+//! Lifetimes: a [`Jb`] borrows its [`RawJsonb`], whose datum lives in the
+//! memory context of the current call.
+
+use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
+use pgrx::datum::Datum;
+use pgrx::nullable::Nullable;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use sales_core::json::{JsonRead, Kind};
+use std::marker::PhantomData;
+
+/// A jsonb value as Postgres holds it: detoasted, never copied or parsed.
+pub struct RawJsonb(*mut pg_sys::Jsonb);
+
+impl RawJsonb {
+    /// The top-level value.
+    pub fn root(&self) -> Jb<'_> {
+        // SAFETY: self.0 is a detoasted jsonb datum (see from_polymorphic_datum).
+        unsafe {
+            let root = std::ptr::addr_of_mut!((*self.0).root);
+            let header = (*root).header;
+            if header & pg_sys::JB_FSCALAR != 0 {
+                // A scalar document is stored as a one-element array.
+                let v = pg_sys::getIthJsonbValueFromContainer(root, 0);
+                Jb::from_value(&*v)
+            } else if header & pg_sys::JB_FOBJECT != 0 {
+                Jb::Object(Container::new(root))
+            } else {
+                Jb::Array(Container::new(root))
+            }
+        }
+    }
+
+    /// The datum, to pass on to a query unchanged.
+    pub fn datum(&self) -> JsonbDatum {
+        JsonbDatum(pg_sys::Datum::from(self.0))
+    }
+}
+
+impl FromDatum for RawJsonb {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // Full detoast: decompressed, fetched from TOAST, and with a 4-byte
+        // header, which the Jsonb struct layout assumes (as PG_GETARG_JSONB_P).
+        let p = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) };
+        Some(RawJsonb(p.cast()))
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for RawJsonb {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+impl_sql_translatable!(RawJsonb, "jsonb");
+
+/// A jsonb datum passed on to a query as it is (an SPI argument).
+#[derive(Clone, Copy)]
+pub struct JsonbDatum(pg_sys::Datum);
+
+impl IntoDatum for JsonbDatum {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0)
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+/// A `numeric` computed by Postgres' own arithmetic, returned as it is.
+pub struct NumericDatum(pg_sys::Numeric);
+
+impl IntoDatum for NumericDatum {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::NUMERICOID
+    }
+}
+
+unsafe impl BoxRet for NumericDatum {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(pg_sys::Datum::from(self.0)) }
+    }
+}
+
+impl_sql_translatable!(NumericDatum, "numeric");
+
+impl NumericDatum {
+    pub fn zero() -> Self {
+        NumericDatum(unsafe { pg_sys::int64_to_numeric(0) })
+    }
+
+    /// self + n, exactly (numeric arithmetic, no rounding).
+    pub fn add(self, n: Num<'_>) -> Self {
+        let mut error = false;
+        let sum = unsafe { pg_sys::numeric_add_opt_error(self.0, n.0, &mut error) };
+        if error {
+            crate::error::SalesError::InvalidParameter("numeric overflow in a daily total".into())
+                .raise()
+        }
+        NumericDatum(sum)
+    }
+}
+
+/// A container (object or array) inside a jsonb datum.
+#[derive(Clone, Copy)]
+pub struct Container<'a>(*mut pg_sys::JsonbContainer, PhantomData<&'a ()>);
+
+impl<'a> Container<'a> {
+    fn new(c: *mut pg_sys::JsonbContainer) -> Self {
+        Container(c, PhantomData)
+    }
+
+    pub fn len(self) -> usize {
+        (unsafe { (*self.0).header } & pg_sys::JB_CMASK) as usize
+    }
+
+    /// The raw container, for Postgres' jsonb functions.
+    pub fn as_ptr(self) -> *mut pg_sys::JsonbContainer {
+        self.0
+    }
+
+    /// Walks the container one level deep: `f(key, value)` for objects,
+    /// `f("", element)` for arrays.
+    fn walk(self, mut f: impl FnMut(&'a str, Jb<'a>)) {
+        unsafe {
+            let mut it = pg_sys::JsonbIteratorInit(self.0);
+            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
+            let mut key: &'a str = "";
+            loop {
+                // skipNested: nested containers come back as jbvBinary, unvisited.
+                match pg_sys::JsonbIteratorNext(&mut it, &mut v, true) {
+                    pg_sys::JsonbIteratorToken::WJB_KEY => key = string_of(&v),
+                    pg_sys::JsonbIteratorToken::WJB_VALUE => f(key, Jb::from_value(&v)),
+                    pg_sys::JsonbIteratorToken::WJB_ELEM => f("", Jb::from_value(&v)),
+                    pg_sys::JsonbIteratorToken::WJB_DONE => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// One jsonb value, read in place.
+#[derive(Clone, Copy)]
+pub enum Jb<'a> {
+    Null,
+    Bool(bool),
+    Number(Num<'a>),
+    String(&'a str),
+    Array(Container<'a>),
+    Object(Container<'a>),
+}
+
+unsafe fn string_of<'a>(v: &pg_sys::JsonbValue) -> &'a str {
+    unsafe {
+        let s = v.val.string;
+        let bytes = std::slice::from_raw_parts(s.val as *const u8, s.len.max(0) as usize);
+        // The server encoding of a sales database is UTF-8; anything else is
+        // shown as a replacement character (and so never matches a known name).
+        std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
+    }
+}
+
+impl<'a> Jb<'a> {
+    unsafe fn from_value(v: &pg_sys::JsonbValue) -> Jb<'a> {
+        unsafe {
+            match v.type_ {
+                pg_sys::jbvType::jbvBool => Jb::Bool(v.val.boolean),
+                pg_sys::jbvType::jbvNumeric => Jb::Number(Num(v.val.numeric, PhantomData)),
+                pg_sys::jbvType::jbvString => Jb::String(string_of(v)),
+                pg_sys::jbvType::jbvBinary => {
+                    let c = v.val.binary.data;
+                    if (*c).header & pg_sys::JB_FOBJECT != 0 {
+                        Jb::Object(Container::new(c))
+                    } else {
+                        Jb::Array(Container::new(c))
+                    }
+                }
+                // jbvNull, and unpacked arrays/objects, which iteration over a
+                // stored container never yields.
+                _ => Jb::Null,
+            }
+        }
+    }
+
+    /// Calls `f(index, element)` for each element of an array.
+    pub fn each_element(self, mut f: impl FnMut(usize, Jb<'a>)) {
+        if let Jb::Array(c) = self {
+            let mut i = 0;
+            c.walk(|_, v| {
+                f(i, v);
+                i += 1;
+            });
+        }
+    }
+
+    /// The member `key` of an object (binary search, as jsonb's `->`).
+    pub fn get(self, key: &str) -> Option<Jb<'a>> {
+        let Jb::Object(c) = self else { return None };
+        unsafe {
+            let mut k: pg_sys::JsonbValue = std::mem::zeroed();
+            k.type_ = pg_sys::jbvType::jbvString;
+            k.val.string.val = key.as_ptr() as *mut std::ffi::c_char;
+            k.val.string.len = key.len() as i32;
+            let found = pg_sys::findJsonbValueFromContainer(c.0, pg_sys::JB_FOBJECT, &mut k);
+            if found.is_null() {
+                None
+            } else {
+                Some(Jb::from_value(&*found))
+            }
+        }
+    }
+}
+
+impl<'a> JsonRead<'a> for Jb<'a> {
+    fn kind(self) -> Kind {
+        match self {
+            Jb::Null => Kind::Null,
+            Jb::Bool(_) => Kind::Bool,
+            Jb::Number(_) => Kind::Number,
+            Jb::String(_) => Kind::String,
+            Jb::Array(_) => Kind::Array,
+            Jb::Object(_) => Kind::Object,
+        }
+    }
+
+    fn as_f64(self) -> Option<f64> {
+        match self {
+            Jb::Number(n) => Some(n.decode().to_f64()),
+            _ => None,
+        }
+    }
+
+    fn as_i64(self) -> Option<i64> {
+        match self {
+            Jb::Number(n) => n.decode().to_i64(),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> Option<&'a str> {
+        match self {
+            Jb::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Jb::Array(c) | Jb::Object(c) => c.len(),
+            _ => 0,
+        }
+    }
+
+    fn each_member(self, f: impl FnMut(&'a str, Self)) {
+        if let Jb::Object(c) = self {
+            c.walk(f);
+        }
+    }
+}
+
+/// A `numeric` inside a jsonb datum.
+#[derive(Clone, Copy)]
+pub struct Num<'a>(pg_sys::Numeric, PhantomData<&'a ()>);
+
+/// A numeric's parts: value = sign * sum(digits[i] * 10000^(weight - i)).
+/// The layout is Postgres' on-disk numeric format (src/backend/utils/adt/
+/// numeric.c), stable since 9.1: decoding it here avoids numeric_out and
+/// strtod for every number of every row the CHECK constraint sees.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    pub special: Option<f64>,
+    pub negative: bool,
+    pub weight: i32,
+    pub dscale: u16,
+    /// The first (most significant) base-10000 digits; 8 of them are 32
+    /// decimal digits, more than f64 or i64 can hold.
+    pub digits: [u16; 8],
+    pub n_digits: usize,
+}
+
+const NUMERIC_SIGN_MASK: u16 = 0xC000;
+const NUMERIC_NEG: u16 = 0x4000;
+const NUMERIC_SHORT: u16 = 0x8000;
+const NUMERIC_SPECIAL: u16 = 0xC000;
+const NUMERIC_EXT_SIGN_MASK: u16 = 0xF000;
+const NUMERIC_PINF: u16 = 0xD000;
+const NUMERIC_NINF: u16 = 0xF000;
+const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
+const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+const NUMERIC_SHORT_DSCALE_MASK: u16 = 0x1F80;
+const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
+const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
+const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
+
+impl Num<'_> {
+    pub fn decode(self) -> Decoded {
+        unsafe {
+            let ptr = self.0 as *const pg_sys::varlena;
+            let len = pgrx::varlena::varsize_any_exhdr(ptr);
+            let data = pgrx::varlena::vardata_any(ptr) as *const u8;
+            let word = |i: usize| -> u16 { (data.add(2 * i) as *const u16).read_unaligned() };
+            Decoded::from_words(len / 2, word)
+        }
+    }
+}
+
+impl Decoded {
+    fn special(v: f64) -> Decoded {
+        Decoded {
+            special: Some(v),
+            negative: false,
+            weight: 0,
+            dscale: 0,
+            digits: [0; 8],
+            n_digits: 0,
+        }
+    }
+
+    /// Decodes from the numeric's 16-bit words after the varlena header.
+    pub fn from_words(n_words: usize, word: impl Fn(usize) -> u16) -> Decoded {
+        if n_words == 0 {
+            return Decoded::special(f64::NAN);
+        }
+        let header = word(0);
+        if header & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
+            return Decoded::special(match header & NUMERIC_EXT_SIGN_MASK {
+                NUMERIC_PINF => f64::INFINITY,
+                NUMERIC_NINF => f64::NEG_INFINITY,
+                _ => f64::NAN,
+            });
+        }
+        let (negative, weight, dscale, first) = if header & NUMERIC_SIGN_MASK == NUMERIC_SHORT {
+            let w = (header & NUMERIC_SHORT_WEIGHT_MASK) as i32;
+            let w = if header & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 {
+                w | !(NUMERIC_SHORT_WEIGHT_MASK as i32)
+            } else {
+                w
+            };
+            let dscale = (header & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT;
+            (header & NUMERIC_SHORT_SIGN_MASK != 0, w, dscale, 1)
+        } else {
+            let w = if n_words > 1 {
+                word(1) as i16 as i32
+            } else {
+                0
+            };
+            (
+                header & NUMERIC_SIGN_MASK == NUMERIC_NEG,
+                w,
+                header & NUMERIC_DSCALE_MASK,
+                2,
+            )
+        };
+        let mut digits = [0u16; 8];
+        let n_digits = n_words.saturating_sub(first).min(8);
+        for (i, d) in digits.iter_mut().enumerate().take(n_digits) {
+            *d = word(first + i);
+        }
+        Decoded {
+            special: None,
+            negative,
+            weight,
+            dscale,
+            digits,
+            n_digits,
+        }
+    }
+
+    pub fn to_f64(&self) -> f64 {
+        if let Some(s) = self.special {
+            return s;
+        }
+        let mut v = 0f64;
+        for d in &self.digits[..self.n_digits] {
+            v = v * 10000.0 + *d as f64;
+        }
+        let v = v * 10000f64.powi(self.weight - (self.n_digits as i32 - 1));
+        if self.negative {
+            -v
+        } else {
+            v
+        }
+    }
+
+    /// The value when it is written as a whole number (display scale 0, as
+    /// `2024` but not `2024.0`) and fits an i64.
+    pub fn to_i64(&self) -> Option<i64> {
+        if self.special.is_some() || self.dscale != 0 {
+            return None;
+        }
+        if self.n_digits == 0 {
+            return Some(0);
+        }
+        // With display scale 0 there are no fractional digits: weight >= 0.
+        if self.weight < 0 || self.weight > 4 || self.n_digits > self.weight as usize + 1 {
+            return None;
+        }
+        let mut v: i128 = 0;
+        for i in 0..=self.weight as usize {
+            v = v * 10000
+                + self
+                    .digits
+                    .get(i)
+                    .copied()
+                    .filter(|_| i < self.n_digits)
+                    .unwrap_or(0) as i128;
+        }
+        i64::try_from(if self.negative { -v } else { v }).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn short(negative: bool, dscale: u16, weight: i32, digits: &[u16]) -> Decoded {
+        let mut header = NUMERIC_SHORT | (dscale << NUMERIC_SHORT_DSCALE_SHIFT);
+        if negative {
+            header |= NUMERIC_SHORT_SIGN_MASK;
+        }
+        header |= (weight as u16) & (NUMERIC_SHORT_WEIGHT_MASK | NUMERIC_SHORT_WEIGHT_SIGN_MASK);
+        let words: Vec<u16> = std::iter::once(header)
+            .chain(digits.iter().copied())
+            .collect();
+        Decoded::from_words(words.len(), |i| words[i])
+    }
+
+    #[test]
+    fn decodes_short_numerics() {
+        // 1234.5678 = [1234, 5678], weight 0, dscale 4
+        let d = short(false, 4, 0, &[1234, 5678]);
+        assert!((d.to_f64() - 1234.5678).abs() < 1e-9);
+        assert_eq!(d.to_i64(), None);
+        // 2024
+        let d = short(false, 0, 0, &[2024]);
+        assert_eq!((d.to_f64(), d.to_i64()), (2024.0, Some(2024)));
+        // 1e12 = [1], weight 3
+        let d = short(false, 0, 3, &[1]);
+        assert_eq!((d.to_f64(), d.to_i64()), (1e12, Some(1_000_000_000_000)));
+        // -5
+        let d = short(true, 0, 0, &[5]);
+        assert_eq!((d.to_f64(), d.to_i64()), (-5.0, Some(-5)));
+        // 0.5 = [5000], weight -1, dscale 1
+        let d = short(false, 1, -1, &[5000]);
+        assert_eq!((d.to_f64(), d.to_i64()), (0.5, None));
+        // 0 has no digits
+        let d = short(false, 0, 0, &[]);
+        assert_eq!((d.to_f64(), d.to_i64()), (0.0, Some(0)));
+        // 2024.0: whole but written with a fraction
+        let d = short(false, 1, 0, &[2024]);
+        assert_eq!((d.to_f64(), d.to_i64()), (2024.0, None));
+    }
+
+    #[test]
+    fn decodes_long_and_special_numerics() {
+        // long format: sign/dscale word, weight word, digits
+        let words = [NUMERIC_NEG | 2, 1u16, 12, 3400];
+        let d = Decoded::from_words(words.len(), |i| words[i]);
+        assert_eq!(d.to_f64(), -120034.0);
+        assert_eq!(d.to_i64(), None, "dscale 2");
+        let nan = [NUMERIC_SPECIAL];
+        assert!(Decoded::from_words(1, |i| nan[i]).to_f64().is_nan());
+        let inf = [NUMERIC_PINF];
+        assert_eq!(Decoded::from_words(1, |i| inf[i]).to_f64(), f64::INFINITY);
+    }
+}
