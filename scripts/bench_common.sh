@@ -7,7 +7,7 @@ export DATABASE_URL="postgres://sales_app:pg_sales_dev@127.0.0.1:5432/${BENCH_DB
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export JWT_SECRET=${JWT_SECRET:-bench-secret-bench-secret-bench-secret-00}
 export LOG_LEVEL=warn
-export RATE_LIMIT_PER_MINUTE=100000000
+export RATE_LIMIT_PER_MINUTE=10000000
 SERVER=$ROOT/target/release/sales-server
 BENCH_PIDS=()
 

@@ -40,7 +40,6 @@ impl Zipf {
     }
 }
 
-#[derive(Default)]
 struct Results {
     hits: Mutex<Histogram<u64>>,
     misses: Mutex<Histogram<u64>>,
