@@ -66,7 +66,10 @@ CREATE TABLE sales.events (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX events_xid_id_idx ON sales.events (xid, id);
-CREATE INDEX events_created_at_idx ON sales.events (created_at);
+-- BRIN: events are appended in time order, and prune_events only needs
+-- "which block ranges are old"; a btree here cost every event insert a
+-- second index insertion.
+CREATE INDEX events_created_at_idx ON sales.events USING brin (created_at);
 -- index_report never proposes dropping these, however seldom they are scanned.
 COMMENT ON INDEX sales.events_xid_id_idx IS 'pg_sales: required by events_since, events_head and the NOTIFY trigger';
 COMMENT ON INDEX sales.events_created_at_idx IS 'pg_sales: required by prune_events';
@@ -174,29 +177,37 @@ $$;
 --
 -- How: the first event a transaction appends is marked `wakes`; a deferred
 -- constraint trigger on that one row runs at commit and notifies the highest
--- event id of the transaction. This function says whether the event about to
--- be written is that first one. Its flag is a transaction-local setting, so a
--- rolled-back savepoint forgets it together with the event rows it covered.
--- Callers call it only when they do append at least one row (arming without
--- writing the marked row would silence the rest of the transaction).
-CREATE FUNCTION sales.arm_notify() RETURNS boolean
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    IF current_setting('sales.notify_armed', true) = 'on' THEN
-        RETURN false;
-    END IF;
-    PERFORM set_config('sales.notify_armed', 'on', true);
-    RETURN true;
-END $$;
+-- event id of the transaction. sales.arm_notify() (Rust, in events.rs) says
+-- whether the event row being written is that first one; every event insert
+-- sets `wakes = sales.arm_notify()`, evaluated for each row it writes (so it
+-- never arms without writing the marked row). Its flag is a
+-- transaction-local setting, so a rolled-back savepoint forgets it together
+-- with the event rows it covered.
 
+-- Coalescing (opt-in: SET sales.notify_coalesce = on, per database or role).
+-- Every NOTIFY serialises commits cluster-wide: Postgres holds a global lock
+-- from the NOTIFY until the commit record is flushed, so with one NOTIFY per
+-- transaction many small concurrent writers commit one fsync at a time
+-- (measured by scripts/bench_upsert.sh). With coalescing, a transaction
+-- that finds another one committing its NOTIFY (advisory lock below, held to
+-- the end of that transaction) sends none: that NOTIFY wakes the listeners.
+-- It may be delivered before this transaction's events are visible, so a
+-- listener using coalescing must, after each wake-up, keep polling
+-- events_since until every transaction running at the wake-up has ended
+-- (pg_snapshot_xmin(pg_current_snapshot()) passes the wake-up's
+-- pg_snapshot_xmax): then no event is left behind.
 CREATE FUNCTION sales.tg_events_wake() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE max_id bigint;
 BEGIN
-    SELECT max(e.id) INTO max_id FROM sales.events e WHERE e.xid = pg_current_xact_id();
     -- Normally this runs at commit. After SET CONSTRAINTS ALL IMMEDIATE it
     -- runs mid-transaction: re-arm so that later events wake listeners again.
     PERFORM set_config('sales.notify_armed', '', true);
+    -- 0x5A1E5 is pg_sales' advisory lock key for "a NOTIFY is being committed".
+    IF current_setting('sales.notify_coalesce', true) = 'on' AND NOT pg_try_advisory_xact_lock(369125) THEN
+        RETURN NULL;
+    END IF;
+    SELECT max(e.id) INTO max_id FROM sales.events e WHERE e.xid = pg_current_xact_id();
     IF max_id IS NOT NULL THEN
         PERFORM pg_notify('sales_events', max_id::text);
     END IF;
@@ -208,9 +219,9 @@ CREATE CONSTRAINT TRIGGER events_wake AFTER INSERT ON sales.events
     FOR EACH ROW WHEN (NEW.wakes) EXECUTE FUNCTION sales.tg_events_wake();
 
 -- The statement triggers below append one event per changed row, in a stable
--- order, and mark the first one with `wakes` when it is the transaction's
--- first event (CASE makes sure arm_notify runs for row 1 only, and not at
--- all when the statement changed nothing).
+-- (store, year, month) order. They are statement-level (one call per
+-- statement over its transition tables, not one per row): a batch of 1,000
+-- rows runs one INSERT ... SELECT here.
 CREATE FUNCTION sales.tg_sales_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -220,9 +231,9 @@ BEGIN
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
                               'changedDays', sales.changed_days(NULL, n.daily_data)),
-           CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
-    FROM (SELECT r.*, row_number() OVER (ORDER BY r.store_id, r.year, r.month) AS rn FROM new_rows r) n
-    ORDER BY n.rn;
+           sales.arm_notify()
+    FROM new_rows n
+    ORDER BY n.store_id, n.year, n.month;
     RETURN NULL;
 END $$;
 
@@ -234,16 +245,14 @@ BEGIN
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                              'changedDays', sales.changed_days(n.old_daily, n.daily_data))
-           || CASE WHEN n.old_store <> n.store_id
-                   THEN jsonb_build_object('previousStoreId', n.old_store) ELSE '{}'::jsonb END,
-           CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
-    FROM (SELECT r.*, o.daily_data AS old_daily, o.store_id AS old_store,
-                 row_number() OVER (ORDER BY r.store_id, r.year, r.month) AS rn
-          FROM new_rows r JOIN old_rows o ON o.id = r.id
-          -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
-          WHERE r.version <> o.version) n
-    ORDER BY n.rn;
+                              'changedDays', sales.changed_days(o.daily_data, n.daily_data))
+           || CASE WHEN o.store_id <> n.store_id
+                   THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END,
+           sales.arm_notify()
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
+    WHERE n.version <> o.version
+    ORDER BY n.store_id, n.year, n.month;
     RETURN NULL;
 END $$;
 
@@ -254,9 +263,9 @@ BEGIN
     SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
            jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
                               'version', o.version + 1),
-           CASE WHEN o.rn = 1 THEN sales.arm_notify() ELSE false END
-    FROM (SELECT r.*, row_number() OVER (ORDER BY r.store_id, r.year, r.month) AS rn FROM old_rows r) o
-    ORDER BY o.rn;
+           sales.arm_notify()
+    FROM old_rows o
+    ORDER BY o.store_id, o.year, o.month;
     RETURN NULL;
 END $$;
 
@@ -272,28 +281,23 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
-        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, n.doc,
-               CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
-        FROM (SELECT r.id, r.version, sales.store_doc(r) AS doc, row_number() OVER (ORDER BY r.id) AS rn FROM new_rows r) n
-        ORDER BY n.rn;
+        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n),
+               sales.arm_notify()
+        FROM new_rows n ORDER BY n.id;
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
-        SELECT CASE WHEN n.status <> n.old_status THEN 'store-status-changed' ELSE 'store-updated' END,
+        SELECT CASE WHEN n.status <> o.status THEN 'store-status-changed' ELSE 'store-updated' END,
                n.id, sales.current_actor(), n.id, n.version,
-               n.doc || jsonb_build_object('previousStatus', n.old_status),
-               CASE WHEN n.rn = 1 THEN sales.arm_notify() ELSE false END
-        FROM (SELECT r.id, r.version, r.status, sales.store_doc(r) AS doc, o.status AS old_status,
-                     row_number() OVER (ORDER BY r.id) AS rn
-              FROM new_rows r JOIN old_rows o ON o.id = r.id
-              WHERE r.version <> o.version) n
-        ORDER BY n.rn;
+               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status),
+               sales.arm_notify()
+        FROM new_rows n JOIN old_rows o ON o.id = n.id
+        WHERE n.version <> o.version ORDER BY n.id;
     ELSE
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
         SELECT 'store-deleted', o.id, sales.current_actor(), o.id, o.version + 1,
                jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1),
-               CASE WHEN o.rn = 1 THEN sales.arm_notify() ELSE false END
-        FROM (SELECT r.*, row_number() OVER (ORDER BY r.id) AS rn FROM old_rows r) o
-        ORDER BY o.rn;
+               sales.arm_notify()
+        FROM old_rows o ORDER BY o.id;
     END IF;
     RETURN NULL;
 END $$;

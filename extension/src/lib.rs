@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 mod error;
+mod events;
 mod jsonb;
 mod projection;
 mod upsert;

@@ -798,3 +798,82 @@ async fn events_head_prune_and_resync() {
     let (code, _, _) = pg_error(&since(&db, 10_000_000, 10).await.unwrap_err());
     assert_eq!(code, "PS410", "an id that never existed");
 }
+
+/// Opt-in coalescing (`sales.notify_coalesce = on`): a transaction that
+/// commits while another is committing its NOTIFY sends none of its own.
+#[tokio::test]
+async fn coalesced_notify_skips_while_another_is_committing() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let mut notes = Notifications::listen(&db).await;
+    notes.drain(&db).await;
+
+    // T1 fires its commit-time trigger early (SET CONSTRAINTS ... IMMEDIATE):
+    // it now holds the "NOTIFY being committed" lock, as during its commit.
+    let mut c1 = db.connect().await;
+    let mut t1 = c1.begin().await.unwrap();
+    sqlx::query("SET LOCAL sales.notify_coalesce = on")
+        .execute(&mut *t1)
+        .await
+        .unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
+        .execute(&mut *t1)
+        .await
+        .unwrap();
+    sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
+        .execute(&mut *t1)
+        .await
+        .unwrap();
+    let t1_max: i64 =
+        sqlx::query_scalar("SELECT max(id) FROM sales.events WHERE xid = pg_current_xact_id()")
+            .fetch_one(&mut *t1)
+            .await
+            .unwrap();
+
+    // T2 with coalescing commits meanwhile: no NOTIFY of its own.
+    let mut c2 = db.connect().await;
+    sqlx::query("SET sales.notify_coalesce = on")
+        .execute(&mut c2)
+        .await
+        .unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[1], 2024, 1, days(1, 1, 1.0, 1))]))
+        .execute(&mut c2)
+        .await
+        .unwrap();
+    assert!(
+        notes.drain(&db).await.is_empty(),
+        "T2 relied on T1's NOTIFY"
+    );
+    // T2's events are there; T1's commit wakes listeners.
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind = 'sales-data-created'"
+        )
+        .await,
+        1
+    );
+    t1.commit().await.unwrap();
+    assert_eq!(notes.drain(&db).await, vec![t1_max]);
+
+    // Without coalescing (the default), every writing transaction notifies.
+    let mut c3 = db.connect().await;
+    let mut t3 = c3.begin().await.unwrap();
+    sqlx::query("SELECT sales.announce('one')")
+        .execute(&mut *t3)
+        .await
+        .unwrap();
+    sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
+        .execute(&mut *t3)
+        .await
+        .unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT sales.announce('two')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(notes.drain(&db).await, vec![id]);
+    t3.commit().await.unwrap();
+    assert_eq!(notes.drain(&db).await.len(), 1);
+}

@@ -1,0 +1,567 @@
+//! Batch upsert benchmark (issue 3, "Benchmark"): rows/s of `sales.batch_upsert`
+//! against the best hand-written set-based SQL, per-row upserts, batches of
+//! 50 per transaction, and COPY into an unlogged staging table (the floor);
+//! then commits/s of small writes with event emission on and off.
+//!
+//! Each method writes its own slice of keys into the same `sales.monthly_sales`
+//! table, which holds `--preload` rows before the first method runs: half of a
+//! method's records update preloaded rows (with new values), half insert new
+//! ones. Every record has 31 days. The database is created for the run (like
+//! the tests' `TestDb`) and dropped afterwards.
+//!
+//! Run with `scripts/bench_upsert.sh [flags]` (release build, release extension).
+//! Flags (defaults in brackets): --records [100000] --batch [1000]
+//! --preload [200000] --per-row [5000] --batch50 [20000] --writers [8]
+//! --seconds [10] --stores-per-method [500]
+
+use sales_e2e::TestDb;
+use sqlx::{Connection, Executor, PgConnection};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+struct Opts {
+    records: usize,
+    batch: usize,
+    preload: usize,
+    per_row: usize,
+    batch50: usize,
+    writers: usize,
+    seconds: u64,
+    stores_per_method: usize,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        records: 100_000,
+        batch: 1000,
+        preload: 200_000,
+        per_row: 5_000,
+        batch50: 20_000,
+        writers: 8,
+        seconds: 10,
+        stores_per_method: 500,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let flag = args[i].as_str();
+        if flag == "--help" || flag == "-h" {
+            println!(
+                "{}",
+                include_str!("bench_upsert.rs")
+                    .lines()
+                    .take_while(|l| l.starts_with("//!"))
+                    .map(|l| l.trim_start_matches("//!").trim_start())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::process::exit(0);
+        }
+        let value: usize = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a number"));
+        match flag {
+            "--records" => o.records = value,
+            "--batch" => o.batch = value,
+            "--preload" => o.preload = value,
+            "--per-row" => o.per_row = value,
+            "--batch50" => o.batch50 = value,
+            "--writers" => o.writers = value,
+            "--seconds" => o.seconds = value as u64,
+            "--stores-per-method" => o.stores_per_method = value,
+            _ => panic!("unknown flag {flag} (see --help)"),
+        }
+        i += 2;
+    }
+    assert!(o.batch >= 1 && o.records >= 2 && o.stores_per_method >= 1);
+    o
+}
+
+/// Months with 31 days, so every record carries 31 days.
+const LONG_MONTHS: [i32; 7] = [1, 3, 5, 7, 8, 10, 12];
+
+/// The k-th (year, month) of a store's key space.
+fn period(k: usize) -> (i32, i32) {
+    (2000 + (k / 7) as i32, LONG_MONTHS[k % 7])
+}
+
+/// A method's keys: `stores` stores, `per_store` months each. The first half
+/// of each store's months is preloaded; the method updates some and inserts
+/// the rest.
+#[derive(Clone)]
+struct Slice {
+    stores: Vec<i64>,
+    per_store: usize,
+}
+
+impl Slice {
+    /// Record keys for `n` records: alternately an update (preloaded month)
+    /// and an insert (new month), spread over the slice's stores.
+    fn keys(&self, n: usize) -> Vec<(i64, i32, i32)> {
+        let half = self.per_store / 2;
+        (0..n)
+            .map(|i| {
+                let store = self.stores[(i / 2) % self.stores.len()];
+                let j = (i / 2) / self.stores.len();
+                assert!(j < half, "slice too small: raise --stores-per-method");
+                let k = if i % 2 == 0 { j } else { half + j };
+                let (y, m) = period(k);
+                (store, y, m)
+            })
+            .collect()
+    }
+}
+
+fn daily_json(seed: usize) -> String {
+    let mut s = String::with_capacity(31 * 40);
+    s.push('{');
+    for d in 1..=31 {
+        if d > 1 {
+            s.push(',');
+        }
+        let sales = ((seed * 7919 + d * 104_729) % 1_000_000) as f64 / 100.0;
+        let customers = (seed * 31 + d * 17) % 400;
+        let _ = write!(s, "\"{d}\":{{\"sales\":{sales},\"customers\":{customers}}}");
+    }
+    s.push('}');
+    s
+}
+
+fn batch_json(keys: &[(i64, i32, i32)], seed: usize) -> String {
+    let mut s = String::with_capacity(keys.len() * 1300);
+    s.push('[');
+    for (i, (store, y, m)) in keys.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(
+            s,
+            "{{\"storeId\":{store},\"year\":{y},\"month\":{m},\"dailyData\":{}}}",
+            daily_json(seed + i)
+        );
+    }
+    s.push(']');
+    s
+}
+
+const HAND_SQL: &str = r#"
+INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data)
+SELECT r."storeId", r.year, r.month, r."dailyData"
+FROM jsonb_to_recordset($1::jsonb) AS r("storeId" bigint, year integer, month integer, "dailyData" jsonb)
+ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = t.daily_data || EXCLUDED.daily_data
+"#;
+
+const ROW_SQL: &str = r#"
+INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data)
+VALUES ($1, $2, $3, $4::jsonb)
+ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = t.daily_data || EXCLUDED.daily_data
+"#;
+
+struct Measured {
+    name: &'static str,
+    records: usize,
+    elapsed: Duration,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+async fn batches_via(
+    conn: &mut PgConnection,
+    sql: &str,
+    keys: &[(i64, i32, i32)],
+    batch: usize,
+    seed: usize,
+) -> Duration {
+    // JSON text is built before timing: the clock measures the database.
+    let bodies: Vec<String> = keys
+        .chunks(batch)
+        .enumerate()
+        .map(|(i, c)| batch_json(c, seed + i * batch))
+        .collect();
+    let started = Instant::now();
+    for b in &bodies {
+        sqlx::query(sql)
+            .bind(b.as_str())
+            .execute(&mut *conn)
+            .await
+            .expect(sql);
+    }
+    started.elapsed()
+}
+
+async fn per_row(
+    conn: &mut PgConnection,
+    keys: &[(i64, i32, i32)],
+    per_txn: usize,
+    seed: usize,
+) -> Duration {
+    let days: Vec<String> = (0..keys.len()).map(|i| daily_json(seed + i)).collect();
+    let started = Instant::now();
+    for (chunk_keys, chunk_days) in keys.chunks(per_txn).zip(days.chunks(per_txn)) {
+        if per_txn > 1 {
+            conn.execute("BEGIN").await.unwrap();
+        }
+        for ((s, y, m), d) in chunk_keys.iter().zip(chunk_days) {
+            sqlx::query(ROW_SQL)
+                .bind(s)
+                .bind(y)
+                .bind(m)
+                .bind(d.as_str())
+                .execute(&mut *conn)
+                .await
+                .expect("row");
+        }
+        if per_txn > 1 {
+            conn.execute("COMMIT").await.unwrap();
+        }
+    }
+    started.elapsed()
+}
+
+async fn copy_floor(
+    conn: &mut PgConnection,
+    keys: &[(i64, i32, i32)],
+    batch: usize,
+    seed: usize,
+) -> Duration {
+    conn.execute(
+        "CREATE UNLOGGED TABLE IF NOT EXISTS public.bench_stage (store_id bigint, year integer, month integer, daily_data jsonb)",
+    )
+    .await
+    .unwrap();
+    let chunks: Vec<String> = keys
+        .chunks(batch)
+        .enumerate()
+        .map(|(c, ks)| {
+            let mut s = String::with_capacity(ks.len() * 1300);
+            for (i, (st, y, m)) in ks.iter().enumerate() {
+                let _ = writeln!(s, "{st}\t{y}\t{m}\t{}", daily_json(seed + c * batch + i));
+            }
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    for c in &chunks {
+        let mut copy = conn
+            .copy_in_raw("COPY public.bench_stage (store_id, year, month, daily_data) FROM STDIN")
+            .await
+            .unwrap();
+        copy.send(c.as_bytes()).await.unwrap();
+        copy.finish().await.unwrap();
+    }
+    started.elapsed()
+}
+
+/// Preloads the first `per_store` months of every store of `slices`,
+/// generated inside Postgres.
+async fn preload(conn: &mut PgConnection, slices: &[Slice], per_store: usize) {
+    let periods: Vec<(i32, i32)> = (0..per_store).map(period).collect();
+    let years: Vec<i32> = periods.iter().map(|p| p.0).collect();
+    let months: Vec<i32> = periods.iter().map(|p| p.1).collect();
+    for sl in slices {
+        for chunk in sl.stores.chunks(20) {
+            sqlx::query(
+                "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+                 SELECT s, p.y, p.m,
+                        (SELECT jsonb_object_agg(d::text, jsonb_build_object(
+                                    'sales', round((random() * 10000)::numeric, 2),
+                                    'customers', (random() * 400)::int))
+                         FROM generate_series(1, 31) d)
+                 FROM unnest($1::bigint[]) s, unnest($2::int[], $3::int[]) AS p(y, m)",
+            )
+            .bind(chunk)
+            .bind(&years)
+            .bind(&months)
+            .execute(&mut *conn)
+            .await
+            .expect("preload");
+        }
+    }
+}
+
+/// Commits/s of `writers` connections each doing single-row upserts (one day
+/// merged into its own rows) for `seconds`.
+async fn commits_per_sec(url: &str, keys: &[(i64, i32, i32)], writers: usize, seconds: u64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mine: Vec<(i64, i32, i32)> = keys.iter().skip(w).step_by(writers).copied().collect();
+        let (stop, count, url) = (stop.clone(), count.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let (s, y, m) = mine[i % mine.len()];
+                let day = format!(
+                    "{{\"{}\": {{\"sales\": {}, \"customers\": 1}}}}",
+                    1 + i % 31,
+                    i % 997
+                );
+                sqlx::query(ROW_SQL)
+                    .bind(s)
+                    .bind(y)
+                    .bind(m)
+                    .bind(day)
+                    .execute(&mut conn)
+                    .await
+                    .expect("commit");
+                count.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
+    let start_count = count.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let n = count.load(Ordering::Relaxed) - start_count;
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / elapsed.as_secs_f64()
+}
+
+async fn set_event_triggers(conn: &mut PgConnection, enabled: bool) {
+    let verb = if enabled { "ENABLE" } else { "DISABLE" };
+    for t in [
+        "monthly_sales_events_ins",
+        "monthly_sales_events_upd",
+        "monthly_sales_events_del",
+    ] {
+        conn.execute(format!("ALTER TABLE sales.monthly_sales {verb} TRIGGER {t}").as_str())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let o = opts();
+    let db = TestDb::new().await;
+    let mut conn = db.connect().await;
+    let settings: (String, String, String) = sqlx::query_as(
+        "SELECT current_setting('server_version'), current_setting('synchronous_commit'), current_setting('shared_buffers')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let lib: String =
+        sqlx::query_scalar("SELECT extversion FROM pg_extension WHERE extname = 'pg_sales'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    println!(
+        "bench_upsert: database {} (Postgres {}, synchronous_commit={}, shared_buffers={}, pg_sales {lib}), {} cores",
+        db.name,
+        settings.0,
+        settings.1,
+        settings.2,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!("options: {o:?}");
+
+    // Five slices of stores: four methods upsert into the table, the fifth
+    // slice feeds COPY and the commit test. The first four are preloaded.
+    let methods = 5;
+    let spm = o.stores_per_method;
+    let updates_per_store = (o.records / 2).div_ceil(spm);
+    let preload_per_store = o.preload.div_ceil(4 * spm);
+    let half = updates_per_store.max(preload_per_store);
+    assert!(
+        2 * half <= 707,
+        "more than 707 months per store: raise --stores-per-method"
+    );
+    if preload_per_store < updates_per_store {
+        println!(
+            "note: --preload {} covers {preload_per_store} of the {updates_per_store} months per store that the \
+             'update' half needs; the rest of that half inserts",
+            o.preload
+        );
+    }
+    let n_stores = methods * spm;
+    let codes: Vec<String> = (0..n_stores).map(|i| format!("B{i:05}")).collect();
+    let store_ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO sales.stores (code, name, region) SELECT c, 'Bench ' || c, 'North' FROM unnest($1::text[]) c RETURNING id",
+    )
+    .bind(&codes)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let slices: Vec<Slice> = store_ids
+        .chunks(spm)
+        .map(|c| Slice {
+            stores: c.to_vec(),
+            per_store: 2 * half,
+        })
+        .collect();
+
+    let t = Instant::now();
+    preload(&mut conn, &slices[..4], preload_per_store).await;
+    conn.execute("VACUUM ANALYZE sales.monthly_sales")
+        .await
+        .unwrap();
+    conn.execute("CHECKPOINT").await.unwrap();
+    let (rows, size): (i64, String) = sqlx::query_as(
+        "SELECT count(*), pg_size_pretty(pg_total_relation_size('sales.monthly_sales')) FROM sales.monthly_sales",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    println!(
+        "preloaded {rows} rows ({size} with indexes) in {:.1}s\n",
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut results: Vec<Measured> = Vec::new();
+    let keys0 = slices[0].keys(o.records);
+    let e = batches_via(
+        &mut conn,
+        "SELECT sales.batch_upsert($1::jsonb)",
+        &keys0,
+        o.batch,
+        1,
+    )
+    .await;
+    results.push(Measured {
+        name: "sales.batch_upsert",
+        records: o.records,
+        elapsed: e,
+    });
+    println!(
+        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
+        results[0].name,
+        results[0].rate(),
+        o.records,
+        e.as_secs_f64()
+    );
+
+    let keys1 = slices[1].keys(o.records);
+    let e = batches_via(&mut conn, HAND_SQL, &keys1, o.batch, 2).await;
+    results.push(Measured {
+        name: "hand-written SQL (jsonb_to_recordset)",
+        records: o.records,
+        elapsed: e,
+    });
+    println!(
+        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
+        results[1].name,
+        results[1].rate(),
+        o.records,
+        e.as_secs_f64()
+    );
+
+    let keys2 = slices[2].keys(o.per_row);
+    let e = per_row(&mut conn, &keys2, 1, 3).await;
+    results.push(Measured {
+        name: "per-row upserts (one statement each)",
+        records: o.per_row,
+        elapsed: e,
+    });
+    println!(
+        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
+        results[2].name,
+        results[2].rate(),
+        o.per_row,
+        e.as_secs_f64()
+    );
+
+    let keys3 = slices[3].keys(o.batch50);
+    let e = per_row(&mut conn, &keys3, 50, 4).await;
+    results.push(Measured {
+        name: "batches of 50 per transaction",
+        records: o.batch50,
+        elapsed: e,
+    });
+    println!(
+        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
+        results[3].name,
+        results[3].rate(),
+        o.batch50,
+        e.as_secs_f64()
+    );
+
+    let keys4 = slices[4].keys(o.records);
+    let e = copy_floor(&mut conn, &keys4, o.batch, 5).await;
+    results.push(Measured {
+        name: "COPY into unlogged staging table (floor)",
+        records: o.records,
+        elapsed: e,
+    });
+    println!(
+        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
+        results[4].name,
+        results[4].rate(),
+        o.records,
+        e.as_secs_f64()
+    );
+
+    let bu = results[0].rate();
+    println!();
+    println!(
+        "batch_upsert / hand-written SQL: {:>6.2}x  (target >= 0.9)",
+        bu / results[1].rate()
+    );
+    println!(
+        "batch_upsert / per-row:          {:>6.1}x  (target >= 30)",
+        bu / results[2].rate()
+    );
+    println!(
+        "batch_upsert / batches of 50:    {:>6.1}x",
+        bu / results[3].rate()
+    );
+    println!(
+        "batch_upsert / COPY floor:       {:>6.2}x  (target >= 0.5)",
+        bu / results[4].rate()
+    );
+
+    // Commits/s with events on and off: small single-row upserts by many writers.
+    let keys_c = slices[4].keys(o.writers * 50);
+    let on = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
+    // Coalesced NOTIFY (sales.notify_coalesce, see schema.sql); new
+    // connections pick the database setting up.
+    let coalesce = |v: &str| format!("ALTER DATABASE {} SET sales.notify_coalesce = {v}", db.name);
+    conn.execute(coalesce("on").as_str()).await.unwrap();
+    let coalesced = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
+    conn.execute(coalesce("off").as_str()).await.unwrap();
+    // Events written but no NOTIFY: how much of the difference the NOTIFY
+    // itself costs (it serialises commits, fsync included).
+    conn.execute("ALTER TABLE sales.events DISABLE TRIGGER events_wake")
+        .await
+        .unwrap();
+    let silent = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
+    conn.execute("ALTER TABLE sales.events ENABLE TRIGGER events_wake")
+        .await
+        .unwrap();
+    set_event_triggers(&mut conn, false).await;
+    let off = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
+    set_event_triggers(&mut conn, true).await;
+    println!();
+    println!(
+        "{} writers, single-row upserts (one day merged), {}s each:",
+        o.writers, o.seconds
+    );
+    println!("  commits/s with events on:            {on:>8.0}");
+    println!("  commits/s with events on, coalesced: {coalesced:>8.0}");
+    println!("  commits/s with events on, no NOTIFY: {silent:>8.0}");
+    println!("  commits/s with events off:           {off:>8.0}");
+    println!(
+        "  on / off:                            {:>8.2}  (target >= 0.9)",
+        on / off
+    );
+    println!(
+        "  coalesced / off:                     {:>8.2}",
+        coalesced / off
+    );
+    drop(conn);
+}
