@@ -9,11 +9,18 @@
 #   scripts/bench_ws.sh                      # all sizes, both spreads
 #   SIZES="1000 5000" SPREADS=10 scripts/bench_ws.sh
 #   RATE=4 SECONDS_FIXED=10 SECONDS_SAT=10 WRITERS=4 scripts/bench_ws.sh
+#
+# By default it runs against a private Postgres cluster (initdb in a
+# temporary directory, loopback only, removed at exit): event delivery waits
+# for the oldest open writing transaction of the *cluster*, so other people's
+# long transactions on a shared cluster would show up as WebSocket latency.
+# PRIVATE_PG=0 uses the shared cluster at PG_BASE instead.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 BENCH_DB=${BENCH_DB:-pg_sales_bench_ws}
+PRIVATE_PG=${PRIVATE_PG:-1}
 PG_BASE=${PG_BASE:-postgres://sales_app:pg_sales_dev@127.0.0.1:5432}
 PORT=${BENCH_WS_PORT:-3101}
 SIZES=${SIZES:-"1000 5000 15000 18000"}
@@ -37,6 +44,30 @@ BENCH=$ROOT/target/release/bench_ws
 # The per-process open-file limit on these machines is 20,000 (hard).
 ulimit -n "$(ulimit -Hn)"
 
+PG_DIR=""
+PG_BIN=/usr/lib/postgresql/15/bin
+stop_pg() {
+    if [ -n "$PG_DIR" ]; then
+        sudo -u postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true
+        rm -rf "$PG_DIR"
+    fi
+}
+start_private_pg() {
+    PG_DIR=$(mktemp -d /tmp/bench_ws_pg.XXXXXX)
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    head -c 24 /dev/urandom | base64 >"$PG_DIR/pwfile"
+    chown -R postgres:postgres "$PG_DIR"
+    chmod 700 "$PG_DIR"
+    sudo -u postgres "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth-local=peer --auth-host=scram-sha-256 \
+        --pwfile="$PG_DIR/pwfile" >/dev/null
+    sudo -u postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
+        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
+    sudo -u postgres psql -h "$PG_DIR" -p "$port" -qc "CREATE ROLE sales_app LOGIN SUPERUSER PASSWORD 'pg_sales_dev'"
+    PG_BASE="postgres://sales_app:pg_sales_dev@127.0.0.1:${port}"
+    echo "private Postgres cluster on 127.0.0.1:${port} ($PG_DIR)"
+}
+
 SERVER_PID=""
 stop_server() {
     if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -50,13 +81,18 @@ stop_server() {
     fi
     SERVER_PID=""
 }
-trap stop_server EXIT INT TERM
+trap 'stop_server; stop_pg' EXIT INT TERM
 
 if [ ! -x "$SERVER" ] || [ ! -x "$BENCH" ]; then
     echo "building release binaries..."
     cargo build --release -p sales-server --bin sales-server
     cargo build --release -p sales-e2e --bin bench_ws
 fi
+
+if [ "$PRIVATE_PG" = 1 ]; then
+    start_private_pg
+fi
+export DATABASE_URL="${PG_BASE}/${BENCH_DB}"
 
 # The bench database: 200 stores, created and seeded once.
 if ! psql "${PG_BASE}/postgres" -qAtc "SELECT 1 FROM pg_database WHERE datname = '${BENCH_DB}'" | grep -q 1; then

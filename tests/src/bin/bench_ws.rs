@@ -373,6 +373,8 @@ struct Writer {
     token: String,
     stores: Vec<i64>,
     counter: AtomicU64,
+    /// HTTP round trip of each batch, in microseconds.
+    round_trips: Mutex<Histogram<u64>>,
 }
 
 impl Writer {
@@ -389,14 +391,19 @@ impl Writer {
                        "dailyData": {day.to_string(): {"sales": 1000 + n, "customers": 1 + n % 50}}})
             })
             .collect();
-        match self
+        let started = Instant::now();
+        let result = self
             .http
             .post(format!("{}/api/v2/sales/batch", self.url))
             .bearer_auth(&self.token)
             .json(&json!({"salesDataArray": records}))
             .send()
-            .await
-        {
+            .await;
+        self.round_trips
+            .lock()
+            .unwrap()
+            .saturating_record(started.elapsed().as_micros().max(1) as u64);
+        match result {
             Ok(r) if r.status().is_success() => true,
             Ok(r) => {
                 eprintln!(
@@ -416,6 +423,37 @@ impl Writer {
 
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
+}
+
+fn report_writes(w: &Writer, oldest: Duration) {
+    let mut h = w.round_trips.lock().unwrap();
+    println!(
+        "    writes: round trip p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; oldest open writing transaction seen in the cluster: {:.0} ms",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max()),
+        oldest.as_secs_f64() * 1000.0
+    );
+    h.reset();
+}
+
+/// Samples, until `stop`, the age of the oldest transaction holding an xid in
+/// the whole cluster (it holds back event delivery), returning the largest.
+fn watch_oldest(pool: sqlx::PgPool, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        let mut worst = 0f64;
+        while !stop.load(Relaxed) {
+            let age: Option<f64> = sqlx::query_scalar(
+                "SELECT extract(epoch FROM max(now() - xact_start))::float8 FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(None);
+            worst = worst.max(age.unwrap_or(0.0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Duration::from_secs_f64(worst)
+    })
 }
 
 fn report_phase(name: &str, p: &Phase, batches: u64, clients: usize) {
@@ -561,15 +599,20 @@ async fn run(args: Args) {
         token: sign(1, "admin", &[]),
         stores: stores.clone(),
         counter: AtomicU64::new(now_us() % 1_000_000),
+        round_trips: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).unwrap()),
     });
     // Warm-up batch (not measured).
     writer.write().await;
     settle(&mut children, connected, Duration::from_secs(5)).await;
 
+    writer.round_trips.lock().unwrap().reset();
+
     // Phase 1: a fixed rate.
     for c in children.iter_mut() {
         c.ask("reset").await;
     }
+    let watching = Arc::new(AtomicBool::new(false));
+    let watcher = watch_oldest(pool.clone(), watching.clone());
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -585,6 +628,8 @@ async fn run(args: Args) {
         ok += h.await.unwrap() as u64;
     }
     let fixed = settle(&mut children, ok * connected, Duration::from_secs(5)).await;
+    watching.store(true, Relaxed);
+    let oldest = watcher.await.unwrap();
     report_phase(
         &format!(
             "fixed rate {rate} batches/s ({} events/s)",
@@ -594,6 +639,7 @@ async fn run(args: Args) {
         ok,
         connected as usize,
     );
+    report_writes(&writer, oldest);
 
     // Phase 2: saturation.
     if saturate_seconds > 0 {
@@ -602,6 +648,8 @@ async fn run(args: Args) {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
+        let watching = Arc::new(AtomicBool::new(false));
+        let watcher = watch_oldest(pool.clone(), watching.clone());
         let mut tasks = Vec::new();
         for _ in 0..writers {
             let (w, stop, done) = (writer.clone(), stop.clone(), done.clone());
@@ -620,12 +668,15 @@ async fn run(args: Args) {
         }
         let n = done.load(Relaxed);
         let sat = settle(&mut children, n * connected, Duration::from_secs(5)).await;
+        watching.store(true, Relaxed);
+        let oldest = watcher.await.unwrap();
         report_phase(
             &format!("saturation, {writers} writers"),
             &sat,
             n,
             connected as usize,
         );
+        report_writes(&writer, oldest);
         println!("  connections held at the end: {} (client side)", sat.open);
     }
     let rss_end = rss_kb(pid);
