@@ -485,7 +485,7 @@ mod tests {
         // long format: sign/dscale word, weight word, digits
         let words = [NUMERIC_NEG | 2, 1u16, 12, 3400];
         let d = Decoded::from_words(words.len(), |i| words[i]);
-        assert_eq!(d.to_f64(), -120034.0);
+        assert_eq!(d.to_f64(), -123400.0); // -(12 * 10000 + 3400), shown as -123400.00
         assert_eq!(d.to_i64(), None, "dscale 2");
         let nan = [NUMERIC_SPECIAL];
         assert!(Decoded::from_words(1, |i| nan[i]).to_f64().is_nan());

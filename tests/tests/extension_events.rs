@@ -520,9 +520,8 @@ async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
     const WRITERS: usize = 8;
     const TXNS: usize = 12;
     let mut writers = Vec::new();
-    for w in 0..WRITERS {
+    for (w, &store) in stores.iter().enumerate().take(WRITERS) {
         let url = db.url.clone();
-        let store = stores[w];
         writers.push(tokio::spawn(async move {
             let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
             for t in 0..TXNS {
