@@ -8,6 +8,7 @@
 pub mod daily;
 pub mod json;
 pub mod names;
+pub mod pgnumeric;
 pub mod projection;
 pub mod record;
 

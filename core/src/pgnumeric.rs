@@ -1,0 +1,194 @@
+//! Postgres' on-disk `numeric` format, decoded without Postgres.
+//!
+//! The extension reads the numbers inside jsonb in place (see the
+//! extension's `jsonb.rs`); decoding the digits here avoids `numeric_out` and
+//! `strtod` for every number of every row the CHECK constraint sees. The
+//! layout (src/backend/utils/adt/numeric.c) has been stable since 9.1.
+
+/// A numeric's parts: value = sign * sum(digits[i] * 10000^(weight - i)).
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    pub special: Option<f64>,
+    pub negative: bool,
+    pub weight: i32,
+    pub dscale: u16,
+    /// The first (most significant) base-10000 digits; 8 of them are 32
+    /// decimal digits, more than f64 or i64 can hold.
+    pub digits: [u16; 8],
+    pub n_digits: usize,
+}
+
+const NUMERIC_SIGN_MASK: u16 = 0xC000;
+const NUMERIC_NEG: u16 = 0x4000;
+const NUMERIC_SHORT: u16 = 0x8000;
+const NUMERIC_SPECIAL: u16 = 0xC000;
+const NUMERIC_EXT_SIGN_MASK: u16 = 0xF000;
+const NUMERIC_PINF: u16 = 0xD000;
+const NUMERIC_NINF: u16 = 0xF000;
+const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
+const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+const NUMERIC_SHORT_DSCALE_MASK: u16 = 0x1F80;
+const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
+const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
+const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
+
+impl Decoded {
+    fn special(v: f64) -> Decoded {
+        Decoded {
+            special: Some(v),
+            negative: false,
+            weight: 0,
+            dscale: 0,
+            digits: [0; 8],
+            n_digits: 0,
+        }
+    }
+
+    /// Decodes from the numeric's 16-bit words after the varlena header.
+    pub fn from_words(n_words: usize, word: impl Fn(usize) -> u16) -> Decoded {
+        if n_words == 0 {
+            return Decoded::special(f64::NAN);
+        }
+        let header = word(0);
+        if header & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
+            return Decoded::special(match header & NUMERIC_EXT_SIGN_MASK {
+                NUMERIC_PINF => f64::INFINITY,
+                NUMERIC_NINF => f64::NEG_INFINITY,
+                _ => f64::NAN,
+            });
+        }
+        let (negative, weight, dscale, first) = if header & NUMERIC_SIGN_MASK == NUMERIC_SHORT {
+            let w = (header & NUMERIC_SHORT_WEIGHT_MASK) as i32;
+            let w = if header & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 {
+                w | !(NUMERIC_SHORT_WEIGHT_MASK as i32)
+            } else {
+                w
+            };
+            let dscale = (header & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT;
+            (header & NUMERIC_SHORT_SIGN_MASK != 0, w, dscale, 1)
+        } else {
+            let w = if n_words > 1 {
+                word(1) as i16 as i32
+            } else {
+                0
+            };
+            (
+                header & NUMERIC_SIGN_MASK == NUMERIC_NEG,
+                w,
+                header & NUMERIC_DSCALE_MASK,
+                2,
+            )
+        };
+        let mut digits = [0u16; 8];
+        let n_digits = n_words.saturating_sub(first).min(8);
+        for (i, d) in digits.iter_mut().enumerate().take(n_digits) {
+            *d = word(first + i);
+        }
+        Decoded {
+            special: None,
+            negative,
+            weight,
+            dscale,
+            digits,
+            n_digits,
+        }
+    }
+
+    pub fn to_f64(&self) -> f64 {
+        if let Some(s) = self.special {
+            return s;
+        }
+        let mut v = 0f64;
+        for d in &self.digits[..self.n_digits] {
+            v = v * 10000.0 + *d as f64;
+        }
+        let v = v * 10000f64.powi(self.weight - (self.n_digits as i32 - 1));
+        if self.negative {
+            -v
+        } else {
+            v
+        }
+    }
+
+    /// The value when it is written as a whole number (display scale 0, as
+    /// `2024` but not `2024.0`) and fits an i64.
+    pub fn to_i64(&self) -> Option<i64> {
+        if self.special.is_some() || self.dscale != 0 {
+            return None;
+        }
+        if self.n_digits == 0 {
+            return Some(0);
+        }
+        // With display scale 0 there are no fractional digits: weight >= 0.
+        if self.weight < 0 || self.weight > 4 || self.n_digits > self.weight as usize + 1 {
+            return None;
+        }
+        let mut v: i128 = 0;
+        for i in 0..=self.weight as usize {
+            v = v * 10000
+                + self
+                    .digits
+                    .get(i)
+                    .copied()
+                    .filter(|_| i < self.n_digits)
+                    .unwrap_or(0) as i128;
+        }
+        i64::try_from(if self.negative { -v } else { v }).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn short(negative: bool, dscale: u16, weight: i32, digits: &[u16]) -> Decoded {
+        let mut header = NUMERIC_SHORT | (dscale << NUMERIC_SHORT_DSCALE_SHIFT);
+        if negative {
+            header |= NUMERIC_SHORT_SIGN_MASK;
+        }
+        header |= (weight as u16) & (NUMERIC_SHORT_WEIGHT_MASK | NUMERIC_SHORT_WEIGHT_SIGN_MASK);
+        let words: Vec<u16> = std::iter::once(header)
+            .chain(digits.iter().copied())
+            .collect();
+        Decoded::from_words(words.len(), |i| words[i])
+    }
+
+    #[test]
+    fn decodes_short_numerics() {
+        // 1234.5678 = [1234, 5678], weight 0, dscale 4
+        let d = short(false, 4, 0, &[1234, 5678]);
+        assert!((d.to_f64() - 1234.5678).abs() < 1e-9);
+        assert_eq!(d.to_i64(), None);
+        // 2024
+        let d = short(false, 0, 0, &[2024]);
+        assert_eq!((d.to_f64(), d.to_i64()), (2024.0, Some(2024)));
+        // 1e12 = [1], weight 3
+        let d = short(false, 0, 3, &[1]);
+        assert_eq!((d.to_f64(), d.to_i64()), (1e12, Some(1_000_000_000_000)));
+        // -5
+        let d = short(true, 0, 0, &[5]);
+        assert_eq!((d.to_f64(), d.to_i64()), (-5.0, Some(-5)));
+        // 0.5 = [5000], weight -1, dscale 1
+        let d = short(false, 1, -1, &[5000]);
+        assert_eq!((d.to_f64(), d.to_i64()), (0.5, None));
+        // 0 has no digits
+        let d = short(false, 0, 0, &[]);
+        assert_eq!((d.to_f64(), d.to_i64()), (0.0, Some(0)));
+        // 2024.0: whole but written with a fraction
+        let d = short(false, 1, 0, &[2024]);
+        assert_eq!((d.to_f64(), d.to_i64()), (2024.0, None));
+    }
+
+    #[test]
+    fn decodes_long_and_special_numerics() {
+        // long format: sign/dscale word, weight word, digits
+        let words = [NUMERIC_NEG | 2, 1u16, 12, 3400];
+        let d = Decoded::from_words(words.len(), |i| words[i]);
+        assert_eq!(d.to_f64(), -123400.0); // -(12 * 10000 + 3400), shown as -123400.00
+        assert_eq!(d.to_i64(), None, "dscale 2");
+        let nan = [NUMERIC_SPECIAL];
+        assert!(Decoded::from_words(1, |i| nan[i]).to_f64().is_nan());
+        let inf = [NUMERIC_PINF];
+        assert_eq!(Decoded::from_words(1, |i| inf[i]).to_f64(), f64::INFINITY);
+    }
+}
