@@ -369,14 +369,34 @@ BEGIN
                       NULL, notify_user.user_id);
 END $$;
 
+-- The delivery horizon: events of transactions below it are final (committed
+-- or rolled back). It is the oldest transaction of the current snapshot that
+-- may still write to this database's event log, or the snapshot's xmax when
+-- there is none. A transaction runs in one database only, so one that
+-- pg_stat_activity shows running in another database cannot write here and
+-- holds nothing back; a transaction that has ended since the snapshot was
+-- taken cannot be placed and counts (the next read, with a newer snapshot,
+-- passes it). Without the right to see other sessions' transaction ids
+-- (superuser or pg_read_all_stats) every running transaction counts, which is
+-- still correct, only slower to release.
+CREATE FUNCTION sales.events_horizon() RETURNS xid8
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+         WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                           WHERE a.backend_xid = xid(x)
+                             AND a.datname IS DISTINCT FROM current_database())),
+        pg_snapshot_xmax(pg_current_snapshot()))
+$$;
+
 -- Events after `after_id`, in delivery order (xid, id), only from
--- transactions older than every transaction still running. An event whose
--- transaction commits later therefore always sorts after everything already
--- returned: a reader that resumes from the last id it saw never skips one.
--- The price: one long-running write transaction (in any database of the
--- cluster: transaction ids are cluster-wide) holds back later events until
--- it ends. after_id = 0 reads from the start; an id that is not (or no
--- longer) in the table raises SQLSTATE PS410 (resync required).
+-- transactions older than every transaction of this database still running
+-- (sales.events_horizon). An event whose transaction commits later therefore
+-- always sorts after everything already returned: a reader that resumes from
+-- the last id it saw never skips one. The price: one long-running write
+-- transaction in this database holds back later events until it ends.
+-- after_id = 0 reads from the start; an id that is not (or no longer) in the
+-- table raises SQLSTATE PS410 (resync required).
 --
 -- STABLE on purpose: the horizon and the rows come from the same snapshot.
 -- With a newer snapshot for the rows, a transaction committing in between
@@ -385,7 +405,7 @@ CREATE FUNCTION sales.events_since(after_id bigint, max_rows integer DEFAULT 100
 RETURNS SETOF sales.events LANGUAGE plpgsql STABLE AS $$
 DECLARE
     pos_xid xid8;
-    horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    horizon xid8 := sales.events_horizon();
 BEGIN
     IF after_id IS NULL OR after_id < 0 THEN
         RAISE EXCEPTION 'after_id must be 0 or an event id' USING ERRCODE = '22023';
@@ -414,7 +434,7 @@ END $$;
 CREATE FUNCTION sales.events_head() RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT coalesce((SELECT e.id FROM sales.events e
-                     WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
+                     WHERE e.xid < sales.events_horizon()
                      ORDER BY e.xid DESC, e.id DESC LIMIT 1), 0)
 $$;
 
@@ -432,7 +452,7 @@ CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days') RETURNS 
 LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
-    horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    horizon xid8 := sales.events_horizon();
     cut_xid xid8;
     cut_id bigint;
     last_xid xid8;

@@ -876,3 +876,29 @@ async fn coalesced_notify_skips_while_another_is_committing() {
     t3.commit().await.unwrap();
     assert_eq!(notes.drain(&db).await.len(), 1);
 }
+
+/// Transaction ids are cluster-wide, but a transaction runs in one database:
+/// an open writing transaction elsewhere holds nothing back here.
+#[tokio::test]
+async fn a_transaction_in_another_database_does_not_hold_events_back() {
+    let db = TestDb::new().await;
+    let other = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let mut c = other.connect().await;
+    let mut t = c.begin().await.unwrap();
+    sqlx::query("SELECT sales.announce('elsewhere')")
+        .execute(&mut *t)
+        .await
+        .unwrap();
+
+    let r = upsert_ok(&db, &json!([record(s, 2024, 1, days(1, 1, 1.0, 1))])).await;
+    let id = r["eventId"].as_i64().unwrap();
+    let got = since(&db, 0, 1000).await.unwrap();
+    assert_eq!(
+        got.last().map(|e| e.0),
+        Some(id),
+        "not held back by the other database: {got:?}"
+    );
+    assert_eq!(scalar_i64(&db, "SELECT sales.events_head()").await, id);
+    t.rollback().await.unwrap();
+}

@@ -332,6 +332,17 @@ async fn commits_per_sec(url: &str, keys: &[(i64, i32, i32)], writers: usize, se
     n as f64 / elapsed.as_secs_f64()
 }
 
+/// The same starting point for every method: no GIN pending list left by the
+/// previous one (its merge would be charged to whoever fills the list next),
+/// fresh statistics, no dirty buffers from the previous method.
+async fn settle(conn: &mut PgConnection) {
+    conn.execute("VACUUM ANALYZE sales.monthly_sales")
+        .await
+        .unwrap();
+    conn.execute("VACUUM ANALYZE sales.events").await.unwrap();
+    conn.execute("CHECKPOINT").await.unwrap();
+}
+
 async fn set_event_triggers(conn: &mut PgConnection, enabled: bool) {
     let verb = if enabled { "ENABLE" } else { "DISABLE" };
     for t in [
@@ -425,6 +436,7 @@ async fn main() {
 
     let mut results: Vec<Measured> = Vec::new();
     let keys0 = slices[0].keys(o.records);
+    settle(&mut conn).await;
     let e = batches_via(
         &mut conn,
         "SELECT sales.batch_upsert($1::jsonb)",
@@ -447,6 +459,7 @@ async fn main() {
     );
 
     let keys1 = slices[1].keys(o.records);
+    settle(&mut conn).await;
     let e = batches_via(&mut conn, HAND_SQL, &keys1, o.batch, 2).await;
     results.push(Measured {
         name: "hand-written SQL (jsonb_to_recordset)",
@@ -462,6 +475,7 @@ async fn main() {
     );
 
     let keys2 = slices[2].keys(o.per_row);
+    settle(&mut conn).await;
     let e = per_row(&mut conn, &keys2, 1, 3).await;
     results.push(Measured {
         name: "per-row upserts (one statement each)",
@@ -477,6 +491,7 @@ async fn main() {
     );
 
     let keys3 = slices[3].keys(o.batch50);
+    settle(&mut conn).await;
     let e = per_row(&mut conn, &keys3, 50, 4).await;
     results.push(Measured {
         name: "batches of 50 per transaction",
@@ -492,6 +507,7 @@ async fn main() {
     );
 
     let keys4 = slices[4].keys(o.records);
+    settle(&mut conn).await;
     let e = copy_floor(&mut conn, &keys4, o.batch, 5).await;
     results.push(Measured {
         name: "COPY into unlogged staging table (floor)",
