@@ -149,7 +149,7 @@ impl Event {
     ) -> Result<Vec<Event>, sqlx::Error> {
         let sql = format!(
             "SELECT {COLUMNS} FROM sales.events
-             WHERE (xid, id) > (($1::text)::xid8, $2) AND xid < pg_snapshot_xmin(pg_current_snapshot())
+             WHERE (xid, id) > (($1::text)::xid8, $2) AND xid < sales.events_horizon()
              ORDER BY xid, id LIMIT $3"
         );
         let rows = sqlx::query(&sql)
