@@ -53,8 +53,14 @@ test: setup
 
 ## Benchmarks print ratios against floors measured in the same run.
 bench: build
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	cargo build --release -p sales-e2e --bins
 	./scripts/bench.sh
+
+## A mixed load for SOAK_SECONDS (default 300): zero errors, flat memory.
+soak: build
+	cargo build --release -p sales-e2e --bin soak
+	./scripts/soak.sh
 
 fmt:
 	cargo fmt --all
