@@ -57,7 +57,7 @@ impl Server {
         Ok(Self {
             addr,
             state,
-            acceptor: acceptor.boxed(),
+            acceptor: ws::NoDelay(acceptor).boxed(),
         })
     }
 

@@ -104,7 +104,7 @@ impl Conn {
             st.replay_waiting = false;
             drop(st);
             self.space.notify_one();
-        } else if m.is_none() && st.queue.capacity() > 64 {
+        } else if m.is_none() && st.queue.capacity() > 16 {
             // A burst is over: give the memory back.
             st.queue = VecDeque::new();
         }

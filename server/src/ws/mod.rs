@@ -61,6 +61,34 @@ fn socket_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
 
+/// Sets TCP_NODELAY on every accepted socket: small frames (events, acks)
+/// leave at once instead of waiting for the client's delayed ACK (Nagle).
+pub struct NoDelay<A>(pub A);
+
+impl<A> poem::listener::Acceptor for NoDelay<A>
+where
+    A: poem::listener::Acceptor<Io = tokio::net::TcpStream>,
+{
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<poem::web::LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(
+        Self::Io,
+        poem::web::LocalAddr,
+        poem::web::RemoteAddr,
+        poem::http::uri::Scheme,
+    )> {
+        let (io, local, remote, scheme) = self.0.accept().await?;
+        let _ = io.set_nodelay(true);
+        Ok((io, local, remote, scheme))
+    }
+}
+
 /// The JSON error body every endpoint uses.
 fn error_response(req: &Request, status: StatusCode, code: &str, message: &str) -> Response {
     let request_id = req.header("x-request-id").map(str::to_string);

@@ -315,6 +315,46 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) of a process so far, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses).
+    let rest = &s[s.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks * 10.0 // CLK_TCK is 100 on Linux
+}
+
+struct Cpu {
+    server: f64,
+    clients: f64,
+}
+
+fn cpu_now(server: u32, children: &[Child]) -> Cpu {
+    Cpu {
+        server: cpu_ms(server),
+        clients: children
+            .iter()
+            .filter_map(|c| c.proc.id())
+            .map(cpu_ms)
+            .sum(),
+    }
+}
+
+fn report_cpu(before: &Cpu, after: &Cpu, messages: u64) {
+    let n = messages.max(1) as f64;
+    println!(
+        "    CPU: server {:.0} ms ({:.2} us per message delivered), client processes {:.0} ms ({:.2} us per message)",
+        after.server - before.server,
+        (after.server - before.server) * 1000.0 / n,
+        after.clients - before.clients,
+        (after.clients - before.clients) * 1000.0 / n,
+    );
+}
+
 struct Phase {
     received: u64,
     hist: Histogram<u64>,
@@ -613,6 +653,7 @@ async fn run(args: Args) {
     }
     let watching = Arc::new(AtomicBool::new(false));
     let watcher = watch_oldest(pool.clone(), watching.clone());
+    let cpu_before = cpu_now(pid, &children);
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -640,6 +681,7 @@ async fn run(args: Args) {
         connected as usize,
     );
     report_writes(&writer, oldest);
+    report_cpu(&cpu_before, &cpu_now(pid, &children), fixed.received);
 
     // Phase 2: saturation.
     if saturate_seconds > 0 {
@@ -650,6 +692,7 @@ async fn run(args: Args) {
         let done = Arc::new(AtomicU64::new(0));
         let watching = Arc::new(AtomicBool::new(false));
         let watcher = watch_oldest(pool.clone(), watching.clone());
+        let cpu_before = cpu_now(pid, &children);
         let mut tasks = Vec::new();
         for _ in 0..writers {
             let (w, stop, done) = (writer.clone(), stop.clone(), done.clone());
@@ -677,6 +720,7 @@ async fn run(args: Args) {
             connected as usize,
         );
         report_writes(&writer, oldest);
+        report_cpu(&cpu_before, &cpu_now(pid, &children), sat.received);
         println!("  connections held at the end: {} (client side)", sat.open);
     }
     let rss_end = rss_kb(pid);
