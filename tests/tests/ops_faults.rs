@@ -1120,3 +1120,36 @@ async fn sigkill_in_the_middle_of_a_large_batch() {
         .unwrap();
     assert_eq!(rows, 5000);
 }
+
+/// The soak (`make soak`, five minutes, 1,000 WebSockets) in short: the same
+/// binary and code path for 20 s with 100 WebSockets against the debug
+/// server. Memory is checked with a looser bound (a debug build over a few
+/// seconds is noisier than a release build over minutes).
+#[tokio::test]
+async fn short_soak() {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_soak"))
+            .args(["--seconds", "20", "--websockets", "100", "--groups", "2"])
+            .args(["--readers", "2", "--writers", "1", "--exporters", "1"])
+            .args([
+                "--stores", "10", "--months", "6", "--sample", "1", "--warmup", "5",
+            ])
+            .args(["--max-rss-growth", "25"])
+            .arg("--server")
+            .arg(server_bin())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the short soak finished in time")
+    .expect("run the soak binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "soak failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("errors: 0") && stdout.contains("missing 0, duplicates 0"));
+}
