@@ -11,7 +11,9 @@ use std::time::Instant;
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 static SLOW_QUERY_MS: AtomicU64 = AtomicU64::new(500);
 
-const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Installs the global recorder once per process (several in-process
 /// servers, as in tests, share it).
@@ -32,15 +34,30 @@ pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
 /// `/api/v2/sales/123` -> `/api/v2/sales/:id`, so routes stay few.
 pub fn route_label(path: &str) -> String {
     path.split('/')
-        .map(|seg| if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) { ":id" } else { seg })
+        .map(|seg| {
+            if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+                ":id"
+            } else {
+                seg
+            }
+        })
         .collect::<Vec<_>>()
         .join("/")
 }
 
 pub fn record_request(method: &str, path: &str, status: u16, started: Instant) {
-    let route = if path.starts_with("/assets/") { "/assets/:file".to_string() } else { route_label(path) };
-    let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
-    metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    let route = if path.starts_with("/assets/") {
+        "/assets/:file".to_string()
+    } else {
+        route_label(path)
+    };
+    let labels = [
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.to_string()),
+    ];
+    metrics::histogram!("http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!("http_requests_total", &labels).increment(1);
 }
 
@@ -79,9 +96,17 @@ pub async fn render(state: &AppState) -> String {
     gauge("db_pool_max_connections", state.config.db_pool_max as f64);
 
     if let Some(r) = &state.replica {
-        gauge("db_replica_up", if r.up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+        gauge(
+            "db_replica_up",
+            if r.up.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
         metrics::counter!("db_replica_reads_total").absolute(r.reads.load(Ordering::Relaxed));
-        metrics::counter!("db_replica_fallbacks_total").absolute(r.fallbacks.load(Ordering::Relaxed));
+        metrics::counter!("db_replica_fallbacks_total")
+            .absolute(r.fallbacks.load(Ordering::Relaxed));
         gauge("db_replica_pool_connections", r.pool.size() as f64);
     }
 
@@ -105,25 +130,40 @@ pub async fn render(state: &AppState) -> String {
         gauge("websocket_subscriptions", chans.values().map(n).sum());
     }
     metrics::counter!("websocket_messages_sent_total").absolute(n(&ws["messages"]["sent"]) as u64);
-    metrics::counter!("websocket_messages_dropped_total").absolute(n(&ws["messages"]["dropped"]) as u64);
-    metrics::counter!("websocket_closed_slow_total").absolute(n(&ws["closed"]["slowConsumer"]) as u64);
-    metrics::counter!("websocket_closed_heartbeat_total").absolute(n(&ws["closed"]["heartbeat"]) as u64);
-    metrics::counter!("events_relayed_total").absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
+    metrics::counter!("websocket_messages_dropped_total")
+        .absolute(n(&ws["messages"]["dropped"]) as u64);
+    metrics::counter!("websocket_closed_slow_total")
+        .absolute(n(&ws["closed"]["slowConsumer"]) as u64);
+    metrics::counter!("websocket_closed_heartbeat_total")
+        .absolute(n(&ws["closed"]["heartbeat"]) as u64);
+    metrics::counter!("events_relayed_total")
+        .absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
     let relayed_to = state.hub.relay.last_event_id.load(Ordering::Relaxed);
-    gauge("events_relay_connected", if state.hub.relay.connected.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+    gauge(
+        "events_relay_connected",
+        if state.hub.relay.connected.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        },
+    );
     gauge("events_relay_last_event_id", relayed_to as f64);
     // Relay lag: events the log holds past what this instance has relayed.
-    if let Ok(head) = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sales.events WHERE id > $1")
-        .bind(relayed_to)
-        .fetch_one(pool)
-        .await
+    if let Ok(head) =
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sales.events WHERE id > $1")
+            .bind(relayed_to)
+            .fetch_one(pool)
+            .await
     {
         gauge("events_relay_lag_events", head as f64);
     }
     if let Some(rss) = rss_bytes() {
         gauge("process_resident_memory_bytes", rss as f64);
     }
-    gauge("process_uptime_seconds", state.started.elapsed().as_secs_f64());
+    gauge(
+        "process_uptime_seconds",
+        state.started.elapsed().as_secs_f64(),
+    );
     handle.render()
 }
 

@@ -57,7 +57,8 @@ impl Replica {
             loop {
                 let ok = tokio::time::timeout(
                     Duration::from_millis(800),
-                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery() OR true").fetch_one(&p),
+                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery() OR true")
+                        .fetch_one(&p),
                 )
                 .await
                 .map(|r| r.is_ok())
@@ -65,7 +66,9 @@ impl Replica {
                 flag.store(ok, Ordering::Relaxed);
                 if was != Some(ok) {
                     if ok {
-                        tracing::info!("read replica reachable; list, summary and export reads go to it");
+                        tracing::info!(
+                            "read replica reachable; list, summary and export reads go to it"
+                        );
                     } else {
                         tracing::warn!("read replica unreachable; reads fall back to the primary");
                     }
@@ -185,7 +188,10 @@ impl AppState {
         E: sqlx::Executor<'c, Database = sqlx::Postgres>,
     {
         let Some(r) = &self.replica else { return };
-        if let Ok(lsn) = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text").fetch_one(conn).await {
+        if let Ok(lsn) = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(conn)
+            .await
+        {
             if let Some(v) = parse_lsn(&lsn) {
                 r.min_lsn.fetch_max(v, Ordering::Relaxed);
             }
@@ -195,16 +201,21 @@ impl AppState {
     /// A connection for a read whose result may be cached: from the replica
     /// when it is up and has replayed every change this instance knows of,
     /// else from the primary.
-    pub async fn read_conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    pub async fn read_conn(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
         if let Some(r) = &self.replica {
             if r.up.load(Ordering::Relaxed) {
                 let min = format_lsn(r.min_lsn.load(Ordering::Relaxed));
-                if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_millis(500), r.pool.acquire()).await {
-                    let caught_up: Result<bool, _> =
-                        sqlx::query_scalar("SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, true)")
-                            .bind(&min)
-                            .fetch_one(&mut *conn)
-                            .await;
+                if let Ok(Ok(mut conn)) =
+                    tokio::time::timeout(Duration::from_millis(500), r.pool.acquire()).await
+                {
+                    let caught_up: Result<bool, _> = sqlx::query_scalar(
+                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, true)",
+                    )
+                    .bind(&min)
+                    .fetch_one(&mut *conn)
+                    .await;
                     if let Ok(true) = caught_up {
                         r.reads.fetch_add(1, Ordering::Relaxed);
                         return Ok(conn);

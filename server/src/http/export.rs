@@ -800,6 +800,8 @@ type Started = oneshot::Sender<Result<u64, ApiError>>;
 /// connection clean (committed and pooled, or cancelled and closed).
 async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
     let begun = Instant::now();
+    metrics::gauge!("exports_running").increment(1.0);
+    let _running = scopeguard(|| metrics::gauge!("exports_running").decrement(1.0));
     let (progress_tx, progress_rx) = watch::channel(Snapshot::default());
     let notifier = tokio::spawn(
         notify_progress(
@@ -842,6 +844,15 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
         }
     };
     let rows = progress_tx.borrow().rows;
+    let status = match &outcome {
+        Ok(()) => "completed",
+        Err(Stop::Cancelled(_)) => "cancelled",
+        Err(_) => "failed",
+    };
+    metrics::counter!("exports_total", "format" => job.format.name(), "shape" => job.shape.name(), "status" => status)
+        .increment(1);
+    metrics::counter!("export_rows_total", "format" => job.format.name()).increment(rows);
+    metrics::counter!("export_bytes_total", "format" => job.format.name()).increment(bytes_out);
     match outcome {
         Ok(()) => {
             // Committed: the connection goes back to the pool.
@@ -877,7 +888,8 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                 // a broken transfer rather than a short file.
                 None => {
                     if !matches!(stop, Stop::Cancelled(_)) {
-                        let _ = tx.try_send(Err(io::Error::other("export failed")));
+                        let abort = tx.send(Err(io::Error::other("export failed")));
+                        let _ = tokio::time::timeout(EXPORT_STALL_TIMEOUT, abort).await;
                     }
                 }
             }
@@ -886,6 +898,19 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
     }
     drop(progress_tx);
     let _ = notifier.await;
+}
+
+/// Runs `f` when dropped (also when the task panics).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// The server process behind a connection: its pid and start time, which

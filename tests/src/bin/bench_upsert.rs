@@ -12,7 +12,8 @@
 //! Run with `scripts/bench_upsert.sh [flags]` (release build, release extension).
 //! Flags (defaults in brackets): --records [100000] --batch [1000]
 //! --preload [200000] --per-row [5000] --batch50 [20000] --writers [8]
-//! --seconds [10] --stores-per-method [500]
+//! --seconds [10] --stores-per-method [500]; --no-gin drops the GIN index on
+//! daily_data first (to show its share of the write cost).
 
 use sales_e2e::TestDb;
 use sqlx::{Connection, Executor, PgConnection};
@@ -31,6 +32,8 @@ struct Opts {
     writers: usize,
     seconds: u64,
     stores_per_method: usize,
+    /// Drop the GIN index on daily_data first, to show what it costs.
+    no_gin: bool,
 }
 
 fn opts() -> Opts {
@@ -43,6 +46,7 @@ fn opts() -> Opts {
         writers: 8,
         seconds: 10,
         stores_per_method: 500,
+        no_gin: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -59,6 +63,11 @@ fn opts() -> Opts {
                     .join("\n")
             );
             std::process::exit(0);
+        }
+        if flag == "--no-gin" {
+            o.no_gin = true;
+            i += 1;
+            continue;
         }
         let value: usize = args
             .get(i + 1)
@@ -165,12 +174,39 @@ struct Measured {
     name: &'static str,
     records: usize,
     elapsed: Duration,
+    cpu: Duration,
 }
 
 impl Measured {
     fn rate(&self) -> f64 {
         self.records as f64 / self.elapsed.as_secs_f64()
     }
+
+    fn cpu_rate(&self) -> f64 {
+        self.records as f64 / self.cpu.as_secs_f64().max(0.01)
+    }
+}
+
+/// CPU time (user + system) a local process has used so far, from
+/// /proc/<pid>/stat (in clock ticks of 1/100 s, Linux's USER_HZ).
+fn backend_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ") ".
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+struct Commits {
+    per_sec: f64,
+    cpu_per_commit: Duration,
 }
 
 async fn batches_via(
@@ -289,15 +325,27 @@ async fn preload(conn: &mut PgConnection, slices: &[Slice], per_store: usize) {
 
 /// Commits/s of `writers` connections each doing single-row upserts (one day
 /// merged into its own rows) for `seconds`.
-async fn commits_per_sec(url: &str, keys: &[(i64, i32, i32)], writers: usize, seconds: u64) -> f64 {
+async fn commits_per_sec(
+    url: &str,
+    keys: &[(i64, i32, i32)],
+    writers: usize,
+    seconds: u64,
+) -> Commits {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
+    let mut pids = Vec::new();
     for w in 0..writers {
         let mine: Vec<(i64, i32, i32)> = keys.iter().skip(w).step_by(writers).copied().collect();
-        let (stop, count, url) = (stop.clone(), count.clone(), url.to_string());
+        let (stop, count) = (stop.clone(), count.clone());
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        pids.push(
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap(),
+        );
         tasks.push(tokio::spawn(async move {
-            let mut conn = PgConnection::connect(&url).await.unwrap();
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let (s, y, m) = mine[i % mine.len()];
@@ -320,16 +368,20 @@ async fn commits_per_sec(url: &str, keys: &[(i64, i32, i32)], writers: usize, se
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
-    let start_count = count.load(Ordering::Relaxed);
+    let cpu = || pids.iter().map(|p| backend_cpu(*p)).sum::<Duration>();
+    let (start_count, start_cpu) = (count.load(Ordering::Relaxed), cpu());
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let n = count.load(Ordering::Relaxed) - start_count;
-    let elapsed = started.elapsed();
+    let (elapsed, used) = (started.elapsed(), cpu() - start_cpu);
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
-    n as f64 / elapsed.as_secs_f64()
+    Commits {
+        per_sec: n as f64 / elapsed.as_secs_f64(),
+        cpu_per_commit: used / (n.max(1) as u32),
+    }
 }
 
 /// The same starting point for every method: no GIN pending list left by the
@@ -417,6 +469,12 @@ async fn main() {
         })
         .collect();
 
+    if o.no_gin {
+        conn.execute("DROP INDEX sales.monthly_sales_daily_data_gin")
+            .await
+            .unwrap();
+        println!("note: --no-gin: GIN index on daily_data dropped");
+    }
     let t = Instant::now();
     preload(&mut conn, &slices[..4], preload_per_store).await;
     conn.execute("VACUUM ANALYZE sales.monthly_sales")
@@ -434,112 +492,76 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
 
+    // Wall-clock rows/s is what a client sees; the backend's CPU time per row
+    // is what the work costs, and holds up better when other processes share
+    // the machine (per-row methods mostly wait for commit flushes instead).
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     let mut results: Vec<Measured> = Vec::new();
-    let keys0 = slices[0].keys(o.records);
-    settle(&mut conn).await;
-    let e = batches_via(
-        &mut conn,
-        "SELECT sales.batch_upsert($1::jsonb)",
-        &keys0,
-        o.batch,
-        1,
-    )
-    .await;
-    results.push(Measured {
-        name: "sales.batch_upsert",
-        records: o.records,
-        elapsed: e,
-    });
-    println!(
-        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
-        results[0].name,
-        results[0].rate(),
-        o.records,
-        e.as_secs_f64()
-    );
+    let methods: [(&str, usize); 5] = [
+        ("sales.batch_upsert", o.records),
+        ("hand-written SQL (jsonb_to_recordset)", o.records),
+        ("per-row upserts (one statement each)", o.per_row),
+        ("batches of 50 per transaction", o.batch50),
+        ("COPY into unlogged staging table (floor)", o.records),
+    ];
+    println!("{:<42} {:>10} {:>14}", "", "rows/s", "rows/CPU-s");
+    for (m, (name, n)) in methods.into_iter().enumerate() {
+        let keys = slices[m].keys(n);
+        settle(&mut conn).await;
+        let cpu0 = backend_cpu(pid);
+        let seed = m + 1;
+        let elapsed = match m {
+            0 => {
+                batches_via(
+                    &mut conn,
+                    "SELECT sales.batch_upsert($1::jsonb)",
+                    &keys,
+                    o.batch,
+                    seed,
+                )
+                .await
+            }
+            1 => batches_via(&mut conn, HAND_SQL, &keys, o.batch, seed).await,
+            2 => per_row(&mut conn, &keys, 1, seed).await,
+            3 => per_row(&mut conn, &keys, 50, seed).await,
+            _ => copy_floor(&mut conn, &keys, o.batch, seed).await,
+        };
+        let cpu = backend_cpu(pid) - cpu0;
+        let r = Measured {
+            name,
+            records: n,
+            elapsed,
+            cpu,
+        };
+        println!(
+            "{:<42} {:>10.0} {:>14.0}  ({n} records in {:.1}s, backend CPU {:.1}s)",
+            r.name,
+            r.rate(),
+            r.cpu_rate(),
+            elapsed.as_secs_f64(),
+            cpu.as_secs_f64()
+        );
+        results.push(r);
+    }
 
-    let keys1 = slices[1].keys(o.records);
-    settle(&mut conn).await;
-    let e = batches_via(&mut conn, HAND_SQL, &keys1, o.batch, 2).await;
-    results.push(Measured {
-        name: "hand-written SQL (jsonb_to_recordset)",
-        records: o.records,
-        elapsed: e,
-    });
-    println!(
-        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
-        results[1].name,
-        results[1].rate(),
-        o.records,
-        e.as_secs_f64()
-    );
-
-    let keys2 = slices[2].keys(o.per_row);
-    settle(&mut conn).await;
-    let e = per_row(&mut conn, &keys2, 1, 3).await;
-    results.push(Measured {
-        name: "per-row upserts (one statement each)",
-        records: o.per_row,
-        elapsed: e,
-    });
-    println!(
-        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
-        results[2].name,
-        results[2].rate(),
-        o.per_row,
-        e.as_secs_f64()
-    );
-
-    let keys3 = slices[3].keys(o.batch50);
-    settle(&mut conn).await;
-    let e = per_row(&mut conn, &keys3, 50, 4).await;
-    results.push(Measured {
-        name: "batches of 50 per transaction",
-        records: o.batch50,
-        elapsed: e,
-    });
-    println!(
-        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
-        results[3].name,
-        results[3].rate(),
-        o.batch50,
-        e.as_secs_f64()
-    );
-
-    let keys4 = slices[4].keys(o.records);
-    settle(&mut conn).await;
-    let e = copy_floor(&mut conn, &keys4, o.batch, 5).await;
-    results.push(Measured {
-        name: "COPY into unlogged staging table (floor)",
-        records: o.records,
-        elapsed: e,
-    });
-    println!(
-        "{:<44} {:>10.0} rows/s  ({} records in {:.1}s)",
-        results[4].name,
-        results[4].rate(),
-        o.records,
-        e.as_secs_f64()
-    );
-
-    let bu = results[0].rate();
+    let (bu, bu_cpu) = (results[0].rate(), results[0].cpu_rate());
     println!();
-    println!(
-        "batch_upsert / hand-written SQL: {:>6.2}x  (target >= 0.9)",
-        bu / results[1].rate()
-    );
-    println!(
-        "batch_upsert / per-row:          {:>6.1}x  (target >= 30)",
-        bu / results[2].rate()
-    );
-    println!(
-        "batch_upsert / batches of 50:    {:>6.1}x",
-        bu / results[3].rate()
-    );
-    println!(
-        "batch_upsert / COPY floor:       {:>6.2}x  (target >= 0.5)",
-        bu / results[4].rate()
-    );
+    println!("{:<32} {:>8} {:>11}", "ratios", "rows/s", "rows/CPU-s");
+    for (label, i, target) in [
+        ("batch_upsert / hand-written SQL", 1, "(target >= 0.9)"),
+        ("batch_upsert / per-row", 2, "(target >= 30)"),
+        ("batch_upsert / batches of 50", 3, ""),
+        ("batch_upsert / COPY floor", 4, "(target >= 0.5)"),
+    ] {
+        println!(
+            "{label:<32} {:>7.2}x {:>10.2}x  {target}",
+            bu / results[i].rate(),
+            bu_cpu / results[i].cpu_rate()
+        );
+    }
 
     // Commits/s with events on and off: small single-row upserts by many writers.
     let keys_c = slices[4].keys(o.writers * 50);
@@ -567,17 +589,27 @@ async fn main() {
         "{} writers, single-row upserts (one day merged), {}s each:",
         o.writers, o.seconds
     );
-    println!("  commits/s with events on:            {on:>8.0}");
-    println!("  commits/s with events on, coalesced: {coalesced:>8.0}");
-    println!("  commits/s with events on, no NOTIFY: {silent:>8.0}");
-    println!("  commits/s with events off:           {off:>8.0}");
     println!(
-        "  on / off:                            {:>8.2}  (target >= 0.9)",
-        on / off
+        "{:<28} {:>10} {:>16}",
+        "", "commits/s", "backend CPU/commit"
     );
+    for (label, c) in [
+        ("events on", &on),
+        ("events on, coalesced NOTIFY", &coalesced),
+        ("events on, no NOTIFY", &silent),
+        ("events off", &off),
+    ] {
+        println!(
+            "{label:<28} {:>10.0} {:>14.0} us",
+            c.per_sec,
+            c.cpu_per_commit.as_secs_f64() * 1e6
+        );
+    }
     println!(
-        "  coalesced / off:                     {:>8.2}",
-        coalesced / off
+        "on / off: {:.2} (target >= 0.9); coalesced / off: {:.2}; CPU per commit on / off: {:.2}",
+        on.per_sec / off.per_sec,
+        coalesced.per_sec / off.per_sec,
+        on.cpu_per_commit.as_secs_f64() / off.cpu_per_commit.as_secs_f64()
     );
     drop(conn);
 }
