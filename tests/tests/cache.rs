@@ -200,7 +200,6 @@ async fn in_process_cache_without_redis() {
 
 /// A private redis-server on its own port, so stopping it disturbs no other test.
 struct OwnRedis {
-    port: u16,
     child: std::process::Child,
 }
 
@@ -211,7 +210,7 @@ impl OwnRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server");
-        Self { port, child }
+        Self { child }
     }
 
     fn stop(&mut self) {
