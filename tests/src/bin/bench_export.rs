@@ -15,7 +15,7 @@
 //!
 //! Run with `scripts/bench_export.sh [flags]`.
 //! Flags (defaults in brackets): --stores [1400] --months [24] --runs [5]
-//! --server [target/release/sales-server]
+//! --server [target/release/sales-server] --formats [csv,ndjson,json,csv+zstd]
 
 use sales_e2e::{TestDb, TEST_JWT_SECRET};
 use sales_server::auth::{Principal, Role};
@@ -33,6 +33,8 @@ struct Opts {
     months: usize,
     runs: usize,
     server: String,
+    /// Which of csv, ndjson, json, csv+zstd to measure.
+    formats: Vec<String>,
 }
 
 fn opts() -> Opts {
@@ -42,6 +44,9 @@ fn opts() -> Opts {
         months: 24,
         runs: 5,
         server: format!("{target}/release/sales-server"),
+        formats: ["csv", "ndjson", "json", "csv+zstd"]
+            .map(String::from)
+            .to_vec(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -73,6 +78,7 @@ fn opts() -> Opts {
             "--months" => o.months = num(),
             "--runs" => o.runs = num().max(1),
             "--server" => o.server = value.clone(),
+            "--formats" => o.formats = value.split(',').map(|f| f.trim().to_string()).collect(),
             _ => panic!("unknown flag {flag} (see --help)"),
         }
         i += 2;
@@ -488,12 +494,14 @@ async fn main() {
     );
     let mut csv_ratio = 0.0;
     let mut max_growth = 0u64;
-    for (format, zstd) in [
-        (ExportFormat::Csv, false),
-        (ExportFormat::Ndjson, false),
-        (ExportFormat::Json, false),
-        (ExportFormat::Csv, true),
-    ] {
+    for name in &o.formats {
+        let (format, zstd) = match name.as_str() {
+            "csv" => (ExportFormat::Csv, false),
+            "ndjson" => (ExportFormat::Ndjson, false),
+            "json" => (ExportFormat::Json, false),
+            "csv+zstd" => (ExportFormat::Csv, true),
+            other => panic!("unknown format {other} (csv, ndjson, json, csv+zstd)"),
+        };
         let select = select_of(format);
         let mut srv = Vec::new();
         let mut ps = Vec::new();
@@ -519,15 +527,6 @@ async fn main() {
         if format == ExportFormat::Csv && !zstd {
             csv_ratio = ratio;
         }
-        let name = format!(
-            "{}{}",
-            match format {
-                ExportFormat::Csv => "csv",
-                ExportFormat::Json => "json",
-                ExportFormat::Ndjson => "ndjson",
-            },
-            if zstd { "+zstd" } else { "" }
-        );
         println!(
             "{:<12} {:>9} {:>11.0} {:>7.1} {:>11.0} {:>9.1} {:>6.2}x {:>7.2}x {:>8.2} {:>10.1}",
             name,
