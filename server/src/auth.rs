@@ -356,19 +356,45 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pgs_jwt_{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sh = |cmd: &str| {
-            let ok = std::process::Command::new("sh").arg("-c").arg(cmd).current_dir(&dir).status().unwrap().success();
+            let ok = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(&dir)
+                .status()
+                .unwrap()
+                .success();
             assert!(ok, "{cmd}");
         };
         sh("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out rsa.pem 2>/dev/null && openssl pkey -in rsa.pem -pubout -out rsa.pub");
         sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ec.pem 2>/dev/null && openssl pkey -in ec.pem -pubout -out ec.pub");
         let now = chrono::Utc::now().timestamp();
-        let claims = Claims { sub: "9".into(), email: None, role: Role::Manager, stores: vec![4], exp: now + 600, iat: now, iss: None, aud: None };
+        let claims = Claims {
+            sub: "9".into(),
+            email: None,
+            role: Role::Manager,
+            stores: vec![4],
+            exp: now + 600,
+            iat: now,
+            iss: None,
+            aud: None,
+        };
         for (alg, private, public, key) in [
-            (Algorithm::RS256, "rsa.pem", "rsa.pub", EncodingKey::from_rsa_pem as fn(&[u8]) -> _),
-            (Algorithm::ES256, "ec.pem", "ec.pub", EncodingKey::from_ec_pem as fn(&[u8]) -> _),
+            (
+                Algorithm::RS256,
+                "rsa.pem",
+                "rsa.pub",
+                EncodingKey::from_rsa_pem as fn(&[u8]) -> _,
+            ),
+            (
+                Algorithm::ES256,
+                "ec.pem",
+                "ec.pub",
+                EncodingKey::from_ec_pem as fn(&[u8]) -> _,
+            ),
         ] {
             let a = auth(&[("JWT_PUBLIC_KEY_FILE", dir.join(public).to_str().unwrap())]);
-            let enc: jsonwebtoken::errors::Result<EncodingKey> = key(&std::fs::read(dir.join(private)).unwrap());
+            let enc: jsonwebtoken::errors::Result<EncodingKey> =
+                key(&std::fs::read(dir.join(private)).unwrap());
             let token = jsonwebtoken::encode(&Header::new(alg), &claims, &enc.unwrap()).unwrap();
             let p = a.verify(&token).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
             assert_eq!((p.user_id, p.role), (9, Role::Manager));

@@ -285,13 +285,28 @@ pub struct PgReplica {
 
 impl PgReplica {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::path::PathBuf::from(format!("/tmp/pgs_replica_{}", uuid::Uuid::new_v4().simple()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::path::PathBuf::from(format!(
+            "/tmp/pgs_replica_{}",
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let d = dir.to_string_lossy().to_string();
         let sh = |cmd: &str| {
-            let out = std::process::Command::new("bash").arg("-c").arg(cmd).output().expect("bash");
-            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(cmd)
+                .output()
+                .expect("bash");
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         sh(&format!("chown postgres:postgres {d} && chmod 700 {d}"));
         let base = PgConnectOptions::from_str(&base_url()).unwrap();
@@ -319,7 +334,10 @@ impl PgReplica {
     pub fn stop(&self) {
         let _ = std::process::Command::new("bash")
             .arg("-c")
-            .arg(format!("sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D {} -m immediate -w stop", self.dir.display()))
+            .arg(format!(
+                "sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D {} -m immediate -w stop",
+                self.dir.display()
+            ))
             .output();
     }
 }

@@ -13,8 +13,13 @@ async fn stats(admin: &Api) -> Value {
 }
 
 async fn setup(db: &TestDb, stores: &[i64], admin: &Api) {
-    let recs: Vec<Value> = stores.iter().flat_map(|&s| (1..=3).map(move |m| month(s, 2024, m, 28, 10.0 * s as f64))).collect();
-    let (st, body) = admin.post("/api/v2/sales/batch", &json!({"salesDataArray": recs})).await;
+    let recs: Vec<Value> = stores
+        .iter()
+        .flat_map(|&s| (1..=3).map(move |m| month(s, 2024, m, 28, 10.0 * s as f64)))
+        .collect();
+    let (st, body) = admin
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": recs}))
+        .await;
     assert_eq!(st, 200, "{body}");
     let _ = db;
 }
@@ -44,15 +49,25 @@ async fn hits_misses_and_read_your_writes() {
     setup(&db, &stores, &admin).await;
     let s = stores[0];
     let path = format!("/api/v2/sales?storeId={s}&year=2024&month=2&fields=totalSales");
-    warm(&admin, &format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales")).await;
+    warm(
+        &admin,
+        &format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"),
+    )
+    .await;
 
     let before = stats(&admin).await;
     let (_, first) = admin.get(&path).await;
     let (_, second) = admin.get(&path).await;
     assert_eq!(first, second);
     let after = stats(&admin).await;
-    assert_eq!(after["misses"].as_u64().unwrap() - before["misses"].as_u64().unwrap(), 1);
-    assert_eq!(after["hits"].as_u64().unwrap() - before["hits"].as_u64().unwrap(), 1);
+    assert_eq!(
+        after["misses"].as_u64().unwrap() - before["misses"].as_u64().unwrap(),
+        1
+    );
+    assert_eq!(
+        after["hits"].as_u64().unwrap() - before["hits"].as_u64().unwrap(),
+        1
+    );
     assert_eq!(after["backend"], "redis");
     assert_eq!(total(&second), 280.0 * s as f64 / 2.0 * 2.0);
 
@@ -66,13 +81,26 @@ async fn hits_misses_and_read_your_writes() {
     warm(&admin, &other).await;
     let h0 = stats(&admin).await["hits"].as_u64().unwrap();
     admin.post("/api/v2/sales/batch", &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 2, "dailyData": {"2": {"sales": 5}}}]})).await;
-    let r = admin.req(reqwest::Method::GET, &other).send().await.unwrap();
-    assert_eq!(r.headers()["x-cache"], "hit", "month 3 entry survives a month 2 write");
+    let r = admin
+        .req(reqwest::Method::GET, &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-cache"],
+        "hit",
+        "month 3 entry survives a month 2 write"
+    );
     assert_eq!(stats(&admin).await["hits"].as_u64().unwrap(), h0 + 1);
 
     // Clear by tag, then everything.
     admin.get(&other).await;
-    let (st, body) = admin.post("/api/admin/cache/clear", &json!({"tag": format!("store:{s}:2024-03")})).await;
+    let (st, body) = admin
+        .post(
+            "/api/admin/cache/clear",
+            &json!({"tag": format!("store:{s}:2024-03")}),
+        )
+        .await;
     assert_eq!(st, 200, "{body}");
     let m0 = stats(&admin).await["misses"].as_u64().unwrap();
     admin.get(&other).await;
@@ -100,7 +128,14 @@ async fn scope_isolation() {
     let (_, a) = Api::new(&server, Some(&t1)).get(path).await;
     let (_, b) = Api::new(&server, Some(&t2)).get(path).await;
     let (_, c) = admin.get(path).await;
-    let ids = |v: &Value| v["data"].as_array().unwrap().iter().map(|r| r["storeId"].as_i64().unwrap()).collect::<std::collections::BTreeSet<_>>();
+    let ids = |v: &Value| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["storeId"].as_i64().unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
     assert_eq!(ids(&a), [stores[0]].into());
     assert_eq!(ids(&b), [stores[1]].into());
     assert_eq!(ids(&c), stores.iter().copied().collect());
@@ -134,20 +169,28 @@ async fn invalidation_by_sql_and_across_instances() {
         .await
         .unwrap();
     for api in [&a1, &a2] {
-        eventually(Duration::from_secs(2), "fresh value after SQL update", || async {
-            let (_, b) = api.get(&path).await;
-            (total(&b) == 7.0).then_some(())
-        })
+        eventually(
+            Duration::from_secs(2),
+            "fresh value after SQL update",
+            || async {
+                let (_, b) = api.get(&path).await;
+                (total(&b) == 7.0).then_some(())
+            },
+        )
         .await;
     }
 
     // A write through instance one invalidates instance two's view.
     let (st, _) = a1.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 9}}}]})).await;
     assert_eq!(st, 200);
-    eventually(Duration::from_secs(2), "instance two serves the new value", || async {
-        let (_, b) = a2.get(&path).await;
-        (total(&b) == 9.0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(2),
+        "instance two serves the new value",
+        || async {
+            let (_, b) = a2.get(&path).await;
+            (total(&b) == 9.0).then_some(())
+        },
+    )
     .await;
     one.stop().await;
     two.stop().await;
@@ -172,7 +215,13 @@ async fn compressed_entries_round_trip() {
     let r2 = admin.req(reqwest::Method::GET, path).send().await.unwrap();
     assert_eq!(r2.headers()["x-cache"], "hit");
     let hit = r2.bytes().await.unwrap();
-    assert!(stats(&admin).await["bytesSavedByCompression"].as_u64().unwrap() > 0, "a large entry is stored compressed");
+    assert!(
+        stats(&admin).await["bytesSavedByCompression"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "a large entry is stored compressed"
+    );
     assert_eq!(miss, hit, "a compressed hit decodes to the same bytes");
     server.stop().await;
 }
@@ -206,7 +255,18 @@ struct OwnRedis {
 impl OwnRedis {
     fn start(port: u16) -> Self {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                "/tmp",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server");
@@ -226,7 +286,11 @@ impl Drop for OwnRedis {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -237,10 +301,14 @@ async fn redis_outage_and_recovery() {
     let mut redis = OwnRedis::start(port);
     let url = format!("redis://127.0.0.1:{port}");
     eventually(Duration::from_secs(5), "private redis up", || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
     })
     .await;
-    let server = db.server(&[("REDIS_URL", url.as_str()), ("REDIS_TIMEOUT", "200ms")]).await;
+    let server = db
+        .server(&[("REDIS_URL", url.as_str()), ("REDIS_TIMEOUT", "200ms")])
+        .await;
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
     let admin = Api::new(&server, Some(&token));
     let anon = Api::new(&server, None);
@@ -261,10 +329,14 @@ async fn redis_outage_and_recovery() {
     assert_eq!(stats(&admin).await["healthy"], false);
 
     let _redis = OwnRedis::start(port);
-    eventually(Duration::from_secs(10), "health ok after redis restart", || async {
-        let (_, h) = anon.get("/health").await;
-        (h["status"] == "ok").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "health ok after redis restart",
+        || async {
+            let (_, h) = anon.get("/health").await;
+            (h["status"] == "ok").then_some(())
+        },
+    )
     .await;
     // Hits resume.
     eventually(Duration::from_secs(5), "cache hits again", || async {

@@ -15,14 +15,21 @@ async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
     let server = db.server(&[]).await;
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
-    api.post("/api/v2/sales/batch", &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]})).await;
+    api.post(
+        "/api/v2/sales/batch",
+        &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]}),
+    )
+    .await;
     for _ in 0..2 {
         api.get("/api/v2/sales?fields=id").await;
     }
     api.get("/api/v2/sales/999999").await;
     let r = reqwest::get(server.url("/metrics")).await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let text = r.text().await.unwrap();
     for needle in [
         "http_request_duration_seconds_bucket{",
@@ -58,7 +65,11 @@ async fn query_statistics() {
     // `make` preloads pg_stat_statements in the cluster it manages.
     assert_eq!(body["enabled"], true, "{body}");
     assert!(body["slowest"].as_array().unwrap().len() <= 5);
-    assert!(body["mostFrequent"].as_array().unwrap().iter().all(|q| q["query"].as_str().unwrap().contains("sales.")));
+    assert!(body["mostFrequent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|q| q["query"].as_str().unwrap().contains("sales.")));
     assert_eq!(api.get("/api/admin/queries?limit=0").await.0, 400);
     server.stop().await;
 }
@@ -70,31 +81,54 @@ async fn reads_survive_killed_database_connections() {
     let server = db.server(&[]).await;
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
-    api.post("/api/v2/sales/batch", &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]})).await;
+    api.post(
+        "/api/v2/sales/batch",
+        &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]}),
+    )
+    .await;
     for i in 0..20 {
         // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).
         sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
             .execute(&db.pool)
             .await
             .unwrap();
-        let (st, body) = api.get(&format!("/api/v2/sales?fields=id&limit={}", i + 1)).await;
+        let (st, body) = api
+            .get(&format!("/api/v2/sales?fields=id&limit={}", i + 1))
+            .await;
         assert_eq!(st, 200, "{body}");
     }
     server.stop().await;
 }
 
 /// Runs the server binary with JSON logs; returns (child, port, stderr lines receiver).
-fn spawn_binary(db: &TestDb, extra: &[(&str, &str)]) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+fn spawn_binary(
+    db: &TestDb,
+    extra: &[(&str, &str)],
+) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
     let mut cmd = Command::new(server_bin());
-    cmd.arg("serve").envs(db.env()).env("PORT", "0").env("LOG_FORMAT", "json").env("LOG_LEVEL", "info");
+    cmd.arg("serve")
+        .envs(db.env())
+        .env("PORT", "0")
+        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "info");
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn server");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().expect(&line);
+    let port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect(&line);
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -109,7 +143,10 @@ fn spawn_binary(db: &TestDb, extra: &[(&str, &str)]) -> (std::process::Child, u1
 async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     let db = TestDb::new().await;
     let (child, port, logs) = spawn_binary(&db, &[("SLOW_QUERY_MS", "1")]);
-    let (uid, _) = sales_server::users::upsert_user(&db.pool, "log@example.com", "admin", &[], "password-123").await.unwrap();
+    let (uid, _) =
+        sales_server::users::upsert_user(&db.pool, "log@example.com", "admin", &[], "password-123")
+            .await
+            .unwrap();
     let http = reqwest::Client::new();
     let login: Value = http
         .post(format!("http://127.0.0.1:{port}/api/v2/auth/login"))
@@ -135,7 +172,10 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         while let Ok(l) = logs.try_recv() {
             got.push(l);
         }
-        let parsed: Vec<Value> = got.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+        let parsed: Vec<Value> = got
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+            .collect();
         async move {
             let mine: Vec<Value> = parsed
                 .into_iter()
@@ -153,7 +193,10 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     let access = lines.iter().find(|v| v["message"] == "request").unwrap();
     assert_eq!(access["span"]["user_id"], uid, "{access}");
     assert_eq!(access["status"], 200);
-    let slow = lines.iter().find(|v| v["message"] == "slow query").expect("a slow query line");
+    let slow = lines
+        .iter()
+        .find(|v| v["message"] == "slow query")
+        .expect("a slow query line");
     assert_eq!(slow["statement"], "sales_list");
     assert!(slow["duration_ms"].as_f64().unwrap() >= 0.0);
 }
@@ -164,7 +207,10 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
     let db = TestDb::new().await;
     let stores = db.stores(3).await;
     let (mut child, port, _logs) = spawn_binary(&db, &[("SHUTDOWN_TIMEOUT", "20s")]);
-    let (uid, _) = sales_server::users::upsert_user(&db.pool, "t@example.com", "admin", &[], "password-123").await.unwrap();
+    let (uid, _) =
+        sales_server::users::upsert_user(&db.pool, "t@example.com", "admin", &[], "password-123")
+            .await
+            .unwrap();
     let claims = json!({"sub": uid.to_string(), "role": "admin", "stores": [], "exp": chrono::Utc::now().timestamp() + 600});
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -172,17 +218,33 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
         &jsonwebtoken::EncodingKey::from_secret(sales_e2e::TEST_JWT_SECRET.as_bytes()),
     )
     .unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?token={token}")).await.expect("ws connect");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?token={token}"))
+            .await
+            .expect("ws connect");
 
     // A large batch in flight when SIGTERM arrives still completes.
     let recs: Vec<Value> = (0..3000)
-        .map(|i| month(stores[i / 1200], 2000 + ((i % 1200) / 12) as i32, 1 + (i % 12) as i32, 28, 1.0))
+        .map(|i| {
+            month(
+                stores[i / 1200],
+                2000 + ((i % 1200) / 12) as i32,
+                1 + (i % 12) as i32,
+                28,
+                1.0,
+            )
+        })
         .collect();
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/api/v2/sales/batch");
     let t = token.clone();
     let inflight = tokio::spawn(async move {
-        http.post(url).bearer_auth(t).json(&json!({"salesDataArray": recs})).send().await.map(|r| r.status().as_u16())
+        http.post(url)
+            .bearer_auth(t)
+            .json(&json!({"salesDataArray": recs}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
     });
     eventually(Duration::from_secs(10), "batch running in Postgres", || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%batch_upsert_impl%' AND state = 'active' AND pid <> pg_backend_pid()")
@@ -192,15 +254,27 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
         (n > 0).then_some(())
     })
     .await;
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), inflight).await.expect("in-flight request finished").unwrap();
-    assert_eq!(status.expect("response"), 200, "the in-flight batch completed");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), inflight)
+        .await
+        .expect("in-flight request finished")
+        .unwrap();
+    assert_eq!(
+        status.expect("response"),
+        200,
+        "the in-flight batch completed"
+    );
 
     // The WebSocket is closed with 1001 (going away).
     let close = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(m) = ws.next().await {
             match m {
-                Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))) => return Some(u16::from(f.code)),
+                Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))) => {
+                    return Some(u16::from(f.code))
+                }
                 Ok(_) => continue,
                 Err(_) => return None,
             }
@@ -210,8 +284,14 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
     .await
     .expect("close frame in time");
     assert_eq!(close, Some(1001));
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales").fetch_one(&db.pool).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(n, 3000);
 }

@@ -24,7 +24,9 @@ async fn reads_go_to_the_replica_and_fall_back() {
     let stores = db.stores(2).await;
     let replica = PgReplica::start();
     let replica_url = replica.url_for(&db);
-    let server = db.server(&[("DATABASE_REPLICA_URL", replica_url.as_str())]).await;
+    let server = db
+        .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
+        .await;
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
 
@@ -39,7 +41,10 @@ async fn reads_go_to_the_replica_and_fall_back() {
                 return None;
             }
         };
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales").fetch_one(&mut c).await.ok()?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
+            .fetch_one(&mut c)
+            .await
+            .ok()?;
         (n == 2).then_some(())
     })
     .await;
@@ -48,39 +53,79 @@ async fn reads_go_to_the_replica_and_fall_back() {
     let primary_before = scans(&db.url).await;
     let replica_before = scans(&replica_url).await;
     for limit in 1..=5 {
-        let (st, body) = api.get(&format!("/api/v2/sales?limit={limit}&fields=storeId,totalSales")).await;
+        let (st, body) = api
+            .get(&format!(
+                "/api/v2/sales?limit={limit}&fields=storeId,totalSales"
+            ))
+            .await;
         assert_eq!(st, 200, "{body}");
     }
     let (st, _) = api.get("/api/v2/sales/summary?groupBy=region").await;
     assert_eq!(st, 200);
-    eventually(Duration::from_secs(5), "replica scan counters move", || async {
-        (scans(&replica_url).await >= replica_before + 6).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "replica scan counters move",
+        || async { (scans(&replica_url).await >= replica_before + 6).then_some(()) },
+    )
     .await;
-    assert_eq!(scans(&db.url).await, primary_before, "no read scanned the primary");
+    assert_eq!(
+        scans(&db.url).await,
+        primary_before,
+        "no read scanned the primary"
+    );
 
     // A write goes to the primary and is read back at once (the read waits for
     // the replica to catch up, or is served by the primary).
     let (st, _) = api.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": stores[0], "year": 2024, "month": 1, "dailyData": {"1": {"sales": 1}}}]})).await;
     assert_eq!(st, 200);
-    let (_, body) = api.get(&format!("/api/v2/sales?storeId={}&fields=totalSales", stores[0])).await;
+    let (_, body) = api
+        .get(&format!(
+            "/api/v2/sales?storeId={}&fields=totalSales",
+            stores[0]
+        ))
+        .await;
     assert_eq!(body["data"][0]["totalSales"], 1);
 
     // Replica down: reads still succeed, from the primary.
     replica.stop();
     let primary_before = scans(&db.url).await;
-    eventually(Duration::from_secs(10), "reads served by the primary", || async {
-        let (st, body) = api.get(&format!("/api/v2/sales?limit=7&fields=id&sort=-id&offset={}", rand_offset())).await;
-        assert_eq!(st, 200, "{body}");
-        (scans(&db.url).await > primary_before).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "reads served by the primary",
+        || async {
+            let (st, body) = api
+                .get(&format!(
+                    "/api/v2/sales?limit=7&fields=id&sort=-id&offset={}",
+                    rand_offset()
+                ))
+                .await;
+            assert_eq!(st, 200, "{body}");
+            (scans(&db.url).await > primary_before).then_some(())
+        },
+    )
     .await;
     for i in 0..5 {
         let (st, _) = api.get(&format!("/api/v2/sales?limit={}", 10 + i)).await;
         assert_eq!(st, 200);
     }
-    let (_, metrics) = (200, reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap());
-    assert!(metrics.contains("db_replica_up 0"), "{}", metrics.lines().filter(|l| l.contains("replica")).collect::<Vec<_>>().join("\n"));
+    let (_, metrics) = (
+        200,
+        reqwest::get(server.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(
+        metrics.contains("db_replica_up 0"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("replica"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     server.stop().await;
 }
 

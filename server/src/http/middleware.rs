@@ -62,7 +62,8 @@ pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Res
         resp.headers_mut().insert("x-request-id", v);
     }
     if let Some(c) = cache_status {
-        resp.headers_mut().insert("x-cache", HeaderValue::from_static(c));
+        resp.headers_mut()
+            .insert("x-cache", HeaderValue::from_static(c));
     }
     let status = resp.status().as_u16();
     crate::metrics::record_request(method.as_str(), &path, status, started);

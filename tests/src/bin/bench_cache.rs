@@ -63,7 +63,10 @@ async fn main() {
     let token = args[3].clone();
     let secs: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(20);
     let workers: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(16);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
     let stores = Arc::new(Zipf::new(200, 1.0));
     let months = Arc::new(Zipf::new(24, 1.0));
     let res = Arc::new(Results {
@@ -71,7 +74,11 @@ async fn main() {
         misses: Mutex::new(Histogram::new(3).unwrap()),
         stale: Mutex::new(Histogram::new(3).unwrap()),
     });
-    let (reads, writes, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (reads, writes, errors) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let marker = Arc::new(AtomicU64::new(1));
     let deadline = Instant::now() + Duration::from_secs(secs);
     // Warm-up: one read of every key, so the measured phase starts from a warm cache.
@@ -87,8 +94,20 @@ async fn main() {
     }
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (http, token, urls, stores, months, res) = (http.clone(), token.clone(), urls.clone(), stores.clone(), months.clone(), res.clone());
-        let (reads, writes, errors, marker) = (reads.clone(), writes.clone(), errors.clone(), marker.clone());
+        let (http, token, urls, stores, months, res) = (
+            http.clone(),
+            token.clone(),
+            urls.clone(),
+            stores.clone(),
+            months.clone(),
+            res.clone(),
+        );
+        let (reads, writes, errors, marker) = (
+            reads.clone(),
+            writes.clone(),
+            errors.clone(),
+            marker.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64 + 1);
             let mut stale_watchers = Vec::new();
@@ -164,11 +183,32 @@ async fn main() {
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let total = hits.len() + misses.len();
     println!("== cache: Zipf(1.0) over 200 stores x Zipf(1.0) over 24 months, 5% writes, 2 instances, {workers} workers, {secs}s");
-    println!("reads {}  writes {}  errors {}", reads.load(Ordering::Relaxed), writes.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
-    println!("hit rate            : {:.2}%  (target >= 97%)", 100.0 * hits.len() as f64 / total.max(1) as f64);
-    println!("hit  latency p50/p99: {:.2} / {:.2} ms", ms(&hits, 0.5), ms(&hits, 0.99));
-    println!("miss latency p50/p99: {:.2} / {:.2} ms", ms(&misses, 0.5), ms(&misses, 0.99));
-    println!("staleness p50/p99   : {:.1} / {:.1} ms over {} writes (target p99 <= 1000 ms)", ms(&stale, 0.5), ms(&stale, 0.99), stale.len());
+    println!(
+        "reads {}  writes {}  errors {}",
+        reads.load(Ordering::Relaxed),
+        writes.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "hit rate            : {:.2}%  (target >= 97%)",
+        100.0 * hits.len() as f64 / total.max(1) as f64
+    );
+    println!(
+        "hit  latency p50/p99: {:.2} / {:.2} ms",
+        ms(&hits, 0.5),
+        ms(&hits, 0.99)
+    );
+    println!(
+        "miss latency p50/p99: {:.2} / {:.2} ms",
+        ms(&misses, 0.5),
+        ms(&misses, 0.99)
+    );
+    println!(
+        "staleness p50/p99   : {:.1} / {:.1} ms over {} writes (target p99 <= 1000 ms)",
+        ms(&stale, 0.5),
+        ms(&stale, 0.99),
+        stale.len()
+    );
     if errors.load(Ordering::Relaxed) > 0 {
         std::process::exit(1);
     }
