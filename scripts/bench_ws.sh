@@ -11,10 +11,9 @@
 #   RATE=4 SECONDS_FIXED=10 SECONDS_SAT=10 WRITERS=4 scripts/bench_ws.sh
 #
 # By default it runs against a private Postgres cluster (initdb in a
-# temporary directory, loopback only, removed at exit): event delivery waits
-# for the oldest open writing transaction of the *cluster*, so other people's
-# long transactions on a shared cluster would show up as WebSocket latency.
-# PRIVATE_PG=0 uses the shared cluster at PG_BASE instead.
+# temporary directory, loopback only, removed at exit), so that other work on
+# the shared cluster (its checkpoints, locks and load) does not show up as
+# WebSocket latency. PRIVATE_PG=0 uses the shared cluster at PG_BASE instead.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
