@@ -16,7 +16,7 @@ run() { # name, wrk args...
     local name=$1
     shift
     local line
-    line=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -s "$ROOT/scripts/wrk/report_wrap.lua" "$@" 2>&1 | grep '^RESULT' || true)
+    line=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --timeout 10s --latency -s "$ROOT/scripts/wrk/report_wrap.lua" "$@" 2>&1 | grep '^RESULT' || true)
     printf '%-22s %s\n' "$name" "${line#RESULT }"
     eval "$(echo "${line#RESULT }" | tr ' ' '\n' | sed "s/^/${name}_/")"
 }
