@@ -184,10 +184,22 @@ unsafe fn string_of<'a>(v: &pg_sys::JsonbValue) -> &'a str {
     unsafe {
         let s = v.val.string;
         let bytes = std::slice::from_raw_parts(s.val as *const u8, s.len.max(0) as usize);
-        // The server encoding of a sales database is UTF-8; anything else is
-        // shown as a replacement character (and so never matches a known name).
-        std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
+        if server_is_utf8() {
+            // Postgres checked the encoding when the text entered the server.
+            std::str::from_utf8_unchecked(bytes)
+        } else {
+            // Another server encoding: anything that is not also valid UTF-8
+            // shows as a replacement character (and so matches no known name).
+            std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
+        }
     }
+}
+
+fn server_is_utf8() -> bool {
+    thread_local! {
+        static UTF8: bool = unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 };
+    }
+    UTF8.with(|u| *u)
 }
 
 impl<'a> Jb<'a> {
@@ -293,6 +305,20 @@ impl<'a> JsonRead<'a> for Jb<'a> {
 pub struct Num<'a>(pg_sys::Numeric, PhantomData<&'a ()>);
 
 impl Num<'_> {
+    /// Exact numeric equality (numeric_eq: 1.0 equals 1).
+    pub fn equals(self, other: Num<'_>) -> bool {
+        unsafe {
+            pgrx::direct_function_call::<bool>(
+                pg_sys::numeric_eq,
+                &[
+                    Some(pg_sys::Datum::from(self.0)),
+                    Some(pg_sys::Datum::from(other.0)),
+                ],
+            )
+            .unwrap_or(false)
+        }
+    }
+
     pub fn decode(self) -> Decoded {
         unsafe {
             let ptr = self.0 as *const pg_sys::varlena;

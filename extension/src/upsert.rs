@@ -100,9 +100,11 @@ fn outside_scope(store: i64) -> String {
 ///
 /// Rows arrive sorted by key (`WITH ORDINALITY` over sorted arrays), and
 /// `INSERT ... SELECT ... ORDER BY` inserts, and on conflict locks, in that
-/// order. `WHERE ... IS DISTINCT FROM` skips rows the batch would not change
-/// (still locked, but not rewritten: no new version, no event), so they count
-/// as unchanged. `xmax = 0` tells a fresh insert from an update.
+/// order. The WHERE skips rows the batch would not change (still locked, but
+/// not rewritten: no new version, no event), so they count as unchanged; in
+/// merge mode it compares day by day (sales.daily_merge_changes) instead of
+/// building the merged month twice. `xmax = 0` tells a fresh insert from an
+/// update.
 const UPSERT_SQL: &str = r#"
 WITH input AS (
     SELECT k.s, k.y, k.m, k.o,
@@ -119,8 +121,8 @@ WITH input AS (
     SELECT s, y, m, d FROM input ORDER BY o
     ON CONFLICT (store_id, year, month) DO UPDATE
         SET daily_data = CASE WHEN $8 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END
-        WHERE t.daily_data IS DISTINCT FROM
-              (CASE WHEN $8 THEN EXCLUDED.daily_data ELSE t.daily_data || EXCLUDED.daily_data END)
+        WHERE CASE WHEN $8 THEN t.daily_data IS DISTINCT FROM EXCLUDED.daily_data
+                   ELSE sales.daily_merge_changes(t.daily_data, EXCLUDED.daily_data) END
     RETURNING (t.xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up

@@ -85,6 +85,26 @@ fn changed_days(old: Option<RawJsonb>, new: Option<RawJsonb>) -> pgrx::JsonB {
     ))
 }
 
+/// True when merging `new` into `old` (`old || new`, day by day) would
+/// change `old`: some day of `new` is missing from `old` or differs. Used by
+/// batch_upsert's ON CONFLICT ... WHERE, which would otherwise build the
+/// merged month a second time only to compare it.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn daily_merge_changes(old: RawJsonb, new: RawJsonb) -> bool {
+    let (old, new) = (old.root(), new.root());
+    if old.kind() != sales_core::json::Kind::Object || new.kind() != sales_core::json::Kind::Object
+    {
+        return true;
+    }
+    let mut changes = false;
+    new.each_member(|k, v| {
+        if !changes && !old.get(k).is_some_and(|o| same(o, v)) {
+            changes = true;
+        }
+    });
+    changes
+}
+
 /// jsonb equality of two values (as `=` on jsonb: 1.0 equals 1).
 fn same(a: Jb<'_>, b: Jb<'_>) -> bool {
     match (a, b) {
@@ -94,7 +114,7 @@ fn same(a: Jb<'_>, b: Jb<'_>) -> bool {
         (Jb::Null, Jb::Null) => true,
         (Jb::Bool(x), Jb::Bool(y)) => x == y,
         (Jb::String(x), Jb::String(y)) => x == y,
-        (Jb::Number(x), Jb::Number(y)) => x.decode().to_f64() == y.decode().to_f64(),
+        (Jb::Number(x), Jb::Number(y)) => x.equals(y),
         _ => false,
     }
 }

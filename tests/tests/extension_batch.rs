@@ -994,3 +994,55 @@ async fn duplicates_fold_across_spellings() {
             .unwrap();
     assert_eq!(days, 0);
 }
+
+/// What counts as unchanged when merging: every day of the record equal (as
+/// jsonb: 1.0 = 1) to the stored day. A day replaced by a smaller one changes.
+#[tokio::test]
+async fn merge_unchanged_is_judged_day_by_day() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    upsert_ok(
+        &db,
+        &json!([record(
+            s,
+            2024,
+            1,
+            json!({"1": {"sales": 1, "customers": 2}, "2": {"sales": 5}})
+        )]),
+    )
+    .await;
+    let merge = |text: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Value>("SELECT sales.batch_upsert($1::jsonb)")
+                .bind(text)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let r = merge(format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 1, "dailyData": {{"2": {{"sales": 5.0}}}}}}]"#
+    ))
+    .await;
+    assert_eq!(r["unchanged"], 1, "{r}");
+    let r = merge(format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 1, "dailyData": {{}}}}]"#
+    ))
+    .await;
+    assert_eq!(r["unchanged"], 1, "{r}");
+    let r = merge(format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 1, "dailyData": {{"1": {{"sales": 1}}}}}}]"#
+    ))
+    .await;
+    assert_eq!(r["updated"], 1, "the day loses its customers: {r}");
+    let r = merge(format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 1, "dailyData": {{"3": {{"sales": 0}}}}}}]"#
+    ))
+    .await;
+    assert_eq!(r["updated"], 1, "a new day: {r}");
+    assert_eq!(
+        scalar_i64(&db, "SELECT version FROM sales.monthly_sales").await,
+        3
+    );
+}
