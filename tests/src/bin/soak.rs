@@ -27,9 +27,9 @@
 //! --private-cluster (a Postgres 15 cluster of its own, made with initdb as
 //! the postgres user, instead of a database on the DATABASE_URL cluster).
 //!
-//! Event delivery waits for every older transaction that holds a transaction
-//! id, in any database of the cluster (the relay reads below the snapshot's
-//! xmin), so the report also says how long transactions elsewhere held it.
+//! Event delivery waits for older write transactions that are still running
+//! (the relay reads below sales.events_horizon()), so the report also says
+//! how long that horizon stood still, and which database held it.
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -1094,20 +1094,29 @@ async fn run(o: Opts) -> Result<bool, String> {
             }
         }));
     }
-    // How long the cluster's xmin horizon stood still: the relay delivers
-    // only events below it, so any transaction holding an xid, in any
-    // database of the cluster, delays every event for as long as it runs.
+    // How long the event delivery horizon stood still: the relay delivers
+    // only events of transactions below it (sales.events_horizon(): the
+    // oldest transaction that may still write to this database; the
+    // cluster's xmin with older extensions), so a long write transaction
+    // delays every event for as long as it runs.
     let xmin_hold = Arc::new(Mutex::new((0.0f64, String::new())));
     {
         let (pool, stop, hold) = (db.pool.clone(), stop.clone(), xmin_hold.clone());
         load.push(tokio::spawn(async move {
+            let per_db: bool =
+                sqlx::query_scalar("SELECT to_regproc('sales.events_horizon') IS NOT NULL")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(false);
+            let horizon_sql = if per_db {
+                "SELECT sales.events_horizon()::text"
+            } else {
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+            };
             let mut since: Option<(String, Instant)> = None;
             while !stop.load(Relaxed) {
                 let xmin: Option<String> =
-                    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-                        .fetch_one(&pool)
-                        .await
-                        .ok();
+                    sqlx::query_scalar(horizon_sql).fetch_one(&pool).await.ok();
                 let (Some(xmin), Ok(running)) = (
                     xmin,
                     // Holders' databases, where this role may see them.
@@ -1134,7 +1143,7 @@ async fn run(o: Opts) -> Result<bool, String> {
                             .await
                             .unwrap_or_default();
                             let who = if who.is_empty() {
-                                "a session this role cannot see".into()
+                                "? (not visible to this role)".into()
                             } else {
                                 who.join(", ")
                             };
@@ -1315,7 +1324,7 @@ async fn run(o: Opts) -> Result<bool, String> {
     let (hold, who) = xmin_hold.lock().unwrap().clone();
     if hold > 0.0 {
         println!(
-            "  the cluster's xmin horizon (and so event delivery) stood still for up to {hold:.1} s (held in database {who})"
+            "  the event delivery horizon stood still for up to {hold:.1} s (held by a transaction in database {who})"
         );
     }
     println!(
