@@ -734,10 +734,16 @@ async fn redis_killed_and_restarted_under_load() {
         stop.clone(),
     );
     // The load's writes keep invalidating; wait (bounded) until reads hit.
-    let hits_before = eventually(Duration::from_secs(15), "the load hits the cache", || async {
-        let h = cache_stats(&base, &token).await["hits"].as_u64().unwrap_or(0);
-        (h > 0).then_some(h)
-    })
+    let hits_before = eventually(
+        Duration::from_secs(15),
+        "the load hits the cache",
+        || async {
+            let h = cache_stats(&base, &token).await["hits"]
+                .as_u64()
+                .unwrap_or(0);
+            (h > 0).then_some(h)
+        },
+    )
     .await;
 
     redis.stop();
@@ -762,10 +768,16 @@ async fn redis_killed_and_restarted_under_load() {
     .await;
     eprintln!("ok again after {:?}", restarted.elapsed());
     let hits_back = cache_stats(&base, &token).await["hits"].as_u64().unwrap();
-    eventually(Duration::from_secs(15), "cache hits again after the restart", || async {
-        let h = cache_stats(&base, &token).await["hits"].as_u64().unwrap_or(0);
-        (h > hits_back).then_some(())
-    })
+    eventually(
+        Duration::from_secs(15),
+        "cache hits again after the restart",
+        || async {
+            let h = cache_stats(&base, &token).await["hits"]
+                .as_u64()
+                .unwrap_or(0);
+            (h > hits_back).then_some(())
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
