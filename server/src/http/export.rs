@@ -995,7 +995,7 @@ async fn stream(
     // The COPY may run longer than DB_QUERY_TIMEOUT; the transaction-local
     // settings end with it.
     conn.execute(
-        "SET LOCAL statement_timeout = 0; SET LOCAL jit = off; \
+        "SET LOCAL statement_timeout = 0; \
          SET LOCAL idle_in_transaction_session_timeout = '60s'; \
          SET LOCAL client_connection_check_interval = '1s'",
     )
