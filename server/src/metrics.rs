@@ -25,10 +25,30 @@ pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), BUCKETS)
                 .ok()?
                 .install_recorder()
+                .map(|handle| {
+                    spawn_upkeep(handle.clone());
+                    handle
+                })
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
         })
         .as_ref()
+}
+
+/// Histogram samples wait in the recorder until they are folded into
+/// buckets, which rendering does, and so a scrape. Without anyone scraping
+/// `/metrics` they would pile up for ever (about 8 bytes a sample, a few
+/// samples a request): fold them every few seconds.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep thread not started; histograms grow until scraped");
+    }
 }
 
 /// `/api/v2/sales/123` -> `/api/v2/sales/:id`, so routes stay few.
