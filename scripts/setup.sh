@@ -137,9 +137,23 @@ BEGIN
     END IF;
 END \$\$;
 SQL
+    # The demo database remembers which extension build created its schema;
+    # after a new build (the extension's SQL may have changed under the same
+    # version) it is recreated, and `make run` seeds it again.
+    local build
+    build="pg_sales build $(cat "$STAMP_DIR/extension" 2>/dev/null || echo unknown)"
+    if sudo -u postgres psql -qAt -c "select 1 from pg_database where datname = '${DB_NAME}'" | grep -q 1; then
+        local have
+        have=$(sudo -u postgres psql -qAt -c "select shobj_description(oid, 'pg_database') from pg_database where datname = '${DB_NAME}'")
+        if [ "$have" != "$build" ]; then
+            log "recreating demo database ${DB_NAME} for the new extension build"
+            sudo -u postgres dropdb --force "${DB_NAME}"
+        fi
+    fi
     if ! sudo -u postgres psql -qAt -c "select 1 from pg_database where datname = '${DB_NAME}'" | grep -q 1; then
         log "creating database ${DB_NAME}"
         sudo -u postgres createdb -O "${DB_USER}" "${DB_NAME}"
+        sudo -u postgres psql -qAt -c "COMMENT ON DATABASE ${DB_NAME} IS '${build}'" >/dev/null
     fi
     # Upgrade the extension in place when a newer build was installed.
     sudo -u postgres psql -qAt -d "${DB_NAME}" -c "select 1" >/dev/null
