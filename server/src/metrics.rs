@@ -25,10 +25,7 @@ pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), BUCKETS)
                 .ok()?
                 .install_recorder()
-                .map(|handle| {
-                    spawn_upkeep(handle.clone());
-                    handle
-                })
+                .inspect(|handle| spawn_upkeep(handle.clone()))
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
         })
