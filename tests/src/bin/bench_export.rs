@@ -428,6 +428,18 @@ fn best(runs: &[Run]) -> Run {
 #[tokio::main]
 async fn main() {
     let o = opts();
+    // On SIGINT or SIGTERM the benchmark future is dropped: the server child
+    // is killed and the database dropped by their destructors.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = bench(o) => {}
+        _ = tokio::signal::ctrl_c() => eprintln!("interrupted: stopping the server, dropping the database"),
+        _ = term.recv() => eprintln!("terminated: stopping the server, dropping the database"),
+    }
+}
+
+async fn bench(o: Opts) {
     let overall = Instant::now();
     let db = TestDb::new().await;
     let total = load(&db, &o).await;
@@ -506,7 +518,9 @@ async fn main() {
         let mut srv = Vec::new();
         let mut ps = Vec::new();
         for _ in 0..o.runs {
-            ps.push(psql_run(&db.url, &select, format));
+            let (url, sql) = (db.url.clone(), select.clone());
+            let run = tokio::task::spawn_blocking(move || psql_run(&url, &sql, format));
+            ps.push(run.await.expect("psql run"));
             srv.push(server_run(&server, &token, format, zstd).await);
         }
         for r in srv.iter().chain(&ps) {
