@@ -101,7 +101,14 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
             "if-none-match",
             "x-request-id",
         ])
-        .expose_headers(["etag", "x-request-id", "retry-after"])
+        .expose_headers([
+            "etag",
+            "x-request-id",
+            "retry-after",
+            "content-disposition",
+            "x-export-id",
+            "x-export-estimated-rows",
+        ])
         .max_age(600);
     for origin in &state.config.cors_origins {
         cors = cors.allow_origin(origin.as_str());
