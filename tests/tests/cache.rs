@@ -2,7 +2,7 @@
 //! (API write on the same instance, plain SQL, another instance), compressed
 //! entries, clear by tag, and Redis going away and coming back.
 
-use sales_e2e::{eventually, month, user_token, Api, TestDb};
+use sales_e2e::{eventually, free_port, month, user_token, Api, OwnRedis, TestDb};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -245,52 +245,6 @@ async fn in_process_cache_without_redis() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["redis"]["configured"], false);
     server.stop().await;
-}
-
-/// A private redis-server on its own port, so stopping it disturbs no other test.
-struct OwnRedis {
-    child: std::process::Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                "/tmp",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        Self { child }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

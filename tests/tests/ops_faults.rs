@@ -14,7 +14,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use sales_e2e::private_pg::PrivatePg;
-use sales_e2e::{eventually, redis_url, server_bin, TestDb, TEST_JWT_SECRET};
+use sales_e2e::{eventually, free_port, redis_url, server_bin, OwnRedis, TestDb, TEST_JWT_SECRET};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::io::BufRead;
@@ -599,70 +599,6 @@ async fn postgres_restart_under_load() {
     assert!(!server.log().contains("panicked"), "{}", server.log());
     drop(check_pool);
     drop(pool);
-}
-
-/// A private redis-server on its own port, so stopping it disturbs no other test.
-struct OwnRedis {
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Self {
-        Self::start_in(port, None)
-    }
-
-    /// With `dir`, Redis keeps its snapshot (dump.rdb) there and loads it at start.
-    fn start_in(port: u16, dir: Option<&std::path::Path>) -> Self {
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]);
-        if let Some(d) = dir {
-            cmd.arg("--dir").arg(d);
-        }
-        let child = cmd.stdout(Stdio::null()).spawn().expect("redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child }
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.signal("CONT");
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn health(base: &str) -> Value {
