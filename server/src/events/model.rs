@@ -6,11 +6,7 @@ use serde_json::{Map, Value};
 use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
 
-/// NOTIFY channel carrying the highest new event id (see `sales.notify_events`).
-pub const EVENTS_CHANNEL: &str = "sales_events";
-/// NOTIFY channel for messages that are delivered live and never stored:
-/// payload `{"userId": 5, "event": "export-progress", "data": {...}}`.
-pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
+pub use super::vocab::{Kind, Variant};
 
 /// A place in delivery order. `sales.events_since` returns events in
 /// `(xid, id)` order, so that is the order the relay delivers them in and the
@@ -23,54 +19,6 @@ pub struct Pos {
 
 impl Pos {
     pub const START: Pos = Pos { xid: 0, id: 0 };
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    SalesCreated,
-    SalesUpdated,
-    SalesDeleted,
-    BatchCompleted,
-    StoreCreated,
-    StoreUpdated,
-    StoreStatusChanged,
-    StoreDeleted,
-    Announcement,
-    UserNotification,
-    /// A kind this server does not know; relayed to nobody.
-    Other,
-}
-
-impl Kind {
-    pub fn parse(s: &str) -> Kind {
-        match s {
-            "sales-data-created" => Kind::SalesCreated,
-            "sales-data-updated" => Kind::SalesUpdated,
-            "sales-data-deleted" => Kind::SalesDeleted,
-            "batch-completed" => Kind::BatchCompleted,
-            "store-created" => Kind::StoreCreated,
-            "store-updated" => Kind::StoreUpdated,
-            "store-status-changed" => Kind::StoreStatusChanged,
-            "store-deleted" => Kind::StoreDeleted,
-            "system-announcement" => Kind::Announcement,
-            "user-notification" => Kind::UserNotification,
-            _ => Kind::Other,
-        }
-    }
-
-    pub fn is_sales(self) -> bool {
-        matches!(
-            self,
-            Kind::SalesCreated | Kind::SalesUpdated | Kind::SalesDeleted
-        )
-    }
-
-    pub fn is_store(self) -> bool {
-        matches!(
-            self,
-            Kind::StoreCreated | Kind::StoreUpdated | Kind::StoreStatusChanged | Kind::StoreDeleted
-        )
-    }
 }
 
 /// One row of `sales.events`.
@@ -102,11 +50,6 @@ impl Event {
         }
     }
 
-    /// For a sales row that moved to another store, the store it left.
-    pub fn previous_store_id(&self) -> Option<i64> {
-        self.payload.get("previousStoreId").and_then(Value::as_i64)
-    }
-
     fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
         let kind_name: String = row.try_get("kind")?;
         Ok(Event {
@@ -135,6 +78,25 @@ impl Event {
         let rows = sqlx::query(&sql)
             .bind(after_id)
             .bind(max_rows)
+            .fetch_all(exec)
+            .await?;
+        rows.iter().map(Event::from_row).collect()
+    }
+
+    /// Like [`Event::since`], but when nothing is deliverable Postgres waits
+    /// up to `wait_ms` for an event-writing transaction to end (a long poll;
+    /// `sales.events_next`). May return nothing: call again.
+    pub async fn next<'e>(
+        exec: impl PgExecutor<'e>,
+        after_id: i64,
+        max_rows: i32,
+        wait_ms: i32,
+    ) -> Result<Vec<Event>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM sales.events_next($1, $2, $3)");
+        let rows = sqlx::query(&sql)
+            .bind(after_id)
+            .bind(max_rows)
+            .bind(wait_ms)
             .fetch_all(exec)
             .await?;
         rows.iter().map(Event::from_row).collect()
@@ -190,29 +152,83 @@ impl Event {
     /// The frame clients receive:
     /// `{"id":N,"event":"sales-data-updated","data":{...,"storeId":..,"version":..},"ts":"..."}`.
     pub fn to_frame(&self) -> String {
-        let mut data = match &self.payload {
-            Value::Object(m) => m.clone(),
-            Value::Null => Map::new(),
-            other => {
+        self.frame(Variant::Full)
+    }
+
+    /// The frame for one form of delivery (see [`Variant`]).
+    pub fn frame(&self, variant: Variant) -> String {
+        let (name, data) = match (variant, self.moved_from()) {
+            (Variant::MovedAway, Some(old)) => {
                 let mut m = Map::new();
-                m.insert("value".into(), other.clone());
-                m
+                m.insert("id".into(), self.row_id.into());
+                m.insert("storeId".into(), old.store_id.into());
+                m.insert("year".into(), old.year.into());
+                m.insert("month".into(), old.month.into());
+                m.insert("version".into(), self.row_version.into());
+                m.insert("moved".into(), true.into());
+                ("sales-data-deleted", m)
+            }
+            _ => {
+                let mut data = match &self.payload {
+                    Value::Object(m) => m.clone(),
+                    Value::Null => Map::new(),
+                    other => {
+                        let mut m = Map::new();
+                        m.insert("value".into(), other.clone());
+                        m
+                    }
+                };
+                if let Some(s) = self.store_id {
+                    data.entry("storeId").or_insert(Value::from(s));
+                }
+                if let Some(v) = self.row_version {
+                    data.entry("version").or_insert(Value::from(v));
+                }
+                (self.kind_name.as_str(), data)
             }
         };
-        if let Some(s) = self.store_id {
-            data.entry("storeId").or_insert(Value::from(s));
-        }
-        if let Some(v) = self.row_version {
-            data.entry("version").or_insert(Value::from(v));
-        }
-        let frame = serde_json::json!({
+        serde_json::json!({
             "id": self.id,
-            "event": self.kind_name,
+            "event": name,
             "data": Value::Object(data),
             "ts": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        });
-        frame.to_string()
+        })
+        .to_string()
     }
+}
+
+/// The cache tags of the events the current transaction has written.
+/// Write handlers call it before COMMIT and invalidate right after, so the
+/// writer reads its own writes at once (other instances learn through the
+/// relay).
+pub async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
+        "SELECT DISTINCT kind, store_id, row_id,
+                jsonb_build_object('year', payload->'year', 'month', payload->'month',
+                                   'previousStoreId', payload->'previousStoreId',
+                                   'previousYear', payload->'previousYear',
+                                   'previousMonth', payload->'previousMonth')
+         FROM sales.events WHERE xid = pg_current_xact_id()",
+    )
+    .fetch_all(conn)
+    .await?;
+    let events: Vec<Event> = rows
+        .into_iter()
+        .map(|(kind_name, store_id, row_id, payload)| Event {
+            id: 0,
+            xid: 0,
+            kind: Kind::parse(&kind_name),
+            kind_name,
+            store_id,
+            user_id: None,
+            actor_id: None,
+            row_id,
+            row_version: None,
+            payload,
+            created_at: DateTime::<Utc>::MIN_UTC,
+        })
+        .collect();
+    Ok(super::vocab::cache_tags(&events))
 }
 
 /// Whether a database error is "that event is no longer retained" (PS410).
