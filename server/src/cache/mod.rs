@@ -57,7 +57,7 @@ pub async fn tx_event_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>,
         "SELECT DISTINCT kind, store_id, row_id,
                 jsonb_build_object('year', payload->'year', 'month', payload->'month',
                                    'previousStoreId', payload->'previousStoreId')
-         FROM sales.events WHERE xid = pg_current_xact_id()",
+         FROM sales.transaction_events()",
     )
     .fetch_all(conn)
     .await?;
