@@ -69,13 +69,16 @@ postgres_up() {
     fi
     local conf=/etc/postgresql/${PG_MAJOR}/main/conf.d/pg_sales.conf
     local want="# managed by pg_sales scripts/setup.sh
-shared_preload_libraries = 'pg_stat_statements'
+shared_preload_libraries = 'pg_stat_statements,pg_sales'
 pg_stat_statements.track = all
 max_connections = 300
 wal_level = replica
 max_wal_senders = 10
 listen_addresses = '127.0.0.1'"
     local restart=no
+    # pg_sales is preloaded (its event delivery order lives in shared
+    # memory), so a newly installed build only takes effect after a restart.
+    [ "${EXTENSION_CHANGED:-no}" = yes ] && restart=yes
     if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
         mkdir -p "$(dirname "$conf")"
         printf '%s\n' "$want" > "$conf"
@@ -85,7 +88,7 @@ listen_addresses = '127.0.0.1'"
         log "starting Postgres ${PG_MAJOR}/main"
         pg_ctlcluster ${PG_MAJOR} main start
     elif [ $restart = yes ]; then
-        log "restarting Postgres ${PG_MAJOR}/main for new settings"
+        log "restarting Postgres ${PG_MAJOR}/main for new settings or a new pg_sales build"
         pg_ctlcluster ${PG_MAJOR} main restart
     fi
     for _ in $(seq 1 50); do
@@ -123,6 +126,7 @@ extension() {
     log "building and installing the pg_sales extension (release)"
     (cd "$ROOT/extension" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
     echo "$hash" > "$STAMP_DIR/extension"
+    EXTENSION_CHANGED=yes
 }
 
 database() {
@@ -164,6 +168,7 @@ case "${1:-all}" in
     services) postgres_up; redis_up ;;
     extension) extension ;;
     database) database ;;
-    all) deps; postgres_up; redis_up; extension; database ;;
+    # The extension is installed before Postgres starts: the cluster preloads it.
+    all) deps; extension; postgres_up; redis_up; database ;;
     *) echo "usage: $0 [deps|services|extension|database|all]" >&2; exit 2 ;;
 esac

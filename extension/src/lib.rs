@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod delivery;
 mod error;
 mod events;
 mod jsonb;
@@ -14,6 +15,13 @@ mod upsert;
 mod validate;
 
 pgrx::pg_module_magic!(name, version);
+
+/// Loaded once per process; with `shared_preload_libraries = 'pg_sales'`
+/// (required) this sets up the event log's delivery order in shared memory.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    delivery::init();
+}
 
 extension_sql_file!("../sql/schema.sql", name = "schema", finalize);
 extension_sql_file!(

@@ -313,7 +313,8 @@ impl PgReplica {
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{d}'\n\
              hba_file = '/etc/postgresql/15/main/pg_hba.conf'\nident_file = '/etc/postgresql/15/main/pg_ident.conf'\n\
-             hot_standby = on\nmax_connections = 300\nmax_wal_senders = 10\nshared_buffers = 64MB\n"
+             hot_standby = on\nmax_connections = 300\nmax_wal_senders = 10\nshared_buffers = 64MB\n\
+             shared_preload_libraries = 'pg_stat_statements,pg_sales'\n"
         );
         std::fs::write(dir.join("postgresql.conf"), conf).unwrap();
         sh(&format!("chown postgres:postgres {d}/postgresql.conf"));

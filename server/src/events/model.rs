@@ -8,25 +8,24 @@ use sqlx::{PgExecutor, Row};
 
 pub use super::vocab::{Kind, Variant};
 
-/// A place in delivery order. `sales.events_since` returns events in
-/// `(xid, id)` order, so that is the order the relay delivers them in and the
-/// order in which positions compare.
+/// A place in delivery order: `seq` (a cluster-wide clock the extension
+/// stamps on each event row) orders events; `id` names the event to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Pos {
-    pub xid: i64,
+    pub seq: i64,
     pub id: i64,
 }
 
 impl Pos {
-    pub const START: Pos = Pos { xid: 0, id: 0 };
+    pub const START: Pos = Pos { seq: 0, id: 0 };
 }
 
 /// One row of `sales.events`.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub id: i64,
-    /// The writer's transaction id (`xid8`, as a number).
-    pub xid: i64,
+    /// Delivery order.
+    pub seq: i64,
     pub kind_name: String,
     pub kind: Kind,
     pub store_id: Option<i64>,
@@ -40,12 +39,13 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, (xid::text)::bigint AS xid, kind, store_id, user_id, actor_id, row_id, row_version, payload, created_at";
+const COLUMNS: &str =
+    "id, seq, kind, store_id, user_id, actor_id, row_id, row_version, payload, created_at";
 
 impl Event {
     pub fn pos(&self) -> Pos {
         Pos {
-            xid: self.xid,
+            seq: self.seq,
             id: self.id,
         }
     }
@@ -54,7 +54,7 @@ impl Event {
         let kind_name: String = row.try_get("kind")?;
         Ok(Event {
             id: row.try_get("id")?,
-            xid: row.try_get("xid")?,
+            seq: row.try_get("seq")?,
             kind: Kind::parse(&kind_name),
             kind_name,
             store_id: row.try_get("store_id")?,
@@ -83,41 +83,21 @@ impl Event {
         rows.iter().map(Event::from_row).collect()
     }
 
-    /// Like [`Event::since`], but when nothing is deliverable Postgres waits
-    /// up to `wait_ms` for an event-writing transaction to end (a long poll;
-    /// `sales.events_next`). May return nothing: call again.
-    pub async fn next<'e>(
-        exec: impl PgExecutor<'e>,
-        after_id: i64,
-        max_rows: i32,
-        wait_ms: i32,
-    ) -> Result<Vec<Event>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM sales.events_next($1, $2, $3)");
-        let rows = sqlx::query(&sql)
-            .bind(after_id)
-            .bind(max_rows)
-            .bind(wait_ms)
-            .fetch_all(exec)
-            .await?;
-        rows.iter().map(Event::from_row).collect()
-    }
-
-    /// Events after a known position, in delivery order: what `events_since`
-    /// returns, for a reader whose last event has since been pruned.
-    pub async fn after_position<'e>(
+    /// Events after a delivery position (whether or not its event is still
+    /// retained), in delivery order; when nothing is deliverable Postgres
+    /// waits up to `wait_ms` for an event-writing transaction to end (a long
+    /// poll, `sales.events_after_seq`). May return nothing: call again.
+    pub async fn after_seq<'e>(
         exec: impl PgExecutor<'e>,
         pos: Pos,
         max_rows: i32,
+        wait_ms: i32,
     ) -> Result<Vec<Event>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM sales.events
-             WHERE (xid, id) > (($1::text)::xid8, $2) AND xid < sales.events_horizon()
-             ORDER BY xid, id LIMIT $3"
-        );
+        let sql = format!("SELECT {COLUMNS} FROM sales.events_after_seq($1, $2, $3)");
         let rows = sqlx::query(&sql)
-            .bind(pos.xid.to_string())
-            .bind(pos.id)
-            .bind(max_rows as i64)
+            .bind(pos.seq)
+            .bind(max_rows)
+            .bind(wait_ms)
             .fetch_all(exec)
             .await?;
         rows.iter().map(Event::from_row).collect()
@@ -131,22 +111,21 @@ impl Event {
         if id == 0 {
             return Ok(Some(Pos::START));
         }
-        let xid: Option<i64> =
-            sqlx::query_scalar("SELECT (xid::text)::bigint FROM sales.events WHERE id = $1")
-                .bind(id)
-                .fetch_optional(exec)
-                .await?;
-        Ok(xid.map(|xid| Pos { xid, id }))
+        let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(exec)
+            .await?;
+        Ok(seq.map(|seq| Pos { seq, id }))
     }
 
     /// Where a new reader starts: the last event `events_since` would return.
     pub async fn head<'e>(exec: impl PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
         let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT e.id, (e.xid::text)::bigint FROM sales.events e WHERE e.id = sales.events_head()",
+            "SELECT e.id, e.seq FROM sales.events e WHERE e.id = sales.events_head()",
         )
         .fetch_optional(exec)
         .await?;
-        Ok(row.map(|(id, xid)| Pos { xid, id }).unwrap_or(Pos::START))
+        Ok(row.map(|(id, seq)| Pos { seq, id }).unwrap_or(Pos::START))
     }
 
     /// The frame clients receive:
@@ -208,7 +187,7 @@ pub async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>,
                                    'previousStoreId', payload->'previousStoreId',
                                    'previousYear', payload->'previousYear',
                                    'previousMonth', payload->'previousMonth')
-         FROM sales.events WHERE xid = pg_current_xact_id()",
+         FROM sales.transaction_events()",
     )
     .fetch_all(conn)
     .await?;
@@ -216,7 +195,7 @@ pub async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>,
         .into_iter()
         .map(|(kind_name, store_id, row_id, payload)| Event {
             id: 0,
-            xid: 0,
+            seq: 0,
             kind: Kind::parse(&kind_name),
             kind_name,
             store_id,
@@ -291,7 +270,7 @@ mod tests {
     fn ev(kind: &str, payload: Value) -> Event {
         Event {
             id: 7,
-            xid: 100,
+            seq: 100,
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: Some(3),
@@ -323,10 +302,9 @@ mod tests {
     }
 
     #[test]
-    fn positions_order_by_xid_then_id() {
-        assert!(Pos { xid: 5, id: 100 } < Pos { xid: 6, id: 1 });
-        assert!(Pos { xid: 5, id: 1 } < Pos { xid: 5, id: 2 });
-        assert!(Pos::START < Pos { xid: 1, id: 1 });
+    fn positions_order_by_seq() {
+        assert!(Pos { seq: 5, id: 100 } < Pos { seq: 6, id: 1 });
+        assert!(Pos::START < Pos { seq: 1, id: 1 });
     }
 
     #[test]

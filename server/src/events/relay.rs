@@ -4,12 +4,15 @@
 //! Two dedicated connections per server instance, never from the pool, each
 //! reconnecting with backoff:
 //!
-//! - the reader long-polls `sales.events_next(last, page, wait)`: Postgres
-//!   answers as soon as an event-writing transaction of this database ends,
-//!   with the events that are final (no running transaction can still add
-//!   one before them), or with nothing after `wait` (then it simply asks
-//!   again). No NOTIFY is needed, so a coalesced or lost NOTIFY cannot delay
-//!   or lose anything, and a (re)connect catches up from the table.
+//! - the reader long-polls `sales.events_after_seq(last seq, page, wait)`
+//!   (what `sales.events_next` does after looking up an event id's seq; the
+//!   relay knows the seq of its last event, so it skips that lookup and a
+//!   pruned last event is no special case): Postgres answers as soon as an
+//!   event-writing transaction of this database ends, with the events that
+//!   are final (no running transaction can still add one before them), or
+//!   with nothing after `wait` (then it simply asks again). No NOTIFY is
+//!   needed, so a coalesced or lost NOTIFY cannot delay or lose anything,
+//!   and a (re)connect catches up from the table.
 //! - the listener LISTENs on `sales_ephemeral` only: NOTIFY-only messages
 //!   (export progress) that are never stored.
 //!
@@ -17,7 +20,7 @@
 //! dispatching it: cache invalidation is marked in process and applied in
 //! the background ([`crate::cache::Invalidator`]), dispatch only queues.
 
-use super::model::{is_pruned, Ephemeral, Event, Pos};
+use super::model::{Ephemeral, Event, Pos};
 use super::vocab::{self, EPHEMERAL_CHANNEL};
 use crate::cache::Invalidator;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -137,27 +140,19 @@ async fn read_session(
         Ok(Err(e)) => return e.to_string(),
         Err(_) => return "timed out connecting".into(),
     };
-    let long_poll = match has_long_poll(&mut conn).await {
-        Ok(b) => b,
-        Err(e) => return e.to_string(),
-    };
     if !std::mem::take(first) {
         deps.sink.reconnected();
     }
     deps.sink.connected(true);
-    tracing::info!(last_event_id = last.id, long_poll, "event relay reading");
+    tracing::info!(last_event_id = last.id, "event relay reading");
     loop {
         let want_lsn = deps.lsn_floor.is_some();
-        let page = match next_page(&mut conn, *last, long_poll, want_lsn).await {
+        let page = match next_page(&mut conn, *last, want_lsn).await {
             Ok(p) => p,
             Err(e) => return e.to_string(),
         };
         *backoff = BACKOFF_MIN;
         if page.events.is_empty() {
-            if !long_poll {
-                // An extension without events_next: poll.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
             continue;
         }
         deliver(deps, &page).await;
@@ -189,31 +184,12 @@ async fn deliver(deps: &Deps, page: &Page) {
     }
 }
 
-async fn has_long_poll(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT to_regprocedure('sales.events_next(bigint,integer,integer)') IS NOT NULL",
-    )
-    .fetch_one(conn)
-    .await
-}
-
 async fn next_page(
     conn: &mut PgConnection,
     last: Pos,
-    long_poll: bool,
     want_lsn: bool,
 ) -> Result<Page, sqlx::Error> {
-    let r = if long_poll {
-        Event::next(&mut *conn, last.id, PAGE, LONG_POLL_MS).await
-    } else {
-        Event::since(&mut *conn, last.id, PAGE).await
-    };
-    let events = match r {
-        // Our last event was pruned (a quiet log older than the retention):
-        // carry on from its position, which we know.
-        Err(e) if is_pruned(&e) => Event::after_position(&mut *conn, last, PAGE).await?,
-        r => r?,
-    };
+    let events = Event::after_seq(&mut *conn, last, PAGE, LONG_POLL_MS).await?;
     let lsn = if events.is_empty() || !want_lsn {
         None
     } else {

@@ -274,7 +274,7 @@ mod tests {
     fn ev(kind: &str, store: Option<i64>, payload: Value) -> Event {
         Event {
             id: 7,
-            xid: 100,
+            seq: 100,
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: store,

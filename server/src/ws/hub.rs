@@ -916,7 +916,7 @@ mod tests {
         };
         Event {
             id,
-            xid: 1000 + id,
+            seq: 1000 + id,
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: store,
@@ -994,7 +994,7 @@ mod tests {
     #[test]
     fn resume_skips_what_was_live_and_holds_back_new_events() {
         let h = hub(16);
-        h.set_position(Pos { xid: 1000, id: 0 });
+        h.set_position(Pos { seq: 1000, id: 0 });
         let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
         h.dispatch(&event(1, "sales-data-created", Some(1), None)); // before the subscription
         h.subscribe(&c, Channel::Sales(1)).unwrap();
@@ -1023,7 +1023,7 @@ mod tests {
             &c,
             &snap,
             snap.upto,
-            Some(Pos { xid: 1000, id: 0 }),
+            Some(Pos { seq: 1000, id: 0 }),
             protocol::resumed(0, 1, 2),
         );
         assert_eq!(ids(&h, &c), vec![2, 3]);
