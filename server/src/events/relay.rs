@@ -34,7 +34,10 @@ const PAGE: i32 = 1000;
 /// How long one `events_next` call waits for something to deliver.
 const LONG_POLL_MS: i32 = 5000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Low on purpose: one connection attempt a second per instance costs Postgres
+/// nothing, and a longer pause (it doubles while Postgres is away) would
+/// hold back every event for that long after Postgres is back.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Where relayed events go (the WebSocket hub implements it).
 pub trait Sink: Send + Sync + 'static {
