@@ -84,23 +84,35 @@ impl Event {
     }
 
     /// Events after a delivery position (whether or not its event is still
-    /// retained), in delivery order; when nothing is deliverable Postgres
-    /// waits up to `wait_ms` for an event-writing transaction to end (a long
-    /// poll, `sales.events_after_seq`). May return nothing: call again.
+    /// retained), in delivery order, with the primary's WAL position as they
+    /// were read; when nothing is deliverable Postgres waits up to `wait_ms`
+    /// for an event-writing transaction to end (a long poll,
+    /// `sales.events_after_seq`). May return nothing: call again.
     pub async fn after_seq<'e>(
         exec: impl PgExecutor<'e>,
         pos: Pos,
         max_rows: i32,
         wait_ms: i32,
-    ) -> Result<Vec<Event>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM sales.events_after_seq($1, $2, $3)");
+    ) -> Result<(Vec<Event>, Option<u64>), sqlx::Error> {
+        // The primary's WAL position comes with the rows (evaluated after the
+        // function has returned them), for the replica read floor: no
+        // second round trip before dispatch.
+        let sql = format!(
+            "SELECT {COLUMNS}, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn
+             FROM sales.events_after_seq($1, $2, $3)"
+        );
         let rows = sqlx::query(&sql)
             .bind(pos.seq)
             .bind(max_rows)
             .bind(wait_ms)
             .fetch_all(exec)
             .await?;
-        rows.iter().map(Event::from_row).collect()
+        let lsn = match rows.last() {
+            Some(r) => Some(r.try_get::<i64, _>("lsn")? as u64),
+            None => None,
+        };
+        let events = rows.iter().map(Event::from_row).collect::<Result<_, _>>()?;
+        Ok((events, lsn))
     }
 
     /// The delivery position of a retained event, `None` when it is not in the table.

@@ -149,8 +149,7 @@ async fn read_session(
     deps.sink.connected(true);
     tracing::info!(last_event_id = last.id, "event relay reading");
     loop {
-        let want_lsn = deps.lsn_floor.is_some();
-        let page = match next_page(&mut conn, *last, want_lsn).await {
+        let page = match next_page(&mut conn, *last).await {
             Ok(p) => p,
             Err(e) => return e.to_string(),
         };
@@ -187,21 +186,8 @@ async fn deliver(deps: &Deps, page: &Page) {
     }
 }
 
-async fn next_page(
-    conn: &mut PgConnection,
-    last: Pos,
-    want_lsn: bool,
-) -> Result<Page, sqlx::Error> {
-    let events = Event::after_seq(&mut *conn, last, PAGE, LONG_POLL_MS).await?;
-    let lsn = if events.is_empty() || !want_lsn {
-        None
-    } else {
-        sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
-            .fetch_one(&mut *conn)
-            .await
-            .ok()
-            .and_then(|s| crate::state::parse_lsn(&s))
-    };
+async fn next_page(conn: &mut PgConnection, last: Pos) -> Result<Page, sqlx::Error> {
+    let (events, lsn) = Event::after_seq(&mut *conn, last, PAGE, LONG_POLL_MS).await?;
     Ok(Page { events, lsn })
 }
 

@@ -616,14 +616,6 @@ async fn ws_client(
         ws.open.fetch_add(1, Relaxed);
         let (mut tx, mut rx) = socket.split();
         let mut alive = true;
-        for ch in &channels {
-            alive &= tx
-                .send(Message::text(
-                    json!({"type": "subscribe", "event": ch}).to_string(),
-                ))
-                .await
-                .is_ok();
-        }
         while alive {
             let msg = tokio::select! {
                 _ = stop.changed() => {
@@ -648,8 +640,10 @@ async fn ws_client(
                             let at = v["lastEventId"].as_i64().unwrap_or(0);
                             let from = *last.get_or_insert(at);
                             me.lock().unwrap().baseline.get_or_insert(at);
-                            // Subscriptions went first, so the replay covers them.
-                            let resume = json!({"type": "resume", "lastEventId": from});
+                            // Subscribing inside the resume keeps events in delivery
+                            // order, so the last id received is a safe resume point.
+                            let resume =
+                                json!({"type": "resume", "lastEventId": from, "events": channels});
                             alive = tx.send(Message::text(resume.to_string())).await.is_ok();
                         }
                         Some("error") => stats.error(format!("websocket error reply: {v}")),
