@@ -68,6 +68,16 @@ async fn overlapping_transactions_on_the_same_rows_never_send_a_version_backward
         seed.push(record(if w % 2 == 0 { s1 } else { s2 }, 2025, 1 + w, 1, 1));
     }
     upsert(&db, seed).await;
+    // Start counting once the relay has passed the seed's events (a server
+    // started right after a commit may still relay it).
+    let seeded: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(WAIT, "the relay past the seed", || async {
+        (server.state.hub.position().id >= seeded).then_some(())
+    })
+    .await;
 
     let mut clients = vec![];
     for (name, role, stores) in [
