@@ -445,6 +445,24 @@ LANGUAGE sql VOLATILE AS $$
     ORDER BY h.first_seq
 $$;
 
+-- Delivery at a glance (monitoring): the last deliverable event, the
+-- horizon, committed events that are held back and the oldest transaction
+-- holding them.
+CREATE VIEW sales.event_delivery AS
+    SELECT d.head_id,
+           d.horizon,
+           (SELECT max(e.id) FROM sales.events e) AS newest_id,
+           (SELECT count(*) FROM sales.events e WHERE e.seq >= d.horizon) AS held_back,
+           (SELECT e.id FROM sales.events e WHERE e.seq >= d.horizon ORDER BY e.seq LIMIT 1) AS oldest_held_id,
+           h.pid AS holder_pid,
+           h.since AS holder_since,
+           h.held_for AS holder_held_for,
+           h.query_start AS holder_query_start,
+           h.state AS holder_state,
+           h.query AS holder_query
+    FROM (SELECT sales.events_horizon() AS horizon, sales.events_head() AS head_id) d
+    LEFT JOIN LATERAL (SELECT * FROM sales.event_holders() LIMIT 1) h ON true;
+
 -- Deletes events older than `retention`; returns how many went.
 --
 -- It deletes a prefix of the delivery order (seq), never a hole: the cut is
