@@ -77,7 +77,6 @@ END $$;
 -- nothing.
 CREATE TABLE sales.events (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    seq          bigint NOT NULL DEFAULT sales.event_seq(),
     kind         text NOT NULL,
     store_id     bigint,
     user_id      bigint,
@@ -86,7 +85,8 @@ CREATE TABLE sales.events (
     row_version  bigint,
     payload      jsonb NOT NULL DEFAULT '{}'::jsonb,
     xid          xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    created_at   timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    seq          bigint NOT NULL DEFAULT sales.event_seq()
 );
 CREATE UNIQUE INDEX events_seq_idx ON sales.events (seq);
 -- BRIN: events are appended in time order, and prune_events only needs
