@@ -77,8 +77,7 @@ pub const EXPORT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// Retry-After when EXPORT_MAX_CONCURRENT exports are running.
 pub const BUSY_RETRY_AFTER: u64 = 5;
-/// The NOTIFY channel of ephemeral (not stored) WebSocket messages.
-pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
+use crate::events::EPHEMERAL_CHANNEL;
 
 pub struct ExportApi {
     pub state: Arc<AppState>,
@@ -1241,6 +1240,7 @@ mod tests {
             email: None,
             role: Role::Admin,
             stores: Default::default(),
+            exp: None,
         }
     }
 
@@ -1296,6 +1296,7 @@ mod tests {
             email: None,
             role: Role::Manager,
             stores: [3, 1].into_iter().collect(),
+            exp: None,
         };
         assert!(where_sql(&SalesFilter::default(), &manager)
             .contains("m.store_id = ANY(ARRAY[1,3]::bigint[])"));

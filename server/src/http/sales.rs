@@ -668,7 +668,7 @@ impl SalesApi {
                 tx.rollback().await?;
                 return Ok((summary, Vec::new()));
             }
-            let tags = crate::cache::tx_event_tags(&mut tx).await?;
+            let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
             tx.commit().await?;
             Ok((summary, tags))
         })
@@ -755,7 +755,7 @@ impl SalesApi {
                 Some(summary),
             ));
         }
-        let tags = crate::cache::tx_event_tags(&mut tx).await?;
+        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
         tx.commit().await?;
         self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
