@@ -137,6 +137,18 @@ impl ApiError {
         )
     }
 
+    /// Too many failed logins for one account.
+    pub fn too_many_logins(retry_after: u64) -> Self {
+        ApiError::TooManyRequests(
+            ErrorBody::new(
+                "login_throttled",
+                format!("too many failed logins for this account; retry after {retry_after} s"),
+                Some(serde_json::json!({"retryAfter": retry_after})),
+            ),
+            retry_after,
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::Unavailable(ErrorBody::new("unavailable", message, None))
     }

@@ -14,7 +14,9 @@ pub mod filters;
 pub mod health;
 pub mod login;
 pub mod middleware;
+pub mod outside;
 pub mod raw;
+pub mod routes;
 pub mod sales;
 pub mod security;
 pub mod stores;
@@ -48,14 +50,12 @@ pub type Apis = (
     admin::AdminApi,
 );
 
-pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
-    let apis = (
+fn apis(state: Arc<AppState>) -> Apis {
+    (
         health::HealthApi {
             state: state.clone(),
         },
-        login::LoginApi {
-            state: state.clone(),
-        },
+        login::LoginApi::new(state.clone()),
         sales::SalesApi {
             state: state.clone(),
         },
@@ -64,12 +64,27 @@ pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
             state: state.clone(),
         },
         admin::AdminApi { state },
-    );
-    OpenApiService::new(apis, "pg_sales API", crate::VERSION).description(
-        "Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension. \
-         Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
-         Requests are rate limited per token and per IP (429 with Retry-After); bodies are limited to BODY_LIMIT bytes (413).",
     )
+}
+
+const DESCRIPTION: &str = "Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension. \
+     Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
+     Requests are rate limited per IP, and per token once it verifies (429 with Retry-After); \
+     bodies are limited to BODY_LIMIT bytes (413), query parameters an operation does not declare are 400.";
+
+/// The routed OpenAPI service.
+pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
+    OpenApiService::new(apis(state), "pg_sales API", crate::VERSION).description(DESCRIPTION)
+}
+
+/// The document: the routed operations plus the routes served beside them.
+pub fn documented_service(state: Arc<AppState>) -> OpenApiService<(Apis, outside::OutsideApi), ()> {
+    OpenApiService::new(
+        (apis(state), outside::OutsideApi),
+        "pg_sales API",
+        crate::VERSION,
+    )
+    .description(DESCRIPTION)
 }
 
 /// Prometheus text format.
@@ -82,16 +97,16 @@ async fn metrics_endpoint(state: poem::web::Data<&Arc<AppState>>) -> poem::Respo
 
 /// The OpenAPI document, as served at `/openapi.json`.
 pub fn openapi_json(state: Arc<AppState>) -> String {
-    api_service(state).spec()
+    documented_service(state).spec()
 }
 
 pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let api = api_service(state.clone());
-    let spec = api.spec_endpoint();
-    let docs = api.swagger_ui();
-    let limits = Arc::new(middleware::RateLimits::new(
-        state.config.rate_limit_per_minute,
-    ));
+    let documented = documented_service(state.clone());
+    let spec = documented.spec_endpoint();
+    let docs = documented.swagger_ui();
+    let routes_table = Arc::new(routes::Routes::from_spec(&documented.spec()));
+    let limits = Arc::new(middleware::RateLimits::from_config(&state.config));
     let hsts = state.config.hsts;
     let mut cors = Cors::new()
         .allow_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
@@ -128,7 +143,12 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
         .around(dashboard::with_index);
     let routes = routes
         .around(move |ep, req| middleware::with_representation(ep, req, s1.clone()))
-        .around(move |ep, req| middleware::with_limits(ep, req, s2.clone(), limits.clone()));
+        .around({
+            let (limits, table) = (limits.clone(), routes_table.clone());
+            move |ep, req| {
+                middleware::with_limits(ep, req, s2.clone(), limits.clone(), table.clone())
+            }
+        });
     let routes = if state.config.cors_origins.is_empty() {
         routes.boxed()
     } else {
@@ -136,7 +156,8 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     };
     routes
         .around(move |ep, req| middleware::with_security_headers(ep, req, hsts))
-        .around(middleware::with_request_id)
+        .around(move |ep, req| middleware::with_request_id(ep, req, routes_table.clone()))
         .data(state)
+        .data(limits)
         .boxed()
 }
