@@ -179,6 +179,20 @@ impl ApiError {
     }
 }
 
+/// Per-item errors listed in one report at most.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
+/// Caps `errors` of a batch report; `errorsOmitted` says how many more there were.
+pub fn cap_report(report: &mut Value) {
+    if let Some(errors) = report.get_mut("errors").and_then(Value::as_array_mut) {
+        if errors.len() > MAX_REPORTED_ERRORS {
+            let omitted = errors.len() - MAX_REPORTED_ERRORS;
+            errors.truncate(MAX_REPORTED_ERRORS);
+            report["errorsOmitted"] = Value::from(omitted);
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         let Some(db) = e.as_database_error() else {
@@ -197,7 +211,10 @@ impl From<sqlx::Error> for ApiError {
         match code.as_str() {
             // Batch rejected by the extension: the report is JSON in DETAIL.
             "PS422" => {
-                let report = detail.and_then(|d| serde_json::from_str::<Value>(&d).ok());
+                let mut report = detail.and_then(|d| serde_json::from_str::<Value>(&d).ok());
+                if let Some(r) = report.as_mut() {
+                    cap_report(r);
+                }
                 ApiError::unprocessable(db.message().to_string(), report)
             }
             "PS410" => ApiError::conflict(
