@@ -323,11 +323,18 @@ mod tests {
 
     #[test]
     fn one_spelling_rule() {
-        for bad in ["dailyData_", "_dailyData", "daily__data", "Daily_data", "dailydata"] {
+        for bad in [
+            "dailyData_",
+            "_dailyData",
+            "daily__data",
+            "Daily_data",
+            "dailydata",
+        ] {
             let e = parse_record(&json!({"storeId": 1, "year": 2024, "month": 1, bad: {}}))
                 .unwrap_err();
             assert!(
-                e.iter().any(|e| e.field == bad && e.reason.starts_with("unknown field")),
+                e.iter()
+                    .any(|e| e.field == bad && e.reason.starts_with("unknown field")),
                 "{bad}: {e:?}"
             );
             assert!(e.iter().any(|e| e.field == "dailyData"), "{bad}: {e:?}");

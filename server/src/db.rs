@@ -181,7 +181,9 @@ mod tests {
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 Err(TxFailure::BeforeCommit(sqlx::Error::PoolTimedOut))
             } else {
-                Err(TxFailure::AtCommit(sqlx::Error::Io(std::io::Error::other("reset"))))
+                Err(TxFailure::AtCommit(sqlx::Error::Io(std::io::Error::other(
+                    "reset",
+                ))))
             }
         })
         .await;

@@ -221,10 +221,12 @@ impl From<sqlx::Error> for ApiError {
                 db.message().to_string(),
                 Some(serde_json::json!({"resync": true})),
             ),
-            "22023" | "22P02" => ApiError::BadRequest(ErrorBody::new(
+            // Class 22 is bad data (a malformed or out-of-range value, NUL
+            // in text): the request's fault, never a 500.
+            c if c.starts_with("22") => ApiError::BadRequest(ErrorBody::new(
                 "bad_parameter",
                 db.message().to_string(),
-                None,
+                Some(serde_json::json!({"sqlstate": c})),
             )),
             "23505" => ApiError::conflict(
                 "already exists",

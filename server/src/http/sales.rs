@@ -329,6 +329,31 @@ pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> 
     Ok(vals)
 }
 
+/// Checks each cursor value against its key's SQL type, so a tampered
+/// cursor is a 400 naming `cursor`, not a failed cast in Postgres.
+pub fn check_cursor_values(keys: &[SortKey], vals: &[String]) -> ApiResult<()> {
+    for (k, v) in keys.iter().zip(vals) {
+        let ok = match k.ty {
+            "bigint" => v.parse::<i64>().is_ok(),
+            "integer" => v.parse::<i32>().is_ok(),
+            "numeric" => v.parse::<f64>().is_ok_and(f64::is_finite),
+            "timestamptz" => chrono::DateTime::parse_from_str(v, "%Y-%m-%d %H:%M:%S%.f%#z")
+                .is_ok_and(|t| (1..=9999).contains(&chrono::Datelike::year(&t))),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::bad_param(
+                "cursor",
+                format!(
+                    "not a cursor from this API ({} is not a valid {})",
+                    k.name, k.ty
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The document expression for one row, projected in Postgres.
 pub fn doc_sql(p: &Projection, qb: &mut QueryBuilder<'_, Postgres>) {
     let with_store = p
@@ -469,7 +494,11 @@ impl SalesApi {
                     "cannot be combined with cursor",
                 ));
             }
-            Some(c) => Some(decode_cursor(c, &spec, keys.len())?),
+            Some(c) => {
+                let vals = decode_cursor(c, &spec, keys.len())?;
+                check_cursor_values(&keys, &vals)?;
+                Some(vals)
+            }
             None => None,
         };
 
@@ -503,10 +532,18 @@ impl SalesApi {
             &after,
             include_meta,
         );
+        let with_cursor = after.is_some();
         let body = cached(&self.state, "sales.list", &params, &auth.0, tags, || {
             list_body(&self.state, query)
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The only value the caller controls that reaches a cast.
+            ApiError::BadRequest(_) if with_cursor => {
+                ApiError::bad_param("cursor", "not a cursor from this API")
+            }
+            e => e,
+        })?;
         Ok(ListResponse::Ok(RawJson::new(body)))
     }
     /// Totals by store, region or month over the filtered records.
@@ -553,31 +590,38 @@ impl SalesApi {
         };
         let tags = sales_tags(filter.store_ids.as_deref(), None, None, &auth.0, true);
         let params = (&filter, group);
-        let body = cached(&self.state, "sales.summary", &params, &auth.0, tags, || async {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-                "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
+        let body = cached(
+            &self.state,
+            "sales.summary",
+            &params,
+            &auth.0,
+            tags,
+            || async {
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                    "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
                SELECT jsonb_build_object('key', {key}, 'totalSales', sum(m.total_sales),
                       'totalCustomers', sum(m.total_customers), 'months', count(*),
                       'stores', count(DISTINCT m.store_id){extra}) AS r,
                       row_number() OVER (ORDER BY {order}) AS ord
                FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true"
-            ));
-            filter.push_where(&mut qb, &auth.0);
-            qb.push(format!(" GROUP BY {group_sql}) g"));
-            let data: String = crate::metrics::timed(
-                "sales_summary",
-                qb.build_query_scalar()
-                    .fetch_one(&mut *self.state.read_conn().await?),
-            )
-            .await?;
-            let meta = json!({
-                "groupBy": format!("{group:?}").to_lowercase(),
-                "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
-                "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
-                "tookMs": ms(started),
-            });
-            Ok(format!("{{\"data\":{data},\"meta\":{meta}}}"))
-        })
+                ));
+                filter.push_where(&mut qb, &auth.0);
+                qb.push(format!(" GROUP BY {group_sql}) g"));
+                let data: String = crate::metrics::timed(
+                    "sales_summary",
+                    qb.build_query_scalar()
+                        .fetch_one(&mut *self.state.read_conn().await?),
+                )
+                .await?;
+                let meta = json!({
+                    "groupBy": format!("{group:?}").to_lowercase(),
+                    "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
+                    "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
+                    "tookMs": ms(started),
+                });
+                Ok(format!("{{\"data\":{data},\"meta\":{meta}}}"))
+            },
+        )
         .await?;
         Ok(SummaryResponse::Ok(RawJson::new(body)))
     }
@@ -892,7 +936,8 @@ fn merge_report(
     }
     summary["errors"] = Value::Array(errors);
     summary["total"] = Value::from(total);
-    summary["failed"] = Value::from(summary["failed"].as_u64().unwrap_or(0) + rejected.len() as u64);
+    summary["failed"] =
+        Value::from(summary["failed"].as_u64().unwrap_or(0) + rejected.len() as u64);
     summary
 }
 
@@ -1000,6 +1045,32 @@ mod tests {
             sort_spec(&parse_sort(None).unwrap()),
             "storeId,year,month,id"
         );
+    }
+
+    #[test]
+    fn cursor_values_are_typed() {
+        let keys = parse_sort(Some("-updatedAt,totalSales")).unwrap();
+        let ok = [
+            "2024-01-05 10:11:12.123456+00".to_string(),
+            "12.5".into(),
+            "9".into(),
+        ];
+        assert!(check_cursor_values(&keys, &ok).is_ok());
+        for bad in [
+            ["2024-13-45 10:11:12+00".to_string(), "1".into(), "9".into()],
+            [
+                "2024-01-05 10:11:12+00".to_string(),
+                "1e999".into(),
+                "9".into(),
+            ],
+            [
+                "2024-01-05 10:11:12+00".to_string(),
+                "1".into(),
+                "99999999999999999999".into(),
+            ],
+        ] {
+            assert!(check_cursor_values(&keys, &bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
