@@ -656,14 +656,20 @@ impl ExportApi {
         #[oai(name = "storeId")]
         store_id: Query<Option<String>>,
         region: Query<Option<String>>,
-        year: Query<Option<i32>>,
-        month: Query<Option<i32>>,
+        #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
+            Option<i32>,
+        >,
+        #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         /// First month, `YYYY-MM`.
         from: Query<Option<String>>,
         /// Last month, `YYYY-MM` (inclusive).
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<f64>>,
-        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<f64>>,
+        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
+            Option<f64>,
+        >,
+        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
+            Option<f64>,
+        >,
         /// Paths to include (monthly JSON/NDJSON only), as in `GET /api/v2/sales`.
         fields: Query<Option<String>>,
         /// Paths to leave out (monthly JSON/NDJSON only).

@@ -296,6 +296,19 @@ pub async fn with_limits<E: Endpoint>(
             return Ok(super::error::ApiError::too_many(retry).into_response());
         }
     }
+    if let Some(allowed) = routes.allowed(req.uri().path()) {
+        let method = req.method().as_str();
+        if !allowed.contains(&method) && method != "OPTIONS" {
+            let mut resp = error_response(poem::Error::from_string(
+                format!("{method} is not allowed here; use {}", allowed.join(", ")),
+                StatusCode::METHOD_NOT_ALLOWED,
+            ));
+            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return Ok(resp);
+        }
+    }
     if let Err(e) = check_query(&req, &routes) {
         return Ok(e.into_response());
     }

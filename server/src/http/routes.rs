@@ -92,6 +92,25 @@ impl Routes {
         Match::None
     }
 
+    /// The methods a documented route answers (`Allow`), or None for a path
+    /// the document does not list.
+    pub fn allowed(&self, path: &str) -> Option<Vec<&str>> {
+        let segs: Vec<&str> = path.split('/').collect();
+        let r = self.routes.iter().find(|r| {
+            r.segments.len() == segs.len()
+                && r.segments.iter().zip(&segs).all(|(want, got)| match want {
+                    Some(w) => w == got,
+                    None => !got.is_empty(),
+                })
+        })?;
+        let mut m: Vec<&str> = r.methods.keys().map(String::as_str).collect();
+        if m.contains(&"GET") {
+            m.push("HEAD");
+        }
+        m.sort_unstable();
+        Some(m)
+    }
+
     /// A label from a bounded set: a template of the document, one of the
     /// routes served beside it, or [`UNMATCHED`].
     pub fn label<'a>(&'a self, path: &'a str) -> &'a str {

@@ -431,14 +431,20 @@ impl SalesApi {
         #[oai(name = "storeId")]
         store_id: Query<Option<String>>,
         region: Query<Option<String>>,
-        year: Query<Option<i32>>,
-        month: Query<Option<i32>>,
+        #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
+            Option<i32>,
+        >,
+        #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         /// First month of a range, `YYYY-MM`.
         from: Query<Option<String>>,
         /// Last month of a range, `YYYY-MM` (inclusive).
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<f64>>,
-        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<f64>>,
+        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
+            Option<f64>,
+        >,
+        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
+            Option<f64>,
+        >,
         /// Comma-separated paths to include.
         fields: Query<Option<String>>,
         /// Comma-separated paths to leave out (applied after `fields`).
@@ -447,10 +453,12 @@ impl SalesApi {
         /// totalCustomers, daysReported, updatedAt, createdAt, id. Default `storeId,year,month`.
         sort: Query<Option<String>>,
         /// Page size, default 50; above 200 it is lowered to 200 (`meta.limitClamped`).
+        #[oai(validator(minimum(value = "1")))]
         limit: Query<Option<i64>>,
         /// `meta.nextCursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Rows to skip (at most 10,000; use `cursor` beyond that). Not with `cursor`.
+        #[oai(validator(minimum(value = "0"), maximum(value = "10000")))]
         offset: Query<Option<i64>>,
         /// `false` drops `meta`.
         #[oai(name = "includeMetadata")]
@@ -556,8 +564,10 @@ impl SalesApi {
         group_by: Query<Option<GroupBy>>,
         #[oai(name = "storeId")] store_id: Query<Option<String>>,
         region: Query<Option<String>>,
-        year: Query<Option<i32>>,
-        month: Query<Option<i32>>,
+        #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
+            Option<i32>,
+        >,
+        #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         from: Query<Option<String>>,
         to: Query<Option<String>>,
     ) -> ApiResult<SummaryResponse> {
@@ -851,28 +861,83 @@ impl SalesApi {
                 Some(json!({"storeIds": denied})),
             )));
         }
+        // Keys are checked here with the extension's rules; only well-formed
+        // ones reach it (a malformed value, say a number beyond f64, would
+        // otherwise fail the whole statement).
+        let mut kept_keys: Vec<usize> = Vec::with_capacity(keys.len());
+        let mut sent_keys: Vec<Value> = Vec::with_capacity(keys.len());
+        let mut rejected: Vec<Value> = Vec::new();
+        for (j, k) in keys.iter().enumerate() {
+            match sales_core::record::check_month_key(k) {
+                Ok(mk) => {
+                    kept_keys.push(j);
+                    sent_keys
+                        .push(json!({"storeId": mk.store_id, "year": mk.year, "month": mk.month}));
+                }
+                Err(errs) => {
+                    for e in errs {
+                        let field = if e.field.is_empty() {
+                            format!("keys[{j}]")
+                        } else {
+                            format!("keys[{j}].{}", e.field)
+                        };
+                        rejected.push(
+                            json!({"index": ids.len() + j, "field": field, "reason": e.reason}),
+                        );
+                    }
+                }
+            }
+        }
         let atomic = body.atomic.unwrap_or(true);
         let mut tx = self.state.pool.begin().await?;
         set_actor(&mut *tx, auth.0.user_id).await?;
         let summary: Value = sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
-            .bind(if ids.is_empty() { None } else { Some(ids) })
+            .bind(if ids.is_empty() {
+                None
+            } else {
+                Some(ids.clone())
+            })
             .bind(if keys.is_empty() {
                 None
             } else {
-                Some(Value::Array(keys))
+                Some(Value::Array(sent_keys))
             })
             .bind(atomic)
             .bind(auth.0.scope())
             .fetch_one(&mut *tx)
             .await?;
         let mut summary = summary;
+        let n_ids = ids.len();
         if let Some(errors) = summary["errors"].as_array_mut() {
-            for e in errors {
+            for e in errors.iter_mut() {
                 let index = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
                 if hidden.contains(&index) {
                     e["reason"] = Value::from("no such sales record");
                 }
+                // Renumber keys as the caller sent them.
+                if index >= n_ids && index != usize::MAX {
+                    if let Some(&j) = kept_keys.get(index - n_ids) {
+                        let sent = format!("keys[{}]", index - n_ids);
+                        let field = e["field"].as_str().unwrap_or_default().to_string();
+                        e["index"] = json!(n_ids + j);
+                        e["field"] = json!(field.replacen(&sent, &format!("keys[{j}]"), 1));
+                    }
+                }
             }
+            let had = errors.len();
+            errors.extend(rejected.iter().cloned());
+            if errors.len() > had {
+                errors.sort_by_key(|e| e["index"].as_u64().unwrap_or(u64::MAX));
+            }
+        }
+        if !rejected.is_empty() {
+            let failed_keys: std::collections::HashSet<u64> = rejected
+                .iter()
+                .filter_map(|e| e["index"].as_u64())
+                .collect();
+            summary["failed"] =
+                json!(summary["failed"].as_u64().unwrap_or(0) + failed_keys.len() as u64);
+            summary["total"] = json!(n);
         }
         super::error::cap_report(&mut summary);
         let failed = summary["failed"].as_i64().unwrap_or(0);

@@ -131,8 +131,10 @@ impl StoresApi {
         fields: Query<Option<String>>,
         exclude: Query<Option<String>>,
         /// Default 200, at most 1000.
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Rows to skip.
+        #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<ListResponse> {
         let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
