@@ -963,6 +963,10 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                 // Mid-stream: end the body with an error, so the client sees
                 // a broken transfer rather than a short file.
                 None => {
+                    // The slots go now: a client that does not read must
+                    // not hold them while the abort waits for room.
+                    drop(job._permit);
+                    drop(job._user_slot);
                     if !matches!(stop, Stop::Cancelled(_)) {
                         let abort = tx.send(Err(io::Error::other("export failed")));
                         let _ = tokio::time::timeout(EXPORT_STALL_TIMEOUT, abort).await;
