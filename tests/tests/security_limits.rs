@@ -217,10 +217,9 @@ async fn published_secrets_are_refused_outside_development() {
             .unwrap_or_else(|| panic!("{secret} accepted"));
         assert!(format!("{err:#}").contains("JWT_SECRET"), "{err:#}");
     }
-    let dev = sales_server::Server::bind(db.config(&[
-        ("JWT_SECRET", published[0]),
-        ("PG_SALES_DEV", "1"),
-    ]))
+    let dev = sales_server::Server::bind(
+        db.config(&[("JWT_SECRET", published[0]), ("PG_SALES_DEV", "1")]),
+    )
     .await
     .expect("development mode accepts it")
     .spawn();

@@ -11,6 +11,8 @@ pub const UNMATCHED: &str = "unmatched";
 
 struct Route {
     template: String,
+    /// The template in poem's spelling (`/api/v2/sales/:id`), for metrics.
+    label: String,
     segments: Vec<Option<String>>,
     /// Method (upper case) -> its query parameters.
     methods: HashMap<String, HashSet<String>>,
@@ -58,8 +60,19 @@ impl Routes {
                         .collect();
                     methods.insert(method.to_ascii_uppercase(), params);
                 }
+                let label = template
+                    .split('/')
+                    .map(
+                        |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                            Some(name) => format!(":{name}"),
+                            None => s.to_string(),
+                        },
+                    )
+                    .collect::<Vec<_>>()
+                    .join("/");
                 routes.push(Route {
                     template: template.clone(),
+                    label,
                     segments,
                     methods,
                 });
@@ -71,38 +84,34 @@ impl Routes {
         Self { routes }
     }
 
-    pub fn find(&self, method: &str, path: &str) -> Match<'_> {
+    /// The route of the document `path` falls under; literal segments win
+    /// over parameters (the list is sorted so).
+    fn route(&self, path: &str) -> Option<&Route> {
         let segs: Vec<&str> = path.split('/').collect();
-        for r in &self.routes {
-            if r.segments.len() != segs.len() {
-                continue;
-            }
-            let hit = r.segments.iter().zip(&segs).all(|(want, got)| match want {
-                Some(w) => w == got,
-                None => !got.is_empty(),
-            });
-            if hit {
-                let m = if method == "HEAD" { "GET" } else { method };
-                return match r.methods.get(m) {
-                    Some(params) => Match::Operation(&r.template, params),
-                    None => Match::Route(&r.template),
-                };
-            }
-        }
-        Match::None
-    }
-
-    /// The methods a documented route answers (`Allow`), or None for a path
-    /// the document does not list.
-    pub fn allowed(&self, path: &str) -> Option<Vec<&str>> {
-        let segs: Vec<&str> = path.split('/').collect();
-        let r = self.routes.iter().find(|r| {
+        self.routes.iter().find(|r| {
             r.segments.len() == segs.len()
                 && r.segments.iter().zip(&segs).all(|(want, got)| match want {
                     Some(w) => w == got,
                     None => !got.is_empty(),
                 })
-        })?;
+        })
+    }
+
+    pub fn find(&self, method: &str, path: &str) -> Match<'_> {
+        let Some(r) = self.route(path) else {
+            return Match::None;
+        };
+        let m = if method == "HEAD" { "GET" } else { method };
+        match r.methods.get(m) {
+            Some(params) => Match::Operation(&r.template, params),
+            None => Match::Route(&r.template),
+        }
+    }
+
+    /// The methods a documented route answers (`Allow`), or None for a path
+    /// the document does not list.
+    pub fn allowed(&self, path: &str) -> Option<Vec<&str>> {
+        let r = self.route(path)?;
         let mut m: Vec<&str> = r.methods.keys().map(String::as_str).collect();
         if m.contains(&"GET") {
             m.push("HEAD");
@@ -114,12 +123,12 @@ impl Routes {
     /// A label from a bounded set: a template of the document, one of the
     /// routes served beside it, or [`UNMATCHED`].
     pub fn label<'a>(&'a self, path: &'a str) -> &'a str {
-        match self.find("GET", path) {
-            Match::Operation(t, _) | Match::Route(t) => t,
-            Match::None => match path {
+        match self.route(path) {
+            Some(r) => &r.label,
+            None => match path {
                 "/" | "/index.html" | "/openapi.json" => path,
                 p if p == "/docs" || p.starts_with("/docs/") => "/docs",
-                p if p.starts_with("/assets/") => "/assets/{file}",
+                p if p.starts_with("/assets/") => "/assets/:file",
                 _ => UNMATCHED,
             },
         }
@@ -170,8 +179,9 @@ mod tests {
         assert!(matches!(r.find("POST", "/api/v2/sales/7"), Match::Route(_)));
         assert!(matches!(r.find("GET", "/api/v2/sales//"), Match::None));
         assert_eq!(r.label("/nope/123"), UNMATCHED);
-        assert_eq!(r.label("/api/v2/sales/99"), "/api/v2/sales/{id}");
-        assert_eq!(r.label("/assets/app.js"), "/assets/{file}");
+        assert_eq!(r.label("/api/v2/sales/99"), "/api/v2/sales/:id");
+        assert_eq!(r.label("/api/v2/sales/summary"), "/api/v2/sales/summary");
+        assert_eq!(r.label("/assets/app.js"), "/assets/:file");
         assert_eq!(method_label("BREW"), "OTHER");
     }
 }
