@@ -319,6 +319,7 @@ impl Config {
                     .is_some_and(|x| x.eq_ignore_ascii_case("development"))
             });
         let rate_limit_per_minute = e.num("RATE_LIMIT_PER_MINUTE", 600u32, 1, 10_000_000)?;
+        let export_max_concurrent = e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?;
         let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE");
         if let Some(path) = &jwt_public_key_file {
             if std::fs::metadata(path).is_err() {
@@ -377,7 +378,7 @@ impl Config {
             )?,
             cors_origins: e.list("CORS_ORIGINS"),
             hsts: e.bool("HSTS", false)?,
-            export_max_concurrent: e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?,
+            export_max_concurrent,
             event_retention: e.duration("EVENT_RETENTION", s(7 * 86400), s(60), s(365 * 86400))?,
             ws_ping_interval: e.duration(
                 "WS_PING_INTERVAL",
@@ -391,8 +392,18 @@ impl Config {
             dev_mode,
             login_attempts_per_minute: e.num("LOGIN_ATTEMPTS_PER_MINUTE", 5u32, 1, 10_000)?,
             password_hash_concurrency: e.num("PASSWORD_HASH_CONCURRENCY", 2usize, 1, 256)?,
-            ws_upgrades_per_minute: e.num("WS_UPGRADES_PER_MINUTE", 60u32, 1, 1_000_000)?,
-            export_max_per_user: e.num("EXPORT_MAX_PER_USER", 1usize, 1, 1000)?,
+            ws_upgrades_per_minute: e.num(
+                "WS_UPGRADES_PER_MINUTE",
+                rate_limit_per_minute,
+                1,
+                10_000_000,
+            )?,
+            export_max_per_user: e.num(
+                "EXPORT_MAX_PER_USER",
+                (export_max_concurrent / 2).max(1),
+                1,
+                1000,
+            )?,
             export_max_duration: e.duration("EXPORT_MAX_DURATION", s(3600), s(1), s(86400))?,
         })
     }
