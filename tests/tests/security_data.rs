@@ -550,3 +550,62 @@ async fn store_reads_see_the_callers_write_despite_replica_lag() {
 }
 
 use sqlx::Connection;
+
+fn redis_cli(args: &[&str]) -> String {
+    let url = sales_e2e::redis_url();
+    let out = std::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(&url)
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Item 16: a tag counter that Redis loses (evicted, expired) does not come
+/// back at a value an older entry recorded; counters expire after the
+/// entries that depend on them.
+#[tokio::test]
+async fn lost_tag_counters_never_revive_stale_entries() {
+    let f = fixture(&[("CACHE_TTL", "60")]).await;
+    let s = f.stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&fields=totalSales");
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 1, 1.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Cached now, then made stale by a write.
+    let (_, before) = f.admin.get(&path).await;
+    let r = f.admin.req(Method::GET, &path).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "hit");
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 1, 500.0)], "mode": "replace"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Every counter has an expiry, longer than CACHE_TTL.
+    let tags = redis_cli(&["--scan", "--pattern", &format!("{}:t:*", f.db.name)]);
+    let tags: Vec<&str> = tags.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!tags.is_empty());
+    for t in &tags {
+        let ttl: i64 = redis_cli(&["pttl", t]).trim().parse().unwrap();
+        assert!(ttl > 60_000, "{t}: pttl {ttl}");
+    }
+    // Redis loses the counters (as eviction would).
+    for t in &tags {
+        redis_cli(&["del", t]);
+    }
+    let r = f.admin.req(Method::GET, &path).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "miss", "no stale entry revived");
+    let after: Value = r.json().await.unwrap();
+    assert_ne!(after, before);
+    assert_eq!(after["data"][0]["totalSales"], 500.0, "{after}");
+    f.server.stop().await;
+}
