@@ -12,11 +12,14 @@ export PORT         ?= 3001
 export DEMO_ADMIN_EMAIL    ?= admin@pg-sales.local
 export DEMO_ADMIN_PASSWORD ?= demo-admin-password
 export CARGO_TERM_COLOR ?= never
+# The secret above is published here: `serve` accepts it only in development
+# mode, which `make run` and `make test` are.
+run test fuzz: export PG_SALES_DEV := 1
 
 SERVER_RELEASE := target/release/sales-server
 SERVER_DEBUG   := target/debug/sales-server
 
-.PHONY: run test setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
+.PHONY: run test fuzz setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
 
 setup:
 	./scripts/setup.sh all
@@ -46,10 +49,17 @@ run: seed demo-admin
 	@echo "serving on http://127.0.0.1:$(PORT)  (health: /health, docs: /docs)"
 	exec $(SERVER_RELEASE) serve
 
-## The same set-up, then every test: unit, extension (SQL) and end-to-end.
+## The same set-up, then every test: unit, extension (SQL) and end-to-end,
+## then the API fuzzer (schemathesis, pinned and seeded) with zero failures.
 test: setup
 	cargo build -p sales-server
 	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}
+	./scripts/fuzz_api.sh
+
+## The API fuzzer alone, against its own server and database.
+fuzz: setup
+	cargo build -p sales-server
+	./scripts/fuzz_api.sh
 
 ## Benchmarks print ratios against floors measured in the same run.
 bench: build

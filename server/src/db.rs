@@ -98,6 +98,49 @@ where
     }
 }
 
+/// Where an attempt at a write transaction failed.
+#[derive(Debug)]
+pub enum TxFailure {
+    /// Before COMMIT was sent: the transaction certainly did not commit.
+    BeforeCommit(sqlx::Error),
+    /// At COMMIT: after a lost connection its outcome is unknown.
+    AtCommit(sqlx::Error),
+}
+
+impl From<sqlx::Error> for TxFailure {
+    fn from(e: sqlx::Error) -> Self {
+        TxFailure::BeforeCommit(e)
+    }
+}
+
+/// Runs a write transaction up to 4 times (backoff as [`retry`]), retrying
+/// only what certainly did not commit: any transient failure before COMMIT
+/// (a lost connection aborts the transaction), and at COMMIT only a
+/// serialization failure or deadlock (reported after the rollback). A
+/// connection lost at COMMIT is returned as is: the write may have
+/// happened, and running it again would repeat its event and could
+/// overwrite a newer write.
+pub async fn retry_tx<T, F, Fut>(what: &'static str, mut f: F) -> Result<T, TxFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TxFailure>>,
+{
+    use rand::Rng;
+    let mut attempt = 0u32;
+    loop {
+        let again = match f().await {
+            Err(TxFailure::BeforeCommit(e)) if attempt < 3 && is_transient(&e, true) => e,
+            Err(TxFailure::AtCommit(e)) if attempt < 3 && is_transient(&e, false) => e,
+            other => return other,
+        };
+        let base = 25u64 << attempt;
+        let jitter = rand::thread_rng().gen_range(0..=base / 2);
+        tracing::warn!(operation = what, attempt = attempt + 1, error = %again, "transient database error; retrying");
+        tokio::time::sleep(std::time::Duration::from_millis(base + jitter)).await;
+        attempt += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +172,23 @@ mod tests {
         .await;
         assert!(out.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_commit_is_not_retried() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), _> = retry_tx("t", || async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(TxFailure::BeforeCommit(sqlx::Error::PoolTimedOut))
+            } else {
+                Err(TxFailure::AtCommit(sqlx::Error::Io(std::io::Error::other(
+                    "reset",
+                ))))
+            }
+        })
+        .await;
+        assert!(matches!(out, Err(TxFailure::AtCommit(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
