@@ -16,7 +16,7 @@ export CARGO_TERM_COLOR ?= never
 SERVER_RELEASE := target/release/sales-server
 SERVER_DEBUG   := target/debug/sales-server
 
-.PHONY: run test setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
+.PHONY: run test test-sql setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
 
 setup:
 	./scripts/setup.sh all
@@ -49,7 +49,13 @@ run: seed demo-admin
 ## The same set-up, then every test: unit, extension (SQL) and end-to-end.
 test: setup
 	cargo build -p sales-server
+	$(MAKE) --no-print-directory test-sql
 	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}
+
+## SQL regression tests of the extension's functions (pg_regress) against the
+## cluster `make setup` manages; scripts/sql_tests.sh says how to aim elsewhere.
+test-sql:
+	PGHOST=127.0.0.1 PGPORT=5432 PGUSER=$(DB_USER) PGPASSWORD=$(DB_PASSWORD) ./scripts/sql_tests.sh
 
 ## Benchmarks print ratios against floors measured in the same run.
 bench: build

@@ -104,7 +104,7 @@ BEGIN
     FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace
     WHERE x.extname = 'pg_stat_statements';
     IF nsp IS NULL THEN
-        RAISE NOTICE 'no statement statistics: pg_stat_statements is not created in database %', current_database()
+        RAISE NOTICE 'no statement statistics: pg_stat_statements is not created in this database'
             USING HINT = hint;
         RETURN;
     END IF;
