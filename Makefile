@@ -49,13 +49,16 @@ run: seed demo-admin
 ## The same set-up, then every test: unit, extension (SQL) and end-to-end.
 test: setup
 	cargo build -p sales-server
-	$(MAKE) --no-print-directory test-sql
-	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}
+	status=0; \
+	$(SQL_TESTS) || status=$$?; \
+	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4} || status=$$?; \
+	exit $$status
 
 ## SQL regression tests of the extension's functions (pg_regress) against the
 ## cluster `make setup` manages; scripts/sql_tests.sh says how to aim elsewhere.
+SQL_TESTS = PGHOST=127.0.0.1 PGPORT=5432 PGUSER=$(DB_USER) PGPASSWORD=$(DB_PASSWORD) ./scripts/sql_tests.sh
 test-sql:
-	PGHOST=127.0.0.1 PGPORT=5432 PGUSER=$(DB_USER) PGPASSWORD=$(DB_PASSWORD) ./scripts/sql_tests.sh
+	$(SQL_TESTS)
 
 ## Benchmarks print ratios against floors measured in the same run.
 bench: build
