@@ -12,11 +12,15 @@ SELECT pg_describe_object(m.classid, m.objid, 0) AS object,
        coalesce(obj_description(m.objid, (SELECT relname FROM pg_class WHERE oid = m.classid)), '') AS comment,
        CASE m.classid
            WHEN 'pg_proc'::regclass THEN pg_get_functiondef(m.objid)
+               || coalesce((SELECT E'\nacl ' || p.proacl::text FROM pg_proc p WHERE p.oid = m.objid), '')
            WHEN 'pg_statistic_ext'::regclass THEN pg_get_statisticsobjdef(m.objid)
            WHEN 'pg_event_trigger'::regclass THEN (SELECT concat_ws(' ', evtevent, evtfoid::regproc, evtenabled, evttags::text) FROM pg_event_trigger WHERE oid = m.objid)
-           WHEN 'pg_type'::regclass THEN format_type(m.objid, NULL)
+           WHEN 'pg_type'::regclass THEN format_type(m.objid, NULL) || coalesce(
+               (SELECT E'\n' || string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), E'\n' ORDER BY a.attnum)
+                FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid
+                WHERE t.oid = m.objid AND a.attnum > 0 AND NOT a.attisdropped), '')
            WHEN 'pg_class'::regclass THEN
-               (SELECT concat_ws(E'\n', c.relkind, c.reloptions::text,
+               (SELECT concat_ws(E'\n', c.relkind, c.reloptions::text, c.relacl::text,
                     CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END,
                     (SELECT string_agg(concat_ws(' ', a.attname, format_type(a.atttypid, a.atttypmod),
                                                  a.attnotnull, a.attidentity, a.attgenerated, a.attcompression,
