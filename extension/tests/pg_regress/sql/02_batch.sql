@@ -69,5 +69,21 @@ SELECT pg_temp.err($$SELECT sales.batch_delete()$$);
 SELECT pg_temp.err($$SELECT sales.batch_delete(NULL, NULL)$$);
 SELECT store_id, year, month FROM sales.monthly_sales ORDER BY 1, 2, 3;
 
+-- The functions behind the wrappers report instead of raising (the server
+-- calls them and maps the report to 422 itself).
+SELECT sales.batch_upsert_impl('[{"storeId": 101, "year": 2024, "month": 4, "dailyData": {"31": {"sales": 1}}}]') - 'eventId';
+SELECT sales.batch_upsert_impl('[{"storeId": 101, "year": 2024, "month": 9, "dailyData": {"1": {"sales": 9}}}]', replace => true, atomic => true, allowed_stores => NULL) - 'eventId';
+SELECT pg_temp.err($$SELECT sales.batch_upsert_impl(NULL)$$);
+SELECT sales.batch_upsert_impl('[]', NULL, NULL) - 'eventId' AS null_options_mean_defaults;
+SELECT sales.batch_delete_impl(NULL, '[{"storeId": 101, "year": 2024, "month": 9}]') - 'eventId';
+SELECT sales.batch_delete_impl('{987654}', NULL) - 'eventId';
+SELECT pg_temp.err($$SELECT sales.batch_delete_impl(NULL, NULL)$$);
+SELECT sales.batch_delete_impl('{}', NULL, NULL) - 'eventId' AS null_atomic_means_true;
+
+-- arm_notify: true for the first event row of a transaction only.
+BEGIN;
+SELECT sales.arm_notify() AS first, sales.arm_notify() AS second;
+ROLLBACK;
+
 -- Leave the tables empty for the next file.
 DELETE FROM sales.stores;
