@@ -42,6 +42,16 @@ SELECT pg_temp.err($$SELECT sales.batch_upsert('[{"storeId": 101, "year": 2024, 
                                                  {"year": 2024, "month": 5},
                                                  {"storeId": 101, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 1}}}]')$$);
 SELECT count(*) AS rows_after_rejection FROM sales.monthly_sales;
+-- Every kind of record-level mistake, one report.
+SELECT jsonb_pretty((sales.batch_upsert_impl('[
+    "not an object",
+    {"storeId": "abc", "year": "2024", "month": 1.5, "dailyData": []},
+    {"storeId": 101, "store_id": 101, "year": 2024, "month": 1, "dailyData": {}},
+    {"storeId": -4, "year": 1999, "month": 0, "dailyData": {"1": {"sales": 1e13, "customers": -2, "transactions": 0.5}}},
+    {"storeId": 101, "year": 2024, "month": 2, "dailyData": {"30": {}, "1": {"visitors": 3}}},
+    {"storeId": 101, "year": 2024, "month": 3},
+    {"storeId": 101, "year": 2024, "month": 4, "dailyData": {"1": {"sales": 1e13, "customers": -2, "transactions": 0.5}}}
+  ]') -> 'errors'));
 -- Best effort: the valid record is written, the rest reported.
 SELECT sales.batch_upsert('[{"storeId": 101, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 1}}},
                             {"storeId": 101, "year": 2024, "month": 4, "dailyData": {"31": {"sales": 1}}}]', atomic => false) - 'eventId';
