@@ -4,8 +4,9 @@
 # tells a ready server from an unready one. What it covers and what it does
 # not is in README ("Deployment").
 #
-#   DATABASE_URL=postgres://...  deploy/verify.sh          (a database with pg_sales at this version)
-#   UNREADY_DATABASE_URL=postgres://...                    (optional: one the server must report unready)
+#   DATABASE_URL=postgres://... deploy/verify.sh   (a database the server may migrate)
+#   ADMIN_DATABASE_URL=postgres://...              (optional, a superuser: the check must
+#                                                  fail while that database refuses connections)
 #
 # Needs: podman, mmdebstrap, runc, curl; a server binary built on this
 # Debian 12 host (target/release/sales-server, else target/debug/sales-server).
@@ -86,27 +87,18 @@ else
     exit 1
 fi
 
-# 5. Unready server (e.g. the extension at another version): unhealthy, and
-#    it stays so (checked for 5 s after the server answered).
-if [ -n "${UNREADY_DATABASE_URL:-}" ]; then
-    start pgs-verify-unready "$UNREADY_DATABASE_URL"
-    answered=no
-    for _ in $(seq 1 120); do
-        if podman exec pgs-verify-unready sh -c 'curl -fs -o /dev/null "http://127.0.0.1:$PORT/health/live"' 2>/dev/null; then
-            answered=yes
-            break
-        fi
-        sleep 0.5
-    done
-    if [ $answered = no ]; then
-        podman logs pgs-verify-unready 2>&1 | tail -20 >&2
-        echo "the unready server never answered /health/live; nothing to judge" >&2
-        exit 1
-    fi
-    if wait_health pgs-verify-unready 0 5; then
-        echo "the unready server was reported healthy" >&2
-        exit 1
-    fi
-    log "unready server: HEALTHCHECK fails"
+# 5. The same container while its database refuses connections: unhealthy;
+#    healthy again once they are allowed.
+if [ -n "${ADMIN_DATABASE_URL:-}" ]; then
+    db=$(psql "$DATABASE_URL" -XAtc 'SELECT current_database()')
+    allow() { psql "$ADMIN_DATABASE_URL" -Xqc "ALTER DATABASE \"$db\" ALLOW_CONNECTIONS $1" >/dev/null; }
+    trap 'allow true || true; cleanup' EXIT
+    allow false
+    psql "$ADMIN_DATABASE_URL" -XAtqc "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '$db'" >/dev/null
+    wait_health pgs-verify-ready 1 60 || { echo "still healthy while its database refuses connections" >&2; exit 1; }
+    log "database refusing connections: HEALTHCHECK fails"
+    allow true
+    wait_health pgs-verify-ready 0 60 || { echo "not healthy again after the database came back" >&2; exit 1; }
+    log "database back: HEALTHCHECK passes again"
 fi
 log "ok"

@@ -325,3 +325,36 @@ async fn the_current_version_is_not_a_frozen_release() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_server_migration_updates_an_older_extension_in_place() {
+    // What a deployment does: a new server (and new extension files) started
+    // on a database created by an earlier release.
+    let oldest = released_versions().remove(0);
+    let db = BareDb::new().await;
+    exec(
+        &db,
+        &format!("CREATE EXTENSION pg_sales VERSION '{oldest}'"),
+    )
+    .await;
+    load(&db).await;
+    let before = snapshot(&db).await;
+
+    sales_server::db::migrate(&db.pool)
+        .await
+        .expect("migrations on an older extension");
+    assert_eq!(
+        text(
+            &db,
+            "SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'"
+        )
+        .await,
+        sales_server::VERSION
+    );
+    assert_eq!(snapshot(&db).await, before, "rows changed by the update");
+    assert_eq!(
+        sales_server::db::update_extension(&db.pool).await.unwrap(),
+        None,
+        "a second start has nothing to update"
+    );
+}
