@@ -2,6 +2,7 @@
 //! migrations) on the real Postgres cluster, its own Redis key prefix, and,
 //! when it needs one, its own server on a free port.
 
+pub mod bare_db;
 pub mod private_pg;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
