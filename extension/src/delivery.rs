@@ -206,6 +206,20 @@ fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
     &s.dbs[DATABASES - 1]
 }
 
+/// After a restart the clock starts at 0: before this backend takes a value
+/// from it or reads a horizon, raise it past this database's log (once per
+/// backend; a backend serves one database).
+fn see_clock(s: &Shared) {
+    if CLOCK_SEEN.get() {
+        return;
+    }
+    let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
+        .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
+    s.clock
+        .fetch_max(max.unwrap_or(0).max(0) as u64, Ordering::AcqRel);
+    CLOCK_SEEN.set(true);
+}
+
 /// The next `seq` for an event row of the current transaction (the default
 /// of `sales.events.seq`). The first one registers the transaction.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -337,6 +351,7 @@ fn try_notify_lock() -> bool {
 
 /// The `seq` below which every event of this database is final.
 fn horizon(s: &Shared) -> u64 {
+    see_clock(s);
     let db = my_db();
     let _guard = Locked::new(s, false);
     let mut h = s.clock.load(Ordering::Acquire) + 1;

@@ -29,7 +29,7 @@ SELECT pg_describe_object(m.classid, m.objid, 0) AS object,
                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
                     (SELECT string_agg(k.conname || ' ' || pg_get_constraintdef(k.oid), E'\n' ORDER BY k.conname)
                      FROM pg_constraint k WHERE k.conrelid = c.oid),
-                    (SELECT string_agg(pg_get_indexdef(i.indexrelid) || ' ' || coalesce(obj_description(i.indexrelid, 'pg_class'), ''), E'\n' ORDER BY 1)
+                    (SELECT string_agg(pg_get_indexdef(i.indexrelid) || ' ' || coalesce(obj_description(i.indexrelid, 'pg_class'), ''), E'\n' ORDER BY pg_get_indexdef(i.indexrelid))
                      FROM pg_index i WHERE i.indrelid = c.oid),
                     (SELECT string_agg(pg_get_triggerdef(t.oid), E'\n' ORDER BY t.tgname)
                      FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal),

@@ -336,6 +336,16 @@ async fn delivery_order_survives_a_restart() {
     .await
     .unwrap();
     let pool = pg.pool(&url, 2).await;
+    // Before anyone writes again, the log is readable to its end.
+    let got: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events_since(0, 1000)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.last(),
+        Some(&before),
+        "the old events are final after the restart"
+    );
     let after = announce(&pool, "after").await;
     let seq_after: i64 = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
         .bind(after)
