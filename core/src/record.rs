@@ -3,7 +3,7 @@
 
 use crate::daily::{self, MAX_YEAR, MIN_YEAR};
 use crate::json::{JsonRead, Kind};
-use crate::names::to_camel;
+use crate::names::to_snake;
 use crate::FieldError;
 use serde_json::{Map, Value};
 
@@ -83,8 +83,20 @@ fn parse_int<'a, J: JsonRead<'a>>(
     }
 }
 
-/// Sorts an object's members into `allowed` slots by camelCase name
-/// (`store_id` fills `storeId`), reporting unknown and repeated names.
+/// The one spelling rule for record members, shared by validation and the
+/// upsert SQL (which reads `dailyData` or `daily_data`): a member is its
+/// camelCase name or that name's snake_case form, exactly. Near misses
+/// (`dailyData_`, `_dailyData`, `daily__data`) are unknown fields, never
+/// silently taken for the real one.
+pub fn spelled_as(member: &str, camel: &str) -> bool {
+    member == camel || (member.contains('_') && member == to_snake(camel))
+}
+
+/// Errors listed per record at most; the rest are counted in one more entry.
+pub const MAX_RECORD_ERRORS: usize = 64;
+
+/// Sorts an object's members into `allowed` slots by [`spelled_as`],
+/// reporting unknown and repeated names.
 fn normalise<'a, J: JsonRead<'a>, const N: usize>(
     obj: J,
     allowed: &[&str; N],
@@ -92,14 +104,7 @@ fn normalise<'a, J: JsonRead<'a>, const N: usize>(
 ) -> [Option<J>; N] {
     let mut slots = [None; N];
     obj.each_member(|k, v| {
-        // The common case, a name spelled exactly as allowed, needs no conversion.
-        let slot = match allowed.iter().position(|a| *a == k) {
-            Some(i) => Some(i),
-            None => {
-                let camel = to_camel(k);
-                allowed.iter().position(|a| *a == camel)
-            }
-        };
+        let slot = allowed.iter().position(|a| spelled_as(k, a));
         match slot {
             Some(i) if slots[i].is_some() => {
                 errors.push(FieldError::new(k, format!("{} given twice", allowed[i])))
@@ -107,11 +112,27 @@ fn normalise<'a, J: JsonRead<'a>, const N: usize>(
             Some(i) => slots[i] = Some(v),
             None => errors.push(FieldError::new(
                 k,
-                format!("unknown field; allowed: {}", allowed.join(", ")),
+                format!(
+                    "unknown field; allowed: {} (or their snake_case forms)",
+                    allowed.join(", ")
+                ),
             )),
         }
     });
     slots
+}
+
+/// Keeps the first [`MAX_RECORD_ERRORS`] and says how many more there were.
+fn cap(mut errors: Vec<FieldError>) -> Vec<FieldError> {
+    if errors.len() > MAX_RECORD_ERRORS {
+        let omitted = errors.len() - MAX_RECORD_ERRORS;
+        errors.truncate(MAX_RECORD_ERRORS);
+        errors.push(FieldError::new(
+            "",
+            format!("{omitted} more problems in this record not listed"),
+        ));
+    }
+    errors
 }
 
 fn parse_key_parts<'a, J: JsonRead<'a>>(
@@ -190,7 +211,7 @@ pub fn check_record<'a, J: JsonRead<'a>>(v: J) -> Result<RecordParts<J>, Vec<Fie
     }
     match (errors.is_empty(), key, daily) {
         (true, Some(key), Some(daily)) => Ok(RecordParts { key, daily }),
-        _ => Err(errors),
+        _ => Err(cap(errors)),
     }
 }
 
@@ -215,7 +236,7 @@ pub fn check_month_key<'a, J: JsonRead<'a>>(v: J) -> Result<MonthKey, Vec<FieldE
     let key = parse_key_parts(store, year, month, &mut errors);
     match key {
         Some(k) if errors.is_empty() => Ok(k),
-        _ => Err(errors),
+        _ => Err(cap(errors)),
     }
 }
 
@@ -298,6 +319,46 @@ mod tests {
         let e = parse_record(&json!({"storeId": true, "year": 2024, "month": 1, "dailyData": {}}))
             .unwrap_err();
         assert_eq!(e[0].field, "storeId");
+    }
+
+    #[test]
+    fn one_spelling_rule() {
+        for bad in [
+            "dailyData_",
+            "_dailyData",
+            "daily__data",
+            "Daily_data",
+            "dailydata",
+        ] {
+            let e = parse_record(&json!({"storeId": 1, "year": 2024, "month": 1, bad: {}}))
+                .unwrap_err();
+            assert!(
+                e.iter()
+                    .any(|e| e.field == bad && e.reason.starts_with("unknown field")),
+                "{bad}: {e:?}"
+            );
+            assert!(e.iter().any(|e| e.field == "dailyData"), "{bad}: {e:?}");
+        }
+        for bad in ["storeId_", "_store_id", "store__id"] {
+            let e = parse_record(&json!({bad: 1, "year": 2024, "month": 1, "dailyData": {}}))
+                .unwrap_err();
+            assert!(e.iter().any(|e| e.field == "storeId"), "{bad}: {e:?}");
+        }
+        assert!(spelled_as("daily_data", "dailyData"));
+        assert!(spelled_as("dailyData", "dailyData"));
+        assert!(!spelled_as("dailyData_", "dailyData"));
+        assert!(spelled_as("year", "year"));
+    }
+
+    #[test]
+    fn reports_are_capped() {
+        let mut rec = serde_json::Map::new();
+        for i in 0..1000 {
+            rec.insert(format!("k{i}"), json!(0));
+        }
+        let e = parse_record(&Value::Object(rec)).unwrap_err();
+        assert_eq!(e.len(), MAX_RECORD_ERRORS + 1);
+        assert!(e.last().unwrap().reason.contains("more problems"), "{e:?}");
     }
 
     #[test]

@@ -74,11 +74,9 @@ END $$;
 -- information. `user_id` is set only on user-only events (notifications): a
 -- consumer delivers such an event to that user alone. `actor_id` is who
 -- caused the event (the `sales.user_id` setting), for auditing; it restricts
--- nothing. `wakes` marks the first event of a transaction: its deferred
--- trigger sends the transaction's NOTIFY at commit (see sales.arm_notify).
+-- nothing.
 CREATE TABLE sales.events (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    seq          bigint NOT NULL DEFAULT sales.event_seq(),
     kind         text NOT NULL,
     store_id     bigint,
     user_id      bigint,
@@ -87,8 +85,8 @@ CREATE TABLE sales.events (
     row_version  bigint,
     payload      jsonb NOT NULL DEFAULT '{}'::jsonb,
     xid          xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    wakes        boolean NOT NULL DEFAULT false,
-    created_at   timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    seq          bigint NOT NULL DEFAULT sales.event_seq()
 );
 CREATE UNIQUE INDEX events_seq_idx ON sales.events (seq);
 -- BRIN: events are appended in time order, and prune_events only needs
@@ -193,59 +191,9 @@ LANGUAGE sql STABLE AS $$
     SELECT nullif(current_setting('sales.user_id', true), '')::bigint
 $$;
 
--- One NOTIFY per writing transaction, whatever it does: a plain statement,
--- an INSERT ... ON CONFLICT (which fires both INSERT and UPDATE statement
--- triggers), a store DELETE that cascades to its months, a batch, or several
--- statements in one transaction. Notifications are only delivered at commit
--- anyway, so more than one per transaction would only wake listeners twice
--- and serialise commits longer.
---
--- How: the first event a transaction appends is marked `wakes`; a deferred
--- constraint trigger on that one row runs at commit and notifies the highest
--- event id of the transaction. sales.arm_notify() (Rust, in events.rs) says
--- whether the event row being written is that first one; every event insert
--- sets `wakes = sales.arm_notify()`, evaluated for each row it writes (so it
--- never arms without writing the marked row). Its flag is a
--- transaction-local setting, so a rolled-back savepoint forgets it together
--- with the event rows it covered.
-
--- Coalescing (on by default; SET sales.notify_coalesce = off for one NOTIFY
--- per transaction). Every NOTIFY serialises commits cluster-wide: Postgres
--- holds a global lock from the NOTIFY until the commit record is flushed, so
--- with one NOTIFY per transaction many small concurrent writers would commit
--- one flush at a time. With coalescing, a transaction that finds another one
--- committing its NOTIFY (advisory lock below, held to the end of that
--- transaction) sends none: the other NOTIFY wakes the listeners, and under
--- load almost no commit waits for the lock. The NOTIFY is therefore a hint:
--- it may arrive before this transaction's events are readable. Readers do
--- not depend on it: sales.events_next(pos, n, wait_ms) waits in shared memory
--- for the next event-writing transaction of the database to end, commit or
--- abort, and never misses one.
-CREATE FUNCTION sales.tg_events_wake() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE max_id bigint;
-BEGIN
-    -- Normally this runs at commit. After SET CONSTRAINTS ALL IMMEDIATE it
-    -- runs mid-transaction: re-arm so that later events wake listeners again.
-    PERFORM set_config('sales.notify_armed', '', true);
-    -- 0x5A1E5 is pg_sales' advisory lock key for "a NOTIFY is being committed".
-    IF coalesce(current_setting('sales.notify_coalesce', true), '') <> 'off'
-       AND NOT pg_try_advisory_xact_lock(369125) THEN
-        RETURN NULL;
-    END IF;
-    SELECT e.id INTO max_id FROM sales.events e
-    WHERE e.seq BETWEEN sales.transaction_first_seq() AND sales.transaction_last_seq()
-      AND e.xid = pg_current_xact_id()
-    ORDER BY e.seq DESC LIMIT 1;
-    IF max_id IS NOT NULL THEN
-        PERFORM pg_notify('sales_events', max_id::text);
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE CONSTRAINT TRIGGER events_wake AFTER INSERT ON sales.events
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW WHEN (NEW.wakes) EXECUTE FUNCTION sales.tg_events_wake();
+-- One NOTIFY per writing transaction at most, whatever it does, sent just
+-- before commit by the extension (extension/src/delivery.rs,
+-- notify_at_commit), coalesced by default. Rolled-back work sends none.
 
 -- The statement triggers below append one event per changed row, in a stable
 -- (store, year, month) order. They are statement-level (one call per
@@ -254,13 +202,12 @@ CREATE CONSTRAINT TRIGGER events_wake AFTER INSERT ON sales.events
 CREATE FUNCTION sales.tg_sales_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-created', n.store_id, sales.current_actor(), n.id, n.version,
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                              'changedDays', sales.changed_days(NULL, n.daily_data)),
-           sales.arm_notify()
+                              'changedDays', sales.changed_days(NULL, n.daily_data))
     FROM new_rows n
     ORDER BY n.store_id, n.year, n.month;
     RETURN NULL;
@@ -269,15 +216,14 @@ END $$;
 CREATE FUNCTION sales.tg_sales_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-updated', n.store_id, sales.current_actor(), n.id, n.version,
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
                               'changedDays', sales.changed_days(o.daily_data, n.daily_data))
            || CASE WHEN o.store_id <> n.store_id
-                   THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END,
-           sales.arm_notify()
+                   THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END
     FROM new_rows n JOIN old_rows o ON o.id = n.id
     -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
     WHERE n.version <> o.version
@@ -288,11 +234,10 @@ END $$;
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
            jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
-                              'version', o.version + 1),
-           sales.arm_notify()
+                              'version', o.version + 1)
     FROM old_rows o
     ORDER BY o.store_id, o.year, o.month;
     RETURN NULL;
@@ -309,24 +254,21 @@ CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
-        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n),
-               sales.arm_notify()
-        FROM new_rows n ORDER BY n.id;
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n)
+            FROM new_rows n ORDER BY n.id;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT CASE WHEN n.status <> o.status THEN 'store-status-changed' ELSE 'store-updated' END,
                n.id, sales.current_actor(), n.id, n.version,
-               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status),
-               sales.arm_notify()
-        FROM new_rows n JOIN old_rows o ON o.id = n.id
+               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status)
+            FROM new_rows n JOIN old_rows o ON o.id = n.id
         WHERE n.version <> o.version ORDER BY n.id;
     ELSE
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT 'store-deleted', o.id, sales.current_actor(), o.id, o.version + 1,
-               jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1),
-               sales.arm_notify()
-        FROM old_rows o ORDER BY o.id;
+               jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1)
+            FROM old_rows o ORDER BY o.id;
     END IF;
     RETURN NULL;
 END $$;
@@ -348,8 +290,8 @@ BEGIN
     IF kind IS NULL OR length(btrim(kind)) = 0 THEN
         RAISE EXCEPTION 'event kind must not be empty' USING ERRCODE = '22023';
     END IF;
-    INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload, wakes)
-    VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'), sales.arm_notify())
+    INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload)
+    VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'))
     RETURNING id INTO new_id;
     RETURN new_id;
 END $$;
@@ -502,6 +444,24 @@ LANGUAGE sql VOLATILE AS $$
     LEFT JOIN pg_stat_activity a ON a.pid = h.pid
     ORDER BY h.first_seq
 $$;
+
+-- Delivery at a glance (monitoring): the last deliverable event, the
+-- horizon, committed events that are held back and the oldest transaction
+-- holding them.
+CREATE VIEW sales.event_delivery AS
+    SELECT d.head_id,
+           d.horizon,
+           (SELECT max(e.id) FROM sales.events e) AS newest_id,
+           (SELECT count(*) FROM sales.events e WHERE e.seq >= d.horizon) AS held_back,
+           (SELECT e.id FROM sales.events e WHERE e.seq >= d.horizon ORDER BY e.seq LIMIT 1) AS oldest_held_id,
+           h.pid AS holder_pid,
+           h.since AS holder_since,
+           h.held_for AS holder_held_for,
+           h.query_start AS holder_query_start,
+           h.state AS holder_state,
+           h.query AS holder_query
+    FROM (SELECT sales.events_horizon() AS horizon, sales.events_head() AS head_id) d
+    LEFT JOIN LATERAL (SELECT * FROM sales.event_holders() LIMIT 1) h ON true;
 
 -- Deletes events older than `retention`; returns how many went.
 --

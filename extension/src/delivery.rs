@@ -206,6 +206,20 @@ fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
     &s.dbs[DATABASES - 1]
 }
 
+/// After a restart the clock starts at 0: before this backend takes a value
+/// from it or reads a horizon, raise it past this database's log (once per
+/// backend; a backend serves one database).
+fn see_clock(s: &Shared) {
+    if CLOCK_SEEN.get() {
+        return;
+    }
+    let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
+        .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
+    s.clock
+        .fetch_max(max.unwrap_or(0).max(0) as u64, Ordering::AcqRel);
+    CLOCK_SEEN.set(true);
+}
+
 /// The next `seq` for an event row of the current transaction (the default
 /// of `sales.events.seq`). The first one registers the transaction.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -269,6 +283,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
                 .fetch_add(1, Ordering::AcqRel);
             unsafe { pg_sys::ConditionVariableBroadcast(&raw const s.cv as *mut _) };
         }
+        XACT_EVENT_PRE_COMMIT => notify_at_commit(),
         XACT_EVENT_PRE_PREPARE => {
             // A prepared transaction outlives its backend's slot, and its
             // events could then commit below a horizon readers have passed.
@@ -278,8 +293,65 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+/// pg_sales' advisory lock key for "a NOTIFY is being committed".
+const NOTIFY_LOCK_KEY: u32 = 0x5A1E5;
+
+/// The transaction's one `NOTIFY sales_events` (payload: its highest event
+/// id), sent just before commit, after deferred triggers.
+///
+/// Every NOTIFY serialises commits cluster-wide: Postgres holds a global
+/// lock from queueing the notification until the commit record is flushed,
+/// so with one NOTIFY per transaction many small concurrent writers would
+/// commit one flush at a time. So by default NOTIFYs are coalesced: a
+/// transaction that finds another one of its database committing a NOTIFY
+/// (the advisory lock below, held to the end of that transaction) sends none,
+/// and under load almost no commit waits for the lock. The NOTIFY is then a
+/// hint that may arrive before this transaction's events are readable;
+/// readers that must not miss anything wait in `sales.events_next`, which
+/// wakes for every commit. `SET sales.notify_coalesce = off` sends one per
+/// transaction.
+fn notify_at_commit() {
+    let coalesce = unsafe {
+        let v = pg_sys::GetConfigOption(c"sales.notify_coalesce".as_ptr(), true, false);
+        v.is_null() || CStr::from_ptr(v).to_bytes() != b"off"
+    };
+    if coalesce && !try_notify_lock() {
+        return;
+    }
+    let (first, last) = (FIRST_SEQ.get() as i64, LAST_SEQ.get() as i64);
+    // The newest event row of this transaction that a savepoint did not roll
+    // back. At pre-commit the portal (and its snapshot) may be gone already.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let sent = Spi::run_with_args(
+        "SELECT pg_notify('sales_events', e.id::text) FROM (
+             SELECT id FROM sales.events
+             WHERE seq BETWEEN $1 AND $2 AND xid = pg_current_xact_id()
+             ORDER BY seq DESC LIMIT 1) e",
+        &[first.into(), last.into()],
+    );
+    unsafe { pg_sys::PopActiveSnapshot() };
+    sent.unwrap_or_else(|e| error!("pg_sales: sending the commit's NOTIFY: {e}"));
+}
+
+/// `pg_try_advisory_xact_lock(0x5A1E5)` of the current database.
+fn try_notify_lock() -> bool {
+    unsafe {
+        let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
+        // SET_LOCKTAG_INT64(tag, key): the same lock as the SQL function's.
+        tag.locktag_field1 = pg_sys::MyDatabaseId.to_u32();
+        tag.locktag_field2 = 0;
+        tag.locktag_field3 = NOTIFY_LOCK_KEY;
+        tag.locktag_field4 = 1;
+        tag.locktag_type = pg_sys::LockTagType::LOCKTAG_ADVISORY as u8;
+        tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
+        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true)
+            != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+    }
+}
+
 /// The `seq` below which every event of this database is final.
 fn horizon(s: &Shared) -> u64 {
+    see_clock(s);
     let db = my_db();
     let _guard = Locked::new(s, false);
     let mut h = s.clock.load(Ordering::Acquire) + 1;

@@ -47,6 +47,7 @@ pub struct Config {
     pub batch_max_records: usize,
     pub body_limit: usize,
     pub rate_limit_per_minute: u32,
+    pub rate_limit_per_ip_per_minute: u32,
     pub cors_origins: Vec<String>,
     pub hsts: bool,
     pub export_max_concurrent: usize,
@@ -55,7 +56,28 @@ pub struct Config {
     pub ws_send_queue: usize,
     pub slow_query_ms: u64,
     pub shutdown_timeout: Duration,
+    /// PG_SALES_DEV=1 or APP_ENV/NODE_ENV=development: allows the
+    /// development secrets the repository publishes.
+    pub dev_mode: bool,
+    /// Logins per account per minute before each further attempt waits longer.
+    pub login_attempts_per_minute: u32,
+    /// Password hashes computed at once (each takes a blocking thread and ~19 MB).
+    pub password_hash_concurrency: usize,
+    /// WebSocket upgrades per IP per minute.
+    pub ws_upgrades_per_minute: u32,
+    /// Exports one user may run at once.
+    pub export_max_per_user: usize,
+    /// Wall-clock limit for one export, however slowly the client reads.
+    pub export_max_duration: Duration,
 }
+
+/// JWT secrets published in this repository (Makefile, compose file, README):
+/// anyone can mint tokens with them, so `serve` refuses them outside
+/// development mode.
+pub const WELL_KNOWN_SECRETS: &[&str] = &[
+    "pg-sales-development-secret-change-me-in-production",
+    "change-me-change-me-change-me-change-me",
+];
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://sales_app:pg_sales_dev@127.0.0.1:5432/pg_sales";
 
@@ -116,14 +138,34 @@ impl Env<'_> {
         min: Duration,
         max: Duration,
     ) -> Result<Duration, ConfigError> {
+        self.duration_in(var, default, min, max, Duration::from_secs(1))
+    }
+
+    /// Like [`Self::duration`], reading a bare number in `bare` units (the
+    /// DB_* timeouts follow the seed's milliseconds; the rest are seconds).
+    fn duration_in(
+        &self,
+        var: &'static str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+        bare: Duration,
+    ) -> Result<Duration, ConfigError> {
         let Some(raw) = self.get(var) else {
             return Ok(default);
         };
-        let d = parse_duration(raw).ok_or_else(|| {
+        let unit = if bare == Duration::from_millis(1) {
+            "milliseconds"
+        } else {
+            "seconds"
+        };
+        let d = parse_duration_in(raw, bare).ok_or_else(|| {
             Self::err(
                 var,
                 raw,
-                "must be a duration such as 500ms, 30s, 5m, 2h or 7d (a bare number is seconds)",
+                format!(
+                    "must be a duration such as 500ms, 30s, 5m, 2h or 7d (a bare number is {unit})"
+                ),
             )
         })?;
         if d < min || d > max {
@@ -159,13 +201,19 @@ impl Env<'_> {
 
 /// `500ms`, `30s`, `5m`, `2h`, `7d`; a bare number is seconds.
 pub fn parse_duration(raw: &str) -> Option<Duration> {
+    parse_duration_in(raw, Duration::from_secs(1))
+}
+
+/// [`parse_duration`] with a bare number counted in `bare` units.
+pub fn parse_duration_in(raw: &str, bare: Duration) -> Option<Duration> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (num, unit) = raw.split_at(split);
     let n: u64 = num.parse().ok()?;
     let secs = |m: u64| n.checked_mul(m).map(Duration::from_secs);
     match unit.trim() {
-        "" | "s" => secs(1),
+        "" => bare.checked_mul(u32::try_from(n).ok()?),
+        "s" => secs(1),
         "ms" => Some(Duration::from_millis(n)),
         "m" | "min" => secs(60),
         "h" => secs(3600),
@@ -198,6 +246,7 @@ impl Config {
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let e = Env(vars);
         let s = Duration::from_secs;
+        let ms = Duration::from_millis(1);
         let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL);
         check_url("DATABASE_URL", &database_url, &["postgres", "postgresql"])?;
         let database_replica_url = e.opt("DATABASE_REPLICA_URL");
@@ -262,6 +311,15 @@ impl Config {
                 ));
             }
         }
+        // NODE_ENV (the seed's) and APP_ENV name the environment; only
+        // `development` relaxes anything.
+        let dev_mode = e.bool("PG_SALES_DEV", false)?
+            || ["APP_ENV", "NODE_ENV"].iter().any(|v| {
+                e.get(v)
+                    .is_some_and(|x| x.eq_ignore_ascii_case("development"))
+            });
+        let rate_limit_per_minute = e.num("RATE_LIMIT_PER_MINUTE", 600u32, 1, 10_000_000)?;
+        let export_max_concurrent = e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?;
         let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE");
         if let Some(path) = &jwt_public_key_file {
             if std::fs::metadata(path).is_err() {
@@ -273,18 +331,20 @@ impl Config {
             database_replica_url,
             db_pool_min,
             db_pool_max,
-            db_idle_timeout: e.duration("DB_IDLE_TIMEOUT", s(300), s(1), s(86400))?,
-            db_connection_timeout: e.duration(
+            db_idle_timeout: e.duration_in("DB_IDLE_TIMEOUT", s(300), s(1), s(86400), ms)?,
+            db_connection_timeout: e.duration_in(
                 "DB_CONNECTION_TIMEOUT",
                 s(5),
                 Duration::from_millis(100),
                 s(300),
+                ms,
             )?,
-            db_query_timeout: e.duration(
+            db_query_timeout: e.duration_in(
                 "DB_QUERY_TIMEOUT",
                 s(30),
                 Duration::from_millis(10),
                 s(3600),
+                ms,
             )?,
             redis_url,
             redis_cluster_urls,
@@ -309,10 +369,16 @@ impl Config {
             jwt_expiry: e.duration("JWT_EXPIRY", s(3600), s(60), s(86400 * 30))?,
             batch_max_records: e.num("BATCH_MAX_RECORDS", 5000usize, 1, 100_000)?,
             body_limit: e.num("BODY_LIMIT", 16usize << 20, 1024, 1 << 30)?,
-            rate_limit_per_minute: e.num("RATE_LIMIT_PER_MINUTE", 600u32, 1, 10_000_000)?,
+            rate_limit_per_minute,
+            rate_limit_per_ip_per_minute: e.num(
+                "RATE_LIMIT_PER_IP_PER_MINUTE",
+                rate_limit_per_minute.saturating_mul(4),
+                1,
+                u32::MAX,
+            )?,
             cors_origins: e.list("CORS_ORIGINS"),
             hsts: e.bool("HSTS", false)?,
-            export_max_concurrent: e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?,
+            export_max_concurrent,
             event_retention: e.duration("EVENT_RETENTION", s(7 * 86400), s(60), s(365 * 86400))?,
             ws_ping_interval: e.duration(
                 "WS_PING_INTERVAL",
@@ -323,7 +389,38 @@ impl Config {
             ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
             slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
             shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,
+            dev_mode,
+            login_attempts_per_minute: e.num("LOGIN_ATTEMPTS_PER_MINUTE", 5u32, 1, 10_000)?,
+            password_hash_concurrency: e.num("PASSWORD_HASH_CONCURRENCY", 2usize, 1, 256)?,
+            ws_upgrades_per_minute: e.num(
+                "WS_UPGRADES_PER_MINUTE",
+                rate_limit_per_minute,
+                1,
+                10_000_000,
+            )?,
+            export_max_per_user: e.num(
+                "EXPORT_MAX_PER_USER",
+                (export_max_concurrent / 2).max(1),
+                1,
+                1000,
+            )?,
+            export_max_duration: e.duration("EXPORT_MAX_DURATION", s(3600), s(1), s(86400))?,
         })
+    }
+
+    /// For `serve`: the secret must not be one this repository publishes,
+    /// unless development mode is explicit.
+    pub fn check_serving_secret(&self) -> Result<(), ConfigError> {
+        let secret = self.require_jwt_secret()?;
+        if !self.dev_mode && WELL_KNOWN_SECRETS.contains(&secret) {
+            return Err(Env::err(
+                "JWT_SECRET",
+                "<hidden>",
+                "is a development secret published in this repository; set a secret of your own \
+                 (e.g. `openssl rand -hex 32`), or PG_SALES_DEV=1 for local development",
+            ));
+        }
+        Ok(())
     }
 
     /// The HMAC secret, required by commands that verify or issue tokens.
@@ -418,5 +515,42 @@ mod tests {
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("x"), None);
         assert_eq!(parse_duration("-1s"), None);
+    }
+
+    /// The seed's environment block: bare DB_* timeouts are milliseconds.
+    #[test]
+    fn seed_environment() {
+        let c = cfg(&[
+            ("DB_IDLE_TIMEOUT", "30000"),
+            ("DB_CONNECTION_TIMEOUT", "10000"),
+            ("DB_QUERY_TIMEOUT", "30000"),
+            ("CACHE_TTL", "300"),
+            ("COMPRESSION_LEVEL", "6"),
+            ("NODE_ENV", "production"),
+        ])
+        .unwrap();
+        assert_eq!(c.db_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.db_connection_timeout, Duration::from_secs(10));
+        assert_eq!(c.db_query_timeout, Duration::from_secs(30));
+        assert_eq!(c.cache_ttl, Duration::from_secs(300));
+        assert_eq!(c.compression_level, 6);
+        assert!(!c.dev_mode);
+        let c = cfg(&[("DB_QUERY_TIMEOUT", "30s"), ("DB_IDLE_TIMEOUT", "5m")]).unwrap();
+        assert_eq!(c.db_query_timeout, Duration::from_secs(30));
+        assert_eq!(c.db_idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn published_secrets_need_development_mode() {
+        for secret in WELL_KNOWN_SECRETS {
+            let c = cfg(&[("JWT_SECRET", secret)]).unwrap();
+            assert_eq!(c.check_serving_secret().unwrap_err().var, "JWT_SECRET");
+            for dev in [("PG_SALES_DEV", "1"), ("APP_ENV", "development")] {
+                let c = cfg(&[("JWT_SECRET", secret), dev]).unwrap();
+                assert!(c.check_serving_secret().is_ok());
+            }
+        }
+        let c = cfg(&[("JWT_SECRET", "a-secret-of-this-deployment-0123456789")]).unwrap();
+        assert!(c.check_serving_secret().is_ok());
     }
 }

@@ -46,8 +46,52 @@ pub fn lazy_pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(connect_options(url, cfg)?))
 }
 
+/// Applies the migrations, after moving an installed pg_sales to the version
+/// whose files this Postgres has (see `update_extension`), so that deploying
+/// a new release on an existing database upgrades it in place.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    update_extension(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)?;
     MIGRATOR.run(pool).await
+}
+
+/// `ALTER EXTENSION pg_sales UPDATE` when the database holds an older version
+/// than the installed extension files: the upgrade scripts keep every row and
+/// event. Returns (from, to) when it updated. Without the right to update
+/// (only the extension's owner or a superuser may), it logs a warning and
+/// leaves it: readiness then reports the version mismatch. Two instances
+/// starting together are safe: the second waits for the first's lock and
+/// finds nothing to do.
+pub async fn update_extension(pool: &PgPool) -> Result<Option<(String, String)>, sqlx::Error> {
+    let versions: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT x.extversion::text, a.default_version::text
+         FROM pg_extension x LEFT JOIN pg_available_extensions a ON a.name = x.extname
+         WHERE x.extname = 'pg_sales'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some((have, Some(want))) = versions else {
+        return Ok(None);
+    };
+    if have == want {
+        return Ok(None);
+    }
+    match sqlx::query("ALTER EXTENSION pg_sales UPDATE")
+        .execute(pool)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(from = %have, to = %want, "extension pg_sales updated");
+            Ok(Some((have, want)))
+        }
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42501") => {
+            tracing::warn!(from = %have, to = %want, error = %e,
+                "extension pg_sales is older than its installed files; its owner must run ALTER EXTENSION pg_sales UPDATE");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Errors worth another try: serialization failures and deadlocks (the
@@ -98,6 +142,49 @@ where
     }
 }
 
+/// Where an attempt at a write transaction failed.
+#[derive(Debug)]
+pub enum TxFailure {
+    /// Before COMMIT was sent: the transaction certainly did not commit.
+    BeforeCommit(sqlx::Error),
+    /// At COMMIT: after a lost connection its outcome is unknown.
+    AtCommit(sqlx::Error),
+}
+
+impl From<sqlx::Error> for TxFailure {
+    fn from(e: sqlx::Error) -> Self {
+        TxFailure::BeforeCommit(e)
+    }
+}
+
+/// Runs a write transaction up to 4 times (backoff as [`retry`]), retrying
+/// only what certainly did not commit: any transient failure before COMMIT
+/// (a lost connection aborts the transaction), and at COMMIT only a
+/// serialization failure or deadlock (reported after the rollback). A
+/// connection lost at COMMIT is returned as is: the write may have
+/// happened, and running it again would repeat its event and could
+/// overwrite a newer write.
+pub async fn retry_tx<T, F, Fut>(what: &'static str, mut f: F) -> Result<T, TxFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TxFailure>>,
+{
+    use rand::Rng;
+    let mut attempt = 0u32;
+    loop {
+        let again = match f().await {
+            Err(TxFailure::BeforeCommit(e)) if attempt < 3 && is_transient(&e, true) => e,
+            Err(TxFailure::AtCommit(e)) if attempt < 3 && is_transient(&e, false) => e,
+            other => return other,
+        };
+        let base = 25u64 << attempt;
+        let jitter = rand::thread_rng().gen_range(0..=base / 2);
+        tracing::warn!(operation = what, attempt = attempt + 1, error = %again, "transient database error; retrying");
+        tokio::time::sleep(std::time::Duration::from_millis(base + jitter)).await;
+        attempt += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +216,23 @@ mod tests {
         .await;
         assert!(out.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_commit_is_not_retried() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), _> = retry_tx("t", || async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(TxFailure::BeforeCommit(sqlx::Error::PoolTimedOut))
+            } else {
+                Err(TxFailure::AtCommit(sqlx::Error::Io(std::io::Error::other(
+                    "reset",
+                ))))
+            }
+        })
+        .await;
+        assert!(matches!(out, Err(TxFailure::AtCommit(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -25,6 +25,9 @@ use std::sync::Arc;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Concurrent HTTP/2 streams per connection.
+pub const HTTP2_MAX_STREAMS: u32 = 64;
+
 /// A bound, not yet running server.
 pub struct Server {
     pub addr: SocketAddr,
@@ -36,6 +39,7 @@ impl Server {
     /// Connects to Postgres (and Redis when configured), runs migrations and
     /// binds the port (`PORT=0` picks a free one; see `addr`).
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        config.check_serving_secret()?;
         metrics::init(config.slow_query_ms);
         let state = AppState::connect(config).await?;
         db::migrate(&state.pool)
@@ -83,8 +87,12 @@ impl Server {
             shutdown.await;
             hub.begin_shutdown();
         };
+        // h2c stays served (proxies such as Envoy or Caddy speak it to
+        // upstreams); BODY_LIMIT is enforced while reading, whatever the
+        // protocol, and streams per connection are bounded.
         let served = poem::Server::new_with_acceptor(self.acceptor)
             .name("sales-server")
+            .http2_max_concurrent_streams(HTTP2_MAX_STREAMS)
             .run_with_graceful_shutdown(app, shutdown, Some(timeout))
             .await;
         heartbeat

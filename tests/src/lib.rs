@@ -2,6 +2,7 @@
 //! migrations) on the real Postgres cluster, its own Redis key prefix, and,
 //! when it needs one, its own server on a free port.
 
+pub mod bare_db;
 pub mod private_pg;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -414,4 +415,21 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// CPU time (user + system) a local process has used so far, from
+/// /proc/<pid>/stat (in clock ticks of 1/100 s, Linux's USER_HZ).
+pub fn process_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ") ".
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }

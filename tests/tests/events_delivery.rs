@@ -116,6 +116,16 @@ async fn an_open_event_writer_holds_back_until_it_ends_and_is_named() {
         .unwrap();
     assert_eq!(holders.len(), 1);
     assert_eq!(holders[0].get::<i32, _>("pid"), writer_pid);
+    let (holder, held, oldest): (Option<i32>, i64, Option<i64>) =
+        sqlx::query_as("SELECT holder_pid, held_back, oldest_held_id FROM sales.event_delivery")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (holder, held, oldest),
+        (Some(writer_pid), 1, Some(later)),
+        "the committed event is held back by the open writer"
+    );
 
     // The reader long-polls; the rollback (no NOTIFY) wakes it.
     let url = db.url.clone();
@@ -326,6 +336,16 @@ async fn delivery_order_survives_a_restart() {
     .await
     .unwrap();
     let pool = pg.pool(&url, 2).await;
+    // Before anyone writes again, the log is readable to its end.
+    let got: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events_since(0, 1000)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.last(),
+        Some(&before),
+        "the old events are final after the restart"
+    );
     let after = announce(&pool, "after").await;
     let seq_after: i64 = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
         .bind(after)

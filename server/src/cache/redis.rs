@@ -22,6 +22,26 @@ pub struct RedisCache {
     cluster: bool,
     timeout: Duration,
     degraded: Arc<AtomicBool>,
+    /// Tag counters live this long after their last bump: longer than any
+    /// entry, so an entry never outlives the counter it recorded.
+    tag_ttl: Duration,
+}
+
+/// Bumps a tag counter. A missing counter (never bumped, expired, evicted,
+/// or lost with a restart) starts from a random value, never from 0 again:
+/// an entry that recorded the old value cannot match the new one.
+const BUMP: &str =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end \
+    local v = redis.call('INCR', KEYS[1]) redis.call('PEXPIRE', KEYS[1], ARGV[2]) return v";
+
+/// A counter's first value: random, and far from overflowing an INCR.
+fn random_start() -> u64 {
+    rand::random::<u32>() as u64 + 1
+}
+
+/// How long tag counters live (see `RedisCache::tag_ttl`).
+pub fn tag_ttl(entry_ttl: Duration) -> Duration {
+    (entry_ttl * 2).max(Duration::from_secs(24 * 3600))
 }
 
 impl RedisCache {
@@ -80,12 +100,75 @@ impl RedisCache {
                 }
             }
         });
-        Self {
+        let cache = Self {
             conn,
             cluster: !config.redis_cluster_urls.is_empty(),
             timeout,
             degraded,
-        }
+            tag_ttl: tag_ttl(config.cache_ttl),
+        };
+        cache.watch_restarts(format!("{}:t:all", config.cache_prefix));
+        cache
+    }
+
+    /// Redis restarted (its `run_id` changed): it may have come back from
+    /// an older snapshot, with counters from before writes it never saw.
+    /// Bumping the tag every entry carries makes all of them stale. Checked
+    /// every second, so the window for a stale hit after a restore is about
+    /// one second.
+    fn watch_restarts(&self, tag_all: String) {
+        let conn = self.conn.clone();
+        let (timeout, ttl) = (self.timeout, self.tag_ttl);
+        tokio::spawn(async move {
+            let mut known: Option<String> = None;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if Arc::strong_count(&conn) == 1 {
+                    return;
+                }
+                let Some(c) = conn.read().await.clone() else {
+                    continue;
+                };
+                let info = async {
+                    let mut cmd = redis::cmd("INFO");
+                    cmd.arg("server");
+                    match c.clone() {
+                        Conn::Single(mut c) => cmd.query_async::<String>(&mut c).await,
+                        Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
+                    }
+                };
+                let Ok(Ok(info)) = tokio::time::timeout(timeout, info).await else {
+                    continue;
+                };
+                let run_id = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("run_id:"))
+                    .map(|v| v.trim().to_string());
+                if run_id.is_none() || run_id == known {
+                    continue;
+                }
+                if known.is_some() {
+                    let mut bump = redis::cmd("EVAL");
+                    bump.arg(BUMP)
+                        .arg(1)
+                        .arg(&tag_all)
+                        .arg(random_start())
+                        .arg(ttl.as_millis() as u64);
+                    let done = async {
+                        match c {
+                            Conn::Single(mut c) => bump.query_async::<i64>(&mut c).await,
+                            Conn::Cluster(mut c) => bump.query_async::<i64>(&mut c).await,
+                        }
+                    };
+                    if !matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(_))) {
+                        // Try again next second.
+                        continue;
+                    }
+                    tracing::warn!("redis restarted; every cache entry made stale");
+                }
+                known = run_id;
+            }
+        });
     }
 
     pub async fn connected(&self) -> bool {
@@ -131,7 +214,8 @@ impl RedisCache {
         }
     }
 
-    /// The entry and the current versions of its tags, in one MGET.
+    /// The entry and the current versions of its tags, in one MGET (a
+    /// second round trip starts the counters that do not exist yet).
     pub async fn fetch(
         &self,
         key: &str,
@@ -146,14 +230,30 @@ impl RedisCache {
         if vals.len() != tag_keys.len() + 1 {
             return Err(());
         }
-        let versions = vals
+        let mut versions: Vec<Option<u64>> = vals
             .drain(1..)
-            .map(|v| {
-                v.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
-                    .unwrap_or(0)
-            })
+            .map(|v| v.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()))
             .collect();
-        Ok((vals.pop().flatten(), versions))
+        for (i, t) in tag_keys.iter().enumerate() {
+            if versions[i].is_some() {
+                continue;
+            }
+            // SET NX: another instance may start the same counter at once;
+            // whichever value won is read back.
+            let mut init = redis::cmd("SET");
+            init.arg(t)
+                .arg(random_start())
+                .arg("NX")
+                .arg("PX")
+                .arg(self.tag_ttl.as_millis() as u64);
+            let _: Option<String> = self.run(&init).await?;
+            let v: Option<u64> = self.run(redis::cmd("GET").arg(t)).await?;
+            versions[i] = Some(v.ok_or(())?);
+        }
+        Ok((
+            vals.pop().flatten(),
+            versions.into_iter().flatten().collect(),
+        ))
     }
 
     pub async fn put(&self, key: &str, raw: Vec<u8>, ttl: Duration) -> Result<(), ()> {
@@ -162,22 +262,28 @@ impl RedisCache {
         self.run::<()>(&cmd).await
     }
 
-    /// INCR each tag (a pipeline; tag keys may live in different slots).
+    /// Bumps each tag (see [`BUMP`]; a pipeline, or one by one in a
+    /// cluster, where tag keys live in different slots).
     pub async fn bump(&self, tag_keys: &[String]) -> Result<(), ()> {
         let Some(conn) = self.conn.read().await.clone() else {
             return Err(());
         };
+        let ttl = self.tag_ttl.as_millis() as u64;
+        let eval = |t: &String| {
+            let mut c = redis::cmd("EVAL");
+            c.arg(BUMP).arg(1).arg(t).arg(random_start()).arg(ttl);
+            c
+        };
         let mut pipe = redis::pipe();
         for t in tag_keys {
-            pipe.cmd("INCR").arg(t).ignore();
+            pipe.add_command(eval(t)).ignore();
         }
         let fut = async move {
             match conn {
                 Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
                 Conn::Cluster(mut c) => {
-                    // A cluster pipeline must stay within one slot: send the INCRs one by one.
                     for t in tag_keys {
-                        redis::cmd("INCR").arg(t).query_async::<i64>(&mut c).await?;
+                        eval(t).query_async::<i64>(&mut c).await?;
                     }
                     Ok(())
                 }

@@ -185,6 +185,8 @@ impl AdminApi {
     async fn queries(
         &self,
         auth: BearerAuth,
+        /// Statements per list, default 20.
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: poem_openapi::param::Query<Option<i64>>,
     ) -> ApiResult<Json<QueryStats>> {
         auth.require_admin()?;

@@ -137,6 +137,18 @@ impl ApiError {
         )
     }
 
+    /// Too many failed logins for one account.
+    pub fn too_many_logins(retry_after: u64) -> Self {
+        ApiError::TooManyRequests(
+            ErrorBody::new(
+                "login_throttled",
+                format!("too many failed logins for this account; retry after {retry_after} s"),
+                Some(serde_json::json!({"retryAfter": retry_after})),
+            ),
+            retry_after,
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::Unavailable(ErrorBody::new("unavailable", message, None))
     }
@@ -167,6 +179,20 @@ impl ApiError {
     }
 }
 
+/// Per-item errors listed in one report at most.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
+/// Caps `errors` of a batch report; `errorsOmitted` says how many more there were.
+pub fn cap_report(report: &mut Value) {
+    if let Some(errors) = report.get_mut("errors").and_then(Value::as_array_mut) {
+        if errors.len() > MAX_REPORTED_ERRORS {
+            let omitted = errors.len() - MAX_REPORTED_ERRORS;
+            errors.truncate(MAX_REPORTED_ERRORS);
+            report["errorsOmitted"] = Value::from(omitted);
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         let Some(db) = e.as_database_error() else {
@@ -185,17 +211,22 @@ impl From<sqlx::Error> for ApiError {
         match code.as_str() {
             // Batch rejected by the extension: the report is JSON in DETAIL.
             "PS422" => {
-                let report = detail.and_then(|d| serde_json::from_str::<Value>(&d).ok());
+                let mut report = detail.and_then(|d| serde_json::from_str::<Value>(&d).ok());
+                if let Some(r) = report.as_mut() {
+                    cap_report(r);
+                }
                 ApiError::unprocessable(db.message().to_string(), report)
             }
             "PS410" => ApiError::conflict(
                 db.message().to_string(),
                 Some(serde_json::json!({"resync": true})),
             ),
-            "22023" | "22P02" => ApiError::BadRequest(ErrorBody::new(
+            // Class 22 is bad data (a malformed or out-of-range value, NUL
+            // in text): the request's fault, never a 500.
+            c if c.starts_with("22") => ApiError::BadRequest(ErrorBody::new(
                 "bad_parameter",
                 db.message().to_string(),
-                None,
+                Some(serde_json::json!({"sqlstate": c})),
             )),
             "23505" => ApiError::conflict(
                 "already exists",

@@ -36,8 +36,11 @@
 //!   (`pg_notify('sales_ephemeral', ...)`, not stored) to whichever instance
 //!   holds the user's WebSocket: at most two per second while running, plus a
 //!   final one (`done: true`, with `status` completed, cancelled or failed).
-//! * **Limits**: EXPORT_MAX_CONCURRENT exports per instance (429 with
-//!   Retry-After beyond that); the request rate limits apply as everywhere.
+//! * **Limits**: EXPORT_MAX_CONCURRENT exports per instance and
+//!   EXPORT_MAX_PER_USER per user (429 with Retry-After beyond that); each
+//!   export ends at EXPORT_MAX_DURATION, however slowly it is read (the body
+//!   then ends with an error, never as a short file); the request rate
+//!   limits apply as everywhere.
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::filters::{parse_projection, RawFilter, SalesFilter};
@@ -82,12 +85,50 @@ use crate::events::EPHEMERAL_CHANNEL;
 pub struct ExportApi {
     pub state: Arc<AppState>,
     slots: Arc<Semaphore>,
+    per_user: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
 }
 
 impl ExportApi {
     pub fn new(state: Arc<AppState>) -> Self {
         let slots = Arc::new(Semaphore::new(state.config.export_max_concurrent));
-        Self { state, slots }
+        Self {
+            state,
+            slots,
+            per_user: Default::default(),
+        }
+    }
+
+    /// One of the user's EXPORT_MAX_PER_USER slots, so that one user
+    /// cannot hold every slot of the instance.
+    fn user_slot(&self, user: i64) -> Option<UserSlot> {
+        let mut map = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(user).or_insert(0);
+        if *n >= self.state.config.export_max_per_user {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            user,
+            map: self.per_user.clone(),
+        })
+    }
+}
+
+/// Released when the export ends, however it ends.
+struct UserSlot {
+    user: i64,
+    map: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -614,14 +655,20 @@ impl ExportApi {
         #[oai(name = "storeId")]
         store_id: Query<Option<String>>,
         region: Query<Option<String>>,
-        year: Query<Option<i32>>,
-        month: Query<Option<i32>>,
+        #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
+            Option<i32>,
+        >,
+        #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         /// First month, `YYYY-MM`.
         from: Query<Option<String>>,
         /// Last month, `YYYY-MM` (inclusive).
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<f64>>,
-        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<f64>>,
+        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
+            Option<f64>,
+        >,
+        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
+            Option<f64>,
+        >,
         /// Paths to include (monthly JSON/NDJSON only), as in `GET /api/v2/sales`.
         fields: Query<Option<String>>,
         /// Paths to leave out (monthly JSON/NDJSON only).
@@ -693,6 +740,19 @@ impl ExportApi {
                 .and_then(|v| v.to_str().ok()),
             &[Encoding::Zstd, Encoding::Gzip],
         );
+        let user_slot = self.user_slot(auth.0.user_id).ok_or_else(|| {
+            ApiError::TooManyRequests(
+                ErrorBody::new(
+                    "rate_limited",
+                    format!(
+                        "you already run {} export(s) (EXPORT_MAX_PER_USER); retry after {BUSY_RETRY_AFTER} s",
+                        self.state.config.export_max_per_user
+                    ),
+                    Some(json!({"limit": "EXPORT_MAX_PER_USER"})),
+                ),
+                BUSY_RETRY_AFTER,
+            )
+        })?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
             ApiError::TooManyRequests(
                 ErrorBody::new(
@@ -728,6 +788,7 @@ impl ExportApi {
             user_id: auth.0.user_id,
             export_id: export_id.clone(),
             _permit: permit,
+            _user_slot: user_slot,
         };
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let (started_tx, started_rx) = oneshot::channel();
@@ -761,6 +822,8 @@ struct Job {
     export_id: String,
     /// Held for as long as the export runs (EXPORT_MAX_CONCURRENT).
     _permit: OwnedSemaphorePermit,
+    /// Likewise, EXPORT_MAX_PER_USER.
+    _user_slot: UserSlot,
 }
 
 /// Why an export stopped early.
@@ -769,6 +832,10 @@ enum Stop {
     Cancelled(&'static str),
     Db(sqlx::Error),
     Io(io::Error),
+    /// EXPORT_MAX_DURATION reached (a client reading just fast enough to
+    /// escape the stall timeout would otherwise hold a slot and a snapshot
+    /// for as long as it likes).
+    Expired,
 }
 
 impl std::fmt::Display for Stop {
@@ -777,6 +844,7 @@ impl std::fmt::Display for Stop {
             Stop::Cancelled(why) => f.write_str(why),
             Stop::Db(e) => write!(f, "database: {e}"),
             Stop::Io(e) => write!(f, "encoding: {e}"),
+            Stop::Expired => f.write_str("EXPORT_MAX_DURATION reached"),
         }
     }
 }
@@ -840,6 +908,7 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
         tokio::select! {
             r = work => r,
             _ = tx.closed() => Err(Stop::Cancelled("client disconnected")),
+            _ = tokio::time::sleep(job.state.config.export_max_duration) => Err(Stop::Expired),
         }
     };
     let rows = progress_tx.borrow().rows;
@@ -869,6 +938,10 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                     tracing::info!(export_id = %job.export_id, rows, reason = why, "export cancelled");
                     RunState::Cancelled
                 }
+                Stop::Expired => {
+                    tracing::warn!(export_id = %job.export_id, rows, "export stopped at EXPORT_MAX_DURATION");
+                    RunState::Failed("the export took longer than EXPORT_MAX_DURATION".into())
+                }
                 other => {
                     tracing::error!(export_id = %job.export_id, rows, error = %other, "export failed");
                     RunState::Failed("the export failed; see the server log".into())
@@ -879,6 +952,9 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                 Some(s) => {
                     let err = match stop {
                         Stop::Db(e) => ApiError::from(e),
+                        Stop::Expired => ApiError::unavailable(
+                            "the export did not start within EXPORT_MAX_DURATION",
+                        ),
                         other => ApiError::internal(other),
                     };
                     let _ = s.send(Err(err));
@@ -886,6 +962,10 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                 // Mid-stream: end the body with an error, so the client sees
                 // a broken transfer rather than a short file.
                 None => {
+                    // The slots go now: a client that does not read must
+                    // not hold them while the abort waits for room.
+                    drop(job._permit);
+                    drop(job._user_slot);
                     if !matches!(stop, Stop::Cancelled(_)) {
                         let abort = tx.send(Err(io::Error::other("export failed")));
                         let _ = tokio::time::timeout(EXPORT_STALL_TIMEOUT, abort).await;
@@ -896,6 +976,8 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
         }
     }
     drop(progress_tx);
+    // The response ends now; the last progress NOTIFY follows on its own.
+    drop(tx);
     let _ = notifier.await;
 }
 
@@ -1167,7 +1249,8 @@ fn progress_payload(
 }
 
 /// Sends progress NOTIFYs: the latest snapshot at most every
-/// PROGRESS_INTERVAL, and always the final one, in order.
+/// PROGRESS_INTERVAL, and always the final one, in order, as soon as the
+/// export ends (the wait between two updates never delays the last one).
 async fn notify_progress(
     pool: PgPool,
     user_id: i64,
@@ -1177,8 +1260,16 @@ async fn notify_progress(
     mut rx: watch::Receiver<Snapshot>,
 ) {
     let mut last: Option<Snapshot> = None;
+    // Whether a change has been seen but not sent yet (found while waiting
+    // out the interval).
+    let mut pending = false;
     loop {
-        let closed = rx.changed().await.is_err();
+        let closed = if pending {
+            pending = false;
+            rx.has_changed().is_err()
+        } else {
+            rx.changed().await.is_err()
+        };
         let snap = rx.borrow_and_update().clone();
         if last.as_ref() != Some(&snap) && (snap.total.is_some() || snap.state != RunState::Running)
         {
@@ -1196,7 +1287,25 @@ async fn notify_progress(
         if closed || snap.state != RunState::Running {
             break;
         }
-        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        // Wait out the interval, unless the export ends first.
+        let interval = tokio::time::sleep(PROGRESS_INTERVAL);
+        tokio::pin!(interval);
+        loop {
+            tokio::select! {
+                _ = &mut interval => break,
+                r = rx.changed() => {
+                    if r.is_err() || rx.borrow().state != RunState::Running {
+                        pending = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !pending {
+            // Changes seen while waiting are still unsent.
+            let now = rx.borrow();
+            pending = now.state == RunState::Running && last.as_ref() != Some(&*now);
+        }
     }
 }
 

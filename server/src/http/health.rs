@@ -135,9 +135,23 @@ fn ms(d: std::time::Duration) -> f64 {
 
 #[OpenApi(tag = "ApiTags::Health")]
 impl HealthApi {
-    /// Summary health: version and the state of Postgres and Redis.
+    /// Summary health: version and the state of Postgres and Redis. A dependency's error text
+    /// is shown to admins (send an admin bearer token); others see only `unreachable`.
     #[oai(path = "/health", method = "get")]
     async fn health(&self, req: &poem::Request) -> HealthResponse {
+        // Raw driver errors name hosts, ports and users: not for anyone who asks.
+        let admin = req
+            .header(poem::http::header::AUTHORIZATION)
+            .and_then(crate::auth::bearer)
+            .and_then(|t| self.state.auth.verify(t).ok())
+            .is_some_and(|p| p.is_admin());
+        let shown = |e: String| {
+            if admin {
+                e
+            } else {
+                "unreachable".to_string()
+            }
+        };
         let started = Instant::now();
         let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
             .fetch_one(&self.state.pool)
@@ -146,7 +160,10 @@ impl HealthApi {
             configured: true,
             up: pg.is_ok(),
             latency_ms: pg.as_ref().ok().map(|_| ms(started.elapsed())),
-            error: pg.err().map(|e| e.to_string()),
+            error: pg.err().map(|e| {
+                tracing::warn!(error = %e, "health: postgres unreachable");
+                shown(e.to_string())
+            }),
         };
         let redis = match self.state.redis_ping().await {
             None => Dependency {
@@ -165,7 +182,7 @@ impl HealthApi {
                 configured: true,
                 up: false,
                 latency_ms: None,
-                error: Some(e),
+                error: Some(shown(e)),
             },
         };
         let status = if !postgres.up {
@@ -216,7 +233,9 @@ impl HealthApi {
         let extension_version = match ext {
             Ok(v) => v,
             Err(e) => {
-                problems.push(format!("postgres: {e}"));
+                // The detail goes to the log only.
+                tracing::warn!(error = %e, "readiness: postgres unreachable");
+                problems.push("postgres: unreachable".into());
                 None
             }
         };

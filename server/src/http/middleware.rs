@@ -3,6 +3,7 @@
 //! Cache-Control, Vary, compression, security headers.
 
 use super::error::{ErrorBody, REQUEST_ID};
+use super::routes::{Match, Routes};
 use crate::state::AppState;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -10,6 +11,7 @@ use poem::http::{header, HeaderValue, Method, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
 use std::io::Write;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,7 +37,11 @@ pub fn request_id(req: &Request) -> String {
 }
 
 /// Outermost layer: request id, log span, access log line.
-pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+pub async fn with_request_id<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    routes: Arc<Routes>,
+) -> poem::Result<Response> {
     let id = request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -66,7 +72,12 @@ pub async fn with_request_id<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Res
             .insert("x-cache", HeaderValue::from_static(c));
     }
     let status = resp.status().as_u16();
-    crate::metrics::record_request(method.as_str(), &path, status, started);
+    crate::metrics::record_request(
+        super::routes::method_label(method.as_str()),
+        routes.label(&path),
+        status,
+        started,
+    );
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| {
         if status >= 500 {
@@ -137,28 +148,45 @@ impl super::error::ErrorBody {
     }
 }
 
-/// Per-token and per-IP limits of RATE_LIMIT_PER_MINUTE requests each.
+/// Request budgets. Every `/api/*` and `/ws` request spends from its IP's
+/// bucket (RATE_LIMIT_PER_IP_PER_MINUTE), whatever it carries; a request
+/// whose bearer token verifies also spends from that token's bucket
+/// (RATE_LIMIT_PER_MINUTE), checked in the security scheme after
+/// verification, so junk tokens never get a bucket of their own. WebSocket
+/// upgrades have their own per-IP budget (WS_UPGRADES_PER_MINUTE).
 pub struct RateLimits {
-    by_ip: DefaultKeyedRateLimiter<String>,
+    by_ip: DefaultKeyedRateLimiter<IpAddr>,
     by_token: DefaultKeyedRateLimiter<String>,
+    ws_by_ip: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
     calls: std::sync::atomic::AtomicU64,
 }
 
+fn quota(per_minute: u32) -> Quota {
+    let n = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::per_minute(n).allow_burst(n)
+}
+
 impl RateLimits {
-    pub fn new(per_minute: u32) -> Self {
-        let n = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_minute(n).allow_burst(n);
+    pub fn new(per_token: u32, per_ip: u32, ws_per_ip: u32) -> Self {
         Self {
-            by_ip: RateLimiter::keyed(quota),
-            by_token: RateLimiter::keyed(quota),
+            by_ip: RateLimiter::keyed(quota(per_ip)),
+            by_token: RateLimiter::keyed(quota(per_token)),
+            ws_by_ip: RateLimiter::keyed(quota(ws_per_ip)),
             clock: DefaultClock::default(),
             calls: Default::default(),
         }
     }
 
-    /// `Err(seconds to wait)` when either limit is reached.
-    pub fn check(&self, ip: &str, token: Option<&str>) -> Result<(), u64> {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self::new(
+            c.rate_limit_per_minute,
+            c.rate_limit_per_ip_per_minute,
+            c.ws_upgrades_per_minute,
+        )
+    }
+
+    fn upkeep(&self) {
         // Forget idle keys now and then so the maps stay small.
         if self
             .calls
@@ -168,15 +196,29 @@ impl RateLimits {
         {
             self.by_ip.retain_recent();
             self.by_token.retain_recent();
+            self.ws_by_ip.retain_recent();
         }
-        let wait = |nu: governor::NotUntil<_>| nu.wait_time_from(self.clock.now()).as_secs().max(1);
-        if let Some(t) = token {
-            // Keyed by a digest: raw tokens are not kept in memory.
-            let key = hex(&Sha256::digest(t.as_bytes())[..16]);
-            self.by_token.check_key(&key).map_err(wait)?;
-            return Ok(());
-        }
-        self.by_ip.check_key(&ip.to_string()).map_err(wait)
+    }
+
+    fn wait(&self, nu: governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
+        nu.wait_time_from(self.clock.now()).as_secs().max(1)
+    }
+
+    /// `Err(seconds to wait)` when the IP's budget is spent.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), u64> {
+        self.upkeep();
+        self.by_ip.check_key(&ip).map_err(|nu| self.wait(nu))
+    }
+
+    /// For a token that has verified.
+    pub fn check_token(&self, token: &str) -> Result<(), u64> {
+        // Keyed by a digest: raw tokens are not kept in memory.
+        let key = hex(&Sha256::digest(token.as_bytes())[..16]);
+        self.by_token.check_key(&key).map_err(|nu| self.wait(nu))
+    }
+
+    pub fn check_ws(&self, ip: IpAddr) -> Result<(), u64> {
+        self.ws_by_ip.check_key(&ip).map_err(|nu| self.wait(nu))
     }
 }
 
@@ -184,57 +226,126 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Rate limits (API routes only) and the body size limit.
+pub fn client_ip(req: &Request) -> IpAddr {
+    req.remote_addr()
+        .as_socket_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+}
+
+/// 400 for a query parameter the operation does not declare, or one given
+/// twice: handlers would ignore it, and the response must not depend on
+/// (or be cached under) anything they ignore.
+pub fn check_query(req: &Request, routes: &Routes) -> Result<(), super::error::ApiError> {
+    let Some(query) = req.uri().query() else {
+        return Ok(());
+    };
+    let Match::Operation(_, allowed) = routes.find(req.method().as_str(), req.uri().path()) else {
+        return Ok(());
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (k, _) in form_urlencoded::parse(query.as_bytes()) {
+        if k.is_empty() {
+            continue;
+        }
+        if !allowed.contains(k.as_ref()) {
+            let mut names: Vec<&str> = allowed.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            let name: String = k.chars().take(64).collect();
+            return Err(super::error::ApiError::bad_param(
+                &name,
+                if names.is_empty() {
+                    "unknown query parameter; this operation takes none".to_string()
+                } else {
+                    format!(
+                        "unknown query parameter; this operation takes: {}",
+                        names.join(", ")
+                    )
+                },
+            ));
+        }
+        if !seen.insert(k.clone()) {
+            return Err(super::error::ApiError::bad_param(
+                &k,
+                "given more than once",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Rate limits, declared query parameters, and the body size limit,
+/// enforced while the body is read, whatever the headers (or their absence,
+/// as over HTTP/2) say.
 pub async fn with_limits<E: Endpoint>(
     ep: Arc<E>,
     req: Request,
     state: Arc<AppState>,
     limits: Arc<RateLimits>,
+    routes: Arc<Routes>,
 ) -> poem::Result<Response> {
     let path = req.uri().path();
-    if path.starts_with("/api/") {
-        let ip = req.remote_addr().to_string();
-        let ip = ip
-            .rsplit_once(':')
-            .map(|(h, _)| h.to_string())
-            .unwrap_or(ip);
-        let token = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::auth::bearer);
-        if let Err(retry) = limits.check(&ip, token) {
+    let is_ws = path == "/ws";
+    if path.starts_with("/api/") || is_ws {
+        let ip = client_ip(&req);
+        let checked =
+            limits
+                .check_ip(ip)
+                .and_then(|()| if is_ws { limits.check_ws(ip) } else { Ok(()) });
+        if let Err(retry) = checked {
             return Ok(super::error::ApiError::too_many(retry).into_response());
         }
+    }
+    if let Some(allowed) = routes.allowed(req.uri().path()) {
+        let method = req.method().as_str();
+        if !allowed.contains(&method) && method != "OPTIONS" {
+            let mut resp = error_response(poem::Error::from_string(
+                format!("{method} is not allowed here; use {}", allowed.join(", ")),
+                StatusCode::METHOD_NOT_ALLOWED,
+            ));
+            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return Ok(resp);
+        }
+    }
+    if let Err(e) = check_query(&req, &routes) {
+        return Ok(e.into_response());
+    }
+    if req.headers().contains_key(header::UPGRADE) {
+        return ep.call(req).await.map(IntoResponse::into_response);
     }
     let limit = state.config.body_limit;
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|v| v.parse::<u64>().ok())
     {
-        if len > limit {
+        if len > limit as u64 {
             return Ok(super::error::ApiError::too_large(format!(
                 "body of {len} bytes exceeds BODY_LIMIT ({limit} bytes)"
             ))
             .into_response());
         }
-    } else if req.headers().contains_key(header::TRANSFER_ENCODING) {
-        // Chunked body: read it with the limit applied.
-        let (req_parts, body) = req.into_parts();
-        let bytes = match body.into_bytes_limit(limit).await {
-            Ok(b) => b,
-            Err(_) => {
-                return Ok(super::error::ApiError::too_large(format!(
-                    "body exceeds BODY_LIMIT ({limit} bytes)"
-                ))
-                .into_response())
-            }
-        };
-        let req = Request::from_parts(req_parts, poem::Body::from(bytes));
-        return ep.call(req).await.map(IntoResponse::into_response);
     }
+    let (parts, body) = req.into_parts();
+    let bytes = match body.into_bytes_limit(limit).await {
+        Ok(b) => b,
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+            return Ok(super::error::ApiError::too_large(format!(
+                "body exceeds BODY_LIMIT ({limit} bytes)"
+            ))
+            .into_response())
+        }
+        Err(e) => {
+            return Ok(
+                super::error::ApiError::bad_param("body", format!("could not be read: {e}"))
+                    .into_response(),
+            )
+        }
+    };
+    let req = Request::from_parts(parts, poem::Body::from(bytes));
     ep.call(req).await.map(IntoResponse::into_response)
 }
 
@@ -540,13 +651,19 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit_per_token() {
-        let l = RateLimits::new(3);
+    fn rate_limit_per_token_and_ip() {
+        let l = RateLimits::new(3, 5, 1);
         for _ in 0..3 {
-            assert!(l.check("1.2.3.4", Some("tok")).is_ok());
+            assert!(l.check_token("tok").is_ok());
         }
-        assert!(l.check("1.2.3.4", Some("tok")).is_err());
-        assert!(l.check("1.2.3.4", Some("other")).is_ok());
-        assert!(l.check("1.2.3.4", None).is_ok());
+        assert!(l.check_token("tok").is_err());
+        assert!(l.check_token("other").is_ok());
+        let ip: IpAddr = "1.2.3.4".parse().unwrap();
+        for _ in 0..5 {
+            assert!(l.check_ip(ip).is_ok());
+        }
+        assert!(l.check_ip(ip).is_err());
+        assert!(l.check_ip("1.2.3.5".parse().unwrap()).is_ok());
+        assert!(l.check_ws(ip).is_ok() && l.check_ws(ip).is_err());
     }
 }

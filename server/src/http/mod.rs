@@ -14,7 +14,9 @@ pub mod filters;
 pub mod health;
 pub mod login;
 pub mod middleware;
+pub mod outside;
 pub mod raw;
+pub mod routes;
 pub mod sales;
 pub mod security;
 pub mod stores;
@@ -48,14 +50,12 @@ pub type Apis = (
     admin::AdminApi,
 );
 
-pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
-    let apis = (
+fn apis(state: Arc<AppState>) -> Apis {
+    (
         health::HealthApi {
             state: state.clone(),
         },
-        login::LoginApi {
-            state: state.clone(),
-        },
+        login::LoginApi::new(state.clone()),
         sales::SalesApi {
             state: state.clone(),
         },
@@ -64,12 +64,27 @@ pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
             state: state.clone(),
         },
         admin::AdminApi { state },
-    );
-    OpenApiService::new(apis, "pg_sales API", crate::VERSION).description(
-        "Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension. \
-         Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
-         Requests are rate limited per token and per IP (429 with Retry-After); bodies are limited to BODY_LIMIT bytes (413).",
     )
+}
+
+const DESCRIPTION: &str = "Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension. \
+     Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
+     Requests are rate limited per IP, and per token once it verifies (429 with Retry-After); \
+     bodies are limited to BODY_LIMIT bytes (413), query parameters an operation does not declare are 400.";
+
+/// The routed OpenAPI service.
+pub fn api_service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
+    OpenApiService::new(apis(state), "pg_sales API", crate::VERSION).description(DESCRIPTION)
+}
+
+/// The document: the routed operations plus the routes served beside them.
+pub fn documented_service(state: Arc<AppState>) -> OpenApiService<(Apis, outside::OutsideApi), ()> {
+    OpenApiService::new(
+        (apis(state), outside::OutsideApi),
+        "pg_sales API",
+        crate::VERSION,
+    )
+    .description(DESCRIPTION)
 }
 
 /// Prometheus text format.
@@ -82,16 +97,80 @@ async fn metrics_endpoint(state: poem::web::Data<&Arc<AppState>>) -> poem::Respo
 
 /// The OpenAPI document, as served at `/openapi.json`.
 pub fn openapi_json(state: Arc<AppState>) -> String {
-    api_service(state).spec()
+    finish_spec(&documented_service(state).spec())
+}
+
+/// Two facts poem-openapi leaves out of the generated document:
+/// * an `Option` member is sent as `null` when absent (and accepted as
+///   `null`), so every member that is not required is `nullable`;
+/// * every operation that takes a body answers 415 to a body that is not
+///   JSON (poem-openapi's own check, before the handler).
+pub fn finish_spec(raw: &str) -> String {
+    use serde_json::{json, Value};
+    let Ok(mut doc) = serde_json::from_str::<Value>(raw) else {
+        return raw.to_string();
+    };
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        for schema in schemas.values_mut() {
+            let required: Vec<String> = schema["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (name, prop) in props.iter_mut() {
+                if required.contains(name) {
+                    continue;
+                }
+                if let Some(r) = prop.get("$ref").cloned() {
+                    // OpenAPI 3.0 ignores siblings of `$ref`.
+                    let mut wrapped = json!({"allOf": [{"$ref": r}], "nullable": true});
+                    if let Some(d) = prop.get("description") {
+                        wrapped["description"] = d.clone();
+                    }
+                    *prop = wrapped;
+                } else if let Some(o) = prop.as_object_mut() {
+                    o.insert("nullable".into(), Value::Bool(true));
+                }
+            }
+        }
+    }
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for ops in paths.values_mut().filter_map(Value::as_object_mut) {
+            for op in ops.values_mut() {
+                if op.get("requestBody").is_none() {
+                    continue;
+                }
+                if let Some(responses) = op["responses"].as_object_mut() {
+                    responses.entry("415").or_insert_with(|| {
+                        json!({
+                            "description": "The body is not `application/json`.",
+                            "content": {"application/json; charset=utf-8": {
+                                "schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+                        })
+                    });
+                }
+            }
+        }
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| raw.to_string())
 }
 
 pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let api = api_service(state.clone());
-    let spec = api.spec_endpoint();
-    let docs = api.swagger_ui();
-    let limits = Arc::new(middleware::RateLimits::new(
-        state.config.rate_limit_per_minute,
-    ));
+    let documented = documented_service(state.clone());
+    let spec_json = openapi_json(state.clone());
+    let routes_table = Arc::new(routes::Routes::from_spec(&spec_json));
+    let spec = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(spec_json.clone())
+    });
+    let docs = documented.swagger_ui();
+    let limits = Arc::new(middleware::RateLimits::from_config(&state.config));
     let hsts = state.config.hsts;
     let mut cors = Cors::new()
         .allow_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
@@ -116,7 +195,7 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let (s1, s2) = (state.clone(), state.clone());
     let routes = Route::new()
         .at("/assets/:file", poem::get(dashboard::assets))
-        .at("/openapi.json", spec)
+        .at("/openapi.json", poem::get(spec))
         .at("/metrics", poem::get(metrics_endpoint))
         .nest("/docs", docs)
         .at("/ws", crate::ws::endpoint(state.ws_context()))
@@ -128,7 +207,12 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
         .around(dashboard::with_index);
     let routes = routes
         .around(move |ep, req| middleware::with_representation(ep, req, s1.clone()))
-        .around(move |ep, req| middleware::with_limits(ep, req, s2.clone(), limits.clone()));
+        .around({
+            let (limits, table) = (limits.clone(), routes_table.clone());
+            move |ep, req| {
+                middleware::with_limits(ep, req, s2.clone(), limits.clone(), table.clone())
+            }
+        });
     let routes = if state.config.cors_origins.is_empty() {
         routes.boxed()
     } else {
@@ -136,7 +220,8 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     };
     routes
         .around(move |ep, req| middleware::with_security_headers(ep, req, hsts))
-        .around(middleware::with_request_id)
+        .around(move |ep, req| middleware::with_request_id(ep, req, routes_table.clone()))
         .data(state)
+        .data(limits)
         .boxed()
 }

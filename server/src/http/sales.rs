@@ -329,6 +329,31 @@ pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> 
     Ok(vals)
 }
 
+/// Checks each cursor value against its key's SQL type, so a tampered
+/// cursor is a 400 naming `cursor`, not a failed cast in Postgres.
+pub fn check_cursor_values(keys: &[SortKey], vals: &[String]) -> ApiResult<()> {
+    for (k, v) in keys.iter().zip(vals) {
+        let ok = match k.ty {
+            "bigint" => v.parse::<i64>().is_ok(),
+            "integer" => v.parse::<i32>().is_ok(),
+            "numeric" => v.parse::<f64>().is_ok_and(f64::is_finite),
+            "timestamptz" => chrono::DateTime::parse_from_str(v, "%Y-%m-%d %H:%M:%S%.f%#z")
+                .is_ok_and(|t| (1..=9999).contains(&chrono::Datelike::year(&t))),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::bad_param(
+                "cursor",
+                format!(
+                    "not a cursor from this API ({} is not a valid {})",
+                    k.name, k.ty
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The document expression for one row, projected in Postgres.
 pub fn doc_sql(p: &Projection, qb: &mut QueryBuilder<'_, Postgres>) {
     let with_store = p
@@ -401,20 +426,25 @@ impl SalesApi {
     #[oai(path = "/api/v2/sales", method = "get")]
     async fn list(
         &self,
-        req: &poem::Request,
         auth: BearerAuth,
         /// One store id or several, comma-separated.
         #[oai(name = "storeId")]
         store_id: Query<Option<String>>,
         region: Query<Option<String>>,
-        year: Query<Option<i32>>,
-        month: Query<Option<i32>>,
+        #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
+            Option<i32>,
+        >,
+        #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         /// First month of a range, `YYYY-MM`.
         from: Query<Option<String>>,
         /// Last month of a range, `YYYY-MM` (inclusive).
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<f64>>,
-        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<f64>>,
+        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
+            Option<f64>,
+        >,
+        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
+            Option<f64>,
+        >,
         /// Comma-separated paths to include.
         fields: Query<Option<String>>,
         /// Comma-separated paths to leave out (applied after `fields`).
@@ -423,10 +453,12 @@ impl SalesApi {
         /// totalCustomers, daysReported, updatedAt, createdAt, id. Default `storeId,year,month`.
         sort: Query<Option<String>>,
         /// Page size, default 50; above 200 it is lowered to 200 (`meta.limitClamped`).
+        #[oai(validator(minimum(value = "1")))]
         limit: Query<Option<i64>>,
         /// `meta.nextCursor` of the previous page.
         cursor: Query<Option<String>>,
         /// Rows to skip (at most 10,000; use `cursor` beyond that). Not with `cursor`.
+        #[oai(validator(minimum(value = "0"), maximum(value = "10000")))]
         offset: Query<Option<i64>>,
         /// `false` drops `meta`.
         #[oai(name = "includeMetadata")]
@@ -470,7 +502,11 @@ impl SalesApi {
                     "cannot be combined with cursor",
                 ));
             }
-            Some(c) => Some(decode_cursor(c, &spec, keys.len())?),
+            Some(c) => {
+                let vals = decode_cursor(c, &spec, keys.len())?;
+                check_cursor_values(&keys, &vals)?;
+                Some(vals)
+            }
             None => None,
         };
 
@@ -496,25 +532,42 @@ impl SalesApi {
             include_meta,
             started,
         };
-        let body = cached(&self.state, req, &auth.0, tags, || {
+        let params = (
+            &filter,
+            (&projection.fields, &projection.excluded),
+            &spec,
+            (limit, requested > MAX_LIMIT, offset),
+            &after,
+            include_meta,
+        );
+        let with_cursor = after.is_some();
+        let body = cached(&self.state, "sales.list", &params, &auth.0, tags, || {
             list_body(&self.state, query)
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The only value the caller controls that reaches a cast.
+            ApiError::BadRequest(_) if with_cursor => {
+                ApiError::bad_param("cursor", "not a cursor from this API")
+            }
+            e => e,
+        })?;
         Ok(ListResponse::Ok(RawJson::new(body)))
     }
     /// Totals by store, region or month over the filtered records.
     #[oai(path = "/api/v2/sales/summary", method = "get")]
     async fn summary(
         &self,
-        req: &poem::Request,
         auth: BearerAuth,
         /// `store` (default), `region` or `month`.
         #[oai(name = "groupBy")]
         group_by: Query<Option<GroupBy>>,
         #[oai(name = "storeId")] store_id: Query<Option<String>>,
         region: Query<Option<String>>,
-        year: Query<Option<i32>>,
-        month: Query<Option<i32>>,
+        #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
+            Option<i32>,
+        >,
+        #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         from: Query<Option<String>>,
         to: Query<Option<String>>,
     ) -> ApiResult<SummaryResponse> {
@@ -546,40 +599,48 @@ impl SalesApi {
             ),
         };
         let tags = sales_tags(filter.store_ids.as_deref(), None, None, &auth.0, true);
-        let body = cached(&self.state, req, &auth.0, tags, || async {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-                "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
+        let params = (&filter, group);
+        let body = cached(
+            &self.state,
+            "sales.summary",
+            &params,
+            &auth.0,
+            tags,
+            || async {
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                    "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
                SELECT jsonb_build_object('key', {key}, 'totalSales', sum(m.total_sales),
                       'totalCustomers', sum(m.total_customers), 'months', count(*),
                       'stores', count(DISTINCT m.store_id){extra}) AS r,
                       row_number() OVER (ORDER BY {order}) AS ord
                FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true"
-            ));
-            filter.push_where(&mut qb, &auth.0);
-            qb.push(format!(" GROUP BY {group_sql}) g"));
-            let data: String = crate::metrics::timed(
-                "sales_summary",
-                qb.build_query_scalar()
-                    .fetch_one(&mut *self.state.read_conn().await?),
-            )
-            .await?;
-            let meta = json!({
-                "groupBy": format!("{group:?}").to_lowercase(),
-                "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
-                "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
-                "tookMs": ms(started),
-            });
-            Ok(format!("{{\"data\":{data},\"meta\":{meta}}}"))
-        })
+                ));
+                filter.push_where(&mut qb, &auth.0);
+                qb.push(format!(" GROUP BY {group_sql}) g"));
+                let data: String = crate::metrics::timed(
+                    "sales_summary",
+                    qb.build_query_scalar()
+                        .fetch_one(&mut *self.state.read_conn().await?),
+                )
+                .await?;
+                let meta = json!({
+                    "groupBy": format!("{group:?}").to_lowercase(),
+                    "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
+                    "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
+                    "tookMs": ms(started),
+                });
+                Ok(format!("{{\"data\":{data},\"meta\":{meta}}}"))
+            },
+        )
         .await?;
         Ok(SummaryResponse::Ok(RawJson::new(body)))
     }
 
-    /// One sales record by id, with optional `fields` / `exclude`.
+    /// One sales record by id, with optional `fields` / `exclude`. A record outside the
+    /// caller's scope is 404, as a missing one.
     #[oai(path = "/api/v2/sales/:id", method = "get")]
     async fn get_one(
         &self,
-        req: &poem::Request,
         auth: BearerAuth,
         id: Path<i64>,
         fields: Query<Option<String>>,
@@ -590,16 +651,21 @@ impl SalesApi {
             crate::cache::tag_row(id.0),
             crate::cache::TAG_STORES.to_string(),
         ];
-        let body = cached(&self.state, req, &auth.0, tags, || async {
+        let params = (id.0, &projection.fields, &projection.excluded);
+        let body = cached(&self.state, "sales.get", &params, &auth.0, tags, || async {
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT m.store_id, (");
         doc_sql(&projection, &mut qb);
         qb.push(")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ");
         qb.push_bind(id.0);
+        // Outside the caller's scope is the same 404 as missing: the answer
+        // must not tell which store owns a record the caller may not see.
+        if let Some(scope) = auth.0.scope() {
+            qb.push(" AND m.store_id = ANY(").push_bind(scope).push(")");
+        }
         let row = crate::metrics::timed("sales_get", qb.build().fetch_optional(&mut *self.state.read_conn().await?)).await?;
         let Some(row) = row else {
             return Err(ApiError::not_found(format!("no sales record {}", id.0)));
         };
-        auth.require_store(row.get(0))?;
         Ok(format!("{{\"data\":{}}}", row.get::<&str, _>(1)))
         })
         .await?;
@@ -627,15 +693,29 @@ impl SalesApi {
                 "must hold at least one record",
             ));
         }
+        // Every record is checked here with the rules the extension applies
+        // (one `sales_core` for both), so a record the SQL would read
+        // differently from its validation never reaches it: it is reported
+        // by index, and with `atomic` nothing is written.
+        let mut rejected: Vec<(usize, Vec<sales_core::FieldError>)> = Vec::new();
+        let mut kept: Vec<usize> = Vec::with_capacity(n);
+        let mut denied: Vec<i64> = Vec::new();
+        for (i, r) in body.sales_data_array.iter().enumerate() {
+            match sales_core::record::check_record(r) {
+                Ok(parts) => {
+                    if !auth.0.can_access_store(parts.key.store_id) {
+                        denied.push(parts.key.store_id);
+                    }
+                    kept.push(i);
+                }
+                Err(errors) => {
+                    denied.extend(named_store(r).filter(|s| !auth.0.can_access_store(*s)));
+                    rejected.push((i, errors))
+                }
+            }
+        }
         // Scope first: a record for a store outside the token's scope is 403,
         // whatever else is wrong with the batch.
-        let mut denied: Vec<i64> = body
-            .sales_data_array
-            .iter()
-            .filter_map(|r| r.get("storeId").or_else(|| r.get("store_id")))
-            .filter_map(|v| sales_core::record::parse_id(v).ok())
-            .filter(|id| !auth.0.can_access_store(*id))
-            .collect();
         if !denied.is_empty() {
             denied.sort_unstable();
             denied.dedup();
@@ -647,32 +727,69 @@ impl SalesApi {
         }
         let atomic = body.atomic.unwrap_or(true);
         let replace = body.mode == Some(BatchMode::Replace);
-        let records = Value::Array(body.0.sales_data_array);
+        let mut all = body.0.sales_data_array;
+        let records = Value::Array(if rejected.is_empty() {
+            all
+        } else {
+            kept.iter().map(|&i| std::mem::take(&mut all[i])).collect()
+        });
+        let write = !kept.is_empty();
+        // With `atomic`, a refused record means nothing is written; the
+        // others still go through the extension for a complete report.
+        let roll_back = atomic && !rejected.is_empty();
         let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
-        // The upsert is idempotent (running it twice leaves the same rows),
-        // so it is retried after lost connections as well as deadlocks.
-        let (summary, tags) = crate::db::retry("batch_upsert", true, || async {
-            let mut tx = pool.begin().await?;
-            set_actor(&mut *tx, user).await?;
-            let summary: Value = crate::metrics::timed(
-                "batch_upsert",
-                sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-                    .bind(&records)
-                    .bind(replace)
-                    .bind(atomic)
-                    .bind(&scope)
-                    .fetch_one(&mut *tx),
+        let (summary, tags) = if write {
+            crate::db::retry_tx("batch_upsert", || async {
+                let mut tx = pool.begin().await?;
+                set_actor(&mut *tx, user).await?;
+                let summary: Value = crate::metrics::timed(
+                    "batch_upsert",
+                    sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+                        .bind(&records)
+                        .bind(replace)
+                        .bind(atomic)
+                        .bind(&scope)
+                        .fetch_one(&mut *tx),
+                )
+                .await?;
+                if roll_back || (atomic && summary["failed"].as_i64().unwrap_or(0) > 0) {
+                    tx.rollback().await?;
+                    let mut summary = summary;
+                    for k in ["inserted", "updated", "unchanged"] {
+                        summary[k] = json!(0);
+                    }
+                    summary["eventId"] = Value::Null;
+                    return Ok((summary, Vec::new()));
+                }
+                let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
+                tx.commit()
+                    .await
+                    .map_err(crate::db::TxFailure::AtCommit)?;
+                Ok((summary, tags))
+            })
+            .await
+            .map_err(|f| match f {
+                crate::db::TxFailure::BeforeCommit(e) => ApiError::from(e),
+                crate::db::TxFailure::AtCommit(e) if crate::db::is_transient(&e, true) => {
+                    tracing::error!(error = %e, "connection lost at COMMIT; the batch's outcome is unknown");
+                    ApiError::Unavailable(ErrorBody::new(
+                        "outcome_unknown",
+                        "the database connection was lost while committing: the batch may or may not \
+                         have been written; read the records back before sending it again",
+                        Some(json!({"outcome": "unknown"})),
+                    ))
+                }
+                crate::db::TxFailure::AtCommit(e) => ApiError::from(e),
+            })?
+        } else {
+            (
+                json!({"total": 0, "inserted": 0, "updated": 0, "unchanged": 0, "failed": 0,
+                       "merged": 0, "eventId": null, "errors": [], "duplicates": []}),
+                Vec::new(),
             )
-            .await?;
-            if atomic && summary["failed"].as_i64().unwrap_or(0) > 0 {
-                tx.rollback().await?;
-                return Ok((summary, Vec::new()));
-            }
-            let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
-            tx.commit().await?;
-            Ok((summary, tags))
-        })
-        .await?;
+        };
+        let mut summary = merge_report(summary, &kept, rejected, n);
+        super::error::cap_report(&mut summary);
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
             return Err(ApiError::unprocessable(
@@ -680,8 +797,10 @@ impl SalesApi {
                 Some(summary),
             ));
         }
-        self.state.note_change(&self.state.pool).await;
-        self.state.cache.invalidate(&tags).await;
+        if !tags.is_empty() {
+            self.state.note_change(&self.state.pool).await;
+            self.state.cache.invalidate(&tags).await;
+        }
         Ok(BatchResponse::Ok(RawJson::new(summary.to_string())))
     }
 
@@ -705,25 +824,34 @@ impl SalesApi {
                 "{n} items; at most {max} per batch (BATCH_MAX_RECORDS)"
             )));
         }
-        // Scope: stores named in keys, and the stores of the ids.
-        let mut stores: Vec<i64> = keys
+        // Scope: a store the caller names in a key is 403. An id whose row
+        // lies outside the scope is reported as missing, never with its
+        // store: the answer must not tell who owns a record the caller may
+        // not see.
+        let mut denied: Vec<i64> = keys
             .iter()
-            .filter_map(|k| k.get("storeId").or_else(|| k.get("store_id")))
-            .filter_map(|v| sales_core::record::parse_id(v).ok())
-            .collect();
-        if !ids.is_empty() && !auth.0.is_admin() {
-            let of_ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT DISTINCT store_id FROM sales.monthly_sales WHERE id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch_all(&self.state.pool)
-            .await?;
-            stores.extend(of_ids);
-        }
-        let mut denied: Vec<i64> = stores
-            .into_iter()
+            .filter_map(named_store)
             .filter(|s| !auth.0.can_access_store(*s))
             .collect();
+        let hidden: std::collections::HashSet<usize> = match auth.0.scope() {
+            Some(scope) if !ids.is_empty() => {
+                let visible: std::collections::HashSet<i64> = sqlx::query_scalar(
+                    "SELECT id FROM sales.monthly_sales WHERE id = ANY($1) AND store_id = ANY($2)",
+                )
+                .bind(&ids)
+                .bind(&scope)
+                .fetch_all(&self.state.pool)
+                .await?
+                .into_iter()
+                .collect();
+                ids.iter()
+                    .enumerate()
+                    .filter(|(_, id)| !visible.contains(id))
+                    .map(|(i, _)| i)
+                    .collect()
+            }
+            _ => Default::default(),
+        };
         if !denied.is_empty() {
             denied.sort_unstable();
             denied.dedup();
@@ -733,20 +861,85 @@ impl SalesApi {
                 Some(json!({"storeIds": denied})),
             )));
         }
+        // Keys are checked here with the extension's rules; only well-formed
+        // ones reach it (a malformed value, say a number beyond f64, would
+        // otherwise fail the whole statement).
+        let mut kept_keys: Vec<usize> = Vec::with_capacity(keys.len());
+        let mut sent_keys: Vec<Value> = Vec::with_capacity(keys.len());
+        let mut rejected: Vec<Value> = Vec::new();
+        for (j, k) in keys.iter().enumerate() {
+            match sales_core::record::check_month_key(k) {
+                Ok(mk) => {
+                    kept_keys.push(j);
+                    sent_keys
+                        .push(json!({"storeId": mk.store_id, "year": mk.year, "month": mk.month}));
+                }
+                Err(errs) => {
+                    for e in errs {
+                        let field = if e.field.is_empty() {
+                            format!("keys[{j}]")
+                        } else {
+                            format!("keys[{j}].{}", e.field)
+                        };
+                        rejected.push(
+                            json!({"index": ids.len() + j, "field": field, "reason": e.reason}),
+                        );
+                    }
+                }
+            }
+        }
         let atomic = body.atomic.unwrap_or(true);
         let mut tx = self.state.pool.begin().await?;
         set_actor(&mut *tx, auth.0.user_id).await?;
         let summary: Value = sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
-            .bind(if ids.is_empty() { None } else { Some(ids) })
+            .bind(if ids.is_empty() {
+                None
+            } else {
+                Some(ids.clone())
+            })
             .bind(if keys.is_empty() {
                 None
             } else {
-                Some(Value::Array(keys))
+                Some(Value::Array(sent_keys))
             })
             .bind(atomic)
             .bind(auth.0.scope())
             .fetch_one(&mut *tx)
             .await?;
+        let mut summary = summary;
+        let n_ids = ids.len();
+        if let Some(errors) = summary["errors"].as_array_mut() {
+            for e in errors.iter_mut() {
+                let index = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
+                if hidden.contains(&index) {
+                    e["reason"] = Value::from("no such sales record");
+                }
+                // Renumber keys as the caller sent them.
+                if index >= n_ids && index != usize::MAX {
+                    if let Some(&j) = kept_keys.get(index - n_ids) {
+                        let sent = format!("keys[{}]", index - n_ids);
+                        let field = e["field"].as_str().unwrap_or_default().to_string();
+                        e["index"] = json!(n_ids + j);
+                        e["field"] = json!(field.replacen(&sent, &format!("keys[{j}]"), 1));
+                    }
+                }
+            }
+            let had = errors.len();
+            errors.extend(rejected.iter().cloned());
+            if errors.len() > had {
+                errors.sort_by_key(|e| e["index"].as_u64().unwrap_or(u64::MAX));
+            }
+        }
+        if !rejected.is_empty() {
+            let failed_keys: std::collections::HashSet<u64> = rejected
+                .iter()
+                .filter_map(|e| e["index"].as_u64())
+                .collect();
+            summary["failed"] =
+                json!(summary["failed"].as_u64().unwrap_or(0) + failed_keys.len() as u64);
+            summary["total"] = json!(n);
+        }
+        super::error::cap_report(&mut summary);
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
             tx.rollback().await?;
@@ -761,6 +954,56 @@ impl SalesApi {
         self.state.cache.invalidate(&tags).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
     }
+}
+
+/// The store a record or key names, by the one spelling rule.
+fn named_store(v: &Value) -> Option<i64> {
+    v.as_object()?
+        .iter()
+        .find(|(k, _)| sales_core::record::spelled_as(k, "storeId"))
+        .and_then(|(_, v)| sales_core::record::parse_id(v).ok())
+}
+
+/// The report of the records sent to the extension (numbered among
+/// `kept`), with the records refused before it, numbered as in the request.
+fn merge_report(
+    mut summary: Value,
+    kept: &[usize],
+    rejected: Vec<(usize, Vec<sales_core::FieldError>)>,
+    total: usize,
+) -> Value {
+    if rejected.is_empty() {
+        return summary;
+    }
+    let at = |v: &Value| {
+        v.as_u64()
+            .and_then(|i| kept.get(i as usize))
+            .map(|&i| Value::from(i))
+            .unwrap_or(Value::Null)
+    };
+    let mut errors: Vec<Value> = Vec::new();
+    for e in summary["errors"].as_array().cloned().unwrap_or_default() {
+        let mut e = e;
+        e["index"] = at(&e["index"]);
+        errors.push(e);
+    }
+    for (i, errs) in &rejected {
+        for e in errs {
+            errors.push(json!({"index": i, "field": e.field, "reason": e.reason}));
+        }
+    }
+    errors.sort_by_key(|e| e["index"].as_u64().unwrap_or(u64::MAX));
+    if let Some(dups) = summary["duplicates"].as_array_mut() {
+        for d in dups {
+            d["index"] = at(&d["index"]);
+            d["supersededBy"] = at(&d["supersededBy"]);
+        }
+    }
+    summary["errors"] = Value::Array(errors);
+    summary["total"] = Value::from(total);
+    summary["failed"] =
+        Value::from(summary["failed"].as_u64().unwrap_or(0) + rejected.len() as u64);
+    summary
 }
 
 /// Everything a list query needs, checked.
@@ -867,6 +1110,32 @@ mod tests {
             sort_spec(&parse_sort(None).unwrap()),
             "storeId,year,month,id"
         );
+    }
+
+    #[test]
+    fn cursor_values_are_typed() {
+        let keys = parse_sort(Some("-updatedAt,totalSales")).unwrap();
+        let ok = [
+            "2024-01-05 10:11:12.123456+00".to_string(),
+            "12.5".into(),
+            "9".into(),
+        ];
+        assert!(check_cursor_values(&keys, &ok).is_ok());
+        for bad in [
+            ["2024-13-45 10:11:12+00".to_string(), "1".into(), "9".into()],
+            [
+                "2024-01-05 10:11:12+00".to_string(),
+                "1e999".into(),
+                "9".into(),
+            ],
+            [
+                "2024-01-05 10:11:12+00".to_string(),
+                "1".into(),
+                "99999999999999999999".into(),
+            ],
+        ] {
+            assert!(check_cursor_values(&keys, &bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -67,9 +67,10 @@ pub struct CreateStore {
     /// Unique; letters, digits, `_` and `-`, at most 32.
     #[oai(validator(pattern = r"^[A-Za-z0-9_-]{1,32}$"))]
     pub code: String,
-    #[oai(validator(min_length = 1, max_length = 200))]
+    /// No control characters (Postgres text cannot hold NUL).
+    #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1f\x7f]+$"))]
     pub name: String,
-    #[oai(validator(min_length = 1, max_length = 100))]
+    #[oai(validator(min_length = 1, max_length = 100, pattern = r"^[^\x00-\x1f\x7f]+$"))]
     pub region: String,
     pub status: Option<StoreStatus>,
 }
@@ -77,9 +78,9 @@ pub struct CreateStore {
 #[derive(Object, Debug)]
 pub struct UpdateStore {
     pub status: Option<StoreStatus>,
-    #[oai(validator(min_length = 1, max_length = 200))]
+    #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1f\x7f]+$"))]
     pub name: Option<String>,
-    #[oai(validator(min_length = 1, max_length = 100))]
+    #[oai(validator(min_length = 1, max_length = 100, pattern = r"^[^\x00-\x1f\x7f]+$"))]
     pub region: Option<String>,
 }
 
@@ -119,6 +120,8 @@ fn doc_sql(p: &sales_core::projection::Projection, qb: &mut QueryBuilder<'_, Pos
 #[OpenApi(tag = "ApiTags::Stores")]
 impl StoresApi {
     /// Stores in the caller's scope, by id; filter by region and status.
+    /// Read from the replica only once it has replayed this instance's last
+    /// write (read_conn), so a store just created or changed is never missing.
     #[oai(path = "/api/v2/stores", method = "get")]
     async fn list(
         &self,
@@ -128,8 +131,10 @@ impl StoresApi {
         fields: Query<Option<String>>,
         exclude: Query<Option<String>>,
         /// Default 200, at most 1000.
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Rows to skip.
+        #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<ListResponse> {
         let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
@@ -165,7 +170,7 @@ impl StoresApi {
             .push(") t");
         let data: String = qb
             .build_query_scalar()
-            .fetch_one(&self.state.read_pool())
+            .fetch_one(&mut *self.state.read_conn().await?)
             .await?;
         let meta =
             serde_json::json!({"limit": limit, "offset": offset, "fields": projection.fields});
@@ -191,7 +196,7 @@ impl StoresApi {
             .push_bind(id.0);
         let doc: Option<String> = qb
             .build_query_scalar()
-            .fetch_optional(&self.state.read_pool())
+            .fetch_optional(&mut *self.state.read_conn().await?)
             .await?;
         let doc = doc.ok_or_else(|| ApiError::not_found(format!("no store {}", id.0)))?;
         Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{doc}}}"))))
