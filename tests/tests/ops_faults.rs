@@ -1125,3 +1125,119 @@ async fn short_soak() {
     );
     assert!(stdout.contains("errors: 0") && stdout.contains("missing 0, duplicates 0"));
 }
+
+/// Issue 12: cache invalidation is never awaited before delivery. With
+/// Redis stalled (SIGSTOP) and a long REDIS_TIMEOUT, an event written by
+/// plain SQL still reaches its subscriber at once, and a read right after
+/// it does not get the value cached before it.
+#[tokio::test]
+async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let redis_at = format!("redis://127.0.0.1:{port}");
+    let server = db
+        .server(&[("REDIS_URL", redis_at.as_str()), ("REDIS_TIMEOUT", "3s")])
+        .await;
+    let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
+    let base = format!("http://{}", server.addr);
+    let read = || {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let r = http()
+                .get(format!(
+                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
+                ))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
+                .as_f64()
+                .unwrap()
+        }
+    };
+    let sql_write = |sales: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("SELECT sales.batch_upsert($1, 'replace')")
+                .bind(json!([{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    sql_write(1).await;
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "relay caught up", || async {
+        (server.state.hub.position().id >= head).then_some(())
+    })
+    .await;
+    // Wait for the background invalidation, then cache the answer.
+    eventually(Duration::from_secs(5), "a cached answer", || async {
+        let _ = read().await;
+        (cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(read().await, 1.0);
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+            .await
+            .unwrap();
+    ws.send(Message::text(
+        json!({"type": "subscribe", "event": format!("sales-data-{s}")}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let Some(Ok(Message::Text(t))) = ws.next().await else {
+            panic!("socket closed")
+        };
+        if t.as_str().contains("\"subscribed\"") {
+            break;
+        }
+    }
+
+    redis.signal("STOP");
+    let written = Instant::now();
+    sql_write(2).await;
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let Some(Ok(Message::Text(t))) = ws.next().await else {
+                panic!("socket closed")
+            };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v.get("id").is_some() {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("the event arrives while Redis is stalled");
+    let took = written.elapsed();
+    assert_eq!(event["data"]["totalSales"], 2.0, "{event}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the event took {took:?} with Redis stalled (REDIS_TIMEOUT 3 s)"
+    );
+    assert_eq!(
+        read().await,
+        2.0,
+        "a read after the event gets the new value"
+    );
+    redis.signal("CONT");
+    eventually(
+        Duration::from_secs(10),
+        "health ok after the stall",
+        || async { (health(&base).await["status"] == "ok").then_some(()) },
+    )
+    .await;
+    assert_eq!(read().await, 2.0);
+    server.stop().await;
+}
