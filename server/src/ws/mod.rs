@@ -357,8 +357,8 @@ struct Session {
 /// The waker the socket's read side is polled with: it notes that the read
 /// side woke the task. Most wake-ups are the hub queueing an event; those
 /// skip polling the read side (tungstenite, the split stream's lock, the
-/// readiness check), which the profile showed as a fifth of the server's
-/// own CPU per delivered message.
+/// readiness check), which the profile showed as about a third of the
+/// server's user-space CPU per delivered message.
 struct ReadWake {
     ready: AtomicBool,
     task: futures_util::task::AtomicWaker,
