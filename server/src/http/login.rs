@@ -152,7 +152,7 @@ impl LoginApi {
         let account = body.email.trim().to_lowercase();
         self.guard
             .admit(&account)
-            .map_err(|retry| ApiError::too_many_logins(retry))?;
+            .map_err(ApiError::too_many_logins)?;
         let row: Option<(i64, String, String, String, Vec<i64>)> = sqlx::query_as(
             "SELECT id, email, password_hash, role, store_ids FROM sales.users WHERE lower(email) = lower($1)",
         )
