@@ -193,3 +193,27 @@ impl LoginApi {
         })))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_logins_wait_longer_each_time() {
+        let g = LoginGuard::new(2, 1);
+        for _ in 0..2 {
+            assert!(g.admit("a@x.io").is_ok());
+            g.record("a@x.io", false);
+        }
+        // The second failure used up the free attempts: 1 s, then 2 s, 4 s.
+        let first = g.admit("a@x.io").unwrap_err();
+        g.record("a@x.io", false);
+        let second = g.admit("a@x.io").unwrap_err();
+        g.record("a@x.io", false);
+        let third = g.admit("a@x.io").unwrap_err();
+        assert!(first <= second && second < third, "{first} {second} {third}");
+        assert!(g.admit("b@x.io").is_ok(), "other accounts are not affected");
+        g.record("a@x.io", true);
+        assert!(g.admit("a@x.io").is_ok(), "a success clears the wait");
+    }
+}
