@@ -211,7 +211,10 @@ mod tests {
         let second = g.admit("a@x.io").unwrap_err();
         g.record("a@x.io", false);
         let third = g.admit("a@x.io").unwrap_err();
-        assert!(first <= second && second < third, "{first} {second} {third}");
+        assert!(
+            first <= second && second < third,
+            "{first} {second} {third}"
+        );
         assert!(g.admit("b@x.io").is_ok(), "other accounts are not affected");
         g.record("a@x.io", true);
         assert!(g.admit("a@x.io").is_ok(), "a success clears the wait");
