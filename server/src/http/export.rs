@@ -790,6 +790,10 @@ impl ExportApi {
             export_id: export_id.clone(),
             _permit: permit,
             _user_slot: user_slot,
+            // HTTP/2 ends a failed stream with RST_STREAM on its own; an
+            // HTTP/1.1 connection must be broken (see `crate::listener`).
+            break_on_failure: (req.version() < poem::http::Version::HTTP_2)
+                .then(|| (req.local_addr().clone(), req.remote_addr().clone())),
         };
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let (started_tx, started_rx) = oneshot::channel();
@@ -825,6 +829,8 @@ struct Job {
     _permit: OwnedSemaphorePermit,
     /// Likewise, EXPORT_MAX_PER_USER.
     _user_slot: UserSlot,
+    /// The HTTP/1.1 connection to break if the export fails mid-stream.
+    break_on_failure: Option<(poem::web::LocalAddr, poem::web::RemoteAddr)>,
 }
 
 /// Why an export stopped early.
@@ -968,6 +974,11 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                     drop(job._permit);
                     drop(job._user_slot);
                     if !matches!(stop, Stop::Cancelled(_)) {
+                        // Nothing more reaches the client, not even the
+                        // last chunk: the transfer is cut, never short.
+                        if let Some((local, remote)) = &job.break_on_failure {
+                            crate::listener::break_connection(local, remote);
+                        }
                         let abort = tx.send(Err(io::Error::other("export failed")));
                         let _ = tokio::time::timeout(EXPORT_STALL_TIMEOUT, abort).await;
                     }
