@@ -72,7 +72,7 @@ token=$(curl -fs "$url/api/v2/auth/login" -H 'content-type: application/json' \
 echo "fuzzing $url (schemathesis $SCHEMATHESIS_VERSION, seed $SEED, $EXAMPLES examples per operation)"
 status=0
 # schemathesis keeps a crash cache in its working directory: keep it in target/.
-mkdir -p target/fuzz-work
+rm -rf target/fuzz-work && mkdir -p target/fuzz-work
 venv_bin=$(cd "$VENV/bin" && pwd)
 (cd target/fuzz-work && timeout "$LIMIT" "$venv_bin/schemathesis" run "$url/openapi.json" \
     --header "Authorization: Bearer $token" \
