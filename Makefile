@@ -19,7 +19,7 @@ run test fuzz: export PG_SALES_DEV := 1
 SERVER_RELEASE := target/release/sales-server
 SERVER_DEBUG   := target/debug/sales-server
 
-.PHONY: run test fuzz setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
+.PHONY: run test test-sql fuzz setup build build-debug migrate seed demo-admin bench soak fmt lint openapi reset-db services
 
 setup:
 	./scripts/setup.sh all
@@ -53,13 +53,22 @@ run: seed demo-admin
 ## then the API fuzzer (schemathesis, pinned and seeded) with zero failures.
 test: setup
 	cargo build -p sales-server
-	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4}
-	./scripts/fuzz_api.sh
+	status=0; \
+	$(SQL_TESTS) || status=$$?; \
+	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4} || status=$$?; \
+	./scripts/fuzz_api.sh || status=$$?; \
+	exit $$status
 
 ## The API fuzzer alone, against its own server and database.
 fuzz: setup
 	cargo build -p sales-server
 	./scripts/fuzz_api.sh
+
+## SQL regression tests of the extension's functions (pg_regress) against the
+## cluster `make setup` manages; scripts/sql_tests.sh says how to aim elsewhere.
+SQL_TESTS = PGHOST=127.0.0.1 PGPORT=5432 PGUSER=$(DB_USER) PGPASSWORD=$(DB_PASSWORD) ./scripts/sql_tests.sh
+test-sql:
+	$(SQL_TESTS)
 
 ## Benchmarks print ratios against floors measured in the same run.
 bench: build

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Batch upsert benchmark (issue 3): sales.batch_upsert against hand-written
-# SQL, per-row upserts, batches of 50 and COPY, then commits/s with events on
-# and off. Builds the release extension (when its sources changed) and the
+# SQL, per-row upserts, batches of 50 and COPY (commits/s with events on and
+# off: bench_events.sh). Builds the release extension (when its sources changed) and the
 # release benchmark binary, then runs it in a database of its own.
 #   scripts/bench_upsert.sh [--records N] [--batch N] [--preload N] [--per-row N]
-#                           [--batch50 N] [--writers N] [--seconds N] [--stores-per-method N]
+#                           [--batch50 N] [--stores-per-method N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh extension

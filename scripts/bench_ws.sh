@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# WebSocket fan-out benchmark (issue 5). For each spread of stores (10 and
-# 200) and each size (1,000 / 5,000 / 15,000 / 18,000 clients) it starts a
-# fresh release server on loopback, connects the clients from several
-# `bench_ws clients` processes, and prints connections held, server RSS per
-# idle connection, messages/s delivered and write-to-receipt latency.
+# WebSocket fan-out benchmark (issues 5 and 12). For each size (1,000 /
+# 5,000 / 15,000 / 18,000 clients, subscribed round-robin over stores 1-10)
+# it starts a fresh release server on loopback, connects the clients from
+# several `bench_ws clients` processes (at most PER_PROC each: the open-file
+# limit is 20,000 per process), and prints server RSS per idle connection,
+# the probe's fan-out latency (one one-record batch every 300 ms through
+# POST /api/v2/sales/batch, from sending the write to each client's
+# receipt, p50/p99) and messages/s at saturation; then a summary table.
 # Everything it starts is stopped when it exits; each run is time-bounded.
 #
-#   scripts/bench_ws.sh                      # all sizes, both spreads
-#   SIZES="1000 5000" SPREADS=10 scripts/bench_ws.sh
-#   RATE=4 SECONDS_FIXED=10 SECONDS_SAT=10 WRITERS=4 scripts/bench_ws.sh
+#   scripts/bench_ws.sh                      # all sizes over 10 stores
+#   SIZES="1000 5000" scripts/bench_ws.sh
+#   SPREADS="10 200" PROBE_MS=0 RATE=4 scripts/bench_ws.sh   # the older fixed-rate phase
 #
 # By default it runs against a private Postgres cluster (initdb in a
 # temporary directory, loopback only, removed at exit), so that other work on
@@ -23,7 +26,8 @@ PRIVATE_PG=${PRIVATE_PG:-1}
 PG_BASE=${PG_BASE:-postgres://sales_app:pg_sales_dev@127.0.0.1:5432}
 PORT=${BENCH_WS_PORT:-3101}
 SIZES=${SIZES:-"1000 5000 15000 18000"}
-SPREADS=${SPREADS:-"10 200"}
+SPREADS=${SPREADS:-10}
+PROBE_MS=${PROBE_MS:-300}
 PER_PROC=${PER_PROC:-4000}
 RATE=${RATE:-4}
 SECONDS_FIXED=${SECONDS_FIXED:-10}
@@ -61,7 +65,7 @@ start_private_pg() {
     sudo -u postgres "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth-local=peer --auth-host=scram-sha-256 \
         --pwfile="$PG_DIR/pwfile" >/dev/null
     sudo -u postgres "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
-        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB" start >/dev/null
+        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_buffers=256MB -c shared_preload_libraries=pg_sales" start >/dev/null
     sudo -u postgres psql -h "$PG_DIR" -p "$port" -qc "CREATE ROLE sales_app LOGIN SUPERUSER PASSWORD 'pg_sales_dev'"
     PG_BASE="postgres://sales_app:pg_sales_dev@127.0.0.1:${port}"
     echo "private Postgres cluster on 127.0.0.1:${port} ($PG_DIR)"
@@ -111,14 +115,34 @@ start_server() {
     exit 1
 }
 
-echo "pg_sales WebSocket benchmark: $(nproc) cores, $(uname -r), writes through POST /api/v2/sales/batch"
+echo "pg_sales WebSocket benchmark: $(nproc) cores, $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg), writes through POST /api/v2/sales/batch"
+OUT=$(mktemp /tmp/bench_ws_out.XXXXXX)
+RATE_ARG=()
+if [ "$PROBE_MS" = 0 ]; then RATE_ARG=(--rate "$RATE"); fi
 for spread in $SPREADS; do
     for size in $SIZES; do
         start_server
         timeout 900 "$BENCH" run --url "http://127.0.0.1:${PORT}" --server-pid "$SERVER_PID" \
-            --clients "$size" --stores "$spread" --per-proc "$PER_PROC" --rate "$RATE" \
-            --seconds "$SECONDS_FIXED" --saturate-seconds "$SECONDS_SAT" --writers "$WRITERS" \
+            --clients "$size" --stores "$spread" --per-proc "$PER_PROC" "${RATE_ARG[@]}" \
+            --probe-ms "$PROBE_MS" --seconds "$SECONDS_FIXED" --saturate-seconds "$SECONDS_SAT" \
+            --writers "$WRITERS" | tee -a "$OUT" \
             || echo "  (run for $size clients over $spread stores failed: exit $?)"
         stop_server
     done
 done
+echo
+echo "summary (clients over stores: probe p50 / p99 from send, messages/s at saturation, kB per idle connection):"
+# One block per run, each starting with "== N clients over S stores".
+csplit -s -z -f "$OUT.run." "$OUT" '/^== /' '{*}' 2>/dev/null || true
+for f in "$OUT".run.*; do
+    [ -e "$f" ] || continue
+    head=$(head -1 "$f" | sed -E 's/^== ([0-9]+) clients over ([0-9]+) stores.*/\1 over \2/')
+    kb=$(sed -nE 's/.*\(([0-9.]+) kB\) per idle.*/\1/p' "$f" | head -1)
+    p50=$(sed -nE 's/^  probe.* p50 ([0-9.]+) ms.*/\1/p' "$f" | head -1)
+    p99=$(sed -nE 's/^  probe.* p99 ([0-9.]+) ms.*/\1/p' "$f" | head -1)
+    sat=$(sed -nE 's/^  saturation.* ([0-9]+) messages\/s.*/\1/p' "$f" | head -1)
+    printf '  %-14s p50 %6s ms, p99 %6s ms, %8s messages/s at saturation, %5s kB per idle connection\n' \
+        "$head:" "${p50:--}" "${p99:--}" "${sat:--}" "${kb:--}"
+done
+rm -f "$OUT".run.*
+rm -f "$OUT"

@@ -69,13 +69,16 @@ postgres_up() {
     fi
     local conf=/etc/postgresql/${PG_MAJOR}/main/conf.d/pg_sales.conf
     local want="# managed by pg_sales scripts/setup.sh
-shared_preload_libraries = 'pg_stat_statements'
+shared_preload_libraries = 'pg_stat_statements,pg_sales'
 pg_stat_statements.track = all
 max_connections = 300
 wal_level = replica
 max_wal_senders = 10
 listen_addresses = '127.0.0.1'"
     local restart=no
+    # pg_sales is preloaded (its event delivery order lives in shared
+    # memory), so a newly installed build only takes effect after a restart.
+    [ "${EXTENSION_CHANGED:-no}" = yes ] && restart=yes
     if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
         mkdir -p "$(dirname "$conf")"
         printf '%s\n' "$want" > "$conf"
@@ -85,7 +88,7 @@ listen_addresses = '127.0.0.1'"
         log "starting Postgres ${PG_MAJOR}/main"
         pg_ctlcluster ${PG_MAJOR} main start
     elif [ $restart = yes ]; then
-        log "restarting Postgres ${PG_MAJOR}/main for new settings"
+        log "restarting Postgres ${PG_MAJOR}/main for new settings or a new pg_sales build"
         pg_ctlcluster ${PG_MAJOR} main restart
     fi
     for _ in $(seq 1 50); do
@@ -122,7 +125,10 @@ extension() {
     fi
     log "building and installing the pg_sales extension (release)"
     (cd "$ROOT/extension" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
+    # Earlier releases' install scripts (pgrx copies only the upgrade scripts).
+    "$ROOT/scripts/install_extension_sql.sh" "$PG_CONFIG"
     echo "$hash" > "$STAMP_DIR/extension"
+    EXTENSION_CHANGED=yes
 }
 
 database() {
@@ -137,26 +143,39 @@ BEGIN
     END IF;
 END \$\$;
 SQL
-    # The demo database remembers which extension build created its schema;
-    # after a new build (the extension's SQL may have changed under the same
-    # version) it is recreated, and `make run` seeds it again.
-    local build
-    build="pg_sales build $(cat "$STAMP_DIR/extension" 2>/dev/null || echo unknown)"
-    if sudo -u postgres psql -qAt -c "select 1 from pg_database where datname = '${DB_NAME}'" | grep -q 1; then
-        local have
-        have=$(sudo -u postgres psql -qAt -c "select shobj_description(oid, 'pg_database') from pg_database where datname = '${DB_NAME}'")
-        if [ "$have" != "$build" ]; then
-            log "recreating demo database ${DB_NAME} for the new extension build"
-            sudo -u postgres dropdb --force "${DB_NAME}"
-        fi
-    fi
+    # Never dropped here: it may hold data a user loaded. A new extension
+    # version is applied in place (ALTER EXTENSION pg_sales UPDATE runs the
+    # upgrade scripts pg_sales--A--B.sql); `make reset-db` is the only way
+    # this project drops it.
     if ! sudo -u postgres psql -qAt -c "select 1 from pg_database where datname = '${DB_NAME}'" | grep -q 1; then
         log "creating database ${DB_NAME}"
         sudo -u postgres createdb -O "${DB_USER}" "${DB_NAME}"
-        sudo -u postgres psql -qAt -c "COMMENT ON DATABASE ${DB_NAME} IS '${build}'" >/dev/null
     fi
-    # Upgrade the extension in place when a newer build was installed.
-    sudo -u postgres psql -qAt -d "${DB_NAME}" -c "select 1" >/dev/null
+    local have want
+    have=$(sudo -u postgres psql -qAt -d "${DB_NAME}" -c "select extversion from pg_extension where extname = 'pg_sales'")
+    want=$(sudo -u postgres psql -qAt -d "${DB_NAME}" -c "select default_version from pg_available_extensions where name = 'pg_sales'")
+    # Not installed yet: the first migration (sales-server migrate) creates it.
+    if [ -n "$have" ] && [ "$have" != "$want" ]; then
+        log "upgrading extension pg_sales ${have} -> ${want} in ${DB_NAME} (data kept)"
+        if ! sudo -u postgres psql -qAt -v ON_ERROR_STOP=1 -d "${DB_NAME}" -c "ALTER EXTENSION pg_sales UPDATE" >/dev/null; then
+            echo "pg_sales: no upgrade path from ${have} to ${want} (missing extension/sql/pg_sales--${have}--*.sql?)." >&2
+            echo "Nothing was changed. 'make reset-db' recreates ${DB_NAME} empty (its data is lost)." >&2
+            exit 1
+        fi
+    fi
+    # The same version with different SQL (an edit under extension/ without
+    # a version bump) cannot be applied in place: say so rather than drop.
+    local build
+    build="pg_sales build $(cat "$STAMP_DIR/extension" 2>/dev/null || echo unknown)"
+    if [ -n "$have" ] && [ "$have" = "$want" ]; then
+        local seen
+        seen=$(sudo -u postgres psql -qAt -c "select shobj_description(oid, 'pg_database') from pg_database where datname = '${DB_NAME}'")
+        if [ -n "$seen" ] && [ "$seen" != "$build" ]; then
+            log "note: the extension was rebuilt under the same version ${want}; SQL changes reach ${DB_NAME}"
+            log "      only through a new version and its upgrade script (README: Upgrades), or 'make reset-db'"
+        fi
+    fi
+    sudo -u postgres psql -qAt -c "COMMENT ON DATABASE ${DB_NAME} IS '${build}'" >/dev/null
 }
 
 case "${1:-all}" in
@@ -164,6 +183,7 @@ case "${1:-all}" in
     services) postgres_up; redis_up ;;
     extension) extension ;;
     database) database ;;
-    all) deps; postgres_up; redis_up; extension; database ;;
+    # The extension is installed before Postgres starts: the cluster preloads it.
+    all) deps; extension; postgres_up; redis_up; database ;;
     *) echo "usage: $0 [deps|services|extension|database|all]" >&2; exit 2 ;;
 esac

@@ -35,7 +35,7 @@ WITH idx AS (
            EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) AS backs_constraint,
            NOT i.indisvalid AND c.relname ~ '_cc(new|old)[0-9]*$' AS leftover,
            -- Marked as part of the design (COMMENT ON INDEX ... IS 'pg_sales: required ...'):
-           -- e.g. events_since needs events_xid_id_idx however rarely it runs.
+           -- e.g. events_since needs events_seq_idx however rarely it runs.
            -- Never proposed for dropping; kept first among twins.
            coalesce(obj_description(i.indexrelid, 'pg_class') LIKE 'pg_sales: required%', false) AS required
     FROM pg_index i

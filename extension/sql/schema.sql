@@ -56,14 +56,25 @@ CREATE TABLE sales.users (
 );
 CREATE UNIQUE INDEX users_email_key ON sales.users (lower(email));
 
--- The event log. `xid` is the writer's transaction id: readers order by
--- (xid, id) and stop below the oldest running transaction, so an event whose
--- transaction commits late is never skipped (see events_since).
--- `user_id` is set only on user-only events (notifications): a consumer
--- delivers such an event to that user alone. `actor_id` is who caused the
--- event (the `sales.user_id` setting), for auditing; it restricts nothing.
--- `wakes` marks the first event of a transaction: its deferred trigger sends
--- the transaction's single NOTIFY at commit (see sales.arm_notify).
+-- Shared memory is required: refuse to install without it rather than fail
+-- at the first write.
+DO $$
+BEGIN
+    IF NOT sales.delivery_ready() THEN
+        RAISE EXCEPTION 'pg_sales must be loaded at server start'
+            USING ERRCODE = '55000',
+                  HINT = 'add pg_sales to shared_preload_libraries in postgresql.conf and restart Postgres';
+    END IF;
+END $$;
+
+-- The event log. `seq` is the delivery order: taken from a cluster-wide
+-- clock in shared memory as each row is written (see extension/src/delivery.rs),
+-- read back only below the horizon that running event-writing transactions
+-- hold (see events_since). `xid` is the writer's transaction, for
+-- information. `user_id` is set only on user-only events (notifications): a
+-- consumer delivers such an event to that user alone. `actor_id` is who
+-- caused the event (the `sales.user_id` setting), for auditing; it restricts
+-- nothing.
 CREATE TABLE sales.events (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind         text NOT NULL,
@@ -74,16 +85,16 @@ CREATE TABLE sales.events (
     row_version  bigint,
     payload      jsonb NOT NULL DEFAULT '{}'::jsonb,
     xid          xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    wakes        boolean NOT NULL DEFAULT false,
-    created_at   timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    seq          bigint NOT NULL DEFAULT sales.event_seq()
 );
-CREATE INDEX events_xid_id_idx ON sales.events (xid, id);
+CREATE UNIQUE INDEX events_seq_idx ON sales.events (seq);
 -- BRIN: events are appended in time order, and prune_events only needs
 -- "which block ranges are old"; a btree here cost every event insert a
 -- second index insertion.
 CREATE INDEX events_created_at_idx ON sales.events USING brin (created_at);
 -- index_report never proposes dropping these, however seldom they are scanned.
-COMMENT ON INDEX sales.events_xid_id_idx IS 'pg_sales: required by events_since, events_head and the NOTIFY trigger';
+COMMENT ON INDEX sales.events_seq_idx IS 'pg_sales: required by events_since, events_head and the NOTIFY trigger';
 COMMENT ON INDEX sales.events_created_at_idx IS 'pg_sales: required by prune_events';
 
 -- Keep table data in pg_dump output even though the tables belong to the extension.
@@ -180,55 +191,9 @@ LANGUAGE sql STABLE AS $$
     SELECT nullif(current_setting('sales.user_id', true), '')::bigint
 $$;
 
--- One NOTIFY per writing transaction, whatever it does: a plain statement,
--- an INSERT ... ON CONFLICT (which fires both INSERT and UPDATE statement
--- triggers), a store DELETE that cascades to its months, a batch, or several
--- statements in one transaction. Notifications are only delivered at commit
--- anyway, so more than one per transaction would only wake listeners twice
--- and serialise commits longer.
---
--- How: the first event a transaction appends is marked `wakes`; a deferred
--- constraint trigger on that one row runs at commit and notifies the highest
--- event id of the transaction. sales.arm_notify() (Rust, in events.rs) says
--- whether the event row being written is that first one; every event insert
--- sets `wakes = sales.arm_notify()`, evaluated for each row it writes (so it
--- never arms without writing the marked row). Its flag is a
--- transaction-local setting, so a rolled-back savepoint forgets it together
--- with the event rows it covered.
-
--- Coalescing (opt-in: SET sales.notify_coalesce = on, per database or role).
--- Every NOTIFY serialises commits cluster-wide: Postgres holds a global lock
--- from the NOTIFY until the commit record is flushed, so with one NOTIFY per
--- transaction many small concurrent writers commit one fsync at a time
--- (measured by scripts/bench_upsert.sh). With coalescing, a transaction
--- that finds another one committing its NOTIFY (advisory lock below, held to
--- the end of that transaction) sends none: that NOTIFY wakes the listeners.
--- It may be delivered before this transaction's events are visible, so a
--- listener using coalescing must, after each wake-up, keep polling
--- events_since until every transaction running at the wake-up has ended
--- (pg_snapshot_xmin(pg_current_snapshot()) passes the wake-up's
--- pg_snapshot_xmax): then no event is left behind.
-CREATE FUNCTION sales.tg_events_wake() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE max_id bigint;
-BEGIN
-    -- Normally this runs at commit. After SET CONSTRAINTS ALL IMMEDIATE it
-    -- runs mid-transaction: re-arm so that later events wake listeners again.
-    PERFORM set_config('sales.notify_armed', '', true);
-    -- 0x5A1E5 is pg_sales' advisory lock key for "a NOTIFY is being committed".
-    IF current_setting('sales.notify_coalesce', true) = 'on' AND NOT pg_try_advisory_xact_lock(369125) THEN
-        RETURN NULL;
-    END IF;
-    SELECT max(e.id) INTO max_id FROM sales.events e WHERE e.xid = pg_current_xact_id();
-    IF max_id IS NOT NULL THEN
-        PERFORM pg_notify('sales_events', max_id::text);
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE CONSTRAINT TRIGGER events_wake AFTER INSERT ON sales.events
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW WHEN (NEW.wakes) EXECUTE FUNCTION sales.tg_events_wake();
+-- One NOTIFY per writing transaction at most, whatever it does, sent just
+-- before commit by the extension (extension/src/delivery.rs,
+-- notify_at_commit), coalesced by default. Rolled-back work sends none.
 
 -- The statement triggers below append one event per changed row, in a stable
 -- (store, year, month) order. They are statement-level (one call per
@@ -237,13 +202,12 @@ CREATE CONSTRAINT TRIGGER events_wake AFTER INSERT ON sales.events
 CREATE FUNCTION sales.tg_sales_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-created', n.store_id, sales.current_actor(), n.id, n.version,
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                              'changedDays', sales.changed_days(NULL, n.daily_data)),
-           sales.arm_notify()
+                              'changedDays', sales.changed_days(NULL, n.daily_data))
     FROM new_rows n
     ORDER BY n.store_id, n.year, n.month;
     RETURN NULL;
@@ -252,15 +216,14 @@ END $$;
 CREATE FUNCTION sales.tg_sales_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-updated', n.store_id, sales.current_actor(), n.id, n.version,
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
                               'changedDays', sales.changed_days(o.daily_data, n.daily_data))
            || CASE WHEN o.store_id <> n.store_id
-                   THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END,
-           sales.arm_notify()
+                   THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END
     FROM new_rows n JOIN old_rows o ON o.id = n.id
     -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
     WHERE n.version <> o.version
@@ -271,11 +234,10 @@ END $$;
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
            jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
-                              'version', o.version + 1),
-           sales.arm_notify()
+                              'version', o.version + 1)
     FROM old_rows o
     ORDER BY o.store_id, o.year, o.month;
     RETURN NULL;
@@ -292,24 +254,21 @@ CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
-        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n),
-               sales.arm_notify()
-        FROM new_rows n ORDER BY n.id;
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n)
+            FROM new_rows n ORDER BY n.id;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT CASE WHEN n.status <> o.status THEN 'store-status-changed' ELSE 'store-updated' END,
                n.id, sales.current_actor(), n.id, n.version,
-               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status),
-               sales.arm_notify()
-        FROM new_rows n JOIN old_rows o ON o.id = n.id
+               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status)
+            FROM new_rows n JOIN old_rows o ON o.id = n.id
         WHERE n.version <> o.version ORDER BY n.id;
     ELSE
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload, wakes)
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT 'store-deleted', o.id, sales.current_actor(), o.id, o.version + 1,
-               jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1),
-               sales.arm_notify()
-        FROM old_rows o ORDER BY o.id;
+               jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1)
+            FROM old_rows o ORDER BY o.id;
     END IF;
     RETURN NULL;
 END $$;
@@ -331,8 +290,8 @@ BEGIN
     IF kind IS NULL OR length(btrim(kind)) = 0 THEN
         RAISE EXCEPTION 'event kind must not be empty' USING ERRCODE = '22023';
     END IF;
-    INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload, wakes)
-    VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'), sales.arm_notify())
+    INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload)
+    VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'))
     RETURNING id INTO new_id;
     RETURN new_id;
 END $$;
@@ -369,108 +328,171 @@ BEGIN
                       NULL, notify_user.user_id);
 END $$;
 
--- The delivery horizon: events of transactions below it are final (committed
--- or rolled back). It is the oldest transaction of the current snapshot that
--- may still write to this database's event log, or the snapshot's xmax when
--- there is none. A transaction runs in one database only, so one that
--- pg_stat_activity shows running in another database cannot write here and
--- holds nothing back; a transaction that has ended since the snapshot was
--- taken cannot be placed and counts (the next read, with a newer snapshot,
--- passes it). Without the right to see other sessions' transaction ids
--- (superuser or pg_read_all_stats) every running transaction counts, which is
--- still correct, only slower to release.
-CREATE FUNCTION sales.events_horizon() RETURNS xid8
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(
-        (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-         WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                           WHERE a.backend_xid = xid(x)
-                             AND a.datname IS DISTINCT FROM current_database())),
-        pg_snapshot_xmax(pg_current_snapshot()))
+-- This transaction's own events (the server collects their cache tags
+-- before COMMIT): the rows between its first and last seq with its xid.
+CREATE FUNCTION sales.transaction_events() RETURNS SETOF sales.events
+LANGUAGE sql VOLATILE AS $$
+    SELECT e.* FROM sales.events e
+    WHERE e.seq BETWEEN sales.transaction_first_seq() AND sales.transaction_last_seq()
+      AND e.xid = pg_current_xact_id_if_assigned()
+    ORDER BY e.seq
 $$;
 
--- Events after `after_id`, in delivery order (xid, id), only from
--- transactions older than every transaction of this database still running
--- (sales.events_horizon). An event whose transaction commits later therefore
--- always sorts after everything already returned: a reader that resumes from
--- the last id it saw never skips one. The price: one long-running write
--- transaction in this database holds back later events until it ends.
--- after_id = 0 reads from the start; an id that is not (or no longer) in the
--- table raises SQLSTATE PS410 (resync required).
---
--- STABLE on purpose: the horizon and the rows come from the same snapshot.
--- With a newer snapshot for the rows, a transaction committing in between
--- could have an xid below the horizon and still be invisible, and be skipped.
-CREATE FUNCTION sales.events_since(after_id bigint, max_rows integer DEFAULT 1000)
-RETURNS SETOF sales.events LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    pos_xid xid8;
-    horizon xid8 := sales.events_horizon();
+-- The delivery position of a retained event; PS410 when it is not (or no
+-- longer) in the table. 0 is the start of the log.
+CREATE FUNCTION sales.event_position(event_id bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE pos bigint;
 BEGIN
-    IF after_id IS NULL OR after_id < 0 THEN
+    IF event_id IS NULL OR event_id < 0 THEN
         RAISE EXCEPTION 'after_id must be 0 or an event id' USING ERRCODE = '22023';
+    END IF;
+    IF event_id = 0 THEN
+        RETURN 0;
+    END IF;
+    SELECT e.seq INTO pos FROM sales.events e WHERE e.id = event_id;
+    IF pos IS NULL THEN
+        RAISE EXCEPTION 'event % is unknown or no longer retained; resync required', event_id
+            USING ERRCODE = 'PS410';
+    END IF;
+    RETURN pos;
+END $$;
+
+-- Events after the delivery position `after_seq`, in delivery order (seq),
+-- only below the horizon (sales.events_horizon: no running transaction can
+-- still add an event before them), at most `max_rows`. With `wait_ms` > 0
+-- and nothing to return yet, waits up to that long for an event-writing
+-- transaction of this database to end and looks again: a long poll that
+-- wakes the moment something becomes deliverable (or an abort stops holding
+-- something back), with no NOTIFY involved.
+--
+-- VOLATILE on purpose: the generation and the horizon are read before the
+-- rows, and each statement here takes a new snapshot (at READ COMMITTED), so
+-- every transaction that ended before the horizon was read is visible to the
+-- row query. Under REPEATABLE READ the snapshot would be older than the
+-- horizon, so it is refused.
+CREATE FUNCTION sales.events_after_seq(after_seq bigint, max_rows integer DEFAULT 1000, wait_ms integer DEFAULT 0)
+RETURNS SETOF sales.events LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    g bigint;
+    h bigint;
+    deadline timestamptz;
+BEGIN
+    IF after_seq IS NULL OR after_seq < 0 THEN
+        RAISE EXCEPTION 'after_seq must be 0 or a delivery position' USING ERRCODE = '22023';
     END IF;
     IF max_rows IS NULL OR max_rows < 1 OR max_rows > 100000 THEN
         RAISE EXCEPTION 'max_rows must be between 1 and 100000' USING ERRCODE = '22023';
     END IF;
-    IF after_id = 0 THEN
-        pos_xid := '0'::xid8;
-    ELSE
-        SELECT e.xid INTO pos_xid FROM sales.events e WHERE e.id = after_id;
-        IF pos_xid IS NULL THEN
-            RAISE EXCEPTION 'event % is unknown or no longer retained; resync required', after_id
-                USING ERRCODE = 'PS410';
-        END IF;
+    IF wait_ms IS NULL OR wait_ms < 0 OR wait_ms > 600000 THEN
+        RAISE EXCEPTION 'wait_ms must be between 0 and 600000' USING ERRCODE = '22023';
     END IF;
-    RETURN QUERY
-        SELECT e.* FROM sales.events e
-        WHERE (e.xid, e.id) > (pos_xid, after_id) AND e.xid < horizon
-        ORDER BY e.xid, e.id
-        LIMIT max_rows;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'reading the event log needs READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25000';
+    END IF;
+    deadline := clock_timestamp() + make_interval(secs => wait_ms / 1000.0);
+    LOOP
+        g := sales.events_generation();
+        h := sales.events_horizon();
+        RETURN QUERY
+            SELECT e.* FROM sales.events e
+            WHERE e.seq > after_seq AND e.seq < h
+            ORDER BY e.seq
+            LIMIT max_rows;
+        IF FOUND OR clock_timestamp() >= deadline THEN
+            RETURN;
+        END IF;
+        PERFORM sales.events_wait(g, greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000))::int);
+    END LOOP;
 END $$;
+
+-- The same after an event id (0 = from the start). An id that is not (or no
+-- longer) in the table raises SQLSTATE PS410 (resync required).
+CREATE FUNCTION sales.events_next(after_id bigint, max_rows integer DEFAULT 1000, wait_ms integer DEFAULT 0)
+RETURNS SETOF sales.events LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM sales.events_after_seq(sales.event_position(after_id), max_rows, wait_ms)
+$$;
+
+-- Events after `after_id`, in delivery order, without waiting.
+CREATE FUNCTION sales.events_since(after_id bigint, max_rows integer DEFAULT 1000)
+RETURNS SETOF sales.events LANGUAGE sql VOLATILE AS $$
+    SELECT * FROM sales.events_after_seq(sales.event_position(after_id), max_rows, 0)
+$$;
 
 -- The position a new reader starts from: the last event that events_since
 -- would return, or 0 when there is none.
 CREATE FUNCTION sales.events_head() RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce((SELECT e.id FROM sales.events e
-                     WHERE e.xid < sales.events_horizon()
-                     ORDER BY e.xid DESC, e.id DESC LIMIT 1), 0)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE h bigint := sales.events_horizon();
+BEGIN
+    RETURN coalesce((SELECT e.id FROM sales.events e WHERE e.seq < h ORDER BY e.seq DESC LIMIT 1), 0);
+END $$;
+
+-- What holds delivery back: the event-writing transactions of this database
+-- still running, oldest first. Each holds back every event ordered after its
+-- first one until it commits or rolls back.
+CREATE FUNCTION sales.event_holders()
+RETURNS TABLE (pid integer, xid xid8, first_seq bigint, since timestamptz, held_for interval,
+               query_start timestamptz, state text, query text)
+LANGUAGE sql VOLATILE AS $$
+    SELECT h.pid, (h.xid::text)::xid8, h.first_seq,
+           timestamptz '2000-01-01 00:00:00+00' + h.since_us * interval '1 microsecond',
+           clock_timestamp() - (timestamptz '2000-01-01 00:00:00+00' + h.since_us * interval '1 microsecond'),
+           a.query_start, a.state, a.query
+    FROM sales.event_holders_raw() h
+    LEFT JOIN pg_stat_activity a ON a.pid = h.pid
+    ORDER BY h.first_seq
 $$;
+
+-- Delivery at a glance (monitoring): the last deliverable event, the
+-- horizon, committed events that are held back and the oldest transaction
+-- holding them.
+CREATE VIEW sales.event_delivery AS
+    SELECT d.head_id,
+           d.horizon,
+           (SELECT max(e.id) FROM sales.events e) AS newest_id,
+           (SELECT count(*) FROM sales.events e WHERE e.seq >= d.horizon) AS held_back,
+           (SELECT e.id FROM sales.events e WHERE e.seq >= d.horizon ORDER BY e.seq LIMIT 1) AS oldest_held_id,
+           h.pid AS holder_pid,
+           h.since AS holder_since,
+           h.held_for AS holder_held_for,
+           h.query_start AS holder_query_start,
+           h.state AS holder_state,
+           h.query AS holder_query
+    FROM (SELECT sales.events_horizon() AS horizon, sales.events_head() AS head_id) d
+    LEFT JOIN LATERAL (SELECT * FROM sales.event_holders() LIMIT 1) h ON true;
 
 -- Deletes events older than `retention`; returns how many went.
 --
--- It deletes a prefix of the delivery order (xid, id), never a hole: the cut
--- is the last finished event older than `retention`, and everything up to it
--- in (xid, id) order goes. (created_at is the transaction's start, which is
--- not monotonic in xid, so deleting by created_at alone could remove an event
+-- It deletes a prefix of the delivery order (seq), never a hole: the cut is
+-- the last final event older than `retention`, and everything up to it in
+-- seq order goes. (created_at is the transaction's start, which is not
+-- monotonic in seq, so deleting by created_at alone could remove an event
 -- that sorts after one that is kept, and a reader would skip it silently.)
 -- A reader positioned on a kept event therefore finds every later event; one
--- positioned on a pruned event gets PS410. The newest finished event is always
+-- positioned on a pruned event gets PS410. The newest final event is always
 -- kept, so a reader that is up to date is never told to resync.
 CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days') RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
-    horizon xid8 := sales.events_horizon();
-    cut_xid xid8;
-    cut_id bigint;
-    last_xid xid8;
-    last_id bigint;
+    horizon bigint;
+    cut_seq bigint;
+    last_seq bigint;
 BEGIN
     IF retention IS NULL OR retention < interval '0' THEN
         RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
     END IF;
-    SELECT e.xid, e.id INTO last_xid, last_id FROM sales.events e
-    WHERE e.xid < horizon ORDER BY e.xid DESC, e.id DESC LIMIT 1;
-    SELECT e.xid, e.id INTO cut_xid, cut_id FROM sales.events e
-    WHERE e.created_at < now() - retention AND e.xid < horizon
-      AND (e.xid, e.id) < (last_xid, last_id)
-    ORDER BY e.xid DESC, e.id DESC LIMIT 1;
-    IF cut_id IS NULL THEN
+    horizon := sales.events_horizon();
+    SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
+    SELECT e.seq INTO cut_seq FROM sales.events e
+    WHERE e.created_at < now() - retention AND e.seq < last_seq
+    ORDER BY e.seq DESC LIMIT 1;
+    IF cut_seq IS NULL THEN
         RETURN 0;
     END IF;
-    DELETE FROM sales.events e WHERE (e.xid, e.id) <= (cut_xid, cut_id);
+    DELETE FROM sales.events e WHERE e.seq <= cut_seq;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;

@@ -7,6 +7,10 @@ use std::ffi::CStr;
 
 const ARMED: &CStr = c"sales.notify_armed";
 
+/// Kept for installations of 0.1.0 (whose script refers to it) until they
+/// are updated; 0.2.0 sends the commit's NOTIFY from the pre-commit callback
+/// in `delivery.rs` instead.
+///
 /// True for the first event row of the current transaction, false after:
 /// that row gets `wakes = true`, and its deferred trigger sends the
 /// transaction's one NOTIFY at commit. The flag is the transaction-local

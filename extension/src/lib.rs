@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod delivery;
 mod error;
 mod events;
 mod jsonb;
@@ -15,12 +16,25 @@ mod validate;
 
 pgrx::pg_module_magic!(name, version);
 
+/// Loaded once per process; with `shared_preload_libraries = 'pg_sales'`
+/// (required) this sets up the event log's delivery order in shared memory.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    delivery::init();
+}
+
 extension_sql_file!("../sql/schema.sql", name = "schema", finalize);
 extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
     requires = ["schema"]
 );
+// `finalize` puts schema.sql after every other SQL file, whatever their
+// `requires` say, so monitoring.sql creates nothing that names a sales table
+// at creation time (its views read the statistics catalogs), and surface.sql
+// is plpgsql, whose bodies are resolved only when they run.
+extension_sql_file!("../sql/monitoring.sql", name = "monitoring");
+extension_sql_file!("../sql/surface.sql", name = "surface");
 
 #[cfg(test)]
 pub mod pg_test {

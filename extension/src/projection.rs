@@ -48,14 +48,18 @@ fn project_store(
 }
 
 /// Set-returning form: projects each element of a JSON array of sales
-/// documents, checking the paths once.
+/// documents, checking the paths once. NULL `docs` is an empty set (the
+/// other functions here map NULL to NULL, not to an error).
 #[pg_extern(immutable, parallel_safe)]
 fn project_each(
-    docs: pgrx::JsonB,
+    docs: Option<pgrx::JsonB>,
     fields: default!(Option<Vec<Option<String>>>, "NULL"),
     exclude: default!(Option<Vec<Option<String>>>, "NULL"),
 ) -> SetOfIterator<'static, pgrx::JsonB> {
     let p = build(fields, exclude, false);
+    let Some(docs) = docs else {
+        return SetOfIterator::new(Vec::new());
+    };
     let serde_json::Value::Array(items) = docs.0 else {
         SalesError::InvalidParameter("project_each expects a JSON array of documents".into())
             .raise()

@@ -147,10 +147,13 @@ struct Sources {
 #[pg_extern(volatile)]
 fn batch_upsert_impl(
     records: Option<RawJsonb>,
-    replace: default!(bool, false),
-    atomic: default!(bool, true),
+    replace: default!(Option<bool>, false),
+    atomic: default!(Option<bool>, true),
     allowed_stores: default!(Option<Vec<Option<i64>>>, "NULL"),
 ) -> pgrx::JsonB {
+    // NULL options mean their defaults, as in the sales.batch_upsert wrapper
+    // (a plain bool would make NULL an internal error).
+    let (replace, atomic) = (replace.unwrap_or(false), atomic.unwrap_or(true));
     let not_array = || -> ! {
         SalesError::InvalidParameter("records must be a JSON array of sales records".into()).raise()
     };
@@ -304,9 +307,10 @@ FOR UPDATE OF m
 fn batch_delete_impl(
     ids: Option<Vec<Option<i64>>>,
     keys: Option<pgrx::JsonB>,
-    atomic: default!(bool, true),
+    atomic: default!(Option<bool>, true),
     allowed_stores: default!(Option<Vec<Option<i64>>>, "NULL"),
 ) -> pgrx::JsonB {
+    let atomic = atomic.unwrap_or(true);
     let keys = match keys.map(|k| k.0) {
         None | Some(Value::Null) => None,
         Some(Value::Array(a)) => Some(a),

@@ -64,6 +64,8 @@ pub struct Principal {
     pub role: Role,
     /// Empty for admins (who see everything).
     pub stores: HashSet<i64>,
+    /// When the token stops being valid (seconds since the epoch), when it says.
+    pub exp: Option<i64>,
 }
 
 impl Principal {
@@ -242,6 +244,7 @@ impl Auth {
             } else {
                 c.stores.into_iter().collect()
             },
+            exp: Some(c.exp),
         })
     }
 }

@@ -46,8 +46,52 @@ pub fn lazy_pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(connect_options(url, cfg)?))
 }
 
+/// Applies the migrations, after moving an installed pg_sales to the version
+/// whose files this Postgres has (see `update_extension`), so that deploying
+/// a new release on an existing database upgrades it in place.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    update_extension(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)?;
     MIGRATOR.run(pool).await
+}
+
+/// `ALTER EXTENSION pg_sales UPDATE` when the database holds an older version
+/// than the installed extension files: the upgrade scripts keep every row and
+/// event. Returns (from, to) when it updated. Without the right to update
+/// (only the extension's owner or a superuser may), it logs a warning and
+/// leaves it: readiness then reports the version mismatch. Two instances
+/// starting together are safe: the second waits for the first's lock and
+/// finds nothing to do.
+pub async fn update_extension(pool: &PgPool) -> Result<Option<(String, String)>, sqlx::Error> {
+    let versions: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT x.extversion::text, a.default_version::text
+         FROM pg_extension x LEFT JOIN pg_available_extensions a ON a.name = x.extname
+         WHERE x.extname = 'pg_sales'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some((have, Some(want))) = versions else {
+        return Ok(None);
+    };
+    if have == want {
+        return Ok(None);
+    }
+    match sqlx::query("ALTER EXTENSION pg_sales UPDATE")
+        .execute(pool)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(from = %have, to = %want, "extension pg_sales updated");
+            Ok(Some((have, want)))
+        }
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42501") => {
+            tracing::warn!(from = %have, to = %want, error = %e,
+                "extension pg_sales is older than its installed files; its owner must run ALTER EXTENSION pg_sales UPDATE");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Errors worth another try: serialization failures and deadlocks (the

@@ -46,9 +46,12 @@ impl Server {
         db::migrate(&state.pool)
             .await
             .context("running migrations")?;
-        events::relay::init(&state)
+        // A new instance relays what happens from now on (clients ask for
+        // older events with resume).
+        let head = events::relay::head(&state.pool)
             .await
             .context("reading the event log position")?;
+        state.hub.set_position(head);
         let bind = format!("{}:{}", state.config.bind_addr, state.config.port);
         let acceptor = TcpListener::bind(bind.clone())
             .into_acceptor()
@@ -74,9 +77,12 @@ impl Server {
     ) -> anyhow::Result<()> {
         let app = http::app(self.state.clone());
         let timeout = self.state.config.shutdown_timeout;
-        // The event relay and WebSocket heartbeat live as long as the server;
-        // on shutdown, sockets close with 1001 while HTTP requests finish.
-        let realtime = ws::start(&self.state);
+        // The event relay and the WebSocket heartbeat live as long as the
+        // server, side by side: the relay gets the hub as its sink, the hub
+        // knows nothing of the relay. On shutdown, sockets close with 1001
+        // while HTTP requests finish.
+        let relay = events::relay::Relay::spawn(self.state.relay_deps()?);
+        let heartbeat = ws::Heartbeat::spawn(self.state.hub.clone());
         let hub = self.state.hub.clone();
         let shutdown = async move {
             shutdown.await;
@@ -90,9 +96,13 @@ impl Server {
             .http2_max_concurrent_streams(HTTP2_MAX_STREAMS)
             .run_with_graceful_shutdown(app, shutdown, Some(timeout))
             .await;
-        realtime
-            .stop(&self.state, timeout.min(std::time::Duration::from_secs(10)))
+        heartbeat
+            .stop(
+                &self.state.hub,
+                timeout.min(std::time::Duration::from_secs(10)),
+            )
             .await;
+        relay.stop().await;
         served?;
         Ok(())
     }

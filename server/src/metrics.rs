@@ -155,7 +155,7 @@ pub async fn render(state: &AppState) -> String {
         .absolute(n(&ws["closed"]["heartbeat"]) as u64);
     metrics::counter!("events_relayed_total")
         .absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
-    let relayed_to = state.hub.relay.last_event_id.load(Ordering::Relaxed);
+    let relayed_to = state.hub.position().id;
     gauge(
         "events_relay_connected",
         if state.hub.relay.connected.load(Ordering::Relaxed) {
@@ -174,6 +174,7 @@ pub async fn render(state: &AppState) -> String {
     {
         gauge("events_relay_lag_events", head as f64);
     }
+    held_back(pool).await;
     if let Some(rss) = rss_bytes() {
         gauge("process_resident_memory_bytes", rss as f64);
     }
@@ -182,6 +183,55 @@ pub async fn render(state: &AppState) -> String {
         state.started.elapsed().as_secs_f64(),
     );
     handle.render()
+}
+
+/// `events_delivery_held_back_seconds{pid, since, query_start}`: how long
+/// each transaction holding event delivery back for more than a second (see
+/// `events::holders`) has done so; a holder that has ended drops to 0.
+/// Plus the oldest age and the count, label-free, for alerts.
+async fn held_back(pool: &sqlx::PgPool) {
+    static SHOWN: std::sync::Mutex<Vec<[String; 3]>> = std::sync::Mutex::new(Vec::new());
+    let Ok(Ok(holders)) = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        crate::events::holders::list(pool),
+    )
+    .await
+    else {
+        return;
+    };
+    let now: Vec<([String; 3], f64)> = holders
+        .iter()
+        .map(|h| {
+            (
+                [
+                    h.pid.to_string(),
+                    h.since.to_rfc3339(),
+                    h.query_start.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                ],
+                h.held_for_seconds,
+            )
+        })
+        .collect();
+    let set = |l: &[String; 3], v: f64| {
+        metrics::gauge!(
+            "events_delivery_held_back_seconds",
+            "pid" => l[0].clone(),
+            "since" => l[1].clone(),
+            "query_start" => l[2].clone()
+        )
+        .set(v)
+    };
+    let mut shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner());
+    for gone in shown.iter().filter(|l| !now.iter().any(|(n, _)| n == *l)) {
+        set(gone, 0.0);
+    }
+    *shown = now.iter().map(|(l, _)| l.clone()).collect();
+    for (l, v) in &now {
+        set(l, *v);
+    }
+    let oldest = now.iter().map(|(_, v)| *v).fold(0.0, f64::max);
+    gauge("events_delivery_held_back_max_seconds", oldest);
+    gauge("events_delivery_holders", now.len() as f64);
 }
 
 #[cfg(test)]

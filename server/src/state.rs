@@ -1,7 +1,7 @@
 //! What every request handler shares.
 
 use crate::auth::Auth;
-use crate::cache::Cache;
+use crate::cache::{Cache, Invalidator};
 use crate::config::Config;
 use crate::db;
 use anyhow::Context;
@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 pub struct AppState {
     pub config: Config,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub pool: PgPool,
-    pub cache: Cache,
+    pub cache: Arc<Cache>,
+    /// Cache invalidation off the delivery path (used by the event relay).
+    pub invalidator: Invalidator,
     /// WebSocket fan-out, fed by the event relay.
     pub hub: Arc<crate::ws::Hub>,
     /// Streaming replica for reads (DATABASE_REPLICA_URL), when configured.
@@ -34,7 +36,7 @@ pub struct Replica {
     /// may only come from the replica once it has replayed that far;
     /// otherwise the cache could store data older than the invalidation
     /// that made room for it.
-    pub min_lsn: AtomicU64,
+    pub min_lsn: Arc<AtomicU64>,
 }
 
 /// `16/B374D848` -> a comparable number.
@@ -85,7 +87,7 @@ impl Replica {
             up,
             reads: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
-            min_lsn: AtomicU64::new(0),
+            min_lsn: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -100,11 +102,12 @@ impl Replica {
 
 impl AppState {
     pub async fn connect(config: Config) -> anyhow::Result<Arc<Self>> {
-        let auth = Auth::from_config(&config)?;
+        let auth = Arc::new(Auth::from_config(&config)?);
         let pool = db::connect(&config)
             .await
             .context("connecting to Postgres (DATABASE_URL)")?;
-        let cache = Cache::new(&config);
+        let cache = Arc::new(Cache::new(&config));
+        let invalidator = Invalidator::spawn(cache.clone());
         // Give Redis a moment so a healthy instance does not start degraded.
         cache.wait_ready(std::time::Duration::from_secs(2)).await;
         let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
@@ -123,6 +126,7 @@ impl AppState {
             auth,
             pool,
             cache,
+            invalidator,
             hub,
             replica,
             started: Instant::now(),
@@ -146,8 +150,9 @@ impl AppState {
             // Printing the spec verifies no token; any secret will do.
             config.jwt_secret = Some("x".repeat(32));
         }
-        let auth = Auth::from_config(&config)?;
-        let cache = Cache::new(&config);
+        let auth = Arc::new(Auth::from_config(&config)?);
+        let cache = Arc::new(Cache::new(&config));
+        let invalidator = Invalidator::spawn(cache.clone());
         let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
             &config,
         )));
@@ -156,10 +161,35 @@ impl AppState {
             auth,
             pool,
             cache,
+            invalidator,
             hub,
             replica: None,
             started: Instant::now(),
         }))
+    }
+}
+
+impl AppState {
+    /// What the event relay needs: where to connect, where events go, and
+    /// what to invalidate.
+    pub fn relay_deps(&self) -> anyhow::Result<crate::events::relay::Deps> {
+        Ok(crate::events::relay::Deps {
+            connect: db::connect_options(&self.config.database_url, &self.config)?,
+            connect_timeout: self.config.db_connection_timeout,
+            sink: self.hub.clone(),
+            invalidator: self.invalidator.clone(),
+            lsn_floor: self.replica.as_ref().map(|r| r.min_lsn.clone()),
+        })
+    }
+
+    /// What the WebSocket endpoint needs.
+    pub fn ws_context(&self) -> crate::ws::Context {
+        crate::ws::Context {
+            hub: self.hub.clone(),
+            auth: self.auth.clone(),
+            pool: self.pool.clone(),
+            event_retention: self.config.event_retention,
+        }
     }
 }
 

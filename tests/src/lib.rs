@@ -2,6 +2,7 @@
 //! migrations) on the real Postgres cluster, its own Redis key prefix, and,
 //! when it needs one, its own server on a free port.
 
+pub mod bare_db;
 pub mod private_pg;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -313,7 +314,8 @@ impl PgReplica {
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{d}'\n\
              hba_file = '/etc/postgresql/15/main/pg_hba.conf'\nident_file = '/etc/postgresql/15/main/pg_ident.conf'\n\
-             hot_standby = on\nmax_connections = 300\nmax_wal_senders = 10\nshared_buffers = 64MB\n"
+             hot_standby = on\nmax_connections = 300\nmax_wal_senders = 10\nshared_buffers = 64MB\n\
+             shared_preload_libraries = 'pg_stat_statements,pg_sales'\n"
         );
         std::fs::write(dir.join("postgresql.conf"), conf).unwrap();
         sh(&format!("chown postgres:postgres {d}/postgresql.conf"));
@@ -413,4 +415,21 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// CPU time (user + system) a local process has used so far, from
+/// /proc/<pid>/stat (in clock ticks of 1/100 s, Linux's USER_HZ).
+pub fn process_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ") ".
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }

@@ -65,7 +65,7 @@ impl PrivatePg {
         let conf = format!(
             "\n# private test cluster\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{d}'\nmax_connections = 100\nshared_buffers = 32MB\n\
-             fsync = off\nlog_min_messages = warning\n"
+             fsync = off\nlog_min_messages = warning\nshared_preload_libraries = 'pg_sales'\n"
         );
         let mut f = std::fs::OpenOptions::new()
             .append(true)

@@ -38,8 +38,7 @@ fn ev(r: &sqlx::postgres::PgRow) -> Ev {
     }
 }
 
-/// Events with id > `after`, in id order, read from the table itself (not
-/// `events_since`, whose horizon other tests' open transactions may hold back).
+/// Events with id > `after`, in id order, read from the table itself.
 async fn events_after(db: &TestDb, after: i64) -> Vec<Ev> {
     sqlx::query("SELECT * FROM sales.events WHERE id > $1 ORDER BY id")
         .bind(after)
@@ -63,12 +62,12 @@ async fn exec(db: &TestDb, sql: &str) {
 }
 
 async fn since(db: &TestDb, after: i64, max: i32) -> Result<Vec<(i64, i64)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT id, (xid::text)::bigint AS x FROM sales.events_since($1, $2)")
+    let rows = sqlx::query("SELECT id, seq FROM sales.events_since($1, $2)")
         .bind(after)
         .bind(max)
         .fetch_all(&db.pool)
         .await?;
-    Ok(rows.iter().map(|r| (r.get("id"), r.get("x"))).collect())
+    Ok(rows.iter().map(|r| (r.get("id"), r.get("seq"))).collect())
 }
 
 #[tokio::test]
@@ -471,9 +470,10 @@ async fn events_since_never_skips_a_late_committing_event() {
     assert_eq!(from_t1, t2_ids);
     assert!(since(&db, t2_last, 1000).await.unwrap().is_empty());
 
-    // The other way round: T3 gets its transaction id first but appends its
-    // event after T4 (smaller xid, larger id). Delivery follows commit safety,
-    // not ids: T3's event comes first, and a reader at T4's id misses nothing.
+    // A transaction that holds a transaction id but has written no event
+    // holds nothing back: T3 takes an xid, T4 writes and commits, and T4's
+    // events are delivered while T3 is still open. When T3 then appends an
+    // event, it is ordered after T4's, so a reader at T4's id misses nothing.
     let mut c3 = db.connect().await;
     let mut t3 = c3.begin().await.unwrap();
     let _: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
@@ -482,6 +482,12 @@ async fn events_since_never_skips_a_late_committing_event() {
         .unwrap();
     let r4 = upsert_ok(&db, &json!([record(s[1], 2024, 2, days(1, 1, 1.0, 1))])).await;
     let t4_last = r4["eventId"].as_i64().unwrap();
+    let got = since(&db, t2_last, 1000).await.unwrap();
+    assert_eq!(
+        got.last().map(|e| e.0),
+        Some(t4_last),
+        "T4 delivered while T3 (no events) is open: {got:?}"
+    );
     sqlx::query("SELECT sales.announce('late')")
         .execute(&mut *t3)
         .await
@@ -492,27 +498,18 @@ async fn events_since_never_skips_a_late_committing_event() {
         .unwrap();
     assert!(t3_id > t4_last);
     assert!(
-        since(&db, t2_last, 1000).await.unwrap().is_empty(),
-        "T4 held back while T3 is open"
+        since(&db, t4_last, 1000).await.unwrap().is_empty(),
+        "T3's event is not readable before T3 commits"
     );
     t3.commit().await.unwrap();
-    let got = eventually(Duration::from_secs(60), "T3 and T4 events", || async {
-        let got = since(&db, t2_last, 1000).await.unwrap();
-        (got.iter().any(|e| e.0 == t4_last) && got.iter().any(|e| e.0 == t3_id)).then_some(got)
-    })
-    .await;
-    assert_eq!(
-        got.first().map(|e| e.0),
-        Some(t3_id),
-        "T3 (older xid) first: {got:?}"
-    );
-    assert_eq!(got.last().map(|e| e.0), Some(t4_last));
-    assert!(since(&db, t4_last, 1000).await.unwrap().is_empty());
+    let got = since(&db, t4_last, 1000).await.unwrap();
+    assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), vec![t3_id]);
+    assert!(since(&db, t3_id, 1000).await.unwrap().is_empty());
 }
 
 /// Eight writers with transactions that overlap and commit out of id order,
 /// and a reader polling `events_since` in small pages: the reader ends up
-/// with every event exactly once, in (xid, id) order.
+/// with every event exactly once, in delivery (seq) order.
 #[tokio::test]
 async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
     let db = TestDb::new().await;
@@ -559,12 +556,11 @@ async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
         let mut seen: Vec<(i64, i64)> = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let rows =
-                sqlx::query("SELECT id, (xid::text)::bigint AS x FROM sales.events_since($1, 7)")
-                    .bind(last)
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
+            let rows = sqlx::query("SELECT id, seq AS x FROM sales.events_since($1, 7)")
+                .bind(last)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
             for r in &rows {
                 seen.push((r.get("x"), r.get("id")));
             }
@@ -594,17 +590,17 @@ async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = reader.await.unwrap();
-    let all: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY xid, id")
+    let all: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY seq")
         .fetch_all(&db.pool)
         .await
         .unwrap();
     let seen_ids: Vec<i64> = seen.iter().map(|e| e.1).collect();
     let unique: HashSet<i64> = seen_ids.iter().copied().collect();
     assert_eq!(unique.len(), seen_ids.len(), "an event was delivered twice");
-    assert_eq!(seen_ids, all, "every event, once, in (xid, id) order");
+    assert_eq!(seen_ids, all, "every event, once, in seq order");
     // Per writer: 4 batches x (3 rows + 1 summary) + 4 updates x 3 rows + 4 announcements.
     assert_eq!(all.len() - start as usize, WRITERS * (4 * 4 + 4 * 3 + 4));
-    // Ids alone are not the delivery order when commits interleave: the order is (xid, id).
+    // The reader saw strictly increasing positions.
     let mut sorted = seen.clone();
     sorted.sort();
     assert_eq!(sorted, seen);
@@ -706,7 +702,7 @@ async fn events_head_prune_and_resync() {
         upsert_ok(&db, &json!([record(s, 2024, m, days(1, 1, 1.0, 1))])).await;
     }
     // 1 store event + 6 x (row + batch) events, each batch its own transaction.
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY xid, id")
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY seq")
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -747,7 +743,7 @@ async fn events_head_prune_and_resync() {
         scalar_i64(&db, "SELECT sales.prune_events('7 days')").await,
         6
     );
-    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY xid, id")
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY seq")
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -798,29 +794,29 @@ async fn events_head_prune_and_resync() {
     assert_eq!(code, "PS410", "an id that never existed");
 }
 
-/// Opt-in coalescing (`sales.notify_coalesce = on`): a transaction that
-/// commits while another is committing its NOTIFY sends none of its own.
+/// Coalescing (the default): a transaction that commits while another is
+/// committing its NOTIFY sends none of its own, yet a reader waiting in
+/// `events_next` still wakes for it at once. `sales.notify_coalesce = off`
+/// restores one NOTIFY per transaction.
 #[tokio::test]
 async fn coalesced_notify_skips_while_another_is_committing() {
     let db = TestDb::new().await;
     let s = db.stores(2).await;
     let mut notes = Notifications::listen(&db).await;
     notes.drain(&db).await;
+    let start = max_event(&db).await;
 
-    // T1 fires its commit-time trigger early (SET CONSTRAINTS ... IMMEDIATE):
-    // it now holds the "NOTIFY being committed" lock, as during its commit.
+    // T1 has written events and holds the "NOTIFY being committed" lock
+    // (advisory lock 0x5A1E5 of this database), as it would while
+    // committing its NOTIFY.
     let mut c1 = db.connect().await;
     let mut t1 = c1.begin().await.unwrap();
-    sqlx::query("SET LOCAL sales.notify_coalesce = on")
-        .execute(&mut *t1)
-        .await
-        .unwrap();
     sqlx::query("SELECT sales.batch_upsert($1)")
         .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
         .execute(&mut *t1)
         .await
         .unwrap();
-    sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
+    sqlx::query("SELECT pg_advisory_xact_lock(369125)")
         .execute(&mut *t1)
         .await
         .unwrap();
@@ -829,52 +825,57 @@ async fn coalesced_notify_skips_while_another_is_committing() {
             .fetch_one(&mut *t1)
             .await
             .unwrap();
+    // T1 is still running, so T2's events (ordered after T1's first) are
+    // held back; a reader long-polls meanwhile.
+    let url = db.url.clone();
+    let reader = tokio::spawn(async move {
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        let rows: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM sales.events_next($1, 1000, 60000)")
+                .bind(start)
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        rows
+    });
 
-    // T2 with coalescing commits meanwhile: no NOTIFY of its own.
-    let mut c2 = db.connect().await;
-    sqlx::query("SET sales.notify_coalesce = on")
-        .execute(&mut c2)
-        .await
-        .unwrap();
-    sqlx::query("SELECT sales.batch_upsert($1)")
-        .bind(json!([record(s[1], 2024, 1, days(1, 1, 1.0, 1))]))
-        .execute(&mut c2)
-        .await
-        .unwrap();
+    // T2 commits meanwhile: no NOTIFY of its own.
+    let r2 = upsert_ok(&db, &json!([record(s[1], 2024, 1, days(1, 1, 1.0, 1))])).await;
+    let t2_max = r2["eventId"].as_i64().unwrap();
     assert!(
         notes.drain(&db).await.is_empty(),
         "T2 relied on T1's NOTIFY"
     );
-    // T2's events are there; T1's commit wakes listeners.
-    assert_eq!(
-        scalar_i64(
-            &db,
-            "SELECT count(*) FROM sales.events WHERE kind = 'sales-data-created'"
-        )
-        .await,
-        1
-    );
     t1.commit().await.unwrap();
     assert_eq!(notes.drain(&db).await, vec![t1_max]);
+    // The long poll returned as soon as T1 ended, with both transactions' events.
+    let got = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("events_next woke up")
+        .unwrap();
+    assert_eq!(got.last(), Some(&t2_max), "{got:?}");
+    assert!(got.contains(&t1_max));
 
-    // Without coalescing (the default), every writing transaction notifies.
+    // With coalescing off, a writing transaction notifies even while
+    // another holds the lock.
     let mut c3 = db.connect().await;
     let mut t3 = c3.begin().await.unwrap();
-    sqlx::query("SELECT sales.announce('one')")
+    sqlx::query("SELECT pg_advisory_xact_lock(369125)")
         .execute(&mut *t3)
         .await
         .unwrap();
-    sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
-        .execute(&mut *t3)
+    let mut c4 = db.connect().await;
+    sqlx::query("SET sales.notify_coalesce = off")
+        .execute(&mut c4)
         .await
         .unwrap();
     let id: i64 = sqlx::query_scalar("SELECT sales.announce('two')")
-        .fetch_one(&db.pool)
+        .fetch_one(&mut c4)
         .await
         .unwrap();
     assert_eq!(notes.drain(&db).await, vec![id]);
     t3.commit().await.unwrap();
-    assert_eq!(notes.drain(&db).await.len(), 1);
+    assert!(notes.drain(&db).await.is_empty(), "t3 wrote no events");
 }
 
 /// Transaction ids are cluster-wide, but a transaction runs in one database:

@@ -9,7 +9,7 @@ use std::process::Command;
 async fn tables_exist_in_schema_sales() {
     let db = TestDb::new().await;
     let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'sales' ORDER BY 1",
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'sales' AND table_type = 'BASE TABLE' ORDER BY 1",
     )
     .fetch_all(&db.pool)
     .await

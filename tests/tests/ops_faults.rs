@@ -349,13 +349,13 @@ fn spawn_follower(
 }
 
 /// Ids of the sales-data events of `stores` delivered after event `after`
-/// (in the relay's (xid, id) order).
+/// (in delivery order, seq).
 async fn owed(pool: &sqlx::PgPool, stores: &[i64], after: i64) -> Vec<i64> {
     sqlx::query_scalar(
         "SELECT id FROM sales.events
          WHERE kind LIKE 'sales-data-%' AND store_id = ANY($1)
-           AND (xid::text::bigint, id) > coalesce((SELECT (xid::text::bigint, id) FROM sales.events WHERE id = $2), (0::bigint, 0::bigint))
-         ORDER BY xid, id",
+           AND seq > coalesce((SELECT seq FROM sales.events WHERE id = $2), 0)
+         ORDER BY seq",
     )
     .bind(stores)
     .bind(after)

@@ -223,7 +223,7 @@ async fn a_slow_client_is_closed_without_delaying_a_fast_one_and_can_resume() {
         .unwrap()
         .unwrap();
     let expected: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM sales.events WHERE store_id = $1 AND kind LIKE 'sales-data-%' AND id > $2 ORDER BY xid, id",
+        "SELECT id FROM sales.events WHERE store_id = $1 AND kind LIKE 'sales-data-%' AND id > $2 ORDER BY seq",
     )
     .bind(s1)
     .bind(start_id)

@@ -248,7 +248,7 @@ async fn eight_concurrent_writers_every_client_sees_each_allowed_event_once_in_o
 
     let log: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT id, store_id, row_id, row_version FROM sales.events
-         WHERE kind LIKE 'sales-data-%' AND id > $1 ORDER BY xid, id",
+         WHERE kind LIKE 'sales-data-%' AND id > $1 ORDER BY seq",
     )
     .bind(start)
     .fetch_all(&db.pool)

@@ -44,7 +44,7 @@ async fn after_resume(c: &mut Client, n: usize) -> (Vec<Value>, Value) {
 /// Ids of the sales events of `store` after `after`, in delivery order.
 async fn logged_ids(db: &TestDb, store: i64, after: i64) -> Vec<i64> {
     sqlx::query_scalar(
-        "SELECT id FROM sales.events WHERE kind LIKE 'sales-data-%' AND store_id = $1 AND id > $2 ORDER BY xid, id",
+        "SELECT id FROM sales.events WHERE kind LIKE 'sales-data-%' AND store_id = $1 AND id > $2 ORDER BY seq",
     )
     .bind(store)
     .bind(after)

@@ -20,8 +20,9 @@ pub mod memory;
 pub mod redis;
 
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The tag every entry carries: bumping it clears the whole cache.
@@ -48,62 +49,54 @@ pub fn tag_store_doc(store: i64) -> String {
     format!("storedoc:{store}")
 }
 
-/// The tags touched by the events the current transaction has written.
-/// Write handlers call it before COMMIT and invalidate right after, so the
-/// writer reads its own writes at once (other instances learn through the
-/// relay).
-pub async fn tx_event_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(String, Option<i64>, Option<i64>, serde_json::Value)> = sqlx::query_as(
-        "SELECT DISTINCT kind, store_id, row_id,
-                jsonb_build_object('year', payload->'year', 'month', payload->'month',
-                                   'previousStoreId', payload->'previousStoreId')
-         FROM sales.events WHERE xid = pg_current_xact_id()",
-    )
-    .fetch_all(conn)
-    .await?;
-    let mut tags: Vec<String> = rows
-        .iter()
-        .flat_map(|(k, s, r, p)| tags_for_event(k, *s, *r, p))
-        .collect();
-    tags.sort();
-    tags.dedup();
-    Ok(tags)
+/// Invalidation off the delivery path. [`Invalidator::invalidate_soon`]
+/// marks the tags at once (this instance stops serving entries under them:
+/// a lookup that finds one pending is a miss, so its answer comes from
+/// Postgres, which already holds the change) and a background task applies
+/// the invalidation to the backend (Redis: one pipelined INCR for
+/// everything marked meanwhile), then unmarks them. The relay calls it
+/// before dispatching an event, so a client that reads after receiving the
+/// event never gets the older cached value from this instance, however slow
+/// Redis is; other instances mark the same tags from their own relay.
+#[derive(Clone)]
+pub struct Invalidator {
+    cache: Arc<Cache>,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
 }
 
-/// The tags an event invalidates. Every sales change touches its store,
-/// its store-month, its row, and the cross-store views.
-pub fn tags_for_event(
-    kind: &str,
-    store_id: Option<i64>,
-    row_id: Option<i64>,
-    payload: &serde_json::Value,
-) -> Vec<String> {
-    let mut tags = Vec::new();
-    if kind.starts_with("sales-data-") {
-        tags.push(TAG_SALES_ALL.to_string());
-        if let Some(s) = store_id {
-            tags.push(tag_store(s));
-            if let (Some(y), Some(m)) = (payload["year"].as_i64(), payload["month"].as_i64()) {
-                tags.push(tag_store_month(s, y, m));
+impl Invalidator {
+    pub fn spawn(cache: Arc<Cache>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let c = cache.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut marked = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    marked.push(more);
+                }
+                let mut tags: Vec<String> = marked.iter().flatten().cloned().collect();
+                tags.sort();
+                tags.dedup();
+                c.invalidate(&tags).await;
+                for m in &marked {
+                    c.unmark_pending(m);
+                }
             }
+        });
+        Self { cache, tx }
+    }
+
+    /// Marks `tags` stale on this instance now; the backend follows.
+    pub fn invalidate_soon(&self, tags: Vec<String>) {
+        if tags.is_empty() {
+            return;
         }
-        if let Some(prev) = payload["previousStoreId"].as_i64() {
-            tags.push(tag_store(prev));
-        }
-        if let Some(r) = row_id {
-            tags.push(tag_row(r));
-        }
-    } else if kind.starts_with("store-") {
-        tags.push(TAG_STORES.to_string());
-        // Store documents appear inside sales documents (`store.name`) and
-        // regions drive summaries.
-        tags.push(TAG_SALES_ALL.to_string());
-        if let Some(s) = store_id {
-            tags.push(tag_store(s));
-            tags.push(tag_store_doc(s));
+        self.cache.mark_pending(&tags);
+        if let Err(e) = self.tx.send(tags) {
+            // The worker is gone (runtime shutting down): nothing to serve.
+            self.cache.unmark_pending(&e.0);
         }
     }
-    tags
 }
 
 /// A cached value and the tag versions it was computed under.
@@ -212,6 +205,10 @@ pub struct Cache {
     /// been invalidated at once.
     lost: AtomicU64,
     settled: AtomicU64,
+    /// Tags with an invalidation marked but not yet applied (see
+    /// [`Invalidator`]): entries under them are not served meanwhile.
+    pending: Mutex<HashMap<String, u32>>,
+    pending_count: AtomicUsize,
 }
 
 impl Cache {
@@ -232,6 +229,8 @@ impl Cache {
             degraded,
             lost: AtomicU64::new(0),
             settled: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
+            pending_count: AtomicUsize::new(0),
         }
     }
 
@@ -290,6 +289,7 @@ impl Cache {
             return Lookup::Miss(None);
         }
         let tag_keys = self.tag_keys(tags);
+        let pending = self.is_pending(tags);
         let found = match &self.backend {
             Backend::Redis(r) => r.fetch(key, &tag_keys).await,
             Backend::Memory(m) => Ok(m.fetch(key, &tag_keys).await),
@@ -297,7 +297,7 @@ impl Cache {
         match found {
             Ok((raw, versions)) => {
                 if let Some(entry) = raw.as_deref().and_then(Entry::decode) {
-                    if entry.versions == versions {
+                    if entry.versions == versions && !pending {
                         self.stats.hits.fetch_add(1, Ordering::Relaxed);
                         return Lookup::Hit(entry.body);
                     }
@@ -311,6 +311,37 @@ impl Cache {
                 Lookup::Miss(None)
             }
         }
+    }
+
+    /// Whether an invalidation of any of `tags` (or of everything) is marked
+    /// and not yet applied.
+    fn is_pending(&self, tags: &[String]) -> bool {
+        if self.pending_count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.contains_key(TAG_ALL) || tags.iter().any(|t| p.contains_key(t))
+    }
+
+    fn mark_pending(&self, tags: &[String]) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tags {
+            *p.entry(t.clone()).or_insert(0) += 1;
+        }
+        self.pending_count.store(p.len(), Ordering::Release);
+    }
+
+    fn unmark_pending(&self, tags: &[String]) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tags {
+            if let Some(n) = p.get_mut(t) {
+                *n -= 1;
+                if *n == 0 {
+                    p.remove(t);
+                }
+            }
+        }
+        self.pending_count.store(p.len(), Ordering::Release);
     }
 
     /// After a failed invalidation, bumps the tag every entry carries before
@@ -426,7 +457,6 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn entry_round_trip() {
@@ -447,20 +477,28 @@ mod tests {
         assert!(Entry::decode(&[3, 0]).is_none());
     }
 
-    #[test]
-    fn event_tags() {
-        let t = tags_for_event(
-            "sales-data-updated",
-            Some(4),
-            Some(10),
-            &json!({"year": 2024, "month": 3}),
-        );
-        assert!(t.contains(&"store:4".to_string()));
-        assert!(t.contains(&"store:4:2024-03".to_string()));
-        assert!(t.contains(&"row:10".to_string()));
-        assert!(t.contains(&TAG_SALES_ALL.to_string()));
-        let t = tags_for_event("store-status-changed", Some(4), Some(4), &json!({}));
-        assert!(t.contains(&TAG_STORES.to_string()));
-        assert!(tags_for_event("system-announcement", None, None, &json!({})).is_empty());
+    #[tokio::test]
+    async fn a_pending_invalidation_is_a_miss_until_applied() {
+        let config = crate::config::Config::from_map(&Default::default()).unwrap();
+        let cache = Arc::new(Cache::new(&config));
+        let tags = vec![tag_store(1)];
+        let Lookup::Miss(Some(v)) = cache.lookup("k", &tags).await else {
+            panic!("miss expected")
+        };
+        cache.store("k", v, b"old".to_vec()).await;
+        assert!(matches!(cache.lookup("k", &tags).await, Lookup::Hit(_)));
+        cache.mark_pending(&tags);
+        assert!(matches!(cache.lookup("k", &tags).await, Lookup::Miss(_)));
+        cache.unmark_pending(&tags);
+        let inv = Invalidator::spawn(cache.clone());
+        inv.invalidate_soon(tags.clone());
+        assert!(matches!(cache.lookup("k", &tags).await, Lookup::Miss(_)));
+        for _ in 0..200 {
+            if cache.pending_count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(matches!(cache.lookup("k", &tags).await, Lookup::Miss(_)));
     }
 }

@@ -6,79 +6,26 @@ use serde_json::{Map, Value};
 use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
 
-/// NOTIFY channel carrying the highest new event id (see `sales.notify_events`).
-pub const EVENTS_CHANNEL: &str = "sales_events";
-/// NOTIFY channel for messages that are delivered live and never stored:
-/// payload `{"userId": 5, "event": "export-progress", "data": {...}}`.
-pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
+pub use super::vocab::{Kind, Variant};
 
-/// A place in delivery order. `sales.events_since` returns events in
-/// `(xid, id)` order, so that is the order the relay delivers them in and the
-/// order in which positions compare.
+/// A place in delivery order: `seq` (a cluster-wide clock the extension
+/// stamps on each event row) orders events; `id` names the event to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Pos {
-    pub xid: i64,
+    pub seq: i64,
     pub id: i64,
 }
 
 impl Pos {
-    pub const START: Pos = Pos { xid: 0, id: 0 };
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    SalesCreated,
-    SalesUpdated,
-    SalesDeleted,
-    BatchCompleted,
-    StoreCreated,
-    StoreUpdated,
-    StoreStatusChanged,
-    StoreDeleted,
-    Announcement,
-    UserNotification,
-    /// A kind this server does not know; relayed to nobody.
-    Other,
-}
-
-impl Kind {
-    pub fn parse(s: &str) -> Kind {
-        match s {
-            "sales-data-created" => Kind::SalesCreated,
-            "sales-data-updated" => Kind::SalesUpdated,
-            "sales-data-deleted" => Kind::SalesDeleted,
-            "batch-completed" => Kind::BatchCompleted,
-            "store-created" => Kind::StoreCreated,
-            "store-updated" => Kind::StoreUpdated,
-            "store-status-changed" => Kind::StoreStatusChanged,
-            "store-deleted" => Kind::StoreDeleted,
-            "system-announcement" => Kind::Announcement,
-            "user-notification" => Kind::UserNotification,
-            _ => Kind::Other,
-        }
-    }
-
-    pub fn is_sales(self) -> bool {
-        matches!(
-            self,
-            Kind::SalesCreated | Kind::SalesUpdated | Kind::SalesDeleted
-        )
-    }
-
-    pub fn is_store(self) -> bool {
-        matches!(
-            self,
-            Kind::StoreCreated | Kind::StoreUpdated | Kind::StoreStatusChanged | Kind::StoreDeleted
-        )
-    }
+    pub const START: Pos = Pos { seq: 0, id: 0 };
 }
 
 /// One row of `sales.events`.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub id: i64,
-    /// The writer's transaction id (`xid8`, as a number).
-    pub xid: i64,
+    /// Delivery order.
+    pub seq: i64,
     pub kind_name: String,
     pub kind: Kind,
     pub store_id: Option<i64>,
@@ -92,26 +39,22 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, (xid::text)::bigint AS xid, kind, store_id, user_id, actor_id, row_id, row_version, payload, created_at";
+const COLUMNS: &str =
+    "id, seq, kind, store_id, user_id, actor_id, row_id, row_version, payload, created_at";
 
 impl Event {
     pub fn pos(&self) -> Pos {
         Pos {
-            xid: self.xid,
+            seq: self.seq,
             id: self.id,
         }
-    }
-
-    /// For a sales row that moved to another store, the store it left.
-    pub fn previous_store_id(&self) -> Option<i64> {
-        self.payload.get("previousStoreId").and_then(Value::as_i64)
     }
 
     fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
         let kind_name: String = row.try_get("kind")?;
         Ok(Event {
             id: row.try_get("id")?,
-            xid: row.try_get("xid")?,
+            seq: row.try_get("seq")?,
             kind: Kind::parse(&kind_name),
             kind_name,
             store_id: row.try_get("store_id")?,
@@ -140,22 +83,21 @@ impl Event {
         rows.iter().map(Event::from_row).collect()
     }
 
-    /// Events after a known position, in delivery order: what `events_since`
-    /// returns, for a reader whose last event has since been pruned.
-    pub async fn after_position<'e>(
+    /// Events after a delivery position (whether or not its event is still
+    /// retained), in delivery order; when nothing is deliverable Postgres
+    /// waits up to `wait_ms` for an event-writing transaction to end (a long
+    /// poll, `sales.events_after_seq`). May return nothing: call again.
+    pub async fn after_seq<'e>(
         exec: impl PgExecutor<'e>,
         pos: Pos,
         max_rows: i32,
+        wait_ms: i32,
     ) -> Result<Vec<Event>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM sales.events
-             WHERE (xid, id) > (($1::text)::xid8, $2) AND xid < sales.events_horizon()
-             ORDER BY xid, id LIMIT $3"
-        );
+        let sql = format!("SELECT {COLUMNS} FROM sales.events_after_seq($1, $2, $3)");
         let rows = sqlx::query(&sql)
-            .bind(pos.xid.to_string())
-            .bind(pos.id)
-            .bind(max_rows as i64)
+            .bind(pos.seq)
+            .bind(max_rows)
+            .bind(wait_ms)
             .fetch_all(exec)
             .await?;
         rows.iter().map(Event::from_row).collect()
@@ -169,50 +111,103 @@ impl Event {
         if id == 0 {
             return Ok(Some(Pos::START));
         }
-        let xid: Option<i64> =
-            sqlx::query_scalar("SELECT (xid::text)::bigint FROM sales.events WHERE id = $1")
-                .bind(id)
-                .fetch_optional(exec)
-                .await?;
-        Ok(xid.map(|xid| Pos { xid, id }))
+        let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(exec)
+            .await?;
+        Ok(seq.map(|seq| Pos { seq, id }))
     }
 
     /// Where a new reader starts: the last event `events_since` would return.
     pub async fn head<'e>(exec: impl PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
         let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT e.id, (e.xid::text)::bigint FROM sales.events e WHERE e.id = sales.events_head()",
+            "SELECT e.id, e.seq FROM sales.events e WHERE e.id = sales.events_head()",
         )
         .fetch_optional(exec)
         .await?;
-        Ok(row.map(|(id, xid)| Pos { xid, id }).unwrap_or(Pos::START))
+        Ok(row.map(|(id, seq)| Pos { seq, id }).unwrap_or(Pos::START))
     }
 
     /// The frame clients receive:
     /// `{"id":N,"event":"sales-data-updated","data":{...,"storeId":..,"version":..},"ts":"..."}`.
     pub fn to_frame(&self) -> String {
-        let mut data = match &self.payload {
-            Value::Object(m) => m.clone(),
-            Value::Null => Map::new(),
-            other => {
+        self.frame(Variant::Full)
+    }
+
+    /// The frame for one form of delivery (see [`Variant`]).
+    pub fn frame(&self, variant: Variant) -> String {
+        let (name, data) = match (variant, self.moved_from()) {
+            (Variant::MovedAway, Some(old)) => {
                 let mut m = Map::new();
-                m.insert("value".into(), other.clone());
-                m
+                m.insert("id".into(), self.row_id.into());
+                m.insert("storeId".into(), old.store_id.into());
+                m.insert("year".into(), old.year.into());
+                m.insert("month".into(), old.month.into());
+                m.insert("version".into(), self.row_version.into());
+                m.insert("moved".into(), true.into());
+                ("sales-data-deleted", m)
+            }
+            _ => {
+                let mut data = match &self.payload {
+                    Value::Object(m) => m.clone(),
+                    Value::Null => Map::new(),
+                    other => {
+                        let mut m = Map::new();
+                        m.insert("value".into(), other.clone());
+                        m
+                    }
+                };
+                if let Some(s) = self.store_id {
+                    data.entry("storeId").or_insert(Value::from(s));
+                }
+                if let Some(v) = self.row_version {
+                    data.entry("version").or_insert(Value::from(v));
+                }
+                (self.kind_name.as_str(), data)
             }
         };
-        if let Some(s) = self.store_id {
-            data.entry("storeId").or_insert(Value::from(s));
-        }
-        if let Some(v) = self.row_version {
-            data.entry("version").or_insert(Value::from(v));
-        }
-        let frame = serde_json::json!({
+        serde_json::json!({
             "id": self.id,
-            "event": self.kind_name,
+            "event": name,
             "data": Value::Object(data),
             "ts": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        });
-        frame.to_string()
+        })
+        .to_string()
     }
+}
+
+/// The cache tags of the events the current transaction has written.
+/// Write handlers call it before COMMIT and invalidate right after, so the
+/// writer reads its own writes at once (other instances learn through the
+/// relay).
+pub async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
+        "SELECT DISTINCT kind, store_id, row_id,
+                jsonb_build_object('year', payload->'year', 'month', payload->'month',
+                                   'previousStoreId', payload->'previousStoreId',
+                                   'previousYear', payload->'previousYear',
+                                   'previousMonth', payload->'previousMonth')
+         FROM sales.transaction_events()",
+    )
+    .fetch_all(conn)
+    .await?;
+    let events: Vec<Event> = rows
+        .into_iter()
+        .map(|(kind_name, store_id, row_id, payload)| Event {
+            id: 0,
+            seq: 0,
+            kind: Kind::parse(&kind_name),
+            kind_name,
+            store_id,
+            user_id: None,
+            actor_id: None,
+            row_id,
+            row_version: None,
+            payload,
+            created_at: DateTime::<Utc>::MIN_UTC,
+        })
+        .collect();
+    Ok(super::vocab::cache_tags(&events))
 }
 
 /// Whether a database error is "that event is no longer retained" (PS410).
@@ -275,7 +270,7 @@ mod tests {
     fn ev(kind: &str, payload: Value) -> Event {
         Event {
             id: 7,
-            xid: 100,
+            seq: 100,
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: Some(3),
@@ -307,10 +302,9 @@ mod tests {
     }
 
     #[test]
-    fn positions_order_by_xid_then_id() {
-        assert!(Pos { xid: 5, id: 100 } < Pos { xid: 6, id: 1 });
-        assert!(Pos { xid: 5, id: 1 } < Pos { xid: 5, id: 2 });
-        assert!(Pos::START < Pos { xid: 1, id: 1 });
+    fn positions_order_by_seq() {
+        assert!(Pos { seq: 5, id: 100 } < Pos { seq: 6, id: 1 });
+        assert!(Pos::START < Pos { seq: 1, id: 1 });
     }
 
     #[test]

@@ -1,246 +1,263 @@
-//! The relay: one dedicated LISTEN connection per server instance (its own
-//! connection, never one from the pool), reconnecting with backoff. On every
-//! NOTIFY and on every (re)connect it reads `sales.events_since(last)` page by
-//! page until nothing is left and hands each event, in order, to the hub.
+//! The relay: reads the event log in delivery order and hands each event to
+//! a [`Sink`] (the WebSocket hub), marking the cache tags it touches first.
 //!
-//! NOTIFY is only the wake-up call; the log is the truth. `events_since` only
-//! returns events below the oldest running transaction, so an event can be
-//! committed and notified yet held back by an unrelated open transaction. The
-//! relay therefore remembers the ids it was notified of and polls again (5 ms,
-//! doubling to 50 ms) until each has been read; with nothing pending it still
-//! polls every second, which also covers a NOTIFY lost in a reconnect.
+//! Two dedicated connections per server instance, never from the pool, each
+//! reconnecting with backoff:
+//!
+//! - the reader long-polls `sales.events_after_seq(last seq, page, wait)`
+//!   (what `sales.events_next` does after looking up an event id's seq; the
+//!   relay knows the seq of its last event, so it skips that lookup and a
+//!   pruned last event is no special case): Postgres answers as soon as an
+//!   event-writing transaction of this database ends, with the events that
+//!   are final (no running transaction can still add one before them), or
+//!   with nothing after `wait` (then it simply asks again). No NOTIFY is
+//!   needed, so a coalesced or lost NOTIFY cannot delay or lose anything,
+//!   and a (re)connect catches up from the table.
+//! - the listener LISTENs on `sales_ephemeral` only: NOTIFY-only messages
+//!   (export progress) that are never stored.
+//!
+//! Nothing waits on Redis or on a socket between reading a page and
+//! dispatching it: cache invalidation is marked in process and applied in
+//! the background ([`crate::cache::Invalidator`]), dispatch only queues.
 
-use super::model::{is_pruned, Ephemeral, Event, Pos, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
-use crate::state::AppState;
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
+use super::model::{Ephemeral, Event, Pos};
+use super::vocab::{self, EPHEMERAL_CHANNEL};
+use crate::cache::Invalidator;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{ConnectOptions, PgConnection};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 const PAGE: i32 = 1000;
-const IDLE_POLL: Duration = Duration::from_secs(1);
-const PENDING_POLL_MIN: Duration = Duration::from_millis(5);
-const PENDING_POLL_MAX: Duration = Duration::from_millis(50);
-/// A notified id not seen after this long is forgotten (it cannot be read:
-/// pruned, or the payload was not ours).
-const PENDING_FORGET: Duration = Duration::from_secs(600);
+/// How long one `events_next` call waits for something to deliver.
+const LONG_POLL_MS: i32 = 5000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// Sets the hub's starting position to the head of the log: a new instance
-/// relays what happens from now on (clients ask for older events with resume).
-pub async fn init(state: &AppState) -> Result<Pos, sqlx::Error> {
-    let head = Event::head(&state.pool).await?;
-    state.hub.set_position(head);
-    Ok(head)
+/// Where relayed events go (the WebSocket hub implements it).
+pub trait Sink: Send + Sync + 'static {
+    /// Delivers one event; called in delivery order. True when some client
+    /// queue is filling up (the relay then yields before the next event).
+    fn deliver(&self, e: &Event) -> bool;
+    fn ephemeral(&self, e: &Ephemeral);
+    /// Whether the reader is connected.
+    fn connected(&self, up: bool);
+    fn reconnected(&self);
+    /// The position of the last event delivered.
+    fn position(&self) -> Pos;
+}
+
+/// What the relay needs, and nothing else.
+pub struct Deps {
+    pub connect: PgConnectOptions,
+    pub connect_timeout: Duration,
+    pub sink: Arc<dyn Sink>,
+    pub invalidator: Invalidator,
+    /// The primary's WAL position the replica must reach before a cached
+    /// read may come from it (raised for every page; see `state::Replica`).
+    pub lsn_floor: Option<Arc<AtomicU64>>,
+}
+
+/// Where a new instance starts: the head of the log. It relays what
+/// happens from now on (clients ask for older events with resume).
+pub async fn head<'e>(exec: impl sqlx::PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
+    Event::head(exec).await
 }
 
 pub struct Relay {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Relay {
-    pub fn spawn(state: Arc<AppState>) -> Relay {
+    pub fn spawn(deps: Deps) -> Relay {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(run(state, rx));
-        Relay { stop, task }
+        let deps = Arc::new(deps);
+        let tasks = vec![
+            tokio::spawn(read_loop(deps.clone(), rx.clone())),
+            tokio::spawn(listen_loop(deps, rx)),
+        ];
+        Relay { stop, tasks }
     }
 
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
     }
 }
 
-enum End {
-    Stopped,
-    Lost(String),
+/// Sleeps `backoff` plus jitter; false when asked to stop meanwhile.
+async fn pause(backoff: &mut Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    let jitter =
+        Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1));
+    let go_on = tokio::select! {
+        _ = stop.changed() => false,
+        _ = tokio::time::sleep(*backoff + jitter) => true,
+    };
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    go_on
 }
 
-async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let hub = &state.hub;
-    let mut last = hub.position();
+async fn read_loop(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
+    let mut last = deps.sink.position();
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
     loop {
         if *stop.borrow() {
             return;
         }
-        let connected = tokio::select! {
+        let why = tokio::select! {
             _ = stop.changed() => return,
-            r = connect(&state) => r,
+            r = read_session(&deps, &mut last, &mut first, &mut backoff) => r,
         };
-        let end = match connected {
-            Ok(mut listener) => {
-                if !first {
-                    hub.relay.reconnects.fetch_add(1, Relaxed);
-                }
-                first = false;
-                hub.relay.connected.store(true, Relaxed);
-                tracing::info!(last_event_id = last.id, "event relay listening");
-                let end = session(&state, &mut listener, &mut last, &mut stop, &mut backoff).await;
-                hub.relay.connected.store(false, Relaxed);
-                end
-            }
-            Err(e) => End::Lost(e.to_string()),
-        };
-        match end {
-            End::Stopped => return,
-            End::Lost(why) => {
-                tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "event relay lost its connection");
-                let jitter = Duration::from_millis(
-                    rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1),
-                );
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    _ = tokio::time::sleep(backoff + jitter) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
+        deps.sink.connected(false);
+        tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "event relay lost its connection");
+        if !pause(&mut backoff, &mut stop).await {
+            return;
         }
     }
 }
 
-async fn connect(state: &AppState) -> Result<PgListener, sqlx::Error> {
-    let opts = crate::db::connect_options(&state.config.database_url, &state.config)?
-        .application_name("sales-server-relay");
+/// Reads until the connection fails; returns why.
+async fn read_session(
+    deps: &Deps,
+    last: &mut Pos,
+    first: &mut bool,
+    backoff: &mut Duration,
+) -> String {
+    let connect = deps
+        .connect
+        .clone()
+        .application_name("sales-server-relay")
+        // Above the long poll: a wait is never cut short by the timeout.
+        .options([("statement_timeout", format!("{}", LONG_POLL_MS as u64 * 3))]);
+    let mut conn = match tokio::time::timeout(deps.connect_timeout, connect.connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return e.to_string(),
+        Err(_) => return "timed out connecting".into(),
+    };
+    if !std::mem::take(first) {
+        deps.sink.reconnected();
+    }
+    deps.sink.connected(true);
+    tracing::info!(last_event_id = last.id, "event relay reading");
+    loop {
+        let want_lsn = deps.lsn_floor.is_some();
+        let page = match next_page(&mut conn, *last, want_lsn).await {
+            Ok(p) => p,
+            Err(e) => return e.to_string(),
+        };
+        *backoff = BACKOFF_MIN;
+        if page.events.is_empty() {
+            continue;
+        }
+        deliver(deps, &page).await;
+        *last = page.events.last().map(Event::pos).unwrap_or(*last);
+        // Let the connection tasks write before the next page is read.
+        tokio::task::yield_now().await;
+    }
+}
+
+struct Page {
+    events: Vec<Event>,
+    /// The primary's WAL position when the page was read.
+    lsn: Option<u64>,
+}
+
+async fn deliver(deps: &Deps, page: &Page) {
+    if let (Some(floor), Some(lsn)) = (&deps.lsn_floor, page.lsn) {
+        floor.fetch_max(lsn, Ordering::Relaxed);
+    }
+    // Marked before any client hears of the change (see `Invalidator`).
+    deps.invalidator
+        .invalidate_soon(vocab::cache_tags(&page.events));
+    for e in &page.events {
+        if deps.sink.deliver(e) {
+            // Some queue is filling: let the connection tasks drain before
+            // the next event (never waits for any of them).
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+async fn next_page(
+    conn: &mut PgConnection,
+    last: Pos,
+    want_lsn: bool,
+) -> Result<Page, sqlx::Error> {
+    let events = Event::after_seq(&mut *conn, last, PAGE, LONG_POLL_MS).await?;
+    let lsn = if events.is_empty() || !want_lsn {
+        None
+    } else {
+        sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&mut *conn)
+            .await
+            .ok()
+            .and_then(|s| crate::state::parse_lsn(&s))
+    };
+    Ok(Page { events, lsn })
+}
+
+async fn listen_loop(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let why = tokio::select! {
+            _ = stop.changed() => return,
+            r = listen_session(&deps, &mut backoff) => r,
+        };
+        tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "ephemeral listener lost its connection");
+        if !pause(&mut backoff, &mut stop).await {
+            return;
+        }
+    }
+}
+
+async fn listen_session(deps: &Deps, backoff: &mut Duration) -> String {
+    let opts = deps
+        .connect
+        .clone()
+        .application_name("sales-server-ephemeral");
     // A pool of one used only by the listener: the connection is its own,
     // outside the request pool, and reconnects go through our backoff.
-    let pool = PgPoolOptions::new()
+    let pool = match PgPoolOptions::new()
         .max_connections(1)
         .min_connections(0)
         .max_lifetime(None)
         .idle_timeout(None)
-        .acquire_timeout(state.config.db_connection_timeout)
+        .acquire_timeout(deps.connect_timeout)
         .connect_with(opts)
-        .await?;
-    let mut listener = PgListener::connect_with(&pool).await?;
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return e.to_string(),
+    };
+    let mut listener = match PgListener::connect_with(&pool).await {
+        Ok(l) => l,
+        Err(e) => return e.to_string(),
+    };
     listener.eager_reconnect(false);
     listener.ignore_pool_close_event(true);
-    listener
-        .listen_all([EVENTS_CHANNEL, EPHEMERAL_CHANNEL])
-        .await?;
-    Ok(listener)
-}
-
-async fn session(
-    state: &AppState,
-    listener: &mut PgListener,
-    last: &mut Pos,
-    stop: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
-) -> End {
-    // Ids we were told about and have not read yet, with when we heard.
-    let mut pending: BTreeMap<i64, Instant> = BTreeMap::new();
-    let mut retry = PENDING_POLL_MIN;
-    let mut read = true;
+    if let Err(e) = listener.listen(EPHEMERAL_CHANNEL).await {
+        return e.to_string();
+    }
+    *backoff = BACKOFF_MIN;
     loop {
-        if read {
-            match drain(state, listener, last, &mut pending).await {
-                Ok(()) => *backoff = BACKOFF_MIN,
-                Err(e) => return End::Lost(e.to_string()),
-            }
-            let now = Instant::now();
-            pending.retain(|_, at| now.duration_since(*at) < PENDING_FORGET);
-            retry = if pending.is_empty() {
-                PENDING_POLL_MIN
-            } else {
-                retry
-            };
-        }
-        let wait = if pending.is_empty() { IDLE_POLL } else { retry };
-        read = tokio::select! {
-            _ = stop.changed() => return End::Stopped,
-            n = listener.try_recv() => match n {
-                Ok(Some(n)) => {
-                    let mut wake = on_notification(state, n.channel(), n.payload(), &mut pending);
-                    // Take everything already buffered before reading the log once.
-                    while let Some(n) = listener.next_buffered() {
-                        wake |= on_notification(state, n.channel(), n.payload(), &mut pending);
-                    }
-                    if wake {
-                        retry = PENDING_POLL_MIN;
-                    }
-                    wake
+        match listener.try_recv().await {
+            Ok(Some(n)) => match Ephemeral::parse(n.payload()) {
+                Ok(e) => deps.sink.ephemeral(&e),
+                Err(why) => {
+                    tracing::warn!(%why, "ignoring a malformed sales_ephemeral notification")
                 }
-                Ok(None) => return End::Lost("connection closed".into()),
-                Err(e) => return End::Lost(e.to_string()),
             },
-            _ = tokio::time::sleep(wait) => {
-                if !pending.is_empty() {
-                    retry = (retry * 2).min(PENDING_POLL_MAX);
-                }
-                true
-            }
-        };
-    }
-}
-
-/// Returns true when the log should be read.
-fn on_notification(
-    state: &AppState,
-    channel: &str,
-    payload: &str,
-    pending: &mut BTreeMap<i64, Instant>,
-) -> bool {
-    if channel == EPHEMERAL_CHANNEL {
-        match Ephemeral::parse(payload) {
-            Ok(e) => state.hub.dispatch_ephemeral(&e),
-            Err(why) => tracing::warn!(%why, "ignoring a malformed sales_ephemeral notification"),
-        }
-        return false;
-    }
-    if let Ok(id) = payload.trim().parse::<i64>() {
-        if id > 0 {
-            pending.entry(id).or_insert_with(Instant::now);
-        }
-    }
-    true
-}
-
-/// Reads and dispatches until the log has nothing more to give.
-async fn drain(
-    state: &AppState,
-    listener: &mut PgListener,
-    last: &mut Pos,
-    pending: &mut BTreeMap<i64, Instant>,
-) -> Result<(), sqlx::Error> {
-    let hub = &state.hub;
-    loop {
-        let page = match Event::since(&mut *listener, last.id, PAGE).await {
-            // Our last event was pruned (a quiet log older than the
-            // retention): carry on from its position, which we know.
-            Err(e) if is_pruned(&e) => Event::after_position(&mut *listener, *last, PAGE).await?,
-            r => r?,
-        };
-        // The cache learns of every change (any instance, plain SQL) from
-        // the same stream, before clients are told about it.
-        let mut tags: Vec<String> = page
-            .iter()
-            .flat_map(|e| {
-                crate::cache::tags_for_event(&e.kind_name, e.store_id, e.row_id, &e.payload)
-            })
-            .collect();
-        tags.sort();
-        tags.dedup();
-        if !page.is_empty() {
-            state.note_change(&mut *listener).await;
-        }
-        state.cache.invalidate(&tags).await;
-        for e in &page {
-            pending.remove(&e.id);
-            if hub.dispatch(e) {
-                // Some queue is filling: let the connection tasks drain
-                // before the next event (never waits for any of them).
-                tokio::task::yield_now().await;
-            }
-            *last = e.pos();
-        }
-        if page.len() < PAGE as usize {
-            return Ok(());
+            Ok(None) => return "connection closed".into(),
+            Err(e) => return e.to_string(),
         }
     }
 }

@@ -80,8 +80,7 @@ pub const EXPORT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// Retry-After when EXPORT_MAX_CONCURRENT exports are running.
 pub const BUSY_RETRY_AFTER: u64 = 5;
-/// The NOTIFY channel of ephemeral (not stored) WebSocket messages.
-pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
+use crate::events::EPHEMERAL_CHANNEL;
 
 pub struct ExportApi {
     pub state: Arc<AppState>,
@@ -988,6 +987,8 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
         }
     }
     drop(progress_tx);
+    // The response ends now; the last progress NOTIFY follows on its own.
+    drop(tx);
     let _ = notifier.await;
 }
 
@@ -1259,7 +1260,8 @@ fn progress_payload(
 }
 
 /// Sends progress NOTIFYs: the latest snapshot at most every
-/// PROGRESS_INTERVAL, and always the final one, in order.
+/// PROGRESS_INTERVAL, and always the final one, in order, as soon as the
+/// export ends (the wait between two updates never delays the last one).
 async fn notify_progress(
     pool: PgPool,
     user_id: i64,
@@ -1269,8 +1271,16 @@ async fn notify_progress(
     mut rx: watch::Receiver<Snapshot>,
 ) {
     let mut last: Option<Snapshot> = None;
+    // Whether a change has been seen but not sent yet (found while waiting
+    // out the interval).
+    let mut pending = false;
     loop {
-        let closed = rx.changed().await.is_err();
+        let closed = if pending {
+            pending = false;
+            rx.has_changed().is_err()
+        } else {
+            rx.changed().await.is_err()
+        };
         let snap = rx.borrow_and_update().clone();
         if last.as_ref() != Some(&snap) && (snap.total.is_some() || snap.state != RunState::Running)
         {
@@ -1288,7 +1298,25 @@ async fn notify_progress(
         if closed || snap.state != RunState::Running {
             break;
         }
-        tokio::time::sleep(PROGRESS_INTERVAL).await;
+        // Wait out the interval, unless the export ends first.
+        let interval = tokio::time::sleep(PROGRESS_INTERVAL);
+        tokio::pin!(interval);
+        loop {
+            tokio::select! {
+                _ = &mut interval => break,
+                r = rx.changed() => {
+                    if r.is_err() || rx.borrow().state != RunState::Running {
+                        pending = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !pending {
+            // Changes seen while waiting are still unsent.
+            let now = rx.borrow();
+            pending = now.state == RunState::Running && last.as_ref() != Some(&*now);
+        }
     }
 }
 
@@ -1303,6 +1331,7 @@ mod tests {
             email: None,
             role: Role::Admin,
             stores: Default::default(),
+            exp: None,
         }
     }
 
@@ -1358,6 +1387,7 @@ mod tests {
             email: None,
             role: Role::Manager,
             stores: [3, 1].into_iter().collect(),
+            exp: None,
         };
         assert!(where_sql(&SalesFilter::default(), &manager)
             .contains("m.store_id = ANY(ARRAY[1,3]::bigint[])"));

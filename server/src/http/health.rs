@@ -30,6 +30,66 @@ pub struct Health {
     pub uptime_seconds: u64,
     pub postgres: Dependency,
     pub redis: Dependency,
+    pub event_delivery: EventDelivery,
+}
+
+/// Whether live event delivery is held back, and by what.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct EventDelivery {
+    /// True while an event-writing transaction has held delivery back for
+    /// more than a second (events ordered after its first event wait for it).
+    pub held_back: bool,
+    /// How long the oldest such transaction has held it back, in seconds.
+    pub held_back_seconds: Option<f64>,
+    /// The transactions holding it back, oldest first (admin token only).
+    pub holders: Option<Vec<DeliveryHolder>>,
+}
+
+/// A transaction holding event delivery back (`sales.event_holders()`).
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct DeliveryHolder {
+    /// Backend pid (`pg_stat_activity.pid`).
+    pub pid: i32,
+    pub held_for_seconds: f64,
+    /// When it wrote its first event.
+    pub since: chrono::DateTime<chrono::Utc>,
+    pub query_start: Option<chrono::DateTime<chrono::Utc>>,
+    pub state: Option<String>,
+}
+
+/// What holds event delivery back; holder details only for an admin token.
+async fn event_delivery(state: &AppState, req: &poem::Request) -> EventDelivery {
+    let holders = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        crate::events::holders::list(&state.pool),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default();
+    let admin = req
+        .header(poem::http::header::AUTHORIZATION)
+        .and_then(crate::auth::bearer)
+        .and_then(|t| state.auth.verify(t).ok())
+        .is_some_and(|p| p.is_admin());
+    EventDelivery {
+        held_back: !holders.is_empty(),
+        held_back_seconds: holders.first().map(|h| h.held_for_seconds),
+        holders: admin.then(|| {
+            holders
+                .into_iter()
+                .map(|h| DeliveryHolder {
+                    pid: h.pid,
+                    held_for_seconds: h.held_for_seconds,
+                    since: h.since,
+                    query_start: h.query_start,
+                    state: h.state,
+                })
+                .collect()
+        }),
+    }
 }
 
 #[derive(Object, Debug)]
@@ -138,6 +198,7 @@ impl HealthApi {
             uptime_seconds: self.state.started.elapsed().as_secs(),
             postgres,
             redis,
+            event_delivery: event_delivery(&self.state, req).await,
         };
         if body.postgres.up {
             HealthResponse::Ok(Json(body))

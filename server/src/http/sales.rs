@@ -761,7 +761,7 @@ impl SalesApi {
                     summary["eventId"] = Value::Null;
                     return Ok((summary, Vec::new()));
                 }
-                let tags = crate::cache::tx_event_tags(&mut tx).await?;
+                let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
                 tx.commit()
                     .await
                     .map_err(crate::db::TxFailure::AtCommit)?;
@@ -948,7 +948,7 @@ impl SalesApi {
                 Some(summary),
             ));
         }
-        let tags = crate::cache::tx_event_tags(&mut tx).await?;
+        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
         tx.commit().await?;
         self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;

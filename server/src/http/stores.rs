@@ -225,7 +225,7 @@ impl StoresApi {
             Some("23505") => ApiError::conflict(format!("store code {} already exists", body.code), None),
             _ => e.into(),
         })?;
-        let tags = crate::cache::tx_event_tags(&mut tx).await?;
+        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
         tx.commit().await?;
         self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;
@@ -272,7 +272,7 @@ impl StoresApi {
         let Some(row) = row else {
             return Err(ApiError::not_found(format!("no store {}", id.0)));
         };
-        let tags = crate::cache::tx_event_tags(&mut tx).await?;
+        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
         tx.commit().await?;
         self.state.note_change(&self.state.pool).await;
         self.state.cache.invalidate(&tags).await;

@@ -12,12 +12,13 @@
 //! task never takes the registry while holding its state.
 
 use super::protocol::{self, Channel};
-use crate::auth::{Principal, Role};
-use crate::events::model::{Ephemeral, Event, Kind, Pos};
+use crate::auth::Principal;
+use crate::events::model::{Ephemeral, Event, Pos};
+use crate::events::vocab::{Recipient, Variant};
 use futures_util::task::AtomicWaker;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -36,6 +37,17 @@ pub struct HubConfig {
     pub catch_up_limit: usize,
     pub max_subscriptions: usize,
     pub ping_interval: Duration,
+    /// Open connections per user; more are refused (HTTP 429 before the upgrade).
+    pub max_per_user: usize,
+    /// Replays reading the log at once (all users), and per user.
+    pub replay_slots: usize,
+    pub replay_slots_per_user: usize,
+    /// A replay that has not finished within this is ended: its connection
+    /// is closed (4009) and the client resumes again from where it got to.
+    pub replay_timeout: Duration,
+    /// Events one replay sends at most; past it the client is told to
+    /// resync (reload, then follow live events).
+    pub replay_max_events: u64,
 }
 
 impl HubConfig {
@@ -45,6 +57,11 @@ impl HubConfig {
             catch_up_limit: (c.ws_send_queue * 4).max(4096),
             max_subscriptions: 1000,
             ping_interval: c.ws_ping_interval,
+            max_per_user: 64,
+            replay_slots: 8,
+            replay_slots_per_user: 1,
+            replay_timeout: Duration::from_secs(30),
+            replay_max_events: 100_000,
         }
     }
 }
@@ -52,12 +69,8 @@ impl HubConfig {
 /// One WebSocket connection as the hub sees it.
 pub struct Conn {
     pub id: u64,
-    pub user_id: i64,
-    pub role: Role,
-    /// Sorted store ids; empty for admins, who see every store.
-    stores: Box<[i64]>,
-    /// Token expiry (seconds since the epoch), when known.
-    pub exp: Option<i64>,
+    /// Who opened it: scope checks and the token's expiry come from here.
+    pub principal: Principal,
     st: Mutex<ConnState>,
     /// Wakes the connection's task when something is queued or it must close.
     pub(crate) waker: AtomicWaker,
@@ -84,12 +97,8 @@ struct ConnState {
 }
 
 impl Conn {
-    pub fn is_admin(&self) -> bool {
-        self.role == Role::Admin
-    }
-
-    pub fn can_access_store(&self, store: i64) -> bool {
-        self.is_admin() || self.stores.binary_search(&store).is_ok()
+    pub fn user_id(&self) -> i64 {
+        self.principal.user_id
     }
 
     fn lock(&self) -> MutexGuard<'_, ConnState> {
@@ -119,10 +128,6 @@ impl Conn {
     pub fn alive(&self) {
         self.lock().missed_pongs = 0;
     }
-
-    fn subscribed_to(&self, ch: Channel) -> bool {
-        self.lock().subs.iter().any(|(c, _)| *c == ch)
-    }
 }
 
 /// What a resume replays against: the subscriptions at the moment it began.
@@ -139,50 +144,42 @@ impl ResumeSnapshot {
         self.subs.iter().find(|(c, _)| *c == ch).map(|(_, p)| *p)
     }
 
-    /// Whether a logged event is one to replay to `conn`: it is one the
-    /// connection may see, and it was not already delivered live (it is not
-    /// after the start of a subscription that matches it).
-    pub fn wants(&self, conn: &Conn, e: &Event) -> bool {
+    /// Whether a logged event is one to replay to `conn`, and in which
+    /// form: it is one the connection may see, and it was not already
+    /// delivered live (it is not after the start of a subscription that
+    /// matches it).
+    pub fn wants(&self, conn: &Conn, e: &Event) -> Option<Variant> {
         let pos = e.pos();
-        let (mut matched, mut live) = (false, false);
-        let mut check = |since: Option<Pos>| {
-            if let Some(s) = since {
-                matched = true;
-                live |= pos > s;
+        let mut first = None;
+        for (to, variant) in e.deliveries() {
+            let since = match to {
+                Recipient::User(u) => (u == conn.user_id()).then_some(self.user_since),
+                Recipient::Channel(ch) => self.since(ch),
+                Recipient::ChannelInScope(ch, s) => {
+                    if conn.principal.can_access_store(s) {
+                        self.since(ch)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(since) = since {
+                if pos > since {
+                    return None;
+                }
+                first.get_or_insert(variant);
             }
-        };
-        if let Some(u) = e.user_id {
-            // A user-only event: that user's own channel, nothing else.
-            if u == conn.user_id {
-                check(Some(self.user_since));
-            }
-            return matched && !live;
         }
-        match e.kind {
-            k if k.is_sales() => {
-                if let Some(s) = e.store_id {
-                    check(self.since(Channel::Sales(s)));
-                }
-                if let Some(p) = e.previous_store_id().filter(|p| Some(*p) != e.store_id) {
-                    check(self.since(Channel::Sales(p)));
-                }
-            }
-            k if k.is_store() && e.store_id.is_some_and(|s| conn.can_access_store(s)) => {
-                check(self.since(Channel::Stores))
-            }
-            Kind::Announcement => check(self.since(Channel::Announcements)),
-            Kind::BatchCompleted => {
-                // The batch's author gets it on their own channel; admins may
-                // follow every batch.
-                if e.actor_id == Some(conn.user_id) {
-                    check(Some(self.user_since));
-                }
-                check(self.since(Channel::Batch));
-            }
-            _ => {}
-        }
-        matched && !live
+        first
     }
+}
+
+/// Why a connection was not registered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    ShuttingDown,
+    /// The user has `max_per_user` connections open.
+    TooMany,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -204,6 +201,8 @@ pub struct Counters {
     pub closed_shutdown: AtomicU64,
     pub closed_policy: AtomicU64,
     pub refused_subscriptions: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub replays_timed_out: AtomicU64,
     pub resumes: AtomicU64,
     pub replayed: AtomicU64,
     pub resync_required: AtomicU64,
@@ -215,7 +214,6 @@ pub struct Counters {
 pub struct RelayStatus {
     pub connected: AtomicBool,
     pub reconnects: AtomicU64,
-    pub last_event_id: AtomicI64,
 }
 
 #[derive(Default)]
@@ -233,39 +231,23 @@ impl Registry {
         }
     }
 
-    /// Calls `f` for each connection an event goes to (a connection may come
-    /// twice; the queue drops the repeat).
-    fn targets(&self, e: &Event, mut f: impl FnMut(&Arc<Conn>)) {
-        if let Some(u) = e.user_id {
-            // A user-only event (user notifications): that user alone.
-            return Self::each(self.users.get(&u), &mut f);
-        }
-        match e.kind {
-            k if k.is_sales() => {
-                if let Some(s) = e.store_id {
-                    Self::each(self.channels.get(&Channel::Sales(s)), &mut f);
+    /// Calls `f` for each connection an event goes to, with the form it
+    /// gets (a connection may come twice; the queue drops the repeat).
+    fn targets(&self, e: &Event, mut f: impl FnMut(&Arc<Conn>, Variant)) {
+        for (to, variant) in e.deliveries() {
+            match to {
+                Recipient::User(u) => Self::each(self.users.get(&u), &mut |c| f(c, variant)),
+                Recipient::Channel(ch) => {
+                    Self::each(self.channels.get(&ch), &mut |c| f(c, variant))
                 }
-                if let Some(p) = e.previous_store_id().filter(|p| Some(*p) != e.store_id) {
-                    Self::each(self.channels.get(&Channel::Sales(p)), &mut f);
-                }
-            }
-            k if k.is_store() => {
-                if let Some(s) = e.store_id {
-                    Self::each(self.channels.get(&Channel::Stores), &mut |c: &Arc<Conn>| {
-                        if c.can_access_store(s) {
-                            f(c)
+                Recipient::ChannelInScope(ch, s) => {
+                    Self::each(self.channels.get(&ch), &mut |c: &Arc<Conn>| {
+                        if c.principal.can_access_store(s) {
+                            f(c, variant)
                         }
-                    });
+                    })
                 }
             }
-            Kind::Announcement => Self::each(self.channels.get(&Channel::Announcements), &mut f),
-            Kind::BatchCompleted => {
-                if let Some(a) = e.actor_id {
-                    Self::each(self.users.get(&a), &mut f);
-                }
-                Self::each(self.channels.get(&Channel::Batch), &mut f);
-            }
-            _ => {}
         }
     }
 }
@@ -278,8 +260,12 @@ pub struct Hub {
     pub relay: RelayStatus,
     shutting_down: AtomicBool,
     empty: Notify,
-    /// Replays (resume) reading the log at once; the others wait their turn.
+    /// Replay queries running at once. A replay holds a slot only while it
+    /// reads a page from the log, never while it waits for its client to
+    /// read, so a client that does not read cannot delay another's resume.
     pub replay_slots: tokio::sync::Semaphore,
+    /// Replays in progress per user (bounded by `replay_slots_per_user`).
+    replaying: Mutex<HashMap<i64, usize>>,
 }
 
 /// What pushing into a queue did.
@@ -292,14 +278,15 @@ enum Pushed {
 impl Hub {
     pub fn new(cfg: HubConfig) -> Self {
         Hub {
-            cfg,
             reg: Mutex::new(Registry::default()),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
             relay: RelayStatus::default(),
             shutting_down: AtomicBool::new(false),
             empty: Notify::new(),
-            replay_slots: tokio::sync::Semaphore::new(4),
+            replay_slots: tokio::sync::Semaphore::new(cfg.replay_slots.max(1)),
+            replaying: Mutex::new(HashMap::new()),
+            cfg,
         }
     }
 
@@ -315,7 +302,6 @@ impl Hub {
     /// Where the relay starts; set once before serving.
     pub fn set_position(&self, pos: Pos) {
         self.reg().position = pos;
-        self.relay.last_event_id.store(pos.id, Relaxed);
     }
 
     pub fn connections(&self) -> usize {
@@ -326,36 +312,44 @@ impl Hub {
         self.shutting_down.load(Relaxed)
     }
 
-    /// Adds a connection; `None` once the server is shutting down.
-    pub fn register(&self, p: &Principal, exp: Option<i64>) -> Option<Arc<Conn>> {
-        let mut stores: Vec<i64> = p.stores.iter().copied().collect();
-        stores.sort_unstable();
+    /// Whether `user` may open another connection.
+    pub fn user_has_room(&self, user: i64) -> bool {
+        self.reg()
+            .users
+            .get(&user)
+            .is_none_or(|m| m.len() < self.cfg.max_per_user)
+    }
+
+    /// Adds a connection.
+    pub fn register(&self, principal: Principal) -> Result<Arc<Conn>, Refused> {
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Relaxed),
-            user_id: p.user_id,
-            role: p.role,
-            stores: if p.is_admin() {
-                Box::default()
-            } else {
-                stores.into_boxed_slice()
-            },
-            exp,
+            principal,
             st: Mutex::new(ConnState::default()),
             waker: AtomicWaker::new(),
             space: Notify::new(),
         });
         let mut reg = self.reg();
         if self.is_shutting_down() {
-            return None;
+            return Err(Refused::ShuttingDown);
+        }
+        let user = conn.user_id();
+        if reg
+            .users
+            .get(&user)
+            .is_some_and(|m| m.len() >= self.cfg.max_per_user)
+        {
+            self.counters.refused_connections.fetch_add(1, Relaxed);
+            return Err(Refused::TooMany);
         }
         conn.lock().user_since = reg.position;
         reg.conns.insert(conn.id, conn.clone());
         reg.users
-            .entry(conn.user_id)
+            .entry(user)
             .or_default()
             .insert(conn.id, conn.clone());
         self.counters.opened.fetch_add(1, Relaxed);
-        Some(conn)
+        Ok(conn)
     }
 
     pub fn unregister(&self, conn: &Arc<Conn>) {
@@ -370,10 +364,10 @@ impl Hub {
         conn.space.notify_one();
         let mut reg = self.reg();
         reg.conns.remove(&conn.id);
-        if let Some(m) = reg.users.get_mut(&conn.user_id) {
+        if let Some(m) = reg.users.get_mut(&conn.user_id()) {
             m.remove(&conn.id);
             if m.is_empty() {
-                reg.users.remove(&conn.user_id);
+                reg.users.remove(&conn.user_id());
             }
         }
         for (ch, _) in subs {
@@ -406,12 +400,8 @@ impl Hub {
         conn: &Arc<Conn>,
         ch: Channel,
     ) -> Result<bool, SubscribeError> {
-        let allowed = match ch {
-            Channel::Sales(s) => conn.can_access_store(s),
-            Channel::Batch => conn.is_admin(),
-            Channel::Stores | Channel::Announcements => true,
-        };
-        if !allowed {
+        let p = &conn.principal;
+        if !ch.allowed(p.is_admin(), |s| p.can_access_store(s)) {
             self.counters.refused_subscriptions.fetch_add(1, Relaxed);
             return Err(SubscribeError::Forbidden(ch.name()));
         }
@@ -538,19 +528,28 @@ impl Hub {
     /// full: the relay then yields so that those connections' tasks can
     /// drain before the next event (it never waits for them).
     pub fn dispatch(&self, e: &Event) -> bool {
-        let msg = Message::Text(Utf8Bytes::from(e.to_frame()));
+        // Each form is serialised once and its bytes shared by every queue.
+        let full = Message::Text(Utf8Bytes::from(e.frame(Variant::Full)));
+        let mut moved: Option<Message> = None;
         let pos = e.pos();
         let half = self.cfg.send_queue / 2;
         let mut pressure = false;
         let mut reg = self.reg();
-        reg.targets(e, |c| match self.push_live(c, Some(pos), e.id, &msg) {
-            Pushed::Queued(n) => pressure |= n > half,
-            Pushed::Skipped => {}
-            Pushed::Overflow => pressure = true,
+        reg.targets(e, |c, variant| {
+            let msg = match variant {
+                Variant::Full => &full,
+                Variant::MovedAway => moved.get_or_insert_with(|| {
+                    Message::Text(Utf8Bytes::from(e.frame(Variant::MovedAway)))
+                }),
+            };
+            match self.push_live(c, Some(pos), e.id, msg) {
+                Pushed::Queued(n) => pressure |= n > half,
+                Pushed::Skipped => {}
+                Pushed::Overflow => pressure = true,
+            }
         });
         reg.position = pos;
         drop(reg);
-        self.relay.last_event_id.store(e.id, Relaxed);
         self.counters.events_relayed.fetch_add(1, Relaxed);
         pressure
     }
@@ -599,6 +598,25 @@ impl Hub {
             user_since: st.user_since,
         };
         Ok((snap, added))
+    }
+
+    /// Takes one of `user`'s replay turns, waiting (only behind that user's
+    /// own replays) while they have `replay_slots_per_user` running.
+    pub async fn replay_turn(self: &Arc<Self>, user: i64) -> ReplayTurn {
+        loop {
+            {
+                let mut m = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
+                let n = m.entry(user).or_insert(0);
+                if *n < self.cfg.replay_slots_per_user.max(1) {
+                    *n += 1;
+                    return ReplayTurn {
+                        hub: self.clone(),
+                        user,
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Queues a replayed event, waiting (without holding anything) while the
@@ -686,7 +704,7 @@ impl Hub {
                 if self.close(&c, protocol::CLOSE_HEARTBEAT, "heartbeat timeout") {
                     self.counters.closed_heartbeat.fetch_add(1, Relaxed);
                 }
-            } else if c.exp.is_some_and(|exp| now >= exp) {
+            } else if c.principal.exp.is_some_and(|exp| now >= exp) {
                 if self.close(&c, protocol::CLOSE_TOKEN_EXPIRED, "token expired") {
                     self.counters.closed_expired.fetch_add(1, Relaxed);
                 }
@@ -731,12 +749,13 @@ impl Hub {
         let mut all_stores = 0u64;
         let (mut queued, mut resuming) = (0u64, 0u64);
         for c in reg.conns.values() {
-            *by_role.entry(c.role.as_str()).or_default() += 1;
-            if c.is_admin() {
+            *by_role.entry(c.principal.role.as_str()).or_default() += 1;
+            if c.principal.is_admin() {
                 all_stores += 1;
-            }
-            for s in c.stores.iter() {
-                *by_store.entry(*s).or_default() += 1;
+            } else {
+                for s in c.principal.stores.iter() {
+                    *by_store.entry(*s).or_default() += 1;
+                }
             }
             let st = c.lock();
             queued += st.queue.len() as u64;
@@ -781,6 +800,8 @@ impl Hub {
                 "policy": n(&k.closed_policy),
             },
             "refusedSubscriptions": n(&k.refused_subscriptions),
+            "refusedConnections": n(&k.refused_connections),
+            "replaysTimedOut": n(&k.replays_timed_out),
             "resumes": n(&k.resumes),
             "resyncRequired": n(&k.resync_required),
             "relay": {
@@ -810,14 +831,52 @@ impl Hub {
     }
 }
 
-/// Whether `conn` is subscribed to `ch` (for tests and diagnostics).
-pub fn is_subscribed(conn: &Conn, ch: Channel) -> bool {
-    conn.subscribed_to(ch)
+/// One of a user's replay turns; given back when dropped.
+pub struct ReplayTurn {
+    hub: Arc<Hub>,
+    user: i64,
+}
+
+impl Drop for ReplayTurn {
+    fn drop(&mut self) {
+        let mut m = self.hub.replaying.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// The relay hands events to the hub through this.
+impl crate::events::relay::Sink for Hub {
+    fn deliver(&self, e: &Event) -> bool {
+        self.dispatch(e)
+    }
+
+    fn ephemeral(&self, e: &Ephemeral) {
+        self.dispatch_ephemeral(e)
+    }
+
+    fn connected(&self, up: bool) {
+        self.relay.connected.store(up, Relaxed);
+    }
+
+    fn reconnected(&self) {
+        self.relay.reconnects.fetch_add(1, Relaxed);
+    }
+
+    fn position(&self) -> Pos {
+        Hub::position(self)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Role;
+    use crate::events::Kind;
     use std::collections::HashSet;
 
     fn hub(queue: usize) -> Hub {
@@ -826,15 +885,25 @@ mod tests {
             catch_up_limit: 8,
             max_subscriptions: 4,
             ping_interval: Duration::from_secs(1),
+            max_per_user: 3,
+            replay_slots: 2,
+            replay_slots_per_user: 1,
+            replay_timeout: Duration::from_secs(5),
+            replay_max_events: 100,
         })
     }
 
     fn principal(user: i64, role: Role, stores: &[i64]) -> Principal {
+        principal_until(user, role, stores, None)
+    }
+
+    fn principal_until(user: i64, role: Role, stores: &[i64], exp: Option<i64>) -> Principal {
         Principal {
             user_id: user,
             email: None,
             role,
             stores: stores.iter().copied().collect::<HashSet<_>>(),
+            exp,
         }
     }
 
@@ -847,7 +916,7 @@ mod tests {
         };
         Event {
             id,
-            xid: 1000 + id,
+            seq: 1000 + id,
             kind_name: kind.into(),
             kind: Kind::parse(kind),
             store_id: store,
@@ -870,10 +939,8 @@ mod tests {
     #[test]
     fn scope_is_checked_from_claims() {
         let h = hub(16);
-        let staff = h
-            .register(&principal(1, Role::Staff, &[1, 2]), None)
-            .unwrap();
-        let admin = h.register(&principal(2, Role::Admin, &[]), None).unwrap();
+        let staff = h.register(principal(1, Role::Staff, &[1, 2])).unwrap();
+        let admin = h.register(principal(2, Role::Admin, &[])).unwrap();
         assert_eq!(h.subscribe(&staff, Channel::Sales(1)), Ok(true));
         assert_eq!(h.subscribe(&staff, Channel::Sales(1)), Ok(false));
         assert!(matches!(
@@ -904,8 +971,8 @@ mod tests {
     #[test]
     fn full_queue_closes_slow_consumer_only() {
         let h = hub(2);
-        let slow = h.register(&principal(1, Role::Admin, &[]), None).unwrap();
-        let fast = h.register(&principal(2, Role::Admin, &[]), None).unwrap();
+        let slow = h.register(principal(1, Role::Admin, &[])).unwrap();
+        let fast = h.register(principal(2, Role::Admin, &[])).unwrap();
         h.subscribe(&slow, Channel::Sales(1)).unwrap();
         h.subscribe(&fast, Channel::Sales(1)).unwrap();
         for id in 1..=3 {
@@ -927,8 +994,8 @@ mod tests {
     #[test]
     fn resume_skips_what_was_live_and_holds_back_new_events() {
         let h = hub(16);
-        h.set_position(Pos { xid: 1000, id: 0 });
-        let c = h.register(&principal(1, Role::Staff, &[1]), None).unwrap();
+        h.set_position(Pos { seq: 1000, id: 0 });
+        let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
         h.dispatch(&event(1, "sales-data-created", Some(1), None)); // before the subscription
         h.subscribe(&c, Channel::Sales(1)).unwrap();
         h.dispatch(&event(2, "sales-data-created", Some(1), None)); // live
@@ -936,15 +1003,18 @@ mod tests {
         assert_eq!(snap.upto.id, 2);
         h.dispatch(&event(3, "sales-data-created", Some(1), None)); // held back
         assert!(
-            !snap.wants(&c, &event(2, "sales-data-created", Some(1), None)),
+            snap.wants(&c, &event(2, "sales-data-created", Some(1), None))
+                .is_none(),
             "already live"
         );
-        assert!(
+        assert_eq!(
             snap.wants(&c, &event(1, "sales-data-created", Some(1), None)),
+            Some(Variant::Full),
             "missed"
         );
         assert!(
-            !snap.wants(&c, &event(1, "sales-data-created", Some(2), None)),
+            snap.wants(&c, &event(1, "sales-data-created", Some(2), None))
+                .is_none(),
             "not subscribed"
         );
         assert!(h.begin_resume(&c, &[]).is_err());
@@ -953,20 +1023,22 @@ mod tests {
             &c,
             &snap,
             snap.upto,
-            Some(Pos { xid: 1000, id: 0 }),
+            Some(Pos { seq: 1000, id: 0 }),
             protocol::resumed(0, 1, 2),
         );
         assert_eq!(ids(&h, &c), vec![2, 3]);
         // After the resume, every event since `from` counts as delivered.
         let (again, _) = h.begin_resume(&c, &[]).unwrap();
-        assert!(!again.wants(&c, &event(1, "sales-data-created", Some(1), None)));
+        assert!(again
+            .wants(&c, &event(1, "sales-data-created", Some(1), None))
+            .is_none());
     }
 
     #[test]
     fn heartbeat_closes_after_two_missed_pongs() {
         let h = hub(16);
-        let c = h.register(&principal(1, Role::Staff, &[]), None).unwrap();
-        let ok = h.register(&principal(2, Role::Staff, &[]), None).unwrap();
+        let c = h.register(principal(1, Role::Staff, &[])).unwrap();
+        let ok = h.register(principal(2, Role::Staff, &[])).unwrap();
         for _ in 0..3 {
             h.heartbeat();
             ok.alive();
@@ -977,12 +1049,48 @@ mod tests {
         );
         assert_eq!(ok.close_requested(), None);
         let expired = h
-            .register(&principal(3, Role::Staff, &[]), Some(1))
+            .register(principal_until(3, Role::Staff, &[], Some(1)))
             .unwrap();
         h.heartbeat();
         assert_eq!(
             expired.close_requested().map(|c| c.0),
             Some(protocol::CLOSE_TOKEN_EXPIRED)
         );
+    }
+
+    #[test]
+    fn connections_per_user_are_capped() {
+        let h = hub(16);
+        for _ in 0..3 {
+            h.register(principal(7, Role::Staff, &[1])).unwrap();
+        }
+        assert!(!h.user_has_room(7));
+        assert_eq!(
+            h.register(principal(7, Role::Staff, &[1])).err(),
+            Some(Refused::TooMany)
+        );
+        assert!(h.register(principal(8, Role::Staff, &[1])).is_ok());
+    }
+
+    #[test]
+    fn a_moved_row_reaches_its_old_store_as_a_deletion() {
+        let h = hub(16);
+        let old = h.register(principal(1, Role::Staff, &[2])).unwrap();
+        let new = h.register(principal(2, Role::Staff, &[3])).unwrap();
+        let both = h.register(principal(3, Role::Admin, &[])).unwrap();
+        h.subscribe(&old, Channel::Sales(2)).unwrap();
+        h.subscribe(&new, Channel::Sales(3)).unwrap();
+        h.subscribe(&both, Channel::Sales(2)).unwrap();
+        h.subscribe(&both, Channel::Sales(3)).unwrap();
+        let mut e = event(1, "sales-data-updated", Some(3), None);
+        e.payload = json!({"year": 2025, "month": 1, "totalSales": 5, "previousStoreId": 2});
+        h.dispatch(&e);
+        let frame = |c: &Conn| -> Value { serde_json::from_str(&h.queued(c)[0]).unwrap() };
+        assert_eq!(frame(&old)["event"], "sales-data-deleted");
+        assert_eq!(frame(&old)["data"]["storeId"], 2);
+        assert!(frame(&old)["data"].get("totalSales").is_none());
+        assert_eq!(frame(&new)["event"], "sales-data-updated");
+        assert_eq!(frame(&both)["event"], "sales-data-updated");
+        assert_eq!(h.queued(&both).len(), 1);
     }
 }

@@ -17,17 +17,17 @@ pub mod protocol;
 
 pub use hub::{Hub, HubConfig};
 
+use crate::auth::Auth;
 use crate::events::model::{is_pruned, Event};
-use crate::state::AppState;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use hub::{Conn, SubscribeError};
+use hub::{Conn, Refused, SubscribeError};
 use poem::http::{header, HeaderValue, StatusCode};
 use poem::{Endpoint, Request, Response};
 use protocol::{Channel, ClientMessage};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context as TaskCx, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -37,6 +37,16 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 type Socket = WebSocketStream<poem::Upgraded>;
+
+/// What the WebSocket side uses: the hub, token checks, and the pool that
+/// replays read the log from.
+#[derive(Clone)]
+pub struct Context {
+    pub hub: Arc<Hub>,
+    pub auth: Arc<Auth>,
+    pub pool: sqlx::PgPool,
+    pub event_retention: Duration,
+}
 
 /// Client frames are small JSON requests.
 const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
@@ -107,14 +117,6 @@ fn error_response(req: &Request, status: StatusCode, code: &str, message: &str) 
     resp
 }
 
-/// Where the token came from.
-#[derive(Debug, PartialEq, Eq)]
-enum TokenSource {
-    Query,
-    Header,
-    Protocol,
-}
-
 fn query_token(req: &Request) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Q {
@@ -151,30 +153,15 @@ fn offers_bearer_protocol(req: &Request) -> bool {
         .any(|p| p.trim().eq_ignore_ascii_case("bearer"))
 }
 
-fn find_token(req: &Request) -> Option<(String, TokenSource)> {
-    if let Some(t) = query_token(req) {
-        return Some((t, TokenSource::Query));
-    }
-    if let Some(t) = req
-        .header(header::AUTHORIZATION)
-        .and_then(crate::auth::bearer)
-    {
-        return Some((t.to_string(), TokenSource::Header));
-    }
-    protocol_token(req).map(|t| (t, TokenSource::Protocol))
-}
-
-/// The `exp` claim of an already verified token.
-fn token_expiry(token: &str) -> Option<i64> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()?
-        .get("exp")?
-        .as_i64()
+/// The token from `?token=`, the Authorization header or the protocol header.
+fn find_token(req: &Request) -> Option<String> {
+    query_token(req)
+        .or_else(|| {
+            req.header(header::AUTHORIZATION)
+                .and_then(crate::auth::bearer)
+                .map(str::to_string)
+        })
+        .or_else(|| protocol_token(req))
 }
 
 fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
@@ -188,23 +175,23 @@ fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> boo
 
 /// `GET /ws`.
 pub struct WsEndpoint {
-    state: Arc<AppState>,
+    ctx: Arc<Context>,
 }
 
-pub fn endpoint(state: Arc<AppState>) -> WsEndpoint {
-    WsEndpoint { state }
+pub fn endpoint(ctx: Context) -> WsEndpoint {
+    WsEndpoint { ctx: Arc::new(ctx) }
 }
 
 impl Endpoint for WsEndpoint {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        Ok(upgrade(&req, &self.state))
+        Ok(upgrade(&req, &self.ctx))
     }
 }
 
-fn upgrade(req: &Request, state: &Arc<AppState>) -> Response {
-    let Some((token, _source)) = find_token(req) else {
+fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
+    let Some(token) = find_token(req) else {
         return error_response(
             req,
             StatusCode::UNAUTHORIZED,
@@ -212,7 +199,7 @@ fn upgrade(req: &Request, state: &Arc<AppState>) -> Response {
             "a token is required: ?token=, Authorization: Bearer, or Sec-WebSocket-Protocol: bearer, <token>",
         );
     };
-    let principal = match state.auth.verify(&token) {
+    let principal = match ctx.auth.verify(&token) {
         Ok(p) => p,
         Err(e) => {
             return error_response(
@@ -261,12 +248,24 @@ fn upgrade(req: &Request, state: &Arc<AppState>) -> Response {
             "Sec-WebSocket-Key is missing",
         );
     };
-    if state.hub.is_shutting_down() {
+    if ctx.hub.is_shutting_down() {
         return error_response(
             req,
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the server is shutting down",
+        );
+    }
+    if !ctx.hub.user_has_room(principal.user_id) {
+        ctx.hub.counters.refused_connections.fetch_add(1, Relaxed);
+        return error_response(
+            req,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            &format!(
+                "at most {} WebSocket connections per user",
+                ctx.hub.cfg.max_per_user
+            ),
         );
     }
     let on_upgrade = match req.take_upgrade() {
@@ -295,25 +294,29 @@ fn upgrade(req: &Request, state: &Arc<AppState>) -> Response {
             HeaderValue::from_static("bearer"),
         );
     }
-    let exp = token_expiry(&token);
-    let state = state.clone();
+    let ctx = ctx.clone();
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
         let socket =
             WebSocketStream::from_raw_socket(upgraded, WsRole::Server, Some(socket_config())).await;
-        let Some(conn) = state.hub.register(&principal, exp) else {
-            let mut socket = socket;
-            let _ = tokio::time::timeout(
-                CLOSE_TIMEOUT,
-                socket.close(Some(close_frame(1001, "server shutting down"))),
-            )
-            .await;
-            return;
+        let conn = match ctx.hub.register(principal) {
+            Ok(c) => c,
+            Err(why) => {
+                let frame = match why {
+                    Refused::ShuttingDown => close_frame(1001, "server shutting down"),
+                    // Raced past the check before the upgrade.
+                    Refused::TooMany => {
+                        close_frame(protocol::CLOSE_POLICY, "too many connections for this user")
+                    }
+                };
+                let mut socket = socket;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close(Some(frame))).await;
+                return;
+            }
         };
-        drop(principal);
-        run_connection(socket, conn, state).await;
+        run_connection(socket, conn, ctx).await;
     });
     resp
 }
@@ -342,27 +345,27 @@ impl Outcome {
 }
 
 struct Session {
-    state: Arc<AppState>,
+    ctx: Arc<Context>,
     conn: Arc<Conn>,
     /// A frame taken from the queue that the socket was not ready for.
     in_flight: Option<Message>,
     flush_pending: bool,
 }
 
-async fn run_connection(mut socket: Socket, conn: Arc<Conn>, state: Arc<AppState>) {
-    let hub = &state.hub;
+async fn run_connection(mut socket: Socket, conn: Arc<Conn>, ctx: Arc<Context>) {
+    let hub = &ctx.hub;
     hub.reply(
         &conn,
         protocol::ready(
-            conn.user_id,
-            conn.role.as_str(),
+            conn.user_id(),
+            conn.principal.role.as_str(),
             hub.position().id,
             hub.cfg.ping_interval.as_millis(),
             hub.cfg.send_queue,
         ),
     );
     let mut session = Session {
-        state: state.clone(),
+        ctx: ctx.clone(),
         conn: conn.clone(),
         in_flight: None,
         flush_pending: false,
@@ -394,7 +397,7 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, state: Arc<AppState
 }
 
 impl Session {
-    fn poll(&mut self, ws: &mut Socket, cx: &mut Context<'_>) -> Poll<Outcome> {
+    fn poll(&mut self, ws: &mut Socket, cx: &mut TaskCx<'_>) -> Poll<Outcome> {
         // Client frames first.
         let mut budget = 64;
         loop {
@@ -435,7 +438,7 @@ impl Session {
                         return Poll::Ready(Outcome::from_error(e));
                     }
                     if counted {
-                        self.state.hub.counters.sent.fetch_add(1, Relaxed);
+                        self.ctx.hub.counters.sent.fetch_add(1, Relaxed);
                     }
                     self.flush_pending = true;
                 }
@@ -462,7 +465,7 @@ impl Session {
     }
 
     fn on_message(&mut self, msg: Message) {
-        let hub = &self.state.hub;
+        let hub = &self.ctx.hub;
         match msg {
             Message::Text(text) => self.on_request(text.as_str()),
             Message::Binary(_) => hub.reply(
@@ -476,7 +479,7 @@ impl Session {
     }
 
     fn on_request(&mut self, text: &str) {
-        let hub = &self.state.hub;
+        let hub = &self.ctx.hub;
         let conn = &self.conn;
         let request = match ClientMessage::parse(text) {
             Ok(r) => r,
@@ -531,12 +534,7 @@ impl Session {
                         for ((name, _), result) in named.iter().zip(added) {
                             subscribe_reply(hub, conn, name, result);
                         }
-                        tokio::spawn(replay(
-                            self.state.clone(),
-                            conn.clone(),
-                            snap,
-                            last_event_id,
-                        ));
+                        tokio::spawn(replay(self.ctx.clone(), conn.clone(), snap, last_event_id));
                     }
                     Err(m) => hub.reply(conn, protocol::error("bad_request", m, None)),
                 }
@@ -584,6 +582,7 @@ fn subscribe_reply(hub: &Hub, conn: &Conn, event: &str, result: Result<bool, Sub
 enum ReplayEnd {
     Done(crate::events::Pos, u64),
     Pruned,
+    TooLong,
     Closed,
 }
 
@@ -591,36 +590,51 @@ enum ReplayEnd {
 /// its subscriptions and scope allow, and only what was not delivered live),
 /// up to the position where live delivery was held back; then the held-back
 /// live events follow.
-async fn replay(
-    state: Arc<AppState>,
-    conn: Arc<Conn>,
-    snap: hub::ResumeSnapshot,
-    last_event_id: i64,
-) {
-    let hub = &state.hub;
+///
+/// Bounds, so that no client can delay another's resume: a user runs one
+/// replay at a time (their others wait behind it); a replay holds one of the
+/// hub's replay slots only while it reads a page, never while it waits for
+/// its client to read; it sends at most `replay_max_events` (then the client
+/// is told to resync) and ends after `replay_timeout` (then its connection
+/// is closed as a slow consumer, 4008, and the client resumes again).
+async fn replay(ctx: Arc<Context>, conn: Arc<Conn>, snap: hub::ResumeSnapshot, last_event_id: i64) {
+    let hub = &ctx.hub;
+    let pool = &ctx.pool;
     let run = async {
-        let _slot = hub
-            .replay_slots
-            .acquire()
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let Some(from) = Event::position_of(&state.pool, last_event_id).await? else {
+        let _turn = hub.replay_turn(conn.user_id()).await;
+        let from = {
+            let _slot = hub
+                .replay_slots
+                .acquire()
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            Event::position_of(pool, last_event_id).await?
+        };
+        let Some(from) = from else {
             return Ok::<_, sqlx::Error>(ReplayEnd::Pruned);
         };
         let mut after = last_event_id;
         let mut count = 0u64;
         if from < snap.upto {
             'pages: loop {
-                let page = Event::since(&state.pool, after, REPLAY_PAGE).await?;
+                let page = {
+                    let _slot = hub
+                        .replay_slots
+                        .acquire()
+                        .await
+                        .map_err(|_| sqlx::Error::PoolClosed)?;
+                    Event::since(pool, after, REPLAY_PAGE).await?
+                };
                 for e in &page {
                     if e.pos() > snap.upto {
                         break 'pages;
                     }
-                    if snap.wants(&conn, e) {
-                        if !hub
-                            .push_replay(&conn, Message::Text(Utf8Bytes::from(e.to_frame())))
-                            .await
-                        {
+                    if let Some(variant) = snap.wants(&conn, e) {
+                        if count >= hub.cfg.replay_max_events {
+                            return Ok(ReplayEnd::TooLong);
+                        }
+                        let msg = Message::Text(Utf8Bytes::from(e.frame(variant)));
+                        if !hub.push_replay(&conn, msg).await {
                             return Ok(ReplayEnd::Closed);
                         }
                         count += 1;
@@ -634,8 +648,18 @@ async fn replay(
         }
         Ok(ReplayEnd::Done(from, count))
     };
-    match run.await {
-        Ok(ReplayEnd::Done(from, count)) => {
+    let resync = |msg: &str| {
+        hub.counters.resync_required.fetch_add(1, Relaxed);
+        hub.finish_resume(
+            &conn,
+            &snap,
+            snap.upto,
+            None,
+            protocol::error("resync_required", msg, None),
+        );
+    };
+    match tokio::time::timeout(hub.cfg.replay_timeout, run).await {
+        Ok(Ok(ReplayEnd::Done(from, count))) => {
             let seam = from.max(snap.upto);
             hub.finish_resume(
                 &conn,
@@ -645,51 +669,44 @@ async fn replay(
                 protocol::resumed(last_event_id, count, seam.id),
             );
         }
-        Ok(ReplayEnd::Closed) => {}
-        Ok(ReplayEnd::Pruned) => {
-            hub.counters.resync_required.fetch_add(1, Relaxed);
-            let msg = format!(
-                "event {last_event_id} is older than the retention ({} days) or unknown; reload, then follow live events",
-                state.config.event_retention.as_secs() / 86400
-            );
-            hub.finish_resume(
-                &conn,
-                &snap,
-                snap.upto,
-                None,
-                protocol::error("resync_required", &msg, None),
-            );
+        Ok(Ok(ReplayEnd::Closed)) => {}
+        Ok(Ok(ReplayEnd::Pruned)) => resync(&format!(
+            "event {last_event_id} is older than the retention ({} days) or unknown; reload, then follow live events",
+            ctx.event_retention.as_secs() / 86400
+        )),
+        Ok(Ok(ReplayEnd::TooLong)) => resync(&format!(
+            "more than {} events were missed; reload, then follow live events",
+            hub.cfg.replay_max_events
+        )),
+        Ok(Err(e)) if is_pruned(&e) => {
+            resync("the events after lastEventId were pruned during the replay")
         }
-        Err(e) if is_pruned(&e) => {
-            hub.counters.resync_required.fetch_add(1, Relaxed);
-            hub.finish_resume(
-                &conn,
-                &snap,
-                snap.upto,
-                None,
-                protocol::error(
-                    "resync_required",
-                    "the events after lastEventId were pruned during the replay",
-                    None,
-                ),
-            );
-        }
-        Err(e) => {
+        Ok(Err(e)) => {
             // Flushing the live events now would leave a gap: close instead,
             // so that the client resumes again from the same id.
             tracing::warn!(error = %e, "resume failed");
             hub.close(&conn, 1011, "resume failed; reconnect and resume again");
+        }
+        Err(_) => {
+            hub.counters.replays_timed_out.fetch_add(1, Relaxed);
+            if hub.close(
+                &conn,
+                protocol::CLOSE_SLOW_CONSUMER,
+                protocol::REASON_SLOW_CONSUMER,
+            ) {
+                hub.counters.closed_slow.fetch_add(1, Relaxed);
+            }
         }
     }
 }
 
 /// `GET /api/admin/websocket/stats` (admin token required).
 pub struct StatsEndpoint {
-    state: Arc<AppState>,
+    ctx: Context,
 }
 
-pub fn stats_endpoint(state: Arc<AppState>) -> StatsEndpoint {
-    StatsEndpoint { state }
+pub fn stats_endpoint(ctx: Context) -> StatsEndpoint {
+    StatsEndpoint { ctx }
 }
 
 impl Endpoint for StatsEndpoint {
@@ -707,7 +724,7 @@ impl Endpoint for StatsEndpoint {
                 "missing bearer token",
             ));
         };
-        let principal = match self.state.auth.verify(token) {
+        let principal = match self.ctx.auth.verify(token) {
             Ok(p) => p,
             Err(e) => {
                 return Ok(error_response(
@@ -726,59 +743,51 @@ impl Endpoint for StatsEndpoint {
                 "admin role required",
             ));
         }
+        let mut stats = self.ctx.hub.stats();
+        stats["relay"]["heldBackBy"] = crate::events::holders::report(&self.ctx.pool).await;
         Ok(Response::builder()
             .content_type("application/json")
             .header(header::CACHE_CONTROL, "no-store")
-            .body(self.state.hub.stats().to_string()))
+            .body(stats.to_string()))
     }
 }
 
-/// The relay and the heartbeat of one running server.
-pub struct Realtime {
-    relay: crate::events::relay::Relay,
+/// The WebSocket heartbeat of one running server: pings every connection
+/// each `ping_interval`, closing dead ones and those whose token expired.
+pub struct Heartbeat {
     stop: watch::Sender<bool>,
-    ticker: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the relay and the heartbeat (the hub's position must be set:
-/// see `events::relay::init`).
-pub fn start(state: &Arc<AppState>) -> Realtime {
-    let relay = crate::events::relay::Relay::spawn(state.clone());
-    let (stop, mut rx) = watch::channel(false);
-    let hub_state = state.clone();
-    let ticker = tokio::spawn(async move {
-        let hub = &hub_state.hub;
-        let mut ping = tokio::time::interval(hub.cfg.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                _ = rx.changed() => return,
-                _ = ping.tick() => hub.heartbeat(),
+impl Heartbeat {
+    pub fn spawn(hub: Arc<Hub>) -> Heartbeat {
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut ping = tokio::time::interval(hub.cfg.ping_interval);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.tick().await;
+            loop {
+                tokio::select! {
+                    _ = rx.changed() => return,
+                    _ = ping.tick() => hub.heartbeat(),
+                }
             }
-        }
-    });
-    Realtime {
-        relay,
-        stop,
-        ticker,
+        });
+        Heartbeat { stop, task }
     }
-}
 
-impl Realtime {
     /// Closes every socket with 1001, waits (at most `limit`) for them to
-    /// go, then stops the relay and the heartbeat.
-    pub async fn stop(self, state: &AppState, limit: Duration) {
-        state.hub.begin_shutdown();
-        if !state.hub.wait_empty(limit).await {
+    /// go, then stops.
+    pub async fn stop(self, hub: &Hub, limit: Duration) {
+        hub.begin_shutdown();
+        if !hub.wait_empty(limit).await {
             tracing::warn!(
-                open = state.hub.connections(),
+                open = hub.connections(),
                 "WebSocket connections still open at shutdown"
             );
         }
         let _ = self.stop.send(true);
-        let _ = self.ticker.await;
-        self.relay.stop().await;
+        let _ = self.task.await;
     }
 }
 
@@ -796,31 +805,19 @@ mod tests {
 
     #[test]
     fn token_sources() {
-        assert_eq!(
-            find_token(&req("/ws?token=abc", &[])),
-            Some(("abc".into(), TokenSource::Query))
-        );
+        assert_eq!(find_token(&req("/ws?token=abc", &[])), Some("abc".into()));
         assert_eq!(
             find_token(&req("/ws", &[("authorization", "Bearer xyz")])),
-            Some(("xyz".into(), TokenSource::Header))
+            Some("xyz".into())
         );
         assert_eq!(
             find_token(&req("/ws", &[("sec-websocket-protocol", "bearer, t.o.k")])),
-            Some(("t.o.k".into(), TokenSource::Protocol))
+            Some("t.o.k".into())
         );
         assert_eq!(
             find_token(&req("/ws", &[("sec-websocket-protocol", "bearer")])),
             None
         );
         assert_eq!(find_token(&req("/ws?token=", &[])), None);
-    }
-
-    #[test]
-    fn expiry_from_payload() {
-        use base64::Engine;
-        let body =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"1","exp":1234}"#);
-        assert_eq!(token_expiry(&format!("h.{body}.s")), Some(1234));
-        assert_eq!(token_expiry("nonsense"), None);
     }
 }

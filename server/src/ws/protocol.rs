@@ -29,54 +29,7 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 pub const REASON_SLOW_CONSUMER: &str = "slow consumer; resume with lastEventId";
 
-/// A channel a client subscribes to explicitly. Each user's own channel
-/// (user notifications, the batches they made, their export progress) is
-/// implicit and needs no subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Channel {
-    /// `sales-data-<storeId>`: created/updated/deleted sales of one store.
-    Sales(i64),
-    /// `stores`: store-created/-updated/-status-changed/-deleted, for stores in scope.
-    Stores,
-    /// `announcements`: system announcements.
-    Announcements,
-    /// `batch`: every batch-completed event (admins only).
-    Batch,
-}
-
-/// Names of the implicit channels; subscribing to them is acknowledged and changes nothing.
-pub const IMPLICIT: &[&str] = &[
-    "notifications",
-    "user-notifications",
-    "export-progress",
-    "batch-completed",
-];
-
-impl Channel {
-    pub fn parse(name: &str) -> Option<Channel> {
-        match name {
-            "stores" => Some(Channel::Stores),
-            "announcements" => Some(Channel::Announcements),
-            "batch" => Some(Channel::Batch),
-            _ => {
-                let id = name.strip_prefix("sales-data-")?;
-                if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                id.parse().ok().filter(|&s: &i64| s > 0).map(Channel::Sales)
-            }
-        }
-    }
-
-    pub fn name(&self) -> String {
-        match self {
-            Channel::Sales(s) => format!("sales-data-{s}"),
-            Channel::Stores => "stores".into(),
-            Channel::Announcements => "announcements".into(),
-            Channel::Batch => "batch".into(),
-        }
-    }
-}
+pub use crate::events::vocab::{Channel, IMPLICIT};
 
 #[derive(Debug, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]

@@ -450,6 +450,7 @@ async fn bench(o: Opts) {
         email: None,
         role: Role::Admin,
         stores: Default::default(),
+        exp: None,
     };
     let filter = SalesFilter::default();
     let select_of = |format| {

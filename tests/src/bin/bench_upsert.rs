@@ -1,7 +1,7 @@
 //! Batch upsert benchmark (issue 3, "Benchmark"): rows/s of `sales.batch_upsert`
 //! against the best hand-written set-based SQL, per-row upserts, batches of
-//! 50 per transaction, and COPY into an unlogged staging table (the floor);
-//! then commits/s of small writes with event emission on and off.
+//! 50 per transaction, and COPY into an unlogged staging table (the floor).
+//! Commits/s with events on and off are in `bench_events`.
 //!
 //! Each method writes its own slice of keys into the same `sales.monthly_sales`
 //! table, which holds `--preload` rows before the first method runs: half of a
@@ -11,15 +11,13 @@
 //!
 //! Run with `scripts/bench_upsert.sh [flags]` (release build, release extension).
 //! Flags (defaults in brackets): --records [100000] --batch [1000]
-//! --preload [200000] --per-row [5000] --batch50 [20000] --writers [8]
-//! --seconds [10] --stores-per-method [500]; --no-gin drops the GIN index on
+//! --preload [200000] --per-row [5000] --batch50 [20000]
+//! --stores-per-method [500]; --no-gin drops the GIN index on
 //! daily_data first (to show its share of the write cost).
 
 use sales_e2e::TestDb;
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Executor, PgConnection};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -29,8 +27,6 @@ struct Opts {
     preload: usize,
     per_row: usize,
     batch50: usize,
-    writers: usize,
-    seconds: u64,
     stores_per_method: usize,
     /// Drop the GIN index on daily_data first, to show what it costs.
     no_gin: bool,
@@ -43,8 +39,6 @@ fn opts() -> Opts {
         preload: 200_000,
         per_row: 5_000,
         batch50: 20_000,
-        writers: 8,
-        seconds: 10,
         stores_per_method: 500,
         no_gin: false,
     };
@@ -79,8 +73,6 @@ fn opts() -> Opts {
             "--preload" => o.preload = value,
             "--per-row" => o.per_row = value,
             "--batch50" => o.batch50 = value,
-            "--writers" => o.writers = value,
-            "--seconds" => o.seconds = value as u64,
             "--stores-per-method" => o.stores_per_method = value,
             _ => panic!("unknown flag {flag} (see --help)"),
         }
@@ -185,28 +177,6 @@ impl Measured {
     fn cpu_rate(&self) -> f64 {
         self.records as f64 / self.cpu.as_secs_f64().max(0.01)
     }
-}
-
-/// CPU time (user + system) a local process has used so far, from
-/// /proc/<pid>/stat (in clock ticks of 1/100 s, Linux's USER_HZ).
-fn backend_cpu(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ") ".
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
-struct Commits {
-    per_sec: f64,
-    cpu_per_commit: Duration,
 }
 
 async fn batches_via(
@@ -323,67 +293,6 @@ async fn preload(conn: &mut PgConnection, slices: &[Slice], per_store: usize) {
     }
 }
 
-/// Commits/s of `writers` connections each doing single-row upserts (one day
-/// merged into its own rows) for `seconds`.
-async fn commits_per_sec(
-    url: &str,
-    keys: &[(i64, i32, i32)],
-    writers: usize,
-    seconds: u64,
-) -> Commits {
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let mut pids = Vec::new();
-    for w in 0..writers {
-        let mine: Vec<(i64, i32, i32)> = keys.iter().skip(w).step_by(writers).copied().collect();
-        let (stop, count) = (stop.clone(), count.clone());
-        let mut conn = PgConnection::connect(url).await.unwrap();
-        pids.push(
-            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
-                .fetch_one(&mut conn)
-                .await
-                .unwrap(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let (s, y, m) = mine[i % mine.len()];
-                let day = format!(
-                    "{{\"{}\": {{\"sales\": {}, \"customers\": 1}}}}",
-                    1 + i % 31,
-                    i % 997
-                );
-                sqlx::query(ROW_SQL)
-                    .bind(s)
-                    .bind(y)
-                    .bind(m)
-                    .bind(day)
-                    .execute(&mut conn)
-                    .await
-                    .expect("commit");
-                count.fetch_add(1, Ordering::Relaxed);
-                i += 1;
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
-    let cpu = || pids.iter().map(|p| backend_cpu(*p)).sum::<Duration>();
-    let (start_count, start_cpu) = (count.load(Ordering::Relaxed), cpu());
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let n = count.load(Ordering::Relaxed) - start_count;
-    let (elapsed, used) = (started.elapsed(), cpu() - start_cpu);
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    Commits {
-        per_sec: n as f64 / elapsed.as_secs_f64(),
-        cpu_per_commit: used / (n.max(1) as u32),
-    }
-}
-
 /// The same starting point for every method: no GIN pending list left by the
 /// previous one (its merge would be charged to whoever fills the list next),
 /// fresh statistics, no dirty buffers from the previous method.
@@ -393,19 +302,6 @@ async fn settle(conn: &mut PgConnection) {
         .unwrap();
     conn.execute("VACUUM ANALYZE sales.events").await.unwrap();
     conn.execute("CHECKPOINT").await.unwrap();
-}
-
-async fn set_event_triggers(conn: &mut PgConnection, enabled: bool) {
-    let verb = if enabled { "ENABLE" } else { "DISABLE" };
-    for t in [
-        "monthly_sales_events_ins",
-        "monthly_sales_events_upd",
-        "monthly_sales_events_del",
-    ] {
-        conn.execute(format!("ALTER TABLE sales.monthly_sales {verb} TRIGGER {t}").as_str())
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::main]
@@ -511,7 +407,7 @@ async fn main() {
     for (m, (name, n)) in methods.into_iter().enumerate() {
         let keys = slices[m].keys(n);
         settle(&mut conn).await;
-        let cpu0 = backend_cpu(pid);
+        let cpu0 = sales_e2e::process_cpu(pid);
         let seed = m + 1;
         let elapsed = match m {
             0 => {
@@ -529,7 +425,7 @@ async fn main() {
             3 => per_row(&mut conn, &keys, 50, seed).await,
             _ => copy_floor(&mut conn, &keys, o.batch, seed).await,
         };
-        let cpu = backend_cpu(pid) - cpu0;
+        let cpu = sales_e2e::process_cpu(pid) - cpu0;
         let r = Measured {
             name,
             records: n,
@@ -563,53 +459,5 @@ async fn main() {
         );
     }
 
-    // Commits/s with events on and off: small single-row upserts by many writers.
-    let keys_c = slices[4].keys(o.writers * 50);
-    let on = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
-    // Coalesced NOTIFY (sales.notify_coalesce, see schema.sql); new
-    // connections pick the database setting up.
-    let coalesce = |v: &str| format!("ALTER DATABASE {} SET sales.notify_coalesce = {v}", db.name);
-    conn.execute(coalesce("on").as_str()).await.unwrap();
-    let coalesced = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
-    conn.execute(coalesce("off").as_str()).await.unwrap();
-    // Events written but no NOTIFY: how much of the difference the NOTIFY
-    // itself costs (it serialises commits, fsync included).
-    conn.execute("ALTER TABLE sales.events DISABLE TRIGGER events_wake")
-        .await
-        .unwrap();
-    let silent = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
-    conn.execute("ALTER TABLE sales.events ENABLE TRIGGER events_wake")
-        .await
-        .unwrap();
-    set_event_triggers(&mut conn, false).await;
-    let off = commits_per_sec(&db.url, &keys_c, o.writers, o.seconds).await;
-    set_event_triggers(&mut conn, true).await;
-    println!();
-    println!(
-        "{} writers, single-row upserts (one day merged), {}s each:",
-        o.writers, o.seconds
-    );
-    println!(
-        "{:<28} {:>10} {:>16}",
-        "", "commits/s", "backend CPU/commit"
-    );
-    for (label, c) in [
-        ("events on", &on),
-        ("events on, coalesced NOTIFY", &coalesced),
-        ("events on, no NOTIFY", &silent),
-        ("events off", &off),
-    ] {
-        println!(
-            "{label:<28} {:>10.0} {:>14.0} us",
-            c.per_sec,
-            c.cpu_per_commit.as_secs_f64() * 1e6
-        );
-    }
-    println!(
-        "on / off: {:.2} (target >= 0.9); coalesced / off: {:.2}; CPU per commit on / off: {:.2}",
-        on.per_sec / off.per_sec,
-        coalesced.per_sec / off.per_sec,
-        on.cpu_per_commit.as_secs_f64() / off.cpu_per_commit.as_secs_f64()
-    );
     drop(conn);
 }

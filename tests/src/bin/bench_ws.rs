@@ -13,6 +13,13 @@
 //! the same machine clock. Phase 1 writes at a fixed rate; phase 2 writes as
 //! fast as --writers concurrent writers can (saturation).
 //!
+//! The probe phase (issue 12): one one-record batch every --probe-ms [300]
+//! ms, to the stores in turn, so each write reaches the clients of one
+//! store; its latency runs from sending the write to each client's receipt
+//! (the record's day-1 sales carry the send time in microseconds, which the
+//! event's `totalSales` echoes). The probe replaces the fixed-rate phase
+//! unless --probe-ms 0.
+//!
 //! Run with `scripts/bench_ws.sh`, which starts a release server per size.
 //! Flags of `run` (defaults in brackets): --url [http://127.0.0.1:3101]
 //! --server-pid (required) --clients [1000] --stores [10] --per-proc [4000]
@@ -119,10 +126,26 @@ struct Shared {
     recording: AtomicBool,
 }
 
-/// The `ts` of an event frame, as microseconds since the epoch.
+/// Probe records are written to this year; their day-1 sales are the
+/// time the write was sent, in microseconds modulo [`PROBE_MODULUS`] (sales
+/// stay below 1e12).
+const PROBE_YEAR: i64 = 2031;
+const PROBE_MODULUS: u64 = 100_000_000_000;
+
+/// When the write behind an event frame started: the send time for a probe
+/// write, else the event's `ts` (the writing transaction's start), as
+/// microseconds since the epoch.
 fn event_ts_us(frame: &str) -> Option<u64> {
     if !frame.starts_with("{\"id\":") {
         return None;
+    }
+    if frame.contains(&format!("\"year\":{PROBE_YEAR}")) {
+        let at = frame.find("\"totalSales\":")? + 13;
+        let end = at + frame[at..].find([',', '}'])?;
+        let v = frame[at..end].parse::<f64>().ok()? as u64;
+        let now = now_us();
+        let t = now - now % PROBE_MODULUS + v;
+        return Some(if t > now { t - PROBE_MODULUS } else { t });
     }
     let at = frame.rfind("\"ts\":\"")? + 6;
     let end = at + frame[at..].find('"')?;
@@ -418,6 +441,40 @@ struct Writer {
 }
 
 impl Writer {
+    /// One probe: one record of one store, stamped with the send time.
+    async fn probe(&self, store: i64) -> bool {
+        let sent = now_us() % PROBE_MODULUS;
+        let record = json!({"storeId": store, "year": PROBE_YEAR, "month": 1,
+                            "dailyData": {"1": {"sales": sent, "customers": 1}}});
+        let started = Instant::now();
+        let result = self
+            .http
+            .post(format!("{}/api/v2/sales/batch", self.url))
+            .bearer_auth(&self.token)
+            .json(&json!({"salesDataArray": [record]}))
+            .send()
+            .await;
+        self.round_trips
+            .lock()
+            .unwrap()
+            .saturating_record(started.elapsed().as_micros().max(1) as u64);
+        match result {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                eprintln!(
+                    "probe refused: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                );
+                false
+            }
+            Err(e) => {
+                eprintln!("probe failed: {e}");
+                false
+            }
+        }
+    }
+
     /// One batch: one changed record per store, so one event per store.
     async fn write(&self) -> bool {
         let n = self.counter.fetch_add(1, Relaxed);
@@ -529,6 +586,7 @@ async fn run(args: Args) {
     let seconds: u64 = args.num("--seconds", 10);
     let saturate_seconds: u64 = args.num("--saturate-seconds", 10);
     let writers: usize = args.num("--writers", 4);
+    let probe_ms: u64 = args.num("--probe-ms", 300);
 
     let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL").expect("DATABASE_URL"))
         .await
@@ -647,41 +705,88 @@ async fn run(args: Args) {
 
     writer.round_trips.lock().unwrap().reset();
 
-    // Phase 1: a fixed rate.
-    for c in children.iter_mut() {
-        c.ask("reset").await;
+    if probe_ms > 0 {
+        // Warm the probe rows so that every probe is an update of one day.
+        for s in &stores {
+            writer.probe(*s).await;
+        }
+        settle(&mut children, connected, Duration::from_secs(5)).await;
+        for c in children.iter_mut() {
+            c.ask("reset").await;
+        }
+        writer.round_trips.lock().unwrap().reset();
+        let watching = Arc::new(AtomicBool::new(false));
+        let watcher = watch_oldest(pool.clone(), watching.clone());
+        let cpu_before = cpu_now(pid, &children);
+        let mut tick = tokio::time::interval(Duration::from_millis(probe_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let end = Instant::now() + Duration::from_secs(seconds);
+        let mut inflight = Vec::new();
+        let mut k = 0usize;
+        while Instant::now() < end {
+            tick.tick().await;
+            let (w, store) = (writer.clone(), stores[k % stores.len()]);
+            k += 1;
+            inflight.push(tokio::spawn(async move { w.probe(store).await }));
+        }
+        let mut ok = 0;
+        for h in inflight {
+            ok += h.await.unwrap() as u64;
+        }
+        let per_store = connected / store_count as u64;
+        let p = settle(&mut children, ok * per_store, Duration::from_secs(5)).await;
+        watching.store(true, Relaxed);
+        let oldest = watcher.await.unwrap();
+        let expected = ok * per_store;
+        println!(
+            "  probe (one one-record batch every {probe_ms} ms, {per_store} clients per write): writes {ok}, messages {} of {expected}, latency from send p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+            p.received,
+            ms(p.hist.value_at_quantile(0.50)),
+            ms(p.hist.value_at_quantile(0.99)),
+            ms(p.hist.value_at_quantile(0.999)),
+            ms(p.hist.max()),
+        );
+        report_writes(&writer, oldest);
+        report_cpu(&cpu_before, &cpu_now(pid, &children), p.received);
     }
-    let watching = Arc::new(AtomicBool::new(false));
-    let watcher = watch_oldest(pool.clone(), watching.clone());
-    let cpu_before = cpu_now(pid, &children);
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let end = Instant::now() + Duration::from_secs(seconds);
-    let mut inflight = Vec::new();
-    while Instant::now() < end {
-        tick.tick().await;
-        let w = writer.clone();
-        inflight.push(tokio::spawn(async move { w.write().await }));
+
+    // Phase 1: a fixed rate (only without the probe, or when asked for with --rate).
+    if probe_ms == 0 || args.get("--rate").is_some() {
+        for c in children.iter_mut() {
+            c.ask("reset").await;
+        }
+        let watching = Arc::new(AtomicBool::new(false));
+        let watcher = watch_oldest(pool.clone(), watching.clone());
+        let cpu_before = cpu_now(pid, &children);
+        let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let end = Instant::now() + Duration::from_secs(seconds);
+        let mut inflight = Vec::new();
+        while Instant::now() < end {
+            tick.tick().await;
+            let w = writer.clone();
+            inflight.push(tokio::spawn(async move { w.write().await }));
+        }
+        let mut ok = 0;
+        for h in inflight {
+            ok += h.await.unwrap() as u64;
+        }
+        let fixed = settle(&mut children, ok * connected, Duration::from_secs(5)).await;
+        watching.store(true, Relaxed);
+        let oldest = watcher.await.unwrap();
+        report_phase(
+            &format!(
+                "fixed rate {rate} batches/s ({} events/s)",
+                rate * store_count as f64
+            ),
+            &fixed,
+            ok,
+            connected as usize,
+        );
+        report_writes(&writer, oldest);
+        report_cpu(&cpu_before, &cpu_now(pid, &children), fixed.received);
     }
-    let mut ok = 0;
-    for h in inflight {
-        ok += h.await.unwrap() as u64;
-    }
-    let fixed = settle(&mut children, ok * connected, Duration::from_secs(5)).await;
-    watching.store(true, Relaxed);
-    let oldest = watcher.await.unwrap();
-    report_phase(
-        &format!(
-            "fixed rate {rate} batches/s ({} events/s)",
-            rate * store_count as f64
-        ),
-        &fixed,
-        ok,
-        connected as usize,
-    );
-    report_writes(&writer, oldest);
-    report_cpu(&cpu_before, &cpu_now(pid, &children), fixed.received);
 
     // Phase 2: saturation.
     if saturate_seconds > 0 {

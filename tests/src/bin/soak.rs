@@ -808,18 +808,18 @@ fn mean(v: &[f64]) -> f64 {
 /// Events each socket should have received and did not, and duplicates.
 async fn completeness(pool: &sqlx::PgPool, sockets: &[Arc<Mutex<Socket>>]) -> (u64, u64, u64) {
     let rows: Vec<(i64, i64, Option<i64>, String)> =
-        sqlx::query_as("SELECT id, (xid::text)::bigint, store_id, kind FROM sales.events")
+        sqlx::query_as("SELECT id, seq, store_id, kind FROM sales.events")
             .fetch_all(pool)
             .await
             .expect("read the event log");
     let pos: HashMap<i64, (i64, i64)> = rows
         .iter()
-        .map(|(id, xid, _, _)| (*id, (*xid, *id)))
+        .map(|(id, seq, _, _)| (*id, (*seq, *id)))
         .collect();
     let mut by_store: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
-    for (id, xid, store, kind) in &rows {
+    for (id, seq, store, kind) in &rows {
         if let (Some(s), true) = (store, kind.starts_with("sales-data-")) {
-            by_store.entry(*s).or_default().push((*xid, *id));
+            by_store.entry(*s).or_default().push((*seq, *id));
         }
     }
     for v in by_store.values_mut() {

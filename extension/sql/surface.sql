@@ -1,0 +1,391 @@
+-- The SQL form of what the HTTP API reads: filtered, sorted, projected
+-- lists; summaries; one record; stores; and exports shaped exactly like the
+-- HTTP CSV exports, for `COPY (SELECT * FROM sales.export_monthly(...)) TO ...`.
+-- Writes already have their SQL form (sales.batch_upsert, sales.batch_delete,
+-- plain INSERT/UPDATE/DELETE on sales.stores, which make the same events).
+--
+-- The filters mean what the API's query parameters mean (server/src/http/
+-- filters.rs) and raise 22023 naming the argument, as the API answers 400
+-- naming the parameter. There is no caller scope here: a SQL user's reach is
+-- what Postgres grants them (the API adds the token's stores itself).
+--
+-- All plpgsql: this file is loaded before schema.sql (see lib.rs), and
+-- plpgsql bodies are not resolved until they run. The results are built by
+-- EXECUTE from sales.filter_sql(), the one place that turns filters into SQL
+-- (values as literals, so a prepared or COPY statement can carry them).
+--
+-- A change here needs the same change in the next upgrade script
+-- (tests/tests/extension_upgrade.rs compares an upgraded database with a
+-- fresh install).
+
+-- 'YYYY-MM' -> {year, month}; `arg` names the argument in the error.
+CREATE FUNCTION sales.period_arg(arg text, value text) RETURNS integer[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE parts text[];
+BEGIN
+    IF value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    parts := regexp_match(btrim(value), '^([0-9]{4})-([0-9]{1,2})$');
+    IF parts IS NULL OR parts[1]::int NOT BETWEEN 2000 AND 2100 OR parts[2]::int NOT BETWEEN 1 AND 12 THEN
+        RAISE EXCEPTION '%: "%" is not a month like 2024-06', arg, value USING ERRCODE = '22023';
+    END IF;
+    RETURN ARRAY[parts[1]::int, parts[2]::int];
+END $$;
+
+-- The filters as a WHERE condition on `m` (sales.monthly_sales) and `s`
+-- (sales.stores). Every argument is checked; NULL means "no filter".
+CREATE FUNCTION sales.filter_sql(store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
+    year integer DEFAULT NULL, month integer DEFAULT NULL,
+    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
+    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    w text := 'true';
+    f integer[] := sales.period_arg('from_period', from_period);
+    t integer[] := sales.period_arg('to_period', to_period);
+BEGIN
+    IF store_ids IS NOT NULL THEN
+        IF array_position(store_ids, NULL) IS NOT NULL THEN
+            RAISE EXCEPTION 'store_ids: NULL is not a store id' USING ERRCODE = '22023';
+        END IF;
+        w := w || format(' AND m.store_id = ANY(%L::bigint[])', store_ids);
+    END IF;
+    IF region IS NOT NULL THEN
+        w := w || format(' AND s.region = %L', region);
+    END IF;
+    IF year IS NOT NULL THEN
+        IF year NOT BETWEEN 2000 AND 2100 THEN
+            RAISE EXCEPTION 'year: % is outside 2000..2100', year USING ERRCODE = '22023';
+        END IF;
+        w := w || format(' AND m.year = %s', year);
+    END IF;
+    IF month IS NOT NULL THEN
+        IF month NOT BETWEEN 1 AND 12 THEN
+            RAISE EXCEPTION 'month: % is not a month (1..12)', month USING ERRCODE = '22023';
+        END IF;
+        w := w || format(' AND m.month = %s', month);
+    END IF;
+    IF f IS NOT NULL THEN
+        w := w || format(' AND (m.year, m.month) >= (%s, %s)', f[1], f[2]);
+    END IF;
+    IF t IS NOT NULL THEN
+        w := w || format(' AND (m.year, m.month) <= (%s, %s)', t[1], t[2]);
+    END IF;
+    IF f IS NOT NULL AND t IS NOT NULL AND (f[1], f[2]) > (t[1], t[2]) THEN
+        RAISE EXCEPTION 'from_period: % is after to_period (%)', from_period, to_period USING ERRCODE = '22023';
+    END IF;
+    IF min_total_sales IS NOT NULL THEN
+        IF min_total_sales < 0 OR min_total_sales = 'NaN' THEN
+            RAISE EXCEPTION 'min_total_sales: must be a non-negative number' USING ERRCODE = '22023';
+        END IF;
+        w := w || format(' AND m.total_sales >= %L::numeric', min_total_sales);
+    END IF;
+    IF max_total_sales IS NOT NULL THEN
+        IF max_total_sales < 0 OR max_total_sales = 'NaN' THEN
+            RAISE EXCEPTION 'max_total_sales: must be a non-negative number' USING ERRCODE = '22023';
+        END IF;
+        w := w || format(' AND m.total_sales <= %L::numeric', max_total_sales);
+    END IF;
+    RETURN w;
+END $$;
+
+-- `-period,storeId` (the API's `sort`) -> an ORDER BY list; the id is added
+-- last so the order is total.
+CREATE FUNCTION sales.sort_sql(sort text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    part text;
+    name text;
+    dir text;
+    col text;
+    cols text[] := '{}';
+    seen text[] := '{}';
+    k text;
+BEGIN
+    FOREACH part IN ARRAY string_to_array(coalesce(nullif(btrim(sort), ''), 'storeId,year,month'), ',') LOOP
+        part := btrim(part);
+        CONTINUE WHEN part = '';
+        dir := CASE WHEN left(part, 1) = '-' THEN ' DESC' ELSE '' END;
+        name := ltrim(part, '+-');
+        -- snake_case and camelCase alike
+        name := lower(replace(name, '_', ''));
+        FOREACH k IN ARRAY CASE WHEN name = 'period' THEN ARRAY['year', 'month'] ELSE ARRAY[name] END LOOP
+            col := CASE k
+                WHEN 'id' THEN 'm.id' WHEN 'storeid' THEN 'm.store_id'
+                WHEN 'year' THEN 'm.year' WHEN 'month' THEN 'm.month'
+                WHEN 'totalsales' THEN 'm.total_sales' WHEN 'totalcustomers' THEN 'm.total_customers'
+                WHEN 'daysreported' THEN 'm.days_reported'
+                WHEN 'updatedat' THEN 'm.updated_at' WHEN 'createdat' THEN 'm.created_at' END;
+            IF col IS NULL THEN
+                RAISE EXCEPTION 'sort: cannot sort by "%"; allowed: period, id, storeId, year, month, totalSales, totalCustomers, daysReported, updatedAt, createdAt',
+                    ltrim(part, '+-') USING ERRCODE = '22023';
+            END IF;
+            IF col = ANY (seen) THEN
+                RAISE EXCEPTION 'sort: % given twice', k USING ERRCODE = '22023';
+            END IF;
+            seen := seen || col;
+            cols := cols || (col || dir);
+        END LOOP;
+    END LOOP;
+    IF NOT 'm.id' = ANY (seen) THEN
+        cols := cols || 'm.id'::text;
+    END IF;
+    RETURN array_to_string(cols, ', ');
+END $$;
+
+-- Sales records as the API's documents (`GET /api/v2/sales`): filtered,
+-- sorted, projected (`fields` / `exclude` as in sales.project; the store is
+-- joined when a field asks for it), then `skip_rows` and `max_rows` (NULL: all).
+CREATE FUNCTION sales.list_sales(store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
+    year integer DEFAULT NULL, month integer DEFAULT NULL,
+    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
+    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL,
+    fields text[] DEFAULT NULL, exclude text[] DEFAULT NULL,
+    sort text DEFAULT 'storeId,year,month', max_rows integer DEFAULT 50, skip_rows bigint DEFAULT 0)
+RETURNS SETOF jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
+    o text := sales.sort_sql(sort);
+    with_store boolean;
+    doc text;
+BEGIN
+    IF max_rows IS NOT NULL AND max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows: % is not a page size; use 1 or more, or NULL for all', max_rows
+            USING ERRCODE = '22023';
+    END IF;
+    IF skip_rows IS NULL OR skip_rows < 0 THEN
+        RAISE EXCEPTION 'skip_rows: must be 0 or more' USING ERRCODE = '22023';
+    END IF;
+    -- Checks the paths now, even when no row matches.
+    PERFORM sales.project('{}'::jsonb, fields, exclude);
+    with_store := EXISTS (SELECT 1 FROM unnest(sales.check_fields(coalesce(fields, '{}'))) AS p
+                          WHERE p = 'store' OR p LIKE 'store.%');
+    doc := CASE WHEN with_store THEN 'sales.sales_doc(m, s)' ELSE 'sales.sales_doc(m)' END;
+    IF coalesce(cardinality(fields), 0) > 0 OR coalesce(cardinality(exclude), 0) > 0 THEN
+        doc := format('sales.project(%s, %L::text[], %L::text[])', doc, fields, exclude);
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT %s FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+         WHERE %s ORDER BY %s LIMIT %s OFFSET %s',
+        doc, w, o, coalesce(max_rows::text, 'ALL'), skip_rows);
+END $$;
+
+-- One record as a document (`GET /api/v2/sales/{id}`); NULL when there is none.
+CREATE FUNCTION sales.get_sales(id bigint, fields text[] DEFAULT NULL, exclude text[] DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE r jsonb;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    PERFORM sales.project('{}'::jsonb, fields, exclude);
+    SELECT sales.project(sales.sales_doc(m, s), fields, exclude) INTO r
+    FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+    WHERE m.id = get_sales.id;
+    IF r IS NOT NULL AND NOT EXISTS (SELECT 1 FROM unnest(sales.check_fields(coalesce(fields, '{}'))) AS p
+                                     WHERE p = 'store' OR p LIKE 'store.%') THEN
+        r := r - 'store';
+    END IF;
+    RETURN r;
+END $$;
+
+-- Totals per store, region or month over the filtered records
+-- (`GET /api/v2/sales/summary`). `key` is the store id, the region, or
+-- 'YYYY-MM'; store_code and store_name only when grouping by store.
+CREATE FUNCTION sales.sales_summary(group_by text DEFAULT 'store', store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
+    year integer DEFAULT NULL, month integer DEFAULT NULL,
+    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
+    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL)
+RETURNS TABLE (key text, total_sales numeric, total_customers numeric, months bigint, stores bigint,
+               store_code text, store_name text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
+    k text;
+    g text;
+    extra text := 'NULL::text, NULL::text';
+BEGIN
+    CASE group_by
+        WHEN 'store' THEN
+            k := 'm.store_id::text'; g := 'm.store_id'; extra := 'min(s.code), min(s.name)';
+        WHEN 'region' THEN
+            k := 's.region'; g := 's.region';
+        WHEN 'month' THEN
+            k := 'format(''%s-%s'', m.year, lpad(m.month::text, 2, ''0''))'; g := 'm.year, m.month';
+        ELSE
+            RAISE EXCEPTION 'group_by must be store, region or month, not %', coalesce(group_by, 'NULL')
+                USING ERRCODE = '22023';
+    END CASE;
+    RETURN QUERY EXECUTE format(
+        'SELECT %s, sum(m.total_sales), sum(m.total_customers)::numeric, count(*), count(DISTINCT m.store_id), %s
+         FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+         WHERE %s GROUP BY %s ORDER BY %s',
+        k, extra, w, g, g);
+END $$;
+
+-- Stores as documents (`GET /api/v2/stores`), in id order.
+CREATE FUNCTION sales.list_stores(region text DEFAULT NULL, status text DEFAULT NULL,
+    fields text[] DEFAULT NULL, max_rows integer DEFAULT NULL, skip_rows bigint DEFAULT 0)
+RETURNS SETOF jsonb LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF status IS NOT NULL AND status NOT IN ('open', 'closed', 'renovating') THEN
+        RAISE EXCEPTION 'status must be open, closed or renovating, not %', status USING ERRCODE = '22023';
+    END IF;
+    IF max_rows IS NOT NULL AND max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows: % is not a page size; use 1 or more, or NULL for all', max_rows
+            USING ERRCODE = '22023';
+    END IF;
+    IF skip_rows IS NULL OR skip_rows < 0 THEN
+        RAISE EXCEPTION 'skip_rows: must be 0 or more' USING ERRCODE = '22023';
+    END IF;
+    PERFORM sales.project_store('{}'::jsonb, fields, NULL);
+    RETURN QUERY
+        SELECT sales.project_store(sales.store_doc(s), fields, NULL)
+        FROM sales.stores s
+        WHERE (list_stores.region IS NULL OR s.region = list_stores.region)
+          AND (list_stores.status IS NULL OR s.status = list_stores.status)
+        ORDER BY s.id
+        LIMIT max_rows OFFSET skip_rows;
+END $$;
+
+-- A resume key ('12:2024-03', daily '12:2024-03-05') -> {store, year, month, day}.
+CREATE FUNCTION sales.export_key_arg(after_key text, daily boolean) RETURNS bigint[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE p text[];
+BEGIN
+    IF after_key IS NULL THEN
+        RETURN NULL;
+    END IF;
+    p := CASE WHEN daily THEN regexp_match(after_key, '^([0-9]{1,18}):([0-9]{4})-([0-9]{2})-([0-9]{2})$')
+              ELSE regexp_match(after_key, '^([0-9]{1,18}):([0-9]{4})-([0-9]{2})$') END;
+    IF p IS NULL OR p[3]::int NOT BETWEEN 1 AND 12 OR (daily AND p[4]::int NOT BETWEEN 1 AND 31) THEN
+        RAISE EXCEPTION 'after_key: "%" is not a % row key like %', after_key,
+            CASE WHEN daily THEN 'daily' ELSE 'monthly' END,
+            CASE WHEN daily THEN '12:2024-03-05' ELSE '12:2024-03' END
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN ARRAY[p[1]::bigint, p[2]::bigint, p[3]::bigint, coalesce(p[4]::bigint, 0)];
+END $$;
+
+-- The row of sales.export_monthly (a type, not RETURNS TABLE: its region,
+-- year and month columns share their names with filter arguments).
+CREATE TYPE sales.export_monthly_row AS (key text, store_id bigint, store_code text, store_name text, region text,
+    year integer, month integer, total_sales numeric, total_customers bigint, days_reported integer,
+    d1_sales text, d1_customers text,
+    d2_sales text, d2_customers text,
+    d3_sales text, d3_customers text,
+    d4_sales text, d4_customers text,
+    d5_sales text, d5_customers text,
+    d6_sales text, d6_customers text,
+    d7_sales text, d7_customers text,
+    d8_sales text, d8_customers text,
+    d9_sales text, d9_customers text,
+    d10_sales text, d10_customers text,
+    d11_sales text, d11_customers text,
+    d12_sales text, d12_customers text,
+    d13_sales text, d13_customers text,
+    d14_sales text, d14_customers text,
+    d15_sales text, d15_customers text,
+    d16_sales text, d16_customers text,
+    d17_sales text, d17_customers text,
+    d18_sales text, d18_customers text,
+    d19_sales text, d19_customers text,
+    d20_sales text, d20_customers text,
+    d21_sales text, d21_customers text,
+    d22_sales text, d22_customers text,
+    d23_sales text, d23_customers text,
+    d24_sales text, d24_customers text,
+    d25_sales text, d25_customers text,
+    d26_sales text, d26_customers text,
+    d27_sales text, d27_customers text,
+    d28_sales text, d28_customers text,
+    d29_sales text, d29_customers text,
+    d30_sales text, d30_customers text,
+    d31_sales text, d31_customers text);
+
+-- One row per store-month in key order, the columns of the API's monthly CSV
+-- export (`GET /api/v2/sales/export?shape=monthly&format=csv`): key,
+-- store, totals, then d1_sales, d1_customers .. d31_sales, d31_customers
+-- (NULL where a day is not reported). `after_key` resumes after a row.
+--   COPY (SELECT * FROM sales.export_monthly(from_period => '2024-01')) TO STDOUT WITH (FORMAT csv, HEADER);
+CREATE FUNCTION sales.export_monthly(store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
+    year integer DEFAULT NULL, month integer DEFAULT NULL,
+    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
+    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL, after_key text DEFAULT NULL)
+RETURNS SETOF sales.export_monthly_row
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
+    a bigint[] := sales.export_key_arg(after_key, false);
+BEGIN
+    IF a IS NOT NULL THEN
+        w := w || format(' AND (m.store_id, m.year, m.month) > (%s, %s, %s)', a[1], a[2], a[3]);
+    END IF;
+    RETURN QUERY EXECUTE format(
+        $q$SELECT m.store_id || ':' || m.year || '-' || lpad(m.month::text, 2, '0'),
+               m.store_id, s.code, s.name, s.region, m.year, m.month,
+               m.total_sales, m.total_customers, m.days_reported,
+               m.daily_data->'1'->>'sales', m.daily_data->'1'->>'customers',
+               m.daily_data->'2'->>'sales', m.daily_data->'2'->>'customers',
+               m.daily_data->'3'->>'sales', m.daily_data->'3'->>'customers',
+               m.daily_data->'4'->>'sales', m.daily_data->'4'->>'customers',
+               m.daily_data->'5'->>'sales', m.daily_data->'5'->>'customers',
+               m.daily_data->'6'->>'sales', m.daily_data->'6'->>'customers',
+               m.daily_data->'7'->>'sales', m.daily_data->'7'->>'customers',
+               m.daily_data->'8'->>'sales', m.daily_data->'8'->>'customers',
+               m.daily_data->'9'->>'sales', m.daily_data->'9'->>'customers',
+               m.daily_data->'10'->>'sales', m.daily_data->'10'->>'customers',
+               m.daily_data->'11'->>'sales', m.daily_data->'11'->>'customers',
+               m.daily_data->'12'->>'sales', m.daily_data->'12'->>'customers',
+               m.daily_data->'13'->>'sales', m.daily_data->'13'->>'customers',
+               m.daily_data->'14'->>'sales', m.daily_data->'14'->>'customers',
+               m.daily_data->'15'->>'sales', m.daily_data->'15'->>'customers',
+               m.daily_data->'16'->>'sales', m.daily_data->'16'->>'customers',
+               m.daily_data->'17'->>'sales', m.daily_data->'17'->>'customers',
+               m.daily_data->'18'->>'sales', m.daily_data->'18'->>'customers',
+               m.daily_data->'19'->>'sales', m.daily_data->'19'->>'customers',
+               m.daily_data->'20'->>'sales', m.daily_data->'20'->>'customers',
+               m.daily_data->'21'->>'sales', m.daily_data->'21'->>'customers',
+               m.daily_data->'22'->>'sales', m.daily_data->'22'->>'customers',
+               m.daily_data->'23'->>'sales', m.daily_data->'23'->>'customers',
+               m.daily_data->'24'->>'sales', m.daily_data->'24'->>'customers',
+               m.daily_data->'25'->>'sales', m.daily_data->'25'->>'customers',
+               m.daily_data->'26'->>'sales', m.daily_data->'26'->>'customers',
+               m.daily_data->'27'->>'sales', m.daily_data->'27'->>'customers',
+               m.daily_data->'28'->>'sales', m.daily_data->'28'->>'customers',
+               m.daily_data->'29'->>'sales', m.daily_data->'29'->>'customers',
+               m.daily_data->'30'->>'sales', m.daily_data->'30'->>'customers',
+               m.daily_data->'31'->>'sales', m.daily_data->'31'->>'customers'
+        FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+        WHERE %s ORDER BY m.store_id, m.year, m.month$q$, w);
+END $$;
+
+-- One row per reported store-day in key order, the columns of the API's
+-- daily CSV export (`shape=daily`): key, store, date, sales, customers,
+-- transactions (as the JSON holds them). `after_key` resumes after a row.
+CREATE FUNCTION sales.export_daily(store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
+    year integer DEFAULT NULL, month integer DEFAULT NULL,
+    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
+    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL, after_key text DEFAULT NULL)
+RETURNS TABLE (key text, store_id bigint, store_code text, store_name text, date text,
+               sales text, customers text, transactions text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
+    a bigint[] := sales.export_key_arg(after_key, true);
+BEGIN
+    IF a IS NOT NULL THEN
+        w := w || format(' AND (m.store_id, m.year, m.month) >= (%s, %s, %s)
+                           AND ((m.store_id, m.year, m.month) > (%s, %s, %s) OR e.k::int > %s)',
+                         a[1], a[2], a[3], a[1], a[2], a[3], a[4]);
+    END IF;
+    RETURN QUERY EXECUTE format(
+        $q$SELECT m.store_id || ':' || m.year || '-' || lpad(m.month::text, 2, '0') || '-' || lpad(e.k, 2, '0'),
+               m.store_id, s.code, s.name,
+               m.year || '-' || lpad(m.month::text, 2, '0') || '-' || lpad(e.k, 2, '0'),
+               e.v->>'sales', e.v->>'customers', e.v->>'transactions'
+        FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
+             CROSS JOIN LATERAL jsonb_each(m.daily_data) AS e(k, v)
+        WHERE %s ORDER BY m.store_id, m.year, m.month, e.k::int$q$, w);
+END $$;

@@ -1,0 +1,464 @@
+//! Delivery order of the event log, kept in shared memory.
+//!
+//! Every event row gets `seq` from one cluster-wide clock as it is written
+//! (the column default calls [`event_seq`]). Readers deliver in `seq` order,
+//! and only below the *horizon*: the first `seq` of the oldest event-writing
+//! transaction of this database that is still running, or past the clock when
+//! there is none. Why this order and this horizon:
+//!
+//! - An event with `seq` below the horizon can no longer be joined by an
+//!   earlier one: every transaction that took a smaller `seq` has ended, and
+//!   any transaction that writes its first event later takes a larger `seq`.
+//!   So a reader that resumes after the last `seq` it delivered never skips an
+//!   event, whatever order transactions commit in.
+//! - Only transactions that have written an event hold delivery back, and
+//!   only while they run. A transaction that merely holds a transaction id (a
+//!   long report into a scratch table, a migration, an idle `BEGIN`) is never
+//!   registered here and delays nothing.
+//! - A row's versions are written under its row lock, so the next version's
+//!   event is written after the previous version's transaction ended: per row,
+//!   `seq` order is version order.
+//!
+//! A transaction registers (under the lock) when it takes its first `seq`, in
+//! a slot of its own, and leaves at commit or abort (an xact callback, after
+//! the commit is visible to new snapshots). Leaving bumps the database's
+//! generation and wakes waiting readers (`sales.events_next` with a wait), so
+//! a reader hears of a commit, or of an abort that unblocks others, at once
+//! and without NOTIFY.
+//!
+//! The clock survives nothing: after a restart, each backend raises it to the
+//! largest `seq` in its database's log before its first event.
+//!
+//! All of this needs shared memory, so the library must be in
+//! `shared_preload_libraries`; without it, writing an event fails with a
+//! message that says so.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::Cell;
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+const TRANCHE: &CStr = c"pg_sales";
+const SHMEM_NAME: &CStr = c"pg_sales delivery";
+/// Databases whose generation is tracked on its own; beyond this they share
+/// the last entry (readers of those wake a little more often, nothing worse).
+const DATABASES: usize = 64;
+
+#[repr(C)]
+struct Slot {
+    /// First `seq` of the running transaction, 0 when the slot is free.
+    first_seq: u64,
+    db: u32,
+    pid: i32,
+    xid: u64,
+    since: i64,
+}
+
+#[repr(C)]
+struct DbGeneration {
+    db: AtomicU32,
+    generation: AtomicU64,
+}
+
+#[repr(C)]
+struct Shared {
+    lock: *mut pg_sys::LWLock,
+    cv: pg_sys::ConditionVariable,
+    clock: AtomicU64,
+    nslots: usize,
+    dbs: [DbGeneration; DATABASES],
+    // followed by `nslots` slots
+}
+
+static mut SHARED: *mut Shared = std::ptr::null_mut();
+static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+thread_local! {
+    /// This backend's registration: first and last `seq` of the current
+    /// transaction (0 = none yet).
+    static FIRST_SEQ: Cell<u64> = const { Cell::new(0) };
+    static LAST_SEQ: Cell<u64> = const { Cell::new(0) };
+    /// Whether this backend has raised the clock to its database's log.
+    static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
+}
+
+fn slots_size(n: usize) -> usize {
+    std::mem::size_of::<Shared>() + n * std::mem::size_of::<Slot>()
+}
+
+/// Called from `_PG_init`. Shared memory can only be requested while the
+/// library is preloaded; otherwise nothing is set up and event writes fail
+/// with a clear message.
+pub fn init() {
+    unsafe {
+        if !pg_sys::process_shared_preload_libraries_in_progress {
+            return;
+        }
+        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST_HOOK {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(slots_size(pg_sys::MaxBackends as usize));
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP_HOOK {
+            prev();
+        }
+        let addin_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(addin_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let n = pg_sys::MaxBackends as usize;
+        let mut found = false;
+        let p =
+            pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), slots_size(n), &mut found) as *mut Shared;
+        if !found {
+            std::ptr::write_bytes(p as *mut u8, 0, slots_size(n));
+            (*p).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+            pg_sys::ConditionVariableInit(&raw mut (*p).cv);
+            (*p).nslots = n;
+        }
+        SHARED = p;
+        pg_sys::LWLockRelease(addin_lock);
+    }
+}
+
+fn shared() -> &'static Shared {
+    unsafe {
+        if SHARED.is_null() {
+            error!(
+                "pg_sales is not loaded through shared_preload_libraries; add it there \
+                 (shared_preload_libraries = 'pg_sales') and restart Postgres"
+            );
+        }
+        &*SHARED
+    }
+}
+
+fn slots(s: &Shared) -> *mut Slot {
+    unsafe { (s as *const Shared as *mut u8).add(std::mem::size_of::<Shared>()) as *mut Slot }
+}
+
+struct Locked<'a>(&'a Shared);
+
+impl<'a> Locked<'a> {
+    fn new(s: &'a Shared, exclusive: bool) -> Self {
+        let mode = if exclusive {
+            pg_sys::LWLockMode::LW_EXCLUSIVE
+        } else {
+            pg_sys::LWLockMode::LW_SHARED
+        };
+        unsafe { pg_sys::LWLockAcquire(s.lock, mode) };
+        Locked(s)
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0.lock) };
+    }
+}
+
+fn my_slot_index(s: &Shared) -> usize {
+    let id = unsafe { pg_sys::MyBackendId };
+    if id < 1 || id as usize > s.nslots {
+        error!("pg_sales: backend id {id} has no delivery slot");
+    }
+    id as usize - 1
+}
+
+fn my_db() -> u32 {
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
+    for e in &s.dbs[..DATABASES - 1] {
+        let have = e.db.load(Ordering::Acquire);
+        if have == db {
+            return e;
+        }
+        if have == 0
+            && e.db
+                .compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return e;
+        }
+        if e.db.load(Ordering::Acquire) == db {
+            return e;
+        }
+    }
+    &s.dbs[DATABASES - 1]
+}
+
+/// After a restart the clock starts at 0: before this backend takes a value
+/// from it or reads a horizon, raise it past this database's log (once per
+/// backend; a backend serves one database).
+fn see_clock(s: &Shared) {
+    if CLOCK_SEEN.get() {
+        return;
+    }
+    let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
+        .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
+    s.clock
+        .fetch_max(max.unwrap_or(0).max(0) as u64, Ordering::AcqRel);
+    CLOCK_SEEN.set(true);
+}
+
+/// The next `seq` for an event row of the current transaction (the default
+/// of `sales.events.seq`). The first one registers the transaction.
+#[pg_extern(volatile, parallel_unsafe)]
+fn event_seq() -> i64 {
+    let s = shared();
+    if !CLOCK_SEEN.get() {
+        // After a restart the clock starts at 0: raise it past this
+        // database's log before taking a value from it.
+        let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
+            .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
+        s.clock
+            .fetch_max(max.unwrap_or(0).max(0) as u64, Ordering::AcqRel);
+        CLOCK_SEEN.set(true);
+    }
+    let seq = if FIRST_SEQ.get() == 0 {
+        let xid = unsafe { pg_sys::GetTopFullTransactionId().value };
+        let i = my_slot_index(s);
+        let _guard = Locked::new(s, true);
+        let seq = s.clock.fetch_add(1, Ordering::AcqRel) + 1;
+        unsafe {
+            let slot = &mut *slots(s).add(i);
+            slot.first_seq = seq;
+            slot.db = my_db();
+            slot.pid = pg_sys::MyProcPid;
+            slot.xid = xid;
+            slot.since = pg_sys::GetCurrentTimestamp();
+        }
+        FIRST_SEQ.set(seq);
+        seq
+    } else {
+        s.clock.fetch_add(1, Ordering::AcqRel) + 1
+    };
+    LAST_SEQ.set(seq);
+    seq as i64
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    if FIRST_SEQ.get() == 0 {
+        return;
+    }
+    match event {
+        XACT_EVENT_COMMIT
+        | XACT_EVENT_ABORT
+        | XACT_EVENT_PARALLEL_COMMIT
+        | XACT_EVENT_PARALLEL_ABORT => {
+            // Runs after the commit is visible to new snapshots: a reader
+            // that sees the slot gone also sees the transaction's events.
+            FIRST_SEQ.set(0);
+            LAST_SEQ.set(0);
+            let s = unsafe { &*SHARED };
+            let db = my_db();
+            {
+                let _guard = Locked::new(s, true);
+                let i = my_slot_index(s);
+                unsafe { (*slots(s).add(i)).first_seq = 0 };
+            }
+            generation_entry(s, db)
+                .generation
+                .fetch_add(1, Ordering::AcqRel);
+            unsafe { pg_sys::ConditionVariableBroadcast(&raw const s.cv as *mut _) };
+        }
+        XACT_EVENT_PRE_COMMIT => notify_at_commit(),
+        XACT_EVENT_PRE_PREPARE => {
+            // A prepared transaction outlives its backend's slot, and its
+            // events could then commit below a horizon readers have passed.
+            error!("pg_sales: a transaction that wrote sales events cannot be prepared (PREPARE TRANSACTION)");
+        }
+        _ => {}
+    }
+}
+
+/// pg_sales' advisory lock key for "a NOTIFY is being committed".
+const NOTIFY_LOCK_KEY: u32 = 0x5A1E5;
+
+/// The transaction's one `NOTIFY sales_events` (payload: its highest event
+/// id), sent just before commit, after deferred triggers.
+///
+/// Every NOTIFY serialises commits cluster-wide: Postgres holds a global
+/// lock from queueing the notification until the commit record is flushed,
+/// so with one NOTIFY per transaction many small concurrent writers would
+/// commit one flush at a time. So by default NOTIFYs are coalesced: a
+/// transaction that finds another one of its database committing a NOTIFY
+/// (the advisory lock below, held to the end of that transaction) sends none,
+/// and under load almost no commit waits for the lock. The NOTIFY is then a
+/// hint that may arrive before this transaction's events are readable;
+/// readers that must not miss anything wait in `sales.events_next`, which
+/// wakes for every commit. `SET sales.notify_coalesce = off` sends one per
+/// transaction.
+fn notify_at_commit() {
+    let coalesce = unsafe {
+        let v = pg_sys::GetConfigOption(c"sales.notify_coalesce".as_ptr(), true, false);
+        v.is_null() || CStr::from_ptr(v).to_bytes() != b"off"
+    };
+    if coalesce && !try_notify_lock() {
+        return;
+    }
+    let (first, last) = (FIRST_SEQ.get() as i64, LAST_SEQ.get() as i64);
+    // The newest event row of this transaction that a savepoint did not roll
+    // back. At pre-commit the portal (and its snapshot) may be gone already.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let sent = Spi::run_with_args(
+        "SELECT pg_notify('sales_events', e.id::text) FROM (
+             SELECT id FROM sales.events
+             WHERE seq BETWEEN $1 AND $2 AND xid = pg_current_xact_id()
+             ORDER BY seq DESC LIMIT 1) e",
+        &[first.into(), last.into()],
+    );
+    unsafe { pg_sys::PopActiveSnapshot() };
+    sent.unwrap_or_else(|e| error!("pg_sales: sending the commit's NOTIFY: {e}"));
+}
+
+/// `pg_try_advisory_xact_lock(0x5A1E5)` of the current database.
+fn try_notify_lock() -> bool {
+    unsafe {
+        let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
+        // SET_LOCKTAG_INT64(tag, key): the same lock as the SQL function's.
+        tag.locktag_field1 = pg_sys::MyDatabaseId.to_u32();
+        tag.locktag_field2 = 0;
+        tag.locktag_field3 = NOTIFY_LOCK_KEY;
+        tag.locktag_field4 = 1;
+        tag.locktag_type = pg_sys::LockTagType::LOCKTAG_ADVISORY as u8;
+        tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
+        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true)
+            != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+    }
+}
+
+/// The `seq` below which every event of this database is final.
+fn horizon(s: &Shared) -> u64 {
+    see_clock(s);
+    let db = my_db();
+    let _guard = Locked::new(s, false);
+    let mut h = s.clock.load(Ordering::Acquire) + 1;
+    let slots = slots(s);
+    for i in 0..s.nslots {
+        let slot = unsafe { &*slots.add(i) };
+        if slot.first_seq != 0 && slot.db == db && slot.first_seq < h {
+            h = slot.first_seq;
+        }
+    }
+    h
+}
+
+/// The `seq` below which every event of this database is final: no
+/// transaction still running can add an event below it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn events_horizon() -> i64 {
+    horizon(shared()) as i64
+}
+
+/// A counter that moves whenever an event-writing transaction of this
+/// database ends (read it before the horizon, then wait on it).
+#[pg_extern(volatile, parallel_unsafe)]
+fn events_generation() -> i64 {
+    generation_entry(shared(), my_db())
+        .generation
+        .load(Ordering::Acquire) as i64
+}
+
+/// Waits until this database's generation differs from `known` or
+/// `wait_ms` has passed; returns the generation then.
+#[pg_extern(volatile, parallel_unsafe)]
+fn events_wait(known: i64, wait_ms: i32) -> i64 {
+    let s = shared();
+    let entry = generation_entry(s, my_db());
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(wait_ms.max(0) as u64);
+    let cv = &raw const s.cv as *mut pg_sys::ConditionVariable;
+    unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
+    let g = loop {
+        let g = entry.generation.load(Ordering::Acquire) as i64;
+        if g != known {
+            break g;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break g;
+        }
+        unsafe {
+            pg_sys::ConditionVariableTimedSleep(
+                cv,
+                left.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+        }
+    };
+    unsafe { pg_sys::ConditionVariableCancelSleep() };
+    g
+}
+
+/// First `seq` this transaction has taken (NULL before its first event).
+#[pg_extern(volatile, parallel_unsafe)]
+fn transaction_first_seq() -> Option<i64> {
+    let first = FIRST_SEQ.get();
+    (first != 0).then_some(first as i64)
+}
+
+/// Last `seq` this transaction has taken (NULL before its first event): its
+/// own events are the rows between the two with its xid.
+#[pg_extern(volatile, parallel_unsafe)]
+fn transaction_last_seq() -> Option<i64> {
+    let last = LAST_SEQ.get();
+    (last != 0).then_some(last as i64)
+}
+
+/// The running event-writing transactions of this database, oldest first:
+/// what holds delivery back.
+#[pg_extern(volatile, parallel_unsafe)]
+fn event_holders_raw() -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(xid, i64),
+        name!(first_seq, i64),
+        name!(since_us, i64),
+    ),
+> {
+    let s = shared();
+    let db = my_db();
+    let mut rows = Vec::new();
+    {
+        let _guard = Locked::new(s, false);
+        let slots = slots(s);
+        for i in 0..s.nslots {
+            let slot = unsafe { &*slots.add(i) };
+            if slot.first_seq != 0 && slot.db == db {
+                rows.push((slot.pid, slot.xid as i64, slot.first_seq as i64, slot.since));
+            }
+        }
+    }
+    rows.sort_by_key(|r| r.2);
+    // `since` is Postgres' TimestampTz: microseconds since 2000-01-01 UTC.
+    TableIterator::new(rows)
+}
+
+/// Whether shared memory is there (the library was preloaded).
+#[pg_extern(volatile, parallel_unsafe)]
+fn delivery_ready() -> bool {
+    unsafe { !SHARED.is_null() }
+}

@@ -1,0 +1,65 @@
+-- Daily-data validation and the derived columns' helpers.
+-- Each file runs in a fresh psql session of the same database, in name order.
+\set SHOW_CONTEXT never
+\pset null (null)
+-- Runs one statement and shows its error as SQLSTATE: message, with the
+-- DETAIL of pg_sales' own codes (PS...: the JSON report). Other DETAILs can
+-- hold timestamps (a failing row), so they are left out.
+CREATE FUNCTION pg_temp.err(statement text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE detail text;
+BEGIN
+    EXECUTE statement;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+    RETURN SQLSTATE || ': ' || SQLERRM
+        || CASE WHEN SQLSTATE LIKE 'PS%' AND detail <> '' THEN ' [' || detail || ']' ELSE '' END;
+END $$;
+
+SELECT sales.daily_data_valid(2024, 2, '{"29": {"sales": 1}}');   -- leap day
+SELECT sales.daily_data_valid(2023, 2, '{"29": {"sales": 1}}');   -- no 29 February in 2023
+SELECT sales.daily_data_valid(2024, 4, '{"30": {"sales": 1.5, "customers": 2, "transactions": 3}}');
+SELECT sales.daily_data_valid(2024, 4, '{"31": {"sales": 1}}');
+SELECT sales.daily_data_valid(2024, 4, '{}');
+SELECT sales.daily_data_valid(2024, 4, '[]');
+SELECT sales.daily_data_valid(NULL, 4, '{}'), sales.daily_data_valid(2024, NULL, '{}'), sales.daily_data_valid(2024, 4, NULL);
+
+SELECT sales.daily_data_errors(2024, 4, '{"1": {"sales": 1}}');
+SELECT jsonb_pretty(sales.daily_data_errors(2024, 4,
+    '{"31": {"sales": 1}, "x": {}, "2": {"sales": -1, "customers": 1.5, "colour": 1}, "3": {"sales": "ten"}, "4": 5}'));
+SELECT sales.daily_data_errors(1999, 13, '{}');
+SELECT sales.daily_data_errors(NULL, 1, '{}') IS NULL AS strict;
+
+SELECT sales.daily_sum('{"1": {"sales": 1.25}, "2": {"sales": 2, "customers": 3}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": 1.25}, "2": {"sales": 2, "customers": 3}}', 'customers'),
+       sales.daily_sum('{}', 'sales'),
+       sales.daily_sum(NULL, 'sales'),
+       sales.daily_sum('{}', NULL);
+SELECT sales.daily_days('{"1": {}, "5": {}}'), sales.daily_days('{}'), sales.daily_days('[]'), sales.daily_days(NULL);
+
+SELECT sales.changed_days(NULL, '{"1": {"sales": 1}, "2": {"sales": 2}}');
+SELECT sales.changed_days('{"1": {"sales": 1}, "2": {"sales": 2}}', '{"1": {"sales": 1}, "2": {"sales": 3}, "3": {}}');
+SELECT sales.changed_days('{"1": {"sales": 1}}', NULL), sales.changed_days(NULL, NULL);
+SELECT sales.daily_merge_changes('{"1": {"sales": 1}}', '{"1": {"sales": 1}}'),
+       sales.daily_merge_changes('{"1": {"sales": 1}}', '{"1": {"sales": 2}}'),
+       sales.daily_merge_changes('{"1": {"sales": 1}}', '{"2": {"sales": 1}}'),
+       sales.daily_merge_changes(NULL, '{}');
+
+-- The CHECK constraint uses the same validation, whoever writes.
+INSERT INTO sales.stores (code, name, region) VALUES ('V1', 'Validation store', 'North');
+SELECT pg_temp.err($$INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+                      VALUES (1, 2024, 4, '{"31": {"sales": 1}}')$$);
+SELECT pg_temp.err($$INSERT INTO sales.monthly_sales (store_id, year, month) VALUES (1, 1999, 1)$$);
+SELECT pg_temp.err($$INSERT INTO sales.monthly_sales (store_id, year, month) VALUES (1, 2024, 13)$$);
+SELECT pg_temp.err($$INSERT INTO sales.stores (code, name, region) VALUES ('bad code!', 'x', 'y')$$);
+SELECT pg_temp.err($$INSERT INTO sales.stores (code, name, region, status) VALUES ('V2', 'x', 'y', 'gone')$$);
+INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+VALUES (1, 2024, 2, '{"29": {"sales": 10.5, "customers": 4}, "1": {"sales": 1}}')
+RETURNING total_sales, total_customers, days_reported, version;
+-- A real change bumps the version; a no-op UPDATE does not.
+UPDATE sales.monthly_sales SET daily_data = daily_data RETURNING version;
+UPDATE sales.monthly_sales SET daily_data = daily_data || '{"2": {"sales": 1}}' RETURNING version, total_sales, days_reported;
+SELECT pg_temp.err($$UPDATE sales.monthly_sales SET id = 99$$);
+SELECT pg_temp.err($$UPDATE sales.stores SET id = 99$$);
+DELETE FROM sales.monthly_sales;
+DELETE FROM sales.stores;

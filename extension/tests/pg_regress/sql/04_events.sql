@@ -1,0 +1,77 @@
+-- Events: what writes append, emit / announce / notify_user, events_since,
+-- events_head, prune_events, current_actor.
+-- Each file runs in a fresh psql session of the same database, in name order.
+\set SHOW_CONTEXT never
+\pset null (null)
+-- Runs one statement and shows its error as SQLSTATE: message, with the
+-- DETAIL of pg_sales' own codes (PS...: the JSON report). Other DETAILs can
+-- hold timestamps (a failing row), so they are left out.
+CREATE FUNCTION pg_temp.err(statement text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE detail text;
+BEGIN
+    EXECUTE statement;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+    RETURN SQLSTATE || ': ' || SQLERRM
+        || CASE WHEN SQLSTATE LIKE 'PS%' AND detail <> '' THEN ' [' || detail || ']' ELSE '' END;
+END $$;
+
+SELECT count(*) > 0 AS earlier_files_made_events FROM sales.events;
+SELECT max(id) AS before FROM sales.events \gset
+
+SELECT set_config('sales.user_id', '42', false);
+SELECT sales.current_actor();
+INSERT INTO sales.stores (id, code, name, region) OVERRIDING SYSTEM VALUE VALUES (301, 'E1', 'Events', 'West');
+SELECT sales.batch_upsert('[{"storeId": 301, "year": 2024, "month": 5, "dailyData": {"1": {"sales": 1}}}]') ->> 'inserted' AS inserted;
+UPDATE sales.stores SET status = 'renovating' WHERE id = 301;
+UPDATE sales.stores SET status = 'renovating' WHERE id = 301;   -- no change, no event
+DELETE FROM sales.stores WHERE id = 301;                          -- cascades to its month
+SELECT kind, store_id, actor_id, row_version, payload - 'createdAt' - 'updatedAt' AS payload
+FROM sales.events WHERE id > :before ORDER BY id;
+SELECT set_config('sales.user_id', '', false);
+SELECT sales.current_actor();
+
+INSERT INTO sales.users (id, email, password_hash, role) OVERRIDING SYSTEM VALUE
+VALUES (7, 'seven@example.com', '$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA', 'staff');
+SELECT sales.announce('Inventory tonight', 'warning') > :before AS announced;
+SELECT sales.announce('Hello') > :before AS default_level;
+SELECT sales.notify_user(7, 'Your export is ready', '{"file": "x.csv"}') > :before AS notified;
+SELECT sales.emit('custom-kind', '{"a": 1}', 301) > :before AS emitted;
+SELECT sales.emit('custom-null-payload', NULL) > :before AS emitted;
+SELECT kind, store_id, user_id, payload FROM sales.events WHERE id > :before AND kind IN
+    ('system-announcement', 'user-notification', 'custom-kind', 'custom-null-payload') ORDER BY id;
+
+SELECT pg_temp.err($$SELECT sales.announce('')$$);
+SELECT pg_temp.err($$SELECT sales.announce(NULL)$$);
+SELECT pg_temp.err($$SELECT sales.announce('x', 'loud')$$);
+SELECT pg_temp.err($$SELECT sales.announce('x', NULL)$$);
+SELECT pg_temp.err($$SELECT sales.notify_user(12345, 'x')$$);
+SELECT pg_temp.err($$SELECT sales.notify_user(NULL, 'x')$$);
+SELECT pg_temp.err($$SELECT sales.notify_user(7, ' ')$$);
+SELECT pg_temp.err($$SELECT sales.emit(' ', '{}')$$);
+SELECT pg_temp.err($$SELECT sales.emit(NULL, '{}')$$);
+
+-- Reading the log: everything of finished transactions, in delivery (seq)
+-- order. Nothing of this database is running, so that is every event.
+SELECT (SELECT array_agg(id ORDER BY seq) FROM sales.events)
+     = (SELECT array_agg(id) FROM sales.events_since(0, 100000)) AS all_in_order;
+SELECT count(*) FROM sales.events_since(:before, 2);
+SELECT sales.events_head() = (SELECT id FROM sales.events ORDER BY seq DESC LIMIT 1) AS head_is_last;
+SELECT sales.events_horizon() > (SELECT max(seq) FROM sales.events) AS horizon_past_the_log;
+SELECT count(*) AS holders FROM sales.event_holders();
+SELECT pg_temp.err($$SELECT * FROM sales.events_next(0, 10, -1)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_after_seq(-1)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_since(-1)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_since(NULL)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_since(0, 0)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_since(0, 100001)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_since(0, NULL)$$);
+SELECT pg_temp.err($$SELECT * FROM sales.events_since(987654321)$$);
+
+-- Retention: nothing is old enough here; the newest event is always kept.
+SELECT sales.prune_events('1 day');
+SELECT sales.prune_events('0') < (SELECT count(*) FROM sales.events) AS keeps_the_newest;
+SELECT count(*) >= 1 AS something_kept FROM sales.events;
+SELECT pg_temp.err($$SELECT sales.prune_events('-1 day')$$);
+SELECT pg_temp.err($$SELECT sales.prune_events(NULL)$$);
