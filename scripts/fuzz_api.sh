@@ -71,14 +71,17 @@ token=$(curl -fs "$url/api/v2/auth/login" -H 'content-type: application/json' \
 
 echo "fuzzing $url (schemathesis $SCHEMATHESIS_VERSION, seed $SEED, $EXAMPLES examples per operation)"
 status=0
-timeout "$LIMIT" "$VENV/bin/schemathesis" run "$url/openapi.json" \
+# schemathesis keeps a crash cache in its working directory: keep it in target/.
+rm -rf target/fuzz-work && mkdir -p target/fuzz-work
+venv_bin=$(cd "$VENV/bin" && pwd)
+(cd target/fuzz-work && timeout "$LIMIT" "$venv_bin/schemathesis" run "$url/openapi.json" \
     --header "Authorization: Bearer $token" \
     --seed "$SEED" --max-examples "$EXAMPLES" --workers 2 \
     --phases examples,coverage,fuzzing \
     --exclude-checks positive_data_acceptance,negative_data_rejection \
     --request-timeout 30 --no-color \
     --generation-database none \
-    "$@" || status=$?
+    "$@") || status=$?
 if [[ $status -ne 0 ]]; then
     echo "fuzz_api: schemathesis exited with $status; server log: $log" >&2
     grep -E "ERROR|panicked" "$log" | tail -20 >&2 || true

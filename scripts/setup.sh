@@ -74,6 +74,7 @@ pg_stat_statements.track = all
 max_connections = 300
 wal_level = replica
 max_wal_senders = 10
+wal_keep_size = '1GB'
 listen_addresses = '127.0.0.1'"
     local restart=no
     # pg_sales is preloaded (its event delivery order lives in shared

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod listener;
 pub mod logging;
 pub mod maintain;
 pub mod metrics;
@@ -64,7 +65,7 @@ impl Server {
         Ok(Self {
             addr,
             state,
-            acceptor: ws::NoDelay(acceptor).boxed(),
+            acceptor: listener::Breakable(ws::NoDelay(acceptor)).boxed(),
         })
     }
 

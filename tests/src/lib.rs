@@ -433,3 +433,14 @@ pub fn process_cpu(pid: i32) -> Duration {
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after ") ".
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
+
+/// Reads `path` until it is served from the cache (bounded): the relay has
+/// caught up with earlier writes, whose events would otherwise invalidate
+/// the entry right after it is stored.
+pub async fn warm(api: &Api, path: &str) {
+    eventually(Duration::from_secs(10), "a cache hit", || async {
+        let r = api.req(reqwest::Method::GET, path).send().await.ok()?;
+        (r.headers().get("x-cache").is_some_and(|v| v == "hit")).then_some(())
+    })
+    .await;
+}

@@ -2,7 +2,7 @@
 //! (API write on the same instance, plain SQL, another instance), compressed
 //! entries, clear by tag, and Redis going away and coming back.
 
-use sales_e2e::{eventually, free_port, month, user_token, Api, OwnRedis, TestDb};
+use sales_e2e::{eventually, free_port, month, user_token, warm, Api, OwnRedis, TestDb};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -22,17 +22,6 @@ async fn setup(db: &TestDb, stores: &[i64], admin: &Api) {
         .await;
     assert_eq!(st, 200, "{body}");
     let _ = db;
-}
-
-/// Reads `path` until it is served from the cache: the relay has caught up
-/// with earlier writes (their events would otherwise invalidate the entry
-/// right after it is stored).
-async fn warm(api: &Api, path: &str) {
-    eventually(Duration::from_secs(10), "a cache hit", || async {
-        let r = api.req(reqwest::Method::GET, path).send().await.ok()?;
-        (r.headers().get("x-cache").is_some_and(|v| v == "hit")).then_some(())
-    })
-    .await;
 }
 
 fn total(body: &Value) -> f64 {

@@ -787,12 +787,18 @@ impl ExportApi {
             state: self.state.clone(),
             user_id: auth.0.user_id,
             export_id: export_id.clone(),
-            _permit: permit,
-            _user_slot: user_slot,
+            // HTTP/2 ends a failed stream with RST_STREAM on its own; an
+            // HTTP/1.1 connection must be broken (see `crate::listener`).
+            break_on_failure: (req.version() < poem::http::Version::HTTP_2)
+                .then(|| (req.local_addr().clone(), req.remote_addr().clone())),
         };
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let (started_tx, started_rx) = oneshot::channel();
-        tokio::spawn(run(job, tx, started_tx).instrument(tracing::Span::current()));
+        let slots = Slots {
+            _permit: permit,
+            _user: user_slot,
+        };
+        tokio::spawn(run(job, slots, tx, started_tx).instrument(tracing::Span::current()));
         let estimated_total = match started_rx.await {
             Ok(Ok(total)) => total,
             Ok(Err(e)) => return Err(e),
@@ -820,10 +826,8 @@ struct Job {
     state: Arc<AppState>,
     user_id: i64,
     export_id: String,
-    /// Held for as long as the export runs (EXPORT_MAX_CONCURRENT).
-    _permit: OwnedSemaphorePermit,
-    /// Likewise, EXPORT_MAX_PER_USER.
-    _user_slot: UserSlot,
+    /// The HTTP/1.1 connection to break if the export fails mid-stream.
+    break_on_failure: Option<(poem::web::LocalAddr, poem::web::RemoteAddr)>,
 }
 
 /// Why an export stopped early.
@@ -865,7 +869,16 @@ type Started = oneshot::Sender<Result<u64, ApiError>>;
 
 /// The export task: owns the connection, streams, and always leaves the
 /// connection clean (committed and pooled, or cancelled and closed).
-async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
+/// Held for as long as the export runs (EXPORT_MAX_CONCURRENT,
+/// EXPORT_MAX_PER_USER), and released before the body ends: a client that
+/// has read the whole export may start the next one at once.
+struct Slots {
+    _permit: OwnedSemaphorePermit,
+    _user: UserSlot,
+}
+
+async fn run(job: Job, slots: Slots, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
+    let mut slots = Some(slots);
     let begun = Instant::now();
     metrics::gauge!("exports_running").increment(1.0);
     let _running = scopeguard(|| metrics::gauge!("exports_running").decrement(1.0));
@@ -964,9 +977,13 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
                 None => {
                     // The slots go now: a client that does not read must
                     // not hold them while the abort waits for room.
-                    drop(job._permit);
-                    drop(job._user_slot);
+                    drop(slots.take());
                     if !matches!(stop, Stop::Cancelled(_)) {
+                        // Nothing more reaches the client, not even the
+                        // last chunk: the transfer is cut, never short.
+                        if let Some((local, remote)) = &job.break_on_failure {
+                            crate::listener::break_connection(local, remote);
+                        }
                         let abort = tx.send(Err(io::Error::other("export failed")));
                         let _ = tokio::time::timeout(EXPORT_STALL_TIMEOUT, abort).await;
                     }
@@ -976,6 +993,7 @@ async fn run(job: Job, tx: mpsc::Sender<io::Result<Bytes>>, started: Started) {
         }
     }
     drop(progress_tx);
+    drop(slots.take());
     // The response ends now; the last progress NOTIFY follows on its own.
     drop(tx);
     let _ = notifier.await;

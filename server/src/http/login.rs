@@ -152,7 +152,7 @@ impl LoginApi {
         let account = body.email.trim().to_lowercase();
         self.guard
             .admit(&account)
-            .map_err(|retry| ApiError::too_many_logins(retry))?;
+            .map_err(ApiError::too_many_logins)?;
         let row: Option<(i64, String, String, String, Vec<i64>)> = sqlx::query_as(
             "SELECT id, email, password_hash, role, store_ids FROM sales.users WHERE lower(email) = lower($1)",
         )
@@ -191,5 +191,32 @@ impl LoginApi {
                 stores: if role == Role::Admin { vec![] } else { stores },
             },
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_logins_wait_longer_each_time() {
+        let g = LoginGuard::new(2, 1);
+        for _ in 0..2 {
+            assert!(g.admit("a@x.io").is_ok());
+            g.record("a@x.io", false);
+        }
+        // The second failure used up the free attempts: 1 s, then 2 s, 4 s.
+        let first = g.admit("a@x.io").unwrap_err();
+        g.record("a@x.io", false);
+        let second = g.admit("a@x.io").unwrap_err();
+        g.record("a@x.io", false);
+        let third = g.admit("a@x.io").unwrap_err();
+        assert!(
+            first <= second && second < third,
+            "{first} {second} {third}"
+        );
+        assert!(g.admit("b@x.io").is_ok(), "other accounts are not affected");
+        g.record("a@x.io", true);
+        assert!(g.admit("a@x.io").is_ok(), "a success clears the wait");
     }
 }

@@ -1,0 +1,136 @@
+//! Connections that a handler can break on purpose.
+//!
+//! A streamed response that fails half way must reach the client as a broken
+//! transfer, never as a complete but short file. Ending the body stream with
+//! an error is not enough over HTTP/1.1: poem polls the connection again
+//! after the error and hyper then writes the last chunk, so the client sees
+//! a well-formed end. A handler therefore breaks the connection itself
+//! ([`break_connection`]): from then on every write to it fails, so nothing
+//! more (no last chunk) is sent and the client sees the transfer cut.
+
+use poem::listener::Acceptor;
+use poem::web::{LocalAddr, RemoteAddr};
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Open connections by local and remote address, each with its switch.
+static OPEN: LazyLock<Mutex<HashMap<String, Arc<AtomicBool>>>> = LazyLock::new(Default::default);
+
+fn key(local: &LocalAddr, remote: &RemoteAddr) -> String {
+    format!("{local} {remote}")
+}
+
+/// Makes every further write to the connection between `local` and
+/// `remote` fail. Returns whether such a connection was open.
+pub fn break_connection(local: &LocalAddr, remote: &RemoteAddr) -> bool {
+    let open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    match open.get(&key(local, remote)) {
+        Some(flag) => {
+            flag.store(true, Ordering::SeqCst);
+            true
+        }
+        None => false,
+    }
+}
+
+pub struct Breakable<A>(pub A);
+
+impl<A: Acceptor> Acceptor for Breakable<A> {
+    type Io = BreakableIo<A::Io>;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        let (io, local, remote, scheme) = self.0.accept().await?;
+        let key = key(&local, &remote);
+        let broken = Arc::new(AtomicBool::new(false));
+        OPEN.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), broken.clone());
+        Ok((BreakableIo { io, broken, key }, local, remote, scheme))
+    }
+}
+
+pub struct BreakableIo<T> {
+    io: T,
+    broken: Arc<AtomicBool>,
+    key: String,
+}
+
+impl<T> BreakableIo<T> {
+    fn check(&self) -> io::Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection broken by the server",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<T> Drop for BreakableIo<T> {
+    fn drop(&mut self) {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        // The address may already belong to a newer connection.
+        if open
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.broken))
+        {
+            open.remove(&self.key);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for BreakableIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for BreakableIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
