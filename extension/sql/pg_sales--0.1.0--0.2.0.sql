@@ -594,14 +594,18 @@ AS 'MODULE_PATHNAME', 'events_horizon_wrapper';
 CREATE OR REPLACE FUNCTION sales.tg_sales_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- INSERT ... ON CONFLICT DO UPDATE fires this with no inserted rows:
+    -- a cheap test spares setting up the INSERT below.
+    IF NOT EXISTS (SELECT FROM new_rows) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-created', n.store_id, sales.current_actor(), n.id, n.version,
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
                               'version', n.version, 'totalSales', n.total_sales,
                               'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
                               'changedDays', sales.changed_days(NULL, n.daily_data))
-    FROM new_rows n
-    ORDER BY n.store_id, n.year, n.month;
+    FROM new_rows n;
     RETURN NULL;
 END $$;
 
@@ -609,6 +613,10 @@ END $$;
 CREATE OR REPLACE FUNCTION sales.tg_sales_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- ... and this with no updated rows when every row was inserted.
+    IF NOT EXISTS (SELECT FROM new_rows) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-updated', n.store_id, sales.current_actor(), n.id, n.version,
            jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
@@ -617,10 +625,11 @@ BEGIN
                               'changedDays', sales.changed_days(o.daily_data, n.daily_data))
            || CASE WHEN o.store_id <> n.store_id
                    THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END
+           || CASE WHEN (o.year, o.month) <> (n.year, n.month)
+                   THEN jsonb_build_object('previousYear', o.year, 'previousMonth', o.month) ELSE '{}'::jsonb END
     FROM new_rows n JOIN old_rows o ON o.id = n.id
     -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
-    WHERE n.version <> o.version
-    ORDER BY n.store_id, n.year, n.month;
+    WHERE n.version <> o.version;
     RETURN NULL;
 END $$;
 
@@ -632,8 +641,7 @@ BEGIN
     SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
            jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
                               'version', o.version + 1)
-    FROM old_rows o
-    ORDER BY o.store_id, o.year, o.month;
+    FROM old_rows o;
     RETURN NULL;
 END $$;
 

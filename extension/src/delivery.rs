@@ -35,6 +35,7 @@
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::{PgBuiltInOids, PgOid};
 use std::cell::Cell;
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -82,6 +83,9 @@ thread_local! {
     static LAST_SEQ: Cell<u64> = const { Cell::new(0) };
     /// Whether this backend has raised the clock to its database's log.
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
+    /// The commit NOTIFY's statement, planned once per backend.
+    static NOTIFY_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 fn slots_size(n: usize) -> usize {
@@ -320,15 +324,39 @@ fn notify_at_commit() {
     }
     let (first, last) = (FIRST_SEQ.get() as i64, LAST_SEQ.get() as i64);
     // The newest event row of this transaction that a savepoint did not roll
-    // back. At pre-commit the portal (and its snapshot) may be gone already.
+    // back: normally the row of its last seq (an equality on a unique index,
+    // planned once per backend); after a rolled-back savepoint, the newest
+    // of its rows between its first and last seq. At pre-commit the portal
+    // (and its snapshot) may be gone already.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let sent = Spi::run_with_args(
-        "SELECT pg_notify('sales_events', e.id::text) FROM (
-             SELECT id FROM sales.events
-             WHERE seq BETWEEN $1 AND $2 AND xid = pg_current_xact_id()
-             ORDER BY seq DESC LIMIT 1) e",
-        &[first.into(), last.into()],
-    );
+    let sent = Spi::connect_mut(|client| {
+        NOTIFY_PLAN.with(|plan| -> Result<(), pgrx::spi::Error> {
+            let mut plan = plan.borrow_mut();
+            if plan.is_none() {
+                *plan = Some(
+                    client
+                        .prepare_mut(
+                            "SELECT pg_notify('sales_events', id::text) FROM sales.events
+                             WHERE seq = $1 AND xid = pg_current_xact_id()",
+                            &[PgOid::BuiltIn(PgBuiltInOids::INT8OID)],
+                        )?
+                        .keep(),
+                );
+            }
+            let stmt = plan.as_ref().expect("prepared above");
+            if client.update(stmt, None, &[last.into()])?.is_empty() {
+                client.update(
+                    "SELECT pg_notify('sales_events', e.id::text) FROM (
+                         SELECT id FROM sales.events
+                         WHERE seq BETWEEN $1 AND $2 AND xid = pg_current_xact_id()
+                         ORDER BY seq DESC LIMIT 1) e",
+                    None,
+                    &[first.into(), last.into()],
+                )?;
+            }
+            Ok(())
+        })
+    });
     unsafe { pg_sys::PopActiveSnapshot() };
     sent.unwrap_or_else(|e| error!("pg_sales: sending the commit's NOTIFY: {e}"));
 }

@@ -357,3 +357,53 @@ async fn delivery_order_survives_a_restart() {
     let got = next(&mut c, before, 10_000).await;
     assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), vec![after]);
 }
+
+/// A row moved to another store or month by plain SQL names the key it left,
+/// so consumers can clear the old store-month (the cache) and tell the old
+/// store's subscribers.
+#[tokio::test]
+async fn a_moved_row_names_the_key_it_left() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ($1, 2024, 3, '{\"1\": {\"sales\": 5}}') RETURNING id",
+    )
+    .bind(s[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let payload_of_last = || async {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT payload FROM sales.events WHERE row_id = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    sqlx::query("UPDATE sales.monthly_sales SET month = 4 WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let p = payload_of_last().await;
+    assert_eq!(
+        (
+            &p["month"],
+            &p["previousYear"],
+            &p["previousMonth"],
+            p.get("previousStoreId")
+        ),
+        (&json!(4), &json!(2024), &json!(3), None),
+        "{p}"
+    );
+    sqlx::query("UPDATE sales.monthly_sales SET store_id = $2 WHERE id = $1")
+        .bind(id)
+        .bind(s[1])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let p = payload_of_last().await;
+    assert_eq!(p["previousStoreId"], json!(s[0]), "{p}");
+    assert!(p.get("previousMonth").is_none(), "{p}");
+}
