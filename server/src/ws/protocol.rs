@@ -112,28 +112,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn channel_names() {
-        assert_eq!(Channel::parse("sales-data-12"), Some(Channel::Sales(12)));
-        assert_eq!(Channel::parse("stores"), Some(Channel::Stores));
-        assert_eq!(
-            Channel::parse("announcements"),
-            Some(Channel::Announcements)
-        );
-        assert_eq!(Channel::parse("batch"), Some(Channel::Batch));
-        for bad in [
-            "sales-data-",
-            "sales-data-0",
-            "sales-data--1",
-            "sales-data-1x",
-            "sales-data-99999999999999999999",
-            "x",
-        ] {
-            assert_eq!(Channel::parse(bad), None, "{bad}");
-        }
-        assert_eq!(Channel::Sales(5).name(), "sales-data-5");
-    }
-
-    #[test]
     fn client_messages() {
         assert_eq!(
             ClientMessage::parse(r#"{"type":"subscribe","event":"stores"}"#),
