@@ -195,53 +195,43 @@ $$;
 -- before commit by the extension (extension/src/delivery.rs,
 -- notify_at_commit), coalesced by default. Rolled-back work sends none.
 
--- The statement triggers below append one event per changed row, in the
--- order the statement wrote the rows (batch_upsert writes in (store, year,
--- month) order; no ORDER BY here: sorting cost every small write a Sort and
--- a subquery scan to set up). They are statement-level (one call per
--- statement over its transition tables, not one per row): a batch of 1,000
--- rows runs one INSERT ... SELECT here.
-CREATE FUNCTION sales.tg_sales_inserted() RETURNS trigger
+-- Inserts and updates make their events in a row-level trigger: a plpgsql
+-- statement that reads a statement trigger's transition tables is planned
+-- again on every call, and INSERT ... ON CONFLICT DO UPDATE fires both the
+-- INSERT and the UPDATE statement triggers; together that was about 35 µs of
+-- CPU on every small commit. Here the INSERT's plan is cached, and an upsert
+-- that updates fires the UPDATE row trigger only. (A batch pays one trigger
+-- call per row instead: a few per cent of batch_upsert's cost per row.)
+-- Events follow the order the statement wrote the rows (batch_upsert writes
+-- in (store, year, month) order).
+CREATE FUNCTION sales.tg_sales_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- INSERT ... ON CONFLICT DO UPDATE fires this with no inserted rows:
-    -- a cheap test spares setting up the INSERT below.
-    IF NOT EXISTS (SELECT FROM new_rows) THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
-    SELECT 'sales-data-created', n.store_id, sales.current_actor(), n.id, n.version,
-           jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
-                              'version', n.version, 'totalSales', n.total_sales,
-                              'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                              'changedDays', sales.changed_days(NULL, n.daily_data))
-    FROM new_rows n;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION sales.tg_sales_updated() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    -- ... and this with no updated rows when every row was inserted.
-    IF NOT EXISTS (SELECT FROM new_rows) THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
-    SELECT 'sales-data-updated', n.store_id, sales.current_actor(), n.id, n.version,
-           jsonb_build_object('id', n.id, 'storeId', n.store_id, 'year', n.year, 'month', n.month,
-                              'version', n.version, 'totalSales', n.total_sales,
-                              'totalCustomers', n.total_customers, 'daysReported', n.days_reported,
-                              'changedDays', sales.changed_days(o.daily_data, n.daily_data))
-           || CASE WHEN o.store_id <> n.store_id
-                   THEN jsonb_build_object('previousStoreId', o.store_id) ELSE '{}'::jsonb END
-           || CASE WHEN (o.year, o.month) <> (n.year, n.month)
-                   THEN jsonb_build_object('previousYear', o.year, 'previousMonth', o.month) ELSE '{}'::jsonb END
-    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        VALUES ('sales-data-created', NEW.store_id, sales.current_actor(), NEW.id, NEW.version,
+                jsonb_build_object('id', NEW.id, 'storeId', NEW.store_id, 'year', NEW.year, 'month', NEW.month,
+                                   'version', NEW.version, 'totalSales', NEW.total_sales,
+                                   'totalCustomers', NEW.total_customers, 'daysReported', NEW.days_reported,
+                                   'changedDays', sales.changed_days(NULL, NEW.daily_data)));
     -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
-    WHERE n.version <> o.version;
+    ELSIF NEW.version <> OLD.version THEN
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        VALUES ('sales-data-updated', NEW.store_id, sales.current_actor(), NEW.id, NEW.version,
+                jsonb_build_object('id', NEW.id, 'storeId', NEW.store_id, 'year', NEW.year, 'month', NEW.month,
+                                   'version', NEW.version, 'totalSales', NEW.total_sales,
+                                   'totalCustomers', NEW.total_customers, 'daysReported', NEW.days_reported,
+                                   'changedDays', sales.changed_days(OLD.daily_data, NEW.daily_data))
+                || CASE WHEN OLD.store_id <> NEW.store_id
+                        THEN jsonb_build_object('previousStoreId', OLD.store_id) ELSE '{}'::jsonb END
+                || CASE WHEN (OLD.year, OLD.month) <> (NEW.year, NEW.month)
+                        THEN jsonb_build_object('previousYear', OLD.year, 'previousMonth', OLD.month)
+                        ELSE '{}'::jsonb END);
+    END IF;
     RETURN NULL;
 END $$;
 
+-- Deletes stay statement-level (one INSERT ... SELECT per statement).
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -253,10 +243,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER monthly_sales_events_ins AFTER INSERT ON sales.monthly_sales
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_inserted();
-CREATE TRIGGER monthly_sales_events_upd AFTER UPDATE ON sales.monthly_sales
-    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_updated();
+CREATE TRIGGER monthly_sales_events AFTER INSERT OR UPDATE ON sales.monthly_sales
+    FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();
 CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_deleted();
 

@@ -84,11 +84,7 @@ struct Run {
 
 async fn set_event_triggers(conn: &mut PgConnection, enabled: bool) {
     let verb = if enabled { "ENABLE" } else { "DISABLE" };
-    for t in [
-        "monthly_sales_events_ins",
-        "monthly_sales_events_upd",
-        "monthly_sales_events_del",
-    ] {
+    for t in ["monthly_sales_events", "monthly_sales_events_del"] {
         conn.execute(format!("ALTER TABLE sales.monthly_sales {verb} TRIGGER {t}").as_str())
             .await
             .unwrap();
