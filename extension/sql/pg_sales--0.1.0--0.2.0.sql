@@ -582,6 +582,8 @@ COMMENT ON INDEX sales.events_seq_idx IS 'pg_sales: required by events_since, ev
 DROP TRIGGER events_wake ON sales.events;
 DROP FUNCTION sales.tg_events_wake();
 DROP INDEX sales.events_xid_id_idx;
+-- prune_events walks the seq index; the BRIN index cost every event a summary update.
+DROP INDEX sales.events_created_at_idx;
 ALTER TABLE sales.events DROP COLUMN wakes;
 -- events_horizon() returned xid8; it is now the seq bound (Rust).
 DROP FUNCTION sales.events_horizon();
@@ -805,21 +807,21 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
     horizon bigint;
-    cut_seq bigint;
     last_seq bigint;
+    keep_from bigint;
 BEGIN
     IF retention IS NULL OR retention < interval '0' THEN
         RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
     END IF;
     horizon := sales.events_horizon();
     SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
-    SELECT e.seq INTO cut_seq FROM sales.events e
-    WHERE e.created_at < now() - retention AND e.seq < last_seq
-    ORDER BY e.seq DESC LIMIT 1;
-    IF cut_seq IS NULL THEN
+    IF last_seq IS NULL THEN
         RETURN 0;
     END IF;
-    DELETE FROM sales.events e WHERE e.seq <= cut_seq;
+    SELECT e.seq INTO keep_from FROM sales.events e
+    WHERE e.created_at >= now() - retention AND e.seq <= last_seq
+    ORDER BY e.seq LIMIT 1;
+    DELETE FROM sales.events e WHERE e.seq < least(coalesce(keep_from, last_seq), last_seq);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;

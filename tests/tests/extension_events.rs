@@ -729,13 +729,27 @@ async fn events_head_prune_and_resync() {
         0
     );
 
-    // Only event 6 (a middle one) is old. Pruning removes the whole prefix up
-    // to it: deleting it alone would let a reader at event 5 skip it silently.
+    // Only event 6 (a middle one) is old: deleting it alone would let a
+    // reader at event 5 skip it silently, and the events before it are
+    // younger than the retention, so nothing goes.
     exec(
         &db,
         &format!(
             "UPDATE sales.events SET created_at = now() - interval '30 days' WHERE id = {}",
             ids[5]
+        ),
+    )
+    .await;
+    assert_eq!(
+        scalar_i64(&db, "SELECT sales.prune_events('7 days')").await,
+        0
+    );
+    // Events 1-6 are old: that prefix goes.
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.events SET created_at = now() - interval '30 days' WHERE id = ANY('{{{}}}')",
+            ids[..6].iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
         ),
     )
     .await;

@@ -289,7 +289,7 @@ async fn upgrade_from(version: &str) {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert!(indexes >= 9, "{indexes}");
+    assert!(indexes >= 8, "{indexes}");
     sqlx::query("SELECT * FROM sales.slow_queries")
         .fetch_all(&db.pool)
         .await
