@@ -193,42 +193,17 @@ $$;
 -- before commit by the extension (extension/src/delivery.rs,
 -- notify_at_commit), coalesced by default. Rolled-back work sends none.
 
--- Inserts and updates make their events in a row-level trigger: a plpgsql
--- statement that reads a statement trigger's transition tables is planned
--- again on every call, and INSERT ... ON CONFLICT DO UPDATE fires both the
--- INSERT and the UPDATE statement triggers; together that was about 35 µs of
--- CPU on every small commit. Here the INSERT's plan is cached, and an upsert
--- that updates fires the UPDATE row trigger only. (A batch pays one trigger
--- call per row instead: a few per cent of batch_upsert's cost per row.)
--- Events follow the order the statement wrote the rows (batch_upsert writes
--- in (store, year, month) order).
-CREATE FUNCTION sales.tg_sales_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
-        VALUES ('sales-data-created', NEW.store_id, sales.current_actor(), NEW.id, NEW.version,
-                jsonb_build_object('id', NEW.id, 'storeId', NEW.store_id, 'year', NEW.year, 'month', NEW.month,
-                                   'version', NEW.version, 'totalSales', NEW.total_sales,
-                                   'totalCustomers', NEW.total_customers, 'daysReported', NEW.days_reported,
-                                   'changedDays', sales.changed_days(NULL, NEW.daily_data)));
-    -- unchanged rows (a no-op UPDATE, see tg_sales_version) make no event
-    ELSIF NEW.version <> OLD.version THEN
-        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
-        VALUES ('sales-data-updated', NEW.store_id, sales.current_actor(), NEW.id, NEW.version,
-                jsonb_build_object('id', NEW.id, 'storeId', NEW.store_id, 'year', NEW.year, 'month', NEW.month,
-                                   'version', NEW.version, 'totalSales', NEW.total_sales,
-                                   'totalCustomers', NEW.total_customers, 'daysReported', NEW.days_reported,
-                                   'changedDays', sales.changed_days(OLD.daily_data, NEW.daily_data))
-                || CASE WHEN OLD.store_id <> NEW.store_id
-                        THEN jsonb_build_object('previousStoreId', OLD.store_id) ELSE '{}'::jsonb END
-                || CASE WHEN (OLD.year, OLD.month) <> (NEW.year, NEW.month)
-                        THEN jsonb_build_object('previousYear', OLD.year, 'previousMonth', OLD.month)
-                        ELSE '{}'::jsonb END);
-    END IF;
-    RETURN NULL;
-END $$;
-
+-- Inserts and updates make their events in a row-level trigger written in
+-- Rust, sales.tg_sales_changed() (src/events.rs): a plpgsql statement over a
+-- statement trigger's transition tables is planned again on every call, and
+-- INSERT ... ON CONFLICT DO UPDATE fires both the INSERT and the UPDATE
+-- statement triggers; a plpgsql row trigger still spent most of its time in
+-- jsonb_build_object (a type lookup and a numeric-to-text-to-numeric round
+-- trip per value). The Rust trigger builds the payload as binary jsonb and
+-- inserts through a statement prepared once per backend. An upsert that
+-- updates fires the UPDATE row trigger only. Events follow the order the
+-- statement wrote the rows (batch_upsert writes in (store, year, month)
+-- order).
 -- Deletes stay statement-level (one INSERT ... SELECT per statement).
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -19,7 +19,7 @@
 //!   event is written after the previous version's transaction ended: per row,
 //!   `seq` order is version order.
 //!
-//! A transaction registers (under the lock) when it takes its first `seq`, in
+//! A transaction registers (without a lock) when it takes its first `seq`, in
 //! a slot of its own, and leaves at commit or abort (an xact callback, after
 //! the commit is visible to new snapshots). Leaving bumps the database's
 //! generation and wakes waiting readers (`sales.events_next` with a wait), so
@@ -38,22 +38,24 @@ use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
 use std::cell::Cell;
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
-const TRANCHE: &CStr = c"pg_sales";
 const SHMEM_NAME: &CStr = c"pg_sales delivery";
 /// Databases whose generation is tracked on its own; beyond this they share
 /// the last entry (readers of those wake a little more often, nothing worse).
 const DATABASES: usize = 64;
 
+/// One backend's registration. Only its backend writes it; readers scan
+/// every slot without a lock (see [`event_seq`] for why that is enough).
 #[repr(C)]
 struct Slot {
-    /// First `seq` of the running transaction, 0 when the slot is free.
-    first_seq: u64,
-    db: u32,
-    pid: i32,
-    xid: u64,
-    since: i64,
+    /// First `seq` of the running transaction (or, for an instant while it
+    /// registers, a lower bound of it), 0 when the slot is free.
+    first_seq: AtomicU64,
+    db: AtomicU32,
+    pid: AtomicI32,
+    xid: AtomicU64,
+    since: AtomicI64,
 }
 
 #[repr(C)]
@@ -64,7 +66,6 @@ struct DbGeneration {
 
 #[repr(C)]
 struct Shared {
-    lock: *mut pg_sys::LWLock,
     cv: pg_sys::ConditionVariable,
     clock: AtomicU64,
     nslots: usize,
@@ -115,7 +116,6 @@ unsafe extern "C-unwind" fn shmem_request() {
             prev();
         }
         pg_sys::RequestAddinShmemSpace(slots_size(pg_sys::MaxBackends as usize));
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
     }
 }
 
@@ -133,7 +133,6 @@ unsafe extern "C-unwind" fn shmem_startup() {
             pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), slots_size(n), &mut found) as *mut Shared;
         if !found {
             std::ptr::write_bytes(p as *mut u8, 0, slots_size(n));
-            (*p).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
             pg_sys::ConditionVariableInit(&raw mut (*p).cv);
             (*p).nslots = n;
         }
@@ -156,26 +155,6 @@ fn shared() -> &'static Shared {
 
 fn slots(s: &Shared) -> *mut Slot {
     unsafe { (s as *const Shared as *mut u8).add(std::mem::size_of::<Shared>()) as *mut Slot }
-}
-
-struct Locked<'a>(&'a Shared);
-
-impl<'a> Locked<'a> {
-    fn new(s: &'a Shared, exclusive: bool) -> Self {
-        let mode = if exclusive {
-            pg_sys::LWLockMode::LW_EXCLUSIVE
-        } else {
-            pg_sys::LWLockMode::LW_SHARED
-        };
-        unsafe { pg_sys::LWLockAcquire(s.lock, mode) };
-        Locked(s)
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        unsafe { pg_sys::LWLockRelease(self.0.lock) };
-    }
 }
 
 fn my_slot_index(s: &Shared) -> usize {
@@ -226,35 +205,39 @@ fn see_clock(s: &Shared) {
 
 /// The next `seq` for an event row of the current transaction (the default
 /// of `sales.events.seq`). The first one registers the transaction.
+///
+/// Registering takes no lock. The backend first publishes a lower bound of
+/// the value it is about to take (the clock plus one), then takes the value
+/// and publishes it. All of it is sequentially consistent, so a reader that
+/// computes a horizon (clock first, then the slots) either read the clock
+/// before this backend took its value, and then the horizon is at most that
+/// value, or it reads the slot after the lower bound was published, and the
+/// slot holds the horizon down to at most the value. Either way no event of
+/// this transaction can fall below a horizon some reader computed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn event_seq() -> i64 {
     let s = shared();
-    if !CLOCK_SEEN.get() {
-        // After a restart the clock starts at 0: raise it past this
-        // database's log before taking a value from it.
-        let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
-            .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
-        s.clock
-            .fetch_max(max.unwrap_or(0).max(0) as u64, Ordering::AcqRel);
-        CLOCK_SEEN.set(true);
-    }
+    see_clock(s);
     let seq = if FIRST_SEQ.get() == 0 {
-        let xid = unsafe { pg_sys::GetTopFullTransactionId().value };
         let i = my_slot_index(s);
-        let _guard = Locked::new(s, true);
-        let seq = s.clock.fetch_add(1, Ordering::AcqRel) + 1;
-        unsafe {
-            let slot = &mut *slots(s).add(i);
-            slot.first_seq = seq;
-            slot.db = my_db();
-            slot.pid = pg_sys::MyProcPid;
-            slot.xid = xid;
-            slot.since = pg_sys::GetCurrentTimestamp();
-        }
+        let slot = unsafe { &*slots(s).add(i) };
+        slot.db.store(my_db(), Ordering::Relaxed);
+        slot.pid
+            .store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+        slot.xid.store(
+            unsafe { pg_sys::GetTopFullTransactionId().value },
+            Ordering::Relaxed,
+        );
+        slot.since
+            .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
+        slot.first_seq
+            .store(s.clock.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+        let seq = s.clock.fetch_add(1, Ordering::SeqCst) + 1;
+        slot.first_seq.store(seq, Ordering::SeqCst);
         FIRST_SEQ.set(seq);
         seq
     } else {
-        s.clock.fetch_add(1, Ordering::AcqRel) + 1
+        s.clock.fetch_add(1, Ordering::SeqCst) + 1
     };
     LAST_SEQ.set(seq);
     seq as i64
@@ -277,11 +260,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             LAST_SEQ.set(0);
             let s = unsafe { &*SHARED };
             let db = my_db();
-            {
-                let _guard = Locked::new(s, true);
-                let i = my_slot_index(s);
-                unsafe { (*slots(s).add(i)).first_seq = 0 };
-            }
+            let i = my_slot_index(s);
+            unsafe { (*slots(s).add(i)).first_seq.store(0, Ordering::SeqCst) };
             generation_entry(s, db)
                 .generation
                 .fetch_add(1, Ordering::AcqRel);
@@ -381,13 +361,13 @@ fn try_notify_lock() -> bool {
 fn horizon(s: &Shared) -> u64 {
     see_clock(s);
     let db = my_db();
-    let _guard = Locked::new(s, false);
-    let mut h = s.clock.load(Ordering::Acquire) + 1;
+    let mut h = s.clock.load(Ordering::SeqCst) + 1;
     let slots = slots(s);
     for i in 0..s.nslots {
         let slot = unsafe { &*slots.add(i) };
-        if slot.first_seq != 0 && slot.db == db && slot.first_seq < h {
-            h = slot.first_seq;
+        let first = slot.first_seq.load(Ordering::SeqCst);
+        if first != 0 && first < h && slot.db.load(Ordering::Relaxed) == db {
+            h = first;
         }
     }
     h
@@ -470,14 +450,19 @@ fn event_holders_raw() -> TableIterator<
     let s = shared();
     let db = my_db();
     let mut rows = Vec::new();
-    {
-        let _guard = Locked::new(s, false);
-        let slots = slots(s);
-        for i in 0..s.nslots {
-            let slot = unsafe { &*slots.add(i) };
-            if slot.first_seq != 0 && slot.db == db {
-                rows.push((slot.pid, slot.xid as i64, slot.first_seq as i64, slot.since));
-            }
+    // A slot read while its backend registers or leaves may mix two
+    // transactions' details; this is a report, read again on every call.
+    let slots = slots(s);
+    for i in 0..s.nslots {
+        let slot = unsafe { &*slots.add(i) };
+        let first = slot.first_seq.load(Ordering::SeqCst);
+        if first != 0 && slot.db.load(Ordering::Relaxed) == db {
+            rows.push((
+                slot.pid.load(Ordering::Relaxed),
+                slot.xid.load(Ordering::Relaxed) as i64,
+                first as i64,
+                slot.since.load(Ordering::Relaxed),
+            ));
         }
     }
     rows.sort_by_key(|r| r.2);

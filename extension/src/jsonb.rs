@@ -130,13 +130,26 @@ impl NumericDatum {
     }
 }
 
-/// A container (object or array) inside a jsonb datum.
+/// A container (object or array) inside a jsonb datum, with its size in
+/// bytes when known (0 for a document's root).
 #[derive(Clone, Copy)]
-pub struct Container<'a>(*mut pg_sys::JsonbContainer, PhantomData<&'a ()>);
+pub struct Container<'a>(*mut pg_sys::JsonbContainer, usize, PhantomData<&'a ()>);
 
 impl<'a> Container<'a> {
     fn new(c: *mut pg_sys::JsonbContainer) -> Self {
-        Container(c, PhantomData)
+        Container(c, 0, PhantomData)
+    }
+
+    fn nested(c: *mut pg_sys::JsonbContainer, bytes: i32) -> Self {
+        Container(c, bytes.max(0) as usize, PhantomData)
+    }
+
+    /// The container's bytes, when its size is known. jsonb's binary form is
+    /// canonical (keys sorted, no duplicates, fixed layout), so equal bytes
+    /// mean equal values; different bytes may still be equal values (1.0
+    /// and 1).
+    pub fn bytes(self) -> Option<&'a [u8]> {
+        (self.1 > 0).then(|| unsafe { std::slice::from_raw_parts(self.0 as *const u8, self.1) })
     }
 
     pub fn len(self) -> usize {
@@ -210,11 +223,11 @@ impl<'a> Jb<'a> {
                 pg_sys::jbvType::jbvNumeric => Jb::Number(Num(v.val.numeric, PhantomData)),
                 pg_sys::jbvType::jbvString => Jb::String(string_of(v)),
                 pg_sys::jbvType::jbvBinary => {
-                    let c = v.val.binary.data;
+                    let (c, len) = (v.val.binary.data, v.val.binary.len);
                     if (*c).header & pg_sys::JB_FOBJECT != 0 {
-                        Jb::Object(Container::new(c))
+                        Jb::Object(Container::nested(c, len))
                     } else {
-                        Jb::Array(Container::new(c))
+                        Jb::Array(Container::nested(c, len))
                     }
                 }
                 // jbvNull, and unpacked arrays/objects, which iteration over a

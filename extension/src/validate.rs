@@ -67,22 +67,37 @@ fn daily_days(daily: RawJsonb) -> i32 {
 fn changed_days(old: Option<RawJsonb>, new: Option<RawJsonb>) -> pgrx::JsonB {
     let old_root = old.as_ref().map(|o| o.root()).unwrap_or(Jb::Null);
     let new_root = new.as_ref().map(|n| n.root()).unwrap_or(Jb::Null);
-    let mut days: Vec<&str> = Vec::new();
-    new_root.each_member(|k, v| match old_root.get(k) {
-        Some(o) if same(o, v) => {}
-        _ => days.push(k),
-    });
-    old_root.each_member(|k, _| {
-        if new_root.get(k).is_none() {
-            days.push(k);
-        }
-    });
-    days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
     pgrx::JsonB(serde_json::Value::Array(
-        days.into_iter()
+        changed_day_keys(old_root, new_root)
+            .into_iter()
             .map(|d| serde_json::Value::String(d.to_string()))
             .collect(),
     ))
+}
+
+/// The day keys whose data differ between `old` and `new`, in day order.
+pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
+    let mut days: Vec<&str> = Vec::new();
+    let mut kept = 0;
+    new.each_member(|k, v| match old.get(k) {
+        Some(o) => {
+            kept += 1;
+            if !same(o, v) {
+                days.push(k)
+            }
+        }
+        None => days.push(k),
+    });
+    // Every day of `old` is also in `new` when all of them were found above.
+    if kept < old.len() {
+        old.each_member(|k, _| {
+            if new.get(k).is_none() {
+                days.push(k);
+            }
+        });
+    }
+    days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
+    days
 }
 
 /// True when merging `new` into `old` (`old || new`, day by day) would
@@ -108,9 +123,12 @@ fn daily_merge_changes(old: RawJsonb, new: RawJsonb) -> bool {
 /// jsonb equality of two values (as `=` on jsonb: 1.0 equals 1).
 fn same(a: Jb<'_>, b: Jb<'_>) -> bool {
     match (a, b) {
-        (Jb::Object(x), Jb::Object(y)) | (Jb::Array(x), Jb::Array(y)) => unsafe {
-            pg_sys::compareJsonbContainers(x.as_ptr(), y.as_ptr()) == 0
-        },
+        (Jb::Object(x), Jb::Object(y)) | (Jb::Array(x), Jb::Array(y)) => {
+            // Most days of an update are untouched and so byte for byte the
+            // same; compare the values only when the bytes differ.
+            matches!((x.bytes(), y.bytes()), (Some(a), Some(b)) if a == b)
+                || unsafe { pg_sys::compareJsonbContainers(x.as_ptr(), y.as_ptr()) == 0 }
+        }
         (Jb::Null, Jb::Null) => true,
         (Jb::Bool(x), Jb::Bool(y)) => x == y,
         (Jb::String(x), Jb::String(y)) => x == y,
