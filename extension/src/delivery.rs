@@ -82,6 +82,12 @@ thread_local! {
     /// transaction (0 = none yet).
     static FIRST_SEQ: Cell<u64> = const { Cell::new(0) };
     static LAST_SEQ: Cell<u64> = const { Cell::new(0) };
+    /// The newest event row this transaction wrote through the sales
+    /// trigger, as (seq, id); (0, 0) for none.
+    static KNOWN_EVENT: Cell<(u64, i64)> = const { Cell::new((0, 0)) };
+    /// Whether a subtransaction of this event-writing transaction rolled
+    /// back (so a row noted above may be gone).
+    static SUB_ABORTED: Cell<bool> = const { Cell::new(false) };
     /// Whether this backend has raised the clock to its database's log.
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
     /// The commit NOTIFY's statement, planned once per backend.
@@ -106,6 +112,7 @@ pub fn init() {
         PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
     }
 }
 
@@ -216,6 +223,11 @@ fn see_clock(s: &Shared) {
 /// this transaction can fall below a horizon some reader computed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn event_seq() -> i64 {
+    next_seq()
+}
+
+/// [`event_seq`], for event rows the extension writes itself.
+pub fn next_seq() -> i64 {
     let s = shared();
     see_clock(s);
     let seq = if FIRST_SEQ.get() == 0 {
@@ -258,6 +270,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             // that sees the slot gone also sees the transaction's events.
             FIRST_SEQ.set(0);
             LAST_SEQ.set(0);
+            KNOWN_EVENT.set((0, 0));
+            SUB_ABORTED.set(false);
             let s = unsafe { &*SHARED };
             let db = my_db();
             let i = my_slot_index(s);
@@ -274,6 +288,24 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             error!("pg_sales: a transaction that wrote sales events cannot be prepared (PREPARE TRANSACTION)");
         }
         _ => {}
+    }
+}
+
+/// Remembers the event row the sales trigger just wrote, so the commit's
+/// NOTIFY can name it without a lookup.
+pub fn note_event(id: i64, seq: i64) {
+    KNOWN_EVENT.set((seq as u64, id));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    _mine: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && FIRST_SEQ.get() != 0 {
+        SUB_ABORTED.set(true);
     }
 }
 
@@ -300,6 +332,21 @@ fn notify_at_commit() {
         v.is_null() || CStr::from_ptr(v).to_bytes() != b"off"
     };
     if coalesce && !try_notify_lock() {
+        return;
+    }
+    let (known_seq, known_id) = KNOWN_EVENT.get();
+    if !SUB_ABORTED.get() && known_seq != 0 && known_seq == LAST_SEQ.get() {
+        // The transaction's newest event is one the sales trigger wrote and
+        // noted (the common case): no lookup needed.
+        unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::pg_notify,
+                &[
+                    "sales_events".into_datum(),
+                    known_id.to_string().into_datum(),
+                ],
+            );
+        }
         return;
     }
     let (first, last) = (FIRST_SEQ.get() as i64, LAST_SEQ.get() as i64);

@@ -391,6 +391,35 @@ async fn rolled_back_work_leaves_no_events_and_no_notify() {
     assert_eq!(evs.len(), 2, "{evs:?}");
     assert_eq!(evs[0].payload["month"], 3);
     assert_eq!(notes.drain(&db).await, vec![evs[1].id]);
+
+    // A savepoint rolled back after the transaction's last write: the
+    // NOTIFY names the newest event that survived, not the newest written.
+    let before = evs[1].id;
+    let insert = "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) \
+                  VALUES ($1, 2024, $2, '{\"1\": {\"sales\": 1}}')";
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query(insert)
+        .bind(s)
+        .bind(5)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SAVEPOINT b").execute(&mut *tx).await.unwrap();
+    sqlx::query(insert)
+        .bind(s)
+        .bind(6)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK TO SAVEPOINT b")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let evs = events_after(&db, before).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].payload["month"], 5);
+    assert_eq!(notes.drain(&db).await, vec![evs[0].id]);
 }
 
 /// The outbox gap: a transaction that took a smaller event id (and an older
