@@ -60,6 +60,7 @@ use poem_openapi::registry::{
 use poem_openapi::types::Type;
 use poem_openapi::{ApiResponse, Enum, OpenApi};
 use sales_core::projection::{Projection, SALES_DOC};
+use sales_core::sql::{push_sales_doc, Literals, SqlWriter};
 use serde_json::json;
 use sqlx::pool::PoolConnection;
 use sqlx::{Executor, PgPool, Postgres};
@@ -251,67 +252,12 @@ impl std::fmt::Display for RowKey {
     }
 }
 
-/// A text literal that is safe whatever `standard_conforming_strings` says:
-/// an `E''` string with quotes and backslashes escaped. Callers reject
-/// control characters first (a NUL could not be sent anyway).
-pub fn text_lit(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 4);
-    out.push_str("E'");
-    for c in s.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
-}
-
-fn id_array(ids: &[i64]) -> String {
-    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-    format!("ARRAY[{}]::bigint[]", list.join(","))
-}
-
-fn text_array(items: &[String]) -> String {
-    let list: Vec<String> = items.iter().map(|s| text_lit(s)).collect();
-    format!("ARRAY[{}]::text[]", list.join(","))
-}
-
 /// The filter and the caller's scope as SQL conditions on `m` and `s`, with
-/// literal values (COPY cannot take bind parameters). Mirrors
-/// `SalesFilter::push_where`.
+/// literal values (COPY cannot take bind parameters).
 pub fn where_sql(f: &SalesFilter, who: &Principal) -> String {
-    let mut w = String::from("true");
-    if let Some(ids) = &f.store_ids {
-        let _ = write!(w, " AND m.store_id = ANY({})", id_array(ids));
-    }
-    if let Some(scope) = who.scope() {
-        let _ = write!(w, " AND m.store_id = ANY({})", id_array(&scope));
-    }
-    if let Some(r) = &f.region {
-        let _ = write!(w, " AND s.region = {}", text_lit(r));
-    }
-    if let Some(y) = f.year {
-        let _ = write!(w, " AND m.year = {y}");
-    }
-    if let Some(m) = f.month {
-        let _ = write!(w, " AND m.month = {m}");
-    }
-    if let Some((y, m)) = f.from {
-        let _ = write!(w, " AND (m.year, m.month) >= ({y}, {m})");
-    }
-    if let Some((y, m)) = f.to {
-        let _ = write!(w, " AND (m.year, m.month) <= ({y}, {m})");
-    }
-    // Validated finite and non-negative; `{}` of an f64 never uses exponents.
-    if let Some(v) = f.min_total_sales {
-        let _ = write!(w, " AND m.total_sales >= '{v}'::numeric");
-    }
-    if let Some(v) = f.max_total_sales {
-        let _ = write!(w, " AND m.total_sales <= '{v}'::numeric");
-    }
-    w
+    let mut w = Literals(String::from("true"));
+    f.push_where(&mut w, who);
+    w.0
 }
 
 const FROM_MONTHLY: &str = "FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id";
@@ -370,26 +316,14 @@ pub struct ExportSpec<'a> {
     pub header: bool,
 }
 
-/// The document expression for monthly JSON rows (as `doc_sql` in sales.rs,
-/// with literals instead of bind parameters).
+/// The document expression for monthly JSON rows, with literals.
 fn doc_expr(p: Option<&Projection>) -> String {
-    let Some(p) = p.filter(|p| !p.is_identity()) else {
-        return "sales.sales_doc(m)".into();
-    };
-    let with_store = p
-        .fields
-        .iter()
-        .any(|f| f == "store" || f.starts_with("store."));
-    let doc = if with_store {
-        "sales.sales_doc(m, s)"
-    } else {
-        "sales.sales_doc(m)"
-    };
-    format!(
-        "sales.project({doc}, {}, {})",
-        text_array(&p.fields),
-        text_array(&p.excluded)
-    )
+    let mut w = Literals::default();
+    match p {
+        Some(p) => push_sales_doc(&mut w, p),
+        None => w.sql("sales.sales_doc(m)"),
+    }
+    w.0
 }
 
 pub fn build_sql(spec: &ExportSpec<'_>) -> ExportSql {
@@ -1367,7 +1301,6 @@ mod tests {
 
     #[test]
     fn literals_are_escaped() {
-        assert_eq!(text_lit("O'Brien \\ x"), "E'O''Brien \\\\ x'");
         let f = SalesFilter {
             region: Some("a'); DROP TABLE x; --".into()),
             store_ids: Some(vec![1, 2]),

@@ -123,29 +123,7 @@ pub fn error_response(e: poem::Error) -> Response {
     } else {
         message
     };
-    let body = ErrorBody::new(code, message, details);
-    let mut resp = Response::builder()
-        .status(status)
-        .content_type("application/json; charset=utf-8")
-        .body(
-            serde_json::to_vec(&serde_json::json!({"error": body.0.error_json()}))
-                .unwrap_or_default(),
-        );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-impl super::error::ErrorDetail {
-    fn error_json(&self) -> serde_json::Value {
-        serde_json::json!({"code": self.code, "message": self.message, "details": self.details, "requestId": self.request_id})
-    }
-}
-
-impl super::error::ErrorBody {
-    fn error_json(&self) -> serde_json::Value {
-        self.error.error_json()
-    }
+    ErrorBody::response(status, code, message, details)
 }
 
 /// Request budgets. Every `/api/*` and `/ws` request spends from its IP's

@@ -199,10 +199,6 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
         .at("/metrics", poem::get(metrics_endpoint))
         .nest("/docs", docs)
         .at("/ws", crate::ws::endpoint(state.ws_context()))
-        .at(
-            "/api/admin/websocket/stats",
-            crate::ws::stats_endpoint(state.ws_context()),
-        )
         .nest("/", api)
         .around(dashboard::with_index);
     let routes = routes

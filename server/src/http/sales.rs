@@ -6,16 +6,19 @@
 //! response without parsing it.
 
 use super::cached::{cached, sales_tags};
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult};
 use super::filters::{parse_projection, RawFilter, SalesFilter};
 use super::raw::RawJson;
 use super::security::BearerAuth;
 use super::ApiTags;
+use crate::db::sql::Binds;
+use crate::db::{Changes, Write};
 use crate::state::AppState;
 use base64::Engine;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
 use sales_core::projection::{Projection, SALES_DOC};
+use sales_core::sql::{push_sales_doc, push_terms, Term};
 use serde_json::{json, Value};
 use sqlx::{Postgres, QueryBuilder, Row};
 use std::sync::Arc;
@@ -354,29 +357,6 @@ pub fn check_cursor_values(keys: &[SortKey], vals: &[String]) -> ApiResult<()> {
     Ok(())
 }
 
-/// The document expression for one row, projected in Postgres.
-pub fn doc_sql(p: &Projection, qb: &mut QueryBuilder<'_, Postgres>) {
-    let with_store = p
-        .fields
-        .iter()
-        .any(|f| f == "store" || f.starts_with("store."));
-    let doc = if with_store {
-        "sales.sales_doc(m, s)"
-    } else {
-        "sales.sales_doc(m)"
-    };
-    if p.is_identity() {
-        qb.push(doc);
-    } else {
-        qb.push("sales.project(")
-            .push(doc)
-            .push(", ")
-            .push_bind(p.fields.clone())
-            .push("::text[], ");
-        qb.push_bind(p.excluded.clone()).push("::text[])");
-    }
-}
-
 /// `(k1, k2, ...) after (v1, v2, ...)` for mixed directions, as an OR chain.
 fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[String]) {
     qb.push(" AND (");
@@ -403,18 +383,6 @@ fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[St
 
 fn ms(started: Instant) -> f64 {
     (started.elapsed().as_secs_f64() * 1e5).round() / 100.0
-}
-
-/// Sets the acting user for event rows written in this transaction.
-pub async fn set_actor<'c, E>(conn: E, user_id: i64) -> Result<(), sqlx::Error>
-where
-    E: sqlx::Executor<'c, Database = Postgres>,
-{
-    sqlx::query("SELECT set_config('sales.user_id', $1, true)")
-        .bind(user_id.to_string())
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -495,8 +463,7 @@ impl SalesApi {
             ));
         }
         let after = match cursor.0.as_deref() {
-            Some(c) if offset > 0 => {
-                let _ = c;
+            Some(_) if offset > 0 => {
                 return Err(ApiError::bad_param(
                     "offset",
                     "cannot be combined with cursor",
@@ -510,13 +477,12 @@ impl SalesApi {
             None => None,
         };
 
-        let with_store = projection.fields.iter().any(|f| f.starts_with("store"));
         let tags = sales_tags(
             filter.store_ids.as_deref(),
             filter.year,
             filter.month,
             &auth.0,
-            with_store,
+            projection.needs_store(),
         );
         let include_meta = include_metadata.0.unwrap_or(true);
         let query = ListQuery {
@@ -615,7 +581,7 @@ impl SalesApi {
                       row_number() OVER (ORDER BY {order}) AS ord
                FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true"
                 ));
-                filter.push_where(&mut qb, &auth.0);
+                filter.push_where(&mut Binds(&mut qb), &auth.0);
                 qb.push(format!(" GROUP BY {group_sql}) g"));
                 let data: String = crate::metrics::timed(
                     "sales_summary",
@@ -652,21 +618,8 @@ impl SalesApi {
             crate::cache::TAG_STORES.to_string(),
         ];
         let params = (id.0, &projection.fields, &projection.excluded);
-        let body = cached(&self.state, "sales.get", &params, &auth.0, tags, || async {
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT m.store_id, (");
-        doc_sql(&projection, &mut qb);
-        qb.push(")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ");
-        qb.push_bind(id.0);
-        // Outside the caller's scope is the same 404 as missing: the answer
-        // must not tell which store owns a record the caller may not see.
-        if let Some(scope) = auth.0.scope() {
-            qb.push(" AND m.store_id = ANY(").push_bind(scope).push(")");
-        }
-        let row = crate::metrics::timed("sales_get", qb.build().fetch_optional(&mut *self.state.read_conn().await?)).await?;
-        let Some(row) = row else {
-            return Err(ApiError::not_found(format!("no sales record {}", id.0)));
-        };
-        Ok(format!("{{\"data\":{}}}", row.get::<&str, _>(1)))
+        let body = cached(&self.state, "sales.get", &params, &auth.0, tags, || {
+            one_body(&self.state, id.0, &projection, &auth.0)
         })
         .await?;
         Ok(OneResponse::Ok(RawJson::new(body)))
@@ -717,13 +670,7 @@ impl SalesApi {
         // Scope first: a record for a store outside the token's scope is 403,
         // whatever else is wrong with the batch.
         if !denied.is_empty() {
-            denied.sort_unstable();
-            denied.dedup();
-            return Err(ApiError::Forbidden(ErrorBody::new(
-                "forbidden",
-                format!("stores outside your scope: {denied:?}"),
-                Some(json!({"storeIds": denied})),
-            )));
+            return Err(ApiError::outside_scope(denied));
         }
         let atomic = body.atomic.unwrap_or(true);
         let replace = body.mode == Some(BatchMode::Replace);
@@ -738,10 +685,9 @@ impl SalesApi {
         // others still go through the extension for a complete report.
         let roll_back = atomic && !rejected.is_empty();
         let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
-        let (summary, tags) = if write {
+        let (summary, changes) = if write {
             crate::db::retry_tx("batch_upsert", || async {
-                let mut tx = pool.begin().await?;
-                set_actor(&mut *tx, user).await?;
+                let mut w = Write::begin(pool, user).await?;
                 let summary: Value = crate::metrics::timed(
                     "batch_upsert",
                     sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
@@ -749,43 +695,26 @@ impl SalesApi {
                         .bind(replace)
                         .bind(atomic)
                         .bind(&scope)
-                        .fetch_one(&mut *tx),
+                        .fetch_one(w.conn()),
                 )
                 .await?;
                 if roll_back || (atomic && summary["failed"].as_i64().unwrap_or(0) > 0) {
-                    tx.rollback().await?;
+                    w.rollback().await?;
                     let mut summary = summary;
                     for k in ["inserted", "updated", "unchanged"] {
                         summary[k] = json!(0);
                     }
                     summary["eventId"] = Value::Null;
-                    return Ok((summary, Vec::new()));
+                    return Ok((summary, Changes::none()));
                 }
-                let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
-                tx.commit()
-                    .await
-                    .map_err(crate::db::TxFailure::AtCommit)?;
-                Ok((summary, tags))
+                Ok((summary, w.commit().await?))
             })
-            .await
-            .map_err(|f| match f {
-                crate::db::TxFailure::BeforeCommit(e) => ApiError::from(e),
-                crate::db::TxFailure::AtCommit(e) if crate::db::is_transient(&e, true) => {
-                    tracing::error!(error = %e, "connection lost at COMMIT; the batch's outcome is unknown");
-                    ApiError::Unavailable(ErrorBody::new(
-                        "outcome_unknown",
-                        "the database connection was lost while committing: the batch may or may not \
-                         have been written; read the records back before sending it again",
-                        Some(json!({"outcome": "unknown"})),
-                    ))
-                }
-                crate::db::TxFailure::AtCommit(e) => ApiError::from(e),
-            })?
+            .await?
         } else {
             (
                 json!({"total": 0, "inserted": 0, "updated": 0, "unchanged": 0, "failed": 0,
                        "merged": 0, "eventId": null, "errors": [], "duplicates": []}),
-                Vec::new(),
+                Changes::none(),
             )
         };
         let mut summary = merge_report(summary, &kept, rejected, n);
@@ -797,9 +726,8 @@ impl SalesApi {
                 Some(summary),
             ));
         }
-        if !tags.is_empty() {
-            self.state.note_change(&self.state.pool).await;
-            self.state.cache.invalidate(&tags).await;
+        if !changes.is_empty() {
+            self.state.publish(changes).await;
         }
         Ok(BatchResponse::Ok(RawJson::new(summary.to_string())))
     }
@@ -828,7 +756,7 @@ impl SalesApi {
         // lies outside the scope is reported as missing, never with its
         // store: the answer must not tell who owns a record the caller may
         // not see.
-        let mut denied: Vec<i64> = keys
+        let denied: Vec<i64> = keys
             .iter()
             .filter_map(named_store)
             .filter(|s| !auth.0.can_access_store(*s))
@@ -853,13 +781,7 @@ impl SalesApi {
             _ => Default::default(),
         };
         if !denied.is_empty() {
-            denied.sort_unstable();
-            denied.dedup();
-            return Err(ApiError::Forbidden(ErrorBody::new(
-                "forbidden",
-                format!("stores outside your scope: {denied:?}"),
-                Some(json!({"storeIds": denied})),
-            )));
+            return Err(ApiError::outside_scope(denied));
         }
         // Keys are checked here with the extension's rules; only well-formed
         // ones reach it (a malformed value, say a number beyond f64, would
@@ -889,8 +811,7 @@ impl SalesApi {
             }
         }
         let atomic = body.atomic.unwrap_or(true);
-        let mut tx = self.state.pool.begin().await?;
-        set_actor(&mut *tx, auth.0.user_id).await?;
+        let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let summary: Value = sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
             .bind(if ids.is_empty() {
                 None
@@ -904,7 +825,7 @@ impl SalesApi {
             })
             .bind(atomic)
             .bind(auth.0.scope())
-            .fetch_one(&mut *tx)
+            .fetch_one(w.conn())
             .await?;
         let mut summary = summary;
         let n_ids = ids.len();
@@ -942,18 +863,44 @@ impl SalesApi {
         super::error::cap_report(&mut summary);
         let failed = summary["failed"].as_i64().unwrap_or(0);
         if atomic && failed > 0 {
-            tx.rollback().await?;
+            w.rollback().await?;
             return Err(ApiError::unprocessable(
                 format!("{failed} of {n} items failed; nothing was deleted"),
                 Some(summary),
             ));
         }
-        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
-        tx.commit().await?;
-        self.state.note_change(&self.state.pool).await;
-        self.state.cache.invalidate(&tags).await;
+        let changes = w.commit().await?;
+        self.state.publish(changes).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
     }
+}
+
+/// One record as `{"data": ...}`; outside the caller's scope is the same
+/// 404 as missing: the answer must not tell which store owns a record the
+/// caller may not see.
+async fn one_body(
+    state: &AppState,
+    id: i64,
+    projection: &Projection,
+    who: &crate::auth::Principal,
+) -> ApiResult<String> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+    push_sales_doc(&mut Binds(&mut qb), projection);
+    qb.push(
+        ")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ",
+    )
+    .push_bind(id);
+    if let Some(scope) = who.scope() {
+        push_terms(&mut Binds(&mut qb), &[Term::StoreIn(&scope)]);
+    }
+    let mut conn = state.read_conn().await?;
+    let doc: Option<String> = crate::metrics::timed(
+        "sales_get",
+        qb.build_query_scalar().fetch_optional(&mut *conn),
+    )
+    .await?;
+    let doc = doc.ok_or_else(|| ApiError::not_found(format!("no sales record {id}")))?;
+    Ok(format!("{{\"data\":{doc}}}"))
 }
 
 /// The store a record or key names, by the one spelling rule.
@@ -1024,7 +971,7 @@ pub struct ListQuery<'a> {
 /// The list query for `q`, built fresh for each attempt (binds are consumed).
 fn list_query(q: &ListQuery<'_>) -> QueryBuilder<'static, Postgres> {
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
-    doc_sql(q.projection, &mut qb);
+    push_sales_doc(&mut Binds(&mut qb), q.projection);
     qb.push(")::text AS doc, ARRAY[");
     for (i, k) in q.keys.iter().enumerate() {
         if i > 0 {
@@ -1035,7 +982,7 @@ fn list_query(q: &ListQuery<'_>) -> QueryBuilder<'static, Postgres> {
     qb.push(
         "] AS cur FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true",
     );
-    q.filter.push_where(&mut qb, q.who);
+    q.filter.push_where(&mut Binds(&mut qb), q.who);
     if let Some(vals) = q.after {
         push_keyset(&mut qb, q.keys, vals);
     }

@@ -1,5 +1,4 @@
-//! `/ws`: the WebSocket endpoint, one task per connection, and the admin
-//! stats endpoint.
+//! `/ws`: the WebSocket endpoint, one task per connection.
 //!
 //! The token comes from `?token=`, the `Authorization: Bearer` header, or the
 //! `Sec-WebSocket-Protocol` bearer form (`bearer, <token>`; the server answers
@@ -19,6 +18,7 @@ pub use hub::{Hub, HubConfig};
 
 use crate::auth::Auth;
 use crate::events::model::{is_pruned, Event};
+use crate::http::error::ErrorBody;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hub::{Conn, Refused, SubscribeError};
 use poem::http::{header, HeaderValue, StatusCode};
@@ -100,17 +100,9 @@ where
     }
 }
 
-/// The JSON error body every endpoint uses.
-fn error_response(req: &Request, status: StatusCode, code: &str, message: &str) -> Response {
-    let request_id = req.header("x-request-id").map(str::to_string);
-    let body = serde_json::json!({
-        "error": {"code": code, "message": message, "details": null, "requestId": request_id},
-    });
-    let mut resp = Response::builder()
-        .status(status)
-        .content_type("application/json")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(body.to_string());
+/// A refused upgrade, in the error body every endpoint uses.
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut resp = ErrorBody::response(status, code, message, None);
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -194,7 +186,6 @@ impl Endpoint for WsEndpoint {
 fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
     let Some(token) = find_token(req) else {
         return error_response(
-            req,
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "a token is required: ?token=, Authorization: Bearer, or Sec-WebSocket-Protocol: bearer, <token>",
@@ -202,21 +193,13 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
     };
     let principal = match ctx.auth.verify(&token) {
         Ok(p) => p,
-        Err(e) => {
-            return error_response(
-                req,
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                &e.to_string(),
-            )
-        }
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     };
     if req.method() != poem::http::Method::GET
         || !header_has_token(req, header::UPGRADE, "websocket")
         || !header_has_token(req, header::CONNECTION, "upgrade")
     {
         let mut resp = error_response(
-            req,
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
             "this endpoint speaks WebSocket only",
@@ -227,7 +210,6 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
     }
     if req.header(header::SEC_WEBSOCKET_VERSION) != Some("13") {
         let mut resp = error_response(
-            req,
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
             "WebSocket version 13 is required",
@@ -243,7 +225,6 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
         .filter(|k| !k.is_empty())
     else {
         return error_response(
-            req,
             StatusCode::BAD_REQUEST,
             "bad_request",
             "Sec-WebSocket-Key is missing",
@@ -251,7 +232,6 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
     };
     if ctx.hub.is_shutting_down() {
         return error_response(
-            req,
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the server is shutting down",
@@ -260,7 +240,6 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
     if !ctx.hub.user_has_room(principal.user_id) {
         ctx.hub.counters.refused_connections.fetch_add(1, Relaxed);
         return error_response(
-            req,
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_connections",
             &format!(
@@ -273,7 +252,6 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
         Ok(u) => u,
         Err(_) => {
             return error_response(
-                req,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 "the connection cannot be upgraded",
@@ -736,58 +714,6 @@ async fn replay(ctx: Arc<Context>, conn: Arc<Conn>, snap: hub::ResumeSnapshot, l
                 hub.counters.closed_slow.fetch_add(1, Relaxed);
             }
         }
-    }
-}
-
-/// `GET /api/admin/websocket/stats` (admin token required).
-pub struct StatsEndpoint {
-    ctx: Context,
-}
-
-pub fn stats_endpoint(ctx: Context) -> StatsEndpoint {
-    StatsEndpoint { ctx }
-}
-
-impl Endpoint for StatsEndpoint {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        let Some(token) = req
-            .header(header::AUTHORIZATION)
-            .and_then(crate::auth::bearer)
-        else {
-            return Ok(error_response(
-                &req,
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing bearer token",
-            ));
-        };
-        let principal = match self.ctx.auth.verify(token) {
-            Ok(p) => p,
-            Err(e) => {
-                return Ok(error_response(
-                    &req,
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    &e.to_string(),
-                ))
-            }
-        };
-        if !principal.is_admin() {
-            return Ok(error_response(
-                &req,
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "admin role required",
-            ));
-        }
-        let mut stats = self.ctx.hub.stats();
-        stats["relay"]["heldBackBy"] = crate::events::holders::report(&self.ctx.pool).await;
-        Ok(Response::builder()
-            .content_type("application/json")
-            .header(header::CACHE_CONTROL, "no-store")
-            .body(stats.to_string()))
     }
 }
 
