@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod cached;
+pub mod compress;
 pub mod dashboard;
 pub mod error;
 pub mod export;
