@@ -100,14 +100,7 @@ async fn login_and_tokens() {
     let now = chrono::Utc::now().timestamp();
     let claims =
         |exp: i64| json!({"sub": "1", "role": "admin", "stores": [], "exp": exp, "iat": now - 100});
-    let sign = |c: &Value, secret: &str| {
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            c,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap()
-    };
+    let sign = |c: &Value, secret: &str| sales_e2e::fixtures::token::sign_claims(c, secret);
     let expired = sign(&claims(now - 3600), TEST_JWT_SECRET);
     let (st, body) = Api::new(&f.server, Some(&expired))
         .get("/api/v2/sales")

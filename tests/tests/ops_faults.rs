@@ -14,137 +14,19 @@
 
 use futures_util::{SinkExt, StreamExt};
 use sales_e2e::private_pg::PrivatePg;
-use sales_e2e::{eventually, free_port, redis_url, server_bin, OwnRedis, TestDb, TEST_JWT_SECRET};
+use sales_e2e::{
+    eventually, free_port, redis_url, server_bin, token as sign, OwnRedis, ServerProc, TestDb,
+    TEST_JWT_SECRET,
+};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Signs a token the way the server does (HS256 with the test secret).
-fn sign(user_id: i64, role: &str, stores: &[i64]) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({
-        "sub": user_id.to_string(), "email": format!("user{user_id}@example.test"),
-        "role": role, "stores": stores, "exp": now + 3600, "iat": now,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// The server binary running as a child process; killed on drop.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl ServerProc {
-    /// Starts `sales-server serve` with `env` and PORT=0, and waits for its
-    /// "listening on http://..." line.
-    fn start(env: &[(String, String)]) -> ServerProc {
-        let bin = server_bin();
-        assert!(
-            bin.exists(),
-            "{} is missing: build it with `cargo build -p sales-server`",
-            bin.display()
-        );
-        let log =
-            std::env::temp_dir().join(format!("pgs_server_{}.log", uuid::Uuid::new_v4().simple()));
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .env_remove("DATABASE_REPLICA_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env_remove("LOG_FORMAT")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("PORT", "0")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the server binary");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(a) = line.trim().strip_prefix("listening on http://") {
-                        break a.parse().expect("address");
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "the server did not start: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-            }
-        };
-        ServerProc { child, addr, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    /// Waits (polling) for the process to exit.
-    async fn exited(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -399,7 +281,7 @@ async fn postgres_restart_under_load() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let mut server = ServerProc::start(&env);
+    let mut server = ServerProc::start(&server_bin(), &env).unwrap();
     let token = sign(admin_id, "admin", &[]);
     let base = format!("http://{}", server.addr);
 
@@ -977,7 +859,7 @@ async fn sigkill_in_the_middle_of_a_large_batch() {
     let token = sign(admin_id, "admin", &[]);
     let mut env = db.env();
     env.push(("RATE_LIMIT_PER_MINUTE".into(), "1000000".into()));
-    let mut server = ServerProc::start(&env);
+    let mut server = ServerProc::start(&server_bin(), &env).unwrap();
     let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
         .fetch_one(&db.pool)
         .await
@@ -1071,7 +953,7 @@ async fn sigkill_in_the_middle_of_a_large_batch() {
     }
 
     // A new server takes the same batch in full.
-    let server = ServerProc::start(&env);
+    let server = ServerProc::start(&server_bin(), &env).unwrap();
     let r = http()
         .post(server.url("/api/v2/sales/batch"))
         .bearer_auth(&token)

@@ -2,10 +2,8 @@
 //! slow-query logs, query statistics, readiness, surviving killed database
 //! connections, and graceful shutdown.
 
-use sales_e2e::{eventually, month, server_bin, user_token, Api, TestDb};
+use sales_e2e::{eventually, month, server_bin, user_token, Api, ServerProc, TestDb};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[tokio::test]
@@ -100,49 +98,20 @@ async fn reads_survive_killed_database_connections() {
     server.stop().await;
 }
 
-/// Runs the server binary with JSON logs; returns (child, port, stderr lines receiver).
-fn spawn_binary(
-    db: &TestDb,
-    extra: &[(&str, &str)],
-) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
-    let mut cmd = Command::new(server_bin());
-    cmd.arg("serve")
-        .envs(db.env())
-        .env("PORT", "0")
-        .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "info");
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let port: u16 = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .expect(&line);
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    (child, port, rx)
+/// Runs the server binary with JSON logs at info level.
+fn spawn_binary(db: &TestDb, extra: &[(&str, &str)]) -> ServerProc {
+    let mut env = db.env();
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    env.push(("LOG_LEVEL".into(), "info".into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ServerProc::start(&server_bin(), &env).unwrap()
 }
 
 #[tokio::test]
 async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     let db = TestDb::new().await;
-    let (child, port, logs) = spawn_binary(&db, &[("SLOW_QUERY_MS", "1")]);
+    let server = spawn_binary(&db, &[("SLOW_QUERY_MS", "1")]);
+    let port = server.addr.port();
     let (uid, _) =
         sales_server::users::upsert_user(&db.pool, "log@example.com", "admin", &[], "password-123")
             .await
@@ -166,14 +135,10 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mut child = child;
     let lines: Vec<Value> = eventually(Duration::from_secs(5), "request log lines", || {
-        let mut got = Vec::new();
-        while let Ok(l) = logs.try_recv() {
-            got.push(l);
-        }
-        let parsed: Vec<Value> = got
-            .iter()
+        let parsed: Vec<Value> = server
+            .log()
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
             .collect();
         async move {
@@ -185,7 +150,7 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         }
     })
     .await;
-    let _ = child.kill();
+    drop(server);
     for l in &lines {
         let span = &l["span"];
         assert_eq!(span["request_id"], "log-test-42", "{l}");
@@ -206,18 +171,13 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
     use futures_util::StreamExt;
     let db = TestDb::new().await;
     let stores = db.stores(3).await;
-    let (mut child, port, _logs) = spawn_binary(&db, &[("SHUTDOWN_TIMEOUT", "20s")]);
+    let mut server = spawn_binary(&db, &[("SHUTDOWN_TIMEOUT", "20s")]);
+    let port = server.addr.port();
     let (uid, _) =
         sales_server::users::upsert_user(&db.pool, "t@example.com", "admin", &[], "password-123")
             .await
             .unwrap();
-    let claims = json!({"sub": uid.to_string(), "role": "admin", "stores": [], "exp": chrono::Utc::now().timestamp() + 600});
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(sales_e2e::TEST_JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = sales_e2e::token(uid, "admin", &[]);
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?token={token}"))
             .await
@@ -254,10 +214,7 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
         (n > 0).then_some(())
     })
     .await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    server.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(30), inflight)
         .await
         .expect("in-flight request finished")
@@ -284,10 +241,10 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
     .await
     .expect("close frame in time");
     assert_eq!(close, Some(1001));
-    let exit = tokio::task::spawn_blocking(move || child.wait())
+    let exit = server
+        .exited(Duration::from_secs(30))
         .await
-        .unwrap()
-        .unwrap();
+        .expect("exit in time");
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
         .fetch_one(&db.pool)
