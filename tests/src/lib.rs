@@ -5,7 +5,7 @@
 
 pub mod fixtures;
 
-pub use fixtures::api::{month, warm, Api};
+pub use fixtures::api::{month, warm, Api, Fixture};
 pub use fixtures::bare_db::BareDb;
 pub use fixtures::db::{base_url, redis_url, user_token, Config, RunningServer, TestDb};
 pub use fixtures::server::{server_bin, ServerProc};

@@ -2,28 +2,11 @@
 //! real Redis. Every request asserts the server never answers 5xx.
 
 use reqwest::Method;
-use sales_e2e::{month, user_token, Api, TestDb, TEST_JWT_SECRET};
+use sales_e2e::{month, user_token, Api, Fixture, TEST_JWT_SECRET};
 use serde_json::{json, Value};
 
-struct Fixture {
-    db: TestDb,
-    server: sales_e2e::RunningServer,
-    stores: Vec<i64>,
-    admin: Api,
-}
-
 async fn fixture(overrides: &[(&str, &str)]) -> Fixture {
-    let db = TestDb::new().await;
-    let stores = db.stores(4).await;
-    let server = db.server(overrides).await;
-    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
-    let admin = Api::new(&server, Some(&token));
-    Fixture {
-        db,
-        server,
-        stores,
-        admin,
-    }
+    Fixture::start(4, overrides).await
 }
 
 async fn seed_months(f: &Fixture) {

@@ -519,6 +519,54 @@ async fn cache_stats(base: &str, token: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// One store-month, written and read over HTTP.
+struct OneMonth {
+    base: String,
+    token: String,
+    store: i64,
+}
+
+impl OneMonth {
+    async fn write(&self, sales: f64) {
+        let r = http()
+            .post(format!("{}/api/v2/sales/batch", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": self.store, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    async fn read(&self) -> f64 {
+        let r = http()
+            .get(format!(
+                "{}/api/v2/sales?storeId={}&year=2024&month=1&fields=totalSales",
+                self.base, self.store
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
+            .as_f64()
+            .unwrap()
+    }
+}
+
+/// Waits until the server's relay has dispatched every event so far.
+async fn relay_caught_up(db: &TestDb, server: &sales_e2e::RunningServer) {
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "relay caught up", || async {
+        (server.state.hub.position().id >= head).then_some(())
+    })
+    .await;
+}
+
 async fn ids_of(db: &TestDb) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM sales.monthly_sales ORDER BY id")
         .fetch_all(&db.pool)
@@ -665,53 +713,25 @@ async fn redis_stall_loses_no_invalidation() {
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
     let base = format!("http://{}", server.addr);
-    let write = |sales: f64| {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .post(format!("{base}/api/v2/sales/batch"))
-                .bearer_auth(&token)
-                .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
+    let month = OneMonth {
+        base: base.clone(),
+        token: token.clone(),
+        store: s,
     };
-    let read = || {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .get(format!(
-                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
-                .as_f64()
-                .unwrap()
-        }
-    };
-    write(1.0).await;
+    month.write(1.0).await;
     // Let the relay's own invalidation for that write land first.
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
-    assert_eq!(read().await, 1.0);
-    assert_eq!(read().await, 1.0);
+    relay_caught_up(&db, &server).await;
+    assert_eq!(month.read().await, 1.0);
+    assert_eq!(month.read().await, 1.0);
     assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
 
     redis.signal("STOP");
-    write(2.0).await;
-    assert_eq!(read().await, 2.0, "served from Postgres while Redis stalls");
+    month.write(2.0).await;
+    assert_eq!(
+        month.read().await,
+        2.0,
+        "served from Postgres while Redis stalls"
+    );
     let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
         .fetch_one(&db.pool)
         .await
@@ -731,7 +751,7 @@ async fn redis_stall_loses_no_invalidation() {
     .await;
     for _ in 0..3 {
         assert_eq!(
-            read().await,
+            month.read().await,
             2.0,
             "no stale entry after Redis answers again"
         );
@@ -758,47 +778,15 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
     let base = format!("http://{}", server.addr);
-    let write = |sales: f64| {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .post(format!("{base}/api/v2/sales/batch"))
-                .bearer_auth(&token)
-                .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
+    let month = OneMonth {
+        base: base.clone(),
+        token: token.clone(),
+        store: s,
     };
-    let read = || {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .get(format!(
-                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
-                .as_f64()
-                .unwrap()
-        }
-    };
-    write(1.0).await;
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
-    assert_eq!(read().await, 1.0);
-    assert_eq!(read().await, 1.0);
+    month.write(1.0).await;
+    relay_caught_up(&db, &server).await;
+    assert_eq!(month.read().await, 1.0);
+    assert_eq!(month.read().await, 1.0);
     assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
     // Snapshot, then Redis goes away.
     let saved = Command::new("redis-cli")
@@ -808,9 +796,9 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
     assert!(String::from_utf8_lossy(&saved.stdout).contains("OK"));
     redis.stop();
 
-    write(2.0).await;
+    month.write(2.0).await;
     assert_eq!(
-        read().await,
+        month.read().await,
         2.0,
         "served from Postgres while Redis is away"
     );
@@ -833,7 +821,7 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
     )
     .await;
     for _ in 0..3 {
-        assert_eq!(read().await, 2.0, "no stale entry from the snapshot");
+        assert_eq!(month.read().await, 2.0, "no stale entry from the snapshot");
     }
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -1024,22 +1012,10 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
     let base = format!("http://{}", server.addr);
-    let read = || {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .get(format!(
-                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
-                .as_f64()
-                .unwrap()
-        }
+    let month = OneMonth {
+        base: base.clone(),
+        token: token.clone(),
+        store: s,
     };
     let sql_write = |sales: i64| {
         let pool = db.pool.clone();
@@ -1052,21 +1028,14 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         }
     };
     sql_write(1).await;
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
+    relay_caught_up(&db, &server).await;
     // Wait for the background invalidation, then cache the answer.
     eventually(Duration::from_secs(5), "a cached answer", || async {
-        let _ = read().await;
+        let _ = month.read().await;
         (cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1).then_some(())
     })
     .await;
-    assert_eq!(read().await, 1.0);
+    assert_eq!(month.read().await, 1.0);
 
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
@@ -1109,7 +1078,7 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         "the event took {took:?} with Redis stalled (REDIS_TIMEOUT 3 s)"
     );
     assert_eq!(
-        read().await,
+        month.read().await,
         2.0,
         "a read after the event gets the new value"
     );
@@ -1120,6 +1089,6 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         || async { (health(&base).await["status"] == "ok").then_some(()) },
     )
     .await;
-    assert_eq!(read().await, 2.0);
+    assert_eq!(month.read().await, 2.0);
     server.stop().await;
 }
