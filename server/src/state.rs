@@ -97,12 +97,8 @@ impl AppState {
             .await
             .context("connecting to Postgres (DATABASE_URL)")?;
         let cache = Arc::new(Cache::new(&config));
-        let invalidator = Invalidator::spawn(cache.clone());
         // Give Redis a moment so a healthy instance does not start degraded.
         cache.wait_ready(std::time::Duration::from_secs(2)).await;
-        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
-            &config,
-        )));
         let replica = match &config.database_replica_url {
             Some(url) => {
                 let r = Replica::start(url, &config)?;
@@ -111,7 +107,22 @@ impl AppState {
             }
             None => None,
         };
-        Ok(Arc::new(Self {
+        Ok(Self::assemble(config, auth, pool, cache, replica))
+    }
+
+    /// The state around its connections: the invalidator and the hub.
+    fn assemble(
+        config: Config,
+        auth: Arc<Auth>,
+        pool: PgPool,
+        cache: Arc<Cache>,
+        replica: Option<Replica>,
+    ) -> Arc<Self> {
+        let invalidator = Invalidator::spawn(cache.clone());
+        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
+            &config,
+        )));
+        Arc::new(Self {
             config,
             auth,
             pool,
@@ -120,7 +131,7 @@ impl AppState {
             hub,
             replica,
             started: Instant::now(),
-        }))
+        })
     }
 
     /// Redis reachability; `None` when the in-process cache is used.
@@ -142,20 +153,7 @@ impl AppState {
         }
         let auth = Arc::new(Auth::from_config(&config)?);
         let cache = Arc::new(Cache::new(&config));
-        let invalidator = Invalidator::spawn(cache.clone());
-        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
-            &config,
-        )));
-        Ok(Arc::new(Self {
-            config,
-            auth,
-            pool,
-            cache,
-            invalidator,
-            hub,
-            replica: None,
-            started: Instant::now(),
-        }))
+        Ok(Self::assemble(config, auth, pool, cache, None))
     }
 }
 

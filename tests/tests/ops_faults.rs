@@ -15,8 +15,8 @@
 use futures_util::{SinkExt, StreamExt};
 use sales_e2e::private_pg::PrivatePg;
 use sales_e2e::{
-    eventually, free_port, redis_url, server_bin, token as sign, OwnRedis, ServerProc, TestDb,
-    TEST_JWT_SECRET,
+    eventually, free_port, redis_url, relay_caught_up, server_bin, token as sign, OwnRedis,
+    ServerProc, TestDb, TEST_JWT_SECRET,
 };
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -555,18 +555,6 @@ impl OneMonth {
     }
 }
 
-/// Waits until the server's relay has dispatched every event so far.
-async fn relay_caught_up(db: &TestDb, server: &sales_e2e::RunningServer) {
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
-}
-
 async fn ids_of(db: &TestDb) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM sales.monthly_sales ORDER BY id")
         .fetch_all(&db.pool)
@@ -732,16 +720,7 @@ async fn redis_stall_loses_no_invalidation() {
         2.0,
         "served from Postgres while Redis stalls"
     );
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "relay handled the write",
-        || async { (server.state.hub.position().id >= head).then_some(()) },
-    )
-    .await;
+    relay_caught_up(&db, &server).await;
     redis.signal("CONT");
     eventually(
         Duration::from_secs(10),
@@ -802,16 +781,7 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
         2.0,
         "served from Postgres while Redis is away"
     );
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "relay handled the write",
-        || async { (server.state.hub.position().id >= head).then_some(()) },
-    )
-    .await;
+    relay_caught_up(&db, &server).await;
 
     let _redis = OwnRedis::start_in(port, Some(&dir));
     eventually(

@@ -2,22 +2,28 @@
 //! slow-query logs, query statistics, readiness, surviving killed database
 //! connections, and graceful shutdown.
 
-use sales_e2e::{eventually, month, server_bin, user_token, Api, ServerProc, TestDb};
+use sales_e2e::{eventually, month, server_bin, user_token, Api, Fixture, ServerProc, TestDb};
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// A server with one store and one month written through the API.
+async fn one_month() -> Fixture {
+    let f = Fixture::start(1, &[]).await;
+    let one = month(f.stores[0], 2024, 1, 5, 1.0);
+    f.admin
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": [one]}))
+        .await;
+    f
+}
+
 #[tokio::test]
 async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
-    let db = TestDb::new().await;
-    let stores = db.stores(1).await;
-    let server = db.server(&[]).await;
-    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
-    let api = Api::new(&server, Some(&token));
-    api.post(
-        "/api/v2/sales/batch",
-        &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]}),
-    )
-    .await;
+    let Fixture {
+        db: _db,
+        server,
+        admin: api,
+        ..
+    } = one_month().await;
     for _ in 0..2 {
         api.get("/api/v2/sales?fields=id").await;
     }
@@ -74,16 +80,12 @@ async fn query_statistics() {
 
 #[tokio::test]
 async fn reads_survive_killed_database_connections() {
-    let db = TestDb::new().await;
-    let stores = db.stores(1).await;
-    let server = db.server(&[]).await;
-    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
-    let api = Api::new(&server, Some(&token));
-    api.post(
-        "/api/v2/sales/batch",
-        &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]}),
-    )
-    .await;
+    let Fixture {
+        db,
+        server,
+        admin: api,
+        ..
+    } = one_month().await;
     for i in 0..20 {
         // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).
         sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")

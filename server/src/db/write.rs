@@ -4,6 +4,9 @@
 
 use super::TxFailure;
 use crate::cache::Cache;
+use crate::events::{Event, Kind};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,7 +33,7 @@ impl Write {
     /// connection its outcome is unknown.
     pub async fn commit(mut self) -> Result<Changes, TxFailure> {
         // Read inside the transaction: the events it wrote are visible only here.
-        let tags = crate::events::model::tx_cache_tags(&mut self.tx).await?;
+        let tags = tx_cache_tags(&mut self.tx).await?;
         self.tx.commit().await.map_err(TxFailure::AtCommit)?;
         Ok(Changes { tags })
     }
@@ -89,4 +92,38 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
             floor.fetch_max(v, Ordering::Relaxed);
         }
     }
+}
+
+/// The cache tags of the events the current transaction has written.
+/// Read before COMMIT and invalidated right after, so the
+/// writer reads its own writes at once (other instances learn through the
+/// relay).
+async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
+        "SELECT DISTINCT kind, store_id, row_id,
+                jsonb_build_object('year', payload->'year', 'month', payload->'month',
+                                   'previousStoreId', payload->'previousStoreId',
+                                   'previousYear', payload->'previousYear',
+                                   'previousMonth', payload->'previousMonth')
+         FROM sales.transaction_events()",
+    )
+    .fetch_all(conn)
+    .await?;
+    let events: Vec<Event> = rows
+        .into_iter()
+        .map(|(kind_name, store_id, row_id, payload)| Event {
+            id: 0,
+            seq: 0,
+            kind: Kind::parse(&kind_name),
+            kind_name,
+            store_id,
+            user_id: None,
+            actor_id: None,
+            row_id,
+            row_version: None,
+            payload,
+            created_at: DateTime::<Utc>::MIN_UTC,
+        })
+        .collect();
+    Ok(crate::events::rules::cache_tags(&events))
 }

@@ -1,4 +1,4 @@
-//! WebSocket connections (the upgrade itself is `crate::http::websocket`).
+//! WebSocket connections (the upgrade itself is `http/websocket.rs`).
 //!
 //! Each connection is driven by a single task that reads client frames and
 //! writes what the hub queued for it, from one hand-written poll loop, so an

@@ -435,33 +435,7 @@ impl Writer {
         let sent = now_us() % PROBE_MODULUS;
         let record = json!({"storeId": store, "year": PROBE_YEAR, "month": 1,
                             "dailyData": {"1": {"sales": sent, "customers": 1}}});
-        let started = Instant::now();
-        let result = self
-            .http
-            .post(format!("{}/api/v2/sales/batch", self.url))
-            .bearer_auth(&self.token)
-            .json(&json!({"salesDataArray": [record]}))
-            .send()
-            .await;
-        self.round_trips
-            .lock()
-            .unwrap()
-            .saturating_record(started.elapsed().as_micros().max(1) as u64);
-        match result {
-            Ok(r) if r.status().is_success() => true,
-            Ok(r) => {
-                eprintln!(
-                    "probe refused: {} {}",
-                    r.status(),
-                    r.text().await.unwrap_or_default()
-                );
-                false
-            }
-            Err(e) => {
-                eprintln!("probe failed: {e}");
-                false
-            }
-        }
+        self.post("probe", vec![record]).await
     }
 
     /// One batch: one changed record per store, so one event per store.
@@ -477,6 +451,11 @@ impl Writer {
                        "dailyData": {day.to_string(): {"sales": 1000 + n, "customers": 1 + n % 50}}})
             })
             .collect();
+        self.post("batch", records).await
+    }
+
+    /// Posts one batch, recording its round trip; false when it failed.
+    async fn post(&self, what: &str, records: Vec<Value>) -> bool {
         let started = Instant::now();
         let result = self
             .http
@@ -493,14 +472,14 @@ impl Writer {
             Ok(r) if r.status().is_success() => true,
             Ok(r) => {
                 eprintln!(
-                    "batch refused: {} {}",
+                    "{what} refused: {} {}",
                     r.status(),
                     r.text().await.unwrap_or_default()
                 );
                 false
             }
             Err(e) => {
-                eprintln!("batch failed: {e}");
+                eprintln!("{what} failed: {e}");
                 false
             }
         }
