@@ -459,11 +459,7 @@ impl SalesApi {
                 }
                 Err(errs) => {
                     for e in errs {
-                        let field = if e.field.is_empty() {
-                            format!("keys[{j}]")
-                        } else {
-                            format!("keys[{j}].{}", e.field)
-                        };
+                        let field = sales_core::record::key_field(j, &e.field);
                         rejected.push(
                             json!({"index": ids.len() + j, "field": field, "reason": e.reason}),
                         );
