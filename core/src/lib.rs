@@ -11,6 +11,7 @@ pub mod names;
 pub mod pgnumeric;
 pub mod projection;
 pub mod record;
+pub mod sql;
 
 /// One problem with one input value: where it is and why it is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -232,6 +232,15 @@ impl Projection {
         })
     }
 
+    /// Whether the asked-for fields include the store (`store` or
+    /// `store.*`): only then does a sales document need the stores join.
+    /// `storeId` is a member of the sales row itself.
+    pub fn needs_store(&self) -> bool {
+        self.fields
+            .iter()
+            .any(|f| f == "store" || f.starts_with("store."))
+    }
+
     /// True when the projection leaves documents as they are.
     pub fn is_identity(&self) -> bool {
         self.include.is_none() && self.exclude.is_none()

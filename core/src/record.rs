@@ -218,6 +218,16 @@ pub fn check_record<'a, J: JsonRead<'a>>(v: J) -> Result<RecordParts<J>, Vec<Fie
 const RECORD_KEYS: &[&str; 4] = &["storeId", "year", "month", "dailyData"];
 const KEY_KEYS: &[&str; 3] = &["storeId", "year", "month"];
 
+/// Where a problem with the `j`-th key of a delete request is reported:
+/// `keys[j]`, or `keys[j].<field>` for one of its members.
+pub fn key_field(j: usize, field: &str) -> String {
+    if field.is_empty() {
+        format!("keys[{j}]")
+    } else {
+        format!("keys[{j}].{field}")
+    }
+}
+
 /// Validates one delete key `{"storeId", "year", "month"}`.
 pub fn parse_month_key(v: &Value) -> Result<MonthKey, Vec<FieldError>> {
     check_month_key(v)
@@ -243,6 +253,12 @@ pub fn check_month_key<'a, J: JsonRead<'a>>(v: J) -> Result<MonthKey, Vec<FieldE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delete_key_fields() {
+        assert_eq!(key_field(2, ""), "keys[2]");
+        assert_eq!(key_field(0, "month"), "keys[0].month");
+    }
     use serde_json::json;
 
     #[test]

@@ -114,8 +114,6 @@ impl Principal {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("missing bearer token")]
-    Missing,
     #[error("token expired")]
     Expired,
     #[error("invalid token: {0}")]

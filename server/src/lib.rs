@@ -65,7 +65,7 @@ impl Server {
         Ok(Self {
             addr,
             state,
-            acceptor: listener::Breakable(ws::NoDelay(acceptor)).boxed(),
+            acceptor: listener::Breakable(listener::NoDelay(acceptor)).boxed(),
         })
     }
 

@@ -134,3 +134,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BreakableIo<T> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+/// Sets TCP_NODELAY on every accepted socket: small frames (events, acks)
+/// leave at once instead of waiting for the client's delayed ACK (Nagle).
+pub struct NoDelay<A>(pub A);
+
+impl<A> poem::listener::Acceptor for NoDelay<A>
+where
+    A: poem::listener::Acceptor<Io = tokio::net::TcpStream>,
+{
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<poem::web::LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(
+        Self::Io,
+        poem::web::LocalAddr,
+        poem::web::RemoteAddr,
+        poem::http::uri::Scheme,
+    )> {
+        let (io, local, remote, scheme) = self.0.accept().await?;
+        let _ = io.set_nodelay(true);
+        Ok((io, local, remote, scheme))
+    }
+}

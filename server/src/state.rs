@@ -39,16 +39,6 @@ pub struct Replica {
     pub min_lsn: Arc<AtomicU64>,
 }
 
-/// `16/B374D848` -> a comparable number.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
-pub fn format_lsn(v: u64) -> String {
-    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
-}
-
 impl Replica {
     fn start(url: &str, config: &Config) -> anyhow::Result<Self> {
         let pool = db::lazy_pool_for(url, config).context("DATABASE_REPLICA_URL")?;
@@ -107,12 +97,8 @@ impl AppState {
             .await
             .context("connecting to Postgres (DATABASE_URL)")?;
         let cache = Arc::new(Cache::new(&config));
-        let invalidator = Invalidator::spawn(cache.clone());
         // Give Redis a moment so a healthy instance does not start degraded.
         cache.wait_ready(std::time::Duration::from_secs(2)).await;
-        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
-            &config,
-        )));
         let replica = match &config.database_replica_url {
             Some(url) => {
                 let r = Replica::start(url, &config)?;
@@ -121,7 +107,22 @@ impl AppState {
             }
             None => None,
         };
-        Ok(Arc::new(Self {
+        Ok(Self::assemble(config, auth, pool, cache, replica))
+    }
+
+    /// The state around its connections: the invalidator and the hub.
+    fn assemble(
+        config: Config,
+        auth: Arc<Auth>,
+        pool: PgPool,
+        cache: Arc<Cache>,
+        replica: Option<Replica>,
+    ) -> Arc<Self> {
+        let invalidator = Invalidator::spawn(cache.clone());
+        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
+            &config,
+        )));
+        Arc::new(Self {
             config,
             auth,
             pool,
@@ -130,7 +131,7 @@ impl AppState {
             hub,
             replica,
             started: Instant::now(),
-        }))
+        })
     }
 
     /// Redis reachability; `None` when the in-process cache is used.
@@ -152,20 +153,7 @@ impl AppState {
         }
         let auth = Arc::new(Auth::from_config(&config)?);
         let cache = Arc::new(Cache::new(&config));
-        let invalidator = Invalidator::spawn(cache.clone());
-        let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
-            &config,
-        )));
-        Ok(Arc::new(Self {
-            config,
-            auth,
-            pool,
-            cache,
-            invalidator,
-            hub,
-            replica: None,
-            started: Instant::now(),
-        }))
+        Ok(Self::assemble(config, auth, pool, cache, None))
     }
 }
 
@@ -211,21 +199,11 @@ impl AppState {
         }
     }
 
-    /// Records the primary's current WAL position as the point replica reads
-    /// must have reached (no-op without a replica).
-    pub async fn note_change<'c, E>(&self, conn: E)
-    where
-        E: sqlx::Executor<'c, Database = sqlx::Postgres>,
-    {
-        let Some(r) = &self.replica else { return };
-        if let Ok(lsn) = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
-            .fetch_one(conn)
-            .await
-        {
-            if let Some(v) = parse_lsn(&lsn) {
-                r.min_lsn.fetch_max(v, Ordering::Relaxed);
-            }
-        }
+    /// Publishes a committed write: raises the replica read floor, then
+    /// invalidates the cache (see [`db::Changes::publish`]).
+    pub async fn publish(&self, changes: db::Changes) {
+        let floor = self.replica.as_ref().map(|r| &*r.min_lsn);
+        changes.publish(&self.pool, floor, &self.cache).await
     }
 
     /// A connection for a read whose result may be cached: from the replica
@@ -236,7 +214,7 @@ impl AppState {
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
         if let Some(r) = &self.replica {
             if r.up.load(Ordering::Relaxed) {
-                let min = format_lsn(r.min_lsn.load(Ordering::Relaxed));
+                let min = db::format_lsn(r.min_lsn.load(Ordering::Relaxed));
                 if let Ok(Ok(mut conn)) =
                     tokio::time::timeout(Duration::from_millis(500), r.pool.acquire()).await
                 {
@@ -255,16 +233,5 @@ impl AppState {
             r.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         self.pool.acquire().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn lsn_round_trip() {
-        let v = super::parse_lsn("16/B374D848").unwrap();
-        assert_eq!(v, (0x16 << 32) | 0xB374D848);
-        assert_eq!(super::format_lsn(v), "16/B374D848");
-        assert!(super::parse_lsn("x").is_none());
     }
 }

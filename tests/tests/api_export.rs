@@ -3,35 +3,16 @@
 //! back with a real parser and compared with what the database holds.
 
 use reqwest::header::HeaderMap;
-use sales_e2e::{eventually, user_token, Api, TestDb};
+use sales_e2e::{eventually, user_token, Api, Fixture, TestDb};
 use serde_json::{json, Map, Value};
 use std::io::Read;
 use std::time::Duration;
-
-struct Fixture {
-    db: TestDb,
-    server: sales_e2e::RunningServer,
-    stores: Vec<i64>,
-    admin: Api,
-    admin_id: i64,
-}
 
 /// A store name that needs every kind of CSV quoting.
 const AWKWARD_NAME: &str = "Acme, \"Best\" Store\nSecond line; 'single' \\ back";
 
 async fn fixture(overrides: &[(&str, &str)]) -> Fixture {
-    let db = TestDb::new().await;
-    let stores = db.stores(4).await;
-    let server = db.server(overrides).await;
-    let (admin_id, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
-    let admin = Api::new(&server, Some(&token));
-    Fixture {
-        db,
-        server,
-        stores,
-        admin,
-        admin_id,
-    }
+    Fixture::start(4, overrides).await
 }
 
 /// Six months for each store, with gaps, days without customers and days

@@ -2,28 +2,11 @@
 //! real Redis. Every request asserts the server never answers 5xx.
 
 use reqwest::Method;
-use sales_e2e::{month, user_token, Api, TestDb, TEST_JWT_SECRET};
+use sales_e2e::{month, user_token, Api, Fixture, TEST_JWT_SECRET};
 use serde_json::{json, Value};
 
-struct Fixture {
-    db: TestDb,
-    server: sales_e2e::RunningServer,
-    stores: Vec<i64>,
-    admin: Api,
-}
-
 async fn fixture(overrides: &[(&str, &str)]) -> Fixture {
-    let db = TestDb::new().await;
-    let stores = db.stores(4).await;
-    let server = db.server(overrides).await;
-    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
-    let admin = Api::new(&server, Some(&token));
-    Fixture {
-        db,
-        server,
-        stores,
-        admin,
-    }
+    Fixture::start(4, overrides).await
 }
 
 async fn seed_months(f: &Fixture) {
@@ -100,14 +83,7 @@ async fn login_and_tokens() {
     let now = chrono::Utc::now().timestamp();
     let claims =
         |exp: i64| json!({"sub": "1", "role": "admin", "stores": [], "exp": exp, "iat": now - 100});
-    let sign = |c: &Value, secret: &str| {
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            c,
-            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap()
-    };
+    let sign = |c: &Value, secret: &str| sales_e2e::fixtures::token::sign_claims(c, secret);
     let expired = sign(&claims(now - 3600), TEST_JWT_SECRET);
     let (st, body) = Api::new(&f.server, Some(&expired))
         .get("/api/v2/sales")

@@ -6,8 +6,8 @@
 //! `CREATE EXTENSION pg_sales` would define it (so an upgrade script that
 //! forgets a change fails here).
 
-use sales_e2e::bare_db::BareDb;
 use sales_e2e::eventually;
+use sales_e2e::BareDb;
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! different nodes): an API write, a plain SQL UPDATE (through the relay),
 //! a multi-store list, and an admin clear.
 
-use sales_e2e::{eventually, month, user_token, Api, TestDb};
+use sales_e2e::{eventually, month, relay_caught_up, user_token, Api, TestDb};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -184,19 +184,6 @@ async fn probe(admin: &Api, path: &str) -> (bool, Value) {
     (hit, body)
 }
 
-/// Waits until `server`'s relay has handled every event in the log (and so
-/// made its invalidations), so a later relay bump cannot race a probe.
-async fn settled(db: &TestDb, server: &sales_server::RunningServer) {
-    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
-}
-
 fn total_of(body: &Value, store: i64) -> f64 {
     body["data"]
         .as_array()
@@ -236,7 +223,7 @@ async fn cache_over_redis_cluster_invalidates_across_slots() {
         .post("/api/v2/sales/batch", &json!({"salesDataArray": recs}))
         .await;
     assert_eq!(st, 200, "{body}");
-    settled(&db, &server).await;
+    relay_caught_up(&db, &server).await;
 
     // Entries with different tags: one store-month, another month of the
     // same store, another store's month, a two-store list (two tags) and a
@@ -292,7 +279,7 @@ async fn cache_over_redis_cluster_invalidates_across_slots() {
         "{row}"
     );
     // Unrelated entries survive (also the relay's own bump for the write).
-    settled(&db, &server).await;
+    relay_caught_up(&db, &server).await;
     for p in [&a3, &b2] {
         let (hit, _) = probe(&admin, p).await;
         assert!(hit, "{p} survives a write to store {a} month 2");
@@ -336,7 +323,7 @@ async fn cache_over_redis_cluster_invalidates_across_slots() {
         )
         .await;
     }
-    settled(&db, &server).await;
+    relay_caught_up(&db, &server).await;
     admin.get(&b2).await;
     let (hit, body) = probe(&admin, &b2).await;
     assert!(hit, "the fresh value is cached again");
@@ -351,7 +338,7 @@ async fn cache_over_redis_cluster_invalidates_across_slots() {
     cfg.redis_cluster_urls = cluster.urls();
     let two = sales_server::Server::bind(cfg).await.expect("bind").spawn();
     let admin2 = Api::new(&two, Some(&token));
-    settled(&db, &two).await;
+    relay_caught_up(&db, &two).await;
     let (hit, body) = probe(&admin2, &a3).await;
     assert!(hit, "instance two hits what instance one stored: {body}");
     let (st, _) = admin2

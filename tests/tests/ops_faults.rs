@@ -14,137 +14,19 @@
 
 use futures_util::{SinkExt, StreamExt};
 use sales_e2e::private_pg::PrivatePg;
-use sales_e2e::{eventually, free_port, redis_url, server_bin, OwnRedis, TestDb, TEST_JWT_SECRET};
+use sales_e2e::{
+    eventually, free_port, redis_url, relay_caught_up, server_bin, token as sign, OwnRedis,
+    ServerProc, TestDb, TEST_JWT_SECRET,
+};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Signs a token the way the server does (HS256 with the test secret).
-fn sign(user_id: i64, role: &str, stores: &[i64]) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({
-        "sub": user_id.to_string(), "email": format!("user{user_id}@example.test"),
-        "role": role, "stores": stores, "exp": now + 3600, "iat": now,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// The server binary running as a child process; killed on drop.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl ServerProc {
-    /// Starts `sales-server serve` with `env` and PORT=0, and waits for its
-    /// "listening on http://..." line.
-    fn start(env: &[(String, String)]) -> ServerProc {
-        let bin = server_bin();
-        assert!(
-            bin.exists(),
-            "{} is missing: build it with `cargo build -p sales-server`",
-            bin.display()
-        );
-        let log =
-            std::env::temp_dir().join(format!("pgs_server_{}.log", uuid::Uuid::new_v4().simple()));
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .env_remove("DATABASE_REPLICA_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env_remove("LOG_FORMAT")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("PORT", "0")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the server binary");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(a) = line.trim().strip_prefix("listening on http://") {
-                        break a.parse().expect("address");
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "the server did not start: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-            }
-        };
-        ServerProc { child, addr, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    /// Waits (polling) for the process to exit.
-    async fn exited(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -399,7 +281,7 @@ async fn postgres_restart_under_load() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let mut server = ServerProc::start(&env);
+    let mut server = ServerProc::start(&server_bin(), &env).unwrap();
     let token = sign(admin_id, "admin", &[]);
     let base = format!("http://{}", server.addr);
 
@@ -637,6 +519,42 @@ async fn cache_stats(base: &str, token: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// One store-month, written and read over HTTP.
+struct OneMonth {
+    base: String,
+    token: String,
+    store: i64,
+}
+
+impl OneMonth {
+    async fn write(&self, sales: f64) {
+        let r = http()
+            .post(format!("{}/api/v2/sales/batch", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": self.store, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    async fn read(&self) -> f64 {
+        let r = http()
+            .get(format!(
+                "{}/api/v2/sales?storeId={}&year=2024&month=1&fields=totalSales",
+                self.base, self.store
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
+            .as_f64()
+            .unwrap()
+    }
+}
+
 async fn ids_of(db: &TestDb) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM sales.monthly_sales ORDER BY id")
         .fetch_all(&db.pool)
@@ -783,63 +701,26 @@ async fn redis_stall_loses_no_invalidation() {
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
     let base = format!("http://{}", server.addr);
-    let write = |sales: f64| {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .post(format!("{base}/api/v2/sales/batch"))
-                .bearer_auth(&token)
-                .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
+    let month = OneMonth {
+        base: base.clone(),
+        token: token.clone(),
+        store: s,
     };
-    let read = || {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .get(format!(
-                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
-                .as_f64()
-                .unwrap()
-        }
-    };
-    write(1.0).await;
+    month.write(1.0).await;
     // Let the relay's own invalidation for that write land first.
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
-    assert_eq!(read().await, 1.0);
-    assert_eq!(read().await, 1.0);
+    relay_caught_up(&db, &server).await;
+    assert_eq!(month.read().await, 1.0);
+    assert_eq!(month.read().await, 1.0);
     assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
 
     redis.signal("STOP");
-    write(2.0).await;
-    assert_eq!(read().await, 2.0, "served from Postgres while Redis stalls");
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "relay handled the write",
-        || async { (server.state.hub.position().id >= head).then_some(()) },
-    )
-    .await;
+    month.write(2.0).await;
+    assert_eq!(
+        month.read().await,
+        2.0,
+        "served from Postgres while Redis stalls"
+    );
+    relay_caught_up(&db, &server).await;
     redis.signal("CONT");
     eventually(
         Duration::from_secs(10),
@@ -849,7 +730,7 @@ async fn redis_stall_loses_no_invalidation() {
     .await;
     for _ in 0..3 {
         assert_eq!(
-            read().await,
+            month.read().await,
             2.0,
             "no stale entry after Redis answers again"
         );
@@ -876,47 +757,15 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
     let base = format!("http://{}", server.addr);
-    let write = |sales: f64| {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .post(format!("{base}/api/v2/sales/batch"))
-                .bearer_auth(&token)
-                .json(&json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": sales}}}]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
+    let month = OneMonth {
+        base: base.clone(),
+        token: token.clone(),
+        store: s,
     };
-    let read = || {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .get(format!(
-                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
-                .as_f64()
-                .unwrap()
-        }
-    };
-    write(1.0).await;
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
-    assert_eq!(read().await, 1.0);
-    assert_eq!(read().await, 1.0);
+    month.write(1.0).await;
+    relay_caught_up(&db, &server).await;
+    assert_eq!(month.read().await, 1.0);
+    assert_eq!(month.read().await, 1.0);
     assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
     // Snapshot, then Redis goes away.
     let saved = Command::new("redis-cli")
@@ -926,22 +775,13 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
     assert!(String::from_utf8_lossy(&saved.stdout).contains("OK"));
     redis.stop();
 
-    write(2.0).await;
+    month.write(2.0).await;
     assert_eq!(
-        read().await,
+        month.read().await,
         2.0,
         "served from Postgres while Redis is away"
     );
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "relay handled the write",
-        || async { (server.state.hub.position().id >= head).then_some(()) },
-    )
-    .await;
+    relay_caught_up(&db, &server).await;
 
     let _redis = OwnRedis::start_in(port, Some(&dir));
     eventually(
@@ -951,7 +791,7 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
     )
     .await;
     for _ in 0..3 {
-        assert_eq!(read().await, 2.0, "no stale entry from the snapshot");
+        assert_eq!(month.read().await, 2.0, "no stale entry from the snapshot");
     }
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -977,7 +817,7 @@ async fn sigkill_in_the_middle_of_a_large_batch() {
     let token = sign(admin_id, "admin", &[]);
     let mut env = db.env();
     env.push(("RATE_LIMIT_PER_MINUTE".into(), "1000000".into()));
-    let mut server = ServerProc::start(&env);
+    let mut server = ServerProc::start(&server_bin(), &env).unwrap();
     let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
         .fetch_one(&db.pool)
         .await
@@ -1071,7 +911,7 @@ async fn sigkill_in_the_middle_of_a_large_batch() {
     }
 
     // A new server takes the same batch in full.
-    let server = ServerProc::start(&env);
+    let server = ServerProc::start(&server_bin(), &env).unwrap();
     let r = http()
         .post(server.url("/api/v2/sales/batch"))
         .bearer_auth(&token)
@@ -1142,22 +982,10 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "admin@example.test", "admin", &[]).await;
     let base = format!("http://{}", server.addr);
-    let read = || {
-        let (base, token) = (base.clone(), token.clone());
-        async move {
-            let r = http()
-                .get(format!(
-                    "{base}/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            r.json::<Value>().await.unwrap()["data"][0]["totalSales"]
-                .as_f64()
-                .unwrap()
-        }
+    let month = OneMonth {
+        base: base.clone(),
+        token: token.clone(),
+        store: s,
     };
     let sql_write = |sales: i64| {
         let pool = db.pool.clone();
@@ -1170,21 +998,14 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         }
     };
     sql_write(1).await;
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "relay caught up", || async {
-        (server.state.hub.position().id >= head).then_some(())
-    })
-    .await;
+    relay_caught_up(&db, &server).await;
     // Wait for the background invalidation, then cache the answer.
     eventually(Duration::from_secs(5), "a cached answer", || async {
-        let _ = read().await;
+        let _ = month.read().await;
         (cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1).then_some(())
     })
     .await;
-    assert_eq!(read().await, 1.0);
+    assert_eq!(month.read().await, 1.0);
 
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
@@ -1227,7 +1048,7 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         "the event took {took:?} with Redis stalled (REDIS_TIMEOUT 3 s)"
     );
     assert_eq!(
-        read().await,
+        month.read().await,
         2.0,
         "a read after the event gets the new value"
     );
@@ -1238,6 +1059,6 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
         || async { (health(&base).await["status"] == "ok").then_some(()) },
     )
     .await;
-    assert_eq!(read().await, 2.0);
+    assert_eq!(month.read().await, 2.0);
     server.stop().await;
 }

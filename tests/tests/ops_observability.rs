@@ -2,24 +2,28 @@
 //! slow-query logs, query statistics, readiness, surviving killed database
 //! connections, and graceful shutdown.
 
-use sales_e2e::{eventually, month, server_bin, user_token, Api, TestDb};
+use sales_e2e::{eventually, month, server_bin, user_token, Api, Fixture, ServerProc, TestDb};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
+
+/// A server with one store and one month written through the API.
+async fn one_month() -> Fixture {
+    let f = Fixture::start(1, &[]).await;
+    let one = month(f.stores[0], 2024, 1, 5, 1.0);
+    f.admin
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": [one]}))
+        .await;
+    f
+}
 
 #[tokio::test]
 async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
-    let db = TestDb::new().await;
-    let stores = db.stores(1).await;
-    let server = db.server(&[]).await;
-    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
-    let api = Api::new(&server, Some(&token));
-    api.post(
-        "/api/v2/sales/batch",
-        &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]}),
-    )
-    .await;
+    let Fixture {
+        db: _db,
+        server,
+        admin: api,
+        ..
+    } = one_month().await;
     for _ in 0..2 {
         api.get("/api/v2/sales?fields=id").await;
     }
@@ -76,16 +80,12 @@ async fn query_statistics() {
 
 #[tokio::test]
 async fn reads_survive_killed_database_connections() {
-    let db = TestDb::new().await;
-    let stores = db.stores(1).await;
-    let server = db.server(&[]).await;
-    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
-    let api = Api::new(&server, Some(&token));
-    api.post(
-        "/api/v2/sales/batch",
-        &json!({"salesDataArray": [month(stores[0], 2024, 1, 5, 1.0)]}),
-    )
-    .await;
+    let Fixture {
+        db,
+        server,
+        admin: api,
+        ..
+    } = one_month().await;
     for i in 0..20 {
         // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).
         sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
@@ -100,49 +100,20 @@ async fn reads_survive_killed_database_connections() {
     server.stop().await;
 }
 
-/// Runs the server binary with JSON logs; returns (child, port, stderr lines receiver).
-fn spawn_binary(
-    db: &TestDb,
-    extra: &[(&str, &str)],
-) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
-    let mut cmd = Command::new(server_bin());
-    cmd.arg("serve")
-        .envs(db.env())
-        .env("PORT", "0")
-        .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "info");
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let port: u16 = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .expect(&line);
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    (child, port, rx)
+/// Runs the server binary with JSON logs at info level.
+fn spawn_binary(db: &TestDb, extra: &[(&str, &str)]) -> ServerProc {
+    let mut env = db.env();
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    env.push(("LOG_LEVEL".into(), "info".into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    ServerProc::start(&server_bin(), &env).unwrap()
 }
 
 #[tokio::test]
 async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     let db = TestDb::new().await;
-    let (child, port, logs) = spawn_binary(&db, &[("SLOW_QUERY_MS", "1")]);
+    let server = spawn_binary(&db, &[("SLOW_QUERY_MS", "1")]);
+    let port = server.addr.port();
     let (uid, _) =
         sales_server::users::upsert_user(&db.pool, "log@example.com", "admin", &[], "password-123")
             .await
@@ -166,14 +137,10 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mut child = child;
     let lines: Vec<Value> = eventually(Duration::from_secs(5), "request log lines", || {
-        let mut got = Vec::new();
-        while let Ok(l) = logs.try_recv() {
-            got.push(l);
-        }
-        let parsed: Vec<Value> = got
-            .iter()
+        let parsed: Vec<Value> = server
+            .log()
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
             .collect();
         async move {
@@ -185,7 +152,7 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         }
     })
     .await;
-    let _ = child.kill();
+    drop(server);
     for l in &lines {
         let span = &l["span"];
         assert_eq!(span["request_id"], "log-test-42", "{l}");
@@ -206,18 +173,13 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
     use futures_util::StreamExt;
     let db = TestDb::new().await;
     let stores = db.stores(3).await;
-    let (mut child, port, _logs) = spawn_binary(&db, &[("SHUTDOWN_TIMEOUT", "20s")]);
+    let mut server = spawn_binary(&db, &[("SHUTDOWN_TIMEOUT", "20s")]);
+    let port = server.addr.port();
     let (uid, _) =
         sales_server::users::upsert_user(&db.pool, "t@example.com", "admin", &[], "password-123")
             .await
             .unwrap();
-    let claims = json!({"sub": uid.to_string(), "role": "admin", "stores": [], "exp": chrono::Utc::now().timestamp() + 600});
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(sales_e2e::TEST_JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = sales_e2e::token(uid, "admin", &[]);
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?token={token}"))
             .await
@@ -254,10 +216,7 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
         (n > 0).then_some(())
     })
     .await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    server.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(30), inflight)
         .await
         .expect("in-flight request finished")
@@ -284,10 +243,10 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
     .await
     .expect("close frame in time");
     assert_eq!(close, Some(1001));
-    let exit = tokio::task::spawn_blocking(move || child.wait())
+    let exit = server
+        .exited(Duration::from_secs(30))
         .await
-        .unwrap()
-        .unwrap();
+        .expect("exit in time");
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
         .fetch_one(&db.pool)

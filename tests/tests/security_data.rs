@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use reqwest::Method;
-use sales_e2e::{eventually, month, user_token, Api, PgReplica, TestDb};
+use sales_e2e::{eventually, month, user_token, Api, Fixture, PgReplica, TestDb};
 use serde_json::{json, Value};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions;
@@ -15,25 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Fixture {
-    db: TestDb,
-    server: sales_e2e::RunningServer,
-    stores: Vec<i64>,
-    admin: Api,
-}
-
 async fn fixture(overrides: &[(&str, &str)]) -> Fixture {
-    let db = TestDb::new().await;
-    let stores = db.stores(3).await;
-    let server = db.server(overrides).await;
-    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
-    let admin = Api::new(&server, Some(&token));
-    Fixture {
-        db,
-        server,
-        stores,
-        admin,
-    }
+    Fixture::start(3, overrides).await
 }
 
 fn days(from: u32, to: u32) -> Value {

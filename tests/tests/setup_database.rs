@@ -4,7 +4,7 @@
 //! a second run changes nothing. Runs the script itself, as root with sudo
 //! (as `make` does), on the test cluster's default socket.
 
-use sales_e2e::bare_db::BareDb;
+use sales_e2e::BareDb;
 use std::process::Command;
 
 fn setup_database(name: &str) -> (bool, String) {

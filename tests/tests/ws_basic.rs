@@ -256,12 +256,13 @@ async fn tokens_are_checked_before_the_upgrade() {
         .as_str()
         .unwrap()
         .contains("expired"));
-    let wrong_key = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "1", "role": "admin", "exp": chrono::Utc::now().timestamp() + 60}),
-        &jsonwebtoken::EncodingKey::from_secret(b"some-other-secret-some-other-secret!"),
-    )
-    .unwrap();
+    let wrong_key = sales_e2e::fixtures::token::sign(
+        "some-other-secret-some-other-secret!",
+        1,
+        "admin",
+        &[],
+        chrono::Utc::now().timestamp() + 60,
+    );
     let (status, _) =
         http_status(tokio_tungstenite::connect_async(ws_url(addr, &wrong_key)).await).await;
     assert_eq!(status, 401);

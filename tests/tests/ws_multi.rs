@@ -6,51 +6,19 @@
 mod ws_common;
 
 use rand::Rng;
-use sales_e2e::{eventually, server_bin, TestDb};
+use sales_e2e::{eventually, server_bin, ServerProc, TestDb};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use ws_common::*;
 
 /// A server process started by the test (killed on drop).
-struct Proc {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
-
-async fn spawn_server(db: &TestDb) -> Proc {
-    let bin = server_bin();
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p sales-server` first",
-        bin.display()
-    );
-    let mut child = tokio::process::Command::new(&bin)
-        .arg("serve")
-        .envs(db.env())
-        .env("PORT", "0")
-        .env("RATE_LIMIT_PER_MINUTE", "100000")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the server binary");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                return a.trim().parse::<SocketAddr>().unwrap();
-            }
-        }
-        panic!("the server exited before listening");
-    })
-    .await
-    .expect("server listening in time");
-    // Keep reading its output so that it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, addr }
+fn spawn_server(db: &TestDb) -> ServerProc {
+    let mut env = db.env();
+    env.push(("RATE_LIMIT_PER_MINUTE".into(), "100000".into()));
+    ServerProc::start(&server_bin(), &env).unwrap()
 }
 
 async fn post_batch(addr: SocketAddr, records: Vec<Value>) {
@@ -68,8 +36,8 @@ async fn post_batch(addr: SocketAddr, records: Vec<Value>) {
 async fn two_server_processes_each_deliver_every_event() {
     let db = TestDb::new().await;
     let s1 = db.stores(1).await[0];
-    let a = spawn_server(&db).await;
-    let mut b = spawn_server(&db).await;
+    let a = spawn_server(&db);
+    let mut b = spawn_server(&db);
 
     eventually(WAIT, "one LISTEN connection per instance", || async {
         let relays: i64 = sqlx::query_scalar(
@@ -112,7 +80,7 @@ async fn two_server_processes_each_deliver_every_event() {
     );
 
     // SIGTERM to instance B: its clients get 1001 and it exits cleanly.
-    let pid = b.child.id().expect("running").to_string();
+    let pid = b.pid().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -120,10 +88,7 @@ async fn two_server_processes_each_deliver_every_event() {
         .success());
     let frame = on_b.closed().await.expect("a close frame");
     assert_eq!(u16::from(frame.code), 1001);
-    let status = tokio::time::timeout(WAIT, b.child.wait())
-        .await
-        .expect("exit in time")
-        .unwrap();
+    let status = b.exited(WAIT).await.expect("exit in time");
     assert!(status.success(), "{status}");
 
     // A keeps serving.

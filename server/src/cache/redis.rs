@@ -189,13 +189,22 @@ impl RedisCache {
                 Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
             }
         };
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => {
-                if self.degraded.swap(false, Ordering::Relaxed) {
-                    tracing::info!("redis is back; cache enabled");
-                }
-                Ok(v)
-            }
+        let v = self.bounded(self.timeout, fut).await?;
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            tracing::info!("redis is back; cache enabled");
+        }
+        Ok(v)
+    }
+
+    /// Awaits a Redis call for at most `limit`; a failure or a timeout
+    /// marks Redis degraded.
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, ()> {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.fail(&e.to_string());
                 Err(())
@@ -289,17 +298,8 @@ impl RedisCache {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), fut).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.fail(&e.to_string());
-                Err(())
-            }
-            Err(_) => {
-                self.fail("timed out");
-                Err(())
-            }
-        }
+        self.bounded(self.timeout.max(Duration::from_millis(500)), fut)
+            .await
     }
 
     pub async fn ping(&self) -> Result<Duration, String> {

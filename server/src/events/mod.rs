@@ -1,10 +1,12 @@
-//! Database events: the rows of `sales.events`, what they mean (kinds,
-//! recipients, cache tags: `vocab`) and the relay that reads them from
+//! Database events: the rows of `sales.events` (`model`), their vocabulary
+//! (kinds, channels, recipients: `vocab`), what they mean (recipients and
+//! cache tags: `rules`) and the relay that reads them from
 //! Postgres and hands them to whatever sink the server gives it.
 
 pub mod holders;
 pub mod model;
 pub mod relay;
+pub mod rules;
 pub mod vocab;
 
 pub use model::{Ephemeral, Event, Pos};

@@ -188,40 +188,6 @@ impl Event {
     }
 }
 
-/// The cache tags of the events the current transaction has written.
-/// Write handlers call it before COMMIT and invalidate right after, so the
-/// writer reads its own writes at once (other instances learn through the
-/// relay).
-pub async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
-        "SELECT DISTINCT kind, store_id, row_id,
-                jsonb_build_object('year', payload->'year', 'month', payload->'month',
-                                   'previousStoreId', payload->'previousStoreId',
-                                   'previousYear', payload->'previousYear',
-                                   'previousMonth', payload->'previousMonth')
-         FROM sales.transaction_events()",
-    )
-    .fetch_all(conn)
-    .await?;
-    let events: Vec<Event> = rows
-        .into_iter()
-        .map(|(kind_name, store_id, row_id, payload)| Event {
-            id: 0,
-            seq: 0,
-            kind: Kind::parse(&kind_name),
-            kind_name,
-            store_id,
-            user_id: None,
-            actor_id: None,
-            row_id,
-            row_version: None,
-            payload,
-            created_at: DateTime::<Utc>::MIN_UTC,
-        })
-        .collect();
-    Ok(super::vocab::cache_tags(&events))
-}
-
 /// Whether a database error is "that event is no longer retained" (PS410).
 pub fn is_pruned(e: &sqlx::Error) -> bool {
     e.as_database_error()

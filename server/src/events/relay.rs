@@ -21,7 +21,8 @@
 //! the background ([`crate::cache::Invalidator`]), dispatch only queues.
 
 use super::model::{Ephemeral, Event, Pos};
-use super::vocab::{self, EPHEMERAL_CHANNEL};
+use super::rules;
+use super::vocab::EPHEMERAL_CHANNEL;
 use crate::cache::Invalidator;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
@@ -176,7 +177,7 @@ async fn deliver(deps: &Deps, page: &Page) {
     }
     // Marked before any client hears of the change (see `Invalidator`).
     deps.invalidator
-        .invalidate_soon(vocab::cache_tags(&page.events));
+        .invalidate_soon(rules::cache_tags(&page.events));
     for e in &page.events {
         if deps.sink.deliver(e) {
             // Some queue is filling: let the connection tasks drain before

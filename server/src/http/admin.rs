@@ -1,9 +1,9 @@
 //! `/api/admin/*`: announcements, user notifications, index report and maintenance.
 
 use super::error::{ApiError, ApiResult};
-use super::sales::set_actor;
 use super::security::BearerAuth;
 use super::ApiTags;
+use crate::db::Write;
 use crate::state::AppState;
 use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
 use std::sync::Arc;
@@ -100,16 +100,16 @@ impl AdminApi {
     ) -> ApiResult<EventResponse> {
         auth.require_admin()?;
         let level = format!("{:?}", body.level.unwrap_or(Level::Info)).to_lowercase();
-        let mut tx = self.state.pool.begin().await?;
-        set_actor(&mut *tx, auth.0.user_id).await?;
+        let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let id: i64 =
             sqlx::query_scalar("SELECT sales.announce($1, $2, coalesce($3, '{}'::jsonb))")
                 .bind(&body.message)
                 .bind(level)
                 .bind(&body.data)
-                .fetch_one(&mut *tx)
+                .fetch_one(w.conn())
                 .await?;
-        tx.commit().await?;
+        let changes = w.commit().await?;
+        self.state.publish(changes).await;
         Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
     }
 
@@ -125,17 +125,33 @@ impl AdminApi {
         if !exists {
             return Err(ApiError::not_found(format!("no user {}", body.user_id)));
         }
-        let mut tx = self.state.pool.begin().await?;
-        set_actor(&mut *tx, auth.0.user_id).await?;
+        let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let id: i64 =
             sqlx::query_scalar("SELECT sales.notify_user($1, $2, coalesce($3, '{}'::jsonb))")
                 .bind(body.user_id)
                 .bind(&body.message)
                 .bind(&body.data)
-                .fetch_one(&mut *tx)
+                .fetch_one(w.conn())
                 .await?;
-        tx.commit().await?;
+        let changes = w.commit().await?;
+        self.state.publish(changes).await;
         Ok(EventResponse::Created(Json(EventCreated { event_id: id })))
+    }
+
+    /// WebSocket hub statistics on this instance: connections by role and store, subscriptions
+    /// per channel, queues, replay state and the relay (admin only).
+    #[oai(path = "/api/admin/websocket/stats", method = "get")]
+    async fn websocket_stats(
+        &self,
+        auth: BearerAuth,
+    ) -> ApiResult<Json<std::collections::BTreeMap<String, serde_json::Value>>> {
+        auth.require_admin()?;
+        let mut stats = self.state.hub.stats();
+        stats["relay"]["heldBackBy"] = crate::events::holders::report(&self.state.pool).await;
+        let serde_json::Value::Object(map) = stats else {
+            return Err(ApiError::internal("hub statistics are not an object"));
+        };
+        Ok(Json(map.into_iter().collect()))
     }
 
     /// Cache hit rate and sizes on this instance (admin only).

@@ -5,6 +5,8 @@
 //! extension's SQLSTATEs become 4xx; anything else is logged with the request
 //! id and answered as a bare 500 that leaks no SQL.
 
+use poem::http::{header, HeaderValue, StatusCode};
+use poem::{IntoResponse, Response};
 use poem_openapi::{payload::Json, ApiResponse, Object};
 use serde_json::Value;
 
@@ -55,6 +57,21 @@ impl ErrorBody {
                 request_id: current_request_id(),
             },
         })
+    }
+
+    /// The same body as a plain response, for what answers outside the
+    /// OpenAPI service (routing and parsing errors, the WebSocket upgrade).
+    pub fn response(
+        status: StatusCode,
+        code: &str,
+        message: impl Into<String>,
+        details: Option<Value>,
+    ) -> Response {
+        let mut resp = Self::new(code, message, details).into_response();
+        resp.set_status(status);
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
     }
 }
 
@@ -108,6 +125,18 @@ impl ApiError {
 
     pub fn forbidden(message: impl Into<String>) -> Self {
         ApiError::Forbidden(ErrorBody::new("forbidden", message, None))
+    }
+
+    /// 403 naming the stores outside the caller's scope (never an empty
+    /// answer, which would hide the refusal).
+    pub fn outside_scope(mut denied: Vec<i64>) -> Self {
+        denied.sort_unstable();
+        denied.dedup();
+        ApiError::Forbidden(ErrorBody::new(
+            "forbidden",
+            format!("stores outside your scope: {denied:?}"),
+            Some(serde_json::json!({"storeIds": denied})),
+        ))
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -249,6 +278,24 @@ impl From<sqlx::Error> for ApiError {
                 ApiError::unavailable("database unavailable; retry later")
             }
             _ => ApiError::internal(format!("database error {code}: {}", db.message())),
+        }
+    }
+}
+
+impl From<crate::db::TxFailure> for ApiError {
+    fn from(f: crate::db::TxFailure) -> Self {
+        match f {
+            crate::db::TxFailure::BeforeCommit(e) => ApiError::from(e),
+            crate::db::TxFailure::AtCommit(e) if crate::db::is_transient(&e, true) => {
+                tracing::error!(error = %e, "connection lost at COMMIT; the write's outcome is unknown");
+                ApiError::Unavailable(ErrorBody::new(
+                    "outcome_unknown",
+                    "the database connection was lost while committing: the write may or may not \
+                     have happened; read the records back before sending it again",
+                    Some(serde_json::json!({"outcome": "unknown"})),
+                ))
+            }
+            crate::db::TxFailure::AtCommit(e) => ApiError::from(e),
         }
     }
 }

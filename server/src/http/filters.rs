@@ -1,11 +1,11 @@
 //! Query parameters shared by list, summary and export: parsed into typed
-//! values, checked against the caller's scope, and pushed into SQL only as
-//! bind parameters.
+//! values, checked against the caller's scope, and rendered into SQL by
+//! `sales_core::sql` (as bind parameters, or as literals for COPY).
 
 use super::error::{ApiError, ApiResult};
 use crate::auth::Principal;
 use sales_core::projection::{Projection, Shape};
-use sqlx::{Postgres, QueryBuilder};
+use sales_core::sql::{push_terms, SqlWriter, Term};
 
 #[derive(Debug, Clone, Default)]
 pub struct SalesFilter {
@@ -172,8 +172,7 @@ impl SalesFilter {
         })
     }
 
-    /// 403 when the caller names a store outside its scope (never an empty
-    /// list, which would hide the refusal).
+    /// 403 when the caller names a store outside its scope.
     pub fn check_scope(&self, who: &Principal) -> ApiResult<()> {
         if let Some(ids) = &self.store_ids {
             let denied: Vec<i64> = ids
@@ -182,59 +181,34 @@ impl SalesFilter {
                 .filter(|id| !who.can_access_store(*id))
                 .collect();
             if !denied.is_empty() {
-                return Err(ApiError::Forbidden(super::error::ErrorBody::new(
-                    "forbidden",
-                    format!("stores outside your scope: {denied:?}"),
-                    Some(serde_json::json!({"storeIds": denied})),
-                )));
+                return Err(ApiError::outside_scope(denied));
             }
         }
         Ok(())
     }
 
-    /// Appends `AND ...` conditions on `m` (monthly_sales) and `s` (stores).
-    pub fn push_where(&self, qb: &mut QueryBuilder<'_, Postgres>, who: &Principal) {
+    /// Appends the filter and the caller's scope as `AND ...` conditions on
+    /// `m` (monthly_sales) and `s` (stores): the one place that says which
+    /// conditions a sales read gets, for list, summary and export alike.
+    pub fn push_where(&self, w: &mut impl SqlWriter, who: &Principal) {
+        let scope = who.scope();
+        let mut terms = Vec::with_capacity(8);
         if let Some(ids) = &self.store_ids {
-            qb.push(" AND m.store_id = ANY(")
-                .push_bind(ids.clone())
-                .push(")");
+            terms.push(Term::StoreIn(ids));
         }
-        if let Some(scope) = who.scope() {
-            qb.push(" AND m.store_id = ANY(").push_bind(scope).push(")");
+        if let Some(scope) = &scope {
+            terms.push(Term::StoreIn(scope));
         }
         if let Some(r) = &self.region {
-            qb.push(" AND s.region = ").push_bind(r.clone());
+            terms.push(Term::Region(r));
         }
-        if let Some(y) = self.year {
-            qb.push(" AND m.year = ").push_bind(y);
-        }
-        if let Some(m) = self.month {
-            qb.push(" AND m.month = ").push_bind(m);
-        }
-        if let Some((y, m)) = self.from {
-            qb.push(" AND (m.year, m.month) >= (")
-                .push_bind(y)
-                .push("::int, ")
-                .push_bind(m)
-                .push("::int)");
-        }
-        if let Some((y, m)) = self.to {
-            qb.push(" AND (m.year, m.month) <= (")
-                .push_bind(y)
-                .push("::int, ")
-                .push_bind(m)
-                .push("::int)");
-        }
-        if let Some(v) = self.min_total_sales {
-            qb.push(" AND m.total_sales >= ")
-                .push_bind(v)
-                .push("::numeric");
-        }
-        if let Some(v) = self.max_total_sales {
-            qb.push(" AND m.total_sales <= ")
-                .push_bind(v)
-                .push("::numeric");
-        }
+        terms.extend(self.year.map(Term::Year));
+        terms.extend(self.month.map(Term::Month));
+        terms.extend(self.from.map(|(y, m)| Term::From(y, m)));
+        terms.extend(self.to.map(|(y, m)| Term::To(y, m)));
+        terms.extend(self.min_total_sales.map(Term::MinTotalSales));
+        terms.extend(self.max_total_sales.map(Term::MaxTotalSales));
+        push_terms(w, &terms);
     }
 
     /// The stores a write or read touches, for cache tags (None = many).

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod cached;
+pub mod compress;
 pub mod dashboard;
 pub mod error;
 pub mod export;
@@ -20,6 +21,7 @@ pub mod routes;
 pub mod sales;
 pub mod security;
 pub mod stores;
+pub mod websocket;
 
 use crate::state::AppState;
 use poem::middleware::Cors;
@@ -198,11 +200,7 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
         .at("/openapi.json", poem::get(spec))
         .at("/metrics", poem::get(metrics_endpoint))
         .nest("/docs", docs)
-        .at("/ws", crate::ws::endpoint(state.ws_context()))
-        .at(
-            "/api/admin/websocket/stats",
-            crate::ws::stats_endpoint(state.ws_context()),
-        )
+        .at("/ws", websocket::endpoint(state.ws_context()))
         .nest("/", api)
         .around(dashboard::with_index);
     let routes = routes

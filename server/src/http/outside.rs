@@ -1,5 +1,5 @@
 //! Routes served by plain poem endpoints beside the OpenAPI service
-//! (`/ws`, `/metrics`, `/api/admin/websocket/stats`), described here so that
+//! (`/ws`, `/metrics`), described here so that
 //! the document lists every route. This API is only ever put in the spec;
 //! the routes themselves are served by `crate::ws` and `metrics_endpoint`.
 
@@ -43,22 +43,6 @@ pub enum MetricsResponse {
     Ok(PlainText<String>),
 }
 
-#[derive(ApiResponse)]
-pub enum WsStatsResponse {
-    /// Connections by role and store, subscriptions per channel, queues and replay state.
-    #[oai(status = 200)]
-    Ok(Json<std::collections::BTreeMap<String, serde_json::Value>>),
-    /// Missing or invalid bearer token.
-    #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
-    /// Admin role required.
-    #[oai(status = 403)]
-    Forbidden(Json<ErrorBody>),
-    /// Too many requests; retry after the `Retry-After` seconds.
-    #[oai(status = 429)]
-    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
-}
-
 fn not_routed<T>() -> T {
     unreachable!("documentation only; served by its own endpoint")
 }
@@ -80,17 +64,6 @@ impl OutsideApi {
     /// Prometheus metrics (request, database, cache, WebSocket and export figures).
     #[oai(path = "/metrics", method = "get", tag = "ApiTags::Health")]
     async fn metrics(&self) -> MetricsResponse {
-        not_routed()
-    }
-
-    /// WebSocket hub statistics (admin only).
-    #[oai(
-        path = "/api/admin/websocket/stats",
-        method = "get",
-        tag = "ApiTags::Admin"
-    )]
-    async fn ws_stats(&self, auth: super::security::BearerAuth) -> WsStatsResponse {
-        let _ = auth;
         not_routed()
     }
 }

@@ -35,7 +35,6 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
         }
         Err(e) => {
             let msg = match e {
-                AuthError::Missing => "missing bearer token".to_string(),
                 AuthError::Expired => "token expired; log in again".to_string(),
                 AuthError::Invalid(why) => format!("invalid token: {why}"),
             };

@@ -4,13 +4,15 @@
 use super::error::{ApiError, ApiResult};
 use super::filters::parse_projection;
 use super::raw::RawJson;
-use super::sales::set_actor;
 use super::security::BearerAuth;
 use super::ApiTags;
+use crate::db::sql::Binds;
+use crate::db::Write;
 use crate::state::AppState;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
 use sales_core::projection::STORE_DOC;
+use sales_core::sql::push_store_doc;
 use sqlx::{Postgres, QueryBuilder, Row};
 use std::sync::Arc;
 
@@ -105,17 +107,6 @@ pub enum CreatedResponse {
     Created(RawJson<StoreOne>),
 }
 
-fn doc_sql(p: &sales_core::projection::Projection, qb: &mut QueryBuilder<'_, Postgres>) {
-    if p.is_identity() {
-        qb.push("sales.store_doc(s)");
-    } else {
-        qb.push("sales.project_store(sales.store_doc(s), ")
-            .push_bind(p.fields.clone())
-            .push("::text[], ");
-        qb.push_bind(p.excluded.clone()).push("::text[])");
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 #[OpenApi(tag = "ApiTags::Stores")]
 impl StoresApi {
@@ -152,7 +143,7 @@ impl StoresApi {
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
             "SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ",
         );
-        doc_sql(&projection, &mut qb);
+        push_store_doc(&mut Binds(&mut qb), &projection);
         qb.push(" AS d FROM sales.stores s WHERE true");
         if let Some(scope) = auth.0.scope() {
             qb.push(" AND s.id = ANY(").push_bind(scope).push(")");
@@ -191,7 +182,7 @@ impl StoresApi {
         let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
         auth.require_store(id.0)?;
         let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
-        doc_sql(&projection, &mut qb);
+        push_store_doc(&mut Binds(&mut qb), &projection);
         qb.push(")::text FROM sales.stores s WHERE s.id = ")
             .push_bind(id.0);
         let doc: Option<String> = qb
@@ -210,8 +201,7 @@ impl StoresApi {
         body: Json<CreateStore>,
     ) -> ApiResult<CreatedResponse> {
         auth.require_admin()?;
-        let mut tx = self.state.pool.begin().await?;
-        set_actor(&mut *tx, auth.0.user_id).await?;
+        let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let doc: String = sqlx::query_scalar(
             "INSERT INTO sales.stores AS s (code, name, region, status) VALUES ($1, $2, $3, $4) RETURNING sales.store_doc(s)::text",
         )
@@ -219,16 +209,14 @@ impl StoresApi {
         .bind(body.name.trim())
         .bind(body.region.trim())
         .bind(body.status.unwrap_or(StoreStatus::Open).as_str())
-        .fetch_one(&mut *tx)
+        .fetch_one(w.conn())
         .await
         .map_err(|e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
             Some("23505") => ApiError::conflict(format!("store code {} already exists", body.code), None),
             _ => e.into(),
         })?;
-        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
-        tx.commit().await?;
-        self.state.note_change(&self.state.pool).await;
-        self.state.cache.invalidate(&tags).await;
+        let changes = w.commit().await?;
+        self.state.publish(changes).await;
         Ok(CreatedResponse::Created(RawJson::new(format!(
             "{{\"data\":{doc}}}"
         ))))
@@ -257,8 +245,7 @@ impl StoresApi {
                 return Err(ApiError::forbidden("only admins change name or region"));
             }
         }
-        let mut tx = self.state.pool.begin().await?;
-        set_actor(&mut *tx, auth.0.user_id).await?;
+        let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let row = sqlx::query(
             "UPDATE sales.stores AS s SET status = coalesce($2, status), name = coalesce($3, name), region = coalesce($4, region)
              WHERE id = $1 RETURNING sales.store_doc(s)::text",
@@ -267,15 +254,13 @@ impl StoresApi {
         .bind(body.status.map(StoreStatus::as_str))
         .bind(body.name.as_deref().map(str::trim))
         .bind(body.region.as_deref().map(str::trim))
-        .fetch_optional(&mut *tx)
+        .fetch_optional(w.conn())
         .await?;
         let Some(row) = row else {
             return Err(ApiError::not_found(format!("no store {}", id.0)));
         };
-        let tags = crate::events::model::tx_cache_tags(&mut tx).await?;
-        tx.commit().await?;
-        self.state.note_change(&self.state.pool).await;
-        self.state.cache.invalidate(&tags).await;
+        let changes = w.commit().await?;
+        self.state.publish(changes).await;
         Ok(OneResponse::Ok(RawJson::new(format!(
             "{{\"data\":{}}}",
             row.get::<&str, _>(0)

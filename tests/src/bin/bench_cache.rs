@@ -6,6 +6,7 @@
 //!
 //! usage: bench_cache URL_A URL_B TOKEN [seconds] [workers]
 
+use clap::Parser;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -52,17 +53,25 @@ fn month(rank: usize) -> (i32, i32) {
     (idx / 12, idx % 12 + 1)
 }
 
+/// Cache benchmark: two instances sharing Redis (see the header of tests/src/bin/bench_cache.rs).
+#[derive(Parser)]
+struct Args {
+    url_a: String,
+    url_b: String,
+    /// A bearer token both instances accept.
+    token: String,
+    #[arg(default_value_t = 20)]
+    seconds: u64,
+    #[arg(default_value_t = 16)]
+    workers: usize,
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() < 4 {
-        eprintln!("usage: bench_cache URL_A URL_B TOKEN [seconds] [workers]");
-        std::process::exit(2);
-    }
-    let urls = [args[1].clone(), args[2].clone()];
-    let token = args[3].clone();
-    let secs: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(20);
-    let workers: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(16);
+    let args = Args::parse();
+    let urls = [args.url_a, args.url_b];
+    let token = args.token;
+    let (secs, workers) = (args.seconds, args.workers);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()

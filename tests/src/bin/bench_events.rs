@@ -16,7 +16,9 @@
 //! Run with `scripts/bench_events.sh [--seconds 5] [--stall-seconds 60]`.
 //! The database is created for the run and dropped afterwards.
 
-use sales_e2e::{process_cpu, TestDb};
+use clap::Parser;
+use sales_e2e::fixtures::procfs;
+use sales_e2e::TestDb;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, Executor, PgConnection};
 use std::collections::HashMap;
@@ -24,32 +26,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The event path's cost and delay (see the header of tests/src/bin/bench_events.rs).
+#[derive(Debug, Parser)]
 struct Opts {
+    /// Seconds per commit-rate measurement.
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Seconds the idle transaction is held.
+    #[arg(long, default_value_t = 60)]
     stall_seconds: u64,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts {
-        seconds: 5,
-        stall_seconds: 60,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let v = || -> u64 {
-            args.get(i + 1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{} needs a whole number", args[i]))
-        };
-        match args[i].as_str() {
-            "--seconds" => o.seconds = v(),
-            "--stall-seconds" => o.stall_seconds = v(),
-            other => panic!("unknown flag {other}; flags: --seconds N --stall-seconds N"),
-        }
-        i += 2;
-    }
-    o
+    Opts::parse()
 }
 
 const ROW_SQL: &str = r#"
@@ -167,7 +156,11 @@ async fn commits(
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
-    let cpu = || pids.iter().map(|p| process_cpu(*p)).sum::<Duration>();
+    let cpu = || {
+        pids.iter()
+            .map(|p| procfs::cpu_time(*p as u32))
+            .sum::<Duration>()
+    };
     let cpu0 = cpu();
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();

@@ -17,74 +17,48 @@
 //! Flags (defaults in brackets): --stores [1400] --months [24] --runs [5]
 //! --server [target/release/sales-server] --formats [csv,ndjson,json,csv+zstd]
 
-use sales_e2e::{TestDb, TEST_JWT_SECRET};
+use clap::Parser;
+use sales_e2e::fixtures::procfs;
+use sales_e2e::{ServerProc, TestDb, TEST_JWT_SECRET};
 use sales_server::auth::{Principal, Role};
 use sales_server::http::export::{build_sql, ExportFormat, ExportShape, ExportSpec};
 use sales_server::http::filters::SalesFilter;
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
+/// Export benchmark (see the header of tests/src/bin/bench_export.rs).
+#[derive(Debug, Clone, Parser)]
 struct Opts {
+    #[arg(long, default_value_t = 1400)]
     stores: usize,
-    months: usize,
-    runs: usize,
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u16).range(1..=120))]
+    months: u16,
+    /// Repetitions of each measurement (the best is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    runs: u16,
+    #[arg(long, default_value_t = release_server())]
     server: String,
     /// Which of csv, ndjson, json, csv+zstd to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "csv,ndjson,json,csv+zstd"
+    )]
     formats: Vec<String>,
 }
 
 fn opts() -> Opts {
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let mut o = Opts {
-        stores: 1400,
-        months: 24,
-        runs: 5,
-        server: format!("{target}/release/sales-server"),
-        formats: ["csv", "ndjson", "json", "csv+zstd"]
-            .map(String::from)
-            .to_vec(),
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let flag = args[i].as_str();
-        if flag == "--help" || flag == "-h" {
-            println!(
-                "{}",
-                include_str!("bench_export.rs")
-                    .lines()
-                    .take_while(|l| l.starts_with("//!"))
-                    .map(|l| l.trim_start_matches("//!").trim_start())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            std::process::exit(0);
-        }
-        let value = args
-            .get(i + 1)
-            .cloned()
-            .unwrap_or_else(|| panic!("{flag} needs a value"));
-        let num = || -> usize {
-            value
-                .parse()
-                .unwrap_or_else(|_| panic!("{flag} needs a number"))
-        };
-        match flag {
-            "--stores" => o.stores = num(),
-            "--months" => o.months = num(),
-            "--runs" => o.runs = num().max(1),
-            "--server" => o.server = value.clone(),
-            "--formats" => o.formats = value.split(',').map(|f| f.trim().to_string()).collect(),
-            _ => panic!("unknown flag {flag} (see --help)"),
-        }
-        i += 2;
-    }
-    assert!(o.stores >= 1 && (1..=120).contains(&o.months));
+    let o = Opts::parse();
+    assert!(o.stores >= 1);
     o
+}
+
+fn release_server() -> String {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    format!("{target}/release/sales-server")
 }
 
 /// Loads stores and months of full daily data with the triggers off.
@@ -153,88 +127,23 @@ async fn load(db: &TestDb, o: &Opts) -> u64 {
     days as u64
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-struct ServerProc {
-    child: Child,
-    base: String,
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_server(db: &TestDb, o: &Opts) -> ServerProc {
-    let port = free_port();
-    let mut cmd = Command::new(&o.server);
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .env("JWT_SECRET", TEST_JWT_SECRET)
-        .env("BIND_ADDR", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .env("LOG_LEVEL", "warn")
-        .env("RATE_LIMIT_PER_MINUTE", "100000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let child = cmd.spawn().unwrap_or_else(|e| {
-        panic!(
-            "starting {}: {e} (build it with cargo build --release -p sales-server)",
-            o.server
-        )
-    });
-    let server = ServerProc {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(format!("{}/health", server.base)).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not become healthy in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    server
+fn start_server(db: &TestDb, o: &Opts) -> ServerProc {
+    let server = o.server.as_str();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("JWT_SECRET", TEST_JWT_SECRET),
+        ("BIND_ADDR", "127.0.0.1"),
+        ("LOG_LEVEL", "warn"),
+        ("RATE_LIMIT_PER_MINUTE", "100000"),
+    ];
+    ServerProc::start(std::path::Path::new(server), &env).unwrap_or_else(|e| {
+        panic!("starting {server}: {e} (build it with cargo build --release -p sales-server)")
+    })
 }
 
 /// User + system CPU time of a process, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start at `) `.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 here; 100 ticks/s.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    procfs::cpu_time(pid).as_secs_f64()
 }
 
 /// Samples VmRSS every 50 ms until stopped; returns the peak in KiB.
@@ -247,11 +156,11 @@ struct RssSampler {
 impl RssSampler {
     fn start(pid: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_kb(pid).unwrap_or(0)));
+        let peak = Arc::new(AtomicU64::new(procfs::rss_kb(pid).unwrap_or(0)));
         let (s, p) = (stop.clone(), peak.clone());
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                if let Some(v) = rss_kb(pid) {
+                if let Some(v) = procfs::rss_kb(pid) {
                     p.fetch_max(v, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -315,15 +224,15 @@ async fn server_run(server: &ServerProc, token: &str, format: ExportFormat, zstd
         ExportFormat::Json => "json",
         ExportFormat::Ndjson => "ndjson",
     };
-    let pid = server.child.id();
-    let before = rss_kb(pid).unwrap_or(0);
+    let pid = server.pid();
+    let before = procfs::rss_kb(pid).unwrap_or(0);
     let cpu_before = cpu_secs(pid);
     let sampler = RssSampler::start(pid);
     let started = Instant::now();
     let mut req = http
         .get(format!(
             "{}/api/v2/sales/export?format={fmt}&shape=daily",
-            server.base
+            server.url("")
         ))
         .bearer_auth(token);
     if zstd {
@@ -466,7 +375,7 @@ async fn bench(o: Opts) {
         .select
     };
 
-    let server = start_server(&db, &o).await;
+    let server = start_server(&db, &o);
     let (id, _) = sales_server::users::upsert_user(
         &db.pool,
         "bench@example.com",
@@ -481,11 +390,11 @@ async fn bench(o: Opts) {
     let (token, _) = auth
         .issue(id, "bench@example.com", Role::Admin, vec![])
         .expect("token");
-    let pid = server.child.id();
-    let idle_rss = rss_kb(pid).unwrap_or(0);
+    let pid = server.pid();
+    let idle_rss = procfs::rss_kb(pid).unwrap_or(0);
     // Warm-up: pool connections, caches.
     let _ = server_run(&server, &token, ExportFormat::Csv, false).await;
-    let warm_rss = rss_kb(pid).unwrap_or(0);
+    let warm_rss = procfs::rss_kb(pid).unwrap_or(0);
     println!(
         "server pid {pid}: RSS {:.1} MB idle, {:.1} MB after a warm-up export",
         idle_rss as f64 / 1024.0,

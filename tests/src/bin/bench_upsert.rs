@@ -15,69 +15,40 @@
 //! --stores-per-method [500]; --no-gin drops the GIN index on
 //! daily_data first (to show its share of the write cost).
 
+use clap::Parser;
+use sales_e2e::fixtures::procfs;
 use sales_e2e::TestDb;
 use sqlx::{Executor, PgConnection};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
+/// Batch upsert benchmark (see the header of tests/src/bin/bench_upsert.rs).
+#[derive(Debug, Clone, Parser)]
 struct Opts {
+    /// Records each method writes.
+    #[arg(long, default_value_t = 100_000)]
     records: usize,
+    /// Records per `sales.batch_upsert` call.
+    #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Rows in the table before the first method runs.
+    #[arg(long, default_value_t = 200_000)]
     preload: usize,
+    /// Records written one upsert at a time.
+    #[arg(long, default_value_t = 5_000)]
     per_row: usize,
+    /// Records written 50 per transaction.
+    #[arg(long, default_value_t = 20_000)]
     batch50: usize,
+    #[arg(long, default_value_t = 500)]
     stores_per_method: usize,
     /// Drop the GIN index on daily_data first, to show what it costs.
+    #[arg(long)]
     no_gin: bool,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts {
-        records: 100_000,
-        batch: 1000,
-        preload: 200_000,
-        per_row: 5_000,
-        batch50: 20_000,
-        stores_per_method: 500,
-        no_gin: false,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let flag = args[i].as_str();
-        if flag == "--help" || flag == "-h" {
-            println!(
-                "{}",
-                include_str!("bench_upsert.rs")
-                    .lines()
-                    .take_while(|l| l.starts_with("//!"))
-                    .map(|l| l.trim_start_matches("//!").trim_start())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            std::process::exit(0);
-        }
-        if flag == "--no-gin" {
-            o.no_gin = true;
-            i += 1;
-            continue;
-        }
-        let value: usize = args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{flag} needs a number"));
-        match flag {
-            "--records" => o.records = value,
-            "--batch" => o.batch = value,
-            "--preload" => o.preload = value,
-            "--per-row" => o.per_row = value,
-            "--batch50" => o.batch50 = value,
-            "--stores-per-method" => o.stores_per_method = value,
-            _ => panic!("unknown flag {flag} (see --help)"),
-        }
-        i += 2;
-    }
+    let o = Opts::parse();
     assert!(o.batch >= 1 && o.records >= 2 && o.stores_per_method >= 1);
     o
 }
@@ -407,7 +378,7 @@ async fn main() {
     for (m, (name, n)) in methods.into_iter().enumerate() {
         let keys = slices[m].keys(n);
         settle(&mut conn).await;
-        let cpu0 = sales_e2e::process_cpu(pid);
+        let cpu0 = procfs::cpu_time(pid as u32);
         let seed = m + 1;
         let elapsed = match m {
             0 => {
@@ -425,7 +396,7 @@ async fn main() {
             3 => per_row(&mut conn, &keys, 50, seed).await,
             _ => copy_floor(&mut conn, &keys, o.batch, seed).await,
         };
-        let cpu = sales_e2e::process_cpu(pid) - cpu0;
+        let cpu = procfs::cpu_time(pid as u32) - cpu0;
         let r = Measured {
             name,
             records: n,

@@ -26,9 +26,11 @@
 //! --rate [4] batches/s --seconds [10] --saturate-seconds [10] --writers [4]
 //! Environment: DATABASE_URL (store ids), JWT_SECRET (tokens).
 
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
+use sales_e2e::fixtures::procfs;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -37,38 +39,59 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-fn usage() -> ! {
-    eprintln!(
-        "{}",
-        include_str!("bench_ws.rs")
-            .lines()
-            .take_while(|l| l.starts_with("//!"))
-            .map(|l| l.trim_start_matches("//!").trim_start())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    std::process::exit(2)
+/// WebSocket fan-out benchmark (see the header of tests/src/bin/bench_ws.rs).
+#[derive(Parser)]
+enum Cmd {
+    /// The coordinator: starts client processes, drives writes, reports.
+    Run(RunArgs),
+    /// A client process (started by `run`): holds connections, records latencies.
+    Clients(ClientArgs),
 }
 
-struct Args(Vec<String>);
+#[derive(clap::Args)]
+struct ClientArgs {
+    #[arg(long, default_value = "ws://127.0.0.1:3101/ws")]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    first_user: i64,
+    /// Store ids, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    stores: Vec<i64>,
+    /// The loopback address to connect from.
+    #[arg(long, default_value = "127.0.0.1")]
+    source_ip: std::net::Ipv4Addr,
+    #[arg(long, default_value_t = 100)]
+    connect_concurrency: usize,
+}
 
-impl Args {
-    fn get(&self, flag: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .position(|a| a == flag)
-            .and_then(|i| self.0.get(i + 1))
-            .map(String::as_str)
-    }
-    fn num<T: std::str::FromStr>(&self, flag: &str, default: T) -> T {
-        match self.get(flag) {
-            None => default,
-            Some(v) => v.parse().unwrap_or_else(|_| {
-                eprintln!("{flag}: not a number: {v}");
-                usage()
-            }),
-        }
-    }
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long, default_value = "http://127.0.0.1:3101")]
+    url: String,
+    /// The server's process id (for its RSS and CPU time).
+    #[arg(long)]
+    server_pid: u32,
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    stores: usize,
+    /// Clients per client process.
+    #[arg(long, default_value_t = 4000)]
+    per_proc: usize,
+    /// Batches per second of the fixed-rate phase (run with the probe only when given).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value_t = 10)]
+    saturate_seconds: u64,
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Milliseconds between probe writes (0: no probe phase).
+    #[arg(long, default_value_t = 300)]
+    probe_ms: u64,
 }
 
 fn now_us() -> u64 {
@@ -80,28 +103,20 @@ fn now_us() -> u64 {
 
 fn sign(user: i64, role: &str, stores: &[i64]) -> String {
     let secret = std::env::var("JWT_SECRET").expect("JWT_SECRET");
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({"sub": user.to_string(), "role": role, "stores": stores, "exp": now + 86400, "iat": now});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    let exp = chrono::Utc::now().timestamp() + 86400;
+    sales_e2e::fixtures::token::sign(&secret, user, role, stores, exp)
 }
 
 fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let args = Args(argv.clone());
-    match argv.first().map(String::as_str) {
-        Some("clients") => {
+    match Cmd::parse() {
+        Cmd::Clients(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(clients(args));
         }
-        Some("run") => {
+        Cmd::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -109,7 +124,6 @@ fn main() {
                 .unwrap();
             rt.block_on(run(args));
         }
-        _ => usage(),
     }
 }
 
@@ -153,25 +167,13 @@ fn event_ts_us(frame: &str) -> Option<u64> {
     Some(t.timestamp_micros() as u64)
 }
 
-async fn clients(args: Args) {
-    let url = args
-        .get("--url")
-        .unwrap_or("ws://127.0.0.1:3101/ws")
-        .to_string();
-    let count: usize = args.num("--count", 1000);
-    let first_user: i64 = args.num("--first-user", 1_000_000);
-    let stores: Vec<i64> = args
-        .get("--stores")
-        .unwrap_or("1")
-        .split(',')
-        .map(|s| s.parse().expect("--stores: ids"))
-        .collect();
-    let source: std::net::Ipv4Addr = args
-        .get("--source-ip")
-        .unwrap_or("127.0.0.1")
-        .parse()
-        .unwrap();
-    let concurrency: usize = args.num("--connect-concurrency", 100);
+async fn clients(args: ClientArgs) {
+    let url = args.url;
+    let count = args.count;
+    let first_user = args.first_user;
+    let stores = args.stores;
+    let source = args.source_ip;
+    let concurrency = args.connect_concurrency;
     let server: std::net::SocketAddr = url
         .trim_start_matches("ws://")
         .split('/')
@@ -330,25 +332,12 @@ impl Child {
 }
 
 fn rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("server /proc status");
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    procfs::rss_kb(pid).expect("server /proc status")
 }
 
 /// CPU time (user + system) of a process so far, in milliseconds.
 fn cpu_ms(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which is in parentheses).
-    let rest = &s[s.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks * 10.0 // CLK_TCK is 100 on Linux
+    procfs::cpu_time(pid).as_secs_f64() * 1000.0
 }
 
 struct Cpu {
@@ -446,33 +435,7 @@ impl Writer {
         let sent = now_us() % PROBE_MODULUS;
         let record = json!({"storeId": store, "year": PROBE_YEAR, "month": 1,
                             "dailyData": {"1": {"sales": sent, "customers": 1}}});
-        let started = Instant::now();
-        let result = self
-            .http
-            .post(format!("{}/api/v2/sales/batch", self.url))
-            .bearer_auth(&self.token)
-            .json(&json!({"salesDataArray": [record]}))
-            .send()
-            .await;
-        self.round_trips
-            .lock()
-            .unwrap()
-            .saturating_record(started.elapsed().as_micros().max(1) as u64);
-        match result {
-            Ok(r) if r.status().is_success() => true,
-            Ok(r) => {
-                eprintln!(
-                    "probe refused: {} {}",
-                    r.status(),
-                    r.text().await.unwrap_or_default()
-                );
-                false
-            }
-            Err(e) => {
-                eprintln!("probe failed: {e}");
-                false
-            }
-        }
+        self.post("probe", vec![record]).await
     }
 
     /// One batch: one changed record per store, so one event per store.
@@ -488,6 +451,11 @@ impl Writer {
                        "dailyData": {day.to_string(): {"sales": 1000 + n, "customers": 1 + n % 50}}})
             })
             .collect();
+        self.post("batch", records).await
+    }
+
+    /// Posts one batch, recording its round trip; false when it failed.
+    async fn post(&self, what: &str, records: Vec<Value>) -> bool {
         let started = Instant::now();
         let result = self
             .http
@@ -504,14 +472,14 @@ impl Writer {
             Ok(r) if r.status().is_success() => true,
             Ok(r) => {
                 eprintln!(
-                    "batch refused: {} {}",
+                    "{what} refused: {} {}",
                     r.status(),
                     r.text().await.unwrap_or_default()
                 );
                 false
             }
             Err(e) => {
-                eprintln!("batch failed: {e}");
+                eprintln!("{what} failed: {e}");
                 false
             }
         }
@@ -568,25 +536,17 @@ fn report_phase(name: &str, p: &Phase, batches: u64, clients: usize) {
     );
 }
 
-async fn run(args: Args) {
-    let url = args
-        .get("--url")
-        .unwrap_or("http://127.0.0.1:3101")
-        .trim_end_matches('/')
-        .to_string();
-    let pid: u32 = args
-        .get("--server-pid")
-        .unwrap_or_else(|| usage())
-        .parse()
-        .unwrap();
-    let clients: usize = args.num("--clients", 1000);
-    let store_count: usize = args.num("--stores", 10);
-    let per_proc: usize = args.num("--per-proc", 4000);
-    let rate: f64 = args.num("--rate", 4.0);
-    let seconds: u64 = args.num("--seconds", 10);
-    let saturate_seconds: u64 = args.num("--saturate-seconds", 10);
-    let writers: usize = args.num("--writers", 4);
-    let probe_ms: u64 = args.num("--probe-ms", 300);
+async fn run(args: RunArgs) {
+    let url = args.url.trim_end_matches('/').to_string();
+    let pid = args.server_pid;
+    let clients = args.clients;
+    let store_count = args.stores;
+    let per_proc = args.per_proc;
+    let rate = args.rate.unwrap_or(4.0);
+    let seconds = args.seconds;
+    let saturate_seconds = args.saturate_seconds;
+    let writers = args.writers;
+    let probe_ms = args.probe_ms;
 
     let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL").expect("DATABASE_URL"))
         .await
@@ -751,7 +711,7 @@ async fn run(args: Args) {
     }
 
     // Phase 1: a fixed rate (only without the probe, or when asked for with --rate).
-    if probe_ms == 0 || args.get("--rate").is_some() {
+    if probe_ms == 0 || args.rate.is_some() {
         for c in children.iter_mut() {
             c.ask("reset").await;
         }

@@ -31,142 +31,85 @@
 //! (the relay reads below sales.events_horizon()), so the report also says
 //! how long that horizon stood still, and which database held it.
 
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use sales_e2e::fixtures::procfs;
 use sales_e2e::private_pg::PrivatePg;
-use sales_e2e::{redis_url, TestDb, TEST_JWT_SECRET};
+use sales_e2e::{redis_url, ServerProc, TestDb, TEST_JWT_SECRET};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-#[derive(Debug, Clone)]
+/// Soak test (see the header of tests/src/bin/soak.rs).
+#[derive(Debug, Clone, Parser)]
 struct Opts {
+    #[arg(long, env = "SOAK_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
+    #[arg(long, default_value_t = 1000)]
     websockets: usize,
+    /// Task groups, each on a thread and runtime of its own.
+    #[arg(long, default_value_t = 4)]
     groups: usize,
+    #[arg(long, default_value_t = 6)]
     readers: usize,
+    #[arg(long, default_value_t = 2)]
     writers: usize,
+    #[arg(long, default_value_t = 1)]
     exporters: usize,
+    #[arg(long, default_value_t = 50)]
     stores: u32,
+    #[arg(long, default_value_t = 24)]
     months: u32,
+    /// Seconds between RSS samples.
+    #[arg(long, default_value_t = 5)]
     sample: u64,
+    /// Seconds of warm-up [a fifth of --seconds].
+    #[arg(long)]
     warmup: Option<u64>,
+    /// Percent the RSS of the last third may exceed the first third's.
+    #[arg(long, default_value_t = 10.0)]
     max_rss_growth: f64,
     /// Seconds between scrapes of /metrics (0: never).
+    #[arg(long, default_value_t = 0)]
     scrape: u64,
     /// Run against a Postgres cluster of its own (initdb in a temporary
     /// directory) instead of a database on the shared cluster.
+    #[arg(long)]
     private_cluster: bool,
+    /// The server binary [target/release/sales-server].
+    #[arg(long, env = "SOAK_SERVER_BIN", default_value_os_t = release_server())]
     server: PathBuf,
 }
 
-fn usage() -> String {
-    include_str!("soak.rs")
-        .lines()
-        .take_while(|l| l.starts_with("//!"))
-        .map(|l| l.trim_start_matches("//!").trim_start())
-        .collect::<Vec<_>>()
-        .join("\n")
+fn release_server() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("release/sales-server")
 }
 
 fn opts() -> Result<Opts, String> {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let env_num = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    let mut o = Opts {
-        seconds: env_num("SOAK_SECONDS").unwrap_or(300),
-        websockets: 1000,
-        groups: 4,
-        readers: 6,
-        writers: 2,
-        exporters: 1,
-        stores: 50,
-        months: 24,
-        sample: 5,
-        warmup: None,
-        max_rss_growth: 10.0,
-        scrape: 0,
-        private_cluster: false,
-        server: std::env::var("SOAK_SERVER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| target.join("release/sales-server")),
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let flag = args[i].as_str();
-        if flag == "--help" || flag == "-h" {
-            println!("{}", usage());
-            std::process::exit(0);
-        }
-        if flag == "--private-cluster" {
-            o.private_cluster = true;
-            i += 1;
-            continue;
-        }
-        let value = args
-            .get(i + 1)
-            .ok_or_else(|| format!("{flag} needs a value"))?
-            .clone();
-        let num = || -> Result<u64, String> {
-            value
-                .parse::<u64>()
-                .map_err(|_| format!("{flag}: not a whole number: {value}"))
-        };
-        match flag {
-            "--seconds" => o.seconds = num()?,
-            "--websockets" => o.websockets = num()? as usize,
-            "--groups" => o.groups = (num()? as usize).max(1),
-            "--readers" => o.readers = num()? as usize,
-            "--writers" => o.writers = num()? as usize,
-            "--exporters" => o.exporters = num()? as usize,
-            "--stores" => o.stores = (num()? as u32).max(2),
-            "--months" => o.months = (num()? as u32).max(1),
-            "--sample" => o.sample = num()?.max(1),
-            "--warmup" => o.warmup = Some(num()?),
-            "--max-rss-growth" => {
-                o.max_rss_growth = value
-                    .parse()
-                    .map_err(|_| format!("{flag}: not a number: {value}"))?
-            }
-            "--scrape" => o.scrape = num()?,
-            "--server" => o.server = PathBuf::from(&value),
-            _ => return Err(format!("unknown flag {flag}\n\n{}", usage())),
-        }
-        i += 2;
-    }
-    if o.seconds == 0 {
-        return Err("--seconds must be at least 1".into());
-    }
+    let mut o = Opts::parse();
+    o.groups = o.groups.max(1);
+    o.stores = o.stores.max(2);
+    o.months = o.months.max(1);
+    o.sample = o.sample.max(1);
     Ok(o)
 }
 
+/// A token for the soak's users, valid past the end of the run.
 fn sign(user_id: i64, role: &str, stores: &[i64], seconds: u64) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({
-        "sub": user_id.to_string(), "email": format!("soak{user_id}@example.test"),
-        "role": role, "stores": stores, "exp": now + seconds as i64 + 3600, "iat": now,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
-    )
-    .expect("sign")
+    let exp = chrono::Utc::now().timestamp() + seconds as i64 + 3600;
+    sales_e2e::fixtures::token::sign(TEST_JWT_SECRET, user_id, role, stores, exp)
 }
 
 /// Counters and latencies per kind of request.
@@ -713,80 +656,6 @@ fn flush_lags(ws: &WsStats, lags: &mut Vec<u64>) {
     }
 }
 
-/// The server binary as a child process.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl ServerProc {
-    fn start(bin: &PathBuf, env: &[(&str, String)]) -> Result<ServerProc, String> {
-        let log = std::env::temp_dir().join(format!("pgs_soak_server_{}.log", std::process::id()));
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .env_remove("DATABASE_REPLICA_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
-            .spawn()
-            .map_err(|e| format!("{}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    if let Some(a) = line.trim().strip_prefix("listening on http://") {
-                        let addr = a.parse().map_err(|e| format!("{a}: {e}"))?;
-                        return Ok(ServerProc { child, addr, log });
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    return Err(format!(
-                        "the server did not start: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    ));
-                }
-            }
-        }
-    }
-
-    /// Resident set size in MiB (from /proc).
-    fn rss_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb / 1024.0)
-    }
-
-    fn open_files(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn pct(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -953,7 +822,7 @@ async fn run(o: Opts) -> Result<bool, String> {
     let mut server = ServerProc::start(&o.server, &env)?;
     println!(
         "server pid {} on {}, log {}",
-        server.child.id(),
+        server.pid(),
         server.addr,
         server.log.display()
     );
@@ -1159,7 +1028,7 @@ async fn run(o: Opts) -> Result<bool, String> {
     while Instant::now() < end {
         let now = Instant::now();
         if now >= next {
-            if let Some(rss) = server.rss_mib() {
+            if let Some(rss) = procfs::rss_kb(server.pid()).map(|kb| kb as f64 / 1024.0) {
                 samples.push(((now - started).as_secs_f64(), rss));
             }
             next += Duration::from_secs(o.sample);
@@ -1200,7 +1069,7 @@ async fn run(o: Opts) -> Result<bool, String> {
         Ok(r) => r.json().await.unwrap_or(Value::Null),
         Err(_) => Value::Null,
     };
-    let open_files = server.open_files();
+    let open_files = procfs::open_files(server.pid());
     stop.store(true, Relaxed);
     for t in load {
         let _ = t.await;
@@ -1224,7 +1093,7 @@ async fn run(o: Opts) -> Result<bool, String> {
     // A clean exit on SIGTERM.
     let _ = Command::new("kill")
         .arg("-TERM")
-        .arg(server.child.id().to_string())
+        .arg(server.pid().to_string())
         .status();
     let exit_deadline = Instant::now() + Duration::from_secs(40);
     let exit = loop {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use futures_util::{SinkExt, StreamExt};
-use sales_e2e::{TestDb, TEST_JWT_SECRET};
+use sales_e2e::TestDb;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -15,27 +15,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// Signs a token the way the server does (HS256, TEST_JWT_SECRET).
-pub fn token(user_id: i64, role: &str, stores: &[i64]) -> String {
-    token_expiring(user_id, role, stores, chrono::Utc::now().timestamp() + 3600)
-}
-
-pub fn token_expiring(user_id: i64, role: &str, stores: &[i64], exp: i64) -> String {
-    let claims = json!({
-        "sub": user_id.to_string(),
-        "email": format!("user{user_id}@example.test"),
-        "role": role,
-        "stores": stores,
-        "exp": exp,
-        "iat": chrono::Utc::now().timestamp(),
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
+#[allow(unused_imports)]
+pub use sales_e2e::fixtures::token::{token, token_expiring};
 
 /// Inserts a user (for user notifications, which need one) and returns its id.
 pub async fn user(db: &TestDb, email: &str, role: &str, stores: &[i64]) -> i64 {

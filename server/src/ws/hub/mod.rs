@@ -8,16 +8,23 @@
 //! delay any other. Authorization is decided from the claims each connection
 //! holds in memory: no query per event.
 //!
+//! Resume (`resume`) and the statistics (`stats`) are in their own files.
+//!
 //! Lock order: the registry, then a connection's state. A connection's own
 //! task never takes the registry while holding its state.
+
+mod resume;
+mod stats;
+
+pub use resume::{ReplayTurn, ResumeSnapshot};
+pub use stats::{Counters, RelayStatus};
 
 use super::protocol::{self, Channel};
 use crate::auth::Principal;
 use crate::events::model::{Ephemeral, Event, Pos};
 use crate::events::vocab::{Recipient, Variant};
 use futures_util::task::AtomicWaker;
-use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -130,50 +137,6 @@ impl Conn {
     }
 }
 
-/// What a resume replays against: the subscriptions at the moment it began.
-pub struct ResumeSnapshot {
-    /// Relay position when the resume began: the replay covers events up to it,
-    /// live events after it were held back and follow the replay.
-    pub upto: Pos,
-    subs: Vec<(Channel, Pos)>,
-    user_since: Pos,
-}
-
-impl ResumeSnapshot {
-    fn since(&self, ch: Channel) -> Option<Pos> {
-        self.subs.iter().find(|(c, _)| *c == ch).map(|(_, p)| *p)
-    }
-
-    /// Whether a logged event is one to replay to `conn`, and in which
-    /// form: it is one the connection may see, and it was not already
-    /// delivered live (it is not after the start of a subscription that
-    /// matches it).
-    pub fn wants(&self, conn: &Conn, e: &Event) -> Option<Variant> {
-        let pos = e.pos();
-        let mut first = None;
-        for (to, variant) in e.deliveries() {
-            let since = match to {
-                Recipient::User(u) => (u == conn.user_id()).then_some(self.user_since),
-                Recipient::Channel(ch) => self.since(ch),
-                Recipient::ChannelInScope(ch, s) => {
-                    if conn.principal.can_access_store(s) {
-                        self.since(ch)
-                    } else {
-                        None
-                    }
-                }
-            };
-            if let Some(since) = since {
-                if pos > since {
-                    return None;
-                }
-                first.get_or_insert(variant);
-            }
-        }
-        first
-    }
-}
-
 /// Why a connection was not registered.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -188,32 +151,6 @@ pub enum SubscribeError {
     Forbidden(String),
     #[error("at most {0} subscriptions per connection")]
     TooMany(usize),
-}
-
-#[derive(Default)]
-pub struct Counters {
-    pub opened: AtomicU64,
-    pub sent: AtomicU64,
-    pub dropped: AtomicU64,
-    pub closed_slow: AtomicU64,
-    pub closed_heartbeat: AtomicU64,
-    pub closed_expired: AtomicU64,
-    pub closed_shutdown: AtomicU64,
-    pub closed_policy: AtomicU64,
-    pub refused_subscriptions: AtomicU64,
-    pub refused_connections: AtomicU64,
-    pub replays_timed_out: AtomicU64,
-    pub resumes: AtomicU64,
-    pub replayed: AtomicU64,
-    pub resync_required: AtomicU64,
-    pub events_relayed: AtomicU64,
-    pub ephemeral_relayed: AtomicU64,
-}
-
-#[derive(Default)]
-pub struct RelayStatus {
-    pub connected: AtomicBool,
-    pub reconnects: AtomicU64,
 }
 
 #[derive(Default)]
@@ -566,126 +503,6 @@ impl Hub {
         self.counters.ephemeral_relayed.fetch_add(1, Relaxed);
     }
 
-    /// Starts a resume: live events for `conn` are held back from now on.
-    /// Subscribing to `add` at the same moment, so that nothing is
-    /// delivered live on them before the replay.
-    #[allow(clippy::type_complexity)]
-    pub fn begin_resume(
-        &self,
-        conn: &Arc<Conn>,
-        add: &[Channel],
-    ) -> Result<(ResumeSnapshot, Vec<Result<bool, SubscribeError>>), &'static str> {
-        let mut reg = self.reg();
-        {
-            let st = conn.lock();
-            if st.close.is_some() {
-                return Err("connection is closing");
-            }
-            if st.catch_up.is_some() {
-                return Err("a resume is already in progress");
-            }
-        }
-        let added = add
-            .iter()
-            .map(|ch| self.subscribe_locked(&mut reg, conn, *ch))
-            .collect();
-        let mut st = conn.lock();
-        st.catch_up = Some(Vec::new());
-        self.counters.resumes.fetch_add(1, Relaxed);
-        let snap = ResumeSnapshot {
-            upto: reg.position,
-            subs: st.subs.clone(),
-            user_since: st.user_since,
-        };
-        Ok((snap, added))
-    }
-
-    /// Takes one of `user`'s replay turns, waiting (only behind that user's
-    /// own replays) while they have `replay_slots_per_user` running.
-    pub async fn replay_turn(self: &Arc<Self>, user: i64) -> ReplayTurn {
-        loop {
-            {
-                let mut m = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
-                let n = m.entry(user).or_insert(0);
-                if *n < self.cfg.replay_slots_per_user.max(1) {
-                    *n += 1;
-                    return ReplayTurn {
-                        hub: self.clone(),
-                        user,
-                    };
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Queues a replayed event, waiting (without holding anything) while the
-    /// queue is full. `false` when the connection is closing.
-    pub async fn push_replay(&self, conn: &Conn, msg: Message) -> bool {
-        let mut msg = Some(msg);
-        loop {
-            {
-                let mut st = conn.lock();
-                if st.close.is_some() || st.catch_up.is_none() {
-                    return false;
-                }
-                if st.queue.len() < self.cfg.send_queue {
-                    st.queue.push_back(msg.take().expect("message"));
-                    drop(st);
-                    conn.waker.wake();
-                    self.counters.replayed.fetch_add(1, Relaxed);
-                    return true;
-                }
-                st.replay_waiting = true;
-            }
-            // Bounded so that a lost wake-up costs a little time, never a hang.
-            let _ = tokio::time::timeout(Duration::from_millis(250), conn.space.notified()).await;
-        }
-    }
-
-    /// Ends a resume: queues `ack`, then the live events held back that come
-    /// after `seam` (the replay covered everything up to it), and notes that
-    /// every event after `from` on the replayed channels has been delivered.
-    pub fn finish_resume(
-        &self,
-        conn: &Conn,
-        snap: &ResumeSnapshot,
-        seam: Pos,
-        from: Option<Pos>,
-        ack: String,
-    ) {
-        let mut st = conn.lock();
-        let Some(held) = st.catch_up.take() else {
-            return;
-        };
-        if st.close.is_some() {
-            return;
-        }
-        st.queue.push_back(Message::Text(Utf8Bytes::from(ack)));
-        for (pos, msg) in held {
-            if pos.is_some_and(|p| p <= seam) {
-                continue;
-            }
-            if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
-                self.overflow(&mut st);
-                break;
-            }
-            st.queue.push_back(msg);
-        }
-        if let Some(from) = from {
-            for (ch, since) in st.subs.iter_mut() {
-                if snap.since(*ch) == Some(*since) && from < *since {
-                    *since = from;
-                }
-            }
-            if st.user_since == snap.user_since && from < st.user_since {
-                st.user_since = from;
-            }
-        }
-        drop(st);
-        conn.waker.wake();
-    }
-
     /// One heartbeat: pings every connection, closing those that did not
     /// answer the last two pings (4000) or whose token expired (4001).
     pub fn heartbeat(&self) {
@@ -739,85 +556,6 @@ impl Hub {
         }
     }
 
-    /// The figures behind `GET /api/admin/websocket/stats`.
-    pub fn stats(&self) -> Value {
-        let reg = self.reg();
-        let mut by_role: BTreeMap<&str, u64> = [("admin", 0), ("manager", 0), ("staff", 0)]
-            .into_iter()
-            .collect();
-        let mut by_store: BTreeMap<i64, u64> = BTreeMap::new();
-        let mut all_stores = 0u64;
-        let (mut queued, mut resuming) = (0u64, 0u64);
-        for c in reg.conns.values() {
-            *by_role.entry(c.principal.role.as_str()).or_default() += 1;
-            if c.principal.is_admin() {
-                all_stores += 1;
-            } else {
-                for s in c.principal.stores.iter() {
-                    *by_store.entry(*s).or_default() += 1;
-                }
-            }
-            let st = c.lock();
-            queued += st.queue.len() as u64;
-            resuming += st.catch_up.is_some() as u64;
-        }
-        let mut channels: Vec<(Channel, usize)> =
-            reg.channels.iter().map(|(c, m)| (*c, m.len())).collect();
-        channels.sort();
-        let subscriptions: Map<String, Value> = channels
-            .iter()
-            .map(|(c, n)| (c.name(), Value::from(*n)))
-            .collect();
-        let total = reg.conns.len();
-        let position = reg.position;
-        drop(reg);
-        let n = |a: &AtomicU64| a.load(Relaxed);
-        let k = &self.counters;
-        json!({
-            "connections": {
-                "total": total,
-                "byRole": by_role,
-                "byStore": by_store.iter().map(|(s, n)| (s.to_string(), Value::from(*n))).collect::<Map<String, Value>>(),
-                "allStores": all_stores,
-                "opened": n(&k.opened),
-                "resuming": resuming,
-            },
-            "subscriptions": {
-                "total": channels.iter().map(|(_, n)| n).sum::<usize>(),
-                "byChannel": subscriptions,
-            },
-            "messages": {
-                "sent": n(&k.sent),
-                "dropped": n(&k.dropped),
-                "queued": queued,
-                "replayed": n(&k.replayed),
-            },
-            "closed": {
-                "slowConsumer": n(&k.closed_slow),
-                "heartbeat": n(&k.closed_heartbeat),
-                "tokenExpired": n(&k.closed_expired),
-                "shutdown": n(&k.closed_shutdown),
-                "policy": n(&k.closed_policy),
-            },
-            "refusedSubscriptions": n(&k.refused_subscriptions),
-            "refusedConnections": n(&k.refused_connections),
-            "replaysTimedOut": n(&k.replays_timed_out),
-            "resumes": n(&k.resumes),
-            "resyncRequired": n(&k.resync_required),
-            "relay": {
-                "connected": self.relay.connected.load(Relaxed),
-                "reconnects": n(&self.relay.reconnects),
-                "lastEventId": position.id,
-                "eventsRelayed": n(&k.events_relayed),
-                "ephemeralRelayed": n(&k.ephemeral_relayed),
-            },
-            "config": {
-                "sendQueue": self.cfg.send_queue,
-                "pingIntervalMs": self.cfg.ping_interval.as_millis() as u64,
-            },
-        })
-    }
-
     #[cfg(test)]
     fn queued(&self, conn: &Conn) -> Vec<String> {
         conn.lock()
@@ -828,24 +566,6 @@ impl Hub {
                 _ => None,
             })
             .collect()
-    }
-}
-
-/// One of a user's replay turns; given back when dropped.
-pub struct ReplayTurn {
-    hub: Arc<Hub>,
-    user: i64,
-}
-
-impl Drop for ReplayTurn {
-    fn drop(&mut self) {
-        let mut m = self.hub.replaying.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.user);
-            }
-        }
     }
 }
 
@@ -873,224 +593,4 @@ impl crate::events::relay::Sink for Hub {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::auth::Role;
-    use crate::events::Kind;
-    use std::collections::HashSet;
-
-    fn hub(queue: usize) -> Hub {
-        Hub::new(HubConfig {
-            send_queue: queue,
-            catch_up_limit: 8,
-            max_subscriptions: 4,
-            ping_interval: Duration::from_secs(1),
-            max_per_user: 3,
-            replay_slots: 2,
-            replay_slots_per_user: 1,
-            replay_timeout: Duration::from_secs(5),
-            replay_max_events: 100,
-        })
-    }
-
-    fn principal(user: i64, role: Role, stores: &[i64]) -> Principal {
-        principal_until(user, role, stores, None)
-    }
-
-    fn principal_until(user: i64, role: Role, stores: &[i64], exp: Option<i64>) -> Principal {
-        Principal {
-            user_id: user,
-            email: None,
-            role,
-            stores: stores.iter().copied().collect::<HashSet<_>>(),
-            exp,
-        }
-    }
-
-    /// `user` is the addressee of a user notification, else the actor.
-    fn event(id: i64, kind: &str, store: Option<i64>, user: Option<i64>) -> Event {
-        let only_for = if kind == "user-notification" {
-            user
-        } else {
-            None
-        };
-        Event {
-            id,
-            seq: 1000 + id,
-            kind_name: kind.into(),
-            kind: Kind::parse(kind),
-            store_id: store,
-            user_id: only_for,
-            actor_id: user,
-            row_id: None,
-            row_version: Some(1),
-            payload: json!({}),
-            created_at: chrono::Utc::now(),
-        }
-    }
-
-    fn ids(h: &Hub, c: &Conn) -> Vec<i64> {
-        h.queued(c)
-            .iter()
-            .filter_map(|t| serde_json::from_str::<Value>(t).ok()?.get("id")?.as_i64())
-            .collect()
-    }
-
-    #[test]
-    fn scope_is_checked_from_claims() {
-        let h = hub(16);
-        let staff = h.register(principal(1, Role::Staff, &[1, 2])).unwrap();
-        let admin = h.register(principal(2, Role::Admin, &[])).unwrap();
-        assert_eq!(h.subscribe(&staff, Channel::Sales(1)), Ok(true));
-        assert_eq!(h.subscribe(&staff, Channel::Sales(1)), Ok(false));
-        assert!(matches!(
-            h.subscribe(&staff, Channel::Sales(3)),
-            Err(SubscribeError::Forbidden(_))
-        ));
-        assert!(matches!(
-            h.subscribe(&staff, Channel::Batch),
-            Err(SubscribeError::Forbidden(_))
-        ));
-        assert_eq!(h.subscribe(&admin, Channel::Sales(3)), Ok(true));
-        h.subscribe(&staff, Channel::Stores).unwrap();
-        h.subscribe(&admin, Channel::Stores).unwrap();
-        h.subscribe(&admin, Channel::Batch).unwrap();
-
-        h.dispatch(&event(1, "sales-data-updated", Some(1), Some(9)));
-        h.dispatch(&event(2, "sales-data-updated", Some(3), Some(9)));
-        h.dispatch(&event(3, "store-status-changed", Some(3), Some(9)));
-        h.dispatch(&event(4, "store-status-changed", Some(2), Some(9)));
-        h.dispatch(&event(5, "user-notification", None, Some(1)));
-        h.dispatch(&event(6, "batch-completed", None, Some(1)));
-        h.dispatch(&event(7, "system-announcement", None, None));
-        assert_eq!(ids(&h, &staff), vec![1, 4, 5, 6]);
-        assert_eq!(ids(&h, &admin), vec![2, 3, 4, 6]);
-        assert_eq!(h.position().id, 7);
-    }
-
-    #[test]
-    fn full_queue_closes_slow_consumer_only() {
-        let h = hub(2);
-        let slow = h.register(principal(1, Role::Admin, &[])).unwrap();
-        let fast = h.register(principal(2, Role::Admin, &[])).unwrap();
-        h.subscribe(&slow, Channel::Sales(1)).unwrap();
-        h.subscribe(&fast, Channel::Sales(1)).unwrap();
-        for id in 1..=3 {
-            h.dispatch(&event(id, "sales-data-created", Some(1), None));
-            while fast.pop().is_some() {}
-        }
-        assert_eq!(
-            slow.close_requested(),
-            Some((
-                protocol::CLOSE_SLOW_CONSUMER,
-                protocol::REASON_SLOW_CONSUMER
-            ))
-        );
-        assert_eq!(fast.close_requested(), None);
-        assert_eq!(h.counters.closed_slow.load(Relaxed), 1);
-        assert_eq!(h.counters.dropped.load(Relaxed), 3);
-    }
-
-    #[test]
-    fn resume_skips_what_was_live_and_holds_back_new_events() {
-        let h = hub(16);
-        h.set_position(Pos { seq: 1000, id: 0 });
-        let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
-        h.dispatch(&event(1, "sales-data-created", Some(1), None)); // before the subscription
-        h.subscribe(&c, Channel::Sales(1)).unwrap();
-        h.dispatch(&event(2, "sales-data-created", Some(1), None)); // live
-        let (snap, _) = h.begin_resume(&c, &[]).unwrap();
-        assert_eq!(snap.upto.id, 2);
-        h.dispatch(&event(3, "sales-data-created", Some(1), None)); // held back
-        assert!(
-            snap.wants(&c, &event(2, "sales-data-created", Some(1), None))
-                .is_none(),
-            "already live"
-        );
-        assert_eq!(
-            snap.wants(&c, &event(1, "sales-data-created", Some(1), None)),
-            Some(Variant::Full),
-            "missed"
-        );
-        assert!(
-            snap.wants(&c, &event(1, "sales-data-created", Some(2), None))
-                .is_none(),
-            "not subscribed"
-        );
-        assert!(h.begin_resume(&c, &[]).is_err());
-        assert_eq!(ids(&h, &c), vec![2]);
-        h.finish_resume(
-            &c,
-            &snap,
-            snap.upto,
-            Some(Pos { seq: 1000, id: 0 }),
-            protocol::resumed(0, 1, 2),
-        );
-        assert_eq!(ids(&h, &c), vec![2, 3]);
-        // After the resume, every event since `from` counts as delivered.
-        let (again, _) = h.begin_resume(&c, &[]).unwrap();
-        assert!(again
-            .wants(&c, &event(1, "sales-data-created", Some(1), None))
-            .is_none());
-    }
-
-    #[test]
-    fn heartbeat_closes_after_two_missed_pongs() {
-        let h = hub(16);
-        let c = h.register(principal(1, Role::Staff, &[])).unwrap();
-        let ok = h.register(principal(2, Role::Staff, &[])).unwrap();
-        for _ in 0..3 {
-            h.heartbeat();
-            ok.alive();
-        }
-        assert_eq!(
-            c.close_requested().map(|c| c.0),
-            Some(protocol::CLOSE_HEARTBEAT)
-        );
-        assert_eq!(ok.close_requested(), None);
-        let expired = h
-            .register(principal_until(3, Role::Staff, &[], Some(1)))
-            .unwrap();
-        h.heartbeat();
-        assert_eq!(
-            expired.close_requested().map(|c| c.0),
-            Some(protocol::CLOSE_TOKEN_EXPIRED)
-        );
-    }
-
-    #[test]
-    fn connections_per_user_are_capped() {
-        let h = hub(16);
-        for _ in 0..3 {
-            h.register(principal(7, Role::Staff, &[1])).unwrap();
-        }
-        assert!(!h.user_has_room(7));
-        assert_eq!(
-            h.register(principal(7, Role::Staff, &[1])).err(),
-            Some(Refused::TooMany)
-        );
-        assert!(h.register(principal(8, Role::Staff, &[1])).is_ok());
-    }
-
-    #[test]
-    fn a_moved_row_reaches_its_old_store_as_a_deletion() {
-        let h = hub(16);
-        let old = h.register(principal(1, Role::Staff, &[2])).unwrap();
-        let new = h.register(principal(2, Role::Staff, &[3])).unwrap();
-        let both = h.register(principal(3, Role::Admin, &[])).unwrap();
-        h.subscribe(&old, Channel::Sales(2)).unwrap();
-        h.subscribe(&new, Channel::Sales(3)).unwrap();
-        h.subscribe(&both, Channel::Sales(2)).unwrap();
-        h.subscribe(&both, Channel::Sales(3)).unwrap();
-        let mut e = event(1, "sales-data-updated", Some(3), None);
-        e.payload = json!({"year": 2025, "month": 1, "totalSales": 5, "previousStoreId": 2});
-        h.dispatch(&e);
-        let frame = |c: &Conn| -> Value { serde_json::from_str(&h.queued(c)[0]).unwrap() };
-        assert_eq!(frame(&old)["event"], "sales-data-deleted");
-        assert_eq!(frame(&old)["data"]["storeId"], 2);
-        assert!(frame(&old)["data"].get("totalSales").is_none());
-        assert_eq!(frame(&new)["event"], "sales-data-updated");
-        assert_eq!(frame(&both)["event"], "sales-data-updated");
-        assert_eq!(h.queued(&both).len(), 1);
-    }
-}
+mod tests;

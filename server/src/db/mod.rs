@@ -1,4 +1,10 @@
-//! Postgres pools and migrations.
+//! Postgres: pools, migrations, retries, the write ritual (`write`) and
+//! the bind parameters of rendered SQL (`sql`).
+
+pub mod sql;
+pub mod write;
+
+pub use write::{set_actor, Changes, Write};
 
 use crate::config::Config;
 use sqlx::migrate::Migrator;
@@ -92,6 +98,16 @@ pub async fn update_extension(pool: &PgPool) -> Result<Option<(String, String)>,
         }
         Err(e) => Err(e),
     }
+}
+
+/// `16/B374D848` -> a comparable number.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+pub fn format_lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
 }
 
 /// Errors worth another try: serialization failures and deadlocks (the
@@ -189,6 +205,14 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn lsn_round_trip() {
+        let v = parse_lsn("16/B374D848").unwrap();
+        assert_eq!(v, (0x16 << 32) | 0xB374D848);
+        assert_eq!(format_lsn(v), "16/B374D848");
+        assert!(parse_lsn("x").is_none());
+    }
 
     #[tokio::test]
     async fn retries_transient_then_succeeds() {

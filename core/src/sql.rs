@@ -1,0 +1,231 @@
+//! The sales filter and the document expression, rendered into SQL once.
+//!
+//! The rules (which condition each term becomes, when the document needs
+//! the stores join) are written here a single time; a [`SqlWriter`] decides
+//! how values reach SQL. The server's list and summary push bind
+//! parameters; the export's `COPY`, which takes none, renders literals
+//! through [`Literals`]. Both get the same conditions from the same terms,
+//! so a rule added for one cannot miss the other.
+
+use crate::projection::Projection;
+use std::fmt::Write as _;
+
+/// A typed value to put into SQL.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SqlValue<'a> {
+    /// `bigint[]`.
+    Ids(&'a [i64]),
+    /// `integer`.
+    Int(i32),
+    /// `numeric` (finite, checked by the caller).
+    Numeric(f64),
+    Text(&'a str),
+    /// `text[]`.
+    Texts(&'a [String]),
+}
+
+/// Where rendered SQL goes.
+pub trait SqlWriter {
+    /// Appends SQL text (never caller input).
+    fn sql(&mut self, sql: &str);
+    /// Appends a value, typed as its variant says.
+    fn value(&mut self, v: SqlValue<'_>);
+}
+
+/// Renders values as literals into a string.
+///
+/// Only typed values are rendered: numbers through their `Display` (an
+/// `f64` never uses exponents there), text through an escaped `E''`
+/// literal. Callers reject control characters in text first (a NUL could
+/// not be sent anyway).
+#[derive(Debug, Default, Clone)]
+pub struct Literals(pub String);
+
+impl SqlWriter for Literals {
+    fn sql(&mut self, sql: &str) {
+        self.0.push_str(sql);
+    }
+
+    fn value(&mut self, v: SqlValue<'_>) {
+        let out = &mut self.0;
+        match v {
+            SqlValue::Ids(ids) => {
+                out.push_str("ARRAY[");
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{id}");
+                }
+                out.push_str("]::bigint[]");
+            }
+            SqlValue::Int(n) => {
+                let _ = write!(out, "{n}");
+            }
+            SqlValue::Numeric(n) => {
+                let _ = write!(out, "'{n}'::numeric");
+            }
+            SqlValue::Text(t) => out.push_str(&text_lit(t)),
+            SqlValue::Texts(items) => {
+                out.push_str("ARRAY[");
+                for (i, t) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&text_lit(t));
+                }
+                out.push_str("]::text[]");
+            }
+        }
+    }
+}
+
+/// A text literal that is safe whatever `standard_conforming_strings` says:
+/// an `E''` string with quotes and backslashes escaped.
+pub fn text_lit(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// One condition of a sales query, on `m` (monthly_sales) and `s` (stores).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Term<'a> {
+    /// The rows of these stores (a filter, or the caller's scope).
+    StoreIn(&'a [i64]),
+    Region(&'a str),
+    Year(i32),
+    Month(i32),
+    /// From this (year, month) on.
+    From(i32, i32),
+    /// Up to this (year, month), inclusive.
+    To(i32, i32),
+    MinTotalSales(f64),
+    MaxTotalSales(f64),
+}
+
+/// Appends ` AND <condition>` for each term.
+pub fn push_terms(w: &mut impl SqlWriter, terms: &[Term<'_>]) {
+    for t in terms {
+        match *t {
+            Term::StoreIn(ids) => {
+                w.sql(" AND m.store_id = ANY(");
+                w.value(SqlValue::Ids(ids));
+                w.sql(")");
+            }
+            Term::Region(r) => {
+                w.sql(" AND s.region = ");
+                w.value(SqlValue::Text(r));
+            }
+            Term::Year(y) => {
+                w.sql(" AND m.year = ");
+                w.value(SqlValue::Int(y));
+            }
+            Term::Month(m) => {
+                w.sql(" AND m.month = ");
+                w.value(SqlValue::Int(m));
+            }
+            Term::From(y, m) | Term::To(y, m) => {
+                w.sql(if matches!(t, Term::From(..)) {
+                    " AND (m.year, m.month) >= ("
+                } else {
+                    " AND (m.year, m.month) <= ("
+                });
+                w.value(SqlValue::Int(y));
+                w.sql(", ");
+                w.value(SqlValue::Int(m));
+                w.sql(")");
+            }
+            Term::MinTotalSales(v) => {
+                w.sql(" AND m.total_sales >= ");
+                w.value(SqlValue::Numeric(v));
+            }
+            Term::MaxTotalSales(v) => {
+                w.sql(" AND m.total_sales <= ");
+                w.value(SqlValue::Numeric(v));
+            }
+        }
+    }
+}
+
+/// The sales document of row `m` (with its store `s` when the projection
+/// asks for store fields), projected in Postgres.
+pub fn push_sales_doc(w: &mut impl SqlWriter, p: &Projection) {
+    let doc = if p.needs_store() {
+        "sales.sales_doc(m, s)"
+    } else {
+        "sales.sales_doc(m)"
+    };
+    push_projected(w, p, doc, "sales.project")
+}
+
+/// The store document of row `s`, projected in Postgres.
+pub fn push_store_doc(w: &mut impl SqlWriter, p: &Projection) {
+    push_projected(w, p, "sales.store_doc(s)", "sales.project_store")
+}
+
+fn push_projected(w: &mut impl SqlWriter, p: &Projection, doc: &str, project: &str) {
+    if p.is_identity() {
+        w.sql(doc);
+    } else {
+        w.sql(project);
+        w.sql("(");
+        w.sql(doc);
+        w.sql(", ");
+        w.value(SqlValue::Texts(&p.fields));
+        w.sql(", ");
+        w.value(SqlValue::Texts(&p.excluded));
+        w.sql(")");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::SALES_DOC;
+
+    fn render(terms: &[Term<'_>]) -> String {
+        let mut w = Literals::default();
+        push_terms(&mut w, terms);
+        w.0
+    }
+
+    #[test]
+    fn literals_are_escaped() {
+        assert_eq!(text_lit("O'Brien \\ x"), "E'O''Brien \\\\ x'");
+        let w = render(&[
+            Term::StoreIn(&[1, 2]),
+            Term::Region("a'); DROP TABLE x; --"),
+            Term::From(2024, 1),
+            Term::MinTotalSales(0.5),
+            Term::MaxTotalSales(1e21),
+        ]);
+        assert!(w.contains("s.region = E'a''); DROP TABLE x; --'"), "{w}");
+        assert!(w.contains("ANY(ARRAY[1,2]::bigint[])"), "{w}");
+        assert!(w.contains("m.total_sales >= '0.5'::numeric"), "{w}");
+        assert!(w.contains("(m.year, m.month) >= (2024, 1)"), "{w}");
+        assert!(w.contains("<= '1000000000000000000000'::numeric"), "{w}");
+    }
+
+    #[test]
+    fn the_store_join_only_for_store_fields() {
+        let doc = |fields: &[&str]| {
+            let p = Projection::new(&SALES_DOC, fields, &[]).unwrap();
+            let mut w = Literals::default();
+            push_sales_doc(&mut w, &p);
+            w.0
+        };
+        assert_eq!(doc(&[]), "sales.sales_doc(m)");
+        assert!(doc(&["storeId"]).starts_with("sales.project(sales.sales_doc(m), "));
+        assert!(doc(&["store.name"]).starts_with("sales.project(sales.sales_doc(m, s), "));
+        assert!(doc(&["store"]).contains("sales.sales_doc(m, s)"));
+    }
+}

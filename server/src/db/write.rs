@@ -1,0 +1,129 @@
+//! The write ritual, written once: begin, set the acting user, the caller's
+//! statements, collect the cache tags of the events the transaction wrote,
+//! commit; then raise the replica read floor and invalidate the cache.
+
+use super::TxFailure;
+use crate::cache::Cache;
+use crate::events::{Event, Kind};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A write transaction acting for one user: the events its statements
+/// write name that user as their actor.
+pub struct Write {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl Write {
+    pub async fn begin(pool: &PgPool, actor: i64) -> Result<Self, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        set_actor(&mut *tx, actor).await?;
+        Ok(Self { tx })
+    }
+
+    /// The connection to run the write's statements on.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Commits, returning what the write changed (to [`Changes::publish`]).
+    /// A failure at COMMIT itself is `TxFailure::AtCommit`: after a lost
+    /// connection its outcome is unknown.
+    pub async fn commit(mut self) -> Result<Changes, TxFailure> {
+        // Read inside the transaction: the events it wrote are visible only here.
+        let tags = tx_cache_tags(&mut self.tx).await?;
+        self.tx.commit().await.map_err(TxFailure::AtCommit)?;
+        Ok(Changes { tags })
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+/// Sets the acting user for event rows written in this transaction.
+pub async fn set_actor<'c, E>(conn: E, user_id: i64) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    sqlx::query("SELECT set_config('sales.user_id', $1, true)")
+        .bind(user_id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// What a committed write changed: the cache tags of its events.
+#[derive(Debug, Default)]
+pub struct Changes {
+    tags: Vec<String>,
+}
+
+impl Changes {
+    /// Nothing was written (a rolled-back attempt).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    /// Raises `read_floor` (with a replica) to the primary's WAL position,
+    /// so that no read cached from now on comes from a replica that has not
+    /// replayed the write, then invalidates the entries the events name.
+    pub async fn publish(self, pool: &PgPool, read_floor: Option<&AtomicU64>, cache: &Cache) {
+        if let Some(floor) = read_floor {
+            raise_read_floor(pool, floor).await;
+        }
+        cache.invalidate(&self.tags).await;
+    }
+}
+
+/// Moves `floor` up to the primary's current WAL position.
+pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
+    if let Ok(lsn) = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+    {
+        if let Some(v) = super::parse_lsn(&lsn) {
+            floor.fetch_max(v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The cache tags of the events the current transaction has written.
+/// Read before COMMIT and invalidated right after, so the
+/// writer reads its own writes at once (other instances learn through the
+/// relay).
+async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
+        "SELECT DISTINCT kind, store_id, row_id,
+                jsonb_build_object('year', payload->'year', 'month', payload->'month',
+                                   'previousStoreId', payload->'previousStoreId',
+                                   'previousYear', payload->'previousYear',
+                                   'previousMonth', payload->'previousMonth')
+         FROM sales.transaction_events()",
+    )
+    .fetch_all(conn)
+    .await?;
+    let events: Vec<Event> = rows
+        .into_iter()
+        .map(|(kind_name, store_id, row_id, payload)| Event {
+            id: 0,
+            seq: 0,
+            kind: Kind::parse(&kind_name),
+            kind_name,
+            store_id,
+            user_id: None,
+            actor_id: None,
+            row_id,
+            row_version: None,
+            payload,
+            created_at: DateTime::<Utc>::MIN_UTC,
+        })
+        .collect();
+    Ok(crate::events::rules::cache_tags(&events))
+}

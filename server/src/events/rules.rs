@@ -1,0 +1,215 @@
+//! What events mean to the server: who may receive each one, in which
+//! form, and which cache tags it makes stale. Live dispatch, replay
+//! (resume) and cache invalidation all ask these questions here, so a new
+//! kind or a new rule is written once.
+
+use super::model::Event;
+use super::vocab::{Channel, Kind, Recipient, Variant};
+use crate::cache;
+use serde_json::Value;
+
+/// The (store, year, month) a sales row had before an update moved it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OldKey {
+    pub store_id: i64,
+    pub year: Option<i64>,
+    pub month: Option<i64>,
+}
+
+impl Event {
+    fn payload_i64(&self, field: &str) -> Option<i64> {
+        self.payload.get(field).and_then(Value::as_i64)
+    }
+
+    /// For a sales row an update moved to another store or month (plain SQL
+    /// can), the key it left. The extension records `previousStoreId`, and
+    /// `previousYear` / `previousMonth` when the month changed.
+    pub fn moved_from(&self) -> Option<OldKey> {
+        if self.kind != Kind::SalesUpdated {
+            return None;
+        }
+        let store = self.store_id?;
+        let prev_store = self.payload_i64("previousStoreId");
+        let prev_year = self.payload_i64("previousYear");
+        let prev_month = self.payload_i64("previousMonth");
+        if prev_store.is_none_or(|p| p == store)
+            && prev_year.is_none_or(|y| Some(y) == self.payload_i64("year"))
+            && prev_month.is_none_or(|m| Some(m) == self.payload_i64("month"))
+        {
+            return None;
+        }
+        Some(OldKey {
+            store_id: prev_store.unwrap_or(store),
+            year: prev_year.or_else(|| self.payload_i64("year")),
+            month: prev_month.or_else(|| self.payload_i64("month")),
+        })
+    }
+
+    /// Who receives this event and in which form, the full frame first (a
+    /// connection reached twice gets the first only).
+    pub fn deliveries(&self) -> Vec<(Recipient, Variant)> {
+        use Recipient::*;
+        if let Some(u) = self.user_id {
+            // A user-only event (user notifications): that user alone.
+            return vec![(User(u), Variant::Full)];
+        }
+        match self.kind {
+            k if k.is_sales() => {
+                let Some(s) = self.store_id else {
+                    return vec![];
+                };
+                let mut out = vec![(Channel(self::Channel::Sales(s)), Variant::Full)];
+                if let Some(old) = self.moved_from().filter(|o| o.store_id != s) {
+                    out.push((
+                        Channel(self::Channel::Sales(old.store_id)),
+                        Variant::MovedAway,
+                    ));
+                }
+                out
+            }
+            k if k.is_store() => match self.store_id {
+                Some(s) => vec![(ChannelInScope(self::Channel::Stores, s), Variant::Full)],
+                None => vec![],
+            },
+            Kind::Announcement => vec![(Channel(self::Channel::Announcements), Variant::Full)],
+            Kind::BatchCompleted => {
+                // The batch's author gets it on their own channel; admins may
+                // follow every batch.
+                let mut out = Vec::with_capacity(2);
+                if let Some(a) = self.actor_id {
+                    out.push((User(a), Variant::Full));
+                }
+                out.push((Channel(self::Channel::Batch), Variant::Full));
+                out
+            }
+            _ => vec![],
+        }
+    }
+
+    /// The cache tags this event makes stale. Every sales change touches its
+    /// store, its store-month, its row and the cross-store views (and, for a
+    /// row that moved, the store and month it left); every store change the
+    /// store list, the store's documents and everything that embeds them.
+    pub fn cache_tags(&self) -> Vec<String> {
+        let mut tags = Vec::new();
+        let ym = |y: Option<i64>, m: Option<i64>| y.zip(m);
+        if self.kind.is_sales() {
+            tags.push(cache::TAG_SALES_ALL.to_string());
+            if let Some(s) = self.store_id {
+                tags.push(cache::tag_store(s));
+                if let Some((y, m)) = ym(self.payload_i64("year"), self.payload_i64("month")) {
+                    tags.push(cache::tag_store_month(s, y, m));
+                }
+            }
+            if let Some(old) = self.moved_from() {
+                tags.push(cache::tag_store(old.store_id));
+                if let Some((y, m)) = ym(old.year, old.month) {
+                    tags.push(cache::tag_store_month(old.store_id, y, m));
+                }
+            }
+            if let Some(r) = self.row_id {
+                tags.push(cache::tag_row(r));
+            }
+        } else if self.kind.is_store() {
+            tags.push(cache::TAG_STORES.to_string());
+            // Store documents appear inside sales documents (`store.name`)
+            // and regions drive summaries.
+            tags.push(cache::TAG_SALES_ALL.to_string());
+            if let Some(s) = self.store_id {
+                tags.push(cache::tag_store(s));
+                tags.push(cache::tag_store_doc(s));
+            }
+        }
+        tags
+    }
+}
+
+/// The tags of many events, sorted and without repeats.
+pub fn cache_tags<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<String> {
+    let mut tags: Vec<String> = events.into_iter().flat_map(Event::cache_tags).collect();
+    tags.sort();
+    tags.dedup();
+    tags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(kind: &str, store: Option<i64>, payload: Value) -> Event {
+        Event {
+            id: 7,
+            seq: 100,
+            kind_name: kind.into(),
+            kind: Kind::parse(kind),
+            store_id: store,
+            user_id: None,
+            actor_id: Some(1),
+            row_id: Some(9),
+            row_version: Some(2),
+            payload,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn sales_tags() {
+        let t = ev(
+            "sales-data-updated",
+            Some(3),
+            json!({"year": 2025, "month": 4}),
+        )
+        .cache_tags();
+        for want in ["sales:all", "store:3", "store:3:2025-04", "row:9"] {
+            assert!(t.contains(&want.to_string()), "{want} in {t:?}");
+        }
+        let t = ev("store-status-changed", Some(4), json!({})).cache_tags();
+        assert!(t.contains(&"stores".to_string()) && t.contains(&"storedoc:4".to_string()));
+        assert!(ev("system-announcement", None, json!({}))
+            .cache_tags()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_moved_row_invalidates_and_notifies_its_old_key() {
+        let moved = ev(
+            "sales-data-updated",
+            Some(3),
+            json!({"year": 2025, "month": 4, "previousStoreId": 2, "previousYear": 2024, "previousMonth": 12}),
+        );
+        let t = moved.cache_tags();
+        assert!(t.contains(&"store:2".to_string()));
+        assert!(t.contains(&"store:2:2024-12".to_string()));
+        assert!(t.contains(&"store:3:2025-04".to_string()));
+        assert_eq!(
+            moved.deliveries(),
+            vec![
+                (Recipient::Channel(Channel::Sales(3)), Variant::Full),
+                (Recipient::Channel(Channel::Sales(2)), Variant::MovedAway)
+            ]
+        );
+        let f: Value = serde_json::from_str(&moved.frame(Variant::MovedAway)).unwrap();
+        assert_eq!(f["event"], "sales-data-deleted");
+        assert_eq!(f["data"]["storeId"], 2);
+        assert_eq!(f["data"]["year"], 2024);
+        assert_eq!(f["data"]["moved"], true);
+        assert!(f["data"].get("totalSales").is_none());
+
+        // Another month of the same store: one channel, old month's tags.
+        let month = ev(
+            "sales-data-updated",
+            Some(3),
+            json!({"year": 2025, "month": 4, "previousYear": 2025, "previousMonth": 3}),
+        );
+        assert!(month.cache_tags().contains(&"store:3:2025-03".to_string()));
+        assert_eq!(month.deliveries().len(), 1);
+        // Not a move.
+        let same = ev(
+            "sales-data-updated",
+            Some(3),
+            json!({"year": 2025, "month": 4, "previousStoreId": 3}),
+        );
+        assert_eq!(same.moved_from(), None);
+    }
+}

@@ -1,0 +1,224 @@
+//! Content codings, one compressor for buffered responses (the
+//! representation middleware) and streamed exports alike.
+
+use bytes::Bytes;
+use std::io::{self, Write};
+
+/// Bodies under this size are sent uncompressed.
+pub const COMPRESS_MIN: usize = 1024;
+/// Bodies over this size get a higher compression level.
+pub const COMPRESS_HIGH: usize = 10 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Zstd,
+    Brotli,
+    Gzip,
+    Identity,
+}
+
+impl Encoding {
+    pub fn token(self) -> &'static str {
+        match self {
+            Encoding::Zstd => "zstd",
+            Encoding::Brotli => "br",
+            Encoding::Gzip => "gzip",
+            Encoding::Identity => "identity",
+        }
+    }
+}
+
+/// Picks the best encoding the client accepts (q > 0), preferring zstd, br, gzip.
+pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
+    let Some(accept) = accept else {
+        return Encoding::Identity;
+    };
+    let mut best: Option<(Encoding, f32, usize)> = None;
+    for part in accept.split(',') {
+        let mut it = part.trim().split(';');
+        let name = it.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = it
+            .find_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|v| v.trim().parse::<f32>().ok())
+            })
+            .unwrap_or(1.0);
+        if q <= 0.0 {
+            continue;
+        }
+        let candidates: Vec<Encoding> = match name.as_str() {
+            "zstd" => vec![Encoding::Zstd],
+            "br" => vec![Encoding::Brotli],
+            "gzip" | "x-gzip" => vec![Encoding::Gzip],
+            "*" => offered.to_vec(),
+            _ => vec![],
+        };
+        for enc in candidates {
+            let Some(rank) = offered.iter().position(|o| *o == enc) else {
+                continue;
+            };
+            let better = match best {
+                None => true,
+                Some((_, bq, br)) => q > bq || (q == bq && rank < br),
+            };
+            if better {
+                best = Some((enc, q, rank));
+            }
+        }
+    }
+    best.map(|(e, _, _)| e).unwrap_or(Encoding::Identity)
+}
+
+/// A compressor fed chunk by chunk.
+pub enum Compressor {
+    Identity,
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+impl Compressor {
+    /// `level` is COMPRESSION_LEVEL (1..9), bounded to what each coding takes.
+    pub fn new(enc: Encoding, level: u32) -> io::Result<Self> {
+        Ok(match enc {
+            Encoding::Identity => Compressor::Identity,
+            Encoding::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(
+                Vec::new(),
+                level.clamp(1, 19) as i32,
+            )?),
+            Encoding::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
+                Vec::new(),
+                flate2::Compression::new(level.clamp(1, 9)),
+            )),
+            Encoding::Brotli => Compressor::Brotli(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                level.clamp(1, 11),
+                22,
+            ))),
+        })
+    }
+
+    /// Feeds a chunk; returns what is ready to send (possibly nothing yet).
+    pub fn encode(&mut self, chunk: Vec<u8>) -> io::Result<Bytes> {
+        let out = match self {
+            Compressor::Identity => return Ok(Bytes::from(chunk)),
+            Compressor::Zstd(e) => {
+                e.write_all(&chunk)?;
+                e.get_mut()
+            }
+            Compressor::Gzip(e) => {
+                e.write_all(&chunk)?;
+                e.get_mut()
+            }
+            Compressor::Brotli(e) => {
+                e.write_all(&chunk)?;
+                e.get_mut()
+            }
+        };
+        Ok(Bytes::from(std::mem::take(out)))
+    }
+
+    /// Ends the stream; returns the rest.
+    pub fn finish(self) -> io::Result<Bytes> {
+        match self {
+            Compressor::Identity => Ok(Bytes::new()),
+            Compressor::Zstd(e) => e.finish().map(Bytes::from),
+            Compressor::Gzip(e) => e.finish().map(Bytes::from),
+            Compressor::Brotli(e) => Ok(Bytes::from(e.into_inner())),
+        }
+    }
+}
+
+/// Compresses a whole body; `level` is COMPRESSION_LEVEL (1..9), raised
+/// for large bodies.
+pub fn compress(enc: Encoding, data: &[u8], level: u32) -> io::Result<Vec<u8>> {
+    let level = if data.len() > COMPRESS_HIGH {
+        (level + 3).min(9)
+    } else {
+        level.clamp(1, 9)
+    };
+    let mut c = Compressor::new(enc, level)?;
+    let mut out = c.encode(data.to_vec())?.to_vec();
+    out.extend_from_slice(&c.finish()?);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        let all = [Encoding::Zstd, Encoding::Brotli, Encoding::Gzip];
+        assert_eq!(
+            negotiate(Some("gzip, deflate, br, zstd"), &all),
+            Encoding::Zstd
+        );
+        assert_eq!(negotiate(Some("gzip, br"), &all), Encoding::Brotli);
+        assert_eq!(negotiate(Some("gzip"), &all), Encoding::Gzip);
+        assert_eq!(
+            negotiate(Some("zstd;q=0, gzip;q=0.5"), &all),
+            Encoding::Gzip
+        );
+        assert_eq!(
+            negotiate(Some("br;q=0.2, gzip;q=0.9"), &all),
+            Encoding::Gzip
+        );
+        assert_eq!(negotiate(Some("identity"), &all), Encoding::Identity);
+        assert_eq!(negotiate(Some("*"), &all), Encoding::Zstd);
+        assert_eq!(negotiate(None, &all), Encoding::Identity);
+    }
+
+    #[test]
+    fn round_trips() {
+        let data = br#"{"data":[1,2,3]}"#.repeat(500);
+        for enc in [Encoding::Zstd, Encoding::Gzip, Encoding::Brotli] {
+            let c = compress(enc, &data, 3).unwrap();
+            assert!(c.len() < data.len() / 5, "{enc:?}");
+        }
+        assert_eq!(
+            zstd::decode_all(&compress(Encoding::Zstd, &data, 3).unwrap()[..]).unwrap(),
+            data
+        );
+    }
+
+    #[test]
+    fn chunked_round_trips() {
+        let data = b"key,store_id\r\n1:2024-01,1\r\n".repeat(5000);
+        for enc in [
+            Encoding::Zstd,
+            Encoding::Gzip,
+            Encoding::Brotli,
+            Encoding::Identity,
+        ] {
+            let mut e = Compressor::new(enc, 3).unwrap();
+            let mut out = Vec::new();
+            for part in data.chunks(64 * 1024) {
+                out.extend_from_slice(&e.encode(part.to_vec()).unwrap());
+            }
+            out.extend_from_slice(&e.finish().unwrap());
+            let back = match enc {
+                Encoding::Zstd => zstd::decode_all(&out[..]).unwrap(),
+                Encoding::Gzip => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&out[..]), &mut v)
+                        .unwrap();
+                    v
+                }
+                Encoding::Brotli => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut brotli::Decompressor::new(&out[..], 4096),
+                        &mut v,
+                    )
+                    .unwrap();
+                    v
+                }
+                Encoding::Identity => out,
+            };
+            assert_eq!(back, data, "{enc:?}");
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Rate limits, declared query parameters and the body size limit.
+
+use super::{error_response, hex};
+use crate::http::error::ApiError;
+use crate::http::routes::{Match, Routes};
+use crate::state::AppState;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use poem::http::{header, HeaderValue, StatusCode};
+use poem::{Endpoint, IntoResponse, Request, Response};
+use sha2::{Digest, Sha256};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+/// Request budgets. Every `/api/*` and `/ws` request spends from its IP's
+/// bucket (RATE_LIMIT_PER_IP_PER_MINUTE), whatever it carries; a request
+/// whose bearer token verifies also spends from that token's bucket
+/// (RATE_LIMIT_PER_MINUTE), checked in the security scheme after
+/// verification, so junk tokens never get a bucket of their own. WebSocket
+/// upgrades have their own per-IP budget (WS_UPGRADES_PER_MINUTE).
+pub struct RateLimits {
+    by_ip: DefaultKeyedRateLimiter<IpAddr>,
+    by_token: DefaultKeyedRateLimiter<String>,
+    ws_by_ip: DefaultKeyedRateLimiter<IpAddr>,
+    clock: DefaultClock,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+fn quota(per_minute: u32) -> Quota {
+    let n = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::per_minute(n).allow_burst(n)
+}
+
+impl RateLimits {
+    pub fn new(per_token: u32, per_ip: u32, ws_per_ip: u32) -> Self {
+        Self {
+            by_ip: RateLimiter::keyed(quota(per_ip)),
+            by_token: RateLimiter::keyed(quota(per_token)),
+            ws_by_ip: RateLimiter::keyed(quota(ws_per_ip)),
+            clock: DefaultClock::default(),
+            calls: Default::default(),
+        }
+    }
+
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self::new(
+            c.rate_limit_per_minute,
+            c.rate_limit_per_ip_per_minute,
+            c.ws_upgrades_per_minute,
+        )
+    }
+
+    fn upkeep(&self) {
+        // Forget idle keys now and then so the maps stay small.
+        if self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 10_000
+            == 9_999
+        {
+            self.by_ip.retain_recent();
+            self.by_token.retain_recent();
+            self.ws_by_ip.retain_recent();
+        }
+    }
+
+    fn wait(&self, nu: governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
+        nu.wait_time_from(self.clock.now()).as_secs().max(1)
+    }
+
+    /// `Err(seconds to wait)` when the IP's budget is spent.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), u64> {
+        self.upkeep();
+        self.by_ip.check_key(&ip).map_err(|nu| self.wait(nu))
+    }
+
+    /// For a token that has verified.
+    pub fn check_token(&self, token: &str) -> Result<(), u64> {
+        // Keyed by a digest: raw tokens are not kept in memory.
+        let key = hex(&Sha256::digest(token.as_bytes())[..16]);
+        self.by_token.check_key(&key).map_err(|nu| self.wait(nu))
+    }
+
+    pub fn check_ws(&self, ip: IpAddr) -> Result<(), u64> {
+        self.ws_by_ip.check_key(&ip).map_err(|nu| self.wait(nu))
+    }
+}
+
+pub fn client_ip(req: &Request) -> IpAddr {
+    req.remote_addr()
+        .as_socket_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+}
+
+/// 400 for a query parameter the operation does not declare, or one given
+/// twice: handlers would ignore it, and the response must not depend on
+/// (or be cached under) anything they ignore.
+pub fn check_query(req: &Request, routes: &Routes) -> Result<(), ApiError> {
+    let Some(query) = req.uri().query() else {
+        return Ok(());
+    };
+    let Match::Operation(_, allowed) = routes.find(req.method().as_str(), req.uri().path()) else {
+        return Ok(());
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (k, _) in form_urlencoded::parse(query.as_bytes()) {
+        if k.is_empty() {
+            continue;
+        }
+        if !allowed.contains(k.as_ref()) {
+            let mut names: Vec<&str> = allowed.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            let name: String = k.chars().take(64).collect();
+            return Err(ApiError::bad_param(
+                &name,
+                if names.is_empty() {
+                    "unknown query parameter; this operation takes none".to_string()
+                } else {
+                    format!(
+                        "unknown query parameter; this operation takes: {}",
+                        names.join(", ")
+                    )
+                },
+            ));
+        }
+        if !seen.insert(k.clone()) {
+            return Err(ApiError::bad_param(&k, "given more than once"));
+        }
+    }
+    Ok(())
+}
+
+/// Rate limits, declared query parameters, and the body size limit,
+/// enforced while the body is read, whatever the headers (or their absence,
+/// as over HTTP/2) say.
+pub async fn with_limits<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    state: Arc<AppState>,
+    limits: Arc<RateLimits>,
+    routes: Arc<Routes>,
+) -> poem::Result<Response> {
+    let path = req.uri().path();
+    let is_ws = path == "/ws";
+    if path.starts_with("/api/") || is_ws {
+        let ip = client_ip(&req);
+        let checked =
+            limits
+                .check_ip(ip)
+                .and_then(|()| if is_ws { limits.check_ws(ip) } else { Ok(()) });
+        if let Err(retry) = checked {
+            return Ok(ApiError::too_many(retry).into_response());
+        }
+    }
+    if let Some(allowed) = routes.allowed(req.uri().path()) {
+        let method = req.method().as_str();
+        if !allowed.contains(&method) && method != "OPTIONS" {
+            let mut resp = error_response(poem::Error::from_string(
+                format!("{method} is not allowed here; use {}", allowed.join(", ")),
+                StatusCode::METHOD_NOT_ALLOWED,
+            ));
+            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return Ok(resp);
+        }
+    }
+    if let Err(e) = check_query(&req, &routes) {
+        return Ok(e.into_response());
+    }
+    if req.headers().contains_key(header::UPGRADE) {
+        return ep.call(req).await.map(IntoResponse::into_response);
+    }
+    let limit = state.config.body_limit;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Ok(ApiError::too_large(format!(
+                "body of {len} bytes exceeds BODY_LIMIT ({limit} bytes)"
+            ))
+            .into_response());
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match body.into_bytes_limit(limit).await {
+        Ok(b) => b,
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+            return Ok(
+                ApiError::too_large(format!("body exceeds BODY_LIMIT ({limit} bytes)"))
+                    .into_response(),
+            )
+        }
+        Err(e) => {
+            return Ok(
+                ApiError::bad_param("body", format!("could not be read: {e}")).into_response(),
+            )
+        }
+    };
+    let req = Request::from_parts(parts, poem::Body::from(bytes));
+    ep.call(req).await.map(IntoResponse::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_per_token_and_ip() {
+        let l = RateLimits::new(3, 5, 1);
+        for _ in 0..3 {
+            assert!(l.check_token("tok").is_ok());
+        }
+        assert!(l.check_token("tok").is_err());
+        assert!(l.check_token("other").is_ok());
+        let ip: IpAddr = "1.2.3.4".parse().unwrap();
+        for _ in 0..5 {
+            assert!(l.check_ip(ip).is_ok());
+        }
+        assert!(l.check_ip(ip).is_err());
+        assert!(l.check_ip("1.2.3.5".parse().unwrap()).is_ok());
+        assert!(l.check_ws(ip).is_ok() && l.check_ws(ip).is_err());
+    }
+}

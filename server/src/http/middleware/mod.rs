@@ -1,0 +1,20 @@
+//! Everything every response gets, one layer per concern: request id
+//! (header, task-local, log span) and errors in one JSON shape
+//! (`request_id`), rate and body limits (`limits`), ETag / 304,
+//! Cache-Control, Vary and compression (`representation`), security
+//! headers (`headers`).
+
+mod headers;
+mod limits;
+mod representation;
+mod request_id;
+
+pub use headers::with_security_headers;
+pub use limits::{check_query, client_ip, with_limits, RateLimits};
+pub use representation::{with_representation, Streaming};
+pub use request_id::{error_response, request_id, with_request_id};
+
+/// Lowercase hex of a digest (rate-limit keys, ETags).
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

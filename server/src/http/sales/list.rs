@@ -1,0 +1,344 @@
+//! Listing: sort keys, keyset cursors, the list query and its page.
+
+use super::{ms, MAX_LIMIT};
+use crate::auth::Principal;
+use crate::db::sql::Binds;
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::filters::SalesFilter;
+use crate::state::AppState;
+use base64::Engine;
+use sales_core::projection::Projection;
+use sales_core::sql::{push_sales_doc, push_terms, Term};
+use serde_json::{json, Value};
+use sqlx::{Postgres, QueryBuilder, Row};
+use std::time::Instant;
+
+/// A sortable key: (name, SQL expression, SQL type for cursor values).
+const SORT_KEYS: &[(&str, &str, &str)] = &[
+    ("id", "m.id", "bigint"),
+    ("storeId", "m.store_id", "bigint"),
+    ("year", "m.year", "integer"),
+    ("month", "m.month", "integer"),
+    ("totalSales", "m.total_sales", "numeric"),
+    ("totalCustomers", "m.total_customers", "bigint"),
+    ("daysReported", "m.days_reported", "integer"),
+    ("updatedAt", "m.updated_at", "timestamptz"),
+    ("createdAt", "m.created_at", "timestamptz"),
+];
+
+#[derive(Debug, Clone)]
+pub struct SortKey {
+    pub name: &'static str,
+    pub expr: &'static str,
+    pub ty: &'static str,
+    pub desc: bool,
+}
+
+/// `-year,-month,storeId` -> keys (camelCase or snake_case; `period` = year, month).
+pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
+    let raw = raw
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("storeId,year,month");
+    let mut keys: Vec<SortKey> = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (desc, name) = match part.strip_prefix('-') {
+            Some(n) => (true, n),
+            None => (false, part.strip_prefix('+').unwrap_or(part)),
+        };
+        let camel = sales_core::names::to_camel(name);
+        let names: Vec<&str> = if camel == "period" {
+            vec!["year", "month"]
+        } else {
+            vec![camel.as_str()]
+        };
+        for n in names {
+            let Some((k, expr, ty)) = SORT_KEYS.iter().find(|(k, _, _)| *k == n) else {
+                return Err(ApiError::bad_param(
+                    "sort",
+                    format!(
+                        "cannot sort by {name:?}; allowed: period, {}",
+                        SORT_KEYS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            };
+            if keys.iter().any(|e| e.name == *k) {
+                return Err(ApiError::bad_param("sort", format!("{k} given twice")));
+            }
+            keys.push(SortKey {
+                name: k,
+                expr,
+                ty,
+                desc,
+            });
+        }
+    }
+    if keys.len() > 6 {
+        return Err(ApiError::bad_param("sort", "at most 6 keys"));
+    }
+    // The id makes the order total, so keyset pages never skip or repeat a row.
+    if !keys.iter().any(|k| k.name == "id") {
+        keys.push(SortKey {
+            name: "id",
+            expr: "m.id",
+            ty: "bigint",
+            desc: false,
+        });
+    }
+    Ok(keys)
+}
+
+pub fn sort_spec(keys: &[SortKey]) -> String {
+    keys.iter()
+        .map(|k| format!("{}{}", if k.desc { "-" } else { "" }, k.name))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Opaque keyset cursor: the sort it belongs to and the last row's key values.
+pub fn encode_cursor(spec: &str, values: &[String]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"s": spec, "v": values}).to_string())
+}
+
+pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> {
+    let bad = |why: &str| ApiError::bad_param("cursor", why.to_string());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw.trim())
+        .map_err(|_| bad("not a cursor from this API"))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad("not a cursor from this API"))?;
+    if v["s"].as_str() != Some(spec) {
+        return Err(bad(
+            "the cursor belongs to a different sort; keep `sort` the same across pages",
+        ));
+    }
+    let vals: Vec<String> = v["v"]
+        .as_array()
+        .ok_or_else(|| bad("malformed cursor"))?
+        .iter()
+        .map(|x| x.as_str().map(str::to_string))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("malformed cursor"))?;
+    if vals.len() != n {
+        return Err(bad("malformed cursor"));
+    }
+    Ok(vals)
+}
+
+/// Checks each cursor value against its key's SQL type, so a tampered
+/// cursor is a 400 naming `cursor`, not a failed cast in Postgres.
+pub fn check_cursor_values(keys: &[SortKey], vals: &[String]) -> ApiResult<()> {
+    for (k, v) in keys.iter().zip(vals) {
+        let ok = match k.ty {
+            "bigint" => v.parse::<i64>().is_ok(),
+            "integer" => v.parse::<i32>().is_ok(),
+            "numeric" => v.parse::<f64>().is_ok_and(f64::is_finite),
+            "timestamptz" => chrono::DateTime::parse_from_str(v, "%Y-%m-%d %H:%M:%S%.f%#z")
+                .is_ok_and(|t| (1..=9999).contains(&chrono::Datelike::year(&t))),
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::bad_param(
+                "cursor",
+                format!(
+                    "not a cursor from this API ({} is not a valid {})",
+                    k.name, k.ty
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `(k1, k2, ...) after (v1, v2, ...)` for mixed directions, as an OR chain.
+fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[String]) {
+    qb.push(" AND (");
+    for i in 0..keys.len() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        qb.push("(");
+        for (j, k) in keys.iter().enumerate().take(i) {
+            qb.push(k.expr)
+                .push(" = CAST(")
+                .push_bind(vals[j].clone())
+                .push(format!(" AS {})", k.ty))
+                .push(" AND ");
+        }
+        let k = &keys[i];
+        qb.push(k.expr).push(if k.desc { " < " } else { " > " });
+        qb.push("CAST(")
+            .push_bind(vals[i].clone())
+            .push(format!(" AS {}))", k.ty));
+    }
+    qb.push(")");
+}
+
+/// Everything a list query needs, checked.
+pub struct ListQuery<'a> {
+    pub who: &'a Principal,
+    pub filter: &'a SalesFilter,
+    pub projection: &'a Projection,
+    pub keys: &'a [SortKey],
+    pub spec: &'a str,
+    pub limit: i64,
+    pub requested: i64,
+    pub offset: i64,
+    pub after: Option<&'a Vec<String>>,
+    pub include_meta: bool,
+    pub started: Instant,
+}
+
+/// The list query for `q`, built fresh for each attempt (binds are consumed).
+fn list_query(q: &ListQuery<'_>) -> QueryBuilder<'static, Postgres> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+    push_sales_doc(&mut Binds(&mut qb), q.projection);
+    qb.push(")::text AS doc, ARRAY[");
+    for (i, k) in q.keys.iter().enumerate() {
+        if i > 0 {
+            qb.push(", ");
+        }
+        qb.push(k.expr).push("::text");
+    }
+    qb.push(
+        "] AS cur FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true",
+    );
+    q.filter.push_where(&mut Binds(&mut qb), q.who);
+    if let Some(vals) = q.after {
+        push_keyset(&mut qb, q.keys, vals);
+    }
+    qb.push(" ORDER BY ");
+    for (i, k) in q.keys.iter().enumerate() {
+        if i > 0 {
+            qb.push(", ");
+        }
+        qb.push(k.expr).push(if k.desc { " DESC" } else { " ASC" });
+    }
+    qb.push(" LIMIT ").push_bind(q.limit + 1);
+    if q.offset > 0 {
+        qb.push(" OFFSET ").push_bind(q.offset);
+    }
+    qb
+}
+
+/// Runs a list query; the body is the page as JSON text.
+pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> {
+    let rows = crate::db::retry("sales_list", true, || async {
+        let mut conn = state.read_conn().await?;
+        let mut qb = list_query(&q);
+        crate::metrics::timed("sales_list", qb.build().fetch_all(&mut *conn)).await
+    })
+    .await?;
+    let has_more = rows.len() as i64 > q.limit;
+    let rows = &rows[..rows.len().min(q.limit as usize)];
+    let mut body = String::with_capacity(
+        rows.iter()
+            .map(|r| r.get::<&str, _>(0).len() + 1)
+            .sum::<usize>()
+            + 256,
+    );
+    body.push_str("{\"data\":[");
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(r.get::<&str, _>(0));
+    }
+    body.push(']');
+    if q.include_meta {
+        let next = if has_more {
+            rows.last()
+                .map(|r| encode_cursor(q.spec, &r.get::<Vec<String>, _>(1)))
+        } else {
+            None
+        };
+        let meta = json!({
+            "fields": q.projection.fields, "exclude": q.projection.excluded, "count": rows.len(),
+            "limit": q.limit, "limitClamped": q.requested > MAX_LIMIT, "nextCursor": next, "sort": q.spec,
+            "tookMs": ms(q.started),
+        });
+        body.push_str(",\"meta\":");
+        body.push_str(&meta.to_string());
+    }
+    body.push('}');
+    Ok(body)
+}
+
+/// One record as `{"data": ...}`; outside the caller's scope is the same
+/// 404 as missing: the answer must not tell which store owns a record the
+/// caller may not see.
+pub(super) async fn one_body(
+    state: &AppState,
+    id: i64,
+    projection: &Projection,
+    who: &Principal,
+) -> ApiResult<String> {
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+    push_sales_doc(&mut Binds(&mut qb), projection);
+    qb.push(
+        ")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ",
+    )
+    .push_bind(id);
+    if let Some(scope) = who.scope() {
+        push_terms(&mut Binds(&mut qb), &[Term::StoreIn(&scope)]);
+    }
+    let mut conn = state.read_conn().await?;
+    let doc: Option<String> = crate::metrics::timed(
+        "sales_get",
+        qb.build_query_scalar().fetch_optional(&mut *conn),
+    )
+    .await?;
+    let doc = doc.ok_or_else(|| ApiError::not_found(format!("no sales record {id}")))?;
+    Ok(format!("{{\"data\":{doc}}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sort_parsing() {
+        let k = parse_sort(Some("-period,store_id")).unwrap();
+        assert_eq!(sort_spec(&k), "-year,-month,storeId,id");
+        assert!(parse_sort(Some("name")).is_err());
+        assert!(parse_sort(Some("year,-year")).is_err());
+        assert_eq!(
+            sort_spec(&parse_sort(None).unwrap()),
+            "storeId,year,month,id"
+        );
+    }
+
+    #[test]
+    fn cursor_values_are_typed() {
+        let keys = parse_sort(Some("-updatedAt,totalSales")).unwrap();
+        let ok = [
+            "2024-01-05 10:11:12.123456+00".to_string(),
+            "12.5".into(),
+            "9".into(),
+        ];
+        assert!(check_cursor_values(&keys, &ok).is_ok());
+        for bad in [
+            ["2024-13-45 10:11:12+00".to_string(), "1".into(), "9".into()],
+            [
+                "2024-01-05 10:11:12+00".to_string(),
+                "1e999".into(),
+                "9".into(),
+            ],
+            [
+                "2024-01-05 10:11:12+00".to_string(),
+                "1".into(),
+                "99999999999999999999".into(),
+            ],
+        ] {
+            assert!(check_cursor_values(&keys, &bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cursor_round_trip() {
+        let c = encode_cursor("storeId,id", &["1".into(), "9".into()]);
+        assert_eq!(decode_cursor(&c, "storeId,id", 2).unwrap(), vec!["1", "9"]);
+        assert!(decode_cursor(&c, "-storeId,id", 2).is_err());
+        assert!(decode_cursor("garbage!", "storeId,id", 2).is_err());
+    }
+}

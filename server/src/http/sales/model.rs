@@ -1,0 +1,193 @@
+//! The shapes of `/api/v2/sales` requests and responses.
+
+use crate::http::raw::RawJson;
+use poem_openapi::{ApiResponse, Enum, Object};
+use serde_json::Value;
+
+/// One day of sales.
+#[derive(Object, Debug, Clone)]
+pub struct DaySales {
+    pub sales: Option<f64>,
+    pub customers: Option<i64>,
+    pub transactions: Option<i64>,
+}
+
+/// A store-month of sales as the API shows it (every member may be projected away).
+#[derive(Object, Debug, Clone)]
+#[oai(rename_all = "camelCase")]
+pub struct SalesRecord {
+    pub id: Option<i64>,
+    pub store_id: Option<i64>,
+    pub year: Option<i32>,
+    pub month: Option<i32>,
+    /// Keyed by day of month: `{"1": {"sales": 1000, "customers": 52}}`.
+    pub daily_data: Option<std::collections::BTreeMap<String, DaySales>>,
+    pub total_sales: Option<f64>,
+    pub total_customers: Option<i64>,
+    pub days_reported: Option<i32>,
+    /// Incremented by every change; events carry it too.
+    pub version: Option<i64>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// Present when a `store.*` field is requested.
+    pub store: Option<crate::http::stores::Store>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct ListMeta {
+    /// The canonical paths of `fields` (empty: all).
+    pub fields: Vec<String>,
+    pub exclude: Vec<String>,
+    pub count: i64,
+    pub limit: i64,
+    /// True when the requested limit was above 200 and was lowered.
+    pub limit_clamped: bool,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    pub sort: String,
+    pub took_ms: f64,
+}
+
+#[derive(Object, Debug)]
+pub struct SalesPage {
+    pub data: Vec<SalesRecord>,
+    /// Dropped with `includeMetadata=false`.
+    pub meta: Option<ListMeta>,
+}
+
+#[derive(Object, Debug)]
+pub struct SalesOne {
+    pub data: SalesRecord,
+}
+
+#[derive(ApiResponse)]
+pub enum ListResponse {
+    /// A page of sales records.
+    #[oai(status = 200)]
+    Ok(RawJson<SalesPage>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneResponse {
+    /// The record.
+    #[oai(status = 200)]
+    Ok(RawJson<SalesOne>),
+}
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Days in the request replace the same days; other days are kept.
+    Merge,
+    /// The request's daily data replaces the month's.
+    Replace,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchUpsertRequest {
+    /// Records like `{"storeId": 12, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 1000, "customers": 52}}}`.
+    pub sales_data_array: Vec<Value>,
+    /// `merge` (default) or `replace`.
+    pub mode: Option<BatchMode>,
+    /// All or nothing (default true). With false, valid records are written and the rest reported.
+    pub atomic: Option<bool>,
+}
+
+#[derive(Object, Debug)]
+pub struct RecordError {
+    /// Position in the request array.
+    pub index: i64,
+    /// Path of the offending value, e.g. `dailyData.31`.
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchSummary {
+    pub total: i64,
+    pub inserted: i64,
+    pub updated: i64,
+    /// Valid records that changed nothing.
+    pub unchanged: i64,
+    pub failed: i64,
+    /// Records folded into a later one with the same store and month.
+    pub merged: i64,
+    /// The batch-completed event (None when nothing was written).
+    pub event_id: Option<i64>,
+    pub errors: Vec<RecordError>,
+    pub duplicates: Vec<Value>,
+}
+
+#[derive(ApiResponse)]
+pub enum BatchResponse {
+    /// Summary of the batch.
+    #[oai(status = 200)]
+    Ok(RawJson<BatchSummary>),
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchDeleteRequest {
+    /// Record ids.
+    pub ids: Option<Vec<i64>>,
+    /// `{"storeId", "year", "month"}` keys.
+    pub keys: Option<Vec<Value>>,
+    /// All or nothing (default true).
+    pub atomic: Option<bool>,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct DeleteSummary {
+    pub total: i64,
+    pub deleted: i64,
+    pub failed: i64,
+    pub event_id: Option<i64>,
+    pub errors: Vec<RecordError>,
+}
+
+#[derive(ApiResponse)]
+pub enum DeleteResponse {
+    /// Summary of the deletion.
+    #[oai(status = 200)]
+    Ok(RawJson<DeleteSummary>),
+}
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum GroupBy {
+    Store,
+    Region,
+    Month,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryRow {
+    /// Store id, region name, or `YYYY-MM`.
+    pub key: String,
+    pub store_code: Option<String>,
+    pub store_name: Option<String>,
+    pub total_sales: f64,
+    pub total_customers: i64,
+    /// Store-months counted.
+    pub months: i64,
+    pub stores: i64,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryPage {
+    pub data: Vec<SummaryRow>,
+    pub meta: Value,
+}
+
+#[derive(ApiResponse)]
+pub enum SummaryResponse {
+    /// Totals per group.
+    #[oai(status = 200)]
+    Ok(RawJson<SummaryPage>),
+}

@@ -1,0 +1,196 @@
+//! Resume: what a replay covers, live events held back meanwhile, and the
+//! seam where they meet.
+
+use super::protocol::Channel;
+use super::{Conn, Hub, SubscribeError};
+use crate::events::model::{Event, Pos};
+use crate::events::vocab::{Recipient, Variant};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What a resume replays against: the subscriptions at the moment it began.
+pub struct ResumeSnapshot {
+    /// Relay position when the resume began: the replay covers events up to it,
+    /// live events after it were held back and follow the replay.
+    pub upto: Pos,
+    subs: Vec<(Channel, Pos)>,
+    user_since: Pos,
+}
+
+impl ResumeSnapshot {
+    pub(super) fn since(&self, ch: Channel) -> Option<Pos> {
+        self.subs.iter().find(|(c, _)| *c == ch).map(|(_, p)| *p)
+    }
+
+    /// Whether a logged event is one to replay to `conn`, and in which
+    /// form: it is one the connection may see, and it was not already
+    /// delivered live (it is not after the start of a subscription that
+    /// matches it).
+    pub fn wants(&self, conn: &Conn, e: &Event) -> Option<Variant> {
+        let pos = e.pos();
+        let mut first = None;
+        for (to, variant) in e.deliveries() {
+            let since = match to {
+                Recipient::User(u) => (u == conn.user_id()).then_some(self.user_since),
+                Recipient::Channel(ch) => self.since(ch),
+                Recipient::ChannelInScope(ch, s) => {
+                    if conn.principal.can_access_store(s) {
+                        self.since(ch)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(since) = since {
+                if pos > since {
+                    return None;
+                }
+                first.get_or_insert(variant);
+            }
+        }
+        first
+    }
+}
+
+impl Hub {
+    /// Starts a resume: live events for `conn` are held back from now on.
+    /// Subscribing to `add` at the same moment, so that nothing is
+    /// delivered live on them before the replay.
+    #[allow(clippy::type_complexity)]
+    pub fn begin_resume(
+        &self,
+        conn: &Arc<Conn>,
+        add: &[Channel],
+    ) -> Result<(ResumeSnapshot, Vec<Result<bool, SubscribeError>>), &'static str> {
+        let mut reg = self.reg();
+        {
+            let st = conn.lock();
+            if st.close.is_some() {
+                return Err("connection is closing");
+            }
+            if st.catch_up.is_some() {
+                return Err("a resume is already in progress");
+            }
+        }
+        let added = add
+            .iter()
+            .map(|ch| self.subscribe_locked(&mut reg, conn, *ch))
+            .collect();
+        let mut st = conn.lock();
+        st.catch_up = Some(Vec::new());
+        self.counters.resumes.fetch_add(1, Relaxed);
+        let snap = ResumeSnapshot {
+            upto: reg.position,
+            subs: st.subs.clone(),
+            user_since: st.user_since,
+        };
+        Ok((snap, added))
+    }
+
+    /// Takes one of `user`'s replay turns, waiting (only behind that user's
+    /// own replays) while they have `replay_slots_per_user` running.
+    pub async fn replay_turn(self: &Arc<Self>, user: i64) -> ReplayTurn {
+        loop {
+            {
+                let mut m = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
+                let n = m.entry(user).or_insert(0);
+                if *n < self.cfg.replay_slots_per_user.max(1) {
+                    *n += 1;
+                    return ReplayTurn {
+                        hub: self.clone(),
+                        user,
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Queues a replayed event, waiting (without holding anything) while the
+    /// queue is full. `false` when the connection is closing.
+    pub async fn push_replay(&self, conn: &Conn, msg: Message) -> bool {
+        let mut msg = Some(msg);
+        loop {
+            {
+                let mut st = conn.lock();
+                if st.close.is_some() || st.catch_up.is_none() {
+                    return false;
+                }
+                if st.queue.len() < self.cfg.send_queue {
+                    st.queue.push_back(msg.take().expect("message"));
+                    drop(st);
+                    conn.waker.wake();
+                    self.counters.replayed.fetch_add(1, Relaxed);
+                    return true;
+                }
+                st.replay_waiting = true;
+            }
+            // Bounded so that a lost wake-up costs a little time, never a hang.
+            let _ = tokio::time::timeout(Duration::from_millis(250), conn.space.notified()).await;
+        }
+    }
+
+    /// Ends a resume: queues `ack`, then the live events held back that come
+    /// after `seam` (the replay covered everything up to it), and notes that
+    /// every event after `from` on the replayed channels has been delivered.
+    pub fn finish_resume(
+        &self,
+        conn: &Conn,
+        snap: &ResumeSnapshot,
+        seam: Pos,
+        from: Option<Pos>,
+        ack: String,
+    ) {
+        let mut st = conn.lock();
+        let Some(held) = st.catch_up.take() else {
+            return;
+        };
+        if st.close.is_some() {
+            return;
+        }
+        st.queue.push_back(Message::Text(Utf8Bytes::from(ack)));
+        for (pos, msg) in held {
+            if pos.is_some_and(|p| p <= seam) {
+                continue;
+            }
+            if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
+                self.overflow(&mut st);
+                break;
+            }
+            st.queue.push_back(msg);
+        }
+        if let Some(from) = from {
+            for (ch, since) in st.subs.iter_mut() {
+                if snap.since(*ch) == Some(*since) && from < *since {
+                    *since = from;
+                }
+            }
+            if st.user_since == snap.user_since && from < st.user_since {
+                st.user_since = from;
+            }
+        }
+        drop(st);
+        conn.waker.wake();
+    }
+}
+
+/// One of a user's replay turns; given back when dropped.
+pub struct ReplayTurn {
+    hub: Arc<Hub>,
+    user: i64,
+}
+
+impl Drop for ReplayTurn {
+    fn drop(&mut self) {
+        let mut m = self.hub.replaying.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The hub's unit tests.
+use super::*;
+use crate::auth::Role;
+use crate::events::Kind;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+
+fn hub(queue: usize) -> Hub {
+    Hub::new(HubConfig {
+        send_queue: queue,
+        catch_up_limit: 8,
+        max_subscriptions: 4,
+        ping_interval: Duration::from_secs(1),
+        max_per_user: 3,
+        replay_slots: 2,
+        replay_slots_per_user: 1,
+        replay_timeout: Duration::from_secs(5),
+        replay_max_events: 100,
+    })
+}
+
+fn principal(user: i64, role: Role, stores: &[i64]) -> Principal {
+    principal_until(user, role, stores, None)
+}
+
+fn principal_until(user: i64, role: Role, stores: &[i64], exp: Option<i64>) -> Principal {
+    Principal {
+        user_id: user,
+        email: None,
+        role,
+        stores: stores.iter().copied().collect::<HashSet<_>>(),
+        exp,
+    }
+}
+
+/// `user` is the addressee of a user notification, else the actor.
+fn event(id: i64, kind: &str, store: Option<i64>, user: Option<i64>) -> Event {
+    let only_for = if kind == "user-notification" {
+        user
+    } else {
+        None
+    };
+    Event {
+        id,
+        seq: 1000 + id,
+        kind_name: kind.into(),
+        kind: Kind::parse(kind),
+        store_id: store,
+        user_id: only_for,
+        actor_id: user,
+        row_id: None,
+        row_version: Some(1),
+        payload: json!({}),
+        created_at: chrono::Utc::now(),
+    }
+}
+
+fn ids(h: &Hub, c: &Conn) -> Vec<i64> {
+    h.queued(c)
+        .iter()
+        .filter_map(|t| serde_json::from_str::<Value>(t).ok()?.get("id")?.as_i64())
+        .collect()
+}
+
+#[test]
+fn scope_is_checked_from_claims() {
+    let h = hub(16);
+    let staff = h.register(principal(1, Role::Staff, &[1, 2])).unwrap();
+    let admin = h.register(principal(2, Role::Admin, &[])).unwrap();
+    assert_eq!(h.subscribe(&staff, Channel::Sales(1)), Ok(true));
+    assert_eq!(h.subscribe(&staff, Channel::Sales(1)), Ok(false));
+    assert!(matches!(
+        h.subscribe(&staff, Channel::Sales(3)),
+        Err(SubscribeError::Forbidden(_))
+    ));
+    assert!(matches!(
+        h.subscribe(&staff, Channel::Batch),
+        Err(SubscribeError::Forbidden(_))
+    ));
+    assert_eq!(h.subscribe(&admin, Channel::Sales(3)), Ok(true));
+    h.subscribe(&staff, Channel::Stores).unwrap();
+    h.subscribe(&admin, Channel::Stores).unwrap();
+    h.subscribe(&admin, Channel::Batch).unwrap();
+
+    h.dispatch(&event(1, "sales-data-updated", Some(1), Some(9)));
+    h.dispatch(&event(2, "sales-data-updated", Some(3), Some(9)));
+    h.dispatch(&event(3, "store-status-changed", Some(3), Some(9)));
+    h.dispatch(&event(4, "store-status-changed", Some(2), Some(9)));
+    h.dispatch(&event(5, "user-notification", None, Some(1)));
+    h.dispatch(&event(6, "batch-completed", None, Some(1)));
+    h.dispatch(&event(7, "system-announcement", None, None));
+    assert_eq!(ids(&h, &staff), vec![1, 4, 5, 6]);
+    assert_eq!(ids(&h, &admin), vec![2, 3, 4, 6]);
+    assert_eq!(h.position().id, 7);
+}
+
+#[test]
+fn full_queue_closes_slow_consumer_only() {
+    let h = hub(2);
+    let slow = h.register(principal(1, Role::Admin, &[])).unwrap();
+    let fast = h.register(principal(2, Role::Admin, &[])).unwrap();
+    h.subscribe(&slow, Channel::Sales(1)).unwrap();
+    h.subscribe(&fast, Channel::Sales(1)).unwrap();
+    for id in 1..=3 {
+        h.dispatch(&event(id, "sales-data-created", Some(1), None));
+        while fast.pop().is_some() {}
+    }
+    assert_eq!(
+        slow.close_requested(),
+        Some((
+            protocol::CLOSE_SLOW_CONSUMER,
+            protocol::REASON_SLOW_CONSUMER
+        ))
+    );
+    assert_eq!(fast.close_requested(), None);
+    assert_eq!(h.counters.closed_slow.load(Relaxed), 1);
+    assert_eq!(h.counters.dropped.load(Relaxed), 3);
+}
+
+#[test]
+fn resume_skips_what_was_live_and_holds_back_new_events() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 1000, id: 0 });
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.dispatch(&event(1, "sales-data-created", Some(1), None)); // before the subscription
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.dispatch(&event(2, "sales-data-created", Some(1), None)); // live
+    let (snap, _) = h.begin_resume(&c, &[]).unwrap();
+    assert_eq!(snap.upto.id, 2);
+    h.dispatch(&event(3, "sales-data-created", Some(1), None)); // held back
+    assert!(
+        snap.wants(&c, &event(2, "sales-data-created", Some(1), None))
+            .is_none(),
+        "already live"
+    );
+    assert_eq!(
+        snap.wants(&c, &event(1, "sales-data-created", Some(1), None)),
+        Some(Variant::Full),
+        "missed"
+    );
+    assert!(
+        snap.wants(&c, &event(1, "sales-data-created", Some(2), None))
+            .is_none(),
+        "not subscribed"
+    );
+    assert!(h.begin_resume(&c, &[]).is_err());
+    assert_eq!(ids(&h, &c), vec![2]);
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.upto,
+        Some(Pos { seq: 1000, id: 0 }),
+        protocol::resumed(0, 1, 2),
+    );
+    assert_eq!(ids(&h, &c), vec![2, 3]);
+    // After the resume, every event since `from` counts as delivered.
+    let (again, _) = h.begin_resume(&c, &[]).unwrap();
+    assert!(again
+        .wants(&c, &event(1, "sales-data-created", Some(1), None))
+        .is_none());
+}
+
+#[test]
+fn heartbeat_closes_after_two_missed_pongs() {
+    let h = hub(16);
+    let c = h.register(principal(1, Role::Staff, &[])).unwrap();
+    let ok = h.register(principal(2, Role::Staff, &[])).unwrap();
+    for _ in 0..3 {
+        h.heartbeat();
+        ok.alive();
+    }
+    assert_eq!(
+        c.close_requested().map(|c| c.0),
+        Some(protocol::CLOSE_HEARTBEAT)
+    );
+    assert_eq!(ok.close_requested(), None);
+    let expired = h
+        .register(principal_until(3, Role::Staff, &[], Some(1)))
+        .unwrap();
+    h.heartbeat();
+    assert_eq!(
+        expired.close_requested().map(|c| c.0),
+        Some(protocol::CLOSE_TOKEN_EXPIRED)
+    );
+}
+
+#[test]
+fn connections_per_user_are_capped() {
+    let h = hub(16);
+    for _ in 0..3 {
+        h.register(principal(7, Role::Staff, &[1])).unwrap();
+    }
+    assert!(!h.user_has_room(7));
+    assert_eq!(
+        h.register(principal(7, Role::Staff, &[1])).err(),
+        Some(Refused::TooMany)
+    );
+    assert!(h.register(principal(8, Role::Staff, &[1])).is_ok());
+}
+
+#[test]
+fn a_moved_row_reaches_its_old_store_as_a_deletion() {
+    let h = hub(16);
+    let old = h.register(principal(1, Role::Staff, &[2])).unwrap();
+    let new = h.register(principal(2, Role::Staff, &[3])).unwrap();
+    let both = h.register(principal(3, Role::Admin, &[])).unwrap();
+    h.subscribe(&old, Channel::Sales(2)).unwrap();
+    h.subscribe(&new, Channel::Sales(3)).unwrap();
+    h.subscribe(&both, Channel::Sales(2)).unwrap();
+    h.subscribe(&both, Channel::Sales(3)).unwrap();
+    let mut e = event(1, "sales-data-updated", Some(3), None);
+    e.payload = json!({"year": 2025, "month": 1, "totalSales": 5, "previousStoreId": 2});
+    h.dispatch(&e);
+    let frame = |c: &Conn| -> Value { serde_json::from_str(&h.queued(c)[0]).unwrap() };
+    assert_eq!(frame(&old)["event"], "sales-data-deleted");
+    assert_eq!(frame(&old)["data"]["storeId"], 2);
+    assert!(frame(&old)["data"].get("totalSales").is_none());
+    assert_eq!(frame(&new)["event"], "sales-data-updated");
+    assert_eq!(frame(&both)["event"], "sales-data-updated");
+    assert_eq!(h.queued(&both).len(), 1);
+}

@@ -1,0 +1,138 @@
+//! Resume: replays from the event log what a connection missed.
+
+use super::hub::{Conn, ResumeSnapshot};
+use super::{protocol, Context};
+use crate::events::model::{is_pruned, Event};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Events read from the log per query during a replay.
+const REPLAY_PAGE: i32 = 500;
+
+enum ReplayEnd {
+    Done(crate::events::Pos, u64),
+    Pruned,
+    TooLong,
+    Closed,
+}
+
+/// Replays from the log what `conn` missed after `last_event_id` (only what
+/// its subscriptions and scope allow, and only what was not delivered live),
+/// up to the position where live delivery was held back; then the held-back
+/// live events follow.
+///
+/// Bounds, so that no client can delay another's resume: a user runs one
+/// replay at a time (their others wait behind it); a replay holds one of the
+/// hub's replay slots only while it reads a page, never while it waits for
+/// its client to read; it sends at most `replay_max_events` (then the client
+/// is told to resync) and ends after `replay_timeout` (then its connection
+/// is closed as a slow consumer, 4008, and the client resumes again).
+pub(super) async fn replay(
+    ctx: Arc<Context>,
+    conn: Arc<Conn>,
+    snap: ResumeSnapshot,
+    last_event_id: i64,
+) {
+    let hub = &ctx.hub;
+    let pool = &ctx.pool;
+    let run = async {
+        let _turn = hub.replay_turn(conn.user_id()).await;
+        let from = {
+            let _slot = hub
+                .replay_slots
+                .acquire()
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            Event::position_of(pool, last_event_id).await?
+        };
+        let Some(from) = from else {
+            return Ok::<_, sqlx::Error>(ReplayEnd::Pruned);
+        };
+        let mut after = last_event_id;
+        let mut count = 0u64;
+        if from < snap.upto {
+            'pages: loop {
+                let page = {
+                    let _slot = hub
+                        .replay_slots
+                        .acquire()
+                        .await
+                        .map_err(|_| sqlx::Error::PoolClosed)?;
+                    Event::since(pool, after, REPLAY_PAGE).await?
+                };
+                for e in &page {
+                    if e.pos() > snap.upto {
+                        break 'pages;
+                    }
+                    if let Some(variant) = snap.wants(&conn, e) {
+                        if count >= hub.cfg.replay_max_events {
+                            return Ok(ReplayEnd::TooLong);
+                        }
+                        let msg = Message::Text(Utf8Bytes::from(e.frame(variant)));
+                        if !hub.push_replay(&conn, msg).await {
+                            return Ok(ReplayEnd::Closed);
+                        }
+                        count += 1;
+                    }
+                }
+                match page.last() {
+                    Some(e) if page.len() == REPLAY_PAGE as usize => after = e.id,
+                    _ => break,
+                }
+            }
+        }
+        Ok(ReplayEnd::Done(from, count))
+    };
+    let resync = |msg: &str| {
+        hub.counters.resync_required.fetch_add(1, Relaxed);
+        hub.finish_resume(
+            &conn,
+            &snap,
+            snap.upto,
+            None,
+            protocol::error("resync_required", msg, None),
+        );
+    };
+    match tokio::time::timeout(hub.cfg.replay_timeout, run).await {
+        Ok(Ok(ReplayEnd::Done(from, count))) => {
+            let seam = from.max(snap.upto);
+            hub.finish_resume(
+                &conn,
+                &snap,
+                seam,
+                Some(from),
+                protocol::resumed(last_event_id, count, seam.id),
+            );
+        }
+        Ok(Ok(ReplayEnd::Closed)) => {}
+        Ok(Ok(ReplayEnd::Pruned)) => resync(&format!(
+            "event {last_event_id} is older than the retention ({} days) or unknown; reload, then follow live events",
+            ctx.event_retention.as_secs() / 86400
+        )),
+        Ok(Ok(ReplayEnd::TooLong)) => resync(&format!(
+            "more than {} events were missed; reload, then follow live events",
+            hub.cfg.replay_max_events
+        )),
+        Ok(Err(e)) if is_pruned(&e) => {
+            resync("the events after lastEventId were pruned during the replay")
+        }
+        Ok(Err(e)) => {
+            // Flushing the live events now would leave a gap: close instead,
+            // so that the client resumes again from the same id.
+            tracing::warn!(error = %e, "resume failed");
+            hub.close(&conn, 1011, "resume failed; reconnect and resume again");
+        }
+        Err(_) => {
+            hub.counters.replays_timed_out.fetch_add(1, Relaxed);
+            if hub.close(
+                &conn,
+                protocol::CLOSE_SLOW_CONSUMER,
+                protocol::REASON_SLOW_CONSUMER,
+            ) {
+                hub.counters.closed_slow.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
