@@ -2,7 +2,7 @@
 -- harmless when an optional piece (pg_stat_statements) is missing.
 -- (sales.event_delivery lives with the event machinery.)
 --
--- Loaded before schema.sql (see lib.rs): nothing here may name a sales table
+-- Loaded before tables.sql (see lib.rs): nothing here may name a sales table
 -- at creation time; the views read the statistics catalogs by schema name.
 --
 -- A change here needs the same change in the next upgrade script

@@ -9,7 +9,7 @@
 -- naming the parameter. There is no caller scope here: a SQL user's reach is
 -- what Postgres grants them (the API adds the token's stores itself).
 --
--- All plpgsql: this file is loaded before schema.sql (see lib.rs), and
+-- All plpgsql: this file may load before tables.sql (see lib.rs), and
 -- plpgsql bodies are not resolved until they run. The results are built by
 -- EXECUTE from sales.filter_sql(), the one place that turns filters into SQL
 -- (values as literals, so a prepared or COPY statement can carry them).

@@ -1,5 +1,5 @@
 //! Event plumbing that runs once per event row, so it is Rust rather than
-//! PL/pgSQL (see `sql/schema.sql` for the event triggers themselves).
+//! PL/pgSQL (see `sql/events.sql` for the event triggers themselves).
 
 use crate::jsonb::{Jb, RawJsonb};
 use pgrx::pg_sys;

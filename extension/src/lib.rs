@@ -23,16 +23,49 @@ pub extern "C-unwind" fn _PG_init() {
     delivery::init();
 }
 
-extension_sql_file!("../sql/schema.sql", name = "schema", finalize);
+// The schema, by concern, in dependency order: tables (after the Rust
+// functions their constraints, generated columns and defaults call),
+// documents, events (after the Rust trigger and delivery functions), batch
+// (`finalize`: last of all).
+extension_sql_file!(
+    "../sql/tables.sql",
+    name = "tables",
+    requires = [
+        validate::daily_data_valid,
+        validate::daily_sum,
+        validate::daily_days,
+        delivery::event_seq,
+        delivery::delivery_ready
+    ]
+);
+extension_sql_file!(
+    "../sql/documents.sql",
+    name = "documents",
+    requires = ["tables"]
+);
+extension_sql_file!(
+    "../sql/events.sql",
+    name = "events",
+    requires = [
+        "documents",
+        events::tg_sales_changed,
+        delivery::events_horizon,
+        delivery::events_generation,
+        delivery::events_wait,
+        delivery::transaction_first_seq,
+        delivery::transaction_last_seq,
+        delivery::event_holders_raw
+    ]
+);
+extension_sql_file!("../sql/batch.sql", name = "batch", finalize);
 extension_sql_file!(
     "../sql/maintenance.sql",
     name = "maintenance",
-    requires = ["schema"]
+    requires = ["events"]
 );
-// `finalize` puts schema.sql after every other SQL file, whatever their
-// `requires` say, so monitoring.sql creates nothing that names a sales table
-// at creation time (its views read the statistics catalogs), and surface.sql
-// is plpgsql, whose bodies are resolved only when they run.
+// monitoring.sql creates nothing that names a sales table at creation time
+// (its views read the statistics catalogs), and surface.sql is plpgsql,
+// whose bodies are resolved only when they run: neither needs an order.
 extension_sql_file!("../sql/monitoring.sql", name = "monitoring");
 extension_sql_file!("../sql/surface.sql", name = "surface");
 

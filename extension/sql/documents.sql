@@ -1,0 +1,27 @@
+-- pg_sales schema, 2 of 4: documents, after tables.sql.
+
+---------------------------------------------------------------------------
+-- Documents (camelCase JSON) as the API shows them.
+---------------------------------------------------------------------------
+
+CREATE FUNCTION sales.store_doc(s sales.stores) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'id', s.id, 'code', s.code, 'name', s.name, 'region', s.region,
+        'status', s.status, 'version', s.version,
+        'createdAt', s.created_at, 'updatedAt', s.updated_at)
+$$;
+
+CREATE FUNCTION sales.sales_doc(m sales.monthly_sales) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'id', m.id, 'storeId', m.store_id, 'year', m.year, 'month', m.month,
+        'dailyData', m.daily_data, 'totalSales', m.total_sales,
+        'totalCustomers', m.total_customers, 'daysReported', m.days_reported,
+        'version', m.version, 'createdAt', m.created_at, 'updatedAt', m.updated_at)
+$$;
+
+CREATE FUNCTION sales.sales_doc(m sales.monthly_sales, s sales.stores) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT sales.sales_doc(m) || jsonb_build_object('store', sales.store_doc(s))
+$$;
