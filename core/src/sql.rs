@@ -96,6 +96,18 @@ pub fn text_lit(s: &str) -> String {
     out
 }
 
+/// A period like `2024-06` -> (2024, 6): years 2000..=2100, months 1..=12.
+/// The API's `from`/`to` and the extension's `from_period`/`to_period`.
+pub fn parse_period(raw: &str) -> Option<(i32, i32)> {
+    let (y, m) = raw.trim().split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(y) || !digits(m) || y.len() != 4 || m.len() > 2 {
+        return None;
+    }
+    let (y, m): (i32, i32) = (y.parse().ok()?, m.parse().ok()?);
+    ((2000..=2100).contains(&y) && (1..=12).contains(&m)).then_some((y, m))
+}
+
 /// One condition of a sales query, on `m` (monthly_sales) and `s` (stores).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Term<'a> {
@@ -189,6 +201,17 @@ fn push_projected(w: &mut impl SqlWriter, p: &Projection, doc: &str, project: &s
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn periods() {
+        assert_eq!(super::parse_period("2024-06"), Some((2024, 6)));
+        assert_eq!(super::parse_period(" 2024-6 "), Some((2024, 6)));
+        for bad in [
+            "2024-13", "1999-01", "june", "2024-", "-06", "+2024-06", "2024-006", "2024-1.5",
+        ] {
+            assert_eq!(super::parse_period(bad), None, "{bad}");
+        }
+    }
     use super::*;
     use crate::projection::SALES_DOC;
 

@@ -11,84 +11,18 @@
 --
 -- All plpgsql: this file may load before tables.sql (see lib.rs), and
 -- plpgsql bodies are not resolved until they run. The results are built by
--- EXECUTE from sales.filter_sql(), the one place that turns filters into SQL
--- (values as literals, so a prepared or COPY statement can carry them).
+-- EXECUTE from sales.filter_sql(), which turns filters into SQL (values as
+-- literals, so a prepared or COPY statement can carry them) by the same
+-- rules as the server.
 --
 -- A change here needs the same change in the next upgrade script
 -- (tests/tests/extension_upgrade.rs compares an upgraded database with a
 -- fresh install).
 
--- 'YYYY-MM' -> {year, month}; `arg` names the argument in the error.
-CREATE FUNCTION sales.period_arg(arg text, value text) RETURNS integer[]
-LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE parts text[];
-BEGIN
-    IF value IS NULL THEN
-        RETURN NULL;
-    END IF;
-    parts := regexp_match(btrim(value), '^([0-9]{4})-([0-9]{1,2})$');
-    IF parts IS NULL OR parts[1]::int NOT BETWEEN 2000 AND 2100 OR parts[2]::int NOT BETWEEN 1 AND 12 THEN
-        RAISE EXCEPTION '%: "%" is not a month like 2024-06', arg, value USING ERRCODE = '22023';
-    END IF;
-    RETURN ARRAY[parts[1]::int, parts[2]::int];
-END $$;
-
--- The filters as a WHERE condition on `m` (sales.monthly_sales) and `s`
--- (sales.stores). Every argument is checked; NULL means "no filter".
-CREATE FUNCTION sales.filter_sql(store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
-    year integer DEFAULT NULL, month integer DEFAULT NULL,
-    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
-    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL)
-RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    w text := 'true';
-    f integer[] := sales.period_arg('from_period', from_period);
-    t integer[] := sales.period_arg('to_period', to_period);
-BEGIN
-    IF store_ids IS NOT NULL THEN
-        IF array_position(store_ids, NULL) IS NOT NULL THEN
-            RAISE EXCEPTION 'store_ids: NULL is not a store id' USING ERRCODE = '22023';
-        END IF;
-        w := w || format(' AND m.store_id = ANY(%L::bigint[])', store_ids);
-    END IF;
-    IF region IS NOT NULL THEN
-        w := w || format(' AND s.region = %L', region);
-    END IF;
-    IF year IS NOT NULL THEN
-        IF year NOT BETWEEN 2000 AND 2100 THEN
-            RAISE EXCEPTION 'year: % is outside 2000..2100', year USING ERRCODE = '22023';
-        END IF;
-        w := w || format(' AND m.year = %s', year);
-    END IF;
-    IF month IS NOT NULL THEN
-        IF month NOT BETWEEN 1 AND 12 THEN
-            RAISE EXCEPTION 'month: % is not a month (1..12)', month USING ERRCODE = '22023';
-        END IF;
-        w := w || format(' AND m.month = %s', month);
-    END IF;
-    IF f IS NOT NULL THEN
-        w := w || format(' AND (m.year, m.month) >= (%s, %s)', f[1], f[2]);
-    END IF;
-    IF t IS NOT NULL THEN
-        w := w || format(' AND (m.year, m.month) <= (%s, %s)', t[1], t[2]);
-    END IF;
-    IF f IS NOT NULL AND t IS NOT NULL AND (f[1], f[2]) > (t[1], t[2]) THEN
-        RAISE EXCEPTION 'from_period: % is after to_period (%)', from_period, to_period USING ERRCODE = '22023';
-    END IF;
-    IF min_total_sales IS NOT NULL THEN
-        IF min_total_sales < 0 OR min_total_sales = 'NaN' THEN
-            RAISE EXCEPTION 'min_total_sales: must be a non-negative number' USING ERRCODE = '22023';
-        END IF;
-        w := w || format(' AND m.total_sales >= %L::numeric', min_total_sales);
-    END IF;
-    IF max_total_sales IS NOT NULL THEN
-        IF max_total_sales < 0 OR max_total_sales = 'NaN' THEN
-            RAISE EXCEPTION 'max_total_sales: must be a non-negative number' USING ERRCODE = '22023';
-        END IF;
-        w := w || format(' AND m.total_sales <= %L::numeric', max_total_sales);
-    END IF;
-    RETURN w;
-END $$;
+-- sales.filter_sql() (the filters as a WHERE condition, values as
+-- literals) and sales.needs_store() (whether a field list needs the stores
+-- join) are Rust (src/surface.rs) over the rules the server uses too
+-- (sales_core::sql, Projection::needs_store).
 
 -- `-period,storeId` (the API's `sort`) -> an ORDER BY list; the id is added
 -- last so the order is total.
@@ -159,8 +93,7 @@ BEGIN
     END IF;
     -- Checks the paths now, even when no row matches.
     PERFORM sales.project('{}'::jsonb, fields, exclude);
-    with_store := EXISTS (SELECT 1 FROM unnest(sales.check_fields(coalesce(fields, '{}'))) AS p
-                          WHERE p = 'store' OR p LIKE 'store.%');
+    with_store := sales.needs_store(fields);
     doc := CASE WHEN with_store THEN 'sales.sales_doc(m, s)' ELSE 'sales.sales_doc(m)' END;
     IF coalesce(cardinality(fields), 0) > 0 OR coalesce(cardinality(exclude), 0) > 0 THEN
         doc := format('sales.project(%s, %L::text[], %L::text[])', doc, fields, exclude);
@@ -183,8 +116,7 @@ BEGIN
     SELECT sales.project(sales.sales_doc(m, s), fields, exclude) INTO r
     FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
     WHERE m.id = get_sales.id;
-    IF r IS NOT NULL AND NOT EXISTS (SELECT 1 FROM unnest(sales.check_fields(coalesce(fields, '{}'))) AS p
-                                     WHERE p = 'store' OR p LIKE 'store.%') THEN
+    IF r IS NOT NULL AND NOT sales.needs_store(fields) THEN
         r := r - 'store';
     END IF;
     RETURN r;

@@ -63,14 +63,8 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
 
 /// `2024-06` -> (2024, 6).
 pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
-    let err = || ApiError::bad_param(param, format!("{raw:?} is not a month like 2024-06"));
-    let (y, m) = raw.trim().split_once('-').ok_or_else(err)?;
-    let y: i32 = y.parse().map_err(|_| err())?;
-    let m: i32 = m.parse().map_err(|_| err())?;
-    if !(2000..=2100).contains(&y) || !(1..=12).contains(&m) {
-        return Err(err());
-    }
-    Ok((y, m))
+    sales_core::sql::parse_period(raw)
+        .ok_or_else(|| ApiError::bad_param(param, format!("{raw:?} is not a month like 2024-06")))
 }
 
 /// Comma-separated field paths -> a checked projection (400 naming the field).
