@@ -12,6 +12,7 @@ pub mod error;
 pub mod export;
 pub mod filters;
 pub mod health;
+pub mod imports;
 pub mod login;
 pub mod middleware;
 pub mod outside;
@@ -39,6 +40,8 @@ pub enum ApiTags {
     Stores,
     /// Announcements, notifications, maintenance (admin only).
     Admin,
+    /// File imports and background jobs (asynchronous batches too).
+    Imports,
 }
 
 pub type Apis = (
@@ -48,6 +51,7 @@ pub type Apis = (
     export::ExportApi,
     stores::StoresApi,
     admin::AdminApi,
+    imports::ImportsApi,
 );
 
 fn apis(state: Arc<AppState>) -> Apis {
@@ -63,7 +67,10 @@ fn apis(state: Arc<AppState>) -> Apis {
         stores::StoresApi {
             state: state.clone(),
         },
-        admin::AdminApi { state },
+        admin::AdminApi {
+            state: state.clone(),
+        },
+        imports::ImportsApi { state },
     )
 }
 
@@ -187,6 +194,7 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
             "content-disposition",
             "x-export-id",
             "x-export-estimated-rows",
+            "location",
         ])
         .max_age(600);
     for origin in &state.config.cors_origins {

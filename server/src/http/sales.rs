@@ -151,6 +151,13 @@ pub enum BatchResponse {
     /// Summary of the batch.
     #[oai(status = 200)]
     Ok(RawJson<BatchSummary>),
+    /// With `async=true`: checked and queued; the job's status (at `Location`) carries the
+    /// summary once it ran, and `import-completed` is sent to your WebSocket.
+    #[oai(status = 202)]
+    Accepted(
+        Json<super::imports::JobAccepted>,
+        #[oai(header = "Location")] String,
+    ),
 }
 
 #[derive(Object, Debug)]
@@ -679,6 +686,9 @@ impl SalesApi {
         &self,
         auth: BearerAuth,
         body: Json<BatchUpsertRequest>,
+        /// Queue the batch and answer 202 with a job (see `/api/v2/imports/{id}`).
+        #[oai(name = "async")]
+        run_async: Query<Option<bool>>,
     ) -> ApiResult<BatchResponse> {
         let max = self.state.config.batch_max_records;
         let n = body.sales_data_array.len();
@@ -733,6 +743,33 @@ impl SalesApi {
         } else {
             kept.iter().map(|&i| std::mem::take(&mut all[i])).collect()
         });
+        if run_async.0.unwrap_or(false) {
+            let id = crate::jobs::batch::enqueue(
+                &self.state.pool,
+                auth.0.user_id,
+                auth.0.scope(),
+                records,
+                &kept,
+                &rejected,
+                n,
+                replace,
+                atomic,
+            )
+            .await?;
+            let url = format!("/api/v2/imports/{id}");
+            return Ok(BatchResponse::Accepted(
+                Json(super::imports::JobAccepted {
+                    id,
+                    kind: "batch".into(),
+                    state: "queued".into(),
+                    status_url: url.clone(),
+                    format: None,
+                    rows_read: n as i64,
+                    rows_rejected: 0,
+                }),
+                url,
+            ));
+        }
         let write = !kept.is_empty();
         // With `atomic`, a refused record means nothing is written; the
         // others still go through the extension for a complete report.
@@ -966,7 +1003,7 @@ fn named_store(v: &Value) -> Option<i64> {
 
 /// The report of the records sent to the extension (numbered among
 /// `kept`), with the records refused before it, numbered as in the request.
-fn merge_report(
+pub(crate) fn merge_report(
     mut summary: Value,
     kept: &[usize],
     rejected: Vec<(usize, Vec<sales_core::FieldError>)>,
