@@ -76,7 +76,10 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
     let (status, body, location) = post_file(&api, "", "text/csv; charset=utf-8", file).await;
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_i64().unwrap();
-    assert_eq!(location.as_deref(), Some(format!("/api/v2/imports/{id}").as_str()));
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/api/v2/imports/{id}").as_str())
+    );
     assert_eq!(body["format"], "daily");
     let doc = wait_job(&api, id, &["completed", "failed"]).await;
     assert_eq!(doc["state"], "completed", "{doc}");
@@ -87,7 +90,12 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["line"].as_i64().unwrap(), e["column"].as_str().unwrap_or("-").to_string()))
+        .map(|e| {
+            (
+                e["line"].as_i64().unwrap(),
+                e["column"].as_str().unwrap_or("-").to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         errors,
@@ -108,11 +116,18 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
         .iter()
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
-    assert!(reasons[0].contains("day 29 does not exist in 2023-02"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("day 29 does not exist in 2023-02"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].contains("day 30 does not exist in 2024-02"));
     assert_eq!(reasons[2], "must not be negative");
     assert!(reasons[3].contains("not a number"));
-    assert!(reasons[5].contains("unknown store 'NOPE'"), "{}", reasons[5]);
+    assert!(
+        reasons[5].contains("unknown store 'NOPE'"),
+        "{}",
+        reasons[5]
+    );
     assert!(reasons[6].contains("malformed line"));
     assert_eq!(reasons[7], "must be a whole number");
 
@@ -131,15 +146,18 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
     );
     // Events as the batch path makes them, the completion to the importer.
     assert_eq!(
-        scalar_i64(&db, "SELECT count(*) FROM sales.events WHERE kind = 'sales-data-created'").await,
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind = 'sales-data-created'"
+        )
+        .await,
         3
     );
-    let done: (Option<i64>, Value) = sqlx::query_as(
-        "SELECT user_id, payload FROM sales.events WHERE kind = 'import-completed'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let done: (Option<i64>, Value) =
+        sqlx::query_as("SELECT user_id, payload FROM sales.events WHERE kind = 'import-completed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(done.0, Some(user));
     assert_eq!(done.1["rowsWritten"], 3);
     assert_eq!(done.1["state"], "completed");
@@ -164,23 +182,37 @@ async fn empty_binary_and_wrong_header_files_are_refused_before_queueing() {
     for (what, body, ct) in [
         ("empty", b"".to_vec(), "text/csv"),
         ("blank", b"\r\n\r\n".to_vec(), "text/csv"),
-        ("binary", b"PK\x03\x04\x00\x00binary\xff\xfe".to_vec(), "text/csv"),
+        (
+            "binary",
+            b"PK\x03\x04\x00\x00binary\xff\xfe".to_vec(),
+            "text/csv",
+        ),
         ("wrong header", b"foo,bar\n1,2\n".to_vec(), "text/csv"),
         ("no header", b"T001,2024-01-01,5\n".to_vec(), "text/csv"),
-        ("header only", b"store_code,date,sales\n".to_vec(), "text/csv"),
+        (
+            "header only",
+            b"store_code,date,sales\n".to_vec(),
+            "text/csv",
+        ),
         ("empty ndjson", b"\n".to_vec(), "application/x-ndjson"),
     ] {
         let (status, body, _) = post_file(&api, "", ct, body).await;
         assert_eq!(status, 400, "{what}: {body}");
         assert_eq!(body["error"]["code"], "bad_parameter", "{what}: {body}");
     }
-    let big = format!("store_code,date,sales\n{}", "T001,2024-01-01,5\n".repeat(200));
+    let big = format!(
+        "store_code,date,sales\n{}",
+        "T001,2024-01-01,5\n".repeat(200)
+    );
     let (status, body, _) = post_file(&api, "", "text/csv", big).await;
     assert_eq!(status, 413, "{body}");
     let (status, _, _) = post_file(&api, "", "application/pdf", "x").await;
     assert_eq!(status, 415);
     assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
-    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await, 0);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,
+        0
+    );
     server.stop().await;
 }
 
@@ -268,7 +300,9 @@ async fn a_manager_imports_only_their_stores() {
                 1,2024-05-01,10\n\
                 2,2024-05-01,20\n\
                 1,2024-05-02,11\n";
-    let file = file.replace("1,", &format!("{},", stores[0])).replace("\n2,", &format!("\n{},", stores[1]));
+    let file = file
+        .replace("1,", &format!("{},", stores[0]))
+        .replace("\n2,", &format!("\n{},", stores[1]));
     let (status, body, _) = post_file(&api, "", "text/csv", file).await;
     assert_eq!(status, 202, "{body}");
     let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
@@ -277,9 +311,19 @@ async fn a_manager_imports_only_their_stores() {
     assert_eq!(doc["rowsRejected"], 1);
     assert_eq!(doc["errors"][0]["line"], 3);
     assert_eq!(doc["errors"][0]["column"], "store_id");
-    assert!(doc["errors"][0]["reason"].as_str().unwrap().contains("outside your scope"));
+    assert!(doc["errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("outside your scope"));
     assert_eq!(
-        scalar_i64(&db, &format!("SELECT count(*) FROM sales.monthly_sales WHERE store_id <> {}", stores[0])).await,
+        scalar_i64(
+            &db,
+            &format!(
+                "SELECT count(*) FROM sales.monthly_sales WHERE store_id <> {}",
+                stores[0]
+            )
+        )
+        .await,
         0
     );
     // Another user's job is not found; admins see it.
@@ -307,7 +351,11 @@ fn big_file(codes: &[String], n: usize) -> String {
                     if i == n {
                         break 'out;
                     }
-                    s.push_str(&format!("{c},{y}-{m:02}-{d:02},{}.5,{}\n", i % 1000, i % 50));
+                    s.push_str(&format!(
+                        "{c},{y}-{m:02}-{d:02},{}.5,{}\n",
+                        i % 1000,
+                        i % 50
+                    ));
                     i += 1;
                 }
             }
@@ -356,14 +404,31 @@ async fn cancelling_stops_between_chunks_and_keeps_what_committed() {
     })
     .await;
     // A queued job is cancelled at once.
-    let (_, body, _) = post_file(&api, "?dryRun=true", "text/csv", "store_code,date,sales\nT001,2024-01-01,1\n").await;
+    let (_, body, _) = post_file(
+        &api,
+        "?dryRun=true",
+        "text/csv",
+        "store_code,date,sales\nT001,2024-01-01,1\n",
+    )
+    .await;
     let _ = api
-        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{}", body["id"]))
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/api/v2/imports/{}", body["id"]),
+        )
         .send()
         .await
         .unwrap();
-    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["cancelled", "completed"]).await;
-    assert!(doc["state"] == "cancelled" || doc["rowsWritten"] == 1, "{doc}");
+    let doc = wait_job(
+        &api,
+        body["id"].as_i64().unwrap(),
+        &["cancelled", "completed"],
+    )
+    .await;
+    assert!(
+        doc["state"] == "cancelled" || doc["rowsWritten"] == 1,
+        "{doc}"
+    );
     server.stop().await;
 }
 
@@ -379,10 +444,20 @@ async fn dry_run_and_max_errors() {
     let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
     assert_eq!(doc["state"], "completed", "{doc}");
     assert_eq!(doc["dryRun"], true);
-    assert_eq!((doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()), (Some(2), Some(1)));
-    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await, 0);
     assert_eq!(
-        scalar_i64(&db, "SELECT count(*) FROM sales.events WHERE kind LIKE 'sales-data-%'").await,
+        (doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind LIKE 'sales-data-%'"
+        )
+        .await,
         0
     );
     // More rejected rows than allowed: the job fails, and the chunk (two
@@ -391,13 +466,24 @@ async fn dry_run_and_max_errors() {
     let (_, body, _) = post_file(&api, "?maxErrors=1", "text/csv", file).await;
     let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
     assert_eq!(doc["state"], "failed", "{doc}");
-    assert!(doc["lastError"].as_str().unwrap().contains("maxErrors"), "{doc}");
+    assert!(
+        doc["lastError"].as_str().unwrap().contains("maxErrors"),
+        "{doc}"
+    );
     assert_eq!(doc["rowsRejected"], 2);
-    let days = scalar_i64(&db, "SELECT coalesce(sum(days_reported), 0)::bigint FROM sales.monthly_sales").await;
+    let days = scalar_i64(
+        &db,
+        "SELECT coalesce(sum(days_reported), 0)::bigint FROM sales.monthly_sales",
+    )
+    .await;
     assert_eq!(days, doc["rowsWritten"].as_i64().unwrap());
     assert_eq!(days, 3, "{doc}");
     assert_eq!(
-        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales WHERE daily_data ? '6'").await,
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.monthly_sales WHERE daily_data ? '6'"
+        )
+        .await,
         0
     );
     server.stop().await;
@@ -419,7 +505,11 @@ async fn ndjson_records_import() {
     let (status, body, _) = post_file(&api, "", "application/x-ndjson", body).await;
     assert_eq!(status, 202, "{body}");
     let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
-    assert_eq!((doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()), (Some(2), Some(1)), "{doc}");
+    assert_eq!(
+        (doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(2), Some(1)),
+        "{doc}"
+    );
     assert_eq!(doc["errors"][0]["column"], "dailyData.31");
     let d: Value = sqlx::query_scalar("SELECT daily_data FROM sales.monthly_sales WHERE month = 4")
         .fetch_one(&db.pool)
@@ -455,13 +545,15 @@ async fn an_async_batch_answers_202_and_reports_through_the_job() {
     assert_eq!(doc["state"], "completed", "{doc}");
     assert_eq!(doc["result"]["inserted"], 2);
     assert!(doc["result"]["eventId"].as_i64().is_some());
-    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await, 2);
-    let actor: Option<i64> = sqlx::query_scalar(
-        "SELECT actor_id FROM sales.events WHERE kind = 'batch-completed'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        2
+    );
+    let actor: Option<i64> =
+        sqlx::query_scalar("SELECT actor_id FROM sales.events WHERE kind = 'batch-completed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(actor, Some(user));
     // Atomic with a bad record: nothing written, the report in the job.
     let bad = json!({"salesDataArray": [
@@ -474,7 +566,10 @@ async fn an_async_batch_answers_202_and_reports_through_the_job() {
     assert_eq!(doc["state"], "failed", "{doc}");
     assert_eq!(doc["result"]["failed"], 1);
     assert_eq!(doc["result"]["errors"][0]["field"], "dailyData.31");
-    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await, 2);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        2
+    );
     // Scope is checked before queueing, as for a synchronous batch.
     let (status, _) = api
         .post(
@@ -513,19 +608,96 @@ async fn the_command_line_imports_with_a_report() {
     let p = file.to_string_lossy().to_string();
     let out = run(vec![p.clone(), "--dry-run".into()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("dry run"), "{text}");
-    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await, 0);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
     let out = run(vec![p.clone()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}");
     assert!(text.contains("2 rows written, 1 rejected"), "{text}");
-    assert!(text.contains("line 3, column date: day 31 does not exist"), "{text}");
-    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await, 2);
+    assert!(
+        text.contains("line 3, column date: day 31 does not exist"),
+        "{text}"
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        2
+    );
     let bin = dir.join("x.bin");
     std::fs::write(&bin, [0u8, 1, 2, 3]).unwrap();
     let out = run(vec![bin.to_string_lossy().to_string()]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not text"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The importing user's WebSocket gets `import-progress` and a final
+/// `import-completed` (stored, so it has an id); another user gets neither.
+#[tokio::test]
+async fn progress_and_completion_reach_the_importer_s_websocket() {
+    use futures_util::StreamExt;
+    let db = TestDb::new().await;
+    db.stores(2).await;
+    let server = db.server(&[("IMPORT_CHUNK_LINES", "20")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let (_, other) = user_token(&db, &server, "m@x.test", "manager", &[1]).await;
+    let connect = |t: String| {
+        let url = format!("ws://{}/ws?token={t}", server.addr);
+        async move { tokio_tungstenite::connect_async(url).await.expect("ws").0 }
+    };
+    let mut mine = connect(token.clone()).await;
+    let mut theirs = connect(other).await;
+    let api = Api::new(&server, Some(&token));
+    let codes = vec!["T001".to_string(), "T002".to_string()];
+    let (status, body, _) = post_file(&api, "", "text/csv", big_file(&codes, 200)).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let mut progress = 0;
+    let completed: Value = tokio::time::timeout(WAIT, async {
+        loop {
+            let msg = mine.next().await.expect("open").expect("frame");
+            let Ok(text) = msg.to_text() else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
+            match v["event"].as_str() {
+                Some("import-progress") => {
+                    assert_eq!(v["data"]["jobId"], id);
+                    progress += 1;
+                }
+                Some("import-completed") => return v,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("import-completed within the time");
+    assert!(progress >= 1);
+    assert!(
+        completed["id"].as_i64().is_some(),
+        "a stored event: {completed}"
+    );
+    assert_eq!(completed["data"]["jobId"], id);
+    assert_eq!(completed["data"]["state"], "completed");
+    assert_eq!(completed["data"]["rowsWritten"], 200);
+    // The other user saw none of it.
+    let seen = tokio::time::timeout(Duration::from_millis(300), async {
+        while let Some(Ok(m)) = theirs.next().await {
+            if m.to_text().is_ok_and(|t| t.contains("import-")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(!seen);
+    server.stop().await;
 }

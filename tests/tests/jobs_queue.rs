@@ -29,9 +29,10 @@ async fn concurrent_claims_never_take_the_same_job() {
         tasks.push(tokio::spawn(async move {
             let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
             let mut mine = Vec::new();
-            while let Some(job) = jobs::claim(&mut conn, &format!("w{w}"), Duration::from_secs(60), None)
-                .await
-                .unwrap()
+            while let Some(job) =
+                jobs::claim(&mut conn, &format!("w{w}"), Duration::from_secs(60), None)
+                    .await
+                    .unwrap()
             {
                 mine.push(job.id);
             }
@@ -88,13 +89,15 @@ async fn a_job_is_taken_again_only_when_its_worker_is_gone() {
     assert_eq!((again.0.id, again.0.attempts), (id, 2));
     assert_ne!(again.0.token, job.token);
     // The old token is fenced out.
-    let n = sqlx::query("UPDATE jobs.jobs SET rows_written = 1 WHERE id = $1 AND lease_token = $2::uuid")
-        .bind(id)
-        .bind(&job.token)
-        .execute(&db.pool)
-        .await
-        .unwrap()
-        .rows_affected();
+    let n = sqlx::query(
+        "UPDATE jobs.jobs SET rows_written = 1 WHERE id = $1 AND lease_token = $2::uuid",
+    )
+    .bind(id)
+    .bind(&job.token)
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
     assert_eq!(n, 0);
     // An expired lease frees a job whose session still lives.
     sqlx::query("UPDATE jobs.jobs SET lease_until = now() - interval '1 second' WHERE id = $1")

@@ -33,7 +33,10 @@ impl ServerProc {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
@@ -70,9 +73,10 @@ impl Drop for ServerProc {
 }
 
 async fn admin_token(db: &TestDb) -> String {
-    let (id, _) = sales_server::users::upsert_user(&db.pool, "admin@x.test", "admin", &[], "password-123")
-        .await
-        .unwrap();
+    let (id, _) =
+        sales_server::users::upsert_user(&db.pool, "admin@x.test", "admin", &[], "password-123")
+            .await
+            .unwrap();
     let auth = sales_server::auth::Auth::from_config(&db.config(&[])).unwrap();
     auth.issue(id, "admin@x.test", sales_server::auth::Role::Admin, vec![])
         .unwrap()
@@ -90,7 +94,12 @@ fn daily_file(stores: usize, n: usize, first_year: i32) -> String {
                     if i == n {
                         break 'out;
                     }
-                    s.push_str(&format!("T{st:03},{y}-{m:02}-{d:02},{}.25,{},{}\n", i % 997, i % 41, i % 13));
+                    s.push_str(&format!(
+                        "T{st:03},{y}-{m:02}-{d:02},{}.25,{},{}\n",
+                        i % 997,
+                        i % 41,
+                        i % 13
+                    ));
                     i += 1;
                 }
             }
@@ -110,7 +119,10 @@ async fn job(db: &TestDb, id: i64) -> (String, i64, i64, i64, i32) {
 }
 
 async fn i64_of(db: &TestDb, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.pool).await.unwrap()
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
 }
 
 /// Every sales row's events: versions 1..n, each once.
@@ -158,25 +170,41 @@ async fn a_killed_server_s_import_is_finished_by_another_without_writing_twice()
     a.kill();
     let (state, written_before, ..) = job(&db, id).await;
     assert_eq!(state, "running", "killed mid-import");
-    assert!(written_before < n as i64, "the import had not finished: {written_before}");
+    assert!(
+        written_before < n as i64,
+        "the import had not finished: {written_before}"
+    );
 
     let b = ServerProc::start(&db, &env);
-    let (state, written, rejected, chunks, attempts) = eventually(WAIT, "the job to end", || async {
-        let j = job(&db, id).await;
-        (j.0 != "running" && j.0 != "queued").then_some(j)
-    })
-    .await;
+    let (state, written, rejected, chunks, attempts) =
+        eventually(WAIT, "the job to end", || async {
+            let j = job(&db, id).await;
+            (j.0 != "running" && j.0 != "queued").then_some(j)
+        })
+        .await;
     assert_eq!(state, "completed");
     assert_eq!((written, rejected), (n as i64, 0));
     assert_eq!(attempts, 2, "taken again once");
     // Every line exactly once, each chunk's batch event once.
-    let days = i64_of(&db, "SELECT sum(days_reported)::bigint FROM sales.monthly_sales").await;
+    let days = i64_of(
+        &db,
+        "SELECT sum(days_reported)::bigint FROM sales.monthly_sales",
+    )
+    .await;
     assert_eq!(days, n as i64);
-    let batches = i64_of(&db, "SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'").await;
+    let batches = i64_of(
+        &db,
+        "SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'",
+    )
+    .await;
     assert_eq!(batches, chunks, "one batch-completed per committed chunk");
     assert_no_duplicate_events(&db).await;
     assert_eq!(
-        i64_of(&db, "SELECT count(*) FROM sales.events WHERE kind = 'import-completed'").await,
+        i64_of(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind = 'import-completed'"
+        )
+        .await,
         1
     );
     drop(b);
@@ -194,7 +222,11 @@ async fn two_instances_share_the_queue_and_never_run_a_job_twice() {
     let per = 2_000;
     for k in 0..6 {
         // Each file covers its own years, so the jobs touch different rows.
-        let api = if k % 2 == 0 { a.api(&token) } else { b.api(&token) };
+        let api = if k % 2 == 0 {
+            a.api(&token)
+        } else {
+            b.api(&token)
+        };
         let r = api
             .req(reqwest::Method::POST, "/api/v2/imports")
             .header("content-type", "text/csv")
@@ -212,17 +244,32 @@ async fn two_instances_share_the_queue_and_never_run_a_job_twice() {
             (j.0 == "completed" || j.0 == "failed").then_some(j)
         })
         .await;
-        assert_eq!((state.as_str(), written, attempts), ("completed", per as i64, 1));
+        assert_eq!(
+            (state.as_str(), written, attempts),
+            ("completed", per as i64, 1)
+        );
         chunks += c;
     }
-    let workers = i64_of(&db, "SELECT count(DISTINCT split_part(worker, '/', 1)) FROM jobs.jobs").await;
+    let workers = i64_of(
+        &db,
+        "SELECT count(DISTINCT split_part(worker, '/', 1)) FROM jobs.jobs",
+    )
+    .await;
     eprintln!("jobs ran on {workers} instance(s)");
     assert_eq!(
-        i64_of(&db, "SELECT sum(days_reported)::bigint FROM sales.monthly_sales").await,
+        i64_of(
+            &db,
+            "SELECT sum(days_reported)::bigint FROM sales.monthly_sales"
+        )
+        .await,
         (per * ids.len()) as i64
     );
     assert_eq!(
-        i64_of(&db, "SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'").await,
+        i64_of(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'"
+        )
+        .await,
         chunks
     );
     assert_no_duplicate_events(&db).await;

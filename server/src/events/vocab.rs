@@ -26,6 +26,9 @@ pub enum Kind {
     StoreDeleted,
     Announcement,
     UserNotification,
+    /// An import or asynchronous batch ended (`jobs`): to the user who queued
+    /// it; one queued from the command line to the admins' `batch` channel.
+    ImportCompleted,
     /// A kind this server does not know; relayed to nobody.
     Other,
 }
@@ -43,6 +46,7 @@ impl Kind {
             "store-deleted" => Kind::StoreDeleted,
             "system-announcement" => Kind::Announcement,
             "user-notification" => Kind::UserNotification,
+            "import-completed" => Kind::ImportCompleted,
             _ => Kind::Other,
         }
     }
@@ -83,6 +87,8 @@ pub const IMPLICIT: &[&str] = &[
     "user-notifications",
     "export-progress",
     "batch-completed",
+    "import-progress",
+    "import-completed",
 ];
 
 impl Channel {
@@ -206,6 +212,7 @@ impl Event {
                 None => vec![],
             },
             Kind::Announcement => vec![(Channel(self::Channel::Announcements), Variant::Full)],
+            Kind::ImportCompleted => vec![(Channel(self::Channel::Batch), Variant::Full)],
             Kind::BatchCompleted => {
                 // The batch's author gets it on their own channel; admins may
                 // follow every batch.
@@ -307,6 +314,20 @@ mod tests {
             assert_eq!(Channel::parse(bad), None, "{bad}");
         }
         assert_eq!(Channel::Sales(5).name(), "sales-data-5");
+    }
+
+    #[test]
+    fn import_completed_goes_to_its_importer_or_the_admins() {
+        let mut e = ev("import-completed", None, json!({"jobId": 4}));
+        e.user_id = Some(7);
+        assert_eq!(e.deliveries(), vec![(Recipient::User(7), Variant::Full)]);
+        e.user_id = None;
+        assert_eq!(
+            e.deliveries(),
+            vec![(Recipient::Channel(Channel::Batch), Variant::Full)]
+        );
+        assert!(e.cache_tags().is_empty());
+        assert!(IMPLICIT.contains(&"import-progress"));
     }
 
     #[test]

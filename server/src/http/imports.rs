@@ -68,7 +68,9 @@ impl ParsePayload for CsvBody {
     const IS_REQUIRED: bool = true;
 
     async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        Ok(Self(<poem::Body as poem::FromRequest>::from_request(request, body).await?))
+        Ok(Self(
+            <poem::Body as poem::FromRequest>::from_request(request, body).await?,
+        ))
     }
 }
 
@@ -94,7 +96,9 @@ impl ParsePayload for NdjsonBody {
     const IS_REQUIRED: bool = true;
 
     async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
-        Ok(Self(<poem::Body as poem::FromRequest>::from_request(request, body).await?))
+        Ok(Self(
+            <poem::Body as poem::FromRequest>::from_request(request, body).await?,
+        ))
     }
 }
 
@@ -265,7 +269,10 @@ impl ImportsApi {
         #[oai(name = "dryRun")]
         dry_run: Query<Option<bool>>,
         /// The job fails once more rows than this are rejected (default 1000).
-        #[oai(name = "maxErrors", validator(minimum(value = "0"), maximum(value = "100000000")))]
+        #[oai(
+            name = "maxErrors",
+            validator(minimum(value = "0"), maximum(value = "100000000"))
+        )]
         max_errors: Query<Option<i64>>,
     ) -> ApiResult<ImportResponse> {
         let (body, requested) = match body {
@@ -288,7 +295,9 @@ impl ImportsApi {
                 let item = chunk.and_then(|b| {
                     seen += b.len() as u64;
                     if seen > max_bytes {
-                        Err(std::io::Error::other(crate::jobs::parse::TooLarge(max_bytes)))
+                        Err(std::io::Error::other(crate::jobs::parse::TooLarge(
+                            max_bytes,
+                        )))
                     } else {
                         Ok(b)
                     }
@@ -360,7 +369,9 @@ impl ImportsApi {
             d["errors"] = json!([]);
             d["errorsOmitted"] = d["rowsRejected"].clone();
         }
-        Ok(ListResponse::Ok(RawJson::new(json!({"data": data}).to_string())))
+        Ok(ListResponse::Ok(RawJson::new(
+            json!({"data": data}).to_string(),
+        )))
     }
 
     /// Cancel a job. A queued job is cancelled at once; a running one stops before its next

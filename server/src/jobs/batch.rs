@@ -27,7 +27,12 @@ pub async fn enqueue(
     let rejected: Vec<Value> = rejected
         .iter()
         .map(|(i, errs)| {
-            json!([i, errs.iter().map(|e| json!({"field": e.field, "reason": e.reason})).collect::<Vec<_>>()])
+            json!([
+                i,
+                errs.iter()
+                    .map(|e| json!({"field": e.field, "reason": e.reason}))
+                    .collect::<Vec<_>>()
+            ])
         })
         .collect();
     let id: i64 = sqlx::query_scalar(
@@ -70,7 +75,15 @@ pub async fn run(
                "rowsRejected": summary["failed"], "percent": 100.0, "eventId": summary["eventId"]})
     };
     if cancelled {
-        end(&mut tx, job, "cancelled", None, &Value::Null, data("cancelled", &json!({}))).await?;
+        end(
+            &mut tx,
+            job,
+            "cancelled",
+            None,
+            &Value::Null,
+            data("cancelled", &json!({})),
+        )
+        .await?;
         tx.commit().await?;
         return Ok(Some("cancelled".into()));
     }
@@ -138,7 +151,9 @@ pub async fn run(
     let (state_name, error) = if refused {
         (
             "failed",
-            Some(format!("{failed} of {total} records are invalid; nothing was written")),
+            Some(format!(
+                "{failed} of {total} records are invalid; nothing was written"
+            )),
         )
     } else {
         ("completed", None)

@@ -50,9 +50,11 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
     let read = Arc::new(AtomicU64::new(0));
     let bar = ProgressBar::new(size);
     bar.set_style(
-        ProgressStyle::with_template("{msg:10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_message("reading");
     let ticker = {
@@ -70,7 +72,10 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         max_errors: args.max_errors,
         user_id: None,
         scope: None,
-        file_name: args.file.file_name().map(|f| f.to_string_lossy().into_owned()),
+        file_name: args
+            .file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned()),
         lease: config.job_lease,
     };
     let staged = import::stage(
@@ -98,7 +103,11 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         staged.job_id,
         staged.rejected
     );
-    let mut end = if staged.queued { String::new() } else { "failed".to_string() };
+    let mut end = if staged.queued {
+        String::new()
+    } else {
+        "failed".to_string()
+    };
     if staged.queued {
         let bar = ProgressBar::new(staged.lines);
         bar.set_style(
@@ -108,9 +117,14 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         );
         bar.set_message(if args.dry_run { "checking" } else { "merging" });
         let mut conn = pool.acquire().await?;
-        let job = super::claim(&mut conn, "sales-server import", config.job_lease, Some(staged.job_id))
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("job {} was taken by a server's worker", staged.job_id))?;
+        let job = super::claim(
+            &mut conn,
+            "sales-server import",
+            config.job_lease,
+            Some(staged.job_id),
+        )
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("job {} was taken by a server's worker", staged.job_id))?;
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
@@ -142,7 +156,11 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         println!(
             "job {}: {end}{}: {} lines, {} rows written, {} rejected in {:.1}s",
             staged.job_id,
-            if args.dry_run { " (dry run, nothing written)" } else { "" },
+            if args.dry_run {
+                " (dry run, nothing written)"
+            } else {
+                ""
+            },
             doc["rowsRead"],
             doc["rowsWritten"],
             doc["rowsRejected"],
@@ -155,12 +173,17 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             println!(
                 "  line {}{}: {}",
                 e["line"],
-                e["column"].as_str().map(|c| format!(", column {c}")).unwrap_or_default(),
+                e["column"]
+                    .as_str()
+                    .map(|c| format!(", column {c}"))
+                    .unwrap_or_default(),
                 e["reason"].as_str().unwrap_or_default()
             );
         }
         let omitted = doc["errorsOmitted"].as_i64().unwrap_or(0)
-            + doc["errors"].as_array().map_or(0, |a| a.len().saturating_sub(20) as i64);
+            + doc["errors"]
+                .as_array()
+                .map_or(0, |a| a.len().saturating_sub(20) as i64);
         if omitted > 0 {
             println!("  ... and {omitted} more rejected rows");
         }

@@ -148,9 +148,11 @@ pub async fn stage<R: Read + Send + 'static>(
             tx.blocking_send(Msg::Rows(buf, n)).map_err(|_| gone())?;
         }
         if !rejected.is_empty() {
-            tx.blocking_send(Msg::Rejected(rejected)).map_err(|_| gone())?;
+            tx.blocking_send(Msg::Rejected(rejected))
+                .map_err(|_| gone())?;
         }
-        tx.blocking_send(Msg::Lines(lines, rejected_lines)).map_err(|_| gone())?;
+        tx.blocking_send(Msg::Lines(lines, rejected_lines))
+            .map_err(|_| gone())?;
         shape
     });
 
@@ -274,7 +276,11 @@ async fn create_uploading(
     Ok(())
 }
 
-async fn renew_upload(conn: &mut PgConnection, id: i64, lease: Duration) -> Result<(), sqlx::Error> {
+async fn renew_upload(
+    conn: &mut PgConnection,
+    id: i64,
+    lease: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE jobs.jobs SET lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
          WHERE id = $1",
@@ -460,13 +466,12 @@ pub async fn run(
             if dry_run {
                 sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
             }
-            let summary: Value = sqlx::query_scalar(
-                "SELECT sales.batch_upsert_impl($1, false, false, $2)",
-            )
-            .bind(&records)
-            .bind(&job.scope)
-            .fetch_one(&mut *tx)
-            .await?;
+            let summary: Value =
+                sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, false, false, $2)")
+                    .bind(&records)
+                    .bind(&job.scope)
+                    .fetch_one(&mut *tx)
+                    .await?;
             if dry_run {
                 sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
                     .execute(&mut *tx)
@@ -478,7 +483,12 @@ pub async fn run(
                 let i = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
                 failed.insert(i);
                 let field = e["field"].as_str().unwrap_or_default();
-                for l in groups.get(i).and_then(Value::as_array).into_iter().flatten() {
+                for l in groups
+                    .get(i)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     rejected.push(Rejected {
                         line: l.as_u64().unwrap_or(0),
                         column: Some(field.to_string()),

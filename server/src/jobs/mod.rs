@@ -105,11 +105,7 @@ pub async fn claim(
 
 /// Gives a job back (shutdown, or a transient failure): queued again for
 /// any worker, or failed for good after MAX_ATTEMPTS.
-pub async fn release(
-    pool: &PgPool,
-    job: &Claimed,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
+pub async fn release(pool: &PgPool, job: &Claimed, error: Option<&str>) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE jobs.jobs
          SET state = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN 'failed' ELSE 'queued' END,
@@ -230,7 +226,11 @@ pub const ERRORS_SHOWN: i64 = 100;
 
 /// A job's status document (`GET /api/v2/imports/{id}`), or None when the
 /// job does not exist or is not the caller's (`user` None: any job).
-pub async fn status(pool: &PgPool, id: i64, user: Option<i64>) -> Result<Option<Value>, sqlx::Error> {
+pub async fn status(
+    pool: &PgPool,
+    id: i64,
+    user: Option<i64>,
+) -> Result<Option<Value>, sqlx::Error> {
     let doc: Option<Value> = sqlx::query_scalar(&format!(
         "SELECT {DOC} FROM jobs.jobs j WHERE j.id = $1 AND ($2::bigint IS NULL OR j.user_id = $2)"
     ))
@@ -251,8 +251,10 @@ pub async fn status(pool: &PgPool, id: i64, user: Option<i64>) -> Result<Option<
         .bind(id)
         .fetch_one(pool)
         .await?;
-    doc["errorsOmitted"] = json!((kept - errors.len() as i64).max(0)
-        + (doc["rowsRejected"].as_i64().unwrap_or(0) - kept).max(0));
+    doc["errorsOmitted"] = json!(
+        (kept - errors.len() as i64).max(0)
+            + (doc["rowsRejected"].as_i64().unwrap_or(0) - kept).max(0)
+    );
     doc["errors"] = Value::Array(errors);
     Ok(Some(doc))
 }

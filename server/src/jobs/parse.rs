@@ -118,10 +118,7 @@ pub fn parse<R: Read>(
         .take(SNIFF as u64)
         .read_to_end(&mut head)
         .map_err(read_error)?;
-    let reader = BufReader::with_capacity(
-        1 << 16,
-        std::io::Cursor::new(head.clone()).chain(input),
-    );
+    let reader = BufReader::with_capacity(1 << 16, std::io::Cursor::new(head.clone()).chain(input));
     if head.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(FileError::Empty);
     }
@@ -458,11 +455,7 @@ fn csv_read_error(e: csv::Error) -> FileError {
 type LineErrors = Vec<(Option<String>, String)>;
 
 /// The store named by a line: its code, else its id.
-fn store_of(
-    cols: &Columns,
-    f: &[&str],
-    errors: &mut LineErrors,
-) -> (Option<String>, Option<i64>) {
+fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<String>, Option<i64>) {
     if let Some(i) = cols.store_code {
         if !f[i].is_empty() {
             return (Some(f[i].to_string()), None);
@@ -481,7 +474,10 @@ fn store_of(
             }
         }
     }
-    let col = cols.store_code.or(cols.store_id).map(|i| cols.names[i].clone());
+    let col = cols
+        .store_code
+        .or(cols.store_id)
+        .map(|i| cols.names[i].clone());
     errors.push((col, "no store given".into()));
     (None, None)
 }
@@ -528,7 +524,9 @@ fn parse_date(raw: &str) -> Result<(i32, u32, u32), String> {
     let parts: Vec<&str> = raw.split('-').collect();
     if parts.len() != 3
         || parts[0].len() != 4
-        || !parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        || !parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     {
         return Err(bad());
     }
@@ -566,7 +564,8 @@ fn daily_line(
     let mut errors = Vec::new();
     let (store_code, store_id) = store_of(cols, f, &mut errors);
     let date_col = cols.date.expect("checked with the header");
-    let date = parse_date(f[date_col]).map_err(|e| errors.push((Some(cols.names[date_col].clone()), e)));
+    let date =
+        parse_date(f[date_col]).map_err(|e| errors.push((Some(cols.names[date_col].clone()), e)));
     let mut values: [Option<String>; 3] = Default::default();
     for (k, c) in cols.metrics.iter().enumerate() {
         if let Some(i) = c {
@@ -621,10 +620,16 @@ fn monthly_line(
         },
         (y, m) => {
             if y.is_err() {
-                errors.push((Some(cols.names[yc].clone()), format!("{:?} is not a year", f[yc])));
+                errors.push((
+                    Some(cols.names[yc].clone()),
+                    format!("{:?} is not a year", f[yc]),
+                ));
             }
             if m.is_err() {
-                errors.push((Some(cols.names[mc].clone()), format!("{:?} is not a month", f[mc])));
+                errors.push((
+                    Some(cols.names[mc].clone()),
+                    format!("{:?} is not a month", f[mc]),
+                ));
             }
             None
         }
@@ -757,8 +762,8 @@ fn num_text(v: &Value) -> Option<String> {
 /// `month`, `dailyData`; an exported document's derived members are
 /// ignored) or a daily row (`storeCode`/`storeId`, `date`, metrics).
 fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
-    let v: Value = serde_json::from_str(text)
-        .map_err(|e| vec![(None, format!("malformed JSON: {e}"))])?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| vec![(None, format!("malformed JSON: {e}"))])?;
     let Some(obj) = v.as_object() else {
         return Err(vec![(None, "must be a JSON object".into())]);
     };
@@ -798,7 +803,10 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         let period = parse_date(date).map_err(|e| errors.push((Some("date".into()), e)));
         for (k, name) in METRIC_NAMES.iter().enumerate() {
             if let Some(v) = get(name).filter(|v| !v.is_null()) {
-                match num_text(v).ok_or_else(|| "must be a number".to_string()).and_then(|t| metric(&t, k, false)) {
+                match num_text(v)
+                    .ok_or_else(|| "must be a number".to_string())
+                    .and_then(|t| metric(&t, k, false))
+                {
                     Ok(t) => values[k] = t,
                     Err(e) => errors.push((Some((*name).into()), e)),
                 }
@@ -832,7 +840,11 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     let period = match (y, m) {
         (Some(y), Some(m)) => check_period(y, m)
             .map_err(|e| {
-                let col = if e.starts_with("year") { "year" } else { "month" };
+                let col = if e.starts_with("year") {
+                    "year"
+                } else {
+                    "month"
+                };
                 errors.push((Some(col.into()), e))
             })
             .ok()
@@ -881,7 +893,10 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
 mod tests {
     use super::*;
 
-    fn run(input: &str, requested: Requested) -> Result<(Shape, Vec<Row>, Vec<Rejected>, u64), FileError> {
+    fn run(
+        input: &str,
+        requested: Requested,
+    ) -> Result<(Shape, Vec<Row>, Vec<Rejected>, u64), FileError> {
         let (mut rows, mut bad, mut lines) = (Vec::new(), Vec::new(), 0);
         let shape = parse(input.as_bytes(), requested, |i| {
             match i {
@@ -945,7 +960,11 @@ mod tests {
                 (11, Some("sales")),
             ]
         );
-        assert!(bad[0].reason.contains("day 29 does not exist"), "{}", bad[0].reason);
+        assert!(
+            bad[0].reason.contains("day 29 does not exist"),
+            "{}",
+            bad[0].reason
+        );
         assert_eq!(bad[3].reason, "must not be negative");
         assert_eq!(bad[5].reason, "must be a whole number");
     }
