@@ -85,42 +85,45 @@ pub async fn stage<R: Read + Send + 'static>(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(4);
     let requested = req.requested;
     let parser = tokio::task::spawn_blocking(move || {
-        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
         let mut n = 0usize;
         let mut rejected: Vec<Rejected> = Vec::new();
         let mut lines = 0u64;
         let mut rejected_lines = 0u64;
         let mut line_rejected = false;
         let gone = || FileError::Read("the import was abandoned".into());
-        let writer_line = |r: &parse::Row, buf: &mut Vec<u8>| {
-            let mut w = csv::WriterBuilder::new()
+        let writer = || {
+            csv::WriterBuilder::new()
                 .has_headers(false)
-                .from_writer(Vec::with_capacity(128));
-            let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+                .from_writer(Vec::with_capacity(1 << 20))
+        };
+        let mut w = writer();
+        let job = id.to_string();
+        let num = |v: i64| v.to_string();
+        let write_row = |r: &parse::Row, w: &mut csv::Writer<Vec<u8>>| {
+            let opt = |v: &Option<String>| v.as_deref().unwrap_or_default().to_string();
             let _ = w.write_record([
-                id.to_string(),
-                r.line.to_string(),
-                r.day.to_string(),
+                job.clone(),
+                num(r.line as i64),
+                num(r.day as i64),
                 opt(&r.store_code),
                 r.store_id.map(|i| i.to_string()).unwrap_or_default(),
-                r.year.to_string(),
-                r.month.to_string(),
+                num(r.year as i64),
+                num(r.month as i64),
                 opt(&r.sales),
                 opt(&r.customers),
                 opt(&r.transactions),
                 opt(&r.col),
             ]);
-            if let Ok(bytes) = w.into_inner() {
-                buf.extend_from_slice(&bytes[..]);
-            }
         };
         let shape = parse::parse(input, requested, |item| {
             match item {
                 Item::Row(r) => {
-                    writer_line(&r, &mut buf);
+                    write_row(&r, &mut w);
                     n += 1;
                     if n >= COPY_ROWS {
-                        let chunk = std::mem::replace(&mut buf, Vec::with_capacity(1 << 20));
+                        let chunk = std::mem::replace(&mut w, writer())
+                            .into_inner()
+                            .map_err(|e| FileError::Read(e.to_string()))?;
                         tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
                         n = 0;
                     }
@@ -145,7 +148,8 @@ pub async fn stage<R: Read + Send + 'static>(
             Ok(())
         });
         if n > 0 {
-            tx.blocking_send(Msg::Rows(buf, n)).map_err(|_| gone())?;
+            let chunk = w.into_inner().map_err(|e| FileError::Read(e.to_string()))?;
+            tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
         }
         if !rejected.is_empty() {
             tx.blocking_send(Msg::Rejected(rejected))
