@@ -332,7 +332,7 @@ impl ImportsApi {
             Json(JobAccepted {
                 id: staged.job_id,
                 kind: "import".into(),
-                state: if staged.queued { "queued" } else { "failed" }.into(),
+                state: staged.state.into(),
                 status_url: url.clone(),
                 format: Some(staged.shape.name().into()),
                 rows_read: staged.lines as i64,

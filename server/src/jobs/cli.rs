@@ -103,11 +103,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         staged.job_id,
         staged.rejected
     );
-    let mut end = if staged.queued {
-        String::new()
-    } else {
-        "failed".to_string()
-    };
+    let mut end = staged.state.to_string();
     if staged.queued {
         let bar = ProgressBar::new(staged.lines);
         bar.set_style(
@@ -117,40 +113,58 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         );
         bar.set_message(if args.dry_run { "checking" } else { "merging" });
         let mut conn = pool.acquire().await?;
-        let job = super::claim(
+        let claimed = super::claim(
             &mut conn,
             "sales-server import",
             config.job_lease,
             Some(staged.job_id),
         )
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("job {} was taken by a server's worker", staged.job_id))?;
-        let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                let _ = stop_tx.send(true);
-            }
-        });
-        let ended = import::run(
-            &mut conn,
-            pool,
-            &job,
-            None,
-            config.import_chunk_lines,
-            config.job_lease,
-            &stop,
-            |p| bar.set_position((p.rows_written + p.rows_rejected).max(0) as u64),
-        )
         .await?;
-        bar.finish_and_clear();
-        end = match ended {
-            import::Ended::Finished(s) => s,
-            import::Ended::LostLease => "taken over by a server's worker".into(),
-            import::Ended::Stopped => {
-                super::release(pool, &job, None).await?;
-                "interrupted; queued for the servers' workers".into()
+        end = match claimed {
+            Some(job) => {
+                let (stop_tx, stop) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        let _ = stop_tx.send(true);
+                    }
+                });
+                let ended = import::run(
+                    &mut conn,
+                    pool,
+                    &job,
+                    None,
+                    config.import_chunk_lines,
+                    config.job_lease,
+                    &stop,
+                    |p| bar.set_position((p.rows_written + p.rows_rejected).max(0) as u64),
+                )
+                .await?;
+                match ended {
+                    import::Ended::Finished(s) => s,
+                    import::Ended::LostLease => "taken over by a server's worker".into(),
+                    import::Ended::Stopped => {
+                        super::release(pool, &job, None).await?;
+                        "interrupted; queued for the servers' workers".into()
+                    }
+                }
             }
+            // A server's worker took the job first: follow it there.
+            None => loop {
+                let Some(doc) = super::status(pool, staged.job_id, None).await? else {
+                    break "gone".into();
+                };
+                let done = doc["rowsWritten"].as_i64().unwrap_or(0)
+                    + doc["rowsRejected"].as_i64().unwrap_or(0);
+                bar.set_position(done.max(0) as u64);
+                match doc["state"].as_str().unwrap_or_default() {
+                    "queued" | "running" | "uploading" => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    s => break s.to_string(),
+                }
+            },
         };
+        bar.finish_and_clear();
     }
     if let Some(doc) = super::status(pool, staged.job_id, None).await? {
         println!(

@@ -23,8 +23,9 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Staged rows per COPY statement (each commits on its own).
-const COPY_ROWS: usize = 50_000;
+/// Staged rows per COPY statement (each commits on its own); with the
+/// channel's two batches in flight this bounds the upload's memory.
+const COPY_ROWS: usize = 10_000;
 
 /// How an import was asked for.
 #[derive(Debug, Clone)]
@@ -46,8 +47,11 @@ pub struct Staged {
     pub lines: u64,
     pub rows: u64,
     pub rejected: u64,
-    /// Queued (false: already failed with more rejected rows than allowed).
+    /// Queued (false: failed with more rejected rows than allowed, or
+    /// cancelled while it was read).
     pub queued: bool,
+    /// `queued`, `failed` or `cancelled`.
+    pub state: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +86,7 @@ pub async fn stage<R: Read + Send + 'static>(
     let id: i64 = sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
         .fetch_one(pool)
         .await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(2);
     let requested = req.requested;
     let parser = tokio::task::spawn_blocking(move || {
         let mut n = 0usize;
@@ -209,9 +213,11 @@ pub async fn stage<R: Read + Send + 'static>(
         Err(e) => {
             if let Some(id) = job {
                 // Nothing was queued: the partial upload goes.
+                drop(conn);
+                let _ = super::purge_rows(pool, id).await;
                 let _ = sqlx::query("DELETE FROM jobs.jobs WHERE id = $1")
                     .bind(id)
-                    .execute(&mut *conn)
+                    .execute(pool)
                     .await;
             }
             return Err(e);
@@ -221,7 +227,7 @@ pub async fn stage<R: Read + Send + 'static>(
         return Err(FileError::NoData.into());
     }
     let too_many = rejected as i64 > req.max_errors;
-    sqlx::query(
+    let moved = sqlx::query(
         "UPDATE jobs.jobs
          SET state = CASE WHEN $5 THEN 'failed' ELSE 'queued' END,
              finished_at = CASE WHEN $5 THEN now() END,
@@ -241,12 +247,15 @@ pub async fn stage<R: Read + Send + 'static>(
         req.max_errors
     ))
     .execute(&mut *conn)
-    .await?;
+    .await?
+    .rows_affected();
     drop(conn);
-    if too_many {
-        super::purge_rows(pool, id).await?;
-    } else {
+    // Not 'uploading' any more: cancelled while it was read.
+    let queued = !too_many && moved == 1;
+    if queued {
         super::WAKE.notify_waiters();
+    } else {
+        super::purge_rows(pool, id).await?;
     }
     Ok(Staged {
         job_id: id,
@@ -254,7 +263,14 @@ pub async fn stage<R: Read + Send + 'static>(
         lines,
         rows,
         rejected,
-        queued: !too_many,
+        queued,
+        state: if queued {
+            "queued"
+        } else if too_many {
+            "failed"
+        } else {
+            "cancelled"
+        },
     })
 }
 
