@@ -261,6 +261,7 @@ fn parse_csv<R: Read>(
         _ => (c, s),
     });
     let delimiter = if semis > commas { b';' } else { b',' };
+    let newlines = std::rc::Rc::new(std::cell::RefCell::new(std::collections::VecDeque::new()));
     let mut csv = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .flexible(true)
@@ -268,6 +269,8 @@ fn parse_csv<R: Read>(
         .from_reader(Lf {
             inner: reader,
             held_cr: false,
+            offset: 0,
+            newlines: newlines.clone(),
         });
     let mut record = csv::ByteRecord::new();
     let got = csv.read_byte_record(&mut record).map_err(csv_read_error)?;
@@ -321,6 +324,10 @@ fn parse_csv<R: Read>(
     }
     let decimal_comma = delimiter == b';';
     let mut lines = 0u64;
+    let mut line_of = LineOf {
+        newlines: newlines.clone(),
+        before: 0,
+    };
     loop {
         match csv.read_byte_record(&mut record) {
             Ok(false) => break,
@@ -331,7 +338,7 @@ fn parse_csv<R: Read>(
                 if let Some(p) = e.position() {
                     lines += 1;
                     out(Item::Rejected(Rejected {
-                        line: p.line(),
+                        line: line_of.at(p.byte()),
                         column: None,
                         reason: format!("malformed line: {e}"),
                     }))?;
@@ -341,7 +348,7 @@ fn parse_csv<R: Read>(
                 return Err(csv_read_error(e));
             }
         }
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let line = record.position().map_or(0, |p| line_of.at(p.byte()));
         lines += 1;
         if record.len() != cols.names.len() {
             // A trailing delimiter-only line or a line of spaces is a typo, not data.
@@ -400,13 +407,45 @@ fn parse_csv<R: Read>(
     Ok(shape)
 }
 
-/// CRLF read as LF: the csv reader numbers the records after a CRLF one
-/// line short (it counts the `\n` of a terminator only when it reads the
-/// next record), and line numbers are what a rejected row is reported by.
+/// Line numbers by byte offset: the csv reader's own count is off after a
+/// CRLF terminator or a blank line (it counts a terminator's `\n` only when
+/// it reads the next record), and line numbers are what a rejected row is
+/// reported by. `Lf` notes where every `\n` is; offsets behind the current
+/// record are dropped as it goes, so memory stays small.
+struct LineOf {
+    newlines: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<u64>>>,
+    /// Newlines before the last record asked about.
+    before: u64,
+}
+
+impl LineOf {
+    fn at(&mut self, byte: u64) -> u64 {
+        let mut q = self.newlines.borrow_mut();
+        while q.front().is_some_and(|&o| o < byte) {
+            q.pop_front();
+            self.before += 1;
+        }
+        // The reader places a record after blank lines at the first of
+        // them: newlines right at its start are blank lines before it.
+        let mut next = byte;
+        while q.front() == Some(&next) {
+            q.pop_front();
+            self.before += 1;
+            next += 1;
+        }
+        self.before + 1
+    }
+}
+
+/// CRLF read as LF (a quoted value keeps its line break as `\n`), noting
+/// where each `\n` is for [`LineOf`].
 struct Lf<R> {
     inner: R,
     /// A `\r` that ended the last read: dropped if a `\n` follows.
     held_cr: bool,
+    /// Bytes handed out so far.
+    offset: u64,
+    newlines: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<u64>>>,
 }
 
 impl<R: Read> Read for Lf<R> {
@@ -439,6 +478,13 @@ impl<R: Read> Read for Lf<R> {
                 w -= 1;
             }
             if w > 0 {
+                let mut q = self.newlines.borrow_mut();
+                for (i, b) in buf[..w].iter().enumerate() {
+                    if *b == b'\n' {
+                        q.push_back(self.offset + i as u64);
+                    }
+                }
+                self.offset += w as u64;
                 return Ok(w);
             }
         }
@@ -923,6 +969,38 @@ mod tests {
         assert_eq!(rows[0].line, 2);
         assert_eq!(rows[1].transactions, None);
         assert_eq!(rows[1].line, 3);
+    }
+
+    /// A reader that hands out one byte at a time: CRLF split across reads.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.split_first() {
+                Some((b, rest)) if !buf.is_empty() => {
+                    buf[0] = *b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn line_numbers_survive_crlf_split_across_reads() {
+        let f = "store_code,date,sales\r\nS1,2024-01-01,1\r\n\r\nS1,2024-01-0x,1\r\nS1,2024-01-03,\"3\r\n\"\r";
+        let mut lines = Vec::new();
+        parse(Trickle(f.as_bytes()), Requested::Auto, |i| {
+            match i {
+                Item::Row(r) => lines.push((r.line, true)),
+                Item::Rejected(r) => lines.push((r.line, false)),
+                Item::LineDone => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lines, vec![(2, true), (4, false), (5, true)]);
     }
 
     #[test]

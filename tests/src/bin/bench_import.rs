@@ -15,6 +15,7 @@
 //! Run with `scripts/bench_import.sh [flags]`.
 //! Flags (defaults in brackets): --rows [1000000] --stores [1000]
 //! --server [target/release/sales-server] --chunk [20000]
+//! --redis [none: the server's in-process cache]
 
 use sales_e2e::{TestDb, TEST_JWT_SECRET};
 use std::io::Write;
@@ -28,6 +29,8 @@ struct Opts {
     stores: usize,
     server: String,
     chunk: usize,
+    /// Redis for the server's cache (none: the in-process cache).
+    redis: Option<String>,
 }
 
 fn opts() -> Opts {
@@ -37,6 +40,7 @@ fn opts() -> Opts {
         stores: 1000,
         server: format!("{target}/release/sales-server"),
         chunk: 20_000,
+        redis: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -51,6 +55,7 @@ fn opts() -> Opts {
             "--stores" => o.stores = num().max(1),
             "--server" => o.server = value.clone(),
             "--chunk" => o.chunk = num().max(1),
+            "--redis" => o.redis = Some(value.clone()),
             _ => panic!("unknown flag {flag} (see the header of bench_import.rs)"),
         }
     }
@@ -167,14 +172,18 @@ async fn main() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = Command::new(&o.server)
+    let mut cmd = Command::new(&o.server);
+    match &o.redis {
+        Some(url) => cmd.env("REDIS_URL", url).env("CACHE_PREFIX", &db.name),
+        None => cmd.env_remove("REDIS_URL"),
+    };
+    let child = cmd
         .arg("serve")
         .env("DATABASE_URL", &db.url)
         .env("JWT_SECRET", TEST_JWT_SECRET)
         .env("PORT", port.to_string())
         .env("LOG_LEVEL", "warn")
         .env("IMPORT_CHUNK_LINES", o.chunk.to_string())
-        .env_remove("REDIS_URL")
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}", o.server));
