@@ -153,14 +153,24 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
         .await,
         3
     );
-    let done: (Option<i64>, Value) =
-        sqlx::query_as("SELECT user_id, payload FROM sales.events WHERE kind = 'import-completed'")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(done.0, Some(user));
-    assert_eq!(done.1["rowsWritten"], 3);
-    assert_eq!(done.1["state"], "completed");
+    let done: (Option<i64>, Option<i64>, Value) = sqlx::query_as(
+        "SELECT user_id, actor_id, payload FROM sales.events WHERE kind = 'import-completed'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((done.0, done.1), (Some(user), Some(user)));
+    assert_eq!(done.2["rowsWritten"], 3);
+    assert_eq!(done.2["state"], "completed");
+    // Every event of the import names the importer as its actor.
+    assert_eq!(
+        scalar_i64(
+            &db,
+            &format!("SELECT count(*) FROM sales.events WHERE kind NOT LIKE 'store-%' AND actor_id IS DISTINCT FROM {user}")
+        )
+        .await,
+        0
+    );
     // Staged rows are gone.
     assert_eq!(
         scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,

@@ -74,6 +74,9 @@ pub async fn run(
                    + summary["unchanged"].as_i64().unwrap_or(0),
                "rowsRejected": summary["failed"], "percent": 100.0, "eventId": summary["eventId"]})
     };
+    if let Some(u) = job.user_id {
+        crate::http::sales::set_actor(&mut *tx, u).await?;
+    }
     if cancelled {
         end(
             &mut tx,
@@ -86,9 +89,6 @@ pub async fn run(
         .await?;
         tx.commit().await?;
         return Ok(Some("cancelled".into()));
-    }
-    if let Some(u) = job.user_id {
-        crate::http::sales::set_actor(&mut *tx, u).await?;
     }
     let atomic = job.params["atomic"].as_bool().unwrap_or(true);
     let replace = job.params["mode"] == "replace";

@@ -432,6 +432,9 @@ pub async fn run(
             ..Default::default()
         };
         let cancelled: bool = row.get(1);
+        if let Some(u) = job.user_id {
+            crate::http::sales::set_actor(&mut *tx, u).await?;
+        }
         let next: Option<i64> = if cancelled {
             None
         } else {
@@ -458,9 +461,6 @@ pub async fn run(
             return Ok(Ended::Finished(end.into()));
         };
         let hi = first + size - 1;
-        if let Some(u) = job.user_id {
-            crate::http::sales::set_actor(&mut *tx, u).await?;
-        }
         let row = sqlx::query(CHUNK_SQL)
             .bind(job.id)
             .bind(p.last_line)
