@@ -113,3 +113,48 @@ async fn a_job_is_taken_again_only_when_its_worker_is_gone() {
     assert_eq!(j.attempts, 3);
     drop(again);
 }
+
+/// Finished jobs (and their rejected rows) go after EVENT_RETENTION; open
+/// ones stay whatever their age.
+#[tokio::test]
+async fn finished_jobs_are_removed_after_the_retention() {
+    let db = TestDb::new().await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, finished_at, created_at)
+         VALUES ('import', 'completed', now() - interval '8 days', now() - interval '8 days'),
+                ('import', 'failed', now() - interval '1 day', now() - interval '1 day'),
+                ('import', 'queued', NULL, now() - interval '9 days')
+         RETURNING id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO jobs.job_errors (job_id, line, reason) VALUES ($1, 2, 'x')")
+        .bind(ids[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The queued one is a batch with no records: it runs and completes.
+    sqlx::query("UPDATE jobs.jobs SET kind = 'batch', input = '{\"records\": []}' WHERE id = $1")
+        .bind(ids[2])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let server = db.server(&[("EVENT_RETENTION", "7d")]).await;
+    let left: Vec<i64> =
+        sales_e2e::eventually(Duration::from_secs(30), "the old job to go", || async {
+            let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM jobs.jobs ORDER BY id")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+            (!left.contains(&ids[0])).then_some(left)
+        })
+        .await;
+    assert_eq!(left, vec![ids[1], ids[2]]);
+    let errors: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.job_errors")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(errors, 0);
+    server.stop().await;
+}

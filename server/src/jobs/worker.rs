@@ -22,10 +22,12 @@ impl Workers {
             std::env::var("HOSTNAME").unwrap_or_else(|_| "sales-server".into()),
             std::process::id()
         );
+        let last_prune: LastPrune = Default::default();
         let tasks = (0..state.config.job_workers)
             .map(|i| {
                 let (state, rx, name) = (state.clone(), rx.clone(), format!("{name}/{i}"));
-                tokio::spawn(async move { work(state, rx, name).await })
+                let last_prune = last_prune.clone();
+                tokio::spawn(async move { work(state, rx, name, last_prune).await })
             })
             .collect();
         Self { stop, tasks }
@@ -40,10 +42,15 @@ impl Workers {
     }
 }
 
-async fn work(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>, name: String) {
+async fn work(
+    state: Arc<AppState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    name: String,
+    last_prune: LastPrune,
+) {
     let mut failures = 0u32;
     while !*stop.borrow() {
-        match once(&state, &stop, &name).await {
+        match once(&state, &stop, &name, &last_prune).await {
             Ok(true) => {
                 failures = 0;
                 continue;
@@ -63,13 +70,43 @@ async fn work(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>
     }
 }
 
+/// Finished jobs are kept as long as events (EVENT_RETENTION), then removed
+/// by whichever worker comes by first after a minute since the last time.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+type LastPrune = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
+async fn prune(state: &Arc<AppState>, last: &LastPrune) -> Result<(), sqlx::Error> {
+    {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return Ok(());
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let n = sqlx::query(
+        "DELETE FROM jobs.jobs
+         WHERE state IN ('completed', 'failed', 'cancelled')
+           AND finished_at < now() - $1 * interval '1 second'",
+    )
+    .bind(state.config.event_retention.as_secs() as f64)
+    .execute(&state.pool)
+    .await?
+    .rows_affected();
+    if n > 0 {
+        tracing::info!(jobs = n, "finished jobs past EVENT_RETENTION removed");
+    }
+    Ok(())
+}
+
 /// Takes and runs one job; false when there was none.
 async fn once(
     state: &Arc<AppState>,
     stop: &tokio::sync::watch::Receiver<bool>,
     name: &str,
+    last_prune: &LastPrune,
 ) -> Result<bool, sqlx::Error> {
     super::reap_uploads(&state.pool).await?;
+    prune(state, last_prune).await?;
     // The job's connection stays with it: its session is the lease.
     let mut conn = state.pool.acquire().await?;
     let lease = state.config.job_lease;
