@@ -74,8 +74,8 @@ enum Msg {
 
 /// Parses `input` on a blocking thread and stages its rows for a new job.
 /// A file refused whole (empty, binary, wrong header) queues nothing.
-/// `progress` is told the bytes of input read so far by the caller's
-/// reader, if it counts them (see `Counting`).
+/// (The command line counts the bytes its reader hands out for its
+/// progress bar.)
 pub async fn stage<R: Read + Send + 'static>(
     pool: &PgPool,
     input: R,
