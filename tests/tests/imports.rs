@@ -711,3 +711,42 @@ async fn progress_and_completion_reach_the_importer_s_websocket() {
     assert!(!seen);
     server.stop().await;
 }
+
+/// An upload cut off mid-body (the client goes away) leaves no job and no
+/// staged rows.
+#[tokio::test]
+async fn an_upload_cut_off_leaves_nothing_behind() {
+    let db = TestDb::new().await;
+    db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let codes = vec!["T001".to_string(), "T002".to_string()];
+    // Far more than one COPY batch, then the stream fails.
+    let file = big_file(&codes, 30_000);
+    let (head, _) = file.split_at(file.len() / 2);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = head
+        .as_bytes()
+        .chunks(64 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .chain(std::iter::once(Err(std::io::Error::other(
+            "client went away",
+        ))))
+        .collect();
+    let sent = api
+        .req(reqwest::Method::POST, "/api/v2/imports")
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await;
+    assert!(sent.is_err() || sent.unwrap().status().as_u16() >= 400);
+    eventually(WAIT, "nothing left of the upload", || async {
+        let jobs = scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await;
+        let rows = scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await;
+        (jobs == 0 && rows == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
