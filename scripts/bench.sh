@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make bench`: every benchmark, each printing ratios against floors measured
 # in the same run. BENCH_ONLY="api cache" runs a subset
-# (upsert, events, api, cache, export, ws).
+# (upsert, events, api, cache, export, ws, import).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ONLY=${BENCH_ONLY:-upsert events api cache export ws}
+ONLY=${BENCH_ONLY:-upsert events api cache export ws import}
 status=0
 for b in $ONLY; do
     echo
@@ -16,6 +16,7 @@ for b in $ONLY; do
         cache) ./scripts/bench_cache.sh || status=1 ;;
         export) ./scripts/bench_export.sh || status=1 ;;
         ws) ./scripts/bench_ws.sh || status=1 ;;
+        import) ./scripts/bench_import.sh || status=1 ;;
         *) echo "unknown benchmark $b" >&2; status=2 ;;
     esac
 done

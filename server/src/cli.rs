@@ -1,4 +1,4 @@
-//! Command line: `sales-server [serve|migrate|seed|user add|maintain|openapi]`.
+//! Command line: `sales-server [serve|migrate|seed|import|user add|maintain|openapi]`.
 
 use clap::{Args, Parser, Subcommand};
 
@@ -21,6 +21,8 @@ pub enum Command {
     Migrate,
     /// Load demo data: stores in regions with months of daily sales.
     Seed(SeedArgs),
+    /// Import a file of sales (export CSV, POS daily CSV or NDJSON) with a progress bar.
+    Import(crate::jobs::cli::ImportArgs),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),

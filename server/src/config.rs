@@ -69,6 +69,14 @@ pub struct Config {
     pub export_max_per_user: usize,
     /// Wall-clock limit for one export, however slowly the client reads.
     pub export_max_duration: Duration,
+    /// Largest import body (POST /api/v2/imports), counted while it streams.
+    pub import_max_bytes: u64,
+    /// Most input lines merged in one transaction (fewer when a chunk runs long).
+    pub import_chunk_lines: u32,
+    /// Job workers of this instance (0: this instance runs no jobs).
+    pub job_workers: usize,
+    /// How long a running job stays its worker's without a renewal.
+    pub job_lease: Duration,
 }
 
 /// JWT secrets published in this repository (Makefile, compose file, README):
@@ -405,6 +413,10 @@ impl Config {
                 1000,
             )?,
             export_max_duration: e.duration("EXPORT_MAX_DURATION", s(3600), s(1), s(86400))?,
+            import_max_bytes: e.num("IMPORT_MAX_BYTES", 1u64 << 30, 1, 1 << 40)?,
+            import_chunk_lines: e.num("IMPORT_CHUNK_LINES", 20_000u32, 1, 1_000_000)?,
+            job_workers: e.num("JOB_WORKERS", 2usize, 0, 64)?,
+            job_lease: e.duration("JOB_LEASE", s(30), s(1), s(3600))?,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod jobs;
 pub mod listener;
 pub mod logging;
 pub mod maintain;
@@ -83,6 +84,7 @@ impl Server {
         // while HTTP requests finish.
         let relay = events::relay::Relay::spawn(self.state.relay_deps()?);
         let heartbeat = ws::Heartbeat::spawn(self.state.hub.clone());
+        let workers = jobs::Workers::spawn(self.state.clone());
         let hub = self.state.hub.clone();
         let shutdown = async move {
             shutdown.await;
@@ -102,6 +104,7 @@ impl Server {
                 timeout.min(std::time::Duration::from_secs(10)),
             )
             .await;
+        workers.stop().await;
         relay.stop().await;
         served?;
         Ok(())

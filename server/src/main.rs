@@ -79,6 +79,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Import(args) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let end = sales_server::jobs::cli::import(&pool, &config, &args).await?;
+            if end == "failed" {
+                anyhow::bail!("the import failed");
+            }
+            Ok(())
+        }
         Command::User(UserCommand::Add(args)) => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;

@@ -71,6 +71,12 @@ impl Changes {
         self.tags.is_empty()
     }
 
+    /// The changes a transaction committed elsewhere (a job's chunk) made,
+    /// by the cache tags read before its COMMIT.
+    pub fn from_tags(tags: Vec<String>) -> Self {
+        Self { tags }
+    }
+
     /// Raises `read_floor` (with a replica) to the primary's WAL position,
     /// so that no read cached from now on comes from a replica that has not
     /// replayed the write, then invalidates the entries the events name.
@@ -98,7 +104,9 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
 /// Read before COMMIT and invalidated right after, so the
 /// writer reads its own writes at once (other instances learn through the
 /// relay).
-async fn tx_cache_tags(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+pub(crate) async fn tx_cache_tags(
+    conn: &mut sqlx::PgConnection,
+) -> Result<Vec<String>, sqlx::Error> {
     let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
         "SELECT DISTINCT kind, store_id, row_id,
                 jsonb_build_object('year', payload->'year', 'month', payload->'month',

@@ -72,6 +72,7 @@ impl Event {
                 None => vec![],
             },
             Kind::Announcement => vec![(Channel(self::Channel::Announcements), Variant::Full)],
+            Kind::ImportCompleted => vec![(Channel(self::Channel::Batch), Variant::Full)],
             Kind::BatchCompleted => {
                 // The batch's author gets it on their own channel; admins may
                 // follow every batch.
@@ -151,6 +152,20 @@ mod tests {
             payload,
             created_at: chrono::Utc::now(),
         }
+    }
+
+    #[test]
+    fn import_completed_goes_to_its_importer_or_the_admins() {
+        let mut e = ev("import-completed", None, json!({"jobId": 4}));
+        e.user_id = Some(7);
+        assert_eq!(e.deliveries(), vec![(Recipient::User(7), Variant::Full)]);
+        e.user_id = None;
+        assert_eq!(
+            e.deliveries(),
+            vec![(Recipient::Channel(Channel::Batch), Variant::Full)]
+        );
+        assert!(e.cache_tags().is_empty());
+        assert!(crate::events::vocab::IMPLICIT.contains(&"import-progress"));
     }
 
     #[test]

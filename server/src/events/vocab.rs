@@ -21,6 +21,9 @@ pub enum Kind {
     StoreDeleted,
     Announcement,
     UserNotification,
+    /// An import or asynchronous batch ended (`jobs`): to the user who queued
+    /// it; one queued from the command line to the admins' `batch` channel.
+    ImportCompleted,
     /// A kind this server does not know; relayed to nobody.
     Other,
 }
@@ -38,6 +41,7 @@ impl Kind {
             "store-deleted" => Kind::StoreDeleted,
             "system-announcement" => Kind::Announcement,
             "user-notification" => Kind::UserNotification,
+            "import-completed" => Kind::ImportCompleted,
             _ => Kind::Other,
         }
     }
@@ -78,6 +82,8 @@ pub const IMPLICIT: &[&str] = &[
     "user-notifications",
     "export-progress",
     "batch-completed",
+    "import-progress",
+    "import-completed",
 ];
 
 impl Channel {

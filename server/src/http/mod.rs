@@ -13,6 +13,7 @@ pub mod error;
 pub mod export;
 pub mod filters;
 pub mod health;
+pub mod imports;
 pub mod login;
 pub mod middleware;
 pub mod outside;
@@ -41,6 +42,8 @@ pub enum ApiTags {
     Stores,
     /// Announcements, notifications, maintenance (admin only).
     Admin,
+    /// File imports and background jobs (asynchronous batches too).
+    Imports,
 }
 
 pub type Apis = (
@@ -50,6 +53,7 @@ pub type Apis = (
     export::ExportApi,
     stores::StoresApi,
     admin::AdminApi,
+    imports::ImportsApi,
 );
 
 fn apis(state: Arc<AppState>) -> Apis {
@@ -65,7 +69,10 @@ fn apis(state: Arc<AppState>) -> Apis {
         stores::StoresApi {
             state: state.clone(),
         },
-        admin::AdminApi { state },
+        admin::AdminApi {
+            state: state.clone(),
+        },
+        imports::ImportsApi { state },
     )
 }
 
@@ -189,6 +196,7 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
             "content-disposition",
             "x-export-id",
             "x-export-estimated-rows",
+            "location",
         ])
         .max_age(600);
     for origin in &state.config.cors_origins {

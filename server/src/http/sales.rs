@@ -24,7 +24,8 @@ use super::ApiTags;
 use crate::db::sql::Binds;
 use crate::db::{Changes, Write};
 use crate::state::AppState;
-use batch::{merge_report, named_store};
+pub(crate) use batch::merge_report;
+use batch::named_store;
 use list::one_body;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::{payload::Json, OpenApi};
@@ -293,6 +294,9 @@ impl SalesApi {
         &self,
         auth: BearerAuth,
         body: Json<BatchUpsertRequest>,
+        /// Queue the batch and answer 202 with a job (see `/api/v2/imports/{id}`).
+        #[oai(name = "async")]
+        run_async: Query<Option<bool>>,
     ) -> ApiResult<BatchResponse> {
         let max = self.state.config.batch_max_records;
         let n = body.sales_data_array.len();
@@ -341,6 +345,33 @@ impl SalesApi {
         } else {
             kept.iter().map(|&i| std::mem::take(&mut all[i])).collect()
         });
+        if run_async.0.unwrap_or(false) {
+            let id = crate::jobs::batch::enqueue(
+                &self.state.pool,
+                auth.0.user_id,
+                auth.0.scope(),
+                records,
+                &kept,
+                &rejected,
+                n,
+                replace,
+                atomic,
+            )
+            .await?;
+            let url = format!("/api/v2/imports/{id}");
+            return Ok(BatchResponse::Accepted(
+                Json(super::imports::JobAccepted {
+                    id,
+                    kind: "batch".into(),
+                    state: "queued".into(),
+                    status_url: url.clone(),
+                    format: None,
+                    rows_read: n as i64,
+                    rows_rejected: 0,
+                }),
+                url,
+            ));
+        }
         let write = !kept.is_empty();
         // With `atomic`, a refused record means nothing is written; the
         // others still go through the extension for a complete report.

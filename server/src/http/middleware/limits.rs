@@ -170,7 +170,8 @@ pub async fn with_limits<E: Endpoint>(
     if let Err(e) = check_query(&req, &routes) {
         return Ok(e.into_response());
     }
-    if req.headers().contains_key(header::UPGRADE) {
+    if req.headers().contains_key(header::UPGRADE) || crate::http::imports::streams_body(&req) {
+        // An import counts its body against IMPORT_MAX_BYTES as it streams.
         return ep.call(req).await.map(IntoResponse::into_response);
     }
     let limit = state.config.body_limit;

@@ -13,7 +13,7 @@ pub(super) fn named_store(v: &Value) -> Option<i64> {
 
 /// The report of the records sent to the extension (numbered among
 /// `kept`), with the records refused before it, numbered as in the request.
-pub(super) fn merge_report(
+pub(crate) fn merge_report(
     mut summary: Value,
     kept: &[usize],
     rejected: Vec<(usize, Vec<sales_core::FieldError>)>,

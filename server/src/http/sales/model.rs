@@ -1,6 +1,7 @@
 //! The shapes of `/api/v2/sales` requests and responses.
 
 use crate::http::raw::RawJson;
+use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object};
 use serde_json::Value;
 
@@ -126,6 +127,13 @@ pub enum BatchResponse {
     /// Summary of the batch.
     #[oai(status = 200)]
     Ok(RawJson<BatchSummary>),
+    /// With `async=true`: checked and queued; the job's status (at `Location`) carries the
+    /// summary once it ran, and `import-completed` is sent to your WebSocket.
+    #[oai(status = 202)]
+    Accepted(
+        Json<crate::http::imports::JobAccepted>,
+        #[oai(header = "Location")] String,
+    ),
 }
 
 #[derive(Object, Debug)]

@@ -1,0 +1,209 @@
+//! Asynchronous batches (`POST /api/v2/sales/batch?async=true`): the
+//! request is checked as a synchronous one is (size, scope, each record with
+//! the extension's rules), queued with its records, and written by a worker
+//! in one transaction through the same `sales.batch_upsert_impl` call. The
+//! job's result is the report the synchronous call would have answered.
+
+use super::Claimed;
+use crate::state::AppState;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+use std::sync::Arc;
+
+/// Queues a checked batch. `kept` are the indexes (in the request) of
+/// `records`; `rejected` the records refused before the extension.
+#[allow(clippy::too_many_arguments)]
+pub async fn enqueue(
+    pool: &PgPool,
+    user_id: i64,
+    scope: Option<Vec<i64>>,
+    records: Value,
+    kept: &[usize],
+    rejected: &[(usize, Vec<sales_core::FieldError>)],
+    total: usize,
+    replace: bool,
+    atomic: bool,
+) -> Result<i64, sqlx::Error> {
+    let rejected: Vec<Value> = rejected
+        .iter()
+        .map(|(i, errs)| {
+            json!([
+                i,
+                errs.iter()
+                    .map(|e| json!({"field": e.field, "reason": e.reason}))
+                    .collect::<Vec<_>>()
+            ])
+        })
+        .collect();
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, user_id, scope, params, input, rows_read)
+         VALUES ('batch', $1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(user_id)
+    .bind(&scope)
+    .bind(json!({"mode": if replace { "replace" } else { "merge" }, "atomic": atomic}))
+    .bind(json!({"records": records, "kept": kept, "rejected": rejected, "total": total}))
+    .bind(total as i64)
+    .fetch_one(pool)
+    .await?;
+    super::WAKE.notify_waiters();
+    Ok(id)
+}
+
+/// Runs a batch job on the connection that claimed it. Returns the end state.
+pub async fn run(
+    conn: &mut PgConnection,
+    job: &Claimed,
+    state: Option<&Arc<AppState>>,
+) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let row: Option<(Value, bool)> = sqlx::query_as(
+        "SELECT input, cancel_requested FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid FOR UPDATE",
+    )
+    .bind(job.id)
+    .bind(&job.token)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((input, cancelled)) = row else {
+        return Ok(None);
+    };
+    let data = |state: &str, summary: &Value| {
+        json!({"jobId": job.id, "kind": "batch", "state": state, "done": true,
+               "rowsRead": summary["total"], "rowsWritten":
+                   summary["inserted"].as_i64().unwrap_or(0) + summary["updated"].as_i64().unwrap_or(0)
+                   + summary["unchanged"].as_i64().unwrap_or(0),
+               "rowsRejected": summary["failed"], "percent": 100.0, "eventId": summary["eventId"]})
+    };
+    if let Some(u) = job.user_id {
+        crate::db::set_actor(&mut *tx, u).await?;
+    }
+    if cancelled {
+        end(
+            &mut tx,
+            job,
+            "cancelled",
+            None,
+            &Value::Null,
+            data("cancelled", &json!({})),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Some("cancelled".into()));
+    }
+    let atomic = job.params["atomic"].as_bool().unwrap_or(true);
+    let replace = job.params["mode"] == "replace";
+    let kept: Vec<usize> = input["kept"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64().map(|v| v as usize))
+        .collect();
+    let rejected: Vec<(usize, Vec<sales_core::FieldError>)> = input["rejected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let errs = r[1]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    sales_core::FieldError::new(
+                        e["field"].as_str().unwrap_or_default(),
+                        e["reason"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            (r[0].as_u64().unwrap_or(0) as usize, errs)
+        })
+        .collect();
+    let total = input["total"].as_u64().unwrap_or(0) as usize;
+    let pre_rejected = !rejected.is_empty();
+    // Savepoint: an atomic batch with a refused record writes nothing, but
+    // the job's own ending still commits.
+    sqlx::query("SAVEPOINT batch").execute(&mut *tx).await?;
+    let summary: Value = if kept.is_empty() {
+        json!({"total": 0, "inserted": 0, "updated": 0, "unchanged": 0, "failed": 0,
+               "merged": 0, "eventId": null, "errors": [], "duplicates": []})
+    } else {
+        sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+            .bind(&input["records"])
+            .bind(replace)
+            .bind(atomic)
+            .bind(&job.scope)
+            .fetch_one(&mut *tx)
+            .await?
+    };
+    let refused = atomic && (pre_rejected || summary["failed"].as_i64().unwrap_or(0) > 0);
+    let mut summary = summary;
+    if refused {
+        sqlx::query("ROLLBACK TO SAVEPOINT batch")
+            .execute(&mut *tx)
+            .await?;
+        for k in ["inserted", "updated", "unchanged"] {
+            summary[k] = json!(0);
+        }
+        summary["eventId"] = Value::Null;
+    }
+    let mut summary = crate::http::sales::merge_report(summary, &kept, rejected, total);
+    crate::http::error::cap_report(&mut summary);
+    let failed = summary["failed"].as_i64().unwrap_or(0);
+    let (state_name, error) = if refused {
+        (
+            "failed",
+            Some(format!(
+                "{failed} of {total} records are invalid; nothing was written"
+            )),
+        )
+    } else {
+        ("completed", None)
+    };
+    let d = data(state_name, &summary);
+    end(&mut tx, job, state_name, error.as_deref(), &summary, d).await?;
+    let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
+    tx.commit().await?;
+    if let Some(s) = state {
+        if !tags.is_empty() {
+            s.publish(crate::db::Changes::from_tags(tags)).await;
+        }
+    }
+    Ok(Some(state_name.into()))
+}
+
+async fn end(
+    tx: &mut PgConnection,
+    job: &Claimed,
+    state: &str,
+    error: Option<&str>,
+    summary: &Value,
+    mut data: Value,
+) -> Result<(), sqlx::Error> {
+    let written = data["rowsWritten"].as_i64().unwrap_or(0);
+    let rejected = data["rowsRejected"].as_i64().unwrap_or(0);
+    sqlx::query(
+        "UPDATE jobs.jobs
+         SET state = $3, last_error = $4, result = $5, rows_written = $6, rows_rejected = $7,
+             input = NULL, finished_at = now(), updated_at = now(),
+             lease_token = NULL, lease_until = NULL, worker_pid = NULL
+         WHERE id = $1 AND lease_token = $2::uuid",
+    )
+    .bind(job.id)
+    .bind(&job.token)
+    .bind(state)
+    .bind(error)
+    .bind(summary)
+    .bind(written)
+    .bind(rejected)
+    .execute(&mut *tx)
+    .await?;
+    data["error"] = json!(error);
+    sqlx::query("SELECT sales.emit('import-completed', $1, NULL, $2)")
+        .bind(&data)
+        .bind(job.user_id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(u) = job.user_id {
+        super::notify_user(tx, u, "import-progress", data).await?;
+    }
+    Ok(())
+}

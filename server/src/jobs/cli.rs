@@ -1,0 +1,206 @@
+//! `sales-server import FILE`: stages the file as a job and runs it in this
+//! process with a progress bar. Interrupted (Ctrl-C), the job is given back
+//! to the queue and any server's workers finish it.
+
+use super::import::{self, ImportRequest};
+use super::parse::Requested;
+use crate::config::Config;
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The file: an export CSV (daily or monthly shape), a POS daily CSV, or NDJSON records.
+    pub file: std::path::PathBuf,
+    /// auto (from the header), daily, monthly or ndjson.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "daily", "monthly", "ndjson"])]
+    pub format: String,
+    /// Check and count every row; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Fail the job once more rows than this are rejected.
+    #[arg(long, default_value_t = 1000)]
+    pub max_errors: i64,
+}
+
+/// Counts the bytes read, for the progress bar.
+struct Counting<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Returns the job's end state.
+pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let file = std::fs::File::open(&args.file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let read = Arc::new(AtomicU64::new(0));
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("reading");
+    let ticker = {
+        let (bar, read) = (bar.clone(), read.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(read.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let req = ImportRequest {
+        requested: Requested::parse(&args.format).unwrap_or(Requested::Auto),
+        dry_run: args.dry_run,
+        max_errors: args.max_errors,
+        user_id: None,
+        scope: None,
+        file_name: args
+            .file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned()),
+        lease: config.job_lease,
+    };
+    let staged = import::stage(
+        pool,
+        Counting {
+            inner: file,
+            read: read.clone(),
+        },
+        &req,
+    )
+    .await;
+    ticker.abort();
+    let staged = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            bar.abandon();
+            anyhow::bail!("{}: {e}", args.file.display());
+        }
+    };
+    bar.finish_and_clear();
+    println!(
+        "read {} lines ({} shape) as job {}; {} rejected while reading",
+        staged.lines,
+        staged.shape.name(),
+        staged.job_id,
+        staged.rejected
+    );
+    let mut end = staged.state.to_string();
+    if staged.queued {
+        let bar = ProgressBar::new(staged.lines);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:10} [{bar:40}] {pos}/{len} lines {per_sec} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(if args.dry_run { "checking" } else { "merging" });
+        let mut conn = pool.acquire().await?;
+        let claimed = super::claim(
+            &mut conn,
+            "sales-server import",
+            config.job_lease,
+            Some(staged.job_id),
+        )
+        .await?;
+        end = match claimed {
+            Some(job) => {
+                let (stop_tx, stop) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        let _ = stop_tx.send(true);
+                    }
+                });
+                let ended = import::run(
+                    &mut conn,
+                    pool,
+                    &job,
+                    None,
+                    config.import_chunk_lines,
+                    config.job_lease,
+                    &stop,
+                    |p| bar.set_position((p.rows_written + p.rows_rejected).max(0) as u64),
+                )
+                .await?;
+                match ended {
+                    import::Ended::Finished(s) => s,
+                    import::Ended::LostLease => "taken over by a server's worker".into(),
+                    import::Ended::Stopped => {
+                        super::release(pool, &job, None).await?;
+                        "interrupted; queued for the servers' workers".into()
+                    }
+                }
+            }
+            // A server's worker took the job first: follow it there.
+            None => loop {
+                let Some(doc) = super::status(pool, staged.job_id, None).await? else {
+                    break "gone".into();
+                };
+                let done = doc["rowsWritten"].as_i64().unwrap_or(0)
+                    + doc["rowsRejected"].as_i64().unwrap_or(0);
+                bar.set_position(done.max(0) as u64);
+                match doc["state"].as_str().unwrap_or_default() {
+                    "queued" | "running" | "uploading" => {
+                        tokio::time::sleep(Duration::from_millis(200)).await
+                    }
+                    s => break s.to_string(),
+                }
+            },
+        };
+        bar.finish_and_clear();
+    }
+    if let Some(doc) = super::status(pool, staged.job_id, None).await? {
+        println!(
+            "job {}: {end}{}: {} lines, {} rows written, {} rejected in {:.1}s",
+            staged.job_id,
+            if args.dry_run {
+                " (dry run, nothing written)"
+            } else {
+                ""
+            },
+            doc["rowsRead"],
+            doc["rowsWritten"],
+            doc["rowsRejected"],
+            started.elapsed().as_secs_f64()
+        );
+        if let Some(e) = doc["lastError"].as_str() {
+            println!("last error: {e}");
+        }
+        for e in doc["errors"].as_array().into_iter().flatten().take(20) {
+            println!(
+                "  line {}{}: {}",
+                e["line"],
+                e["column"]
+                    .as_str()
+                    .map(|c| format!(", column {c}"))
+                    .unwrap_or_default(),
+                e["reason"].as_str().unwrap_or_default()
+            );
+        }
+        let omitted = doc["errorsOmitted"].as_i64().unwrap_or(0)
+            + doc["errors"]
+                .as_array()
+                .map_or(0, |a| a.len().saturating_sub(20) as i64);
+        if omitted > 0 {
+            println!("  ... and {omitted} more rejected rows");
+        }
+    }
+    Ok(end)
+}

@@ -1,0 +1,669 @@
+//! Imports: the file is parsed while it streams in and its rows are COPYed
+//! into `jobs.import_rows` (committed every COPY_ROWS rows, so no upload
+//! holds a transaction open for long); then the job is queued, and a worker
+//! merges it chunk by chunk through `sales.batch_upsert_impl`, the function
+//! behind `sales.batch_upsert` and the batch endpoint: the same validation,
+//! scope, versions and events.
+//!
+//! One chunk is one transaction: it locks the job row (the lease token
+//! fences out a worker that lost the job), deletes the chunk's staged rows
+//! (`DELETE ... RETURNING` feeds the merge, so a committed chunk's rows are
+//! gone and can never be merged again), folds them into one record per
+//! (store, year, month), calls the merge with the job's store scope and
+//! records the progress (last line, counts, rejected rows) before COMMIT.
+//! Numbers go from the staged text straight to `numeric`, so they reach the
+//! table exactly as the file wrote them.
+
+use super::parse::{self, FileError, Item, Rejected, Requested, Shape};
+use super::{Claimed, ERRORS_KEPT};
+use crate::state::AppState;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool, Row};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Staged rows per COPY statement (each commits on its own); with the
+/// channel's two batches in flight this bounds the upload's memory.
+const COPY_ROWS: usize = 10_000;
+
+/// How an import was asked for.
+#[derive(Debug, Clone)]
+pub struct ImportRequest {
+    pub requested: Requested,
+    pub dry_run: bool,
+    pub max_errors: i64,
+    pub user_id: Option<i64>,
+    pub scope: Option<Vec<i64>>,
+    pub file_name: Option<String>,
+    pub lease: Duration,
+}
+
+/// A staged import.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub job_id: i64,
+    pub shape: Shape,
+    pub lines: u64,
+    pub rows: u64,
+    pub rejected: u64,
+    /// Queued (false: failed with more rejected rows than allowed, or
+    /// cancelled while it was read).
+    pub queued: bool,
+    /// `queued`, `failed` or `cancelled`.
+    pub state: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+enum Msg {
+    /// The first data line was read: the header passed.
+    Started,
+    /// COPY text (CSV) of `n` rows.
+    Rows(Vec<u8>, usize),
+    Rejected(Vec<Rejected>),
+    /// Data lines, and how many of them were rejected.
+    Lines(u64, u64),
+}
+
+/// Parses `input` on a blocking thread and stages its rows for a new job.
+/// A file refused whole (empty, binary, wrong header) queues nothing.
+/// (The command line counts the bytes its reader hands out for its
+/// progress bar.)
+pub async fn stage<R: Read + Send + 'static>(
+    pool: &PgPool,
+    input: R,
+    req: &ImportRequest,
+) -> Result<Staged, StageError> {
+    // The id is taken first so that every staged row can carry it; a file
+    // refused whole leaves only a gap in the sequence.
+    let id: i64 = sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
+        .fetch_one(pool)
+        .await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(2);
+    let requested = req.requested;
+    let parser = tokio::task::spawn_blocking(move || {
+        let mut n = 0usize;
+        let mut rejected: Vec<Rejected> = Vec::new();
+        let mut lines = 0u64;
+        let mut rejected_lines = 0u64;
+        let mut line_rejected = false;
+        let gone = || FileError::Read("the import was abandoned".into());
+        let writer = || {
+            csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(Vec::with_capacity(1 << 20))
+        };
+        let mut w = writer();
+        let job = id.to_string();
+        let num = |v: i64| v.to_string();
+        let write_row = |r: &parse::Row, w: &mut csv::Writer<Vec<u8>>| {
+            let opt = |v: &Option<String>| v.as_deref().unwrap_or_default().to_string();
+            let _ = w.write_record([
+                job.clone(),
+                num(r.line as i64),
+                num(r.day as i64),
+                opt(&r.store_code),
+                r.store_id.map(|i| i.to_string()).unwrap_or_default(),
+                num(r.year as i64),
+                num(r.month as i64),
+                opt(&r.sales),
+                opt(&r.customers),
+                opt(&r.transactions),
+                opt(&r.col),
+            ]);
+        };
+        let shape = parse::parse(input, requested, |item| {
+            match item {
+                Item::Row(r) => {
+                    write_row(&r, &mut w);
+                    n += 1;
+                    if n >= COPY_ROWS {
+                        let chunk = std::mem::replace(&mut w, writer())
+                            .into_inner()
+                            .map_err(|e| FileError::Read(e.to_string()))?;
+                        tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
+                        n = 0;
+                    }
+                }
+                Item::Rejected(r) => {
+                    line_rejected = true;
+                    rejected.push(r);
+                    if rejected.len() >= 1000 {
+                        tx.blocking_send(Msg::Rejected(std::mem::take(&mut rejected)))
+                            .map_err(|_| gone())?;
+                    }
+                }
+                Item::LineDone => {
+                    lines += 1;
+                    rejected_lines += u64::from(std::mem::take(&mut line_rejected));
+                    if lines == 1 {
+                        // The header passed: the job may be created.
+                        tx.blocking_send(Msg::Started).map_err(|_| gone())?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        if n > 0 {
+            let chunk = w.into_inner().map_err(|e| FileError::Read(e.to_string()))?;
+            tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
+        }
+        if !rejected.is_empty() {
+            tx.blocking_send(Msg::Rejected(rejected))
+                .map_err(|_| gone())?;
+        }
+        tx.blocking_send(Msg::Lines(lines, rejected_lines))
+            .map_err(|_| gone())?;
+        shape
+    });
+
+    let mut conn = pool.acquire().await?;
+    let mut job: Option<i64> = None;
+    let mut rows = 0u64;
+    let mut rejected = 0u64;
+    let mut errors_kept = 0i64;
+    let mut lines = 0u64;
+    let result: Result<(), StageError> = async {
+        while let Some(msg) = rx.recv().await {
+            match (job, &msg) {
+                (Some(_), _) | (None, Msg::Lines(..)) => {}
+                (None, _) => {
+                    create_uploading(&mut conn, id, req).await?;
+                    job = Some(id);
+                }
+            }
+            match msg {
+                Msg::Started => {}
+                Msg::Rows(text, n) => {
+                    copy_rows(&mut conn, text).await?;
+                    rows += n as u64;
+                    renew_upload(&mut conn, id, req.lease).await?;
+                }
+                Msg::Rejected(errs) => {
+                    super::record_errors(&mut conn, id, errors_kept, &errs).await?;
+                    errors_kept += errs.len() as i64;
+                }
+                Msg::Lines(n, r) => {
+                    lines = n;
+                    rejected = r;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(rx);
+    let parsed = parser
+        .await
+        .map_err(|e| FileError::Read(format!("parser stopped: {e}")))?;
+    let outcome = match (result, parsed) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(StageError::File(e)),
+        (Ok(()), Ok(shape)) => Ok(shape),
+    };
+    let shape = match outcome {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(id) = job {
+                // Nothing was queued: the partial upload goes.
+                drop(conn);
+                let _ = super::purge_rows(pool, id).await;
+                let _ = sqlx::query("DELETE FROM jobs.jobs WHERE id = $1")
+                    .bind(id)
+                    .execute(pool)
+                    .await;
+            }
+            return Err(e);
+        }
+    };
+    if job.is_none() {
+        return Err(FileError::NoData.into());
+    }
+    let too_many = rejected as i64 > req.max_errors;
+    let moved = sqlx::query(
+        "UPDATE jobs.jobs
+         SET state = CASE WHEN $5 THEN 'failed' ELSE 'queued' END,
+             finished_at = CASE WHEN $5 THEN now() END,
+             last_error = CASE WHEN $5 THEN $6 END,
+             rows_read = $2, rows_rejected = $3,
+             params = params || jsonb_build_object('format', $4::text),
+             lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
+         WHERE id = $1 AND state = 'uploading'",
+    )
+    .bind(id)
+    .bind(lines as i64)
+    .bind(rejected as i64)
+    .bind(shape.name())
+    .bind(too_many)
+    .bind(format!(
+        "{rejected} rejected rows, more than the {} allowed (maxErrors)",
+        req.max_errors
+    ))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    drop(conn);
+    // Not 'uploading' any more: cancelled while it was read.
+    let queued = !too_many && moved == 1;
+    if queued {
+        super::WAKE.notify_waiters();
+    } else {
+        super::purge_rows(pool, id).await?;
+    }
+    Ok(Staged {
+        job_id: id,
+        shape,
+        lines,
+        rows,
+        rejected,
+        queued,
+        state: if queued {
+            "queued"
+        } else if too_many {
+            "failed"
+        } else {
+            "cancelled"
+        },
+    })
+}
+
+async fn create_uploading(
+    conn: &mut PgConnection,
+    id: i64,
+    req: &ImportRequest,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO jobs.jobs (id, kind, state, user_id, scope, params, lease_token, lease_until,
+                                worker_pid, worker_backend_start)
+         VALUES ($5, 'import', 'uploading', $1, $2, $3, gen_random_uuid(),
+                 now() + $4 * interval '1 millisecond', pg_backend_pid(),
+                 (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()))",
+    )
+    .bind(req.user_id)
+    .bind(&req.scope)
+    .bind(json!({"dryRun": req.dry_run, "maxErrors": req.max_errors, "fileName": req.file_name}))
+    .bind(req.lease.as_millis() as i64)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn renew_upload(
+    conn: &mut PgConnection,
+    id: i64,
+    lease: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs.jobs SET lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(lease.as_millis() as i64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// One COPY of staged rows (CSV), committed on its own.
+async fn copy_rows(conn: &mut PgConnection, text: Vec<u8>) -> Result<(), sqlx::Error> {
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY jobs.import_rows (job_id, line, day, store_code, store_id, year, month, sales,
+                                    customers, transactions, col)
+             FROM STDIN WITH (FORMAT csv)",
+        )
+        .await?;
+    copy.send(text).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// What the chunk loop reports after each chunk.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub rows_read: i64,
+    pub last_line: i64,
+    pub rows_written: i64,
+    pub rows_rejected: i64,
+    pub chunks: i64,
+    pub done: bool,
+    pub state: String,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// completed, cancelled or failed (rejected rows past maxErrors).
+    Finished(String),
+    /// Another worker holds the job now.
+    LostLease,
+    /// Asked to stop (server shutdown): the job is given back.
+    Stopped,
+}
+
+/// Folds a chunk's staged rows into records (one per store-month) and
+/// reports rows whose store is unknown or outside the scope. Deleting the
+/// rows is part of the statement: a committed chunk cannot be merged twice.
+const CHUNK_SQL: &str = r#"
+WITH d AS (
+    DELETE FROM jobs.import_rows WHERE job_id = $1 AND line > $2 AND line <= $3
+    RETURNING line, day, store_code, store_id, year, month, sales, customers, transactions, col
+), r AS (
+    SELECT d.*, CASE WHEN d.store_code IS NOT NULL THEN sc.id ELSE si.id END AS sid
+    FROM d
+    LEFT JOIN sales.stores sc ON sc.code = d.store_code
+    LEFT JOIN sales.stores si ON si.id = d.store_id AND d.store_code IS NULL
+), bad AS (
+    SELECT DISTINCT ON (line) line,
+           CASE WHEN store_code IS NOT NULL THEN 'store_code' ELSE 'store_id' END AS col,
+           CASE WHEN sid IS NULL
+                THEN format('unknown store %s', coalesce(quote_literal(store_code), store_id::text))
+                ELSE format('store %s is outside your scope', coalesce(store_code, store_id::text)) END AS reason
+    FROM r WHERE sid IS NULL OR ($4::bigint[] IS NOT NULL AND sid <> ALL($4))
+    ORDER BY line
+), g AS (
+    SELECT sid, year, month,
+           jsonb_object_agg(day::text,
+                            jsonb_strip_nulls(jsonb_build_object('sales', sales::numeric,
+                                                                 'customers', customers::numeric,
+                                                                 'transactions', transactions::numeric))
+                            ORDER BY line, day) AS daily,
+           array_agg(DISTINCT line) AS lines
+    FROM r WHERE sid IS NOT NULL AND ($4::bigint[] IS NULL OR sid = ANY($4))
+    GROUP BY sid, year, month
+)
+SELECT (SELECT coalesce(jsonb_agg(jsonb_build_object('line', line, 'column', col, 'reason', reason)
+                                  ORDER BY line), '[]') FROM bad),
+       coalesce(jsonb_agg(jsonb_build_object('storeId', sid, 'year', year, 'month', month, 'dailyData', daily)
+                          ORDER BY sid, year, month), '[]'),
+       coalesce(jsonb_agg(to_jsonb(lines) ORDER BY sid, year, month), '[]')
+FROM g
+"#;
+
+/// Runs an import job on `conn` (the connection that claimed it) until it
+/// ends, calling `on_progress` after every chunk. `state` is absent on the
+/// command line (no cache to invalidate).
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    job: &Claimed,
+    state: Option<&Arc<AppState>>,
+    chunk_lines: u32,
+    lease: Duration,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<Ended, sqlx::Error> {
+    let dry_run = job.params["dryRun"].as_bool().unwrap_or(false);
+    let max_errors = job.params["maxErrors"].as_i64().unwrap_or(i64::MAX);
+    let mut size = chunk_lines.clamp(1, 2_000) as i64;
+    let mut last_notify: Option<Instant> = None;
+    loop {
+        if *stop.borrow() {
+            return Ok(Ended::Stopped);
+        }
+        let started = Instant::now();
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let Some(row) = sqlx::query(
+            "SELECT last_line, cancel_requested, rows_read, rows_written, rows_rejected, chunks
+             FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid FOR UPDATE",
+        )
+        .bind(job.id)
+        .bind(&job.token)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Ended::LostLease);
+        };
+        let mut p = Progress {
+            last_line: row.get(0),
+            rows_read: row.get(2),
+            rows_written: row.get(3),
+            rows_rejected: row.get(4),
+            chunks: row.get(5),
+            ..Default::default()
+        };
+        let cancelled: bool = row.get(1);
+        if let Some(u) = job.user_id {
+            crate::db::set_actor(&mut *tx, u).await?;
+        }
+        let next: Option<i64> = if cancelled {
+            None
+        } else {
+            sqlx::query_scalar(
+                "SELECT line FROM jobs.import_rows WHERE job_id = $1 AND line > $2 ORDER BY line LIMIT 1",
+            )
+            .bind(job.id)
+            .bind(p.last_line)
+            .fetch_optional(&mut *tx)
+            .await?
+        };
+        let Some(first) = next else {
+            let end = if cancelled { "cancelled" } else { "completed" };
+            finish(&mut tx, job, end, None, &p, dry_run).await?;
+            let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
+            tx.commit().await?;
+            p.done = true;
+            p.state = end.into();
+            on_progress(&p);
+            invalidate(state, tags).await;
+            if cancelled {
+                super::purge_rows(pool, job.id).await.ok();
+            }
+            return Ok(Ended::Finished(end.into()));
+        };
+        let hi = first + size - 1;
+        let row = sqlx::query(CHUNK_SQL)
+            .bind(job.id)
+            .bind(p.last_line)
+            .bind(hi)
+            .bind(&job.scope)
+            .fetch_one(&mut *tx)
+            .await?;
+        let bad: Value = row.get(0);
+        let records: Value = row.get(1);
+        let lines_of: Value = row.get(2);
+        let mut rejected: Vec<Rejected> = bad
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| Rejected {
+                line: b["line"].as_u64().unwrap_or(0),
+                column: b["column"].as_str().map(str::to_string),
+                reason: b["reason"].as_str().unwrap_or_default().to_string(),
+            })
+            .collect();
+        let mut written = 0i64;
+        if records.as_array().is_some_and(|a| !a.is_empty()) {
+            if dry_run {
+                sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
+            }
+            let summary: Value =
+                sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, false, false, $2)")
+                    .bind(&records)
+                    .bind(&job.scope)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if dry_run {
+                sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let groups = lines_of.as_array().cloned().unwrap_or_default();
+            let mut failed = std::collections::BTreeSet::new();
+            for e in summary["errors"].as_array().into_iter().flatten() {
+                let i = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
+                failed.insert(i);
+                let field = e["field"].as_str().unwrap_or_default();
+                for l in groups
+                    .get(i)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    rejected.push(Rejected {
+                        line: l.as_u64().unwrap_or(0),
+                        column: Some(field.to_string()),
+                        reason: e["reason"].as_str().unwrap_or_default().to_string(),
+                    });
+                }
+            }
+            for (i, g) in groups.iter().enumerate() {
+                if !failed.contains(&i) {
+                    written += g.as_array().map_or(0, |a| a.len() as i64);
+                }
+            }
+        }
+        rejected.sort_by_key(|r| r.line);
+        let new_rejected = rejected
+            .iter()
+            .map(|r| r.line)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as i64;
+        if p.rows_rejected + new_rejected > max_errors {
+            // Nothing of this chunk is written; its rejected rows are kept
+            // so the report says why the job stopped.
+            tx.rollback().await?;
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let kept = sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid",
+            )
+            .bind(job.id)
+            .bind(&job.token)
+            .fetch_one(&mut *tx)
+            .await?;
+            if kept == 0 {
+                return Ok(Ended::LostLease);
+            }
+            super::record_errors(&mut tx, job.id, p.rows_rejected.min(ERRORS_KEPT), &rejected)
+                .await?;
+            p.rows_rejected += new_rejected;
+            let why = format!(
+                "{} rejected rows, more than the {max_errors} allowed (maxErrors); stopped before line {first}",
+                p.rows_rejected
+            );
+            finish(&mut tx, job, "failed", Some(&why), &p, dry_run).await?;
+            tx.commit().await?;
+            p.done = true;
+            p.state = "failed".into();
+            on_progress(&p);
+            super::purge_rows(pool, job.id).await.ok();
+            return Ok(Ended::Finished("failed".into()));
+        }
+        super::record_errors(&mut tx, job.id, p.rows_rejected.min(ERRORS_KEPT), &rejected).await?;
+        p.rows_written += written;
+        p.rows_rejected += new_rejected;
+        p.last_line = hi;
+        p.chunks += 1;
+        sqlx::query(
+            "UPDATE jobs.jobs
+             SET last_line = $3, rows_written = $4, rows_rejected = $5, chunks = $6,
+                 lease_until = now() + $7 * interval '1 millisecond', updated_at = now()
+             WHERE id = $1 AND lease_token = $2::uuid",
+        )
+        .bind(job.id)
+        .bind(&job.token)
+        .bind(p.last_line)
+        .bind(p.rows_written)
+        .bind(p.rows_rejected)
+        .bind(p.chunks)
+        .bind(lease.as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(u) = job.user_id {
+            if last_notify.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                super::notify_user(&mut tx, u, "import-progress", progress_data(job, &p)).await?;
+                last_notify = Some(Instant::now());
+            }
+        }
+        let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
+        tx.commit().await?;
+        p.state = "running".into();
+        on_progress(&p);
+        invalidate(state, tags).await;
+        // Chunks aim at a few hundred milliseconds: no transaction holds
+        // rows, locks or event delivery for much longer than that.
+        let took = started.elapsed();
+        if took < Duration::from_millis(250) {
+            size = (size * 2).min(chunk_lines as i64);
+        } else if took > Duration::from_millis(700) {
+            size = (size / 2).max(1);
+        }
+    }
+}
+
+async fn invalidate(state: Option<&Arc<AppState>>, tags: Vec<String>) {
+    if let Some(s) = state {
+        if !tags.is_empty() {
+            s.publish(crate::db::Changes::from_tags(tags)).await;
+        }
+    }
+}
+
+pub fn progress_data(job: &Claimed, p: &Progress) -> Value {
+    let percent = if p.rows_read > 0 {
+        ((p.rows_written + p.rows_rejected) as f64 * 1000.0 / p.rows_read as f64).round() / 10.0
+    } else {
+        100.0
+    };
+    json!({
+        "jobId": job.id, "kind": job.kind, "state": if p.state.is_empty() { "running" } else { &p.state },
+        "rowsRead": p.rows_read, "rowsWritten": p.rows_written, "rowsRejected": p.rows_rejected,
+        "lastLine": p.last_line, "percent": percent.min(100.0), "done": p.done,
+    })
+}
+
+/// Ends the job in the caller's transaction and announces it: a stored
+/// `import-completed` event for the importing user (replayed on resume),
+/// and a final `import-progress`.
+async fn finish(
+    tx: &mut PgConnection,
+    job: &Claimed,
+    end: &str,
+    error: Option<&str>,
+    p: &Progress,
+    dry_run: bool,
+) -> Result<(), sqlx::Error> {
+    let result = json!({
+        "rowsRead": p.rows_read, "rowsWritten": p.rows_written, "rowsRejected": p.rows_rejected,
+        "dryRun": dry_run,
+    });
+    sqlx::query(
+        "UPDATE jobs.jobs
+         SET state = $3, last_error = coalesce($4, last_error), result = $5,
+             rows_written = $6, rows_rejected = $7, finished_at = now(), updated_at = now(),
+             lease_token = NULL, lease_until = NULL, worker_pid = NULL
+         WHERE id = $1 AND lease_token = $2::uuid",
+    )
+    .bind(job.id)
+    .bind(&job.token)
+    .bind(end)
+    .bind(error)
+    .bind(&result)
+    .bind(p.rows_written)
+    .bind(p.rows_rejected)
+    .execute(&mut *tx)
+    .await?;
+    let mut done = p.clone();
+    done.done = true;
+    done.state = end.to_string();
+    let mut data = progress_data(job, &done);
+    data["error"] = json!(error);
+    sqlx::query("SELECT sales.emit('import-completed', $1, NULL, $2)")
+        .bind(&data)
+        .bind(job.user_id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(u) = job.user_id {
+        super::notify_user(tx, u, "import-progress", data).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! The durable job queue (`jobs.jobs`, migration 0008) and what runs on it:
+//! imports of POS and export files, and asynchronous batches.
+//!
+//! * A job is a row. Workers of every server instance (JOB_WORKERS each)
+//!   take the oldest runnable one with `FOR UPDATE SKIP LOCKED`, so two
+//!   workers never take the same row, and stamp it with a lease: a fresh
+//!   token, their backend (pid and start time) and an expiry.
+//! * A running job is runnable again when its lease expired or its worker's
+//!   database session is gone (a killed server's connections close, so its
+//!   jobs are taken again within a poll, not after the lease).
+//! * Every chunk's transaction locks the job row, checks the token, does its
+//!   work and records its progress (last input line, counts) before it
+//!   commits: a worker that lost its job writes nothing more, and a job taken
+//!   again continues after the last committed chunk, never writing a line
+//!   twice.
+//! * Cancellation is a flag the worker reads under that same lock, so a
+//!   cancelled job stops between chunks; what committed stays.
+
+pub mod batch;
+pub mod cli;
+pub mod import;
+pub mod parse;
+pub mod worker;
+
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool, Row};
+use std::time::Duration;
+
+pub use worker::Workers;
+
+/// At most this many rejected rows are kept per job (all are counted).
+pub const ERRORS_KEPT: i64 = 1000;
+/// A job that failed this many times (not counting rejected rows) stays failed.
+pub const MAX_ATTEMPTS: i32 = 3;
+
+/// Wakes this instance's idle workers at once when it queues a job (other
+/// instances find it at their next poll).
+pub static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// A job as a worker took it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub kind: String,
+    pub token: String,
+    pub user_id: Option<i64>,
+    pub scope: Option<Vec<i64>>,
+    pub params: Value,
+    pub attempts: i32,
+}
+
+/// Takes the oldest runnable job (or job `only`), on the connection that
+/// will run it: its backend is the session whose end frees the job.
+pub async fn claim(
+    conn: &mut PgConnection,
+    worker: &str,
+    lease: Duration,
+    only: Option<i64>,
+) -> Result<Option<Claimed>, sqlx::Error> {
+    let row = sqlx::query(
+        "WITH c AS (
+             SELECT j.id FROM jobs.jobs j
+             WHERE j.state IN ('queued', 'running')
+               AND ($3::bigint IS NULL OR j.id = $3)
+               AND (j.state = 'queued'
+                    OR j.lease_until < now()
+                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                   WHERE a.pid = j.worker_pid
+                                     AND a.backend_start = j.worker_backend_start))
+             ORDER BY j.id
+             LIMIT 1
+             FOR UPDATE OF j SKIP LOCKED
+         )
+         UPDATE jobs.jobs j
+         SET state = 'running',
+             attempts = j.attempts + 1,
+             last_error = CASE WHEN j.state = 'running'
+                               THEN 'its worker was lost; taken again' ELSE j.last_error END,
+             lease_token = gen_random_uuid(),
+             lease_until = now() + $1 * interval '1 millisecond',
+             worker = $2,
+             worker_pid = pg_backend_pid(),
+             worker_backend_start = (SELECT backend_start FROM pg_stat_activity
+                                     WHERE pid = pg_backend_pid()),
+             started_at = coalesce(j.started_at, now()),
+             updated_at = now()
+         FROM c WHERE j.id = c.id
+         RETURNING j.id, j.kind, j.lease_token::text, j.user_id, j.scope, j.params, j.attempts",
+    )
+    .bind(lease.as_millis() as i64)
+    .bind(worker)
+    .bind(only)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| Claimed {
+        id: r.get(0),
+        kind: r.get(1),
+        token: r.get(2),
+        user_id: r.get(3),
+        scope: r.get(4),
+        params: r.get(5),
+        attempts: r.get(6),
+    }))
+}
+
+/// Gives a job back (shutdown, or a transient failure): queued again for
+/// any worker, or failed for good after MAX_ATTEMPTS.
+pub async fn release(pool: &PgPool, job: &Claimed, error: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs.jobs
+         SET state = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN 'failed' ELSE 'queued' END,
+             finished_at = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN now() END,
+             last_error = coalesce($3, last_error),
+             lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
+         WHERE id = $1 AND lease_token = $2::uuid",
+    )
+    .bind(job.id)
+    .bind(&job.token)
+    .bind(error)
+    .bind(MAX_ATTEMPTS)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Requests cancellation. A queued job is cancelled at once; a running one
+/// stops before its next chunk. Returns the state after the request, or
+/// None when no such job is visible to the caller.
+pub async fn cancel(
+    pool: &PgPool,
+    id: i64,
+    user: Option<i64>,
+) -> Result<Option<String>, sqlx::Error> {
+    let state: Option<String> = sqlx::query_scalar(
+        "UPDATE jobs.jobs
+         SET cancel_requested = cancel_requested OR state IN ('uploading', 'queued', 'running'),
+             state = CASE WHEN state IN ('uploading', 'queued') THEN 'cancelled' ELSE state END,
+             finished_at = CASE WHEN state IN ('uploading', 'queued') THEN now() ELSE finished_at END,
+             updated_at = now()
+         WHERE id = $1 AND ($2::bigint IS NULL OR user_id = $2)
+         RETURNING state",
+    )
+    .bind(id)
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
+    if state.as_deref() == Some("cancelled") {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            if let Err(e) = purge_rows(&pool, id).await {
+                tracing::warn!(job = id, error = %e, "could not remove a cancelled import's rows");
+            }
+        });
+    }
+    Ok(state)
+}
+
+/// Removes a finished job's staged rows, a bounded slice per statement.
+pub async fn purge_rows(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM jobs.import_rows r
+             USING (SELECT line, day FROM jobs.import_rows WHERE job_id = $1 LIMIT 20000) d
+             WHERE r.job_id = $1 AND r.line = d.line AND r.day = d.day",
+        )
+        .bind(id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Uploads whose uploader is gone never become jobs: failed, rows removed.
+pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "UPDATE jobs.jobs j
+         SET state = 'failed', finished_at = now(), updated_at = now(),
+             last_error = 'the upload was interrupted', lease_token = NULL
+         WHERE j.state = 'uploading'
+           AND (j.lease_until < now()
+                OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                               WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start))
+         RETURNING j.id",
+    )
+    .fetch_all(pool)
+    .await?;
+    for id in ids {
+        purge_rows(pool, id).await?;
+    }
+    Ok(())
+}
+
+/// Inserts rejected rows, keeping at most ERRORS_KEPT per job.
+pub async fn record_errors(
+    conn: &mut PgConnection,
+    job: i64,
+    already: i64,
+    errors: &[parse::Rejected],
+) -> Result<(), sqlx::Error> {
+    let room = (ERRORS_KEPT - already).max(0) as usize;
+    if room == 0 || errors.is_empty() {
+        return Ok(());
+    }
+    let take = &errors[..errors.len().min(room)];
+    let lines: Vec<i64> = take.iter().map(|e| e.line as i64).collect();
+    let cols: Vec<Option<String>> = take.iter().map(|e| e.column.clone()).collect();
+    let reasons: Vec<String> = take.iter().map(|e| e.reason.clone()).collect();
+    sqlx::query(
+        "INSERT INTO jobs.job_errors (job_id, line, col, reason)
+         SELECT $1, l, c, r FROM unnest($2::bigint[], $3::text[], $4::text[]) AS t(l, c, r)",
+    )
+    .bind(job)
+    .bind(&lines)
+    .bind(&cols)
+    .bind(&reasons)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Errors shown in a job's status.
+pub const ERRORS_SHOWN: i64 = 100;
+
+/// A job's status document (`GET /api/v2/imports/{id}`), or None when the
+/// job does not exist or is not the caller's (`user` None: any job).
+pub async fn status(
+    pool: &PgPool,
+    id: i64,
+    user: Option<i64>,
+) -> Result<Option<Value>, sqlx::Error> {
+    let doc: Option<Value> = sqlx::query_scalar(&format!(
+        "SELECT {DOC} FROM jobs.jobs j WHERE j.id = $1 AND ($2::bigint IS NULL OR j.user_id = $2)"
+    ))
+    .bind(id)
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
+    let Some(mut doc) = doc else { return Ok(None) };
+    let errors: Vec<Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('line', line, 'column', col, 'reason', reason)
+         FROM jobs.job_errors WHERE job_id = $1 ORDER BY line, n LIMIT $2",
+    )
+    .bind(id)
+    .bind(ERRORS_SHOWN)
+    .fetch_all(pool)
+    .await?;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.job_errors WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+    doc["errorsOmitted"] = json!(
+        (kept - errors.len() as i64).max(0)
+            + (doc["rowsRejected"].as_i64().unwrap_or(0) - kept).max(0)
+    );
+    doc["errors"] = Value::Array(errors);
+    Ok(Some(doc))
+}
+
+/// The caller's jobs, newest first (`user` None: everyone's).
+pub async fn list(pool: &PgPool, user: Option<i64>, limit: i64) -> Result<Vec<Value>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT {DOC} FROM jobs.jobs j WHERE ($1::bigint IS NULL OR j.user_id = $1)
+         ORDER BY j.id DESC LIMIT $2"
+    ))
+    .bind(user)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The status document, built in SQL.
+const DOC: &str = "jsonb_build_object(
+    'id', j.id, 'kind', j.kind, 'state', j.state, 'userId', j.user_id,
+    'format', j.params->'format', 'dryRun', coalesce((j.params->>'dryRun')::boolean, false),
+    'maxErrors', j.params->'maxErrors',
+    'rowsRead', j.rows_read, 'rowsWritten', j.rows_written, 'rowsRejected', j.rows_rejected,
+    'lastLine', j.last_line, 'chunks', j.chunks, 'attempts', j.attempts,
+    'lastError', j.last_error, 'cancelRequested', j.cancel_requested, 'result', j.result,
+    'createdAt', j.created_at, 'startedAt', j.started_at, 'updatedAt', j.updated_at,
+    'finishedAt', j.finished_at)";
+
+/// Sends a live-only message to one user's WebSocket (any instance
+/// delivers it: it goes through Postgres like export progress).
+pub async fn notify_user(
+    conn: &mut PgConnection,
+    user: i64,
+    event: &str,
+    data: Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::events::EPHEMERAL_CHANNEL)
+        .bind(json!({"userId": user, "event": event, "data": data}).to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

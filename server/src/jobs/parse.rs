@@ -1,0 +1,1103 @@
+//! Import files to rows: the project's own export CSVs (daily and monthly
+//! shapes), a point-of-sale daily CSV (`store_code,date,sales,customers,
+//! transactions` in any order, `,` or `;`, a UTF-8 BOM, CRLF) and NDJSON
+//! records. Pure: no database. Every data line becomes staged rows (one per
+//! day) or one rejected row with its line, column and reason; the file as a
+//! whole is refused only when it is empty, binary or has a header that names
+//! no store or date.
+//!
+//! Values are checked with the rules of `sales_core::daily` (the ones the
+//! extension and the table's CHECK apply), so a staged row is one the merge
+//! will accept; numbers are kept as the text of the file.
+
+use sales_core::daily::{days_in_month, MAX_YEAR, MIN_YEAR};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+
+/// What the caller asked for (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested {
+    Auto,
+    Daily,
+    Monthly,
+    Ndjson,
+}
+
+impl Requested {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "daily" => Some(Self::Daily),
+            "monthly" => Some(Self::Monthly),
+            "ndjson" => Some(Self::Ndjson),
+            _ => None,
+        }
+    }
+}
+
+/// The shape a file turned out to have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Daily,
+    Monthly,
+    Ndjson,
+}
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Daily => "daily",
+            Shape::Monthly => "monthly",
+            Shape::Ndjson => "ndjson",
+        }
+    }
+}
+
+/// One day of one input line, ready for the staging table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub line: u64,
+    pub day: u32,
+    pub store_code: Option<String>,
+    pub store_id: Option<i64>,
+    pub year: i32,
+    pub month: u32,
+    pub sales: Option<String>,
+    pub customers: Option<String>,
+    pub transactions: Option<String>,
+    /// The column the day came from, when it is not the line's `date`.
+    pub col: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub line: u64,
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+/// Why a whole file is refused before anything is queued (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FileError {
+    #[error("the file is empty")]
+    Empty,
+    #[error("the file holds a header but no data lines")]
+    NoData,
+    #[error("the file is not text (binary content in its first bytes)")]
+    Binary,
+    #[error("wrong header: {0}")]
+    Header(String),
+    #[error("could not read the file: {0}")]
+    Read(String),
+    #[error("the file is larger than {0} bytes (IMPORT_MAX_BYTES)")]
+    TooLarge(u64),
+}
+
+/// What parsing produces, in file order.
+pub enum Item {
+    Row(Row),
+    Rejected(Rejected),
+    /// A data line is done (counted once, whatever it produced).
+    LineDone,
+}
+
+/// Bytes looked at to tell text from binary and to find the format.
+const SNIFF: usize = 8192;
+
+/// Reads a whole file, calling `out` for every item. Returns the shape.
+pub fn parse<R: Read>(
+    input: R,
+    requested: Requested,
+    mut out: impl FnMut(Item) -> Result<(), FileError>,
+) -> Result<Shape, FileError> {
+    // The first bytes decide text or binary and the format; they are read
+    // in full (a network body arrives in pieces) and then put back in front.
+    let mut input = input;
+    let mut head = Vec::with_capacity(SNIFF);
+    (&mut input)
+        .take(SNIFF as u64)
+        .read_to_end(&mut head)
+        .map_err(read_error)?;
+    let reader = BufReader::with_capacity(1 << 16, std::io::Cursor::new(head.clone()).chain(input));
+    if head.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(FileError::Empty);
+    }
+    if looks_binary(&head) {
+        return Err(FileError::Binary);
+    }
+    let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+    let first = text.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let ndjson = match requested {
+        Requested::Ndjson => true,
+        Requested::Auto => first == Some(b'{'),
+        _ => false,
+    };
+    if ndjson {
+        parse_ndjson(reader, &mut out)?;
+        Ok(Shape::Ndjson)
+    } else {
+        parse_csv(reader, text, requested, &mut out)
+    }
+}
+
+fn read_error(e: std::io::Error) -> FileError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<TooLarge>()) {
+        Some(t) => FileError::TooLarge(t.0),
+        None => FileError::Read(e.to_string()),
+    }
+}
+
+/// The error a size-limited reader raises (see `Limited`).
+#[derive(Debug)]
+pub struct TooLarge(pub u64);
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// NUL bytes, or bytes that are not UTF-8 (a sequence cut at the end of the
+/// sample is fine).
+fn looks_binary(head: &[u8]) -> bool {
+    if head.contains(&0) {
+        return true;
+    }
+    match std::str::from_utf8(head) {
+        Ok(_) => false,
+        Err(e) => e.error_len().is_some(),
+    }
+}
+
+/// `Store Code`, `storeCode`, `store-code`, `Store_Code` -> `store_code`.
+fn normalize(name: &str) -> String {
+    let name = name.trim().trim_start_matches('\u{feff}').trim();
+    let spaced = name.contains(['_', ' ', '-']);
+    let name = if spaced {
+        name.to_string()
+    } else {
+        sales_core::names::to_snake(name)
+    };
+    let mut out = String::with_capacity(name.len());
+    for c in name.to_ascii_lowercase().chars() {
+        let c = if c == ' ' || c == '-' { '_' } else { c };
+        if c == '_' && (out.is_empty() || out.ends_with('_')) {
+            continue;
+        }
+        out.push(c);
+    }
+    out.trim_end_matches('_').to_string()
+}
+
+const METRIC_NAMES: [&str; 3] = ["sales", "customers", "transactions"];
+
+/// Where each known column is.
+#[derive(Default, Debug)]
+struct Columns {
+    store_code: Option<usize>,
+    store_id: Option<usize>,
+    date: Option<usize>,
+    year: Option<usize>,
+    month: Option<usize>,
+    /// Daily shape: sales, customers, transactions.
+    metrics: [Option<usize>; 3],
+    /// Monthly shape: (column, day, metric index).
+    days: Vec<(usize, u32, usize)>,
+    names: Vec<String>,
+}
+
+fn read_header(names: Vec<String>) -> Result<Columns, FileError> {
+    let mut c = Columns {
+        names: names.clone(),
+        ..Default::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (i, n) in names.iter().enumerate() {
+        if n.is_empty() {
+            continue;
+        }
+        if !seen.insert(n.clone()) {
+            return Err(FileError::Header(format!("column {n} appears twice")));
+        }
+        match n.as_str() {
+            "store_code" | "store" | "code" => c.store_code = Some(i),
+            "store_id" => c.store_id = Some(i),
+            "date" | "day" | "business_date" => c.date = Some(i),
+            "year" => c.year = Some(i),
+            "month" => c.month = Some(i),
+            m => {
+                if let Some(k) = METRIC_NAMES.iter().position(|x| *x == m) {
+                    c.metrics[k] = Some(i);
+                } else if let Some((d, k)) = day_column(m) {
+                    c.days.push((i, d, k));
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// `d12_sales` -> (12, 0).
+fn day_column(name: &str) -> Option<(u32, usize)> {
+    let rest = name.strip_prefix('d')?;
+    let (day, metric) = rest.split_once('_')?;
+    let d: u32 = day.parse().ok().filter(|d| (1..=31).contains(d))?;
+    let k = METRIC_NAMES.iter().position(|x| *x == metric)?;
+    Some((d, k))
+}
+
+fn parse_csv<R: Read>(
+    reader: BufReader<R>,
+    head: &[u8],
+    requested: Requested,
+    out: &mut impl FnMut(Item) -> Result<(), FileError>,
+) -> Result<Shape, FileError> {
+    let header_line = head.split(|b| *b == b'\n').next().unwrap_or(head);
+    let (commas, semis) = header_line.iter().fold((0, 0), |(c, s), b| match b {
+        b',' => (c + 1, s),
+        b';' => (c, s + 1),
+        _ => (c, s),
+    });
+    let delimiter = if semis > commas { b';' } else { b',' };
+    let newlines = std::rc::Rc::new(std::cell::RefCell::new(std::collections::VecDeque::new()));
+    let mut csv = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(true)
+        .has_headers(false)
+        .from_reader(Lf {
+            inner: reader,
+            held_cr: false,
+            offset: 0,
+            newlines: newlines.clone(),
+        });
+    let mut record = csv::ByteRecord::new();
+    let got = csv.read_byte_record(&mut record).map_err(csv_read_error)?;
+    if !got {
+        return Err(FileError::Empty);
+    }
+    let names: Vec<String> = record
+        .iter()
+        .map(|f| normalize(&String::from_utf8_lossy(f)))
+        .collect();
+    let cols = read_header(names)?;
+    let shape = match requested {
+        Requested::Daily => Shape::Daily,
+        Requested::Monthly => Shape::Monthly,
+        _ if cols.date.is_some() => Shape::Daily,
+        _ if cols.year.is_some() && cols.month.is_some() => Shape::Monthly,
+        _ => Shape::Daily,
+    };
+    let found = cols.names.join(", ");
+    if cols.store_code.is_none() && cols.store_id.is_none() {
+        return Err(FileError::Header(format!(
+            "no store column (store_code or store_id); found: {found}"
+        )));
+    }
+    match shape {
+        Shape::Daily => {
+            if cols.date.is_none() {
+                return Err(FileError::Header(format!(
+                    "the daily shape needs a date column; found: {found}"
+                )));
+            }
+            if cols.metrics.iter().all(Option::is_none) {
+                return Err(FileError::Header(format!(
+                    "no metric column (sales, customers, transactions); found: {found}"
+                )));
+            }
+        }
+        Shape::Monthly => {
+            if cols.year.is_none() || cols.month.is_none() {
+                return Err(FileError::Header(format!(
+                    "the monthly shape needs year and month columns; found: {found}"
+                )));
+            }
+            if cols.days.is_empty() {
+                return Err(FileError::Header(format!(
+                    "no day columns (d1_sales ... d31_customers); found: {found}"
+                )));
+            }
+        }
+        Shape::Ndjson => unreachable!(),
+    }
+    let decimal_comma = delimiter == b';';
+    let mut lines = 0u64;
+    let mut line_of = LineOf {
+        newlines: newlines.clone(),
+        before: 0,
+    };
+    loop {
+        match csv.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                // A broken line (bad quoting, invalid UTF-8 is not checked by
+                // byte records): reported, the reader goes on.
+                if let Some(p) = e.position() {
+                    lines += 1;
+                    out(Item::Rejected(Rejected {
+                        line: line_of.at(p.byte()),
+                        column: None,
+                        reason: format!("malformed line: {e}"),
+                    }))?;
+                    out(Item::LineDone)?;
+                    continue;
+                }
+                return Err(csv_read_error(e));
+            }
+        }
+        let line = record.position().map_or(0, |p| line_of.at(p.byte()));
+        lines += 1;
+        if record.len() != cols.names.len() {
+            // A trailing delimiter-only line or a line of spaces is a typo, not data.
+            if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
+                lines -= 1;
+                continue;
+            }
+            out(Item::Rejected(Rejected {
+                line,
+                column: None,
+                reason: format!(
+                    "malformed line: {} fields where the header has {}",
+                    record.len(),
+                    cols.names.len()
+                ),
+            }))?;
+            out(Item::LineDone)?;
+            continue;
+        }
+        let fields: Result<Vec<&str>, usize> = record
+            .iter()
+            .enumerate()
+            .map(|(i, f)| std::str::from_utf8(f).map(str::trim).map_err(|_| i))
+            .collect();
+        let result = match fields {
+            Err(i) => Err(vec![(
+                Some(cols.names[i].clone()),
+                "not UTF-8 text".to_string(),
+            )]),
+            Ok(f) => match shape {
+                Shape::Daily => daily_line(&cols, &f, line, decimal_comma).map(|r| vec![r]),
+                _ => monthly_line(&cols, &f, line, decimal_comma),
+            },
+        };
+        match result {
+            Ok(rows) => {
+                for r in rows {
+                    out(Item::Row(r))?;
+                }
+            }
+            Err(errors) => {
+                for (column, reason) in errors {
+                    out(Item::Rejected(Rejected {
+                        line,
+                        column,
+                        reason,
+                    }))?;
+                }
+            }
+        }
+        out(Item::LineDone)?;
+    }
+    if lines == 0 {
+        return Err(FileError::NoData);
+    }
+    Ok(shape)
+}
+
+/// Line numbers by byte offset: the csv reader's own count is off after a
+/// CRLF terminator or a blank line (it counts a terminator's `\n` only when
+/// it reads the next record), and line numbers are what a rejected row is
+/// reported by. `Lf` notes where every `\n` is; offsets behind the current
+/// record are dropped as it goes, so memory stays small.
+struct LineOf {
+    newlines: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<u64>>>,
+    /// Newlines before the last record asked about.
+    before: u64,
+}
+
+impl LineOf {
+    fn at(&mut self, byte: u64) -> u64 {
+        let mut q = self.newlines.borrow_mut();
+        while q.front().is_some_and(|&o| o < byte) {
+            q.pop_front();
+            self.before += 1;
+        }
+        // The reader places a record after blank lines at the first of
+        // them: newlines right at its start are blank lines before it.
+        let mut next = byte;
+        while q.front() == Some(&next) {
+            q.pop_front();
+            self.before += 1;
+            next += 1;
+        }
+        self.before + 1
+    }
+}
+
+/// CRLF read as LF (a quoted value keeps its line break as `\n`), noting
+/// where each `\n` is for [`LineOf`].
+struct Lf<R> {
+    inner: R,
+    /// A `\r` that ended the last read: dropped if a `\n` follows.
+    held_cr: bool,
+    /// Bytes handed out so far.
+    offset: u64,
+    newlines: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<u64>>>,
+}
+
+impl<R: Read> Read for Lf<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.len() < 2 {
+            return self.inner.read(buf);
+        }
+        loop {
+            let start = usize::from(self.held_cr);
+            if self.held_cr {
+                buf[0] = b'\r';
+            }
+            let n = self.inner.read(&mut buf[start..])?;
+            if n == 0 {
+                self.held_cr = false;
+                return Ok(start);
+            }
+            let end = start + n;
+            let mut w = 0;
+            for r in 0..end {
+                let b = buf[r];
+                if b == b'\r' && r + 1 < end && buf[r + 1] == b'\n' {
+                    continue;
+                }
+                buf[w] = b;
+                w += 1;
+            }
+            self.held_cr = w > 0 && buf[w - 1] == b'\r';
+            if self.held_cr {
+                w -= 1;
+            }
+            if w > 0 {
+                let mut q = self.newlines.borrow_mut();
+                for (i, b) in buf[..w].iter().enumerate() {
+                    if *b == b'\n' {
+                        q.push_back(self.offset + i as u64);
+                    }
+                }
+                self.offset += w as u64;
+                return Ok(w);
+            }
+        }
+    }
+}
+
+fn csv_read_error(e: csv::Error) -> FileError {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => read_error(io),
+        other => FileError::Read(format!("{other:?}")),
+    }
+}
+
+type LineErrors = Vec<(Option<String>, String)>;
+
+/// The store named by a line: its code, else its id.
+fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<String>, Option<i64>) {
+    if let Some(i) = cols.store_code {
+        if !f[i].is_empty() {
+            return (Some(f[i].to_string()), None);
+        }
+    }
+    if let Some(i) = cols.store_id {
+        match f[i].parse::<i64>() {
+            Ok(id) if id > 0 => return (None, Some(id)),
+            _ if f[i].is_empty() => {}
+            _ => {
+                errors.push((
+                    Some(cols.names[i].clone()),
+                    format!("{:?} is not a store id", f[i]),
+                ));
+                return (None, None);
+            }
+        }
+    }
+    let col = cols
+        .store_code
+        .or(cols.store_id)
+        .map(|i| cols.names[i].clone());
+    errors.push((col, "no store given".into()));
+    (None, None)
+}
+
+/// A metric as the file wrote it, checked: a plain decimal number (with a
+/// decimal comma in `;` files), non-negative, whole for counts, at most 1e12.
+fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, String> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let text = if decimal_comma && raw.contains(',') && !raw.contains('.') {
+        raw.replacen(',', ".", 1)
+    } else {
+        raw.to_string()
+    };
+    let (neg, digits) = match text.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, text.as_str()),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let plain = !(int.is_empty() && frac.is_empty())
+        && int.bytes().all(|b| b.is_ascii_digit())
+        && frac.bytes().all(|b| b.is_ascii_digit());
+    if !plain {
+        return Err(format!("{raw:?} is not a number"));
+    }
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a number"))?;
+    let name = METRIC_NAMES[k];
+    // The rules of sales_core::daily, as the extension reports them.
+    let errs = sales_core::daily::validate(2000, 1, &json!({"1": {name: value}}), "d");
+    if let Some(e) = errs.first() {
+        return Err(e.reason.clone());
+    }
+    if neg {
+        return Err("must not be negative".into());
+    }
+    Ok(Some(text))
+}
+
+fn parse_date(raw: &str) -> Result<(i32, u32, u32), String> {
+    let bad = || format!("{raw:?} is not a date; use YYYY-MM-DD");
+    let parts: Vec<&str> = raw.split('-').collect();
+    if parts.len() != 3
+        || parts[0].len() != 4
+        || !parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad());
+    }
+    let (y, m, d): (i32, u32, u32) = (
+        parts[0].parse().map_err(|_| bad())?,
+        parts[1].parse().map_err(|_| bad())?,
+        parts[2].parse().map_err(|_| bad())?,
+    );
+    check_period(y as i64, m as i64)?;
+    let days = days_in_month(y as i64, m as i64).unwrap_or(31);
+    if d == 0 || d > days {
+        return Err(format!(
+            "day {d} does not exist in {y}-{m:02} ({days} days)"
+        ));
+    }
+    Ok((y, m, d))
+}
+
+fn check_period(y: i64, m: i64) -> Result<(), String> {
+    if !(MIN_YEAR..=MAX_YEAR).contains(&y) {
+        return Err(format!("year {y} is outside {MIN_YEAR}..{MAX_YEAR}"));
+    }
+    if !(1..=12).contains(&m) {
+        return Err(format!("month {m} is outside 1..12"));
+    }
+    Ok(())
+}
+
+fn daily_line(
+    cols: &Columns,
+    f: &[&str],
+    line: u64,
+    decimal_comma: bool,
+) -> Result<Row, LineErrors> {
+    let mut errors = Vec::new();
+    let (store_code, store_id) = store_of(cols, f, &mut errors);
+    let date_col = cols.date.expect("checked with the header");
+    let date =
+        parse_date(f[date_col]).map_err(|e| errors.push((Some(cols.names[date_col].clone()), e)));
+    let mut values: [Option<String>; 3] = Default::default();
+    for (k, c) in cols.metrics.iter().enumerate() {
+        if let Some(i) = c {
+            match metric(f[*i], k, decimal_comma) {
+                Ok(v) => values[k] = v,
+                Err(e) => errors.push((Some(cols.names[*i].clone()), e)),
+            }
+        }
+    }
+    if errors.is_empty() && values.iter().all(Option::is_none) {
+        errors.push((None, "no sales, customers or transactions given".into()));
+    }
+    match (date, errors.is_empty()) {
+        (Ok((year, month, day)), true) => {
+            let [sales, customers, transactions] = values;
+            Ok(Row {
+                line,
+                day,
+                store_code,
+                store_id,
+                year,
+                month,
+                sales,
+                customers,
+                transactions,
+                col: None,
+            })
+        }
+        _ => Err(errors),
+    }
+}
+
+fn monthly_line(
+    cols: &Columns,
+    f: &[&str],
+    line: u64,
+    decimal_comma: bool,
+) -> Result<Vec<Row>, LineErrors> {
+    let mut errors = Vec::new();
+    let (store_code, store_id) = store_of(cols, f, &mut errors);
+    let (yc, mc) = (cols.year.expect("header"), cols.month.expect("header"));
+    let year: Result<i32, _> = f[yc].parse();
+    let month: Result<u32, _> = f[mc].parse();
+    let period = match (year, month) {
+        (Ok(y), Ok(m)) => match check_period(y as i64, m as i64) {
+            Ok(()) => Some((y, m)),
+            Err(e) => {
+                let col = if e.starts_with("year") { yc } else { mc };
+                errors.push((Some(cols.names[col].clone()), e));
+                None
+            }
+        },
+        (y, m) => {
+            if y.is_err() {
+                errors.push((
+                    Some(cols.names[yc].clone()),
+                    format!("{:?} is not a year", f[yc]),
+                ));
+            }
+            if m.is_err() {
+                errors.push((
+                    Some(cols.names[mc].clone()),
+                    format!("{:?} is not a month", f[mc]),
+                ));
+            }
+            None
+        }
+    };
+    let days = period
+        .and_then(|(y, m)| days_in_month(y as i64, m as i64))
+        .unwrap_or(31);
+    let mut by_day: std::collections::BTreeMap<u32, ([Option<String>; 3], String)> =
+        Default::default();
+    for &(i, d, k) in &cols.days {
+        match metric(f[i], k, decimal_comma) {
+            Ok(None) => {}
+            Ok(Some(v)) if d > days => {
+                let _ = v;
+                let (y, m) = period.unwrap_or_default();
+                errors.push((
+                    Some(cols.names[i].clone()),
+                    format!("day {d} does not exist in {y}-{m:02} ({days} days)"),
+                ));
+            }
+            Ok(Some(v)) => {
+                let e = by_day
+                    .entry(d)
+                    .or_insert_with(|| (Default::default(), cols.names[i].clone()));
+                e.0[k] = Some(v);
+            }
+            Err(e) => errors.push((Some(cols.names[i].clone()), e)),
+        }
+    }
+    let Some((year, month)) = period.filter(|_| errors.is_empty()) else {
+        return Err(errors);
+    };
+    Ok(by_day
+        .into_iter()
+        .map(|(day, (values, col))| {
+            let [sales, customers, transactions] = values;
+            Row {
+                line,
+                day,
+                store_code: store_code.clone(),
+                store_id,
+                year,
+                month,
+                sales,
+                customers,
+                transactions,
+                col: Some(col),
+            }
+        })
+        .collect())
+}
+
+/// Members of an exported sales document that an import ignores (they are
+/// derived or assigned by the database).
+const DERIVED: &[&str] = &[
+    "id",
+    "key",
+    "totalSales",
+    "totalCustomers",
+    "daysReported",
+    "version",
+    "createdAt",
+    "updatedAt",
+    "store",
+    "storeName",
+    "region",
+];
+
+fn parse_ndjson<R: Read>(
+    reader: BufReader<R>,
+    out: &mut impl FnMut(Item) -> Result<(), FileError>,
+) -> Result<(), FileError> {
+    let mut lines = 0u64;
+    let mut buf = Vec::new();
+    let mut reader = reader;
+    let mut n = 0u64;
+    loop {
+        buf.clear();
+        let got = reader.read_until(b'\n', &mut buf).map_err(read_error)?;
+        if got == 0 {
+            break;
+        }
+        n += 1;
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t.trim().trim_start_matches('\u{feff}'),
+            Err(_) => {
+                lines += 1;
+                out(Item::Rejected(Rejected {
+                    line: n,
+                    column: None,
+                    reason: "not UTF-8 text".into(),
+                }))?;
+                out(Item::LineDone)?;
+                continue;
+            }
+        };
+        if text.is_empty() {
+            continue;
+        }
+        lines += 1;
+        match ndjson_line(text, n) {
+            Ok(rows) => {
+                for r in rows {
+                    out(Item::Row(r))?;
+                }
+            }
+            Err(errors) => {
+                for (column, reason) in errors {
+                    out(Item::Rejected(Rejected {
+                        line: n,
+                        column,
+                        reason,
+                    }))?;
+                }
+            }
+        }
+        out(Item::LineDone)?;
+    }
+    if lines == 0 {
+        return Err(FileError::Empty);
+    }
+    Ok(())
+}
+
+fn num_text(v: &Value) -> Option<String> {
+    v.as_number().map(|n| n.to_string())
+}
+
+/// One NDJSON line: a sales record (`storeId` or `storeCode`, `year`,
+/// `month`, `dailyData`; an exported document's derived members are
+/// ignored) or a daily row (`storeCode`/`storeId`, `date`, metrics).
+fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| vec![(None, format!("malformed JSON: {e}"))])?;
+    let Some(obj) = v.as_object() else {
+        return Err(vec![(None, "must be a JSON object".into())]);
+    };
+    let mut errors: LineErrors = Vec::new();
+    let get = |camel: &str| {
+        obj.iter()
+            .find(|(k, _)| sales_core::record::spelled_as(k, camel))
+            .map(|(_, v)| v)
+    };
+    let store_code = get("storeCode").and_then(Value::as_str).map(str::to_string);
+    let store_id = match (&store_code, get("storeId")) {
+        (Some(_), _) | (None, None) => None,
+        (None, Some(v)) => match sales_core::record::parse_id(v) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                errors.push((Some("storeId".into()), e.to_string()));
+                None
+            }
+        },
+    };
+    if store_code.is_none() && store_id.is_none() && errors.is_empty() {
+        errors.push((Some("storeId".into()), "no store given".into()));
+    }
+    for (k, _) in obj {
+        let known = ["storeId", "storeCode", "year", "month", "dailyData", "date"]
+            .iter()
+            .chain(METRIC_NAMES.iter())
+            .chain(DERIVED.iter())
+            .any(|c| sales_core::record::spelled_as(k, c));
+        if !known {
+            errors.push((Some(k.clone()), "unknown field".into()));
+        }
+    }
+    if let Some(date) = get("date") {
+        let date = date.as_str().unwrap_or_default();
+        let mut values: [Option<String>; 3] = Default::default();
+        let period = parse_date(date).map_err(|e| errors.push((Some("date".into()), e)));
+        for (k, name) in METRIC_NAMES.iter().enumerate() {
+            if let Some(v) = get(name).filter(|v| !v.is_null()) {
+                match num_text(v)
+                    .ok_or_else(|| "must be a number".to_string())
+                    .and_then(|t| metric(&t, k, false))
+                {
+                    Ok(t) => values[k] = t,
+                    Err(e) => errors.push((Some((*name).into()), e)),
+                }
+            }
+        }
+        if errors.is_empty() && values.iter().all(Option::is_none) {
+            errors.push((None, "no sales, customers or transactions given".into()));
+        }
+        let Ok((year, month, day)) = period else {
+            return Err(errors);
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let [sales, customers, transactions] = values;
+        return Ok(vec![Row {
+            line,
+            day,
+            store_code,
+            store_id,
+            year,
+            month,
+            sales,
+            customers,
+            transactions,
+            col: None,
+        }]);
+    }
+    let y = get("year").and_then(Value::as_i64);
+    let m = get("month").and_then(Value::as_i64);
+    let period = match (y, m) {
+        (Some(y), Some(m)) => check_period(y, m)
+            .map_err(|e| {
+                let col = if e.starts_with("year") {
+                    "year"
+                } else {
+                    "month"
+                };
+                errors.push((Some(col.into()), e))
+            })
+            .ok()
+            .map(|()| (y as i32, m as u32)),
+        _ => {
+            errors.push((None, "year and month must be whole numbers".into()));
+            None
+        }
+    };
+    let daily = get("dailyData");
+    match daily {
+        None => errors.push((Some("dailyData".into()), "is missing".into())),
+        Some(d) => {
+            if let Some((y, m)) = period {
+                for e in sales_core::daily::validate(y as i64, m as i64, d, "dailyData") {
+                    errors.push((Some(e.field), e.reason));
+                }
+            }
+        }
+    }
+    let (Some((year, month)), true) = (period, errors.is_empty()) else {
+        return Err(errors);
+    };
+    let mut rows = Vec::new();
+    for (key, day) in daily.and_then(Value::as_object).into_iter().flatten() {
+        let d = sales_core::daily::parse_day_key(key).unwrap_or(0);
+        let metric = |name: &str| day.get(name).and_then(num_text);
+        rows.push(Row {
+            line,
+            day: d,
+            store_code: store_code.clone(),
+            store_id,
+            year,
+            month,
+            sales: metric("sales"),
+            customers: metric("customers"),
+            transactions: metric("transactions"),
+            col: Some(format!("dailyData.{key}")),
+        });
+    }
+    rows.sort_by_key(|r| r.day);
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        input: &str,
+        requested: Requested,
+    ) -> Result<(Shape, Vec<Row>, Vec<Rejected>, u64), FileError> {
+        let (mut rows, mut bad, mut lines) = (Vec::new(), Vec::new(), 0);
+        let shape = parse(input.as_bytes(), requested, |i| {
+            match i {
+                Item::Row(r) => rows.push(r),
+                Item::Rejected(r) => bad.push(r),
+                Item::LineDone => lines += 1,
+            }
+            Ok(())
+        })?;
+        Ok((shape, rows, bad, lines))
+    }
+
+    #[test]
+    fn pos_file_with_bom_semicolons_crlf_and_any_order() {
+        let f = "\u{feff}Date;Transactions;Store_Code;Sales\r\n2024-02-29;12;S1;1234,50\r\n2024-03-01;;S2;7\r\n";
+        let (shape, rows, bad, lines) = run(f, Requested::Auto).unwrap();
+        assert_eq!(shape, Shape::Daily);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(lines, 2);
+        assert_eq!(rows[0].store_code.as_deref(), Some("S1"));
+        assert_eq!((rows[0].year, rows[0].month, rows[0].day), (2024, 2, 29));
+        assert_eq!(rows[0].sales.as_deref(), Some("1234.50"));
+        assert_eq!(rows[0].transactions.as_deref(), Some("12"));
+        assert_eq!(rows[0].line, 2);
+        assert_eq!(rows[1].transactions, None);
+        assert_eq!(rows[1].line, 3);
+    }
+
+    /// A reader that hands out one byte at a time: CRLF split across reads.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.split_first() {
+                Some((b, rest)) if !buf.is_empty() => {
+                    buf[0] = *b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn line_numbers_survive_crlf_split_across_reads() {
+        let f = "store_code,date,sales\r\nS1,2024-01-01,1\r\n\r\nS1,2024-01-0x,1\r\nS1,2024-01-03,\"3\r\n\"\r";
+        let mut lines = Vec::new();
+        parse(Trickle(f.as_bytes()), Requested::Auto, |i| {
+            match i {
+                Item::Row(r) => lines.push((r.line, true)),
+                Item::Rejected(r) => lines.push((r.line, false)),
+                Item::LineDone => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lines, vec![(2, true), (4, false), (5, true)]);
+    }
+
+    #[test]
+    fn every_kind_of_bad_row() {
+        let f = "store_code,date,sales,customers\n\
+                 S1,2023-02-29,1,1\n\
+                 S1,2024-13-01,1,1\n\
+                 S1,yesterday,1,1\n\
+                 S1,2024-01-01,-5,1\n\
+                 S1,2024-01-01,abc,1\n\
+                 S1,2024-01-01,1,2.5\n\
+                 S1,2024-01-01\n\
+                 ,2024-01-01,1,1\n\
+                 S1,2024-01-01,,\n\
+                 S1,2024-01-01,NaN,1\n\
+                 S1,2024-01-02,10,1\n";
+        let (_, rows, bad, lines) = run(f, Requested::Auto).unwrap();
+        assert_eq!(lines, 11);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].line, 12);
+        let got: Vec<(u64, Option<&str>)> =
+            bad.iter().map(|b| (b.line, b.column.as_deref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, Some("date")),
+                (3, Some("date")),
+                (4, Some("date")),
+                (5, Some("sales")),
+                (6, Some("sales")),
+                (7, Some("customers")),
+                (8, None),
+                (9, Some("store_code")),
+                (10, None),
+                (11, Some("sales")),
+            ]
+        );
+        assert!(
+            bad[0].reason.contains("day 29 does not exist"),
+            "{}",
+            bad[0].reason
+        );
+        assert_eq!(bad[3].reason, "must not be negative");
+        assert_eq!(bad[5].reason, "must be a whole number");
+    }
+
+    #[test]
+    fn whole_file_refusals() {
+        assert_eq!(run("", Requested::Auto).err(), Some(FileError::Empty));
+        assert_eq!(run(" \n\n", Requested::Auto).err(), Some(FileError::Empty));
+        assert_eq!(run("a\0b", Requested::Auto).err(), Some(FileError::Binary));
+        assert!(matches!(
+            run("foo,bar\n1,2\n", Requested::Auto).err(),
+            Some(FileError::Header(_))
+        ));
+        assert!(matches!(
+            run("S1,2024-01-01,5\n", Requested::Auto).err(),
+            Some(FileError::Header(_))
+        ));
+        assert_eq!(
+            run("store_code,date,sales\n", Requested::Auto).err(),
+            Some(FileError::NoData)
+        );
+    }
+
+    #[test]
+    fn export_shapes() {
+        let daily = "key,store_id,store_code,store_name,date,sales,customers,transactions\n\
+                     1:2024-01-05,1,T001,\"Store, one\",2024-01-05,100.5,3,\n";
+        let (shape, rows, bad, _) = run(daily, Requested::Auto).unwrap();
+        assert_eq!(shape, Shape::Daily);
+        assert!(bad.is_empty());
+        assert_eq!(rows[0].store_code.as_deref(), Some("T001"));
+        assert_eq!(rows[0].customers.as_deref(), Some("3"));
+        let monthly = "key,store_id,store_code,store_name,region,year,month,total_sales,total_customers,days_reported,d1_sales,d1_customers,d30_sales,d30_customers\n\
+                       1:2024-02,1,T001,S,North,2024,2,5,1,1,5,1,,\n\
+                       1:2024-02,1,T001,S,North,2024,2,5,1,1,5,1,9,\n";
+        let (shape, rows, bad, _) = run(monthly, Requested::Auto).unwrap();
+        assert_eq!(shape, Shape::Monthly);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].col.as_deref(), Some("d1_sales"));
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].column.as_deref(), Some("d30_sales"));
+    }
+
+    #[test]
+    fn ndjson_records_and_documents() {
+        let f = "{\"storeId\": 3, \"year\": 2024, \"month\": 2, \"dailyData\": {\"2\": {\"sales\": 10.25, \"customers\": 1}, \"1\": {\"sales\": 1}}, \"totalSales\": 11.25, \"id\": 9}\n\
+                 {\"storeCode\": \"S1\", \"date\": \"2024-04-31\", \"sales\": 1}\n\
+                 {\"storeId\": 3, \"year\": 2024, \"month\": 2, \"colour\": 1, \"dailyData\": {}}\n";
+        let (shape, rows, bad, lines) = run(f, Requested::Auto).unwrap();
+        assert_eq!(shape, Shape::Ndjson);
+        assert_eq!(lines, 3);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].day, rows[0].sales.as_deref()), (1, Some("1")));
+        assert_eq!(rows[1].sales.as_deref(), Some("10.25"));
+        assert_eq!(bad[0].line, 2);
+        assert_eq!(bad[1].column.as_deref(), Some("colour"));
+    }
+}

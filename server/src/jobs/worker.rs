@@ -1,0 +1,163 @@
+//! JOB_WORKERS tasks per instance, each taking one job at a time.
+
+use super::{import, Claimed};
+use crate::state::AppState;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Idle workers look for jobs queued by other instances this often (this
+/// instance's own jobs wake them at once).
+const POLL: Duration = Duration::from_millis(500);
+
+pub struct Workers {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub fn spawn(state: Arc<AppState>) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let name = format!(
+            "{}:{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "sales-server".into()),
+            std::process::id()
+        );
+        let last_prune: LastPrune = Default::default();
+        let tasks = (0..state.config.job_workers)
+            .map(|i| {
+                let (state, rx, name) = (state.clone(), rx.clone(), format!("{name}/{i}"));
+                let last_prune = last_prune.clone();
+                tokio::spawn(async move { work(state, rx, name, last_prune).await })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Workers finish their current chunk and give their jobs back.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn work(
+    state: Arc<AppState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    name: String,
+    last_prune: LastPrune,
+) {
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        match once(&state, &stop, &name, &last_prune).await {
+            Ok(true) => {
+                failures = 0;
+                continue;
+            }
+            Ok(false) => failures = 0,
+            Err(e) => {
+                failures = (failures + 1).min(6);
+                tracing::warn!(worker = %name, error = %e, "job worker: database error");
+            }
+        }
+        let wait = POLL * (1 << failures.min(4));
+        tokio::select! {
+            _ = super::WAKE.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Finished jobs are kept as long as events (EVENT_RETENTION), then removed
+/// by whichever worker comes by first after a minute since the last time.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+type LastPrune = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
+async fn prune(state: &Arc<AppState>, last: &LastPrune) -> Result<(), sqlx::Error> {
+    {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return Ok(());
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let n = sqlx::query(
+        "DELETE FROM jobs.jobs
+         WHERE state IN ('completed', 'failed', 'cancelled')
+           AND finished_at < now() - $1 * interval '1 second'",
+    )
+    .bind(state.config.event_retention.as_secs() as f64)
+    .execute(&state.pool)
+    .await?
+    .rows_affected();
+    if n > 0 {
+        tracing::info!(jobs = n, "finished jobs past EVENT_RETENTION removed");
+    }
+    Ok(())
+}
+
+/// Takes and runs one job; false when there was none.
+async fn once(
+    state: &Arc<AppState>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    name: &str,
+    last_prune: &LastPrune,
+) -> Result<bool, sqlx::Error> {
+    super::reap_uploads(&state.pool).await?;
+    prune(state, last_prune).await?;
+    // The job's connection stays with it: its session is the lease.
+    let mut conn = state.pool.acquire().await?;
+    let lease = state.config.job_lease;
+    let Some(job) = super::claim(&mut conn, name, lease, None).await? else {
+        return Ok(false);
+    };
+    tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, worker = name, "job started");
+    let outcome = run_claimed(&mut conn, state, &job, stop).await;
+    match outcome {
+        Ok(end) => tracing::info!(job = job.id, end = %end, "job ended"),
+        Err(e) => {
+            tracing::warn!(job = job.id, error = %e, "job failed; given back");
+            // The connection may be broken: another one reports it.
+            drop(conn);
+            super::release(&state.pool, &job, Some(&e.to_string())).await?;
+        }
+    }
+    Ok(true)
+}
+
+/// Runs a claimed job to its end on `conn`.
+pub async fn run_claimed(
+    conn: &mut sqlx::PgConnection,
+    state: &Arc<AppState>,
+    job: &Claimed,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<String, sqlx::Error> {
+    match job.kind.as_str() {
+        "batch" => Ok(super::batch::run(conn, job, Some(state))
+            .await?
+            .unwrap_or_else(|| "taken by another worker".into())),
+        _ => {
+            let ended = import::run(
+                conn,
+                &state.pool,
+                job,
+                Some(state),
+                state.config.import_chunk_lines,
+                state.config.job_lease,
+                stop,
+                |_| {},
+            )
+            .await?;
+            Ok(match ended {
+                import::Ended::Finished(s) => s,
+                import::Ended::LostLease => "taken by another worker".into(),
+                import::Ended::Stopped => {
+                    super::release(&state.pool, job, None).await?;
+                    "given back at shutdown".into()
+                }
+            })
+        }
+    }
+}

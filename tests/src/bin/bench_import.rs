@@ -1,0 +1,298 @@
+//! Import benchmark (issue 15): a daily POS CSV of `--rows` lines (1M by
+//! default) imported through `POST /api/v2/imports`, from the first byte
+//! sent until the job has completed (staging COPY plus the chunked merge
+//! through sales.batch_upsert_impl, with versions and events), in rows/s,
+//! against `psql -c "\copy staging FROM file CSV HEADER"` of the same file
+//! into a plain staging table in the same run (the floor: the cost of
+//! getting the rows into Postgres at all). Also the server's peak RSS
+//! growth (VmRSS sampled every 50 ms) while it imports.
+//!
+//! A database of its own (dropped at the end) with `--stores` stores; the
+//! file holds one line per store and day, in date order (the shape of a
+//! chain's daily files concatenated). The server runs as a child process
+//! (`--server`, release build by default) on a free loopback port.
+//!
+//! Run with `scripts/bench_import.sh [flags]`.
+//! Flags (defaults in brackets): --rows [1000000] --stores [1000]
+//! --server [target/release/sales-server] --chunk [20000]
+//! --redis [none: the server's in-process cache]
+
+use sales_e2e::{TestDb, TEST_JWT_SECRET};
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Opts {
+    rows: usize,
+    stores: usize,
+    server: String,
+    chunk: usize,
+    /// Redis for the server's cache (none: the in-process cache).
+    redis: Option<String>,
+}
+
+fn opts() -> Opts {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let mut o = Opts {
+        rows: 1_000_000,
+        stores: 1000,
+        server: format!("{target}/release/sales-server"),
+        chunk: 20_000,
+        redis: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let (flag, value) = (pair[0].as_str(), pair.get(1).cloned().unwrap_or_default());
+        let num = || {
+            value
+                .parse::<usize>()
+                .unwrap_or_else(|_| panic!("{flag} needs a number"))
+        };
+        match flag {
+            "--rows" => o.rows = num(),
+            "--stores" => o.stores = num().max(1),
+            "--server" => o.server = value.clone(),
+            "--chunk" => o.chunk = num().max(1),
+            "--redis" => o.redis = Some(value.clone()),
+            _ => panic!("unknown flag {flag} (see the header of bench_import.rs)"),
+        }
+    }
+    o
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct ServerProc {
+    child: Child,
+    base: String,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_file(path: &std::path::Path, o: &Opts) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    writeln!(f, "store_code,date,sales,customers,transactions").unwrap();
+    let mut date = chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap();
+    let mut i = 0usize;
+    'out: loop {
+        for s in 1..=o.stores {
+            if i == o.rows {
+                break 'out;
+            }
+            writeln!(
+                f,
+                "B{s:05},{date},{}.{:02},{},{}",
+                (i * 7919) % 90_000 + 500,
+                i % 100,
+                i % 300 + 20,
+                i % 400 + 25
+            )
+            .unwrap();
+            i += 1;
+        }
+        date = date.succ_opt().unwrap();
+    }
+    f.flush().unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let o = opts();
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO sales.stores (code, name, region)
+         SELECT format('B%s', lpad(i::text, 5, '0')), 'Store ' || i, 'R' || (i % 6)
+         FROM generate_series(1, $1) i",
+    )
+    .bind(o.stores as i64)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let file = std::env::temp_dir().join(format!(
+        "bench_import_{}.csv",
+        uuid::Uuid::new_v4().simple()
+    ));
+    write_file(&file, &o);
+    let bytes = std::fs::metadata(&file).unwrap().len();
+    println!(
+        "file: {} lines, {:.1} MB, {} stores",
+        o.rows,
+        bytes as f64 / 1e6,
+        o.stores
+    );
+
+    // Floor: psql \copy of the same file into a staging table.
+    sqlx::query(
+        "CREATE TABLE bench_staging (store_code text, date date, sales numeric, customers int, transactions int)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let url = db.url.split('?').next().unwrap_or(&db.url).to_string();
+    let started = Instant::now();
+    let st = Command::new("psql")
+        .arg(&url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "\\copy bench_staging FROM '{}' CSV HEADER",
+            file.display()
+        ))
+        .status()
+        .expect("psql in PATH");
+    assert!(st.success());
+    let floor = started.elapsed();
+    sqlx::query("DROP TABLE bench_staging")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let floor_rate = o.rows as f64 / floor.as_secs_f64();
+    println!(
+        "psql \\copy into a staging table: {:.2}s, {:.0} rows/s",
+        floor.as_secs_f64(),
+        floor_rate
+    );
+
+    // The server.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cmd = Command::new(&o.server);
+    match &o.redis {
+        Some(url) => cmd.env("REDIS_URL", url).env("CACHE_PREFIX", &db.name),
+        None => cmd.env_remove("REDIS_URL"),
+    };
+    let child = cmd
+        .arg("serve")
+        .env("DATABASE_URL", &db.url)
+        .env("JWT_SECRET", TEST_JWT_SECRET)
+        .env("PORT", port.to_string())
+        .env("LOG_LEVEL", "warn")
+        .env("IMPORT_CHUNK_LINES", o.chunk.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", o.server));
+    let server = ServerProc {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(format!("{}/health/live", server.base))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (uid, _) =
+        sales_server::users::upsert_user(&db.pool, "bench@x.test", "admin", &[], "password-123")
+            .await
+            .unwrap();
+    let auth = sales_server::auth::Auth::from_config(&db.config(&[])).unwrap();
+    let token = auth
+        .issue(uid, "bench@x.test", sales_server::auth::Role::Admin, vec![])
+        .unwrap()
+        .0;
+    let pid = server.child.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base_rss = rss_kb(pid).unwrap_or(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(base_rss));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(v) = rss_kb(pid) {
+                    peak.fetch_max(v, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let started = Instant::now();
+    let body = tokio::fs::File::open(&file).await.unwrap();
+    let stream = file_stream(body);
+    let r = http
+        .post(format!("{}/api/v2/imports", server.base))
+        .bearer_auth(&token)
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let staged = started.elapsed();
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let doc = loop {
+        let doc: serde_json::Value = http
+            .get(format!("{}/api/v2/imports/{id}", server.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if doc["state"] != "queued" && doc["state"] != "running" {
+            break doc;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let total = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsWritten"].as_u64(), Some(o.rows as u64), "{doc}");
+    let rate = o.rows as f64 / total.as_secs_f64();
+    let growth = peak.load(Ordering::Relaxed).saturating_sub(base_rss) as f64 / 1024.0;
+    println!(
+        "import: upload + staging {:.2}s, total {:.2}s ({} chunks), {:.0} rows/s = {:.2}x psql \\copy (target >= 0.5x)",
+        staged.as_secs_f64(),
+        total.as_secs_f64(),
+        doc["chunks"],
+        rate,
+        rate / floor_rate
+    );
+    println!(
+        "server RSS: {:.1} MB before, peak growth {growth:.1} MB (target <= 64 MB)",
+        base_rss as f64 / 1024.0
+    );
+    let _ = std::fs::remove_file(&file);
+    drop(server);
+}
+
+/// The file as a stream of chunks, for a streamed request body.
+fn file_stream(f: tokio::fs::File) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::unfold(f, |mut f| async move {
+        let mut buf = vec![0u8; 1 << 16];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(buf), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    })
+}

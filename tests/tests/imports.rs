@@ -1,0 +1,752 @@
+//! Imports and asynchronous batches against real Postgres, Redis and an
+//! in-process server: POS files with every kind of bad row, export round
+//! trips, whole-file refusals, scope, cancellation, `?async=true`, and the
+//! command line.
+
+use sales_e2e::{eventually, user_token, Api, TestDb};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// POSTs a file; (status, body, Location).
+async fn post_file(
+    api: &Api,
+    query: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value, Option<String>) {
+    let r = api
+        .req(reqwest::Method::POST, &format!("/api/v2/imports{query}"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("upload");
+    let status = r.status().as_u16();
+    let location = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert!(status < 500, "upload answered {status}");
+    (status, r.json().await.unwrap_or(Value::Null), location)
+}
+
+/// Waits until the job is in one of `states`.
+async fn wait_job(api: &Api, id: i64, states: &[&str]) -> Value {
+    eventually(WAIT, &format!("job {id} to reach {states:?}"), || async {
+        let (status, doc) = api.get(&format!("/api/v2/imports/{id}")).await;
+        assert_eq!(status, 200, "{doc}");
+        states
+            .contains(&doc["state"].as_str().unwrap_or_default())
+            .then_some(doc)
+    })
+    .await
+}
+
+async fn scalar_i64(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[tokio::test]
+async fn a_pos_file_with_every_kind_of_bad_row() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await; // T001, T002
+    let server = db.server(&[]).await;
+    let (user, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    // BOM, `;`, CRLF, columns in another order, a decimal comma, an optional
+    // column left out (customers), and one bad row of each kind.
+    let file = "\u{feff}Transactions;Sales;Date;Store_Code\r\n\
+                12;1234,50;2024-02-29;T001\r\n\
+                3;10;2024-02-28;T002\r\n\
+                1;1;2023-02-29;T001\r\n\
+                1;1;2024-02-30;T001\r\n\
+                1;-5;2024-02-01;T001\r\n\
+                1;abc;2024-02-01;T001\r\n\
+                1;1;someday;T001\r\n\
+                1;1;2024-02-01;NOPE\r\n\
+                1;1;2024-02-01\r\n\
+                2.5;1;2024-02-02;T001\r\n\
+                ;7;2024-03-01;T001\r\n";
+    let (status, body, location) = post_file(&api, "", "text/csv; charset=utf-8", file).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/api/v2/imports/{id}").as_str())
+    );
+    assert_eq!(body["format"], "daily");
+    let doc = wait_job(&api, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsRead"], 11);
+    assert_eq!(doc["rowsWritten"], 3);
+    assert_eq!(doc["rowsRejected"], 8);
+    let errors: Vec<(i64, String)> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_i64().unwrap(),
+                e["column"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            (4, "date".into()),
+            (5, "date".into()),
+            (6, "sales".into()),
+            (7, "sales".into()),
+            (8, "date".into()),
+            (9, "store_code".into()),
+            (10, "-".into()),
+            (11, "transactions".into()),
+        ]
+    );
+    let reasons: Vec<&str> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons[0].contains("day 29 does not exist in 2023-02"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("day 30 does not exist in 2024-02"));
+    assert_eq!(reasons[2], "must not be negative");
+    assert!(reasons[3].contains("not a number"));
+    assert!(
+        reasons[5].contains("unknown store 'NOPE'"),
+        "{}",
+        reasons[5]
+    );
+    assert!(reasons[6].contains("malformed line"));
+    assert_eq!(reasons[7], "must be a whole number");
+
+    // Numbers arrive exactly as written; the optional column is absent.
+    let feb: Value = sqlx::query_scalar(
+        "SELECT daily_data FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = 2",
+    )
+    .bind(stores[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(feb, json!({"29": {"sales": 1234.50, "transactions": 12}}));
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        3
+    );
+    // Events as the batch path makes them, the completion to the importer.
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind = 'sales-data-created'"
+        )
+        .await,
+        3
+    );
+    let done: (Option<i64>, Option<i64>, Value) = sqlx::query_as(
+        "SELECT user_id, actor_id, payload FROM sales.events WHERE kind = 'import-completed'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((done.0, done.1), (Some(user), Some(user)));
+    assert_eq!(done.2["rowsWritten"], 3);
+    assert_eq!(done.2["state"], "completed");
+    // Every event of the import names the importer as its actor.
+    assert_eq!(
+        scalar_i64(
+            &db,
+            &format!("SELECT count(*) FROM sales.events WHERE kind NOT LIKE 'store-%' AND actor_id IS DISTINCT FROM {user}")
+        )
+        .await,
+        0
+    );
+    // Staged rows are gone.
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,
+        0
+    );
+    let (status, list) = api.get("/api/v2/imports").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"][0]["id"], id);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn empty_binary_and_wrong_header_files_are_refused_before_queueing() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[("IMPORT_MAX_BYTES", "2000")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    for (what, body, ct) in [
+        ("empty", b"".to_vec(), "text/csv"),
+        ("blank", b"\r\n\r\n".to_vec(), "text/csv"),
+        (
+            "binary",
+            b"PK\x03\x04\x00\x00binary\xff\xfe".to_vec(),
+            "text/csv",
+        ),
+        ("wrong header", b"foo,bar\n1,2\n".to_vec(), "text/csv"),
+        ("no header", b"T001,2024-01-01,5\n".to_vec(), "text/csv"),
+        (
+            "header only",
+            b"store_code,date,sales\n".to_vec(),
+            "text/csv",
+        ),
+        ("empty ndjson", b"\n".to_vec(), "application/x-ndjson"),
+    ] {
+        let (status, body, _) = post_file(&api, "", ct, body).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(body["error"]["code"], "bad_parameter", "{what}: {body}");
+    }
+    let big = format!(
+        "store_code,date,sales\n{}",
+        "T001,2024-01-01,5\n".repeat(200)
+    );
+    let (status, body, _) = post_file(&api, "", "text/csv", big).await;
+    assert_eq!(status, 413, "{body}");
+    let (status, _, _) = post_file(&api, "", "application/pdf", "x").await;
+    assert_eq!(status, 415);
+    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,
+        0
+    );
+    server.stop().await;
+}
+
+/// Exports of one database imported into another that has the same stores
+/// and no sales: exporting again gives the same bytes.
+#[tokio::test]
+async fn an_export_imported_into_an_empty_database_gives_identical_data() {
+    let source = TestDb::new().await;
+    let stores = source.stores(3).await;
+    let server = source.server(&[]).await;
+    let (_, token) = user_token(&source, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let mut records = Vec::new();
+    for (i, s) in stores.iter().enumerate() {
+        for m in 1..=3 {
+            let mut daily = serde_json::Map::new();
+            for d in 1..=(10 + i as u32 * 5) {
+                let mut day = json!({"sales": 100.25 * d as f64 + m as f64, "customers": d + 3});
+                if d % 3 == 0 {
+                    day["transactions"] = json!(d * 2);
+                }
+                if d % 7 == 0 {
+                    day = json!({"sales": 0.5});
+                }
+                daily.insert(d.to_string(), day);
+            }
+            records.push(json!({"storeId": s, "year": 2024, "month": m, "dailyData": daily}));
+        }
+    }
+    let (status, body) = api
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": records}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let export = |api: Api, shape: &'static str| async move {
+        let r = api
+            .req(
+                reqwest::Method::GET,
+                &format!("/api/v2/sales/export?format=csv&shape={shape}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.text().await.unwrap()
+    };
+    let daily = export(api.clone(), "daily").await;
+    let monthly = export(api.clone(), "monthly").await;
+    server.stop().await;
+
+    for (shape, file) in [("daily", &daily), ("monthly", &monthly)] {
+        let target = TestDb::new().await;
+        target.stores(3).await;
+        let server = target.server(&[("IMPORT_CHUNK_LINES", "7")]).await;
+        let (_, token) = user_token(&target, &server, "admin@x.test", "admin", &[]).await;
+        let api = Api::new(&server, Some(&token));
+        let (status, body, _) = post_file(&api, "", "text/csv", file.clone()).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["format"], shape);
+        let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+        assert_eq!(doc["state"], "completed", "{doc}");
+        assert_eq!(doc["rowsRejected"], 0, "{doc}");
+        assert!(doc["chunks"].as_i64().unwrap() >= 2, "{doc}");
+        let again = export(api.clone(), shape).await;
+        assert_eq!(&again, file, "{shape} export after import");
+        if shape == "daily" {
+            // The daily shape carries every metric: the months are equal.
+            let q = "SELECT jsonb_agg(jsonb_build_object('s', store_id, 'y', year, 'm', month, 'd', daily_data)
+                     ORDER BY store_id, year, month) FROM sales.monthly_sales";
+            let a: Value = sqlx::query_scalar(q).fetch_one(&source.pool).await.unwrap();
+            let b: Value = sqlx::query_scalar(q).fetch_one(&target.pool).await.unwrap();
+            assert_eq!(a, b);
+        }
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_manager_imports_only_their_stores() {
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "m@x.test", "manager", &stores[..1]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_id,date,sales\n\
+                1,2024-05-01,10\n\
+                2,2024-05-01,20\n\
+                1,2024-05-02,11\n";
+    let file = file
+        .replace("1,", &format!("{},", stores[0]))
+        .replace("\n2,", &format!("\n{},", stores[1]));
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsWritten"], 2);
+    assert_eq!(doc["rowsRejected"], 1);
+    assert_eq!(doc["errors"][0]["line"], 3);
+    assert_eq!(doc["errors"][0]["column"], "store_id");
+    assert!(doc["errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("outside your scope"));
+    assert_eq!(
+        scalar_i64(
+            &db,
+            &format!(
+                "SELECT count(*) FROM sales.monthly_sales WHERE store_id <> {}",
+                stores[0]
+            )
+        )
+        .await,
+        0
+    );
+    // Another user's job is not found; admins see it.
+    let (_, other) = user_token(&db, &server, "o@x.test", "manager", &stores[1..2]).await;
+    let (status, _) = Api::new(&server, Some(&other))
+        .get(&format!("/api/v2/imports/{}", body["id"]))
+        .await;
+    assert_eq!(status, 404);
+    let (_, admin) = user_token(&db, &server, "a@x.test", "admin", &[]).await;
+    let (status, _) = Api::new(&server, Some(&admin))
+        .get(&format!("/api/v2/imports/{}", body["id"]))
+        .await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+/// A file of `n` daily lines over `stores` stores, one day each.
+fn big_file(codes: &[String], n: usize) -> String {
+    let mut s = String::from("store_code,date,sales,customers\n");
+    let mut i = 0;
+    'out: for y in 2001..2100 {
+        for m in 1..=12 {
+            for d in 1..=28 {
+                for c in codes {
+                    if i == n {
+                        break 'out;
+                    }
+                    s.push_str(&format!(
+                        "{c},{y}-{m:02}-{d:02},{}.5,{}\n",
+                        i % 1000,
+                        i % 50
+                    ));
+                    i += 1;
+                }
+            }
+        }
+    }
+    s
+}
+
+#[tokio::test]
+async fn cancelling_stops_between_chunks_and_keeps_what_committed() {
+    let db = TestDb::new().await;
+    db.stores(4).await;
+    let server = db
+        .server(&[("IMPORT_CHUNK_LINES", "50"), ("JOB_WORKERS", "1")])
+        .await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let codes: Vec<String> = (1..=4).map(|i| format!("T{i:03}")).collect();
+    let (status, body, _) = post_file(&api, "", "text/csv", big_file(&codes, 20_000)).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    eventually(WAIT, "a first chunk", || async {
+        let (_, doc) = api.get(&format!("/api/v2/imports/{id}")).await;
+        (doc["rowsWritten"].as_i64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let r = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let doc = wait_job(&api, id, &["cancelled", "completed"]).await;
+    assert_eq!(doc["state"], "cancelled", "{doc}");
+    let written = doc["rowsWritten"].as_i64().unwrap();
+    assert!(written > 0 && written < 20_000, "{doc}");
+    // Exactly the committed chunks' days are in the table.
+    let days = scalar_i64(
+        &db,
+        "SELECT coalesce(sum(days_reported), 0)::bigint FROM sales.monthly_sales",
+    )
+    .await;
+    assert_eq!(days, written);
+    eventually(WAIT, "the staged rows to go", || async {
+        (scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await == 0).then_some(())
+    })
+    .await;
+    // A queued job is cancelled at once.
+    let (_, body, _) = post_file(
+        &api,
+        "?dryRun=true",
+        "text/csv",
+        "store_code,date,sales\nT001,2024-01-01,1\n",
+    )
+    .await;
+    let _ = api
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/api/v2/imports/{}", body["id"]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let doc = wait_job(
+        &api,
+        body["id"].as_i64().unwrap(),
+        &["cancelled", "completed"],
+    )
+    .await;
+    assert!(
+        doc["state"] == "cancelled" || doc["rowsWritten"] == 1,
+        "{doc}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dry_run_and_max_errors() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[("IMPORT_CHUNK_LINES", "2")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_code,date,sales\nT001,2024-01-01,1\nT001,2024-01-02,2\nX,2024-01-03,3\n";
+    let (_, body, _) = post_file(&api, "?dryRun=true", "text/csv", file).await;
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["dryRun"], true);
+    assert_eq!(
+        (doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind LIKE 'sales-data-%'"
+        )
+        .await,
+        0
+    );
+    // More rejected rows than allowed: the job fails, and the chunk (two
+    // lines here) with the extra one writes nothing.
+    let file = "store_code,date,sales\nT001,2024-02-01,1\nT001,2024-02-02,2\nX,2024-02-03,3\nT001,2024-02-04,4\nY,2024-02-05,5\nT001,2024-02-06,6\n";
+    let (_, body, _) = post_file(&api, "?maxErrors=1", "text/csv", file).await;
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    assert!(
+        doc["lastError"].as_str().unwrap().contains("maxErrors"),
+        "{doc}"
+    );
+    assert_eq!(doc["rowsRejected"], 2);
+    let days = scalar_i64(
+        &db,
+        "SELECT coalesce(sum(days_reported), 0)::bigint FROM sales.monthly_sales",
+    )
+    .await;
+    assert_eq!(days, doc["rowsWritten"].as_i64().unwrap());
+    assert_eq!(days, 3, "{doc}");
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.monthly_sales WHERE daily_data ? '6'"
+        )
+        .await,
+        0
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ndjson_records_import() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let body = format!(
+        "{}\n{}\n{}\n",
+        json!({"storeId": stores[0], "year": 2024, "month": 4, "dailyData": {"1": {"sales": 5.25}, "2": {"customers": 3}}}),
+        json!({"storeId": stores[0], "year": 2024, "month": 4, "dailyData": {"31": {"sales": 1}}}),
+        json!({"storeCode": "T001", "date": "2024-05-03", "sales": 7}),
+    );
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", body).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(
+        (doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(2), Some(1)),
+        "{doc}"
+    );
+    assert_eq!(doc["errors"][0]["column"], "dailyData.31");
+    let d: Value = sqlx::query_scalar("SELECT daily_data FROM sales.monthly_sales WHERE month = 4")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(d, json!({"1": {"sales": 5.25}, "2": {"customers": 3}}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_async_batch_answers_202_and_reports_through_the_job() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (user, token) = user_token(&db, &server, "s@x.test", "staff", &stores[..1]).await;
+    let api = Api::new(&server, Some(&token));
+    let records = json!({"salesDataArray": [
+        sales_e2e::month(stores[0], 2024, 1, 3, 10.0),
+        sales_e2e::month(stores[0], 2024, 2, 2, 10.0),
+    ]});
+    let r = api
+        .req(reqwest::Method::POST, "/api/v2/sales/batch?async=true")
+        .json(&records)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["kind"], "batch");
+    assert_eq!(location, format!("/api/v2/imports/{}", body["id"]));
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["result"]["inserted"], 2);
+    assert!(doc["result"]["eventId"].as_i64().is_some());
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        2
+    );
+    let actor: Option<i64> =
+        sqlx::query_scalar("SELECT actor_id FROM sales.events WHERE kind = 'batch-completed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, Some(user));
+    // Atomic with a bad record: nothing written, the report in the job.
+    let bad = json!({"salesDataArray": [
+        sales_e2e::month(stores[0], 2024, 3, 2, 10.0),
+        {"storeId": stores[0], "year": 2024, "month": 4, "dailyData": {"31": {"sales": 1}}},
+    ]});
+    let (status, body) = api.post("/api/v2/sales/batch?async=true", &bad).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    assert_eq!(doc["result"]["failed"], 1);
+    assert_eq!(doc["result"]["errors"][0]["field"], "dailyData.31");
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        2
+    );
+    // Scope is checked before queueing, as for a synchronous batch.
+    let (status, _) = api
+        .post(
+            "/api/v2/sales/batch?async=true",
+            &json!({"salesDataArray": [sales_e2e::month(stores[1], 2024, 1, 1, 1.0)]}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_command_line_imports_with_a_report() {
+    let db = TestDb::new().await;
+    db.stores(2).await;
+    let dir = std::env::temp_dir().join(format!("pgs_import_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pos.csv");
+    std::fs::write(
+        &file,
+        "date,store_code,sales\n2024-06-01,T001,5\n2024-06-31,T001,5\n2024-06-02,T002,7\n",
+    )
+    .unwrap();
+    let run = |args: Vec<String>| {
+        let env = db.env();
+        async move {
+            tokio::process::Command::new(sales_e2e::server_bin())
+                .arg("import")
+                .args(args)
+                .envs(env)
+                .output()
+                .await
+                .expect("run sales-server import")
+        }
+    };
+    let p = file.to_string_lossy().to_string();
+    let out = run(vec![p.clone(), "--dry-run".into()]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("dry run"), "{text}");
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
+    let out = run(vec![p.clone()]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 rows written, 1 rejected"), "{text}");
+    assert!(
+        text.contains("line 3, column date: day 31 does not exist"),
+        "{text}"
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        2
+    );
+    let bin = dir.join("x.bin");
+    std::fs::write(&bin, [0u8, 1, 2, 3]).unwrap();
+    let out = run(vec![bin.to_string_lossy().to_string()]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not text"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The importing user's WebSocket gets `import-progress` and a final
+/// `import-completed` (stored, so it has an id); another user gets neither.
+#[tokio::test]
+async fn progress_and_completion_reach_the_importer_s_websocket() {
+    use futures_util::StreamExt;
+    let db = TestDb::new().await;
+    db.stores(2).await;
+    let server = db.server(&[("IMPORT_CHUNK_LINES", "20")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let (_, other) = user_token(&db, &server, "m@x.test", "manager", &[1]).await;
+    let connect = |t: String| {
+        let url = format!("ws://{}/ws?token={t}", server.addr);
+        async move { tokio_tungstenite::connect_async(url).await.expect("ws").0 }
+    };
+    let mut mine = connect(token.clone()).await;
+    let mut theirs = connect(other).await;
+    let api = Api::new(&server, Some(&token));
+    let codes = vec!["T001".to_string(), "T002".to_string()];
+    let (status, body, _) = post_file(&api, "", "text/csv", big_file(&codes, 200)).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let mut progress = 0;
+    let completed: Value = tokio::time::timeout(WAIT, async {
+        loop {
+            let msg = mine.next().await.expect("open").expect("frame");
+            let Ok(text) = msg.to_text() else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
+            match v["event"].as_str() {
+                Some("import-progress") => {
+                    assert_eq!(v["data"]["jobId"], id);
+                    progress += 1;
+                }
+                Some("import-completed") => return v,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("import-completed within the time");
+    assert!(progress >= 1);
+    assert!(
+        completed["id"].as_i64().is_some(),
+        "a stored event: {completed}"
+    );
+    assert_eq!(completed["data"]["jobId"], id);
+    assert_eq!(completed["data"]["state"], "completed");
+    assert_eq!(completed["data"]["rowsWritten"], 200);
+    // The other user saw none of it.
+    let seen = tokio::time::timeout(Duration::from_millis(300), async {
+        while let Some(Ok(m)) = theirs.next().await {
+            if m.to_text().is_ok_and(|t| t.contains("import-")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(!seen);
+    server.stop().await;
+}
+
+/// An upload cut off mid-body (the client goes away) leaves no job and no
+/// staged rows.
+#[tokio::test]
+async fn an_upload_cut_off_leaves_nothing_behind() {
+    let db = TestDb::new().await;
+    db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let codes = vec!["T001".to_string(), "T002".to_string()];
+    // Far more than one COPY batch, then the stream fails.
+    let file = big_file(&codes, 30_000);
+    let (head, _) = file.split_at(file.len() / 2);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = head
+        .as_bytes()
+        .chunks(64 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .chain(std::iter::once(Err(std::io::Error::other(
+            "client went away",
+        ))))
+        .collect();
+    let sent = api
+        .req(reqwest::Method::POST, "/api/v2/imports")
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await;
+    assert!(sent.is_err() || sent.unwrap().status().as_u16() >= 400);
+    eventually(WAIT, "nothing left of the upload", || async {
+        let jobs = scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await;
+        let rows = scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await;
+        (jobs == 0 && rows == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}

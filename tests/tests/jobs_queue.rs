@@ -1,0 +1,160 @@
+//! The job queue's claim against real Postgres: concurrent workers never
+//! take the same job, a job stays its worker's while that worker's session
+//! lives, and is taken again (attempt 2) once the session is gone.
+
+use sales_e2e::TestDb;
+use sales_server::jobs;
+use sqlx::Connection;
+use std::collections::HashSet;
+use std::time::Duration;
+
+async fn queue_batches(db: &TestDb, n: usize) -> Vec<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, params, input)
+         SELECT 'batch', '{}', '{\"records\": []}' FROM generate_series(1, $1) RETURNING id",
+    )
+    .bind(n as i32)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_take_the_same_job() {
+    let db = TestDb::new().await;
+    let ids = queue_batches(&db, 40).await;
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut mine = Vec::new();
+            while let Some(job) =
+                jobs::claim(&mut conn, &format!("w{w}"), Duration::from_secs(60), None)
+                    .await
+                    .unwrap()
+            {
+                mine.push(job.id);
+            }
+            // Held by this live session: nobody takes them again.
+            (mine, conn)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut conns = Vec::new();
+    for t in tasks {
+        let (mine, conn) = t.await.unwrap();
+        all.extend(mine);
+        conns.push(conn);
+    }
+    let distinct: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), 40, "every job taken once");
+    assert_eq!(distinct, ids.into_iter().collect());
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT attempts FROM jobs.jobs")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, vec![1]);
+}
+
+#[tokio::test]
+async fn a_job_is_taken_again_only_when_its_worker_is_gone() {
+    let db = TestDb::new().await;
+    let id = queue_batches(&db, 1).await[0];
+    let mut first = db.connect().await;
+    let job = jobs::claim(&mut first, "first", Duration::from_secs(3600), None)
+        .await
+        .unwrap()
+        .expect("a job");
+    assert_eq!((job.id, job.attempts), (id, 1));
+    let mut second = db.connect().await;
+    assert!(
+        jobs::claim(&mut second, "second", Duration::from_secs(3600), None)
+            .await
+            .unwrap()
+            .is_none(),
+        "a live worker's job is not taken"
+    );
+    // The first worker's session ends (its process died): the lease is
+    // long, but the job is free at once.
+    first.close().await.unwrap();
+    let again = sales_e2e::eventually(Duration::from_secs(30), "the job to be free", || async {
+        let mut c = db.connect().await;
+        jobs::claim(&mut c, "second", Duration::from_secs(3600), None)
+            .await
+            .unwrap()
+            .map(|j| (j, c))
+    })
+    .await;
+    assert_eq!((again.0.id, again.0.attempts), (id, 2));
+    assert_ne!(again.0.token, job.token);
+    // The old token is fenced out.
+    let n = sqlx::query(
+        "UPDATE jobs.jobs SET rows_written = 1 WHERE id = $1 AND lease_token = $2::uuid",
+    )
+    .bind(id)
+    .bind(&job.token)
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 0);
+    // An expired lease frees a job whose session still lives.
+    sqlx::query("UPDATE jobs.jobs SET lease_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut third = db.connect().await;
+    let j = jobs::claim(&mut third, "third", Duration::from_secs(60), None)
+        .await
+        .unwrap()
+        .expect("expired lease");
+    assert_eq!(j.attempts, 3);
+    drop(again);
+}
+
+/// Finished jobs (and their rejected rows) go after EVENT_RETENTION; open
+/// ones stay whatever their age.
+#[tokio::test]
+async fn finished_jobs_are_removed_after_the_retention() {
+    let db = TestDb::new().await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, finished_at, created_at)
+         VALUES ('import', 'completed', now() - interval '8 days', now() - interval '8 days'),
+                ('import', 'failed', now() - interval '1 day', now() - interval '1 day'),
+                ('import', 'queued', NULL, now() - interval '9 days')
+         RETURNING id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO jobs.job_errors (job_id, line, reason) VALUES ($1, 2, 'x')")
+        .bind(ids[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The queued one is a batch with no records: it runs and completes.
+    sqlx::query("UPDATE jobs.jobs SET kind = 'batch', input = '{\"records\": []}' WHERE id = $1")
+        .bind(ids[2])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let server = db.server(&[("EVENT_RETENTION", "7d")]).await;
+    let left: Vec<i64> =
+        sales_e2e::eventually(Duration::from_secs(30), "the old job to go", || async {
+            let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM jobs.jobs ORDER BY id")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+            (!left.contains(&ids[0])).then_some(left)
+        })
+        .await;
+    assert_eq!(left, vec![ids[1], ids[2]]);
+    let errors: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.job_errors")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(errors, 0);
+    server.stop().await;
+}
