@@ -37,6 +37,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub compression_level: u32,
     pub cache_ttl: Duration,
+    /// How long the in-process first level in front of Redis may keep an
+    /// entry (0: no first level).
+    pub cache_l1_ttl: Duration,
     pub cache_prefix: String,
     pub cache_compress_min: usize,
     pub jwt_secret: Option<String>,
@@ -368,6 +371,7 @@ impl Config {
             log_format,
             compression_level: e.num("COMPRESSION_LEVEL", 3u32, 1, 9)?,
             cache_ttl: e.duration("CACHE_TTL", s(60), s(1), s(86400 * 7))?,
+            cache_l1_ttl: e.duration("CACHE_L1_TTL", s(5), Duration::ZERO, s(3600))?,
             cache_prefix: e.string("CACHE_PREFIX", "pg_sales"),
             cache_compress_min: e.num("CACHE_COMPRESS_MIN", 1024usize, 0, 1 << 30)?,
             jwt_secret,

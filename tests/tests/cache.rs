@@ -102,6 +102,69 @@ async fn hits_misses_and_read_your_writes() {
     server.stop().await;
 }
 
+/// The in-process first level: a repeated read is served from memory
+/// without Redis; a write through this instance, and one through another
+/// instance (heard by the relay), stop it serving the old body.
+#[tokio::test]
+async fn first_level_serves_repeats_until_a_write() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let one = db.server(&[]).await;
+    let two = db.server(&[]).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    let a2 = Api::new(&two, Some(&token));
+    setup(&db, &stores, &a1).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    let l1_hits = |b: &Value| b["l1Hits"].as_u64().unwrap();
+
+    // Miss, then a Redis hit that fills the first level, then first-level hits.
+    let (_, first) = a1.get(&path).await;
+    let before = stats(&a1).await;
+    for _ in 0..3 {
+        let (_, b) = a1.get(&path).await;
+        assert_eq!(b["data"], first["data"]);
+    }
+    let after = stats(&a1).await;
+    assert!(
+        l1_hits(&after) > l1_hits(&before),
+        "no first-level hit: {before} -> {after}"
+    );
+
+    // A write through this instance: its next read is the new value.
+    let (st, _) = a1.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 11}}}]})).await;
+    assert_eq!(st, 200);
+    let (_, b) = a1.get(&path).await;
+    assert_eq!(total(&b), 11.0, "read-your-writes through the first level");
+
+    // Instance two's first level holds the value; a write through instance
+    // one reaches it through two's relay.
+    eventually(
+        Duration::from_secs(10),
+        "instance two's first level warm",
+        || async {
+            let before = l1_hits(&stats(&a2).await);
+            let (_, b) = a2.get(&path).await;
+            (total(&b) == 11.0 && l1_hits(&stats(&a2).await) > before).then_some(())
+        },
+    )
+    .await;
+    let (st, _) = a1.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 12}}}]})).await;
+    assert_eq!(st, 200);
+    eventually(
+        Duration::from_secs(2),
+        "instance two serves the new value",
+        || async {
+            let (_, b) = a2.get(&path).await;
+            (total(&b) == 12.0).then_some(())
+        },
+    )
+    .await;
+    one.stop().await;
+    two.stop().await;
+}
+
 #[tokio::test]
 async fn scope_isolation() {
     let db = TestDb::new().await;

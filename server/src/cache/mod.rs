@@ -154,6 +154,8 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub hits: AtomicU64,
+    /// Hits the first level served (also counted in `hits`).
+    pub l1_hits: AtomicU64,
     pub misses: AtomicU64,
     pub sets: AtomicU64,
     pub errors: AtomicU64,
@@ -168,6 +170,7 @@ pub struct StatsSnapshot {
     pub backend: &'static str,
     pub healthy: bool,
     pub hits: u64,
+    pub l1_hits: u64,
     pub misses: u64,
     pub hit_rate: f64,
     pub sets: u64,
@@ -209,13 +212,42 @@ pub struct Cache {
     /// [`Invalidator`]): entries under them are not served meanwhile.
     pending: Mutex<HashMap<String, u32>>,
     pending_count: AtomicUsize,
+    /// The first level in front of Redis: entries a Redis lookup found
+    /// fresh, served from memory until the next invalidation of any tag on
+    /// this instance (`generation` moves), or `CACHE_L1_TTL`. See [`L1`].
+    l1: Option<L1>,
 }
+
+/// Entries of the first level, each with the invalidation generation it
+/// was verified under.
+///
+/// Every invalidation this instance applies or marks (its own writes, and
+/// through the relay every instance's writes) moves one counter, and an
+/// entry is served only while the counter is where it was when Redis
+/// confirmed the entry. One counter for every tag keeps a hit free of locks
+/// and maps; a write drops the whole first level, which refills from Redis
+/// on the next lookups. Another instance's write reaches this level as fast
+/// as this instance's relay hears of it; the TTL bounds what a relay outage
+/// could leave behind.
+struct L1 {
+    entries: moka::sync::Cache<String, Arc<L1Entry>>,
+    generation: AtomicU64,
+}
+
+struct L1Entry {
+    generation: u64,
+    body: Vec<u8>,
+}
+
+/// Memory the first level may hold (bodies and keys).
+const L1_MAX_BYTES: u64 = 64 << 20;
 
 impl Cache {
     pub fn new(config: &crate::config::Config) -> Self {
         let stats = Arc::new(Stats::default());
         let degraded = Arc::new(AtomicBool::new(false));
-        let backend = if !config.redis_cluster_urls.is_empty() || config.redis_url.is_some() {
+        let redis = !config.redis_cluster_urls.is_empty() || config.redis_url.is_some();
+        let backend = if redis {
             Backend::Redis(redis::RedisCache::start(config, degraded.clone()))
         } else {
             Backend::Memory(memory::MemoryCache::new(config.cache_ttl))
@@ -231,6 +263,24 @@ impl Cache {
             settled: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
+            // The in-process backend is a first level already.
+            l1: (redis && !config.cache_l1_ttl.is_zero()).then(|| L1 {
+                entries: moka::sync::Cache::builder()
+                    .time_to_live(config.cache_l1_ttl)
+                    .weigher(|k: &String, v: &Arc<L1Entry>| {
+                        (k.len() + v.body.len()).min(u32::MAX as usize) as u32
+                    })
+                    .max_capacity(L1_MAX_BYTES)
+                    .build(),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Moves the first level's generation: every entry in it is stale.
+    fn drop_l1(&self) {
+        if let Some(l1) = &self.l1 {
+            l1.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -288,8 +338,24 @@ impl Cache {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Lookup::Miss(None);
         }
-        let tag_keys = self.tag_keys(tags);
         let pending = self.is_pending(tags);
+        let generation = self.l1.as_ref().map(|l1| {
+            let g = l1.generation.load(Ordering::Acquire);
+            if !pending {
+                if let Some(e) = l1.entries.get(key).filter(|e| e.generation == g) {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    self.stats.l1_hits.fetch_add(1, Ordering::Relaxed);
+                    return Err(e.body.clone());
+                }
+            }
+            Ok(g)
+        });
+        let generation = match generation {
+            Some(Err(body)) => return Lookup::Hit(body),
+            Some(Ok(g)) => Some(g),
+            None => None,
+        };
+        let tag_keys = self.tag_keys(tags);
         let found = match &self.backend {
             Backend::Redis(r) => r.fetch(key, &tag_keys).await,
             Backend::Memory(m) => Ok(m.fetch(key, &tag_keys).await),
@@ -299,6 +365,18 @@ impl Cache {
                 if let Some(entry) = raw.as_deref().and_then(Entry::decode) {
                     if entry.versions == versions && !pending {
                         self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        if let (Some(l1), Some(generation)) = (&self.l1, generation) {
+                            // Verified against the tag versions read after
+                            // `generation` was: an invalidation since then
+                            // has moved it, and the entry is never served.
+                            l1.entries.insert(
+                                key.to_string(),
+                                Arc::new(L1Entry {
+                                    generation,
+                                    body: entry.body.clone(),
+                                }),
+                            );
+                        }
                         return Lookup::Hit(entry.body);
                     }
                 }
@@ -324,6 +402,7 @@ impl Cache {
     }
 
     fn mark_pending(&self, tags: &[String]) {
+        self.drop_l1();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for t in tags {
             *p.entry(t.clone()).or_insert(0) += 1;
@@ -388,6 +467,7 @@ impl Cache {
         if tags.is_empty() {
             return;
         }
+        self.drop_l1();
         let mut keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
         keys.sort();
         keys.dedup();
@@ -421,6 +501,7 @@ impl Cache {
             backend: self.backend_name(),
             healthy: self.healthy(),
             hits,
+            l1_hits: s.l1_hits.load(Ordering::Relaxed),
             misses,
             hit_rate: if hits + misses == 0 {
                 0.0

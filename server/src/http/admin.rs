@@ -163,6 +163,7 @@ impl AdminApi {
             backend: s.backend.into(),
             healthy: s.healthy,
             hits: s.hits,
+            l1_hits: s.l1_hits,
             misses: s.misses,
             hit_rate: s.hit_rate,
             sets: s.sets,
@@ -303,6 +304,9 @@ pub struct CacheStats {
     /// False while Redis is unreachable (requests are answered from Postgres).
     pub healthy: bool,
     pub hits: u64,
+    /// Hits served by the in-process first level in front of Redis (also
+    /// counted in `hits`).
+    pub l1_hits: u64,
     pub misses: u64,
     pub hit_rate: f64,
     pub sets: u64,
