@@ -478,6 +478,9 @@ impl Cache {
                 true
             }
         };
+        // Again after the bump: a lookup that read the generation after the
+        // first move but Redis before the bump verified the old entry.
+        self.drop_l1();
         if ok {
             self.stats
                 .invalidations
