@@ -235,13 +235,15 @@ impl SalesApi {
             &auth.0,
             tags,
             || async {
+                // LEFT JOIN: dropped by the planner unless the grouping or a filter
+                // reads the store (see export/sql.rs).
                 let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
                     "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
                SELECT jsonb_build_object('key', {key}, 'totalSales', sum(m.total_sales),
                       'totalCustomers', sum(m.total_customers), 'months', count(*),
                       'stores', count(DISTINCT m.store_id){extra}) AS r,
                       row_number() OVER (ORDER BY {order}) AS ord
-               FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true"
+               FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE true"
                 ));
                 filter.push_where(&mut Binds(&mut qb), &auth.0);
                 qb.push(format!(" GROUP BY {group_sql}) g"));

@@ -200,8 +200,11 @@ fn list_query(q: &ListQuery<'_>) -> QueryBuilder<'static, Postgres> {
         }
         qb.push(k.expr).push("::text");
     }
+    // LEFT JOIN: the same rows as an inner join (store_id is a NOT NULL
+    // foreign key), and dropped by the planner when no store column is used
+    // (see export/sql.rs).
     qb.push(
-        "] AS cur FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE true",
+        "] AS cur FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE true",
     );
     q.filter.push_where(&mut Binds(&mut qb), q.who);
     if let Some(vals) = q.after {
@@ -276,7 +279,7 @@ pub(super) async fn one_body(
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
     push_sales_doc(&mut Binds(&mut qb), projection);
     qb.push(
-        ")::text FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ",
+        ")::text FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ",
     )
     .push_bind(id);
     if let Some(scope) = who.scope() {

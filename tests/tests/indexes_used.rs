@@ -1,0 +1,187 @@
+//! Every index earns its keep: each index of the `sales` schema that backs no
+//! constraint is scanned by a query the product itself issues. A database
+//! with enough rows that the planner prefers indexes is driven through the API (lists by store
+//! and by period, a record by id, summaries, store lists by region, an
+//! export, a batch, a delete, a login, a WebSocket resume) and the relay;
+//! then `pg_stat_user_indexes` must show a scan of every index. An index no
+//! product query uses fails this test: drop it, or add the query that needs it.
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
+use sales_e2e::{month, user_token, Api, TestDb};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Scans per index of the `sales` schema, leaving out the indexes that back
+/// a primary key or unique constraint (their job is integrity, whether or
+/// not a query reads them).
+async fn index_scans(db: &TestDb) -> BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT s.indexrelname::text, s.idx_scan FROM pg_stat_user_indexes s \
+         WHERE s.schemaname = 'sales' \
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = s.indexrelid)",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+#[tokio::test]
+async fn every_index_serves_a_product_query() {
+    let db = TestDb::new().await;
+    // A chain of 5,000 stores over 50 regions with 24 months each (2024 and
+    // 2025): 120,000 store-months, written in SQL (one day each) with the
+    // event trigger off, so the setup takes seconds. At this size the
+    // planner prefers each index for the queries it serves.
+    let stores = db.stores(5).await;
+    sqlx::raw_sql(
+        "INSERT INTO sales.stores (code, name, region) \
+             SELECT 'X' || g, 'Store ' || g, 'r' || (g % 50) FROM generate_series(1, 4995) g; \
+         UPDATE sales.stores SET region = 'r' || (id % 50); \
+         ALTER TABLE sales.monthly_sales DISABLE TRIGGER monthly_sales_events; \
+         INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) \
+             SELECT s.id, y, m, jsonb_build_object('1', jsonb_build_object('sales', (s.id * m) % 997, 'customers', 1)) \
+             FROM sales.stores s, generate_series(2024, 2025) y, generate_series(1, 12) m; \
+         ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_events;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    // A chain's staff: enough users that a login looks its email up by index.
+    sqlx::query(
+        "INSERT INTO sales.users (email, password_hash, role, store_ids) \
+         SELECT 'staff' || g || '@example.com', '$argon2id$unusable', 'staff', ARRAY[g::bigint] \
+         FROM generate_series(1, 2000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&db.pool).await.unwrap();
+    sqlx::query("SELECT pg_stat_reset()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let s = stores[2];
+    let ok = |(st, body): (u16, Value)| {
+        assert_eq!(st, 200, "{body}");
+        body
+    };
+    // Lists: one store's months, one period across stores, a region.
+    let by_store = ok(admin.get(&format!("/api/v2/sales?storeId={s}")).await);
+    ok(admin.get("/api/v2/sales?year=2025&month=3&limit=50").await);
+    ok(admin.get("/api/v2/sales?year=2024&month=3&limit=50").await);
+    ok(admin.get("/api/v2/sales?region=r1&year=2025&month=4").await);
+    // One record by id.
+    let id = by_store["data"][0]["id"].as_i64().expect("a record id");
+    ok(admin.get(&format!("/api/v2/sales/{id}")).await);
+    // Summaries of one period and of one store.
+    ok(admin
+        .get("/api/v2/sales/summary?groupBy=region&year=2025&month=5")
+        .await);
+    ok(admin
+        .get("/api/v2/sales/summary?groupBy=month&year=2025&month=6")
+        .await);
+    ok(admin
+        .get("/api/v2/sales/summary?groupBy=month&year=2024&month=5")
+        .await);
+    ok(admin
+        .get(&format!("/api/v2/sales/summary?groupBy=month&storeId={s}"))
+        .await);
+    // Stores of a region.
+    ok(admin.get("/api/v2/stores?region=r2&status=open").await);
+    // An export of one store.
+    let export = admin
+        .req(
+            Method::GET,
+            &format!("/api/v2/sales/export?format=csv&storeId={s}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    export.bytes().await.unwrap();
+    // A batch that updates existing months (the upsert's conflict key).
+    let (st, body) = admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2025, 1, 28, 99.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // A delete by id, and one by key.
+    let (st, body) = admin
+        .send_json(Method::DELETE, "/api/v2/sales/batch", &json!({"ids": [id]}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = admin
+        .send_json(
+            Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"keys": [{"storeId": s, "year": 2025, "month": 2}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // A login (users by email).
+    let anon = Api::new(&server, None);
+    let (st, body) = anon
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "admin@example.com", "password": "password-123"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // A WebSocket resume from an old event id (events by id).
+    let first_event: i64 = sqlx::query_scalar("SELECT min(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let url = format!("ws://{}/ws?token={token}", server.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+    ws.send(Message::text(
+        json!({"type": "resume", "lastEventId": first_event, "events": [format!("sales-data-{s}")]})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "resumed" {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .ok();
+
+    // Backends report their statistics within a second of finishing a
+    // transaction, or within 10 s once idle; wait that long for the rest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let unused = loop {
+        let unused: Vec<String> = index_scans(&db)
+            .await
+            .into_iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(name, _)| name)
+            .collect();
+        if unused.is_empty() || std::time::Instant::now() > deadline {
+            break unused;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        unused.is_empty(),
+        "indexes no product query scanned: {unused:?} (all: {:?})",
+        index_scans(&db).await
+    );
+}
