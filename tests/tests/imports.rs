@@ -86,6 +86,10 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
     assert_eq!(doc["rowsRead"], 11);
     assert_eq!(doc["rowsWritten"], 3);
     assert_eq!(doc["rowsRejected"], 8);
+    assert_eq!(
+        doc["lastLine"], 12,
+        "the file's last line, not the chunk's end"
+    );
     let errors: Vec<(i64, String)> = doc["errors"]
         .as_array()
         .unwrap()

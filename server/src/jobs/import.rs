@@ -384,7 +384,8 @@ SELECT (SELECT coalesce(jsonb_agg(jsonb_build_object('line', line, 'column', col
                                   ORDER BY line), '[]') FROM bad),
        coalesce(jsonb_agg(jsonb_build_object('storeId', sid, 'year', year, 'month', month, 'dailyData', daily)
                           ORDER BY sid, year, month), '[]'),
-       coalesce(jsonb_agg(to_jsonb(lines) ORDER BY sid, year, month), '[]')
+       coalesce(jsonb_agg(to_jsonb(lines) ORDER BY sid, year, month), '[]'),
+       (SELECT max(line) FROM d)
 FROM g
 "#;
 
@@ -471,6 +472,10 @@ pub async fn run(
         let bad: Value = row.get(0);
         let records: Value = row.get(1);
         let lines_of: Value = row.get(2);
+        // The last line the chunk held (it starts at a staged line, so it
+        // holds at least one): what `lastLine` reports, rather than the
+        // chunk's upper bound past the end of the file.
+        let chunk_last: Option<i64> = row.get(3);
         let mut rejected: Vec<Rejected> = bad
             .as_array()
             .into_iter()
@@ -561,7 +566,7 @@ pub async fn run(
         super::record_errors(&mut tx, job.id, p.rows_rejected.min(ERRORS_KEPT), &rejected).await?;
         p.rows_written += written;
         p.rows_rejected += new_rejected;
-        p.last_line = hi;
+        p.last_line = chunk_last.unwrap_or(hi);
         p.chunks += 1;
         sqlx::query(
             "UPDATE jobs.jobs

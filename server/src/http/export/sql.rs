@@ -21,8 +21,10 @@ pub fn where_sql(f: &SalesFilter, who: &Principal) -> String {
 // no store column is used; an inner join would be planned and executed
 // every time (and steers the planner to join orders that skip the period
 // indexes).
-const FROM_MONTHLY: &str = "FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id";
-const FROM_DAILY: &str = "FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id \
+const FROM_MONTHLY: &str =
+    "FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id";
+const FROM_DAILY: &str =
+    "FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id \
      CROSS JOIN LATERAL jsonb_each(m.daily_data) AS e(k, v)";
 const MONTH_KEY: &str = "m.store_id || ':' || m.year || '-' || lpad(m.month::text, 2, '0')";
 const DATE: &str = "m.year || '-' || lpad(m.month::text, 2, '0') || '-' || lpad(e.k, 2, '0')";
