@@ -662,13 +662,5 @@ async fn finish(
     done.state = end.to_string();
     let mut data = progress_data(job, &done);
     data["error"] = json!(error);
-    sqlx::query("SELECT sales.emit('import-completed', $1, NULL, $2)")
-        .bind(&data)
-        .bind(job.user_id)
-        .execute(&mut *tx)
-        .await?;
-    if let Some(u) = job.user_id {
-        super::notify_user(tx, u, "import-progress", data).await?;
-    }
-    Ok(())
+    super::announce_end(tx, job.user_id, data).await
 }

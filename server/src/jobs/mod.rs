@@ -282,6 +282,25 @@ const DOC: &str = "jsonb_build_object(
     'createdAt', j.created_at, 'startedAt', j.started_at, 'updatedAt', j.updated_at,
     'finishedAt', j.finished_at)";
 
+/// Announces a job's end in the transaction that ends it: the stored
+/// `import-completed` event (to the user who queued it, or the admins'
+/// `batch` channel) and, for a user, a last live `import-progress`.
+pub async fn announce_end(
+    conn: &mut PgConnection,
+    user: Option<i64>,
+    data: Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT sales.emit('import-completed', $1, NULL, $2)")
+        .bind(&data)
+        .bind(user)
+        .execute(&mut *conn)
+        .await?;
+    if let Some(u) = user {
+        notify_user(conn, u, "import-progress", data).await?;
+    }
+    Ok(())
+}
+
 /// Sends a live-only message to one user's WebSocket (any instance
 /// delivers it: it goes through Postgres like export progress).
 pub async fn notify_user(

@@ -17,9 +17,10 @@
 //! --server [target/release/sales-server] --chunk [20000]
 //! --redis [none: the server's in-process cache]
 
-use sales_e2e::{TestDb, TEST_JWT_SECRET};
+use sales_e2e::fixtures::procfs;
+use sales_e2e::{ServerProc, TestDb, TEST_JWT_SECRET};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,28 +61,6 @@ fn opts() -> Opts {
         }
     }
     o
-}
-
-fn rss_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-struct ServerProc {
-    child: Child,
-    base: String,
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn write_file(path: &std::path::Path, o: &Opts) {
@@ -168,40 +147,19 @@ async fn main() {
     );
 
     // The server.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut cmd = Command::new(&o.server);
-    match &o.redis {
-        Some(url) => cmd.env("REDIS_URL", url).env("CACHE_PREFIX", &db.name),
-        None => cmd.env_remove("REDIS_URL"),
-    };
-    let child = cmd
-        .arg("serve")
-        .env("DATABASE_URL", &db.url)
-        .env("JWT_SECRET", TEST_JWT_SECRET)
-        .env("PORT", port.to_string())
-        .env("LOG_LEVEL", "warn")
-        .env("IMPORT_CHUNK_LINES", o.chunk.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", o.server));
-    let server = ServerProc {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http
-        .get(format!("{}/health/live", server.base))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut env = vec![
+        ("DATABASE_URL".to_string(), db.url.clone()),
+        ("JWT_SECRET".to_string(), TEST_JWT_SECRET.to_string()),
+        ("LOG_LEVEL".to_string(), "warn".to_string()),
+        ("IMPORT_CHUNK_LINES".to_string(), o.chunk.to_string()),
+    ];
+    if let Some(url) = &o.redis {
+        env.push(("REDIS_URL".into(), url.clone()));
+        env.push(("CACHE_PREFIX".into(), db.name.clone()));
     }
+    let server = ServerProc::start(std::path::Path::new(&o.server), &env)
+        .unwrap_or_else(|e| panic!("{}: {e}", o.server));
+    let http = reqwest::Client::new();
     let (uid, _) =
         sales_server::users::upsert_user(&db.pool, "bench@x.test", "admin", &[], "password-123")
             .await
@@ -211,16 +169,16 @@ async fn main() {
         .issue(uid, "bench@x.test", sales_server::auth::Role::Admin, vec![])
         .unwrap()
         .0;
-    let pid = server.child.id();
+    let pid = server.pid();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let base_rss = rss_kb(pid).unwrap_or(0);
+    let base_rss = procfs::rss_kb(pid).unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(base_rss));
     let sampler = {
         let (stop, peak) = (stop.clone(), peak.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                if let Some(v) = rss_kb(pid) {
+                if let Some(v) = procfs::rss_kb(pid) {
                     peak.fetch_max(v, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -231,7 +189,7 @@ async fn main() {
     let body = tokio::fs::File::open(&file).await.unwrap();
     let stream = file_stream(body);
     let r = http
-        .post(format!("{}/api/v2/imports", server.base))
+        .post(server.url("/api/v2/imports"))
         .bearer_auth(&token)
         .header("content-type", "text/csv")
         .body(reqwest::Body::wrap_stream(stream))
@@ -245,7 +203,7 @@ async fn main() {
         .unwrap();
     let doc = loop {
         let doc: serde_json::Value = http
-            .get(format!("{}/api/v2/imports/{id}", server.base))
+            .get(server.url(&format!("/api/v2/imports/{id}")))
             .bearer_auth(&token)
             .send()
             .await
