@@ -2,7 +2,9 @@
 //! (API write on the same instance, plain SQL, another instance), compressed
 //! entries, clear by tag, and Redis going away and coming back.
 
-use sales_e2e::{eventually, free_port, month, user_token, warm, Api, OwnRedis, TestDb};
+use sales_e2e::{
+    eventually, free_port, month, relay_caught_up, user_token, warm, Api, OwnRedis, TestDb,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -163,6 +165,92 @@ async fn first_level_serves_repeats_until_a_write() {
     .await;
     one.stop().await;
     two.stop().await;
+}
+
+/// A compressed hit from the first level sends the encoding made for the
+/// entry the first time, byte for byte, with the same ETag: neither the
+/// digest nor the compression is redone per hit.
+#[tokio::test]
+async fn first_level_keeps_each_encoding() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    setup(&db, &stores, &api).await;
+    // The batch's events move the first level's generation when the relay
+    // dispatches them: let that happen before the first level is filled.
+    relay_caught_up(&db, &server).await;
+    // All fields of one store-month: over the 1 kB compression threshold.
+    let path = format!("/api/v2/sales?storeId={}&year=2024&month=1", stores[0]);
+    let get = |enc: &'static str| {
+        let req = api.req(reqwest::Method::GET, &path);
+        async move {
+            let r = req
+                .header("accept-encoding", enc)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), 200);
+            let h = |n: &str| {
+                r.headers()
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default()
+            };
+            let (ce, etag, cache) = (h("content-encoding"), h("etag"), h("x-cache"));
+            (ce, etag, cache, r.bytes().await.expect("body").to_vec())
+        }
+    };
+    let (_, _, _, plain) = get("identity").await;
+    assert!(plain.len() > 1024, "{} bytes", plain.len());
+    let reused = |b: &Value| b["encodingsReused"].as_u64().unwrap();
+
+    for (enc, decode) in [
+        (
+            "br",
+            (|b: &[u8]| {
+                let mut out = Vec::new();
+                brotli::BrotliDecompress(&mut &b[..], &mut out).expect("br");
+                out
+            }) as fn(&[u8]) -> Vec<u8>,
+        ),
+        ("zstd", |b: &[u8]| zstd::decode_all(b).expect("zstd")),
+        ("gzip", |b: &[u8]| {
+            use std::io::Read;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(b)
+                .read_to_end(&mut out)
+                .expect("gzip");
+            out
+        }),
+    ] {
+        // Until a first-level hit has made this encoding (the first request
+        // after the miss is a Redis hit that fills the first level).
+        let (first_etag, first_body) = eventually(
+            Duration::from_secs(10),
+            "a first-level hit in this encoding",
+            || async {
+                let (ce, etag, cache, body) = get(enc).await;
+                (ce == enc && cache == "hit").then_some((etag, body))
+            },
+        )
+        .await;
+        assert_eq!(decode(&first_body), plain, "{enc} decodes to the body");
+        let before = reused(&stats(&api).await);
+        for _ in 0..3 {
+            let (ce, etag, cache, body) = get(enc).await;
+            assert_eq!((ce.as_str(), cache.as_str()), (enc, "hit"));
+            assert_eq!(etag, first_etag, "{enc}: the same ETag on every hit");
+            assert_eq!(body, first_body, "{enc}: the same bytes on every hit");
+        }
+        let after = reused(&stats(&api).await);
+        assert!(
+            after >= before + 3,
+            "{enc}: hits did not reuse the kept encoding ({before} -> {after})"
+        );
+    }
+    server.stop().await;
 }
 
 #[tokio::test]

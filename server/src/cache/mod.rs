@@ -156,6 +156,8 @@ pub struct Stats {
     pub hits: AtomicU64,
     /// Hits the first level served (also counted in `hits`).
     pub l1_hits: AtomicU64,
+    /// Compressed hits whose encoding was already kept with the entry.
+    pub encodings_reused: AtomicU64,
     pub misses: AtomicU64,
     pub sets: AtomicU64,
     pub errors: AtomicU64,
@@ -171,6 +173,7 @@ pub struct StatsSnapshot {
     pub healthy: bool,
     pub hits: u64,
     pub l1_hits: u64,
+    pub encodings_reused: u64,
     pub misses: u64,
     pub hit_rate: f64,
     pub sets: u64,
@@ -183,7 +186,7 @@ pub struct StatsSnapshot {
 /// What a lookup found.
 pub enum Lookup {
     /// A fresh entry.
-    Hit(Vec<u8>),
+    Hit(Arc<CachedBody>),
     /// Nothing usable; store the computed value with these tag versions
     /// (None: the backend is unavailable, do not store).
     Miss(Option<Vec<u64>>),
@@ -236,7 +239,38 @@ struct L1 {
 
 struct L1Entry {
     generation: u64,
-    body: Vec<u8>,
+    body: Arc<CachedBody>,
+}
+
+/// A cached response body and what serving it derives from it, computed at
+/// most once per entry of the first level rather than on every hit: the
+/// ETag digest and the body in each content coding a client asked for.
+#[derive(Debug)]
+pub struct CachedBody {
+    pub bytes: bytes::Bytes,
+    pub etag: std::sync::OnceLock<String>,
+    /// zstd, br, gzip (None: compressing failed, send it uncompressed).
+    pub encoded: [std::sync::OnceLock<Option<bytes::Bytes>>; 3],
+}
+
+impl CachedBody {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes: bytes.into(),
+            etag: Default::default(),
+            encoded: Default::default(),
+        }
+    }
+
+    /// Bytes held: the body and every encoding made so far.
+    fn weight(&self) -> usize {
+        self.bytes.len()
+            + self
+                .encoded
+                .iter()
+                .filter_map(|e| e.get().and_then(Option::as_ref).map(bytes::Bytes::len))
+                .sum::<usize>()
+    }
 }
 
 /// Memory the first level may hold (bodies and keys).
@@ -267,8 +301,10 @@ impl Cache {
             l1: (redis && !config.cache_l1_ttl.is_zero()).then(|| L1 {
                 entries: moka::sync::Cache::builder()
                     .time_to_live(config.cache_l1_ttl)
+                    // Weighed when inserted, before any encoding is made:
+                    // room for the body and about as much again.
                     .weigher(|k: &String, v: &Arc<L1Entry>| {
-                        (k.len() + v.body.len()).min(u32::MAX as usize) as u32
+                        (k.len() + 2 * v.body.weight()).min(u32::MAX as usize) as u32
                     })
                     .max_capacity(L1_MAX_BYTES)
                     .build(),
@@ -365,6 +401,7 @@ impl Cache {
                 if let Some(entry) = raw.as_deref().and_then(Entry::decode) {
                     if entry.versions == versions && !pending {
                         self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        let body = Arc::new(CachedBody::new(entry.body));
                         if let (Some(l1), Some(generation)) = (&self.l1, generation) {
                             // Verified against the tag versions read after
                             // `generation` was: an invalidation since then
@@ -373,11 +410,11 @@ impl Cache {
                                 key.to_string(),
                                 Arc::new(L1Entry {
                                     generation,
-                                    body: entry.body.clone(),
+                                    body: body.clone(),
                                 }),
                             );
                         }
-                        return Lookup::Hit(entry.body);
+                        return Lookup::Hit(body);
                     }
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -505,6 +542,7 @@ impl Cache {
             healthy: self.healthy(),
             hits,
             l1_hits: s.l1_hits.load(Ordering::Relaxed),
+            encodings_reused: s.encodings_reused.load(Ordering::Relaxed),
             misses,
             hit_rate: if hits + misses == 0 {
                 0.0

@@ -164,6 +164,7 @@ impl AdminApi {
             healthy: s.healthy,
             hits: s.hits,
             l1_hits: s.l1_hits,
+            encodings_reused: s.encodings_reused,
             misses: s.misses,
             hit_rate: s.hit_rate,
             sets: s.sets,
@@ -307,6 +308,9 @@ pub struct CacheStats {
     /// Hits served by the in-process first level in front of Redis (also
     /// counted in `hits`).
     pub l1_hits: u64,
+    /// Compressed hits served with the encoding kept beside the first-level
+    /// entry (compressed once per entry and encoding, not per hit).
+    pub encodings_reused: u64,
     pub misses: u64,
     pub hit_rate: f64,
     pub sets: u64,

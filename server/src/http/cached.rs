@@ -30,7 +30,11 @@ where
     match state.cache.lookup(&key, &tags).await {
         Lookup::Hit(body) => {
             super::error::set_cache_status("hit");
-            String::from_utf8(body).map_err(ApiError::internal)
+            let text = String::from_utf8(body.bytes.to_vec()).map_err(ApiError::internal)?;
+            // The representation middleware serves the entry's digest and
+            // encodings when the response body is this entry's body.
+            super::middleware::offer_cached(body);
+            Ok(text)
         }
         Lookup::Miss(versions) => {
             super::error::set_cache_status("miss");

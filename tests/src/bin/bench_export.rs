@@ -1,28 +1,32 @@
-//! Export benchmark (issue 7, "Benchmark"): throughput of
-//! `GET /api/v2/sales/export?shape=daily` in rows/s and MB/s for CSV, NDJSON
-//! and JSON (plus CSV with zstd), against `psql -c "\copy (same query) TO
-//! STDOUT ..."` in the same run, and the server's peak RSS growth while it
-//! streams (VmRSS sampled every 50 ms from /proc).
+//! Export benchmark (issues 7 and 14): `GET /api/v2/sales/export` in CSV,
+//! NDJSON and JSON (plus CSV with zstd at the top) against `psql -c "\copy
+//! (same query) TO STDOUT ..."` in the same run, on a ladder of sizes from one
+//! row to every row, and the server's peak RSS growth while it streams (VmRSS
+//! sampled every 50 ms from /proc). The one-row export is also timed against
+//! the list endpoint for the same store-month.
 //!
 //! A database of its own (like the tests' `TestDb`) is loaded with
-//! `--stores` x `--months` store-months of full daily data (1,400 x 24 is
-//! about 1M store-days; 14,000 x 24 about 10M) through `generate_series`,
-//! with the event triggers disabled during the load. The release server
-//! (`target/release/sales-server serve`, LOG_LEVEL=warn) runs as a child
-//! process on a free loopback port. Each measurement is repeated `--runs`
-//! times, alternating server and psql, and the best run of each is reported.
-//! Everything stops by itself; the database is dropped at the end.
+//! `--stores` x `--months` store-months of full daily data (14,000 x 24 is
+//! about 10M store-days) through `generate_series`, with the event triggers
+//! disabled during the load. The ladder: one store-month (monthly shape),
+//! then store-days of 3 stores and of 274 stores for 2024 (about 1,100 and
+//! 100k), of every store for 2024-10..12 (about 1.3M), and all of them. The
+//! release server (`target/release/sales-server serve`, LOG_LEVEL=warn) runs
+//! as a child process on a free loopback port. Each cell is repeated,
+//! alternating psql and server, and medians are compared. Everything stops by
+//! itself; the database is dropped at the end.
 //!
 //! Run with `scripts/bench_export.sh [flags]`.
-//! Flags (defaults in brackets): --stores [1400] --months [24] --runs [5]
-//! --server [target/release/sales-server] --formats [csv,ndjson,json,csv+zstd]
+//! Flags (defaults in brackets): --stores [14000] --months [24] --runs [3]
+//! --small-runs [15] --server [target/release/sales-server]
+//! --formats [csv,ndjson,json,csv+zstd]
 
 use clap::Parser;
 use sales_e2e::fixtures::procfs;
 use sales_e2e::{ServerProc, TestDb, TEST_JWT_SECRET};
 use sales_server::auth::{Principal, Role};
 use sales_server::http::export::{build_sql, ExportFormat, ExportShape, ExportSpec};
-use sales_server::http::filters::SalesFilter;
+use sales_server::http::filters::{RawFilter, SalesFilter};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,13 +36,16 @@ use std::time::{Duration, Instant};
 /// Export benchmark (see the header of tests/src/bin/bench_export.rs).
 #[derive(Debug, Clone, Parser)]
 struct Opts {
-    #[arg(long, default_value_t = 1400)]
+    #[arg(long, default_value_t = 14000)]
     stores: usize,
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u16).range(1..=120))]
     months: u16,
-    /// Repetitions of each measurement (the best is reported).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Repetitions of each measurement of 100k rows or more (medians are compared).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     runs: u16,
+    /// Repetitions of each measurement under 100k rows.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u16).range(1..))]
+    small_runs: u16,
     #[arg(long, default_value_t = release_server())]
     server: String,
     /// Which of csv, ndjson, json, csv+zstd to measure.
@@ -192,15 +199,6 @@ struct Run {
     cpu: f64,
 }
 
-impl Run {
-    fn rows_per_s(&self) -> f64 {
-        self.rows as f64 / self.secs
-    }
-    fn mb_per_s(&self) -> f64 {
-        self.bytes as f64 / 1e6 / self.secs
-    }
-}
-
 /// Rows in a body of this format, from its bytes (bench names hold no newlines).
 fn rows_in(format: ExportFormat, newlines: u64, header: bool) -> u64 {
     match format {
@@ -211,7 +209,15 @@ fn rows_in(format: ExportFormat, newlines: u64, header: bool) -> u64 {
     }
 }
 
-async fn server_run(server: &ServerProc, token: &str, format: ExportFormat, zstd: bool) -> Run {
+/// One export through the server: `query` is the export's query string
+/// without `format`.
+async fn server_run(
+    server: &ServerProc,
+    token: &str,
+    query: &str,
+    format: ExportFormat,
+    zstd: bool,
+) -> Run {
     let http = reqwest::Client::builder()
         .no_gzip()
         .no_brotli()
@@ -231,7 +237,7 @@ async fn server_run(server: &ServerProc, token: &str, format: ExportFormat, zstd
     let started = Instant::now();
     let mut req = http
         .get(format!(
-            "{}/api/v2/sales/export?format={fmt}&shape=daily",
+            "{}/api/v2/sales/export?format={fmt}&{query}",
             server.url("")
         ))
         .bearer_auth(token);
@@ -273,6 +279,21 @@ async fn server_run(server: &ServerProc, token: &str, format: ExportFormat, zstd
         rss_growth_kb: peak.saturating_sub(before),
         cpu: cpu_secs(pid) - cpu_before,
     }
+}
+
+/// Seconds for one `GET /api/v2/sales?<query>` (the list endpoint).
+async fn list_run(server: &ServerProc, token: &str, query: &str) -> f64 {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let resp = http
+        .get(format!("{}/api/v2/sales?{query}", server.url("")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("list request");
+    assert_eq!(resp.status(), 200, "list answered {}", resp.status());
+    resp.bytes().await.expect("list body");
+    started.elapsed().as_secs_f64()
 }
 
 /// `psql -c "\copy (<the server's query>) TO STDOUT ..."`, output read and counted here.
@@ -327,13 +348,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn best(runs: &[Run]) -> Run {
-    runs.iter()
-        .copied()
-        .max_by(|a, b| a.rows_per_s().total_cmp(&b.rows_per_s()))
-        .unwrap_or_default()
-}
-
 #[tokio::main]
 async fn main() {
     let o = opts();
@@ -345,6 +359,90 @@ async fn main() {
         _ = bench(o) => {}
         _ = tokio::signal::ctrl_c() => eprintln!("interrupted: stopping the server, dropping the database"),
         _ = term.recv() => eprintln!("terminated: stopping the server, dropping the database"),
+    }
+}
+
+/// One rung of the size ladder: the export's query string (without
+/// `format`) and the filter the server parses from it.
+struct Rung {
+    /// Every row: the last rung.
+    top: bool,
+    shape: ExportShape,
+    query: String,
+    raw: RawFilter,
+}
+
+/// From one row to every row: a store-month (monthly shape), then store-days
+/// of 3 stores, of 274 stores for a year, of every store for a quarter, and
+/// all of them. Rungs the loaded data cannot fill (too few stores, or
+/// months not reaching into 2024) are left out.
+fn ladder(o: &Opts) -> Vec<Rung> {
+    let ids = |n: usize| (1..=n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let mut rungs = Vec::new();
+    if o.months >= 12 {
+        rungs.push(Rung {
+            top: false,
+            shape: ExportShape::Monthly,
+            query: "shape=monthly&storeId=1&year=2024&month=12".into(),
+            raw: RawFilter {
+                store_id: Some("1".into()),
+                year: Some(2024),
+                month: Some(12),
+                ..Default::default()
+            },
+        });
+        for n in [3, 274] {
+            if o.stores >= n {
+                rungs.push(Rung {
+                    top: false,
+                    shape: ExportShape::Daily,
+                    query: format!("shape=daily&storeId={}&year=2024", ids(n)),
+                    raw: RawFilter {
+                        store_id: Some(ids(n)),
+                        year: Some(2024),
+                        ..Default::default()
+                    },
+                });
+            }
+        }
+        if o.stores >= 2000 {
+            rungs.push(Rung {
+                top: false,
+                shape: ExportShape::Daily,
+                query: "shape=daily&from=2024-10&to=2024-12".into(),
+                raw: RawFilter {
+                    from: Some("2024-10".into()),
+                    to: Some("2024-12".into()),
+                    ..Default::default()
+                },
+            });
+        }
+    }
+    rungs.push(Rung {
+        top: true,
+        shape: ExportShape::Daily,
+        query: "shape=daily".into(),
+        raw: RawFilter::default(),
+    });
+    rungs
+}
+
+#[derive(Debug, Default)]
+struct Cell {
+    rows: u64,
+    server_s: f64,
+    psql_s: f64,
+    paired: f64,
+    cpu: f64,
+    growth_kb: u64,
+    /// Bytes of the server's response (compressed for csv+zstd).
+    bytes: u64,
+}
+
+impl Cell {
+    /// psql's median time over the server's: above 1, the server is faster.
+    fn ratio(&self) -> f64 {
+        self.psql_s / self.server_s
     }
 }
 
@@ -360,19 +458,6 @@ async fn bench(o: Opts) {
         role: Role::Admin,
         stores: Default::default(),
         exp: None,
-    };
-    let filter = SalesFilter::default();
-    let select_of = |format| {
-        build_sql(&ExportSpec {
-            format,
-            shape: ExportShape::Daily,
-            filter: &filter,
-            who: &admin,
-            after: None,
-            projection: None,
-            header: true,
-        })
-        .select
     };
 
     let server = start_server(&db, &o);
@@ -393,7 +478,7 @@ async fn bench(o: Opts) {
     let pid = server.pid();
     let idle_rss = procfs::rss_kb(pid).unwrap_or(0);
     // Warm-up: pool connections, caches.
-    let _ = server_run(&server, &token, ExportFormat::Csv, false).await;
+    let _ = server_run(&server, &token, "shape=daily", ExportFormat::Csv, false).await;
     let warm_rss = procfs::rss_kb(pid).unwrap_or(0);
     println!(
         "server pid {pid}: RSS {:.1} MB idle, {:.1} MB after a warm-up export",
@@ -402,77 +487,134 @@ async fn bench(o: Opts) {
     );
 
     println!(
-        "\n{:<12} {:>9} {:>11} {:>7} {:>11} {:>9} {:>7} {:>8} {:>8} {:>10}",
-        "format",
+        "\n{:>9} {:<9} {:>9} {:>10} {:>10} {:>7} {:>8} {:>12} {:>8} {:>8}",
         "rows",
-        "server r/s",
-        "MB/s",
-        "psql r/s",
-        "psql MB/s",
+        "format",
+        "MB",
+        "server ms",
+        "psql ms",
         "ratio",
-        "med. r.",
+        "paired",
+        "server r/s",
         "CPU s",
         "RSS +MB"
     );
-    let mut csv_ratio = 0.0;
+    let mut worst: Vec<(u64, f64)> = Vec::new();
     let mut max_growth = 0u64;
-    for name in &o.formats {
-        let (format, zstd) = match name.as_str() {
-            "csv" => (ExportFormat::Csv, false),
-            "ndjson" => (ExportFormat::Ndjson, false),
-            "json" => (ExportFormat::Json, false),
-            "csv+zstd" => (ExportFormat::Csv, true),
-            other => panic!("unknown format {other} (csv, ndjson, json, csv+zstd)"),
-        };
-        let select = select_of(format);
-        let mut srv = Vec::new();
-        let mut ps = Vec::new();
-        for _ in 0..o.runs {
-            let (url, sql) = (db.url.clone(), select.clone());
-            let run = tokio::task::spawn_blocking(move || psql_run(&url, &sql, format));
-            ps.push(run.await.expect("psql run"));
-            srv.push(server_run(&server, &token, format, zstd).await);
+    let mut one_row_export = None;
+    for rung in ladder(&o) {
+        let filter = SalesFilter::parse(&rung.raw).expect("ladder filter");
+        let mut rung_worst = f64::INFINITY;
+        let mut rung_rows = 0;
+        for name in &o.formats {
+            let (format, zstd) = match name.as_str() {
+                "csv" => (ExportFormat::Csv, false),
+                "ndjson" => (ExportFormat::Ndjson, false),
+                "json" => (ExportFormat::Json, false),
+                "csv+zstd" => (ExportFormat::Csv, true),
+                other => panic!("unknown format {other} (csv, ndjson, json, csv+zstd)"),
+            };
+            let select = build_sql(&ExportSpec {
+                format,
+                shape: rung.shape,
+                filter: &filter,
+                who: &admin,
+                after: None,
+                projection: None,
+                header: true,
+            })
+            .select;
+            // zstd costs CPU on both ends of a loopback: only at the top rung.
+            if zstd && !rung.top {
+                continue;
+            }
+            let mut srv = Vec::new();
+            let mut ps = Vec::new();
+            let mut runs = o.runs;
+            let mut i = 0;
+            while i < runs {
+                let (url, sql) = (db.url.clone(), select.clone());
+                let run = tokio::task::spawn_blocking(move || psql_run(&url, &sql, format));
+                ps.push(run.await.expect("psql run"));
+                srv.push(server_run(&server, &token, &rung.query, format, zstd).await);
+                if i == 0 && ps[0].rows < 100_000 {
+                    runs = o.small_runs;
+                }
+                i += 1;
+            }
+            let rows = ps[0].rows;
+            for r in srv.iter().chain(&ps) {
+                assert_eq!(r.rows, rows, "every run exports the same rows ({format:?})");
+            }
+            if rung.top {
+                assert_eq!(rows, total, "the top rung exports every row");
+            }
+            let cell = Cell {
+                rows,
+                server_s: median(srv.iter().map(|r| r.secs).collect()),
+                psql_s: median(ps.iter().map(|r| r.secs).collect()),
+                // Ratios of the runs paired in time (each psql run just before its server run).
+                paired: median(srv.iter().zip(&ps).map(|(a, b)| b.secs / a.secs).collect()),
+                cpu: median(srv.iter().map(|r| r.cpu).collect()),
+                growth_kb: srv.iter().map(|r| r.rss_growth_kb).max().unwrap_or(0),
+                bytes: srv[0].bytes,
+            };
+            max_growth = max_growth.max(cell.growth_kb);
+            if !zstd {
+                rung_worst = rung_worst.min(cell.ratio());
+                rung_rows = rows;
+            }
+            if rows == 1 && format == ExportFormat::Csv && !zstd {
+                one_row_export = Some(cell.server_s);
+            }
+            println!(
+                "{:>9} {:<9} {:>9.3} {:>10.2} {:>10.2} {:>6.2}x {:>7.2}x {:>12.0} {:>8.3} {:>8.1}",
+                cell.rows,
+                name,
+                cell.bytes as f64 / 1e6,
+                cell.server_s * 1e3,
+                cell.psql_s * 1e3,
+                cell.ratio(),
+                cell.paired,
+                cell.rows as f64 / cell.server_s,
+                cell.cpu,
+                cell.growth_kb as f64 / 1024.0
+            );
         }
-        for r in srv.iter().chain(&ps) {
-            assert_eq!(r.rows, total, "every run exports every row ({format:?})");
+        if rung_worst.is_finite() {
+            worst.push((rung_rows, rung_worst));
         }
-        let (s, p) = (best(&srv), best(&ps));
-        let growth = srv.iter().map(|r| r.rss_growth_kb).max().unwrap_or(0);
-        max_growth = max_growth.max(growth);
-        let ratio = s.rows_per_s() / p.rows_per_s();
-        // Ratios of the runs paired in time (each psql run just before its server run).
-        let paired = median(
-            srv.iter()
-                .zip(&ps)
-                .map(|(a, b)| a.rows_per_s() / b.rows_per_s())
-                .collect(),
-        );
-        let cpu = median(srv.iter().map(|r| r.cpu).collect());
-        if format == ExportFormat::Csv && !zstd {
-            csv_ratio = ratio;
+    }
+    println!(
+        "\n(server and psql times are medians of {} runs at 100k rows and more, {} below; psql \
+         runs the export's own query with the same COPY options and starts a process and a \
+         connection each time, as a user's \\copy does; ratio = psql time / server time; `paired` \
+         the median ratio of runs paired in time; csv+zstd counts compressed bytes and is measured \
+         at the top rung only; `CPU s` the server's CPU seconds per export)",
+        o.runs, o.small_runs
+    );
+    for (rows, ratio) in &worst {
+        println!("rows {rows:>9}: lowest ratio over the formats {ratio:.2}x (target >= 0.85x)");
+    }
+
+    // The one-row export against the list endpoint for the same store-month.
+    if let Some(export_s) = one_row_export {
+        let q = "storeId=1&year=2024&month=12";
+        let mut lists = Vec::new();
+        for _ in 0..o.small_runs {
+            lists.push(list_run(&server, &token, q).await);
         }
+        let list_s = median(lists);
         println!(
-            "{:<12} {:>9} {:>11.0} {:>7.1} {:>11.0} {:>9.1} {:>6.2}x {:>7.2}x {:>8.2} {:>10.1}",
-            name,
-            s.rows,
-            s.rows_per_s(),
-            s.mb_per_s(),
-            p.rows_per_s(),
-            p.mb_per_s(),
-            ratio,
-            paired,
-            cpu,
-            growth as f64 / 1024.0
+            "one-row export {:.2} ms, list endpoint for the same store-month {:.2} ms: \
+             {:+.2} ms (target within 10 ms)",
+            export_s * 1e3,
+            list_s * 1e3,
+            (export_s - list_s) * 1e3
         );
     }
     println!(
-        "\n(psql runs the same query with the same COPY options; MB/s of the server counts bytes on \
-         the wire, compressed for +zstd; best of {} runs each; `med. r.` is the median ratio of \
-         runs paired in time; `CPU s` the server's CPU seconds per export)",
-        o.runs
-    );
-    println!(
-        "csv ratio {csv_ratio:.2}x (target >= 0.85x); peak RSS growth {:.1} MB (target <= 64 MB); total {:.0} s",
+        "peak RSS growth {:.1} MB (target <= 64 MB); total {:.0} s",
         max_growth as f64 / 1024.0,
         overall.elapsed().as_secs_f64()
     );

@@ -11,7 +11,7 @@ mod request_id;
 
 pub use headers::with_security_headers;
 pub use limits::{check_query, client_ip, with_limits, RateLimits};
-pub use representation::{with_representation, Streaming};
+pub use representation::{offer_cached, with_representation, Streaming};
 pub use request_id::{error_response, request_id, with_request_id};
 
 /// Lowercase hex of a digest (rate-limit keys, ETags).

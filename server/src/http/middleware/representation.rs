@@ -1,12 +1,55 @@
 //! ETag / 304, Cache-Control, Vary and compression for buffered bodies.
 
 use super::{error_response, hex};
+use crate::cache::CachedBody;
 use crate::http::compress::{compress, negotiate, Encoding, COMPRESS_MIN};
 use crate::state::AppState;
+use bytes::Bytes;
 use poem::http::{header, HeaderValue, Method, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::sync::Arc;
+
+tokio::task_local! {
+    /// The cache entry a handler answered from, if any (see [`offer_cached`]).
+    static CACHED: RefCell<Option<Arc<CachedBody>>>;
+}
+
+/// Called by a handler that answers from the cache: when the response body
+/// is this entry's body, its ETag digest and encodings are taken from (and
+/// kept with) the entry instead of being computed for every hit.
+pub fn offer_cached(body: Arc<CachedBody>) {
+    let _ = CACHED.try_with(|c| *c.borrow_mut() = Some(body));
+}
+
+/// The ETag digest of a body.
+fn digest(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes)[..12])
+}
+
+fn slot(enc: Encoding) -> Option<usize> {
+    match enc {
+        Encoding::Zstd => Some(0),
+        Encoding::Brotli => Some(1),
+        Encoding::Gzip => Some(2),
+        Encoding::Identity => None,
+    }
+}
+
+/// Compresses, off the async threads when the body is large.
+async fn encode(enc: Encoding, bytes: &Bytes, level: u32) -> Option<Bytes> {
+    if bytes.len() > 256 * 1024 {
+        let data = bytes.clone();
+        tokio::task::spawn_blocking(move || compress(enc, &data, level))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(Bytes::from)
+    } else {
+        compress(enc, bytes, level).ok().map(Bytes::from)
+    }
+}
 
 /// Marks a response whose body is a stream (exports): it is neither buffered
 /// for an ETag nor compressed here (the producer compresses on the fly).
@@ -49,9 +92,13 @@ pub async fn with_representation<E: Endpoint>(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let mut resp = ep
-        .call(req)
-        .await
+    let (result, cached) = CACHED
+        .scope(RefCell::new(None), async {
+            let r = ep.call(req).await;
+            (r, CACHED.with(|c| c.borrow_mut().take()))
+        })
+        .await;
+    let mut resp = result
         .map(IntoResponse::into_response)
         .unwrap_or_else(error_response);
     let headers = resp.headers_mut();
@@ -97,11 +144,16 @@ pub async fn with_representation<E: Endpoint>(
             &[Encoding::Zstd, Encoding::Brotli, Encoding::Gzip],
         );
     }
+    // The cache entry this body came from, when it is that entry's body.
+    let cached = cached.filter(|c| c.bytes == bytes);
     let mut resp = Response::from_parts(parts, poem::Body::empty());
     if cacheable {
         // Strong ETag of the representation: the body's digest, plus the
         // encoding, since each encoding is a different byte sequence.
-        let digest = hex(&Sha256::digest(&bytes)[..12]);
+        let digest = match &cached {
+            Some(c) => c.etag.get_or_init(|| digest(&c.bytes)).clone(),
+            None => digest(&bytes),
+        };
         let etag = match enc {
             Encoding::Identity => format!("\"{digest}\""),
             e => format!("\"{digest}-{}\"", e.token()),
@@ -116,16 +168,24 @@ pub async fn with_representation<E: Endpoint>(
             return Ok(resp);
         }
     }
-    if enc != Encoding::Identity {
+    if let Some(i) = slot(enc) {
         let level = state.config.compression_level;
-        let data = bytes.clone();
-        let compressed = if bytes.len() > 256 * 1024 {
-            tokio::task::spawn_blocking(move || compress(enc, &data, level))
-                .await
-                .ok()
-                .and_then(Result::ok)
-        } else {
-            compress(enc, &data, level).ok()
+        let compressed = match &cached {
+            Some(c) => match c.encoded[i].get() {
+                Some(done) => {
+                    state
+                        .cache
+                        .stats
+                        .encodings_reused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    done.clone()
+                }
+                None => {
+                    let made = encode(enc, &bytes, level).await;
+                    c.encoded[i].get_or_init(|| made).clone()
+                }
+            },
+            None => encode(enc, &bytes, level).await,
         };
         if let Some(c) = compressed {
             resp.headers_mut().insert(
