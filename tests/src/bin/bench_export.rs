@@ -18,7 +18,7 @@
 //!
 //! Run with `scripts/bench_export.sh [flags]`.
 //! Flags (defaults in brackets): --stores [14000] --months [24] --runs [3]
-//! --small-runs [15] --server [target/release/sales-server]
+//! --small-runs [15] --rungs [one,1k,100k,1m,all] --server [target/release/sales-server]
 //! --formats [csv,ndjson,json,csv+zstd]
 
 use clap::Parser;
@@ -48,6 +48,9 @@ struct Opts {
     small_runs: u16,
     #[arg(long, default_value_t = release_server())]
     server: String,
+    /// Which rungs of the ladder to measure: one, 1k, 100k, 1m, all.
+    #[arg(long, value_delimiter = ',', default_value = "one,1k,100k,1m,all")]
+    rungs: Vec<String>,
     /// Which of csv, ndjson, json, csv+zstd to measure.
     #[arg(
         long,
@@ -365,6 +368,8 @@ async fn main() {
 /// One rung of the size ladder: the export's query string (without
 /// `format`) and the filter the server parses from it.
 struct Rung {
+    /// Its name for `--rungs`.
+    name: &'static str,
     /// Every row: the last rung.
     top: bool,
     shape: ExportShape,
@@ -381,6 +386,7 @@ fn ladder(o: &Opts) -> Vec<Rung> {
     let mut rungs = Vec::new();
     if o.months >= 12 {
         rungs.push(Rung {
+            name: "one",
             top: false,
             shape: ExportShape::Monthly,
             query: "shape=monthly&storeId=1&year=2024&month=12".into(),
@@ -391,9 +397,10 @@ fn ladder(o: &Opts) -> Vec<Rung> {
                 ..Default::default()
             },
         });
-        for n in [3, 274] {
+        for (n, name) in [(3, "1k"), (274, "100k")] {
             if o.stores >= n {
                 rungs.push(Rung {
+                    name,
                     top: false,
                     shape: ExportShape::Daily,
                     query: format!("shape=daily&storeId={}&year=2024", ids(n)),
@@ -407,6 +414,7 @@ fn ladder(o: &Opts) -> Vec<Rung> {
         }
         if o.stores >= 2000 {
             rungs.push(Rung {
+                name: "1m",
                 top: false,
                 shape: ExportShape::Daily,
                 query: "shape=daily&from=2024-10&to=2024-12".into(),
@@ -419,11 +427,13 @@ fn ladder(o: &Opts) -> Vec<Rung> {
         }
     }
     rungs.push(Rung {
+        name: "all",
         top: true,
         shape: ExportShape::Daily,
         query: "shape=daily".into(),
         raw: RawFilter::default(),
     });
+    rungs.retain(|r| o.rungs.iter().any(|n| n == r.name));
     rungs
 }
 
