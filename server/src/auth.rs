@@ -3,11 +3,13 @@
 //! identity provider). The verified claims become a [`Principal`] that every
 //! query is scoped by; HTTP and WebSocket share this code.
 
+use crate::access::Revocations;
 use crate::config::Config;
 use anyhow::Context;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,6 +56,12 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// The user's access generation when the token was issued (see `access`).
+    #[serde(default)]
+    pub gen: i64,
+    /// The session (refresh-token family) the token belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// The caller, as established by a verified token.
@@ -66,6 +74,10 @@ pub struct Principal {
     pub stores: HashSet<i64>,
     /// When the token stops being valid (seconds since the epoch), when it says.
     pub exp: Option<i64>,
+    /// The user's access generation the token was issued at (0 when it says none).
+    pub generation: i64,
+    /// The session the token belongs to, when it was issued for one.
+    pub session: Option<String>,
 }
 
 impl Principal {
@@ -118,7 +130,12 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
+    #[error("token revoked: {}", .0.message())]
+    Revoked(crate::access::Revoked),
 }
+
+/// Clock skew allowed when checking `exp`.
+pub const LEEWAY_SECS: u64 = 5;
 
 pub struct Auth {
     encoding: EncodingKey,
@@ -128,6 +145,8 @@ pub struct Auth {
     issuer: Option<String>,
     audience: Option<String>,
     expiry_secs: i64,
+    /// Users, sessions and their revocation, checked on every verify.
+    revocations: Arc<Revocations>,
 }
 
 impl Auth {
@@ -156,11 +175,16 @@ impl Auth {
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
             expiry_secs: config.jwt_expiry.as_secs() as i64,
+            revocations: Arc::new(Revocations::default()),
         })
     }
 
     pub fn expiry_secs(&self) -> i64 {
         self.expiry_secs
+    }
+
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// Issues an HS256 token for a user.
@@ -170,6 +194,19 @@ impl Auth {
         email: &str,
         role: Role,
         stores: Vec<i64>,
+    ) -> anyhow::Result<(String, Claims)> {
+        self.issue_session(user_id, email, role, stores, 0, None)
+    }
+
+    /// Issues an HS256 token for a user's session at their access generation.
+    pub fn issue_session(
+        &self,
+        user_id: i64,
+        email: &str,
+        role: Role,
+        stores: Vec<i64>,
+        gen: i64,
+        sid: Option<String>,
     ) -> anyhow::Result<(String, Claims)> {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
@@ -181,6 +218,8 @@ impl Auth {
             iat: now,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
+            gen,
+            sid,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         Ok((token, claims))
@@ -188,7 +227,7 @@ impl Auth {
 
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut v = Validation::new(alg);
-        v.leeway = 5;
+        v.leeway = LEEWAY_SECS;
         // A configured issuer or audience must be present, not just match when present.
         let mut required = vec!["exp", "sub"];
         if self.issuer.is_some() {
@@ -233,7 +272,7 @@ impl Auth {
             .sub
             .parse()
             .map_err(|_| AuthError::Invalid("sub must be a numeric user id".into()))?;
-        Ok(Principal {
+        let p = Principal {
             user_id,
             email: c.email,
             role: c.role,
@@ -243,7 +282,11 @@ impl Auth {
                 c.stores.into_iter().collect()
             },
             exp: Some(c.exp),
-        })
+            generation: c.gen,
+            session: c.sid,
+        };
+        self.revocations.check(&p).map_err(AuthError::Revoked)?;
+        Ok(p)
     }
 }
 
@@ -332,6 +375,8 @@ mod tests {
             iat: 0,
             iss: None,
             aud: None,
+            gen: 0,
+            sid: None,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
@@ -378,6 +423,8 @@ mod tests {
             iat: now,
             iss: None,
             aud: None,
+            gen: 0,
+            sid: None,
         };
         for (alg, private, public, key) in [
             (

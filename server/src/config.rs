@@ -66,6 +66,11 @@ pub struct Config {
     pub login_attempts_per_minute: u32,
     /// Password hashes computed at once (each takes a blocking thread and ~19 MB).
     pub password_hash_concurrency: usize,
+    /// Failed logins from one IP address (any accounts) before each further
+    /// attempt from it waits longer.
+    pub login_attempts_per_ip: u32,
+    /// How long a session lives without a refresh (refresh tokens).
+    pub refresh_token_ttl: Duration,
     /// WebSocket upgrades per IP per minute.
     pub ws_upgrades_per_minute: u32,
     /// Exports one user may run at once.
@@ -378,7 +383,7 @@ impl Config {
             jwt_public_key_file,
             jwt_issuer: e.opt("JWT_ISSUER"),
             jwt_audience: e.opt("JWT_AUDIENCE"),
-            jwt_expiry: e.duration("JWT_EXPIRY", s(3600), s(60), s(86400 * 30))?,
+            jwt_expiry: e.duration("JWT_EXPIRY", s(900), s(60), s(86400 * 30))?,
             batch_max_records: e.num("BATCH_MAX_RECORDS", 5000usize, 1, 100_000)?,
             body_limit: e.num("BODY_LIMIT", 16usize << 20, 1024, 1 << 30)?,
             rate_limit_per_minute,
@@ -404,6 +409,13 @@ impl Config {
             dev_mode,
             login_attempts_per_minute: e.num("LOGIN_ATTEMPTS_PER_MINUTE", 5u32, 1, 10_000)?,
             password_hash_concurrency: e.num("PASSWORD_HASH_CONCURRENCY", 2usize, 1, 256)?,
+            login_attempts_per_ip: e.num("LOGIN_ATTEMPTS_PER_IP", 20u32, 1, 1_000_000)?,
+            refresh_token_ttl: e.duration(
+                "REFRESH_TOKEN_TTL",
+                s(7 * 86400),
+                s(60),
+                s(365 * 86400),
+            )?,
             ws_upgrades_per_minute: e.num(
                 "WS_UPGRADES_PER_MINUTE",
                 rate_limit_per_minute,

@@ -1,6 +1,7 @@
 //! sales-server as a library: `main.rs` parses configuration and calls
 //! [`Server::bind`]; tests do the same in-process.
 
+pub mod access;
 pub mod auth;
 pub mod cache;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod maintain;
 pub mod metrics;
 pub mod seed;
+pub mod sessions;
 pub mod state;
 pub mod users;
 pub mod ws;
@@ -53,6 +55,14 @@ impl Server {
             .await
             .context("reading the event log position")?;
         state.hub.set_position(head);
+        // Revocation state as of now; user events past `head` are applied
+        // again by the relay (they only move it forward).
+        state
+            .auth
+            .revocations()
+            .load(&state.pool, state.config.jwt_expiry.as_secs() as i64)
+            .await
+            .context("loading users and revoked sessions")?;
         let bind = format!("{}:{}", state.config.bind_addr, state.config.port);
         let acceptor = TcpListener::bind(bind.clone())
             .into_acceptor()
