@@ -360,6 +360,8 @@ async fn bench(o: Opts) {
         role: Role::Admin,
         stores: Default::default(),
         exp: None,
+        generation: 0,
+        session: None,
     };
     let filter = SalesFilter::default();
     let select_of = |format| {

@@ -1,0 +1,677 @@
+//! Users, sessions and revocation (issue 17): the permissions matrix of
+//! every user endpoint, bad input, `auth/me` and password change, refresh
+//! rotation and reuse detection, login throttling, and revocation reaching
+//! REST and WebSockets of two server instances within a second.
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use sales_e2e::{eventually, Api, RunningServer, TestDb};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+const PASSWORD: &str = "password-123";
+
+async fn add_user(db: &TestDb, email: &str, role: &str, stores: &[i64]) -> i64 {
+    sales_server::users::upsert_user(&db.pool, email, role, stores, PASSWORD)
+        .await
+        .expect("create user")
+        .0
+}
+
+/// Logs in; returns the whole answer.
+async fn login(server: &RunningServer, email: &str, password: &str) -> (u16, Value) {
+    Api::new(server, None)
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": email, "password": password}),
+        )
+        .await
+}
+
+async fn client(server: &RunningServer, email: &str) -> (Api, Value) {
+    let (st, body) = login(server, email, PASSWORD).await;
+    assert_eq!(st, 200, "login {email}: {body}");
+    (
+        Api::new(server, Some(body["token"].as_str().unwrap())),
+        body,
+    )
+}
+
+async fn patch(api: &Api, path: &str, body: Value) -> (u16, Value) {
+    api.send_json(Method::PATCH, path, &body).await
+}
+
+async fn delete(api: &Api, path: &str) -> u16 {
+    api.req(Method::DELETE, path)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Stores 1..3; admin, a manager of stores A and B, staff of A, staff of C,
+/// a manager of C.
+struct World {
+    db: TestDb,
+    server: RunningServer,
+    stores: Vec<i64>,
+    admin: Api,
+    manager: Api,
+    staff: Api,
+    other_manager: Api,
+    manager_id: i64,
+    staff_id: i64,
+    other_staff_id: i64,
+}
+
+async fn world(overrides: &[(&str, &str)]) -> World {
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await;
+    let server = db.server(overrides).await;
+    add_user(&db, "admin@x.test", "admin", &[]).await;
+    let manager_id = add_user(&db, "manager@x.test", "manager", &stores[..2]).await;
+    let staff_id = add_user(&db, "staff@x.test", "staff", &[stores[0]]).await;
+    let other_staff_id = add_user(&db, "staff-c@x.test", "staff", &[stores[2]]).await;
+    add_user(&db, "manager-c@x.test", "manager", &[stores[2]]).await;
+    let (admin, _) = client(&server, "admin@x.test").await;
+    let (manager, _) = client(&server, "manager@x.test").await;
+    let (staff, _) = client(&server, "staff@x.test").await;
+    let (other_manager, _) = client(&server, "manager-c@x.test").await;
+    World {
+        db,
+        server,
+        stores,
+        admin,
+        manager,
+        staff,
+        other_manager,
+        manager_id,
+        staff_id,
+        other_staff_id,
+    }
+}
+
+fn ids(body: &Value) -> Vec<i64> {
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn permissions_matrix() {
+    let w = world(&[]).await;
+    let (a, b, c) = (w.stores[0], w.stores[1], w.stores[2]);
+
+    // List: admins see everyone, managers the staff of their stores, staff nothing.
+    let (st, all) = w.admin.get("/api/v2/users").await;
+    assert_eq!(st, 200, "{all}");
+    assert_eq!(ids(&all).len(), 5);
+    assert!(all["data"][0].get("passwordHash").is_none());
+    let (st, mine) = w.manager.get("/api/v2/users").await;
+    assert_eq!(st, 200);
+    assert_eq!(ids(&mine), vec![w.staff_id]);
+    let (_, theirs) = w.other_manager.get("/api/v2/users").await;
+    assert_eq!(ids(&theirs), vec![w.other_staff_id]);
+    assert_eq!(w.staff.get("/api/v2/users").await.0, 403);
+
+    // Get one.
+    let staff_path = format!("/api/v2/users/{}", w.staff_id);
+    assert_eq!(w.admin.get(&staff_path).await.0, 200);
+    assert_eq!(w.manager.get(&staff_path).await.0, 200);
+    assert_eq!(w.other_manager.get(&staff_path).await.0, 403);
+    assert_eq!(w.staff.get(&staff_path).await.0, 200, "oneself");
+    let manager_path = format!("/api/v2/users/{}", w.manager_id);
+    assert_eq!(w.staff.get(&manager_path).await.0, 403);
+    assert_eq!(w.manager.get(&manager_path).await.0, 200, "oneself");
+    assert_eq!(w.admin.get("/api/v2/users/999999").await.0, 404);
+
+    // Create.
+    let new = |email: &str, role: &str, stores: &[i64]| json!({"email": email, "role": role, "stores": stores, "password": "a-fine-password"});
+    let (st, body) = w
+        .admin
+        .post("/api/v2/users", &new("m2@x.test", "manager", &[c]))
+        .await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["data"]["stores"], json!([c]));
+    let (st, body) = w
+        .manager
+        .post("/api/v2/users", &new("s2@x.test", "staff", &[b]))
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let s2 = body["data"]["id"].as_i64().unwrap();
+    let (st, body) = w
+        .manager
+        .post("/api/v2/users", &new("s3@x.test", "staff", &[b, c]))
+        .await;
+    assert_eq!(st, 403, "a store the manager does not manage: {body}");
+    assert_eq!(body["error"]["details"]["storeIds"], json!([c]));
+    let (st, _) = w
+        .manager
+        .post("/api/v2/users", &new("m3@x.test", "manager", &[a]))
+        .await;
+    assert_eq!(st, 403, "a role above staff");
+    let (st, _) = w
+        .manager
+        .post("/api/v2/users", &new("a3@x.test", "admin", &[]))
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = w
+        .staff
+        .post("/api/v2/users", &new("s4@x.test", "staff", &[a]))
+        .await;
+    assert_eq!(st, 403);
+
+    // Patch: a manager changes staff of their stores only, within their stores.
+    let s2_path = format!("/api/v2/users/{s2}");
+    let (st, body) = patch(&w.manager, &s2_path, json!({"stores": [a, b]})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["stores"], json!([a, b]));
+    let (st, _) = patch(&w.manager, &s2_path, json!({"stores": [c]})).await;
+    assert_eq!(st, 403);
+    let (st, _) = patch(&w.manager, &s2_path, json!({"role": "manager"})).await;
+    assert_eq!(st, 403);
+    let (st, _) = patch(
+        &w.manager,
+        &s2_path,
+        json!({"password": "another-password"}),
+    )
+    .await;
+    assert_eq!(st, 403, "only admins set passwords");
+    let (st, _) = patch(&w.other_manager, &s2_path, json!({"disabled": true})).await;
+    assert_eq!(st, 403, "not staff of their stores");
+    let (st, _) = patch(&w.staff, &s2_path, json!({"disabled": true})).await;
+    assert_eq!(st, 403);
+    let (st, _) = patch(&w.manager, &manager_path, json!({"stores": [a]})).await;
+    assert_eq!(
+        st, 403,
+        "a manager does not change managers, themselves included"
+    );
+    // The admin gives s2 store C too; the manager then changes only A/B.
+    let (st, _) = patch(&w.admin, &s2_path, json!({"stores": [a, c]})).await;
+    assert_eq!(st, 200);
+    let (st, body) = patch(&w.manager, &s2_path, json!({"stores": [b]})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        body["data"]["stores"],
+        json!([b]),
+        "the manager sees their stores"
+    );
+    let (_, full) = w.admin.get(&s2_path).await;
+    assert_eq!(full["data"]["stores"], json!([b, c]), "store C was kept");
+    let (st, body) = patch(&w.manager, &s2_path, json!({"disabled": true})).await;
+    assert_eq!(st, 200);
+    assert_eq!(body["data"]["disabled"], true);
+
+    // Delete: admins only.
+    assert_eq!(delete(&w.manager, &s2_path).await, 403);
+    assert_eq!(delete(&w.staff, &s2_path).await, 403);
+    assert_eq!(delete(&w.admin, &s2_path).await, 204);
+    assert_eq!(w.admin.get(&s2_path).await.0, 404);
+    assert_eq!(delete(&w.admin, &s2_path).await, 404);
+    w.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_why() {
+    let w = world(&[]).await;
+    let post = |body: Value| {
+        let api = w.admin.clone();
+        async move { api.post("/api/v2/users", &body).await }
+    };
+    let (st, body) = post(json!({"email": "STAFF@x.test", "role": "staff", "stores": [w.stores[0]], "password": "a-fine-password"})).await;
+    assert_eq!(st, 409, "duplicate email, whatever its case: {body}");
+    assert_eq!(body["error"]["details"]["field"], "email");
+    let (st, body) = post(json!({"email": "n@x.test", "role": "staff", "stores": [w.stores[0], 987654], "password": "a-fine-password"})).await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["storeIds"], json!([987654]));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("987654"));
+    let (st, body) =
+        post(json!({"email": "n@x.test", "role": "staff", "password": "a-fine-password"})).await;
+    assert_eq!(st, 422, "staff without stores: {body}");
+    assert_eq!(body["error"]["details"]["field"], "stores");
+    for (password, why) in [
+        ("short", "at least 8"),
+        ("aaaaaaaaaaaa", "different"),
+        ("Password123", "common"),
+        ("n@x.test", "email"),
+    ] {
+        let (st, body) =
+            post(json!({"email": "n@x.test", "role": "admin", "password": password})).await;
+        assert_eq!(st, 422, "{password}: {body}");
+        assert_eq!(body["error"]["details"]["field"], "password");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{password}: {body}"
+        );
+    }
+    let (st, body) =
+        post(json!({"email": "not-an-email", "role": "admin", "password": "a-fine-password"}))
+            .await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "email");
+    let (st, _) =
+        post(json!({"email": "n@x.test", "role": "owner", "password": "a-fine-password"})).await;
+    assert_eq!(st, 400, "unknown role");
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, 400, "an empty patch");
+
+    // The last enabled admin can be neither demoted, disabled nor deleted.
+    let (_, me) = w.admin.get("/api/v2/auth/me").await;
+    let admin_path = format!("/api/v2/users/{}", me["id"]);
+    let (st, body) = patch(&w.admin, &admin_path, json!({"disabled": true})).await;
+    assert_eq!(st, 409, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("last"));
+    let (st, _) = patch(
+        &w.admin,
+        &admin_path,
+        json!({"role": "manager", "stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(st, 409);
+    assert_eq!(delete(&w.admin, &admin_path).await, 409);
+    let (_, again) = w.admin.get(&admin_path).await;
+    assert_eq!(
+        (
+            again["data"]["role"].as_str(),
+            again["data"]["disabled"].as_bool()
+        ),
+        (Some("admin"), Some(false)),
+        "nothing was half-written"
+    );
+    // With a second admin it can.
+    let (st, _) =
+        post(json!({"email": "admin2@x.test", "role": "admin", "password": "a-fine-password"}))
+            .await;
+    assert_eq!(st, 201);
+    let (st, _) = patch(
+        &w.admin,
+        &admin_path,
+        json!({"role": "manager", "stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, body) = w.admin.get("/api/v2/users").await;
+    assert_eq!(st, 401, "the demoted admin's token is revoked: {body}");
+    w.server.stop().await;
+}
+
+#[tokio::test]
+async fn me_and_password_change() {
+    let w = world(&[]).await;
+    let (st, me) = w.staff.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["id"], w.staff_id);
+    assert_eq!(me["role"], "staff");
+    assert_eq!(me["stores"], json!([w.stores[0]]));
+    assert_eq!(me["registered"], true);
+    assert!(me["sessionId"].is_string());
+
+    // A second session of the same user.
+    let (other, _) = client(&w.server, "staff@x.test").await;
+    let change = |current: &str, new: &str| {
+        let api = w.staff.clone();
+        let body = json!({"currentPassword": current, "newPassword": new});
+        async move { api.post("/api/v2/auth/password", &body).await }
+    };
+    let (st, body) = change("wrong-password", "a-new-password-1").await;
+    assert_eq!(st, 403, "{body}");
+    let (st, body) = change(PASSWORD, "abcabcabc").await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "newPassword");
+    let (st, body) = change(PASSWORD, "a-new-password-1").await;
+    assert_eq!(st, 200, "{body}");
+    let fresh = Api::new(&w.server, Some(body["token"].as_str().unwrap()));
+    assert_eq!(fresh.get("/api/v2/auth/me").await.0, 200);
+    // Every earlier session ended: access tokens and refresh tokens.
+    for old in [&w.staff, &other] {
+        let (st, body) = old.get("/api/v2/auth/me").await;
+        assert_eq!(st, 401, "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("password"));
+    }
+    assert_eq!(login(&w.server, "staff@x.test", PASSWORD).await.0, 401);
+    assert_eq!(
+        login(&w.server, "staff@x.test", "a-new-password-1").await.0,
+        200
+    );
+    w.server.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_session() {
+    let w = world(&[]).await;
+    let (_, first) = client(&w.server, "staff@x.test").await;
+    assert!(
+        first["expiresIn"].as_i64().unwrap() <= 900,
+        "short access tokens"
+    );
+    let anon = Api::new(&w.server, None);
+    let refresh = |token: &Value| {
+        let anon = anon.clone();
+        let body = json!({"refreshToken": token});
+        async move { anon.post("/api/v2/auth/refresh", &body).await }
+    };
+    let (st, second) = refresh(&first["refreshToken"]).await;
+    assert_eq!(st, 200, "{second}");
+    assert_ne!(second["refreshToken"], first["refreshToken"]);
+    assert_eq!(second["sessionId"], first["sessionId"]);
+    // Stored as its SHA-256, never as the token.
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM auth.refresh_tokens WHERE token_hash = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(second["refreshToken"].as_str().unwrap())
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 1);
+    let access = Api::new(&w.server, Some(second["token"].as_str().unwrap()));
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
+
+    // A new scope comes with the next refresh.
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"stores": [w.stores[0], w.stores[1]]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        access.get("/api/v2/auth/me").await.0,
+        401,
+        "old scope refused"
+    );
+    let (st, third) = refresh(&second["refreshToken"]).await;
+    assert_eq!(st, 200, "{third}");
+    assert_eq!(third["user"]["stores"], json!([w.stores[0], w.stores[1]]));
+    let access = Api::new(&w.server, Some(third["token"].as_str().unwrap()));
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
+
+    // The first token again: reuse. The whole session is revoked.
+    let (st, body) = refresh(&first["refreshToken"]).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("already used"));
+    let (st, body) = access.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "the session's access token: {body}");
+    assert_eq!(
+        refresh(&third["refreshToken"]).await.0,
+        401,
+        "and its newest refresh token"
+    );
+    assert_eq!(refresh(&json!("not-a-token")).await.0, 401);
+    let reason: String =
+        sqlx::query_scalar("SELECT revoked_reason FROM auth.sessions WHERE id::text = $1")
+            .bind(first["sessionId"].as_str().unwrap())
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "reuse");
+
+    // Logout ends a session; a second logout is fine, an unknown token is 401.
+    let (_, s) = client(&w.server, "staff@x.test").await;
+    let access = Api::new(&w.server, Some(s["token"].as_str().unwrap()));
+    let logout = |t: Value| {
+        let anon = anon.clone();
+        async move {
+            anon.req(Method::POST, "/api/v2/auth/logout")
+                .json(&json!({"refreshToken": t}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(logout(s["refreshToken"].clone()).await, 204);
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 401);
+    assert_eq!(refresh(&s["refreshToken"]).await.0, 401);
+    assert_eq!(logout(s["refreshToken"].clone()).await, 204);
+    assert_eq!(logout(json!("nope")).await, 401);
+    // A disabled user cannot refresh.
+    let (_, s) = client(&w.server, "staff@x.test").await;
+    patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"disabled": true}),
+    )
+    .await;
+    assert_eq!(refresh(&s["refreshToken"]).await.0, 401);
+    let (st, body) = login(&w.server, "staff@x.test", PASSWORD).await;
+    assert_eq!(st, 403, "{body}");
+    w.server.stop().await;
+}
+
+/// Per account and per address, with a growing delay; unknown and known
+/// emails answer alike.
+#[tokio::test]
+async fn login_throttling_per_account_and_address() {
+    let db = TestDb::new().await;
+    let server = db
+        .server(&[
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "2"),
+            ("LOGIN_ATTEMPTS_PER_IP", "4"),
+        ])
+        .await;
+    add_user(&db, "known@x.test", "admin", &[]).await;
+    let (st_known, known) = login(&server, "known@x.test", "wrong-password").await;
+    let (st_unknown, unknown) = login(&server, "unknown@x.test", "wrong-password").await;
+    assert_eq!((st_known, st_unknown), (401, 401));
+    assert_eq!(known["error"]["message"], unknown["error"]["message"]);
+    // Second failure for `known`: its account now waits, another does not.
+    assert_eq!(
+        login(&server, "known@x.test", "wrong-password").await.0,
+        401
+    );
+    let (st, body) = login(&server, "known@x.test", PASSWORD).await;
+    assert_eq!(st, 429, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("account"));
+    // An unknown email is throttled the same way (nothing tells them apart).
+    add_user(&db, "fresh@x.test", "admin", &[]).await;
+    assert_eq!(
+        login(&server, "unknown@x.test", "wrong-password").await.0,
+        401
+    );
+    let failed_at = Instant::now();
+    let (st, _) = login(&server, "unknown@x.test", "wrong-password").await;
+    assert_eq!(st, 429);
+    // Four failures from this address in all: every account now waits
+    // (the first wait is 1 s; on a machine too slow to ask within it the
+    // login goes through, which only the elapsed time may excuse).
+    let (st, body) = login(&server, "fresh@x.test", PASSWORD).await;
+    let waited = failed_at.elapsed();
+    if st != 429 {
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{st} {body} after {waited:?}"
+        );
+    } else {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("address"),
+            "{body}"
+        );
+    }
+    server.stop().await;
+}
+
+/// Waits for the close frame of a WebSocket; returns its code.
+async fn close_code(ws: &mut sales_e2e_ws::Socket) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a close frame in time")
+        {
+            Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+mod sales_e2e_ws {
+    pub type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+}
+
+async fn open_ws(server: &RunningServer, token: &str) -> sales_e2e_ws::Socket {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+            .await
+            .expect("ws connect");
+    // The `ready` frame: the connection is registered.
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("ready") => return ws,
+            Some(Ok(_)) => continue,
+            other => panic!("no ready frame: {other:?}"),
+        }
+    }
+}
+
+/// Two instances on one database: a change made through one is refused
+/// on the other within a second, for REST and WebSockets alike, with a close
+/// code that says why; the admins' `admin` channel sees the change.
+#[tokio::test]
+async fn revocation_reaches_every_instance_within_a_second() {
+    let w = world(&[]).await;
+    let b = w.db.server(&[]).await;
+    let (_, staff_session) = client(&b, "staff@x.test").await;
+    let token = staff_session["token"].as_str().unwrap().to_string();
+    let on_b = Api::new(&b, Some(&token));
+    assert_eq!(on_b.get("/api/v2/auth/me").await.0, 200);
+    let mut ws = open_ws(&b, &token).await;
+    // An admin on instance B follows the audit channel.
+    let (_, admin_session) = client(&b, "admin@x.test").await;
+    let mut audit = open_ws(&b, admin_session["token"].as_str().unwrap()).await;
+    futures_util::SinkExt::send(
+        &mut audit,
+        Message::text(json!({"type": "subscribe", "event": "admin"}).to_string()),
+    )
+    .await
+    .unwrap();
+
+    // Disabled through instance A.
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"disabled": true}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let t0 = Instant::now();
+    let (st, body) = eventually(Duration::from_secs(5), "401 on instance B", || async {
+        let (st, body) = on_b.get("/api/v2/auth/me").await;
+        (st == 401).then_some((st, body))
+    })
+    .await;
+    let rest = t0.elapsed();
+    assert_eq!(st, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disabled"),
+        "{body}"
+    );
+    assert_eq!(close_code(&mut ws).await, 4010, "closed: account disabled");
+    let socket = t0.elapsed();
+    assert!(rest < Duration::from_secs(1), "REST refused after {rest:?}");
+    assert!(
+        socket < Duration::from_secs(1),
+        "WebSocket closed after {socket:?}"
+    );
+    // A new WebSocket with the old token is refused as well.
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", b.addr)).await;
+    assert!(refused.is_err(), "upgrade with a revoked token");
+
+    // The audit event reached the admin on B.
+    let audit_event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Ok(Message::Text(t))) = audit.next().await {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["event"] == "user-updated" {
+                    return v;
+                }
+            }
+        }
+    })
+    .await
+    .expect("user-updated on the admin channel");
+    assert_eq!(audit_event["data"]["userId"], w.staff_id);
+    assert_eq!(audit_event["data"]["disabled"], true);
+    assert_eq!(audit_event["data"]["changed"], json!(["disabled"]));
+
+    // A role change closes with 4012, a logout on A with 4014 on B, a
+    // deletion with 4011.
+    let (_, m) = client(&b, "manager@x.test").await;
+    let mut mws = open_ws(&b, m["token"].as_str().unwrap()).await;
+    patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.manager_id),
+        json!({"stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(close_code(&mut mws).await, 4012);
+    let (_, m) = client(&b, "manager@x.test").await;
+    let mut mws = open_ws(&b, m["token"].as_str().unwrap()).await;
+    let st = Api::new(&w.server, None)
+        .req(Method::POST, "/api/v2/auth/logout")
+        .json(&json!({"refreshToken": m["refreshToken"]}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 204);
+    assert_eq!(close_code(&mut mws).await, 4014);
+    let (_, m) = client(&b, "manager@x.test").await;
+    let mut mws = open_ws(&b, m["token"].as_str().unwrap()).await;
+    assert_eq!(
+        delete(&w.admin, &format!("/api/v2/users/{}", w.manager_id)).await,
+        204
+    );
+    assert_eq!(close_code(&mut mws).await, 4011);
+    let on_b = Api::new(&b, Some(m["token"].as_str().unwrap()));
+    let (st, _) = on_b.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401);
+
+    // An instance started after the changes refuses the same tokens.
+    let c = w.db.server(&[]).await;
+    assert_eq!(
+        Api::new(&c, Some(&token)).get("/api/v2/auth/me").await.0,
+        401
+    );
+    assert_eq!(
+        Api::new(&c, Some(m["token"].as_str().unwrap()))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        401
+    );
+    c.stop().await;
+    b.stop().await;
+    w.server.stop().await;
+}
