@@ -152,6 +152,19 @@ impl Revocations {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// For tokens of an outside identity provider (which know nothing of
+    /// generations or sessions here): only a disabled or deleted user is refused.
+    pub fn check_account(&self, p: &Principal) -> Result<(), Revoked> {
+        let inner = self.read();
+        if inner.deleted.contains_key(&p.user_id) {
+            return Err(Revoked::Deleted);
+        }
+        match inner.users.get(&p.user_id) {
+            Some(u) if u.disabled => Err(Revoked::Disabled),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether a verified token's holder still has access.
     pub fn check(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();

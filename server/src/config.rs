@@ -44,6 +44,11 @@ pub struct Config {
     pub cache_compress_min: usize,
     pub jwt_secret: Option<String>,
     pub jwt_public_key_file: Option<String>,
+    /// JWKS of an outside identity provider: a URL or a file (not both).
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_jwks_file: Option<String>,
+    /// How often the JWKS is read again.
+    pub jwt_jwks_refresh: Duration,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub jwt_expiry: Duration,
@@ -342,6 +347,25 @@ impl Config {
                 return Err(Env::err("JWT_PUBLIC_KEY_FILE", path, "file cannot be read"));
             }
         }
+        let jwt_jwks_url = e.opt("JWT_JWKS_URL");
+        let jwt_jwks_file = e.opt("JWT_JWKS_FILE");
+        if let Some(url) = &jwt_jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(Env::err("JWT_JWKS_URL", url, "must be an http(s) URL"));
+            }
+            if jwt_jwks_file.is_some() {
+                return Err(Env::err(
+                    "JWT_JWKS_URL",
+                    url,
+                    "set JWT_JWKS_URL or JWT_JWKS_FILE, not both",
+                ));
+            }
+        }
+        if let Some(path) = &jwt_jwks_file {
+            if std::fs::metadata(path).is_err() {
+                return Err(Env::err("JWT_JWKS_FILE", path, "file cannot be read"));
+            }
+        }
         Ok(Config {
             database_url,
             database_replica_url,
@@ -381,6 +405,9 @@ impl Config {
             cache_compress_min: e.num("CACHE_COMPRESS_MIN", 1024usize, 0, 1 << 30)?,
             jwt_secret,
             jwt_public_key_file,
+            jwt_jwks_url,
+            jwt_jwks_file,
+            jwt_jwks_refresh: e.duration("JWT_JWKS_REFRESH", s(300), s(1), s(86400))?,
             jwt_issuer: e.opt("JWT_ISSUER"),
             jwt_audience: e.opt("JWT_AUDIENCE"),
             jwt_expiry: e.duration("JWT_EXPIRY", s(900), s(60), s(86400 * 30))?,

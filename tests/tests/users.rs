@@ -675,3 +675,193 @@ async fn revocation_reaches_every_instance_within_a_second() {
     b.stop().await;
     w.server.stop().await;
 }
+
+/// An RSA key made with openssl: (private PEM, its JWK with `kid`).
+fn rsa_key(dir: &std::path::Path, kid: &str) -> (Vec<u8>, Value) {
+    let pem = dir.join(format!("{kid}.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl genpkey");
+    let out = std::process::Command::new("openssl")
+        .args(["rsa", "-noout", "-modulus", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let hex = text.trim().strip_prefix("Modulus=").expect("modulus");
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwk = json!({"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig",
+                     "n": b64.encode(n), "e": "AQAB"});
+    (std::fs::read(&pem).unwrap(), jwk)
+}
+
+fn outside_token(
+    pem: &[u8],
+    kid: &str,
+    sub: &str,
+    email: &str,
+    role: &str,
+    stores: &[i64],
+) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    let now = chrono::Utc::now().timestamp();
+    jsonwebtoken::encode(
+        &header,
+        &json!({"sub": sub, "email": email, "role": role, "stores": stores,
+                "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(pem).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Serves `body` (changeable) at `http://addr/jwks.json`.
+async fn jwks_server(body: std::sync::Arc<std::sync::Mutex<String>>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Outside identity provider: RS256 tokens verified with the JWKS key they
+/// name, from a file or a URL; a new key is accepted once published, a
+/// withdrawn one refused; the token's user is matched by email to a user
+/// here, whose disabling then applies to it.
+#[tokio::test]
+async fn jwks_rotation_and_outside_users() {
+    let dir = std::env::temp_dir().join(format!("pgs_jwks_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k1, jwk1) = rsa_key(&dir, "k1");
+    let (k2, jwk2) = rsa_key(&dir, "k2");
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, json!({"keys": [jwk1]}).to_string()).unwrap();
+
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db
+        .server(&[
+            ("JWT_JWKS_FILE", file.to_str().unwrap()),
+            ("JWT_JWKS_REFRESH", "1s"),
+        ])
+        .await;
+    add_user(&db, "admin@x.test", "admin", &[]).await;
+    let local = add_user(&db, "ext@x.test", "manager", &[stores[0]]).await;
+    let (admin, _) = client(&server, "admin@x.test").await;
+
+    // Matched by email: the token's numeric sub names nobody here.
+    let t1 = outside_token(&k1, "k1", "990001", "EXT@x.test", "manager", &[stores[0]]);
+    let ext = Api::new(&server, Some(&t1));
+    let (st, me) = ext.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(
+        (me["id"].as_i64(), me["registered"].as_bool()),
+        (Some(local), Some(true))
+    );
+    // Disabled here: the provider's token is refused too; enabled: accepted again.
+    let path = format!("/api/v2/users/{local}");
+    assert_eq!(patch(&admin, &path, json!({"disabled": true})).await.0, 200);
+    let (st, body) = ext.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "{body}");
+    assert_eq!(
+        patch(&admin, &path, json!({"disabled": false})).await.0,
+        200
+    );
+    assert_eq!(
+        ext.get("/api/v2/auth/me").await.0,
+        200,
+        "outside tokens know no generation"
+    );
+    // An unmatched user with a numeric sub keeps working, as before.
+    let other = outside_token(&k1, "k1", "990002", "nobody@x.test", "staff", &[stores[1]]);
+    assert_eq!(
+        Api::new(&server, Some(&other))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        200
+    );
+    let unnamed = outside_token(&k1, "k1", "abc", "nobody@x.test", "staff", &[stores[1]]);
+    assert_eq!(
+        Api::new(&server, Some(&unnamed))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        401
+    );
+
+    // Rotation through the file: k2 published, k1 withdrawn.
+    let t2 = outside_token(&k2, "k2", "990001", "ext@x.test", "manager", &[stores[0]]);
+    assert_eq!(
+        Api::new(&server, Some(&t2)).get("/api/v2/auth/me").await.0,
+        401,
+        "k2 not published yet"
+    );
+    std::fs::write(&file, json!({"keys": [jwk2]}).to_string()).unwrap();
+    eventually(Duration::from_secs(15), "the new key accepted", || async {
+        (Api::new(&server, Some(&t2)).get("/api/v2/auth/me").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(ext.get("/api/v2/auth/me").await.0, 401, "the withdrawn key");
+
+    // The same from a URL.
+    let served = std::sync::Arc::new(std::sync::Mutex::new(
+        json!({"keys": [jwk1.clone()]}).to_string(),
+    ));
+    let addr = jwks_server(served.clone()).await;
+    let by_url = db
+        .server(&[
+            ("JWT_JWKS_URL", &format!("http://{addr}/jwks.json")),
+            ("JWT_JWKS_REFRESH", "1s"),
+        ])
+        .await;
+    assert_eq!(
+        Api::new(&by_url, Some(&t1)).get("/api/v2/auth/me").await.0,
+        200
+    );
+    *served.lock().unwrap() = json!({"keys": [jwk1, jwk2]}).to_string();
+    eventually(
+        Duration::from_secs(15),
+        "the new key from the URL",
+        || async {
+            (Api::new(&by_url, Some(&t2)).get("/api/v2/auth/me").await.0 == 200).then_some(())
+        },
+    )
+    .await;
+    by_url.stop().await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
