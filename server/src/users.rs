@@ -90,7 +90,8 @@ pub async fn upsert_user(
         }
     };
     tx.commit().await.context("saving the user")?;
-    let _ = change;
+    // Running servers apply the change from its event (the relay).
+    drop(change);
     Ok((id, created))
 }
 
@@ -566,12 +567,14 @@ pub async fn update(
     .bind(disabled)
     .execute(&mut *conn)
     .await?;
-    if old.role == Role::Admin && !old.disabled && (role != Role::Admin || disabled) {
-        if admins_left(conn).await? == 0 {
-            return Err(UserError::LastAdmin(format!(
-                "user {id} is the last enabled admin; make another admin first"
-            )));
-        }
+    if old.role == Role::Admin
+        && !old.disabled
+        && (role != Role::Admin || disabled)
+        && admins_left(conn).await? == 0
+    {
+        return Err(UserError::LastAdmin(format!(
+            "user {id} is the last enabled admin; make another admin first"
+        )));
     }
     if patch.password_hash.is_some() {
         // Every session of the user ends with a password change.

@@ -865,3 +865,107 @@ async fn jwks_rotation_and_outside_users() {
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn cli(db: &TestDb, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(sales_e2e::server_bin());
+    cmd.args(args)
+        .envs(db.env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("sales-server");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+/// `user list|disable|enable|set-password`: a change from the command line
+/// reaches a running server through its event, like any other.
+#[tokio::test]
+async fn command_line_user_management() {
+    let w = world(&[]).await;
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = cli(&w.db, &["user", "list"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = text(&out);
+    for email in [
+        "admin@x.test",
+        "manager@x.test",
+        "staff@x.test",
+        "staff-c@x.test",
+    ] {
+        assert!(listed.contains(email), "{listed}");
+    }
+
+    let out = cli(&w.db, &["user", "disable", "--email", "STAFF@x.test"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    eventually(
+        Duration::from_secs(5),
+        "the running server refuses the token",
+        || async { (w.staff.get("/api/v2/auth/me").await.0 == 401).then_some(()) },
+    )
+    .await;
+    assert!(text(&cli(&w.db, &["user", "list"], None)).contains("disabled"));
+    assert_eq!(login(&w.server, "staff@x.test", PASSWORD).await.0, 403);
+    let out = cli(&w.db, &["user", "enable", "--email", "staff@x.test"], None);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = cli(
+        &w.db,
+        &[
+            "user",
+            "set-password",
+            "--email",
+            "staff@x.test",
+            "--password",
+            "short",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--password: must be at least 8"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(
+        &w.db,
+        &["user", "set-password", "--email", "staff@x.test"],
+        Some("from-stdin-pass\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        login(&w.server, "staff@x.test", "from-stdin-pass").await.0,
+        200
+    );
+    let out = cli(
+        &w.db,
+        &["user", "disable", "--email", "nobody@x.test"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no user nobody@x.test"),
+        "{}",
+        text(&out)
+    );
+    // The last enabled admin stays.
+    let out = cli(&w.db, &["user", "disable", "--email", "admin@x.test"], None);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("last enabled admin"), "{}", text(&out));
+    w.server.stop().await;
+}
