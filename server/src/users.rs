@@ -576,13 +576,19 @@ pub async fn update(
             "user {id} is the last enabled admin; make another admin first"
         )));
     }
-    if patch.password_hash.is_some() {
-        // Every session of the user ends with a password change.
+    if patch.password_hash.is_some() || (disabled && !old.disabled) {
+        // Every session of the user ends with a password change or when the
+        // user is disabled (enabling them again does not bring one back).
         sqlx::query(
-            "UPDATE auth.sessions SET revoked_at = now(), revoked_reason = 'password'
+            "UPDATE auth.sessions SET revoked_at = now(), revoked_reason = $2
              WHERE user_id = $1 AND revoked_at IS NULL",
         )
         .bind(id)
+        .bind(if patch.password_hash.is_some() {
+            "password"
+        } else {
+            "admin"
+        })
         .execute(&mut *conn)
         .await?;
     }

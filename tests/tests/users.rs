@@ -444,15 +444,20 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
     assert_eq!(refresh(&s["refreshToken"]).await.0, 401);
     assert_eq!(logout(s["refreshToken"].clone()).await, 204);
     assert_eq!(logout(json!("nope")).await, 401);
-    // A disabled user cannot refresh.
+    // A disabled user cannot refresh, nor after being enabled again: their
+    // sessions ended.
     let (_, s) = client(&w.server, "staff@x.test").await;
-    patch(
-        &w.admin,
-        &format!("/api/v2/users/{}", w.staff_id),
-        json!({"disabled": true}),
-    )
-    .await;
+    let staff_path = format!("/api/v2/users/{}", w.staff_id);
+    patch(&w.admin, &staff_path, json!({"disabled": true})).await;
     assert_eq!(refresh(&s["refreshToken"]).await.0, 401);
+    patch(&w.admin, &staff_path, json!({"disabled": false})).await;
+    let (st, body) = refresh(&s["refreshToken"]).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("ended"),
+        "{body}"
+    );
+    patch(&w.admin, &staff_path, json!({"disabled": true})).await;
     let (st, body) = login(&w.server, "staff@x.test", PASSWORD).await;
     assert_eq!(st, 403, "{body}");
     w.server.stop().await;
