@@ -52,3 +52,12 @@ CREATE TABLE auth.refresh_tokens (
     used_at timestamptz
 );
 CREATE INDEX refresh_tokens_session_idx ON auth.refresh_tokens (session_id);
+
+-- Each user's history: the events about them (`user-*`, `session-revoked`),
+-- written in the transaction that writes the event. The events themselves
+-- stay in sales.events (and go with its retention).
+CREATE TABLE auth.user_events (
+    user_id bigint NOT NULL REFERENCES sales.users (id) ON DELETE CASCADE,
+    event_id bigint NOT NULL,
+    PRIMARY KEY (user_id, event_id)
+);

@@ -129,10 +129,12 @@ async fn revoke(
     .bind(reason)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SELECT sales.emit('session-revoked', $1)")
-        .bind(serde_json::json!({"userId": user, "sessionId": session, "reason": reason}))
-        .execute(&mut *conn)
-        .await?;
+    crate::users::emit(
+        conn,
+        "session-revoked",
+        serde_json::json!({"userId": user, "sessionId": session, "reason": reason}),
+    )
+    .await?;
     Ok(Change::Session {
         user,
         session: session.to_string(),

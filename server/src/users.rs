@@ -446,17 +446,46 @@ async fn admins_left(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
 
 /// The event a change writes (`sales.emit`, admin channel) in the
 /// transaction that makes it.
-async fn emit(
+/// The event also goes into the user's history (`auth.user_events`) unless
+/// the user is being deleted.
+pub(crate) async fn emit(
     conn: &mut PgConnection,
     kind: &str,
     payload: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT sales.emit($1, $2)")
+    let user = payload.get("userId").and_then(serde_json::Value::as_i64);
+    let id: i64 = sqlx::query_scalar("SELECT sales.emit($1, $2)")
         .bind(kind)
         .bind(payload)
-        .execute(conn)
+        .fetch_one(&mut *conn)
         .await?;
+    if let Some(user) = user.filter(|_| kind != "user-deleted") {
+        sqlx::query("INSERT INTO auth.user_events (user_id, event_id) VALUES ($1, $2)")
+            .bind(user)
+            .bind(id)
+            .execute(conn)
+            .await?;
+    }
     Ok(())
+}
+
+/// A user's history, newest first: the events about them still retained
+/// in `sales.events`, with who made each change (`actorId`).
+pub async fn history<'e>(
+    exec: impl PgExecutor<'e>,
+    user: i64,
+    limit: i64,
+) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT jsonb_build_object('id', e.id, 'event', e.kind, 'actorId', e.actor_id,
+                                   'data', e.payload, 'ts', e.created_at)
+         FROM auth.user_events h JOIN sales.events e ON e.id = h.event_id
+         WHERE h.user_id = $1 ORDER BY h.event_id DESC LIMIT $2",
+    )
+    .bind(user)
+    .bind(limit)
+    .fetch_all(exec)
+    .await
 }
 
 fn doc(u: &User) -> serde_json::Value {

@@ -460,6 +460,40 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
     patch(&w.admin, &staff_path, json!({"disabled": true})).await;
     let (st, body) = login(&w.server, "staff@x.test", PASSWORD).await;
     assert_eq!(st, 403, "{body}");
+
+    // All of it is in the user's history, newest first, with who did it.
+    let history = format!("/api/v2/users/{}/history", w.staff_id);
+    let (st, h) = w.admin.get(&history).await;
+    assert_eq!(st, 200, "{h}");
+    let kinds: Vec<(&str, Option<&str>)> = h["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap(), e["data"]["reason"].as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("user-updated", None),
+            ("user-updated", None),
+            ("user-updated", None),
+            ("session-revoked", Some("logout")),
+            ("session-revoked", Some("reuse")),
+            ("user-updated", None),
+            ("user-created", None),
+        ],
+        "{h}"
+    );
+    let (_, me) = w.admin.get("/api/v2/auth/me").await;
+    assert_eq!(h["data"][0]["actorId"], me["id"], "the admin disabled them");
+    assert_eq!(h["data"][0]["data"]["changed"], json!(["disabled"]));
+    assert_eq!(h["data"][5]["data"]["changed"], json!(["stores"]));
+    assert_eq!(
+        w.manager.get(&history).await.0,
+        200,
+        "staff of the manager's store"
+    );
+    assert_eq!(w.other_manager.get(&history).await.0, 403);
     w.server.stop().await;
 }
 

@@ -136,6 +136,19 @@ pub enum CreatedResponse {
     Created(Json<UserOne>),
 }
 
+#[derive(Object, Debug)]
+pub struct UserHistory {
+    /// Newest first: `{id, event, actorId, data, ts}` (events within EVENT_RETENTION).
+    pub data: Vec<serde_json::Value>,
+}
+
+#[derive(ApiResponse)]
+pub enum HistoryResponse {
+    /// The events about the user.
+    #[oai(status = 200)]
+    Ok(Json<UserHistory>),
+}
+
 #[derive(ApiResponse)]
 pub enum DeletedResponse {
     /// Deleted: the user's sessions are gone and their tokens refused.
@@ -245,6 +258,22 @@ impl UsersApi {
             )));
         }
         Ok(OneResponse::Ok(Json(UserOne { data: doc(&u, who) })))
+    }
+
+    /// A user's history: their creation, changes (what changed, who changed
+    /// it) and ended sessions, newest first. Who may read it: as for the user.
+    #[oai(path = "/api/v2/users/:id/history", method = "get")]
+    async fn history(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        /// Default 100, at most 1000.
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        limit: Query<Option<i64>>,
+    ) -> ApiResult<HistoryResponse> {
+        self.get_one(auth, Path(id.0)).await?;
+        let data = users::history(&self.state.pool, id.0, limit.0.unwrap_or(100)).await?;
+        Ok(HistoryResponse::Ok(Json(UserHistory { data })))
     }
 
     /// Create a user. Duplicate email 409; unknown store 422 naming it; a
