@@ -14,8 +14,6 @@ CREATE TABLE auth.user_state (
     user_id bigint PRIMARY KEY REFERENCES sales.users (id) ON DELETE CASCADE,
     generation bigint NOT NULL DEFAULT 0,
     disabled boolean NOT NULL DEFAULT false,
-    -- The `sub` of an outside identity provider's tokens for this user.
-    external_sub text UNIQUE,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
