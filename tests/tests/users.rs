@@ -698,6 +698,25 @@ async fn revocation_reaches_every_instance_within_a_second() {
     let (st, _) = on_b.get("/api/v2/auth/me").await;
     assert_eq!(st, 401);
 
+    // Counted: four closes on B (4010, 4012, 4014, 4011).
+    let metrics = reqwest::get(b.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("websocket_closed_revoked_total") && l.ends_with(" 4")),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("revoked"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
     // An instance started after the changes refuses the same tokens.
     let c = w.db.server(&[]).await;
     assert_eq!(
