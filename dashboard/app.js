@@ -5,6 +5,10 @@
 // store list; export-progress events drive the export progress bar. When the
 // socket drops, the page shows that it is reconnecting, reconnects with
 // exponential backoff, re-subscribes and resumes from the last event id it saw.
+// Sessions: a short access token and a rotating refresh token; the page
+// refreshes before the access token expires, after a 401 (once) and when the
+// socket is closed because the user's access changed (4012). Admins get a
+// users panel (list, add, disable, delete), kept current by the `admin` channel.
 'use strict';
 
 (() => {
@@ -24,6 +28,12 @@
   const state = {
     token: null,
     user: null,
+    refreshToken: null,
+    tokenExpiresAt: 0,
+    tokenTimer: null,
+    refreshing: null,
+    users: [],
+    usersTimer: null,
     month: currentMonth(),
     topN: 20,
     stores: new Map(), // id -> store document
@@ -119,6 +129,15 @@
     // no-cache: revalidate with the ETag (304) instead of trusting max-age.
     const res = await fetch(path, { cache: 'no-cache', ...options, headers });
     if (res.status === 401 && state.token && !options.noLogout) {
+      if (state.refreshToken && !options.retried) {
+        // The access token expired or was revoked: one refresh, one retry.
+        try {
+          await refreshSession();
+        } catch (_) {
+          throw new ApiError('unauthorized', 401);
+        }
+        return api(path, { ...options, retried: true });
+      }
       logout('Your session has ended; please sign in again.');
       throw new ApiError('unauthorized', 401);
     }
@@ -130,8 +149,59 @@
 
   function saveSession() {
     try {
-      sessionStorage.setItem(SESSION_KEY, JSON.stringify({ token: state.token, user: state.user }));
+      sessionStorage.setItem(SESSION_KEY, JSON.stringify({
+        token: state.token,
+        refreshToken: state.refreshToken,
+        tokenExpiresAt: state.tokenExpiresAt,
+        user: state.user,
+      }));
     } catch (_) { /* storage disabled: keep it in memory only */ }
+  }
+
+  // A login, refresh or password change answer: the new token pair.
+  function adoptSession(body) {
+    state.token = body.token;
+    state.refreshToken = body.refreshToken || null;
+    state.tokenExpiresAt = Date.now() + (Number(body.expiresIn) || 900) * 1000;
+    state.user = body.user;
+    saveSession();
+    scheduleTokenRefresh();
+  }
+
+  // Refreshes a minute before the access token expires.
+  function scheduleTokenRefresh() {
+    clearTimeout(state.tokenTimer);
+    if (!state.refreshToken) return;
+    const wait = Math.max(5000, state.tokenExpiresAt - Date.now() - 60000);
+    state.tokenTimer = setTimeout(() => { refreshSession().catch(() => {}); }, wait);
+  }
+
+  // One refresh at a time: a refresh token is good for one use, so every
+  // caller waits for the same request. A refused refresh ends the session.
+  function refreshSession() {
+    if (state.refreshing) return state.refreshing;
+    const rt = state.refreshToken;
+    if (!rt) return Promise.reject(new ApiError('no session', 401));
+    state.refreshing = (async () => {
+      try {
+        const res = await fetch('/api/v2/auth/refresh', {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+          body: JSON.stringify({ refreshToken: rt }),
+          cache: 'no-store',
+        });
+        if (!res.ok) {
+          const msg = await errorMessage(res);
+          if (state.refreshToken === rt) logout(`Your session has ended (${msg}); please sign in again.`);
+          throw new ApiError(msg, res.status);
+        }
+        adoptSession(await res.json());
+        return state.token;
+      } finally {
+        state.refreshing = null;
+      }
+    })();
+    return state.refreshing;
   }
 
   function loadSession() {
@@ -179,10 +249,7 @@
         password.select();
         return;
       }
-      const body = await res.json();
-      state.token = body.token;
-      state.user = body.user;
-      saveSession();
+      adoptSession(await res.json());
       password.value = '';
       start();
     } catch (e) {
@@ -195,6 +262,21 @@
 
   function logout(message) {
     const ws = state.ws;
+    if (state.refreshToken) {
+      // Ends the session on the server too (every instance refuses its tokens).
+      fetch('/api/v2/auth/logout', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ refreshToken: state.refreshToken }),
+        keepalive: true,
+      }).catch(() => {});
+    }
+    state.refreshToken = null;
+    state.tokenExpiresAt = 0;
+    clearTimeout(state.tokenTimer);
+    clearTimeout(state.usersTimer);
+    state.users = [];
+    $('users-card').hidden = true;
     state.token = null;
     state.user = null;
     state.ws = null;
@@ -231,6 +313,7 @@
     loadStores().then(subscribeAll, () => {});
     loadSummaries();
     connect();
+    startUsers();
   }
 
   // ---------- stores ----------
@@ -451,6 +534,7 @@
 
   function wantedChannels() {
     const ch = ['stores', 'announcements'];
+    if (isAdmin()) ch.push('admin');
     for (const id of state.stores.keys()) ch.push(`sales-data-${id}`);
     return ch;
   }
@@ -467,6 +551,11 @@
     clearInterval(state.countdownTimer);
     state.reconnectTimer = null;
     if (!state.token) return;
+    if (state.refreshToken && state.tokenExpiresAt - Date.now() < 5000) {
+      // An expired token would only be refused at the upgrade.
+      refreshSession().then(connect, () => { if (state.token) scheduleReconnect(); });
+      return;
+    }
     if (state.ws) {
       const old = state.ws;
       state.ws = null;
@@ -520,6 +609,19 @@
       state.ws = null;
       clearInterval(state.pingTimer);
       if (!state.token) return;
+      if (WS_ENDED[e.code]) {
+        logout(WS_ENDED[e.code]);
+        return;
+      }
+      if ((e.code === 4001 || e.code === 4012) && state.refreshToken) {
+        // Token expired, or role/stores changed: a refreshed token has the new scope.
+        refreshSession().then(() => {
+          state.attempt = 0;
+          connect();
+          if (e.code === 4012) { loadStores().then(subscribeAll, () => {}); loadSummaries(); }
+        }, () => { if (state.token) scheduleReconnect(); });
+        return;
+      }
       if (e.code === 4001) {
         logout('Your session has expired; please sign in again.');
         return;
@@ -666,8 +768,141 @@
       case 'export-progress':
         exportProgress(d);
         break;
+      case 'user-created':
+      case 'user-updated':
+      case 'user-deleted':
+      case 'session-revoked':
+        addFeed('other', USER_VERBS[kind], userEventText(kind, d), ts, id);
+        scheduleUsers();
+        break;
       default:
         addFeed('other', kind, '', ts, id);
+    }
+  }
+
+  // ---------- users (admins) ----------
+
+  // Close codes of a revoked token (see docs/websocket.md).
+  const WS_ENDED = {
+    4010: 'Your account has been disabled.',
+    4011: 'Your account has been deleted.',
+    4013: 'Your password was changed; please sign in again.',
+    4014: 'Your session has ended; please sign in again.',
+  };
+
+  const USER_VERBS = {
+    'user-created': 'User added',
+    'user-updated': 'User changed',
+    'user-deleted': 'User deleted',
+    'session-revoked': 'Session ended',
+  };
+
+  function isAdmin() {
+    return !!(state.user && state.user.role === 'admin');
+  }
+
+  function userEventText(kind, d) {
+    if (kind === 'session-revoked') return `user ${d.userId} (${d.reason || 'logout'})`;
+    const what = Array.isArray(d.changed) && d.changed.length
+      ? ` · ${d.changed.map((c) => (c === 'disabled' ? (d.disabled ? 'disabled' : 'enabled') : `${c} changed`)).join(', ')}`
+      : '';
+    return `${d.email || `user ${d.userId}`}${what}`;
+  }
+
+  function startUsers() {
+    $('users-card').hidden = !isAdmin();
+    if (isAdmin()) loadUsers();
+  }
+
+  function scheduleUsers() {
+    if (!isAdmin()) return;
+    clearTimeout(state.usersTimer);
+    state.usersTimer = setTimeout(loadUsers, REFRESH_DEBOUNCE_MS);
+  }
+
+  async function loadUsers() {
+    if (!isAdmin()) return;
+    try {
+      const body = await api('/api/v2/users?limit=1000');
+      state.users = body.data;
+      renderUsers();
+    } catch (e) {
+      $('user-error').textContent = `Users: ${e.message}`;
+    }
+  }
+
+  function renderUsers() {
+    const rows = state.users.map((u) => {
+      const toggle = el('button', {
+        type: 'button',
+        class: 'btn btn-quiet',
+        'data-action': u.disabled ? 'enable' : 'disable',
+        'aria-label': `${u.disabled ? 'Enable' : 'Disable'} ${u.email}`,
+      }, u.disabled ? 'Enable' : 'Disable');
+      toggle.addEventListener('click', () => changeUser(u.id, { disabled: !u.disabled }));
+      const del = el('button', { type: 'button', class: 'btn btn-quiet', 'data-action': 'delete', 'aria-label': `Delete ${u.email}` }, 'Delete');
+      del.addEventListener('click', () => removeUser(u));
+      return el('tr', { 'data-user-id': String(u.id), 'data-disabled': String(u.disabled) },
+        el('td', {}, u.email),
+        el('td', {}, u.role),
+        el('td', {}, u.role === 'admin' ? 'all' : u.stores.join(', ')),
+        el('td', {}, u.disabled ? 'disabled' : 'active'),
+        el('td', { class: 'actions' }, toggle, del));
+    });
+    $('users').querySelector('tbody').replaceChildren(...rows);
+    $('users-count').textContent = `(${state.users.length})`;
+  }
+
+  async function changeUser(id, patch) {
+    $('user-error').textContent = '';
+    try {
+      await api(`/api/v2/users/${id}`, {
+        method: 'PATCH',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify(patch),
+      });
+      loadUsers();
+    } catch (e) {
+      $('user-error').textContent = e.message;
+    }
+  }
+
+  async function removeUser(u) {
+    if (!window.confirm(`Delete ${u.email}? Their sessions end at once.`)) return;
+    $('user-error').textContent = '';
+    try {
+      await api(`/api/v2/users/${u.id}`, { method: 'DELETE', raw: true });
+      loadUsers();
+    } catch (e) {
+      $('user-error').textContent = e.message;
+    }
+  }
+
+  async function addUser(ev) {
+    ev.preventDefault();
+    const err = $('user-error');
+    err.textContent = '';
+    const stores = $('new-user-stores').value.split(/[\s,]+/).filter(Boolean).map(Number);
+    if (stores.some((n) => !Number.isInteger(n) || n <= 0)) {
+      err.textContent = 'Store ids are whole numbers, separated by commas.';
+      $('new-user-stores').focus();
+      return;
+    }
+    try {
+      await api('/api/v2/users', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({
+          email: $('new-user-email').value.trim(),
+          role: $('new-user-role').value,
+          stores,
+          password: $('new-user-password').value,
+        }),
+      });
+      $('user-form').reset();
+      loadUsers();
+    } catch (e) {
+      err.textContent = e.message;
     }
   }
 
@@ -799,6 +1034,7 @@
       $('feed-empty').hidden = false;
     });
     $('export-btn').addEventListener('click', startExport);
+    $('user-form').addEventListener('submit', addUser);
     window.addEventListener('online', () => {
       if (state.token && !state.ws) { state.attempt = 0; connect(); }
     });
@@ -819,12 +1055,20 @@
       dropConnection() {
         if (state.ws) state.ws.close(4999, 'dropped');
       },
+      // Replaces the access token with one the server refuses (the page
+      // must refresh its way back).
+      spoilToken() {
+        state.token = 'not.a.token';
+      },
     };
 
     const saved = loadSession();
     if (saved) {
       state.token = saved.token;
+      state.refreshToken = saved.refreshToken || null;
+      state.tokenExpiresAt = Number(saved.tokenExpiresAt) || 0;
       state.user = saved.user;
+      scheduleTokenRefresh();
       start();
     } else {
       $('email').focus();

@@ -53,10 +53,18 @@ export JWT_SECRET="fuzz-$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
 export CACHE_PREFIX="$db" LOG_LEVEL=warn
 # One client makes every request: the budgets are not what is under test.
 export RATE_LIMIT_PER_MINUTE=10000000 RATE_LIMIT_PER_IP_PER_MINUTE=10000000 LOGIN_ATTEMPTS_PER_MINUTE=10000
+export LOGIN_ATTEMPTS_PER_IP=10000000
+# The one access token must outlive the run.
+export JWT_EXPIRY=24h
 "$SERVER_BIN" migrate >/dev/null
 "$SERVER_BIN" seed --stores 20 --months 6 --seed 7 >/dev/null
+# The fuzzing admin gets an id far from the small ones the fuzzer's users
+# get, so that a generated PATCH or DELETE of /api/v2/users/{id} (which
+# revokes that user's tokens) does not end the run's own token.
+psql -q "$db_url" -c "SELECT setval(pg_get_serial_sequence('sales.users', 'id'), 987654321)" >/dev/null
 password="fuzz-admin-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 echo "$password" | "$SERVER_BIN" user add --email fuzz-admin@pg-sales.local --role admin >/dev/null
+psql -q "$db_url" -c "SELECT setval(pg_get_serial_sequence('sales.users', 'id'), 1, false)" >/dev/null
 
 "$SERVER_BIN" serve >"$log" 2>&1 &
 pid=$!

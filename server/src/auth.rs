@@ -3,11 +3,14 @@
 //! identity provider). The verified claims become a [`Principal`] that every
 //! query is scoped by; HTTP and WebSocket share this code.
 
+use crate::access::Revocations;
 use crate::config::Config;
+use crate::jwks::{self, Jwks};
 use anyhow::Context;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,6 +57,12 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// The user's access generation when the token was issued (see `access`).
+    #[serde(default)]
+    pub gen: i64,
+    /// The session (refresh-token family) the token belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// The caller, as established by a verified token.
@@ -66,6 +75,10 @@ pub struct Principal {
     pub stores: HashSet<i64>,
     /// When the token stops being valid (seconds since the epoch), when it says.
     pub exp: Option<i64>,
+    /// The user's access generation the token was issued at (0 when it says none).
+    pub generation: i64,
+    /// The session the token belongs to, when it was issued for one.
+    pub session: Option<String>,
 }
 
 impl Principal {
@@ -118,16 +131,25 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
+    #[error("token revoked: {}", .0.message())]
+    Revoked(crate::access::Revoked),
 }
+
+/// Clock skew allowed when checking `exp`.
+pub const LEEWAY_SECS: u64 = 5;
 
 pub struct Auth {
     encoding: EncodingKey,
-    hs_decoding: DecodingKey,
+    hs_decoding: Arc<DecodingKey>,
     /// (algorithm, key) for tokens from an outside identity provider.
-    external: Option<(Algorithm, DecodingKey)>,
+    external: Option<(Algorithm, Arc<DecodingKey>)>,
+    /// The provider's key set, for tokens that name their key (`kid`).
+    jwks: Option<Arc<Jwks>>,
     issuer: Option<String>,
     audience: Option<String>,
     expiry_secs: i64,
+    /// Users, sessions and their revocation, checked on every verify.
+    revocations: Arc<Revocations>,
 }
 
 impl Auth {
@@ -139,9 +161,9 @@ impl Auth {
                 let pem = std::fs::read(path)
                     .with_context(|| format!("JWT_PUBLIC_KEY_FILE: reading {path}"))?;
                 if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
-                    Some((Algorithm::RS256, k))
+                    Some((Algorithm::RS256, Arc::new(k)))
                 } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
-                    Some((Algorithm::ES256, k))
+                    Some((Algorithm::ES256, Arc::new(k)))
                 } else {
                     anyhow::bail!(
                         "JWT_PUBLIC_KEY_FILE: {path} is not an RSA or EC public key in PEM form"
@@ -149,18 +171,35 @@ impl Auth {
                 }
             }
         };
+        let jwks = match (&config.jwt_jwks_url, &config.jwt_jwks_file) {
+            (Some(url), _) => Some(jwks::Source::Url(url.clone())),
+            (None, Some(path)) => Some(jwks::Source::File(path.clone())),
+            (None, None) => None,
+        }
+        .map(|source| Arc::new(Jwks::new(source, config.jwt_jwks_refresh)));
         Ok(Self {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
-            hs_decoding: DecodingKey::from_secret(secret.as_bytes()),
+            hs_decoding: Arc::new(DecodingKey::from_secret(secret.as_bytes())),
             external,
+            jwks,
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
             expiry_secs: config.jwt_expiry.as_secs() as i64,
+            revocations: Arc::new(Revocations::default()),
         })
     }
 
     pub fn expiry_secs(&self) -> i64 {
         self.expiry_secs
+    }
+
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The outside provider's key set, when JWT_JWKS_URL or JWT_JWKS_FILE is set.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
     }
 
     /// Issues an HS256 token for a user.
@@ -170,6 +209,19 @@ impl Auth {
         email: &str,
         role: Role,
         stores: Vec<i64>,
+    ) -> anyhow::Result<(String, Claims)> {
+        self.issue_session(user_id, email, role, stores, 0, None)
+    }
+
+    /// Issues an HS256 token for a user's session at their access generation.
+    pub fn issue_session(
+        &self,
+        user_id: i64,
+        email: &str,
+        role: Role,
+        stores: Vec<i64>,
+        gen: i64,
+        sid: Option<String>,
     ) -> anyhow::Result<(String, Claims)> {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
@@ -181,6 +233,8 @@ impl Auth {
             iat: now,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
+            gen,
+            sid,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         Ok((token, claims))
@@ -188,7 +242,7 @@ impl Auth {
 
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut v = Validation::new(alg);
-        v.leeway = 5;
+        v.leeway = LEEWAY_SECS;
         // A configured issuer or audience must be present, not just match when present.
         let mut required = vec!["exp", "sub"];
         if self.issuer.is_some() {
@@ -209,31 +263,62 @@ impl Auth {
         v
     }
 
-    /// Verifies a token and returns the caller. Only HS256 and the configured
-    /// external algorithm are accepted (never `none`).
+    /// Verifies a token and returns the caller. Only HS256 and the outside
+    /// provider's algorithms (a JWKS key the token names by `kid`, or the
+    /// JWT_PUBLIC_KEY_FILE key) are accepted, never `none`.
+    ///
+    /// An outside token's user is the row of `sales.users` with the token's
+    /// email when there is one, else its numeric `sub`; such a user's
+    /// disabling or deletion applies to it. Tokens issued here are also
+    /// refused once the user's access generation or session is revoked.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let key = match (header.alg, &self.external) {
-            (Algorithm::HS256, _) => &self.hs_decoding,
-            (alg, Some((ext, key))) if alg == *ext => key,
-            (alg, _) => {
+        let outside = header.alg != Algorithm::HS256;
+        let key: Arc<DecodingKey> = match (header.alg, &header.kid, &self.jwks, &self.external) {
+            (Algorithm::HS256, ..) => self.hs_decoding.clone(),
+            (alg @ (Algorithm::RS256 | Algorithm::ES256), Some(kid), Some(jwks), _) => {
+                match jwks.key(kid) {
+                    Some((a, k)) if a == alg => k,
+                    Some((a, _)) => {
+                        return Err(AuthError::Invalid(format!(
+                            "key {kid} is for {a:?}, not {alg:?}"
+                        )))
+                    }
+                    None => return Err(AuthError::Invalid(format!("unknown key id {kid}"))),
+                }
+            }
+            (alg, _, _, Some((ext, key))) if alg == *ext => key.clone(),
+            (alg, ..) => {
                 return Err(AuthError::Invalid(format!(
                     "algorithm {alg:?} is not accepted"
                 )))
             }
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation(header.alg))
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation(header.alg))
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let c = data.claims;
-        let user_id: i64 = c
-            .sub
-            .parse()
-            .map_err(|_| AuthError::Invalid("sub must be a numeric user id".into()))?;
-        Ok(Principal {
+        let by_email = outside
+            .then(|| {
+                c.email
+                    .as_deref()
+                    .and_then(|e| self.revocations.user_by_email(e))
+            })
+            .flatten();
+        let user_id: i64 = match by_email {
+            Some(id) => id,
+            None => c.sub.parse().map_err(|_| {
+                AuthError::Invalid(if outside {
+                    "no user here has the token's email, and its sub is not a user id".into()
+                } else {
+                    "sub must be a numeric user id".into()
+                })
+            })?,
+        };
+        let p = Principal {
             user_id,
             email: c.email,
             role: c.role,
@@ -243,7 +328,16 @@ impl Auth {
                 c.stores.into_iter().collect()
             },
             exp: Some(c.exp),
-        })
+            generation: c.gen,
+            session: c.sid,
+        };
+        if outside {
+            self.revocations.check_account(&p)
+        } else {
+            self.revocations.check(&p)
+        }
+        .map_err(AuthError::Revoked)?;
+        Ok(p)
     }
 }
 
@@ -332,6 +426,8 @@ mod tests {
             iat: 0,
             iss: None,
             aud: None,
+            gen: 0,
+            sid: None,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
@@ -378,6 +474,8 @@ mod tests {
             iat: now,
             iss: None,
             aud: None,
+            gen: 0,
+            sid: None,
         };
         for (alg, private, public, key) in [
             (

@@ -1,4 +1,4 @@
-//! Command line: `sales-server [serve|migrate|seed|import|user add|maintain|openapi]`.
+//! Command line: `sales-server [serve|migrate|seed|import|user add|list|disable|enable|set-password|maintain|openapi]`.
 
 use clap::{Args, Parser, Subcommand};
 
@@ -61,6 +61,32 @@ pub struct SeedArgs {
 pub enum UserCommand {
     /// Create a user, or update the one with this email.
     Add(UserAddArgs),
+    /// List users (id, email, role, stores, disabled).
+    List,
+    /// Disable a user: no login, and their tokens and WebSockets are
+    /// refused on every running server within a second.
+    Disable(UserRef),
+    /// Enable a disabled user again.
+    Enable(UserRef),
+    /// Set a user's password (ends every session of the user).
+    SetPassword(UserSetPasswordArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UserRef {
+    /// The user's email.
+    #[arg(long)]
+    pub email: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UserSetPasswordArgs {
+    /// The user's email.
+    #[arg(long)]
+    pub email: String,
+    /// The password; prompted for (or read from stdin) when absent.
+    #[arg(long)]
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Args)]

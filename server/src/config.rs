@@ -44,6 +44,11 @@ pub struct Config {
     pub cache_compress_min: usize,
     pub jwt_secret: Option<String>,
     pub jwt_public_key_file: Option<String>,
+    /// JWKS of an outside identity provider: a URL or a file (not both).
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_jwks_file: Option<String>,
+    /// How often the JWKS is read again.
+    pub jwt_jwks_refresh: Duration,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub jwt_expiry: Duration,
@@ -66,6 +71,11 @@ pub struct Config {
     pub login_attempts_per_minute: u32,
     /// Password hashes computed at once (each takes a blocking thread and ~19 MB).
     pub password_hash_concurrency: usize,
+    /// Failed logins from one IP address (any accounts) before each further
+    /// attempt from it waits longer.
+    pub login_attempts_per_ip: u32,
+    /// How long a session lives without a refresh (refresh tokens).
+    pub refresh_token_ttl: Duration,
     /// WebSocket upgrades per IP per minute.
     pub ws_upgrades_per_minute: u32,
     /// Exports one user may run at once.
@@ -337,6 +347,25 @@ impl Config {
                 return Err(Env::err("JWT_PUBLIC_KEY_FILE", path, "file cannot be read"));
             }
         }
+        let jwt_jwks_url = e.opt("JWT_JWKS_URL");
+        let jwt_jwks_file = e.opt("JWT_JWKS_FILE");
+        if let Some(url) = &jwt_jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(Env::err("JWT_JWKS_URL", url, "must be an http(s) URL"));
+            }
+            if jwt_jwks_file.is_some() {
+                return Err(Env::err(
+                    "JWT_JWKS_URL",
+                    url,
+                    "set JWT_JWKS_URL or JWT_JWKS_FILE, not both",
+                ));
+            }
+        }
+        if let Some(path) = &jwt_jwks_file {
+            if std::fs::metadata(path).is_err() {
+                return Err(Env::err("JWT_JWKS_FILE", path, "file cannot be read"));
+            }
+        }
         Ok(Config {
             database_url,
             database_replica_url,
@@ -376,9 +405,12 @@ impl Config {
             cache_compress_min: e.num("CACHE_COMPRESS_MIN", 1024usize, 0, 1 << 30)?,
             jwt_secret,
             jwt_public_key_file,
+            jwt_jwks_url,
+            jwt_jwks_file,
+            jwt_jwks_refresh: e.duration("JWT_JWKS_REFRESH", s(300), s(1), s(86400))?,
             jwt_issuer: e.opt("JWT_ISSUER"),
             jwt_audience: e.opt("JWT_AUDIENCE"),
-            jwt_expiry: e.duration("JWT_EXPIRY", s(3600), s(60), s(86400 * 30))?,
+            jwt_expiry: e.duration("JWT_EXPIRY", s(900), s(60), s(86400 * 30))?,
             batch_max_records: e.num("BATCH_MAX_RECORDS", 5000usize, 1, 100_000)?,
             body_limit: e.num("BODY_LIMIT", 16usize << 20, 1024, 1 << 30)?,
             rate_limit_per_minute,
@@ -404,6 +436,13 @@ impl Config {
             dev_mode,
             login_attempts_per_minute: e.num("LOGIN_ATTEMPTS_PER_MINUTE", 5u32, 1, 10_000)?,
             password_hash_concurrency: e.num("PASSWORD_HASH_CONCURRENCY", 2usize, 1, 256)?,
+            login_attempts_per_ip: e.num("LOGIN_ATTEMPTS_PER_IP", 20u32, 1, 1_000_000)?,
+            refresh_token_ttl: e.duration(
+                "REFRESH_TOKEN_TTL",
+                s(7 * 86400),
+                s(60),
+                s(365 * 86400),
+            )?,
             ws_upgrades_per_minute: e.num(
                 "WS_UPGRADES_PER_MINUTE",
                 rate_limit_per_minute,

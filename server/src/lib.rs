@@ -1,6 +1,7 @@
 //! sales-server as a library: `main.rs` parses configuration and calls
 //! [`Server::bind`]; tests do the same in-process.
 
+pub mod access;
 pub mod auth;
 pub mod cache;
 pub mod cli;
@@ -9,11 +10,13 @@ pub mod db;
 pub mod events;
 pub mod http;
 pub mod jobs;
+pub mod jwks;
 pub mod listener;
 pub mod logging;
 pub mod maintain;
 pub mod metrics;
 pub mod seed;
+pub mod sessions;
 pub mod state;
 pub mod users;
 pub mod ws;
@@ -53,6 +56,24 @@ impl Server {
             .await
             .context("reading the event log position")?;
         state.hub.set_position(head);
+        // Revocation state as of now; user events past `head` are applied
+        // again by the relay (they only move it forward).
+        state
+            .auth
+            .revocations()
+            .load(&state.pool, state.config.jwt_expiry.as_secs() as i64)
+            .await
+            .context("loading users and revoked sessions")?;
+        if let Some(jwks) = state.auth.jwks() {
+            // A file must be readable at start; a URL may come up later.
+            match jwks.reload().await {
+                Ok(n) => tracing::info!(keys = n, "JWKS read"),
+                Err(e) if state.config.jwt_jwks_file.is_some() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "JWKS not readable yet; retrying")
+                }
+            }
+        }
         let bind = format!("{}:{}", state.config.bind_addr, state.config.port);
         let acceptor = TcpListener::bind(bind.clone())
             .into_acceptor()
@@ -85,6 +106,7 @@ impl Server {
         let relay = events::relay::Relay::spawn(self.state.relay_deps()?);
         let heartbeat = ws::Heartbeat::spawn(self.state.hub.clone());
         let workers = jobs::Workers::spawn(self.state.clone());
+        let jwks = self.state.auth.jwks().map(|j| j.spawn());
         let hub = self.state.hub.clone();
         let shutdown = async move {
             shutdown.await;
@@ -105,6 +127,9 @@ impl Server {
             )
             .await;
         workers.stop().await;
+        if let Some(j) = jwks {
+            j.abort();
+        }
         relay.stop().await;
         served?;
         Ok(())

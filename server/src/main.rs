@@ -102,6 +102,54 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::User(UserCommand::List) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            println!(
+                "{:>6}  {:<32} {:<8} {:<8} stores",
+                "id", "email", "role", "state"
+            );
+            for u in users::list(&pool, None, i64::MAX, 0).await? {
+                println!(
+                    "{:>6}  {:<32} {:<8} {:<8} {}",
+                    u.id,
+                    u.email,
+                    u.role.as_str(),
+                    if u.disabled { "disabled" } else { "enabled" },
+                    u.stores
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+            Ok(())
+        }
+        Command::User(UserCommand::Disable(r)) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let id = users::set_disabled(&pool, &r.email, true).await?;
+            println!("disabled user {} (id {id})", r.email);
+            Ok(())
+        }
+        Command::User(UserCommand::Enable(r)) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let id = users::set_disabled(&pool, &r.email, false).await?;
+            println!("enabled user {} (id {id})", r.email);
+            Ok(())
+        }
+        Command::User(UserCommand::SetPassword(args)) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let password = users::read_password(args.password)?;
+            let id = users::set_password(&pool, &args.email, &password).await?;
+            println!(
+                "password of user {} (id {id}) changed; their sessions ended",
+                args.email
+            );
+            Ok(())
+        }
         Command::Maintain(args) => {
             let pool = db::connect(&config).await?;
             let findings = maintain::report(&pool).await?;

@@ -153,6 +153,8 @@ pub async fn render(state: &AppState) -> String {
         .absolute(n(&ws["closed"]["slowConsumer"]) as u64);
     metrics::counter!("websocket_closed_heartbeat_total")
         .absolute(n(&ws["closed"]["heartbeat"]) as u64);
+    metrics::counter!("websocket_closed_revoked_total")
+        .absolute(n(&ws["closed"]["revoked"]) as u64);
     metrics::counter!("events_relayed_total")
         .absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
     let relayed_to = state.hub.position().id;

@@ -19,6 +19,11 @@ pub struct AppState {
     pub invalidator: Invalidator,
     /// WebSocket fan-out, fed by the event relay.
     pub hub: Arc<crate::ws::Hub>,
+    /// Revocation: the relay's sink in front of the hub (see `ws::revoke`).
+    pub access: Arc<crate::ws::Revoking>,
+    /// Bounds the password hashes computed at once (PASSWORD_HASH_CONCURRENCY):
+    /// each holds a blocking thread and ~19 MB for ~50 ms.
+    pub hashing: tokio::sync::Semaphore,
     /// Streaming replica for reads (DATABASE_REPLICA_URL), when configured.
     pub replica: Option<Replica>,
     pub started: Instant,
@@ -122,6 +127,12 @@ impl AppState {
         let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
             &config,
         )));
+        let access = Arc::new(crate::ws::Revoking {
+            hub: hub.clone(),
+            access: auth.revocations().clone(),
+            token_lifetime: config.jwt_expiry.as_secs() as i64,
+        });
+        let hashing = tokio::sync::Semaphore::new(config.password_hash_concurrency.max(1));
         Arc::new(Self {
             config,
             auth,
@@ -129,6 +140,8 @@ impl AppState {
             cache,
             invalidator,
             hub,
+            access,
+            hashing,
             replica,
             started: Instant::now(),
         })
@@ -164,7 +177,7 @@ impl AppState {
         Ok(crate::events::relay::Deps {
             connect: db::connect_options(&self.config.database_url, &self.config)?,
             connect_timeout: self.config.db_connection_timeout,
-            sink: self.hub.clone(),
+            sink: self.access.clone(),
             invalidator: self.invalidator.clone(),
             lsn_floor: self.replica.as_ref().map(|r| r.min_lsn.clone()),
         })
@@ -178,6 +191,28 @@ impl AppState {
             pool: self.pool.clone(),
             event_retention: self.config.event_retention,
         }
+    }
+}
+
+/// A password hash could not be computed in time (too many at once).
+#[derive(Debug, thiserror::Error)]
+#[error("too many password checks in progress; retry later")]
+pub struct HashingBusy;
+
+impl AppState {
+    /// Runs `f` (an argon2 hash or verification) on a blocking thread, at
+    /// most PASSWORD_HASH_CONCURRENCY at once; waits up to 10 s for a turn.
+    pub async fn with_hashing<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashingBusy> {
+        let _permit = tokio::time::timeout(Duration::from_secs(10), self.hashing.acquire())
+            .await
+            .map_err(|_| HashingBusy)?
+            .map_err(|_| HashingBusy)?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|_| HashingBusy)
     }
 }
 

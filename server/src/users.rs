@@ -1,13 +1,16 @@
 //! Users: argon2 password hashes, roles and store scope.
 
+use crate::access::{Change, Revoked};
+use crate::auth::Role;
 use anyhow::{bail, Context};
 use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
 };
 use argon2::Argon2;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use sqlx::{PgConnection, PgExecutor};
 
-pub const ROLES: &[&str] = &["admin", "manager", "staff"];
 pub const MIN_PASSWORD_LEN: usize = 8;
 
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
@@ -28,7 +31,8 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Creates the user or, when the email exists, updates role, stores and password.
+/// Creates the user or, when the email exists, updates role, stores and
+/// password (an unchanged user is left alone and emits nothing).
 /// Returns (id, created).
 pub async fn upsert_user(
     pool: &PgPool,
@@ -37,55 +41,639 @@ pub async fn upsert_user(
     stores: &[i64],
     password: &str,
 ) -> anyhow::Result<(i64, bool)> {
-    let email = email.trim();
-    if !email.contains('@')
-        || email.starts_with('@')
-        || email.ends_with('@')
-        || email.contains(char::is_whitespace)
-    {
-        bail!("--email: {email:?} is not an email address");
-    }
-    if !ROLES.contains(&role) {
-        bail!("--role: must be one of admin, manager, staff (got {role:?})");
-    }
-    if password.chars().count() < MIN_PASSWORD_LEN {
-        bail!("password: must be at least {MIN_PASSWORD_LEN} characters");
-    }
-    let stores: Vec<i64> = if role == "admin" {
-        vec![]
-    } else {
-        stores.to_vec()
+    let email = check_email(email).map_err(cli_error)?;
+    let role = Role::parse(role).ok_or_else(|| {
+        anyhow::anyhow!("--role: must be one of admin, manager, staff (got {role:?})")
+    })?;
+    check_password(password, &email).map_err(cli_error)?;
+    let mut tx = pool.begin().await?;
+    lock(&mut tx).await?;
+    let existing: Option<(i64, String)> =
+        sqlx::query_as("SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)")
+            .bind(&email)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (id, created, change) = match existing {
+        None => {
+            let hash = hash_password(password)?;
+            let (user, change) = create(
+                &mut tx,
+                NewUser {
+                    email: email.clone(),
+                    role,
+                    stores: stores.to_vec(),
+                    password_hash: hash,
+                    disabled: false,
+                },
+            )
+            .await
+            .map_err(cli_error)?;
+            (user.id, true, Some(change))
+        }
+        Some((id, old_hash)) => {
+            let password_hash = (!verify_password(password, &old_hash))
+                .then(|| hash_password(password))
+                .transpose()?;
+            let (user, change) = update(
+                &mut tx,
+                id,
+                UserPatch {
+                    role: Some(role),
+                    stores: Some(stores.to_vec()),
+                    password_hash,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(cli_error)?;
+            (user.id, false, change)
+        }
     };
-    if role != "admin" && stores.is_empty() {
-        bail!("--store: a {role} needs at least one store");
-    }
-    if !stores.is_empty() {
-        let missing: Vec<i64> = sqlx::query_scalar(
-            "SELECT s FROM unnest($1::bigint[]) s WHERE NOT EXISTS (SELECT 1 FROM sales.stores WHERE id = s)",
-        )
-        .bind(&stores)
-        .fetch_all(pool)
-        .await?;
-        if !missing.is_empty() {
-            bail!("--store: no store with id {missing:?}");
+    tx.commit().await.context("saving the user")?;
+    // Running servers apply the change from its event (the relay).
+    drop(change);
+    Ok((id, created))
+}
+
+/// `user disable` / `user enable`: returns the user's id.
+pub async fn set_disabled(pool: &PgPool, email: &str, disabled: bool) -> anyhow::Result<i64> {
+    cli_patch(
+        pool,
+        email,
+        UserPatch {
+            disabled: Some(disabled),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// `user set-password`: returns the user's id.
+pub async fn set_password(pool: &PgPool, email: &str, password: &str) -> anyhow::Result<i64> {
+    check_password(password, email).map_err(cli_error)?;
+    let hash = hash_password(password)?;
+    cli_patch(
+        pool,
+        email,
+        UserPatch {
+            password_hash: Some(hash),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn cli_patch(pool: &PgPool, email: &str, patch: UserPatch) -> anyhow::Result<i64> {
+    let mut tx = pool.begin().await?;
+    lock(&mut tx).await?;
+    let user = get_by_email(&mut *tx, email)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("--email: no user {email}"))?;
+    update(&mut tx, user.id, patch).await.map_err(cli_error)?;
+    tx.commit().await?;
+    Ok(user.id)
+}
+
+fn cli_error(e: UserError) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.cli_message())
+}
+
+/// A user as stored (`sales.users` with its `auth.user_state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub role: Role,
+    /// Empty for admins (who see every store).
+    pub stores: Vec<i64>,
+    pub disabled: bool,
+    /// Moves with every change; access tokens of older generations are refused.
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Why a user change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("stores: no store with id {0:?}")]
+    UnknownStores(Vec<i64>),
+    #[error("a user with email {0} already exists")]
+    Duplicate(String),
+    #[error("{0}")]
+    LastAdmin(String),
+    #[error("no user {0}")]
+    NotFound(i64),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+impl UserError {
+    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        UserError::Invalid {
+            field,
+            reason: reason.into(),
         }
     }
-    let hash = hash_password(password)?;
-    let row: (i64, bool) = sqlx::query_as(
-        "INSERT INTO sales.users (email, password_hash, role, store_ids) VALUES ($1, $2, $3, $4)
-         ON CONFLICT ((lower(email))) DO UPDATE
-             SET password_hash = EXCLUDED.password_hash, role = EXCLUDED.role,
-                 store_ids = EXCLUDED.store_ids, updated_at = now()
-         RETURNING id, (xmax = 0)",
+
+    /// For the command line, whose flags are spelled `--email`, `--store`...
+    pub fn cli_message(&self) -> String {
+        match self {
+            UserError::Invalid { field, reason } => {
+                let flag = match *field {
+                    "stores" => "store",
+                    "password" | "newPassword" => "password",
+                    f => f,
+                };
+                format!("--{flag}: {reason}")
+            }
+            UserError::UnknownStores(s) => format!("--store: no store with id {s:?}"),
+            e => e.to_string(),
+        }
+    }
+}
+
+/// Trims and checks an email address; returns it as given (case kept).
+pub fn check_email(email: &str) -> Result<String, UserError> {
+    let email = email.trim();
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err(UserError::invalid(
+            "email",
+            format!("{email:?} is not an email address"),
+        ));
+    };
+    if local.is_empty()
+        || domain.is_empty()
+        || domain.contains('@')
+        || email.chars().any(|c| c.is_whitespace() || c.is_control())
+        || email.len() > 320
+    {
+        return Err(UserError::invalid(
+            "email",
+            format!("{email:?} is not an email address"),
+        ));
+    }
+    Ok(email.to_string())
+}
+
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// Passwords refused whatever their length: the most common ones in
+/// published breach lists (NIST SP 800-63B asks to refuse such values).
+const COMMON_PASSWORDS: &[&str] = &[
+    "password",
+    "password1",
+    "password12",
+    "password123",
+    "password1234",
+    "12345678",
+    "123456789",
+    "1234567890",
+    "11111111",
+    "00000000",
+    "qwertyui",
+    "qwerty123",
+    "qwertyuiop",
+    "iloveyou",
+    "sunshine",
+    "princess",
+    "football",
+    "baseball",
+    "welcome1",
+    "welcome123",
+    "letmein1",
+    "abc12345",
+    "abcd1234",
+    "admin123",
+    "administrator",
+    "passw0rd",
+    "p@ssw0rd",
+    "changeme",
+    "trustno1",
+    "1q2w3e4r",
+    "zaq12wsx",
+    "superman",
+    "starwars",
+    "whatever",
+];
+
+/// Why a password is too weak, if it is: at least MIN_PASSWORD_LEN
+/// characters, at most MAX_PASSWORD_LEN bytes, at least 4 different
+/// characters, not a common password, not the email or its name part.
+pub fn password_weakness(password: &str, email: &str) -> Option<String> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_LEN {
+        return Some(format!("must be at least {MIN_PASSWORD_LEN} characters"));
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Some(format!("must be at most {MAX_PASSWORD_LEN} bytes"));
+    }
+    let distinct: std::collections::HashSet<char> = password.chars().collect();
+    if distinct.len() < 4 {
+        return Some("must use at least 4 different characters".into());
+    }
+    let lower = password.to_lowercase();
+    if COMMON_PASSWORDS.contains(&lower.as_str()) {
+        return Some("is one of the most common passwords".into());
+    }
+    let email = email.trim().to_lowercase();
+    let name = email.split('@').next().unwrap_or("");
+    if lower == email || (name.len() >= 4 && lower == name) {
+        return Some("must not be the email address".into());
+    }
+    None
+}
+
+pub fn check_password(password: &str, email: &str) -> Result<(), UserError> {
+    check_password_field("password", password, email)
+}
+
+pub fn check_password_field(
+    field: &'static str,
+    password: &str,
+    email: &str,
+) -> Result<(), UserError> {
+    match password_weakness(password, email) {
+        Some(why) => Err(UserError::invalid(field, why)),
+        None => Ok(()),
+    }
+}
+
+/// A user to create; the password is already hashed.
+pub struct NewUser {
+    pub email: String,
+    pub role: Role,
+    pub stores: Vec<i64>,
+    pub password_hash: String,
+    pub disabled: bool,
+}
+
+/// What to change; `None` leaves a field as it is.
+#[derive(Default)]
+pub struct UserPatch {
+    pub email: Option<String>,
+    pub role: Option<Role>,
+    pub stores: Option<Vec<i64>>,
+    pub disabled: Option<bool>,
+    pub password_hash: Option<String>,
+}
+
+/// Serialises user changes (the last-admin rule reads every admin).
+pub async fn lock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('pg_sales.users'))")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+const SELECT_USER: &str =
+    "SELECT u.id, u.email, u.role, u.store_ids, coalesce(s.disabled, false), \
+     coalesce(s.generation, 0), u.created_at, u.updated_at \
+     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id";
+
+type UserRow = (
+    i64,
+    String,
+    String,
+    Vec<i64>,
+    bool,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+fn from_row(r: UserRow) -> User {
+    let role = Role::parse(&r.2).unwrap_or(Role::Staff);
+    User {
+        id: r.0,
+        email: r.1,
+        role,
+        stores: if role == Role::Admin { vec![] } else { r.3 },
+        disabled: r.4,
+        generation: r.5,
+        created_at: r.6,
+        updated_at: r.7,
+    }
+}
+
+pub async fn get<'e>(exec: impl PgExecutor<'e>, id: i64) -> Result<Option<User>, sqlx::Error> {
+    let row: Option<UserRow> = sqlx::query_as(&format!("{SELECT_USER} WHERE u.id = $1"))
+        .bind(id)
+        .fetch_optional(exec)
+        .await?;
+    Ok(row.map(from_row))
+}
+
+pub async fn get_by_email<'e>(
+    exec: impl PgExecutor<'e>,
+    email: &str,
+) -> Result<Option<User>, sqlx::Error> {
+    let row: Option<UserRow> =
+        sqlx::query_as(&format!("{SELECT_USER} WHERE lower(u.email) = lower($1)"))
+            .bind(email.trim())
+            .fetch_optional(exec)
+            .await?;
+    Ok(row.map(from_row))
+}
+
+/// Users by id; `staff_of` keeps only staff with a store among those.
+pub async fn list<'e>(
+    exec: impl PgExecutor<'e>,
+    staff_of: Option<&[i64]>,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<User>, sqlx::Error> {
+    let rows: Vec<UserRow> = sqlx::query_as(&format!(
+        "{SELECT_USER} WHERE $1::bigint[] IS NULL OR (u.role = 'staff' AND u.store_ids && $1)
+         ORDER BY u.id LIMIT $2 OFFSET $3"
+    ))
+    .bind(staff_of)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(exec)
+    .await?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// The stores of a non-admin: at least one, each existing.
+async fn check_stores(
+    conn: &mut PgConnection,
+    role: Role,
+    stores: &[i64],
+) -> Result<Vec<i64>, UserError> {
+    if role == Role::Admin {
+        return Ok(vec![]);
+    }
+    let mut stores = stores.to_vec();
+    stores.sort_unstable();
+    stores.dedup();
+    if stores.is_empty() {
+        return Err(UserError::invalid(
+            "stores",
+            format!("a {} needs at least one store", role.as_str()),
+        ));
+    }
+    let missing: Vec<i64> = sqlx::query_scalar(
+        "SELECT s FROM unnest($1::bigint[]) s WHERE NOT EXISTS (SELECT 1 FROM sales.stores WHERE id = s) ORDER BY s",
     )
-    .bind(email)
-    .bind(&hash)
-    .bind(role)
     .bind(&stores)
-    .fetch_one(pool)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !missing.is_empty() {
+        return Err(UserError::UnknownStores(missing));
+    }
+    Ok(stores)
+}
+
+fn duplicate(e: sqlx::Error, email: &str) -> UserError {
+    match e.as_database_error().and_then(|d| d.code()).as_deref() {
+        Some("23505") => UserError::Duplicate(email.to_string()),
+        _ => UserError::Db(e),
+    }
+}
+
+/// Enabled admins left.
+async fn admins_left(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+         WHERE u.role = 'admin' AND NOT coalesce(s.disabled, false)",
+    )
+    .fetch_one(conn)
     .await
-    .context("saving the user")?;
-    Ok(row)
+}
+
+/// The event a change writes (`sales.emit`, admin channel) in the
+/// transaction that makes it.
+/// The event also goes into the user's history (`auth.user_events`) unless
+/// the user is being deleted.
+pub(crate) async fn emit(
+    conn: &mut PgConnection,
+    kind: &str,
+    payload: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    let user = payload.get("userId").and_then(serde_json::Value::as_i64);
+    let id: i64 = sqlx::query_scalar("SELECT sales.emit($1, $2)")
+        .bind(kind)
+        .bind(payload)
+        .fetch_one(&mut *conn)
+        .await?;
+    if let Some(user) = user.filter(|_| kind != "user-deleted") {
+        sqlx::query("INSERT INTO auth.user_events (user_id, event_id) VALUES ($1, $2)")
+            .bind(user)
+            .bind(id)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A user's history, newest first: the events about them still retained
+/// in `sales.events`, with who made each change (`actorId`).
+pub async fn history<'e>(
+    exec: impl PgExecutor<'e>,
+    user: i64,
+    limit: i64,
+) -> Result<Vec<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT jsonb_build_object('id', e.id, 'event', e.kind, 'actorId', e.actor_id,
+                                   'data', e.payload, 'ts', e.created_at)
+         FROM auth.user_events h JOIN sales.events e ON e.id = h.event_id
+         WHERE h.user_id = $1 ORDER BY h.event_id DESC LIMIT $2",
+    )
+    .bind(user)
+    .bind(limit)
+    .fetch_all(exec)
+    .await
+}
+
+fn doc(u: &User) -> serde_json::Value {
+    serde_json::json!({
+        "userId": u.id, "email": u.email, "role": u.role.as_str(), "stores": u.stores,
+        "disabled": u.disabled, "generation": u.generation,
+    })
+}
+
+/// Creates a user in the caller's transaction (which must hold [`lock`]);
+/// writes `user-created`.
+pub async fn create(conn: &mut PgConnection, new: NewUser) -> Result<(User, Change), UserError> {
+    let email = check_email(&new.email)?;
+    let stores = check_stores(conn, new.role, &new.stores).await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, password_hash, role, store_ids) VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(&email)
+    .bind(&new.password_hash)
+    .bind(new.role.as_str())
+    .bind(&stores)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| duplicate(e, &email))?;
+    sqlx::query("INSERT INTO auth.user_state (user_id, disabled) VALUES ($1, $2)")
+        .bind(id)
+        .bind(new.disabled)
+        .execute(&mut *conn)
+        .await?;
+    let user = get(&mut *conn, id).await?.ok_or(UserError::NotFound(id))?;
+    let mut payload = doc(&user);
+    payload["revoke"] = "access".into();
+    emit(conn, "user-created", payload).await?;
+    let change = change_of(&user, Revoked::AccessChanged);
+    Ok((user, change))
+}
+
+fn change_of(u: &User, why: Revoked) -> Change {
+    Change::User {
+        id: u.id,
+        email: u.email.to_lowercase(),
+        generation: u.generation,
+        disabled: u.disabled,
+        why,
+    }
+}
+
+/// Changes a user in the caller's transaction (which must hold [`lock`]):
+/// moves the generation (revoking the user's access tokens) and writes
+/// `user-updated`, unless nothing changes. Refuses to leave no enabled admin.
+pub async fn update(
+    conn: &mut PgConnection,
+    id: i64,
+    patch: UserPatch,
+) -> Result<(User, Option<Change>), UserError> {
+    let old = get(&mut *conn, id).await?.ok_or(UserError::NotFound(id))?;
+    let email = match &patch.email {
+        Some(e) => check_email(e)?,
+        None => old.email.clone(),
+    };
+    let role = patch.role.unwrap_or(old.role);
+    let stores = match (&patch.stores, patch.role) {
+        (Some(s), _) => check_stores(conn, role, s).await?,
+        // A role change keeps the stores (an admin becoming a manager must be given some).
+        (None, Some(_)) => check_stores(conn, role, &old.stores).await?,
+        (None, None) => old.stores.clone(),
+    };
+    let disabled = patch.disabled.unwrap_or(old.disabled);
+    let mut changed = Vec::new();
+    if email != old.email {
+        changed.push("email");
+    }
+    if role != old.role {
+        changed.push("role");
+    }
+    if stores != old.stores {
+        changed.push("stores");
+    }
+    if disabled != old.disabled {
+        changed.push("disabled");
+    }
+    if patch.password_hash.is_some() {
+        changed.push("password");
+    }
+    if changed.is_empty() {
+        return Ok((old, None));
+    }
+    sqlx::query(
+        "UPDATE sales.users SET email = $2, role = $3, store_ids = $4,
+                password_hash = coalesce($5, password_hash), updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&email)
+    .bind(role.as_str())
+    .bind(&stores)
+    .bind(&patch.password_hash)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| duplicate(e, &email))?;
+    sqlx::query(
+        "INSERT INTO auth.user_state (user_id, generation, disabled) VALUES ($1, 1, $2)
+         ON CONFLICT (user_id) DO UPDATE
+             SET generation = auth.user_state.generation + 1, disabled = EXCLUDED.disabled,
+                 updated_at = now()",
+    )
+    .bind(id)
+    .bind(disabled)
+    .execute(&mut *conn)
+    .await?;
+    if old.role == Role::Admin
+        && !old.disabled
+        && (role != Role::Admin || disabled)
+        && admins_left(conn).await? == 0
+    {
+        return Err(UserError::LastAdmin(format!(
+            "user {id} is the last enabled admin; make another admin first"
+        )));
+    }
+    if patch.password_hash.is_some() || (disabled && !old.disabled) {
+        // Every session of the user ends with a password change or when the
+        // user is disabled (enabling them again does not bring one back).
+        sqlx::query(
+            "UPDATE auth.sessions SET revoked_at = now(), revoked_reason = $2
+             WHERE user_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(if patch.password_hash.is_some() {
+            "password"
+        } else {
+            "admin"
+        })
+        .execute(&mut *conn)
+        .await?;
+    }
+    let user = get(&mut *conn, id).await?.ok_or(UserError::NotFound(id))?;
+    let why = if disabled {
+        Revoked::Disabled
+    } else if changed.contains(&"password") {
+        Revoked::PasswordChanged
+    } else {
+        Revoked::AccessChanged
+    };
+    let mut payload = doc(&user);
+    payload["changed"] = serde_json::json!(changed);
+    payload["revoke"] = match why {
+        Revoked::Disabled => "disabled",
+        Revoked::PasswordChanged => "password",
+        _ => "access",
+    }
+    .into();
+    emit(conn, "user-updated", payload).await?;
+    Ok((user.clone(), Some(change_of(&user, why))))
+}
+
+/// Deletes a user in the caller's transaction (which must hold [`lock`]):
+/// their sessions and state go with them (foreign keys), a tombstone
+/// keeps their tokens refused, `user-deleted` is written.
+pub async fn delete(
+    conn: &mut PgConnection,
+    id: i64,
+    token_lifetime: i64,
+) -> Result<(User, Change), UserError> {
+    let old = get(&mut *conn, id).await?.ok_or(UserError::NotFound(id))?;
+    sqlx::query("DELETE FROM sales.users WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    if old.role == Role::Admin && !old.disabled && admins_left(conn).await? == 0 {
+        return Err(UserError::LastAdmin(format!(
+            "user {id} is the last enabled admin; make another admin first"
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO auth.deleted_users (user_id) VALUES ($1)
+         ON CONFLICT (user_id) DO UPDATE SET deleted_at = now()",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    emit(
+        conn,
+        "user-deleted",
+        serde_json::json!({"userId": id, "email": old.email, "role": old.role.as_str()}),
+    )
+    .await?;
+    let until = Utc::now().timestamp() + token_lifetime + crate::auth::LEEWAY_SECS as i64;
+    Ok((old, Change::Deleted { id, until }))
 }
 
 /// The password for `user add`: the flag, else a prompt on a terminal, else one line of stdin.
@@ -119,5 +707,25 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong horse", &h));
         assert!(!verify_password("x", "not a hash"));
+    }
+
+    #[test]
+    fn weak_passwords_say_why() {
+        let w = |p: &str| password_weakness(p, "jane.doe@example.com");
+        assert!(w("short1").unwrap().contains("at least 8"));
+        assert!(w("aaaaaaaaaaaa").unwrap().contains("different"));
+        assert!(w("Password123").unwrap().contains("common"));
+        assert!(w("jane.doe@example.com").unwrap().contains("email"));
+        assert!(w(&"ab1!".repeat(300)).unwrap().contains("at most"));
+        assert_eq!(w("password-123"), None);
+        assert_eq!(w("correct horse battery"), None);
+    }
+
+    #[test]
+    fn emails() {
+        assert_eq!(check_email(" a@b.io ").unwrap(), "a@b.io");
+        for bad in ["", "a", "@b", "a@", "a@b@c", "a b@c.io", "a@b\n.io"] {
+            assert!(check_email(bad).is_err(), "{bad}");
+        }
     }
 }

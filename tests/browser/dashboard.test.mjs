@@ -235,6 +235,47 @@ async function main() {
       log('export: skipped (the server has no /api/v2/sales/export yet)');
     }
 
+    // ---- sessions: the page refreshes its way past a refused access token ----
+    const before401 = await page.evaluate(() => ({ ...window.pgSalesDashboard.state }));
+    assert.ok(before401.refreshToken, 'the login kept a refresh token');
+    await page.evaluate(() => window.pgSalesDashboard.spoilToken());
+    await page.fill('#month', now.ym);
+    await page.dispatchEvent('#month', 'change');
+    await page.waitForFunction((rt) => {
+      const s = window.pgSalesDashboard.state;
+      return s.token !== 'not.a.token' && s.refreshToken && s.refreshToken !== rt;
+    }, before401.refreshToken);
+    assert.equal(await page.locator('#dashboard-view').isVisible(), true, 'still signed in');
+    log('401 -> refresh -> retried; the refresh token rotated');
+
+    // ---- users (admins): add one, disable it, the admin channel keeps the table current ----
+    await page.locator('#users-card').waitFor({ state: 'visible' });
+    await page.locator('#users tbody tr').first().waitFor();
+    const storeId = before[0].storeId;
+    await page.getByLabel("New user's e-mail").fill('browser-staff@example.com');
+    await page.selectOption('#new-user-role', 'staff');
+    await page.getByLabel('Store ids').fill(String(storeId));
+    await page.getByLabel('Initial passphrase').fill('short');
+    await page.getByRole('button', { name: 'Add user' }).click();
+    await page.locator('#user-error').filter({ hasText: /at least 8/ }).waitFor();
+    await page.getByLabel('Initial passphrase').fill('browser-staff-pass-1');
+    await page.getByRole('button', { name: 'Add user' }).click();
+    const row = page.locator('#users tbody tr').filter({ hasText: 'browser-staff@example.com' });
+    await row.waitFor();
+    const staffLogin = await api('POST', '/api/v2/auth/login', null, { email: 'browser-staff@example.com', password: 'browser-staff-pass-1' });
+    assert.equal(staffLogin.status, 200, staffLogin.text);
+    await page.getByRole('button', { name: 'Disable browser-staff@example.com' }).click();
+    await page.locator('#users tbody tr[data-disabled="true"]').filter({ hasText: 'browser-staff@example.com' }).waitFor();
+    const refused = await api('GET', '/api/v2/auth/me', staffLogin.json.token);
+    assert.equal(refused.status, 401, 'the disabled user\'s token is refused');
+    // A change made elsewhere reaches the table through the admin channel.
+    const staffId = staffLogin.json.user.id;
+    const enabled = await api('PATCH', `/api/v2/users/${staffId}`, token, { disabled: false });
+    assert.equal(enabled.status, 200, enabled.text);
+    await page.locator('#users tbody tr[data-disabled="false"]').filter({ hasText: 'browser-staff@example.com' }).waitFor();
+    await page.locator('#feed li').filter({ hasText: /User changed/ }).first().waitFor();
+    log('users: added (weak passphrase refused first), disabled from the page, enabled elsewhere and shown live');
+
     // ---- screenshots: laptop, then phone width ----
     await page.waitForTimeout(1600); // let the update highlight fade
     await page.screenshot({ path: path.join(OUT, 'dashboard.png'), fullPage: true });
@@ -247,9 +288,20 @@ async function main() {
 
     // ---- log out clears the session ----
     await page.setViewportSize({ width: 1280, height: 900 });
+    const lastRefresh = await page.evaluate(() => window.pgSalesDashboard.state.refreshToken);
     await page.getByRole('button', { name: 'Log out' }).click();
     await page.locator('#login-view').waitFor({ state: 'visible' });
     assert.equal(await page.evaluate(() => sessionStorage.getItem('pg_sales.session')), null);
+    // Logging out ended the session on the server: its refresh token is refused.
+    let after = null;
+    for (let i = 0; i < 100; i++) {
+      after = await api('POST', '/api/v2/auth/refresh', null, { refreshToken: lastRefresh });
+      if (after.status === 401) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(after.status, 401, after.text);
+    // "ended" (the logout revoked it), not "already used" (a reuse would say so).
+    assert.match(after.json.error.message, /session has ended/, after.text);
 
     const real = problems.filter((p) => !/WebSocket|ERR_INTERNET_DISCONNECTED|Failed to load resource/.test(p));
     assert.deepEqual(real, [], 'errors in the page');

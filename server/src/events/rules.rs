@@ -73,6 +73,7 @@ impl Event {
             },
             Kind::Announcement => vec![(Channel(self::Channel::Announcements), Variant::Full)],
             Kind::ImportCompleted => vec![(Channel(self::Channel::Batch), Variant::Full)],
+            k if k.is_user() => vec![(Channel(self::Channel::Admin), Variant::Full)],
             Kind::BatchCompleted => {
                 // The batch's author gets it on their own channel; admins may
                 // follow every batch.
@@ -166,6 +167,26 @@ mod tests {
         );
         assert!(e.cache_tags().is_empty());
         assert!(crate::events::vocab::IMPLICIT.contains(&"import-progress"));
+    }
+
+    #[test]
+    fn user_changes_go_to_the_admin_channel() {
+        for kind in [
+            "user-created",
+            "user-updated",
+            "user-deleted",
+            "session-revoked",
+        ] {
+            let e = ev(kind, None, json!({"userId": 4}));
+            assert_eq!(
+                e.deliveries(),
+                vec![(Recipient::Channel(Channel::Admin), Variant::Full)],
+                "{kind}"
+            );
+            assert!(e.cache_tags().is_empty());
+        }
+        assert!(Channel::Admin.allowed(true, |_| true));
+        assert!(!Channel::Admin.allowed(false, |_| true));
     }
 
     #[test]

@@ -24,6 +24,12 @@ pub enum Kind {
     /// An import or asynchronous batch ended (`jobs`): to the user who queued
     /// it; one queued from the command line to the admins' `batch` channel.
     ImportCompleted,
+    // Users and sessions (audit, and revocation on every instance): to the
+    // admins' `admin` channel.
+    UserCreated,
+    UserUpdated,
+    UserDeleted,
+    SessionRevoked,
     /// A kind this server does not know; relayed to nobody.
     Other,
 }
@@ -42,6 +48,10 @@ impl Kind {
             "system-announcement" => Kind::Announcement,
             "user-notification" => Kind::UserNotification,
             "import-completed" => Kind::ImportCompleted,
+            "user-created" => Kind::UserCreated,
+            "user-updated" => Kind::UserUpdated,
+            "user-deleted" => Kind::UserDeleted,
+            "session-revoked" => Kind::SessionRevoked,
             _ => Kind::Other,
         }
     }
@@ -50,6 +60,14 @@ impl Kind {
         matches!(
             self,
             Kind::SalesCreated | Kind::SalesUpdated | Kind::SalesDeleted
+        )
+    }
+
+    /// User and session changes: they revoke access (see `crate::access`).
+    pub fn is_user(self) -> bool {
+        matches!(
+            self,
+            Kind::UserCreated | Kind::UserUpdated | Kind::UserDeleted | Kind::SessionRevoked
         )
     }
 
@@ -74,6 +92,8 @@ pub enum Channel {
     Announcements,
     /// `batch`: every batch-completed event (admins only).
     Batch,
+    /// `admin`: user and session changes, the audit trail (admins only).
+    Admin,
 }
 
 /// Names of the implicit channels; subscribing to them is acknowledged and changes nothing.
@@ -92,6 +112,7 @@ impl Channel {
             "stores" => Some(Channel::Stores),
             "announcements" => Some(Channel::Announcements),
             "batch" => Some(Channel::Batch),
+            "admin" => Some(Channel::Admin),
             _ => {
                 let id = name.strip_prefix("sales-data-")?;
                 if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -108,6 +129,7 @@ impl Channel {
             Channel::Stores => "stores".into(),
             Channel::Announcements => "announcements".into(),
             Channel::Batch => "batch".into(),
+            Channel::Admin => "admin".into(),
         }
     }
 
@@ -115,7 +137,7 @@ impl Channel {
     pub fn allowed(&self, is_admin: bool, can_access_store: impl Fn(i64) -> bool) -> bool {
         match *self {
             Channel::Sales(s) => can_access_store(s),
-            Channel::Batch => is_admin,
+            Channel::Batch | Channel::Admin => is_admin,
             Channel::Stores | Channel::Announcements => true,
         }
     }

@@ -178,6 +178,18 @@ impl ApiError {
         )
     }
 
+    /// Too many failed logins from one client address.
+    pub fn too_many_logins_from_address(retry_after: u64) -> Self {
+        ApiError::TooManyRequests(
+            ErrorBody::new(
+                "login_throttled",
+                format!("too many failed logins from this address; retry after {retry_after} s"),
+                Some(serde_json::json!({"retryAfter": retry_after})),
+            ),
+            retry_after,
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::Unavailable(ErrorBody::new("unavailable", message, None))
     }

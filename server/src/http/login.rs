@@ -1,27 +1,33 @@
-//! `POST /api/v2/auth/login`: email + password -> JWT.
+//! `/api/v2/auth`: login (email + password -> a short access token and a
+//! refresh token), refresh, logout, the caller's own account (`me`) and
+//! password change.
 
 use super::error::{ApiError, ApiResult};
+use super::security::BearerAuth;
 use super::ApiTags;
-use crate::auth::Role;
 use crate::state::AppState;
 use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 pub struct LoginApi {
     pub state: Arc<AppState>,
+    /// Failed logins per account (by email, known or not).
     guard: LoginGuard,
+    /// Failed logins per client address, whatever the accounts.
+    ip_guard: LoginGuard,
 }
 
 impl LoginApi {
     pub fn new(state: Arc<AppState>) -> Self {
-        let guard = LoginGuard::new(
-            state.config.login_attempts_per_minute,
-            state.config.password_hash_concurrency,
-        );
-        Self { state, guard }
+        let guard = LoginGuard::new(state.config.login_attempts_per_minute);
+        let ip_guard = LoginGuard::new(state.config.login_attempts_per_ip);
+        Self {
+            state,
+            guard,
+            ip_guard,
+        }
     }
 }
 
@@ -34,13 +40,13 @@ struct Failures {
     last: Instant,
 }
 
-/// Per-account throttling with a growing delay, and a bound on the number
-/// of password hashes computed at once (each holds a blocking thread and
-/// ~19 MB for ~50 ms): guessing costs the guesser time, not the server memory.
+/// Throttling with a growing delay, by key (an account, or a client
+/// address): guessing costs the guesser time. The number of password hashes
+/// computed at once is bounded separately (`AppState::with_hashing`), so it
+/// costs the server no more memory either.
 pub struct LoginGuard {
     free: u32,
     accounts: Mutex<HashMap<String, Failures>>,
-    hashing: Semaphore,
 }
 
 /// The longest wait between two attempts on one account.
@@ -49,11 +55,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
 const MAX_TRACKED: usize = 100_000;
 
 impl LoginGuard {
-    pub fn new(free: u32, hash_concurrency: usize) -> Self {
+    pub fn new(free: u32) -> Self {
         Self {
             free: free.max(1),
             accounts: Mutex::new(HashMap::new()),
-            hashing: Semaphore::new(hash_concurrency.max(1)),
         }
     }
 
@@ -123,11 +128,18 @@ pub struct UserInfo {
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
 pub struct LoginResponseBody {
+    /// The access token (a JWT) for `Authorization: Bearer`.
     pub token: String,
     /// Always `Bearer`.
     pub token_type: String,
-    /// Seconds until the token expires.
+    /// Seconds until the access token expires (JWT_EXPIRY).
     pub expires_in: i64,
+    /// Exchanged for a new pair at `POST /api/v2/auth/refresh`; usable once.
+    pub refresh_token: String,
+    /// Seconds the session lasts without a refresh (REFRESH_TOKEN_TTL).
+    pub refresh_expires_in: i64,
+    /// The session (refresh-token family) id.
+    pub session_id: String,
     pub user: UserInfo,
 }
 
@@ -138,59 +150,297 @@ pub enum LoginResponse {
     Ok(Json<LoginResponseBody>),
 }
 
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct RefreshRequest {
+    #[oai(validator(min_length = 1, max_length = 256))]
+    pub refresh_token: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct PasswordChange {
+    #[oai(validator(max_length = 1024))]
+    pub current_password: String,
+    /// At least 8 characters and 4 different ones, not a common password,
+    /// not the email address.
+    #[oai(validator(max_length = 1024))]
+    pub new_password: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct Me {
+    pub id: i64,
+    pub email: Option<String>,
+    /// admin, manager or staff.
+    pub role: String,
+    /// Stores a non-admin may see (empty for admins: all).
+    pub stores: Vec<i64>,
+    /// Whether `sales.users` has this user (tokens of an outside identity
+    /// provider may name users it does not have).
+    pub registered: bool,
+    /// The session of the token, when it belongs to one.
+    pub session_id: Option<String>,
+    /// When the token expires (seconds since the epoch).
+    pub expires_at: Option<i64>,
+}
+
+#[derive(ApiResponse)]
+pub enum MeResponse {
+    /// The caller.
+    #[oai(status = 200)]
+    Ok(Json<Me>),
+}
+
+#[derive(ApiResponse)]
+pub enum LoggedOut {
+    /// The session is over: its refresh token and access tokens are refused.
+    #[oai(status = 204)]
+    Done,
+}
+
+fn answer(issued: crate::sessions::Issued, u: &crate::users::User) -> LoginResponse {
+    LoginResponse::Ok(Json(LoginResponseBody {
+        token: issued.access_token,
+        token_type: "Bearer".into(),
+        expires_in: issued.expires_in,
+        refresh_token: issued.refresh_token,
+        refresh_expires_in: issued.refresh_expires_in,
+        session_id: issued.session,
+        user: UserInfo {
+            id: u.id,
+            email: u.email.clone(),
+            role: u.role.as_str().into(),
+            stores: u.stores.clone(),
+        },
+    }))
+}
+
+fn busy(e: crate::state::HashingBusy) -> ApiError {
+    ApiError::unavailable(e.to_string())
+}
+
 // Verifying against this when the email is unknown keeps the response time
 // the same as for a wrong password, so emails cannot be probed.
 static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     crate::users::hash_password("not-a-real-password").unwrap_or_default()
 });
 
-#[OpenApi(tag = "ApiTags::Auth")]
 impl LoginApi {
-    /// Exchange email and password for a JWT carrying role and store scope.
-    #[oai(path = "/api/v2/auth/login", method = "post")]
-    async fn login(&self, body: Json<LoginRequest>) -> ApiResult<LoginResponse> {
-        let account = body.email.trim().to_lowercase();
+    /// Checks a password against the account of `email`: the same work
+    /// (one argon2 verification) whether or not the email exists, so timing
+    /// tells nothing; failures count against the account and the address.
+    async fn check_credentials(
+        &self,
+        email: &str,
+        password: &str,
+        ip: &str,
+    ) -> ApiResult<Option<i64>> {
+        let account = email.trim().to_lowercase();
         self.guard
             .admit(&account)
             .map_err(ApiError::too_many_logins)?;
-        let row: Option<(i64, String, String, String, Vec<i64>)> = sqlx::query_as(
-            "SELECT id, email, password_hash, role, store_ids FROM sales.users WHERE lower(email) = lower($1)",
+        self.ip_guard
+            .admit(ip)
+            .map_err(ApiError::too_many_logins_from_address)?;
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)",
         )
-        .bind(body.email.trim())
+        .bind(email.trim())
         .fetch_optional(&self.state.pool)
         .await?;
-        let password = body.password.clone();
-        let (hash, found) = match &row {
-            Some(r) => (r.2.clone(), true),
-            None => (DUMMY_HASH.to_string(), false),
+        let (hash, id) = match &row {
+            Some((id, h)) => (h.clone(), Some(*id)),
+            None => (DUMMY_HASH.to_string(), None),
         };
-        let permit = tokio::time::timeout(Duration::from_secs(10), self.guard.hashing.acquire())
+        let password = password.to_string();
+        let ok = self
+            .state
+            .with_hashing(move || crate::users::verify_password(&password, &hash))
             .await
-            .map_err(|_| ApiError::unavailable("too many logins in progress; retry later"))?
-            .map_err(ApiError::internal)?;
-        let ok =
-            tokio::task::spawn_blocking(move || crate::users::verify_password(&password, &hash))
-                .await
-                .map_err(ApiError::internal)?;
-        drop(permit);
-        self.guard.record(&account, ok && found);
-        let Some((id, email, _, role, stores)) = row.filter(|_| ok && found) else {
+            .map_err(busy)?;
+        let ok = ok && id.is_some();
+        self.guard.record(&account, ok);
+        // A success does not clear the address: one right password does
+        // not excuse many wrong ones for other accounts.
+        if !ok {
+            self.ip_guard.record(ip, false);
+        }
+        Ok(id.filter(|_| ok))
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Auth")]
+impl LoginApi {
+    /// Exchange email and password for a short access token (a JWT
+    /// carrying role and store scope) and a refresh token. Failed attempts
+    /// wait longer and longer, per account and per client address (429 with
+    /// Retry-After); a wrong email and a wrong password answer alike.
+    #[oai(path = "/api/v2/auth/login", method = "post")]
+    async fn login(
+        &self,
+        req: &poem::Request,
+        body: Json<LoginRequest>,
+    ) -> ApiResult<LoginResponse> {
+        let ip = super::middleware::client_ip(req).to_string();
+        let Some(id) = self
+            .check_credentials(&body.email, &body.password, &ip)
+            .await?
+        else {
             return Err(ApiError::unauthorized("wrong email or password"));
         };
-        let role = Role::parse(&role)
-            .ok_or_else(|| ApiError::internal(format!("user {id} has unknown role {role}")))?;
-        let (token, _) = self.state.auth.issue(id, &email, role, stores.clone())?;
-        Ok(LoginResponse::Ok(Json(LoginResponseBody {
-            token,
-            token_type: "Bearer".into(),
-            expires_in: self.state.auth.expiry_secs(),
-            user: UserInfo {
-                id,
-                email,
-                role: role.as_str().into(),
-                stores: if role == Role::Admin { vec![] } else { stores },
+        let mut tx = self.state.pool.begin().await?;
+        crate::db::write::set_actor(&mut *tx, id).await?;
+        let user = crate::users::get(&mut *tx, id)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("wrong email or password"))?;
+        if user.disabled {
+            return Err(ApiError::forbidden("account disabled"));
+        }
+        let issued = crate::sessions::start(
+            &mut tx,
+            &self.state.auth,
+            &user,
+            self.state.config.refresh_token_ttl,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(answer(issued, &user))
+    }
+
+    /// Exchange a refresh token for a new access token and a new refresh
+    /// token (the old one is used up). The new access token carries the
+    /// user's current role and stores. Presenting a refresh token a second
+    /// time revokes its whole session (401).
+    #[oai(path = "/api/v2/auth/refresh", method = "post")]
+    async fn refresh(&self, body: Json<RefreshRequest>) -> ApiResult<LoginResponse> {
+        use crate::sessions::RefreshError as E;
+        match crate::sessions::refresh(
+            &self.state.pool,
+            &self.state.auth,
+            &body.refresh_token,
+            self.state.config.refresh_token_ttl,
+        )
+        .await
+        {
+            Ok((issued, user)) => Ok(answer(issued, &user)),
+            Err(E::Reused(change)) => {
+                self.state.access.apply(&change);
+                Err(ApiError::unauthorized(E::Reused(change).to_string()))
+            }
+            Err(E::Db(e)) => Err(e.into()),
+            Err(E::Other(e)) => Err(e.into()),
+            Err(e) => Err(ApiError::unauthorized(e.to_string())),
+        }
+    }
+
+    /// End the session of a refresh token: the refresh token and every
+    /// access token of the session are refused from now on, on every
+    /// server instance. Ending an ended session again is no error.
+    #[oai(path = "/api/v2/auth/logout", method = "post")]
+    async fn logout(&self, body: Json<RefreshRequest>) -> ApiResult<LoggedOut> {
+        match crate::sessions::end(
+            &self.state.pool,
+            &body.refresh_token,
+            self.state.auth.expiry_secs(),
+        )
+        .await?
+        {
+            None => Err(ApiError::unauthorized("unknown refresh token")),
+            Some(change) => {
+                if let Some(c) = change {
+                    self.state.access.apply(&c);
+                }
+                Ok(LoggedOut::Done)
+            }
+        }
+    }
+
+    /// The caller as the token and the users table say.
+    #[oai(path = "/api/v2/auth/me", method = "get")]
+    async fn me(&self, auth: BearerAuth) -> ApiResult<MeResponse> {
+        let p = &auth.0;
+        let user = crate::users::get(&self.state.pool, p.user_id).await?;
+        let me = match user {
+            Some(u) => Me {
+                id: u.id,
+                email: Some(u.email),
+                role: u.role.as_str().into(),
+                stores: u.stores,
+                registered: true,
+                session_id: p.session.clone(),
+                expires_at: p.exp,
             },
-        })))
+            None => Me {
+                id: p.user_id,
+                email: p.email.clone(),
+                role: p.role.as_str().into(),
+                stores: p.scope().unwrap_or_default(),
+                registered: false,
+                session_id: p.session.clone(),
+                expires_at: p.exp,
+            },
+        };
+        Ok(MeResponse::Ok(Json(me)))
+    }
+
+    /// Change one's own password (the current one is required). Every
+    /// session of the user ends, on every instance; the answer is a new
+    /// session. A weak new password is 422 saying why.
+    #[oai(path = "/api/v2/auth/password", method = "post")]
+    async fn password(
+        &self,
+        req: &poem::Request,
+        auth: BearerAuth,
+        body: Json<PasswordChange>,
+    ) -> ApiResult<LoginResponse> {
+        let Some(user) = crate::users::get(&self.state.pool, auth.0.user_id).await? else {
+            return Err(ApiError::forbidden(
+                "this account has no password here (its tokens come from an identity provider)",
+            ));
+        };
+        let ip = super::middleware::client_ip(req).to_string();
+        if self
+            .check_credentials(&user.email, &body.current_password, &ip)
+            .await?
+            != Some(user.id)
+        {
+            return Err(ApiError::forbidden("currentPassword: wrong password"));
+        }
+        crate::users::check_password_field("newPassword", &body.new_password, &user.email)
+            .map_err(super::users::user_error)?;
+        let new = body.new_password.clone();
+        let hash = self
+            .state
+            .with_hashing(move || crate::users::hash_password(&new))
+            .await
+            .map_err(busy)??;
+        let mut tx = self.state.pool.begin().await?;
+        crate::db::write::set_actor(&mut *tx, user.id).await?;
+        crate::users::lock(&mut tx).await?;
+        let (user, change) = crate::users::update(
+            &mut tx,
+            user.id,
+            crate::users::UserPatch {
+                password_hash: Some(hash),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(super::users::user_error)?;
+        let issued = crate::sessions::start(
+            &mut tx,
+            &self.state.auth,
+            &user,
+            self.state.config.refresh_token_ttl,
+        )
+        .await?;
+        tx.commit().await?;
+        if let Some(c) = change {
+            self.state.access.apply(&c);
+        }
+        Ok(answer(issued, &user))
     }
 }
 
@@ -200,7 +450,7 @@ mod tests {
 
     #[test]
     fn failed_logins_wait_longer_each_time() {
-        let g = LoginGuard::new(2, 1);
+        let g = LoginGuard::new(2);
         for _ in 0..2 {
             assert!(g.admit("a@x.io").is_ok());
             g.record("a@x.io", false);

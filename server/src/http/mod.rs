@@ -22,6 +22,7 @@ pub mod routes;
 pub mod sales;
 pub mod security;
 pub mod stores;
+pub mod users;
 pub mod websocket;
 
 use crate::state::AppState;
@@ -34,7 +35,7 @@ use std::sync::Arc;
 pub enum ApiTags {
     /// Liveness, readiness and dependency state.
     Health,
-    /// Log in for a JWT.
+    /// Log in, refresh and end sessions; one's own account.
     Auth,
     /// Monthly sales per store: read, write, summarise.
     Sales,
@@ -44,6 +45,8 @@ pub enum ApiTags {
     Admin,
     /// File imports and background jobs (asynchronous batches too).
     Imports,
+    /// User management (admins; managers for the staff of their stores).
+    Users,
 }
 
 pub type Apis = (
@@ -54,6 +57,7 @@ pub type Apis = (
     stores::StoresApi,
     admin::AdminApi,
     imports::ImportsApi,
+    users::UsersApi,
 );
 
 fn apis(state: Arc<AppState>) -> Apis {
@@ -72,7 +76,10 @@ fn apis(state: Arc<AppState>) -> Apis {
         admin::AdminApi {
             state: state.clone(),
         },
-        imports::ImportsApi { state },
+        imports::ImportsApi {
+            state: state.clone(),
+        },
+        users::UsersApi { state },
     )
 }
 

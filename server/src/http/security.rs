@@ -37,6 +37,7 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
             let msg = match e {
                 AuthError::Expired => "token expired; log in again".to_string(),
                 AuthError::Invalid(why) => format!("invalid token: {why}"),
+                AuthError::Revoked(why) => format!("token revoked: {}", why.message()),
             };
             Err(poem::Error::from_response(
                 poem::IntoResponse::into_response(ApiError::unauthorized(msg)),

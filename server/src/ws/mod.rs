@@ -11,10 +11,12 @@ pub mod heartbeat;
 pub mod hub;
 pub mod protocol;
 mod replay;
+pub mod revoke;
 pub mod session;
 
 pub use heartbeat::Heartbeat;
 pub use hub::{Hub, HubConfig};
+pub use revoke::Revoking;
 
 use crate::auth::Auth;
 use std::sync::Arc;

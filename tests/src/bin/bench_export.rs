@@ -468,6 +468,8 @@ async fn bench(o: Opts) {
         role: Role::Admin,
         stores: Default::default(),
         exp: None,
+        generation: 0,
+        session: None,
     };
 
     let server = start_server(&db, &o);

@@ -215,6 +215,8 @@ mod tests {
             role: Role::Admin,
             stores: Default::default(),
             exp: None,
+            generation: 0,
+            session: None,
         }
     }
 
@@ -247,6 +249,8 @@ mod tests {
             role: Role::Manager,
             stores: [3, 1].into_iter().collect(),
             exp: None,
+            generation: 0,
+            session: None,
         };
         assert!(where_sql(&SalesFilter::default(), &manager)
             .contains("m.store_id = ANY(ARRAY[1,3]::bigint[])"));

@@ -531,6 +531,31 @@ impl Hub {
         }
     }
 
+    /// Closes the connections of `user` for which `revoked` gives a close
+    /// code and reason (their token was revoked); returns how many.
+    pub fn close_user(
+        &self,
+        user: i64,
+        revoked: impl Fn(&Principal) -> Option<(u16, &'static str)>,
+    ) -> usize {
+        let conns: Vec<Arc<Conn>> = self
+            .reg()
+            .users
+            .get(&user)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let mut closed = 0;
+        for c in conns {
+            if let Some((code, reason)) = revoked(&c.principal) {
+                if self.close(&c, code, reason) {
+                    self.counters.closed_revoked.fetch_add(1, Relaxed);
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
     /// Refuses new connections and asks every open one to close with 1001.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Relaxed);

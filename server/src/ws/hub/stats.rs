@@ -14,6 +14,8 @@ pub struct Counters {
     pub closed_slow: AtomicU64,
     pub closed_heartbeat: AtomicU64,
     pub closed_expired: AtomicU64,
+    /// Closed because the user's access was revoked (4010-4014).
+    pub closed_revoked: AtomicU64,
     pub closed_shutdown: AtomicU64,
     pub closed_policy: AtomicU64,
     pub refused_subscriptions: AtomicU64,
@@ -90,6 +92,7 @@ impl Hub {
                 "slowConsumer": n(&k.closed_slow),
                 "heartbeat": n(&k.closed_heartbeat),
                 "tokenExpired": n(&k.closed_expired),
+                "revoked": n(&k.closed_revoked),
                 "shutdown": n(&k.closed_shutdown),
                 "policy": n(&k.closed_policy),
             },

@@ -30,6 +30,8 @@ fn principal_until(user: i64, role: Role, stores: &[i64], exp: Option<i64>) -> P
         role,
         stores: stores.iter().copied().collect::<HashSet<_>>(),
         exp,
+        generation: 0,
+        session: None,
     }
 }
 

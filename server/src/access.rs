@@ -1,0 +1,382 @@
+//! Revocation, checked from memory on every request: each instance keeps
+//! every user's access generation and disabled flag, the users deleted
+//! lately and the sessions revoked lately. It is loaded once at start
+//! ([`Revocations::load`]) and then moved only by user and session events
+//! (`user-created`, `user-updated`, `user-deleted`, `session-revoked`), which
+//! reach every instance through the event relay; the instance that makes a
+//! change applies it before answering.
+//!
+//! An access token carries the generation it was issued at (`gen`) and its
+//! session (`sid`). It is refused once the user is disabled or deleted, once
+//! the user's generation has moved past the token's (role, stores, email or
+//! password changed), or once its session was revoked (logout, refresh-token
+//! reuse). Tokens of users this instance has never heard of (an outside
+//! identity provider's, or rows written by plain SQL) are judged by their
+//! signature alone.
+
+use crate::auth::Principal;
+use crate::events::{Event, Kind};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+/// Why a token stopped being accepted; WebSocket close codes say the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    Disabled,
+    Deleted,
+    /// Role, stores or email changed: refresh for a token with the new scope.
+    AccessChanged,
+    PasswordChanged,
+    /// The session ended (logout, or a reused refresh token).
+    SessionEnded,
+}
+
+impl Revoked {
+    pub fn message(self) -> &'static str {
+        match self {
+            Revoked::Disabled => "account disabled",
+            Revoked::Deleted => "account deleted",
+            Revoked::AccessChanged => "access changed; refresh the token",
+            Revoked::PasswordChanged => "password changed; log in again",
+            Revoked::SessionEnded => "session ended; log in again",
+        }
+    }
+
+    /// The WebSocket close code (see docs/websocket.md).
+    pub fn close_code(self) -> u16 {
+        match self {
+            Revoked::Disabled => 4010,
+            Revoked::Deleted => 4011,
+            Revoked::AccessChanged => 4012,
+            Revoked::PasswordChanged => 4013,
+            Revoked::SessionEnded => 4014,
+        }
+    }
+
+    fn parse(s: &str) -> Revoked {
+        match s {
+            "disabled" => Revoked::Disabled,
+            "password" => Revoked::PasswordChanged,
+            _ => Revoked::AccessChanged,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserAccess {
+    pub generation: i64,
+    pub disabled: bool,
+    /// Why the generation last moved.
+    pub why: Revoked,
+    pub email: String,
+}
+
+/// One change, as applied to the registry (from an event or by the writer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A user created or changed; `why` says what moved the generation.
+    User {
+        id: i64,
+        email: String,
+        generation: i64,
+        disabled: bool,
+        why: Revoked,
+    },
+    Deleted {
+        id: i64,
+        /// Seconds since the epoch after which no token of the user can be valid.
+        until: i64,
+    },
+    Session {
+        user: i64,
+        session: String,
+        until: i64,
+    },
+}
+
+impl Change {
+    pub fn user_id(&self) -> i64 {
+        match self {
+            Change::User { id, .. } | Change::Deleted { id, .. } => *id,
+            Change::Session { user, .. } => *user,
+        }
+    }
+
+    /// The change an event describes, if it is a user or session event.
+    /// `token_lifetime` is how long tombstones are kept.
+    pub fn from_event(e: &Event, token_lifetime: i64) -> Option<Change> {
+        let p = &e.payload;
+        let id = p.get("userId").and_then(Value::as_i64)?;
+        let until = e.created_at.timestamp() + token_lifetime + crate::auth::LEEWAY_SECS as i64;
+        match e.kind {
+            Kind::UserCreated | Kind::UserUpdated => Some(Change::User {
+                id,
+                email: p.get("email").and_then(Value::as_str)?.to_lowercase(),
+                generation: p.get("generation").and_then(Value::as_i64)?,
+                disabled: p.get("disabled").and_then(Value::as_bool)?,
+                why: Revoked::parse(p.get("revoke").and_then(Value::as_str).unwrap_or("")),
+            }),
+            Kind::UserDeleted => Some(Change::Deleted { id, until }),
+            Kind::SessionRevoked => Some(Change::Session {
+                user: id,
+                session: p.get("sessionId").and_then(Value::as_str)?.to_string(),
+                until,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    users: HashMap<i64, UserAccess>,
+    by_email: HashMap<String, i64>,
+    /// Deleted user -> until when its tokens could still be presented.
+    deleted: HashMap<i64, i64>,
+    /// Revoked session -> until when its access tokens could still be presented.
+    sessions: HashMap<String, i64>,
+}
+
+#[derive(Default)]
+pub struct Revocations {
+    inner: RwLock<Inner>,
+}
+
+impl Revocations {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For tokens of an outside identity provider (which know nothing of
+    /// generations or sessions here): only a disabled or deleted user is refused.
+    pub fn check_account(&self, p: &Principal) -> Result<(), Revoked> {
+        let inner = self.read();
+        if inner.deleted.contains_key(&p.user_id) {
+            return Err(Revoked::Deleted);
+        }
+        match inner.users.get(&p.user_id) {
+            Some(u) if u.disabled => Err(Revoked::Disabled),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a verified token's holder still has access.
+    pub fn check(&self, p: &Principal) -> Result<(), Revoked> {
+        let inner = self.read();
+        if inner.deleted.contains_key(&p.user_id) {
+            return Err(Revoked::Deleted);
+        }
+        if let Some(u) = inner.users.get(&p.user_id) {
+            if u.disabled {
+                return Err(Revoked::Disabled);
+            }
+            if p.generation < u.generation {
+                return Err(u.why);
+            }
+        }
+        if let Some(s) = &p.session {
+            if inner.sessions.contains_key(s) {
+                return Err(Revoked::SessionEnded);
+            }
+        }
+        Ok(())
+    }
+
+    /// The user with this email (lower case), when known: outside identity
+    /// providers' tokens are matched to users by it.
+    pub fn user_by_email(&self, email: &str) -> Option<i64> {
+        self.read().by_email.get(&email.to_lowercase()).copied()
+    }
+
+    pub fn user(&self, id: i64) -> Option<UserAccess> {
+        self.read().users.get(&id).cloned()
+    }
+
+    /// Applies a change; a user's state only moves forward (events may be
+    /// seen again after the start-up load).
+    pub fn apply(&self, c: &Change) {
+        let now = chrono::Utc::now().timestamp();
+        let mut inner = self.write();
+        match c {
+            Change::User {
+                id,
+                email,
+                generation,
+                disabled,
+                why,
+            } => {
+                if inner.deleted.contains_key(id) {
+                    return;
+                }
+                let newer = inner
+                    .users
+                    .get(id)
+                    .is_none_or(|u| u.generation <= *generation);
+                if newer {
+                    let old = inner.users.insert(
+                        *id,
+                        UserAccess {
+                            generation: *generation,
+                            disabled: *disabled,
+                            why: *why,
+                            email: email.clone(),
+                        },
+                    );
+                    if let Some(old) = old.filter(|o| o.email != *email) {
+                        inner.by_email.remove(&old.email);
+                    }
+                    inner.by_email.insert(email.clone(), *id);
+                }
+            }
+            Change::Deleted { id, until } => {
+                if let Some(old) = inner.users.remove(id) {
+                    inner.by_email.remove(&old.email);
+                }
+                if *until > now {
+                    inner.deleted.insert(*id, *until);
+                }
+            }
+            Change::Session { session, until, .. } => {
+                if *until > now {
+                    inner.sessions.insert(session.clone(), *until);
+                }
+            }
+        }
+        // Forget what can no longer matter.
+        if inner.sessions.len() + inner.deleted.len() > 1024 {
+            inner.sessions.retain(|_, u| *u > now);
+            inner.deleted.retain(|_, u| *u > now);
+        }
+    }
+
+    /// Loads every user's state, the users deleted and the sessions revoked
+    /// within `token_lifetime` seconds (older ones can have no valid token
+    /// left). Prunes older tombstones.
+    pub async fn load(&self, pool: &sqlx::PgPool, token_lifetime: i64) -> Result<(), sqlx::Error> {
+        let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
+        let users: Vec<(i64, String, i64, bool)> = sqlx::query_as(
+            "SELECT u.id, lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false)
+             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id",
+        )
+        .fetch_all(pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM auth.deleted_users WHERE deleted_at < now() - make_interval(secs => $1)",
+        )
+        .bind(keep as f64)
+        .execute(pool)
+        .await?;
+        let deleted: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT user_id, extract(epoch FROM deleted_at)::bigint + $1 FROM auth.deleted_users",
+        )
+        .bind(keep)
+        .fetch_all(pool)
+        .await?;
+        let sessions: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT id::text, user_id, extract(epoch FROM revoked_at)::bigint + $1 FROM auth.sessions
+             WHERE revoked_at > now() - make_interval(secs => $2)",
+        )
+        .bind(keep)
+        .bind(keep as f64)
+        .fetch_all(pool)
+        .await?;
+        for (id, email, generation, disabled) in users {
+            self.apply(&Change::User {
+                id,
+                email,
+                generation,
+                disabled,
+                why: if disabled {
+                    Revoked::Disabled
+                } else {
+                    Revoked::AccessChanged
+                },
+            });
+        }
+        for (id, until) in deleted {
+            self.apply(&Change::Deleted { id, until });
+        }
+        for (session, user, until) in sessions {
+            self.apply(&Change::Session {
+                user,
+                session,
+                until,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+
+    fn principal(user: i64, generation: i64, session: Option<&str>) -> Principal {
+        Principal {
+            user_id: user,
+            email: None,
+            role: Role::Staff,
+            stores: [1].into_iter().collect(),
+            exp: None,
+            generation,
+            session: session.map(str::to_string),
+        }
+    }
+
+    fn user(id: i64, generation: i64, disabled: bool, why: Revoked) -> Change {
+        Change::User {
+            id,
+            email: format!("u{id}@x.io"),
+            generation,
+            disabled,
+            why,
+        }
+    }
+
+    #[test]
+    fn generations_disable_delete_and_sessions() {
+        let r = Revocations::default();
+        let far = chrono::Utc::now().timestamp() + 600;
+        assert_eq!(
+            r.check(&principal(1, 0, None)),
+            Ok(()),
+            "unknown users pass"
+        );
+        r.apply(&user(1, 0, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(1, 0, Some("s1"))), Ok(()));
+        r.apply(&user(1, 1, false, Revoked::PasswordChanged));
+        assert_eq!(
+            r.check(&principal(1, 0, None)),
+            Err(Revoked::PasswordChanged)
+        );
+        assert_eq!(r.check(&principal(1, 1, None)), Ok(()));
+        // An older event seen again does not move the state back.
+        r.apply(&user(1, 0, true, Revoked::Disabled));
+        assert_eq!(r.check(&principal(1, 1, None)), Ok(()));
+        r.apply(&Change::Session {
+            user: 1,
+            session: "s1".into(),
+            until: far,
+        });
+        assert_eq!(
+            r.check(&principal(1, 1, Some("s1"))),
+            Err(Revoked::SessionEnded)
+        );
+        assert_eq!(r.check(&principal(1, 1, Some("s2"))), Ok(()));
+        r.apply(&user(1, 2, true, Revoked::Disabled));
+        assert_eq!(r.check(&principal(1, 2, None)), Err(Revoked::Disabled));
+        assert_eq!(r.user_by_email("U1@x.io"), Some(1));
+        r.apply(&Change::Deleted { id: 1, until: far });
+        assert_eq!(r.check(&principal(1, 9, None)), Err(Revoked::Deleted));
+        assert_eq!(r.user_by_email("u1@x.io"), None);
+        // A late user-updated event does not bring a deleted user back.
+        r.apply(&user(1, 3, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(1, 3, None)), Err(Revoked::Deleted));
+    }
+}

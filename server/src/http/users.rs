@@ -1,0 +1,471 @@
+//! `/api/v2/users`: user management. Admins manage everyone; a manager
+//! lists, reads, creates and changes the staff of their own stores (never a
+//! role above staff, never a store they do not manage). Every change is one
+//! transaction with its `user-*` event (the admins' `admin` channel) and
+//! revokes the user's access tokens on every instance (see `crate::access`).
+
+use super::error::{ApiError, ApiResult};
+use super::security::BearerAuth;
+use super::ApiTags;
+use crate::auth::{Principal, Role};
+use crate::state::AppState;
+use crate::users::{self, User, UserError, UserPatch};
+use poem_openapi::param::{Path, Query};
+use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
+use std::sync::Arc;
+
+pub struct UsersApi {
+    pub state: Arc<AppState>,
+}
+
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum UserRole {
+    Admin,
+    Manager,
+    Staff,
+}
+
+impl From<UserRole> for Role {
+    fn from(r: UserRole) -> Role {
+        match r {
+            UserRole::Admin => Role::Admin,
+            UserRole::Manager => Role::Manager,
+            UserRole::Staff => Role::Staff,
+        }
+    }
+}
+
+/// A user (never the password hash).
+#[derive(Object, Debug, Clone)]
+#[oai(rename_all = "camelCase")]
+pub struct UserDoc {
+    pub id: i64,
+    pub email: String,
+    /// admin, manager or staff.
+    pub role: String,
+    /// Stores a non-admin may see (empty for admins: all). A manager sees
+    /// only the stores they manage.
+    pub stores: Vec<i64>,
+    /// A disabled user cannot log in and their tokens are refused.
+    pub disabled: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+fn doc(u: &User, viewer: &Principal) -> UserDoc {
+    let stores = match viewer.scope() {
+        None => u.stores.clone(),
+        Some(_) if viewer.user_id == u.id => u.stores.clone(),
+        Some(_) => u
+            .stores
+            .iter()
+            .copied()
+            .filter(|s| viewer.stores.contains(s))
+            .collect(),
+    };
+    UserDoc {
+        id: u.id,
+        email: u.email.clone(),
+        role: u.role.as_str().into(),
+        stores,
+        disabled: u.disabled,
+        created_at: u.created_at.to_rfc3339(),
+        updated_at: u.updated_at.to_rfc3339(),
+    }
+}
+
+#[derive(Object, Debug)]
+pub struct UserPage {
+    pub data: Vec<UserDoc>,
+    pub meta: serde_json::Value,
+}
+
+#[derive(Object, Debug)]
+pub struct UserOne {
+    pub data: UserDoc,
+}
+
+#[derive(Object, Debug)]
+pub struct CreateUser {
+    #[oai(validator(min_length = 3, max_length = 320))]
+    pub email: String,
+    pub role: UserRole,
+    /// Required for managers and staff; ignored for admins.
+    #[oai(validator(max_items = 10000))]
+    pub stores: Option<Vec<i64>>,
+    /// At least 8 characters and 4 different ones, not a common password,
+    /// not the email address.
+    #[oai(validator(max_length = 1024))]
+    pub password: String,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Object, Debug)]
+pub struct UpdateUser {
+    #[oai(validator(min_length = 3, max_length = 320))]
+    pub email: Option<String>,
+    pub role: Option<UserRole>,
+    #[oai(validator(max_items = 10000))]
+    pub stores: Option<Vec<i64>>,
+    pub disabled: Option<bool>,
+    /// A new password (admins only; users change their own at
+    /// `POST /api/v2/auth/password`).
+    #[oai(validator(max_length = 1024))]
+    pub password: Option<String>,
+}
+
+#[derive(ApiResponse)]
+pub enum ListResponse {
+    /// Users by id.
+    #[oai(status = 200)]
+    Ok(Json<UserPage>),
+}
+
+#[derive(ApiResponse)]
+pub enum OneResponse {
+    /// The user.
+    #[oai(status = 200)]
+    Ok(Json<UserOne>),
+}
+
+#[derive(ApiResponse)]
+pub enum CreatedResponse {
+    /// Created.
+    #[oai(status = 201)]
+    Created(Json<UserOne>),
+}
+
+#[derive(Object, Debug)]
+pub struct UserHistory {
+    /// Newest first: `{id, event, actorId, data, ts}` (events within EVENT_RETENTION).
+    pub data: Vec<serde_json::Value>,
+}
+
+#[derive(ApiResponse)]
+pub enum HistoryResponse {
+    /// The events about the user.
+    #[oai(status = 200)]
+    Ok(Json<UserHistory>),
+}
+
+#[derive(ApiResponse)]
+pub enum DeletedResponse {
+    /// Deleted: the user's sessions are gone and their tokens refused.
+    #[oai(status = 204)]
+    Deleted,
+}
+
+/// The HTTP answer to a refused user change.
+pub fn user_error(e: UserError) -> ApiError {
+    match e {
+        UserError::Invalid { field, reason } => ApiError::unprocessable(
+            format!("{field}: {reason}"),
+            Some(serde_json::json!({"field": field, "reason": reason})),
+        ),
+        UserError::UnknownStores(ids) => ApiError::unprocessable(
+            format!("stores: no store with id {ids:?}"),
+            Some(serde_json::json!({"field": "stores", "storeIds": ids})),
+        ),
+        UserError::Duplicate(email) => ApiError::conflict(
+            format!("a user with email {email} already exists"),
+            Some(serde_json::json!({"field": "email"})),
+        ),
+        e @ UserError::LastAdmin(_) => ApiError::conflict(e.to_string(), None),
+        e @ UserError::NotFound(_) => ApiError::not_found(e.to_string()),
+        UserError::Db(e) => e.into(),
+    }
+}
+
+/// Whether a manager may see and change `u`: staff with one of their stores.
+fn manages(who: &Principal, u: &User) -> bool {
+    who.role == Role::Manager
+        && u.role == Role::Staff
+        && u.stores.iter().any(|s| who.stores.contains(s))
+}
+
+/// 403 naming the stores a manager gave that they do not manage.
+fn require_managed(who: &Principal, stores: &[i64]) -> ApiResult<()> {
+    let denied: Vec<i64> = stores
+        .iter()
+        .copied()
+        .filter(|s| !who.stores.contains(s))
+        .collect();
+    if denied.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::outside_scope(denied))
+    }
+}
+
+impl UsersApi {
+    async fn hash(&self, password: String) -> ApiResult<String> {
+        self.state
+            .with_hashing(move || users::hash_password(&password))
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .map_err(ApiError::from)
+    }
+
+    async fn load(&self, id: i64) -> ApiResult<User> {
+        users::get(&self.state.pool, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no user {id}")))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[OpenApi(tag = "ApiTags::Users")]
+impl UsersApi {
+    /// Users by id: every user for admins, the staff of their stores for managers.
+    #[oai(path = "/api/v2/users", method = "get")]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        /// Default 100, at most 1000.
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        limit: Query<Option<i64>>,
+        /// Rows to skip.
+        #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
+        offset: Query<Option<i64>>,
+    ) -> ApiResult<ListResponse> {
+        let who = &auth.0;
+        let staff_of = match who.role {
+            Role::Admin => None,
+            Role::Manager => who.scope(),
+            Role::Staff => return Err(ApiError::forbidden("admin or manager role required")),
+        };
+        let (limit, offset) = (limit.0.unwrap_or(100), offset.0.unwrap_or(0));
+        let rows = users::list(&self.state.pool, staff_of.as_deref(), limit, offset).await?;
+        Ok(ListResponse::Ok(Json(UserPage {
+            data: rows.iter().map(|u| doc(u, who)).collect(),
+            meta: serde_json::json!({"limit": limit, "offset": offset, "count": rows.len()}),
+        })))
+    }
+
+    /// One user: any for admins, staff of their stores for managers, oneself for everyone.
+    #[oai(path = "/api/v2/users/:id", method = "get")]
+    async fn get_one(&self, auth: BearerAuth, id: Path<i64>) -> ApiResult<OneResponse> {
+        let who = &auth.0;
+        if !who.is_admin() && who.user_id != id.0 && who.role != Role::Manager {
+            return Err(ApiError::forbidden("admin or manager role required"));
+        }
+        let u = self.load(id.0).await?;
+        if !who.is_admin() && who.user_id != u.id && !manages(who, &u) {
+            return Err(ApiError::forbidden(format!(
+                "user {} is not staff of your stores",
+                u.id
+            )));
+        }
+        Ok(OneResponse::Ok(Json(UserOne { data: doc(&u, who) })))
+    }
+
+    /// A user's history: their creation, changes (what changed, who changed
+    /// it) and ended sessions, newest first. Who may read it: as for the user.
+    #[oai(path = "/api/v2/users/:id/history", method = "get")]
+    async fn history(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        /// Default 100, at most 1000.
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        limit: Query<Option<i64>>,
+    ) -> ApiResult<HistoryResponse> {
+        self.get_one(auth, Path(id.0)).await?;
+        let data = users::history(&self.state.pool, id.0, limit.0.unwrap_or(100)).await?;
+        Ok(HistoryResponse::Ok(Json(UserHistory { data })))
+    }
+
+    /// Create a user. Duplicate email 409; unknown store 422 naming it; a
+    /// weak password 422 saying why; a manager creating anything but staff
+    /// of their own stores 403.
+    #[oai(path = "/api/v2/users", method = "post")]
+    async fn create(&self, auth: BearerAuth, body: Json<CreateUser>) -> ApiResult<CreatedResponse> {
+        let who = &auth.0;
+        let role: Role = body.role.into();
+        let stores = body.stores.clone().unwrap_or_default();
+        match who.role {
+            Role::Admin => {}
+            Role::Manager => {
+                if role != Role::Staff {
+                    return Err(ApiError::forbidden("managers may only create staff"));
+                }
+                require_managed(who, &stores)?;
+            }
+            Role::Staff => return Err(ApiError::forbidden("admin or manager role required")),
+        }
+        let email = users::check_email(&body.email).map_err(user_error)?;
+        users::check_password(&body.password, &email).map_err(user_error)?;
+        let hash = self.hash(body.password.clone()).await?;
+        let mut tx = crate::db::Write::begin(&self.state.pool, who.user_id).await?;
+        users::lock(tx.conn()).await?;
+        let (user, change) = users::create(
+            tx.conn(),
+            users::NewUser {
+                email,
+                role,
+                stores,
+                password_hash: hash,
+                disabled: body.disabled.unwrap_or(false),
+            },
+        )
+        .await
+        .map_err(user_error)?;
+        tx.commit().await?;
+        self.state.access.apply(&change);
+        Ok(CreatedResponse::Created(Json(UserOne {
+            data: doc(&user, who),
+        })))
+    }
+
+    /// Change a user's email, role, stores, disabled flag or (admins)
+    /// password. The user's access tokens are refused from then on, on every
+    /// instance, and their WebSockets closed; a refresh gives the new scope.
+    /// Leaving no enabled admin is 409.
+    #[oai(path = "/api/v2/users/:id", method = "patch")]
+    async fn update(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        body: Json<UpdateUser>,
+    ) -> ApiResult<OneResponse> {
+        let who = &auth.0;
+        let b = &body.0;
+        if b.email.is_none()
+            && b.role.is_none()
+            && b.stores.is_none()
+            && b.disabled.is_none()
+            && b.password.is_none()
+        {
+            return Err(ApiError::bad_param(
+                "body",
+                "give email, role, stores, disabled or password",
+            ));
+        }
+        let old = match who.role {
+            Role::Admin => None,
+            Role::Manager => Some(self.load(id.0).await?),
+            Role::Staff => return Err(ApiError::forbidden("admin or manager role required")),
+        };
+        let mut stores = b.stores.clone();
+        if let Some(old) = &old {
+            if !manages(who, old) {
+                return Err(ApiError::forbidden(format!(
+                    "user {} is not staff of your stores",
+                    old.id
+                )));
+            }
+            if b.role.is_some_and(|r| Role::from(r) != Role::Staff) {
+                return Err(ApiError::forbidden(
+                    "managers may only grant the staff role",
+                ));
+            }
+            if b.password.is_some() {
+                return Err(ApiError::forbidden(
+                    "only admins set other users' passwords",
+                ));
+            }
+            if let Some(given) = &stores {
+                require_managed(who, given)?;
+                // Stores the manager does not manage stay as they are.
+                let mut all: Vec<i64> = old
+                    .stores
+                    .iter()
+                    .copied()
+                    .filter(|s| !who.stores.contains(s))
+                    .collect();
+                all.extend(given);
+                stores = Some(all);
+            }
+        }
+        let hash = match &b.password {
+            Some(p) => {
+                let email = match &b.email {
+                    Some(e) => e.clone(),
+                    None => self.load(id.0).await?.email,
+                };
+                users::check_password(p, &email).map_err(user_error)?;
+                Some(self.hash(p.clone()).await?)
+            }
+            None => None,
+        };
+        let mut tx = crate::db::Write::begin(&self.state.pool, who.user_id).await?;
+        users::lock(tx.conn()).await?;
+        let (user, change) = users::update(
+            tx.conn(),
+            id.0,
+            UserPatch {
+                email: b.email.clone(),
+                role: b.role.map(Role::from),
+                stores,
+                disabled: b.disabled,
+                password_hash: hash,
+            },
+        )
+        .await
+        .map_err(user_error)?;
+        tx.commit().await?;
+        if let Some(c) = change {
+            self.state.access.apply(&c);
+        }
+        Ok(OneResponse::Ok(Json(UserOne {
+            data: doc(&user, who),
+        })))
+    }
+
+    /// Delete a user (admins only): their sessions go, their tokens are
+    /// refused on every instance. Deleting the last enabled admin is 409.
+    #[oai(path = "/api/v2/users/:id", method = "delete")]
+    async fn delete(&self, auth: BearerAuth, id: Path<i64>) -> ApiResult<DeletedResponse> {
+        auth.require_admin()?;
+        let mut tx = crate::db::Write::begin(&self.state.pool, auth.0.user_id).await?;
+        users::lock(tx.conn()).await?;
+        let (_, change) = users::delete(tx.conn(), id.0, self.state.auth.expiry_secs())
+            .await
+            .map_err(user_error)?;
+        tx.commit().await?;
+        self.state.access.apply(&change);
+        Ok(DeletedResponse::Deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn managers_manage_staff_of_their_stores() {
+        let manager = Principal {
+            user_id: 1,
+            email: None,
+            role: Role::Manager,
+            stores: HashSet::from([1, 2]),
+            exp: None,
+            generation: 0,
+            session: None,
+        };
+        let user = |role, stores: Vec<i64>| User {
+            id: 9,
+            email: "s@x.io".into(),
+            role,
+            stores,
+            disabled: false,
+            generation: 0,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        assert!(manages(&manager, &user(Role::Staff, vec![2, 7])));
+        assert!(!manages(&manager, &user(Role::Staff, vec![7])));
+        assert!(!manages(&manager, &user(Role::Manager, vec![1])));
+        assert_eq!(
+            doc(&user(Role::Staff, vec![2, 7]), &manager).stores,
+            vec![2]
+        );
+        assert!(require_managed(&manager, &[1, 2]).is_ok());
+        assert_eq!(
+            require_managed(&manager, &[2, 5]).unwrap_err().status(),
+            403
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! Keys of an outside identity provider as a JWKS (JSON Web Key Set), from
+//! a URL (`JWT_JWKS_URL`) or a file (`JWT_JWKS_FILE`), for RS256 and ES256
+//! tokens that name their key (`kid`).
+//!
+//! Rotation: the set is read again every `JWT_JWKS_REFRESH`, and at once
+//! (at most every 10 s) when a token names a key the set does not have, so a
+//! provider's new key is accepted as soon as it is published and a key it
+//! withdrew is refused from the next reading. A reading that fails keeps the
+//! keys already known.
+
+use anyhow::Context;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// The shortest time between two readings asked for by unknown keys.
+const MIN_RELOAD: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Url(String),
+    File(String),
+}
+
+pub struct Jwks {
+    source: Source,
+    refresh: Duration,
+    keys: RwLock<HashMap<String, (Algorithm, Arc<DecodingKey>)>>,
+    wanted: Notify,
+    last: Mutex<Option<Instant>>,
+}
+
+/// The keys of a set this server can use: RS256 (RSA) and ES256 (EC P-256)
+/// with a `kid`; others are skipped.
+pub fn parse(json: &str) -> anyhow::Result<HashMap<String, (Algorithm, Arc<DecodingKey>)>> {
+    let set: JwkSet = serde_json::from_str(json).context("not a JWKS document")?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+            (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+                if ec.curve == EllipticCurve::P256 =>
+            {
+                Algorithm::ES256
+            }
+            _ => continue,
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(k) => {
+                keys.insert(kid, (alg, Arc::new(k)));
+            }
+            Err(e) => tracing::warn!(kid, error = %e, "JWKS: skipping a key that cannot be used"),
+        }
+    }
+    Ok(keys)
+}
+
+impl Jwks {
+    pub fn new(source: Source, refresh: Duration) -> Self {
+        Self {
+            source,
+            refresh,
+            keys: RwLock::new(HashMap::new()),
+            wanted: Notify::new(),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The key a token names; `None` asks for a new reading.
+    pub fn key(&self, kid: &str) -> Option<(Algorithm, Arc<DecodingKey>)> {
+        let found = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kid)
+            .cloned();
+        if found.is_none() {
+            self.wanted.notify_one();
+        }
+        found
+    }
+
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn fetch(&self) -> anyhow::Result<String> {
+        match &self.source {
+            Source::File(path) => tokio::fs::read_to_string(path)
+                .await
+                .with_context(|| format!("JWT_JWKS_FILE: reading {path}")),
+            Source::Url(url) => {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()?;
+                let resp = client
+                    .get(url)
+                    .send()
+                    .await
+                    .with_context(|| format!("JWT_JWKS_URL: fetching {url}"))?;
+                if !resp.status().is_success() {
+                    anyhow::bail!("JWT_JWKS_URL: {url} answered {}", resp.status());
+                }
+                Ok(resp.text().await?)
+            }
+        }
+    }
+
+    /// Reads the set again and replaces the keys; returns how many there are.
+    pub async fn reload(&self) -> anyhow::Result<usize> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let keys = parse(&self.fetch().await?)?;
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(n)
+    }
+
+    /// Reads the set every `refresh`, and when a token named an unknown key
+    /// (at most every 10 s), until the task is dropped.
+    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(me.refresh) => {}
+                    _ = me.wanted.notified() => {
+                        let since = me.last.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed());
+                        if let Some(wait) = since.and_then(|s| MIN_RELOAD.checked_sub(s)) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+                match me.reload().await {
+                    Ok(n) => tracing::debug!(keys = n, "JWKS read"),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "JWKS: keeping the keys known so far")
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_rs256_and_es256_keys_with_a_kid() {
+        let set = r#"{"keys": [
+            {"kty": "RSA", "kid": "r1", "alg": "RS256", "use": "sig",
+             "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+             "e": "AQAB"},
+            {"kty": "EC", "kid": "e1", "crv": "P-256",
+             "x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4",
+             "y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"},
+            {"kty": "RSA", "n": "AQAB", "e": "AQAB"},
+            {"kty": "oct", "kid": "h1", "k": "c2VjcmV0"}
+        ]}"#;
+        let keys = parse(set).unwrap();
+        let mut ids: Vec<&String> = keys.keys().collect();
+        ids.sort();
+        assert_eq!(ids, ["e1", "r1"]);
+        assert_eq!(keys["r1"].0, Algorithm::RS256);
+        assert_eq!(keys["e1"].0, Algorithm::ES256);
+        assert!(parse("{}").is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! Sessions: one per login, each a family of rotating refresh tokens.
+//!
+//! A refresh token is 32 random bytes (base64url); only its SHA-256 is
+//! stored. Refreshing marks the token used and hands out its successor in
+//! the same session, with a new short access token carrying the user's
+//! current role, stores and access generation. Presenting a token that was
+//! already used means it was copied: the whole session is revoked (every
+//! access token of it is refused on every instance through
+//! `session-revoked`). A logout revokes its session the same way.
+
+use crate::access::Change;
+use crate::auth::{Auth, Role};
+use crate::users::User;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
+use std::time::Duration;
+
+/// What a login or a refresh hands out.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub access_token: String,
+    pub expires_in: i64,
+    pub refresh_token: String,
+    pub refresh_expires_in: i64,
+    pub session: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("unknown refresh token")]
+    Unknown,
+    #[error("the session has ended; log in again")]
+    Ended,
+    #[error("the session has expired; log in again")]
+    Expired,
+    /// A used token came back: the session is revoked now.
+    #[error("refresh token already used; the session is revoked, log in again")]
+    Reused(Change),
+    #[error("account disabled")]
+    Disabled,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+fn new_token() -> (String, Vec<u8>) {
+    let bytes: [u8; 32] = rand::random();
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let hash = hash(&token);
+    (token, hash)
+}
+
+pub fn hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn access(auth: &Auth, user: &User, session: &str) -> anyhow::Result<String> {
+    let stores = if user.role == Role::Admin {
+        vec![]
+    } else {
+        user.stores.clone()
+    };
+    let (token, _) = auth.issue_session(
+        user.id,
+        &user.email,
+        user.role,
+        stores,
+        user.generation,
+        Some(session.to_string()),
+    )?;
+    Ok(token)
+}
+
+/// Starts a session for `user` in the caller's transaction.
+pub async fn start(
+    conn: &mut PgConnection,
+    auth: &Auth,
+    user: &User,
+    ttl: Duration,
+) -> anyhow::Result<Issued> {
+    let ttl_s = ttl.as_secs() as i64;
+    // Sessions long over (and past any access token of theirs) go.
+    sqlx::query(
+        "DELETE FROM auth.sessions WHERE user_id = $1
+         AND least(expires_at, coalesce(revoked_at, expires_at)) < now() - make_interval(secs => $2)",
+    )
+    .bind(user.id)
+    .bind((auth.expiry_secs() + 60) as f64)
+    .execute(&mut *conn)
+    .await?;
+    let session: String = sqlx::query_scalar(
+        "INSERT INTO auth.sessions (user_id, expires_at) VALUES ($1, now() + make_interval(secs => $2))
+         RETURNING id::text",
+    )
+    .bind(user.id)
+    .bind(ttl_s as f64)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (refresh_token, h) = new_token();
+    sqlx::query("INSERT INTO auth.refresh_tokens (token_hash, session_id) VALUES ($1, $2::uuid)")
+        .bind(&h)
+        .bind(&session)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Issued {
+        access_token: access(auth, user, &session)?,
+        expires_in: auth.expiry_secs(),
+        refresh_token,
+        refresh_expires_in: ttl_s,
+        session,
+    })
+}
+
+/// Revokes a session and writes `session-revoked` (in the caller's transaction).
+async fn revoke(
+    conn: &mut PgConnection,
+    session: &str,
+    user: i64,
+    reason: &str,
+    token_lifetime: i64,
+) -> Result<Change, sqlx::Error> {
+    sqlx::query(
+        "UPDATE auth.sessions SET revoked_at = now(), revoked_reason = $2
+         WHERE id = $1::uuid AND revoked_at IS NULL",
+    )
+    .bind(session)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    crate::users::emit(
+        conn,
+        "session-revoked",
+        serde_json::json!({"userId": user, "sessionId": session, "reason": reason}),
+    )
+    .await?;
+    Ok(Change::Session {
+        user,
+        session: session.to_string(),
+        until: chrono::Utc::now().timestamp() + token_lifetime + crate::auth::LEEWAY_SECS as i64,
+    })
+}
+
+/// Exchanges a refresh token for a new pair. On reuse the session is
+/// revoked (committed) and `Reused` carries the change to apply.
+pub async fn refresh(
+    pool: &PgPool,
+    auth: &Auth,
+    token: &str,
+    ttl: Duration,
+) -> Result<(Issued, User), RefreshError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, i64, bool, bool, bool)> = sqlx::query_as(
+        "SELECT s.id::text, s.user_id, t.used_at IS NOT NULL, s.revoked_at IS NOT NULL,
+                s.expires_at < now()
+         FROM auth.refresh_tokens t JOIN auth.sessions s ON s.id = t.session_id
+         WHERE t.token_hash = $1
+         FOR UPDATE OF t, s",
+    )
+    .bind(hash(token))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((session, user_id, used, revoked, expired)) = row else {
+        return Err(RefreshError::Unknown);
+    };
+    crate::db::write::set_actor(&mut *tx, user_id).await?;
+    if revoked {
+        return Err(RefreshError::Ended);
+    }
+    if used {
+        let change = revoke(&mut tx, &session, user_id, "reuse", auth.expiry_secs()).await?;
+        tx.commit().await?;
+        tracing::warn!(user_id, session = %session, "refresh token reused; session revoked");
+        return Err(RefreshError::Reused(change));
+    }
+    if expired {
+        return Err(RefreshError::Expired);
+    }
+    let user = crate::users::get(&mut *tx, user_id)
+        .await?
+        .ok_or(RefreshError::Ended)?;
+    if user.disabled {
+        return Err(RefreshError::Disabled);
+    }
+    sqlx::query("UPDATE auth.refresh_tokens SET used_at = now() WHERE token_hash = $1")
+        .bind(hash(token))
+        .execute(&mut *tx)
+        .await?;
+    let (refresh_token, h) = new_token();
+    sqlx::query("INSERT INTO auth.refresh_tokens (token_hash, session_id) VALUES ($1, $2::uuid)")
+        .bind(&h)
+        .bind(&session)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE auth.sessions SET last_used_at = now(), expires_at = now() + make_interval(secs => $2)
+         WHERE id = $1::uuid",
+    )
+    .bind(&session)
+    .bind(ttl.as_secs() as f64)
+    .execute(&mut *tx)
+    .await?;
+    let issued = Issued {
+        access_token: access(auth, &user, &session)?,
+        expires_in: auth.expiry_secs(),
+        refresh_token,
+        refresh_expires_in: ttl.as_secs() as i64,
+        session,
+    };
+    tx.commit().await?;
+    Ok((issued, user))
+}
+
+/// Ends the session of a refresh token (logout). `None` for an unknown token;
+/// a session already ended is not revoked twice.
+pub async fn end(
+    pool: &PgPool,
+    token: &str,
+    token_lifetime: i64,
+) -> Result<Option<Option<Change>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, i64, bool)> = sqlx::query_as(
+        "SELECT s.id::text, s.user_id, s.revoked_at IS NOT NULL
+         FROM auth.refresh_tokens t JOIN auth.sessions s ON s.id = t.session_id
+         WHERE t.token_hash = $1 FOR UPDATE OF s",
+    )
+    .bind(hash(token))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((session, user, revoked)) = row else {
+        return Ok(None);
+    };
+    if revoked {
+        return Ok(Some(None));
+    }
+    crate::db::write::set_actor(&mut *tx, user).await?;
+    let change = revoke(&mut tx, &session, user, "logout", token_lifetime).await?;
+    tx.commit().await?;
+    Ok(Some(Some(change)))
+}

@@ -1,0 +1,1030 @@
+//! Users, sessions and revocation (issue 17): the permissions matrix of
+//! every user endpoint, bad input, `auth/me` and password change, refresh
+//! rotation and reuse detection, login throttling, and revocation reaching
+//! REST and WebSockets of two server instances within a second.
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use sales_e2e::{eventually, Api, RunningServer, TestDb};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+const PASSWORD: &str = "password-123";
+
+async fn add_user(db: &TestDb, email: &str, role: &str, stores: &[i64]) -> i64 {
+    sales_server::users::upsert_user(&db.pool, email, role, stores, PASSWORD)
+        .await
+        .expect("create user")
+        .0
+}
+
+/// Logs in; returns the whole answer.
+async fn login(server: &RunningServer, email: &str, password: &str) -> (u16, Value) {
+    Api::new(server, None)
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": email, "password": password}),
+        )
+        .await
+}
+
+async fn client(server: &RunningServer, email: &str) -> (Api, Value) {
+    let (st, body) = login(server, email, PASSWORD).await;
+    assert_eq!(st, 200, "login {email}: {body}");
+    (
+        Api::new(server, Some(body["token"].as_str().unwrap())),
+        body,
+    )
+}
+
+async fn patch(api: &Api, path: &str, body: Value) -> (u16, Value) {
+    api.send_json(Method::PATCH, path, &body).await
+}
+
+async fn delete(api: &Api, path: &str) -> u16 {
+    api.req(Method::DELETE, path)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Stores 1..3; admin, a manager of stores A and B, staff of A, staff of C,
+/// a manager of C.
+struct World {
+    db: TestDb,
+    server: RunningServer,
+    stores: Vec<i64>,
+    admin: Api,
+    manager: Api,
+    staff: Api,
+    other_manager: Api,
+    manager_id: i64,
+    staff_id: i64,
+    other_staff_id: i64,
+}
+
+async fn world(overrides: &[(&str, &str)]) -> World {
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await;
+    let server = db.server(overrides).await;
+    add_user(&db, "admin@x.test", "admin", &[]).await;
+    let manager_id = add_user(&db, "manager@x.test", "manager", &stores[..2]).await;
+    let staff_id = add_user(&db, "staff@x.test", "staff", &[stores[0]]).await;
+    let other_staff_id = add_user(&db, "staff-c@x.test", "staff", &[stores[2]]).await;
+    add_user(&db, "manager-c@x.test", "manager", &[stores[2]]).await;
+    let (admin, _) = client(&server, "admin@x.test").await;
+    let (manager, _) = client(&server, "manager@x.test").await;
+    let (staff, _) = client(&server, "staff@x.test").await;
+    let (other_manager, _) = client(&server, "manager-c@x.test").await;
+    World {
+        db,
+        server,
+        stores,
+        admin,
+        manager,
+        staff,
+        other_manager,
+        manager_id,
+        staff_id,
+        other_staff_id,
+    }
+}
+
+fn ids(body: &Value) -> Vec<i64> {
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn permissions_matrix() {
+    let w = world(&[]).await;
+    let (a, b, c) = (w.stores[0], w.stores[1], w.stores[2]);
+
+    // List: admins see everyone, managers the staff of their stores, staff nothing.
+    let (st, all) = w.admin.get("/api/v2/users").await;
+    assert_eq!(st, 200, "{all}");
+    assert_eq!(ids(&all).len(), 5);
+    assert!(all["data"][0].get("passwordHash").is_none());
+    let (st, mine) = w.manager.get("/api/v2/users").await;
+    assert_eq!(st, 200);
+    assert_eq!(ids(&mine), vec![w.staff_id]);
+    let (_, theirs) = w.other_manager.get("/api/v2/users").await;
+    assert_eq!(ids(&theirs), vec![w.other_staff_id]);
+    assert_eq!(w.staff.get("/api/v2/users").await.0, 403);
+
+    // Get one.
+    let staff_path = format!("/api/v2/users/{}", w.staff_id);
+    assert_eq!(w.admin.get(&staff_path).await.0, 200);
+    assert_eq!(w.manager.get(&staff_path).await.0, 200);
+    assert_eq!(w.other_manager.get(&staff_path).await.0, 403);
+    assert_eq!(w.staff.get(&staff_path).await.0, 200, "oneself");
+    let manager_path = format!("/api/v2/users/{}", w.manager_id);
+    assert_eq!(w.staff.get(&manager_path).await.0, 403);
+    assert_eq!(w.manager.get(&manager_path).await.0, 200, "oneself");
+    assert_eq!(w.admin.get("/api/v2/users/999999").await.0, 404);
+
+    // Create.
+    let new = |email: &str, role: &str, stores: &[i64]| json!({"email": email, "role": role, "stores": stores, "password": "a-fine-password"});
+    let (st, body) = w
+        .admin
+        .post("/api/v2/users", &new("m2@x.test", "manager", &[c]))
+        .await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["data"]["stores"], json!([c]));
+    let (st, body) = w
+        .manager
+        .post("/api/v2/users", &new("s2@x.test", "staff", &[b]))
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let s2 = body["data"]["id"].as_i64().unwrap();
+    let (st, body) = w
+        .manager
+        .post("/api/v2/users", &new("s3@x.test", "staff", &[b, c]))
+        .await;
+    assert_eq!(st, 403, "a store the manager does not manage: {body}");
+    assert_eq!(body["error"]["details"]["storeIds"], json!([c]));
+    let (st, _) = w
+        .manager
+        .post("/api/v2/users", &new("m3@x.test", "manager", &[a]))
+        .await;
+    assert_eq!(st, 403, "a role above staff");
+    let (st, _) = w
+        .manager
+        .post("/api/v2/users", &new("a3@x.test", "admin", &[]))
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = w
+        .staff
+        .post("/api/v2/users", &new("s4@x.test", "staff", &[a]))
+        .await;
+    assert_eq!(st, 403);
+
+    // Patch: a manager changes staff of their stores only, within their stores.
+    let s2_path = format!("/api/v2/users/{s2}");
+    let (st, body) = patch(&w.manager, &s2_path, json!({"stores": [a, b]})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["stores"], json!([a, b]));
+    let (st, _) = patch(&w.manager, &s2_path, json!({"stores": [c]})).await;
+    assert_eq!(st, 403);
+    let (st, _) = patch(&w.manager, &s2_path, json!({"role": "manager"})).await;
+    assert_eq!(st, 403);
+    let (st, _) = patch(
+        &w.manager,
+        &s2_path,
+        json!({"password": "another-password"}),
+    )
+    .await;
+    assert_eq!(st, 403, "only admins set passwords");
+    let (st, _) = patch(&w.other_manager, &s2_path, json!({"disabled": true})).await;
+    assert_eq!(st, 403, "not staff of their stores");
+    let (st, _) = patch(&w.staff, &s2_path, json!({"disabled": true})).await;
+    assert_eq!(st, 403);
+    let (st, _) = patch(&w.manager, &manager_path, json!({"stores": [a]})).await;
+    assert_eq!(
+        st, 403,
+        "a manager does not change managers, themselves included"
+    );
+    // The admin gives s2 store C too; the manager then changes only A/B.
+    let (st, _) = patch(&w.admin, &s2_path, json!({"stores": [a, c]})).await;
+    assert_eq!(st, 200);
+    let (st, body) = patch(&w.manager, &s2_path, json!({"stores": [b]})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        body["data"]["stores"],
+        json!([b]),
+        "the manager sees their stores"
+    );
+    let (_, full) = w.admin.get(&s2_path).await;
+    assert_eq!(full["data"]["stores"], json!([b, c]), "store C was kept");
+    let (st, body) = patch(&w.manager, &s2_path, json!({"disabled": true})).await;
+    assert_eq!(st, 200);
+    assert_eq!(body["data"]["disabled"], true);
+
+    // Delete: admins only.
+    assert_eq!(delete(&w.manager, &s2_path).await, 403);
+    assert_eq!(delete(&w.staff, &s2_path).await, 403);
+    assert_eq!(delete(&w.admin, &s2_path).await, 204);
+    assert_eq!(w.admin.get(&s2_path).await.0, 404);
+    assert_eq!(delete(&w.admin, &s2_path).await, 404);
+    w.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_why() {
+    let w = world(&[]).await;
+    let post = |body: Value| {
+        let api = w.admin.clone();
+        async move { api.post("/api/v2/users", &body).await }
+    };
+    let (st, body) = post(json!({"email": "STAFF@x.test", "role": "staff", "stores": [w.stores[0]], "password": "a-fine-password"})).await;
+    assert_eq!(st, 409, "duplicate email, whatever its case: {body}");
+    assert_eq!(body["error"]["details"]["field"], "email");
+    let (st, body) = post(json!({"email": "n@x.test", "role": "staff", "stores": [w.stores[0], 987654], "password": "a-fine-password"})).await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["storeIds"], json!([987654]));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("987654"));
+    let (st, body) =
+        post(json!({"email": "n@x.test", "role": "staff", "password": "a-fine-password"})).await;
+    assert_eq!(st, 422, "staff without stores: {body}");
+    assert_eq!(body["error"]["details"]["field"], "stores");
+    for (password, why) in [
+        ("short", "at least 8"),
+        ("aaaaaaaaaaaa", "different"),
+        ("Password123", "common"),
+        ("n@x.test", "email"),
+    ] {
+        let (st, body) =
+            post(json!({"email": "n@x.test", "role": "admin", "password": password})).await;
+        assert_eq!(st, 422, "{password}: {body}");
+        assert_eq!(body["error"]["details"]["field"], "password");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{password}: {body}"
+        );
+    }
+    let (st, body) =
+        post(json!({"email": "not-an-email", "role": "admin", "password": "a-fine-password"}))
+            .await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "email");
+    let (st, _) =
+        post(json!({"email": "n@x.test", "role": "owner", "password": "a-fine-password"})).await;
+    assert_eq!(st, 400, "unknown role");
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, 400, "an empty patch");
+
+    // The last enabled admin can be neither demoted, disabled nor deleted.
+    let (_, me) = w.admin.get("/api/v2/auth/me").await;
+    let admin_path = format!("/api/v2/users/{}", me["id"]);
+    let (st, body) = patch(&w.admin, &admin_path, json!({"disabled": true})).await;
+    assert_eq!(st, 409, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("last"));
+    let (st, _) = patch(
+        &w.admin,
+        &admin_path,
+        json!({"role": "manager", "stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(st, 409);
+    assert_eq!(delete(&w.admin, &admin_path).await, 409);
+    let (_, again) = w.admin.get(&admin_path).await;
+    assert_eq!(
+        (
+            again["data"]["role"].as_str(),
+            again["data"]["disabled"].as_bool()
+        ),
+        (Some("admin"), Some(false)),
+        "nothing was half-written"
+    );
+    // With a second admin it can.
+    let (st, _) =
+        post(json!({"email": "admin2@x.test", "role": "admin", "password": "a-fine-password"}))
+            .await;
+    assert_eq!(st, 201);
+    let (st, _) = patch(
+        &w.admin,
+        &admin_path,
+        json!({"role": "manager", "stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, body) = w.admin.get("/api/v2/users").await;
+    assert_eq!(st, 401, "the demoted admin's token is revoked: {body}");
+    w.server.stop().await;
+}
+
+#[tokio::test]
+async fn me_and_password_change() {
+    let w = world(&[]).await;
+    let (st, me) = w.staff.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["id"], w.staff_id);
+    assert_eq!(me["role"], "staff");
+    assert_eq!(me["stores"], json!([w.stores[0]]));
+    assert_eq!(me["registered"], true);
+    assert!(me["sessionId"].is_string());
+
+    // A second session of the same user.
+    let (other, _) = client(&w.server, "staff@x.test").await;
+    let change = |current: &str, new: &str| {
+        let api = w.staff.clone();
+        let body = json!({"currentPassword": current, "newPassword": new});
+        async move { api.post("/api/v2/auth/password", &body).await }
+    };
+    let (st, body) = change("wrong-password", "a-new-password-1").await;
+    assert_eq!(st, 403, "{body}");
+    let (st, body) = change(PASSWORD, "abcabcabc").await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "newPassword");
+    let (st, body) = change(PASSWORD, "a-new-password-1").await;
+    assert_eq!(st, 200, "{body}");
+    let fresh = Api::new(&w.server, Some(body["token"].as_str().unwrap()));
+    assert_eq!(fresh.get("/api/v2/auth/me").await.0, 200);
+    // Every earlier session ended: access tokens and refresh tokens.
+    for old in [&w.staff, &other] {
+        let (st, body) = old.get("/api/v2/auth/me").await;
+        assert_eq!(st, 401, "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("password"));
+    }
+    assert_eq!(login(&w.server, "staff@x.test", PASSWORD).await.0, 401);
+    assert_eq!(
+        login(&w.server, "staff@x.test", "a-new-password-1").await.0,
+        200
+    );
+    w.server.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_session() {
+    let w = world(&[]).await;
+    let (_, first) = client(&w.server, "staff@x.test").await;
+    assert!(
+        first["expiresIn"].as_i64().unwrap() <= 900,
+        "short access tokens"
+    );
+    let anon = Api::new(&w.server, None);
+    let refresh = |token: &Value| {
+        let anon = anon.clone();
+        let body = json!({"refreshToken": token});
+        async move { anon.post("/api/v2/auth/refresh", &body).await }
+    };
+    let (st, second) = refresh(&first["refreshToken"]).await;
+    assert_eq!(st, 200, "{second}");
+    assert_ne!(second["refreshToken"], first["refreshToken"]);
+    assert_eq!(second["sessionId"], first["sessionId"]);
+    // Stored as its SHA-256, never as the token.
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM auth.refresh_tokens WHERE token_hash = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(second["refreshToken"].as_str().unwrap())
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 1);
+    let access = Api::new(&w.server, Some(second["token"].as_str().unwrap()));
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
+
+    // A new scope comes with the next refresh.
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"stores": [w.stores[0], w.stores[1]]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        access.get("/api/v2/auth/me").await.0,
+        401,
+        "old scope refused"
+    );
+    let (st, third) = refresh(&second["refreshToken"]).await;
+    assert_eq!(st, 200, "{third}");
+    assert_eq!(third["user"]["stores"], json!([w.stores[0], w.stores[1]]));
+    let access = Api::new(&w.server, Some(third["token"].as_str().unwrap()));
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
+
+    // The first token again: reuse. The whole session is revoked.
+    let (st, body) = refresh(&first["refreshToken"]).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("already used"));
+    let (st, body) = access.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "the session's access token: {body}");
+    assert_eq!(
+        refresh(&third["refreshToken"]).await.0,
+        401,
+        "and its newest refresh token"
+    );
+    assert_eq!(refresh(&json!("not-a-token")).await.0, 401);
+    let reason: String =
+        sqlx::query_scalar("SELECT revoked_reason FROM auth.sessions WHERE id::text = $1")
+            .bind(first["sessionId"].as_str().unwrap())
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "reuse");
+
+    // Logout ends a session; a second logout is fine, an unknown token is 401.
+    let (_, s) = client(&w.server, "staff@x.test").await;
+    let access = Api::new(&w.server, Some(s["token"].as_str().unwrap()));
+    let logout = |t: Value| {
+        let anon = anon.clone();
+        async move {
+            anon.req(Method::POST, "/api/v2/auth/logout")
+                .json(&json!({"refreshToken": t}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(logout(s["refreshToken"].clone()).await, 204);
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 401);
+    assert_eq!(refresh(&s["refreshToken"]).await.0, 401);
+    assert_eq!(logout(s["refreshToken"].clone()).await, 204);
+    assert_eq!(logout(json!("nope")).await, 401);
+    // A disabled user cannot refresh, nor after being enabled again: their
+    // sessions ended.
+    let (_, s) = client(&w.server, "staff@x.test").await;
+    let staff_path = format!("/api/v2/users/{}", w.staff_id);
+    patch(&w.admin, &staff_path, json!({"disabled": true})).await;
+    assert_eq!(refresh(&s["refreshToken"]).await.0, 401);
+    patch(&w.admin, &staff_path, json!({"disabled": false})).await;
+    let (st, body) = refresh(&s["refreshToken"]).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("ended"),
+        "{body}"
+    );
+    patch(&w.admin, &staff_path, json!({"disabled": true})).await;
+    let (st, body) = login(&w.server, "staff@x.test", PASSWORD).await;
+    assert_eq!(st, 403, "{body}");
+
+    // All of it is in the user's history, newest first, with who did it.
+    let history = format!("/api/v2/users/{}/history", w.staff_id);
+    let (st, h) = w.admin.get(&history).await;
+    assert_eq!(st, 200, "{h}");
+    let kinds: Vec<(&str, Option<&str>)> = h["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap(), e["data"]["reason"].as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("user-updated", None),
+            ("user-updated", None),
+            ("user-updated", None),
+            ("session-revoked", Some("logout")),
+            ("session-revoked", Some("reuse")),
+            ("user-updated", None),
+            ("user-created", None),
+        ],
+        "{h}"
+    );
+    let (_, me) = w.admin.get("/api/v2/auth/me").await;
+    assert_eq!(h["data"][0]["actorId"], me["id"], "the admin disabled them");
+    assert_eq!(h["data"][0]["data"]["changed"], json!(["disabled"]));
+    assert_eq!(h["data"][5]["data"]["changed"], json!(["stores"]));
+    assert_eq!(
+        w.manager.get(&history).await.0,
+        200,
+        "staff of the manager's store"
+    );
+    assert_eq!(w.other_manager.get(&history).await.0, 403);
+    w.server.stop().await;
+}
+
+/// Per account and per address, with a growing delay; unknown and known
+/// emails answer alike.
+#[tokio::test]
+async fn login_throttling_per_account_and_address() {
+    let db = TestDb::new().await;
+    let server = db
+        .server(&[
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "2"),
+            ("LOGIN_ATTEMPTS_PER_IP", "4"),
+        ])
+        .await;
+    add_user(&db, "known@x.test", "admin", &[]).await;
+    let (st_known, known) = login(&server, "known@x.test", "wrong-password").await;
+    let (st_unknown, unknown) = login(&server, "unknown@x.test", "wrong-password").await;
+    assert_eq!((st_known, st_unknown), (401, 401));
+    assert_eq!(known["error"]["message"], unknown["error"]["message"]);
+    // Second failure for `known`: its account now waits, another does not.
+    assert_eq!(
+        login(&server, "known@x.test", "wrong-password").await.0,
+        401
+    );
+    let (st, body) = login(&server, "known@x.test", PASSWORD).await;
+    assert_eq!(st, 429, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("account"));
+    // An unknown email is throttled the same way (nothing tells them apart).
+    add_user(&db, "fresh@x.test", "admin", &[]).await;
+    assert_eq!(
+        login(&server, "unknown@x.test", "wrong-password").await.0,
+        401
+    );
+    let failed_at = Instant::now();
+    let (st, _) = login(&server, "unknown@x.test", "wrong-password").await;
+    assert_eq!(st, 429);
+    // Four failures from this address in all: every account now waits
+    // (the first wait is 1 s; on a machine too slow to ask within it the
+    // login goes through, which only the elapsed time may excuse).
+    let (st, body) = login(&server, "fresh@x.test", PASSWORD).await;
+    let waited = failed_at.elapsed();
+    if st != 429 {
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{st} {body} after {waited:?}"
+        );
+    } else {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("address"),
+            "{body}"
+        );
+    }
+    server.stop().await;
+}
+
+/// Waits for the close frame of a WebSocket; returns its code.
+async fn close_code(ws: &mut sales_e2e_ws::Socket) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a close frame in time")
+        {
+            Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
+mod sales_e2e_ws {
+    pub type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+}
+
+async fn open_ws(server: &RunningServer, token: &str) -> sales_e2e_ws::Socket {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", server.addr))
+            .await
+            .expect("ws connect");
+    // The `ready` frame: the connection is registered.
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("ready") => return ws,
+            Some(Ok(_)) => continue,
+            other => panic!("no ready frame: {other:?}"),
+        }
+    }
+}
+
+/// Two instances on one database: a change made through one is refused
+/// on the other within a second, for REST and WebSockets alike, with a close
+/// code that says why; the admins' `admin` channel sees the change.
+#[tokio::test]
+async fn revocation_reaches_every_instance_within_a_second() {
+    let w = world(&[]).await;
+    let b = w.db.server(&[]).await;
+    let (_, staff_session) = client(&b, "staff@x.test").await;
+    let token = staff_session["token"].as_str().unwrap().to_string();
+    let on_b = Api::new(&b, Some(&token));
+    assert_eq!(on_b.get("/api/v2/auth/me").await.0, 200);
+    let mut ws = open_ws(&b, &token).await;
+    // An admin on instance B follows the audit channel.
+    let (_, admin_session) = client(&b, "admin@x.test").await;
+    let mut audit = open_ws(&b, admin_session["token"].as_str().unwrap()).await;
+    futures_util::SinkExt::send(
+        &mut audit,
+        Message::text(json!({"type": "subscribe", "event": "admin"}).to_string()),
+    )
+    .await
+    .unwrap();
+
+    // Disabled through instance A.
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"disabled": true}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let t0 = Instant::now();
+    let (st, body) = eventually(Duration::from_secs(5), "401 on instance B", || async {
+        let (st, body) = on_b.get("/api/v2/auth/me").await;
+        (st == 401).then_some((st, body))
+    })
+    .await;
+    let rest = t0.elapsed();
+    assert_eq!(st, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disabled"),
+        "{body}"
+    );
+    assert_eq!(close_code(&mut ws).await, 4010, "closed: account disabled");
+    let socket = t0.elapsed();
+    println!("revocation on the second instance: REST refused after {rest:?}, WebSocket closed after {socket:?}");
+    assert!(rest < Duration::from_secs(1), "REST refused after {rest:?}");
+    assert!(
+        socket < Duration::from_secs(1),
+        "WebSocket closed after {socket:?}"
+    );
+    // A new WebSocket with the old token is refused as well.
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", b.addr)).await;
+    assert!(refused.is_err(), "upgrade with a revoked token");
+
+    // The audit event reached the admin on B.
+    let audit_event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Ok(Message::Text(t))) = audit.next().await {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["event"] == "user-updated" {
+                    return v;
+                }
+            }
+        }
+    })
+    .await
+    .expect("user-updated on the admin channel");
+    assert_eq!(audit_event["data"]["userId"], w.staff_id);
+    assert_eq!(audit_event["data"]["disabled"], true);
+    assert_eq!(audit_event["data"]["changed"], json!(["disabled"]));
+
+    // A role change closes with 4012, a logout on A with 4014 on B, a
+    // deletion with 4011.
+    let (_, m) = client(&b, "manager@x.test").await;
+    let mut mws = open_ws(&b, m["token"].as_str().unwrap()).await;
+    patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.manager_id),
+        json!({"stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(close_code(&mut mws).await, 4012);
+    let (_, m) = client(&b, "manager@x.test").await;
+    let mut mws = open_ws(&b, m["token"].as_str().unwrap()).await;
+    let st = Api::new(&w.server, None)
+        .req(Method::POST, "/api/v2/auth/logout")
+        .json(&json!({"refreshToken": m["refreshToken"]}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(st, 204);
+    assert_eq!(close_code(&mut mws).await, 4014);
+    let (_, m) = client(&b, "manager@x.test").await;
+    let mut mws = open_ws(&b, m["token"].as_str().unwrap()).await;
+    assert_eq!(
+        delete(&w.admin, &format!("/api/v2/users/{}", w.manager_id)).await,
+        204
+    );
+    assert_eq!(close_code(&mut mws).await, 4011);
+    let on_b = Api::new(&b, Some(m["token"].as_str().unwrap()));
+    let (st, _) = on_b.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401);
+
+    // Counted: four closes on B (4010, 4012, 4014, 4011).
+    let metrics = reqwest::get(b.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("websocket_closed_revoked_total") && l.ends_with(" 4")),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("revoked"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // An instance started after the changes refuses the same tokens.
+    let c = w.db.server(&[]).await;
+    assert_eq!(
+        Api::new(&c, Some(&token)).get("/api/v2/auth/me").await.0,
+        401
+    );
+    assert_eq!(
+        Api::new(&c, Some(m["token"].as_str().unwrap()))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        401
+    );
+    c.stop().await;
+    b.stop().await;
+    w.server.stop().await;
+}
+
+/// An RSA key made with openssl: (private PEM, its JWK with `kid`).
+fn rsa_key(dir: &std::path::Path, kid: &str) -> (Vec<u8>, Value) {
+    let pem = dir.join(format!("{kid}.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl genpkey");
+    let out = std::process::Command::new("openssl")
+        .args(["rsa", "-noout", "-modulus", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let hex = text.trim().strip_prefix("Modulus=").expect("modulus");
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwk = json!({"kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig",
+                     "n": b64.encode(n), "e": "AQAB"});
+    (std::fs::read(&pem).unwrap(), jwk)
+}
+
+fn outside_token(
+    pem: &[u8],
+    kid: &str,
+    sub: &str,
+    email: &str,
+    role: &str,
+    stores: &[i64],
+) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    let now = chrono::Utc::now().timestamp();
+    jsonwebtoken::encode(
+        &header,
+        &json!({"sub": sub, "email": email, "role": role, "stores": stores,
+                "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(pem).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Serves `body` (changeable) at `http://addr/jwks.json`.
+async fn jwks_server(body: std::sync::Arc<std::sync::Mutex<String>>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Outside identity provider: RS256 tokens verified with the JWKS key they
+/// name, from a file or a URL; a new key is accepted once published, a
+/// withdrawn one refused; the token's user is matched by email to a user
+/// here, whose disabling then applies to it.
+#[tokio::test]
+async fn jwks_rotation_and_outside_users() {
+    let dir = std::env::temp_dir().join(format!("pgs_jwks_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k1, jwk1) = rsa_key(&dir, "k1");
+    let (k2, jwk2) = rsa_key(&dir, "k2");
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, json!({"keys": [jwk1]}).to_string()).unwrap();
+
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db
+        .server(&[
+            ("JWT_JWKS_FILE", file.to_str().unwrap()),
+            ("JWT_JWKS_REFRESH", "1s"),
+        ])
+        .await;
+    add_user(&db, "admin@x.test", "admin", &[]).await;
+    let local = add_user(&db, "ext@x.test", "manager", &[stores[0]]).await;
+    let (admin, _) = client(&server, "admin@x.test").await;
+
+    // Matched by email: the token's numeric sub names nobody here.
+    let t1 = outside_token(&k1, "k1", "990001", "EXT@x.test", "manager", &[stores[0]]);
+    let ext = Api::new(&server, Some(&t1));
+    let (st, me) = ext.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(
+        (me["id"].as_i64(), me["registered"].as_bool()),
+        (Some(local), Some(true))
+    );
+    // Disabled here: the provider's token is refused too; enabled: accepted again.
+    let path = format!("/api/v2/users/{local}");
+    assert_eq!(patch(&admin, &path, json!({"disabled": true})).await.0, 200);
+    let (st, body) = ext.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "{body}");
+    assert_eq!(
+        patch(&admin, &path, json!({"disabled": false})).await.0,
+        200
+    );
+    assert_eq!(
+        ext.get("/api/v2/auth/me").await.0,
+        200,
+        "outside tokens know no generation"
+    );
+    // An unmatched user with a numeric sub keeps working, as before.
+    let other = outside_token(&k1, "k1", "990002", "nobody@x.test", "staff", &[stores[1]]);
+    assert_eq!(
+        Api::new(&server, Some(&other))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        200
+    );
+    let unnamed = outside_token(&k1, "k1", "abc", "nobody@x.test", "staff", &[stores[1]]);
+    assert_eq!(
+        Api::new(&server, Some(&unnamed))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        401
+    );
+
+    // Rotation through the file: k2 published, k1 withdrawn.
+    let t2 = outside_token(&k2, "k2", "990001", "ext@x.test", "manager", &[stores[0]]);
+    assert_eq!(
+        Api::new(&server, Some(&t2)).get("/api/v2/auth/me").await.0,
+        401,
+        "k2 not published yet"
+    );
+    std::fs::write(&file, json!({"keys": [jwk2]}).to_string()).unwrap();
+    eventually(Duration::from_secs(15), "the new key accepted", || async {
+        (Api::new(&server, Some(&t2)).get("/api/v2/auth/me").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(ext.get("/api/v2/auth/me").await.0, 401, "the withdrawn key");
+
+    // The same from a URL.
+    let served = std::sync::Arc::new(std::sync::Mutex::new(
+        json!({"keys": [jwk1.clone()]}).to_string(),
+    ));
+    let addr = jwks_server(served.clone()).await;
+    let by_url = db
+        .server(&[
+            ("JWT_JWKS_URL", &format!("http://{addr}/jwks.json")),
+            ("JWT_JWKS_REFRESH", "1s"),
+        ])
+        .await;
+    assert_eq!(
+        Api::new(&by_url, Some(&t1)).get("/api/v2/auth/me").await.0,
+        200
+    );
+    *served.lock().unwrap() = json!({"keys": [jwk1, jwk2]}).to_string();
+    eventually(
+        Duration::from_secs(15),
+        "the new key from the URL",
+        || async {
+            (Api::new(&by_url, Some(&t2)).get("/api/v2/auth/me").await.0 == 200).then_some(())
+        },
+    )
+    .await;
+    by_url.stop().await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn cli(db: &TestDb, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(sales_e2e::server_bin());
+    cmd.args(args)
+        .envs(db.env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("sales-server");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+/// `user list|disable|enable|set-password`: a change from the command line
+/// reaches a running server through its event, like any other.
+#[tokio::test]
+async fn command_line_user_management() {
+    let w = world(&[]).await;
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = cli(&w.db, &["user", "list"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = text(&out);
+    for email in [
+        "admin@x.test",
+        "manager@x.test",
+        "staff@x.test",
+        "staff-c@x.test",
+    ] {
+        assert!(listed.contains(email), "{listed}");
+    }
+
+    let out = cli(&w.db, &["user", "disable", "--email", "STAFF@x.test"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    eventually(
+        Duration::from_secs(5),
+        "the running server refuses the token",
+        || async { (w.staff.get("/api/v2/auth/me").await.0 == 401).then_some(()) },
+    )
+    .await;
+    assert!(text(&cli(&w.db, &["user", "list"], None)).contains("disabled"));
+    assert_eq!(login(&w.server, "staff@x.test", PASSWORD).await.0, 403);
+    let out = cli(&w.db, &["user", "enable", "--email", "staff@x.test"], None);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = cli(
+        &w.db,
+        &[
+            "user",
+            "set-password",
+            "--email",
+            "staff@x.test",
+            "--password",
+            "short",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--password: must be at least 8"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(
+        &w.db,
+        &["user", "set-password", "--email", "staff@x.test"],
+        Some("from-stdin-pass\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        login(&w.server, "staff@x.test", "from-stdin-pass").await.0,
+        200
+    );
+    let out = cli(
+        &w.db,
+        &["user", "disable", "--email", "nobody@x.test"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no user nobody@x.test"),
+        "{}",
+        text(&out)
+    );
+    // The last enabled admin stays.
+    let out = cli(&w.db, &["user", "disable", "--email", "admin@x.test"], None);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("last enabled admin"), "{}", text(&out));
+    w.server.stop().await;
+}
