@@ -6,9 +6,11 @@
 //! response without parsing it.
 
 mod batch;
+mod history;
 mod list;
 mod model;
 
+pub use history::{parse_as_of, HistoryPage, HistoryResponse, MAX_HISTORY_LIMIT};
 pub use list::{
     check_cursor_values, decode_cursor, encode_cursor, list_body, parse_sort, sort_spec, ListQuery,
     SortKey,
@@ -267,7 +269,9 @@ impl SalesApi {
     }
 
     /// One sales record by id, with optional `fields` / `exclude`. A record outside the
-    /// caller's scope is 404, as a missing one.
+    /// caller's scope is 404, as a missing one. With `asOf`, the record as it was then, read
+    /// back from its history: 404 with the reason when it did not exist then (not yet
+    /// inserted, or deleted), 410 when that version is older than the retained history.
     #[oai(path = "/api/v2/sales/:id", method = "get")]
     async fn get_one(
         &self,
@@ -275,8 +279,52 @@ impl SalesApi {
         id: Path<i64>,
         fields: Query<Option<String>>,
         exclude: Query<Option<String>>,
+        /// A time (RFC 3339, e.g. `2024-06-01T12:00:00Z`) or a date (midnight UTC).
+        #[oai(name = "asOf")]
+        as_of: Query<Option<String>>,
     ) -> ApiResult<OneResponse> {
         let projection = parse_projection(&SALES_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        if let Some(raw) = as_of.0.as_deref() {
+            let at = parse_as_of(raw)?;
+            let tags = vec![
+                crate::cache::tag_row(id.0),
+                crate::cache::TAG_STORES.to_string(),
+            ];
+            let params = (id.0, at, &projection.fields, &projection.excluded);
+            let body = cached(
+                &self.state,
+                "sales.get_as_of",
+                &params,
+                &auth.0,
+                tags,
+                || {
+                    history::as_of_body(
+                        &self.state,
+                        id.0,
+                        at,
+                        &projection.fields,
+                        &projection.excluded,
+                        &auth.0,
+                    )
+                },
+            )
+            .await?;
+            if body.starts_with("{\"data\"") {
+                return Ok(OneResponse::Ok(RawJson::new(body)));
+            }
+            let v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
+            if let Some(why) = v["gone"].as_str() {
+                return Ok(OneResponse::Gone(super::error::ErrorBody::new(
+                    "gone", why, None,
+                )));
+            }
+            return Err(ApiError::not_found(
+                v["missing"]
+                    .as_str()
+                    .unwrap_or("no such version")
+                    .to_string(),
+            ));
+        }
         let tags = vec![
             crate::cache::tag_row(id.0),
             crate::cache::TAG_STORES.to_string(),
@@ -287,6 +335,40 @@ impl SalesApi {
         })
         .await?;
         Ok(OneResponse::Ok(RawJson::new(body)))
+    }
+
+    /// The history of a sales record, newest first: every retained version with its time,
+    /// actor (user id and email, or `sql` for a write that named no user), operation, job
+    /// (imports, asynchronous batches) and, for each changed day, the old and new value.
+    /// Paged by `beforeVersion` (`meta.nextBeforeVersion`). Versions older than the retained
+    /// history (`HISTORY_RETENTION`) are reported in `meta.gone`; a page wholly older is 410.
+    /// A record with a store outside the caller's scope (now or in its history) is 404.
+    #[oai(path = "/api/v2/sales/:id/history", method = "get")]
+    async fn history(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        /// Versions per page, default 50, at most 200.
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
+        limit: Query<Option<i64>>,
+        /// Only versions older than this one (`meta.nextBeforeVersion` of the previous page).
+        #[oai(name = "beforeVersion", validator(minimum(value = "1")))]
+        before_version: Query<Option<i64>>,
+    ) -> ApiResult<HistoryResponse> {
+        let limit = limit.0.unwrap_or(DEFAULT_LIMIT);
+        if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_param(
+                "limit",
+                format!("must be between 1 and {MAX_HISTORY_LIMIT}"),
+            ));
+        }
+        let tags = vec![crate::cache::tag_row(id.0)];
+        let params = (id.0, limit, before_version.0);
+        let body = cached(&self.state, "sales.history", &params, &auth.0, tags, || {
+            history::history_body(&self.state, id.0, &auth.0, limit, before_version.0)
+        })
+        .await?;
+        history::history_response(body)
     }
 
     /// Validate and upsert many store-months in one transaction. With `atomic` (default) any

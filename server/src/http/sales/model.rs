@@ -74,6 +74,9 @@ pub enum OneResponse {
     /// The record.
     #[oai(status = 200)]
     Ok(RawJson<SalesOne>),
+    /// `asOf` is older than the record's retained history.
+    #[oai(status = 410)]
+    Gone(Json<crate::http::error::ErrorBody>),
 }
 
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
