@@ -144,6 +144,7 @@ pub(crate) async fn tx_cache_tags(
             row_version: None,
             payload,
             created_at: DateTime::<Utc>::MIN_UTC,
+            region: None,
         })
         .collect();
     Ok(crate::events::rules::cache_tags(&events))
