@@ -41,8 +41,10 @@ fn arm_notify() -> bool {
 
 /// The event of one sales row written (`AFTER INSERT OR UPDATE ... FOR EACH
 /// ROW` on `sales.monthly_sales`): `sales-data-created` or
-/// `sales-data-updated` with the row's new totals, the days that changed and,
-/// for a row moved to another store or month, where it was before. An update
+/// `sales-data-updated` with the row's new totals, the days that changed (for
+/// an update, with their old values in `previousDays`: history is rebuilt
+/// from these, see `sql/history.sql`), the writing job (`jobId`) and, for a
+/// row moved to another store or month, where it was before. An update
 /// that left the row unchanged (same version, see `tg_sales_version`) makes
 /// no event.
 ///
