@@ -73,15 +73,20 @@ async fn main() {
              FROM sales.stores s,
                   generate_series(date '2026-01-01' - make_interval(months => {months}),
                                   date '2025-12-01', interval '1 month') p;
-         ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_events;
-         VACUUM ANALYZE sales.monthly_sales;
-         VACUUM ANALYZE sales.stores;",
+         ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_events;",
         stores = o.stores,
         months = o.months,
     ))
     .execute(&db.pool)
     .await
     .unwrap();
+    // Outside the load's transaction (VACUUM cannot run inside one).
+    for t in ["sales.monthly_sales", "sales.stores"] {
+        sqlx::query(&format!("VACUUM ANALYZE {t}"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
     let (rows, size): (i64, String) = sqlx::query_as(
         "SELECT count(*), pg_size_pretty(pg_total_relation_size('sales.monthly_sales')) FROM sales.monthly_sales",
     )
