@@ -610,10 +610,9 @@ impl Summary {
         w.sql(") AS ord, count(*) OVER () AS total FROM a");
         if self.compare.is_some() {
             w.sql(" LEFT JOIN b ON ");
-            let on: Vec<String> = keys
-                .iter()
-                .map(|k| format!("b.{k} IS NOT DISTINCT FROM a.{k}"))
-                .collect();
+            // Every dimension is NOT NULL (store, region, and dates), so a
+            // plain equality join (hashable, unlike IS NOT DISTINCT FROM).
+            let on: Vec<String> = keys.iter().map(|k| format!("b.{k} = a.{k}")).collect();
             w.sql(&on.join(" AND "));
         }
         w.sql(") x");
