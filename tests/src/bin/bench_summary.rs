@@ -100,7 +100,9 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    let server = db.server(&[("DB_QUERY_TIMEOUT", "120s"), ("LOG_LEVEL", "warn")]).await;
+    let server = db
+        .server(&[("DB_QUERY_TIMEOUT", "120s"), ("LOG_LEVEL", "warn")])
+        .await;
     let (_, token) = user_token(&db, &server, "bench@example.com", "admin", &[]).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}", server.addr);
@@ -115,9 +117,7 @@ async fn main() {
             .json(&json!({}))
             .send()
     };
-    println!(
-        "| query | groups | uncached median / slowest (ms) | cached median / slowest (ms) |"
-    );
+    println!("| query | groups | uncached median / slowest (ms) | cached median / slowest (ms) |");
     println!("|---|---|---|---|");
     for (label, q) in QUERIES {
         let mut cold = Vec::new();
