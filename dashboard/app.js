@@ -1,7 +1,9 @@
 // pg_sales live dashboard: plain JavaScript, no dependencies, works offline.
 //
 // REST (/api/v2) for the initial state, one WebSocket (/ws?token=JWT) for live
-// events. Sales events refetch the summaries (debounced); store events patch the
+// events (one `all-stores` subscription follows the whole chain). Sales events
+// refetch the summaries and the region x month / year-over-year analytics
+// (debounced); store events patch the
 // store list; export-progress events drive the export progress bar. When the
 // socket drops, the page shows that it is reconnecting, reconnects with
 // exponential backoff, re-subscribes and resumes from the last event id it saw.
@@ -56,6 +58,8 @@
     refreshFirstAt: 0,
     refreshFlash: new Set(),
     summarySeq: 0,
+    analyticsSeq: 0, // region x month and year-over-year (loadAnalytics)
+    analyticsTimer: null,
     exportJob: null,
     exportProgressEvents: 0,
   };
@@ -312,6 +316,7 @@
     $('main').focus();
     loadStores().then(subscribeAll, () => {});
     loadSummaries();
+    loadAnalytics();
     connect();
     startUsers();
   }
@@ -496,6 +501,103 @@
     }
   }
 
+  // ---------- analytics: region x month, this year against last ----------
+
+  const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+
+  function analyticsYear() {
+    return Number(String(state.month).slice(0, 4));
+  }
+
+  async function loadAnalytics() {
+    const seq = ++state.analyticsSeq;
+    const y = analyticsYear();
+    try {
+      const [grid, yoy] = await Promise.all([
+        api(`/api/v2/sales/summary?groupBy=region,month&metrics=totalSales&year=${y}`),
+        api(`/api/v2/sales/summary?groupBy=month&metrics=totalSales&year=${y}&compareTo=previousYear`),
+      ]);
+      if (seq !== state.analyticsSeq) return; // a newer request won
+      renderRegionMonths(grid.data || [], y);
+      renderYoy(yoy.data || [], y);
+    } catch (e) {
+      if (e.status === 401) return;
+      $('yoy-caption').textContent = `Could not load the analytics: ${e.message}`;
+    }
+  }
+
+  function scheduleAnalytics() {
+    if (state.analyticsTimer) return;
+    state.analyticsTimer = setTimeout(() => {
+      state.analyticsTimer = null;
+      loadAnalytics();
+    }, REFRESH_DEBOUNCE_MS);
+  }
+
+  function renderRegionMonths(rows, y) {
+    $('analytics-year').textContent = `· ${y}`;
+    const table = $('region-months');
+    const months = MONTHS.map((_, i) => `${y}-${String(i + 1).padStart(2, '0')}`);
+    const byRegion = new Map();
+    for (const r of rows) {
+      if (!byRegion.has(r.region)) byRegion.set(r.region, new Map());
+      byRegion.get(r.region).set(r.month, num(r.totalSales));
+    }
+    table.tHead.replaceChildren(el('tr', {},
+      el('th', { scope: 'col', text: 'Region' }),
+      ...MONTHS.map((m) => el('th', { scope: 'col', class: 'num', text: m })),
+      el('th', { scope: 'col', class: 'num', text: 'Year' })));
+    const regions = [...byRegion.keys()].sort();
+    table.tBodies[0].replaceChildren(...regions.map((region) => {
+      const cells = byRegion.get(region);
+      let total = 0;
+      const tds = months.map((ym) => {
+        const v = cells.get(ym);
+        total += v || 0;
+        return el('td', { class: 'num', 'data-month': ym, 'data-value': String(v || 0), text: v === undefined ? '–' : compact.format(v) });
+      });
+      return el('tr', { 'data-region': region },
+        el('th', { scope: 'row', text: region }), ...tds,
+        el('td', { class: 'num', 'data-value': String(total), text: compact.format(total) }));
+    }));
+    if (regions.length === 0) {
+      table.tBodies[0].append(el('tr', {}, el('td', { colspan: '14', class: 'muted', text: `No sales in ${y} yet.` })));
+    }
+    $('analytics-caption').textContent = 'Sales per region and month; updates live.';
+  }
+
+  function renderYoy(rows, y) {
+    const chart = $('yoy-chart');
+    const byMonth = new Map(rows.map((r) => [r.month, r]));
+    const data = MONTHS.map((label, i) => {
+      const r = byMonth.get(`${y}-${String(i + 1).padStart(2, '0')}`);
+      return { label, cur: r ? num(r.totalSales) : 0, prev: r && r.previous ? num(r.previous.totalSales) : 0 };
+    });
+    const width = Math.max(260, Math.floor(chart.clientWidth || 600));
+    const height = 180;
+    const top = 8;
+    const bottom = 20;
+    const max = Math.max(1, ...data.map((d) => Math.max(d.cur, d.prev)));
+    const slot = width / 12;
+    const bar = Math.max(2, slot * 0.35);
+    chart.setAttribute('viewBox', `0 0 ${width} ${height}`);
+    const parts = [];
+    data.forEach((d, i) => {
+      const x = i * slot + slot * 0.12;
+      const h = (v) => ((height - top - bottom) * v) / max;
+      const ym = `${y}-${String(i + 1).padStart(2, '0')}`;
+      const prev = svg('rect', { class: 'prev', x: x.toFixed(1), width: bar.toFixed(1), y: (height - bottom - h(d.prev)).toFixed(1), height: h(d.prev).toFixed(1), 'data-month': ym, 'data-value': String(d.prev) });
+      prev.append(svg('title', {}, `${d.label} ${y - 1}: ${nf0.format(d.prev)}`));
+      const cur = svg('rect', { class: 'cur', x: (x + bar).toFixed(1), width: bar.toFixed(1), y: (height - bottom - h(d.cur)).toFixed(1), height: h(d.cur).toFixed(1), 'data-month': ym, 'data-value': String(d.cur) });
+      cur.append(svg('title', {}, `${d.label} ${y}: ${nf0.format(d.cur)}`));
+      parts.push(prev, cur, svg('text', { x: (x + bar).toFixed(1), y: String(height - 6), 'text-anchor': 'middle' }, d.label));
+    });
+    chart.replaceChildren(...parts);
+    const sum = (k) => data.reduce((a, d) => a + d[k], 0);
+    const change = sum('prev') > 0 ? ` (${(((sum('cur') - sum('prev')) / sum('prev')) * 100).toFixed(1)}%)` : '';
+    $('yoy-caption').textContent = `${y} (blue): ${nf0.format(sum('cur'))} · ${y - 1} (grey): ${nf0.format(sum('prev'))}${change}`;
+  }
+
   // ---------- feed ----------
 
   function addFeed(kindClass, kindText, text, ts, id) {
@@ -532,10 +634,11 @@
     return false;
   }
 
+  // One subscription follows the whole chain (a scoped token gets its own
+  // stores' events), however many stores there are.
   function wantedChannels() {
-    const ch = ['stores', 'announcements'];
+    const ch = ['stores', 'announcements', 'all-stores'];
     if (isAdmin()) ch.push('admin');
-    for (const id of state.stores.keys()) ch.push(`sales-data-${id}`);
     return ch;
   }
 
@@ -728,6 +831,7 @@
         }
         addFeed('sales', SALES_VERBS[kind], text, ts, id);
         if (ym === state.month) scheduleRefresh(d.storeId);
+        if (Number(d.year) === analyticsYear() || Number(d.year) === analyticsYear() - 1) scheduleAnalytics();
         break;
       }
       case 'batch-completed': {
@@ -1023,6 +1127,7 @@
       if (!/^\d{4}-\d{2}$/.test(e.target.value)) return;
       state.month = e.target.value;
       loadSummaries();
+      loadAnalytics();
     });
     $('top-n').addEventListener('change', (e) => {
       state.topN = Number(e.target.value) || 0;

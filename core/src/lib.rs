@@ -12,6 +12,7 @@ pub mod pgnumeric;
 pub mod projection;
 pub mod record;
 pub mod sql;
+pub mod summary;
 
 /// One problem with one input value: where it is and why it is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

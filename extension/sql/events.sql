@@ -28,14 +28,20 @@ $$;
 -- updates fires the UPDATE row trigger only. Events follow the order the
 -- statement wrote the rows (batch_upsert writes in (store, year, month)
 -- order).
--- Deletes stay statement-level (one INSERT ... SELECT per statement).
+-- Deletes stay statement-level (one INSERT ... SELECT per statement). Like
+-- an update's `previousDays` (the old value of each changed day), a
+-- delete's holds the month's last daily data, so the record's history can
+-- be read back from its events; `jobId` names the job (import or
+-- asynchronous batch) that wrote, when one did.
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE job bigint := nullif(current_setting('sales.job_id', true), '')::bigint;
 BEGIN
     INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
            jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
-                              'version', o.version + 1)
+                              'version', o.version + 1, 'previousDays', o.daily_data)
+           || CASE WHEN job IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('jobId', job) END
     FROM old_rows o;
     RETURN NULL;
 END $$;
@@ -270,17 +276,30 @@ CREATE VIEW sales.event_delivery AS
 -- event gets PS410. The newest final event is always kept, so a reader that
 -- is up to date is never told to resync. The search walks the seq index
 -- from the oldest event: it reads what it deletes, plus one row.
-CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days') RETURNS bigint
+--
+-- History: with `history_retention` longer than `retention`, the sales
+-- events it deletes that are younger than `history_retention` move to
+-- sales.event_history, where sales.history still reads them; what is
+-- older than `history_retention` (or `retention` when it is NULL) leaves
+-- sales.event_history.
+CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days', history_retention interval DEFAULT NULL)
+RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
     horizon bigint;
     last_seq bigint;
     keep_from bigint;
+    cut bigint;
 BEGIN
     IF retention IS NULL OR retention < interval '0' THEN
         RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
     END IF;
+    IF history_retention IS NOT NULL AND history_retention < retention THEN
+        RAISE EXCEPTION 'history_retention must be at least retention (%), not %', retention, history_retention
+            USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM sales.event_history h WHERE h.created_at < now() - coalesce(history_retention, retention);
     horizon := sales.events_horizon();
     SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
     IF last_seq IS NULL THEN
@@ -289,7 +308,17 @@ BEGIN
     SELECT e.seq INTO keep_from FROM sales.events e
     WHERE e.created_at >= now() - retention AND e.seq <= last_seq
     ORDER BY e.seq LIMIT 1;
-    DELETE FROM sales.events e WHERE e.seq < least(coalesce(keep_from, last_seq), last_seq);
+    cut := least(coalesce(keep_from, last_seq), last_seq);
+    IF history_retention IS NOT NULL AND history_retention > retention THEN
+        INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
+        SELECT e.row_id, e.id, e.kind, e.store_id, e.actor_id, e.row_version, e.payload, e.created_at
+        FROM sales.events e
+        WHERE e.seq < cut AND e.row_id IS NOT NULL
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+          AND e.created_at >= now() - history_retention
+        ON CONFLICT DO NOTHING;
+    END IF;
+    DELETE FROM sales.events e WHERE e.seq < cut;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;

@@ -321,3 +321,28 @@ BEGIN
              CROSS JOIN LATERAL jsonb_each(m.daily_data) AS e(k, v)
         WHERE %s ORDER BY m.store_id, m.year, m.month, e.k::int$q$, w);
 END $$;
+
+-- Summaries (`GET /api/v2/sales/summary`): `group_by` any of store, region,
+-- year, quarter, month, week, weekday, day (comma-separated); `metrics`
+-- (totalSales, totalCustomers, months, stores by default; count,
+-- {sum|avg|min|max}{Sales|Customers|Transactions}, salesPerCustomer);
+-- `compare_to` previousPeriod or previousYear (`previous` and `changePct`
+-- in each row); `top` groups by `order_by`; and the filters of
+-- sales.list_sales. The statement comes from sales.summary_sql (Rust, the
+-- rules the server uses). Returns {"rows": [...], "groups": n}.
+CREATE FUNCTION sales.summary(group_by text DEFAULT NULL, metrics text DEFAULT NULL,
+    compare_to text DEFAULT NULL, top integer DEFAULT NULL, order_by text DEFAULT NULL,
+    store_ids bigint[] DEFAULT NULL, region text DEFAULT NULL,
+    year integer DEFAULT NULL, month integer DEFAULT NULL,
+    from_period text DEFAULT NULL, to_period text DEFAULT NULL,
+    min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    q text := sales.summary_sql(group_by, metrics, compare_to, top, order_by, store_ids, region,
+                                year, month, from_period, to_period, min_total_sales, max_total_sales);
+    r text;
+    n bigint;
+BEGIN
+    EXECUTE q INTO r, n;
+    RETURN jsonb_build_object('rows', r::jsonb, 'groups', n);
+END $$;

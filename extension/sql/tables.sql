@@ -98,11 +98,35 @@ CREATE UNIQUE INDEX events_seq_idx ON sales.events (seq);
 -- index_report never proposes dropping these, however seldom they are scanned.
 COMMENT ON INDEX sales.events_seq_idx IS 'pg_sales: required by events_since, events_head and the NOTIFY trigger';
 
+-- A sales record's events, for its history (sales.history,
+-- sales.get_sales_as_of): an index probe by record instead of a scan of
+-- the log.
+CREATE INDEX events_row_idx ON sales.events (row_id, row_version);
+COMMENT ON INDEX sales.events_row_idx IS 'pg_sales: required by sales.history and sales.get_sales_as_of';
+
+-- Sales events kept for history after they leave the event log:
+-- sales.prune_events(retention, history_retention) moves the sales events
+-- it prunes here while they are younger than history_retention, and
+-- deletes them from here after. The key leads with the record, the way
+-- history reads them.
+CREATE TABLE sales.event_history (
+    row_id       bigint NOT NULL,
+    id           bigint NOT NULL,
+    kind         text NOT NULL,
+    store_id     bigint,
+    actor_id     bigint,
+    row_version  bigint,
+    payload      jsonb NOT NULL,
+    created_at   timestamptz NOT NULL,
+    CONSTRAINT event_history_pkey PRIMARY KEY (row_id, id)
+);
+
 -- Keep table data in pg_dump output even though the tables belong to the extension.
 SELECT pg_catalog.pg_extension_config_dump('sales.stores', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.users', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.events', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.event_history', '');
 
 ---------------------------------------------------------------------------
 -- Versions and timestamps, whoever writes.

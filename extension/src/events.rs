@@ -41,8 +41,10 @@ fn arm_notify() -> bool {
 
 /// The event of one sales row written (`AFTER INSERT OR UPDATE ... FOR EACH
 /// ROW` on `sales.monthly_sales`): `sales-data-created` or
-/// `sales-data-updated` with the row's new totals, the days that changed and,
-/// for a row moved to another store or month, where it was before. An update
+/// `sales-data-updated` with the row's new totals, the days that changed (for
+/// an update, with their old values in `previousDays`: history is rebuilt
+/// from these, see `sql/history.sql`), the writing job (`jobId`) and, for a
+/// row moved to another store or month, where it was before. An update
 /// that left the row unchanged (same version, see `tg_sales_version`) makes
 /// no event.
 ///
@@ -122,6 +124,16 @@ fn tg_sales_changed<'a>(
             None => p.null(c"daysReported"),
         }
         p.strings(c"changedDays", &days);
+        // The old value of each changed day (null: the day was not
+        // reported), so the row's history can be read back from its events
+        // (sales.history walks back from the current row).
+        if old.is_some() {
+            let before = old_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null);
+            p.days(c"previousDays", &days, before);
+        }
+        if let Some(job) = current_job() {
+            p.int(c"jobId", job);
+        }
         if let Some(old) = old {
             let old_store = int(old, cols.store_id);
             if old_store != store {
@@ -275,6 +287,32 @@ impl Payload {
         }
     }
 
+    /// `key: {day: value of that day in `from`, or null}` for each day.
+    /// The day keys and values borrow `from`, which outlives `finish`.
+    unsafe fn days(&mut self, key: &'static CStr, days: &[&str], from: Jb<'_>) {
+        unsafe {
+            self.key(key);
+            pg_sys::pushJsonbValue(
+                &mut self.0,
+                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
+                std::ptr::null_mut(),
+            );
+            for d in days {
+                self.push(
+                    pg_sys::JsonbIteratorToken::WJB_KEY,
+                    Self::string_value(d.as_bytes()),
+                );
+                let v = from.get(d).unwrap_or(Jb::Null).to_jsonb_value();
+                self.push(pg_sys::JsonbIteratorToken::WJB_VALUE, v);
+            }
+            pg_sys::pushJsonbValue(
+                &mut self.0,
+                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
+                std::ptr::null_mut(),
+            );
+        }
+    }
+
     unsafe fn strings(&mut self, key: &'static CStr, items: &[&str]) {
         unsafe {
             self.key(key);
@@ -312,8 +350,19 @@ impl Payload {
 /// `sales.current_actor()`: the `sales.user_id` setting as a user id, or
 /// NULL when it is not set.
 fn current_actor() -> Option<i64> {
+    setting_id(c"sales.user_id")
+}
+
+/// The job (import or asynchronous batch) writing in this transaction: the
+/// `sales.job_id` setting, set by the server's job workers.
+fn current_job() -> Option<i64> {
+    setting_id(c"sales.job_id")
+}
+
+/// A bigint setting, or None when it is not set or empty.
+fn setting_id(name: &CStr) -> Option<i64> {
     unsafe {
-        let v = pg_sys::GetConfigOption(c"sales.user_id".as_ptr(), true, false);
+        let v = pg_sys::GetConfigOption(name.as_ptr(), true, false);
         if v.is_null() {
             return None;
         }
@@ -327,7 +376,8 @@ fn current_actor() -> Option<i64> {
                 pgrx::pg_sys::panic::ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
                     format!(
-                        "invalid input syntax for type bigint: \"{text}\" (setting sales.user_id)"
+                        "invalid input syntax for type bigint: \"{text}\" (setting {})",
+                        name.to_string_lossy()
                     ),
                     "pg_sales",
                 )

@@ -237,6 +237,39 @@ impl<'a> Jb<'a> {
         }
     }
 
+    /// The value as a `JsonbValue` for `pushJsonbValue`: scalars as they
+    /// are, containers as `jbvBinary` pointing into this datum (pushed
+    /// containers are copied member by member).
+    pub fn to_jsonb_value(self) -> pg_sys::JsonbValue {
+        // SAFETY: a zeroed JsonbValue is jbvNull; each arm sets the member
+        // its type reads.
+        unsafe {
+            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
+            match self {
+                Jb::Null => v.type_ = pg_sys::jbvType::jbvNull,
+                Jb::Bool(b) => {
+                    v.type_ = pg_sys::jbvType::jbvBool;
+                    v.val.boolean = b;
+                }
+                Jb::Number(n) => {
+                    v.type_ = pg_sys::jbvType::jbvNumeric;
+                    v.val.numeric = n.0;
+                }
+                Jb::String(s) => {
+                    v.type_ = pg_sys::jbvType::jbvString;
+                    v.val.string.val = s.as_ptr() as *mut std::ffi::c_char;
+                    v.val.string.len = s.len() as i32;
+                }
+                Jb::Array(c) | Jb::Object(c) => {
+                    v.type_ = pg_sys::jbvType::jbvBinary;
+                    v.val.binary.data = c.0;
+                    v.val.binary.len = c.1 as i32;
+                }
+            }
+            v
+        }
+    }
+
     /// Calls `f(index, element)` for each element of an array.
     pub fn each_element(self, mut f: impl FnMut(usize, Jb<'a>)) {
         if let Jb::Array(c) = self {

@@ -58,6 +58,12 @@ extension_sql_file!(
         delivery::event_holders_raw
     ]
 );
+// history.sql: its SQL functions read the tables when they are created.
+extension_sql_file!(
+    "../sql/history.sql",
+    name = "history",
+    requires = ["events"]
+);
 extension_sql_file!("../sql/batch.sql", name = "batch", finalize);
 extension_sql_file!(
     "../sql/maintenance.sql",

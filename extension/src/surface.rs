@@ -7,6 +7,7 @@ use crate::error::{OrRaise, SalesError};
 use pgrx::prelude::*;
 use sales_core::projection::{Projection, SALES_DOC};
 use sales_core::sql::{parse_period, push_terms, Literals, Term};
+use sales_core::summary::{self, Summary, SummaryError};
 
 fn invalid(msg: String) -> ! {
     SalesError::InvalidParameter(msg).raise()
@@ -29,6 +30,83 @@ fn total(arg: &str, v: Option<AnyNumeric>) -> Option<f64> {
     })
 }
 
+/// The filter arguments of the SQL surface, checked (SQLSTATE 22023
+/// naming the argument).
+struct Filters<'a> {
+    ids: Option<Vec<i64>>,
+    region: Option<&'a str>,
+    year: Option<i32>,
+    month: Option<i32>,
+    from: Option<(i32, i32)>,
+    to: Option<(i32, i32)>,
+    min: Option<f64>,
+    max: Option<f64>,
+}
+
+impl<'a> Filters<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        store_ids: Option<Vec<Option<i64>>>,
+        region: Option<&'a str>,
+        year: Option<i32>,
+        month: Option<i32>,
+        from_period: Option<&str>,
+        to_period: Option<&str>,
+        min_total_sales: Option<AnyNumeric>,
+        max_total_sales: Option<AnyNumeric>,
+    ) -> Self {
+        let from = period("from_period", from_period);
+        let to = period("to_period", to_period);
+        let ids: Option<Vec<i64>> = store_ids.map(|ids| {
+            ids.into_iter()
+                .map(|i| i.unwrap_or_else(|| invalid("store_ids: NULL is not a store id".into())))
+                .collect()
+        });
+        if let Some(y) = year.filter(|y| !(2000..=2100).contains(y)) {
+            invalid(format!("year: {y} is outside 2000..2100"));
+        }
+        if let Some(m) = month.filter(|m| !(1..=12).contains(m)) {
+            invalid(format!("month: {m} is not a month (1..12)"));
+        }
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                invalid(format!(
+                    "from_period: {} is after to_period ({})",
+                    from_period.unwrap_or_default(),
+                    to_period.unwrap_or_default()
+                ));
+            }
+        }
+        Filters {
+            ids,
+            region,
+            year,
+            month,
+            from,
+            to,
+            min: total("min_total_sales", min_total_sales),
+            max: total("max_total_sales", max_total_sales),
+        }
+    }
+
+    fn terms(&self) -> Vec<Term<'_>> {
+        let mut terms = Vec::new();
+        if let Some(ids) = &self.ids {
+            terms.push(Term::StoreIn(ids));
+        }
+        if let Some(r) = self.region {
+            terms.push(Term::Region(r));
+        }
+        terms.extend(self.year.map(Term::Year));
+        terms.extend(self.month.map(Term::Month));
+        terms.extend(self.from.map(|(y, m)| Term::From(y, m)));
+        terms.extend(self.to.map(|(y, m)| Term::To(y, m)));
+        terms.extend(self.min.map(Term::MinTotalSales));
+        terms.extend(self.max.map(Term::MaxTotalSales));
+        terms
+    }
+}
+
 /// The filters as a WHERE condition on `m` (sales.monthly_sales) and `s`
 /// (sales.stores), values as literals. Every argument is checked (SQLSTATE
 /// 22023 naming it); NULL means "no filter".
@@ -44,58 +122,94 @@ fn filter_sql(
     min_total_sales: default!(Option<AnyNumeric>, "NULL"),
     max_total_sales: default!(Option<AnyNumeric>, "NULL"),
 ) -> String {
-    let from = period("from_period", from_period);
-    let to = period("to_period", to_period);
-    let ids: Option<Vec<i64>> = store_ids.map(|ids| {
-        ids.into_iter()
-            .map(|i| i.unwrap_or_else(|| invalid("store_ids: NULL is not a store id".into())))
-            .collect()
-    });
-    if let Some(y) = year.filter(|y| !(2000..=2100).contains(y)) {
-        invalid(format!("year: {y} is outside 2000..2100"));
-    }
-    if let Some(m) = month.filter(|m| !(1..=12).contains(m)) {
-        invalid(format!("month: {m} is not a month (1..12)"));
-    }
-    if let (Some(f), Some(t)) = (from, to) {
-        if f > t {
-            invalid(format!(
-                "from_period: {} is after to_period ({})",
-                from_period.unwrap_or_default(),
-                to_period.unwrap_or_default()
-            ));
-        }
-    }
-    let min = total("min_total_sales", min_total_sales);
-    let max = total("max_total_sales", max_total_sales);
-
-    let mut terms = Vec::new();
-    if let Some(ids) = &ids {
-        terms.push(Term::StoreIn(ids));
-    }
-    if let Some(r) = region {
-        terms.push(Term::Region(r));
-    }
-    if let Some(y) = year {
-        terms.push(Term::Year(y));
-    }
-    if let Some(m) = month {
-        terms.push(Term::Month(m));
-    }
-    if let Some((y, m)) = from {
-        terms.push(Term::From(y, m));
-    }
-    if let Some((y, m)) = to {
-        terms.push(Term::To(y, m));
-    }
-    if let Some(v) = min {
-        terms.push(Term::MinTotalSales(v));
-    }
-    if let Some(v) = max {
-        terms.push(Term::MaxTotalSales(v));
-    }
+    let f = Filters::check(
+        store_ids,
+        region,
+        year,
+        month,
+        from_period,
+        to_period,
+        min_total_sales,
+        max_total_sales,
+    );
     let mut w = Literals("true".into());
-    push_terms(&mut w, &terms);
+    push_terms(&mut w, &f.terms());
+    w.0
+}
+
+/// The statement of a summary (`sales.summary`, `GET /api/v2/sales/summary`),
+/// values as literals: one row of `rows` (a JSON array as text) and
+/// `groups`. The same rules as the API (`sales_core::summary`); a refused
+/// argument is SQLSTATE 22023 naming it.
+#[pg_extern(immutable, parallel_safe)]
+#[allow(clippy::too_many_arguments)]
+fn summary_sql(
+    group_by: default!(Option<&str>, "NULL"),
+    metrics: default!(Option<&str>, "NULL"),
+    compare_to: default!(Option<&str>, "NULL"),
+    top: default!(Option<i32>, "NULL"),
+    order_by: default!(Option<&str>, "NULL"),
+    store_ids: default!(Option<Vec<Option<i64>>>, "NULL"),
+    region: default!(Option<&str>, "NULL"),
+    year: default!(Option<i32>, "NULL"),
+    month: default!(Option<i32>, "NULL"),
+    from_period: default!(Option<&str>, "NULL"),
+    to_period: default!(Option<&str>, "NULL"),
+    min_total_sales: default!(Option<AnyNumeric>, "NULL"),
+    max_total_sales: default!(Option<AnyNumeric>, "NULL"),
+) -> String {
+    let f = Filters::check(
+        store_ids,
+        region,
+        year,
+        month,
+        from_period,
+        to_period,
+        min_total_sales,
+        max_total_sales,
+    );
+    let arg = |e: SummaryError| -> ! {
+        let name = match e.param {
+            "groupBy" => "group_by",
+            "compareTo" => "compare_to",
+            "orderBy" => "order_by",
+            "from" => "from_period",
+            other => other,
+        };
+        invalid(format!("{name}: {}", e.reason))
+    };
+    let period = summary::period(f.year, f.month, f.from, f.to).unwrap_or_else(|e| arg(e));
+    let spec = Summary::parse(
+        group_by,
+        metrics,
+        compare_to,
+        top.map(i64::from),
+        order_by,
+        period,
+    )
+    .unwrap_or_else(|e| arg(e));
+    if spec.compare.is_some() && f.month.is_some() && f.year.is_none() {
+        invalid(
+            "month: with compare_to, give year too (a month of every year is not one period)"
+                .into(),
+        );
+    }
+    let compared = spec.compared_period().map(|p| Filters {
+        ids: f.ids.clone(),
+        region: f.region,
+        year: None,
+        month: None,
+        from: Some(p.from),
+        to: Some(p.to),
+        min: f.min,
+        max: f.max,
+    });
+    let mut w = Literals::default();
+    spec.render(
+        &mut w,
+        &f.terms(),
+        &compared.as_ref().map(|c| c.terms()).unwrap_or_default(),
+    );
     w.0
 }
 

@@ -60,6 +60,10 @@ pub struct Config {
     pub hsts: bool,
     pub export_max_concurrent: usize,
     pub event_retention: Duration,
+    /// How long sales events stay readable as history (`HISTORY_RETENTION`,
+    /// at least `event_retention`): `maintain` moves pruned sales events to
+    /// `sales.event_history` until then.
+    pub history_retention: Duration,
     pub ws_ping_interval: Duration,
     pub ws_send_queue: usize,
     pub slow_query_ms: u64,
@@ -322,6 +326,13 @@ impl Config {
                 "must be a level (error, warn, info, debug, trace) or a filter",
             ));
         }
+        let event_retention = e.duration("EVENT_RETENTION", s(7 * 86400), s(60), s(365 * 86400))?;
+        let history_retention = e.duration(
+            "HISTORY_RETENTION",
+            event_retention,
+            event_retention,
+            s(10 * 366 * 86400),
+        )?;
         let jwt_secret = e.opt("JWT_SECRET");
         if let Some(secret) = &jwt_secret {
             if secret.len() < 32 {
@@ -423,7 +434,8 @@ impl Config {
             cors_origins: e.list("CORS_ORIGINS"),
             hsts: e.bool("HSTS", false)?,
             export_max_concurrent,
-            event_retention: e.duration("EVENT_RETENTION", s(7 * 86400), s(60), s(365 * 86400))?,
+            event_retention,
+            history_retention,
             ws_ping_interval: e.duration(
                 "WS_PING_INTERVAL",
                 s(30),

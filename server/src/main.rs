@@ -183,7 +183,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     }
                 }
             }
-            let pruned = maintain::prune_events(&pool, config.event_retention).await?;
+            let pruned =
+                maintain::prune_events(&pool, config.event_retention, config.history_retention)
+                    .await?;
             println!(
                 "pruned {pruned} events older than {}s",
                 config.event_retention.as_secs()

@@ -125,12 +125,21 @@ async fn run(conn: &mut sqlx::PgConnection, statement: &str) -> Action {
     }
 }
 
-/// Deletes events older than `retention`; returns how many.
-pub async fn prune_events(pool: &PgPool, retention: Duration) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT sales.prune_events(make_interval(secs => $1))")
-        .bind(retention.as_secs_f64())
-        .fetch_one(pool)
-        .await
+/// Deletes events older than `retention`; returns how many. Sales events
+/// younger than `history_retention` move to `sales.event_history`, where the
+/// records' history still reads them.
+pub async fn prune_events(
+    pool: &PgPool,
+    retention: Duration,
+    history_retention: Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT sales.prune_events(make_interval(secs => $1), make_interval(secs => $2))",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(history_retention.as_secs_f64())
+    .fetch_one(pool)
+    .await
 }
 
 #[cfg(test)]

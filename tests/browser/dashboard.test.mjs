@@ -171,6 +171,31 @@ async function main() {
     assert.equal(await page.evaluate(() => window.__noReload), true, 'no reload');
     log(`batch for store ${target.storeId}: bar now on top at ${expected}, feed and region totals updated`);
 
+    // ---- region x month table and this year against last year, live ----
+    // The batch above moved this month's cell of the target store's region.
+    const region = (await api('GET', `/api/v2/stores/${target.storeId}`, token)).json.data.region;
+    const grid = await api('GET', `/api/v2/sales/summary?groupBy=region,month&metrics=totalSales&year=${now.year}`, token);
+    assert.equal(grid.status, 200, grid.text);
+    const cell = grid.json.data.find((r) => r.region === region && r.month === now.ym);
+    assert.ok(cell, `a ${region} / ${now.ym} row`);
+    await page.waitForFunction(({ region, ym, v }) => {
+      const tr = [...document.querySelectorAll('#region-months tbody tr')].find((r) => r.dataset.region === region);
+      const td = tr && tr.querySelector(`td[data-month="${ym}"]`);
+      return td && Number(td.dataset.value) === v;
+    }, { region, ym: now.ym, v: Number(cell.totalSales) });
+    const rowsShown = await page.$$eval('#region-months tbody tr[data-region]', (rs) => rs.length);
+    assert.equal(rowsShown, new Set(grid.json.data.map((r) => r.region)).size);
+    const yoy = await api('GET', `/api/v2/sales/summary?groupBy=month&metrics=totalSales&year=${now.year}&compareTo=previousYear`, token);
+    assert.equal(yoy.status, 200, yoy.text);
+    const thisMonth = yoy.json.data.find((r) => r.month === now.ym);
+    await page.waitForFunction(({ ym, v }) => {
+      const r = document.querySelector(`#yoy-chart rect.cur[data-month="${ym}"]`);
+      return r && Number(r.dataset.value) === v;
+    }, { ym: now.ym, v: Number(thisMonth.totalSales) });
+    assert.equal(await page.locator('#yoy-chart rect.cur').count(), 12);
+    assert.equal(await page.locator('#yoy-chart rect.prev').count(), 12);
+    log(`region x month: ${rowsShown} regions, ${region} ${now.ym} = ${cell.totalSales}; year-over-year chart drawn`);
+
     // ---- a store status change shows in the list and the feed ----
     const statusStore = before[1].storeId;
     const patch = await api('PATCH', `/api/v2/stores/${statusStore}`, token, { status: 'renovating' });

@@ -539,7 +539,10 @@ async fn batch_writes_and_summaries() {
     let (_, body) = a.get("/api/v2/sales/summary?groupBy=store").await;
     assert_eq!(body["data"][0]["key"], s.to_string());
     assert!(body["data"][0]["storeCode"].is_string());
-    assert_eq!(a.get("/api/v2/sales/summary?groupBy=week").await.0, 400);
+    assert_eq!(
+        a.get("/api/v2/sales/summary?groupBy=fortnight").await.0,
+        400
+    );
 
     // Delete by id and by key; unknown ones reported, atomic.
     let id: i64 =

@@ -113,6 +113,7 @@ async fn index_usage_and_table_health_follow_the_tables() {
     assert_eq!(
         tables,
         [
+            "sales.event_history",
             "sales.events",
             "sales.monthly_sales",
             "sales.stores",

@@ -14,7 +14,16 @@ async fn tables_exist_in_schema_sales() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(tables, vec!["events", "monthly_sales", "stores", "users"]);
+    assert_eq!(
+        tables,
+        vec![
+            "event_history",
+            "events",
+            "monthly_sales",
+            "stores",
+            "users"
+        ]
+    );
 }
 
 async fn insert_month(

@@ -2,7 +2,8 @@
 //! constraint is scanned by a query the product itself issues. A database
 //! with enough rows that the planner prefers indexes is driven through the API (lists by store
 //! and by period, a record by id, summaries, store lists by region, an
-//! export, a batch, a delete, a login, a WebSocket resume) and the relay;
+//! export, a batch, a delete, a record's history, a login, a WebSocket
+//! resume) and the relay;
 //! then `pg_stat_user_indexes` must show a scan of every index. An index no
 //! product query uses fails this test: drop it, or add the query that needs it.
 
@@ -129,6 +130,19 @@ async fn every_index_serves_a_product_query() {
         )
         .await;
     assert_eq!(st, 200, "{body}");
+    // A record's history, and the record as it was before the batch
+    // (its events by record).
+    let updated: i64 = sqlx::query_scalar(
+        "SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND year = 2025 AND month = 1",
+    )
+    .bind(s)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    ok(admin.get(&format!("/api/v2/sales/{updated}/history")).await);
+    ok(admin
+        .get(&format!("/api/v2/sales/{updated}?asOf=2100-01-01"))
+        .await);
     // A login (users by email).
     let anon = Api::new(&server, None);
     let (st, body) = anon

@@ -4,7 +4,7 @@
 pub mod sql;
 pub mod write;
 
-pub use write::{set_actor, Changes, Write};
+pub use write::{set_actor, set_job, Changes, Write};
 
 use crate::config::Config;
 use sqlx::migrate::Migrator;

@@ -55,6 +55,19 @@ where
     Ok(())
 }
 
+/// Names the job (import or asynchronous batch) whose writes this
+/// transaction makes: their events carry it as `jobId` (history shows it).
+pub async fn set_job<'c, E>(conn: E, job_id: i64) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    sqlx::query("SELECT set_config('sales.job_id', $1, true)")
+        .bind(job_id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// What a committed write changed: the cache tags of its events.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -131,6 +144,7 @@ pub(crate) async fn tx_cache_tags(
             row_version: None,
             payload,
             created_at: DateTime::<Utc>::MIN_UTC,
+            region: None,
         })
         .collect();
     Ok(crate::events::rules::cache_tags(&events))

@@ -37,10 +37,15 @@ pub struct Event {
     pub row_version: Option<i64>,
     pub payload: Value,
     pub created_at: DateTime<Utc>,
+    /// The region of the event's store when it was read (for the
+    /// `region-<name>` channels).
+    pub region: Option<super::vocab::RegionKey>,
 }
 
-const COLUMNS: &str =
-    "id, seq, kind, store_id, user_id, actor_id, row_id, row_version, payload, created_at";
+/// The columns of an event row `e`, and its store's region.
+const COLUMNS: &str = "e.id, e.seq, e.kind, e.store_id, e.user_id, e.actor_id, e.row_id, \
+     e.row_version, e.payload, e.created_at, \
+     (SELECT s.region FROM sales.stores s WHERE s.id = e.store_id) AS region";
 
 impl Event {
     pub fn pos(&self) -> Pos {
@@ -64,6 +69,9 @@ impl Event {
             row_version: row.try_get("row_version")?,
             payload: row.try_get("payload")?,
             created_at: row.try_get("created_at")?,
+            region: row
+                .try_get::<Option<String>, _>("region")?
+                .and_then(|r| super::vocab::RegionKey::of(&r)),
         })
     }
 
@@ -74,7 +82,7 @@ impl Event {
         after_id: i64,
         max_rows: i32,
     ) -> Result<Vec<Event>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM sales.events_since($1, $2)");
+        let sql = format!("SELECT {COLUMNS} FROM sales.events_since($1, $2) e");
         let rows = sqlx::query(&sql)
             .bind(after_id)
             .bind(max_rows)
@@ -99,7 +107,7 @@ impl Event {
         // second round trip before dispatch.
         let sql = format!(
             "SELECT {COLUMNS}, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn
-             FROM sales.events_after_seq($1, $2, $3)"
+             FROM sales.events_after_seq($1, $2, $3) e"
         );
         let rows = sqlx::query(&sql)
             .bind(pos.seq)
@@ -258,6 +266,7 @@ mod tests {
             row_version: Some(2),
             payload,
             created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            region: None,
         }
     }
 

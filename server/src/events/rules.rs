@@ -65,6 +65,11 @@ impl Event {
                         Variant::MovedAway,
                     ));
                 }
+                // Whole-chain and region followers, each token its stores.
+                out.push((ChannelInScope(self::Channel::AllStores, s), Variant::Full));
+                if let Some(r) = self.region {
+                    out.push((ChannelInScope(self::Channel::Region(r), s), Variant::Full));
+                }
                 out
             }
             k if k.is_store() => match self.store_id {
@@ -152,6 +157,7 @@ mod tests {
             row_version: Some(2),
             payload,
             created_at: chrono::Utc::now(),
+            region: None,
         }
     }
 
@@ -222,9 +228,21 @@ mod tests {
             moved.deliveries(),
             vec![
                 (Recipient::Channel(Channel::Sales(3)), Variant::Full),
-                (Recipient::Channel(Channel::Sales(2)), Variant::MovedAway)
+                (Recipient::Channel(Channel::Sales(2)), Variant::MovedAway),
+                (
+                    Recipient::ChannelInScope(Channel::AllStores, 3),
+                    Variant::Full
+                ),
             ]
         );
+        // With its store's region: that region's followers too.
+        let mut in_north = moved.clone();
+        let north = crate::events::vocab::RegionKey::of("North").unwrap();
+        in_north.region = Some(north);
+        assert!(in_north.deliveries().contains(&(
+            Recipient::ChannelInScope(Channel::Region(north), 3),
+            Variant::Full
+        )));
         let f: Value = serde_json::from_str(&moved.frame(Variant::MovedAway)).unwrap();
         assert_eq!(f["event"], "sales-data-deleted");
         assert_eq!(f["data"]["storeId"], 2);
@@ -232,14 +250,15 @@ mod tests {
         assert_eq!(f["data"]["moved"], true);
         assert!(f["data"].get("totalSales").is_none());
 
-        // Another month of the same store: one channel, old month's tags.
+        // Another month of the same store: its store's channel (and
+        // all-stores), old month's tags.
         let month = ev(
             "sales-data-updated",
             Some(3),
             json!({"year": 2025, "month": 4, "previousYear": 2025, "previousMonth": 3}),
         );
         assert!(month.cache_tags().contains(&"store:3:2025-03".to_string()));
-        assert_eq!(month.deliveries().len(), 1);
+        assert_eq!(month.deliveries().len(), 2);
         // Not a move.
         let same = ev(
             "sales-data-updated",

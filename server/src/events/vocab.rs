@@ -94,6 +94,70 @@ pub enum Channel {
     Batch,
     /// `admin`: user and session changes, the audit trail (admins only).
     Admin,
+    /// `region-<name>`: created/updated/deleted sales of every store of a
+    /// region (a scoped token: of its stores only).
+    Region(RegionKey),
+    /// `all-stores`: created/updated/deleted sales of every store (a scoped
+    /// token: of its stores only).
+    AllStores,
+}
+
+/// A region name as a channel key, interned so that a channel stays a small
+/// `Copy` value. The table only grows (region names are few); past
+/// [`RegionKey::MAX`] names no new one is taken, and such a region has no
+/// channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionKey(u32);
+
+#[derive(Default)]
+struct Regions {
+    ids: std::collections::HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+fn regions() -> &'static std::sync::RwLock<Regions> {
+    static R: std::sync::OnceLock<std::sync::RwLock<Regions>> = std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+impl RegionKey {
+    pub const MAX: usize = 100_000;
+
+    /// The key of a region name (1..=100 characters, as `sales.stores` allows).
+    pub fn of(name: &str) -> Option<RegionKey> {
+        if name.is_empty() || name.chars().count() > 100 {
+            return None;
+        }
+        if let Some(&id) = regions()
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids
+            .get(name)
+        {
+            return Some(RegionKey(id));
+        }
+        let mut r = regions().write().unwrap_or_else(|p| p.into_inner());
+        if let Some(&id) = r.ids.get(name) {
+            return Some(RegionKey(id));
+        }
+        if r.names.len() >= Self::MAX {
+            return None;
+        }
+        let id = r.names.len() as u32;
+        r.names.push(name.to_string());
+        r.ids.insert(name.to_string(), id);
+        Some(RegionKey(id))
+    }
+
+    pub fn name(self) -> String {
+        regions()
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .names
+            .get(self.0 as usize)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// Names of the implicit channels; subscribing to them is acknowledged and changes nothing.
@@ -113,6 +177,10 @@ impl Channel {
             "announcements" => Some(Channel::Announcements),
             "batch" => Some(Channel::Batch),
             "admin" => Some(Channel::Admin),
+            "all-stores" => Some(Channel::AllStores),
+            _ if name.starts_with("region-") => {
+                RegionKey::of(&name["region-".len()..]).map(Channel::Region)
+            }
             _ => {
                 let id = name.strip_prefix("sales-data-")?;
                 if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -130,6 +198,8 @@ impl Channel {
             Channel::Announcements => "announcements".into(),
             Channel::Batch => "batch".into(),
             Channel::Admin => "admin".into(),
+            Channel::Region(r) => format!("region-{}", r.name()),
+            Channel::AllStores => "all-stores".into(),
         }
     }
 
@@ -138,7 +208,10 @@ impl Channel {
         match *self {
             Channel::Sales(s) => can_access_store(s),
             Channel::Batch | Channel::Admin => is_admin,
-            Channel::Stores | Channel::Announcements => true,
+            // Scoped tokens get their stores' events only (ChannelInScope).
+            Channel::Stores | Channel::Announcements | Channel::Region(_) | Channel::AllStores => {
+                true
+            }
         }
     }
 }
@@ -189,5 +262,12 @@ mod tests {
             assert_eq!(Channel::parse(bad), None, "{bad}");
         }
         assert_eq!(Channel::Sales(5).name(), "sales-data-5");
+        assert_eq!(Channel::parse("all-stores"), Some(Channel::AllStores));
+        let north = Channel::parse("region-North").unwrap();
+        assert_eq!(north.name(), "region-North");
+        assert_eq!(Channel::parse("region-North"), Some(north));
+        assert_ne!(Channel::parse("region-South"), Some(north));
+        assert_eq!(Channel::parse("region-"), None);
+        assert_eq!(Channel::parse(&format!("region-{}", "x".repeat(101))), None);
     }
 }

@@ -186,11 +186,16 @@ impl SalesFilter {
     /// conditions a sales read gets, for list, summary and export alike.
     pub fn push_where(&self, w: &mut impl SqlWriter, who: &Principal) {
         let scope = who.scope();
+        push_terms(w, &self.terms(scope.as_deref()));
+    }
+
+    /// The filter and the caller's scope (`who.scope()`) as terms.
+    pub fn terms<'a>(&'a self, scope: Option<&'a [i64]>) -> Vec<Term<'a>> {
         let mut terms = Vec::with_capacity(8);
         if let Some(ids) = &self.store_ids {
             terms.push(Term::StoreIn(ids));
         }
-        if let Some(scope) = &scope {
+        if let Some(scope) = scope {
             terms.push(Term::StoreIn(scope));
         }
         if let Some(r) = &self.region {
@@ -202,7 +207,7 @@ impl SalesFilter {
         terms.extend(self.to.map(|(y, m)| Term::To(y, m)));
         terms.extend(self.min_total_sales.map(Term::MinTotalSales));
         terms.extend(self.max_total_sales.map(Term::MaxTotalSales));
-        push_terms(w, &terms);
+        terms
     }
 
     /// The stores a write or read touches, for cache tags (None = many).

@@ -6,9 +6,11 @@
 //! response without parsing it.
 
 mod batch;
+mod history;
 mod list;
 mod model;
 
+pub use history::{parse_as_of, HistoryPage, HistoryResponse, MAX_HISTORY_LIMIT};
 pub use list::{
     check_cursor_values, decode_cursor, encode_cursor, list_body, parse_sort, sort_spec, ListQuery,
     SortKey,
@@ -30,6 +32,7 @@ use list::one_body;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::{payload::Json, OpenApi};
 use sales_core::projection::SALES_DOC;
+use sales_core::summary::Summary;
 use serde_json::{json, Value};
 use sqlx::{Postgres, QueryBuilder};
 use std::sync::Arc;
@@ -182,14 +185,31 @@ impl SalesApi {
         })?;
         Ok(ListResponse::Ok(RawJson::new(body)))
     }
-    /// Totals by store, region or month over the filtered records.
+    /// Summaries over the filtered records, computed in Postgres in one statement: `groupBy` any
+    /// combination of dimensions, `metrics` over store-days, `compareTo` a previous period (its
+    /// values under `previous`, the change under `changePct`), `top` groups by `orderBy`.
+    /// Cached per caller scope; invalidated by the events of the stores it covers.
     #[oai(path = "/api/v2/sales/summary", method = "get")]
     async fn summary(
         &self,
         auth: BearerAuth,
-        /// `store` (default), `region` or `month`.
+        /// Comma-separated: store (default), region, year, quarter, month, week (ISO),
+        /// weekday (ISO, 1 = Monday), day.
         #[oai(name = "groupBy")]
-        group_by: Query<Option<GroupBy>>,
+        group_by: Query<Option<String>>,
+        /// Comma-separated: totalSales, totalCustomers, months, stores (the default set), count
+        /// (store-days), {sum|avg|min|max}{Sales|Customers|Transactions}, salesPerCustomer.
+        metrics: Query<Option<String>>,
+        /// `previousPeriod` (as many months just before) or `previousYear` (the same months a
+        /// year earlier). Needs a period: `from` and `to`, or `year` (and `month`).
+        #[oai(name = "compareTo")]
+        compare_to: Query<Option<String>>,
+        /// Only the first N groups (1..1000) by `orderBy` (default: the first metric, largest first).
+        top: Query<Option<i64>>,
+        /// Comma-separated, `-` for descending: a groupBy dimension, a metric, or
+        /// `<metric>ChangePct` (with compareTo). Ties by the dimensions.
+        #[oai(name = "orderBy")]
+        order_by: Query<Option<String>>,
         #[oai(name = "storeId")] store_id: Query<Option<String>>,
         region: Query<Option<String>>,
         #[oai(validator(minimum(value = "2000"), maximum(value = "2100")))] year: Query<
@@ -198,6 +218,12 @@ impl SalesApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         from: Query<Option<String>>,
         to: Query<Option<String>>,
+        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
+            Option<f64>,
+        >,
+        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
+            Option<f64>,
+        >,
     ) -> ApiResult<SummaryResponse> {
         let started = Instant::now();
         let filter = SalesFilter::parse(&RawFilter {
@@ -207,27 +233,38 @@ impl SalesApi {
             month: month.0,
             from: from.0,
             to: to.0,
-            ..Default::default()
+            min_total_sales: min_total_sales.0,
+            max_total_sales: max_total_sales.0,
         })?;
         filter.check_scope(&auth.0)?;
-        let group = group_by.0.unwrap_or(GroupBy::Store);
-        let (key, extra, group_sql, order) = match group {
-            GroupBy::Store => (
-                "m.store_id::text",
-                ", 'storeCode', min(s.code), 'storeName', min(s.name)",
-                "m.store_id",
-                "m.store_id",
-            ),
-            GroupBy::Region => ("s.region", "", "s.region", "s.region"),
-            GroupBy::Month => (
-                "format('%s-%s', m.year, lpad(m.month::text, 2, '0'))",
-                "",
-                "m.year, m.month",
-                "m.year, m.month",
-            ),
-        };
+        let bad = |e: sales_core::summary::SummaryError| ApiError::bad_param(e.param, e.reason);
+        let period = sales_core::summary::period(filter.year, filter.month, filter.from, filter.to)
+            .map_err(bad)?;
+        let spec = Summary::parse(
+            group_by.0.as_deref(),
+            metrics.0.as_deref(),
+            compare_to.0.as_deref(),
+            top.0,
+            order_by.0.as_deref(),
+            period,
+        )
+        .map_err(bad)?;
+        if spec.compare.is_some() && filter.month.is_some() && filter.year.is_none() {
+            return Err(ApiError::bad_param(
+                "month",
+                "with compareTo, give year too (a month of every year is not one period)",
+            ));
+        }
+        // The compared period replaces the current one in the conditions.
+        let compared = spec.compared_period().map(|p| SalesFilter {
+            year: None,
+            month: None,
+            from: Some(p.from),
+            to: Some(p.to),
+            ..filter.clone()
+        });
         let tags = sales_tags(filter.store_ids.as_deref(), None, None, &auth.0, true);
-        let params = (&filter, group);
+        let params = (&filter, &spec);
         let body = cached(
             &self.state,
             "sales.summary",
@@ -235,31 +272,39 @@ impl SalesApi {
             &auth.0,
             tags,
             || async {
-                // LEFT JOIN: dropped by the planner unless the grouping or a filter
-                // reads the store (see export/sql.rs).
-                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-                    "SELECT coalesce(jsonb_agg(r ORDER BY ord), '[]')::text FROM (
-               SELECT jsonb_build_object('key', {key}, 'totalSales', sum(m.total_sales),
-                      'totalCustomers', sum(m.total_customers), 'months', count(*),
-                      'stores', count(DISTINCT m.store_id){extra}) AS r,
-                      row_number() OVER (ORDER BY {order}) AS ord
-               FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE true"
-                ));
-                filter.push_where(&mut Binds(&mut qb), &auth.0);
-                qb.push(format!(" GROUP BY {group_sql}) g"));
-                let data: String = crate::metrics::timed(
+                let scope = auth.0.scope();
+                let current = filter.terms(scope.as_deref());
+                let before = compared
+                    .as_ref()
+                    .map(|f| f.terms(scope.as_deref()))
+                    .unwrap_or_default();
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("");
+                spec.render(&mut Binds(&mut qb), &current, &before);
+                let (rows, groups): (String, i64) = crate::metrics::timed(
                     "sales_summary",
-                    qb.build_query_scalar()
+                    qb.build_query_as()
                         .fetch_one(&mut *self.state.read_conn().await?),
                 )
                 .await?;
+                let label = |p: (i32, i32)| format!("{}-{:02}", p.0, p.1);
+                let span = |p: Option<sales_core::summary::Period>| {
+                    p.map(|p| json!({"from": label(p.from), "to": label(p.to)}))
+                };
+                let limit = spec.top.unwrap_or(sales_core::summary::MAX_GROUPS) as i64;
                 let meta = json!({
-                    "groupBy": format!("{group:?}").to_lowercase(),
-                    "from": filter.from.map(|(y, m)| format!("{y}-{m:02}")),
-                    "to": filter.to.map(|(y, m)| format!("{y}-{m:02}")),
+                    "groupBy": spec.group_by.iter().map(|d| d.name()).collect::<Vec<_>>(),
+                    "metrics": spec.metrics.iter().map(|m| m.name()).collect::<Vec<_>>(),
+                    "from": filter.from.map(label),
+                    "to": filter.to.map(label),
+                    "period": span(spec.period),
+                    "compareTo": spec.compare.map(|c| c.name()),
+                    "comparedPeriod": span(spec.compared_period()),
+                    "top": spec.top,
+                    "groups": groups,
+                    "truncated": groups > limit,
                     "tookMs": ms(started),
                 });
-                Ok(format!("{{\"data\":{data},\"meta\":{meta}}}"))
+                Ok(format!("{{\"data\":{rows},\"meta\":{meta}}}"))
             },
         )
         .await?;
@@ -267,7 +312,9 @@ impl SalesApi {
     }
 
     /// One sales record by id, with optional `fields` / `exclude`. A record outside the
-    /// caller's scope is 404, as a missing one.
+    /// caller's scope is 404, as a missing one. With `asOf`, the record as it was then, read
+    /// back from its history: 404 with the reason when it did not exist then (not yet
+    /// inserted, or deleted), 410 when that version is older than the retained history.
     #[oai(path = "/api/v2/sales/:id", method = "get")]
     async fn get_one(
         &self,
@@ -275,8 +322,52 @@ impl SalesApi {
         id: Path<i64>,
         fields: Query<Option<String>>,
         exclude: Query<Option<String>>,
+        /// A time (RFC 3339, e.g. `2024-06-01T12:00:00Z`) or a date (midnight UTC).
+        #[oai(name = "asOf")]
+        as_of: Query<Option<String>>,
     ) -> ApiResult<OneResponse> {
         let projection = parse_projection(&SALES_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
+        if let Some(raw) = as_of.0.as_deref() {
+            let at = parse_as_of(raw)?;
+            let tags = vec![
+                crate::cache::tag_row(id.0),
+                crate::cache::TAG_STORES.to_string(),
+            ];
+            let params = (id.0, at, &projection.fields, &projection.excluded);
+            let body = cached(
+                &self.state,
+                "sales.get_as_of",
+                &params,
+                &auth.0,
+                tags,
+                || {
+                    history::as_of_body(
+                        &self.state,
+                        id.0,
+                        at,
+                        &projection.fields,
+                        &projection.excluded,
+                        &auth.0,
+                    )
+                },
+            )
+            .await?;
+            if body.starts_with("{\"data\"") {
+                return Ok(OneResponse::Ok(RawJson::new(body)));
+            }
+            let v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
+            if let Some(why) = v["gone"].as_str() {
+                return Ok(OneResponse::Gone(super::error::ErrorBody::new(
+                    "gone", why, None,
+                )));
+            }
+            return Err(ApiError::not_found(
+                v["missing"]
+                    .as_str()
+                    .unwrap_or("no such version")
+                    .to_string(),
+            ));
+        }
         let tags = vec![
             crate::cache::tag_row(id.0),
             crate::cache::TAG_STORES.to_string(),
@@ -287,6 +378,40 @@ impl SalesApi {
         })
         .await?;
         Ok(OneResponse::Ok(RawJson::new(body)))
+    }
+
+    /// The history of a sales record, newest first: every retained version with its time,
+    /// actor (user id and email, or `sql` for a write that named no user), operation, job
+    /// (imports, asynchronous batches) and, for each changed day, the old and new value.
+    /// Paged by `beforeVersion` (`meta.nextBeforeVersion`). Versions older than the retained
+    /// history (`HISTORY_RETENTION`) are reported in `meta.gone`; a page wholly older is 410.
+    /// A record with a store outside the caller's scope (now or in its history) is 404.
+    #[oai(path = "/api/v2/sales/:id/history", method = "get")]
+    async fn history(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        /// Versions per page, default 50, at most 200.
+        #[oai(validator(minimum(value = "1"), maximum(value = "200")))]
+        limit: Query<Option<i64>>,
+        /// Only versions older than this one (`meta.nextBeforeVersion` of the previous page).
+        #[oai(name = "beforeVersion", validator(minimum(value = "1")))]
+        before_version: Query<Option<i64>>,
+    ) -> ApiResult<HistoryResponse> {
+        let limit = limit.0.unwrap_or(DEFAULT_LIMIT);
+        if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_param(
+                "limit",
+                format!("must be between 1 and {MAX_HISTORY_LIMIT}"),
+            ));
+        }
+        let tags = vec![crate::cache::tag_row(id.0)];
+        let params = (id.0, limit, before_version.0);
+        let body = cached(&self.state, "sales.history", &params, &auth.0, tags, || {
+            history::history_body(&self.state, id.0, &auth.0, limit, before_version.0)
+        })
+        .await?;
+        history::history_response(body)
     }
 
     /// Validate and upsert many store-months in one transaction. With `atomic` (default) any

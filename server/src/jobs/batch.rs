@@ -77,6 +77,7 @@ pub async fn run(
     if let Some(u) = job.user_id {
         crate::db::set_actor(&mut *tx, u).await?;
     }
+    crate::db::set_job(&mut *tx, job.id).await?;
     if cancelled {
         end(
             &mut tx,

@@ -436,6 +436,7 @@ pub async fn run(
         if let Some(u) = job.user_id {
             crate::db::set_actor(&mut *tx, u).await?;
         }
+        crate::db::set_job(&mut *tx, job.id).await?;
         let next: Option<i64> = if cancelled {
             None
         } else {

@@ -74,6 +74,9 @@ pub enum OneResponse {
     /// The record.
     #[oai(status = 200)]
     Ok(RawJson<SalesOne>),
+    /// `asOf` is older than the record's retained history.
+    #[oai(status = 410)]
+    Gone(Json<crate::http::error::ErrorBody>),
 }
 
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,26 +167,65 @@ pub enum DeleteResponse {
     Ok(RawJson<DeleteSummary>),
 }
 
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-#[oai(rename_all = "lowercase")]
-pub enum GroupBy {
-    Store,
-    Region,
-    Month,
+/// The metrics a summary can compute (those asked for with `metrics`; by
+/// default totalSales, totalCustomers, months and stores). Over store-days:
+/// `avg*`, `min*`, `max*` are per store-day.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryMetrics {
+    pub total_sales: Option<f64>,
+    pub total_customers: Option<f64>,
+    /// Store-months counted.
+    pub months: Option<i64>,
+    /// Distinct stores.
+    pub stores: Option<i64>,
+    /// Store-days reported.
+    pub count: Option<i64>,
+    pub sum_sales: Option<f64>,
+    pub sum_customers: Option<f64>,
+    pub sum_transactions: Option<f64>,
+    pub avg_sales: Option<f64>,
+    pub avg_customers: Option<f64>,
+    pub avg_transactions: Option<f64>,
+    pub min_sales: Option<f64>,
+    pub min_customers: Option<f64>,
+    pub min_transactions: Option<f64>,
+    pub max_sales: Option<f64>,
+    pub max_customers: Option<f64>,
+    pub max_transactions: Option<f64>,
+    /// Sum of sales / sum of customers.
+    pub sales_per_customer: Option<f64>,
 }
 
+/// One group: its dimensions (those of `groupBy`), its metrics and, with
+/// `compareTo`, the compared period's metrics and the change in percent.
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
 pub struct SummaryRow {
-    /// Store id, region name, or `YYYY-MM`.
+    /// The group's dimension values joined with `/` (one dimension: its value,
+    /// e.g. the store id, the region or `YYYY-MM`).
     pub key: String,
+    pub store_id: Option<i64>,
     pub store_code: Option<String>,
     pub store_name: Option<String>,
-    pub total_sales: f64,
-    pub total_customers: i64,
-    /// Store-months counted.
-    pub months: i64,
-    pub stores: i64,
+    pub region: Option<String>,
+    pub year: Option<i32>,
+    /// `2024-Q1`.
+    pub quarter: Option<String>,
+    /// `2024-03`.
+    pub month: Option<String>,
+    /// ISO week, `2024-W09`.
+    pub week: Option<String>,
+    /// ISO day of week, 1 (Monday) .. 7.
+    pub weekday: Option<i32>,
+    /// `2024-03-05`.
+    pub day: Option<String>,
+    #[oai(flatten)]
+    pub metrics: SummaryMetrics,
+    /// The compared period's metrics (null where it has no such group).
+    pub previous: Option<SummaryMetrics>,
+    /// (current - previous) / previous x 100, by metric (null where previous is 0 or missing).
+    pub change_pct: Option<SummaryMetrics>,
 }
 
 #[derive(Object, Debug)]

@@ -54,6 +54,7 @@ fn event(id: i64, kind: &str, store: Option<i64>, user: Option<i64>) -> Event {
         row_version: Some(1),
         payload: json!({}),
         created_at: chrono::Utc::now(),
+        region: None,
     }
 }
 

@@ -1,0 +1,254 @@
+//! A record's history (`GET /api/v2/sales/{id}/history`) and the record as
+//! it was at a time (`GET /api/v2/sales/{id}?asOf=`), read back from its
+//! events by `sales.history` and `sales.get_sales_as_of` (see
+//! extension/sql/history.sql).
+//!
+//! Scope: a caller limited to some stores sees a record's past only when
+//! every store the record belonged to (now and in its retained history) is
+//! theirs; otherwise the record is 404, as a missing one.
+
+use crate::auth::Principal;
+use crate::http::error::{ApiError, ApiResult, ErrorBody};
+use crate::state::AppState;
+use chrono::{DateTime, Utc};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object};
+use serde_json::{json, Value};
+
+use super::{DaySales, RawJson};
+
+/// Largest page of history.
+pub const MAX_HISTORY_LIMIT: i64 = 200;
+
+/// Who wrote a version.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct HistoryActor {
+    /// `user` (through the API, or SQL that named its user), or `sql` for a
+    /// write that named no user.
+    #[oai(rename = "type")]
+    pub kind: String,
+    pub user_id: Option<i64>,
+    /// The user's email now (null when the user was deleted).
+    pub email: Option<String>,
+}
+
+/// Where a record was before a version moved it.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct HistoryKey {
+    pub store_id: i64,
+    pub year: i32,
+    pub month: i32,
+}
+
+/// One day a version changed.
+#[derive(Object, Debug)]
+pub struct DayChange {
+    /// Day of month, `"1"`..`"31"`.
+    pub day: String,
+    /// The day before (null: not reported).
+    pub old: Option<DaySales>,
+    /// The day after (null: removed, or the record was deleted).
+    pub new: Option<DaySales>,
+}
+
+/// One version of a record.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub version: i64,
+    /// When the writing transaction started.
+    pub at: String,
+    /// The event that recorded it (`sales.events`).
+    pub event_id: i64,
+    /// `insert`, `update` or `delete`.
+    pub operation: String,
+    pub actor: HistoryActor,
+    /// The import or asynchronous batch that wrote it (`/api/v2/imports/{id}`).
+    pub job_id: Option<i64>,
+    pub store_id: i64,
+    pub year: i32,
+    pub month: i32,
+    /// Where the record was before, when this version moved it.
+    pub previous: Option<HistoryKey>,
+    /// False for versions written before the events carried old values
+    /// (pg_sales 0.3.0): `changes` is then null.
+    pub values_known: bool,
+    /// Each changed day, old -> new, by day.
+    pub changes: Option<Vec<DayChange>>,
+}
+
+/// Versions no longer retained.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct HistoryGone {
+    /// Versions 1 to this one are gone.
+    pub through_version: i64,
+    pub message: String,
+}
+
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct HistoryMeta {
+    pub id: i64,
+    /// Null when the record was deleted.
+    pub current_version: Option<i64>,
+    pub deleted: bool,
+    /// The retained versions reach back to the record's insert.
+    pub complete: bool,
+    /// Pass as `beforeVersion` for the next (older) page; absent on the last.
+    pub next_before_version: Option<i64>,
+    /// Set when older versions are no longer retained.
+    pub gone: Option<HistoryGone>,
+    /// How long history is kept (`HISTORY_RETENTION`).
+    pub history_retention_seconds: i64,
+}
+
+#[derive(Object, Debug)]
+pub struct HistoryPage {
+    /// Newest first.
+    pub data: Vec<HistoryEntry>,
+    pub meta: HistoryMeta,
+}
+
+#[derive(ApiResponse)]
+pub enum HistoryResponse {
+    /// A page of versions, newest first.
+    #[oai(status = 200)]
+    Ok(RawJson<HistoryPage>),
+    /// The versions asked for are older than the retained history
+    /// (`details.throughVersion`: versions 1 to it are gone).
+    #[oai(status = 410)]
+    Gone(Json<ErrorBody>),
+}
+
+/// 404 unless the record is known and every store it belonged to is in the
+/// caller's scope.
+pub(super) async fn check_record_scope(
+    state: &AppState,
+    id: i64,
+    who: &Principal,
+) -> ApiResult<()> {
+    let stores: Vec<i64> = sqlx::query_scalar("SELECT sales.record_stores($1)")
+        .bind(id)
+        .fetch_one(&mut *state.read_conn().await?)
+        .await?;
+    let visible = !stores.is_empty() && stores.iter().all(|s| who.can_access_store(*s));
+    if visible {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no sales record {id}")))
+    }
+}
+
+/// The history page as the API answers it (cached as text; a page that is
+/// wholly older than the retained history is answered 410 by the caller).
+pub(super) async fn history_body(
+    state: &AppState,
+    id: i64,
+    who: &Principal,
+    limit: i64,
+    before_version: Option<i64>,
+) -> ApiResult<String> {
+    check_record_scope(state, id, who).await?;
+    let doc: Option<Value> = crate::metrics::timed(
+        "sales_history",
+        sqlx::query_scalar("SELECT sales.history($1, $2, $3)")
+            .bind(id)
+            .bind(limit as i32)
+            .bind(before_version)
+            .fetch_one(&mut *state.read_conn().await?),
+    )
+    .await?;
+    let Some(mut doc) = doc else {
+        return Err(ApiError::not_found(format!("no sales record {id}")));
+    };
+    let data = doc
+        .as_object_mut()
+        .and_then(|o| o.remove("versions"))
+        .unwrap_or_else(|| json!([]));
+    doc["historyRetentionSeconds"] = json!(state.config.history_retention.as_secs());
+    Ok(json!({"data": data, "meta": doc}).to_string())
+}
+
+/// 410 for a page with no version that is wholly older than the retained history.
+pub(super) fn history_response(body: String) -> ApiResult<HistoryResponse> {
+    let gone = {
+        let v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
+        let empty = v["data"].as_array().is_some_and(|a| a.is_empty());
+        let gone = &v["meta"]["gone"];
+        (empty && !gone.is_null()).then(|| gone.clone())
+    };
+    match gone {
+        Some(g) => Ok(HistoryResponse::Gone(ErrorBody::new(
+            "gone",
+            g["message"]
+                .as_str()
+                .unwrap_or("history no longer retained"),
+            Some(json!({"throughVersion": g["throughVersion"]})),
+        ))),
+        None => Ok(HistoryResponse::Ok(RawJson::new(body))),
+    }
+}
+
+/// `asOf`: an RFC 3339 time (`2024-06-01T12:00:00Z`) or a date (midnight UTC).
+pub fn parse_as_of(raw: &str) -> ApiResult<DateTime<Utc>> {
+    let raw = raw.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc());
+        }
+    }
+    Err(ApiError::bad_param(
+        "asOf",
+        format!(
+            "{raw:?} is not a time like 2024-06-01T12:00:00Z (RFC 3339) or a date like 2024-06-01"
+        ),
+    ))
+}
+
+/// What an as-of read found, as cached: `{"data": doc}`, or `{"missing":
+/// why}` (404), or `{"gone": why}` (410).
+pub(super) async fn as_of_body(
+    state: &AppState,
+    id: i64,
+    at: DateTime<Utc>,
+    fields: &[String],
+    exclude: &[String],
+    who: &Principal,
+) -> ApiResult<String> {
+    check_record_scope(state, id, who).await?;
+    let none = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+    let found: Result<Option<String>, sqlx::Error> = crate::metrics::timed(
+        "sales_get_as_of",
+        sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2, $3, $4)::text")
+            .bind(id)
+            .bind(at)
+            .bind(none(fields))
+            .bind(none(exclude))
+            .fetch_one(&mut *state.read_conn().await?),
+    )
+    .await;
+    let why = |e: &sqlx::Error, code: &str| {
+        e.as_database_error()
+            .filter(|d| d.code().as_deref() == Some(code))
+            .map(|d| d.message().to_string())
+    };
+    match found {
+        Ok(Some(doc)) => Ok(format!("{{\"data\":{doc}}}")),
+        Ok(None) => Err(ApiError::not_found(format!("no sales record {id}"))),
+        Err(e) => {
+            if let Some(m) = why(&e, "PS404") {
+                Ok(json!({"missing": m}).to_string())
+            } else if let Some(m) = why(&e, "PSGON") {
+                Ok(json!({"gone": m}).to_string())
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! A sales record's history and as-of reads, read back from its events:
+//! API batches, plain SQL updates, an asynchronous batch and an import (job
+//! ids), deletes; paging; scope; what pruning leaves (410 rather than an
+//! empty answer) and `sales.event_history` keeping history past the log's
+//! retention. Every version is checked against the record as a plain GET
+//! returned it at the time.
+
+use sales_e2e::{eventually, user_token, Api, Fixture};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+async fn wait_job(api: &Api, id: i64) -> Value {
+    eventually(WAIT, &format!("job {id} to end"), || async {
+        let (status, doc) = api.get(&format!("/api/v2/imports/{id}")).await;
+        assert_eq!(status, 200, "{doc}");
+        matches!(doc["state"].as_str(), Some("completed" | "failed")).then_some(doc)
+    })
+    .await
+}
+
+async fn current(api: &Api, id: i64) -> Value {
+    let (st, body) = api.get(&format!("/api/v2/sales/{id}")).await;
+    assert_eq!(st, 200, "{body}");
+    body["data"].clone()
+}
+
+fn day(sales: f64, customers: i64) -> Value {
+    json!({"sales": sales, "customers": customers})
+}
+
+/// Numbers as f64, so 100 and 100.0 (jsonb keeps what was written) compare equal.
+fn norm(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => json!(n.as_f64().unwrap()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), norm(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(norm).collect()),
+        other => other.clone(),
+    }
+}
+
+#[tokio::test]
+async fn every_write_path_is_in_the_history_with_old_and_new_values() {
+    let f = Fixture::start(2, &[]).await;
+    let s = f.stores[0];
+    let mut seen: Vec<Value> = Vec::new();
+
+    // v1: an API batch inserts days 1..3.
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 2,
+                    "dailyData": {"1": day(100.0, 10), "2": day(100.0, 10), "3": day(100.0, 10)}}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    seen.push(current(&f.admin, id).await);
+
+    // v2: a merge changes day 2 and adds day 4.
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 2,
+                    "dailyData": {"2": day(250.5, 12), "4": day(40.0, 4)}}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    seen.push(current(&f.admin, id).await);
+
+    // v3: plain SQL, naming no user, removes day 1.
+    sqlx::query("UPDATE sales.monthly_sales SET daily_data = daily_data - '1' WHERE id = $1")
+        .bind(id)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    seen.push(current(&f.admin, id).await);
+
+    // v4: an asynchronous batch (a job) changes day 3.
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch?async=true",
+            &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 2,
+                    "dailyData": {"3": day(333.0, 33)}}]}),
+        )
+        .await;
+    assert_eq!(st, 202, "{body}");
+    let batch_job = body["id"].as_i64().unwrap();
+    assert_eq!(wait_job(&f.admin, batch_job).await["state"], "completed");
+    seen.push(current(&f.admin, id).await);
+
+    // v5: an import changes day 5 (a POS file).
+    let r = f
+        .admin
+        .req(reqwest::Method::POST, "/api/v2/imports")
+        .header("content-type", "text/csv")
+        .body("Store_Code,Date,Sales,Customers\nT001,2024-02-05,55.5,5\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let import_job = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    assert_eq!(wait_job(&f.admin, import_job).await["state"], "completed");
+    seen.push(current(&f.admin, id).await);
+
+    let (st, h) = f.admin.get(&format!("/api/v2/sales/{id}/history")).await;
+    assert_eq!(st, 200, "{h}");
+    let versions = h["data"].as_array().unwrap();
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| v["version"].clone())
+            .collect::<Vec<_>>(),
+        json!([5, 4, 3, 2, 1]).as_array().unwrap().clone()
+    );
+    assert_eq!(h["meta"]["complete"], true, "{h}");
+    assert!(h["meta"]["gone"].is_null());
+    assert_eq!(h["meta"]["currentVersion"], 5);
+    assert_eq!(h["meta"]["deleted"], false);
+    let v = |n: i64| versions.iter().find(|e| e["version"] == n).unwrap().clone();
+    let admin_actor = json!({"type": "user", "userId": f.admin_id, "email": "admin@example.com"});
+
+    assert_eq!(v(1)["operation"], "insert");
+    assert_eq!(v(1)["actor"], admin_actor);
+    assert!(v(1)["jobId"].is_null());
+    assert_eq!(
+        norm(&v(1)["changes"]),
+        norm(&json!([
+            {"day": "1", "old": null, "new": day(100.0, 10)},
+            {"day": "2", "old": null, "new": day(100.0, 10)},
+            {"day": "3", "old": null, "new": day(100.0, 10)},
+        ]))
+    );
+    assert_eq!(v(2)["operation"], "update");
+    assert_eq!(
+        norm(&v(2)["changes"]),
+        norm(&json!([
+            {"day": "2", "old": day(100.0, 10), "new": day(250.5, 12)},
+            {"day": "4", "old": null, "new": day(40.0, 4)},
+        ]))
+    );
+    assert_eq!(v(3)["actor"], json!({"type": "sql"}));
+    assert_eq!(
+        norm(&v(3)["changes"]),
+        norm(&json!([{"day": "1", "old": day(100.0, 10), "new": null}]))
+    );
+    assert_eq!(v(4)["jobId"], batch_job);
+    assert_eq!(v(4)["actor"], admin_actor);
+    assert_eq!(
+        norm(&v(4)["changes"]),
+        norm(&json!([{"day": "3", "old": day(100.0, 10), "new": day(333.0, 33)}]))
+    );
+    assert_eq!(v(5)["jobId"], import_job);
+    assert_eq!(v(5)["changes"][0]["day"], "5");
+    assert!(v(5)["changes"][0]["old"].is_null());
+    for e in versions {
+        assert_eq!(e["storeId"], s);
+        assert_eq!(
+            (e["year"].clone(), e["month"].clone()),
+            (json!(2024), json!(2))
+        );
+        assert_eq!(e["valuesKnown"], true);
+    }
+
+    // Paging, newest first.
+    let (_, p1) = f
+        .admin
+        .get(&format!("/api/v2/sales/{id}/history?limit=2"))
+        .await;
+    assert_eq!(p1["data"].as_array().unwrap().len(), 2);
+    assert_eq!(p1["meta"]["nextBeforeVersion"], 4);
+    let (_, p2) = f
+        .admin
+        .get(&format!(
+            "/api/v2/sales/{id}/history?limit=2&beforeVersion=4"
+        ))
+        .await;
+    assert_eq!(
+        p2["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["version"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+    let (_, p3) = f
+        .admin
+        .get(&format!(
+            "/api/v2/sales/{id}/history?limit=2&beforeVersion=2"
+        ))
+        .await;
+    assert_eq!(p3["data"].as_array().unwrap().len(), 1);
+    assert!(p3["meta"]["nextBeforeVersion"].is_null());
+    for bad in ["limit=0", "limit=201", "beforeVersion=0", "beforeVersion=x"] {
+        let (st, body) = f
+            .admin
+            .get(&format!("/api/v2/sales/{id}/history?{bad}"))
+            .await;
+        assert_eq!(st, 400, "{bad}: {body}");
+    }
+
+    // As of each version's time: the record exactly as a GET returned it then.
+    for (i, snapshot) in seen.iter().enumerate() {
+        let at = v(i as i64 + 1)["at"].as_str().unwrap().to_string();
+        let q = url_time(&at);
+        let (st, body) = f.admin.get(&format!("/api/v2/sales/{id}?asOf={q}")).await;
+        assert_eq!(st, 200, "v{} at {at}: {body}", i + 1);
+        let got = &body["data"];
+        for k in [
+            "version",
+            "storeId",
+            "year",
+            "month",
+            "daysReported",
+            "totalCustomers",
+            "createdAt",
+        ] {
+            assert_eq!(got[k], snapshot[k], "v{} {k}", i + 1);
+        }
+        assert_eq!(
+            norm(&got["dailyData"]),
+            norm(&snapshot["dailyData"]),
+            "v{}",
+            i + 1
+        );
+        assert_eq!(
+            got["totalSales"].as_f64(),
+            snapshot["totalSales"].as_f64(),
+            "v{}",
+            i + 1
+        );
+    }
+    let (st, body) = f
+        .admin
+        .get(&format!(
+            "/api/v2/sales/{id}?asOf=2001-01-01&fields=version,dailyData.2"
+        ))
+        .await;
+    assert_eq!(st, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not exist yet"),
+        "{body}"
+    );
+    let (st, body) = f
+        .admin
+        .get(&format!("/api/v2/sales/{id}?asOf=yesterday"))
+        .await;
+    assert_eq!(st, 400);
+    assert_eq!(body["error"]["details"]["parameter"], "asOf");
+    // A projection applies to the past version too.
+    let at2 = url_time(v(2)["at"].as_str().unwrap());
+    let (st, body) = f
+        .admin
+        .get(&format!(
+            "/api/v2/sales/{id}?asOf={at2}&fields=version,dailyData.2.sales,store.code"
+        ))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        norm(&body["data"]),
+        norm(
+            &json!({"version": 2, "dailyData": {"2": {"sales": 250.5}}, "store": {"code": "T001"}})
+        )
+    );
+
+    // A delete: the last version holds every day's last value.
+    let (st, body) = f
+        .admin
+        .send_json(
+            reqwest::Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"ids": [id]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _) = f.admin.get(&format!("/api/v2/sales/{id}")).await;
+    assert_eq!(st, 404);
+    let (st, h) = f
+        .admin
+        .get(&format!("/api/v2/sales/{id}/history?limit=1"))
+        .await;
+    assert_eq!(st, 200, "{h}");
+    assert_eq!(h["meta"]["deleted"], true);
+    assert!(h["meta"]["currentVersion"].is_null());
+    let del = &h["data"][0];
+    assert_eq!(
+        (del["version"].clone(), del["operation"].clone()),
+        (json!(6), json!("delete"))
+    );
+    let last = &seen[4]["dailyData"];
+    let expected: Vec<Value> = {
+        let mut days: Vec<(&String, &Value)> = last.as_object().unwrap().iter().collect();
+        days.sort_by_key(|(d, _)| d.parse::<u32>().unwrap());
+        days.into_iter()
+            .map(|(d, v)| json!({"day": d, "old": v, "new": null}))
+            .collect()
+    };
+    assert_eq!(norm(&del["changes"]), norm(&Value::Array(expected)));
+    let (st, body) = f
+        .admin
+        .get(&format!("/api/v2/sales/{id}?asOf=2100-01-01"))
+        .await;
+    assert_eq!(st, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deleted"),
+        "{body}"
+    );
+    // Before the delete it still reads.
+    let at5 = url_time(v(5)["at"].as_str().unwrap());
+    let (st, body) = f.admin.get(&format!("/api/v2/sales/{id}?asOf={at5}")).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["version"], 5);
+
+    // The same through SQL.
+    let doc: Value = sqlx::query_scalar("SELECT sales.history($1, 10)")
+        .bind(id)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(doc["versions"].as_array().unwrap().len(), 6);
+    assert_eq!(doc["complete"], true);
+    let unknown: Option<Value> = sqlx::query_scalar("SELECT sales.history(987654)")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert!(unknown.is_none());
+    let (st, _) = f.admin.get("/api/v2/sales/987654/history").await;
+    assert_eq!(st, 404);
+}
+
+/// `2024-06-01T10:11:12.123456+00:00` as a query value.
+fn url_time(at: &str) -> String {
+    at.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test]
+async fn scope_and_retention() {
+    let f = Fixture::start(2, &[]).await;
+    let (a, b) = (f.stores[0], f.stores[1]);
+    let recs = json!({"salesDataArray": [
+        {"storeId": a, "year": 2024, "month": 1, "dailyData": {"1": day(1.0, 1)}},
+        {"storeId": b, "year": 2024, "month": 1, "dailyData": {"1": day(2.0, 2)}}]});
+    let (st, body) = f.admin.post("/api/v2/sales/batch", &recs).await;
+    assert_eq!(st, 200, "{body}");
+    let id_of = |store: i64| {
+        let pool = f.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT id FROM sales.monthly_sales WHERE store_id = $1")
+                .bind(store)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (ida, idb) = (id_of(a).await, id_of(b).await);
+    let (_, token) = user_token(&f.db, &f.server, "m@example.com", "manager", &[a]).await;
+    let manager = Api::new(&f.server, Some(&token));
+    let (st, _) = manager.get(&format!("/api/v2/sales/{ida}/history")).await;
+    assert_eq!(st, 200);
+    for path in [
+        format!("/api/v2/sales/{idb}/history"),
+        format!("/api/v2/sales/{idb}?asOf=2100-01-01"),
+    ] {
+        let (st, body) = manager.get(&path).await;
+        assert_eq!(st, 404, "{path}: {body}");
+    }
+    // A record that was moved from a store outside the scope into it is
+    // hidden too: its past belongs to the other store.
+    sqlx::query("UPDATE sales.monthly_sales SET store_id = $1, month = 2 WHERE id = $2")
+        .bind(a)
+        .bind(idb)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let (st, _) = manager.get(&format!("/api/v2/sales/{idb}/history")).await;
+    assert_eq!(st, 404);
+    let (st, h) = f.admin.get(&format!("/api/v2/sales/{idb}/history")).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        h["data"][0]["previous"],
+        json!({"storeId": b, "year": 2024, "month": 1})
+    );
+
+    // A second version of `ida`, then pruning with a longer history
+    // retention: the log forgets, the history does not.
+    let (st, _) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [{"storeId": a, "year": 2024, "month": 1, "dailyData": {"2": day(5.0, 1)}}]}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let before_update: String = sqlx::query_scalar(
+        "SELECT to_jsonb(created_at - interval '1 microsecond') #>> '{}' FROM sales.events WHERE row_id = $1 AND row_version = 2",
+    )
+    .bind(ida)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    // The newest event is not about the record, so pruning to 0 removes all of its events.
+    sqlx::query("SELECT sales.announce('after')")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let pruned: i64 = sqlx::query_scalar("SELECT sales.prune_events('0 seconds', '1 day')")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert!(pruned > 0);
+    let in_log: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sales.events WHERE row_id = $1 AND kind LIKE 'sales-data-%'",
+    )
+    .bind(ida)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(in_log, 0, "the log no longer holds the record's events");
+    let clear = || async {
+        let (st, body) = f.admin.post("/api/admin/cache/clear", &json!({})).await;
+        assert_eq!(st, 200, "{body}");
+    };
+    clear().await;
+    let (st, h) = f.admin.get(&format!("/api/v2/sales/{ida}/history")).await;
+    assert_eq!(st, 200, "{h}");
+    assert_eq!(h["data"].as_array().unwrap().len(), 2);
+    assert_eq!(h["meta"]["complete"], true);
+    let q = url_time(&before_update);
+    let (st, body) = f.admin.get(&format!("/api/v2/sales/{ida}?asOf={q}")).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["version"], 1);
+
+    // History retention over: gone, and said so (not an empty list).
+    sqlx::query("SELECT sales.prune_events('0 seconds', '0 seconds')")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    clear().await;
+    let (st, body) = f.admin.get(&format!("/api/v2/sales/{ida}/history")).await;
+    assert_eq!(st, 410, "{body}");
+    assert_eq!(body["error"]["code"], "gone");
+    assert_eq!(body["error"]["details"]["throughVersion"], 2);
+    let (st, body) = f.admin.get(&format!("/api/v2/sales/{ida}?asOf={q}")).await;
+    assert_eq!(st, 410, "{body}");
+    // The current version still reads as of now.
+    let (st, body) = f
+        .admin
+        .get(&format!("/api/v2/sales/{ida}?asOf=2100-01-01"))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["version"], 2);
+    // A later write starts a history that says what it lacks.
+    let (st, _) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [{"storeId": a, "year": 2024, "month": 1, "dailyData": {"3": day(7.0, 1)}}]}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, h) = f.admin.get(&format!("/api/v2/sales/{ida}/history")).await;
+    assert_eq!(st, 200, "{h}");
+    assert_eq!(h["data"].as_array().unwrap().len(), 1);
+    assert_eq!(h["meta"]["complete"], false);
+    assert_eq!(h["meta"]["gone"]["throughVersion"], 2);
+    let (st, _) = f
+        .admin
+        .get(&format!("/api/v2/sales/{ida}/history?beforeVersion=3"))
+        .await;
+    assert_eq!(st, 410);
+    // history_retention shorter than retention is refused.
+    let e = sqlx::query("SELECT sales.prune_events('2 days', '1 day')")
+        .execute(&f.db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(sales_e2e::sqlstate(&e).as_deref(), Some("22023"));
+}

@@ -1,0 +1,390 @@
+//! Summaries: every grouping and metric checked against the same figures
+//! computed independently in SQL (a date series probing each day of the
+//! JSON), comparisons with the previous year across a leap day and with the
+//! previous period, top N, scope, caching and invalidation, bad input, and
+//! `sales.summary` in SQL answering what the API answers.
+
+use sales_e2e::{eventually, user_token, Api, Fixture};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Three stores (North, South, East), each with every day of Jan..Mar of
+/// 2023 and 2024 (so 29 February 2024), written in SQL.
+async fn fixture() -> Fixture {
+    let f = Fixture::start(3, &[]).await;
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         SELECT s.id, y, mo, (SELECT jsonb_object_agg(extract(day FROM d)::int,
+                    jsonb_build_object('sales', (s.id % 7) * 100 + mo * 10 + extract(day FROM d) + (y - 2023) * 5,
+                                       'customers', 1 + (extract(day FROM d)::int + s.id::int) % 9,
+                                       'transactions', 2 + extract(day FROM d)::int % 4))
+                 FROM generate_series(make_date(y, mo, 1), make_date(y, mo, 1) + interval '1 month' - interval '1 day',
+                                      interval '1 day') d)
+         FROM sales.stores s, generate_series(2023, 2024) y, generate_series(1, 3) mo",
+    )
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    f
+}
+
+/// Store-days as an independent SQL source: a date series over each
+/// month, probing the JSON by day (not `jsonb_each`).
+fn days(alias: &str) -> String {
+    format!(
+        "(SELECT m.store_id, st.region, st.code, d::date AS d,
+            (m.daily_data -> extract(day FROM d)::int::text ->> 'sales')::numeric AS sales,
+            (m.daily_data -> extract(day FROM d)::int::text ->> 'customers')::numeric AS customers,
+            (m.daily_data -> extract(day FROM d)::int::text ->> 'transactions')::numeric AS transactions
+         FROM sales.monthly_sales m JOIN sales.stores st ON st.id = m.store_id,
+              generate_series(make_date(m.year, m.month, 1),
+                              make_date(m.year, m.month, 1) + interval '1 month' - interval '1 day',
+                              interval '1 day') d
+         WHERE m.daily_data ? extract(day FROM d)::int::text) {alias}"
+    )
+}
+
+async fn sql_rows(f: &Fixture, sql: &str) -> Vec<Value> {
+    sqlx::query_scalar::<_, Value>(&format!(
+        "SELECT coalesce(jsonb_agg(t), '[]') FROM ({sql}) t"
+    ))
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    .as_array()
+    .unwrap()
+    .clone()
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+/// Compares rows member by member (numbers within 1e-6).
+fn same(api: &[Value], sql: &[Value], members: &[&str]) {
+    assert_eq!(api.len(), sql.len(), "rows: api {api:?}\nsql {sql:?}");
+    for (a, s) in api.iter().zip(sql) {
+        for m in members {
+            match (num(&a[m]), num(&s[m])) {
+                (Some(x), Some(y)) => assert!((x - y).abs() < 1e-6, "{m}: {a} vs {s}"),
+                _ => assert_eq!(a[m], s[m], "{m}: {a} vs {s}"),
+            }
+        }
+    }
+}
+
+async fn get(api: &Api, q: &str) -> Value {
+    let (st, body) = api.get(&format!("/api/v2/sales/summary?{q}")).await;
+    assert_eq!(st, 200, "{q}: {body}");
+    body
+}
+
+#[tokio::test]
+async fn groupings_and_metrics_match_sql() {
+    let f = fixture().await;
+    // Region x month, day-level metrics.
+    let body = get(
+        &f.admin,
+        "groupBy=region,month&metrics=sumSales,avgSales,minCustomers,maxTransactions,count,salesPerCustomer,sumTransactions&year=2024",
+    )
+    .await;
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT region, to_char(d, 'YYYY-MM') AS month, sum(sales) AS \"sumSales\",
+                    round(avg(sales), 4) AS \"avgSales\", min(customers) AS \"minCustomers\",
+                    max(transactions) AS \"maxTransactions\", count(*) AS count,
+                    round(sum(sales) / sum(customers), 4) AS \"salesPerCustomer\",
+                    sum(transactions) AS \"sumTransactions\"
+             FROM {x} WHERE extract(year FROM d) = 2024 GROUP BY 1, 2 ORDER BY 1, 2",
+            x = days("x"),
+        ),
+    )
+    .await;
+    same(
+        body["data"].as_array().unwrap(),
+        &sql,
+        &[
+            "region",
+            "month",
+            "sumSales",
+            "avgSales",
+            "minCustomers",
+            "maxTransactions",
+            "count",
+            "salesPerCustomer",
+            "sumTransactions",
+        ],
+    );
+    assert_eq!(body["data"][0]["key"], format!("East/2024-01"));
+    assert_eq!(body["meta"]["groups"], 9);
+
+    // ISO week x weekday, one store, a range.
+    let s = f.stores[1];
+    let body = get(
+        &f.admin,
+        &format!("groupBy=week,weekday&metrics=sumSales,count&storeId={s}&from=2024-02&to=2024-03"),
+    )
+    .await;
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT to_char(d, 'IYYY-\"W\"IW') AS week, extract(isodow FROM d)::int AS weekday,
+                    sum(sales) AS \"sumSales\", count(*) AS count
+             FROM {x} WHERE store_id = {s} AND d BETWEEN '2024-02-01' AND '2024-03-31'
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            x = days("x"),
+        ),
+    )
+    .await;
+    same(
+        body["data"].as_array().unwrap(),
+        &sql,
+        &["week", "weekday", "sumSales", "count"],
+    );
+
+    // Year x quarter x store with the monthly totals (default metrics).
+    let body = get(&f.admin, "groupBy=year,quarter,store").await;
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT extract(year FROM d)::int AS year, to_char(d, 'YYYY-\"Q\"Q') AS quarter,
+                    store_id AS \"storeId\", min(code) AS \"storeCode\", sum(sales) AS \"totalSales\",
+                    sum(customers) AS \"totalCustomers\", count(DISTINCT date_trunc('month', d)) AS months,
+                    1 AS stores
+             FROM {x} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            x = days("x"),
+        ),
+    )
+    .await;
+    same(
+        body["data"].as_array().unwrap(),
+        &sql,
+        &[
+            "year",
+            "quarter",
+            "storeId",
+            "storeCode",
+            "totalSales",
+            "totalCustomers",
+            "months",
+            "stores",
+        ],
+    );
+
+    // Top 2 stores by sales in 2024, largest first.
+    let body = get(
+        &f.admin,
+        "groupBy=store&metrics=sumSales&year=2024&top=2&orderBy=-sumSales",
+    )
+    .await;
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT store_id AS \"storeId\", sum(sales) AS \"sumSales\" FROM {x}
+             WHERE extract(year FROM d) = 2024 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 2",
+            x = days("x"),
+        ),
+    )
+    .await;
+    same(
+        body["data"].as_array().unwrap(),
+        &sql,
+        &["storeId", "sumSales"],
+    );
+    assert_eq!(body["meta"]["groups"], 3);
+    assert_eq!(body["meta"]["truncated"], true);
+
+    // The filters of the list endpoint apply: a region and a minimum month total.
+    let body = get(
+        &f.admin,
+        "groupBy=store&metrics=count&region=South&minTotalSales=1",
+    )
+    .await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(body["data"][0]["region"], Value::Null);
+    assert_eq!(body["data"][0]["storeId"], f.stores[1]);
+
+    // SQL: sales.summary answers the same rows.
+    let q = "groupBy=region,month&metrics=sumSales,avgCustomers&compareTo=previousYear&from=2024-01&to=2024-03&orderBy=-sumSales";
+    let body = get(&f.admin, q).await;
+    let doc: Value = sqlx::query_scalar(
+        "SELECT sales.summary(group_by => 'region,month', metrics => 'sumSales,avgCustomers',
+                compare_to => 'previousYear', from_period => '2024-01', to_period => '2024-03',
+                order_by => '-sumSales')",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(doc["rows"], body["data"]);
+    assert_eq!(doc["groups"], 9);
+}
+
+#[tokio::test]
+async fn year_over_year_across_a_leap_day_and_previous_period() {
+    let f = fixture().await;
+    let s = f.stores[0];
+    let body = get(
+        &f.admin,
+        &format!(
+            "groupBy=day&metrics=sumSales&storeId={s}&year=2024&month=2&compareTo=previousYear"
+        ),
+    )
+    .await;
+    let rows = body["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 29);
+    assert_eq!(
+        body["meta"]["comparedPeriod"],
+        json!({"from": "2023-02", "to": "2023-02"})
+    );
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT to_char(c.d, 'YYYY-MM-DD') AS day, c.sales AS \"sumSales\", p.sales AS prev,
+                    round((c.sales - p.sales) / p.sales * 100, 2) AS pct
+             FROM {c} LEFT JOIN {p} ON p.store_id = c.store_id AND p.d = c.d - interval '1 year'
+                  AND extract(day FROM p.d) = extract(day FROM c.d)
+             WHERE c.store_id = {s} AND c.d BETWEEN '2024-02-01' AND '2024-02-29' ORDER BY 1",
+            c = days("c"),
+            p = days("p"),
+        ),
+    )
+    .await;
+    assert_eq!(sql.len(), 29);
+    for (a, e) in rows.iter().zip(&sql) {
+        assert_eq!(a["day"], e["day"]);
+        assert_eq!(num(&a["sumSales"]), num(&e["sumSales"]), "{a}");
+        assert_eq!(num(&a["previous"]["sumSales"]), num(&e["prev"]), "{a}");
+        assert_eq!(num(&a["changePct"]["sumSales"]), num(&e["pct"]), "{a}");
+    }
+    // 29 February has no day a year before: nothing to compare with.
+    let leap = &rows[28];
+    assert_eq!(leap["day"], "2024-02-29");
+    assert!(leap["previous"]["sumSales"].is_null(), "{leap}");
+    assert!(leap["changePct"]["sumSales"].is_null(), "{leap}");
+    // By month the leap day counts in February 2024, against a 28-day February 2023.
+    let body = get(
+        &f.admin,
+        &format!("groupBy=month&metrics=count,sumSales&storeId={s}&year=2024&compareTo=previousYear&from=2024-01&to=2024-03"),
+    )
+    .await;
+    let feb = &body["data"][1];
+    assert_eq!(feb["month"], "2024-02");
+    assert_eq!(
+        (feb["count"].clone(), feb["previous"]["count"].clone()),
+        (json!(29), json!(28))
+    );
+    assert_eq!(
+        body["meta"]["period"],
+        json!({"from": "2024-01", "to": "2024-03"})
+    );
+
+    // The previous period: Feb..Mar 2024 against Dec 2023..Jan 2024 (only January has data).
+    let body = get(
+        &f.admin,
+        "groupBy=store&metrics=sumSales&from=2024-02&to=2024-03&compareTo=previousPeriod&orderBy=store",
+    )
+    .await;
+    assert_eq!(
+        body["meta"]["comparedPeriod"],
+        json!({"from": "2023-12", "to": "2024-01"})
+    );
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT store_id AS \"storeId\",
+                    sum(sales) FILTER (WHERE d >= '2024-02-01') AS cur,
+                    sum(sales) FILTER (WHERE d < '2024-02-01') AS prev
+             FROM {x} WHERE d BETWEEN '2023-12-01' AND '2024-03-31' GROUP BY 1 ORDER BY 1",
+            x = days("x"),
+        ),
+    )
+    .await;
+    for (a, e) in body["data"].as_array().unwrap().iter().zip(&sql) {
+        assert_eq!(a["storeId"], e["storeId"]);
+        assert_eq!(num(&a["sumSales"]), num(&e["cur"]));
+        assert_eq!(num(&a["previous"]["sumSales"]), num(&e["prev"]));
+    }
+    // Ordered by the change.
+    let body = get(
+        &f.admin,
+        "groupBy=store&metrics=sumSales&year=2024&compareTo=previousYear&orderBy=-sumSalesChangePct&top=1",
+    )
+    .await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn bad_input_scope_and_cache() {
+    let f = fixture().await;
+    for (q, param) in [
+        ("groupBy=colour", "groupBy"),
+        ("groupBy=", "groupBy"),
+        ("groupBy=store,store", "groupBy"),
+        ("metrics=median", "metrics"),
+        ("from=2024-05&to=2024-04", "from"),
+        ("year=2023&from=2024-01", "year"),
+        ("top=1001", "top"),
+        ("top=0", "top"),
+        ("compareTo=previousYear", "compareTo"),
+        ("compareTo=lastWeek&year=2024", "compareTo"),
+        (
+            "compareTo=previousYear&month=2&from=2024-01&to=2024-03",
+            "month",
+        ),
+        ("orderBy=sumSales", "orderBy"),
+        ("orderBy=month", "orderBy"),
+    ] {
+        let (st, body) = f.admin.get(&format!("/api/v2/sales/summary?{q}")).await;
+        assert_eq!(st, 400, "{q}: {body}");
+        assert_eq!(body["error"]["details"]["parameter"], param, "{q}: {body}");
+    }
+    let e = sqlx::query("SELECT sales.summary(group_by => 'colour')")
+        .execute(&f.db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(sales_e2e::sqlstate(&e).as_deref(), Some("22023"));
+    assert!(e.to_string().contains("group_by"), "{e}");
+
+    // A manager sees their store only.
+    let (_, token) = user_token(&f.db, &f.server, "m@example.com", "manager", &[f.stores[2]]).await;
+    let manager = Api::new(&f.server, Some(&token));
+    let body = get(&manager, "groupBy=region&metrics=stores").await;
+    assert_eq!(
+        body["data"],
+        json!([{"key": "East", "region": "East", "stores": 1}])
+    );
+    let (st, _) = manager
+        .get(&format!("/api/v2/sales/summary?storeId={}", f.stores[0]))
+        .await;
+    assert_eq!(st, 403);
+
+    // Cached, and a write to a covered store invalidates it.
+    let path = "/api/v2/sales/summary?groupBy=region&metrics=sumSales&year=2024";
+    sales_e2e::warm(&f.admin, path).await;
+    let before = get(&f.admin, "groupBy=region&metrics=sumSales&year=2024").await;
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [{"storeId": f.stores[2], "year": 2024, "month": 1,
+                    "dailyData": {"1": {"sales": 100000, "customers": 1}}}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let east = |b: &Value| {
+        b["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["region"] == "East")
+            .and_then(|r| r["sumSales"].as_f64())
+            .unwrap()
+    };
+    let old = east(&before);
+    eventually(Duration::from_secs(10), "the summary to change", || async {
+        let now = get(&f.admin, "groupBy=region&metrics=sumSales&year=2024").await;
+        (east(&now) > old).then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,81 @@
+//! Following a whole chain: `all-stores` and `region-<name>` carry the
+//! sales events of every store (of a region), so a dashboard needs one
+//! subscription however many stores there are; a scoped token gets its
+//! stores' events only. Resume replays them like any channel.
+
+mod ws_common;
+
+use sales_e2e::TestDb;
+use serde_json::json;
+use std::time::Duration;
+use ws_common::*;
+
+#[tokio::test]
+async fn chain_and_region_channels() {
+    let db = TestDb::new().await;
+    // T001 North, T002 South, T003 East, T004 North.
+    let s = db.stores(4).await;
+    let manager_id = user(&db, "m@example.test", "manager", &[s[0], s[1]]).await;
+    let server = db.server(&[]).await;
+
+    let mut admin = Client::connect(server.addr, &token(999, "admin", &[])).await;
+    for ch in ["all-stores", "region-North"] {
+        assert_eq!(
+            admin.subscribe(ch).await,
+            json!({"type": "subscribed", "event": ch})
+        );
+    }
+    let mut north = Client::connect(server.addr, &token(998, "admin", &[])).await;
+    assert_eq!(north.subscribe("region-North").await["type"], "subscribed");
+    let mut manager =
+        Client::connect(server.addr, &token(manager_id, "manager", &[s[0], s[1]])).await;
+    assert_eq!(manager.subscribe("all-stores").await["type"], "subscribed");
+    assert_eq!(
+        manager.subscribe("region-North").await["type"],
+        "subscribed"
+    );
+
+    // One row per store, in store order (one statement, one transaction).
+    upsert(&db, (0..4).map(|i| record(s[i], 2024, 1, 1, 10)).collect()).await;
+
+    // all-stores: every store's event once (the admin is on region-North
+    // too: a connection reached twice gets one frame).
+    let got = admin.events(4).await;
+    let stores: Vec<i64> = got
+        .iter()
+        .map(|e| e["data"]["storeId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(stores, s);
+    assert!(got.iter().all(|e| e["event"] == "sales-data-created"));
+    admin.assert_no_event(Duration::from_millis(300)).await;
+
+    // region-North: T001 and T004.
+    let got = north.events(2).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| e["data"]["storeId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![s[0], s[3]]
+    );
+    north.assert_no_event(Duration::from_millis(300)).await;
+
+    // The manager: their two stores on all-stores, only T001 on region-North
+    // (one frame each).
+    let got = manager.events(2).await;
+    assert_eq!(
+        got.iter()
+            .map(|e| e["data"]["storeId"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![s[0], s[1]]
+    );
+    manager.assert_no_event(Duration::from_millis(300)).await;
+
+    // A region with no stores is a channel like any (nothing arrives), a
+    // name longer than a region can be is refused.
+    assert_eq!(
+        north.subscribe("region-Nowhere").await["type"],
+        "subscribed"
+    );
+    let long = format!("region-{}", "x".repeat(101));
+    assert_eq!(north.subscribe(&long).await["type"], "error");
+}
