@@ -362,6 +362,7 @@ async fn bench(o: Opts) {
         exp: None,
         generation: 0,
         session: None,
+        outside: false,
     };
     let filter = SalesFilter::default();
     let select_of = |format| {
