@@ -53,7 +53,8 @@ pub struct LoginGuard {
 
 /// The longest wait between two attempts on one account.
 const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
-/// Accounts tracked at most; the oldest quiet ones are forgotten first.
+/// Keys tracked at most: when full, those quiet for MAX_BACKOFF are
+/// forgotten, else the one that failed longest ago.
 const MAX_TRACKED: usize = 100_000;
 
 impl LoginGuard {

@@ -319,7 +319,8 @@ impl UsersApi {
     }
 
     /// Change a user's email, role, stores, disabled flag or (admins)
-    /// password. The user's access tokens are refused from then on, on every
+    /// password; one's own password is changed at `/api/v2/auth/password`
+    /// (422 here). The user's access tokens are refused from then on, on every
     /// instance, and their WebSockets closed; a refresh gives the new scope.
     /// Leaving no enabled admin is 409.
     #[oai(path = "/api/v2/users/:id", method = "patch")]
