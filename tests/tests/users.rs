@@ -1258,3 +1258,65 @@ async fn a_manager_change_is_checked_under_the_lock() {
     assert_eq!(user["data"]["disabled"], false, "{user}");
     w.server.stop().await;
 }
+
+/// A password change verified just before an admin's reset does not undo
+/// the reset: the reset is waited for and the current password is stale.
+#[tokio::test]
+async fn a_password_change_racing_a_reset_does_not_undo_it() {
+    let w = world(&[]).await;
+    let mut reset = w.db.pool.begin().await.unwrap();
+    sales_server::users::lock(&mut reset).await.unwrap();
+    let hash = sales_server::users::hash_password("reset-by-admin-5").unwrap();
+    sales_server::users::update(
+        &mut reset,
+        w.staff_id,
+        sales_server::users::UserPatch {
+            password_hash: Some(hash),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let attempt = tokio::spawn({
+        let api = w.staff.clone();
+        async move {
+            api.post(
+                "/api/v2/auth/password",
+                &json!({"currentPassword": PASSWORD, "newPassword": "chosen-by-user-6"}),
+            )
+            .await
+        }
+    });
+    eventually(
+        Duration::from_secs(20),
+        "the change waits for the reset",
+        || {
+            let pool = w.db.pool.clone();
+            let done = attempt.is_finished();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event = 'advisory'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                (done || waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    reset.commit().await.unwrap();
+    let (st, body) = attempt.await.unwrap();
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(
+        login(&w.server, "staff@x.test", "chosen-by-user-6").await.0,
+        401
+    );
+    assert_eq!(
+        login(&w.server, "staff@x.test", "reset-by-admin-5").await.0,
+        200,
+        "the reset stands"
+    );
+    w.server.stop().await;
+}

@@ -475,14 +475,13 @@ impl LoginApi {
             ));
         };
         let ip = super::middleware::client_ip(req).to_string();
-        if self
+        let verified = match self
             .check_credentials(&user.email, &body.current_password, &ip)
             .await?
-            .map(|(id, _)| id)
-            != Some(user.id)
         {
-            return Err(ApiError::forbidden("currentPassword: wrong password"));
-        }
+            Some((id, hash)) if id == user.id => hash,
+            _ => return Err(ApiError::forbidden("currentPassword: wrong password")),
+        };
         crate::users::check_password_field("newPassword", &body.new_password, &user.email)
             .map_err(super::users::user_error)?;
         let new = body.new_password.clone();
@@ -494,6 +493,21 @@ impl LoginApi {
         let mut tx = self.state.pool.begin().await?;
         crate::db::write::set_actor(&mut *tx, user.id).await?;
         crate::users::lock(&mut tx).await?;
+        // Verified outside this transaction: a password reset or a disable
+        // committed meanwhile wins (the current password is no longer it).
+        let now: Option<(String, bool)> = sqlx::query_as(
+            "SELECT u.password_hash, coalesce(s.disabled, false)
+             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+             WHERE u.id = $1",
+        )
+        .bind(user.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match now {
+            Some((_, true)) => return Err(ApiError::forbidden("account disabled")),
+            Some((hash, false)) if hash == verified => {}
+            _ => return Err(ApiError::forbidden("currentPassword: wrong password")),
+        }
         let (user, change) = crate::users::update(
             &mut tx,
             user.id,
