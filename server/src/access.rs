@@ -165,6 +165,17 @@ impl Revocations {
         }
     }
 
+    /// The check for a verified token: [`Revocations::check_account`] for
+    /// an outside identity provider's, [`Revocations::check`] for this
+    /// server's. REST and open WebSockets use the same.
+    pub fn check_token(&self, p: &Principal) -> Result<(), Revoked> {
+        if p.outside {
+            self.check_account(p)
+        } else {
+            self.check(p)
+        }
+    }
+
     /// Whether a verified token's holder still has access.
     pub fn check(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();
@@ -326,6 +337,7 @@ mod tests {
             exp: None,
             generation,
             session: session.map(str::to_string),
+            outside: false,
         }
     }
 

@@ -63,6 +63,10 @@ pub struct Claims {
     /// The session (refresh-token family) the token belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
+    /// Whether the identity provider verified `email` (OpenID Connect):
+    /// only then is an outside token matched to a user by its email.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_verified: Option<bool>,
 }
 
 /// The caller, as established by a verified token.
@@ -79,6 +83,9 @@ pub struct Principal {
     pub generation: i64,
     /// The session the token belongs to, when it was issued for one.
     pub session: Option<String>,
+    /// Issued by an outside identity provider (no generation, no session):
+    /// only the account (deleted, disabled) is checked for revocation.
+    pub outside: bool,
 }
 
 impl Principal {
@@ -235,6 +242,7 @@ impl Auth {
             aud: self.audience.clone(),
             gen,
             sid,
+            email_verified: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         Ok((token, claims))
@@ -301,7 +309,8 @@ impl Auth {
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let c = data.claims;
-        let by_email = outside
+        // Only an email the provider verified names a local user.
+        let by_email = (outside && c.email_verified == Some(true))
             .then(|| {
                 c.email
                     .as_deref()
@@ -330,13 +339,11 @@ impl Auth {
             exp: Some(c.exp),
             generation: c.gen,
             session: c.sid,
+            outside,
         };
-        if outside {
-            self.revocations.check_account(&p)
-        } else {
-            self.revocations.check(&p)
-        }
-        .map_err(AuthError::Revoked)?;
+        self.revocations
+            .check_token(&p)
+            .map_err(AuthError::Revoked)?;
         Ok(p)
     }
 }
@@ -428,6 +435,7 @@ mod tests {
             aud: None,
             gen: 0,
             sid: None,
+            email_verified: None,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
@@ -476,6 +484,7 @@ mod tests {
             aud: None,
             gen: 0,
             sid: None,
+            email_verified: None,
         };
         for (alg, private, public, key) in [
             (

@@ -361,9 +361,7 @@ impl Config {
         let jwt_jwks_url = e.opt("JWT_JWKS_URL");
         let jwt_jwks_file = e.opt("JWT_JWKS_FILE");
         if let Some(url) = &jwt_jwks_url {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(Env::err("JWT_JWKS_URL", url, "must be an http(s) URL"));
-            }
+            check_jwks_url(url).map_err(|why| Env::err("JWT_JWKS_URL", url, why))?;
             if jwt_jwks_file.is_some() {
                 return Err(Env::err(
                     "JWT_JWKS_URL",
@@ -502,6 +500,24 @@ impl Config {
     }
 }
 
+/// The keys that verify tokens must not be open to tampering on the way:
+/// `https`, except on this machine (a loopback address or `localhost`).
+fn check_jwks_url(url: &str) -> Result<(), &'static str> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| "must be an https URL")?;
+    let host = parsed.host_str().ok_or("must be an https URL")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err("must be https (plain http only for a loopback address)"),
+        _ => Err("must be an https URL"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,5 +635,29 @@ mod tests {
         }
         let c = cfg(&[("JWT_SECRET", "a-secret-of-this-deployment-0123456789")]).unwrap();
         assert!(c.check_serving_secret().is_ok());
+    }
+
+    #[test]
+    fn jwks_url_is_https_except_on_loopback() {
+        for ok in [
+            "https://idp.example.com/.well-known/jwks.json",
+            "http://127.0.0.1:8080/jwks.json",
+            "http://localhost/jwks.json",
+            "http://[::1]:9000/jwks.json",
+        ] {
+            assert!(cfg(&[("JWT_JWKS_URL", ok)]).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://idp.example.com/jwks.json",
+            "http://10.0.0.5/jwks.json",
+            "ftp://idp.example.com/jwks.json",
+            "not a url",
+        ] {
+            let e = cfg(&[("JWT_JWKS_URL", bad)]).unwrap_err().to_string();
+            assert!(
+                e.contains("JWT_JWKS_URL") && e.contains("https"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// The largest key set read from JWT_JWKS_URL (a real one is a few KiB).
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
 /// The shortest time between two readings asked for by unknown keys.
 const MIN_RELOAD: Duration = Duration::from_secs(10);
 
@@ -115,7 +118,17 @@ impl Jwks {
                 if !resp.status().is_success() {
                     anyhow::bail!("JWT_JWKS_URL: {url} answered {}", resp.status());
                 }
-                Ok(resp.text().await?)
+                let mut resp = resp;
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await? {
+                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                        anyhow::bail!(
+                            "JWT_JWKS_URL: {url} answered more than {MAX_JWKS_BYTES} bytes"
+                        );
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                String::from_utf8(body).context("JWT_JWKS_URL: the answer is not UTF-8")
             }
         }
     }

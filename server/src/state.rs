@@ -23,7 +23,7 @@ pub struct AppState {
     pub access: Arc<crate::ws::Revoking>,
     /// Bounds the password hashes computed at once (PASSWORD_HASH_CONCURRENCY):
     /// each holds a blocking thread and ~19 MB for ~50 ms.
-    pub hashing: tokio::sync::Semaphore,
+    pub hashing: Arc<tokio::sync::Semaphore>,
     /// Streaming replica for reads (DATABASE_REPLICA_URL), when configured.
     pub replica: Option<Replica>,
     pub started: Instant,
@@ -132,7 +132,9 @@ impl AppState {
             access: auth.revocations().clone(),
             token_lifetime: config.jwt_expiry.as_secs() as i64,
         });
-        let hashing = tokio::sync::Semaphore::new(config.password_hash_concurrency.max(1));
+        let hashing = Arc::new(tokio::sync::Semaphore::new(
+            config.password_hash_concurrency.max(1),
+        ));
         Arc::new(Self {
             config,
             auth,
@@ -206,14 +208,28 @@ impl AppState {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashingBusy> {
-        let _permit = tokio::time::timeout(Duration::from_secs(10), self.hashing.acquire())
-            .await
-            .map_err(|_| HashingBusy)?
-            .map_err(|_| HashingBusy)?;
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| HashingBusy)
+        run_hashing(&self.hashing, Duration::from_secs(10), f).await
     }
+}
+
+/// Runs `f` on a blocking thread once `limit` gives it a turn (waiting up
+/// to `wait`). The permit goes with the work: a request given up while the
+/// hash is computed does not free its turn before the hash is done.
+async fn run_hashing<T: Send + 'static>(
+    limit: &Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, HashingBusy> {
+    let permit = tokio::time::timeout(wait, limit.clone().acquire_owned())
+        .await
+        .map_err(|_| HashingBusy)?
+        .map_err(|_| HashingBusy)?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|_| HashingBusy)
 }
 
 impl AppState {
@@ -268,5 +284,52 @@ impl AppState {
             r.fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         self.pool.acquire().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (bounded) until `cond` holds.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_hash_keeps_its_turn() {
+        let limit = Arc::new(tokio::sync::Semaphore::new(1));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let request = tokio::spawn({
+            let limit = limit.clone();
+            async move {
+                run_hashing(&limit, Duration::from_secs(10), move || {
+                    started.send(()).unwrap();
+                    wait.recv().ok();
+                })
+                .await
+            }
+        });
+        tokio::task::spawn_blocking(move || running.recv().unwrap())
+            .await
+            .unwrap();
+        // The request is given up while its hash still runs.
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            limit.available_permits(),
+            0,
+            "the running hash keeps its turn"
+        );
+        go.send(()).unwrap();
+        until("the turn comes back when the hash is done", || {
+            limit.available_permits() == 1
+        })
+        .await;
     }
 }

@@ -779,13 +779,25 @@ fn outside_token(
     role: &str,
     stores: &[i64],
 ) -> String {
+    outside_token_verified(pem, kid, sub, email, true, role, stores)
+}
+
+fn outside_token_verified(
+    pem: &[u8],
+    kid: &str,
+    sub: &str,
+    email: &str,
+    email_verified: bool,
+    role: &str,
+    stores: &[i64],
+) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = Some(kid.to_string());
     let now = chrono::Utc::now().timestamp();
     jsonwebtoken::encode(
         &header,
-        &json!({"sub": sub, "email": email, "role": role, "stores": stores,
-                "iat": now, "exp": now + 600}),
+        &json!({"sub": sub, "email": email, "email_verified": email_verified,
+                "role": role, "stores": stores, "iat": now, "exp": now + 600}),
         &jsonwebtoken::EncodingKey::from_rsa_pem(pem).unwrap(),
     )
     .unwrap()
@@ -863,6 +875,47 @@ async fn jwks_rotation_and_outside_users() {
         ext.get("/api/v2/auth/me").await.0,
         200,
         "outside tokens know no generation"
+    );
+    // An open WebSocket is judged like REST: a change of the user's access
+    // (which moves the generation outside tokens do not carry) keeps it
+    // open; disabling the user closes it (4010, not 4012 for the change).
+    let mut ws = open_ws(&server, &t1).await;
+    assert_eq!(
+        patch(&admin, &path, json!({"stores": [stores[0], stores[1]]}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(ext.get("/api/v2/auth/me").await.0, 200);
+    assert_eq!(patch(&admin, &path, json!({"disabled": true})).await.0, 200);
+    assert_eq!(
+        close_code(&mut ws).await,
+        4010,
+        "closed for the disable only"
+    );
+    assert_eq!(
+        patch(&admin, &path, json!({"disabled": false})).await.0,
+        200
+    );
+    // An email the provider did not verify names nobody here: the numeric
+    // sub is taken as it is, a non-numeric one is refused.
+    let unverified = outside_token_verified(&k1, "k1", "990003", "ext@x.test", false, "admin", &[]);
+    let (st, me) = Api::new(&server, Some(&unverified))
+        .get("/api/v2/auth/me")
+        .await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(
+        (me["id"].as_i64(), me["registered"].as_bool()),
+        (Some(990003), Some(false)),
+        "not matched to the local user by an unverified email: {me}"
+    );
+    let unverified = outside_token_verified(&k1, "k1", "ext", "ext@x.test", false, "admin", &[]);
+    assert_eq!(
+        Api::new(&server, Some(&unverified))
+            .get("/api/v2/auth/me")
+            .await
+            .0,
+        401
     );
     // An unmatched user with a numeric sub keeps working, as before.
     let other = outside_token(&k1, "k1", "990002", "nobody@x.test", "staff", &[stores[1]]);
@@ -1026,5 +1079,244 @@ async fn command_line_user_management() {
     let out = cli(&w.db, &["user", "disable", "--email", "admin@x.test"], None);
     assert!(!out.status.success());
     assert!(text(&out).contains("last enabled admin"), "{}", text(&out));
+    w.server.stop().await;
+}
+
+/// A burst of parallel wrong passwords for one account: each attempt is
+/// counted when it is admitted, not after its (slow) verification, so no
+/// more than the free attempts are verified; the rest wait (429).
+#[tokio::test]
+async fn parallel_wrong_logins_are_throttled() {
+    let db = TestDb::new().await;
+    let server = db
+        .server(&[
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "3"),
+            ("LOGIN_ATTEMPTS_PER_IP", "1000"),
+            ("PASSWORD_HASH_CONCURRENCY", "4"),
+        ])
+        .await;
+    add_user(&db, "burst@x.test", "admin", &[]).await;
+    let burst = (0..16).map(|_| login(&server, "burst@x.test", "wrong-password"));
+    let statuses: Vec<u16> = futures_util::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|(st, _)| st)
+        .collect();
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    let waiting = statuses.iter().filter(|s| **s == 429).count();
+    assert!(refused <= 3, "at most the free attempts: {statuses:?}");
+    assert_eq!(refused + waiting, statuses.len(), "{statuses:?}");
+    server.stop().await;
+}
+
+/// A login whose password is verified just before a password reset gets
+/// no session: the reset is waited for and the verified hash is stale.
+#[tokio::test]
+async fn a_login_racing_a_password_reset_gets_no_session() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let id = add_user(&db, "racer@x.test", "admin", &[]).await;
+    add_user(&db, "admin@x.test", "admin", &[]).await;
+    // The reset, uncommitted: it holds the user's row.
+    let mut reset = db.pool.begin().await.unwrap();
+    sales_server::users::lock(&mut reset).await.unwrap();
+    let hash = sales_server::users::hash_password("a-new-password-9").unwrap();
+    sales_server::users::update(
+        &mut reset,
+        id,
+        sales_server::users::UserPatch {
+            password_hash: Some(hash),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The old password still verifies (the reset is not committed).
+    let attempt = tokio::spawn({
+        let api = Api::new(&server, None);
+        async move {
+            api.post(
+                "/api/v2/auth/login",
+                &json!({"email": "racer@x.test", "password": PASSWORD}),
+            )
+            .await
+        }
+    });
+    // Until the login waits for the user's row (or, wrongly, is answered).
+    eventually(
+        Duration::from_secs(20),
+        "the login waits for the reset",
+        || {
+            let pool = db.pool.clone();
+            let done = attempt.is_finished();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%FOR SHARE%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                (done || waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    reset.commit().await.unwrap();
+    let (st, body) = attempt.await.unwrap();
+    assert_eq!(st, 401, "no session survives the reset: {body}");
+    assert_eq!(
+        login(&server, "racer@x.test", "a-new-password-9").await.0,
+        200
+    );
+    server.stop().await;
+}
+
+/// PATCH with `password` on one's own id would skip the current-password
+/// check of /auth/password: refused, naming the field.
+#[tokio::test]
+async fn own_password_is_not_set_through_patch() {
+    let w = world(&[]).await;
+    let (_, me) = w.admin.get("/api/v2/auth/me").await;
+    let path = format!("/api/v2/users/{}", me["id"]);
+    let (st, body) = patch(&w.admin, &path, json!({"password": "another-password-7"})).await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "password", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/api/v2/auth/password"),
+        "{body}"
+    );
+    assert_eq!(
+        login(&w.server, "admin@x.test", "another-password-7")
+            .await
+            .0,
+        401,
+        "the password did not change"
+    );
+    // Another user's password stays an admin's to set.
+    let (st, body) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"password": "another-password-7"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    w.server.stop().await;
+}
+
+/// A manager's change is checked against the user as they are under the
+/// users lock: staff moved out of the manager's stores meanwhile are not
+/// theirs to change any more.
+#[tokio::test]
+async fn a_manager_change_is_checked_under_the_lock() {
+    let w = world(&[]).await;
+    // An admin's change, uncommitted: moves the staff to store C.
+    let mut move_out = w.db.pool.begin().await.unwrap();
+    sales_server::users::lock(&mut move_out).await.unwrap();
+    sales_server::users::update(
+        &mut move_out,
+        w.staff_id,
+        sales_server::users::UserPatch {
+            stores: Some(vec![w.stores[2]]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let attempt = tokio::spawn({
+        let api = w.manager.clone();
+        let path = format!("/api/v2/users/{}", w.staff_id);
+        async move { patch(&api, &path, json!({"disabled": true})).await }
+    });
+    eventually(
+        Duration::from_secs(20),
+        "the manager's change waits for the lock",
+        || {
+            let pool = w.db.pool.clone();
+            let done = attempt.is_finished();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event = 'advisory'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                (done || waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    move_out.commit().await.unwrap();
+    let (st, body) = attempt.await.unwrap();
+    assert_eq!(st, 403, "{body}");
+    let (_, user) = w.admin.get(&format!("/api/v2/users/{}", w.staff_id)).await;
+    assert_eq!(user["data"]["disabled"], false, "{user}");
+    w.server.stop().await;
+}
+
+/// A password change verified just before an admin's reset does not undo
+/// the reset: the reset is waited for and the current password is stale.
+#[tokio::test]
+async fn a_password_change_racing_a_reset_does_not_undo_it() {
+    let w = world(&[]).await;
+    let mut reset = w.db.pool.begin().await.unwrap();
+    sales_server::users::lock(&mut reset).await.unwrap();
+    let hash = sales_server::users::hash_password("reset-by-admin-5").unwrap();
+    sales_server::users::update(
+        &mut reset,
+        w.staff_id,
+        sales_server::users::UserPatch {
+            password_hash: Some(hash),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let attempt = tokio::spawn({
+        let api = w.staff.clone();
+        async move {
+            api.post(
+                "/api/v2/auth/password",
+                &json!({"currentPassword": PASSWORD, "newPassword": "chosen-by-user-6"}),
+            )
+            .await
+        }
+    });
+    eventually(
+        Duration::from_secs(20),
+        "the change waits for the reset",
+        || {
+            let pool = w.db.pool.clone();
+            let done = attempt.is_finished();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event = 'advisory'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                (done || waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    reset.commit().await.unwrap();
+    let (st, body) = attempt.await.unwrap();
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(
+        login(&w.server, "staff@x.test", "chosen-by-user-6").await.0,
+        401
+    );
+    assert_eq!(
+        login(&w.server, "staff@x.test", "reset-by-admin-5").await.0,
+        200,
+        "the reset stands"
+    );
     w.server.stop().await;
 }

@@ -21,6 +21,8 @@ pub struct LoginApi {
 
 impl LoginApi {
     pub fn new(state: Arc<AppState>) -> Self {
+        // Computed now, not on the first login with an unknown email.
+        std::sync::LazyLock::force(&DUMMY_HASH);
         let guard = LoginGuard::new(state.config.login_attempts_per_minute);
         let ip_guard = LoginGuard::new(state.config.login_attempts_per_ip);
         Self {
@@ -51,7 +53,8 @@ pub struct LoginGuard {
 
 /// The longest wait between two attempts on one account.
 const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
-/// Accounts tracked at most; the oldest quiet ones are forgotten first.
+/// Keys tracked at most: when full, those quiet for MAX_BACKOFF are
+/// forgotten, else the one that failed longest ago.
 const MAX_TRACKED: usize = 100_000;
 
 impl LoginGuard {
@@ -62,38 +65,40 @@ impl LoginGuard {
         }
     }
 
-    /// `Err(seconds)` while the account must wait.
-    fn admit(&self, account: &str) -> Result<(), u64> {
-        let map = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(account) {
-            Some(f) if f.next > Instant::now() => {
-                Err((f.next - Instant::now()).as_secs_f64().ceil().max(1.0) as u64)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// After `free` failures in a row, each further one doubles the wait
-    /// (1 s, 2 s, 4 s ... up to 15 min); a success clears it.
-    fn record(&self, account: &str, ok: bool) {
+    /// Admits an attempt, or `Err(seconds)` while the key must wait. An
+    /// admitted attempt counts as a failure at once (under the lock), so a
+    /// burst of parallel attempts cannot all pass before any of them is
+    /// verified; [`LoginGuard::succeeded`] or [`LoginGuard::release`] takes
+    /// it back. After `free` failures in a row, each further one doubles the
+    /// wait (1 s, 2 s, 4 s ... up to 15 min).
+    fn admit(&self, key: &str) -> Result<(), u64> {
         let mut map = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        if ok {
-            map.remove(account);
-            return;
-        }
         let now = Instant::now();
-        if map.len() >= MAX_TRACKED && !map.contains_key(account) {
+        if let Some(f) = map.get(key) {
+            if f.next > now {
+                return Err((f.next - now).as_secs_f64().ceil().max(1.0) as u64);
+            }
+        }
+        if map.len() >= MAX_TRACKED && !map.contains_key(key) {
             map.retain(|_, f| now.duration_since(f.last) < MAX_BACKOFF);
             if map.len() >= MAX_TRACKED {
-                return;
+                // Still full: the key that failed longest ago goes, so
+                // throttling never switches itself off.
+                if let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, f)| f.last)
+                    .map(|(k, _)| k.clone())
+                {
+                    map.remove(&oldest);
+                }
             }
         }
-        let f = map.entry(account.to_string()).or_insert(Failures {
+        let f = map.entry(key.to_string()).or_insert(Failures {
             count: 0,
             next: now,
             last: now,
         });
-        // A quiet account starts over.
+        // A quiet key starts over.
         if now.duration_since(f.last) > MAX_BACKOFF {
             f.count = 0;
         }
@@ -102,6 +107,46 @@ impl LoginGuard {
         if f.count >= self.free {
             let exp = (f.count - self.free).min(20);
             f.next = now + Duration::from_secs(1u64 << exp).min(MAX_BACKOFF);
+        }
+        Ok(())
+    }
+
+    /// A wrong password, once verified: the wait (if any) starts again from
+    /// now, so it is not used up by the verification itself.
+    fn failed(&self, key: &str) {
+        let mut map = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = map.get_mut(key) {
+            let now = Instant::now();
+            f.last = now;
+            if f.count >= self.free {
+                let exp = (f.count - self.free).min(20);
+                f.next = f
+                    .next
+                    .max(now + Duration::from_secs(1u64 << exp).min(MAX_BACKOFF));
+            }
+        }
+    }
+
+    /// A right password: the key's failures are forgotten.
+    fn succeeded(&self, key: &str) {
+        let mut map = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(key);
+    }
+
+    /// Takes back the attempt [`LoginGuard::admit`] counted, without
+    /// forgetting earlier failures (a success seen from a client address).
+    fn release(&self, key: &str) {
+        let mut map = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = map.get_mut(key) {
+            f.count = f.count.saturating_sub(1);
+            if f.count == 0 {
+                map.remove(key);
+            } else if f.count < self.free {
+                f.next = f.last;
+            } else {
+                let exp = (f.count - self.free).min(20);
+                f.next = f.last + Duration::from_secs(1u64 << exp).min(MAX_BACKOFF);
+            }
         }
     }
 }
@@ -231,28 +276,52 @@ impl LoginApi {
     /// Checks a password against the account of `email`: the same work
     /// (one argon2 verification) whether or not the email exists, so timing
     /// tells nothing; failures count against the account and the address.
+    /// Returns the user's id and the password hash that was verified.
     async fn check_credentials(
         &self,
         email: &str,
         password: &str,
         ip: &str,
-    ) -> ApiResult<Option<i64>> {
+    ) -> ApiResult<Option<(i64, String)>> {
         let account = email.trim().to_lowercase();
         self.guard
             .admit(&account)
             .map_err(ApiError::too_many_logins)?;
-        self.ip_guard
-            .admit(ip)
-            .map_err(ApiError::too_many_logins_from_address)?;
+        if let Err(wait) = self.ip_guard.admit(ip) {
+            self.guard.release(&account);
+            return Err(ApiError::too_many_logins_from_address(wait));
+        }
+        let verified = self.verify(email, password).await;
+        match &verified {
+            Ok(Some(_)) => {
+                self.guard.succeeded(&account);
+                // A success does not clear the address: one right password
+                // does not excuse many wrong ones for other accounts.
+                self.ip_guard.release(ip);
+            }
+            Ok(None) => {
+                self.guard.failed(&account);
+                self.ip_guard.failed(ip);
+            }
+            // Nothing was verified: the attempt does not count.
+            Err(_) => {
+                self.guard.release(&account);
+                self.ip_guard.release(ip);
+            }
+        }
+        verified
+    }
+
+    async fn verify(&self, email: &str, password: &str) -> ApiResult<Option<(i64, String)>> {
         let row: Option<(i64, String)> = sqlx::query_as(
             "SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)",
         )
         .bind(email.trim())
         .fetch_optional(&self.state.pool)
         .await?;
-        let (hash, id) = match &row {
-            Some((id, h)) => (h.clone(), Some(*id)),
-            None => (DUMMY_HASH.to_string(), None),
+        let hash = match &row {
+            Some((_, h)) => h.clone(),
+            None => DUMMY_HASH.to_string(),
         };
         let password = password.to_string();
         let ok = self
@@ -260,14 +329,7 @@ impl LoginApi {
             .with_hashing(move || crate::users::verify_password(&password, &hash))
             .await
             .map_err(busy)?;
-        let ok = ok && id.is_some();
-        self.guard.record(&account, ok);
-        // A success does not clear the address: one right password does
-        // not excuse many wrong ones for other accounts.
-        if !ok {
-            self.ip_guard.record(ip, false);
-        }
-        Ok(id.filter(|_| ok))
+        Ok(row.filter(|_| ok))
     }
 }
 
@@ -284,7 +346,7 @@ impl LoginApi {
         body: Json<LoginRequest>,
     ) -> ApiResult<LoginResponse> {
         let ip = super::middleware::client_ip(req).to_string();
-        let Some(id) = self
+        let Some((id, verified)) = self
             .check_credentials(&body.email, &body.password, &ip)
             .await?
         else {
@@ -292,6 +354,18 @@ impl LoginApi {
         };
         let mut tx = self.state.pool.begin().await?;
         crate::db::write::set_actor(&mut *tx, id).await?;
+        // The password was verified outside this transaction: the user's row
+        // is locked against changes (a password reset, disabling them, which
+        // end every session) until the session is committed, and the hash
+        // must still be the one verified.
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT password_hash FROM sales.users WHERE id = $1 FOR SHARE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if current.as_deref() != Some(verified.as_str()) {
+            return Err(ApiError::unauthorized("wrong email or password"));
+        }
         let user = crate::users::get(&mut *tx, id)
             .await?
             .ok_or_else(|| ApiError::unauthorized("wrong email or password"))?;
@@ -401,13 +475,13 @@ impl LoginApi {
             ));
         };
         let ip = super::middleware::client_ip(req).to_string();
-        if self
+        let verified = match self
             .check_credentials(&user.email, &body.current_password, &ip)
             .await?
-            != Some(user.id)
         {
-            return Err(ApiError::forbidden("currentPassword: wrong password"));
-        }
+            Some((id, hash)) if id == user.id => hash,
+            _ => return Err(ApiError::forbidden("currentPassword: wrong password")),
+        };
         crate::users::check_password_field("newPassword", &body.new_password, &user.email)
             .map_err(super::users::user_error)?;
         let new = body.new_password.clone();
@@ -419,6 +493,21 @@ impl LoginApi {
         let mut tx = self.state.pool.begin().await?;
         crate::db::write::set_actor(&mut *tx, user.id).await?;
         crate::users::lock(&mut tx).await?;
+        // Verified outside this transaction: a password reset or a disable
+        // committed meanwhile wins (the current password is no longer it).
+        let now: Option<(String, bool)> = sqlx::query_as(
+            "SELECT u.password_hash, coalesce(s.disabled, false)
+             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+             WHERE u.id = $1",
+        )
+        .bind(user.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match now {
+            Some((_, true)) => return Err(ApiError::forbidden("account disabled")),
+            Some((hash, false)) if hash == verified => {}
+            _ => return Err(ApiError::forbidden("currentPassword: wrong password")),
+        }
         let (user, change) = crate::users::update(
             &mut tx,
             user.id,
@@ -448,25 +537,62 @@ impl LoginApi {
 mod tests {
     use super::*;
 
+    /// Lets the wait of `key` run out without sleeping.
+    fn wait_over(g: &LoginGuard, key: &str) -> Duration {
+        let mut map = g.accounts.lock().unwrap();
+        let f = map.get_mut(key).unwrap();
+        let left = f.next.saturating_duration_since(Instant::now());
+        f.next = Instant::now();
+        f.last = Instant::now();
+        left
+    }
+
     #[test]
     fn failed_logins_wait_longer_each_time() {
         let g = LoginGuard::new(2);
-        for _ in 0..2 {
-            assert!(g.admit("a@x.io").is_ok());
-            g.record("a@x.io", false);
-        }
+        assert!(g.admit("a@x.io").is_ok());
+        assert!(g.admit("a@x.io").is_ok());
+        // Admitting counts: the third attempt waits before any was verified.
+        assert!(g.admit("a@x.io").is_err(), "admitted attempts count");
         // The second failure used up the free attempts: 1 s, then 2 s, 4 s.
-        let first = g.admit("a@x.io").unwrap_err();
-        g.record("a@x.io", false);
-        let second = g.admit("a@x.io").unwrap_err();
-        g.record("a@x.io", false);
+        let first = wait_over(&g, "a@x.io");
+        assert!(g.admit("a@x.io").is_ok());
+        let second = wait_over(&g, "a@x.io");
+        assert!(g.admit("a@x.io").is_ok());
         let third = g.admit("a@x.io").unwrap_err();
+        assert!(first <= Duration::from_secs(1), "{first:?}");
         assert!(
-            first <= second && second < third,
-            "{first} {second} {third}"
+            second > first && second <= Duration::from_secs(2),
+            "{second:?}"
         );
+        assert!(third > 2, "{third}");
         assert!(g.admit("b@x.io").is_ok(), "other accounts are not affected");
-        g.record("a@x.io", true);
+        g.succeeded("a@x.io");
         assert!(g.admit("a@x.io").is_ok(), "a success clears the wait");
+    }
+
+    #[test]
+    fn a_released_attempt_does_not_count() {
+        let g = LoginGuard::new(2);
+        assert!(g.admit("10.0.0.1").is_ok());
+        assert!(g.admit("10.0.0.1").is_ok());
+        assert!(g.admit("10.0.0.1").is_err());
+        g.release("10.0.0.1");
+        assert!(g.admit("10.0.0.1").is_ok(), "one failure left, not two");
+        assert!(g.admit("10.0.0.1").is_err());
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_oldest_key() {
+        let g = LoginGuard::new(1);
+        for i in 0..MAX_TRACKED {
+            assert!(g.admit(&format!("{i}@x.io")).is_ok());
+        }
+        assert!(g.admit("new@x.io").is_ok());
+        assert!(
+            g.admit("new@x.io").is_err(),
+            "a full table still throttles new keys"
+        );
+        assert_eq!(g.accounts.lock().unwrap().len(), MAX_TRACKED);
     }
 }

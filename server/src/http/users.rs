@@ -319,7 +319,8 @@ impl UsersApi {
     }
 
     /// Change a user's email, role, stores, disabled flag or (admins)
-    /// password. The user's access tokens are refused from then on, on every
+    /// password; one's own password is changed at `/api/v2/auth/password`
+    /// (422 here). The user's access tokens are refused from then on, on every
     /// instance, and their WebSockets closed; a refresh gives the new scope.
     /// Leaving no enabled admin is 409.
     #[oai(path = "/api/v2/users/:id", method = "patch")]
@@ -342,41 +343,32 @@ impl UsersApi {
                 "give email, role, stores, disabled or password",
             ));
         }
-        let old = match who.role {
-            Role::Admin => None,
-            Role::Manager => Some(self.load(id.0).await?),
+        if b.password.is_some() && id.0 == who.user_id {
+            // Changing one's own password asks for the current one.
+            return Err(ApiError::unprocessable(
+                "password: to change your own password use POST /api/v2/auth/password \
+                 (it asks for the current one)",
+                Some(serde_json::json!({
+                    "field": "password",
+                    "reason": "use POST /api/v2/auth/password for your own password",
+                })),
+            ));
+        }
+        match who.role {
+            Role::Admin => {}
+            Role::Manager => {
+                if b.role.is_some_and(|r| Role::from(r) != Role::Staff) {
+                    return Err(ApiError::forbidden(
+                        "managers may only grant the staff role",
+                    ));
+                }
+                if b.password.is_some() {
+                    return Err(ApiError::forbidden(
+                        "only admins set other users' passwords",
+                    ));
+                }
+            }
             Role::Staff => return Err(ApiError::forbidden("admin or manager role required")),
-        };
-        let mut stores = b.stores.clone();
-        if let Some(old) = &old {
-            if !manages(who, old) {
-                return Err(ApiError::forbidden(format!(
-                    "user {} is not staff of your stores",
-                    old.id
-                )));
-            }
-            if b.role.is_some_and(|r| Role::from(r) != Role::Staff) {
-                return Err(ApiError::forbidden(
-                    "managers may only grant the staff role",
-                ));
-            }
-            if b.password.is_some() {
-                return Err(ApiError::forbidden(
-                    "only admins set other users' passwords",
-                ));
-            }
-            if let Some(given) = &stores {
-                require_managed(who, given)?;
-                // Stores the manager does not manage stay as they are.
-                let mut all: Vec<i64> = old
-                    .stores
-                    .iter()
-                    .copied()
-                    .filter(|s| !who.stores.contains(s))
-                    .collect();
-                all.extend(given);
-                stores = Some(all);
-            }
         }
         let hash = match &b.password {
             Some(p) => {
@@ -391,6 +383,32 @@ impl UsersApi {
         };
         let mut tx = crate::db::Write::begin(&self.state.pool, who.user_id).await?;
         users::lock(tx.conn()).await?;
+        let mut stores = b.stores.clone();
+        if who.role == Role::Manager {
+            // Read under the lock: the user cannot move out of the
+            // manager's stores between the check and the change.
+            let old = users::get(tx.conn(), id.0)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("no user {}", id.0)))?;
+            if !manages(who, &old) {
+                return Err(ApiError::forbidden(format!(
+                    "user {} is not staff of your stores",
+                    old.id
+                )));
+            }
+            if let Some(given) = &stores {
+                require_managed(who, given)?;
+                // Stores the manager does not manage stay as they are.
+                let mut all: Vec<i64> = old
+                    .stores
+                    .iter()
+                    .copied()
+                    .filter(|s| !who.stores.contains(s))
+                    .collect();
+                all.extend(given);
+                stores = Some(all);
+            }
+        }
         let (user, change) = users::update(
             tx.conn(),
             id.0,
@@ -444,6 +462,7 @@ mod tests {
             exp: None,
             generation: 0,
             session: None,
+            outside: false,
         };
         let user = |role, stores: Vec<i64>| User {
             id: 9,

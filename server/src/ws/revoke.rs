@@ -27,7 +27,7 @@ impl Revoking {
         let access = &self.access;
         self.hub.close_user(change.user_id(), |p| {
             access
-                .check(p)
+                .check_token(p)
                 .err()
                 .map(|why| (why.close_code(), why.message()))
         });

@@ -470,6 +470,7 @@ async fn bench(o: Opts) {
         exp: None,
         generation: 0,
         session: None,
+        outside: false,
     };
 
     let server = start_server(&db, &o);

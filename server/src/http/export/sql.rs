@@ -217,6 +217,7 @@ mod tests {
             exp: None,
             generation: 0,
             session: None,
+            outside: false,
         }
     }
 
@@ -251,6 +252,7 @@ mod tests {
             exp: None,
             generation: 0,
             session: None,
+            outside: false,
         };
         assert!(where_sql(&SalesFilter::default(), &manager)
             .contains("m.store_id = ANY(ARRAY[1,3]::bigint[])"));
