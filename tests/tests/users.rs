@@ -12,6 +12,29 @@ use tokio_tungstenite::tungstenite::Message;
 
 const PASSWORD: &str = "password-123";
 
+/// Waits until a session of this database waits as `condition` says (on
+/// `pg_stat_activity`), or `attempt` has already been answered (wrongly,
+/// which its caller's assertions then report).
+async fn until_blocked<T>(
+    db: &TestDb,
+    attempt: &tokio::task::JoinHandle<T>,
+    what: &str,
+    condition: &str,
+) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {condition}"
+    );
+    eventually(Duration::from_secs(20), what, || {
+        let (pool, sql) = (db.pool.clone(), sql.clone());
+        let done = attempt.is_finished();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(&sql).fetch_one(&pool).await.unwrap();
+            (done || waiting > 0).then_some(())
+        }
+    })
+    .await;
+}
+
 async fn add_user(db: &TestDb, email: &str, role: &str, stores: &[i64]) -> i64 {
     sales_server::users::upsert_user(&db.pool, email, role, stores, PASSWORD)
         .await
@@ -1143,24 +1166,11 @@ async fn a_login_racing_a_password_reset_gets_no_session() {
         }
     });
     // Until the login waits for the user's row (or, wrongly, is answered).
-    eventually(
-        Duration::from_secs(20),
+    until_blocked(
+        &db,
+        &attempt,
         "the login waits for the reset",
-        || {
-            let pool = db.pool.clone();
-            let done = attempt.is_finished();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE '%FOR SHARE%'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                (done || waiting > 0).then_some(())
-            }
-        },
+        "wait_event_type = 'Lock' AND query LIKE '%FOR SHARE%'",
     )
     .await;
     reset.commit().await.unwrap();
@@ -1232,23 +1242,11 @@ async fn a_manager_change_is_checked_under_the_lock() {
         let path = format!("/api/v2/users/{}", w.staff_id);
         async move { patch(&api, &path, json!({"disabled": true})).await }
     });
-    eventually(
-        Duration::from_secs(20),
+    until_blocked(
+        &w.db,
+        &attempt,
         "the manager's change waits for the lock",
-        || {
-            let pool = w.db.pool.clone();
-            let done = attempt.is_finished();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event = 'advisory'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                (done || waiting > 0).then_some(())
-            }
-        },
+        "wait_event = 'advisory'",
     )
     .await;
     move_out.commit().await.unwrap();
@@ -1287,23 +1285,11 @@ async fn a_password_change_racing_a_reset_does_not_undo_it() {
             .await
         }
     });
-    eventually(
-        Duration::from_secs(20),
+    until_blocked(
+        &w.db,
+        &attempt,
         "the change waits for the reset",
-        || {
-            let pool = w.db.pool.clone();
-            let done = attempt.is_finished();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event = 'advisory'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                (done || waiting > 0).then_some(())
-            }
-        },
+        "wait_event = 'advisory'",
     )
     .await;
     reset.commit().await.unwrap();

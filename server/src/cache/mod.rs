@@ -261,16 +261,6 @@ impl CachedBody {
             encoded: Default::default(),
         }
     }
-
-    /// Bytes held: the body and every encoding made so far.
-    fn weight(&self) -> usize {
-        self.bytes.len()
-            + self
-                .encoded
-                .iter()
-                .filter_map(|e| e.get().and_then(Option::as_ref).map(bytes::Bytes::len))
-                .sum::<usize>()
-    }
 }
 
 /// Memory the first level may hold (bodies and keys).
@@ -302,9 +292,10 @@ impl Cache {
                 entries: moka::sync::Cache::builder()
                     .time_to_live(config.cache_l1_ttl)
                     // Weighed when inserted, before any encoding is made:
-                    // room for the body and about as much again.
+                    // room for the body and about as much again for the
+                    // encodings kept beside it.
                     .weigher(|k: &String, v: &Arc<L1Entry>| {
-                        (k.len() + 2 * v.body.weight()).min(u32::MAX as usize) as u32
+                        (k.len() + 2 * v.body.bytes.len()).min(u32::MAX as usize) as u32
                     })
                     .max_capacity(L1_MAX_BYTES)
                     .build(),
