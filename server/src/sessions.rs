@@ -45,11 +45,17 @@ pub enum RefreshError {
     Other(#[from] anyhow::Error),
 }
 
-fn new_token() -> (String, Vec<u8>) {
+/// A new refresh token of `session`: 32 random bytes, of which only the
+/// hash is stored. Returns the token.
+async fn new_refresh_token(conn: &mut PgConnection, session: &str) -> sqlx::Result<String> {
     let bytes: [u8; 32] = rand::random();
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    let hash = hash(&token);
-    (token, hash)
+    sqlx::query("INSERT INTO auth.refresh_tokens (token_hash, session_id) VALUES ($1, $2::uuid)")
+        .bind(hash(&token))
+        .bind(session)
+        .execute(conn)
+        .await?;
+    Ok(token)
 }
 
 pub fn hash(token: &str) -> Vec<u8> {
@@ -98,12 +104,7 @@ pub async fn start(
     .bind(ttl_s as f64)
     .fetch_one(&mut *conn)
     .await?;
-    let (refresh_token, h) = new_token();
-    sqlx::query("INSERT INTO auth.refresh_tokens (token_hash, session_id) VALUES ($1, $2::uuid)")
-        .bind(&h)
-        .bind(&session)
-        .execute(&mut *conn)
-        .await?;
+    let refresh_token = new_refresh_token(&mut *conn, &session).await?;
     Ok(Issued {
         access_token: access(auth, user, &session)?,
         expires_in: auth.expiry_secs(),
@@ -187,12 +188,7 @@ pub async fn refresh(
         .bind(hash(token))
         .execute(&mut *tx)
         .await?;
-    let (refresh_token, h) = new_token();
-    sqlx::query("INSERT INTO auth.refresh_tokens (token_hash, session_id) VALUES ($1, $2::uuid)")
-        .bind(&h)
-        .bind(&session)
-        .execute(&mut *tx)
-        .await?;
+    let refresh_token = new_refresh_token(&mut tx, &session).await?;
     sqlx::query(
         "UPDATE auth.sessions SET last_used_at = now(), expires_at = now() + make_interval(secs => $2)
          WHERE id = $1::uuid",
