@@ -394,28 +394,60 @@ unsafe extern "C-unwind" {
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
-/// Where `sales.events` is, looked up once per backend and checked by name
-/// on every call (a syscache probe), so a dropped and recreated extension
-/// is noticed.
+/// Where `sales.events` is, looked up once per backend and kept until a
+/// relcache invalidation of that table (dropped, altered, or the extension
+/// recreated) or a full reset tells the backend to look again.
 #[derive(Clone, Copy)]
 struct EventsTable {
     relid: pg_sys::Oid,
     id_seq: pg_sys::Oid,
+    /// Its indexes as the executor would insert into them, built once:
+    /// None when one of them needs more than plain column values (an
+    /// expression, a predicate, an exclusion or deferred constraint), and
+    /// the executor's own path is taken.
+    indexes: Option<&'static [EventIndex]>,
 }
+
+#[derive(Clone, Copy)]
+struct EventIndex {
+    oid: pg_sys::Oid,
+    info: *mut pg_sys::IndexInfo,
+    unique: bool,
+}
+
+/// Where the cached index descriptions live; deleted when they are rebuilt.
+static mut INDEX_CONTEXT: pg_sys::MemoryContext = std::ptr::null_mut();
 
 thread_local! {
     static EVENTS_TABLE: std::cell::Cell<Option<EventsTable>> = const { std::cell::Cell::new(None) };
+    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_events_table(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if let Some(t) = EVENTS_TABLE.get() {
+        if relid == pg_sys::InvalidOid || relid == t.relid {
+            EVENTS_TABLE.set(None);
+        }
+    }
 }
 
 unsafe fn events_table() -> EventsTable {
+    if let Some(t) = EVENTS_TABLE.get() {
+        return t;
+    }
     unsafe {
+        if !CALLBACK_REGISTERED.get() {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(forget_events_table),
+                pg_sys::Datum::from(0),
+            );
+            CALLBACK_REGISTERED.set(true);
+        }
         let ns = pg_sys::get_namespace_oid(c"sales".as_ptr(), false);
         let relid = pg_sys::get_relname_relid(c"events".as_ptr(), ns);
         if relid == pg_sys::InvalidOid {
             error!("pg_sales: table sales.events does not exist");
-        }
-        if let Some(t) = EVENTS_TABLE.get().filter(|t| t.relid == relid) {
-            return t;
         }
         let desc = pg_sys::RelationIdGetRelation(relid);
         let id_att = (0..(*(*desc).rd_att).natts as usize)
@@ -426,11 +458,65 @@ unsafe fn events_table() -> EventsTable {
                 !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == b"id"
             })
             .unwrap_or_else(|| error!("pg_sales: sales.events has no id column"));
+        let indexes = plain_indexes(desc);
         pg_sys::RelationClose(desc);
         let id_seq = pg_sys::getIdentitySequence(relid, id_att as i16 + 1, false);
-        let t = EventsTable { relid, id_seq };
+        let t = EventsTable {
+            relid,
+            id_seq,
+            indexes,
+        };
         EVENTS_TABLE.set(Some(t));
         t
+    }
+}
+
+/// The indexes of `rel` described once (`BuildIndexInfo`, as
+/// `ExecOpenIndices` does for every statement), when every one of them is
+/// a plain, immediate index on columns; None otherwise.
+unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<&'static [EventIndex]> {
+    unsafe {
+        if !INDEX_CONTEXT.is_null() {
+            pg_sys::MemoryContextDelete(INDEX_CONTEXT);
+        }
+        INDEX_CONTEXT = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"pg_sales event indexes".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        );
+        let old = pg_sys::MemoryContextSwitchTo(INDEX_CONTEXT);
+        let list = pg_sys::RelationGetIndexList(rel);
+        let n = if list.is_null() {
+            0
+        } else {
+            (*list).length as usize
+        };
+        let out: *mut EventIndex =
+            pg_sys::palloc(std::mem::size_of::<EventIndex>() * n.max(1)).cast();
+        let mut plain = true;
+        for i in 0..n {
+            let oid = (*(*list).elements.add(i)).oid_value;
+            let irel = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
+            let info = pg_sys::BuildIndexInfo(irel);
+            let form = (*irel).rd_index;
+            if !(*info).ii_Expressions.is_null()
+                || !(*info).ii_Predicate.is_null()
+                || !(*info).ii_ExclusionOps.is_null()
+                || !(*form).indimmediate
+            {
+                plain = false;
+            }
+            out.add(i).write(EventIndex {
+                oid,
+                info,
+                unique: (*form).indisunique,
+            });
+            pg_sys::index_close(irel, pg_sys::AccessShareLock as i32);
+        }
+        pg_sys::MemoryContextSwitchTo(old);
+        plain.then(|| std::slice::from_raw_parts(out, n))
     }
 }
 
@@ -450,8 +536,13 @@ unsafe fn insert_event(
     payload: pg_sys::Datum,
 ) {
     unsafe {
+        let rel = pg_sys::table_open(events_table().relid, pg_sys::RowExclusiveLock as i32);
+        // Taking the lock processed any pending invalidation (an index
+        // added or dropped): describe the table as it is under the lock.
         let table = events_table();
-        let rel = pg_sys::table_open(table.relid, pg_sys::RowExclusiveLock as i32);
+        if table.relid != (*rel).rd_id {
+            error!("pg_sales: sales.events was replaced during the write; retry");
+        }
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
@@ -489,12 +580,6 @@ unsafe fn insert_event(
             }
         }
 
-        let estate = pg_sys::CreateExecutorState();
-        let rri: *mut pg_sys::ResultRelInfo =
-            pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast();
-        (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
-        pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
-        pg_sys::ExecOpenIndices(rri, false);
         let slot = pg_sys::MakeSingleTupleTableSlot(desc, &raw const pg_sys::TTSOpsVirtual);
         pg_sys::ExecClearTuple(slot);
         std::ptr::copy_nonoverlapping(values.as_ptr(), (*slot).tts_values, natts);
@@ -507,19 +592,63 @@ unsafe fn insert_event(
             0,
             std::ptr::null_mut(),
         );
-        let recheck = pg_sys::ExecInsertIndexTuples(
-            rri,
-            slot,
-            estate,
-            false,
-            false,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        pg_sys::list_free(recheck);
+        match table.indexes {
+            // What ExecInsertIndexTuples does for plain indexes, without
+            // opening and describing every index again for each row.
+            Some(indexes) => {
+                let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
+                let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+                for ix in indexes {
+                    if !(*ix.info).ii_ReadyForInserts {
+                        continue;
+                    }
+                    let irel = pg_sys::index_open(ix.oid, pg_sys::RowExclusiveLock as i32);
+                    pg_sys::FormIndexDatum(
+                        ix.info,
+                        slot,
+                        std::ptr::null_mut(),
+                        ivalues.as_mut_ptr(),
+                        inulls.as_mut_ptr(),
+                    );
+                    pg_sys::index_insert(
+                        irel,
+                        ivalues.as_mut_ptr(),
+                        inulls.as_mut_ptr(),
+                        &raw mut (*slot).tts_tid,
+                        rel,
+                        if ix.unique {
+                            pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+                        } else {
+                            pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+                        },
+                        false,
+                        ix.info,
+                    );
+                    pg_sys::index_close(irel, pg_sys::NoLock as i32);
+                }
+            }
+            None => {
+                let estate = pg_sys::CreateExecutorState();
+                let rri: *mut pg_sys::ResultRelInfo =
+                    pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast();
+                (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+                pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+                pg_sys::ExecOpenIndices(rri, false);
+                let recheck = pg_sys::ExecInsertIndexTuples(
+                    rri,
+                    slot,
+                    estate,
+                    false,
+                    false,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
+                pg_sys::list_free(recheck);
+                pg_sys::ExecCloseIndices(rri);
+                pg_sys::FreeExecutorState(estate);
+            }
+        }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::ExecCloseIndices(rri);
-        pg_sys::FreeExecutorState(estate);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
         crate::delivery::note_event(id, seq);
     }

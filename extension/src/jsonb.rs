@@ -156,6 +156,79 @@ impl<'a> Container<'a> {
         (unsafe { (*self.0).header } & pg_sys::JB_CMASK) as usize
     }
 
+    /// An object's members in storage order (keys by length, then bytes,
+    /// as jsonb keeps them), read straight from the binary layout: no
+    /// iterator, no allocation per member. Empty for an array.
+    pub fn members(self) -> Vec<(&'a str, Jb<'a>)> {
+        // jsonb.h: `header` counts the pairs; the JEntries of the n keys and
+        // then the n values follow it, then their data. A JEntry holds either
+        // its data's length or (every 32nd) its end offset; numerics and
+        // containers start at the next 4-byte boundary.
+        const OFFLEN: u32 = 0x0FFF_FFFF;
+        const HAS_OFF: u32 = 0x8000_0000;
+        const TYPE: u32 = 0x7000_0000;
+        unsafe {
+            let header = (*self.0).header;
+            if header & pg_sys::JB_FOBJECT == 0 {
+                return Vec::new();
+            }
+            let n = (header & pg_sys::JB_CMASK) as usize;
+            let children = std::ptr::addr_of!((*self.0).children) as *const u32;
+            let base = children.add(2 * n) as *const u8;
+            let mut spans = Vec::with_capacity(2 * n);
+            let mut start = 0usize;
+            for i in 0..2 * n {
+                let e = *children.add(i);
+                let end = if e & HAS_OFF != 0 {
+                    (e & OFFLEN) as usize
+                } else {
+                    start + (e & OFFLEN) as usize
+                };
+                spans.push((e & TYPE, start, end));
+                start = end;
+            }
+            let aligned = |off: usize| (off + 3) & !3;
+            (0..n)
+                .map(|i| {
+                    let (_, ks, ke) = spans[i];
+                    let key = std::slice::from_raw_parts(base.add(ks), ke - ks);
+                    let key = if server_is_utf8() {
+                        std::str::from_utf8_unchecked(key)
+                    } else {
+                        std::str::from_utf8(key).unwrap_or("\u{fffd}")
+                    };
+                    let (ty, vs, ve) = spans[n + i];
+                    let value = match ty {
+                        0x0000_0000 => Jb::String({
+                            let b = std::slice::from_raw_parts(base.add(vs), ve - vs);
+                            if server_is_utf8() {
+                                std::str::from_utf8_unchecked(b)
+                            } else {
+                                std::str::from_utf8(b).unwrap_or("\u{fffd}")
+                            }
+                        }),
+                        0x1000_0000 => {
+                            Jb::Number(Num(base.add(aligned(vs)) as pg_sys::Numeric, PhantomData))
+                        }
+                        0x2000_0000 => Jb::Bool(false),
+                        0x3000_0000 => Jb::Bool(true),
+                        0x5000_0000 => {
+                            let c = base.add(aligned(vs)) as *mut pg_sys::JsonbContainer;
+                            let len = ve.saturating_sub(aligned(vs)) as i32;
+                            if (*c).header & pg_sys::JB_FOBJECT != 0 {
+                                Jb::Object(Container::nested(c, len))
+                            } else {
+                                Jb::Array(Container::nested(c, len))
+                            }
+                        }
+                        _ => Jb::Null,
+                    };
+                    (key, value)
+                })
+                .collect()
+        }
+    }
+
     /// The raw container, for Postgres' jsonb functions.
     pub fn as_ptr(self) -> *mut pg_sys::JsonbContainer {
         self.0

@@ -6,7 +6,7 @@
 mod extension_support;
 
 use extension_support::*;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use sales_e2e::{eventually, TestDb};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
@@ -945,4 +945,135 @@ async fn a_transaction_in_another_database_does_not_hold_events_back() {
     );
     assert_eq!(scalar_i64(&db, "SELECT sales.events_head()").await, id);
     t.rollback().await.unwrap();
+}
+
+/// `changedDays` against an independent reference: random months (days
+/// added, removed, changed, left alone; numbers written as `5` or `5.0`,
+/// which jsonb holds as equal; one- and two-digit keys, which jsonb orders
+/// by length) replacing each other through plain UPDATEs.
+#[tokio::test]
+async fn changed_days_match_a_reference() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let row_id = scalar_i64(
+        &db,
+        &format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ({}, 2024, 1, '{{}}') RETURNING id",
+            s[0]
+        ),
+    )
+    .await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // day -> (sales, customers, written with a decimal point)
+    let mut current: std::collections::BTreeMap<u32, (u32, Option<u32>, bool)> = Default::default();
+    let render = |m: &std::collections::BTreeMap<u32, (u32, Option<u32>, bool)>| {
+        let mut o = serde_json::Map::new();
+        for (d, (sales, customers, dotted)) in m {
+            let mut day = format!("{{\"sales\": {sales}{}", if *dotted { ".0" } else { "" });
+            if let Some(c) = customers {
+                day.push_str(&format!(", \"customers\": {c}"));
+            }
+            day.push('}');
+            o.insert(d.to_string(), serde_json::from_str(&day).unwrap());
+        }
+        Value::Object(o).to_string()
+    };
+    let mut checked = 0;
+    for _ in 0..150 {
+        let mut next = current.clone();
+        for _ in 0..rng.gen_range(0..6) {
+            let day = rng.gen_range(1..=31);
+            match rng.gen_range(0..4) {
+                0 => {
+                    next.remove(&day);
+                }
+                1 => {
+                    // Same values, other spelling: not a change.
+                    if let Some(v) = next.get_mut(&day) {
+                        v.2 = !v.2;
+                    }
+                }
+                _ => {
+                    let customers = rng.gen_bool(0.5).then(|| rng.gen_range(0..3));
+                    next.insert(day, (rng.gen_range(0..4), customers, rng.gen_bool(0.5)));
+                }
+            }
+        }
+        let mut expected: Vec<String> = current
+            .keys()
+            .chain(next.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|d| current.get(d).map(|v| (v.0, v.1)) != next.get(d).map(|v| (v.0, v.1)))
+            .map(|d| d.to_string())
+            .collect();
+        expected.sort_by_key(|d| d.parse::<u32>().unwrap());
+        let last = max_event(&db).await;
+        exec(
+            &db,
+            &format!(
+                "UPDATE sales.monthly_sales SET daily_data = '{}' WHERE id = {row_id}",
+                render(&next)
+            ),
+        )
+        .await;
+        let evs = events_after(&db, last).await;
+        if expected.is_empty() {
+            assert!(evs.is_empty(), "no change, yet {evs:?}");
+        } else {
+            assert_eq!(evs.len(), 1, "{evs:?}");
+            assert_eq!(evs[0].payload["changedDays"], json!(expected), "{evs:?}");
+            checked += 1;
+        }
+        current = next;
+    }
+    assert!(checked > 50, "only {checked} updates changed something");
+}
+
+/// The sales trigger writes its event rows straight into the table and its
+/// indexes, with the indexes described once per backend: an index added
+/// (or dropped) by another session afterwards is seen at the next write,
+/// whether it is a plain one or an expression or partial index.
+#[tokio::test]
+async fn event_indexes_added_later_are_maintained() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let mut writer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let write = |day: u32| {
+        format!(
+            "INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data) VALUES ({}, 2024, 3, '{{\"{day}\": {{\"sales\": {day}}}}}')
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = t.daily_data || EXCLUDED.daily_data",
+            s[0]
+        )
+    };
+    exec(&db, "CREATE EXTENSION IF NOT EXISTS amcheck").await;
+    // heapallindexed: every heap row has its entry in the index.
+    let check = |index: &str| format!("SELECT bt_index_check('sales.{index}', true)");
+    sqlx::raw_sql(&write(1)).execute(&mut writer).await.unwrap();
+    exec(&db, "CREATE INDEX events_kind_test ON sales.events (kind, row_version)").await;
+    sqlx::raw_sql(&write(2)).execute(&mut writer).await.unwrap();
+    exec(&db, &check("events_kind_test")).await;
+    exec(
+        &db,
+        "CREATE INDEX events_expr_test ON sales.events ((payload->>'month')) WHERE row_id IS NOT NULL",
+    )
+    .await;
+    sqlx::raw_sql(&write(3)).execute(&mut writer).await.unwrap();
+    exec(&db, &check("events_kind_test")).await;
+    exec(&db, &check("events_expr_test")).await;
+    exec(&db, "DROP INDEX sales.events_kind_test").await;
+    sqlx::raw_sql(&write(4)).execute(&mut writer).await.unwrap();
+    exec(&db, &check("events_expr_test")).await;
+    exec(&db, "DROP INDEX sales.events_expr_test").await;
+    sqlx::raw_sql(&write(5)).execute(&mut writer).await.unwrap();
+    for index in ["events_pkey", "events_seq_idx", "events_row_idx"] {
+        exec(&db, &check(index)).await;
+    }
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT row_version FROM sales.events WHERE kind LIKE 'sales-data-%' ORDER BY seq",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
