@@ -114,3 +114,47 @@ async fn correlated_period_columns_are_estimated_right_and_maintain_keeps_them()
         "groups after maintain: estimated {with}, actual 27"
     );
 }
+
+/// The event log's statistics (migration 0011): ANALYZE samples a tenth of
+/// the default and builds none for the payload, while the row lookup
+/// history uses is still estimated from them.
+#[tokio::test]
+async fn the_event_log_is_analyzed_lightly() {
+    let db = TestDb::new().await;
+    exec(
+        &db,
+        "INSERT INTO sales.stores (code, name, region) SELECT 'E' || g, 'E' || g, 'North' FROM generate_series(1, 20) g;
+         INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         SELECT s.id, 2024, m, jsonb_build_object('1', jsonb_build_object('sales', m))
+         FROM sales.stores s, generate_series(1, 12) m;
+         ANALYZE sales.events;",
+    )
+    .await;
+    let payload_stats: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stats WHERE schemaname = 'sales' AND tablename = 'events' AND attname = 'payload'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(payload_stats, 0, "no statistics are built for the payload");
+    let targets: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT attname::text, attstattarget::int FROM pg_attribute
+         WHERE attrelid = 'sales.events'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (name, target) in &targets {
+        let want = if name == "payload" { 0 } else { 10 };
+        assert_eq!(*target, want, "statistics target of sales.events.{name}");
+    }
+    let row_stats: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stats WHERE schemaname = 'sales' AND tablename = 'events' AND attname = 'row_id'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row_stats, 1);
+    let rows = estimate(&db, "SELECT * FROM sales.events WHERE row_id = 5").await;
+    assert!(rows < 10.0, "one record's events estimated at {rows} rows");
+}
