@@ -119,7 +119,7 @@ impl NumericDatum {
     }
 
     /// self + n, exactly (numeric arithmetic, no rounding).
-    pub fn add(self, n: Num<'_>) -> Self {
+    pub fn add(&self, n: Num<'_>) -> Self {
         let mut error = false;
         let sum = unsafe { pg_sys::numeric_add_opt_error(self.0, n.0, &mut error) };
         if error {
@@ -412,9 +412,11 @@ impl<'a> JsonRead<'a> for Jb<'a> {
         }
     }
 
-    fn each_member(self, f: impl FnMut(&'a str, Self)) {
+    fn each_member(self, mut f: impl FnMut(&'a str, Self)) {
         if let Jb::Object(c) = self {
-            c.walk(f);
+            for (k, v) in c.members() {
+                f(k, v);
+            }
         }
     }
 }

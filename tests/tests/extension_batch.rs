@@ -1046,3 +1046,79 @@ async fn merge_unchanged_is_judged_day_by_day() {
         3
     );
 }
+
+/// The generated totals (`sales.daily_sum`) and the CHECK (`sales.daily_data_valid`)
+/// read jsonb's binary layout directly: compared here, on random months,
+/// with sums computed by Postgres from `jsonb_each` and with validity known
+/// from how each month was made.
+#[tokio::test]
+async fn totals_and_validity_match_a_reference() {
+    use rand::{Rng, SeedableRng};
+    let db = TestDb::new().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..300 {
+        let mut days = serde_json::Map::new();
+        let mut valid = true;
+        for d in 1..=rng.gen_range(0..=31u32) {
+            if rng.gen_bool(0.3) {
+                continue;
+            }
+            let mut day = serde_json::Map::new();
+            if rng.gen_bool(0.8) {
+                let cents: u64 = rng.gen_range(0..1_000_000);
+                day.insert(
+                    "sales".into(),
+                    serde_json::from_str(&format!("{}.{:02}", cents / 100, cents % 100)).unwrap(),
+                );
+            }
+            if rng.gen_bool(0.7) {
+                day.insert("customers".into(), json!(rng.gen_range(0..500)));
+            }
+            if rng.gen_bool(0.3) {
+                day.insert("transactions".into(), json!(rng.gen_range(0..900)));
+            }
+            match rng.gen_range(0..40) {
+                0 => {
+                    day.insert("customers".into(), json!(1.5));
+                    valid = false;
+                }
+                1 => {
+                    day.insert("sales".into(), json!(-1));
+                    valid = false;
+                }
+                2 => {
+                    day.insert("refunds".into(), json!(1));
+                    valid = false;
+                }
+                3 => {
+                    day.insert("sales".into(), json!("12"));
+                    valid = false;
+                }
+                _ => {}
+            }
+            if day.is_empty() {
+                valid = false;
+            }
+            days.insert(d.to_string(), Value::Object(day));
+        }
+        if rng.gen_bool(0.02) {
+            days.insert("32".into(), json!({"sales": 1}));
+            valid = false;
+        }
+        let month = Value::Object(days);
+        let row: (bool, Option<String>, Option<String>, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT sales.daily_data_valid(2024, 1, $1),
+                    sales.daily_sum($1, 'sales')::text,
+                    (SELECT coalesce(sum((v->>'sales')::numeric) FILTER (WHERE jsonb_typeof(v->'sales') = 'number'), 0) FROM jsonb_each($1) e(k, v))::text,
+                    sales.daily_sum($1, 'customers')::text,
+                    (SELECT coalesce(sum((v->>'customers')::numeric) FILTER (WHERE jsonb_typeof(v->'customers') = 'number'), 0) FROM jsonb_each($1) e(k, v))::text",
+        )
+        .bind(&month)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(row.0, valid, "validity of {month}");
+        assert_eq!(row.1, row.2, "sales total of {month}");
+        assert_eq!(row.3, row.4, "customers total of {month}");
+    }
+}

@@ -1050,7 +1050,11 @@ async fn event_indexes_added_later_are_maintained() {
     // heapallindexed: every heap row has its entry in the index.
     let check = |index: &str| format!("SELECT bt_index_check('sales.{index}', true)");
     sqlx::raw_sql(&write(1)).execute(&mut writer).await.unwrap();
-    exec(&db, "CREATE INDEX events_kind_test ON sales.events (kind, row_version)").await;
+    exec(
+        &db,
+        "CREATE INDEX events_kind_test ON sales.events (kind, row_version)",
+    )
+    .await;
     sqlx::raw_sql(&write(2)).execute(&mut writer).await.unwrap();
     exec(&db, &check("events_kind_test")).await;
     exec(

@@ -311,7 +311,10 @@ async fn main() {
             }
             set_event_triggers(&mut admin, true).await;
             let each = commits(&db, &stores, writers, o.seconds, Mode::NotifyEach, slow).await;
-            let ratios: Vec<f64> = pairs.iter().map(|(off, on)| on.per_sec / off.per_sec).collect();
+            let ratios: Vec<f64> = pairs
+                .iter()
+                .map(|(off, on)| on.per_sec / off.per_sec)
+                .collect();
             let ratio = median(ratios.clone());
             let off_rate = median(pairs.iter().map(|p| p.0.per_sec).collect());
             let on_rate = median(pairs.iter().map(|p| p.1.per_sec).collect());
