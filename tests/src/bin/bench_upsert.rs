@@ -13,7 +13,9 @@
 //! Flags (defaults in brackets): --records [100000] --batch [1000]
 //! --preload [200000] --per-row [5000] --batch50 [20000]
 //! --stores-per-method [500]; --with-gin creates a GIN index on
-//! daily_data first (to show its share of the write cost).
+//! daily_data first (to show its share of the write cost); --growth
+//! [1,10,100,1000,10000] sizes the growth table (records per call of
+//! `batch_upsert` against COPY in chunks of the same size).
 
 use clap::Parser;
 use sales_e2e::fixtures::procfs;
@@ -46,6 +48,9 @@ struct Opts {
     /// dropped), to show what it would cost.
     #[arg(long)]
     with_gin: bool,
+    /// Records per call for the growth table (comma-separated; empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000,10000")]
+    growth: Vec<usize>,
 }
 
 fn opts() -> Opts {
@@ -434,5 +439,73 @@ async fn main() {
         );
     }
 
+    growth(&mut conn, &o).await;
     drop(conn);
+}
+
+/// How the cost of `sales.batch_upsert` grows with the records per call, next
+/// to COPY of the same records in chunks of the same size: new months of
+/// stores of their own (inserts), at least 2,000 records per size, so a
+/// fixed cost per call shows at the small end and a superlinear step at the
+/// large end.
+async fn growth(conn: &mut PgConnection, o: &Opts) {
+    let sizes: Vec<usize> = o.growth.clone();
+    if sizes.is_empty() {
+        return;
+    }
+    let totals: Vec<usize> = sizes
+        .iter()
+        .map(|&n| n.max(1) * (2000 / n.max(1)).max(2))
+        .collect();
+    let stores_n = 200usize;
+    let months_needed = totals.iter().sum::<usize>().div_ceil(stores_n);
+    assert!(
+        months_needed <= 707,
+        "--growth sizes too large for 200 stores"
+    );
+    let codes: Vec<String> = (0..stores_n).map(|i| format!("G{i:05}")).collect();
+    let stores: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO sales.stores (code, name, region) SELECT c, 'Growth ' || c, 'North' FROM unnest($1::text[]) c RETURNING id",
+    )
+    .bind(&codes)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    println!();
+    println!("Growth with the records per call (inserts of 31-day months; COPY in chunks of the same size):");
+    println!(
+        "{:>8} {:>7} {:>14} {:>14} {:>14} {:>14} {:>9}",
+        "records",
+        "calls",
+        "batch ms/call",
+        "batch us/rec",
+        "COPY ms/call",
+        "COPY us/rec",
+        "vs COPY"
+    );
+    let mut next = 0usize;
+    for (&size, &total) in sizes.iter().zip(&totals) {
+        let keys: Vec<(i64, i32, i32)> = (next..next + total)
+            .map(|i| {
+                let (y, m) = period(i / stores_n);
+                (stores[i % stores_n], y, m)
+            })
+            .collect();
+        next += total;
+        settle(conn).await;
+        let batch = batches_via(conn, "SELECT sales.batch_upsert($1::jsonb)", &keys, size, 7).await;
+        conn.execute("TRUNCATE public.bench_stage").await.unwrap();
+        let copy = copy_floor(conn, &keys, size, 7).await;
+        let calls = total.div_ceil(size);
+        let per_call = |d: Duration| d.as_secs_f64() * 1e3 / calls as f64;
+        let per_rec = |d: Duration| d.as_secs_f64() * 1e6 / total as f64;
+        println!(
+            "{size:>8} {calls:>7} {:>14.2} {:>14.1} {:>14.2} {:>14.1} {:>8.2}x",
+            per_call(batch),
+            per_rec(batch),
+            per_call(copy),
+            per_rec(copy),
+            copy.as_secs_f64() / batch.as_secs_f64()
+        );
+    }
 }
