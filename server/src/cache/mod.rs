@@ -99,6 +99,18 @@ impl Invalidator {
     }
 }
 
+/// Tags held pending by [`Cache::hold`]; released when dropped.
+pub struct Held {
+    cache: Arc<Cache>,
+    tags: Vec<String>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.cache.unmark_pending(&self.tags);
+    }
+}
+
 /// A cached value and the tag versions it was computed under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -429,6 +441,19 @@ impl Cache {
         p.contains_key(TAG_ALL) || tags.iter().any(|t| p.contains_key(t))
     }
 
+    /// Holds `tags` pending (entries under them are not served) until the
+    /// returned guard is dropped: for a write whose commit makes something
+    /// visible before its invalidation is applied (a job's final state), so
+    /// that nobody reads the old value from this instance's cache after
+    /// seeing the new state.
+    pub fn hold(self: &Arc<Self>, tags: &[String]) -> Held {
+        self.mark_pending(tags);
+        Held {
+            cache: self.clone(),
+            tags: tags.to_vec(),
+        }
+    }
+
     fn mark_pending(&self, tags: &[String]) {
         self.drop_l1();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -588,6 +613,25 @@ mod tests {
         assert_eq!(saved, 0);
         assert_eq!(Entry::decode(&raw).unwrap(), small);
         assert!(Entry::decode(&[3, 0]).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_held_tag_is_a_miss_until_released() {
+        let config = crate::config::Config::from_map(&Default::default()).unwrap();
+        let cache = Arc::new(Cache::new(&config));
+        let tags = vec![tag_store(1)];
+        let other = vec![tag_store(2)];
+        for (key, t) in [("k", &tags), ("o", &other)] {
+            let Lookup::Miss(Some(v)) = cache.lookup(key, t).await else {
+                panic!("miss expected")
+            };
+            cache.store(key, v, b"old".to_vec()).await;
+        }
+        let held = cache.hold(&tags);
+        assert!(matches!(cache.lookup("k", &tags).await, Lookup::Miss(_)));
+        assert!(matches!(cache.lookup("o", &other).await, Lookup::Hit(_)));
+        drop(held);
+        assert!(matches!(cache.lookup("k", &tags).await, Lookup::Hit(_)));
     }
 
     #[tokio::test]

@@ -162,12 +162,19 @@ pub async fn run(
     let d = data(state_name, &summary);
     end(&mut tx, job, state_name, error.as_deref(), &summary, d).await?;
     let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
+    // The commit makes the job's end visible together with its writes: until
+    // the invalidation is applied, this instance serves none of the entries
+    // it touches, so a client that saw the job end reads the new values.
+    let held = state
+        .filter(|_| !tags.is_empty())
+        .map(|s| s.cache.hold(&tags));
     tx.commit().await?;
     if let Some(s) = state {
         if !tags.is_empty() {
             s.publish(crate::db::Changes::from_tags(tags)).await;
         }
     }
+    drop(held);
     Ok(Some(state_name.into()))
 }
 
