@@ -191,22 +191,12 @@ impl<'a> Container<'a> {
             (0..n)
                 .map(|i| {
                     let (_, ks, ke) = spans[i];
-                    let key = std::slice::from_raw_parts(base.add(ks), ke - ks);
-                    let key = if server_is_utf8() {
-                        std::str::from_utf8_unchecked(key)
-                    } else {
-                        std::str::from_utf8(key).unwrap_or("\u{fffd}")
-                    };
+                    let key = text_of(std::slice::from_raw_parts(base.add(ks), ke - ks));
                     let (ty, vs, ve) = spans[n + i];
                     let value = match ty {
-                        0x0000_0000 => Jb::String({
-                            let b = std::slice::from_raw_parts(base.add(vs), ve - vs);
-                            if server_is_utf8() {
-                                std::str::from_utf8_unchecked(b)
-                            } else {
-                                std::str::from_utf8(b).unwrap_or("\u{fffd}")
-                            }
-                        }),
+                        0x0000_0000 => {
+                            Jb::String(text_of(std::slice::from_raw_parts(base.add(vs), ve - vs)))
+                        }
                         0x1000_0000 => {
                             Jb::Number(Num(base.add(aligned(vs)) as pg_sys::Numeric, PhantomData))
                         }
@@ -269,15 +259,22 @@ pub enum Jb<'a> {
 unsafe fn string_of<'a>(v: &pg_sys::JsonbValue) -> &'a str {
     unsafe {
         let s = v.val.string;
-        let bytes = std::slice::from_raw_parts(s.val as *const u8, s.len.max(0) as usize);
-        if server_is_utf8() {
-            // Postgres checked the encoding when the text entered the server.
-            std::str::from_utf8_unchecked(bytes)
-        } else {
-            // Another server encoding: anything that is not also valid UTF-8
-            // shows as a replacement character (and so matches no known name).
-            std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
-        }
+        text_of(std::slice::from_raw_parts(
+            s.val as *const u8,
+            s.len.max(0) as usize,
+        ))
+    }
+}
+
+/// A jsonb string's bytes as text.
+fn text_of(bytes: &[u8]) -> &str {
+    if server_is_utf8() {
+        // Postgres checked the encoding when the text entered the server.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    } else {
+        // Another server encoding: anything that is not also valid UTF-8
+        // shows as a replacement character (and so matches no known name).
+        std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
     }
 }
 

@@ -81,55 +81,39 @@ fn changed_days(old: Option<RawJsonb>, new: Option<RawJsonb>) -> pgrx::JsonB {
 
 /// The day keys whose data differ between `old` and `new`, in day order.
 pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
+    // Both months keep their keys in the same order (by length, then
+    // bytes): one merge pass over the two member lists. Anything but an
+    // object (no old row) has no days.
+    let members = |j: Jb<'a>| match j {
+        Jb::Object(c) => c.members(),
+        _ => Vec::new(),
+    };
+    let (o, n) = (members(old), members(new));
+    let order = |a: &str, b: &str| a.len().cmp(&b.len()).then_with(|| a.cmp(b));
     let mut days: Vec<&str> = Vec::new();
-    if let (Jb::Object(o), Jb::Object(n)) = (old, new) {
-        // Both objects keep their keys in the same order (by length, then
-        // bytes): one merge pass over the two member lists.
-        let (o, n) = (o.members(), n.members());
-        let order = |a: &str, b: &str| a.len().cmp(&b.len()).then_with(|| a.cmp(b));
-        let (mut i, mut j) = (0, 0);
-        while i < o.len() || j < n.len() {
-            let step = match (o.get(i), n.get(j)) {
-                (Some(a), Some(b)) => order(a.0, b.0),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Greater,
-            };
-            match step {
-                std::cmp::Ordering::Less => {
-                    days.push(o[i].0);
-                    i += 1;
-                }
-                std::cmp::Ordering::Greater => {
+    let (mut i, mut j) = (0, 0);
+    while i < o.len() || j < n.len() {
+        let step = match (o.get(i), n.get(j)) {
+            (Some(a), Some(b)) => order(a.0, b.0),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match step {
+            std::cmp::Ordering::Less => {
+                days.push(o[i].0);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                days.push(n[j].0);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                if !same(o[i].1, n[j].1) {
                     days.push(n[j].0);
-                    j += 1;
                 }
-                std::cmp::Ordering::Equal => {
-                    if !same(o[i].1, n[j].1) {
-                        days.push(n[j].0);
-                    }
-                    i += 1;
-                    j += 1;
-                }
+                i += 1;
+                j += 1;
             }
-        }
-    } else {
-        let mut kept = 0;
-        new.each_member(|k, v| match old.get(k) {
-            Some(o) => {
-                kept += 1;
-                if !same(o, v) {
-                    days.push(k)
-                }
-            }
-            None => days.push(k),
-        });
-        // Every day of `old` is also in `new` when all of them were found above.
-        if kept < old.len() {
-            old.each_member(|k, _| {
-                if new.get(k).is_none() {
-                    days.push(k);
-                }
-            });
         }
     }
     days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));

@@ -59,16 +59,6 @@ enum Mode {
     NotifyEach,
 }
 
-impl Mode {
-    fn label(self) -> &'static str {
-        match self {
-            Mode::Off => "events off",
-            Mode::Defaults => "events on (defaults)",
-            Mode::NotifyEach => "events on, NOTIFY each",
-        }
-    }
-}
-
 struct Run {
     per_sec: f64,
     notifies_per_commit: f64,
@@ -283,9 +273,15 @@ async fn main() {
         "each/off"
     );
     let mut worst = f64::INFINITY;
+    // The middle value; for an even count, the mean of the two middle ones.
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        percentile(&v, 0.5)
+        let m = v.len() / 2;
+        if v.len().is_multiple_of(2) {
+            (v[m - 1] + v[m]) / 2.0
+        } else {
+            v[m]
+        }
     };
     for slow in [false, true] {
         for writers in [8usize, 32] {
@@ -296,18 +292,13 @@ async fn main() {
                 } else {
                     [Mode::Defaults, Mode::Off]
                 };
-                let mut got = HashMap::new();
+                let (mut off, mut on) = (None, None);
                 for mode in order {
                     set_event_triggers(&mut admin, mode != Mode::Off).await;
-                    got.insert(
-                        mode.label(),
-                        commits(&db, &stores, writers, o.seconds, mode, slow).await,
-                    );
+                    let run = commits(&db, &stores, writers, o.seconds, mode, slow).await;
+                    *if mode == Mode::Off { &mut off } else { &mut on } = Some(run);
                 }
-                pairs.push((
-                    got.remove(Mode::Off.label()).unwrap(),
-                    got.remove(Mode::Defaults.label()).unwrap(),
-                ));
+                pairs.push((off.expect("measured"), on.expect("measured")));
             }
             set_event_triggers(&mut admin, true).await;
             let each = commits(&db, &stores, writers, o.seconds, Mode::NotifyEach, slow).await;
