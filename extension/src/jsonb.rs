@@ -158,64 +158,31 @@ impl<'a> Container<'a> {
 
     /// An object's members in storage order (keys by length, then bytes,
     /// as jsonb keeps them), read straight from the binary layout: no
-    /// iterator, no allocation per member. Empty for an array.
-    pub fn members(self) -> Vec<(&'a str, Jb<'a>)> {
-        // jsonb.h: `header` counts the pairs; the JEntries of the n keys and
-        // then the n values follow it, then their data. A JEntry holds either
-        // its data's length or (every 32nd) its end offset; numerics and
-        // containers start at the next 4-byte boundary.
-        const OFFLEN: u32 = 0x0FFF_FFFF;
-        const HAS_OFF: u32 = 0x8000_0000;
-        const TYPE: u32 = 0x7000_0000;
+    /// iterator of Postgres', no allocation. Empty for an array.
+    pub fn members(self) -> Members<'a> {
         unsafe {
             let header = (*self.0).header;
-            if header & pg_sys::JB_FOBJECT == 0 {
-                return Vec::new();
+            let n = if header & pg_sys::JB_FOBJECT == 0 {
+                0
+            } else {
+                (header & pg_sys::JB_CMASK) as usize
+            };
+            let entries = std::ptr::addr_of!((*self.0).children) as *const u32;
+            // The values' data follows the keys' data: walk the keys'
+            // JEntries once to find where the first value starts.
+            let mut keys_end = 0;
+            for i in 0..n {
+                keys_end = entry_end(*entries.add(i), keys_end);
             }
-            let n = (header & pg_sys::JB_CMASK) as usize;
-            let children = std::ptr::addr_of!((*self.0).children) as *const u32;
-            let base = children.add(2 * n) as *const u8;
-            let mut spans = Vec::with_capacity(2 * n);
-            let mut start = 0usize;
-            for i in 0..2 * n {
-                let e = *children.add(i);
-                let end = if e & HAS_OFF != 0 {
-                    (e & OFFLEN) as usize
-                } else {
-                    start + (e & OFFLEN) as usize
-                };
-                spans.push((e & TYPE, start, end));
-                start = end;
+            Members {
+                entries,
+                base: entries.add(2 * n) as *const u8,
+                n,
+                i: 0,
+                key_start: 0,
+                value_start: keys_end,
+                _life: PhantomData,
             }
-            let aligned = |off: usize| (off + 3) & !3;
-            (0..n)
-                .map(|i| {
-                    let (_, ks, ke) = spans[i];
-                    let key = text_of(std::slice::from_raw_parts(base.add(ks), ke - ks));
-                    let (ty, vs, ve) = spans[n + i];
-                    let value = match ty {
-                        0x0000_0000 => {
-                            Jb::String(text_of(std::slice::from_raw_parts(base.add(vs), ve - vs)))
-                        }
-                        0x1000_0000 => {
-                            Jb::Number(Num(base.add(aligned(vs)) as pg_sys::Numeric, PhantomData))
-                        }
-                        0x2000_0000 => Jb::Bool(false),
-                        0x3000_0000 => Jb::Bool(true),
-                        0x5000_0000 => {
-                            let c = base.add(aligned(vs)) as *mut pg_sys::JsonbContainer;
-                            let len = ve.saturating_sub(aligned(vs)) as i32;
-                            if (*c).header & pg_sys::JB_FOBJECT != 0 {
-                                Jb::Object(Container::nested(c, len))
-                            } else {
-                                Jb::Array(Container::nested(c, len))
-                            }
-                        }
-                        _ => Jb::Null,
-                    };
-                    (key, value)
-                })
-                .collect()
         }
     }
 
@@ -267,6 +234,88 @@ unsafe fn string_of<'a>(v: &pg_sys::JsonbValue) -> &'a str {
 }
 
 /// A jsonb string's bytes as text.
+// jsonb.h: an object's header counts its pairs; the JEntries of the n keys
+// and then of the n values follow it, then their data. A JEntry holds either
+// its data's length or (every 32nd) its end offset; numerics and containers
+// start at the next 4-byte boundary.
+const JENTRY_OFFLEN: u32 = 0x0FFF_FFFF;
+const JENTRY_HAS_OFF: u32 = 0x8000_0000;
+const JENTRY_TYPE: u32 = 0x7000_0000;
+
+/// Where the data of the JEntry `e` ends, given where it starts.
+fn entry_end(e: u32, start: usize) -> usize {
+    if e & JENTRY_HAS_OFF != 0 {
+        (e & JENTRY_OFFLEN) as usize
+    } else {
+        start + (e & JENTRY_OFFLEN) as usize
+    }
+}
+
+/// The members of a jsonb object, in storage order (`Container::members`).
+pub struct Members<'a> {
+    entries: *const u32,
+    base: *const u8,
+    n: usize,
+    i: usize,
+    key_start: usize,
+    value_start: usize,
+    _life: PhantomData<&'a ()>,
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = (&'a str, Jb<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.i >= self.n {
+            return None;
+        }
+        let aligned = |off: usize| (off + 3) & !3;
+        unsafe {
+            let ke = *self.entries.add(self.i);
+            let key_end = entry_end(ke, self.key_start);
+            let key = text_of(std::slice::from_raw_parts(
+                self.base.add(self.key_start),
+                key_end - self.key_start,
+            ));
+            let ve = *self.entries.add(self.n + self.i);
+            let (vs, value_end) = (self.value_start, entry_end(ve, self.value_start));
+            let value = match ve & JENTRY_TYPE {
+                0x0000_0000 => Jb::String(text_of(std::slice::from_raw_parts(
+                    self.base.add(vs),
+                    value_end - vs,
+                ))),
+                0x1000_0000 => Jb::Number(Num(
+                    self.base.add(aligned(vs)) as pg_sys::Numeric,
+                    PhantomData,
+                )),
+                0x2000_0000 => Jb::Bool(false),
+                0x3000_0000 => Jb::Bool(true),
+                0x5000_0000 => {
+                    let c = self.base.add(aligned(vs)) as *mut pg_sys::JsonbContainer;
+                    let len = value_end.saturating_sub(aligned(vs)) as i32;
+                    if (*c).header & pg_sys::JB_FOBJECT != 0 {
+                        Jb::Object(Container::nested(c, len))
+                    } else {
+                        Jb::Array(Container::nested(c, len))
+                    }
+                }
+                _ => Jb::Null,
+            };
+            self.i += 1;
+            self.key_start = key_end;
+            self.value_start = value_end;
+            Some((key, value))
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.n - self.i;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Members<'_> {}
+
 fn text_of(bytes: &[u8]) -> &str {
     if server_is_utf8() {
         // Postgres checked the encoding when the text entered the server.

@@ -48,7 +48,7 @@ fn daily_sum(daily: RawJsonb, metric: &str) -> NumericDatum {
         // A day holds two or three metrics: a scan of its members beats a
         // binary search that builds a lookup value.
         if let Jb::Object(c) = day {
-            if let Some((_, Jb::Number(n))) = c.members().into_iter().find(|(k, _)| *k == metric) {
+            if let Some((_, Jb::Number(n))) = c.members().find(|(k, _)| *k == metric) {
                 sum = sum.add(n);
             }
         }
@@ -85,34 +85,31 @@ pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
     // bytes): one merge pass over the two member lists. Anything but an
     // object (no old row) has no days.
     let members = |j: Jb<'a>| match j {
-        Jb::Object(c) => c.members(),
-        _ => Vec::new(),
+        Jb::Object(c) => Some(c.members()),
+        _ => None,
     };
-    let (o, n) = (members(old), members(new));
+    let (mut o, mut n) = (
+        members(old).into_iter().flatten().peekable(),
+        members(new).into_iter().flatten().peekable(),
+    );
     let order = |a: &str, b: &str| a.len().cmp(&b.len()).then_with(|| a.cmp(b));
     let mut days: Vec<&str> = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    while i < o.len() || j < n.len() {
-        let step = match (o.get(i), n.get(j)) {
+    loop {
+        let step = match (o.peek(), n.peek()) {
             (Some(a), Some(b)) => order(a.0, b.0),
             (Some(_), None) => std::cmp::Ordering::Less,
-            _ => std::cmp::Ordering::Greater,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => break,
         };
         match step {
-            std::cmp::Ordering::Less => {
-                days.push(o[i].0);
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                days.push(n[j].0);
-                j += 1;
-            }
+            std::cmp::Ordering::Less => days.extend(o.next().map(|m| m.0)),
+            std::cmp::Ordering::Greater => days.extend(n.next().map(|m| m.0)),
             std::cmp::Ordering::Equal => {
-                if !same(o[i].1, n[j].1) {
-                    days.push(n[j].0);
+                if let (Some(a), Some(b)) = (o.next(), n.next()) {
+                    if !same(a.1, b.1) {
+                        days.push(b.0);
+                    }
                 }
-                i += 1;
-                j += 1;
             }
         }
     }

@@ -158,3 +158,52 @@ async fn the_event_log_is_analyzed_lightly() {
     let rows = estimate(&db, "SELECT * FROM sales.events WHERE row_id = 5").await;
     assert!(rows < 10.0, "one record's events estimated at {rows} rows");
 }
+
+/// An update event carries the old value of every changed day, so replacing
+/// a whole month writes a payload over the size at which Postgres compresses
+/// a row. The log stores it with lz4 (migration 0012), as daily_data is, and
+/// reads it back whole.
+#[tokio::test]
+async fn large_event_payloads_are_compressed_with_lz4() {
+    let db = TestDb::new().await;
+    let lz4: bool = sqlx::query_scalar(
+        "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(lz4, "this Postgres was built without lz4");
+    let month = |k: i32| {
+        format!(
+            "(SELECT jsonb_object_agg(d::text, jsonb_build_object('sales', d * 100.25 + {k}, 'customers', d + {k}, 'transactions', d + {k} + 1))
+              FROM generate_series(1, 31) d)"
+        )
+    };
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO sales.stores (code, name, region) VALUES ('Z1', 'Z1', 'North');
+             INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             SELECT id, 2024, 1, {} FROM sales.stores;
+             UPDATE sales.monthly_sales SET daily_data = {};",
+            month(1),
+            month(2)
+        ),
+    )
+    .await;
+    let (compression, size, changed, old_31): (Option<String>, i32, i64, String) = sqlx::query_as(
+        "SELECT pg_column_compression(payload), pg_column_size(payload),
+                jsonb_array_length(payload->'changedDays')::int8, payload->'previousDays'->'31'->>'sales'
+         FROM sales.events WHERE kind = 'sales-data-updated'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        compression.as_deref(),
+        Some("lz4"),
+        "payload of {size} bytes"
+    );
+    assert_eq!(changed, 31);
+    assert_eq!(old_31, "3108.75");
+}
