@@ -6,11 +6,12 @@
 //! scope, versions and events.
 //!
 //! One chunk is one transaction: it locks the job row (the lease token
-//! fences out a worker that lost the job), deletes the chunk's staged rows
-//! (`DELETE ... RETURNING` feeds the merge, so a committed chunk's rows are
-//! gone and can never be merged again), folds them into one record per
-//! (store, year, month), calls the merge with the job's store scope and
-//! records the progress (last line, counts, rejected rows) before COMMIT.
+//! fences out a worker that lost the job), and one statement deletes the
+//! chunk's staged rows (`DELETE ... RETURNING` feeds the merge, so a
+//! committed chunk's rows are gone and can never be merged again), folds
+//! them into one record per (store, year, month) and calls the merge with
+//! the job's store scope; the progress (last line, counts, rejected rows) is
+//! recorded before COMMIT.
 //! Numbers go from the staged text straight to `numeric`, so they reach the
 //! table exactly as the file wrote them.
 
@@ -349,9 +350,14 @@ pub enum Ended {
     Stopped,
 }
 
-/// Folds a chunk's staged rows into records (one per store-month) and
-/// reports rows whose store is unknown or outside the scope. Deleting the
-/// rows is part of the statement: a committed chunk cannot be merged twice.
+/// Folds a chunk's staged rows into records (one per store-month), merges
+/// them through `sales.batch_upsert_impl` and reports, in line order, the
+/// rows refused: by store (unknown, or outside the scope) and by the merge
+/// (each refused record's lines, with its field and reason). Deleting the
+/// staged rows is part of the statement: a committed chunk cannot be merged
+/// twice. The records go from the aggregate straight into the merge, never
+/// to the server and back. Returns (refused rows, rows written, the chunk's
+/// last line).
 const CHUNK_SQL: &str = r#"
 WITH d AS (
     DELETE FROM jobs.import_rows WHERE job_id = $1 AND line > $2 AND line <= $3
@@ -376,17 +382,28 @@ WITH d AS (
                                                                  'customers', customers::numeric,
                                                                  'transactions', transactions::numeric))
                             ORDER BY line, day) AS daily,
-           array_agg(DISTINCT line) AS lines
+           array_agg(DISTINCT line) AS lines,
+           (row_number() OVER (ORDER BY sid, year, month) - 1)::int AS idx
     FROM r WHERE sid IS NOT NULL AND ($4::bigint[] IS NULL OR sid = ANY($4))
     GROUP BY sid, year, month
+), up AS (
+    SELECT sales.batch_upsert_impl(
+               jsonb_agg(jsonb_build_object('storeId', sid, 'year', year, 'month', month, 'dailyData', daily)
+                         ORDER BY idx),
+               false, false, $4) AS summary
+    FROM g HAVING count(*) > 0
+), failed AS (
+    SELECT (e->>'index')::int AS idx, e->>'field' AS field, e->>'reason' AS reason
+    FROM up, jsonb_array_elements(up.summary->'errors') e
 )
-SELECT (SELECT coalesce(jsonb_agg(jsonb_build_object('line', line, 'column', col, 'reason', reason)
-                                  ORDER BY line), '[]') FROM bad),
-       coalesce(jsonb_agg(jsonb_build_object('storeId', sid, 'year', year, 'month', month, 'dailyData', daily)
-                          ORDER BY sid, year, month), '[]'),
-       coalesce(jsonb_agg(to_jsonb(lines) ORDER BY sid, year, month), '[]'),
+SELECT (SELECT coalesce(jsonb_agg(x.j ORDER BY x.line), '[]')
+        FROM (SELECT line, jsonb_build_object('line', line, 'column', col, 'reason', reason) AS j FROM bad
+              UNION ALL
+              SELECT l, jsonb_build_object('line', l, 'column', f.field, 'reason', f.reason)
+              FROM failed f JOIN g USING (idx), unnest(g.lines) AS l) x),
+       (SELECT coalesce(sum(cardinality(lines)), 0)::int8 FROM g
+        WHERE EXISTS (SELECT FROM up) AND idx NOT IN (SELECT idx FROM failed)),
        (SELECT max(line) FROM d)
-FROM g
 "#;
 
 /// Runs an import job on `conn` (the connection that claimed it) until it
@@ -463,6 +480,11 @@ pub async fn run(
             return Ok(Ended::Finished(end.into()));
         };
         let hi = first + size - 1;
+        // A dry run merges inside a savepoint and rolls it back, then takes
+        // the chunk's staged rows out as a real run does.
+        if dry_run {
+            sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
+        }
         let row = sqlx::query(CHUNK_SQL)
             .bind(job.id)
             .bind(p.last_line)
@@ -470,14 +492,26 @@ pub async fn run(
             .bind(&job.scope)
             .fetch_one(&mut *tx)
             .await?;
-        let bad: Value = row.get(0);
-        let records: Value = row.get(1);
-        let lines_of: Value = row.get(2);
+        let refused: Value = row.get(0);
+        let written: i64 = row.get(1);
         // The last line the chunk held (it starts at a staged line, so it
         // holds at least one): what `lastLine` reports, rather than the
         // chunk's upper bound past the end of the file.
-        let chunk_last: Option<i64> = row.get(3);
-        let mut rejected: Vec<Rejected> = bad
+        let chunk_last: Option<i64> = row.get(2);
+        if dry_run {
+            sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "DELETE FROM jobs.import_rows WHERE job_id = $1 AND line > $2 AND line <= $3",
+            )
+            .bind(job.id)
+            .bind(p.last_line)
+            .bind(hi)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut rejected: Vec<Rejected> = refused
             .as_array()
             .into_iter()
             .flatten()
@@ -487,47 +521,6 @@ pub async fn run(
                 reason: b["reason"].as_str().unwrap_or_default().to_string(),
             })
             .collect();
-        let mut written = 0i64;
-        if records.as_array().is_some_and(|a| !a.is_empty()) {
-            if dry_run {
-                sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
-            }
-            let summary: Value =
-                sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, false, false, $2)")
-                    .bind(&records)
-                    .bind(&job.scope)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if dry_run {
-                sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let groups = lines_of.as_array().cloned().unwrap_or_default();
-            let mut failed = std::collections::BTreeSet::new();
-            for e in summary["errors"].as_array().into_iter().flatten() {
-                let i = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
-                failed.insert(i);
-                let field = e["field"].as_str().unwrap_or_default();
-                for l in groups
-                    .get(i)
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    rejected.push(Rejected {
-                        line: l.as_u64().unwrap_or(0),
-                        column: Some(field.to_string()),
-                        reason: e["reason"].as_str().unwrap_or_default().to_string(),
-                    });
-                }
-            }
-            for (i, g) in groups.iter().enumerate() {
-                if !failed.contains(&i) {
-                    written += g.as_array().map_or(0, |a| a.len() as i64);
-                }
-            }
-        }
         rejected.sort_by_key(|r| r.line);
         let new_rejected = rejected
             .iter()
