@@ -755,3 +755,75 @@ async fn an_upload_cut_off_leaves_nothing_behind() {
     .await;
     server.stop().await;
 }
+
+/// Rows that pass the parser but that the merge refuses (here staged by
+/// hand, as a file cannot get them past the parser) are reported with every
+/// line of their record, beside rows refused by store; the chunk's other
+/// records are written.
+#[tokio::test]
+async fn rows_the_merge_refuses_are_reported_by_line() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (user, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, user_id, params, rows_read)
+         VALUES ('import', 'uploading', $1, '{\"dryRun\": false, \"maxErrors\": 100, \"format\": \"daily\"}', 4)
+         RETURNING id",
+    )
+    .bind(user)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs.import_rows (job_id, line, day, store_code, store_id, year, month, sales)
+         VALUES ($1, 2, 1, NULL, $2, 2019, 3, '5'),
+                ($1, 3, 2, NULL, $2, 2019, 3, '-7'),
+                ($1, 4, 1, NULL, $3, 2019, 3, '8'),
+                ($1, 5, 1, 'NOPE', NULL, 2019, 3, '8')",
+    )
+    .bind(id)
+    .bind(stores[0])
+    .bind(stores[1])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE jobs.jobs SET state = 'queued' WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let doc = wait_job(&api, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        (doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(1), Some(3)),
+        "{doc}"
+    );
+    let errors: Vec<(i64, String)> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_i64().unwrap(),
+                e["column"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            (2, "dailyData.2.sales".into()),
+            (3, "dailyData.2.sales".into()),
+            (5, "store_code".into()),
+        ]
+    );
+    let written: Vec<(i64, Value)> =
+        sqlx::query_as("SELECT store_id, daily_data FROM sales.monthly_sales WHERE year = 2019")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(written, vec![(stores[1], json!({"1": {"sales": 8}}))]);
+}
