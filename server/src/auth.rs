@@ -157,7 +157,20 @@ pub struct Auth {
     expiry_secs: i64,
     /// Users, sessions and their revocation, checked on every verify.
     revocations: Arc<Revocations>,
+    /// Tokens issued here that verified, by the SHA-256 of the token (raw
+    /// tokens are not kept in memory): a request with one of them skips the
+    /// signature and the claims' parsing, never the expiry and revocation
+    /// checks.
+    verified: moka::sync::Cache<TokenDigest, Arc<Principal>>,
 }
+
+/// The SHA-256 of a bearer token.
+pub type TokenDigest = [u8; 32];
+
+/// Verified tokens remembered per instance (a few hundred bytes each).
+const VERIFIED_TOKENS: u64 = 10_000;
+/// How long a verified token is remembered without being used.
+const VERIFIED_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Auth {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
@@ -193,6 +206,10 @@ impl Auth {
             audience: config.jwt_audience.clone(),
             expiry_secs: config.jwt_expiry.as_secs() as i64,
             revocations: Arc::new(Revocations::default()),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_TOKENS)
+                .time_to_idle(VERIFIED_IDLE)
+                .build(),
         })
     }
 
@@ -280,6 +297,43 @@ impl Auth {
     /// disabling or deletion applies to it. Tokens issued here are also
     /// refused once the user's access generation or session is revoked.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_digested(token, &Self::digest(token))
+    }
+
+    /// The digest a verified token is remembered by (and rate limited by).
+    pub fn digest(token: &str) -> TokenDigest {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// [`Auth::verify`] for a token whose digest the caller has already taken.
+    pub fn verify_digested(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+    ) -> Result<Principal, AuthError> {
+        if let Some(p) = self.verified.get(digest) {
+            // As jsonwebtoken checks `exp`, with the same leeway.
+            let now = chrono::Utc::now().timestamp();
+            if p.exp.is_some_and(|exp| exp < now - LEEWAY_SECS as i64) {
+                self.verified.invalidate(digest);
+                return Err(AuthError::Expired);
+            }
+            self.revocations
+                .check_token(&p)
+                .map_err(AuthError::Revoked)?;
+            return Ok(Principal::clone(&p));
+        }
+        let p = self.verify_token(token)?;
+        // Only tokens issued here: an outside token's user depends on the
+        // users table (by email) and its key on the provider's key set.
+        if !p.outside {
+            self.verified.insert(*digest, Arc::new(p.clone()));
+        }
+        Ok(p)
+    }
+
+    fn verify_token(&self, token: &str) -> Result<Principal, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let outside = header.alg != Algorithm::HS256;
@@ -385,6 +439,42 @@ mod tests {
         assert_eq!(p.scope(), Some(vec![1, 3]));
         assert_eq!(p.scope_key(), "staff:1,3");
         assert!(!p.can_export());
+    }
+
+    /// A token verified once is remembered by its digest; a later request
+    /// with it is still refused once its session is revoked or it expires.
+    #[test]
+    fn a_remembered_token_is_still_checked_for_revocation_and_expiry() {
+        let a = auth(&[]);
+        let (t, _) = a
+            .issue_session(9, "m@x.io", Role::Manager, vec![2], 0, Some("s1".into()))
+            .unwrap();
+        let digest = Auth::digest(&t);
+        assert_eq!(a.verify(&t).unwrap().user_id, 9);
+        assert!(
+            a.verified.get(&digest).is_some(),
+            "remembered after verifying"
+        );
+        assert_eq!(a.verify(&t).unwrap().scope(), Some(vec![2]));
+        a.revocations.apply(&crate::access::Change::Session {
+            user: 9,
+            session: "s1".into(),
+            until: chrono::Utc::now().timestamp() + 3600,
+        });
+        assert!(matches!(a.verify(&t), Err(AuthError::Revoked(_))));
+
+        let (t2, _) = a.issue(10, "e@x.io", Role::Staff, vec![1]).unwrap();
+        let mut p = a.verify(&t2).unwrap();
+        p.exp = Some(chrono::Utc::now().timestamp() - LEEWAY_SECS as i64 - 1);
+        let d2 = Auth::digest(&t2);
+        a.verified.insert(d2, Arc::new(p));
+        assert!(matches!(a.verify(&t2), Err(AuthError::Expired)));
+        assert!(
+            a.verified.get(&d2).is_none(),
+            "an expired token is forgotten"
+        );
+        // Forgotten, it is verified from its signature again.
+        assert_eq!(a.verify(&t2).unwrap().user_id, 10);
     }
 
     #[test]

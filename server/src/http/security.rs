@@ -20,12 +20,13 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
             poem::http::StatusCode::INTERNAL_SERVER_ERROR,
         )
     })?;
-    match state.auth.verify(&bearer.token) {
+    let digest = crate::auth::Auth::digest(&bearer.token);
+    match state.auth.verify_digested(&bearer.token, &digest) {
         Ok(p) => {
             tracing::Span::current().record("user_id", p.user_id);
             // A token gets a budget of its own only once it has verified.
             if let Some(limits) = req.data::<Arc<super::middleware::RateLimits>>() {
-                if let Err(retry) = limits.check_token(&bearer.token) {
+                if let Err(retry) = limits.check_token_digest(&digest) {
                     return Err(poem::Error::from_response(
                         poem::IntoResponse::into_response(ApiError::too_many(retry)),
                     ));

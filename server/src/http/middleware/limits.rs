@@ -1,6 +1,6 @@
 //! Rate limits, declared query parameters and the body size limit.
 
-use super::{error_response, hex};
+use super::error_response;
 use crate::http::error::ApiError;
 use crate::http::routes::{Match, Routes};
 use crate::state::AppState;
@@ -8,7 +8,6 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use poem::http::{header, HeaderValue, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
-use sha2::{Digest, Sha256};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use std::sync::Arc;
 /// upgrades have their own per-IP budget (WS_UPGRADES_PER_MINUTE).
 pub struct RateLimits {
     by_ip: DefaultKeyedRateLimiter<IpAddr>,
-    by_token: DefaultKeyedRateLimiter<String>,
+    by_token: DefaultKeyedRateLimiter<[u8; 16]>,
     ws_by_ip: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
     calls: std::sync::atomic::AtomicU64,
@@ -77,8 +76,13 @@ impl RateLimits {
 
     /// For a token that has verified.
     pub fn check_token(&self, token: &str) -> Result<(), u64> {
-        // Keyed by a digest: raw tokens are not kept in memory.
-        let key = hex(&Sha256::digest(token.as_bytes())[..16]);
+        self.check_token_digest(&crate::auth::Auth::digest(token))
+    }
+
+    /// [`RateLimits::check_token`] by the token's SHA-256 (raw tokens are
+    /// not kept in memory).
+    pub fn check_token_digest(&self, digest: &crate::auth::TokenDigest) -> Result<(), u64> {
+        let key: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
         self.by_token.check_key(&key).map_err(|nu| self.wait(nu))
     }
 
