@@ -15,6 +15,8 @@ use std::fmt::Write as _;
 pub enum SqlValue<'a> {
     /// `bigint[]`.
     Ids(&'a [i64]),
+    /// `bigint`.
+    Id(i64),
     /// `integer`.
     Int(i32),
     /// `numeric` (finite, checked by the caller).
@@ -58,6 +60,9 @@ impl SqlWriter for Literals {
                     let _ = write!(out, "{id}");
                 }
                 out.push_str("]::bigint[]");
+            }
+            SqlValue::Id(n) => {
+                let _ = write!(out, "{n}::bigint");
             }
             SqlValue::Int(n) => {
                 let _ = write!(out, "{n}");
@@ -128,6 +133,15 @@ pub enum Term<'a> {
 pub fn push_terms(w: &mut impl SqlWriter, terms: &[Term<'_>]) {
     for t in terms {
         match *t {
+            // One store (the usual request) as an equality: a prepared
+            // statement's generic plan then estimates it as a custom plan
+            // does, so Postgres settles on the generic plan and stops
+            // planning the query on every execution. With `= ANY($n)` it
+            // assumes an array of 10 and keeps planning each time.
+            Term::StoreIn(&[id]) => {
+                w.sql(" AND m.store_id = ");
+                w.value(SqlValue::Id(id));
+            }
             Term::StoreIn(ids) => {
                 w.sql(" AND m.store_id = ANY(");
                 w.value(SqlValue::Ids(ids));
@@ -236,6 +250,20 @@ mod tests {
         assert!(w.contains("m.total_sales >= '0.5'::numeric"), "{w}");
         assert!(w.contains("(m.year, m.month) >= (2024, 1)"), "{w}");
         assert!(w.contains("<= '1000000000000000000000'::numeric"), "{w}");
+    }
+
+    #[test]
+    fn one_store_is_an_equality() {
+        assert_eq!(render(&[Term::StoreIn(&[7])]), " AND m.store_id = 7::bigint");
+        assert_eq!(
+            render(&[Term::StoreIn(&[7, 8])]),
+            " AND m.store_id = ANY(ARRAY[7,8]::bigint[])"
+        );
+        // No store: nothing is found (an empty scope), as before.
+        assert_eq!(
+            render(&[Term::StoreIn(&[])]),
+            " AND m.store_id = ANY(ARRAY[]::bigint[])"
+        );
     }
 
     #[test]

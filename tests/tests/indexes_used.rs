@@ -199,3 +199,87 @@ async fn every_index_serves_a_product_query() {
         index_scans(&db).await
     );
 }
+
+/// How often a list query on one store is planned. sqlx prepares each
+/// statement once per connection; Postgres plans its first five executions
+/// with the values (custom plans), then keeps a generic plan if that is not
+/// estimated dearer. The filter for one store is rendered as an equality,
+/// which the generic plan estimates as the custom plans do, so it is planned
+/// five times and then never again. Rendered as `= ANY($n)` (as for several
+/// stores), the generic plan assumes ten stores, looks dearer, and every
+/// execution is planned again (a third of the server's CPU under a
+/// cache-miss load).
+#[tokio::test]
+async fn a_one_store_list_is_planned_once_per_connection() {
+    use sales_core::projection::{Projection, SALES_DOC};
+    use sales_core::sql::{push_sales_doc, push_terms, Term};
+    use sales_server::db::sql::Binds;
+    use sqlx::{Connection, QueryBuilder};
+    let db = TestDb::new().await;
+    // The size of the demo data: 200 stores x 24 months.
+    let stores = db.stores(200).await;
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         SELECT s, y, m, '{\"1\": {\"sales\": 10}}'
+         FROM unnest($1::bigint[]) s, generate_series(2023, 2024) y, generate_series(1, 12) m",
+    )
+    .bind(&stores)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE sales.monthly_sales")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // (generic plans, custom plans) of this connection's prepared list
+    // query after `runs` executions with `per_query` stores each.
+    async fn plans(
+        conn: &mut sqlx::PgConnection,
+        stores: &[i64],
+        per_query: usize,
+        runs: usize,
+    ) -> (i64, i64) {
+        for i in 0..runs {
+            let ids: Vec<i64> = (0..per_query)
+                .map(|k| stores[(i + k) % stores.len()])
+                .collect();
+            // The shape of the list endpoint's query (http/sales/list.rs):
+            // a projected document, store and period filters, a total-sales
+            // bound (the benchmark's cache buster), keyset order and a limit.
+            let fields = ["storeId", "year", "month", "totalSales"];
+            let projection = Projection::new(&SALES_DOC, &fields, &[]).unwrap();
+            let mut qb: QueryBuilder<sqlx::Postgres> = QueryBuilder::new("SELECT (");
+            push_sales_doc(&mut Binds(&mut qb), &projection);
+            qb.push(")::text FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE true");
+            push_terms(
+                &mut Binds(&mut qb),
+                &[
+                    Term::StoreIn(&ids),
+                    Term::Year(2024),
+                    Term::Month((i % 12) as i32 + 1),
+                    Term::MaxTotalSales(1e12 + i as f64),
+                ],
+            );
+            qb.push(" ORDER BY m.store_id, m.year, m.month, m.id LIMIT ")
+                .push_bind(51i64);
+            let rows = qb.build().fetch_all(&mut *conn).await.unwrap();
+            assert_eq!(rows.len(), per_query);
+        }
+        let kind = if per_query == 1 { "= $" } else { "= ANY(" };
+        sqlx::query_as(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE statement LIKE '%WHERE true AND m.store_id ' || $1 || '%'",
+        )
+        .bind(kind)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    }
+    assert_eq!(plans(&mut conn, &stores, 1, 20).await, (15, 5), "one store");
+    assert_eq!(
+        plans(&mut conn, &stores, 2, 20).await,
+        (0, 20),
+        "two stores"
+    );
+}

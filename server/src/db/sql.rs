@@ -15,6 +15,7 @@ impl SqlWriter for Binds<'_, '_> {
         // The casts match the literal forms, so both writers yield one type.
         match v {
             SqlValue::Ids(ids) => self.0.push_bind(ids.to_vec()),
+            SqlValue::Id(n) => self.0.push_bind(n).push("::bigint"),
             SqlValue::Int(n) => self.0.push_bind(n).push("::int"),
             SqlValue::Numeric(n) => self.0.push_bind(n).push("::numeric"),
             SqlValue::Text(t) => self.0.push_bind(t.to_string()),
