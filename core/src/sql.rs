@@ -254,7 +254,10 @@ mod tests {
 
     #[test]
     fn one_store_is_an_equality() {
-        assert_eq!(render(&[Term::StoreIn(&[7])]), " AND m.store_id = 7::bigint");
+        assert_eq!(
+            render(&[Term::StoreIn(&[7])]),
+            " AND m.store_id = 7::bigint"
+        );
         assert_eq!(
             render(&[Term::StoreIn(&[7, 8])]),
             " AND m.store_id = ANY(ARRAY[7,8]::bigint[])"

@@ -131,11 +131,14 @@ END $$;
 
 -- This transaction's own events (the server collects their cache tags
 -- before COMMIT): the rows between its first and last seq with its xid.
+-- The bounds are scalar subqueries, evaluated once before the scan, so the
+-- seq range is an index condition (the volatile functions called directly
+-- in the WHERE clause would be evaluated per row, over the whole log).
 CREATE FUNCTION sales.transaction_events() RETURNS SETOF sales.events
 LANGUAGE sql VOLATILE AS $$
     SELECT e.* FROM sales.events e
-    WHERE e.seq BETWEEN sales.transaction_first_seq() AND sales.transaction_last_seq()
-      AND e.xid = pg_current_xact_id_if_assigned()
+    WHERE e.seq BETWEEN (SELECT sales.transaction_first_seq()) AND (SELECT sales.transaction_last_seq())
+      AND e.xid = (SELECT pg_current_xact_id_if_assigned())
     ORDER BY e.seq
 $$;
 

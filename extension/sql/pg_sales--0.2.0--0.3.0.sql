@@ -498,3 +498,13 @@ BEGIN
     EXECUTE q INTO r, n;
     RETURN jsonb_build_object('rows', r::jsonb, 'groups', n);
 END $$;
+
+-- This transaction's own events, by an index condition on seq (the bounds
+-- as scalar subqueries, evaluated once, rather than per row of the log).
+CREATE OR REPLACE FUNCTION sales.transaction_events() RETURNS SETOF sales.events
+LANGUAGE sql VOLATILE AS $$
+    SELECT e.* FROM sales.events e
+    WHERE e.seq BETWEEN (SELECT sales.transaction_first_seq()) AND (SELECT sales.transaction_last_seq())
+      AND e.xid = (SELECT pg_current_xact_id_if_assigned())
+    ORDER BY e.seq
+$$;

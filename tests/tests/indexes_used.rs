@@ -283,3 +283,56 @@ async fn a_one_store_list_is_planned_once_per_connection() {
         "two stores"
     );
 }
+
+/// A write transaction reads back its own events (for the cache tags it
+/// invalidates) by an index condition on seq, however long the log: the
+/// server's statement and `sales.transaction_events()` both take the
+/// transaction's seq range from scalar subqueries. With the volatile range
+/// functions called in the WHERE clause, each write scanned the whole log.
+#[tokio::test]
+async fn a_transaction_reads_its_own_events_by_index() {
+    use sqlx::Connection;
+    let db = TestDb::new().await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO sales.events (kind, payload) SELECT 'test-filler', '{}' FROM generate_series(1, 20000);
+         ANALYZE sales.events;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let body: String = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'sales.transaction_events()'::regprocedure",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SELECT sales.emit('test-event', '{}')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for (what, sql) in [
+        (
+            "the server's statement",
+            sales_server::db::write::TX_EVENTS_SQL,
+        ),
+        ("sales.transaction_events()", body.as_str()),
+    ] {
+        let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {sql}"))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let text = plan.to_string();
+        assert!(
+            text.contains("\"Index Name\":\"events_seq_idx\"") && !text.contains("Seq Scan"),
+            "{what}: {plan:#}"
+        );
+    }
+    let mine: Vec<String> = sqlx::query_scalar("SELECT kind FROM sales.transaction_events()")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(mine, ["test-event"]);
+    tx.rollback().await.unwrap();
+}

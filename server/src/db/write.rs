@@ -113,6 +113,23 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
     }
 }
 
+/// What [`tx_cache_tags`] reads of the current transaction's events.
+///
+/// The transaction's seq range comes from scalar subqueries, which Postgres
+/// evaluates once before the scan, so the range is an index condition on
+/// `events_seq_idx`. (Called directly in the WHERE clause, the volatile
+/// functions would be evaluated per row: a scan of the whole log on every
+/// write.)
+pub const TX_EVENTS_SQL: &str = "SELECT DISTINCT kind, store_id, row_id,
+        jsonb_build_object('year', payload->'year', 'month', payload->'month',
+                           'previousStoreId', payload->'previousStoreId',
+                           'previousYear', payload->'previousYear',
+                           'previousMonth', payload->'previousMonth')
+ FROM sales.events e
+ WHERE e.seq BETWEEN (SELECT sales.transaction_first_seq())
+                 AND (SELECT sales.transaction_last_seq())
+   AND e.xid = (SELECT pg_current_xact_id_if_assigned())";
+
 /// The cache tags of the events the current transaction has written.
 /// Read before COMMIT and invalidated right after, so the
 /// writer reads its own writes at once (other instances learn through the
@@ -120,16 +137,8 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
 pub(crate) async fn tx_cache_tags(
     conn: &mut sqlx::PgConnection,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> = sqlx::query_as(
-        "SELECT DISTINCT kind, store_id, row_id,
-                jsonb_build_object('year', payload->'year', 'month', payload->'month',
-                                   'previousStoreId', payload->'previousStoreId',
-                                   'previousYear', payload->'previousYear',
-                                   'previousMonth', payload->'previousMonth')
-         FROM sales.transaction_events()",
-    )
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> =
+        sqlx::query_as(TX_EVENTS_SQL).fetch_all(conn).await?;
     let events: Vec<Event> = rows
         .into_iter()
         .map(|(kind_name, store_id, row_id, payload)| Event {
