@@ -289,8 +289,9 @@ async fn a_one_store_list_is_planned_once_per_connection() {
 /// server's statement and `sales.transaction_events()` both take the
 /// transaction's seq range from scalar subqueries. With the volatile range
 /// functions called in the WHERE clause, each write scanned the whole log.
+/// Likewise the position a starting server relays from.
 #[tokio::test]
-async fn a_transaction_reads_its_own_events_by_index() {
+async fn the_event_log_is_read_by_index_whatever_its_length() {
     use sqlx::Connection;
     let db = TestDb::new().await;
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -335,4 +336,29 @@ async fn a_transaction_reads_its_own_events_by_index() {
         .unwrap();
     assert_eq!(mine, ["test-event"]);
     tx.rollback().await.unwrap();
+
+    // Where a starting server begins relaying: one lookup by id, not the
+    // volatile head function evaluated for every row of the log.
+    let plan: Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        sales_server::events::model::HEAD_SQL
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let text = plan.to_string();
+    assert!(
+        text.contains("\"Index Name\":\"events_pkey\"") && !text.contains("Seq Scan"),
+        "{plan:#}"
+    );
+    let head: (i64, i64) = sqlx::query_as(sales_server::events::model::HEAD_SQL)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let last: (i64, i64) =
+        sqlx::query_as("SELECT id, seq FROM sales.events ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(head, last);
 }

@@ -47,6 +47,10 @@ const COLUMNS: &str = "e.id, e.seq, e.kind, e.store_id, e.user_id, e.actor_id, e
      e.row_version, e.payload, e.created_at, \
      (SELECT s.region FROM sales.stores s WHERE s.id = e.store_id) AS region";
 
+/// The last event a new reader starts after (see [`Event::head`]).
+pub const HEAD_SQL: &str =
+    "SELECT e.id, e.seq FROM sales.events e WHERE e.id = (SELECT sales.events_head())";
+
 impl Event {
     pub fn pos(&self) -> Pos {
         Pos {
@@ -139,12 +143,10 @@ impl Event {
     }
 
     /// Where a new reader starts: the last event `events_since` would return.
+    /// (`sales.events_head()` is volatile: as a scalar subquery it runs once;
+    /// compared in the WHERE clause it would run for every row of the log.)
     pub async fn head<'e>(exec: impl PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT e.id, e.seq FROM sales.events e WHERE e.id = sales.events_head()",
-        )
-        .fetch_optional(exec)
-        .await?;
+        let row: Option<(i64, i64)> = sqlx::query_as(HEAD_SQL).fetch_optional(exec).await?;
         Ok(row.map(|(id, seq)| Pos { seq, id }).unwrap_or(Pos::START))
     }
 
