@@ -45,6 +45,21 @@ async fn wait_job(api: &Api, id: i64, states: &[&str]) -> Value {
     .await
 }
 
+/// (line, column) of each rejected row a job reports ("-" for no column).
+fn error_lines(doc: &Value) -> Vec<(i64, String)> {
+    doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_i64().unwrap(),
+                e["column"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect()
+}
+
 async fn scalar_i64(db: &TestDb, sql: &str) -> i64 {
     sqlx::query_scalar::<_, i64>(sql)
         .fetch_one(&db.pool)
@@ -90,17 +105,7 @@ async fn a_pos_file_with_every_kind_of_bad_row() {
         doc["lastLine"], 12,
         "the file's last line, not the chunk's end"
     );
-    let errors: Vec<(i64, String)> = doc["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["line"].as_i64().unwrap(),
-                e["column"].as_str().unwrap_or("-").to_string(),
-            )
-        })
-        .collect();
+    let errors = error_lines(&doc);
     assert_eq!(
         errors,
         vec![
@@ -801,17 +806,7 @@ async fn rows_the_merge_refuses_are_reported_by_line() {
         (Some(1), Some(3)),
         "{doc}"
     );
-    let errors: Vec<(i64, String)> = doc["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["line"].as_i64().unwrap(),
-                e["column"].as_str().unwrap_or("-").to_string(),
-            )
-        })
-        .collect();
+    let errors = error_lines(&doc);
     assert_eq!(
         errors,
         vec![
