@@ -276,7 +276,13 @@ async fn a_one_store_list_is_planned_once_per_connection() {
         .await
         .unwrap()
     }
-    assert_eq!(plans(&mut conn, &stores, 1, 20).await, (15, 5), "one store");
+    // Five custom plans, then the generic one (a plan invalidated meanwhile,
+    // say by an ANALYZE, would be rebuilt once more).
+    let (generic, custom) = plans(&mut conn, &stores, 1, 20).await;
+    assert!(
+        generic >= 14 && custom <= 6,
+        "one store: {generic} generic, {custom} custom plans"
+    );
     assert_eq!(
         plans(&mut conn, &stores, 2, 20).await,
         (0, 20),
