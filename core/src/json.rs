@@ -79,10 +79,333 @@ impl<'a> JsonRead<'a> for &'a Value {
     }
 }
 
+/// A JSON document parsed into flat vectors, read through [`JsonRead`]:
+/// no map per object and no copy of strings without escapes. The batch
+/// endpoint validates its records this way and sends their text on as
+/// received. Reads as `serde_json::Value` does, for the rules' purposes:
+/// members in document order, and a key given twice counted once, in its
+/// first place with its last value (as `Value`'s ordered map keeps it, and
+/// as `jsonb` keeps the last).
+#[derive(Debug)]
+pub struct Tape<'de> {
+    nodes: Vec<Node<'de>>,
+    members: Vec<(std::borrow::Cow<'de, str>, u32)>,
+    items: Vec<u32>,
+}
+
+#[derive(Debug)]
+enum Node<'de> {
+    Null,
+    Bool,
+    /// An integer literal that fits `i64`.
+    Int(i64),
+    /// An integer literal above `i64::MAX`.
+    Uint(u64),
+    /// Any other number.
+    Float(f64),
+    Str(std::borrow::Cow<'de, str>),
+    Array(u32, u32),
+    Object(u32, u32),
+}
+
+impl<'de> Tape<'de> {
+    /// Parses `text` (one JSON value, as `serde_json::from_str` would).
+    pub fn parse(text: &'de str) -> Result<Self, serde_json::Error> {
+        use serde::de::DeserializeSeed;
+        let mut tape = Tape {
+            nodes: Vec::new(),
+            members: Vec::new(),
+            items: Vec::new(),
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
+        Build(&mut tape).deserialize(&mut de)?;
+        de.end()?;
+        Ok(tape)
+    }
+
+    /// The document's root value.
+    pub fn root(&self) -> TapeRef<'_, 'de> {
+        TapeRef {
+            tape: self,
+            at: (self.nodes.len() - 1) as u32,
+        }
+    }
+}
+
+/// A value inside a [`Tape`].
+#[derive(Debug, Clone, Copy)]
+pub struct TapeRef<'t, 'de> {
+    tape: &'t Tape<'de>,
+    at: u32,
+}
+
+impl<'t, 'de> TapeRef<'t, 'de> {
+    fn node(self) -> &'t Node<'de> {
+        &self.tape.nodes[self.at as usize]
+    }
+}
+
+impl<'t, 'de> JsonRead<'t> for TapeRef<'t, 'de> {
+    fn kind(self) -> Kind {
+        match self.node() {
+            Node::Null => Kind::Null,
+            Node::Bool => Kind::Bool,
+            Node::Int(_) | Node::Uint(_) | Node::Float(_) => Kind::Number,
+            Node::Str(_) => Kind::String,
+            Node::Array(..) => Kind::Array,
+            Node::Object(..) => Kind::Object,
+        }
+    }
+
+    fn as_f64(self) -> Option<f64> {
+        match *self.node() {
+            Node::Int(n) => Some(n as f64),
+            Node::Uint(n) => Some(n as f64),
+            Node::Float(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    fn as_i64(self) -> Option<i64> {
+        match *self.node() {
+            Node::Int(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> Option<&'t str> {
+        match self.node() {
+            Node::Str(s) => Some(s.as_ref()),
+            _ => None,
+        }
+    }
+
+    fn len(self) -> usize {
+        match *self.node() {
+            Node::Array(a, b) | Node::Object(a, b) => (b - a) as usize,
+            _ => 0,
+        }
+    }
+
+    fn each_member(self, mut f: impl FnMut(&'t str, Self)) {
+        if let Node::Object(a, b) = *self.node() {
+            for (k, v) in &self.tape.members[a as usize..b as usize] {
+                f(
+                    k.as_ref(),
+                    TapeRef {
+                        tape: self.tape,
+                        at: *v,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Appends one value (after its children) to the tape.
+struct Build<'b, 'de>(&'b mut Tape<'de>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Build<'_, 'de> {
+    type Value = u32;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<u32, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Build<'_, 'de> {
+    type Value = u32;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<u32, E> {
+        Ok(add(self.0, Node::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<u32, E> {
+        Ok(add(self.0, Node::Null))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<u32, E> {
+        Ok(add(self.0, Node::Bool))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<u32, E> {
+        Ok(add(self.0, Node::Int(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<u32, E> {
+        let node = i64::try_from(v).map_or(Node::Uint(v), Node::Int);
+        Ok(add(self.0, node))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<u32, E> {
+        Ok(add(self.0, Node::Float(v)))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<u32, E> {
+        Ok(add(self.0, Node::Str(std::borrow::Cow::Borrowed(v))))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<u32, E> {
+        Ok(add(
+            self.0,
+            Node::Str(std::borrow::Cow::Owned(v.to_string())),
+        ))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<u32, E> {
+        Ok(add(self.0, Node::Str(std::borrow::Cow::Owned(v))))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u32, A::Error> {
+        let mut items = Vec::new();
+        while let Some(i) = seq.next_element_seed(Build(&mut *self.0))? {
+            items.push(i);
+        }
+        let a = self.0.items.len() as u32;
+        self.0.items.extend(items);
+        let b = self.0.items.len() as u32;
+        Ok(add(self.0, Node::Array(a, b)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<u32, A::Error> {
+        let mut members: Vec<(std::borrow::Cow<'de, str>, u32)> = Vec::new();
+        // Past a few members, keys are found through an index (an object of
+        // many members must not cost a comparison with every other).
+        let mut index: Option<std::collections::HashMap<std::borrow::Cow<'de, str>, usize>> = None;
+        while let Some(k) = map.next_key_seed(Key)? {
+            let v = map.next_value_seed(Build(&mut *self.0))?;
+            if index.is_none() && members.len() >= 32 {
+                index = Some(
+                    members
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (key, _))| (key.clone(), i))
+                        .collect(),
+                );
+            }
+            // A key given again keeps its first place and takes the new value.
+            let seen = match &index {
+                Some(ix) => ix.get(&k).copied(),
+                None => members.iter().position(|(key, _)| *key == k),
+            };
+            match seen {
+                Some(i) => members[i].1 = v,
+                None => {
+                    if let Some(ix) = &mut index {
+                        ix.insert(k.clone(), members.len());
+                    }
+                    members.push((k, v));
+                }
+            }
+        }
+        let a = self.0.members.len() as u32;
+        self.0.members.extend(members);
+        let b = self.0.members.len() as u32;
+        Ok(add(self.0, Node::Object(a, b)))
+    }
+}
+
+/// An object's key, borrowed from the text unless it has escapes.
+struct Key;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v))
+    }
+}
+
+fn add<'de>(tape: &mut Tape<'de>, node: Node<'de>) -> u32 {
+    tape.nodes.push(node);
+    (tape.nodes.len() - 1) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Everything the rules can read of a value, through the trait.
+    fn dump<'a, J: JsonRead<'a>>(v: J, out: &mut String) {
+        use std::fmt::Write;
+        let _ = write!(
+            out,
+            "({:?} {:?} {:?} {:?} {}",
+            v.kind(),
+            v.as_i64(),
+            v.as_f64(),
+            v.as_str(),
+            v.len()
+        );
+        v.each_member(|k, m| {
+            let _ = write!(out, " {k:?}:");
+            dump(m, out);
+        });
+        out.push(')');
+    }
+
+    #[test]
+    fn a_tape_reads_as_a_serde_value() {
+        let texts = [
+            r#"{"storeId": 7, "year": 2024, "month": 2, "dailyData": {"1": {"sales": 10.5, "customers": 3}}}"#,
+            r#"{"a": 1, "b": 2, "a": 3}"#,
+            r#"{"k\u00e9y": "v\"al", "x": "plain", "n": null, "t": true, "f": false}"#,
+            r#"[1, -2, 2.5, 1e3, 18446744073709551615, 9223372036854775807, -9223372036854775808, 2024.0]"#,
+            r#"{"deep": {"er": {"est": [[], {}, [{"a": [1]}]]}}}"#,
+            r#""just a string""#,
+            r#"12"#,
+        ];
+        for text in texts {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let tape = Tape::parse(text).unwrap();
+            let (mut a, mut b) = (String::new(), String::new());
+            dump(&value, &mut a);
+            dump(tape.root(), &mut b);
+            assert_eq!(a, b, "{text}");
+        }
+        // Many members, one given twice: the index path keeps the same rule.
+        let mut text = String::from("{");
+        for i in 0..100 {
+            text.push_str(&format!("\"k{i}\": {i}, "));
+        }
+        text.push_str("\"k5\": \"last\"}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        let tape = Tape::parse(&text).unwrap();
+        let (mut a, mut b) = (String::new(), String::new());
+        dump(&value, &mut a);
+        dump(tape.root(), &mut b);
+        assert_eq!(a, b);
+        assert_eq!(tape.root().len(), 100);
+        for bad in ["", "{", "[1,]", "{\"a\" 1}", "1 2", "nul"] {
+            assert!(Tape::parse(bad).is_err(), "{bad:?}");
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn serde_values() {

@@ -473,6 +473,29 @@ async fn batch_writes_and_summaries() {
         (Some(1), Some(1))
     );
 
+    // A record is read as JSON reads it, and written as sent: a key given
+    // twice counts once with its last value (as jsonb keeps it), and an
+    // escaped key is the key it spells.
+    let r = a
+        .req(Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"mode": "replace", "salesDataArray": [{{"store\u0049d": {s}, "year": 2024, "month": 7,
+                 "dailyData": {{"1": {{"sales": 1}}}}, "dailyData": {{"2": {{"sales": 5, "sales": 6}}}}}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let daily: Value = sqlx::query_scalar(
+        "SELECT daily_data FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = 7",
+    )
+    .bind(s)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(daily, json!({"2": {"sales": 6}}));
+
     // Malformed JSON, wrong types, bad mode, empty, oversized.
     let r = a
         .req(Method::POST, "/api/v2/sales/batch")

@@ -772,15 +772,12 @@ async fn rows_the_merge_refuses_are_reported_by_line() {
     let server = db.server(&[]).await;
     let (user, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO jobs.jobs (kind, state, user_id, params, rows_read)
-         VALUES ('import', 'uploading', $1, '{\"dryRun\": false, \"maxErrors\": 100, \"format\": \"daily\"}', 4)
-         RETURNING id",
-    )
-    .bind(user)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    // The rows are staged first and the job then queued in one statement,
+    // as an upload leaves them.
+    let id: i64 = sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     sqlx::query(
         "INSERT INTO jobs.import_rows (job_id, line, day, store_code, store_id, year, month, sales)
          VALUES ($1, 2, 1, NULL, $2, 2019, 3, '5'),
@@ -794,11 +791,15 @@ async fn rows_the_merge_refuses_are_reported_by_line() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("UPDATE jobs.jobs SET state = 'queued' WHERE id = $1")
-        .bind(id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs.jobs (id, kind, state, user_id, params, rows_read)
+         VALUES ($1, 'import', 'queued', $2, '{\"dryRun\": false, \"maxErrors\": 100, \"format\": \"daily\"}', 4)",
+    )
+    .bind(id)
+    .bind(user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let doc = wait_job(&api, id, &["completed", "failed"]).await;
     assert_eq!(doc["state"], "completed", "{doc}");
     assert_eq!(

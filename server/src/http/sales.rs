@@ -420,13 +420,13 @@ impl SalesApi {
     async fn batch_upsert(
         &self,
         auth: BearerAuth,
-        body: Json<BatchUpsertRequest>,
+        body: BatchUpsertBody,
         /// Queue the batch and answer 202 with a job (see `/api/v2/imports/{id}`).
         #[oai(name = "async")]
         run_async: Query<Option<bool>>,
     ) -> ApiResult<BatchResponse> {
         let max = self.state.config.batch_max_records;
-        let n = body.sales_data_array.len();
+        let n = body.records.len();
         if n > max {
             return Err(ApiError::too_large(format!(
                 "{n} records; at most {max} per batch (BATCH_MAX_RECORDS)"
@@ -445,7 +445,11 @@ impl SalesApi {
         let mut rejected: Vec<(usize, Vec<sales_core::FieldError>)> = Vec::new();
         let mut kept: Vec<usize> = Vec::with_capacity(n);
         let mut denied: Vec<i64> = Vec::new();
-        for (i, r) in body.sales_data_array.iter().enumerate() {
+        for (i, raw) in body.records.iter().enumerate() {
+            // The body parsed, so each record's text is one JSON value.
+            let tape = sales_core::json::Tape::parse(raw.get())
+                .map_err(|e| ApiError::bad_param("salesDataArray", e.to_string()))?;
+            let r = tape.root();
             match sales_core::record::check_record(r) {
                 Ok(parts) => {
                     if !auth.0.can_access_store(parts.key.store_id) {
@@ -466,13 +470,25 @@ impl SalesApi {
         }
         let atomic = body.atomic.unwrap_or(true);
         let replace = body.mode == Some(BatchMode::Replace);
-        let mut all = body.0.sales_data_array;
-        let records = Value::Array(if rejected.is_empty() {
-            all
-        } else {
-            kept.iter().map(|&i| std::mem::take(&mut all[i])).collect()
-        });
+        // The records to write: one JSON array of their texts as received.
+        let mut text = String::with_capacity(
+            body.records
+                .iter()
+                .map(|r| r.get().len() + 1)
+                .sum::<usize>()
+                + 2,
+        );
+        text.push('[');
+        for (j, &i) in kept.iter().enumerate() {
+            if j > 0 {
+                text.push(',');
+            }
+            text.push_str(body.records[i].get());
+        }
+        text.push(']');
+        let records = serde_json::value::RawValue::from_string(text).map_err(ApiError::internal)?;
         if run_async.0.unwrap_or(false) {
+            let records: Value = serde_json::from_str(records.get()).map_err(ApiError::internal)?;
             let id = crate::jobs::batch::enqueue(
                 &self.state.pool,
                 auth.0.user_id,
@@ -510,7 +526,7 @@ impl SalesApi {
                 let summary: Value = crate::metrics::timed(
                     "batch_upsert",
                     sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-                        .bind(&records)
+                        .bind(sqlx::types::Json(&*records))
                         .bind(replace)
                         .bind(atomic)
                         .bind(&scope)

@@ -3,12 +3,16 @@
 
 use serde_json::{json, Value};
 
-/// The store a record or key names, by the one spelling rule.
-pub(super) fn named_store(v: &Value) -> Option<i64> {
-    v.as_object()?
-        .iter()
-        .find(|(k, _)| sales_core::record::spelled_as(k, "storeId"))
-        .and_then(|(_, v)| sales_core::record::parse_id(v).ok())
+/// The store a record or key names, by the one spelling rule (the first
+/// member spelled as `storeId`, if it holds an id).
+pub(super) fn named_store<'a, J: sales_core::json::JsonRead<'a>>(v: J) -> Option<i64> {
+    let mut named: Option<Option<i64>> = None;
+    v.each_member(|k, m| {
+        if named.is_none() && sales_core::record::spelled_as(k, "storeId") {
+            named = Some(sales_core::record::parse_id_json(m).ok());
+        }
+    });
+    named.flatten()
 }
 
 /// The report of the records sent to the extension (numbered among

@@ -1,7 +1,8 @@
 //! The shapes of `/api/v2/sales` requests and responses.
 
 use crate::http::raw::RawJson;
-use poem_openapi::payload::Json;
+use poem_openapi::impl_apirequest_for_payload;
+use poem_openapi::payload::{Json, Payload};
 use poem_openapi::{ApiResponse, Enum, Object};
 use serde_json::Value;
 
@@ -98,6 +99,75 @@ pub struct BatchUpsertRequest {
     /// All or nothing (default true). With false, valid records are written and the rest reported.
     pub atomic: Option<bool>,
 }
+
+/// The body of `POST /api/v2/sales/batch` as received, documented as
+/// [`BatchUpsertRequest`]: each record is kept as its JSON text, read by
+/// validation through a [`sales_core::json::Tape`] and sent on to Postgres
+/// as it came (no `Value` with a map per object is built and printed again;
+/// that was most of the server's CPU for a large batch).
+pub struct BatchUpsertBody {
+    pub records: Vec<Box<serde_json::value::RawValue>>,
+    pub mode: Option<BatchMode>,
+    pub atomic: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchUpsertWire {
+    #[serde(rename = "salesDataArray")]
+    sales_data_array: Vec<Box<serde_json::value::RawValue>>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    atomic: Option<bool>,
+}
+
+impl Payload for BatchUpsertBody {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn check_content_type(content_type: &str) -> bool {
+        <Json<BatchUpsertRequest> as Payload>::check_content_type(content_type)
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        <BatchUpsertRequest as poem_openapi::types::Type>::schema_ref()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        <BatchUpsertRequest as poem_openapi::types::Type>::register(registry);
+    }
+}
+
+impl poem_openapi::payload::ParsePayload for BatchUpsertBody {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(
+        request: &poem::Request,
+        body: &mut poem::RequestBody,
+    ) -> poem::Result<Self> {
+        let bad = |reason: String| poem_openapi::error::ParseRequestPayloadError { reason };
+        let data = <Vec<u8> as poem::FromRequest>::from_request(request, body).await?;
+        if data.is_empty() {
+            return Err(bad("the body must be a JSON object with salesDataArray".into()).into());
+        }
+        let wire: BatchUpsertWire =
+            serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
+        let mode = match wire.mode.as_deref() {
+            None => None,
+            Some("merge") => Some(BatchMode::Merge),
+            Some("replace") => Some(BatchMode::Replace),
+            Some(other) => {
+                return Err(bad(format!("mode: {other:?} is not one of merge, replace")).into())
+            }
+        };
+        Ok(Self {
+            records: wire.sales_data_array,
+            mode,
+            atomic: wire.atomic,
+        })
+    }
+}
+
+impl_apirequest_for_payload!(BatchUpsertBody);
 
 #[derive(Object, Debug)]
 pub struct RecordError {
