@@ -465,8 +465,10 @@ impl Hub {
     /// full: the relay then yields so that those connections' tasks can
     /// drain before the next event (it never waits for them).
     pub fn dispatch(&self, e: &Event) -> bool {
-        // Each form is serialised once and its bytes shared by every queue.
-        let full = Message::Text(Utf8Bytes::from(e.frame(Variant::Full)));
+        // Each form is serialised once, when a first connection takes it,
+        // and its bytes shared by every queue (an event nobody follows, like
+        // most of a large batch's, is never serialised).
+        let mut full: Option<Message> = None;
         let mut moved: Option<Message> = None;
         let pos = e.pos();
         let half = self.cfg.send_queue / 2;
@@ -474,7 +476,8 @@ impl Hub {
         let mut reg = self.reg();
         reg.targets(e, |c, variant| {
             let msg = match variant {
-                Variant::Full => &full,
+                Variant::Full => full
+                    .get_or_insert_with(|| Message::Text(Utf8Bytes::from(e.frame(Variant::Full)))),
                 Variant::MovedAway => moved.get_or_insert_with(|| {
                     Message::Text(Utf8Bytes::from(e.frame(Variant::MovedAway)))
                 }),
