@@ -106,7 +106,7 @@ impl Change {
     /// The change an event describes, if it is a user or session event.
     /// `token_lifetime` is how long tombstones are kept.
     pub fn from_event(e: &Event, token_lifetime: i64) -> Option<Change> {
-        let p = &e.payload;
+        let p = &e.payload.value();
         let id = p.get("userId").and_then(Value::as_i64)?;
         let until = e.created_at.timestamp() + token_lifetime + crate::auth::LEEWAY_SECS as i64;
         match e.kind {

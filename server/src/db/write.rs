@@ -151,7 +151,7 @@ pub(crate) async fn tx_cache_tags(
             actor_id: None,
             row_id,
             row_version: None,
-            payload,
+            payload: crate::events::model::Payload::from_value(&payload),
             created_at: DateTime::<Utc>::MIN_UTC,
             region: None,
         })

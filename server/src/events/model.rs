@@ -35,16 +35,17 @@ pub struct Event {
     pub actor_id: Option<i64>,
     pub row_id: Option<i64>,
     pub row_version: Option<i64>,
-    pub payload: Value,
+    pub payload: Payload,
     pub created_at: DateTime<Utc>,
     /// The region of the event's store when it was read (for the
     /// `region-<name>` channels).
     pub region: Option<super::vocab::RegionKey>,
 }
 
-/// The columns of an event row `e`, and its store's region.
+/// The columns of an event row `e`, and its store's region. The payload
+/// comes as text: the relay keeps it as JSON text (see [`Payload`]).
 const COLUMNS: &str = "e.id, e.seq, e.kind, e.store_id, e.user_id, e.actor_id, e.row_id, \
-     e.row_version, e.payload, e.created_at, \
+     e.row_version, e.payload::text AS payload, e.created_at, \
      (SELECT s.region FROM sales.stores s WHERE s.id = e.store_id) AS region";
 
 /// The last event a new reader starts after (see [`Event::head`]).
@@ -71,7 +72,13 @@ impl Event {
             actor_id: row.try_get("actor_id")?,
             row_id: row.try_get("row_id")?,
             row_version: row.try_get("row_version")?,
-            payload: row.try_get("payload")?,
+            payload: Payload::from_json(
+                row.try_get::<Option<&str>, _>("payload")?.unwrap_or("null"),
+            )
+            .map_err(|e| sqlx::Error::ColumnDecode {
+                index: "payload".into(),
+                source: Box::new(e),
+            })?,
             created_at: row.try_get("created_at")?,
             region: row
                 .try_get::<Option<String>, _>("region")?
@@ -156,45 +163,263 @@ impl Event {
         self.frame(Variant::Full)
     }
 
-    /// The frame for one form of delivery (see [`Variant`]).
+    /// The frame for one form of delivery (see [`Variant`]). The full frame
+    /// is written around the payload's own text: `storeId` and `version`
+    /// are added when the payload lacks them, nothing else is touched.
     pub fn frame(&self, variant: Variant) -> String {
-        let (name, data) = match (variant, self.moved_from()) {
-            (Variant::MovedAway, Some(old)) => {
-                let mut m = Map::new();
-                m.insert("id".into(), self.row_id.into());
-                m.insert("storeId".into(), old.store_id.into());
-                m.insert("year".into(), old.year.into());
-                m.insert("month".into(), old.month.into());
-                m.insert("version".into(), self.row_version.into());
-                m.insert("moved".into(), true.into());
-                ("sales-data-deleted", m)
+        if let (Variant::MovedAway, Some(old)) = (variant, self.moved_from()) {
+            let mut m = Map::new();
+            m.insert("id".into(), self.row_id.into());
+            m.insert("storeId".into(), old.store_id.into());
+            m.insert("year".into(), old.year.into());
+            m.insert("month".into(), old.month.into());
+            m.insert("version".into(), self.row_version.into());
+            m.insert("moved".into(), true.into());
+            return serde_json::json!({
+                "id": self.id,
+                "event": "sales-data-deleted",
+                "data": Value::Object(m),
+                "ts": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            })
+            .to_string();
+        }
+        let p = &self.payload;
+        let mut out = String::with_capacity(p.text.len() + 128);
+        out.push_str("{\"id\":");
+        out.push_str(itoa::Buffer::new().format(self.id));
+        out.push_str(",\"event\":");
+        push_json_string(&mut out, &self.kind_name);
+        out.push_str(",\"data\":");
+        let mut fields = 0;
+        match p.keys.shape {
+            Shape::Object => {
+                // The object's text without its closing brace.
+                out.push_str(&p.text[..p.text.len() - 1]);
+                fields = usize::from(p.text.len() > 2);
             }
-            _ => {
-                let mut data = match &self.payload {
-                    Value::Object(m) => m.clone(),
-                    Value::Null => Map::new(),
-                    other => {
-                        let mut m = Map::new();
-                        m.insert("value".into(), other.clone());
-                        m
-                    }
-                };
-                if let Some(s) = self.store_id {
-                    data.entry("storeId").or_insert(Value::from(s));
+            Shape::Null => out.push('{'),
+            Shape::Other => {
+                out.push_str("{\"value\":");
+                out.push_str(&p.text);
+                fields = 1;
+            }
+        }
+        let mut add = |key: &str, v: Option<i64>, present: bool| {
+            if let (Some(v), false) = (v, present) {
+                if fields > 0 {
+                    out.push(',');
                 }
-                if let Some(v) = self.row_version {
-                    data.entry("version").or_insert(Value::from(v));
-                }
-                (self.kind_name.as_str(), data)
+                out.push('"');
+                out.push_str(key);
+                out.push_str("\":");
+                out.push_str(itoa::Buffer::new().format(v));
+                fields += 1;
             }
         };
-        serde_json::json!({
-            "id": self.id,
-            "event": name,
-            "data": Value::Object(data),
-            "ts": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        add("storeId", self.store_id, p.keys.has_store_id);
+        add("version", self.row_version, p.keys.has_version);
+        out.push_str("},\"ts\":\"");
+        out.push_str(&self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true));
+        out.push_str("\"}");
+        out
+    }
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    // Serialising a &str into a String cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}
+
+/// An event's payload as the relay keeps it: its JSON text without
+/// whitespace, and the few members the server reads (row keys for cache
+/// tags and moved rows). Nothing else of it is parsed: a sales event's
+/// changed and previous days go from Postgres to every client as text.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    text: Box<str>,
+    keys: PayloadKeys,
+}
+
+/// What the server reads of a payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PayloadKeys {
+    shape: Shape,
+    pub year: Option<i64>,
+    pub month: Option<i64>,
+    pub previous_store_id: Option<i64>,
+    pub previous_year: Option<i64>,
+    pub previous_month: Option<i64>,
+    has_store_id: bool,
+    has_version: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Shape {
+    Object,
+    #[default]
+    Null,
+    Other,
+}
+
+impl Payload {
+    /// From JSON text (Postgres's `jsonb` output, with its spaces).
+    pub fn from_json(text: &str) -> Result<Payload, serde_json::Error> {
+        let text = compact(text);
+        let keys = match text.as_bytes().first() {
+            Some(b'{') => {
+                let mut de = serde_json::Deserializer::from_str(&text);
+                let keys = serde::Deserializer::deserialize_map(&mut de, KeysVisitor)?;
+                de.end()?;
+                keys
+            }
+            _ => {
+                // Checks the text is one JSON value.
+                let v: &serde_json::value::RawValue = serde_json::from_str(&text)?;
+                let shape = if v.get() == "null" {
+                    Shape::Null
+                } else {
+                    Shape::Other
+                };
+                PayloadKeys {
+                    shape,
+                    ..PayloadKeys::default()
+                }
+            }
+        };
+        Ok(Payload {
+            text: text.into_boxed_str(),
+            keys,
         })
-        .to_string()
+    }
+
+    pub fn from_value(v: &Value) -> Payload {
+        Payload::from_json(&v.to_string()).expect("a Value prints as JSON")
+    }
+
+    /// The members the server reads.
+    pub fn keys(&self) -> &PayloadKeys {
+        &self.keys
+    }
+
+    /// The JSON text, without whitespace.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The whole payload, parsed (for the rare events whose every member
+    /// the server reads: user and session changes).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or(Value::Null)
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload {
+            text: "null".into(),
+            keys: PayloadKeys::default(),
+        }
+    }
+}
+
+/// JSON text without the whitespace between tokens.
+fn compact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut from = 0;
+    for (i, b) in text.bytes().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+            out.push_str(&text[from..i]);
+            from = i + 1;
+        }
+    }
+    out.push_str(&text[from..]);
+    out
+}
+
+struct KeysVisitor;
+
+/// A payload member's name, read without allocating.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Year,
+    Month,
+    PreviousStoreId,
+    PreviousYear,
+    PreviousMonth,
+    StoreId,
+    Version,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Key, E> {
+                Ok(match s {
+                    "year" => Key::Year,
+                    "month" => Key::Month,
+                    "previousStoreId" => Key::PreviousStoreId,
+                    "previousYear" => Key::PreviousYear,
+                    "previousMonth" => Key::PreviousMonth,
+                    "storeId" => Key::StoreId,
+                    "version" => Key::Version,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeysVisitor {
+    type Value = PayloadKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<PayloadKeys, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut k = PayloadKeys {
+            shape: Shape::Object,
+            ..PayloadKeys::default()
+        };
+        // A member the server reads as an integer: anything else reads as
+        // absent (as `Value::as_i64` would).
+        fn int<'de, A: serde::de::MapAccess<'de>>(map: &mut A) -> Result<Option<i64>, A::Error> {
+            Ok(map.next_value::<Value>()?.as_i64())
+        }
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Year => k.year = int(&mut map)?,
+                Key::Month => k.month = int(&mut map)?,
+                Key::PreviousStoreId => k.previous_store_id = int(&mut map)?,
+                Key::PreviousYear => k.previous_year = int(&mut map)?,
+                Key::PreviousMonth => k.previous_month = int(&mut map)?,
+                Key::StoreId | Key::Version | Key::Other => {
+                    k.has_store_id |= key == Key::StoreId;
+                    k.has_version |= key == Key::Version;
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(k)
     }
 }
 
@@ -266,7 +491,7 @@ mod tests {
             actor_id: Some(1),
             row_id: Some(9),
             row_version: Some(2),
-            payload,
+            payload: Payload::from_value(&payload),
             created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             region: None,
         }
@@ -288,6 +513,82 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f["data"]["version"], 5);
+    }
+
+    /// The frame as a map of the payload would make it.
+    fn reference_frame(e: &Event, payload: &Value) -> Value {
+        let mut data = match payload {
+            Value::Object(m) => m.clone(),
+            Value::Null => Map::new(),
+            other => Map::from_iter([("value".to_string(), other.clone())]),
+        };
+        if let Some(s) = e.store_id {
+            data.entry("storeId").or_insert(Value::from(s));
+        }
+        if let Some(v) = e.row_version {
+            data.entry("version").or_insert(Value::from(v));
+        }
+        serde_json::json!({
+            "id": e.id,
+            "event": e.kind_name,
+            "data": data,
+            "ts": e.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        })
+    }
+
+    #[test]
+    fn frames_are_written_around_the_payload_text() {
+        let payloads = [
+            r#"{"id": 9, "year": 2025, "month": 3, "version": 4, "storeId": 3}"#,
+            r#"{"id": 9, "changedDays": ["1", "12"], "previousDays": {"1": null, "12": {"sales": 1.50}}}"#,
+            r#"{"note": "a \"quoted\" value:  with , spaces\\", "nested": {"storeId": 1}}"#,
+            "{}",
+            "{ }",
+            "null",
+            "[1, 2]",
+            r#""text with  spaces""#,
+            "12.50",
+            "{\n\t\"k\" : [ ] }",
+        ];
+        for text in payloads {
+            let parsed: Value = serde_json::from_str(text).unwrap();
+            for (store, version) in [(Some(3), Some(2)), (None, None), (Some(5), None)] {
+                let mut e = ev("sales-data-updated", Value::Null);
+                e.store_id = store;
+                e.row_version = version;
+                e.payload = Payload::from_json(text).unwrap();
+                let frame = e.to_frame();
+                assert!(!frame.contains(": ") || text.contains(":  with"), "{frame}");
+                let got: Value = serde_json::from_str(&frame)
+                    .unwrap_or_else(|err| panic!("{text}: the frame {frame} is not JSON: {err}"));
+                assert_eq!(got, reference_frame(&e, &parsed), "{text}");
+                assert_eq!(e.payload.value(), parsed);
+            }
+        }
+        assert!(Payload::from_json("{").is_err());
+        assert!(Payload::from_json("{} x").is_err());
+        assert!(Payload::from_json("").is_err());
+    }
+
+    #[test]
+    fn payload_keys_read_integers_only() {
+        let p = Payload::from_json(
+            r#"{"year": 2025, "month": "3", "previousStoreId": 4, "previousYear": 1.5,
+                "previousMonth": null, "storeId": "x", "changedDays": {"year": 1}}"#,
+        )
+        .unwrap();
+        let k = p.keys();
+        assert_eq!(
+            (
+                k.year,
+                k.month,
+                k.previous_store_id,
+                k.previous_year,
+                k.previous_month
+            ),
+            (Some(2025), None, Some(4), None, None)
+        );
+        assert!(k.has_store_id && !k.has_version);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 use super::model::Event;
 use super::vocab::{Channel, Kind, Recipient, Variant};
 use crate::cache;
-use serde_json::Value;
 
 /// The (store, year, month) a sales row had before an update moved it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,10 +16,6 @@ pub struct OldKey {
 }
 
 impl Event {
-    fn payload_i64(&self, field: &str) -> Option<i64> {
-        self.payload.get(field).and_then(Value::as_i64)
-    }
-
     /// For a sales row an update moved to another store or month (plain SQL
     /// can), the key it left. The extension records `previousStoreId`, and
     /// `previousYear` / `previousMonth` when the month changed.
@@ -29,19 +24,17 @@ impl Event {
             return None;
         }
         let store = self.store_id?;
-        let prev_store = self.payload_i64("previousStoreId");
-        let prev_year = self.payload_i64("previousYear");
-        let prev_month = self.payload_i64("previousMonth");
-        if prev_store.is_none_or(|p| p == store)
-            && prev_year.is_none_or(|y| Some(y) == self.payload_i64("year"))
-            && prev_month.is_none_or(|m| Some(m) == self.payload_i64("month"))
+        let k = self.payload.keys();
+        if k.previous_store_id.is_none_or(|p| p == store)
+            && k.previous_year.is_none_or(|y| Some(y) == k.year)
+            && k.previous_month.is_none_or(|m| Some(m) == k.month)
         {
             return None;
         }
         Some(OldKey {
-            store_id: prev_store.unwrap_or(store),
-            year: prev_year.or_else(|| self.payload_i64("year")),
-            month: prev_month.or_else(|| self.payload_i64("month")),
+            store_id: k.previous_store_id.unwrap_or(store),
+            year: k.previous_year.or(k.year),
+            month: k.previous_month.or(k.month),
         })
     }
 
@@ -104,7 +97,8 @@ impl Event {
             tags.push(cache::TAG_SALES_ALL.to_string());
             if let Some(s) = self.store_id {
                 tags.push(cache::tag_store(s));
-                if let Some((y, m)) = ym(self.payload_i64("year"), self.payload_i64("month")) {
+                let k = self.payload.keys();
+                if let Some((y, m)) = ym(k.year, k.month) {
                     tags.push(cache::tag_store_month(s, y, m));
                 }
             }
@@ -143,6 +137,7 @@ pub fn cache_tags<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<String
 mod tests {
     use super::*;
     use serde_json::json;
+    use serde_json::Value;
 
     fn ev(kind: &str, store: Option<i64>, payload: Value) -> Event {
         Event {
@@ -155,7 +150,7 @@ mod tests {
             actor_id: Some(1),
             row_id: Some(9),
             row_version: Some(2),
-            payload,
+            payload: crate::events::model::Payload::from_value(&payload),
             created_at: chrono::Utc::now(),
             region: None,
         }

@@ -53,7 +53,7 @@ fn event(id: i64, kind: &str, store: Option<i64>, user: Option<i64>) -> Event {
         actor_id: user,
         row_id: None,
         row_version: Some(1),
-        payload: json!({}),
+        payload: Default::default(),
         created_at: chrono::Utc::now(),
         region: None,
     }
@@ -213,7 +213,9 @@ fn a_moved_row_reaches_its_old_store_as_a_deletion() {
     h.subscribe(&both, Channel::Sales(2)).unwrap();
     h.subscribe(&both, Channel::Sales(3)).unwrap();
     let mut e = event(1, "sales-data-updated", Some(3), None);
-    e.payload = json!({"year": 2025, "month": 1, "totalSales": 5, "previousStoreId": 2});
+    e.payload = crate::events::model::Payload::from_value(
+        &json!({"year": 2025, "month": 1, "totalSales": 5, "previousStoreId": 2}),
+    );
     h.dispatch(&e);
     let frame = |c: &Conn| -> Value { serde_json::from_str(&h.queued(c)[0]).unwrap() };
     assert_eq!(frame(&old)["event"], "sales-data-deleted");
