@@ -41,7 +41,7 @@ export LOG_LEVEL=${LOG_LEVEL:-warn}
 export RATE_LIMIT_PER_MINUTE=10000000
 export CACHE_PREFIX=bench_ws_$$
 export BIND_ADDR=127.0.0.1
-SERVER=$ROOT/target/release/sales-server
+SERVER=${SERVER:-$ROOT/target/release/sales-server}
 BENCH=$ROOT/target/release/bench_ws
 
 # The per-process open-file limit on these machines is 20,000 (hard).

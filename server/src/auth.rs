@@ -306,11 +306,28 @@ impl Auth {
         sha2::Sha256::digest(token.as_bytes()).into()
     }
 
+    /// [`Auth::verify`] for a token used once, such as a WebSocket upgrade's:
+    /// a remembered token is found as usual, but a new one is not
+    /// remembered (an idle connection would keep a cache entry alive for
+    /// nothing: about 1 kB each).
+    pub fn verify_once(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_with(token, &Self::digest(token), false)
+    }
+
     /// [`Auth::verify`] for a token whose digest the caller has already taken.
     pub fn verify_digested(
         &self,
         token: &str,
         digest: &TokenDigest,
+    ) -> Result<Principal, AuthError> {
+        self.verify_with(token, digest, true)
+    }
+
+    fn verify_with(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+        remember: bool,
     ) -> Result<Principal, AuthError> {
         if let Some(p) = self.verified.get(digest) {
             // As jsonwebtoken checks `exp`, with the same leeway.
@@ -327,7 +344,7 @@ impl Auth {
         let p = self.verify_token(token)?;
         // Only tokens issued here: an outside token's user depends on the
         // users table (by email) and its key on the provider's key set.
-        if !p.outside {
+        if remember && !p.outside {
             self.verified.insert(*digest, Arc::new(p.clone()));
         }
         Ok(p)
@@ -475,6 +492,31 @@ mod tests {
         );
         // Forgotten, it is verified from its signature again.
         assert_eq!(a.verify(&t2).unwrap().user_id, 10);
+    }
+
+    /// A WebSocket upgrade's token is verified but not remembered; a
+    /// remembered one is still found (and checked) that way.
+    #[test]
+    fn a_token_used_once_is_not_remembered() {
+        let a = auth(&[]);
+        let (t, _) = a
+            .issue_session(9, "m@x.io", Role::Manager, vec![2], 0, Some("s1".into()))
+            .unwrap();
+        let digest = Auth::digest(&t);
+        assert_eq!(a.verify_once(&t).unwrap().user_id, 9);
+        assert!(a.verified.get(&digest).is_none());
+        a.verify(&t).unwrap();
+        assert!(a.verified.get(&digest).is_some());
+        a.revocations.apply(&crate::access::Change::Session {
+            user: 9,
+            session: "s1".into(),
+            until: chrono::Utc::now().timestamp() + 3600,
+        });
+        assert!(matches!(a.verify_once(&t), Err(AuthError::Revoked(_))));
+        assert!(matches!(
+            a.verify_once("garbage"),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -104,7 +104,7 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
             "a token is required: ?token=, Authorization: Bearer, or Sec-WebSocket-Protocol: bearer, <token>",
         );
     };
-    let principal = match ctx.auth.verify(&token) {
+    let principal = match ctx.auth.verify_once(&token) {
         Ok(p) => p,
         Err(e) => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     };
