@@ -522,15 +522,22 @@ async fn batch_writes_and_summaries() {
         .0,
         400
     );
-    assert_eq!(
-        a.post(
+    let (st, body) = a
+        .post(
             "/api/v2/sales/batch",
-            &json!({"salesDataArray": [month(s, 2024, 6, 1, 1.0)], "mode": "upsert"})
+            &json!({"salesDataArray": [month(s, 2024, 6, 1, 1.0)], "mode": "upsert"}),
         )
-        .await
-        .0,
-        400
-    );
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("mode"), "{body}");
+    // `null` is the default mode, as an absent member.
+    let (st, body) = a
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 6, 1, 1.0)], "mode": null}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
     let many: Vec<Value> = (0..51)
         .map(|i| month(s, 2030, 1 + (i % 12), 1, 1.0))
         .collect();

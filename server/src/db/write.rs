@@ -4,9 +4,9 @@
 
 use super::TxFailure;
 use crate::cache::Cache;
+use crate::events::model::Payload;
 use crate::events::{Event, Kind};
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -119,12 +119,15 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
 /// evaluates once before the scan, so the range is an index condition on
 /// `events_seq_idx`. (Called directly in the WHERE clause, the volatile
 /// functions would be evaluated per row: a scan of the whole log on every
-/// write.)
+/// write.) The server reads the log itself rather than through
+/// `sales.transaction_events()`, whose body is the same: a database that
+/// was already at extension 0.3.0 when that function was fixed keeps its
+/// earlier body, which scans the whole log.
 pub const TX_EVENTS_SQL: &str = "SELECT DISTINCT kind, store_id, row_id,
         jsonb_build_object('year', payload->'year', 'month', payload->'month',
                            'previousStoreId', payload->'previousStoreId',
                            'previousYear', payload->'previousYear',
-                           'previousMonth', payload->'previousMonth')
+                           'previousMonth', payload->'previousMonth')::text
  FROM sales.events e
  WHERE e.seq BETWEEN (SELECT sales.transaction_first_seq())
                  AND (SELECT sales.transaction_last_seq())
@@ -137,24 +140,28 @@ pub const TX_EVENTS_SQL: &str = "SELECT DISTINCT kind, store_id, row_id,
 pub(crate) async fn tx_cache_tags(
     conn: &mut sqlx::PgConnection,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(String, Option<i64>, Option<i64>, Value)> =
+    let rows: Vec<(String, Option<i64>, Option<i64>, String)> =
         sqlx::query_as(TX_EVENTS_SQL).fetch_all(conn).await?;
     let events: Vec<Event> = rows
         .into_iter()
-        .map(|(kind_name, store_id, row_id, payload)| Event {
-            id: 0,
-            seq: 0,
-            kind: Kind::parse(&kind_name),
-            kind_name,
-            store_id,
-            user_id: None,
-            actor_id: None,
-            row_id,
-            row_version: None,
-            payload: crate::events::model::Payload::from_value(&payload),
-            created_at: DateTime::<Utc>::MIN_UTC,
-            region: None,
+        .map(|(kind_name, store_id, row_id, payload)| {
+            let payload =
+                Payload::from_json(&payload).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            Ok(Event {
+                id: 0,
+                seq: 0,
+                kind: Kind::parse(&kind_name),
+                kind_name,
+                store_id,
+                user_id: None,
+                actor_id: None,
+                row_id,
+                row_version: None,
+                payload,
+                created_at: DateTime::<Utc>::MIN_UTC,
+                region: None,
+            })
         })
-        .collect();
+        .collect::<Result<_, sqlx::Error>>()?;
     Ok(crate::events::rules::cache_tags(&events))
 }

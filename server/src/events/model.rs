@@ -292,6 +292,7 @@ impl Payload {
         })
     }
 
+    #[cfg(test)]
     pub fn from_value(v: &Value) -> Payload {
         Payload::from_json(&v.to_string()).expect("a Value prints as JSON")
     }

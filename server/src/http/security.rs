@@ -26,7 +26,7 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
             tracing::Span::current().record("user_id", p.user_id);
             // A token gets a budget of its own only once it has verified.
             if let Some(limits) = req.data::<Arc<super::middleware::RateLimits>>() {
-                if let Err(retry) = limits.check_token_digest(&digest) {
+                if let Err(retry) = limits.check_token(&digest) {
                     return Err(poem::Error::from_response(
                         poem::IntoResponse::into_response(ApiError::too_many(retry)),
                     ));
