@@ -90,7 +90,6 @@ impl<'a> JsonRead<'a> for &'a Value {
 pub struct Tape<'de> {
     nodes: Vec<Node<'de>>,
     members: Vec<(std::borrow::Cow<'de, str>, u32)>,
-    items: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -104,7 +103,9 @@ enum Node<'de> {
     /// Any other number.
     Float(f64),
     Str(std::borrow::Cow<'de, str>),
-    Array(u32, u32),
+    /// Its length: the rules read no array's items through [`JsonRead`].
+    Array(u32),
+    /// Its members' range in `members`.
     Object(u32, u32),
 }
 
@@ -115,7 +116,6 @@ impl<'de> Tape<'de> {
         let mut tape = Tape {
             nodes: Vec::new(),
             members: Vec::new(),
-            items: Vec::new(),
         };
         let mut de = serde_json::Deserializer::from_str(text);
         Build(&mut tape).deserialize(&mut de)?;
@@ -152,7 +152,7 @@ impl<'t, 'de> JsonRead<'t> for TapeRef<'t, 'de> {
             Node::Bool => Kind::Bool,
             Node::Int(_) | Node::Uint(_) | Node::Float(_) => Kind::Number,
             Node::Str(_) => Kind::String,
-            Node::Array(..) => Kind::Array,
+            Node::Array(_) => Kind::Array,
             Node::Object(..) => Kind::Object,
         }
     }
@@ -182,7 +182,8 @@ impl<'t, 'de> JsonRead<'t> for TapeRef<'t, 'de> {
 
     fn len(self) -> usize {
         match *self.node() {
-            Node::Array(a, b) | Node::Object(a, b) => (b - a) as usize,
+            Node::Array(n) => n as usize,
+            Node::Object(a, b) => (b - a) as usize,
             _ => 0,
         }
     }
@@ -261,14 +262,11 @@ impl<'de> serde::de::Visitor<'de> for Build<'_, 'de> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u32, A::Error> {
-        let mut items = Vec::new();
-        while let Some(i) = seq.next_element_seed(Build(&mut *self.0))? {
-            items.push(i);
+        let mut n = 0;
+        while seq.next_element_seed(Build(&mut *self.0))?.is_some() {
+            n += 1;
         }
-        let a = self.0.items.len() as u32;
-        self.0.items.extend(items);
-        let b = self.0.items.len() as u32;
-        Ok(add(self.0, Node::Array(a, b)))
+        Ok(add(self.0, Node::Array(n)))
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<u32, A::Error> {
