@@ -24,8 +24,8 @@ pub fn connect_options(url: &str, cfg: &Config) -> Result<PgConnectOptions, sqlx
         )]))
 }
 
-/// The primary's pool. Connections are checked before use, so a restarted
-/// Postgres costs one failed check, not a failed request.
+/// The primary's pool. See [`checked`] for when a connection is checked
+/// before use.
 pub async fn connect(cfg: &Config) -> Result<PgPool, sqlx::Error> {
     pool_for(&cfg.database_url, cfg).await
 }
@@ -36,9 +36,42 @@ pub async fn pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
         .max_connections(cfg.db_pool_max)
         .idle_timeout(cfg.db_idle_timeout)
         .acquire_timeout(cfg.db_connection_timeout)
-        .test_before_acquire(true)
+        .test_before_acquire(false)
+        .before_acquire(checked)
         .connect_with(connect_options(url, cfg)?)
         .await
+}
+
+/// How long a pooled connection may have been idle and still be handed out
+/// without a check.
+const TRUST_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether an idle connection may be handed out (sqlx's `before_acquire`).
+/// The pool already checks every connection as it is returned (a round
+/// trip after each use), so one returned within [`TRUST_IDLE`] is handed
+/// out as it is: checking it again would add a second round trip to every
+/// request. One idle longer (Postgres may have restarted meanwhile) is
+/// checked first, so a restart costs one failed check, not a failed
+/// request. A connection that broke within that second fails its first
+/// statement, which the retrying callers ([`retry`], [`retry_tx`]) take
+/// as transient.
+fn checked<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'c, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        if meta.idle_for < TRUST_IDLE {
+            return Ok(true);
+        }
+        match sqlx::Connection::ping(conn).await {
+            Ok(()) => Ok(true),
+            Err(error) => {
+                // The pool drops it and takes another.
+                tracing::info!(%error, "an idle database connection failed its check");
+                Ok(false)
+            }
+        }
+    })
 }
 
 /// A pool that connects on first use (for the replica, which may be down at start).
@@ -48,7 +81,8 @@ pub fn lazy_pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
         .max_connections(cfg.db_pool_max)
         .idle_timeout(cfg.db_idle_timeout)
         .acquire_timeout(cfg.db_connection_timeout)
-        .test_before_acquire(true)
+        .test_before_acquire(false)
+        .before_acquire(checked)
         .connect_lazy_with(connect_options(url, cfg)?))
 }
 
