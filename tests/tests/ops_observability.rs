@@ -86,16 +86,34 @@ async fn reads_survive_killed_database_connections() {
         admin: api,
         ..
     } = one_month().await;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // Reads of every kind, each right after the connections it would use
+    // were killed (so they were handed out moments ago, and come back
+    // without a check): the list, one record (uncached: asOf), the stores,
+    // one store, a record's history, a summary.
     for i in 0..20 {
-        // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
-            .execute(&db.pool)
-            .await
-            .unwrap();
-        let (st, body) = api
-            .get(&format!("/api/v2/sales?fields=id&limit={}", i + 1))
-            .await;
-        assert_eq!(st, 200, "{body}");
+        for path in [
+            format!("/api/v2/sales?fields=id&limit={}", i + 1),
+            format!("/api/v2/sales/{id}?fields=id&asOf=2099-01-0{}", 1 + i % 9),
+            format!("/api/v2/stores?limit={}", i + 1),
+            "/api/v2/stores/1".to_string(),
+            format!("/api/v2/sales/{id}/history?limit={}", 1 + i % 5),
+            format!(
+                "/api/v2/sales/summary?groupBy=store&year=2024&top={}",
+                i + 1
+            ),
+        ] {
+            // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            let (st, body) = api.get(&path).await;
+            assert_eq!(st, 200, "{path}: {body}");
+        }
     }
     server.stop().await;
 }

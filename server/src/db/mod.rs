@@ -10,6 +10,7 @@ use crate::config::Config;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -46,21 +47,48 @@ pub async fn pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
 /// without a check.
 const TRUST_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Until when (milliseconds on [`clock_ms`]) every connection is checked
+/// before use, whatever its idle time: set for [`TRUST_IDLE`] when a
+/// statement fails because its connection broke (see [`broken_connection`]).
+static CHECK_ALL_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Notes that `e` may have come from a broken connection (Postgres restarted,
+/// or its backends were terminated): for the next [`TRUST_IDLE`], every
+/// connection is checked before it is handed out, so the pool's other
+/// connections, broken the same way, are replaced instead of failing one
+/// request each.
+pub fn broken_connection(e: &sqlx::Error) {
+    if is_transient(e, true) && !is_transient(e, false) {
+        CHECK_ALL_UNTIL.fetch_max(
+            clock_ms() + TRUST_IDLE.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// Whether an idle connection may be handed out (sqlx's `before_acquire`).
 /// The pool already checks every connection as it is returned (a round
 /// trip after each use), so one returned within [`TRUST_IDLE`] is handed
 /// out as it is: checking it again would add a second round trip to every
 /// request. One idle longer (Postgres may have restarted meanwhile) is
-/// checked first, so a restart costs one failed check, not a failed
-/// request. A connection that broke within that second fails its first
-/// statement, which the retrying callers ([`retry`], [`retry_tx`]) take
-/// as transient.
+/// checked first, and so is every connection for a while after one was
+/// found broken ([`broken_connection`]). A statement on a connection that
+/// broke within that second fails; reads are retried ([`retry`]), and
+/// writes when they certainly did not commit ([`retry_tx`]).
 fn checked<'c>(
     conn: &'c mut sqlx::PgConnection,
     meta: sqlx::pool::PoolConnectionMetadata,
 ) -> futures_util::future::BoxFuture<'c, Result<bool, sqlx::Error>> {
     Box::pin(async move {
-        if meta.idle_for < TRUST_IDLE {
+        if meta.idle_for < TRUST_IDLE && clock_ms() >= CHECK_ALL_UNTIL.load(Ordering::Relaxed) {
             return Ok(true);
         }
         match sqlx::Connection::ping(conn).await {
@@ -181,6 +209,7 @@ where
     loop {
         match f().await {
             Err(e) if attempt < 3 && is_transient(&e, idempotent) => {
+                broken_connection(&e);
                 let base = 25u64 << attempt;
                 let jitter = rand::thread_rng().gen_range(0..=base / 2);
                 tracing::warn!(operation = what, attempt = attempt + 1, error = %e, "transient database error; retrying");
@@ -222,7 +251,11 @@ where
     use rand::Rng;
     let mut attempt = 0u32;
     loop {
-        let again = match f().await {
+        let out = f().await;
+        if let Err(TxFailure::BeforeCommit(e) | TxFailure::AtCommit(e)) = &out {
+            broken_connection(e);
+        }
+        let again = match out {
             Err(TxFailure::BeforeCommit(e)) if attempt < 3 && is_transient(&e, true) => e,
             Err(TxFailure::AtCommit(e)) if attempt < 3 && is_transient(&e, false) => e,
             other => return other,

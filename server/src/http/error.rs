@@ -236,6 +236,7 @@ pub fn cap_report(report: &mut Value) {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        crate::db::broken_connection(&e);
         let Some(db) = e.as_database_error() else {
             return match e {
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {

@@ -278,14 +278,18 @@ impl SalesApi {
                     .as_ref()
                     .map(|f| f.terms(scope.as_deref()))
                     .unwrap_or_default();
-                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("");
-                spec.render(&mut Binds(&mut qb), &current, &before);
-                let (rows, groups): (String, i64) = crate::metrics::timed(
-                    "sales_summary",
-                    qb.build_query_as()
-                        .fetch_one(&mut *self.state.read_conn().await?),
-                )
-                .await?;
+                let (rows, groups): (String, i64) =
+                    crate::db::retry("sales_summary", true, || async {
+                        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("");
+                        spec.render(&mut Binds(&mut qb), &current, &before);
+                        crate::metrics::timed(
+                            "sales_summary",
+                            qb.build_query_as()
+                                .fetch_one(&mut *self.state.read_conn().await?),
+                        )
+                        .await
+                    })
+                    .await?;
                 let label = |p: (i32, i32)| format!("{}-{:02}", p.0, p.1);
                 let span = |p: Option<sales_core::summary::Period>| {
                     p.map(|p| json!({"from": label(p.from), "to": label(p.to)}))

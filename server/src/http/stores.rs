@@ -140,29 +140,33 @@ impl StoresApi {
                 "must be between 0 and 1000000",
             ));
         }
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-            "SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ",
-        );
-        push_store_doc(&mut Binds(&mut qb), &projection);
-        qb.push(" AS d FROM sales.stores s WHERE true");
-        if let Some(scope) = auth.0.scope() {
-            qb.push(" AND s.id = ANY(").push_bind(scope).push(")");
-        }
-        if let Some(r) = region.0.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-            qb.push(" AND s.region = ").push_bind(r.to_string());
-        }
-        if let Some(st) = status.0 {
-            qb.push(" AND s.status = ").push_bind(st.as_str());
-        }
-        qb.push(" ORDER BY s.id LIMIT ")
-            .push_bind(limit)
-            .push(" OFFSET ")
-            .push_bind(offset)
-            .push(") t");
-        let data: String = qb
-            .build_query_scalar()
-            .fetch_one(&mut *self.state.read_conn().await?)
-            .await?;
+        let scope = auth.0.scope();
+        let region = region.0.as_deref().map(str::trim).filter(|r| !r.is_empty());
+        let data: String = crate::db::retry("stores_list", true, || async {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ",
+            );
+            push_store_doc(&mut Binds(&mut qb), &projection);
+            qb.push(" AS d FROM sales.stores s WHERE true");
+            if let Some(scope) = scope.clone() {
+                qb.push(" AND s.id = ANY(").push_bind(scope).push(")");
+            }
+            if let Some(r) = region {
+                qb.push(" AND s.region = ").push_bind(r.to_string());
+            }
+            if let Some(st) = status.0 {
+                qb.push(" AND s.status = ").push_bind(st.as_str());
+            }
+            qb.push(" ORDER BY s.id LIMIT ")
+                .push_bind(limit)
+                .push(" OFFSET ")
+                .push_bind(offset)
+                .push(") t");
+            qb.build_query_scalar()
+                .fetch_one(&mut *self.state.read_conn().await?)
+                .await
+        })
+        .await?;
         let meta =
             serde_json::json!({"limit": limit, "offset": offset, "fields": projection.fields});
         Ok(ListResponse::Ok(RawJson::new(format!(
@@ -181,14 +185,16 @@ impl StoresApi {
     ) -> ApiResult<OneResponse> {
         let projection = parse_projection(&STORE_DOC, fields.0.as_deref(), exclude.0.as_deref())?;
         auth.require_store(id.0)?;
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
-        push_store_doc(&mut Binds(&mut qb), &projection);
-        qb.push(")::text FROM sales.stores s WHERE s.id = ")
-            .push_bind(id.0);
-        let doc: Option<String> = qb
-            .build_query_scalar()
-            .fetch_optional(&mut *self.state.read_conn().await?)
-            .await?;
+        let doc: Option<String> = crate::db::retry("stores_get", true, || async {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+            push_store_doc(&mut Binds(&mut qb), &projection);
+            qb.push(")::text FROM sales.stores s WHERE s.id = ")
+                .push_bind(id.0);
+            qb.build_query_scalar()
+                .fetch_optional(&mut *self.state.read_conn().await?)
+                .await
+        })
+        .await?;
         let doc = doc.ok_or_else(|| ApiError::not_found(format!("no store {}", id.0)))?;
         Ok(OneResponse::Ok(RawJson::new(format!("{{\"data\":{doc}}}"))))
     }

@@ -130,10 +130,13 @@ pub(super) async fn check_record_scope(
     id: i64,
     who: &Principal,
 ) -> ApiResult<()> {
-    let stores: Vec<i64> = sqlx::query_scalar("SELECT sales.record_stores($1)")
-        .bind(id)
-        .fetch_one(&mut *state.read_conn().await?)
-        .await?;
+    let stores: Vec<i64> = crate::db::retry("sales_record_stores", true, || async {
+        sqlx::query_scalar("SELECT sales.record_stores($1)")
+            .bind(id)
+            .fetch_one(&mut *state.read_conn().await?)
+            .await
+    })
+    .await?;
     let visible = !stores.is_empty() && stores.iter().all(|s| who.can_access_store(*s));
     if visible {
         Ok(())
@@ -152,14 +155,17 @@ pub(super) async fn history_body(
     before_version: Option<i64>,
 ) -> ApiResult<String> {
     check_record_scope(state, id, who).await?;
-    let doc: Option<Value> = crate::metrics::timed(
-        "sales_history",
-        sqlx::query_scalar("SELECT sales.history($1, $2, $3)")
-            .bind(id)
-            .bind(limit as i32)
-            .bind(before_version)
-            .fetch_one(&mut *state.read_conn().await?),
-    )
+    let doc: Option<Value> = crate::db::retry("sales_history", true, || async {
+        crate::metrics::timed(
+            "sales_history",
+            sqlx::query_scalar("SELECT sales.history($1, $2, $3)")
+                .bind(id)
+                .bind(limit as i32)
+                .bind(before_version)
+                .fetch_one(&mut *state.read_conn().await?),
+        )
+        .await
+    })
     .await?;
     let Some(mut doc) = doc else {
         return Err(ApiError::not_found(format!("no sales record {id}")));
@@ -223,16 +229,20 @@ pub(super) async fn as_of_body(
 ) -> ApiResult<String> {
     check_record_scope(state, id, who).await?;
     let none = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
-    let found: Result<Option<String>, sqlx::Error> = crate::metrics::timed(
-        "sales_get_as_of",
-        sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2, $3, $4)::text")
-            .bind(id)
-            .bind(at)
-            .bind(none(fields))
-            .bind(none(exclude))
-            .fetch_one(&mut *state.read_conn().await?),
-    )
-    .await;
+    let found: Result<Option<String>, sqlx::Error> =
+        crate::db::retry("sales_get_as_of", true, || async {
+            crate::metrics::timed(
+                "sales_get_as_of",
+                sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2, $3, $4)::text")
+                    .bind(id)
+                    .bind(at)
+                    .bind(none(fields))
+                    .bind(none(exclude))
+                    .fetch_one(&mut *state.read_conn().await?),
+            )
+            .await
+        })
+        .await;
     let why = |e: &sqlx::Error, code: &str| {
         e.as_database_error()
             .filter(|d| d.code().as_deref() == Some(code))

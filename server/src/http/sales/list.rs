@@ -276,20 +276,24 @@ pub(super) async fn one_body(
     projection: &Projection,
     who: &Principal,
 ) -> ApiResult<String> {
-    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
-    push_sales_doc(&mut Binds(&mut qb), projection);
-    qb.push(
-        ")::text FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ",
-    )
-    .push_bind(id);
-    if let Some(scope) = who.scope() {
-        push_terms(&mut Binds(&mut qb), &[Term::StoreIn(&scope)]);
-    }
-    let mut conn = state.read_conn().await?;
-    let doc: Option<String> = crate::metrics::timed(
-        "sales_get",
-        qb.build_query_scalar().fetch_optional(&mut *conn),
-    )
+    let scope = who.scope();
+    let doc: Option<String> = crate::db::retry("sales_get", true, || async {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT (");
+        push_sales_doc(&mut Binds(&mut qb), projection);
+        qb.push(
+            ")::text FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE m.id = ",
+        )
+        .push_bind(id);
+        if let Some(scope) = &scope {
+            push_terms(&mut Binds(&mut qb), &[Term::StoreIn(scope)]);
+        }
+        let mut conn = state.read_conn().await?;
+        crate::metrics::timed(
+            "sales_get",
+            qb.build_query_scalar().fetch_optional(&mut *conn),
+        )
+        .await
+    })
     .await?;
     let doc = doc.ok_or_else(|| ApiError::not_found(format!("no sales record {id}")))?;
     Ok(format!("{{\"data\":{doc}}}"))
