@@ -66,11 +66,24 @@ fn clock_ms() -> u64 {
 /// connections, broken the same way, are replaced instead of failing one
 /// request each.
 pub fn broken_connection(e: &sqlx::Error) {
-    if is_transient(e, true) && !is_transient(e, false) {
+    if is_broken_connection(e) {
         CHECK_ALL_UNTIL.fetch_max(
             clock_ms() + TRUST_IDLE.as_millis() as u64,
             Ordering::Relaxed,
         );
+    }
+}
+
+/// Whether `e` says the connection itself is gone (rather than the
+/// statement failing, or the pool being busy).
+fn is_broken_connection(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        // A pool timeout is a busy pool, not a broken connection.
+        _ => false,
     }
 }
 
@@ -279,6 +292,14 @@ mod tests {
         assert_eq!(v, (0x16 << 32) | 0xB374D848);
         assert_eq!(format_lsn(v), "16/B374D848");
         assert!(parse_lsn("x").is_none());
+    }
+
+    #[test]
+    fn only_a_lost_connection_counts_as_broken() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(is_broken_connection(&io));
+        assert!(!is_broken_connection(&sqlx::Error::PoolTimedOut));
+        assert!(!is_broken_connection(&sqlx::Error::RowNotFound));
     }
 
     #[tokio::test]
