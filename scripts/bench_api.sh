@@ -30,28 +30,45 @@ run static "$URL/health/live"
 HIT_PATH="/api/v2/sales?storeId=7&year=2025&month=6&fields=storeId,year,month,totalSales"
 curl -sf -H "$AUTH" "$URL$HIT_PATH" >/dev/null
 run hit -H "$AUTH" "$URL$HIT_PATH"
-mk_script miss; run miss -H "$AUTH" "$URL"
 mk_script page; run page200 -H "$AUTH" "$URL"
 mk_script batch; run batch50 -H "$AUTH" "$URL"
 rm -f "$ROOT/scripts/wrk/report_wrap.lua"
 
-# pgbench: the statement a miss runs, over TCP like the server.
+# pgbench: the statement a miss runs (as the server renders it for
+# scripts/wrk/miss.lua's requests, cache buster included), over TCP like
+# the server.
 cat > /tmp/pg_sales_bench_miss.sql <<'SQL'
 \set s random(1, 200)
 \set m random(1, 12)
-SELECT (sales.project(sales.sales_doc(m), '{storeId,year,month,totalSales}'::text[], '{}'::text[]))::text, ARRAY[m.store_id::text, m.year::text, m.month::text, m.id::text]
-FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id
-WHERE true AND m.store_id = ANY(ARRAY[:s]::bigint[]) AND m.year = 2025 AND m.month = :m
-ORDER BY m.store_id, m.year, m.month, m.id LIMIT 51;
+\set b random(1, 1000000000)
+SELECT (sales.project(sales.sales_doc(m), '{storeId,year,month,totalSales}'::text[], '{}'::text[]))::text AS doc, ARRAY[m.store_id::text, m.year::text, m.month::text, m.id::text] AS cur
+FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id
+WHERE true AND m.store_id = :s::bigint AND m.year = 2025::int AND m.month = :m::int AND m.total_sales <= (10000000000000000 + :b)::numeric
+ORDER BY m.store_id ASC, m.year ASC, m.month ASC, m.id ASC LIMIT 51;
 SQL
-PGB=$(PGPASSWORD=pg_sales_dev /usr/lib/postgresql/15/bin/pgbench -h 127.0.0.1 -U sales_app -n -M prepared -c "$CONNS" -j 2 -T "$SECS" -f /tmp/pg_sales_bench_miss.sql "$BENCH_DB" 2>/dev/null | awk '/^tps/ {print $3}')
-printf '%-22s tps=%s\n' "pgbench(miss SQL)" "$PGB"
+
+# Misses against pgbench of the same statement, alternated MISS_PAIRS times
+# (default 3): on a shared machine the floor itself moves by a third between
+# runs a minute apart, so one pair alone says little. The ratio printed is
+# the median of the pairs'.
+pgbench_miss() {
+    PGPASSWORD=pg_sales_dev /usr/lib/postgresql/15/bin/pgbench -h 127.0.0.1 -U sales_app -n -M prepared -c "$CONNS" -j 2 -T "$SECS" -f /tmp/pg_sales_bench_miss.sql "$BENCH_DB" 2>/dev/null | awk '/^tps/ {print $3}'
+}
+pair_ratios=()
+mk_script miss
+for i in $(seq 1 "${MISS_PAIRS:-3}"); do
+    run miss -H "$AUTH" "$URL"
+    PGB=$(pgbench_miss)
+    printf '%-22s tps=%s\n' "pgbench(miss SQL)" "$PGB"
+    pair_ratios+=("$(python3 -c "print(float('$miss_rps') / float('$PGB'))")")
+done
+rm -f "$ROOT/scripts/wrk/report_wrap.lua"
 
 ratio() { python3 -c "a=float('$1'); b=float('$2'); print(f'{a/b:.2f}' if b else 'n/a')"; }
 echo
 echo "hit   / static req/s : $(ratio "$hit_rps" "$static_rps")x   (target >= 0.5)"
 echo "hit p99              : ${hit_p99_ms} ms   (target <= 2 ms)"
-echo "miss  / pgbench      : $(ratio "$miss_rps" "$PGB")x   (target >= 0.6)"
+echo "miss  / pgbench      : $(python3 -c "import statistics, sys; r = [float(x) for x in sys.argv[1:]]; print(f'{statistics.median(r):.2f}x   (median of pairs: ' + ' '.join(f'{x:.2f}' for x in r) + ')')" "${pair_ratios[@]}")   (target >= 0.6)"
 
 echo
 echo "== bytes per response (one store-month; a page of 50)"
