@@ -75,13 +75,15 @@ pub fn broken_connection(e: &sqlx::Error) {
 }
 
 /// Whether `e` says the connection itself is gone (rather than the
-/// statement failing, or the pool being busy).
+/// statement failing, or the pool being busy): an I/O or TLS error, a
+/// connection exception (SQLSTATE class 08), or the backend shut down by an
+/// administrator, a crash or a restart (57P01–57P03).
 fn is_broken_connection(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(d) => d
             .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
         // A pool timeout is a busy pool, not a broken connection.
         _ => false,
     }
@@ -189,18 +191,9 @@ pub fn format_lsn(v: u64) -> String {
 /// transaction was rolled back), and lost or refused connections.
 pub fn is_transient(e: &sqlx::Error, connection_errors: bool) -> bool {
     match e {
-        sqlx::Error::Database(d) => match d.code().as_deref() {
-            Some("40001") | Some("40P01") => true,
-            Some(c)
-                if connection_errors
-                    && (c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03") =>
-            {
-                true
-            }
-            _ => false,
-        },
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => connection_errors,
-        _ => false,
+        sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")) => true,
+        sqlx::Error::PoolTimedOut => connection_errors,
+        _ => connection_errors && is_broken_connection(e),
     }
 }
 
@@ -220,9 +213,12 @@ where
     use rand::Rng;
     let mut attempt = 0u32;
     loop {
-        match f().await {
+        let out = f().await;
+        if let Err(e) = &out {
+            broken_connection(e);
+        }
+        match out {
             Err(e) if attempt < 3 && is_transient(&e, idempotent) => {
-                broken_connection(&e);
                 let base = 25u64 << attempt;
                 let jitter = rand::thread_rng().gen_range(0..=base / 2);
                 tracing::warn!(operation = what, attempt = attempt + 1, error = %e, "transient database error; retrying");
