@@ -4,6 +4,21 @@ use sales_server::config::Config;
 use sales_server::{db, logging, maintain, seed, users, Server};
 use std::process::ExitCode;
 
+/// jemalloc rather than glibc's malloc: its size classes keep each
+/// connection's long-lived state packed apart from the buffers a request or
+/// an upgrade frees again, so idle WebSocket connections hold less memory
+/// through fragmentation, and allocation costs less per cache miss (README,
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Freed pages go back to the system about a second after they are freed,
+/// from jemalloc's own background thread rather than inside a request.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] =
+    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
