@@ -75,6 +75,29 @@ async fn query_statistics() {
         .iter()
         .all(|q| q["query"].as_str().unwrap().contains("sales.")));
     assert_eq!(api.get("/api/admin/queries?limit=0").await.0, 400);
+    // The migrations created the extension; the endpoint only reads. Without
+    // it, the answer says how to enable it and the database is left as it was.
+    sqlx::query("DROP EXTENSION pg_stat_statements")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (st, body) = api.get("/api/admin/queries").await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["enabled"], false, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("CREATE EXTENSION pg_stat_statements"),
+        "{body}"
+    );
+    let created: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(!created, "a GET created pg_stat_statements");
     server.stop().await;
 }
 
