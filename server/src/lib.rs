@@ -176,5 +176,17 @@ impl RunningServer {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        // Close the pools, waiting (bounded) for connections still being
+        // opened: a connection left half way through authentication holds
+        // its backend until Postgres' authentication_timeout (a minute), and
+        // with it any DROP DATABASE of this database.
+        let state = self.state.clone();
+        let close = async move {
+            state.pool.close().await;
+            if let Some(r) = &state.replica {
+                r.pool.close().await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
     }
 }

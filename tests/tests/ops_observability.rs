@@ -116,7 +116,8 @@ async fn reads_survive_killed_database_connections() {
     // Reads of every kind, each right after the connections it would use
     // were killed (so they were handed out moments ago, and come back
     // without a check): the list, one record (uncached: asOf), the stores,
-    // one store, a record's history, a summary.
+    // one store, a record's history, a summary, an export (retried only
+    // before its response starts).
     for i in 0..20 {
         for path in [
             format!("/api/v2/sales?fields=id&limit={}", i + 1),
@@ -127,6 +128,10 @@ async fn reads_survive_killed_database_connections() {
             format!(
                 "/api/v2/sales/summary?groupBy=store&year=2024&top={}",
                 i + 1
+            ),
+            format!(
+                "/api/v2/sales/export?format=csv&shape={}",
+                ["monthly", "daily"][i % 2]
             ),
         ] {
             // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).

@@ -78,7 +78,7 @@ pub fn broken_connection(e: &sqlx::Error) {
 /// statement failing, or the pool being busy): an I/O or TLS error, a
 /// connection exception (SQLSTATE class 08), or the backend shut down by an
 /// administrator, a crash or a restart (57P01–57P03).
-fn is_broken_connection(e: &sqlx::Error) -> bool {
+pub fn is_broken_connection(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(d) => d

@@ -102,35 +102,57 @@ pub(super) async fn run(
         )
         .instrument(tracing::Span::current()),
     );
-    // A replica when one is configured and has caught up, else the primary.
-    let mut conn = match job.state.read_conn().await {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = started.send(Err(ApiError::from(e)));
-            progress_tx.send_modify(|s| s.state = RunState::Failed("database unavailable".into()));
-            drop(progress_tx);
-            let _ = notifier.await;
-            return;
-        }
-    };
     let mut pid: Option<Backend> = None;
     let mut started = Some(started);
     let mut bytes_out: u64 = 0;
-    let outcome = {
-        let work = stream(
-            &mut conn,
-            &job,
-            &tx,
-            &mut started,
-            &mut pid,
-            &progress_tx,
-            &mut bytes_out,
-        );
-        tokio::select! {
-            r = work => r,
-            _ = tx.closed() => Err(Stop::Cancelled("client disconnected")),
-            _ = tokio::time::sleep(job.state.config.export_max_duration) => Err(Stop::Expired),
+    let mut attempt = 0u32;
+    let (conn, outcome) = loop {
+        // A replica when one is configured and has caught up, else the primary.
+        let mut conn = match job.state.read_conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(s) = started.take() {
+                    let _ = s.send(Err(ApiError::from(e)));
+                }
+                progress_tx
+                    .send_modify(|s| s.state = RunState::Failed("database unavailable".into()));
+                drop(progress_tx);
+                let _ = notifier.await;
+                return;
+            }
+        };
+        let outcome = {
+            let work = stream(
+                &mut conn,
+                &job,
+                &tx,
+                &mut started,
+                &mut pid,
+                &progress_tx,
+                &mut bytes_out,
+            );
+            tokio::select! {
+                r = work => r,
+                _ = tx.closed() => Err(Stop::Cancelled("client disconnected")),
+                _ = tokio::time::sleep(job.state.config.export_max_duration) => Err(Stop::Expired),
+            }
+        };
+        // A connection lost before the response started (Postgres restarted,
+        // the backend terminated) is tried again on another: nothing has
+        // reached the client yet, and the export reads in a snapshot of its
+        // own, so starting over gives the same answer a first try would.
+        if let Err(Stop::Db(e)) = &outcome {
+            crate::db::broken_connection(e);
+            if started.is_some() && attempt < 3 && crate::db::is_broken_connection(e) {
+                tracing::warn!(export_id = %job.export_id, attempt = attempt + 1, error = %e,
+                    "export lost its database connection before starting; retrying");
+                discard(conn, pid.take(), &job.state).await;
+                tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+                attempt += 1;
+                continue;
+            }
         }
+        break (conn, outcome);
     };
     let rows = progress_tx.borrow().rows;
     let status = match &outcome {
