@@ -80,6 +80,10 @@ pub struct Config {
     pub login_attempts_per_ip: u32,
     /// How long a session lives without a refresh (refresh tokens).
     pub refresh_token_ttl: Duration,
+    /// How long a session lives at most, however often it is refreshed:
+    /// past this since the login, a refresh is refused and the user logs in
+    /// again.
+    pub session_max_age: Duration,
     /// WebSocket upgrades per IP per minute.
     pub ws_upgrades_per_minute: u32,
     /// Exports one user may run at once.
@@ -452,6 +456,12 @@ impl Config {
                 s(7 * 86400),
                 s(60),
                 s(365 * 86400),
+            )?,
+            session_max_age: e.duration(
+                "SESSION_MAX_AGE",
+                s(30 * 86400),
+                s(60),
+                s(3650 * 86400),
             )?,
             ws_upgrades_per_minute: e.num(
                 "WS_UPGRADES_PER_MINUTE",

@@ -34,6 +34,9 @@ pub enum RefreshError {
     Ended,
     #[error("the session has expired; log in again")]
     Expired,
+    /// Older than SESSION_MAX_AGE, however recently refreshed.
+    #[error("the session is older than SESSION_MAX_AGE; log in again")]
+    TooOld,
     /// A used token came back: the session is revoked now.
     #[error("refresh token already used; the session is revoked, log in again")]
     Reused(Change),
@@ -80,13 +83,30 @@ fn access(auth: &Auth, user: &User, session: &str) -> anyhow::Result<String> {
 }
 
 /// Starts a session for `user` in the caller's transaction.
+/// How long sessions live: `idle` without a refresh (REFRESH_TOKEN_TTL),
+/// `max_age` at most since the login (SESSION_MAX_AGE).
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    pub idle: Duration,
+    pub max_age: Duration,
+}
+
+impl Lifetimes {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Lifetimes {
+            idle: config.refresh_token_ttl,
+            max_age: config.session_max_age,
+        }
+    }
+}
+
 pub async fn start(
     conn: &mut PgConnection,
     auth: &Auth,
     user: &User,
-    ttl: Duration,
+    lifetimes: Lifetimes,
 ) -> anyhow::Result<Issued> {
-    let ttl_s = ttl.as_secs() as i64;
+    let ttl_s = lifetimes.idle.min(lifetimes.max_age).as_secs() as i64;
     // Sessions long over (and past any access token of theirs) go.
     sqlx::query(
         "DELETE FROM auth.sessions WHERE user_id = $1
@@ -149,20 +169,21 @@ pub async fn refresh(
     pool: &PgPool,
     auth: &Auth,
     token: &str,
-    ttl: Duration,
+    lifetimes: Lifetimes,
 ) -> Result<(Issued, User), RefreshError> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, i64, bool, bool, bool)> = sqlx::query_as(
+    let row: Option<(String, i64, bool, bool, bool, bool)> = sqlx::query_as(
         "SELECT s.id::text, s.user_id, t.used_at IS NOT NULL, s.revoked_at IS NOT NULL,
-                s.expires_at < now()
+                s.expires_at < now(), s.created_at + make_interval(secs => $2) <= now()
          FROM auth.refresh_tokens t JOIN auth.sessions s ON s.id = t.session_id
          WHERE t.token_hash = $1
          FOR UPDATE OF t, s",
     )
     .bind(hash(token))
+    .bind(lifetimes.max_age.as_secs() as f64)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((session, user_id, used, revoked, expired)) = row else {
+    let Some((session, user_id, used, revoked, expired, too_old)) = row else {
         return Err(RefreshError::Unknown);
     };
     crate::db::write::set_actor(&mut *tx, user_id).await?;
@@ -178,6 +199,9 @@ pub async fn refresh(
     if expired {
         return Err(RefreshError::Expired);
     }
+    if too_old {
+        return Err(RefreshError::TooOld);
+    }
     let user = crate::users::get(&mut *tx, user_id)
         .await?
         .ok_or(RefreshError::Ended)?;
@@ -189,19 +213,26 @@ pub async fn refresh(
         .execute(&mut *tx)
         .await?;
     let refresh_token = new_refresh_token(&mut tx, &session).await?;
-    sqlx::query(
-        "UPDATE auth.sessions SET last_used_at = now(), expires_at = now() + make_interval(secs => $2)
-         WHERE id = $1::uuid",
+    // Refreshing extends the session by `idle`, never past `max_age` from
+    // its login.
+    let refresh_expires_in: i64 = sqlx::query_scalar(
+        "UPDATE auth.sessions
+         SET last_used_at = now(),
+             expires_at = least(now() + make_interval(secs => $2),
+                                created_at + make_interval(secs => $3))
+         WHERE id = $1::uuid
+         RETURNING greatest(0, floor(extract(epoch FROM expires_at - now())))::bigint",
     )
     .bind(&session)
-    .bind(ttl.as_secs() as f64)
-    .execute(&mut *tx)
+    .bind(lifetimes.idle.as_secs() as f64)
+    .bind(lifetimes.max_age.as_secs() as f64)
+    .fetch_one(&mut *tx)
     .await?;
     let issued = Issued {
         access_token: access(auth, &user, &session)?,
         expires_in: auth.expiry_secs(),
         refresh_token,
-        refresh_expires_in: ttl.as_secs() as i64,
+        refresh_expires_in,
         session,
     };
     tx.commit().await?;

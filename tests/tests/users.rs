@@ -376,6 +376,56 @@ async fn me_and_password_change() {
 }
 
 #[tokio::test]
+async fn sessions_end_at_session_max_age_however_often_refreshed() {
+    let w = world(&[("SESSION_MAX_AGE", "120")]).await;
+    let (_, first) = client(&w.server, "staff@x.test").await;
+    // The default idle lifetime is a week; the session's age caps it.
+    let left = first["refreshExpiresIn"].as_i64().unwrap();
+    assert!(left > 0 && left <= 120, "{first}");
+    let anon = Api::new(&w.server, None);
+    let (st, second) = anon
+        .post(
+            "/api/v2/auth/refresh",
+            &json!({"refreshToken": first["refreshToken"]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{second}");
+    let left = second["refreshExpiresIn"].as_i64().unwrap();
+    assert!(
+        left > 0 && left <= 120,
+        "refreshing never passes the cap: {second}"
+    );
+    // The session was made 121 s ago: refreshed a moment ago or not, it is over.
+    sqlx::query(
+        "UPDATE auth.sessions SET created_at = created_at - interval '121 seconds',
+                expires_at = now() + interval '1 day'
+         WHERE id = $1::uuid",
+    )
+    .bind(second["sessionId"].as_str().unwrap())
+    .execute(&w.db.pool)
+    .await
+    .unwrap();
+    let (st, body) = anon
+        .post(
+            "/api/v2/auth/refresh",
+            &json!({"refreshToken": second["refreshToken"]}),
+        )
+        .await;
+    assert_eq!(st, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("SESSION_MAX_AGE"),
+        "{body}"
+    );
+    // A new login starts a new session.
+    let (st, body) = login(&w.server, "staff@x.test", PASSWORD).await;
+    assert_eq!(st, 200, "{body}");
+    assert_ne!(body["sessionId"], second["sessionId"]);
+}
+
+#[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_session() {
     let w = world(&[]).await;
     let (_, first) = client(&w.server, "staff@x.test").await;

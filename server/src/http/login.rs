@@ -181,7 +181,8 @@ pub struct LoginResponseBody {
     pub expires_in: i64,
     /// Exchanged for a new pair at `POST /api/v2/auth/refresh`; usable once.
     pub refresh_token: String,
-    /// Seconds the session lasts without a refresh (REFRESH_TOKEN_TTL).
+    /// Seconds the session lasts without a refresh (REFRESH_TOKEN_TTL), never
+    /// past SESSION_MAX_AGE from its login.
     pub refresh_expires_in: i64,
     /// The session (refresh-token family) id.
     pub session_id: String,
@@ -376,7 +377,7 @@ impl LoginApi {
             &mut tx,
             &self.state.auth,
             &user,
-            self.state.config.refresh_token_ttl,
+            crate::sessions::Lifetimes::of(&self.state.config),
         )
         .await?;
         tx.commit().await?;
@@ -394,7 +395,7 @@ impl LoginApi {
             &self.state.pool,
             &self.state.auth,
             &body.refresh_token,
-            self.state.config.refresh_token_ttl,
+            crate::sessions::Lifetimes::of(&self.state.config),
         )
         .await
         {
@@ -522,7 +523,7 @@ impl LoginApi {
             &mut tx,
             &self.state.auth,
             &user,
-            self.state.config.refresh_token_ttl,
+            crate::sessions::Lifetimes::of(&self.state.config),
         )
         .await?;
         tx.commit().await?;
