@@ -126,6 +126,13 @@ async fn index_usage_and_table_health_follow_the_tables() {
 async fn slow_queries_reads_pg_stat_statements_only_when_it_is_there() {
     let db = TestDb::new().await;
     let created = "SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'";
+    // The migrations create it (migration 0013); a database without it is
+    // what this test reads from first.
+    assert_eq!(i64_of(&db, created).await, 1, "migration 0013 creates it");
+    sqlx::query("DROP EXTENSION pg_stat_statements")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(i64_of(&db, created).await, 0);
     assert_eq!(
         i64_of(&db, "SELECT count(*) FROM sales.slow_queries").await,
