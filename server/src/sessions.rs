@@ -82,7 +82,6 @@ fn access(auth: &Auth, user: &User, session: &str) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// Starts a session for `user` in the caller's transaction.
 /// How long sessions live: `idle` without a refresh (REFRESH_TOKEN_TTL),
 /// `max_age` at most since the login (SESSION_MAX_AGE).
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +99,7 @@ impl Lifetimes {
     }
 }
 
+/// Starts a session for `user` in the caller's transaction.
 pub async fn start(
     conn: &mut PgConnection,
     auth: &Auth,

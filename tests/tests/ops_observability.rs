@@ -146,6 +146,31 @@ async fn reads_survive_killed_database_connections() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn an_export_whose_connection_was_lost_before_it_started_is_retried() {
+    let Fixture {
+        db,
+        server,
+        admin: api,
+        ..
+    } = one_month().await;
+    let path = "/api/v2/sales/export?format=csv&shape=monthly";
+    // Every pooled connection was returned a moment ago and nothing has
+    // failed yet, so the pool hands them out unchecked: the export meets a
+    // killed connection and only its own retry answers it.
+    let (st, _) = api.get(path).await;
+    assert_eq!(st, 200);
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let r = api.req(reqwest::Method::GET, path).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let csv = r.text().await.unwrap();
+    assert!(csv.lines().count() > 1, "header and rows: {csv}");
+    server.stop().await;
+}
+
 /// Runs the server binary with JSON logs at info level.
 fn spawn_binary(db: &TestDb, extra: &[(&str, &str)]) -> ServerProc {
     let mut env = db.env();
