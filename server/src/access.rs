@@ -11,8 +11,10 @@
 //! the user's generation has moved past the token's (role, stores, email or
 //! password changed), or once its session was revoked (logout, refresh-token
 //! reuse). Tokens of users this instance has never heard of (an outside
-//! identity provider's, or rows written by plain SQL) are judged by their
-//! signature alone.
+//! identity provider's, or users inserted by plain SQL) are judged by their
+//! signature alone. A user updated or deleted by plain SQL is revoked like
+//! any other: a trigger (migration 0014) moves the generation and writes
+//! the event.
 
 use crate::auth::Principal;
 use crate::events::{Event, Kind};

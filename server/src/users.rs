@@ -328,6 +328,17 @@ pub async fn lock(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Marks the rest of the transaction's user changes as the server's own:
+/// they move the generation and write their event themselves, so the
+/// trigger for changes made outside the server (migration 0014) leaves
+/// them alone.
+async fn managed(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('sales_server.users_managed', 'on', true)")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 const SELECT_USER: &str =
     "SELECT u.id, u.email, u.role, u.store_ids, coalesce(s.disabled, false), \
      coalesce(s.generation, 0), u.created_at, u.updated_at \
@@ -573,6 +584,7 @@ pub async fn update(
     if changed.is_empty() {
         return Ok((old, None));
     }
+    managed(conn).await?;
     sqlx::query(
         "UPDATE sales.users SET email = $2, role = $3, store_ids = $4,
                 password_hash = coalesce($5, password_hash), updated_at = now()
@@ -650,6 +662,7 @@ pub async fn delete(
     token_lifetime: i64,
 ) -> Result<(User, Change), UserError> {
     let old = get(&mut *conn, id).await?.ok_or(UserError::NotFound(id))?;
+    managed(conn).await?;
     sqlx::query("DELETE FROM sales.users WHERE id = $1")
         .bind(id)
         .execute(&mut *conn)

@@ -425,6 +425,143 @@ async fn sessions_end_at_session_max_age_however_often_refreshed() {
     assert_ne!(body["sessionId"], second["sessionId"]);
 }
 
+/// A token's answer once it is refused, waiting (bounded) for the event
+/// of a change made outside the server to reach it.
+async fn refused(api: &Api, what: &str) -> String {
+    eventually(Duration::from_secs(10), what, || async {
+        let (st, body) = api.get("/api/v2/auth/me").await;
+        (st == 401).then(|| body["error"]["message"].as_str().unwrap_or("").to_string())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn users_changed_by_plain_sql_are_revoked() {
+    let w = world(&[]).await;
+    let pool = &w.db.pool;
+    let generation = |id: i64| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce((SELECT generation FROM auth.user_state WHERE user_id = $1), 0)",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let events = |kind: &'static str, id: i64| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM sales.events WHERE kind = $1 AND (payload->>'userId')::bigint = $2",
+        )
+        .bind(kind)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+
+    // A change through the API moves the generation once and writes one
+    // event: the trigger leaves the server's own changes alone.
+    let (st, body) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.manager_id),
+        json!({"stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(generation(w.manager_id).await, 1);
+    assert_eq!(events("user-updated", w.manager_id).await, 1);
+
+    // Role and stores changed in psql: the staff member's token is refused
+    // as for a change through the API, and a refresh gives the new scope.
+    let (staff, session) = client(&w.server, "staff@x.test").await;
+    assert_eq!(staff.get("/api/v2/auth/me").await.0, 200);
+    sqlx::query("UPDATE sales.users SET role = 'manager', store_ids = $2 WHERE id = $1")
+        .bind(w.staff_id)
+        .bind(&w.stores[..2])
+        .execute(pool)
+        .await
+        .unwrap();
+    let message = refused(&staff, "the staff token refused after an SQL role change").await;
+    assert!(message.contains("access changed"), "{message}");
+    assert_eq!(generation(w.staff_id).await, 1);
+    assert_eq!(events("user-updated", w.staff_id).await, 1);
+    let outside: bool = sqlx::query_scalar(
+        "SELECT (payload->>'outside')::boolean FROM sales.events
+         WHERE kind = 'user-updated' AND (payload->>'userId')::bigint = $1",
+    )
+    .bind(w.staff_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(outside);
+    let (st, renewed) = Api::new(&w.server, None)
+        .post(
+            "/api/v2/auth/refresh",
+            &json!({"refreshToken": session["refreshToken"]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{renewed}");
+    let renewed = Api::new(&w.server, Some(renewed["token"].as_str().unwrap()));
+    let (st, me) = renewed.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["role"], "manager");
+    assert_eq!(me["stores"], json!(&w.stores[..2]));
+
+    // A statement that changes nothing a token carries moves nothing.
+    sqlx::query("UPDATE sales.users SET updated_at = now() WHERE id = $1")
+        .bind(w.staff_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(generation(w.staff_id).await, 1);
+    assert_eq!(renewed.get("/api/v2/auth/me").await.0, 200);
+
+    // A password hash replaced in psql ends every session of the user.
+    let (other, other_session) = client(&w.server, "staff-c@x.test").await;
+    sqlx::query(
+        "UPDATE sales.users SET password_hash = (SELECT password_hash FROM sales.users
+                                                  WHERE lower(email) = 'admin@x.test')
+         WHERE id = $1",
+    )
+    .bind(w.other_staff_id)
+    .execute(pool)
+    .await
+    .unwrap();
+    let message = refused(&other, "the token refused after an SQL password change").await;
+    assert!(message.contains("password"), "{message}");
+    let (st, body) = Api::new(&w.server, None)
+        .post(
+            "/api/v2/auth/refresh",
+            &json!({"refreshToken": other_session["refreshToken"]}),
+        )
+        .await;
+    assert_eq!(st, 401, "the session ended with the password: {body}");
+
+    // Deleted in psql: refused as deleted, on this instance and on one
+    // started afterwards (from the tombstone).
+    sqlx::query("DELETE FROM sales.users WHERE id = $1")
+        .bind(w.staff_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    let message = refused(&renewed, "the token refused after an SQL delete").await;
+    assert!(message.contains("deleted"), "{message}");
+    assert_eq!(events("user-deleted", w.staff_id).await, 1);
+    let later = w.db.server(&[]).await;
+    let token = renewed.token.clone().expect("a bearer token");
+    let (st, body) = Api::new(&later, Some(&token)).get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "{body}");
+
+    // The API's own delete still writes exactly one event.
+    assert_eq!(
+        delete(&w.admin, &format!("/api/v2/users/{}", w.manager_id)).await,
+        204
+    );
+    assert_eq!(events("user-deleted", w.manager_id).await, 1);
+    later.stop().await;
+    w.server.stop().await;
+}
+
 #[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_session() {
     let w = world(&[]).await;
