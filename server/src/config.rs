@@ -57,6 +57,9 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     pub rate_limit_per_ip_per_minute: u32,
     pub cors_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client
+    /// (`TRUSTED_PROXIES`, addresses or networks); empty: none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub hsts: bool,
     pub export_max_concurrent: usize,
     pub event_retention: Duration,
@@ -214,6 +217,26 @@ impl Env<'_> {
             Some(s) if matches!(s.as_str(), "0" | "false" | "no" | "off") => Ok(false),
             Some(s) => Err(Self::err(var, &s, "must be true or false")),
         }
+    }
+
+    /// A comma-separated list of addresses (`10.0.0.5`, `::1`) and networks
+    /// (`10.0.0.0/8`, `fd00::/8`).
+    fn networks(&self, var: &'static str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.list(var)
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        Self::err(
+                            var,
+                            p,
+                            "must be IP addresses or networks (10.0.0.5, 10.0.0.0/8, ::1), separated by commas",
+                        )
+                    })
+            })
+            .collect()
     }
 
     fn list(&self, var: &'static str) -> Vec<String> {
@@ -434,6 +457,7 @@ impl Config {
                 u32::MAX,
             )?,
             cors_origins: e.list("CORS_ORIGINS"),
+            trusted_proxies: e.networks("TRUSTED_PROXIES")?,
             hsts: e.bool("HSTS", false)?,
             export_max_concurrent,
             event_retention,
@@ -586,6 +610,21 @@ mod tests {
             "COMPRESSION_LEVEL"
         );
         assert_eq!(cfg(&[("HSTS", "maybe")]).unwrap_err().var, "HSTS");
+        assert_eq!(
+            cfg(&[("TRUSTED_PROXIES", "10.0.0.1, proxy.local")])
+                .unwrap_err()
+                .var,
+            "TRUSTED_PROXIES"
+        );
+        assert_eq!(
+            cfg(&[("TRUSTED_PROXIES", "10.0.0.0/33")]).unwrap_err().var,
+            "TRUSTED_PROXIES"
+        );
+        let nets = cfg(&[("TRUSTED_PROXIES", "10.1.2.3/8, ::1,192.168.0.7")])
+            .unwrap()
+            .trusted_proxies;
+        let names: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["10.0.0.0/8", "::1/128", "192.168.0.7/32"]);
     }
 
     #[test]

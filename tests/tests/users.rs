@@ -707,6 +707,112 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
     w.server.stop().await;
 }
 
+/// Behind a reverse proxy named in TRUSTED_PROXIES, the per-address
+/// throttle counts the address the proxy saw (`X-Forwarded-For`), so one
+/// client's failures do not lock out everyone behind the proxy; without
+/// it, the header is ignored and cannot be used to dodge the throttle.
+#[tokio::test]
+async fn login_throttling_per_address_behind_a_trusted_proxy() {
+    let db = TestDb::new().await;
+    let settings = [
+        ("LOGIN_ATTEMPTS_PER_MINUTE", "100"),
+        ("LOGIN_ATTEMPTS_PER_IP", "2"),
+    ];
+    let proxied = db
+        .server(&[
+            settings[0],
+            settings[1],
+            ("TRUSTED_PROXIES", "127.0.0.1/32, ::1"),
+        ])
+        .await;
+    let direct = db.server(&settings).await;
+    add_user(&db, "a@x.test", "admin", &[]).await;
+    let http = reqwest::Client::new();
+    let login_from = |server: &RunningServer, from: &'static str, password: &'static str| {
+        let (http, url) = (
+            http.clone(),
+            format!("http://{}/api/v2/auth/login", server.addr),
+        );
+        async move {
+            let r = http
+                .post(url)
+                .header("x-forwarded-for", from)
+                .json(&json!({"email": "a@x.test", "password": password}))
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // Two failures from one client behind the proxy; a third attempt from
+    // it waits (unless the first 1 s wait has passed by then), another
+    // client behind the same proxy does not.
+    assert_eq!(
+        login_from(&proxied, "203.0.113.1", "wrong-password")
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        login_from(&proxied, "203.0.113.1", "wrong-password")
+            .await
+            .0,
+        401
+    );
+    let failed_at = Instant::now();
+    let (st, body) = login_from(&proxied, "203.0.113.1", PASSWORD).await;
+    let waited = failed_at.elapsed();
+    if st != 429 {
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{st} {body} after {waited:?}"
+        );
+    } else {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("address"),
+            "{body}"
+        );
+    }
+    let (st, body) = login_from(&proxied, "203.0.113.2", PASSWORD).await;
+    assert_eq!(st, 200, "another client behind the proxy: {body}");
+    // Entries a client writes itself, left of what the proxy appends, do
+    // not change the address it is counted as.
+    let (st, body) = login_from(&proxied, "198.51.100.7, 203.0.113.1", PASSWORD).await;
+    if st != 429 {
+        assert!(failed_at.elapsed() >= Duration::from_secs(1), "{st} {body}");
+    }
+
+    // No trusted proxies: every attempt counts as the peer's (127.0.0.1),
+    // whatever the header says.
+    assert_eq!(
+        login_from(&direct, "203.0.113.3", "wrong-password").await.0,
+        401
+    );
+    assert_eq!(
+        login_from(&direct, "203.0.113.4", "wrong-password").await.0,
+        401
+    );
+    let failed_at = Instant::now();
+    let (st, body) = login_from(&direct, "203.0.113.5", PASSWORD).await;
+    if st != 429 {
+        assert!(failed_at.elapsed() >= Duration::from_secs(1), "{st} {body}");
+    } else {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("address"),
+            "{body}"
+        );
+    }
+    proxied.stop().await;
+    direct.stop().await;
+}
+
 /// Per account and per address, with a growing delay; unknown and known
 /// emails answer alike.
 #[tokio::test]

@@ -346,7 +346,7 @@ impl LoginApi {
         req: &poem::Request,
         body: Json<LoginRequest>,
     ) -> ApiResult<LoginResponse> {
-        let ip = super::middleware::client_ip(req).to_string();
+        let ip = super::middleware::client_ip(req, &self.state.config.trusted_proxies).to_string();
         let Some((id, verified)) = self
             .check_credentials(&body.email, &body.password, &ip)
             .await?
@@ -475,7 +475,7 @@ impl LoginApi {
                 "this account has no password here (its tokens come from an identity provider)",
             ));
         };
-        let ip = super::middleware::client_ip(req).to_string();
+        let ip = super::middleware::client_ip(req, &self.state.config.trusted_proxies).to_string();
         let verified = match self
             .check_credentials(&user.email, &body.current_password, &ip)
             .await?

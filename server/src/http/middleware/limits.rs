@@ -86,11 +86,53 @@ impl RateLimits {
     }
 }
 
-pub fn client_ip(req: &Request) -> IpAddr {
-    req.remote_addr()
+/// The client's address: the connection's peer, unless the peer is one of
+/// `trusted` (TRUSTED_PROXIES). Then `X-Forwarded-For` is read from its
+/// right end, where the trusted proxy appended the address it saw, past
+/// every trusted proxy; the first address that is not one is the client.
+/// Entries left of it were written by the client and are ignored (a client
+/// cannot pick the address it is throttled as). A malformed entry ends the
+/// walk at the last proxy before it.
+pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = req
+        .remote_addr()
         .as_socket_addr()
         .map(|a| a.ip())
-        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    forwarded_client(peer, trusted, || {
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    })
+}
+
+fn forwarded_client<'a>(
+    peer: IpAddr,
+    trusted: &[ipnet::IpNet],
+    headers: impl FnOnce() -> Vec<&'a str>,
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+    if trusted.is_empty() || !is_trusted(&peer) {
+        return peer;
+    }
+    let values = headers();
+    let mut client = peer;
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let hop = hop.trim();
+        let Ok(ip) = hop
+            .parse::<IpAddr>()
+            .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+        else {
+            break;
+        };
+        client = ip.to_canonical();
+        if !is_trusted(&client) {
+            break;
+        }
+    }
+    client
 }
 
 /// 400 for a query parameter the operation does not declare, or one given
@@ -144,7 +186,7 @@ pub async fn with_limits<E: Endpoint>(
     let path = req.uri().path();
     let is_ws = path == "/ws";
     if path.starts_with("/api/") || is_ws {
-        let ip = client_ip(&req);
+        let ip = client_ip(&req, &state.config.trusted_proxies);
         let checked =
             limits
                 .check_ip(ip)
@@ -209,6 +251,59 @@ pub async fn with_limits<E: Endpoint>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_behind_trusted_proxies() {
+        let nets =
+            |s: &[&str]| -> Vec<ipnet::IpNet> { s.iter().map(|n| n.parse().unwrap()).collect() };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let client = |peer: &str, trusted: &[ipnet::IpNet], xff: &[&'static str]| {
+            let xff = xff.to_vec();
+            forwarded_client(ip(peer), trusted, move || xff)
+        };
+        let proxies = nets(&["127.0.0.1/32", "10.0.0.0/8"]);
+        // No trusted proxies: the header is ignored.
+        assert_eq!(client("127.0.0.1", &[], &["203.0.113.9"]), ip("127.0.0.1"));
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client("198.51.100.4", &proxies, &["203.0.113.9"]),
+            ip("198.51.100.4")
+        );
+        // A trusted peer: the address it saw.
+        assert_eq!(
+            client("127.0.0.1", &proxies, &["203.0.113.9"]),
+            ip("203.0.113.9")
+        );
+        // Entries the client wrote (left of what the proxies appended) do not count.
+        assert_eq!(
+            client("127.0.0.1", &proxies, &["1.1.1.1, 203.0.113.9, 10.2.3.4"]),
+            ip("203.0.113.9")
+        );
+        // Several header lines read as one list; ports and mapped IPv6 are understood.
+        assert_eq!(
+            client(
+                "::ffff:127.0.0.1",
+                &proxies,
+                &["1.1.1.1", "203.0.113.9:5123, 10.2.3.4"]
+            ),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client("127.0.0.1", &proxies, &["::ffff:10.0.0.3, 2001:db8::7"]),
+            ip("2001:db8::7")
+        );
+        // Only proxies: the farthest one. No header: the peer.
+        assert_eq!(
+            client("127.0.0.1", &proxies, &["10.0.0.2, 10.0.0.3"]),
+            ip("10.0.0.2")
+        );
+        assert_eq!(client("127.0.0.1", &proxies, &[]), ip("127.0.0.1"));
+        // A malformed entry stops the walk at the last proxy before it.
+        assert_eq!(
+            client("127.0.0.1", &proxies, &["203.0.113.9, unknown, 10.0.0.3"]),
+            ip("10.0.0.3")
+        );
+    }
 
     #[test]
     fn rate_limit_per_token_and_ip() {
