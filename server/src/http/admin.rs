@@ -117,11 +117,13 @@ impl AdminApi {
     #[oai(path = "/api/admin/notifications", method = "post")]
     async fn notify(&self, auth: BearerAuth, body: Json<Notification>) -> ApiResult<EventResponse> {
         auth.require_admin()?;
-        let exists: bool =
+        let pool = &self.state.pool;
+        let exists: bool = crate::db::retry("notify_user_exists", true, || {
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sales.users WHERE id = $1)")
                 .bind(body.user_id)
-                .fetch_one(&self.state.pool)
-                .await?;
+                .fetch_one(pool)
+        })
+        .await?;
         if !exists {
             return Err(ApiError::not_found(format!("no user {}", body.user_id)));
         }
@@ -223,9 +225,12 @@ impl AdminApi {
                 most_frequent: vec![],
             })
         };
-        match query_stats(pool, "s.mean_exec_time", limit).await {
+        let read = |order: &'static str| {
+            crate::db::retry("query_stats", true, move || query_stats(pool, order, limit))
+        };
+        match read("s.mean_exec_time").await {
             Ok(slowest) => {
-                let most_frequent = query_stats(pool, "s.calls", limit).await?;
+                let most_frequent = read("s.calls").await?;
                 Ok(Json(QueryStats {
                     enabled: true,
                     message: None,
@@ -233,6 +238,8 @@ impl AdminApi {
                     most_frequent,
                 }))
             }
+            // Not the extension's absence: the database is unreachable.
+            Err(e) if crate::db::is_transient(&e, true) => Err(e.into()),
             Err(e) => {
                 tracing::info!(error = %e, "pg_stat_statements unavailable");
                 Ok(disabled(ENABLE_STATEMENTS.to_string()))
@@ -244,7 +251,9 @@ impl AdminApi {
     #[oai(path = "/api/admin/indexes", method = "get")]
     async fn indexes(&self, auth: BearerAuth) -> ApiResult<Json<Vec<IndexFinding>>> {
         auth.require_admin()?;
-        let findings = crate::maintain::report(&self.state.pool).await?;
+        let pool = &self.state.pool;
+        let findings =
+            crate::db::retry("index_report", true, || crate::maintain::report(pool)).await?;
         Ok(Json(findings.into_iter().map(to_finding).collect()))
     }
 
@@ -256,7 +265,9 @@ impl AdminApi {
         body: Json<MaintenanceRequest>,
     ) -> ApiResult<Json<MaintenanceResult>> {
         auth.require_admin()?;
-        let findings = crate::maintain::report(&self.state.pool).await?;
+        let pool = &self.state.pool;
+        let findings =
+            crate::db::retry("index_report", true, || crate::maintain::report(pool)).await?;
         let plan = crate::maintain::plan(&findings, body.drop_unused.unwrap_or(false));
         let dry_run = body.dry_run.unwrap_or(false);
         let actions = if dry_run {

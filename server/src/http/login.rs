@@ -314,11 +314,14 @@ impl LoginApi {
     }
 
     async fn verify(&self, email: &str, password: &str) -> ApiResult<Option<(i64, String)>> {
-        let row: Option<(i64, String)> = sqlx::query_as(
-            "SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)",
-        )
-        .bind(email.trim())
-        .fetch_optional(&self.state.pool)
+        let pool = &self.state.pool;
+        let row: Option<(i64, String)> = crate::db::retry("login_user", true, || {
+            sqlx::query_as(
+                "SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)",
+            )
+            .bind(email.trim())
+            .fetch_optional(pool)
+        })
         .await?;
         let hash = match &row {
             Some((_, h)) => h.clone(),

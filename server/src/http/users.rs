@@ -208,7 +208,8 @@ impl UsersApi {
     }
 
     async fn load(&self, id: i64) -> ApiResult<User> {
-        users::get(&self.state.pool, id)
+        let pool = &self.state.pool;
+        crate::db::retry("users_get", true, || users::get(pool, id))
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no user {id}")))
     }
@@ -236,7 +237,11 @@ impl UsersApi {
             Role::Staff => return Err(ApiError::forbidden("admin or manager role required")),
         };
         let (limit, offset) = (limit.0.unwrap_or(100), offset.0.unwrap_or(0));
-        let rows = users::list(&self.state.pool, staff_of.as_deref(), limit, offset).await?;
+        let pool = &self.state.pool;
+        let rows = crate::db::retry("users_list", true, || {
+            users::list(pool, staff_of.as_deref(), limit, offset)
+        })
+        .await?;
         Ok(ListResponse::Ok(Json(UserPage {
             data: rows.iter().map(|u| doc(u, who)).collect(),
             meta: serde_json::json!({"limit": limit, "offset": offset, "count": rows.len()}),
@@ -272,7 +277,9 @@ impl UsersApi {
         limit: Query<Option<i64>>,
     ) -> ApiResult<HistoryResponse> {
         self.get_one(auth, Path(id.0)).await?;
-        let data = users::history(&self.state.pool, id.0, limit.0.unwrap_or(100)).await?;
+        let (pool, limit) = (&self.state.pool, limit.0.unwrap_or(100));
+        let data =
+            crate::db::retry("users_history", true, || users::history(pool, id.0, limit)).await?;
         Ok(HistoryResponse::Ok(Json(UserHistory { data })))
     }
 
