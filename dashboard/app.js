@@ -30,7 +30,14 @@
   const state = {
     token: null,
     user: null,
+    // The session's refresh token lives in an HttpOnly cookie the page's
+    // scripts cannot read (login with refreshCookie); refreshToken is set
+    // only for a session that was handed one in a body.
     refreshToken: null,
+    cookieSession: false,
+    // Moves with every login and logout: a refresh that fails after a new
+    // session began must not end the new one.
+    sessionGen: 0,
     tokenExpiresAt: 0,
     tokenTimer: null,
     refreshing: null,
@@ -133,7 +140,7 @@
     // no-cache: revalidate with the ETag (304) instead of trusting max-age.
     const res = await fetch(path, { cache: 'no-cache', ...options, headers });
     if (res.status === 401 && state.token && !options.noLogout) {
-      if (state.refreshToken && !options.retried) {
+      if (canRefresh() && !options.retried) {
         // The access token expired or was revoked: one refresh, one retry.
         try {
           await refreshSession();
@@ -155,7 +162,7 @@
     try {
       sessionStorage.setItem(SESSION_KEY, JSON.stringify({
         token: state.token,
-        refreshToken: state.refreshToken,
+        cookieSession: state.cookieSession,
         tokenExpiresAt: state.tokenExpiresAt,
         user: state.user,
       }));
@@ -166,6 +173,7 @@
   function adoptSession(body) {
     state.token = body.token;
     state.refreshToken = body.refreshToken || null;
+    state.cookieSession = !body.refreshToken;
     state.tokenExpiresAt = Date.now() + (Number(body.expiresIn) || 900) * 1000;
     state.user = body.user;
     saveSession();
@@ -175,28 +183,35 @@
   // Refreshes a minute before the access token expires.
   function scheduleTokenRefresh() {
     clearTimeout(state.tokenTimer);
-    if (!state.refreshToken) return;
+    if (!canRefresh()) return;
     const wait = Math.max(5000, state.tokenExpiresAt - Date.now() - 60000);
     state.tokenTimer = setTimeout(() => { refreshSession().catch(() => {}); }, wait);
   }
 
   // One refresh at a time: a refresh token is good for one use, so every
   // caller waits for the same request. A refused refresh ends the session.
+  function canRefresh() {
+    return Boolean(state.refreshToken || state.cookieSession);
+  }
+
   function refreshSession() {
     if (state.refreshing) return state.refreshing;
+    if (!canRefresh()) return Promise.reject(new ApiError('no session', 401));
     const rt = state.refreshToken;
-    if (!rt) return Promise.reject(new ApiError('no session', 401));
+    const gen = state.sessionGen;
     state.refreshing = (async () => {
       try {
+        // A cookie session sends {}: the browser adds the HttpOnly cookie.
         const res = await fetch('/api/v2/auth/refresh', {
           method: 'POST',
           headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
-          body: JSON.stringify({ refreshToken: rt }),
+          body: JSON.stringify(rt ? { refreshToken: rt } : {}),
+          credentials: 'same-origin',
           cache: 'no-store',
         });
         if (!res.ok) {
           const msg = await errorMessage(res);
-          if (state.refreshToken === rt) logout(`Your session has ended (${msg}); please sign in again.`);
+          if (state.sessionGen === gen) logout(`Your session has ended (${msg}); please sign in again.`);
           throw new ApiError(msg, res.status);
         }
         adoptSession(await res.json());
@@ -243,7 +258,8 @@
       const res = await fetch('/api/v2/auth/login', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
-        body: JSON.stringify({ email: email.value.trim(), password: password.value }),
+        body: JSON.stringify({ email: email.value.trim(), password: password.value, refreshCookie: true }),
+        credentials: 'same-origin',
         cache: 'no-store',
       });
       if (!res.ok) {
@@ -253,6 +269,7 @@
         password.select();
         return;
       }
+      state.sessionGen += 1;
       adoptSession(await res.json());
       password.value = '';
       start();
@@ -266,16 +283,20 @@
 
   function logout(message) {
     const ws = state.ws;
-    if (state.refreshToken) {
-      // Ends the session on the server too (every instance refuses its tokens).
+    if (canRefresh()) {
+      // Ends the session on the server too (every instance refuses its
+      // tokens); for a cookie session the answer also removes the cookie.
       fetch('/api/v2/auth/logout', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ refreshToken: state.refreshToken }),
+        body: JSON.stringify(state.refreshToken ? { refreshToken: state.refreshToken } : {}),
+        credentials: 'same-origin',
         keepalive: true,
       }).catch(() => {});
     }
+    state.sessionGen += 1;
     state.refreshToken = null;
+    state.cookieSession = false;
     state.tokenExpiresAt = 0;
     clearTimeout(state.tokenTimer);
     clearTimeout(state.usersTimer);
@@ -654,7 +675,7 @@
     clearInterval(state.countdownTimer);
     state.reconnectTimer = null;
     if (!state.token) return;
-    if (state.refreshToken && state.tokenExpiresAt - Date.now() < 5000) {
+    if (canRefresh() && state.tokenExpiresAt - Date.now() < 5000) {
       // An expired token would only be refused at the upgrade.
       refreshSession().then(connect, () => { if (state.token) scheduleReconnect(); });
       return;
@@ -716,7 +737,7 @@
         logout(WS_ENDED[e.code]);
         return;
       }
-      if ((e.code === 4001 || e.code === 4012) && state.refreshToken) {
+      if ((e.code === 4001 || e.code === 4012) && canRefresh()) {
         // Token expired, or role/stores changed: a refreshed token has the new scope.
         refreshSession().then(() => {
           state.attempt = 0;
@@ -1170,7 +1191,7 @@
     const saved = loadSession();
     if (saved) {
       state.token = saved.token;
-      state.refreshToken = saved.refreshToken || null;
+      state.cookieSession = saved.cookieSession === true;
       state.tokenExpiresAt = Number(saved.tokenExpiresAt) || 0;
       state.user = saved.user;
       scheduleTokenRefresh();

@@ -261,17 +261,29 @@ async function main() {
     }
 
     // ---- sessions: the page refreshes its way past a refused access token ----
+    // The refresh token is in an HttpOnly cookie: not in the page's state,
+    // its storage or document.cookie.
+    const refreshCookie = async () => (await context.cookies()).find((c) => c.name === 'pg_sales_refresh');
     const before401 = await page.evaluate(() => ({ ...window.pgSalesDashboard.state }));
-    assert.ok(before401.refreshToken, 'the login kept a refresh token');
+    assert.equal(before401.cookieSession, true, 'the session keeps its refresh token in a cookie');
+    assert.equal(before401.refreshToken, null, 'no refresh token in the page');
+    assert.ok(!(await page.evaluate(() => sessionStorage.getItem('pg_sales.session'))).includes('refreshToken'));
+    assert.ok(!(await page.evaluate(() => document.cookie)).includes('pg_sales_refresh'), 'not readable by scripts');
+    const cookie401 = await refreshCookie();
+    assert.ok(cookie401, 'the refresh cookie is set');
+    assert.equal(cookie401.httpOnly, true);
+    assert.equal(cookie401.sameSite, 'Strict');
+    assert.equal(cookie401.path, '/api/v2/auth');
     await page.evaluate(() => window.pgSalesDashboard.spoilToken());
     await page.fill('#month', now.ym);
     await page.dispatchEvent('#month', 'change');
-    await page.waitForFunction((rt) => {
+    await page.waitForFunction(() => {
       const s = window.pgSalesDashboard.state;
-      return s.token !== 'not.a.token' && s.refreshToken && s.refreshToken !== rt;
-    }, before401.refreshToken);
+      return s.token && s.token !== 'not.a.token';
+    });
+    assert.notEqual((await refreshCookie()).value, cookie401.value, 'the cookie rotated');
     assert.equal(await page.locator('#dashboard-view').isVisible(), true, 'still signed in');
-    log('401 -> refresh -> retried; the refresh token rotated');
+    log('401 -> refresh (from the HttpOnly cookie) -> retried; the cookie rotated');
 
     // ---- users (admins): add one, disable it, the admin channel keeps the table current ----
     await page.locator('#users-card').waitFor({ state: 'visible' });
@@ -313,10 +325,12 @@ async function main() {
 
     // ---- log out clears the session ----
     await page.setViewportSize({ width: 1280, height: 900 });
-    const lastRefresh = await page.evaluate(() => window.pgSalesDashboard.state.refreshToken);
+    const lastRefresh = (await refreshCookie()).value;
     await page.getByRole('button', { name: 'Log out' }).click();
     await page.locator('#login-view').waitFor({ state: 'visible' });
     assert.equal(await page.evaluate(() => sessionStorage.getItem('pg_sales.session')), null);
+    for (let i = 0; i < 100 && (await refreshCookie()); i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(await refreshCookie(), undefined, 'the logout removed the cookie');
     // Logging out ended the session on the server: its refresh token is refused.
     let after = null;
     for (let i = 0; i < 100; i++) {

@@ -562,6 +562,150 @@ async fn users_changed_by_plain_sql_are_revoked() {
     w.server.stop().await;
 }
 
+/// `refreshCookie`: the refresh token lives in an HttpOnly, SameSite=Strict
+/// cookie scoped to `/api/v2/auth`, never in a body; refresh, password
+/// change and logout read and rotate it there; reusing an old one still
+/// ends the session.
+#[tokio::test]
+async fn a_session_can_keep_its_refresh_token_in_an_httponly_cookie() {
+    let w = world(&[]).await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", w.server.addr);
+    let cookie_of = |r: &reqwest::Response| -> Option<String> {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .find(|c| c.starts_with("pg_sales_refresh="))
+    };
+    let value = |set_cookie: &str| -> String {
+        set_cookie["pg_sales_refresh=".len()..]
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let post = |path: &str, cookie: Option<&str>, body: Value| {
+        let mut rq = http.post(url(path)).json(&body);
+        if let Some(c) = cookie {
+            rq = rq.header("cookie", format!("theme=dark; pg_sales_refresh={c}"));
+        }
+        rq.send()
+    };
+
+    let r = post(
+        "/api/v2/auth/login",
+        None,
+        json!({"email": "staff@x.test", "password": PASSWORD, "refreshCookie": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let set = cookie_of(&r).expect("a refresh cookie");
+    for attribute in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/api/v2/auth",
+        "Max-Age=604800",
+    ] {
+        assert!(set.contains(attribute), "{attribute} in {set}");
+    }
+    assert!(!set.contains("Secure"), "no HSTS, no Secure: {set}");
+    let first = value(&set);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body.get("refreshToken").is_none(),
+        "not in the body: {body}"
+    );
+    let access = Api::new(&w.server, body["token"].as_str());
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
+
+    // Refresh from the cookie: a new access token, the cookie rotated.
+    let r = post("/api/v2/auth/refresh", Some(&first), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let second = value(&cookie_of(&r).expect("a rotated cookie"));
+    assert_ne!(second, first);
+    let body: Value = r.json().await.unwrap();
+    assert!(body.get("refreshToken").is_none(), "{body}");
+    assert!(body["token"].is_string());
+
+    // Neither body nor cookie: 400 naming the field.
+    let r = post("/api/v2/auth/refresh", None, json!({})).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["details"]["parameter"], "refreshToken",
+        "{body}"
+    );
+
+    // The used cookie presented again ends the session, as a body token would.
+    let r = post("/api/v2/auth/refresh", Some(&first), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = post("/api/v2/auth/refresh", Some(&second), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the whole session ended");
+
+    // A password change answered in the cookie when the request carried it.
+    let r = post(
+        "/api/v2/auth/login",
+        None,
+        json!({"email": "staff@x.test", "password": PASSWORD, "refreshCookie": true}),
+    )
+    .await
+    .unwrap();
+    let cookie = value(&cookie_of(&r).unwrap());
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .post(url("/api/v2/auth/password"))
+        .bearer_auth(&token)
+        .header("cookie", format!("pg_sales_refresh={cookie}"))
+        .json(&json!({"currentPassword": PASSWORD, "newPassword": "a-new-password-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after_change = value(&cookie_of(&r).expect("the new session's cookie"));
+    let body: Value = r.json().await.unwrap();
+    assert!(body.get("refreshToken").is_none(), "{body}");
+
+    // Logout from the cookie ends the session and removes the cookie.
+    let r = post("/api/v2/auth/logout", Some(&after_change), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let removed = cookie_of(&r).expect("a removing cookie");
+    assert!(
+        removed.starts_with("pg_sales_refresh=;") && removed.contains("Max-Age=0"),
+        "{removed}"
+    );
+    let r = post("/api/v2/auth/refresh", Some(&after_change), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Without refreshCookie nothing changes: the token is in the body, no cookie.
+    let r = post(
+        "/api/v2/auth/login",
+        None,
+        json!({"email": "staff@x.test", "password": "a-new-password-1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(cookie_of(&r).is_none());
+    let body: Value = r.json().await.unwrap();
+    assert!(body["refreshToken"].is_string(), "{body}");
+    w.server.stop().await;
+}
+
 #[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_session() {
     let w = world(&[]).await;

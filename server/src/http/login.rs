@@ -152,11 +152,18 @@ impl LoginGuard {
 }
 
 #[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
 pub struct LoginRequest {
     #[oai(validator(max_length = 320))]
     pub email: String,
     #[oai(validator(max_length = 1024))]
     pub password: String,
+    /// Keep the refresh token in an HttpOnly cookie (`pg_sales_refresh`,
+    /// path `/api/v2/auth`, SameSite=Strict) instead of the answer's body,
+    /// out of reach of the page's scripts. Refresh, logout and password
+    /// changes then read it from the cookie and rotate it there. Default
+    /// false.
+    pub refresh_cookie: Option<bool>,
 }
 
 #[derive(Object, Debug)]
@@ -180,7 +187,10 @@ pub struct LoginResponseBody {
     /// Seconds until the access token expires (JWT_EXPIRY).
     pub expires_in: i64,
     /// Exchanged for a new pair at `POST /api/v2/auth/refresh`; usable once.
-    pub refresh_token: String,
+    /// Absent when the session keeps it in the `pg_sales_refresh` cookie
+    /// (see `refreshCookie` at login).
+    #[oai(skip_serializing_if_is_none)]
+    pub refresh_token: Option<String>,
     /// Seconds the session lasts without a refresh (REFRESH_TOKEN_TTL), never
     /// past SESSION_MAX_AGE from its login.
     pub refresh_expires_in: i64,
@@ -193,14 +203,76 @@ pub struct LoginResponseBody {
 pub enum LoginResponse {
     /// Logged in.
     #[oai(status = 200)]
-    Ok(Json<LoginResponseBody>),
+    Ok(
+        Json<LoginResponseBody>,
+        /// The session's refresh token, for a session that keeps it in a cookie.
+        #[oai(header = "Set-Cookie")]
+        Option<String>,
+    ),
 }
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
 pub struct RefreshRequest {
+    /// The refresh token; may be left out when the session keeps it in the
+    /// `pg_sales_refresh` cookie.
     #[oai(validator(min_length = 1, max_length = 256))]
-    pub refresh_token: String,
+    pub refresh_token: Option<String>,
+}
+
+/// The cookie a session that asked for it (`refreshCookie`) keeps its
+/// refresh token in.
+pub const REFRESH_COOKIE: &str = "pg_sales_refresh";
+
+/// Where a request's refresh token came from, and so where the answer puts
+/// the next one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Carrier {
+    Body,
+    Cookie,
+}
+
+/// The refresh token from the request's cookie, if it has one.
+fn cookie_token(req: &poem::Request) -> Option<String> {
+    req.headers()
+        .get_all(poem::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, v)| *k == REFRESH_COOKIE && !v.is_empty())
+        .map(|(_, v)| v.to_string())
+}
+
+/// The token a refresh or logout acts on: the body's, else the cookie's.
+fn presented(req: &poem::Request, body: &RefreshRequest) -> ApiResult<(String, Carrier)> {
+    if let Some(t) = &body.refresh_token {
+        return Ok((t.clone(), Carrier::Body));
+    }
+    match cookie_token(req) {
+        Some(t) if t.len() <= 256 => Ok((t, Carrier::Cookie)),
+        Some(_) => Err(ApiError::unauthorized("unknown refresh token")),
+        None => Err(ApiError::bad_param(
+            "refreshToken",
+            format!(
+                "required: give it in the body, or log in with refreshCookie to keep it in the {REFRESH_COOKIE} cookie"
+            ),
+        )),
+    }
+}
+
+/// `Set-Cookie` for a session's refresh token (`None`: removes it).
+/// `Secure` when HSTS is on (the server is reached over HTTPS).
+fn refresh_cookie(token: Option<(&str, i64)>, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    match token {
+        Some((t, max_age)) => format!(
+            "{REFRESH_COOKIE}={t}; Path=/api/v2/auth; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
+        ),
+        None => format!(
+            "{REFRESH_COOKIE}=; Path=/api/v2/auth; Max-Age=0; HttpOnly; SameSite=Strict{secure}"
+        ),
+    }
 }
 
 #[derive(Object, Debug)]
@@ -243,24 +315,43 @@ pub enum MeResponse {
 pub enum LoggedOut {
     /// The session is over: its refresh token and access tokens are refused.
     #[oai(status = 204)]
-    Done,
+    Done(
+        /// Removes the refresh cookie, for a session that kept its token there.
+        #[oai(header = "Set-Cookie")]
+        Option<String>,
+    ),
 }
 
-fn answer(issued: crate::sessions::Issued, u: &crate::users::User) -> LoginResponse {
-    LoginResponse::Ok(Json(LoginResponseBody {
-        token: issued.access_token,
-        token_type: "Bearer".into(),
-        expires_in: issued.expires_in,
-        refresh_token: issued.refresh_token,
-        refresh_expires_in: issued.refresh_expires_in,
-        session_id: issued.session,
-        user: UserInfo {
-            id: u.id,
-            email: u.email.clone(),
-            role: u.role.as_str().into(),
-            stores: u.stores.clone(),
-        },
-    }))
+/// A new token pair, its refresh token where `carrier` says.
+fn answer(
+    issued: crate::sessions::Issued,
+    u: &crate::users::User,
+    carrier: Carrier,
+    secure: bool,
+) -> LoginResponse {
+    let cookie = (carrier == Carrier::Cookie).then(|| {
+        refresh_cookie(
+            Some((&issued.refresh_token, issued.refresh_expires_in)),
+            secure,
+        )
+    });
+    LoginResponse::Ok(
+        Json(LoginResponseBody {
+            token: issued.access_token,
+            token_type: "Bearer".into(),
+            expires_in: issued.expires_in,
+            refresh_token: (carrier == Carrier::Body).then_some(issued.refresh_token),
+            refresh_expires_in: issued.refresh_expires_in,
+            session_id: issued.session,
+            user: UserInfo {
+                id: u.id,
+                email: u.email.clone(),
+                role: u.role.as_str().into(),
+                stores: u.stores.clone(),
+            },
+        }),
+        cookie,
+    )
 }
 
 fn busy(e: crate::state::HashingBusy) -> ApiError {
@@ -384,25 +475,38 @@ impl LoginApi {
         )
         .await?;
         tx.commit().await?;
-        Ok(answer(issued, &user))
+        let carrier = if body.refresh_cookie.unwrap_or(false) {
+            Carrier::Cookie
+        } else {
+            Carrier::Body
+        };
+        Ok(answer(issued, &user, carrier, self.state.config.hsts))
     }
 
     /// Exchange a refresh token for a new access token and a new refresh
     /// token (the old one is used up). The new access token carries the
     /// user's current role and stores. Presenting a refresh token a second
-    /// time revokes its whole session (401).
+    /// time revokes its whole session (401). The token comes in the body
+    /// or, for a session that keeps it there (`refreshCookie` at login),
+    /// in the `pg_sales_refresh` cookie with the body `{}`; the new one
+    /// goes back the same way.
     #[oai(path = "/api/v2/auth/refresh", method = "post")]
-    async fn refresh(&self, body: Json<RefreshRequest>) -> ApiResult<LoginResponse> {
+    async fn refresh(
+        &self,
+        req: &poem::Request,
+        body: Json<RefreshRequest>,
+    ) -> ApiResult<LoginResponse> {
         use crate::sessions::RefreshError as E;
+        let (token, carrier) = presented(req, &body)?;
         match crate::sessions::refresh(
             &self.state.pool,
             &self.state.auth,
-            &body.refresh_token,
+            &token,
             crate::sessions::Lifetimes::of(&self.state.config),
         )
         .await
         {
-            Ok((issued, user)) => Ok(answer(issued, &user)),
+            Ok((issued, user)) => Ok(answer(issued, &user, carrier, self.state.config.hsts)),
             Err(E::Reused(change)) => {
                 self.state.access.apply(&change);
                 Err(ApiError::unauthorized(E::Reused(change).to_string()))
@@ -415,22 +519,26 @@ impl LoginApi {
 
     /// End the session of a refresh token: the refresh token and every
     /// access token of the session are refused from now on, on every
-    /// server instance. Ending an ended session again is no error.
+    /// server instance. Ending an ended session again is no error. The
+    /// token comes as for a refresh (body, or the cookie with `{}`); a
+    /// cookie is removed.
     #[oai(path = "/api/v2/auth/logout", method = "post")]
-    async fn logout(&self, body: Json<RefreshRequest>) -> ApiResult<LoggedOut> {
-        match crate::sessions::end(
-            &self.state.pool,
-            &body.refresh_token,
-            self.state.auth.expiry_secs(),
-        )
-        .await?
-        {
+    async fn logout(
+        &self,
+        req: &poem::Request,
+        body: Json<RefreshRequest>,
+    ) -> ApiResult<LoggedOut> {
+        let (token, carrier) = presented(req, &body)?;
+        match crate::sessions::end(&self.state.pool, &token, self.state.auth.expiry_secs()).await? {
             None => Err(ApiError::unauthorized("unknown refresh token")),
             Some(change) => {
                 if let Some(c) = change {
                     self.state.access.apply(&c);
                 }
-                Ok(LoggedOut::Done)
+                Ok(LoggedOut::Done(
+                    (carrier == Carrier::Cookie)
+                        .then(|| refresh_cookie(None, self.state.config.hsts)),
+                ))
             }
         }
     }
@@ -465,7 +573,8 @@ impl LoginApi {
 
     /// Change one's own password (the current one is required). Every
     /// session of the user ends, on every instance; the answer is a new
-    /// session. A weak new password is 422 saying why.
+    /// session (its refresh token in the `pg_sales_refresh` cookie when the
+    /// request carried that cookie). A weak new password is 422 saying why.
     #[oai(path = "/api/v2/auth/password", method = "post")]
     async fn password(
         &self,
@@ -533,7 +642,14 @@ impl LoginApi {
         if let Some(c) = change {
             self.state.access.apply(&c);
         }
-        Ok(answer(issued, &user))
+        // A session that kept its refresh token in the cookie gets the new
+        // session's there too.
+        let carrier = if cookie_token(req).is_some() {
+            Carrier::Cookie
+        } else {
+            Carrier::Body
+        };
+        Ok(answer(issued, &user, carrier, self.state.config.hsts))
     }
 }
 
