@@ -558,6 +558,25 @@ async fn users_changed_by_plain_sql_are_revoked() {
         204
     );
     assert_eq!(events("user-deleted", w.manager_id).await, 1);
+
+    // pg_dump leaves out triggers on the extension's tables: a restored
+    // database lacks it, and the next migrate (every server start) puts it back.
+    let present = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'users_changed_outside')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    sqlx::query("DROP TRIGGER users_changed_outside ON sales.users")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert!(!present().await);
+    sales_server::db::migrate(pool).await.unwrap();
+    assert!(present().await, "migrate created the trigger again");
+    assert!(!sales_server::db::restore_users_trigger(pool).await.unwrap());
     later.stop().await;
     w.server.stop().await;
 }

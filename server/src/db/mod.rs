@@ -136,7 +136,37 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     update_extension(pool)
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
-    MIGRATOR.run(pool).await
+    MIGRATOR.run(pool).await?;
+    restore_users_trigger(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)?;
+    Ok(())
+}
+
+/// Puts back the trigger of migration 0014 (revocation of users changed by
+/// plain SQL) when it is missing. It sits on `sales.users`, a table of the
+/// extension, and `pg_dump` leaves out triggers on extension tables, so a
+/// restored database has the migration recorded but not the trigger.
+/// Returns whether it had to be created.
+pub async fn restore_users_trigger(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let present: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'users_changed_outside'
+                        AND tgrelid = 'sales.users'::regclass)",
+    )
+    .fetch_one(pool)
+    .await?;
+    if present {
+        return Ok(false);
+    }
+    // The same statement as in migrations/0014_users_changed_outside.sql.
+    sqlx::query(
+        "CREATE OR REPLACE TRIGGER users_changed_outside AFTER UPDATE OR DELETE ON sales.users
+             FOR EACH ROW EXECUTE FUNCTION auth.tg_users_changed_outside()",
+    )
+    .execute(pool)
+    .await?;
+    tracing::warn!("the trigger that revokes users changed by plain SQL was missing (a restored dump?); created it again");
+    Ok(true)
 }
 
 /// `ALTER EXTENSION pg_sales UPDATE` when the database holds an older version
