@@ -559,23 +559,44 @@ async fn users_changed_by_plain_sql_are_revoked() {
     );
     assert_eq!(events("user-deleted", w.manager_id).await, 1);
 
+    // TRUNCATE fires no row trigger; a statement trigger deletes everyone
+    // the same way.
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.users ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert_eq!(w.admin.get("/api/v2/auth/me").await.0, 200);
+    sqlx::query("TRUNCATE sales.users CASCADE")
+        .execute(pool)
+        .await
+        .unwrap();
+    let message = refused(&w.admin, "the admin token refused after TRUNCATE").await;
+    assert!(message.contains("deleted"), "{message}");
+    for id in left {
+        assert_eq!(events("user-deleted", id).await, 1, "user {id}");
+    }
+
     // pg_dump leaves out triggers on the extension's tables: a restored
-    // database lacks it, and the next migrate (every server start) puts it back.
+    // database lacks them, and the next migrate (every server start) puts
+    // them back.
     let present = || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'users_changed_outside')",
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_trigger
+             WHERE tgname IN ('users_changed_outside', 'users_truncated_outside')",
         )
         .fetch_one(pool)
         .await
         .unwrap()
     };
-    sqlx::query("DROP TRIGGER users_changed_outside ON sales.users")
+    assert_eq!(present().await, 2);
+    sqlx::raw_sql("DROP TRIGGER users_changed_outside ON sales.users; DROP TRIGGER users_truncated_outside ON sales.users")
         .execute(pool)
         .await
         .unwrap();
-    assert!(!present().await);
+    assert_eq!(present().await, 0);
     sales_server::db::migrate(pool).await.unwrap();
-    assert!(present().await, "migrate created the trigger again");
+    assert_eq!(present().await, 2, "migrate created the triggers again");
     assert!(!sales_server::db::restore_users_trigger(pool).await.unwrap());
     later.stop().await;
     w.server.stop().await;

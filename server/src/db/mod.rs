@@ -143,30 +143,43 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     Ok(())
 }
 
-/// Puts back the trigger of migration 0014 (revocation of users changed by
-/// plain SQL) when it is missing. It sits on `sales.users`, a table of the
-/// extension, and `pg_dump` leaves out triggers on extension tables, so a
-/// restored database has the migration recorded but not the trigger.
-/// Returns whether it had to be created.
-pub async fn restore_users_trigger(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    let present: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'users_changed_outside'
-                        AND tgrelid = 'sales.users'::regclass)",
-    )
-    .fetch_one(pool)
-    .await?;
-    if present {
-        return Ok(false);
-    }
-    // The same statement as in migrations/0014_users_changed_outside.sql.
-    sqlx::query(
+/// The triggers of migrations 0014 and 0015 (revocation of users changed
+/// by plain SQL), as those migrations create them.
+const USERS_TRIGGERS: [(&str, &str); 2] = [
+    (
+        "users_changed_outside",
         "CREATE OR REPLACE TRIGGER users_changed_outside AFTER UPDATE OR DELETE ON sales.users
              FOR EACH ROW EXECUTE FUNCTION auth.tg_users_changed_outside()",
-    )
-    .execute(pool)
-    .await?;
-    tracing::warn!("the trigger that revokes users changed by plain SQL was missing (a restored dump?); created it again");
-    Ok(true)
+    ),
+    (
+        "users_truncated_outside",
+        "CREATE OR REPLACE TRIGGER users_truncated_outside BEFORE TRUNCATE ON sales.users
+             FOR EACH STATEMENT EXECUTE FUNCTION auth.tg_users_truncated_outside()",
+    ),
+];
+
+/// Puts back the triggers of migrations 0014 and 0015 when they are
+/// missing. They sit on `sales.users`, a table of the extension, and
+/// `pg_dump` leaves out triggers on extension tables, so a restored
+/// database has the migrations recorded but not the triggers. Returns
+/// whether any had to be created.
+pub async fn restore_users_trigger(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let mut created = false;
+    for (name, create) in USERS_TRIGGERS {
+        let present: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = $1
+                            AND tgrelid = 'sales.users'::regclass)",
+        )
+        .bind(name)
+        .fetch_one(pool)
+        .await?;
+        if !present {
+            sqlx::query(create).execute(pool).await?;
+            tracing::warn!(trigger = name, "a trigger that revokes users changed by plain SQL was missing (a restored dump?); created it again");
+            created = true;
+        }
+    }
+    Ok(created)
 }
 
 /// `ALTER EXTENSION pg_sales UPDATE` when the database holds an older version
