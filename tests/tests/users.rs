@@ -425,6 +425,16 @@ async fn sessions_end_at_session_max_age_however_often_refreshed() {
     assert_ne!(body["sessionId"], second["sessionId"]);
 }
 
+/// Refreshes the session of a login answer with its body refresh token.
+async fn refresh_session(server: &RunningServer, login: &Value) -> (u16, Value) {
+    Api::new(server, None)
+        .post(
+            "/api/v2/auth/refresh",
+            &json!({"refreshToken": login["refreshToken"]}),
+        )
+        .await
+}
+
 /// A token's answer once it is refused, waiting (bounded) for the event
 /// of a change made outside the server to reach it.
 async fn refused(api: &Api, what: &str) -> String {
@@ -494,12 +504,7 @@ async fn users_changed_by_plain_sql_are_revoked() {
     .await
     .unwrap();
     assert!(outside);
-    let (st, renewed) = Api::new(&w.server, None)
-        .post(
-            "/api/v2/auth/refresh",
-            &json!({"refreshToken": session["refreshToken"]}),
-        )
-        .await;
+    let (st, renewed) = refresh_session(&w.server, &session).await;
     assert_eq!(st, 200, "{renewed}");
     let renewed = Api::new(&w.server, Some(renewed["token"].as_str().unwrap()));
     let (st, me) = renewed.get("/api/v2/auth/me").await;
@@ -529,12 +534,7 @@ async fn users_changed_by_plain_sql_are_revoked() {
     .unwrap();
     let message = refused(&other, "the token refused after an SQL password change").await;
     assert!(message.contains("password"), "{message}");
-    let (st, body) = Api::new(&w.server, None)
-        .post(
-            "/api/v2/auth/refresh",
-            &json!({"refreshToken": other_session["refreshToken"]}),
-        )
-        .await;
+    let (st, body) = refresh_session(&w.server, &other_session).await;
     assert_eq!(st, 401, "the session ended with the password: {body}");
 
     // Deleted in psql: refused as deleted, on this instance and on one
@@ -632,14 +632,15 @@ async fn a_session_can_keep_its_refresh_token_in_an_httponly_cookie() {
         }
         rq.send()
     };
+    let cookie_login = || {
+        post(
+            "/api/v2/auth/login",
+            None,
+            json!({"email": "staff@x.test", "password": PASSWORD, "refreshCookie": true}),
+        )
+    };
 
-    let r = post(
-        "/api/v2/auth/login",
-        None,
-        json!({"email": "staff@x.test", "password": PASSWORD, "refreshCookie": true}),
-    )
-    .await
-    .unwrap();
+    let r = cookie_login().await.unwrap();
     assert_eq!(r.status(), 200);
     let set = cookie_of(&r).expect("a refresh cookie");
     for attribute in [
@@ -691,13 +692,7 @@ async fn a_session_can_keep_its_refresh_token_in_an_httponly_cookie() {
     assert_eq!(r.status(), 401, "the whole session ended");
 
     // A password change answered in the cookie when the request carried it.
-    let r = post(
-        "/api/v2/auth/login",
-        None,
-        json!({"email": "staff@x.test", "password": PASSWORD, "refreshCookie": true}),
-    )
-    .await
-    .unwrap();
+    let r = cookie_login().await.unwrap();
     let cookie = value(&cookie_of(&r).unwrap());
     let token = r.json::<Value>().await.unwrap()["token"]
         .as_str()
@@ -891,6 +886,28 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
     w.server.stop().await;
 }
 
+/// A login answered after its address's free attempts were used up, the
+/// last failure at `failed_at`: 429 for the address, unless the first
+/// wait (1 s) had already passed, which only the elapsed time may excuse
+/// (a machine too slow to ask within it).
+fn address_throttled(st: u16, body: &Value, failed_at: Instant) {
+    let waited = failed_at.elapsed();
+    if st != 429 {
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{st} {body} after {waited:?}"
+        );
+    } else {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("address"),
+            "{body}"
+        );
+    }
+}
+
 /// Behind a reverse proxy named in TRUSTED_PROXIES, the per-address
 /// throttle counts the address the proxy saw (`X-Forwarded-For`), so one
 /// client's failures do not lock out everyone behind the proxy; without
@@ -946,21 +963,7 @@ async fn login_throttling_per_address_behind_a_trusted_proxy() {
     );
     let failed_at = Instant::now();
     let (st, body) = login_from(&proxied, "203.0.113.1", PASSWORD).await;
-    let waited = failed_at.elapsed();
-    if st != 429 {
-        assert!(
-            waited >= Duration::from_secs(1),
-            "{st} {body} after {waited:?}"
-        );
-    } else {
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("address"),
-            "{body}"
-        );
-    }
+    address_throttled(st, &body, failed_at);
     let (st, body) = login_from(&proxied, "203.0.113.2", PASSWORD).await;
     assert_eq!(st, 200, "another client behind the proxy: {body}");
     // Entries a client writes itself, left of what the proxy appends, do
@@ -982,17 +985,7 @@ async fn login_throttling_per_address_behind_a_trusted_proxy() {
     );
     let failed_at = Instant::now();
     let (st, body) = login_from(&direct, "203.0.113.5", PASSWORD).await;
-    if st != 429 {
-        assert!(failed_at.elapsed() >= Duration::from_secs(1), "{st} {body}");
-    } else {
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("address"),
-            "{body}"
-        );
-    }
+    address_throttled(st, &body, failed_at);
     proxied.stop().await;
     direct.stop().await;
 }
@@ -1037,21 +1030,7 @@ async fn login_throttling_per_account_and_address() {
     // (the first wait is 1 s; on a machine too slow to ask within it the
     // login goes through, which only the elapsed time may excuse).
     let (st, body) = login(&server, "fresh@x.test", PASSWORD).await;
-    let waited = failed_at.elapsed();
-    if st != 429 {
-        assert!(
-            waited >= Duration::from_secs(1),
-            "{st} {body} after {waited:?}"
-        );
-    } else {
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("address"),
-            "{body}"
-        );
-    }
+    address_throttled(st, &body, failed_at);
     server.stop().await;
 }
 
