@@ -738,6 +738,25 @@ async fn a_session_can_keep_its_refresh_token_in_an_httponly_cookie() {
     assert!(cookie_of(&r).is_none());
     let body: Value = r.json().await.unwrap();
     assert!(body["refreshToken"].is_string(), "{body}");
+
+    // `Secure` when a trusted proxy says the client used HTTPS; the same
+    // header from anyone else counts for nothing.
+    let proxied =
+        w.db.server(&[("TRUSTED_PROXIES", "127.0.0.1/32, ::1")])
+            .await;
+    for (server, secure) in [(&w.server, false), (&proxied, true)] {
+        let r = http
+            .post(format!("http://{}/api/v2/auth/login", server.addr))
+            .header("x-forwarded-proto", "https")
+            .json(&json!({"email": "staff@x.test", "password": "a-new-password-1", "refreshCookie": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let set = cookie_of(&r).expect("a refresh cookie");
+        assert_eq!(set.ends_with("; Secure"), secure, "{set}");
+    }
+    proxied.stop().await;
     w.server.stop().await;
 }
 

@@ -261,8 +261,9 @@ fn presented(req: &poem::Request, body: &RefreshRequest) -> ApiResult<(String, C
     }
 }
 
-/// `Set-Cookie` for a session's refresh token (`None`: removes it).
-/// `Secure` when HSTS is on (the server is reached over HTTPS).
+/// `Set-Cookie` for a session's refresh token (`None`: removes it), with
+/// `Secure` when the client reached the server over HTTPS (see
+/// [`LoginApi::secure`]).
 fn refresh_cookie(token: Option<(&str, i64)>, secure: bool) -> String {
     let secure = if secure { "; Secure" } else { "" };
     match token {
@@ -404,6 +405,14 @@ impl LoginApi {
         verified
     }
 
+    /// Whether the client reached the server over HTTPS, as far as it can
+    /// tell: HSTS is on (the server is only reached that way), or a trusted
+    /// proxy (TRUSTED_PROXIES) says so in `X-Forwarded-Proto`.
+    fn secure(&self, req: &poem::Request) -> bool {
+        self.state.config.hsts
+            || super::middleware::forwarded_https(req, &self.state.config.trusted_proxies)
+    }
+
     async fn verify(&self, email: &str, password: &str) -> ApiResult<Option<(i64, String)>> {
         let pool = &self.state.pool;
         let row: Option<(i64, String)> = crate::db::retry("login_user", true, || {
@@ -480,7 +489,7 @@ impl LoginApi {
         } else {
             Carrier::Body
         };
-        Ok(answer(issued, &user, carrier, self.state.config.hsts))
+        Ok(answer(issued, &user, carrier, self.secure(req)))
     }
 
     /// Exchange a refresh token for a new access token and a new refresh
@@ -506,7 +515,7 @@ impl LoginApi {
         )
         .await
         {
-            Ok((issued, user)) => Ok(answer(issued, &user, carrier, self.state.config.hsts)),
+            Ok((issued, user)) => Ok(answer(issued, &user, carrier, self.secure(req))),
             Err(E::Reused(change)) => {
                 self.state.access.apply(&change);
                 Err(ApiError::unauthorized(E::Reused(change).to_string()))
@@ -536,8 +545,7 @@ impl LoginApi {
                     self.state.access.apply(&c);
                 }
                 Ok(LoggedOut::Done(
-                    (carrier == Carrier::Cookie)
-                        .then(|| refresh_cookie(None, self.state.config.hsts)),
+                    (carrier == Carrier::Cookie).then(|| refresh_cookie(None, self.secure(req))),
                 ))
             }
         }
@@ -649,7 +657,7 @@ impl LoginApi {
         } else {
             Carrier::Body
         };
-        Ok(answer(issued, &user, carrier, self.state.config.hsts))
+        Ok(answer(issued, &user, carrier, self.secure(req)))
     }
 }
 

@@ -108,6 +108,25 @@ pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
     })
 }
 
+/// Whether a trusted proxy (see [`client_ip`]) says the client used HTTPS:
+/// the first `X-Forwarded-Proto` entry, the one the proxy nearest the
+/// client wrote. From any other peer the header counts for nothing.
+pub fn forwarded_https(req: &Request, trusted: &[ipnet::IpNet]) -> bool {
+    let peer = req
+        .remote_addr()
+        .as_socket_addr()
+        .map(|a| a.ip().to_canonical());
+    let Some(peer) = peer else { return false };
+    if !trusted.iter().any(|n| n.contains(&peer)) {
+        return false;
+    }
+    req.headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+}
+
 fn forwarded_client<'a>(
     peer: IpAddr,
     trusted: &[ipnet::IpNet],
