@@ -538,12 +538,15 @@ async fn users_changed_by_plain_sql_are_revoked() {
     assert_eq!(st, 401, "the session ended with the password: {body}");
 
     // Deleted in psql: refused as deleted, on this instance and on one
-    // started afterwards (from the tombstone).
+    // started afterwards (from the tombstone); the user's open WebSocket
+    // is closed with 4011 (account deleted).
+    let mut ws = open_ws(&w.server, renewed.token.as_deref().unwrap()).await;
     sqlx::query("DELETE FROM sales.users WHERE id = $1")
         .bind(w.staff_id)
         .execute(pool)
         .await
         .unwrap();
+    assert_eq!(close_code(&mut ws).await, 4011, "closed: account deleted");
     let message = refused(&renewed, "the token refused after an SQL delete").await;
     assert!(message.contains("deleted"), "{message}");
     assert_eq!(events("user-deleted", w.staff_id).await, 1);
