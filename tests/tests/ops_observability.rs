@@ -6,6 +6,15 @@ use sales_e2e::{eventually, month, server_bin, user_token, Api, Fixture, ServerP
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// Terminates every database connection of the servers on `db` (the
+/// test's own stays).
+async fn kill_server_connections(db: &TestDb) {
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
 /// A server with one store and one month written through the API.
 async fn one_month() -> Fixture {
     let f = Fixture::start(1, &[]).await;
@@ -134,11 +143,7 @@ async fn reads_survive_killed_database_connections() {
                 ["monthly", "daily"][i % 2]
             ),
         ] {
-            // Terminate every pooled connection of the server (not the relay's LISTEN one matters less).
-            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
-                .execute(&db.pool)
-                .await
-                .unwrap();
+            kill_server_connections(&db).await;
             let (st, body) = api.get(&path).await;
             assert_eq!(st, 200, "{path}: {body}");
         }
@@ -183,10 +188,7 @@ async fn user_reads_and_logins_survive_a_killed_connection() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let (st, body) = call().await;
         assert_eq!(st, 200, "{path}: {body}");
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        kill_server_connections(&db).await;
         let (st, body) = call().await;
         assert_eq!(st, 200, "{path} after its connection was killed: {body}");
         if path.ends_with("queries") {
@@ -210,10 +212,7 @@ async fn an_export_whose_connection_was_lost_before_it_started_is_retried() {
     // killed connection and only its own retry answers it.
     let (st, _) = api.get(path).await;
     assert_eq!(st, 200);
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sales-server' AND pid <> pg_backend_pid()")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    kill_server_connections(&db).await;
     let r = api.req(reqwest::Method::GET, path).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let csv = r.text().await.unwrap();

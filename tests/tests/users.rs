@@ -600,7 +600,9 @@ async fn users_changed_by_plain_sql_are_revoked() {
     assert_eq!(present().await, 0);
     sales_server::db::migrate(pool).await.unwrap();
     assert_eq!(present().await, 2, "migrate created the triggers again");
-    assert!(!sales_server::db::restore_users_trigger(pool).await.unwrap());
+    assert!(!sales_server::db::restore_users_triggers(pool)
+        .await
+        .unwrap());
     later.stop().await;
     w.server.stop().await;
 }

@@ -137,7 +137,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
     MIGRATOR.run(pool).await?;
-    restore_users_trigger(pool)
+    restore_users_triggers(pool)
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
     Ok(())
@@ -163,7 +163,7 @@ const USERS_TRIGGERS: [(&str, &str); 2] = [
 /// `pg_dump` leaves out triggers on extension tables, so a restored
 /// database has the migrations recorded but not the triggers. Returns
 /// whether any had to be created.
-pub async fn restore_users_trigger(pool: &PgPool) -> Result<bool, sqlx::Error> {
+pub async fn restore_users_triggers(pool: &PgPool) -> Result<bool, sqlx::Error> {
     let mut created = false;
     for (name, create) in USERS_TRIGGERS {
         let present: bool = sqlx::query_scalar(

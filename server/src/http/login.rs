@@ -232,6 +232,16 @@ enum Carrier {
     Cookie,
 }
 
+impl Carrier {
+    fn cookie_if(cookie: bool) -> Self {
+        if cookie {
+            Carrier::Cookie
+        } else {
+            Carrier::Body
+        }
+    }
+}
+
 /// The refresh token from the request's cookie, if it has one.
 fn cookie_token(req: &poem::Request) -> Option<String> {
     req.headers()
@@ -484,11 +494,7 @@ impl LoginApi {
         )
         .await?;
         tx.commit().await?;
-        let carrier = if body.refresh_cookie.unwrap_or(false) {
-            Carrier::Cookie
-        } else {
-            Carrier::Body
-        };
+        let carrier = Carrier::cookie_if(body.refresh_cookie.unwrap_or(false));
         Ok(answer(issued, &user, carrier, self.secure(req)))
     }
 
@@ -652,11 +658,7 @@ impl LoginApi {
         }
         // A session that kept its refresh token in the cookie gets the new
         // session's there too.
-        let carrier = if cookie_token(req).is_some() {
-            Carrier::Cookie
-        } else {
-            Carrier::Body
-        };
+        let carrier = Carrier::cookie_if(cookie_token(req).is_some());
         Ok(answer(issued, &user, carrier, self.secure(req)))
     }
 }

@@ -94,12 +94,7 @@ impl RateLimits {
 /// cannot pick the address it is throttled as). A malformed entry ends the
 /// walk at the last proxy before it.
 pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
-    let peer = req
-        .remote_addr()
-        .as_socket_addr()
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-    forwarded_client(peer, trusted, || {
+    forwarded_client(peer_ip(req), trusted, || {
         req.headers()
             .get_all("x-forwarded-for")
             .iter()
@@ -112,19 +107,28 @@ pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
 /// the first `X-Forwarded-Proto` entry, the one the proxy nearest the
 /// client wrote. From any other peer the header counts for nothing.
 pub fn forwarded_https(req: &Request, trusted: &[ipnet::IpNet]) -> bool {
-    let peer = req
-        .remote_addr()
+    is_trusted(trusted, &peer_ip(req))
+        && req
+            .headers()
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+}
+
+/// The connection's peer (the unspecified address when it has none, which
+/// no trusted network contains).
+fn peer_ip(req: &Request) -> IpAddr {
+    req.remote_addr()
         .as_socket_addr()
-        .map(|a| a.ip().to_canonical());
-    let Some(peer) = peer else { return false };
-    if !trusted.iter().any(|n| n.contains(&peer)) {
-        return false;
-    }
-    req.headers()
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+}
+
+/// Whether `ip` (IPv4-mapped IPv6 read as IPv4) is in a trusted network.
+fn is_trusted(trusted: &[ipnet::IpNet], ip: &IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|n| n.contains(&ip))
 }
 
 fn forwarded_client<'a>(
@@ -132,8 +136,7 @@ fn forwarded_client<'a>(
     trusted: &[ipnet::IpNet],
     headers: impl FnOnce() -> Vec<&'a str>,
 ) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
-    if trusted.is_empty() || !is_trusted(&peer) {
+    if !is_trusted(trusted, &peer) {
         return peer;
     }
     let values = headers();
@@ -147,7 +150,7 @@ fn forwarded_client<'a>(
             break;
         };
         client = ip.to_canonical();
-        if !is_trusted(&client) {
+        if !is_trusted(trusted, &client) {
             break;
         }
     }
