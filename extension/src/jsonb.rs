@@ -92,6 +92,25 @@ impl IntoDatum for JsonbDatum {
     }
 }
 
+unsafe impl BoxRet for JsonbDatum {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(self.0) }
+    }
+}
+
+impl_sql_translatable!(JsonbDatum, "jsonb");
+
+impl JsonbDatum {
+    /// Serialises a value built with `pushJsonbValue`.
+    ///
+    /// # Safety
+    /// `v` is what the last `pushJsonbValue` returned, and every pointer in
+    /// it is still valid.
+    pub unsafe fn from_value(v: *mut pg_sys::JsonbValue) -> Self {
+        JsonbDatum(pg_sys::Datum::from(unsafe { pg_sys::JsonbValueToJsonb(v) }))
+    }
+}
+
 /// A `numeric` computed by Postgres' own arithmetic, returned as it is.
 pub struct NumericDatum(pg_sys::Numeric);
 

@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod jsonb;
 mod projection;
+mod records;
 mod surface;
 mod upsert;
 mod validate;

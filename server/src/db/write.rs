@@ -121,8 +121,8 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
 /// functions would be evaluated per row: a scan of the whole log on every
 /// write.) The server reads the log itself rather than through
 /// `sales.transaction_events()`, whose body is the same: a database that
-/// was already at extension 0.3.0 when that function was fixed keeps its
-/// earlier body, which scans the whole log.
+/// was already at extension 0.3.0 when that function was fixed kept its
+/// earlier body, which scans the whole log, until it moved to 0.4.0.
 pub const TX_EVENTS_SQL: &str = "SELECT DISTINCT kind, store_id, row_id,
         jsonb_build_object('year', payload->'year', 'month', payload->'month',
                            'previousStoreId', payload->'previousStoreId',

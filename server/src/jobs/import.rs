@@ -350,7 +350,8 @@ pub enum Ended {
     Stopped,
 }
 
-/// Folds a chunk's staged rows into records (one per store-month), merges
+/// Folds a chunk's staged rows into records (one per store-month, built by
+/// `sales.day_records` from the rows sorted once), merges
 /// them through `sales.batch_upsert_impl` and reports, in line order, the
 /// rows refused: by store (unknown, or outside the scope) and by the merge
 /// (each refused record's lines, with its field and reason). Deleting the
@@ -376,22 +377,21 @@ WITH d AS (
     FROM r WHERE sid IS NULL OR ($4::bigint[] IS NOT NULL AND sid <> ALL($4))
     ORDER BY line
 ), g AS (
-    SELECT sid, year, month,
-           jsonb_object_agg(day::text,
-                            jsonb_strip_nulls(jsonb_build_object('sales', sales::numeric,
-                                                                 'customers', customers::numeric,
-                                                                 'transactions', transactions::numeric))
-                            ORDER BY line, day) AS daily,
-           array_agg(DISTINCT line) AS lines,
+    SELECT sid, year, month, array_agg(DISTINCT line) AS lines,
            (row_number() OVER (ORDER BY sid, year, month) - 1)::int AS idx
     FROM r WHERE sid IS NOT NULL AND ($4::bigint[] IS NULL OR sid = ANY($4))
     GROUP BY sid, year, month
 ), up AS (
+    -- One record per (store, year, month), in g's order; within a month
+    -- the later line's day replaces the earlier one's.
     SELECT sales.batch_upsert_impl(
-               jsonb_agg(jsonb_build_object('storeId', sid, 'year', year, 'month', month, 'dailyData', daily)
-                         ORDER BY idx),
+               sales.day_records(array_agg(sid), array_agg(year), array_agg(month), array_agg(day),
+                                 array_agg(sales::numeric), array_agg(customers::numeric),
+                                 array_agg(transactions::numeric)),
                false, false, $4) AS summary
-    FROM g HAVING count(*) > 0
+    FROM (SELECT * FROM r WHERE sid IS NOT NULL AND ($4::bigint[] IS NULL OR sid = ANY($4))
+          ORDER BY sid, year, month, line, day) o
+    HAVING count(*) > 0
 ), failed AS (
     SELECT (e->>'index')::int AS idx, e->>'field' AS field, e->>'reason' AS reason
     FROM up, jsonb_array_elements(up.summary->'errors') e

@@ -90,6 +90,18 @@ SELECT sales.batch_delete_impl('{987654}', NULL) - 'eventId';
 SELECT pg_temp.err($$SELECT sales.batch_delete_impl(NULL, NULL)$$);
 SELECT sales.batch_delete_impl('{}', NULL, NULL) - 'eventId' AS null_atomic_means_true;
 
+-- day_records: day rows sorted by (store, year, month) as batch_upsert's
+-- records, one per run; a later row of a day replaces the earlier one
+-- whole; NULL metrics are left out.
+SELECT sales.day_records('{1,1,1,2}', '{2024,2024,2024,2024}', '{1,1,1,1}', '{3,1,3,2}',
+                         '{1.50,2,007,NULL}', '{NULL,3,4,NULL}', '{5,NULL,NULL,NULL}');
+SELECT sales.day_records('{1,1}', '{2024,2024}', '{1,2}', '{1,1}', '{1,2}', '{NULL,NULL}', '{NULL,NULL}');
+SELECT sales.day_records('{}', '{}', '{}', '{}', '{}', '{}', '{}') AS no_rows;
+SELECT sales.day_records(NULL, '{}', '{}', '{}', '{}', '{}', '{}') IS NULL AS strict;
+SELECT pg_temp.err($$SELECT sales.day_records('{1,1}', '{2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
+SELECT pg_temp.err($$SELECT sales.day_records('{1,NULL}', '{2024,2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
+SELECT pg_temp.err($$SELECT sales.day_records('{1}', '{2024}', '{1}', '{NULL}', '{1}', '{1}', '{1}')$$);
+
 -- arm_notify: true for the first event row of a transaction only.
 BEGIN;
 SELECT sales.arm_notify() AS first, sales.arm_notify() AS second;
