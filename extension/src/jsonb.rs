@@ -111,6 +111,73 @@ impl JsonbDatum {
     }
 }
 
+/// A `numeric[]` argument read in place: its elements' datums (NULL as
+/// `None`), each with a 4-byte header, valid for the call. (pgrx's
+/// `AnyNumeric` copies every element out and back in.)
+pub struct NumericArray(pub Vec<Option<pg_sys::Numeric>>);
+
+impl FromDatum for NumericArray {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        unsafe {
+            let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+            let mut elems: *mut pg_sys::Datum = std::ptr::null_mut();
+            let mut nulls: *mut bool = std::ptr::null_mut();
+            let mut n: i32 = 0;
+            // numeric: varlena, not by value, int-aligned.
+            pg_sys::deconstruct_array(
+                array,
+                pg_sys::NUMERICOID,
+                -1,
+                false,
+                pg_sys::TYPALIGN_INT as std::ffi::c_char,
+                &mut elems,
+                &mut nulls,
+                &mut n,
+            );
+            let n = n.max(0) as usize;
+            let (elems, nulls) = if n == 0 {
+                (&[][..], &[][..])
+            } else {
+                (
+                    std::slice::from_raw_parts(elems, n),
+                    std::slice::from_raw_parts(nulls, n),
+                )
+            };
+            Some(NumericArray(
+                elems
+                    .iter()
+                    .zip(nulls)
+                    .map(|(d, &null)| {
+                        // In place unless stored with a short header.
+                        (!null).then(|| pg_sys::pg_detoast_datum(d.cast_mut_ptr()).cast())
+                    })
+                    .collect(),
+            ))
+        }
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for NumericArray {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+impl_sql_translatable!(NumericArray, arg_only = "numeric[]");
+
 /// A `numeric` computed by Postgres' own arithmetic, returned as it is.
 pub struct NumericDatum(pg_sys::Numeric);
 

@@ -5,9 +5,8 @@
 //! three times).
 
 use crate::error::SalesError;
-use crate::jsonb::JsonbDatum;
+use crate::jsonb::{JsonbDatum, NumericArray};
 use pgrx::prelude::*;
-use pgrx::AnyNumeric;
 use std::ffi::CStr;
 
 /// `sales.day_records(store_ids, years, months, days, sales, customers,
@@ -26,10 +25,11 @@ fn day_records(
     years: Vec<Option<i32>>,
     months: Vec<Option<i32>>,
     days: Vec<Option<i32>>,
-    sales: Vec<Option<AnyNumeric>>,
-    customers: Vec<Option<AnyNumeric>>,
-    transactions: Vec<Option<AnyNumeric>>,
+    sales: NumericArray,
+    customers: NumericArray,
+    transactions: NumericArray,
 ) -> JsonbDatum {
+    let (sales, customers, transactions) = (sales.0, customers.0, transactions.0);
     let n = store_ids.len();
     for (name, len) in [
         ("years", years.len()),
@@ -58,11 +58,8 @@ fn day_records(
         .enumerate()
         .map(|(i, d)| need(d.map(i64::from), "days", i).to_string())
         .collect();
-    let metrics: Vec<[Option<pg_sys::Datum>; 3]> = (0..n)
-        .map(|i| {
-            [&sales, &customers, &transactions]
-                .map(|col| col[i].clone().and_then(|v| v.into_datum()))
-        })
+    let metrics: Vec<[Option<pg_sys::Numeric>; 3]> = (0..n)
+        .map(|i| [sales[i], customers[i], transactions[i]])
         .collect();
     let mut b = Builder::new();
     unsafe {
@@ -93,7 +90,7 @@ fn day_records(
                 for (name, value) in METRICS.iter().zip(metrics[i]) {
                     if let Some(d) = value {
                         b.key(name.to_bytes());
-                        b.numeric(d.cast_mut_ptr());
+                        b.numeric(d);
                     }
                 }
                 b.close(pg_sys::JsonbIteratorToken::WJB_END_OBJECT);
