@@ -15,7 +15,9 @@ use std::ffi::CStr;
 /// array of records that `sales.batch_upsert` takes: one `{storeId, year,
 /// month, dailyData}` per run of rows with the same store, year and month,
 /// in the order given. `dailyData` has a member per day, from that day's
-/// last row, holding the metrics that are not NULL. Arrays of different
+/// last row, holding the metrics that are not NULL (NaN and ±Infinity as
+/// strings, as `jsonb_build_object` writes them, which `batch_upsert`
+/// refuses like any non-numeric value). Arrays of different
 /// lengths, or a NULL store, year, month or day, raise SQLSTATE 22023.
 /// Nothing is validated here beyond that: `batch_upsert` validates the
 /// records as it does any others.
@@ -90,7 +92,7 @@ fn day_records(
                 for (name, value) in METRICS.iter().zip(metrics[i]) {
                     if let Some(d) = value {
                         b.key(name.to_bytes());
-                        b.numeric(d);
+                        b.metric(d);
                     }
                 }
                 b.close(pg_sys::JsonbIteratorToken::WJB_END_OBJECT);
@@ -131,6 +133,38 @@ impl Builder {
             val: s.as_ptr() as *mut std::ffi::c_char,
         };
         unsafe { pg_sys::pushJsonbValue(&mut self.0, pg_sys::JsonbIteratorToken::WJB_KEY, &mut v) };
+    }
+
+    /// A metric: a number, or for NaN and ±Infinity, which JSON has no
+    /// number for, its text as a string (as `jsonb_build_object` does), so
+    /// that `batch_upsert` refuses it as it refuses any non-numeric value.
+    unsafe fn metric(&mut self, n: pg_sys::Numeric) {
+        unsafe {
+            if pg_sys::numeric_is_nan(n) || pg_sys::numeric_is_inf(n) {
+                let text = pgrx::direct_function_call_as_datum(
+                    pg_sys::numeric_out,
+                    &[Some(pg_sys::Datum::from(n))],
+                )
+                .map(|d| std::ffi::CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>()))
+                .unwrap_or(c"NaN");
+                self.string(text.to_bytes());
+            } else {
+                self.numeric(n);
+            }
+        }
+    }
+
+    /// A string value; `s` outlives the serialisation.
+    unsafe fn string(&mut self, s: &[u8]) {
+        let mut v: pg_sys::JsonbValue = unsafe { std::mem::zeroed() };
+        v.type_ = pg_sys::jbvType::jbvString;
+        v.val.string = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
+            len: s.len() as i32,
+            val: s.as_ptr() as *mut std::ffi::c_char,
+        };
+        unsafe {
+            pg_sys::pushJsonbValue(&mut self.0, pg_sys::JsonbIteratorToken::WJB_VALUE, &mut v)
+        };
     }
 
     /// A numeric value (a datum with a 4-byte header that outlives the

@@ -97,6 +97,32 @@ SELECT sales.day_records('{1,1,1,2}', '{2024,2024,2024,2024}', '{1,1,1,1}', '{3,
                          '{1.50,2,007,NULL}', '{NULL,3,4,NULL}', '{5,NULL,NULL,NULL}');
 SELECT sales.day_records('{1,1}', '{2024,2024}', '{1,2}', '{1,1}', '{1,2}', '{NULL,NULL}', '{NULL,NULL}');
 SELECT sales.day_records('{}', '{}', '{}', '{}', '{}', '{}', '{}') AS no_rows;
+-- The same records as the plain-SQL fold (jsonb_object_agg in line order,
+-- NULLs stripped) over 50,000 random rows with many repeated days.
+SELECT setseed(0.42);
+WITH r AS (
+  SELECT (random() * 4)::int + 1 AS sid, 2024 AS year, (random())::int + 1 AS month,
+         (random() * 27)::int + 1 AS day, g AS line,
+         CASE WHEN random() < 0.2 THEN NULL ELSE round((random() * 1000)::numeric, (random() * 3)::int) END AS sales,
+         CASE WHEN random() < 0.3 THEN NULL ELSE (random() * 100)::int::numeric END AS customers,
+         CASE WHEN random() < 0.5 THEN NULL ELSE (random() * 100)::int::numeric END AS transactions
+  FROM generate_series(1, 50000) g),
+g AS (SELECT sid, year, month,
+             jsonb_object_agg(day::text, jsonb_strip_nulls(jsonb_build_object('sales', sales, 'customers', customers,
+                                                                              'transactions', transactions))
+                              ORDER BY line, day) AS daily
+      FROM r GROUP BY sid, year, month),
+plain AS (SELECT jsonb_agg(jsonb_build_object('storeId', sid, 'year', year, 'month', month, 'dailyData', daily)
+                           ORDER BY sid, year, month) AS j FROM g),
+fold AS (SELECT sales.day_records(array_agg(sid::bigint), array_agg(year), array_agg(month), array_agg(day),
+                                  array_agg(sales), array_agg(customers), array_agg(transactions)) AS j
+         FROM (SELECT * FROM r ORDER BY sid, year, month, line, day) o)
+SELECT plain.j::text = fold.j::text AS same_records, jsonb_array_length(fold.j) AS records FROM plain, fold;
+
+-- NaN and infinities become strings, which batch_upsert refuses.
+SELECT sales.day_records('{101}', '{2024}', '{1}', '{1}', '{NaN}', '{Infinity}', '{-Infinity}');
+SELECT jsonb_path_query(sales.batch_upsert_impl(
+    sales.day_records('{101}', '{2024}', '{1}', '{1}', '{NaN}', '{1}', '{1}')), '$.errors') AS nan_refused;
 SELECT sales.day_records(NULL, '{}', '{}', '{}', '{}', '{}', '{}') IS NULL AS strict;
 SELECT pg_temp.err($$SELECT sales.day_records('{1,1}', '{2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
 SELECT pg_temp.err($$SELECT sales.day_records('{1,NULL}', '{2024,2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
