@@ -60,9 +60,6 @@ fn day_records(
         .enumerate()
         .map(|(i, d)| need(d.map(i64::from), "days", i).to_string())
         .collect();
-    let metrics: Vec<[Option<pg_sys::Numeric>; 3]> = (0..n)
-        .map(|i| [sales[i], customers[i], transactions[i]])
-        .collect();
     let mut b = Builder::new();
     unsafe {
         b.open(pg_sys::JsonbIteratorToken::WJB_BEGIN_ARRAY);
@@ -89,7 +86,10 @@ fn day_records(
             {
                 b.key(day_keys[i].as_bytes());
                 b.open(pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT);
-                for (name, value) in METRICS.iter().zip(metrics[i]) {
+                for (name, value) in METRICS
+                    .iter()
+                    .zip([sales[i], customers[i], transactions[i]])
+                {
                     if let Some(d) = value {
                         b.key(name.to_bytes());
                         b.metric(d);
@@ -126,13 +126,18 @@ impl Builder {
 
     /// A key; `s` outlives the serialisation.
     unsafe fn key(&mut self, s: &[u8]) {
+        unsafe { self.text(pg_sys::JsonbIteratorToken::WJB_KEY, s) };
+    }
+
+    /// A key or string value (`token`); `s` outlives the serialisation.
+    unsafe fn text(&mut self, token: pg_sys::JsonbIteratorToken::Type, s: &[u8]) {
         let mut v: pg_sys::JsonbValue = unsafe { std::mem::zeroed() };
         v.type_ = pg_sys::jbvType::jbvString;
         v.val.string = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
             len: s.len() as i32,
             val: s.as_ptr() as *mut std::ffi::c_char,
         };
-        unsafe { pg_sys::pushJsonbValue(&mut self.0, pg_sys::JsonbIteratorToken::WJB_KEY, &mut v) };
+        unsafe { pg_sys::pushJsonbValue(&mut self.0, token, &mut v) };
     }
 
     /// A metric: a number, or for NaN and ±Infinity, which JSON has no
@@ -147,24 +152,11 @@ impl Builder {
                 )
                 .map(|d| std::ffi::CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>()))
                 .unwrap_or(c"NaN");
-                self.string(text.to_bytes());
+                self.text(pg_sys::JsonbIteratorToken::WJB_VALUE, text.to_bytes());
             } else {
                 self.numeric(n);
             }
         }
-    }
-
-    /// A string value; `s` outlives the serialisation.
-    unsafe fn string(&mut self, s: &[u8]) {
-        let mut v: pg_sys::JsonbValue = unsafe { std::mem::zeroed() };
-        v.type_ = pg_sys::jbvType::jbvString;
-        v.val.string = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
-            len: s.len() as i32,
-            val: s.as_ptr() as *mut std::ffi::c_char,
-        };
-        unsafe {
-            pg_sys::pushJsonbValue(&mut self.0, pg_sys::JsonbIteratorToken::WJB_VALUE, &mut v)
-        };
     }
 
     /// A numeric value (a datum with a 4-byte header that outlives the
