@@ -95,7 +95,8 @@ pub struct Config {
     pub export_max_duration: Duration,
     /// Largest import body (POST /api/v2/imports), counted while it streams.
     pub import_max_bytes: u64,
-    /// Most input lines merged in one transaction (fewer when a chunk runs long).
+    /// Most staged rows (lines × days) merged in one transaction (fewer when a
+    /// chunk runs long), plus the rest of the store-month the chunk ends in.
     pub import_chunk_lines: u32,
     /// Job workers of this instance (0: this instance runs no jobs).
     pub job_workers: usize,

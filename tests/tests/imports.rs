@@ -480,9 +480,13 @@ async fn dry_run_and_max_errors() {
         .await,
         0
     );
-    // More rejected rows than allowed: the job fails, and the chunk (two
-    // lines here) with the extra one writes nothing.
-    let file = "store_code,date,sales\nT001,2024-02-01,1\nT001,2024-02-02,2\nX,2024-02-03,3\nT001,2024-02-04,4\nY,2024-02-05,5\nT001,2024-02-06,6\n";
+    // More rejected rows than allowed: the job fails, and the chunk with
+    // the extra one writes nothing. Chunks go in month and store order and
+    // take whole store-months; at two rows each: January's two days of
+    // T001 (lines 2 and 7), then February's X (unknown: the first rejected
+    // row, allowed) with March's T001, then April's T001 with May's Y
+    // (unknown: the second rejected row), which writes nothing.
+    let file = "store_code,date,sales\nT001,2024-01-01,1\nX,2024-02-03,3\nT001,2024-04-04,4\nT001,2024-03-06,6\nY,2024-05-05,5\nT001,2024-01-02,2\n";
     let (_, body, _) = post_file(&api, "?maxErrors=1", "text/csv", file).await;
     let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
     assert_eq!(doc["state"], "failed", "{doc}");
@@ -498,13 +502,18 @@ async fn dry_run_and_max_errors() {
     .await;
     assert_eq!(days, doc["rowsWritten"].as_i64().unwrap());
     assert_eq!(days, 3, "{doc}");
+    let months: Vec<(i32, Value)> =
+        sqlx::query_as("SELECT month, daily_data FROM sales.monthly_sales ORDER BY month")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(
-        scalar_i64(
-            &db,
-            "SELECT count(*) FROM sales.monthly_sales WHERE daily_data ? '6'"
-        )
-        .await,
-        0
+        months,
+        vec![
+            (1, json!({"1": {"sales": 1}, "2": {"sales": 2}})),
+            (3, json!({"6": {"sales": 6}})),
+        ],
+        "January whole, March, and nothing of the failing chunk's April"
     );
     server.stop().await;
 }

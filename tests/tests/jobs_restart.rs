@@ -264,6 +264,18 @@ async fn two_instances_share_the_queue_and_never_run_a_job_twice() {
         .await,
         (per * ids.len()) as i64
     );
+    // Chunks take whole store-months in month and store order: a month
+    // whose days the date-ordered file spreads over two 100-line chunks is
+    // still written once.
+    assert_eq!(
+        i64_of(
+            &db,
+            "SELECT count(*) FROM sales.monthly_sales WHERE version <> 1"
+        )
+        .await,
+        0,
+        "a store-month was written more than once"
+    );
     assert_eq!(
         i64_of(
             &db,

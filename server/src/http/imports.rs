@@ -166,7 +166,8 @@ pub struct JobStatus {
     pub rows_read: i64,
     pub rows_written: i64,
     pub rows_rejected: i64,
-    /// The last line of the last committed chunk.
+    /// The highest input line merged so far (chunks go in store and month
+    /// order, so lower lines may still be waiting).
     pub last_line: i64,
     pub chunks: i64,
     /// Times a worker took it (more than 1: a worker was lost and another continued).

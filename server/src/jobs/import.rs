@@ -5,13 +5,17 @@
 //! behind `sales.batch_upsert` and the batch endpoint: the same validation,
 //! scope, versions and events.
 //!
+//! Chunks walk the staged rows in month and store order (the table's key),
+//! not in file order, and each takes whole store-months: a month is written
+//! once however its days are spread over the file.
+//!
 //! One chunk is one transaction: it locks the job row (the lease token
 //! fences out a worker that lost the job), and one statement deletes the
 //! chunk's staged rows (`DELETE ... RETURNING` feeds the merge, so a
 //! committed chunk's rows are gone and can never be merged again), folds
 //! them into one record per (store, year, month) and calls the merge with
-//! the job's store scope; the progress (last line, counts, rejected rows) is
-//! recorded before COMMIT.
+//! the job's store scope; the progress (counts, rejected rows) is recorded
+//! before COMMIT. A restarted job merges what is still staged.
 //! Numbers go from the staged text straight to `numeric`, so they reach the
 //! table exactly as the file wrote them.
 
@@ -357,11 +361,16 @@ pub enum Ended {
 /// (each refused record's lines, with its field and reason). Deleting the
 /// staged rows is part of the statement: a committed chunk cannot be merged
 /// twice. The records go from the aggregate straight into the merge, never
-/// to the server and back. Returns (refused rows, rows written, the chunk's
-/// last line).
+/// to the server and back. Takes the staged rows of the store-months after
+/// `$2..$4` up to `$5..$7` (keys as in [`CHUNK_END_SQL`]) and the scope
+/// (`$8`). Returns (refused rows, rows written, the chunk's last and first
+/// line).
 const CHUNK_SQL: &str = r#"
 WITH d AS (
-    DELETE FROM jobs.import_rows WHERE job_id = $1 AND line > $2 AND line <= $3
+    DELETE FROM jobs.import_rows
+    WHERE job_id = $1
+      AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+      AND (year, month, coalesce(store_id, hashtext(store_code), 0)) <= ($5, $6, $7)
     RETURNING line, day, store_code, store_id, year, month, sales, customers, transactions, col
 ), r AS (
     SELECT d.*, CASE WHEN d.store_code IS NOT NULL THEN sc.id ELSE si.id END AS sid
@@ -374,12 +383,12 @@ WITH d AS (
            CASE WHEN sid IS NULL
                 THEN format('unknown store %s', coalesce(quote_literal(store_code), store_id::text))
                 ELSE format('store %s is outside your scope', coalesce(store_code, store_id::text)) END AS reason
-    FROM r WHERE sid IS NULL OR ($4::bigint[] IS NOT NULL AND sid <> ALL($4))
+    FROM r WHERE sid IS NULL OR ($8::bigint[] IS NOT NULL AND sid <> ALL($8))
     ORDER BY line
 ), g AS (
     SELECT sid, year, month, array_agg(DISTINCT line) AS lines,
            (row_number() OVER (ORDER BY sid, year, month) - 1)::int AS idx
-    FROM r WHERE sid IS NOT NULL AND ($4::bigint[] IS NULL OR sid = ANY($4))
+    FROM r WHERE sid IS NOT NULL AND ($8::bigint[] IS NULL OR sid = ANY($8))
     GROUP BY sid, year, month
 ), up AS (
     -- One record per (store, year, month), in g's order; within a month
@@ -388,8 +397,8 @@ WITH d AS (
                sales.day_records(array_agg(sid), array_agg(year), array_agg(month), array_agg(day),
                                  array_agg(sales::numeric), array_agg(customers::numeric),
                                  array_agg(transactions::numeric)),
-               false, false, $4) AS summary
-    FROM (SELECT * FROM r WHERE sid IS NOT NULL AND ($4::bigint[] IS NULL OR sid = ANY($4))
+               false, false, $8) AS summary
+    FROM (SELECT * FROM r WHERE sid IS NOT NULL AND ($8::bigint[] IS NULL OR sid = ANY($8))
           ORDER BY sid, year, month, line, day) o
     HAVING count(*) > 0
 ), failed AS (
@@ -403,7 +412,33 @@ SELECT (SELECT coalesce(jsonb_agg(x.j ORDER BY x.line), '[]')
               FROM failed f JOIN g USING (idx), unnest(g.lines) AS l) x),
        (SELECT coalesce(sum(cardinality(lines)), 0)::int8 FROM g
         WHERE EXISTS (SELECT FROM up) AND idx NOT IN (SELECT idx FROM failed)),
-       (SELECT max(line) FROM d)
+       (SELECT max(line) FROM d),
+       (SELECT min(line) FROM d)
+"#;
+
+/// The staged rows' key, as `jobs.import_rows_key_idx` has it: a store-month
+/// (year, month, and the store id or a hash of its code).
+type Key = (i32, i32, i64);
+
+/// Below every staged row's key.
+const START: Key = (i32::MIN, i32::MIN, i64::MIN);
+
+/// The store-month that ends the next chunk: the one holding the chunk's
+/// last row (`$5` rows past `$2..$4`), or the last staged one when fewer
+/// rows are left. Nothing when no row is left.
+const CHUNK_END_SQL: &str = r#"
+(SELECT year, month, coalesce(store_id, hashtext(store_code), 0)
+ FROM jobs.import_rows
+ WHERE job_id = $1 AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+ ORDER BY year, month, coalesce(store_id, hashtext(store_code), 0)
+ OFFSET $5 LIMIT 1)
+UNION ALL
+(SELECT year, month, coalesce(store_id, hashtext(store_code), 0)
+ FROM jobs.import_rows
+ WHERE job_id = $1 AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+ ORDER BY year DESC, month DESC, coalesce(store_id, hashtext(store_code), 0) DESC
+ LIMIT 1)
+LIMIT 1
 "#;
 
 /// Runs an import job on `conn` (the connection that claimed it) until it
@@ -424,6 +459,9 @@ pub async fn run(
     let max_errors = job.params["maxErrors"].as_i64().unwrap_or(i64::MAX);
     let mut size = chunk_lines.clamp(1, 2_000) as i64;
     let mut last_notify: Option<Instant> = None;
+    // Where this run's next chunk starts. A run that takes the job over
+    // starts from the beginning: what earlier runs merged is no longer staged.
+    let mut after = START;
     loop {
         if *stop.borrow() {
             return Ok(Ended::Stopped);
@@ -454,18 +492,19 @@ pub async fn run(
             crate::db::set_actor(&mut *tx, u).await?;
         }
         crate::db::set_job(&mut *tx, job.id).await?;
-        let next: Option<i64> = if cancelled {
+        let end: Option<Key> = if cancelled {
             None
         } else {
-            sqlx::query_scalar(
-                "SELECT line FROM jobs.import_rows WHERE job_id = $1 AND line > $2 ORDER BY line LIMIT 1",
-            )
-            .bind(job.id)
-            .bind(p.last_line)
-            .fetch_optional(&mut *tx)
-            .await?
+            sqlx::query_as(CHUNK_END_SQL)
+                .bind(job.id)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(after.2)
+                .bind(size - 1)
+                .fetch_optional(&mut *tx)
+                .await?
         };
-        let Some(first) = next else {
+        let Some(end) = end else {
             let end = if cancelled { "cancelled" } else { "completed" };
             finish(&mut tx, job, end, None, &p, dry_run).await?;
             let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
@@ -479,7 +518,6 @@ pub async fn run(
             }
             return Ok(Ended::Finished(end.into()));
         };
-        let hi = first + size - 1;
         // A dry run merges inside a savepoint and rolls it back, then takes
         // the chunk's staged rows out as a real run does.
         if dry_run {
@@ -487,27 +525,37 @@ pub async fn run(
         }
         let row = sqlx::query(CHUNK_SQL)
             .bind(job.id)
-            .bind(p.last_line)
-            .bind(hi)
+            .bind(after.0)
+            .bind(after.1)
+            .bind(after.2)
+            .bind(end.0)
+            .bind(end.1)
+            .bind(end.2)
             .bind(&job.scope)
             .fetch_one(&mut *tx)
             .await?;
         let refused: Value = row.get(0);
         let written: i64 = row.get(1);
-        // The last line the chunk held (it starts at a staged line, so it
-        // holds at least one): what `lastLine` reports, rather than the
-        // chunk's upper bound past the end of the file.
+        // The chunk's lines: `lastLine` reports the highest line merged so far.
         let chunk_last: Option<i64> = row.get(2);
+        let chunk_first: Option<i64> = row.get(3);
         if dry_run {
             sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(
-                "DELETE FROM jobs.import_rows WHERE job_id = $1 AND line > $2 AND line <= $3",
+                "DELETE FROM jobs.import_rows
+                 WHERE job_id = $1
+                   AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+                   AND (year, month, coalesce(store_id, hashtext(store_code), 0)) <= ($5, $6, $7)",
             )
             .bind(job.id)
-            .bind(p.last_line)
-            .bind(hi)
+            .bind(after.0)
+            .bind(after.1)
+            .bind(after.2)
+            .bind(end.0)
+            .bind(end.1)
+            .bind(end.2)
             .execute(&mut *tx)
             .await?;
         }
@@ -546,8 +594,13 @@ pub async fn run(
                 .await?;
             p.rows_rejected += new_rejected;
             let why = format!(
-                "{} rejected rows, more than the {max_errors} allowed (maxErrors); stopped before line {first}",
-                p.rows_rejected
+                "{} rejected rows, more than the {max_errors} allowed (maxErrors); \
+                 the chunk that passed the limit (store-months up to {}-{:02}, lines {} to {}) wrote nothing",
+                p.rows_rejected,
+                end.0,
+                end.1,
+                chunk_first.unwrap_or(0),
+                chunk_last.unwrap_or(0),
             );
             finish(&mut tx, job, "failed", Some(&why), &p, dry_run).await?;
             tx.commit().await?;
@@ -560,8 +613,9 @@ pub async fn run(
         super::record_errors(&mut tx, job.id, p.rows_rejected.min(ERRORS_KEPT), &rejected).await?;
         p.rows_written += written;
         p.rows_rejected += new_rejected;
-        p.last_line = chunk_last.unwrap_or(hi);
+        p.last_line = p.last_line.max(chunk_last.unwrap_or(0));
         p.chunks += 1;
+        after = end;
         sqlx::query(
             "UPDATE jobs.jobs
              SET last_line = $3, rows_written = $4, rows_rejected = $5, chunks = $6,

@@ -159,9 +159,8 @@ pub async fn cancel(
 pub async fn purge_rows(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
     loop {
         let n = sqlx::query(
-            "DELETE FROM jobs.import_rows r
-             USING (SELECT line, day FROM jobs.import_rows WHERE job_id = $1 LIMIT 20000) d
-             WHERE r.job_id = $1 AND r.line = d.line AND r.day = d.day",
+            "DELETE FROM jobs.import_rows
+             WHERE ctid = ANY (ARRAY(SELECT ctid FROM jobs.import_rows WHERE job_id = $1 LIMIT 20000))",
         )
         .bind(id)
         .execute(pool)

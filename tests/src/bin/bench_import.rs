@@ -235,6 +235,17 @@ async fn main() {
         "server RSS: {:.1} MB before, peak growth {growth:.1} MB (target <= 64 MB)",
         base_rss as f64 / 1024.0
     );
+    // Each write of a store-month is a new version: their sum over the rows
+    // is how many times the merge wrote one.
+    let (months, writes): (i64, i64) =
+        sqlx::query_as("SELECT count(*), coalesce(sum(version), 0)::int8 FROM sales.monthly_sales")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    println!(
+        "store-months written: {months}, writes: {writes} ({:.2} per store-month)",
+        writes as f64 / months.max(1) as f64
+    );
     let _ = std::fs::remove_file(&file);
     drop(server);
 }
