@@ -687,14 +687,54 @@ async fn a_session_can_keep_its_refresh_token_in_an_httponly_cookie() {
     );
 
     // The used cookie presented again ends the session, as a body token would.
+    // A refusal removes the cookie that held the refused token.
+    let removes = |r: &reqwest::Response| {
+        let c = cookie_of(r).expect("a removing cookie");
+        assert!(
+            c.starts_with("pg_sales_refresh=;")
+                && c.contains("Max-Age=0")
+                && c.contains("Path=/api/v2/auth"),
+            "{c}"
+        );
+    };
     let r = post("/api/v2/auth/refresh", Some(&first), json!({}))
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    removes(&r);
     let r = post("/api/v2/auth/refresh", Some(&second), json!({}))
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "the whole session ended");
+    removes(&r);
+    // A token in the body is refused without touching any cookie.
+    let r = post(
+        "/api/v2/auth/refresh",
+        None,
+        json!({"refreshToken": second}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(cookie_of(&r).is_none());
+    // A cookie too long to be a refresh token, and a logout through a
+    // cookie holding a token never issued: refused, the cookie removed.
+    let r = post("/api/v2/auth/refresh", Some(&"x".repeat(300)), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    removes(&r);
+    let r = post("/api/v2/auth/logout", Some("never-issued"), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    removes(&r);
+    // Logging out of the ended session is no error, and removes it too.
+    let r = post("/api/v2/auth/logout", Some(&second), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    removes(&r);
 
     // A password change answered in the cookie when the request carried it.
     let r = cookie_login().await.unwrap();

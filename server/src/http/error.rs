@@ -82,7 +82,13 @@ pub enum ApiError {
     BadRequest(Json<ErrorBody>),
     /// Missing, expired or invalid bearer token, or wrong credentials.
     #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
+    Unauthorized(
+        Json<ErrorBody>,
+        /// Removes the `pg_sales_refresh` cookie when the refresh token a
+        /// refresh or logout read from it is refused for good.
+        #[oai(header = "Set-Cookie")]
+        Option<String>,
+    ),
     /// The token does not allow this (role, or a store outside its scope).
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
@@ -120,7 +126,16 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        ApiError::Unauthorized(ErrorBody::new("unauthorized", message, None))
+        ApiError::Unauthorized(ErrorBody::new("unauthorized", message, None), None)
+    }
+
+    /// The same error, answered with `cookie` as its `Set-Cookie` (a 401
+    /// only; other errors are returned unchanged).
+    pub fn with_cookie(self, cookie: Option<String>) -> Self {
+        match self {
+            ApiError::Unauthorized(body, _) => ApiError::Unauthorized(body, cookie),
+            other => other,
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -207,7 +222,7 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::BadRequest(_) => 400,
-            ApiError::Unauthorized(_) => 401,
+            ApiError::Unauthorized(..) => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::Conflict(_) => 409,

@@ -255,13 +255,19 @@ fn cookie_token(req: &poem::Request) -> Option<String> {
 }
 
 /// The token a refresh or logout acts on: the body's, else the cookie's.
-fn presented(req: &poem::Request, body: &RefreshRequest) -> ApiResult<(String, Carrier)> {
+/// A cookie too long to be a refresh token is refused and removed.
+fn presented(
+    req: &poem::Request,
+    body: &RefreshRequest,
+    secure: bool,
+) -> ApiResult<(String, Carrier)> {
     if let Some(t) = &body.refresh_token {
         return Ok((t.clone(), Carrier::Body));
     }
     match cookie_token(req) {
         Some(t) if t.len() <= 256 => Ok((t, Carrier::Cookie)),
-        Some(_) => Err(ApiError::unauthorized("unknown refresh token")),
+        Some(_) => Err(ApiError::unauthorized("unknown refresh token")
+            .with_cookie(Some(refresh_cookie(None, secure)))),
         None => Err(ApiError::bad_param(
             "refreshToken",
             format!(
@@ -512,7 +518,11 @@ impl LoginApi {
         body: Json<RefreshRequest>,
     ) -> ApiResult<LoginResponse> {
         use crate::sessions::RefreshError as E;
-        let (token, carrier) = presented(req, &body)?;
+        let secure = self.secure(req);
+        let (token, carrier) = presented(req, &body, secure)?;
+        // A token refused for good leaves the cookie that held it useless:
+        // the answer removes it.
+        let clear = (carrier == Carrier::Cookie).then(|| refresh_cookie(None, secure));
         match crate::sessions::refresh(
             &self.state.pool,
             &self.state.auth,
@@ -521,14 +531,14 @@ impl LoginApi {
         )
         .await
         {
-            Ok((issued, user)) => Ok(answer(issued, &user, carrier, self.secure(req))),
+            Ok((issued, user)) => Ok(answer(issued, &user, carrier, secure)),
             Err(E::Reused(change)) => {
                 self.state.access.apply(&change);
-                Err(ApiError::unauthorized(E::Reused(change).to_string()))
+                Err(ApiError::unauthorized(E::Reused(change).to_string()).with_cookie(clear))
             }
             Err(E::Db(e)) => Err(e.into()),
             Err(E::Other(e)) => Err(e.into()),
-            Err(e) => Err(ApiError::unauthorized(e.to_string())),
+            Err(e) => Err(ApiError::unauthorized(e.to_string()).with_cookie(clear)),
         }
     }
 
@@ -543,16 +553,16 @@ impl LoginApi {
         req: &poem::Request,
         body: Json<RefreshRequest>,
     ) -> ApiResult<LoggedOut> {
-        let (token, carrier) = presented(req, &body)?;
+        let secure = self.secure(req);
+        let (token, carrier) = presented(req, &body, secure)?;
+        let clear = (carrier == Carrier::Cookie).then(|| refresh_cookie(None, secure));
         match crate::sessions::end(&self.state.pool, &token, self.state.auth.expiry_secs()).await? {
-            None => Err(ApiError::unauthorized("unknown refresh token")),
+            None => Err(ApiError::unauthorized("unknown refresh token").with_cookie(clear)),
             Some(change) => {
                 if let Some(c) = change {
                     self.state.access.apply(&c);
                 }
-                Ok(LoggedOut::Done(
-                    (carrier == Carrier::Cookie).then(|| refresh_cookie(None, self.secure(req))),
-                ))
+                Ok(LoggedOut::Done(clear))
             }
         }
     }
