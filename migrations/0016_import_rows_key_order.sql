@@ -2,13 +2,14 @@
 -- file order: each chunk takes whole store-months, so a month is written
 -- once however its days are spread over the file (a file sorted by date
 -- rewrote each store-month once per chunk that touched it). The index below
--- replaces the (job_id, line, day) primary key as the table's only one: it is
+-- replaces the (job_id, line, day) primary key as the table's only index: it is
 -- what the chunks walk. Its entries for one store-month are equal, so
 -- Postgres keeps them as one key with a list of rows (deduplication), which
--- keeps the COPY's inserts cheap. The store is its id or, for files that name stores by code,
--- a hash of the code: all rows of a store-month share it, which is all the
--- chunks need (two codes with the same hash only end up in the same chunk),
--- and integers compare cheaply. Month first: a file in date order inserts
+-- keeps the COPY's inserts cheap. The store is its id (a code is staged
+-- with the id its store had at upload) or, for a code no store had, a hash
+-- of the code: all rows of a store-month share it, which is all the chunks
+-- need (a hash equal to an id only puts both in the same chunk), and
+-- integers compare cheaply. Month first: a file in date order inserts
 -- near the same place.
 CREATE INDEX import_rows_key_idx ON jobs.import_rows
     (job_id, year, month, (coalesce(store_id, hashtext(store_code), 0)));

@@ -518,6 +518,59 @@ async fn dry_run_and_max_errors() {
     server.stop().await;
 }
 
+/// A file that names one store by code on some lines and by id on others:
+/// the rows are staged under the store's id either way, so its month is
+/// one chunk's, written once, and a day given both ways keeps the later
+/// line's value, as in file order.
+#[tokio::test]
+async fn a_store_named_by_code_and_by_id_is_one_store_month() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    // One staged row per chunk: in key order, each store-month is a chunk.
+    let server = db.server(&[("IMPORT_CHUNK_LINES", "1")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let s = stores[0];
+    let file = format!(
+        "store_code,store_id,date,sales\n\
+         ,{s},2024-01-05,100\n\
+         T001,,2024-01-05,200\n\
+         ,{s},2024-01-06,7\n\
+         T001,,2024-01-07,8\n\
+         T001,,2024-01-05,250\n\
+         ,{s},2024-01-07,9\n"
+    );
+    let (st, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(st, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsWritten"], 6, "{doc}");
+    let rows: Vec<(i64, Value, i64)> = sqlx::query_as(
+        "SELECT store_id, daily_data, version FROM sales.monthly_sales ORDER BY year, month",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![(
+            s,
+            json!({"5": {"sales": 250}, "6": {"sales": 7}, "7": {"sales": 9}}),
+            1
+        )],
+        "one version, the later line of each day"
+    );
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.events WHERE kind LIKE 'sales-data-%'"
+        )
+        .await,
+        1
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn ndjson_records_import() {
     let db = TestDb::new().await;

@@ -192,6 +192,17 @@ async fn a_killed_server_s_import_is_finished_by_another_without_writing_twice()
     )
     .await;
     assert_eq!(days, n as i64);
+    // The chunk the killed server had open wrote nothing: every store-month
+    // was written once, by one instance or the other.
+    assert_eq!(
+        i64_of(
+            &db,
+            "SELECT count(*) FROM sales.monthly_sales WHERE version <> 1"
+        )
+        .await,
+        0,
+        "a store-month was written more than once"
+    );
     let batches = i64_of(
         &db,
         "SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'",

@@ -24,6 +24,7 @@ use super::{Claimed, ERRORS_KEPT};
 use crate::state::AppState;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool, Row};
+use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,6 +92,17 @@ pub async fn stage<R: Read + Send + 'static>(
     let id: i64 = sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
         .fetch_one(pool)
         .await?;
+    // Store codes as the stores have them now: a line naming its store by
+    // code is staged with that store's id as well, so its rows share the
+    // staged key (and chunk) with lines naming the same store by id. The
+    // merge still resolves the code itself; a code unknown here is staged
+    // without an id.
+    let codes: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT code, id FROM sales.stores")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(2);
     let requested = req.requested;
     let parser = tokio::task::spawn_blocking(move || {
@@ -115,7 +127,10 @@ pub async fn stage<R: Read + Send + 'static>(
                 num(r.line as i64),
                 num(r.day as i64),
                 opt(&r.store_code),
-                r.store_id.map(|i| i.to_string()).unwrap_or_default(),
+                r.store_id
+                    .or_else(|| r.store_code.as_ref().and_then(|c| codes.get(c).copied()))
+                    .map(|i| i.to_string())
+                    .unwrap_or_default(),
                 num(r.year as i64),
                 num(r.month as i64),
                 opt(&r.sales),
@@ -425,19 +440,23 @@ const START: Key = (i32::MIN, i32::MIN, i64::MIN);
 
 /// The store-month that ends the next chunk: the one holding the chunk's
 /// last row (`$5` rows past `$2..$4`), or the last staged one when fewer
-/// rows are left. Nothing when no row is left.
+/// rows are left (`pick` orders the two, rather than the order in which
+/// `UNION ALL` happens to return them). Nothing when no row is left.
 const CHUNK_END_SQL: &str = r#"
-(SELECT year, month, coalesce(store_id, hashtext(store_code), 0)
- FROM jobs.import_rows
- WHERE job_id = $1 AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
- ORDER BY year, month, coalesce(store_id, hashtext(store_code), 0)
- OFFSET $5 LIMIT 1)
-UNION ALL
-(SELECT year, month, coalesce(store_id, hashtext(store_code), 0)
- FROM jobs.import_rows
- WHERE job_id = $1 AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
- ORDER BY year DESC, month DESC, coalesce(store_id, hashtext(store_code), 0) DESC
- LIMIT 1)
+SELECT year, month, k FROM (
+    (SELECT 0 AS pick, year, month, coalesce(store_id, hashtext(store_code), 0) AS k
+     FROM jobs.import_rows
+     WHERE job_id = $1 AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+     ORDER BY year, month, coalesce(store_id, hashtext(store_code), 0)
+     OFFSET $5 LIMIT 1)
+    UNION ALL
+    (SELECT 1, year, month, coalesce(store_id, hashtext(store_code), 0)
+     FROM jobs.import_rows
+     WHERE job_id = $1 AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+     ORDER BY year DESC, month DESC, coalesce(store_id, hashtext(store_code), 0) DESC
+     LIMIT 1)
+) e
+ORDER BY pick
 LIMIT 1
 "#;
 
