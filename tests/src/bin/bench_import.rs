@@ -16,6 +16,10 @@
 //! Flags (defaults in brackets): --rows [1000000] --stores [1000]
 //! --server [target/release/sales-server] --chunk [20000]
 //! --redis [none: the server's in-process cache]
+//! --growth [1,1000,100000]: after the main run, files of these sizes (in
+//! years of their own, so every import writes new store-months), each
+//! against `psql \copy` of the same file; medians of 5 runs below 100,000
+//! lines. An empty list skips it.
 
 use sales_e2e::fixtures::procfs;
 use sales_e2e::{ServerProc, TestDb, TEST_JWT_SECRET};
@@ -32,6 +36,9 @@ struct Opts {
     chunk: usize,
     /// Redis for the server's cache (none: the in-process cache).
     redis: Option<String>,
+    /// File sizes (lines) imported after the main run, each against its own
+    /// floor, to show the fixed cost per import.
+    growth: Vec<usize>,
 }
 
 fn opts() -> Opts {
@@ -42,6 +49,7 @@ fn opts() -> Opts {
         server: format!("{target}/release/sales-server"),
         chunk: 20_000,
         redis: None,
+        growth: vec![1, 1_000, 100_000],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -56,6 +64,13 @@ fn opts() -> Opts {
             "--stores" => o.stores = num().max(1),
             "--server" => o.server = value.clone(),
             "--chunk" => o.chunk = num().max(1),
+            "--growth" => {
+                o.growth = value
+                    .split(',')
+                    .filter(|v| !v.trim().is_empty())
+                    .map(|v| v.trim().parse().expect("--growth takes sizes like 1,1000"))
+                    .collect()
+            }
             "--redis" => o.redis = Some(value.clone()),
             _ => panic!("unknown flag {flag} (see the header of bench_import.rs)"),
         }
@@ -63,14 +78,14 @@ fn opts() -> Opts {
     o
 }
 
-fn write_file(path: &std::path::Path, o: &Opts) {
+fn write_file(path: &std::path::Path, rows: usize, stores: usize, year: i32) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     writeln!(f, "store_code,date,sales,customers,transactions").unwrap();
-    let mut date = chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap();
+    let mut date = chrono::NaiveDate::from_ymd_opt(year, 1, 1).unwrap();
     let mut i = 0usize;
     'out: loop {
-        for s in 1..=o.stores {
-            if i == o.rows {
+        for s in 1..=stores {
+            if i == rows {
                 break 'out;
             }
             writeln!(
@@ -106,7 +121,7 @@ async fn main() {
         "bench_import_{}.csv",
         uuid::Uuid::new_v4().simple()
     ));
-    write_file(&file, &o);
+    write_file(&file, o.rows, o.stores, 2020);
     let bytes = std::fs::metadata(&file).unwrap().len();
     println!(
         "file: {} lines, {:.1} MB, {} stores",
@@ -116,29 +131,7 @@ async fn main() {
     );
 
     // Floor: psql \copy of the same file into a staging table.
-    sqlx::query(
-        "CREATE TABLE bench_staging (store_code text, date date, sales numeric, customers int, transactions int)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let url = db.url.split('?').next().unwrap_or(&db.url).to_string();
-    let started = Instant::now();
-    let st = Command::new("psql")
-        .arg(&url)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
-        .arg(format!(
-            "\\copy bench_staging FROM '{}' CSV HEADER",
-            file.display()
-        ))
-        .status()
-        .expect("psql in PATH");
-    assert!(st.success());
-    let floor = started.elapsed();
-    sqlx::query("DROP TABLE bench_staging")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let floor = psql_copy(&db, &file).await;
     let floor_rate = o.rows as f64 / floor.as_secs_f64();
     println!(
         "psql \\copy into a staging table: {:.2}s, {:.0} rows/s",
@@ -185,38 +178,8 @@ async fn main() {
             }
         })
     };
-    let started = Instant::now();
-    let body = tokio::fs::File::open(&file).await.unwrap();
-    let stream = file_stream(body);
-    let r = http
-        .post(server.url("/api/v2/imports"))
-        .bearer_auth(&token)
-        .header("content-type", "text/csv")
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let staged = started.elapsed();
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_i64()
-        .unwrap();
-    let doc = loop {
-        let doc: serde_json::Value = http
-            .get(server.url(&format!("/api/v2/imports/{id}")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if doc["state"] != "queued" && doc["state"] != "running" {
-            break doc;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let total = started.elapsed();
+    let (staged, total, doc) =
+        import(&http, &server, &token, &file, Duration::from_millis(100)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     assert_eq!(doc["state"], "completed", "{doc}");
@@ -247,7 +210,133 @@ async fn main() {
         writes as f64 / months.max(1) as f64
     );
     let _ = std::fs::remove_file(&file);
+
+    if !o.growth.is_empty() {
+        println!();
+        println!("growth: each size in new store-months, against psql \\copy of the same file");
+        println!("| lines | runs | psql \\copy | upload + staging (202) | until completed | import / psql | µs per line |");
+        println!("|---|---|---|---|---|---|---|");
+        let mut year = 2040;
+        for &rows in &o.growth {
+            let runs = if rows < 100_000 { 5 } else { 1 };
+            let mut floors = Vec::new();
+            let mut stageds = Vec::new();
+            let mut totals = Vec::new();
+            for _ in 0..runs {
+                let days = rows.div_ceil(o.stores.max(1));
+                let years = (days / 365 + 1) as i32;
+                write_file(&file, rows, o.stores, year);
+                year += years;
+                assert!(year <= 2100, "growth sizes too large for distinct years");
+                floors.push(psql_copy(&db, &file).await);
+                let (staged, total, doc) =
+                    import(&http, &server, &token, &file, Duration::from_millis(2)).await;
+                assert_eq!(doc["state"], "completed", "{doc}");
+                assert_eq!(doc["rowsWritten"].as_u64(), Some(rows as u64), "{doc}");
+                stageds.push(staged);
+                totals.push(total);
+            }
+            let (f, st, t) = (
+                median(&mut floors),
+                median(&mut stageds),
+                median(&mut totals),
+            );
+            println!(
+                "| {rows} | {runs} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}x | {:.1} |",
+                ms(f),
+                ms(st),
+                ms(t),
+                f.as_secs_f64() / t.as_secs_f64(),
+                t.as_secs_f64() * 1e6 / rows as f64
+            );
+        }
+        let _ = std::fs::remove_file(&file);
+    }
     drop(server);
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// `psql -c "\copy staging FROM file CSV HEADER"` into a new plain table,
+/// dropped afterwards: the floor.
+async fn psql_copy(db: &TestDb, file: &std::path::Path) -> Duration {
+    sqlx::query(
+        "CREATE TABLE bench_staging (store_code text, date date, sales numeric, customers int, transactions int)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let url = db.url.split('?').next().unwrap_or(&db.url).to_string();
+    let started = Instant::now();
+    let st = Command::new("psql")
+        .arg(&url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "\\copy bench_staging FROM '{}' CSV HEADER",
+            file.display()
+        ))
+        .status()
+        .expect("psql in PATH");
+    assert!(st.success());
+    let floor = started.elapsed();
+    sqlx::query("DROP TABLE bench_staging")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    floor
+}
+
+/// Uploads `file` and polls its job every `poll` until it ends: (time until
+/// the `202`, time until the job ended, the job's last status).
+async fn import(
+    http: &reqwest::Client,
+    server: &ServerProc,
+    token: &str,
+    file: &std::path::Path,
+    poll: Duration,
+) -> (Duration, Duration, serde_json::Value) {
+    let started = Instant::now();
+    let body = tokio::fs::File::open(file).await.unwrap();
+    let stream = file_stream(body);
+    let r = http
+        .post(server.url("/api/v2/imports"))
+        .bearer_auth(token)
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let staged = started.elapsed();
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    // Bounded: a job that never ends fails the benchmark instead of hanging.
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    let doc = loop {
+        let doc: serde_json::Value = http
+            .get(server.url(&format!("/api/v2/imports/{id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if doc["state"] != "queued" && doc["state"] != "running" {
+            break doc;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not end: {doc}");
+        tokio::time::sleep(poll).await;
+    };
+    (staged, started.elapsed(), doc)
 }
 
 /// The file as a stream of chunks, for a streamed request body.
