@@ -472,34 +472,45 @@ impl LoginApi {
         else {
             return Err(ApiError::unauthorized("wrong email or password"));
         };
-        let mut tx = self.state.pool.begin().await?;
-        crate::db::write::set_actor(&mut *tx, id).await?;
-        // The password was verified outside this transaction: the user's row
-        // is locked against changes (a password reset, disabling them, which
-        // end every session) until the session is committed, and the hash
-        // must still be the one verified.
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT password_hash FROM sales.users WHERE id = $1 FOR SHARE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if current.as_deref() != Some(verified.as_str()) {
-            return Err(ApiError::unauthorized("wrong email or password"));
-        }
-        let user = crate::users::get(&mut *tx, id)
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("wrong email or password"))?;
-        if user.disabled {
-            return Err(ApiError::forbidden("account disabled"));
-        }
-        let issued = crate::sessions::start(
-            &mut tx,
-            &self.state.auth,
-            &user,
-            crate::sessions::Lifetimes::of(&self.state.config),
-        )
+        // Retried on another connection when the one it got was broken
+        // (nothing was committed then); a connection lost at COMMIT is not.
+        let (pool, auth) = (&self.state.pool, &self.state.auth);
+        let lifetimes = crate::sessions::Lifetimes::of(&self.state.config);
+        let opened = crate::db::retry_tx("login", || async {
+            let mut tx = pool.begin().await?;
+            crate::db::write::set_actor(&mut *tx, id).await?;
+            // The password was verified outside this transaction: the user's
+            // row is locked against changes (a password reset, disabling
+            // them, which end every session) until the session is
+            // committed, and the hash must still be the one verified.
+            let current: Option<String> =
+                sqlx::query_scalar("SELECT password_hash FROM sales.users WHERE id = $1 FOR SHARE")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if current.as_deref() != Some(verified.as_str()) {
+                return Ok(Err(ApiError::unauthorized("wrong email or password")));
+            }
+            let Some(user) = crate::users::get(&mut *tx, id).await? else {
+                return Ok(Err(ApiError::unauthorized("wrong email or password")));
+            };
+            if user.disabled {
+                return Ok(Err(ApiError::forbidden("account disabled")));
+            }
+            let issued = match crate::sessions::start(&mut tx, auth, &user, lifetimes).await {
+                Ok(issued) => issued,
+                Err(e) => {
+                    return match e.downcast::<sqlx::Error>() {
+                        Ok(db) => Err(crate::db::TxFailure::BeforeCommit(db)),
+                        Err(other) => Ok(Err(ApiError::from(other))),
+                    }
+                }
+            };
+            tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
+            Ok(Ok((issued, user)))
+        })
         .await?;
-        tx.commit().await?;
+        let (issued, user) = opened?;
         let carrier = Carrier::cookie_if(body.refresh_cookie.unwrap_or(false));
         Ok(answer(issued, &user, carrier, self.secure(req)))
     }
