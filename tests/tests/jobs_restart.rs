@@ -144,6 +144,19 @@ async fn assert_no_duplicate_events(db: &TestDb) {
     assert_eq!(off, 0, "a row's events do not match its versions");
 }
 
+/// Every store-month has version 1: no chunk wrote one twice.
+async fn assert_each_store_month_written_once(db: &TestDb) {
+    assert_eq!(
+        i64_of(
+            db,
+            "SELECT count(*) FROM sales.monthly_sales WHERE version <> 1"
+        )
+        .await,
+        0,
+        "a store-month was written more than once"
+    );
+}
+
 #[tokio::test]
 async fn a_killed_server_s_import_is_finished_by_another_without_writing_twice() {
     let db = TestDb::new().await;
@@ -194,15 +207,7 @@ async fn a_killed_server_s_import_is_finished_by_another_without_writing_twice()
     assert_eq!(days, n as i64);
     // The chunk the killed server had open wrote nothing: every store-month
     // was written once, by one instance or the other.
-    assert_eq!(
-        i64_of(
-            &db,
-            "SELECT count(*) FROM sales.monthly_sales WHERE version <> 1"
-        )
-        .await,
-        0,
-        "a store-month was written more than once"
-    );
+    assert_each_store_month_written_once(&db).await;
     let batches = i64_of(
         &db,
         "SELECT count(*) FROM sales.events WHERE kind = 'batch-completed'",
@@ -278,15 +283,7 @@ async fn two_instances_share_the_queue_and_never_run_a_job_twice() {
     // Chunks take whole store-months in month and store order: a month
     // whose days the date-ordered file spreads over two 100-line chunks is
     // still written once.
-    assert_eq!(
-        i64_of(
-            &db,
-            "SELECT count(*) FROM sales.monthly_sales WHERE version <> 1"
-        )
-        .await,
-        0,
-        "a store-month was written more than once"
-    );
+    assert_each_store_month_written_once(&db).await;
     assert_eq!(
         i64_of(
             &db,

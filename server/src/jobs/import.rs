@@ -369,6 +369,35 @@ pub enum Ended {
     Stopped,
 }
 
+/// The staged rows of a chunk: job `$1`, store-months after `$2..$4` up to
+/// `$5..$7` (keys as `jobs.import_rows_key_idx` has them), for the chunk
+/// statement and a dry run's removal of the same rows.
+macro_rules! chunk_rows {
+    () => {
+        "job_id = $1
+      AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
+      AND (year, month, coalesce(store_id, hashtext(store_code), 0)) <= ($5, $6, $7)"
+    };
+}
+
+/// `sql` with the job and the chunk's key range bound as [`chunk_rows`]
+/// expects them.
+fn chunk_query<'q>(
+    sql: &'q str,
+    job: i64,
+    after: Key,
+    end: Key,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(job)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(after.2)
+        .bind(end.0)
+        .bind(end.1)
+        .bind(end.2)
+}
+
 /// Folds a chunk's staged rows into records (one per store-month, built by
 /// `sales.day_records` from the rows sorted once), merges
 /// them through `sales.batch_upsert_impl` and reports, in line order, the
@@ -380,12 +409,12 @@ pub enum Ended {
 /// `$2..$4` up to `$5..$7` (keys as in [`CHUNK_END_SQL`]) and the scope
 /// (`$8`). Returns (refused rows, rows written, the chunk's last and first
 /// line).
-const CHUNK_SQL: &str = r#"
+const CHUNK_SQL: &str = concat!(
+    r#"
 WITH d AS (
-    DELETE FROM jobs.import_rows
-    WHERE job_id = $1
-      AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
-      AND (year, month, coalesce(store_id, hashtext(store_code), 0)) <= ($5, $6, $7)
+    DELETE FROM jobs.import_rows WHERE "#,
+    chunk_rows!(),
+    r#"
     RETURNING line, day, store_code, store_id, year, month, sales, customers, transactions, col
 ), r AS (
     SELECT d.*, CASE WHEN d.store_code IS NOT NULL THEN sc.id ELSE si.id END AS sid
@@ -429,7 +458,8 @@ SELECT (SELECT coalesce(jsonb_agg(x.j ORDER BY x.line), '[]')
         WHERE EXISTS (SELECT FROM up) AND idx NOT IN (SELECT idx FROM failed)),
        (SELECT max(line) FROM d),
        (SELECT min(line) FROM d)
-"#;
+"#
+);
 
 /// The staged rows' key, as `jobs.import_rows_key_idx` has it: a store-month
 /// (year, month, and the store id or a hash of its code).
@@ -542,14 +572,7 @@ pub async fn run(
         if dry_run {
             sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
         }
-        let row = sqlx::query(CHUNK_SQL)
-            .bind(job.id)
-            .bind(after.0)
-            .bind(after.1)
-            .bind(after.2)
-            .bind(end.0)
-            .bind(end.1)
-            .bind(end.2)
+        let row = chunk_query(CHUNK_SQL, job.id, after, end)
             .bind(&job.scope)
             .fetch_one(&mut *tx)
             .await?;
@@ -562,19 +585,12 @@ pub async fn run(
             sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "DELETE FROM jobs.import_rows
-                 WHERE job_id = $1
-                   AND (year, month, coalesce(store_id, hashtext(store_code), 0)) > ($2, $3, $4)
-                   AND (year, month, coalesce(store_id, hashtext(store_code), 0)) <= ($5, $6, $7)",
+            chunk_query(
+                concat!("DELETE FROM jobs.import_rows WHERE ", chunk_rows!()),
+                job.id,
+                after,
+                end,
             )
-            .bind(job.id)
-            .bind(after.0)
-            .bind(after.1)
-            .bind(after.2)
-            .bind(end.0)
-            .bind(end.1)
-            .bind(end.2)
             .execute(&mut *tx)
             .await?;
         }
