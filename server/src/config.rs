@@ -98,6 +98,8 @@ pub struct Config {
     /// Most staged rows (lines × days) merged in one transaction (fewer when a
     /// chunk runs long), plus the rest of the store-month the chunk ends in.
     pub import_chunk_lines: u32,
+    /// Connections that merge one import's chunks at once.
+    pub import_parallelism: usize,
     /// Job workers of this instance (0: this instance runs no jobs).
     pub job_workers: usize,
     /// How long a running job stays its worker's without a renewal.
@@ -503,6 +505,7 @@ impl Config {
             export_max_duration: e.duration("EXPORT_MAX_DURATION", s(3600), s(1), s(86400))?,
             import_max_bytes: e.num("IMPORT_MAX_BYTES", 1u64 << 30, 1, 1 << 40)?,
             import_chunk_lines: e.num("IMPORT_CHUNK_LINES", 20_000u32, 1, 1_000_000)?,
+            import_parallelism: e.num("IMPORT_PARALLELISM", 2usize, 1, 16)?,
             job_workers: e.num("JOB_WORKERS", 2usize, 0, 64)?,
             job_lease: e.duration("JOB_LEASE", s(30), s(1), s(3600))?,
         })

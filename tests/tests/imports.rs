@@ -885,3 +885,93 @@ async fn rows_the_merge_refuses_are_reported_by_line() {
             .unwrap();
     assert_eq!(written, vec![(stores[1], json!({"1": {"sales": 8}}))]);
 }
+
+/// The counter of chunks that rolled back after waiting for their turn.
+async fn chunk_retries(server: &sales_e2e::RunningServer) -> f64 {
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("import_chunk_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Chunks merge side by side but commit in key order, and a chunk merged
+/// ahead of its turn does not keep its rows locked while it waits: a
+/// writer that holds a row of an earlier chunk and asks for one of a later
+/// chunk's would otherwise wait for ever, in a circle Postgres cannot see
+/// (earlier chunk → writer → later chunk → earlier chunk's commit).
+#[tokio::test]
+async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
+    let db = TestDb::new().await;
+    let store = db.stores(1).await[0];
+    for month in [1, 2] {
+        sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ($1, 2024, $2, '{\"1\": {\"sales\": 1}}')",
+        )
+        .bind(store)
+        .bind(month)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let server = db
+        .server(&[("IMPORT_CHUNK_LINES", "1"), ("IMPORT_PARALLELISM", "2")])
+        .await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let retries_before = chunk_retries(&server).await;
+    // The writer holds January's row: the first chunk (January) waits for
+    // it, the second (February) merges and waits for its turn.
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let lock = |month: i32| {
+        sqlx::query(
+            "SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = $2 FOR UPDATE",
+        )
+        .bind(store)
+        .bind(month)
+    };
+    lock(1).execute(&mut *writer).await.unwrap();
+    let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    eventually(
+        WAIT,
+        "February's chunk to give up its rows while it waits",
+        || async { (chunk_retries(&server).await > retries_before).then_some(()) },
+    )
+    .await;
+    // February's row is free again: the writer takes it, and commits.
+    lock(2)
+        .execute(&mut *writer)
+        .await
+        .expect("February's row, while its merged chunk waits for its turn");
+    writer.commit().await.unwrap();
+    let doc = wait_job(&api, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsWritten"], 2, "{doc}");
+    let months: Vec<(i32, i64, Value)> =
+        sqlx::query_as("SELECT month, version, daily_data FROM sales.monthly_sales ORDER BY month")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        months,
+        vec![
+            (1, 2, json!({"1": {"sales": 1}, "5": {"sales": 10}})),
+            (2, 2, json!({"1": {"sales": 1}, "5": {"sales": 20}})),
+        ],
+        "each month written once"
+    );
+    server.stop().await;
+}

@@ -134,6 +134,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                     &job,
                     None,
                     config.import_chunk_lines,
+                    config.import_parallelism,
                     config.job_lease,
                     &stop,
                     |p| bar.set_position((p.rows_written + p.rows_rejected).max(0) as u64),

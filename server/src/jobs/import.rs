@@ -9,13 +9,22 @@
 //! not in file order, and each takes whole store-months: a month is written
 //! once however its days are spread over the file.
 //!
-//! One chunk is one transaction: it locks the job row (the lease token
-//! fences out a worker that lost the job), and one statement deletes the
-//! chunk's staged rows (`DELETE ... RETURNING` feeds the merge, so a
-//! committed chunk's rows are gone and can never be merged again), folds
-//! them into one record per (store, year, month) and calls the merge with
-//! the job's store scope; the progress (counts, rejected rows) is recorded
-//! before COMMIT. A restarted job merges what is still staged.
+//! One chunk is one transaction: one statement deletes the chunk's staged
+//! rows (`DELETE ... RETURNING` feeds the merge, so a committed chunk's rows
+//! are gone and can never be merged again), folds them into one record per
+//! (store, year, month) and calls the merge with the job's store scope; then
+//! it locks the job row (the lease token fences out a worker that lost the
+//! job) and records the progress (counts, rejected rows) before COMMIT. A
+//! restarted job merges what is still staged.
+//!
+//! IMPORT_PARALLELISM connections merge a job's chunks side by side, each
+//! over a range of store-months no other chunk takes, and commit them in
+//! key order (a chunk merged ahead of its turn waits for it), so a job ends
+//! as it would on one connection: the same chunk is the one that passes
+//! maxErrors, and `lastLine` only grows. A chunk that waits longer than
+//! TURN_WAIT rolls back and merges again once its turn has come, so it never
+//! waits holding row locks that an earlier chunk may be waiting for through
+//! another writer (a circle Postgres could not see).
 //! Numbers go from the staged text straight to `numeric`, so they reach the
 //! table exactly as the file wrote them.
 
@@ -490,198 +499,522 @@ ORDER BY pick
 LIMIT 1
 "#;
 
-/// Runs an import job on `conn` (the connection that claimed it) until it
-/// ends, calling `on_progress` after every chunk. `state` is absent on the
-/// command line (no cache to invalidate).
+/// How one connection's share of a run ended.
+enum LaneEnd {
+    /// No staged row is left past the ranges already handed out.
+    Drained,
+    Cancelled,
+    LostLease,
+    /// Asked to stop (server shutdown).
+    Stopped,
+    /// Another connection of the run ended it (any end but `Drained`).
+    Halted,
+    /// The chunk whose rejected rows passed maxErrors; it was rolled back.
+    TooManyErrors {
+        rejected: Vec<Rejected>,
+        end: Key,
+        first: Option<i64>,
+        last: Option<i64>,
+    },
+}
+
+/// What the connections of one run share.
+struct Lanes<'a, F> {
+    job: &'a Claimed,
+    state: Option<&'a Arc<AppState>>,
+    chunk_lines: u32,
+    lease: Duration,
+    stop: &'a tokio::sync::watch::Receiver<bool>,
+    dry_run: bool,
+    max_errors: i64,
+    /// Where the next chunk starts (None: nothing left) and its number.
+    /// Ranges are handed out one after the other under this lock, so no two
+    /// chunks overlap.
+    cursor: tokio::sync::Mutex<(Option<Key>, u64)>,
+    /// The number of the chunk whose turn it is to commit, and whether the
+    /// run is ending (a connection lost the lease, failed, or passed
+    /// maxErrors): chunks commit in key order, so a run ends exactly as a
+    /// run on one connection would.
+    turn: tokio::sync::watch::Sender<(u64, bool)>,
+    report: std::sync::Mutex<Report<F>>,
+}
+
+struct Report<F> {
+    progress: Progress,
+    last_notify: Option<Instant>,
+    on_progress: F,
+}
+
+/// Runs an import job until it ends, calling `on_progress` after every
+/// chunk. `conn` is the connection that claimed it (its session is the
+/// lease); up to `parallelism - 1` more connections from `pool` merge
+/// chunks beside it, each chunk one transaction of its own over a range of
+/// store-months no other chunk takes. `state` is absent on the command line
+/// (no cache to invalidate).
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub async fn run<F: FnMut(&Progress) + Send>(
     conn: &mut PgConnection,
     pool: &PgPool,
     job: &Claimed,
     state: Option<&Arc<AppState>>,
     chunk_lines: u32,
+    parallelism: usize,
     lease: Duration,
     stop: &tokio::sync::watch::Receiver<bool>,
-    mut on_progress: impl FnMut(&Progress),
+    on_progress: F,
 ) -> Result<Ended, sqlx::Error> {
-    let dry_run = job.params["dryRun"].as_bool().unwrap_or(false);
-    let max_errors = job.params["maxErrors"].as_i64().unwrap_or(i64::MAX);
-    let mut size = chunk_lines.clamp(1, 2_000) as i64;
-    let mut last_notify: Option<Instant> = None;
-    // Where this run's next chunk starts. A run that takes the job over
-    // starts from the beginning: what earlier runs merged is no longer staged.
-    let mut after = START;
-    loop {
-        if *stop.borrow() {
-            return Ok(Ended::Stopped);
+    let lanes = Lanes {
+        job,
+        state,
+        chunk_lines,
+        lease,
+        stop,
+        dry_run: job.params["dryRun"].as_bool().unwrap_or(false),
+        max_errors: job.params["maxErrors"].as_i64().unwrap_or(i64::MAX),
+        // A run that takes the job over starts from the beginning: what
+        // earlier runs merged is no longer staged.
+        cursor: tokio::sync::Mutex::new((Some(START), 0)),
+        turn: tokio::sync::watch::Sender::new((0, false)),
+        report: std::sync::Mutex::new(Report {
+            progress: Progress::default(),
+            last_notify: None,
+            on_progress,
+        }),
+    };
+    // The other connections, as many as the pool gives at once (a busy pool
+    // leaves the job to fewer).
+    let mut extra = Vec::new();
+    for _ in 1..parallelism.max(1) {
+        match tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await {
+            Ok(Ok(c)) => extra.push(c),
+            _ => break,
         }
-        let started = Instant::now();
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let Some(row) = sqlx::query(
-            "SELECT last_line, cancel_requested, rows_read, rows_written, rows_rejected, chunks
-             FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid FOR UPDATE",
+    }
+    let mut running = vec![Box::pin(lane(conn, &lanes))];
+    for c in extra.iter_mut() {
+        running.push(Box::pin(lane(c, &lanes)));
+    }
+    let ends = futures_util::future::join_all(running).await;
+    drop(extra);
+    let mut failed = None;
+    let mut outcome = LaneEnd::Drained;
+    for end in ends {
+        let end = end?;
+        let rank = |e: &LaneEnd| match e {
+            LaneEnd::Drained | LaneEnd::Halted => 0,
+            LaneEnd::Cancelled => 1,
+            LaneEnd::Stopped => 2,
+            LaneEnd::TooManyErrors { .. } => 3,
+            LaneEnd::LostLease => 4,
+        };
+        if let LaneEnd::TooManyErrors { .. } = end {
+            if failed.is_none() {
+                failed = Some(end);
+                continue;
+            }
+        }
+        if rank(&end) > rank(&outcome) {
+            outcome = end;
+        }
+    }
+    match (outcome, failed) {
+        (LaneEnd::LostLease, _) => Ok(Ended::LostLease),
+        (
+            _,
+            Some(LaneEnd::TooManyErrors {
+                rejected,
+                end,
+                first,
+                last,
+            }),
+        ) => too_many_errors(conn, pool, &lanes, rejected, end, first, last).await,
+        (LaneEnd::Stopped, _) => Ok(Ended::Stopped),
+        (LaneEnd::Cancelled, _) => close(conn, pool, &lanes, "cancelled").await,
+        _ => close(conn, pool, &lanes, "completed").await,
+    }
+}
+
+/// The job row's counts, if the job is still this run's (locked until the
+/// transaction ends).
+async fn job_progress(
+    tx: &mut PgConnection,
+    job: &Claimed,
+) -> Result<Option<Progress>, sqlx::Error> {
+    let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT rows_read, last_line, rows_written, rows_rejected, chunks
+         FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid FOR UPDATE",
+    )
+    .bind(job.id)
+    .bind(&job.token)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(row.map(|r| Progress {
+        rows_read: r.0,
+        last_line: r.1,
+        rows_written: r.2,
+        rows_rejected: r.3,
+        chunks: r.4,
+        ..Default::default()
+    }))
+}
+
+/// Ends the job as completed or cancelled.
+async fn close<F: FnMut(&Progress)>(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    l: &Lanes<'_, F>,
+    end: &str,
+) -> Result<Ended, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let Some(mut p) = job_progress(&mut tx, l.job).await? else {
+        return Ok(Ended::LostLease);
+    };
+    if let Some(u) = l.job.user_id {
+        crate::db::set_actor(&mut *tx, u).await?;
+    }
+    crate::db::set_job(&mut *tx, l.job.id).await?;
+    finish(&mut tx, l.job, end, None, &p, l.dry_run).await?;
+    let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
+    tx.commit().await?;
+    p.done = true;
+    p.state = end.into();
+    report(l, &p);
+    invalidate(l.state, tags).await;
+    if end == "cancelled" {
+        super::purge_rows(pool, l.job.id).await.ok();
+    }
+    Ok(Ended::Finished(end.into()))
+}
+
+/// Fails the job whose chunk passed maxErrors: that chunk wrote nothing,
+/// and its rejected rows are kept so the report says why the job stopped.
+async fn too_many_errors<F: FnMut(&Progress)>(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    l: &Lanes<'_, F>,
+    rejected: Vec<Rejected>,
+    end: Key,
+    first: Option<i64>,
+    last: Option<i64>,
+) -> Result<Ended, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let Some(mut p) = job_progress(&mut tx, l.job).await? else {
+        return Ok(Ended::LostLease);
+    };
+    super::record_errors(
+        &mut tx,
+        l.job.id,
+        p.rows_rejected.min(ERRORS_KEPT),
+        &rejected,
+    )
+    .await?;
+    p.rows_rejected += distinct_lines(&rejected);
+    let why = format!(
+        "{} rejected rows, more than the {} allowed (maxErrors); \
+         the chunk that passed the limit (store-months up to {}-{:02}, lines {} to {}) wrote nothing",
+        p.rows_rejected,
+        l.max_errors,
+        end.0,
+        end.1,
+        first.unwrap_or(0),
+        last.unwrap_or(0),
+    );
+    if let Some(u) = l.job.user_id {
+        crate::db::set_actor(&mut *tx, u).await?;
+    }
+    finish(&mut tx, l.job, "failed", Some(&why), &p, l.dry_run).await?;
+    tx.commit().await?;
+    p.done = true;
+    p.state = "failed".into();
+    report(l, &p);
+    super::purge_rows(pool, l.job.id).await.ok();
+    Ok(Ended::Finished("failed".into()))
+}
+
+fn distinct_lines(rejected: &[Rejected]) -> i64 {
+    rejected
+        .iter()
+        .map(|r| r.line)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as i64
+}
+
+/// Hands `p` to the run's progress callback, never going back on a count
+/// (connections commit their chunks in any order).
+fn report<F: FnMut(&Progress)>(l: &Lanes<'_, F>, p: &Progress) {
+    let mut r = l.report.lock().unwrap_or_else(|e| e.into_inner());
+    let q = &mut r.progress;
+    q.rows_read = q.rows_read.max(p.rows_read);
+    q.last_line = q.last_line.max(p.last_line);
+    q.rows_written = q.rows_written.max(p.rows_written);
+    q.rows_rejected = q.rows_rejected.max(p.rows_rejected);
+    q.chunks = q.chunks.max(p.chunks);
+    q.done = p.done;
+    q.state = p.state.clone();
+    let q = q.clone();
+    (r.on_progress)(&q);
+}
+
+/// Whether an `import-progress` is due (at most one a second per run).
+fn notify_due<F>(l: &Lanes<'_, F>) -> bool {
+    let mut r = l.report.lock().unwrap_or_else(|e| e.into_inner());
+    if r.last_notify
+        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+    {
+        r.last_notify = Some(Instant::now());
+        true
+    } else {
+        false
+    }
+}
+
+/// One connection's chunks until the staged rows run out or the run ends.
+/// A connection that fails, loses the lease or passes maxErrors ends the
+/// run: the others roll back the chunk they hold. (Cancellation and
+/// shutdown each connection sees for itself before its next chunk.)
+async fn lane<F: FnMut(&Progress)>(
+    conn: &mut PgConnection,
+    l: &Lanes<'_, F>,
+) -> Result<LaneEnd, sqlx::Error> {
+    let end = chunks(conn, l).await;
+    if matches!(
+        end,
+        Err(_) | Ok(LaneEnd::LostLease) | Ok(LaneEnd::TooManyErrors { .. })
+    ) {
+        l.turn.send_modify(|t| t.1 = true);
+    }
+    end
+}
+
+/// How long a merged chunk waits, with its locks held, for its turn to
+/// commit before it rolls back and waits without them.
+const TURN_WAIT: Duration = Duration::from_millis(250);
+
+/// Waits until chunk `number` may commit; false when the run is ending.
+async fn turn_of<F>(l: &Lanes<'_, F>, number: u64) -> bool {
+    let mut turn = l.turn.subscribe();
+    let going_on = match turn.wait_for(|t| t.0 == number || t.1).await {
+        Ok(t) => !t.1,
+        Err(_) => false,
+    };
+    going_on
+}
+
+/// A chunk's merge, not yet committed.
+struct Merged {
+    /// Rows refused (by store or by the merge), in line order.
+    rejected: Vec<Rejected>,
+    written: i64,
+    /// The chunk's first and last line.
+    first: Option<i64>,
+    last: Option<i64>,
+}
+
+/// Merges the staged rows of the store-months after `after` up to `end` in
+/// `tx` (a dry run: inside a savepoint rolled back, then the rows are taken
+/// out as a real run does).
+async fn merge<F>(
+    tx: &mut PgConnection,
+    l: &Lanes<'_, F>,
+    after: Key,
+    end: Key,
+) -> Result<Merged, sqlx::Error> {
+    let job = l.job;
+    if let Some(u) = job.user_id {
+        crate::db::set_actor(&mut *tx, u).await?;
+    }
+    crate::db::set_job(&mut *tx, job.id).await?;
+    if l.dry_run {
+        sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
+    }
+    let row = chunk_query(CHUNK_SQL, job.id, after, end)
+        .bind(&job.scope)
+        .fetch_one(&mut *tx)
+        .await?;
+    let refused: Value = row.get(0);
+    let written: i64 = row.get(1);
+    if l.dry_run {
+        sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
+            .execute(&mut *tx)
+            .await?;
+        chunk_query(
+            concat!("DELETE FROM jobs.import_rows WHERE ", chunk_rows!()),
+            job.id,
+            after,
+            end,
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut rejected: Vec<Rejected> = refused
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| Rejected {
+            line: b["line"].as_u64().unwrap_or(0),
+            column: b["column"].as_str().map(str::to_string),
+            reason: b["reason"].as_str().unwrap_or_default().to_string(),
+        })
+        .collect();
+    rejected.sort_by_key(|r| r.line);
+    Ok(Merged {
+        rejected,
+        written,
+        // `lastLine` reports the highest line merged so far.
+        first: row.get(3),
+        last: row.get(2),
+    })
+}
+
+async fn chunks<F: FnMut(&Progress)>(
+    conn: &mut PgConnection,
+    l: &Lanes<'_, F>,
+) -> Result<LaneEnd, sqlx::Error> {
+    let job = l.job;
+    let mut size = l.chunk_lines.clamp(1, 2_000) as i64;
+    loop {
+        if *l.stop.borrow() {
+            return Ok(LaneEnd::Stopped);
+        }
+        if l.turn.borrow().1 {
+            return Ok(LaneEnd::Halted);
+        }
+        // Cancellation is read before each chunk; the lease again, under
+        // the job row's lock, before the chunk commits.
+        let cancelled: Option<bool> = sqlx::query_scalar(
+            "SELECT cancel_requested FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid",
         )
         .bind(job.id)
         .bind(&job.token)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(Ended::LostLease);
-        };
-        let mut p = Progress {
-            last_line: row.get(0),
-            rows_read: row.get(2),
-            rows_written: row.get(3),
-            rows_rejected: row.get(4),
-            chunks: row.get(5),
-            ..Default::default()
-        };
-        let cancelled: bool = row.get(1);
-        if let Some(u) = job.user_id {
-            crate::db::set_actor(&mut *tx, u).await?;
+        .fetch_optional(&mut *conn)
+        .await?;
+        match cancelled {
+            None => return Ok(LaneEnd::LostLease),
+            Some(true) => return Ok(LaneEnd::Cancelled),
+            Some(false) => {}
         }
-        crate::db::set_job(&mut *tx, job.id).await?;
-        let end: Option<Key> = if cancelled {
-            None
-        } else {
-            sqlx::query_as(CHUNK_END_SQL)
+        let (number, after, end) = {
+            let mut cursor = l.cursor.lock().await;
+            let (Some(after), number) = *cursor else {
+                return Ok(LaneEnd::Drained);
+            };
+            let end: Option<Key> = sqlx::query_as(CHUNK_END_SQL)
                 .bind(job.id)
                 .bind(after.0)
                 .bind(after.1)
                 .bind(after.2)
                 .bind(size - 1)
-                .fetch_optional(&mut *tx)
-                .await?
-        };
-        let Some(end) = end else {
-            let end = if cancelled { "cancelled" } else { "completed" };
-            finish(&mut tx, job, end, None, &p, dry_run).await?;
-            let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
-            tx.commit().await?;
-            p.done = true;
-            p.state = end.into();
-            on_progress(&p);
-            invalidate(state, tags).await;
-            if cancelled {
-                super::purge_rows(pool, job.id).await.ok();
-            }
-            return Ok(Ended::Finished(end.into()));
-        };
-        // A dry run merges inside a savepoint and rolls it back, then takes
-        // the chunk's staged rows out as a real run does.
-        if dry_run {
-            sqlx::query("SAVEPOINT dry_run").execute(&mut *tx).await?;
-        }
-        let row = chunk_query(CHUNK_SQL, job.id, after, end)
-            .bind(&job.scope)
-            .fetch_one(&mut *tx)
-            .await?;
-        let refused: Value = row.get(0);
-        let written: i64 = row.get(1);
-        // The chunk's lines: `lastLine` reports the highest line merged so far.
-        let chunk_last: Option<i64> = row.get(2);
-        let chunk_first: Option<i64> = row.get(3);
-        if dry_run {
-            sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
-                .execute(&mut *tx)
+                .fetch_optional(&mut *conn)
                 .await?;
-            chunk_query(
-                concat!("DELETE FROM jobs.import_rows WHERE ", chunk_rows!()),
-                job.id,
-                after,
-                end,
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut rejected: Vec<Rejected> = refused
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| Rejected {
-                line: b["line"].as_u64().unwrap_or(0),
-                column: b["column"].as_str().map(str::to_string),
-                reason: b["reason"].as_str().unwrap_or_default().to_string(),
-            })
-            .collect();
-        rejected.sort_by_key(|r| r.line);
-        let new_rejected = rejected
-            .iter()
-            .map(|r| r.line)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len() as i64;
-        if p.rows_rejected + new_rejected > max_errors {
-            // Nothing of this chunk is written; its rejected rows are kept
-            // so the report says why the job stopped.
-            tx.rollback().await?;
+            *cursor = (end, number + 1);
+            match end {
+                Some(end) => (number, after, end),
+                None => return Ok(LaneEnd::Drained),
+            }
+        };
+        // Chunks commit in the order their ranges were handed out. Waiting
+        // for the turn while holding the chunk's row locks could close a
+        // circle Postgres cannot see (a batch that holds a row of an earlier
+        // chunk and waits for one of this chunk's), so a chunk that waits
+        // long rolls back, waits for its turn without locks, and merges
+        // again.
+        let mut my_turn = false;
+        let mut took;
+        let (mut tx, m) = loop {
+            let started = Instant::now();
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            let kept = sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid",
-            )
-            .bind(job.id)
-            .bind(&job.token)
-            .fetch_one(&mut *tx)
-            .await?;
-            if kept == 0 {
-                return Ok(Ended::LostLease);
+            let m = merge(&mut tx, l, after, end).await?;
+            took = started.elapsed();
+            if my_turn {
+                break (tx, m);
             }
-            super::record_errors(&mut tx, job.id, p.rows_rejected.min(ERRORS_KEPT), &rejected)
-                .await?;
-            p.rows_rejected += new_rejected;
-            let why = format!(
-                "{} rejected rows, more than the {max_errors} allowed (maxErrors); \
-                 the chunk that passed the limit (store-months up to {}-{:02}, lines {} to {}) wrote nothing",
-                p.rows_rejected,
-                end.0,
-                end.1,
-                chunk_first.unwrap_or(0),
-                chunk_last.unwrap_or(0),
-            );
-            finish(&mut tx, job, "failed", Some(&why), &p, dry_run).await?;
-            tx.commit().await?;
-            p.done = true;
-            p.state = "failed".into();
-            on_progress(&p);
-            super::purge_rows(pool, job.id).await.ok();
-            return Ok(Ended::Finished("failed".into()));
-        }
-        super::record_errors(&mut tx, job.id, p.rows_rejected.min(ERRORS_KEPT), &rejected).await?;
-        p.rows_written += written;
-        p.rows_rejected += new_rejected;
-        p.last_line = p.last_line.max(chunk_last.unwrap_or(0));
-        p.chunks += 1;
-        after = end;
-        sqlx::query(
+            match tokio::time::timeout(TURN_WAIT, turn_of(l, number)).await {
+                Ok(true) => break (tx, m),
+                Ok(false) => {
+                    tx.rollback().await?;
+                    return Ok(LaneEnd::Halted);
+                }
+                Err(_) => {
+                    tx.rollback().await?;
+                    metrics::counter!("import_chunk_retries_total").increment(1);
+                    if !turn_of(l, number).await {
+                        return Ok(LaneEnd::Halted);
+                    }
+                    my_turn = true;
+                }
+            }
+        };
+        let Merged {
+            rejected,
+            written,
+            first: chunk_first,
+            last: chunk_last,
+        } = m;
+        let new_rejected = distinct_lines(&rejected);
+        // The job row is locked from here to COMMIT: the lease token fences
+        // out a run that lost the job, and the counts add up whatever order
+        // the run's connections commit in.
+        let totals: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
             "UPDATE jobs.jobs
-             SET last_line = $3, rows_written = $4, rows_rejected = $5, chunks = $6,
-                 lease_until = now() + $7 * interval '1 millisecond', updated_at = now()
-             WHERE id = $1 AND lease_token = $2::uuid",
+             SET last_line = greatest(last_line, $3), rows_written = rows_written + $4,
+                 rows_rejected = rows_rejected + $5, chunks = chunks + 1,
+                 lease_until = now() + $6 * interval '1 millisecond', updated_at = now()
+             WHERE id = $1 AND lease_token = $2::uuid
+             RETURNING rows_read, last_line, rows_written, rows_rejected, chunks",
         )
         .bind(job.id)
         .bind(&job.token)
-        .bind(p.last_line)
-        .bind(p.rows_written)
-        .bind(p.rows_rejected)
-        .bind(p.chunks)
-        .bind(lease.as_millis() as i64)
-        .execute(&mut *tx)
+        .bind(chunk_last.unwrap_or(0))
+        .bind(written)
+        .bind(new_rejected)
+        .bind(l.lease.as_millis() as i64)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(t) = totals else {
+            tx.rollback().await?;
+            return Ok(LaneEnd::LostLease);
+        };
+        if t.3 > l.max_errors {
+            // Nothing of this chunk is written.
+            tx.rollback().await?;
+            return Ok(LaneEnd::TooManyErrors {
+                rejected,
+                end,
+                first: chunk_first,
+                last: chunk_last,
+            });
+        }
+        super::record_errors(
+            &mut tx,
+            job.id,
+            (t.3 - new_rejected).min(ERRORS_KEPT),
+            &rejected,
+        )
+        .await?;
+        let p = Progress {
+            rows_read: t.0,
+            last_line: t.1,
+            rows_written: t.2,
+            rows_rejected: t.3,
+            chunks: t.4,
+            done: false,
+            state: "running".into(),
+        };
         if let Some(u) = job.user_id {
-            if last_notify.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if notify_due(l) {
                 super::notify_user(&mut tx, u, "import-progress", progress_data(job, &p)).await?;
-                last_notify = Some(Instant::now());
             }
         }
         let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
         tx.commit().await?;
-        p.state = "running".into();
-        on_progress(&p);
-        invalidate(state, tags).await;
-        // Chunks aim at a few hundred milliseconds: no transaction holds
-        // rows, locks or event delivery for much longer than that.
-        let took = started.elapsed();
+        l.turn.send_modify(|t| t.0 += 1);
+        report(l, &p);
+        invalidate(l.state, tags).await;
+        // Merges aim at a few hundred milliseconds: no transaction holds
+        // rows, locks or event delivery for much longer than that (plus
+        // TURN_WAIT at most).
         if took < Duration::from_millis(250) {
-            size = (size * 2).min(chunk_lines as i64);
+            size = (size * 2).min(l.chunk_lines as i64);
         } else if took > Duration::from_millis(700) {
             size = (size / 2).max(1);
         }

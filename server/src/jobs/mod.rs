@@ -8,12 +8,12 @@
 //! * A running job is runnable again when its lease expired or its worker's
 //!   database session is gone (a killed server's connections close, so its
 //!   jobs are taken again within a poll, not after the lease).
-//! * Every chunk's transaction locks the job row, checks the token, does its
-//!   work and records its progress (last input line, counts) before it
+//! * Every chunk's transaction does its work, then locks the job row, checks
+//!   the token and records its progress (last input line, counts) before it
 //!   commits: a worker that lost its job writes nothing more, and a job taken
 //!   again continues after the last committed chunk, never writing a line
 //!   twice.
-//! * Cancellation is a flag the worker reads under that same lock, so a
+//! * Cancellation is a flag the worker reads before each chunk, so a
 //!   cancelled job stops between chunks; what committed stays.
 
 pub mod batch;

@@ -145,6 +145,7 @@ pub async fn run_claimed(
                 job,
                 Some(state),
                 state.config.import_chunk_lines,
+                state.config.import_parallelism,
                 state.config.job_lease,
                 stop,
                 |_| {},
