@@ -42,8 +42,12 @@ pub enum RefreshError {
     Reused(Change),
     #[error("account disabled")]
     Disabled,
+    /// Before COMMIT: nothing was written.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// At COMMIT: whether the token was used up is unknown.
+    #[error(transparent)]
+    AtCommit(sqlx::Error),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -192,7 +196,7 @@ pub async fn refresh(
     }
     if used {
         let change = revoke(&mut tx, &session, user_id, "reuse", auth.expiry_secs()).await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(RefreshError::AtCommit)?;
         tracing::warn!(user_id, session = %session, "refresh token reused; session revoked");
         return Err(RefreshError::Reused(change));
     }
@@ -235,7 +239,7 @@ pub async fn refresh(
         refresh_expires_in,
         session,
     };
-    tx.commit().await?;
+    tx.commit().await.map_err(RefreshError::AtCommit)?;
     Ok((issued, user))
 }
 
@@ -245,7 +249,7 @@ pub async fn end(
     pool: &PgPool,
     token: &str,
     token_lifetime: i64,
-) -> Result<Option<Option<Change>>, sqlx::Error> {
+) -> Result<Option<Option<Change>>, crate::db::TxFailure> {
     let mut tx = pool.begin().await?;
     let row: Option<(String, i64, bool)> = sqlx::query_as(
         "SELECT s.id::text, s.user_id, s.revoked_at IS NOT NULL
@@ -263,6 +267,6 @@ pub async fn end(
     }
     crate::db::write::set_actor(&mut *tx, user).await?;
     let change = revoke(&mut tx, &session, user, "logout", token_lifetime).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
     Ok(Some(Some(change)))
 }

@@ -195,6 +195,37 @@ async fn user_reads_and_logins_survive_a_killed_connection() {
             assert_eq!(body["enabled"], true, "{body}");
         }
     }
+    // A refresh and a logout, each on a killed connection: every refresh
+    // spends the token the one before gave, so a refresh that had used its
+    // token up before failing would make the next one a reuse (401).
+    let (st, body) = anon.post("/api/v2/auth/login", &login).await;
+    assert_eq!(st, 200, "{body}");
+    let mut token = body["refreshToken"].clone();
+    for last in ["refresh", "logout"] {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (st, body) = anon
+            .post("/api/v2/auth/refresh", &json!({"refreshToken": token}))
+            .await;
+        assert_eq!(st, 200, "refresh: {body}");
+        token = body["refreshToken"].clone();
+        kill_server_connections(&db).await;
+        let (st, body) = anon
+            .post(
+                &format!("/api/v2/auth/{last}"),
+                &json!({"refreshToken": token}),
+            )
+            .await;
+        let want = if last == "refresh" { 200 } else { 204 };
+        assert_eq!(st, want, "{last} after its connection was killed: {body}");
+        if last == "refresh" {
+            token = body["refreshToken"].clone();
+        }
+    }
+    // The logout ended the session: its last token is refused.
+    let (st, body) = anon
+        .post("/api/v2/auth/refresh", &json!({"refreshToken": token}))
+        .await;
+    assert_eq!(st, 401, "{body}");
     server.stop().await;
 }
 

@@ -534,20 +534,27 @@ impl LoginApi {
         // A token refused for good leaves the cookie that held it useless:
         // the answer removes it.
         let clear = (carrier == Carrier::Cookie).then(|| refresh_cookie(None, secure));
-        match crate::sessions::refresh(
-            &self.state.pool,
-            &self.state.auth,
-            &token,
-            crate::sessions::Lifetimes::of(&self.state.config),
-        )
-        .await
-        {
+        // Retried on another connection when the one it got was broken
+        // before COMMIT (the token is still unused then); not after a
+        // connection lost at COMMIT, when it may be used up already and
+        // presenting it again would revoke the session as a reuse.
+        let (pool, auth) = (&self.state.pool, &self.state.auth);
+        let lifetimes = crate::sessions::Lifetimes::of(&self.state.config);
+        let refreshed = crate::db::retry_tx("refresh", || async {
+            match crate::sessions::refresh(pool, auth, &token, lifetimes).await {
+                Err(E::Db(e)) => Err(crate::db::TxFailure::BeforeCommit(e)),
+                Err(E::AtCommit(e)) => Err(crate::db::TxFailure::AtCommit(e)),
+                other => Ok(other),
+            }
+        })
+        .await?;
+        match refreshed {
             Ok((issued, user)) => Ok(answer(issued, &user, carrier, secure)),
             Err(E::Reused(change)) => {
                 self.state.access.apply(&change);
                 Err(ApiError::unauthorized(E::Reused(change).to_string()).with_cookie(clear))
             }
-            Err(E::Db(e)) => Err(e.into()),
+            Err(E::Db(e) | E::AtCommit(e)) => Err(e.into()),
             Err(E::Other(e)) => Err(e.into()),
             Err(e) => Err(ApiError::unauthorized(e.to_string()).with_cookie(clear)),
         }
@@ -567,7 +574,13 @@ impl LoginApi {
         let secure = self.secure(req);
         let (token, carrier) = presented(req, &body, secure)?;
         let clear = (carrier == Carrier::Cookie).then(|| refresh_cookie(None, secure));
-        match crate::sessions::end(&self.state.pool, &token, self.state.auth.expiry_secs()).await? {
+        // Ending a session twice is no error, so a logout is retried on a
+        // broken connection before COMMIT as well as a refresh is.
+        let ended = crate::db::retry_tx("logout", || {
+            crate::sessions::end(&self.state.pool, &token, self.state.auth.expiry_secs())
+        })
+        .await?;
+        match ended {
             None => Err(ApiError::unauthorized("unknown refresh token").with_cookie(clear)),
             Some(change) => {
                 if let Some(c) = change {
