@@ -226,6 +226,29 @@ async fn user_reads_and_logins_survive_a_killed_connection() {
         .post("/api/v2/auth/refresh", &json!({"refreshToken": token}))
         .await;
     assert_eq!(st, 401, "{body}");
+    // A password change, on a killed connection.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (st, body) = anon.post("/api/v2/auth/login", &login).await;
+    assert_eq!(st, 200, "{body}");
+    let me = Api::new(&server, body["token"].as_str());
+    kill_server_connections(&db).await;
+    let (st, body) = me
+        .post(
+            "/api/v2/auth/password",
+            &json!({"currentPassword": "password-123", "newPassword": "another-password-456"}),
+        )
+        .await;
+    assert_eq!(
+        st, 200,
+        "password change after its connection was killed: {body}"
+    );
+    let (st, body) = anon
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "admin@example.com", "password": "another-password-456"}),
+        )
+        .await;
+    assert_eq!(st, 200, "the new password: {body}");
     server.stop().await;
 }
 

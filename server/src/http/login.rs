@@ -630,7 +630,12 @@ impl LoginApi {
         auth: BearerAuth,
         body: Json<PasswordChange>,
     ) -> ApiResult<LoginResponse> {
-        let Some(user) = crate::users::get(&self.state.pool, auth.0.user_id).await? else {
+        let pool = &self.state.pool;
+        let Some(user) = crate::db::retry("password_user", true, || {
+            crate::users::get(pool, auth.0.user_id)
+        })
+        .await?
+        else {
             return Err(ApiError::forbidden(
                 "this account has no password here (its tokens come from an identity provider)",
             ));
@@ -651,42 +656,60 @@ impl LoginApi {
             .with_hashing(move || crate::users::hash_password(&new))
             .await
             .map_err(busy)??;
-        let mut tx = self.state.pool.begin().await?;
-        crate::db::write::set_actor(&mut *tx, user.id).await?;
-        crate::users::lock(&mut tx).await?;
-        // Verified outside this transaction: a password reset or a disable
-        // committed meanwhile wins (the current password is no longer it).
-        let now: Option<(String, bool)> = sqlx::query_as(
-            "SELECT u.password_hash, coalesce(s.disabled, false)
-             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
-             WHERE u.id = $1",
-        )
-        .bind(user.id)
-        .fetch_optional(&mut *tx)
+        // Retried on another connection when the one it got was broken
+        // before COMMIT (nothing was written then); not after a connection
+        // lost at COMMIT.
+        let (pool, auth, user_id) = (&self.state.pool, &self.state.auth, user.id);
+        let lifetimes = crate::sessions::Lifetimes::of(&self.state.config);
+        let changed = crate::db::retry_tx("password", || {
+            let hash = hash.clone();
+            let verified = verified.as_str();
+            async move {
+                let mut tx = pool.begin().await?;
+                crate::db::write::set_actor(&mut *tx, user_id).await?;
+                crate::users::lock(&mut tx).await?;
+                // Verified outside this transaction: a password reset or a
+                // disable committed meanwhile wins (the current password is
+                // no longer it).
+                let now: Option<(String, bool)> = sqlx::query_as(
+                    "SELECT u.password_hash, coalesce(s.disabled, false)
+                     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+                     WHERE u.id = $1",
+                )
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                match now {
+                    Some((_, true)) => return Ok(Err(ApiError::forbidden("account disabled"))),
+                    Some((current, false)) if current == verified => {}
+                    _ => return Ok(Err(ApiError::forbidden("currentPassword: wrong password"))),
+                }
+                let patch = crate::users::UserPatch {
+                    password_hash: Some(hash),
+                    ..Default::default()
+                };
+                let (user, change) = match crate::users::update(&mut tx, user_id, patch).await {
+                    Ok(done) => done,
+                    Err(crate::users::UserError::Db(e)) => {
+                        return Err(crate::db::TxFailure::BeforeCommit(e))
+                    }
+                    Err(e) => return Ok(Err(super::users::user_error(e))),
+                };
+                let issued = match crate::sessions::start(&mut tx, auth, &user, lifetimes).await {
+                    Ok(issued) => issued,
+                    Err(e) => {
+                        return match e.downcast::<sqlx::Error>() {
+                            Ok(db) => Err(crate::db::TxFailure::BeforeCommit(db)),
+                            Err(other) => Ok(Err(ApiError::from(other))),
+                        }
+                    }
+                };
+                tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
+                Ok(Ok((user, change, issued)))
+            }
+        })
         .await?;
-        match now {
-            Some((_, true)) => return Err(ApiError::forbidden("account disabled")),
-            Some((hash, false)) if hash == verified => {}
-            _ => return Err(ApiError::forbidden("currentPassword: wrong password")),
-        }
-        let (user, change) = crate::users::update(
-            &mut tx,
-            user.id,
-            crate::users::UserPatch {
-                password_hash: Some(hash),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(super::users::user_error)?;
-        let issued = crate::sessions::start(
-            &mut tx,
-            &self.state.auth,
-            &user,
-            crate::sessions::Lifetimes::of(&self.state.config),
-        )
-        .await?;
-        tx.commit().await?;
+        let (user, change, issued) = changed?;
         if let Some(c) = change {
             self.state.access.apply(&c);
         }
