@@ -242,6 +242,24 @@ impl Carrier {
     }
 }
 
+/// Opens a session in a retried transaction ([`crate::db::retry_tx`]): a
+/// database error is the transaction's (retried when transient), any other
+/// is the answer.
+async fn start_session(
+    tx: &mut sqlx::PgConnection,
+    auth: &crate::auth::Auth,
+    user: &crate::users::User,
+    lifetimes: crate::sessions::Lifetimes,
+) -> Result<ApiResult<crate::sessions::Issued>, crate::db::TxFailure> {
+    match crate::sessions::start(tx, auth, user, lifetimes).await {
+        Ok(issued) => Ok(Ok(issued)),
+        Err(e) => match e.downcast::<sqlx::Error>() {
+            Ok(db) => Err(crate::db::TxFailure::BeforeCommit(db)),
+            Err(other) => Ok(Err(ApiError::from(other))),
+        },
+    }
+}
+
 /// The refresh token from the request's cookie, if it has one.
 fn cookie_token(req: &poem::Request) -> Option<String> {
     req.headers()
@@ -497,14 +515,9 @@ impl LoginApi {
             if user.disabled {
                 return Ok(Err(ApiError::forbidden("account disabled")));
             }
-            let issued = match crate::sessions::start(&mut tx, auth, &user, lifetimes).await {
+            let issued = match start_session(&mut tx, auth, &user, lifetimes).await? {
                 Ok(issued) => issued,
-                Err(e) => {
-                    return match e.downcast::<sqlx::Error>() {
-                        Ok(db) => Err(crate::db::TxFailure::BeforeCommit(db)),
-                        Err(other) => Ok(Err(ApiError::from(other))),
-                    }
-                }
+                Err(e) => return Ok(Err(e)),
             };
             tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
             Ok(Ok((issued, user)))
@@ -695,14 +708,9 @@ impl LoginApi {
                     }
                     Err(e) => return Ok(Err(super::users::user_error(e))),
                 };
-                let issued = match crate::sessions::start(&mut tx, auth, &user, lifetimes).await {
+                let issued = match start_session(&mut tx, auth, &user, lifetimes).await? {
                     Ok(issued) => issued,
-                    Err(e) => {
-                        return match e.downcast::<sqlx::Error>() {
-                            Ok(db) => Err(crate::db::TxFailure::BeforeCommit(db)),
-                            Err(other) => Ok(Err(ApiError::from(other))),
-                        }
-                    }
+                    Err(e) => return Ok(Err(e)),
                 };
                 tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
                 Ok(Ok((user, change, issued)))
