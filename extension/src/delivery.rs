@@ -327,11 +327,7 @@ const NOTIFY_LOCK_KEY: u32 = 0x5A1E5;
 /// wakes for every commit. `SET sales.notify_coalesce = off` sends one per
 /// transaction.
 fn notify_at_commit() {
-    let coalesce = unsafe {
-        let v = pg_sys::GetConfigOption(c"sales.notify_coalesce".as_ptr(), true, false);
-        v.is_null() || CStr::from_ptr(v).to_bytes() != b"off"
-    };
-    if coalesce && !try_notify_lock() {
+    if crate::settings::NOTIFY_COALESCE.get() && !try_notify_lock() {
         return;
     }
     let (known_seq, known_id) = KNOWN_EVENT.get();

@@ -350,40 +350,40 @@ impl Payload {
 /// `sales.current_actor()`: the `sales.user_id` setting as a user id, or
 /// NULL when it is not set.
 fn current_actor() -> Option<i64> {
-    setting_id(c"sales.user_id")
+    setting_id(c"sales.user_id", &crate::settings::USER_ID)
 }
 
 /// The job (import or asynchronous batch) writing in this transaction: the
 /// `sales.job_id` setting, set by the server's job workers.
 fn current_job() -> Option<i64> {
-    setting_id(c"sales.job_id")
+    setting_id(c"sales.job_id", &crate::settings::JOB_ID)
 }
 
 /// A bigint setting, or None when it is not set or empty.
-fn setting_id(name: &CStr) -> Option<i64> {
-    unsafe {
-        let v = pg_sys::GetConfigOption(name.as_ptr(), true, false);
-        if v.is_null() {
-            return None;
-        }
-        let text = CStr::from_ptr(v).to_string_lossy();
+fn setting_id(
+    name: &CStr,
+    setting: &'static pgrx::guc::GucSetting<Option<std::ffi::CString>>,
+) -> Option<i64> {
+    let parsed = crate::settings::with_string(setting, |v| {
+        let text = v?.to_string_lossy();
         if text.is_empty() {
             return None;
         }
-        match text.trim().parse::<i64>() {
-            Ok(id) => Some(id),
-            Err(_) => {
-                pgrx::pg_sys::panic::ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
-                    format!(
-                        "invalid input syntax for type bigint: \"{text}\" (setting {})",
-                        name.to_string_lossy()
-                    ),
-                    "pg_sales",
-                )
-                .report(PgLogLevel::ERROR);
-                unreachable!("ERROR does not return")
-            }
+        Some(text.trim().parse::<i64>().map_err(|_| text.into_owned()))
+    });
+    match parsed? {
+        Ok(id) => Some(id),
+        Err(text) => {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+                format!(
+                    "invalid input syntax for type bigint: \"{text}\" (setting {})",
+                    name.to_string_lossy()
+                ),
+                "pg_sales",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!("ERROR does not return")
         }
     }
 }

@@ -12,6 +12,7 @@ mod events;
 mod jsonb;
 mod projection;
 mod records;
+mod settings;
 mod surface;
 mod upsert;
 mod validate;
@@ -22,6 +23,7 @@ pgrx::pg_module_magic!(name, version);
 /// (required) this sets up the event log's delivery order in shared memory.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    settings::init();
     delivery::init();
 }
 

@@ -75,3 +75,19 @@ SELECT sales.prune_events('0') < (SELECT count(*) FROM sales.events) AS keeps_th
 SELECT count(*) >= 1 AS something_kept FROM sales.events;
 SELECT pg_temp.err($$SELECT sales.prune_events('-1 day')$$);
 SELECT pg_temp.err($$SELECT sales.prune_events(NULL)$$);
+
+-- The library defines its settings: an actor or job that is not a bigint
+-- fails the write that would record it, and coalescing takes only a
+-- Boolean (`false` turns it off as `off` does).
+SELECT current_setting('sales.user_id') = '' AS actor_unset, current_setting('sales.job_id') = '' AS job_unset;
+SELECT current_setting('sales.notify_coalesce') AS coalesce_default;
+SELECT pg_temp.err($$SET sales.notify_coalesce = maybe$$);
+SET sales.notify_coalesce = false;
+SELECT current_setting('sales.notify_coalesce') AS coalesce_off;
+RESET sales.notify_coalesce;
+INSERT INTO sales.stores (id, code, name, region) OVERRIDING SYSTEM VALUE VALUES (302, 'E2', 'Settings', 'West');
+SELECT set_config('sales.user_id', 'forty-two', false);
+SELECT pg_temp.err($$SELECT sales.batch_upsert('[{"storeId": 302, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 1}}}]')$$);
+SELECT set_config('sales.user_id', '', false);
+SELECT count(*) AS nothing_written FROM sales.monthly_sales WHERE store_id = 302;
+DELETE FROM sales.stores WHERE id = 302;
