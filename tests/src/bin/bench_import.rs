@@ -194,6 +194,20 @@ async fn main() {
         rate,
         rate / floor_rate
     );
+    // Chunks that waited past TURN_WAIT for their turn and merged again.
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retries = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("import_chunk_retries_total "))
+        .unwrap_or("0");
+    println!("chunks merged again after waiting for their turn: {retries}");
     println!(
         "server RSS: {:.1} MB before, peak growth {growth:.1} MB (target <= 64 MB)",
         base_rss as f64 / 1024.0
