@@ -44,8 +44,10 @@ pub fn init() {
 }
 
 /// Calls `f` with a string setting's current value (None: never set). The
-/// value may be freed when the setting changes, so it does not outlive `f`.
-pub fn with_string<R>(
+/// value may be freed when the setting changes, so it does not outlive `f`,
+/// and `f` must not run anything that could change the setting (SQL,
+/// another setting's assignment).
+pub(crate) fn with_string<R>(
     setting: &'static GucSetting<Option<CString>>,
     f: impl FnOnce(Option<&CStr>) -> R,
 ) -> R {
