@@ -511,6 +511,21 @@ impl Config {
         })
     }
 
+    /// For `serve`: a warning when imports could hold the whole pool. Extra
+    /// import connections are taken only when the pool gives them within a
+    /// second, so jobs never wait on each other; but while they hold the
+    /// pool, requests wait for a connection.
+    pub fn warn_if_imports_can_fill_the_pool(&self) {
+        let most = self.job_workers * self.import_parallelism;
+        if most >= self.db_pool_max as usize {
+            tracing::warn!(
+                "imports may hold {most} connections (JOB_WORKERS x IMPORT_PARALLELISM), \
+                 not fewer than DB_POOL_MAX ({}): requests may wait for a connection while they run",
+                self.db_pool_max
+            );
+        }
+    }
+
     /// For `serve`: the secret must not be one this repository publishes,
     /// unless development mode is explicit.
     pub fn check_serving_secret(&self) -> Result<(), ConfigError> {

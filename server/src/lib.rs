@@ -45,6 +45,7 @@ impl Server {
     /// binds the port (`PORT=0` picks a free one; see `addr`).
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         config.check_serving_secret()?;
+        config.warn_if_imports_can_fill_the_pool();
         metrics::init(config.slow_query_ms);
         let state = AppState::connect(config).await?;
         db::migrate(&state.pool)

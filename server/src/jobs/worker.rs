@@ -23,21 +23,6 @@ impl Workers {
             std::process::id()
         );
         let last_prune: LastPrune = Default::default();
-        let c = &state.config;
-        let most = c.job_workers * c.import_parallelism;
-        if most >= c.db_pool_max as usize {
-            // Extra import connections are taken only when the pool gives
-            // them within a second, so jobs never wait on each other; but
-            // while they hold the pool, requests wait for a connection.
-            tracing::warn!(
-                job_workers = c.job_workers,
-                import_parallelism = c.import_parallelism,
-                db_pool_max = c.db_pool_max,
-                "imports may hold {most} connections (JOB_WORKERS x IMPORT_PARALLELISM), \
-                 not fewer than DB_POOL_MAX ({}): requests may wait for a connection while they run",
-                c.db_pool_max
-            );
-        }
         let tasks = (0..state.config.job_workers)
             .map(|i| {
                 let (state, rx, name) = (state.clone(), rx.clone(), format!("{name}/{i}"));
