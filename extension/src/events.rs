@@ -45,7 +45,7 @@ fn arm_notify() -> bool {
 /// an update, with their old values in `previousDays`: history is rebuilt
 /// from these, see `sql/history.sql`), the writing job (`jobId`) and, for a
 /// row moved to another store or month, where it was before. An update
-/// that left the row unchanged (same version, see `tg_sales_version`) makes
+/// that left the row unchanged (same version, see `tg_sales_row`) makes
 /// no event.
 ///
 /// Every single-row commit pays for this, so it is written against the
@@ -155,23 +155,26 @@ fn tg_sales_changed<'a>(
     Ok(None)
 }
 
-/// Attribute numbers of the `sales.monthly_sales` columns an event reads.
-struct SalesColumns {
-    id: i32,
-    store_id: i32,
-    year: i32,
-    month: i32,
-    daily_data: i32,
-    total_sales: i32,
-    total_customers: i32,
-    days_reported: i32,
-    version: i32,
+/// Attribute numbers of the `sales.monthly_sales` columns the row triggers
+/// read or set.
+pub(crate) struct SalesColumns {
+    pub(crate) id: i32,
+    pub(crate) store_id: i32,
+    pub(crate) year: i32,
+    pub(crate) month: i32,
+    pub(crate) daily_data: i32,
+    pub(crate) total_sales: i32,
+    pub(crate) total_customers: i32,
+    pub(crate) days_reported: i32,
+    pub(crate) version: i32,
+    pub(crate) created_at: i32,
+    pub(crate) updated_at: i32,
 }
 
 impl SalesColumns {
     /// Looked up by name on every call (a dozen short comparisons), so a
     /// column added or dropped later cannot shift them.
-    unsafe fn of(desc: pg_sys::TupleDesc) -> Self {
+    pub(crate) unsafe fn of(desc: pg_sys::TupleDesc) -> Self {
         let mut c = SalesColumns {
             id: 0,
             store_id: 0,
@@ -182,6 +185,8 @@ impl SalesColumns {
             total_customers: 0,
             days_reported: 0,
             version: 0,
+            created_at: 0,
+            updated_at: 0,
         };
         let natts = unsafe { (*desc).natts } as usize;
         let attrs = unsafe { (*desc).attrs.as_slice(natts) };
@@ -200,6 +205,8 @@ impl SalesColumns {
                 b"total_customers" => &mut c.total_customers,
                 b"days_reported" => &mut c.days_reported,
                 b"version" => &mut c.version,
+                b"created_at" => &mut c.created_at,
+                b"updated_at" => &mut c.updated_at,
                 _ => continue,
             };
             *slot = i as i32 + 1;
@@ -214,9 +221,11 @@ impl SalesColumns {
             ("total_customers", c.total_customers),
             ("days_reported", c.days_reported),
             ("version", c.version),
+            ("created_at", c.created_at),
+            ("updated_at", c.updated_at),
         ] {
             if att == 0 {
-                error!("sales.tg_sales_changed: the table has no column {n}");
+                error!("pg_sales: the sales table has no column {n}");
             }
         }
         c

@@ -12,6 +12,7 @@ mod events;
 mod jsonb;
 mod projection;
 mod records;
+mod rows;
 mod settings;
 mod surface;
 mod upsert;
@@ -28,7 +29,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 // The schema, by concern, in dependency order: tables (after the Rust
-// functions their constraints, generated columns and defaults call),
+// functions their constraints, triggers and defaults call),
 // documents, events (after the Rust trigger and delivery functions), batch
 // (`finalize`: last of all).
 extension_sql_file!(
@@ -38,6 +39,7 @@ extension_sql_file!(
         validate::daily_data_valid,
         validate::daily_sum,
         validate::daily_days,
+        rows::tg_sales_row,
         delivery::event_seq,
         delivery::delivery_ready
     ]

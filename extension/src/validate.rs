@@ -1,6 +1,7 @@
 //! What the table computes for every row: the CHECK constraint on
-//! `monthly_sales.daily_data`, the derived totals (generated columns) and the
-//! changed days events report. All read the jsonb in place (see `jsonb.rs`):
+//! `monthly_sales.daily_data`, the derived totals (the SQL functions; the row
+//! trigger in `rows.rs` computes the same in one pass) and the changed days
+//! events report. All read the jsonb in place (see `jsonb.rs`):
 //! they run once per row written, whoever writes.
 
 use crate::jsonb::{Jb, NumericDatum, RawJsonb};
@@ -39,8 +40,9 @@ fn daily_data_errors(year: i32, month: i32, daily: RawJsonb) -> pgrx::JsonB {
 
 /// Sum of one metric over the days of `daily`, exactly (numeric). Days
 /// without the metric, and values that are not numbers (which the CHECK
-/// constraint then refuses), count as nothing. Generated columns are computed
-/// before constraints are checked, so this must not fail on invalid data.
+/// constraint refuses), count as nothing: like the row trigger's totals,
+/// which run before constraints are checked, this must not fail on invalid
+/// data.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn daily_sum(daily: RawJsonb, metric: &str) -> NumericDatum {
     let mut sum = NumericDatum::zero();
@@ -139,17 +141,5 @@ fn daily_merge_changes(old: RawJsonb, new: RawJsonb) -> bool {
 
 /// jsonb equality of two values (as `=` on jsonb: 1.0 equals 1).
 fn same(a: Jb<'_>, b: Jb<'_>) -> bool {
-    match (a, b) {
-        (Jb::Object(x), Jb::Object(y)) | (Jb::Array(x), Jb::Array(y)) => {
-            // Most days of an update are untouched and so byte for byte the
-            // same; compare the values only when the bytes differ.
-            matches!((x.bytes(), y.bytes()), (Some(a), Some(b)) if a == b)
-                || unsafe { pg_sys::compareJsonbContainers(x.as_ptr(), y.as_ptr()) == 0 }
-        }
-        (Jb::Null, Jb::Null) => true,
-        (Jb::Bool(x), Jb::Bool(y)) => x == y,
-        (Jb::String(x), Jb::String(y)) => x == y,
-        (Jb::Number(x), Jb::Number(y)) => x.equals(y),
-        _ => false,
-    }
+    a.equals(b)
 }

@@ -59,6 +59,19 @@ RETURNING total_sales, total_customers, days_reported, version;
 -- A real change bumps the version; a no-op UPDATE does not.
 UPDATE sales.monthly_sales SET daily_data = daily_data RETURNING version;
 UPDATE sales.monthly_sales SET daily_data = daily_data || '{"2": {"sales": 1}}' RETURNING version, total_sales, days_reported;
+-- The totals are derived whatever a writer gives; equal jsonb (10.5 and
+-- 10.50) is no change of the data, so no new version; a version or
+-- timestamps a writer sets are ignored.
+UPDATE sales.monthly_sales SET total_sales = 1, total_customers = 2, days_reported = 3
+RETURNING version, total_sales, total_customers, days_reported;
+UPDATE sales.monthly_sales SET daily_data = '{"29": {"sales": 10.50, "customers": 4}, "1": {"sales": 1.0}, "2": {"sales": 1}}'
+RETURNING version, total_sales;
+UPDATE sales.monthly_sales SET version = 42, created_at = '2000-01-01', updated_at = '2000-01-01'
+RETURNING version, created_at = '2000-01-01' AS created_moved, updated_at = '2000-01-01' AS updated_moved;
+UPDATE sales.monthly_sales SET daily_data = '{}' RETURNING version, total_sales, total_customers, days_reported;
+INSERT INTO sales.monthly_sales (store_id, year, month, daily_data, total_sales, total_customers, days_reported)
+VALUES (1, 2024, 3, '{"1": {"customers": 3}, "2": {"sales": 0.25, "transactions": 1}}', 999, 999, 999)
+RETURNING total_sales, total_customers, days_reported, version;
 SELECT pg_temp.err($$UPDATE sales.monthly_sales SET id = 99$$);
 SELECT pg_temp.err($$UPDATE sales.stores SET id = 99$$);
 DELETE FROM sales.monthly_sales;

@@ -21,9 +21,9 @@ END $$;
 INSERT INTO sales.stores (id, code, name, region) OVERRIDING SYSTEM VALUE VALUES (201, 'P1', 'Projection', 'East');
 INSERT INTO sales.monthly_sales (id, store_id, year, month, daily_data) OVERRIDING SYSTEM VALUE
 VALUES (2001, 201, 2024, 3, '{"1": {"sales": 10, "customers": 2}, "2": {"sales": 5, "transactions": 1}}');
-ALTER TABLE sales.monthly_sales DISABLE TRIGGER monthly_sales_bump_version;
+ALTER TABLE sales.monthly_sales DISABLE TRIGGER monthly_sales_row;
 UPDATE sales.monthly_sales SET created_at = '2024-04-01 00:00Z', updated_at = '2024-04-01 00:00Z' WHERE id = 2001;
-ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_bump_version;
+ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_row;
 ALTER TABLE sales.stores DISABLE TRIGGER stores_bump_version;
 UPDATE sales.stores SET created_at = '2024-01-01 00:00Z', updated_at = '2024-01-01 00:00Z' WHERE id = 201;
 ALTER TABLE sales.stores ENABLE TRIGGER stores_bump_version;

@@ -1,0 +1,168 @@
+//! What a sales row derives from what its writer gives: its totals, its
+//! version and its timestamps. Every write of `sales.monthly_sales` pays for
+//! this, so it is one Rust row trigger rather than generated columns (whose
+//! expressions Postgres reads back and plans again for every statement) and
+//! a PL/pgSQL trigger.
+
+use crate::events::SalesColumns;
+use crate::jsonb::{Jb, NumericDatum, RawJsonb};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// `BEFORE INSERT OR UPDATE ... FOR EACH ROW` on `sales.monthly_sales`.
+///
+/// - `total_sales`, `total_customers` and `days_reported` are computed from
+///   `daily_data` (the sum of each metric over the days, exactly; the
+///   number of days), whatever the writer put in them.
+/// - On update: the id may not change; `version` moves up by one and
+///   `updated_at` to the transaction's time only when the store, year, month
+///   or daily data changed (jsonb equality: `1.0` and `1.00` are the same
+///   value), otherwise both keep their old values, so a no-op update makes
+///   no new version and no event; `created_at` never changes.
+#[pg_trigger]
+fn tg_sales_row<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    let td = trigger.trigger_data();
+    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    if td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
+        || td.tg_event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_BEFORE
+        || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
+    {
+        error!("sales.tg_sales_row must run BEFORE INSERT OR UPDATE ... FOR EACH ROW");
+    }
+    // SAFETY: a row-level BEFORE INSERT/UPDATE trigger call: the relation,
+    // its descriptor and tuples are valid for the duration of the call, and
+    // the tuple returned is allocated in the call's memory context.
+    unsafe {
+        let desc = (*td.tg_relation).rd_att;
+        let cols = SalesColumns::of(desc);
+        let (old, new) = if op == pg_sys::TRIGGER_EVENT_INSERT {
+            (None, td.tg_trigtuple)
+        } else {
+            (Some(td.tg_trigtuple), td.tg_newtuple)
+        };
+        let get = |t: *mut pg_sys::HeapTupleData, att: i32| -> Option<pg_sys::Datum> {
+            let mut null = false;
+            let d = pg_sys::heap_getattr(t, att, desc, &mut null);
+            (!null).then_some(d)
+        };
+        let daily = |t| {
+            get(t, cols.daily_data)
+                .and_then(|d| RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID))
+        };
+        let new_daily = daily(new);
+
+        // Columns set here, by attribute number, with their values.
+        let mut set: Vec<(i32, Option<pg_sys::Datum>)> = Vec::with_capacity(6);
+        let (sales, customers, days) = match &new_daily {
+            Some(j) => totals(j.root()),
+            None => (None, None, None),
+        };
+        set.push((cols.total_sales, sales));
+        set.push((cols.total_customers, customers));
+        set.push((cols.days_reported, days));
+
+        if let Some(old) = old {
+            // int8 columns hold the value in the datum; int4 ones its low half.
+            let int = |t, att| get(t, att).map(|d| d.value() as i64);
+            let int4 = |t, att| get(t, att).map(|d| d.value() as i32);
+            if int(new, cols.id) != int(old, cols.id) {
+                ereport!(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    "the id of a sales record cannot change"
+                );
+            }
+            let old_daily = daily(old);
+            let same_data = match (&new_daily, &old_daily) {
+                (Some(n), Some(o)) => n.equals(o),
+                (None, None) => true,
+                _ => false,
+            };
+            let changed = !same_data
+                || int(new, cols.store_id) != int(old, cols.store_id)
+                || int4(new, cols.year) != int4(old, cols.year)
+                || int4(new, cols.month) != int4(old, cols.month);
+            let old_version = int(old, cols.version).unwrap_or(0);
+            if changed {
+                set.push((
+                    cols.version,
+                    Some(pg_sys::Datum::from(old_version.saturating_add(1))),
+                ));
+                set.push((
+                    cols.updated_at,
+                    Some(pg_sys::Datum::from(
+                        pg_sys::GetCurrentTransactionStartTimestamp(),
+                    )),
+                ));
+            } else {
+                set.push((cols.version, Some(pg_sys::Datum::from(old_version))));
+                set.push((cols.updated_at, get(old, cols.updated_at)));
+            }
+            set.push((cols.created_at, get(old, cols.created_at)));
+        }
+
+        let n = set.len();
+        let atts: Vec<i32> = set.iter().map(|s| s.0).collect();
+        let mut values: Vec<pg_sys::Datum> = set
+            .iter()
+            .map(|s| s.1.unwrap_or(pg_sys::Datum::from(0)))
+            .collect();
+        let mut nulls: Vec<bool> = set.iter().map(|s| s.1.is_none()).collect();
+        let tuple = pg_sys::heap_modify_tuple_by_cols(
+            new,
+            desc,
+            n as i32,
+            atts.as_ptr() as *mut i32,
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
+        Ok(Some(PgHeapTuple::from_heap_tuple(
+            pgrx::PgTupleDesc::from_pg_unchecked(desc),
+            tuple,
+        )))
+    }
+}
+
+/// One pass over a month's days: the sum of `sales` (numeric), of
+/// `customers` (as `bigint`, rounded as a cast rounds) and the number of
+/// days. Days without a metric, and values that are not numbers (which the
+/// CHECK constraint refuses after this trigger), count as nothing; a
+/// document that is not an object has no days.
+fn totals(
+    root: Jb<'_>,
+) -> (
+    Option<pg_sys::Datum>,
+    Option<pg_sys::Datum>,
+    Option<pg_sys::Datum>,
+) {
+    let mut sales = NumericDatum::zero();
+    let mut customers = NumericDatum::zero();
+    let mut days = 0i32;
+    if let Jb::Object(month) = root {
+        for (_, day) in month.members() {
+            days += 1;
+            let Jb::Object(metrics) = day else { continue };
+            for (k, v) in metrics.members() {
+                if let Jb::Number(n) = v {
+                    match k {
+                        "sales" => sales = sales.add(n),
+                        "customers" => customers = customers.add(n),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: numeric_int8 takes one numeric argument; it raises the
+    // cast's own error when the sum does not fit a bigint.
+    let customers = unsafe {
+        pgrx::direct_function_call_as_datum(pg_sys::numeric_int8, &[customers.into_datum()])
+    };
+    (
+        sales.into_datum(),
+        customers,
+        Some(pg_sys::Datum::from(days)),
+    )
+}
