@@ -236,6 +236,119 @@ impl NumericDatum {
     }
 }
 
+/// An exact running sum of numerics. While every value has at most eight
+/// decimal places and the sum fits, it is kept in a 128-bit integer of
+/// units of 10^-8 (no allocation per value); past that it goes on in
+/// Postgres' numeric arithmetic. The result is what adding the values one
+/// by one with `numeric +` gives: the same value, and the largest display
+/// scale of the values.
+pub struct NumericSum {
+    units: Option<i128>,
+    dscale: u16,
+    exact: Option<NumericDatum>,
+}
+
+/// 10^-8 as base-10000 digits after the point.
+const SUM_FRACTION_DIGITS: i32 = 2;
+
+impl NumericSum {
+    pub fn new() -> Self {
+        NumericSum {
+            units: Some(0),
+            dscale: 0,
+            exact: None,
+        }
+    }
+
+    pub fn add(&mut self, n: Num<'_>) {
+        if let Some(units) = self.units {
+            let d = n.decode();
+            if let Some(sum) = Self::units_of(&d).and_then(|v| units.checked_add(v)) {
+                self.units = Some(sum);
+                self.dscale = self.dscale.max(d.dscale);
+                return;
+            }
+            self.exact = Some(self.numeric_of_units());
+            self.units = None;
+        }
+        let sum = self.exact.take().unwrap_or_else(NumericDatum::zero).add(n);
+        self.exact = Some(sum);
+    }
+
+    pub fn finish(self) -> NumericDatum {
+        match self.exact {
+            Some(e) => e,
+            None => self.numeric_of_units(),
+        }
+    }
+
+    /// The value in units of 10^-8, when it has at most eight decimal
+    /// places and under 10^28 before the point.
+    fn units_of(d: &Decoded) -> Option<i128> {
+        if d.special.is_some() || d.n_digits >= d.digits.len() {
+            // Eight digits may be a longer value cut short by the decoder.
+            return None;
+        }
+        let last = d.n_digits as i32 - 1;
+        if last - d.weight > SUM_FRACTION_DIGITS || d.weight > 6 {
+            return None;
+        }
+        let mut v: i128 = 0;
+        for (i, digit) in d.digits[..d.n_digits].iter().enumerate() {
+            let power = d.weight - i as i32 + SUM_FRACTION_DIGITS;
+            v += *digit as i128 * 10_000i128.pow(power as u32);
+        }
+        Some(if d.negative { -v } else { v })
+    }
+
+    /// The integer sum as a numeric with the sum's display scale.
+    fn numeric_of_units(&self) -> NumericDatum {
+        let units = self.units.unwrap_or(0);
+        let scale = 10i128.pow(4 * SUM_FRACTION_DIGITS as u32);
+        let (whole, fraction) = (
+            units.unsigned_abs() / scale as u128,
+            units.unsigned_abs() % scale as u128,
+        );
+        let mut text = String::with_capacity(48);
+        if units < 0 {
+            text.push('-');
+        }
+        text.push_str(&whole.to_string());
+        if self.dscale > 0 {
+            let digits = format!("{fraction:08}");
+            text.push('.');
+            let shown = (self.dscale as usize).min(digits.len());
+            // Digits past the eighth place are zeros (the values had none).
+            text.push_str(&digits[..shown]);
+            for _ in shown..self.dscale as usize {
+                text.push('0');
+            }
+        }
+        let text = std::ffi::CString::new(text).expect("digits and a point");
+        // SAFETY: numeric_in takes (cstring, typioparam, typmod).
+        let d = unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::numeric_in,
+                &[
+                    Some(pg_sys::Datum::from(text.as_ptr())),
+                    Some(pg_sys::Datum::from(pg_sys::InvalidOid)),
+                    Some(pg_sys::Datum::from(-1i32)),
+                ],
+            )
+        };
+        NumericDatum(
+            d.expect("numeric_in returns a value")
+                .cast_mut_ptr::<pg_sys::NumericData>(),
+        )
+    }
+}
+
+impl Default for NumericSum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A container (object or array) inside a jsonb datum, with its size in
 /// bytes when known (0 for a document's root).
 #[derive(Clone, Copy)]

@@ -5,7 +5,7 @@
 //! a PL/pgSQL trigger.
 
 use crate::events::SalesColumns;
-use crate::jsonb::{Jb, NumericDatum, RawJsonb};
+use crate::jsonb::{Jb, NumericSum, RawJsonb};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -137,8 +137,8 @@ fn totals(
     Option<pg_sys::Datum>,
     Option<pg_sys::Datum>,
 ) {
-    let mut sales = NumericDatum::zero();
-    let mut customers = NumericDatum::zero();
+    let mut sales = NumericSum::new();
+    let mut customers = NumericSum::new();
     let mut days = 0i32;
     if let Jb::Object(month) = root {
         for (_, day) in month.members() {
@@ -147,8 +147,8 @@ fn totals(
             for (k, v) in metrics.members() {
                 if let Jb::Number(n) = v {
                     match k {
-                        "sales" => sales = sales.add(n),
-                        "customers" => customers = customers.add(n),
+                        "sales" => sales.add(n),
+                        "customers" => customers.add(n),
                         _ => {}
                     }
                 }
@@ -158,10 +158,13 @@ fn totals(
     // SAFETY: numeric_int8 takes one numeric argument; it raises the
     // cast's own error when the sum does not fit a bigint.
     let customers = unsafe {
-        pgrx::direct_function_call_as_datum(pg_sys::numeric_int8, &[customers.into_datum()])
+        pgrx::direct_function_call_as_datum(
+            pg_sys::numeric_int8,
+            &[customers.finish().into_datum()],
+        )
     };
     (
-        sales.into_datum(),
+        sales.finish().into_datum(),
         customers,
         Some(pg_sys::Datum::from(days)),
     )

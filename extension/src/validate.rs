@@ -4,7 +4,7 @@
 //! events report. All read the jsonb in place (see `jsonb.rs`):
 //! they run once per row written, whoever writes.
 
-use crate::jsonb::{Jb, NumericDatum, RawJsonb};
+use crate::jsonb::{Jb, NumericDatum, NumericSum, RawJsonb};
 use pgrx::prelude::*;
 use sales_core::daily;
 use sales_core::json::JsonRead;
@@ -45,17 +45,17 @@ fn daily_data_errors(year: i32, month: i32, daily: RawJsonb) -> pgrx::JsonB {
 /// data.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn daily_sum(daily: RawJsonb, metric: &str) -> NumericDatum {
-    let mut sum = NumericDatum::zero();
+    let mut sum = NumericSum::new();
     daily.root().each_member(|_, day| {
         // A day holds two or three metrics: a scan of its members beats a
         // binary search that builds a lookup value.
         if let Jb::Object(c) = day {
             if let Some((_, Jb::Number(n))) = c.members().find(|(k, _)| *k == metric) {
-                sum = sum.add(n);
+                sum.add(n);
             }
         }
     });
-    sum
+    sum.finish()
 }
 
 /// Number of days reported in `daily` (0 when it is not an object).

@@ -35,6 +35,26 @@ SELECT sales.daily_sum('{"1": {"sales": 1.25}, "2": {"sales": 2, "customers": 3}
        sales.daily_sum('{}', 'sales'),
        sales.daily_sum(NULL, 'sales'),
        sales.daily_sum('{}', NULL);
+-- Sums are exact and keep the largest display scale, as numeric + does:
+-- small values are added as integers, others (over eight decimal places,
+-- 10^28 or more) in numeric arithmetic.
+SELECT sales.daily_sum('{"1": {"sales": 0.1}, "2": {"sales": 0.2}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": 1.50}, "2": {"sales": 2}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": -5.5}, "2": {"sales": 2.25}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": 0.00}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": 1.0000000000}, "2": {"sales": 2}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": 0.123456789}, "2": {"sales": 1}}', 'sales'),
+       sales.daily_sum('{"1": {"sales": 99999999999999999999999999999999}, "2": {"sales": 1}}', 'sales');
+-- Against numeric's own sum over 600 months of random values of every
+-- size and scale (both ways of adding, and the switch between them).
+SELECT setseed(0.42);
+SELECT count(*) AS months,
+       count(*) FILTER (WHERE sales.daily_sum(d, 'sales')::text IS DISTINCT FROM
+                              (SELECT sum((v->>'sales')::numeric)::text FROM jsonb_each(d) e(k, v))) AS differ
+FROM (SELECT m, jsonb_object_agg(day, jsonb_build_object('sales',
+             round(((random() - 0.3) * 10 ^ (random() * 34 - 4))::numeric, (random() * 12)::int))) AS d
+      FROM generate_series(1, 600) m, generate_series(1, 28) day
+      GROUP BY m) x;
 SELECT sales.daily_days('{"1": {}, "5": {}}'), sales.daily_days('{}'), sales.daily_days('[]'), sales.daily_days(NULL);
 
 SELECT sales.changed_days(NULL, '{"1": {"sales": 1}, "2": {"sales": 2}}');
