@@ -57,27 +57,16 @@ fn tg_sales_changed<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     let td = trigger.trigger_data();
-    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
-    if td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
-        || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
-    {
-        error!("sales.tg_sales_changed must run AFTER INSERT OR UPDATE ... FOR EACH ROW");
-    }
-    // SAFETY: a row-level INSERT/UPDATE trigger call: the relation and its
-    // tuples are valid for the duration of the call.
+    // SAFETY: a row-level INSERT/UPDATE trigger call (checked by
+    // SalesRow::of): the relation and its tuples are valid for the
+    // duration of the call.
     unsafe {
-        let desc = (*td.tg_relation).rd_att;
-        let cols = SalesColumns::of(desc);
-        let (old, new) = if op == pg_sys::TRIGGER_EVENT_INSERT {
-            (None, td.tg_trigtuple)
-        } else {
-            (Some(td.tg_trigtuple), td.tg_newtuple)
-        };
-        let get = |t: *mut pg_sys::HeapTupleData, att: i32| -> Option<pg_sys::Datum> {
-            let mut null = false;
-            let d = pg_sys::heap_getattr(t, att, desc, &mut null);
-            (!null).then_some(d)
-        };
+        let row = SalesRow::of(
+            td,
+            "sales.tg_sales_changed must run AFTER INSERT OR UPDATE ... FOR EACH ROW",
+        );
+        let (cols, old, new) = (&row.cols, row.old, row.new);
+        let get = |t, att| row.get(t, att);
         // int8 columns hold the value in the datum; int4 ones its low half.
         let int = |t, att| get(t, att).map(|d| d.value() as i64).unwrap_or(0);
         let int4 = |t, att| get(t, att).map(|d| d.value() as i32 as i64).unwrap_or(0);
@@ -87,12 +76,8 @@ fn tg_sales_changed<'a>(
                 return Ok(None);
             }
         }
-        let daily = |t| {
-            get(t, cols.daily_data)
-                .and_then(|d| RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID))
-        };
-        let new_daily = daily(new);
-        let old_daily = old.and_then(daily);
+        let new_daily = row.daily(new);
+        let old_daily = old.and_then(|t| row.daily(t));
         let days = crate::validate::changed_day_keys(
             old_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null),
             new_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null),
@@ -153,6 +138,61 @@ fn tg_sales_changed<'a>(
         insert_event(kind, store, current_actor(), id, version, p.finish());
     }
     Ok(None)
+}
+
+/// The tuples of a row-level INSERT or UPDATE trigger call on
+/// `sales.monthly_sales`, with the table's descriptor and columns.
+pub(crate) struct SalesRow {
+    pub(crate) desc: pg_sys::TupleDesc,
+    pub(crate) cols: SalesColumns,
+    /// The row before an update (None for an insert).
+    pub(crate) old: Option<*mut pg_sys::HeapTupleData>,
+    pub(crate) new: *mut pg_sys::HeapTupleData,
+}
+
+impl SalesRow {
+    /// Fails with `misuse` unless the call is row-level, for an INSERT or
+    /// an UPDATE.
+    ///
+    /// # Safety
+    /// `td` is the trigger data of a call in progress.
+    pub(crate) unsafe fn of(td: &pg_sys::TriggerData, misuse: &str) -> Self {
+        let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+        if td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
+            || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
+        {
+            error!("{misuse}");
+        }
+        unsafe {
+            let desc = (*td.tg_relation).rd_att;
+            let (old, new) = if op == pg_sys::TRIGGER_EVENT_INSERT {
+                (None, td.tg_trigtuple)
+            } else {
+                (Some(td.tg_trigtuple), td.tg_newtuple)
+            };
+            SalesRow {
+                desc,
+                cols: SalesColumns::of(desc),
+                old,
+                new,
+            }
+        }
+    }
+
+    /// Column `att` of tuple `t` (one of this call's), None when null.
+    pub(crate) fn get(&self, t: *mut pg_sys::HeapTupleData, att: i32) -> Option<pg_sys::Datum> {
+        let mut null = false;
+        // SAFETY: t is a tuple of this call, described by desc.
+        let d = unsafe { pg_sys::heap_getattr(t, att, self.desc, &mut null) };
+        (!null).then_some(d)
+    }
+
+    /// The daily data of tuple `t`, detoasted.
+    pub(crate) fn daily(&self, t: *mut pg_sys::HeapTupleData) -> Option<RawJsonb> {
+        self.get(t, self.cols.daily_data)
+            // SAFETY: daily_data is a jsonb column.
+            .and_then(|d| unsafe { RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID) })
+    }
 }
 
 /// Attribute numbers of the `sales.monthly_sales` columns the row triggers

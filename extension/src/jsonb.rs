@@ -20,6 +20,19 @@ use sales_core::json::{JsonRead, Kind};
 use sales_core::pgnumeric::Decoded;
 use std::marker::PhantomData;
 
+/// Whether two varlena values hold the same bytes (header included).
+///
+/// # Safety
+/// Both point to live varlena values.
+unsafe fn same_bytes(a: *const pg_sys::varlena, b: *const pg_sys::varlena) -> bool {
+    unsafe {
+        let (la, lb) = (pgrx::varsize_any(a), pgrx::varsize_any(b));
+        la == lb
+            && std::slice::from_raw_parts(a as *const u8, la)
+                == std::slice::from_raw_parts(b as *const u8, lb)
+    }
+}
+
 /// A jsonb value as Postgres holds it: detoasted, never copied or parsed.
 pub struct RawJsonb(*mut pg_sys::Jsonb);
 
@@ -47,15 +60,7 @@ impl RawJsonb {
     pub fn equals(&self, other: &RawJsonb) -> bool {
         // SAFETY: both are detoasted jsonb datums (see from_polymorphic_datum).
         unsafe {
-            let (a, b) = (
-                self.0 as *const pg_sys::varlena,
-                other.0 as *const pg_sys::varlena,
-            );
-            let (la, lb) = (pgrx::varsize_any(a), pgrx::varsize_any(b));
-            if la == lb
-                && std::slice::from_raw_parts(a as *const u8, la)
-                    == std::slice::from_raw_parts(b as *const u8, lb)
-            {
+            if same_bytes(self.0 as *const _, other.0 as *const _) {
                 return true;
             }
         }
@@ -727,15 +732,7 @@ impl Num<'_> {
         unsafe {
             // The same bytes are the same number; only different encodings
             // of a value (1.0 and 1) need Postgres' comparison.
-            let (a, b) = (
-                self.0 as *const pg_sys::varlena,
-                other.0 as *const pg_sys::varlena,
-            );
-            let (la, lb) = (pgrx::varsize_any(a), pgrx::varsize_any(b));
-            if la == lb
-                && std::slice::from_raw_parts(a as *const u8, la)
-                    == std::slice::from_raw_parts(b as *const u8, lb)
-            {
+            if same_bytes(self.0 as *const _, other.0 as *const _) {
                 return true;
             }
             pgrx::direct_function_call::<bool>(

@@ -4,8 +4,8 @@
 //! expressions Postgres reads back and plans again for every statement) and
 //! a PL/pgSQL trigger.
 
-use crate::events::SalesColumns;
-use crate::jsonb::{Jb, NumericSum, RawJsonb};
+use crate::events::SalesRow;
+use crate::jsonb::{Jb, NumericSum};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -24,34 +24,19 @@ fn tg_sales_row<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     let td = trigger.trigger_data();
-    let op = td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
-    if td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
-        || td.tg_event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_BEFORE
-        || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
-    {
-        error!("sales.tg_sales_row must run BEFORE INSERT OR UPDATE ... FOR EACH ROW");
+    const MISUSE: &str = "sales.tg_sales_row must run BEFORE INSERT OR UPDATE ... FOR EACH ROW";
+    if td.tg_event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_BEFORE {
+        error!("{MISUSE}");
     }
-    // SAFETY: a row-level BEFORE INSERT/UPDATE trigger call: the relation,
-    // its descriptor and tuples are valid for the duration of the call, and
-    // the tuple returned is allocated in the call's memory context.
+    // SAFETY: a row-level BEFORE INSERT/UPDATE trigger call (checked by
+    // SalesRow::of): the relation, its descriptor and tuples are valid for
+    // the duration of the call, and the tuple returned is allocated in the
+    // call's memory context.
     unsafe {
-        let desc = (*td.tg_relation).rd_att;
-        let cols = SalesColumns::of(desc);
-        let (old, new) = if op == pg_sys::TRIGGER_EVENT_INSERT {
-            (None, td.tg_trigtuple)
-        } else {
-            (Some(td.tg_trigtuple), td.tg_newtuple)
-        };
-        let get = |t: *mut pg_sys::HeapTupleData, att: i32| -> Option<pg_sys::Datum> {
-            let mut null = false;
-            let d = pg_sys::heap_getattr(t, att, desc, &mut null);
-            (!null).then_some(d)
-        };
-        let daily = |t| {
-            get(t, cols.daily_data)
-                .and_then(|d| RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID))
-        };
-        let new_daily = daily(new);
+        let row = SalesRow::of(td, MISUSE);
+        let (desc, cols, old, new) = (row.desc, &row.cols, row.old, row.new);
+        let get = |t, att| row.get(t, att);
+        let new_daily = row.daily(new);
 
         // Columns set here, by attribute number, with their values.
         let mut set: Vec<(i32, Option<pg_sys::Datum>)> = Vec::with_capacity(6);
@@ -74,7 +59,7 @@ fn tg_sales_row<'a>(
                     "the id of a sales record cannot change"
                 );
             }
-            let old_daily = daily(old);
+            let old_daily = row.daily(old);
             let same_data = match (&new_daily, &old_daily) {
                 (Some(n), Some(o)) => n.equals(o),
                 (None, None) => true,
