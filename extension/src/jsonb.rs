@@ -59,12 +59,8 @@ impl RawJsonb {
     /// equal values ([`Jb::equals`]: `1.0` and `1.00` are the same number).
     pub fn equals(&self, other: &RawJsonb) -> bool {
         // SAFETY: both are detoasted jsonb datums (see from_polymorphic_datum).
-        unsafe {
-            if same_bytes(self.0 as *const _, other.0 as *const _) {
-                return true;
-            }
-        }
-        self.root().equals(other.root())
+        let same = unsafe { same_bytes(self.0 as *const _, other.0 as *const _) };
+        same || self.root().equals(other.root())
     }
 
     /// The datum, to pass on to a query unchanged.

@@ -37,8 +37,6 @@ extension_sql_file!(
     name = "tables",
     requires = [
         validate::daily_data_valid,
-        validate::daily_sum,
-        validate::daily_days,
         rows::tg_sales_row,
         delivery::event_seq,
         delivery::delivery_ready
@@ -63,11 +61,13 @@ extension_sql_file!(
         delivery::event_holders_raw
     ]
 );
-// history.sql: its SQL functions read the tables when they are created.
+// history.sql: its SQL functions read the tables, and a record's totals as
+// of a time come from sales.daily_sum() and sales.daily_days(), when they
+// are created.
 extension_sql_file!(
     "../sql/history.sql",
     name = "history",
-    requires = ["events"]
+    requires = ["events", validate::daily_sum, validate::daily_days]
 );
 extension_sql_file!("../sql/batch.sql", name = "batch", finalize);
 extension_sql_file!(

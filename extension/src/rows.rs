@@ -38,15 +38,16 @@ fn tg_sales_row<'a>(
         let get = |t, att| row.get(t, att);
         let new_daily = row.daily(new);
 
-        // Columns set here, by attribute number, with their values.
-        let mut set: Vec<(i32, Option<pg_sys::Datum>)> = Vec::with_capacity(6);
+        // Columns set here, by attribute number, with their values (at most
+        // six: the three totals, the version and the two timestamps).
+        let mut set = Replacements::default();
         let (sales, customers, days) = match &new_daily {
             Some(j) => totals(j.root()),
             None => (None, None, None),
         };
-        set.push((cols.total_sales, sales));
-        set.push((cols.total_customers, customers));
-        set.push((cols.days_reported, days));
+        set.push(cols.total_sales, sales);
+        set.push(cols.total_customers, customers);
+        set.push(cols.days_reported, days);
 
         if let Some(old) = old {
             // int8 columns hold the value in the datum; int4 ones its low half.
@@ -71,42 +72,63 @@ fn tg_sales_row<'a>(
                 || int4(new, cols.month) != int4(old, cols.month);
             let old_version = int(old, cols.version).unwrap_or(0);
             if changed {
-                set.push((
+                set.push(
                     cols.version,
                     Some(pg_sys::Datum::from(old_version.saturating_add(1))),
-                ));
-                set.push((
+                );
+                set.push(
                     cols.updated_at,
                     Some(pg_sys::Datum::from(
                         pg_sys::GetCurrentTransactionStartTimestamp(),
                     )),
-                ));
+                );
             } else {
-                set.push((cols.version, Some(pg_sys::Datum::from(old_version))));
-                set.push((cols.updated_at, get(old, cols.updated_at)));
+                set.push(cols.version, Some(pg_sys::Datum::from(old_version)));
+                set.push(cols.updated_at, get(old, cols.updated_at));
             }
-            set.push((cols.created_at, get(old, cols.created_at)));
+            set.push(cols.created_at, get(old, cols.created_at));
         }
 
-        let n = set.len();
-        let atts: Vec<i32> = set.iter().map(|s| s.0).collect();
-        let mut values: Vec<pg_sys::Datum> = set
-            .iter()
-            .map(|s| s.1.unwrap_or(pg_sys::Datum::from(0)))
-            .collect();
-        let mut nulls: Vec<bool> = set.iter().map(|s| s.1.is_none()).collect();
         let tuple = pg_sys::heap_modify_tuple_by_cols(
             new,
             desc,
-            n as i32,
-            atts.as_ptr() as *mut i32,
-            values.as_mut_ptr(),
-            nulls.as_mut_ptr(),
+            set.n as i32,
+            set.atts.as_mut_ptr(),
+            set.values.as_mut_ptr(),
+            set.nulls.as_mut_ptr(),
         );
         Ok(Some(PgHeapTuple::from_heap_tuple(
             pgrx::PgTupleDesc::from_pg_unchecked(desc),
             tuple,
         )))
+    }
+}
+
+/// Replaced columns for `heap_modify_tuple_by_cols`, without an allocation.
+struct Replacements {
+    n: usize,
+    atts: [i32; 6],
+    values: [pg_sys::Datum; 6],
+    nulls: [bool; 6],
+}
+
+impl Default for Replacements {
+    fn default() -> Self {
+        Replacements {
+            n: 0,
+            atts: [0; 6],
+            values: [pg_sys::Datum::from(0); 6],
+            nulls: [false; 6],
+        }
+    }
+}
+
+impl Replacements {
+    fn push(&mut self, att: i32, value: Option<pg_sys::Datum>) {
+        self.atts[self.n] = att;
+        self.values[self.n] = value.unwrap_or(pg_sys::Datum::from(0));
+        self.nulls[self.n] = value.is_none();
+        self.n += 1;
     }
 }
 

@@ -108,7 +108,7 @@ pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
             std::cmp::Ordering::Greater => days.extend(n.next().map(|m| m.0)),
             std::cmp::Ordering::Equal => {
                 if let (Some(a), Some(b)) = (o.next(), n.next()) {
-                    if !same(a.1, b.1) {
+                    if !a.1.equals(b.1) {
                         days.push(b.0);
                     }
                 }
@@ -132,14 +132,9 @@ fn daily_merge_changes(old: RawJsonb, new: RawJsonb) -> bool {
     }
     let mut changes = false;
     new.each_member(|k, v| {
-        if !changes && !old.get(k).is_some_and(|o| same(o, v)) {
+        if !changes && !old.get(k).is_some_and(|o| o.equals(v)) {
             changes = true;
         }
     });
     changes
-}
-
-/// jsonb equality of two values (as `=` on jsonb: 1.0 equals 1).
-fn same(a: Jb<'_>, b: Jb<'_>) -> bool {
-    a.equals(b)
 }
