@@ -121,6 +121,19 @@ CREATE TABLE sales.event_history (
     CONSTRAINT event_history_pkey PRIMARY KEY (row_id, id)
 );
 
+-- An event of a month rewritten day by day carries the days it changed and
+-- their previous values: about 2 KB of jsonb for a whole month, over the
+-- size at which Postgres compresses a row. With pglz that compression was
+-- about a seventh of a 1,000-record batch's CPU; lz4 costs a fraction of
+-- it (see daily_data above).
+DO $$
+BEGIN
+    ALTER TABLE sales.events ALTER COLUMN payload SET COMPRESSION lz4;
+    ALTER TABLE sales.event_history ALTER COLUMN payload SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;
+END $$;
+
 -- Keep table data in pg_dump output even though the tables belong to the extension.
 SELECT pg_catalog.pg_extension_config_dump('sales.stores', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales', '');

@@ -1,0 +1,23 @@
+-- pg_sales 0.5.0 -> 0.6.0 (ALTER EXTENSION pg_sales UPDATE TO '0.6.0').
+--
+-- Runs in one transaction inside ALTER EXTENSION; every object created here
+-- becomes a member of the extension. It must leave a database exactly as a
+-- fresh CREATE EXTENSION pg_sales VERSION '0.6.0' would:
+-- tests/tests/extension_upgrade.rs compares the two catalogs.
+\echo Use "ALTER EXTENSION pg_sales UPDATE TO '0.6.0'" to load this file. \quit
+
+---------------------------------------------------------------------------
+-- Event payloads compressed with lz4 instead of pglz (as daily_data already
+-- is): a month rewritten day by day makes an event of about 2 KB, which
+-- Postgres compresses on insert. Payloads already stored keep pglz (both
+-- read the same); nothing is rewritten. A server built without lz4 keeps
+-- pglz.
+---------------------------------------------------------------------------
+
+DO $$
+BEGIN
+    ALTER TABLE sales.events ALTER COLUMN payload SET COMPRESSION lz4;
+    ALTER TABLE sales.event_history ALTER COLUMN payload SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;
+END $$;
