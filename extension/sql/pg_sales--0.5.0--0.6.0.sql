@@ -21,3 +21,17 @@ BEGIN
 EXCEPTION WHEN feature_not_supported THEN
     NULL;
 END $$;
+
+---------------------------------------------------------------------------
+-- sales.daily_merge(old, new): old || new for months, written straight in
+-- jsonb's binary form (src/jsonb.rs, merge_objects). batch_upsert's merge
+-- mode uses it once this version is installed.
+---------------------------------------------------------------------------
+
+CREATE FUNCTION sales."daily_merge"(
+	"old" jsonb, /* RawJsonb */
+	"new" jsonb /* RawJsonb */
+) RETURNS jsonb /* pg_sales::jsonb::JsonbDatum */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'daily_merge_wrapper';

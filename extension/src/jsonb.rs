@@ -122,6 +122,11 @@ unsafe impl BoxRet for JsonbDatum {
 impl_sql_translatable!(JsonbDatum, "jsonb");
 
 impl JsonbDatum {
+    /// A jsonb datum a Postgres function returned.
+    pub fn from_datum(d: pg_sys::Datum) -> Self {
+        JsonbDatum(d)
+    }
+
     /// Serialises a value built with `pushJsonbValue`.
     ///
     /// # Safety
@@ -432,6 +437,94 @@ impl<'a> Container<'a> {
     }
 }
 
+/// `a || b` for two objects: their members merged in storage order, `b`'s
+/// value winning for a key in both. What `jsonb_concat` returns, byte for
+/// byte, but written straight in jsonb's binary form: the values' bytes are
+/// copied as they are, where `jsonb_concat` unpacks every nested value,
+/// sorts all members of both objects together and serialises the result
+/// again (about a sixth of a 1,000-record merge batch's CPU).
+pub fn merge_objects(a: Container<'_>, b: Container<'_>) -> JsonbDatum {
+    let (mut x, mut y) = (a.members(), b.members());
+    let mut merged: Vec<RawMember<'_>> = Vec::with_capacity(x.n + y.n);
+    let (mut p, mut q) = (x.next_raw(), y.next_raw());
+    loop {
+        // Storage order: shorter keys first, then by bytes.
+        let step = match (&p, &q) {
+            (Some(l), Some(r)) => (l.key.len(), l.key).cmp(&(r.key.len(), r.key)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => break,
+        };
+        match step {
+            std::cmp::Ordering::Less => {
+                merged.extend(p);
+                p = x.next_raw();
+            }
+            std::cmp::Ordering::Greater => {
+                merged.extend(q);
+                q = y.next_raw();
+            }
+            std::cmp::Ordering::Equal => {
+                merged.extend(q);
+                p = x.next_raw();
+                q = y.next_raw();
+            }
+        }
+    }
+    write_object(&merged)
+}
+
+/// A jsonb document holding one object of `members` (in storage order, no
+/// key twice), laid out as `convertJsonbObject` lays it out: the header,
+/// the keys' JEntries, the values' JEntries, the keys' bytes, then the
+/// values' bytes, numbers and containers each at a 4-byte boundary (counted
+/// from the start of the datum, as Postgres pads). A JEntry holds its
+/// data's length (padding included), or every 32nd its end offset.
+fn write_object(members: &[RawMember<'_>]) -> JsonbDatum {
+    let n = members.len();
+    let data_len: usize = members.iter().map(|m| m.key.len() + m.data.len() + 3).sum();
+    let mut buf: Vec<u8> = Vec::with_capacity(8 + 8 * n + data_len);
+    buf.extend_from_slice(&[0; 4]); // the varlena header, set at the end
+    buf.extend_from_slice(&(n as u32 | pg_sys::JB_FOBJECT).to_ne_bytes());
+    let entries_at = buf.len();
+    buf.resize(entries_at + 8 * n, 0);
+    let data_at = buf.len();
+    let entry = |buf: &mut Vec<u8>, index: usize, kind: u32, length: usize| {
+        let end = buf.len() - data_at;
+        if end > JENTRY_OFFLEN as usize {
+            error!("pg_sales: a merged month is larger than jsonb allows");
+        }
+        let e = if index.is_multiple_of(JB_OFFSET_STRIDE) {
+            kind | JENTRY_HAS_OFF | end as u32
+        } else {
+            kind | length as u32
+        };
+        buf[entries_at + 4 * index..entries_at + 4 * index + 4].copy_from_slice(&e.to_ne_bytes());
+    };
+    for (i, m) in members.iter().enumerate() {
+        buf.extend_from_slice(m.key);
+        entry(&mut buf, i, JENTRY_STRING, m.key.len());
+    }
+    for (i, m) in members.iter().enumerate() {
+        let kind = m.entry & JENTRY_TYPE;
+        let start = buf.len();
+        if kind == JENTRY_NUMERIC || kind == JENTRY_CONTAINER {
+            buf.resize(aligned(start), 0);
+        }
+        buf.extend_from_slice(m.data);
+        let length = buf.len() - start;
+        entry(&mut buf, n + i, kind, length);
+    }
+    // SAFETY: palloc'd in the current memory context, which outlives the
+    // call; the bytes are a complete jsonb varlena once the header is set.
+    unsafe {
+        let out = pg_sys::palloc(buf.len()) as *mut u8;
+        std::ptr::copy_nonoverlapping(buf.as_ptr(), out, buf.len());
+        pgrx::set_varsize_4b(out as *mut pg_sys::varlena, buf.len() as i32);
+        JsonbDatum(pg_sys::Datum::from(out))
+    }
+}
+
 /// One jsonb value, read in place.
 #[derive(Clone, Copy)]
 pub enum Jb<'a> {
@@ -461,6 +554,16 @@ unsafe fn string_of<'a>(v: &pg_sys::JsonbValue) -> &'a str {
 const JENTRY_OFFLEN: u32 = 0x0FFF_FFFF;
 const JENTRY_HAS_OFF: u32 = 0x8000_0000;
 const JENTRY_TYPE: u32 = 0x7000_0000;
+const JENTRY_STRING: u32 = 0x0000_0000;
+const JENTRY_NUMERIC: u32 = 0x1000_0000;
+const JENTRY_CONTAINER: u32 = 0x5000_0000;
+/// Every JB_OFFSET_STRIDE-th JEntry holds its end offset instead of a length.
+const JB_OFFSET_STRIDE: usize = 32;
+
+/// `off` rounded up to the next 4-byte boundary.
+fn aligned(off: usize) -> usize {
+    (off + 3) & !3
+}
 
 /// Where the data of the JEntry `e` ends, given where it starts.
 fn entry_end(e: u32, start: usize) -> usize {
@@ -482,50 +585,78 @@ pub struct Members<'a> {
     _life: PhantomData<&'a ()>,
 }
 
+/// One member of an object as stored: the key's bytes, the value's JEntry
+/// (its type bits) and the value's data (for numbers and containers, from
+/// the 4-byte boundary where they start; empty for booleans and null).
+#[derive(Clone, Copy)]
+pub struct RawMember<'a> {
+    key: &'a [u8],
+    entry: u32,
+    data: &'a [u8],
+}
+
+impl<'a> RawMember<'a> {
+    fn key(&self) -> &'a str {
+        text_of(self.key)
+    }
+
+    fn value(&self) -> Jb<'a> {
+        match self.entry & JENTRY_TYPE {
+            JENTRY_STRING => Jb::String(text_of(self.data)),
+            JENTRY_NUMERIC => Jb::Number(Num(self.data.as_ptr() as pg_sys::Numeric, PhantomData)),
+            0x2000_0000 => Jb::Bool(false),
+            0x3000_0000 => Jb::Bool(true),
+            JENTRY_CONTAINER => {
+                let c = self.data.as_ptr() as *mut pg_sys::JsonbContainer;
+                // SAFETY: a container's data starts with its header.
+                if unsafe { (*c).header } & pg_sys::JB_FOBJECT != 0 {
+                    Jb::Object(Container::nested(c, self.data.len() as i32))
+                } else {
+                    Jb::Array(Container::nested(c, self.data.len() as i32))
+                }
+            }
+            _ => Jb::Null,
+        }
+    }
+}
+
+impl<'a> Members<'a> {
+    /// The next member as stored ([`RawMember`]).
+    pub fn next_raw(&mut self) -> Option<RawMember<'a>> {
+        if self.i >= self.n {
+            return None;
+        }
+        // SAFETY: entries and base point into the object this iterator was
+        // made from, and every offset stays inside its data.
+        unsafe {
+            let ke = *self.entries.add(self.i);
+            let key_end = entry_end(ke, self.key_start);
+            let key =
+                std::slice::from_raw_parts(self.base.add(self.key_start), key_end - self.key_start);
+            let ve = *self.entries.add(self.n + self.i);
+            let (vs, value_end) = (self.value_start, entry_end(ve, self.value_start));
+            let start = match ve & JENTRY_TYPE {
+                JENTRY_NUMERIC | JENTRY_CONTAINER => aligned(vs).min(value_end),
+                _ => vs,
+            };
+            let data = std::slice::from_raw_parts(self.base.add(start), value_end - start);
+            self.i += 1;
+            self.key_start = key_end;
+            self.value_start = value_end;
+            Some(RawMember {
+                key,
+                entry: ve,
+                data,
+            })
+        }
+    }
+}
+
 impl<'a> Iterator for Members<'a> {
     type Item = (&'a str, Jb<'a>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.i >= self.n {
-            return None;
-        }
-        let aligned = |off: usize| (off + 3) & !3;
-        unsafe {
-            let ke = *self.entries.add(self.i);
-            let key_end = entry_end(ke, self.key_start);
-            let key = text_of(std::slice::from_raw_parts(
-                self.base.add(self.key_start),
-                key_end - self.key_start,
-            ));
-            let ve = *self.entries.add(self.n + self.i);
-            let (vs, value_end) = (self.value_start, entry_end(ve, self.value_start));
-            let value = match ve & JENTRY_TYPE {
-                0x0000_0000 => Jb::String(text_of(std::slice::from_raw_parts(
-                    self.base.add(vs),
-                    value_end - vs,
-                ))),
-                0x1000_0000 => Jb::Number(Num(
-                    self.base.add(aligned(vs)) as pg_sys::Numeric,
-                    PhantomData,
-                )),
-                0x2000_0000 => Jb::Bool(false),
-                0x3000_0000 => Jb::Bool(true),
-                0x5000_0000 => {
-                    let c = self.base.add(aligned(vs)) as *mut pg_sys::JsonbContainer;
-                    let len = value_end.saturating_sub(aligned(vs)) as i32;
-                    if (*c).header & pg_sys::JB_FOBJECT != 0 {
-                        Jb::Object(Container::nested(c, len))
-                    } else {
-                        Jb::Array(Container::nested(c, len))
-                    }
-                }
-                _ => Jb::Null,
-            };
-            self.i += 1;
-            self.key_start = key_end;
-            self.value_start = value_end;
-            Some((key, value))
-        }
+        self.next_raw().map(|m| (m.key(), m.value()))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

@@ -4,7 +4,7 @@
 //! events report. All read the jsonb in place (see `jsonb.rs`):
 //! they run once per row written, whoever writes.
 
-use crate::jsonb::{Jb, NumericDatum, NumericSum, RawJsonb};
+use crate::jsonb::{Jb, JsonbDatum, NumericDatum, NumericSum, RawJsonb};
 use pgrx::prelude::*;
 use sales_core::daily;
 use sales_core::json::JsonRead;
@@ -117,6 +117,28 @@ pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
     }
     days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
     days
+}
+
+/// `old || new` for months: the days of both, `new`'s data winning for a
+/// day in both (what batch_upsert's merge mode writes). The same value, and
+/// the same bytes, as jsonb's `||`, without its re-sorting and re-encoding
+/// of every day ([`crate::jsonb::merge_objects`]). Anything but two objects
+/// goes to `||` itself.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn daily_merge(old: RawJsonb, new: RawJsonb) -> JsonbDatum {
+    match (old.root(), new.root()) {
+        (Jb::Object(a), Jb::Object(b)) => crate::jsonb::merge_objects(a, b),
+        _ => {
+            // SAFETY: jsonb_concat takes two jsonb datums.
+            let d = unsafe {
+                pgrx::direct_function_call_as_datum(
+                    pg_sys::jsonb_concat,
+                    &[old.datum().into_datum(), new.datum().into_datum()],
+                )
+            };
+            JsonbDatum::from_datum(d.expect("jsonb || never returns NULL"))
+        }
+    }
 }
 
 /// True when merging `new` into `old` (`old || new`, day by day) would

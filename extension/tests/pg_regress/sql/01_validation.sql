@@ -64,6 +64,32 @@ SELECT sales.daily_merge_changes('{"1": {"sales": 1}}', '{"1": {"sales": 1}}'),
        sales.daily_merge_changes('{"1": {"sales": 1}}', '{"1": {"sales": 2}}'),
        sales.daily_merge_changes('{"1": {"sales": 1}}', '{"2": {"sales": 1}}'),
        sales.daily_merge_changes(NULL, '{}');
+-- daily_merge is jsonb's ||, written directly: the same value, the same
+-- size (jsonb's layout is canonical), every key found by its binary search,
+-- for objects of up to 90 keys (past the 32-entry offset stride) holding
+-- every kind of value; anything but two objects is || itself.
+SELECT sales.daily_merge('{"1": {"sales": 1}, "3": {"sales": 3}}', '{"2": {"sales": 2}, "3": {"sales": 4}, "10": {}}'),
+       sales.daily_merge('{}', '{"1": {"sales": 1}}'), sales.daily_merge('{"1": {"sales": 1}}', '{}'),
+       sales.daily_merge('[1]', '{"a": 2}'), sales.daily_merge('{"1": 1}', NULL);
+SELECT setseed(0.25);
+CREATE TEMP TABLE merge_sample AS
+SELECT g, coalesce(jsonb_object_agg(repeat(chr(97 + (k % 26)), 1 + (k % 5)) || (k * 7 % 13)::text,
+         CASE t WHEN 0 THEN to_jsonb(round((x * 1e6)::numeric, k % 4))
+                WHEN 1 THEN to_jsonb(repeat('s', k % 9))
+                WHEN 2 THEN 'true'::jsonb WHEN 3 THEN 'false'::jsonb WHEN 4 THEN 'null'::jsonb
+                WHEN 5 THEN jsonb_build_object('sales', round((x * 1000)::numeric, 2), 'customers', k)
+                ELSE jsonb_build_array(k, 'a', x > 0.5, jsonb_build_object('z', k)) END), '{}') AS o
+FROM (SELECT g, k, (random() * 7)::int AS t, random() AS x
+      FROM generate_series(1, 200) g, generate_series(1, (random() * 45)::int) k) v
+GROUP BY g;
+SELECT count(*) AS pairs,
+       count(*) FILTER (WHERE sales.daily_merge(a.o, b.o)::text <> (a.o || b.o)::text) AS text_differs,
+       count(*) FILTER (WHERE pg_column_size(sales.daily_merge(a.o, b.o)) <> pg_column_size(a.o || b.o)) AS size_differs,
+       count(*) FILTER (WHERE jsonb_typeof(sales.daily_merge(a.o, b.o)) <> 'object') AS not_objects
+FROM merge_sample a, merge_sample b WHERE a.g % 7 = b.g % 11;
+SELECT count(*) FILTER (WHERE m -> e.key IS DISTINCT FROM e.value) AS lookups_wrong, count(*) > 10000 AS many
+FROM (SELECT sales.daily_merge(a.o, b.o) AS m, a.o || b.o AS c
+      FROM merge_sample a, merge_sample b WHERE a.g % 13 = b.g % 5) s, jsonb_each(s.c) e;
 
 -- The CHECK constraint uses the same validation, whoever writes.
 INSERT INTO sales.stores (code, name, region) VALUES ('V1', 'Validation store', 'North');
