@@ -35,3 +35,15 @@ CREATE FUNCTION sales."daily_merge"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'daily_merge_wrapper';
+
+---------------------------------------------------------------------------
+-- sales.parse_json(doc): doc::jsonb written straight in jsonb's binary form
+-- (src/jsonb_text.rs); the API hands batches to batch_upsert_impl with it.
+---------------------------------------------------------------------------
+
+CREATE FUNCTION sales."parse_json"(
+	"doc" TEXT /* &str */
+) RETURNS jsonb /* JsonbDatum */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'parse_json_wrapper';

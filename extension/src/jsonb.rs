@@ -127,6 +127,20 @@ impl JsonbDatum {
         JsonbDatum(d)
     }
 
+    /// A jsonb datum of `bytes`: a whole jsonb varlena whose 4-byte header
+    /// is still to be set, copied into the current memory context.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        // SAFETY: palloc'd in the current memory context, which outlives
+        // the call; the bytes are a complete jsonb varlena once the header
+        // is set.
+        unsafe {
+            let out = pg_sys::palloc(bytes.len()) as *mut u8;
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out, bytes.len());
+            pgrx::set_varsize_4b(out as *mut pg_sys::varlena, bytes.len() as i32);
+            JsonbDatum(pg_sys::Datum::from(out))
+        }
+    }
+
     /// Serialises a value built with `pushJsonbValue`.
     ///
     /// # Safety
@@ -515,14 +529,7 @@ fn write_object(members: &[RawMember<'_>]) -> JsonbDatum {
         let length = buf.len() - start;
         entry(&mut buf, n + i, kind, length);
     }
-    // SAFETY: palloc'd in the current memory context, which outlives the
-    // call; the bytes are a complete jsonb varlena once the header is set.
-    unsafe {
-        let out = pg_sys::palloc(buf.len()) as *mut u8;
-        std::ptr::copy_nonoverlapping(buf.as_ptr(), out, buf.len());
-        pgrx::set_varsize_4b(out as *mut pg_sys::varlena, buf.len() as i32);
-        JsonbDatum(pg_sys::Datum::from(out))
-    }
+    JsonbDatum::from_bytes(&buf)
 }
 
 /// One jsonb value, read in place.
@@ -678,7 +685,7 @@ fn text_of(bytes: &[u8]) -> &str {
     }
 }
 
-fn server_is_utf8() -> bool {
+pub(crate) fn server_is_utf8() -> bool {
     thread_local! {
         static UTF8: bool = unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 };
     }

@@ -10,6 +10,7 @@ mod delivery;
 mod error;
 mod events;
 mod jsonb;
+mod jsonb_text;
 mod projection;
 mod records;
 mod rows;

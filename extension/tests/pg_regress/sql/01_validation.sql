@@ -90,6 +90,25 @@ FROM merge_sample a, merge_sample b WHERE a.g % 7 = b.g % 11;
 SELECT count(*) FILTER (WHERE m -> e.key IS DISTINCT FROM e.value) AS lookups_wrong, count(*) > 10000 AS many
 FROM (SELECT sales.daily_merge(a.o, b.o) AS m, a.o || b.o AS c
       FROM merge_sample a, merge_sample b WHERE a.g % 13 = b.g % 5) s, jsonb_each(s.c) e;
+-- parse_json is text::jsonb: the same value and the same size, for
+-- documents of every kind; what it does not read itself (an exponent, a \u
+-- escape, a syntax error) goes to jsonb_in, errors included.
+SELECT sales.parse_json(t) = t::jsonb AS same, pg_column_size(sales.parse_json(t)) = pg_column_size(t::jsonb) AS same_size,
+       sales.parse_json(t)::text AS parsed
+FROM (VALUES ('{"b": [1, -0.50, "x\n\"\\/", true, null, {}], "a": {"z": 1, "a": 2, "z": 3}, "aa": 0.0001}'),
+             ('[]'), ('{}'), ('12.5'), ('"s"'), ('null'), (' true '), ('{"a": 1e3, "b": 2E-2}'), ('["\u00e9"]'),
+             ('[-0, 0.00, -0.0, 99999999.99999999, 100000000, 0.000012, -123456789012345678901234567890.5]'),
+             ('{"ü": "é", "k": "日本"}')) v(t);
+SELECT pg_temp.err($$SELECT sales.parse_json('{"a": 1,}')$$), pg_temp.err($$SELECT sales.parse_json('[01]')$$),
+       pg_temp.err($$SELECT sales.parse_json('{"a": "\u0000"}')$$);
+SELECT count(*) AS docs,
+       count(*) FILTER (WHERE sales.parse_json(t) <> t::jsonb) AS values_differ,
+       count(*) FILTER (WHERE sales.parse_json(t)::text <> t::jsonb::text) AS text_differs,
+       count(*) FILTER (WHERE pg_column_size(sales.parse_json(t)) <> pg_column_size(t::jsonb)) AS size_differs
+FROM (SELECT o::text AS t FROM merge_sample
+      UNION ALL
+      SELECT jsonb_agg(round(((random() - 0.3) * 10 ^ (random() * 34 - 4))::numeric, (random() * 12)::int))::text
+      FROM generate_series(1, 300) m, generate_series(1, 40) k GROUP BY m) d;
 
 -- The CHECK constraint uses the same validation, whoever writes.
 INSERT INTO sales.stores (code, name, region) VALUES ('V1', 'Validation store', 'North');
