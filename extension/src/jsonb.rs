@@ -11,6 +11,7 @@
 //! Lifetimes: a [`Jb`] borrows its [`RawJsonb`], whose datum lives in the
 //! memory context of the current call.
 
+use crate::jsonb_text::Node;
 use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
 use pgrx::datum::Datum;
 use pgrx::nullable::Nullable;
@@ -485,51 +486,17 @@ pub fn merge_objects(a: Container<'_>, b: Container<'_>) -> JsonbDatum {
             }
         }
     }
-    write_object(&merged)
-}
-
-/// A jsonb document holding one object of `members` (in storage order, no
-/// key twice), laid out as `convertJsonbObject` lays it out: the header,
-/// the keys' JEntries, the values' JEntries, the keys' bytes, then the
-/// values' bytes, numbers and containers each at a 4-byte boundary (counted
-/// from the start of the datum, as Postgres pads). A JEntry holds its
-/// data's length (padding included), or every 32nd its end offset.
-fn write_object(members: &[RawMember<'_>]) -> JsonbDatum {
-    let n = members.len();
-    let data_len: usize = members.iter().map(|m| m.key.len() + m.data.len() + 3).sum();
-    let mut buf: Vec<u8> = Vec::with_capacity(8 + 8 * n + data_len);
-    buf.extend_from_slice(&[0; 4]); // the varlena header, set at the end
-    buf.extend_from_slice(&(n as u32 | pg_sys::JB_FOBJECT).to_ne_bytes());
-    let entries_at = buf.len();
-    buf.resize(entries_at + 8 * n, 0);
-    let data_at = buf.len();
-    let entry = |buf: &mut Vec<u8>, index: usize, kind: u32, length: usize| {
-        let end = buf.len() - data_at;
-        if end > JENTRY_OFFLEN as usize {
-            error!("pg_sales: a merged month is larger than jsonb allows");
-        }
-        let e = if index.is_multiple_of(JB_OFFSET_STRIDE) {
-            kind | JENTRY_HAS_OFF | end as u32
-        } else {
-            kind | length as u32
-        };
-        buf[entries_at + 4 * index..entries_at + 4 * index + 4].copy_from_slice(&e.to_ne_bytes());
-    };
-    for (i, m) in members.iter().enumerate() {
-        buf.extend_from_slice(m.key);
-        entry(&mut buf, i, JENTRY_STRING, m.key.len());
+    let pairs = merged
+        .iter()
+        .map(|m| {
+            let value = Node::Stored(m.entry & JENTRY_TYPE, m.data);
+            (std::borrow::Cow::Borrowed(m.key), value)
+        })
+        .collect();
+    match crate::jsonb_text::document(Node::Obj(pairs)) {
+        Some(bytes) => JsonbDatum::from_bytes(&bytes),
+        None => error!("pg_sales: a merged month is larger than jsonb allows"),
     }
-    for (i, m) in members.iter().enumerate() {
-        let kind = m.entry & JENTRY_TYPE;
-        let start = buf.len();
-        if kind == JENTRY_NUMERIC || kind == JENTRY_CONTAINER {
-            buf.resize(aligned(start), 0);
-        }
-        buf.extend_from_slice(m.data);
-        let length = buf.len() - start;
-        entry(&mut buf, n + i, kind, length);
-    }
-    JsonbDatum::from_bytes(&buf)
 }
 
 /// One jsonb value, read in place.
@@ -558,14 +525,17 @@ unsafe fn string_of<'a>(v: &pg_sys::JsonbValue) -> &'a str {
 // and then of the n values follow it, then their data. A JEntry holds either
 // its data's length or (every 32nd) its end offset; numerics and containers
 // start at the next 4-byte boundary.
-const JENTRY_OFFLEN: u32 = 0x0FFF_FFFF;
-const JENTRY_HAS_OFF: u32 = 0x8000_0000;
-const JENTRY_TYPE: u32 = 0x7000_0000;
-const JENTRY_STRING: u32 = 0x0000_0000;
-const JENTRY_NUMERIC: u32 = 0x1000_0000;
-const JENTRY_CONTAINER: u32 = 0x5000_0000;
+pub(crate) const JENTRY_OFFLEN: u32 = 0x0FFF_FFFF;
+pub(crate) const JENTRY_HAS_OFF: u32 = 0x8000_0000;
+pub(crate) const JENTRY_TYPE: u32 = 0x7000_0000;
+pub(crate) const JENTRY_STRING: u32 = 0x0000_0000;
+pub(crate) const JENTRY_NUMERIC: u32 = 0x1000_0000;
+pub(crate) const JENTRY_FALSE: u32 = 0x2000_0000;
+pub(crate) const JENTRY_TRUE: u32 = 0x3000_0000;
+pub(crate) const JENTRY_NULL: u32 = 0x4000_0000;
+pub(crate) const JENTRY_CONTAINER: u32 = 0x5000_0000;
 /// Every JB_OFFSET_STRIDE-th JEntry holds its end offset instead of a length.
-const JB_OFFSET_STRIDE: usize = 32;
+pub(crate) const JB_OFFSET_STRIDE: usize = 32;
 
 /// `off` rounded up to the next 4-byte boundary.
 fn aligned(off: usize) -> usize {
@@ -611,8 +581,8 @@ impl<'a> RawMember<'a> {
         match self.entry & JENTRY_TYPE {
             JENTRY_STRING => Jb::String(text_of(self.data)),
             JENTRY_NUMERIC => Jb::Number(Num(self.data.as_ptr() as pg_sys::Numeric, PhantomData)),
-            0x2000_0000 => Jb::Bool(false),
-            0x3000_0000 => Jb::Bool(true),
+            JENTRY_FALSE => Jb::Bool(false),
+            JENTRY_TRUE => Jb::Bool(true),
             JENTRY_CONTAINER => {
                 let c = self.data.as_ptr() as *mut pg_sys::JsonbContainer;
                 // SAFETY: a container's data starts with its header.

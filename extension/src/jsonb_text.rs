@@ -5,34 +5,31 @@
 //! a 1,000-record batch that took about 50 ms, more than half of what
 //! writing the records then cost. [`jsonb_from_text`] parses the text once
 //! into a light tree that borrows the text, and writes the document in the
-//! layout `convertToJsonb` writes (see `write_object` in `jsonb.rs`), the
-//! numbers encoded as `numeric_in` encodes them.
+//! layout `convertToJsonb` writes ([`document`], which also writes
+//! `sales.daily_merge`'s months), the numbers encoded as `numeric_in`
+//! encodes them.
 //!
 //! It takes only what it is sure to read exactly as jsonb_in does: anything
 //! else (a syntax error, an exponent, a `\u` escape, a number too large for
 //! numeric's short form, very deep nesting) returns `None`, and the caller
 //! hands the text to jsonb_in, which gives the same value or its own error.
 
-use crate::jsonb::JsonbDatum;
+use crate::jsonb::{
+    JsonbDatum, JB_OFFSET_STRIDE, JENTRY_CONTAINER, JENTRY_FALSE, JENTRY_HAS_OFF, JENTRY_NULL,
+    JENTRY_NUMERIC, JENTRY_OFFLEN, JENTRY_STRING, JENTRY_TRUE,
+};
 use pgrx::prelude::*;
 use std::borrow::Cow;
 
 const JB_FSCALAR: u32 = 0x1000_0000;
 const JB_FOBJECT: u32 = 0x2000_0000;
 const JB_FARRAY: u32 = 0x4000_0000;
-const JENTRY_OFFLEN: u32 = 0x0FFF_FFFF;
-const JENTRY_HAS_OFF: u32 = 0x8000_0000;
-const JENTRY_STRING: u32 = 0x0000_0000;
-const JENTRY_NUMERIC: u32 = 0x1000_0000;
-const JENTRY_FALSE: u32 = 0x2000_0000;
-const JENTRY_TRUE: u32 = 0x3000_0000;
-const JENTRY_NULL: u32 = 0x4000_0000;
-const JENTRY_CONTAINER: u32 = 0x5000_0000;
-const JB_OFFSET_STRIDE: usize = 32;
 /// Deeper documents go to jsonb_in (which only bounds the stack).
 const MAX_DEPTH: usize = 100;
 
-enum Node<'a> {
+/// A value to write: parsed from text, or copied as stored in another
+/// jsonb document.
+pub(crate) enum Node<'a> {
     Null,
     Bool(bool),
     /// A JSON number without exponent, as written.
@@ -40,6 +37,9 @@ enum Node<'a> {
     Str(Cow<'a, [u8]>),
     Arr(Vec<Node<'a>>),
     Obj(Vec<(Cow<'a, [u8]>, Node<'a>)>),
+    /// A value as another document stores it: its JEntry type and its data
+    /// (numbers and containers from their 4-byte boundary).
+    Stored(u32, &'a [u8]),
 }
 
 /// The complete jsonb varlena (its 4-byte header left for the caller to
@@ -51,7 +51,16 @@ pub fn jsonb_from_text(text: &[u8]) -> Option<Vec<u8>> {
     if p.i != text.len() {
         return None;
     }
-    let mut buf = Vec::with_capacity(text.len() + text.len() / 4 + 16);
+    document(root)
+}
+
+/// `root` as a complete jsonb varlena (its 4-byte header left for the
+/// caller to set), laid out as `convertToJsonb` lays it out: a container's
+/// header, its JEntries (an object's keys', then its values'), then their
+/// data, numbers and containers each at a 4-byte boundary counted from the
+/// start of the datum. `None` past what a JEntry can hold (256 MB).
+pub(crate) fn document(root: Node<'_>) -> Option<Vec<u8>> {
+    let mut buf = Vec::with_capacity(1024);
     buf.extend_from_slice(&[0; 4]);
     match root {
         Node::Arr(_) | Node::Obj(_) => container(&mut buf, &root, false)?,
@@ -330,6 +339,13 @@ fn value(buf: &mut Vec<u8>, node: &Node<'_>) -> Option<u32> {
         Node::Arr(_) | Node::Obj(_) => {
             container(buf, node, false)?;
             JENTRY_CONTAINER
+        }
+        Node::Stored(kind, data) => {
+            if *kind == JENTRY_NUMERIC || *kind == JENTRY_CONTAINER {
+                pad(buf);
+            }
+            buf.extend_from_slice(data);
+            *kind
         }
     })
 }
