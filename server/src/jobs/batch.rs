@@ -58,7 +58,8 @@ pub async fn run(
 ) -> Result<Option<String>, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let row: Option<(Value, bool)> = sqlx::query_as(
-        "SELECT input, cancel_requested FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid FOR UPDATE",
+        // Without the records: the batch reads them from the row itself.
+        "SELECT input - 'records', cancel_requested FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid FOR UPDATE",
     )
     .bind(job.id)
     .bind(&job.token)
@@ -127,13 +128,18 @@ pub async fn run(
         json!({"total": 0, "inserted": 0, "updated": 0, "unchanged": 0, "failed": 0,
                "merged": 0, "eventId": null, "errors": [], "duplicates": []})
     } else {
-        sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-            .bind(&input["records"])
-            .bind(replace)
-            .bind(atomic)
-            .bind(&job.scope)
-            .fetch_one(&mut *tx)
-            .await?
+        // The records straight from the job row (locked above): not read
+        // into the server and parsed by Postgres a second time.
+        sqlx::query_scalar(
+            "SELECT sales.batch_upsert_impl(
+                 (SELECT j.input->'records' FROM jobs.jobs j WHERE j.id = $1), $2, $3, $4)",
+        )
+        .bind(job.id)
+        .bind(replace)
+        .bind(atomic)
+        .bind(&job.scope)
+        .fetch_one(&mut *tx)
+        .await?
     };
     let refused = atomic && (pre_rejected || summary["failed"].as_i64().unwrap_or(0) > 0);
     let mut summary = summary;
