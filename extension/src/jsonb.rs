@@ -459,12 +459,34 @@ impl<'a> Container<'a> {
 /// sorts all members of both objects together and serialises the result
 /// again (about a sixth of a 1,000-record merge batch's CPU).
 pub fn merge_objects(a: Container<'_>, b: Container<'_>) -> JsonbDatum {
-    let (mut x, mut y) = (a.members(), b.members());
-    let mut merged: Vec<RawMember<'_>> = Vec::with_capacity(x.n + y.n);
-    let (mut p, mut q) = (x.next_raw(), y.next_raw());
+    let mut pairs = Vec::with_capacity(a.len() + b.len());
+    walk_together(Some(a.members()), Some(b.members()), |x, y| {
+        if let Some(m) = y.or(x) {
+            let value = Node::Stored(m.entry & JENTRY_TYPE, m.data);
+            pairs.push((std::borrow::Cow::Borrowed(m.key), value));
+        }
+    });
+    match crate::jsonb_text::document(Node::Obj(pairs)) {
+        Some(bytes) => JsonbDatum::from_bytes(&bytes),
+        None => error!("pg_sales: a merged month is larger than jsonb allows"),
+    }
+}
+
+/// Walks two objects' members together in storage order (shorter keys
+/// first, then by bytes): `f(Some(a), None)` for a key only in the first,
+/// `f(None, Some(b))` for one only in the second, `f(Some(a), Some(b))` for
+/// one in both. `None` stands for no object (no members).
+pub fn walk_together<'a>(
+    mut a: Option<Members<'a>>,
+    mut b: Option<Members<'a>>,
+    mut f: impl FnMut(Option<RawMember<'a>>, Option<RawMember<'a>>),
+) {
+    fn next<'a>(m: &mut Option<Members<'a>>) -> Option<RawMember<'a>> {
+        m.as_mut().and_then(|m| m.next_raw())
+    }
+    let (mut x, mut y) = (next(&mut a), next(&mut b));
     loop {
-        // Storage order: shorter keys first, then by bytes.
-        let step = match (&p, &q) {
+        let step = match (&x, &y) {
             (Some(l), Some(r)) => (l.key.len(), l.key).cmp(&(r.key.len(), r.key)),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
@@ -472,30 +494,19 @@ pub fn merge_objects(a: Container<'_>, b: Container<'_>) -> JsonbDatum {
         };
         match step {
             std::cmp::Ordering::Less => {
-                merged.extend(p);
-                p = x.next_raw();
+                f(x, None);
+                x = next(&mut a);
             }
             std::cmp::Ordering::Greater => {
-                merged.extend(q);
-                q = y.next_raw();
+                f(None, y);
+                y = next(&mut b);
             }
             std::cmp::Ordering::Equal => {
-                merged.extend(q);
-                p = x.next_raw();
-                q = y.next_raw();
+                f(x, y);
+                x = next(&mut a);
+                y = next(&mut b);
             }
         }
-    }
-    let pairs = merged
-        .iter()
-        .map(|m| {
-            let value = Node::Stored(m.entry & JENTRY_TYPE, m.data);
-            (std::borrow::Cow::Borrowed(m.key), value)
-        })
-        .collect();
-    match crate::jsonb_text::document(Node::Obj(pairs)) {
-        Some(bytes) => JsonbDatum::from_bytes(&bytes),
-        None => error!("pg_sales: a merged month is larger than jsonb allows"),
     }
 }
 
@@ -573,11 +584,11 @@ pub struct RawMember<'a> {
 }
 
 impl<'a> RawMember<'a> {
-    fn key(&self) -> &'a str {
+    pub fn key(&self) -> &'a str {
         text_of(self.key)
     }
 
-    fn value(&self) -> Jb<'a> {
+    pub fn value(&self) -> Jb<'a> {
         match self.entry & JENTRY_TYPE {
             JENTRY_STRING => Jb::String(text_of(self.data)),
             JENTRY_NUMERIC => Jb::Number(Num(self.data.as_ptr() as pg_sys::Numeric, PhantomData)),

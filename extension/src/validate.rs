@@ -84,37 +84,22 @@ fn changed_days(old: Option<RawJsonb>, new: Option<RawJsonb>) -> pgrx::JsonB {
 /// The day keys whose data differ between `old` and `new`, in day order.
 pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
     // Both months keep their keys in the same order (by length, then
-    // bytes): one merge pass over the two member lists. Anything but an
-    // object (no old row) has no days.
+    // bytes): one pass over the two member lists. Anything but an object
+    // (no old row) has no days.
     let members = |j: Jb<'a>| match j {
         Jb::Object(c) => Some(c.members()),
         _ => None,
     };
-    let (mut o, mut n) = (
-        members(old).into_iter().flatten().peekable(),
-        members(new).into_iter().flatten().peekable(),
-    );
-    let order = |a: &str, b: &str| a.len().cmp(&b.len()).then_with(|| a.cmp(b));
     let mut days: Vec<&str> = Vec::new();
-    loop {
-        let step = match (o.peek(), n.peek()) {
-            (Some(a), Some(b)) => order(a.0, b.0),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => break,
-        };
-        match step {
-            std::cmp::Ordering::Less => days.extend(o.next().map(|m| m.0)),
-            std::cmp::Ordering::Greater => days.extend(n.next().map(|m| m.0)),
-            std::cmp::Ordering::Equal => {
-                if let (Some(a), Some(b)) = (o.next(), n.next()) {
-                    if !a.1.equals(b.1) {
-                        days.push(b.0);
-                    }
-                }
+    crate::jsonb::walk_together(members(old), members(new), |o, n| match (o, n) {
+        (Some(a), Some(b)) => {
+            if !a.value().equals(b.value()) {
+                days.push(b.key());
             }
         }
-    }
+        (Some(m), None) | (None, Some(m)) => days.push(m.key()),
+        (None, None) => {}
+    });
     days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
     days
 }
