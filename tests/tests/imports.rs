@@ -886,8 +886,8 @@ async fn rows_the_merge_refuses_are_reported_by_line() {
     assert_eq!(written, vec![(stores[1], json!({"1": {"sales": 8}}))]);
 }
 
-/// The counter of chunks that rolled back after waiting for their turn.
-async fn chunk_retries(server: &sales_e2e::RunningServer) -> f64 {
+/// A counter of the server's `/metrics` (0 before it first counts).
+async fn counter(server: &sales_e2e::RunningServer, name: &str) -> f64 {
     let text = reqwest::get(server.url("/metrics"))
         .await
         .unwrap()
@@ -895,9 +895,14 @@ async fn chunk_retries(server: &sales_e2e::RunningServer) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("import_chunk_retries_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The counter of chunks that rolled back after waiting for their turn.
+async fn chunk_retries(server: &sales_e2e::RunningServer) -> f64 {
+    counter(server, "import_chunk_retries_total").await
 }
 
 /// Chunks merge side by side but commit in key order, and a chunk merged
@@ -972,6 +977,105 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
             (2, 2, json!({"1": {"sales": 1}, "5": {"sales": 20}})),
         ],
         "each month written once"
+    );
+    server.stop().await;
+}
+
+/// A chunk that Postgres picks as the victim of a deadlock with another
+/// writer is merged again in the same run: the job completes on its first
+/// attempt, each row written once, with no error recorded.
+#[tokio::test]
+async fn a_chunk_that_loses_a_deadlock_is_merged_again() {
+    let db = TestDb::new().await;
+    let store = db.stores(1).await[0];
+    for month in [1, 2] {
+        sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ($1, 2024, $2, '{\"1\": {\"sales\": 1}}')",
+        )
+        .bind(store)
+        .bind(month)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    // One connection, one chunk of both months: it takes January's row,
+    // then waits for February's.
+    let server = db
+        .server(&[("IMPORT_CHUNK_LINES", "2"), ("IMPORT_PARALLELISM", "1")])
+        .await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let deadlocks_before = counter(&server, "import_chunk_deadlock_retries_total").await;
+    let mut writer = db.pool.begin().await.unwrap();
+    // The chunk starts waiting first, so its deadlock check runs first and
+    // picks it as the victim; the writer's own check would come a minute
+    // later.
+    sqlx::query("SET LOCAL deadlock_timeout = '60s'")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let writer_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    let lock = |month: i32| {
+        sqlx::query(
+            "SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = $2 FOR UPDATE",
+        )
+        .bind(store)
+        .bind(month)
+    };
+    lock(2).execute(&mut *writer).await.unwrap();
+    let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    eventually(WAIT, "the chunk to wait for February's row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(writer_pid)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    // January's row is the chunk's: asking for it closes the circle, and
+    // the chunk's deadlock check rolls the chunk back.
+    lock(1)
+        .execute(&mut *writer)
+        .await
+        .expect("January's row, once the chunk lost the deadlock");
+    sqlx::query(
+        "UPDATE sales.monthly_sales SET daily_data = daily_data || '{\"2\": {\"sales\": 2}}'
+         WHERE store_id = $1 AND year = 2024",
+    )
+    .bind(store)
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    writer.commit().await.unwrap();
+    let doc = wait_job(&api, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["attempts"], 1, "the run went on: {doc}");
+    assert_eq!(doc["lastError"], Value::Null, "{doc}");
+    assert_eq!(doc["rowsWritten"], 2, "{doc}");
+    assert!(
+        counter(&server, "import_chunk_deadlock_retries_total").await > deadlocks_before,
+        "the chunk was merged again after the deadlock"
+    );
+    let months: Vec<(i32, i64, Value)> =
+        sqlx::query_as("SELECT month, version, daily_data FROM sales.monthly_sales ORDER BY month")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let merged = |n: i64| json!({"1": {"sales": 1}, "2": {"sales": 2}, "5": {"sales": n}});
+    assert_eq!(
+        months,
+        vec![(1, 3, merged(10)), (2, 3, merged(20))],
+        "the writer's change and the import's, each once"
     );
     server.stop().await;
 }

@@ -597,9 +597,20 @@ pub async fn run<F: FnMut(&Progress) + Send>(
     let ends = futures_util::future::join_all(running).await;
     drop(extra);
     let mut failed = None;
+    let mut error = None;
     let mut outcome = LaneEnd::Drained;
     for end in ends {
-        let end = end?;
+        // A chunk past maxErrors is only found at its turn to commit, after
+        // every earlier chunk committed: an error on another connection
+        // came from a later chunk (or none), so the limit decides the run's
+        // end, as it would for a run on one connection.
+        let end = match end {
+            Ok(end) => end,
+            Err(e) => {
+                error.get_or_insert(e);
+                continue;
+            }
+        };
         let rank = |e: &LaneEnd| match e {
             LaneEnd::Drained | LaneEnd::Halted => 0,
             LaneEnd::Cancelled => 1,
@@ -615,6 +626,11 @@ pub async fn run<F: FnMut(&Progress) + Send>(
         }
         if rank(&end) > rank(&outcome) {
             outcome = end;
+        }
+    }
+    if let Some(e) = error {
+        if failed.is_none() && !matches!(outcome, LaneEnd::LostLease) {
+            return Err(e);
         }
     }
     match (outcome, failed) {
@@ -790,6 +806,10 @@ async fn lane<F: FnMut(&Progress)>(
 /// commit before it rolls back and waits without them.
 const TURN_WAIT: Duration = Duration::from_millis(250);
 
+/// How many times one chunk is merged again after a deadlock or a
+/// serialization failure before the run gives the job back.
+const CHUNK_DEADLOCK_TRIES: u32 = 5;
+
 /// Waits until chunk `number` may commit; false when the run is ending.
 async fn turn_of<F>(l: &Lanes<'_, F>, number: u64) -> bool {
     let mut turn = l.turn.subscribe();
@@ -920,10 +940,26 @@ async fn chunks<F: FnMut(&Progress)>(
         // again.
         let mut my_turn = false;
         let mut took;
+        let mut deadlocks = 0u32;
         let (mut tx, m) = loop {
             let started = Instant::now();
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            let m = merge(&mut tx, l, after, end).await?;
+            let m = match merge(&mut tx, l, after, end).await {
+                Ok(m) => m,
+                // A deadlock with another writer (or a serialization
+                // failure) rolled the chunk back, and nothing of it is
+                // written: merge it again rather than give up the whole run.
+                Err(e)
+                    if deadlocks < CHUNK_DEADLOCK_TRIES && crate::db::is_transient(&e, false) =>
+                {
+                    tx.rollback().await?;
+                    deadlocks += 1;
+                    metrics::counter!("import_chunk_deadlock_retries_total").increment(1);
+                    tracing::info!(job = job.id, error = %e, attempt = deadlocks, "import chunk rolled back; merging it again");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             took = started.elapsed();
             if my_turn {
                 break (tx, m);
