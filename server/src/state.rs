@@ -27,6 +27,9 @@ pub struct AppState {
     /// Streaming replica for reads (DATABASE_REPLICA_URL), when configured.
     pub replica: Option<Replica>,
     pub started: Instant,
+    /// `sales.parse_json` (extension 0.6.0 on), used by the batch endpoint
+    /// when the database has it.
+    pub parse_json: db::Feature,
 }
 
 /// A read replica and whether it is answering. A background check flips
@@ -146,6 +149,7 @@ impl AppState {
             hashing,
             replica,
             started: Instant::now(),
+            parse_json: db::Feature::new("sales.parse_json(text)"),
         })
     }
 

@@ -950,3 +950,48 @@ async fn openapi_describes_every_endpoint() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A database whose extension has no `sales.parse_json` (older than 0.6.0,
+/// or recreated at such a version while the server runs): the batch
+/// endpoint finds the function missing, sends the records as jsonb instead
+/// and writes the same rows; it takes the function up again once it is back.
+#[tokio::test]
+async fn batches_write_the_same_rows_without_parse_json() {
+    let f = fixture(&[]).await;
+    let (a, s, pool) = (&f.admin, f.stores[0], &f.db.pool);
+    let rec = |m: i32| {
+        json!({"storeId": s, "year": 2024, "month": m, "dailyData": {
+            "1": {"sales": 10.25, "customers": 3}, "2": {"sales": 1.50}, "10": {"sales": 0}}})
+    };
+    let post = |m: i32| async move {
+        let (st, body) = a
+            .post("/api/v2/sales/batch", &json!({"salesDataArray": [rec(m)]}))
+            .await;
+        assert_eq!(st, 200, "month {m}: {body}");
+        assert_eq!(body["inserted"], 1, "month {m}: {body}");
+    };
+    let rename = |from: &'static str, to: &'static str| async move {
+        sqlx::query(&format!("ALTER FUNCTION sales.{from}(text) RENAME TO {to}"))
+            .execute(pool)
+            .await
+            .unwrap();
+    };
+    post(1).await;
+    rename("parse_json", "parse_json_put_away").await;
+    post(2).await;
+    post(3).await;
+    rename("parse_json_put_away", "parse_json").await;
+    post(4).await;
+    let days: Vec<(i32, String, String)> = sqlx::query_as(
+        "SELECT month, daily_data::text, total_sales::text FROM sales.monthly_sales
+         WHERE store_id = $1 ORDER BY month",
+    )
+    .bind(s)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(days.len(), 4, "{days:?}");
+    for d in &days[1..] {
+        assert_eq!((&d.1, &d.2), (&days[0].1, &days[0].2), "{days:?}");
+    }
+}

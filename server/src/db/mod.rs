@@ -230,6 +230,66 @@ pub fn format_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
 }
 
+/// Whether the database has a function of a newer extension version than
+/// the oldest one the server works with. Asked on first use; a "no" is
+/// asked again after [`Feature::RECHECK`], so a server started against a
+/// database whose extension was not updated yet takes the function up soon
+/// after `ALTER EXTENSION pg_sales UPDATE`; and a call that finds the
+/// function gone (the extension recreated at an older version) turns the
+/// answer to "no" at once ([`Feature::missing`]).
+pub struct Feature {
+    /// `to_regprocedure` of this signature tells.
+    signature: &'static str,
+    known: std::sync::Mutex<Option<(bool, std::time::Instant)>>,
+}
+
+impl Feature {
+    pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub const fn new(signature: &'static str) -> Self {
+        Self {
+            signature,
+            known: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Option<(bool, std::time::Instant)>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the function is there (false while the database cannot be
+    /// asked: asked again on the next call).
+    pub async fn has(&self, pool: &PgPool) -> bool {
+        if let Some((has, at)) = *self.known() {
+            if has || at.elapsed() < Self::RECHECK {
+                return has;
+            }
+        }
+        match sqlx::query_scalar::<_, bool>("SELECT to_regprocedure($1) IS NOT NULL")
+            .bind(self.signature)
+            .fetch_one(pool)
+            .await
+        {
+            Ok(has) => {
+                *self.known() = Some((has, std::time::Instant::now()));
+                has
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A call found the function missing.
+    pub fn missing(&self) {
+        *self.known() = Some((false, std::time::Instant::now()));
+    }
+}
+
+/// Postgres' `undefined_function`: a call named a function the database
+/// does not have (with these argument types).
+pub fn is_undefined_function(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42883")
+}
+
 /// Errors worth another try: serialization failures and deadlocks (the
 /// transaction was rolled back), and lost or refused connections.
 pub fn is_transient(e: &sqlx::Error, connection_errors: bool) -> bool {

@@ -525,41 +525,54 @@ impl SalesApi {
         let roll_back = atomic && !rejected.is_empty();
         let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
         let (summary, changes) = if write {
-            let in_extension = parses_json(pool).await;
-            crate::db::retry_tx("batch_upsert", || async {
-                let mut w = Write::begin(pool, user).await?;
-                // The records go as text: sales.parse_json makes them jsonb
-                // several times faster than Postgres' jsonb input does.
-                let query = if in_extension {
-                    sqlx::query_scalar(
-                        "SELECT sales.batch_upsert_impl(sales.parse_json($1), $2, $3, $4)",
+            let mut in_extension = self.state.parse_json.has(pool).await;
+            loop {
+                let out = crate::db::retry_tx("batch_upsert", || async {
+                    let mut w = Write::begin(pool, user).await?;
+                    // The records go as text: sales.parse_json makes them
+                    // jsonb several times faster than Postgres' jsonb input.
+                    let query = if in_extension {
+                        sqlx::query_scalar(
+                            "SELECT sales.batch_upsert_impl(sales.parse_json($1), $2, $3, $4)",
+                        )
+                        .bind(records.get())
+                    } else {
+                        sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+                            .bind(sqlx::types::Json(&*records))
+                    };
+                    let summary: Value = crate::metrics::timed(
+                        "batch_upsert",
+                        query
+                            .bind(replace)
+                            .bind(atomic)
+                            .bind(&scope)
+                            .fetch_one(w.conn()),
                     )
-                    .bind(records.get())
-                } else {
-                    sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-                        .bind(sqlx::types::Json(&*records))
-                };
-                let summary: Value = crate::metrics::timed(
-                    "batch_upsert",
-                    query
-                        .bind(replace)
-                        .bind(atomic)
-                        .bind(&scope)
-                        .fetch_one(w.conn()),
-                )
-                .await?;
-                if roll_back || (atomic && summary["failed"].as_i64().unwrap_or(0) > 0) {
-                    w.rollback().await?;
-                    let mut summary = summary;
-                    for k in ["inserted", "updated", "unchanged"] {
-                        summary[k] = json!(0);
+                    .await?;
+                    if roll_back || (atomic && summary["failed"].as_i64().unwrap_or(0) > 0) {
+                        w.rollback().await?;
+                        let mut summary = summary;
+                        for k in ["inserted", "updated", "unchanged"] {
+                            summary[k] = json!(0);
+                        }
+                        summary["eventId"] = Value::Null;
+                        return Ok((summary, Changes::none()));
                     }
-                    summary["eventId"] = Value::Null;
-                    return Ok((summary, Changes::none()));
+                    Ok((summary, w.commit().await?))
+                })
+                .await;
+                match out {
+                    // The extension went back to a version without
+                    // sales.parse_json: nothing was written, send jsonb.
+                    Err(crate::db::TxFailure::BeforeCommit(e))
+                        if in_extension && crate::db::is_undefined_function(&e) =>
+                    {
+                        self.state.parse_json.missing();
+                        in_extension = false;
+                    }
+                    out => break out?,
                 }
-                Ok((summary, w.commit().await?))
-            })
-            .await?
+            }
         } else {
             (
                 json!({"total": 0, "inserted": 0, "updated": 0, "unchanged": 0, "failed": 0,
@@ -718,25 +731,5 @@ impl SalesApi {
         let changes = w.commit().await?;
         self.state.publish(changes).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
-    }
-}
-
-/// Whether the installed extension has `sales.parse_json` (0.6.0 on),
-/// asked once: a database whose extension could not be updated yet keeps
-/// Postgres' jsonb input for batches.
-async fn parses_json(pool: &sqlx::PgPool) -> bool {
-    static KNOWN: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
-    if let Some(known) = KNOWN.get() {
-        return *known;
-    }
-    match sqlx::query_scalar::<_, bool>(
-        "SELECT to_regprocedure('sales.parse_json(text)') IS NOT NULL",
-    )
-    .fetch_one(pool)
-    .await
-    {
-        Ok(has) => *KNOWN.get_or_init(|| async move { has }).await,
-        // Asked again on the next batch.
-        Err(_) => false,
     }
 }
