@@ -1,9 +1,11 @@
 //! Event plumbing that runs once per event row, so it is Rust rather than
 //! PL/pgSQL (see `sql/events.sql` for the event triggers themselves).
 
-use crate::jsonb::{Jb, RawJsonb};
+use crate::jsonb::{Jb, JsonbDatum, RawJsonb, JENTRY_NUMERIC};
+use crate::jsonb_text::Node;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::borrow::Cow;
 use std::ffi::CStr;
 
 const ARMED: &CStr = c"sales.notify_armed";
@@ -78,64 +80,90 @@ fn tg_sales_changed<'a>(
         }
         let new_daily = row.daily(new);
         let old_daily = old.and_then(|t| row.daily(t));
-        let days = crate::validate::changed_day_keys(
+        let days = crate::validate::changed_days_with_old(
             old_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null),
             new_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null),
         );
 
         let (id, store) = (int(new, cols.id), int(new, cols.store_id));
         let (year, month) = (int4(new, cols.year), int4(new, cols.month));
-        let mut p = Payload::new();
-        p.int(c"id", id);
-        p.int(c"storeId", store);
-        p.int(c"year", year);
-        p.int(c"month", month);
-        p.int(c"version", version);
-        match get(new, cols.total_sales) {
+        let key = |k: &'static str| Cow::Borrowed(k.as_bytes());
+        let mut p: Vec<(Cow<'_, [u8]>, Node<'_>)> = Vec::with_capacity(16);
+        p.push((key("id"), Node::Int(id)));
+        p.push((key("storeId"), Node::Int(store)));
+        p.push((key("year"), Node::Int(year)));
+        p.push((key("month"), Node::Int(month)));
+        p.push((key("version"), Node::Int(version)));
+        let total_sales = get(new, cols.total_sales).map(|d| {
             // A heap tuple may hold it with a short header: detoast to the
-            // layout jsonb expects.
-            Some(d) => p.numeric(
-                c"totalSales",
-                pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::Numeric,
+            // layout jsonb stores (a 4-byte header).
+            let n = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *const u8;
+            std::slice::from_raw_parts(n, pgrx::varlena::varsize_any(n.cast()))
+        });
+        p.push((
+            key("totalSales"),
+            total_sales.map_or(Node::Null, |n| Node::Stored(JENTRY_NUMERIC, n)),
+        ));
+        p.push((
+            key("totalCustomers"),
+            get(new, cols.total_customers).map_or(Node::Null, |d| Node::Int(d.value() as i64)),
+        ));
+        p.push((
+            key("daysReported"),
+            get(new, cols.days_reported).map_or(Node::Null, |d| Node::Int(d.value() as i32 as i64)),
+        ));
+        p.push((
+            key("changedDays"),
+            Node::Arr(
+                days.iter()
+                    .map(|(d, _)| Node::Str(Cow::Borrowed(d.as_bytes())))
+                    .collect(),
             ),
-            None => p.null(c"totalSales"),
-        }
-        match get(new, cols.total_customers) {
-            Some(d) => p.int(c"totalCustomers", d.value() as i64),
-            None => p.null(c"totalCustomers"),
-        }
-        match get(new, cols.days_reported) {
-            Some(d) => p.int(c"daysReported", d.value() as i32 as i64),
-            None => p.null(c"daysReported"),
-        }
-        p.strings(c"changedDays", &days);
+        ));
         // The old value of each changed day (null: the day was not
         // reported), so the row's history can be read back from its events
         // (sales.history walks back from the current row).
         if old.is_some() {
-            let before = old_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null);
-            p.days(c"previousDays", &days, before);
+            p.push((
+                key("previousDays"),
+                Node::Obj(
+                    days.iter()
+                        .map(|(d, was)| {
+                            (
+                                Cow::Borrowed(d.as_bytes()),
+                                was.map_or(Node::Null, |m| m.stored()),
+                            )
+                        })
+                        .collect(),
+                ),
+            ));
         }
         if let Some(job) = current_job() {
-            p.int(c"jobId", job);
+            p.push((key("jobId"), Node::Int(job)));
         }
         if let Some(old) = old {
             let old_store = int(old, cols.store_id);
             if old_store != store {
-                p.int(c"previousStoreId", old_store);
+                p.push((key("previousStoreId"), Node::Int(old_store)));
             }
             let (old_year, old_month) = (int4(old, cols.year), int4(old, cols.month));
             if (old_year, old_month) != (year, month) {
-                p.int(c"previousYear", old_year);
-                p.int(c"previousMonth", old_month);
+                p.push((key("previousYear"), Node::Int(old_year)));
+                p.push((key("previousMonth"), Node::Int(old_month)));
             }
         }
+        let Some(payload) = crate::jsonb_text::document(Node::Obj(p)) else {
+            error!("pg_sales: an event payload is larger than jsonb allows");
+        };
+        let payload = JsonbDatum::from_bytes(&payload)
+            .into_datum()
+            .expect("a jsonb datum");
         let kind = if old.is_some() {
             c"sales-data-updated"
         } else {
             c"sales-data-created"
         };
-        insert_event(kind, store, current_actor(), id, version, p.finish());
+        insert_event(kind, store, current_actor(), id, version, payload);
     }
     Ok(None)
 }
@@ -269,130 +297,6 @@ impl SalesColumns {
             }
         }
         c
-    }
-}
-
-/// A jsonb object built in Postgres' in-memory form. Keys are static and
-/// strings borrow data that outlives the call, as `pushJsonbValue` keeps
-/// pointers until [`Payload::finish`] serialises the object.
-struct Payload(*mut pg_sys::JsonbParseState);
-
-impl Payload {
-    unsafe fn new() -> Self {
-        let mut state = std::ptr::null_mut();
-        unsafe {
-            pg_sys::pushJsonbValue(
-                &mut state,
-                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
-                std::ptr::null_mut(),
-            )
-        };
-        Payload(state)
-    }
-
-    unsafe fn push(&mut self, token: pg_sys::JsonbIteratorToken::Type, mut v: pg_sys::JsonbValue) {
-        unsafe { pg_sys::pushJsonbValue(&mut self.0, token, &mut v) };
-    }
-
-    fn string_value(s: &[u8]) -> pg_sys::JsonbValue {
-        let mut v: pg_sys::JsonbValue = unsafe { std::mem::zeroed() };
-        v.type_ = pg_sys::jbvType::jbvString;
-        v.val.string = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
-            len: s.len() as i32,
-            val: s.as_ptr() as *mut std::ffi::c_char,
-        };
-        v
-    }
-
-    unsafe fn key(&mut self, key: &'static CStr) {
-        unsafe {
-            self.push(
-                pg_sys::JsonbIteratorToken::WJB_KEY,
-                Self::string_value(key.to_bytes()),
-            )
-        };
-    }
-
-    unsafe fn numeric(&mut self, key: &'static CStr, n: pg_sys::Numeric) {
-        unsafe {
-            self.key(key);
-            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
-            v.type_ = pg_sys::jbvType::jbvNumeric;
-            v.val.numeric = n;
-            self.push(pg_sys::JsonbIteratorToken::WJB_VALUE, v);
-        }
-    }
-
-    unsafe fn int(&mut self, key: &'static CStr, n: i64) {
-        unsafe { self.numeric(key, pg_sys::int64_to_numeric(n)) };
-    }
-
-    unsafe fn null(&mut self, key: &'static CStr) {
-        unsafe {
-            self.key(key);
-            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
-            v.type_ = pg_sys::jbvType::jbvNull;
-            self.push(pg_sys::JsonbIteratorToken::WJB_VALUE, v);
-        }
-    }
-
-    /// `key: {day: value of that day in `from`, or null}` for each day.
-    /// The day keys and values borrow `from`, which outlives `finish`.
-    unsafe fn days(&mut self, key: &'static CStr, days: &[&str], from: Jb<'_>) {
-        unsafe {
-            self.key(key);
-            pg_sys::pushJsonbValue(
-                &mut self.0,
-                pg_sys::JsonbIteratorToken::WJB_BEGIN_OBJECT,
-                std::ptr::null_mut(),
-            );
-            for d in days {
-                self.push(
-                    pg_sys::JsonbIteratorToken::WJB_KEY,
-                    Self::string_value(d.as_bytes()),
-                );
-                let v = from.get(d).unwrap_or(Jb::Null).to_jsonb_value();
-                self.push(pg_sys::JsonbIteratorToken::WJB_VALUE, v);
-            }
-            pg_sys::pushJsonbValue(
-                &mut self.0,
-                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
-                std::ptr::null_mut(),
-            );
-        }
-    }
-
-    unsafe fn strings(&mut self, key: &'static CStr, items: &[&str]) {
-        unsafe {
-            self.key(key);
-            pg_sys::pushJsonbValue(
-                &mut self.0,
-                pg_sys::JsonbIteratorToken::WJB_BEGIN_ARRAY,
-                std::ptr::null_mut(),
-            );
-            for s in items {
-                self.push(
-                    pg_sys::JsonbIteratorToken::WJB_ELEM,
-                    Self::string_value(s.as_bytes()),
-                );
-            }
-            pg_sys::pushJsonbValue(
-                &mut self.0,
-                pg_sys::JsonbIteratorToken::WJB_END_ARRAY,
-                std::ptr::null_mut(),
-            );
-        }
-    }
-
-    unsafe fn finish(mut self) -> pg_sys::Datum {
-        unsafe {
-            let v = pg_sys::pushJsonbValue(
-                &mut self.0,
-                pg_sys::JsonbIteratorToken::WJB_END_OBJECT,
-                std::ptr::null_mut(),
-            );
-            pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(v))
-        }
     }
 }
 

@@ -462,8 +462,7 @@ pub fn merge_objects(a: Container<'_>, b: Container<'_>) -> JsonbDatum {
     let mut pairs = Vec::with_capacity(a.len() + b.len());
     walk_together(Some(a.members()), Some(b.members()), |x, y| {
         if let Some(m) = y.or(x) {
-            let value = Node::Stored(m.entry & JENTRY_TYPE, m.data);
-            pairs.push((std::borrow::Cow::Borrowed(m.key), value));
+            pairs.push((std::borrow::Cow::Borrowed(m.key), m.stored()));
         }
     });
     match crate::jsonb_text::document(Node::Obj(pairs)) {
@@ -588,6 +587,11 @@ impl<'a> RawMember<'a> {
         text_of(self.key)
     }
 
+    /// The value, to be copied as stored into another document.
+    pub(crate) fn stored(&self) -> Node<'a> {
+        Node::Stored(self.entry & JENTRY_TYPE, self.data)
+    }
+
     pub fn value(&self) -> Jb<'a> {
         match self.entry & JENTRY_TYPE {
             JENTRY_STRING => Jb::String(text_of(self.data)),
@@ -692,39 +696,6 @@ impl<'a> Jb<'a> {
                 // stored container never yields.
                 _ => Jb::Null,
             }
-        }
-    }
-
-    /// The value as a `JsonbValue` for `pushJsonbValue`: scalars as they
-    /// are, containers as `jbvBinary` pointing into this datum (pushed
-    /// containers are copied member by member).
-    pub fn to_jsonb_value(self) -> pg_sys::JsonbValue {
-        // SAFETY: a zeroed JsonbValue is jbvNull; each arm sets the member
-        // its type reads.
-        unsafe {
-            let mut v: pg_sys::JsonbValue = std::mem::zeroed();
-            match self {
-                Jb::Null => v.type_ = pg_sys::jbvType::jbvNull,
-                Jb::Bool(b) => {
-                    v.type_ = pg_sys::jbvType::jbvBool;
-                    v.val.boolean = b;
-                }
-                Jb::Number(n) => {
-                    v.type_ = pg_sys::jbvType::jbvNumeric;
-                    v.val.numeric = n.0;
-                }
-                Jb::String(s) => {
-                    v.type_ = pg_sys::jbvType::jbvString;
-                    v.val.string.val = s.as_ptr() as *mut std::ffi::c_char;
-                    v.val.string.len = s.len() as i32;
-                }
-                Jb::Array(c) | Jb::Object(c) => {
-                    v.type_ = pg_sys::jbvType::jbvBinary;
-                    v.val.binary.data = c.0;
-                    v.val.binary.len = c.1 as i32;
-                }
-            }
-            v
         }
     }
 

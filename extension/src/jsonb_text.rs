@@ -34,6 +34,8 @@ pub(crate) enum Node<'a> {
     Bool(bool),
     /// A JSON number without exponent, as written.
     Num(&'a [u8]),
+    /// An integer, encoded as `int8_numeric` encodes it.
+    Int(i64),
     Str(Cow<'a, [u8]>),
     Arr(Vec<Node<'a>>),
     Obj(Vec<(Cow<'a, [u8]>, Node<'a>)>),
@@ -334,6 +336,13 @@ fn value(buf: &mut Vec<u8>, node: &Node<'_>) -> Option<u32> {
         Node::Num(t) => {
             pad(buf);
             numeric(buf, t)?;
+            JENTRY_NUMERIC
+        }
+        Node::Int(n) => {
+            pad(buf);
+            // numeric_in of an integer's digits gives the same numeric as
+            // int8_numeric: scale 0, short form.
+            numeric(buf, n.to_string().as_bytes())?;
             JENTRY_NUMERIC
         }
         Node::Arr(_) | Node::Obj(_) => {

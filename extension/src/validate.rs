@@ -4,7 +4,7 @@
 //! events report. All read the jsonb in place (see `jsonb.rs`):
 //! they run once per row written, whoever writes.
 
-use crate::jsonb::{Jb, JsonbDatum, NumericDatum, NumericSum, RawJsonb};
+use crate::jsonb::{Jb, JsonbDatum, NumericDatum, NumericSum, RawJsonb, RawMember};
 use pgrx::prelude::*;
 use sales_core::daily;
 use sales_core::json::JsonRead;
@@ -83,24 +83,36 @@ fn changed_days(old: Option<RawJsonb>, new: Option<RawJsonb>) -> pgrx::JsonB {
 
 /// The day keys whose data differ between `old` and `new`, in day order.
 pub fn changed_day_keys<'a>(old: Jb<'a>, new: Jb<'a>) -> Vec<&'a str> {
-    // Both months keep their keys in the same order (by length, then
-    // bytes): one pass over the two member lists. Anything but an object
-    // (no old row) has no days.
+    changed_days_with_old(old, new)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// The days whose data differ between `old` and `new`, in day order, each
+/// with its member in `old` (None: the day was not there). One pass over
+/// the two months: both keep their keys in the same order (by length, then
+/// bytes). Anything but an object (no old row) has no days.
+pub fn changed_days_with_old<'a>(
+    old: Jb<'a>,
+    new: Jb<'a>,
+) -> Vec<(&'a str, Option<RawMember<'a>>)> {
     let members = |j: Jb<'a>| match j {
         Jb::Object(c) => Some(c.members()),
         _ => None,
     };
-    let mut days: Vec<&str> = Vec::new();
+    let mut days = Vec::new();
     crate::jsonb::walk_together(members(old), members(new), |o, n| match (o, n) {
         (Some(a), Some(b)) => {
             if !a.value().equals(b.value()) {
-                days.push(b.key());
+                days.push((b.key(), Some(a)));
             }
         }
-        (Some(m), None) | (None, Some(m)) => days.push(m.key()),
+        (Some(a), None) => days.push((a.key(), Some(a))),
+        (None, Some(b)) => days.push((b.key(), None)),
         (None, None) => {}
     });
-    days.sort_by_key(|k| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
+    days.sort_by_key(|(k, _)| (daily::parse_day_key(k).unwrap_or(u32::MAX), *k));
     days
 }
 
@@ -138,9 +150,27 @@ fn daily_merge_changes(old: RawJsonb, new: RawJsonb) -> bool {
         return true;
     }
     let mut changes = false;
-    new.each_member(|k, v| {
-        if !changes && !old.get(k).is_some_and(|o| o.equals(v)) {
-            changes = true;
+    if new.len() <= 4 {
+        // A day or a few: a binary search of the old month each.
+        new.each_member(|k, v| {
+            if !changes && !old.get(k).is_some_and(|o| o.equals(v)) {
+                changes = true;
+            }
+        });
+        return changes;
+    }
+    // Most of a month: one pass over both months' members (the same
+    // storage order) beats a binary search per day.
+    let (Jb::Object(a), Jb::Object(b)) = (old, new) else {
+        return true;
+    };
+    crate::jsonb::walk_together(Some(a.members()), Some(b.members()), |o, n| match (o, n) {
+        (_, None) => {}
+        (None, Some(_)) => changes = true,
+        (Some(a), Some(b)) => {
+            if !changes && !a.value().equals(b.value()) {
+                changes = true;
+            }
         }
     });
     changes

@@ -90,6 +90,21 @@ FROM merge_sample a, merge_sample b WHERE a.g % 7 = b.g % 11;
 SELECT count(*) FILTER (WHERE m -> e.key IS DISTINCT FROM e.value) AS lookups_wrong, count(*) > 10000 AS many
 FROM (SELECT sales.daily_merge(a.o, b.o) AS m, a.o || b.o AS c
       FROM merge_sample a, merge_sample b WHERE a.g % 13 = b.g % 5) s, jsonb_each(s.c) e;
+-- daily_merge_changes(old, new) is (old || new) <> old: a lookup per day
+-- when new has a few days, one walk over both months when it has more. The
+-- pairs: random ones, a month with itself, with every other day of its own
+-- and with its first three.
+SELECT count(*) AS pairs,
+       count(*) FILTER (WHERE sales.daily_merge_changes(a.o, b.o) <> ((a.o || b.o) <> a.o)) AS wrong,
+       count(*) FILTER (WHERE NOT sales.daily_merge_changes(a.o, b.o)) > 400 AS many_unchanged,
+       count(*) FILTER (WHERE (SELECT count(*) FROM jsonb_object_keys(b.o)) > 4) > 1000 AS many_long
+FROM merge_sample a, LATERAL (
+    SELECT s.o FROM merge_sample s WHERE a.g % 7 = s.g % 11
+    UNION ALL SELECT a.o
+    UNION ALL SELECT coalesce(jsonb_object_agg(e.key, e.value) FILTER (WHERE length(e.key) % 2 = 0), '{}')
+              FROM jsonb_each(a.o) e
+    UNION ALL SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}')
+              FROM (SELECT * FROM jsonb_each(a.o) LIMIT 3) e) b;
 -- parse_json is text::jsonb: the same value and the same size, for
 -- documents of every kind; what it does not read itself (an exponent, a \u
 -- escape, a syntax error) goes to jsonb_in, errors included.
