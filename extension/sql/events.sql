@@ -17,17 +17,26 @@ $$;
 -- before commit by the extension (extension/src/delivery.rs,
 -- notify_at_commit), coalesced by default. Rolled-back work sends none.
 
--- Inserts and updates make their events in a row-level trigger written in
--- Rust, sales.tg_sales_changed() (src/events.rs): a plpgsql statement over a
--- statement trigger's transition tables is planned again on every call, and
--- INSERT ... ON CONFLICT DO UPDATE fires both the INSERT and the UPDATE
--- statement triggers; a plpgsql row trigger still spent most of its time in
+-- Inserts and updates make their events in row-level triggers written in
+-- Rust (src/events.rs): a plpgsql statement over a statement trigger's
+-- transition tables is planned again on every call, and INSERT ... ON
+-- CONFLICT DO UPDATE fires both the INSERT and the UPDATE statement
+-- triggers; a plpgsql row trigger still spent most of its time in
 -- jsonb_build_object (a type lookup and a numeric-to-text-to-numeric round
--- trip per value). The Rust trigger builds the payload as binary jsonb and
--- inserts through a statement prepared once per backend. An upsert that
--- updates fires the UPDATE row trigger only. Events follow the order the
--- statement wrote the rows (batch_upsert writes in (store, year, month)
--- order).
+-- trip per value). The payload is written in jsonb's binary form and the
+-- row goes straight into the table and its indexes.
+-- An insert's event comes from monthly_sales_events, after the row (an
+-- INSERT ... ON CONFLICT row may still turn into an update after the BEFORE
+-- triggers). An update's event is written by the row trigger
+-- (sales.tg_sales_row, src/rows.rs) as the row goes in, once its version is
+-- set: that spares every update the after-trigger queue and reading both
+-- versions of the row back at the end of the statement. The row trigger
+-- writes them only while monthly_sales_events fires in the session (it is
+-- enabled for the session_replication_role), so disabling that one trigger
+-- still turns every sales event off. Within a statement, events of updated
+-- rows come in the order the rows were written, before those of inserted
+-- rows (batch_upsert writes in (store, year, month) order); a row's own
+-- events are always in version order.
 -- Deletes stay statement-level (one INSERT ... SELECT per statement). Like
 -- an update's `previousDays` (the old value of each changed day), a
 -- delete's holds the month's last daily data, so the record's history can
@@ -46,7 +55,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER monthly_sales_events AFTER INSERT OR UPDATE ON sales.monthly_sales
+CREATE TRIGGER monthly_sales_events AFTER INSERT ON sales.monthly_sales
     FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();
 CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_deleted();

@@ -41,19 +41,12 @@ fn arm_notify() -> bool {
     true
 }
 
-/// The event of one sales row written (`AFTER INSERT OR UPDATE ... FOR EACH
-/// ROW` on `sales.monthly_sales`): `sales-data-created` or
-/// `sales-data-updated` with the row's new totals, the days that changed (for
-/// an update, with their old values in `previousDays`: history is rebuilt
-/// from these, see `sql/history.sql`), the writing job (`jobId`) and, for a
-/// row moved to another store or month, where it was before. An update
-/// that left the row unchanged (same version, see `tg_sales_row`) makes
-/// no event.
-///
-/// Every single-row commit pays for this, so it is written against the
-/// trigger data directly: the payload is built as a binary jsonb value
-/// (no `jsonb_build_object` type lookups, no text round trip), and the row
-/// goes in through one statement prepared once per backend.
+/// The event of one sales row inserted (`AFTER INSERT ... FOR EACH ROW` on
+/// `sales.monthly_sales`; before 0.7.0 also `OR UPDATE`): see
+/// [`write_row_event`]. From 0.7.0 an update's event is written by the
+/// row trigger `tg_sales_row` as the row goes in ([`updates_write_events`]),
+/// which spares every update the after-trigger queue and the fetch of both
+/// versions of the row back from the table at the end of the statement.
 #[pg_trigger]
 fn tg_sales_changed<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -67,7 +60,80 @@ fn tg_sales_changed<'a>(
             td,
             "sales.tg_sales_changed must run AFTER INSERT OR UPDATE ... FOR EACH ROW",
         );
-        let (cols, old, new) = (&row.cols, row.old, row.new);
+        let old_daily = row.old.and_then(|t| row.daily(t));
+        write_row_event(
+            &row,
+            row.new,
+            old_daily.as_ref(),
+            row.daily(row.new).as_ref(),
+        );
+    }
+    Ok(None)
+}
+
+/// Whether `tg_sales_row` writes the events of updates, for a row trigger
+/// call on `rel`: when `monthly_sales_events` is defined for inserts only
+/// (0.7.0 on; with an older definition it writes them itself, after the
+/// row) and fires in this session (enabled, and for this
+/// `session_replication_role`), so that `ALTER TABLE ... DISABLE TRIGGER
+/// monthly_sales_events` still turns every sales event off.
+///
+/// # Safety
+/// `rel` is the relation of a trigger call in progress.
+pub(crate) unsafe fn updates_write_events(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return false;
+        }
+        let triggers = std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize);
+        let Some(t) = triggers
+            .iter()
+            .find(|t| CStr::from_ptr(t.tgname).to_bytes() == b"monthly_sales_events")
+        else {
+            return false;
+        };
+        let replica =
+            pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+        let fires = match t.tgenabled as u8 {
+            b'D' => false,
+            b'A' => true,
+            b'R' => replica,
+            _ => !replica,
+        };
+        let kind = t.tgtype as u32;
+        fires
+            && kind & pg_sys::TRIGGER_TYPE_ROW != 0
+            && kind & pg_sys::TRIGGER_TYPE_INSERT != 0
+            && kind & pg_sys::TRIGGER_TYPE_UPDATE == 0
+    }
+}
+
+/// Writes the event of one sales row written: `sales-data-created` or
+/// `sales-data-updated` with the row's new totals, the days that changed (for
+/// an update, with their old values in `previousDays`: history is rebuilt
+/// from these, see `sql/history.sql`), the writing job (`jobId`) and, for a
+/// row moved to another store or month, where it was before. `new` is the
+/// row as stored (its totals and version set by `tg_sales_row`), `row.old`
+/// the row before an update. An update that left the row unchanged (same
+/// version, see `tg_sales_row`) makes no event.
+///
+/// Every single-row commit pays for this, so it is written against the
+/// tuples directly: the payload is written in jsonb's binary form, and the
+/// row goes straight into the table and its indexes ([`insert_event`]).
+///
+/// # Safety
+/// `row` describes a trigger call in progress, `new` is a tuple of its
+/// relation's descriptor, and `old_daily` and `new_daily` are the daily data
+/// of `row.old` and `new`, detoasted.
+pub(crate) unsafe fn write_row_event(
+    row: &SalesRow,
+    new: *mut pg_sys::HeapTupleData,
+    old_daily: Option<&RawJsonb>,
+    new_daily: Option<&RawJsonb>,
+) {
+    unsafe {
+        let (cols, old) = (&row.cols, row.old);
         let get = |t, att| row.get(t, att);
         // int8 columns hold the value in the datum; int4 ones its low half.
         let int = |t, att| get(t, att).map(|d| d.value() as i64).unwrap_or(0);
@@ -75,14 +141,12 @@ fn tg_sales_changed<'a>(
         let version = int(new, cols.version);
         if let Some(old) = old {
             if int(old, cols.version) == version {
-                return Ok(None);
+                return;
             }
         }
-        let new_daily = row.daily(new);
-        let old_daily = old.and_then(|t| row.daily(t));
         let days = crate::validate::changed_days_with_old(
-            old_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null),
-            new_daily.as_ref().map(|j| j.root()).unwrap_or(Jb::Null),
+            old_daily.map(|j| j.root()).unwrap_or(Jb::Null),
+            new_daily.map(|j| j.root()).unwrap_or(Jb::Null),
         );
 
         let (id, store) = (int(new, cols.id), int(new, cols.store_id));
@@ -165,7 +229,6 @@ fn tg_sales_changed<'a>(
         };
         insert_event(kind, store, current_actor(), id, version, payload);
     }
-    Ok(None)
 }
 
 /// The tuples of a row-level INSERT or UPDATE trigger call on

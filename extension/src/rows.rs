@@ -37,6 +37,7 @@ fn tg_sales_row<'a>(
         let (desc, cols, old, new) = (row.desc, &row.cols, row.old, row.new);
         let get = |t, att| row.get(t, att);
         let new_daily = row.daily(new);
+        let old_daily = old.and_then(|t| row.daily(t));
 
         // Columns set here, by attribute number, with their values (at most
         // six: the three totals, the version and the two timestamps).
@@ -60,7 +61,6 @@ fn tg_sales_row<'a>(
                     "the id of a sales record cannot change"
                 );
             }
-            let old_daily = row.daily(old);
             let same_data = match (&new_daily, &old_daily) {
                 (Some(n), Some(o)) => n.equals(o),
                 (None, None) => true,
@@ -97,6 +97,13 @@ fn tg_sales_row<'a>(
             set.values.as_mut_ptr(),
             set.nulls.as_mut_ptr(),
         );
+        // An update's event goes in with the row (see
+        // events::updates_write_events); an insert's comes after it, from
+        // monthly_sales_events, as an ON CONFLICT insert may still turn
+        // into an update after this call.
+        if old.is_some() && crate::events::updates_write_events(td.tg_relation) {
+            crate::events::write_row_event(&row, tuple, old_daily.as_ref(), new_daily.as_ref());
+        }
         Ok(Some(PgHeapTuple::from_heap_tuple(
             pgrx::PgTupleDesc::from_pg_unchecked(desc),
             tuple,

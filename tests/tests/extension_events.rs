@@ -1081,3 +1081,122 @@ async fn event_indexes_added_later_are_maintained() {
     .unwrap();
     assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
+
+/// An update's event is written by the row trigger, an insert's by
+/// `monthly_sales_events`; disabling that one trigger still turns both off
+/// (README: "to load without events, disable only monthly_sales_events"),
+/// and enabling it again brings both back, versions continuing.
+#[tokio::test]
+async fn disabling_monthly_sales_events_stops_insert_and_update_events() {
+    let db = TestDb::new().await;
+    let store = db.stores(1).await[0];
+    let write = |month: i32, day: i32| {
+        format!(
+            "INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data)
+             VALUES ({store}, 2024, {month}, '{{\"{day}\": {{\"sales\": {day}}}}}')
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = t.daily_data || EXCLUDED.daily_data"
+        )
+    };
+    let kinds = |evs: &[Ev]| -> Vec<(String, i64)> {
+        evs.iter()
+            .map(|e| (e.kind.clone(), e.row_version.unwrap_or(0)))
+            .collect()
+    };
+    let start = max_event(&db).await;
+    exec(&db, &write(1, 1)).await;
+    exec(&db, &write(1, 2)).await;
+    let on = events_after(&db, start).await;
+    assert_eq!(
+        kinds(&on),
+        vec![
+            ("sales-data-created".into(), 1),
+            ("sales-data-updated".into(), 2)
+        ]
+    );
+    assert_eq!(on[1].payload["changedDays"], json!(["2"]));
+    assert_eq!(on[1].payload["previousDays"], json!({"2": null}));
+
+    exec(
+        &db,
+        "ALTER TABLE sales.monthly_sales DISABLE TRIGGER monthly_sales_events",
+    )
+    .await;
+    let off_start = max_event(&db).await;
+    exec(&db, &write(1, 3)).await;
+    exec(&db, &write(2, 1)).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.monthly_sales SET daily_data = daily_data - '1' WHERE store_id = {store}"
+        ),
+    )
+    .await;
+    assert_eq!(
+        events_after(&db, off_start).await,
+        vec![],
+        "no event while it is disabled"
+    );
+
+    exec(
+        &db,
+        "ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_events",
+    )
+    .await;
+    let again = max_event(&db).await;
+    exec(&db, &write(1, 4)).await;
+    exec(&db, &write(3, 1)).await;
+    let back = events_after(&db, again).await;
+    assert_eq!(
+        kinds(&back),
+        vec![
+            ("sales-data-updated".into(), 5),
+            ("sales-data-created".into(), 1)
+        ],
+        "{back:?}"
+    );
+    assert_eq!(back[0].payload["previousDays"], json!({"4": null}));
+}
+
+/// A library newer than the installed SQL: with `monthly_sales_events`
+/// still defined as in 0.6.0 (after inserts and updates), the row trigger
+/// leaves updates' events to it, so each version has exactly one event.
+#[tokio::test]
+async fn an_older_trigger_definition_gets_one_event_per_update() {
+    let db = TestDb::new().await;
+    let store = db.stores(1).await[0];
+    exec(
+        &db,
+        "DROP TRIGGER monthly_sales_events ON sales.monthly_sales;
+         CREATE TRIGGER monthly_sales_events AFTER INSERT OR UPDATE ON sales.monthly_sales
+             FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();",
+    )
+    .await;
+    let start = max_event(&db).await;
+    upsert_ok(&db, &json!([record(store, 2024, 1, days(1, 3, 10.0, 1))])).await;
+    upsert_ok(&db, &json!([record(store, 2024, 1, days(2, 5, 20.0, 2))])).await;
+    exec(
+        &db,
+        &format!("UPDATE sales.monthly_sales SET month = 2 WHERE store_id = {store}"),
+    )
+    .await;
+    let evs = events_after(&db, start).await;
+    let versions: Vec<(String, i64)> = evs
+        .iter()
+        .filter(|e| e.kind.starts_with("sales-data-"))
+        .map(|e| (e.kind.clone(), e.row_version.unwrap_or(0)))
+        .collect();
+    assert_eq!(
+        versions,
+        vec![
+            ("sales-data-created".into(), 1),
+            ("sales-data-updated".into(), 2),
+            ("sales-data-updated".into(), 3)
+        ],
+        "{evs:?}"
+    );
+    let moved = evs
+        .iter()
+        .rfind(|e| e.kind == "sales-data-updated")
+        .unwrap();
+    assert_eq!(moved.payload["previousMonth"], 1, "{moved:?}");
+}

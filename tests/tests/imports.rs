@@ -905,14 +905,8 @@ async fn chunk_retries(server: &sales_e2e::RunningServer) -> f64 {
     counter(server, "import_chunk_retries_total").await
 }
 
-/// Chunks merge side by side but commit in key order, and a chunk merged
-/// ahead of its turn does not keep its rows locked while it waits: a
-/// writer that holds a row of an earlier chunk and asks for one of a later
-/// chunk's would otherwise wait for ever, in a circle Postgres cannot see
-/// (earlier chunk → writer → later chunk → earlier chunk's commit).
-#[tokio::test]
-async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
-    let db = TestDb::new().await;
+/// A store with one day in January and one in February 2024.
+async fn store_with_two_months(db: &TestDb) -> i64 {
     let store = db.stores(1).await[0];
     for month in [1, 2] {
         sqlx::query(
@@ -925,6 +919,30 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
         .await
         .unwrap();
     }
+    store
+}
+
+/// Locks one of the store's 2024 months (run it in a writer's transaction).
+fn lock_month(
+    store: i64,
+    month: i32,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(
+        "SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = $2 FOR UPDATE",
+    )
+    .bind(store)
+    .bind(month)
+}
+
+/// Chunks merge side by side but commit in key order, and a chunk merged
+/// ahead of its turn does not keep its rows locked while it waits: a
+/// writer that holds a row of an earlier chunk and asks for one of a later
+/// chunk's would otherwise wait for ever, in a circle Postgres cannot see
+/// (earlier chunk → writer → later chunk → earlier chunk's commit).
+#[tokio::test]
+async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
+    let db = TestDb::new().await;
+    let store = store_with_two_months(&db).await;
     let server = db
         .server(&[("IMPORT_CHUNK_LINES", "1"), ("IMPORT_PARALLELISM", "2")])
         .await;
@@ -938,13 +956,7 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
         .execute(&mut *writer)
         .await
         .unwrap();
-    let lock = |month: i32| {
-        sqlx::query(
-            "SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = $2 FOR UPDATE",
-        )
-        .bind(store)
-        .bind(month)
-    };
+    let lock = |month: i32| lock_month(store, month);
     lock(1).execute(&mut *writer).await.unwrap();
     let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
     let (status, body, _) = post_file(&api, "", "text/csv", file).await;
@@ -987,18 +999,7 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
 #[tokio::test]
 async fn a_chunk_that_loses_a_deadlock_is_merged_again() {
     let db = TestDb::new().await;
-    let store = db.stores(1).await[0];
-    for month in [1, 2] {
-        sqlx::query(
-            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
-             VALUES ($1, 2024, $2, '{\"1\": {\"sales\": 1}}')",
-        )
-        .bind(store)
-        .bind(month)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    }
+    let store = store_with_two_months(&db).await;
     // One connection, one chunk of both months: it takes January's row,
     // then waits for February's.
     let server = db
@@ -1019,13 +1020,7 @@ async fn a_chunk_that_loses_a_deadlock_is_merged_again() {
         .fetch_one(&mut *writer)
         .await
         .unwrap();
-    let lock = |month: i32| {
-        sqlx::query(
-            "SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = $2 FOR UPDATE",
-        )
-        .bind(store)
-        .bind(month)
-    };
+    let lock = |month: i32| lock_month(store, month);
     lock(2).execute(&mut *writer).await.unwrap();
     let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
     let (status, body, _) = post_file(&api, "", "text/csv", file).await;
