@@ -1,7 +1,7 @@
 //! Event plumbing that runs once per event row, so it is Rust rather than
 //! PL/pgSQL (see `sql/events.sql` for the event triggers themselves).
 
-use crate::jsonb::{Jb, JsonbDatum, RawJsonb, JENTRY_NUMERIC};
+use crate::jsonb::{Jb, RawJsonb, JENTRY_NUMERIC};
 use crate::jsonb_text::Node;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -216,10 +216,7 @@ pub(crate) unsafe fn write_row_event(
                 p.push((key("previousMonth"), Node::Int(old_month)));
             }
         }
-        let Some(payload) = crate::jsonb_text::document(Node::Obj(p)) else {
-            error!("pg_sales: an event payload is larger than jsonb allows");
-        };
-        let payload = JsonbDatum::from_bytes(&payload)
+        let payload = crate::jsonb_text::document_datum(Node::Obj(p), "an event payload")
             .into_datum()
             .expect("a jsonb datum");
         let kind = if old.is_some() {

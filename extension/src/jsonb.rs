@@ -465,10 +465,7 @@ pub fn merge_objects(a: Container<'_>, b: Container<'_>) -> JsonbDatum {
             pairs.push((std::borrow::Cow::Borrowed(m.key), m.stored()));
         }
     });
-    match crate::jsonb_text::document(Node::Obj(pairs)) {
-        Some(bytes) => JsonbDatum::from_bytes(&bytes),
-        None => error!("pg_sales: a merged month is larger than jsonb allows"),
-    }
+    crate::jsonb_text::document_datum(Node::Obj(pairs), "a merged month")
 }
 
 /// Walks two objects' members together in storage order (shorter keys

@@ -72,6 +72,15 @@ pub(crate) fn document(root: Node<'_>) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// `root` as a jsonb datum in the current memory context; `what` names the
+/// document in the error past jsonb's size limit.
+pub(crate) fn document_datum(root: Node<'_>, what: &str) -> JsonbDatum {
+    match document(root) {
+        Some(bytes) => JsonbDatum::from_bytes(&bytes),
+        None => error!("pg_sales: {what} is larger than jsonb allows"),
+    }
+}
+
 /// `doc::jsonb`: the same value, the same bytes, the same errors, several
 /// times faster for documents of plain numbers and strings (see the module
 /// header). The API hands batches of records to `batch_upsert` this way.
@@ -342,7 +351,8 @@ fn value(buf: &mut Vec<u8>, node: &Node<'_>) -> Option<u32> {
             pad(buf);
             // numeric_in of an integer's digits gives the same numeric as
             // int8_numeric: scale 0, short form.
-            numeric(buf, n.to_string().as_bytes())?;
+            let mut text = [0u8; 20];
+            numeric(buf, int_text(*n, &mut text))?;
             JENTRY_NUMERIC
         }
         Node::Arr(_) | Node::Obj(_) => {
@@ -357,6 +367,26 @@ fn value(buf: &mut Vec<u8>, node: &Node<'_>) -> Option<u32> {
             *kind
         }
     })
+}
+
+/// `n` in decimal, written at the end of `buf` (an i64 takes at most 20
+/// bytes with its sign), without an allocation per number.
+fn int_text(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
 }
 
 /// Sets JEntry `index` of the container whose JEntries start at `entries`
@@ -476,6 +506,14 @@ mod tests {
             .map(|c| u16::from_ne_bytes([c[0], c[1]]))
             .collect();
         (h, d)
+    }
+
+    #[test]
+    fn integers_in_decimal() {
+        for n in [0, 7, -7, 10, 2024, -100_000, i64::MAX, i64::MIN] {
+            let mut buf = [0u8; 20];
+            assert_eq!(int_text(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 
     #[test]

@@ -144,26 +144,18 @@ fn daily_merge(old: RawJsonb, new: RawJsonb) -> JsonbDatum {
 /// merged month a second time only to compare it.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn daily_merge_changes(old: RawJsonb, new: RawJsonb) -> bool {
-    let (old, new) = (old.root(), new.root());
-    if old.kind() != sales_core::json::Kind::Object || new.kind() != sales_core::json::Kind::Object
-    {
+    let (Jb::Object(a), Jb::Object(b)) = (old.root(), new.root()) else {
         return true;
-    }
+    };
     let mut changes = false;
-    if new.len() <= 4 {
+    if b.len() <= 4 {
         // A day or a few: a binary search of the old month each.
-        new.each_member(|k, v| {
-            if !changes && !old.get(k).is_some_and(|o| o.equals(v)) {
-                changes = true;
-            }
-        });
-        return changes;
+        return b
+            .members()
+            .any(|(k, v)| !Jb::Object(a).get(k).is_some_and(|o| o.equals(v)));
     }
     // Most of a month: one pass over both months' members (the same
     // storage order) beats a binary search per day.
-    let (Jb::Object(a), Jb::Object(b)) = (old, new) else {
-        return true;
-    };
     crate::jsonb::walk_together(Some(a.members()), Some(b.members()), |o, n| match (o, n) {
         (_, None) => {}
         (None, Some(_)) => changes = true,
