@@ -336,6 +336,75 @@ async fn invalidation_by_sql_and_across_instances() {
     two.stop().await;
 }
 
+/// A batch whose events touch more tags than Redis is asked to bump in one
+/// call (1,000): every tag is bumped, the last in sort order too. A server
+/// started after the write has nothing in its first level and has heard
+/// no event, so it answers from Redis: an entry under a tag that was not
+/// bumped would be served stale for as long as it lives.
+#[tokio::test]
+async fn a_batch_over_many_tags_invalidates_every_one() {
+    let db = TestDb::new().await;
+    let stores = db.stores(25).await;
+    let one = db.server(&[]).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    // 25 stores x 24 months: 600 row tags, 600 store-month tags, 25 store
+    // tags and `sales:all`.
+    let write = |value: f64| {
+        let recs: Vec<Value> = stores
+            .iter()
+            .flat_map(|&s| {
+                (2023..=2024).flat_map(move |y| (1..=12).map(move |m| month(s, y, m, 28, value)))
+            })
+            .collect();
+        assert_eq!(recs.len(), 600);
+        json!({"mode": "replace", "salesDataArray": recs})
+    };
+    let (st, body) = a1.post("/api/v2/sales/batch", &write(1.0)).await;
+    assert_eq!(st, 200, "{body}");
+    relay_caught_up(&db, &one).await;
+    // The store-months whose tags sort first and last.
+    let mut months: Vec<(String, String)> = stores
+        .iter()
+        .flat_map(|&s| {
+            (2023..=2024).flat_map(move |y| {
+                (1..=12).map(move |m| {
+                    (
+                        format!("store:{s}:{y}-{m:02}"),
+                        format!("/api/v2/sales?storeId={s}&year={y}&month={m}&fields=totalSales"),
+                    )
+                })
+            })
+        })
+        .collect();
+    months.sort();
+    let paths = [months[0].1.clone(), months[months.len() - 1].1.clone()];
+    for p in &paths {
+        let (st, body) = a1.get(p).await;
+        assert_eq!((st, total(&body)), (200, 28.0), "{p}: {body}");
+        warm(&a1, p).await;
+    }
+
+    let (st, body) = a1.post("/api/v2/sales/batch", &write(2.0)).await;
+    assert_eq!(st, 200, "{body}");
+    relay_caught_up(&db, &one).await;
+    let two = db.server(&[]).await;
+    let a2 = Api::new(&two, Some(&token));
+    for p in &paths {
+        eventually(
+            Duration::from_secs(5),
+            "a new instance reads the new value",
+            || async {
+                let (_, b) = a2.get(p).await;
+                (total(&b) == 56.0).then_some(())
+            },
+        )
+        .await;
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
 #[tokio::test]
 async fn compressed_entries_round_trip() {
     let db = TestDb::new().await;

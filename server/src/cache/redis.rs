@@ -27,12 +27,34 @@ pub struct RedisCache {
     tag_ttl: Duration,
 }
 
-/// Bumps a tag counter. A missing counter (never bumped, expired, evicted,
-/// or lost with a restart) starts from a random value, never from 0 again:
-/// an entry that recorded the old value cannot match the new one.
-const BUMP: &str =
-    "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end \
-    local v = redis.call('INCR', KEYS[1]) redis.call('PEXPIRE', KEYS[1], ARGV[2]) return v";
+/// Bumps tag counters: each key in KEYS; ARGV[1] is the counters' time to
+/// live, ARGV[1 + i] the start of KEYS[i]. A missing counter (never bumped,
+/// expired, evicted, or lost with a restart) starts from a random value,
+/// never from 0 again: an entry that recorded the old value cannot match
+/// the new one.
+const BUMP: &str = "for i, k in ipairs(KEYS) do \
+    if redis.call('EXISTS', k) == 0 then redis.call('SET', k, ARGV[i + 1]) end \
+    redis.call('INCR', k) redis.call('PEXPIRE', k, ARGV[1]) end return #KEYS";
+
+/// Tags bumped by one call of [`BUMP`] (Redis runs nothing else meanwhile:
+/// about a millisecond's work).
+const BUMP_CHUNK: usize = 1000;
+
+fn bump_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(BUMP))
+}
+
+/// One call of [`BUMP`] for `tags` (sent by its digest, the script loaded
+/// when Redis does not know it).
+fn bump_call(tags: &[&str], ttl: Duration) -> redis::ScriptInvocation<'static> {
+    let mut call = bump_script().prepare_invoke();
+    call.arg(ttl.as_millis() as u64);
+    for t in tags {
+        call.key(*t).arg(random_start());
+    }
+    call
+}
 
 /// A counter's first value: random, and far from overflowing an INCR.
 fn random_start() -> u64 {
@@ -148,16 +170,11 @@ impl RedisCache {
                     continue;
                 }
                 if known.is_some() {
-                    let mut bump = redis::cmd("EVAL");
-                    bump.arg(BUMP)
-                        .arg(1)
-                        .arg(&tag_all)
-                        .arg(random_start())
-                        .arg(ttl.as_millis() as u64);
+                    let bump = bump_call(&[tag_all.as_str()], ttl);
                     let done = async {
                         match c {
-                            Conn::Single(mut c) => bump.query_async::<i64>(&mut c).await,
-                            Conn::Cluster(mut c) => bump.query_async::<i64>(&mut c).await,
+                            Conn::Single(mut c) => bump.invoke_async::<i64>(&mut c).await,
+                            Conn::Cluster(mut c) => bump.invoke_async::<i64>(&mut c).await,
                         }
                     };
                     if !matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(_))) {
@@ -271,32 +288,27 @@ impl RedisCache {
         self.run::<()>(&cmd).await
     }
 
-    /// Bumps each tag (see [`BUMP`]; a pipeline, or one by one in a
-    /// cluster, where tag keys live in different slots).
+    /// Bumps each tag (see [`BUMP`]): up to [`BUMP_CHUNK`] tags per call,
+    /// or one by one in a cluster, where tag keys live in different slots.
     pub async fn bump(&self, tag_keys: &[String]) -> Result<(), ()> {
         let Some(conn) = self.conn.read().await.clone() else {
             return Err(());
         };
-        let ttl = self.tag_ttl.as_millis() as u64;
-        let eval = |t: &String| {
-            let mut c = redis::cmd("EVAL");
-            c.arg(BUMP).arg(1).arg(t).arg(random_start()).arg(ttl);
-            c
-        };
-        let mut pipe = redis::pipe();
-        for t in tag_keys {
-            pipe.add_command(eval(t)).ignore();
-        }
+        let ttl = self.tag_ttl;
         let fut = async move {
-            match conn {
-                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
-                Conn::Cluster(mut c) => {
-                    for t in tag_keys {
-                        eval(t).query_async::<i64>(&mut c).await?;
-                    }
-                    Ok(())
-                }
+            let tags: Vec<&str> = tag_keys.iter().map(String::as_str).collect();
+            let chunk = match conn {
+                Conn::Single(_) => BUMP_CHUNK,
+                Conn::Cluster(_) => 1,
+            };
+            for part in tags.chunks(chunk) {
+                let call = bump_call(part, ttl);
+                match conn.clone() {
+                    Conn::Single(mut c) => call.invoke_async::<i64>(&mut c).await?,
+                    Conn::Cluster(mut c) => call.invoke_async::<i64>(&mut c).await?,
+                };
             }
+            Ok(())
         };
         self.bounded(self.timeout.max(Duration::from_millis(500)), fut)
             .await

@@ -138,7 +138,12 @@ async fn read_session(
         .clone()
         .application_name("sales-server-relay")
         // Above the long poll: a wait is never cut short by the timeout.
-        .options([("statement_timeout", format!("{}", LONG_POLL_MS as u64 * 3))]);
+        // Each event's region is looked up by the stores' key, whatever the
+        // planner thinks of a small table (see `model::REGION_PER_EVENT`).
+        .options([
+            ("statement_timeout", format!("{}", LONG_POLL_MS as u64 * 3)),
+            ("enable_seqscan", "off".to_string()),
+        ]);
     let mut conn = match tokio::time::timeout(deps.connect_timeout, connect.connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return e.to_string(),
