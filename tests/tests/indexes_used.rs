@@ -368,3 +368,39 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
             .unwrap();
     assert_eq!(head, last);
 }
+
+/// The relay's page query looks each event's store up by the stores' key.
+/// A chain of a few hundred stores fits in a few pages, and Postgres would
+/// rather scan them than the key for one lookup, once per event: a page of
+/// 1,000 events then read every store 1,000 times. The relay's connection
+/// turns sequential scans off for that.
+#[tokio::test]
+async fn the_relay_looks_up_each_events_store_by_key() {
+    use sqlx::{ConnectOptions, Connection};
+    use std::str::FromStr;
+    let db = TestDb::new().await;
+    db.stores(200).await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("ANALYZE sales.stores")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let options = sqlx::postgres::PgConnectOptions::from_str(&db.url).unwrap();
+    let mut relay = sales_server::events::relay::reader_options(&options)
+        .connect()
+        .await
+        .unwrap();
+    let sql = sales_server::events::model::Event::after_seq_sql();
+    let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {sql}"))
+        .bind(0_i64)
+        .bind(1000_i32)
+        .bind(0_i32)
+        .fetch_one(&mut relay)
+        .await
+        .unwrap();
+    let text = plan.to_string();
+    assert!(
+        text.contains("\"Index Name\":\"stores_pkey\"") && !text.contains("Seq Scan"),
+        "{plan:#}"
+    );
+}

@@ -116,6 +116,15 @@ impl Event {
         rows.iter().map(Event::from_row).collect()
     }
 
+    /// The relay's page query (see [`Event::after_seq`]): after a seq
+    /// (`$1`), at most `$2` rows, waiting up to `$3` ms.
+    pub fn after_seq_sql() -> String {
+        format!(
+            "SELECT {COLUMNS}, {REGION_PER_EVENT}, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn
+             FROM sales.events_after_seq($1, $2, $3) e"
+        )
+    }
+
     /// Events after a delivery position (whether or not its event is still
     /// retained), in delivery order, with the primary's WAL position as they
     /// were read; when nothing is deliverable Postgres waits up to `wait_ms`
@@ -130,10 +139,7 @@ impl Event {
         // The primary's WAL position comes with the rows (evaluated after the
         // function has returned them), for the replica read floor: no
         // second round trip before dispatch.
-        let sql = format!(
-            "SELECT {COLUMNS}, {REGION_PER_EVENT}, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn
-             FROM sales.events_after_seq($1, $2, $3) e"
-        );
+        let sql = Self::after_seq_sql();
         let rows = sqlx::query(&sql)
             .bind(pos.seq)
             .bind(max_rows)

@@ -126,15 +126,9 @@ async fn read_loop(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Reads until the connection fails; returns why.
-async fn read_session(
-    deps: &Deps,
-    last: &mut Pos,
-    first: &mut bool,
-    backoff: &mut Duration,
-) -> String {
-    let connect = deps
-        .connect
+/// How the reader connects, from the server's connect options.
+pub fn reader_options(connect: &PgConnectOptions) -> PgConnectOptions {
+    connect
         .clone()
         .application_name("sales-server-relay")
         // Above the long poll: a wait is never cut short by the timeout.
@@ -143,7 +137,17 @@ async fn read_session(
         .options([
             ("statement_timeout", format!("{}", LONG_POLL_MS as u64 * 3)),
             ("enable_seqscan", "off".to_string()),
-        ]);
+        ])
+}
+
+/// Reads until the connection fails; returns why.
+async fn read_session(
+    deps: &Deps,
+    last: &mut Pos,
+    first: &mut bool,
+    backoff: &mut Duration,
+) -> String {
+    let connect = reader_options(&deps.connect);
     let mut conn = match tokio::time::timeout(deps.connect_timeout, connect.connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return e.to_string(),
