@@ -283,6 +283,47 @@ fn spawn_binary(db: &TestDb, extra: &[(&str, &str)]) -> ServerProc {
     ServerProc::start(&server_bin(), &env).unwrap()
 }
 
+/// The relay's long poll waits up to 5 s when nothing happens: an idle
+/// server must not log each of those waits as a slow statement.
+#[tokio::test]
+async fn an_idle_relay_logs_no_slow_statements() {
+    let db = TestDb::new().await;
+    let server = spawn_binary(&db, &[]);
+    let started = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+                "SELECT query_start FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'sales-server-relay' \
+                   AND query LIKE '%events_after_seq%'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let first = eventually(Duration::from_secs(10), "the relay polling", || async {
+        started(&db).await
+    })
+    .await;
+    // A poll that found nothing has ended once the next one has started.
+    eventually(
+        Duration::from_secs(30),
+        "the relay's first poll ending",
+        || async { started(&db).await.filter(|t| *t > first) },
+    )
+    .await;
+    let log = server.log();
+    assert!(
+        log.lines().any(|l| l.contains("event relay reading")),
+        "the log is read: {log}"
+    );
+    assert!(
+        !log.contains("slow statement"),
+        "an idle poll was logged as slow: {log}"
+    );
+}
+
 #[tokio::test]
 async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     let db = TestDb::new().await;

@@ -138,6 +138,13 @@ pub fn reader_options(connect: &PgConnectOptions) -> PgConnectOptions {
             ("statement_timeout", format!("{}", LONG_POLL_MS as u64 * 3)),
             ("enable_seqscan", "off".to_string()),
         ])
+        // A long poll that waits its whole time out is not a slow
+        // statement: warn only past it (an idle server would otherwise log
+        // one warning per poll).
+        .log_slow_statements(
+            log::LevelFilter::Warn,
+            Duration::from_millis(LONG_POLL_MS as u64 + 1000),
+        )
 }
 
 /// Reads until the connection fails; returns why.
