@@ -53,7 +53,7 @@ const COLUMNS: &str = "e.id, e.seq, e.kind, e.store_id, e.user_id, e.actor_id, e
 /// scan the table than its key for one lookup, and a page of 1,000 events
 /// then read every store 1,000 times (about a tenth of Postgres' CPU
 /// behind a batch through the API), so the relay's connection turns
-/// sequential scans off (see `relay::read_session`).
+/// sequential scans off (see `relay::reader_options`).
 const REGION_PER_EVENT: &str =
     "(SELECT s.region FROM sales.stores s WHERE s.id = e.store_id) AS region";
 
