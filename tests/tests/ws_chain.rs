@@ -78,4 +78,23 @@ async fn chain_and_region_channels() {
     );
     let long = format!("region-{}", "x".repeat(101));
     assert_eq!(north.subscribe(&long).await["type"], "error");
+
+    // Resume replays a region channel: each replayed event's store is
+    // placed in its region as the relay places live ones.
+    let mut back = Client::connect(server.addr, &token(997, "admin", &[])).await;
+    back.send(json!({"type": "resume", "lastEventId": 0, "events": ["region-North"]}))
+        .await;
+    let mut replayed = Vec::new();
+    let mut resumed = None;
+    while replayed.len() < 2 || resumed.is_none() {
+        let f = back.frame().await.expect("open");
+        match f["type"].as_str() {
+            Some("resumed") => resumed = Some(f),
+            Some("subscribed") => {}
+            None => replayed.push(f["data"]["storeId"].as_i64().unwrap()),
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    assert_eq!(replayed, vec![s[0], s[3]]);
+    back.assert_no_event(Duration::from_millis(300)).await;
 }
