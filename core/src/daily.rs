@@ -117,6 +117,16 @@ fn validate_day<'a, J: JsonRead<'a>>(
             ));
             return;
         };
+        // Most numbers are settled by their sign and shape; the rest
+        // (large, tiny, special, fractional where a whole number is due)
+        // by their f64 value.
+        match v.small_number_shape() {
+            Some((true, _)) => {
+                return errors.push(FieldError::new(path(), "must not be negative"));
+            }
+            Some((false, fractional)) if !(whole && fractional) => return,
+            _ => {}
+        }
         match v.as_f64() {
             Some(n) if !n.is_finite() => errors.push(FieldError::new(path(), "must be a number")),
             Some(n) if n < 0.0 => errors.push(FieldError::new(path(), "must not be negative")),

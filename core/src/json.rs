@@ -33,6 +33,14 @@ pub trait JsonRead<'a>: Copy {
     /// does nothing for anything else.
     fn each_member(self, f: impl FnMut(&'a str, Self));
 
+    /// For a number that a reader can judge without converting it to
+    /// `f64`: (negative, has digits after the point), as
+    /// [`crate::pgnumeric::Header::small_shape`] defines them. None: ask
+    /// [`JsonRead::as_f64`] (the default).
+    fn small_number_shape(self) -> Option<(bool, bool)> {
+        None
+    }
+
     fn is_empty(self) -> bool {
         self.len() == 0
     }

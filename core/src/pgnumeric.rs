@@ -32,26 +32,30 @@ const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
 const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
 const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
 
-impl Decoded {
-    fn special(v: f64) -> Decoded {
-        Decoded {
-            special: Some(v),
-            negative: false,
-            weight: 0,
-            dscale: 0,
-            digits: [0; 8],
-            n_digits: 0,
-        }
-    }
+/// A finite numeric's header, read without copying its digits: what the
+/// CHECK constraint and the row totals need of most numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Header {
+    pub negative: bool,
+    pub weight: i32,
+    pub dscale: u16,
+    /// Index of the first digit word.
+    pub first: usize,
+    /// Number of base-10000 digits (Postgres strips leading and trailing
+    /// zero digits, and gives zero none).
+    pub n_digits: usize,
+}
 
-    /// Decodes from the numeric's 16-bit words after the varlena header.
-    pub fn from_words(n_words: usize, word: impl Fn(usize) -> u16) -> Decoded {
+impl Header {
+    /// Reads the header from the numeric's 16-bit words after the varlena
+    /// header; `Err` holds the value of NaN and the infinities.
+    pub fn from_words(n_words: usize, word: impl Fn(usize) -> u16) -> Result<Header, f64> {
         if n_words == 0 {
-            return Decoded::special(f64::NAN);
+            return Err(f64::NAN);
         }
         let header = word(0);
         if header & NUMERIC_SIGN_MASK == NUMERIC_SPECIAL {
-            return Decoded::special(match header & NUMERIC_EXT_SIGN_MASK {
+            return Err(match header & NUMERIC_EXT_SIGN_MASK {
                 NUMERIC_PINF => f64::INFINITY,
                 NUMERIC_NINF => f64::NEG_INFINITY,
                 _ => f64::NAN,
@@ -79,16 +83,82 @@ impl Decoded {
                 2,
             )
         };
-        let mut digits = [0u16; 8];
-        let n_digits = n_words.saturating_sub(first).min(8);
-        for (i, d) in digits.iter_mut().enumerate().take(n_digits) {
-            *d = word(first + i);
-        }
-        Decoded {
-            special: None,
+        Ok(Header {
             negative,
             weight,
             dscale,
+            first,
+            n_digits: n_words.saturating_sub(first),
+        })
+    }
+
+    /// For a number from 1e-280 to under 1e12 (or zero): whether it is
+    /// negative and whether it has digits after the point, exactly. Over
+    /// that range its `f64` keeps its sign and stays under 1e12, so the
+    /// metric rules read the same from this as from [`Decoded::to_f64`]
+    /// (except wholeness: an `f64` may round a tiny fraction away, so a
+    /// caller that must tell whole numbers converts the fractional ones).
+    /// None outside the range.
+    pub fn small_shape(&self) -> Option<(bool, bool)> {
+        if self.n_digits == 0 {
+            return Some((false, false));
+        }
+        if self.weight > 2 || self.weight < -70 {
+            return None;
+        }
+        Some((self.negative, self.n_digits as i32 > self.weight + 1))
+    }
+
+    /// The value in units of 10^-(4 * `fraction_digits`), when it has at
+    /// most that many base-10000 digits after the point and at most
+    /// `whole_digits` before it (so that the result fits an i128).
+    pub fn units(
+        &self,
+        word: impl Fn(usize) -> u16,
+        fraction_digits: i32,
+        whole_digits: i32,
+    ) -> Option<i128> {
+        let last = self.n_digits as i32 - 1;
+        if last - self.weight > fraction_digits || self.weight >= whole_digits {
+            return None;
+        }
+        let mut v: i128 = 0;
+        for i in 0..self.n_digits {
+            let power = self.weight - i as i32 + fraction_digits;
+            v += word(self.first + i) as i128 * 10_000i128.pow(power as u32);
+        }
+        Some(if self.negative { -v } else { v })
+    }
+}
+
+impl Decoded {
+    fn special(v: f64) -> Decoded {
+        Decoded {
+            special: Some(v),
+            negative: false,
+            weight: 0,
+            dscale: 0,
+            digits: [0; 8],
+            n_digits: 0,
+        }
+    }
+
+    /// Decodes from the numeric's 16-bit words after the varlena header.
+    pub fn from_words(n_words: usize, word: impl Fn(usize) -> u16) -> Decoded {
+        let h = match Header::from_words(n_words, &word) {
+            Ok(h) => h,
+            Err(special) => return Decoded::special(special),
+        };
+        let mut digits = [0u16; 8];
+        let n_digits = h.n_digits.min(8);
+        for (i, d) in digits.iter_mut().enumerate().take(n_digits) {
+            *d = word(h.first + i);
+        }
+        Decoded {
+            special: None,
+            negative: h.negative,
+            weight: h.weight,
+            dscale: h.dscale,
             digits,
             n_digits,
         }
@@ -190,5 +260,79 @@ mod tests {
         assert!(Decoded::from_words(1, |i| nan[i]).to_f64().is_nan());
         let inf = [NUMERIC_PINF];
         assert_eq!(Decoded::from_words(1, |i| inf[i]).to_f64(), f64::INFINITY);
+    }
+
+    #[test]
+    fn header_shape_agrees_with_f64() {
+        let cases: &[(bool, i32, &[u16])] = &[
+            (false, 0, &[]),
+            (false, 0, &[5]),
+            (true, 0, &[5]),
+            (false, 0, &[1234, 5678]),
+            (false, -1, &[5000]),
+            (true, -1, &[1]),
+            (false, 2, &[9999, 9999, 9999]),
+            (false, 2, &[9999, 9999, 9999, 1]),
+            (false, 1, &[12, 3400]),
+            (false, -70, &[1]),
+            (true, -70, &[1]),
+        ];
+        for &(negative, weight, digits) in cases {
+            // The long format: sign and display scale, weight, digits.
+            let sign = if negative { NUMERIC_NEG } else { 0 };
+            let words: Vec<u16> = [sign | 4, weight as i16 as u16]
+                .into_iter()
+                .chain(digits.iter().copied())
+                .collect();
+            let d = Decoded::from_words(words.len(), |i| words[i]);
+            let h = Header::from_words(words.len(), |i| words[i]).expect("finite");
+            assert_eq!((h.weight, h.n_digits, h.first), (weight, digits.len(), 2));
+            let (neg, fractional) = h.small_shape().expect("in range");
+            let v = d.to_f64();
+            assert_eq!(neg, v < 0.0, "{v}");
+            assert!(v < 1e12, "{v}");
+            if !fractional {
+                assert_eq!(v.fract(), 0.0, "{v}");
+            }
+        }
+        // Out of range: 1e12 and up, and below 1e-280.
+        for (weight, digits) in [(3, &[1u16][..]), (-71, &[1u16][..])] {
+            let h = Header {
+                negative: false,
+                weight,
+                dscale: 0,
+                first: 1,
+                n_digits: digits.len(),
+            };
+            assert_eq!(h.small_shape(), None);
+        }
+    }
+
+    #[test]
+    fn header_units_are_exact() {
+        let words = [0u16, 1234, 5678, 9000];
+        let word = |i: usize| words[i];
+        // 1234.56789 in units of 1e-8
+        let h = Header {
+            negative: false,
+            weight: 0,
+            dscale: 5,
+            first: 1,
+            n_digits: 3,
+        };
+        assert_eq!(h.units(word, 2, 7), Some(123_456_789_000));
+        // A third base-10000 digit after the point does not fit 1e-8 units.
+        assert_eq!(Header { weight: -1, ..h }.units(word, 2, 7), None);
+        assert_eq!(
+            Header {
+                negative: true,
+                n_digits: 1,
+                ..h
+            }
+            .units(word, 2, 7),
+            Some(-123_400_000_000)
+        );
+        assert_eq!(Header { weight: 7, ..h }.units(word, 2, 7), None);
+        assert_eq!(Header { n_digits: 0, ..h }.units(word, 2, 7), Some(0));
     }
 }

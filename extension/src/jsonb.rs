@@ -18,7 +18,7 @@ use pgrx::nullable::Nullable;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sales_core::json::{JsonRead, Kind};
-use sales_core::pgnumeric::Decoded;
+use sales_core::pgnumeric::{Decoded, Header};
 use std::marker::PhantomData;
 
 /// Whether two varlena values hold the same bytes (header included).
@@ -271,6 +271,9 @@ pub struct NumericSum {
 
 /// 10^-8 as base-10000 digits after the point.
 const SUM_FRACTION_DIGITS: i32 = 2;
+/// Values under 10^28 (seven base-10000 digits before the point): the sum
+/// of any number of them fits the i128 unless it overflows, which is checked.
+const SUM_WHOLE_DIGITS: i32 = 7;
 
 impl NumericSum {
     pub fn new() -> Self {
@@ -283,11 +286,16 @@ impl NumericSum {
 
     pub fn add(&mut self, n: Num<'_>) {
         if let Some(units) = self.units {
-            let d = n.decode();
-            if let Some(sum) = Self::units_of(&d).and_then(|v| units.checked_add(v)) {
-                self.units = Some(sum);
-                self.dscale = self.dscale.max(d.dscale);
-                return;
+            if let Ok(h) = n.header() {
+                let (_, word) = n.words();
+                if let Some(sum) = h
+                    .units(word, SUM_FRACTION_DIGITS, SUM_WHOLE_DIGITS)
+                    .and_then(|v| units.checked_add(v))
+                {
+                    self.units = Some(sum);
+                    self.dscale = self.dscale.max(h.dscale);
+                    return;
+                }
             }
             self.exact = Some(self.numeric_of_units());
             self.units = None;
@@ -301,25 +309,6 @@ impl NumericSum {
             Some(e) => e,
             None => self.numeric_of_units(),
         }
-    }
-
-    /// The value in units of 10^-8, when it has at most eight decimal
-    /// places and under 10^28 before the point.
-    fn units_of(d: &Decoded) -> Option<i128> {
-        if d.special.is_some() || d.n_digits >= d.digits.len() {
-            // Eight digits may be a longer value cut short by the decoder.
-            return None;
-        }
-        let last = d.n_digits as i32 - 1;
-        if last - d.weight > SUM_FRACTION_DIGITS || d.weight > 6 {
-            return None;
-        }
-        let mut v: i128 = 0;
-        for (i, digit) in d.digits[..d.n_digits].iter().enumerate() {
-            let power = d.weight - i as i32 + SUM_FRACTION_DIGITS;
-            v += *digit as i128 * 10_000i128.pow(power as u32);
-        }
-        Some(if d.negative { -v } else { v })
     }
 
     /// The integer sum as a numeric with the sum's display scale.
@@ -775,6 +764,13 @@ impl<'a> JsonRead<'a> for Jb<'a> {
         }
     }
 
+    fn small_number_shape(self) -> Option<(bool, bool)> {
+        match self {
+            Jb::Number(n) => n.header().ok()?.small_shape(),
+            _ => None,
+        }
+    }
+
     fn as_i64(self) -> Option<i64> {
         match self {
             Jb::Number(n) => n.decode().to_i64(),
@@ -809,7 +805,7 @@ impl<'a> JsonRead<'a> for Jb<'a> {
 #[derive(Clone, Copy)]
 pub struct Num<'a>(pg_sys::Numeric, PhantomData<&'a ()>);
 
-impl Num<'_> {
+impl<'a> Num<'a> {
     /// Exact numeric equality (numeric_eq: 1.0 equals 1).
     pub fn equals(self, other: Num<'_>) -> bool {
         unsafe {
@@ -830,12 +826,26 @@ impl Num<'_> {
     }
 
     pub fn decode(self) -> Decoded {
+        let (n_words, word) = self.words();
+        Decoded::from_words(n_words, word)
+    }
+
+    /// The header alone (`Err`: NaN or an infinity, with its value).
+    pub fn header(self) -> Result<Header, f64> {
+        let (n_words, word) = self.words();
+        Header::from_words(n_words, word)
+    }
+
+    /// The number of 16-bit words after the varlena header, and a reader of
+    /// word `i` (`i` below that number).
+    fn words(self) -> (usize, impl Fn(usize) -> u16 + Copy + 'a) {
+        // SAFETY: a numeric datum inside a jsonb value that lives for 'a.
         unsafe {
             let ptr = self.0 as *const pg_sys::varlena;
             let len = pgrx::varlena::varsize_any_exhdr(ptr);
             let data = pgrx::varlena::vardata_any(ptr) as *const u8;
-            let word = |i: usize| -> u16 { (data.add(2 * i) as *const u16).read_unaligned() };
-            Decoded::from_words(len / 2, word)
+            let word = move |i: usize| -> u16 { (data.add(2 * i) as *const u16).read_unaligned() };
+            (len / 2, word)
         }
     }
 }
