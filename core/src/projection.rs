@@ -271,6 +271,65 @@ impl Projection {
     }
 }
 
+/// What a projection does with one member of an object (see [`Step`]).
+pub enum Keep<'p> {
+    Drop,
+    /// The member's value as it is.
+    Whole,
+    /// The parts of the member's value that this step picks, when the value
+    /// is an object; anything else is kept whole.
+    Part(Step<'p>),
+}
+
+/// A place in a document, as a projection sees it: what is still to be
+/// included below it (None: everything) and excluded (None: nothing). For
+/// readers that walk a document member by member instead of building a
+/// [`Value`] (the extension projects jsonb in place); the result is what
+/// [`Projection::apply`] gives.
+#[derive(Clone)]
+pub struct Step<'p> {
+    include: Option<std::borrow::Cow<'p, Trie>>,
+    exclude: Option<std::borrow::Cow<'p, Trie>>,
+}
+
+impl Projection {
+    /// The step at the top of a document. `Keep::Whole` for every member
+    /// when the projection is the identity.
+    pub fn step(&self) -> Step<'_> {
+        Step {
+            include: self.include.as_ref().map(std::borrow::Cow::Borrowed),
+            exclude: self.exclude.as_ref().map(std::borrow::Cow::Borrowed),
+        }
+    }
+}
+
+impl Step<'_> {
+    /// What becomes of member `key` of the object at this step: `fields`
+    /// first (a member they do not name is dropped, one they name whole is
+    /// kept whole), then `exclude` (a member it names whole is dropped).
+    pub fn member(&self, key: &str) -> Keep<'_> {
+        let include = match &self.include {
+            None => None,
+            Some(t) => match t.child_for(key) {
+                None => return Keep::Drop,
+                Some(c) if c.terminal => None,
+                Some(c) => Some(c),
+            },
+        };
+        let exclude = match &self.exclude {
+            None => None,
+            Some(t) => match t.child_for(key) {
+                Some(c) if c.terminal => return Keep::Drop,
+                other => other,
+            },
+        };
+        match (include, exclude) {
+            (None, None) => Keep::Whole,
+            (include, exclude) => Keep::Part(Step { include, exclude }),
+        }
+    }
+}
+
 fn include(v: &Value, t: &Trie) -> Value {
     if t.terminal {
         return v.clone();
@@ -392,5 +451,54 @@ mod tests {
         let pr = p(&["store_id", "daily_data.1.sales"], &[]).unwrap();
         assert_eq!(pr.fields, vec!["storeId", "dailyData.1.sales"]);
         assert!(p(&[], &[]).unwrap().is_identity());
+    }
+
+    /// `Step` walks give what `apply` gives, for every projection the
+    /// tests above use and a few more.
+    #[test]
+    fn steps_agree_with_apply() {
+        fn walk(v: &Value, step: &Step<'_>) -> Value {
+            let Value::Object(m) = v else {
+                return v.clone();
+            };
+            let mut out = Map::new();
+            for (k, mv) in m {
+                match step.member(k) {
+                    Keep::Drop => {}
+                    Keep::Whole => {
+                        out.insert(k.clone(), mv.clone());
+                    }
+                    Keep::Part(next) => {
+                        out.insert(k.clone(), walk(mv, &next));
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        let cases: &[(&[&str], &[&str])] = &[
+            (&[], &[]),
+            (&["id", "storeId"], &[]),
+            (&["dailyData"], &[]),
+            (&["dailyData.1"], &[]),
+            (&["dailyData.*.sales"], &[]),
+            (&["dailyData.*.sales", "dailyData.2"], &[]),
+            (&["dailyData.9.sales"], &[]),
+            (&[], &["dailyData"]),
+            (&[], &["dailyData.*.customers", "store.region"]),
+            (&["dailyData", "store"], &["dailyData.1", "store.name"]),
+            (&["dailyData.*"], &["dailyData.2.sales"]),
+            (&["id", "store.name"], &["store"]),
+            (&["totalSales", "version"], &["version"]),
+        ];
+        for (fields, exclude) in cases {
+            let proj = p(fields, exclude).unwrap();
+            let d = doc();
+            let got = if proj.is_identity() {
+                d.clone()
+            } else {
+                walk(&d, &proj.step())
+            };
+            assert_eq!(got, proj.apply(&d), "{fields:?} / {exclude:?}");
+        }
     }
 }

@@ -271,3 +271,71 @@ async fn project_store_project_each_and_check_fields() {
         .unwrap();
     assert_eq!(none, None);
 }
+
+/// Projection copies values as the document stores them: a number keeps
+/// its digits and its scale (`10.50`, not `10.5`; no rounding through a
+/// float), whichever fields are picked, and the result is what the
+/// projection rules of `sales_core` give for every field list tried.
+#[tokio::test]
+async fn projected_values_are_copied_as_stored() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    // As text: a JSON value built in Rust would hold 10.50 as the float 10.5.
+    sqlx::query(
+        r#"INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+           VALUES ($1, 2024, 3, '{"1": {"sales": 10.50, "customers": 2}, "2": {"sales": 123456789012.05, "customers": 3}}')"#,
+    )
+    .bind(s)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The stored document as text, and projections of it as text.
+    let text = |fields: &[&str], exclude: &[&str]| {
+        let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+        let exclude: Vec<String> = exclude.iter().map(|f| f.to_string()).collect();
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT sales.project(sales.sales_doc(m, st), $1, $2)::text
+                 FROM sales.monthly_sales m JOIN sales.stores st ON st.id = m.store_id",
+            )
+            .bind(fields)
+            .bind(exclude)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let days = text(&["dailyData"], &[]).await;
+    assert_eq!(
+        days,
+        r#"{"dailyData": {"1": {"sales": 10.50, "customers": 2}, "2": {"sales": 123456789012.05, "customers": 3}}}"#
+    );
+    let total = text(&["totalSales", "dailyData.1.sales"], &[]).await;
+    assert_eq!(
+        total,
+        r#"{"dailyData": {"1": {"sales": 10.50}}, "totalSales": 123456789022.55}"#
+    );
+
+    let full: Value = serde_json::from_str(&text(&[], &[]).await).unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["id", "storeId", "year", "month"], &[]),
+        (&["dailyData.*.sales"], &[]),
+        (&["dailyData.2", "dailyData.*.customers"], &["dailyData.2.sales"]),
+        (&["dailyData.9"], &[]),
+        (&[], &["dailyData", "store.region"]),
+        (&["store"], &["store.name"]),
+        (&["store.code", "version", "updated_at"], &["version"]),
+    ];
+    for (fields, exclude) in cases {
+        let expected = sales_core::projection::Projection::new(
+            &sales_core::projection::SALES_DOC,
+            fields,
+            exclude,
+        )
+        .unwrap()
+        .apply(&full);
+        let got: Value = serde_json::from_str(&text(fields, exclude).await).unwrap();
+        assert_eq!(got, expected, "{fields:?} / {exclude:?}");
+    }
+}
