@@ -2,9 +2,9 @@
 //! requested bytes leave Postgres.
 
 use crate::error::{OrRaise, SalesError};
-use pgrx::prelude::*;
 use crate::jsonb::{Container, Jb, JsonbDatum, RawJsonb};
 use crate::jsonb_text::Node;
+use pgrx::prelude::*;
 use sales_core::projection::{Keep, Projection, ProjectionError, Step, SALES_DOC, STORE_DOC};
 use std::borrow::Cow;
 
@@ -115,8 +115,9 @@ fn project_each(
             }
             .expect("an element of the array");
             // SAFETY: a jsonb datum.
-            let element = unsafe { RawJsonb::from_polymorphic_datum(element, false, pg_sys::JSONBOID) }
-                .expect("not null");
+            let element =
+                unsafe { RawJsonb::from_polymorphic_datum(element, false, pg_sys::JSONBOID) }
+                    .expect("not null");
             project_in_place(&element, &p)
         })
         .collect();

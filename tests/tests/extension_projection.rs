@@ -321,7 +321,10 @@ async fn projected_values_are_copied_as_stored() {
     let cases: &[(&[&str], &[&str])] = &[
         (&["id", "storeId", "year", "month"], &[]),
         (&["dailyData.*.sales"], &[]),
-        (&["dailyData.2", "dailyData.*.customers"], &["dailyData.2.sales"]),
+        (
+            &["dailyData.2", "dailyData.*.customers"],
+            &["dailyData.2.sales"],
+        ),
         (&["dailyData.9"], &[]),
         (&[], &["dailyData", "store.region"]),
         (&["store"], &["store.name"]),
