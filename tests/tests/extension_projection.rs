@@ -342,3 +342,54 @@ async fn projected_values_are_copied_as_stored() {
         assert_eq!(got, expected, "{fields:?} / {exclude:?}");
     }
 }
+
+/// The server writes an unprojected document as text itself
+/// (`sales_core::sql::SALES_DOC_TEXT`); it must be `sales.sales_doc(m)::text`
+/// byte for byte, in any time zone, for every shape of row.
+#[tokio::test]
+async fn sales_doc_text_is_sales_doc() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    for (i, daily) in [
+        "{}",
+        r#"{"1": {"sales": 10.50, "customers": 2}}"#,
+        r#"{"31": {"sales": 0, "customers": 0, "transactions": 7}, "2": {"sales": 123456789012.05}}"#,
+        r#"{"3": {"customers": 12}, "4": {"sales": 0.001}}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ($1, 2024, $2, $3::jsonb)",
+        )
+        .bind(s[i % 2])
+        .bind(i as i32 + 1)
+        .bind(daily)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    upsert_ok(
+        &db,
+        &json!([record(s[1], 2025, 12, days(1, 31, 1234.5, 17))]),
+    )
+    .await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    for zone in ["UTC", "Asia/Kolkata", "America/St_Johns"] {
+        sqlx::query(&format!("SET TimeZone = '{zone}'"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT sales.sales_doc(m)::text, {} FROM sales.monthly_sales m ORDER BY m.id",
+            sales_core::sql::SALES_DOC_TEXT
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 5);
+        for (doc, text) in rows {
+            assert_eq!(text, doc, "{zone}");
+        }
+    }
+}

@@ -5,7 +5,7 @@ use super::format::{ExportFormat, ExportShape, RowKey};
 use crate::auth::Principal;
 use crate::http::filters::SalesFilter;
 use sales_core::projection::Projection;
-use sales_core::sql::{push_sales_doc, Literals, SqlWriter};
+use sales_core::sql::{push_sales_doc, Literals, SqlWriter, SALES_DOC_TEXT};
 use std::fmt::Write as _;
 
 /// The filter and the caller's scope as SQL conditions on `m` and `s`, with
@@ -84,7 +84,7 @@ fn doc_expr(p: Option<&Projection>) -> String {
     let mut w = Literals::default();
     match p {
         Some(p) => push_sales_doc(&mut w, p),
-        None => w.sql("sales.sales_doc(m)"),
+        None => w.sql(SALES_DOC_TEXT),
     }
     w.0
 }
@@ -285,6 +285,6 @@ mod tests {
             header: true,
         });
         assert!(j.copy.contains("QUOTE E'\\x01'"), "{}", j.copy);
-        assert!(j.copy.contains("sales.sales_doc(m)"));
+        assert!(j.copy.contains(SALES_DOC_TEXT));
     }
 }
