@@ -11,7 +11,7 @@
 use crate::error::{OrRaise, SalesError};
 use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use sales_core::json::{JsonRead, Kind};
 use sales_core::record::{check_record, parse_id, parse_month_key, MonthKey};
 use serde_json::{json, Value};
@@ -55,15 +55,50 @@ impl Report {
 /// commit) carries the highest event id, which is this one when the batch is
 /// the transaction's last write.
 fn emit_batch_event(client: &mut SpiClient<'_>, payload: Value) -> i64 {
-    client
-        .update(
+    EMIT_PLAN.with(|cell| {
+        let plan = kept_plan(
+            cell,
+            client,
             "SELECT sales.emit('batch-completed', $1)",
-            Some(1),
-            &[pgrx::JsonB(payload).into()],
-        )
-        .and_then(|t| t.first().get_one::<i64>())
-        .or_raise()
-        .unwrap_or_default()
+            PgBuiltInOids::JSONBOID,
+            true,
+        );
+        client
+            .update(plan, Some(1), &[pgrx::JsonB(payload).into()])
+            .and_then(|t| t.first().get_one::<i64>())
+            .or_raise()
+            .unwrap_or_default()
+    })
+}
+
+thread_local! {
+    /// The statements every batch runs besides its write, each planned once
+    /// per backend (parsing and planning them again cost a small batch
+    /// about as much as its write).
+    static EMIT_PLAN: std::cell::OnceCell<OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+    static STORES_PLAN: std::cell::OnceCell<OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
+/// `sql`, taking one argument of type `arg`, prepared in this backend the
+/// first time and kept in `cell` (Postgres plans it again by itself when
+/// something it depends on changes). `writes`: the statement changes data
+/// (it runs read-write, as `SpiClient::update` runs text).
+fn kept_plan<'c>(
+    cell: &'c std::cell::OnceCell<OwnedPreparedStatement>,
+    client: &SpiClient<'_>,
+    sql: &str,
+    arg: PgBuiltInOids,
+    writes: bool,
+) -> &'c OwnedPreparedStatement {
+    cell.get_or_init(|| {
+        let args = [PgOid::BuiltIn(arg)];
+        let prepared = if writes {
+            client.prepare_mut(sql, &args)
+        } else {
+            client.prepare(sql, &args)
+        };
+        prepared.or_raise().keep()
+    })
 }
 
 /// Store ids among `ids` that exist.
@@ -71,17 +106,22 @@ fn existing_stores(client: &SpiClient<'_>, ids: Vec<i64>) -> HashSet<i64> {
     if ids.is_empty() {
         return HashSet::new();
     }
-    client
-        .select(
+    STORES_PLAN.with(|cell| {
+        let plan = kept_plan(
+            cell,
+            client,
             "SELECT coalesce(array_agg(id), '{}') FROM sales.stores WHERE id = ANY($1)",
-            Some(1),
-            &[ids.into()],
-        )
-        .and_then(|t| t.first().get_one::<Vec<i64>>())
-        .or_raise()
-        .unwrap_or_default()
-        .into_iter()
-        .collect()
+            PgBuiltInOids::INT8ARRAYOID,
+            false,
+        );
+        client
+            .select(plan, Some(1), &[ids.into()])
+            .and_then(|t| t.first().get_one::<Vec<i64>>())
+            .or_raise()
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    })
 }
 
 fn scope_set(allowed: Option<Vec<Option<i64>>>) -> Option<HashSet<i64>> {

@@ -1122,3 +1122,44 @@ async fn totals_and_validity_match_a_reference() {
         assert_eq!(row.3, row.4, "customers total of {month}");
     }
 }
+
+/// A backend keeps the plans of the statements every batch runs; they
+/// follow the objects they name. The extension dropped and created again
+/// under the same connection, a batch there writes its rows and its event.
+#[tokio::test]
+async fn kept_plans_follow_a_recreated_extension() {
+    let db = TestDb::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    for round in 0..2 {
+        let store: i64 = sqlx::query_scalar(
+            "INSERT INTO sales.stores (code, name, region) VALUES ($1, 'Kept', 'North') RETURNING id",
+        )
+        .bind(format!("K{round}"))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        let report: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1)")
+            .bind(json!([record(store, 2024, 1, days(1, 3, 5.0, 1))]))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(report["inserted"], 1, "round {round}: {report}");
+        let event: i64 = report["eventId"].as_i64().expect("an event id");
+        let kind: String = sqlx::query_scalar("SELECT kind FROM sales.events WHERE id = $1")
+            .bind(event)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(kind, "batch-completed");
+        if round == 0 {
+            sqlx::query("DROP EXTENSION pg_sales CASCADE")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            sqlx::query("CREATE EXTENSION pg_sales")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
+    }
+}
