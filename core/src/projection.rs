@@ -257,18 +257,6 @@ impl Projection {
         }
         out
     }
-
-    /// Like `apply` but takes ownership (avoids a copy when nothing is picked).
-    pub fn apply_owned(&self, doc: Value) -> Value {
-        let mut out = match &self.include {
-            Some(t) => include(&doc, t),
-            None => doc,
-        };
-        if let Some(t) = &self.exclude {
-            exclude(&mut out, t);
-        }
-        out
-    }
 }
 
 /// What a projection does with one member of an object (see [`Step`]).

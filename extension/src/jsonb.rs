@@ -286,8 +286,8 @@ impl NumericSum {
 
     pub fn add(&mut self, n: Num<'_>) {
         if let Some(units) = self.units {
-            if let Ok(h) = n.header() {
-                let (_, word) = n.words();
+            let (n_words, word) = n.words();
+            if let Ok(h) = Header::from_words(n_words, word) {
                 if let Some(sum) = h
                     .units(word, SUM_FRACTION_DIGITS, SUM_WHOLE_DIGITS)
                     .and_then(|v| units.checked_add(v))

@@ -1131,13 +1131,7 @@ async fn kept_plans_follow_a_recreated_extension() {
     let db = TestDb::new().await;
     let mut conn = db.pool.acquire().await.unwrap();
     for round in 0..2 {
-        let store: i64 = sqlx::query_scalar(
-            "INSERT INTO sales.stores (code, name, region) VALUES ($1, 'Kept', 'North') RETURNING id",
-        )
-        .bind(format!("K{round}"))
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+        let store = db.stores(1).await[0];
         let report: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1)")
             .bind(json!([record(store, 2024, 1, days(1, 3, 5.0, 1))]))
             .fetch_one(&mut *conn)
