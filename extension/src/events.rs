@@ -612,10 +612,14 @@ unsafe fn insert_event(
                 let mut ivalues = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
                 let mut inulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
                 for ix in indexes {
-                    if !(*ix.info).ii_ReadyForInserts {
+                    let irel = pg_sys::index_open(ix.oid, pg_sys::RowExclusiveLock as i32);
+                    // Readiness as the index stands now, not as described:
+                    // a concurrent build marks its index ready by updating
+                    // the index's own catalog row.
+                    if !(*(*irel).rd_index).indisready {
+                        pg_sys::index_close(irel, pg_sys::NoLock as i32);
                         continue;
                     }
-                    let irel = pg_sys::index_open(ix.oid, pg_sys::RowExclusiveLock as i32);
                     pg_sys::FormIndexDatum(
                         ix.info,
                         slot,

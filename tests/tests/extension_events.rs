@@ -1082,6 +1082,102 @@ async fn event_indexes_added_later_are_maintained() {
     assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
 
+/// An index built `CONCURRENTLY` on the log is first listed as not ready
+/// for inserts, then marked ready by an update of its own catalog row
+/// (which does not invalidate the table). A backend that described the
+/// log's indexes while the build was waiting must still write its later
+/// events into the index once it is ready.
+#[tokio::test]
+async fn an_index_built_concurrently_gets_every_later_event() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let mut writer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let write = |day: u32| {
+        format!(
+            "INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data) VALUES ({}, 2024, 3, '{{\"{day}\": {{\"sales\": {day}}}}}')
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = t.daily_data || EXCLUDED.daily_data",
+            s[0]
+        )
+    };
+    exec(&db, "CREATE EXTENSION IF NOT EXISTS amcheck").await;
+    sqlx::raw_sql(&write(1)).execute(&mut writer).await.unwrap();
+    // A transaction that has written to the log holds the build at its
+    // wait for earlier writers, after the index is in the catalog.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; SELECT sales.emit('test-hold', '{}')")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    let build = tokio::spawn(async move {
+        sqlx::raw_sql(
+            "CREATE INDEX CONCURRENTLY events_cic_test ON sales.events (kind, row_version)",
+        )
+        .execute(&pool)
+        .await
+        .map(|_| ())
+    });
+    eventually(Duration::from_secs(30), "the index listed, not yet ready", || async {
+        let ready: Option<bool> = sqlx::query_scalar(
+            "SELECT indisready FROM pg_index WHERE indexrelid = to_regclass('sales.events_cic_test')",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .ok()?;
+        (ready == Some(false)).then_some(())
+    })
+    .await;
+    // The writer describes the log's indexes now, with the new one not ready.
+    sqlx::raw_sql(&write(2)).execute(&mut writer).await.unwrap();
+    // An older snapshot holds the build again after it has marked the index
+    // ready and filled it (its wait for older snapshots, before it marks the
+    // index valid and invalidates the table): events written meanwhile must
+    // go into the index.
+    let mut reader = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM sales.stores")
+        .execute(&mut reader)
+        .await
+        .unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+    eventually(Duration::from_secs(30), "the index ready, not yet valid", || async {
+        let (ready, valid): (bool, bool) = sqlx::query_as(
+            "SELECT indisready, indisvalid FROM pg_index WHERE indexrelid = 'sales.events_cic_test'::regclass",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index \
+             WHERE phase LIKE 'waiting for old snapshots%')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        (ready && !valid && waiting).then_some(())
+    })
+    .await;
+    for day in 3..=5 {
+        sqlx::raw_sql(&write(day))
+            .execute(&mut writer)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut reader).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), build)
+        .await
+        .expect("the build ends once the older snapshot is gone")
+        .unwrap()
+        .unwrap();
+    exec(&db, "SELECT bt_index_check('sales.events_cic_test', true)").await;
+    let indexed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sales.events WHERE kind LIKE 'sales-data-%' AND row_version >= 3",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(indexed, 3);
+}
+
 /// An update's event is written by the row trigger, an insert's by
 /// `monthly_sales_events`; disabling that one trigger still turns both off
 /// (README: "to load without events, disable only monthly_sales_events"),
