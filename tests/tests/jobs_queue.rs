@@ -189,3 +189,73 @@ async fn imports_that_could_hold_the_whole_pool_are_named_at_start() {
     let roomy = start(&[]);
     assert!(!roomy.log().contains(WARNING), "{}", roomy.log());
 }
+
+/// A job given back with an error is queued again until its last attempt;
+/// then it fails for good as a job that ends does: its `import-completed`
+/// (state `failed`, with the error) is written, and its staged rows go.
+#[tokio::test]
+async fn a_job_that_fails_for_good_announces_it_and_leaves_no_rows() {
+    let db = TestDb::new().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, params, rows_read) VALUES ('import', 'queued', '{}', 2) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs.import_rows (job_id, line, day, store_code, year, month, sales)
+         VALUES ($1, 2, 1, 'S1', 2024, 1, '5'), ($1, 3, 2, 'S1', 2024, 1, '6')",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let staged = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs.import_rows WHERE job_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let announced = || async {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT payload FROM sales.events WHERE kind = 'import-completed' AND (payload->>'jobId')::bigint = $1",
+        )
+        .bind(id)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let mut conn = db.connect().await;
+    for attempt in 1..jobs::MAX_ATTEMPTS {
+        let job = jobs::claim(&mut conn, "w", Duration::from_secs(60), None)
+            .await
+            .unwrap()
+            .expect("the job, queued again");
+        assert_eq!(job.attempts, attempt);
+        jobs::release(&db.pool, &job, Some("the merge failed"))
+            .await
+            .unwrap();
+        assert_eq!(staged().await, 2, "kept for the next attempt");
+        assert!(announced().await.is_empty());
+    }
+    let job = jobs::claim(&mut conn, "w", Duration::from_secs(60), None)
+        .await
+        .unwrap()
+        .expect("the last attempt");
+    jobs::release(&db.pool, &job, Some("the merge failed"))
+        .await
+        .unwrap();
+    let state: String = sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "failed");
+    assert_eq!(staged().await, 0);
+    let events = announced().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["state"], "failed");
+    assert_eq!(events[0]["error"], "the merge failed");
+    assert_eq!(events[0]["done"], true);
+}

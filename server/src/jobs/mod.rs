@@ -104,22 +104,38 @@ pub async fn claim(
 }
 
 /// Gives a job back (shutdown, or a transient failure): queued again for
-/// any worker, or failed for good after MAX_ATTEMPTS.
+/// any worker, or failed for good after MAX_ATTEMPTS. A job that fails for
+/// good ends as any other: its `import-completed` (state `failed`, with the
+/// error) goes out in the same transaction, and its staged rows are
+/// removed.
 pub async fn release(pool: &PgPool, job: &Claimed, error: Option<&str>) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let mut tx = pool.begin().await?;
+    let failed: Option<Value> = sqlx::query_scalar(
         "UPDATE jobs.jobs
          SET state = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN 'failed' ELSE 'queued' END,
              finished_at = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN now() END,
              last_error = coalesce($3, last_error),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
-         WHERE id = $1 AND lease_token = $2::uuid",
+         WHERE id = $1 AND lease_token = $2::uuid
+         RETURNING CASE WHEN state = 'failed' THEN jsonb_build_object(
+             'jobId', id, 'kind', kind, 'state', state,
+             'rowsRead', rows_read, 'rowsWritten', rows_written, 'rowsRejected', rows_rejected,
+             'lastLine', last_line, 'done', true, 'error', last_error) END",
     )
     .bind(job.id)
     .bind(&job.token)
     .bind(error)
     .bind(MAX_ATTEMPTS)
-    .execute(pool)
-    .await?;
+    .fetch_optional(&mut *tx)
+    .await?
+    .flatten();
+    if let Some(data) = &failed {
+        announce_end(&mut tx, job.user_id, data.clone()).await?;
+    }
+    tx.commit().await?;
+    if failed.is_some() {
+        purge_rows(pool, job.id).await?;
+    }
     Ok(())
 }
 
