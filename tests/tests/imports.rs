@@ -1074,3 +1074,62 @@ async fn a_chunk_that_loses_a_deadlock_is_merged_again() {
     );
     server.stop().await;
 }
+
+/// An upload that arrives slowly, with no good row for longer than the
+/// job lease, is still an upload in progress: its lease is renewed while
+/// the body keeps coming, so it is neither reaped nor reported cancelled.
+#[tokio::test]
+async fn a_slow_upload_keeps_its_lease() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[("JOB_LEASE", "2")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // Good lines past the first 8 KiB (the upload reads that much before
+    // parsing; then the job is created), then rejected lines trickling in
+    // for about three leases, then a last good line.
+    let mut first = String::from("store_code,date,sales\n");
+    use chrono::Datelike;
+    let mut day = chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap();
+    while day.year() == 2024 {
+        first.push_str(&format!("{code},{day},12345.67\n"));
+        day = day.succ_opt().unwrap();
+    }
+    assert!(first.len() > 8192);
+    let mut parts: Vec<String> = vec![first];
+    for _ in 0..12 {
+        parts.push(format!("{code},not-a-date,5\n").repeat(2));
+    }
+    parts.push(format!("{code},2025-01-02,6\n"));
+    let stream = futures_util::stream::unfold(parts.into_iter(), |mut it| async move {
+        let part = it.next()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Some((Ok::<_, std::io::Error>(part.into_bytes()), it))
+    });
+    let (status, body, _) = post_file(
+        &api,
+        "?maxErrors=100",
+        "text/csv",
+        reqwest::Body::wrap_stream(stream),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_ne!(body["state"], "cancelled", "{body}");
+    let doc = wait_job(
+        &api,
+        body["id"].as_i64().unwrap(),
+        &["completed", "failed", "cancelled"],
+    )
+    .await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        (doc["rowsWritten"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(367), Some(24)),
+        "{doc}"
+    );
+    server.stop().await;
+}

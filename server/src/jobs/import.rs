@@ -200,7 +200,25 @@ pub async fn stage<R: Read + Send + 'static>(
     let mut errors_kept = 0i64;
     let mut lines = 0u64;
     let result: Result<(), StageError> = async {
-        while let Some(msg) = rx.recv().await {
+        // The upload's lease is renewed while the body keeps coming, however
+        // slowly and whatever its lines turn out to be: only an uploader
+        // that is gone lets it run out (see reap_uploads).
+        let mut renew = tokio::time::interval((req.lease / 3).max(Duration::from_millis(10)));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            let msg = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                _ = renew.tick() => {
+                    if job.is_some() {
+                        renew_upload(&mut conn, id, req.lease).await?;
+                    }
+                    continue;
+                }
+            };
             match (job, &msg) {
                 (Some(_), _) | (None, Msg::Lines(..)) => {}
                 (None, _) => {

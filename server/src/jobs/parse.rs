@@ -91,6 +91,22 @@ pub enum FileError {
     Read(String),
     #[error("the file is larger than {0} bytes (IMPORT_MAX_BYTES)")]
     TooLarge(u64),
+    #[error("line {0} is longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong(u64),
+}
+
+/// The longest data line (or quoted record) read; a longer one refuses the
+/// file, as nothing in a sales file comes near it and reading it would
+/// hold it in memory.
+pub const MAX_LINE_BYTES: u64 = 1 << 20;
+
+/// A field's text as an error message quotes it: escaped, and cut short.
+fn shown(raw: &str) -> String {
+    const MAX: usize = 40;
+    match raw.char_indices().nth(MAX) {
+        None => format!("{raw:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &raw[..i], raw.len()),
+    }
 }
 
 /// What parsing produces, in file order.
@@ -141,11 +157,27 @@ pub fn parse<R: Read>(
 }
 
 fn read_error(e: std::io::Error) -> FileError {
+    if let Some(l) = e.get_ref().and_then(|i| i.downcast_ref::<LineTooLong>()) {
+        return FileError::LineTooLong(l.0);
+    }
     match e.get_ref().and_then(|i| i.downcast_ref::<TooLarge>()) {
         Some(t) => FileError::TooLarge(t.0),
         None => FileError::Read(e.to_string()),
     }
 }
+
+/// The error the line readers raise for a line over MAX_LINE_BYTES (its
+/// line number).
+#[derive(Debug)]
+struct LineTooLong(u64);
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {} is longer than {MAX_LINE_BYTES} bytes", self.0)
+    }
+}
+
+impl std::error::Error for LineTooLong {}
 
 /// The error a size-limited reader raises (see `Limited`).
 #[derive(Debug)]
@@ -261,7 +293,7 @@ fn parse_csv<R: Read>(
         _ => (c, s),
     });
     let delimiter = if semis > commas { b';' } else { b',' };
-    let newlines = std::rc::Rc::new(std::cell::RefCell::new(std::collections::VecDeque::new()));
+    let breaks = SharedBreaks::default();
     let mut csv = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .flexible(true)
@@ -270,7 +302,7 @@ fn parse_csv<R: Read>(
             inner: reader,
             held_cr: false,
             offset: 0,
-            newlines: newlines.clone(),
+            breaks: breaks.clone(),
         });
     let mut record = csv::ByteRecord::new();
     let got = csv.read_byte_record(&mut record).map_err(csv_read_error)?;
@@ -324,10 +356,7 @@ fn parse_csv<R: Read>(
     }
     let decimal_comma = delimiter == b';';
     let mut lines = 0u64;
-    let mut line_of = LineOf {
-        newlines: newlines.clone(),
-        before: 0,
-    };
+    let mut line_of = LineOf { breaks, before: 0 };
     loop {
         match csv.read_byte_record(&mut record) {
             Ok(false) => break,
@@ -350,12 +379,13 @@ fn parse_csv<R: Read>(
         }
         let line = record.position().map_or(0, |p| line_of.at(p.byte()));
         lines += 1;
+        // A line of delimiters only (a spreadsheet's empty row, `,,,`) or
+        // of spaces is not data, whatever its number of fields.
+        if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
+            lines -= 1;
+            continue;
+        }
         if record.len() != cols.names.len() {
-            // A trailing delimiter-only line or a line of spaces is a typo, not data.
-            if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
-                lines -= 1;
-                continue;
-            }
             out(Item::Rejected(Rejected {
                 line,
                 column: None,
@@ -368,16 +398,22 @@ fn parse_csv<R: Read>(
             out(Item::LineDone)?;
             continue;
         }
-        let fields: Result<Vec<&str>, usize> = record
+        let fields: Result<Vec<&str>, (usize, &str)> = record
             .iter()
             .enumerate()
-            .map(|(i, f)| std::str::from_utf8(f).map(str::trim).map_err(|_| i))
+            .map(|(i, f)| {
+                // Postgres text cannot hold NUL: the row is refused here,
+                // not the whole file at COPY.
+                if f.contains(&0) {
+                    return Err((i, "contains a NUL byte"));
+                }
+                std::str::from_utf8(f)
+                    .map(str::trim)
+                    .map_err(|_| (i, "not UTF-8 text"))
+            })
             .collect();
         let result = match fields {
-            Err(i) => Err(vec![(
-                Some(cols.names[i].clone()),
-                "not UTF-8 text".to_string(),
-            )]),
+            Err((i, why)) => Err(vec![(Some(cols.names[i].clone()), why.to_string())]),
             Ok(f) => match shape {
                 Shape::Daily => daily_line(&cols, &f, line, decimal_comma).map(|r| vec![r]),
                 _ => monthly_line(&cols, &f, line, decimal_comma),
@@ -407,45 +443,77 @@ fn parse_csv<R: Read>(
     Ok(shape)
 }
 
+/// Where the line breaks are, shared by the reader that sees the bytes
+/// ([`Lf`]) and the parser that asks for line numbers ([`LineOf`]).
+#[derive(Default)]
+struct Breaks {
+    /// Runs of consecutive `\n` not yet behind the parser, as (offset of
+    /// the first, how many): a run of blank lines is one entry, so memory
+    /// stays small whatever a file holds between two records.
+    runs: std::collections::VecDeque<(u64, u64)>,
+    /// `\n` seen so far.
+    total: u64,
+    /// Bytes read since the parser last took a record, blank lines left
+    /// out: what the record being read holds in memory, give or take the
+    /// csv reader's buffer.
+    pending: u64,
+    /// Whether the last byte was a `\n` outside quotes, and whether the
+    /// reader is inside a quoted value (each `"` toggles it; an escaped
+    /// `""` toggles twice).
+    after_break: bool,
+    quoted: bool,
+}
+
+type SharedBreaks = std::rc::Rc<std::cell::RefCell<Breaks>>;
+
 /// Line numbers by byte offset: the csv reader's own count is off after a
 /// CRLF terminator or a blank line (it counts a terminator's `\n` only when
 /// it reads the next record), and line numbers are what a rejected row is
-/// reported by. `Lf` notes where every `\n` is; offsets behind the current
-/// record are dropped as it goes, so memory stays small.
+/// reported by. Offsets behind the current record are dropped as it goes.
 struct LineOf {
-    newlines: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<u64>>>,
+    breaks: SharedBreaks,
     /// Newlines before the last record asked about.
     before: u64,
 }
 
 impl LineOf {
     fn at(&mut self, byte: u64) -> u64 {
-        let mut q = self.newlines.borrow_mut();
-        while q.front().is_some_and(|&o| o < byte) {
-            q.pop_front();
-            self.before += 1;
+        let mut b = self.breaks.borrow_mut();
+        b.pending = 0;
+        while let Some(&(start, n)) = b.runs.front() {
+            if start + n <= byte {
+                b.runs.pop_front();
+                self.before += n;
+            } else if start < byte {
+                let behind = byte - start;
+                self.before += behind;
+                b.runs[0] = (byte, n - behind);
+            } else {
+                break;
+            }
         }
         // The reader places a record after blank lines at the first of
         // them: newlines right at its start are blank lines before it.
-        let mut next = byte;
-        while q.front() == Some(&next) {
-            q.pop_front();
-            self.before += 1;
-            next += 1;
+        if let Some(&(start, n)) = b.runs.front() {
+            if start == byte {
+                b.runs.pop_front();
+                self.before += n;
+            }
         }
         self.before + 1
     }
 }
 
 /// CRLF read as LF (a quoted value keeps its line break as `\n`), noting
-/// where each `\n` is for [`LineOf`].
+/// where each `\n` is for [`LineOf`], and refusing a line over
+/// MAX_LINE_BYTES before the csv reader holds it.
 struct Lf<R> {
     inner: R,
     /// A `\r` that ended the last read: dropped if a `\n` follows.
     held_cr: bool,
     /// Bytes handed out so far.
     offset: u64,
-    newlines: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<u64>>>,
+    breaks: SharedBreaks,
 }
 
 impl<R: Read> Read for Lf<R> {
@@ -478,11 +546,27 @@ impl<R: Read> Read for Lf<R> {
                 w -= 1;
             }
             if w > 0 {
-                let mut q = self.newlines.borrow_mut();
+                let mut br = self.breaks.borrow_mut();
                 for (i, b) in buf[..w].iter().enumerate() {
+                    let at = self.offset + i as u64;
+                    let blank = *b == b'\n' && br.after_break && !br.quoted;
                     if *b == b'\n' {
-                        q.push_back(self.offset + i as u64);
+                        br.total += 1;
+                        match br.runs.back_mut() {
+                            Some((s, n)) if *s + *n == at => *n += 1,
+                            _ => br.runs.push_back((at, 1)),
+                        }
+                    } else if *b == b'"' {
+                        br.quoted = !br.quoted;
                     }
+                    br.after_break = *b == b'\n' && !br.quoted;
+                    if !blank {
+                        br.pending += 1;
+                    }
+                }
+                if br.pending > MAX_LINE_BYTES {
+                    let line = br.total + 1;
+                    return Err(std::io::Error::other(LineTooLong(line)));
                 }
                 self.offset += w as u64;
                 return Ok(w);
@@ -514,7 +598,7 @@ fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<Stri
             _ => {
                 errors.push((
                     Some(cols.names[i].clone()),
-                    format!("{:?} is not a store id", f[i]),
+                    format!("{} is not a store id", shown(f[i])),
                 ));
                 return (None, None);
             }
@@ -548,11 +632,11 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
         && int.bytes().all(|b| b.is_ascii_digit())
         && frac.bytes().all(|b| b.is_ascii_digit());
     if !plain {
-        return Err(format!("{raw:?} is not a number"));
+        return Err(format!("{} is not a number", shown(raw)));
     }
     let value: f64 = text
         .parse()
-        .map_err(|_| format!("{raw:?} is not a number"))?;
+        .map_err(|_| format!("{} is not a number", shown(raw)))?;
     let name = METRIC_NAMES[k];
     // The rules of sales_core::daily, as the extension reports them.
     let errs = sales_core::daily::validate(2000, 1, &json!({"1": {name: value}}), "d");
@@ -566,7 +650,7 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
 }
 
 fn parse_date(raw: &str) -> Result<(i32, u32, u32), String> {
-    let bad = || format!("{raw:?} is not a date; use YYYY-MM-DD");
+    let bad = || format!("{} is not a date; use YYYY-MM-DD", shown(raw));
     let parts: Vec<&str> = raw.split('-').collect();
     if parts.len() != 3
         || parts[0].len() != 4
@@ -668,13 +752,13 @@ fn monthly_line(
             if y.is_err() {
                 errors.push((
                     Some(cols.names[yc].clone()),
-                    format!("{:?} is not a year", f[yc]),
+                    format!("{} is not a year", shown(f[yc])),
                 ));
             }
             if m.is_err() {
                 errors.push((
                     Some(cols.names[mc].clone()),
-                    format!("{:?} is not a month", f[mc]),
+                    format!("{} is not a month", shown(f[mc])),
                 ));
             }
             None
@@ -754,11 +838,17 @@ fn parse_ndjson<R: Read>(
     let mut n = 0u64;
     loop {
         buf.clear();
-        let got = reader.read_until(b'\n', &mut buf).map_err(read_error)?;
+        let got = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(read_error)?;
         if got == 0 {
             break;
         }
         n += 1;
+        if got as u64 > MAX_LINE_BYTES {
+            return Err(FileError::LineTooLong(n));
+        }
         let text = match std::str::from_utf8(&buf) {
             Ok(t) => t.trim().trim_start_matches('\u{feff}'),
             Err(_) => {
@@ -807,12 +897,26 @@ fn num_text(v: &Value) -> Option<String> {
 /// One NDJSON line: a sales record (`storeId` or `storeCode`, `year`,
 /// `month`, `dailyData`; an exported document's derived members are
 /// ignored) or a daily row (`storeCode`/`storeId`, `date`, metrics).
+/// Whether a string or a key anywhere in `v` holds NUL, which Postgres
+/// text cannot.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     let v: Value =
         serde_json::from_str(text).map_err(|e| vec![(None, format!("malformed JSON: {e}"))])?;
     let Some(obj) = v.as_object() else {
         return Err(vec![(None, "must be a JSON object".into())]);
     };
+    if holds_nul(&v) {
+        return Err(vec![(None, "holds a NUL character (\\u0000)".into())]);
+    }
     let mut errors: LineErrors = Vec::new();
     let get = |camel: &str| {
         obj.iter()
@@ -840,7 +944,11 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             .chain(DERIVED.iter())
             .any(|c| sales_core::record::spelled_as(k, c));
         if !known {
-            errors.push((Some(k.clone()), "unknown field".into()));
+            let name = match k.char_indices().nth(40) {
+                None => k.clone(),
+                Some((i, _)) => format!("{}...", &k[..i]),
+            };
+            errors.push((Some(name), "unknown field".into()));
         }
     }
     if let Some(date) = get("date") {
@@ -1099,5 +1207,102 @@ mod tests {
         assert_eq!(rows[1].sales.as_deref(), Some("10.25"));
         assert_eq!(bad[0].line, 2);
         assert_eq!(bad[1].column.as_deref(), Some("colour"));
+    }
+
+    /// Blank lines between records cost no memory (runs of line breaks are
+    /// noted as one entry), count for line numbers, and are not rows.
+    #[test]
+    fn blank_lines_are_counted_but_not_kept() {
+        let blank = 3_000_000;
+        let f = format!(
+            "store_code,date,sales\nS1,2024-01-01,5\n{}S2,2024-01-02,6\n\n",
+            "\n".repeat(blank)
+        );
+        let breaks = SharedBreaks::default();
+        let mut lf = Lf {
+            inner: f.as_bytes(),
+            held_cr: false,
+            offset: 0,
+            breaks: breaks.clone(),
+        };
+        let mut sink = Vec::new();
+        lf.read_to_end(&mut sink).unwrap();
+        assert_eq!(
+            breaks.borrow().runs.len(),
+            3,
+            "one run per stretch of breaks"
+        );
+        let (_, rows, bad, lines) = run(&f, Requested::Auto).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(lines, 2);
+        assert_eq!((rows[0].line, rows[1].line), (2, 3 + blank as u64));
+    }
+
+    /// A line longer than MAX_LINE_BYTES refuses the file before the reader
+    /// holds it, naming the line: unquoted, quoted (line breaks inside the
+    /// quotes count), or in NDJSON.
+    #[test]
+    fn an_overlong_line_refuses_the_file() {
+        // The csv reader reads ahead (8 KiB): a line is refused within that
+        // much of the limit.
+        let long = "9".repeat(MAX_LINE_BYTES as usize + 65_536);
+        let f = format!("store_code,date,sales\nS1,2024-01-01,5\nS1,2024-01-02,{long}\n");
+        let r = run(&f, Requested::Auto).map(|x| (x.0, x.2, x.3));
+        assert!(matches!(r, Err(FileError::LineTooLong(3))), "{r:?}");
+        let quoted = format!(
+            "store_code,date,sales\n\"S{}\",2024-01-01,5\n",
+            "\n".repeat(MAX_LINE_BYTES as usize + 65_536)
+        );
+        assert!(matches!(
+            run(&quoted, Requested::Auto),
+            Err(FileError::LineTooLong(_))
+        ));
+        let nd = format!("{{\"storeId\": 1, \"date\": \"2024-01-01\", \"sales\": {long}}}\n");
+        assert!(matches!(
+            run(&nd, Requested::Auto),
+            Err(FileError::LineTooLong(1))
+        ));
+        // Just under the limit is an ordinary (here: rejected) line.
+        let near = "x".repeat(MAX_LINE_BYTES as usize - 65_536);
+        let f = format!("store_code,date,sales\nS1,{near},5\n");
+        let (_, _, bad, _) = run(&f, Requested::Auto).unwrap();
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].reason.len() < 120,
+            "the field is cut short: {}",
+            bad[0].reason
+        );
+        assert!(bad[0].reason.contains("is not a date"), "{}", bad[0].reason);
+    }
+
+    /// A spreadsheet's empty rows (`,,,` with the header's field count) are
+    /// not data: neither rows nor rejected lines.
+    #[test]
+    fn empty_spreadsheet_rows_are_skipped() {
+        let f = "store_code,date,sales\r\nS1,2024-01-01,5\r\n,,\r\n , ,\r\n,,\r\n";
+        let (_, rows, bad, lines) = run(f, Requested::Auto).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!((rows.len(), lines), (1, 1));
+    }
+
+    /// NUL cannot go into Postgres text: the line holding it is a rejected
+    /// row (CSV: with its column), and the rest of the file goes on.
+    #[test]
+    fn a_nul_rejects_its_line_only() {
+        // Past the first 8 KiB (a NUL there marks the file binary).
+        let good = "S2,2024-01-02,6\n".repeat(600);
+        let f = format!("store_code,date,sales\n{good}S\u{0}1,2024-01-01,5\nS2,2024-01-02,6\n");
+        let (_, rows, bad, lines) = run(&f, Requested::Auto).unwrap();
+        assert_eq!((rows.len(), lines), (601, 602));
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].line, 602);
+        assert_eq!(bad[0].column.as_deref(), Some("store_code"));
+        assert_eq!(bad[0].reason, "contains a NUL byte");
+        let nd = "{\"storeCode\": \"S\\u0000\", \"date\": \"2024-01-01\", \"sales\": 5}\n\
+                  {\"storeCode\": \"S2\", \"date\": \"2024-01-01\", \"sales\": 5}\n";
+        let (_, rows, bad, _) = run(nd, Requested::Auto).unwrap();
+        assert_eq!((rows.len(), bad.len()), (1, 1));
+        assert_eq!(bad[0].line, 1);
+        assert!(bad[0].reason.contains("NUL"), "{}", bad[0].reason);
     }
 }
