@@ -644,6 +644,11 @@ async fn an_async_batch_answers_202_and_reports_through_the_job() {
     ]});
     let (status, body) = api.post("/api/v2/sales/batch?async=true", &bad).await;
     assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        (body["rowsRead"].as_i64(), body["rowsRejected"].as_i64()),
+        (Some(2), Some(1)),
+        "the record refused before queueing is counted: {body}"
+    );
     let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
     assert_eq!(doc["state"], "failed", "{doc}");
     assert_eq!(doc["result"]["failed"], 1);

@@ -259,3 +259,40 @@ async fn a_job_that_fails_for_good_announces_it_and_leaves_no_rows() {
     assert_eq!(events[0]["error"], "the merge failed");
     assert_eq!(events[0]["done"], true);
 }
+
+/// A job keeps at most ERRORS_KEPT rejected rows, counted in the table
+/// (a line can be rejected for several reasons), however they arrive.
+#[tokio::test]
+async fn rejected_rows_kept_stop_at_the_limit() {
+    let db = TestDb::new().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, params) VALUES ('import', '{}') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.connect().await;
+    for batch in 0..3i64 {
+        // 600 errors on 300 lines: two for each.
+        let errors: Vec<sales_server::jobs::parse::Rejected> = (0..600)
+            .map(|i| sales_server::jobs::parse::Rejected {
+                line: (batch * 300 + i / 2 + 2) as u64,
+                column: Some(if i % 2 == 0 { "date" } else { "sales" }.into()),
+                reason: "bad".into(),
+            })
+            .collect();
+        jobs::record_errors(&mut conn, id, &errors).await.unwrap();
+    }
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.job_errors WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, jobs::ERRORS_KEPT);
+    let last: i64 = sqlx::query_scalar("SELECT max(line) FROM jobs.job_errors WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(last, 2 + 300 + 199, "the first 1,000 as they came");
+}

@@ -514,7 +514,9 @@ impl SalesApi {
                     status_url: url.clone(),
                     format: None,
                     rows_read: n as i64,
-                    rows_rejected: 0,
+                    // Records already refused (bad values); the job's
+                    // status has their reasons. The merge may refuse more.
+                    rows_rejected: rejected.len() as i64,
                 }),
                 url,
             ));

@@ -29,7 +29,7 @@
 //! table exactly as the file wrote them.
 
 use super::parse::{self, FileError, Item, Rejected, Requested, Shape};
-use super::{Claimed, ERRORS_KEPT};
+use super::Claimed;
 use crate::state::AppState;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool, Row};
@@ -197,7 +197,6 @@ pub async fn stage<R: Read + Send + 'static>(
     let mut job: Option<i64> = None;
     let mut rows = 0u64;
     let mut rejected = 0u64;
-    let mut errors_kept = 0i64;
     let mut lines = 0u64;
     let result: Result<(), StageError> = async {
         // The upload's lease is renewed while the body keeps coming, however
@@ -234,8 +233,7 @@ pub async fn stage<R: Read + Send + 'static>(
                     renew_upload(&mut conn, id, req.lease).await?;
                 }
                 Msg::Rejected(errs) => {
-                    super::record_errors(&mut conn, id, errors_kept, &errs).await?;
-                    errors_kept += errs.len() as i64;
+                    super::record_errors(&mut conn, id, &errs).await?;
                 }
                 Msg::Lines(n, r) => {
                     lines = n;
@@ -735,13 +733,7 @@ async fn too_many_errors<F: FnMut(&Progress)>(
     let Some(mut p) = job_progress(&mut tx, l.job).await? else {
         return Ok(Ended::LostLease);
     };
-    super::record_errors(
-        &mut tx,
-        l.job.id,
-        p.rows_rejected.min(ERRORS_KEPT),
-        &rejected,
-    )
-    .await?;
+    super::record_errors(&mut tx, l.job.id, &rejected).await?;
     p.rows_rejected += distinct_lines(&rejected);
     let why = format!(
         "{} rejected rows, more than the {} allowed (maxErrors); \
@@ -1038,13 +1030,7 @@ async fn chunks<F: FnMut(&Progress)>(
                 last: chunk_last,
             });
         }
-        super::record_errors(
-            &mut tx,
-            job.id,
-            (t.3 - new_rejected).min(ERRORS_KEPT),
-            &rejected,
-        )
-        .await?;
+        super::record_errors(&mut tx, job.id, &rejected).await?;
         let p = Progress {
             rows_read: t.0,
             last_line: t.1,

@@ -208,29 +208,30 @@ pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Inserts rejected rows, keeping at most ERRORS_KEPT per job.
+/// Inserts rejected rows, keeping at most ERRORS_KEPT per job (counted in
+/// the table: a line can have several).
 pub async fn record_errors(
     conn: &mut PgConnection,
     job: i64,
-    already: i64,
     errors: &[parse::Rejected],
 ) -> Result<(), sqlx::Error> {
-    let room = (ERRORS_KEPT - already).max(0) as usize;
-    if room == 0 || errors.is_empty() {
+    if errors.is_empty() {
         return Ok(());
     }
-    let take = &errors[..errors.len().min(room)];
+    let take = &errors[..errors.len().min(ERRORS_KEPT as usize)];
     let lines: Vec<i64> = take.iter().map(|e| e.line as i64).collect();
     let cols: Vec<Option<String>> = take.iter().map(|e| e.column.clone()).collect();
     let reasons: Vec<String> = take.iter().map(|e| e.reason.clone()).collect();
     sqlx::query(
         "INSERT INTO jobs.job_errors (job_id, line, col, reason)
-         SELECT $1, l, c, r FROM unnest($2::bigint[], $3::text[], $4::text[]) AS t(l, c, r)",
+         SELECT $1, l, c, r FROM unnest($2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY AS t(l, c, r, i)
+         WHERE i <= $5 - (SELECT count(*) FROM jobs.job_errors WHERE job_id = $1)",
     )
     .bind(job)
     .bind(&lines)
     .bind(&cols)
     .bind(&reasons)
+    .bind(ERRORS_KEPT)
     .execute(&mut *conn)
     .await?;
     Ok(())
