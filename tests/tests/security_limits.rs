@@ -7,6 +7,39 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// An `Upgrade` header does not take a request past BODY_LIMIT: only the
+/// WebSocket endpoint's GET upgrades, and every other request's body is
+/// read within the limit (here refused by its Content-Length at once).
+#[tokio::test]
+async fn an_upgrade_header_does_not_lift_the_body_limit() {
+    let db = TestDb::new().await;
+    let server = db.server(&[("BODY_LIMIT", "1048576")]).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v2/auth/login HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Upgrade: x\r\nConnection: upgrade\r\nContent-Length: {}\r\n\r\n{{\"email\": \"a@b.c\", \"password\": \"",
+        server.addr,
+        8 << 20
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer without the whole body");
+    let status = String::from_utf8_lossy(&got);
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    server.stop().await;
+}
+
 /// Item 1: over h2c (HTTP/2 with prior knowledge, no Content-Length) a body
 /// above BODY_LIMIT is refused while it is read: 413, not a 401 after
 /// reading all of it.

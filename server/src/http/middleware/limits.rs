@@ -233,8 +233,11 @@ pub async fn with_limits<E: Endpoint>(
     if let Err(e) = check_query(&req, &routes) {
         return Ok(e.into_response());
     }
-    if req.headers().contains_key(header::UPGRADE) || crate::http::imports::streams_body(&req) {
-        // An import counts its body against IMPORT_MAX_BYTES as it streams.
+    let upgrade = is_ws && req.method() == poem::http::Method::GET;
+    if upgrade || crate::http::imports::streams_body(&req) {
+        // A WebSocket upgrade has no body to read; an import counts its body
+        // against IMPORT_MAX_BYTES as it streams. Everything else, whatever
+        // its headers, is read within BODY_LIMIT.
         return ep.call(req).await.map(IntoResponse::into_response);
     }
     let limit = state.config.body_limit;
