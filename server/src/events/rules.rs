@@ -52,16 +52,19 @@ impl Event {
                     return vec![];
                 };
                 let mut out = vec![(Channel(self::Channel::Sales(s)), Variant::Full)];
+                // Whole-chain and region followers, each token its stores.
+                out.push((ChannelInScope(self::Channel::AllStores, s), Variant::Full));
+                if let Some(r) = self.region {
+                    out.push((ChannelInScope(self::Channel::Region(r), s), Variant::Full));
+                }
+                // Last: a follower of the old store that also sees the row
+                // where it is now (its new store, the whole chain, its
+                // region) gets the row, not its deletion.
                 if let Some(old) = self.moved_from().filter(|o| o.store_id != s) {
                     out.push((
                         Channel(self::Channel::Sales(old.store_id)),
                         Variant::MovedAway,
                     ));
-                }
-                // Whole-chain and region followers, each token its stores.
-                out.push((ChannelInScope(self::Channel::AllStores, s), Variant::Full));
-                if let Some(r) = self.region {
-                    out.push((ChannelInScope(self::Channel::Region(r), s), Variant::Full));
                 }
                 out
             }

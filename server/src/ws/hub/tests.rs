@@ -225,3 +225,38 @@ fn a_moved_row_reaches_its_old_store_as_a_deletion() {
     assert_eq!(frame(&both)["event"], "sales-data-updated");
     assert_eq!(h.queued(&both).len(), 1);
 }
+
+/// A follower of the old store that sees the row's new store through the
+/// whole chain gets the row where it is now, not its deletion.
+#[test]
+fn a_moved_row_reaches_a_chain_follower_of_its_old_store_in_full() {
+    let h = hub(16);
+    let admin = h.register(principal(1, Role::Admin, &[])).unwrap();
+    let manager = h.register(principal(2, Role::Staff, &[2, 3])).unwrap();
+    let old_only = h.register(principal(3, Role::Staff, &[2])).unwrap();
+    for c in [&admin, &manager, &old_only] {
+        h.subscribe(c, Channel::Sales(2)).unwrap();
+        h.subscribe(c, Channel::AllStores).unwrap();
+    }
+    let mut e = event(1, "sales-data-updated", Some(3), None);
+    e.payload = crate::events::model::Payload::from_value(
+        &json!({"year": 2025, "month": 1, "totalSales": 5, "previousStoreId": 2}),
+    );
+    h.dispatch(&e);
+    let frames = |c: &Conn| -> Vec<Value> {
+        h.queued(c)
+            .iter()
+            .map(|f| serde_json::from_str(f).unwrap())
+            .collect()
+    };
+    for c in [&admin, &manager] {
+        let f = frames(c);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0]["event"], "sales-data-updated", "{f:?}");
+        assert_eq!(f[0]["data"]["storeId"], 3);
+    }
+    // Store 3 is outside this one's scope: it sees the row leave.
+    let f = frames(&old_only);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0]["event"], "sales-data-deleted");
+}
