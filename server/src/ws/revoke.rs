@@ -24,14 +24,19 @@ impl Revoking {
     /// every instance calls it again when the event arrives (idempotent).
     pub fn apply(&self, change: &Change) {
         self.access.apply(change);
-        let access = &self.access;
-        self.hub.close_user(change.user_id(), |p| {
-            access
-                .check_token(p)
-                .err()
-                .map(|why| (why.close_code(), why.message()))
-        });
+        close_if_revoked(&self.hub, &self.access, change.user_id());
     }
+}
+
+/// Closes the user's connections whose token `access` now refuses, each
+/// with the code that says why. Returns how many it closed.
+pub fn close_if_revoked(hub: &Hub, access: &Revocations, user: i64) -> usize {
+    hub.close_user(user, |p| {
+        access
+            .check_token(p)
+            .err()
+            .map(|why| (why.close_code(), why.message()))
+    })
 }
 
 impl Sink for Revoking {

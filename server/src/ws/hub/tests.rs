@@ -260,3 +260,26 @@ fn a_moved_row_reaches_a_chain_follower_of_its_old_store_in_full() {
     assert_eq!(f.len(), 1, "{f:?}");
     assert_eq!(f[0]["event"], "sales-data-deleted");
 }
+
+/// What a new connection's registration checks (see `session::serve`): a
+/// revocation applied before the connection was registered, which closed
+/// nothing then, closes it now with its code.
+#[test]
+fn a_revocation_applied_before_registration_closes_the_connection() {
+    let h = hub(16);
+    let access = crate::access::Revocations::default();
+    access.apply(&crate::access::Change::Deleted {
+        id: 7,
+        until: i64::MAX,
+    });
+    let late = h.register(principal(7, Role::Staff, &[1])).unwrap();
+    let other = h.register(principal(8, Role::Staff, &[1])).unwrap();
+    assert_eq!(late.close_requested(), None);
+    assert_eq!(crate::ws::revoke::close_if_revoked(&h, &access, 7), 1);
+    assert_eq!(
+        late.close_requested().map(|c| c.0),
+        Some(crate::access::Revoked::Deleted.close_code())
+    );
+    assert_eq!(crate::ws::revoke::close_if_revoked(&h, &access, 8), 0);
+    assert_eq!(other.close_requested(), None);
+}
