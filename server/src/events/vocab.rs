@@ -105,7 +105,9 @@ pub enum Channel {
 /// A region name as a channel key, interned so that a channel stays a small
 /// `Copy` value. The table only grows (region names are few); past
 /// [`RegionKey::MAX`] names no new one is taken, and such a region has no
-/// channel.
+/// channel. Names the database gives (a store's region, on an event) are
+/// always taken; names a client sends only up to [`RegionKey::CLIENT_MAX`]
+/// of them, so clients naming made-up regions cannot fill the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionKey(u32);
 
@@ -113,6 +115,26 @@ pub struct RegionKey(u32);
 struct Regions {
     ids: std::collections::HashMap<String, u32>,
     names: Vec<String>,
+    /// Names taken from clients before the database named them.
+    from_clients: usize,
+}
+
+impl Regions {
+    fn take(&mut self, name: &str, client: bool) -> Option<u32> {
+        if let Some(&id) = self.ids.get(name) {
+            return Some(id);
+        }
+        if self.names.len() >= RegionKey::MAX
+            || (client && self.from_clients >= RegionKey::CLIENT_MAX)
+        {
+            return None;
+        }
+        self.from_clients += usize::from(client);
+        let id = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), id);
+        Some(id)
+    }
 }
 
 fn regions() -> &'static std::sync::RwLock<Regions> {
@@ -122,9 +144,21 @@ fn regions() -> &'static std::sync::RwLock<Regions> {
 
 impl RegionKey {
     pub const MAX: usize = 100_000;
+    pub const CLIENT_MAX: usize = 1_000;
 
-    /// The key of a region name (1..=100 characters, as `sales.stores` allows).
+    /// The key of a region name the database gave (1..=100 characters, as
+    /// `sales.stores` allows).
     pub fn of(name: &str) -> Option<RegionKey> {
+        Self::intern(name, false)
+    }
+
+    /// The key of a region name a client sent: a known name, or a new one
+    /// while fewer than CLIENT_MAX names came from clients.
+    pub fn named_by_client(name: &str) -> Option<RegionKey> {
+        Self::intern(name, true)
+    }
+
+    fn intern(name: &str, client: bool) -> Option<RegionKey> {
         if name.is_empty() || name.chars().count() > 100 {
             return None;
         }
@@ -136,17 +170,11 @@ impl RegionKey {
         {
             return Some(RegionKey(id));
         }
-        let mut r = regions().write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&id) = r.ids.get(name) {
-            return Some(RegionKey(id));
-        }
-        if r.names.len() >= Self::MAX {
-            return None;
-        }
-        let id = r.names.len() as u32;
-        r.names.push(name.to_string());
-        r.ids.insert(name.to_string(), id);
-        Some(RegionKey(id))
+        regions()
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(name, client)
+            .map(RegionKey)
     }
 
     pub fn name(self) -> String {
@@ -171,6 +199,7 @@ pub const IMPLICIT: &[&str] = &[
 ];
 
 impl Channel {
+    /// A channel a client named.
     pub fn parse(name: &str) -> Option<Channel> {
         match name {
             "stores" => Some(Channel::Stores),
@@ -179,7 +208,7 @@ impl Channel {
             "admin" => Some(Channel::Admin),
             "all-stores" => Some(Channel::AllStores),
             _ if name.starts_with("region-") => {
-                RegionKey::of(&name["region-".len()..]).map(Channel::Region)
+                RegionKey::named_by_client(&name["region-".len()..]).map(Channel::Region)
             }
             _ => {
                 let id = name.strip_prefix("sales-data-")?;
@@ -269,5 +298,20 @@ mod tests {
         assert_ne!(Channel::parse("region-South"), Some(north));
         assert_eq!(Channel::parse("region-"), None);
         assert_eq!(Channel::parse(&format!("region-{}", "x".repeat(101))), None);
+    }
+
+    /// Clients naming made-up regions fill only their share of the table:
+    /// past it a new name from a client is refused, while the database's
+    /// names are still taken, and then known to clients too.
+    #[test]
+    fn clients_cannot_fill_the_region_table() {
+        let mut r = Regions::default();
+        for i in 0..RegionKey::CLIENT_MAX {
+            assert!(r.take(&format!("made-up-{i}"), true).is_some());
+        }
+        assert_eq!(r.take("made-up-more", true), None);
+        assert_eq!(r.take("made-up-7", true), Some(7), "a known name");
+        let real = r.take("North", false).expect("the database's name");
+        assert_eq!(r.take("North", true), Some(real));
     }
 }
