@@ -285,20 +285,33 @@ impl Payload {
     /// From JSON text (Postgres's `jsonb` output, with its spaces).
     pub fn from_json(text: &str) -> Result<Payload, serde_json::Error> {
         let text = compact(text);
+        // A document nested deeper than the parser goes (128 levels; jsonb
+        // allows more) is still the event's payload: it is sent as it is,
+        // with none of its members read, rather than stopping the relay at
+        // this event.
+        let too_deep =
+            |e: &serde_json::Error| e.to_string().starts_with("recursion limit exceeded");
         let keys = match text.as_bytes().first() {
             Some(b'{') => {
                 let mut de = serde_json::Deserializer::from_str(&text);
-                let keys = serde::Deserializer::deserialize_map(&mut de, KeysVisitor)?;
-                de.end()?;
-                keys
+                match serde::Deserializer::deserialize_map(&mut de, KeysVisitor)
+                    .and_then(|keys| de.end().map(|()| keys))
+                {
+                    Ok(keys) => keys,
+                    Err(e) if too_deep(&e) => PayloadKeys {
+                        shape: Shape::Object,
+                        ..PayloadKeys::default()
+                    },
+                    Err(e) => return Err(e),
+                }
             }
             _ => {
                 // Checks the text is one JSON value.
-                let v: &serde_json::value::RawValue = serde_json::from_str(&text)?;
-                let shape = if v.get() == "null" {
-                    Shape::Null
-                } else {
-                    Shape::Other
+                let shape = match serde_json::from_str::<&serde_json::value::RawValue>(&text) {
+                    Ok(v) if v.get() == "null" => Shape::Null,
+                    Ok(_) => Shape::Other,
+                    Err(e) if too_deep(&e) => Shape::Other,
+                    Err(e) => return Err(e),
                 };
                 PayloadKeys {
                     shape,
@@ -586,6 +599,18 @@ mod tests {
                 assert_eq!(e.payload.value(), parsed);
             }
         }
+        // Nested past the parser's depth (jsonb allows it): kept as text,
+        // no member read, so the relay goes on past such an event.
+        let deep = format!(
+            "{{\"year\": 2024, \"month\": {}1{}}}",
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        let p = Payload::from_json(&deep).expect("a deep document is still a payload");
+        assert_eq!(p.text(), deep.replace(' ', ""));
+        assert_eq!(p.keys().year, None);
+        let deep_array = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        assert!(Payload::from_json(&deep_array).is_ok());
         assert!(Payload::from_json("{").is_err());
         assert!(Payload::from_json("{} x").is_err());
         assert!(Payload::from_json("").is_err());
