@@ -296,3 +296,87 @@ async fn rejected_rows_kept_stop_at_the_limit() {
         .unwrap();
     assert_eq!(last, 2 + 300 + 199, "the first 1,000 as they came");
 }
+
+async fn take(conn: &mut sqlx::PgConnection) -> jobs::Claimed {
+    jobs::claim(conn, "w", Duration::from_secs(60), None)
+        .await
+        .unwrap()
+        .expect("a job")
+}
+
+/// A job runs with the scope it was queued with, narrowed to its user's
+/// stores as they are when it is taken; a job whose user was disabled or
+/// deleted since is taken only to be failed.
+#[tokio::test]
+async fn a_job_runs_with_its_users_current_scope() {
+    let db = TestDb::new().await;
+    let user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, password_hash, role, store_ids)
+         VALUES ('m@x.test', '$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA', 'manager', '{1,2,3}') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let queue = || async {
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO jobs.jobs (kind, params, input, user_id, scope)
+             VALUES ('batch', '{}', '{\"records\": []}', $1, '{1,2}') RETURNING id",
+        )
+        .bind(user)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let mut conn = db.connect().await;
+    // An admin's job keeps the scope it was queued with (none: every store).
+    let admin: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, password_hash, role)
+         VALUES ('a@x.test', '$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA', 'admin') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs.jobs (kind, params, input, user_id) VALUES ('batch', '{}', '{\"records\": []}', $1)",
+    )
+    .bind(admin)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let j = take(&mut conn).await;
+    assert_eq!((j.scope.clone(), j.user_gone), (None, false));
+    queue().await;
+    let j = take(&mut conn).await;
+    assert_eq!((j.scope.clone(), j.user_gone), (Some(vec![1, 2]), false));
+    // The manager loses store 1: a job queued before runs without it.
+    sqlx::query("UPDATE sales.users SET store_ids = '{2,3}' WHERE id = $1")
+        .bind(user)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    queue().await;
+    let j = take(&mut conn).await;
+    assert_eq!((j.scope.clone(), j.user_gone), (Some(vec![2]), false));
+    // Disabled: not run.
+    sqlx::query(
+        "INSERT INTO auth.user_state (user_id, disabled) VALUES ($1, true)
+         ON CONFLICT (user_id) DO UPDATE SET disabled = true",
+    )
+    .bind(user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    queue().await;
+    let j = take(&mut conn).await;
+    assert!(j.user_gone);
+    // Deleted: not run, and no scope left to run with.
+    let id = queue().await;
+    sqlx::query("DELETE FROM sales.users WHERE id = $1")
+        .bind(user)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let j = take(&mut conn).await;
+    assert_eq!(j.id, id);
+    assert_eq!((j.scope.clone(), j.user_gone), (Some(vec![]), true));
+}

@@ -47,6 +47,9 @@ pub struct Claimed {
     pub scope: Option<Vec<i64>>,
     pub params: Value,
     pub attempts: i32,
+    /// The user who queued the job was deleted or disabled since: the job
+    /// must not run (see [`claim`]).
+    pub user_gone: bool,
 }
 
 /// Takes the oldest runnable job (or job `only`), on the connection that
@@ -85,7 +88,22 @@ pub async fn claim(
              started_at = coalesce(j.started_at, now()),
              updated_at = now()
          FROM c WHERE j.id = c.id
-         RETURNING j.id, j.kind, j.lease_token::text, j.user_id, j.scope, j.params, j.attempts",
+         RETURNING j.id, j.kind, j.lease_token::text, j.user_id,
+             -- The scope is the one the job was queued with, narrowed to
+             -- the user's stores as they are now (an admin's is unchanged);
+             -- a user no longer there has none.
+             CASE WHEN j.user_id IS NULL THEN j.scope
+                  WHEN NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = j.user_id) THEN '{}'
+                  ELSE (SELECT CASE WHEN u.role = 'admin' THEN j.scope
+                                    WHEN j.scope IS NULL THEN u.store_ids
+                                    ELSE ARRAY(SELECT x FROM unnest(j.scope) x
+                                               WHERE x = ANY (u.store_ids) ORDER BY x) END
+                        FROM sales.users u WHERE u.id = j.user_id)
+             END,
+             j.params, j.attempts,
+             j.user_id IS NOT NULL AND NOT EXISTS (
+                 SELECT 1 FROM sales.users u LEFT JOIN auth.user_state st ON st.user_id = u.id
+                 WHERE u.id = j.user_id AND NOT coalesce(st.disabled, false))",
     )
     .bind(lease.as_millis() as i64)
     .bind(worker)
@@ -100,6 +118,7 @@ pub async fn claim(
         scope: r.get(4),
         params: r.get(5),
         attempts: r.get(6),
+        user_gone: r.get(7),
     }))
 }
 
@@ -109,6 +128,21 @@ pub async fn claim(
 /// error) goes out in the same transaction, and its staged rows are
 /// removed.
 pub async fn release(pool: &PgPool, job: &Claimed, error: Option<&str>) -> Result<(), sqlx::Error> {
+    release_with(pool, job, error, MAX_ATTEMPTS).await
+}
+
+/// Fails a job for good with `error`, as [`release`] does after the last
+/// attempt.
+pub async fn fail(pool: &PgPool, job: &Claimed, error: &str) -> Result<(), sqlx::Error> {
+    release_with(pool, job, Some(error), 0).await
+}
+
+async fn release_with(
+    pool: &PgPool,
+    job: &Claimed,
+    error: Option<&str>,
+    max_attempts: i32,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let failed: Option<Value> = sqlx::query_scalar(
         "UPDATE jobs.jobs
@@ -125,7 +159,7 @@ pub async fn release(pool: &PgPool, job: &Claimed, error: Option<&str>) -> Resul
     .bind(job.id)
     .bind(&job.token)
     .bind(error)
-    .bind(MAX_ATTEMPTS)
+    .bind(max_attempts)
     .fetch_optional(&mut *tx)
     .await?
     .flatten();

@@ -113,6 +113,20 @@ async fn once(
     let Some(job) = super::claim(&mut conn, name, lease, None).await? else {
         return Ok(false);
     };
+    if job.user_gone {
+        tracing::info!(
+            job = job.id,
+            "job not run: its user was deleted or disabled"
+        );
+        drop(conn);
+        super::fail(
+            &state.pool,
+            &job,
+            "the user who queued this job was deleted or disabled",
+        )
+        .await?;
+        return Ok(true);
+    }
     tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, worker = name, "job started");
     let outcome = run_claimed(&mut conn, state, &job, stop).await;
     match outcome {
