@@ -511,3 +511,41 @@ async fn redis_outage_and_recovery() {
     .await;
     server.stop().await;
 }
+
+/// A list filtered by region depends on the stores' regions: a store
+/// moved to another region leaves the cached page at once.
+#[tokio::test]
+async fn a_region_filtered_page_follows_its_stores_region() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let s = stores[0];
+    let region: String = sqlx::query_scalar("SELECT region FROM sales.stores WHERE id = $1")
+        .bind(s)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let path =
+        format!("/api/v2/sales?storeId={s}&year=2024&month=1&region={region}&fields=totalSales");
+    warm(&admin, &path).await;
+    let (_, body) = admin.get(&path).await;
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(1), "{body}");
+    sqlx::query("UPDATE sales.stores SET region = region || '-moved' WHERE id = $1")
+        .bind(s)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the page without the moved store",
+        || async {
+            let (_, b) = admin.get(&path).await;
+            (b["data"].as_array().map(Vec::len) == Some(0)).then_some(())
+        },
+    )
+    .await;
+    server.stop().await;
+}

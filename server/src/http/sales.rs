@@ -142,12 +142,15 @@ impl SalesApi {
             None => None,
         };
 
+        // A region filter reads the stores' regions, as a projection of
+        // store fields reads the stores: either way the page depends on
+        // the store documents.
         let tags = sales_tags(
             filter.store_ids.as_deref(),
             filter.year,
             filter.month,
             &auth.0,
-            projection.needs_store(),
+            projection.needs_store() || filter.region.is_some(),
         );
         let include_meta = include_metadata.0.unwrap_or(true);
         let query = ListQuery {
