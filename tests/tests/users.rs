@@ -947,6 +947,23 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
         "staff of the manager's store"
     );
     assert_eq!(w.other_manager.get(&history).await.0, 403);
+    // Given a store outside the manager's, the staff member's history shows
+    // the manager only the stores both share, as their document does.
+    let (a, c) = (w.stores[0], w.stores[2]);
+    patch(&w.admin, &staff_path, json!({"stores": [a, c]})).await;
+    let (_, full) = w.admin.get(&history).await;
+    assert_eq!(full["data"][0]["data"]["stores"], json!([a, c]), "{full}");
+    let (st, mine) = w.manager.get(&history).await;
+    assert_eq!(st, 200, "{mine}");
+    assert_eq!(mine["data"][0]["data"]["stores"], json!([a]), "{mine}");
+    for e in mine["data"].as_array().unwrap() {
+        assert!(
+            !e["data"]["stores"]
+                .as_array()
+                .is_some_and(|s| s.contains(&json!(c))),
+            "{e}"
+        );
+    }
     w.server.stop().await;
 }
 

@@ -276,10 +276,20 @@ impl UsersApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
     ) -> ApiResult<HistoryResponse> {
+        let who = auth.0.clone();
         self.get_one(auth, Path(id.0)).await?;
         let (pool, limit) = (&self.state.pool, limit.0.unwrap_or(100));
-        let data =
+        let mut data =
             crate::db::retry("users_history", true, || users::history(pool, id.0, limit)).await?;
+        // As in the user's document: a scoped viewer sees another user's
+        // stores only where they overlap its own.
+        if who.scope().is_some() && who.user_id != id.0 {
+            for entry in &mut data {
+                if let Some(stores) = entry["data"]["stores"].as_array_mut() {
+                    stores.retain(|s| s.as_i64().is_some_and(|s| who.stores.contains(&s)));
+                }
+            }
+        }
         Ok(HistoryResponse::Ok(Json(UserHistory { data })))
     }
 
