@@ -100,6 +100,10 @@ struct ConnState {
     /// Last event id queued, so an event reaching a connection through two
     /// channels is sent once.
     last_event_id: i64,
+    /// Where the client's last resume left it: live events at or before it
+    /// are ones it already has (it resumed from a position this instance's
+    /// relay had not reached yet).
+    floor: Option<Pos>,
     replay_waiting: bool,
 }
 
@@ -433,6 +437,11 @@ impl Hub {
         let mut st = conn.lock();
         if st.close.is_some() {
             return Pushed::Skipped;
+        }
+        if let (Some(p), Some(floor)) = (pos, st.floor) {
+            if p <= floor {
+                return Pushed::Skipped;
+            }
         }
         if id != 0 {
             if st.last_event_id == id {

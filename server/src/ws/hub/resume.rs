@@ -152,6 +152,12 @@ impl Hub {
             return;
         }
         st.queue.push_back(Message::Text(Utf8Bytes::from(ack)));
+        // Everything up to the seam is the client's: a seam beyond this
+        // instance's relay (a resume from another instance's position)
+        // keeps those events from arriving live a second time.
+        if snap.upto < seam {
+            st.floor = Some(st.floor.map_or(seam, |f| f.max(seam)));
+        }
         for (pos, msg) in held {
             if pos.is_some_and(|p| p <= seam) {
                 continue;

@@ -164,6 +164,32 @@ fn resume_skips_what_was_live_and_holds_back_new_events() {
         .is_none());
 }
 
+/// A client resuming from a position this instance's relay has not
+/// reached yet (it came from an instance further ahead) already has the
+/// events up to it: they do not arrive live a second time.
+#[test]
+fn a_resume_from_ahead_of_the_relay_is_not_delivered_twice() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 1000, id: 0 });
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.dispatch(&event(2, "sales-data-created", Some(1), None));
+    let (snap, _) = h.begin_resume(&c, &[]).unwrap();
+    assert_eq!(snap.upto.id, 2);
+    let from = event(4, "sales-data-updated", Some(1), None).pos();
+    h.finish_resume(
+        &c,
+        &snap,
+        from.max(snap.upto),
+        Some(from),
+        protocol::resumed(0, 1, 4),
+    );
+    for id in 3..=5 {
+        h.dispatch(&event(id, "sales-data-updated", Some(1), None));
+    }
+    assert_eq!(ids(&h, &c), vec![2, 5]);
+}
+
 #[test]
 fn heartbeat_closes_after_two_missed_pongs() {
     let h = hub(16);
