@@ -226,11 +226,12 @@ mod tests {
             moved.deliveries(),
             vec![
                 (Recipient::Channel(Channel::Sales(3)), Variant::Full),
-                (Recipient::Channel(Channel::Sales(2)), Variant::MovedAway),
                 (
                     Recipient::ChannelInScope(Channel::AllStores, 3),
                     Variant::Full
                 ),
+                // Last: a connection reached by a full delivery too gets that.
+                (Recipient::Channel(Channel::Sales(2)), Variant::MovedAway),
             ]
         );
         // With its store's region: that region's followers too.
