@@ -1138,3 +1138,47 @@ async fn a_slow_upload_keeps_its_lease() {
     );
     server.stop().await;
 }
+
+/// A job whose user was disabled after queueing it is failed by the worker
+/// that takes it, not run: a real server's worker, a queued batch.
+#[tokio::test]
+async fn a_job_of_a_disabled_user_is_failed_not_run() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, admin_token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&admin_token));
+    let (manager, _) = user_token(&db, &server, "m@x.test", "manager", &stores).await;
+    sqlx::query(
+        "INSERT INTO auth.user_state (user_id, disabled) VALUES ($1, true)
+         ON CONFLICT (user_id) DO UPDATE SET disabled = true",
+    )
+    .bind(manager)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // As an async batch leaves it (one record, kept), queued for the worker.
+    let record = sales_e2e::month(stores[0], 2024, 5, 3, 10.0);
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, user_id, scope, params, input)
+         VALUES ('batch', 'queued', $1, $2, '{}', jsonb_build_object('records', jsonb_build_array($3::jsonb),
+                 'kept', '[0]'::jsonb, 'rejected', '[]'::jsonb, 'total', 1)) RETURNING id",
+    )
+    .bind(manager)
+    .bind(&stores)
+    .bind(&record)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let doc = wait_job(&admin, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    assert_eq!(
+        doc["lastError"], "the user who queued this job was deleted or disabled",
+        "{doc}"
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
+    server.stop().await;
+}

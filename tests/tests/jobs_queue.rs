@@ -228,10 +228,7 @@ async fn a_job_that_fails_for_good_announces_it_and_leaves_no_rows() {
     };
     let mut conn = db.connect().await;
     for attempt in 1..jobs::MAX_ATTEMPTS {
-        let job = jobs::claim(&mut conn, "w", Duration::from_secs(60), None)
-            .await
-            .unwrap()
-            .expect("the job, queued again");
+        let job = take(&mut conn).await;
         assert_eq!(job.attempts, attempt);
         jobs::release(&db.pool, &job, Some("the merge failed"))
             .await
@@ -239,10 +236,7 @@ async fn a_job_that_fails_for_good_announces_it_and_leaves_no_rows() {
         assert_eq!(staged().await, 2, "kept for the next attempt");
         assert!(announced().await.is_empty());
     }
-    let job = jobs::claim(&mut conn, "w", Duration::from_secs(60), None)
-        .await
-        .unwrap()
-        .expect("the last attempt");
+    let job = take(&mut conn).await;
     jobs::release(&db.pool, &job, Some("the merge failed"))
         .await
         .unwrap();

@@ -53,17 +53,19 @@ pub struct UserDoc {
     pub updated_at: String,
 }
 
+/// Whether `viewer` is shown store `store` among user `user`'s stores: an
+/// admin sees all, a user their own, anyone else only the stores it shares.
+fn shows_store(viewer: &Principal, user: i64, store: i64) -> bool {
+    viewer.is_admin() || viewer.user_id == user || viewer.stores.contains(&store)
+}
+
 fn doc(u: &User, viewer: &Principal) -> UserDoc {
-    let stores = match viewer.scope() {
-        None => u.stores.clone(),
-        Some(_) if viewer.user_id == u.id => u.stores.clone(),
-        Some(_) => u
-            .stores
-            .iter()
-            .copied()
-            .filter(|s| viewer.stores.contains(s))
-            .collect(),
-    };
+    let stores = u
+        .stores
+        .iter()
+        .copied()
+        .filter(|&s| shows_store(viewer, u.id, s))
+        .collect();
     UserDoc {
         id: u.id,
         email: u.email.clone(),
@@ -281,13 +283,10 @@ impl UsersApi {
         let (pool, limit) = (&self.state.pool, limit.0.unwrap_or(100));
         let mut data =
             crate::db::retry("users_history", true, || users::history(pool, id.0, limit)).await?;
-        // As in the user's document: a scoped viewer sees another user's
-        // stores only where they overlap its own.
-        if who.scope().is_some() && who.user_id != id.0 {
-            for entry in &mut data {
-                if let Some(stores) = entry["data"]["stores"].as_array_mut() {
-                    stores.retain(|s| s.as_i64().is_some_and(|s| who.stores.contains(&s)));
-                }
+        // The stores in each change as the user's document shows them.
+        for entry in &mut data {
+            if let Some(stores) = entry["data"]["stores"].as_array_mut() {
+                stores.retain(|s| s.as_i64().is_some_and(|s| shows_store(&who, id.0, s)));
             }
         }
         Ok(HistoryResponse::Ok(Json(UserHistory { data })))

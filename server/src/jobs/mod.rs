@@ -62,7 +62,7 @@ pub async fn claim(
 ) -> Result<Option<Claimed>, sqlx::Error> {
     let row = sqlx::query(
         "WITH c AS (
-             SELECT j.id FROM jobs.jobs j
+             SELECT j.id, j.user_id FROM jobs.jobs j
              WHERE j.state IN ('queued', 'running')
                AND ($3::bigint IS NULL OR j.id = $3)
                AND (j.state = 'queued'
@@ -87,23 +87,21 @@ pub async fn claim(
                                      WHERE pid = pg_backend_pid()),
              started_at = coalesce(j.started_at, now()),
              updated_at = now()
-         FROM c WHERE j.id = c.id
+         FROM c LEFT JOIN sales.users u ON u.id = c.user_id
+                LEFT JOIN auth.user_state st ON st.user_id = u.id
+         WHERE j.id = c.id
          RETURNING j.id, j.kind, j.lease_token::text, j.user_id,
              -- The scope is the one the job was queued with, narrowed to
              -- the user's stores as they are now (an admin's is unchanged);
              -- a user no longer there has none.
              CASE WHEN j.user_id IS NULL THEN j.scope
-                  WHEN NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = j.user_id) THEN '{}'
-                  ELSE (SELECT CASE WHEN u.role = 'admin' THEN j.scope
-                                    WHEN j.scope IS NULL THEN u.store_ids
-                                    ELSE ARRAY(SELECT x FROM unnest(j.scope) x
-                                               WHERE x = ANY (u.store_ids) ORDER BY x) END
-                        FROM sales.users u WHERE u.id = j.user_id)
+                  WHEN u.id IS NULL THEN '{}'
+                  WHEN u.role = 'admin' THEN j.scope
+                  WHEN j.scope IS NULL THEN u.store_ids
+                  ELSE ARRAY(SELECT x FROM unnest(j.scope) x WHERE x = ANY (u.store_ids) ORDER BY x)
              END,
              j.params, j.attempts,
-             j.user_id IS NOT NULL AND NOT EXISTS (
-                 SELECT 1 FROM sales.users u LEFT JOIN auth.user_state st ON st.user_id = u.id
-                 WHERE u.id = j.user_id AND NOT coalesce(st.disabled, false))",
+             j.user_id IS NOT NULL AND (u.id IS NULL OR coalesce(st.disabled, false))",
     )
     .bind(lease.as_millis() as i64)
     .bind(worker)

@@ -100,12 +100,17 @@ pub enum FileError {
 /// hold it in memory.
 pub const MAX_LINE_BYTES: u64 = 1 << 20;
 
+/// The first 40 characters of `raw` when it has more: how much of a value
+/// an error message quotes.
+fn cut_short(raw: &str) -> Option<&str> {
+    raw.char_indices().nth(40).map(|(i, _)| &raw[..i])
+}
+
 /// A field's text as an error message quotes it: escaped, and cut short.
 fn shown(raw: &str) -> String {
-    const MAX: usize = 40;
-    match raw.char_indices().nth(MAX) {
+    match cut_short(raw) {
         None => format!("{raw:?}"),
-        Some((i, _)) => format!("{:?}... ({} bytes)", &raw[..i], raw.len()),
+        Some(head) => format!("{head:?}... ({} bytes)", raw.len()),
     }
 }
 
@@ -894,9 +899,6 @@ fn num_text(v: &Value) -> Option<String> {
     v.as_number().map(|n| n.to_string())
 }
 
-/// One NDJSON line: a sales record (`storeId` or `storeCode`, `year`,
-/// `month`, `dailyData`; an exported document's derived members are
-/// ignored) or a daily row (`storeCode`/`storeId`, `date`, metrics).
 /// Whether a string or a key anywhere in `v` holds NUL, which Postgres
 /// text cannot.
 fn holds_nul(v: &Value) -> bool {
@@ -908,6 +910,9 @@ fn holds_nul(v: &Value) -> bool {
     }
 }
 
+/// One NDJSON line: a sales record (`storeId` or `storeCode`, `year`,
+/// `month`, `dailyData`; an exported document's derived members are
+/// ignored) or a daily row (`storeCode`/`storeId`, `date`, metrics).
 fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     let v: Value =
         serde_json::from_str(text).map_err(|e| vec![(None, format!("malformed JSON: {e}"))])?;
@@ -944,9 +949,9 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             .chain(DERIVED.iter())
             .any(|c| sales_core::record::spelled_as(k, c));
         if !known {
-            let name = match k.char_indices().nth(40) {
+            let name = match cut_short(k) {
                 None => k.clone(),
-                Some((i, _)) => format!("{}...", &k[..i]),
+                Some(head) => format!("{head}..."),
             };
             errors.push((Some(name), "unknown field".into()));
         }

@@ -44,7 +44,6 @@ fn socket_config() -> WebSocketConfig {
 pub async fn serve(upgraded: poem::Upgraded, principal: Principal, ctx: Arc<Context>) {
     let socket =
         WebSocketStream::from_raw_socket(upgraded, WsRole::Server, Some(socket_config())).await;
-    let user = principal.user_id;
     let conn = match ctx.hub.register(principal) {
         Ok(c) => c,
         Err(why) => {
@@ -63,7 +62,7 @@ pub async fn serve(upgraded: poem::Upgraded, principal: Principal, ctx: Arc<Cont
     // A revocation applied between the upgrade's check and this
     // registration found no connection to close: with the connection
     // registered, any later one closes it, and this check the earlier ones.
-    super::revoke::close_if_revoked(&ctx.hub, ctx.auth.revocations(), user);
+    super::revoke::close_if_revoked(&ctx.hub, ctx.auth.revocations(), conn.user_id());
     run_connection(socket, conn, ctx).await;
 }
 
