@@ -174,6 +174,15 @@ async fn failed_logins_back_off_per_account() {
     assert!(retry.unwrap() >= 1);
     let (st, _) = login("right-password-1").await;
     assert_eq!(st, 429, "the right password waits as well");
+    // Another spelling that finds the same account (Postgres' `lower` maps
+    // `İ` to `i`, Rust's `to_lowercase` to `i̇`) shares its wait.
+    let (st, body) = api
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "VİCTİM@example.com", "password": "wrong"}),
+        )
+        .await;
+    assert_eq!(st, 429, "{body}");
     // Another account is not affected.
     let (st, _) = api
         .post(

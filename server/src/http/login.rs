@@ -403,22 +403,35 @@ impl LoginApi {
     /// Checks a password against the account of `email`: the same work
     /// (one argon2 verification) whether or not the email exists, so timing
     /// tells nothing; failures count against the account and the address.
-    /// Returns the user's id and the password hash that was verified.
+    /// The account's throttle is keyed by the user the email finds (by
+    /// Postgres' `lower`, as the unique index is), so no other spelling of
+    /// the same address gets a bucket of its own. Returns the user's id and
+    /// the password hash that was verified.
     async fn check_credentials(
         &self,
         email: &str,
         password: &str,
         ip: &str,
     ) -> ApiResult<Option<(i64, String)>> {
-        let account = email.trim().to_lowercase();
-        self.guard
-            .admit(&account)
-            .map_err(ApiError::too_many_logins)?;
-        if let Err(wait) = self.ip_guard.admit(ip) {
-            self.guard.release(&account);
-            return Err(ApiError::too_many_logins_from_address(wait));
+        self.ip_guard
+            .admit(ip)
+            .map_err(ApiError::too_many_logins_from_address)?;
+        let row = match self.lookup(email).await {
+            Ok(row) => row,
+            Err(e) => {
+                self.ip_guard.release(ip);
+                return Err(e);
+            }
+        };
+        let account = match &row {
+            Some((id, _)) => format!("user:{id}"),
+            None => format!("unknown:{}", email.trim().to_lowercase()),
+        };
+        if let Err(wait) = self.guard.admit(&account) {
+            self.ip_guard.release(ip);
+            return Err(ApiError::too_many_logins(wait));
         }
-        let verified = self.verify(email, password).await;
+        let verified = self.verify(row, password).await;
         match &verified {
             Ok(Some(_)) => {
                 self.guard.succeeded(&account);
@@ -447,16 +460,24 @@ impl LoginApi {
             || super::middleware::forwarded_https(req, &self.state.config.trusted_proxies)
     }
 
-    async fn verify(&self, email: &str, password: &str) -> ApiResult<Option<(i64, String)>> {
+    /// The account an email names, compared as the unique index does.
+    async fn lookup(&self, email: &str) -> ApiResult<Option<(i64, String)>> {
         let pool = &self.state.pool;
-        let row: Option<(i64, String)> = crate::db::retry("login_user", true, || {
+        Ok(crate::db::retry("login_user", true, || {
             sqlx::query_as(
                 "SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)",
             )
             .bind(email.trim())
             .fetch_optional(pool)
         })
-        .await?;
+        .await?)
+    }
+
+    async fn verify(
+        &self,
+        row: Option<(i64, String)>,
+        password: &str,
+    ) -> ApiResult<Option<(i64, String)>> {
         let hash = match &row {
             Some((_, h)) => h.clone(),
             None => DUMMY_HASH.to_string(),
