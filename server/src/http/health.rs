@@ -4,10 +4,90 @@ use super::ApiTags;
 use crate::state::AppState;
 use poem_openapi::{payload::Json, ApiResponse, Object, OpenApi};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct HealthApi {
     pub state: Arc<AppState>,
+    /// The last summary and readiness probes, shared by callers (see
+    /// [`Shared`]).
+    health: Shared<HealthProbe>,
+    ready: Shared<Readiness>,
+}
+
+impl HealthApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self {
+            state,
+            health: Shared::default(),
+            ready: Shared::default(),
+        }
+    }
+}
+
+/// How long one probe's result answers other callers. `/health` and
+/// `/health/ready` take no token and have no rate limit (load balancers
+/// poll them), so each probe is shared: one runs at a time, and what it
+/// found answers every caller for this long. However often they are asked,
+/// they make at most a few queries a second and hold one pool connection.
+const PROBE_REUSE: Duration = Duration::from_secs(1);
+
+/// The result of the last probe and when it started; the lock is held
+/// while a probe runs, so callers that arrive meanwhile wait for its
+/// result instead of probing again.
+struct Shared<T> {
+    reuse: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, T)>>,
+}
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Self::new(PROBE_REUSE)
+    }
+}
+
+impl<T> Shared<T> {
+    fn new(reuse: Duration) -> Self {
+        Self {
+            reuse,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    /// A result no older than the reuse window, probing when there is none.
+    async fn get<F: std::future::Future<Output = T>>(&self, probe: impl FnOnce() -> F) -> T {
+        let mut last = self.last.lock().await;
+        if let Some((at, v)) = last.as_ref() {
+            if at.elapsed() < self.reuse {
+                return v.clone();
+            }
+        }
+        let at = Instant::now();
+        let v = probe().await;
+        *last = Some((at, v.clone()));
+        v
+    }
+
+    /// A fresh probe (for an admin), kept for the callers after it.
+    async fn fresh<F: std::future::Future<Output = T>>(&self, probe: impl FnOnce() -> F) -> T {
+        let at = Instant::now();
+        let v = probe().await;
+        let mut last = self.last.lock().await;
+        if last.as_ref().is_none_or(|(t, _)| *t < at) {
+            *last = Some((at, v.clone()));
+        }
+        v
+    }
+}
+
+/// What one `/health` probe found; errors as the driver gave them (shown
+/// to admins only).
+#[derive(Clone)]
+struct HealthProbe {
+    postgres: Result<f64, String>,
+    redis: Option<Result<f64, String>>,
+    holders: Vec<crate::events::holders::Holder>,
 }
 
 /// State of one dependency.
@@ -59,21 +139,8 @@ pub struct DeliveryHolder {
     pub state: Option<String>,
 }
 
-/// What holds event delivery back; holder details only for an admin token.
-async fn event_delivery(state: &AppState, req: &poem::Request) -> EventDelivery {
-    let holders = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        crate::events::holders::list(&state.pool),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .unwrap_or_default();
-    let admin = req
-        .header(poem::http::header::AUTHORIZATION)
-        .and_then(crate::auth::bearer)
-        .and_then(|t| state.auth.verify(t).ok())
-        .is_some_and(|p| p.is_admin());
+/// What holds event delivery back; holder details only for an admin.
+fn event_delivery(holders: Vec<crate::events::holders::Holder>, admin: bool) -> EventDelivery {
     EventDelivery {
         held_back: !holders.is_empty(),
         held_back_seconds: holders.first().map(|h| h.held_for_seconds),
@@ -92,13 +159,40 @@ async fn event_delivery(state: &AppState, req: &poem::Request) -> EventDelivery 
     }
 }
 
+/// Postgres, Redis and what holds delivery back, as found now.
+async fn probe_health(state: &AppState) -> HealthProbe {
+    let started = Instant::now();
+    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&state.pool)
+        .await
+        .map(|_| ms(started.elapsed()))
+        .map_err(|e| {
+            tracing::warn!(error = %e, "health: postgres unreachable");
+            e.to_string()
+        });
+    let redis = state.redis_ping().await.map(|r| r.map(ms));
+    let holders = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::events::holders::list(&state.pool),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default();
+    HealthProbe {
+        postgres,
+        redis,
+        holders,
+    }
+}
+
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
 pub struct Liveness {
     pub status: String,
 }
 
-#[derive(Object, Debug)]
+#[derive(Object, Debug, Clone)]
 #[oai(rename_all = "camelCase")]
 pub struct Readiness {
     pub ready: bool,
@@ -136,7 +230,8 @@ fn ms(d: std::time::Duration) -> f64 {
 #[OpenApi(tag = "ApiTags::Health")]
 impl HealthApi {
     /// Summary health: version and the state of Postgres and Redis. A dependency's error text
-    /// is shown to admins (send an admin bearer token); others see only `unreachable`.
+    /// is shown to admins (send an admin bearer token); others see only `unreachable`. Callers
+    /// without an admin token share one probe: its result answers for up to a second.
     #[oai(path = "/health", method = "get")]
     async fn health(&self, req: &poem::Request) -> HealthResponse {
         // Raw driver errors name hosts, ports and users: not for anyone who asks.
@@ -152,20 +247,18 @@ impl HealthApi {
                 "unreachable".to_string()
             }
         };
-        let started = Instant::now();
-        let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
-            .fetch_one(&self.state.pool)
-            .await;
+        let probe = if admin {
+            self.health.fresh(|| probe_health(&self.state)).await
+        } else {
+            self.health.get(|| probe_health(&self.state)).await
+        };
         let postgres = Dependency {
             configured: true,
-            up: pg.is_ok(),
-            latency_ms: pg.as_ref().ok().map(|_| ms(started.elapsed())),
-            error: pg.err().map(|e| {
-                tracing::warn!(error = %e, "health: postgres unreachable");
-                shown(e.to_string())
-            }),
+            up: probe.postgres.is_ok(),
+            latency_ms: probe.postgres.as_ref().ok().copied(),
+            error: probe.postgres.err().map(shown),
         };
-        let redis = match self.state.redis_ping().await {
+        let redis = match probe.redis {
             None => Dependency {
                 configured: false,
                 up: false,
@@ -175,7 +268,7 @@ impl HealthApi {
             Some(Ok(d)) => Dependency {
                 configured: true,
                 up: true,
-                latency_ms: Some(ms(d)),
+                latency_ms: Some(d),
                 error: None,
             },
             Some(Err(e)) => Dependency {
@@ -198,7 +291,7 @@ impl HealthApi {
             uptime_seconds: self.state.started.elapsed().as_secs(),
             postgres,
             redis,
-            event_delivery: event_delivery(&self.state, req).await,
+            event_delivery: event_delivery(probe.holders, admin),
         };
         if body.postgres.up {
             HealthResponse::Ok(Json(body))
@@ -217,8 +310,20 @@ impl HealthApi {
 
     /// Readiness: Postgres reachable, all migrations applied, extension version matching this
     /// server, event relay listening. Redis down does not make an instance unready (degraded).
+    /// Callers share one probe: its result answers for up to a second.
     #[oai(path = "/health/ready", method = "get")]
     async fn ready(&self) -> ReadyResponse {
+        let body = self.ready.get(|| self.probe_ready()).await;
+        if body.ready {
+            ReadyResponse::Ready(Json(body))
+        } else {
+            ReadyResponse::NotReady(Json(body))
+        }
+    }
+}
+
+impl HealthApi {
+    async fn probe_ready(&self) -> Readiness {
         let mut problems = Vec::new();
         let expected = crate::db::MIGRATOR.iter().count() as i64;
         let ext: Result<Option<String>, _> = sqlx::query_scalar(
@@ -262,17 +367,58 @@ impl HealthApi {
         if applied < expected {
             problems.push(format!("{applied} of {expected} migrations applied"));
         }
-        let body = Readiness {
+        Readiness {
             ready: problems.is_empty(),
             problems,
             extension_version,
             migrations_applied: applied,
             migrations_expected: expected,
-        };
-        if body.ready {
-            ReadyResponse::Ready(Json(body))
-        } else {
-            ReadyResponse::NotReady(Json(body))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    async fn counted(n: &AtomicUsize) -> usize {
+        tokio::task::yield_now().await;
+        n.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_at_once_share_one_probe() {
+        let shared = Arc::new(Shared::<usize>::new(Duration::from_secs(3600)));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (shared, probes) = (shared.clone(), probes.clone());
+                tokio::spawn(async move { shared.get(|| counted(&probes)).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 1, "every caller sees the one probe");
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_admin_probes_afresh_and_others_reuse_it() {
+        let shared = Shared::<usize>::new(Duration::from_secs(3600));
+        let probes = AtomicUsize::new(0);
+        assert_eq!(shared.get(|| counted(&probes)).await, 1);
+        assert_eq!(shared.fresh(|| counted(&probes)).await, 2);
+        assert_eq!(shared.get(|| counted(&probes)).await, 2);
+        assert_eq!(probes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_result_past_its_window_is_probed_again() {
+        let shared = Shared::<usize>::new(Duration::ZERO);
+        let probes = AtomicUsize::new(0);
+        for i in 1..=3 {
+            assert_eq!(shared.get(|| counted(&probes)).await, i);
         }
     }
 }

@@ -62,9 +62,7 @@ pub type Apis = (
 
 fn apis(state: Arc<AppState>) -> Apis {
     (
-        health::HealthApi {
-            state: state.clone(),
-        },
+        health::HealthApi::new(state.clone()),
         login::LoginApi::new(state.clone()),
         sales::SalesApi {
             state: state.clone(),
