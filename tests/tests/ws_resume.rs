@@ -53,6 +53,23 @@ async fn logged_ids(db: &TestDb, store: i64, after: i64) -> Vec<i64> {
     .unwrap()
 }
 
+/// Row and version of each sales event of `store` after `after`, by id.
+async fn row_versions(
+    db: &TestDb,
+    store: i64,
+    after: i64,
+) -> std::collections::HashMap<i64, (i64, i64)> {
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, row_id, row_version FROM sales.events WHERE kind LIKE 'sales-data-%' AND store_id = $1 AND id > $2",
+    )
+    .bind(store)
+    .bind(after)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(id, r, v)| (id, (r, v))).collect()
+}
+
 #[tokio::test]
 async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
     let db = TestDb::new().await;
@@ -143,9 +160,29 @@ async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
             .filter(|e| e["event"] != "user-notification")
             .map(|e| e["id"].as_i64().unwrap())
             .collect();
+        let mut expected = expected_sales.clone();
         if name == "separate" {
             // Events delivered live before the resume came first; the rest
-            // follows in log order.
+            // follows in log order, except older versions of rows that had
+            // already come live in a newer one: those are skipped.
+            let newest: std::collections::HashMap<i64, i64> = got
+                .iter()
+                .filter(|e| e["event"] != "user-notification")
+                .fold(Default::default(), |mut m, e| {
+                    let v = m.entry(e["data"]["id"].as_i64().unwrap()).or_insert(0);
+                    *v = (*v).max(e["data"]["version"].as_i64().unwrap());
+                    m
+                });
+            let logged = row_versions(&db, s1, last_seen).await;
+            expected.retain(|id| {
+                let (row, version) = logged[id];
+                sales.contains(id) || newest.get(&row).is_none_or(|v| *v <= version)
+            });
+            assert_eq!(
+                resumed["superseded"].as_u64().unwrap() as usize,
+                expected_sales.len() - expected.len(),
+                "{resumed}"
+            );
             let order: std::collections::HashMap<i64, usize> = expected_sales
                 .iter()
                 .enumerate()
@@ -154,9 +191,21 @@ async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
             sales.sort_by_key(|id| order[id]);
         }
         assert_eq!(
-            sales, expected_sales,
-            "{name}: every sales event of s1 once, in log order"
+            sales, expected,
+            "{name}: every sales event of s1 once (bar superseded versions), in log order"
         );
+        // Versions of each row only go up.
+        let mut seen: std::collections::HashMap<i64, i64> = Default::default();
+        for e in got.iter().filter(|e| e["event"] != "user-notification") {
+            let (row, v) = (
+                e["data"]["id"].as_i64().unwrap(),
+                e["data"]["version"].as_i64().unwrap(),
+            );
+            assert!(
+                seen.insert(row, v).is_none_or(|old| old < v),
+                "{name}: row {row} went back to version {v}"
+            );
+        }
         let notes: Vec<&Value> = got
             .iter()
             .filter(|e| e["event"] == "user-notification")
@@ -168,18 +217,7 @@ async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
             .all(|e| e["data"]["storeId"] == s1 || e["event"] == "user-notification"));
         if name == "atomic" {
             assert!(resumed["replayed"].as_u64().unwrap() >= 101, "{resumed}");
-            // Versions of each row only go up.
-            let mut seen: std::collections::HashMap<i64, i64> = Default::default();
-            for e in got.iter().filter(|e| e["event"] != "user-notification") {
-                let (row, v) = (
-                    e["data"]["id"].as_i64().unwrap(),
-                    e["data"]["version"].as_i64().unwrap(),
-                );
-                assert!(
-                    seen.insert(row, v).is_none_or(|old| old < v),
-                    "row {row} went back to version {v}"
-                );
-            }
+            assert_eq!(resumed["superseded"], 0, "{resumed}");
         }
     }
     let st = stats(server.addr).await;
@@ -235,5 +273,56 @@ async fn a_pruned_id_requires_resync_and_the_connection_goes_on() {
     c.send(json!({"type": "resume", "lastEventId": 987654321}))
         .await;
     assert_eq!(c.reply("resumed").await["code"], "resync_required");
+    server.stop().await;
+}
+
+/// A client that subscribes before it resumes may get a row's newer version
+/// live before the replay reaches the older ones it missed: those are
+/// skipped (counted as `superseded`), so the row's version never goes
+/// backwards, and every other missed event is still replayed.
+#[tokio::test]
+async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
+    let db = TestDb::new().await;
+    let s1 = db.stores(1).await[0];
+    let server = db.server(&[]).await;
+    let t = token(1, "admin", &[]);
+    let channel = format!("sales-data-{s1}");
+    let mut c = Client::connect(server.addr, &t).await;
+    c.subscribe(&channel).await;
+    upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await;
+    let first = c.event().await;
+    let (row, last) = (
+        first["data"]["id"].as_i64().unwrap(),
+        first["id"].as_i64().unwrap(),
+    );
+    drop(c);
+    // Missed while away: two newer versions of that row, and another row.
+    upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
+    upsert(&db, vec![record(s1, 2024, 1, 3, 1)]).await;
+    upsert(&db, vec![record(s1, 2024, 2, 1, 1)]).await;
+    relayed_all(&db, &server).await;
+
+    let mut c = Client::connect(server.addr, &t).await;
+    c.subscribe(&channel).await;
+    upsert(&db, vec![record(s1, 2024, 1, 4, 1)]).await;
+    let live = c.event().await;
+    assert_eq!(live["data"]["id"], row);
+    let live_version = live["data"]["version"].as_i64().unwrap();
+    c.send(json!({"type": "resume", "lastEventId": last})).await;
+    let (got, resumed) = after_resume(&mut c, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0]["data"]["month"], 2,
+        "the other row is replayed: {got:?}"
+    );
+    assert_ne!(got[0]["data"]["id"], row);
+    assert_eq!(resumed["replayed"], 1, "{resumed}");
+    assert_eq!(resumed["superseded"], 2, "{resumed}");
+
+    // Live delivery goes on, the row's versions still going up.
+    upsert(&db, vec![record(s1, 2024, 1, 5, 1)]).await;
+    let next = c.event().await;
+    assert_eq!(next["data"]["id"], row);
+    assert!(next["data"]["version"].as_i64().unwrap() > live_version);
     server.stop().await;
 }

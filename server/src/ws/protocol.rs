@@ -95,8 +95,10 @@ pub fn pong() -> String {
 }
 
 /// Sent when a replay ends: `replayed` events came from the log; live events follow.
-pub fn resumed(last_event_id: i64, replayed: u64, position: i64) -> String {
-    json!({"type": "resumed", "lastEventId": last_event_id, "replayed": replayed, "position": position}).to_string()
+pub fn resumed(last_event_id: i64, replayed: u64, superseded: u64, position: i64) -> String {
+    json!({"type": "resumed", "lastEventId": last_event_id, "replayed": replayed,
+           "superseded": superseded, "position": position})
+    .to_string()
 }
 
 pub fn error(code: &str, message: &str, event: Option<&str>) -> String {

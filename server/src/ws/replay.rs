@@ -3,6 +3,7 @@
 use super::hub::{Conn, ResumeSnapshot};
 use super::{protocol, Context};
 use crate::events::model::{is_pruned, Event};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
@@ -12,7 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 const REPLAY_PAGE: i32 = 500;
 
 enum ReplayEnd {
-    Done(crate::events::Pos, u64),
+    /// From where, events replayed, events skipped as superseded.
+    Done(crate::events::Pos, u64, u64),
     Pruned,
     TooLong,
     Closed,
@@ -50,9 +52,21 @@ pub(super) async fn replay(
         let Some(from) = from else {
             return Ok::<_, sqlx::Error>(ReplayEnd::Pruned);
         };
-        let mut after = last_event_id;
         let mut count = 0u64;
+        let mut superseded = 0u64;
         if from < snap.upto {
+            // A client that subscribed before resuming may have had newer
+            // versions of some rows live already: the older ones the replay
+            // finds are skipped, so no row's version goes backwards.
+            let newest = if snap.live_before() {
+                match newest_live(hub, pool, &conn, &snap, last_event_id).await? {
+                    Some(newest) => newest,
+                    None => return Ok(ReplayEnd::TooLong),
+                }
+            } else {
+                HashMap::new()
+            };
+            let mut after = last_event_id;
             'pages: loop {
                 let page = {
                     let _slot = hub
@@ -67,6 +81,12 @@ pub(super) async fn replay(
                         break 'pages;
                     }
                     if let Some(variant) = snap.wants(&conn, e) {
+                        if let (Some(row), Some(version)) = (e.row_id, e.row_version) {
+                            if newest.get(&row).is_some_and(|v| *v > version) {
+                                superseded += 1;
+                                continue;
+                            }
+                        }
                         if count >= hub.cfg.replay_max_events {
                             return Ok(ReplayEnd::TooLong);
                         }
@@ -83,7 +103,7 @@ pub(super) async fn replay(
                 }
             }
         }
-        Ok(ReplayEnd::Done(from, count))
+        Ok(ReplayEnd::Done(from, count, superseded))
     };
     let resync = |msg: &str| {
         hub.counters.resync_required.fetch_add(1, Relaxed);
@@ -96,14 +116,14 @@ pub(super) async fn replay(
         );
     };
     match tokio::time::timeout(hub.cfg.replay_timeout, run).await {
-        Ok(Ok(ReplayEnd::Done(from, count))) => {
+        Ok(Ok(ReplayEnd::Done(from, count, superseded))) => {
             let seam = from.max(snap.upto);
             hub.finish_resume(
                 &conn,
                 &snap,
                 seam,
                 Some(from),
-                protocol::resumed(last_event_id, count, seam.id),
+                protocol::resumed(last_event_id, count, superseded, seam.id),
             );
         }
         Ok(Ok(ReplayEnd::Closed)) => {}
@@ -133,6 +153,51 @@ pub(super) async fn replay(
             ) {
                 hub.counters.closed_slow.fetch_add(1, Relaxed);
             }
+        }
+    }
+}
+
+/// The newest version of each row that reached `conn` live before its
+/// resume began, from the part of the log the replay covers; `None` when
+/// that is more than `replay_max_events` events (the client then resyncs).
+async fn newest_live(
+    hub: &super::hub::Hub,
+    pool: &sqlx::PgPool,
+    conn: &Conn,
+    snap: &ResumeSnapshot,
+    last_event_id: i64,
+) -> Result<Option<HashMap<i64, i64>>, sqlx::Error> {
+    let mut newest: HashMap<i64, i64> = HashMap::new();
+    let mut live = 0u64;
+    let mut after = last_event_id;
+    loop {
+        let page = {
+            let _slot = hub
+                .replay_slots
+                .acquire()
+                .await
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            Event::since(pool, after, REPLAY_PAGE).await?
+        };
+        for e in &page {
+            if e.pos() > snap.upto {
+                return Ok(Some(newest));
+            }
+            if !snap.went_live(conn, e) {
+                continue;
+            }
+            live += 1;
+            if live > hub.cfg.replay_max_events {
+                return Ok(None);
+            }
+            if let (Some(row), Some(version)) = (e.row_id, e.row_version) {
+                let v = newest.entry(row).or_insert(version);
+                *v = (*v).max(version);
+            }
+        }
+        match page.last() {
+            Some(e) if page.len() == REPLAY_PAGE as usize => after = e.id,
+            _ => return Ok(Some(newest)),
         }
     }
 }

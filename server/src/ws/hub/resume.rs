@@ -25,6 +25,22 @@ impl ResumeSnapshot {
         self.subs.iter().find(|(c, _)| *c == ch).map(|(_, p)| *p)
     }
 
+    /// Where `conn` started receiving what goes to `to` live, when it may
+    /// see it at all.
+    fn live_since(&self, conn: &Conn, to: Recipient) -> Option<Pos> {
+        match to {
+            Recipient::User(u) => (u == conn.user_id()).then_some(self.user_since),
+            Recipient::Channel(ch) => self.since(ch),
+            Recipient::ChannelInScope(ch, s) => {
+                if conn.principal.can_access_store(s) {
+                    self.since(ch)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
     /// Whether a logged event is one to replay to `conn`, and in which
     /// form: it is one the connection may see, and it was not already
     /// delivered live (it is not after the start of a subscription that
@@ -33,18 +49,7 @@ impl ResumeSnapshot {
         let pos = e.pos();
         let mut first = None;
         for (to, variant) in e.deliveries() {
-            let since = match to {
-                Recipient::User(u) => (u == conn.user_id()).then_some(self.user_since),
-                Recipient::Channel(ch) => self.since(ch),
-                Recipient::ChannelInScope(ch, s) => {
-                    if conn.principal.can_access_store(s) {
-                        self.since(ch)
-                    } else {
-                        None
-                    }
-                }
-            };
-            if let Some(since) = since {
+            if let Some(since) = self.live_since(conn, to) {
                 if pos > since {
                     return None;
                 }
@@ -52,6 +57,22 @@ impl ResumeSnapshot {
             }
         }
         first
+    }
+
+    /// Whether `conn` may already have had live events the replay covers:
+    /// it subscribed before it resumed (subscriptions made by the resume
+    /// itself start where the replay ends).
+    pub fn live_before(&self) -> bool {
+        self.subs.iter().any(|(_, since)| *since < self.upto)
+    }
+
+    /// Whether `e` reached `conn` live before the resume began.
+    pub fn went_live(&self, conn: &Conn, e: &Event) -> bool {
+        let pos = e.pos();
+        pos <= self.upto
+            && e.deliveries()
+                .into_iter()
+                .any(|(to, _)| self.live_since(conn, to).is_some_and(|since| pos > since))
     }
 }
 
