@@ -403,10 +403,11 @@ impl LoginApi {
     /// Checks a password against the account of `email`: the same work
     /// (one argon2 verification) whether or not the email exists, so timing
     /// tells nothing; failures count against the account and the address.
-    /// The account's throttle is keyed by the user the email finds (by
-    /// Postgres' `lower`, as the unique index is), so no other spelling of
-    /// the same address gets a bucket of its own. Returns the user's id and
-    /// the password hash that was verified.
+    /// The account's throttle is keyed by the email as Postgres' `lower`
+    /// gives it (as the unique index compares), whether or not an account
+    /// has it: every spelling that finds the same account shares one count,
+    /// and an unknown address is counted the same way. Returns the user's
+    /// id and the password hash that was verified.
     async fn check_credentials(
         &self,
         email: &str,
@@ -416,16 +417,12 @@ impl LoginApi {
         self.ip_guard
             .admit(ip)
             .map_err(ApiError::too_many_logins_from_address)?;
-        let row = match self.lookup(email).await {
-            Ok(row) => row,
+        let (account, row) = match self.lookup(email).await {
+            Ok(found) => found,
             Err(e) => {
                 self.ip_guard.release(ip);
                 return Err(e);
             }
-        };
-        let account = match &row {
-            Some((id, _)) => format!("user:{id}"),
-            None => format!("unknown:{}", email.trim().to_lowercase()),
         };
         if let Err(wait) = self.guard.admit(&account) {
             self.ip_guard.release(ip);
@@ -460,17 +457,22 @@ impl LoginApi {
             || super::middleware::forwarded_https(req, &self.state.config.trusted_proxies)
     }
 
-    /// The account an email names, compared as the unique index does.
-    async fn lookup(&self, email: &str) -> ApiResult<Option<(i64, String)>> {
+    /// The email as the unique index compares it (Postgres' `lower`), the
+    /// throttle's key for known and unknown addresses alike, and the
+    /// account it names.
+    async fn lookup(&self, email: &str) -> ApiResult<(String, Option<(i64, String)>)> {
         let pool = &self.state.pool;
-        Ok(crate::db::retry("login_user", true, || {
-            sqlx::query_as(
-                "SELECT id, password_hash FROM sales.users WHERE lower(email) = lower($1)",
-            )
-            .bind(email.trim())
-            .fetch_optional(pool)
-        })
-        .await?)
+        let (key, id, hash): (String, Option<i64>, Option<String>) =
+            crate::db::retry("login_user", true, || {
+                sqlx::query_as(
+                    "SELECT lower($1), u.id, u.password_hash FROM (SELECT) one \
+                     LEFT JOIN sales.users u ON lower(u.email) = lower($1)",
+                )
+                .bind(email.trim())
+                .fetch_one(pool)
+            })
+            .await?;
+        Ok((key, id.zip(hash)))
     }
 
     async fn verify(
