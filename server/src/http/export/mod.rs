@@ -31,7 +31,9 @@
 //!   the backend's query with `pg_cancel_backend` from another connection and
 //!   closes its connection instead of returning it to the pool, so no query,
 //!   transaction or cursor outlives the request. A client that stops reading
-//!   for EXPORT_STALL_TIMEOUT is treated the same way.
+//!   for EXPORT_STALL_TIMEOUT is treated the same way, and its transfer is
+//!   cut like a failed one (it is still connected, and must not take what
+//!   it got for the whole file).
 //! * **Progress**: `export-progress` events go through Postgres
 //!   (`pg_notify('sales_ephemeral', ...)`, not stored) to whichever instance
 //!   holds the user's WebSocket: at most two per second while running, plus a
@@ -304,7 +306,9 @@ impl ExportApi {
             // HTTP/1.1 connection must be broken (see `crate::listener`).
             break_on_failure: (req.version() < poem::http::Version::HTTP_2)
                 .then(|| (req.local_addr().clone(), req.remote_addr().clone())),
+            complete: Default::default(),
         };
+        let complete = job.complete.clone();
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let (started_tx, started_rx) = oneshot::channel();
         let slots = Slots {
@@ -317,7 +321,7 @@ impl ExportApi {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(ApiError::internal("export task ended before starting")),
         };
-        let body = poem::Body::from_bytes_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let body = pump::body(rx, complete);
         Ok(ExportResponse {
             body,
             format,

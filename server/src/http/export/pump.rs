@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::{Executor, Postgres};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
@@ -31,12 +32,31 @@ pub(super) struct Job {
     pub(super) export_id: String,
     /// The HTTP/1.1 connection to break if the export fails mid-stream.
     pub(super) break_on_failure: Option<(poem::web::LocalAddr, poem::web::RemoteAddr)>,
+    /// Set once every row was sent: until then the body ends in an error
+    /// (see [`body`]).
+    pub(super) complete: Arc<AtomicBool>,
+}
+
+/// The response body: what the pump sends, then, unless the pump marked
+/// the export complete, an error, so that a body that ends early is a
+/// broken transfer (HTTP/2 resets the stream), never a short file, even
+/// when the pump could not queue its own error (a client that stopped
+/// reading has a full queue).
+pub(super) fn body(rx: mpsc::Receiver<io::Result<Bytes>>, complete: Arc<AtomicBool>) -> poem::Body {
+    let end = futures_util::stream::once(async move {
+        (!complete.load(Ordering::Acquire)).then(|| Err(io::Error::other("export cut short")))
+    })
+    .filter_map(|e| async move { e });
+    poem::Body::from_bytes_stream(tokio_stream::wrappers::ReceiverStream::new(rx).chain(end))
 }
 
 /// Why an export stopped early.
 pub(super) enum Stop {
-    /// The client went away (or stopped reading for EXPORT_STALL_TIMEOUT).
+    /// The client went away.
     Cancelled(&'static str),
+    /// The client stopped reading for EXPORT_STALL_TIMEOUT: its connection
+    /// is still open, so the transfer is cut like a failed one.
+    Stalled,
     Db(sqlx::Error),
     Io(io::Error),
     /// EXPORT_MAX_DURATION reached (a client reading just fast enough to
@@ -49,6 +69,7 @@ impl std::fmt::Display for Stop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Stop::Cancelled(why) => f.write_str(why),
+            Stop::Stalled => f.write_str("client stopped reading"),
             Stop::Db(e) => write!(f, "database: {e}"),
             Stop::Io(e) => write!(f, "encoding: {e}"),
             Stop::Expired => f.write_str("EXPORT_MAX_DURATION reached"),
@@ -157,7 +178,7 @@ pub(super) async fn run(
     let rows = progress_tx.borrow().rows;
     let status = match &outcome {
         Ok(()) => "completed",
-        Err(Stop::Cancelled(_)) => "cancelled",
+        Err(Stop::Cancelled(_) | Stop::Stalled) => "cancelled",
         Err(_) => "failed",
     };
     metrics::counter!("exports_total", "format" => job.format.name(), "shape" => job.shape.name(), "status" => status)
@@ -166,6 +187,7 @@ pub(super) async fn run(
     metrics::counter!("export_bytes_total", "format" => job.format.name()).increment(bytes_out);
     match outcome {
         Ok(()) => {
+            job.complete.store(true, Ordering::Release);
             // Committed: the connection goes back to the pool.
             drop(conn);
             progress_tx.send_modify(|s| s.state = RunState::Completed);
@@ -179,6 +201,10 @@ pub(super) async fn run(
             let state = match &stop {
                 Stop::Cancelled(why) => {
                     tracing::info!(export_id = %job.export_id, rows, reason = why, "export cancelled");
+                    RunState::Cancelled
+                }
+                Stop::Stalled => {
+                    tracing::info!(export_id = %job.export_id, rows, reason = "client stopped reading", "export cancelled");
                     RunState::Cancelled
                 }
                 Stop::Expired => {
@@ -298,7 +324,7 @@ pub(super) async fn send(
             Ok(())
         }
         Ok(Err(_)) => Err(Stop::Cancelled("client disconnected")),
-        Err(_) => Err(Stop::Cancelled("client stopped reading")),
+        Err(_) => Err(Stop::Stalled),
     }
 }
 
@@ -392,4 +418,37 @@ pub(super) async fn stream(
     send(tx, enc.finish()?, bytes_out).await?;
     progress.send_modify(|s| s.rows = count);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads a body to its end: the bytes, and whether it ended in an error.
+    async fn read(body: poem::Body) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut stream = body.into_bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => return (out, true),
+            }
+        }
+        (out, false)
+    }
+
+    #[tokio::test]
+    async fn a_body_ends_cleanly_only_once_marked_complete() {
+        for complete in [false, true] {
+            let (tx, rx) = mpsc::channel(4);
+            let flag = Arc::new(AtomicBool::new(false));
+            let body = body(rx, flag.clone());
+            tx.send(Ok(Bytes::from_static(b"a,b\r\n"))).await.unwrap();
+            flag.store(complete, Ordering::Release);
+            drop(tx);
+            let (bytes, failed) = read(body).await;
+            assert_eq!(bytes, b"a,b\r\n");
+            assert_eq!(failed, !complete, "complete: {complete}");
+        }
+    }
 }
