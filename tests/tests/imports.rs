@@ -1182,3 +1182,50 @@ async fn a_job_of_a_disabled_user_is_failed_not_run() {
     );
     server.stop().await;
 }
+
+/// A user disabled while their import runs writes nothing more after the
+/// chunk in flight: the job is given back at its next chunk, and its next
+/// claim fails it.
+#[tokio::test]
+async fn disabling_the_importer_mid_run_stops_the_job() {
+    let db = TestDb::new().await;
+    let stores = db.stores(4).await;
+    let server = db
+        .server(&[("IMPORT_CHUNK_LINES", "50"), ("JOB_WORKERS", "1")])
+        .await;
+    let (_, admin_token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&admin_token));
+    let (manager, token) = user_token(&db, &server, "m@x.test", "manager", &stores).await;
+    let api = Api::new(&server, Some(&token));
+    let codes: Vec<String> = (1..=4).map(|i| format!("T{i:03}")).collect();
+    let (status, body, _) = post_file(&api, "", "text/csv", big_file(&codes, 40_000)).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    eventually(WAIT, "a first chunk", || async {
+        let (_, doc) = admin.get(&format!("/api/v2/imports/{id}")).await;
+        (doc["rowsWritten"].as_i64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let r = admin
+        .req(reqwest::Method::PATCH, &format!("/api/v2/users/{manager}"))
+        .json(&serde_json::json!({"disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let doc = wait_job(&admin, id, &["failed", "completed", "cancelled"]).await;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    assert_eq!(
+        doc["lastError"], "the user who queued this job was deleted or disabled",
+        "{doc}"
+    );
+    let written = doc["rowsWritten"].as_i64().unwrap();
+    assert!(written > 0 && written < 40_000, "{doc}");
+    let days = scalar_i64(
+        &db,
+        "SELECT coalesce(sum(days_reported), 0)::bigint FROM sales.monthly_sales",
+    )
+    .await;
+    assert_eq!(days, written, "only the committed chunks' days");
+    server.stop().await;
+}

@@ -147,6 +147,10 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                         super::release(pool, &job, None).await?;
                         "interrupted; queued for the servers' workers".into()
                     }
+                    import::Ended::AccessChanged => {
+                        super::release(pool, &job, None).await?;
+                        "its user's access changed; given back to the servers' workers".into()
+                    }
                 }
             }
             // A server's worker took the job first: follow it there.

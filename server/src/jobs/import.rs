@@ -392,6 +392,11 @@ pub enum Ended {
     LostLease,
     /// Asked to stop (server shutdown): the job is given back.
     Stopped,
+    /// The user who queued the job was disabled or deleted, or lost stores
+    /// of its scope (or the admin role), while it ran: the job is given
+    /// back, and its next claim fails it or narrows its scope (see
+    /// [`super::claim`]).
+    AccessChanged,
 }
 
 /// The staged rows of a chunk: job `$1`, store-months after `$2..$4` up to
@@ -523,6 +528,8 @@ enum LaneEnd {
     LostLease,
     /// Asked to stop (server shutdown).
     Stopped,
+    /// The job's user changed under it (see [`Ended::AccessChanged`]).
+    AccessChanged,
     /// Another connection of the run ended it (any end but `Drained`).
     Halted,
     /// The chunk whose rejected rows passed maxErrors; it was rolled back.
@@ -630,7 +637,7 @@ pub async fn run<F: FnMut(&Progress) + Send>(
         let rank = |e: &LaneEnd| match e {
             LaneEnd::Drained | LaneEnd::Halted => 0,
             LaneEnd::Cancelled => 1,
-            LaneEnd::Stopped => 2,
+            LaneEnd::Stopped | LaneEnd::AccessChanged => 2,
             LaneEnd::TooManyErrors { .. } => 3,
             LaneEnd::LostLease => 4,
         };
@@ -661,6 +668,7 @@ pub async fn run<F: FnMut(&Progress) + Send>(
             }),
         ) => too_many_errors(conn, pool, &lanes, rejected, end, first, last).await,
         (LaneEnd::Stopped, _) => Ok(Ended::Stopped),
+        (LaneEnd::AccessChanged, _) => Ok(Ended::AccessChanged),
         (LaneEnd::Cancelled, _) => close(conn, pool, &lanes, "cancelled").await,
         _ => close(conn, pool, &lanes, "completed").await,
     }
@@ -909,19 +917,26 @@ async fn chunks<F: FnMut(&Progress)>(
         if l.turn.borrow().1 {
             return Ok(LaneEnd::Halted);
         }
-        // Cancellation is read before each chunk; the lease again, under
-        // the job row's lock, before the chunk commits.
-        let cancelled: Option<bool> = sqlx::query_scalar(
-            "SELECT cancel_requested FROM jobs.jobs WHERE id = $1 AND lease_token = $2::uuid",
+        // Cancellation and the job's user are read before each chunk; the
+        // lease again, under the job row's lock, before the chunk commits.
+        let state: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT j.cancel_requested,
+                    j.user_id IS NOT NULL AND (u.id IS NULL OR coalesce(st.disabled, false)
+                        OR (u.role <> 'admin' AND ($3::bigint[] IS NULL OR NOT $3 <@ u.store_ids)))
+             FROM jobs.jobs j LEFT JOIN sales.users u ON u.id = j.user_id
+                  LEFT JOIN auth.user_state st ON st.user_id = u.id
+             WHERE j.id = $1 AND j.lease_token = $2::uuid",
         )
         .bind(job.id)
         .bind(&job.token)
+        .bind(&job.scope)
         .fetch_optional(&mut *conn)
         .await?;
-        match cancelled {
+        match state {
             None => return Ok(LaneEnd::LostLease),
-            Some(true) => return Ok(LaneEnd::Cancelled),
-            Some(false) => {}
+            Some((true, _)) => return Ok(LaneEnd::Cancelled),
+            Some((false, true)) => return Ok(LaneEnd::AccessChanged),
+            Some((false, false)) => {}
         }
         let (number, after, end) = {
             let mut cursor = l.cursor.lock().await;

@@ -172,6 +172,10 @@ pub async fn run_claimed(
                     super::release(&state.pool, job, None).await?;
                     "given back at shutdown".into()
                 }
+                import::Ended::AccessChanged => {
+                    super::release(&state.pool, job, None).await?;
+                    "given back: its user's access changed".into()
+                }
             })
         }
     }
