@@ -725,7 +725,7 @@ async fn representation_etag_compression_headers() {
     let etag = h["etag"].to_str().unwrap().to_string();
     assert!(etag.starts_with('"'));
     assert_eq!(h["vary"], "Authorization, Accept-Encoding");
-    assert_eq!(h["cache-control"], "private, max-age=60");
+    assert_eq!(h["cache-control"], "private, no-cache");
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert_eq!(h["x-frame-options"], "DENY");
     assert!(h.contains_key("content-security-policy") && h.contains_key("referrer-policy"));

@@ -114,18 +114,21 @@ pub async fn with_representation<E: Endpoint>(
     let cacheable =
         (method == Method::GET || method == Method::HEAD) && resp.status() == StatusCode::OK;
     if !resp.headers().contains_key(header::CACHE_CONTROL) {
+        // Reads are revalidated every time (`no-cache`, answered 304 by the
+        // ETag while nothing changed): the server's own cache is invalidated
+        // by each write's event, a client's copy would not be, so a
+        // `max-age` would let a client show data older than its own write.
         let value = if cacheable && path.starts_with("/api/v2/") {
-            format!("private, max-age={}", state.config.cache_ttl.as_secs())
+            "private, no-cache"
         } else if cacheable
             && (path == "/openapi.json" || path.starts_with("/docs") || path.starts_with("/assets"))
         {
-            "no-cache".to_string()
+            "no-cache"
         } else {
-            "no-store".to_string()
+            "no-store"
         };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            resp.headers_mut().insert(header::CACHE_CONTROL, v);
-        }
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
     }
     let content_type = resp
         .headers()
