@@ -95,6 +95,33 @@ impl Dim {
             Dim::Day => "to_char(d, 'YYYY-MM-DD')",
         }
     }
+
+    /// Its SQL on the compared side, whose dates `d` were moved forward
+    /// `shift` months (`d0`: the date as stored). A weekday is the row's
+    /// own (Monday compares with Monday, not with the weekday a date a year
+    /// on falls on), and a week moved by whole years is the same ISO week
+    /// number that many ISO years on; the rest follow the moved date.
+    fn expr_shifted(self, shift: i32) -> String {
+        match self {
+            Dim::Weekday if shift != 0 => "extract(isodow FROM d0)::int".into(),
+            Dim::Week if shift != 0 && shift % 12 == 0 => format!(
+                "lpad((extract(isoyear FROM d0)::int + {})::text, 4, '0') || '-W' || to_char(d0, 'IW')",
+                shift / 12
+            ),
+            _ => self.expr().into(),
+        }
+    }
+
+    /// Whether its key on the compared side comes from the moved date, so
+    /// that a day with no counterpart after the move (29 February a year
+    /// on) must be left out.
+    fn follows_moved_day(self, shift: i32) -> bool {
+        match self {
+            Dim::Day => true,
+            Dim::Week => shift % 12 != 0,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -631,7 +658,7 @@ impl Summary {
         w.sql(name);
         w.sql(" AS (SELECT ");
         for (i, d) in self.group_by.iter().enumerate() {
-            w.sql(&format!("{} AS k{i}, ", d.expr()));
+            w.sql(&format!("{} AS k{i}, ", d.expr_shifted(shift)));
         }
         if self.group_by.contains(&Dim::Store) {
             w.sql("min(store_code) AS store_code, min(store_name) AS store_name, ");
@@ -654,12 +681,12 @@ impl Summary {
         };
         if daily {
             let day = "make_date(m.year, m.month, e.key::int)";
-            w.sql(&format!("{} AS d, ", moved(day)));
+            w.sql(&format!("{} AS d, {day} AS d0, ", moved(day)));
             w.sql("(e.value->>'sales')::numeric AS sales, (e.value->>'customers')::numeric AS customers, \
                    (e.value->>'transactions')::numeric AS transactions, 1 AS days \
                    FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id \
                    CROSS JOIN LATERAL jsonb_each(m.daily_data) e WHERE true");
-            if shift != 0 && self.group_by.iter().any(|d| d.daily()) {
+            if shift != 0 && self.group_by.iter().any(|d| d.follows_moved_day(shift)) {
                 // A day with no counterpart (29 February a year on) is left out.
                 w.sql(&format!(
                     " AND extract(day FROM {}) = e.key::int",
@@ -667,7 +694,10 @@ impl Summary {
                 ));
             }
         } else {
-            w.sql(&format!("{} AS d, ", moved(month_start)));
+            w.sql(&format!(
+                "{} AS d, {month_start} AS d0, ",
+                moved(month_start)
+            ));
             w.sql("m.total_sales AS sales, m.total_customers::numeric AS customers, \
                    NULL::numeric AS transactions, m.days_reported AS days \
                    FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE true");

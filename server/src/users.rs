@@ -438,10 +438,17 @@ async fn check_stores(
     Ok(stores)
 }
 
+/// A unique violation of the email index is a taken address; any other
+/// (an id sequence behind rows inserted by hand, say) is not the caller's
+/// doing and stays a database error.
 fn duplicate(e: sqlx::Error, email: &str) -> UserError {
-    match e.as_database_error().and_then(|d| d.code()).as_deref() {
-        Some("23505") => UserError::Duplicate(email.to_string()),
-        _ => UserError::Db(e),
+    let taken = e.as_database_error().is_some_and(|d| {
+        d.code().as_deref() == Some("23505") && d.constraint() == Some("users_email_key")
+    });
+    if taken {
+        UserError::Duplicate(email.to_string())
+    } else {
+        UserError::Db(e)
     }
 }
 

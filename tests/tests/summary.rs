@@ -388,3 +388,76 @@ async fn bad_input_scope_and_cache() {
     })
     .await;
 }
+
+/// A year-over-year comparison by weekday compares Monday with Monday (the
+/// same date a year earlier falls on another weekday), and by week the same
+/// ISO week number of the year before.
+#[tokio::test]
+async fn year_over_year_by_weekday_and_week_compares_like_with_like() {
+    let f = fixture().await;
+    let s = f.stores[0];
+    let body = get(
+        &f.admin,
+        &format!(
+            "groupBy=weekday&metrics=sumSales&storeId={s}&year=2024&month=3&compareTo=previousYear"
+        ),
+    )
+    .await;
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT cur.weekday, cur.\"sumSales\", prev.sales AS prev FROM
+               (SELECT extract(isodow FROM c.d)::int AS weekday, sum(c.sales) AS \"sumSales\"
+                FROM {c} WHERE c.store_id = {s} AND c.d BETWEEN '2024-03-01' AND '2024-03-31'
+                GROUP BY 1) cur
+             LEFT JOIN
+               (SELECT extract(isodow FROM p.d)::int AS weekday, sum(p.sales) AS sales
+                FROM {p} WHERE p.store_id = {s} AND p.d BETWEEN '2023-03-01' AND '2023-03-31'
+                GROUP BY 1) prev USING (weekday)
+             ORDER BY 1",
+            c = days("c"),
+            p = days("p"),
+        ),
+    )
+    .await;
+    let mut rows = body["data"].as_array().unwrap().clone();
+    rows.sort_by_key(|r| r["weekday"].as_i64());
+    assert_eq!(rows.len(), 7, "{body}");
+    for (a, e) in rows.iter().zip(&sql) {
+        assert_eq!(a["weekday"], e["weekday"]);
+        assert_eq!(num(&a["sumSales"]), num(&e["sumSales"]), "{a}");
+        assert_eq!(num(&a["previous"]["sumSales"]), num(&e["prev"]), "{a}");
+    }
+
+    let body = get(
+        &f.admin,
+        &format!("groupBy=week&metrics=sumSales&storeId={s}&from=2024-01&to=2024-03&compareTo=previousYear"),
+    )
+    .await;
+    let sql = sql_rows(
+        &f,
+        &format!(
+            "SELECT cur.week, cur.\"sumSales\", prev.sales AS prev FROM
+               (SELECT to_char(c.d, 'IYYY-\"W\"IW') AS week, sum(c.sales) AS \"sumSales\"
+                FROM {c} WHERE c.store_id = {s} AND c.d BETWEEN '2024-01-01' AND '2024-03-31'
+                GROUP BY 1) cur
+             LEFT JOIN
+               (SELECT (extract(isoyear FROM p.d)::int + 1)::text || '-W' || to_char(p.d, 'IW') AS week,
+                       sum(p.sales) AS sales
+                FROM {p} WHERE p.store_id = {s} AND p.d BETWEEN '2023-01-01' AND '2023-03-31'
+                GROUP BY 1) prev USING (week)
+             ORDER BY 1",
+            c = days("c"),
+            p = days("p"),
+        ),
+    )
+    .await;
+    let mut rows = body["data"].as_array().unwrap().clone();
+    rows.sort_by(|a, b| a["week"].as_str().cmp(&b["week"].as_str()));
+    assert_eq!(rows.len(), sql.len(), "{body}");
+    for (a, e) in rows.iter().zip(&sql) {
+        assert_eq!(a["week"], e["week"]);
+        assert_eq!(num(&a["sumSales"]), num(&e["sumSales"]), "{a}");
+        assert_eq!(num(&a["previous"]["sumSales"]), num(&e["prev"]), "{a}");
+    }
+}
