@@ -11,7 +11,17 @@
 -- The event log is pruned (sales.prune_events): versions older than what
 -- sales.events and sales.event_history still hold are gone, and the
 -- functions here say so rather than answer as if the record had no past.
--- Times are the writing transaction's start (`sales.events.created_at`).
+-- A version's time is its writing transaction's start
+-- (`sales.events.created_at`), or the time of the version before it when
+-- that is later: a transaction that started first may write a row after
+-- one that started later (it waited for the row's lock), and times must not
+-- go backwards, or `asOf` would show a version before its predecessor was
+-- written.
+--
+-- The walk from the row as it is now back to a version costs one step per
+-- newer version, so every reader here walks only as far as it needs; what
+-- the whole retained chain tells (its oldest version, the stores the record
+-- was in) is read from the events' columns, without rebuilding any month.
 --
 -- plpgsql, resolved when it runs; a change here needs the same change in
 -- the next upgrade script.
@@ -34,13 +44,15 @@ CREATE TYPE sales.record_version AS (version bigint, at timestamptz, event_id bi
     actor_id bigint, job_id bigint, store_id bigint, year integer, month integer, daily_after jsonb,
     before_store_id bigint, before_year integer, before_month integer, daily_before jsonb, known boolean);
 
--- The retained versions of one sales record, newest first: who wrote each
--- (actor, job), when, where the record was after and before it (store,
--- year, month) and its daily data after and before it. `known` is false
--- where the old values are not in the events (written before pg_sales
--- 0.3.0): the daily data before that version, and of every older one, is
--- then NULL. The walk stops at the first missing version (pruned).
-CREATE FUNCTION sales.record_versions(id bigint) RETURNS SETOF sales.record_version
+-- The retained versions of one sales record, newest first, down to
+-- version `down_to` (NULL: all of them): who wrote each (actor, job), when,
+-- where the record was after and before it (store, year, month) and its
+-- daily data after and before it. `known` is false where the old values
+-- are not in the events (written before pg_sales 0.3.0): the daily data
+-- before that version, and of every older one, is then NULL. The walk
+-- stops at the first missing version (pruned).
+CREATE FUNCTION sales.record_versions(id bigint, down_to bigint DEFAULT NULL)
+RETURNS SETOF sales.record_version
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     r record;
@@ -59,19 +71,24 @@ BEGIN
     state := cur_daily;
     expect := cur_version;
     FOR r IN
-        SELECT e.id AS eid, e.kind AS ekind, e.actor_id AS eactor, e.row_version AS ever,
-               e.payload AS p, e.created_at AS eat
-        FROM sales.events e
-        WHERE e.row_id = record_versions.id
-          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
-        UNION ALL
-        SELECT h.id, h.kind, h.actor_id, h.row_version, h.payload, h.created_at
-        FROM sales.event_history h
-        WHERE h.row_id = record_versions.id
-        ORDER BY 4 DESC, 1 DESC
+        SELECT x.eid, x.ekind, x.eactor, x.ever, x.p,
+               max(x.eat) OVER (ORDER BY x.ever, x.eid ROWS UNBOUNDED PRECEDING) AS eat
+        FROM (
+            SELECT e.id AS eid, e.kind AS ekind, e.actor_id AS eactor, e.row_version AS ever,
+                   e.payload AS p, e.created_at AS eat
+            FROM sales.events e
+            WHERE e.row_id = record_versions.id
+              AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+            UNION ALL
+            SELECT h.id, h.kind, h.actor_id, h.row_version, h.payload, h.created_at
+            FROM sales.event_history h
+            WHERE h.row_id = record_versions.id
+        ) x
+        ORDER BY x.ever DESC, x.eid DESC
     LOOP
         -- Versions are consecutive; a gap is where pruning cut.
         EXIT WHEN expect IS NOT NULL AND r.ever <> expect;
+        EXIT WHEN down_to IS NOT NULL AND r.ever < down_to;
         o.version := r.ever;
         o.at := r.eat;
         o.event_id := r.eid;
@@ -109,14 +126,50 @@ BEGIN
     END LOOP;
 END $$;
 
--- Every store a record belonged to, now and in its retained history (a
+-- The retained chain of a sales record's versions, read from the events'
+-- columns alone (no month rebuilt): the newest and oldest version the walk
+-- of sales.record_versions would reach, and the oldest one's kind. NULLs
+-- when it reaches none.
+CREATE FUNCTION sales.record_chain(id bigint, OUT newest bigint, OUT oldest bigint, OUT oldest_kind text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    r record;
+    expect bigint;
+BEGIN
+    SELECT m.version INTO expect FROM sales.monthly_sales m WHERE m.id = record_chain.id;
+    FOR r IN
+        SELECT e.row_version AS v, e.kind AS k, e.id AS eid FROM sales.events e
+        WHERE e.row_id = record_chain.id
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+        UNION ALL
+        SELECT h.row_version, h.kind, h.id FROM sales.event_history h WHERE h.row_id = record_chain.id
+        ORDER BY 1 DESC, 3 DESC
+    LOOP
+        EXIT WHEN expect IS NOT NULL AND r.v <> expect;
+        newest := coalesce(newest, r.v);
+        oldest := r.v;
+        oldest_kind := r.k;
+        expect := r.v - 1;
+        EXIT WHEN r.k = 'sales-data-created';
+    END LOOP;
+END $$;
+
+-- Every store a record belonged to, now and in its retained events (a
 -- caller sees a record's history only when all of them are in its scope).
+-- Read from the events' columns and the stores a move names, never by
+-- rebuilding versions: every retained event counts, also those past a gap
+-- in the versions, so the answer is never narrower than the history shown.
 CREATE FUNCTION sales.record_stores(id bigint) RETURNS bigint[]
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(array_agg(DISTINCT s ORDER BY s), '{}') FROM (
         SELECT m.store_id AS s FROM sales.monthly_sales m WHERE m.id = record_stores.id
         UNION ALL
-        SELECT unnest(ARRAY[v.store_id, v.before_store_id]) FROM sales.record_versions(record_stores.id) v
+        SELECT unnest(ARRAY[e.store_id, (e.payload->>'previousStoreId')::bigint]) FROM sales.events e
+        WHERE e.row_id = record_stores.id
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+        UNION ALL
+        SELECT unnest(ARRAY[h.store_id, (h.payload->>'previousStoreId')::bigint]) FROM sales.event_history h
+        WHERE h.row_id = record_stores.id
     ) x WHERE s IS NOT NULL
 $$;
 
@@ -177,8 +230,10 @@ DECLARE
     entries jsonb := '[]';
     n integer := 0;
     more boolean := false;
+    newest bigint;
     oldest bigint;
     oldest_kind text;
+    top bigint;
     last_version bigint;
     gone_through bigint;
 BEGIN
@@ -192,18 +247,20 @@ BEGIN
         RAISE EXCEPTION 'before_version: must be 1 or more' USING ERRCODE = '22023';
     END IF;
     SELECT m.version INTO cur_version FROM sales.monthly_sales m WHERE m.id = history.id;
-    FOR vs IN SELECT * FROM sales.record_versions(history.id) LOOP
-        oldest := vs.version;
-        oldest_kind := vs.kind;
-        CONTINUE WHEN before_version IS NOT NULL AND vs.version >= before_version;
-        IF n >= max_rows THEN
-            more := true;
-            CONTINUE;
-        END IF;
+    SELECT c.newest, c.oldest, c.oldest_kind INTO newest, oldest, oldest_kind
+    FROM sales.record_chain(history.id) c;
+    -- The page: versions below before_version, from the newest retained.
+    top := least(newest, before_version - 1);
+    IF top IS NULL THEN
+        top := newest;
+    END IF;
+    FOR vs IN SELECT * FROM sales.record_versions(history.id, top - max_rows + 1) LOOP
+        CONTINUE WHEN vs.version > top;
         entries := entries || sales.history_entry(vs);
         last_version := vs.version;
         n := n + 1;
     END LOOP;
+    more := n > 0 AND last_version > oldest;
     IF oldest IS NULL AND cur_version IS NULL THEN
         RETURN NULL;
     END IF;
@@ -239,9 +296,10 @@ CREATE FUNCTION sales.get_sales_as_of(id bigint, as_of timestamptz, fields text[
 RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
 DECLARE
     m sales.monthly_sales;
-    v sales.record_version;
     hit sales.record_version;
     have boolean := false;
+    newest bigint;
+    target bigint;
     oldest_version bigint;
     oldest_at timestamptz;
     created timestamptz;
@@ -256,18 +314,39 @@ BEGIN
     END IF;
     PERFORM sales.project('{}'::jsonb, fields, exclude);
     SELECT * INTO m FROM sales.monthly_sales x WHERE x.id = get_sales_as_of.id;
-    FOR v IN SELECT * FROM sales.record_versions(get_sales_as_of.id) LOOP
-        n := n + 1;
-        oldest_version := v.version;
-        oldest_at := v.at;
-        IF NOT have AND v.at <= as_of THEN
-            hit := v;
-            have := true;
+    -- Which version was current at as_of is read from the events' columns
+    -- (their times, made monotonic as sales.record_versions makes them);
+    -- the walk then goes only as far down as that version.
+    SELECT c.newest, c.oldest INTO newest, oldest_version FROM sales.record_chain(get_sales_as_of.id) c;
+    IF newest IS NOT NULL THEN
+        n := 1;
+        SELECT max(y.ever) FILTER (WHERE y.eff <= as_of AND y.ever BETWEEN oldest_version AND newest),
+               max(y.eff) FILTER (WHERE y.ever = oldest_version)
+        INTO target, oldest_at
+        FROM (
+            SELECT x.ever, max(x.eat) OVER (ORDER BY x.ever, x.eid ROWS UNBOUNDED PRECEDING) AS eff
+            FROM (
+                SELECT e.id AS eid, e.row_version AS ever, e.created_at AS eat FROM sales.events e
+                WHERE e.row_id = get_sales_as_of.id
+                  AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+                UNION ALL
+                SELECT h.id, h.row_version, h.created_at FROM sales.event_history h
+                WHERE h.row_id = get_sales_as_of.id
+            ) x
+        ) y;
+        IF target IS NOT NULL THEN
+            SELECT * INTO hit FROM sales.record_versions(get_sales_as_of.id, target) rv
+            WHERE rv.version = target;
+            have := FOUND;
         END IF;
-        IF v.kind = 'sales-data-created' THEN
-            created := v.at;
-        END IF;
-    END LOOP;
+    END IF;
+    SELECT x.at INTO created FROM (
+        SELECT e.created_at AS at FROM sales.events e
+        WHERE e.row_id = get_sales_as_of.id AND e.kind = 'sales-data-created'
+        UNION ALL
+        SELECT h.created_at FROM sales.event_history h
+        WHERE h.row_id = get_sales_as_of.id AND h.kind = 'sales-data-created'
+    ) x LIMIT 1;
     IF n = 0 AND m.id IS NULL THEN
         RETURN NULL;
     END IF;
@@ -276,7 +355,7 @@ BEGIN
         IF n = 0 AND m.updated_at <= as_of THEN
             -- Unchanged since before as_of: the row as it is.
             doc := sales.sales_doc(m);
-        ELSIF created IS NOT NULL OR m.created_at > as_of THEN
+        ELSIF coalesce(created, m.created_at) > as_of THEN
             RAISE EXCEPTION 'sales record % did not exist yet at %: it was created at %', id, as_of,
                 coalesce(created, m.created_at) USING ERRCODE = 'PS404';
         ELSE

@@ -500,3 +500,72 @@ async fn scope_and_retention() {
         .unwrap_err();
     assert_eq!(sales_e2e::sqlstate(&e).as_deref(), Some("22023"));
 }
+
+/// A transaction that started first but wrote a record after another one
+/// (it waited for the row) gets the later version with the earlier start
+/// time: a version's time is then its predecessor's, so times never go
+/// backwards, and `asOf` between the two starts gives the version before
+/// both, not the one written last.
+#[tokio::test]
+async fn a_version_written_by_an_older_transaction_is_not_dated_before_its_predecessor() {
+    let f = Fixture::start(1, &[]).await;
+    let s = f.stores[0];
+    let pool = &f.db.pool;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 1, '{\"1\": {\"sales\": 1}}') RETURNING id",
+    )
+    .bind(s)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let mut a = pool.begin().await.unwrap();
+    let started_a: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT now() FROM pg_sleep(0.01)")
+            .fetch_one(&mut *a)
+            .await
+            .unwrap();
+    let mut b = pool.begin().await.unwrap();
+    let started_b: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    assert!(started_b > started_a);
+    let set_day = |day: &'static str| {
+        sqlx::query(
+            "UPDATE sales.monthly_sales SET daily_data = daily_data || jsonb_build_object($2::text, '{\"sales\": 5}'::jsonb) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(day)
+    };
+    set_day("2").execute(&mut *b).await.unwrap();
+    b.commit().await.unwrap();
+    set_day("3").execute(&mut *a).await.unwrap();
+    a.commit().await.unwrap();
+
+    let between = started_a + (started_b - started_a) / 2;
+    let doc: Value = sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2)")
+        .bind(id)
+        .bind(between)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(doc["version"], 1, "{doc}");
+    assert_eq!(doc["dailyData"].as_object().unwrap().len(), 1, "{doc}");
+    let history: Value = sqlx::query_scalar("SELECT sales.history($1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let times: Vec<chrono::DateTime<chrono::Utc>> = history["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["at"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3, "{history}");
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first, never going backwards: {history}"
+    );
+}
