@@ -90,6 +90,22 @@ CREATE TRIGGER stores_events_upd AFTER UPDATE ON sales.stores
 CREATE TRIGGER stores_events_del AFTER DELETE ON sales.stores
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_stores_changed();
 
+-- TRUNCATE fires no row trigger: one `table-truncated` event per truncated
+-- table (payload {"table": ...}) tells readers that everything they hold
+-- from it is gone (the server clears its whole cache on it).
+CREATE FUNCTION sales.tg_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sales.events (kind, actor_id, payload)
+    VALUES ('table-truncated', sales.current_actor(), jsonb_build_object('table', TG_TABLE_NAME));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER monthly_sales_truncated AFTER TRUNCATE ON sales.monthly_sales
+    FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();
+CREATE TRIGGER stores_truncated AFTER TRUNCATE ON sales.stores
+    FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();
+
 -- Appends one event (announcements, notifications, batch summaries) and
 -- returns its id. `user_id` makes it a user-only event: set it only for
 -- events meant for that one user.

@@ -285,3 +285,24 @@ BEGIN
     END IF;
     RETURN sales.project(doc, fields, exclude);
 END $$;
+
+---------------------------------------------------------------------------
+-- TRUNCATE of the sales or store table writes a `table-truncated` event
+-- (events.sql), so readers' caches hear of it.
+---------------------------------------------------------------------------
+
+-- TRUNCATE fires no row trigger: one `table-truncated` event per truncated
+-- table (payload {"table": ...}) tells readers that everything they hold
+-- from it is gone (the server clears its whole cache on it).
+CREATE FUNCTION sales.tg_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sales.events (kind, actor_id, payload)
+    VALUES ('table-truncated', sales.current_actor(), jsonb_build_object('table', TG_TABLE_NAME));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER monthly_sales_truncated AFTER TRUNCATE ON sales.monthly_sales
+    FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();
+CREATE TRIGGER stores_truncated AFTER TRUNCATE ON sales.stores
+    FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();

@@ -549,3 +549,46 @@ async fn a_region_filtered_page_follows_its_stores_region() {
     .await;
     server.stop().await;
 }
+
+/// TRUNCATE fires no row trigger; its `table-truncated` event clears every
+/// cached answer, on the first level and in Redis alike.
+#[tokio::test]
+async fn a_truncated_table_leaves_nothing_cached() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let page = format!("/api/v2/sales?storeId={}&fields=totalSales", stores[0]);
+    let summary = format!("/api/v2/sales/summary?storeId={}", stores[1]);
+    for path in [&page, &summary] {
+        warm(&admin, path).await;
+    }
+    let (_, before) = admin.get(&summary).await;
+    assert!(
+        before["data"].as_array().is_some_and(|d| !d.is_empty()),
+        "{before}"
+    );
+
+    sqlx::query("TRUNCATE sales.monthly_sales")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let kind: String = sqlx::query_scalar("SELECT kind FROM sales.events ORDER BY id DESC LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kind, "table-truncated");
+    eventually(Duration::from_secs(30), "the page empty", || async {
+        let (_, b) = admin.get(&page).await;
+        b["data"]
+            .as_array()
+            .is_some_and(|d| d.is_empty())
+            .then_some(())
+    })
+    .await;
+    let (_, after) = admin.get(&summary).await;
+    assert_ne!(after["data"], before["data"], "{after}");
+    server.stop().await;
+}

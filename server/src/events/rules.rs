@@ -75,6 +75,7 @@ impl Event {
             Kind::Announcement => vec![(Channel(self::Channel::Announcements), Variant::Full)],
             Kind::ImportCompleted => vec![(Channel(self::Channel::Batch), Variant::Full)],
             k if k.is_user() => vec![(Channel(self::Channel::Admin), Variant::Full)],
+            Kind::TableTruncated => vec![(Channel(self::Channel::Admin), Variant::Full)],
             Kind::BatchCompleted => {
                 // The batch's author gets it on their own channel; admins may
                 // follow every batch.
@@ -114,6 +115,9 @@ impl Event {
             if let Some(r) = self.row_id {
                 tags.push(cache::tag_row(r));
             }
+        } else if self.kind == Kind::TableTruncated {
+            // Every row of the table went at once: everything cached is stale.
+            tags.push(cache::TAG_ALL.to_string());
         } else if self.kind.is_store() {
             tags.push(cache::TAG_STORES.to_string());
             // Store documents appear inside sales documents (`store.name`)
@@ -191,6 +195,16 @@ mod tests {
         }
         assert!(Channel::Admin.allowed(true, |_| true));
         assert!(!Channel::Admin.allowed(false, |_| true));
+    }
+
+    #[test]
+    fn a_truncated_table_clears_everything_and_tells_the_admins() {
+        let e = ev("table-truncated", None, json!({"table": "monthly_sales"}));
+        assert_eq!(
+            e.deliveries(),
+            vec![(Recipient::Channel(Channel::Admin), Variant::Full)]
+        );
+        assert_eq!(e.cache_tags(), vec![cache::TAG_ALL.to_string()]);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum Kind {
     UserUpdated,
     UserDeleted,
     SessionRevoked,
+    /// `TRUNCATE` of the sales or store table (payload `{"table": ...}`):
+    /// every cached answer is stale; to the admins' `admin` channel.
+    TableTruncated,
     /// A kind this server does not know; relayed to nobody.
     Other,
 }
@@ -52,6 +55,7 @@ impl Kind {
             "user-updated" => Kind::UserUpdated,
             "user-deleted" => Kind::UserDeleted,
             "session-revoked" => Kind::SessionRevoked,
+            "table-truncated" => Kind::TableTruncated,
             _ => Kind::Other,
         }
     }
