@@ -60,6 +60,16 @@ CREATE TRIGGER monthly_sales_events AFTER INSERT ON sales.monthly_sales
 CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_deleted();
 
+-- Logical replication applies rows with session_replication_role = replica,
+-- where the row trigger monthly_sales_row (which writes updates' events)
+-- does not fire. On a subscriber that wants events (monthly_sales_events
+-- enabled ALWAYS or REPLICA), this trigger writes applied updates' events;
+-- it fires in replica mode only, and writes nothing while
+-- monthly_sales_events is off or monthly_sales_row fires itself.
+CREATE TRIGGER monthly_sales_replica_updates AFTER UPDATE ON sales.monthly_sales
+    FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();
+ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_updates;
+
 CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

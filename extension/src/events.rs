@@ -60,6 +60,11 @@ fn tg_sales_changed<'a>(
             td,
             "sales.tg_sales_changed must run AFTER INSERT OR UPDATE ... FOR EACH ROW",
         );
+        if CStr::from_ptr((*td.tg_trigger).tgname).to_bytes() == b"monthly_sales_replica_updates"
+            && !replica_updates_need_events(td.tg_relation)
+        {
+            return Ok(None);
+        }
         let old_daily = row.old.and_then(|t| row.daily(t));
         write_row_event(
             &row,
@@ -93,19 +98,50 @@ pub(crate) unsafe fn updates_write_events(rel: pg_sys::Relation) -> bool {
         else {
             return false;
         };
-        let replica =
-            pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
-        let fires = match t.tgenabled as u8 {
-            b'D' => false,
-            b'A' => true,
-            b'R' => replica,
-            _ => !replica,
-        };
+        let fires = fires_in_session(t.tgenabled as u8);
         let kind = t.tgtype as u32;
         fires
             && kind & pg_sys::TRIGGER_TYPE_ROW != 0
             && kind & pg_sys::TRIGGER_TYPE_INSERT != 0
             && kind & pg_sys::TRIGGER_TYPE_UPDATE == 0
+    }
+}
+
+/// Whether `monthly_sales_replica_updates` (`AFTER UPDATE`, enabled for
+/// `session_replication_role = replica` only, as logical replication's
+/// apply runs) writes an update's event: when `monthly_sales_events` fires
+/// in this session (it was enabled `ALWAYS` or `REPLICA` on a subscriber
+/// that wants events) and the row trigger `monthly_sales_row`, which writes
+/// updates' events otherwise, does not.
+///
+/// # Safety
+/// `rel` is the relation of a trigger call in progress.
+unsafe fn replica_updates_need_events(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return false;
+        }
+        let triggers = std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize);
+        let fires = |name: &[u8]| {
+            triggers
+                .iter()
+                .find(|t| CStr::from_ptr(t.tgname).to_bytes() == name)
+                .is_some_and(|t| fires_in_session(t.tgenabled as u8))
+        };
+        fires(b"monthly_sales_events") && !fires(b"monthly_sales_row")
+    }
+}
+
+/// Whether a trigger enabled as `tgenabled` fires in this session.
+fn fires_in_session(tgenabled: u8) -> bool {
+    let replica = unsafe { pg_sys::SessionReplicationRole }
+        == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+    match tgenabled {
+        b'D' => false,
+        b'A' => true,
+        b'R' => replica,
+        _ => !replica,
     }
 }
 

@@ -1294,3 +1294,88 @@ async fn an_older_trigger_definition_gets_one_event_per_update() {
         .unwrap();
     assert_eq!(moved.payload["previousMonth"], 1, "{moved:?}");
 }
+
+/// Logical replication applies rows with `session_replication_role =
+/// replica`, where the row trigger that writes updates' events does not
+/// fire. A subscriber that enables `monthly_sales_events` for replica mode
+/// gets every applied write's event, each once; one that leaves it as
+/// shipped gets none; ordinary sessions are unaffected.
+#[tokio::test]
+async fn updates_applied_in_replica_mode_get_their_events() {
+    let db = TestDb::new().await;
+    let store = db.stores(1).await[0];
+    let kinds = |evs: &[Ev]| -> Vec<(String, i64)> {
+        evs.iter()
+            .map(|e| (e.kind.clone(), e.row_version.unwrap_or(0)))
+            .collect()
+    };
+    // An ordinary session: one event per write, as ever.
+    let start = max_event(&db).await;
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ({store}, 2024, 1, '{{\"1\": {{\"sales\": 1}}}}');
+             UPDATE sales.monthly_sales SET daily_data = daily_data || '{{\"2\": {{\"sales\": 2}}}}'
+             WHERE store_id = {store}"
+        ),
+    )
+    .await;
+    assert_eq!(
+        kinds(&events_after(&db, start).await),
+        vec![
+            ("sales-data-created".into(), 1),
+            ("sales-data-updated".into(), 2)
+        ]
+    );
+    // As the apply writes them: the publisher's columns, versions included.
+    let apply = |version: i64, day: i64| {
+        format!(
+            "BEGIN; SET LOCAL session_replication_role = replica;
+             UPDATE sales.monthly_sales SET version = {version},
+                 daily_data = daily_data || '{{\"{day}\": {{\"sales\": {day}}}}}'
+             WHERE store_id = {store} AND month = 1;
+             INSERT INTO sales.monthly_sales (store_id, year, month, daily_data, version)
+             VALUES ({store}, 2024, {version}, '{{\"1\": {{\"sales\": 1}}}}', 1);
+             COMMIT;"
+        )
+    };
+    // Shipped state (monthly_sales_events fires in origin mode only): none.
+    let start = max_event(&db).await;
+    exec(&db, &apply(3, 3)).await;
+    assert_eq!(events_after(&db, start).await.len(), 0);
+
+    exec(
+        &db,
+        "ALTER TABLE sales.monthly_sales ENABLE ALWAYS TRIGGER monthly_sales_events",
+    )
+    .await;
+    let start = max_event(&db).await;
+    exec(&db, &apply(4, 4)).await;
+    let got = events_after(&db, start).await;
+    assert_eq!(
+        kinds(&got),
+        vec![
+            ("sales-data-updated".into(), 4),
+            ("sales-data-created".into(), 1)
+        ]
+    );
+    assert_eq!(got[0].payload["changedDays"], json!(["4"]));
+    assert_eq!(got[0].payload["previousDays"], json!({"4": null}));
+
+    // The row trigger enabled for replica mode too writes the update's event
+    // itself: still one.
+    exec(
+        &db,
+        "ALTER TABLE sales.monthly_sales ENABLE ALWAYS TRIGGER monthly_sales_row",
+    )
+    .await;
+    let start = max_event(&db).await;
+    exec(&db, &apply(5, 5)).await;
+    let got = events_after(&db, start).await;
+    let updates = got
+        .iter()
+        .filter(|e| e.kind == "sales-data-updated")
+        .count();
+    assert_eq!(updates, 1, "{:?}", kinds(&got));
+}
