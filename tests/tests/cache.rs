@@ -592,3 +592,33 @@ async fn a_truncated_table_leaves_nothing_cached() {
     assert_ne!(after["data"], before["data"], "{after}");
     server.stop().await;
 }
+
+/// An answer computed again with the same data has the same ETag, so a
+/// client's `If-None-Match` still gets a 304 after the entry was dropped.
+#[tokio::test]
+async fn an_answer_computed_again_keeps_its_etag() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    for path in [
+        format!("/api/v2/sales?storeId={}&fields=totalSales", stores[0]),
+        format!("/api/v2/sales/summary?storeId={}", stores[0]),
+    ] {
+        let r = admin.req(reqwest::Method::GET, &path).send().await.unwrap();
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        let (st, body) = admin.post("/api/admin/cache/clear", &json!({})).await;
+        assert_eq!(st, 200, "{body}");
+        let r = admin
+            .req(reqwest::Method::GET, &path)
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 304, "{path}");
+        assert_eq!(r.headers()["x-cache"], "miss", "{path}: computed again");
+    }
+    server.stop().await;
+}

@@ -36,7 +36,6 @@ use sales_core::summary::Summary;
 use serde_json::{json, Value};
 use sqlx::{Postgres, QueryBuilder};
 use std::sync::Arc;
-use std::time::Instant;
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 200;
@@ -44,10 +43,6 @@ pub const MAX_OFFSET: i64 = 10_000;
 
 pub struct SalesApi {
     pub state: Arc<AppState>,
-}
-
-pub(super) fn ms(started: Instant) -> f64 {
-    (started.elapsed().as_secs_f64() * 1e5).round() / 100.0
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -97,7 +92,6 @@ impl SalesApi {
         #[oai(name = "includeMetadata")]
         include_metadata: Query<Option<bool>>,
     ) -> ApiResult<ListResponse> {
-        let started = Instant::now();
         let filter = SalesFilter::parse(&RawFilter {
             store_id: store_id.0,
             region: region.0,
@@ -164,7 +158,6 @@ impl SalesApi {
             offset,
             after: after.as_ref(),
             include_meta,
-            started,
         };
         let params = (
             &filter,
@@ -228,7 +221,6 @@ impl SalesApi {
             Option<f64>,
         >,
     ) -> ApiResult<SummaryResponse> {
-        let started = Instant::now();
         let filter = SalesFilter::parse(&RawFilter {
             store_id: store_id.0,
             region: region.0,
@@ -309,7 +301,6 @@ impl SalesApi {
                     "top": spec.top,
                     "groups": groups,
                     "truncated": groups > limit,
-                    "tookMs": ms(started),
                 });
                 Ok(format!("{{\"data\":{rows},\"meta\":{meta}}}"))
             },

@@ -1,6 +1,6 @@
 //! Listing: sort keys, keyset cursors, the list query and its page.
 
-use super::{ms, MAX_LIMIT};
+use super::MAX_LIMIT;
 use crate::auth::Principal;
 use crate::db::sql::Binds;
 use crate::http::error::{ApiError, ApiResult};
@@ -11,7 +11,6 @@ use sales_core::projection::Projection;
 use sales_core::sql::{push_sales_doc, push_terms, Term};
 use serde_json::{json, Value};
 use sqlx::{Postgres, QueryBuilder, Row};
-use std::time::Instant;
 
 /// A sortable key: (name, SQL expression, SQL type for cursor values).
 const SORT_KEYS: &[(&str, &str, &str)] = &[
@@ -186,7 +185,6 @@ pub struct ListQuery<'a> {
     pub offset: i64,
     pub after: Option<&'a Vec<String>>,
     pub include_meta: bool,
-    pub started: Instant,
 }
 
 /// The list query for `q`, built fresh for each attempt (binds are consumed).
@@ -258,7 +256,6 @@ pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> 
         let meta = json!({
             "fields": q.projection.fields, "exclude": q.projection.excluded, "count": rows.len(),
             "limit": q.limit, "limitClamped": q.requested > MAX_LIMIT, "nextCursor": next, "sort": q.spec,
-            "tookMs": ms(q.started),
         });
         body.push_str(",\"meta\":");
         body.push_str(&meta.to_string());

@@ -48,7 +48,6 @@ pub struct ListMeta {
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<String>,
     pub sort: String,
-    pub took_ms: f64,
 }
 
 #[derive(Object, Debug)]
