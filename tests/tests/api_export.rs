@@ -814,3 +814,46 @@ async fn disconnect_cancels_the_query_and_the_limit_answers_429() {
     )
     .await;
 }
+
+/// A store name or region a spreadsheet would run as a formula is written
+/// to CSV with a leading `'` (shown as text); JSON keeps it as it is.
+#[tokio::test]
+async fn csv_cells_that_look_like_formulas_are_written_as_text() {
+    let f = fixture(&[]).await;
+    seed(&f).await;
+    let formula = "=HYPERLINK(\"http://evil.example\",\"x\")";
+    sqlx::query("UPDATE sales.stores SET name = $1, region = '@SUM(1)' WHERE id = $2")
+        .bind(formula)
+        .bind(f.stores[0])
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let s = f.stores[0];
+    let e = export(&f.admin, &format!("storeId={s}&format=csv"), None).await;
+    assert_eq!(e.status, 200);
+    let (header, rows) = csv_records(&e.body);
+    let name = header.iter().position(|h| h == "store_name").unwrap();
+    let region = header.iter().position(|h| h == "region").unwrap();
+    assert!(!rows.is_empty());
+    for r in &rows {
+        assert_eq!(r[name], format!("'{formula}"));
+        assert_eq!(r[region], "'@SUM(1)");
+    }
+    let e = export(
+        &f.admin,
+        &format!("storeId={s}&format=csv&shape=daily"),
+        None,
+    )
+    .await;
+    let (header, rows) = csv_records(&e.body);
+    let name = header.iter().position(|h| h == "store_name").unwrap();
+    assert!(rows.iter().all(|r| r[name] == format!("'{formula}")));
+    let e = export(
+        &f.admin,
+        &format!("storeId={s}&format=ndjson&shape=daily"),
+        None,
+    )
+    .await;
+    assert!(ndjson(&e.body).iter().all(|d| d["storeName"] == formula));
+    f.server.stop().await;
+}

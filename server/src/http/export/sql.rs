@@ -106,9 +106,11 @@ pub fn build_sql(spec: &ExportSpec<'_>) -> ExportSql {
                 ExportFormat::Csv => {
                     let mut c = format!(
                         "{MONTH_KEY} AS key, m.store_id AS store_id, s.code AS store_code, \
-                         s.name AS store_name, s.region AS region, m.year AS year, m.month AS month, \
+                         {} AS store_name, {} AS region, m.year AS year, m.month AS month, \
                          m.total_sales AS total_sales, m.total_customers AS total_customers, \
-                         m.days_reported AS days_reported"
+                         m.days_reported AS days_reported",
+                        csv_text("s.name"),
+                        csv_text("s.region")
                     );
                     for d in 1..=31 {
                         let _ = write!(
@@ -165,8 +167,9 @@ pub fn build_sql(spec: &ExportSpec<'_>) -> ExportSql {
             let cols = match spec.format {
                 ExportFormat::Csv => format!(
                     "{DAY_KEY} AS key, m.store_id AS store_id, s.code AS store_code, \
-                     s.name AS store_name, {DATE} AS date, e.v->>'sales' AS sales, \
-                     e.v->>'customers' AS customers, e.v->>'transactions' AS transactions"
+                     {} AS store_name, {DATE} AS date, e.v->>'sales' AS sales, \
+                     e.v->>'customers' AS customers, e.v->>'transactions' AS transactions",
+                    csv_text("s.name")
                 ),
                 ExportFormat::Json | ExportFormat::Ndjson => format!(
                     "'{{\"key\":\"' || {DAY_KEY} || '\",\"storeId\":' || m.store_id || \
@@ -201,6 +204,19 @@ fn copy_statement(select: &str, format: ExportFormat, header: bool) -> String {
             "COPY ({select}) TO STDOUT WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')"
         ),
     }
+}
+
+/// A free-text column as a CSV cell: text that a spreadsheet would take for
+/// a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
+/// return) gets a leading `'`, which spreadsheets show as text (OWASP's
+/// advice on CSV injection). Store names and regions only: keys, dates and
+/// numbers cannot start so, and codes hold only letters, digits, `_` and
+/// `-`.
+fn csv_text(col: &str) -> String {
+    format!(
+        "CASE WHEN left({col}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) \
+         THEN '''' || {col} ELSE {col} END"
+    )
 }
 
 #[cfg(test)]
