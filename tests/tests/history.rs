@@ -569,3 +569,60 @@ async fn a_version_written_by_an_older_transaction_is_not_dated_before_its_prede
         "newest first, never going backwards: {history}"
     );
 }
+
+/// A history names each version's actor by their email as it is now: a
+/// cached page follows the user's change of email and their deletion.
+#[tokio::test]
+async fn a_cached_history_follows_its_actors_changes() {
+    // Entries live longer than the waits below: only invalidation can pass.
+    let f = Fixture::start(1, &[("CACHE_TTL", "3600s")]).await;
+    let s = f.stores[0];
+    let (uid, token) = user_token(&f.db, &f.server, "writer@x.test", "manager", &[s]).await;
+    let writer = Api::new(&f.server, Some(&token));
+    let (st, body) = writer
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": day(1.0, 1)}}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1")
+        .bind(s)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    let path = format!("/api/v2/sales/{id}/history");
+    let email = |b: &Value| b["data"][0]["actor"]["email"].clone();
+    eventually(WAIT, "the history cached", || async {
+        let r = f.admin.req(reqwest::Method::GET, &path).send().await.ok()?;
+        let hit = r.headers().get("x-cache").is_some_and(|v| v == "hit");
+        let b: Value = r.json().await.ok()?;
+        (hit && email(&b) == "writer@x.test").then_some(())
+    })
+    .await;
+    let r = f
+        .admin
+        .req(reqwest::Method::PATCH, &format!("/api/v2/users/{uid}"))
+        .json(&json!({"email": "renamed@x.test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    eventually(WAIT, "the new email in the history", || async {
+        let (_, b) = f.admin.get(&path).await;
+        (email(&b) == "renamed@x.test").then_some(())
+    })
+    .await;
+    let r = f
+        .admin
+        .req(reqwest::Method::DELETE, &format!("/api/v2/users/{uid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    eventually(WAIT, "no email once the user is gone", || async {
+        let (_, b) = f.admin.get(&path).await;
+        b["data"][0]["actor"]["email"].is_null().then_some(())
+    })
+    .await;
+}

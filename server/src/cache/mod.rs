@@ -31,6 +31,8 @@ pub const TAG_ALL: &str = "all";
 pub const TAG_SALES_ALL: &str = "sales:all";
 /// Entries that depend on the store list.
 pub const TAG_STORES: &str = "stores";
+/// Entries that show users' details (a history's actors and their emails).
+pub const TAG_USERS: &str = "users";
 
 pub fn tag_store(store: i64) -> String {
     format!("store:{store}")

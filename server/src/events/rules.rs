@@ -115,6 +115,9 @@ impl Event {
             if let Some(r) = self.row_id {
                 tags.push(cache::tag_row(r));
             }
+        } else if matches!(self.kind, Kind::UserUpdated | Kind::UserDeleted) {
+            // Histories show their actors' emails as they are now.
+            tags.push(cache::TAG_USERS.to_string());
         } else if self.kind == Kind::TableTruncated {
             // Every row of the table went at once: everything cached is stale.
             tags.push(cache::TAG_ALL.to_string());
@@ -191,7 +194,16 @@ mod tests {
                 vec![(Recipient::Channel(Channel::Admin), Variant::Full)],
                 "{kind}"
             );
-            assert!(e.cache_tags().is_empty());
+            let shown = matches!(kind, "user-updated" | "user-deleted");
+            assert_eq!(
+                e.cache_tags(),
+                if shown {
+                    vec![cache::TAG_USERS.to_string()]
+                } else {
+                    vec![]
+                },
+                "{kind}"
+            );
         }
         assert!(Channel::Admin.allowed(true, |_| true));
         assert!(!Channel::Admin.allowed(false, |_| true));

@@ -403,7 +403,12 @@ impl SalesApi {
                 format!("must be between 1 and {MAX_HISTORY_LIMIT}"),
             ));
         }
-        let tags = vec![crate::cache::tag_row(id.0)];
+        // Each version names its actor by their email now: a user's change
+        // or deletion makes the page stale too.
+        let tags = vec![
+            crate::cache::tag_row(id.0),
+            crate::cache::TAG_USERS.to_string(),
+        ];
         let params = (id.0, limit, before_version.0);
         let body = cached(&self.state, "sales.history", &params, &auth.0, tags, || {
             history::history_body(&self.state, id.0, &auth.0, limit, before_version.0)
