@@ -857,3 +857,67 @@ async fn csv_cells_that_look_like_formulas_are_written_as_text() {
     assert!(ndjson(&e.body).iter().all(|d| d["storeName"] == formula));
     f.server.stop().await;
 }
+
+/// A user disabled while their export streams gets no more of it: the
+/// transfer is cut (never ended as if complete).
+#[tokio::test]
+async fn an_export_stops_when_its_user_is_disabled() {
+    let f = fixture(&[]).await;
+    // About 500,000 store-days, far more than the queue and the socket
+    // buffers hold while the client does not read.
+    sqlx::query(
+        "INSERT INTO sales.stores (code, name, region)
+         SELECT 'X' || g, 'Store ' || g, 'North' FROM generate_series(1, 150) g",
+    )
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         SELECT s.id, y, mo, (SELECT jsonb_object_agg(d::text, jsonb_build_object('sales', d * 10 + 0.5, 'customers', d))
+                              FROM generate_series(1, 28) d)
+         FROM sales.stores s, generate_series(2011, 2020) y, generate_series(1, 12) mo
+         WHERE s.code LIKE 'X%'",
+    )
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    let (uid, token) = user_token(&f.db, &f.server, "exporter@x.test", "admin", &[]).await;
+    let exporter = Api::new(&f.server, Some(&token));
+    let mut r = exporter
+        .req(
+            reqwest::Method::GET,
+            "/api/v2/sales/export?format=csv&shape=daily",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut got = r.chunk().await.unwrap().map_or(0, |c| c.len());
+    assert!(got > 0);
+    let d = f
+        .admin
+        .req(reqwest::Method::PATCH, &format!("/api/v2/users/{uid}"))
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(d.status().as_u16(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match r.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => return Ok(got),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the export ends in time");
+    assert!(
+        ended.is_err(),
+        "cut, not complete: {got} bytes then a clean end"
+    );
+    assert!(got < 20_000_000, "{got} bytes");
+    f.server.stop().await;
+}

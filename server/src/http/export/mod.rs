@@ -301,6 +301,7 @@ impl ExportApi {
             header: csv_header,
             state: self.state.clone(),
             user_id: auth.0.user_id,
+            principal: auth.0.clone(),
             export_id: export_id.clone(),
             // HTTP/2 ends a failed stream with RST_STREAM on its own; an
             // HTTP/1.1 connection must be broken (see `crate::listener`).

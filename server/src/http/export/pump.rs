@@ -29,6 +29,8 @@ pub(super) struct Job {
     pub(super) header: bool,
     pub(super) state: Arc<AppState>,
     pub(super) user_id: i64,
+    /// The caller, checked against revocations as the export goes on.
+    pub(super) principal: crate::auth::Principal,
     pub(super) export_id: String,
     /// The HTTP/1.1 connection to break if the export fails mid-stream.
     pub(super) break_on_failure: Option<(poem::web::LocalAddr, poem::web::RemoteAddr)>,
@@ -57,6 +59,9 @@ pub(super) enum Stop {
     /// The client stopped reading for EXPORT_STALL_TIMEOUT: its connection
     /// is still open, so the transfer is cut like a failed one.
     Stalled,
+    /// The caller's access ended while the export ran (disabled, deleted,
+    /// scope or session changed): the transfer is cut.
+    Revoked(crate::access::Revoked),
     Db(sqlx::Error),
     Io(io::Error),
     /// EXPORT_MAX_DURATION reached (a client reading just fast enough to
@@ -70,6 +75,7 @@ impl std::fmt::Display for Stop {
         match self {
             Stop::Cancelled(why) => f.write_str(why),
             Stop::Stalled => f.write_str("client stopped reading"),
+            Stop::Revoked(why) => write!(f, "access ended: {}", why.message()),
             Stop::Db(e) => write!(f, "database: {e}"),
             Stop::Io(e) => write!(f, "encoding: {e}"),
             Stop::Expired => f.write_str("EXPORT_MAX_DURATION reached"),
@@ -206,6 +212,10 @@ pub(super) async fn run(
                 Stop::Stalled => {
                     tracing::info!(export_id = %job.export_id, rows, reason = "client stopped reading", "export cancelled");
                     RunState::Cancelled
+                }
+                Stop::Revoked(why) => {
+                    tracing::info!(export_id = %job.export_id, rows, reason = why.message(), "export stopped: access ended");
+                    RunState::Failed(format!("access ended: {}", why.message()))
                 }
                 Stop::Expired => {
                     tracing::warn!(export_id = %job.export_id, rows, "export stopped at EXPORT_MAX_DURATION");
@@ -403,6 +413,7 @@ pub(super) async fn stream(
             }
         }
         if buf.len() >= CHUNK {
+            still_allowed(job)?;
             let chunk = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 4096));
             send(tx, enc.encode(chunk)?, bytes_out).await?;
             progress.send_modify(|s| s.rows = count);
@@ -413,11 +424,23 @@ pub(super) async fn stream(
     if job.format == ExportFormat::Json {
         buf.extend_from_slice(if count == 0 { b"]\n" } else { b"\n]\n" });
     }
+    still_allowed(job)?;
     let tail = enc.encode(buf)?;
     send(tx, tail, bytes_out).await?;
     send(tx, enc.finish()?, bytes_out).await?;
     progress.send_modify(|s| s.rows = count);
     Ok(())
+}
+
+/// Whether the caller still has access, as a request would be judged now
+/// (checked from memory before each chunk): a user disabled, deleted or
+/// given another scope while their export runs gets no more of it.
+fn still_allowed(job: &Job) -> Result<(), Stop> {
+    job.state
+        .auth
+        .revocations()
+        .check_token(&job.principal)
+        .map_err(Stop::Revoked)
 }
 
 #[cfg(test)]
