@@ -133,8 +133,13 @@ pub async fn prune_events(
     retention: Duration,
     history_retention: Duration,
 ) -> Result<i64, sqlx::Error> {
+    // Pruned histories are shorter than what readers may hold: an
+    // `events-pruned` event, written with the pruning, makes every cached
+    // history and past version stale.
     sqlx::query_scalar(
-        "SELECT sales.prune_events(make_interval(secs => $1), make_interval(secs => $2))",
+        "WITH p AS (SELECT sales.prune_events(make_interval(secs => $1), make_interval(secs => $2)) AS n)
+         SELECT n FROM p, LATERAL (SELECT CASE WHEN n > 0
+             THEN sales.emit('events-pruned', jsonb_build_object('pruned', n)) END) e",
     )
     .bind(retention.as_secs_f64())
     .bind(history_retention.as_secs_f64())

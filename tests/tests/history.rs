@@ -626,3 +626,48 @@ async fn a_cached_history_follows_its_actors_changes() {
     })
     .await;
 }
+
+/// Pruning by `sales-server maintain` makes cached histories stale: a page
+/// cached as complete is not served once its versions were pruned.
+#[tokio::test]
+async fn a_cached_history_follows_pruning() {
+    // Entries live longer than the wait below: only invalidation can pass.
+    let f = Fixture::start(1, &[("CACHE_TTL", "3600s")]).await;
+    let s = f.stores[0];
+    for d in 1..=2 {
+        let (st, body) = f
+            .admin
+            .post(
+                "/api/v2/sales/batch",
+                &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {d.to_string(): day(1.0, 1)}}]}),
+            )
+            .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1")
+        .bind(s)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    let path = format!("/api/v2/sales/{id}/history");
+    eventually(WAIT, "the complete history cached", || async {
+        let r = f.admin.req(reqwest::Method::GET, &path).send().await.ok()?;
+        let hit = r.headers().get("x-cache").is_some_and(|v| v == "hit");
+        let b: Value = r.json().await.ok()?;
+        (hit && b["meta"]["complete"] == true).then_some(())
+    })
+    .await;
+    let pruned = sales_server::maintain::prune_events(
+        &f.db.pool,
+        Duration::from_secs(0),
+        Duration::from_secs(0),
+    )
+    .await
+    .unwrap();
+    assert!(pruned >= 2, "{pruned}");
+    eventually(WAIT, "the pruned history", || async {
+        let (st, b) = f.admin.get(&path).await;
+        (st == 410 || b["meta"]["complete"] == false).then_some(())
+    })
+    .await;
+}

@@ -33,6 +33,9 @@ pub const TAG_SALES_ALL: &str = "sales:all";
 pub const TAG_STORES: &str = "stores";
 /// Entries that show users' details (a history's actors and their emails).
 pub const TAG_USERS: &str = "users";
+/// Entries read from the event log's past (histories, past versions):
+/// pruning makes them stale.
+pub const TAG_HISTORY: &str = "history";
 
 pub fn tag_store(store: i64) -> String {
     format!("store:{store}")

@@ -118,6 +118,8 @@ impl Event {
         } else if matches!(self.kind, Kind::UserUpdated | Kind::UserDeleted) {
             // Histories show their actors' emails as they are now.
             tags.push(cache::TAG_USERS.to_string());
+        } else if self.kind == Kind::EventsPruned {
+            tags.push(cache::TAG_HISTORY.to_string());
         } else if self.kind == Kind::TableTruncated {
             // Every row of the table went at once: everything cached is stale.
             tags.push(cache::TAG_ALL.to_string());
@@ -217,6 +219,13 @@ mod tests {
             vec![(Recipient::Channel(Channel::Admin), Variant::Full)]
         );
         assert_eq!(e.cache_tags(), vec![cache::TAG_ALL.to_string()]);
+    }
+
+    #[test]
+    fn pruning_makes_histories_stale_and_goes_to_nobody() {
+        let e = ev("events-pruned", None, json!({"pruned": 5}));
+        assert!(e.deliveries().is_empty());
+        assert_eq!(e.cache_tags(), vec![cache::TAG_HISTORY.to_string()]);
     }
 
     #[test]

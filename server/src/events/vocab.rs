@@ -33,6 +33,9 @@ pub enum Kind {
     /// `TRUNCATE` of the sales or store table (payload `{"table": ...}`):
     /// every cached answer is stale; to the admins' `admin` channel.
     TableTruncated,
+    /// `sales-server maintain` pruned the log (payload `{"pruned": n}`):
+    /// cached histories are stale; relayed to nobody.
+    EventsPruned,
     /// A kind this server does not know; relayed to nobody.
     Other,
 }
@@ -56,6 +59,7 @@ impl Kind {
             "user-deleted" => Kind::UserDeleted,
             "session-revoked" => Kind::SessionRevoked,
             "table-truncated" => Kind::TableTruncated,
+            "events-pruned" => Kind::EventsPruned,
             _ => Kind::Other,
         }
     }

@@ -330,6 +330,7 @@ impl SalesApi {
             let tags = vec![
                 crate::cache::tag_row(id.0),
                 crate::cache::TAG_STORES.to_string(),
+                crate::cache::TAG_HISTORY.to_string(),
             ];
             let params = (id.0, at, &projection.fields, &projection.excluded);
             let body = cached(
@@ -408,6 +409,7 @@ impl SalesApi {
         let tags = vec![
             crate::cache::tag_row(id.0),
             crate::cache::TAG_USERS.to_string(),
+            crate::cache::TAG_HISTORY.to_string(),
         ];
         let params = (id.0, limit, before_version.0);
         let body = cached(&self.state, "sales.history", &params, &auth.0, tags, || {
