@@ -283,7 +283,8 @@ async fn a_pruned_id_requires_resync_and_the_connection_goes_on() {
 #[tokio::test]
 async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
     let db = TestDb::new().await;
-    let s1 = db.stores(1).await[0];
+    let stores = db.stores(2).await;
+    let (s1, s2) = (stores[0], stores[1]);
     let server = db.server(&[]).await;
     let t = token(1, "admin", &[]);
     let channel = format!("sales-data-{s1}");
@@ -302,12 +303,46 @@ async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
     upsert(&db, vec![record(s1, 2024, 2, 1, 1)]).await;
     relayed_all(&db, &server).await;
 
+    let other: i64 =
+        sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND month = 2")
+            .bind(s1)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+
     let mut c = Client::connect(server.addr, &t).await;
     c.subscribe(&channel).await;
+    c.subscribe("stores").await;
     upsert(&db, vec![record(s1, 2024, 1, 4, 1)]).await;
     let live = c.event().await;
     assert_eq!(live["data"]["id"], row);
     let live_version = live["data"]["version"].as_i64().unwrap();
+    // A store whose id is the other row's, at a higher version, live too:
+    // store and sales ids overlap, and a store's version says nothing of a
+    // sales row's.
+    if other != s2 {
+        sqlx::query(
+            "INSERT INTO sales.stores (id, code, name, region) VALUES ($1, 'SAMEID', 'Same id', 'North')",
+        )
+        .bind(other)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(c.event().await["event"], "store-created");
+    }
+    sqlx::query(
+        "UPDATE sales.stores SET name = name || ' renamed', version = version + 5 WHERE id = $1",
+    )
+    .bind(other)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let renamed = c.event().await;
+    assert_eq!(renamed["event"], "store-updated");
+    assert!(
+        renamed["data"]["version"].as_i64().unwrap() > 1,
+        "{renamed}"
+    );
     c.send(json!({"type": "resume", "lastEventId": last})).await;
     let (got, resumed) = after_resume(&mut c, 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
@@ -318,6 +353,7 @@ async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
     assert_ne!(got[0]["data"]["id"], row);
     assert_eq!(resumed["replayed"], 1, "{resumed}");
     assert_eq!(resumed["superseded"], 2, "{resumed}");
+    assert_eq!(resumed["supersededRows"], json!([row]), "{resumed}");
 
     // Live delivery goes on, the row's versions still going up.
     upsert(&db, vec![record(s1, 2024, 1, 5, 1)]).await;

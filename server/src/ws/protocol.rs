@@ -95,9 +95,22 @@ pub fn pong() -> String {
 }
 
 /// Sent when a replay ends: `replayed` events came from the log; live events follow.
-pub fn resumed(last_event_id: i64, replayed: u64, superseded: u64, position: i64) -> String {
+/// `superseded`: replayed events skipped because their row had already come
+/// live in a newer version; `supersededRows`: those rows (at most 1,000;
+/// `supersededRowsCut` when there were more), whose newer events name only
+/// the days they changed themselves, so a client keeping days reloads them;
+/// `supersededRowsCut` says the list reached its limit and may be cut.
+pub fn resumed(
+    last_event_id: i64,
+    replayed: u64,
+    superseded: u64,
+    superseded_rows: &[i64],
+    position: i64,
+) -> String {
+    let distinct_rows = superseded_rows.len();
     json!({"type": "resumed", "lastEventId": last_event_id, "replayed": replayed,
-           "superseded": superseded, "position": position})
+           "superseded": superseded, "supersededRows": superseded_rows,
+           "supersededRowsCut": distinct_rows >= 1000, "position": position})
     .to_string()
 }
 

@@ -11,10 +11,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Events read from the log per query during a replay.
 const REPLAY_PAGE: i32 = 500;
+/// Rows named in `resumed.supersededRows` at most (past it the client is
+/// told the list is cut and reloads what it shows).
+const MAX_SUPERSEDED_ROWS: usize = 1000;
 
 enum ReplayEnd {
-    /// From where, events replayed, events skipped as superseded.
-    Done(crate::events::Pos, u64, u64),
+    /// From where, events replayed, events skipped as superseded and the
+    /// rows they were of.
+    Done(crate::events::Pos, u64, u64, Vec<i64>),
     Pruned,
     TooLong,
     Closed,
@@ -54,6 +58,7 @@ pub(super) async fn replay(
         };
         let mut count = 0u64;
         let mut superseded = 0u64;
+        let mut superseded_rows: Vec<i64> = Vec::new();
         if from < snap.upto {
             // A client that subscribed before resuming may have had newer
             // versions of some rows live already: the older ones the replay
@@ -81,9 +86,16 @@ pub(super) async fn replay(
                         break 'pages;
                     }
                     if let Some(variant) = snap.wants(&conn, e) {
-                        if let (Some(row), Some(version)) = (e.row_id, e.row_version) {
+                        if let (true, Some(row), Some(version)) =
+                            (e.kind.is_sales(), e.row_id, e.row_version)
+                        {
                             if newest.get(&row).is_some_and(|v| *v > version) {
                                 superseded += 1;
+                                if superseded_rows.len() < MAX_SUPERSEDED_ROWS
+                                    && !superseded_rows.contains(&row)
+                                {
+                                    superseded_rows.push(row);
+                                }
                                 continue;
                             }
                         }
@@ -103,7 +115,7 @@ pub(super) async fn replay(
                 }
             }
         }
-        Ok(ReplayEnd::Done(from, count, superseded))
+        Ok(ReplayEnd::Done(from, count, superseded, superseded_rows))
     };
     let resync = |msg: &str| {
         hub.counters.resync_required.fetch_add(1, Relaxed);
@@ -116,14 +128,14 @@ pub(super) async fn replay(
         );
     };
     match tokio::time::timeout(hub.cfg.replay_timeout, run).await {
-        Ok(Ok(ReplayEnd::Done(from, count, superseded))) => {
+        Ok(Ok(ReplayEnd::Done(from, count, superseded, rows))) => {
             let seam = from.max(snap.upto);
             hub.finish_resume(
                 &conn,
                 &snap,
                 seam,
                 Some(from),
-                protocol::resumed(last_event_id, count, superseded, seam.id),
+                protocol::resumed(last_event_id, count, superseded, &rows, seam.id),
             );
         }
         Ok(Ok(ReplayEnd::Closed)) => {}
@@ -190,7 +202,9 @@ async fn newest_live(
             if live > hub.cfg.replay_max_events {
                 return Ok(None);
             }
-            if let (Some(row), Some(version)) = (e.row_id, e.row_version) {
+            // Sales rows only: a store's events carry its id as `row_id`,
+            // and ids of the two tables overlap.
+            if let (true, Some(row), Some(version)) = (e.kind.is_sales(), e.row_id, e.row_version) {
                 let v = newest.entry(row).or_insert(version);
                 *v = (*v).max(version);
             }
