@@ -31,9 +31,13 @@ impl HealthApi {
 /// they make at most a few queries a second and hold one pool connection.
 const PROBE_REUSE: Duration = Duration::from_secs(1);
 
-/// The result of the last probe and when it started; the lock is held
+/// The longest one probe's query waits (a connection that hangs must not
+/// hold every caller that shares the probe).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The result of the last probe and when it finished; the lock is held
 /// while a probe runs, so callers that arrive meanwhile wait for its
-/// result instead of probing again.
+/// result instead of probing again, and take it however long it took.
 struct Shared<T> {
     reuse: Duration,
     last: tokio::sync::Mutex<Option<(Instant, T)>>,
@@ -55,29 +59,39 @@ impl<T> Shared<T> {
 }
 
 impl<T: Clone> Shared<T> {
-    /// A result no older than the reuse window, probing when there is none.
+    /// A result that finished after this call began, or within the reuse
+    /// window; else a probe of its own.
     async fn get<F: std::future::Future<Output = T>>(&self, probe: impl FnOnce() -> F) -> T {
+        let arrived = Instant::now();
         let mut last = self.last.lock().await;
-        if let Some((at, v)) = last.as_ref() {
-            if at.elapsed() < self.reuse {
+        if let Some((done, v)) = last.as_ref() {
+            if *done >= arrived || done.elapsed() < self.reuse {
                 return v.clone();
             }
         }
-        let at = Instant::now();
         let v = probe().await;
-        *last = Some((at, v.clone()));
+        *last = Some((Instant::now(), v.clone()));
         v
     }
 
-    /// A fresh probe (for an admin), kept for the callers after it.
+    /// A fresh probe (for an admin), not queued behind others; kept for
+    /// the callers after it when no probe is running.
     async fn fresh<F: std::future::Future<Output = T>>(&self, probe: impl FnOnce() -> F) -> T {
-        let at = Instant::now();
         let v = probe().await;
-        let mut last = self.last.lock().await;
-        if last.as_ref().is_none_or(|(t, _)| *t < at) {
-            *last = Some((at, v.clone()));
+        if let Ok(mut last) = self.last.try_lock() {
+            *last = Some((Instant::now(), v.clone()));
         }
         v
+    }
+}
+
+/// `f`, or an error once [`PROBE_TIMEOUT`] has passed.
+async fn bounded<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
     }
 }
 
@@ -162,14 +176,10 @@ fn event_delivery(holders: Vec<crate::events::holders::Holder>, admin: bool) -> 
 /// Postgres, Redis and what holds delivery back, as found now.
 async fn probe_health(state: &AppState) -> HealthProbe {
     let started = Instant::now();
-    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&state.pool)
+    let postgres = bounded(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool))
         .await
         .map(|_| ms(started.elapsed()))
-        .map_err(|e| {
-            tracing::warn!(error = %e, "health: postgres unreachable");
-            e.to_string()
-        });
+        .inspect_err(|e| tracing::warn!(error = %e, "health: postgres unreachable"));
     let redis = state.redis_ping().await.map(|r| r.map(ms));
     let holders = tokio::time::timeout(
         Duration::from_secs(2),
@@ -326,15 +336,18 @@ impl HealthApi {
     async fn probe_ready(&self) -> Readiness {
         let mut problems = Vec::new();
         let expected = crate::db::MIGRATOR.iter().count() as i64;
-        let ext: Result<Option<String>, _> = sqlx::query_scalar(
-            "SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'",
+        let ext: Result<Option<String>, _> = bounded(
+            sqlx::query_scalar(
+                "SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'",
+            )
+            .fetch_optional(&self.state.pool),
         )
-        .fetch_optional(&self.state.pool)
         .await;
-        let applied: Result<i64, _> =
+        let applied: Result<i64, _> = bounded(
             sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.state.pool)
-                .await;
+                .fetch_one(&self.state.pool),
+        )
+        .await;
         let extension_version = match ext {
             Ok(v) => v,
             Err(e) => {
@@ -411,6 +424,56 @@ mod tests {
         assert_eq!(shared.fresh(|| counted(&probes)).await, 2);
         assert_eq!(shared.get(|| counted(&probes)).await, 2);
         assert_eq!(probes.load(Ordering::SeqCst), 2);
+    }
+
+    /// Callers that queued behind a probe slower than the reuse window
+    /// take its result instead of each probing again in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_behind_a_slow_probe_take_its_result() {
+        let shared = Arc::new(Shared::<usize>::new(Duration::from_millis(1)));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let first = {
+            let (shared, probes, release) = (shared.clone(), probes.clone(), release.clone());
+            tokio::spawn(async move {
+                shared
+                    .get(|| async move {
+                        release.notified().await;
+                        probes.fetch_add(1, Ordering::SeqCst) + 1
+                    })
+                    .await
+            })
+        };
+        // The first probe runs (and holds the lock) until released.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shared.last.try_lock().is_ok() {
+            assert!(Instant::now() < deadline, "the first probe never started");
+            tokio::task::yield_now().await;
+        }
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let rest: Vec<_> = (0..16)
+            .map(|_| {
+                let (shared, probes, arrived) = (shared.clone(), probes.clone(), arrived.clone());
+                tokio::spawn(async move {
+                    // Counted in the same poll that enters `get` (and takes
+                    // its arrival time) before it waits for the lock.
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    shared.get(|| counted(&probes)).await
+                })
+            })
+            .collect();
+        while arrived.load(Ordering::SeqCst) < 16 {
+            assert!(Instant::now() < deadline, "callers never arrived");
+            tokio::task::yield_now().await;
+        }
+        // Past the reuse window: only "finished after I arrived" can share.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        release.notify_one();
+        assert_eq!(first.await.unwrap(), 1);
+        for t in rest {
+            assert_eq!(t.await.unwrap(), 1, "the running probe's result");
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
