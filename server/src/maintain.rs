@@ -135,11 +135,11 @@ pub async fn prune_events(
 ) -> Result<i64, sqlx::Error> {
     // Pruned histories are shorter than what readers may hold: an
     // `events-pruned` event, written with the pruning, makes every cached
-    // history and past version stale.
+    // history and past version stale. It is written on every run: the
+    // count covers the log only, not what expired from sales.event_history.
     sqlx::query_scalar(
         "WITH p AS (SELECT sales.prune_events(make_interval(secs => $1), make_interval(secs => $2)) AS n)
-         SELECT n FROM p, LATERAL (SELECT CASE WHEN n > 0
-             THEN sales.emit('events-pruned', jsonb_build_object('pruned', n)) END) e",
+         SELECT n FROM p, LATERAL (SELECT sales.emit('events-pruned', jsonb_build_object('pruned', n))) e",
     )
     .bind(retention.as_secs_f64())
     .bind(history_retention.as_secs_f64())

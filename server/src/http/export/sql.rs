@@ -210,8 +210,10 @@ fn copy_statement(select: &str, format: ExportFormat, header: bool) -> String {
 /// a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
 /// return) gets a leading `'`, which spreadsheets show as text (OWASP's
 /// advice on CSV injection). Store names and regions only: keys, dates and
-/// numbers cannot start so, and codes hold only letters, digits, `_` and
-/// `-`.
+/// numbers cannot start so. Codes may start with `-` but hold only letters,
+/// digits, `_` and `-` (a spreadsheet can make a reference or a sum of them,
+/// never a call), and are written as they are, so that an export imports
+/// back by code.
 fn csv_text(col: &str) -> String {
     format!(
         "CASE WHEN left({col}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) \
