@@ -321,3 +321,11 @@ CREATE TRIGGER stores_truncated AFTER TRUNCATE ON sales.stores
 CREATE TRIGGER monthly_sales_replica_updates AFTER UPDATE ON sales.monthly_sales
     FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();
 ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_updates;
+
+---------------------------------------------------------------------------
+-- The id sequences of the tables a dump keeps are dumped too (tables.sql).
+---------------------------------------------------------------------------
+SELECT pg_catalog.pg_extension_config_dump('sales.stores_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.users_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.events_id_seq', '');

@@ -140,6 +140,12 @@ SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.users', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.events', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.event_history', '');
+-- Their id sequences too (marking a table does not dump its sequence's
+-- state): a restored database goes on numbering after the restored rows.
+SELECT pg_catalog.pg_extension_config_dump('sales.stores_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.users_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sales.events_id_seq', '');
 
 ---------------------------------------------------------------------------
 -- Versions and timestamps, whoever writes.

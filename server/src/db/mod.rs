@@ -140,7 +140,84 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     restore_users_triggers(pool)
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
+    restore_table_settings(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)?;
     Ok(())
+}
+
+/// What migrations 0002, 0006, 0007 and 0011 add to the extension's tables
+/// (indexes, extended statistics, the event log's statistics targets), and
+/// the replica-only state of one extension trigger: the name to look for,
+/// the catalog query that finds it, and the statements that make it, as
+/// the migrations (and the extension) do.
+const TABLE_SETTINGS: [(&str, &str, &str); 6] = [
+    (
+        "monthly_sales_period_idx",
+        "SELECT to_regclass('sales.monthly_sales_period_idx') IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS monthly_sales_period_idx
+             ON sales.monthly_sales (year, month, store_id)
+             INCLUDE (total_sales, total_customers, days_reported, version)",
+    ),
+    (
+        "stores_region_status_idx",
+        "SELECT to_regclass('sales.stores_region_status_idx') IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS stores_region_status_idx
+             ON sales.stores (region, status) INCLUDE (code, name)",
+    ),
+    (
+        "monthly_sales_store_period",
+        "SELECT EXISTS (SELECT 1 FROM pg_statistic_ext WHERE stxname = 'monthly_sales_store_period'
+                        AND stxnamespace = 'sales'::regnamespace)",
+        "CREATE STATISTICS IF NOT EXISTS sales.monthly_sales_store_period (ndistinct, dependencies, mcv)
+             ON store_id, year, month FROM sales.monthly_sales",
+    ),
+    (
+        "monthly_sales_period",
+        "SELECT EXISTS (SELECT 1 FROM pg_statistic_ext WHERE stxname = 'monthly_sales_period'
+                        AND stxnamespace = 'sales'::regnamespace)",
+        "CREATE STATISTICS IF NOT EXISTS sales.monthly_sales_period (ndistinct, mcv)
+             ON year, month FROM sales.monthly_sales",
+    ),
+    (
+        // Not a migration's: the extension makes it fire in replica mode
+        // only, and a data-only restore with --disable-triggers enables
+        // every trigger for origin mode at its end.
+        "monthly_sales_replica_updates enabled for replica mode only",
+        "SELECT coalesce((SELECT tgenabled <> 'O' FROM pg_trigger
+                          WHERE tgrelid = 'sales.monthly_sales'::regclass
+                            AND tgname = 'monthly_sales_replica_updates'), true)",
+        "ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_updates",
+    ),
+    (
+        "sales.events statistics targets",
+        "SELECT attstattarget = 0 FROM pg_attribute
+         WHERE attrelid = 'sales.events'::regclass AND attname = 'payload'",
+        "ALTER TABLE sales.events ALTER COLUMN payload SET STATISTICS 0,
+             ALTER COLUMN id SET STATISTICS 10, ALTER COLUMN kind SET STATISTICS 10,
+             ALTER COLUMN store_id SET STATISTICS 10, ALTER COLUMN user_id SET STATISTICS 10,
+             ALTER COLUMN actor_id SET STATISTICS 10, ALTER COLUMN row_id SET STATISTICS 10,
+             ALTER COLUMN row_version SET STATISTICS 10, ALTER COLUMN xid SET STATISTICS 10,
+             ALTER COLUMN created_at SET STATISTICS 10, ALTER COLUMN seq SET STATISTICS 10",
+    ),
+];
+
+/// Puts back what migrations added to the extension's tables when it is
+/// missing: `pg_dump` leaves out whatever sits on an extension's tables
+/// (indexes, statistics, column settings) though it keeps their data, so a
+/// restored database has the migrations recorded but not these. Returns
+/// whether anything had to be made again.
+pub async fn restore_table_settings(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let mut made = false;
+    for (name, present, make) in TABLE_SETTINGS {
+        let there: Option<bool> = sqlx::query_scalar(present).fetch_optional(pool).await?;
+        if there != Some(true) {
+            sqlx::query(make).execute(pool).await?;
+            tracing::warn!(object = name, "an index or setting a migration puts on the extension's tables was missing (a restored dump?); made it again");
+            made = true;
+        }
+    }
+    Ok(made)
 }
 
 /// The triggers of migrations 0014 and 0015 (revocation of users changed
