@@ -90,10 +90,11 @@ async fn a_dump_restored_by_the_documented_steps_gives_everything_back() {
     );
 
     // Numbering goes on after the restored rows, and writes make events.
-    let max_event: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&target.pool)
-        .await
-        .unwrap();
+    let (max_event, max_seq): (i64, i64) =
+        sqlx::query_as("SELECT max(id), max(seq) FROM sales.events")
+            .fetch_one(&target.pool)
+            .await
+            .unwrap();
     let store: i64 = sqlx::query_scalar(
         "INSERT INTO sales.stores (code, name, region) VALUES ('AFTER', 'After', 'North') RETURNING id",
     )
@@ -116,4 +117,13 @@ async fn a_dump_restored_by_the_documented_steps_gives_everything_back() {
             .await
             .unwrap();
     assert_eq!(kinds, vec!["store-created", "sales-data-created"]);
+    let first_new_seq: i64 = sqlx::query_scalar("SELECT min(seq) FROM sales.events WHERE id > $1")
+        .bind(max_event)
+        .fetch_one(&target.pool)
+        .await
+        .unwrap();
+    assert!(
+        first_new_seq > max_seq,
+        "delivery order goes on after the restored events"
+    );
 }
