@@ -308,21 +308,6 @@ CREATE TRIGGER stores_truncated AFTER TRUNCATE ON sales.stores
     FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();
 
 ---------------------------------------------------------------------------
--- Updates applied by logical replication get their events on a subscriber
--- that enables monthly_sales_events for replica mode (events.sql).
----------------------------------------------------------------------------
-
--- Logical replication applies rows with session_replication_role = replica,
--- where the row trigger monthly_sales_row (which writes updates' events)
--- does not fire. On a subscriber that wants events (monthly_sales_events
--- enabled ALWAYS or REPLICA), this trigger writes applied updates' events;
--- it fires in replica mode only, and writes nothing while
--- monthly_sales_events is off or monthly_sales_row fires itself.
-CREATE TRIGGER monthly_sales_replica_updates AFTER UPDATE ON sales.monthly_sales
-    FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();
-ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_updates;
-
----------------------------------------------------------------------------
 -- The id sequences of the tables a dump keeps are dumped too (tables.sql).
 ---------------------------------------------------------------------------
 SELECT pg_catalog.pg_extension_config_dump('sales.stores_id_seq', '');

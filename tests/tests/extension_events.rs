@@ -1345,18 +1345,36 @@ async fn updates_applied_in_replica_mode_get_their_events() {
     exec(&db, &apply(3, 3)).await;
     assert_eq!(events_after(&db, start).await.len(), 0);
 
+    // A subscriber that wants events, as README says to set one up.
     exec(
         &db,
-        "ALTER TABLE sales.monthly_sales ENABLE ALWAYS TRIGGER monthly_sales_events",
+        "ALTER TABLE sales.monthly_sales ENABLE ALWAYS TRIGGER monthly_sales_events;
+         CREATE TRIGGER monthly_sales_replica_updates AFTER UPDATE ON sales.monthly_sales
+             FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_changed();
+         ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_updates;",
     )
     .await;
+    // Ordinary sessions still get one event per update.
     let start = max_event(&db).await;
-    exec(&db, &apply(4, 4)).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.monthly_sales SET daily_data = daily_data || '{{\"9\": {{\"sales\": 9}}}}'
+             WHERE store_id = {store} AND month = 1"
+        ),
+    )
+    .await;
+    assert_eq!(
+        kinds(&events_after(&db, start).await),
+        vec![("sales-data-updated".into(), 4)]
+    );
+    let start = max_event(&db).await;
+    exec(&db, &apply(5, 4)).await;
     let got = events_after(&db, start).await;
     assert_eq!(
         kinds(&got),
         vec![
-            ("sales-data-updated".into(), 4),
+            ("sales-data-updated".into(), 5),
             ("sales-data-created".into(), 1)
         ]
     );
@@ -1371,7 +1389,7 @@ async fn updates_applied_in_replica_mode_get_their_events() {
     )
     .await;
     let start = max_event(&db).await;
-    exec(&db, &apply(5, 5)).await;
+    exec(&db, &apply(6, 5)).await;
     let got = events_after(&db, start).await;
     let updates = got
         .iter()

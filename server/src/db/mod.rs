@@ -147,11 +147,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// What migrations 0002, 0006, 0007 and 0011 add to the extension's tables
-/// (indexes, extended statistics, the event log's statistics targets), and
-/// the replica-only state of one extension trigger: the name to look for,
-/// the catalog query that finds it, and the statements that make it, as
-/// the migrations (and the extension) do.
-const TABLE_SETTINGS: [(&str, &str, &str); 6] = [
+/// (indexes, extended statistics, the event log's statistics targets): the
+/// name to look for, the catalog query that finds it, and the statements
+/// that make it, as the migrations do.
+const TABLE_SETTINGS: [(&str, &str, &str); 5] = [
     (
         "monthly_sales_period_idx",
         "SELECT to_regclass('sales.monthly_sales_period_idx') IS NOT NULL",
@@ -178,16 +177,6 @@ const TABLE_SETTINGS: [(&str, &str, &str); 6] = [
                         AND stxnamespace = 'sales'::regnamespace)",
         "CREATE STATISTICS IF NOT EXISTS sales.monthly_sales_period (ndistinct, mcv)
              ON year, month FROM sales.monthly_sales",
-    ),
-    (
-        // Not a migration's: the extension makes it fire in replica mode
-        // only, and a data-only restore with --disable-triggers enables
-        // every trigger for origin mode at its end.
-        "monthly_sales_replica_updates enabled for replica mode only",
-        "SELECT coalesce((SELECT tgenabled <> 'O' FROM pg_trigger
-                          WHERE tgrelid = 'sales.monthly_sales'::regclass
-                            AND tgname = 'monthly_sales_replica_updates'), true)",
-        "ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_updates",
     ),
     (
         "sales.events statistics targets",
