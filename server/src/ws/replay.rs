@@ -73,14 +73,7 @@ pub(super) async fn replay(
             };
             let mut after = last_event_id;
             'pages: loop {
-                let page = {
-                    let _slot = hub
-                        .replay_slots
-                        .acquire()
-                        .await
-                        .map_err(|_| sqlx::Error::PoolClosed)?;
-                    Event::since(pool, after, REPLAY_PAGE).await?
-                };
+                let page = page_after(hub, pool, after).await?;
                 for e in &page {
                     if e.pos() > snap.upto {
                         break 'pages;
@@ -183,14 +176,7 @@ async fn newest_live(
     let mut live = 0u64;
     let mut after = last_event_id;
     loop {
-        let page = {
-            let _slot = hub
-                .replay_slots
-                .acquire()
-                .await
-                .map_err(|_| sqlx::Error::PoolClosed)?;
-            Event::since(pool, after, REPLAY_PAGE).await?
-        };
+        let page = page_after(hub, pool, after).await?;
         for e in &page {
             if e.pos() > snap.upto {
                 return Ok(Some(newest));
@@ -214,4 +200,19 @@ async fn newest_live(
             _ => return Ok(Some(newest)),
         }
     }
+}
+
+/// A page of the log after event `after`, read while holding one of the
+/// hub's replay slots (never while waiting for a client).
+async fn page_after(
+    hub: &super::hub::Hub,
+    pool: &sqlx::PgPool,
+    after: i64,
+) -> Result<Vec<Event>, sqlx::Error> {
+    let _slot = hub
+        .replay_slots
+        .acquire()
+        .await
+        .map_err(|_| sqlx::Error::PoolClosed)?;
+    Event::since(pool, after, REPLAY_PAGE).await
 }
