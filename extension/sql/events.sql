@@ -323,11 +323,19 @@ CREATE VIEW sales.event_delivery AS
 -- sales.event_history, where sales.history still reads them; what is
 -- older than `history_retention` (or `retention` when it is NULL) leaves
 -- sales.event_history.
+--
+-- A run that deletes anything, from the log or from sales.event_history,
+-- ends by writing an `events-pruned` event (payload: `pruned`, the events
+-- deleted from the log, and `expired`, the versions that left
+-- sales.event_history) in the same transaction: histories and past
+-- versions that readers cached are then shorter than they were, whoever ran
+-- the pruning (the server's maintenance or a scheduled SQL call).
 CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days', history_retention interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    n bigint;
+    n bigint := 0;
+    expired bigint;
     horizon bigint;
     last_seq bigint;
     keep_from bigint;
@@ -341,9 +349,13 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
     DELETE FROM sales.event_history h WHERE h.created_at < now() - coalesce(history_retention, retention);
+    GET DIAGNOSTICS expired = ROW_COUNT;
     horizon := sales.events_horizon();
     SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
     IF last_seq IS NULL THEN
+        IF expired > 0 THEN
+            PERFORM sales.emit('events-pruned', jsonb_build_object('pruned', 0, 'expired', expired));
+        END IF;
         RETURN 0;
     END IF;
     SELECT e.seq INTO keep_from FROM sales.events e
@@ -361,5 +373,8 @@ BEGIN
     END IF;
     DELETE FROM sales.events e WHERE e.seq < cut;
     GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 OR expired > 0 THEN
+        PERFORM sales.emit('events-pruned', jsonb_build_object('pruned', n, 'expired', expired));
+    END IF;
     RETURN n;
 END $$;

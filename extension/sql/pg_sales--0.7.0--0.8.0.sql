@@ -314,3 +314,57 @@ SELECT pg_catalog.pg_extension_config_dump('sales.stores_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.users_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.events_id_seq', '');
+
+---------------------------------------------------------------------------
+-- Pruning that deletes anything writes an events-pruned event itself, so a
+-- scheduled SQL call invalidates cached histories as the server's
+-- maintenance does (events.sql).
+---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION sales.prune_events(retention interval DEFAULT '7 days', history_retention interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint := 0;
+    expired bigint;
+    horizon bigint;
+    last_seq bigint;
+    keep_from bigint;
+    cut bigint;
+BEGIN
+    IF retention IS NULL OR retention < interval '0' THEN
+        RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    IF history_retention IS NOT NULL AND history_retention < retention THEN
+        RAISE EXCEPTION 'history_retention must be at least retention (%), not %', retention, history_retention
+            USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM sales.event_history h WHERE h.created_at < now() - coalesce(history_retention, retention);
+    GET DIAGNOSTICS expired = ROW_COUNT;
+    horizon := sales.events_horizon();
+    SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
+    IF last_seq IS NULL THEN
+        IF expired > 0 THEN
+            PERFORM sales.emit('events-pruned', jsonb_build_object('pruned', 0, 'expired', expired));
+        END IF;
+        RETURN 0;
+    END IF;
+    SELECT e.seq INTO keep_from FROM sales.events e
+    WHERE e.created_at >= now() - retention AND e.seq <= last_seq
+    ORDER BY e.seq LIMIT 1;
+    cut := least(coalesce(keep_from, last_seq), last_seq);
+    IF history_retention IS NOT NULL AND history_retention > retention THEN
+        INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
+        SELECT e.row_id, e.id, e.kind, e.store_id, e.actor_id, e.row_version, e.payload, e.created_at
+        FROM sales.events e
+        WHERE e.seq < cut AND e.row_id IS NOT NULL
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+          AND e.created_at >= now() - history_retention
+        ON CONFLICT DO NOTHING;
+    END IF;
+    DELETE FROM sales.events e WHERE e.seq < cut;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 OR expired > 0 THEN
+        PERFORM sales.emit('events-pruned', jsonb_build_object('pruned', n, 'expired', expired));
+    END IF;
+    RETURN n;
+END $$;

@@ -133,13 +133,11 @@ pub async fn prune_events(
     retention: Duration,
     history_retention: Duration,
 ) -> Result<i64, sqlx::Error> {
-    // Pruned histories are shorter than what readers may hold: an
-    // `events-pruned` event, written with the pruning, makes every cached
-    // history and past version stale. It is written on every run: the
-    // count covers the log only, not what expired from sales.event_history.
+    // A run that deletes anything also writes an `events-pruned` event
+    // (sales.prune_events does), which makes every cached history and past
+    // version stale.
     sqlx::query_scalar(
-        "WITH p AS (SELECT sales.prune_events(make_interval(secs => $1), make_interval(secs => $2)) AS n)
-         SELECT n FROM p, LATERAL (SELECT sales.emit('events-pruned', jsonb_build_object('pruned', n))) e",
+        "SELECT sales.prune_events(make_interval(secs => $1), make_interval(secs => $2))",
     )
     .bind(retention.as_secs_f64())
     .bind(history_retention.as_secs_f64())

@@ -786,25 +786,47 @@ async fn events_head_prune_and_resync() {
         scalar_i64(&db, "SELECT sales.prune_events('7 days')").await,
         6
     );
+    // What remains, and then the pruning's own event: the run deleted
+    // something, so it says so (cached histories are now too long).
     let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events ORDER BY seq")
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(left, ids[6..].to_vec());
+    assert_eq!(left.len(), ids.len() - 6 + 1, "{left:?}");
+    assert_eq!(&left[..left.len() - 1], &ids[6..]);
+    let marker = *left.last().unwrap();
+    let (kind, payload): (String, Value) =
+        sqlx::query_as("SELECT kind, payload FROM sales.events WHERE id = $1")
+            .bind(marker)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(kind, "events-pruned");
+    assert_eq!(payload, json!({"pruned": 6, "expired": 0}));
     for gone in &ids[..6] {
         let (code, message, _) = pg_error(&since(&db, *gone, 10).await.unwrap_err());
         assert_eq!(code, "PS410", "{message}");
         assert!(message.contains("resync"), "{message}");
     }
-    let rest: Vec<i64> = since(&db, ids[6], 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.0)
-        .collect();
-    assert_eq!(rest, ids[7..].to_vec());
+    // (Read once the pruning's event is final, as a reader would.)
+    let want = left[1..].to_vec();
+    eventually(
+        Duration::from_secs(60),
+        "the rest after a kept event",
+        || async {
+            let rest: Vec<i64> = since(&db, ids[6], 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.0)
+                .collect();
+            (rest == want).then_some(())
+        },
+    )
+    .await;
 
-    // Everything old: all but the newest go, so an up-to-date reader never has to resync.
+    // Everything old: all but the newest go (the first run's own event), so
+    // an up-to-date reader never has to resync; this run writes its own.
     exec(
         &db,
         "UPDATE sales.events SET created_at = now() - interval '30 days'",
@@ -812,16 +834,30 @@ async fn events_head_prune_and_resync() {
     .await;
     assert_eq!(
         scalar_i64(&db, "SELECT sales.prune_events('7 days')").await,
-        6
+        (ids.len() - 6) as i64
     );
-    assert!(since(&db, *ids.last().unwrap(), 10)
+    let second: i64 = scalar_i64(&db, "SELECT max(id) FROM sales.events").await;
+    assert_ne!(second, marker);
+    let head = eventually(Duration::from_secs(60), "events_head", || async {
+        let h = scalar_i64(&db, "SELECT sales.events_head()").await;
+        (h == second).then_some(h)
+    })
+    .await;
+    assert_eq!(head, second);
+    let after: Vec<i64> = since(&db, marker, 10)
         .await
         .unwrap()
-        .is_empty());
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(after, vec![second], "only the second run's own event");
+    // A run that deletes nothing writes nothing (the first run's event is
+    // 30 days old, younger than this retention).
     assert_eq!(
-        scalar_i64(&db, "SELECT sales.events_head()").await,
-        *ids.last().unwrap()
+        scalar_i64(&db, "SELECT sales.prune_events('100 days')").await,
+        0
     );
+    assert!(since(&db, after[0], 10).await.unwrap().is_empty());
 
     // Bad arguments.
     expect_code(since(&db, -1, 10).await, "22023");
