@@ -822,22 +822,27 @@ async fn csv_cells_that_look_like_formulas_are_written_as_text() {
     let f = fixture(&[]).await;
     seed(&f).await;
     let formula = "=HYPERLINK(\"http://evil.example\",\"x\")";
-    sqlx::query("UPDATE sales.stores SET name = $1, region = '@SUM(1)' WHERE id = $2")
-        .bind(formula)
-        .bind(f.stores[0])
-        .execute(&f.db.pool)
-        .await
-        .unwrap();
+    // A code may start with `-`, which a spreadsheet reads as a formula.
+    sqlx::query(
+        "UPDATE sales.stores SET code = '-A1', name = $1, region = '@SUM(1)' WHERE id = $2",
+    )
+    .bind(formula)
+    .bind(f.stores[0])
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
     let s = f.stores[0];
     let e = export(&f.admin, &format!("storeId={s}&format=csv"), None).await;
     assert_eq!(e.status, 200);
     let (header, rows) = csv_records(&e.body);
     let name = header.iter().position(|h| h == "store_name").unwrap();
     let region = header.iter().position(|h| h == "region").unwrap();
+    let code = header.iter().position(|h| h == "store_code").unwrap();
     assert!(!rows.is_empty());
     for r in &rows {
         assert_eq!(r[name], format!("'{formula}"));
         assert_eq!(r[region], "'@SUM(1)");
+        assert_eq!(r[code], "'-A1");
     }
     let e = export(
         &f.admin,
@@ -847,7 +852,47 @@ async fn csv_cells_that_look_like_formulas_are_written_as_text() {
     .await;
     let (header, rows) = csv_records(&e.body);
     let name = header.iter().position(|h| h == "store_name").unwrap();
+    let code = header.iter().position(|h| h == "store_code").unwrap();
     assert!(rows.iter().all(|r| r[name] == format!("'{formula}")));
+    assert!(rows.iter().all(|r| r[code] == "'-A1"));
+    // The export still imports back by code: the daily file, with its
+    // store_id column emptied so the code alone names the store, after the
+    // store's rows were deleted.
+    let mut wtr = csv::Writer::from_writer(Vec::new());
+    wtr.write_record(&header).unwrap();
+    let sid = header.iter().position(|h| h == "store_id").unwrap();
+    for r in &rows {
+        let mut r = r.clone();
+        r[sid] = String::new();
+        wtr.write_record(&r).unwrap();
+    }
+    let file = wtr.into_inner().unwrap();
+    let before = db_days(&f, Some(&[s])).await;
+    sqlx::query("DELETE FROM sales.monthly_sales WHERE store_id = $1")
+        .bind(s)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let r = f
+        .admin
+        .req(reqwest::Method::POST, "/api/v2/imports?format=daily")
+        .header("content-type", "text/csv")
+        .body(file)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let job: Value = r.json().await.unwrap();
+    let id = job["id"].as_i64().unwrap();
+    let done = eventually(Duration::from_secs(90), "the import to end", || async {
+        let (st, doc) = f.admin.get(&format!("/api/v2/imports/{id}")).await;
+        assert_eq!(st, 200, "{doc}");
+        matches!(doc["state"].as_str(), Some("completed" | "failed")).then_some(doc)
+    })
+    .await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["rowsRejected"], 0, "{done}");
+    assert_eq!(db_days(&f, Some(&[s])).await, before);
     let e = export(
         &f.admin,
         &format!("storeId={s}&format=ndjson&shape=daily"),

@@ -589,11 +589,21 @@ fn csv_read_error(e: csv::Error) -> FileError {
 
 type LineErrors = Vec<(Option<String>, String)>;
 
+/// A store code as a CSV export writes one that a spreadsheet would take for
+/// a formula (`'-A1`), without the `'` the export put before it. Codes hold
+/// only letters, digits, `_` and `-`, so a leading `'` is never part of one.
+fn unquoted_code(raw: &str) -> &str {
+    match raw.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(['=', '+', '-', '@', '\t', '\r']) => rest,
+        _ => raw,
+    }
+}
+
 /// The store named by a line: its code, else its id.
 fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<String>, Option<i64>) {
     if let Some(i) = cols.store_code {
         if !f[i].is_empty() {
-            return (Some(f[i].to_string()), None);
+            return (Some(unquoted_code(f[i]).to_string()), None);
         }
     }
     if let Some(i) = cols.store_id {
@@ -1051,6 +1061,15 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_code_the_export_quoted_reads_back() {
+        assert_eq!(unquoted_code("'-A1"), "-A1");
+        assert_eq!(unquoted_code("-A1"), "-A1");
+        assert_eq!(unquoted_code("'A1"), "'A1");
+        assert_eq!(unquoted_code("'"), "'");
+        assert_eq!(unquoted_code("T001"), "T001");
+    }
 
     fn run(
         input: &str,

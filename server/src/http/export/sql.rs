@@ -105,10 +105,11 @@ pub fn build_sql(spec: &ExportSpec<'_>) -> ExportSql {
             let cols = match spec.format {
                 ExportFormat::Csv => {
                     let mut c = format!(
-                        "{MONTH_KEY} AS key, m.store_id AS store_id, s.code AS store_code, \
+                        "{MONTH_KEY} AS key, m.store_id AS store_id, {} AS store_code, \
                          {} AS store_name, {} AS region, m.year AS year, m.month AS month, \
                          m.total_sales AS total_sales, m.total_customers AS total_customers, \
                          m.days_reported AS days_reported",
+                        csv_text("s.code"),
                         csv_text("s.name"),
                         csv_text("s.region")
                     );
@@ -166,9 +167,10 @@ pub fn build_sql(spec: &ExportSpec<'_>) -> ExportSql {
             }
             let cols = match spec.format {
                 ExportFormat::Csv => format!(
-                    "{DAY_KEY} AS key, m.store_id AS store_id, s.code AS store_code, \
+                    "{DAY_KEY} AS key, m.store_id AS store_id, {} AS store_code, \
                      {} AS store_name, {DATE} AS date, e.v->>'sales' AS sales, \
                      e.v->>'customers' AS customers, e.v->>'transactions' AS transactions",
+                    csv_text("s.code"),
                     csv_text("s.name")
                 ),
                 ExportFormat::Json | ExportFormat::Ndjson => format!(
@@ -209,11 +211,10 @@ fn copy_statement(select: &str, format: ExportFormat, header: bool) -> String {
 /// A free-text column as a CSV cell: text that a spreadsheet would take for
 /// a formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage
 /// return) gets a leading `'`, which spreadsheets show as text (OWASP's
-/// advice on CSV injection). Store names and regions only: keys, dates and
-/// numbers cannot start so. Codes may start with `-` but hold only letters,
-/// digits, `_` and `-` (a spreadsheet can make a reference or a sum of them,
-/// never a call), and are written as they are, so that an export imports
-/// back by code.
+/// advice on CSV injection). Store codes, names and regions: keys, dates
+/// and numbers cannot start so. A code may start with `-` (`-A1` is a
+/// formula to a spreadsheet); the import takes a code's leading `'` back off
+/// (codes never contain one), so an export still imports back by code.
 fn csv_text(col: &str) -> String {
     format!(
         "CASE WHEN left({col}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) \
