@@ -237,6 +237,28 @@ async fn year_over_year_across_a_leap_day_and_previous_period() {
         body["meta"]["comparedPeriod"],
         json!({"from": "2023-02", "to": "2023-02"})
     );
+    assert_eq!(
+        (&body["meta"]["year"], &body["meta"]["month"]),
+        (&json!(2024), &json!(2))
+    );
+    // February of every year: the filters say so, and it is no one period.
+    let every = get(
+        &f.admin,
+        &format!("groupBy=year&metrics=sumSales&storeId={s}&month=2"),
+    )
+    .await;
+    assert_eq!(every["meta"]["month"], 2);
+    assert!(
+        every["meta"]["year"].is_null() && every["meta"]["period"].is_null(),
+        "{every}"
+    );
+    let years: Vec<&str> = every["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["year"].as_str().unwrap_or_default())
+        .collect();
+    assert!(years.len() >= 2, "{every}");
     let sql = sql_rows(
         &f,
         &format!(

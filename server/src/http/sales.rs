@@ -293,8 +293,12 @@ impl SalesApi {
                 let meta = json!({
                     "groupBy": spec.group_by.iter().map(|d| d.name()).collect::<Vec<_>>(),
                     "metrics": spec.metrics.iter().map(|m| m.name()).collect::<Vec<_>>(),
+                    "year": filter.year,
+                    "month": filter.month,
                     "from": filter.from.map(label),
                     "to": filter.to.map(label),
+                    // Null for a month of every year (`month` without
+                    // `year`), which is no one span.
                     "period": span(spec.period),
                     "compareTo": spec.compare.map(|c| c.name()),
                     "comparedPeriod": span(spec.compared_period()),
