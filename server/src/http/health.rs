@@ -41,6 +41,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 struct Shared<T> {
     reuse: Duration,
     last: tokio::sync::Mutex<Option<(Instant, T)>>,
+    /// Held while an admin's fresh probe runs: at most one at a time, so
+    /// however many an admin sends, probes hold at most two connections.
+    fresh: tokio::sync::Mutex<()>,
 }
 
 impl<T> Default for Shared<T> {
@@ -54,6 +57,7 @@ impl<T> Shared<T> {
         Self {
             reuse,
             last: tokio::sync::Mutex::new(None),
+            fresh: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -75,8 +79,12 @@ impl<T: Clone> Shared<T> {
     }
 
     /// A fresh probe (for an admin), not queued behind others; kept for
-    /// the callers after it when no probe is running.
+    /// the callers after it when no probe is running. While another fresh
+    /// probe runs, the caller shares probes as everyone else does.
     async fn fresh<F: std::future::Future<Output = T>>(&self, probe: impl FnOnce() -> F) -> T {
+        let Ok(_running) = self.fresh.try_lock() else {
+            return self.get(probe).await;
+        };
         let v = probe().await;
         if let Ok(mut last) = self.last.try_lock() {
             *last = Some((Instant::now(), v.clone()));
@@ -424,6 +432,35 @@ mod tests {
         assert_eq!(shared.fresh(|| counted(&probes)).await, 2);
         assert_eq!(shared.get(|| counted(&probes)).await, 2);
         assert_eq!(probes.load(Ordering::SeqCst), 2);
+    }
+
+    /// Many admin calls at once: one probes afresh, the others share
+    /// probes as everyone else does, so probes never hold more than two
+    /// connections at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admins_at_once_run_one_fresh_probe() {
+        let shared = Arc::new(Shared::<()>::new(Duration::from_secs(3600)));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (shared, running, most) = (shared.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    shared
+                        .fresh(|| async move {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            running.fetch_sub(1, Ordering::SeqCst);
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(most.load(Ordering::SeqCst) <= 2, "{most:?}");
     }
 
     /// Callers that queued behind a probe slower than the reuse window
