@@ -600,9 +600,11 @@ async fn users_changed_by_plain_sql_are_revoked() {
     assert_eq!(present().await, 0);
     sales_server::db::migrate(pool).await.unwrap();
     assert_eq!(present().await, 2, "migrate created the triggers again");
-    assert!(!sales_server::db::restore_users_triggers(pool)
-        .await
-        .unwrap());
+    assert!(
+        !sales_server::db::restore_users_triggers(&mut *pool.acquire().await.unwrap())
+            .await
+            .unwrap()
+    );
     later.stop().await;
     w.server.stop().await;
 }

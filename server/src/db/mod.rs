@@ -8,7 +8,7 @@ pub use write::{set_actor, set_job, Changes, Write};
 
 use crate::config::Config;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -137,13 +137,29 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
     MIGRATOR.run(pool).await?;
-    restore_users_triggers(pool)
-        .await
-        .map_err(sqlx::migrate::MigrateError::Execute)?;
-    restore_table_settings(pool)
+    restore_after_dump(pool)
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
     Ok(())
+}
+
+/// Key of the advisory lock under which instances put back what a restored
+/// dump lacks, one at a time: two instances starting together on a
+/// restored database would otherwise both find an index missing and both
+/// create it, and one would fail.
+pub const RESTORE_LOCK: i64 = 0x5A1E_5002;
+
+/// [`restore_users_triggers`] and [`restore_table_settings`] in one
+/// transaction, under [`RESTORE_LOCK`].
+async fn restore_after_dump(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(RESTORE_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    restore_users_triggers(&mut tx).await?;
+    restore_table_settings(&mut tx).await?;
+    tx.commit().await
 }
 
 /// What migrations 0002, 0006, 0007 and 0011 add to the extension's tables
@@ -196,12 +212,14 @@ const TABLE_SETTINGS: [(&str, &str, &str); 5] = [
 /// (indexes, statistics, column settings) though it keeps their data, so a
 /// restored database has the migrations recorded but not these. Returns
 /// whether anything had to be made again.
-pub async fn restore_table_settings(pool: &PgPool) -> Result<bool, sqlx::Error> {
+pub async fn restore_table_settings(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     let mut made = false;
     for (name, present, make) in TABLE_SETTINGS {
-        let there: Option<bool> = sqlx::query_scalar(present).fetch_optional(pool).await?;
+        let there: Option<bool> = sqlx::query_scalar(present)
+            .fetch_optional(&mut *conn)
+            .await?;
         if there != Some(true) {
-            sqlx::query(make).execute(pool).await?;
+            sqlx::query(make).execute(&mut *conn).await?;
             tracing::warn!(object = name, "an index or setting a migration puts on the extension's tables was missing (a restored dump?); made it again");
             made = true;
         }
@@ -229,7 +247,7 @@ const USERS_TRIGGERS: [(&str, &str); 2] = [
 /// `pg_dump` leaves out triggers on extension tables, so a restored
 /// database has the migrations recorded but not the triggers. Returns
 /// whether any had to be created.
-pub async fn restore_users_triggers(pool: &PgPool) -> Result<bool, sqlx::Error> {
+pub async fn restore_users_triggers(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     let mut created = false;
     for (name, create) in USERS_TRIGGERS {
         let present: bool = sqlx::query_scalar(
@@ -237,10 +255,10 @@ pub async fn restore_users_triggers(pool: &PgPool) -> Result<bool, sqlx::Error> 
                             AND tgrelid = 'sales.users'::regclass)",
         )
         .bind(name)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
         if !present {
-            sqlx::query(create).execute(pool).await?;
+            sqlx::query(create).execute(&mut *conn).await?;
             tracing::warn!(trigger = name, "a trigger that revokes users changed by plain SQL was missing (a restored dump?); created it again");
             created = true;
         }
