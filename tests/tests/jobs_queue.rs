@@ -227,6 +227,14 @@ async fn a_job_that_fails_for_good_announces_it_and_leaves_no_rows() {
         .unwrap()
     };
     let mut conn = db.connect().await;
+    // Given back without an error (a server stopping, its user's access
+    // changing) as often as it may fail: no attempt is used up.
+    for _ in 0..=jobs::MAX_ATTEMPTS {
+        let job = take(&mut conn).await;
+        assert_eq!(job.attempts, 1, "a run given back is not an attempt");
+        jobs::release(&db.pool, &job, None).await.unwrap();
+        assert_eq!(staged().await, 2);
+    }
     for attempt in 1..jobs::MAX_ATTEMPTS {
         let job = take(&mut conn).await;
         assert_eq!(job.attempts, attempt);

@@ -121,7 +121,9 @@ pub async fn claim(
 }
 
 /// Gives a job back (shutdown, or a transient failure): queued again for
-/// any worker, or failed for good after MAX_ATTEMPTS. A job that fails for
+/// any worker, or failed for good after MAX_ATTEMPTS. Given back without an
+/// error (the server stopping, or its user's access changing under it), the
+/// run does not count as an attempt: only failures use up MAX_ATTEMPTS. A job that fails for
 /// good ends as any other: its `import-completed` (state `failed`, with the
 /// error) goes out in the same transaction, and its staged rows are
 /// removed.
@@ -145,6 +147,7 @@ async fn release_with(
     let failed: Option<Value> = sqlx::query_scalar(
         "UPDATE jobs.jobs
          SET state = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN 'failed' ELSE 'queued' END,
+             attempts = CASE WHEN $3::text IS NULL THEN greatest(attempts - 1, 0) ELSE attempts END,
              finished_at = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN now() END,
              last_error = coalesce($3, last_error),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
