@@ -99,18 +99,18 @@ pub fn pong() -> String {
 /// live in a newer version; `supersededRows`: those rows (at most 1,000;
 /// `supersededRowsCut` when there were more), whose newer events name only
 /// the days they changed themselves, so a client keeping days reloads them;
-/// `supersededRowsCut` says the list reached its limit and may be cut.
+/// `supersededRowsCut` says rows were left out of the list.
 pub fn resumed(
     last_event_id: i64,
     replayed: u64,
     superseded: u64,
     superseded_rows: &[i64],
+    rows_cut: bool,
     position: i64,
 ) -> String {
-    let distinct_rows = superseded_rows.len();
     json!({"type": "resumed", "lastEventId": last_event_id, "replayed": replayed,
            "superseded": superseded, "supersededRows": superseded_rows,
-           "supersededRowsCut": distinct_rows >= 1000, "position": position})
+           "supersededRowsCut": rows_cut, "position": position})
     .to_string()
 }
 

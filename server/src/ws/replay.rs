@@ -16,9 +16,9 @@ const REPLAY_PAGE: i32 = 500;
 const MAX_SUPERSEDED_ROWS: usize = 1000;
 
 enum ReplayEnd {
-    /// From where, events replayed, events skipped as superseded and the
-    /// rows they were of.
-    Done(crate::events::Pos, u64, u64, Vec<i64>),
+    /// From where, events replayed, events skipped as superseded, the
+    /// rows they were of and whether some of those rows were left out.
+    Done(crate::events::Pos, u64, u64, Vec<i64>, bool),
     Pruned,
     TooLong,
     Closed,
@@ -59,6 +59,7 @@ pub(super) async fn replay(
         let mut count = 0u64;
         let mut superseded = 0u64;
         let mut superseded_rows: Vec<i64> = Vec::new();
+        let mut rows_cut = false;
         if from < snap.upto {
             // A client that subscribed before resuming may have had newer
             // versions of some rows live already: the older ones the replay
@@ -84,10 +85,12 @@ pub(super) async fn replay(
                         {
                             if newest.get(&row).is_some_and(|v| *v > version) {
                                 superseded += 1;
-                                if superseded_rows.len() < MAX_SUPERSEDED_ROWS
-                                    && !superseded_rows.contains(&row)
-                                {
-                                    superseded_rows.push(row);
+                                if !superseded_rows.contains(&row) {
+                                    if superseded_rows.len() < MAX_SUPERSEDED_ROWS {
+                                        superseded_rows.push(row);
+                                    } else {
+                                        rows_cut = true;
+                                    }
                                 }
                                 continue;
                             }
@@ -108,7 +111,13 @@ pub(super) async fn replay(
                 }
             }
         }
-        Ok(ReplayEnd::Done(from, count, superseded, superseded_rows))
+        Ok(ReplayEnd::Done(
+            from,
+            count,
+            superseded,
+            superseded_rows,
+            rows_cut,
+        ))
     };
     let resync = |msg: &str| {
         hub.counters.resync_required.fetch_add(1, Relaxed);
@@ -121,14 +130,14 @@ pub(super) async fn replay(
         );
     };
     match tokio::time::timeout(hub.cfg.replay_timeout, run).await {
-        Ok(Ok(ReplayEnd::Done(from, count, superseded, rows))) => {
+        Ok(Ok(ReplayEnd::Done(from, count, superseded, rows, rows_cut))) => {
             let seam = from.max(snap.upto);
             hub.finish_resume(
                 &conn,
                 &snap,
                 seam,
                 Some(from),
-                protocol::resumed(last_event_id, count, superseded, &rows, seam.id),
+                protocol::resumed(last_event_id, count, superseded, &rows, rows_cut, seam.id),
             );
         }
         Ok(Ok(ReplayEnd::Closed)) => {}

@@ -154,7 +154,7 @@ fn resume_skips_what_was_live_and_holds_back_new_events() {
         &snap,
         snap.upto,
         Some(Pos { seq: 1000, id: 0 }),
-        protocol::resumed(0, 1, 0, &[], 2),
+        protocol::resumed(0, 1, 0, &[], false, 2),
     );
     assert_eq!(ids(&h, &c), vec![2, 3]);
     // After the resume, every event since `from` counts as delivered.
@@ -182,7 +182,7 @@ fn a_resume_from_ahead_of_the_relay_is_not_delivered_twice() {
         &snap,
         from.max(snap.upto),
         Some(from),
-        protocol::resumed(0, 1, 0, &[], 4),
+        protocol::resumed(0, 1, 0, &[], false, 4),
     );
     for id in 3..=5 {
         h.dispatch(&event(id, "sales-data-updated", Some(1), None));
