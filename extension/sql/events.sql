@@ -41,11 +41,22 @@ $$;
 -- an update's `previousDays` (the old value of each changed day), a
 -- delete's holds the month's last daily data, so the record's history can
 -- be read back from its events; `jobId` names the job (import or
--- asynchronous batch) that wrote, when one did.
+-- asynchronous batch) that wrote, when one did. Called for each row (a
+-- logical replication subscriber's `monthly_sales_replica_deletes`, see
+-- below: the apply fires row triggers only), it writes that row's event.
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE job bigint := nullif(current_setting('sales.job_id', true), '')::bigint;
 BEGIN
+    IF TG_LEVEL = 'ROW' THEN
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        VALUES ('sales-data-deleted', OLD.store_id, sales.current_actor(), OLD.id, OLD.version + 1,
+                jsonb_build_object('id', OLD.id, 'storeId', OLD.store_id, 'year', OLD.year,
+                                   'month', OLD.month, 'version', OLD.version + 1,
+                                   'previousDays', OLD.daily_data)
+                || CASE WHEN job IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('jobId', job) END);
+        RETURN NULL;
+    END IF;
     INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
     SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
            jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
@@ -71,7 +82,15 @@ CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
 -- sales.tg_sales_changed then writes an applied update's event while
 -- monthly_sales_events fires and monthly_sales_row does not. It is not
 -- created here: an AFTER UPDATE row trigger costs every update a fetch of
--- the old row even where it does not fire.
+-- the old row even where it does not fire. Deletes' events come from a
+-- statement trigger, which the apply never fires; the subscriber adds, for
+-- replica mode only (monthly_sales_events_del stays as shipped, so no
+-- delete gets two events):
+--   CREATE TRIGGER monthly_sales_replica_deletes AFTER DELETE ON sales.monthly_sales
+--       FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_deleted();
+--   ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_deletes;
+-- TRUNCATE triggers are statement triggers too: a truncate applied by
+-- replication writes no table-truncated event.
 
 CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -368,3 +368,30 @@ BEGIN
     END IF;
     RETURN n;
 END $$;
+
+---------------------------------------------------------------------------
+-- Deletes applied by logical replication can get their events: the
+-- function also runs as a row trigger, which a subscriber creates for
+-- replica mode (events.sql), since the apply fires row triggers only.
+---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION sales.tg_sales_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE job bigint := nullif(current_setting('sales.job_id', true), '')::bigint;
+BEGIN
+    IF TG_LEVEL = 'ROW' THEN
+        INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        VALUES ('sales-data-deleted', OLD.store_id, sales.current_actor(), OLD.id, OLD.version + 1,
+                jsonb_build_object('id', OLD.id, 'storeId', OLD.store_id, 'year', OLD.year,
+                                   'month', OLD.month, 'version', OLD.version + 1,
+                                   'previousDays', OLD.daily_data)
+                || CASE WHEN job IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('jobId', job) END);
+        RETURN NULL;
+    END IF;
+    INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+    SELECT 'sales-data-deleted', o.store_id, sales.current_actor(), o.id, o.version + 1,
+           jsonb_build_object('id', o.id, 'storeId', o.store_id, 'year', o.year, 'month', o.month,
+                              'version', o.version + 1, 'previousDays', o.daily_data)
+           || CASE WHEN job IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('jobId', job) END
+    FROM old_rows o;
+    RETURN NULL;
+END $$;

@@ -1333,9 +1333,10 @@ async fn an_older_trigger_definition_gets_one_event_per_update() {
 
 /// Logical replication applies rows with `session_replication_role =
 /// replica`, where the row trigger that writes updates' events does not
-/// fire. A subscriber that enables `monthly_sales_events` for replica mode
-/// gets every applied write's event, each once; one that leaves it as
-/// shipped gets none; ordinary sessions are unaffected.
+/// fire, nor any statement trigger (deletes' events). A subscriber that
+/// sets up the replica-mode triggers README gives gets every applied
+/// insert's, update's and delete's event, each once; one that leaves them
+/// as shipped gets none; ordinary sessions are unaffected.
 #[tokio::test]
 async fn updates_applied_in_replica_mode_get_their_events() {
     let db = TestDb::new().await;
@@ -1432,4 +1433,36 @@ async fn updates_applied_in_replica_mode_get_their_events() {
         .filter(|e| e.kind == "sales-data-updated")
         .count();
     assert_eq!(updates, 1, "{:?}", kinds(&got));
+
+    // Deletes: their events come from a statement trigger, which the apply
+    // never fires; as shipped, an applied delete gets none.
+    let delete = |month: i64, replica: bool| {
+        format!(
+            "BEGIN; {} DELETE FROM sales.monthly_sales WHERE store_id = {store} AND month = {month}; COMMIT;",
+            if replica { "SET LOCAL session_replication_role = replica;" } else { "" }
+        )
+    };
+    let start = max_event(&db).await;
+    exec(&db, &delete(3, true)).await;
+    assert_eq!(events_after(&db, start).await.len(), 0);
+    // With the replica-mode delete trigger README gives: one each.
+    exec(
+        &db,
+        "CREATE TRIGGER monthly_sales_replica_deletes AFTER DELETE ON sales.monthly_sales
+             FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_deleted();
+         ALTER TABLE sales.monthly_sales ENABLE REPLICA TRIGGER monthly_sales_replica_deletes;",
+    )
+    .await;
+    let start = max_event(&db).await;
+    exec(&db, &delete(5, true)).await;
+    let got = events_after(&db, start).await;
+    assert_eq!(kinds(&got), vec![("sales-data-deleted".into(), 2)]);
+    assert_eq!(got[0].payload["month"], 5);
+    assert_eq!(got[0].payload["previousDays"], json!({"1": {"sales": 1}}));
+    // An ordinary session's delete still gets exactly one.
+    let start = max_event(&db).await;
+    exec(&db, &delete(6, false)).await;
+    let got = events_after(&db, start).await;
+    assert_eq!(kinds(&got), vec![("sales-data-deleted".into(), 2)]);
+    assert_eq!(got[0].payload["month"], 6);
 }
