@@ -163,6 +163,16 @@ async fn every_event_kind_reaches_its_subscribers() {
     staff.assert_no_event(Duration::from_millis(300)).await;
     admin.assert_no_event(Duration::from_millis(100)).await;
 
+    // A TRUNCATE took every row: whoever follows announcements is told, once.
+    sqlx::query("TRUNCATE sales.monthly_sales")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let e = staff.event().await;
+    assert_eq!(e["event"], "table-truncated");
+    assert_eq!(e["data"], json!({"table": "monthly_sales"}));
+    staff.assert_no_event(Duration::from_millis(300)).await;
+
     // Unsubscribing stops the channel.
     staff
         .send(json!({"type": "unsubscribe", "event": "announcements"}))

@@ -75,7 +75,13 @@ impl Event {
             Kind::Announcement => vec![(Channel(self::Channel::Announcements), Variant::Full)],
             Kind::ImportCompleted => vec![(Channel(self::Channel::Batch), Variant::Full)],
             k if k.is_user() => vec![(Channel(self::Channel::Admin), Variant::Full)],
-            Kind::TableTruncated => vec![(Channel(self::Channel::Admin), Variant::Full)],
+            // Every row went at once: what anyone shows is gone. Admins
+            // get it with the audit; anyone on `announcements` too (it
+            // names only the table).
+            Kind::TableTruncated => vec![
+                (Channel(self::Channel::Admin), Variant::Full),
+                (Channel(self::Channel::Announcements), Variant::Full),
+            ],
             Kind::BatchCompleted => {
                 // The batch's author gets it on their own channel; admins may
                 // follow every batch.
@@ -212,11 +218,14 @@ mod tests {
     }
 
     #[test]
-    fn a_truncated_table_clears_everything_and_tells_the_admins() {
+    fn a_truncated_table_clears_everything_and_tells_admins_and_announcements() {
         let e = ev("table-truncated", None, json!({"table": "monthly_sales"}));
         assert_eq!(
             e.deliveries(),
-            vec![(Recipient::Channel(Channel::Admin), Variant::Full)]
+            vec![
+                (Recipient::Channel(Channel::Admin), Variant::Full),
+                (Recipient::Channel(Channel::Announcements), Variant::Full)
+            ]
         );
         assert_eq!(e.cache_tags(), vec![cache::TAG_ALL.to_string()]);
     }
