@@ -175,14 +175,22 @@ async fn failed_logins_back_off_per_account() {
     let (st, _) = login("right-password-1").await;
     assert_eq!(st, 429, "the right password waits as well");
     // Another spelling that finds the same account (Postgres' `lower` maps
-    // `İ` to `i`, Rust's `to_lowercase` to `i̇`) shares its wait.
+    // `İ` to `i` in this database's locale, Rust's `to_lowercase` to `i̇`)
+    // shares its wait; where the locale keeps them apart (C, ICU), it is
+    // another address, and its first failure is answered.
+    let folds: bool =
+        sqlx::query_scalar("SELECT lower('VİCTİM@example.com') = 'victim@example.com'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let shared = if folds { 429 } else { 401 };
     let (st, body) = api
         .post(
             "/api/v2/auth/login",
             &json!({"email": "VİCTİM@example.com", "password": "wrong"}),
         )
         .await;
-    assert_eq!(st, 429, "{body}");
+    assert_eq!(st, shared, "{body}");
     // Another account is not affected.
     let (st, _) = api
         .post(
@@ -208,7 +216,7 @@ async fn failed_logins_back_off_per_account() {
             &json!({"email": "NOBODY-VİCTİM@example.com", "password": "wrong"}),
         )
         .await;
-    assert_eq!(st, 429, "{body}");
+    assert_eq!(st, shared, "{body}");
     server.stop().await;
 }
 
