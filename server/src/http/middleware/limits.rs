@@ -240,7 +240,7 @@ pub async fn with_limits<E: Endpoint>(
         // its headers, is read within BODY_LIMIT.
         return ep.call(req).await.map(IntoResponse::into_response);
     }
-    let limit = state.config.body_limit;
+    let limit = body_limit_for(req.method(), req.uri().path(), state.config.body_limit);
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -249,7 +249,7 @@ pub async fn with_limits<E: Endpoint>(
     {
         if len > limit as u64 {
             return Ok(ApiError::too_large(format!(
-                "body of {len} bytes exceeds BODY_LIMIT ({limit} bytes)"
+                "body of {len} bytes exceeds the limit for this operation ({limit} bytes)"
             ))
             .into_response());
         }
@@ -258,10 +258,10 @@ pub async fn with_limits<E: Endpoint>(
     let bytes = match body.into_bytes_limit(limit).await {
         Ok(b) => b,
         Err(poem::error::ReadBodyError::PayloadTooLarge) => {
-            return Ok(
-                ApiError::too_large(format!("body exceeds BODY_LIMIT ({limit} bytes)"))
-                    .into_response(),
-            )
+            return Ok(ApiError::too_large(format!(
+                "body exceeds the limit for this operation ({limit} bytes)"
+            ))
+            .into_response())
         }
         Err(e) => {
             return Ok(
@@ -273,9 +273,50 @@ pub async fn with_limits<E: Endpoint>(
     ep.call(req).await.map(IntoResponse::into_response)
 }
 
+/// The most any body but a batch's may hold: logins, users, stores,
+/// announcements and the like are small, and a JSON body is parsed whole
+/// into a tree many times its size, so only the batch endpoints (whose
+/// records are the point) may send up to BODY_LIMIT.
+pub const SMALL_BODY_LIMIT: usize = 256 << 10;
+
+/// The body limit of one request: BODY_LIMIT for the batch endpoints,
+/// SMALL_BODY_LIMIT (or BODY_LIMIT when lower) for everything else.
+fn body_limit_for(method: &poem::http::Method, path: &str, body_limit: usize) -> usize {
+    let batch = path == "/api/v2/sales/batch"
+        && (method == poem::http::Method::POST || method == poem::http::Method::DELETE);
+    if batch {
+        body_limit
+    } else {
+        body_limit.min(SMALL_BODY_LIMIT)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_batches_may_send_large_bodies() {
+        use poem::http::Method;
+        let big = 16 << 20;
+        assert_eq!(
+            body_limit_for(&Method::POST, "/api/v2/sales/batch", big),
+            big
+        );
+        assert_eq!(
+            body_limit_for(&Method::DELETE, "/api/v2/sales/batch", big),
+            big
+        );
+        for (m, p) in [
+            (Method::POST, "/api/v2/auth/login"),
+            (Method::POST, "/api/v2/users"),
+            (Method::PATCH, "/api/v2/stores/3"),
+            (Method::GET, "/api/v2/sales/batch"),
+        ] {
+            assert_eq!(body_limit_for(&m, p, big), SMALL_BODY_LIMIT, "{m} {p}");
+        }
+        assert_eq!(body_limit_for(&Method::POST, "/api/v2/users", 2048), 2048);
+    }
 
     #[test]
     fn the_client_behind_trusted_proxies() {
