@@ -95,6 +95,13 @@ pub struct Config {
     pub export_max_duration: Duration,
     /// Largest import body (POST /api/v2/imports), counted while it streams.
     pub import_max_bytes: u64,
+    /// Import uploads this instance reads at once (each holds a database
+    /// connection while its body comes in).
+    pub import_max_uploads: usize,
+    /// Import uploads one user may send at once.
+    pub import_max_uploads_per_user: usize,
+    /// An upload whose body sends nothing for this long is dropped.
+    pub import_idle_timeout: Duration,
     /// Most staged rows (lines × days) merged in one transaction (fewer when a
     /// chunk runs long), plus the rest of the store-month the chunk ends in.
     pub import_chunk_lines: u32,
@@ -504,6 +511,9 @@ impl Config {
             )?,
             export_max_duration: e.duration("EXPORT_MAX_DURATION", s(3600), s(1), s(86400))?,
             import_max_bytes: e.num("IMPORT_MAX_BYTES", 1u64 << 30, 1, 1 << 40)?,
+            import_max_uploads: e.num("IMPORT_MAX_UPLOADS", 4usize, 1, 1000)?,
+            import_max_uploads_per_user: e.num("IMPORT_MAX_UPLOADS_PER_USER", 2usize, 1, 1000)?,
+            import_idle_timeout: e.duration("IMPORT_IDLE_TIMEOUT", s(60), s(1), s(3600))?,
             import_chunk_lines: e.num("IMPORT_CHUNK_LINES", 20_000u32, 1, 1_000_000)?,
             import_parallelism: e.num("IMPORT_PARALLELISM", 2usize, 1, 16)?,
             job_workers: e.num("JOB_WORKERS", 2usize, 0, 64)?,

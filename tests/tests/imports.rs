@@ -1229,3 +1229,95 @@ async fn disabling_the_importer_mid_run_stops_the_job() {
     assert_eq!(days, written, "only the committed chunks' days");
     server.stop().await;
 }
+
+/// Uploads are bounded: a user sends at most IMPORT_MAX_UPLOADS_PER_USER at
+/// once (each holds a database connection while its body comes in), and an
+/// upload whose body stops sending is dropped after IMPORT_IDLE_TIMEOUT,
+/// leaving nothing queued and its slot free again.
+#[tokio::test]
+async fn uploads_are_bounded_and_an_idle_one_is_dropped() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db
+        .server(&[
+            ("IMPORT_MAX_UPLOADS_PER_USER", "1"),
+            ("IMPORT_IDLE_TIMEOUT", "2"),
+        ])
+        .await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // More than the 8 KiB the upload reads before the job is created, then
+    // nothing more.
+    let mut first = String::from("store_code,date,sales\n");
+    for y in [2022, 2023] {
+        for d in 1..=28 {
+            for m in 1..=12 {
+                first.push_str(&format!("{code},{y}-{m:02}-{d:02},1.5\n"));
+            }
+        }
+    }
+    assert!(first.len() > 8192);
+    let (hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
+    let stream =
+        futures_util::stream::unfold((Some(first), Some(hold_rx)), |(first, hold)| async move {
+            if let Some(f) = first {
+                return Some((Ok::<_, std::io::Error>(f.into_bytes()), (None, hold)));
+            }
+            // Holds the body open without sending (until the test ends).
+            let _ = hold?.await;
+            None
+        });
+    let held = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.req(reqwest::Method::POST, "/api/v2/imports")
+                .header("content-type", "text/csv")
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let uploading = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs.jobs WHERE state = 'uploading'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    eventually(WAIT, "the held upload to be staging", || async {
+        (uploading().await == 1).then_some(())
+    })
+    .await;
+    let small = format!("store_code,date,sales\n{code},2024-01-01,5\n");
+    let (status, body, _) = post_file(&api, "", "text/csv", small.clone()).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(
+        body["error"]["details"]["limit"],
+        "IMPORT_MAX_UPLOADS_PER_USER"
+    );
+    // The held body sends nothing: it is dropped, and nothing stays queued.
+    let ended = tokio::time::timeout(WAIT, held)
+        .await
+        .expect("the held upload ends");
+    if let Ok(status) = ended.unwrap() {
+        assert_eq!(status, 400, "an idle body is refused");
+    }
+    eventually(WAIT, "the dropped upload's job gone", || async {
+        (uploading().await == 0).then_some(())
+    })
+    .await;
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "nothing was queued");
+    // The slot is free again.
+    let (status, body, _) = post_file(&api, "", "text/csv", small).await;
+    assert_eq!(status, 202, "{body}");
+    drop(hold_tx);
+    server.stop().await;
+}

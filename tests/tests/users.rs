@@ -601,7 +601,7 @@ async fn users_changed_by_plain_sql_are_revoked() {
     sales_server::db::migrate(pool).await.unwrap();
     assert_eq!(present().await, 2, "migrate created the triggers again");
     assert!(
-        !sales_server::db::restore_users_triggers(&mut *pool.acquire().await.unwrap())
+        !sales_server::db::restore_users_triggers(&mut pool.acquire().await.unwrap())
             .await
             .unwrap()
     );

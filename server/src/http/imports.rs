@@ -22,7 +22,24 @@ use std::sync::Arc;
 
 pub struct ImportsApi {
     pub state: Arc<AppState>,
+    /// Uploads being read (IMPORT_MAX_UPLOADS, IMPORT_MAX_UPLOADS_PER_USER):
+    /// each holds a database connection while its body comes in, so
+    /// however slowly clients send, uploads never hold more than these.
+    uploads: crate::http::slots::Slots,
 }
+
+impl ImportsApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        let uploads = crate::http::slots::Slots::new(
+            state.config.import_max_uploads,
+            state.config.import_max_uploads_per_user,
+        );
+        Self { state, uploads }
+    }
+}
+
+/// Retry-After when no upload slot is free.
+const UPLOAD_RETRY_AFTER: u64 = 5;
 
 /// Whether a request is an upload whose body the import streams itself
 /// (the middleware's BODY_LIMIT buffering would hold it all in memory).
@@ -287,12 +304,52 @@ impl ImportsApi {
             ),
             ImportBody::Ndjson(b) => (b.0, Requested::Ndjson),
         };
+        let _slot = self.uploads.take(auth.0.user_id).map_err(|busy| {
+            let (message, limit) = match busy {
+                crate::http::slots::Busy::User => (
+                    format!(
+                        "you already send {} import(s) (IMPORT_MAX_UPLOADS_PER_USER); retry after {UPLOAD_RETRY_AFTER} s",
+                        self.state.config.import_max_uploads_per_user
+                    ),
+                    "IMPORT_MAX_UPLOADS_PER_USER",
+                ),
+                crate::http::slots::Busy::Instance => (
+                    format!(
+                        "{} imports are already being uploaded to this instance (IMPORT_MAX_UPLOADS); retry after {UPLOAD_RETRY_AFTER} s",
+                        self.state.config.import_max_uploads
+                    ),
+                    "IMPORT_MAX_UPLOADS",
+                ),
+            };
+            ApiError::TooManyRequests(
+                crate::http::error::ErrorBody::new(
+                    "rate_limited",
+                    message,
+                    Some(json!({"limit": limit})),
+                ),
+                UPLOAD_RETRY_AFTER,
+            )
+        })?;
         let max_bytes = self.state.config.import_max_bytes;
+        let idle = self.state.config.import_idle_timeout;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
         let pump = async move {
             let mut stream = body.into_bytes_stream();
             let mut seen = 0u64;
-            while let Some(chunk) = stream.next().await {
+            loop {
+                // A body that sends nothing for IMPORT_IDLE_TIMEOUT is
+                // dropped: the upload ends as a cut one (nothing queued).
+                let chunk = match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the body sent nothing for {} s (IMPORT_IDLE_TIMEOUT)",
+                            idle.as_secs()
+                        ),
+                    )),
+                };
                 let item = chunk.and_then(|b| {
                     seen += b.len() as u64;
                     if seen > max_bytes {

@@ -21,6 +21,7 @@ pub mod raw;
 pub mod routes;
 pub mod sales;
 pub mod security;
+pub mod slots;
 pub mod stores;
 pub mod users;
 pub mod websocket;
@@ -74,9 +75,7 @@ fn apis(state: Arc<AppState>) -> Apis {
         admin::AdminApi {
             state: state.clone(),
         },
-        imports::ImportsApi {
-            state: state.clone(),
-        },
+        imports::ImportsApi::new(state.clone()),
         users::UsersApi { state },
     )
 }

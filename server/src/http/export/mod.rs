@@ -73,7 +73,7 @@ use serde_json::json;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 /// Rows are coalesced into chunks of about this size before they are sent.
@@ -89,51 +89,16 @@ pub const BUSY_RETRY_AFTER: u64 = 5;
 
 pub struct ExportApi {
     pub state: Arc<AppState>,
-    slots: Arc<Semaphore>,
-    per_user: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
+    slots: crate::http::slots::Slots,
 }
 
 impl ExportApi {
     pub fn new(state: Arc<AppState>) -> Self {
-        let slots = Arc::new(Semaphore::new(state.config.export_max_concurrent));
-        Self {
-            state,
-            slots,
-            per_user: Default::default(),
-        }
-    }
-
-    /// One of the user's EXPORT_MAX_PER_USER slots, so that one user
-    /// cannot hold every slot of the instance.
-    fn user_slot(&self, user: i64) -> Option<UserSlot> {
-        let mut map = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(user).or_insert(0);
-        if *n >= self.state.config.export_max_per_user {
-            return None;
-        }
-        *n += 1;
-        Some(UserSlot {
-            user,
-            map: self.per_user.clone(),
-        })
-    }
-}
-
-/// Released when the export ends, however it ends.
-pub(super) struct UserSlot {
-    user: i64,
-    map: Arc<std::sync::Mutex<std::collections::HashMap<i64, usize>>>,
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.user);
-            }
-        }
+        let slots = crate::http::slots::Slots::new(
+            state.config.export_max_concurrent,
+            state.config.export_max_per_user,
+        );
+        Self { state, slots }
     }
 }
 
@@ -255,29 +220,25 @@ impl ExportApi {
                 .and_then(|v| v.to_str().ok()),
             &[Encoding::Zstd, Encoding::Gzip],
         );
-        let user_slot = self.user_slot(auth.0.user_id).ok_or_else(|| {
-            ApiError::TooManyRequests(
-                ErrorBody::new(
-                    "rate_limited",
+        let slot = self.slots.take(auth.0.user_id).map_err(|busy| {
+            let (message, limit) = match busy {
+                crate::http::slots::Busy::User => (
                     format!(
                         "you already run {} export(s) (EXPORT_MAX_PER_USER); retry after {BUSY_RETRY_AFTER} s",
                         self.state.config.export_max_per_user
                     ),
-                    Some(json!({"limit": "EXPORT_MAX_PER_USER"})),
+                    "EXPORT_MAX_PER_USER",
                 ),
-                BUSY_RETRY_AFTER,
-            )
-        })?;
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            ApiError::TooManyRequests(
-                ErrorBody::new(
-                    "rate_limited",
+                crate::http::slots::Busy::Instance => (
                     format!(
                         "{} exports are already running on this instance (EXPORT_MAX_CONCURRENT); retry after {BUSY_RETRY_AFTER} s",
                         self.state.config.export_max_concurrent
                     ),
-                    Some(json!({"limit": "EXPORT_MAX_CONCURRENT"})),
+                    "EXPORT_MAX_CONCURRENT",
                 ),
+            };
+            ApiError::TooManyRequests(
+                ErrorBody::new("rate_limited", message, Some(json!({"limit": limit}))),
                 BUSY_RETRY_AFTER,
             )
         })?;
@@ -312,10 +273,7 @@ impl ExportApi {
         let complete = job.complete.clone();
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let (started_tx, started_rx) = oneshot::channel();
-        let slots = Slots {
-            _permit: permit,
-            _user: user_slot,
-        };
+        let slots = Slots { _slot: slot };
         tokio::spawn(pump::run(job, slots, tx, started_tx).instrument(tracing::Span::current()));
         let estimated_total = match started_rx.await {
             Ok(Ok(total)) => total,

@@ -5,7 +5,7 @@
 use super::format::{ExportFormat, ExportShape};
 use super::progress::{notify_progress, RunState, Snapshot};
 use super::sql::ExportSql;
-use super::{UserSlot, CHUNK, EXPORT_STALL_TIMEOUT};
+use super::{CHUNK, EXPORT_STALL_TIMEOUT};
 use crate::http::compress::{Compressor, Encoding};
 use crate::http::error::ApiError;
 use crate::state::AppState;
@@ -17,7 +17,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 pub(super) struct Job {
@@ -103,8 +103,7 @@ pub(super) type Started = oneshot::Sender<Result<u64, ApiError>>;
 /// EXPORT_MAX_PER_USER), and released before the body ends: a client that
 /// has read the whole export may start the next one at once.
 pub(super) struct Slots {
-    pub(super) _permit: OwnedSemaphorePermit,
-    pub(super) _user: UserSlot,
+    pub(super) _slot: crate::http::slots::Slot,
 }
 
 pub(super) async fn run(
