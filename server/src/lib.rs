@@ -57,6 +57,18 @@ impl Server {
             .await
             .context("reading the event log position")?;
         state.hub.set_position(head);
+        // Every region that has stores is known before any client names
+        // one (later ones come with their stores' events), so the bounded
+        // room for names that clients introduce never decides whether a
+        // real region can be followed.
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT region FROM sales.stores WHERE region IS NOT NULL")
+                .fetch_all(&state.pool)
+                .await
+                .context("reading the stores' regions")?;
+        for r in &known {
+            events::vocab::RegionKey::of(r);
+        }
         // Revocation state as of now; user events past `head` are applied
         // again by the relay (they only move it forward).
         state

@@ -98,3 +98,39 @@ async fn chain_and_region_channels() {
     assert_eq!(replayed, vec![s[0], s[3]]);
     back.assert_no_event(Duration::from_millis(300)).await;
 }
+
+/// Region names are bounded per instance, but that bound never decides
+/// whether a real region can be followed: every region with stores is known
+/// from the start, and leaving a region nobody follows adds no name. A
+/// client that leaves a thousand made-up regions does not stop another from
+/// following a real one.
+#[tokio::test]
+async fn made_up_region_names_do_not_crowd_out_real_ones() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    // A region no other test names, whose stores have no events yet.
+    let region = format!("Fjord-{}", db.name);
+    sqlx::query("UPDATE sales.stores SET region = $1 WHERE id = $2")
+        .bind(&region)
+        .bind(s[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let server = db.server(&[]).await;
+    let staff = user(&db, "s@example.test", "staff", &[s[0]]).await;
+    let mut junk = Client::connect(server.addr, &token(staff, "staff", &[s[0]])).await;
+    for i in 0..1_100 {
+        junk.send(json!({"type": "unsubscribe", "event": format!("region-made-up-{i}")}))
+            .await;
+        assert_eq!(junk.reply("unsubscribed").await["type"], "unsubscribed");
+    }
+    let channel = format!("region-{region}");
+    let mut follower = Client::connect(server.addr, &token(999, "admin", &[])).await;
+    assert_eq!(
+        follower.subscribe(&channel).await,
+        json!({"type": "subscribed", "event": channel})
+    );
+    upsert(&db, vec![record(s[0], 2024, 1, 1, 10)]).await;
+    assert_eq!(follower.event().await["data"]["storeId"], s[0]);
+    server.stop().await;
+}

@@ -166,6 +166,16 @@ impl RegionKey {
         Self::intern(name, true)
     }
 
+    /// The key of a region name already known, without adding it.
+    pub fn known(name: &str) -> Option<RegionKey> {
+        regions()
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids
+            .get(name)
+            .map(|&id| RegionKey(id))
+    }
+
     fn intern(name: &str, client: bool) -> Option<RegionKey> {
         if name.is_empty() || name.chars().count() > 100 {
             return None;
@@ -225,6 +235,20 @@ impl Channel {
                 }
                 id.parse().ok().filter(|&s: &i64| s > 0).map(Channel::Sales)
             }
+        }
+    }
+
+    /// A channel a client named to leave it: as [`Channel::parse`], but a
+    /// region name not known yet is not added (nobody can follow it), so
+    /// unsubscribing never uses up room for names. `Err(())`: a region
+    /// that no one follows.
+    pub fn parse_to_leave(name: &str) -> Option<Result<Channel, ()>> {
+        match name.strip_prefix("region-") {
+            Some(r) if !r.is_empty() && r.chars().count() <= 100 => {
+                Some(RegionKey::known(r).map(Channel::Region).ok_or(()))
+            }
+            Some(_) => None,
+            None => Self::parse(name).map(Ok),
         }
     }
 

@@ -275,11 +275,13 @@ impl Session {
                     subscribe_reply(hub, conn, &event, hub.subscribe(conn, ch))
                 }
             }
-            ClientMessage::Unsubscribe { event } => match Channel::parse(&event) {
-                Some(ch) => {
+            ClientMessage::Unsubscribe { event } => match Channel::parse_to_leave(&event) {
+                Some(Ok(ch)) => {
                     hub.unsubscribe(conn, ch);
                     hub.reply(conn, protocol::unsubscribed(&event))
                 }
+                // A region nobody follows: nothing to leave.
+                Some(Err(())) => hub.reply(conn, protocol::unsubscribed(&event)),
                 None if protocol::IMPLICIT.contains(&event.as_str()) => hub.reply(
                     conn,
                     protocol::error(
