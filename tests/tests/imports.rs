@@ -331,10 +331,20 @@ async fn a_manager_imports_only_their_stores() {
     assert_eq!(doc["rowsRejected"], 1);
     assert_eq!(doc["errors"][0]["line"], 3);
     assert_eq!(doc["errors"][0]["column"], "store_id");
-    assert!(doc["errors"][0]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("outside your scope"));
+    // Said as of a store that does not exist: the file cannot tell which
+    // stores exist outside the caller's scope.
+    assert_eq!(
+        doc["errors"][0]["reason"],
+        format!("unknown store {}, or not one of your stores", stores[1])
+    );
+    let file = format!("store_id,date,sales\n{},2024-05-03,10\n", i64::MAX / 2);
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let none = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(
+        none["errors"][0]["reason"],
+        format!("unknown store {}, or not one of your stores", i64::MAX / 2)
+    );
     assert_eq!(
         scalar_i64(
             &db,

@@ -489,9 +489,13 @@ WITH d AS (
 ), bad AS (
     SELECT DISTINCT ON (line) line,
            CASE WHEN store_code IS NOT NULL THEN 'store_code' ELSE 'store_id' END AS col,
-           CASE WHEN sid IS NULL
+           -- A caller with a scope is told the same of a store that does
+           -- not exist and of one outside the scope: stores it cannot see
+           -- stay unseen, as everywhere else.
+           CASE WHEN $8::bigint[] IS NULL
                 THEN format('unknown store %s', coalesce(quote_literal(store_code), store_id::text))
-                ELSE format('store %s is outside your scope', coalesce(store_code, store_id::text)) END AS reason
+                ELSE format('unknown store %s, or not one of your stores',
+                            coalesce(quote_literal(store_code), store_id::text)) END AS reason
     FROM r WHERE sid IS NULL OR ($8::bigint[] IS NOT NULL AND sid <> ALL($8))
     ORDER BY line
 ), g AS (
