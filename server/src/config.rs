@@ -70,6 +70,8 @@ pub struct Config {
     pub ws_ping_interval: Duration,
     pub ws_send_queue: usize,
     pub slow_query_ms: u64,
+    /// When set, `/metrics` answers only requests bearing this token.
+    pub metrics_token: Option<String>,
     pub shutdown_timeout: Duration,
     /// PG_SALES_DEV=1 or APP_ENV/NODE_ENV=development: allows the
     /// development secrets the repository publishes.
@@ -480,6 +482,7 @@ impl Config {
             )?,
             ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
             slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
+            metrics_token: e.opt("METRICS_TOKEN").filter(|t| !t.is_empty()),
             shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,
             dev_mode,
             login_attempts_per_minute: e.num("LOGIN_ATTEMPTS_PER_MINUTE", 5u32, 1, 10_000)?,

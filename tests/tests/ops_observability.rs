@@ -469,3 +469,26 @@ async fn sigterm_finishes_requests_and_closes_websockets_with_1001() {
         .unwrap();
     assert_eq!(n, 3000);
 }
+
+/// With METRICS_TOKEN set, `/metrics` answers only a scraper bearing it.
+#[tokio::test]
+async fn metrics_can_require_a_token() {
+    let db = sales_e2e::TestDb::new().await;
+    let server = db
+        .server(&[("METRICS_TOKEN", "scrape-me-0123456789")])
+        .await;
+    let client = reqwest::Client::new();
+    let get = |token: Option<&'static str>| {
+        let mut r = client.get(server.url("/metrics"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    assert_eq!(get(None).await.status(), 401);
+    assert_eq!(get(Some("wrong")).await.status(), 401);
+    let r = get(Some("scrape-me-0123456789")).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("http_requests_total"));
+    server.stop().await;
+}

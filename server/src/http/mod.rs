@@ -102,7 +102,28 @@ pub fn documented_service(state: Arc<AppState>) -> OpenApiService<(Apis, outside
 
 /// Prometheus text format.
 #[poem::handler]
-async fn metrics_endpoint(state: poem::web::Data<&Arc<AppState>>) -> poem::Response {
+async fn metrics_endpoint(
+    req: &poem::Request,
+    state: poem::web::Data<&Arc<AppState>>,
+) -> poem::Response {
+    // With METRICS_TOKEN set, only a scraper bearing it gets the figures
+    // (backend pids, transaction ages, connection counts).
+    if let Some(want) = &state.config.metrics_token {
+        use sha2::Digest;
+        let given = req
+            .header(poem::http::header::AUTHORIZATION)
+            .and_then(crate::auth::bearer)
+            .unwrap_or_default();
+        // Compared by digest, so the time taken says nothing of the token.
+        if sha2::Sha256::digest(given.as_bytes()) != sha2::Sha256::digest(want.as_bytes()) {
+            return error::ErrorBody::response(
+                poem::http::StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <METRICS_TOKEN>",
+                None,
+            );
+        }
+    }
     poem::Response::builder()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(crate::metrics::render(&state).await)
