@@ -269,8 +269,36 @@ pub async fn with_limits<E: Endpoint>(
             )
         }
     };
+    if limit > SMALL_BODY_LIMIT {
+        // A batch body is parsed whole into a tree before its records are
+        // counted; a body of nothing but empty objects would make that tree
+        // dozens of times its size. Counted first, cheaply: no record of
+        // BATCH_MAX_RECORDS needs more than RECORD_NESTING objects and arrays.
+        let most = state
+            .config
+            .batch_max_records
+            .saturating_mul(RECORD_NESTING)
+            .saturating_add(16);
+        if containers(&bytes) > most {
+            return Ok(ApiError::too_large(format!(
+                "the body holds more JSON objects and arrays than {} records (BATCH_MAX_RECORDS) can",
+                state.config.batch_max_records
+            ))
+            .into_response());
+        }
+    }
     let req = Request::from_parts(parts, poem::Body::from(bytes));
     ep.call(req).await.map(IntoResponse::into_response)
+}
+
+/// Objects and arrays one batch record (or delete item) can need: the
+/// record, its `dailyData`, 31 days, and room to spare.
+const RECORD_NESTING: usize = 40;
+
+/// How many JSON objects and arrays a body opens, counted by their opening
+/// bytes (an upper bound: a `{` inside a string counts too).
+fn containers(body: &[u8]) -> usize {
+    body.iter().filter(|b| matches!(b, b'{' | b'[')).count()
 }
 
 /// The most any body but a batch's may hold: logins, users, stores,
@@ -294,6 +322,12 @@ fn body_limit_for(method: &poem::http::Method, path: &str, body_limit: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containers_are_counted_by_their_opening_bytes() {
+        assert_eq!(containers(br#"{"keys": [{}, {"a": [1, 2]}], "s": "{"}"#), 6);
+        assert_eq!(containers(b"1"), 0);
+    }
 
     #[test]
     fn only_batches_may_send_large_bodies() {
