@@ -134,3 +134,51 @@ async fn made_up_region_names_do_not_crowd_out_real_ones() {
     assert_eq!(follower.event().await["data"]["storeId"], s[0]);
     server.stop().await;
 }
+
+/// A row moved by plain SQL from a store a subscriber may not see reaches
+/// it without what the event says of that store (its id, the old month and
+/// the old days); a subscriber that may see both gets all of it.
+#[tokio::test]
+async fn a_row_moved_in_from_a_hidden_store_shows_nothing_of_it() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let staff = user(&db, "one@example.test", "staff", &[s[0]]).await;
+    let server = db.server(&[]).await;
+    let channel = format!("sales-data-{}", s[0]);
+    let mut scoped = Client::connect(server.addr, &token(staff, "staff", &[s[0]])).await;
+    assert_eq!(scoped.subscribe(&channel).await["type"], "subscribed");
+    let mut admin = Client::connect(server.addr, &token(999, "admin", &[])).await;
+    assert_eq!(admin.subscribe(&channel).await["type"], "subscribed");
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 3, '{\"1\": {\"sales\": 5}}') RETURNING id",
+    )
+    .bind(s[1])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE sales.monthly_sales SET store_id = $2, daily_data = '{\"1\": {\"sales\": 6}}' WHERE id = $1",
+    )
+    .bind(id)
+    .bind(s[0])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let full = admin.event().await;
+    assert_eq!(full["data"]["previousStoreId"], s[1], "{full}");
+    assert_eq!(full["data"]["previousDays"]["1"]["sales"], 5, "{full}");
+    let shown = scoped.event().await;
+    assert_eq!(shown["event"], "sales-data-updated");
+    assert_eq!(shown["data"]["storeId"], s[0]);
+    assert_eq!(shown["data"]["id"], id);
+    for gone in [
+        "previousStoreId",
+        "previousDays",
+        "previousYear",
+        "previousMonth",
+    ] {
+        assert!(shown["data"].get(gone).is_none(), "{gone}: {shown}");
+    }
+    server.stop().await;
+}

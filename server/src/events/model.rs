@@ -203,6 +203,34 @@ impl Event {
             })
             .to_string();
         }
+        if variant == Variant::MovedIn {
+            // Rare (a row moved between stores by plain SQL): parsed and
+            // written again without the old store's members.
+            let mut data: Value = serde_json::from_str(&self.payload.text).unwrap_or(Value::Null);
+            if let Some(m) = data.as_object_mut() {
+                for k in [
+                    "previousStoreId",
+                    "previousYear",
+                    "previousMonth",
+                    "previousDays",
+                ] {
+                    m.remove(k);
+                }
+                if let Some(s) = self.store_id {
+                    m.entry("storeId").or_insert(s.into());
+                }
+                if let Some(v) = self.row_version {
+                    m.entry("version").or_insert(v.into());
+                }
+            }
+            return serde_json::json!({
+                "id": self.id,
+                "event": self.kind_name,
+                "data": data,
+                "ts": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            })
+            .to_string();
+        }
         let p = &self.payload;
         let mut out = String::with_capacity(p.text.len() + 128);
         out.push_str("{\"id\":");

@@ -38,6 +38,20 @@ impl Event {
         })
     }
 
+    /// The form a recipient gets, given the form [`Event::deliveries`] named
+    /// and the stores it may see: the full frame of a row moved from a store
+    /// it may not see is sent without what it says of that store.
+    pub fn variant_for(&self, variant: Variant, can_access_store: impl Fn(i64) -> bool) -> Variant {
+        match (variant, self.moved_from()) {
+            (Variant::Full, Some(old))
+                if Some(old.store_id) != self.store_id && !can_access_store(old.store_id) =>
+            {
+                Variant::MovedIn
+            }
+            _ => variant,
+        }
+    }
+
     /// Who receives this event and in which form, the full frame first (a
     /// connection reached twice gets the first only).
     pub fn deliveries(&self) -> Vec<(Recipient, Variant)> {
@@ -292,6 +306,52 @@ mod tests {
         assert_eq!(f["data"]["year"], 2024);
         assert_eq!(f["data"]["moved"], true);
         assert!(f["data"].get("totalSales").is_none());
+        // A recipient that may not see the old store gets the row without
+        // what the event says of it; one that may, the full frame.
+        let mut with_days = moved.clone();
+        with_days.payload = crate::events::model::Payload::from_value(&json!({
+            "year": 2025, "month": 4, "previousStoreId": 2, "previousYear": 2024,
+            "previousMonth": 12, "changedDays": ["5"], "previousDays": {"5": {"sales": 7}},
+            "totalSales": 9
+        }));
+        assert_eq!(
+            with_days.variant_for(Variant::Full, |s| s == 3),
+            Variant::MovedIn
+        );
+        assert_eq!(
+            with_days.variant_for(Variant::Full, |_| true),
+            Variant::Full
+        );
+        assert_eq!(
+            with_days.variant_for(Variant::MovedAway, |s| s == 2),
+            Variant::MovedAway
+        );
+        let f: Value = serde_json::from_str(&with_days.frame(Variant::MovedIn)).unwrap();
+        assert_eq!(f["event"], "sales-data-updated");
+        assert_eq!(f["data"]["storeId"], 3);
+        assert_eq!(f["data"]["version"], 2);
+        assert_eq!(f["data"]["totalSales"], 9);
+        assert_eq!(f["data"]["changedDays"], json!(["5"]));
+        for gone in [
+            "previousStoreId",
+            "previousYear",
+            "previousMonth",
+            "previousDays",
+        ] {
+            assert!(f["data"].get(gone).is_none(), "{gone}: {f}");
+        }
+        let full: Value = serde_json::from_str(&with_days.frame(Variant::Full)).unwrap();
+        assert_eq!(full["data"]["previousDays"]["5"]["sales"], 7);
+        // A move within one store (another month) hides nothing.
+        let month_move = ev(
+            "sales-data-updated",
+            Some(3),
+            json!({"year": 2025, "month": 4, "previousYear": 2025, "previousMonth": 3}),
+        );
+        assert_eq!(
+            month_move.variant_for(Variant::Full, |s| s == 3),
+            Variant::Full
+        );
 
         // Another month of the same store: its store's channel (and
         // all-stores), old month's tags.

@@ -297,6 +297,10 @@ pub enum Variant {
     /// `sales-data-deleted` frame for the old key (`"moved": true`), never the
     /// new payload (they may not be allowed to see the new store).
     MovedAway,
+    /// A sales row that came from a store the recipient may not see: the
+    /// full frame without what it says of the old store (`previousStoreId`,
+    /// `previousYear`, `previousMonth` and the old days, `previousDays`).
+    MovedIn,
 }
 
 #[cfg(test)]

@@ -177,14 +177,25 @@ impl Registry {
     fn targets(&self, e: &Event, mut f: impl FnMut(&Arc<Conn>, Variant)) {
         for (to, variant) in e.deliveries() {
             match to {
-                Recipient::User(u) => Self::each(self.users.get(&u), &mut |c| f(c, variant)),
-                Recipient::Channel(ch) => {
-                    Self::each(self.channels.get(&ch), &mut |c| f(c, variant))
-                }
+                Recipient::User(u) => Self::each(self.users.get(&u), &mut |c| {
+                    f(
+                        c,
+                        e.variant_for(variant, |s| c.principal.can_access_store(s)),
+                    )
+                }),
+                Recipient::Channel(ch) => Self::each(self.channels.get(&ch), &mut |c| {
+                    f(
+                        c,
+                        e.variant_for(variant, |s| c.principal.can_access_store(s)),
+                    )
+                }),
                 Recipient::ChannelInScope(ch, s) => {
                     Self::each(self.channels.get(&ch), &mut |c: &Arc<Conn>| {
                         if c.principal.can_access_store(s) {
-                            f(c, variant)
+                            f(
+                                c,
+                                e.variant_for(variant, |s| c.principal.can_access_store(s)),
+                            )
                         }
                     })
                 }
@@ -479,6 +490,7 @@ impl Hub {
         // most of a large batch's, is never serialised).
         let mut full: Option<Message> = None;
         let mut moved: Option<Message> = None;
+        let mut moved_in: Option<Message> = None;
         let pos = e.pos();
         let half = self.cfg.send_queue / 2;
         let mut pressure = false;
@@ -489,6 +501,9 @@ impl Hub {
                     .get_or_insert_with(|| Message::Text(Utf8Bytes::from(e.frame(Variant::Full)))),
                 Variant::MovedAway => moved.get_or_insert_with(|| {
                     Message::Text(Utf8Bytes::from(e.frame(Variant::MovedAway)))
+                }),
+                Variant::MovedIn => moved_in.get_or_insert_with(|| {
+                    Message::Text(Utf8Bytes::from(e.frame(Variant::MovedIn)))
                 }),
             };
             match self.push_live(c, Some(pos), e.id, msg) {

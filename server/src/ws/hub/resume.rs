@@ -56,7 +56,7 @@ impl ResumeSnapshot {
                 first.get_or_insert(variant);
             }
         }
-        first
+        first.map(|v| e.variant_for(v, |s| conn.principal.can_access_store(s)))
     }
 
     /// Whether `conn` may already have had live events the replay covers:
