@@ -67,7 +67,7 @@ rm -f "$ROOT/scripts/wrk/report_wrap.lua"
 ratio() { python3 -c "a=float('$1'); b=float('$2'); print(f'{a/b:.2f}' if b else 'n/a')"; }
 echo
 echo "hit   / static req/s : $(ratio "$hit_rps" "$static_rps")x   (target >= 0.5)"
-echo "hit p99              : ${hit_p99_ms} ms   (target <= 2 ms)"
+echo "hit p99              : ${hit_p99_ms} ms = $(ratio "$hit_p99_ms" "$static_p99_ms")x the static endpoint's ${static_p99_ms} ms   (target <= 2x)"
 echo "miss  / pgbench      : $(python3 -c "import statistics, sys; r = [float(x) for x in sys.argv[1:]]; print(f'{statistics.median(r):.2f}x   (median of pairs: ' + ' '.join(f'{x:.2f}' for x in r) + ')')" "${pair_ratios[@]}")   (target >= 0.6)"
 
 echo
