@@ -33,13 +33,15 @@ impl ImportsApi {
         let uploads = crate::http::slots::Slots::new(
             state.config.import_max_uploads,
             state.config.import_max_uploads_per_user,
+            crate::http::slots::Names {
+                what: "import uploads",
+                total: "IMPORT_MAX_UPLOADS",
+                per_user: "IMPORT_MAX_UPLOADS_PER_USER",
+            },
         );
         Self { state, uploads }
     }
 }
-
-/// Retry-After when no upload slot is free.
-const UPLOAD_RETRY_AFTER: u64 = 5;
 
 /// Whether a request is an upload whose body the import streams itself
 /// (the middleware's BODY_LIMIT buffering would hold it all in memory).
@@ -304,32 +306,7 @@ impl ImportsApi {
             ),
             ImportBody::Ndjson(b) => (b.0, Requested::Ndjson),
         };
-        let _slot = self.uploads.take(auth.0.user_id).map_err(|busy| {
-            let (message, limit) = match busy {
-                crate::http::slots::Busy::User => (
-                    format!(
-                        "you already send {} import(s) (IMPORT_MAX_UPLOADS_PER_USER); retry after {UPLOAD_RETRY_AFTER} s",
-                        self.state.config.import_max_uploads_per_user
-                    ),
-                    "IMPORT_MAX_UPLOADS_PER_USER",
-                ),
-                crate::http::slots::Busy::Instance => (
-                    format!(
-                        "{} imports are already being uploaded to this instance (IMPORT_MAX_UPLOADS); retry after {UPLOAD_RETRY_AFTER} s",
-                        self.state.config.import_max_uploads
-                    ),
-                    "IMPORT_MAX_UPLOADS",
-                ),
-            };
-            ApiError::TooManyRequests(
-                crate::http::error::ErrorBody::new(
-                    "rate_limited",
-                    message,
-                    Some(json!({"limit": limit})),
-                ),
-                UPLOAD_RETRY_AFTER,
-            )
-        })?;
+        let _slot = self.uploads.take_or_429(auth.0.user_id)?;
         let max_bytes = self.state.config.import_max_bytes;
         let idle = self.state.config.import_idle_timeout;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);

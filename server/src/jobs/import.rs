@@ -115,7 +115,6 @@ pub async fn stage<R: Read + Send + 'static>(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(2);
     let requested = req.requested;
     let parser = tokio::task::spawn_blocking(move || {
-        let mut n = 0usize;
         let mut rejected: Vec<Rejected> = Vec::new();
         let mut lines = 0u64;
         let mut rejected_lines = 0u64;
@@ -157,8 +156,9 @@ pub async fn stage<R: Read + Send + 'static>(
         // store), not the file's: a file in date order interleaves every
         // store's rows, and inserting them so scatters the key index's
         // inserts and a store-month's rows over the heap. Sorted, a
-        // store-month's rows of one COPY are adjacent (measured on 1M
-        // staged rows: the COPY 15-25% faster).
+        // store-month's rows of one COPY are adjacent (README, "Staged rows
+        // in key order": `psql \copy` of 1M staged rows 15-25% faster, a
+        // whole upload about 8%).
         let mut batch: Vec<(Option<i64>, parse::Row)> = Vec::with_capacity(COPY_ROWS);
         let flush = |batch: &mut Vec<(Option<i64>, parse::Row)>| -> Result<Vec<u8>, FileError> {
             batch.sort_unstable_by(|(a_sid, a), (b_sid, b)| {
@@ -189,11 +189,10 @@ pub async fn stage<R: Read + Send + 'static>(
             match item {
                 Item::Row(r) => {
                     batch.push((store_of(&r), r));
-                    n += 1;
-                    if n >= COPY_ROWS {
+                    if batch.len() >= COPY_ROWS {
+                        let n = batch.len();
                         let chunk = flush(&mut batch)?;
                         tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
-                        n = 0;
                     }
                 }
                 Item::Rejected(r) => {
@@ -215,7 +214,8 @@ pub async fn stage<R: Read + Send + 'static>(
             }
             Ok(())
         });
-        if n > 0 {
+        if !batch.is_empty() {
+            let n = batch.len();
             let chunk = flush(&mut batch)?;
             tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
         }

@@ -57,7 +57,7 @@ pub use sql::{
 };
 
 use super::compress::{negotiate, Encoding};
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult};
 use super::filters::{parse_projection, RawFilter, SalesFilter};
 use super::security::BearerAuth;
 use super::ApiTags;
@@ -69,7 +69,6 @@ use poem_openapi::param::Query;
 use poem_openapi::OpenApi;
 use pump::{Job, Slots};
 use sales_core::projection::SALES_DOC;
-use serde_json::json;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,9 +83,6 @@ pub const QUEUE: usize = 4;
 pub const EXPORT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Progress events are sent at most this often (plus the final one).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
-/// Retry-After when EXPORT_MAX_CONCURRENT exports are running.
-pub const BUSY_RETRY_AFTER: u64 = 5;
-
 pub struct ExportApi {
     pub state: Arc<AppState>,
     slots: crate::http::slots::Slots,
@@ -97,6 +93,11 @@ impl ExportApi {
         let slots = crate::http::slots::Slots::new(
             state.config.export_max_concurrent,
             state.config.export_max_per_user,
+            crate::http::slots::Names {
+                what: "exports",
+                total: "EXPORT_MAX_CONCURRENT",
+                per_user: "EXPORT_MAX_PER_USER",
+            },
         );
         Self { state, slots }
     }
@@ -220,28 +221,7 @@ impl ExportApi {
                 .and_then(|v| v.to_str().ok()),
             &[Encoding::Zstd, Encoding::Gzip],
         );
-        let slot = self.slots.take(auth.0.user_id).map_err(|busy| {
-            let (message, limit) = match busy {
-                crate::http::slots::Busy::User => (
-                    format!(
-                        "you already run {} export(s) (EXPORT_MAX_PER_USER); retry after {BUSY_RETRY_AFTER} s",
-                        self.state.config.export_max_per_user
-                    ),
-                    "EXPORT_MAX_PER_USER",
-                ),
-                crate::http::slots::Busy::Instance => (
-                    format!(
-                        "{} exports are already running on this instance (EXPORT_MAX_CONCURRENT); retry after {BUSY_RETRY_AFTER} s",
-                        self.state.config.export_max_concurrent
-                    ),
-                    "EXPORT_MAX_CONCURRENT",
-                ),
-            };
-            ApiError::TooManyRequests(
-                ErrorBody::new("rate_limited", message, Some(json!({"limit": limit}))),
-                BUSY_RETRY_AFTER,
-            )
-        })?;
+        let slot = self.slots.take_or_429(auth.0.user_id)?;
         let csv_header = header.0.unwrap_or(true);
         let sql = build_sql(&ExportSpec {
             format,
