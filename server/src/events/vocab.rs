@@ -31,10 +31,12 @@ pub enum Kind {
     UserDeleted,
     SessionRevoked,
     /// `TRUNCATE` of the sales or store table (payload `{"table": ...}`):
-    /// every cached answer is stale; to the admins' `admin` channel.
+    /// every cached answer is stale; to the `admin` and `announcements`
+    /// channels.
     TableTruncated,
-    /// `sales-server maintain` pruned the log (payload `{"pruned": n}`):
-    /// cached histories are stale; relayed to nobody.
+    /// `sales.prune_events` deleted events or expired history (payload
+    /// `{"pruned": n, "expired": m}`): cached histories are stale; relayed
+    /// to nobody.
     EventsPruned,
     /// A kind this server does not know; relayed to nobody.
     Other,
