@@ -72,6 +72,8 @@ pub struct UserAccess {
     /// Why the generation last moved.
     pub why: Revoked,
     pub email: String,
+    /// The outside identity (issuer, subject) linked to the user.
+    pub identity: Option<(String, String)>,
 }
 
 /// One change, as applied to the registry (from an event or by the writer).
@@ -84,6 +86,9 @@ pub enum Change {
         generation: i64,
         disabled: bool,
         why: Revoked,
+        /// The outside identity linked to the user: `None` leaves it as it
+        /// was (events written by migration 0014's trigger do not carry it).
+        identity: Option<Option<(String, String)>>,
     },
     Deleted {
         id: i64,
@@ -118,6 +123,12 @@ impl Change {
                 generation: p.get("generation").and_then(Value::as_i64)?,
                 disabled: p.get("disabled").and_then(Value::as_bool)?,
                 why: Revoked::parse(p.get("revoke").and_then(Value::as_str).unwrap_or("")),
+                identity: p.get("identity").map(|i| {
+                    Some((
+                        i.get("issuer")?.as_str()?.to_string(),
+                        i.get("subject")?.as_str()?.to_string(),
+                    ))
+                }),
             }),
             Kind::UserDeleted => Some(Change::Deleted { id, until }),
             Kind::SessionRevoked => Some(Change::Session {
@@ -133,7 +144,8 @@ impl Change {
 #[derive(Default)]
 struct Inner {
     users: HashMap<i64, UserAccess>,
-    by_email: HashMap<String, i64>,
+    /// Outside identities (issuer, subject) -> the user linked to each.
+    by_identity: HashMap<(String, String), i64>,
     /// Deleted user -> until when its tokens could still be presented.
     deleted: HashMap<i64, i64>,
     /// Revoked session -> until when its access tokens could still be presented.
@@ -200,10 +212,13 @@ impl Revocations {
         Ok(())
     }
 
-    /// The user with this email (lower case), when known: outside identity
-    /// providers' tokens are matched to users by it.
-    pub fn user_by_email(&self, email: &str) -> Option<i64> {
-        self.read().by_email.get(&email.to_lowercase()).copied()
+    /// The user an outside identity provider's (issuer, subject) is
+    /// linked to (migration 0019), when there is one.
+    pub fn user_by_identity(&self, issuer: &str, subject: &str) -> Option<i64> {
+        self.read()
+            .by_identity
+            .get(&(issuer.to_string(), subject.to_string()))
+            .copied()
     }
 
     pub fn user(&self, id: i64) -> Option<UserAccess> {
@@ -222,6 +237,7 @@ impl Revocations {
                 generation,
                 disabled,
                 why,
+                identity,
             } => {
                 if inner.deleted.contains_key(id) {
                     return;
@@ -231,24 +247,37 @@ impl Revocations {
                     .get(id)
                     .is_none_or(|u| u.generation <= *generation);
                 if newer {
-                    let old = inner.users.insert(
+                    let kept = inner.users.get(id).and_then(|u| u.identity.clone());
+                    let identity = identity.clone().unwrap_or(kept.clone());
+                    if kept != identity {
+                        if let Some(k) = &kept {
+                            if inner.by_identity.get(k) == Some(id) {
+                                inner.by_identity.remove(k);
+                            }
+                        }
+                    }
+                    if let Some(i) = &identity {
+                        inner.by_identity.insert(i.clone(), *id);
+                    }
+                    inner.users.insert(
                         *id,
                         UserAccess {
                             generation: *generation,
                             disabled: *disabled,
                             why: *why,
                             email: email.clone(),
+                            identity,
                         },
                     );
-                    if let Some(old) = old.filter(|o| o.email != *email) {
-                        inner.by_email.remove(&old.email);
-                    }
-                    inner.by_email.insert(email.clone(), *id);
                 }
             }
             Change::Deleted { id, until } => {
                 if let Some(old) = inner.users.remove(id) {
-                    inner.by_email.remove(&old.email);
+                    if let Some(i) = old.identity {
+                        if inner.by_identity.get(&i) == Some(id) {
+                            inner.by_identity.remove(&i);
+                        }
+                    }
                 }
                 if *until > now {
                     inner.deleted.insert(*id, *until);
@@ -272,9 +301,12 @@ impl Revocations {
     /// left). Prunes older tombstones.
     pub async fn load(&self, pool: &sqlx::PgPool, token_lifetime: i64) -> Result<(), sqlx::Error> {
         let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
-        let users: Vec<(i64, String, i64, bool)> = sqlx::query_as(
-            "SELECT u.id, lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false)
-             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id",
+        type Row = (i64, String, i64, bool, Option<String>, Option<String>);
+        let users: Vec<Row> = sqlx::query_as(
+            "SELECT u.id, lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false),
+                    i.issuer, i.subject
+             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+             LEFT JOIN auth.identities i ON i.user_id = u.id",
         )
         .fetch_all(pool)
         .await?;
@@ -298,8 +330,9 @@ impl Revocations {
         .bind(keep as f64)
         .fetch_all(pool)
         .await?;
-        for (id, email, generation, disabled) in users {
+        for (id, email, generation, disabled, issuer, subject) in users {
             self.apply(&Change::User {
+                identity: Some(issuer.zip(subject)),
                 id,
                 email,
                 generation,
@@ -350,6 +383,7 @@ mod tests {
             generation,
             disabled,
             why,
+            identity: None,
         }
     }
 
@@ -385,12 +419,45 @@ mod tests {
         assert_eq!(r.check(&principal(1, 1, Some("s2"))), Ok(()));
         r.apply(&user(1, 2, true, Revoked::Disabled));
         assert_eq!(r.check(&principal(1, 2, None)), Err(Revoked::Disabled));
-        assert_eq!(r.user_by_email("U1@x.io"), Some(1));
         r.apply(&Change::Deleted { id: 1, until: far });
         assert_eq!(r.check(&principal(1, 9, None)), Err(Revoked::Deleted));
-        assert_eq!(r.user_by_email("u1@x.io"), None);
         // A late user-updated event does not bring a deleted user back.
         r.apply(&user(1, 3, false, Revoked::AccessChanged));
         assert_eq!(r.check(&principal(1, 3, None)), Err(Revoked::Deleted));
+    }
+
+    #[test]
+    fn identities_follow_links_unlinks_and_deletes() {
+        let r = Revocations::default();
+        let far = chrono::Utc::now().timestamp() + 600;
+        let idp = |s: &str| Some(("https://idp".to_string(), s.to_string()));
+        let linked = |id: i64, generation, identity| Change::User {
+            id,
+            email: format!("u{id}@x.io"),
+            generation,
+            disabled: false,
+            why: Revoked::AccessChanged,
+            identity: Some(identity),
+        };
+        r.apply(&linked(1, 1, idp("a")));
+        assert_eq!(r.user_by_identity("https://idp", "a"), Some(1));
+        assert_eq!(r.user_by_identity("https://other", "a"), None);
+        // An event that does not carry the identity keeps it.
+        r.apply(&user(1, 2, false, Revoked::AccessChanged));
+        assert_eq!(r.user_by_identity("https://idp", "a"), Some(1));
+        // Relinked: the old identity names nobody.
+        r.apply(&linked(1, 3, idp("b")));
+        assert_eq!(r.user_by_identity("https://idp", "a"), None);
+        assert_eq!(r.user_by_identity("https://idp", "b"), Some(1));
+        // Moved to another user: user 1's later unlink does not take it away.
+        r.apply(&linked(2, 1, idp("a")));
+        r.apply(&linked(1, 4, None));
+        assert_eq!(r.user_by_identity("https://idp", "b"), None);
+        assert_eq!(r.user_by_identity("https://idp", "a"), Some(2));
+        // An older event seen again changes nothing.
+        r.apply(&linked(1, 3, idp("b")));
+        assert_eq!(r.user_by_identity("https://idp", "b"), None);
+        r.apply(&Change::Deleted { id: 2, until: far });
+        assert_eq!(r.user_by_identity("https://idp", "a"), None);
     }
 }

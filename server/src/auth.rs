@@ -63,10 +63,6 @@ pub struct Claims {
     /// The session (refresh-token family) the token belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
-    /// Whether the identity provider verified `email` (OpenID Connect):
-    /// only then is an outside token matched to a user by its email.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email_verified: Option<bool>,
 }
 
 /// The caller, as established by a verified token.
@@ -259,7 +255,6 @@ impl Auth {
             aud: self.audience.clone(),
             gen,
             sid,
-            email_verified: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         Ok((token, claims))
@@ -292,9 +287,9 @@ impl Auth {
     /// provider's algorithms (a JWKS key the token names by `kid`, or the
     /// JWT_PUBLIC_KEY_FILE key) are accepted, never `none`.
     ///
-    /// An outside token's user is the row of `sales.users` with the token's
-    /// email when there is one, else its numeric `sub`; such a user's
-    /// disabling or deletion applies to it. Tokens issued here are also
+    /// An outside token's user is the one an admin linked its (`iss`,
+    /// `sub`) to (an unlinked token is refused); that user's disabling or
+    /// deletion applies to it. Tokens issued here are also
     /// refused once the user's access generation or session is revoked.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         self.verify_digested(token, &Self::digest(token))
@@ -380,23 +375,30 @@ impl Auth {
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let c = data.claims;
-        // Only an email the provider verified names a local user.
-        let by_email = (outside && c.email_verified == Some(true))
-            .then(|| {
-                c.email
-                    .as_deref()
-                    .and_then(|e| self.revocations.user_by_email(e))
-            })
-            .flatten();
-        let user_id: i64 = match by_email {
-            Some(id) => id,
-            None => c.sub.parse().map_err(|_| {
-                AuthError::Invalid(if outside {
-                    "no user here has the token's email, and its sub is not a user id".into()
-                } else {
-                    "sub must be a numeric user id".into()
-                })
-            })?,
+        // An outside token stands for the user its (iss, sub) is linked to,
+        // and for nobody else: not the user with its email (anyone who may
+        // create users could take that address), not the user whose id its
+        // sub happens to spell.
+        let user_id: i64 = if outside {
+            let issuer = c.iss.as_deref().unwrap_or_default();
+            if issuer.is_empty() {
+                return Err(AuthError::Invalid(
+                    "an identity provider's token needs an iss claim to name a user here".into(),
+                ));
+            }
+            self.revocations
+                .user_by_identity(issuer, &c.sub)
+                .ok_or_else(|| {
+                    AuthError::Invalid(format!(
+                        "the token's identity (iss {issuer:?}, sub {:?}) is not linked to a user \
+                         here; an admin links it with PUT /api/v2/users/{{id}}/identity",
+                        c.sub
+                    ))
+                })?
+        } else {
+            c.sub
+                .parse()
+                .map_err(|_| AuthError::Invalid("sub must be a numeric user id".into()))?
         };
         let p = Principal {
             user_id,
@@ -567,7 +569,6 @@ mod tests {
             aud: None,
             gen: 0,
             sid: None,
-            email_verified: None,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
         assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
@@ -606,17 +607,16 @@ mod tests {
         sh("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ec.pem 2>/dev/null && openssl pkey -in ec.pem -pubout -out ec.pub");
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
-            sub: "9".into(),
+            sub: "provider-user-1".into(),
             email: None,
             role: Role::Manager,
             stores: vec![4],
             exp: now + 600,
             iat: now,
-            iss: None,
+            iss: Some("https://idp.test".into()),
             aud: None,
             gen: 0,
             sid: None,
-            email_verified: None,
         };
         for (alg, private, public, key) in [
             (
@@ -635,9 +635,34 @@ mod tests {
             let a = auth(&[("JWT_PUBLIC_KEY_FILE", dir.join(public).to_str().unwrap())]);
             let enc: jsonwebtoken::errors::Result<EncodingKey> =
                 key(&std::fs::read(dir.join(private)).unwrap());
-            let token = jsonwebtoken::encode(&Header::new(alg), &claims, &enc.unwrap()).unwrap();
+            let enc = enc.unwrap();
+            let token = jsonwebtoken::encode(&Header::new(alg), &claims, &enc).unwrap();
+            // Not linked to a user here: refused, saying so.
+            match a.verify(&token) {
+                Err(AuthError::Invalid(why)) => assert!(why.contains("not linked"), "{why}"),
+                other => panic!("{alg:?}: an unlinked identity gave {other:?}"),
+            }
+            let link = |id: i64, sub: &str| crate::access::Change::User {
+                id,
+                email: format!("u{id}@x.test"),
+                generation: 1,
+                disabled: false,
+                why: crate::access::Revoked::AccessChanged,
+                identity: Some(Some(("https://idp.test".into(), sub.into()))),
+            };
+            a.revocations().apply(&link(9, "provider-user-1"));
             let p = a.verify(&token).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
             assert_eq!((p.user_id, p.role), (9, Role::Manager));
+            assert!(p.outside);
+            // The same subject from another issuer, or with no issuer, is nobody.
+            for iss in [Some("https://other.test"), None] {
+                let other = Claims {
+                    iss: iss.map(str::to_string),
+                    ..claims.clone()
+                };
+                let t = jsonwebtoken::encode(&Header::new(alg), &other, &enc).unwrap();
+                assert!(a.verify(&t).is_err(), "{alg:?} {iss:?}");
+            }
             assert!(p.can_access_store(4) && !p.can_access_store(5));
             // Without the key configured, the same token is refused.
             assert!(auth(&[]).verify(&token).is_err());

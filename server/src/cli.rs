@@ -1,4 +1,4 @@
-//! Command line: `sales-server [serve|migrate|seed|import|user add|list|disable|enable|set-password|maintain|openapi]`.
+//! Command line: `sales-server [serve|migrate|seed|import|user add|list|disable|enable|set-password|link|unlink|maintain|openapi]`.
 
 use clap::{Args, Parser, Subcommand};
 
@@ -70,6 +70,24 @@ pub enum UserCommand {
     Enable(UserRef),
     /// Set a user's password (ends every session of the user).
     SetPassword(UserSetPasswordArgs),
+    /// Link an identity provider's identity (its tokens' iss and sub) to a
+    /// user: such tokens then stand for this user, and for nobody else.
+    Link(UserLinkArgs),
+    /// Unlink a user's identity provider identity: its tokens are refused.
+    Unlink(UserRef),
+}
+
+#[derive(Debug, Args)]
+pub struct UserLinkArgs {
+    /// The user's email.
+    #[arg(long)]
+    pub email: String,
+    /// The provider's tokens' `iss`, exactly.
+    #[arg(long)]
+    pub issuer: String,
+    /// The user's `sub` in the provider's tokens, exactly.
+    #[arg(long)]
+    pub subject: String,
 }
 
 #[derive(Debug, Args)]

@@ -154,6 +154,31 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("enabled user {} (id {id})", r.email);
             Ok(())
         }
+        Command::User(UserCommand::Link(args)) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let id = users::set_identity(
+                &pool,
+                &args.email,
+                Some((args.issuer.as_str(), args.subject.as_str())),
+            )
+            .await?;
+            println!(
+                "linked user {} (id {id}) to issuer {} subject {}",
+                args.email, args.issuer, args.subject
+            );
+            Ok(())
+        }
+        Command::User(UserCommand::Unlink(r)) => {
+            let pool = db::connect(&config).await?;
+            db::migrate(&pool).await?;
+            let id = users::set_identity(&pool, &r.email, None).await?;
+            println!(
+                "unlinked the outside identity of user {} (id {id})",
+                r.email
+            );
+            Ok(())
+        }
         Command::User(UserCommand::SetPassword(args)) => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;

@@ -123,6 +123,27 @@ pub async fn set_password(pool: &PgPool, email: &str, password: &str) -> anyhow:
     .await
 }
 
+/// `user link` / `user unlink`: returns the user's id.
+pub async fn set_identity(
+    pool: &PgPool,
+    email: &str,
+    identity: Option<(&str, &str)>,
+) -> anyhow::Result<i64> {
+    let identity = identity
+        .map(|(iss, sub)| Identity::new(iss, sub))
+        .transpose()
+        .map_err(cli_error)?;
+    cli_patch(
+        pool,
+        email,
+        UserPatch {
+            identity: Some(identity),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 async fn cli_patch(pool: &PgPool, email: &str, patch: UserPatch) -> anyhow::Result<i64> {
     let mut tx = pool.begin().await?;
     lock(&mut tx).await?;
@@ -151,6 +172,8 @@ pub struct User {
     pub generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The outside identity linked to the user, if any.
+    pub identity: Option<Identity>,
 }
 
 /// Why a user change was refused.
@@ -185,6 +208,7 @@ impl UserError {
                 let flag = match *field {
                     "stores" => "store",
                     "password" | "newPassword" => "password",
+                    "identity" => return format!("--issuer, --subject: {reason}"),
                     f => f,
                 };
                 format!("--{flag}: {reason}")
@@ -318,6 +342,41 @@ pub struct UserPatch {
     pub stores: Option<Vec<i64>>,
     pub disabled: Option<bool>,
     pub password_hash: Option<String>,
+    /// `Some(None)` unlinks the user's outside identity.
+    pub identity: Option<Option<Identity>>,
+}
+
+/// An outside identity provider's name for a user: the `iss` and `sub` of
+/// its tokens. Only a linked identity makes such a token stand for a user
+/// here (migration 0019).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub issuer: String,
+    pub subject: String,
+}
+
+impl Identity {
+    /// Both parts present, without surrounding blanks, at most 1,000 characters each.
+    pub fn new(issuer: &str, subject: &str) -> Result<Self, UserError> {
+        for (field, v) in [("issuer", issuer), ("subject", subject)] {
+            if v.is_empty() {
+                return Err(UserError::invalid(field, "must not be empty"));
+            }
+            if v.trim() != v {
+                return Err(UserError::invalid(
+                    field,
+                    "must not start or end with blanks (tokens are matched exactly)",
+                ));
+            }
+            if v.chars().count() > 1000 {
+                return Err(UserError::invalid(field, "longer than 1000 characters"));
+            }
+        }
+        Ok(Self {
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
+        })
+    }
 }
 
 /// Serialises user changes (the last-admin rule reads every admin).
@@ -341,8 +400,9 @@ async fn managed(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 
 const SELECT_USER: &str =
     "SELECT u.id, u.email, u.role, u.store_ids, coalesce(s.disabled, false), \
-     coalesce(s.generation, 0), u.created_at, u.updated_at \
-     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id";
+     coalesce(s.generation, 0), u.created_at, u.updated_at, i.issuer, i.subject \
+     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id \
+     LEFT JOIN auth.identities i ON i.user_id = u.id";
 
 type UserRow = (
     i64,
@@ -353,6 +413,8 @@ type UserRow = (
     i64,
     DateTime<Utc>,
     DateTime<Utc>,
+    Option<String>,
+    Option<String>,
 );
 
 fn from_row(r: UserRow) -> User {
@@ -366,6 +428,10 @@ fn from_row(r: UserRow) -> User {
         generation: r.5,
         created_at: r.6,
         updated_at: r.7,
+        identity: match (r.8, r.9) {
+            (Some(issuer), Some(subject)) => Some(Identity { issuer, subject }),
+            _ => None,
+        },
     }
 }
 
@@ -510,6 +576,9 @@ fn doc(u: &User) -> serde_json::Value {
     serde_json::json!({
         "userId": u.id, "email": u.email, "role": u.role.as_str(), "stores": u.stores,
         "disabled": u.disabled, "generation": u.generation,
+        "identity": u.identity.as_ref().map(|i| serde_json::json!({
+            "issuer": i.issuer, "subject": i.subject,
+        })),
     })
 }
 
@@ -548,6 +617,11 @@ fn change_of(u: &User, why: Revoked) -> Change {
         generation: u.generation,
         disabled: u.disabled,
         why,
+        identity: Some(
+            u.identity
+                .as_ref()
+                .map(|i| (i.issuer.clone(), i.subject.clone())),
+        ),
     }
 }
 
@@ -588,6 +662,13 @@ pub async fn update(
     if patch.password_hash.is_some() {
         changed.push("password");
     }
+    let identity = patch
+        .identity
+        .clone()
+        .unwrap_or_else(|| old.identity.clone());
+    if identity != old.identity {
+        changed.push("identity");
+    }
     if changed.is_empty() {
         return Ok((old, None));
     }
@@ -615,6 +696,9 @@ pub async fn update(
     .bind(disabled)
     .execute(&mut *conn)
     .await?;
+    if identity != old.identity {
+        link(conn, id, identity.as_ref()).await?;
+    }
     if old.role == Role::Admin
         && !old.disabled
         && (role != Role::Admin || disabled)
@@ -658,6 +742,46 @@ pub async fn update(
     .into();
     emit(conn, "user-updated", payload).await?;
     Ok((user.clone(), Some(change_of(&user, why))))
+}
+
+/// Sets (or with `None` removes) the outside identity of user `id`; an
+/// identity linked to another user is refused, naming that user.
+async fn link(
+    conn: &mut PgConnection,
+    id: i64,
+    identity: Option<&Identity>,
+) -> Result<(), UserError> {
+    sqlx::query("DELETE FROM auth.identities WHERE user_id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let Some(i) = identity else {
+        return Ok(());
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO auth.identities (user_id, issuer, subject) VALUES ($1, $2, $3)
+         ON CONFLICT (issuer, subject) DO NOTHING",
+    )
+    .bind(id)
+    .bind(&i.issuer)
+    .bind(&i.subject)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        let other: i64 = sqlx::query_scalar(
+            "SELECT user_id FROM auth.identities WHERE issuer = $1 AND subject = $2",
+        )
+        .bind(&i.issuer)
+        .bind(&i.subject)
+        .fetch_one(&mut *conn)
+        .await?;
+        return Err(UserError::invalid(
+            "identity",
+            format!("this issuer and subject are already linked to user {other}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Deletes a user in the caller's transaction (which must hold [`lock`]):

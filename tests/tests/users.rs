@@ -65,6 +65,16 @@ async fn patch(api: &Api, path: &str, body: Value) -> (u16, Value) {
     api.send_json(Method::PATCH, path, &body).await
 }
 
+async fn put(api: &Api, path: &str, body: &Value) -> (u16, Value) {
+    api.send_json(Method::PUT, path, body).await
+}
+
+async fn api_delete(api: &Api, path: &str) -> (u16, Value) {
+    let r = api.req(Method::DELETE, path).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
 async fn delete(api: &Api, path: &str) -> u16 {
     api.req(Method::DELETE, path)
         .send()
@@ -1333,6 +1343,9 @@ fn rsa_key(dir: &std::path::Path, kid: &str) -> (Vec<u8>, Value) {
     (std::fs::read(&pem).unwrap(), jwk)
 }
 
+/// The issuer of the tests' identity provider.
+const IDP: &str = "https://idp.x.test";
+
 fn outside_token(
     pem: &[u8],
     kid: &str,
@@ -1341,25 +1354,29 @@ fn outside_token(
     role: &str,
     stores: &[i64],
 ) -> String {
-    outside_token_verified(pem, kid, sub, email, true, role, stores)
+    outside_token_from(pem, kid, Some(IDP), sub, email, role, stores)
 }
 
-fn outside_token_verified(
+fn outside_token_from(
     pem: &[u8],
     kid: &str,
+    iss: Option<&str>,
     sub: &str,
     email: &str,
-    email_verified: bool,
     role: &str,
     stores: &[i64],
 ) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = Some(kid.to_string());
     let now = chrono::Utc::now().timestamp();
+    let mut claims = json!({"sub": sub, "email": email, "email_verified": true,
+                            "role": role, "stores": stores, "iat": now, "exp": now + 600});
+    if let Some(iss) = iss {
+        claims["iss"] = iss.into();
+    }
     jsonwebtoken::encode(
         &header,
-        &json!({"sub": sub, "email": email, "email_verified": email_verified,
-                "role": role, "stores": stores, "iat": now, "exp": now + 600}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_rsa_pem(pem).unwrap(),
     )
     .unwrap()
@@ -1392,8 +1409,11 @@ async fn jwks_server(body: std::sync::Arc<std::sync::Mutex<String>>) -> std::net
 
 /// Outside identity provider: RS256 tokens verified with the JWKS key they
 /// name, from a file or a URL; a new key is accepted once published, a
-/// withdrawn one refused; the token's user is matched by email to a user
-/// here, whose disabling then applies to it.
+/// withdrawn one refused. A token stands for the user an admin linked its
+/// (iss, sub) to, and for nobody else: not the user with its email (a
+/// manager can create one with any address), not the user whose id its sub
+/// spells. The linked user's disabling applies to it, and a link or unlink
+/// reaches every instance.
 #[tokio::test]
 async fn jwks_rotation_and_outside_users() {
     let dir = std::env::temp_dir().join(format!("pgs_jwks_{}", std::process::id()));
@@ -1413,31 +1433,109 @@ async fn jwks_rotation_and_outside_users() {
         .await;
     add_user(&db, "admin@x.test", "admin", &[]).await;
     let local = add_user(&db, "ext@x.test", "manager", &[stores[0]]).await;
+    add_user(&db, "mgr@x.test", "manager", &[stores[0]]).await;
     let (admin, _) = client(&server, "admin@x.test").await;
+    let (mgr, _) = client(&server, "mgr@x.test").await;
+    let link = |api: &Api, user: i64, subject: &str| {
+        let (api, path) = (api.clone(), format!("/api/v2/users/{user}/identity"));
+        let body = json!({"issuer": IDP, "subject": subject});
+        async move { put(&api, &path, &body).await }
+    };
+    let me = |t: &str| {
+        let api = Api::new(&server, Some(t));
+        async move { api.get("/api/v2/auth/me").await }
+    };
 
-    // Matched by email: the token's numeric sub names nobody here.
-    let t1 = outside_token(&k1, "k1", "990001", "EXT@x.test", "manager", &[stores[0]]);
-    let ext = Api::new(&server, Some(&t1));
-    let (st, me) = ext.get("/api/v2/auth/me").await;
-    assert_eq!(st, 200, "{me}");
+    // The provider's admin, and a staff user a manager made with the same
+    // address: the token is not theirs, nor anyone's until linked.
+    let boss = outside_token(&k1, "k1", "boss-sub", "boss@x.test", "admin", &[]);
+    let (st, body) = mgr
+        .post(
+            "/api/v2/users",
+            &json!({"email": "boss@x.test", "role": "staff", "stores": [stores[0]],
+                    "password": "impostor-pass-1"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let impostor = body["data"]["id"].as_i64().unwrap();
+    let (st, body) = me(&boss).await;
+    assert_eq!(st, 401, "an email names nobody: {body}");
+    assert!(
+        body.to_string().contains("not linked"),
+        "the refusal says why: {body}"
+    );
+    // Only an admin links.
+    let (st, body) = link(&mgr, impostor, "boss-sub").await;
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(me(&boss).await.0, 401);
+
+    let t1 = outside_token(
+        &k1,
+        "k1",
+        "ext-sub",
+        "other-address@x.test",
+        "manager",
+        &[stores[0]],
+    );
+    assert_eq!(me(&t1).await.0, 401, "not linked yet");
+    let link_path = format!("/api/v2/users/{local}/identity");
+    for (bad, field) in [
+        (json!({"issuer": "", "subject": "ext-sub"}), "issuer"),
+        (json!({"issuer": IDP, "subject": " ext-sub"}), "subject"),
+        (json!({"subject": "ext-sub"}), "issuer"),
+    ] {
+        let (st, body) = put(&admin, &link_path, &bad).await;
+        assert!(st == 400 || st == 422, "{bad}: {st} {body}");
+        assert!(body.to_string().contains(field), "{bad}: {body}");
+    }
+    let (st, body) = link(&admin, local, "ext-sub").await;
+    assert_eq!(st, 200, "{body}");
     assert_eq!(
-        (me["id"].as_i64(), me["registered"].as_bool()),
+        body["data"]["identity"],
+        json!({"issuer": IDP, "subject": "ext-sub"})
+    );
+    let (st, me1) = me(&t1).await;
+    assert_eq!(st, 200, "{me1}");
+    assert_eq!(
+        (me1["id"].as_i64(), me1["registered"].as_bool()),
         (Some(local), Some(true))
     );
+    // One user per identity: linking it to another is refused, naming the holder.
+    let (st, body) = link(&admin, impostor, "ext-sub").await;
+    assert_eq!(st, 422, "{body}");
+    assert!(
+        body.to_string()
+            .contains(&format!("already linked to user {local}")),
+        "{body}"
+    );
+    // The same subject from another issuer, or without one, is nobody; a
+    // numeric sub is not taken for a user id.
+    for t in [
+        outside_token_from(
+            &k1,
+            "k1",
+            Some("https://elsewhere.test"),
+            "ext-sub",
+            "e@x.test",
+            "admin",
+            &[],
+        ),
+        outside_token_from(&k1, "k1", None, "ext-sub", "e@x.test", "admin", &[]),
+        outside_token(&k1, "k1", &local.to_string(), "ext@x.test", "admin", &[]),
+    ] {
+        assert_eq!(me(&t).await.0, 401);
+    }
+
     // Disabled here: the provider's token is refused too; enabled: accepted again.
     let path = format!("/api/v2/users/{local}");
     assert_eq!(patch(&admin, &path, json!({"disabled": true})).await.0, 200);
-    let (st, body) = ext.get("/api/v2/auth/me").await;
+    let (st, body) = me(&t1).await;
     assert_eq!(st, 401, "{body}");
     assert_eq!(
         patch(&admin, &path, json!({"disabled": false})).await.0,
         200
     );
-    assert_eq!(
-        ext.get("/api/v2/auth/me").await.0,
-        200,
-        "outside tokens know no generation"
-    );
+    assert_eq!(me(&t1).await.0, 200, "outside tokens know no generation");
     // An open WebSocket is judged like REST: a change of the user's access
     // (which moves the generation outside tokens do not carry) keeps it
     // open; disabling the user closes it (4010, not 4012 for the change).
@@ -1448,7 +1546,7 @@ async fn jwks_rotation_and_outside_users() {
             .0,
         200
     );
-    assert_eq!(ext.get("/api/v2/auth/me").await.0, 200);
+    assert_eq!(me(&t1).await.0, 200);
     assert_eq!(patch(&admin, &path, json!({"disabled": true})).await.0, 200);
     assert_eq!(
         close_code(&mut ws).await,
@@ -1459,46 +1557,14 @@ async fn jwks_rotation_and_outside_users() {
         patch(&admin, &path, json!({"disabled": false})).await.0,
         200
     );
-    // An email the provider did not verify names nobody here: the numeric
-    // sub is taken as it is, a non-numeric one is refused.
-    let unverified = outside_token_verified(&k1, "k1", "990003", "ext@x.test", false, "admin", &[]);
-    let (st, me) = Api::new(&server, Some(&unverified))
-        .get("/api/v2/auth/me")
-        .await;
-    assert_eq!(st, 200, "{me}");
-    assert_eq!(
-        (me["id"].as_i64(), me["registered"].as_bool()),
-        (Some(990003), Some(false)),
-        "not matched to the local user by an unverified email: {me}"
-    );
-    let unverified = outside_token_verified(&k1, "k1", "ext", "ext@x.test", false, "admin", &[]);
-    assert_eq!(
-        Api::new(&server, Some(&unverified))
-            .get("/api/v2/auth/me")
-            .await
-            .0,
-        401
-    );
-    // An unmatched user with a numeric sub keeps working, as before.
-    let other = outside_token(&k1, "k1", "990002", "nobody@x.test", "staff", &[stores[1]]);
-    assert_eq!(
-        Api::new(&server, Some(&other))
-            .get("/api/v2/auth/me")
-            .await
-            .0,
-        200
-    );
-    let unnamed = outside_token(&k1, "k1", "abc", "nobody@x.test", "staff", &[stores[1]]);
-    assert_eq!(
-        Api::new(&server, Some(&unnamed))
-            .get("/api/v2/auth/me")
-            .await
-            .0,
-        401
-    );
+    // A manager is not shown the identity; an admin is.
+    let (_, shown) = admin.get(&path).await;
+    assert_eq!(shown["data"]["identity"]["subject"], "ext-sub", "{shown}");
+    let (_, shown) = mgr.get(&format!("/api/v2/users/{impostor}")).await;
+    assert!(shown["data"].get("identity").is_none(), "{shown}");
 
     // Rotation through the file: k2 published, k1 withdrawn.
-    let t2 = outside_token(&k2, "k2", "990001", "ext@x.test", "manager", &[stores[0]]);
+    let t2 = outside_token(&k2, "k2", "ext-sub", "ext@x.test", "manager", &[stores[0]]);
     assert_eq!(
         Api::new(&server, Some(&t2)).get("/api/v2/auth/me").await.0,
         401,
@@ -1509,7 +1575,7 @@ async fn jwks_rotation_and_outside_users() {
         (Api::new(&server, Some(&t2)).get("/api/v2/auth/me").await.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(ext.get("/api/v2/auth/me").await.0, 401, "the withdrawn key");
+    assert_eq!(me(&t1).await.0, 401, "the withdrawn key");
 
     // The same from a URL.
     let served = std::sync::Arc::new(std::sync::Mutex::new(
@@ -1526,15 +1592,32 @@ async fn jwks_rotation_and_outside_users() {
         Api::new(&by_url, Some(&t1)).get("/api/v2/auth/me").await.0,
         200
     );
+    // An unlink on one instance reaches the other through its event; a
+    // link again too.
+    let (st, body) = api_delete(&admin, &link_path).await;
+    assert_eq!(st, 200, "{body}");
+    assert!(body["data"].get("identity").is_none(), "{body}");
+    let on_by_url = |token: String, status: u16, what: &'static str| {
+        let by_url = &by_url;
+        async move {
+            eventually(Duration::from_secs(15), what, || async {
+                (Api::new(by_url, Some(&token))
+                    .get("/api/v2/auth/me")
+                    .await
+                    .0
+                    == status)
+                    .then_some(())
+            })
+            .await
+        }
+    };
+    on_by_url(t1.clone(), 401, "the unlink on the other instance").await;
+    assert_eq!(me(&t1).await.0, 401);
+    let (st, body) = link(&admin, local, "ext-sub").await;
+    assert_eq!(st, 200, "{body}");
+    on_by_url(t1.clone(), 200, "the link on the other instance").await;
     *served.lock().unwrap() = json!({"keys": [jwk1, jwk2]}).to_string();
-    eventually(
-        Duration::from_secs(15),
-        "the new key from the URL",
-        || async {
-            (Api::new(&by_url, Some(&t2)).get("/api/v2/auth/me").await.0 == 200).then_some(())
-        },
-    )
-    .await;
+    on_by_url(t2.clone(), 200, "the new key from the URL").await;
     by_url.stop().await;
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -1561,7 +1644,7 @@ fn cli(db: &TestDb, args: &[&str], stdin: Option<&str>) -> std::process::Output 
     child.wait_with_output().unwrap()
 }
 
-/// `user list|disable|enable|set-password`: a change from the command line
+/// `user list|disable|enable|set-password|link|unlink`: a change from the command line
 /// reaches a running server through its event, like any other.
 #[tokio::test]
 async fn command_line_user_management() {
@@ -1641,6 +1724,57 @@ async fn command_line_user_management() {
     let out = cli(&w.db, &["user", "disable", "--email", "admin@x.test"], None);
     assert!(!out.status.success());
     assert!(text(&out).contains("last enabled admin"), "{}", text(&out));
+
+    // Outside identities: linked and unlinked from the command line, with
+    // the API's rules (both parts given, one user per identity).
+    let link = |email: &str, subject: &str| {
+        cli(
+            &w.db,
+            &[
+                "user",
+                "link",
+                "--email",
+                email,
+                "--issuer",
+                "https://idp.x.test",
+                "--subject",
+                subject,
+            ],
+            None,
+        )
+    };
+    let out = link("staff@x.test", "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--subject: must not be empty"),
+        "{}",
+        text(&out)
+    );
+    let out = link("staff@x.test", "s-1");
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = |id: i64| {
+        let admin = &w.admin;
+        async move {
+            admin.get(&format!("/api/v2/users/{id}")).await.1["data"]["identity"]["subject"]
+                .as_str()
+                .map(str::to_string)
+        }
+    };
+    assert_eq!(shown(w.staff_id).await.as_deref(), Some("s-1"));
+    let out = link("manager@x.test", "s-1");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(&format!(
+            "--issuer, --subject: this issuer and subject are already linked to user {}",
+            w.staff_id
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(shown(w.manager_id).await, None);
+    let out = cli(&w.db, &["user", "unlink", "--email", "staff@x.test"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(shown(w.staff_id).await, None);
     w.server.stop().await;
 }
 

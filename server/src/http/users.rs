@@ -51,6 +51,30 @@ pub struct UserDoc {
     pub disabled: bool,
     pub created_at: String,
     pub updated_at: String,
+    /// The outside identity provider's identity linked to the user (shown
+    /// to admins and to the user): only a token with this `iss` and `sub`
+    /// stands for the user.
+    #[oai(skip_serializing_if_is_none)]
+    pub identity: Option<IdentityDoc>,
+}
+
+/// An identity provider's name for a user: its tokens' `iss` and `sub`.
+#[derive(Object, Debug, Clone)]
+pub struct IdentityDoc {
+    /// The tokens' `iss`, exactly.
+    pub issuer: String,
+    /// The tokens' `sub`, exactly.
+    pub subject: String,
+}
+
+/// The identity to link: both required, matched exactly (1 to 1,000
+/// characters, no surrounding blanks).
+#[derive(Object, Debug, Clone)]
+pub struct LinkIdentity {
+    #[oai(validator(max_length = 1000))]
+    pub issuer: Option<String>,
+    #[oai(validator(max_length = 1000))]
+    pub subject: Option<String>,
 }
 
 /// Whether `viewer` is shown store `store` among user `user`'s stores: an
@@ -74,6 +98,14 @@ fn doc(u: &User, viewer: &Principal) -> UserDoc {
         disabled: u.disabled,
         created_at: u.created_at.to_rfc3339(),
         updated_at: u.updated_at.to_rfc3339(),
+        identity: u
+            .identity
+            .as_ref()
+            .filter(|_| viewer.is_admin() || viewer.user_id == u.id)
+            .map(|i| IdentityDoc {
+                issuer: i.issuer.clone(),
+                subject: i.subject.clone(),
+            }),
     }
 }
 
@@ -207,6 +239,43 @@ impl UsersApi {
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?
             .map_err(ApiError::from)
+    }
+
+    async fn set_identity(
+        &self,
+        who: &Principal,
+        id: i64,
+        identity: Option<users::Identity>,
+    ) -> ApiResult<OneResponse> {
+        let mut tx = crate::db::Write::begin(&self.state.pool, who.user_id).await?;
+        users::lock(tx.conn()).await?;
+        let patch = UserPatch {
+            identity: Some(identity),
+            ..Default::default()
+        };
+        self.apply(tx, who, id, patch).await
+    }
+
+    /// Changes user `id` in `tx` (which holds [`users::lock`]), commits,
+    /// applies the change to this instance's access state at once and
+    /// answers with the user as `who` may see them.
+    async fn apply(
+        &self,
+        mut tx: crate::db::Write,
+        who: &Principal,
+        id: i64,
+        patch: UserPatch,
+    ) -> ApiResult<OneResponse> {
+        let (user, change) = users::update(tx.conn(), id, patch)
+            .await
+            .map_err(user_error)?;
+        tx.commit().await?;
+        if let Some(c) = change {
+            self.state.access.apply(&c);
+        }
+        Ok(OneResponse::Ok(Json(UserOne {
+            data: doc(&user, who),
+        })))
     }
 
     async fn load(&self, id: i64) -> ApiResult<User> {
@@ -425,26 +494,50 @@ impl UsersApi {
                 stores = Some(all);
             }
         }
-        let (user, change) = users::update(
-            tx.conn(),
-            id.0,
-            UserPatch {
-                email: b.email.clone(),
-                role: b.role.map(Role::from),
-                stores,
-                disabled: b.disabled,
-                password_hash: hash,
-            },
-        )
-        .await
-        .map_err(user_error)?;
-        tx.commit().await?;
-        if let Some(c) = change {
-            self.state.access.apply(&c);
-        }
-        Ok(OneResponse::Ok(Json(UserOne {
-            data: doc(&user, who),
-        })))
+        let patch = UserPatch {
+            email: b.email.clone(),
+            role: b.role.map(Role::from),
+            stores,
+            disabled: b.disabled,
+            password_hash: hash,
+            identity: None,
+        };
+        self.apply(tx, who, id.0, patch).await
+    }
+
+    /// Link an outside identity provider's identity to a user (admins
+    /// only): from then on a token of that provider with this `iss` and
+    /// `sub` stands for the user, and for nobody else; the user's previous
+    /// identity, if any, stops being theirs. An identity linked to another
+    /// user is 422 (unlink it there first).
+    #[oai(path = "/api/v2/users/:id/identity", method = "put")]
+    async fn link_identity(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        body: Json<LinkIdentity>,
+    ) -> ApiResult<OneResponse> {
+        auth.require_admin()?;
+        let given = |v: &Option<String>, field| {
+            v.clone().ok_or_else(|| {
+                user_error(UserError::Invalid {
+                    field,
+                    reason: "is required".into(),
+                })
+            })
+        };
+        let issuer = given(&body.0.issuer, "issuer")?;
+        let subject = given(&body.0.subject, "subject")?;
+        let identity = users::Identity::new(&issuer, &subject).map_err(user_error)?;
+        self.set_identity(&auth.0, id.0, Some(identity)).await
+    }
+
+    /// Unlink a user's outside identity (admins only): its tokens are
+    /// refused from then on.
+    #[oai(path = "/api/v2/users/:id/identity", method = "delete")]
+    async fn unlink_identity(&self, auth: BearerAuth, id: Path<i64>) -> ApiResult<OneResponse> {
+        auth.require_admin()?;
+        self.set_identity(&auth.0, id.0, None).await
     }
 
     /// Delete a user (admins only): their sessions go, their tokens are
@@ -489,7 +582,17 @@ mod tests {
             generation: 0,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
+            identity: Some(users::Identity {
+                issuer: "https://idp".into(),
+                subject: "s".into(),
+            }),
         };
+        assert!(
+            doc(&user(Role::Staff, vec![2]), &manager)
+                .identity
+                .is_none(),
+            "a manager is not shown a user's outside identity"
+        );
         assert!(manages(&manager, &user(Role::Staff, vec![2, 7])));
         assert!(!manages(&manager, &user(Role::Staff, vec![7])));
         assert!(!manages(&manager, &user(Role::Manager, vec![1])));
