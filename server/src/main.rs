@@ -121,21 +121,27 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             println!(
-                "{:>6}  {:<32} {:<8} {:<8} stores",
-                "id", "email", "role", "state"
+                "{:>6}  {:<32} {:<8} {:<8} {:<16} identity",
+                "id", "email", "role", "state", "stores"
             );
             for u in users::list(&pool, None, i64::MAX, 0).await? {
+                let stores = u
+                    .stores
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let identity = u
+                    .identity
+                    .map(|i| format!("{} {}", i.issuer, i.subject))
+                    .unwrap_or_default();
                 println!(
-                    "{:>6}  {:<32} {:<8} {:<8} {}",
+                    "{:>6}  {:<32} {:<8} {:<8} {:<16} {identity}",
                     u.id,
                     u.email,
                     u.role.as_str(),
                     if u.disabled { "disabled" } else { "enabled" },
-                    u.stores
-                        .iter()
-                        .map(i64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    stores,
                 );
             }
             Ok(())

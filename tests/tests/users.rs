@@ -1761,6 +1761,13 @@ async fn command_line_user_management() {
         }
     };
     assert_eq!(shown(w.staff_id).await.as_deref(), Some("s-1"));
+    let listed = text(&cli(&w.db, &["user", "list"], None));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("staff@x.test") && l.ends_with("https://idp.x.test s-1")),
+        "{listed}"
+    );
     let out = link("manager@x.test", "s-1");
     assert!(!out.status.success());
     assert!(
