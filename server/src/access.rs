@@ -168,15 +168,24 @@ impl Revocations {
 
     /// For tokens of an outside identity provider (which know nothing of
     /// generations or sessions here): only a disabled or deleted user is refused.
+    /// A token that stands for its user through a linked identity loses
+    /// its access once that link is gone (unlinked, or moved to another
+    /// identity): an open WebSocket is closed as for a change of access.
     pub fn check_account(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();
         if inner.deleted.contains_key(&p.user_id) {
             return Err(Revoked::Deleted);
         }
-        match inner.users.get(&p.user_id) {
-            Some(u) if u.disabled => Err(Revoked::Disabled),
-            _ => Ok(()),
+        let user = inner.users.get(&p.user_id);
+        if user.is_some_and(|u| u.disabled) {
+            return Err(Revoked::Disabled);
         }
+        if let Some(identity) = &p.identity {
+            if user.and_then(|u| u.identity.as_ref()) != Some(&**identity) {
+                return Err(Revoked::AccessChanged);
+            }
+        }
+        Ok(())
     }
 
     /// The check for a verified token: [`Revocations::check_account`] for
@@ -373,6 +382,7 @@ mod tests {
             generation,
             session: session.map(str::to_string),
             outside: false,
+            identity: None,
         }
     }
 
@@ -457,7 +467,16 @@ mod tests {
         // An older event seen again changes nothing.
         r.apply(&linked(1, 3, idp("b")));
         assert_eq!(r.user_by_identity("https://idp", "b"), None);
+        // A token that came in through identity "a" (now user 2's) keeps
+        // its access while the link stands, and loses it when it goes.
+        let mut p = principal(2, 0, None);
+        p.outside = true;
+        p.identity = Some(std::sync::Arc::new(("https://idp".into(), "a".into())));
+        assert_eq!(r.check_token(&p), Ok(()));
+        r.apply(&linked(2, 2, idp("c")));
+        assert_eq!(r.check_token(&p), Err(Revoked::AccessChanged));
         r.apply(&Change::Deleted { id: 2, until: far });
         assert_eq!(r.user_by_identity("https://idp", "a"), None);
+        assert_eq!(r.check_token(&p), Err(Revoked::Deleted));
     }
 }

@@ -80,8 +80,12 @@ pub struct Principal {
     /// The session the token belongs to, when it was issued for one.
     pub session: Option<String>,
     /// Issued by an outside identity provider (no generation, no session):
-    /// only the account (deleted, disabled) is checked for revocation.
+    /// only the account (deleted, disabled) and its link are checked for
+    /// revocation.
     pub outside: bool,
+    /// An outside token's (issuer, subject), through which it stands for
+    /// `user_id`: once that link is gone, so is its access.
+    pub identity: Option<Arc<(String, String)>>,
 }
 
 impl Principal {
@@ -379,6 +383,7 @@ impl Auth {
         // and for nobody else: not the user with its email (anyone who may
         // create users could take that address), not the user whose id its
         // sub happens to spell.
+        let mut identity = None;
         let user_id: i64 = if outside {
             let issuer = c.iss.as_deref().unwrap_or_default();
             if issuer.is_empty() {
@@ -386,6 +391,7 @@ impl Auth {
                     "an identity provider's token needs an iss claim to name a user here".into(),
                 ));
             }
+            identity = Some(Arc::new((issuer.to_string(), c.sub.clone())));
             self.revocations
                 .user_by_identity(issuer, &c.sub)
                 .ok_or_else(|| {
@@ -413,6 +419,7 @@ impl Auth {
             generation: c.gen,
             session: c.sid,
             outside,
+            identity,
         };
         self.revocations
             .check_token(&p)

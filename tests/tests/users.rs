@@ -1593,7 +1593,9 @@ async fn jwks_rotation_and_outside_users() {
         200
     );
     // An unlink on one instance reaches the other through its event; a
-    // link again too.
+    // link again too. A WebSocket the token opened there is closed by the
+    // unlink (4012, access changed).
+    let mut ws = open_ws(&by_url, &t1).await;
     let (st, body) = api_delete(&admin, &link_path).await;
     assert_eq!(st, 200, "{body}");
     assert!(body["data"].get("identity").is_none(), "{body}");
@@ -1612,6 +1614,7 @@ async fn jwks_rotation_and_outside_users() {
         }
     };
     on_by_url(t1.clone(), 401, "the unlink on the other instance").await;
+    assert_eq!(close_code(&mut ws).await, 4012, "closed by the unlink");
     assert_eq!(me(&t1).await.0, 401);
     let (st, body) = link(&admin, local, "ext-sub").await;
     assert_eq!(st, 200, "{body}");

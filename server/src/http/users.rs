@@ -572,6 +572,7 @@ mod tests {
             generation: 0,
             session: None,
             outside: false,
+            identity: None,
         };
         let user = |role, stores: Vec<i64>| User {
             id: 9,

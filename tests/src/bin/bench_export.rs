@@ -472,6 +472,7 @@ async fn bench(o: Opts) {
         generation: 0,
         session: None,
         outside: false,
+        identity: None,
     };
 
     let server = start_server(&db, &o);

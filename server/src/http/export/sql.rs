@@ -237,6 +237,7 @@ mod tests {
             generation: 0,
             session: None,
             outside: false,
+            identity: None,
         }
     }
 
@@ -272,6 +273,7 @@ mod tests {
             generation: 0,
             session: None,
             outside: false,
+            identity: None,
         };
         assert!(where_sql(&SalesFilter::default(), &manager)
             .contains("m.store_id = ANY(ARRAY[1,3]::bigint[])"));

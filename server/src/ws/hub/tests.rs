@@ -33,6 +33,7 @@ fn principal_until(user: i64, role: Role, stores: &[i64], exp: Option<i64>) -> P
         generation: 0,
         session: None,
         outside: false,
+        identity: None,
     }
 }
 
