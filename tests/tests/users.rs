@@ -1557,7 +1557,7 @@ async fn jwks_rotation_and_outside_users() {
         patch(&admin, &path, json!({"disabled": false})).await.0,
         200
     );
-    // A manager is not shown the identity; an admin is.
+    // Shown with the user; a user with none shows none.
     let (_, shown) = admin.get(&path).await;
     assert_eq!(shown["data"]["identity"]["subject"], "ext-sub", "{shown}");
     let (_, shown) = mgr.get(&format!("/api/v2/users/{impostor}")).await;
