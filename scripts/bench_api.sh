@@ -71,6 +71,9 @@ echo "hit p99              : ${hit_p99_ms} ms = $(ratio "$hit_p99_ms" "$static_p
 echo "miss  / pgbench      : $(python3 -c "import statistics, sys; r = [float(x) for x in sys.argv[1:]]; print(f'{statistics.median(r):.2f}x   (median of pairs: ' + ' '.join(f'{x:.2f}' for x in r) + ')')" "${pair_ratios[@]}")   (target >= 0.6)"
 
 echo
+python3 "$ROOT/scripts/bench_api_batch.py" "$URL" "$TOKEN" "$BENCH_DB" --calls "${BATCH_CALLS:-5}"
+
+echo
 echo "== bytes per response (one store-month; a page of 50)"
 for q in "storeId=7&year=2025&month=6" "storeId=7&year=2025&month=6&fields=storeId,year,month,totalSales" "limit=50" "limit=50&fields=storeId,year,month,totalSales"; do
     for enc in identity gzip br zstd; do
