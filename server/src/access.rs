@@ -144,12 +144,30 @@ impl Change {
 #[derive(Default)]
 struct Inner {
     users: HashMap<i64, UserAccess>,
-    /// Outside identities (issuer, subject) -> the user linked to each.
-    by_identity: HashMap<(String, String), i64>,
+    /// Outside identities (issuer, subject) -> the users this instance
+    /// believes linked to each. The database links an identity to one user
+    /// at most; two here means the events of one change have been applied
+    /// and those of an earlier one not yet (say, this instance's own link
+    /// applied at once, another instance's older link and unlink still on
+    /// their way through the relay), and the identity names nobody until
+    /// they have.
+    by_identity: HashMap<(String, String), Vec<i64>>,
     /// Deleted user -> until when its tokens could still be presented.
     deleted: HashMap<i64, i64>,
     /// Revoked session -> until when its access tokens could still be presented.
     sessions: HashMap<String, i64>,
+}
+
+impl Inner {
+    /// `user` no longer holds `identity`.
+    fn unclaim(&mut self, identity: &(String, String), user: i64) {
+        if let Some(users) = self.by_identity.get_mut(identity) {
+            users.retain(|u| *u != user);
+            if users.is_empty() {
+                self.by_identity.remove(identity);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -224,10 +242,15 @@ impl Revocations {
     /// The user an outside identity provider's (issuer, subject) is
     /// linked to (migration 0019), when there is one.
     pub fn user_by_identity(&self, issuer: &str, subject: &str) -> Option<i64> {
-        self.read()
+        match self
+            .read()
             .by_identity
             .get(&(issuer.to_string(), subject.to_string()))
-            .copied()
+            .map(Vec::as_slice)
+        {
+            Some(&[user]) => Some(user),
+            _ => None,
+        }
     }
 
     pub fn user(&self, id: i64) -> Option<UserAccess> {
@@ -260,13 +283,11 @@ impl Revocations {
                     let identity = identity.clone().unwrap_or(kept.clone());
                     if kept != identity {
                         if let Some(k) = &kept {
-                            if inner.by_identity.get(k) == Some(id) {
-                                inner.by_identity.remove(k);
-                            }
+                            inner.unclaim(k, *id);
                         }
-                    }
-                    if let Some(i) = &identity {
-                        inner.by_identity.insert(i.clone(), *id);
+                        if let Some(i) = &identity {
+                            inner.by_identity.entry(i.clone()).or_default().push(*id);
+                        }
                     }
                     inner.users.insert(
                         *id,
@@ -283,9 +304,7 @@ impl Revocations {
             Change::Deleted { id, until } => {
                 if let Some(old) = inner.users.remove(id) {
                     if let Some(i) = old.identity {
-                        if inner.by_identity.get(&i) == Some(id) {
-                            inner.by_identity.remove(&i);
-                        }
+                        inner.unclaim(&i, *id);
                     }
                 }
                 if *until > now {
@@ -463,6 +482,13 @@ mod tests {
         r.apply(&linked(2, 1, idp("a")));
         r.apply(&linked(1, 4, None));
         assert_eq!(r.user_by_identity("https://idp", "b"), None);
+        assert_eq!(r.user_by_identity("https://idp", "a"), Some(2));
+        // Events from behind: user 3's link of "a" and its unlink, both
+        // older than user 2's link applied above. Meanwhile "a" names
+        // nobody (never user 3), then user 2 again.
+        r.apply(&linked(3, 1, idp("a")));
+        assert_eq!(r.user_by_identity("https://idp", "a"), None);
+        r.apply(&linked(3, 2, None));
         assert_eq!(r.user_by_identity("https://idp", "a"), Some(2));
         // An older event seen again changes nothing.
         r.apply(&linked(1, 3, idp("b")));

@@ -197,6 +197,14 @@ impl Auth {
             (None, None) => None,
         }
         .map(|source| Arc::new(Jwks::new(source, config.jwt_jwks_refresh)));
+        if external.is_some() && jwks.is_some() && config.jwt_issuer.is_none() {
+            // Either key's holder could then sign any `iss`, and the issuer
+            // half of a linked identity would tell the two apart no more.
+            tracing::warn!(
+                "JWT_PUBLIC_KEY_FILE and a JWKS are both set without JWT_ISSUER: \
+                 either key's tokens may name any issuer"
+            );
+        }
         Ok(Self {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             hs_decoding: Arc::new(DecodingKey::from_secret(secret.as_bytes())),
@@ -342,7 +350,7 @@ impl Auth {
         }
         let p = self.verify_token(token)?;
         // Only tokens issued here: an outside token's user depends on the
-        // users table (by email) and its key on the provider's key set.
+        // users table (its linked identity) and its key on the provider's key set.
         if remember && !p.outside {
             self.verified.insert(*digest, Arc::new(p.clone()));
         }

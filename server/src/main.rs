@@ -163,10 +163,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::User(UserCommand::Link(args)) => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let id = users::set_identity(
+            let (id, _) = users::set_identity(
                 &pool,
                 &args.email,
                 Some((args.issuer.as_str(), args.subject.as_str())),
+                config.jwt_issuer.as_deref(),
             )
             .await?;
             println!(
@@ -178,11 +179,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::User(UserCommand::Unlink(r)) => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let id = users::set_identity(&pool, &r.email, None).await?;
-            println!(
-                "unlinked the outside identity of user {} (id {id})",
-                r.email
-            );
+            match users::set_identity(&pool, &r.email, None, None).await? {
+                (id, true) => println!(
+                    "unlinked the outside identity of user {} (id {id})",
+                    r.email
+                ),
+                (id, false) => println!("user {} (id {id}) had no linked identity", r.email),
+            }
             Ok(())
         }
         Command::User(UserCommand::SetPassword(args)) => {

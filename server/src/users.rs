@@ -123,36 +123,39 @@ pub async fn set_password(pool: &PgPool, email: &str, password: &str) -> anyhow:
     .await
 }
 
-/// `user link` / `user unlink`: returns the user's id.
+/// `user link` / `user unlink`: returns the user's id and whether the
+/// identity changed.
 pub async fn set_identity(
     pool: &PgPool,
     email: &str,
     identity: Option<(&str, &str)>,
-) -> anyhow::Result<i64> {
+    required_issuer: Option<&str>,
+) -> anyhow::Result<(i64, bool)> {
     let identity = identity
-        .map(|(iss, sub)| Identity::new(iss, sub))
+        .map(|(iss, sub)| Identity::new(iss, sub, required_issuer))
         .transpose()
         .map_err(cli_error)?;
-    cli_patch(
-        pool,
-        email,
-        UserPatch {
-            identity: Some(identity),
-            ..Default::default()
-        },
-    )
-    .await
+    let patch = UserPatch {
+        identity: Some(identity),
+        ..Default::default()
+    };
+    cli_change(pool, email, patch).await
 }
 
 async fn cli_patch(pool: &PgPool, email: &str, patch: UserPatch) -> anyhow::Result<i64> {
+    Ok(cli_change(pool, email, patch).await?.0)
+}
+
+/// Changes the user with `email`: (their id, whether anything changed).
+async fn cli_change(pool: &PgPool, email: &str, patch: UserPatch) -> anyhow::Result<(i64, bool)> {
     let mut tx = pool.begin().await?;
     lock(&mut tx).await?;
     let user = get_by_email(&mut *tx, email)
         .await?
         .ok_or_else(|| anyhow::anyhow!("--email: no user {email}"))?;
-    update(&mut tx, user.id, patch).await.map_err(cli_error)?;
+    let (_, change) = update(&mut tx, user.id, patch).await.map_err(cli_error)?;
     tx.commit().await?;
-    Ok(user.id)
+    Ok((user.id, change.is_some()))
 }
 
 fn cli_error(e: UserError) -> anyhow::Error {
@@ -189,6 +192,8 @@ pub enum UserError {
     LastAdmin(String),
     #[error("no user {0}")]
     NotFound(i64),
+    #[error("identity: this issuer and subject are already linked to user {0}")]
+    IdentityTaken(i64),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -208,12 +213,14 @@ impl UserError {
                 let flag = match *field {
                     "stores" => "store",
                     "password" | "newPassword" => "password",
-                    "identity" => return format!("--issuer, --subject: {reason}"),
                     f => f,
                 };
                 format!("--{flag}: {reason}")
             }
             UserError::UnknownStores(s) => format!("--store: no store with id {s:?}"),
+            UserError::IdentityTaken(other) => format!(
+                "--issuer, --subject: this issuer and subject are already linked to user {other}"
+            ),
             e => e.to_string(),
         }
     }
@@ -356,8 +363,10 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Both parts present, without surrounding blanks, at most 1,000 characters each.
-    pub fn new(issuer: &str, subject: &str) -> Result<Self, UserError> {
+    /// Both parts present, without surrounding blanks or control
+    /// characters, at most 1,000 characters each; the issuer `JWT_ISSUER`
+    /// when that is set (no other issuer's token is accepted).
+    pub fn new(issuer: &str, subject: &str, required: Option<&str>) -> Result<Self, UserError> {
         for (field, v) in [("issuer", issuer), ("subject", subject)] {
             if v.is_empty() {
                 return Err(UserError::invalid(field, "must not be empty"));
@@ -371,6 +380,18 @@ impl Identity {
             if v.chars().count() > 1000 {
                 return Err(UserError::invalid(field, "longer than 1000 characters"));
             }
+            if v.chars().any(char::is_control) {
+                return Err(UserError::invalid(
+                    field,
+                    "must not contain control characters",
+                ));
+            }
+        }
+        if let Some(required) = required.filter(|r| *r != issuer) {
+            return Err(UserError::invalid(
+                "issuer",
+                format!("tokens are accepted only from JWT_ISSUER {required:?}"),
+            ));
         }
         Ok(Self {
             issuer: issuer.to_string(),
@@ -776,10 +797,7 @@ async fn link(
         .bind(&i.subject)
         .fetch_one(&mut *conn)
         .await?;
-        return Err(UserError::invalid(
-            "identity",
-            format!("this issuer and subject are already linked to user {other}"),
-        ));
+        return Err(UserError::IdentityTaken(other));
     }
     Ok(())
 }
@@ -843,6 +861,31 @@ pub fn read_password(flag: Option<String>) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identities_are_checked() {
+        let field = |r: Result<Identity, UserError>| match r {
+            Err(UserError::Invalid { field, reason }) => format!("{field}: {reason}"),
+            other => format!("{other:?}"),
+        };
+        assert!(Identity::new("https://idp", "u-1", None).is_ok());
+        assert!(Identity::new("https://idp", "u-1", Some("https://idp")).is_ok());
+        assert_eq!(
+            field(Identity::new("https://other", "u-1", Some("https://idp"))),
+            "issuer: tokens are accepted only from JWT_ISSUER \"https://idp\""
+        );
+        assert_eq!(
+            field(Identity::new("https://idp", "", None)),
+            "subject: must not be empty"
+        );
+        assert!(field(Identity::new("https://idp", "a\tb", None))
+            .starts_with("subject: must not contain control"));
+        assert!(field(Identity::new(" https://idp", "u", None))
+            .starts_with("issuer: must not start or end"));
+        assert!(
+            field(Identity::new(&"i".repeat(1001), "u", None)).starts_with("issuer: longer than")
+        );
+    }
 
     #[test]
     fn hash_round_trip() {

@@ -1483,9 +1483,14 @@ async fn jwks_rotation_and_outside_users() {
         (json!({"issuer": "", "subject": "ext-sub"}), "issuer"),
         (json!({"issuer": IDP, "subject": " ext-sub"}), "subject"),
         (json!({"subject": "ext-sub"}), "issuer"),
+        (json!({"issuer": IDP, "subject": "ext\u{0}sub"}), "subject"),
+        (
+            json!({"issuer": "x".repeat(1001), "subject": "ext-sub"}),
+            "issuer",
+        ),
     ] {
         let (st, body) = put(&admin, &link_path, &bad).await;
-        assert!(st == 400 || st == 422, "{bad}: {st} {body}");
+        assert_eq!(st, 422, "{bad}: {body}");
         assert!(body.to_string().contains(field), "{bad}: {body}");
     }
     let (st, body) = link(&admin, local, "ext-sub").await;
@@ -1502,7 +1507,7 @@ async fn jwks_rotation_and_outside_users() {
     );
     // One user per identity: linking it to another is refused, naming the holder.
     let (st, body) = link(&admin, impostor, "ext-sub").await;
-    assert_eq!(st, 422, "{body}");
+    assert_eq!(st, 409, "{body}");
     assert!(
         body.to_string()
             .contains(&format!("already linked to user {local}")),
@@ -1619,6 +1624,29 @@ async fn jwks_rotation_and_outside_users() {
     let (st, body) = link(&admin, local, "ext-sub").await;
     assert_eq!(st, 200, "{body}");
     on_by_url(t1.clone(), 200, "the link on the other instance").await;
+    // A link removed by plain SQL is announced as the server's own are.
+    let mut sql = db.connect().await;
+    sqlx::query("DELETE FROM auth.identities WHERE user_id = $1")
+        .bind(local)
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    on_by_url(t1.clone(), 401, "an unlink by plain SQL").await;
+    sqlx::query(
+        "INSERT INTO auth.identities (user_id, issuer, subject) VALUES ($1, $2, 'ext-sub')",
+    )
+    .bind(local)
+    .bind(IDP)
+    .execute(&mut sql)
+    .await
+    .unwrap();
+    on_by_url(t1.clone(), 200, "a link by plain SQL").await;
+    let (_, history) = admin.get(&format!("/api/v2/users/{local}/history")).await;
+    assert_eq!(
+        history["data"][0]["data"]["identity"],
+        json!({"issuer": IDP, "subject": "ext-sub"}),
+        "{history}"
+    );
     *served.lock().unwrap() = json!({"keys": [jwk1, jwk2]}).to_string();
     on_by_url(t2.clone(), 200, "the new key from the URL").await;
     by_url.stop().await;
@@ -1784,7 +1812,15 @@ async fn command_line_user_management() {
     assert_eq!(shown(w.manager_id).await, None);
     let out = cli(&w.db, &["user", "unlink", "--email", "staff@x.test"], None);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("unlinked"), "{}", text(&out));
     assert_eq!(shown(w.staff_id).await, None);
+    let out = cli(&w.db, &["user", "unlink", "--email", "staff@x.test"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("had no linked identity"),
+        "{}",
+        text(&out)
+    );
     w.server.stop().await;
 }
 

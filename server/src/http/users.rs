@@ -67,13 +67,14 @@ pub struct IdentityDoc {
     pub subject: String,
 }
 
-/// The identity to link: both required, matched exactly (1 to 1,000
-/// characters, no surrounding blanks).
+/// The identity to link. Both parts are required (a missing one is 422
+/// naming it) and matched exactly: 1 to 1,000 characters, no surrounding
+/// blanks, no control characters.
 #[derive(Object, Debug, Clone)]
 pub struct LinkIdentity {
-    #[oai(validator(max_length = 1000))]
+    /// The provider's tokens' `iss`.
     pub issuer: Option<String>,
-    #[oai(validator(max_length = 1000))]
+    /// The user's `sub` in the provider's tokens.
     pub subject: Option<String>,
 }
 
@@ -203,6 +204,10 @@ pub fn user_error(e: UserError) -> ApiError {
         ),
         e @ UserError::LastAdmin(_) => ApiError::conflict(e.to_string(), None),
         e @ UserError::NotFound(_) => ApiError::not_found(e.to_string()),
+        e @ UserError::IdentityTaken(other) => ApiError::conflict(
+            e.to_string(),
+            Some(serde_json::json!({"field": "identity", "userId": other})),
+        ),
         UserError::Db(e) => e.into(),
     }
 }
@@ -524,7 +529,8 @@ impl UsersApi {
         };
         let issuer = given(&body.0.issuer, "issuer")?;
         let subject = given(&body.0.subject, "subject")?;
-        let identity = users::Identity::new(&issuer, &subject).map_err(user_error)?;
+        let required = self.state.config.jwt_issuer.as_deref();
+        let identity = users::Identity::new(&issuer, &subject, required).map_err(user_error)?;
         self.set_identity(&auth.0, id.0, Some(identity)).await
     }
 
