@@ -69,6 +69,8 @@ pub struct Config {
     pub history_retention: Duration,
     pub ws_ping_interval: Duration,
     pub ws_send_queue: usize,
+    /// A resume past this many events of the log is answered `resync_required`.
+    pub ws_replay_max_events: u64,
     pub slow_query_ms: u64,
     /// When set, `/metrics` answers only requests bearing this token.
     pub metrics_token: Option<String>,
@@ -481,6 +483,7 @@ impl Config {
                 s(3600),
             )?,
             ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
+            ws_replay_max_events: e.num("WS_REPLAY_MAX_EVENTS", 100_000u64, 10, 10_000_000)?,
             slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
             metrics_token: e.opt("METRICS_TOKEN").filter(|t| !t.is_empty()),
             shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,

@@ -362,3 +362,92 @@ async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
     assert!(next["data"]["version"].as_i64().unwrap() > live_version);
     server.stop().await;
 }
+
+/// A resume goes through at most `WS_REPLAY_MAX_EVENTS` events of the log,
+/// whether they are the client's or not: a client following one store that
+/// is far behind a busy log is told to resync at once, instead of costing a
+/// scan of everything. A resume naming many channels gets every reply and
+/// is not taken for a client that sends without reading; one naming more
+/// than a connection may follow is refused; a long unknown name is quoted
+/// back cut short.
+#[tokio::test]
+async fn a_resume_is_bounded_by_the_log_it_goes_through() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let (s1, s2) = (stores[0], stores[1]);
+    let server = db.server(&[("WS_REPLAY_MAX_EVENTS", "50")]).await;
+    let t = token(1, "staff", &[s1]);
+    let channel = format!("sales-data-{s1}");
+    let mut c = Client::connect(server.addr, &t).await;
+    c.subscribe(&channel).await;
+    upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await;
+    let last = c.event().await["id"].as_i64().unwrap();
+    drop(c);
+    // Missed: 20 events of the other store and one of the client's own.
+    let months = |n: i32, from: i32| -> Vec<Value> {
+        (from..from + n)
+            .map(|i| record(s2, 2030 + i / 12, i % 12 + 1, 1, 1))
+            .collect()
+    };
+    upsert(&db, months(20, 0)).await;
+    upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
+    relayed_all(&db, &server).await;
+    let mut c = Client::connect(server.addr, &t).await;
+    c.send(json!({"type": "resume", "lastEventId": last, "events": [channel]}))
+        .await;
+    let (got, resumed) = after_resume(&mut c, 1).await;
+    assert_eq!(got[0]["event"], "sales-data-updated", "{got:?}");
+    assert_eq!(resumed["replayed"], 1, "{resumed}");
+    let mine = got[0]["id"].as_i64().unwrap();
+    drop(c);
+    // Past the bound: 60 events of the other store, none of the client's.
+    upsert(&db, months(60, 20)).await;
+    relayed_all(&db, &server).await;
+    let mut c = Client::connect(server.addr, &t).await;
+    c.send(json!({"type": "resume", "lastEventId": mine, "events": [channel]}))
+        .await;
+    let err = c.reply("resumed").await;
+    assert_eq!(err["code"], "resync_required", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 50 events"),
+        "{err}"
+    );
+    // The connection goes on.
+    upsert(&db, vec![record(s1, 2024, 1, 3, 1)]).await;
+    assert_eq!(c.event().await["event"], "sales-data-updated");
+
+    // An admin resuming with 600 channels gets 600 replies, then `resumed`.
+    let mut a = Client::connect(server.addr, &token(2, "admin", &[])).await;
+    let many: Vec<String> = (1..=600).map(|i| format!("sales-data-{i}")).collect();
+    a.send(json!({"type": "resume", "lastEventId": mine, "events": many}))
+        .await;
+    let mut subscribed = 0;
+    loop {
+        let f = a.frame().await.expect("the connection stays open");
+        match f["type"].as_str() {
+            Some("subscribed") => subscribed += 1,
+            Some("resumed") | Some("error") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(subscribed, 600);
+    // (Short names: a frame holds at most 16 KiB.)
+    let too_many = vec!["stores"; 1001];
+    a.send(json!({"type": "resume", "lastEventId": mine, "events": too_many}))
+        .await;
+    let err = a.reply("resumed").await;
+    assert_eq!(err["code"], "bad_request", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("at most 1000"),
+        "{err}"
+    );
+    let long = "x".repeat(16_000);
+    a.send(json!({"type": "subscribe", "event": long})).await;
+    let err = a.reply("subscribed").await;
+    assert_eq!(err["code"], "unknown_channel", "{err}");
+    assert!(err.to_string().len() < 1_000, "{err}");
+    server.stop().await;
+}

@@ -78,7 +78,26 @@ pub fn ready(
     .to_string()
 }
 
+/// Longest channel name an answer quotes back, and longest message (which
+/// may quote the client's input, as a parser's does), in bytes: a reply is
+/// never much larger than a valid request's, whatever the client sent.
+const MAX_EVENT_ECHO: usize = 200;
+const MAX_MESSAGE: usize = 500;
+
+/// `text`, cut to `max` bytes at a character boundary.
+fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut)", &text[..end]).into()
+}
+
 pub fn subscribed(event: &str, implicit: bool) -> String {
+    let event = clip(event, MAX_EVENT_ECHO);
     if implicit {
         json!({"type": "subscribed", "event": event, "implicit": true}).to_string()
     } else {
@@ -87,7 +106,7 @@ pub fn subscribed(event: &str, implicit: bool) -> String {
 }
 
 pub fn unsubscribed(event: &str) -> String {
-    json!({"type": "unsubscribed", "event": event}).to_string()
+    json!({"type": "unsubscribed", "event": clip(event, MAX_EVENT_ECHO)}).to_string()
 }
 
 pub fn pong() -> String {
@@ -115,9 +134,9 @@ pub fn resumed(
 }
 
 pub fn error(code: &str, message: &str, event: Option<&str>) -> String {
-    let mut v = json!({"type": "error", "code": code, "message": message});
+    let mut v = json!({"type": "error", "code": code, "message": clip(message, MAX_MESSAGE)});
     if let Some(e) = event {
-        v["event"] = Value::from(e);
+        v["event"] = Value::from(clip(e, MAX_EVENT_ECHO));
     }
     v.to_string()
 }

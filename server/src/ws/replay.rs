@@ -32,9 +32,12 @@ enum ReplayEnd {
 /// Bounds, so that no client can delay another's resume: a user runs one
 /// replay at a time (their others wait behind it); a replay holds one of the
 /// hub's replay slots only while it reads a page, never while it waits for
-/// its client to read; it sends at most `replay_max_events` (then the client
-/// is told to resync) and ends after `replay_timeout` (then its connection
-/// is closed as a slow consumer, 4008, and the client resumes again).
+/// its client to read; it goes through at most `replay_max_events` events
+/// of the log, sent or not (then the client is told to resync: a sparse
+/// subscription far behind costs as much to find as a busy one), stops
+/// reading once its connection closes, and ends after `replay_timeout`
+/// (then its connection is closed as a slow consumer, 4008, and the client
+/// resumes again).
 pub(super) async fn replay(
     ctx: Arc<Context>,
     conn: Arc<Conn>,
@@ -67,17 +70,26 @@ pub(super) async fn replay(
             let newest = if snap.live_before() {
                 match newest_live(hub, pool, &conn, &snap, last_event_id).await? {
                     Some(newest) => newest,
+                    None if conn.is_closing() => return Ok(ReplayEnd::Closed),
                     None => return Ok(ReplayEnd::TooLong),
                 }
             } else {
                 HashMap::new()
             };
             let mut after = last_event_id;
+            let mut scanned = 0u64;
             'pages: loop {
+                if conn.is_closing() {
+                    return Ok(ReplayEnd::Closed);
+                }
                 let page = page_after(hub, pool, after).await?;
                 for e in &page {
                     if e.pos() > snap.upto {
                         break 'pages;
+                    }
+                    scanned += 1;
+                    if scanned > hub.cfg.replay_max_events {
+                        return Ok(ReplayEnd::TooLong);
                     }
                     if let Some(variant) = snap.wants(&conn, e) {
                         if let (true, Some(row), Some(version)) =
@@ -94,9 +106,6 @@ pub(super) async fn replay(
                                 }
                                 continue;
                             }
-                        }
-                        if count >= hub.cfg.replay_max_events {
-                            return Ok(ReplayEnd::TooLong);
                         }
                         let msg = Message::Text(Utf8Bytes::from(e.frame(variant)));
                         if !hub.push_replay(&conn, msg).await {
@@ -173,7 +182,8 @@ pub(super) async fn replay(
 
 /// The newest version of each row that reached `conn` live before its
 /// resume began, from the part of the log the replay covers; `None` when
-/// that is more than `replay_max_events` events (the client then resyncs).
+/// that is more than `replay_max_events` events (the client then resyncs)
+/// or the connection closes meanwhile.
 async fn newest_live(
     hub: &super::hub::Hub,
     pool: &sqlx::PgPool,
@@ -182,20 +192,23 @@ async fn newest_live(
     last_event_id: i64,
 ) -> Result<Option<HashMap<i64, i64>>, sqlx::Error> {
     let mut newest: HashMap<i64, i64> = HashMap::new();
-    let mut live = 0u64;
+    let mut scanned = 0u64;
     let mut after = last_event_id;
     loop {
+        if conn.is_closing() {
+            return Ok(None);
+        }
         let page = page_after(hub, pool, after).await?;
         for e in &page {
             if e.pos() > snap.upto {
                 return Ok(Some(newest));
             }
+            scanned += 1;
+            if scanned > hub.cfg.replay_max_events {
+                return Ok(None);
+            }
             if !snap.went_live(conn, e) {
                 continue;
-            }
-            live += 1;
-            if live > hub.cfg.replay_max_events {
-                return Ok(None);
             }
             // Sales rows only: a store's events carry its id as `row_id`,
             // and ids of the two tables overlap.

@@ -3,7 +3,7 @@
 
 use super::hub::{Conn, Refused, SubscribeError};
 use super::protocol::{self, Channel, ClientMessage};
-use super::{Context, Hub};
+use super::Context;
 use crate::auth::Principal;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::pin::Pin;
@@ -271,9 +271,11 @@ impl Session {
         match request {
             ClientMessage::Ping => hub.reply(conn, protocol::pong()),
             ClientMessage::Subscribe { event } => {
-                if let Some(ch) = channel_or_reply(hub, conn, &event) {
-                    subscribe_reply(hub, conn, &event, hub.subscribe(conn, ch))
+                let mut out = Vec::new();
+                if let Some(ch) = channel_or_reply(&mut out, &event) {
+                    out.push(subscribe_reply(&event, hub.subscribe(conn, ch)));
                 }
+                hub.replies(conn, out);
             }
             ClientMessage::Unsubscribe { event } => match Channel::parse_to_leave(&event) {
                 Some(Ok(ch)) => {
@@ -309,16 +311,33 @@ impl Session {
                         ),
                     );
                 }
+                let most = hub.cfg.max_subscriptions;
+                if events.len() > most {
+                    return hub.reply(
+                        conn,
+                        protocol::error(
+                            "bad_request",
+                            &format!(
+                                "a resume names at most {most} channels (it named {})",
+                                events.len()
+                            ),
+                            None,
+                        ),
+                    );
+                }
+                // Its replies go out together (see Hub::replies).
+                let mut out = Vec::new();
                 let named: Vec<(String, Channel)> = events
                     .into_iter()
-                    .filter_map(|e| channel_or_reply(hub, conn, &e).map(|ch| (e, ch)))
+                    .filter_map(|e| channel_or_reply(&mut out, &e).map(|ch| (e, ch)))
                     .collect();
                 let channels: Vec<Channel> = named.iter().map(|(_, ch)| *ch).collect();
                 match hub.begin_resume(conn, &channels) {
                     Ok((snap, added)) => {
                         for ((name, _), result) in named.iter().zip(added) {
-                            subscribe_reply(hub, conn, name, result);
+                            out.push(subscribe_reply(name, result));
                         }
+                        hub.replies(conn, out);
                         tokio::spawn(super::replay::replay(
                             self.ctx.clone(),
                             conn.clone(),
@@ -333,31 +352,30 @@ impl Session {
     }
 }
 
-/// The channel a name denotes; otherwise answers (implicit channel: ack;
-/// unknown: error) and returns `None`.
-fn channel_or_reply(hub: &Hub, conn: &Conn, event: &str) -> Option<Channel> {
+/// The channel a name denotes; otherwise adds the answer to `out`
+/// (implicit channel: ack; unknown: error) and returns `None`.
+fn channel_or_reply(out: &mut Vec<String>, event: &str) -> Option<Channel> {
     match Channel::parse(event) {
         Some(ch) => Some(ch),
         None if protocol::IMPLICIT.contains(&event) => {
-            hub.reply(conn, protocol::subscribed(event, true));
+            out.push(protocol::subscribed(event, true));
             None
         }
         None => {
-            hub.reply(
-                conn,
-                protocol::error(
-                    "unknown_channel",
-                    "channels are sales-data-<storeId>, stores, announcements and batch",
-                    Some(event),
-                ),
-            );
+            out.push(protocol::error(
+                "unknown_channel",
+                "channels are sales-data-<storeId>, all-stores, region-<name> (at most 100 \
+                 characters; a name no store has counts against a table of 1,000 such names), \
+                 stores, announcements, batch and admin",
+                Some(event),
+            ));
             None
         }
     }
 }
 
-fn subscribe_reply(hub: &Hub, conn: &Conn, event: &str, result: Result<bool, SubscribeError>) {
-    let text = match result {
+fn subscribe_reply(event: &str, result: Result<bool, SubscribeError>) -> String {
+    match result {
         Ok(_) => protocol::subscribed(event, false),
         Err(e @ SubscribeError::Forbidden(_)) => {
             protocol::error("forbidden", &e.to_string(), Some(event))
@@ -365,6 +383,5 @@ fn subscribe_reply(hub: &Hub, conn: &Conn, event: &str, result: Result<bool, Sub
         Err(e @ SubscribeError::TooMany(_)) => {
             protocol::error("too_many_subscriptions", &e.to_string(), Some(event))
         }
-    };
-    hub.reply(conn, text);
+    }
 }

@@ -52,8 +52,10 @@ pub struct HubConfig {
     /// A replay that has not finished within this is ended: its connection
     /// is closed (4009) and the client resumes again from where it got to.
     pub replay_timeout: Duration,
-    /// Events one replay sends at most; past it the client is told to
-    /// resync (reload, then follow live events).
+    /// Events of the log one replay goes through at most (whether it
+    /// sends them or not: the subscriptions and scope leave some out);
+    /// past it the client is told to resync (reload, then follow live
+    /// events).
     pub replay_max_events: u64,
 }
 
@@ -68,7 +70,7 @@ impl HubConfig {
             replay_slots: 8,
             replay_slots_per_user: 1,
             replay_timeout: Duration::from_secs(30),
-            replay_max_events: 100_000,
+            replay_max_events: c.ws_replay_max_events,
         }
     }
 }
@@ -114,6 +116,11 @@ impl Conn {
 
     fn lock(&self) -> MutexGuard<'_, ConnState> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the connection is closing (work for it can stop).
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
     }
 
     /// The next frame to write, if any.
@@ -394,10 +401,21 @@ impl Hub {
     /// Queues a reply (ack, error, pong, ping). A client that floods requests
     /// without reading is closed (1008).
     pub fn reply(&self, conn: &Conn, text: String) {
-        self.control(conn, Message::Text(Utf8Bytes::from(text)));
+        self.replies(conn, vec![text]);
     }
 
-    fn control(&self, conn: &Conn, msg: Message) {
+    /// The replies to one request, queued together: the limit on a client
+    /// that sends without reading is checked once, before them, so that
+    /// one request (a resume naming up to `max_subscriptions` channels)
+    /// never trips it by itself.
+    pub fn replies(&self, conn: &Conn, texts: Vec<String>) {
+        self.control(
+            conn,
+            texts.into_iter().map(|t| Message::Text(Utf8Bytes::from(t))),
+        );
+    }
+
+    fn control(&self, conn: &Conn, msgs: impl IntoIterator<Item = Message>) {
         let mut st = conn.lock();
         if st.close.is_some() {
             return;
@@ -410,7 +428,7 @@ impl Hub {
             ));
             self.counters.closed_policy.fetch_add(1, Relaxed);
         } else {
-            st.queue.push_back(msg);
+            st.queue.extend(msgs);
         }
         drop(st);
         conn.waker.wake();
@@ -553,7 +571,7 @@ impl Hub {
                     self.counters.closed_expired.fetch_add(1, Relaxed);
                 }
             } else {
-                self.control(&c, Message::Ping(Default::default()));
+                self.control(&c, [Message::Ping(Default::default())]);
             }
         }
     }
