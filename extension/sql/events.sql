@@ -125,11 +125,34 @@ CREATE TRIGGER stores_events_del AFTER DELETE ON sales.stores
 -- TRUNCATE fires no row trigger: one `table-truncated` event per truncated
 -- table (payload {"table": ...}) tells readers that everything they hold
 -- from it is gone (the server clears its whole cache on it).
+--
+-- `TRUNCATE sales.monthly_sales RESTART IDENTITY` also sets the id sequence
+-- back to its start, so new records would take ids whose events are still
+-- in the log (and in sales.event_history), and a record's history would
+-- run on into a truncated record's. The sequence is moved past every id
+-- the logs hold instead, so that ids are never given twice. (A plain
+-- TRUNCATE leaves the sequence where it was; nothing to do then.)
 CREATE FUNCTION sales.tg_truncated() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    seq text;
+    restarted boolean;
+    top bigint;
 BEGIN
     INSERT INTO sales.events (kind, actor_id, payload)
     VALUES ('table-truncated', sales.current_actor(), jsonb_build_object('table', TG_TABLE_NAME));
+    IF TG_TABLE_NAME = 'monthly_sales' THEN
+        seq := pg_get_serial_sequence('sales.monthly_sales', 'id');
+        EXECUTE format('SELECT NOT is_called FROM %s', seq) INTO restarted;
+        IF restarted THEN
+            SELECT greatest((SELECT max(row_id) FROM sales.events),
+                            (SELECT max(row_id) FROM sales.event_history))
+            INTO top;
+            IF top IS NOT NULL THEN
+                PERFORM setval(seq, top);
+            END IF;
+        END IF;
+    END IF;
     RETURN NULL;
 END $$;
 

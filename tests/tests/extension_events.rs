@@ -1466,3 +1466,56 @@ async fn updates_applied_in_replica_mode_get_their_events() {
     assert_eq!(kinds(&got), vec![("sales-data-deleted".into(), 2)]);
     assert_eq!(got[0].payload["month"], 6);
 }
+
+/// `TRUNCATE ... RESTART IDENTITY` sets the id sequence back, but new
+/// records still never take an id the event log holds: a new record's
+/// history is its own, not a truncated record's. A plain TRUNCATE leaves
+/// the sequence as it was.
+#[tokio::test]
+async fn ids_are_not_given_twice_after_truncate_restart_identity() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let s = stores[0];
+    let insert = format!(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ({s}, 2024, 1, '{{\"1\": {{\"sales\": 10}}}}') RETURNING id"
+    );
+    let first = scalar_i64(&db, &insert).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 20}}}}' WHERE id = {first}"
+        ),
+    )
+    .await;
+    let second = scalar_i64(&db, &insert.replace("2024, 1,", "2024, 2,")).await;
+    assert!(second > first);
+    exec(&db, "TRUNCATE sales.monthly_sales RESTART IDENTITY").await;
+    let third = scalar_i64(&db, &insert).await;
+    assert!(
+        third > second,
+        "a new record took id {third}, which the log holds for an earlier record (up to {second})"
+    );
+    let history: Value = sqlx::query_scalar("SELECT sales.history($1)")
+        .bind(third)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        history["versions"].as_array().map(Vec::len),
+        Some(1),
+        "only the new record's own version: {history}"
+    );
+    // A plain TRUNCATE does not move the sequence.
+    exec(&db, "TRUNCATE sales.monthly_sales").await;
+    let fourth = scalar_i64(&db, &insert).await;
+    assert_eq!(fourth, third + 1);
+    // Nor does RESTART IDENTITY when the log holds no record's id.
+    exec(
+        &db,
+        "DELETE FROM sales.event_history; DELETE FROM sales.events",
+    )
+    .await;
+    exec(&db, "TRUNCATE sales.monthly_sales RESTART IDENTITY").await;
+    assert_eq!(scalar_i64(&db, &insert).await, 1);
+}
