@@ -182,3 +182,46 @@ async fn a_row_moved_in_from_a_hidden_store_shows_nothing_of_it() {
     }
     server.stop().await;
 }
+
+/// A row moved out to a store the follower may not see reaches a scoped
+/// whole-chain follower of its old store as the old key's deletion
+/// (`moved: true`), as it reaches that store's own subscribers; one who may
+/// see both stores gets the update.
+#[tokio::test]
+async fn a_row_moved_away_from_a_whole_chain_follower_is_deleted_for_it() {
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let staff = user(&db, "old@example.test", "staff", &[s[0]]).await;
+    let both = user(&db, "both@example.test", "manager", &[s[0], s[1]]).await;
+    let server = db.server(&[]).await;
+    let mut scoped = Client::connect(server.addr, &token(staff, "staff", &[s[0]])).await;
+    assert_eq!(scoped.subscribe("all-stores").await["type"], "subscribed");
+    let mut wide = Client::connect(server.addr, &token(both, "manager", &[s[0], s[1]])).await;
+    assert_eq!(wide.subscribe("all-stores").await["type"], "subscribed");
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 3, '{\"1\": {\"sales\": 5}}') RETURNING id",
+    )
+    .bind(s[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(scoped.event().await["event"], "sales-data-created");
+    assert_eq!(wide.event().await["event"], "sales-data-created");
+    sqlx::query("UPDATE sales.monthly_sales SET store_id = $2 WHERE id = $1")
+        .bind(id)
+        .bind(s[1])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let gone = scoped.event().await;
+    assert_eq!(gone["event"], "sales-data-deleted", "{gone}");
+    assert_eq!(gone["data"]["storeId"], s[0], "{gone}");
+    assert_eq!(gone["data"]["moved"], true, "{gone}");
+    let moved = wide.event().await;
+    assert_eq!(moved["event"], "sales-data-updated", "{moved}");
+    assert_eq!(moved["data"]["storeId"], s[1], "{moved}");
+    wide.assert_no_event(std::time::Duration::from_millis(300))
+        .await;
+    server.stop().await;
+}

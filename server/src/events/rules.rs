@@ -74,11 +74,26 @@ impl Event {
                 // Last: a follower of the old store that also sees the row
                 // where it is now (its new store, the whole chain, its
                 // region) gets the row, not its deletion.
+                // Whole-chain and region followers who may see the old
+                // store but not the new one had the row: they get its
+                // deletion too. (The old store's region is not in the
+                // event; the new one's followers stand in for it, which
+                // covers a move within a region.)
                 if let Some(old) = self.moved_from().filter(|o| o.store_id != s) {
                     out.push((
                         Channel(self::Channel::Sales(old.store_id)),
                         Variant::MovedAway,
                     ));
+                    out.push((
+                        ChannelInScope(self::Channel::AllStores, old.store_id),
+                        Variant::MovedAway,
+                    ));
+                    if let Some(r) = self.region {
+                        out.push((
+                            ChannelInScope(self::Channel::Region(r), old.store_id),
+                            Variant::MovedAway,
+                        ));
+                    }
                 }
                 out
             }
@@ -290,6 +305,11 @@ mod tests {
                 ),
                 // Last: a connection reached by a full delivery too gets that.
                 (Recipient::Channel(Channel::Sales(2)), Variant::MovedAway),
+                // Whole-chain followers who see the old store, not the new.
+                (
+                    Recipient::ChannelInScope(Channel::AllStores, 2),
+                    Variant::MovedAway
+                ),
             ]
         );
         // With its store's region: that region's followers too.
@@ -299,6 +319,10 @@ mod tests {
         assert!(in_north.deliveries().contains(&(
             Recipient::ChannelInScope(Channel::Region(north), 3),
             Variant::Full
+        )));
+        assert!(in_north.deliveries().contains(&(
+            Recipient::ChannelInScope(Channel::Region(north), 2),
+            Variant::MovedAway
         )));
         let f: Value = serde_json::from_str(&moved.frame(Variant::MovedAway)).unwrap();
         assert_eq!(f["event"], "sales-data-deleted");
