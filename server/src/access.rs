@@ -65,6 +65,15 @@ impl Revoked {
     }
 }
 
+/// An outside identity provider's name for a user: the `iss` and `sub` of
+/// its tokens. Only a linked identity makes such a token stand for a user
+/// here (migration 0019; checked when linked by `Identity::new` in `users`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub issuer: String,
+    pub subject: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserAccess {
     pub generation: i64,
@@ -72,8 +81,8 @@ pub struct UserAccess {
     /// Why the generation last moved.
     pub why: Revoked,
     pub email: String,
-    /// The outside identity (issuer, subject) linked to the user.
-    pub identity: Option<(String, String)>,
+    /// The outside identity linked to the user.
+    pub identity: Option<Identity>,
 }
 
 /// One change, as applied to the registry (from an event or by the writer).
@@ -88,7 +97,7 @@ pub enum Change {
         why: Revoked,
         /// The outside identity linked to the user: `None` leaves it as it
         /// was (events written by migration 0014's trigger do not carry it).
-        identity: Option<Option<(String, String)>>,
+        identity: Option<Option<Identity>>,
     },
     Deleted {
         id: i64,
@@ -124,10 +133,10 @@ impl Change {
                 disabled: p.get("disabled").and_then(Value::as_bool)?,
                 why: Revoked::parse(p.get("revoke").and_then(Value::as_str).unwrap_or("")),
                 identity: p.get("identity").map(|i| {
-                    Some((
-                        i.get("issuer")?.as_str()?.to_string(),
-                        i.get("subject")?.as_str()?.to_string(),
-                    ))
+                    Some(Identity {
+                        issuer: i.get("issuer")?.as_str()?.to_string(),
+                        subject: i.get("subject")?.as_str()?.to_string(),
+                    })
                 }),
             }),
             Kind::UserDeleted => Some(Change::Deleted { id, until }),
@@ -144,14 +153,14 @@ impl Change {
 #[derive(Default)]
 struct Inner {
     users: HashMap<i64, UserAccess>,
-    /// Outside identities (issuer, subject) -> the users this instance
+    /// Outside identities -> the users this instance
     /// believes linked to each. The database links an identity to one user
     /// at most; two here means the events of one change have been applied
     /// and those of an earlier one not yet (say, this instance's own link
     /// applied at once, another instance's older link and unlink still on
     /// their way through the relay), and the identity names nobody until
     /// they have.
-    by_identity: HashMap<(String, String), Vec<i64>>,
+    by_identity: HashMap<Identity, Vec<i64>>,
     /// Deleted user -> until when its tokens could still be presented.
     deleted: HashMap<i64, i64>,
     /// Revoked session -> until when its access tokens could still be presented.
@@ -160,7 +169,7 @@ struct Inner {
 
 impl Inner {
     /// `user` no longer holds `identity`.
-    fn unclaim(&mut self, identity: &(String, String), user: i64) {
+    fn unclaim(&mut self, identity: &Identity, user: i64) {
         if let Some(users) = self.by_identity.get_mut(identity) {
             users.retain(|u| *u != user);
             if users.is_empty() {
@@ -245,7 +254,10 @@ impl Revocations {
         match self
             .read()
             .by_identity
-            .get(&(issuer.to_string(), subject.to_string()))
+            .get(&Identity {
+                issuer: issuer.to_string(),
+                subject: subject.to_string(),
+            })
             .map(Vec::as_slice)
         {
             Some(&[user]) => Some(user),
@@ -360,7 +372,11 @@ impl Revocations {
         .await?;
         for (id, email, generation, disabled, issuer, subject) in users {
             self.apply(&Change::User {
-                identity: Some(issuer.zip(subject)),
+                identity: Some(
+                    issuer
+                        .zip(subject)
+                        .map(|(issuer, subject)| Identity { issuer, subject }),
+                ),
                 id,
                 email,
                 generation,
@@ -459,7 +475,12 @@ mod tests {
     fn identities_follow_links_unlinks_and_deletes() {
         let r = Revocations::default();
         let far = chrono::Utc::now().timestamp() + 600;
-        let idp = |s: &str| Some(("https://idp".to_string(), s.to_string()));
+        let idp = |s: &str| {
+            Some(Identity {
+                issuer: "https://idp".into(),
+                subject: s.into(),
+            })
+        };
         let linked = |id: i64, generation, identity| Change::User {
             id,
             email: format!("u{id}@x.io"),
@@ -497,7 +518,7 @@ mod tests {
         // its access while the link stands, and loses it when it goes.
         let mut p = principal(2, 0, None);
         p.outside = true;
-        p.identity = Some(std::sync::Arc::new(("https://idp".into(), "a".into())));
+        p.identity = idp("a").map(std::sync::Arc::new);
         assert_eq!(r.check_token(&p), Ok(()));
         r.apply(&linked(2, 2, idp("c")));
         assert_eq!(r.check_token(&p), Err(Revoked::AccessChanged));

@@ -83,9 +83,9 @@ pub struct Principal {
     /// only the account (deleted, disabled) and its link are checked for
     /// revocation.
     pub outside: bool,
-    /// An outside token's (issuer, subject), through which it stands for
+    /// An outside token's identity, through which it stands for
     /// `user_id`: once that link is gone, so is its access.
-    pub identity: Option<Arc<(String, String)>>,
+    pub identity: Option<Arc<crate::access::Identity>>,
 }
 
 impl Principal {
@@ -399,7 +399,10 @@ impl Auth {
                     "an identity provider's token needs an iss claim to name a user here".into(),
                 ));
             }
-            identity = Some(Arc::new((issuer.to_string(), c.sub.clone())));
+            identity = Some(Arc::new(crate::access::Identity {
+                issuer: issuer.to_string(),
+                subject: c.sub.clone(),
+            }));
             self.revocations
                 .user_by_identity(issuer, &c.sub)
                 .ok_or_else(|| {
@@ -663,7 +666,10 @@ mod tests {
                 generation: 1,
                 disabled: false,
                 why: crate::access::Revoked::AccessChanged,
-                identity: Some(Some(("https://idp.test".into(), sub.into()))),
+                identity: Some(Some(crate::access::Identity {
+                    issuer: "https://idp.test".into(),
+                    subject: sub.into(),
+                })),
             };
             a.revocations().apply(&link(9, "provider-user-1"));
             let p = a.verify(&token).unwrap_or_else(|e| panic!("{alg:?}: {e}"));

@@ -203,3 +203,21 @@ impl RunningServer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
     }
 }
+
+/// Longest error message sent back, over HTTP or a WebSocket: a parser's
+/// message may quote the input it refused, and a client must not get its
+/// whole request back.
+pub const MAX_MESSAGE: usize = 500;
+
+/// `text`, cut to at most `max` bytes (on a character boundary) with a mark
+/// that it was cut.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut)", &text[..end]).into()
+}

@@ -1,5 +1,6 @@
 //! Users: argon2 password hashes, roles and store scope.
 
+pub use crate::access::Identity;
 use crate::access::{Change, Revoked};
 use crate::auth::Role;
 use anyhow::{bail, Context};
@@ -353,15 +354,6 @@ pub struct UserPatch {
     pub identity: Option<Option<Identity>>,
 }
 
-/// An outside identity provider's name for a user: the `iss` and `sub` of
-/// its tokens. Only a linked identity makes such a token stand for a user
-/// here (migration 0019).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Identity {
-    pub issuer: String,
-    pub subject: String,
-}
-
 impl Identity {
     /// Both parts present, without surrounding blanks or control
     /// characters, at most 1,000 characters each; the issuer `JWT_ISSUER`
@@ -638,11 +630,7 @@ fn change_of(u: &User, why: Revoked) -> Change {
         generation: u.generation,
         disabled: u.disabled,
         why,
-        identity: Some(
-            u.identity
-                .as_ref()
-                .map(|i| (i.issuer.clone(), i.subject.clone())),
-        ),
+        identity: Some(u.identity.clone()),
     }
 }
 

@@ -71,14 +71,12 @@ impl Event {
                 if let Some(r) = self.region {
                     out.push((ChannelInScope(self::Channel::Region(r), s), Variant::Full));
                 }
-                // Last: a follower of the old store that also sees the row
-                // where it is now (its new store, the whole chain, its
-                // region) gets the row, not its deletion.
-                // Whole-chain and region followers who may see the old
-                // store but not the new one had the row: they get its
-                // deletion too. (The old store's region is not in the
-                // event; the new one's followers stand in for it, which
-                // covers a move within a region.)
+                // Last, the old key's deletion: to the old store's
+                // followers, and to whole-chain and region followers whose
+                // token has the old store (the event names only the new
+                // store's region, which covers a move within a region). A
+                // follower that also sees the row where it is now got the
+                // row above and gets nothing more.
                 if let Some(old) = self.moved_from().filter(|o| o.store_id != s) {
                     out.push((
                         Channel(self::Channel::Sales(old.store_id)),

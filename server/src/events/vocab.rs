@@ -182,13 +182,8 @@ impl RegionKey {
         if name.is_empty() || name.chars().count() > 100 {
             return None;
         }
-        if let Some(&id) = regions()
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .ids
-            .get(name)
-        {
-            return Some(RegionKey(id));
+        if let Some(k) = Self::known(name) {
+            return Some(k);
         }
         regions()
             .write()

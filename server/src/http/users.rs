@@ -510,7 +510,7 @@ impl UsersApi {
     /// only): from then on a token of that provider with this `iss` and
     /// `sub` stands for the user, and for nobody else; the user's previous
     /// identity, if any, stops being theirs. An identity linked to another
-    /// user is 422 (unlink it there first).
+    /// user is 409 (unlink it there first).
     #[oai(path = "/api/v2/users/:id/identity", method = "put")]
     async fn link_identity(
         &self,
@@ -519,16 +519,17 @@ impl UsersApi {
         body: Json<LinkIdentity>,
     ) -> ApiResult<OneResponse> {
         auth.require_admin()?;
-        let given = |v: &Option<String>, field| {
-            v.clone().ok_or_else(|| {
+        let given = |v: Option<String>, field| {
+            v.ok_or_else(|| {
                 user_error(UserError::Invalid {
                     field,
                     reason: "is required".into(),
                 })
             })
         };
-        let issuer = given(&body.0.issuer, "issuer")?;
-        let subject = given(&body.0.subject, "subject")?;
+        let LinkIdentity { issuer, subject } = body.0;
+        let issuer = given(issuer, "issuer")?;
+        let subject = given(subject, "subject")?;
         let required = self.state.config.jwt_issuer.as_deref();
         let identity = users::Identity::new(&issuer, &subject, required).map_err(user_error)?;
         self.set_identity(&auth.0, id.0, Some(identity)).await

@@ -11,6 +11,7 @@
 //! events `{"id":N,"event":"sales-data-updated","data":{...},"ts":"..."}`
 //! (ephemeral ones such as `export-progress` carry no `id`).
 
+use crate::{clip, MAX_MESSAGE};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -78,23 +79,10 @@ pub fn ready(
     .to_string()
 }
 
-/// Longest channel name an answer quotes back, and longest message (which
-/// may quote the client's input, as a parser's does), in bytes: a reply is
-/// never much larger than a valid request's, whatever the client sent.
+/// Longest channel name an answer quotes back, in bytes (messages are cut
+/// at [`MAX_MESSAGE`]): a reply is never much larger than a valid
+/// request's, whatever the client sent.
 const MAX_EVENT_ECHO: usize = 200;
-const MAX_MESSAGE: usize = 500;
-
-/// `text`, cut to `max` bytes at a character boundary.
-fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max {
-        return text.into();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… (cut)", &text[..end]).into()
-}
 
 pub fn subscribed(event: &str, implicit: bool) -> String {
     let event = clip(event, MAX_EVENT_ECHO);

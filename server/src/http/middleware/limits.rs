@@ -240,7 +240,8 @@ pub async fn with_limits<E: Endpoint>(
         // its headers, is read within BODY_LIMIT.
         return ep.call(req).await.map(IntoResponse::into_response);
     }
-    let limit = body_limit_for(req.method(), req.uri().path(), state.config.body_limit);
+    let batch = is_batch(req.method(), req.uri().path());
+    let limit = body_limit_for(batch, state.config.body_limit);
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -269,7 +270,7 @@ pub async fn with_limits<E: Endpoint>(
             )
         }
     };
-    if limit > SMALL_BODY_LIMIT {
+    if batch {
         // A batch body is parsed whole into a tree before its records are
         // counted; a body of nothing but empty objects would make that tree
         // dozens of times its size. Counted first, cheaply: no record of
@@ -307,11 +308,16 @@ fn containers(body: &[u8]) -> usize {
 /// records are the point) may send up to BODY_LIMIT.
 pub const SMALL_BODY_LIMIT: usize = 256 << 10;
 
+/// Whether a request is one of the batch endpoints' (`POST` and `DELETE
+/// /api/v2/sales/batch`), the only ones that take large bodies.
+fn is_batch(method: &poem::http::Method, path: &str) -> bool {
+    path == "/api/v2/sales/batch"
+        && (method == poem::http::Method::POST || method == poem::http::Method::DELETE)
+}
+
 /// The body limit of one request: BODY_LIMIT for the batch endpoints,
 /// SMALL_BODY_LIMIT (or BODY_LIMIT when lower) for everything else.
-fn body_limit_for(method: &poem::http::Method, path: &str, body_limit: usize) -> usize {
-    let batch = path == "/api/v2/sales/batch"
-        && (method == poem::http::Method::POST || method == poem::http::Method::DELETE);
+fn body_limit_for(batch: bool, body_limit: usize) -> usize {
     if batch {
         body_limit
     } else {
@@ -333,23 +339,24 @@ mod tests {
     fn only_batches_may_send_large_bodies() {
         use poem::http::Method;
         let big = 16 << 20;
-        assert_eq!(
-            body_limit_for(&Method::POST, "/api/v2/sales/batch", big),
-            big
-        );
-        assert_eq!(
-            body_limit_for(&Method::DELETE, "/api/v2/sales/batch", big),
-            big
-        );
+        for m in [Method::POST, Method::DELETE] {
+            assert!(is_batch(&m, "/api/v2/sales/batch"));
+            assert_eq!(
+                body_limit_for(is_batch(&m, "/api/v2/sales/batch"), big),
+                big
+            );
+        }
         for (m, p) in [
             (Method::POST, "/api/v2/auth/login"),
             (Method::POST, "/api/v2/users"),
             (Method::PATCH, "/api/v2/stores/3"),
             (Method::GET, "/api/v2/sales/batch"),
         ] {
-            assert_eq!(body_limit_for(&m, p, big), SMALL_BODY_LIMIT, "{m} {p}");
+            assert!(!is_batch(&m, p), "{m} {p}");
+            assert_eq!(body_limit_for(false, big), SMALL_BODY_LIMIT, "{m} {p}");
         }
-        assert_eq!(body_limit_for(&Method::POST, "/api/v2/users", 2048), 2048);
+        assert_eq!(body_limit_for(false, 2048), 2048);
+        assert_eq!(body_limit_for(true, 2048), 2048);
     }
 
     #[test]

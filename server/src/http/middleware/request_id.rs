@@ -93,7 +93,7 @@ pub fn error_response(e: poem::Error) -> Response {
         tracing::error!(error = %e, "internal error");
         "internal error; see the server log for this request id".to_string()
     } else {
-        shortened(e.to_string())
+        crate::clip(&e.to_string(), crate::MAX_MESSAGE).into_owned()
     };
     // poem-openapi names the parameter between backticks: surface it.
     let details = message
@@ -106,21 +106,4 @@ pub fn error_response(e: poem::Error) -> Response {
         message
     };
     ErrorBody::response(status, code, message, details)
-}
-
-/// Longest error message sent back: a parser's message may quote the
-/// input it refused, and a client must not get its whole body back.
-const MAX_MESSAGE: usize = 500;
-
-/// `message`, cut to at most MAX_MESSAGE bytes (on a character boundary)
-/// with a mark that it was cut.
-fn shortened(message: String) -> String {
-    if message.len() <= MAX_MESSAGE {
-        return message;
-    }
-    let mut end = MAX_MESSAGE;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… (cut)", &message[..end])
 }

@@ -183,26 +183,20 @@ impl Registry {
     /// gets (a connection may come twice; the queue drops the repeat).
     fn targets(&self, e: &Event, mut f: impl FnMut(&Arc<Conn>, Variant)) {
         for (to, variant) in e.deliveries() {
+            // Each recipient gets the form its own scope allows.
+            let mut to_conn = |c: &Arc<Conn>| {
+                f(
+                    c,
+                    e.variant_for(variant, |s| c.principal.can_access_store(s)),
+                )
+            };
             match to {
-                Recipient::User(u) => Self::each(self.users.get(&u), &mut |c| {
-                    f(
-                        c,
-                        e.variant_for(variant, |s| c.principal.can_access_store(s)),
-                    )
-                }),
-                Recipient::Channel(ch) => Self::each(self.channels.get(&ch), &mut |c| {
-                    f(
-                        c,
-                        e.variant_for(variant, |s| c.principal.can_access_store(s)),
-                    )
-                }),
+                Recipient::User(u) => Self::each(self.users.get(&u), &mut to_conn),
+                Recipient::Channel(ch) => Self::each(self.channels.get(&ch), &mut to_conn),
                 Recipient::ChannelInScope(ch, s) => {
                     Self::each(self.channels.get(&ch), &mut |c: &Arc<Conn>| {
                         if c.principal.can_access_store(s) {
-                            f(
-                                c,
-                                e.variant_for(variant, |s| c.principal.can_access_store(s)),
-                            )
+                            to_conn(c)
                         }
                     })
                 }
