@@ -10,6 +10,13 @@
 //! row; a day-level dimension (`week`, `weekday`, `day`) or metric (avg,
 //! min, max, transactions) expands `daily_data` with `jsonb_each`.
 //!
+//! Whichever source a request reads, a metric answers the same: with
+//! month-level dimensions a month with no days still counts (one source row
+//! with no day), so `months`, `stores`, `count` and the groups never depend
+//! on the other metrics asked for. Sums over nothing (no day, or days that
+//! lack the field) are 0, as the stored totals say; averages, minima, maxima
+//! and `salesPerCustomer` over nothing are null.
+//!
 //! Comparison: `previousYear` reads the same months a year earlier,
 //! `previousPeriod` the same number of months just before; each compared
 //! day (or month) is moved forward by that many months and grouped with the
@@ -229,14 +236,20 @@ impl Metric {
     /// transactions, days, row_id, store_id).
     fn expr(self) -> String {
         match self {
-            Metric::TotalSales | Metric::Of(Agg::Sum, Field::Sales) => "sum(sales)".into(),
+            Metric::TotalSales | Metric::Of(Agg::Sum, Field::Sales) => {
+                "coalesce(sum(sales), 0)".into()
+            }
             Metric::TotalCustomers | Metric::Of(Agg::Sum, Field::Customers) => {
-                "sum(customers)".into()
+                "coalesce(sum(customers), 0)".into()
             }
             Metric::Months => "count(DISTINCT row_id)".into(),
             Metric::Stores => "count(DISTINCT store_id)".into(),
             Metric::Count => "coalesce(sum(days), 0)::bigint".into(),
-            Metric::SalesPerCustomer => "round(sum(sales) / nullif(sum(customers), 0), 4)".into(),
+            // Days with customers and no sales count as sales of 0, as in
+            // the stored totals; no customers at all is null.
+            Metric::SalesPerCustomer => {
+                "round(coalesce(sum(sales), 0) / nullif(sum(customers), 0), 4)".into()
+            }
             Metric::Of(a, f) => {
                 let col = match f {
                     Field::Sales => "sales",
@@ -244,7 +257,8 @@ impl Metric {
                     Field::Transactions => "transactions",
                 };
                 match a {
-                    Agg::Sum => format!("sum({col})"),
+                    // Over nothing: 0, as the stored totals say.
+                    Agg::Sum => format!("coalesce(sum({col}), 0)"),
                     Agg::Avg => format!("round(avg({col}), 4)"),
                     Agg::Min => format!("min({col})"),
                     Agg::Max => format!("max({col})"),
@@ -590,14 +604,18 @@ impl Summary {
         }
         w.sql(")");
         if self.compare.is_some() {
-            w.sql(" || jsonb_build_object('previous', jsonb_build_object(");
+            // `previous` is null where the compared period has no such
+            // group (every key is NOT NULL, so a joined row has b.k0);
+            // `changePct` is by metric, each null where previous is 0 or
+            // missing.
+            w.sql(" || jsonb_build_object('previous', CASE WHEN b.k0 IS NULL THEN NULL ELSE jsonb_build_object(");
             for (i, m) in self.metrics.iter().enumerate() {
                 if i > 0 {
                     w.sql(", ");
                 }
                 w.sql(&format!("'{}', b.m{i}", m.name()));
             }
-            w.sql("), 'changePct', jsonb_build_object(");
+            w.sql(") END, 'changePct', jsonb_build_object(");
             for (i, m) in self.metrics.iter().enumerate() {
                 if i > 0 {
                     w.sql(", ");
@@ -679,13 +697,19 @@ impl Summary {
                 format!("({start} + make_interval(months => {shift}))::date")
             }
         };
-        if daily {
+        let values = "(e.value->>'sales')::numeric AS sales, (e.value->>'customers')::numeric AS customers, \
+                      (e.value->>'transactions')::numeric AS transactions";
+        if daily && self.group_by.iter().any(|d| d.daily()) {
+            // Grouped by day, week or weekday: a month with no days is in
+            // no group.
             let day = "make_date(m.year, m.month, e.key::int)";
             w.sql(&format!("{} AS d, {day} AS d0, ", moved(day)));
-            w.sql("(e.value->>'sales')::numeric AS sales, (e.value->>'customers')::numeric AS customers, \
-                   (e.value->>'transactions')::numeric AS transactions, 1 AS days \
+            w.sql(values);
+            w.sql(
+                ", 1 AS days \
                    FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id \
-                   CROSS JOIN LATERAL jsonb_each(m.daily_data) e WHERE true");
+                   CROSS JOIN LATERAL jsonb_each(m.daily_data) e WHERE true",
+            );
             if shift != 0 && self.group_by.iter().any(|d| d.follows_moved_day(shift)) {
                 // A day with no counterpart (29 February a year on) is left out.
                 w.sql(&format!(
@@ -693,6 +717,21 @@ impl Summary {
                     moved(day)
                 ));
             }
+        } else if daily {
+            // Month-level dimensions, day-level metrics: every month is one
+            // row at least, so that a month with no days counts (in
+            // `months`, `stores`, the groups) as it does without them; its
+            // row has no values and no day.
+            w.sql(&format!(
+                "{} AS d, {month_start} AS d0, ",
+                moved(month_start)
+            ));
+            w.sql(values);
+            w.sql(
+                ", (e.key IS NOT NULL)::int AS days \
+                   FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id \
+                   LEFT JOIN LATERAL jsonb_each(m.daily_data) e ON true WHERE true",
+            );
         } else {
             w.sql(&format!(
                 "{} AS d, {month_start} AS d0, ",
@@ -836,5 +875,62 @@ mod tests {
         );
         assert!(!w.0.contains("jsonb_each"), "{}", w.0);
         assert!(w.0.contains("m.year = 2024"), "{}", w.0);
+    }
+
+    /// A day-level metric by month-level dimensions keeps the months with
+    /// no days (one row with no day each); by a day-level dimension such a
+    /// month is in no group.
+    #[test]
+    fn months_without_days_count_whatever_the_metrics() {
+        let render = |g: &str, m: &str| {
+            let s = Summary::parse(
+                Some(g),
+                Some(m),
+                Some("previousYear"),
+                None,
+                None,
+                p((2024, 1), (2024, 3)),
+            )
+            .unwrap();
+            let mut w = Literals::default();
+            s.render(&mut w, &[Term::Year(2024)], &[]);
+            (s.daily(), w.0)
+        };
+        let (daily, sql) = render("store,month", "months,maxSales");
+        assert!(daily);
+        assert_eq!(
+            sql.matches("LEFT JOIN LATERAL jsonb_each(m.daily_data) e ON true")
+                .count(),
+            2,
+            "{sql}"
+        );
+        assert!(!sql.contains("CROSS JOIN"), "{sql}");
+        assert!(sql.contains("(e.key IS NOT NULL)::int AS days"), "{sql}");
+        let (_, sql) = render("week", "months,maxSales");
+        assert_eq!(
+            sql.matches("CROSS JOIN LATERAL jsonb_each").count(),
+            2,
+            "{sql}"
+        );
+        assert!(!sql.contains("LEFT JOIN LATERAL"), "{sql}");
+        // The compared metrics are null as a whole where the group is missing.
+        assert!(
+            sql.contains("'previous', CASE WHEN b.k0 IS NULL THEN NULL ELSE jsonb_build_object("),
+            "{sql}"
+        );
+    }
+
+    /// Sums over nothing are 0 on either source; the rest are null.
+    #[test]
+    fn sums_over_nothing_are_zero() {
+        for m in Metric::all() {
+            let (name, expr) = (m.name(), m.expr());
+            let zero = name.starts_with("sum") || name.starts_with("total") || m == Metric::Count;
+            assert_eq!(expr.starts_with("coalesce("), zero, "{name}: {expr}");
+        }
+        assert_eq!(
+            Metric::SalesPerCustomer.expr(),
+            "round(coalesce(sum(sales), 0) / nullif(sum(customers), 0), 4)"
+        );
     }
 }

@@ -7,24 +7,30 @@
 //! a well-formed end. A handler therefore breaks the connection itself
 //! ([`break_connection`]): from then on every write to it fails, so nothing
 //! more (no last chunk) is sent and the client sees the transfer cut.
+//!
+//! Over HTTP/1.1 hyper reads nothing from a connection while its handler
+//! runs, so a client that hangs up before the response starts goes unseen
+//! until the handler ends. A handler that waits long for its first byte
+//! (an export counting its rows behind a lock) asks [`peer_gone`].
 
 use poem::listener::Acceptor;
 use poem::web::{LocalAddr, RemoteAddr};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Open connections by local and remote address: each with its number and
-/// whether it was broken. Held inline in one table: a connection costs no
+/// Open connections by local and remote address: each with its number,
+/// whether it was broken and its socket. Held inline in one table: a connection costs no
 /// allocation of its own (a string and a switch per connection, allocated
 /// before hyper's buffers and kept for the connection's life, cost an idle
 /// WebSocket about 5 kB of resident memory through allocator fragmentation).
-static OPEN: LazyLock<Mutex<HashMap<Key, (u64, bool)>>> = LazyLock::new(Default::default);
+static OPEN: LazyLock<Mutex<HashMap<Key, Conn>>> = LazyLock::new(Default::default);
 /// How many open connections are broken: while none is, a write checks
 /// nothing but this.
 static BROKEN: AtomicUsize = AtomicUsize::new(0);
@@ -32,11 +38,18 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 
 type Key = (SocketAddr, SocketAddr);
 
+#[derive(Clone, Copy)]
+struct Conn {
+    id: u64,
+    broken: bool,
+    fd: RawFd,
+}
+
 fn key(local: &LocalAddr, remote: &RemoteAddr) -> Option<Key> {
     Some((*local.as_socket_addr()?, *remote.as_socket_addr()?))
 }
 
-fn open() -> std::sync::MutexGuard<'static, HashMap<Key, (u64, bool)>> {
+fn open() -> std::sync::MutexGuard<'static, HashMap<Key, Conn>> {
     OPEN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -47,9 +60,9 @@ pub fn break_connection(local: &LocalAddr, remote: &RemoteAddr) -> bool {
         return false;
     };
     match open().get_mut(&key) {
-        Some((_, broken)) => {
-            if !*broken {
-                *broken = true;
+        Some(c) => {
+            if !c.broken {
+                c.broken = true;
                 BROKEN.fetch_add(1, Ordering::SeqCst);
             }
             true
@@ -58,9 +71,51 @@ pub fn break_connection(local: &LocalAddr, remote: &RemoteAddr) -> bool {
     }
 }
 
+/// Whether the client of the connection between `local` and `remote` has
+/// closed its side (or reset it): the socket's TCP state, from the kernel,
+/// without reading what hyper owns. False when the connection is unknown
+/// (not TCP) or the state cannot be read.
+pub fn peer_gone(local: &LocalAddr, remote: &RemoteAddr) -> bool {
+    let Some(key) = key(local, remote) else {
+        return false;
+    };
+    // Under the lock: the socket is closed only after its entry is removed
+    // (BreakableIo's drop), so the descriptor is still this connection's.
+    let open = open();
+    let Some(c) = open.get(&key) else {
+        return false;
+    };
+    // Linux's TCP states (include/net/tcp_states.h): the server has not
+    // closed its side, so the socket is ESTABLISHED until the client sends
+    // FIN (CLOSE_WAIT) or a reset (CLOSE).
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    tcp_state(c.fd).is_some_and(|s| s == TCP_CLOSE || s == TCP_CLOSE_WAIT)
+}
+
+fn tcp_state(fd: RawFd) -> Option<u8> {
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes;
+    // `fd` is an open socket (see `peer_gone`).
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (r == 0 && len >= 1).then_some(info.tcpi_state)
+    }
+}
+
 pub struct Breakable<A>(pub A);
 
-impl<A: Acceptor> Acceptor for Breakable<A> {
+impl<A: Acceptor> Acceptor for Breakable<A>
+where
+    A::Io: AsRawFd,
+{
     type Io = BreakableIo<A::Io>;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
@@ -74,7 +129,15 @@ impl<A: Acceptor> Acceptor for Breakable<A> {
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let key = key(&local, &remote);
         if let Some(key) = key {
-            open().insert(key, (id, false));
+            let fd = io.as_raw_fd();
+            open().insert(
+                key,
+                Conn {
+                    id,
+                    broken: false,
+                    fd,
+                },
+            );
         }
         Ok((BreakableIo { io, key, id }, local, remote, scheme))
     }
@@ -94,7 +157,7 @@ impl<T> BreakableIo<T> {
         let broken = self.key.is_some_and(|key| {
             open()
                 .get(&key)
-                .is_some_and(|&(id, broken)| id == self.id && broken)
+                .is_some_and(|c| c.id == self.id && c.broken)
         });
         if broken {
             Err(io::Error::new(
@@ -114,10 +177,10 @@ impl<T> Drop for BreakableIo<T> {
         };
         let mut open = open();
         // The address may already belong to a newer connection.
-        if let Some(&(id, broken)) = open.get(&key) {
-            if id == self.id {
+        if let Some(&c) = open.get(&key) {
+            if c.id == self.id {
                 open.remove(&key);
-                if broken {
+                if c.broken {
                     BROKEN.fetch_sub(1, Ordering::SeqCst);
                 }
             }

@@ -966,3 +966,95 @@ async fn an_export_stops_when_its_user_is_disabled() {
     assert!(got < 20_000_000, "{got} bytes");
     f.server.stop().await;
 }
+
+/// Exports of the test database waiting on a lock (the row count behind a
+/// held `LOCK TABLE`), as `pid query` lines.
+async fn waiting_on_lock(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT format('%s %s', pid, left(query, 60)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND state = 'active' AND wait_event_type = 'Lock' AND query ILIKE 'SELECT count%'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// A client that hangs up over HTTP/1.1 while its export still counts its
+/// rows (here behind a table lock) frees its slot and its query at once,
+/// not when the count ends: the server asks the kernel whether the client is
+/// still there, and cancels the count when it is not.
+#[tokio::test]
+async fn a_client_gone_before_the_first_byte_frees_its_slot_and_its_query() {
+    let f = fixture(&[("EXPORT_MAX_CONCURRENT", "1")]).await;
+    seed(&f).await;
+    let mut lock = f.db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE sales.monthly_sales IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    // Over HTTP/1.1 (reqwest's default without TLS), abandoned mid-count.
+    let api = f.admin.clone();
+    let first = tokio::spawn(async move { export(&api, "format=csv", None).await.status });
+    let waiting = eventually(
+        Duration::from_secs(15),
+        "the export's count to wait on the lock",
+        || async {
+            let w = waiting_on_lock(&f.db).await;
+            (w.len() == 1).then_some(w)
+        },
+    )
+    .await;
+    first.abort();
+    let _ = first.await;
+    eventually(
+        Duration::from_secs(15),
+        "the abandoned count to be cancelled while the lock is held",
+        || async { waiting_on_lock(&f.db).await.is_empty().then_some(()) },
+    )
+    .await;
+
+    // The only slot is free: the next export gets it (its own count now
+    // waits on the lock) rather than a 429.
+    let api = f.admin.clone();
+    let second = tokio::spawn(async move { export(&api, "format=csv", None).await });
+    let now = eventually(
+        Duration::from_secs(15),
+        "the next export's count to wait on the lock",
+        || async {
+            let w = waiting_on_lock(&f.db).await;
+            (w.len() == 1).then_some(w)
+        },
+    )
+    .await;
+    assert_ne!(now, waiting, "a new query, not the first one");
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    let e = second.await.unwrap();
+    assert_eq!(e.status, 200, "{}", e.text());
+    assert!(e.text().starts_with("key,"));
+}
+
+/// An export that fails before its first byte answers with the request's
+/// id, as every other error does (the export runs in a task of its own).
+#[tokio::test]
+async fn an_export_failing_before_its_first_byte_names_the_request() {
+    let f = fixture(&[("DB_QUERY_TIMEOUT", "500ms")]).await;
+    seed(&f).await;
+    let mut lock = f.db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE sales.monthly_sales IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let r = f
+        .admin
+        .req(reqwest::Method::GET, "/api/v2/sales/export?format=csv")
+        .header("x-request-id", "export-req-7")
+        .send()
+        .await
+        .unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["requestId"], "export-req-7", "{body}");
+}

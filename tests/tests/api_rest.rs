@@ -995,3 +995,131 @@ async fn batches_write_the_same_rows_without_parse_json() {
         assert_eq!((&d.1, &d.2), (&days[0].1, &days[0].2), "{days:?}");
     }
 }
+
+/// Rows written past the row trigger (plain SQL in replica mode, as a
+/// logical-replication apply writes them) can have NULL totals. Sorting by
+/// such a column still pages through every row once, in Postgres' order
+/// (NULLs last ascending, first descending), with cursors that carry the NULL.
+#[tokio::test]
+async fn sorting_by_a_column_with_nulls_pages_through_every_row_once() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let store = f.stores[0];
+    sqlx::raw_sql(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ({store}, 2024, 7, '{{\"1\": {{\"sales\": 5}}}}'),
+                ({store}, 2024, 8, '{{\"2\": {{\"sales\": 6}}}}');
+         COMMIT;"
+    ))
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    for (sort, order) in [
+        ("totalSales", "total_sales ASC, id"),
+        ("-totalSales", "total_sales DESC, id"),
+        ("daysReported,-id", "days_reported ASC, id DESC"),
+        ("-totalCustomers,-id", "total_customers DESC, id DESC"),
+        (
+            "-daysReported,totalSales,id",
+            "days_reported DESC, total_sales ASC, id",
+        ),
+    ] {
+        let want: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT id FROM sales.monthly_sales WHERE store_id = $1 ORDER BY {order}"
+        ))
+        .bind(store)
+        .fetch_all(&f.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(want.len(), 8);
+        for limit in [1, 2, 3] {
+            let mut got: Vec<i64> = Vec::new();
+            let mut path =
+                format!("/api/v2/sales?storeId={store}&sort={sort}&fields=id&limit={limit}");
+            for _ in 0..20 {
+                let (st, body) = f.admin.get(&path).await;
+                assert_eq!(st, 200, "{sort} {limit}: {body}");
+                got.extend(
+                    body["data"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r["id"].as_i64().unwrap()),
+                );
+                match body["meta"]["nextCursor"].as_str() {
+                    Some(c) => {
+                        path = format!(
+                            "/api/v2/sales?storeId={store}&sort={sort}&fields=id&limit={limit}&cursor={c}"
+                        )
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(got, want, "sort={sort} limit={limit}");
+        }
+    }
+    // A NULL where the column never is: a tampered cursor, 400 naming it.
+    let tampered = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        r#"{"s":"storeId,id","v":[null,"1"]}"#,
+    );
+    let (st, body) = f
+        .admin
+        .get(&format!("/api/v2/sales?sort=storeId&cursor={tampered}"))
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "cursor");
+}
+
+/// A region filter is what a store's region can be: 1..100 characters as
+/// Postgres counts them, no control characters; anything else is a 400
+/// naming `region` on every endpoint that takes it.
+#[tokio::test]
+async fn region_filters_are_checked_as_characters() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let store = f.stores[0];
+    // 71 characters, 123 bytes.
+    let region = format!("Région-Île-de-France-{}", "é".repeat(50));
+    assert_eq!(region.chars().count(), 71);
+    let (st, body) = f
+        .admin
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v2/stores/{store}"),
+            &json!({ "region": region }),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let enc = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
+    for path in [
+        "/api/v2/sales",
+        "/api/v2/sales/summary",
+        "/api/v2/stores",
+        "/api/v2/sales/export",
+    ] {
+        let (st, body) = f
+            .admin
+            .get(&format!("{path}?region={}", enc(&region)))
+            .await;
+        assert_eq!(st, 200, "{path}: {body}");
+        for bad in ["a\u{0}b", "a\nb", &"é".repeat(101)] {
+            let (st, body) = f.admin.get(&format!("{path}?region={}", enc(bad))).await;
+            assert_eq!(st, 400, "{path} {bad:?}: {body}");
+            assert_eq!(
+                body["error"]["details"]["parameter"], "region",
+                "{path}: {body}"
+            );
+        }
+    }
+    // With a cursor, the region is still what is named.
+    let (_, body) = f.admin.get("/api/v2/sales?limit=1").await;
+    let c = body["meta"]["nextCursor"].as_str().unwrap();
+    let (st, body) = f
+        .admin
+        .get(&format!("/api/v2/sales?limit=1&cursor={c}&region=a%00b"))
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "region");
+}

@@ -28,12 +28,16 @@ impl Encoding {
     }
 }
 
-/// Picks the best encoding the client accepts (q > 0), preferring zstd, br, gzip.
+/// Picks the best encoding the client accepts (q > 0), preferring zstd, br,
+/// gzip. As RFC 9110 has it, a coding named in the header takes its own
+/// weight (`q=0`: not acceptable) and `*` stands only for the codings the
+/// header does not name.
 pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
     let Some(accept) = accept else {
         return Encoding::Identity;
     };
-    let mut best: Option<(Encoding, f32, usize)> = None;
+    let mut named: Vec<(Encoding, f32)> = Vec::new();
+    let mut star: Option<f32> = None;
     for part in accept.split(',') {
         let mut it = part.trim().split(';');
         let name = it.next().unwrap_or("").trim().to_ascii_lowercase();
@@ -44,30 +48,35 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
                     .and_then(|v| v.trim().parse::<f32>().ok())
             })
             .unwrap_or(1.0);
-        if q <= 0.0 {
-            continue;
-        }
-        let candidates: Vec<Encoding> = match name.as_str() {
-            "zstd" => vec![Encoding::Zstd],
-            "br" => vec![Encoding::Brotli],
-            "gzip" | "x-gzip" => vec![Encoding::Gzip],
-            "*" => offered.to_vec(),
-            _ => vec![],
-        };
-        for enc in candidates {
-            let Some(rank) = offered.iter().position(|o| *o == enc) else {
+        let enc = match name.as_str() {
+            "zstd" => Encoding::Zstd,
+            "br" => Encoding::Brotli,
+            "gzip" | "x-gzip" => Encoding::Gzip,
+            "*" => {
+                star = Some(star.map_or(q, |s: f32| s.max(q)));
                 continue;
-            };
-            let better = match best {
-                None => true,
-                Some((_, bq, br)) => q > bq || (q == bq && rank < br),
-            };
-            if better {
-                best = Some((enc, q, rank));
             }
+            _ => continue,
+        };
+        match named.iter_mut().find(|(e, _)| *e == enc) {
+            Some((_, nq)) => *nq = nq.max(q),
+            None => named.push((enc, q)),
         }
     }
-    best.map(|(e, _, _)| e).unwrap_or(Encoding::Identity)
+    let mut best: Option<(Encoding, f32)> = None;
+    for &enc in offered {
+        let q = named
+            .iter()
+            .find(|(e, _)| *e == enc)
+            .map(|&(_, q)| q)
+            .or(star)
+            .unwrap_or(0.0);
+        // `offered` is in preference order: a tie keeps the earlier one.
+        if q > 0.0 && best.is_none_or(|(_, bq)| q > bq) {
+            best = Some((enc, q));
+        }
+    }
+    best.map(|(e, _)| e).unwrap_or(Encoding::Identity)
 }
 
 /// A compressor fed chunk by chunk.
@@ -168,6 +177,18 @@ mod tests {
         );
         assert_eq!(negotiate(Some("identity"), &all), Encoding::Identity);
         assert_eq!(negotiate(Some("*"), &all), Encoding::Zstd);
+        // A coding refused by name is not brought back by `*`.
+        assert_eq!(negotiate(Some("zstd;q=0, *"), &all), Encoding::Brotli);
+        assert_eq!(
+            negotiate(Some("zstd;q=0, br;q=0, *;q=0.5"), &all),
+            Encoding::Gzip
+        );
+        assert_eq!(negotiate(Some("*;q=0, gzip"), &all), Encoding::Gzip);
+        assert_eq!(negotiate(Some("*;q=0"), &all), Encoding::Identity);
+        assert_eq!(
+            negotiate(Some("zstd;q=0.1, *"), &[Encoding::Zstd, Encoding::Gzip]),
+            Encoding::Gzip
+        );
         assert_eq!(negotiate(None, &all), Encoding::Identity);
     }
 

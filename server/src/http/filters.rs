@@ -62,6 +62,22 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
 }
 
 /// `2024-06` -> (2024, 6).
+/// A region as a filter: what a store's region can be (1..100 characters,
+/// counted as Postgres counts them), so a filter no store can match is a 400
+/// naming `region` rather than an empty page or an encoding error.
+pub fn check_region(r: &str) -> ApiResult<()> {
+    if r.chars().any(char::is_control) {
+        return Err(ApiError::bad_param(
+            "region",
+            "must not contain control characters",
+        ));
+    }
+    if r.chars().count() > 100 {
+        return Err(ApiError::bad_param("region", "at most 100 characters"));
+    }
+    Ok(())
+}
+
 pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
     sales_core::sql::parse_period(raw)
         .ok_or_else(|| ApiError::bad_param(param, format!("{raw:?} is not a month like 2024-06")))
@@ -147,8 +163,8 @@ impl SalesFilter {
             .map(str::trim)
             .filter(|r| !r.is_empty())
             .map(str::to_string);
-        if region.as_ref().is_some_and(|r| r.len() > 100) {
-            return Err(ApiError::bad_param("region", "at most 100 characters"));
+        if let Some(r) = &region {
+            check_region(r)?;
         }
         Ok(Self {
             store_ids: raw

@@ -142,6 +142,9 @@ impl StoresApi {
         }
         let scope = auth.0.scope();
         let region = region.0.as_deref().map(str::trim).filter(|r| !r.is_empty());
+        if let Some(r) = region {
+            crate::http::filters::check_region(r)?;
+        }
         let data: String = crate::db::retry("stores_list", true, || async {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
                 "SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ",

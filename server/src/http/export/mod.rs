@@ -30,7 +30,10 @@
 //!   notices (a failed send, or `closed()` while it waits on Postgres), cancels
 //!   the backend's query with `pg_cancel_backend` from another connection and
 //!   closes its connection instead of returning it to the pool, so no query,
-//!   transaction or cursor outlives the request. A client that stops reading
+//!   transaction or cursor outlives the request. Before the first byte (the
+//!   row count, which may wait on a lock) the handler itself checks the
+//!   client's socket every 200 ms (`listener::peer_gone`): over HTTP/1.1 the
+//!   server would otherwise not see a hang-up until the handler returns. A client that stops reading
 //!   for EXPORT_STALL_TIMEOUT is treated the same way, and its transfer is
 //!   cut like a failed one (it is still connected, and must not take what
 //!   it got for the whole file).
@@ -83,6 +86,9 @@ pub const QUEUE: usize = 4;
 pub const EXPORT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Progress events are sent at most this often (plus the final one).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Until its first byte, an export asks this often whether its client is
+/// still connected.
+const PEER_CHECK: Duration = Duration::from_millis(200);
 pub struct ExportApi {
     pub state: Arc<AppState>,
     slots: crate::http::slots::Slots,
@@ -166,16 +172,6 @@ impl ExportApi {
         }
         let format = format.0.unwrap_or(ExportFormat::Csv);
         let shape = shape.0.unwrap_or(ExportShape::Monthly);
-        if region
-            .0
-            .as_deref()
-            .is_some_and(|r| r.chars().any(char::is_control))
-        {
-            return Err(ApiError::bad_param(
-                "region",
-                "must not contain control characters",
-            ));
-        }
         let filter = SalesFilter::parse(&RawFilter {
             store_id: store_id.0,
             region: region.0,
@@ -254,11 +250,37 @@ impl ExportApi {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let (started_tx, started_rx) = oneshot::channel();
         let slots = Slots { _slot: slot };
-        tokio::spawn(pump::run(job, slots, tx, started_tx).instrument(tracing::Span::current()));
-        let estimated_total = match started_rx.await {
-            Ok(Ok(total)) => total,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(ApiError::internal("export task ended before starting")),
+        // The task answers errors before the first byte: it carries the
+        // request's id for them.
+        let run = pump::run(job, slots, tx, started_tx).instrument(tracing::Span::current());
+        match super::error::current_request_id() {
+            Some(id) => tokio::spawn(super::error::REQUEST_ID.scope(id, run)),
+            None => tokio::spawn(run),
+        };
+        // Until the first byte, a client that hangs up is noticed by asking
+        // the kernel (HTTP/1.1: hyper reads nothing while the handler runs);
+        // returning drops the body's receiver, which stops the export and
+        // cancels its query.
+        let (local, remote) = (req.local_addr().clone(), req.remote_addr().clone());
+        let mut started_rx = started_rx;
+        let estimated_total = loop {
+            tokio::select! {
+                r = &mut started_rx => break match r {
+                    Ok(Ok(total)) => total,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err(ApiError::internal("export task ended before starting")),
+                },
+                _ = tokio::time::sleep(PEER_CHECK) => {
+                    if crate::listener::peer_gone(&local, &remote) {
+                        tracing::info!(export_id = %export_id, "client hung up before the export started");
+                        return Err(ApiError::BadRequest(super::error::ErrorBody::new(
+                            "client_closed",
+                            "the client closed the connection",
+                            None,
+                        )));
+                    }
+                }
+            }
         };
         let body = pump::body(rx, complete);
         Ok(ExportResponse {

@@ -349,16 +349,19 @@ pub(super) async fn stream(
 ) -> Result<(), Stop> {
     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await?;
-    let (backend, backend_start, total): (i32, chrono::DateTime<chrono::Utc>, i64) =
-        sqlx::query_as(&format!(
-            "SELECT pg_backend_pid(), \
-             (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), ({})",
-            job.sql.count
-        ))
+    // The backend is known before the count runs: the count may wait on a
+    // lock, and an export stopped then must cancel it (`discard`).
+    let backend: (i32, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT pg_backend_pid(), \
+         (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())",
+    )
+    .fetch_one(&mut **conn)
+    .await?;
+    *pid = Some(backend);
+    let total: i64 = sqlx::query_scalar(&job.sql.count)
         .persistent(false)
         .fetch_one(&mut **conn)
         .await?;
-    *pid = Some((backend, backend_start));
     let total = total.max(0) as u64;
     // The COPY may run longer than DB_QUERY_TIMEOUT; the transaction-local
     // settings end with it.

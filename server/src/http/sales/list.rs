@@ -12,17 +12,20 @@ use sales_core::sql::{push_sales_doc, push_terms, Term};
 use serde_json::{json, Value};
 use sqlx::{Postgres, QueryBuilder, Row};
 
-/// A sortable key: (name, SQL expression, SQL type for cursor values).
-const SORT_KEYS: &[(&str, &str, &str)] = &[
-    ("id", "m.id", "bigint"),
-    ("storeId", "m.store_id", "bigint"),
-    ("year", "m.year", "integer"),
-    ("month", "m.month", "integer"),
-    ("totalSales", "m.total_sales", "numeric"),
-    ("totalCustomers", "m.total_customers", "bigint"),
-    ("daysReported", "m.days_reported", "integer"),
-    ("updatedAt", "m.updated_at", "timestamptz"),
-    ("createdAt", "m.created_at", "timestamptz"),
+/// A sortable key: (name, SQL expression, SQL type for cursor values,
+/// whether the column can be NULL). The totals are NULL only for rows written
+/// past the row trigger (plain SQL with `session_replication_role = replica`),
+/// but a page must still hold them, once each.
+const SORT_KEYS: &[(&str, &str, &str, bool)] = &[
+    ("id", "m.id", "bigint", false),
+    ("storeId", "m.store_id", "bigint", false),
+    ("year", "m.year", "integer", false),
+    ("month", "m.month", "integer", false),
+    ("totalSales", "m.total_sales", "numeric", true),
+    ("totalCustomers", "m.total_customers", "bigint", true),
+    ("daysReported", "m.days_reported", "integer", true),
+    ("updatedAt", "m.updated_at", "timestamptz", false),
+    ("createdAt", "m.created_at", "timestamptz", false),
 ];
 
 #[derive(Debug, Clone)]
@@ -31,6 +34,7 @@ pub struct SortKey {
     pub expr: &'static str,
     pub ty: &'static str,
     pub desc: bool,
+    pub nullable: bool,
 }
 
 /// `-year,-month,storeId` -> keys (camelCase or snake_case; `period` = year, month).
@@ -52,7 +56,7 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
             vec![camel.as_str()]
         };
         for n in names {
-            let Some((k, expr, ty)) = SORT_KEYS.iter().find(|(k, _, _)| *k == n) else {
+            let Some((k, expr, ty, nullable)) = SORT_KEYS.iter().find(|(k, ..)| *k == n) else {
                 return Err(ApiError::bad_param(
                     "sort",
                     format!(
@@ -69,6 +73,7 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
                 expr,
                 ty,
                 desc,
+                nullable: *nullable,
             });
         }
     }
@@ -82,6 +87,7 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
             expr: "m.id",
             ty: "bigint",
             desc: false,
+            nullable: false,
         });
     }
     Ok(keys)
@@ -94,13 +100,14 @@ pub fn sort_spec(keys: &[SortKey]) -> String {
         .join(",")
 }
 
-/// Opaque keyset cursor: the sort it belongs to and the last row's key values.
-pub fn encode_cursor(spec: &str, values: &[String]) -> String {
+/// Opaque keyset cursor: the sort it belongs to and the last row's key values
+/// (JSON null for a NULL).
+pub fn encode_cursor(spec: &str, values: &[Option<String>]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(json!({"s": spec, "v": values}).to_string())
 }
 
-pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> {
+pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<Option<String>>> {
     let bad = |why: &str| ApiError::bad_param("cursor", why.to_string());
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw.trim())
@@ -111,11 +118,14 @@ pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> 
             "the cursor belongs to a different sort; keep `sort` the same across pages",
         ));
     }
-    let vals: Vec<String> = v["v"]
+    let vals: Vec<Option<String>> = v["v"]
         .as_array()
         .ok_or_else(|| bad("malformed cursor"))?
         .iter()
-        .map(|x| x.as_str().map(str::to_string))
+        .map(|x| match x {
+            Value::Null => Some(None),
+            x => x.as_str().map(|s| Some(s.to_string())),
+        })
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| bad("malformed cursor"))?;
     if vals.len() != n {
@@ -126,8 +136,17 @@ pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<String>> 
 
 /// Checks each cursor value against its key's SQL type, so a tampered
 /// cursor is a 400 naming `cursor`, not a failed cast in Postgres.
-pub fn check_cursor_values(keys: &[SortKey], vals: &[String]) -> ApiResult<()> {
+pub fn check_cursor_values(keys: &[SortKey], vals: &[Option<String>]) -> ApiResult<()> {
     for (k, v) in keys.iter().zip(vals) {
+        let Some(v) = v else {
+            if k.nullable {
+                continue;
+            }
+            return Err(ApiError::bad_param(
+                "cursor",
+                format!("not a cursor from this API ({} is never null)", k.name),
+            ));
+        };
         let ok = match k.ty {
             "bigint" => v.parse::<i64>().is_ok(),
             "integer" => v.parse::<i32>().is_ok(),
@@ -150,7 +169,13 @@ pub fn check_cursor_values(keys: &[SortKey], vals: &[String]) -> ApiResult<()> {
 }
 
 /// `(k1, k2, ...) after (v1, v2, ...)` for mixed directions, as an OR chain.
-fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[String]) {
+/// NULLs sort as Postgres sorts them: last ascending, first descending.
+fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[Option<String>]) {
+    let cast = |qb: &mut QueryBuilder<'_, Postgres>, k: &SortKey, v: &str| {
+        qb.push("CAST(")
+            .push_bind(v.to_string())
+            .push(format!(" AS {})", k.ty));
+    };
     qb.push(" AND (");
     for i in 0..keys.len() {
         if i > 0 {
@@ -158,17 +183,43 @@ fn push_keyset(qb: &mut QueryBuilder<'_, Postgres>, keys: &[SortKey], vals: &[St
         }
         qb.push("(");
         for (j, k) in keys.iter().enumerate().take(i) {
-            qb.push(k.expr)
-                .push(" = CAST(")
-                .push_bind(vals[j].clone())
-                .push(format!(" AS {})", k.ty))
-                .push(" AND ");
+            qb.push(k.expr);
+            match &vals[j] {
+                Some(v) => {
+                    qb.push(" = ");
+                    cast(qb, k, v);
+                }
+                None => {
+                    qb.push(" IS NULL");
+                }
+            }
+            qb.push(" AND ");
         }
         let k = &keys[i];
-        qb.push(k.expr).push(if k.desc { " < " } else { " > " });
-        qb.push("CAST(")
-            .push_bind(vals[i].clone())
-            .push(format!(" AS {}))", k.ty));
+        match (&vals[i], k.desc) {
+            // Ascending: greater values, then the NULLs.
+            (Some(v), false) => {
+                qb.push("(").push(k.expr).push(" > ");
+                cast(qb, k, v);
+                if k.nullable {
+                    qb.push(" OR ").push(k.expr).push(" IS NULL");
+                }
+                qb.push(")");
+            }
+            // Nothing sorts after a NULL ascending.
+            (None, false) => {
+                qb.push("false");
+            }
+            // Descending: the NULLs came first; then smaller values.
+            (Some(v), true) => {
+                qb.push(k.expr).push(" < ");
+                cast(qb, k, v);
+            }
+            (None, true) => {
+                qb.push(k.expr).push(" IS NOT NULL");
+            }
+        }
+        qb.push(")");
     }
     qb.push(")");
 }
@@ -183,7 +234,7 @@ pub struct ListQuery<'a> {
     pub limit: i64,
     pub requested: i64,
     pub offset: i64,
-    pub after: Option<&'a Vec<String>>,
+    pub after: Option<&'a Vec<Option<String>>>,
     pub include_meta: bool,
 }
 
@@ -249,7 +300,7 @@ pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> 
     if q.include_meta {
         let next = if has_more {
             rows.last()
-                .map(|r| encode_cursor(q.spec, &r.get::<Vec<String>, _>(1)))
+                .map(|r| encode_cursor(q.spec, &r.get::<Vec<Option<String>>, _>(1)))
         } else {
             None
         };
@@ -312,26 +363,31 @@ mod tests {
         );
     }
 
+    fn some(v: &[&str]) -> Vec<Option<String>> {
+        v.iter().map(|s| Some(s.to_string())).collect()
+    }
+
     #[test]
     fn cursor_values_are_typed() {
         let keys = parse_sort(Some("-updatedAt,totalSales")).unwrap();
-        let ok = [
-            "2024-01-05 10:11:12.123456+00".to_string(),
-            "12.5".into(),
-            "9".into(),
-        ];
+        let ok = some(&["2024-01-05 10:11:12.123456+00", "12.5", "9"]);
         assert!(check_cursor_values(&keys, &ok).is_ok());
+        // A NULL total is a value of the sort; a NULL time or id is not.
+        let null_total = vec![
+            Some("2024-01-05 10:11:12+00".to_string()),
+            None,
+            Some("9".into()),
+        ];
+        assert!(check_cursor_values(&keys, &null_total).is_ok());
         for bad in [
-            ["2024-13-45 10:11:12+00".to_string(), "1".into(), "9".into()],
-            [
-                "2024-01-05 10:11:12+00".to_string(),
-                "1e999".into(),
-                "9".into(),
-            ],
-            [
-                "2024-01-05 10:11:12+00".to_string(),
-                "1".into(),
-                "99999999999999999999".into(),
+            some(&["2024-13-45 10:11:12+00", "1", "9"]),
+            some(&["2024-01-05 10:11:12+00", "1e999", "9"]),
+            some(&["2024-01-05 10:11:12+00", "1", "99999999999999999999"]),
+            vec![None, Some("1".into()), Some("9".into())],
+            vec![
+                Some("2024-01-05 10:11:12+00".into()),
+                Some("1".into()),
+                None,
             ],
         ] {
             assert!(check_cursor_values(&keys, &bad).is_err(), "{bad:?}");
@@ -340,8 +396,16 @@ mod tests {
 
     #[test]
     fn cursor_round_trip() {
-        let c = encode_cursor("storeId,id", &["1".into(), "9".into()]);
-        assert_eq!(decode_cursor(&c, "storeId,id", 2).unwrap(), vec!["1", "9"]);
+        let c = encode_cursor("storeId,id", &some(&["1", "9"]));
+        assert_eq!(
+            decode_cursor(&c, "storeId,id", 2).unwrap(),
+            some(&["1", "9"])
+        );
+        let c = encode_cursor("totalSales,id", &[None, Some("9".into())]);
+        assert_eq!(
+            decode_cursor(&c, "totalSales,id", 2).unwrap(),
+            vec![None, Some("9".to_string())]
+        );
         assert!(decode_cursor(&c, "-storeId,id", 2).is_err());
         assert!(decode_cursor("garbage!", "storeId,id", 2).is_err());
     }

@@ -238,7 +238,9 @@ pub enum DeleteResponse {
 
 /// The metrics a summary can compute (those asked for with `metrics`; by
 /// default totalSales, totalCustomers, months and stores). Over store-days:
-/// `avg*`, `min*`, `max*` are per store-day.
+/// `avg*`, `min*`, `max*` are per store-day. Sums and counts over nothing (a
+/// month with no days, days without the field) are 0; averages, minima, maxima
+/// and salesPerCustomer over nothing are null.
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
 pub struct SummaryMetrics {
@@ -293,8 +295,36 @@ pub struct SummaryRow {
     pub metrics: SummaryMetrics,
     /// The compared period's metrics (null where it has no such group).
     pub previous: Option<SummaryMetrics>,
-    /// (current - previous) / previous x 100, by metric (null where previous is 0 or missing).
-    pub change_pct: Option<SummaryMetrics>,
+    /// (current - previous) / previous x 100, by metric (each null where previous is 0 or
+    /// missing).
+    pub change_pct: Option<SummaryChange>,
+}
+
+/// The change of each metric asked for against the compared period, in percent rounded to
+/// 2 decimals: (current - previous) / previous x 100; null where previous is 0 or the compared
+/// period has no such group. A number for every metric, counts included (`months`: 3 against 4
+/// is -25).
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryChange {
+    pub total_sales: Option<f64>,
+    pub total_customers: Option<f64>,
+    pub months: Option<f64>,
+    pub stores: Option<f64>,
+    pub count: Option<f64>,
+    pub sum_sales: Option<f64>,
+    pub sum_customers: Option<f64>,
+    pub sum_transactions: Option<f64>,
+    pub avg_sales: Option<f64>,
+    pub avg_customers: Option<f64>,
+    pub avg_transactions: Option<f64>,
+    pub min_sales: Option<f64>,
+    pub min_customers: Option<f64>,
+    pub min_transactions: Option<f64>,
+    pub max_sales: Option<f64>,
+    pub max_customers: Option<f64>,
+    pub max_transactions: Option<f64>,
+    pub sales_per_customer: Option<f64>,
 }
 
 #[derive(Object, Debug)]
