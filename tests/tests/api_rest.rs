@@ -1123,3 +1123,36 @@ async fn region_filters_are_checked_as_characters() {
     assert_eq!(st, 400, "{body}");
     assert_eq!(body["error"]["details"]["parameter"], "region");
 }
+
+/// A parameter its declared type or bounds refuse is a 400 that names it
+/// and says in words what it must be; a path's `id` is named `id`.
+#[tokio::test]
+async fn refused_parameters_are_named_and_explained() {
+    let f = fixture(&[]).await;
+    for (path, param, reason) in [
+        ("/api/v2/sales?limit=0", "limit", "must be at least 1"),
+        ("/api/v2/sales?limit=abc", "limit", "must be a whole number"),
+        ("/api/v2/sales?year=2101", "year", "must be at most 2100"),
+        ("/api/v2/sales/abc", "id", "must be a whole number"),
+        (
+            "/api/v2/sales/99999999999999999999/history",
+            "id",
+            "must be a whole number",
+        ),
+        ("/api/v2/stores/x", "id", "must be a whole number"),
+        ("/api/v2/users/1.5", "id", "must be a whole number"),
+    ] {
+        let (st, body) = f.admin.get(path).await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert_eq!(
+            body["error"]["details"]["parameter"], param,
+            "{path}: {body}"
+        );
+        assert_eq!(body["error"]["details"]["reason"], reason, "{path}: {body}");
+        assert_eq!(
+            body["error"]["message"],
+            format!("{param}: {reason}"),
+            "{path}: {body}"
+        );
+    }
+}

@@ -95,15 +95,118 @@ pub fn error_response(e: poem::Error) -> Response {
     } else {
         crate::clip(&e.to_string(), crate::MAX_MESSAGE).into_owned()
     };
-    // poem-openapi names the parameter between backticks: surface it.
-    let details = message
-        .strip_prefix("failed to parse parameter `")
-        .and_then(|rest| rest.split_once('`'))
-        .map(|(param, _)| serde_json::json!({"parameter": param}));
+    // poem-openapi names the parameter between backticks: surface it, and
+    // say in words what its validator or type wanted.
+    let (message, details) = match parse_failure(&message) {
+        Some((param, reason)) => (
+            format!("{param}: {reason}"),
+            Some(serde_json::json!({"parameter": param, "reason": reason})),
+        ),
+        None => (message, None),
+    };
     let message = if status == StatusCode::UNAUTHORIZED && message == "authorization error" {
         "missing or malformed bearer token (send Authorization: Bearer <JWT>)".to_string()
     } else {
         message
     };
     ErrorBody::response(status, code, message, details)
+}
+
+/// `failed to parse parameter `limit`: verification failed. minimum(1, ...)`
+/// → ("limit", "must be at least 1"). Path parameters are named by position
+/// (`param0`); every path of the API has one, `id`.
+fn parse_failure(message: &str) -> Option<(String, String)> {
+    let (param, reason) = if let Some(rest) = message.strip_prefix("failed to parse parameter `") {
+        let (param, reason) = rest.split_once('`')?;
+        (param.to_string(), reason)
+    } else {
+        let rest = message.strip_prefix("failed to parse path `")?;
+        let (_, reason) = rest.split_once('`')?;
+        ("id".to_string(), reason)
+    };
+    let reason = reason.strip_prefix(": ").unwrap_or(reason);
+    Some((param, plain_reason(reason)))
+}
+
+fn plain_reason(reason: &str) -> String {
+    if let Some(rule) = reason.strip_prefix("verification failed. ") {
+        let arg = |name: &str| {
+            rule.strip_prefix(name)
+                .and_then(|r| r.strip_prefix('('))
+                .and_then(|r| r.strip_suffix(')'))
+        };
+        let bound = |a: &str| {
+            let (n, excl) = a.split_once(", exclusive: ").unwrap_or((a, "false"));
+            (n.to_string(), excl == "true")
+        };
+        if let Some((n, excl)) = arg("minimum").map(bound) {
+            return if excl {
+                format!("must be more than {n}")
+            } else {
+                format!("must be at least {n}")
+            };
+        }
+        if let Some((n, excl)) = arg("maximum").map(bound) {
+            return if excl {
+                format!("must be less than {n}")
+            } else {
+                format!("must be at most {n}")
+            };
+        }
+        if let Some(n) = arg("maxLength") {
+            return format!("must be at most {n} characters");
+        }
+        if let Some(n) = arg("minLength") {
+            return format!("must be at least {n} characters");
+        }
+        if let Some(p) = arg("pattern") {
+            return format!("must match {p}");
+        }
+        return rule.to_string();
+    }
+    // A value of the wrong type: `failed to parse "integer(int64)": ...`.
+    if let Some(rest) = reason.strip_prefix("failed to parse \"") {
+        let ty = rest.split('"').next().unwrap_or("");
+        if ty.starts_with("integer") {
+            return "must be a whole number".to_string();
+        }
+        if ty.starts_with("number") {
+            return "must be a number".to_string();
+        }
+        if ty == "boolean" {
+            return "must be true or false".to_string();
+        }
+    }
+    reason.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_failure;
+
+    #[test]
+    fn parse_failures_in_words() {
+        let f = |m: &str| parse_failure(m).map(|(p, r)| format!("{p}: {r}"));
+        assert_eq!(
+            f("failed to parse parameter `limit`: verification failed. minimum(1, exclusive: false)").as_deref(),
+            Some("limit: must be at least 1")
+        );
+        assert_eq!(
+            f("failed to parse parameter `year`: verification failed. maximum(2100, exclusive: false)").as_deref(),
+            Some("year: must be at most 2100")
+        );
+        assert_eq!(
+            f("failed to parse parameter `limit`: failed to parse \"integer(int64)\": invalid digit found in string").as_deref(),
+            Some("limit: must be a whole number")
+        );
+        assert_eq!(
+            f("failed to parse path `param0`: failed to parse \"integer(int64)\": number too large to fit in target type").as_deref(),
+            Some("id: must be a whole number")
+        );
+        assert_eq!(
+            f("failed to parse parameter `format`: expected one of csv, json").as_deref(),
+            Some("format: expected one of csv, json")
+        );
+        assert_eq!(f("not found"), None);
+    }
 }
