@@ -392,6 +392,19 @@ async fn every_format_and_shape_matches_the_database() {
         e.header("content-disposition"),
         format!("attachment; filename=\"sales-store{s}-2024-02_2024-03-daily.csv\"")
     );
+    // Every narrowing filter is in the name: a resumed part or a region's
+    // export is not named like the whole.
+    let part = export(
+        &f.admin,
+        &format!("format=csv&storeId={s}&region=North&year=2024&month=3&minTotalSales=10&after={s}:2024-01"),
+        None,
+    )
+    .await;
+    assert_eq!(part.status, 200, "{}", part.text());
+    assert_eq!(
+        part.header("content-disposition"),
+        format!("attachment; filename=\"sales-store{s}-North-2024-03-min10-after-{s}_2024-01-monthly.csv\"")
+    );
     let (_, rows) = csv_records(&e.body);
     let want: Vec<String> = db_days(&f, Some(&[s]))
         .await

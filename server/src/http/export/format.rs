@@ -122,28 +122,68 @@ impl std::fmt::Display for RowKey {
     }
 }
 
-/// `sales[-store12]-2024-01_2024-06-daily.csv`.
+/// A name for the file, after every filter that narrows it, e.g.
+/// `sales-store12-2024-01_2024-06-daily.csv`,
+/// `sales-North_East-2025-min100-after-12_2024-03-monthly.csv`: exports
+/// that hold different rows get different names. Only ASCII letters,
+/// digits, `-`, `_` and `.` (a region's other characters become `_`).
 pub fn file_name(
     f: &crate::http::filters::SalesFilter,
     format: ExportFormat,
     shape: ExportShape,
+    after: Option<&RowKey>,
 ) -> String {
     let mut name = String::from("sales");
-    if let Some(s) = f.single_store() {
-        let _ = write!(name, "-store{s}");
+    match f.store_ids.as_deref() {
+        Some([one]) => {
+            let _ = write!(name, "-store{one}");
+        }
+        Some(many) => {
+            let _ = write!(name, "-{}stores", many.len());
+        }
+        None => {}
+    }
+    if let Some(r) = &f.region {
+        let slug: String = r
+            .chars()
+            .take(40)
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let _ = write!(name, "-{slug}");
     }
     let ym = |(y, m): (i32, i32)| format!("{y}-{m:02}");
-    let period = match (f.year, f.month, f.from, f.to) {
-        (Some(y), Some(m), _, _) => ym((y, m)),
-        (Some(y), None, _, _) => y.to_string(),
-        (None, _, Some(a), Some(b)) if a == b => ym(a),
-        (None, _, Some(a), Some(b)) => format!("{}_{}", ym(a), ym(b)),
-        (None, _, Some(a), None) => format!("{}_latest", ym(a)),
-        (None, _, None, Some(b)) => format!("upto_{}", ym(b)),
-        (None, Some(m), None, None) => format!("month{m:02}"),
-        (None, None, None, None) => "all".to_string(),
+    let mut period: Vec<String> = Vec::new();
+    match (f.year, f.month) {
+        (Some(y), Some(m)) => period.push(ym((y, m))),
+        (Some(y), None) => period.push(y.to_string()),
+        (None, Some(m)) => period.push(format!("month{m:02}")),
+        (None, None) => {}
+    }
+    match (f.from, f.to) {
+        (Some(a), Some(b)) if a == b => period.push(ym(a)),
+        (Some(a), Some(b)) => period.push(format!("{}_{}", ym(a), ym(b))),
+        (Some(a), None) => period.push(format!("{}_latest", ym(a))),
+        (None, Some(b)) => period.push(format!("upto_{}", ym(b))),
+        (None, None) => {}
+    }
+    if period.is_empty() {
+        period.push("all".to_string());
+    }
+    let _ = write!(name, "-{}", period.join("-"));
+    let amount = |v: f64| {
+        let s = format!("{v}");
+        s.replace(['.', '-'], "_")
     };
-    let _ = write!(name, "-{period}-{}.{}", shape.name(), format.extension());
+    if let Some(v) = f.min_total_sales {
+        let _ = write!(name, "-min{}", amount(v));
+    }
+    if let Some(v) = f.max_total_sales {
+        let _ = write!(name, "-max{}", amount(v));
+    }
+    if let Some(k) = after {
+        let _ = write!(name, "-after-{}", k.to_string().replace(':', "_"));
+    }
+    let _ = write!(name, "-{}.{}", shape.name(), format.extension());
     name
 }
 
@@ -183,21 +223,46 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            file_name(&f, ExportFormat::Csv, ExportShape::Daily),
+            file_name(&f, ExportFormat::Csv, ExportShape::Daily, None),
             "sales-2024-01_2024-06-daily.csv"
         );
         f.store_ids = Some(vec![12]);
         assert_eq!(
-            file_name(&f, ExportFormat::Ndjson, ExportShape::Monthly),
+            file_name(&f, ExportFormat::Ndjson, ExportShape::Monthly, None),
             "sales-store12-2024-01_2024-06-monthly.ndjson"
         );
         assert_eq!(
             file_name(
                 &SalesFilter::default(),
                 ExportFormat::Json,
-                ExportShape::Daily
+                ExportShape::Daily,
+                None
             ),
             "sales-all-daily.json"
+        );
+        // Every narrowing filter shows, so different exports differ.
+        let f = SalesFilter {
+            store_ids: Some(vec![3, 5]),
+            region: Some("Île-de-France / Nord".into()),
+            year: Some(2026),
+            from: Some((2025, 3)),
+            to: Some((2025, 5)),
+            min_total_sales: Some(100.5),
+            ..Default::default()
+        };
+        let after = RowKey::parse("12:2024-03", ExportShape::Monthly).unwrap();
+        assert_eq!(
+            file_name(&f, ExportFormat::Csv, ExportShape::Monthly, Some(&after)),
+            "sales-2stores-_le_de_France___Nord-2026-2025-03_2025-05-min100_5-after-12_2024-03-monthly.csv"
+        );
+        let f = SalesFilter {
+            month: Some(10),
+            from: Some((2025, 3)),
+            ..Default::default()
+        };
+        assert_eq!(
+            file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None),
+            "sales-month10-2025-03_latest-monthly.csv"
         );
     }
 }

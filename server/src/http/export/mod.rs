@@ -219,6 +219,7 @@ impl ExportApi {
         );
         let slot = self.slots.take_or_429(auth.0.user_id)?;
         let csv_header = header.0.unwrap_or(true);
+        let name = file_name(&filter, format, shape, after.as_ref());
         let sql = build_sql(&ExportSpec {
             format,
             shape,
@@ -287,7 +288,7 @@ impl ExportApi {
             body,
             format,
             encoding,
-            file_name: file_name(&filter, format, shape),
+            file_name: name,
             export_id,
             estimated_total,
         })
