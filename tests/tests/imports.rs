@@ -1331,3 +1331,516 @@ async fn uploads_are_bounded_and_an_idle_one_is_dropped() {
     drop(hold_tx);
     server.stop().await;
 }
+
+/// The `import-completed` events of job `id` (their payloads).
+async fn completions(db: &TestDb, id: i64) -> Vec<Value> {
+    sqlx::query_scalar(
+        "SELECT payload FROM sales.events
+         WHERE kind = 'import-completed' AND (payload->>'jobId')::bigint = $1",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// A store's day as the table holds it (`daily_data -> day`).
+async fn day_of(db: &TestDb, store: i64, year: i32, month: i32, day: u32) -> Value {
+    sqlx::query_scalar(
+        "SELECT coalesce(daily_data -> $4::text, 'null') FROM sales.monthly_sales
+         WHERE store_id = $1 AND year = $2 AND month = $3",
+    )
+    .bind(store)
+    .bind(year)
+    .bind(month)
+    .bind(day.to_string())
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+    .unwrap_or(Value::Null)
+}
+
+/// A file whose lines end with a lone CR (a spreadsheet's "CSV
+/// (Macintosh)"): each line has its own number, so a day given twice keeps
+/// the later line's value and a bad line is reported where it is.
+#[tokio::test]
+async fn a_cr_only_file_numbers_its_lines() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_code,date,sales\r\
+                T001,2024-05-01,10\r\
+                T001,2024-05-02,7\r\
+                T001,2024-05-01,20\r\
+                T001,2024-05-0x,1\r";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["rowsRead"], 4, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(error_lines(&doc), vec![(5, "date".to_string())], "{doc}");
+    assert_eq!(doc["lastLine"], 4, "{doc}");
+    assert_eq!(
+        day_of(&db, stores[0], 2024, 5, 1).await,
+        json!({"sales": 20}),
+        "the later line of the day wins"
+    );
+    server.stop().await;
+}
+
+/// A value `numeric` cannot hold (more than 16383 digits after the point)
+/// is a rejected row with its line and column, like any bad value: the job
+/// completes and writes the other lines.
+#[tokio::test]
+async fn a_value_postgres_cannot_store_is_a_rejected_row() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let tiny = format!("0.{}1", "0".repeat(20_000));
+    let file = format!(
+        "store_code,date,sales\nT001,2024-05-01,5\nT001,2024-05-02,{tiny}\nT001,2024-05-03,6\n"
+    );
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["lastError"], Value::Null, "{doc}");
+    assert_eq!(error_lines(&doc), vec![(3, "sales".to_string())], "{doc}");
+    let reason = doc["errors"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("Postgres"), "{reason}");
+    assert!(reason.len() < 200, "{reason}");
+    assert_eq!(doc["rowsWritten"], 2, "{doc}");
+    assert_eq!(
+        day_of(&db, stores[0], 2024, 5, 3).await,
+        json!({"sales": 6})
+    );
+    server.stop().await;
+}
+
+/// Counts must be whole and values at most 1e12, judged on the text as
+/// written (not through a float, which rounds `1.00000000000000000001` to
+/// 1 and `1000000000000.0000001` to 1e12).
+#[tokio::test]
+async fn fractional_counts_and_values_above_1e12_are_rejected_exactly() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_code,date,sales,customers\n\
+                T001,2024-05-01,5,1.00000000000000000001\n\
+                T001,2024-05-02,1000000000000.0000001,1\n\
+                T001,2024-05-03,1000000000000.000,1.000\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        error_lines(&doc),
+        vec![(2, "customers".to_string()), (3, "sales".to_string())],
+        "{doc}"
+    );
+    assert_eq!(doc["errors"][0]["reason"], "must be a whole number");
+    assert_eq!(doc["errors"][1]["reason"], "is larger than 1e12");
+    assert_eq!(doc["rowsWritten"], 1, "{doc}");
+    let text: Option<String> = sqlx::query_scalar(
+        "SELECT (daily_data -> '3')::text FROM sales.monthly_sales WHERE store_id = $1",
+    )
+    .bind(stores[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        text.as_deref(),
+        Some(r#"{"sales": 1000000000000.000, "customers": 1.000}"#)
+    );
+    server.stop().await;
+}
+
+/// A stray opening quote would make the rest of the file one quoted value:
+/// the file is refused, naming the line the quote opened on, and nothing is
+/// queued. The same through the command line for a file where the quote
+/// runs past the 1 MiB a value may take.
+#[tokio::test]
+async fn a_stray_quote_refuses_the_file_naming_its_line() {
+    let db = TestDb::new().await;
+    db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_code,date,sales\n\
+                T001,2024-05-01,1\n\
+                \"T002,2024-05-02,2\n\
+                T001,2024-05-03,3\n\
+                T002,2024-05-04,4\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("line 3") && message.contains("never closed"),
+        "{body}"
+    );
+    // Closed again by a later stray quote: the lines between would be one
+    // record that does not fit the header.
+    let file = "store_code,date,sales\n\
+                T001,2024-05-01,1\n\
+                \"T002,2024-05-02,2\n\
+                T001,2024-05-03,\"3\n\
+                T002,2024-05-04,4\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("line 3"), "{body}");
+    assert!(message.contains("to line 4"), "{body}");
+    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,
+        0
+    );
+    server.stop().await;
+
+    let dir = std::env::temp_dir().join(format!("pgs_quote_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("big.csv");
+    let mut big = String::from("store_code,date,sales\nT001,2024-05-01,1\n\"T002,2024-05-02,2\n");
+    while big.len() < 1_500_000 {
+        big.push_str("T001,2024-05-03,3\n");
+    }
+    std::fs::write(&path, big).unwrap();
+    let out = tokio::process::Command::new(sales_e2e::server_bin())
+        .arg("import")
+        .arg(&path)
+        .envs(db.env())
+        .output()
+        .await
+        .expect("run sales-server import");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 3: a quoted value starts here"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
+}
+
+/// NDJSON numbers reach the table as the line wrote them, digit for digit
+/// (not through a float).
+#[tokio::test]
+async fn ndjson_numbers_keep_every_digit() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let body = format!(
+        "{}\n{}\n",
+        r#"{"storeCode": "T001", "date": "2024-05-01", "sales": 12345678.123456789012}"#,
+        format_args!(
+            r#"{{"storeId": {}, "year": 2024, "month": 6, "dailyData": {{"2": {{"sales": 0.1000000000000000000001, "customers": 3}}}}}}"#,
+            stores[0]
+        ),
+    );
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", body).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsWritten"], 2, "{doc}");
+    let texts: Vec<String> = sqlx::query_scalar(
+        "SELECT daily_data::text FROM sales.monthly_sales WHERE store_id = $1 ORDER BY month",
+    )
+    .bind(stores[0])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        texts,
+        vec![
+            r#"{"1": {"sales": 12345678.123456789012}}"#.to_string(),
+            r#"{"2": {"sales": 0.1000000000000000000001, "customers": 3}}"#.to_string(),
+        ]
+    );
+    server.stop().await;
+}
+
+/// Quoted values in error messages are cut to 40 characters: an unknown
+/// store code (refused by the merge) and the columns a wrong header lists.
+#[tokio::test]
+async fn long_values_are_cut_in_error_messages() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code = "Q".repeat(500_000);
+    let file = format!("store_code,date,sales\n{code},2024-05-01,5\nT001,2024-05-02,6\n");
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(error_lines(&doc), vec![(2, "store_code".to_string())]);
+    let reason = doc["errors"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.len() < 200,
+        "{} bytes: {}...",
+        reason.len(),
+        &reason[..80]
+    );
+    assert!(reason.starts_with("unknown store 'QQQQ"), "{reason}");
+    assert!(reason.contains("500000 bytes"), "{reason}");
+    let long = "x".repeat(300_000);
+    let file = format!("{long},date,sales\nT001,2024-05-01,5\n");
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no store column"), "{message:.200}");
+    assert!(message.len() < 400, "{} bytes", message.len());
+    server.stop().await;
+}
+
+/// `errorsOmitted` counts the rejected lines none of whose rows is listed,
+/// as `rowsRejected` counts lines: a line rejected in four columns is four
+/// rows but one line.
+#[tokio::test]
+async fn errors_omitted_counts_lines_as_rows_rejected_does() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let mut file = String::from("store_code,date,sales,customers,transactions\n");
+    for _ in 0..500 {
+        file.push_str("T001,someday,x,y,z\n");
+    }
+    file.push_str("T001,2024-05-01,1,1,1\n");
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsRejected"], 500);
+    let listed = doc["errors"].as_array().unwrap();
+    assert_eq!(listed.len(), 100);
+    let lines: std::collections::BTreeSet<i64> =
+        listed.iter().map(|e| e["line"].as_i64().unwrap()).collect();
+    assert_eq!(lines.len(), 25, "four rows a line");
+    assert_eq!(doc["errorsOmitted"], 475, "{}", doc["errorsOmitted"]);
+    server.stop().await;
+}
+
+/// A line that gives no data is rejected with a reason, not dropped: a
+/// monthly line whose day cells are all empty, an NDJSON record with no
+/// day, a line with both a date and a month's days.
+#[tokio::test]
+async fn lines_that_give_no_data_are_rejected() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_code,year,month,d1_sales,d2_sales\nT001,2024,9,,\nT001,2024,9,,5\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        (
+            doc["rowsRead"].as_i64(),
+            doc["rowsWritten"].as_i64(),
+            doc["rowsRejected"].as_i64()
+        ),
+        (Some(2), Some(1), Some(1)),
+        "{doc}"
+    );
+    assert_eq!(error_lines(&doc), vec![(2, "-".to_string())]);
+    let s = stores[0];
+    let nd = format!(
+        "{}\n{}\n{}\n",
+        json!({"storeId": s, "year": 2024, "month": 10, "dailyData": {}}),
+        json!({"storeId": s, "date": "2024-10-01", "sales": 1, "dailyData": {"2": {"sales": 2}}}),
+        json!({"storeId": s, "date": "2024-10-03", "sales": 3}),
+    );
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        error_lines(&doc),
+        vec![(1, "dailyData".to_string()), (2, "dailyData".to_string())],
+        "{doc}"
+    );
+    assert_eq!(doc["rowsWritten"], 1, "{doc}");
+    assert_eq!(day_of(&db, s, 2024, 10, 1).await, Value::Null);
+    server.stop().await;
+}
+
+/// Every end of a job announces it, also those during its upload: more
+/// rejected rows than `maxErrors` while the file is read (failed), and a
+/// queued job cancelled.
+#[tokio::test]
+async fn a_job_that_ends_before_it_runs_announces_it() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    // No workers: a queued job stays queued.
+    let server = db.server(&[("JOB_WORKERS", "0")]).await;
+    let (user, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let file = "store_code,date,sales\nT001,x,1\nT001,y,2\nT001,z,3\nT001,2024-05-01,4\n";
+    let (status, body, _) = post_file(&api, "?maxErrors=1", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "failed", "{body}");
+    let failed = body["id"].as_i64().unwrap();
+    let events = completions(&db, failed).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["state"], "failed");
+    assert_eq!(events[0]["rowsRejected"], 3);
+    assert!(
+        events[0]["error"].as_str().unwrap().contains("maxErrors"),
+        "{events:?}"
+    );
+    let owner: Option<i64> = sqlx::query_scalar(
+        "SELECT user_id FROM sales.events WHERE kind = 'import-completed' AND (payload->>'jobId')::bigint = $1",
+    )
+    .bind(failed)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(owner, Some(user));
+
+    let (status, body, _) = post_file(
+        &api,
+        "",
+        "text/csv",
+        "store_code,date,sales\nT001,2024-05-01,4\n",
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let queued = body["id"].as_i64().unwrap();
+    assert_eq!(body["state"], "queued");
+    let r = api
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/api/v2/imports/{queued}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let events = completions(&db, queued).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["state"], "cancelled");
+    assert_eq!(events[0]["done"], true);
+    // Cancelling again ends nothing more.
+    let _ = api
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/api/v2/imports/{queued}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completions(&db, queued).await.len(), 1);
+    server.stop().await;
+}
+
+/// Two header columns for one field (`Date` and `Day`, `d1_sales` and
+/// `d01_sales`) are refused as a repeated column is.
+#[tokio::test]
+async fn two_columns_for_one_field_refuse_the_file() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    for file in [
+        "store_code,Date,Day,sales\nT001,2024-05-01,2024-05-02,5\n",
+        "Store,Code,date,sales\nT001,T001,2024-05-01,5\n",
+        "store_code,year,month,d1_sales,d01_sales\nT001,2024,5,1,2\n",
+        "store_code,date,sales,sales\nT001,2024-05-01,1,2\n",
+    ] {
+        let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+        assert_eq!(status, 400, "{file}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("wrong header"),
+            "{body}"
+        );
+    }
+    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
+    server.stop().await;
+}
+
+/// NDJSON stores: a `storeCode` that is not a string says so; a line with
+/// both `storeCode` and `storeId` is written only when they name the same
+/// store (a manager learns nothing of stores outside their scope).
+#[tokio::test]
+async fn ndjson_store_code_and_id_must_agree() {
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await; // T001, T002, T003
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (a, b) = (stores[0], stores[1]);
+    let nd = format!(
+        "{}\n{}\n{}\n{}\n",
+        json!({"storeCode": 10, "date": "2024-05-01", "sales": 1}),
+        json!({"storeCode": "T001", "storeId": b, "date": "2024-05-02", "sales": 2}),
+        json!({"storeCode": "T001", "storeId": a, "date": "2024-05-03", "sales": 3}),
+        json!({"storeCode": "T001", "storeId": b, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 4}, "2": {"sales": 5}}}),
+    );
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        error_lines(&doc),
+        vec![
+            (1, "storeCode".to_string()),
+            (2, "storeId".to_string()),
+            (4, "storeId".to_string()),
+        ],
+        "{doc}"
+    );
+    assert_eq!(doc["errors"][0]["reason"], "must be a string");
+    assert_eq!(
+        doc["errors"][1]["reason"],
+        format!("storeCode \"T001\" is store {a}, not storeId {b}")
+    );
+    assert_eq!(
+        (doc["rowsRejected"].as_i64(), doc["rowsWritten"].as_i64()),
+        (Some(3), Some(1)),
+        "{doc}"
+    );
+    assert_eq!(day_of(&db, a, 2024, 5, 3).await, json!({"sales": 3}));
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        1
+    );
+    // A manager of T001 only: an id outside the scope beside their code is
+    // refused as an unknown store would be.
+    let (_, m) = user_token(&db, &server, "m@x.test", "manager", &[a]).await;
+    let mapi = Api::new(&server, Some(&m));
+    let nd = format!(
+        "{}\n",
+        json!({"storeCode": "T001", "storeId": stores[2], "date": "2024-07-01", "sales": 1})
+    );
+    let (status, body, _) = post_file(&mapi, "", "application/x-ndjson", nd).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(
+        &mapi,
+        body["id"].as_i64().unwrap(),
+        &["completed", "failed"],
+    )
+    .await;
+    assert_eq!(
+        doc["errors"][0]["reason"],
+        format!("unknown store {}, or not one of your stores", stores[2]),
+        "{doc}"
+    );
+    server.stop().await;
+}

@@ -382,3 +382,125 @@ async fn a_job_runs_with_its_users_current_scope() {
     assert_eq!(j.id, id);
     assert_eq!((j.scope.clone(), j.user_gone), (Some(vec![]), true));
 }
+
+/// A running job whose worker is gone is taken again only while it has
+/// attempts left: on its last one (a job whose server keeps dying under
+/// it) it is failed instead, with a clear error, announced, and its staged
+/// rows removed.
+#[tokio::test]
+async fn a_job_whose_worker_keeps_dying_fails_after_its_last_attempt() {
+    let db = TestDb::new().await;
+    // As a killed server leaves it: running, its worker's session gone
+    // (no such backend), on its last attempt.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, params, rows_read, attempts, lease_token, lease_until,
+                                worker_pid, started_at)
+         VALUES ('import', 'running', '{}', 1, $1, gen_random_uuid(), now() + interval '1 hour',
+                 NULL, now())
+         RETURNING id",
+    )
+    .bind(jobs::MAX_ATTEMPTS)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs.import_rows (job_id, line, day, store_code, year, month, sales)
+         VALUES ($1, 2, 1, 'S1', 2024, 1, '5')",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.connect().await;
+    let taken = jobs::claim(&mut conn, "w", Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    assert!(
+        taken.is_none(),
+        "taken again past its last attempt: {taken:?}"
+    );
+    let (state, attempts, error): (String, i32, Option<String>) =
+        sqlx::query_as("SELECT state, attempts, last_error FROM jobs.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), attempts), ("failed", jobs::MAX_ATTEMPTS));
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("worker was lost") && error.contains("last attempt"),
+        "{error}"
+    );
+    let events: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT payload FROM sales.events
+         WHERE kind = 'import-completed' AND (payload->>'jobId')::bigint = $1",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["state"], "failed");
+    assert_eq!(events[0]["error"], error.as_str());
+    let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.import_rows WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(staged, 0);
+    // One attempt short of the limit, a lost job is still taken again.
+    sqlx::query(
+        "UPDATE jobs.jobs SET state = 'running', attempts = $2, finished_at = NULL,
+                lease_token = gen_random_uuid() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(jobs::MAX_ATTEMPTS - 1)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let j = take(&mut conn).await;
+    assert_eq!((j.id, j.attempts), (id, jobs::MAX_ATTEMPTS));
+}
+
+/// A job taken again after its worker was lost, that then completes,
+/// shows no stale `lastError` (its `attempts` tells it was taken again).
+#[tokio::test]
+async fn a_job_completed_after_a_lost_worker_shows_no_stale_error() {
+    let db = TestDb::new().await;
+    let store = db.stores(1).await[0];
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs.jobs (kind, state, params, rows_read, attempts, lease_token, lease_until,
+                                worker_pid, started_at)
+         VALUES ('import', 'running', '{\"dryRun\": false, \"maxErrors\": 10, \"format\": \"daily\"}',
+                 1, 1, gen_random_uuid(), now() + interval '1 hour', NULL, now())
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs.import_rows (job_id, line, day, store_id, year, month, sales)
+         VALUES ($1, 2, 1, $2, 2024, 1, '5')",
+    )
+    .bind(id)
+    .bind(store)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let server = db.server(&[]).await;
+    let (state, attempts, error, written): (String, i32, Option<String>, i64) =
+        sales_e2e::eventually(Duration::from_secs(60), "the job to end", || async {
+            let j: (String, i32, Option<String>, i64) = sqlx::query_as(
+                "SELECT state, attempts, last_error, rows_written FROM jobs.jobs WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (j.0 != "running" && j.0 != "queued").then_some(j)
+        })
+        .await;
+    assert_eq!((state.as_str(), attempts, written), ("completed", 2, 1));
+    assert_eq!(error, None, "a completed job keeps no stale error");
+    server.stop().await;
+}

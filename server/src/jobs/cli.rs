@@ -199,12 +199,19 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                 e["reason"].as_str().unwrap_or_default()
             );
         }
-        let omitted = doc["errorsOmitted"].as_i64().unwrap_or(0)
-            + doc["errors"]
-                .as_array()
-                .map_or(0, |a| a.len().saturating_sub(20) as i64);
+        // Counted in lines, as `rowsRejected` is (a line can be rejected
+        // for several columns).
+        let printed = doc["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(20)
+            .filter_map(|e| e["line"].as_i64())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as i64;
+        let omitted = doc["rowsRejected"].as_i64().unwrap_or(0) - printed;
         if omitted > 0 {
-            println!("  ... and {omitted} more rejected rows");
+            println!("  ... and {omitted} more rejected lines");
         }
     }
     Ok(end)

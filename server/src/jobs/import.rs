@@ -114,6 +114,7 @@ pub async fn stage<R: Read + Send + 'static>(
             .collect();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(2);
     let requested = req.requested;
+    let scope = req.scope.clone();
     let parser = tokio::task::spawn_blocking(move || {
         let mut rejected: Vec<Rejected> = Vec::new();
         let mut lines = 0u64;
@@ -185,9 +186,23 @@ pub async fn stage<R: Read + Send + 'static>(
             }
             w.into_inner().map_err(|e| FileError::Read(e.to_string()))
         };
+        // A line whose store code and id name different stores: its rows
+        // are not staged.
+        let mut refused_line = None;
         let shape = parse::parse(input, requested, |item| {
             match item {
+                Item::Row(r) if refused_line == Some(r.line) => {}
                 Item::Row(r) => {
+                    if let Some(why) = code_and_id_differ(&r, &codes, scope.as_deref()) {
+                        refused_line = Some(r.line);
+                        line_rejected = true;
+                        rejected.push(Rejected {
+                            line: r.line,
+                            column: Some("storeId".into()),
+                            reason: why,
+                        });
+                        return Ok(());
+                    }
                     batch.push((store_of(&r), r));
                     if batch.len() >= COPY_ROWS {
                         let n = batch.len();
@@ -195,8 +210,16 @@ pub async fn stage<R: Read + Send + 'static>(
                         tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
                     }
                 }
-                Item::Rejected(r) => {
+                Item::Rejected(mut r) => {
                     line_rejected = true;
+                    // A column named after the file's own text (a JSON
+                    // member, a day key) is quoted like a value: cut short.
+                    if let Some(c) = r.column.as_mut() {
+                        if let Some(i) = c.char_indices().nth(60).map(|(i, _)| i) {
+                            c.truncate(i);
+                            c.push_str("...");
+                        }
+                    }
                     rejected.push(r);
                     if rejected.len() >= 1000 {
                         tx.blocking_send(Msg::Rejected(std::mem::take(&mut rejected)))
@@ -307,7 +330,10 @@ pub async fn stage<R: Read + Send + 'static>(
         return Err(FileError::NoData.into());
     }
     let too_many = rejected as i64 > req.max_errors;
-    let moved = sqlx::query(
+    // A job failed here ends as any job does: its `import-completed` goes
+    // out with the failure.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let moved: Option<(Option<i64>, Option<Value>)> = sqlx::query_as(&format!(
         "UPDATE jobs.jobs
          SET state = CASE WHEN $5 THEN 'failed' ELSE 'queued' END,
              finished_at = CASE WHEN $5 THEN now() END,
@@ -315,8 +341,10 @@ pub async fn stage<R: Read + Send + 'static>(
              rows_read = $2, rows_rejected = $3,
              params = params || jsonb_build_object('format', $4::text),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
-         WHERE id = $1 AND state = 'uploading'",
-    )
+         WHERE id = $1 AND state = 'uploading'
+         RETURNING user_id, CASE WHEN state = 'failed' THEN {} END",
+        super::END_DATA
+    ))
     .bind(id)
     .bind(lines as i64)
     .bind(rejected as i64)
@@ -326,9 +354,13 @@ pub async fn stage<R: Read + Send + 'static>(
         "{rejected} rejected rows, more than the {} allowed (maxErrors)",
         req.max_errors
     ))
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((user, Some(data))) = &moved {
+        super::announce_end(&mut tx, *user, data.clone()).await?;
+    }
+    tx.commit().await?;
+    let moved = u64::from(moved.is_some());
     drop(conn);
     // Not 'uploading' any more: cancelled while it was read.
     let queued = !too_many && moved == 1;
@@ -351,6 +383,36 @@ pub async fn stage<R: Read + Send + 'static>(
         } else {
             "cancelled"
         },
+    })
+}
+
+/// Why a line that names its store both by code and by id (`id_too`) is
+/// refused, when the two are not one store. The codes are those the stores
+/// had at upload. A caller with a scope learns nothing of stores outside
+/// it: a code it cannot see is left to the merge, which refuses it as any
+/// unknown store, and an id it cannot see beside a code it can is refused
+/// as an unknown store would be.
+fn code_and_id_differ(
+    r: &parse::Row,
+    codes: &HashMap<String, i64>,
+    scope: Option<&[i64]>,
+) -> Option<String> {
+    let (Some(code), Some(id)) = (r.store_code.as_deref(), r.id_too) else {
+        return None;
+    };
+    let visible = |s: i64| scope.is_none_or(|sc| sc.contains(&s));
+    let of_code = codes.get(code).copied().filter(|s| visible(*s))?;
+    if of_code == id {
+        return None;
+    }
+    let shown = match code.char_indices().nth(40) {
+        None => format!("{code:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &code[..i], code.len()),
+    };
+    Some(if visible(id) {
+        format!("storeCode {shown} is store {of_code}, not storeId {id}")
+    } else {
+        format!("unknown store {id}, or not one of your stores")
     })
 }
 
@@ -493,10 +555,16 @@ WITH d AS (
            -- not exist and of one outside the scope: stores it cannot see
            -- stay unseen, as everywhere else.
            CASE WHEN $8::bigint[] IS NULL
-                THEN format('unknown store %s', coalesce(quote_literal(store_code), store_id::text))
-                ELSE format('unknown store %s, or not one of your stores',
-                            coalesce(quote_literal(store_code), store_id::text)) END AS reason
-    FROM r WHERE sid IS NULL OR ($8::bigint[] IS NOT NULL AND sid <> ALL($8))
+                THEN format('unknown store %s', shown)
+                ELSE format('unknown store %s, or not one of your stores', shown) END AS reason
+    FROM r, LATERAL (
+        -- A code is quoted as every refused value is: 40 characters at most.
+        SELECT CASE WHEN store_code IS NULL THEN store_id::text
+                    WHEN length(store_code) <= 40 THEN quote_literal(store_code)
+                    ELSE format('%s... (%s bytes)', quote_literal(left(store_code, 40)),
+                                octet_length(store_code)) END AS shown
+    ) s
+    WHERE sid IS NULL OR ($8::bigint[] IS NOT NULL AND sid <> ALL($8))
     ORDER BY line
 ), g AS (
     SELECT sid, year, month, array_agg(DISTINCT line) AS lines,
@@ -1138,7 +1206,9 @@ pub fn progress_data(job: &Claimed, p: &Progress) -> Value {
 
 /// Ends the job in the caller's transaction and announces it: a stored
 /// `import-completed` event for the importing user (replayed on resume),
-/// and a final `import-progress`.
+/// and a final `import-progress`. `lastError` becomes `error`: a job that
+/// completes (or is cancelled) after a lost worker or a failed attempt
+/// shows no stale error (`attempts` still tells it was taken again).
 async fn finish(
     tx: &mut PgConnection,
     job: &Claimed,
@@ -1153,7 +1223,7 @@ async fn finish(
     });
     sqlx::query(
         "UPDATE jobs.jobs
-         SET state = $3, last_error = coalesce($4, last_error), result = $5,
+         SET state = $3, last_error = $4, result = $5,
              rows_written = $6, rows_rejected = $7, finished_at = now(), updated_at = now(),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL
          WHERE id = $1 AND lease_token = $2::uuid",

@@ -60,6 +60,7 @@ pub async fn claim(
     lease: Duration,
     only: Option<i64>,
 ) -> Result<Option<Claimed>, sqlx::Error> {
+    fail_lost(conn, only).await?;
     let row = sqlx::query(
         "WITH c AS (
              SELECT j.id, j.user_id FROM jobs.jobs j
@@ -70,6 +71,8 @@ pub async fn claim(
                     OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                                    WHERE a.pid = j.worker_pid
                                      AND a.backend_start = j.worker_backend_start))
+               -- A lost job on its last attempt is failed (fail_lost), not taken.
+               AND (j.state = 'queued' OR j.attempts < $4)
              ORDER BY j.id
              LIMIT 1
              FOR UPDATE OF j SKIP LOCKED
@@ -106,6 +109,7 @@ pub async fn claim(
     .bind(lease.as_millis() as i64)
     .bind(worker)
     .bind(only)
+    .bind(MAX_ATTEMPTS)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row.map(|r| Claimed {
@@ -119,6 +123,59 @@ pub async fn claim(
         user_gone: r.get(7),
     }))
 }
+
+/// A running job whose worker is gone (its session ended, or its lease ran
+/// out) on its last attempt is failed, not taken again: a job that takes
+/// its server down with it (or lands on servers that keep dying) would
+/// otherwise be retried for ever. It ends as any failed job does: its
+/// `import-completed` goes out and its staged rows are removed.
+async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let ended: Vec<(i64, Option<i64>, Value)> = sqlx::query_as(&format!(
+        "UPDATE jobs.jobs j
+         SET state = 'failed', finished_at = now(), updated_at = now(),
+             last_error = format('its worker was lost (the server running it stopped or was killed) '
+                                 'on its last attempt (%s of %s); not taken again', j.attempts, $1::int),
+             lease_token = NULL, lease_until = NULL, worker_pid = NULL
+         WHERE j.id IN (
+             SELECT x.id FROM jobs.jobs x
+             WHERE x.state = 'running' AND x.attempts >= $1
+               AND ($2::bigint IS NULL OR x.id = $2)
+               AND (x.lease_until < now()
+                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                   WHERE a.pid = x.worker_pid
+                                     AND a.backend_start = x.worker_backend_start))
+             FOR UPDATE SKIP LOCKED)
+         RETURNING j.id, j.user_id, {END_DATA}"
+    ))
+    .bind(MAX_ATTEMPTS)
+    .bind(only)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (_, user, data) in &ended {
+        announce_end(&mut tx, *user, data.clone()).await?;
+    }
+    tx.commit().await?;
+    for (id, ..) in ended {
+        tracing::warn!(
+            job = id,
+            "job failed: its worker was lost on its last attempt"
+        );
+        purge_rows_on(conn, id).await?;
+    }
+    Ok(())
+}
+
+/// A finished job's `import-completed` data, from its row (in an `UPDATE
+/// ... RETURNING`: as the statement leaves it).
+pub(crate) const END_DATA: &str = "jsonb_build_object(
+    'jobId', id, 'kind', kind, 'state', state,
+    'rowsRead', rows_read, 'rowsWritten', rows_written, 'rowsRejected', rows_rejected,
+    'lastLine', last_line,
+    'percent', CASE WHEN rows_read > 0
+                    THEN least(100, round((rows_written + rows_rejected) * 1000.0 / rows_read) / 10)
+                    ELSE 100 END,
+    'done', true, 'error', last_error)";
 
 /// Gives a job back (shutdown, or a transient failure): queued again for
 /// any worker, or failed for good after MAX_ATTEMPTS. Given back without an
@@ -144,7 +201,7 @@ async fn release_with(
     max_attempts: i32,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let failed: Option<Value> = sqlx::query_scalar(
+    let failed: Option<Value> = sqlx::query_scalar(&format!(
         "UPDATE jobs.jobs
          SET state = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN 'failed' ELSE 'queued' END,
              attempts = CASE WHEN $3::text IS NULL THEN greatest(attempts - 1, 0) ELSE attempts END,
@@ -152,11 +209,8 @@ async fn release_with(
              last_error = coalesce($3, last_error),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
          WHERE id = $1 AND lease_token = $2::uuid
-         RETURNING CASE WHEN state = 'failed' THEN jsonb_build_object(
-             'jobId', id, 'kind', kind, 'state', state,
-             'rowsRead', rows_read, 'rowsWritten', rows_written, 'rowsRejected', rows_rejected,
-             'lastLine', last_line, 'done', true, 'error', last_error) END",
-    )
+         RETURNING CASE WHEN state = 'failed' THEN {END_DATA} END"
+    ))
     .bind(job.id)
     .bind(&job.token)
     .bind(error)
@@ -174,27 +228,40 @@ async fn release_with(
     Ok(())
 }
 
-/// Requests cancellation. A queued job is cancelled at once; a running one
-/// stops before its next chunk. Returns the state after the request, or
-/// None when no such job is visible to the caller.
+/// Requests cancellation. A queued job is cancelled at once (and announced:
+/// its `import-completed`, state `cancelled`); a running one stops before
+/// its next chunk. Returns the state after the request, or None when no
+/// such job is visible to the caller.
 pub async fn cancel(
     pool: &PgPool,
     id: i64,
     user: Option<i64>,
 ) -> Result<Option<String>, sqlx::Error> {
-    let state: Option<String> = sqlx::query_scalar(
-        "UPDATE jobs.jobs
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, Option<i64>, Option<Value>)> = sqlx::query_as(&format!(
+        "WITH old AS (
+             SELECT id AS old_id, state AS was FROM jobs.jobs
+             WHERE id = $1 AND ($2::bigint IS NULL OR user_id = $2)
+             FOR UPDATE
+         )
+         UPDATE jobs.jobs j
          SET cancel_requested = cancel_requested OR state IN ('uploading', 'queued', 'running'),
              state = CASE WHEN state IN ('uploading', 'queued') THEN 'cancelled' ELSE state END,
              finished_at = CASE WHEN state IN ('uploading', 'queued') THEN now() ELSE finished_at END,
              updated_at = now()
-         WHERE id = $1 AND ($2::bigint IS NULL OR user_id = $2)
-         RETURNING state",
-    )
+         FROM old WHERE j.id = old.old_id
+         RETURNING j.state, j.user_id,
+                   CASE WHEN old.was IN ('uploading', 'queued') THEN {END_DATA} END"
+    ))
     .bind(id)
     .bind(user)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    if let Some((_, owner, Some(data))) = &row {
+        announce_end(&mut tx, *owner, data.clone()).await?;
+    }
+    tx.commit().await?;
+    let state = row.map(|r| r.0);
     if state.as_deref() == Some("cancelled") {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -208,13 +275,18 @@ pub async fn cancel(
 
 /// Removes a finished job's staged rows, a bounded slice per statement.
 pub async fn purge_rows(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    purge_rows_on(&mut conn, id).await
+}
+
+async fn purge_rows_on(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
     loop {
         let n = sqlx::query(
             "DELETE FROM jobs.import_rows
              WHERE ctid = ANY (ARRAY(SELECT ctid FROM jobs.import_rows WHERE job_id = $1 LIMIT 20000))",
         )
         .bind(id)
-        .execute(pool)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
         if n == 0 {
@@ -223,9 +295,11 @@ pub async fn purge_rows(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
     }
 }
 
-/// Uploads whose uploader is gone never become jobs: failed, rows removed.
+/// Uploads whose uploader is gone never become jobs: failed (and
+/// announced, as every end of a job is), rows removed.
 pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let ids: Vec<i64> = sqlx::query_scalar(
+    let mut tx = pool.begin().await?;
+    let ended: Vec<(i64, Option<i64>, Value)> = sqlx::query_as(&format!(
         "UPDATE jobs.jobs j
          SET state = 'failed', finished_at = now(), updated_at = now(),
              last_error = 'the upload was interrupted', lease_token = NULL
@@ -233,11 +307,15 @@ pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
            AND (j.lease_until < now()
                 OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                                WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start))
-         RETURNING j.id",
-    )
-    .fetch_all(pool)
+         RETURNING j.id, j.user_id, {END_DATA}"
+    ))
+    .fetch_all(&mut *tx)
     .await?;
-    for id in ids {
+    for (_, user, data) in &ended {
+        announce_end(&mut tx, *user, data.clone()).await?;
+    }
+    tx.commit().await?;
+    for (id, ..) in ended {
         purge_rows(pool, id).await?;
     }
     Ok(())
@@ -298,14 +376,14 @@ pub async fn status(
     .bind(ERRORS_SHOWN)
     .fetch_all(pool)
     .await?;
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.job_errors WHERE job_id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await?;
-    doc["errorsOmitted"] = json!(
-        (kept - errors.len() as i64).max(0)
-            + (doc["rowsRejected"].as_i64().unwrap_or(0) - kept).max(0)
-    );
+    // `rowsRejected` counts lines (a line rejected for several columns has a
+    // row for each): the lines none of whose rows is listed are omitted.
+    let listed = errors
+        .iter()
+        .filter_map(|e| e["line"].as_i64())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as i64;
+    doc["errorsOmitted"] = json!((doc["rowsRejected"].as_i64().unwrap_or(0) - listed).max(0));
     doc["errors"] = Value::Array(errors);
     Ok(Some(doc))
 }

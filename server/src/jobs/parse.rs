@@ -11,7 +11,8 @@
 //! will accept; numbers are kept as the text of the file.
 
 use sales_core::daily::{days_in_month, MAX_YEAR, MIN_YEAR};
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 
 /// What the caller asked for (`--format`).
@@ -60,6 +61,9 @@ pub struct Row {
     pub day: u32,
     pub store_code: Option<String>,
     pub store_id: Option<i64>,
+    /// The store id a line gave beside its store code (NDJSON): the upload
+    /// checks that both name one store.
+    pub id_too: Option<i64>,
     pub year: i32,
     pub month: u32,
     pub sales: Option<String>,
@@ -77,7 +81,7 @@ pub struct Rejected {
 }
 
 /// Why a whole file is refused before anything is queued (HTTP 400).
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum FileError {
     #[error("the file is empty")]
     Empty,
@@ -93,6 +97,25 @@ pub enum FileError {
     TooLarge(u64),
     #[error("line {0} is longer than {MAX_LINE_BYTES} bytes")]
     LineTooLong(u64),
+    /// A quoted value never closed: the rest of the file would be read as
+    /// part of it.
+    #[error(
+        "line {0}: a quoted value starts here and is never closed (a stray or missing \"?); \
+         every line after it would be read as part of it"
+    )]
+    UnclosedQuote(u64),
+    #[error(
+        "line {0}: a quoted value starts here and is not closed within {MAX_LINE_BYTES} bytes \
+         (a stray or missing \"?)"
+    )]
+    QuoteTooLong(u64),
+    /// A quoted value that runs over line breaks into a record the header
+    /// does not match: lines would be lost inside it.
+    #[error(
+        "line {0}: a quoted value starts here and runs to line {1}, making lines {0} to {1} \
+         one record that does not fit the header (a stray or missing \"?)"
+    )]
+    QuoteSpansLines(u64, u64),
 }
 
 /// The longest data line (or quoted record) read; a longer one refuses the
@@ -162,27 +185,14 @@ pub fn parse<R: Read>(
 }
 
 fn read_error(e: std::io::Error) -> FileError {
-    if let Some(l) = e.get_ref().and_then(|i| i.downcast_ref::<LineTooLong>()) {
-        return FileError::LineTooLong(l.0);
+    if let Some(f) = e.get_ref().and_then(|i| i.downcast_ref::<FileError>()) {
+        return f.clone();
     }
     match e.get_ref().and_then(|i| i.downcast_ref::<TooLarge>()) {
         Some(t) => FileError::TooLarge(t.0),
         None => FileError::Read(e.to_string()),
     }
 }
-
-/// The error the line readers raise for a line over MAX_LINE_BYTES (its
-/// line number).
-#[derive(Debug)]
-struct LineTooLong(u64);
-
-impl std::fmt::Display for LineTooLong {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "line {} is longer than {MAX_LINE_BYTES} bytes", self.0)
-    }
-}
-
-impl std::error::Error for LineTooLong {}
 
 /// The error a size-limited reader raises (see `Limited`).
 #[derive(Debug)]
@@ -251,29 +261,94 @@ fn read_header(names: Vec<String>) -> Result<Columns, FileError> {
         ..Default::default()
     };
     let mut seen = std::collections::HashSet::new();
+    // Two names for one field (`date` and `day`, `d1_sales` and
+    // `d01_sales`) are a repeated column as much as one name twice: which
+    // of the two a line means cannot be told.
+    let mut days = std::collections::HashMap::new();
+    let twice = |a: usize, b: usize| {
+        FileError::Header(format!(
+            "columns {} and {} are the same field",
+            cut_name(&names[a]),
+            cut_name(&names[b])
+        ))
+    };
+    let set = |slot: &mut Option<usize>, i: usize| match *slot {
+        Some(j) => Err(twice(j, i)),
+        None => {
+            *slot = Some(i);
+            Ok(())
+        }
+    };
     for (i, n) in names.iter().enumerate() {
         if n.is_empty() {
             continue;
         }
         if !seen.insert(n.clone()) {
-            return Err(FileError::Header(format!("column {n} appears twice")));
+            return Err(FileError::Header(format!(
+                "column {} appears twice",
+                cut_name(n)
+            )));
         }
         match n.as_str() {
-            "store_code" | "store" | "code" => c.store_code = Some(i),
-            "store_id" => c.store_id = Some(i),
-            "date" | "day" | "business_date" => c.date = Some(i),
-            "year" => c.year = Some(i),
-            "month" => c.month = Some(i),
+            "store_code" | "store" | "code" => set(&mut c.store_code, i)?,
+            "store_id" => set(&mut c.store_id, i)?,
+            "date" | "day" | "business_date" => set(&mut c.date, i)?,
+            "year" => set(&mut c.year, i)?,
+            "month" => set(&mut c.month, i)?,
             m => {
                 if let Some(k) = METRIC_NAMES.iter().position(|x| *x == m) {
-                    c.metrics[k] = Some(i);
+                    set(&mut c.metrics[k], i)?;
                 } else if let Some((d, k)) = day_column(m) {
+                    if let Some(j) = days.insert((d, k), i) {
+                        return Err(twice(j, i));
+                    }
                     c.days.push((i, d, k));
                 }
             }
         }
     }
     Ok(c)
+}
+
+/// A column name as an error message quotes it: at most 40 characters.
+fn cut_name(name: &str) -> String {
+    match cut_short(name) {
+        None => name.to_string(),
+        Some(head) => format!("{head}... ({} bytes)", name.len()),
+    }
+}
+
+/// The header's names as a refusal lists them: each cut short, and at
+/// most 20 of them.
+fn found(names: &[String]) -> String {
+    const LISTED: usize = 20;
+    let mut s = names
+        .iter()
+        .take(LISTED)
+        .map(|n| cut_name(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > LISTED {
+        s.push_str(&format!(" and {} more", names.len() - LISTED));
+    }
+    s
+}
+
+impl Columns {
+    /// Whether the import reads column `i` (other columns are ignored).
+    fn is_read(&self, i: usize) -> bool {
+        let some = Some(i);
+        [
+            self.store_code,
+            self.store_id,
+            self.date,
+            self.year,
+            self.month,
+        ]
+        .contains(&some)
+            || self.metrics.contains(&some)
+            || self.days.iter().any(|d| d.0 == i)
+    }
 }
 
 /// `d12_sales` -> (12, 0).
@@ -291,7 +366,10 @@ fn parse_csv<R: Read>(
     requested: Requested,
     out: &mut impl FnMut(Item) -> Result<(), FileError>,
 ) -> Result<Shape, FileError> {
-    let header_line = head.split(|b| *b == b'\n').next().unwrap_or(head);
+    let header_line = head
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .next()
+        .unwrap_or(head);
     let (commas, semis) = header_line.iter().fold((0, 0), |(c, s), b| match b {
         b',' => (c + 1, s),
         b';' => (c, s + 1),
@@ -308,6 +386,7 @@ fn parse_csv<R: Read>(
             held_cr: false,
             offset: 0,
             breaks: breaks.clone(),
+            delimiter,
         });
     let mut record = csv::ByteRecord::new();
     let got = csv.read_byte_record(&mut record).map_err(csv_read_error)?;
@@ -326,7 +405,7 @@ fn parse_csv<R: Read>(
         _ if cols.year.is_some() && cols.month.is_some() => Shape::Monthly,
         _ => Shape::Daily,
     };
-    let found = cols.names.join(", ");
+    let found = found(&cols.names);
     if cols.store_code.is_none() && cols.store_id.is_none() {
         return Err(FileError::Header(format!(
             "no store column (store_code or store_id); found: {found}"
@@ -389,6 +468,28 @@ fn parse_csv<R: Read>(
         if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
             lines -= 1;
             continue;
+        }
+        // A quoted value over line breaks is read as one value, lines and
+        // all: when the record it makes does not fit the header, or a
+        // value the import reads has a line break inside it (not at its
+        // ends, which are trimmed), a quote is stray or missing and the
+        // lines inside it would be lost. The file is refused, naming the
+        // line where the quote opened.
+        let mut breaks_before = 0u64;
+        for (i, f) in record.iter().enumerate() {
+            let n = f.iter().filter(|b| **b == b'\n').count() as u64;
+            let inside = || f.trim_ascii().contains(&b'\n');
+            if n > 0 && (record.len() != cols.names.len() || (cols.is_read(i) && inside())) {
+                let spanned: u64 = record
+                    .iter()
+                    .map(|f| f.iter().filter(|b| **b == b'\n').count() as u64)
+                    .sum();
+                return Err(FileError::QuoteSpansLines(
+                    line + breaks_before,
+                    line + spanned,
+                ));
+            }
+            breaks_before += n;
         }
         if record.len() != cols.names.len() {
             out(Item::Rejected(Rejected {
@@ -462,11 +563,47 @@ struct Breaks {
     /// out: what the record being read holds in memory, give or take the
     /// csv reader's buffer.
     pending: u64,
-    /// Whether the last byte was a `\n` outside quotes, and whether the
-    /// reader is inside a quoted value (each `"` toggles it; an escaped
-    /// `""` toggles twice).
-    after_break: bool,
-    quoted: bool,
+    /// Where the csv reader is in its grammar, byte by byte (the same
+    /// states as `csv_core`'s): a blank line, an open quoted value.
+    state: Quoting,
+    /// The line of the quote that opened the quoted value being read.
+    quote_line: u64,
+}
+
+/// The csv reader's states that matter for line breaks and quotes, as
+/// `csv_core` moves between them (no comments, no escape character, `""`
+/// inside quotes), once every line break is a `\n`.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+enum Quoting {
+    /// At the start of a record: a `\n` here is a blank line.
+    #[default]
+    StartRecord,
+    StartField,
+    /// In an unquoted value: a `"` is an ordinary character.
+    InField,
+    /// Inside quotes: delimiters and line breaks belong to the value.
+    InQuotes,
+    /// A `"` inside quotes: closes the value, or is the first of `""`.
+    QuoteInQuotes,
+}
+
+impl Breaks {
+    /// Moves the grammar past byte `b` (`delimiter` separates fields).
+    fn step(&mut self, b: u8, delimiter: u8) {
+        use Quoting::*;
+        self.state = match (self.state, b) {
+            (StartRecord | StartField, b'"') => {
+                self.quote_line = self.total + 1;
+                InQuotes
+            }
+            (InQuotes, b'"') => QuoteInQuotes,
+            (InQuotes, _) => InQuotes,
+            (QuoteInQuotes, b'"') => InQuotes,
+            (_, b'\n') => StartRecord,
+            (_, b) if b == delimiter => StartField,
+            _ => InField,
+        };
+    }
 }
 
 type SharedBreaks = std::rc::Rc<std::cell::RefCell<Breaks>>;
@@ -509,16 +646,20 @@ impl LineOf {
     }
 }
 
-/// CRLF read as LF (a quoted value keeps its line break as `\n`), noting
-/// where each `\n` is for [`LineOf`], and refusing a line over
-/// MAX_LINE_BYTES before the csv reader holds it.
+/// Every line break (CRLF, LF, or a CR alone, as old Mac files have them)
+/// read as one `\n`, as the csv reader ends a record at any of them (a
+/// quoted value keeps its line break as `\n`), noting where each `\n` is
+/// for [`LineOf`]; refusing a line over MAX_LINE_BYTES before the csv
+/// reader holds it, and a file that ends inside quotes.
 struct Lf<R> {
     inner: R,
-    /// A `\r` that ended the last read: dropped if a `\n` follows.
+    /// A `\r` that ended the last read: dropped if a `\n` follows, else
+    /// read as one.
     held_cr: bool,
     /// Bytes handed out so far.
     offset: u64,
     breaks: SharedBreaks,
+    delimiter: u8,
 }
 
 impl<R: Read> Read for Lf<R> {
@@ -532,46 +673,61 @@ impl<R: Read> Read for Lf<R> {
                 buf[0] = b'\r';
             }
             let n = self.inner.read(&mut buf[start..])?;
-            if n == 0 {
-                self.held_cr = false;
-                return Ok(start);
-            }
             let end = start + n;
+            let eof = n == 0;
+            self.held_cr = false;
+            if end == 0 {
+                let br = self.breaks.borrow();
+                if br.state == Quoting::InQuotes {
+                    return Err(std::io::Error::other(FileError::UnclosedQuote(
+                        br.quote_line,
+                    )));
+                }
+                return Ok(0);
+            }
             let mut w = 0;
             for r in 0..end {
-                let b = buf[r];
-                if b == b'\r' && r + 1 < end && buf[r + 1] == b'\n' {
-                    continue;
+                let mut b = buf[r];
+                if b == b'\r' {
+                    if r + 1 < end {
+                        if buf[r + 1] == b'\n' {
+                            continue;
+                        }
+                    } else if !eof {
+                        self.held_cr = true;
+                        continue;
+                    }
+                    b = b'\n';
                 }
                 buf[w] = b;
                 w += 1;
-            }
-            self.held_cr = w > 0 && buf[w - 1] == b'\r';
-            if self.held_cr {
-                w -= 1;
             }
             if w > 0 {
                 let mut br = self.breaks.borrow_mut();
                 for (i, b) in buf[..w].iter().enumerate() {
                     let at = self.offset + i as u64;
-                    let blank = *b == b'\n' && br.after_break && !br.quoted;
+                    let blank = *b == b'\n' && br.state == Quoting::StartRecord;
                     if *b == b'\n' {
                         br.total += 1;
                         match br.runs.back_mut() {
                             Some((s, n)) if *s + *n == at => *n += 1,
                             _ => br.runs.push_back((at, 1)),
                         }
-                    } else if *b == b'"' {
-                        br.quoted = !br.quoted;
                     }
-                    br.after_break = *b == b'\n' && !br.quoted;
+                    // The csv reader drops a BOM at the start of the file.
+                    if at >= 3 || *b != b"\xEF\xBB\xBF"[at as usize] {
+                        br.step(*b, self.delimiter);
+                    }
                     if !blank {
                         br.pending += 1;
                     }
                 }
                 if br.pending > MAX_LINE_BYTES {
-                    let line = br.total + 1;
-                    return Err(std::io::Error::other(LineTooLong(line)));
+                    let e = match br.state {
+                        Quoting::InQuotes => FileError::QuoteTooLong(br.quote_line),
+                        _ => FileError::LineTooLong(br.total + 1),
+                    };
+                    return Err(std::io::Error::other(e));
                 }
                 self.offset += w as u64;
                 return Ok(w);
@@ -628,7 +784,11 @@ fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<Stri
 }
 
 /// A metric as the file wrote it, checked: a plain decimal number (with a
-/// decimal comma in `;` files), non-negative, whole for counts, at most 1e12.
+/// decimal comma in `;` files), non-negative, whole for counts, at most
+/// 1e12, and one Postgres' `numeric` can hold. The text is judged
+/// exactly, digit by digit, as it is staged: what passes here is what the
+/// merge writes (a check through `f64` would let `1.00000000000000000001`
+/// pass as a count, or `1000000000000.0000001` as at most 1e12).
 fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, String> {
     if raw.is_empty() {
         return Ok(None);
@@ -638,30 +798,107 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
     } else {
         raw.to_string()
     };
-    let (neg, digits) = match text.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, text.as_str()),
-    };
-    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let plain = !(int.is_empty() && frac.is_empty())
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && frac.bytes().all(|b| b.is_ascii_digit());
-    if !plain {
+    let Some(n) = Decimal::read(&text, false) else {
         return Err(format!("{} is not a number", shown(raw)));
-    }
-    let value: f64 = text
-        .parse()
-        .map_err(|_| format!("{} is not a number", shown(raw)))?;
-    let name = METRIC_NAMES[k];
-    // The rules of sales_core::daily, as the extension reports them.
-    let errs = sales_core::daily::validate(2000, 1, &json!({"1": {name: value}}), "d");
-    if let Some(e) = errs.first() {
-        return Err(e.reason.clone());
-    }
-    if neg {
-        return Err("must not be negative".into());
-    }
+    };
+    n.check(k)?;
     Ok(Some(text))
+}
+
+/// An NDJSON metric: a JSON number's text as the line wrote it (an
+/// exponent allowed), checked as [`metric`] checks a CSV cell.
+fn json_metric(raw: &str, k: usize) -> Result<String, String> {
+    let n = Decimal::read(raw, true).ok_or_else(|| "must be a number".to_string())?;
+    n.check(k)?;
+    Ok(raw.to_string())
+}
+
+/// Most digits after the point a `numeric` holds (NUMERIC_DSCALE_MAX).
+const NUMERIC_MAX_SCALE: i64 = 16383;
+
+/// A decimal number's text, judged exactly (no rounding): its digits
+/// `digits` (without leading or trailing zeros) stand for
+/// `0.digits × 10^point`.
+#[derive(Debug, PartialEq)]
+struct Decimal {
+    negative: bool,
+    digits: String,
+    point: i64,
+    /// Digits after the point as `numeric` keeps them (trailing zeros
+    /// included: `1.50` keeps two).
+    scale: i64,
+}
+
+impl Decimal {
+    /// `-?digits[.digits]` (one side may be empty), and with `exponent`
+    /// an `e`/`E` exponent after it; None for anything else.
+    fn read(text: &str, exponent: bool) -> Option<Decimal> {
+        let (negative, rest) = match text.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, text),
+        };
+        let (mantissa, exp) = match rest.find(['e', 'E']) {
+            Some(i) if exponent => {
+                let e = &rest[i + 1..];
+                let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                // Past nine digits no exponent gives a value this import
+                // takes (or Postgres reads): saturate.
+                let v: i64 = digits.parse().unwrap_or(i64::MAX).min(1_000_000_000);
+                (&rest[..i], if e.starts_with('-') { -v } else { v })
+            }
+            _ => (rest, 0),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        if (int.is_empty() && frac.is_empty())
+            || !int.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let lead = int.len() - int.trim_start_matches('0').len();
+        let mut digits = format!("{}{frac}", &int[lead..]);
+        let mut point = (int.len() - lead) as i64 + exp;
+        if digits.is_empty() || int[lead..].is_empty() {
+            // No digit before the point: leading zeros after it move it.
+            let zeros = digits.len() - digits.trim_start_matches('0').len();
+            digits.drain(..zeros);
+            point -= zeros as i64;
+        }
+        digits.truncate(digits.trim_end_matches('0').len());
+        Some(Decimal {
+            negative,
+            scale: (frac.len() as i64).saturating_sub(exp).max(0),
+            digits,
+            point,
+        })
+    }
+
+    /// The rules of `sales_core::daily` for metric `k`, exactly, with the
+    /// reasons the extension gives; and what `numeric` can hold.
+    fn check(&self, k: usize) -> Result<(), String> {
+        let zero = self.digits.is_empty();
+        if self.negative && !zero {
+            return Err("must not be negative".into());
+        }
+        // 1e12 is `0.1 × 10^13`.
+        if !zero && (self.point > 13 || (self.point == 13 && self.digits != "1")) {
+            return Err("is larger than 1e12".into());
+        }
+        let whole = zero || self.digits.len() as i64 <= self.point;
+        if sales_core::daily::METRICS[k].1 && !whole {
+            return Err("must be a whole number".into());
+        }
+        if self.scale > NUMERIC_MAX_SCALE {
+            return Err(format!(
+                "has {} digits after the point, more than Postgres can store ({NUMERIC_MAX_SCALE})",
+                self.scale
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn parse_date(raw: &str) -> Result<(i32, u32, u32), String> {
@@ -731,6 +968,7 @@ fn daily_line(
                 day,
                 store_code,
                 store_id,
+                id_too: None,
                 year,
                 month,
                 sales,
@@ -804,6 +1042,9 @@ fn monthly_line(
             Err(e) => errors.push((Some(cols.names[i].clone()), e)),
         }
     }
+    if errors.is_empty() && by_day.is_empty() {
+        errors.push((None, "no sales, customers or transactions given".into()));
+    }
     let Some((year, month)) = period.filter(|_| errors.is_empty()) else {
         return Err(errors);
     };
@@ -816,6 +1057,7 @@ fn monthly_line(
                 day,
                 store_code: store_code.clone(),
                 store_id,
+                id_too: None,
                 year,
                 month,
                 sales,
@@ -853,15 +1095,12 @@ fn parse_ndjson<R: Read>(
     let mut n = 0u64;
     loop {
         buf.clear();
-        let got = (&mut reader)
-            .take(MAX_LINE_BYTES + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(read_error)?;
+        let got = read_line(&mut reader, &mut buf).map_err(read_error)?;
         if got == 0 {
             break;
         }
         n += 1;
-        if got as u64 > MAX_LINE_BYTES {
+        if buf.len() as u64 > MAX_LINE_BYTES {
             return Err(FileError::LineTooLong(n));
         }
         let text = match std::str::from_utf8(&buf) {
@@ -905,8 +1144,86 @@ fn parse_ndjson<R: Read>(
     Ok(())
 }
 
-fn num_text(v: &Value) -> Option<String> {
-    v.as_number().map(|n| n.to_string())
+/// Reads one line into `buf`, its break included: ended by `\n`, `\r\n` or
+/// a `\r` alone (as the CSV reader takes them), or cut once it holds more
+/// than MAX_LINE_BYTES. Returns the bytes read (0 at the end).
+fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut got = 0;
+    let mut after_cr = false;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            return Ok(got);
+        }
+        if after_cr {
+            if avail[0] == b'\n' {
+                buf.push(b'\n');
+                r.consume(1);
+                got += 1;
+            }
+            return Ok(got);
+        }
+        let (used, end) = match avail.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            Some(i) => (i + 1, Some(avail[i])),
+            None => (avail.len(), None),
+        };
+        buf.extend_from_slice(&avail[..used]);
+        r.consume(used);
+        got += used;
+        match end {
+            Some(b'\n') => return Ok(got),
+            Some(_) => after_cr = true,
+            None => {}
+        }
+        if buf.len() as u64 > MAX_LINE_BYTES {
+            return Ok(got);
+        }
+    }
+}
+
+/// A JSON object's members as the line wrote them, values unparsed: the
+/// exact text of its numbers (a `Value` keeps them as `f64`). None
+/// members for anything but an object.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'a> Members<'a> {
+    fn of(text: &'a str) -> Self {
+        serde_json::from_str(text).unwrap_or(Members(Vec::new()))
+    }
+
+    /// Member `key`'s value (the last one, as a parsed object keeps it).
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(m) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(m);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Whether a string or a key anywhere in `v` holds NUL, which Postgres
@@ -933,15 +1250,26 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         return Err(vec![(None, "holds a NUL character (\\u0000)".into())]);
     }
     let mut errors: LineErrors = Vec::new();
+    // Numbers are staged as the line wrote them: their text, not the f64
+    // a `Value` holds (`12345678.123456789012` stays so).
+    let raw = Members::of(text);
     let get = |camel: &str| {
         obj.iter()
             .find(|(k, _)| sales_core::record::spelled_as(k, camel))
-            .map(|(_, v)| v)
     };
-    let store_code = get("storeCode").and_then(Value::as_str).map(str::to_string);
-    let store_id = match (&store_code, get("storeId")) {
-        (Some(_), _) | (None, None) => None,
-        (None, Some(v)) => match sales_core::record::parse_id(v) {
+    // A member set to null is one not given.
+    let given = |camel: &str| get(camel).filter(|(_, v)| !v.is_null());
+    let store_code = match given("storeCode") {
+        None => None,
+        Some((_, Value::String(s))) => Some(s.clone()),
+        Some(_) => {
+            errors.push((Some("storeCode".into()), "must be a string".into()));
+            None
+        }
+    };
+    let store_id = match given("storeId") {
+        None => None,
+        Some((_, v)) => match sales_core::record::parse_id(v) {
             Ok(id) => Some(id),
             Err(e) => {
                 errors.push((Some("storeId".into()), e.to_string()));
@@ -952,6 +1280,12 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     if store_code.is_none() && store_id.is_none() && errors.is_empty() {
         errors.push((Some("storeId".into()), "no store given".into()));
     }
+    // Both given: the line is staged by its code, and the upload checks
+    // that the id names the same store (`Row::id_too`).
+    let (store_id, id_too) = match store_code {
+        Some(_) => (None, store_id),
+        None => (store_id, None),
+    };
     for (k, _) in obj {
         let known = ["storeId", "storeCode", "year", "month", "dailyData", "date"]
             .iter()
@@ -966,17 +1300,25 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             errors.push((Some(name), "unknown field".into()));
         }
     }
-    if let Some(date) = get("date") {
+    let daily = given("dailyData");
+    if let Some((_, date)) = get("date") {
+        if daily.is_some() {
+            errors.push((
+                Some("dailyData".into()),
+                "a line gives a date (one day) or dailyData (a month), not both".into(),
+            ));
+        }
         let date = date.as_str().unwrap_or_default();
         let mut values: [Option<String>; 3] = Default::default();
         let period = parse_date(date).map_err(|e| errors.push((Some("date".into()), e)));
         for (k, name) in METRIC_NAMES.iter().enumerate() {
-            if let Some(v) = get(name).filter(|v| !v.is_null()) {
-                match num_text(v)
+            if let Some((key, v)) = given(name) {
+                let text = raw.get(key).filter(|_| v.is_number());
+                match text
                     .ok_or_else(|| "must be a number".to_string())
-                    .and_then(|t| metric(&t, k, false))
+                    .and_then(|t| json_metric(t.get(), k))
                 {
-                    Ok(t) => values[k] = t,
+                    Ok(t) => values[k] = Some(t),
                     Err(e) => errors.push((Some((*name).into()), e)),
                 }
             }
@@ -996,6 +1338,7 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             day,
             store_code,
             store_id,
+            id_too,
             year,
             month,
             sales,
@@ -1004,8 +1347,8 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             col: None,
         }]);
     }
-    let y = get("year").and_then(Value::as_i64);
-    let m = get("month").and_then(Value::as_i64);
+    let y = get("year").and_then(|(_, v)| v.as_i64());
+    let m = get("month").and_then(|(_, v)| v.as_i64());
     let period = match (y, m) {
         (Some(y), Some(m)) => check_period(y, m)
             .map_err(|e| {
@@ -1023,13 +1366,38 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             None
         }
     };
-    let daily = get("dailyData");
+    // Each day's members as the line wrote them.
+    let raw_days = daily
+        .and_then(|(key, _)| raw.get(key))
+        .map_or(Members(Vec::new()), |r| Members::of(r.get()));
     match daily {
         None => errors.push((Some("dailyData".into()), "is missing".into())),
-        Some(d) => {
+        Some((_, d)) => {
             if let Some((y, m)) = period {
                 for e in sales_core::daily::validate(y as i64, m as i64, d, "dailyData") {
                     errors.push((Some(e.field), e.reason));
+                }
+                if d.as_object().is_some_and(|o| o.is_empty()) {
+                    errors.push((Some("dailyData".into()), "holds no day".into()));
+                }
+                // The values' text, exactly (the rules above read them as
+                // f64).
+                for (key, day) in d.as_object().into_iter().flatten() {
+                    let raw_day = raw_days.get(key).map(|r| Members::of(r.get()));
+                    for (name, v) in day.as_object().into_iter().flatten() {
+                        let Some(k) = METRIC_NAMES.iter().position(|m| m == name) else {
+                            continue;
+                        };
+                        let Some(text) = raw_day.as_ref().and_then(|r| r.get(name)) else {
+                            continue;
+                        };
+                        let field = format!("dailyData.{key}.{name}");
+                        if let (true, Err(e)) = (v.is_number(), json_metric(text.get(), k)) {
+                            if !errors.iter().any(|(f, _)| f.as_deref() == Some(&field)) {
+                                errors.push((Some(field), e));
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -1038,14 +1406,21 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         return Err(errors);
     };
     let mut rows = Vec::new();
-    for (key, day) in daily.and_then(Value::as_object).into_iter().flatten() {
+    for (key, day) in daily.and_then(|(_, d)| d.as_object()).into_iter().flatten() {
         let d = sales_core::daily::parse_day_key(key).unwrap_or(0);
-        let metric = |name: &str| day.get(name).and_then(num_text);
+        let raw_day = raw_days.get(key).map(|r| Members::of(r.get()));
+        let metric = |name: &str| {
+            day.get(name)
+                .filter(|v| v.is_number())
+                .and(raw_day.as_ref()?.get(name))
+                .map(|t| t.get().to_string())
+        };
         rows.push(Row {
             line,
             day: d,
             store_code: store_code.clone(),
             store_id,
+            id_too,
             year,
             month,
             sales: metric("sales"),
@@ -1248,6 +1623,7 @@ mod tests {
             held_cr: false,
             offset: 0,
             breaks: breaks.clone(),
+            delimiter: b',',
         };
         let mut sink = Vec::new();
         lf.read_to_end(&mut sink).unwrap();
@@ -1279,7 +1655,7 @@ mod tests {
         );
         assert!(matches!(
             run(&quoted, Requested::Auto),
-            Err(FileError::LineTooLong(_))
+            Err(FileError::QuoteTooLong(2))
         ));
         let nd = format!("{{\"storeId\": 1, \"date\": \"2024-01-01\", \"sales\": {long}}}\n");
         assert!(matches!(
@@ -1328,5 +1704,156 @@ mod tests {
         assert_eq!((rows.len(), bad.len()), (1, 1));
         assert_eq!(bad[0].line, 1);
         assert!(bad[0].reason.contains("NUL"), "{}", bad[0].reason);
+    }
+
+    /// Lines ended by a lone CR (old Mac files) are numbered one by one, as
+    /// the csv reader ends a record at each; CRs split across reads too.
+    #[test]
+    fn cr_only_lines_are_numbered() {
+        let f = "store_code,date,sales\rS1,2024-01-01,1\r\rS1,2024-01-01,2\rS1,2024-01-0x,3\r";
+        for trickle in [false, true] {
+            let mut got = Vec::new();
+            let mut on = |i| {
+                match i {
+                    Item::Row(r) => got.push((r.line, r.sales)),
+                    Item::Rejected(r) => got.push((r.line, None)),
+                    Item::LineDone => {}
+                }
+                Ok(())
+            };
+            if trickle {
+                parse(Trickle(f.as_bytes()), Requested::Auto, &mut on).unwrap();
+            } else {
+                parse(f.as_bytes(), Requested::Auto, &mut on).unwrap();
+            }
+            assert_eq!(
+                got,
+                vec![(2, Some("1".into())), (4, Some("2".into())), (5, None)],
+                "trickle: {trickle}"
+            );
+        }
+    }
+
+    /// Metrics are judged on their text, exactly, as `numeric` reads it.
+    #[test]
+    fn metrics_are_judged_exactly() {
+        let m = |t: &str, k: usize| metric(t, k, false);
+        assert_eq!(
+            m("1.00000000000000000001", 1),
+            Err("must be a whole number".into())
+        );
+        assert_eq!(m("1.000", 1), Ok(Some("1.000".into())));
+        assert_eq!(
+            m("1000000000000.0000001", 0),
+            Err("is larger than 1e12".into())
+        );
+        assert_eq!(
+            m("1000000000000.000", 0),
+            Ok(Some("1000000000000.000".into()))
+        );
+        assert_eq!(
+            m("0999999999999.99", 0),
+            Ok(Some("0999999999999.99".into()))
+        );
+        assert_eq!(m("10000000000000", 2), Err("is larger than 1e12".into()));
+        assert_eq!(m("-0.00", 1), Ok(Some("-0.00".into())));
+        assert_eq!(m("-0.01", 0), Err("must not be negative".into()));
+        assert_eq!(m(".5", 0), Ok(Some(".5".into())));
+        assert!(m("1e3", 0).unwrap_err().contains("not a number"));
+        assert!(m("NaN", 0).unwrap_err().contains("not a number"));
+        let tiny = format!("0.{}1", "0".repeat(20_000));
+        assert!(m(&tiny, 0)
+            .unwrap_err()
+            .contains("more than Postgres can store"));
+        let fits = format!("0.{}1", "0".repeat(16_381));
+        assert!(m(&fits, 0).is_ok());
+        let j = json_metric;
+        assert_eq!(j("1.5e3", 2), Ok("1.5e3".into()));
+        assert_eq!(j("1E+12", 0), Ok("1E+12".into()));
+        assert_eq!(j("1.0000001E12", 0), Err("is larger than 1e12".into()));
+        assert_eq!(j("15e-1", 1), Err("must be a whole number".into()));
+        assert!(j("1e-16384", 0).is_err());
+        assert_eq!(
+            j("0e99999999999999999999", 1),
+            Ok("0e99999999999999999999".into())
+        );
+    }
+
+    /// A quote that is never closed, or that joins lines into a record the
+    /// header does not match, refuses the file naming the line it opened on.
+    #[test]
+    fn a_stray_quote_refuses_the_file() {
+        let f = "store_code,date,sales\nS1,2024-05-01,1\n\"S8,2024-05-02,2\nS1,2024-05-03,3\n";
+        assert_eq!(
+            run(f, Requested::Auto).err(),
+            Some(FileError::UnclosedQuote(3))
+        );
+        let f = "store_code,date,sales\r\nS1,2024-05-01,1\r\n\"S8,2024-05-02,2\r\nS1,2024-05-03,\"3\r\nS1,2024-05-04,4\r\n";
+        assert_eq!(
+            run(f, Requested::Auto).err(),
+            Some(FileError::QuoteSpansLines(3, 4))
+        );
+        // A quote inside an unquoted value is an ordinary character.
+        let f = "store_code,date,sales\nS1,2024-05-01,1\"\nS1,2024-05-03,3\n";
+        let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!((rows.len(), bad.len(), bad[0].line), (1, 1, 2));
+        // A quoted value over lines that fits the header is read.
+        let f = "store_code,store_name,date,sales\nS1,\"Main\nStreet\",2024-05-01,1\nS1,x,2024-05-03,3\n";
+        let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!((rows[0].line, rows[1].line), (2, 4));
+    }
+
+    #[test]
+    fn two_names_for_one_field_are_a_repeated_column() {
+        for h in [
+            "store_code,Date,Day,sales",
+            "store,code,date,sales",
+            "store_code,year,month,d1_sales,d01_sales",
+            "store_code,date,sales,Sales",
+        ] {
+            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
+            let e = run(&f, Requested::Auto).err();
+            assert!(matches!(e, Some(FileError::Header(_))), "{h}: {e:?}");
+        }
+        let long = "x".repeat(100_000);
+        let f = format!("{long},date,sales\nS1,2024-01-01,1\n");
+        let Some(FileError::Header(m)) = run(&f, Requested::Auto).err() else {
+            panic!("no header error");
+        };
+        assert!(m.len() < 300, "cut short: {m}");
+    }
+
+    #[test]
+    fn lines_without_data_and_ambiguous_ndjson_lines_are_rejected() {
+        let f = "store_code,year,month,d1_sales,d2_sales\nS7,2024,9,,\nS7,2024,9,,5\n";
+        let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!((rows.len(), bad.len(), bad[0].line), (1, 1, 2));
+        let nd = [
+            r#"{"storeId": 1, "year": 2024, "month": 9, "dailyData": {}}"#,
+            r#"{"storeCode": "S1", "date": "2024-09-01", "sales": 1, "dailyData": {"2": {"sales": 2}}}"#,
+            r#"{"storeCode": 10, "date": "2024-09-01", "sales": 1}"#,
+            r#"{"storeCode": "S1", "storeId": 4, "date": "2024-09-01", "sales": 12345678.123456789012}"#,
+            r#"{"storeId": 1, "year": 2024, "month": 9, "dailyData": {"3": {"sales": 0.10000000000000000001, "customers": 1.00000000000000000001}}}"#,
+        ]
+        .join("\n");
+        let (_, rows, bad, _) = run(&nd, Requested::Auto).unwrap();
+        let got: Vec<_> = bad
+            .iter()
+            .map(|b| (b.line, b.column.as_deref().unwrap_or("-")))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "dailyData"),
+                (2, "dailyData"),
+                (3, "storeCode"),
+                (5, "dailyData.3.customers"),
+            ]
+        );
+        assert_eq!(bad[2].reason, "must be a string");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].sales.as_deref(), Some("12345678.123456789012"));
+        assert_eq!((rows[0].store_id, rows[0].id_too), (None, Some(4)));
     }
 }
