@@ -215,10 +215,15 @@ impl Env<'_> {
             )
         })?;
         if d < min || d > max {
+            let bare_note = if raw.bytes().all(|b| b.is_ascii_digit()) {
+                format!(" (a bare number is {unit}: {raw} is {d:?})")
+            } else {
+                String::new()
+            };
             return Err(Self::err(
                 var,
                 raw,
-                format!("must be between {min:?} and {max:?}"),
+                format!("must be between {min:?} and {max:?}{bare_note}"),
             ));
         }
         Ok(d)
@@ -251,6 +256,30 @@ impl Env<'_> {
                     })
             })
             .collect()
+    }
+
+    /// Browser origins: `scheme://host[:port]`, exactly as a browser sends
+    /// them in `Origin` (no path, no trailing slash), or `*`.
+    fn origins(&self, var: &'static str) -> Result<Vec<String>, ConfigError> {
+        let list = self.list(var);
+        for o in &list {
+            let rest = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"));
+            let ok = o == "*"
+                || rest.is_some_and(|r| {
+                    !r.is_empty() && !r.contains(['/', '?', '#', '@', ' ']) && !r.ends_with(':')
+                });
+            if !ok {
+                return Err(Self::err(
+                    var,
+                    o,
+                    "must be origins as browsers send them, scheme://host[:port] \
+                     (https://app.example.com, no path or trailing slash), separated by commas",
+                ));
+            }
+        }
+        Ok(list)
     }
 
     fn list(&self, var: &'static str) -> Vec<String> {
@@ -286,6 +315,44 @@ pub fn parse_duration_in(raw: &str, bare: Duration) -> Option<Duration> {
         "d" => secs(86400),
         _ => None,
     }
+}
+
+/// A password as a URL's userinfo: everything but unreserved characters
+/// percent-encoded.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether every directive of a tracing filter names a level: a bare word
+/// that is not one (`warning`, `inf`) would be read as a target and leave
+/// everything else silent.
+fn log_filter_has_levels(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .all(|d| {
+            match d.rsplit_once('=') {
+                Some((_, l)) => LEVELS.contains(&l.to_ascii_lowercase().as_str()),
+                // A bare word is a level, or a target (a module path, a span
+                // filter) enabled at every level.
+                None => {
+                    LEVELS.contains(&d.to_ascii_lowercase().as_str())
+                        || d.contains("::")
+                        || d.contains('_')
+                        || d.contains('[')
+                }
+            }
+        })
 }
 
 fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -339,8 +406,25 @@ impl Config {
                     let db = e.num("REDIS_DB", 0u32, 0, 15)?;
                     let auth = e
                         .opt("REDIS_PASSWORD")
-                        .map(|p| format!(":{p}@"))
+                        .map(|p| format!(":{}@", percent_encode(&p)))
                         .unwrap_or_default();
+                    let host = match host.parse::<std::net::Ipv6Addr>() {
+                        Ok(v6) => format!("[{v6}]"),
+                        Err(_)
+                            if host
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') =>
+                        {
+                            host
+                        }
+                        Err(_) => {
+                            return Err(Env::err(
+                                "REDIS_HOST",
+                                &host,
+                                "must be a host name or an IP address",
+                            ))
+                        }
+                    };
                     Some(format!("redis://{auth}{host}:{port}/{db}"))
                 }
                 None => None,
@@ -360,7 +444,9 @@ impl Config {
             other => return Err(Env::err("LOG_FORMAT", other, "must be json or pretty")),
         };
         let log_level = e.string("LOG_LEVEL", "info");
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err()
+            || !log_filter_has_levels(&log_level)
+        {
             return Err(Env::err(
                 "LOG_LEVEL",
                 &log_level,
@@ -470,7 +556,7 @@ impl Config {
                 1,
                 u32::MAX,
             )?,
-            cors_origins: e.list("CORS_ORIGINS"),
+            cors_origins: e.origins("CORS_ORIGINS")?,
             trusted_proxies: e.networks("TRUSTED_PROXIES")?,
             hsts: e.bool("HSTS", false)?,
             export_max_concurrent,
@@ -608,6 +694,57 @@ mod tests {
         assert_eq!(c.cache_ttl, Duration::from_secs(60));
         assert!(c.redis_url.is_none());
         assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn origins_log_levels_redis_parts_and_bare_durations() {
+        let bad = |k: &str, v: &str| cfg(&[(k, v)]).unwrap_err();
+        for o in [
+            "https://app.example.com/",
+            "app.example.com",
+            "https://app.example.com/x",
+            "ftp://a.b",
+            "https://",
+        ] {
+            let e = bad("CORS_ORIGINS", o);
+            assert_eq!(e.var, "CORS_ORIGINS", "{o}");
+            assert!(e.reason.contains("no path or trailing slash"), "{e}");
+        }
+        let ok = cfg(&[(
+            "CORS_ORIGINS",
+            "https://a.example.com, http://127.0.0.1:8080",
+        )])
+        .unwrap();
+        assert_eq!(
+            ok.cors_origins,
+            ["https://a.example.com", "http://127.0.0.1:8080"]
+        );
+        for l in ["warning", "inf", "sales_server=loud"] {
+            assert_eq!(bad("LOG_LEVEL", l).var, "LOG_LEVEL", "{l}");
+        }
+        for l in [
+            "warn",
+            "DEBUG",
+            "sales_server=debug,info",
+            "sales_server",
+            "off",
+        ] {
+            assert!(cfg(&[("LOG_LEVEL", l)]).is_ok(), "{l}");
+        }
+        let c = cfg(&[("REDIS_HOST", "127.0.0.1"), ("REDIS_PASSWORD", "a/b#c@d:e")]).unwrap();
+        assert_eq!(
+            c.redis_url.as_deref(),
+            Some("redis://:a%2Fb%23c%40d%3Ae@127.0.0.1:6379/0")
+        );
+        let c = cfg(&[("REDIS_HOST", "::1"), ("REDIS_PORT", "6380")]).unwrap();
+        assert_eq!(c.redis_url.as_deref(), Some("redis://[::1]:6380/0"));
+        assert_eq!(bad("REDIS_HOST", "a/b").var, "REDIS_HOST");
+        let e = bad("DB_IDLE_TIMEOUT", "300");
+        assert!(
+            e.reason
+                .contains("a bare number is milliseconds: 300 is 300ms"),
+            "{e}"
+        );
     }
 
     #[test]

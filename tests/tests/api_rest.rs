@@ -1156,3 +1156,57 @@ async fn refused_parameters_are_named_and_explained() {
         );
     }
 }
+
+/// With CORS_ORIGINS set, the listed origins get CORS answers and others a
+/// 403; the server's own origin (its dashboard: login, API, WebSocket)
+/// passes whatever the list says.
+#[tokio::test]
+async fn cors_origins_leave_the_servers_own_origin_alone() {
+    let f = fixture(&[("CORS_ORIGINS", "https://app.example.com")]).await;
+    let own = f.admin.base.clone();
+    let login = |origin: String| {
+        let http = f.admin.http.clone();
+        let url = format!("{}/api/v2/auth/login", f.admin.base);
+        async move {
+            http.post(url)
+                .header("origin", origin)
+                .json(&json!({"email": "nobody@example.com", "password": "wrong-password"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Same origin: the login itself answers (401 for a wrong password).
+    let r = login(own.clone()).await;
+    assert_eq!(r.status(), 401);
+    let r = f
+        .admin
+        .req(Method::GET, "/api/v2/stores")
+        .header("origin", own.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A listed origin gets its CORS header; another is refused.
+    let r = login("https://app.example.com".into()).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let r = login("https://evil.example.com".into()).await;
+    assert_eq!(r.status(), 403);
+    // The WebSocket upgrade from the page's own origin.
+    let ws = format!(
+        "{}/ws?token={}",
+        f.admin.base.replacen("http://", "ws://", 1),
+        f.admin.token.as_deref().unwrap()
+    );
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(ws).unwrap();
+    req.headers_mut().insert("origin", own.parse().unwrap());
+    let (_socket, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("same-origin WebSocket upgrade");
+    assert_eq!(resp.status(), 101);
+}

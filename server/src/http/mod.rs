@@ -244,10 +244,29 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
                 middleware::with_limits(ep, req, s2.clone(), limits.clone(), table.clone())
             }
         });
+    // CORS is for other origins: a request from the server's own origin
+    // (the dashboard at `/`, its login and its WebSocket) carries `Origin`
+    // too, and passes whatever CORS_ORIGINS lists.
     let routes = if state.config.cors_origins.is_empty() {
         routes.boxed()
     } else {
-        routes.with(cors).boxed()
+        let plain = Arc::new(routes.boxed());
+        plain
+            .clone()
+            .with(cors)
+            .around(move |ep, req| {
+                let plain = plain.clone();
+                async move {
+                    if same_origin(&req) {
+                        poem::Endpoint::call(&*plain, req).await
+                    } else {
+                        poem::Endpoint::call(&*ep, req)
+                            .await
+                            .map(poem::IntoResponse::into_response)
+                    }
+                }
+            })
+            .boxed()
     };
     routes
         .around(move |ep, req| middleware::with_security_headers(ep, req, hsts))
@@ -255,4 +274,24 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
         .data(state)
         .data(limits)
         .boxed()
+}
+
+/// Whether the request's `Origin` is the server's own, as the browser saw
+/// it: `http://` or `https://` and the `Host` the request was sent to.
+fn same_origin(req: &poem::Request) -> bool {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &poem::http::HeaderValue| v.to_str().ok())
+    };
+    let (Some(origin), Some(host)) = (
+        header(poem::http::header::ORIGIN),
+        header(poem::http::header::HOST),
+    ) else {
+        return false;
+    };
+    origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .is_some_and(|o| o.eq_ignore_ascii_case(host))
 }
