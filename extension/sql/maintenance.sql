@@ -9,8 +9,11 @@
 --              classes, collations, sort options, expressions and predicate as
 --              another valid index that is kept (constraint-backed, unique,
 --              oldest first); a non-unique index is a duplicate of a unique twin
---   unused     never scanned since statistics were reset, at least min_unused_bytes,
---              backs no constraint, not marked required (see below)
+--   unused     never scanned since statistics were reset (neither it nor any
+--              twin it is kept over: the planner may pick either of two
+--              identical indexes, and a dropped twin's scans move to the one
+--              kept), at least min_unused_bytes, backs no constraint, not
+--              marked required (see below)
 --              (advisory: `maintain` drops these only when asked)
 --   bloated    a btree at least min_bloat_bytes and over twice the size its
 --              rows need (estimate from pg_stats widths)
@@ -50,7 +53,8 @@ WITH idx AS (
            row_number() OVER (PARTITION BY indrelid, def, valid
                               ORDER BY backs_constraint DESC, required DESC, uniq DESC, indexrelid) AS rank_in_twins,
            first_value(iname) OVER (PARTITION BY indrelid, def, valid
-                                    ORDER BY backs_constraint DESC, required DESC, uniq DESC, indexrelid) AS keeper
+                                    ORDER BY backs_constraint DESC, required DESC, uniq DESC, indexrelid) AS keeper,
+           sum(scans) OVER (PARTITION BY indrelid, def, valid) AS twin_scans
     FROM idx
 ), widths AS (
     SELECT idx.indexrelid,
@@ -88,7 +92,7 @@ SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'unused
        'no scans since statistics were last reset',
        format('DROP INDEX CONCURRENTLY sales.%I', r.iname)
 FROM ranked r
-WHERE r.valid AND r.rank_in_twins = 1 AND r.scans = 0 AND NOT r.backs_constraint AND NOT r.uniq AND NOT r.required
+WHERE r.valid AND r.rank_in_twins = 1 AND r.twin_scans = 0 AND NOT r.backs_constraint AND NOT r.uniq AND NOT r.required
   AND r.size >= min_unused_bytes
 UNION ALL
 SELECT format('sales.%I', r.iname), format('sales.%I', r.tname), r.size, 'bloated',

@@ -200,6 +200,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Maintain(args) => {
+            // Maintenance is not a request: the report over the catalogs
+            // and the prune of a large log may take longer than
+            // DB_QUERY_TIMEOUT allows one (0: no statement timeout).
+            let config = Config {
+                db_query_timeout: std::time::Duration::ZERO,
+                ..config.clone()
+            };
             let pool = db::connect(&config).await?;
             let findings = maintain::report(&pool).await?;
             if findings.is_empty() {

@@ -285,3 +285,108 @@ async fn unused_and_bloated_indexes_are_reported() {
         .iter()
         .any(|(n, _)| n == "events_kind_idx"));
 }
+
+/// Of two identical indexes the planner may use either; the copy that is
+/// kept is not "unused" while its twin was scanned (its scans move to the
+/// kept copy once the twin is dropped), so `maintain --drop-unused` keeps
+/// one of them. The product's own indexes are never proposed for dropping,
+/// however little they were scanned.
+#[tokio::test]
+async fn a_scanned_twin_keeps_its_kept_copy_and_required_indexes_stay() {
+    let db = TestDb::new().await;
+    db.stores(3).await;
+    exec(
+        &db,
+        "ALTER TABLE sales.monthly_sales DISABLE TRIGGER monthly_sales_events;
+         INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             SELECT s.id, 2000 + m / 12, 1 + m % 12, jsonb_build_object('1', jsonb_build_object('sales', m))
+             FROM sales.stores s, generate_series(0, 1199) m;
+         ALTER TABLE sales.monthly_sales ENABLE TRIGGER monthly_sales_events;
+         CREATE INDEX twin_kept ON sales.monthly_sales (total_sales, store_id);
+         CREATE INDEX twin_used ON sales.monthly_sales (total_sales, store_id);
+         ANALYZE sales.monthly_sales;",
+    )
+    .await;
+    // Only the newer copy is scanned (the older is hidden from the planner
+    // for the query).
+    exec(
+        &db,
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'sales.twin_kept'::regclass",
+    )
+    .await;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(
+        "SET enable_seqscan = off; SET enable_bitmapscan = off;
+         SELECT count(*) FROM sales.monthly_sales WHERE total_sales = 7",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    exec(
+        &db,
+        "UPDATE pg_index SET indisvalid = true WHERE indexrelid = 'sales.twin_kept'::regclass",
+    )
+    .await;
+    let scans = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT indexrelname::text, idx_scan FROM pg_stat_all_indexes
+             WHERE schemaname = 'sales' AND indexrelname IN ('twin_kept', 'twin_used') ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    // Statistics reach the view within a second (stats_fetch_consistency).
+    let seen = sales_e2e::eventually(
+        std::time::Duration::from_secs(10),
+        "the twin's scan in the statistics",
+        || async {
+            let s = scans().await;
+            (s.iter().any(|(n, c)| n == "twin_used" && *c > 0)).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(seen[0], ("twin_kept".to_string(), 0), "{seen:?}");
+
+    let found = report(&db, "0, 0").await;
+    assert!(
+        find(&found, "sales.twin_used", "duplicate").is_some(),
+        "{found:#?}"
+    );
+    assert!(
+        find(&found, "sales.twin_kept", "unused").is_none(),
+        "{found:#?}"
+    );
+    for required in [
+        "sales.monthly_sales_period_idx",
+        "sales.stores_region_status_idx",
+    ] {
+        assert!(
+            !found
+                .iter()
+                .any(|f| f.index_name == required && f.fix.starts_with("DROP")),
+            "{required}: {found:#?}"
+        );
+    }
+    // Maintenance is not held to a request's DB_QUERY_TIMEOUT (the report
+    // over the catalogs alone takes longer than 10 ms).
+    let out = Command::new(server_bin())
+        .args(["maintain", "--drop-unused"])
+        .envs(db.env())
+        .env("DB_QUERY_TIMEOUT", "10ms")
+        .output()
+        .expect("run sales-server maintain");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let left: Vec<String> = indexes(&db).await.into_iter().map(|(n, _)| n).collect();
+    assert!(left.contains(&"twin_kept".to_string()), "{left:?}\n{text}");
+    assert!(!left.contains(&"twin_used".to_string()), "{left:?}\n{text}");
+    for required in ["monthly_sales_period_idx", "stores_region_status_idx"] {
+        assert!(left.contains(&required.to_string()), "{left:?}\n{text}");
+    }
+}

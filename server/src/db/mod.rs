@@ -162,7 +162,7 @@ async fn restore_after_dump(pool: &PgPool) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// What migrations 0002, 0006, 0007 and 0011 add to the extension's tables
+/// What migrations 0002, 0006, 0007, 0011 and 0020 add to the extension's tables
 /// (indexes, extended statistics, the event log's statistics targets): the
 /// name to look for, the catalog query that finds it, and the statements
 /// that make it, as the migrations do.
@@ -172,13 +172,17 @@ const TABLE_SETTINGS: [(&str, &str, &str); 5] = [
         "SELECT to_regclass('sales.monthly_sales_period_idx') IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS monthly_sales_period_idx
              ON sales.monthly_sales (year, month, store_id)
-             INCLUDE (total_sales, total_customers, days_reported, version)",
+             INCLUDE (total_sales, total_customers, days_reported, version);
+         COMMENT ON INDEX sales.monthly_sales_period_idx IS
+             'pg_sales: required by lists, summaries and exports filtered by period across stores'",
     ),
     (
         "stores_region_status_idx",
         "SELECT to_regclass('sales.stores_region_status_idx') IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS stores_region_status_idx
-             ON sales.stores (region, status) INCLUDE (code, name)",
+             ON sales.stores (region, status) INCLUDE (code, name);
+         COMMENT ON INDEX sales.stores_region_status_idx IS
+             'pg_sales: required by region filters and the stores list'",
     ),
     (
         "monthly_sales_store_period",
@@ -219,7 +223,10 @@ pub async fn restore_table_settings(conn: &mut PgConnection) -> Result<bool, sql
             .fetch_optional(&mut *conn)
             .await?;
         if there != Some(true) {
-            sqlx::query(make).execute(&mut *conn).await?;
+            // One statement or several, separated by `;` (none inside).
+            for stmt in make.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(stmt).execute(&mut *conn).await?;
+            }
             tracing::warn!(object = name, "an index or setting a migration puts on the extension's tables was missing (a restored dump?); made it again");
             made = true;
         }
