@@ -675,6 +675,31 @@ async fn an_async_batch_answers_202_and_reports_through_the_job() {
         )
         .await;
     assert_eq!(status, 403);
+    // Numbers reach the table as written, as a synchronous batch writes
+    // them: the job keeps the request's text, not floats.
+    let body = format!(
+        r#"{{"salesDataArray": [{{"storeId": {}, "year": 2024, "month": 5,
+             "dailyData": {{"1": {{"sales": 12345678.123456789012}}}}}}]}}"#,
+        stores[0]
+    );
+    let r = api
+        .req(reqwest::Method::POST, "/api/v2/sales/batch?async=true")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let body: Value = r.json().await.unwrap();
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    let sales: String = sqlx::query_scalar(
+        "SELECT daily_data->'1'->>'sales' FROM sales.monthly_sales WHERE month = 5",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(sales, "12345678.123456789012");
     server.stop().await;
 }
 

@@ -497,12 +497,11 @@ impl SalesApi {
         text.push(']');
         let records = serde_json::value::RawValue::from_string(text).map_err(ApiError::internal)?;
         if run_async.0.unwrap_or(false) {
-            let records: Value = serde_json::from_str(records.get()).map_err(ApiError::internal)?;
             let id = crate::jobs::batch::enqueue(
                 &self.state.pool,
                 auth.0.user_id,
                 auth.0.scope(),
-                records,
+                &records,
                 &kept,
                 &rejected,
                 n,

@@ -17,7 +17,7 @@ pub async fn enqueue(
     pool: &PgPool,
     user_id: i64,
     scope: Option<Vec<i64>>,
-    records: Value,
+    records: &serde_json::value::RawValue,
     kept: &[usize],
     rejected: &[(usize, Vec<sales_core::FieldError>)],
     total: usize,
@@ -35,14 +35,18 @@ pub async fn enqueue(
             ])
         })
         .collect();
+    // The records go as the text they arrived in, made jsonb by Postgres:
+    // numbers keep every digit (a serde `Value` would carry them as f64).
+    let rest = json!({"kept": kept, "rejected": rejected, "total": total}).to_string();
+    let input = format!("{{\"records\":{},{}", records.get(), &rest[1..]);
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO jobs.jobs (kind, user_id, scope, params, input, rows_read)
-         VALUES ('batch', $1, $2, $3, $4, $5) RETURNING id",
+         VALUES ('batch', $1, $2, $3, $4::jsonb, $5) RETURNING id",
     )
     .bind(user_id)
     .bind(&scope)
     .bind(json!({"mode": if replace { "replace" } else { "merge" }, "atomic": atomic}))
-    .bind(json!({"records": records, "kept": kept, "rejected": rejected, "total": total}))
+    .bind(input)
     .bind(total as i64)
     .fetch_one(pool)
     .await?;
