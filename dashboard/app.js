@@ -344,10 +344,18 @@
 
   // ---------- stores ----------
 
+  // Every store of the caller's scope, a page of 1,000 (the API's most) at
+  // a time, up to 100,000.
   async function loadStores() {
-    const body = await api('/api/v2/stores?limit=1000');
+    const all = [];
+    for (let offset = 0; offset < 100000; offset += 1000) {
+      const body = await api(`/api/v2/stores?limit=1000&offset=${offset}`);
+      const page = body.data || [];
+      all.push(...page);
+      if (page.length < 1000) break;
+    }
     state.stores.clear();
-    for (const s of body.data || []) state.stores.set(Number(s.id), s);
+    for (const s of all) state.stores.set(Number(s.id), s);
     renderStores();
     // Names may have arrived after the chart.
     renderChart();

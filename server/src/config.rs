@@ -355,6 +355,22 @@ fn log_filter_has_levels(filter: &str) -> bool {
         })
 }
 
+/// A Postgres URL the driver can use: the scheme, then everything else as
+/// sqlx reads it (a port that is not a number, an unknown `sslmode`).
+fn check_pg_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
+    check_url(var, url, &["postgres", "postgresql"])?;
+    url.parse::<sqlx::postgres::PgConnectOptions>()
+        .map(|_| ())
+        .map_err(|e| {
+            // The URL may hold a password: name the variable, not the value.
+            Env::err(
+                var,
+                "<hidden>",
+                format!("is not a usable Postgres URL: {e}"),
+            )
+        })
+}
+
 fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
     if schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
         Ok(())
@@ -381,10 +397,10 @@ impl Config {
         let s = Duration::from_secs;
         let ms = Duration::from_millis(1);
         let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL);
-        check_url("DATABASE_URL", &database_url, &["postgres", "postgresql"])?;
+        check_pg_url("DATABASE_URL", &database_url)?;
         let database_replica_url = e.opt("DATABASE_REPLICA_URL");
         if let Some(u) = &database_replica_url {
-            check_url("DATABASE_REPLICA_URL", u, &["postgres", "postgresql"])?;
+            check_pg_url("DATABASE_REPLICA_URL", u)?;
         }
         let db_pool_min = e.num("DB_POOL_MIN", 2u32, 0, 1000)?;
         let db_pool_max = e.num("DB_POOL_MAX", 20u32, 1, 1000)?;
@@ -530,7 +546,17 @@ impl Config {
                 Duration::from_millis(10),
                 s(60),
             )?,
-            bind_addr: e.string("BIND_ADDR", "127.0.0.1"),
+            bind_addr: {
+                let b = e.string("BIND_ADDR", "127.0.0.1");
+                if b != "localhost" && b.parse::<std::net::IpAddr>().is_err() {
+                    return Err(Env::err(
+                        "BIND_ADDR",
+                        &b,
+                        "must be an IP address of this machine (127.0.0.1, 0.0.0.0, ::) or localhost",
+                    ));
+                }
+                b
+            },
             port: e.num("PORT", 3001u16, 0, 65535)?,
             log_level,
             log_format,

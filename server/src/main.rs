@@ -32,10 +32,21 @@ async fn main() -> ExitCode {
     logging::init(&config);
     match run(cli.command.unwrap_or(Command::Serve), config).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        // A setting found wrong only when used (JWT_SECRET for `serve`) is
+        // a configuration error as well: the same message and exit code.
+        Err(e) => match e
+            .chain()
+            .find_map(|c| c.downcast_ref::<sales_server::config::ConfigError>())
+        {
+            Some(c) => {
+                eprintln!("configuration error: {c}");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

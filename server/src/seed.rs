@@ -80,6 +80,13 @@ fn parse_end(raw: Option<&str>) -> anyhow::Result<((i32, u32), Option<u32>)> {
             if !(1..=12).contains(&m) {
                 bail!("--end: month must be 1..12");
             }
+            if (y, m) > (today.year(), today.month()) {
+                bail!(
+                    "--end: {y}-{m:02} is after the current month ({}-{:02}); demo data has no future sales",
+                    today.year(),
+                    today.month()
+                );
+            }
             let last = if (y, m) == (today.year(), today.month()) {
                 Some(today.day())
             } else {
@@ -262,5 +269,19 @@ mod tests {
         }
         let d = month_data(&mut rng, 5000.0, 1.0, 2025, 3, Some(10));
         assert_eq!(d.as_object().unwrap().len(), 10);
+    }
+
+    #[test]
+    fn the_end_is_never_in_the_future() {
+        let today = Utc::now().date_naive();
+        let this = format!("{}-{:02}", today.year(), today.month());
+        assert_eq!(
+            parse_end(Some(&this)).unwrap(),
+            ((today.year(), today.month()), Some(today.day()))
+        );
+        assert_eq!(parse_end(Some("2020-02")).unwrap(), ((2020, 2), None));
+        let next = format!("{}-{:02}", today.year() + 1, today.month());
+        let e = parse_end(Some(&next)).unwrap_err().to_string();
+        assert!(e.contains("after the current month"), "{e}");
     }
 }

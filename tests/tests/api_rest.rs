@@ -1210,3 +1210,29 @@ async fn cors_origins_leave_the_servers_own_origin_alone() {
         .expect("same-origin WebSocket upgrade");
     assert_eq!(resp.status(), 101);
 }
+
+/// A store's name or region of spaces only is a 400 naming the field (they
+/// are stored trimmed), not a constraint error.
+#[tokio::test]
+async fn blank_store_names_and_regions_name_the_field() {
+    let f = fixture(&[]).await;
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/stores",
+            &json!({"code": "B1", "name": "   ", "region": "North"}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "name");
+    let (st, body) = f
+        .admin
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v2/stores/{}", f.stores[0]),
+            &json!({"region": "  "}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "region");
+}

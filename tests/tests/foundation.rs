@@ -148,6 +148,53 @@ async fn bad_configuration_exits_naming_the_variable() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_FORMAT"));
+
+    // Every wrong setting exits 2 with `configuration error:` naming it,
+    // including one found wrong only by the command that needs it.
+    for (args, set, remove, var) in [
+        (
+            &["migrate"][..],
+            vec![("DB_POOL_MAX", "abc")],
+            vec![],
+            "DB_POOL_MAX",
+        ),
+        (&["serve"][..], vec![], vec!["JWT_SECRET"], "JWT_SECRET"),
+        (
+            &["migrate"][..],
+            vec![(
+                "DATABASE_URL",
+                "postgres://u:secret-pw@127.0.0.1:notaport/db",
+            )],
+            vec![],
+            "DATABASE_URL",
+        ),
+        (
+            &["serve"][..],
+            vec![("BIND_ADDR", "nowhere")],
+            vec![],
+            "BIND_ADDR",
+        ),
+        (
+            &["serve"][..],
+            vec![("CORS_ORIGINS", "https://a.example/")],
+            vec![],
+            "CORS_ORIGINS",
+        ),
+    ] {
+        let mut cmd = Command::new(server_bin());
+        cmd.args(args).envs(set.iter().copied());
+        for v in remove {
+            cmd.env_remove(v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("configuration error: {var}")),
+            "{var}: {stderr}"
+        );
+        assert!(!stderr.contains("secret-pw"), "{stderr}");
+    }
 }
 
 #[tokio::test]

@@ -210,6 +210,8 @@ impl StoresApi {
         body: Json<CreateStore>,
     ) -> ApiResult<CreatedResponse> {
         auth.require_admin()?;
+        not_blank("name", Some(&body.name))?;
+        not_blank("region", Some(&body.region))?;
         let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let doc: String = sqlx::query_scalar(
             "INSERT INTO sales.stores AS s (code, name, region, status) VALUES ($1, $2, $3, $4) RETURNING sales.store_doc(s)::text",
@@ -243,6 +245,8 @@ impl StoresApi {
         if body.status.is_none() && body.name.is_none() && body.region.is_none() {
             return Err(ApiError::bad_param("body", "give status, name or region"));
         }
+        not_blank("name", body.name.as_ref())?;
+        not_blank("region", body.region.as_ref())?;
         if !auth.0.is_admin() {
             if !auth.0.can_manage_store(id.0) {
                 return Err(ApiError::forbidden(format!(
@@ -275,4 +279,12 @@ impl StoresApi {
             row.get::<&str, _>(0)
         ))))
     }
+}
+
+/// Names and regions are stored trimmed: one of spaces only would be empty.
+fn not_blank(field: &str, value: Option<&String>) -> ApiResult<()> {
+    if value.is_some_and(|v| v.trim().is_empty()) {
+        return Err(ApiError::bad_param(field, "must not be blank"));
+    }
+    Ok(())
 }
