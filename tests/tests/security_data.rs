@@ -471,6 +471,45 @@ async fn health_keeps_dependency_errors_for_admins() {
     let detail = body["postgres"]["error"].as_str().unwrap_or_default();
     assert!(!detail.is_empty() && detail != "unreachable", "{body}");
     server.stop().await;
+
+    // Redis the same way: a port nothing listens on.
+    let closed = sales_e2e::free_port();
+    let redis_url = format!("redis://127.0.0.1:{closed}");
+    let server = db
+        .server(&[
+            ("REDIS_URL", redis_url.as_str()),
+            ("REDIS_TIMEOUT", "200ms"),
+        ])
+        .await;
+    let (_, token) = user_token(&db, &server, "a2@example.com", "admin", &[]).await;
+    let r = Api::new(&server, None)
+        .req(Method::GET, "/health")
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["redis"]["up"], false, "{body}");
+    assert_eq!(body["redis"]["error"], "unreachable", "{body}");
+    let body = eventually(
+        Duration::from_secs(30),
+        "redis's error for an admin",
+        || async {
+            let r = Api::new(&server, Some(&token))
+                .req(Method::GET, "/health")
+                .send()
+                .await
+                .ok()?;
+            let body: Value = r.json().await.ok()?;
+            let detail = body["redis"]["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (!detail.is_empty() && detail != "unreachable").then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(body["redis"]["up"], false, "{body}");
+    server.stop().await;
 }
 
 /// Item 15: a store just created or changed is read back even while the

@@ -22,6 +22,8 @@ pub struct RedisCache {
     cluster: bool,
     timeout: Duration,
     degraded: Arc<AtomicBool>,
+    /// The last failure as the driver told it (for an admin's `/health`).
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
     /// Tag counters live this long after their last bump: longer than any
     /// entry, so an entry never outlives the counter it recorded.
     tag_ttl: Duration,
@@ -76,6 +78,8 @@ impl RedisCache {
         let timeout = config.redis_timeout;
         degraded.store(true, Ordering::Relaxed);
         let (slot, flag) = (conn.clone(), degraded.clone());
+        let last_error: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let last = last_error.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
             let mut warned = false;
@@ -112,6 +116,7 @@ impl RedisCache {
                         return;
                     }
                     Err(e) => {
+                        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                         if !warned {
                             tracing::warn!(error = %e, "redis unreachable; serving from Postgres until it is back");
                             warned = true;
@@ -127,6 +132,7 @@ impl RedisCache {
             cluster: !config.redis_cluster_urls.is_empty(),
             timeout,
             degraded,
+            last_error,
             tag_ttl: tag_ttl(config.cache_ttl),
         };
         cache.watch_restarts(format!("{}:t:all", config.cache_prefix));
@@ -234,6 +240,7 @@ impl RedisCache {
     }
 
     fn fail(&self, why: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
         // Logged once per outage, not per request.
         if !self.degraded.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = why, "redis unavailable; serving from Postgres");
@@ -318,7 +325,12 @@ impl RedisCache {
         let started = Instant::now();
         match self.run::<String>(&redis::cmd("PING")).await {
             Ok(_) => Ok(started.elapsed()),
-            Err(()) => Err("unreachable".into()),
+            Err(()) => Err(self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "unreachable".into())),
         }
     }
 }
