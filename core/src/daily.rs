@@ -117,27 +117,19 @@ fn validate_day<'a, J: JsonRead<'a>>(
             ));
             return;
         };
-        // Most numbers are settled by their sign and shape; the rest
-        // (large, tiny, special, fractional where a whole number is due)
-        // by their f64 value.
-        match v.small_number_shape() {
-            Some((true, _)) => {
-                return errors.push(FieldError::new(path(), "must not be negative"));
-            }
-            Some((false, fractional)) if !(whole && fractional) => return,
-            _ => {}
-        }
-        match v.as_f64() {
-            Some(n) if !n.is_finite() => errors.push(FieldError::new(path(), "must be a number")),
-            Some(n) if n < 0.0 => errors.push(FieldError::new(path(), "must not be negative")),
-            Some(n) if n > MAX_METRIC => {
-                errors.push(FieldError::new(path(), "is larger than 1e12"))
-            }
-            Some(n) if whole && n.fract() != 0.0 => {
-                errors.push(FieldError::new(path(), "must be a whole number"))
-            }
-            Some(_) => {}
-            None => errors.push(FieldError::new(path(), "must be a number")),
+        // Judged exactly where the reader holds the number's digits (the
+        // extension's jsonb: what is stored is what is checked), else by
+        // its f64 value.
+        let reason = match v.number_class() {
+            None => Some("must be a number"),
+            Some(c) if c.special => Some("must be a number"),
+            Some(c) if c.negative => Some("must not be negative"),
+            Some(c) if c.above_max => Some("is larger than 1e12"),
+            Some(c) if whole && c.fractional => Some("must be a whole number"),
+            Some(_) => None,
+        };
+        if let Some(reason) = reason {
+            errors.push(FieldError::new(path(), reason));
         }
     });
 }

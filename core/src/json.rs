@@ -17,6 +17,40 @@ pub enum Kind {
     Object,
 }
 
+/// What the metric rules ask of a number (README, "The data model"): a
+/// value, not NaN or an infinity; its sign; whether it is above 1e12; whether
+/// it has digits after the point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumberClass {
+    pub special: bool,
+    pub negative: bool,
+    pub above_max: bool,
+    pub fractional: bool,
+}
+
+impl NumberClass {
+    /// NaN or an infinity.
+    pub const SPECIAL: NumberClass = NumberClass {
+        special: true,
+        negative: false,
+        above_max: false,
+        fractional: false,
+    };
+
+    /// As far as an `f64` can tell (a reader without the number's digits).
+    pub fn of_f64(n: f64) -> NumberClass {
+        if !n.is_finite() {
+            return NumberClass::SPECIAL;
+        }
+        NumberClass {
+            special: false,
+            negative: n < 0.0,
+            above_max: n > crate::daily::MAX_METRIC,
+            fractional: n.fract() != 0.0,
+        }
+    }
+}
+
 /// A JSON value that can be read without being converted. `'a` is the life
 /// of the underlying document (strings and members borrow from it).
 pub trait JsonRead<'a>: Copy {
@@ -33,12 +67,11 @@ pub trait JsonRead<'a>: Copy {
     /// does nothing for anything else.
     fn each_member(self, f: impl FnMut(&'a str, Self));
 
-    /// For a number that a reader can judge without converting it to
-    /// `f64`: (negative, has digits after the point), as
-    /// [`crate::pgnumeric::Header::small_shape`] defines them. None: ask
-    /// [`JsonRead::as_f64`] (the default).
-    fn small_number_shape(self) -> Option<(bool, bool)> {
-        None
+    /// A number's [`NumberClass`]; None for anything else. The default reads
+    /// [`JsonRead::as_f64`]; a reader that holds the digits (the extension's
+    /// jsonb) decides exactly.
+    fn number_class(self) -> Option<NumberClass> {
+        self.as_f64().map(NumberClass::of_f64)
     }
 
     fn is_empty(self) -> bool {

@@ -92,21 +92,21 @@ impl Header {
         })
     }
 
-    /// For a number from 1e-280 to under 1e12 (or zero): whether it is
-    /// negative and whether it has digits after the point, exactly. Over
-    /// that range its `f64` keeps its sign and stays under 1e12, so the
-    /// metric rules read the same from this as from [`Decoded::to_f64`]
-    /// (except wholeness: an `f64` may round a tiny fraction away, so a
-    /// caller that must tell whole numbers converts the fractional ones).
-    /// None outside the range.
-    pub fn small_shape(&self) -> Option<(bool, bool)> {
-        if self.n_digits == 0 {
-            return Some((false, false));
+    /// The number's [`crate::json::NumberClass`], exactly: 1e12 is
+    /// 10000^3, so a value is above it when its first digit sits past
+    /// 10000^3, or at it with anything more than a lone 1 (Postgres strips
+    /// leading and trailing zero digits, and a negative zero has no digits).
+    pub fn class(&self, word: impl Fn(usize) -> u16) -> crate::json::NumberClass {
+        let nonzero = self.n_digits > 0;
+        let above_max = nonzero
+            && (self.weight > 3
+                || (self.weight == 3 && (word(self.first) > 1 || self.n_digits > 1)));
+        crate::json::NumberClass {
+            special: false,
+            negative: nonzero && self.negative,
+            above_max,
+            fractional: self.n_digits as i32 > self.weight + 1,
         }
-        if self.weight > 2 || self.weight < -70 {
-            return None;
-        }
-        Some((self.negative, self.n_digits as i32 > self.weight + 1))
     }
 
     /// The value in units of 10^-(4 * `fraction_digits`), when it has at
@@ -262,49 +262,58 @@ mod tests {
         assert_eq!(Decoded::from_words(1, |i| inf[i]).to_f64(), f64::INFINITY);
     }
 
+    /// The class is decided from the digits: where an `f64` can tell, it
+    /// agrees with it; where it cannot (tiny negatives, a fraction past the
+    /// f64's precision, just above 1e12), it is still right.
     #[test]
-    fn header_shape_agrees_with_f64() {
-        let cases: &[(bool, i32, &[u16])] = &[
-            (false, 0, &[]),
-            (false, 0, &[5]),
-            (true, 0, &[5]),
-            (false, 0, &[1234, 5678]),
-            (false, -1, &[5000]),
-            (true, -1, &[1]),
-            (false, 2, &[9999, 9999, 9999]),
-            (false, 2, &[9999, 9999, 9999, 1]),
-            (false, 1, &[12, 3400]),
-            (false, -70, &[1]),
-            (true, -70, &[1]),
+    fn header_class_is_exact() {
+        use crate::json::NumberClass;
+        // (negative, weight, digits, negative?, above 1e12?, fractional?)
+        let cases: &[(bool, i32, &[u16], bool, bool, bool)] = &[
+            (false, 0, &[], false, false, false),
+            (true, 0, &[], false, false, false), // -0
+            (false, 0, &[5], false, false, false),
+            (true, 0, &[5], true, false, false),
+            (false, 0, &[1234, 5678], false, false, true),
+            (false, -1, &[5000], false, false, true),
+            (true, -1, &[1], true, false, true),
+            (false, 2, &[9999, 9999, 9999], false, false, false),
+            (false, 2, &[9999, 9999, 9999, 9999], false, false, true), // 999999999999.9999
+            (false, 3, &[1], false, false, false),                     // 1e12
+            (false, 3, &[1, 0, 0, 0, 1], false, true, true),           // 1e12 + 0.0001
+            (false, 3, &[1, 0, 0, 1], false, true, false),             // 1e12 + 1
+            (false, 3, &[2], false, true, false),
+            (false, 4, &[1], false, true, false),
+            (false, 0, &[1, 0, 0, 0, 0, 1], false, false, true), // 1.00000000000000000001
+            (true, -100, &[1], true, false, true),               // -1e-400
+            (false, -100, &[1], false, false, true),
+            (false, 1, &[12, 3400], false, false, false),
         ];
-        for &(negative, weight, digits) in cases {
+        for &(negative, weight, digits, neg, above, fractional) in cases {
             // The long format: sign and display scale, weight, digits.
             let sign = if negative { NUMERIC_NEG } else { 0 };
             let words: Vec<u16> = [sign | 4, weight as i16 as u16]
                 .into_iter()
                 .chain(digits.iter().copied())
                 .collect();
-            let d = Decoded::from_words(words.len(), |i| words[i]);
             let h = Header::from_words(words.len(), |i| words[i]).expect("finite");
             assert_eq!((h.weight, h.n_digits, h.first), (weight, digits.len(), 2));
-            let (neg, fractional) = h.small_shape().expect("in range");
-            let v = d.to_f64();
-            assert_eq!(neg, v < 0.0, "{v}");
-            assert!(v < 1e12, "{v}");
-            if !fractional {
-                assert_eq!(v.fract(), 0.0, "{v}");
+            let c = h.class(|i| words[i]);
+            assert_eq!(
+                c,
+                NumberClass {
+                    special: false,
+                    negative: neg,
+                    above_max: above,
+                    fractional
+                },
+                "{negative} {weight} {digits:?}"
+            );
+            // Where an f64 holds the value, it agrees.
+            let v = Decoded::from_words(words.len(), |i| words[i]).to_f64();
+            if digits.len() <= 3 && (-70..=2).contains(&weight) {
+                assert_eq!(NumberClass::of_f64(v), c, "{v}");
             }
-        }
-        // Out of range: 1e12 and up, and below 1e-280.
-        for (weight, digits) in [(3, &[1u16][..]), (-71, &[1u16][..])] {
-            let h = Header {
-                negative: false,
-                weight,
-                dscale: 0,
-                first: 1,
-                n_digits: digits.len(),
-            };
-            assert_eq!(h.small_shape(), None);
         }
     }
 

@@ -17,7 +17,7 @@ use pgrx::datum::Datum;
 use pgrx::nullable::Nullable;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use sales_core::json::{JsonRead, Kind};
+use sales_core::json::{JsonRead, Kind, NumberClass};
 use sales_core::pgnumeric::{Decoded, Header};
 use std::marker::PhantomData;
 
@@ -218,6 +218,55 @@ unsafe impl<'fcx> ArgAbi<'fcx> for NumericArray {
 }
 
 impl_sql_translatable!(NumericArray, arg_only = "numeric[]");
+
+/// A `text` argument as its bytes, in the server's encoding, valid for the
+/// call. (pgrx's `&str` refuses text that is not UTF-8 before the function
+/// runs, so a database in another encoding could not pass any non-ASCII.)
+pub struct TextBytes(*mut pg_sys::varlena);
+
+impl TextBytes {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: a detoasted text datum that lives for the call.
+        unsafe {
+            let len = pgrx::varlena::varsize_any_exhdr(self.0);
+            let data = pgrx::varlena::vardata_any(self.0) as *const u8;
+            if len == 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(data, len)
+            }
+        }
+    }
+}
+
+impl FromDatum for TextBytes {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        Some(TextBytes(unsafe {
+            pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr())
+        }))
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for TextBytes {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+impl_sql_translatable!(TextBytes, arg_only = "text");
 
 /// A `numeric` computed by Postgres' own arithmetic, returned as it is.
 pub struct NumericDatum(pg_sys::Numeric);
@@ -691,6 +740,11 @@ impl<'a> Jb<'a> {
     /// equal without a walk (most days of an update are untouched). Arrays,
     /// which sales data does not hold, are left to Postgres' comparison.
     pub fn equals(self, other: Jb<'_>) -> bool {
+        // One call per level of nesting: a document nested thousands deep
+        // must end in Postgres' "stack depth limit exceeded", not overflow
+        // the backend's stack.
+        // SAFETY: a plain check of the stack pointer; raises an ERROR.
+        unsafe { pg_sys::check_stack_depth() };
         match (self, other) {
             (Jb::Object(x), Jb::Object(y)) => {
                 if let (Some(p), Some(q)) = (x.bytes(), y.bytes()) {
@@ -764,9 +818,9 @@ impl<'a> JsonRead<'a> for Jb<'a> {
         }
     }
 
-    fn small_number_shape(self) -> Option<(bool, bool)> {
+    fn number_class(self) -> Option<NumberClass> {
         match self {
-            Jb::Number(n) => n.header().ok()?.small_shape(),
+            Jb::Number(n) => Some(n.class()),
             _ => None,
         }
     }
@@ -830,10 +884,14 @@ impl<'a> Num<'a> {
         Decoded::from_words(n_words, word)
     }
 
-    /// The header alone (`Err`: NaN or an infinity, with its value).
-    pub fn header(self) -> Result<Header, f64> {
+    /// What the metric rules ask of a number, decided exactly from its
+    /// digits (no `f64` rounding).
+    pub fn class(self) -> NumberClass {
         let (n_words, word) = self.words();
-        Header::from_words(n_words, word)
+        match Header::from_words(n_words, word) {
+            Ok(h) => h.class(word),
+            Err(_) => NumberClass::SPECIAL,
+        }
     }
 
     /// The number of 16-bit words after the varlena header, and a reader of

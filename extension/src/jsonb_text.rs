@@ -85,11 +85,13 @@ pub(crate) fn document_datum(root: Node<'_>, what: &str) -> JsonbDatum {
 /// times faster for documents of plain numbers and strings (see the module
 /// header). The API hands batches of records to `batch_upsert` this way.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn parse_json(doc: &str) -> JsonbDatum {
+fn parse_json(doc: crate::jsonb::TextBytes) -> JsonbDatum {
+    let doc = doc.bytes();
     // Past 256 MB a container's offsets no longer fit a JEntry; jsonb_in
-    // says so in its own words. Another server encoding: jsonb_in reads it.
+    // says so in its own words. Another server encoding: jsonb_in reads it
+    // (the text is in that encoding, which Postgres checked on the way in).
     if crate::jsonb::server_is_utf8() && doc.len() < (1 << 28) {
-        if let Some(bytes) = jsonb_from_text(doc.as_bytes()) {
+        if let Some(bytes) = jsonb_from_text(doc) {
             return JsonbDatum::from_bytes(&bytes);
         }
     }

@@ -9,11 +9,11 @@
 //! transaction sends one NOTIFY at commit (see `sales.arm_notify`).
 
 use crate::error::{OrRaise, SalesError};
-use crate::jsonb::RawJsonb;
+use crate::jsonb::{Jb, RawJsonb};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use sales_core::json::{JsonRead, Kind};
-use sales_core::record::{check_record, parse_id, parse_month_key, MonthKey};
+use sales_core::record::{check_month_key, check_record, parse_id, MonthKey};
 use serde_json::{json, Value};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -426,14 +426,20 @@ FOR UPDATE OF m
 #[pg_extern(volatile)]
 fn batch_delete_impl(
     ids: Option<Vec<Option<i64>>>,
-    keys: Option<pgrx::JsonB>,
+    keys: Option<RawJsonb>,
     atomic: default!(Option<bool>, true),
     allowed_stores: default!(Option<Vec<Option<i64>>>, "NULL"),
 ) -> pgrx::JsonB {
     let atomic = atomic.unwrap_or(true);
-    let keys = match keys.map(|k| k.0) {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) => Some(a),
+    // Read in place, like the records of batch_upsert: a key with a number
+    // no f64 holds is reported as any bad key is.
+    let keys = match keys.as_ref().map(RawJsonb::root) {
+        None | Some(Jb::Null) => None,
+        Some(a @ Jb::Array(_)) => {
+            let mut items = Vec::with_capacity(a.len());
+            a.each_element(|_, e| items.push(e));
+            Some(items)
+        }
         Some(_) => SalesError::InvalidParameter(
             "keys must be a JSON array of {storeId, year, month}".into(),
         )
@@ -458,7 +464,7 @@ fn batch_delete_impl(
     let mut wanted_keys: Vec<(usize, MonthKey)> = Vec::new();
     for (j, k) in keys.iter().enumerate() {
         let i = ids.len() + j;
-        match parse_month_key(k) {
+        match check_month_key(*k) {
             Ok(mk) => wanted_keys.push((i, mk)),
             Err(errs) => {
                 for e in errs {

@@ -1157,3 +1157,182 @@ async fn kept_plans_follow_a_recreated_extension() {
         }
     }
 }
+
+/// The metric rules are judged on the stored number's digits, not on an
+/// f64 that rounds it: a tiny negative, a fraction past an f64's precision
+/// and a value just above 1e12 are refused by the CHECK constraint,
+/// `daily_data_valid` and `batch_upsert` alike.
+#[tokio::test]
+async fn metrics_are_judged_exactly() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let cases = [
+        (r#"{"sales": -1e-400}"#, "must not be negative"),
+        (r#"{"sales": 1000000000000.0001}"#, "is larger than 1e12"),
+        (
+            r#"{"customers": 999999999999.9999}"#,
+            "must be a whole number",
+        ),
+        (
+            r#"{"customers": 1.00000000000000000001}"#,
+            "must be a whole number",
+        ),
+        (r#"{"transactions": 1e-400}"#, "must be a whole number"),
+        (r#"{"sales": 1e400}"#, "is larger than 1e12"),
+        (r#"{"sales": -1e400}"#, "must not be negative"),
+    ];
+    for (day, reason) in cases {
+        let doc = format!(r#"{{"1": {day}}}"#);
+        let valid: bool = sqlx::query_scalar("SELECT sales.daily_data_valid(2024, 1, $1::jsonb)")
+            .bind(&doc)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert!(!valid, "{doc}");
+        let r = sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ($1, 2024, 1, $2::jsonb)",
+        )
+        .bind(s)
+        .bind(&doc)
+        .execute(&db.pool)
+        .await;
+        expect_code(r, "23514");
+        let batch =
+            format!(r#"[{{"storeId": {s}, "year": 2024, "month": 2, "dailyData": {doc}}}]"#);
+        let e =
+            sqlx::query_scalar::<_, Value>("SELECT sales.batch_upsert($1::jsonb, 'merge', true)")
+                .bind(&batch)
+                .fetch_one(&db.pool)
+                .await
+                .expect_err(&batch);
+        let report = ps422_report(&e);
+        assert!(
+            errors_of(&report)
+                .iter()
+                .any(|(i, f, r)| *i == 0 && f.starts_with("dailyData.1.") && r.contains(reason)),
+            "{doc}: {report}"
+        );
+    }
+    // Just inside the rules: accepted, stored as written.
+    for doc in [
+        r#"{"1": {"sales": 1e12}}"#,
+        r#"{"1": {"sales": 1e-400, "customers": 999999999999}}"#,
+        r#"{"1": {"sales": 0.00000000000000000001, "customers": -0}}"#,
+    ] {
+        let valid: bool = sqlx::query_scalar("SELECT sales.daily_data_valid(2024, 1, $1::jsonb)")
+            .bind(doc)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert!(valid, "{doc}");
+    }
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
+}
+
+/// Comparing documents nested thousands deep ends in Postgres' stack depth
+/// error, never in a crash of the backend (and of every session with it).
+#[tokio::test]
+async fn deeply_nested_documents_end_in_an_error_not_a_crash() {
+    let db = TestDb::new().await;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(
+        "CREATE TEMP TABLE deep (a jsonb, b jsonb);
+         DO $$ DECLARE a jsonb := '1'; b jsonb := '2'; BEGIN
+             FOR i IN 1..14000 LOOP
+                 a := jsonb_build_object('k', a); b := jsonb_build_object('k', b);
+             END LOOP;
+             INSERT INTO deep VALUES (a, b);
+         END $$;
+         CREATE FUNCTION pg_temp.nest(n int, a jsonb, b jsonb) RETURNS jsonb LANGUAGE plpgsql AS
+         $$ BEGIN IF n = 0 THEN RETURN sales.changed_days(a, b); END IF;
+                  RETURN pg_temp.nest(n - 1, a, b); END $$;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let r = sqlx::query_scalar::<_, Value>("SELECT pg_temp.nest(400, a, b) FROM deep")
+        .fetch_one(&mut conn)
+        .await;
+    expect_code(r, "54001");
+    // The session (and the cluster) carry on.
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+}
+
+/// Delete keys are read as stored: a number no f64 holds, or a key nested
+/// deeper than a JSON parser's recursion limit, is a reported key like any
+/// other bad one (it was an internal error, XX000, for the whole call).
+#[tokio::test]
+async fn delete_keys_with_numbers_beyond_f64_are_reported() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let deep = format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 1, "x": {}1{}}}]"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    for keys in [
+        r#"[{"storeId": 1e400, "year": 2024, "month": 1}]"#.to_string(),
+        r#"[{"storeId": 1, "year": -1e400, "month": 1}]"#.to_string(),
+        deep,
+    ] {
+        let e = sqlx::query_scalar::<_, Value>("SELECT sales.batch_delete(NULL, $1::jsonb)")
+            .bind(&keys)
+            .fetch_one(&db.pool)
+            .await
+            .expect_err(&keys);
+        let report = ps422_report(&e);
+        assert_eq!(report["failed"], 1, "{keys}: {report}");
+        assert!(
+            errors_of(&report)
+                .iter()
+                .all(|(i, f, _)| *i == 0 && f.starts_with("keys[0]")),
+            "{keys}: {report}"
+        );
+    }
+}
+
+/// `sales.parse_json` in a database of another encoding takes any text the
+/// database holds (Postgres' own jsonb input reads it) instead of refusing
+/// what is not UTF-8 before it runs.
+#[tokio::test]
+async fn parse_json_reads_text_in_a_latin1_database() {
+    use sqlx::{ConnectOptions, Connection, Executor};
+    use std::str::FromStr;
+    let name = format!("pgs_latin1_{}", uuid::Uuid::new_v4().simple());
+    let base = sqlx::postgres::PgConnectOptions::from_str(&sales_e2e::base_url()).unwrap();
+    let mut admin = base.clone().database("postgres").connect().await.unwrap();
+    admin
+        .execute(
+            format!(
+                "CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    let outcome = async {
+        let mut conn = base.clone().database(&name).connect().await?;
+        conn.execute("CREATE EXTENSION pg_sales").await?;
+        let same: bool = sqlx::query_scalar(
+            "SELECT sales.parse_json($1) = $1::jsonb AND sales.parse_json($1)::text = $1::jsonb::text",
+        )
+        .bind(r#"{"é": 1, "Nörth": ["ü", 2.50]}"#)
+        .fetch_one(&mut conn)
+        .await?;
+        conn.close().await?;
+        Ok::<bool, sqlx::Error>(same)
+    }
+    .await;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    assert!(outcome.expect("parse_json in a LATIN1 database"));
+}
