@@ -269,7 +269,8 @@ mod tests {
     fn header_class_is_exact() {
         use crate::json::NumberClass;
         // (negative, weight, digits, negative?, above 1e12?, fractional?)
-        let cases: &[(bool, i32, &[u16], bool, bool, bool)] = &[
+        type Case = (bool, i32, &'static [u16], bool, bool, bool);
+        let cases: &[Case] = &[
             (false, 0, &[], false, false, false),
             (true, 0, &[], false, false, false), // -0
             (false, 0, &[5], false, false, false),
