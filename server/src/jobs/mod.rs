@@ -130,6 +130,25 @@ pub async fn claim(
 /// otherwise be retried for ever. It ends as any failed job does: its
 /// `import-completed` goes out and its staged rows are removed.
 async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sqlx::Error> {
+    // Every poll of every worker comes by here: a plain read first, and a
+    // transaction only when there is a job to fail.
+    let any: bool = sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM jobs.jobs x
+             WHERE x.state = 'running' AND x.attempts >= $1
+               AND ($2::bigint IS NULL OR x.id = $2)
+               AND (x.lease_until < now()
+                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                   WHERE a.pid = x.worker_pid
+                                     AND a.backend_start = x.worker_backend_start)))",
+    )
+    .bind(MAX_ATTEMPTS)
+    .bind(only)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !any {
+        return Ok(());
+    }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let ended: Vec<(i64, Option<i64>, Value)> = sqlx::query_as(&format!(
         "UPDATE jobs.jobs j
@@ -298,6 +317,21 @@ async fn purge_rows_on(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
 /// Uploads whose uploader is gone never become jobs: failed (and
 /// announced, as every end of a job is), rows removed.
 pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
+    // Every poll of every worker comes by here: a plain read first, and a
+    // transaction only when there is an upload to end.
+    let any: bool = sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM jobs.jobs j
+             WHERE j.state = 'uploading'
+               AND (j.lease_until < now()
+                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                   WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start)))",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !any {
+        return Ok(());
+    }
     let mut tx = pool.begin().await?;
     let ended: Vec<(i64, Option<i64>, Value)> = sqlx::query_as(&format!(
         "UPDATE jobs.jobs j
