@@ -263,9 +263,14 @@ impl Env<'_> {
     fn origins(&self, var: &'static str) -> Result<Vec<String>, ConfigError> {
         let list = self.list(var);
         for o in &list {
-            let rest = o
-                .strip_prefix("https://")
-                .or_else(|| o.strip_prefix("http://"));
+            // Any scheme browsers send (`https`, `chrome-extension`,
+            // `capacitor`, ...), then a host and maybe a port.
+            let rest = o.split_once("://").and_then(|(scheme, rest)| {
+                let mut c = scheme.chars();
+                let ok = c.next().is_some_and(|f| f.is_ascii_alphabetic())
+                    && c.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+                ok.then_some(rest)
+            });
             let ok = o == "*"
                 || rest.is_some_and(|r| {
                     !r.is_empty() && !r.contains(['/', '?', '#', '@', ' ']) && !r.ends_with(':')
@@ -336,21 +341,25 @@ fn percent_encode(s: &str) -> String {
 /// everything else silent.
 fn log_filter_has_levels(filter: &str) -> bool {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let level = |l: &str| {
+        LEVELS.contains(&l.to_ascii_lowercase().as_str())
+            || matches!(l, "0" | "1" | "2" | "3" | "4" | "5")
+    };
     filter
         .split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty())
         .all(|d| {
+            // A span filter (`target[span{field=value}]`) is tracing's own
+            // syntax, checked by EnvFilter: its `=` may sit in the braces.
+            if d.contains(['[', '{']) {
+                return true;
+            }
             match d.rsplit_once('=') {
-                Some((_, l)) => LEVELS.contains(&l.to_ascii_lowercase().as_str()),
-                // A bare word is a level, or a target (a module path, a span
-                // filter) enabled at every level.
-                None => {
-                    LEVELS.contains(&d.to_ascii_lowercase().as_str())
-                        || d.contains("::")
-                        || d.contains('_')
-                        || d.contains('[')
-                }
+                Some((_, l)) => level(l),
+                // A bare word is a level, or a target (a module path)
+                // enabled at every level.
+                None => level(d) || d.contains("::") || d.contains('_'),
             }
         })
 }
@@ -426,10 +435,11 @@ impl Config {
                         .unwrap_or_default();
                     let host = match host.parse::<std::net::Ipv6Addr>() {
                         Ok(v6) => format!("[{v6}]"),
+                        // A name, an IPv4 address or a bracketed IPv6 one.
                         Err(_)
-                            if host
-                                .chars()
-                                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') =>
+                            if !host.is_empty()
+                                && !host.contains(['/', '@', '?', '#', ' '])
+                                && host.starts_with('[') == host.ends_with(']') =>
                         {
                             host
                         }
@@ -548,11 +558,16 @@ impl Config {
             )?,
             bind_addr: {
                 let b = e.string("BIND_ADDR", "127.0.0.1");
-                if b != "localhost" && b.parse::<std::net::IpAddr>().is_err() {
+                // An address (`::` or `[::]` alike), or a name that resolves.
+                let bare = b.trim_start_matches('[').trim_end_matches(']');
+                let usable = bare.parse::<std::net::IpAddr>().is_ok()
+                    || std::net::ToSocketAddrs::to_socket_addrs(&(bare, 0))
+                        .is_ok_and(|mut a| a.next().is_some());
+                if !usable {
                     return Err(Env::err(
                         "BIND_ADDR",
                         &b,
-                        "must be an IP address of this machine (127.0.0.1, 0.0.0.0, ::) or localhost",
+                        "must be an address of this machine (127.0.0.1, 0.0.0.0, ::) or a name that resolves to one",
                     ));
                 }
                 b
@@ -729,7 +744,7 @@ mod tests {
             "https://app.example.com/",
             "app.example.com",
             "https://app.example.com/x",
-            "ftp://a.b",
+            "1http://a.b",
             "https://",
         ] {
             let e = bad("CORS_ORIGINS", o);
@@ -765,6 +780,33 @@ mod tests {
         let c = cfg(&[("REDIS_HOST", "::1"), ("REDIS_PORT", "6380")]).unwrap();
         assert_eq!(c.redis_url.as_deref(), Some("redis://[::1]:6380/0"));
         assert_eq!(bad("REDIS_HOST", "a/b").var, "REDIS_HOST");
+        for (host, url) in [
+            ("[::1]", "redis://[::1]:6379/0"),
+            ("project_redis_1", "redis://project_redis_1:6379/0"),
+        ] {
+            let c = cfg(&[("REDIS_HOST", host)]).unwrap();
+            assert_eq!(c.redis_url.as_deref(), Some(url));
+        }
+        for b in ["::", "[::]", "[::1]", "0.0.0.0", "localhost"] {
+            assert!(cfg(&[("BIND_ADDR", b)]).is_ok(), "{b}");
+        }
+        assert_eq!(bad("BIND_ADDR", "no-such-host.invalid").var, "BIND_ADDR");
+        for o in [
+            "chrome-extension://abcdef",
+            "capacitor://localhost",
+            "http://[::1]:3000",
+            "*",
+        ] {
+            assert!(cfg(&[("CORS_ORIGINS", o)]).is_ok(), "{o}");
+        }
+        for l in [
+            "3",
+            "sales_server=4",
+            "sales_server[request{user_id=5}]",
+            "h2[conn]=debug,info",
+        ] {
+            assert!(cfg(&[("LOG_LEVEL", l)]).is_ok(), "{l}");
+        }
         let e = bad("DB_IDLE_TIMEOUT", "300");
         assert!(
             e.reason

@@ -93,6 +93,7 @@ pub fn peer_gone(local: &LocalAddr, remote: &RemoteAddr) -> bool {
     tcp_state(c.fd).is_some_and(|s| s == TCP_CLOSE || s == TCP_CLOSE_WAIT)
 }
 
+#[cfg(target_os = "linux")]
 fn tcp_state(fd: RawFd) -> Option<u8> {
     // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes;
     // `fd` is an open socket (see `peer_gone`).
@@ -108,6 +109,13 @@ fn tcp_state(fd: RawFd) -> Option<u8> {
         );
         (r == 0 && len >= 1).then_some(info.tcpi_state)
     }
+}
+
+/// Elsewhere the kernel's view is not read: a hang-up is seen when the
+/// handler ends, as without the check.
+#[cfg(not(target_os = "linux"))]
+fn tcp_state(_fd: RawFd) -> Option<u8> {
+    None
 }
 
 pub struct Breakable<A>(pub A);

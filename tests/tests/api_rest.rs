@@ -997,7 +997,8 @@ async fn batches_write_the_same_rows_without_parse_json() {
 }
 
 /// Rows written past the row trigger (plain SQL in replica mode, as a
-/// logical-replication apply writes them) can have NULL totals. Sorting by
+/// logical-replication apply writes them) can have NULL totals, or NaN and
+/// infinite ones. Sorting by
 /// such a column still pages through every row once, in Postgres' order
 /// (NULLs last ascending, first descending), with cursors that carry the NULL.
 #[tokio::test]
@@ -1010,6 +1011,8 @@ async fn sorting_by_a_column_with_nulls_pages_through_every_row_once() {
          INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
          VALUES ({store}, 2024, 7, '{{\"1\": {{\"sales\": 5}}}}'),
                 ({store}, 2024, 8, '{{\"2\": {{\"sales\": 6}}}}');
+         INSERT INTO sales.monthly_sales (store_id, year, month, daily_data, total_sales)
+         VALUES ({store}, 2024, 9, '{{}}', 'NaN'), ({store}, 2024, 10, '{{}}', 'Infinity');
          COMMIT;"
     ))
     .execute(&f.db.pool)
@@ -1032,7 +1035,7 @@ async fn sorting_by_a_column_with_nulls_pages_through_every_row_once() {
         .fetch_all(&f.db.pool)
         .await
         .unwrap();
-        assert_eq!(want.len(), 8);
+        assert_eq!(want.len(), 10);
         for limit in [1, 2, 3] {
             let mut got: Vec<i64> = Vec::new();
             let mut path =

@@ -390,3 +390,41 @@ async fn a_scanned_twin_keeps_its_kept_copy_and_required_indexes_stay() {
         assert!(left.contains(&required.to_string()), "{left:?}\n{text}");
     }
 }
+
+/// Migration 0020 on a database where an earlier `maintain --drop-unused`
+/// dropped the period index: the migration goes through, and the start
+/// makes the index again with its `required` comment.
+#[tokio::test]
+async fn the_required_marks_go_on_even_where_an_index_was_dropped() {
+    let db = TestDb::new().await;
+    exec(
+        &db,
+        "DROP INDEX sales.monthly_sales_period_idx;
+         DELETE FROM _sqlx_migrations WHERE version = 20;",
+    )
+    .await;
+    let out = Command::new(server_bin())
+        .arg("migrate")
+        .envs(db.env())
+        .output()
+        .expect("run sales-server migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let marks: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, obj_description(c.oid, 'pg_class') FROM pg_class c
+         WHERE c.relname IN ('monthly_sales_period_idx', 'stores_region_status_idx') ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(marks.len(), 2, "{marks:?}");
+    for (name, comment) in marks {
+        assert!(
+            comment.is_some_and(|c| c.starts_with("pg_sales: required")),
+            "{name}"
+        );
+    }
+}

@@ -43,9 +43,12 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
         let name = it.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = it
             .find_map(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|v| v.trim().parse::<f32>().ok())
+                // The parameter's name is case-insensitive (`Q=0`).
+                let (k, v) = p.split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("q")
+                    .then(|| v.trim().parse::<f32>().ok())
+                    .flatten()
             })
             .unwrap_or(1.0);
         let enc = match name.as_str() {
@@ -185,6 +188,10 @@ mod tests {
         );
         assert_eq!(negotiate(Some("*;q=0, gzip"), &all), Encoding::Gzip);
         assert_eq!(negotiate(Some("*;q=0"), &all), Encoding::Identity);
+        assert_eq!(
+            negotiate(Some("zstd;Q=0, br; q=0, gzip"), &all),
+            Encoding::Gzip
+        );
         assert_eq!(
             negotiate(Some("zstd;q=0.1, *"), &[Encoding::Zstd, Encoding::Gzip]),
             Encoding::Gzip

@@ -66,7 +66,9 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
 /// counted as Postgres counts them), so a filter no store can match is a 400
 /// naming `region` rather than an empty page or an encoding error.
 pub fn check_region(r: &str) -> ApiResult<()> {
-    if r.chars().any(char::is_control) {
+    // The characters a store's region may not hold (ASCII controls, as
+    // the store endpoints' pattern has it).
+    if r.chars().any(|c| c < ' ' || c == '\x7f') {
         return Err(ApiError::bad_param(
             "region",
             "must not contain control characters",

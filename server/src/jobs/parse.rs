@@ -815,6 +815,8 @@ fn json_metric(raw: &str, k: usize) -> Result<String, String> {
 
 /// Most digits after the point a `numeric` holds (NUMERIC_DSCALE_MAX).
 const NUMERIC_MAX_SCALE: i64 = 16383;
+/// The exponent `numeric_in` refuses from (INT_MAX / 2, either sign).
+const NUMERIC_MAX_EXPONENT: i64 = 1_073_741_823;
 
 /// A decimal number's text, judged exactly (no rounding): its digits
 /// `digits` (without leading or trailing zeros) stand for
@@ -844,9 +846,12 @@ impl Decimal {
                 if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                     return None;
                 }
-                // Past nine digits no exponent gives a value this import
-                // takes (or Postgres reads): saturate.
-                let v: i64 = digits.parse().unwrap_or(i64::MAX).min(1_000_000_000);
+                // Postgres' numeric_in refuses an exponent of INT_MAX / 2
+                // or more either way, whatever the digits (even `0e...`).
+                let v: i64 = digits.parse().unwrap_or(i64::MAX);
+                if v >= NUMERIC_MAX_EXPONENT {
+                    return None;
+                }
                 (&rest[..i], if e.starts_with('-') { -v } else { v })
             }
             _ => (rest, 0),
@@ -1773,10 +1778,11 @@ mod tests {
         assert_eq!(j("1.0000001E12", 0), Err("is larger than 1e12".into()));
         assert_eq!(j("15e-1", 1), Err("must be a whole number".into()));
         assert!(j("1e-16384", 0).is_err());
-        assert_eq!(
-            j("0e99999999999999999999", 1),
-            Ok("0e99999999999999999999".into())
-        );
+        // numeric_in refuses these exponents whatever the digits.
+        assert!(j("0e99999999999999999999", 1).is_err());
+        assert!(j("0e-1073741823", 1).is_err());
+        assert!(j("0e1073741823", 1).is_err());
+        assert_eq!(j("0e1073741822", 1), Ok("0e1073741822".into()));
     }
 
     /// A quote that is never closed, or that joins lines into a record the

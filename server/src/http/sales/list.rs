@@ -150,7 +150,12 @@ pub fn check_cursor_values(keys: &[SortKey], vals: &[Option<String>]) -> ApiResu
         let ok = match k.ty {
             "bigint" => v.parse::<i64>().is_ok(),
             "integer" => v.parse::<i32>().is_ok(),
-            "numeric" => v.parse::<f64>().is_ok_and(f64::is_finite),
+            // NaN and the infinities too: a total written past the row
+            // trigger may be one, and Postgres sorts them like values.
+            "numeric" => {
+                v.parse::<f64>().is_ok_and(f64::is_finite)
+                    || matches!(v.as_str(), "NaN" | "Infinity" | "-Infinity")
+            }
             "timestamptz" => chrono::DateTime::parse_from_str(v, "%Y-%m-%d %H:%M:%S%.f%#z")
                 .is_ok_and(|t| (1..=9999).contains(&chrono::Datelike::year(&t))),
             _ => false,
