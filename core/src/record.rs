@@ -40,7 +40,12 @@ pub fn parse_id_json<'a, J: JsonRead<'a>>(v: J) -> Result<i64, &'static str> {
     let n = match v.kind() {
         Kind::Number => v.as_i64().ok_or("must be a whole number")?,
         Kind::String => {
-            let t = v.as_str().unwrap_or_default().trim();
+            // Spaces around a numeric string are forgiven; only ASCII ones
+            // (a no-break space is not part of a number).
+            let t = v
+                .as_str()
+                .unwrap_or_default()
+                .trim_matches(|c: char| c.is_ascii_whitespace());
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
                 return Err("must be a number or a numeric string");
             }
@@ -253,6 +258,13 @@ pub fn check_month_key<'a, J: JsonRead<'a>>(v: J) -> Result<MonthKey, Vec<FieldE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_ids_allow_ascii_spaces_only() {
+        assert_eq!(parse_id(&serde_json::json!(" 12 ")), Ok(12));
+        assert!(parse_id(&serde_json::json!("\u{a0}12")).is_err());
+        assert!(parse_id(&serde_json::json!("12\u{2003}")).is_err());
+    }
 
     #[test]
     fn delete_key_fields() {
