@@ -405,12 +405,11 @@ fn code_and_id_differ(
     if of_code == id {
         return None;
     }
-    let shown = match code.char_indices().nth(40) {
-        None => format!("{code:?}"),
-        Some((i, _)) => format!("{:?}... ({} bytes)", &code[..i], code.len()),
-    };
     Some(if visible(id) {
-        format!("storeCode {shown} is store {of_code}, not storeId {id}")
+        format!(
+            "storeCode {} is store {of_code}, not storeId {id}",
+            parse::shown(code)
+        )
     } else {
         format!("unknown store {id}, or not one of your stores")
     })

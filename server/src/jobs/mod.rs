@@ -61,16 +61,12 @@ pub async fn claim(
     only: Option<i64>,
 ) -> Result<Option<Claimed>, sqlx::Error> {
     fail_lost(conn, only).await?;
-    let row = sqlx::query(
+    let row = sqlx::query(&format!(
         "WITH c AS (
              SELECT j.id, j.user_id FROM jobs.jobs j
              WHERE j.state IN ('queued', 'running')
                AND ($3::bigint IS NULL OR j.id = $3)
-               AND (j.state = 'queued'
-                    OR j.lease_until < now()
-                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                   WHERE a.pid = j.worker_pid
-                                     AND a.backend_start = j.worker_backend_start))
+               AND (j.state = 'queued' OR {WORKER_GONE})
                -- A lost job on its last attempt is failed (fail_lost), not taken.
                AND (j.state = 'queued' OR j.attempts < $4)
              ORDER BY j.id
@@ -98,14 +94,14 @@ pub async fn claim(
              -- the user's stores as they are now (an admin's is unchanged);
              -- a user no longer there has none.
              CASE WHEN j.user_id IS NULL THEN j.scope
-                  WHEN u.id IS NULL THEN '{}'
+                  WHEN u.id IS NULL THEN '{{}}'
                   WHEN u.role = 'admin' THEN j.scope
                   WHEN j.scope IS NULL THEN u.store_ids
                   ELSE ARRAY(SELECT x FROM unnest(j.scope) x WHERE x = ANY (u.store_ids) ORDER BY x)
              END,
              j.params, j.attempts,
              j.user_id IS NOT NULL AND (u.id IS NULL OR coalesce(st.disabled, false))",
-    )
+    ))
     .bind(lease.as_millis() as i64)
     .bind(worker)
     .bind(only)
@@ -130,18 +126,14 @@ pub async fn claim(
 /// otherwise be retried for ever. It ends as any failed job does: its
 /// `import-completed` goes out and its staged rows are removed.
 async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sqlx::Error> {
+    let lost = format!(
+        "j.state = 'running' AND j.attempts >= $1 AND ($2::bigint IS NULL OR j.id = $2) AND {WORKER_GONE}"
+    );
     // Every poll of every worker comes by here: a plain read first, and a
     // transaction only when there is a job to fail.
-    let any: bool = sqlx::query_scalar(
-        "SELECT EXISTS (
-             SELECT 1 FROM jobs.jobs x
-             WHERE x.state = 'running' AND x.attempts >= $1
-               AND ($2::bigint IS NULL OR x.id = $2)
-               AND (x.lease_until < now()
-                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                   WHERE a.pid = x.worker_pid
-                                     AND a.backend_start = x.worker_backend_start)))",
-    )
+    let any: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM jobs.jobs j WHERE {lost})"
+    ))
     .bind(MAX_ATTEMPTS)
     .bind(only)
     .fetch_one(&mut *conn)
@@ -151,21 +143,13 @@ async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sql
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let ended: Vec<(i64, Option<i64>, Value)> = sqlx::query_as(&format!(
-        "UPDATE jobs.jobs j
+        "UPDATE jobs.jobs u
          SET state = 'failed', finished_at = now(), updated_at = now(),
              last_error = format('its worker was lost (the server running it stopped or was killed) '
-                                 'on its last attempt (%s of %s); not taken again', j.attempts, $1::int),
+                                 'on its last attempt (%s of %s); not taken again', u.attempts, $1::int),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL
-         WHERE j.id IN (
-             SELECT x.id FROM jobs.jobs x
-             WHERE x.state = 'running' AND x.attempts >= $1
-               AND ($2::bigint IS NULL OR x.id = $2)
-               AND (x.lease_until < now()
-                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                   WHERE a.pid = x.worker_pid
-                                     AND a.backend_start = x.worker_backend_start))
-             FOR UPDATE SKIP LOCKED)
-         RETURNING j.id, j.user_id, {END_DATA}"
+         WHERE u.id IN (SELECT j.id FROM jobs.jobs j WHERE {lost} FOR UPDATE OF j SKIP LOCKED)
+         RETURNING u.id, u.user_id, {END_DATA}"
     ))
     .bind(MAX_ATTEMPTS)
     .bind(only)
@@ -184,6 +168,13 @@ async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sql
     }
     Ok(())
 }
+
+/// A job (a row of `jobs.jobs` named `j`) whose worker is gone: its lease
+/// ran out, or the session that holds it (its backend, named by pid and
+/// start time) has ended.
+const WORKER_GONE: &str = "(j.lease_until < now()
+     OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                    WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start))";
 
 /// A finished job's `import-completed` data, from its row (in an `UPDATE
 /// ... RETURNING`: as the statement leaves it).
@@ -317,16 +308,12 @@ async fn purge_rows_on(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Err
 /// Uploads whose uploader is gone never become jobs: failed (and
 /// announced, as every end of a job is), rows removed.
 pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let gone = format!("j.state = 'uploading' AND {WORKER_GONE}");
     // Every poll of every worker comes by here: a plain read first, and a
     // transaction only when there is an upload to end.
-    let any: bool = sqlx::query_scalar(
-        "SELECT EXISTS (
-             SELECT 1 FROM jobs.jobs j
-             WHERE j.state = 'uploading'
-               AND (j.lease_until < now()
-                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                   WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start)))",
-    )
+    let any: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM jobs.jobs j WHERE {gone})"
+    ))
     .fetch_one(pool)
     .await?;
     if !any {
@@ -337,10 +324,7 @@ pub async fn reap_uploads(pool: &PgPool) -> Result<(), sqlx::Error> {
         "UPDATE jobs.jobs j
          SET state = 'failed', finished_at = now(), updated_at = now(),
              last_error = 'the upload was interrupted', lease_token = NULL
-         WHERE j.state = 'uploading'
-           AND (j.lease_until < now()
-                OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                               WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start))
+         WHERE {gone}
          RETURNING j.id, j.user_id, {END_DATA}"
     ))
     .fetch_all(&mut *tx)

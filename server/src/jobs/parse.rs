@@ -130,7 +130,7 @@ fn cut_short(raw: &str) -> Option<&str> {
 }
 
 /// A field's text as an error message quotes it: escaped, and cut short.
-fn shown(raw: &str) -> String {
+pub(super) fn shown(raw: &str) -> String {
     match cut_short(raw) {
         None => format!("{raw:?}"),
         Some(head) => format!("{head:?}... ({} bytes)", raw.len()),
@@ -1372,9 +1372,23 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         }
     };
     // Each day's members as the line wrote them.
-    let raw_days = daily
+    // Each day's members as the line wrote them, read once for the checks
+    // and the rows alike.
+    let raw_days: Vec<(String, Members)> = daily
         .and_then(|(key, _)| raw.get(key))
-        .map_or(Members(Vec::new()), |r| Members::of(r.get()));
+        .map_or(Members(Vec::new()), |r| Members::of(r.get()))
+        .0
+        .into_iter()
+        .map(|(k, r)| (k, Members::of(r.get())))
+        .collect();
+    // The last member of a key wins, as in the parsed object.
+    let raw_day = |key: &str| {
+        raw_days
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, m)| m)
+    };
     match daily {
         None => errors.push((Some("dailyData".into()), "is missing".into())),
         Some((_, d)) => {
@@ -1388,12 +1402,11 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
                 // The values' text, exactly (the rules above read them as
                 // f64).
                 for (key, day) in d.as_object().into_iter().flatten() {
-                    let raw_day = raw_days.get(key).map(|r| Members::of(r.get()));
                     for (name, v) in day.as_object().into_iter().flatten() {
                         let Some(k) = METRIC_NAMES.iter().position(|m| m == name) else {
                             continue;
                         };
-                        let Some(text) = raw_day.as_ref().and_then(|r| r.get(name)) else {
+                        let Some(text) = raw_day(key).and_then(|r| r.get(name)) else {
                             continue;
                         };
                         let field = format!("dailyData.{key}.{name}");
@@ -1413,11 +1426,10 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     let mut rows = Vec::new();
     for (key, day) in daily.and_then(|(_, d)| d.as_object()).into_iter().flatten() {
         let d = sales_core::daily::parse_day_key(key).unwrap_or(0);
-        let raw_day = raw_days.get(key).map(|r| Members::of(r.get()));
         let metric = |name: &str| {
             day.get(name)
                 .filter(|v| v.is_number())
-                .and(raw_day.as_ref()?.get(name))
+                .and(raw_day(key)?.get(name))
                 .map(|t| t.get().to_string())
         };
         rows.push(Row {
