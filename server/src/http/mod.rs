@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod body_check;
 pub mod cached;
 pub mod compress;
 pub mod dashboard;
@@ -237,7 +238,10 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
         .nest("/", api)
         .around(dashboard::with_index);
     let routes = routes
-        .around(move |ep, req| middleware::with_representation(ep, req, s1.clone()))
+        .around({
+            let table = routes_table.clone();
+            move |ep, req| middleware::with_representation(ep, req, s1.clone(), table.clone())
+        })
         .around({
             let (limits, table) = (limits.clone(), routes_table.clone());
             move |ep, req| {

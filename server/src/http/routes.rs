@@ -14,12 +14,23 @@ struct Route {
     /// The template in poem's spelling (`/api/v2/sales/:id`), for metrics.
     label: String,
     segments: Vec<Option<String>>,
-    /// Method (upper case) -> its query parameters.
-    methods: HashMap<String, HashSet<String>>,
+    /// Method (upper case) -> what it takes.
+    methods: HashMap<String, Operation>,
+}
+
+struct Operation {
+    /// Its query parameters' names.
+    params: HashSet<String>,
+    /// Each query parameter's schema.
+    param_schemas: HashMap<String, serde_json::Value>,
+    /// The schema of its JSON body, if it takes one.
+    body: Option<serde_json::Value>,
 }
 
 pub struct Routes {
     routes: Vec<Route>,
+    /// `components.schemas`, which the schemas above refer to.
+    schemas: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What the table says about one request.
@@ -51,14 +62,35 @@ impl Routes {
                     .collect();
                 let mut methods = HashMap::new();
                 for (method, op) in ops.as_object().into_iter().flatten() {
-                    let params = op["parameters"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|p| p["in"] == "query")
+                    let query = || {
+                        op["parameters"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|p| p["in"] == "query")
+                    };
+                    let params = query()
                         .filter_map(|p| p["name"].as_str().map(str::to_string))
                         .collect();
-                    methods.insert(method.to_ascii_uppercase(), params);
+                    let param_schemas = query()
+                        .filter_map(|p| {
+                            Some((p["name"].as_str()?.to_string(), p["schema"].clone()))
+                        })
+                        .collect();
+                    let body = op["requestBody"]["content"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .find(|(mime, _)| mime.starts_with("application/json"))
+                        .map(|(_, c)| c["schema"].clone());
+                    methods.insert(
+                        method.to_ascii_uppercase(),
+                        Operation {
+                            params,
+                            param_schemas,
+                            body,
+                        },
+                    );
                 }
                 let label = template
                     .split('/')
@@ -81,7 +113,29 @@ impl Routes {
         // Literal segments first, so `/api/v2/sales/summary` is not taken for `{id}`.
         routes
             .sort_by_key(|r| std::cmp::Reverse(r.segments.iter().filter(|s| s.is_some()).count()));
-        Self { routes }
+        let schemas = doc["components"]["schemas"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        Self { routes, schemas }
+    }
+
+    fn operation(&self, method: &str, path: &str) -> Option<&Operation> {
+        let m = if method == "HEAD" { "GET" } else { method };
+        self.route(path)?.methods.get(m)
+    }
+
+    /// The first place a JSON body the operation refused breaks its schema:
+    /// the field and why (see [`super::body_check`]).
+    pub fn body_problem(&self, method: &str, path: &str, body: &[u8]) -> Option<(String, String)> {
+        let schema = self.operation(method, path)?.body.as_ref()?;
+        super::body_check::body_problem(body, schema, &self.schemas)
+    }
+
+    /// The values a query parameter of an enum type allows.
+    pub fn param_values(&self, method: &str, path: &str, param: &str) -> Option<Vec<String>> {
+        let schema = self.operation(method, path)?.param_schemas.get(param)?;
+        super::body_check::enum_values(schema, &self.schemas)
     }
 
     /// The route of the document `path` falls under; literal segments win
@@ -103,7 +157,7 @@ impl Routes {
         };
         let m = if method == "HEAD" { "GET" } else { method };
         match r.methods.get(m) {
-            Some(params) => Match::Operation(&r.template, params),
+            Some(op) => Match::Operation(&r.template, &op.params),
             None => Match::Route(&r.template),
         }
     }

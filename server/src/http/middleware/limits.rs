@@ -288,9 +288,16 @@ pub async fn with_limits<E: Endpoint>(
             .into_response());
         }
     }
-    let req = Request::from_parts(parts, poem::Body::from(bytes));
+    let mut req = Request::from_parts(parts, poem::Body::from(bytes.clone()));
+    // Kept (the same buffer, not a copy) in case the body is refused: the
+    // refusal then names the field at fault (`explained_error`).
+    req.extensions_mut().insert(RawBody(bytes));
     ep.call(req).await.map(IntoResponse::into_response)
 }
+
+/// The body of a request as it was read, for explaining its refusal.
+#[derive(Clone)]
+pub struct RawBody(pub bytes::Bytes);
 
 /// Objects and arrays one batch record (or delete item) can need: the
 /// record, its `dailyData`, 31 days, and room to spare.

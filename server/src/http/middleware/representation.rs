@@ -1,8 +1,11 @@
 //! ETag / 304, Cache-Control, Vary and compression for buffered bodies.
 
-use super::{error_response, hex};
+use super::hex;
+use super::limits::RawBody;
+use super::request_id::explained_error;
 use crate::cache::CachedBody;
 use crate::http::compress::{compress, negotiate, Encoding, COMPRESS_MIN};
+use crate::http::routes::Routes;
 use crate::state::AppState;
 use bytes::Bytes;
 use poem::http::{header, HeaderValue, Method, StatusCode};
@@ -79,9 +82,11 @@ pub async fn with_representation<E: Endpoint>(
     ep: Arc<E>,
     req: Request,
     state: Arc<AppState>,
+    routes: Arc<Routes>,
 ) -> poem::Result<Response> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let raw_body = req.extensions().get::<RawBody>().cloned();
     let accept = req
         .headers()
         .get(header::ACCEPT_ENCODING)
@@ -98,9 +103,10 @@ pub async fn with_representation<E: Endpoint>(
             (r, CACHED.with(|c| c.borrow_mut().take()))
         })
         .await;
-    let mut resp = result
-        .map(IntoResponse::into_response)
-        .unwrap_or_else(error_response);
+    let mut resp = result.map(IntoResponse::into_response).unwrap_or_else(|e| {
+        let body = raw_body.as_ref().map(|b| &b.0[..]);
+        explained_error(e, &routes, method.as_str(), &path, body)
+    });
     let headers = resp.headers_mut();
     headers.insert(
         header::VARY,

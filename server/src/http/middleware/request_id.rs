@@ -1,7 +1,7 @@
 //! The outermost layer: request id, log span, access log line, and the
 //! JSON error shape for whatever failed before a handler answered.
 
-use crate::http::error::{ErrorBody, CACHE_STATUS, REQUEST_ID};
+use crate::http::error::{ApiError, ErrorBody, CACHE_STATUS, REQUEST_ID};
 use crate::http::routes::Routes;
 use poem::http::{HeaderValue, StatusCode};
 use poem::{Endpoint, IntoResponse, Request, Response};
@@ -110,6 +110,45 @@ pub fn error_response(e: poem::Error) -> Response {
         message
     };
     ErrorBody::response(status, code, message, details)
+}
+
+/// A typed extractor's refusal said the way the rest of the API says it:
+/// a JSON body that breaks its operation's schema names the first field
+/// that does and why (poem-openapi names only the object's type), and an
+/// enum query parameter lists its values. Anything else is answered as
+/// [`error_response`] answers it.
+pub fn explained_error(
+    e: poem::Error,
+    routes: &Routes,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Response {
+    if e.status() != StatusCode::BAD_REQUEST || e.is_from_response() {
+        return error_response(e);
+    }
+    let message = e.to_string();
+    if let Some(body) = body {
+        if e.is::<poem_openapi::error::ParseRequestPayloadError>()
+            || message.starts_with("parse request payload error")
+        {
+            if let Some((field, reason)) = routes.body_problem(method, path, body) {
+                return ApiError::bad_param(&field, reason).into_response();
+            }
+        }
+    }
+    if let Some((param, reason)) = message
+        .strip_prefix("failed to parse parameter `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        if reason.contains("enumeration value") {
+            if let Some(values) = routes.param_values(method, path, param) {
+                return ApiError::bad_param(param, format!("must be one of {}", values.join(", ")))
+                    .into_response();
+            }
+        }
+    }
+    error_response(e)
 }
 
 /// `failed to parse parameter `limit`: verification failed. minimum(1, ...)`
