@@ -1869,3 +1869,48 @@ async fn ndjson_store_code_and_id_must_agree() {
     );
     server.stop().await;
 }
+
+/// A CSV file with both a store code and a store id column: a line whose
+/// two name different stores is refused, naming the id column (by its
+/// normalised name, as every import error names a column); a line whose two agree, or that gives only one, is written.
+#[tokio::test]
+async fn csv_store_code_and_id_columns_must_agree() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await; // T001, T002
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (a, b) = (stores[0], stores[1]);
+    let csv = format!(
+        "Store Code,Store ID,date,sales\n\
+         T001,{a},2024-05-01,1\n\
+         T001,{b},2024-05-02,2\n\
+         T001,x7,2024-05-03,3\n\
+         ,{b},2024-05-04,4\n\
+         T002,,2024-05-05,5\n"
+    );
+    let (status, body, _) = post_file(&api, "", "text/csv", csv).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        error_lines(&doc),
+        vec![(3, "store_id".to_string()), (4, "store_id".to_string())],
+        "{doc}"
+    );
+    assert_eq!(
+        doc["errors"][0]["reason"],
+        format!("store_code \"T001\" is store {a}, not store_id {b}"),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["errors"][1]["reason"], "\"x7\" is not a store id",
+        "{doc}"
+    );
+    assert_eq!(day_of(&db, a, 2024, 5, 1).await, json!({"sales": 1}));
+    assert_eq!(day_of(&db, a, 2024, 5, 2).await, json!(null));
+    assert_eq!(day_of(&db, b, 2024, 5, 2).await, json!(null));
+    assert_eq!(day_of(&db, b, 2024, 5, 4).await, json!({"sales": 4}));
+    assert_eq!(day_of(&db, b, 2024, 5, 5).await, json!({"sales": 5}));
+    server.stop().await;
+}
