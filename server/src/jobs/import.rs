@@ -193,12 +193,12 @@ pub async fn stage<R: Read + Send + 'static>(
             match item {
                 Item::Row(r) if refused_line == Some(r.line) => {}
                 Item::Row(r) => {
-                    if let Some((column, why)) = code_and_id_differ(&r, &codes, scope.as_deref()) {
+                    if let Some(why) = code_and_id_differ(&r, &codes, scope.as_deref()) {
                         refused_line = Some(r.line);
                         line_rejected = true;
                         rejected.push(Rejected {
                             line: r.line,
-                            column: Some(column),
+                            column: Some("storeId".into()),
                             reason: why,
                         });
                         return Ok(());
@@ -396,28 +396,23 @@ fn code_and_id_differ(
     r: &parse::Row,
     codes: &HashMap<String, i64>,
     scope: Option<&[i64]>,
-) -> Option<(String, String)> {
-    let (Some(code), Some(too)) = (r.store_code.as_deref(), r.id_too.as_ref()) else {
+) -> Option<String> {
+    let (Some(code), Some(id)) = (r.store_code.as_deref(), r.id_too) else {
         return None;
     };
-    let (code_col, id_col) = &*too.columns;
-    let id = too.id;
     let visible = |s: i64| scope.is_none_or(|sc| sc.contains(&s));
     let of_code = codes.get(code).copied().filter(|s| visible(*s))?;
     if of_code == id {
         return None;
     }
-    Some((
-        id_col.clone(),
-        if visible(id) {
-            format!(
-                "{code_col} {} is store {of_code}, not {id_col} {id}",
-                parse::shown(code)
-            )
-        } else {
-            format!("unknown store {id}, or not one of your stores")
-        },
-    ))
+    Some(if visible(id) {
+        format!(
+            "storeCode {} is store {of_code}, not storeId {id}",
+            parse::shown(code)
+        )
+    } else {
+        format!("unknown store {id}, or not one of your stores")
+    })
 }
 
 async fn create_uploading(

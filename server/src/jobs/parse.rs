@@ -14,7 +14,6 @@ use sales_core::daily::{days_in_month, MAX_YEAR, MIN_YEAR};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
-use std::sync::Arc;
 
 /// What the caller asked for (`--format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,9 +61,9 @@ pub struct Row {
     pub day: u32,
     pub store_code: Option<String>,
     pub store_id: Option<i64>,
-    /// The store id a line gave beside its store code: the upload checks
-    /// that both name one store.
-    pub id_too: Option<IdToo>,
+    /// The store id a line gave beside its store code (NDJSON): the upload
+    /// checks that both name one store.
+    pub id_too: Option<i64>,
     pub year: i32,
     pub month: u32,
     pub sales: Option<String>,
@@ -73,18 +72,6 @@ pub struct Row {
     /// The column the day came from, when it is not the line's `date`.
     pub col: Option<String>,
 }
-
-/// A store id given beside a store code, and the names the file gave the
-/// two (`storeCode` / `storeId` in NDJSON, the header's in a CSV file).
-#[derive(Debug, Clone, PartialEq)]
-pub struct IdToo {
-    pub id: i64,
-    pub columns: Arc<(String, String)>,
-}
-
-/// NDJSON's names for a store's code and id.
-static NDJSON_STORE_KEYS: std::sync::LazyLock<Arc<(String, String)>> =
-    std::sync::LazyLock::new(|| Arc::new(("storeCode".into(), "storeId".into())));
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejected {
@@ -266,8 +253,6 @@ struct Columns {
     /// Monthly shape: (column, day, metric index).
     days: Vec<(usize, u32, usize)>,
     names: Vec<String>,
-    /// The store code and id columns' names, when the file has both.
-    store_pair: Option<Arc<(String, String)>>,
 }
 
 fn read_header(names: Vec<String>) -> Result<Columns, FileError> {
@@ -321,9 +306,6 @@ fn read_header(names: Vec<String>) -> Result<Columns, FileError> {
                 }
             }
         }
-    }
-    if let (Some(a), Some(b)) = (c.store_code, c.store_id) {
-        c.store_pair = Some(Arc::new((names[a].clone(), names[b].clone())));
     }
     Ok(c)
 }
@@ -773,44 +755,32 @@ fn unquoted_code(raw: &str) -> &str {
     }
 }
 
-/// The store named by a line: its code, else its id. A line that gives
-/// both is staged by its code, with the id beside it (`Row::id_too`): the
-/// upload checks that the two name one store.
-fn store_of(
-    cols: &Columns,
-    f: &[&str],
-    errors: &mut LineErrors,
-) -> (Option<String>, Option<i64>, Option<IdToo>) {
-    let id = match cols.store_id {
-        Some(i) if !f[i].is_empty() => match f[i].parse::<i64>() {
-            Ok(id) if id > 0 => Some(id),
+/// The store named by a line: its code, else its id.
+fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<String>, Option<i64>) {
+    if let Some(i) = cols.store_code {
+        if !f[i].is_empty() {
+            return (Some(unquoted_code(f[i]).to_string()), None);
+        }
+    }
+    if let Some(i) = cols.store_id {
+        match f[i].parse::<i64>() {
+            Ok(id) if id > 0 => return (None, Some(id)),
+            _ if f[i].is_empty() => {}
             _ => {
                 errors.push((
                     Some(cols.names[i].clone()),
                     format!("{} is not a store id", shown(f[i])),
                 ));
-                return (None, None, None);
+                return (None, None);
             }
-        },
-        _ => None,
-    };
-    if let Some(i) = cols.store_code {
-        if !f[i].is_empty() {
-            let too = id
-                .zip(cols.store_pair.clone())
-                .map(|(id, columns)| IdToo { id, columns });
-            return (Some(unquoted_code(f[i]).to_string()), None, too);
         }
-    }
-    if id.is_some() {
-        return (None, id, None);
     }
     let col = cols
         .store_code
         .or(cols.store_id)
         .map(|i| cols.names[i].clone());
     errors.push((col, "no store given".into()));
-    (None, None, None)
+    (None, None)
 }
 
 /// A metric as the file wrote it, checked: a plain decimal number (with a
@@ -979,7 +949,7 @@ fn daily_line(
     decimal_comma: bool,
 ) -> Result<Row, LineErrors> {
     let mut errors = Vec::new();
-    let (store_code, store_id, id_too) = store_of(cols, f, &mut errors);
+    let (store_code, store_id) = store_of(cols, f, &mut errors);
     let date_col = cols.date.expect("checked with the header");
     let date =
         parse_date(f[date_col]).map_err(|e| errors.push((Some(cols.names[date_col].clone()), e)));
@@ -1003,7 +973,7 @@ fn daily_line(
                 day,
                 store_code,
                 store_id,
-                id_too,
+                id_too: None,
                 year,
                 month,
                 sales,
@@ -1023,7 +993,7 @@ fn monthly_line(
     decimal_comma: bool,
 ) -> Result<Vec<Row>, LineErrors> {
     let mut errors = Vec::new();
-    let (store_code, store_id, id_too) = store_of(cols, f, &mut errors);
+    let (store_code, store_id) = store_of(cols, f, &mut errors);
     let (yc, mc) = (cols.year.expect("header"), cols.month.expect("header"));
     let year: Result<i32, _> = f[yc].parse();
     let month: Result<u32, _> = f[mc].parse();
@@ -1092,7 +1062,7 @@ fn monthly_line(
                 day,
                 store_code: store_code.clone(),
                 store_id,
-                id_too: id_too.clone(),
+                id_too: None,
                 year,
                 month,
                 sales,
@@ -1318,13 +1288,7 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     // Both given: the line is staged by its code, and the upload checks
     // that the id names the same store (`Row::id_too`).
     let (store_id, id_too) = match store_code {
-        Some(_) => (
-            None,
-            store_id.map(|id| IdToo {
-                id,
-                columns: NDJSON_STORE_KEYS.clone(),
-            }),
-        ),
+        Some(_) => (None, store_id),
         None => (store_id, None),
     };
     for (k, _) in obj {
@@ -1473,7 +1437,7 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             day: d,
             store_code: store_code.clone(),
             store_id,
-            id_too: id_too.clone(),
+            id_too,
             year,
             month,
             sales: metric("sales"),
@@ -1908,9 +1872,6 @@ mod tests {
         assert_eq!(bad[2].reason, "must be a string");
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].sales.as_deref(), Some("12345678.123456789012"));
-        assert_eq!(
-            (rows[0].store_id, rows[0].id_too.as_ref().map(|t| t.id)),
-            (None, Some(4))
-        );
+        assert_eq!((rows[0].store_id, rows[0].id_too), (None, Some(4)));
     }
 }
