@@ -1869,3 +1869,33 @@ async fn ndjson_store_code_and_id_must_agree() {
     );
     server.stop().await;
 }
+
+/// A CSV file with both a store code and a store id column (as the
+/// product's own exports have): the code names the store and the id is not
+/// read, since ids belong to the database the file was exported from and
+/// codes carry over to another (the stores here are created in another
+/// order than the file's ids suggest). A line with no code is read by its id.
+#[tokio::test]
+async fn csv_store_codes_win_over_ids_from_another_database() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await; // T001, T002
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (a, b) = (stores[0], stores[1]);
+    let csv = format!(
+        "key,store_id,store_code,date,sales\n\
+         k,{b},T001,2024-05-01,1\n\
+         k,{a},T002,2024-05-02,2\n\
+         k,{b},,2024-05-03,3\n"
+    );
+    let (status, body, _) = post_file(&api, "", "text/csv", csv).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsRejected"], 0, "{doc}");
+    assert_eq!(day_of(&db, a, 2024, 5, 1).await, json!({"sales": 1}));
+    assert_eq!(day_of(&db, b, 2024, 5, 2).await, json!({"sales": 2}));
+    assert_eq!(day_of(&db, b, 2024, 5, 3).await, json!({"sales": 3}));
+    server.stop().await;
+}
