@@ -273,6 +273,20 @@ async fn a_pruned_id_requires_resync_and_the_connection_goes_on() {
     c.send(json!({"type": "resume", "lastEventId": 987654321}))
         .await;
     assert_eq!(c.reply("resumed").await["code"], "resync_required");
+
+    // From the start of the log, once its start was pruned: not a replay
+    // of what is left as if it were everything.
+    c.send(json!({"type": "resume", "lastEventId": 0})).await;
+    let err = c.reply("resumed").await;
+    assert_eq!(err["code"], "resync_required", "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("start of the log were pruned"),
+        "{err}"
+    );
+    assert_eq!(stats(server.addr).await["resyncRequired"], 3);
     server.stop().await;
 }
 

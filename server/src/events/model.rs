@@ -169,6 +169,24 @@ impl Event {
         Ok(seq.map(|seq| Pos { seq, id }))
     }
 
+    /// Whether a replay from the very start of the log (`lastEventId` 0)
+    /// would still find every event: false once a prune has run (it ends by
+    /// writing `events-pruned`). Only the first `within` events are looked
+    /// at: a replay that goes further stops as too long anyway.
+    pub async fn log_start_kept<'e>(
+        exec: impl PgExecutor<'e>,
+        within: i64,
+    ) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM (SELECT e.kind FROM sales.events e
+                                               ORDER BY e.seq LIMIT $1) f
+                                WHERE f.kind = 'events-pruned')",
+        )
+        .bind(within)
+        .fetch_one(exec)
+        .await
+    }
+
     /// Where a new reader starts: the last event `events_since` would return.
     /// (`sales.events_head()` is volatile: as a scalar subquery it runs once;
     /// compared in the WHERE clause it would run for every row of the log.)

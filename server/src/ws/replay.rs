@@ -54,7 +54,16 @@ pub(super) async fn replay(
                 .acquire()
                 .await
                 .map_err(|_| sqlx::Error::PoolClosed)?;
-            Event::position_of(pool, last_event_id).await?
+            let within = i64::try_from(hub.cfg.replay_max_events)
+                .unwrap_or(i64::MAX)
+                .saturating_add(1);
+            if last_event_id == 0 && !Event::log_start_kept(pool, within).await? {
+                // From the start, but the start is gone: a replay would
+                // leave out what was pruned without saying so.
+                None
+            } else {
+                Event::position_of(pool, last_event_id).await?
+            }
         };
         let Some(from) = from else {
             return Ok::<_, sqlx::Error>(ReplayEnd::Pruned);
@@ -150,6 +159,10 @@ pub(super) async fn replay(
             );
         }
         Ok(Ok(ReplayEnd::Closed)) => {}
+        Ok(Ok(ReplayEnd::Pruned)) if last_event_id == 0 => resync(&format!(
+            "events from the start of the log were pruned (retention {} days); reload, then follow live events",
+            ctx.event_retention.as_secs() / 86400
+        )),
         Ok(Ok(ReplayEnd::Pruned)) => resync(&format!(
             "event {last_event_id} is older than the retention ({} days) or unknown; reload, then follow live events",
             ctx.event_retention.as_secs() / 86400
