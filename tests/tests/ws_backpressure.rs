@@ -268,3 +268,40 @@ async fn a_slow_client_is_closed_without_delaying_a_fast_one_and_can_resume() {
     assert_eq!(again.reply("resumed").await["replayed"], rest.len());
     server.stop().await;
 }
+
+/// The close code a raw client gets after sending `frame` (the frames the
+/// server sent before it, such as `ready`, are skipped).
+async fn close_code_after(addr: std::net::SocketAddr, frame: &[u8]) -> u16 {
+    let mut s = raw_upgrade(addr, &token(3, "staff", &[])).await;
+    s.write_all(frame).await.unwrap();
+    let read = async {
+        loop {
+            match read_frame(&mut s).await {
+                Some((8, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
+                Some(_) => continue,
+                None => panic!("the connection ended without a close frame"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("a close frame")
+}
+
+/// RFC 6455: a text frame that is not UTF-8 is closed with 1007 (invalid
+/// frame payload data); a frame that breaks the framing itself (a client
+/// frame without a mask) with 1002.
+#[tokio::test]
+async fn bad_frames_close_with_the_code_rfc_6455_gives_them() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let mask = [1u8, 2, 3, 4];
+    let payload = [0xffu8, 0xfe, b'{', b'}'];
+    let mut text = vec![0x81, 0x80 | payload.len() as u8];
+    text.extend_from_slice(&mask);
+    text.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    assert_eq!(close_code_after(server.addr, &text).await, 1007);
+    let unmasked = [0x81u8, 0x02, b'{', b'}'];
+    assert_eq!(close_code_after(server.addr, &unmasked).await, 1002);
+    server.stop().await;
+}

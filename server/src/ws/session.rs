@@ -83,7 +83,9 @@ impl Outcome {
     fn from_error(e: WsError) -> Outcome {
         match e {
             WsError::Capacity(_) => Outcome::Close(protocol::CLOSE_TOO_BIG, "message too big"),
-            WsError::Protocol(_) | WsError::Utf8(_) => Outcome::Close(1002, "protocol error"),
+            WsError::Protocol(_) => Outcome::Close(1002, "protocol error"),
+            // RFC 6455 7.4.1: data inconsistent with the frame's type.
+            WsError::Utf8(_) => Outcome::Close(1007, "text frame is not UTF-8"),
             _ => Outcome::Gone,
         }
     }
