@@ -104,6 +104,8 @@
       if (v === undefined || v === null) continue;
       if (k === 'class') e.className = v;
       else if (k === 'text') e.textContent = v;
+      // Through the CSSOM: the page's CSP allows no inline style attribute.
+      else if (k === 'style') Object.assign(e.style, v);
       else e.setAttribute(k, v);
     }
     for (const c of children) e.append(c);
@@ -511,7 +513,7 @@
       const share = total > 0 ? (num(r.totalSales) / total) * 100 : 0;
       const tr = el('tr', { 'data-region': r.key, 'data-value': String(num(r.totalSales)) },
         el('th', { scope: 'row' }, r.key,
-          el('span', { class: 'share', style: `width:${share.toFixed(1)}%`, 'aria-hidden': 'true' })),
+          el('span', { class: 'share', style: { width: `${share.toFixed(1)}%` }, 'aria-hidden': 'true' })),
         el('td', { class: 'num', text: nf0.format(num(r.totalSales)) }),
         el('td', { class: 'num', text: nf0.format(num(r.totalCustomers)) }),
         el('td', { class: 'num', text: nf0.format(num(r.stores)) }));

@@ -98,6 +98,9 @@ async function main() {
     assert.equal(resp.status(), 200);
     assert.match(resp.headers()['content-type'], /^text\/html/);
     assert.match(resp.headers()['content-security-policy'] || '', /script-src 'self'/);
+    // No inline script or style is allowed on the dashboard (a violation
+    // would show as a console error, which fails the run at the end).
+    assert.doesNotMatch(resp.headers()['content-security-policy'] || '', /unsafe-inline/);
     for (const [asset, type] of [['app.js', /javascript/], ['styles.css', /text\/css/]]) {
       const r = await fetch(`${BASE}/assets/${asset}`);
       assert.equal(r.status, 200, asset);
@@ -133,6 +136,9 @@ async function main() {
     for (let i = 1; i < before.length; i++) assert.ok(before[i - 1].value >= before[i].value, 'bars sorted by sales');
     const regionRows = await page.$$eval('#regions tbody tr[data-region]', (rs) => rs.map((r) => Number(r.dataset.value)));
     assert.ok(regionRows.length >= 2 && regionRows.every((v) => v > 0), `regions: ${regionRows}`);
+    // Each region's share bar is drawn (its width set through the CSSOM).
+    const shares = await page.$$eval('#regions tbody .share', (es) => es.map((e) => e.getBoundingClientRect().width));
+    assert.ok(shares.length === regionRows.length && shares.every((w) => w > 0), `share bars: ${shares}`);
     await page.waitForFunction(() => document.querySelectorAll('#stores li').length > 0);
     const storeCount = await page.locator('#stores li').count();
     log(`chart: ${before.length} bars, ${regionRows.length} regions, ${storeCount} stores`);

@@ -4,8 +4,8 @@ use poem::http::HeaderValue;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use std::sync::Arc;
 
-/// Security headers. The CSP is strict for the API; pages (/docs and the
-/// dashboard) need their own inline scripts and styles.
+/// Security headers. The CSP is strict for the API and the dashboard;
+/// the API explorer (/docs) needs its own inline scripts and styles.
 pub async fn with_security_headers<E: Endpoint>(
     ep: Arc<E>,
     req: Request,
@@ -20,11 +20,13 @@ pub async fn with_security_headers<E: Endpoint>(
     );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    let page = path == "/"
-        || path.starts_with("/docs")
-        || path.starts_with("/assets")
-        || path.ends_with(".html");
-    let csp = if page {
+    let dashboard = path == "/" || path == "/index.html" || path.starts_with("/assets");
+    let csp = if dashboard {
+        // The dashboard's scripts and styles are its own files; it sets
+        // styles through the CSSOM only, never inline.
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; frame-ancestors 'none'"
+    } else if path.starts_with("/docs") || path.ends_with(".html") {
+        // The API explorer's page is generated with inline scripts and styles.
         "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self' ws: wss:; frame-ancestors 'none'"
     } else {
         "default-src 'none'; frame-ancestors 'none'"
