@@ -257,6 +257,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 "pruned {pruned} events older than {}s",
                 config.event_retention.as_secs()
             );
+            let gone = maintain::prune_sessions(&pool, config.jwt_expiry, config.refresh_token_ttl)
+                .await?;
+            println!(
+                "pruned {} ended sessions and {} refresh tokens used more than {}s ago",
+                gone.sessions,
+                gone.used_tokens,
+                config.refresh_token_ttl.as_secs()
+            );
             if failed > 0 {
                 anyhow::bail!("{failed} maintenance statement(s) failed");
             }

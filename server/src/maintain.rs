@@ -145,6 +145,48 @@ pub async fn prune_events(
     .await
 }
 
+/// What [`prune_sessions`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionsPruned {
+    pub sessions: u64,
+    pub used_tokens: u64,
+}
+
+/// Deletes what sessions leave behind: sessions over (expired, or
+/// revoked) for longer than an access token of theirs can live
+/// (`token_lifetime`, JWT_EXPIRY, and a minute), with their refresh tokens;
+/// and refresh tokens used longer ago than `refresh_ttl`
+/// (REFRESH_TOKEN_TTL). A used token is kept so that presenting it again
+/// ends its session as stolen; past `refresh_ttl` it would have expired
+/// unused anyway, so it proves nothing more. A login already deletes its
+/// own user's ended sessions; this covers users who stay logged in, whose
+/// sessions each keep a used token per refresh.
+pub async fn prune_sessions(
+    pool: &PgPool,
+    token_lifetime: Duration,
+    refresh_ttl: Duration,
+) -> Result<SessionsPruned, sqlx::Error> {
+    let sessions = sqlx::query(
+        "DELETE FROM auth.sessions
+         WHERE least(expires_at, coalesce(revoked_at, expires_at)) < now() - make_interval(secs => $1)",
+    )
+    .bind((token_lifetime + Duration::from_secs(60)).as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let used_tokens = sqlx::query(
+        "DELETE FROM auth.refresh_tokens WHERE used_at < now() - make_interval(secs => $1)",
+    )
+    .bind(refresh_ttl.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(SessionsPruned {
+        sessions,
+        used_tokens,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

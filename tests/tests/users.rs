@@ -2025,3 +2025,95 @@ async fn a_password_change_racing_a_reset_does_not_undo_it() {
     );
     w.server.stop().await;
 }
+
+/// `sales-server maintain` deletes what sessions leave behind for users
+/// who stay logged in: sessions over for longer than an access token
+/// lives, and refresh tokens used longer ago than REFRESH_TOKEN_TTL. A live
+/// session keeps working, and a token used recently still gives a reuse
+/// away (its session is revoked).
+#[tokio::test]
+async fn maintain_prunes_ended_sessions_and_old_used_refresh_tokens() {
+    let w = world(&[]).await;
+    let count = |sql: &'static str| {
+        let pool = w.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // A long-lived session: four refreshes leave four used tokens.
+    let (_, mut live) = client(&w.server, "manager@x.test").await;
+    let mut used = Vec::new();
+    for _ in 0..4 {
+        let (st, next) = refresh_session(&w.server, &live).await;
+        assert_eq!(st, 200, "{next}");
+        used.push(live["refreshToken"].clone());
+        live = next;
+    }
+    // An ended one: logged out an hour ago (past any access token of it).
+    let (ended_api, ended) = client(&w.server, "staff-c@x.test").await;
+    let st = ended_api
+        .post(
+            "/api/v2/auth/logout",
+            &json!({"refreshToken": ended["refreshToken"]}),
+        )
+        .await
+        .0;
+    assert!(st == 200 || st == 204, "logout: {st}");
+    sqlx::query(
+        "UPDATE auth.sessions SET revoked_at = now() - interval '1 hour' WHERE id = $1::uuid",
+    )
+    .bind(ended["sessionId"].as_str().unwrap())
+    .execute(&w.db.pool)
+    .await
+    .unwrap();
+    // The first three used tokens were used 8 days ago (REFRESH_TOKEN_TTL
+    // is 7 days); the fourth just now.
+    for t in &used[..3] {
+        sqlx::query(
+            "UPDATE auth.refresh_tokens SET used_at = now() - interval '8 days'
+             WHERE token_hash = sha256(convert_to($1, 'UTF8'))",
+        )
+        .bind(t.as_str().unwrap())
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    }
+    let sessions_before = count("SELECT count(*) FROM auth.sessions").await;
+    let tokens_before = count("SELECT count(*) FROM auth.refresh_tokens").await;
+
+    let out = cli(&w.db, &["maintain"], None);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("pruned 1 ended sessions and 3 refresh tokens used more than 604800s ago"),
+        "{text}"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM auth.sessions").await,
+        sessions_before - 1
+    );
+    // The ended session's one token went with it, and the three old used ones.
+    let ended_tokens = 1;
+    assert_eq!(
+        count("SELECT count(*) FROM auth.refresh_tokens").await,
+        tokens_before - 3 - ended_tokens
+    );
+    // The live session refreshes on; the recently used token is still known
+    // as used: presenting it again revokes the session.
+    let (st, next) = refresh_session(&w.server, &live).await;
+    assert_eq!(st, 200, "{next}");
+    let (st, body) = refresh_session(&w.server, &json!({"refreshToken": used[3]})).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{body}"
+    );
+    w.server.stop().await;
+}
