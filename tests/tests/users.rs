@@ -1505,6 +1505,17 @@ async fn jwks_rotation_and_outside_users() {
         (me1["id"].as_i64(), me1["registered"].as_bool()),
         (Some(local), Some(true))
     );
+    // `me` answers what the token grants (the provider's role and stores,
+    // which every check applies), not the local user's.
+    let t_staff = outside_token(&k1, "k1", "ext-sub", "x@x.test", "staff", &[stores[1]]);
+    let (st, me2) = me(&t_staff).await;
+    assert_eq!(st, 200, "{me2}");
+    assert_eq!(
+        (me2["id"].as_i64(), me2["role"].as_str(), &me2["stores"]),
+        (Some(local), Some("staff"), &json!([stores[1]])),
+        "{me2}"
+    );
+    assert_eq!(me2["email"], "ext@x.test", "{me2}");
     // One user per identity: linking it to another is refused, naming the holder.
     let (st, body) = link(&admin, impostor, "ext-sub").await;
     assert_eq!(st, 409, "{body}");

@@ -633,6 +633,18 @@ impl LoginApi {
         let p = &auth.0;
         let user = crate::users::get(&self.state.pool, p.user_id).await?;
         let me = match user {
+            // An identity provider's token grants the role and stores it
+            // carries (every check reads those), whatever the linked local
+            // user's are: answer what the caller may do.
+            Some(u) if p.outside => Me {
+                id: u.id,
+                email: Some(u.email),
+                role: p.role.as_str().into(),
+                stores: p.scope().unwrap_or_default(),
+                registered: true,
+                session_id: p.session.clone(),
+                expires_at: p.exp,
+            },
             Some(u) => Me {
                 id: u.id,
                 email: Some(u.email),
