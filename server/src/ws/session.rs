@@ -282,7 +282,7 @@ impl Session {
             ClientMessage::Unsubscribe { event } => match Channel::parse_to_leave(&event) {
                 Some(Ok(ch)) => {
                     hub.unsubscribe(conn, ch);
-                    hub.reply(conn, protocol::unsubscribed(&event))
+                    hub.reply_after_held(conn, protocol::unsubscribed(&event))
                 }
                 // A region nobody follows: nothing to leave.
                 Some(Err(())) => hub.reply(conn, protocol::unsubscribed(&event)),

@@ -107,6 +107,10 @@ struct ConnState {
     /// relay had not reached yet).
     floor: Option<Pos>,
     replay_waiting: bool,
+    /// Frames a resume queued (its answer and the events it released) not
+    /// read yet: they do not count against the live bound (`send_queue`)
+    /// or the replies' (each read takes one off).
+    backlog: usize,
 }
 
 impl Conn {
@@ -127,6 +131,9 @@ impl Conn {
     pub fn pop(&self) -> Option<Message> {
         let mut st = self.lock();
         let m = st.queue.pop_front();
+        if m.is_some() {
+            st.backlog = st.backlog.saturating_sub(1);
+        }
         if m.is_some() && st.replay_waiting {
             st.replay_waiting = false;
             drop(st);
@@ -392,6 +399,30 @@ impl Hub {
         removed
     }
 
+    /// Queues the answer to an unsubscribe. While a resume runs, the answer
+    /// waits with the live events held back, after them: events of the
+    /// channel that the replay sends, or that were held back before the
+    /// unsubscribe, then all arrive before it, never after.
+    pub fn reply_after_held(&self, conn: &Conn, text: String) {
+        let mut st = conn.lock();
+        if st.close.is_some() {
+            return;
+        }
+        let limit = self.cfg.catch_up_limit;
+        match st.catch_up.as_mut() {
+            None => {
+                drop(st);
+                return self.reply(conn, text);
+            }
+            Some(buf) if buf.len() < limit => {
+                buf.push((None, Message::Text(Utf8Bytes::from(text))));
+            }
+            Some(_) => self.overflow(&mut st),
+        }
+        drop(st);
+        conn.waker.wake();
+    }
+
     /// Queues a reply (ack, error, pong, ping). A client that floods requests
     /// without reading is closed (1008).
     pub fn reply(&self, conn: &Conn, text: String) {
@@ -414,8 +445,9 @@ impl Hub {
         if st.close.is_some() {
             return;
         }
-        if st.queue.len() >= self.cfg.send_queue + CONTROL_HEADROOM {
+        if st.queue.len() >= self.cfg.send_queue + st.backlog + CONTROL_HEADROOM {
             st.queue = VecDeque::new();
+            st.backlog = 0;
             st.close = Some((
                 protocol::CLOSE_POLICY,
                 "too many requests without reading the replies",
@@ -436,6 +468,7 @@ impl Hub {
         }
         st.close = Some((code, reason));
         st.queue = VecDeque::new();
+        st.backlog = 0;
         drop(st);
         conn.waker.wake();
         conn.space.notify_one();
@@ -445,6 +478,7 @@ impl Hub {
     fn overflow(&self, st: &mut ConnState) {
         let dropped = 1 + st.queue.len() + st.catch_up.as_ref().map_or(0, Vec::len);
         st.queue = VecDeque::new();
+        st.backlog = 0;
         st.catch_up = None;
         st.close = Some((
             protocol::CLOSE_SLOW_CONSUMER,
@@ -456,9 +490,23 @@ impl Hub {
 
     /// Never waits: queues, holds back (resume in progress) or closes the
     /// connection as a slow consumer.
-    fn push_live(&self, conn: &Conn, pos: Option<Pos>, id: i64, msg: &Message) -> Pushed {
+    /// A connection whose token has expired (`now`, seconds since the
+    /// epoch, is past its `exp`) gets nothing more: it is closed (4001)
+    /// at the first event after its expiry, not at the next heartbeat.
+    fn push_live(&self, conn: &Conn, pos: Option<Pos>, id: i64, msg: &Message, now: i64) -> Pushed {
         let mut st = conn.lock();
         if st.close.is_some() {
+            return Pushed::Skipped;
+        }
+        if conn.principal.exp.is_some_and(|exp| now >= exp) {
+            st.queue = VecDeque::new();
+            st.backlog = 0;
+            st.catch_up = None;
+            st.close = Some((protocol::CLOSE_TOKEN_EXPIRED, "token expired"));
+            self.counters.closed_expired.fetch_add(1, Relaxed);
+            drop(st);
+            conn.waker.wake();
+            conn.space.notify_one();
             return Pushed::Skipped;
         }
         if let (Some(p), Some(floor)) = (pos, st.floor) {
@@ -478,7 +526,7 @@ impl Hub {
                 buf.push((pos, msg.clone()));
                 return Pushed::Queued(0);
             }
-        } else if st.queue.len() < self.cfg.send_queue {
+        } else if st.queue.len() < self.cfg.send_queue + st.backlog {
             st.queue.push_back(msg.clone());
             let len = st.queue.len();
             drop(st);
@@ -506,6 +554,7 @@ impl Hub {
         let pos = e.pos();
         let half = self.cfg.send_queue / 2;
         let mut pressure = false;
+        let now = chrono::Utc::now().timestamp();
         let mut reg = self.reg();
         reg.targets(e, |c, variant| {
             let msg = match variant {
@@ -518,7 +567,7 @@ impl Hub {
                     Message::Text(Utf8Bytes::from(e.frame(Variant::MovedIn)))
                 }),
             };
-            match self.push_live(c, Some(pos), e.id, msg) {
+            match self.push_live(c, Some(pos), e.id, msg, now) {
                 Pushed::Queued(n) => pressure |= n > half,
                 Pushed::Skipped => {}
                 Pushed::Overflow => pressure = true,
@@ -533,10 +582,11 @@ impl Hub {
     /// A NOTIFY-only message for one user's connections.
     pub fn dispatch_ephemeral(&self, e: &Ephemeral) {
         let msg = Message::Text(Utf8Bytes::from(e.to_frame()));
+        let now = chrono::Utc::now().timestamp();
         let reg = self.reg();
         if let Some(m) = reg.users.get(&e.user_id) {
             for c in m.values() {
-                self.push_live(c, None, 0, &msg);
+                self.push_live(c, None, 0, &msg, now);
             }
         }
         self.counters.ephemeral_relayed.fetch_add(1, Relaxed);
@@ -618,6 +668,11 @@ impl Hub {
                 return self.connections() == 0;
             }
         }
+    }
+
+    #[cfg(test)]
+    fn queued_len(&self, conn: &Conn) -> usize {
+        conn.lock().queue.len()
     }
 
     #[cfg(test)]

@@ -172,6 +172,7 @@ impl Hub {
         if st.close.is_some() {
             return;
         }
+        let before = st.queue.len();
         st.queue.push_back(Message::Text(Utf8Bytes::from(ack)));
         // Everything up to the seam is the client's: a seam beyond this
         // instance's relay (a resume from another instance's position)
@@ -189,6 +190,12 @@ impl Hub {
             }
             st.queue.push_back(msg);
         }
+        // What the resume queued (its answer and the events it released)
+        // is the client's to read first, and does not count against the
+        // live bound: pings and live events arriving meanwhile queue behind
+        // it as they would behind an empty queue (that is neither a client
+        // sending without reading nor a slow one).
+        st.backlog = st.queue.len() - before;
         if let Some(from) = from {
             for (ch, since) in st.subs.iter_mut() {
                 if snap.since(*ch) == Some(*since) && from < *since {

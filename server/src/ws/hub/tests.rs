@@ -310,3 +310,128 @@ fn a_revocation_applied_before_registration_closes_the_connection() {
     assert_eq!(crate::ws::revoke::close_if_revoked(&h, &access, 8), 0);
     assert_eq!(other.close_requested(), None);
 }
+
+/// A resume may release more held-back events than the live queue holds.
+/// While the client reads that backlog, a ping (the server's heartbeat or
+/// the client's own) and new live events queue behind it: the connection
+/// is neither taken for one sending without reading (1008) nor for a slow
+/// consumer (4008). Once the backlog is read, the usual bounds apply again.
+#[test]
+fn a_resumes_backlog_leaves_room_for_replies_and_live_events() {
+    let h = Hub::new(HubConfig {
+        send_queue: 4,
+        catch_up_limit: 100,
+        max_subscriptions: 4,
+        ping_interval: Duration::from_secs(1),
+        max_per_user: 3,
+        replay_slots: 2,
+        replay_slots_per_user: 1,
+        replay_timeout: Duration::from_secs(5),
+        replay_max_events: 100,
+    });
+    h.set_position(Pos { seq: 1000, id: 0 });
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    let (snap, _) = h.begin_resume(&c, &[]).unwrap();
+    for id in 1..=80 {
+        h.dispatch(&event(id, "sales-data-created", Some(1), None));
+    }
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.upto,
+        None,
+        protocol::resumed(0, 0, 0, &[], false, 0),
+    );
+    assert_eq!(h.queued_len(&c), 81);
+    h.reply(&c, protocol::pong());
+    h.heartbeat();
+    h.dispatch(&event(81, "sales-data-created", Some(1), None));
+    assert_eq!(c.close_requested(), None);
+    assert_eq!(h.queued_len(&c), 84);
+    // Behind the backlog, the live bound (4) holds as it would behind an
+    // empty queue: the pong, the ping, event 81 and one more.
+    h.dispatch(&event(82, "sales-data-created", Some(1), None));
+    assert_eq!(c.close_requested(), None);
+    while c.pop().is_some() {}
+    // Read: the live bound is 4 events again.
+    for id in 84..=87 {
+        h.dispatch(&event(id, "sales-data-created", Some(1), None));
+    }
+    assert_eq!(c.close_requested(), None);
+    h.dispatch(&event(88, "sales-data-created", Some(1), None));
+    assert_eq!(
+        c.close_requested(),
+        Some((
+            protocol::CLOSE_SLOW_CONSUMER,
+            protocol::REASON_SLOW_CONSUMER
+        ))
+    );
+}
+
+/// An unsubscribe answered while a resume runs: its answer comes after the
+/// events of the channel that were held back before it, so no event of
+/// the channel arrives after `unsubscribed`.
+#[test]
+fn an_unsubscribe_during_a_resume_is_answered_after_what_it_held_back() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 1000, id: 0 });
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    let (snap, _) = h.begin_resume(&c, &[]).unwrap();
+    h.dispatch(&event(1, "sales-data-created", Some(1), None)); // held back
+    h.unsubscribe(&c, Channel::Sales(1));
+    h.reply_after_held(&c, protocol::unsubscribed("sales-data-1"));
+    h.dispatch(&event(2, "sales-data-created", Some(1), None)); // not followed any more
+    assert!(h.queued(&c).is_empty(), "{:?}", h.queued(&c));
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.upto,
+        None,
+        protocol::resumed(0, 0, 0, &[], false, 0),
+    );
+    let kinds: Vec<String> = h
+        .queued(&c)
+        .iter()
+        .map(|t| {
+            let v: Value = serde_json::from_str(t).unwrap();
+            v.get("type")
+                .or(v.get("event"))
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["resumed", "sales-data-created", "unsubscribed"]);
+    assert_eq!(ids(&h, &c), vec![1]);
+    // Outside a resume it is answered at once.
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.unsubscribe(&c, Channel::Sales(1));
+    h.reply_after_held(&c, protocol::unsubscribed("sales-data-1"));
+    assert_eq!(h.queued(&c).len(), 4);
+}
+
+/// A connection whose token has expired is closed (4001) at the first
+/// event after its expiry, which it does not get; others go on.
+#[test]
+fn an_expired_token_gets_no_more_events() {
+    let h = hub(16);
+    let now = chrono::Utc::now().timestamp();
+    let expired = h
+        .register(principal_until(1, Role::Staff, &[1], Some(now - 1)))
+        .unwrap();
+    let valid = h
+        .register(principal_until(2, Role::Staff, &[1], Some(now + 600)))
+        .unwrap();
+    h.subscribe(&expired, Channel::Sales(1)).unwrap();
+    h.subscribe(&valid, Channel::Sales(1)).unwrap();
+    h.dispatch(&event(1, "sales-data-created", Some(1), None));
+    assert_eq!(
+        expired.close_requested(),
+        Some((protocol::CLOSE_TOKEN_EXPIRED, "token expired"))
+    );
+    assert!(ids(&h, &expired).is_empty());
+    assert_eq!(valid.close_requested(), None);
+    assert_eq!(ids(&h, &valid), vec![1]);
+}
