@@ -200,7 +200,7 @@ pub enum UserError {
 }
 
 impl UserError {
-    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         UserError::Invalid {
             field,
             reason: reason.into(),
@@ -239,7 +239,9 @@ pub fn check_email(email: &str) -> Result<String, UserError> {
     if local.is_empty()
         || domain.is_empty()
         || domain.contains('@')
-        || email.chars().any(|c| c.is_whitespace() || c.is_control())
+        || email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
         || email.len() > 320
     {
         return Err(UserError::invalid(
@@ -248,6 +250,18 @@ pub fn check_email(email: &str) -> Result<String, UserError> {
         ));
     }
     Ok(email.to_string())
+}
+
+/// Characters that show as nothing (Unicode format characters: zero-width
+/// spaces and joiners, direction marks, the soft hyphen, the byte order
+/// mark...): an address holding one looks like another user's.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}')
 }
 
 pub const MAX_PASSWORD_LEN: usize = 1024;

@@ -285,11 +285,20 @@ async fn bad_input_is_refused_with_why() {
             "{password}: {body}"
         );
     }
-    let (st, body) =
-        post(json!({"email": "not-an-email", "role": "admin", "password": "a-fine-password"}))
-            .await;
-    assert_eq!(st, 422, "{body}");
-    assert_eq!(body["error"]["details"]["field"], "email");
+    // Not an address, however short; and one holding an invisible
+    // character, which would look like another user's address.
+    for email in [
+        "not-an-email",
+        "ab",
+        "@",
+        "admin\u{200b}@x.test",
+        "\u{feff}n@x.test",
+    ] {
+        let (st, body) =
+            post(json!({"email": email, "role": "admin", "password": "a-fine-password"})).await;
+        assert_eq!(st, 422, "{email:?}: {body}");
+        assert_eq!(body["error"]["details"]["field"], "email", "{email:?}");
+    }
     let (st, _) =
         post(json!({"email": "n@x.test", "role": "owner", "password": "a-fine-password"})).await;
     assert_eq!(st, 400, "unknown role");
@@ -364,6 +373,11 @@ async fn me_and_password_change() {
     let (st, body) = change(PASSWORD, "abcabcabc").await;
     assert_eq!(st, 422, "{body}");
     assert_eq!(body["error"]["details"]["field"], "newPassword");
+    // The same password again would only end the other sessions.
+    let (st, body) = change(PASSWORD, PASSWORD).await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "newPassword");
+    assert_eq!(other.get("/api/v2/auth/me").await.0, 200, "nothing ended");
     let (st, body) = change(PASSWORD, "a-new-password-1").await;
     assert_eq!(st, 200, "{body}");
     let fresh = Api::new(&w.server, Some(body["token"].as_str().unwrap()));

@@ -698,6 +698,13 @@ impl LoginApi {
         };
         crate::users::check_password_field("newPassword", &body.new_password, &user.email)
             .map_err(super::users::user_error)?;
+        if body.new_password == body.current_password {
+            // Nothing would change but every other session would end.
+            return Err(super::users::user_error(crate::users::UserError::invalid(
+                "newPassword",
+                "is the current password; choose another",
+            )));
+        }
         let new = body.new_password.clone();
         let hash = self
             .state

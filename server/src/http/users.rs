@@ -119,7 +119,7 @@ pub struct UserOne {
 
 #[derive(Object, Debug)]
 pub struct CreateUser {
-    #[oai(validator(min_length = 3, max_length = 320))]
+    #[oai(validator(max_length = 320))]
     pub email: String,
     pub role: UserRole,
     /// Required for managers and staff; ignored for admins.
@@ -134,7 +134,7 @@ pub struct CreateUser {
 
 #[derive(Object, Debug)]
 pub struct UpdateUser {
-    #[oai(validator(min_length = 3, max_length = 320))]
+    #[oai(validator(max_length = 320))]
     pub email: Option<String>,
     pub role: Option<UserRole>,
     #[oai(validator(max_items = 10000))]
