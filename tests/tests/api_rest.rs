@@ -783,6 +783,66 @@ async fn representation_etag_compression_headers() {
             .unwrap();
         assert_eq!(r.status(), 304);
     }
+    // A HEAD answers as its GET: the same ETag, encoding and length, and
+    // 304 to the GET's tag (it carried the digest of an empty body).
+    for enc in ["identity", "gzip"] {
+        let get = a
+            .req(Method::GET, path)
+            .header("accept-encoding", enc)
+            .send()
+            .await
+            .unwrap();
+        let (gh, body) = (get.headers().clone(), get.bytes().await.unwrap());
+        let head = a
+            .req(Method::HEAD, path)
+            .header("accept-encoding", enc)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200);
+        let hh = head.headers().clone();
+        assert_eq!(hh["etag"], gh["etag"], "{enc}");
+        assert_eq!(
+            hh.get("content-encoding"),
+            gh.get("content-encoding"),
+            "{enc}"
+        );
+        assert_eq!(
+            hh["content-length"],
+            body.len().to_string().as_str(),
+            "{enc}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty());
+        let head = a
+            .req(Method::HEAD, path)
+            .header("accept-encoding", enc)
+            .header("if-none-match", gh["etag"].to_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 304, "{enc}");
+    }
+    // Several Accept-Encoding lines make one list: a coding refused on one
+    // is not used because another allows `*`.
+    let r = a
+        .req(Method::GET, path)
+        .header("accept-encoding", "*")
+        .header("accept-encoding", "zstd;q=0")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.headers()["content-encoding"], "zstd");
+    // A refusal made before the representation layer (an undeclared
+    // parameter) is marked like every other error.
+    let r = a
+        .req(Method::GET, "/api/v2/sales?bogus=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["vary"], "Authorization, Accept-Encoding");
+
     // Small bodies are not compressed.
     let r = a
         .req(Method::GET, "/api/v2/sales?limit=1&fields=id")
@@ -1266,6 +1326,8 @@ async fn cors_origins_leave_the_servers_own_origin_alone() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The CORS headers depend on `Origin`: caches are told so.
+    assert_eq!(r.headers()["vary"], "Authorization, Accept-Encoding, Origin");
     // A listed origin gets its CORS header; another is refused.
     let r = login("https://app.example.com".into()).await;
     assert_eq!(r.status(), 401);

@@ -205,6 +205,32 @@ pub async fn with_limits<E: Endpoint>(
     limits: Arc<RateLimits>,
     routes: Arc<Routes>,
 ) -> poem::Result<Response> {
+    let cors = !state.config.cors_origins.is_empty();
+    let mut resp = limited(ep, req, state, limits, routes).await?;
+    // A refusal made here (429, 400, 405, 413) never reached the layer
+    // that marks responses: mark it as that layer marks an error.
+    if !resp.headers().contains_key(header::CACHE_CONTROL) {
+        let h = resp.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            header::VARY,
+            HeaderValue::from_static(if cors {
+                "Authorization, Accept-Encoding, Origin"
+            } else {
+                "Authorization, Accept-Encoding"
+            }),
+        );
+    }
+    Ok(resp)
+}
+
+async fn limited<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    state: Arc<AppState>,
+    limits: Arc<RateLimits>,
+    routes: Arc<Routes>,
+) -> poem::Result<Response> {
     let path = req.uri().path();
     let is_ws = path == "/ws";
     if path.starts_with("/api/") || is_ws {

@@ -87,11 +87,24 @@ pub async fn with_representation<E: Endpoint>(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let raw_body = req.extensions().get::<RawBody>().cloned();
-    let accept = req
-        .headers()
-        .get(header::ACCEPT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // Every `Accept-Encoding` line: they make one list (RFC 9110 5.3).
+    let accept = {
+        let lines: Vec<&str> = req
+            .headers()
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!lines.is_empty()).then(|| lines.join(", "))
+    };
+    // A HEAD is answered as its GET would be, body left out: its ETag,
+    // encoding and 304 are the GET's (the router would otherwise drop the
+    // body before its digest is taken).
+    let head = method == Method::HEAD;
+    let mut req = req;
+    if head {
+        req.set_method(Method::GET);
+    }
     let inm = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -108,13 +121,21 @@ pub async fn with_representation<E: Endpoint>(
         explained_error(e, &routes, method.as_str(), &path, body)
     });
     let headers = resp.headers_mut();
+    // With CORS_ORIGINS, the CORS headers depend on `Origin` too.
     headers.insert(
         header::VARY,
-        HeaderValue::from_static("Authorization, Accept-Encoding"),
+        HeaderValue::from_static(if state.config.cors_origins.is_empty() {
+            "Authorization, Accept-Encoding"
+        } else {
+            "Authorization, Accept-Encoding, Origin"
+        }),
     );
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Streaming>().is_some()
     {
+        if head {
+            resp.set_body(());
+        }
         return Ok(resp);
     }
     let cacheable =
@@ -202,12 +223,23 @@ pub async fn with_representation<E: Endpoint>(
                 HeaderValue::from_static(enc.token()),
             );
             resp.headers_mut().remove(header::CONTENT_LENGTH);
-            resp.set_body(c);
-            return Ok(resp);
+            return Ok(with_body(resp, c, head));
         }
     }
-    resp.set_body(bytes);
-    Ok(resp)
+    Ok(with_body(resp, bytes, head))
+}
+
+/// The response with its body, or for a HEAD with the length it would have.
+fn with_body(mut resp: Response, body: impl Into<bytes::Bytes>, head: bool) -> Response {
+    let body = body.into();
+    if head {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        resp.set_body(());
+    } else {
+        resp.set_body(body);
+    }
+    resp
 }
 
 #[cfg(test)]
