@@ -1327,7 +1327,10 @@ async fn cors_origins_leave_the_servers_own_origin_alone() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // The CORS headers depend on `Origin`: caches are told so.
-    assert_eq!(r.headers()["vary"], "Authorization, Accept-Encoding, Origin");
+    assert_eq!(
+        r.headers()["vary"],
+        "Authorization, Accept-Encoding, Origin"
+    );
     // A listed origin gets its CORS header; another is refused.
     let r = login("https://app.example.com".into()).await;
     assert_eq!(r.status(), 401);

@@ -380,7 +380,9 @@ async fn the_server_migration_updates_an_older_extension_in_place() {
     );
     assert_eq!(snapshot(&db).await, before, "rows changed by the update");
     assert_eq!(
-        sales_server::db::update_extension(&db.pool).await.unwrap(),
+        sales_server::db::update_extension(&mut db.pool.acquire().await.unwrap())
+            .await
+            .unwrap(),
         None,
         "a second start has nothing to update"
     );

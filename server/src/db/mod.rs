@@ -132,15 +132,67 @@ pub fn lazy_pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {
 /// Applies the migrations, after moving an installed pg_sales to the version
 /// whose files this Postgres has (see `update_extension`), so that deploying
 /// a new release on an existing database upgrades it in place.
+/// Brings the database to what this binary needs: the extension updated,
+/// the migrations applied, and what a restored dump or a recreated
+/// extension lacks put back. Runs on one connection of its own, without
+/// DB_QUERY_TIMEOUT (an index built on a large table, or an extension
+/// update, takes longer than a request may; a build cut short leaves an
+/// invalid index behind). Instances starting together take turns under
+/// the migration lock, which is polled rather than waited for: a statement
+/// waiting for it would hold a snapshot, and an index built CONCURRENTLY
+/// by the instance holding the lock waits for every such snapshot, so the
+/// two would deadlock.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    update_extension(pool)
-        .await
-        .map_err(sqlx::migrate::MigrateError::Execute)?;
-    MIGRATOR.run(pool).await?;
-    restore_after_dump(pool)
-        .await
-        .map_err(sqlx::migrate::MigrateError::Execute)?;
-    Ok(())
+    use sqlx::migrate::MigrateError::Execute;
+    let mut conn = pool.acquire().await.map_err(Execute)?.detach();
+    let out = async {
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut conn)
+            .await
+            .map_err(Execute)?;
+        let key = migration_lock_key(&mut conn).await.map_err(Execute)?;
+        let started = std::time::Instant::now();
+        let mut said = false;
+        while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Execute)?
+        {
+            if !said && started.elapsed() > std::time::Duration::from_secs(2) {
+                tracing::info!("waiting for another instance's migrations to finish");
+                said = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let done = async {
+            update_extension(&mut conn).await.map_err(Execute)?;
+            // The lock is held already: the migrator must not wait for it.
+            let mut migrator = sqlx::migrate!("../migrations");
+            migrator.set_locking(false);
+            migrator.run_direct(&mut conn).await?;
+            restore_after_dump(&mut conn).await.map_err(Execute)
+        }
+        .await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut conn)
+            .await;
+        done
+    }
+    .await;
+    let _ = sqlx::Connection::close(conn).await;
+    out
+}
+
+/// The advisory lock sqlx's migrator takes for this database (the same key,
+/// so an older server migrating with sqlx's own lock takes turns too).
+async fn migration_lock_key(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await?;
+    const CRC_IEEE: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    Ok(0x3d32ad9e * (CRC_IEEE.checksum(db.as_bytes()) as i64))
 }
 
 /// Key of the advisory lock under which instances put back what a restored
@@ -149,28 +201,129 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// create it, and one would fail.
 pub const RESTORE_LOCK: i64 = 0x5A1E_5002;
 
-/// [`restore_users_triggers`] and [`restore_table_settings`] in one
-/// transaction, under [`RESTORE_LOCK`].
-async fn restore_after_dump(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+/// [`restore_users_triggers`], [`restore_table_settings`],
+/// [`restore_user_keys`] and [`restore_sequences`] in one transaction,
+/// under [`RESTORE_LOCK`].
+async fn restore_after_dump(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(RESTORE_LOCK)
         .execute(&mut *tx)
         .await?;
     restore_users_triggers(&mut tx).await?;
     restore_table_settings(&mut tx).await?;
+    restore_user_keys(&mut tx).await?;
+    restore_sequences(&mut tx).await?;
     tx.commit().await
+}
+
+/// The foreign keys from the server's `auth` tables to `sales.users` (a
+/// table of the extension), as migrations 0010 and 0019 create them.
+const USER_KEYS: [(&str, &str); 4] = [
+    ("auth.user_state", "user_state_user_id_fkey"),
+    ("auth.sessions", "sessions_user_id_fkey"),
+    ("auth.user_events", "user_events_user_id_fkey"),
+    ("auth.identities", "identities_user_id_fkey"),
+];
+
+/// Puts back the foreign keys from the `auth` tables to `sales.users` when
+/// they are missing: `DROP EXTENSION pg_sales CASCADE` drops them and keeps
+/// the rows. Rows of users that are gone go first (they would otherwise
+/// pass to whoever gets the id next: a provider identity, a disabled state,
+/// sessions). Returns how many keys were made again.
+pub async fn restore_user_keys(conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
+    let mut made = 0;
+    for (table, name) in USER_KEYS {
+        let present: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint
+                            WHERE conrelid = to_regclass($1) AND conname = $2 AND contype = 'f')",
+        )
+        .bind(table)
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+        if present {
+            continue;
+        }
+        let gone = sqlx::query(&format!(
+            "DELETE FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = t.user_id)"
+        ))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        sqlx::query(&format!(
+            "ALTER TABLE {table} ADD CONSTRAINT {name}
+             FOREIGN KEY (user_id) REFERENCES sales.users (id) ON DELETE CASCADE"
+        ))
+        .execute(&mut *conn)
+        .await?;
+        tracing::warn!(table, removed_rows = gone, "the key from {table} to sales.users was missing (the extension dropped and created again?); rows of users no longer there were removed and the key made again");
+        made += 1;
+    }
+    Ok(made)
+}
+
+/// Moves every id sequence of the product's tables past the ids its table
+/// holds (the event log's past the history's too). A dump taken before
+/// extension 0.8.0 did not carry the extension's sequences, so after a
+/// restore they started again at 1 and every write failed on a duplicate
+/// key. Returns the sequences moved.
+pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let owned: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT s.oid::regclass::text, t.oid::regclass::text, quote_ident(a.attname)
+         FROM pg_class s
+         JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.oid
+              AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+         JOIN pg_class t ON t.oid = d.refobjid
+         JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
+         JOIN pg_namespace n ON n.oid = t.relnamespace
+         WHERE s.relkind = 'S' AND n.nspname IN ('sales', 'auth', 'jobs')
+         ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut moved = Vec::new();
+    for (seq, table, column) in owned {
+        let mut highest = format!("SELECT max({column}) FROM {table}");
+        if table == "sales.events" && column == "id" {
+            highest = "SELECT greatest((SELECT max(id) FROM sales.events),
+                                       (SELECT max(id) FROM sales.event_history))"
+                .to_string();
+        }
+        let top: Option<i64> = sqlx::query_scalar(&highest).fetch_one(&mut *conn).await?;
+        let Some(top) = top else { continue };
+        let (last, called): (i64, bool) =
+            sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+                .fetch_one(&mut *conn)
+                .await?;
+        let next = if called { last + 1 } else { last };
+        if next <= top {
+            sqlx::query("SELECT setval($1::regclass, $2)")
+                .bind(&seq)
+                .bind(top)
+                .execute(&mut *conn)
+                .await?;
+            tracing::warn!(sequence = %seq, from = next, to = top + 1, "an id sequence was behind its table's ids (a dump restored from an older extension?); moved it past them");
+            moved.push(seq);
+        }
+    }
+    Ok(moved)
 }
 
 /// What migrations 0002, 0006, 0007, 0011 and 0020 add to the extension's tables
 /// (indexes, extended statistics, the event log's statistics targets): the
 /// name to look for, the catalog query that finds it, and the statements
-/// that make it, as the migrations do.
+/// that make it, as the migrations do. An index left invalid (its build
+/// concurrently was cut short) counts as missing: it is dropped and built
+/// again.
 const TABLE_SETTINGS: [(&str, &str, &str); 5] = [
     (
         "monthly_sales_period_idx",
-        "SELECT to_regclass('sales.monthly_sales_period_idx') IS NOT NULL",
-        "CREATE INDEX IF NOT EXISTS monthly_sales_period_idx
+        "SELECT coalesce((SELECT indisvalid FROM pg_index
+                          WHERE indexrelid = to_regclass('sales.monthly_sales_period_idx')), false)",
+        "DROP INDEX IF EXISTS sales.monthly_sales_period_idx;
+         CREATE INDEX IF NOT EXISTS monthly_sales_period_idx
              ON sales.monthly_sales (year, month, store_id)
              INCLUDE (total_sales, total_customers, days_reported, version);
          COMMENT ON INDEX sales.monthly_sales_period_idx IS
@@ -178,8 +331,10 @@ const TABLE_SETTINGS: [(&str, &str, &str); 5] = [
     ),
     (
         "stores_region_status_idx",
-        "SELECT to_regclass('sales.stores_region_status_idx') IS NOT NULL",
-        "CREATE INDEX IF NOT EXISTS stores_region_status_idx
+        "SELECT coalesce((SELECT indisvalid FROM pg_index
+                          WHERE indexrelid = to_regclass('sales.stores_region_status_idx')), false)",
+        "DROP INDEX IF EXISTS sales.stores_region_status_idx;
+         CREATE INDEX IF NOT EXISTS stores_region_status_idx
              ON sales.stores (region, status) INCLUDE (code, name);
          COMMENT ON INDEX sales.stores_region_status_idx IS
              'pg_sales: required by region filters and the stores list'",
@@ -280,13 +435,15 @@ pub async fn restore_users_triggers(conn: &mut PgConnection) -> Result<bool, sql
 /// leaves it: readiness then reports the version mismatch. Two instances
 /// starting together are safe: the second waits for the first's lock and
 /// finds nothing to do.
-pub async fn update_extension(pool: &PgPool) -> Result<Option<(String, String)>, sqlx::Error> {
+pub async fn update_extension(
+    conn: &mut PgConnection,
+) -> Result<Option<(String, String)>, sqlx::Error> {
     let versions: Option<(String, Option<String>)> = sqlx::query_as(
         "SELECT x.extversion::text, a.default_version::text
          FROM pg_extension x LEFT JOIN pg_available_extensions a ON a.name = x.extname
          WHERE x.extname = 'pg_sales'",
     )
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     let Some((have, Some(want))) = versions else {
         return Ok(None);
@@ -294,8 +451,23 @@ pub async fn update_extension(pool: &PgPool) -> Result<Option<(String, String)>,
     if have == want {
         return Ok(None);
     }
+    // Only forward: a database whose extension is newer than the files
+    // installed here (another server updated it) is left as it is.
+    let path: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension_update_paths('pg_sales')
+                        WHERE source = $1 AND target = $2 AND path IS NOT NULL)",
+    )
+    .bind(&have)
+    .bind(&want)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !path {
+        tracing::warn!(installed = %have, files = %want,
+            "extension pg_sales in the database has no update path to the version of its installed files (is it newer?); left as it is");
+        return Ok(None);
+    }
     match sqlx::query("ALTER EXTENSION pg_sales UPDATE")
-        .execute(pool)
+        .execute(&mut *conn)
         .await
     {
         Ok(_) => {

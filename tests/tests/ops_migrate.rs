@@ -1,0 +1,133 @@
+//! `sales-server migrate` on databases in the states operations leave them
+//! in: several instances starting at once, an index build cut short, id
+//! sequences a restored dump left behind their tables, and the keys
+//! `DROP EXTENSION pg_sales CASCADE` takes from the server's own tables.
+
+use sales_e2e::{redis_url, server_bin, BareDb, TestDb, TEST_JWT_SECRET};
+
+fn migrate_cmd(url: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(server_bin());
+    cmd.arg("migrate")
+        .env("DATABASE_URL", url)
+        .env("JWT_SECRET", TEST_JWT_SECRET)
+        .env("REDIS_URL", redis_url())
+        .env("LOG_LEVEL", "warn")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Two instances migrating one new database at once both succeed. sqlx's
+/// own lock was waited for inside a statement, whose snapshot an index
+/// built concurrently by the other instance waited for: Postgres found a
+/// deadlock and one of them failed (in two of three tries).
+#[tokio::test]
+async fn instances_migrating_together_take_turns() {
+    for round in 0..3 {
+        let db = BareDb::new().await;
+        let (a, b) = tokio::join!(migrate_cmd(&db.url).output(), migrate_cmd(&db.url).output());
+        for out in [a.unwrap(), b.unwrap()] {
+            assert!(
+                out.status.success(),
+                "round {round}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(applied, sales_server::db::MIGRATOR.iter().count() as i64);
+    }
+}
+
+/// What a restore or a recreated extension leaves is put back by the next
+/// `migrate`: an index left invalid by a build cut short is built again, an
+/// id sequence behind its table's ids moves past them, and the keys from
+/// the `auth` tables to `sales.users` come back, without the rows of users
+/// that are gone (which would otherwise pass to whoever gets the id next).
+#[tokio::test]
+async fn migrate_puts_back_what_a_restore_or_a_dropped_extension_lost() {
+    let db = TestDb::new().await;
+    let stores = db.stores(3).await;
+    let user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, role, password_hash) VALUES ('a@x.test', 'admin', '$argon2id$x')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let sql = |q: &'static str| {
+        let pool = db.pool.clone();
+        async move { sqlx::query(q).execute(&pool).await.unwrap() }
+    };
+    // A build cut short: the index is there, but invalid.
+    sql("UPDATE pg_index SET indisvalid = false
+         WHERE indexrelid = 'sales.monthly_sales_period_idx'::regclass")
+    .await;
+    // Sequences as a dump from before extension 0.8.0 restored them.
+    sql("SELECT setval('sales.stores_id_seq', 1, false)").await;
+    sql("SELECT setval('sales.users_id_seq', 1, false)").await;
+    // DROP EXTENSION ... CASCADE took the key; a row of a user now gone.
+    sql("ALTER TABLE auth.identities DROP CONSTRAINT identities_user_id_fkey").await;
+    sqlx::query(
+        "INSERT INTO auth.identities (user_id, issuer, subject) VALUES ($1, 'https://idp', 'kept'),
+                                                                      ($1 + 1000, 'https://idp', 'orphan')",
+    )
+    .bind(user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    sales_server::db::migrate(&db.pool).await.expect("migrate");
+
+    let valid: bool = sqlx::query_scalar(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'sales.monthly_sales_period_idx'::regclass",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(valid, "the invalid index is built again");
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.stores (code, name, region) VALUES ('NEW', 'New', 'North') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("a write after the restore");
+    assert!(id > *stores.iter().max().unwrap(), "{id} {stores:?}");
+    let next_user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, role, password_hash) VALUES ('b@x.test', 'staff', '$argon2id$x')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("a new user after the restore");
+    assert!(next_user > user);
+    let identities: Vec<String> =
+        sqlx::query_scalar("SELECT subject FROM auth.identities ORDER BY subject")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(identities, ["kept"]);
+    let key: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'identities_user_id_fkey')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(key, "the key is made again");
+
+    // Nothing left to do: a second run changes nothing.
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(sales_server::db::restore_sequences(&mut conn)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        sales_server::db::restore_user_keys(&mut conn)
+            .await
+            .unwrap(),
+        0
+    );
+}
