@@ -131,3 +131,28 @@ async fn migrate_puts_back_what_a_restore_or_a_dropped_extension_lost() {
         0
     );
 }
+
+/// A database whose extension is newer than the files installed here
+/// (another server updated it) is left as it is: `migrate` succeeds with
+/// a warning instead of failing on an update with no way down.
+#[tokio::test]
+async fn an_extension_newer_than_the_installed_files_is_left_alone() {
+    let db = TestDb::new().await;
+    sqlx::query("UPDATE pg_extension SET extversion = '99.0.0' WHERE extname = 'pg_sales'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = migrate_cmd(&db.url).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version: String =
+        sqlx::query_scalar("SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(version, "99.0.0");
+}
