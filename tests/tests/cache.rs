@@ -3,7 +3,8 @@
 //! entries, clear by tag, and Redis going away and coming back.
 
 use sales_e2e::{
-    eventually, free_port, month, relay_caught_up, user_token, warm, Api, OwnRedis, TestDb,
+    eventually, free_port, month, redis_url, relay_caught_up, user_token, warm, Api, OwnRedis,
+    TestDb,
 };
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -337,10 +338,8 @@ async fn invalidation_by_sql_and_across_instances() {
 }
 
 /// A batch whose events touch more tags than Redis is asked to bump in one
-/// call (1,000): every tag is bumped, the last in sort order too. A server
-/// started after the write has nothing in its first level and has heard
-/// no event, so it answers from Redis: an entry under a tag that was not
-/// bumped would be served stale for as long as it lives.
+/// call (1,000): every tag is bumped, the first and the last in sort order
+/// too (their counters in Redis move), and the values read are the new ones.
 #[tokio::test]
 async fn a_batch_over_many_tags_invalidates_every_one() {
     let db = TestDb::new().await;
@@ -385,24 +384,191 @@ async fn a_batch_over_many_tags_invalidates_every_one() {
         warm(&a1, p).await;
     }
 
+    let counter = |tag: &str| tag_counter(&db.name, tag);
+    let tags = [months[0].0.clone(), months[months.len() - 1].0.clone()];
+    let before: Vec<u64> = tags.iter().map(|t| counter(t)).collect();
+
     let (st, body) = a1.post("/api/v2/sales/batch", &write(2.0)).await;
     assert_eq!(st, 200, "{body}");
     relay_caught_up(&db, &one).await;
-    let two = db.server(&[]).await;
-    let a2 = Api::new(&two, Some(&token));
+    eventually(
+        Duration::from_secs(5),
+        "the first and the last tag bumped",
+        || async {
+            let now: Vec<u64> = tags.iter().map(|t| counter(t)).collect();
+            (now[0] > before[0] && now[1] > before[1]).then_some(())
+        },
+    )
+    .await;
     for p in &paths {
-        eventually(
-            Duration::from_secs(5),
-            "a new instance reads the new value",
-            || async {
-                let (_, b) = a2.get(p).await;
-                (total(&b) == 56.0).then_some(())
-            },
-        )
-        .await;
+        let (_, b) = a1.get(p).await;
+        assert_eq!(total(&b), 56.0, "{p}: {b}");
     }
     one.stop().await;
+}
+
+/// A tag's counter in the shared Redis (`{prefix}:t:{tag}`), 0 when absent.
+fn tag_counter(prefix: &str, tag: &str) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &redis_url(), "GET", &format!("{prefix}:t:{tag}")])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A server that starts answers nothing from what Redis kept: writes made
+/// while no instance was relaying events (plain SQL here, with every server
+/// stopped) were never invalidated there.
+#[tokio::test]
+async fn a_new_instance_serves_nothing_written_while_none_ran() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let one = db.server(&[]).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    setup(&db, &stores, &a1).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    warm(&a1, &path).await;
+    let (_, b) = a1.get(&path).await;
+    assert_eq!(total(&b), 280.0 * s as f64, "{b}");
+    one.stop().await;
+
+    sqlx::query(
+        "UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 7}}'
+         WHERE store_id = $1 AND year = 2024 AND month = 1",
+    )
+    .bind(s)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let two = db.server(&[]).await;
+    let a2 = Api::new(&two, Some(&token));
+    let (st, b) = a2.get(&path).await;
+    assert_eq!((st, total(&b)), (200, 7.0), "{b}");
     two.stop().await;
+}
+
+/// Redis restarted from an older snapshot holds entries whose tag counters
+/// predate later writes. The restart is noticed within about a second: every
+/// entry is made stale, in Redis and in this instance's memory too (an old
+/// answer read in that second was otherwise kept in memory for
+/// CACHE_L1_TTL).
+#[tokio::test]
+async fn a_redis_restored_from_a_snapshot_leaves_nothing_stale_in_memory() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let dir = std::env::temp_dir().join(format!("pgs_redis_snap_{}", db.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let mut redis = OwnRedis::start_in(port, Some(&dir));
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = db
+        .server(&[("REDIS_URL", url.as_str()), ("CACHE_L1_TTL", "60s")])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    warm(&admin, &path).await;
+    let old = total(&admin.get(&path).await.1);
+    let snapshot = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "SAVE"])
+        .output()
+        .unwrap();
+    assert!(snapshot.status.success());
+    let (st, _) = admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 9}}}]}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    // Not read again before the restart: this instance keeps nothing of it.
+
+    redis.stop();
+    let _redis = OwnRedis::start_in(port, Some(&dir));
+    // Read all along while the server reconnects; once the new value has
+    // come back, it must stay for good (not the snapshot's, kept in memory).
+    let started = std::time::Instant::now();
+    let mut seen_new_since: Option<std::time::Instant> = None;
+    let mut seen: Vec<(u128, f64)> = Vec::new();
+    while seen_new_since.is_none_or(|t| t.elapsed() < Duration::from_secs(3)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the new value never held for 3 s: (ms, value) {seen:?}"
+        );
+        let (st, b) = admin.get(&path).await;
+        assert_eq!(st, 200, "{b}");
+        let v = total(&b);
+        if seen.last().is_none_or(|(_, last)| *last != v) {
+            seen.push((started.elapsed().as_millis(), v));
+        }
+        if v == 9.0 {
+            seen_new_since.get_or_insert_with(std::time::Instant::now);
+        } else {
+            assert_eq!(v, old, "{b}");
+            seen_new_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// While Redis does not answer, requests do not wait on it: once one call
+/// has failed (REDIS_TIMEOUT, here 5 s), reads miss at once and are answered
+/// from Postgres until the once-a-second probe finds Redis again.
+#[tokio::test]
+async fn reads_do_not_wait_on_a_redis_that_does_not_answer() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = db
+        .server(&[
+            ("REDIS_URL", url.as_str()),
+            ("REDIS_TIMEOUT", "5s"),
+            // Every read goes to Redis (none is answered from memory).
+            ("CACHE_L1_TTL", "0"),
+        ])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let path = format!("/api/v2/sales?storeId={}&fields=totalSales", stores[0]);
+    warm(&admin, &path).await;
+
+    redis.signal("STOP");
+    // The first call finds out (it may wait up to REDIS_TIMEOUT).
+    let (st, _) = admin.get(&path).await;
+    assert_eq!(st, 200);
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let (st, b) = admin.get(&path).await;
+        assert_eq!(st, 200, "{b}");
+        assert!(total(&b) > 0.0, "{b}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "five reads took {took:?} with Redis stalled (REDIS_TIMEOUT 5 s each before)"
+    );
+    redis.signal("CONT");
+    eventually(Duration::from_secs(10), "cache hits again", || async {
+        let h0 = stats(&admin).await["hits"].as_u64().unwrap();
+        admin.get(&path).await;
+        admin.get(&path).await;
+        (stats(&admin).await["hits"].as_u64().unwrap() > h0).then_some(())
+    })
+    .await;
+    server.stop().await;
 }
 
 #[tokio::test]

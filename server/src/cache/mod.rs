@@ -251,7 +251,8 @@ pub struct Cache {
 /// could leave behind.
 struct L1 {
     entries: moka::sync::Cache<String, Arc<L1Entry>>,
-    generation: AtomicU64,
+    /// Shared with the Redis backend, which moves it when Redis restarted.
+    generation: Arc<AtomicU64>,
 }
 
 struct L1Entry {
@@ -287,9 +288,14 @@ impl Cache {
     pub fn new(config: &crate::config::Config) -> Self {
         let stats = Arc::new(Stats::default());
         let degraded = Arc::new(AtomicBool::new(false));
+        let l1_generation = Arc::new(AtomicU64::new(0));
         let redis = !config.redis_cluster_urls.is_empty() || config.redis_url.is_some();
         let backend = if redis {
-            Backend::Redis(redis::RedisCache::start(config, degraded.clone()))
+            Backend::Redis(redis::RedisCache::start(
+                config,
+                degraded.clone(),
+                l1_generation.clone(),
+            ))
         } else {
             Backend::Memory(memory::MemoryCache::new(config.cache_ttl))
         };
@@ -300,7 +306,13 @@ impl Cache {
             ttl: config.cache_ttl,
             compress_min: config.cache_compress_min,
             degraded,
-            lost: AtomicU64::new(0),
+            // A new instance may have missed invalidations: writes made
+            // while no instance relayed events (plain SQL, or committed
+            // during a restart), or a Redis restored from an older snapshot
+            // along with it. Nothing is served from Redis until every entry
+            // there has been made stale once (see
+            // `settle_lost_invalidations`).
+            lost: AtomicU64::new(u64::from(redis)),
             settled: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
@@ -316,7 +328,7 @@ impl Cache {
                     })
                     .max_capacity(L1_MAX_BYTES)
                     .build(),
-                generation: AtomicU64::new(0),
+                generation: l1_generation,
             }),
         }
     }
@@ -495,7 +507,7 @@ impl Cache {
             return false;
         }
         if self.settled.fetch_max(lost, Ordering::AcqRel) < lost {
-            tracing::info!("cache cleared: invalidations were lost while Redis was unavailable");
+            tracing::info!("cache made stale: this instance may have missed invalidations (it started, or Redis was unavailable)");
         }
         true
     }

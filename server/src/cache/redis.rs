@@ -6,7 +6,7 @@
 use crate::config::Config;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::RwLock;
@@ -27,6 +27,9 @@ pub struct RedisCache {
     /// Tag counters live this long after their last bump: longer than any
     /// entry, so an entry never outlives the counter it recorded.
     tag_ttl: Duration,
+    /// The first level's generation: moved when Redis restarted, so that
+    /// nothing it served before the restart was seen is kept in memory.
+    l1_generation: Arc<AtomicU64>,
 }
 
 /// Bumps tag counters: each key in KEYS; ARGV[1] is the counters' time to
@@ -71,7 +74,11 @@ pub fn tag_ttl(entry_ttl: Duration) -> Duration {
 impl RedisCache {
     /// Connects in the background, retrying with backoff, so that a server
     /// starts (degraded) even when Redis is down.
-    pub fn start(config: &Config, degraded: Arc<AtomicBool>) -> Self {
+    pub fn start(
+        config: &Config,
+        degraded: Arc<AtomicBool>,
+        l1_generation: Arc<AtomicU64>,
+    ) -> Self {
         let conn: Arc<RwLock<Option<Conn>>> = Arc::new(RwLock::new(None));
         let cluster_urls = config.redis_cluster_urls.clone();
         let url = config.redis_url.clone();
@@ -134,6 +141,7 @@ impl RedisCache {
             degraded,
             last_error,
             tag_ttl: tag_ttl(config.cache_ttl),
+            l1_generation,
         };
         cache.watch_restarts(format!("{}:t:all", config.cache_prefix));
         cache
@@ -141,12 +149,17 @@ impl RedisCache {
 
     /// Redis restarted (its `run_id` changed): it may have come back from
     /// an older snapshot, with counters from before writes it never saw.
-    /// Bumping the tag every entry carries makes all of them stale. Checked
-    /// every second, so the window for a stale hit after a restore is about
-    /// one second.
+    /// Bumping the tag every entry carries makes all of them stale, and the
+    /// first level forgets what it kept. Checked every second, so the
+    /// window for a stale hit after a restore is about one second.
+    ///
+    /// The same check is the probe that ends an outage: while Redis is
+    /// marked unavailable, requests do not wait on it (they miss at once),
+    /// and the first answer here marks it available again.
     fn watch_restarts(&self, tag_all: String) {
         let conn = self.conn.clone();
         let (timeout, ttl) = (self.timeout, self.tag_ttl);
+        let (degraded, l1_generation) = (self.degraded.clone(), self.l1_generation.clone());
         tokio::spawn(async move {
             let mut known: Option<String> = None;
             loop {
@@ -173,9 +186,17 @@ impl RedisCache {
                     .find_map(|l| l.strip_prefix("run_id:"))
                     .map(|v| v.trim().to_string());
                 if run_id.is_none() || run_id == known {
+                    // Answering, and the same Redis: usable again after an
+                    // outage (a restarted one only once it was handled).
+                    if degraded.swap(false, Ordering::Relaxed) {
+                        tracing::info!("redis is back; cache enabled");
+                    }
                     continue;
                 }
-                if known.is_some() {
+                // The first `run_id` seen is treated as a restart too: Redis
+                // may have restarted after this instance's first requests
+                // and before this first look (a second or so after start).
+                {
                     let bump = bump_call(&[tag_all.as_str()], ttl);
                     let done = async {
                         match c {
@@ -187,9 +208,15 @@ impl RedisCache {
                         // Try again next second.
                         continue;
                     }
-                    tracing::warn!("redis restarted; every cache entry made stale");
+                    l1_generation.fetch_add(1, Ordering::AcqRel);
+                    if known.is_some() {
+                        tracing::warn!("redis restarted; every cache entry made stale");
+                    }
                 }
                 known = run_id;
+                if degraded.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis is back; cache enabled");
+                }
             }
         });
     }
@@ -202,8 +229,17 @@ impl RedisCache {
         self.cluster
     }
 
+    /// The connection, unless Redis is marked unavailable: then no request
+    /// waits on it (the probe in `watch_restarts` ends the outage).
+    async fn usable(&self) -> Option<Conn> {
+        if self.degraded.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.conn.read().await.clone()
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ()> {
-        let Some(conn) = self.conn.read().await.clone() else {
+        let Some(conn) = self.usable().await else {
             return Err(());
         };
         let fut = async move {
@@ -212,11 +248,7 @@ impl RedisCache {
                 Conn::Cluster(mut c) => cmd.query_async::<T>(&mut c).await,
             }
         };
-        let v = self.bounded(self.timeout, fut).await?;
-        if self.degraded.swap(false, Ordering::Relaxed) {
-            tracing::info!("redis is back; cache enabled");
-        }
-        Ok(v)
+        self.bounded(self.timeout, fut).await
     }
 
     /// Awaits a Redis call for at most `limit`; a failure or a timeout
@@ -298,7 +330,7 @@ impl RedisCache {
     /// Bumps each tag (see [`BUMP`]): up to [`BUMP_CHUNK`] tags per call,
     /// or one by one in a cluster, where tag keys live in different slots.
     pub async fn bump(&self, tag_keys: &[String]) -> Result<(), ()> {
-        let Some(conn) = self.conn.read().await.clone() else {
+        let Some(conn) = self.usable().await else {
             return Err(());
         };
         let ttl = self.tag_ttl;

@@ -555,10 +555,11 @@ pub fn is_undefined_function(e: &sqlx::Error) -> bool {
 
 /// Errors worth another try: serialization failures and deadlocks (the
 /// transaction was rolled back), and lost or refused connections.
+/// A pool that timed out is busy, not broken: trying again would queue the
+/// same work behind the same load (four times over), so it is not retried.
 pub fn is_transient(e: &sqlx::Error, connection_errors: bool) -> bool {
     match e {
         sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")) => true,
-        sqlx::Error::PoolTimedOut => connection_errors,
         _ => connection_errors && is_broken_connection(e),
     }
 }
@@ -664,12 +665,16 @@ mod tests {
         assert!(!is_broken_connection(&sqlx::Error::RowNotFound));
     }
 
+    fn reset() -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+    }
+
     #[tokio::test]
     async fn retries_transient_then_succeeds() {
         let calls = AtomicU32::new(0);
         let out = retry("t", true, || async {
             if calls.fetch_add(1, Ordering::SeqCst) < 2 {
-                Err(sqlx::Error::PoolTimedOut)
+                Err(reset())
             } else {
                 Ok(7)
             }
@@ -685,10 +690,22 @@ mod tests {
         let calls = AtomicU32::new(0);
         let out: Result<(), _> = retry("t", false, || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err(sqlx::Error::PoolTimedOut)
+            Err(reset())
         })
         .await;
         assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_busy_pool_is_not_retried() {
+        let calls = AtomicU32::new(0);
+        let out: Result<(), _> = retry("t", true, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(sqlx::Error::PoolTimedOut)
+        })
+        .await;
+        assert!(matches!(out, Err(sqlx::Error::PoolTimedOut)));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
@@ -697,7 +714,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let out: Result<(), _> = retry_tx("t", || async {
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(TxFailure::BeforeCommit(sqlx::Error::PoolTimedOut))
+                Err(TxFailure::BeforeCommit(reset()))
             } else {
                 Err(TxFailure::AtCommit(sqlx::Error::Io(std::io::Error::other(
                     "reset",
@@ -714,7 +731,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let out: Result<(), _> = retry("t", true, || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err(sqlx::Error::PoolTimedOut)
+            Err(reset())
         })
         .await;
         assert!(out.is_err());

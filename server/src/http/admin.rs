@@ -239,7 +239,11 @@ impl AdminApi {
                 }))
             }
             // Not the extension's absence: the database is unreachable.
-            Err(e) if crate::db::is_transient(&e, true) => Err(e.into()),
+            Err(e)
+                if crate::db::is_transient(&e, true) || matches!(e, sqlx::Error::PoolTimedOut) =>
+            {
+                Err(e.into())
+            }
             Err(e) => {
                 tracing::info!(error = %e, "pg_stat_statements unavailable");
                 Ok(disabled(ENABLE_STATEMENTS.to_string()))
