@@ -57,6 +57,12 @@ impl Server {
             .await
             .context("reading the event log position")?;
         state.hub.set_position(head);
+        // What was written while no instance relayed is made stale in the
+        // shared cache before this instance serves anything from it.
+        {
+            let (cache, pool) = (state.cache.clone(), state.pool.clone());
+            tokio::spawn(async move { cache.catch_up(&pool, head.seq).await });
+        }
         // Every region that has stores is known before any client names
         // one (later ones come with their stores' events), so the bounded
         // room for names that clients introduce never decides whether a

@@ -63,15 +63,21 @@ pub fn tag_store_doc(store: i64) -> String {
 /// before dispatching an event, so a client that reads after receiving the
 /// event never gets the older cached value from this instance, however slow
 /// Redis is; other instances mark the same tags from their own relay.
+///
+/// The relay also says up to which delivery position its events are:
+/// once their invalidation is applied, the backend records that position
+/// (`{prefix}:relayed`, the highest any instance reached), from which a
+/// starting instance knows what it must invalidate itself (see
+/// [`Cache::catch_up`]).
 #[derive(Clone)]
 pub struct Invalidator {
     cache: Arc<Cache>,
-    tx: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    tx: tokio::sync::mpsc::UnboundedSender<(Vec<String>, Option<i64>)>,
 }
 
 impl Invalidator {
     pub fn spawn(cache: Arc<Cache>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<String>, Option<i64>)>();
         let c = cache.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -79,11 +85,14 @@ impl Invalidator {
                 while let Ok(more) = rx.try_recv() {
                     marked.push(more);
                 }
-                let mut tags: Vec<String> = marked.iter().flatten().cloned().collect();
+                let mut tags: Vec<String> = marked.iter().flat_map(|(t, _)| t).cloned().collect();
                 tags.sort();
                 tags.dedup();
-                c.invalidate(&tags).await;
-                for m in &marked {
+                let applied = c.invalidate(&tags).await;
+                if let (true, Some(upto)) = (applied, marked.iter().filter_map(|m| m.1).max()) {
+                    c.mark_relayed(upto).await;
+                }
+                for (m, _) in &marked {
                     c.unmark_pending(m);
                 }
             }
@@ -93,16 +102,26 @@ impl Invalidator {
 
     /// Marks `tags` stale on this instance now; the backend follows.
     pub fn invalidate_soon(&self, tags: Vec<String>) {
-        if tags.is_empty() {
+        self.invalidate_soon_upto(tags, None);
+    }
+
+    /// As [`Self::invalidate_soon`], for events delivered up to position
+    /// `upto` (recorded once their invalidation is applied).
+    pub fn invalidate_soon_upto(&self, tags: Vec<String>, upto: Option<i64>) {
+        if tags.is_empty() && upto.is_none() {
             return;
         }
         self.cache.mark_pending(&tags);
-        if let Err(e) = self.tx.send(tags) {
+        if let Err(e) = self.tx.send((tags, upto)) {
             // The worker is gone (runtime shutting down): nothing to serve.
-            self.cache.unmark_pending(&e.0);
+            self.cache.unmark_pending(&e.0 .0);
         }
     }
 }
+
+/// Events a starting instance reads back from the log to invalidate their
+/// tags itself; past this many it makes every entry stale instead.
+const CATCH_UP_EVENTS: i64 = 10_000;
 
 /// Tags held pending by [`Cache::hold`]; released when dropped.
 pub struct Held {
@@ -228,6 +247,9 @@ pub struct Cache {
     /// been invalidated at once.
     lost: AtomicU64,
     settled: AtomicU64,
+    /// Until [`Cache::catch_up`] has made stale what this instance may have
+    /// missed before it started, nothing is served from Redis.
+    starting: AtomicBool,
     /// Tags with an invalidation marked but not yet applied (see
     /// [`Invalidator`]): entries under them are not served meanwhile.
     pending: Mutex<HashMap<String, u32>>,
@@ -306,14 +328,9 @@ impl Cache {
             ttl: config.cache_ttl,
             compress_min: config.cache_compress_min,
             degraded,
-            // A new instance may have missed invalidations: writes made
-            // while no instance relayed events (plain SQL, or committed
-            // during a restart), or a Redis restored from an older snapshot
-            // along with it. Nothing is served from Redis until every entry
-            // there has been made stale once (see
-            // `settle_lost_invalidations`).
-            lost: AtomicU64::new(u64::from(redis)),
+            lost: AtomicU64::new(0),
             settled: AtomicU64::new(0),
+            starting: AtomicBool::new(redis),
             pending: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
             // The in-process backend is a first level already.
@@ -389,7 +406,7 @@ impl Cache {
     }
 
     pub async fn lookup(&self, key: &str, tags: &[String]) -> Lookup {
-        if !self.settle_lost_invalidations().await {
+        if self.starting.load(Ordering::Acquire) || !self.settle_lost_invalidations().await {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return Lookup::Miss(None);
@@ -533,9 +550,11 @@ impl Cache {
     }
 
     /// Makes every entry tagged with any of `tags` stale, on every instance.
-    pub async fn invalidate(&self, tags: &[String]) {
+    /// False when the backend could not be told (the invalidation is then
+    /// counted as lost).
+    pub async fn invalidate(&self, tags: &[String]) -> bool {
         if tags.is_empty() {
-            return;
+            return true;
         }
         self.drop_l1();
         let mut keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
@@ -559,6 +578,80 @@ impl Cache {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.lost.fetch_add(1, Ordering::AcqRel);
         }
+        ok
+    }
+
+    /// Records that every event up to delivery position `seq` has had its
+    /// invalidation applied (the highest any instance reached is kept).
+    async fn mark_relayed(&self, seq: i64) {
+        if let Backend::Redis(r) = &self.backend {
+            let _ = r.mark_max(&self.relayed_key(), seq).await;
+        }
+    }
+
+    fn relayed_key(&self) -> String {
+        format!("{}:relayed", self.prefix)
+    }
+
+    /// Before a starting instance serves anything from Redis: the events
+    /// after the last position whose invalidation any instance applied, up
+    /// to `head` (where this instance's relay starts), may never have been
+    /// invalidated (written while no instance relayed: plain SQL, or
+    /// committed during a restart). Their tags are bumped now; with no
+    /// position recorded (a first start, or Redis emptied), too many of
+    /// them, or the log pruned in between, every entry is made stale.
+    /// Retries until Redis answers; until then lookups miss.
+    pub async fn catch_up(&self, pool: &sqlx::PgPool, head: i64) {
+        let Backend::Redis(r) = &self.backend else {
+            return;
+        };
+        loop {
+            match self.try_catch_up(r, pool, head).await {
+                Ok(()) => break,
+                Err(e) => tracing::debug!(error = %e, "cache catch-up not done yet; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.drop_l1();
+        self.starting.store(false, Ordering::Release);
+    }
+
+    async fn try_catch_up(
+        &self,
+        r: &redis::RedisCache,
+        pool: &sqlx::PgPool,
+        head: i64,
+    ) -> anyhow::Result<()> {
+        // Restarts of Redis are watched from here on.
+        r.note_run_id()
+            .await
+            .map_err(|()| anyhow::anyhow!("redis unavailable"))?;
+        let relayed = r
+            .get_i64(&self.relayed_key())
+            .await
+            .map_err(|()| anyhow::anyhow!("redis unavailable"))?;
+        let tags = match relayed {
+            Some(done) if done >= head => Some(Vec::new()),
+            Some(done) => {
+                crate::db::write::range_cache_tags(pool, done, head, CATCH_UP_EVENTS).await?
+            }
+            None => None,
+        };
+        let tags = tags.unwrap_or_else(|| vec![TAG_ALL.to_string()]);
+        if !tags.is_empty() {
+            let n = tags.len();
+            if !self.invalidate(&tags).await {
+                anyhow::bail!("redis unavailable");
+            }
+            tracing::info!(
+                tags = n,
+                since = ?relayed,
+                head,
+                "cache: made stale what was written while this instance was not relaying"
+            );
+        }
+        self.mark_relayed(head).await;
+        Ok(())
     }
 
     /// Clears everything (bumps the tag all entries carry).

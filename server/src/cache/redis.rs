@@ -30,6 +30,19 @@ pub struct RedisCache {
     /// The first level's generation: moved when Redis restarted, so that
     /// nothing it served before the restart was seen is kept in memory.
     l1_generation: Arc<AtomicU64>,
+    /// The `run_id` of the Redis in use, as last seen (None: not yet).
+    run_id: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Sets KEYS[1] to ARGV[1] unless it holds a number at least as high.
+const MARK_MAX: &str = "local v = tonumber(redis.call('GET', KEYS[1])) \
+    if v == nil or tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
+
+/// `run_id` from the answer to `INFO server`.
+fn run_id_of(info: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|v| v.trim().to_string())
 }
 
 /// Bumps tag counters: each key in KEYS; ARGV[1] is the counters' time to
@@ -142,6 +155,7 @@ impl RedisCache {
             last_error,
             tag_ttl: tag_ttl(config.cache_ttl),
             l1_generation,
+            run_id: Default::default(),
         };
         cache.watch_restarts(format!("{}:t:all", config.cache_prefix));
         cache
@@ -160,8 +174,8 @@ impl RedisCache {
         let conn = self.conn.clone();
         let (timeout, ttl) = (self.timeout, self.tag_ttl);
         let (degraded, l1_generation) = (self.degraded.clone(), self.l1_generation.clone());
+        let seen = self.run_id.clone();
         tokio::spawn(async move {
-            let mut known: Option<String> = None;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if Arc::strong_count(&conn) == 1 {
@@ -170,22 +184,39 @@ impl RedisCache {
                 let Some(c) = conn.read().await.clone() else {
                     continue;
                 };
-                let info = async {
+                let single = match c.clone() {
+                    Conn::Single(s) => s,
+                    Conn::Cluster(mut cc) => {
+                        // A cluster's nodes each have their own `run_id`:
+                        // only whether it answers is watched.
+                        let cmd = redis::cmd("PING");
+                        let ping = cmd.query_async::<String>(&mut cc);
+                        if let Ok(Ok(_)) = tokio::time::timeout(timeout, ping).await {
+                            if degraded.swap(false, Ordering::Relaxed) {
+                                tracing::info!("redis is back; cache enabled");
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let info = async move {
                     let mut cmd = redis::cmd("INFO");
                     cmd.arg("server");
-                    match c.clone() {
-                        Conn::Single(mut c) => cmd.query_async::<String>(&mut c).await,
-                        Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
-                    }
+                    let mut single = single;
+                    cmd.query_async::<String>(&mut single).await
                 };
                 let Ok(Ok(info)) = tokio::time::timeout(timeout, info).await else {
                     continue;
                 };
-                let run_id = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("run_id:"))
-                    .map(|v| v.trim().to_string());
-                if run_id.is_none() || run_id == known {
+                let run_id = run_id_of(&info);
+                let known = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if run_id.is_none() || run_id == known || known.is_none() {
+                    // The first sight is recorded (a starting instance
+                    // records it before serving from Redis: see
+                    // `note_run_id`).
+                    if known.is_none() {
+                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = run_id;
+                    }
                     // Answering, and the same Redis: usable again after an
                     // outage (a restarted one only once it was handled).
                     if degraded.swap(false, Ordering::Relaxed) {
@@ -193,9 +224,6 @@ impl RedisCache {
                     }
                     continue;
                 }
-                // The first `run_id` seen is treated as a restart too: Redis
-                // may have restarted after this instance's first requests
-                // and before this first look (a second or so after start).
                 {
                     let bump = bump_call(&[tag_all.as_str()], ttl);
                     let done = async {
@@ -209,11 +237,9 @@ impl RedisCache {
                         continue;
                     }
                     l1_generation.fetch_add(1, Ordering::AcqRel);
-                    if known.is_some() {
-                        tracing::warn!("redis restarted; every cache entry made stale");
-                    }
+                    tracing::warn!("redis restarted; every cache entry made stale");
                 }
-                known = run_id;
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = run_id;
                 if degraded.swap(false, Ordering::Relaxed) {
                     tracing::info!("redis is back; cache enabled");
                 }
@@ -351,6 +377,44 @@ impl RedisCache {
         };
         self.bounded(self.timeout.max(Duration::from_millis(500)), fut)
             .await
+    }
+
+    /// Records the `run_id` of the Redis in use now, so that a restart from
+    /// here on is noticed (see `watch_restarts`).
+    pub async fn note_run_id(&self) -> Result<(), ()> {
+        if self.cluster {
+            // Not watched for a cluster (see `watch_restarts`); it answers?
+            return self.run::<String>(&redis::cmd("PING")).await.map(|_| ());
+        }
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        let info: String = self.run(&cmd).await?;
+        *self.run_id.lock().unwrap_or_else(|p| p.into_inner()) = run_id_of(&info);
+        Ok(())
+    }
+
+    /// A number kept under `key`, None when absent.
+    pub async fn get_i64(&self, key: &str) -> Result<Option<i64>, ()> {
+        let v: Option<String> = self.run(redis::cmd("GET").arg(key)).await?;
+        Ok(v.and_then(|v| v.parse().ok()))
+    }
+
+    /// Raises the number under `key` to `value` (never lowers it).
+    pub async fn mark_max(&self, key: &str, value: i64) -> Result<(), ()> {
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| redis::Script::new(MARK_MAX));
+        let Some(conn) = self.usable().await else {
+            return Err(());
+        };
+        let mut call = script.prepare_invoke();
+        call.key(key).arg(value);
+        let fut = async move {
+            match conn {
+                Conn::Single(mut c) => call.invoke_async::<i64>(&mut c).await,
+                Conn::Cluster(mut c) => call.invoke_async::<i64>(&mut c).await,
+            }
+        };
+        self.bounded(self.timeout, fut).await.map(|_| ())
     }
 
     pub async fn ping(&self) -> Result<Duration, String> {

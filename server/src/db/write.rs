@@ -142,6 +142,45 @@ pub(crate) async fn tx_cache_tags(
 ) -> Result<Vec<String>, sqlx::Error> {
     let rows: Vec<(String, Option<i64>, Option<i64>, String)> =
         sqlx::query_as(TX_EVENTS_SQL).fetch_all(conn).await?;
+    tags_of_rows(rows)
+}
+
+/// The events of the log after delivery position `after` up to `upto`
+/// (at most `limit`), in the same shape as [`TX_EVENTS_SQL`].
+pub const RANGE_EVENTS_SQL: &str = "SELECT kind, store_id, row_id,
+        jsonb_build_object('year', payload->'year', 'month', payload->'month',
+                           'previousStoreId', payload->'previousStoreId',
+                           'previousYear', payload->'previousYear',
+                           'previousMonth', payload->'previousMonth')::text
+ FROM sales.events e
+ WHERE e.seq > $1 AND e.seq <= $2
+ ORDER BY e.seq
+ LIMIT $3";
+
+/// The cache tags of the events delivered after position `after` up to
+/// `upto`; None when there are more than `limit` of them, or when the log
+/// was pruned in between (what was pruned cannot be read back).
+pub(crate) async fn range_cache_tags(
+    pool: &sqlx::PgPool,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Option<i64>, String)> = sqlx::query_as(RANGE_EVENTS_SQL)
+        .bind(after)
+        .bind(upto)
+        .bind(limit + 1)
+        .fetch_all(pool)
+        .await?;
+    if rows.len() as i64 > limit || rows.iter().any(|r| r.0 == "events-pruned") {
+        return Ok(None);
+    }
+    tags_of_rows(rows).map(Some)
+}
+
+fn tags_of_rows(
+    rows: Vec<(String, Option<i64>, Option<i64>, String)>,
+) -> Result<Vec<String>, sqlx::Error> {
     let events: Vec<Event> = rows
         .into_iter()
         .map(|(kind_name, store_id, row_id, payload)| {

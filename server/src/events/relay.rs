@@ -192,8 +192,10 @@ async fn deliver(deps: &Deps, page: &Page) {
         floor.fetch_max(lsn, Ordering::Relaxed);
     }
     // Marked before any client hears of the change (see `Invalidator`).
-    deps.invalidator
-        .invalidate_soon(rules::cache_tags(&page.events));
+    deps.invalidator.invalidate_soon_upto(
+        rules::cache_tags(&page.events),
+        page.events.last().map(|e| e.seq),
+    );
     for e in &page.events {
         if deps.sink.deliver(e) {
             // Some queue is filling: let the connection tasks drain before

@@ -191,7 +191,9 @@ impl AdminApi {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
         match &tag {
-            Some(t) => self.state.cache.invalidate(std::slice::from_ref(t)).await,
+            Some(t) => {
+                self.state.cache.invalidate(std::slice::from_ref(t)).await;
+            }
             None => self.state.cache.clear_all().await,
         }
         Ok(Json(CacheCleared {
