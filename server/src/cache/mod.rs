@@ -520,6 +520,10 @@ impl Cache {
         let Backend::Redis(r) = &self.backend else {
             return true;
         };
+        if self.degraded.load(Ordering::Relaxed) {
+            // Not before the probe finds Redis answering: no read waits.
+            return false;
+        }
         if r.bump(&[self.tag_key(TAG_ALL)]).await.is_err() {
             return false;
         }

@@ -255,7 +255,7 @@ impl RedisCache {
         self.cluster
     }
 
-    /// The connection, unless Redis is marked unavailable: then no request
+    /// The connection, unless Redis is marked unavailable: then no read
     /// waits on it (the probe in `watch_restarts` ends the outage).
     async fn usable(&self) -> Option<Conn> {
         if self.degraded.load(Ordering::Relaxed) {
@@ -356,7 +356,9 @@ impl RedisCache {
     /// Bumps each tag (see [`BUMP`]): up to [`BUMP_CHUNK`] tags per call,
     /// or one by one in a cluster, where tag keys live in different slots.
     pub async fn bump(&self, tag_keys: &[String]) -> Result<(), ()> {
-        let Some(conn) = self.usable().await else {
+        // Tried even while Redis is marked unavailable: an invalidation
+        // not applied is made up for by making every entry stale.
+        let Some(conn) = self.conn.read().await.clone() else {
             return Err(());
         };
         let ttl = self.tag_ttl;
