@@ -344,14 +344,47 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         .await
         .unwrap();
     let token = login["token"].as_str().unwrap();
-    let r = http
-        .get(format!("http://127.0.0.1:{port}/api/v2/sales?fields=id"))
-        .bearer_auth(token)
-        .header("x-request-id", "log-test-42")
-        .send()
+    // The list's statement is made slow for sure (past SLOW_QUERY_MS,
+    // 1 ms, which a query on an empty table may not reach): it waits on a
+    // lock held until the server's backend is seen waiting for it.
+    let mut locker = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE sales.monthly_sales IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    let request = tokio::spawn({
+        let (http, token) = (http.clone(), token.to_string());
+        async move {
+            http.get(format!("http://127.0.0.1:{port}/api/v2/sales?fields=id"))
+                .bearer_auth(token)
+                .header("x-request-id", "log-test-42")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the list waiting on the lock",
+        || {
+            let pool = db.pool.clone();
+            async move {
+                let waiting: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE wait_event_type = 'Lock' AND query LIKE '%monthly_sales%')",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                waiting.then_some(())
+            }
+        },
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    assert_eq!(request.await.unwrap(), 200);
     let lines: Vec<Value> = eventually(Duration::from_secs(5), "request log lines", || {
         let parsed: Vec<Value> = server
             .log()
