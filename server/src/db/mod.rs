@@ -265,10 +265,14 @@ pub async fn restore_user_keys(conn: &mut PgConnection) -> Result<usize, sqlx::E
 }
 
 /// Moves every id sequence of the product's tables past the ids its table
-/// holds (the event log's past the history's too). A dump taken before
-/// extension 0.8.0 did not carry the extension's sequences, so after a
-/// restore they started again at 1 and every write failed on a duplicate
-/// key. Returns the sequences moved.
+/// holds. A dump taken before extension 0.8.0 did not carry the
+/// extension's sequences, so after a restore they started again at 1 and
+/// every write failed on a duplicate key. Runs at every start, so only
+/// columns an index leads are read (a `max` from the index's end): that
+/// covers every id a key is made of alone; `jobs.job_errors.n` is unique
+/// only with its job, whose id is covered. The event history needs no look
+/// of its own: its ids came from the log, and a prune keeps the log's
+/// newest event. Returns the sequences moved.
 pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
     let owned: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT s.oid::regclass::text, t.oid::regclass::text, quote_ident(a.attname)
@@ -279,19 +283,17 @@ pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, s
          JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
          JOIN pg_namespace n ON n.oid = t.relnamespace
          WHERE s.relkind = 'S' AND n.nspname IN ('sales', 'auth', 'jobs')
+           AND EXISTS (SELECT 1 FROM pg_index i
+                       WHERE i.indrelid = t.oid AND i.indkey[0] = a.attnum)
          ORDER BY 1",
     )
     .fetch_all(&mut *conn)
     .await?;
     let mut moved = Vec::new();
     for (seq, table, column) in owned {
-        let mut highest = format!("SELECT max({column}) FROM {table}");
-        if table == "sales.events" && column == "id" {
-            highest = "SELECT greatest((SELECT max(id) FROM sales.events),
-                                       (SELECT max(id) FROM sales.event_history))"
-                .to_string();
-        }
-        let top: Option<i64> = sqlx::query_scalar(&highest).fetch_one(&mut *conn).await?;
+        let top: Option<i64> = sqlx::query_scalar(&format!("SELECT max({column}) FROM {table}"))
+            .fetch_one(&mut *conn)
+            .await?;
         let Some(top) = top else { continue };
         let (last, called): (i64, bool) =
             sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
