@@ -212,14 +212,7 @@ pub async fn with_limits<E: Endpoint>(
     if !resp.headers().contains_key(header::CACHE_CONTROL) {
         let h = resp.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(
-            header::VARY,
-            HeaderValue::from_static(if cors {
-                "Authorization, Accept-Encoding, Origin"
-            } else {
-                "Authorization, Accept-Encoding"
-            }),
-        );
+        h.insert(header::VARY, super::representation::vary(cors));
     }
     Ok(resp)
 }

@@ -77,6 +77,16 @@ fn if_none_match_hits(header_value: Option<&str>, etag: &str) -> bool {
     })
 }
 
+/// What every response varies by; with CORS_ORIGINS set, the CORS headers
+/// depend on `Origin` too.
+pub fn vary(cors: bool) -> HeaderValue {
+    HeaderValue::from_static(if cors {
+        "Authorization, Accept-Encoding, Origin"
+    } else {
+        "Authorization, Accept-Encoding"
+    })
+}
+
 /// ETag / 304, Cache-Control, Vary and compression for buffered bodies.
 pub async fn with_representation<E: Endpoint>(
     ep: Arc<E>,
@@ -121,15 +131,7 @@ pub async fn with_representation<E: Endpoint>(
         explained_error(e, &routes, method.as_str(), &path, body)
     });
     let headers = resp.headers_mut();
-    // With CORS_ORIGINS, the CORS headers depend on `Origin` too.
-    headers.insert(
-        header::VARY,
-        HeaderValue::from_static(if state.config.cors_origins.is_empty() {
-            "Authorization, Accept-Encoding"
-        } else {
-            "Authorization, Accept-Encoding, Origin"
-        }),
-    );
+    headers.insert(header::VARY, vary(!state.config.cors_origins.is_empty()));
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Streaming>().is_some()
     {
