@@ -156,7 +156,15 @@ async fn permissions_matrix() {
     let staff_path = format!("/api/v2/users/{}", w.staff_id);
     assert_eq!(w.admin.get(&staff_path).await.0, 200);
     assert_eq!(w.manager.get(&staff_path).await.0, 200);
-    assert_eq!(w.other_manager.get(&staff_path).await.0, 403);
+    // Another manager's staff: answered as an id no user has.
+    let (st, body) = w.other_manager.get(&staff_path).await;
+    assert_eq!(st, 404, "{body}");
+    let (_, none) = w.other_manager.get("/api/v2/users/999999").await;
+    assert_eq!(
+        body["error"]["message"].as_str().map(|m| m.replace(&w.staff_id.to_string(), "N")),
+        none["error"]["message"].as_str().map(|m| m.replace("999999", "N")),
+        "the same message"
+    );
     assert_eq!(w.staff.get(&staff_path).await.0, 200, "oneself");
     let manager_path = format!("/api/v2/users/{}", w.manager_id);
     assert_eq!(w.staff.get(&manager_path).await.0, 403);
@@ -216,7 +224,7 @@ async fn permissions_matrix() {
     .await;
     assert_eq!(st, 403, "only admins set passwords");
     let (st, _) = patch(&w.other_manager, &s2_path, json!({"disabled": true})).await;
-    assert_eq!(st, 403, "not staff of their stores");
+    assert_eq!(st, 404, "not staff of their stores: as if no such user");
     let (st, _) = patch(&w.staff, &s2_path, json!({"disabled": true})).await;
     assert_eq!(st, 403);
     let (st, _) = patch(&w.manager, &manager_path, json!({"stores": [a]})).await;
@@ -370,6 +378,7 @@ async fn me_and_password_change() {
     };
     let (st, body) = change("wrong-password", "a-new-password-1").await;
     assert_eq!(st, 403, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "currentPassword");
     let (st, body) = change(PASSWORD, "abcabcabc").await;
     assert_eq!(st, 422, "{body}");
     assert_eq!(body["error"]["details"]["field"], "newPassword");
@@ -972,7 +981,7 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
         200,
         "staff of the manager's store"
     );
-    assert_eq!(w.other_manager.get(&history).await.0, 403);
+    assert_eq!(w.other_manager.get(&history).await.0, 404);
     // Given a store outside the manager's, the staff member's history shows
     // the manager only the stores both share, as their document does.
     let (a, c) = (w.stores[0], w.stores[2]);
@@ -1995,7 +2004,7 @@ async fn a_manager_change_is_checked_under_the_lock() {
     .await;
     move_out.commit().await.unwrap();
     let (st, body) = attempt.await.unwrap();
-    assert_eq!(st, 403, "{body}");
+    assert_eq!(st, 404, "no longer theirs: {body}");
     let (_, user) = w.admin.get(&format!("/api/v2/users/{}", w.staff_id)).await;
     assert_eq!(user["data"]["disabled"], false, "{user}");
     w.server.stop().await;

@@ -694,7 +694,13 @@ impl LoginApi {
             .await?
         {
             Some((id, hash)) if id == user.id => hash,
-            _ => return Err(ApiError::forbidden("currentPassword: wrong password")),
+            _ => {
+                return Err(ApiError::Forbidden(super::error::ErrorBody::new(
+                    "forbidden",
+                    "currentPassword: wrong password",
+                    Some(serde_json::json!({"field": "currentPassword", "reason": "wrong password"})),
+                )))
+            }
         };
         crate::users::check_password_field("newPassword", &body.new_password, &user.email)
             .map_err(super::users::user_error)?;

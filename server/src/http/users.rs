@@ -329,10 +329,9 @@ impl UsersApi {
         }
         let u = self.load(id.0).await?;
         if !who.is_admin() && who.user_id != u.id && !manages(who, &u) {
-            return Err(ApiError::forbidden(format!(
-                "user {} is not staff of your stores",
-                u.id
-            )));
+            // The same answer as for an id no user has: a manager learns
+            // nothing about users outside their staff.
+            return Err(ApiError::not_found(format!("no user {}", id.0)));
         }
         Ok(OneResponse::Ok(Json(UserOne { data: doc(&u, who) })))
     }
@@ -476,11 +475,14 @@ impl UsersApi {
             let old = users::get(tx.conn(), id.0)
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("no user {}", id.0)))?;
+            if old.id == who.user_id {
+                return Err(ApiError::forbidden(
+                    "managers do not change their own role, stores or state",
+                ));
+            }
             if !manages(who, &old) {
-                return Err(ApiError::forbidden(format!(
-                    "user {} is not staff of your stores",
-                    old.id
-                )));
+                // As for an id no user has (see get_one).
+                return Err(ApiError::not_found(format!("no user {}", id.0)));
             }
             if let Some(given) = &stores {
                 require_managed(who, given)?;
