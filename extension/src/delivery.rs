@@ -205,10 +205,25 @@ fn see_clock(s: &Shared) {
     }
     let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
         .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
-    s.clock
-        .fetch_max(max.unwrap_or(0).max(0) as u64, Ordering::AcqRel);
+    let max = max.unwrap_or(0).max(0) as u64;
+    // A seq near the end of the range can only have been written by hand
+    // (`seq` is a column default a role allowed to insert events may
+    // override). Taken into the clock, which every database of the cluster
+    // shares, it would make the next values wrap to negative ones, below
+    // every horizon: no event of any database would be delivered again.
+    if max > SEQ_LIMIT {
+        error!(
+            "pg_sales: sales.events holds seq {max}, beyond any the extension gives \
+             (at most {SEQ_LIMIT}); delete that event row (it was not written by the extension)"
+        );
+    }
+    s.clock.fetch_max(max, Ordering::AcqRel);
     CLOCK_SEEN.set(true);
 }
+
+/// The highest `seq` the clock gives (2^62: at a million events a second,
+/// about 146,000 years of them), far from where an `i64` wraps.
+const SEQ_LIMIT: u64 = 1 << 62;
 
 /// The next `seq` for an event row of the current transaction (the default
 /// of `sales.events.seq`). The first one registers the transaction.
@@ -251,6 +266,10 @@ pub fn next_seq() -> i64 {
     } else {
         s.clock.fetch_add(1, Ordering::SeqCst) + 1
     };
+    if seq > SEQ_LIMIT {
+        // Never reached by values the clock gave; refuse rather than wrap.
+        error!("pg_sales: the event clock is past {SEQ_LIMIT}");
+    }
     LAST_SEQ.set(seq);
     seq as i64
 }

@@ -288,6 +288,9 @@ impl SalesRow {
             error!("{misuse}");
         }
         unsafe {
+            if !is_sales_table(td.tg_relation) {
+                error!("{misuse} on sales.monthly_sales");
+            }
             let desc = (*td.tg_relation).rd_att;
             let (old, new) = if op == pg_sys::TRIGGER_EVENT_INSERT {
                 (None, td.tg_trigtuple)
@@ -316,6 +319,22 @@ impl SalesRow {
         self.get(t, self.cols.daily_data)
             // SAFETY: daily_data is a jsonb column.
             .and_then(|d| unsafe { RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID) })
+    }
+}
+
+/// Whether `rel` is `sales.monthly_sales` itself. The row triggers read its
+/// columns as the types the extension made them, and write events about its
+/// rows straight into the log: attached to any other table (a temporary one
+/// with look-alike columns), they would read other types' values as
+/// pointers, and write events for rows that never were.
+///
+/// # Safety
+/// `rel` is the open relation of a trigger call in progress.
+unsafe fn is_sales_table(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        let form = (*rel).rd_rel;
+        CStr::from_ptr((*form).relname.data.as_ptr()).to_bytes() == b"monthly_sales"
+            && (*form).relnamespace == pg_sys::get_namespace_oid(c"sales".as_ptr(), true)
     }
 }
 
@@ -359,20 +378,25 @@ impl SalesColumns {
                 continue;
             }
             let name = unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes();
-            let slot = match name {
-                b"id" => &mut c.id,
-                b"store_id" => &mut c.store_id,
-                b"year" => &mut c.year,
-                b"month" => &mut c.month,
-                b"daily_data" => &mut c.daily_data,
-                b"total_sales" => &mut c.total_sales,
-                b"total_customers" => &mut c.total_customers,
-                b"days_reported" => &mut c.days_reported,
-                b"version" => &mut c.version,
-                b"created_at" => &mut c.created_at,
-                b"updated_at" => &mut c.updated_at,
+            let (slot, ty) = match name {
+                b"id" => (&mut c.id, pg_sys::INT8OID),
+                b"store_id" => (&mut c.store_id, pg_sys::INT8OID),
+                b"year" => (&mut c.year, pg_sys::INT4OID),
+                b"month" => (&mut c.month, pg_sys::INT4OID),
+                b"daily_data" => (&mut c.daily_data, pg_sys::JSONBOID),
+                b"total_sales" => (&mut c.total_sales, pg_sys::NUMERICOID),
+                b"total_customers" => (&mut c.total_customers, pg_sys::INT8OID),
+                b"days_reported" => (&mut c.days_reported, pg_sys::INT4OID),
+                b"version" => (&mut c.version, pg_sys::INT8OID),
+                b"created_at" => (&mut c.created_at, pg_sys::TIMESTAMPTZOID),
+                b"updated_at" => (&mut c.updated_at, pg_sys::TIMESTAMPTZOID),
                 _ => continue,
             };
+            // Values are read as these types: any other would be misread.
+            if a.atttypid != ty {
+                let n = String::from_utf8_lossy(name);
+                error!("pg_sales: the sales table's column {n} is not of the type the extension made it");
+            }
             *slot = i as i32 + 1;
         }
         for (n, att) in [

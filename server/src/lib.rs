@@ -45,6 +45,9 @@ impl Server {
     /// binds the port (`PORT=0` picks a free one; see `addr`).
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         config.check_serving_secret()?;
+        if let Some(secret) = &config.jwt_secret {
+            events::sealed::init(secret);
+        }
         config.warn_if_imports_can_fill_the_pool();
         metrics::init(config.slow_query_ms);
         let state = AppState::connect(config).await?;

@@ -67,6 +67,10 @@ async fn shutdown_signal() {
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    // Commands that end jobs (maintain) send live messages as servers do.
+    if let Some(secret) = &config.jwt_secret {
+        sales_server::events::sealed::init(secret);
+    }
     match command {
         Command::Serve => {
             config.require_jwt_secret()?;

@@ -582,7 +582,10 @@ async fn progress_events_go_through_postgres() {
             .await
             .expect("final progress event within 15 s")
             .expect("notification");
-        let v: Value = serde_json::from_str(n.payload()).expect("JSON payload");
+        // Sealed by the server (see `events::sealed`), and recent.
+        let now = chrono::Utc::now().timestamp_millis();
+        let json = sales_server::events::sealed::open(n.payload(), now).expect("a sealed payload");
+        let v: Value = serde_json::from_str(json).expect("JSON payload");
         if v["data"]["exportId"] != json!(id) {
             continue;
         }
@@ -777,7 +780,9 @@ async fn disconnect_cancels_the_query_and_the_limit_answers_429() {
             .await
             .expect("a final progress event")
             .expect("notification");
-        let v: Value = serde_json::from_str(n.payload()).unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let json = sales_server::events::sealed::open(n.payload(), now).expect("a sealed payload");
+        let v: Value = serde_json::from_str(json).unwrap();
         if v["data"]["exportId"] == json!(id) && v["data"]["done"] == json!(true) {
             break v;
         }

@@ -1519,3 +1519,131 @@ async fn ids_are_not_given_twice_after_truncate_restart_identity() {
     exec(&db, "TRUNCATE sales.monthly_sales RESTART IDENTITY").await;
     assert_eq!(scalar_i64(&db, &insert).await, 1);
 }
+
+/// The row triggers act on `sales.monthly_sales` only. Attached to another
+/// table with look-alike columns (any role may make a temporary one), they
+/// refuse: with a column of another type they would read its values as
+/// pointers (a crash of the server process, and so of every session), and
+/// with the same types they would write events about rows that never were.
+#[tokio::test]
+async fn row_triggers_refuse_other_tables() {
+    let db = TestDb::new().await;
+    let before = max_event(&db).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let table = |name: &str, daily: &str| {
+        format!(
+            "CREATE TEMP TABLE {name} (id bigint, store_id bigint, year int, month int,
+               daily_data {daily}, total_sales numeric, total_customers bigint,
+               days_reported int, version bigint, created_at timestamptz,
+               updated_at timestamptz)"
+        )
+    };
+    for (name, daily, timing, function) in [
+        ("wrong_types", "bigint", "BEFORE", "tg_sales_row"),
+        ("look_alike", "jsonb", "BEFORE", "tg_sales_row"),
+        ("look_alike_after", "jsonb", "AFTER", "tg_sales_changed"),
+    ] {
+        sqlx::raw_sql(&table(name, daily))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "CREATE TRIGGER t {timing} INSERT ON {name} FOR EACH ROW
+             EXECUTE FUNCTION sales.{function}()"
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let daily_value = if daily == "bigint" {
+            "16"
+        } else {
+            r#"'{"1": {"sales": 999999}}'"#
+        };
+        let err = sqlx::raw_sql(&format!(
+            "INSERT INTO {name} VALUES (1, 2, 2024, 1, {daily_value}, 999999, 0, 1, 77, now(), now())"
+        ))
+        .execute(&mut *conn)
+        .await
+        .expect_err(name);
+        let (_, message, _) = pg_error(&err);
+        assert!(message.contains("sales.monthly_sales"), "{name}: {message}");
+    }
+    // The connection (and its server process) lives on; no event was written.
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    assert_eq!(max_event(&db).await, before);
+    // The table itself still gets its events, inserts and updates.
+    let s = db.stores(1).await;
+    let before = max_event(&db).await;
+    upsert_ok(&db, &json!([record(s[0], 2024, 1, days(1, 2, 10.0, 1))])).await;
+    upsert_ok(&db, &json!([record(s[0], 2024, 1, days(1, 3, 11.0, 1))])).await;
+    let kinds: Vec<String> = events_after(&db, before)
+        .await
+        .into_iter()
+        .filter(|e| e.kind.starts_with("sales-data"))
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["sales-data-created", "sales-data-updated"]);
+}
+
+/// `seq` is a column default, so a role allowed to insert event rows can
+/// write one by hand. A value at the end of the range must not reach the
+/// delivery clock, which every database of the cluster shares: its next
+/// values would wrap below every horizon and no event of any database would
+/// be delivered again. The database holding such a row refuses event
+/// writes, naming the row, until it is deleted; other databases go on.
+#[tokio::test]
+async fn a_seq_written_by_hand_cannot_stop_the_clock() {
+    let db = TestDb::new().await;
+    let other = TestDb::new().await;
+    let s = db.stores(1).await;
+    let o = other.stores(1).await;
+    sqlx::query("INSERT INTO sales.events (kind, payload, seq) VALUES ('forged', '{}', $1)")
+        .bind(i64::MAX)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A backend that has not read the clock yet (each reads it once).
+    let mut fresh = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let err = sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
+        .fetch_one(&mut fresh)
+        .await
+        .expect_err("an event write in the database holding the row");
+    let (_, message, _) = pg_error(&err);
+    assert!(
+        message.contains("beyond any the extension gives"),
+        "{message}"
+    );
+    // Another database's events go on, in order and deliverable.
+    let mut elsewhere = sqlx::PgConnection::connect(&other.url).await.unwrap();
+    let head: i64 = sqlx::query_scalar("SELECT sales.events_head()")
+        .fetch_one(&mut elsewhere)
+        .await
+        .unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(o[0], 2024, 1, days(1, 1, 1.0, 1))]))
+        .fetch_one(&mut elsewhere)
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM sales.events_since($1, 100)")
+        .bind(head)
+        .fetch_all(&mut elsewhere)
+        .await
+        .unwrap();
+    assert!(!seqs.is_empty() && seqs.iter().all(|&q| q > 0), "{seqs:?}");
+    // Deleted, the database writes again.
+    sqlx::query("DELETE FROM sales.events WHERE kind = 'forged'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut again = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
+        .fetch_one(&mut again)
+        .await
+        .unwrap();
+}

@@ -161,8 +161,12 @@ async fn permissions_matrix() {
     assert_eq!(st, 404, "{body}");
     let (_, none) = w.other_manager.get("/api/v2/users/999999").await;
     assert_eq!(
-        body["error"]["message"].as_str().map(|m| m.replace(&w.staff_id.to_string(), "N")),
-        none["error"]["message"].as_str().map(|m| m.replace("999999", "N")),
+        body["error"]["message"]
+            .as_str()
+            .map(|m| m.replace(&w.staff_id.to_string(), "N")),
+        none["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("999999", "N")),
         "the same message"
     );
     assert_eq!(w.staff.get(&staff_path).await.0, 200, "oneself");

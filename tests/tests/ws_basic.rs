@@ -144,16 +144,24 @@ async fn every_event_kind_reaches_its_subscribers() {
     assert_eq!(e["data"]["message"], "hello");
     assert_eq!(e["data"]["data"], json!({"k": 1}));
 
-    // 8. Export progress: NOTIFY-only, no id.
-    for user in [other_id, staff_id] {
-        sqlx::query(
-            "SELECT pg_notify('sales_ephemeral', json_build_object('userId', $1::bigint, 'event', 'export-progress',
-                                                                   'data', json_build_object('rows', 10))::text)",
-        )
-        .bind(user)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    // 8. Export progress: NOTIFY-only, no id, relayed only when sealed with
+    // the instances' key. The same message in plain JSON (which any role
+    // that can connect may NOTIFY) is dropped, as is a sealed one changed.
+    let forged = json!({"userId": staff_id, "event": "export-progress",
+                        "data": {"url": "https://elsewhere.example/x.csv"}});
+    let sealed =
+        sales_server::events::sealed::seal(staff_id, "export-progress", json!({"rows": 9}));
+    for payload in [
+        forged.to_string(),
+        sealed.replace("\"rows\":9", "\"rows\":99"),
+        sales_server::events::sealed::seal(other_id, "export-progress", json!({"rows": 10})),
+        sales_server::events::sealed::seal(staff_id, "export-progress", json!({"rows": 10})),
+    ] {
+        sqlx::query("SELECT pg_notify('sales_ephemeral', $1)")
+            .bind(payload)
+            .execute(&db.pool)
+            .await
+            .unwrap();
     }
     let e = staff.event().await;
     assert_eq!(e["event"], "export-progress");

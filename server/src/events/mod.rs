@@ -7,6 +7,7 @@ pub mod holders;
 pub mod model;
 pub mod relay;
 pub mod rules;
+pub mod sealed;
 pub mod vocab;
 
 pub use model::{Ephemeral, Event, Pos};

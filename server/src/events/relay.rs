@@ -258,12 +258,20 @@ async fn listen_session(deps: &Deps, backoff: &mut Duration) -> String {
     *backoff = BACKOFF_MIN;
     loop {
         match listener.try_recv().await {
-            Ok(Some(n)) => match Ephemeral::parse(n.payload()) {
-                Ok(e) => deps.sink.ephemeral(&e),
-                Err(why) => {
-                    tracing::warn!(%why, "ignoring a malformed sales_ephemeral notification")
+            Ok(Some(n)) => {
+                let now = chrono::Utc::now().timestamp_millis();
+                match super::sealed::open(n.payload(), now)
+                    .map_err(String::from)
+                    .and_then(Ephemeral::parse)
+                {
+                    Ok(e) => deps.sink.ephemeral(&e),
+                    Err(why) => tracing::warn!(
+                        %why,
+                        sender_pid = n.process_id(),
+                        "ignoring a sales_ephemeral notification"
+                    ),
                 }
-            },
+            }
             Ok(None) => return "connection closed".into(),
             Err(e) => return e.to_string(),
         }

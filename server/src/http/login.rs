@@ -698,7 +698,9 @@ impl LoginApi {
                 return Err(ApiError::Forbidden(super::error::ErrorBody::new(
                     "forbidden",
                     "currentPassword: wrong password",
-                    Some(serde_json::json!({"field": "currentPassword", "reason": "wrong password"})),
+                    Some(
+                        serde_json::json!({"field": "currentPassword", "reason": "wrong password"}),
+                    ),
                 )))
             }
         };

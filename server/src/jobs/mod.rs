@@ -458,7 +458,7 @@ pub async fn notify_user(
 ) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(crate::events::EPHEMERAL_CHANNEL)
-        .bind(json!({"userId": user, "event": event, "data": data}).to_string())
+        .bind(crate::events::sealed::seal(user, event, data))
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -37,9 +37,8 @@ impl Snapshot {
     }
 }
 
-/// The `export-progress` message relayed to the user's WebSocket.
-pub(super) fn progress_payload(
-    user_id: i64,
+/// The `data` of the `export-progress` message relayed to the user's WebSocket.
+pub(super) fn progress_data(
     export_id: &str,
     format: ExportFormat,
     shape: ExportShape,
@@ -52,20 +51,16 @@ pub(super) fn progress_payload(
         RunState::Failed(e) => ("failed", Some(e.clone())),
     };
     json!({
-        "userId": user_id,
-        "event": "export-progress",
-        "data": {
-            "exportId": export_id,
-            "format": format.name(),
-            "shape": shape.name(),
-            "rowsSent": s.rows,
-            "estimatedTotal": s.total,
-            "percent": s.percent(),
-            "done": s.state != RunState::Running,
-            "status": status,
-            "cancelled": s.state == RunState::Cancelled,
-            "error": error,
-        }
+        "exportId": export_id,
+        "format": format.name(),
+        "shape": shape.name(),
+        "rowsSent": s.rows,
+        "estimatedTotal": s.total,
+        "percent": s.percent(),
+        "done": s.state != RunState::Running,
+        "status": status,
+        "cancelled": s.state == RunState::Cancelled,
+        "error": error,
     })
 }
 
@@ -94,7 +89,11 @@ pub(super) async fn notify_progress(
         let snap = rx.borrow_and_update().clone();
         if last.as_ref() != Some(&snap) && (snap.total.is_some() || snap.state != RunState::Running)
         {
-            let payload = progress_payload(user_id, &export_id, format, shape, &snap).to_string();
+            let payload = crate::events::sealed::seal(
+                user_id,
+                "export-progress",
+                progress_data(&export_id, format, shape, &snap),
+            );
             if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(EPHEMERAL_CHANNEL)
                 .bind(&payload)
