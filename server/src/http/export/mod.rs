@@ -117,8 +117,8 @@ impl ExportApi {
     /// Same filters and scope as `GET /api/v2/sales` (a store outside your scope is 403).
     /// `shape=monthly` (default): one row per store-month; CSV columns `key, store_id, store_code,
     /// store_name, region, year, month, total_sales, total_customers, days_reported`, then
-    /// `d1_sales, d1_customers, ..., d31_sales, d31_customers` (empty where a day is not
-    /// reported); JSON/NDJSON rows are the sales documents of `GET /api/v2/sales` (with
+    /// `d1_sales, d1_customers, d1_transactions, ..., d31_transactions` (empty where a day
+    /// does not give it; an import reads the file back as it was); JSON/NDJSON rows are the sales documents of `GET /api/v2/sales` (with
     /// `fields`/`exclude`) plus `key`. `shape=daily`: one row per reported store-day, columns
     /// `key, store_id, store_code, store_name, date, sales, customers, transactions` (JSON:
     /// `key, storeId, storeCode, storeName, date, sales, customers, transactions`).

@@ -44,7 +44,7 @@ pub const DAILY_CSV_COLUMNS: &[&str] = &[
 ];
 
 /// Columns of `shape=monthly` CSV before the day columns `d1_sales,
-/// d1_customers, ..., d31_sales, d31_customers`.
+/// d1_customers, d1_transactions, ..., d31_transactions`.
 pub const MONTHLY_CSV_COLUMNS: &[&str] = &[
     "key",
     "store_id",
@@ -117,7 +117,8 @@ pub fn build_sql(spec: &ExportSpec<'_>) -> ExportSql {
                         let _ = write!(
                             c,
                             ", m.daily_data->'{d}'->>'sales' AS d{d}_sales, \
-                             m.daily_data->'{d}'->>'customers' AS d{d}_customers"
+                             m.daily_data->'{d}'->>'customers' AS d{d}_customers, \
+                             m.daily_data->'{d}'->>'transactions' AS d{d}_transactions"
                         );
                     }
                     c
