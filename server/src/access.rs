@@ -119,6 +119,89 @@ impl Change {
         }
     }
 
+    /// The change a user or session event stands for, read from the
+    /// database: the event only says which user or session to look at. Any
+    /// role allowed to write event rows (`sales.emit` takes any kind) could
+    /// write one that says a disabled user is enabled, or links an outside
+    /// identity to an admin; what this returns is what the database holds.
+    /// The reason a token is refused (`revoke`) comes from the event only
+    /// when its generation is the stored one.
+    pub async fn from_event_verified(
+        pool: &sqlx::PgPool,
+        e: &Event,
+        token_lifetime: i64,
+    ) -> Result<Option<Change>, sqlx::Error> {
+        let p = &e.payload.value();
+        let Some(id) = p.get("userId").and_then(Value::as_i64) else {
+            return Ok(None);
+        };
+        let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
+        match e.kind {
+            Kind::UserCreated | Kind::UserUpdated | Kind::UserDeleted => {
+                type Row = (String, i64, bool, Option<String>, Option<String>);
+                let row: Option<Row> = sqlx::query_as(
+                    "SELECT lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false),
+                            i.issuer, i.subject
+                     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+                     LEFT JOIN auth.identities i ON i.user_id = u.id
+                     WHERE u.id = $1",
+                )
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+                if let Some((email, generation, disabled, issuer, subject)) = row {
+                    let said = p.get("generation").and_then(Value::as_i64);
+                    let why = if said == Some(generation) {
+                        Revoked::parse(p.get("revoke").and_then(Value::as_str).unwrap_or(""))
+                    } else {
+                        Revoked::parse("")
+                    };
+                    return Ok(Some(Change::User {
+                        id,
+                        email,
+                        generation,
+                        disabled,
+                        why,
+                        identity: Some(
+                            issuer
+                                .zip(subject)
+                                .map(|(issuer, subject)| Identity { issuer, subject }),
+                        ),
+                    }));
+                }
+                let until: Option<i64> = sqlx::query_scalar(
+                    "SELECT extract(epoch FROM deleted_at)::bigint + $2
+                     FROM auth.deleted_users WHERE user_id = $1",
+                )
+                .bind(id)
+                .bind(keep)
+                .fetch_optional(pool)
+                .await?;
+                Ok(until.map(|until| Change::Deleted { id, until }))
+            }
+            Kind::SessionRevoked => {
+                let Some(session) = p.get("sessionId").and_then(Value::as_str) else {
+                    return Ok(None);
+                };
+                let until: Option<i64> = sqlx::query_scalar(
+                    "SELECT extract(epoch FROM revoked_at)::bigint + $3 FROM auth.sessions
+                     WHERE id::text = $1 AND user_id = $2 AND revoked_at IS NOT NULL",
+                )
+                .bind(session)
+                .bind(id)
+                .bind(keep)
+                .fetch_optional(pool)
+                .await?;
+                Ok(until.map(|until| Change::Session {
+                    user: id,
+                    session: session.to_string(),
+                    until,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The change an event describes, if it is a user or session event.
     /// `token_lifetime` is how long tombstones are kept.
     pub fn from_event(e: &Event, token_lifetime: i64) -> Option<Change> {

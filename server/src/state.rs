@@ -130,11 +130,12 @@ impl AppState {
         let hub = Arc::new(crate::ws::Hub::new(crate::ws::HubConfig::from_config(
             &config,
         )));
-        let access = Arc::new(crate::ws::Revoking {
-            hub: hub.clone(),
-            access: auth.revocations().clone(),
-            token_lifetime: config.jwt_expiry.as_secs() as i64,
-        });
+        let access = Arc::new(crate::ws::Revoking::spawn(
+            hub.clone(),
+            auth.revocations().clone(),
+            config.jwt_expiry.as_secs() as i64,
+            pool.clone(),
+        ));
         let hashing = Arc::new(tokio::sync::Semaphore::new(
             config.password_hash_concurrency.max(1),
         ));

@@ -1899,3 +1899,82 @@ async fn csv_store_codes_win_over_ids_from_another_database() {
     assert_eq!(day_of(&db, b, 2024, 5, 3).await, json!({"sales": 3}));
     server.stop().await;
 }
+
+/// A chunk that waits longer than the job lease (here for a row lock a
+/// writer holds) keeps its job: the lease is renewed while the worker's
+/// process lives, so the job is neither taken again by another worker nor
+/// failed as lost after its attempts, and completes once the lock goes.
+#[tokio::test]
+async fn a_job_waiting_on_a_lock_keeps_its_lease() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db
+        .server(&[("JOB_LEASE", "3"), ("IMPORT_CHUNK_LINES", "200")])
+        .await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores WHERE id = $1")
+        .bind(stores[0])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        r#"INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+           VALUES ($1, 2001, 1, '{"1": {"sales": 1}}')"#,
+    )
+    .bind(stores[0])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 FOR UPDATE")
+        .bind(stores[0])
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let mut file = String::from("store_code,date,sales\n");
+    for d in 1..=31 {
+        file.push_str(&format!("{code},2001-01-{d:02},{d}.5\n"));
+    }
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    eventually(WAIT, "the job's chunk to wait for the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    // Past twice its lease since the job started: without renewals another
+    // worker would have taken it (and after three times, failed it).
+    eventually(WAIT, "two leases to pass", || async {
+        let past: bool = sqlx::query_scalar(
+            "SELECT now() > started_at + interval '6.5 seconds' FROM jobs.jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        past.then_some(())
+    })
+    .await;
+    let (attempts, live, error): (i32, bool, Option<String>) = sqlx::query_as(
+        "SELECT attempts, lease_until > now(), last_error FROM jobs.jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((attempts, live, error), (1, true, None));
+    writer.commit().await.unwrap();
+    let doc = wait_job(&api, id, &["completed", "failed", "cancelled"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["attempts"], 1, "{doc}");
+    assert_eq!(doc["rowsWritten"], 31, "{doc}");
+    server.stop().await;
+}

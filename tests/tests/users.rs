@@ -2155,3 +2155,67 @@ async fn maintain_prunes_ended_sessions_and_old_used_refresh_tokens() {
     );
     w.server.stop().await;
 }
+
+/// User and session events are applied as the database holds them: the
+/// event only names the user or session to read back. Events written by
+/// hand (any role allowed to write event rows can, through `sales.emit`)
+/// that say a user was deleted or disabled, or end a session, change no
+/// one's access; a change the database bears out, sent the same way after
+/// them, is applied (and, applied in delivery order, shows that the forged
+/// ones before it were read back and dropped).
+#[tokio::test]
+async fn hand_written_user_events_change_no_ones_access() {
+    let w = world(&[]).await;
+    let (other, _) = client(&w.server, "staff-c@x.test").await;
+    let (st, me) = w.staff.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "{me}");
+    let emit = |kind: &'static str, payload: Value| {
+        let pool = w.db.pool.clone();
+        async move {
+            sqlx::query("SELECT sales.emit($1, $2)")
+                .bind(kind)
+                .bind(payload)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    emit("user-deleted", json!({"userId": w.staff_id})).await;
+    emit(
+        "user-updated",
+        json!({"userId": w.staff_id, "email": "staff@x.test",
+               "generation": 9_000_000_000_000_000_000i64, "disabled": true, "revoke": "disabled"}),
+    )
+    .await;
+    emit(
+        "session-revoked",
+        json!({"userId": w.staff_id, "sessionId": me["sessionId"]}),
+    )
+    .await;
+    // A change the database holds, with its event.
+    let generation: i64 = sqlx::query_scalar(
+        "INSERT INTO auth.user_state (user_id, generation, disabled) VALUES ($1, 1, true)
+         ON CONFLICT (user_id) DO UPDATE SET generation = auth.user_state.generation + 1,
+                                             disabled = true
+         RETURNING generation",
+    )
+    .bind(w.other_staff_id)
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    emit(
+        "user-updated",
+        json!({"userId": w.other_staff_id, "email": "staff-c@x.test",
+               "generation": generation, "disabled": true, "revoke": "disabled"}),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the change the database holds to be applied",
+        || async { (other.get("/api/v2/auth/me").await.0 == 401).then_some(()) },
+    )
+    .await;
+    let (st, body) = w.staff.get("/api/v2/auth/me").await;
+    assert_eq!(st, 200, "the hand-written events changed nothing: {body}");
+    w.server.stop().await;
+}

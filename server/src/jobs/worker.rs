@@ -128,7 +128,9 @@ async fn once(
         return Ok(true);
     }
     tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, worker = name, "job started");
+    let beat = heartbeat(state.pool.clone(), job.id, job.token.clone(), lease);
     let outcome = run_claimed(&mut conn, state, &job, stop).await;
+    beat.abort();
     match outcome {
         Ok(end) => tracing::info!(job = job.id, end = %end, "job ended"),
         Err(e) => {
@@ -139,6 +141,44 @@ async fn once(
         }
     }
     Ok(true)
+}
+
+/// Renews the job's lease every third of it while this process runs the
+/// job, from a connection of its own: a chunk that waits (for a row lock a
+/// writer holds, for its turn, for a connection) is not a lost worker, and
+/// taking its job over would only have it fail as one after three
+/// attempts. A process that dies stops renewing, and its job is taken
+/// again once the lease runs out. The renewal skips a job row locked at
+/// that moment (by the chunk committing, which renews it itself).
+fn heartbeat(
+    pool: sqlx::PgPool,
+    id: i64,
+    token: String,
+    lease: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every =
+            tokio::time::interval((lease / 3).max(std::time::Duration::from_millis(10)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let renewed = sqlx::query(
+                "UPDATE jobs.jobs SET lease_until = now() + $3 * interval '1 millisecond'
+                 WHERE id = (SELECT id FROM jobs.jobs
+                             WHERE id = $1 AND lease_token = $2::uuid AND state = 'running'
+                             FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(id)
+            .bind(&token)
+            .bind(lease.as_millis() as i64)
+            .execute(&pool)
+            .await;
+            if let Err(e) = renewed {
+                tracing::warn!(job = id, error = %e, "could not renew the job's lease");
+            }
+        }
+    })
 }
 
 /// Runs a claimed job to its end on `conn`.

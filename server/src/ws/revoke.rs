@@ -16,9 +16,36 @@ pub struct Revoking {
     pub access: Arc<Revocations>,
     /// Seconds an access token lives (tombstones are kept that long).
     pub token_lifetime: i64,
+    /// User and session events to read back and apply, one at a time in
+    /// delivery order (see [`Revoking::spawn`]).
+    verify: tokio::sync::mpsc::UnboundedSender<Event>,
 }
 
 impl Revoking {
+    /// The sink, with the task that applies relayed user and session events
+    /// as the database holds them (see [`Change::from_event_verified`]), in
+    /// the order they were delivered.
+    pub fn spawn(
+        hub: Arc<Hub>,
+        access: Arc<Revocations>,
+        token_lifetime: i64,
+        pool: sqlx::PgPool,
+    ) -> Self {
+        let (verify, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let (h, a) = (hub.clone(), access.clone());
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                apply_verified(&h, &a, &pool, &e, token_lifetime).await;
+            }
+        });
+        Self {
+            hub,
+            access,
+            token_lifetime,
+            verify,
+        }
+    }
+
     /// Applies a change and closes what it revoked on this instance. The
     /// instance that made the change calls this right after its commit;
     /// every instance calls it again when the event arrives (idempotent).
@@ -39,12 +66,59 @@ pub fn close_if_revoked(hub: &Hub, access: &Revocations, user: i64) -> usize {
     })
 }
 
+/// Applies the change a relayed user or session event stands for, as the
+/// database holds it (a few tries over about three seconds). When the
+/// database cannot be read, only what the event takes away is applied (a
+/// user disabled or deleted, a session ended): a forged event can then at
+/// worst refuse tokens, never accept one.
+async fn apply_verified(
+    hub: &Hub,
+    access: &Revocations,
+    pool: &sqlx::PgPool,
+    e: &Event,
+    token_lifetime: i64,
+) {
+    let mut wait = std::time::Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match Change::from_event_verified(pool, e, token_lifetime).await {
+            Ok(Some(change)) => {
+                access.apply(&change);
+                close_if_revoked(hub, access, change.user_id());
+                return;
+            }
+            Ok(None) => {
+                tracing::warn!(event = e.id, kind = %e.kind_name,
+                    "a user or session event the database does not bear out; not applied");
+                return;
+            }
+            Err(err) if attempt == 5 => {
+                let Some(change) = Change::from_event(e, token_lifetime) else {
+                    return;
+                };
+                let takes_away = match &change {
+                    Change::User { disabled, .. } => *disabled,
+                    Change::Deleted { .. } | Change::Session { .. } => true,
+                };
+                tracing::warn!(event = e.id, error = %err, applied = takes_away,
+                    "could not read a user event's change back; applying only what it takes away");
+                if takes_away {
+                    access.apply(&change);
+                    close_if_revoked(hub, access, change.user_id());
+                }
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+}
+
 impl Sink for Revoking {
     fn deliver(&self, e: &Event) -> bool {
-        if e.kind.is_user() {
-            if let Some(change) = Change::from_event(e, self.token_lifetime) {
-                self.apply(&change);
-            }
+        if e.kind.is_user() && Change::from_event(e, self.token_lifetime).is_some() {
+            let _ = self.verify.send(e.clone());
         }
         self.hub.deliver(e)
     }
