@@ -504,3 +504,61 @@ async fn a_job_completed_after_a_lost_worker_shows_no_stale_error() {
     assert_eq!(error, None, "a completed job keeps no stale error");
     server.stop().await;
 }
+
+/// Staged rows of a job that is over (cancelled, failed, completed) or
+/// gone are swept by the workers' periodic prune: a job's end commits
+/// before its staged rows are purged, so a server that died in between, or
+/// a purge that failed, left them for good. The staged rows of live jobs
+/// (uploading, queued, running) stay.
+#[tokio::test]
+async fn staged_rows_of_ended_or_gone_jobs_are_swept() {
+    let db = TestDb::new().await;
+    let mut ids = Vec::new();
+    for state in [
+        "cancelled",
+        "failed",
+        "completed",
+        "uploading",
+        "queued",
+        "running",
+    ] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs.jobs (kind, state, params) VALUES ('import', $1, '{}') RETURNING id",
+        )
+        .bind(state)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ids.push((state, id));
+    }
+    let gone = ids.iter().map(|(_, id)| id).max().unwrap() + 1000;
+    let staged: Vec<i64> = ids.iter().map(|(_, id)| *id).chain([gone]).collect();
+    sqlx::query(
+        "INSERT INTO jobs.import_rows (job_id, line, day, store_code, year, month, sales)
+         SELECT j, l, 1, 'S1', 2024, 1, '5' FROM unnest($1::bigint[]) j, generate_series(2, 301) l",
+    )
+    .bind(&staged)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let swept = jobs::worker::sweep_staged_rows(&db.pool).await.unwrap();
+    assert_eq!(
+        swept,
+        4 * 300,
+        "cancelled, failed, completed and the gone job's"
+    );
+    let left: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT job_id FROM jobs.import_rows WHERE job_id = ANY($1) ORDER BY job_id",
+    )
+    .bind(&staged)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let live: Vec<i64> = ids
+        .iter()
+        .filter(|(s, _)| matches!(*s, "uploading" | "queued" | "running"))
+        .map(|(_, id)| *id)
+        .collect();
+    assert_eq!(left, live);
+    assert_eq!(jobs::worker::sweep_staged_rows(&db.pool).await.unwrap(), 0);
+}

@@ -95,7 +95,41 @@ async fn prune(state: &Arc<AppState>, last: &LastPrune) -> Result<(), sqlx::Erro
     if n > 0 {
         tracing::info!(jobs = n, "finished jobs past EVENT_RETENTION removed");
     }
+    sweep_staged_rows(&state.pool).await?;
     Ok(())
+}
+
+/// Deletes the staged rows of jobs that are over or gone. A job's end
+/// commits first and purges its staged rows after, as a step of its own
+/// (a cancel in the background): a server that dies, or a purge that
+/// fails, in between left them for good. The job ids staged rows belong to
+/// are read by skipping along the staged rows' index (a few index probes
+/// per job, not a scan of every row).
+pub async fn sweep_staged_rows(pool: &sqlx::PgPool) -> Result<u64, sqlx::Error> {
+    let over: Vec<i64> = sqlx::query_scalar(
+        "WITH RECURSIVE staged(id) AS (
+             (SELECT job_id FROM jobs.import_rows ORDER BY job_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT r.job_id FROM jobs.import_rows r WHERE r.job_id > s.id
+                     ORDER BY r.job_id LIMIT 1)
+             FROM staged s WHERE s.id IS NOT NULL)
+         SELECT s.id FROM staged s
+         WHERE s.id IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM jobs.jobs j
+                           WHERE j.id = s.id AND j.state IN ('uploading', 'queued', 'running'))",
+    )
+    .fetch_all(pool)
+    .await?;
+    if over.is_empty() {
+        return Ok(0);
+    }
+    let n = sqlx::query("DELETE FROM jobs.import_rows WHERE job_id = ANY($1)")
+        .bind(&over)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    tracing::info!(jobs = ?over, rows = n, "staged rows of ended jobs removed");
+    Ok(n)
 }
 
 /// Takes and runs one job; false when there was none.
