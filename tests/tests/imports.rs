@@ -228,6 +228,11 @@ async fn empty_binary_and_wrong_header_files_are_refused_before_queueing() {
     assert_eq!(status, 413, "{body}");
     let (status, _, _) = post_file(&api, "", "application/pdf", "x").await;
     assert_eq!(status, 415);
+    // A CSV shape asked of an NDJSON body.
+    let line = r#"{"storeCode":"T001","year":2024,"month":1,"dailyData":{"1":{"sales":5}}}"#;
+    let (status, body, _) = post_file(&api, "?format=monthly", "application/x-ndjson", line).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "format", "{body}");
     assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
     assert_eq!(
         scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,
@@ -1976,5 +1981,123 @@ async fn a_job_waiting_on_a_lock_keeps_its_lease() {
     assert_eq!(doc["state"], "completed", "{doc}");
     assert_eq!(doc["attempts"], 1, "{doc}");
     assert_eq!(doc["rowsWritten"], 31, "{doc}");
+    server.stop().await;
+}
+
+/// A queued batch cancelled before it ran drops its records at once (up to
+/// BODY_LIMIT of them were kept until the job was pruned).
+#[tokio::test]
+async fn a_cancelled_queued_batch_keeps_no_records() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[("JOB_WORKERS", "0")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (st, body) = api
+        .post(
+            "/api/v2/sales/batch?async=true",
+            &json!({"salesDataArray": [sales_e2e::month(stores[0], 2024, 5, 3, 10.0)]}),
+        )
+        .await;
+    assert_eq!(st, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let kept = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT input IS NOT NULL FROM jobs.jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(kept(&db).await, "queued with its records");
+    let (st, doc) = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map(|s| (s, ()))
+        .unwrap();
+    assert_eq!(st, 200, "{doc:?}");
+    assert!(!kept(&db).await, "cancelled: its records dropped");
+    server.stop().await;
+}
+
+/// An upload the user cancels, whose body is then cut off, stays a
+/// cancelled job (its `import-completed` said so); it used to vanish.
+#[tokio::test]
+async fn an_upload_cancelled_then_cut_off_stays_cancelled() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let mut first = String::from("store_code,date,sales\n");
+    for y in [2022, 2023] {
+        for d in 1..=28 {
+            for m in 1..=12 {
+                first.push_str(&format!("{code},{y}-{m:02}-{d:02},{d}.5\n"));
+            }
+        }
+    }
+    assert!(first.len() > 8192);
+    let (more, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    more.send(Ok(first.into_bytes())).await.unwrap();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((item, rx))
+    });
+    let upload = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.req(reqwest::Method::POST, "/api/v2/imports")
+                .header("content-type", "text/csv")
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+        }
+    });
+    let id: i64 = eventually(WAIT, "the upload's job", || async {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM jobs.jobs WHERE state = 'uploading'")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    let (st, doc) = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(st, 200, "{doc:?}");
+    // The client's body fails mid-way: the upload ends as a cut one.
+    more.send(Err(std::io::Error::other("cut"))).await.unwrap();
+    drop(more);
+    let _ = upload.await.unwrap();
+    let state = eventually(WAIT, "the upload to end", || async {
+        let staged: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs.import_rows WHERE job_id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+        (staged == 0).then_some(state)
+    })
+    .await;
+    assert_eq!(state.as_deref(), Some("cancelled"));
+    let (st, doc) = api.get(&format!("/api/v2/imports/{id}")).await;
+    assert_eq!(st, 200, "{doc}");
+    assert_eq!(doc["state"], "cancelled", "{doc}");
     server.stop().await;
 }

@@ -304,7 +304,13 @@ impl ImportsApi {
                     ImportFormat::Monthly => Requested::Monthly,
                 },
             ),
-            ImportBody::Ndjson(b) => (b.0, Requested::Ndjson),
+            ImportBody::Ndjson(b) => match format.0 {
+                None | Some(ImportFormat::Auto) => (b.0, Requested::Ndjson),
+                Some(_) => return Err(ApiError::bad_param(
+                    "format",
+                    "daily and monthly are CSV shapes; an NDJSON body takes no format (or auto)",
+                )),
+            },
         };
         let _slot = self.uploads.take_or_429(auth.0.user_id)?;
         let max_bytes = self.state.config.import_max_bytes;

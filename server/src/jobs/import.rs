@@ -315,10 +315,12 @@ pub async fn stage<R: Read + Send + 'static>(
         Ok(s) => s,
         Err(e) => {
             if let Some(id) = job {
-                // Nothing was queued: the partial upload goes.
+                // Nothing was queued: the partial upload goes. A job the
+                // user cancelled meanwhile stays, cancelled, as its
+                // `import-completed` event told them.
                 drop(conn);
                 let _ = super::purge_rows(pool, id).await;
-                let _ = sqlx::query("DELETE FROM jobs.jobs WHERE id = $1")
+                let _ = sqlx::query("DELETE FROM jobs.jobs WHERE id = $1 AND state = 'uploading'")
                     .bind(id)
                     .execute(pool)
                     .await;

@@ -147,7 +147,8 @@ async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sql
          SET state = 'failed', finished_at = now(), updated_at = now(),
              last_error = format('its worker was lost (the server running it stopped or was killed) '
                                  'on its last attempt (%s of %s); not taken again', u.attempts, $1::int),
-             lease_token = NULL, lease_until = NULL, worker_pid = NULL
+             lease_token = NULL, lease_until = NULL, worker_pid = NULL,
+             input = CASE WHEN u.kind = 'batch' THEN NULL ELSE u.input END
          WHERE u.id IN (SELECT j.id FROM jobs.jobs j WHERE {lost} FOR UPDATE OF j SKIP LOCKED)
          RETURNING u.id, u.user_id, {END_DATA}"
     ))
@@ -216,6 +217,8 @@ async fn release_with(
          SET state = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN 'failed' ELSE 'queued' END,
              attempts = CASE WHEN $3::text IS NULL THEN greatest(attempts - 1, 0) ELSE attempts END,
              finished_at = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 THEN now() END,
+             input = CASE WHEN $3::text IS NOT NULL AND attempts >= $4 AND kind = 'batch'
+                          THEN NULL ELSE input END,
              last_error = coalesce($3, last_error),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL, updated_at = now()
          WHERE id = $1 AND lease_token = $2::uuid
@@ -258,6 +261,8 @@ pub async fn cancel(
          SET cancel_requested = cancel_requested OR state IN ('uploading', 'queued', 'running'),
              state = CASE WHEN state IN ('uploading', 'queued') THEN 'cancelled' ELSE state END,
              finished_at = CASE WHEN state IN ('uploading', 'queued') THEN now() ELSE finished_at END,
+             -- A queued batch's records (up to BODY_LIMIT) are of no use any more.
+             input = CASE WHEN state = 'queued' AND kind = 'batch' THEN NULL ELSE input END,
              updated_at = now()
          FROM old WHERE j.id = old.old_id
          RETURNING j.state, j.user_id,
