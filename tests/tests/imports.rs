@@ -2102,3 +2102,92 @@ async fn an_upload_cancelled_then_cut_off_stays_cancelled() {
     assert_eq!(doc["state"], "cancelled", "{doc}");
     server.stop().await;
 }
+
+/// Cancelling an upload stops it: the server reads no more of its body
+/// (it used to go on staging up to IMPORT_MAX_BYTES, holding an upload slot
+/// and a connection) and answers with the job cancelled.
+#[tokio::test]
+async fn a_cancelled_upload_stops_reading_its_body() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[("JOB_LEASE", "1")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let part = |y: i32| {
+        let mut s = String::new();
+        for m in 1..=12 {
+            for d in 1..=28 {
+                s.push_str(&format!("{code},{y}-{m:02}-{d:02},{d}.5\n"));
+            }
+        }
+        s
+    };
+    let (more, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    more.send(Ok(format!(
+        "store_code,date,sales\n{}{}",
+        part(2001),
+        part(2002)
+    )
+    .into_bytes()))
+        .await
+        .unwrap();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((item, rx))
+    });
+    let upload = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.req(reqwest::Method::POST, "/api/v2/imports")
+                .header("content-type", "text/csv")
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+        }
+    });
+    let id: i64 = eventually(WAIT, "the upload's job", || async {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM jobs.jobs WHERE state = 'uploading'")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    let st = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(st, 200);
+    // A slow client goes on sending a year of lines every 200 ms, for up to
+    // 60 s; the server answers long before.
+    let mut sent = 0;
+    for y in 2003..2303 {
+        if upload.is_finished() {
+            break;
+        }
+        if more.send(Ok(part(y).into_bytes())).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(more);
+    let answer = upload.await.unwrap().unwrap();
+    assert_eq!(answer.status().as_u16(), 202);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["state"], "cancelled", "{body}");
+    assert!(sent < 300, "the server read the whole body ({sent} parts)");
+    let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.import_rows WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(staged, 0);
+    server.stop().await;
+}

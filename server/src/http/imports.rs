@@ -375,7 +375,7 @@ impl ImportsApi {
                 kind: "import".into(),
                 state: staged.state.into(),
                 status_url: url.clone(),
-                format: Some(staged.shape.name().into()),
+                format: staged.shape.map(|s| s.name().into()),
                 rows_read: staged.lines as i64,
                 rows_rejected: staged.rejected as i64,
             }),

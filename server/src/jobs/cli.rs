@@ -99,7 +99,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
     println!(
         "read {} lines ({} shape) as job {}; {} rejected while reading",
         staged.lines,
-        staged.shape.name(),
+        staged.shape.map_or("unknown", |s| s.name()),
         staged.job_id,
         staged.rejected
     );

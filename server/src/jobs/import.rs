@@ -58,7 +58,8 @@ pub struct ImportRequest {
 #[derive(Debug, Clone)]
 pub struct Staged {
     pub job_id: i64,
-    pub shape: Shape,
+    /// None for an upload cancelled before its file was read to the end.
+    pub shape: Option<Shape>,
     pub lines: u64,
     pub rows: u64,
     pub rejected: u64,
@@ -66,7 +67,7 @@ pub struct Staged {
     /// cancelled while it was read).
     pub queued: bool,
     /// `queued`, `failed` or `cancelled`.
-    pub state: &'static str,
+    pub state: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +257,7 @@ pub async fn stage<R: Read + Send + 'static>(
     let mut rows = 0u64;
     let mut rejected = 0u64;
     let mut lines = 0u64;
+    let mut cancelled = false;
     let result: Result<(), StageError> = async {
         // The upload's lease is renewed while the body keeps coming, however
         // slowly and whatever its lines turn out to be: only an uploader
@@ -270,8 +272,9 @@ pub async fn stage<R: Read + Send + 'static>(
                     None => break,
                 },
                 _ = renew.tick() => {
-                    if job.is_some() {
-                        renew_upload(&mut conn, id, req.lease).await?;
+                    if job.is_some() && !renew_upload(&mut conn, id, req.lease).await? {
+                        cancelled = true;
+                        break;
                     }
                     continue;
                 }
@@ -288,7 +291,10 @@ pub async fn stage<R: Read + Send + 'static>(
                 Msg::Rows(text, n) => {
                     copy_rows(&mut conn, text).await?;
                     rows += n as u64;
-                    renew_upload(&mut conn, id, req.lease).await?;
+                    if !renew_upload(&mut conn, id, req.lease).await? {
+                        cancelled = true;
+                        break;
+                    }
                 }
                 Msg::Rejected(errs) => {
                     super::record_errors(&mut conn, id, &errs).await?;
@@ -306,6 +312,25 @@ pub async fn stage<R: Read + Send + 'static>(
     let parsed = parser
         .await
         .map_err(|e| FileError::Read(format!("parser stopped: {e}")))?;
+    if cancelled && result.is_ok() {
+        // Cancelled while it was read: the parser stopped at its next
+        // batch (its channel closed) and the rest of the body is left.
+        drop(conn);
+        super::purge_rows(pool, id).await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+        return Ok(Staged {
+            job_id: id,
+            shape: parsed.ok(),
+            lines,
+            rows,
+            rejected,
+            queued: false,
+            state: state.unwrap_or_else(|| "cancelled".into()),
+        });
+    }
     let outcome = match (result, parsed) {
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(StageError::File(e)),
@@ -362,9 +387,19 @@ pub async fn stage<R: Read + Send + 'static>(
         super::announce_end(&mut tx, *user, data.clone()).await?;
     }
     tx.commit().await?;
+    // Not moved: no longer 'uploading' (cancelled while it was read, or
+    // reaped); the answer says what the row says.
+    let now_state: Option<String> = match &moved {
+        Some(_) => None,
+        None => {
+            sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+    };
     let moved = u64::from(moved.is_some());
     drop(conn);
-    // Not 'uploading' any more: cancelled while it was read.
     let queued = !too_many && moved == 1;
     if queued {
         super::WAKE.notify_waiters();
@@ -373,17 +408,16 @@ pub async fn stage<R: Read + Send + 'static>(
     }
     Ok(Staged {
         job_id: id,
-        shape,
+        shape: Some(shape),
         lines,
         rows,
         rejected,
         queued,
-        state: if queued {
-            "queued"
-        } else if too_many {
-            "failed"
-        } else {
-            "cancelled"
+        state: match now_state {
+            Some(s) => s,
+            None if queued => "queued".into(),
+            None if too_many => "failed".into(),
+            None => "cancelled".into(),
         },
     })
 }
@@ -439,20 +473,23 @@ async fn create_uploading(
     Ok(())
 }
 
+/// Renews an upload's lease; false when the job is no longer uploading
+/// (its user cancelled it, or it was reaped): the rest of the body is not
+/// read.
 async fn renew_upload(
     conn: &mut PgConnection,
     id: i64,
     lease: Duration,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let renewed = sqlx::query(
         "UPDATE jobs.jobs SET lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
-         WHERE id = $1",
+         WHERE id = $1 AND state = 'uploading'",
     )
     .bind(id)
     .bind(lease.as_millis() as i64)
     .execute(&mut *conn)
     .await?;
-    Ok(())
+    Ok(renewed.rows_affected() > 0)
 }
 
 /// One COPY of staged rows (CSV), committed on its own.
