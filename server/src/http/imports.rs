@@ -373,7 +373,7 @@ impl ImportsApi {
             Json(JobAccepted {
                 id: staged.job_id,
                 kind: "import".into(),
-                state: staged.state.into(),
+                state: staged.state,
                 status_url: url.clone(),
                 format: staged.shape.map(|s| s.name().into()),
                 rows_read: staged.lines as i64,
