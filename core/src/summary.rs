@@ -356,6 +356,20 @@ pub fn period(
     };
     let lo = [ylo, from].into_iter().flatten().max();
     let hi = [yhi, to].into_iter().flatten().min();
+    // A month without a year selects that month of every year: the period
+    // must hold one.
+    if let (None, Some(m), Some(l), Some(h)) = (year, month, lo, hi) {
+        if l <= h && !(l.0..=h.0).any(|y| (y, m) >= l && (y, m) <= h) {
+            return err(
+                "month",
+                format!(
+                    "the period is empty: no month {m} in {} .. {}",
+                    Period::label(l),
+                    Period::label(h)
+                ),
+            );
+        }
+    }
     match (lo, hi) {
         (Some(l), Some(h)) if l > h => err(
             if year.is_some() { "year" } else { "from" },
@@ -840,6 +854,21 @@ mod tests {
                 .unwrap_err()
                 .param,
             "year"
+        );
+        // A month without a year: every year's, so the period must hold one.
+        assert_eq!(
+            period(None, Some(2), Some((2024, 3)), Some((2024, 4)))
+                .unwrap_err()
+                .param,
+            "month"
+        );
+        assert_eq!(
+            period(None, Some(2), Some((2024, 3)), Some((2025, 2))).unwrap(),
+            p((2024, 3), (2025, 2))
+        );
+        assert_eq!(
+            period(None, Some(12), Some((2024, 12)), Some((2024, 12))).unwrap(),
+            p((2024, 12), (2024, 12))
         );
         assert_eq!(
             Period {

@@ -236,9 +236,36 @@ const SEQ_LIMIT: u64 = 1 << 62;
 /// value, or it reads the slot after the lower bound was published, and the
 /// slot holds the horizon down to at most the value. Either way no event of
 /// this transaction can fall below a horizon some reader computed.
+///
+/// Only a role allowed to insert event rows may take one: a value taken
+/// registers the transaction as an event writer, whose events the
+/// delivery horizon then waits for while it runs, so a role that may only
+/// read (or nothing at all) could otherwise hold every later event of the
+/// database back by leaving such a transaction open.
 #[pg_extern(volatile, parallel_unsafe)]
 fn event_seq() -> i64 {
+    if !may_insert_events() {
+        error!("pg_sales: permission denied: sales.event_seq() is for roles that may insert into sales.events");
+    }
     next_seq()
+}
+
+/// Whether the current role may INSERT into `sales.events` (the table, or
+/// any of its columns).
+fn may_insert_events() -> bool {
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"sales".as_ptr(), true);
+        let rel = pg_sys::get_relname_relid(c"events".as_ptr(), ns);
+        let (role, insert) = (pg_sys::GetUserId(), pg_sys::ACL_INSERT as pg_sys::AclMode);
+        rel != pg_sys::InvalidOid
+            && (pg_sys::pg_class_aclcheck(rel, role, insert) == pg_sys::AclResult::ACLCHECK_OK
+                || pg_sys::pg_attribute_aclcheck_all(
+                    rel,
+                    role,
+                    insert,
+                    pg_sys::AclMaskHow::ACLMASK_ANY,
+                ) == pg_sys::AclResult::ACLCHECK_OK)
+    }
 }
 
 /// [`event_seq`], for event rows the extension writes itself.
@@ -331,6 +358,10 @@ unsafe extern "C-unwind" fn subxact_callback(
 /// pg_sales' advisory lock key for "a NOTIFY is being committed".
 const NOTIFY_LOCK_KEY: u32 = 0x5A1E5;
 
+/// The advisory lock tag's fourth field for [`NOTIFY_LOCK_KEY`] (see
+/// [`try_notify_lock`]).
+const NOTIFY_LOCK_SPACE: u16 = 0x5A;
+
 /// The transaction's one `NOTIFY sales_events` (payload: its highest event
 /// id), sent just before commit, after deferred triggers.
 ///
@@ -403,15 +434,19 @@ fn notify_at_commit() {
     sent.unwrap_or_else(|e| error!("pg_sales: sending the commit's NOTIFY: {e}"));
 }
 
-/// `pg_try_advisory_xact_lock(0x5A1E5)` of the current database.
+/// A transaction-scoped advisory lock of the current database, keyed so
+/// that no SQL function can take it: the SQL advisory functions set the
+/// tag's fourth field to 1 (one int8 key) or 2 (two int4 keys), this one to
+/// [`NOTIFY_LOCK_SPACE`]. Any role that can connect could otherwise hold
+/// `pg_advisory_lock(369125)` and every commit would leave its NOTIFY to
+/// the holder, which sends none: LISTEN clients would hear nothing.
 fn try_notify_lock() -> bool {
     unsafe {
         let mut tag: pg_sys::LOCKTAG = std::mem::zeroed();
-        // SET_LOCKTAG_INT64(tag, key): the same lock as the SQL function's.
         tag.locktag_field1 = pg_sys::MyDatabaseId.to_u32();
         tag.locktag_field2 = 0;
         tag.locktag_field3 = NOTIFY_LOCK_KEY;
-        tag.locktag_field4 = 1;
+        tag.locktag_field4 = NOTIFY_LOCK_SPACE;
         tag.locktag_type = pg_sys::LockTagType::LOCKTAG_ADVISORY as u8;
         tag.locktag_lockmethodid = pg_sys::USER_LOCKMETHOD as u8;
         pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true)

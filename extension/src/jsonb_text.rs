@@ -87,10 +87,16 @@ pub(crate) fn document_datum(root: Node<'_>, what: &str) -> JsonbDatum {
 #[pg_extern(immutable, strict, parallel_safe)]
 fn parse_json(doc: crate::jsonb::TextBytes) -> JsonbDatum {
     let doc = doc.bytes();
-    // Past 256 MB a container's offsets no longer fit a JEntry; jsonb_in
-    // says so in its own words. Another server encoding: jsonb_in reads it
-    // (the text is in that encoding, which Postgres checked on the way in).
-    if crate::jsonb::server_is_utf8() && doc.len() < (1 << 28) {
+    // The tree is built with Rust's allocator, whose failure aborts the
+    // process (and so restarts every session of the cluster), not with
+    // palloc's, which raises an error: a document of short values takes
+    // up to about 32 bytes of tree per byte of text. Past FAST_PATH_MAX
+    // (the server's largest batch body) jsonb_in reads it, failing cleanly
+    // where memory runs out; below, the tree's vectors grow fallibly and a
+    // refusal hands the text to jsonb_in too. Another server encoding:
+    // jsonb_in reads it (the text is in that encoding, which Postgres
+    // checked on the way in).
+    if crate::jsonb::server_is_utf8() && doc.len() <= FAST_PATH_MAX {
         if let Some(bytes) = jsonb_from_text(doc) {
             return JsonbDatum::from_bytes(&bytes);
         }
@@ -105,6 +111,10 @@ fn parse_json(doc: crate::jsonb::TextBytes) -> JsonbDatum {
     };
     JsonbDatum::from_datum(d.expect("jsonb_in never returns NULL"))
 }
+
+/// The longest text `parse_json` parses itself (16 MiB, `BODY_LIMIT`'s
+/// default); longer goes to jsonb_in.
+const FAST_PATH_MAX: usize = 16 << 20;
 
 struct Parser<'a> {
     s: &'a [u8],
@@ -153,7 +163,9 @@ impl<'a> Parser<'a> {
                         if !self.eat(b':') {
                             return None;
                         }
-                        pairs.push((key, self.value(depth + 1)?));
+                        let value = self.value(depth + 1)?;
+                        pairs.try_reserve(1).ok()?;
+                        pairs.push((key, value));
                         if self.eat(b'}') {
                             break;
                         }
@@ -169,7 +181,9 @@ impl<'a> Parser<'a> {
                 let mut elems = Vec::new();
                 if !self.eat(b']') {
                     loop {
-                        elems.push(self.value(depth + 1)?);
+                        let value = self.value(depth + 1)?;
+                        elems.try_reserve(1).ok()?;
+                        elems.push(value);
                         if self.eat(b']') {
                             break;
                         }

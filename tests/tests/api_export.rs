@@ -1201,3 +1201,36 @@ async fn total_sales_filters_pick_the_same_rows_everywhere() {
     }
     f.server.stop().await;
 }
+
+/// Filters that select no month at all are refused alike by the list, the
+/// export and summaries (400 naming the parameter that empties the
+/// period): a year outside from..to, or a month without a year that the
+/// range does not hold. The list and the export answered 200 with nothing.
+#[tokio::test]
+async fn filters_that_select_no_month_are_refused_everywhere() {
+    let f = fixture(&[]).await;
+    for (q, param) in [
+        ("year=2024&from=2023-01&to=2023-12", "year"),
+        ("month=2&from=2024-03&to=2024-04", "month"),
+    ] {
+        for path in [
+            "/api/v2/sales",
+            "/api/v2/sales/summary",
+            "/api/v2/sales/export",
+        ] {
+            let (st, body) = f.admin.get(&format!("{path}?{q}")).await;
+            assert_eq!(st, 400, "{path}?{q}: {body}");
+            assert_eq!(
+                body["error"]["details"]["parameter"], param,
+                "{path}?{q}: {body}"
+            );
+        }
+    }
+    // A month the range holds is a filter like any other.
+    let (st, body) = f
+        .admin
+        .get("/api/v2/sales?month=2&from=2024-01&to=2024-04")
+        .await;
+    assert_eq!(st, 200, "{body}");
+    f.server.stop().await;
+}

@@ -1336,3 +1336,25 @@ async fn parse_json_reads_text_in_a_latin1_database() {
         .unwrap();
     assert!(outcome.expect("parse_json in a LATIN1 database"));
 }
+
+/// `sales.parse_json` hands a text longer than it parses itself (16 MiB)
+/// to Postgres' own jsonb input, which fails with an error where memory
+/// runs out (the extension's tree, built with Rust's allocator, would abort
+/// the process and restart every session): the same value either way.
+#[tokio::test]
+async fn parse_json_hands_long_texts_to_jsonb_input() {
+    let db = TestDb::new().await;
+    for n in [1_000_000usize, 9_000_000] {
+        // About 2n bytes of text: under, then over the 16 MiB the fast
+        // path takes.
+        let same: bool = sqlx::query_scalar(
+            "SELECT sales.parse_json(t) = t::jsonb
+             FROM (SELECT '[' || repeat('1,', $1) || '1]' AS t) s",
+        )
+        .bind(n as i32)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(same, "{n} elements");
+    }
+}

@@ -1647,3 +1647,68 @@ async fn a_seq_written_by_hand_cannot_stop_the_clock() {
         .await
         .unwrap();
 }
+
+/// `sales.event_seq()` registers its transaction as an event writer, whose
+/// events the delivery horizon waits for while it runs: only a role that
+/// may insert event rows may call it, so one that may only read cannot
+/// hold every later event back by leaving such a transaction open.
+#[tokio::test]
+async fn only_event_writers_take_a_seq() {
+    let db = TestDb::new().await;
+    let role = format!("pgs_reader_{}", rand::random::<u32>());
+    exec(
+        &db,
+        &format!(
+            "CREATE ROLE {role}; GRANT USAGE ON SCHEMA sales TO {role};
+             GRANT SELECT ON sales.events TO {role}"
+        ),
+    )
+    .await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = sqlx::query_scalar::<_, i64>("SELECT sales.event_seq()")
+        .fetch_one(&mut *tx)
+        .await
+        .expect_err("a reader takes no seq");
+    let (_, message, _) = pg_error(&err);
+    assert!(message.contains("permission denied"), "{message}");
+    tx.rollback().await.unwrap();
+    // Given INSERT on the log, it may.
+    exec(&db, &format!("GRANT INSERT ON sales.events TO {role}")).await;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seq: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert!(seq > 0);
+    tx.rollback().await.unwrap();
+    drop(conn);
+    exec(&db, &format!("DROP OWNED BY {role}; DROP ROLE {role}")).await;
+}
+
+/// The lock that coalesces commit NOTIFYs cannot be taken from SQL: a
+/// session holding `pg_advisory_lock(369125)` (the key's value) no longer
+/// makes every commit leave its NOTIFY to it, which sent none.
+#[tokio::test]
+async fn no_sql_session_can_silence_the_commit_notify() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let mut notifications = Notifications::listen(&db).await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(369125)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    notifications.drain(&db).await;
+    upsert_ok(&db, &json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))])).await;
+    let newest = max_event(&db).await;
+    assert_eq!(notifications.drain(&db).await, vec![newest]);
+}

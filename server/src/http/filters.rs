@@ -149,6 +149,11 @@ impl SalesFilter {
                 return Err(ApiError::bad_param("from", "must not be after `to`"));
             }
         }
+        // year/month and from/to that select no month at all: the same
+        // refusal as summaries give (a list or export of nothing, answered
+        // 200, would hide the mistake).
+        sales_core::summary::period(raw.year, raw.month, from, to)
+            .map_err(|e| ApiError::bad_param(e.param, e.reason))?;
         for (name, v) in [
             ("minTotalSales", raw.min_total_sales),
             ("maxTotalSales", raw.max_total_sales),
