@@ -122,6 +122,15 @@ impl std::fmt::Display for RowKey {
     }
 }
 
+/// The first 8 hex digits of the SHA-256 of `text`.
+fn short_digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A name for the file, after every filter that narrows it, e.g.
 /// `sales-store12-2024-01_2024-06-daily.csv`,
 /// `sales-North_East-2025-min100-after-12_2024-03-monthly.csv`: exports
@@ -138,8 +147,22 @@ pub fn file_name(
         Some([one]) => {
             let _ = write!(name, "-store{one}");
         }
+        Some(many) if many.len() <= 5 => {
+            let ids: Vec<String> = many.iter().map(i64::to_string).collect();
+            let _ = write!(name, "-stores{}", ids.join("_"));
+        }
+        // Too many to list: their count and a digest of the set, so two
+        // sets of as many stores are told apart.
         Some(many) => {
-            let _ = write!(name, "-{}stores", many.len());
+            let mut ids = many.to_vec();
+            ids.sort_unstable();
+            let text: Vec<String> = ids.iter().map(i64::to_string).collect();
+            let _ = write!(
+                name,
+                "-{}stores-{}",
+                many.len(),
+                short_digest(&text.join(","))
+            );
         }
         None => {}
     }
@@ -150,6 +173,12 @@ pub fn file_name(
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let _ = write!(name, "-{slug}");
+        // A slug that lost characters (not ASCII letters or digits, or past
+        // 40) could be another region's: a digest of the name tells them
+        // apart (`Île-de-France` and `Üle-de-France`).
+        if slug != *r {
+            let _ = write!(name, "-{}", short_digest(r));
+        }
     }
     let ym = |(y, m): (i32, i32)| format!("{y}-{m:02}");
     let mut period: Vec<String> = Vec::new();
@@ -251,10 +280,31 @@ mod tests {
             ..Default::default()
         };
         let after = RowKey::parse("12:2024-03", ExportShape::Monthly).unwrap();
+        let name = file_name(&f, ExportFormat::Csv, ExportShape::Monthly, Some(&after));
+        let digest = short_digest("Île-de-France / Nord");
         assert_eq!(
-            file_name(&f, ExportFormat::Csv, ExportShape::Monthly, Some(&after)),
-            "sales-2stores-_le_de_France___Nord-2026-2025-03_2025-05-min100_5-after-12_2024-03-monthly.csv"
+            name,
+            format!("sales-stores3_5-_le_de_France___Nord-{digest}-2026-2025-03_2025-05-min100_5-after-12_2024-03-monthly.csv")
         );
+        // Names that lost characters, and sets of many stores, keep apart.
+        let named = |store_ids: Option<Vec<i64>>, region: Option<&str>| {
+            let f = SalesFilter {
+                store_ids,
+                region: region.map(str::to_string),
+                ..Default::default()
+            };
+            file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None)
+        };
+        assert_ne!(
+            named(None, Some("Île-de-France")),
+            named(None, Some("Üle-de-France"))
+        );
+        assert_eq!(named(None, Some("North")), "sales-North-all-monthly.csv");
+        assert_ne!(named(Some(vec![1, 2]), None), named(Some(vec![3, 4]), None));
+        let six = named(Some((1..=6).collect()), None);
+        assert!(six.starts_with("sales-6stores-"), "{six}");
+        assert_ne!(six, named(Some((2..=7).collect()), None));
+        assert_eq!(six, named(Some(vec![6, 5, 4, 3, 2, 1]), None));
         let f = SalesFilter {
             month: Some(10),
             from: Some((2025, 3)),
