@@ -668,6 +668,8 @@ async fn an_async_batch_answers_202_and_reports_through_the_job() {
     assert_eq!(doc["state"], "failed", "{doc}");
     assert_eq!(doc["result"]["failed"], 1);
     assert_eq!(doc["result"]["errors"][0]["field"], "dailyData.31");
+    // The report is in `result`: nothing is said to be omitted.
+    assert_eq!(doc["errorsOmitted"], 0, "{doc}");
     assert_eq!(
         scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
         2

@@ -506,7 +506,7 @@ async fn a_job_completed_after_a_lost_worker_shows_no_stale_error() {
 }
 
 /// Staged rows of a job that is over (cancelled, failed, completed) or
-/// gone are swept by the workers' periodic prune: a job's end commits
+/// gone (after a sweep's grace) are swept by the workers' periodic prune: a job's end commits
 /// before its staged rows are purged, so a server that died in between, or
 /// a purge that failed, left them for good. The staged rows of live jobs
 /// (uploading, queued, running) stay.
@@ -541,12 +541,18 @@ async fn staged_rows_of_ended_or_gone_jobs_are_swept() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let swept = jobs::worker::sweep_staged_rows(&db.pool).await.unwrap();
-    assert_eq!(
-        swept,
-        4 * 300,
-        "cancelled, failed, completed and the gone job's"
-    );
+    let mut absent = HashSet::new();
+    let swept = jobs::worker::sweep_staged_rows(&db.pool, &mut absent)
+        .await
+        .unwrap();
+    assert_eq!(swept, 3 * 300, "cancelled, failed and completed jobs'");
+    // Rows of an id with no job get one sweep's grace (whatever stages
+    // rows before it queues their job), then go.
+    assert_eq!(absent, HashSet::from([gone]));
+    let swept = jobs::worker::sweep_staged_rows(&db.pool, &mut absent)
+        .await
+        .unwrap();
+    assert_eq!(swept, 300, "the gone job's");
     let left: Vec<i64> = sqlx::query_scalar(
         "SELECT DISTINCT job_id FROM jobs.import_rows WHERE job_id = ANY($1) ORDER BY job_id",
     )
@@ -560,5 +566,10 @@ async fn staged_rows_of_ended_or_gone_jobs_are_swept() {
         .map(|(_, id)| *id)
         .collect();
     assert_eq!(left, live);
-    assert_eq!(jobs::worker::sweep_staged_rows(&db.pool).await.unwrap(), 0);
+    assert_eq!(
+        jobs::worker::sweep_staged_rows(&db.pool, &mut absent)
+            .await
+            .unwrap(),
+        0
+    );
 }

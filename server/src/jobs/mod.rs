@@ -406,7 +406,14 @@ pub async fn status(
         .filter_map(|e| e["line"].as_i64())
         .collect::<std::collections::BTreeSet<_>>()
         .len() as i64;
-    doc["errorsOmitted"] = json!((doc["rowsRejected"].as_i64().unwrap_or(0) - listed).max(0));
+    // A batch's refused records are in its `result` (the report a
+    // synchronous batch answers), not in the job's rows: none is omitted.
+    let omitted = if doc["kind"] == "batch" {
+        0
+    } else {
+        (doc["rowsRejected"].as_i64().unwrap_or(0) - listed).max(0)
+    };
+    doc["errorsOmitted"] = json!(omitted);
     doc["errors"] = Value::Array(errors);
     Ok(Some(doc))
 }

@@ -73,16 +73,25 @@ async fn work(
 /// Finished jobs are kept as long as events (EVENT_RETENTION), then removed
 /// by whichever worker comes by first after a minute since the last time.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-type LastPrune = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+type LastPrune = Arc<std::sync::Mutex<PruneState>>;
+
+/// The workers' last prune: when, and the job ids whose staged rows its
+/// sweep found without a job row (see [`sweep_staged_rows`]).
+#[derive(Default)]
+struct PruneState {
+    at: Option<std::time::Instant>,
+    absent: std::collections::HashSet<i64>,
+}
 
 async fn prune(state: &Arc<AppState>, last: &LastPrune) -> Result<(), sqlx::Error> {
-    {
+    let mut absent = {
         let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+        if last.at.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
             return Ok(());
         }
-        *last = Some(std::time::Instant::now());
-    }
+        last.at = Some(std::time::Instant::now());
+        std::mem::take(&mut last.absent)
+    };
     let n = sqlx::query(
         "DELETE FROM jobs.jobs
          WHERE state IN ('completed', 'failed', 'cancelled')
@@ -95,31 +104,48 @@ async fn prune(state: &Arc<AppState>, last: &LastPrune) -> Result<(), sqlx::Erro
     if n > 0 {
         tracing::info!(jobs = n, "finished jobs past EVENT_RETENTION removed");
     }
-    sweep_staged_rows(&state.pool).await?;
+    let swept = sweep_staged_rows(&state.pool, &mut absent).await;
+    last.lock().unwrap_or_else(|e| e.into_inner()).absent = absent;
+    swept?;
     Ok(())
 }
 
-/// Deletes the staged rows of jobs that are over or gone. A job's end
-/// commits first and purges its staged rows after, as a step of its own
-/// (a cancel in the background): a server that dies, or a purge that
-/// fails, in between left them for good. The job ids staged rows belong to
-/// are read by skipping along the staged rows' index (a few index probes
-/// per job, not a scan of every row).
-pub async fn sweep_staged_rows(pool: &sqlx::PgPool) -> Result<u64, sqlx::Error> {
-    let over: Vec<i64> = sqlx::query_scalar(
+/// Deletes the staged rows of jobs that are over, and of job ids with no
+/// job row that `absent` (this worker's last sweep) found absent already. A
+/// job's end commits first and purges its staged rows after, as a step of
+/// its own (a cancel in the background): a server that dies, or a purge
+/// that fails, in between left them for good. Rows of an id with no job
+/// row get a sweep's grace (a minute), for whatever stages rows before it
+/// queues their job. The job ids staged rows belong to are read by skipping
+/// along the staged rows' index (a few index probes per job, not a scan of
+/// every row).
+pub async fn sweep_staged_rows(
+    pool: &sqlx::PgPool,
+    absent: &mut std::collections::HashSet<i64>,
+) -> Result<u64, sqlx::Error> {
+    let found: Vec<(i64, bool)> = sqlx::query_as(
         "WITH RECURSIVE staged(id) AS (
              (SELECT job_id FROM jobs.import_rows ORDER BY job_id LIMIT 1)
              UNION ALL
              SELECT (SELECT r.job_id FROM jobs.import_rows r WHERE r.job_id > s.id
                      ORDER BY r.job_id LIMIT 1)
              FROM staged s WHERE s.id IS NOT NULL)
-         SELECT s.id FROM staged s
+         SELECT s.id, j.id IS NULL FROM staged s LEFT JOIN jobs.jobs j ON j.id = s.id
          WHERE s.id IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM jobs.jobs j
-                           WHERE j.id = s.id AND j.state IN ('uploading', 'queued', 'running'))",
+           AND (j.id IS NULL OR j.state NOT IN ('uploading', 'queued', 'running'))",
     )
     .fetch_all(pool)
     .await?;
+    let mut over = Vec::new();
+    let mut now_absent = std::collections::HashSet::new();
+    for (id, missing) in found {
+        if !missing || absent.contains(&id) {
+            over.push(id);
+        } else {
+            now_absent.insert(id);
+        }
+    }
+    *absent = now_absent;
     if over.is_empty() {
         return Ok(0);
     }
