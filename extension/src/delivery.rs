@@ -434,6 +434,18 @@ fn notify_at_commit() {
     sent.unwrap_or_else(|e| error!("pg_sales: sending the commit's NOTIFY: {e}"));
 }
 
+/// Takes, to the end of the current transaction, the lock a transaction
+/// committing its NOTIFY holds (see [`notify_at_commit`]): a test holds it
+/// to show what commits do meanwhile, which SQL's advisory functions can no
+/// longer do. Superusers only. True when taken.
+#[pg_extern(volatile, parallel_unsafe)]
+fn take_notify_lock() -> bool {
+    if !unsafe { pg_sys::superuser() } {
+        error!("pg_sales: permission denied: sales.take_notify_lock() is for superusers (tests)");
+    }
+    try_notify_lock()
+}
+
 /// A transaction-scoped advisory lock of the current database, keyed so
 /// that no SQL function can take it: the SQL advisory functions set the
 /// tag's fourth field to 1 (one int8 key) or 2 (two int4 keys), this one to

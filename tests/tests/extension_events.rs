@@ -886,8 +886,8 @@ async fn coalesced_notify_skips_while_another_is_committing() {
     let start = max_event(&db).await;
 
     // T1 has written events and holds the "NOTIFY being committed" lock
-    // (advisory lock 0x5A1E5 of this database), as it would while
-    // committing its NOTIFY.
+    // (sales.take_notify_lock(): the lock no SQL advisory function reaches),
+    // as it would while committing its NOTIFY.
     let mut c1 = db.connect().await;
     let mut t1 = c1.begin().await.unwrap();
     sqlx::query("SELECT sales.batch_upsert($1)")
@@ -895,10 +895,11 @@ async fn coalesced_notify_skips_while_another_is_committing() {
         .execute(&mut *t1)
         .await
         .unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(369125)")
-        .execute(&mut *t1)
+    let taken: bool = sqlx::query_scalar("SELECT sales.take_notify_lock()")
+        .fetch_one(&mut *t1)
         .await
         .unwrap();
+    assert!(taken);
     let t1_max: i64 =
         sqlx::query_scalar("SELECT max(id) FROM sales.events WHERE xid = pg_current_xact_id()")
             .fetch_one(&mut *t1)
@@ -939,7 +940,7 @@ async fn coalesced_notify_skips_while_another_is_committing() {
     // another holds the lock.
     let mut c3 = db.connect().await;
     let mut t3 = c3.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(369125)")
+    sqlx::query("SELECT sales.take_notify_lock()")
         .execute(&mut *t3)
         .await
         .unwrap();

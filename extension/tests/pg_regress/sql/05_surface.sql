@@ -78,7 +78,7 @@ SELECT pg_temp.err($$SELECT sales.list_stores(max_rows => -5)$$);
 SELECT pg_temp.err($$SELECT sales.list_stores(skip_rows => NULL)$$);
 
 SELECT key, store_id, store_code, region, year, month, total_sales, total_customers, days_reported,
-       d1_sales, d1_customers, d2_sales, d5_sales, d31_sales, d31_customers
+       d1_sales, d1_customers, d1_transactions, d2_sales, d5_sales, d31_sales, d31_customers, d31_transactions
 FROM sales.export_monthly(store_ids => '{401,402}');
 SELECT key FROM sales.export_monthly(after_key => '401:2024-12', store_ids => '{401,402}');
 SELECT count(*) AS columns FROM pg_attribute WHERE attrelid = 'sales.export_monthly_row'::regclass AND attnum > 0;
