@@ -91,3 +91,9 @@ SELECT pg_temp.err($$SELECT sales.batch_upsert('[{"storeId": 302, "year": 2024, 
 SELECT set_config('sales.user_id', '', false);
 SELECT count(*) AS nothing_written FROM sales.monthly_sales WHERE store_id = 302;
 DELETE FROM sales.stores WHERE id = 302;
+
+-- The lock a committing NOTIFY holds, taken to the end of the transaction
+-- (superusers; tests show what commits do meanwhile).
+BEGIN;
+SELECT sales.take_notify_lock() AS taken;
+ROLLBACK;
