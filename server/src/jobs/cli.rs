@@ -128,6 +128,12 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                         let _ = stop_tx.send(true);
                     }
                 });
+                let beat = super::worker::heartbeat(
+                    pool.clone(),
+                    job.id,
+                    job.token.clone(),
+                    config.job_lease,
+                );
                 let ended = import::run(
                     &mut conn,
                     pool,
@@ -139,7 +145,18 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                     &stop,
                     |p| bar.set_position((p.rows_written + p.rows_rejected).max(0) as u64),
                 )
-                .await?;
+                .await;
+                beat.abort();
+                let ended = match ended {
+                    Ok(ended) => ended,
+                    Err(e) => {
+                        // Given back with the error (counted as an attempt),
+                        // not left running until this process exits.
+                        drop(conn);
+                        super::release(pool, &job, Some(&e.to_string())).await?;
+                        return Err(e.into());
+                    }
+                };
                 match ended {
                     import::Ended::Finished(s) => s,
                     import::Ended::LostLease => "taken over by a server's worker".into(),

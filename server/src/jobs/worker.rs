@@ -210,7 +210,7 @@ async fn once(
 /// attempts. A process that dies stops renewing, and its job is taken
 /// again once the lease runs out. The renewal skips a job row locked at
 /// that moment (by the chunk committing, which renews it itself).
-fn heartbeat(
+pub(crate) fn heartbeat(
     pool: sqlx::PgPool,
     id: i64,
     token: String,
