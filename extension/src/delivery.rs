@@ -211,19 +211,25 @@ fn see_clock(s: &Shared) {
     // override). Taken into the clock, which every database of the cluster
     // shares, it would make the next values wrap to negative ones, below
     // every horizon: no event of any database would be delivered again.
-    if max > SEQ_LIMIT {
+    if max > SEQ_LOG_LIMIT {
         error!(
             "pg_sales: sales.events holds seq {max}, beyond any the extension gives \
-             (at most {SEQ_LIMIT}); delete that event row (it was not written by the extension)"
+             (at most {SEQ_LOG_LIMIT}); delete that event row (it was not written by the extension)"
         );
     }
     s.clock.fetch_max(max, Ordering::AcqRel);
     CLOCK_SEEN.set(true);
 }
 
-/// The highest `seq` the clock gives (2^62: at a million events a second,
-/// about 146,000 years of them), far from where an `i64` wraps.
+/// The highest `seq` the clock gives (2^62), far from where an `i64` wraps.
 const SEQ_LIMIT: u64 = 1 << 62;
+
+/// The highest `seq` the clock takes from a log (2^61: at a million events a
+/// second, about 73,000 years of them). Far below [`SEQ_LIMIT`], so a value
+/// written by hand just under the limit the clock refuses to pass cannot
+/// bring every database of the cluster to it: between the two lie 2^61
+/// values.
+const SEQ_LOG_LIMIT: u64 = 1 << 61;
 
 /// The next `seq` for an event row of the current transaction (the default
 /// of `sales.events.seq`). The first one registers the transaction.

@@ -352,6 +352,35 @@ impl Revocations {
         self.read().users.get(&id).cloned()
     }
 
+    /// Marks a user disabled, their generation left as it is: what a
+    /// relayed event that takes access away applies at once, before the
+    /// database is read back (see `ws::revoke`). The read-back then sets
+    /// what the database holds (enabled again, for an event that lied).
+    pub fn mark_disabled(&self, id: i64) {
+        let mut inner = self.write();
+        match inner.users.get_mut(&id) {
+            Some(u) => u.disabled = true,
+            None => {
+                inner.users.insert(
+                    id,
+                    UserAccess {
+                        generation: 0,
+                        disabled: true,
+                        why: Revoked::Disabled,
+                        email: String::new(),
+                        identity: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets a deletion applied from a relayed event that the database
+    /// then did not bear out (the user is there: ids are never reused).
+    pub fn undelete(&self, id: i64) {
+        self.write().deleted.remove(&id);
+    }
+
     /// Applies a change; a user's state only moves forward (events may be
     /// seen again after the start-up load).
     pub fn apply(&self, c: &Change) {

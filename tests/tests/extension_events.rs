@@ -1602,23 +1602,32 @@ async fn a_seq_written_by_hand_cannot_stop_the_clock() {
     let other = TestDb::new().await;
     let s = db.stores(1).await;
     let o = other.stores(1).await;
-    sqlx::query("INSERT INTO sales.events (kind, payload, seq) VALUES ('forged', '{}', $1)")
-        .bind(i64::MAX)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    // A backend that has not read the clock yet (each reads it once).
-    let mut fresh = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let err = sqlx::query("SELECT sales.batch_upsert($1)")
-        .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
-        .fetch_one(&mut fresh)
-        .await
-        .expect_err("an event write in the database holding the row");
-    let (_, message, _) = pg_error(&err);
-    assert!(
-        message.contains("beyond any the extension gives"),
-        "{message}"
-    );
+    // The end of the range, and just past what a log may hold (2^61): a
+    // value just under the point where the clock stops giving (2^62) would
+    // otherwise bring every database to that point.
+    for forged in [i64::MAX, (1i64 << 62) - 1, (1i64 << 61) + 1] {
+        sqlx::query("DELETE FROM sales.events WHERE kind = 'forged'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO sales.events (kind, payload, seq) VALUES ('forged', '{}', $1)")
+            .bind(forged)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        // A backend that has not read the clock yet (each reads it once).
+        let mut fresh = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let err = sqlx::query("SELECT sales.batch_upsert($1)")
+            .bind(json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))]))
+            .fetch_one(&mut fresh)
+            .await
+            .expect_err("an event write in the database holding the row");
+        let (_, message, _) = pg_error(&err);
+        assert!(
+            message.contains("beyond any the extension gives"),
+            "{forged}: {message}"
+        );
+    }
     // Another database's events go on, in order and deliverable.
     let mut elsewhere = sqlx::PgConnection::connect(&other.url).await.unwrap();
     let head: i64 = sqlx::query_scalar("SELECT sales.events_head()")

@@ -146,7 +146,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                     |p| bar.set_position((p.rows_written + p.rows_rejected).max(0) as u64),
                 )
                 .await;
-                beat.abort();
+                drop(beat);
                 let ended = match ended {
                     Ok(ended) => ended,
                     Err(e) => {

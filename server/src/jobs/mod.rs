@@ -172,10 +172,15 @@ async fn fail_lost(conn: &mut PgConnection, only: Option<i64>) -> Result<(), sql
 
 /// A job (a row of `jobs.jobs` named `j`) whose worker is gone: its lease
 /// ran out, or the session that holds it (its backend, named by pid and
-/// start time) has ended.
+/// start time) has ended. Another role's session shows no start time
+/// without `pg_read_all_stats`: then its pid alone says it lives (a pid
+/// taken again by a new session is caught when the lease runs out), or an
+/// instance or command-line import under another role would take every
+/// job it saw running.
 const WORKER_GONE: &str = "(j.lease_until < now()
      OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                    WHERE a.pid = j.worker_pid AND a.backend_start = j.worker_backend_start))";
+                    WHERE a.pid = j.worker_pid
+                      AND (a.backend_start = j.worker_backend_start OR a.backend_start IS NULL)))";
 
 /// A finished job's `import-completed` data, from its row (in an `UPDATE
 /// ... RETURNING`: as the statement leaves it).

@@ -118,7 +118,7 @@ async fn prune(state: &Arc<AppState>, last: &LastPrune) -> Result<(), sqlx::Erro
 /// row get a sweep's grace (a minute), for whatever stages rows before it
 /// queues their job. The job ids staged rows belong to are read by skipping
 /// along the staged rows' index (a few index probes per job, not a scan of
-/// every row).
+/// every row). Returns how many jobs' rows went.
 pub async fn sweep_staged_rows(
     pool: &sqlx::PgPool,
     absent: &mut std::collections::HashSet<i64>,
@@ -149,13 +149,12 @@ pub async fn sweep_staged_rows(
     if over.is_empty() {
         return Ok(0);
     }
-    let n = sqlx::query("DELETE FROM jobs.import_rows WHERE job_id = ANY($1)")
-        .bind(&over)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    tracing::info!(jobs = ?over, rows = n, "staged rows of ended jobs removed");
-    Ok(n)
+    // A bounded slice per statement, as a job's own purge deletes them.
+    for id in &over {
+        super::purge_rows(pool, *id).await?;
+    }
+    tracing::info!(jobs = ?over, "staged rows of ended jobs removed");
+    Ok(over.len() as u64)
 }
 
 /// Takes and runs one job; false when there was none.
@@ -190,7 +189,7 @@ async fn once(
     tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, worker = name, "job started");
     let beat = heartbeat(state.pool.clone(), job.id, job.token.clone(), lease);
     let outcome = run_claimed(&mut conn, state, &job, stop).await;
-    beat.abort();
+    drop(beat);
     match outcome {
         Ok(end) => tracing::info!(job = job.id, end = %end, "job ended"),
         Err(e) => {
@@ -215,8 +214,8 @@ pub(crate) fn heartbeat(
     id: i64,
     token: String,
     lease: std::time::Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Heartbeat {
+    Heartbeat(tokio::spawn(async move {
         let mut every =
             tokio::time::interval((lease / 3).max(std::time::Duration::from_millis(10)));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,7 +237,18 @@ pub(crate) fn heartbeat(
                 tracing::warn!(job = id, error = %e, "could not renew the job's lease");
             }
         }
-    })
+    }))
+}
+
+/// The renewing task of [`heartbeat`], stopped when this is dropped: also
+/// when the job's run panics, which would otherwise leave its lease renewed
+/// for as long as the process lives.
+pub(crate) struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs a claimed job to its end on `conn`.

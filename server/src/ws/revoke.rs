@@ -23,8 +23,10 @@ pub struct Revoking {
 
 impl Revoking {
     /// The sink, with the task that applies relayed user and session events
-    /// as the database holds them (see [`Change::from_event_verified`]), in
-    /// the order they were delivered.
+    /// as the database holds them (see [`Change::from_event_verified`]).
+    /// Events queued meanwhile are read back together, once per user and
+    /// per session (what is applied is the database's state, whichever
+    /// event named it).
     pub fn spawn(
         hub: Arc<Hub>,
         access: Arc<Revocations>,
@@ -34,8 +36,42 @@ impl Revoking {
         let (verify, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let (h, a) = (hub.clone(), access.clone());
         tokio::spawn(async move {
-            while let Some(e) = rx.recv().await {
-                apply_verified(&h, &a, &pool, &e, token_lifetime).await;
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 1000 {
+                    match rx.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                // The latest event per user or session (its `revoke`
+                // reason matches the stored generation most often).
+                let mut latest: Vec<(String, Event)> = Vec::new();
+                for e in batch {
+                    let key = match e.kind {
+                        crate::events::Kind::SessionRevoked => format!(
+                            "s:{}",
+                            e.payload
+                                .value()
+                                .get("sessionId")
+                                .unwrap_or(&serde_json::Value::Null)
+                        ),
+                        _ => format!(
+                            "u:{}",
+                            e.payload
+                                .value()
+                                .get("userId")
+                                .unwrap_or(&serde_json::Value::Null)
+                        ),
+                    };
+                    match latest.iter_mut().find(|(k, _)| *k == key) {
+                        Some(slot) => slot.1 = e,
+                        None => latest.push((key, e)),
+                    }
+                }
+                for (_, e) in latest {
+                    apply_verified(&h, &a, &pool, &e, token_lifetime).await;
+                }
             }
         });
         Self {
@@ -82,6 +118,11 @@ async fn apply_verified(
     for attempt in 1..=5 {
         match Change::from_event_verified(pool, e, token_lifetime).await {
             Ok(Some(change)) => {
+                if let Change::User { id, .. } = &change {
+                    // The user is there (ids are never reused): a deletion
+                    // applied at once from the event, a forged one, goes.
+                    access.undelete(*id);
+                }
                 access.apply(&change);
                 close_if_revoked(hub, access, change.user_id());
                 return;
@@ -92,18 +133,29 @@ async fn apply_verified(
                 return;
             }
             Err(err) if attempt == 5 => {
+                // Only what the event takes away, and never for longer than
+                // a token lives: a forged event can then refuse tokens for a
+                // while, never move a user's generation or accept a token.
                 let Some(change) = Change::from_event(e, token_lifetime) else {
                     return;
                 };
-                let takes_away = match &change {
-                    Change::User { disabled, .. } => *disabled,
-                    Change::Deleted { .. } | Change::Session { .. } => true,
-                };
-                tracing::warn!(event = e.id, error = %err, applied = takes_away,
+                tracing::warn!(event = e.id, error = %err,
                     "could not read a user event's change back; applying only what it takes away");
-                if takes_away {
-                    access.apply(&change);
-                    close_if_revoked(hub, access, change.user_id());
+                if let Change::Session {
+                    user,
+                    session,
+                    until,
+                } = change
+                {
+                    let cap = chrono::Utc::now().timestamp() + token_lifetime;
+                    access.apply(&Change::Session {
+                        user,
+                        session,
+                        until: until.min(cap),
+                    });
+                    close_if_revoked(hub, access, user);
+                } else {
+                    take_away(hub, access, change, token_lifetime);
                 }
                 return;
             }
@@ -115,10 +167,48 @@ async fn apply_verified(
     }
 }
 
+/// What a relayed user event takes away, applied at once (before the
+/// events after it go out, and as all that is applied when the database
+/// cannot be read back): a user disabled is marked so, their generation
+/// left as it is; a user deleted gets a tombstone for no longer than a token
+/// lives. The read-back then sets what the database holds, so an event
+/// that lied refuses tokens only until then.
+fn take_away(hub: &Hub, access: &Revocations, change: Change, token_lifetime: i64) {
+    match change {
+        Change::User {
+            id, disabled: true, ..
+        } => {
+            access.mark_disabled(id);
+            close_if_revoked(hub, access, id);
+        }
+        Change::Deleted { id, until } => {
+            let cap = chrono::Utc::now().timestamp() + token_lifetime;
+            access.apply(&Change::Deleted {
+                id,
+                until: until.min(cap),
+            });
+            close_if_revoked(hub, access, id);
+        }
+        _ => {}
+    }
+}
+
 impl Sink for Revoking {
     fn deliver(&self, e: &Event) -> bool {
-        if e.kind.is_user() && Change::from_event(e, self.token_lifetime).is_some() {
-            let _ = self.verify.send(e.clone());
+        if e.kind.is_user() {
+            if let Some(change) = Change::from_event(e, self.token_lifetime) {
+                // What the event takes away holds at once, before the events
+                // after it go out (a user who lost a store gets none of its
+                // events): the user marked disabled, their generation left
+                // as it is, until the read-back sets what the database holds.
+                take_away(&self.hub, &self.access, change, self.token_lifetime);
+                if self.verify.send(e.clone()).is_err() {
+                    tracing::error!(
+                        event = e.id,
+                        "the revocation task is gone; a user event was not applied"
+                    );
+                }
+            }
         }
         self.hub.deliver(e)
     }
