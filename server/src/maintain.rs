@@ -145,6 +145,25 @@ pub async fn prune_events(
     .await
 }
 
+/// A session (`auth.sessions`) that may go: over (revoked, or past its
+/// refresh window) and a minute past the expiry of the last access token
+/// issued for it (`access_until`, recorded at login and refresh). Its row
+/// is what tells a starting instance that the session's tokens are
+/// refused, so it stays while one may still be presented, whatever
+/// JWT_EXPIRY the process deleting it runs with. A row from before that
+/// column (NULL) is judged by the parameter `lifetime` names (seconds: the
+/// caller's JWT_EXPIRY) or 30 days (the longest JWT_EXPIRY allows),
+/// whichever is longer.
+pub fn session_gone(lifetime: &str) -> String {
+    format!(
+        "least(expires_at, coalesce(revoked_at, expires_at)) < now()
+         AND coalesce(access_until,
+                      least(expires_at, coalesce(revoked_at, expires_at))
+                      + make_interval(secs => greatest({lifetime}, 2592000)))
+             < now() - interval '1 minute'"
+    )
+}
+
 /// What [`prune_sessions`] deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionsPruned {
@@ -153,8 +172,9 @@ pub struct SessionsPruned {
 }
 
 /// Deletes what sessions leave behind: sessions over (expired, or
-/// revoked) for longer than an access token of theirs can live
-/// (`token_lifetime`, JWT_EXPIRY, and a minute), with their refresh tokens;
+/// revoked) and past the last access token issued for them (see
+/// [`session_gone`]; `token_lifetime` only for rows from before it was
+/// recorded), with their refresh tokens;
 /// and refresh tokens used longer ago than `refresh_ttl`
 /// (REFRESH_TOKEN_TTL). A used token is kept so that presenting it again
 /// ends its session as stolen; past `refresh_ttl` it would have expired
@@ -166,11 +186,11 @@ pub async fn prune_sessions(
     token_lifetime: Duration,
     refresh_ttl: Duration,
 ) -> Result<SessionsPruned, sqlx::Error> {
-    let sessions = sqlx::query(
-        "DELETE FROM auth.sessions
-         WHERE least(expires_at, coalesce(revoked_at, expires_at)) < now() - make_interval(secs => $1)",
-    )
-    .bind((token_lifetime + Duration::from_secs(60)).as_secs_f64())
+    let sessions = sqlx::query(&format!(
+        "DELETE FROM auth.sessions WHERE {}",
+        session_gone("$1")
+    ))
+    .bind(token_lifetime.as_secs_f64())
     .execute(pool)
     .await?
     .rows_affected();

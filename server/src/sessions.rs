@@ -111,21 +111,23 @@ pub async fn start(
     lifetimes: Lifetimes,
 ) -> anyhow::Result<Issued> {
     let ttl_s = lifetimes.idle.min(lifetimes.max_age).as_secs() as i64;
-    // Sessions long over (and past any access token of theirs) go.
-    sqlx::query(
-        "DELETE FROM auth.sessions WHERE user_id = $1
-         AND least(expires_at, coalesce(revoked_at, expires_at)) < now() - make_interval(secs => $2)",
-    )
+    // Sessions over, and past every access token of theirs, go.
+    sqlx::query(&format!(
+        "DELETE FROM auth.sessions WHERE user_id = $1 AND {}",
+        crate::maintain::session_gone("$2")
+    ))
     .bind(user.id)
-    .bind((auth.expiry_secs() + 60) as f64)
+    .bind(auth.expiry_secs() as f64)
     .execute(&mut *conn)
     .await?;
     let session: String = sqlx::query_scalar(
-        "INSERT INTO auth.sessions (user_id, expires_at) VALUES ($1, now() + make_interval(secs => $2))
+        "INSERT INTO auth.sessions (user_id, expires_at, access_until)
+         VALUES ($1, now() + make_interval(secs => $2), now() + make_interval(secs => $3))
          RETURNING id::text",
     )
     .bind(user.id)
     .bind(ttl_s as f64)
+    .bind(auth.expiry_secs() as f64)
     .fetch_one(&mut *conn)
     .await?;
     let refresh_token = new_refresh_token(&mut *conn, &session).await?;
@@ -223,13 +225,15 @@ pub async fn refresh(
         "UPDATE auth.sessions
          SET last_used_at = now(),
              expires_at = least(now() + make_interval(secs => $2),
-                                created_at + make_interval(secs => $3))
+                                created_at + make_interval(secs => $3)),
+             access_until = greatest(access_until, now() + make_interval(secs => $4))
          WHERE id = $1::uuid
          RETURNING greatest(0, floor(extract(epoch FROM expires_at - now())))::bigint",
     )
     .bind(&session)
     .bind(lifetimes.idle.as_secs() as f64)
     .bind(lifetimes.max_age.as_secs() as f64)
+    .bind(auth.expiry_secs() as f64)
     .fetch_one(&mut *tx)
     .await?;
     let issued = Issued {

@@ -2101,7 +2101,9 @@ async fn maintain_prunes_ended_sessions_and_old_used_refresh_tokens() {
         .0;
     assert!(st == 200 || st == 204, "logout: {st}");
     sqlx::query(
-        "UPDATE auth.sessions SET revoked_at = now() - interval '1 hour' WHERE id = $1::uuid",
+        "UPDATE auth.sessions SET revoked_at = now() - interval '1 hour',
+                                  access_until = now() - interval '45 minutes'
+         WHERE id = $1::uuid",
     )
     .bind(ended["sessionId"].as_str().unwrap())
     .execute(&w.db.pool)
@@ -2218,4 +2220,47 @@ async fn hand_written_user_events_change_no_ones_access() {
     let (st, body) = w.staff.get("/api/v2/auth/me").await;
     assert_eq!(st, 200, "the hand-written events changed nothing: {body}");
     w.server.stop().await;
+}
+
+/// A session that ended is kept while an access token issued for it may
+/// still be presented (`auth.sessions.access_until`, recorded at login and
+/// refresh), whatever JWT_EXPIRY `maintain` runs with: its row is what tells
+/// a starting instance to refuse that token. A `maintain` with the default
+/// 15 minutes beside servers issuing hour-long tokens used to delete it, and
+/// a restarted server then accepted a logged-out token.
+#[tokio::test]
+async fn maintain_keeps_ended_sessions_while_their_tokens_live() {
+    let w = world(&[("JWT_EXPIRY", "3600")]).await;
+    let (api, session) = client(&w.server, "staff@x.test").await;
+    assert_eq!(api.get("/api/v2/auth/me").await.0, 200);
+    let st = api
+        .post(
+            "/api/v2/auth/logout",
+            &json!({"refreshToken": session["refreshToken"]}),
+        )
+        .await
+        .0;
+    assert!(st == 200 || st == 204, "logout: {st}");
+    assert_eq!(api.get("/api/v2/auth/me").await.0, 401);
+    // Ended 20 minutes ago: past the 15 minutes `maintain` runs with here,
+    // within the hour its token lives.
+    sqlx::query(
+        "UPDATE auth.sessions SET revoked_at = now() - interval '20 minutes' WHERE id = $1::uuid",
+    )
+    .bind(session["sessionId"].as_str().unwrap())
+    .execute(&w.db.pool)
+    .await
+    .unwrap();
+    let out = cli(&w.db, &["maintain"], None);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("pruned 0 ended sessions"), "{text}");
+    // A server started now still refuses the token.
+    w.server.stop().await;
+    let again = w.db.server(&[("JWT_EXPIRY", "3600")]).await;
+    let token = session["token"].as_str().unwrap();
+    let (st, body) = Api::new(&again, Some(token)).get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "{body}");
+    again.stop().await;
 }
