@@ -380,13 +380,25 @@ fn check_pg_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
         })
 }
 
+/// `url` with whatever stands between `://` (or the start) and the last `@`
+/// of its authority replaced by `<hidden>`: a password is never echoed.
+fn without_password(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}<hidden>{}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
+    }
+}
+
 fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
     if schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
         Ok(())
     } else {
+        // The value may hold a password (`user:secret@host`): shown without it.
         Err(Env::err(
             var,
-            url,
+            &without_password(url),
             format!(
                 "must be a URL starting with {}",
                 schemes.join(":// or ") + "://"
@@ -396,9 +408,16 @@ fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), Confi
 }
 
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment. A value that is not UTF-8 is read
+    /// with its bad bytes replaced (so a setting of ours that holds one is
+    /// refused by its own check, naming it), and a name that is not UTF-8
+    /// is skipped: `std::env::vars` panicked on either, whatever the
+    /// variable.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_map(&std::env::vars().collect())
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
+        Self::from_map(&vars)
     }
 
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {

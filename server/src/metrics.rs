@@ -4,6 +4,7 @@
 
 use crate::state::AppState;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -176,7 +177,7 @@ pub async fn render(state: &AppState) -> String {
     {
         gauge("events_relay_lag_events", head as f64);
     }
-    held_back(pool).await;
+    let holders = held_back(pool).await;
     if let Some(rss) = rss_bytes() {
         gauge("process_resident_memory_bytes", rss as f64);
     }
@@ -184,56 +185,54 @@ pub async fn render(state: &AppState) -> String {
         "process_uptime_seconds",
         state.started.elapsed().as_secs_f64(),
     );
-    handle.render()
+    let mut out = handle.render();
+    out.push_str(&holders);
+    out
 }
 
 /// `events_delivery_held_back_seconds{pid, since, query_start}`: how long
 /// each transaction holding event delivery back for more than a second (see
-/// `events::holders`) has done so; a holder that has ended drops to 0.
-/// Plus the oldest age and the count, label-free, for alerts.
-async fn held_back(pool: &sqlx::PgPool) {
-    static SHOWN: std::sync::Mutex<Vec<[String; 3]>> = std::sync::Mutex::new(Vec::new());
-    let Ok(Ok(holders)) = tokio::time::timeout(
+/// `events::holders`) has done so, rendered here for the holders of this
+/// scrape only (through the registry, every holder and every statement of
+/// one, by its `query_start`, stayed a series for good). Plus the oldest
+/// age and the count, label-free, for alerts. When the holders cannot be
+/// read, those two are NaN (unknown), not the last figures.
+async fn held_back(pool: &sqlx::PgPool) -> String {
+    let holders = match tokio::time::timeout(
         std::time::Duration::from_secs(2),
         crate::events::holders::list(pool),
     )
     .await
-    else {
-        return;
+    {
+        Ok(Ok(h)) => h,
+        _ => {
+            gauge("events_delivery_held_back_max_seconds", f64::NAN);
+            gauge("events_delivery_holders", f64::NAN);
+            return String::new();
+        }
     };
-    let now: Vec<([String; 3], f64)> = holders
+    let mut out = String::new();
+    if !holders.is_empty() {
+        out.push_str("# TYPE events_delivery_held_back_seconds gauge\n");
+    }
+    for h in &holders {
+        // Numbers and RFC 3339 times: nothing a label value must escape.
+        let _ = writeln!(
+            out,
+            "events_delivery_held_back_seconds{{pid=\"{}\",since=\"{}\",query_start=\"{}\"}} {}",
+            h.pid,
+            h.since.to_rfc3339(),
+            h.query_start.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            h.held_for_seconds
+        );
+    }
+    let oldest = holders
         .iter()
-        .map(|h| {
-            (
-                [
-                    h.pid.to_string(),
-                    h.since.to_rfc3339(),
-                    h.query_start.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                ],
-                h.held_for_seconds,
-            )
-        })
-        .collect();
-    let set = |l: &[String; 3], v: f64| {
-        metrics::gauge!(
-            "events_delivery_held_back_seconds",
-            "pid" => l[0].clone(),
-            "since" => l[1].clone(),
-            "query_start" => l[2].clone()
-        )
-        .set(v)
-    };
-    let mut shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner());
-    for gone in shown.iter().filter(|l| !now.iter().any(|(n, _)| n == *l)) {
-        set(gone, 0.0);
-    }
-    *shown = now.iter().map(|(l, _)| l.clone()).collect();
-    for (l, v) in &now {
-        set(l, *v);
-    }
-    let oldest = now.iter().map(|(_, v)| *v).fold(0.0, f64::max);
+        .map(|h| h.held_for_seconds)
+        .fold(0.0, f64::max);
     gauge("events_delivery_held_back_max_seconds", oldest);
-    gauge("events_delivery_holders", now.len() as f64);
+    gauge("events_delivery_holders", holders.len() as f64);
+    out
 }
 
 #[cfg(test)]

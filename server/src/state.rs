@@ -14,6 +14,10 @@ pub struct AppState {
     pub config: Config,
     pub auth: Arc<Auth>,
     pub pool: PgPool,
+    /// One connection of its own for `/health` and `/health/ready`: a
+    /// request pool with no free connection is busy, not broken, and a
+    /// probe waiting for one answered "down" after seconds.
+    pub probe_pool: PgPool,
     pub cache: Arc<Cache>,
     /// Cache invalidation off the delivery path (used by the event relay).
     pub invalidator: Invalidator,
@@ -139,9 +143,16 @@ impl AppState {
         let hashing = Arc::new(tokio::sync::Semaphore::new(
             config.password_hash_concurrency.max(1),
         ));
+        let probe_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .idle_timeout(Some(std::time::Duration::from_secs(60)))
+            .connect_lazy_with((*pool.connect_options()).clone());
         Arc::new(Self {
             config,
             auth,
+            probe_pool,
             pool,
             cache,
             invalidator,

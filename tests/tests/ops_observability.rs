@@ -525,3 +525,57 @@ async fn metrics_can_require_a_token() {
     assert!(r.text().await.unwrap().contains("http_requests_total"));
     server.stop().await;
 }
+
+/// `/health` and `/health/ready` probe on a connection of their own: with
+/// every connection of the request pool taken (requests waiting on a lock),
+/// the instance is busy, not down. The probes answered 503 "postgres:
+/// unreachable" after DB_CONNECTION_TIMEOUT, so a load peak took every
+/// instance out of a load balancer at once.
+#[tokio::test]
+async fn health_is_up_while_the_request_pool_is_busy() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db
+        .server(&[("DB_POOL_MAX", "2"), ("DB_POOL_MIN", "1")])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let mut locker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sales.stores IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let api = Api::new(&server, Some(&token));
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            let api = api.clone();
+            tokio::spawn(async move { api.get(&format!("/api/v2/stores?limit={}", i + 1)).await })
+        })
+        .collect();
+    // Both pooled connections wait on the lock.
+    eventually(
+        Duration::from_secs(30),
+        "the pool's connections to wait",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (n >= 2).then_some(())
+        },
+    )
+    .await;
+    let anon = Api::new(&server, None);
+    let (st, health) = anon.get("/health").await;
+    assert_eq!(st, 200, "{health}");
+    assert_eq!(health["postgres"]["up"], true, "{health}");
+    let (st, ready) = anon.get("/health/ready").await;
+    assert_eq!(st, 200, "{ready}");
+    locker.commit().await.unwrap();
+    for w in waiting {
+        let _ = w.await;
+    }
+    server.stop().await;
+}

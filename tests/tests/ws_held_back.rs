@@ -118,5 +118,22 @@ async fn a_long_event_writing_transaction_is_named_and_an_idle_one_delays_nothin
         (v["eventDelivery"]["heldBack"] == false).then_some(())
     })
     .await;
+    // A holder that ended leaves no series behind (each holder, and each
+    // statement of one, used to stay a series at 0 for good).
+    let metrics = get(server.url("/metrics"), Some(&admin))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("events_delivery_held_back_seconds{"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("held_back"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(metrics.contains("events_delivery_holders 0"), "{metrics}");
     server.stop().await;
 }
