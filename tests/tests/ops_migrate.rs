@@ -156,3 +156,27 @@ async fn an_extension_newer_than_the_installed_files_is_left_alone() {
             .unwrap();
     assert_eq!(version, "99.0.0");
 }
+
+/// A database a newer release migrated (a migration this binary does not
+/// have) is left as it is, as a newer extension is: `migrate` (and so
+/// `serve` and every command that migrates first) goes on. sqlx refused
+/// ("migration … was previously applied but is missing"), so a rollback or
+/// a rolling deploy's old instances could not start.
+#[tokio::test]
+async fn migrations_of_a_newer_release_are_left_alone() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99990101000000, 'from a newer release', true, '\\x00', 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let out = migrate_cmd(&db.url).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

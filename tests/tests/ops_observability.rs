@@ -545,7 +545,7 @@ async fn health_is_up_while_the_request_pool_is_busy() {
         .await
         .unwrap();
     let api = Api::new(&server, Some(&token));
-    let waiting: Vec<_> = (0..3)
+    let waiting: Vec<_> = (0..2)
         .map(|i| {
             let api = api.clone();
             tokio::spawn(async move { api.get(&format!("/api/v2/stores?limit={}", i + 1)).await })

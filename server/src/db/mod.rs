@@ -170,6 +170,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
             // The lock is held already: the migrator must not wait for it.
             let mut migrator = sqlx::migrate!("../migrations");
             migrator.set_locking(false);
+            // Migrations applied by a newer release (a rollback, or a rolling
+            // deploy's old instances) are left as they are, as a newer
+            // extension is: this binary's own are all that it checks.
+            migrator.set_ignore_missing(true);
             migrator.run_direct(&mut conn).await?;
             restore_after_dump(&mut conn).await.map_err(Execute)
         }
