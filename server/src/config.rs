@@ -424,6 +424,19 @@ impl Config {
         let e = Env(vars);
         let s = Duration::from_secs;
         let ms = Duration::from_millis(1);
+        // Set but empty (`DATABASE_URL=` in a file whose value went
+        // missing) is refused, not read as unset: the default is the demo
+        // database, which seed, user and maintain commands would then write to.
+        if vars
+            .get("DATABASE_URL")
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Err(Env::err(
+                "DATABASE_URL",
+                "",
+                "is set but empty; unset it for the default, or give a postgres:// URL",
+            ));
+        }
         let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL);
         check_pg_url("DATABASE_URL", &database_url)?;
         let database_replica_url = e.opt("DATABASE_REPLICA_URL");
@@ -754,6 +767,17 @@ mod tests {
         assert_eq!(c.cache_ttl, Duration::from_secs(60));
         assert!(c.redis_url.is_none());
         assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn an_empty_database_url_is_refused_and_urls_hide_passwords() {
+        let e = cfg(&[("DATABASE_URL", " ")]).unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+        let e = cfg(&[("DATABASE_URL", "postgresq://app:s3cret@db/x")]).unwrap_err();
+        assert_eq!(e.value, "postgresq://<hidden>@db/x");
+        let e = cfg(&[("REDIS_URL", "redi://:topsecret@cache:6379/0")]).unwrap_err();
+        assert!(!e.value.contains("topsecret"), "{}", e.value);
+        assert_eq!(without_password("redis://cache/0"), "redis://cache/0");
     }
 
     #[test]
