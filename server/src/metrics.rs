@@ -26,7 +26,11 @@ pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), BUCKETS)
                 .ok()?
                 .install_recorder()
-                .inspect(|handle| spawn_upkeep(handle.clone()))
+                .inspect(|handle| {
+                    // Shown from the start (it is only moved by exports).
+                    metrics::gauge!("exports_running").increment(0.0);
+                    spawn_upkeep(handle.clone())
+                })
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
         })
@@ -145,7 +149,11 @@ pub async fn render(state: &AppState) -> String {
         }
     }
     if let Some(chans) = ws["subscriptions"]["byChannel"].as_object() {
-        gauge("websocket_subscriptions", chans.values().map(n).sum());
+        // `+ 0.0`: the sum of nothing is -0.0, which the exposition showed.
+        gauge(
+            "websocket_subscriptions",
+            chans.values().map(n).sum::<f64>() + 0.0,
+        );
     }
     metrics::counter!("websocket_messages_sent_total").absolute(n(&ws["messages"]["sent"]) as u64);
     metrics::counter!("websocket_messages_dropped_total")

@@ -60,9 +60,20 @@ async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
         "events_relayed_total ",
         "events_relay_lag_events ",
         "process_resident_memory_bytes ",
+        "exports_running ",
+        "events_delivery_holders ",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}\n{text}");
     }
+    // No negative zero (an empty sum of subscriptions showed `-0`).
+    assert!(
+        !text.lines().any(|l| l.ends_with(" -0")),
+        "{}",
+        text.lines()
+            .filter(|l| l.ends_with(" -0"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     server.stop().await;
 }
 

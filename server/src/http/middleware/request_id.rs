@@ -62,7 +62,11 @@ pub async fn with_request_id<E: Endpoint>(
     );
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| {
-        if status >= 500 {
+        if status >= 500 && path.starts_with("/health") {
+            // A probe polled every second during an outage: the outage is
+            // logged by the probe itself (at WARN), not once per poll.
+            tracing::info!(status, elapsed_ms = ms, "request");
+        } else if status >= 500 {
             tracing::error!(status, elapsed_ms = ms, "request failed");
         } else {
             tracing::info!(status, elapsed_ms = ms, "request");
