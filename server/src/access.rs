@@ -111,6 +111,36 @@ pub enum Change {
     },
 }
 
+/// A user's access as the database holds it: id, email (lowercase),
+/// generation, disabled, and the linked outside identity's issuer and
+/// subject. Read whole at start ([`Revocations::load`]) and per user for a
+/// relayed event ([`Change::from_event_verified`]).
+const USER_ACCESS_SQL: &str =
+    "SELECT u.id, lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false),
+            i.issuer, i.subject
+     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
+     LEFT JOIN auth.identities i ON i.user_id = u.id";
+
+/// A row of [`USER_ACCESS_SQL`].
+type UserRow = (i64, String, i64, bool, Option<String>, Option<String>);
+
+/// The change that sets a user to `row`, refusing older tokens for `why`.
+fn user_change(row: UserRow, why: Revoked) -> Change {
+    let (id, email, generation, disabled, issuer, subject) = row;
+    Change::User {
+        id,
+        email,
+        generation,
+        disabled,
+        why,
+        identity: Some(
+            issuer
+                .zip(subject)
+                .map(|(issuer, subject)| Identity { issuer, subject }),
+        ),
+    }
+}
+
 impl Change {
     pub fn user_id(&self) -> i64 {
         match self {
@@ -138,36 +168,19 @@ impl Change {
         let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
         match e.kind {
             Kind::UserCreated | Kind::UserUpdated | Kind::UserDeleted => {
-                type Row = (String, i64, bool, Option<String>, Option<String>);
-                let row: Option<Row> = sqlx::query_as(
-                    "SELECT lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false),
-                            i.issuer, i.subject
-                     FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
-                     LEFT JOIN auth.identities i ON i.user_id = u.id
-                     WHERE u.id = $1",
-                )
-                .bind(id)
-                .fetch_optional(pool)
-                .await?;
-                if let Some((email, generation, disabled, issuer, subject)) = row {
+                let row: Option<UserRow> =
+                    sqlx::query_as(&format!("{USER_ACCESS_SQL} WHERE u.id = $1"))
+                        .bind(id)
+                        .fetch_optional(pool)
+                        .await?;
+                if let Some(row) = row {
                     let said = p.get("generation").and_then(Value::as_i64);
-                    let why = if said == Some(generation) {
+                    let why = if said == Some(row.2) {
                         Revoked::parse(p.get("revoke").and_then(Value::as_str).unwrap_or(""))
                     } else {
                         Revoked::parse("")
                     };
-                    return Ok(Some(Change::User {
-                        id,
-                        email,
-                        generation,
-                        disabled,
-                        why,
-                        identity: Some(
-                            issuer
-                                .zip(subject)
-                                .map(|(issuer, subject)| Identity { issuer, subject }),
-                        ),
-                    }));
+                    return Ok(Some(user_change(row, why)));
                 }
                 let until: Option<i64> = sqlx::query_scalar(
                     "SELECT extract(epoch FROM deleted_at)::bigint + $2
@@ -453,15 +466,7 @@ impl Revocations {
     /// left). Prunes older tombstones.
     pub async fn load(&self, pool: &sqlx::PgPool, token_lifetime: i64) -> Result<(), sqlx::Error> {
         let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
-        type Row = (i64, String, i64, bool, Option<String>, Option<String>);
-        let users: Vec<Row> = sqlx::query_as(
-            "SELECT u.id, lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false),
-                    i.issuer, i.subject
-             FROM sales.users u LEFT JOIN auth.user_state s ON s.user_id = u.id
-             LEFT JOIN auth.identities i ON i.user_id = u.id",
-        )
-        .fetch_all(pool)
-        .await?;
+        let users: Vec<UserRow> = sqlx::query_as(USER_ACCESS_SQL).fetch_all(pool).await?;
         sqlx::query(
             "DELETE FROM auth.deleted_users WHERE deleted_at < now() - make_interval(secs => $1)",
         )
@@ -482,23 +487,13 @@ impl Revocations {
         .bind(keep as f64)
         .fetch_all(pool)
         .await?;
-        for (id, email, generation, disabled, issuer, subject) in users {
-            self.apply(&Change::User {
-                identity: Some(
-                    issuer
-                        .zip(subject)
-                        .map(|(issuer, subject)| Identity { issuer, subject }),
-                ),
-                id,
-                email,
-                generation,
-                disabled,
-                why: if disabled {
-                    Revoked::Disabled
-                } else {
-                    Revoked::AccessChanged
-                },
-            });
+        for row in users {
+            let why = if row.3 {
+                Revoked::Disabled
+            } else {
+                Revoked::AccessChanged
+            };
+            self.apply(&user_change(row, why));
         }
         for (id, until) in deleted {
             self.apply(&Change::Deleted { id, until });

@@ -385,14 +385,7 @@ impl Cache {
         h.update([2]);
         h.update(scope.as_bytes());
         let d = h.finalize();
-        format!(
-            "{}:e:{}",
-            self.prefix,
-            d[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
+        format!("{}:e:{}", self.prefix, hex::encode(&d[..16]))
     }
 
     fn tag_key(&self, tag: &str) -> String {

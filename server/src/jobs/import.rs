@@ -317,10 +317,7 @@ pub async fn stage<R: Read + Send + 'static>(
         // batch (its channel closed) and the rest of the body is left.
         drop(conn);
         super::purge_rows(pool, id).await?;
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
+        let state = job_state(pool, id).await?;
         return Ok(Staged {
             job_id: id,
             shape: parsed.ok(),
@@ -391,12 +388,7 @@ pub async fn stage<R: Read + Send + 'static>(
     // reaped); the answer says what the row says.
     let now_state: Option<String> = match &moved {
         Some(_) => None,
-        None => {
-            sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?
-        }
+        None => job_state(&mut *conn, id).await?,
     };
     let moved = u64::from(moved.is_some());
     drop(conn);
@@ -471,6 +463,17 @@ async fn create_uploading(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The job's state as its row holds it now (None: no such job).
+async fn job_state<'c, E>(e: E, id: i64) -> Result<Option<String>, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(e)
+        .await
 }
 
 /// Renews an upload's lease; false when the job is no longer uploading

@@ -16,8 +16,8 @@ pub struct Revoking {
     pub access: Arc<Revocations>,
     /// Seconds an access token lives (tombstones are kept that long).
     pub token_lifetime: i64,
-    /// User and session events to read back and apply, one at a time in
-    /// delivery order (see [`Revoking::spawn`]).
+    /// User and session events to read back and apply (see
+    /// [`Revoking::spawn`]).
     verify: tokio::sync::mpsc::UnboundedSender<Event>,
 }
 
@@ -197,10 +197,10 @@ impl Sink for Revoking {
     fn deliver(&self, e: &Event) -> bool {
         if e.kind.is_user() {
             if let Some(change) = Change::from_event(e, self.token_lifetime) {
-                // What the event takes away holds at once, before the events
-                // after it go out (a user who lost a store gets none of its
-                // events): the user marked disabled, their generation left
-                // as it is, until the read-back sets what the database holds.
+                // What the event takes away (a user disabled or deleted)
+                // holds at once, before the events after it go out; the
+                // rest (a moved generation, a session's end) after the
+                // read-back, which sets what the database holds.
                 take_away(&self.hub, &self.access, change, self.token_lifetime);
                 if self.verify.send(e.clone()).is_err() {
                     tracing::error!(

@@ -125,10 +125,7 @@ impl std::fmt::Display for RowKey {
 /// The first 8 hex digits of the SHA-256 of `text`.
 fn short_digest(text: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(text.as_bytes())[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&Sha256::digest(text.as_bytes())[..4])
 }
 
 /// A name for the file, after every filter that narrows it, e.g.

@@ -13,8 +13,3 @@ pub use headers::with_security_headers;
 pub use limits::{check_query, client_ip, forwarded_https, with_limits, RateLimits};
 pub use representation::{offer_cached, with_representation, Streaming};
 pub use request_id::{error_response, request_id, with_request_id};
-
-/// Lowercase hex of a digest (rate-limit keys, ETags).
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

@@ -1,6 +1,5 @@
 //! ETag / 304, Cache-Control, Vary and compression for buffered bodies.
 
-use super::hex;
 use super::limits::RawBody;
 use super::request_id::explained_error;
 use crate::cache::CachedBody;
@@ -28,7 +27,7 @@ pub fn offer_cached(body: Arc<CachedBody>) {
 
 /// The ETag digest of a body.
 fn digest(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes)[..12])
+    hex::encode(&Sha256::digest(bytes)[..12])
 }
 
 fn slot(enc: Encoding) -> Option<usize> {
