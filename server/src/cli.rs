@@ -112,7 +112,7 @@ pub struct UserAddArgs {
     #[arg(long)]
     pub email: String,
     /// admin, manager or staff.
-    #[arg(long)]
+    #[arg(long, value_parser = ["admin", "manager", "staff"])]
     pub role: String,
     /// A store the user may see (repeat for several; ignored for admins).
     #[arg(long = "store")]

@@ -89,6 +89,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Seed(args) => {
+            seed::check(&args)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let started = std::time::Instant::now();
@@ -110,6 +111,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Import(args) => {
+            sales_server::jobs::cli::check(&args)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let end = sales_server::jobs::cli::import(&pool, &config, &args).await?;
@@ -119,9 +121,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(UserCommand::Add(args)) => {
+            let password = users::read_password(args.password)?;
+            users::check_cli_user(&args.email, &password)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let password = users::read_password(args.password)?;
             let (id, created) =
                 users::upsert_user(&pool, &args.email, &args.role, &args.stores, &password).await?;
             println!(
@@ -204,9 +207,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(UserCommand::SetPassword(args)) => {
+            let password = users::read_password(args.password)?;
+            users::check_cli_user(&args.email, &password)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let password = users::read_password(args.password)?;
             let id = users::set_password(&pool, &args.email, &password).await?;
             println!(
                 "password of user {} (id {id}) changed; their sessions ended",
@@ -223,7 +227,29 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 ..config.clone()
             };
             let pool = db::connect(&config).await?;
-            let findings = maintain::report(&pool).await?;
+            // Maintenance does not migrate (a newer binary run by a
+            // schedule before its deploy would): it refuses a database
+            // that lacks this binary's migrations, before changing anything.
+            let pending = db::pending_migrations(&pool).await?;
+            if let Some(first) = pending.first() {
+                anyhow::bail!(
+                    "the database lacks {} of this release's migrations (first: {first}); run `sales-server migrate` first",
+                    pending.len()
+                );
+            }
+            let lock = if args.dry_run {
+                None
+            } else {
+                Some(
+                    maintain::RunLock::take(&config.database_url)
+                        .await?
+                        .map_err(anyhow::Error::msg)?,
+                )
+            };
+            let mut findings = maintain::report(&pool).await?;
+            for (index, pid) in maintain::skip_building(&pool, &mut findings).await? {
+                println!("building  {index}: being built by Postgres pid {pid}; left alone");
+            }
             if findings.is_empty() {
                 println!("index report: nothing to fix");
             }
@@ -269,6 +295,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 gone.used_tokens,
                 config.refresh_token_ttl.as_secs()
             );
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
             if failed > 0 {
                 anyhow::bail!("{failed} maintenance statement(s) failed");
             }

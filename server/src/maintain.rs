@@ -17,6 +17,88 @@ pub struct Finding {
     pub fix: String,
 }
 
+/// Key of the advisory lock a `maintain` run holds from start to end.
+pub const MAINTAIN_LOCK: i64 = 0x5A1E_5003;
+
+/// Held for a whole `maintain` run: a session advisory lock on a
+/// connection of its own, which holds no snapshot (so the run's own
+/// `CONCURRENTLY` builds do not wait for it). Two runs at once would
+/// rebuild the same indexes, and one's clean-up of a failed rebuild would
+/// drop the copy the other is still building.
+pub struct RunLock {
+    conn: sqlx::PgConnection,
+}
+
+impl RunLock {
+    /// Takes the lock; `Ok(Err(why))` when another run holds it, naming
+    /// that run's Postgres pid.
+    pub async fn take(database_url: &str) -> Result<Result<RunLock, String>, sqlx::Error> {
+        let mut conn = sqlx::PgConnection::connect(database_url).await?;
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(MAINTAIN_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if taken {
+            return Ok(Ok(RunLock { conn }));
+        }
+        let holder: Option<(i32, Option<f64>)> = sqlx::query_as(
+            "SELECT l.pid, extract(epoch FROM now() - a.backend_start)::float8
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND (l.classid::bigint << 32) | l.objid::bigint = $1
+             LIMIT 1",
+        )
+        .bind(MAINTAIN_LOCK)
+        .fetch_optional(&mut conn)
+        .await?;
+        let _ = conn.close().await;
+        let who = match holder {
+            Some((pid, Some(age))) => format!(" (Postgres pid {pid}, connected {age:.0}s ago)"),
+            Some((pid, None)) => format!(" (Postgres pid {pid})"),
+            None => String::new(),
+        };
+        Ok(Err(format!(
+            "another maintain run is in progress{who}; run again when it has ended"
+        )))
+    }
+
+    /// Ends the run: the lock goes with its connection.
+    pub async fn release(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
+/// Leaves out the rebuild of an index that is being built right now (an
+/// index is invalid while `CREATE INDEX CONCURRENTLY` or a `REINDEX ...
+/// CONCURRENTLY` builds it): rebuilding it would only wait for that build
+/// and then do it again. Returns what was left out, with the pid building it.
+pub async fn skip_building(
+    pool: &PgPool,
+    findings: &mut Vec<Finding>,
+) -> Result<Vec<(String, i32)>, sqlx::Error> {
+    let building: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT format('sales.%I', c.relname), p.pid
+         FROM pg_stat_progress_create_index p
+         JOIN pg_class c ON c.oid = p.index_relid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'sales' AND p.datid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut skipped = Vec::new();
+    findings.retain(
+        |f| match building.iter().find(|(name, _)| *name == f.index_name) {
+            Some((name, pid)) if f.reason == "invalid" => {
+                skipped.push((name.clone(), *pid));
+                false
+            }
+            _ => true,
+        },
+    );
+    Ok(skipped)
+}
+
 #[derive(Debug, Clone)]
 pub struct Action {
     pub statement: String,

@@ -136,17 +136,55 @@ fn month_data(
     Value::Object(out)
 }
 
+/// Checks the arguments before the command touches the database: `--end`
+/// and how far back `--months` reaches from it (records start in 2000).
+pub fn check(args: &SeedArgs) -> anyhow::Result<()> {
+    let (end, _) = parse_end(args.end.as_deref())?;
+    let first = months_back(end, args.months)[0];
+    if i64::from(first.0) < sales_core::daily::MIN_YEAR {
+        let most = (end.0 as i64 - sales_core::daily::MIN_YEAR) * 12 + end.1 as i64;
+        bail!(
+            "--months: {} months ending {}-{:02} would start in {}-{:02}; records start in {} (at most {most} months end there)",
+            args.months,
+            end.0,
+            end.1,
+            first.0,
+            first.1,
+            sales_core::daily::MIN_YEAR
+        );
+    }
+    Ok(())
+}
+
+/// Whether `--if-empty` leaves the database alone.
+///
+/// A database with stores is left alone, except one holding exactly a
+/// seed's stores (`ST0001` up, in id order, no more than asked for) of
+/// which some have no month yet: a seed that was interrupted part-way (it
+/// writes the stores first, then their months a batch at a time, store
+/// after store). That one is seeded again, which rewrites the same data
+/// (the generator is seeded) and adds what is missing.
+async fn leave_alone(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<bool> {
+    let (stores, seeded_codes, without_months): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*),
+                count(*) FILTER (WHERE code = 'ST' || lpad(n::text, greatest(4, length(n::text)), '0')),
+                count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM sales.monthly_sales m WHERE m.store_id = s.id))
+         FROM (SELECT id, code, row_number() OVER (ORDER BY id) AS n FROM sales.stores) s",
+    )
+    .fetch_one(pool)
+    .await?;
+    let interrupted =
+        seeded_codes == stores && stores <= i64::from(args.stores) && without_months > 0;
+    Ok(stores > 0 && !interrupted)
+}
+
 pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary> {
-    if args.if_empty {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores")
-            .fetch_one(pool)
-            .await?;
-        if n > 0 {
-            return Ok(SeedSummary {
-                skipped: true,
-                ..Default::default()
-            });
-        }
+    check(args)?;
+    if args.if_empty && leave_alone(pool, args).await? {
+        return Ok(SeedSummary {
+            skipped: true,
+            ..Default::default()
+        });
     }
     let (end, last_day) = parse_end(args.end.as_deref())?;
     let months = months_back(end, args.months);

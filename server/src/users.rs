@@ -854,15 +854,59 @@ pub fn read_password(flag: Option<String>) -> anyhow::Result<String> {
         }
         Ok(first)
     } else {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+        read_password_line(std::io::stdin().lock())
     }
+}
+
+/// The first line of `input`, read no further than a password can be long
+/// (a line ending, CR LF or LF, may follow it): a longer line, or a whole
+/// file piped in by mistake, is refused without reading the rest.
+fn read_password_line(input: impl std::io::Read) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let mut line = Vec::new();
+    std::io::BufReader::new(input.take(MAX_PASSWORD_LEN as u64 + 2))
+        .read_until(b'\n', &mut line)?;
+    let ended = line.last() == Some(&b'\n');
+    if ended {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    if line.len() > MAX_PASSWORD_LEN {
+        bail!("password: must be at most {MAX_PASSWORD_LEN} bytes");
+    }
+    String::from_utf8(line).map_err(|_| anyhow::anyhow!("password: must be UTF-8 text"))
+}
+
+/// Checks what a `user add` or `user set-password` command was given
+/// before it touches the database: the email's form and the password.
+pub fn check_cli_user(email: &str, password: &str) -> anyhow::Result<()> {
+    let email = check_email(email).map_err(cli_error)?;
+    check_password(password, &email).map_err(cli_error)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_piped_password_is_read_up_to_its_bound() {
+        let read = |s: &[u8]| read_password_line(s).map_err(|e| e.to_string());
+        assert_eq!(read(b"secret-one\n").unwrap(), "secret-one");
+        assert_eq!(read(b"secret-one\r\nmore\n").unwrap(), "secret-one");
+        assert_eq!(read(b"no-newline").unwrap(), "no-newline");
+        let longest = "p".repeat(MAX_PASSWORD_LEN);
+        assert_eq!(read(format!("{longest}\r\n").as_bytes()).unwrap(), longest);
+        assert_eq!(read(longest.as_bytes()).unwrap(), longest);
+        let err = read(format!("{longest}x\n").as_bytes()).unwrap_err();
+        assert!(err.starts_with("password: must be at most"), "{err}");
+        // A long input is not read past the bound.
+        let mut big = std::io::Cursor::new(vec![b'a'; 10 << 20]);
+        assert!(read_password_line(&mut big).is_err());
+        assert_eq!(big.position(), MAX_PASSWORD_LEN as u64 + 2);
+        assert!(read(b"\xff\xfe\n").unwrap_err().contains("UTF-8"));
+    }
 
     #[test]
     fn identities_are_checked() {

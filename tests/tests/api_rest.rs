@@ -973,6 +973,36 @@ async fn admin_endpoints() {
         .unwrap()
         .iter()
         .any(|a| a["statement"].as_str().unwrap().starts_with("ANALYZE")));
+    // One run at a time, whether from here or `sales-server maintain`.
+    let mut holder = f.db.connect().await;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(sales_server::maintain::MAINTAIN_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (st, body) = f.admin.post("/api/admin/maintenance", &json!({})).await;
+    assert_eq!(st, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!(
+                "another maintain run is in progress (Postgres pid {pid}"
+            )),
+        "{body}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(sales_server::maintain::MAINTAIN_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (st, body) = f.admin.post("/api/admin/maintenance", &json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["dryRun"], false);
     assert_eq!(staff.get("/api/admin/indexes").await.0, 403);
 }
 

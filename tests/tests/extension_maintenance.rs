@@ -428,3 +428,115 @@ async fn the_required_marks_go_on_even_where_an_index_was_dropped() {
         );
     }
 }
+
+/// `maintain` changes nothing on a database that lacks this release's
+/// migrations, runs one at a time (a second run is refused, naming the
+/// first's Postgres pid), and leaves alone an index that another session
+/// is building (invalid until its `CREATE INDEX CONCURRENTLY` ends).
+#[tokio::test]
+async fn maintain_refuses_an_unmigrated_database_a_second_run_and_a_build_in_progress() {
+    let bare = sales_e2e::BareDb::new().await;
+    let out = Command::new(server_bin())
+        .arg("maintain")
+        .env("DATABASE_URL", &bare.url)
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("lacks") && text.contains("run `sales-server migrate` first"),
+        "{text}"
+    );
+    let objects: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_extension WHERE extname = 'pg_sales')
+              + (SELECT count(*) FROM pg_namespace WHERE nspname IN ('sales', 'auth'))",
+    )
+    .fetch_one(&bare.pool)
+    .await
+    .unwrap();
+    assert_eq!(objects, 0, "maintain changed an unmigrated database");
+
+    let db = TestDb::new().await;
+    let mut holder = db.connect().await;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(sales_server::maintain::MAINTAIN_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (out, text) = maintain(&db, &[]);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "another maintain run is in progress (Postgres pid {pid}"
+        )),
+        "{text}"
+    );
+    // A dry run changes nothing, so it runs beside another.
+    let (out, text) = maintain(&db, &["--dry-run"]);
+    assert!(out.status.success(), "{text}");
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(sales_server::maintain::MAINTAIN_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (out, text) = maintain(&db, &[]);
+    assert!(out.status.success(), "{text}");
+
+    // A build waits for a transaction that writes to the table; meanwhile
+    // its index exists, invalid.
+    let mut writer = db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE sales.monthly_sales IN ROW EXCLUSIVE MODE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let mut builder = db.connect().await;
+    let builder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut builder)
+        .await
+        .unwrap();
+    let build = tokio::spawn(async move {
+        let statement =
+            "CREATE INDEX CONCURRENTLY monthly_sales_building ON sales.monthly_sales (year)";
+        sqlx::Executor::execute(&mut builder, statement)
+            .await
+            .map(|_| ())
+    });
+    sales_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "the build to wait with its index invalid",
+        || async {
+            report(&db, "")
+                .await
+                .iter()
+                .any(|f| f.index_name == "sales.monthly_sales_building" && f.reason == "invalid")
+                .then_some(())
+        },
+    )
+    .await;
+    let (out, text) = maintain(&db, &["--dry-run"]);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "sales.monthly_sales_building: being built by Postgres pid {builder_pid}; left alone"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("REINDEX INDEX CONCURRENTLY sales.monthly_sales_building"),
+        "{text}"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut writer).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), build)
+        .await
+        .expect("the build ends once the writer commits")
+        .unwrap()
+        .unwrap();
+    assert!(indexes(&db)
+        .await
+        .contains(&("monthly_sales_building".to_string(), true)));
+}

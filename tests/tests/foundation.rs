@@ -423,3 +423,135 @@ async fn openapi_file_matches_the_server() {
     );
     server.stop().await;
 }
+
+/// Commands check their arguments before they connect (a database that
+/// cannot be reached shows it: the error is the argument's), and
+/// `seed --if-empty` completes a seed that was cut off part-way.
+#[tokio::test]
+async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
+    let nowhere = format!(
+        "postgres://nobody:pw@127.0.0.1:{}/nothing",
+        sales_e2e::free_port()
+    );
+    let run = |args: &[&str], db_url: &str, stdin: &[u8]| {
+        let mut cmd = Command::new(server_bin());
+        cmd.args(args)
+            .env("DATABASE_URL", db_url)
+            .env("LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        {
+            use std::io::Write;
+            // The command may stop reading early (a password past its bound).
+            let _ = child.stdin.take().unwrap().write_all(stdin);
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    for (args, stdin, expected) in [
+        (
+            &["seed", "--months", "400", "--end", "2024-03"][..],
+            &b""[..],
+            "--months: 400 months ending 2024-03 would start in 1990-12; records start in 2000 (at most 291 months end there)",
+        ),
+        (&["seed", "--end", "2024-13"][..], &b""[..], "--end: month must be 1..12"),
+        (
+            &["user", "add", "--email", "a@example.com", "--role", "boss"][..],
+            &b"long-enough-1\n"[..],
+            "--role",
+        ),
+        (
+            &["user", "add", "--email", "a@example.com", "--role", "staff"][..],
+            &[b'x'; 100_000][..],
+            "password: must be at most 1024 bytes",
+        ),
+        (
+            &["user", "set-password", "--email", "a@example.com"][..],
+            &b"abc\n"[..],
+            "password: must be at least",
+        ),
+        (
+            &["user", "add", "--email", "not-an-email", "--role", "staff", "--password", "long-enough-1"][..],
+            &b""[..],
+            "email",
+        ),
+        (
+            &["import", "/nonexistent/sales.csv"][..],
+            &b""[..],
+            "/nonexistent/sales.csv: No such file",
+        ),
+        (&["import", "/tmp"][..], &b""[..], "/tmp: is a directory"),
+        (
+            &["import", "--max-errors=-1", "/tmp"][..],
+            &b""[..],
+            "--max-errors",
+        ),
+    ] {
+        let (ok, text) = run(args, &nowhere, stdin);
+        assert!(!ok, "{args:?}: {text}");
+        assert!(text.contains(expected), "{args:?}: {text}");
+        assert!(!text.contains("connect"), "{args:?} connected first: {text}");
+    }
+
+    let db = TestDb::new().await;
+    let seed = [
+        "seed",
+        "--if-empty",
+        "--stores",
+        "6",
+        "--months",
+        "2",
+        "--end",
+        "2024-03",
+    ];
+    let (ok, text) = run(&seed, &db.url, b"");
+    assert!(ok, "{text}");
+    let full: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT s.id, m.year::int8, m.month::int8 FROM sales.monthly_sales m JOIN sales.stores s ON s.id = m.store_id ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(full.len(), 12);
+    let digest = "SELECT md5(string_agg(store_id || ':' || year || ':' || month || ':' || daily_data::text, ',' ORDER BY store_id, year, month)) FROM sales.monthly_sales";
+    let before: String = sqlx::query_scalar(digest)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // Cut off after the fourth store: the last two have no months.
+    sqlx::query("DELETE FROM sales.monthly_sales WHERE store_id IN (SELECT id FROM sales.stores ORDER BY id OFFSET 4)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (ok, text) = run(&seed, &db.url, b"");
+    assert!(ok, "{text}");
+    assert!(!text.contains("nothing seeded"), "{text}");
+    let after: String = sqlx::query_scalar(digest)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the completed seed is the one cut off");
+    // Complete now: left alone.
+    let (ok, text) = run(&seed, &db.url, b"");
+    assert!(ok && text.contains("nothing seeded"), "{text}");
+    // Stores of someone else's, without months, are not a cut-off seed.
+    sqlx::query(
+        "DELETE FROM sales.monthly_sales WHERE store_id = (SELECT max(id) FROM sales.stores)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO sales.stores (code, name, region) VALUES ('MINE-1', 'Mine', 'North')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (ok, text) = run(&seed, &db.url, b"");
+    assert!(ok && text.contains("nothing seeded"), "{text}");
+}

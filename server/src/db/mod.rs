@@ -189,6 +189,26 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     out
 }
 
+/// This binary's migrations the database has not applied yet (version and
+/// description), in order; all of them when it was never migrated.
+pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    let applied: Vec<i64> = if exists {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?
+    } else {
+        Vec::new()
+    };
+    Ok(sqlx::migrate!("../migrations")
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .map(|m| format!("{:04} {}", m.version, m.description))
+        .collect())
+}
+
 /// The advisory lock sqlx's migrator takes for this database (the same key,
 /// so an older server migrating with sqlx's own lock takes turns too).
 async fn migration_lock_key(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {

@@ -272,10 +272,21 @@ impl AdminApi {
     ) -> ApiResult<Json<MaintenanceResult>> {
         auth.require_admin()?;
         let pool = &self.state.pool;
-        let findings =
-            crate::db::retry("index_report", true, || crate::maintain::report(pool)).await?;
-        let plan = crate::maintain::plan(&findings, body.drop_unused.unwrap_or(false));
         let dry_run = body.dry_run.unwrap_or(false);
+        // One run at a time, whether from here or the command line.
+        let lock = if dry_run {
+            None
+        } else {
+            Some(
+                crate::maintain::RunLock::take(&self.state.config.database_url)
+                    .await?
+                    .map_err(|why| ApiError::conflict(why, None))?,
+            )
+        };
+        let mut findings =
+            crate::db::retry("index_report", true, || crate::maintain::report(pool)).await?;
+        crate::maintain::skip_building(pool, &mut findings).await?;
+        let plan = crate::maintain::plan(&findings, body.drop_unused.unwrap_or(false));
         let actions = if dry_run {
             plan.into_iter()
                 .map(|statement| MaintenanceAction {
@@ -297,6 +308,9 @@ impl AdminApi {
                 })
                 .collect()
         };
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
         Ok(Json(MaintenanceResult {
             findings: findings.into_iter().map(to_finding).collect(),
             actions,

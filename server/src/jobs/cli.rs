@@ -22,8 +22,8 @@ pub struct ImportArgs {
     /// Check and count every row; write nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Fail the job once more rows than this are rejected.
-    #[arg(long, default_value_t = 1000)]
+    /// Fail the job once more rows than this are rejected (0 to 100,000,000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(0..=100_000_000))]
     pub max_errors: i64,
 }
 
@@ -39,6 +39,18 @@ impl<R: Read> Read for Counting<R> {
         self.read.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
+}
+
+/// Checks the arguments before the command touches the database: the file
+/// can be opened and is a file.
+pub fn check(args: &ImportArgs) -> anyhow::Result<()> {
+    let meta = std::fs::File::open(&args.file)
+        .and_then(|f| f.metadata())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    if meta.is_dir() {
+        anyhow::bail!("{}: is a directory, not a file", args.file.display());
+    }
+    Ok(())
 }
 
 /// Returns the job's end state.
