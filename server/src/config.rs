@@ -391,6 +391,55 @@ fn without_password(url: &str) -> String {
     }
 }
 
+/// A Redis URL the client accepts (port, database number, options), not
+/// only one with the right scheme: a wrong one would otherwise leave the
+/// server running without its cache, warning that Redis is unreachable.
+fn check_redis_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
+    check_url(var, url, &["redis", "rediss"])?;
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|_| ())
+        .map_err(|e| {
+            let why = e.to_string().replace("- InvalidClientConfig", "");
+            Env::err(
+                var,
+                &without_password(url),
+                format!("not a Redis URL the client accepts: {why}"),
+            )
+        })
+}
+
+/// The key in `JWT_PUBLIC_KEY_FILE`: an RSA or EC public key in PEM form.
+fn check_public_key_file(path: &str) -> Result<(), ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        Env::err(
+            "JWT_PUBLIC_KEY_FILE",
+            path,
+            format!("file cannot be read: {e}"),
+        )
+    })?;
+    if jsonwebtoken::DecodingKey::from_rsa_pem(&pem).is_ok()
+        || jsonwebtoken::DecodingKey::from_ec_pem(&pem).is_ok()
+    {
+        Ok(())
+    } else {
+        Err(Env::err(
+            "JWT_PUBLIC_KEY_FILE",
+            path,
+            "not an RSA or EC public key in PEM form",
+        ))
+    }
+}
+
+/// The set in `JWT_JWKS_FILE`: a JWKS document (it is read again while
+/// the server runs; a later reading that fails keeps the keys it had).
+fn check_jwks_file(path: &str) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Env::err("JWT_JWKS_FILE", path, format!("file cannot be read: {e}")))?;
+    crate::jwks::parse(&text)
+        .map(|_| ())
+        .map_err(|e| Env::err("JWT_JWKS_FILE", path, format!("{e:#}")))
+}
+
 fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
     if schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
         Ok(())
@@ -454,7 +503,7 @@ impl Config {
         }
         let redis_url = match e.opt("REDIS_URL") {
             Some(u) => {
-                check_url("REDIS_URL", &u, &["redis", "rediss"])?;
+                check_redis_url("REDIS_URL", &u)?;
                 Some(u)
             }
             None => match e.opt("REDIS_HOST") {
@@ -490,7 +539,7 @@ impl Config {
         };
         let redis_cluster_urls = e.list("REDIS_CLUSTER_URLS");
         for u in &redis_cluster_urls {
-            check_url("REDIS_CLUSTER_URLS", u, &["redis", "rediss"])?;
+            check_redis_url("REDIS_CLUSTER_URLS", u)?;
         }
         let log_format = match e
             .string("LOG_FORMAT", "pretty")
@@ -539,9 +588,7 @@ impl Config {
         let export_max_concurrent = e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?;
         let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE");
         if let Some(path) = &jwt_public_key_file {
-            if std::fs::metadata(path).is_err() {
-                return Err(Env::err("JWT_PUBLIC_KEY_FILE", path, "file cannot be read"));
-            }
+            check_public_key_file(path)?;
         }
         let jwt_jwks_url = e.opt("JWT_JWKS_URL");
         let jwt_jwks_file = e.opt("JWT_JWKS_FILE");
@@ -556,9 +603,7 @@ impl Config {
             }
         }
         if let Some(path) = &jwt_jwks_file {
-            if std::fs::metadata(path).is_err() {
-                return Err(Env::err("JWT_JWKS_FILE", path, "file cannot be read"));
-            }
+            check_jwks_file(path)?;
         }
         Ok(Config {
             database_url,
@@ -750,6 +795,47 @@ fn check_jwks_url(url: &str) -> Result<(), &'static str> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn key_files_must_hold_keys() {
+        let dir = std::env::temp_dir().join(format!("pgs-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_string_lossy().into_owned()
+        };
+        let not_pem = write("k.pem", "not a key\n");
+        let e = cfg(&[("JWT_PUBLIC_KEY_FILE", &not_pem)]).unwrap_err();
+        assert_eq!(
+            (e.var, e.reason.as_str()),
+            (
+                "JWT_PUBLIC_KEY_FILE",
+                "not an RSA or EC public key in PEM form"
+            )
+        );
+        let ec = write(
+            "ec.pem",
+            "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEVs/o5+uQbTjL3chynL4wXgUg2R9\nq9UU8I5mEovUf86QZ7kOBIjJwqnzD1omageEHWwHdBO6B+dFabmdT9POxg==\n-----END PUBLIC KEY-----\n",
+        );
+        assert!(cfg(&[("JWT_PUBLIC_KEY_FILE", &ec)]).is_ok());
+        let missing = dir.join("missing.pem").to_string_lossy().into_owned();
+        let e = cfg(&[("JWT_PUBLIC_KEY_FILE", &missing)]).unwrap_err();
+        assert!(e.reason.starts_with("file cannot be read"), "{e}");
+
+        let not_jwks = write("j.json", "{\"x\": 1}");
+        let e = cfg(&[("JWT_JWKS_FILE", &not_jwks)]).unwrap_err();
+        assert_eq!(e.var, "JWT_JWKS_FILE");
+        assert!(e.reason.starts_with("not a JWKS document"), "{e}");
+        let empty = write("empty.json", "{\"keys\": []}");
+        assert!(cfg(&[("JWT_JWKS_FILE", &empty)]).is_ok());
+        let dir_path = dir.to_string_lossy().into_owned();
+        assert!(cfg(&[("JWT_JWKS_FILE", &dir_path)])
+            .unwrap_err()
+            .reason
+            .starts_with("file cannot be read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_map(
             &pairs
@@ -888,6 +974,25 @@ mod tests {
             cfg(&[("REDIS_URL", "http://x")]).unwrap_err().var,
             "REDIS_URL"
         );
+        // The scheme is not enough: what the client refuses is refused here.
+        for bad in [
+            "redis://:topsecret@127.0.0.1:99999",
+            "redis://127.0.0.1:abc",
+            "redis://127.0.0.1:6379/x",
+            "redis://127.0.0.1:6379/0?protocol=resp9",
+        ] {
+            let e = cfg(&[("REDIS_URL", bad)]).unwrap_err();
+            assert_eq!(e.var, "REDIS_URL", "{bad}");
+            assert!(e.reason.starts_with("not a Redis URL"), "{e}");
+            assert!(!e.to_string().contains("topsecret"), "{e}");
+            let e = cfg(&[("REDIS_CLUSTER_URLS", bad)]).unwrap_err();
+            assert_eq!(e.var, "REDIS_CLUSTER_URLS", "{bad}");
+        }
+        assert!(cfg(&[("REDIS_URL", "redis://:pw@127.0.0.1:6380/3")]).is_ok());
+        // This build's Redis client has no TLS: said at start, not at the
+        // first connection.
+        let e = cfg(&[("REDIS_URL", "rediss://cache.example:6379")]).unwrap_err();
+        assert!(e.reason.contains("TLS"), "{e}");
         assert_eq!(
             cfg(&[("COMPRESSION_LEVEL", "0")]).unwrap_err().var,
             "COMPRESSION_LEVEL"

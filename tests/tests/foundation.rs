@@ -169,6 +169,12 @@ async fn bad_configuration_exits_naming_the_variable() {
             "DATABASE_URL",
         ),
         (
+            &["migrate"][..],
+            vec![("REDIS_URL", "redis://:secret-pw@127.0.0.1:99999")],
+            vec![],
+            "REDIS_URL",
+        ),
+        (
             &["serve"][..],
             vec![("BIND_ADDR", "nowhere")],
             vec![],
