@@ -232,6 +232,20 @@ impl Metric {
         )
     }
 
+    /// Its value over no rows, as [`Metric::expr`] gives it: 0 for sums
+    /// and counts, null for averages, extremes and ratios.
+    fn empty(self) -> &'static str {
+        match self {
+            Metric::TotalSales
+            | Metric::TotalCustomers
+            | Metric::Months
+            | Metric::Stores
+            | Metric::Count
+            | Metric::Of(Agg::Sum, _) => "0",
+            Metric::SalesPerCustomer | Metric::Of(Agg::Avg | Agg::Min | Agg::Max, _) => "NULL",
+        }
+    }
+
     /// The aggregate over the source columns (sales, customers,
     /// transactions, days, row_id, store_id).
     fn expr(self) -> String {
@@ -589,6 +603,36 @@ impl Summary {
         if let Some(off) = self.offset_months() {
             w.sql(", ");
             self.push_side(w, "b", compared, off, daily);
+            // `c`: the current groups, and those only the compared period
+            // has, with the current metrics they would have over no rows
+            // (a store that sold then and not now shows, at -100%).
+            w.sql(", c AS (SELECT * FROM a UNION ALL SELECT ");
+            let mut cols: Vec<String> = keys.iter().map(|k| format!("b.{k}")).collect();
+            if self.group_by.contains(&Dim::Store) {
+                cols.push("b.store_code".into());
+                cols.push("b.store_name".into());
+            }
+            cols.extend(self.metrics.iter().map(|m| m.empty().to_string()));
+            w.sql(&cols.join(", "));
+            w.sql(" FROM b WHERE NOT EXISTS (SELECT 1 FROM a WHERE true");
+            for k in &keys {
+                w.sql(&format!(" AND a.{k} = b.{k}"));
+            }
+            w.sql(")");
+            if let (Some(i), Some(p)) = (
+                self.group_by.iter().position(|d| *d == Dim::Week),
+                self.period,
+            ) {
+                // A week moved a year on is the same ISO week number, which
+                // the current period's days may not have (2022-W52 holds
+                // 1 January 2023; 2023-W52 is not in January 2024): only
+                // the current period's own weeks are shown.
+                w.sql(&format!(
+                    " AND b.k{i} IN (SELECT to_char(g, 'IYYY-\"W\"IW') FROM generate_series(make_date({}, {}, 1), make_date({}, {}, 1) + interval '1 month' - interval '1 day', interval '1 day') g)",
+                    p.from.0, p.from.1, p.to.0, p.to.1
+                ));
+            }
+            w.sql(")");
         }
         // The result rows.
         w.sql(" SELECT coalesce(jsonb_agg(r ORDER BY ord) FILTER (WHERE ord <= ");
@@ -666,7 +710,12 @@ impl Summary {
             .collect();
         order.extend(keys.iter().map(|k| format!("a.{k}")));
         w.sql(&order.join(", "));
-        w.sql(") AS ord, count(*) OVER () AS total FROM a");
+        w.sql(") AS ord, count(*) OVER () AS total FROM ");
+        w.sql(if self.compare.is_some() {
+            "c AS a"
+        } else {
+            "a"
+        });
         if self.compare.is_some() {
             w.sql(" LEFT JOIN b ON ");
             // Every dimension is NOT NULL (store, region, and dates), so a

@@ -838,3 +838,73 @@ async fn sales_summary_answers_the_api_over_sparse_months() {
     );
     assert_eq!(doc["groups"], 6);
 }
+
+/// A group only the compared period has (a store that sold a year ago and
+/// not now) is in the answer, with the metrics of no rows (sums and counts
+/// 0, averages null), its `previous`, and a change of -100%; `sales.summary`
+/// answers the same.
+#[tokio::test]
+async fn a_group_only_the_compared_period_has_is_shown_at_minus_100() {
+    let f = fixture().await;
+    let gone = f.stores[1];
+    sqlx::query("DELETE FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024")
+        .bind(gone)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let q = "groupBy=store&metrics=sumSales,count,avgSales&year=2024&compareTo=previousYear&orderBy=sumSalesChangePct";
+    let body = get(&f.admin, q).await;
+    assert_eq!(body["meta"]["groups"], 3, "{body}");
+    let rows = body["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{body}");
+    let r = &rows[0];
+    assert_eq!(r["storeId"], gone, "the -100% row sorts first: {body}");
+    assert!(
+        r["storeCode"].is_string() && r["storeName"].is_string(),
+        "{r}"
+    );
+    assert_eq!(
+        (num(&r["sumSales"]), &r["count"], &r["avgSales"]),
+        (Some(0.0), &json!(0), &Value::Null),
+        "{r}"
+    );
+    let prev: f64 = sqlx::query_scalar(
+        "SELECT sum(total_sales)::float8 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2023",
+    )
+    .bind(gone)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(num(&r["previous"]["sumSales"]), Some(prev), "{r}");
+    assert_eq!(r["previous"]["count"], 90, "{r}");
+    assert_eq!(
+        (
+            num(&r["changePct"]["sumSales"]),
+            num(&r["changePct"]["count"])
+        ),
+        (Some(-100.0), Some(-100.0)),
+        "{r}"
+    );
+    assert!(r["changePct"]["avgSales"].is_null(), "{r}");
+    for other in &rows[1..] {
+        assert!(num(&other["sumSales"]).unwrap() > 0.0, "{other}");
+    }
+    // Without a comparison the store has no group.
+    let body = get(&f.admin, "groupBy=store&metrics=sumSales&year=2024").await;
+    assert_eq!(body["meta"]["groups"], 2, "{body}");
+
+    // The extension's copy answers the same.
+    let doc: Value = sqlx::query_scalar(
+        "SELECT sales.summary(group_by => 'store', metrics => 'sumSales,count,avgSales',
+                year => 2024, compare_to => 'previousYear', order_by => 'sumSalesChangePct')",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    let body = get(&f.admin, q).await;
+    assert_eq!(
+        (&doc["rows"], &doc["groups"]),
+        (&body["data"], &json!(3)),
+        "sales.summary differs from the API (is the extension up to date?)"
+    );
+}
