@@ -104,6 +104,9 @@ pub struct Config {
     pub import_max_uploads: usize,
     /// Import uploads one user may send at once.
     pub import_max_uploads_per_user: usize,
+    /// Unfinished jobs (uploading, queued or running imports and
+    /// asynchronous batches) one user may have at once.
+    pub jobs_max_per_user: i64,
     /// An upload whose body sends nothing for this long is dropped.
     pub import_idle_timeout: Duration,
     /// Most staged rows (lines × days) merged in one transaction (fewer when a
@@ -723,6 +726,7 @@ impl Config {
             import_max_bytes: e.num("IMPORT_MAX_BYTES", 1u64 << 30, 1, 1 << 40)?,
             import_max_uploads: e.num("IMPORT_MAX_UPLOADS", 4usize, 1, 1000)?,
             import_max_uploads_per_user: e.num("IMPORT_MAX_UPLOADS_PER_USER", 2usize, 1, 1000)?,
+            jobs_max_per_user: e.num("JOBS_MAX_PER_USER", 10i64, 1, 100_000)?,
             import_idle_timeout: e.duration("IMPORT_IDLE_TIMEOUT", s(60), s(1), s(3600))?,
             import_chunk_lines: e.num("IMPORT_CHUNK_LINES", 20_000u32, 1, 1_000_000)?,
             import_parallelism: e.num("IMPORT_PARALLELISM", 2usize, 1, 16)?,

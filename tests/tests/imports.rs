@@ -2201,3 +2201,104 @@ async fn a_cancelled_upload_stops_reading_its_body() {
     assert_eq!(staged, 0);
     server.stop().await;
 }
+
+/// A user has at most JOBS_MAX_PER_USER unfinished jobs (uploading, queued
+/// or running): asynchronous batches and imports past it are answered 429
+/// with the count, concurrent requests cannot pass it together, other users
+/// are not counted against it, and a job that ends makes room.
+#[tokio::test]
+async fn unfinished_jobs_per_user_are_bounded() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    // No workers: jobs stay queued.
+    let server = db
+        .server(&[("JOBS_MAX_PER_USER", "3"), ("JOB_WORKERS", "0")])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@x.test", "admin", &[]).await;
+    let (_, other_token) = user_token(&db, &server, "b@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let other = Api::new(&server, Some(&other_token));
+    let batch = |m: i32| json!({"salesDataArray": [sales_e2e::month(stores[0], 2024, m, 2, 10.0)]});
+    // Six at once: exactly three pass.
+    let answers = futures_util::future::join_all((1..=6).map(|m| {
+        let (api, body) = (api.clone(), batch(m));
+        async move {
+            let r = api
+                .req(reqwest::Method::POST, "/api/v2/sales/batch?async=true")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, retry, r.json::<Value>().await.unwrap())
+        }
+    }))
+    .await;
+    let accepted: Vec<i64> = answers
+        .iter()
+        .filter(|(s, _, _)| *s == 202)
+        .map(|(_, _, b)| b["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(accepted.len(), 3, "{answers:?}");
+    for (status, retry, body) in answers.iter().filter(|(s, _, _)| *s != 202) {
+        assert_eq!(*status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "too_many_jobs", "{body}");
+        assert_eq!(body["error"]["details"]["unfinishedJobs"], 3, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("JOBS_MAX_PER_USER"),
+            "{body}"
+        );
+        assert!(retry.is_some(), "{body}");
+    }
+    // An import is refused the same way, before its body is read.
+    let (status, body, _) = post_file(
+        &api,
+        "",
+        "text/csv",
+        "store_code,date,sales\nT001,2024-01-01,1\n",
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_jobs", "{body}");
+    // Another user's jobs are their own.
+    let (status, body) = other
+        .post("/api/v2/sales/batch?async=true", &batch(7))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    // A cancelled job makes room.
+    let r = api
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/api/v2/imports/{}", accepted[0]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    wait_job(&api, accepted[0], &["cancelled"]).await;
+    let (status, body, _) = post_file(
+        &api,
+        "",
+        "text/csv",
+        "store_code,date,sales\nT001,2024-01-01,1\n",
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let unfinished = scalar_i64(
+        &db,
+        "SELECT count(*) FROM jobs.jobs WHERE state IN ('uploading', 'queued', 'running')",
+    )
+    .await;
+    assert_eq!(
+        unfinished, 4,
+        "three of the first user's, one of the other's"
+    );
+    server.stop().await;
+}

@@ -181,6 +181,19 @@ impl ApiError {
         )
     }
 
+    /// The user has as many unfinished jobs as JOBS_MAX_PER_USER allows.
+    pub fn too_many_jobs(e: crate::jobs::TooManyJobs) -> Self {
+        const RETRY_AFTER: u64 = 5;
+        ApiError::TooManyRequests(
+            ErrorBody::new(
+                "too_many_jobs",
+                e.to_string(),
+                Some(serde_json::json!({"unfinishedJobs": e.active, "retryAfter": RETRY_AFTER})),
+            ),
+            RETRY_AFTER,
+        )
+    }
+
     /// Too many failed logins for one account.
     pub fn too_many_logins(retry_after: u64) -> Self {
         ApiError::TooManyRequests(

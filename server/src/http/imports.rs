@@ -313,6 +313,13 @@ impl ImportsApi {
             },
         };
         let _slot = self.uploads.take_or_429(auth.0.user_id)?;
+        // Refused before the body is read when the user has no job to
+        // spare; the job's creation counts again under the user's lock.
+        let max_jobs = self.state.config.jobs_max_per_user;
+        let active = crate::jobs::unfinished(&self.state.pool, auth.0.user_id).await?;
+        if active >= max_jobs {
+            return Err(ApiError::too_many_jobs(crate::jobs::TooManyJobs { active }));
+        }
         let max_bytes = self.state.config.import_max_bytes;
         let idle = self.state.config.import_idle_timeout;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
@@ -357,6 +364,7 @@ impl ImportsApi {
             scope: auth.0.scope(),
             file_name: None,
             lease: self.state.config.job_lease,
+            max_jobs: Some(self.state.config.jobs_max_per_user),
         };
         let reader = ChannelReader {
             rx,
@@ -367,6 +375,7 @@ impl ImportsApi {
             Ok(s) => s,
             Err(import::StageError::File(e)) => return Err(file_error(e)),
             Err(import::StageError::Db(e)) => return Err(e.into()),
+            Err(import::StageError::TooManyJobs(e)) => return Err(ApiError::too_many_jobs(e)),
         };
         let url = format!("/api/v2/imports/{}", staged.job_id);
         Ok(ImportResponse::Accepted(

@@ -499,6 +499,7 @@ impl SalesApi {
         if run_async.0.unwrap_or(false) {
             let id = crate::jobs::batch::enqueue(
                 &self.state.pool,
+                self.state.config.jobs_max_per_user,
                 auth.0.user_id,
                 auth.0.scope(),
                 &records,
@@ -508,7 +509,8 @@ impl SalesApi {
                 replace,
                 atomic,
             )
-            .await?;
+            .await?
+            .map_err(ApiError::too_many_jobs)?;
             let url = format!("/api/v2/imports/{id}");
             return Ok(BatchResponse::Accepted(
                 Json(super::imports::JobAccepted {

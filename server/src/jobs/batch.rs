@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 /// Queues a checked batch. `kept` are the indexes (in the request) of
 /// `records`; `rejected` the records refused before the extension.
+/// `Ok(Err(..))`: the user has `max_jobs` unfinished jobs already.
 #[allow(clippy::too_many_arguments)]
 pub async fn enqueue(
     pool: &PgPool,
+    max_jobs: i64,
     user_id: i64,
     scope: Option<Vec<i64>>,
     records: &serde_json::value::RawValue,
@@ -23,7 +25,7 @@ pub async fn enqueue(
     total: usize,
     replace: bool,
     atomic: bool,
-) -> Result<i64, sqlx::Error> {
+) -> Result<Result<i64, super::TooManyJobs>, sqlx::Error> {
     let rejected: Vec<Value> = rejected
         .iter()
         .map(|(i, errs)| {
@@ -39,6 +41,10 @@ pub async fn enqueue(
     // numbers keep every digit (a serde `Value` would carry them as f64).
     let rest = json!({"kept": kept, "rejected": rejected, "total": total}).to_string();
     let input = format!("{{\"records\":{},{}", records.get(), &rest[1..]);
+    let mut tx = pool.begin().await?;
+    if let Err(full) = super::admit(&mut tx, user_id, max_jobs).await? {
+        return Ok(Err(full));
+    }
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO jobs.jobs (kind, user_id, scope, params, input, rows_read)
          VALUES ('batch', $1, $2, $3, $4::jsonb, $5) RETURNING id",
@@ -48,10 +54,11 @@ pub async fn enqueue(
     .bind(json!({"mode": if replace { "replace" } else { "merge" }, "atomic": atomic}))
     .bind(input)
     .bind(total as i64)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     super::WAKE.notify_waiters();
-    Ok(id)
+    Ok(Ok(id))
 }
 
 /// Runs a batch job on the connection that claimed it. Returns the end state.

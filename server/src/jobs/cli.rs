@@ -89,6 +89,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             .file_name()
             .map(|f| f.to_string_lossy().into_owned()),
         lease: config.job_lease,
+        max_jobs: None,
     };
     let staged = import::stage(
         pool,

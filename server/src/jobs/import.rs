@@ -52,6 +52,9 @@ pub struct ImportRequest {
     pub scope: Option<Vec<i64>>,
     pub file_name: Option<String>,
     pub lease: Duration,
+    /// Unfinished jobs the user may have (JOBS_MAX_PER_USER); none from
+    /// the command line.
+    pub max_jobs: Option<i64>,
 }
 
 /// A staged import.
@@ -76,6 +79,8 @@ pub enum StageError {
     File(#[from] FileError),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    TooManyJobs(#[from] super::TooManyJobs),
 }
 
 enum Msg {
@@ -447,7 +452,11 @@ async fn create_uploading(
     conn: &mut PgConnection,
     id: i64,
     req: &ImportRequest,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StageError> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    if let (Some(user), Some(max)) = (req.user_id, req.max_jobs) {
+        super::admit(&mut tx, user, max).await??;
+    }
     sqlx::query(
         "INSERT INTO jobs.jobs (id, kind, state, user_id, scope, params, lease_token, lease_until,
                                 worker_pid, worker_backend_start)
@@ -460,8 +469,9 @@ async fn create_uploading(
     .bind(json!({"dryRun": req.dry_run, "maxErrors": req.max_errors, "fileName": req.file_name}))
     .bind(req.lease.as_millis() as i64)
     .bind(id)
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -37,6 +37,52 @@ pub const MAX_ATTEMPTS: i32 = 3;
 /// instances find it at their next poll).
 pub static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
+/// A user already has as many unfinished jobs as `JOBS_MAX_PER_USER` allows.
+#[derive(Debug, thiserror::Error)]
+#[error("you have {active} unfinished jobs (uploading, queued or running), the most JOBS_MAX_PER_USER allows; wait for one to end, or cancel one")]
+pub struct TooManyJobs {
+    pub active: i64,
+}
+
+/// First key of the per-user lock under which a job is admitted (the
+/// second is the user id's hash).
+pub const JOBS_LOCK: i32 = 0x5A1E_5004;
+
+/// Unfinished jobs of a user: uploading, queued or running.
+pub async fn unfinished<'c, E: sqlx::PgExecutor<'c>>(
+    e: E,
+    user_id: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM jobs.jobs WHERE user_id = $1 AND state IN ('uploading', 'queued', 'running')",
+    )
+    .bind(user_id)
+    .fetch_one(e)
+    .await
+}
+
+/// In a transaction about to create a job for `user_id`: takes the user's
+/// job lock (held to the end of the transaction, so that two requests of
+/// one user cannot both pass the count), then counts the user's unfinished
+/// jobs against `max`.
+pub async fn admit(
+    tx: &mut PgConnection,
+    user_id: i64,
+    max: i64,
+) -> Result<Result<(), TooManyJobs>, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashint8($2))")
+        .bind(JOBS_LOCK)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    let active = unfinished(&mut *tx, user_id).await?;
+    Ok(if active >= max {
+        Err(TooManyJobs { active })
+    } else {
+        Ok(())
+    })
+}
+
 /// A job as a worker took it.
 #[derive(Debug, Clone)]
 pub struct Claimed {
