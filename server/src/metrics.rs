@@ -27,6 +27,7 @@ pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .inspect(|handle| {
+                    describe();
                     // Shown from the start (it is only moved by exports).
                     metrics::gauge!("exports_running").increment(0.0);
                     spawn_upkeep(handle.clone())
@@ -35,6 +36,61 @@ pub fn init(slow_query_ms: u64) -> Option<&'static PrometheusHandle> {
                 .ok()
         })
         .as_ref()
+}
+
+/// What each metric is: the exposition's `# HELP` lines.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("http_request_duration_seconds", "Time to answer an HTTP request, by method, route and status."),
+    ("http_requests_total", "HTTP requests answered, by method, route and status."),
+    ("db_query_duration_seconds", "Time of a database call, by statement name."),
+    ("db_pool_connections", "Connections the primary's pool holds."),
+    ("db_pool_idle_connections", "Idle connections in the primary's pool."),
+    ("db_pool_max_connections", "Most connections the primary's pool may hold (DB_POOL_MAX)."),
+    ("db_replica_up", "1 while the replica answers reads, 0 while they go to the primary."),
+    ("db_replica_reads_total", "Reads answered by the replica."),
+    ("db_replica_fallbacks_total", "Reads sent to the primary because the replica failed."),
+    ("db_replica_pool_connections", "Connections the replica's pool holds."),
+    ("cache_hits_total", "Cache lookups answered from the cache (either level)."),
+    ("cache_misses_total", "Cache lookups answered from Postgres."),
+    ("cache_errors_total", "Cache operations that failed (Redis errors and timeouts)."),
+    ("cache_invalidations_total", "Tag invalidations (by events, writes and clears)."),
+    ("cache_compression_saved_bytes_total", "Bytes compression saved on stored cache entries."),
+    ("cache_healthy", "1 while Redis answers, 0 while reads bypass it."),
+    ("websocket_connections", "Open WebSocket connections."),
+    ("websocket_connections_by_role", "Open WebSocket connections, by the user's role."),
+    ("websocket_subscriptions", "Channel subscriptions of open WebSocket connections."),
+    ("websocket_messages_sent_total", "Messages queued to WebSocket clients."),
+    ("websocket_messages_dropped_total", "Messages not delivered to a client whose queue was full."),
+    ("websocket_closed_slow_total", "Connections closed because the client read too slowly."),
+    ("websocket_closed_heartbeat_total", "Connections closed because the client stopped answering pings."),
+    ("websocket_closed_revoked_total", "Connections closed because their user or session lost access."),
+    ("events_relayed_total", "Events the relay read from the log and dispatched."),
+    ("events_relay_connected", "1 while the relay's LISTEN connection is up."),
+    ("events_relay_last_event_id", "Id of the last event this instance relayed."),
+    ("events_relay_lag_events", "Events in the log past the last one this instance relayed."),
+    ("events_delivery_held_back_max_seconds", "Longest time a running transaction has held event delivery back (over 1 s; NaN when unknown)."),
+    ("events_delivery_holders", "Transactions holding event delivery back for more than 1 s (NaN when unknown)."),
+    ("exports_running", "Exports streaming now."),
+    ("exports_total", "Exports ended, by format, shape and status."),
+    ("export_rows_total", "Rows written by exports, by format."),
+    ("export_bytes_total", "Bytes sent by exports, by format."),
+    ("import_chunk_retries_total", "Import chunks retried after a failure."),
+    ("import_chunk_deadlock_retries_total", "Import chunks retried after a deadlock."),
+    ("process_resident_memory_bytes", "Resident memory of the server process."),
+    ("process_uptime_seconds", "Seconds since the server started."),
+];
+
+/// Registers [`DESCRIPTIONS`] with the recorder.
+fn describe() {
+    for &(name, help) in DESCRIPTIONS {
+        if name.ends_with("_total") {
+            metrics::describe_counter!(name, help);
+        } else if name.ends_with("_duration_seconds") {
+            metrics::describe_histogram!(name, help);
+        } else {
+            metrics::describe_gauge!(name, help);
+        }
+    }
 }
 
 /// Histogram samples wait in the recorder until they are folded into
@@ -221,7 +277,10 @@ async fn held_back(pool: &sqlx::PgPool) -> String {
     };
     let mut out = String::new();
     if !holders.is_empty() {
-        out.push_str("# TYPE events_delivery_held_back_seconds gauge\n");
+        out.push_str(
+            "# HELP events_delivery_held_back_seconds How long each transaction holding event delivery back (over 1 s) has done so.\n\
+             # TYPE events_delivery_held_back_seconds gauge\n",
+        );
     }
     for h in &holders {
         // Numbers and RFC 3339 times: nothing a label value must escape.

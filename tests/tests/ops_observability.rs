@@ -74,6 +74,22 @@ async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Every metric says what it is (`# HELP` before its `# TYPE`).
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(typed.len() >= 20, "{text}");
+    for name in typed {
+        let help = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# HELP {name} ")));
+        assert!(
+            help.is_some_and(|h| h.len() > 10),
+            "{name} has no # HELP line"
+        );
+    }
     server.stop().await;
 }
 
