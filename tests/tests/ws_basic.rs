@@ -146,16 +146,19 @@ async fn every_event_kind_reaches_its_subscribers() {
 
     // 8. Export progress: NOTIFY-only, no id, relayed only when sealed with
     // the instances' key. The same message in plain JSON (which any role
-    // that can connect may NOTIFY) is dropped, as is a sealed one changed.
+    // that can connect may NOTIFY) is dropped, as is a sealed one changed,
+    // and a sealed one sent again (a listener's copy) is relayed once.
     let forged = json!({"userId": staff_id, "event": "export-progress",
                         "data": {"url": "https://elsewhere.example/x.csv"}});
     let sealed =
         sales_server::events::sealed::seal(staff_id, "export-progress", json!({"rows": 9}));
+    let good = sales_server::events::sealed::seal(staff_id, "export-progress", json!({"rows": 10}));
     for payload in [
         forged.to_string(),
         sealed.replace("\"rows\":9", "\"rows\":99"),
         sales_server::events::sealed::seal(other_id, "export-progress", json!({"rows": 10})),
-        sales_server::events::sealed::seal(staff_id, "export-progress", json!({"rows": 10})),
+        good.clone(),
+        good,
     ] {
         sqlx::query("SELECT pg_notify('sales_ephemeral', $1)")
             .bind(payload)

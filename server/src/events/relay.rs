@@ -212,13 +212,16 @@ async fn next_page(conn: &mut PgConnection, last: Pos) -> Result<Page, sqlx::Err
 
 async fn listen_loop(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let mut backoff = BACKOFF_MIN;
+    // Kept across reconnects: a copy sent again while the listener was
+    // away is still one it relayed.
+    let mut replays = super::sealed::Replays::default();
     loop {
         if *stop.borrow() {
             return;
         }
         let why = tokio::select! {
             _ = stop.changed() => return,
-            r = listen_session(&deps, &mut backoff) => r,
+            r = listen_session(&deps, &mut backoff, &mut replays) => r,
         };
         tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "ephemeral listener lost its connection");
         if !pause(&mut backoff, &mut stop).await {
@@ -227,7 +230,11 @@ async fn listen_loop(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn listen_session(deps: &Deps, backoff: &mut Duration) -> String {
+async fn listen_session(
+    deps: &Deps,
+    backoff: &mut Duration,
+    replays: &mut super::sealed::Replays,
+) -> String {
     let opts = deps
         .connect
         .clone()
@@ -260,7 +267,8 @@ async fn listen_session(deps: &Deps, backoff: &mut Duration) -> String {
         match listener.try_recv().await {
             Ok(Some(n)) => {
                 let now = chrono::Utc::now().timestamp_millis();
-                match super::sealed::open(n.payload(), now)
+                match replays
+                    .open(n.payload(), now)
                     .map_err(String::from)
                     .and_then(Ephemeral::parse)
                 {

@@ -58,9 +58,17 @@ fn seal_at(user_id: i64, event: &str, data: serde_json::Value, sent_at: i64) -> 
 /// The JSON of a sealed payload whose seal holds and which was sent within
 /// [`MAX_AGE_MS`] of `now_ms`; otherwise why not.
 pub fn open(payload: &str, now_ms: i64) -> Result<&str, &'static str> {
+    open_parts(payload, now_ms).map(|(json, _, _)| json)
+}
+
+/// The JSON, the seal and `sentAt` of a payload [`open`] accepts.
+fn open_parts(payload: &str, now_ms: i64) -> Result<(&str, [u8; 32], i64), &'static str> {
     let rest = payload.strip_prefix(PREFIX).ok_or("not sealed")?;
     let (tag, json) = rest.split_once('.').ok_or("not sealed")?;
-    let tag = hex::decode(tag).map_err(|_| "not sealed")?;
+    let tag: [u8; 32] = hex::decode(tag)
+        .ok()
+        .and_then(|t| t.try_into().ok())
+        .ok_or("not sealed")?;
     mac(json)
         .verify_slice(&tag)
         .map_err(|_| "its seal does not match")?;
@@ -71,7 +79,42 @@ pub fn open(payload: &str, now_ms: i64) -> Result<&str, &'static str> {
     if (now_ms - sent_at).abs() > MAX_AGE_MS {
         return Err("sent too long ago");
     }
-    Ok(json)
+    Ok((json, tag, sent_at))
+}
+
+/// The seals a listener has opened within [`MAX_AGE_MS`]: a sealed
+/// message is relayed once. Any role that can LISTEN sees the payloads and
+/// could NOTIFY one again (a stale progress, a link already shown); the
+/// copy is dropped. Holds what was sent in the last [`MAX_AGE_MS`] (the
+/// seals' age bounds it: nothing older opens), pruned as it grows.
+#[derive(Debug, Default)]
+pub struct Replays {
+    seen: std::collections::HashMap<[u8; 32], i64>,
+    prune_at: usize,
+}
+
+impl Replays {
+    /// [`open`], and refused when this seal was opened here before.
+    pub fn open<'p>(&mut self, payload: &'p str, now_ms: i64) -> Result<&'p str, &'static str> {
+        let (json, tag, sent_at) = open_parts(payload, now_ms)?;
+        if self.seen.len() >= self.prune_at.max(1024) {
+            self.seen
+                .retain(|_, sent| (now_ms - *sent).abs() <= MAX_AGE_MS);
+            self.prune_at = self.seen.len() * 2;
+        }
+        if self.seen.insert(tag, sent_at).is_some() {
+            return Err("relayed already (a copy sent again)");
+        }
+        Ok(json)
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -105,5 +148,35 @@ mod tests {
         assert!(open(&format!("s1.{}.{{}}", hex::encode(other)), now).is_err());
         // Replayed much later.
         assert_eq!(open(&p, now + MAX_AGE_MS + 1), Err("sent too long ago"));
+    }
+
+    #[test]
+    fn a_seal_opens_once_per_listener_and_old_ones_are_forgotten() {
+        init("a-secret-of-the-tests-a-secret-of-the-tests");
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut replays = Replays::default();
+        let p = seal_at(4, "export-progress", json!({"rows": 10}), now);
+        assert!(replays.open(&p, now).is_ok());
+        assert_eq!(
+            replays.open(&p, now + 1000),
+            Err("relayed already (a copy sent again)")
+        );
+        // The same message sent again later is another seal.
+        let again = seal_at(4, "export-progress", json!({"rows": 10}), now + 1);
+        assert!(replays.open(&again, now + 1000).is_ok());
+        // Another listener (instance) relays its own copy.
+        assert!(Replays::default().open(&p, now).is_ok());
+        // Seals past their age are pruned as more arrive.
+        for i in 0..2000 {
+            let q = seal_at(5, "export-progress", json!({"i": i}), now);
+            assert!(replays.open(&q, now).is_ok());
+        }
+        let later = now + MAX_AGE_MS + 1;
+        for i in 0..2000 {
+            let q = seal_at(6, "export-progress", json!({"i": i}), later);
+            assert!(replays.open(&q, later).is_ok());
+        }
+        assert!(replays.len() < 3000, "{}", replays.len());
+        assert_eq!(replays.open(&p, later), Err("sent too long ago"));
     }
 }
