@@ -414,6 +414,7 @@ WHERE m.id IN (SELECT unnest($1::bigint[])
                UNION ALL
                SELECT x.id FROM unnest($2::bigint[], $3::integer[], $4::integer[]) AS k(s, y, mo)
                JOIN sales.monthly_sales x ON x.store_id = k.s AND x.year = k.y AND x.month = k.mo)
+  AND ($5::bigint[] IS NULL OR m.store_id = ANY($5))
 ORDER BY m.store_id, m.year, m.month
 FOR UPDATE OF m
 "#;
@@ -482,6 +483,15 @@ fn batch_delete_impl(
     Spi::connect_mut(|client| {
         // Lock first, then judge: a row found here exists until the end of
         // the transaction, so the report cannot go stale before the delete.
+        // Only rows in the caller's scope are locked (a row of another
+        // store is neither locked nor named: its id is reported missing,
+        // as one that does not exist, so the answer does not tell who owns
+        // it; a key names its store itself, and is reported outside).
+        let scope_ids: Option<Vec<i64>> = scope.as_ref().map(|s| {
+            let mut v: Vec<i64> = s.iter().copied().collect();
+            v.sort_unstable();
+            v
+        });
         let mut by_id: HashMap<i64, (i64, MonthKey)> = HashMap::new();
         if !wanted_ids.is_empty() || !wanted_keys.is_empty() {
             let table = client
@@ -509,6 +519,7 @@ fn batch_delete_impl(
                             .map(|(_, k)| k.month)
                             .collect::<Vec<i32>>()
                             .into(),
+                        scope_ids.clone().into(),
                     ],
                 )
                 .or_raise();
@@ -532,21 +543,21 @@ fn batch_delete_impl(
         }
         let by_key: HashMap<MonthKey, i64> = by_id.iter().map(|(id, (_, k))| (*k, *id)).collect();
         let mut targets: Vec<i64> = Vec::new();
-        let mut judge =
-            |i: usize, field: String, found: Option<(i64, i64)>, report: &mut Report| match found {
-                Some((id, store)) => match &scope {
-                    Some(s) if !s.contains(&store) => report.add(i, &field, outside_scope(store)),
-                    _ => targets.push(id),
-                },
-                None => report.add(i, &field, "no such sales record"),
-            };
         for (i, id) in &wanted_ids {
-            let found = by_id.get(id).map(|(store, _)| (*id, *store));
-            judge(*i, format!("ids[{i}]"), found, &mut report);
+            match by_id.get(id) {
+                Some(_) => targets.push(*id),
+                None => report.add(*i, &format!("ids[{i}]"), "no such sales record"),
+            }
         }
         for (i, k) in &wanted_keys {
-            let found = by_key.get(k).map(|id| (*id, k.store_id));
-            judge(*i, format!("keys[{}]", i - ids.len()), found, &mut report);
+            let field = format!("keys[{}]", i - ids.len());
+            match (&scope, by_key.get(k)) {
+                (Some(s), _) if !s.contains(&k.store_id) => {
+                    report.add(*i, &field, outside_scope(k.store_id))
+                }
+                (_, Some(id)) => targets.push(*id),
+                (_, None) => report.add(*i, &field, "no such sales record"),
+            }
         }
         targets.sort_unstable();
         targets.dedup();
