@@ -37,6 +37,11 @@ $$;
 -- rows come in the order the rows were written, before those of inserted
 -- rows (batch_upsert writes in (store, year, month) order); a row's own
 -- events are always in version order.
+-- The event triggers written in plpgsql (deletes, stores, truncates) run as
+-- their owner (SECURITY DEFINER, with a fixed search_path), as the Rust
+-- ones write the log directly: a role that may change sales rows or stores
+-- needs no privilege on sales.events, which holds every user's events, to
+-- have its changes' events written (src/events.rs, as_log_owner).
 -- Deletes stay statement-level (one INSERT ... SELECT per statement). Like
 -- an update's `previousDays` (the old value of each changed day), a
 -- delete's holds the month's last daily data, so the record's history can
@@ -45,7 +50,7 @@ $$;
 -- logical replication subscriber's `monthly_sales_replica_deletes`, see
 -- below: the apply fires row triggers only), it writes that row's event.
 CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE job bigint := nullif(current_setting('sales.job_id', true), '')::bigint;
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
@@ -93,7 +98,7 @@ CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
 -- replication writes no table-truncated event.
 
 CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
@@ -133,7 +138,7 @@ CREATE TRIGGER stores_events_del AFTER DELETE ON sales.stores
 -- the logs hold instead, so that ids are never given twice. (A plain
 -- TRUNCATE leaves the sequence where it was; nothing to do then.)
 CREATE FUNCTION sales.tg_truncated() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     seq text;
     restarted boolean;

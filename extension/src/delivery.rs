@@ -203,8 +203,10 @@ fn see_clock(s: &Shared) {
     if CLOCK_SEEN.get() {
         return;
     }
-    let max: Option<i64> = Spi::get_one("SELECT max(seq) FROM sales.events")
-        .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
+    // As the log's owner: a writer needs no privilege on the log.
+    let max: Option<i64> =
+        crate::events::as_log_owner(|| Spi::get_one("SELECT max(seq) FROM sales.events"))
+            .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
     let max = max.unwrap_or(0).max(0) as u64;
     // A seq near the end of the range can only have been written by hand
     // (`seq` is a column default a role allowed to insert events may
@@ -408,32 +410,36 @@ fn notify_at_commit() {
     // of its rows between its first and last seq. At pre-commit the portal
     // (and its snapshot) may be gone already.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let sent = Spi::connect_mut(|client| {
-        NOTIFY_PLAN.with(|plan| -> Result<(), pgrx::spi::Error> {
-            let mut plan = plan.borrow_mut();
-            if plan.is_none() {
-                *plan = Some(
-                    client
-                        .prepare_mut(
-                            "SELECT pg_notify('sales_events', id::text) FROM sales.events
+    // As the log's owner (see `as_log_owner`); a kept plan's privileges
+    // are checked as whoever runs it, each time.
+    let sent = crate::events::as_log_owner(|| {
+        Spi::connect_mut(|client| {
+            NOTIFY_PLAN.with(|plan| -> Result<(), pgrx::spi::Error> {
+                let mut plan = plan.borrow_mut();
+                if plan.is_none() {
+                    *plan = Some(
+                        client
+                            .prepare_mut(
+                                "SELECT pg_notify('sales_events', id::text) FROM sales.events
                              WHERE seq = $1 AND xid = pg_current_xact_id()",
-                            &[PgOid::BuiltIn(PgBuiltInOids::INT8OID)],
-                        )?
-                        .keep(),
-                );
-            }
-            let stmt = plan.as_ref().expect("prepared above");
-            if client.update(stmt, None, &[last.into()])?.is_empty() {
-                client.update(
-                    "SELECT pg_notify('sales_events', e.id::text) FROM (
+                                &[PgOid::BuiltIn(PgBuiltInOids::INT8OID)],
+                            )?
+                            .keep(),
+                    );
+                }
+                let stmt = plan.as_ref().expect("prepared above");
+                if client.update(stmt, None, &[last.into()])?.is_empty() {
+                    client.update(
+                        "SELECT pg_notify('sales_events', e.id::text) FROM (
                          SELECT id FROM sales.events
                          WHERE seq BETWEEN $1 AND $2 AND xid = pg_current_xact_id()
                          ORDER BY seq DESC LIMIT 1) e",
-                    None,
-                    &[first.into(), last.into()],
-                )?;
-            }
-            Ok(())
+                        None,
+                        &[first.into(), last.into()],
+                    )?;
+                }
+                Ok(())
+            })
         })
     });
     unsafe { pg_sys::PopActiveSnapshot() };

@@ -473,6 +473,8 @@ unsafe extern "C-unwind" {
 #[derive(Clone, Copy)]
 struct EventsTable {
     relid: pg_sys::Oid,
+    /// Its owner, the role the extension writes and reads the log as.
+    owner: pg_sys::Oid,
     id_seq: pg_sys::Oid,
     /// Its indexes as the executor would insert into them, built once:
     /// None when one of them needs more than plain column values (an
@@ -532,16 +534,47 @@ unsafe fn events_table() -> EventsTable {
             })
             .unwrap_or_else(|| error!("pg_sales: sales.events has no id column"));
         let indexes = plain_indexes(desc);
+        let owner = (*(*desc).rd_rel).relowner;
         pg_sys::RelationClose(desc);
         let id_seq = pg_sys::getIdentitySequence(relid, id_att as i16 + 1, false);
         let t = EventsTable {
             relid,
+            owner,
             id_seq,
             indexes,
         };
         EVENTS_TABLE.set(Some(t));
         t
     }
+}
+
+/// Runs `f` as the owner of `sales.events`, as a `SECURITY DEFINER`
+/// function runs as its owner: the reads and writes of the log that the
+/// extension makes on a writer's behalf (the delivery clock's first read,
+/// a batch's `batch-completed` event, the commit's NOTIFY lookup) need no
+/// privilege on the log, which holds every user's events. A role that may
+/// write sales rows may so write them without being able to read, or
+/// forge, the log. The caller's user and security context come back after
+/// `f`, also when it raises an error (an aborted transaction restores them
+/// as well).
+pub fn as_log_owner<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::Oid, std::ffi::c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let owner = unsafe { events_table() }.owner;
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
+    let _restore = Restore(user, context);
+    unsafe {
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
+        )
+    };
+    f()
 }
 
 /// The indexes of `rel` described once (`BuildIndexInfo`, as

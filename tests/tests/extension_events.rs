@@ -1704,6 +1704,129 @@ async fn only_event_writers_take_a_seq() {
     exec(&db, &format!("DROP OWNED BY {role}; DROP ROLE {role}")).await;
 }
 
+/// A role that may write sales rows and stores needs no privilege on the
+/// event log (which holds every user's events) to have its changes'
+/// events written: inserts, updates, deletes, batches, store changes and
+/// a truncate, all as a role that cannot read the log, each with its event
+/// and the commit's NOTIFY; and the role still cannot read the log
+/// afterwards in the same transaction (the extension reads and writes it
+/// as its owner only for those moments).
+#[tokio::test]
+async fn a_writer_needs_no_privilege_on_the_event_log() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let role = format!("pgs_writer_{}", rand::random::<u32>());
+    exec(
+        &db,
+        &format!(
+            "CREATE ROLE {role}; GRANT USAGE ON SCHEMA sales TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON sales.monthly_sales, sales.stores TO {role};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA sales TO {role}"
+        ),
+    )
+    .await;
+    let mut notifications = Notifications::listen(&db).await;
+    notifications.drain(&db).await;
+    let before = max_event(&db).await;
+    // A fresh session, so that the delivery clock's first read is this role's.
+    let mut conn = db.connect().await;
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let denied = |e: sqlx::Error| {
+        let (_, message, _) = pg_error(&e);
+        assert!(message.contains("permission denied"), "{message}");
+    };
+    let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
+    denied(
+        sqlx::query("SELECT count(*) FROM sales.events")
+            .execute(&mut *sp)
+            .await
+            .unwrap_err(),
+    );
+    sp.rollback().await.unwrap();
+    let statements = [
+        "INSERT INTO sales.stores (code, name, region) VALUES ('W1', 'Writer', 'North')".to_string(),
+        "UPDATE sales.stores SET name = 'Writer 2' WHERE code = 'W1'".to_string(),
+        format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ({}, 2024, 1, '{{\"1\": {{\"sales\": 5}}}}')",
+            s[0]
+        ),
+        "UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 6}}'".to_string(),
+        format!(
+            "SELECT sales.batch_upsert('[{{\"storeId\": {}, \"year\": 2024, \"month\": 2, \"dailyData\": {{\"1\": {{\"sales\": 1}}}}}}]')",
+            s[0]
+        ),
+        format!(
+            "SELECT sales.batch_delete(NULL, '[{{\"storeId\": {}, \"year\": 2024, \"month\": 2}}]')",
+            s[0]
+        ),
+        "DELETE FROM sales.monthly_sales".to_string(),
+        "DELETE FROM sales.stores WHERE code = 'W1'".to_string(),
+        "TRUNCATE sales.monthly_sales".to_string(),
+    ];
+    for sql in &statements {
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // Still the writer, still without the log.
+    let who: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(who, role);
+    denied(
+        sqlx::query("SELECT count(*) FROM sales.events")
+            .execute(&mut *tx)
+            .await
+            .unwrap_err(),
+    );
+    tx.rollback().await.unwrap();
+    // The same, committed this time (the error above ended the first).
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for sql in &statements {
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    tx.commit().await.unwrap();
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM sales.events WHERE id > $1 ORDER BY id")
+            .bind(before)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        kinds,
+        [
+            "store-created",
+            "store-updated",
+            "sales-data-created",
+            "sales-data-updated",
+            "sales-data-created",
+            "batch-completed",
+            "sales-data-deleted",
+            "batch-completed",
+            "sales-data-deleted",
+            "store-deleted",
+            "table-truncated",
+        ]
+    );
+    assert_eq!(notifications.drain(&db).await, vec![max_event(&db).await]);
+    drop(conn);
+    exec(&db, &format!("DROP OWNED BY {role}; DROP ROLE {role}")).await;
+}
+
 /// The lock that coalesces commit NOTIFYs cannot be taken from SQL: a
 /// session holding `pg_advisory_lock(369125)` (the key's value) no longer
 /// makes every commit leave its NOTIFY to it, which sent none.
