@@ -479,12 +479,22 @@ impl Revocations {
         .bind(keep)
         .fetch_all(pool)
         .await?;
+        // A revoked session's tokens may outlive this instance's own
+        // token lifetime: another instance, with a longer JWT_EXPIRY, may
+        // have issued them. Each is refused until the later of the two:
+        // this lifetime past the revocation, and the expiry of the last
+        // token issued for it (`access_until`), both with the leeway.
         let sessions: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT id::text, user_id, extract(epoch FROM revoked_at)::bigint + $1 FROM auth.sessions
-             WHERE revoked_at > now() - make_interval(secs => $2)",
+            "SELECT id::text, user_id,
+                    greatest(extract(epoch FROM revoked_at)::bigint + $1,
+                             coalesce(extract(epoch FROM access_until)::bigint + $3, 0))
+             FROM auth.sessions
+             WHERE revoked_at > now() - make_interval(secs => $2)
+                OR (revoked_at IS NOT NULL AND access_until > now() - make_interval(secs => $3))",
         )
         .bind(keep)
         .bind(keep as f64)
+        .bind(crate::auth::LEEWAY_SECS as i64)
         .fetch_all(pool)
         .await?;
         for row in users {

@@ -2263,4 +2263,11 @@ async fn maintain_keeps_ended_sessions_while_their_tokens_live() {
     let (st, body) = Api::new(&again, Some(token)).get("/api/v2/auth/me").await;
     assert_eq!(st, 401, "{body}");
     again.stop().await;
+    // So does one whose own tokens live 15 minutes (the default): the
+    // session ended longer ago than that, but a token issued for it by an
+    // instance with hour-long tokens still lives (`access_until`).
+    let short = w.db.server(&[("JWT_EXPIRY", "900")]).await;
+    let (st, body) = Api::new(&short, Some(token)).get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "{body}");
+    short.stop().await;
 }
