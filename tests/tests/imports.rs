@@ -2302,3 +2302,91 @@ async fn unfinished_jobs_per_user_are_bounded() {
     );
     server.stop().await;
 }
+
+/// An upload cancelled while its body still comes, a line at a time, is
+/// answered (202, `cancelled`) while the client is still sending: the
+/// server stops reading at the next line, not after its next 10,000 rows.
+#[tokio::test]
+async fn a_cancelled_upload_stops_reading_at_the_next_line() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    // A short lease: the upload notices the cancel at its next renewal.
+    let server = db.server(&[("JOB_LEASE", "1s")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let (more, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((item, rx))
+    });
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A line every 50 ms, 1,200 of them at most (a minute; far fewer rows
+    // than a batch): stops early once the upload is answered.
+    let sender = tokio::spawn({
+        let (answered, code) = (answered.clone(), code.clone());
+        async move {
+            let mut sent = 0;
+            let _ = more.send(Ok(b"store_code,date,sales\n".to_vec())).await;
+            while sent < 1200 && !answered.load(std::sync::atomic::Ordering::SeqCst) {
+                let (m, d) = (sent / 28 % 12 + 1, sent % 28 + 1);
+                let line = format!("{code},{}-{m:02}-{d:02},1.5\n", 2000 + sent / 336);
+                if more.send(Ok(line.into_bytes())).await.is_err() {
+                    break;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            sent
+        }
+    });
+    let upload = tokio::spawn({
+        let (api, answered) = (api.clone(), answered.clone());
+        async move {
+            let r = api
+                .req(reqwest::Method::POST, "/api/v2/imports")
+                .header("content-type", "text/csv")
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await;
+            answered.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        }
+    });
+    let id: i64 = eventually(WAIT, "the upload's job", || async {
+        sqlx::query_scalar::<_, i64>("SELECT id FROM jobs.jobs WHERE state = 'uploading'")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    let r = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer = upload.await.unwrap().unwrap();
+    let status = answer.status().as_u16();
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    let sent = sender.await.unwrap();
+    assert_eq!(
+        (status, &body["state"]),
+        (202, &json!("cancelled")),
+        "{body}"
+    );
+    assert!(
+        sent < 1200,
+        "answered only once the body ended ({sent} lines)"
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM jobs.jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "cancelled");
+    server.stop().await;
+}

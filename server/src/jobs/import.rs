@@ -233,6 +233,13 @@ pub async fn stage<R: Read + Send + 'static>(
                     }
                 }
                 Item::LineDone => {
+                    // Cancelled (or the upload ended otherwise): the
+                    // reader stopped listening; stop at this line rather
+                    // than at the next batch of rows, which a slow client
+                    // may take long to send.
+                    if tx.is_closed() {
+                        return Err(gone());
+                    }
                     lines += 1;
                     rejected_lines += u64::from(std::mem::take(&mut line_rejected));
                     if lines == 1 {
