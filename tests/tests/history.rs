@@ -671,3 +671,93 @@ async fn a_cached_history_follows_pruning() {
     })
     .await;
 }
+
+/// A history shows an actor's email only to whoever may look that user up
+/// (`/api/v2/users`): admins every one, a manager their staff's and their
+/// own, anyone else their own; the others see the actor's id with a null
+/// email. One cached page serves them all without passing emails on.
+#[tokio::test]
+async fn a_history_shows_emails_only_to_who_may_look_the_user_up() {
+    let f = Fixture::start(1, &[("CACHE_TTL", "3600s")]).await;
+    let s = f.stores[0];
+    let (staff_id, staff_token) = user_token(&f.db, &f.server, "a@x.test", "staff", &[s]).await;
+    let (_, other_token) = user_token(&f.db, &f.server, "b@x.test", "staff", &[s]).await;
+    let (manager_id, manager_token) =
+        user_token(&f.db, &f.server, "m@x.test", "manager", &[s]).await;
+    let staff = Api::new(&f.server, Some(&staff_token));
+    let other = Api::new(&f.server, Some(&other_token));
+    let manager = Api::new(&f.server, Some(&manager_token));
+    for (api, d) in [(&staff, 1), (&f.admin, 2), (&manager, 3)] {
+        let (st, body) = api
+            .post(
+                "/api/v2/sales/batch",
+                &json!({"salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {d.to_string(): day(1.0, 1)}}]}),
+            )
+            .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1")
+        .bind(s)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    let path = format!("/api/v2/sales/{id}/history");
+    // (actor id, email) of versions 3, 2, 1 as each caller sees them.
+    let seen = |b: &Value| -> Vec<(i64, Value)> {
+        b["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["actor"]["userId"].as_i64().unwrap(),
+                    v["actor"]["email"].clone(),
+                )
+            })
+            .collect()
+    };
+    let admin_id = f.admin_id;
+    for round in 0..2 {
+        let (st, b) = f.admin.get(&path).await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(
+            seen(&b),
+            vec![
+                (manager_id, json!("m@x.test")),
+                (admin_id, json!("admin@example.com")),
+                (staff_id, json!("a@x.test")),
+            ],
+            "admin, round {round}"
+        );
+        let (_, b) = manager.get(&path).await;
+        assert_eq!(
+            seen(&b),
+            vec![
+                (manager_id, json!("m@x.test")),
+                (admin_id, Value::Null),
+                (staff_id, json!("a@x.test")),
+            ],
+            "manager, round {round}"
+        );
+        let (_, b) = staff.get(&path).await;
+        assert_eq!(
+            seen(&b),
+            vec![
+                (manager_id, Value::Null),
+                (admin_id, Value::Null),
+                (staff_id, json!("a@x.test")),
+            ],
+            "the writer, round {round}"
+        );
+        let (_, b) = other.get(&path).await;
+        assert_eq!(
+            seen(&b),
+            vec![
+                (manager_id, Value::Null),
+                (admin_id, Value::Null),
+                (staff_id, Value::Null)
+            ],
+            "another staff user, round {round}"
+        );
+    }
+}

@@ -420,7 +420,7 @@ impl SalesApi {
             history::history_body(&self.state, id.0, &auth.0, limit, before_version.0)
         })
         .await?;
-        history::history_response(body)
+        history::history_response(&self.state, &auth.0, body).await
     }
 
     /// Validate and upsert many store-months in one transaction. With `atomic` (default) any

@@ -29,7 +29,9 @@ pub struct HistoryActor {
     #[oai(rename = "type")]
     pub kind: String,
     pub user_id: Option<i64>,
-    /// The user's email now (null when the user was deleted).
+    /// The user's email now: shown to whoever may look the user up (admins;
+    /// a manager for their staff; a user for themselves), null otherwise
+    /// and when the user was deleted.
     pub email: Option<String>,
 }
 
@@ -178,13 +180,75 @@ pub(super) async fn history_body(
     Ok(json!({"data": data, "meta": doc}).to_string())
 }
 
-/// 410 for a page with no version that is wholly older than the retained history.
-pub(super) fn history_response(body: String) -> ApiResult<HistoryResponse> {
+/// The actors' emails the caller may not see, taken out of a page (cached
+/// with every email, for every caller of the same scope). Admins see
+/// every one; a manager those of the staff they manage (a staff user with
+/// one of their stores) and their own; anyone else their own: the same
+/// users each may look up through `/api/v2/users`.
+async fn hide_emails(state: &AppState, who: &Principal, page: &mut Value) -> ApiResult<bool> {
+    use crate::auth::Role;
+    if who.role == Role::Admin {
+        return Ok(false);
+    }
+    let Some(versions) = page["data"].as_array_mut() else {
+        return Ok(false);
+    };
+    let others: Vec<i64> = versions
+        .iter()
+        .filter_map(|v| v["actor"]["userId"].as_i64())
+        .filter(|&u| u != who.user_id)
+        .collect::<std::collections::BTreeSet<i64>>()
+        .into_iter()
+        .collect();
+    let managed: std::collections::HashSet<i64> = if who.role == Role::Manager && !others.is_empty()
+    {
+        let stores: Vec<i64> = who.stores.iter().copied().collect();
+        crate::db::retry("history_actors", true, || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM sales.users WHERE id = ANY($1) AND role = 'staff' AND store_ids && $2",
+            )
+            .bind(&others)
+            .bind(&stores)
+            .fetch_all(&mut *state.read_conn().await?)
+            .await
+        })
+        .await?
+        .into_iter()
+        .collect()
+    } else {
+        Default::default()
+    };
+    let mut changed = false;
+    for v in versions {
+        let actor = &mut v["actor"];
+        if let Some(u) = actor["userId"].as_i64() {
+            if u != who.user_id && !managed.contains(&u) && !actor["email"].is_null() {
+                actor["email"] = Value::Null;
+                changed = true;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// The page for this caller: 410 for a page with no version that is wholly
+/// older than the retained history; otherwise the page with the emails the
+/// caller may not see taken out.
+pub(super) async fn history_response(
+    state: &AppState,
+    who: &Principal,
+    body: String,
+) -> ApiResult<HistoryResponse> {
+    let mut v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
     let gone = {
-        let v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
         let empty = v["data"].as_array().is_some_and(|a| a.is_empty());
         let gone = &v["meta"]["gone"];
         (empty && !gone.is_null()).then(|| gone.clone())
+    };
+    let body = if gone.is_none() && hide_emails(state, who, &mut v).await? {
+        v.to_string()
+    } else {
+        body
     };
     match gone {
         Some(g) => Ok(HistoryResponse::Gone(ErrorBody::new(
