@@ -613,8 +613,12 @@ impl Summary {
                 cols.push("b.store_name".into());
             }
             cols.extend(self.metrics.iter().map(|m| m.empty().to_string()));
+            cols.push("b.first_d".into());
             w.sql(&cols.join(", "));
-            w.sql(" FROM b WHERE NOT EXISTS (SELECT 1 FROM a WHERE true");
+            // Not a group whose first date, moved to the current period, is
+            // still to come: months, days or stores of the compared period
+            // that the current one has not reached yet are not a fall to 0.
+            w.sql(" FROM b WHERE b.first_d <= current_date AND NOT EXISTS (SELECT 1 FROM a WHERE true");
             for k in &keys {
                 w.sql(&format!(" AND a.{k} = b.{k}"));
             }
@@ -751,6 +755,12 @@ impl Summary {
             .map(|(i, m)| format!("{} AS m{i}", m.expr()))
             .collect();
         w.sql(&ms.join(", "));
+        if self.compare.is_some() {
+            // The group's first date (moved, on the compared side): a group
+            // only the compared period has is shown only when that date is
+            // not in the future (see `render`).
+            w.sql(", min(d) AS first_d");
+        }
         w.sql(" FROM (SELECT m.id AS row_id, m.store_id, s.region, s.code AS store_code, s.name AS store_name, ");
         let month_start = "make_date(m.year, m.month, 1)";
         let moved = |start: &str| {

@@ -53,6 +53,13 @@ CREATE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE job bigint := nullif(current_setting('sales.job_id', true), '')::bigint;
 BEGIN
+    -- Runs as its owner: only on the tables the extension attaches it to
+    -- (a trigger on another table, say a temporary look-alike, would
+    -- write forged events with the owner's rights).
+    IF TG_RELID <> 'sales.monthly_sales'::regclass THEN
+        RAISE EXCEPTION 'pg_sales: sales.tg_sales_deleted() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
+            USING ERRCODE = '42501';
+    END IF;
     IF TG_LEVEL = 'ROW' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         VALUES ('sales-data-deleted', OLD.store_id, sales.current_actor(), OLD.id, OLD.version + 1,
@@ -100,6 +107,13 @@ CREATE TRIGGER monthly_sales_events_del AFTER DELETE ON sales.monthly_sales
 CREATE FUNCTION sales.tg_stores_changed() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- Runs as its owner: only on the tables the extension attaches it to
+    -- (a trigger on another table, say a temporary look-alike, would
+    -- write forged events with the owner's rights).
+    IF TG_RELID <> 'sales.stores'::regclass THEN
+        RAISE EXCEPTION 'pg_sales: sales.tg_stores_changed() is a trigger of sales.stores only, not of %', TG_RELID::regclass
+            USING ERRCODE = '42501';
+    END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n)
@@ -144,6 +158,13 @@ DECLARE
     restarted boolean;
     top bigint;
 BEGIN
+    -- Runs as its owner: only on the tables the extension attaches it to
+    -- (a trigger on another table, say a temporary look-alike, would
+    -- write forged events with the owner's rights).
+    IF TG_RELID NOT IN ('sales.monthly_sales'::regclass, 'sales.stores'::regclass) THEN
+        RAISE EXCEPTION 'pg_sales: sales.tg_truncated() is a trigger of sales.monthly_sales and sales.stores only, not of %', TG_RELID::regclass
+            USING ERRCODE = '42501';
+    END IF;
     INSERT INTO sales.events (kind, actor_id, payload)
     VALUES ('table-truncated', sales.current_actor(), jsonb_build_object('table', TG_TABLE_NAME));
     IF TG_TABLE_NAME = 'monthly_sales' THEN
@@ -165,6 +186,11 @@ CREATE TRIGGER monthly_sales_truncated AFTER TRUNCATE ON sales.monthly_sales
     FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();
 CREATE TRIGGER stores_truncated AFTER TRUNCATE ON sales.stores
     FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_truncated();
+
+-- The three plpgsql event triggers above run as their owner: nobody else
+-- may attach them to a table (CREATE TRIGGER needs EXECUTE on the
+-- function; the triggers made here keep firing for every writer).
+REVOKE EXECUTE ON FUNCTION sales.tg_sales_deleted(), sales.tg_stores_changed(), sales.tg_truncated() FROM PUBLIC;
 
 -- Appends one event (announcements, notifications, batch summaries) and
 -- returns its id. `user_id` makes it a user-only event: set it only for

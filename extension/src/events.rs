@@ -554,21 +554,48 @@ unsafe fn events_table() -> EventsTable {
 /// a batch's `batch-completed` event, the commit's NOTIFY lookup) need no
 /// privilege on the log, which holds every user's events. A role that may
 /// write sales rows may so write them without being able to read, or
-/// forge, the log. The caller's user and security context come back after
-/// `f`, also when it raises an error (an aborted transaction restores them
-/// as well).
+/// forge, the log.
+///
+/// As a `SECURITY DEFINER` function with `SET search_path` does, the
+/// search path is `pg_catalog, pg_temp` meanwhile: with the caller's, a
+/// function or operator of the caller's own schema placed before
+/// `pg_catalog` (`max`, `btrim`, `=`) would run as the owner. The caller's
+/// user, security context and search path come back after `f`, also when
+/// it raises an error (an aborted transaction restores them as well).
 pub fn as_log_owner<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(pg_sys::Oid, std::ffi::c_int);
+    struct Restore {
+        user: pg_sys::Oid,
+        context: std::ffi::c_int,
+        guc_level: std::ffi::c_int,
+    }
     impl Drop for Restore {
         fn drop(&mut self) {
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+            unsafe {
+                pg_sys::AtEOXact_GUC(!std::thread::panicking(), self.guc_level);
+                pg_sys::SetUserIdAndSecContext(self.user, self.context);
+            }
         }
     }
     let owner = unsafe { events_table() }.owner;
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
-    let _restore = Restore(user, context);
+    let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
+    let _restore = Restore {
+        user,
+        context,
+        guc_level,
+    };
     unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
         pg_sys::SetUserIdAndSecContext(
             owner,
             context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,

@@ -196,13 +196,19 @@ impl Change {
                 let Some(session) = p.get("sessionId").and_then(Value::as_str) else {
                     return Ok(None);
                 };
+                // Until the later of this lifetime past the revocation and
+                // the last token issued for the session by any instance
+                // (`access_until`), as at start (`Revocations::load`).
                 let until: Option<i64> = sqlx::query_scalar(
-                    "SELECT extract(epoch FROM revoked_at)::bigint + $3 FROM auth.sessions
+                    "SELECT greatest(extract(epoch FROM revoked_at)::bigint + $3,
+                                     coalesce(extract(epoch FROM access_until)::bigint + $4, 0))
+                     FROM auth.sessions
                      WHERE id::text = $1 AND user_id = $2 AND revoked_at IS NOT NULL",
                 )
                 .bind(session)
                 .bind(id)
                 .bind(keep)
+                .bind(crate::auth::LEEWAY_SECS as i64)
                 .fetch_optional(pool)
                 .await?;
                 Ok(until.map(|until| Change::Session {

@@ -438,9 +438,16 @@ fn check_public_key_file(path: &str) -> Result<(), ConfigError> {
 fn check_jwks_file(path: &str) -> Result<(), ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Env::err("JWT_JWKS_FILE", path, format!("file cannot be read: {e}")))?;
-    crate::jwks::parse(&text)
-        .map(|_| ())
-        .map_err(|e| Env::err("JWT_JWKS_FILE", path, format!("{e:#}")))
+    let keys =
+        crate::jwks::parse(&text).map_err(|e| Env::err("JWT_JWKS_FILE", path, format!("{e:#}")))?;
+    if keys.is_empty() {
+        return Err(Env::err(
+            "JWT_JWKS_FILE",
+            path,
+            "holds no key this server can use (RS256, or ES256 on P-256, each with a kid)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -831,7 +838,14 @@ mod tests {
         assert_eq!(e.var, "JWT_JWKS_FILE");
         assert!(e.reason.starts_with("not a JWKS document"), "{e}");
         let empty = write("empty.json", "{\"keys\": []}");
-        assert!(cfg(&[("JWT_JWKS_FILE", &empty)]).is_ok());
+        let e = cfg(&[("JWT_JWKS_FILE", &empty)]).unwrap_err();
+        assert!(e.reason.starts_with("holds no key"), "{e}");
+        // A key without a kid, or of another algorithm, is no usable key.
+        let no_kid = write(
+            "no-kid.json",
+            "{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\", \"alg\": \"HS256\"}]}",
+        );
+        assert!(cfg(&[("JWT_JWKS_FILE", &no_kid)]).is_err());
         let dir_path = dir.to_string_lossy().into_owned();
         assert!(cfg(&[("JWT_JWKS_FILE", &dir_path)])
             .unwrap_err()

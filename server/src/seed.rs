@@ -156,15 +156,24 @@ pub fn check(args: &SeedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `--if-empty` leaves the database alone.
-///
+/// What `--if-empty` finds.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// No stores: seed.
+    Empty,
+    /// A seed cut off part-way: add the store-months it lacks.
+    CutOff,
+    /// Someone's data: leave it alone.
+    Data,
+}
+
 /// A database with stores is left alone, except one holding exactly a
 /// seed's stores (`ST0001` up, in id order, no more than asked for) of
-/// which some have no month yet: a seed that was interrupted part-way (it
+/// which some have no month yet: a seed that was cut off part-way (it
 /// writes the stores first, then their months a batch at a time, store
-/// after store). That one is seeded again, which rewrites the same data
-/// (the generator is seeded) and adds what is missing.
-async fn leave_alone(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<bool> {
+/// after store). Its missing store-months are added; the months it has
+/// are left as they are.
+async fn found(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<Found> {
     let (stores, seeded_codes, without_months): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*),
                 count(*) FILTER (WHERE code = 'ST' || lpad(n::text, greatest(4, length(n::text)), '0')),
@@ -173,19 +182,40 @@ async fn leave_alone(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<bool> {
     )
     .fetch_one(pool)
     .await?;
-    let interrupted =
-        seeded_codes == stores && stores <= i64::from(args.stores) && without_months > 0;
-    Ok(stores > 0 && !interrupted)
+    Ok(if stores == 0 {
+        Found::Empty
+    } else if seeded_codes == stores && stores <= i64::from(args.stores) && without_months > 0 {
+        Found::CutOff
+    } else {
+        Found::Data
+    })
 }
 
 pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary> {
     check(args)?;
-    if args.if_empty && leave_alone(pool, args).await? {
+    let found = if args.if_empty {
+        found(pool, args).await?
+    } else {
+        Found::Empty
+    };
+    if found == Found::Data {
         return Ok(SeedSummary {
             skipped: true,
             ..Default::default()
         });
     }
+    // Store-months a cut-off seed wrote already: kept as they are.
+    let have: std::collections::HashSet<(i64, i32, i32)> = if found == Found::CutOff {
+        sqlx::query_as::<_, (i64, i32, i32)>(
+            "SELECT store_id, year, month FROM sales.monthly_sales",
+        )
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect()
+    } else {
+        Default::default()
+    };
     let (end, last_day) = parse_end(args.end.as_deref())?;
     let months = months_back(end, args.months);
     let mut rng = StdRng::seed_from_u64(args.seed);
@@ -252,7 +282,14 @@ pub async fn seed(pool: &PgPool, args: &SeedArgs) -> anyhow::Result<SeedSummary>
         for (i, &(y, m)) in months.iter().enumerate() {
             let growth = 1.0 + yearly_growth * (i as f64 / 12.0);
             let day_limit = if (y, m) == end { last_day } else { None };
-            batch.push(json!({"storeId": store, "year": y, "month": m, "dailyData": month_data(&mut rng, base, growth, y, m, day_limit)}));
+            // Generated either way, so that the months after it draw what
+            // they would have drawn.
+            let days = month_data(&mut rng, base, growth, y, m, day_limit);
+            if have.contains(&(store, y, m as i32)) {
+                bar.inc(1);
+                continue;
+            }
+            batch.push(json!({"storeId": store, "year": y, "month": m, "dailyData": days}));
             if batch.len() >= args.batch as usize {
                 flush(pool, &mut batch, &mut summary, &bar).await?;
             }

@@ -1725,16 +1725,44 @@ async fn a_writer_needs_no_privilege_on_the_event_log() {
         ),
     )
     .await;
+    // Functions of the writer's own schema that shadow built-ins the log's
+    // reads and writes call, placed before pg_catalog in its search path:
+    // run as anyone but the writer (the log's owner), they fail the write.
+    let schema = format!("{role}_own");
+    let guard = |name: &str, args: &str, returns: &str, body: &str| {
+        format!(
+            "CREATE FUNCTION {schema}.{name}({args}) RETURNS {returns} LANGUAGE plpgsql AS $f$
+             BEGIN
+                 IF current_user <> '{role}' THEN
+                     RAISE EXCEPTION 'a function of the writer''s schema ran as %', current_user;
+                 END IF;
+                 {body}
+             END $f$;"
+        )
+    };
+    exec(
+        &db,
+        &[
+            format!("CREATE SCHEMA {schema} AUTHORIZATION {role};"),
+            guard("btrim", "t text", "text", "RETURN pg_catalog.btrim(t);"),
+            guard("length", "t text", "integer", "RETURN pg_catalog.length(t);"),
+            guard("pg_current_xact_id", "", "xid8", "RETURN pg_catalog.pg_current_xact_id();"),
+            guard("pg_notify", "c text, p text", "void", "PERFORM pg_catalog.pg_notify(c, p);"),
+            guard("max_step", "a bigint, b bigint", "bigint", "RETURN greatest(a, b);"),
+            format!("CREATE AGGREGATE {schema}.max(bigint) (SFUNC = {schema}.max_step, STYPE = bigint);"),
+            format!("GRANT ALL ON ALL FUNCTIONS IN SCHEMA {schema} TO {role};"),
+        ]
+        .concat(),
+    )
+    .await;
+    let set_role = format!("SET LOCAL ROLE {role}; SET LOCAL search_path = {schema}, pg_catalog");
     let mut notifications = Notifications::listen(&db).await;
     notifications.drain(&db).await;
     let before = max_event(&db).await;
     // A fresh session, so that the delivery clock's first read is this role's.
     let mut conn = db.connect().await;
     let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&set_role).execute(&mut *tx).await.unwrap();
     let denied = |e: sqlx::Error| {
         let (_, message, _) = pg_error(&e);
         assert!(message.contains("permission denied"), "{message}");
@@ -1789,10 +1817,7 @@ async fn a_writer_needs_no_privilege_on_the_event_log() {
     tx.rollback().await.unwrap();
     // The same, committed this time (the error above ended the first).
     let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&set_role).execute(&mut *tx).await.unwrap();
     for sql in &statements {
         sqlx::raw_sql(sql)
             .execute(&mut *tx)
@@ -1824,7 +1849,76 @@ async fn a_writer_needs_no_privilege_on_the_event_log() {
     );
     assert_eq!(notifications.drain(&db).await, vec![max_event(&db).await]);
     drop(conn);
-    exec(&db, &format!("DROP OWNED BY {role}; DROP ROLE {role}")).await;
+    exec(
+        &db,
+        &format!("DROP OWNED BY {role} CASCADE; DROP ROLE {role}"),
+    )
+    .await;
+}
+
+/// The plpgsql event triggers run as their owner: nobody else may attach
+/// them to a table (EXECUTE is the owner's), and attached to another table
+/// even by a superuser they refuse to run, so a temporary look-alike table
+/// cannot write forged events with the owner's rights.
+#[tokio::test]
+async fn the_owners_triggers_refuse_other_tables() {
+    let db = TestDb::new().await;
+    let role = format!("pgs_plain_{}", rand::random::<u32>());
+    exec(
+        &db,
+        &format!("CREATE ROLE {role}; GRANT USAGE ON SCHEMA sales TO {role}; GRANT TEMPORARY ON DATABASE {} TO {role}", db.name),
+    )
+    .await;
+    let look_alike = "CREATE TEMP TABLE monthly_sales (id bigint, store_id bigint, version bigint,
+                          year int, month int, daily_data jsonb)";
+    let mut conn = db.connect().await;
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}; {look_alike}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for f in ["tg_sales_deleted", "tg_stores_changed", "tg_truncated"] {
+        let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
+        let e = sqlx::raw_sql(&format!(
+            "CREATE TRIGGER t_{f} AFTER DELETE ON pg_temp.monthly_sales FOR EACH ROW EXECUTE FUNCTION sales.{f}()"
+        ))
+        .execute(&mut *sp)
+        .await
+        .expect_err("a plain role attaches the owner's trigger");
+        let (code, message, _) = pg_error(&e);
+        assert_eq!(code, "42501", "{f}: {message}");
+        sp.rollback().await.unwrap();
+    }
+    tx.rollback().await.unwrap();
+    // Attached by a superuser, it refuses to run for that table.
+    let before = max_event(&db).await;
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "{look_alike};
+         CREATE TRIGGER t AFTER DELETE ON pg_temp.monthly_sales FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_deleted();
+         INSERT INTO pg_temp.monthly_sales VALUES (1, 1, 1, 2024, 1, '{{}}')"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let e = sqlx::query("DELETE FROM pg_temp.monthly_sales")
+        .execute(&mut *tx)
+        .await
+        .expect_err("the owner's trigger on another table");
+    let (code, message, _) = pg_error(&e);
+    assert_eq!(code, "42501", "{message}");
+    assert!(
+        message.contains("is a trigger of sales.monthly_sales only"),
+        "{message}"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(max_event(&db).await, before, "no event written");
+    drop(conn);
+    exec(
+        &db,
+        &format!("DROP OWNED BY {role} CASCADE; DROP ROLE {role}"),
+    )
+    .await;
 }
 
 /// The lock that coalesces commit NOTIFYs cannot be taken from SQL: a

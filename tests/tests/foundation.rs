@@ -539,11 +539,40 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
     let (ok, text) = run(&seed, &db.url, b"");
     assert!(ok, "{text}");
     assert!(!text.contains("nothing seeded"), "{text}");
+    assert!(
+        text.contains("4 new, 0 updated"),
+        "only the missing months: {text}"
+    );
     let after: String = sqlx::query_scalar(digest)
         .fetch_one(&db.pool)
         .await
         .unwrap();
     assert_eq!(after, before, "the completed seed is the one cut off");
+    // A month the seed wrote and someone changed since is kept as it is
+    // when a cut-off seed is completed.
+    sqlx::query(
+        "UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 1}}'
+         WHERE store_id = (SELECT min(id) FROM sales.stores) AND month = 3",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "DELETE FROM sales.monthly_sales WHERE store_id = (SELECT max(id) FROM sales.stores)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (ok, text) = run(&seed, &db.url, b"");
+    assert!(ok && text.contains("2 new, 0 updated"), "{text}");
+    let kept: String = sqlx::query_scalar(
+        "SELECT daily_data::text FROM sales.monthly_sales
+         WHERE store_id = (SELECT min(id) FROM sales.stores) AND month = 3",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, r#"{"1": {"sales": 1}}"#);
     // Complete now: left alone.
     let (ok, text) = run(&seed, &db.url, b"");
     assert!(ok && text.contains("nothing seeded"), "{text}");

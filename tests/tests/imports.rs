@@ -2215,7 +2215,7 @@ async fn unfinished_jobs_per_user_are_bounded() {
         .server(&[("JOBS_MAX_PER_USER", "3"), ("JOB_WORKERS", "0")])
         .await;
     let (_, token) = user_token(&db, &server, "a@x.test", "admin", &[]).await;
-    let (_, other_token) = user_token(&db, &server, "b@x.test", "admin", &[]).await;
+    let (other_id, other_token) = user_token(&db, &server, "b@x.test", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
     let other = Api::new(&server, Some(&other_token));
     let batch = |m: i32| json!({"salesDataArray": [sales_e2e::month(stores[0], 2024, m, 2, 10.0)]});
@@ -2300,6 +2300,35 @@ async fn unfinished_jobs_per_user_are_bounded() {
         unfinished, 4,
         "three of the first user's, one of the other's"
     );
+    // A session holding the user's job lock (any role may take an advisory
+    // lock) delays a job's creation a little, then it is refused (503),
+    // not kept waiting.
+    let mut holder = db.connect().await;
+    let mut held = sqlx::Connection::begin(&mut holder).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashint8($2))")
+        .bind(sales_server::jobs::JOBS_LOCK)
+        .bind(other_id)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let r = other
+        .req(reqwest::Method::POST, "/api/v2/sales/batch?async=true")
+        .json(&batch(8))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("retry"),
+        "{body}"
+    );
+    held.rollback().await.unwrap();
+    let (status, body) = other
+        .post("/api/v2/sales/batch?async=true", &batch(8))
+        .await;
+    assert_eq!(status, 202, "{body}");
     server.stop().await;
 }
 

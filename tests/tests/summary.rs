@@ -907,4 +907,46 @@ async fn a_group_only_the_compared_period_has_is_shown_at_minus_100() {
         (&body["data"], &json!(3)),
         "sales.summary differs from the API (is the extension up to date?)"
     );
+
+    // This month and the next against the same months a year before, which
+    // have sales and this year none: this month falls to 0 (-100%); the
+    // next has not come yet and is no row.
+    let (this, next): ((i32, u32), (i32, u32)) = sqlx::query_as::<_, (i32, i32, i32, i32)>(
+        "SELECT extract(year FROM current_date)::int, extract(month FROM current_date)::int,
+                extract(year FROM current_date + interval '1 month')::int,
+                extract(month FROM current_date + interval '1 month')::int",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .map(|(a, b, c, d)| ((a, b as u32), (c, d as u32)))
+    .unwrap();
+    sqlx::query("DELETE FROM sales.monthly_sales")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    for (y, m) in [this, next] {
+        sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ($1, $2, $3, '{\"1\": {\"sales\": 10}}')",
+        )
+        .bind(gone)
+        .bind(y - 1)
+        .bind(m as i32)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    }
+    let q = format!(
+        "groupBy=month&metrics=sumSales&from={}-{:02}&to={}-{:02}&compareTo=previousYear",
+        this.0, this.1, next.0, next.1
+    );
+    let body = get(&f.admin, &q).await;
+    let months: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["month"].as_str().unwrap())
+        .collect();
+    assert_eq!(months, vec![format!("{}-{:02}", this.0, this.1)], "{body}");
+    assert_eq!(num(&body["data"][0]["changePct"]["sumSales"]), Some(-100.0));
 }

@@ -2271,3 +2271,48 @@ async fn maintain_keeps_ended_sessions_while_their_tokens_live() {
     assert_eq!(st, 401, "{body}");
     short.stop().await;
 }
+
+/// A running instance whose own tokens live 15 minutes, told of a session
+/// revoked longer ago than that (its event read back from the database),
+/// still refuses a token issued for the session by an instance with
+/// hour-long tokens: it keeps the revocation until the session's
+/// `access_until`, as a starting instance does.
+#[tokio::test]
+async fn a_running_instance_keeps_a_revocation_while_its_tokens_live() {
+    let w = world(&[("JWT_EXPIRY", "3600")]).await;
+    let (api, session) = client(&w.server, "staff@x.test").await;
+    assert_eq!(api.get("/api/v2/auth/me").await.0, 200);
+    let short = w.db.server(&[("JWT_EXPIRY", "900")]).await;
+    let token = session["token"].as_str().unwrap();
+    let on_short = Api::new(&short, Some(token));
+    assert_eq!(on_short.get("/api/v2/auth/me").await.0, 200);
+    // Revoked 20 minutes ago (past the short instance's 15), as a restore
+    // or a hand-made change could leave it, then announced.
+    sqlx::query(
+        "UPDATE auth.sessions SET revoked_at = now() - interval '20 minutes' WHERE id = $1::uuid",
+    )
+    .bind(session["sessionId"].as_str().unwrap())
+    .execute(&w.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT sales.emit('session-revoked', $1)")
+        .bind(json!({"userId": w.staff_id, "sessionId": session["sessionId"]}))
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the long-lived instance to refuse the token",
+        || async { (api.get("/api/v2/auth/me").await.0 == 401).then_some(()) },
+    )
+    .await;
+    // The short instance read the same event; it refuses the token too.
+    eventually(
+        Duration::from_secs(20),
+        "the short instance to refuse the token",
+        || async { (on_short.get("/api/v2/auth/me").await.0 == 401).then_some(()) },
+    )
+    .await;
+    short.stop().await;
+    w.server.stop().await;
+}

@@ -181,17 +181,21 @@ impl ApiError {
         )
     }
 
-    /// The user has as many unfinished jobs as JOBS_MAX_PER_USER allows.
+    /// A job not created: the user has as many unfinished jobs as
+    /// JOBS_MAX_PER_USER allows (429), or their job lock stayed taken (503).
     pub fn too_many_jobs(e: crate::jobs::TooManyJobs) -> Self {
         const RETRY_AFTER: u64 = 5;
-        ApiError::TooManyRequests(
-            ErrorBody::new(
-                "too_many_jobs",
-                e.to_string(),
-                Some(serde_json::json!({"unfinishedJobs": e.active, "retryAfter": RETRY_AFTER})),
+        match e {
+            crate::jobs::TooManyJobs::Full(active) => ApiError::TooManyRequests(
+                ErrorBody::new(
+                    "too_many_jobs",
+                    e.to_string(),
+                    Some(serde_json::json!({"unfinishedJobs": active, "retryAfter": RETRY_AFTER})),
+                ),
+                RETRY_AFTER,
             ),
-            RETRY_AFTER,
-        )
+            crate::jobs::TooManyJobs::Busy => ApiError::unavailable(e.to_string()),
+        }
     }
 
     /// Too many failed logins for one account.

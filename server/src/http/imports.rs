@@ -318,7 +318,9 @@ impl ImportsApi {
         let max_jobs = self.state.config.jobs_max_per_user;
         let active = crate::jobs::unfinished(&self.state.pool, auth.0.user_id).await?;
         if active >= max_jobs {
-            return Err(ApiError::too_many_jobs(crate::jobs::TooManyJobs { active }));
+            return Err(ApiError::too_many_jobs(crate::jobs::TooManyJobs::Full(
+                active,
+            )));
         }
         let max_bytes = self.state.config.import_max_bytes;
         let idle = self.state.config.import_idle_timeout;

@@ -37,12 +37,20 @@ pub const MAX_ATTEMPTS: i32 = 3;
 /// instances find it at their next poll).
 pub static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
-/// A user already has as many unfinished jobs as `JOBS_MAX_PER_USER` allows.
+/// Why a job was not created for a user.
 #[derive(Debug, thiserror::Error)]
-#[error("you have {active} unfinished jobs (uploading, queued or running), the most JOBS_MAX_PER_USER allows; wait for one to end, or cancel one")]
-pub struct TooManyJobs {
-    pub active: i64,
+pub enum TooManyJobs {
+    /// The user has as many unfinished jobs as `JOBS_MAX_PER_USER` allows.
+    #[error("you have {0} unfinished jobs (uploading, queued or running), the most JOBS_MAX_PER_USER allows; wait for one to end, or cancel one")]
+    Full(i64),
+    /// The user's job lock stayed taken for [`ADMIT_WAIT`] (another of their
+    /// requests creating a job for that long, or a session holding the lock).
+    #[error("another request is creating a job for this user; retry")]
+    Busy,
 }
+
+/// How long a job's creation waits for the user's job lock.
+const ADMIT_WAIT: Duration = Duration::from_secs(2);
 
 /// First key of the per-user lock under which a job is admitted (the
 /// second is the user id's hash).
@@ -64,20 +72,29 @@ pub async fn unfinished<'c, E: sqlx::PgExecutor<'c>>(
 /// In a transaction about to create a job for `user_id`: takes the user's
 /// job lock (held to the end of the transaction, so that two requests of
 /// one user cannot both pass the count), then counts the user's unfinished
-/// jobs against `max`.
+/// jobs against `max`. The lock is tried, not waited for, for at most
+/// [`ADMIT_WAIT`]: any session may take an advisory lock, and one holding
+/// this one must not hold the request (and its connection) with it.
 pub async fn admit(
     tx: &mut PgConnection,
     user_id: i64,
     max: i64,
 ) -> Result<Result<(), TooManyJobs>, sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashint8($2))")
+    let started = std::time::Instant::now();
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_xact_lock($1, hashint8($2))")
         .bind(JOBS_LOCK)
         .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+        .fetch_one(&mut *tx)
+        .await?
+    {
+        if started.elapsed() >= ADMIT_WAIT {
+            return Ok(Err(TooManyJobs::Busy));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let active = unfinished(&mut *tx, user_id).await?;
     Ok(if active >= max {
-        Err(TooManyJobs { active })
+        Err(TooManyJobs::Full(active))
     } else {
         Ok(())
     })
