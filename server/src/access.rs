@@ -187,7 +187,7 @@ impl Change {
                      FROM auth.deleted_users WHERE user_id = $1",
                 )
                 .bind(id)
-                .bind(keep)
+                .bind(tombstone_keep(token_lifetime))
                 .fetch_optional(pool)
                 .await?;
                 Ok(until.map(|until| Change::Deleted { id, until }))
@@ -473,16 +473,17 @@ impl Revocations {
     pub async fn load(&self, pool: &sqlx::PgPool, token_lifetime: i64) -> Result<(), sqlx::Error> {
         let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
         let users: Vec<UserRow> = sqlx::query_as(USER_ACCESS_SQL).fetch_all(pool).await?;
+        let tombstone = tombstone_keep(token_lifetime);
         sqlx::query(
             "DELETE FROM auth.deleted_users WHERE deleted_at < now() - make_interval(secs => $1)",
         )
-        .bind(keep as f64)
+        .bind(tombstone as f64)
         .execute(pool)
         .await?;
         let deleted: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT user_id, extract(epoch FROM deleted_at)::bigint + $1 FROM auth.deleted_users",
         )
-        .bind(keep)
+        .bind(tombstone)
         .fetch_all(pool)
         .await?;
         // A revoked session's tokens may outlive this instance's own
@@ -523,6 +524,17 @@ impl Revocations {
         }
         Ok(())
     }
+}
+
+/// How long a deleted user's tombstone refuses their tokens: as long as
+/// any instance's tokens may live (the longest `JWT_EXPIRY` allows, or
+/// this instance's own when longer), with the leeway. A deleted user's
+/// sessions go with the user, so when their last token expires is not
+/// known; and without its row, a token of theirs would be judged by its
+/// signature alone. Pruned by the same measure, so an instance with short
+/// tokens does not delete what another's still need.
+pub fn tombstone_keep(token_lifetime: i64) -> i64 {
+    token_lifetime.max(crate::auth::LONGEST_TOKEN_SECS) + crate::auth::LEEWAY_SECS as i64
 }
 
 #[cfg(test)]

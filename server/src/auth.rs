@@ -145,6 +145,10 @@ pub enum AuthError {
 /// Clock skew allowed when checking `exp`.
 pub const LEEWAY_SECS: u64 = 5;
 
+/// The longest `JWT_EXPIRY` allows (30 days): no access token issued by
+/// any instance lives longer.
+pub const LONGEST_TOKEN_SECS: i64 = 86_400 * 30;
+
 pub struct Auth {
     encoding: EncodingKey,
     hs_decoding: Arc<DecodingKey>,

@@ -674,7 +674,12 @@ impl Config {
             jwt_jwks_refresh: e.duration("JWT_JWKS_REFRESH", s(300), s(1), s(86400))?,
             jwt_issuer: e.opt("JWT_ISSUER"),
             jwt_audience: e.opt("JWT_AUDIENCE"),
-            jwt_expiry: e.duration("JWT_EXPIRY", s(900), s(60), s(86400 * 30))?,
+            jwt_expiry: e.duration(
+                "JWT_EXPIRY",
+                s(900),
+                s(60),
+                s(crate::auth::LONGEST_TOKEN_SECS as u64),
+            )?,
             batch_max_records: e.num("BATCH_MAX_RECORDS", 5000usize, 1, 100_000)?,
             body_limit: e.num("BODY_LIMIT", 16usize << 20, 1024, 1 << 30)?,
             rate_limit_per_minute,

@@ -241,8 +241,9 @@ pub fn session_gone(lifetime: &str) -> String {
         "least(expires_at, coalesce(revoked_at, expires_at)) < now()
          AND coalesce(access_until,
                       least(expires_at, coalesce(revoked_at, expires_at))
-                      + make_interval(secs => greatest({lifetime}, 2592000)))
-             < now() - interval '1 minute'"
+                      + make_interval(secs => greatest({lifetime}, {longest})))
+             < now() - interval '1 minute'",
+        longest = crate::auth::LONGEST_TOKEN_SECS
     )
 }
 

@@ -836,7 +836,7 @@ pub async fn delete(
         serde_json::json!({"userId": id, "email": old.email, "role": old.role.as_str()}),
     )
     .await?;
-    let until = Utc::now().timestamp() + token_lifetime + crate::auth::LEEWAY_SECS as i64;
+    let until = Utc::now().timestamp() + crate::access::tombstone_keep(token_lifetime);
     Ok((old, Change::Deleted { id, until }))
 }
 

@@ -2316,3 +2316,41 @@ async fn a_running_instance_keeps_a_revocation_while_its_tokens_live() {
     short.stop().await;
     w.server.stop().await;
 }
+
+/// A deleted user's tokens stay refused as long as any instance's tokens
+/// may live: an instance with 15-minute tokens, started 20 minutes after
+/// the deletion, refuses a token issued by an instance with hour-long
+/// tokens (it used to drop the tombstone after its own 15 minutes, and then
+/// judge the token, of a user it has no row for, by its signature alone).
+#[tokio::test]
+async fn a_deleted_users_tokens_stay_refused_while_any_may_live() {
+    let w = world(&[("JWT_EXPIRY", "3600")]).await;
+    let (api, session) = client(&w.server, "staff@x.test").await;
+    assert_eq!(api.get("/api/v2/auth/me").await.0, 200);
+    let r = w
+        .admin
+        .req(
+            reqwest::Method::DELETE,
+            &format!("/api/v2/users/{}", w.staff_id),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(api.get("/api/v2/auth/me").await.0, 401);
+    sqlx::query("UPDATE auth.deleted_users SET deleted_at = now() - interval '20 minutes'")
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    w.server.stop().await;
+    let short = w.db.server(&[("JWT_EXPIRY", "900")]).await;
+    let token = session["token"].as_str().unwrap();
+    let (st, body) = Api::new(&short, Some(token)).get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "{body}");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM auth.deleted_users")
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1, "the tombstone outlives the short instance's start");
+    short.stop().await;
+}
