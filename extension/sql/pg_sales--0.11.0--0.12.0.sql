@@ -103,3 +103,12 @@ BEGIN
 END $$;
 
 REVOKE EXECUTE ON FUNCTION sales.tg_sales_deleted(), sales.tg_stores_changed(), sales.tg_truncated() FROM PUBLIC;
+
+-- A version is below 2^62 (it is 1 on insert and grows by one a change), so
+-- that no update or delete event's version + 1 overflows: a writer that
+-- chose a version of 2^63 - 1 on insert planted a row whose updates wrote
+-- no event and which nobody could delete. Checked against the rows there.
+ALTER TABLE sales.stores
+    ADD CONSTRAINT stores_version_check CHECK (version BETWEEN 1 AND 4611686018427387903);
+ALTER TABLE sales.monthly_sales
+    ADD CONSTRAINT monthly_sales_version_check CHECK (version BETWEEN 1 AND 4611686018427387903);

@@ -10,7 +10,11 @@ CREATE TABLE sales.stores (
     name        text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
     region      text NOT NULL CHECK (length(region) BETWEEN 1 AND 100),
     status      text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'closed', 'renovating')),
-    version     bigint NOT NULL DEFAULT 1,
+    -- Below 2^62, so that no update or delete event's version + 1 overflows
+    -- (a writer choosing a version on insert could otherwise plant a row no
+    -- one can update with an event, or delete).
+    version     bigint NOT NULL DEFAULT 1
+                CONSTRAINT stores_version_check CHECK (version BETWEEN 1 AND 4611686018427387903),
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -30,7 +34,8 @@ CREATE TABLE sales.monthly_sales (
     total_sales      numeric,
     total_customers  bigint,
     days_reported    integer,
-    version          bigint NOT NULL DEFAULT 1,
+    version          bigint NOT NULL DEFAULT 1
+                     CONSTRAINT monthly_sales_version_check CHECK (version BETWEEN 1 AND 4611686018427387903),
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT monthly_sales_store_year_month_key UNIQUE (store_id, year, month)

@@ -260,7 +260,7 @@ fn event_seq() -> i64 {
 
 /// Whether the current role may INSERT into `sales.events` (the table, or
 /// any of its columns).
-fn may_insert_events() -> bool {
+pub(crate) fn may_insert_events() -> bool {
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"sales".as_ptr(), true);
         let rel = pg_sys::get_relname_relid(c"events".as_ptr(), ns);

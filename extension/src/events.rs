@@ -473,8 +473,6 @@ unsafe extern "C-unwind" {
 #[derive(Clone, Copy)]
 struct EventsTable {
     relid: pg_sys::Oid,
-    /// Its owner, the role the extension writes and reads the log as.
-    owner: pg_sys::Oid,
     id_seq: pg_sys::Oid,
     /// Its indexes as the executor would insert into them, built once:
     /// None when one of them needs more than plain column values (an
@@ -534,12 +532,10 @@ unsafe fn events_table() -> EventsTable {
             })
             .unwrap_or_else(|| error!("pg_sales: sales.events has no id column"));
         let indexes = plain_indexes(desc);
-        let owner = (*(*desc).rd_rel).relowner;
         pg_sys::RelationClose(desc);
         let id_seq = pg_sys::getIdentitySequence(relid, id_att as i16 + 1, false);
         let t = EventsTable {
             relid,
-            owner,
             id_seq,
             indexes,
         };
@@ -576,7 +572,7 @@ pub fn as_log_owner<R>(f: impl FnOnce() -> R) -> R {
             }
         }
     }
-    let owner = unsafe { events_table() }.owner;
+    let owner = unsafe { log_owner() };
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
     let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
@@ -602,6 +598,27 @@ pub fn as_log_owner<R>(f: impl FnOnce() -> R) -> R {
         )
     };
     f()
+}
+
+/// The owner of `sales.events`, read from the relation cache. Not through
+/// [`events_table`]: a caller of `as_log_owner` may be inside the event
+/// row's insert (the clock's first read), which holds that cache's index
+/// descriptions, and a rebuild of the cache frees them.
+unsafe fn log_owner() -> pg_sys::Oid {
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"sales".as_ptr(), false);
+        let relid = pg_sys::get_relname_relid(c"events".as_ptr(), ns);
+        if relid == pg_sys::InvalidOid {
+            error!("pg_sales: table sales.events does not exist");
+        }
+        let desc = pg_sys::RelationIdGetRelation(relid);
+        if desc.is_null() {
+            error!("pg_sales: table sales.events could not be opened");
+        }
+        let owner = (*(*desc).rd_rel).relowner;
+        pg_sys::RelationClose(desc);
+        owner
+    }
 }
 
 /// The indexes of `rel` described once (`BuildIndexInfo`, as

@@ -5,6 +5,7 @@
 //! the job) and every event-writing commit a third.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_guard, pg_sys};
 use std::ffi::{CStr, CString};
 
 /// Who causes this transaction's writes (the events' `actor_id`): set by
@@ -17,22 +18,37 @@ pub static JOB_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 pub static NOTIFY_COALESCE: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"sales.user_id",
-        c"The user whose writes this transaction makes (events record it as their actor).",
-        c"Set per transaction by the server; empty when unknown. It restricts nothing.",
-        &USER_ID,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"sales.job_id",
-        c"The job (import or asynchronous batch) whose writes this transaction makes.",
-        c"Set per transaction by the server's job workers; events carry it as jobId.",
-        &JOB_ID,
-        GucContext::Userset,
-        GucFlags::default(),
-    );
+    // The actor and the job are claims the events record as facts (a
+    // record's history names the actor): only a role trusted to write the
+    // event log may make them (see `check_claim`).
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"sales.user_id".as_ptr(),
+            c"The user whose writes this transaction makes (events record it as their actor).".as_ptr(),
+            c"Set per transaction by the server; empty when unknown. Only roles that may insert into sales.events may set it."
+                .as_ptr(),
+            USER_ID.as_ptr(),
+            std::ptr::null(),
+            pg_sys::GucContext::PGC_USERSET,
+            0,
+            Some(check_claim),
+            None,
+            None,
+        );
+        pg_sys::DefineCustomStringVariable(
+            c"sales.job_id".as_ptr(),
+            c"The job (import or asynchronous batch) whose writes this transaction makes.".as_ptr(),
+            c"Set per transaction by the server's job workers; events carry it as jobId. Only roles that may insert into sales.events may set it."
+                .as_ptr(),
+            JOB_ID.as_ptr(),
+            std::ptr::null(),
+            pg_sys::GucContext::PGC_USERSET,
+            0,
+            Some(check_claim),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_bool_guc(
         c"sales.notify_coalesce",
         c"Skip a commit's NOTIFY sales_events while another commit of the database sends one.",
@@ -59,5 +75,39 @@ pub(crate) fn with_string<R>(
         f(None)
     } else {
         f(Some(unsafe { CStr::from_ptr(p) }))
+    }
+}
+
+/// The check of `sales.user_id` and `sales.job_id`: set to a value (not
+/// cleared) in a session, a role's or a database's settings, only by a
+/// role that may insert into `sales.events` (the server's; the event log's
+/// writers are trusted with what it records). Any other writer could name
+/// any user as the author of its writes, which a record's history then
+/// shows as fact. What the server's configuration sets (the file, the
+/// command line), and a parallel worker restoring its leader's settings,
+/// pass.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_claim(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        let v = *newval;
+        if v.is_null()
+            || *v == 0
+            || source < pg_sys::GucSource::PGC_S_DATABASE
+            || !pg_sys::IsTransactionState()
+            || pg_sys::ParallelWorkerNumber >= 0
+            || crate::delivery::may_insert_events()
+        {
+            return true;
+        }
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(
+            c"Only a role that may insert into sales.events may name the acting user or job; the writes of others are recorded without one."
+                .as_ptr(),
+        );
+        false
     }
 }

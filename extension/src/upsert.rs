@@ -113,7 +113,7 @@ fn existing_stores(client: &SpiClient<'_>, ids: Vec<i64>) -> HashSet<i64> {
         let plan = kept_plan(
             cell,
             client,
-            "SELECT coalesce(array_agg(id), '{}') FROM sales.stores WHERE id = ANY($1)",
+            "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM sales.stores WHERE id = ANY($1)",
             PgBuiltInOids::INT8ARRAYOID,
             false,
         );
@@ -150,16 +150,21 @@ fn outside_scope(store: i64) -> String {
 /// merge mode it compares day by day (sales.daily_merge_changes) instead of
 /// building the merged month twice. `xmax = 0` tells a fresh insert from an
 /// update.
+///
+/// Polymorphic built-ins (`unnest`, the aggregates) are named with their
+/// schema: a function of the caller's search path taking the exact types
+/// would be chosen over them, even with `pg_catalog` searched first.
 const UPSERT_SQL: &str = r#"
 WITH input AS (
     SELECT k.s, k.y, k.m, k.o,
            CASE WHEN k.srcs IS NULL THEN $1 #> ARRAY[k.i::text, k.f]
-                ELSE (SELECT coalesce(jsonb_object_agg(e.key, e.value ORDER BY src.n), '{}')
-                      FROM unnest(k.srcs::int[]) WITH ORDINALITY AS src(i, n),
-                           jsonb_each(coalesce($1 #> ARRAY[src.i::text, 'dailyData'],
+                ELSE (SELECT coalesce(pg_catalog.jsonb_object_agg(e.key, e.value ORDER BY src.n), '{}')
+                      FROM pg_catalog.unnest(k.srcs::int[]) WITH ORDINALITY AS src(i, n),
+                           pg_catalog.jsonb_each(coalesce($1 #> ARRAY[src.i::text, 'dailyData'],
                                                $1 #> ARRAY[src.i::text, 'daily_data'])) AS e)
            END AS d
-    FROM unnest($2::bigint[], $3::integer[], $4::integer[], $5::integer[], $6::text[], $7::text[])
+    FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::integer[]), pg_catalog.unnest($4::integer[]),
+                    pg_catalog.unnest($5::integer[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]))
          WITH ORDINALITY AS k(s, y, m, i, f, srcs, o)
 ), up AS (
     INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data)
@@ -413,9 +418,10 @@ fn batch_upsert_impl(
 const LOCK_SQL: &str = r#"
 SELECT m.id, m.store_id, m.year, m.month
 FROM sales.monthly_sales m
-WHERE m.id IN (SELECT unnest($1::bigint[])
+WHERE m.id IN (SELECT pg_catalog.unnest($1::bigint[])
                UNION ALL
-               SELECT x.id FROM unnest($2::bigint[], $3::integer[], $4::integer[]) AS k(s, y, mo)
+               SELECT x.id FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::integer[]),
+                                         pg_catalog.unnest($4::integer[])) AS k(s, y, mo)
                JOIN sales.monthly_sales x ON x.store_id = k.s AND x.year = k.y AND x.month = k.mo)
   AND ($5::bigint[] IS NULL OR m.store_id = ANY($5))
 ORDER BY m.store_id, m.year, m.month
@@ -574,7 +580,7 @@ fn batch_delete_impl(
         let (count, stores) = client
             .update(
                 "WITH gone AS (DELETE FROM sales.monthly_sales WHERE id = ANY($1) RETURNING store_id)
-                 SELECT count(*), coalesce(array_agg(DISTINCT store_id ORDER BY store_id), '{}') FROM gone",
+                 SELECT count(*), coalesce(pg_catalog.array_agg(DISTINCT store_id ORDER BY store_id), '{}') FROM gone",
                 None,
                 &[targets.into()],
             )

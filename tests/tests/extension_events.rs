@@ -1856,6 +1856,154 @@ async fn a_writer_needs_no_privilege_on_the_event_log() {
     .await;
 }
 
+/// The acting user and job a transaction names (`sales.user_id`,
+/// `sales.job_id`), which events and a record's history record as fact,
+/// may be set only by a role that may write the event log (the server's):
+/// another writer is refused (42501) and its writes carry no actor.
+#[tokio::test]
+async fn only_event_log_writers_name_the_actor() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let role = format!("pgs_claim_{}", rand::random::<u32>());
+    exec(
+        &db,
+        &format!(
+            "CREATE ROLE {role}; GRANT USAGE ON SCHEMA sales TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON sales.monthly_sales, sales.stores TO {role};
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA sales TO {role}"
+        ),
+    )
+    .await;
+    let mut conn = db.connect().await;
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for (setting, value) in [("sales.user_id", "1"), ("sales.job_id", "7")] {
+        let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
+        let e = sqlx::query("SELECT set_config($1, $2, true)")
+            .bind(setting)
+            .bind(value)
+            .execute(&mut *sp)
+            .await
+            .expect_err("a writer names the actor");
+        let (code, message, _) = pg_error(&e);
+        assert_eq!(code, "42501", "{setting}: {message}");
+        sp.rollback().await.unwrap();
+        // Clearing a claim is always allowed.
+        sqlx::query("SELECT set_config($1, '', true)")
+            .bind(setting)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
+    let e = sqlx::raw_sql(&format!("ALTER ROLE {role} SET sales.user_id = '1'"))
+        .execute(&mut *sp)
+        .await
+        .expect_err("a writer makes the claim a setting of its own");
+    let (code, message, _) = pg_error(&e);
+    assert_eq!(code, "42501", "{message}");
+    sp.rollback().await.unwrap();
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 1, '{\"1\": {\"sales\": 5}}')",
+    )
+    .bind(s[0])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let actor: Option<i64> =
+        sqlx::query_scalar("SELECT actor_id FROM sales.events WHERE kind = 'sales-data-created'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, None);
+    // The log's writers (the server's role) name it as before.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('sales.user_id', '42', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 6}}'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let actor: Option<i64> =
+        sqlx::query_scalar("SELECT actor_id FROM sales.events WHERE kind = 'sales-data-updated'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, Some(42));
+    drop(conn);
+    exec(
+        &db,
+        &format!("DROP OWNED BY {role} CASCADE; DROP ROLE {role}"),
+    )
+    .await;
+}
+
+/// A version is below 2^62: a writer choosing one on insert cannot plant a
+/// row whose later updates write no event (its version could not grow) and
+/// which nobody can delete (the delete event's version + 1 overflowed).
+/// And the batch functions name their polymorphic built-ins with their
+/// schema: an exact-type `unnest(bigint[])` of a schema in a privileged
+/// caller's search path is not run.
+#[tokio::test]
+async fn planted_versions_and_shadowed_builtins_are_refused() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    for sql in [
+        format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data, version)
+             VALUES ({}, 2030, 1, '{{}}', 9223372036854775807)",
+            s[0]
+        ),
+        "INSERT INTO sales.stores (code, name, region, version) VALUES ('V1', 'v', 'North', 9223372036854775807)".to_string(),
+        "INSERT INTO sales.stores (code, name, region, version) VALUES ('V2', 'v', 'North', 0)".to_string(),
+    ] {
+        let e = sqlx::raw_sql(&sql).execute(&db.pool).await.expect_err(&sql);
+        let (code, message, _) = pg_error(&e);
+        assert_eq!(code, "23514", "{sql}: {message}");
+        assert!(message.contains("version_check"), "{message}");
+    }
+    let schema = format!("shadow_{}", rand::random::<u32>());
+    exec(
+        &db,
+        &format!(
+            "CREATE SCHEMA {schema};
+             CREATE FUNCTION {schema}.unnest(a bigint[]) RETURNS SETOF bigint LANGUAGE plpgsql AS $f$
+             BEGIN RAISE EXCEPTION 'a shadowing unnest ran as %', current_user; END $f$;
+             CREATE FUNCTION {schema}.array_agg(bigint) RETURNS bigint[] LANGUAGE sql AS 'SELECT NULL::bigint[]';"
+        ),
+    )
+    .await;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(&format!("SET search_path = {schema}, public"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[0], 2024, 1, days(1, 2, 1.0, 1))]))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(r["inserted"], 1, "{r}");
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_delete($1, NULL, false)")
+        .bind(vec![id])
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(r["deleted"], 1, "{r}");
+}
+
 /// The plpgsql event triggers run as their owner: nobody else may attach
 /// them to a table (EXECUTE is the owner's), and attached to another table
 /// even by a superuser they refuse to run, so a temporary look-alike table
