@@ -366,6 +366,22 @@ pub struct UserPatch {
     pub password_hash: Option<String>,
     /// `Some(None)` unlinks the user's outside identity.
     pub identity: Option<Option<Identity>>,
+    /// A manager makes the change: a user they disable they may enable
+    /// again; a user an admin disabled they may not (see
+    /// [`manager_may_enable`]).
+    pub by_manager: bool,
+}
+
+/// Whether a manager may enable user `id` again: a manager disabled them
+/// (an admin's or the command line's disable is an admin's to undo).
+pub async fn manager_may_enable(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, bool>(
+        "SELECT manager_may_enable FROM auth.user_state WHERE user_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .unwrap_or(false))
 }
 
 impl Identity {
@@ -709,14 +725,22 @@ pub async fn update(
     .execute(&mut *conn)
     .await
     .map_err(|e| duplicate(e, &email))?;
+    // Who may enable the user again is decided when they are disabled.
+    let manager_may_enable = disabled && patch.by_manager;
     sqlx::query(
-        "INSERT INTO auth.user_state (user_id, generation, disabled) VALUES ($1, 1, $2)
+        "INSERT INTO auth.user_state (user_id, generation, disabled, manager_may_enable)
+         VALUES ($1, 1, $2, $3)
          ON CONFLICT (user_id) DO UPDATE
              SET generation = auth.user_state.generation + 1, disabled = EXCLUDED.disabled,
+                 manager_may_enable = CASE WHEN EXCLUDED.disabled AND NOT auth.user_state.disabled
+                                           THEN EXCLUDED.manager_may_enable
+                                           WHEN NOT EXCLUDED.disabled THEN false
+                                           ELSE auth.user_state.manager_may_enable END,
                  updated_at = now()",
     )
     .bind(id)
     .bind(disabled)
+    .bind(manager_may_enable)
     .execute(&mut *conn)
     .await?;
     if identity != old.identity {

@@ -2354,3 +2354,42 @@ async fn a_deleted_users_tokens_stay_refused_while_any_may_live() {
     assert_eq!(kept, 1, "the tombstone outlives the short instance's start");
     short.stop().await;
 }
+
+/// A manager may enable again a user they (or another manager) disabled,
+/// not one an admin disabled: that is the admin's to undo.
+#[tokio::test]
+async fn a_manager_does_not_undo_an_admins_disable() {
+    let w = world(&[]).await;
+    let path = format!("/api/v2/users/{}", w.staff_id);
+    let (st, body) = patch(&w.admin, &path, json!({"disabled": true})).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disabled by an admin"),
+        "{body}"
+    );
+    let (_, body) = w.admin.get(&path).await;
+    assert_eq!(body["data"]["disabled"], true, "{body}");
+    // Enabled by the admin, then disabled by the manager: theirs to undo.
+    let (st, _) = patch(&w.admin, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 200);
+    let (st, _) = patch(&w.manager, &path, json!({"disabled": true})).await;
+    assert_eq!(st, 200);
+    let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["disabled"], false, "{body}");
+    // The command line's disable is an admin's too.
+    let out = cli(&w.db, &["user", "disable", "--email", "staff@x.test"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 403, "{body}");
+    w.server.stop().await;
+}

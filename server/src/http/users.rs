@@ -484,6 +484,15 @@ impl UsersApi {
                 // As for an id no user has (see get_one).
                 return Err(ApiError::not_found(format!("no user {}", id.0)));
             }
+            if b.disabled == Some(false)
+                && old.disabled
+                && !users::manager_may_enable(tx.conn(), id.0).await?
+            {
+                return Err(ApiError::forbidden(format!(
+                    "user {} was disabled by an admin; only an admin may enable them",
+                    id.0
+                )));
+            }
             if let Some(given) = &stores {
                 require_managed(who, given)?;
                 // Stores the manager does not manage stay as they are.
@@ -504,6 +513,7 @@ impl UsersApi {
             disabled: b.disabled,
             password_hash: hash,
             identity: None,
+            by_manager: who.role == Role::Manager,
         };
         self.apply(tx, who, id.0, patch).await
     }
