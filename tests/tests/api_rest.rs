@@ -1410,3 +1410,129 @@ async fn blank_store_names_and_regions_name_the_field() {
     assert_eq!(st, 400, "{body}");
     assert_eq!(body["error"]["details"]["parameter"], "region");
 }
+
+/// A metric whose number Postgres' `numeric` cannot store (more than 16,383
+/// digits after the point: `1.0e-16383`, which an `f64` reads as 0) is
+/// refused as its record's own error, naming the field: the other records
+/// of an `atomic: false` batch are written (the whole statement used to
+/// fail with a 400 naming nothing), and an atomic batch is a 422 report.
+#[tokio::test]
+async fn numbers_numeric_cannot_store_are_the_records_own_error() {
+    let f = fixture(&[]).await;
+    let s = f.stores[0];
+    for tiny in ["1.0e-16383", "0e-16384", "1e-20000"] {
+        let body = format!(
+            r#"{{"atomic": false, "salesDataArray": [
+                {{"storeId": {s}, "year": 2001, "month": 5, "dailyData": {{"1": {{"sales": 5}}}}}},
+                {{"storeId": {s}, "year": 2001, "month": 6, "dailyData": {{"1": {{"sales": {tiny}}}}}}}]}}"#
+        );
+        let r = f
+            .admin
+            .req(reqwest::Method::POST, "/api/v2/sales/batch")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let doc: Value = r.json().await.unwrap();
+        assert_eq!(status, 200, "{tiny}: {doc}");
+        assert_eq!(doc["failed"], 1, "{doc}");
+        assert_eq!(doc["errors"][0]["index"], 1, "{doc}");
+        assert_eq!(doc["errors"][0]["field"], "dailyData.1.sales", "{doc}");
+        assert!(
+            doc["errors"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("more than Postgres can store"),
+            "{doc}"
+        );
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sales.monthly_sales WHERE year = 2001 AND month = 5",
+        )
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "{tiny}: the valid record is written");
+        sqlx::query("DELETE FROM sales.monthly_sales WHERE year = 2001")
+            .execute(&f.db.pool)
+            .await
+            .unwrap();
+        let r = f
+            .admin
+            .req(reqwest::Method::POST, "/api/v2/sales/batch")
+            .header("content-type", "application/json")
+            .body(body.replace(r#""atomic": false"#, r#""atomic": true"#))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let doc: Value = r.json().await.unwrap();
+        assert_eq!(status, 422, "{tiny}: {doc}");
+        assert_eq!(
+            doc["error"]["details"]["errors"][0]["field"], "dailyData.1.sales",
+            "{doc}"
+        );
+    }
+}
+
+/// A NUL character, which Postgres' text and jsonb cannot hold, is refused
+/// naming the field (a message, its data), and a login with one in its
+/// email is a wrong email (401); each was a 400 from Postgres naming nothing.
+#[tokio::test]
+async fn nul_characters_are_refused_naming_the_field() {
+    let f = fixture(&[]).await;
+    for (path, body, field) in [
+        (
+            "/api/admin/announcements",
+            json!({"message": "a\u{0}b"}),
+            "message",
+        ),
+        (
+            "/api/admin/announcements",
+            json!({"message": "ok", "data": {"k": ["x\u{0}"]}}),
+            "data",
+        ),
+        (
+            "/api/admin/notifications",
+            json!({"userId": f.admin_id, "message": "\u{0}"}),
+            "message",
+        ),
+    ] {
+        let (st, doc) = f.admin.post(path, &body).await;
+        assert_eq!(st, 400, "{path}: {doc}");
+        assert_eq!(doc["error"]["details"]["parameter"], field, "{path}: {doc}");
+    }
+    let (st, doc) = Api::new(&f.server, None)
+        .post(
+            "/api/v2/auth/login",
+            &json!({"email": "a\u{0}@example.com", "password": "whatever-123"}),
+        )
+        .await;
+    assert_eq!(st, 401, "{doc}");
+}
+
+/// OPTIONS that is not a CORS preflight says what the resource allows
+/// (204 with `Allow`); it was a 405 without one.
+#[tokio::test]
+async fn options_says_what_a_resource_allows() {
+    let f = fixture(&[]).await;
+    let client = reqwest::Client::new();
+    for (path, expected) in [
+        ("/api/v2/sales/1", "GET, HEAD, OPTIONS"),
+        ("/api/v2/sales/batch", "DELETE, POST, OPTIONS"),
+    ] {
+        let r = client
+            .request(reqwest::Method::OPTIONS, f.server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204, "{path}");
+        let allow = r.headers()["allow"].to_str().unwrap().to_string();
+        let mut got: Vec<&str> = allow.split(", ").collect();
+        got.sort();
+        let mut want: Vec<&str> = expected.split(", ").collect();
+        want.sort();
+        assert_eq!(got, want, "{path}: {allow}");
+    }
+}

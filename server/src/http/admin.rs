@@ -89,6 +89,33 @@ pub struct MaintenanceResult {
     pub dry_run: bool,
 }
 
+/// 400 naming the field when a message or its data holds a NUL character,
+/// which Postgres' text and jsonb cannot store (it refused the statement,
+/// naming no field).
+fn refuse_nul(field: &str, message: &str, data: Option<&serde_json::Value>) -> ApiResult<()> {
+    fn has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(a) => a.iter().any(has_nul),
+            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    if message.contains('\0') {
+        return Err(ApiError::bad_param(
+            field,
+            "must not contain the NUL character (\\u0000)",
+        ));
+    }
+    if data.is_some_and(has_nul) {
+        return Err(ApiError::bad_param(
+            "data",
+            "must not contain the NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
+}
+
 #[OpenApi(tag = "ApiTags::Admin")]
 impl AdminApi {
     /// Send a system announcement to every WebSocket client subscribed to `announcements` (admin only).
@@ -99,6 +126,7 @@ impl AdminApi {
         body: Json<Announcement>,
     ) -> ApiResult<EventResponse> {
         auth.require_admin()?;
+        refuse_nul("message", &body.message, body.data.as_ref())?;
         let level = format!("{:?}", body.level.unwrap_or(Level::Info)).to_lowercase();
         let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let id: i64 =
@@ -117,6 +145,7 @@ impl AdminApi {
     #[oai(path = "/api/admin/notifications", method = "post")]
     async fn notify(&self, auth: BearerAuth, body: Json<Notification>) -> ApiResult<EventResponse> {
         auth.require_admin()?;
+        refuse_nul("message", &body.message, body.data.as_ref())?;
         let pool = &self.state.pool;
         let exists: bool = crate::db::retry("notify_user_exists", true, || {
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sales.users WHERE id = $1)")

@@ -507,6 +507,11 @@ impl LoginApi {
         body: Json<LoginRequest>,
     ) -> ApiResult<LoginResponse> {
         let ip = super::middleware::client_ip(req, &self.state.config.trusted_proxies).to_string();
+        if body.email.contains('\0') {
+            // No account has one (emails are checked when set), and
+            // Postgres' text cannot hold it: a wrong email.
+            return Err(ApiError::unauthorized("wrong email or password"));
+        }
         let Some((id, verified)) = self
             .check_credentials(&body.email, &body.password, &ip)
             .await?

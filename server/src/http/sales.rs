@@ -464,7 +464,12 @@ impl SalesApi {
                     if !auth.0.can_access_store(parts.key.store_id) {
                         denied.push(parts.key.store_id);
                     }
-                    kept.push(i);
+                    let unstorable = numbers_numeric_refuses(raw.get());
+                    if unstorable.is_empty() {
+                        kept.push(i);
+                    } else {
+                        rejected.push((i, unstorable));
+                    }
                 }
                 Err(errors) => {
                     denied.extend(named_store(r).filter(|s| !auth.0.can_access_store(*s)));
@@ -740,4 +745,34 @@ impl SalesApi {
         self.state.publish(changes).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
     }
+}
+
+/// The metrics of a record (its text; the record passed the rules) whose
+/// number Postgres' `numeric` cannot store, each with its field: read as
+/// an `f64` such a number is 0, and passed to the extension it would make
+/// the whole statement fail (every record of an `atomic: false` batch,
+/// with no field named).
+fn numbers_numeric_refuses(record: &str) -> Vec<sales_core::FieldError> {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    #[derive(serde::Deserialize)]
+    struct Daily<'a> {
+        #[serde(borrow, rename = "dailyData", alias = "daily_data")]
+        daily: Option<BTreeMap<String, BTreeMap<String, &'a RawValue>>>,
+    }
+    let Ok(Daily { daily: Some(days) }) = serde_json::from_str::<Daily<'_>>(record) else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    for (day, metrics) in &days {
+        for (metric, value) in metrics {
+            if let Some(why) = crate::jobs::parse::numeric_text_problem(value.get()) {
+                errors.push(sales_core::FieldError::new(
+                    format!("dailyData.{day}.{metric}"),
+                    why,
+                ));
+            }
+        }
+    }
+    errors
 }

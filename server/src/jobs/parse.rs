@@ -831,6 +831,20 @@ struct Decimal {
     scale: i64,
 }
 
+/// Why a JSON number's text holds a value Postgres' `numeric` cannot
+/// store (more digits after the point than it keeps: `1e-20000`), if it
+/// does. An `f64` reads such a number as 0, so the metric rules pass it and
+/// Postgres would refuse the whole statement.
+pub fn numeric_text_problem(text: &str) -> Option<String> {
+    let d = Decimal::read(text.trim(), true)?;
+    (d.scale > NUMERIC_MAX_SCALE).then(|| {
+        format!(
+            "has {} digits after the point, more than Postgres can store ({NUMERIC_MAX_SCALE})",
+            d.scale
+        )
+    })
+}
+
 impl Decimal {
     /// `-?digits[.digits]` (one side may be empty), and with `exponent`
     /// an `e`/`E` exponent after it; None for anything else.

@@ -238,6 +238,17 @@ async fn limited<E: Endpoint>(
     }
     if let Some(allowed) = routes.allowed(req.uri().path()) {
         let method = req.method().as_str();
+        if method == "OPTIONS" && !req.headers().contains_key("access-control-request-method") {
+            // Not a CORS preflight (those go on to the CORS layer): what
+            // the resource allows, as RFC 9110 has OPTIONS answer.
+            let mut resp = Response::builder().status(StatusCode::NO_CONTENT).finish();
+            let mut methods = allowed.to_vec();
+            methods.push("OPTIONS");
+            if let Ok(v) = HeaderValue::from_str(&methods.join(", ")) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return Ok(resp);
+        }
         if !allowed.contains(&method) && method != "OPTIONS" {
             let mut resp = error_response(poem::Error::from_string(
                 format!("{method} is not allowed here; use {}", allowed.join(", ")),
