@@ -1536,3 +1536,47 @@ async fn options_says_what_a_resource_allows() {
         assert_eq!(got, want, "{path}: {allow}");
     }
 }
+
+/// A request body with a `Content-Encoding` (the server reads bodies as
+/// sent) is 415: a gzip batch was a 400 "not valid JSON", and a plain body
+/// labelled `br` was written as if uncompressed.
+#[tokio::test]
+async fn request_bodies_with_a_content_encoding_are_415() {
+    let f = fixture(&[]).await;
+    let s = f.stores[0];
+    let body = json!({"salesDataArray": [{"storeId": s, "year": 2001, "month": 5, "dailyData": {"1": {"sales": 5}}}]});
+    for coding in ["gzip", "br", "x-made-up"] {
+        let r = f
+            .admin
+            .req(reqwest::Method::POST, "/api/v2/sales/batch")
+            .header("content-encoding", coding)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let doc: Value = r.json().await.unwrap();
+        assert_eq!(status, 415, "{coding}: {doc}");
+        assert!(
+            doc["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Content-Encoding"),
+            "{doc}"
+        );
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales WHERE year = 2001")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let r = f
+        .admin
+        .req(reqwest::Method::POST, "/api/v2/sales/batch")
+        .header("content-encoding", "identity")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}

@@ -263,6 +263,24 @@ async fn limited<E: Endpoint>(
     if let Err(e) = check_query(&req, &routes) {
         return Ok(e.into_response());
     }
+    // Request bodies are read as sent: one compressed (or labelled with any
+    // coding but `identity`) would be read as its bytes, and refused as bad
+    // JSON or, worse, taken as written.
+    if let Some(coding) = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|c| !c.is_empty() && c != "identity")
+    {
+        return Ok(error_response(poem::Error::from_string(
+            format!("Content-Encoding {coding:?} is not accepted: send the body uncompressed"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        )));
+    }
     let upgrade = is_ws && req.method() == poem::http::Method::GET;
     if upgrade || crate::http::imports::streams_body(&req) {
         // A WebSocket upgrade has no body to read; an import counts its body
