@@ -1580,3 +1580,24 @@ async fn request_bodies_with_a_content_encoding_are_415() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+/// A query value whose %-escapes are not UTF-8 is a 400 naming it (it was
+/// read with replacement characters: `region=%FF` answered an empty page).
+#[tokio::test]
+async fn query_values_that_are_not_utf8_are_named() {
+    let f = fixture(&[]).await;
+    for (q, name) in [("region=%FF", "region"), ("fields=id%C3", "fields")] {
+        let r = f
+            .admin
+            .req(reqwest::Method::GET, &format!("/api/v2/sales?{q}"))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let doc: Value = r.json().await.unwrap();
+        assert_eq!(status, 400, "{q}: {doc}");
+        assert_eq!(doc["error"]["details"]["parameter"], name, "{q}: {doc}");
+    }
+    let (st, _) = f.admin.get("/api/v2/sales?region=S%C3%BCd").await;
+    assert_eq!(st, 200);
+}
