@@ -1565,6 +1565,16 @@ async fn request_bodies_with_a_content_encoding_are_415() {
             "{doc}"
         );
     }
+    // Nor is a body declared in a charset other than UTF-8 misread.
+    let r = f
+        .admin
+        .req(reqwest::Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json; charset=utf-16")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales WHERE year = 2001")
         .fetch_one(&f.db.pool)
         .await
@@ -1574,7 +1584,8 @@ async fn request_bodies_with_a_content_encoding_are_415() {
         .admin
         .req(reqwest::Method::POST, "/api/v2/sales/batch")
         .header("content-encoding", "identity")
-        .json(&body)
+        .header("content-type", "application/json; charset=UTF-8")
+        .body(body.to_string())
         .send()
         .await
         .unwrap();

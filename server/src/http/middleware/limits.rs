@@ -308,6 +308,25 @@ async fn limited<E: Endpoint>(
     if let Err(e) = check_query(&req, &routes) {
         return Ok(e.into_response());
     }
+    // Bodies are read as UTF-8: one declared in another charset is refused
+    // rather than misread.
+    if let Some(charset) = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .and_then(|ct| {
+            ct.split(';').skip(1).find_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                (k.trim() == "charset").then(|| v.trim().trim_matches('"').to_string())
+            })
+        })
+        .filter(|c| c != "utf-8" && c != "utf8")
+    {
+        return Ok(error_response(poem::Error::from_string(
+            format!("charset {charset:?} is not accepted: bodies are read as UTF-8"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        )));
+    }
     // Request bodies are read as sent: one compressed (or labelled with any
     // coding but `identity`) would be read as its bytes, and refused as bad
     // JSON or, worse, taken as written.
