@@ -764,9 +764,17 @@ async fn redis_restored_from_snapshot_serves_no_stale_entry() {
     };
     month.write(1.0).await;
     relay_caught_up(&db, &server).await;
-    assert_eq!(month.read().await, 1.0);
-    assert_eq!(month.read().await, 1.0);
-    assert!(cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1);
+    // The cache serves once the server's Redis connection and its start-up
+    // catch-up are done (reads bypass it until then): read until one is a hit.
+    eventually(
+        Duration::from_secs(30),
+        "a read served from the cache",
+        || async {
+            assert_eq!(month.read().await, 1.0);
+            (cache_stats(&base, &token).await["hits"].as_u64().unwrap() >= 1).then_some(())
+        },
+    )
+    .await;
     // Snapshot, then Redis goes away.
     let saved = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "save"])
