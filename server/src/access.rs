@@ -196,19 +196,15 @@ impl Change {
                 let Some(session) = p.get("sessionId").and_then(Value::as_str) else {
                     return Ok(None);
                 };
-                // Until the later of this lifetime past the revocation and
-                // the last token issued for the session by any instance
-                // (`access_until`), as at start (`Revocations::load`).
-                let until: Option<i64> = sqlx::query_scalar(
-                    "SELECT greatest(extract(epoch FROM revoked_at)::bigint + $3,
-                                     coalesce(extract(epoch FROM access_until)::bigint + $4, 0))
-                     FROM auth.sessions
-                     WHERE id::text = $1 AND user_id = $2 AND revoked_at IS NOT NULL",
-                )
-                .bind(session)
-                .bind(id)
+                let until: Option<i64> = sqlx::query_scalar(&format!(
+                    "SELECT {} FROM auth.sessions
+                     WHERE id::text = $3 AND user_id = $4 AND revoked_at IS NOT NULL",
+                    session_refused_until("$1", "$2")
+                ))
                 .bind(keep)
                 .bind(crate::auth::LEEWAY_SECS as i64)
+                .bind(session)
+                .bind(id)
                 .fetch_optional(pool)
                 .await?;
                 Ok(until.map(|until| Change::Session {
@@ -486,21 +482,14 @@ impl Revocations {
         .bind(tombstone)
         .fetch_all(pool)
         .await?;
-        // A revoked session's tokens may outlive this instance's own
-        // token lifetime: another instance, with a longer JWT_EXPIRY, may
-        // have issued them. Each is refused until the later of the two:
-        // this lifetime past the revocation, and the expiry of the last
-        // token issued for it (`access_until`), both with the leeway.
-        let sessions: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT id::text, user_id,
-                    greatest(extract(epoch FROM revoked_at)::bigint + $1,
-                             coalesce(extract(epoch FROM access_until)::bigint + $3, 0))
-             FROM auth.sessions
-             WHERE revoked_at > now() - make_interval(secs => $2)
-                OR (revoked_at IS NOT NULL AND access_until > now() - make_interval(secs => $3))",
-        )
+        // Revoked sessions whose tokens may still be presented (see
+        // `session_refused_until`).
+        let sessions: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+            "SELECT id::text, user_id, {until} FROM auth.sessions
+             WHERE revoked_at IS NOT NULL AND {until} > extract(epoch FROM now())",
+            until = session_refused_until("$1", "$2")
+        ))
         .bind(keep)
-        .bind(keep as f64)
         .bind(crate::auth::LEEWAY_SECS as i64)
         .fetch_all(pool)
         .await?;
@@ -524,6 +513,19 @@ impl Revocations {
         }
         Ok(())
     }
+}
+
+/// Until when (Unix seconds) a revoked session's tokens are refused: the
+/// later of `keep` (this instance's token lifetime and the leeway) past
+/// the revocation and `leeway` past the expiry of the last token any
+/// instance issued for it (`access_until`): another instance, with a
+/// longer JWT_EXPIRY, may have issued it. Used at start and for a relayed
+/// revocation alike.
+fn session_refused_until(keep: &str, leeway: &str) -> String {
+    format!(
+        "greatest(extract(epoch FROM revoked_at)::bigint + {keep},
+                  coalesce(extract(epoch FROM access_until)::bigint + {leeway}, 0))"
+    )
 }
 
 /// How long a deleted user's tombstone refuses their tokens: as long as

@@ -366,7 +366,7 @@ impl ImportsApi {
             scope: auth.0.scope(),
             file_name: None,
             lease: self.state.config.job_lease,
-            max_jobs: Some(self.state.config.jobs_max_per_user),
+            max_jobs: Some(max_jobs),
         };
         let reader = ChannelReader {
             rx,
