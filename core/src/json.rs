@@ -127,10 +127,16 @@ impl<'a> JsonRead<'a> for &'a Value {
 /// members in document order, and a key given twice counted once, in its
 /// first place with its last value (as `Value`'s ordered map keeps it, and
 /// as `jsonb` keeps the last).
+///
+/// The first key given twice is remembered ([`Tape::repeated`]), so a
+/// caller that refuses such documents can say where.
 #[derive(Debug)]
 pub struct Tape<'de> {
     nodes: Vec<Node<'de>>,
     members: Vec<(std::borrow::Cow<'de, str>, u32)>,
+    /// The keys of the objects being built, outermost first.
+    open: Vec<std::borrow::Cow<'de, str>>,
+    repeated: Option<String>,
 }
 
 #[derive(Debug)]
@@ -157,11 +163,19 @@ impl<'de> Tape<'de> {
         let mut tape = Tape {
             nodes: Vec::new(),
             members: Vec::new(),
+            open: Vec::new(),
+            repeated: None,
         };
         let mut de = serde_json::Deserializer::from_str(text);
         Build(&mut tape).deserialize(&mut de)?;
         de.end()?;
         Ok(tape)
+    }
+
+    /// The dotted path (`dailyData.5`) of the first key the document gives
+    /// twice in one object, if any; paths do not name array positions.
+    pub fn repeated(&self) -> Option<&str> {
+        self.repeated.as_deref()
     }
 
     /// The document's root value.
@@ -316,7 +330,10 @@ impl<'de> serde::de::Visitor<'de> for Build<'_, 'de> {
         // many members must not cost a comparison with every other).
         let mut index: Option<std::collections::HashMap<std::borrow::Cow<'de, str>, usize>> = None;
         while let Some(k) = map.next_key_seed(Key)? {
-            let v = map.next_value_seed(Build(&mut *self.0))?;
+            self.0.open.push(k.clone());
+            let v = map.next_value_seed(Build(&mut *self.0));
+            self.0.open.pop();
+            let v = v?;
             if index.is_none() && members.len() >= 32 {
                 index = Some(
                     members
@@ -332,7 +349,14 @@ impl<'de> serde::de::Visitor<'de> for Build<'_, 'de> {
                 None => members.iter().position(|(key, _)| *key == k),
             };
             match seen {
-                Some(i) => members[i].1 = v,
+                Some(i) => {
+                    members[i].1 = v;
+                    if self.0.repeated.is_none() {
+                        let mut path: Vec<&str> = self.0.open.iter().map(|k| k.as_ref()).collect();
+                        path.push(&k);
+                        self.0.repeated = Some(path.join("."));
+                    }
+                }
                 None => {
                     if let Some(ix) = &mut index {
                         ix.insert(k.clone(), members.len());
@@ -384,6 +408,129 @@ fn add<'de>(tape: &mut Tape<'de>, node: Node<'de>) -> u32 {
     (tape.nodes.len() - 1) as u32
 }
 
+/// Why a document with a key twice in one object is refused, where it is.
+pub const REPEATED: &str = "appears more than once in the same object";
+
+/// The path of the first key that appears twice in one object of `text`
+/// (`salesDataArray[3].storeId`), if any. JSON leaves such a document's
+/// meaning open (a parser may keep either value, or refuse it); `jsonb` and
+/// `serde_json` keep the last. None also for text that is not valid JSON
+/// (its parse reports that).
+pub fn repeated_key(text: &[u8]) -> Option<String> {
+    use serde::de::DeserializeSeed;
+    let mut walk = Walk {
+        at: Vec::new(),
+        found: None,
+    };
+    let mut de = serde_json::Deserializer::from_slice(text);
+    (&mut walk).deserialize(&mut de).ok()?;
+    walk.found
+}
+
+/// One step of a path into a document.
+enum Step<'de> {
+    Key(std::borrow::Cow<'de, str>),
+    Index(usize),
+}
+
+/// Walks a JSON value without keeping it, remembering the path of the
+/// first repeated key. The path is written out only when one is found.
+struct Walk<'de> {
+    at: Vec<Step<'de>>,
+    found: Option<String>,
+}
+
+impl Walk<'_> {
+    fn path(&self) -> String {
+        let mut out = String::new();
+        for step in &self.at {
+            match step {
+                Step::Key(k) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(k);
+                }
+                Step::Index(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Walk<'de> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Walk<'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.at.push(Step::Index(0));
+        let mut i = 0;
+        loop {
+            if let Some(last) = self.at.last_mut() {
+                *last = Step::Index(i);
+            }
+            if seq.next_element_seed(&mut *self)?.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        self.at.pop();
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Few members are compared with each other; many through a set.
+        let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+        let mut set: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>> = None;
+        while let Some(key) = map.next_key_seed(Key)? {
+            if set.is_none() && keys.len() >= 32 {
+                set = Some(keys.drain(..).collect());
+            }
+            let again = match &mut set {
+                Some(set) => !set.insert(key.clone()),
+                None => {
+                    let again = keys.contains(&key);
+                    keys.push(key.clone());
+                    again
+                }
+            };
+            self.at.push(Step::Key(key));
+            if again && self.found.is_none() {
+                self.found = Some(self.path());
+            }
+            let value = map.next_value_seed(&mut *self);
+            self.at.pop();
+            value?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +553,36 @@ mod tests {
             dump(m, out);
         });
         out.push(')');
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_by_path() {
+        assert_eq!(repeated_key(br#"{"a":1,"b":2}"#), None);
+        assert_eq!(repeated_key(br#"{"a":1,"a":2}"#).as_deref(), Some("a"));
+        assert_eq!(
+            repeated_key(br#"{"rows":[{"x":1},{"x":1,"y":{"d":1,"d":2}}]}"#).as_deref(),
+            Some("rows[1].y.d")
+        );
+        // The same key in two objects, or escaped differently but equal.
+        assert_eq!(repeated_key(br#"[{"a":1},{"a":1}]"#), None);
+        assert_eq!(repeated_key(br#"{"a":1,"\u0061":2}"#).as_deref(), Some("a"));
+        // The first repeat is the one named.
+        assert_eq!(
+            repeated_key(br#"{"a":{"b":1,"b":1},"a":2}"#).as_deref(),
+            Some("a.b")
+        );
+        let mut many = String::from("{\"d\": {");
+        for i in 0..40 {
+            many.push_str(&format!("\"{i}\": [{i}], "));
+        }
+        many.push_str("\"33\": 1}}");
+        assert_eq!(repeated_key(many.as_bytes()).as_deref(), Some("d.33"));
+        assert_eq!(
+            repeated_key(br#"{"ids": [1, 2], "x": [[{"a": 1, "a": 2}]]}"#).as_deref(),
+            Some("x[0][0].a")
+        );
+        assert_eq!(repeated_key(b"not json"), None);
+        assert_eq!(repeated_key(b"7"), None);
     }
 
     #[test]
@@ -440,6 +617,19 @@ mod tests {
         dump(tape.root(), &mut b);
         assert_eq!(a, b);
         assert_eq!(tape.root().len(), 100);
+        assert_eq!(tape.repeated(), Some("k5"));
+        for (text, repeated) in [
+            (r#"{"a": 1, "b": 2}"#, None),
+            (r#"{"a": 1, "b": 2, "a": 3}"#, Some("a")),
+            (r#"[{"a": 1}, {"a": 2}]"#, None),
+            (
+                r#"{"dailyData": {"1": {"sales": 1}, "2": {"sales": 1, "sales": 2}}, "dailyData": {}}"#,
+                Some("dailyData.2.sales"),
+            ),
+            (r#"{"d": {"1": 1, "1": 2}}"#, Some("d.1")),
+        ] {
+            assert_eq!(Tape::parse(text).unwrap().repeated(), repeated, "{text}");
+        }
         for bad in ["", "{", "[1,]", "{\"a\" 1}", "1 2", "nul"] {
             assert!(Tape::parse(bad).is_err(), "{bad:?}");
             assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad:?}");

@@ -646,6 +646,8 @@ async fn roles_scope_and_bad_parameters() {
         ("format=csv&storeId=x", "storeId"),
         ("format=csv&region=a%00b", "region"),
         ("format=csv&after=1:2024-13", "after"),
+        ("format=csv&shape=daily&after=2:2026-02-30", "after"),
+        ("format=csv&shape=daily&after=2:2025-04-31", "after"),
     ] {
         let e = export(&f.admin, query, None).await;
         assert_eq!(e.status, 400, "{query}: {}", e.text());

@@ -473,15 +473,14 @@ async fn batch_writes_and_summaries() {
         (Some(1), Some(1))
     );
 
-    // A record is read as JSON reads it, and written as sent: a key given
-    // twice counts once with its last value (as jsonb keeps it), and an
-    // escaped key is the key it spells.
+    // A record is written as sent, and an escaped key is the key it spells;
+    // a key given twice is refused (`a_key_given_twice_is_refused_by_name`).
     let r = a
         .req(Method::POST, "/api/v2/sales/batch")
         .header("content-type", "application/json")
         .body(format!(
             r#"{{"mode": "replace", "salesDataArray": [{{"store\u0049d": {s}, "year": 2024, "month": 7,
-                 "dailyData": {{"1": {{"sales": 1}}}}, "dailyData": {{"2": {{"sales": 5, "sales": 6}}}}}}]}}"#
+                 "dailyData": {{"2": {{"sales": 6}}}}}}]}}"#
         ))
         .send()
         .await
@@ -495,6 +494,22 @@ async fn batch_writes_and_summaries() {
     .await
     .unwrap();
     assert_eq!(daily, json!({"2": {"sales": 6}}));
+    let r = a
+        .req(Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"mode": "replace", "salesDataArray": [{{"store\u0049d": {s}, "year": 2024, "month": 7,
+                 "dailyData": {{"1": {{"sales": 1}}}}, "dailyData": {{"2": {{"sales": 5}}}}}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["details"]["errors"][0]["field"], "dailyData",
+        "{body}"
+    );
 
     // Malformed JSON, wrong types, bad mode, empty, oversized.
     let r = a
@@ -1611,4 +1626,112 @@ async fn query_values_that_are_not_utf8_are_named() {
     }
     let (st, _) = f.admin.get("/api/v2/sales?region=S%C3%BCd").await;
     assert_eq!(st, 200);
+}
+
+/// A key given twice in one object of a body is refused by name: it was read
+/// as its last value (`{"code": "A", "code": "B"}` made store B, a delete of
+/// `{"ids": [1], "ids": [2]}` deleted record 2), or refused without naming
+/// it (`salesDataArray` twice). In a batch it is that record's own error.
+#[tokio::test]
+async fn a_key_given_twice_is_refused_by_name() {
+    let f = fixture(&[]).await;
+    let s = f.stores[0];
+    let send = |method: Method, path: &'static str, body: String| {
+        let req = f
+            .admin
+            .req(method, path)
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, doc) = send(
+        Method::POST,
+        "/api/v2/stores",
+        r#"{"code": "DUP-A", "name": "n", "region": "north", "code": "DUP-B"}"#.into(),
+    )
+    .await;
+    assert_eq!(st, 400, "{doc}");
+    assert_eq!(doc["error"]["details"]["parameter"], "code", "{doc}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores WHERE code LIKE 'DUP-%'")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+
+    // Top level of a batch.
+    let (st, doc) = send(
+        Method::POST,
+        "/api/v2/sales/batch",
+        r#"{"salesDataArray": [], "salesDataArray": []}"#.into(),
+    )
+    .await;
+    assert_eq!(st, 400, "{doc}");
+    assert_eq!(doc["error"]["details"]["parameter"], "salesDataArray");
+
+    // Inside records: each such record is refused, the others written.
+    let body = format!(
+        r#"{{"atomic": false, "salesDataArray": [
+            {{"storeId": {s}, "year": 2003, "month": 1, "dailyData": {{"1": {{"sales": 1}}}}}},
+            {{"storeId": {s}, "year": 2003, "month": 2, "dailyData": {{"1": {{"sales": 1, "sales": 2}}}}}},
+            {{"storeId": {s}, "year": 2003, "month": 3, "month": 4, "dailyData": {{}}}}
+        ]}}"#
+    );
+    let (st, doc) = send(Method::POST, "/api/v2/sales/batch", body).await;
+    assert_eq!(st, 200, "{doc}");
+    assert_eq!(doc["inserted"], 1, "{doc}");
+    let errors: Vec<(i64, String)> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_i64().unwrap(),
+                e["field"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![(1, "dailyData.1.sales".into()), (2, "month".into())],
+        "{doc}"
+    );
+    assert_eq!(
+        doc["errors"][0]["reason"],
+        "appears more than once in the same object"
+    );
+    let months: Vec<i32> = sqlx::query_scalar(
+        "SELECT month FROM sales.monthly_sales WHERE store_id = $1 AND year = 2003 ORDER BY month",
+    )
+    .bind(s)
+    .fetch_all(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(months, vec![1]);
+
+    // A batch delete.
+    let id: i64 = sqlx::query_scalar(
+        "SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND year = 2003",
+    )
+    .bind(s)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    let (st, doc) = send(
+        Method::DELETE,
+        "/api/v2/sales/batch",
+        format!(r#"{{"ids": [999999999], "ids": [{id}]}}"#),
+    )
+    .await;
+    assert_eq!(st, 400, "{doc}");
+    assert_eq!(doc["error"]["details"]["parameter"], "ids", "{doc}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales WHERE id = $1")
+        .bind(id)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
 }

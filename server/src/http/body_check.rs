@@ -26,6 +26,9 @@ pub fn body_problem(
         Ok(v) => v,
         Err(e) => return Some(("body".into(), format!("is not valid JSON: {e}"))),
     };
+    if let Some(path) = sales_core::json::repeated_key(body) {
+        return Some((path, sales_core::json::REPEATED.into()));
+    }
     check(&value, schema, defs, "", 0)
 }
 

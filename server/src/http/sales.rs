@@ -459,6 +459,14 @@ impl SalesApi {
             let tape = sales_core::json::Tape::parse(raw.get())
                 .map_err(|e| ApiError::bad_param("salesDataArray", e.to_string()))?;
             let r = tape.root();
+            // A key given twice: jsonb would keep its last value, which
+            // the sender may not have meant.
+            if let Some(path) = tape.repeated() {
+                denied.extend(named_store(r).filter(|s| !auth.0.can_access_store(*s)));
+                let e = sales_core::FieldError::new(path, sales_core::json::REPEATED);
+                rejected.push((i, vec![e]));
+                continue;
+            }
             match sales_core::record::check_record(r) {
                 Ok(parts) => {
                     if !auth.0.can_access_store(parts.key.store_id) {

@@ -1268,6 +1268,9 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     if holds_nul(&v) {
         return Err(vec![(None, "holds a NUL character (\\u0000)".into())]);
     }
+    if let Some(path) = sales_core::json::repeated_key(text.as_bytes()) {
+        return Err(vec![(Some(path), sales_core::json::REPEATED.into())]);
+    }
     let mut errors: LineErrors = Vec::new();
     // Numbers are staged as the line wrote them: their text, not the f64
     // a `Value` holds (`12345678.123456789012` stays so).
@@ -1867,6 +1870,8 @@ mod tests {
             r#"{"storeCode": 10, "date": "2024-09-01", "sales": 1}"#,
             r#"{"storeCode": "S1", "storeId": 4, "date": "2024-09-01", "sales": 12345678.123456789012}"#,
             r#"{"storeId": 1, "year": 2024, "month": 9, "dailyData": {"3": {"sales": 0.10000000000000000001, "customers": 1.00000000000000000001}}}"#,
+            r#"{"storeId": 1, "year": 2024, "month": 9, "dailyData": {"3": {"sales": 1, "sales": 2}}}"#,
+            r#"{"storeCode": "S1", "date": "2024-09-02", "sales": 1, "storeCode": "S2"}"#,
         ]
         .join("\n");
         let (_, rows, bad, _) = run(&nd, Requested::Auto).unwrap();
@@ -1881,8 +1886,11 @@ mod tests {
                 (2, "dailyData"),
                 (3, "storeCode"),
                 (5, "dailyData.3.customers"),
+                (6, "dailyData.3.sales"),
+                (7, "storeCode"),
             ]
         );
+        assert_eq!(bad[5].reason, "appears more than once in the same object");
         assert_eq!(bad[2].reason, "must be a string");
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].sales.as_deref(), Some("12345678.123456789012"));

@@ -95,8 +95,8 @@ impl RowKey {
         let day = match parts.get(2) {
             Some(d) if digits(d, 2) => {
                 let d: u32 = d.parse().map_err(|_| bad())?;
-                if !(1..=31).contains(&d) {
-                    return Err(bad());
+                if chrono::NaiveDate::from_ymd_opt(year, month as u32, d).is_none() {
+                    return Err(format!("{raw:?}: {year}-{month:02} has no day {d}"));
                 }
                 Some(d)
             }
@@ -225,6 +225,7 @@ mod tests {
         let d = RowKey::parse("12:2024-03-05", ExportShape::Daily).unwrap();
         assert_eq!(d.to_string(), "12:2024-03-05");
         assert!(k < d);
+        assert!(RowKey::parse("2:2024-02-29", ExportShape::Daily).is_ok());
         for bad in [
             "12:2024-3",
             "x:2024-03",
@@ -236,7 +237,15 @@ mod tests {
         ] {
             assert!(RowKey::parse(bad, ExportShape::Monthly).is_err(), "{bad}");
         }
-        for bad in ["12:2024-03", "12:2024-03-32", "12:2024-03-5"] {
+        for bad in [
+            "12:2024-03",
+            "12:2024-03-32",
+            "12:2024-03-5",
+            "12:2024-03-00",
+            "2:2026-02-30",
+            "2:2026-02-29",
+            "2:2026-04-31",
+        ] {
             assert!(RowKey::parse(bad, ExportShape::Daily).is_err(), "{bad}");
         }
     }

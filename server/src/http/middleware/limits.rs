@@ -382,6 +382,14 @@ async fn limited<E: Endpoint>(
             .into_response());
         }
     }
+    if !(batch && parts.method == poem::http::Method::POST) {
+        // A key twice in one object: refused by name rather than read as its
+        // last value. (A batch of records finds them as it reads each
+        // record, and reports them as that record's error.)
+        if let Some(path) = sales_core::json::repeated_key(&bytes) {
+            return Ok(ApiError::bad_param(&path, sales_core::json::REPEATED).into_response());
+        }
+    }
     let mut req = Request::from_parts(parts, poem::Body::from(bytes.clone()));
     // Kept (the same buffer, not a copy) in case the body is refused: the
     // refusal then names the field at fault (`explained_error`).
