@@ -262,7 +262,7 @@ impl Metric {
             // Days with customers and no sales count as sales of 0, as in
             // the stored totals; no customers at all is null.
             Metric::SalesPerCustomer => {
-                "round(coalesce(sum(sales), 0) / nullif(sum(customers), 0), 4)".into()
+                rounded_quotient("coalesce(sum(sales), 0)", "nullif(sum(customers), 0)", 4)
             }
             Metric::Of(a, f) => {
                 let col = match f {
@@ -273,7 +273,11 @@ impl Metric {
                 match a {
                     // Over nothing: 0, as the stored totals say.
                     Agg::Sum => format!("coalesce(sum({col}), 0)"),
-                    Agg::Avg => format!("round(avg({col}), 4)"),
+                    Agg::Avg => rounded_quotient(
+                        &format!("sum({col})"),
+                        &format!("nullif(count({col}), 0)"),
+                        4,
+                    ),
                     Agg::Min => format!("min({col})"),
                     Agg::Max => format!("max({col})"),
                 }
@@ -827,7 +831,23 @@ impl Summary {
 
 /// The change of metric `i` against the compared period, in percent.
 fn change(i: usize) -> String {
-    format!("round((a.m{i} - b.m{i})::numeric / nullif(b.m{i}, 0) * 100, 2)")
+    rounded_quotient(
+        &format!("(a.m{i} - b.m{i})::numeric * 100"),
+        &format!("nullif(b.m{i}, 0)"),
+        2,
+    )
+}
+
+/// SQL for `num / den` rounded half away from zero to `places` digits, from
+/// the exact quotient: `round(num / den, places)` would round twice, since
+/// numeric division first rounds to a scale of its own choosing (5 places
+/// for a quotient near 1e12), so 1125000000000.000045 came out as
+/// ….0001. `div` truncates the exact quotient; the scale of the result is
+/// `places`, as `round` gives. Null when `den` is.
+pub fn rounded_quotient(num: &str, den: &str, places: u32) -> String {
+    // Both as numeric: `sign` of a bigint would be taken as float8's.
+    let (n, d) = (format!("({num})::numeric"), format!("({den})::numeric"));
+    format!("(sign({n}) * sign({d}) * div(2 * abs({n}) * 1e{places} + abs({d}), 2 * abs({d})) * 1e-{places})")
 }
 
 #[cfg(test)]
@@ -1016,9 +1036,8 @@ mod tests {
             let zero = name.starts_with("sum") || name.starts_with("total") || m == Metric::Count;
             assert_eq!(expr.starts_with("coalesce("), zero, "{name}: {expr}");
         }
-        assert_eq!(
-            Metric::SalesPerCustomer.expr(),
-            "round(coalesce(sum(sales), 0) / nullif(sum(customers), 0), 4)"
-        );
+        assert!(Metric::SalesPerCustomer
+            .expr()
+            .contains("nullif(sum(customers), 0)"));
     }
 }

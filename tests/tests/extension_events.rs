@@ -545,6 +545,9 @@ async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
     let stores = db.stores(8).await;
     const WRITERS: usize = 8;
     const TXNS: usize = 12;
+    // Read before any writer starts: a writer may commit while a read made
+    // after spawning them is still running.
+    let start = max_event(&db).await;
     let mut writers = Vec::new();
     for (w, &store) in stores.iter().enumerate().take(WRITERS) {
         let url = db.url.clone();
@@ -574,7 +577,6 @@ async fn concurrent_writers_and_a_polling_reader_see_every_event_once() {
         }));
     }
     let pool = db.pool.clone();
-    let start = max_event(&db).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_reader = stop.clone();
     // The reader starts from 0 (the setup events may be held back by other

@@ -761,3 +761,48 @@ async fn a_history_shows_emails_only_to_who_may_look_the_user_up() {
         );
     }
 }
+
+/// A history keeps every digit of a day's values, as a GET of the record
+/// does: for an admin (the page as cached) and for a staff reader whose page
+/// has other actors' emails taken out. It was read through f64:
+/// `100000000000.123456789` came back as `100000000000.12346`.
+#[tokio::test]
+async fn a_history_keeps_every_digit() {
+    let f = Fixture::start(1, &[]).await;
+    let s = f.stores[0];
+    let (_, staff_token) = user_token(&f.db, &f.server, "d@x.test", "staff", &[s]).await;
+    let staff = Api::new(&f.server, Some(&staff_token));
+    let written = "100000000000.123456789";
+    let r = f
+        .admin
+        .req(reqwest::Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"salesDataArray": [{{"storeId": {s}, "year": 2023, "month": 5,
+                 "dailyData": {{"15": {{"sales": {written}, "customers": 123}}}}}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id: i64 = sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1")
+        .bind(s)
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    for (who, api) in [("admin", &f.admin), ("staff", &staff)] {
+        let r = api
+            .req(reqwest::Method::GET, &format!("/api/v2/sales/{id}/history"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{who}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(written), "{who}: {text}");
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(doc["data"].as_array().unwrap().len(), 1, "{who}: {doc}");
+        // The staff reader does not see the admin's email.
+        let email = &doc["data"][0]["actor"]["email"];
+        assert_eq!(email.is_null(), who == "staff", "{who}: {doc}");
+    }
+}

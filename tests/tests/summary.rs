@@ -950,3 +950,42 @@ async fn a_group_only_the_compared_period_has_is_shown_at_minus_100() {
     assert_eq!(months, vec![format!("{}-{:02}", this.0, this.1)], "{body}");
     assert_eq!(num(&body["data"][0]["changePct"]["sumSales"]), Some(-100.0));
 }
+
+/// A quotient is rounded once, from its exact value: 9,000,000,000,000.00036
+/// in sales over 8 customers is 1,125,000,000,000.000045, so 4 places give
+/// ….0000. Numeric division first rounded it to 5 places (….00005), and
+/// rounding that again gave ….0001.
+#[tokio::test]
+async fn ratios_are_rounded_once() {
+    let f = Fixture::start(1, &[]).await;
+    let s = f.stores[0];
+    sqlx::query(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 5, '{\"1\": {\"sales\": 0.00036, \"customers\": 8}}'::jsonb
+                 || (SELECT jsonb_object_agg(d, '{\"sales\": 1000000000000}'::jsonb)
+                     FROM generate_series(2, 10) d))",
+    )
+    .bind(s)
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    let r = f
+        .admin
+        .req(
+            reqwest::Method::GET,
+            &format!("/api/v2/sales/summary?storeId={s}&year=2024&month=5&groupBy=month&metrics=sumSales,salesPerCustomer,avgSales,avgCustomers"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    assert!(
+        compact.contains("\"salesPerCustomer\":1125000000000.0000"),
+        "{text}"
+    );
+    // 9,000,000,000,000.00036 / 10 days = 900,000,000,000.000036.
+    assert!(compact.contains("\"avgSales\":900000000000.0000"), "{text}");
+    assert!(compact.contains("\"avgCustomers\":8.0000"), "{text}");
+}

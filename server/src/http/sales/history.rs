@@ -157,27 +157,29 @@ pub(super) async fn history_body(
     before_version: Option<i64>,
 ) -> ApiResult<String> {
     check_record_scope(state, id, who).await?;
-    let doc: Option<Value> = crate::db::retry("sales_history", true, || async {
+    // Composed in SQL and read as text: day values keep every digit (a
+    // `serde_json::Value` would read them as f64).
+    let doc: Option<String> = crate::db::retry("sales_history", true, || async {
         crate::metrics::timed(
             "sales_history",
-            sqlx::query_scalar("SELECT sales.history($1, $2, $3)")
-                .bind(id)
-                .bind(limit as i32)
-                .bind(before_version)
-                .fetch_one(&mut *state.read_conn().await?),
+            sqlx::query_scalar(
+                "SELECT CASE WHEN h IS NOT NULL THEN
+                        jsonb_build_object('data', coalesce(h -> 'versions', '[]'::jsonb),
+                                           'meta', (h - 'versions')
+                                                   || jsonb_build_object('historyRetentionSeconds', $4::bigint))::text
+                        END
+                 FROM sales.history($1, $2, $3) h",
+            )
+            .bind(id)
+            .bind(limit as i32)
+            .bind(before_version)
+            .bind(state.config.history_retention.as_secs() as i64)
+            .fetch_one(&mut *state.read_conn().await?),
         )
         .await
     })
     .await?;
-    let Some(mut doc) = doc else {
-        return Err(ApiError::not_found(format!("no sales record {id}")));
-    };
-    let data = doc
-        .as_object_mut()
-        .and_then(|o| o.remove("versions"))
-        .unwrap_or_else(|| json!([]));
-    doc["historyRetentionSeconds"] = json!(state.config.history_retention.as_secs());
-    Ok(json!({"data": data, "meta": doc}).to_string())
+    doc.ok_or_else(|| ApiError::not_found(format!("no sales record {id}")))
 }
 
 /// The actors' emails the caller may not see, taken out of a page (cached
@@ -185,16 +187,17 @@ pub(super) async fn history_body(
 /// every one; a manager those of the staff they manage (a staff user with
 /// one of their stores) and their own; anyone else their own: the same
 /// users each may look up through `/api/v2/users`.
-async fn hide_emails(state: &AppState, who: &Principal, page: &mut Value) -> ApiResult<bool> {
+async fn hide_emails(state: &AppState, who: &Principal, page: &Value) -> ApiResult<Vec<i64>> {
     use crate::auth::Role;
     if who.role == Role::Admin {
-        return Ok(false);
+        return Ok(Vec::new());
     }
-    let Some(versions) = page["data"].as_array_mut() else {
-        return Ok(false);
+    let Some(versions) = page["data"].as_array() else {
+        return Ok(Vec::new());
     };
     let others: Vec<i64> = versions
         .iter()
+        .filter(|v| !v["actor"]["email"].is_null())
         .filter_map(|v| v["actor"]["userId"].as_i64())
         .filter(|&u| u != who.user_id)
         .collect::<std::collections::BTreeSet<i64>>()
@@ -218,17 +221,32 @@ async fn hide_emails(state: &AppState, who: &Principal, page: &mut Value) -> Api
     } else {
         Default::default()
     };
-    let mut changed = false;
-    for v in versions {
-        let actor = &mut v["actor"];
-        if let Some(u) = actor["userId"].as_i64() {
-            if u != who.user_id && !managed.contains(&u) && !actor["email"].is_null() {
-                actor["email"] = Value::Null;
-                changed = true;
-            }
-        }
-    }
-    Ok(changed)
+    Ok(others
+        .into_iter()
+        .filter(|u| !managed.contains(u))
+        .collect())
+}
+
+/// `page` with the emails of the actors `hidden` set to null. Done in SQL on
+/// the page's text, so every other value (day values above all) stays
+/// exactly as written.
+async fn without_emails(state: &AppState, page: &str, hidden: &[i64]) -> ApiResult<String> {
+    let out: String = crate::db::retry("history_actors", true, || async {
+        sqlx::query_scalar(
+            "SELECT jsonb_set(p, '{data}', coalesce((
+                        SELECT jsonb_agg(CASE WHEN (v #>> '{actor,userId}')::bigint = ANY($2)
+                                              THEN jsonb_set(v, '{actor,email}', 'null')
+                                              ELSE v END ORDER BY n)
+                        FROM jsonb_array_elements(p -> 'data') WITH ORDINALITY AS t(v, n)), '[]'))::text
+             FROM (SELECT $1::jsonb AS p) q",
+        )
+        .bind(page)
+        .bind(hidden)
+        .fetch_one(&mut *state.read_conn().await?)
+        .await
+    })
+    .await?;
+    Ok(out)
 }
 
 /// The page for this caller: 410 for a page with no version that is wholly
@@ -239,16 +257,24 @@ pub(super) async fn history_response(
     who: &Principal,
     body: String,
 ) -> ApiResult<HistoryResponse> {
-    let mut v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
+    // Read for its structure only; the answer is `body` itself, or `body`
+    // with emails taken out (numbers read here as f64 are never written back).
+    let v: Value = serde_json::from_str(&body).map_err(ApiError::internal)?;
     let gone = {
         let empty = v["data"].as_array().is_some_and(|a| a.is_empty());
         let gone = &v["meta"]["gone"];
         (empty && !gone.is_null()).then(|| gone.clone())
     };
-    let body = if gone.is_none() && hide_emails(state, who, &mut v).await? {
-        v.to_string()
-    } else {
-        body
+    let body = match gone {
+        Some(_) => body,
+        None => {
+            let hidden = hide_emails(state, who, &v).await?;
+            if hidden.is_empty() {
+                body
+            } else {
+                without_emails(state, &body, &hidden).await?
+            }
+        }
     };
     match gone {
         Some(g) => Ok(HistoryResponse::Gone(ErrorBody::new(
