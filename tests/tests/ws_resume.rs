@@ -5,6 +5,7 @@
 
 mod ws_common;
 
+use futures_util::StreamExt;
 use sales_e2e::TestDb;
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -464,4 +465,109 @@ async fn a_resume_is_bounded_by_the_log_it_goes_through() {
     assert_eq!(err["code"], "unknown_channel", "{err}");
     assert!(err.to_string().len() < 1_000, "{err}");
     server.stop().await;
+}
+
+/// A user's own events written after the connection opened and before its
+/// resume (here a batch's `batch-completed`) arrive within the replay, in
+/// delivery order, so the last id received stays a safe place to resume
+/// from. They were delivered live at once, ahead of the older events the
+/// replay then sent, and a client that dropped after one of them resumed
+/// past events it never got.
+#[tokio::test]
+async fn own_events_written_before_the_resume_arrive_in_order() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let me = user(&db, "own@example.test", "staff", &[s]).await;
+    let server = db.server(&[]).await;
+    let t = token(me, "staff", &[s]);
+    let c = Client::connect(server.addr, &t).await;
+    let start = c.ready["lastEventId"].as_i64().unwrap();
+    drop(c);
+    upsert_as(&db, Some(me), vec![record(s, 2024, 1, 1, 1)]).await;
+    let mut c = Client::connect(server.addr, &t).await;
+    upsert_as(&db, Some(me), vec![record(s, 2024, 1, 2, 2)]).await;
+    relayed_all(&db, &server).await;
+    c.send(json!({"type": "resume", "lastEventId": start, "events": [format!("sales-data-{s}")]}))
+        .await;
+    let (got, resumed) = after_resume(&mut c, 4).await;
+    let logged: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, kind FROM sales.events WHERE id > $1 ORDER BY seq")
+            .bind(start)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let got: Vec<(i64, String)> = got
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_i64().unwrap(),
+                e["event"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got, logged, "{resumed}");
+    let kinds: Vec<&str> = got.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "sales-data-created",
+            "batch-completed",
+            "sales-data-updated",
+            "batch-completed"
+        ]
+    );
+    assert_eq!(resumed["replayed"], 4, "{resumed}");
+
+    // Without a request, the connection's own events still come (after
+    // the opening hold): a client that only listens gets them.
+    let mut quiet = Client::connect(server.addr, &t).await;
+    sqlx::query("SELECT sales.notify_user($1, 'hello')")
+        .bind(me)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(quiet.event().await["event"], "user-notification");
+}
+
+/// A token that expires while its connection is open gets nothing more on
+/// request: a resume (or any request) after its expiry closes it with 4001
+/// and replays nothing. The replay used to run on it.
+#[tokio::test]
+async fn an_expired_token_gets_no_replay() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let me = user(&db, "exp@example.test", "staff", &[s]).await;
+    let server = db.server(&[]).await;
+    for i in 0..5 {
+        upsert(&db, vec![record(s, 2024, 1, 1 + i, 1)]).await;
+    }
+    relayed_all(&db, &server).await;
+    let exp = chrono::Utc::now().timestamp() + 2;
+    let t = token_expiring(me, "staff", &[s], exp);
+    let mut c = Client::connect(server.addr, &t).await;
+    sales_e2e::eventually(WAIT, "the token to expire", || async {
+        (chrono::Utc::now().timestamp() > exp).then_some(())
+    })
+    .await;
+    c.send(json!({"type": "resume", "lastEventId": 0, "events": [format!("sales-data-{s}")]}))
+        .await;
+    let mut events = 0;
+    let close = loop {
+        match tokio::time::timeout(WAIT, c.ws.next())
+            .await
+            .expect("a frame")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v.get("type").is_none() {
+                    events += 1;
+                }
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => break f,
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(events, 0);
+    assert_eq!(u16::from(close.expect("a close frame").code), 4001);
 }

@@ -46,8 +46,15 @@ pub(super) async fn replay(
 ) {
     let hub = &ctx.hub;
     let pool = &ctx.pool;
+    // The time limit starts once the turn is taken: waiting behind another
+    // of the user's connections is not this one being slow.
+    let Some(_turn) = hub.replay_turn(&conn).await else {
+        return;
+    };
     let run = async {
-        let _turn = hub.replay_turn(conn.user_id()).await;
+        if hub.close_if_expired(&conn) {
+            return Ok::<_, sqlx::Error>(ReplayEnd::Closed);
+        }
         let from = {
             let _slot = hub
                 .replay_slots
@@ -88,7 +95,7 @@ pub(super) async fn replay(
             let mut after = last_event_id;
             let mut scanned = 0u64;
             'pages: loop {
-                if conn.is_closing() {
+                if conn.is_closing() || hub.close_if_expired(&conn) {
                     return Ok(ReplayEnd::Closed);
                 }
                 let page = page_after(hub, pool, after).await?;

@@ -131,6 +131,15 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, ctx: Arc<Context>) 
             hub.cfg.send_queue,
         ),
     );
+    // Without a request, the connection's own events are released after
+    // the opening hold.
+    {
+        let (hub, conn) = (ctx.hub.clone(), conn.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(super::hub::OPENING_HOLD).await;
+            hub.end_opening(&conn);
+        });
+    }
     let mut session = Session {
         ctx: ctx.clone(),
         conn: conn.clone(),
@@ -253,10 +262,13 @@ impl Session {
         let hub = &self.ctx.hub;
         match msg {
             Message::Text(text) => self.on_request(text.as_str()),
-            Message::Binary(_) => hub.reply(
-                &self.conn,
-                protocol::error("bad_request", "send JSON text frames, not binary", None),
-            ),
+            Message::Binary(_) => {
+                hub.end_opening(&self.conn);
+                hub.reply(
+                    &self.conn,
+                    protocol::error("bad_request", "send JSON text frames, not binary", None),
+                )
+            }
             // Pongs mark the connection alive (done by the caller); pings
             // and the close handshake are answered by tungstenite.
             _ => {}
@@ -266,10 +278,20 @@ impl Session {
     fn on_request(&mut self, text: &str) {
         let hub = &self.ctx.hub;
         let conn = &self.conn;
+        // An expired token gets no answer (and no replay): it is closed.
+        if hub.close_if_expired(conn) {
+            return;
+        }
         let request = match ClientMessage::parse(text) {
             Ok(r) => r,
-            Err(m) => return hub.reply(conn, protocol::error("bad_request", &m, None)),
+            Err(m) => {
+                hub.end_opening(conn);
+                return hub.reply(conn, protocol::error("bad_request", &m, None));
+            }
         };
+        if !matches!(request, ClientMessage::Resume { .. }) {
+            hub.end_opening(conn);
+        }
         match request {
             ClientMessage::Ping => hub.reply(conn, protocol::pong()),
             ClientMessage::Subscribe { event } => {

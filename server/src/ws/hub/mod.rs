@@ -75,6 +75,11 @@ impl HubConfig {
     }
 }
 
+/// How long a new connection's own events (the implicit per-user channel)
+/// wait for its first request: a client that resumes right after `ready`
+/// gets them in order within its replay.
+pub const OPENING_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One WebSocket connection as the hub sees it.
 pub struct Conn {
     pub id: u64,
@@ -90,8 +95,14 @@ pub struct Conn {
 #[derive(Default)]
 struct ConnState {
     queue: VecDeque<Message>,
-    /// While a resume replays from the log: live events held back, with their positions.
+    /// While a resume replays from the log, and while the connection opens
+    /// (`opening`): live events held back, with their positions.
     catch_up: Option<Vec<(Option<Pos>, Message)>>,
+    /// From registration until the client's first request, or
+    /// [`OPENING_HOLD`]: the implicit per-user channel's events are held
+    /// back, so that a resume sent first replays them in order instead of
+    /// finding them already delivered ahead of older events.
+    opening: bool,
     close: Option<(u16, &'static str)>,
     /// Explicit subscriptions and the relay position each started at: events
     /// after it were delivered live.
@@ -280,6 +291,45 @@ impl Hub {
             .is_none_or(|m| m.len() < self.cfg.max_per_user)
     }
 
+    /// Ends a connection's opening hold (its first request other than a
+    /// resume, or [`OPENING_HOLD`] after it opened): the events held back
+    /// since it registered are queued, in order, and live delivery begins.
+    pub fn end_opening(&self, conn: &Conn) {
+        let mut st = conn.lock();
+        if !st.opening {
+            return;
+        }
+        st.opening = false;
+        let Some(held) = st.catch_up.take() else {
+            return;
+        };
+        if st.close.is_some() {
+            return;
+        }
+        for (_, msg) in held {
+            if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
+                self.overflow(&mut st);
+                break;
+            }
+            st.queue.push_back(msg);
+        }
+        drop(st);
+        conn.waker.wake();
+    }
+
+    /// A connection whose token has expired is closed (4001): it gets no
+    /// more events, live or replayed, and no answer. True when it was.
+    pub fn close_if_expired(&self, conn: &Conn) -> bool {
+        let now = chrono::Utc::now().timestamp();
+        if !conn.principal.exp.is_some_and(|exp| now >= exp) {
+            return false;
+        }
+        if self.close(conn, protocol::CLOSE_TOKEN_EXPIRED, "token expired") {
+            self.counters.closed_expired.fetch_add(1, Relaxed);
+        }
+        true
+    }
+
     /// Adds a connection.
     pub fn register(&self, principal: Principal) -> Result<Arc<Conn>, Refused> {
         let conn = Arc::new(Conn {
@@ -302,7 +352,12 @@ impl Hub {
             self.counters.refused_connections.fetch_add(1, Relaxed);
             return Err(Refused::TooMany);
         }
-        conn.lock().user_since = reg.position;
+        {
+            let mut st = conn.lock();
+            st.user_since = reg.position;
+            st.catch_up = Some(Vec::new());
+            st.opening = true;
+        }
         reg.conns.insert(conn.id, conn.clone());
         reg.users
             .entry(user)
@@ -349,7 +404,10 @@ impl Hub {
 
     /// Subscribes after checking the connection's claims; `Ok(false)` when
     /// it was already subscribed.
+    /// Subscribes outside a resume (which ends the opening hold: events
+    /// are live from here on).
     pub fn subscribe(&self, conn: &Arc<Conn>, ch: Channel) -> Result<bool, SubscribeError> {
+        self.end_opening(conn);
         let mut reg = self.reg();
         self.subscribe_locked(&mut reg, conn, ch)
     }

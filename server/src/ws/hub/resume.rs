@@ -92,7 +92,7 @@ impl Hub {
             if st.close.is_some() {
                 return Err("connection is closing");
             }
-            if st.catch_up.is_some() {
+            if st.catch_up.is_some() && !st.opening {
                 return Err("a resume is already in progress");
             }
         }
@@ -101,7 +101,17 @@ impl Hub {
             .map(|ch| self.subscribe_locked(&mut reg, conn, *ch))
             .collect();
         let mut st = conn.lock();
-        st.catch_up = Some(Vec::new());
+        if st.opening {
+            // The events held back since the connection opened were not
+            // delivered: the replay covers the implicit channel up to here,
+            // as it does the channels the resume adds, and those held
+            // events it covers are dropped at the seam.
+            st.opening = false;
+            st.user_since = reg.position;
+        }
+        if st.catch_up.is_none() {
+            st.catch_up = Some(Vec::new());
+        }
         self.counters.resumes.fetch_add(1, Relaxed);
         let snap = ResumeSnapshot {
             upto: reg.position,
@@ -111,19 +121,24 @@ impl Hub {
         Ok((snap, added))
     }
 
-    /// Takes one of `user`'s replay turns, waiting (only behind that user's
-    /// own replays) while they have `replay_slots_per_user` running.
-    pub async fn replay_turn(self: &Arc<Self>, user: i64) -> ReplayTurn {
+    /// Takes one of `conn`'s user's replay turns, waiting (only behind that
+    /// user's own replays) while they have `replay_slots_per_user` running.
+    /// None once `conn` is closing.
+    pub async fn replay_turn(self: &Arc<Self>, conn: &Conn) -> Option<ReplayTurn> {
+        let user = conn.user_id();
         loop {
+            if conn.is_closing() {
+                return None;
+            }
             {
                 let mut m = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
                 let n = m.entry(user).or_insert(0);
                 if *n < self.cfg.replay_slots_per_user.max(1) {
                     *n += 1;
-                    return ReplayTurn {
+                    return Some(ReplayTurn {
                         hub: self.clone(),
                         user,
-                    };
+                    });
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

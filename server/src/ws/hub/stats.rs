@@ -55,7 +55,7 @@ impl Hub {
             }
             let st = c.lock();
             queued += st.queue.len() as u64;
-            resuming += st.catch_up.is_some() as u64;
+            resuming += (st.catch_up.is_some() && !st.opening) as u64;
         }
         let mut channels: Vec<(Channel, usize)> =
             reg.channels.iter().map(|(c, m)| (*c, m.len())).collect();

@@ -435,3 +435,49 @@ fn an_expired_token_gets_no_more_events() {
     assert_eq!(valid.close_requested(), None);
     assert_eq!(ids(&h, &valid), vec![1]);
 }
+
+/// A user's own events that arrive while the connection opens wait for its
+/// first request: a resume sent first replays them in delivery order (the
+/// held copies it covers are dropped at the seam); any other request, or the
+/// opening hold running out, releases them live.
+#[test]
+fn own_events_wait_for_the_first_request() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 1000, id: 0 });
+    let note = |id| event(id, "user-notification", None, Some(1));
+    // Resumed first.
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.dispatch(&note(1));
+    h.dispatch(&event(2, "sales-data-created", Some(1), None));
+    h.dispatch(&note(3));
+    assert_eq!(ids(&h, &c), Vec::<i64>::new(), "held while opening");
+    let (snap, _) = h.begin_resume(&c, &[Channel::Sales(1)]).unwrap();
+    assert_eq!(snap.upto.id, 3);
+    for id in [1, 3] {
+        assert!(snap.wants(&c, &note(id)).is_some(), "{id}: replayed");
+    }
+    h.dispatch(&note(4)); // during the replay: held, then released
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.upto,
+        Some(Pos { seq: 1000, id: 0 }),
+        protocol::resumed(0, 3, 0, &[], false, 3),
+    );
+    assert_eq!(ids(&h, &c), vec![4], "only what the replay did not cover");
+    // Another request first (or the hold running out): released in order.
+    let d = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.dispatch(&note(5));
+    h.dispatch(&note(6));
+    assert_eq!(ids(&h, &d), Vec::<i64>::new());
+    h.subscribe(&d, Channel::Sales(1)).unwrap();
+    assert_eq!(ids(&h, &d), vec![5, 6]);
+    h.dispatch(&note(7));
+    assert_eq!(ids(&h, &d), vec![5, 6, 7]);
+    let e = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.dispatch(&note(8));
+    h.end_opening(&e);
+    h.end_opening(&e);
+    assert_eq!(ids(&h, &e), vec![8]);
+    assert!(h.begin_resume(&e, &[]).is_ok());
+}
