@@ -321,7 +321,7 @@ impl Hub {
     /// more events, live or replayed, and no answer. True when it was.
     pub fn close_if_expired(&self, conn: &Conn) -> bool {
         let now = chrono::Utc::now().timestamp();
-        if !conn.principal.exp.is_some_and(|exp| now >= exp) {
+        if conn.principal.exp.is_none_or(|exp| now < exp) {
             return false;
         }
         if self.close(conn, protocol::CLOSE_TOKEN_EXPIRED, "token expired") {
