@@ -414,8 +414,8 @@ pub const REPEATED: &str = "appears more than once in the same object";
 /// The path of the first key that appears twice in one object of `text`
 /// (`salesDataArray[3].storeId`), if any. JSON leaves such a document's
 /// meaning open (a parser may keep either value, or refuse it); `jsonb` and
-/// `serde_json` keep the last. None also for text that is not valid JSON
-/// (its parse reports that).
+/// `serde_json` keep the last. None for valid JSON without one, and for text
+/// that is not JSON before any repeat (its parse reports that).
 pub fn repeated_key(text: &[u8]) -> Option<String> {
     use serde::de::DeserializeSeed;
     let mut walk = Walk {
@@ -423,7 +423,8 @@ pub fn repeated_key(text: &[u8]) -> Option<String> {
         found: None,
     };
     let mut de = serde_json::Deserializer::from_slice(text);
-    (&mut walk).deserialize(&mut de).ok()?;
+    // The walk stops at the first repeat (an error that carries nothing).
+    let _ = (&mut walk).deserialize(&mut de);
     walk.found
 }
 
@@ -520,8 +521,9 @@ impl<'de> serde::de::Visitor<'de> for &mut Walk<'de> {
                 }
             };
             self.at.push(Step::Key(key));
-            if again && self.found.is_none() {
+            if again {
                 self.found = Some(self.path());
+                return Err(serde::de::Error::custom("repeated key"));
             }
             let value = map.next_value_seed(&mut *self);
             self.at.pop();
@@ -582,6 +584,7 @@ mod tests {
             Some("x[0][0].a")
         );
         assert_eq!(repeated_key(b"not json"), None);
+        assert_eq!(repeated_key(br#"{"a":1,"b":[}"#), None);
         assert_eq!(repeated_key(b"7"), None);
     }
 

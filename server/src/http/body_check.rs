@@ -26,10 +26,11 @@ pub fn body_problem(
         Ok(v) => v,
         Err(e) => return Some(("body".into(), format!("is not valid JSON: {e}"))),
     };
-    if let Some(path) = sales_core::json::repeated_key(body) {
-        return Some((path, sales_core::json::REPEATED.into()));
-    }
-    check(&value, schema, defs, "", 0)
+    // A rule the body breaks first; then a key given twice (which the
+    // typed parse refuses for a batch's own members).
+    check(&value, schema, defs, "", 0).or_else(|| {
+        sales_core::json::repeated_key(body).map(|path| (path, sales_core::json::REPEATED.into()))
+    })
 }
 
 /// The values an enum schema (directly, through `$ref` or `allOf`) allows.

@@ -149,7 +149,7 @@ pub(super) async fn replay(
         hub.finish_resume(
             &conn,
             &snap,
-            snap.upto,
+            snap.resync_seam(),
             None,
             protocol::error("resync_required", msg, None),
         );

@@ -126,7 +126,7 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, ctx: Arc<Context>) 
         protocol::ready(
             conn.user_id(),
             conn.principal.role.as_str(),
-            hub.position().id,
+            conn.opened_at().id,
             hub.cfg.ping_interval.as_millis(),
             hub.cfg.send_queue,
         ),
@@ -260,6 +260,11 @@ impl Session {
 
     fn on_message(&mut self, msg: Message) {
         let hub = &self.ctx.hub;
+        // An expired token gets no answer (and no replay): it is closed.
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) && hub.close_if_expired(&self.conn)
+        {
+            return;
+        }
         match msg {
             Message::Text(text) => self.on_request(text.as_str()),
             Message::Binary(_) => {
@@ -278,10 +283,6 @@ impl Session {
     fn on_request(&mut self, text: &str) {
         let hub = &self.ctx.hub;
         let conn = &self.conn;
-        // An expired token gets no answer (and no replay): it is closed.
-        if hub.close_if_expired(conn) {
-            return;
-        }
         let request = match ClientMessage::parse(text) {
             Ok(r) => r,
             Err(m) => {

@@ -103,6 +103,8 @@ struct ConnState {
     /// back, so that a resume sent first replays them in order instead of
     /// finding them already delivered ahead of older events.
     opening: bool,
+    /// The relay position at registration (what `ready` reports).
+    opened: Pos,
     close: Option<(u16, &'static str)>,
     /// Explicit subscriptions and the relay position each started at: events
     /// after it were delivered live.
@@ -131,6 +133,12 @@ impl Conn {
 
     fn lock(&self) -> MutexGuard<'_, ConnState> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The relay position when the connection registered: `ready` reports
+    /// its id, from which a resume covers everything held back since.
+    pub fn opened_at(&self) -> Pos {
+        self.lock().opened
     }
 
     /// Whether the connection is closing (work for it can stop).
@@ -295,6 +303,12 @@ impl Hub {
     /// resume, or [`OPENING_HOLD`] after it opened): the events held back
     /// since it registered are queued, in order, and live delivery begins.
     pub fn end_opening(&self, conn: &Conn) {
+        if !conn.lock().opening || self.close_if_expired(conn) {
+            return;
+        }
+        // Under the registry lock, as a resume begins: the two cannot
+        // interleave (a resume finding the hold half ended).
+        let _reg = self.reg();
         let mut st = conn.lock();
         if !st.opening {
             return;
@@ -306,6 +320,7 @@ impl Hub {
         if st.close.is_some() {
             return;
         }
+        let before = st.queue.len();
         for (_, msg) in held {
             if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
                 self.overflow(&mut st);
@@ -313,6 +328,9 @@ impl Hub {
             }
             st.queue.push_back(msg);
         }
+        // Released at once, like a resume's: not counted against the live
+        // bound or the replies' (each read takes one off).
+        st.backlog += st.queue.len().saturating_sub(before);
         drop(st);
         conn.waker.wake();
     }
@@ -355,6 +373,7 @@ impl Hub {
         {
             let mut st = conn.lock();
             st.user_since = reg.position;
+            st.opened = reg.position;
             st.catch_up = Some(Vec::new());
             st.opening = true;
         }

@@ -18,9 +18,20 @@ pub struct ResumeSnapshot {
     pub upto: Pos,
     subs: Vec<(Channel, Pos)>,
     user_since: Pos,
+    /// Where the connection opened, when the resume began during its
+    /// opening hold: the events held since then were never delivered.
+    opened: Option<Pos>,
 }
 
 impl ResumeSnapshot {
+    /// Where a resume that ends without replaying (`resync_required`)
+    /// releases held events from: after `upto` (the live events held during
+    /// the replay), or after the connection opened when it began during the
+    /// opening hold (its own events held since then, never delivered).
+    pub fn resync_seam(&self) -> Pos {
+        self.opened.unwrap_or(self.upto)
+    }
+
     pub(super) fn since(&self, ch: Channel) -> Option<Pos> {
         self.subs.iter().find(|(c, _)| *c == ch).map(|(_, p)| *p)
     }
@@ -101,6 +112,7 @@ impl Hub {
             .map(|ch| self.subscribe_locked(&mut reg, conn, *ch))
             .collect();
         let mut st = conn.lock();
+        let opened = st.opening.then_some(st.opened);
         if st.opening {
             // The events held back since the connection opened were not
             // delivered: the replay covers the implicit channel up to here,
@@ -117,6 +129,7 @@ impl Hub {
             upto: reg.position,
             subs: st.subs.clone(),
             user_since: st.user_since,
+            opened,
         };
         Ok((snap, added))
     }
@@ -148,6 +161,9 @@ impl Hub {
     /// Queues a replayed event, waiting (without holding anything) while the
     /// queue is full. `false` when the connection is closing.
     pub async fn push_replay(&self, conn: &Conn, msg: Message) -> bool {
+        if self.close_if_expired(conn) {
+            return false;
+        }
         let mut msg = Some(msg);
         loop {
             {
@@ -180,6 +196,9 @@ impl Hub {
         from: Option<Pos>,
         ack: String,
     ) {
+        if self.close_if_expired(conn) {
+            return;
+        }
         let mut st = conn.lock();
         let Some(held) = st.catch_up.take() else {
             return;

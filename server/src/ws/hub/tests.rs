@@ -448,6 +448,9 @@ fn own_events_wait_for_the_first_request() {
     // Resumed first.
     let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
     h.dispatch(&note(1));
+    // `ready` reports where the connection opened: a resume from there
+    // covers what was held since.
+    assert_eq!(c.opened_at(), Pos { seq: 1000, id: 0 });
     h.dispatch(&event(2, "sales-data-created", Some(1), None));
     h.dispatch(&note(3));
     assert_eq!(ids(&h, &c), Vec::<i64>::new(), "held while opening");
@@ -480,4 +483,28 @@ fn own_events_wait_for_the_first_request() {
     h.end_opening(&e);
     assert_eq!(ids(&h, &e), vec![8]);
     assert!(h.begin_resume(&e, &[]).is_ok());
+}
+
+/// A resume begun during the opening hold that ends without a replay
+/// (`resync_required`) still delivers the user's own events held since the
+/// connection opened: they were never sent, and no reload brings them back.
+#[test]
+fn a_resync_during_the_opening_hold_keeps_own_events() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 1000, id: 0 });
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.dispatch(&event(1, "user-notification", None, Some(1)));
+    let (snap, _) = h.begin_resume(&c, &[Channel::Sales(1)]).unwrap();
+    h.dispatch(&event(2, "sales-data-created", Some(1), None));
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.resync_seam(),
+        None,
+        protocol::error("resync_required", "reload", None),
+    );
+    assert_eq!(ids(&h, &c), vec![1, 2]);
+    // A resume begun after the hold releases only what came after it.
+    let (snap, _) = h.begin_resume(&c, &[]).unwrap();
+    assert_eq!(snap.resync_seam(), snap.upto);
 }
