@@ -6,7 +6,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// The WebSocket heartbeat of one running server: pings every connection
-/// each `ping_interval`, closing dead ones and those whose token expired.
+/// each `ping_interval`, closing dead ones and those whose token expired,
+/// and ends connections' opening holds as they run out.
 pub struct Heartbeat {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -19,10 +20,15 @@ impl Heartbeat {
             let mut ping = tokio::time::interval(hub.cfg.ping_interval);
             ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ping.tick().await;
+            // Connections that sent no request release their own events
+            // when their opening hold runs out.
+            let mut openings = tokio::time::interval(Duration::from_secs(1));
+            openings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = rx.changed() => return,
                     _ = ping.tick() => hub.heartbeat(),
+                    _ = openings.tick() => hub.end_openings(),
                 }
             }
         });

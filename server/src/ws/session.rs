@@ -131,15 +131,6 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, ctx: Arc<Context>) 
             hub.cfg.send_queue,
         ),
     );
-    // Without a request, the connection's own events are released after
-    // the opening hold.
-    {
-        let (hub, conn) = (ctx.hub.clone(), conn.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(super::hub::OPENING_HOLD).await;
-            hub.end_opening(&conn);
-        });
-    }
     let mut session = Session {
         ctx: ctx.clone(),
         conn: conn.clone(),

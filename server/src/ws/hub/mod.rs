@@ -77,7 +77,8 @@ impl HubConfig {
 
 /// How long a new connection's own events (the implicit per-user channel)
 /// wait for its first request: a client that resumes right after `ready`
-/// gets them in order within its replay.
+/// gets them in order within its replay. (Checked once a second, so up to
+/// a second more.)
 pub const OPENING_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One WebSocket connection as the hub sees it.
@@ -245,6 +246,10 @@ pub struct Hub {
     pub replay_slots: tokio::sync::Semaphore,
     /// Replays in progress per user (bounded by `replay_slots_per_user`).
     replaying: Mutex<HashMap<i64, usize>>,
+    /// Connections in their opening hold, in the order they opened, with
+    /// when it runs out (ended by [`Hub::end_openings`], from the
+    /// heartbeat's task: no task or timer per connection).
+    openings: Mutex<std::collections::VecDeque<(std::time::Instant, std::sync::Weak<Conn>)>>,
 }
 
 /// What pushing into a queue did.
@@ -265,6 +270,7 @@ impl Hub {
             empty: Notify::new(),
             replay_slots: tokio::sync::Semaphore::new(cfg.replay_slots.max(1)),
             replaying: Mutex::new(HashMap::new()),
+            openings: Mutex::new(std::collections::VecDeque::new()),
             cfg,
         }
     }
@@ -335,6 +341,27 @@ impl Hub {
         conn.waker.wake();
     }
 
+    /// Ends the opening hold of every connection whose hold has run out
+    /// (or that has gone); called about once a second.
+    pub fn end_openings(&self) {
+        let now = std::time::Instant::now();
+        loop {
+            let due = {
+                let mut q = self.openings.lock().unwrap_or_else(|p| p.into_inner());
+                match q.front() {
+                    Some((at, _)) if *at <= now => q.pop_front().map(|(_, c)| c),
+                    _ => None,
+                }
+            };
+            let Some(conn) = due else {
+                return;
+            };
+            if let Some(conn) = conn.upgrade() {
+                self.end_opening(&conn);
+            }
+        }
+    }
+
     /// A connection whose token has expired is closed (4001): it gets no
     /// more events, live or replayed, and no answer. True when it was.
     pub fn close_if_expired(&self, conn: &Conn) -> bool {
@@ -377,6 +404,13 @@ impl Hub {
             st.catch_up = Some(Vec::new());
             st.opening = true;
         }
+        self.openings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((
+                std::time::Instant::now() + OPENING_HOLD,
+                Arc::downgrade(&conn),
+            ));
         reg.conns.insert(conn.id, conn.clone());
         reg.users
             .entry(user)
