@@ -95,7 +95,7 @@ pub(super) async fn replay(
             let mut after = last_event_id;
             let mut scanned = 0u64;
             'pages: loop {
-                if conn.is_closing() || hub.close_if_expired(&conn) {
+                if conn.is_closing() {
                     return Ok(ReplayEnd::Closed);
                 }
                 let page = page_after(hub, pool, after).await?;

@@ -182,12 +182,12 @@ pub(super) async fn history_body(
     doc.ok_or_else(|| ApiError::not_found(format!("no sales record {id}")))
 }
 
-/// The actors' emails the caller may not see, taken out of a page (cached
+/// The actors whose emails the caller may not see in a page (cached
 /// with every email, for every caller of the same scope). Admins see
 /// every one; a manager those of the staff they manage (a staff user with
 /// one of their stores) and their own; anyone else their own: the same
 /// users each may look up through `/api/v2/users`.
-async fn hide_emails(state: &AppState, who: &Principal, page: &Value) -> ApiResult<Vec<i64>> {
+async fn hidden_actors(state: &AppState, who: &Principal, page: &Value) -> ApiResult<Vec<i64>> {
     use crate::auth::Role;
     if who.role == Role::Admin {
         return Ok(Vec::new());
@@ -231,7 +231,7 @@ async fn hide_emails(state: &AppState, who: &Principal, page: &Value) -> ApiResu
 /// the page's text, so every other value (day values above all) stays
 /// exactly as written.
 async fn without_emails(state: &AppState, page: &str, hidden: &[i64]) -> ApiResult<String> {
-    let out: String = crate::db::retry("history_actors", true, || async {
+    let out: String = crate::db::retry("history_hide_emails", true, || async {
         sqlx::query_scalar(
             "SELECT jsonb_set(p, '{data}', coalesce((
                         SELECT jsonb_agg(CASE WHEN (v #>> '{actor,userId}')::bigint = ANY($2)
@@ -268,7 +268,7 @@ pub(super) async fn history_response(
     let body = match gone {
         Some(_) => body,
         None => {
-            let hidden = hide_emails(state, who, &v).await?;
+            let hidden = hidden_actors(state, who, &v).await?;
             if hidden.is_empty() {
                 body
             } else {

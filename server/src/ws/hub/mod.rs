@@ -327,13 +327,7 @@ impl Hub {
             return;
         }
         let before = st.queue.len();
-        for (_, msg) in held {
-            if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
-                self.overflow(&mut st);
-                break;
-            }
-            st.queue.push_back(msg);
-        }
+        self.release_held(&mut st, held.into_iter().map(|(_, msg)| msg));
         // Released at once, like a resume's: not counted against the live
         // bound or the replies' (each read takes one off).
         st.backlog += st.queue.len().saturating_sub(before);
@@ -456,9 +450,8 @@ impl Hub {
     }
 
     /// Subscribes after checking the connection's claims; `Ok(false)` when
-    /// it was already subscribed.
-    /// Subscribes outside a resume (which ends the opening hold: events
-    /// are live from here on).
+    /// it was already subscribed. Outside a resume, so it ends the opening
+    /// hold: events are live from here on.
     pub fn subscribe(&self, conn: &Arc<Conn>, ch: Channel) -> Result<bool, SubscribeError> {
         self.end_opening(conn);
         let mut reg = self.reg();
@@ -584,6 +577,19 @@ impl Hub {
         conn.waker.wake();
         conn.space.notify_one();
         true
+    }
+
+    /// Queues held-back events released at once (at the end of a resume or
+    /// of the opening hold), closing the connection as a slow consumer if
+    /// they do not fit.
+    fn release_held(&self, st: &mut ConnState, msgs: impl Iterator<Item = Message>) {
+        for msg in msgs {
+            if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
+                self.overflow(st);
+                return;
+            }
+            st.queue.push_back(msg);
+        }
     }
 
     fn overflow(&self, st: &mut ConnState) {

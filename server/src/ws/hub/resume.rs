@@ -214,16 +214,12 @@ impl Hub {
         if snap.upto < seam {
             st.floor = Some(st.floor.map_or(seam, |f| f.max(seam)));
         }
-        for (pos, msg) in held {
-            if pos.is_some_and(|p| p <= seam) {
-                continue;
-            }
-            if st.queue.len() >= self.cfg.send_queue + self.cfg.catch_up_limit {
-                self.overflow(&mut st);
-                break;
-            }
-            st.queue.push_back(msg);
-        }
+        self.release_held(
+            &mut st,
+            held.into_iter()
+                .filter(|(pos, _)| !pos.is_some_and(|p| p <= seam))
+                .map(|(_, msg)| msg),
+        );
         // What the resume queued (its answer and the events it released)
         // is the client's to read first, and does not count against the
         // live bound: pings and live events arriving meanwhile queue behind
