@@ -123,7 +123,12 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
 /// `sales.transaction_events()`, whose body is the same: a database that
 /// was already at extension 0.3.0 when that function was fixed kept its
 /// earlier body, which scans the whole log, until it moved to 0.4.0.
-pub const TX_EVENTS_SQL: &str = "SELECT DISTINCT kind, store_id, row_id,
+///
+/// No DISTINCT: the tags are deduplicated after they are derived, and
+/// sorting the rows to drop repeats (text compared by the database's
+/// collation) took 10–15 ms for a batch of 1,000 records, against about
+/// 1 ms for reading them.
+pub const TX_EVENTS_SQL: &str = "SELECT kind, store_id, row_id,
         jsonb_build_object('year', payload->'year', 'month', payload->'month',
                            'previousStoreId', payload->'previousStoreId',
                            'previousYear', payload->'previousYear',

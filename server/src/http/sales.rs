@@ -508,8 +508,14 @@ impl SalesApi {
             text.push_str(body.records[i].get());
         }
         text.push(']');
-        let records = serde_json::value::RawValue::from_string(text).map_err(ApiError::internal)?;
+        // Each piece is a value the body's parser accepted, so the array is
+        // JSON; it is checked again (a pass over the whole text) only where
+        // it goes on as a JSON value rather than as text.
+        let as_value = |text: &str| {
+            serde_json::value::RawValue::from_string(text.to_owned()).map_err(ApiError::internal)
+        };
         if run_async.0.unwrap_or(false) {
+            let records = as_value(&text)?;
             let id = crate::jobs::batch::enqueue(
                 &self.state.pool,
                 self.state.config.jobs_max_per_user,
@@ -547,19 +553,26 @@ impl SalesApi {
         let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
         let (summary, changes) = if write {
             let mut in_extension = self.state.parse_json.has(pool).await;
+            // Without sales.parse_json the records go as jsonb.
+            let mut as_jsonb = if in_extension {
+                None
+            } else {
+                Some(as_value(&text)?)
+            };
             loop {
                 let out = crate::db::retry_tx("batch_upsert", || async {
                     let mut w = Write::begin(pool, user).await?;
                     // The records go as text: sales.parse_json makes them
                     // jsonb several times faster than Postgres' jsonb input.
-                    let query = if in_extension {
-                        sqlx::query_scalar(
+                    let query = match &as_jsonb {
+                        None => sqlx::query_scalar(
                             "SELECT sales.batch_upsert_impl(sales.parse_json($1), $2, $3, $4)",
                         )
-                        .bind(records.get())
-                    } else {
-                        sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
-                            .bind(sqlx::types::Json(&*records))
+                        .bind(text.as_str()),
+                        Some(records) => {
+                            sqlx::query_scalar("SELECT sales.batch_upsert_impl($1, $2, $3, $4)")
+                                .bind(sqlx::types::Json(&**records))
+                        }
                     };
                     let summary: Value = crate::metrics::timed(
                         "batch_upsert",
@@ -590,6 +603,7 @@ impl SalesApi {
                     {
                         self.state.parse_json.missing();
                         in_extension = false;
+                        as_jsonb = Some(as_value(&text)?);
                     }
                     out => break out?,
                 }
