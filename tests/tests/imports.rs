@@ -1819,11 +1819,13 @@ async fn ndjson_store_code_and_id_must_agree() {
     let api = Api::new(&server, Some(&token));
     let (a, b) = (stores[0], stores[1]);
     let nd = format!(
-        "{}\n{}\n{}\n{}\n",
+        "{}\n{}\n{}\n{}\n{}\n",
         json!({"storeCode": 10, "date": "2024-05-01", "sales": 1}),
         json!({"storeCode": "T001", "storeId": b, "date": "2024-05-02", "sales": 2}),
         json!({"storeCode": "T001", "storeId": a, "date": "2024-05-03", "sales": 3}),
         json!({"storeCode": "T001", "storeId": b, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 4}, "2": {"sales": 5}}}),
+        // One name in both spellings: which store was meant is unknown.
+        json!({"storeId": a, "store_id": b, "date": "2024-05-04", "sales": 6}),
     );
     let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd).await;
     assert_eq!(status, 202, "{body}");
@@ -1835,17 +1837,19 @@ async fn ndjson_store_code_and_id_must_agree() {
             (1, "storeCode".to_string()),
             (2, "storeId".to_string()),
             (4, "storeId".to_string()),
+            (5, "store_id".to_string()),
         ],
         "{doc}"
     );
     assert_eq!(doc["errors"][0]["reason"], "must be a string");
+    assert_eq!(doc["errors"][3]["reason"], "storeId given twice", "{doc}");
     assert_eq!(
         doc["errors"][1]["reason"],
         format!("storeCode \"T001\" is store {a}, not storeId {b}")
     );
     assert_eq!(
         (doc["rowsRejected"].as_i64(), doc["rowsWritten"].as_i64()),
-        (Some(3), Some(1)),
+        (Some(4), Some(1)),
         "{doc}"
     );
     assert_eq!(day_of(&db, a, 2024, 5, 3).await, json!({"sales": 3}));

@@ -1271,6 +1271,22 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     if let Some(path) = sales_core::json::repeated_key(text.as_bytes()) {
         return Err(vec![(Some(path), sales_core::json::REPEATED.into())]);
     }
+    // One member in both spellings (`storeId` and `store_id`): which one
+    // was meant cannot be told, as in a batch record.
+    let known = || {
+        ["storeId", "storeCode", "year", "month", "dailyData", "date"]
+            .iter()
+            .chain(METRIC_NAMES.iter())
+            .chain(DERIVED.iter())
+    };
+    for camel in known() {
+        let mut spellings = obj
+            .keys()
+            .filter(|k| sales_core::record::spelled_as(k, camel));
+        if let (Some(_), Some(second)) = (spellings.next(), spellings.next()) {
+            return Err(vec![(Some(second.clone()), format!("{camel} given twice"))]);
+        }
+    }
     let mut errors: LineErrors = Vec::new();
     // Numbers are staged as the line wrote them: their text, not the f64
     // a `Value` holds (`12345678.123456789012` stays so).
@@ -1309,11 +1325,7 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         None => (store_id, None),
     };
     for (k, _) in obj {
-        let known = ["storeId", "storeCode", "year", "month", "dailyData", "date"]
-            .iter()
-            .chain(METRIC_NAMES.iter())
-            .chain(DERIVED.iter())
-            .any(|c| sales_core::record::spelled_as(k, c));
+        let known = known().any(|c| sales_core::record::spelled_as(k, c));
         if !known {
             let name = match cut_short(k) {
                 None => k.clone(),
@@ -1872,6 +1884,7 @@ mod tests {
             r#"{"storeId": 1, "year": 2024, "month": 9, "dailyData": {"3": {"sales": 0.10000000000000000001, "customers": 1.00000000000000000001}}}"#,
             r#"{"storeId": 1, "year": 2024, "month": 9, "dailyData": {"3": {"sales": 1, "sales": 2}}}"#,
             r#"{"storeCode": "S1", "date": "2024-09-02", "sales": 1, "storeCode": "S2"}"#,
+            r#"{"storeId": 1, "store_id": 2, "year": 2024, "month": 9, "dailyData": {"1": {"sales": 5}}}"#,
         ]
         .join("\n");
         let (_, rows, bad, _) = run(&nd, Requested::Auto).unwrap();
@@ -1888,9 +1901,11 @@ mod tests {
                 (5, "dailyData.3.customers"),
                 (6, "dailyData.3.sales"),
                 (7, "storeCode"),
+                (8, "store_id"),
             ]
         );
         assert_eq!(bad[5].reason, "appears more than once in the same object");
+        assert_eq!(bad[6].reason, "storeId given twice");
         assert_eq!(bad[2].reason, "must be a string");
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].sales.as_deref(), Some("12345678.123456789012"));
