@@ -552,9 +552,8 @@ impl SalesApi {
         let roll_back = atomic && !rejected.is_empty();
         let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
         let (summary, changes) = if write {
-            let mut in_extension = self.state.parse_json.has(pool).await;
             // Without sales.parse_json the records go as jsonb.
-            let mut as_jsonb = if in_extension {
+            let mut as_jsonb = if self.state.parse_json.has(pool).await {
                 None
             } else {
                 Some(as_value(&text)?)
@@ -599,10 +598,9 @@ impl SalesApi {
                     // The extension went back to a version without
                     // sales.parse_json: nothing was written, send jsonb.
                     Err(crate::db::TxFailure::BeforeCommit(e))
-                        if in_extension && crate::db::is_undefined_function(&e) =>
+                        if as_jsonb.is_none() && crate::db::is_undefined_function(&e) =>
                     {
                         self.state.parse_json.missing();
-                        in_extension = false;
                         as_jsonb = Some(as_value(&text)?);
                     }
                     out => break out?,
