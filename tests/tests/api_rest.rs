@@ -1341,6 +1341,146 @@ async fn refused_bodies_name_the_field_and_the_rule() {
     }
 }
 
+/// A member a JSON body's object does not have (a misspelling: `atomc`,
+/// `regoin`, `Mode`) is a 400 naming it and the members allowed, rather
+/// than a request that does something else than meant (a merge instead of
+/// a replace, a store rename without its region, a non-atomic delete run
+/// atomically); nothing is written. The document says so: every object a
+/// JSON request body refers to has `additionalProperties: false`.
+#[tokio::test]
+async fn misspelt_body_members_are_refused_and_change_nothing() {
+    let f = fixture(&[]).await;
+    let store = f.stores[0];
+    let (st, before) = f.admin.get(&format!("/api/v2/stores/{store}")).await;
+    assert_eq!(st, 200, "{before}");
+    let record = month(store, 2031, 1, 3, 10.0);
+    let cases: Vec<(Method, String, Value, &str, &str)> = vec![
+        (
+            Method::POST,
+            "/api/v2/sales/batch".into(),
+            json!({"salesDataArray": [record], "Mode": "replace"}),
+            "Mode",
+            "atomic, mode, salesDataArray",
+        ),
+        (
+            Method::DELETE,
+            "/api/v2/sales/batch".into(),
+            json!({"keys": [{"storeId": store, "year": 2031, "month": 1}], "atomc": false}),
+            "atomc",
+            "atomic, ids, keys",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v2/stores/{store}"),
+            json!({"name": "Renamed", "regoin": "South"}),
+            "regoin",
+            "name, region, status",
+        ),
+        (
+            Method::POST,
+            "/api/v2/stores".into(),
+            json!({"code": "typo-1", "name": "A", "region": "North", "staus": "closed"}),
+            "staus",
+            "code, name, region, status",
+        ),
+        (
+            Method::POST,
+            "/api/v2/users".into(),
+            json!({"email": "typo@example.com", "password": "a-long-password-1", "role": "staff", "store": [store]}),
+            "store",
+            "disabled, email, password, role, stores",
+        ),
+        (
+            Method::POST,
+            "/api/v2/auth/login".into(),
+            json!({"email": "admin@example.com", "password": "x", "remember": true}),
+            "remember",
+            "email, password, refreshCookie",
+        ),
+        (
+            Method::POST,
+            "/api/admin/cache/clear".into(),
+            json!({"tags": "sales"}),
+            "tags",
+            "tag",
+        ),
+        (
+            Method::POST,
+            "/api/admin/maintenance".into(),
+            json!({"dry_run": true}),
+            "dry_run",
+            "dropUnused, dryRun",
+        ),
+    ];
+    for (method, path, body, field, allowed) in cases {
+        let (status, got) = f.admin.send_json(method.clone(), &path, &body).await;
+        let what = format!("{method} {path} {body}: {got}");
+        assert_eq!(status, 400, "{what}");
+        assert_eq!(got["error"]["details"]["parameter"], field, "{what}");
+        assert_eq!(
+            got["error"]["details"]["reason"],
+            format!("unknown field; allowed: {allowed}"),
+            "{what}"
+        );
+    }
+    // Nothing was written: the month is absent, the store unchanged, no
+    // store or user was created.
+    let (_, months) = f
+        .admin
+        .get(&format!("/api/v2/sales?storeId={store}&year=2031"))
+        .await;
+    assert_eq!(months["data"], json!([]), "{months}");
+    let (_, after) = f.admin.get(&format!("/api/v2/stores/{store}")).await;
+    assert_eq!(after, before);
+    let (_, stores) = f.admin.get("/api/v2/stores?limit=200").await;
+    assert!(
+        !stores.to_string().contains("typo-1"),
+        "a refused store was created: {stores}"
+    );
+    let (_, users) = f.admin.get("/api/v2/users").await;
+    assert!(
+        !users.to_string().contains("typo@example.com"),
+        "a refused user was created: {users}"
+    );
+    // The same bodies without the misspelt member are accepted.
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(store, 2031, 1, 3, 10.0)], "mode": "replace"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // The document closes every request body's objects.
+    let (_, spec) = Api::new(&f.server, None).get("/openapi.json").await;
+    let schemas = &spec["components"]["schemas"];
+    for name in [
+        "BatchUpsertRequest",
+        "BatchDeleteRequest",
+        "CreateStore",
+        "UpdateStore",
+        "CreateUser",
+        "UpdateUser",
+        "LinkIdentity",
+        "LoginRequest",
+        "RefreshRequest",
+        "PasswordChange",
+        "Announcement",
+        "Notification",
+        "CacheClear",
+        "MaintenanceRequest",
+    ] {
+        assert_eq!(
+            schemas[name]["additionalProperties"],
+            json!(false),
+            "{name}: {}",
+            schemas[name]
+        );
+    }
+    // Response-only objects stay open (clients must ignore new members).
+    assert!(schemas["BatchSummary"]["additionalProperties"].is_null());
+}
+
 /// With CORS_ORIGINS set, the listed origins get CORS answers and others a
 /// 403; the server's own origin (its dashboard: login, API, WebSocket)
 /// passes whatever the list says.

@@ -21,6 +21,7 @@ pub enum Level {
 }
 
 #[derive(Object, Debug)]
+#[oai(deny_unknown_fields)]
 pub struct Announcement {
     #[oai(validator(min_length = 1, max_length = 2000))]
     pub message: String,
@@ -30,6 +31,7 @@ pub struct Announcement {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct Notification {
     pub user_id: i64,
     #[oai(validator(min_length = 1, max_length = 2000))]
@@ -65,6 +67,7 @@ pub struct IndexFinding {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct MaintenanceRequest {
     /// Only report what would run.
     pub dry_run: Option<bool>,
@@ -373,6 +376,7 @@ pub struct CacheStats {
 }
 
 #[derive(Object, Debug)]
+#[oai(deny_unknown_fields)]
 pub struct CacheClear {
     /// Clear only entries with this tag (e.g. `store:12`, `store:12:2024-03`, `stores`, `sales:all`);
     /// absent: everything.

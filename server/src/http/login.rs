@@ -153,6 +153,7 @@ impl LoginGuard {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct LoginRequest {
     #[oai(validator(max_length = 320))]
     pub email: String,
@@ -213,6 +214,7 @@ pub enum LoginResponse {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct RefreshRequest {
     /// The refresh token; may be left out when the session keeps it in the
     /// `pg_sales_refresh` cookie.
@@ -312,6 +314,7 @@ fn refresh_cookie(token: Option<(&str, i64)>, secure: bool) -> String {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct PasswordChange {
     #[oai(validator(max_length = 1024))]
     pub current_password: String,

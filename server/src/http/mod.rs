@@ -135,16 +135,31 @@ pub fn openapi_json(state: Arc<AppState>) -> String {
     finish_spec(&documented_service(state).spec())
 }
 
-/// Two facts poem-openapi leaves out of the generated document:
+/// Three facts poem-openapi leaves out of the generated document:
 /// * an `Option` member is sent as `null` when absent (and accepted as
 ///   `null`), so every member that is not required is `nullable`;
 /// * every operation that takes a body answers 415 to a body that is not
-///   JSON (poem-openapi's own check, before the handler).
+///   JSON (poem-openapi's own check, before the handler);
+/// * a JSON request body's objects take no members but their own
+///   (`additionalProperties: false`): each is parsed with
+///   `deny_unknown_fields`, so a misspelt member (`atomc`, `regoin`) is a
+///   400 naming it rather than a request that silently does something else.
 pub fn finish_spec(raw: &str) -> String {
     use serde_json::{json, Value};
     let Ok(mut doc) = serde_json::from_str::<Value>(raw) else {
         return raw.to_string();
     };
+    let closed = request_body_objects(&doc);
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        for name in &closed {
+            if let Some(o) = schemas.get_mut(name).and_then(Value::as_object_mut) {
+                if o.get("type") == Some(&json!("object")) && o.contains_key("properties") {
+                    o.entry("additionalProperties")
+                        .or_insert(Value::Bool(false));
+                }
+            }
+        }
+    }
     if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
         for schema in schemas.values_mut() {
             let required: Vec<String> = schema["required"]
@@ -192,6 +207,47 @@ pub fn finish_spec(raw: &str) -> String {
         }
     }
     serde_json::to_string_pretty(&doc).unwrap_or_else(|_| raw.to_string())
+}
+
+/// The schemas a JSON request body refers to, directly or through
+/// another schema's `$ref`.
+fn request_body_objects(doc: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    use serde_json::Value;
+    fn refs(v: &Value, schemas: &Value, found: &mut std::collections::BTreeSet<String>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(name) = o
+                    .get("$ref")
+                    .and_then(Value::as_str)
+                    .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                {
+                    if found.insert(name.to_string()) {
+                        refs(&schemas[name], schemas, found);
+                    }
+                }
+                o.values().for_each(|x| refs(x, schemas, found));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, schemas, found)),
+            _ => {}
+        }
+    }
+    let schemas = &doc["components"]["schemas"];
+    let mut found = std::collections::BTreeSet::new();
+    for op in doc["paths"]
+        .as_object()
+        .into_iter()
+        .flat_map(|p| p.values())
+        .filter_map(Value::as_object)
+        .flat_map(|ops| ops.values())
+    {
+        let content = op["requestBody"]["content"].as_object();
+        for (media, c) in content.into_iter().flatten() {
+            if media.starts_with("application/json") {
+                refs(&c["schema"], schemas, &mut found);
+            }
+        }
+    }
+    found
 }
 
 pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {

@@ -65,6 +65,7 @@ pub struct StoreOne {
 }
 
 #[derive(Object, Debug)]
+#[oai(deny_unknown_fields)]
 pub struct CreateStore {
     /// Unique; letters, digits, `_` and `-`, at most 32.
     #[oai(validator(pattern = r"^[A-Za-z0-9_-]{1,32}$"))]
@@ -78,6 +79,7 @@ pub struct CreateStore {
 }
 
 #[derive(Object, Debug)]
+#[oai(deny_unknown_fields)]
 pub struct UpdateStore {
     pub status: Option<StoreStatus>,
     #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1f\x7f]+$"))]

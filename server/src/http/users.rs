@@ -71,6 +71,7 @@ pub struct IdentityDoc {
 /// naming it) and matched exactly: 1 to 1,000 characters, no surrounding
 /// blanks, no control characters.
 #[derive(Object, Debug, Clone)]
+#[oai(deny_unknown_fields)]
 pub struct LinkIdentity {
     /// The provider's tokens' `iss`.
     pub issuer: Option<String>,
@@ -118,6 +119,7 @@ pub struct UserOne {
 }
 
 #[derive(Object, Debug)]
+#[oai(deny_unknown_fields)]
 pub struct CreateUser {
     #[oai(validator(max_length = 320))]
     pub email: String,
@@ -133,6 +135,7 @@ pub struct CreateUser {
 }
 
 #[derive(Object, Debug)]
+#[oai(deny_unknown_fields)]
 pub struct UpdateUser {
     #[oai(validator(max_length = 320))]
     pub email: Option<String>,

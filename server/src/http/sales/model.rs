@@ -90,6 +90,7 @@ pub enum BatchMode {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct BatchUpsertRequest {
     /// Records like `{"storeId": 12, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 1000, "customers": 52}}}`.
     pub sales_data_array: Vec<Value>,
@@ -111,6 +112,7 @@ pub struct BatchUpsertBody {
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchUpsertWire {
     #[serde(rename = "salesDataArray")]
     sales_data_array: Vec<Box<serde_json::value::RawValue>>,
@@ -210,6 +212,7 @@ pub enum BatchResponse {
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
+#[oai(deny_unknown_fields)]
 pub struct BatchDeleteRequest {
     /// Record ids.
     pub ids: Option<Vec<i64>>,
