@@ -210,6 +210,10 @@ async fn refused_subscriptions_leave_the_connection_open() {
     assert_eq!(err["event"], format!("sales-data-{}", s[1]));
     assert_eq!(c.subscribe("batch").await["code"], "forbidden");
     assert_eq!(c.subscribe("nonsense").await["code"], "unknown_channel");
+    // A store's channel names its id as written elsewhere: no second name
+    // with a leading zero.
+    let zero = c.subscribe(&format!("sales-data-0{}", s[0])).await;
+    assert_eq!(zero["code"], "unknown_channel", "{zero}");
     assert_eq!(c.subscribe("notifications").await["implicit"], true);
     c.send(json!({"type": "dance"})).await;
     assert_eq!(c.reply("error").await["code"], "bad_request");

@@ -227,7 +227,15 @@ impl Channel {
             }
             _ => {
                 let id = name.strip_prefix("sales-data-")?;
-                if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                // The id as it is written everywhere else: digits only,
+                // no leading zero (`sales-data-01` would be a second name
+                // for `sales-data-1`, acknowledged under a name that no
+                // frame carries).
+                if id.is_empty()
+                    || id.len() > 18
+                    || id.starts_with('0')
+                    || !id.bytes().all(|b| b.is_ascii_digit())
+                {
                     return None;
                 }
                 id.parse().ok().filter(|&s: &i64| s > 0).map(Channel::Sales)
@@ -316,6 +324,9 @@ mod tests {
         for bad in [
             "sales-data-",
             "sales-data-0",
+            "sales-data-01",
+            "sales-data-007",
+            "sales-data-+1",
             "sales-data--1",
             "sales-data-1x",
             "sales-data-99999999999999999999",
