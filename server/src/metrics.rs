@@ -67,7 +67,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("events_relayed_total", "Events the relay read from the log and dispatched."),
     ("events_relay_connected", "1 while the relay's LISTEN connection is up."),
     ("events_relay_last_event_id", "Id of the last event this instance relayed."),
-    ("events_relay_lag_events", "Events in the log past the last one this instance relayed."),
+    ("events_relay_lag_events", "Events in the log past the last one this instance relayed, counted up to 10000 (10000: at least that many)."),
     ("events_delivery_held_back_max_seconds", "Longest time a running transaction has held event delivery back (over 1 s; NaN when unknown)."),
     ("events_delivery_holders", "Transactions holding event delivery back for more than 1 s (NaN when unknown)."),
     ("exports_running", "Exports streaming now."),
@@ -232,13 +232,11 @@ pub async fn render(state: &AppState) -> String {
         },
     );
     gauge("events_relay_last_event_id", relayed_to as f64);
-    // Relay lag: events the log holds past what this instance has relayed.
-    if let Ok(head) =
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sales.events WHERE id > $1")
-            .bind(relayed_to)
-            .fetch_one(pool)
-            .await
-    {
+    // Relay lag: events the log holds past what this instance has relayed,
+    // counted up to RELAY_LAG_COUNTED, so that a scrape costs the same
+    // however far behind the relay is (a full count of a large backlog is
+    // what a scrape during an incident would pay).
+    if let Ok(head) = relay_lag(pool, relayed_to).await {
         gauge("events_relay_lag_events", head as f64);
     }
     let holders = held_back(pool).await;
@@ -252,6 +250,22 @@ pub async fn render(state: &AppState) -> String {
     let mut out = handle.render();
     out.push_str(&holders);
     out
+}
+
+/// How many events past the relay's position `events_relay_lag_events`
+/// counts at most.
+pub const RELAY_LAG_COUNTED: i64 = 10_000;
+
+/// Events in the log past `relayed_to`, counted up to
+/// [`RELAY_LAG_COUNTED`] (an index range of at most that many entries).
+pub async fn relay_lag(pool: &sqlx::PgPool, relayed_to: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM sales.events WHERE id > $1 LIMIT $2) behind",
+    )
+    .bind(relayed_to)
+    .bind(RELAY_LAG_COUNTED)
+    .fetch_one(pool)
+    .await
 }
 
 /// `events_delivery_held_back_seconds{pid, since, query_start}`: how long

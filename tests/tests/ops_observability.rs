@@ -25,6 +25,34 @@ async fn one_month() -> Fixture {
     f
 }
 
+/// `events_relay_lag_events` counts the events past the relay's position
+/// up to a bound, so a scrape during a large backlog costs no more than one
+/// during a small one: exact below the bound, the bound above it.
+#[tokio::test]
+async fn relay_lag_is_exact_below_its_bound_and_the_bound_above() {
+    use sales_server::metrics::{relay_lag, RELAY_LAG_COUNTED};
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO sales.events (kind, payload) SELECT 'test-filler', '{}' FROM generate_series(1, $1)",
+    )
+    .bind(RELAY_LAG_COUNTED as i32 + 5)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(relay_lag(&db.pool, head).await.unwrap(), 0);
+    assert_eq!(relay_lag(&db.pool, head - 3).await.unwrap(), 3);
+    let below = head - RELAY_LAG_COUNTED + 1;
+    assert_eq!(
+        relay_lag(&db.pool, below).await.unwrap(),
+        RELAY_LAG_COUNTED - 1
+    );
+    assert_eq!(relay_lag(&db.pool, 0).await.unwrap(), RELAY_LAG_COUNTED);
+}
+
 #[tokio::test]
 async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
     let Fixture {
