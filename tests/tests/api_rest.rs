@@ -1341,6 +1341,88 @@ async fn refused_bodies_name_the_field_and_the_rule() {
     }
 }
 
+/// A batch large enough to be checked in parts (over the cores) reports
+/// each refused record by its own index, whichever part it fell in, writes
+/// the rest with `atomic: false`, and is refused whole (403 naming the
+/// store) when any part names a store outside the caller's scope.
+#[tokio::test]
+async fn a_large_batch_reports_refused_records_by_index_in_every_part() {
+    let f = fixture(&[]).await;
+    let (s0, s1) = (f.stores[0], f.stores[1]);
+    // Years 2001..=2100, twelve months each.
+    let n = 1200;
+    let records = |store_at: &dyn Fn(usize) -> i64| -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                month(
+                    store_at(i),
+                    2001 + (i / 12) as i32,
+                    1 + (i % 12) as i32,
+                    3,
+                    10.0 + i as f64,
+                )
+            })
+            .collect()
+    };
+    let mut recs = records(&|_| s0);
+    // Refusals at the edges of any split of 1,200 into 2, 3 or 4 parts.
+    recs[5]["dailyData"]["32"] = json!({"sales": 1});
+    recs[299]["dailyData"]["1"]["sales"] = json!(-1);
+    recs[300]["colour"] = json!("red");
+    recs[301]["dailyData"]["2"] = json!("lots");
+    recs[599]["month"] = json!(13);
+    recs[600]["storeId"] = json!("x");
+    recs[1199]["dailyData"]["1"]["customers"] = json!(1.5);
+    let refused = [5u64, 299, 300, 301, 599, 600, 1199];
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": recs, "atomic": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let at: Vec<u64> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    let mut distinct = at.clone();
+    distinct.dedup();
+    assert_eq!(distinct, refused, "{body}");
+    assert_eq!(body["failed"], refused.len(), "{body}");
+    assert_eq!(body["inserted"], n - refused.len(), "{body}");
+    let field_of = |i: u64| {
+        body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["index"] == i)
+            .map(|e| e["field"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(field_of(5), "dailyData.32");
+    assert_eq!(field_of(300), "colour");
+    assert_eq!(field_of(599), "month");
+    // One record of another store, late in the batch: a staff user scoped
+    // to a third store is refused the whole batch, and nothing is written.
+    let s2 = f.stores[2];
+    let (_, staff) = user_token(&f.db, &f.server, "parts@example.com", "staff", &[s2]).await;
+    let staff = Api::new(&f.server, Some(&staff));
+    let other = records(&|i| if i == 1100 { s1 } else { s2 });
+    let (st, body) = staff
+        .post("/api/v2/sales/batch", &json!({"salesDataArray": other}))
+        .await;
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(body["error"]["details"]["storeIds"], json!([s1]), "{body}");
+    let (_, page) = f
+        .admin
+        .get(&format!("/api/v2/sales?storeId={s1},{s2}&limit=1"))
+        .await;
+    assert_eq!(page["data"], json!([]), "{page}");
+}
+
 /// A member a JSON body's object does not have (a misspelling: `atomc`,
 /// `regoin`, `Mode`) is a 400 naming it and the members allowed, rather
 /// than a request that does something else than meant (a merge instead of
@@ -1567,7 +1649,8 @@ async fn blank_store_names_and_regions_name_the_field() {
 }
 
 /// A metric whose number Postgres' `numeric` cannot store (more than 16,383
-/// digits after the point: `1.0e-16383`, which an `f64` reads as 0) is
+/// digits after the point: `1.0e-16383`, which an `f64` reads as 0; or an
+/// exponent `numeric_in` refuses whatever the digits: `0e99999999999`) is
 /// refused as its record's own error, naming the field: the other records
 /// of an `atomic: false` batch are written (the whole statement used to
 /// fail with a 400 naming nothing), and an atomic batch is a 422 report.
@@ -1575,7 +1658,14 @@ async fn blank_store_names_and_regions_name_the_field() {
 async fn numbers_numeric_cannot_store_are_the_records_own_error() {
     let f = fixture(&[]).await;
     let s = f.stores[0];
-    for tiny in ["1.0e-16383", "0e-16384", "1e-20000"] {
+    for tiny in [
+        "1.0e-16383",
+        "0e-16384",
+        "1e-20000",
+        "0e99999999999",
+        "0e+1073741823",
+        "1e-2147483649",
+    ] {
         let body = format!(
             r#"{{"atomic": false, "salesDataArray": [
                 {{"storeId": {s}, "year": 2001, "month": 5, "dailyData": {{"1": {{"sales": 5}}}}}},

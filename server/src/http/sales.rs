@@ -451,37 +451,28 @@ impl SalesApi {
         // (one `sales_core` for both), so a record the SQL would read
         // differently from its validation never reaches it: it is reported
         // by index, and with `atomic` nothing is written.
+        let records = std::sync::Arc::new(body.records);
+        let checked = batch::check_records(records.clone())
+            .await
+            .map_err(|e| ApiError::bad_param("salesDataArray", e))?;
         let mut rejected: Vec<(usize, Vec<sales_core::FieldError>)> = Vec::new();
         let mut kept: Vec<usize> = Vec::with_capacity(n);
         let mut denied: Vec<i64> = Vec::new();
-        for (i, raw) in body.records.iter().enumerate() {
-            // The body parsed, so each record's text is one JSON value.
-            let tape = sales_core::json::Tape::parse(raw.get())
-                .map_err(|e| ApiError::bad_param("salesDataArray", e.to_string()))?;
-            let r = tape.root();
-            // A key given twice: jsonb would keep its last value, which
-            // the sender may not have meant.
-            if let Some(path) = tape.repeated() {
-                denied.extend(named_store(r).filter(|s| !auth.0.can_access_store(*s)));
-                let e = sales_core::FieldError::new(path, sales_core::json::REPEATED);
-                rejected.push((i, vec![e]));
-                continue;
-            }
-            match sales_core::record::check_record(r) {
-                Ok(parts) => {
-                    if !auth.0.can_access_store(parts.key.store_id) {
-                        denied.push(parts.key.store_id);
+        for (i, c) in checked.into_iter().enumerate() {
+            match c {
+                batch::Checked::Valid { store, unstorable } => {
+                    if !auth.0.can_access_store(store) {
+                        denied.push(store);
                     }
-                    let unstorable = numbers_numeric_refuses(raw.get());
                     if unstorable.is_empty() {
                         kept.push(i);
                     } else {
                         rejected.push((i, unstorable));
                     }
                 }
-                Err(errors) => {
-                    denied.extend(named_store(r).filter(|s| !auth.0.can_access_store(*s)));
-                    rejected.push((i, errors))
+                batch::Checked::Refused { store, errors } => {
+                    denied.extend(store.filter(|s| !auth.0.can_access_store(*s)));
+                    rejected.push((i, errors));
                 }
             }
         }
@@ -493,19 +484,14 @@ impl SalesApi {
         let atomic = body.atomic.unwrap_or(true);
         let replace = body.mode == Some(BatchMode::Replace);
         // The records to write: one JSON array of their texts as received.
-        let mut text = String::with_capacity(
-            body.records
-                .iter()
-                .map(|r| r.get().len() + 1)
-                .sum::<usize>()
-                + 2,
-        );
+        let mut text =
+            String::with_capacity(records.iter().map(|r| r.get().len() + 1).sum::<usize>() + 2);
         text.push('[');
         for (j, &i) in kept.iter().enumerate() {
             if j > 0 {
                 text.push(',');
             }
-            text.push_str(body.records[i].get());
+            text.push_str(records[i].get());
         }
         text.push(']');
         // Each piece is a value the body's parser accepted, so the array is
@@ -776,9 +762,10 @@ fn numbers_numeric_refuses(record: &str) -> Vec<sales_core::FieldError> {
     use serde_json::value::RawValue;
     use std::collections::BTreeMap;
     // More than 16,383 digits after the point takes a negative exponent or
-    // a number longer than that: a record with neither (nearly every one)
-    // is not read a second time.
-    if record.len() < 16_384 && !record.contains("e-") && !record.contains("E-") {
+    // a number longer than that, and an exponent numeric_in refuses has ten
+    // digits or more: a record with none of these (nearly every one) is not
+    // read a second time.
+    if record.len() < 16_384 && !crate::jobs::parse::may_hold_unstorable_numbers(record) {
         return Vec::new();
     }
     #[derive(serde::Deserialize)]

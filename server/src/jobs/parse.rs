@@ -808,6 +808,9 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
 /// An NDJSON metric: a JSON number's text as the line wrote it (an
 /// exponent allowed), checked as [`metric`] checks a CSV cell.
 fn json_metric(raw: &str, k: usize) -> Result<String, String> {
+    if exponent_out_of_range(raw) {
+        return Err(EXPONENT_OUT_OF_RANGE.into());
+    }
     let n = Decimal::read(raw, true).ok_or_else(|| "must be a number".to_string())?;
     n.check(k)?;
     Ok(raw.to_string())
@@ -836,13 +839,64 @@ struct Decimal {
 /// does. An `f64` reads such a number as 0, so the metric rules pass it and
 /// Postgres would refuse the whole statement.
 pub fn numeric_text_problem(text: &str) -> Option<String> {
-    let d = Decimal::read(text.trim(), true)?;
+    let text = text.trim();
+    if exponent_out_of_range(text) {
+        return Some(EXPONENT_OUT_OF_RANGE.into());
+    }
+    let d = Decimal::read(text, true)?;
     (d.scale > NUMERIC_MAX_SCALE).then(|| {
         format!(
             "has {} digits after the point, more than Postgres can store ({NUMERIC_MAX_SCALE})",
             d.scale
         )
     })
+}
+
+/// The reason given for a number [`exponent_out_of_range`] finds.
+const EXPONENT_OUT_OF_RANGE: &str =
+    "has an exponent beyond ±1073741822, more than Postgres can store";
+
+/// Whether `text`, a number with an exponent, has one that `numeric_in`
+/// refuses whatever the digits before it (`0e99999999999` is zero, and
+/// still refused).
+fn exponent_out_of_range(text: &str) -> bool {
+    let Some(i) = text.find(['e', 'E']) else {
+        return false;
+    };
+    let e = &text[i + 1..];
+    let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits
+            .parse::<i64>()
+            .map_or(true, |v| v >= NUMERIC_MAX_EXPONENT)
+}
+
+/// Whether a JSON text may hold a number whose digits `numeric` cannot
+/// store although an `f64` reads it as a fine value: one with a negative
+/// exponent (`1e-20000`: more digits after the point than `numeric`
+/// keeps) or an exponent of ten digits or more (`0e99999999999`). A quick
+/// pass over the bytes, so that nearly every record is read once only.
+pub fn may_hold_unstorable_numbers(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = b[i..].iter().position(|&c| c == b'e' || c == b'E') {
+        let mut j = i + at + 1;
+        match b.get(j) {
+            Some(b'-') => return true,
+            Some(b'+') => j += 1,
+            _ => {}
+        }
+        let start = j;
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+        if j - start >= 10 {
+            return true;
+        }
+        i = j;
+    }
+    false
 }
 
 impl Decimal {
@@ -1814,6 +1868,40 @@ mod tests {
         let fits = format!("0.{}1", "0".repeat(16_381));
         assert!(m(&fits, 0).is_ok());
         let j = json_metric;
+        for huge in [
+            "0e99999999999",
+            "0e+1073741823",
+            "1e-2147483649",
+            "5E1073741823",
+        ] {
+            assert_eq!(j(huge, 0), Err(EXPONENT_OUT_OF_RANGE.into()), "{huge}");
+            assert_eq!(
+                numeric_text_problem(huge),
+                Some(EXPONENT_OUT_OF_RANGE.into()),
+                "{huge}"
+            );
+            assert!(may_hold_unstorable_numbers(&format!(
+                r#"{{"dailyData": {{"1": {{"sales": {huge}}}}}}}"#
+            )));
+        }
+        // The largest exponent numeric_in reads, on a zero.
+        assert_eq!(j("0e1073741822", 0), Ok("0e1073741822".into()));
+        assert_eq!(numeric_text_problem("0e1073741822"), None);
+        assert!(may_hold_unstorable_numbers("[1e-5]"));
+        assert!(may_hold_unstorable_numbers("[1E-5]"));
+        for plain in [
+            r#"{"storeId": 1, "year": 2025, "dailyData": {"1": {"sales": 1e5, "customers": 2E+3}}}"#,
+            "[1.5, 2e123456789, \"e-mail\"]",
+            "",
+            "e",
+            "1e",
+        ] {
+            assert_eq!(
+                may_hold_unstorable_numbers(plain),
+                plain.contains("e-mail"),
+                "{plain}"
+            );
+        }
         assert_eq!(j("1.5e3", 2), Ok("1.5e3".into()));
         assert_eq!(j("1E+12", 0), Ok("1E+12".into()));
         assert_eq!(j("1.0000001E12", 0), Err("is larger than 1e12".into()));
