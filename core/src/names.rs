@@ -17,6 +17,15 @@ pub fn to_camel(name: &str) -> String {
     out
 }
 
+/// The camelCase form of a name given as exactly its camelCase form
+/// (`storeId`) or exactly its snake_case form (`store_id`); None for any
+/// other spelling that [`to_camel`] would fold into a name (`_store_id`,
+/// `store__id`, `store_Id`, `year_`), as a record's member is judged.
+pub fn camel_of(name: &str) -> Option<String> {
+    let camel = to_camel(name);
+    (camel == name || to_snake(&camel) == name).then_some(camel)
+}
+
 /// `storeId` -> `store_id`.
 pub fn to_snake(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 4);
@@ -43,5 +52,24 @@ mod tests {
         assert_eq!(to_camel("id"), "id");
         assert_eq!(to_snake("dailyData"), "daily_data");
         assert_eq!(to_snake("id"), "id");
+        for (given, camel) in [
+            ("storeId", "storeId"),
+            ("store_id", "storeId"),
+            ("id", "id"),
+            ("total_sales", "totalSales"),
+            ("previous_year", "previousYear"),
+        ] {
+            assert_eq!(camel_of(given).as_deref(), Some(camel), "{given}");
+        }
+        for bent in [
+            "_store_id",
+            "store__id",
+            "store_Id",
+            "year_",
+            "_",
+            "total_Sales",
+        ] {
+            assert_eq!(camel_of(bent), None, "{bent}");
+        }
     }
 }

@@ -214,7 +214,7 @@ impl Metric {
     }
 
     pub fn parse(raw: &str) -> Option<Metric> {
-        let camel = crate::names::to_camel(raw.trim());
+        let camel = crate::names::camel_of(raw.trim())?;
         Metric::all().into_iter().find(|m| m.name() == camel)
     }
 
@@ -294,7 +294,7 @@ pub enum Compare {
 
 impl Compare {
     pub fn parse(raw: &str) -> Result<Compare, SummaryError> {
-        match crate::names::to_camel(raw.trim()).as_str() {
+        match crate::names::camel_of(raw.trim()).as_deref().unwrap_or("") {
             "previousPeriod" => Ok(Compare::PreviousPeriod),
             "previousYear" => Ok(Compare::PreviousYear),
             _ => err(

@@ -303,6 +303,23 @@ async fn list_projection_pagination_and_sorting() {
     assert_eq!(a.get("/api/v2/sales?from=2024-05&to=2024-01").await.0, 400);
     assert_eq!(a.get("/api/v2/sales?storeId=1,x").await.0, 400);
     assert_eq!(a.get("/api/v2/sales?sort=name").await.0, 400);
+    // A sort key is its camelCase or snake_case spelling, exactly, as
+    // `fields` names are: `_store_id` and `store__id` are no names.
+    for bent in [
+        "_store_id",
+        "store__id",
+        "store_Id",
+        "year_",
+        "-total__sales",
+    ] {
+        let (st, body) = a.get(&format!("/api/v2/sales?sort={bent}")).await;
+        assert_eq!(st, 400, "{bent}: {body}");
+        assert_eq!(body["error"]["details"]["parameter"], "sort", "{body}");
+    }
+    assert_eq!(
+        a.get("/api/v2/sales?sort=store_id,-total_sales").await.0,
+        200
+    );
     assert_eq!(a.get("/api/v2/sales?cursor=garbage").await.0, 400);
 
     // Keyset pages cover every row exactly once, in the requested order.

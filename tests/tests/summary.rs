@@ -350,6 +350,11 @@ async fn bad_input_scope_and_cache() {
         ("groupBy=", "groupBy"),
         ("groupBy=store,store", "groupBy"),
         ("metrics=median", "metrics"),
+        // A name is its camelCase or its snake_case spelling, exactly.
+        ("metrics=total__sales", "metrics"),
+        ("metrics=_total_sales", "metrics"),
+        ("metrics=sumSales&orderBy=sum_Sales_", "orderBy"),
+        ("compareTo=previous__year&year=2024", "compareTo"),
         ("from=2024-05&to=2024-04", "from"),
         ("year=2023&from=2024-01", "year"),
         ("top=1001", "top"),
@@ -366,6 +371,13 @@ async fn bad_input_scope_and_cache() {
         let (st, body) = f.admin.get(&format!("/api/v2/sales/summary?{q}")).await;
         assert_eq!(st, 400, "{q}: {body}");
         assert_eq!(body["error"]["details"]["parameter"], param, "{q}: {body}");
+    }
+    for q in [
+        "metrics=total_sales",
+        "metrics=sum_sales&orderBy=-sum_sales&year=2024&compareTo=previous_year",
+    ] {
+        let (st, body) = f.admin.get(&format!("/api/v2/sales/summary?{q}")).await;
+        assert_eq!(st, 200, "{q}: {body}");
     }
     let e = sqlx::query("SELECT sales.summary(group_by => 'colour')")
         .execute(&f.db.pool)

@@ -49,7 +49,8 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
             Some(n) => (true, n),
             None => (false, part.strip_prefix('+').unwrap_or(part)),
         };
-        let camel = sales_core::names::to_camel(name);
+        // Exactly camelCase or snake_case (`_store_id` is no name).
+        let camel = sales_core::names::camel_of(name).unwrap_or_default();
         let names: Vec<&str> = if camel == "period" {
             vec!["year", "month"]
         } else {
