@@ -1214,6 +1214,8 @@ async fn filters_that_select_no_month_are_refused_everywhere() {
     for (q, param) in [
         ("year=2024&from=2023-01&to=2023-12", "year"),
         ("month=2&from=2024-03&to=2024-04", "month"),
+        // Total bounds that admit no total, likewise.
+        ("minTotalSales=10&maxTotalSales=5", "minTotalSales"),
     ] {
         for path in [
             "/api/v2/sales",
@@ -1228,11 +1230,26 @@ async fn filters_that_select_no_month_are_refused_everywhere() {
             );
         }
     }
-    // A month the range holds is a filter like any other.
-    let (st, body) = f
-        .admin
-        .get("/api/v2/sales?month=2&from=2024-01&to=2024-04")
-        .await;
-    assert_eq!(st, 200, "{body}");
+    // A month the range holds is a filter like any other, and equal
+    // bounds pick the totals equal to them.
+    for q in [
+        "month=2&from=2024-01&to=2024-04",
+        "minTotalSales=5&maxTotalSales=5",
+    ] {
+        let (st, body) = f.admin.get(&format!("/api/v2/sales?{q}")).await;
+        assert_eq!(st, 200, "{q}: {body}");
+    }
+    // `header` shapes CSV only: with JSON or NDJSON it is refused rather
+    // than ignored.
+    for format in ["json", "ndjson"] {
+        let (st, body) = f
+            .admin
+            .get(&format!(
+                "/api/v2/sales/export?format={format}&header=false"
+            ))
+            .await;
+        assert_eq!(st, 400, "{format}: {body}");
+        assert_eq!(body["error"]["details"]["parameter"], "header", "{body}");
+    }
     f.server.stop().await;
 }

@@ -164,6 +164,16 @@ impl SalesFilter {
                 }
             }
         }
+        // Bounds that admit no total: refused like a period that selects
+        // no month.
+        if let (Some(lo), Some(hi)) = (raw.min_total_sales, raw.max_total_sales) {
+            if lo > hi {
+                return Err(ApiError::bad_param(
+                    "minTotalSales",
+                    "must not be above maxTotalSales",
+                ));
+            }
+        }
         let region = raw
             .region
             .as_deref()

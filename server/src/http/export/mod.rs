@@ -204,6 +204,12 @@ impl ExportApi {
         } else {
             None
         };
+        if header.0.is_some() && format != ExportFormat::Csv {
+            return Err(ApiError::bad_param(
+                "header",
+                "applies to format=csv; JSON and NDJSON have no header row",
+            ));
+        }
         let after = after
             .0
             .as_deref()
