@@ -98,6 +98,10 @@ pub enum ApiError {
     /// Conflicts with existing data (e.g. a duplicate store code).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// `If-Match` names no ETag of the resource's current state: it changed
+    /// since the caller read it; `details.etag` is the current one.
+    #[oai(status = 412)]
+    PreconditionFailed(Json<ErrorBody>),
     /// The body or batch is larger than allowed.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -160,6 +164,14 @@ impl ApiError {
 
     pub fn conflict(message: impl Into<String>, details: Option<Value>) -> Self {
         ApiError::Conflict(ErrorBody::new("conflict", message, details))
+    }
+
+    pub fn precondition_failed(message: impl Into<String>, current_etag: &str) -> Self {
+        ApiError::PreconditionFailed(ErrorBody::new(
+            "precondition_failed",
+            message,
+            Some(serde_json::json!({"etag": current_etag})),
+        ))
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
@@ -243,6 +255,7 @@ impl ApiError {
             ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::Conflict(_) => 409,
+            ApiError::PreconditionFailed(_) => 412,
             ApiError::PayloadTooLarge(_) => 413,
             ApiError::Unprocessable(_) => 422,
             ApiError::TooManyRequests(..) => 429,

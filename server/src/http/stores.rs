@@ -9,7 +9,7 @@ use super::ApiTags;
 use crate::db::sql::Binds;
 use crate::db::Write;
 use crate::state::AppState;
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
 use sales_core::projection::STORE_DOC;
 use sales_core::sql::push_store_doc;
@@ -243,6 +243,10 @@ impl StoresApi {
         auth: BearerAuth,
         id: Path<i64>,
         body: Json<UpdateStore>,
+        /// Change the store only in the state this ETag (from a GET of it)
+        /// names; else 412 with the current one.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
     ) -> ApiResult<OneResponse> {
         if body.status.is_none() && body.name.is_none() && body.region.is_none() {
             return Err(ApiError::bad_param("body", "give status, name or region"));
@@ -261,6 +265,27 @@ impl StoresApi {
             }
         }
         let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
+        if let Some(wanted) = &if_match.0 {
+            // The state the GET answers, locked until the update commits,
+            // so that two writers holding the same ETag cannot both pass.
+            let doc: Option<String> = sqlx::query_scalar(
+                "SELECT sales.store_doc(s)::text FROM sales.stores s WHERE s.id = $1 FOR UPDATE",
+            )
+            .bind(id.0)
+            .fetch_optional(w.conn())
+            .await?;
+            let doc = doc.ok_or_else(|| ApiError::not_found(format!("no store {}", id.0)))?;
+            let current = format!("{{\"data\":{doc}}}");
+            if !crate::http::middleware::if_match_holds(wanted, current.as_bytes()) {
+                return Err(ApiError::precondition_failed(
+                    format!(
+                        "If-Match: store {} changed since that ETag was read; GET it again",
+                        id.0
+                    ),
+                    &crate::http::middleware::etag_of(current.as_bytes()),
+                ));
+            }
+        }
         let row = sqlx::query(
             "UPDATE sales.stores AS s SET status = coalesce($2, status), name = coalesce($3, name), region = coalesce($4, region)
              WHERE id = $1 RETURNING sales.store_doc(s)::text",

@@ -10,7 +10,7 @@ use super::ApiTags;
 use crate::auth::{Principal, Role};
 use crate::state::AppState;
 use crate::users::{self, User, UserError, UserPatch};
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
 use std::sync::Arc;
 
@@ -282,6 +282,39 @@ impl UsersApi {
         })))
     }
 
+    /// With `If-Match`, 412 unless it names the state of user `id` that a
+    /// GET by `who` answers now (read on `conn`, under the users' lock the
+    /// change holds until it commits, so two writers holding one ETag
+    /// cannot both pass).
+    async fn require_match(
+        conn: &mut sqlx::PgConnection,
+        who: &Principal,
+        id: i64,
+        if_match: Option<&str>,
+    ) -> ApiResult<()> {
+        let Some(wanted) = if_match else {
+            return Ok(());
+        };
+        let u = users::get(conn, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no user {id}")))?;
+        if !who.is_admin() && who.user_id != u.id && !manages(who, &u) {
+            // As for an id no user has (see get_one).
+            return Err(ApiError::not_found(format!("no user {id}")));
+        }
+        use poem_openapi::types::ToJSON;
+        let body = serde_json::to_vec(&UserOne { data: doc(&u, who) }.to_json())
+            .map_err(ApiError::internal)?;
+        if crate::http::middleware::if_match_holds(wanted, &body) {
+            Ok(())
+        } else {
+            Err(ApiError::precondition_failed(
+                format!("If-Match: user {id} changed since that ETag was read; GET it again"),
+                &crate::http::middleware::etag_of(&body),
+            ))
+        }
+    }
+
     async fn load(&self, id: i64) -> ApiResult<User> {
         let pool = &self.state.pool;
         crate::db::retry("users_get", true, || users::get(pool, id))
@@ -417,6 +450,10 @@ impl UsersApi {
         auth: BearerAuth,
         id: Path<i64>,
         body: Json<UpdateUser>,
+        /// Change the user only in the state this ETag (from a GET of the
+        /// user) names; else 412 with the current one.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
     ) -> ApiResult<OneResponse> {
         let who = &auth.0;
         let b = &body.0;
@@ -471,6 +508,7 @@ impl UsersApi {
         };
         let mut tx = crate::db::Write::begin(&self.state.pool, who.user_id).await?;
         users::lock(tx.conn()).await?;
+        Self::require_match(tx.conn(), who, id.0, if_match.0.as_deref()).await?;
         let mut stores = b.stores.clone();
         if who.role == Role::Manager {
             // Read under the lock: the user cannot move out of the
@@ -561,10 +599,19 @@ impl UsersApi {
     /// Delete a user (admins only): their sessions go, their tokens are
     /// refused on every instance. Deleting the last enabled admin is 409.
     #[oai(path = "/api/v2/users/:id", method = "delete")]
-    async fn delete(&self, auth: BearerAuth, id: Path<i64>) -> ApiResult<DeletedResponse> {
+    async fn delete(
+        &self,
+        auth: BearerAuth,
+        id: Path<i64>,
+        /// Delete the user only in the state this ETag (from a GET of the
+        /// user) names; else 412 with the current one.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
+    ) -> ApiResult<DeletedResponse> {
         auth.require_admin()?;
         let mut tx = crate::db::Write::begin(&self.state.pool, auth.0.user_id).await?;
         users::lock(tx.conn()).await?;
+        Self::require_match(tx.conn(), &auth.0, id.0, if_match.0.as_deref()).await?;
         let (_, change) = users::delete(tx.conn(), id.0, self.state.auth.expiry_secs())
             .await
             .map_err(user_error)?;

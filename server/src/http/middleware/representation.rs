@@ -67,6 +67,35 @@ fn compressible(content_type: Option<&str>) -> bool {
     })
 }
 
+/// The ETag a GET answers for `body` without a content coding.
+pub fn etag_of(body: &[u8]) -> String {
+    format!("\"{}\"", digest(body))
+}
+
+/// Whether an `If-Match` value holds for the resource whose GET would
+/// answer `body` (RFC 9110 13.1.1): `*`, or one of the listed ETags by
+/// strong comparison (a weak `W/` tag never matches). The tag of any
+/// content coding of that body (`"<digest>-gzip"`) matches too: each names
+/// the same state.
+pub fn if_match_holds(header_value: &str, body: &[u8]) -> bool {
+    let current = digest(body);
+    header_value.split(',').any(|t| {
+        let t = t.trim();
+        if t == "*" {
+            return true;
+        }
+        let Some(tag) = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
+            return false;
+        };
+        tag == current
+            || tag.strip_prefix(current.as_str()).is_some_and(|coding| {
+                [Encoding::Zstd, Encoding::Brotli, Encoding::Gzip]
+                    .iter()
+                    .any(|e| coding.strip_prefix('-') == Some(e.token()))
+            })
+    })
+}
+
 fn if_none_match_hits(header_value: Option<&str>, etag: &str) -> bool {
     header_value.is_some_and(|v| {
         v.split(',').any(|t| {
@@ -246,6 +275,24 @@ fn with_body(mut resp: Response, body: impl Into<bytes::Bytes>, head: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn if_match_by_strong_comparison() {
+        let body = b"{\"data\":{\"id\":1}}";
+        let tag = etag_of(body);
+        let bare = tag.trim_matches('"');
+        assert!(if_match_holds(&tag, body));
+        assert!(if_match_holds("*", body));
+        assert!(if_match_holds(&format!("\"x\", {tag}"), body));
+        assert!(if_match_holds(&format!("\"{bare}-gzip\""), body));
+        assert!(if_match_holds(&format!("\"{bare}-zstd\""), body));
+        assert!(!if_match_holds(&format!("W/{tag}"), body));
+        assert!(!if_match_holds(&format!("\"{bare}-deflate\""), body));
+        assert!(!if_match_holds(bare, body));
+        assert!(!if_match_holds("\"nonsense\"", body));
+        assert!(!if_match_holds("", body));
+        assert!(!if_match_holds(&tag, b"{\"data\":{\"id\":2}}"));
+    }
 
     #[test]
     fn etag_matching() {
