@@ -32,8 +32,11 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Replies (acks, pongs, errors, pings) may exceed the event limit by this
-/// much; a client that sends requests without reading replies beyond it is closed.
+/// Replies (acks, pongs, errors, pings) not read yet may number the event
+/// limit (`send_queue`) and this many more; a client that sends requests
+/// without reading the replies beyond that is closed (1008). Events queued
+/// ahead of the replies do not count: during a replay the queue stays full
+/// of events however steadily the client reads.
 const CONTROL_HEADROOM: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -123,8 +126,16 @@ struct ConnState {
     replay_waiting: bool,
     /// Frames a resume queued (its answer and the events it released) not
     /// read yet: they do not count against the live bound (`send_queue`)
-    /// or the replies' (each read takes one off).
+    /// (each read takes one off).
     backlog: usize,
+    /// Frames taken from the queue so far: the frame at `queue[i]` is the
+    /// `popped + i`-th ever queued.
+    popped: u64,
+    /// Where each reply not read yet stands in that count: the bound on a
+    /// client that sends without reading counts these, not the events
+    /// queued before them (a replay keeps the queue full of events while
+    /// the client reads them).
+    replies_at: VecDeque<u64>,
 }
 
 impl Conn {
@@ -153,6 +164,11 @@ impl Conn {
         let m = st.queue.pop_front();
         if m.is_some() {
             st.backlog = st.backlog.saturating_sub(1);
+            st.popped += 1;
+            let popped = st.popped;
+            while st.replies_at.front().is_some_and(|&at| at < popped) {
+                st.replies_at.pop_front();
+            }
         }
         if m.is_some() && st.replay_waiting {
             st.replay_waiting = false;
@@ -161,6 +177,7 @@ impl Conn {
         } else if m.is_none() && st.queue.capacity() > 16 {
             // A burst is over: give the memory back.
             st.queue = VecDeque::new();
+            st.replies_at = VecDeque::new();
         }
         m
     }
@@ -549,8 +566,9 @@ impl Hub {
         if st.close.is_some() {
             return;
         }
-        if st.queue.len() >= self.cfg.send_queue + st.backlog + CONTROL_HEADROOM {
+        if st.replies_at.len() >= self.cfg.send_queue + CONTROL_HEADROOM {
             st.queue = VecDeque::new();
+            st.replies_at = VecDeque::new();
             st.backlog = 0;
             st.close = Some((
                 protocol::CLOSE_POLICY,
@@ -558,7 +576,11 @@ impl Hub {
             ));
             self.counters.closed_policy.fetch_add(1, Relaxed);
         } else {
-            st.queue.extend(msgs);
+            for msg in msgs {
+                let at = st.popped + st.queue.len() as u64;
+                st.replies_at.push_back(at);
+                st.queue.push_back(msg);
+            }
         }
         drop(st);
         conn.waker.wake();

@@ -508,3 +508,50 @@ fn a_resync_during_the_opening_hold_keeps_own_events() {
     let (snap, _) = h.begin_resume(&c, &[]).unwrap();
     assert_eq!(snap.resync_seam(), snap.upto);
 }
+
+/// The bound on a client that sends requests without reading counts the
+/// replies it has not read, not the events queued ahead of them: with the
+/// queue full of events (as a replay keeps it), a client may still have
+/// `send_queue + CONTROL_HEADROOM` replies outstanding, and reading frames
+/// (events first) takes replies off only once it reaches them.
+#[test]
+fn the_request_bound_counts_unread_replies_only() {
+    let h = hub(4);
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.end_opening(&c);
+    while c.pop().is_some() {}
+    for id in 1..=4 {
+        h.dispatch(&event(id, "sales-data-created", Some(1), None));
+    }
+    assert_eq!(h.queued_len(&c), 4);
+    let bound = 4 + CONTROL_HEADROOM;
+    for _ in 0..bound {
+        h.reply(&c, protocol::pong());
+    }
+    assert_eq!(c.close_requested(), None, "events ahead do not count");
+    // Reading the four events reads no reply: the next request is over.
+    for _ in 0..4 {
+        c.pop();
+    }
+    h.reply(&c, protocol::pong());
+    assert_eq!(
+        c.close_requested().map(|c| c.0),
+        Some(protocol::CLOSE_POLICY)
+    );
+
+    // A client that reads replies as it sends is never closed, whatever
+    // is queued ahead.
+    let c = h.register(principal(2, Role::Staff, &[1])).unwrap();
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.end_opening(&c);
+    while c.pop().is_some() {}
+    for round in 0..10 * bound {
+        h.reply(&c, protocol::pong());
+        if round % 2 == 1 {
+            c.pop();
+            c.pop();
+        }
+    }
+    assert_eq!(c.close_requested(), None);
+}
