@@ -566,6 +566,24 @@ impl Hub {
         if st.close.is_some() {
             return;
         }
+        // Behind a reply that waits with the held-back events (an
+        // unsubscribe's during a resume), later replies wait too: answers
+        // arrive in the order of their requests.
+        let limit = self.cfg.catch_up_limit;
+        if let Some(buf) = st.catch_up.as_mut() {
+            if buf.iter().any(|(pos, _)| pos.is_none()) {
+                for msg in msgs {
+                    if buf.len() >= limit {
+                        self.overflow(&mut st);
+                        break;
+                    }
+                    buf.push((None, msg));
+                }
+                drop(st);
+                conn.waker.wake();
+                return;
+            }
+        }
         if st.replies_at.len() >= self.cfg.send_queue + CONTROL_HEADROOM {
             st.queue = VecDeque::new();
             st.replies_at = VecDeque::new();

@@ -555,3 +555,54 @@ fn the_request_bound_counts_unread_replies_only() {
     }
     assert_eq!(c.close_requested(), None);
 }
+
+/// During a resume an unsubscribe's answer waits behind the held-back
+/// events; a later request's answer (subscribing again) waits behind it,
+/// so the answers arrive in the order of the requests and the last one
+/// says what the connection follows.
+#[test]
+fn answers_keep_the_order_of_their_requests_during_a_resume() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 10, id: 10 });
+    let c = h.register(principal(1, Role::Admin, &[])).unwrap();
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.end_opening(&c);
+    while c.pop().is_some() {}
+    let (snap, _) = h.begin_resume(&c, &[]).unwrap();
+    h.unsubscribe(&c, Channel::Sales(1));
+    h.reply_after_held(&c, protocol::unsubscribed("sales-data-1"));
+    h.subscribe(&c, Channel::Sales(1)).unwrap();
+    h.reply(&c, protocol::subscribed("sales-data-1", false));
+    assert!(h.queued(&c).is_empty(), "{:?}", h.queued(&c));
+    h.dispatch(&event(11, "sales-data-created", Some(1), None));
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.upto,
+        None,
+        protocol::resumed(0, 0, 0, &[], false, 0),
+    );
+    let kinds: Vec<String> = h
+        .queued(&c)
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_str(f).unwrap();
+            v["type"]
+                .as_str()
+                .or(v["event"].as_str())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "resumed",
+            "unsubscribed",
+            "subscribed",
+            "sales-data-created"
+        ],
+        "{:?}",
+        h.queued(&c)
+    );
+}
