@@ -428,3 +428,48 @@ async fn stopping_the_server_closes_sockets_with_going_away() {
         .expect("server stopped in time")
         .unwrap();
 }
+
+/// A resume naming as many channels as a connection may follow (1,000
+/// store channels, six-digit ids: 20 kB) fits in one client frame and is
+/// answered channel by channel, then `resumed`; one more channel is
+/// `bad_request` with the connection left open; a frame over 64 KiB is
+/// closed with 1009.
+#[tokio::test]
+async fn a_resume_naming_a_thousand_channels_fits_in_one_frame() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let mut c = Client::connect(server.addr, &token(1, "admin", &[])).await;
+    let from = c.ready["lastEventId"].clone();
+    let names = |n: i64| -> Vec<String> {
+        (100_000..100_000 + n)
+            .map(|id| format!("sales-data-{id}"))
+            .collect()
+    };
+    let too_many = json!({"type": "resume", "lastEventId": from, "events": names(1001)});
+    assert!(too_many.to_string().len() > 16 * 1024);
+    c.send(too_many).await;
+    let refused = c.reply("resumed").await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "bad_request", "{refused}");
+    c.send(json!({"type": "resume", "lastEventId": from, "events": names(1000)}))
+        .await;
+    let mut subscribed = 0;
+    loop {
+        let f = c.frame().await.expect("closed during the resume");
+        match f["type"].as_str() {
+            Some("subscribed") => subscribed += 1,
+            Some("resumed") => break,
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    assert_eq!(subscribed, 1000);
+    // Past the frame limit: 1009.
+    let huge = json!({"type": "ping", "pad": "x".repeat(64 * 1024)});
+    c.ws.send(tokio_tungstenite::tungstenite::Message::text(
+        huge.to_string(),
+    ))
+    .await
+    .unwrap();
+    let close = c.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1009, "{close:?}");
+}

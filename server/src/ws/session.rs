@@ -19,8 +19,14 @@ use tokio_tungstenite::WebSocketStream;
 
 type Socket = WebSocketStream<poem::Upgraded>;
 
-/// Client frames are small JSON requests.
-const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// Client frames are JSON requests; the largest a client needs is a resume
+/// naming the most channels a connection follows (1,000): `sales-data-<id>`
+/// with any id takes at most 32 bytes of the list, so 1,000 fit with room
+/// for region names averaging up to about 55 characters.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Bytes of frames the socket may hold back unsent before a write fails
+/// (a slow consumer is closed well before, by the send queue's bound).
+const MAX_WRITE_BUFFER: usize = WRITE_BUFFER + 1024 * 1024;
 /// tungstenite reads into a buffer this large (its default is 128 KiB, kept
 /// for the life of the connection).
 const READ_BUFFER: usize = 512;
@@ -35,7 +41,7 @@ fn socket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + MAX_CLIENT_MESSAGE * 64)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
