@@ -153,6 +153,16 @@ impl Conn {
         self.lock().opened
     }
 
+    /// Whether its token has expired at `now` (seconds since the epoch):
+    /// past `exp` by more than the clock skew allowed, as a request or an
+    /// upgrade with the token is judged, so a token the upgrade took is
+    /// not closed at the connection's first request.
+    pub fn expired(&self, now: i64) -> bool {
+        self.principal
+            .exp
+            .is_some_and(|exp| exp < now - crate::auth::LEEWAY_SECS as i64)
+    }
+
     /// Whether the connection is closing (work for it can stop).
     pub fn is_closing(&self) -> bool {
         self.lock().close.is_some()
@@ -376,8 +386,7 @@ impl Hub {
     /// A connection whose token has expired is closed (4001): it gets no
     /// more events, live or replayed, and no answer. True when it was.
     pub fn close_if_expired(&self, conn: &Conn) -> bool {
-        let now = chrono::Utc::now().timestamp();
-        if conn.principal.exp.is_none_or(|exp| now < exp) {
+        if !conn.expired(chrono::Utc::now().timestamp()) {
             return false;
         }
         if self.close(conn, protocol::CLOSE_TOKEN_EXPIRED, "token expired") {
@@ -655,7 +664,7 @@ impl Hub {
         if st.close.is_some() {
             return Pushed::Skipped;
         }
-        if conn.principal.exp.is_some_and(|exp| now >= exp) {
+        if conn.expired(now) {
             st.queue = VecDeque::new();
             st.backlog = 0;
             st.catch_up = None;
@@ -767,7 +776,7 @@ impl Hub {
                 if self.close(&c, protocol::CLOSE_HEARTBEAT, "heartbeat timeout") {
                     self.counters.closed_heartbeat.fetch_add(1, Relaxed);
                 }
-            } else if c.principal.exp.is_some_and(|exp| now >= exp) {
+            } else if c.expired(now) {
                 if self.close(&c, protocol::CLOSE_TOKEN_EXPIRED, "token expired") {
                     self.counters.closed_expired.fetch_add(1, Relaxed);
                 }

@@ -412,20 +412,27 @@ fn an_unsubscribe_during_a_resume_is_answered_after_what_it_held_back() {
     assert_eq!(h.queued(&c).len(), 4);
 }
 
-/// A connection whose token has expired is closed (4001) at the first
-/// event after its expiry, which it does not get; others go on.
+/// A connection whose token has expired (past `exp` by more than the
+/// clock skew a request or an upgrade allows) is closed (4001) at the
+/// first event after its expiry, which it does not get; others go on,
+/// including one within the allowance, which the upgrade accepted.
 #[test]
 fn an_expired_token_gets_no_more_events() {
     let h = hub(16);
     let now = chrono::Utc::now().timestamp();
+    let skew = crate::auth::LEEWAY_SECS as i64;
     let expired = h
-        .register(principal_until(1, Role::Staff, &[1], Some(now - 1)))
+        .register(principal_until(1, Role::Staff, &[1], Some(now - skew - 2)))
         .unwrap();
     let valid = h
         .register(principal_until(2, Role::Staff, &[1], Some(now + 600)))
         .unwrap();
+    let within = h
+        .register(principal_until(3, Role::Staff, &[1], Some(now - 1)))
+        .unwrap();
     h.subscribe(&expired, Channel::Sales(1)).unwrap();
     h.subscribe(&valid, Channel::Sales(1)).unwrap();
+    h.subscribe(&within, Channel::Sales(1)).unwrap();
     h.dispatch(&event(1, "sales-data-created", Some(1), None));
     assert_eq!(
         expired.close_requested(),
@@ -434,6 +441,8 @@ fn an_expired_token_gets_no_more_events() {
     assert!(ids(&h, &expired).is_empty());
     assert_eq!(valid.close_requested(), None);
     assert_eq!(ids(&h, &valid), vec![1]);
+    assert_eq!(within.close_requested(), None);
+    assert_eq!(ids(&h, &within), vec![1]);
 }
 
 /// A user's own events that arrive while the connection opens wait for its
