@@ -217,6 +217,16 @@ async fn refused_subscriptions_leave_the_connection_open() {
     assert_eq!(c.subscribe("notifications").await["implicit"], true);
     c.send(json!({"type": "dance"})).await;
     assert_eq!(c.reply("error").await["code"], "bad_request");
+    // A member a request does not have is refused, ping included, and the
+    // answer names the channel the request named, if any.
+    c.send(json!({"type": "ping", "id": 1})).await;
+    let e = c.reply("pong").await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    c.send(json!({"type": "subscribe", "event": "stores", "id": 1}))
+        .await;
+    let e = c.reply("subscribed").await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert_eq!(e["event"], "stores", "{e}");
     c.ws.send(tokio_tungstenite::tungstenite::Message::text("{not json"))
         .await
         .unwrap();

@@ -41,7 +41,9 @@ pub enum ClientMessage {
     Unsubscribe {
         event: String,
     },
-    Ping,
+    /// A struct variant with no members (not a unit one), so that a ping
+    /// with a member it does not have is refused like any other request.
+    Ping {},
     /// `events` (optional) subscribes to those channels at the moment the
     /// replay starts, so nothing on them arrives live before the replay.
     Resume {
@@ -143,7 +145,7 @@ mod tests {
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"ping"}"#),
-            Ok(ClientMessage::Ping)
+            Ok(ClientMessage::Ping {})
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"resume","lastEventId":42}"#),
@@ -156,6 +158,14 @@ mod tests {
             .unwrap_err()
             .contains("type must be"));
         assert!(ClientMessage::parse("{").is_err());
+        // No request takes a member it does not have, ping included.
+        for extra in [
+            r#"{"type":"ping","id":1}"#,
+            r#"{"type":"subscribe","event":"stores","id":1}"#,
+        ] {
+            let e = ClientMessage::parse(extra).unwrap_err();
+            assert!(e.contains("unknown field `id`"), "{extra}: {e}");
+        }
         assert!(ClientMessage::parse(r#"{"type":"resume"}"#).is_err());
         assert_eq!(
             ClientMessage::parse(r#"{"type":"resume","lastEventId":1,"events":["stores"]}"#),

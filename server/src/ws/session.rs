@@ -284,14 +284,19 @@ impl Session {
             Ok(r) => r,
             Err(m) => {
                 hub.end_opening(conn);
-                return hub.reply(conn, protocol::error("bad_request", &m, None));
+                // The channel the refused request named, when it named one,
+                // so that the client can tell which request this answers.
+                let named = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("event")?.as_str().map(str::to_string));
+                return hub.reply(conn, protocol::error("bad_request", &m, named.as_deref()));
             }
         };
         if !matches!(request, ClientMessage::Resume { .. }) {
             hub.end_opening(conn);
         }
         match request {
-            ClientMessage::Ping => hub.reply(conn, protocol::pong()),
+            ClientMessage::Ping {} => hub.reply(conn, protocol::pong()),
             ClientMessage::Subscribe { event } => {
                 let mut out = Vec::new();
                 if let Some(ch) = channel_or_reply(&mut out, &event) {
