@@ -483,3 +483,45 @@ async fn a_resume_naming_a_thousand_channels_fits_in_one_frame() {
     let close = c.closed().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1009, "{close:?}");
 }
+
+/// A resume answers each channel it names in the order it named them
+/// (unknown and implicit ones included), then `resumed`.
+#[tokio::test]
+async fn a_resume_answers_its_channels_in_order() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let server = db.server(&[]).await;
+    let mut c = Client::connect(server.addr, &token(1, "admin", &[])).await;
+    let from = c.ready["lastEventId"].clone();
+    let names = [
+        "nonsense".to_string(),
+        format!("sales-data-{s}"),
+        "notifications".to_string(),
+        "stores".to_string(),
+        "sales-data-01".to_string(),
+    ];
+    c.send(json!({"type": "resume", "lastEventId": from, "events": names}))
+        .await;
+    let mut answers = Vec::new();
+    loop {
+        let f = c.frame().await.expect("closed during the resume");
+        if f["type"] == "resumed" {
+            break;
+        }
+        answers.push((
+            f["type"].as_str().unwrap().to_string(),
+            f["event"].as_str().unwrap().to_string(),
+        ));
+    }
+    let want: Vec<(String, String)> = [
+        ("error", &names[0]),
+        ("subscribed", &names[1]),
+        ("subscribed", &names[2]),
+        ("subscribed", &names[3]),
+        ("error", &names[4]),
+    ]
+    .iter()
+    .map(|(t, n)| (t.to_string(), n.to_string()))
+    .collect();
+    assert_eq!(answers, want);
+}

@@ -352,19 +352,27 @@ impl Session {
                         ),
                     );
                 }
-                // Its replies go out together (see Hub::replies).
-                let mut out = Vec::new();
-                let named: Vec<(String, Channel)> = events
-                    .into_iter()
-                    .filter_map(|e| channel_or_reply(&mut out, &e).map(|ch| (e, ch)))
-                    .collect();
-                let channels: Vec<Channel> = named.iter().map(|(_, ch)| *ch).collect();
+                // Its replies go out together (see Hub::replies), one per
+                // channel in the order the request named them.
+                let mut answers: Vec<Option<String>> = Vec::with_capacity(events.len());
+                let mut named: Vec<(usize, String, Channel)> = Vec::new();
+                for e in events {
+                    let mut out = Vec::new();
+                    match channel_or_reply(&mut out, &e) {
+                        Some(ch) => {
+                            named.push((answers.len(), e, ch));
+                            answers.push(None);
+                        }
+                        None => answers.push(out.pop()),
+                    }
+                }
+                let channels: Vec<Channel> = named.iter().map(|(_, _, ch)| *ch).collect();
                 match hub.begin_resume(conn, &channels) {
                     Ok((snap, added)) => {
-                        for ((name, _), result) in named.iter().zip(added) {
-                            out.push(subscribe_reply(name, result));
+                        for ((at, name, _), result) in named.iter().zip(added) {
+                            answers[*at] = Some(subscribe_reply(name, result));
                         }
-                        hub.replies(conn, out);
+                        hub.replies(conn, answers.into_iter().flatten().collect());
                         tokio::spawn(super::replay::replay(
                             self.ctx.clone(),
                             conn.clone(),
