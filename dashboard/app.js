@@ -714,10 +714,17 @@
       state.lastMessageAt = Date.now();
       setConn('live', 'Live');
       $('reconnect-banner').hidden = true;
-      // Subscribe first, then ask for what was missed: the replay is filtered
-      // by this connection's subscriptions.
-      subscribeAll();
-      if (state.lastEventId !== null) send({ type: 'resume', lastEventId: state.lastEventId });
+      // After a drop, one resume subscribes and replays what was missed
+      // (nothing on those channels arrives live before the replay);
+      // otherwise plain subscriptions.
+      if (state.lastEventId !== null) {
+        const events = wantedChannels();
+        if (send({ type: 'resume', lastEventId: state.lastEventId, events })) {
+          for (const event of events) state.wsSubs.add(event);
+        }
+      } else {
+        subscribeAll();
+      }
       clearInterval(state.pingTimer);
       state.pingTimer = setInterval(heartbeat, PING_EVERY_MS / 2);
       if (wasDown) {
