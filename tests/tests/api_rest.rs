@@ -1689,6 +1689,37 @@ async fn cors_origins_leave_the_servers_own_origin_alone() {
     );
     let r = login("https://evil.example.com".into()).await;
     assert_eq!(r.status(), 403);
+    // A listed origin may send a conditional PATCH and a PUT: the preflight
+    // allows `If-Match` and the method.
+    for (method, header) in [("PATCH", "if-match"), ("PUT", "content-type")] {
+        let r = f
+            .admin
+            .req(Method::OPTIONS, "/api/v2/stores/1")
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", header)
+            .send()
+            .await
+            .unwrap();
+        let allowed = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        };
+        assert!(r.status().is_success(), "{method}: {}", r.status());
+        assert!(
+            allowed("access-control-allow-methods").contains(&method.to_ascii_lowercase()),
+            "{method}: {:?}",
+            r.headers()
+        );
+        assert!(
+            allowed("access-control-allow-headers").contains(header),
+            "{header}: {:?}",
+            r.headers()
+        );
+    }
     // The WebSocket upgrade from the page's own origin.
     let ws = format!(
         "{}/ws?token={}",

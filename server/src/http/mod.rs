@@ -264,10 +264,11 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
     let limits = Arc::new(middleware::RateLimits::from_config(&state.config));
     let hsts = state.config.hsts;
     let mut cors = Cors::new()
-        .allow_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
+        .allow_methods(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
         .allow_headers([
             "authorization",
             "content-type",
+            "if-match",
             "if-none-match",
             "x-request-id",
         ])

@@ -452,9 +452,7 @@ impl SalesApi {
         // differently from its validation never reaches it: it is reported
         // by index, and with `atomic` nothing is written.
         let records = std::sync::Arc::new(body.records);
-        let checked = batch::check_records(records.clone())
-            .await
-            .map_err(|e| ApiError::bad_param("salesDataArray", e))?;
+        let checked = batch::check_records(records.clone()).await?;
         let mut rejected: Vec<(usize, Vec<sales_core::FieldError>)> = Vec::new();
         let mut kept: Vec<usize> = Vec::with_capacity(n);
         let mut denied: Vec<i64> = Vec::new();

@@ -508,7 +508,6 @@ impl UsersApi {
         };
         let mut tx = crate::db::Write::begin(&self.state.pool, who.user_id).await?;
         users::lock(tx.conn()).await?;
-        Self::require_match(tx.conn(), who, id.0, if_match.0.as_deref()).await?;
         let mut stores = b.stores.clone();
         if who.role == Role::Manager {
             // Read under the lock: the user cannot move out of the
@@ -547,6 +546,9 @@ impl UsersApi {
                 stores = Some(all);
             }
         }
+        // After the refusals that do not depend on the user's state, so a
+        // stale ETag does not hide them.
+        Self::require_match(tx.conn(), who, id.0, if_match.0.as_deref()).await?;
         let patch = UserPatch {
             email: b.email.clone(),
             role: b.role.map(Role::from),

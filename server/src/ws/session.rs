@@ -284,10 +284,13 @@ impl Session {
             Ok(r) => r,
             Err(m) => {
                 hub.end_opening(conn);
-                // The channel the refused request named, when it named one,
-                // so that the client can tell which request this answers.
+                // The channel a refused subscribe named, so that the client
+                // can tell which request this answers (an error naming a
+                // channel says it is not followed, which for a refused
+                // unsubscribe would be wrong).
                 let named = serde_json::from_str::<serde_json::Value>(text)
                     .ok()
+                    .filter(|v| v.get("type").and_then(|t| t.as_str()) == Some("subscribe"))
                     .and_then(|v| v.get("event")?.as_str().map(str::to_string));
                 return hub.reply(conn, protocol::error("bad_request", &m, named.as_deref()));
             }

@@ -28,14 +28,16 @@ pub(super) enum Checked {
 const CHECKED_INLINE: usize = 256;
 
 /// Checks every record with the rules the extension applies (one
-/// `sales_core` for both). `Err`: a record that is not one JSON value
+/// `sales_core` for both). A 400 for a record that is not one JSON value
 /// (the body parsed, so only a value nested past the tape's depth).
 pub(super) async fn check_records(
     records: Arc<Vec<Box<RawValue>>>,
-) -> Result<Vec<Checked>, String> {
+) -> crate::http::error::ApiResult<Vec<Checked>> {
+    use crate::http::error::ApiError;
+    let refused = |e: String| ApiError::bad_param("salesDataArray", e);
     let n = records.len();
     if n <= CHECKED_INLINE {
-        return check_range(&records, 0..n);
+        return check_range(&records, 0..n).map_err(refused);
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let parts = cores.min(n.div_ceil(CHECKED_INLINE)).max(1);
@@ -49,10 +51,8 @@ pub(super) async fn check_records(
         .collect();
     let mut out = Vec::with_capacity(n);
     for t in tasks {
-        out.extend(
-            t.await
-                .map_err(|e| format!("checking the records failed: {e}"))??,
-        );
+        // A part that panicked is the server's failure, not the request's.
+        out.extend(t.await.map_err(ApiError::internal)?.map_err(refused)?);
     }
     Ok(out)
 }

@@ -136,6 +136,11 @@ struct ConnState {
     /// queued before them (a replay keeps the queue full of events while
     /// the client reads them).
     replies_at: VecDeque<u64>,
+    /// Whether `catch_up` (the one it was set for; a new one starts false)
+    /// holds a reply (`reply_after_held`): later replies then wait behind
+    /// it, so answers keep the order of their requests. Held events of no
+    /// position (export progress, notifications) are not replies.
+    held_reply: bool,
 }
 
 impl Conn {
@@ -422,6 +427,7 @@ impl Hub {
             st.user_since = reg.position;
             st.opened = reg.position;
             st.catch_up = Some(Vec::new());
+            st.held_reply = false;
             st.opening = true;
         }
         self.openings
@@ -546,6 +552,7 @@ impl Hub {
             }
             Some(buf) if buf.len() < limit => {
                 buf.push((None, Message::Text(Utf8Bytes::from(text))));
+                st.held_reply = true;
             }
             Some(_) => self.overflow(&mut st),
         }
@@ -567,31 +574,32 @@ impl Hub {
         self.control(
             conn,
             texts.into_iter().map(|t| Message::Text(Utf8Bytes::from(t))),
+            true,
         );
     }
 
-    fn control(&self, conn: &Conn, msgs: impl IntoIterator<Item = Message>) {
+    /// Queues control frames. `answers`: they answer requests, so behind a
+    /// reply that waits with the held-back events (an unsubscribe's during
+    /// a resume) they wait too, and answers arrive in the order of their
+    /// requests; the heartbeat's pings never wait.
+    fn control(&self, conn: &Conn, msgs: impl IntoIterator<Item = Message>, answers: bool) {
         let mut st = conn.lock();
         if st.close.is_some() {
             return;
         }
-        // Behind a reply that waits with the held-back events (an
-        // unsubscribe's during a resume), later replies wait too: answers
-        // arrive in the order of their requests.
         let limit = self.cfg.catch_up_limit;
-        if let Some(buf) = st.catch_up.as_mut() {
-            if buf.iter().any(|(pos, _)| pos.is_none()) {
-                for msg in msgs {
-                    if buf.len() >= limit {
-                        self.overflow(&mut st);
-                        break;
-                    }
-                    buf.push((None, msg));
+        let hold = answers && st.held_reply;
+        if let (true, Some(buf)) = (hold, st.catch_up.as_mut()) {
+            for msg in msgs {
+                if buf.len() >= limit {
+                    self.overflow(&mut st);
+                    break;
                 }
-                drop(st);
-                conn.waker.wake();
-                return;
+                buf.push((None, msg));
             }
+            drop(st);
+            conn.waker.wake();
+            return;
         }
         if st.replies_at.len() >= self.cfg.send_queue + CONTROL_HEADROOM {
             st.queue = VecDeque::new();
@@ -781,7 +789,7 @@ impl Hub {
                     self.counters.closed_expired.fetch_add(1, Relaxed);
                 }
             } else {
-                self.control(&c, [Message::Ping(Default::default())]);
+                self.control(&c, [Message::Ping(Default::default())], false);
             }
         }
     }

@@ -123,6 +123,7 @@ impl Hub {
         }
         if st.catch_up.is_none() {
             st.catch_up = Some(Vec::new());
+            st.held_reply = false;
         }
         self.counters.resumes.fetch_add(1, Relaxed);
         let snap = ResumeSnapshot {
@@ -225,7 +226,7 @@ impl Hub {
         // live bound: pings and live events arriving meanwhile queue behind
         // it as they would behind an empty queue (that is neither a client
         // sending without reading nor a slow one).
-        st.backlog = st.queue.len() - before;
+        st.backlog = st.queue.len().saturating_sub(before);
         if let Some(from) = from {
             for (ch, since) in st.subs.iter_mut() {
                 if snap.since(*ch) == Some(*since) && from < *since {

@@ -615,3 +615,30 @@ fn answers_keep_the_order_of_their_requests_during_a_resume() {
         h.queued(&c)
     );
 }
+
+/// A held-back event of no position (export progress) is not a held
+/// answer: replies during a resume still go out at once, and so do the
+/// heartbeat's pings behind a held answer.
+#[test]
+fn held_progress_does_not_hold_answers_and_pings_never_wait() {
+    let h = hub(16);
+    h.set_position(Pos { seq: 10, id: 10 });
+    let c = h.register(principal(1, Role::Admin, &[])).unwrap();
+    h.end_opening(&c);
+    while c.pop().is_some() {}
+    let _resume = h.begin_resume(&c, &[]).unwrap();
+    h.dispatch_ephemeral(&crate::events::model::Ephemeral {
+        user_id: 1,
+        event: "export-progress".into(),
+        data: serde_json::json!({"rows": 1}),
+    });
+    h.reply(&c, protocol::pong());
+    assert_eq!(h.queued(&c).len(), 1, "{:?}", h.queued(&c));
+    // Behind a held answer, answers wait; pings do not.
+    h.subscribe(&c, Channel::Stores).unwrap();
+    h.unsubscribe(&c, Channel::Stores);
+    h.reply_after_held(&c, protocol::unsubscribed("stores"));
+    h.reply(&c, protocol::pong());
+    h.heartbeat();
+    assert_eq!(h.queued_len(&c), 2, "the first pong and the ping");
+}
