@@ -41,16 +41,17 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
     for part in accept.split(',') {
         let mut it = part.trim().split(';');
         let name = it.next().unwrap_or("").trim().to_ascii_lowercase();
-        let q = it
-            .find_map(|p| {
-                // The parameter's name is case-insensitive (`Q=0`).
-                let (k, v) = p.split_once('=')?;
-                k.trim()
-                    .eq_ignore_ascii_case("q")
-                    .then(|| v.trim().parse::<f32>().ok())
-                    .flatten()
-            })
-            .unwrap_or(1.0);
+        // The weight (the parameter's name is case-insensitive: `Q=0`).
+        // One that is not a qvalue (0 to 1, at most three decimals:
+        // `q=abc`, `q=2`) makes the element malformed: it accepts nothing.
+        let q = match it.find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("q").then(|| qvalue(v.trim()))
+        }) {
+            None => 1.0,
+            Some(Some(q)) => q,
+            Some(None) => continue,
+        };
         let enc = match name.as_str() {
             "zstd" => Encoding::Zstd,
             "br" => Encoding::Brotli,
@@ -80,6 +81,18 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
         }
     }
     best.map(|(e, _)| e).unwrap_or(Encoding::Identity)
+}
+
+/// An RFC 9110 qvalue: `0`, `0.` and up to three digits, `1`, or `1.`
+/// and up to three zeros.
+fn qvalue(v: &str) -> Option<f32> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    let ok = match int {
+        "0" => frac.len() <= 3 && frac.bytes().all(|b| b.is_ascii_digit()),
+        "1" => frac.len() <= 3 && frac.bytes().all(|b| b == b'0'),
+        _ => false,
+    };
+    ok.then(|| v.parse().ok()).flatten()
 }
 
 /// A compressor fed chunk by chunk.
@@ -197,6 +210,37 @@ mod tests {
             Encoding::Gzip
         );
         assert_eq!(negotiate(None, &all), Encoding::Identity);
+    }
+
+    #[test]
+    fn malformed_weights_accept_nothing() {
+        let all = [Encoding::Zstd, Encoding::Brotli, Encoding::Gzip];
+        for accept in [
+            "gzip;q=abc",
+            "gzip;q=2",
+            "gzip;q=-1",
+            "gzip;q=0.5000",
+            "gzip;q=NaN",
+            "gzip;q=",
+        ] {
+            assert_eq!(
+                negotiate(Some(accept), &all),
+                Encoding::Identity,
+                "{accept}"
+            );
+        }
+        assert_eq!(negotiate(Some("gzip;q=abc, br"), &all), Encoding::Brotli);
+        for accept in [
+            "gzip;q=1",
+            "gzip;q=1.000",
+            "gzip;q=0.001",
+            "gzip;Q=0.5",
+            "gzip; q=1.",
+        ] {
+            assert_eq!(negotiate(Some(accept), &all), Encoding::Gzip, "{accept}");
+        }
+        assert_eq!(qvalue("0"), Some(0.0));
+        assert_eq!(qvalue("1.001"), None);
     }
 
     #[test]
