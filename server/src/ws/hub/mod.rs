@@ -181,8 +181,13 @@ impl Conn {
             st.backlog = st.backlog.saturating_sub(1);
             st.popped += 1;
             let popped = st.popped;
-            while st.replies_at.front().is_some_and(|&at| at < popped) {
+            if st.replies_at.front().is_some_and(|&at| at < popped) {
                 st.replies_at.pop_front();
+                if st.replies_at.is_empty() {
+                    // Every reply read (the usual state of an idle
+                    // connection): no buffer kept for the next one.
+                    st.replies_at = VecDeque::new();
+                }
             }
         }
         if m.is_some() && st.replay_waiting {
@@ -192,7 +197,6 @@ impl Conn {
         } else if m.is_none() && st.queue.capacity() > 16 {
             // A burst is over: give the memory back.
             st.queue = VecDeque::new();
-            st.replies_at = VecDeque::new();
         }
         m
     }
