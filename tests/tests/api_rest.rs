@@ -1368,25 +1368,16 @@ async fn if_match_guards_a_store_update_against_lost_updates() {
     let f = fixture(&[]).await;
     let store = f.stores[0];
     let path = format!("/api/v2/stores/{store}");
-    let etag_of_get = || async {
-        let r = f.admin.req(Method::GET, &path).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        r.headers()["etag"].to_str().unwrap().to_string()
-    };
     let patch = |tag: Option<String>, body: Value| {
         let path = path.clone();
         let admin = &f.admin;
         async move {
-            let mut r = admin.req(Method::PATCH, &path).json(&body);
-            if let Some(t) = tag {
-                r = r.header("if-match", t);
-            }
-            let r = r.send().await.unwrap();
-            let st = r.status().as_u16();
-            (st, r.json::<Value>().await.unwrap())
+            admin
+                .send_if_match(Method::PATCH, &path, tag.as_deref(), Some(&body))
+                .await
         }
     };
-    let read = etag_of_get().await;
+    let read = f.admin.etag(&path).await;
     // The first writer holding the ETag wins.
     let (st, body) = patch(Some(read.clone()), json!({"name": "First"})).await;
     assert_eq!(st, 200, "{body}");
@@ -1394,7 +1385,7 @@ async fn if_match_guards_a_store_update_against_lost_updates() {
     let (st, body) = patch(Some(read.clone()), json!({"name": "Second"})).await;
     assert_eq!(st, 412, "{body}");
     assert_eq!(body["error"]["code"], "precondition_failed", "{body}");
-    let now = etag_of_get().await;
+    let now = f.admin.etag(&path).await;
     assert_ne!(now, read);
     assert_eq!(body["error"]["details"]["etag"], now, "{body}");
     let (_, doc) = f.admin.get(&path).await;
@@ -1405,7 +1396,7 @@ async fn if_match_guards_a_store_update_against_lost_updates() {
     let (st, body) = patch(Some(coded), json!({"name": "Third"})).await;
     assert_eq!(st, 200, "{body}");
     // A weak tag never matches; `*` matches whatever the state.
-    let weak = format!("W/{}", etag_of_get().await);
+    let weak = format!("W/{}", f.admin.etag(&path).await);
     assert_eq!(patch(Some(weak), json!({"name": "Weak"})).await.0, 412);
     assert_eq!(patch(Some("*".into()), json!({"name": "Any"})).await.0, 200);
     assert_eq!(patch(None, json!({"name": "Plain"})).await.0, 200);

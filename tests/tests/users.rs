@@ -2402,28 +2402,14 @@ async fn a_manager_does_not_undo_an_admins_disable() {
 async fn if_match_guards_user_changes_and_deletion() {
     let w = world(&[]).await;
     let path = format!("/api/v2/users/{}", w.staff_id);
-    let etag = |api: &Api| {
-        let path = path.clone();
-        let api = api.clone();
-        async move {
-            let r = api.req(Method::GET, &path).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            r.headers()["etag"].to_str().unwrap().to_string()
-        }
-    };
     let send = |api: &Api, method: Method, tag: &str, body: Option<Value>| {
         let (api, path, tag) = (api.clone(), path.clone(), tag.to_string());
         async move {
-            let mut r = api.req(method, &path).header("if-match", tag);
-            if let Some(b) = body {
-                r = r.json(&b);
-            }
-            let r = r.send().await.unwrap();
-            let st = r.status().as_u16();
-            (st, r.json::<Value>().await.unwrap_or(Value::Null))
+            api.send_if_match(method, &path, Some(&tag), body.as_ref())
+                .await
         }
     };
-    let read = etag(&w.manager).await;
+    let read = w.manager.etag(&path).await;
     let (st, body) = send(
         &w.manager,
         Method::PATCH,
@@ -2447,7 +2433,7 @@ async fn if_match_guards_user_changes_and_deletion() {
     let (_, doc) = w.admin.get(&path).await;
     assert_eq!(doc["data"]["disabled"], true, "{doc}");
     // With the current ETag the change and then the deletion go through.
-    let now = etag(&w.admin).await;
+    let now = w.admin.etag(&path).await;
     assert_eq!(body["error"]["details"]["etag"], now, "{body}");
     let (st, body) = send(
         &w.admin,
@@ -2459,7 +2445,7 @@ async fn if_match_guards_user_changes_and_deletion() {
     assert_eq!(st, 200, "{body}");
     let (st, _) = send(&w.admin, Method::DELETE, &now, None).await;
     assert_eq!(st, 412, "the PATCH moved the state on");
-    let now = etag(&w.admin).await;
+    let now = w.admin.etag(&path).await;
     let (st, body) = send(&w.admin, Method::DELETE, &now, None).await;
     assert_eq!(st, 204, "{body}");
     assert_eq!(w.admin.get(&path).await.0, 404);

@@ -798,7 +798,7 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
     } else {
         raw.to_string()
     };
-    let Some(n) = Decimal::read(&text, false) else {
+    let Ok(n) = Decimal::read(&text, false) else {
         return Err(format!("{} is not a number", shown(raw)));
     };
     n.check(k)?;
@@ -808,10 +808,10 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
 /// An NDJSON metric: a JSON number's text as the line wrote it (an
 /// exponent allowed), checked as [`metric`] checks a CSV cell.
 fn json_metric(raw: &str, k: usize) -> Result<String, String> {
-    if exponent_out_of_range(raw) {
-        return Err(EXPONENT_OUT_OF_RANGE.into());
-    }
-    let n = Decimal::read(raw, true).ok_or_else(|| "must be a number".to_string())?;
+    let n = Decimal::read(raw, true).map_err(|why| match why {
+        Unread::ExponentOutOfRange => EXPONENT_OUT_OF_RANGE.to_string(),
+        Unread::NotANumber => "must be a number".to_string(),
+    })?;
     n.check(k)?;
     Ok(raw.to_string())
 }
@@ -839,11 +839,11 @@ struct Decimal {
 /// does. An `f64` reads such a number as 0, so the metric rules pass it and
 /// Postgres would refuse the whole statement.
 pub fn numeric_text_problem(text: &str) -> Option<String> {
-    let text = text.trim();
-    if exponent_out_of_range(text) {
-        return Some(EXPONENT_OUT_OF_RANGE.into());
-    }
-    let d = Decimal::read(text, true)?;
+    let d = match Decimal::read(text.trim(), true) {
+        Ok(d) => d,
+        Err(Unread::ExponentOutOfRange) => return Some(EXPONENT_OUT_OF_RANGE.into()),
+        Err(Unread::NotANumber) => return None,
+    };
     (d.scale > NUMERIC_MAX_SCALE).then(|| {
         format!(
             "has {} digits after the point, more than Postgres can store ({NUMERIC_MAX_SCALE})",
@@ -852,24 +852,17 @@ pub fn numeric_text_problem(text: &str) -> Option<String> {
     })
 }
 
-/// The reason given for a number [`exponent_out_of_range`] finds.
+/// The reason given for [`Unread::ExponentOutOfRange`].
 const EXPONENT_OUT_OF_RANGE: &str =
     "has an exponent beyond ±1073741822, more than Postgres can store";
 
-/// Whether `text`, a number with an exponent, has one that `numeric_in`
-/// refuses whatever the digits before it (`0e99999999999` is zero, and
-/// still refused).
-fn exponent_out_of_range(text: &str) -> bool {
-    let Some(i) = text.find(['e', 'E']) else {
-        return false;
-    };
-    let e = &text[i + 1..];
-    let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
-    !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && digits
-            .parse::<i64>()
-            .map_or(true, |v| v >= NUMERIC_MAX_EXPONENT)
+/// Why [`Decimal::read`] read no number.
+#[derive(Debug, PartialEq)]
+enum Unread {
+    NotANumber,
+    /// A number whose exponent `numeric_in` refuses whatever the digits
+    /// before it (`0e99999999999` is zero, and still refused).
+    ExponentOutOfRange,
 }
 
 /// Whether a JSON text may hold a number whose digits `numeric` cannot
@@ -901,8 +894,8 @@ pub fn may_hold_unstorable_numbers(text: &str) -> bool {
 
 impl Decimal {
     /// `-?digits[.digits]` (one side may be empty), and with `exponent`
-    /// an `e`/`E` exponent after it; None for anything else.
-    fn read(text: &str, exponent: bool) -> Option<Decimal> {
+    /// an `e`/`E` exponent after it; [`Unread`] for anything else.
+    fn read(text: &str, exponent: bool) -> Result<Decimal, Unread> {
         let (negative, rest) = match text.strip_prefix('-') {
             Some(r) => (true, r),
             None => (false, text),
@@ -912,13 +905,13 @@ impl Decimal {
                 let e = &rest[i + 1..];
                 let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
                 if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
+                    return Err(Unread::NotANumber);
                 }
                 // Postgres' numeric_in refuses an exponent of INT_MAX / 2
                 // or more either way, whatever the digits (even `0e...`).
                 let v: i64 = digits.parse().unwrap_or(i64::MAX);
                 if v >= NUMERIC_MAX_EXPONENT {
-                    return None;
+                    return Err(Unread::ExponentOutOfRange);
                 }
                 (&rest[..i], if e.starts_with('-') { -v } else { v })
             }
@@ -929,7 +922,7 @@ impl Decimal {
             || !int.bytes().all(|b| b.is_ascii_digit())
             || !frac.bytes().all(|b| b.is_ascii_digit())
         {
-            return None;
+            return Err(Unread::NotANumber);
         }
         let lead = int.len() - int.trim_start_matches('0').len();
         let mut digits = format!("{}{frac}", &int[lead..]);
@@ -941,7 +934,7 @@ impl Decimal {
             point -= zeros as i64;
         }
         digits.truncate(digits.trim_end_matches('0').len());
-        Some(Decimal {
+        Ok(Decimal {
             negative,
             scale: (frac.len() as i64).saturating_sub(exp).max(0),
             digits,

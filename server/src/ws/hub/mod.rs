@@ -544,24 +544,15 @@ impl Hub {
     /// channel that the replay sends, or that were held back before the
     /// unsubscribe, then all arrive before it, never after.
     pub fn reply_after_held(&self, conn: &Conn, text: String) {
-        let mut st = conn.lock();
-        if st.close.is_some() {
-            return;
-        }
-        let limit = self.cfg.catch_up_limit;
-        match st.catch_up.as_mut() {
-            None => {
-                drop(st);
-                return self.reply(conn, text);
-            }
-            Some(buf) if buf.len() < limit => {
-                buf.push((None, Message::Text(Utf8Bytes::from(text))));
+        {
+            // From here on, answers go behind the held-back events (see
+            // `control`), this one first.
+            let mut st = conn.lock();
+            if st.catch_up.is_some() {
                 st.held_reply = true;
             }
-            Some(_) => self.overflow(&mut st),
         }
-        drop(st);
-        conn.waker.wake();
+        self.reply(conn, text);
     }
 
     /// Queues a reply (ack, error, pong, ping). A client that floods requests

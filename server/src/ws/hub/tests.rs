@@ -60,6 +60,21 @@ fn event(id: i64, kind: &str, store: Option<i64>, user: Option<i64>) -> Event {
     }
 }
 
+/// What each queued text frame is: a reply's `type` or an event's name.
+fn kinds(h: &Hub, c: &Conn) -> Vec<String> {
+    h.queued(c)
+        .iter()
+        .map(|t| {
+            let v: Value = serde_json::from_str(t).unwrap();
+            v.get("type")
+                .or(v.get("event"))
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 fn ids(h: &Hub, c: &Conn) -> Vec<i64> {
     h.queued(c)
         .iter()
@@ -391,19 +406,10 @@ fn an_unsubscribe_during_a_resume_is_answered_after_what_it_held_back() {
         None,
         protocol::resumed(0, 0, 0, &[], false, 0),
     );
-    let kinds: Vec<String> = h
-        .queued(&c)
-        .iter()
-        .map(|t| {
-            let v: Value = serde_json::from_str(t).unwrap();
-            v.get("type")
-                .or(v.get("event"))
-                .and_then(Value::as_str)
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(kinds, ["resumed", "sales-data-created", "unsubscribed"]);
+    assert_eq!(
+        kinds(&h, &c),
+        ["resumed", "sales-data-created", "unsubscribed"]
+    );
     assert_eq!(ids(&h, &c), vec![1]);
     // Outside a resume it is answered at once.
     h.subscribe(&c, Channel::Sales(1)).unwrap();
@@ -591,20 +597,8 @@ fn answers_keep_the_order_of_their_requests_during_a_resume() {
         None,
         protocol::resumed(0, 0, 0, &[], false, 0),
     );
-    let kinds: Vec<String> = h
-        .queued(&c)
-        .iter()
-        .map(|f| {
-            let v: serde_json::Value = serde_json::from_str(f).unwrap();
-            v["type"]
-                .as_str()
-                .or(v["event"].as_str())
-                .unwrap()
-                .to_string()
-        })
-        .collect();
     assert_eq!(
-        kinds,
+        kinds(&h, &c),
         [
             "resumed",
             "unsubscribed",
