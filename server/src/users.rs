@@ -65,6 +65,7 @@ pub async fn upsert_user(
                     stores: stores.to_vec(),
                     password_hash: hash,
                     disabled: false,
+                    by_manager: false,
                 },
             )
             .await
@@ -229,37 +230,55 @@ impl UserError {
 
 /// Trims and checks an email address; returns it as given (case kept).
 pub fn check_email(email: &str) -> Result<String, UserError> {
-    let email = email.trim();
+    let email = normal_email(email);
     let Some((local, domain)) = email.split_once('@') else {
         return Err(UserError::invalid(
             "email",
             format!("{email:?} is not an email address"),
         ));
     };
+    let chars = email.chars().count();
+    if chars > MAX_EMAIL_CHARS {
+        return Err(UserError::invalid(
+            "email",
+            format!("{chars} characters; at most {MAX_EMAIL_CHARS}"),
+        ));
+    }
     if local.is_empty()
         || domain.is_empty()
         || domain.contains('@')
         || email
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
-        || email.len() > 320
     {
         return Err(UserError::invalid(
             "email",
             format!("{email:?} is not an email address"),
         ));
     }
-    Ok(email.to_string())
+    Ok(email)
+}
+
+/// The longest email address, in characters (as the API's schema counts).
+pub const MAX_EMAIL_CHARS: usize = 320;
+
+/// An email address as it is stored and looked up: without surrounding
+/// blanks, in Unicode normalization form C. The same address typed with a
+/// precomposed `ü` or with `u` and a combining diaeresis looks the same and
+/// is the same account.
+pub fn normal_email(email: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    email.trim().nfc().collect()
 }
 
 /// Characters that show as nothing (Unicode format characters: zero-width
 /// spaces and joiners, direction marks, the soft hyphen, the byte order
-/// mark...): an address holding one looks like another user's.
+/// mark..., and the blank Hangul fillers and Braille pattern): an address holding one looks like another user's.
 fn invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
         | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{2060}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
         | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1D173}'..='\u{1D17A}'
         | '\u{E0000}'..='\u{E0FFF}')
 }
@@ -354,6 +373,10 @@ pub struct NewUser {
     pub stores: Vec<i64>,
     pub password_hash: String,
     pub disabled: bool,
+    /// A manager creates the user: if they create them disabled, they (or
+    /// another manager of their stores) may enable them (see
+    /// [`manager_may_enable`]).
+    pub by_manager: bool,
 }
 
 /// What to change; `None` leaves a field as it is.
@@ -492,7 +515,7 @@ pub async fn get_by_email<'e>(
 ) -> Result<Option<User>, sqlx::Error> {
     let row: Option<UserRow> =
         sqlx::query_as(&format!("{SELECT_USER} WHERE lower(u.email) = lower($1)"))
-            .bind(email.trim())
+            .bind(normal_email(email))
             .fetch_optional(exec)
             .await?;
     Ok(row.map(from_row))
@@ -640,11 +663,14 @@ pub async fn create(conn: &mut PgConnection, new: NewUser) -> Result<(User, Chan
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| duplicate(e, &email))?;
-    sqlx::query("INSERT INTO auth.user_state (user_id, disabled) VALUES ($1, $2)")
-        .bind(id)
-        .bind(new.disabled)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO auth.user_state (user_id, disabled, manager_may_enable) VALUES ($1, $2, $3)",
+    )
+    .bind(id)
+    .bind(new.disabled)
+    .bind(new.disabled && new.by_manager)
+    .execute(&mut *conn)
+    .await?;
     let user = get(&mut *conn, id).await?.ok_or(UserError::NotFound(id))?;
     let mut payload = doc(&user);
     payload["revoke"] = "access".into();
@@ -709,6 +735,18 @@ pub async fn update(
         changed.push("identity");
     }
     if changed.is_empty() {
+        if patch.disabled == Some(true) && !patch.by_manager {
+            // An admin disables a user a manager had disabled: from now on
+            // only an admin may enable them again. Their access does not
+            // change, so nothing is revoked and no event is written.
+            sqlx::query(
+                "UPDATE auth.user_state SET manager_may_enable = false, updated_at = now()
+                 WHERE user_id = $1 AND manager_may_enable",
+            )
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        }
         return Ok((old, None));
     }
     managed(conn).await?;

@@ -2391,6 +2391,146 @@ async fn a_manager_does_not_undo_an_admins_disable() {
     );
     let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
     assert_eq!(st, 403, "{body}");
+    // Disabled by the manager, then by an admin: the admin's disable
+    // holds, although the user was disabled already.
+    let (st, _) = patch(&w.admin, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 200);
+    let (st, _) = patch(&w.manager, &path, json!({"disabled": true})).await;
+    assert_eq!(st, 200);
+    let (st, body) = patch(&w.admin, &path, json!({"disabled": true})).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 403, "{body}");
+    // A user a manager creates disabled is the manager's to enable.
+    let (st, body) = w
+        .manager
+        .send_json(
+            Method::POST,
+            "/api/v2/users",
+            &json!({"email": "held@x.test", "role": "staff", "stores": [w.stores[0]],
+                    "password": "a-fine-password", "disabled": true}),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let held = format!("/api/v2/users/{}", body["data"]["id"]);
+    let (st, body) = patch(&w.manager, &held, json!({"disabled": false})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["data"]["disabled"], false, "{body}");
+    // One an admin creates disabled is not.
+    let (st, body) = w
+        .admin
+        .send_json(
+            Method::POST,
+            "/api/v2/users",
+            &json!({"email": "held2@x.test", "role": "staff", "stores": [w.stores[0]],
+                    "password": "a-fine-password", "disabled": true}),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let held = format!("/api/v2/users/{}", body["data"]["id"]);
+    let (st, body) = patch(&w.manager, &held, json!({"disabled": false})).await;
+    assert_eq!(st, 403, "{body}");
+    w.server.stop().await;
+}
+
+/// Migration 0023 composes addresses stored decomposed before the server
+/// composed them, except one whose composed form another user has.
+#[tokio::test]
+async fn the_migration_composes_stored_addresses_it_can() {
+    let w = world(&[]).await;
+    let hash: String =
+        sqlx::query_scalar("SELECT password_hash FROM sales.users WHERE email = 'staff@x.test'")
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+    for email in [
+        "zoe\u{308}@x.test",
+        "ana\u{301}@x.test",
+        "an\u{e1}@x.test",
+        "e\u{301}\u{301}@x.test",
+    ] {
+        sqlx::query(
+            "INSERT INTO sales.users (email, password_hash, role, store_ids) VALUES ($1, $2, 'staff', '{}')",
+        )
+        .bind(email)
+        .bind(&hash)
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    }
+    let migration = include_str!("../../migrations/0023_user_emails_nfc.sql");
+    for _ in 0..2 {
+        sqlx::raw_sql(migration).execute(&w.db.pool).await.unwrap();
+    }
+    let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM sales.users ORDER BY id")
+        .fetch_all(&w.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        emails.contains(&"zo\u{eb}@x.test".to_string()),
+        "{emails:?}"
+    );
+    assert!(
+        !emails.contains(&"zoe\u{308}@x.test".to_string()),
+        "{emails:?}"
+    );
+    // Its composed form is another user's: both stay.
+    assert!(
+        emails.contains(&"ana\u{301}@x.test".to_string()),
+        "{emails:?}"
+    );
+    assert!(
+        emails.contains(&"an\u{e1}@x.test".to_string()),
+        "{emails:?}"
+    );
+    // Nothing composes the second accent; the order of marks is kept.
+    assert!(
+        emails.contains(&"\u{e9}\u{301}@x.test".to_string()),
+        "{emails:?}"
+    );
+    let (st, body) = login(&w.server, "zoe\u{308}@x.test", PASSWORD).await;
+    assert_eq!(st, 200, "{body}");
+    w.server.stop().await;
+}
+
+/// An address is one account however its letters are composed: a
+/// precomposed `ü` and `u` with a combining diaeresis look the same, so
+/// they are stored, compared and logged in with in normalization form C.
+/// Blank-looking characters are refused, and the length is counted in
+/// characters, as the schema says.
+#[tokio::test]
+async fn emails_are_one_account_however_their_letters_are_composed() {
+    let w = world(&[]).await;
+    let nfc = "j\u{fc}rgen@x.test";
+    let nfd = "ju\u{308}rgen@x.test";
+    let post = |email: &str| {
+        let (api, body) = (
+            w.admin.clone(),
+            json!({"email": email, "role": "staff", "stores": [w.stores[0]],
+                   "password": "a-fine-password"}),
+        );
+        async move { api.send_json(Method::POST, "/api/v2/users", &body).await }
+    };
+    let (st, body) = post(nfd).await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["data"]["email"], nfc, "stored composed: {body}");
+    let (st, body) = post(nfc).await;
+    assert_eq!(st, 409, "the same address composed: {body}");
+    for email in [nfc, nfd] {
+        let (st, body) = login(&w.server, email, "a-fine-password").await;
+        assert_eq!(st, 200, "{email:?}: {body}");
+    }
+    let (st, body) = post("ca\u{2800}se@x.test").await;
+    assert_eq!(st, 422, "a blank Braille pattern: {body}");
+    assert_eq!(body["error"]["details"]["field"], "email", "{body}");
+    // 300 two-byte letters: under the 320 characters the schema allows.
+    let long = format!("{}@x.test", "\u{e9}".repeat(300));
+    let (st, body) = post(&long).await;
+    assert_eq!(st, 201, "307 characters, 607 bytes: {body}");
+    let longer = format!("{}@x.test", "\u{e9}".repeat(320));
+    let (st, body) = post(&longer).await;
+    assert_eq!(st, 400, "327 characters: {body}");
+    assert!(body.to_string().contains("email"), "{body}");
     w.server.stop().await;
 }
 

@@ -471,7 +471,7 @@ impl LoginApi {
                     "SELECT lower($1), u.id, u.password_hash FROM (SELECT) one \
                      LEFT JOIN sales.users u ON lower(u.email) = lower($1)",
                 )
-                .bind(email.trim())
+                .bind(crate::users::normal_email(email))
                 .fetch_one(pool)
             })
             .await?;

@@ -428,6 +428,7 @@ impl UsersApi {
                 stores,
                 password_hash: hash,
                 disabled: body.disabled.unwrap_or(false),
+                by_manager: who.role == Role::Manager,
             },
         )
         .await
