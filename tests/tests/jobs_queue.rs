@@ -573,3 +573,58 @@ async fn staged_rows_of_ended_or_gone_jobs_are_swept() {
         0
     );
 }
+
+/// The job list says of each job what the job's own page says: an
+/// asynchronous batch's refused records are in its `result`, so none is
+/// omitted; and cancelling a job that has ended changes nothing, not even
+/// its `updatedAt` or ETag.
+#[tokio::test]
+async fn the_list_agrees_with_the_job_and_cancelling_an_ended_job_changes_nothing() {
+    use sales_e2e::{eventually, user_token, Api};
+    use serde_json::{json, Value};
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "s@x.test", "staff", &stores).await;
+    let api = Api::new(&server, Some(&token));
+    let bad = json!({"atomic": false, "salesDataArray": [
+        sales_e2e::month(stores[0], 2024, 3, 2, 10.0),
+        {"storeId": stores[0], "year": 2024, "month": 4, "dailyData": {"31": {"sales": 1}}},
+    ]});
+    let (status, body) = api.post("/api/v2/sales/batch?async=true", &bad).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let path = format!("/api/v2/imports/{id}");
+    let doc: Value = eventually(Duration::from_secs(90), "the batch to end", || async {
+        let (_, doc) = api.get(&path).await;
+        ["completed", "failed"]
+            .contains(&doc["state"].as_str().unwrap_or_default())
+            .then_some(doc)
+    })
+    .await;
+    assert_eq!(doc["rowsRejected"], 1, "{doc}");
+    assert_eq!(doc["errorsOmitted"], 0, "{doc}");
+    let (status, list) = api.get("/api/v2/imports").await;
+    assert_eq!(status, 200, "{list}");
+    let listed = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap_or_else(|| panic!("job {id} listed: {list}"));
+    assert_eq!(listed["rowsRejected"], 1, "{listed}");
+    assert_eq!(listed["errorsOmitted"], 0, "{listed}");
+
+    let etag = api.etag(&path).await;
+    let r = api
+        .req(reqwest::Method::DELETE, &path)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let (_, after) = api.get(&path).await;
+    assert_eq!(after["state"], doc["state"], "{after}");
+    assert_eq!(after["updatedAt"], doc["updatedAt"], "{after}");
+    assert_eq!(api.etag(&path).await, etag);
+    server.stop().await;
+}

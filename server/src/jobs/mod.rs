@@ -331,7 +331,11 @@ pub async fn cancel(
              finished_at = CASE WHEN state IN ('uploading', 'queued') THEN now() ELSE finished_at END,
              -- A queued batch's records (up to BODY_LIMIT) are of no use any more.
              input = CASE WHEN state = 'queued' AND kind = 'batch' THEN NULL ELSE input END,
-             updated_at = now()
+             -- Cancelling a finished job, or one already asked to stop,
+             -- changes nothing (its ETag stays).
+             updated_at = CASE WHEN state IN ('uploading', 'queued')
+                                    OR (state = 'running' AND NOT cancel_requested)
+                               THEN now() ELSE updated_at END
          FROM old WHERE j.id = old.old_id
          RETURNING j.state, j.user_id,
                    CASE WHEN old.was IN ('uploading', 'queued') THEN {END_DATA} END"
