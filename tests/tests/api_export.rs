@@ -648,6 +648,9 @@ async fn roles_scope_and_bad_parameters() {
         ("format=csv&after=1:2024-13", "after"),
         ("format=csv&shape=daily&after=2:2026-02-30", "after"),
         ("format=csv&shape=daily&after=2:2025-04-31", "after"),
+        // Resuming from an unset variable would start over.
+        ("format=csv&after=", "after"),
+        ("format=ndjson&after=%20", "after"),
     ] {
         let e = export(&f.admin, query, None).await;
         assert_eq!(e.status, 400, "{query}: {}", e.text());

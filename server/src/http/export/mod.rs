@@ -213,8 +213,13 @@ impl ExportApi {
         let after = after
             .0
             .as_deref()
-            .filter(|a| !a.trim().is_empty())
-            .map(|a| RowKey::parse(a, shape))
+            .map(|a| match a.trim() {
+                // A client resuming from an unset variable would start
+                // over and get every row twice.
+                "" => Err("is empty; give the key of the last row you have, or leave after out"
+                    .to_string()),
+                a => RowKey::parse(a, shape),
+            })
             .transpose()
             .map_err(|e| ApiError::bad_param("after", e))?;
         let encoding = negotiate(
