@@ -651,6 +651,8 @@ async fn roles_scope_and_bad_parameters() {
         // Resuming from an unset variable would start over.
         ("format=csv&after=", "after"),
         ("format=ndjson&after=%20", "after"),
+        ("format=csv&minTotalSales=-1", "minTotalSales"),
+        ("format=csv&maxTotalSales=1e400", "maxTotalSales"),
     ] {
         let e = export(&f.admin, query, None).await;
         assert_eq!(e.status, 400, "{query}: {}", e.text());
@@ -661,6 +663,9 @@ async fn roles_scope_and_bad_parameters() {
             e.text()
         );
     }
+    // Past the double range: said so, not "non-negative".
+    let e = export(&f.admin, "format=csv&maxTotalSales=1e400", None).await;
+    assert!(e.text().contains("out of range"), "{}", e.text());
     // A region name with quotes is a value, never SQL.
     let e = export(&f.admin, "format=csv&region=No'rth%22%3B--", None).await;
     assert_eq!(e.status, 200);

@@ -159,7 +159,15 @@ impl SalesFilter {
             ("maxTotalSales", raw.max_total_sales),
         ] {
             if let Some(v) = v {
-                if !v.is_finite() || v < 0.0 {
+                if !v.is_finite() {
+                    // A number past the double range (`1e400`) reads as
+                    // infinite.
+                    return Err(ApiError::bad_param(
+                        name,
+                        format!("is out of range; at most {:e}", f64::MAX),
+                    ));
+                }
+                if v < 0.0 {
                     return Err(ApiError::bad_param(name, "must be a non-negative number"));
                 }
             }
