@@ -1883,6 +1883,14 @@ async fn options_says_what_a_resource_allows() {
         let mut want: Vec<&str> = expected.split(", ").collect();
         want.sort();
         assert_eq!(got, want, "{path}: {allow}");
+        // A method the resource does not allow: 405 with the same Allow.
+        let r = client
+            .request(reqwest::Method::PUT, f.server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{path}");
+        assert_eq!(r.headers()["allow"].to_str().unwrap(), allow, "{path}");
     }
 }
 

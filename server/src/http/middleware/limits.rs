@@ -265,13 +265,15 @@ async fn limited<E: Endpoint>(
     }
     if let Some(allowed) = routes.allowed(req.uri().path()) {
         let method = req.method().as_str();
+        // What the resource allows, OPTIONS included: the same `Allow` on
+        // an OPTIONS request and on a 405, as RFC 9110 has both answer.
+        let mut methods = allowed.to_vec();
+        methods.push("OPTIONS");
+        let allow = HeaderValue::from_str(&methods.join(", ")).ok();
         if method == "OPTIONS" && !req.headers().contains_key("access-control-request-method") {
-            // Not a CORS preflight (those go on to the CORS layer): what
-            // the resource allows, as RFC 9110 has OPTIONS answer.
+            // Not a CORS preflight (those go on to the CORS layer).
             let mut resp = Response::builder().status(StatusCode::NO_CONTENT).finish();
-            let mut methods = allowed.to_vec();
-            methods.push("OPTIONS");
-            if let Ok(v) = HeaderValue::from_str(&methods.join(", ")) {
+            if let Some(v) = allow {
                 resp.headers_mut().insert(header::ALLOW, v);
             }
             return Ok(resp);
@@ -281,7 +283,7 @@ async fn limited<E: Endpoint>(
                 format!("{method} is not allowed here; use {}", allowed.join(", ")),
                 StatusCode::METHOD_NOT_ALLOWED,
             ));
-            if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+            if let Some(v) = allow {
                 resp.headers_mut().insert(header::ALLOW, v);
             }
             return Ok(resp);
