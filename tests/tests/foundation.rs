@@ -430,6 +430,61 @@ async fn openapi_file_matches_the_server() {
     server.stop().await;
 }
 
+/// Every media type the OpenAPI document lists for the import's body is
+/// taken (a dry run of one line), one it does not list is 415, and the
+/// 415's description names the listed ones.
+#[tokio::test]
+async fn the_import_takes_every_media_type_its_document_lists() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = sales_e2e::user_token(&db, &server, "a@x.test", "admin", &[]).await;
+    let spec: Value = reqwest::get(server.url("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let op = &spec["paths"]["/api/v2/imports"]["post"];
+    let listed: Vec<String> = op["requestBody"]["content"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert!(listed.len() >= 6, "{listed:?}");
+    let code: String = sqlx::query_scalar("SELECT code FROM sales.stores WHERE id = $1")
+        .bind(stores[0])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let post = |media: String| {
+        let body = if media.contains("json") {
+            format!("{{\"storeCode\": \"{code}\", \"date\": \"2024-01-05\", \"sales\": 1}}\n")
+        } else {
+            format!("store_code,date,sales\n{code},2024-01-05,1\n")
+        };
+        client
+            .post(server.url("/api/v2/imports?dryRun=true"))
+            .bearer_auth(&token)
+            .header("content-type", media)
+            .body(body)
+            .send()
+    };
+    for media in &listed {
+        let r = post(media.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), 202, "{media}");
+    }
+    let r = post("application/json".into()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    let described = op["responses"]["415"]["description"].as_str().unwrap();
+    for media in &listed {
+        assert!(described.contains(media.as_str()), "{described}");
+    }
+    server.stop().await;
+}
+
 /// Commands check their arguments before they connect (a database that
 /// cannot be reached shows it: the error is the argument's), and
 /// `seed --if-empty` completes a seed that was cut off part-way.

@@ -191,13 +191,30 @@ pub fn finish_spec(raw: &str) -> String {
     if let Some(paths) = doc["paths"].as_object_mut() {
         for ops in paths.values_mut().filter_map(Value::as_object_mut) {
             for op in ops.values_mut() {
-                if op.get("requestBody").is_none() {
+                let Some(content) = op
+                    .get_mut("requestBody")
+                    .and_then(|b| b.get_mut("content"))
+                    .and_then(Value::as_object_mut)
+                else {
                     continue;
+                };
+                // Every media type an upload is taken in, beside the one
+                // its payload type names.
+                for family in [&imports::CSV_TYPES, &imports::NDJSON_TYPES] {
+                    if let Some(first) = content.get(family[0]).cloned() {
+                        for other in &family[1..] {
+                            content
+                                .entry(other.to_string())
+                                .or_insert_with(|| first.clone());
+                        }
+                    }
                 }
+                let media: Vec<String> = content.keys().map(|m| format!("`{m}`")).collect();
+                let described = format!("The body's media type is not {}.", or_list(&media));
                 if let Some(responses) = op["responses"].as_object_mut() {
                     responses.entry("415").or_insert_with(|| {
                         json!({
-                            "description": "The body is not `application/json`.",
+                            "description": described,
                             "content": {"application/json; charset=utf-8": {
                                 "schema": {"$ref": "#/components/schemas/ErrorBody"}}}
                         })
@@ -207,6 +224,15 @@ pub fn finish_spec(raw: &str) -> String {
         }
     }
     serde_json::to_string_pretty(&doc).unwrap_or_else(|_| raw.to_string())
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn or_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
 }
 
 /// The schemas a JSON request body refers to, directly or through
