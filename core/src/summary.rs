@@ -460,7 +460,7 @@ impl Summary {
         } {
             let Some(d) = DIMS
                 .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(&n))
+                .find(|(k, _)| *k == n)
                 .map(|(_, d)| *d)
             else {
                 return err(
@@ -530,7 +530,7 @@ impl Summary {
             };
             let key = if let Some(d) = DIMS
                 .iter()
-                .find(|(k, d)| k.eq_ignore_ascii_case(&name) || d.key() == name)
+                .find(|(k, d)| *k == name || d.key() == name)
                 .map(|(_, d)| *d)
             {
                 if !dims.contains(&d) {
@@ -869,6 +869,13 @@ mod tests {
         assert_eq!(
             bad(Some("store,store"), None, None, None, None, None),
             "groupBy"
+        );
+        // Names are spelt as documented, like every other name in a query.
+        assert_eq!(bad(Some("STORE"), None, None, None, None, None), "groupBy");
+        assert_eq!(bad(Some("Month"), None, None, None, None, None), "groupBy");
+        assert_eq!(
+            bad(Some("month"), None, None, None, Some("MONTH"), None),
+            "orderBy"
         );
         assert_eq!(
             bad(None, Some("sumSales,median"), None, None, None, None),
