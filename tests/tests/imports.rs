@@ -2423,3 +2423,208 @@ async fn a_cancelled_upload_stops_reading_at_the_next_line() {
     assert_eq!(state, "cancelled");
     server.stop().await;
 }
+
+/// Header names match whatever their case: an all-capitals header (a POS
+/// system's) is read like its snake_case or camelCase spelling, and a
+/// capitalised metric among small names is read rather than dropped. One
+/// field in two spellings refuses the file, naming both columns.
+#[tokio::test]
+async fn header_names_match_whatever_their_case() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await; // T001, T002
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (a, b) = (stores[0], stores[1]);
+    for (file, store, day, want) in [
+        (
+            "STORE_CODE,DATE,SALES,CUSTOMERS\nT001,2024-07-05,5,1\n".to_string(),
+            a,
+            5,
+            json!({"sales": 5, "customers": 1}),
+        ),
+        (
+            "store_code,date,sales,CUSTOMERS\nT001,2024-07-06,6,2\n".to_string(),
+            a,
+            6,
+            json!({"sales": 6, "customers": 2}),
+        ),
+        (
+            "STORE,YEAR,MONTH,D7_SALES,D7Customers\nT002,2024,7,7,3\n".to_string(),
+            b,
+            7,
+            json!({"sales": 7, "customers": 3}),
+        ),
+        (
+            "STORECODE,BusinessDate,Transactions\nT002,2024-07-08,8\n".to_string(),
+            b,
+            8,
+            json!({"transactions": 8}),
+        ),
+        (
+            format!("storeID,Date,SALES\n{a},2024-07-09,9\n"),
+            a,
+            9,
+            json!({"sales": 9}),
+        ),
+    ] {
+        let (status, body, _) = post_file(&api, "", "text/csv", file.clone()).await;
+        assert_eq!(status, 202, "{file}: {body}");
+        let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+        assert_eq!(doc["state"], "completed", "{doc}");
+        assert_eq!(doc["rowsRejected"], 0, "{file}: {doc}");
+        assert_eq!(day_of(&db, store, 2024, 7, day).await, want, "{file}");
+    }
+    for (file, message) in [
+        (
+            "store_code,date,Sales,SALES\nT001,2024-07-10,1,2\n",
+            "wrong header: columns Sales and SALES are the same field",
+        ),
+        (
+            "STORE_ID,storeId,date,sales\n1,1,2024-07-10,1\n",
+            "wrong header: columns STORE_ID and storeId are the same field",
+        ),
+        (
+            "STORE,year,month,D1_SALES,d01Sales\nT001,2024,7,1,2\n",
+            "wrong header: columns D1_SALES and d01Sales are the same field",
+        ),
+        (
+            "Store_Kode,DATE,SALES\nT001,2024-07-10,1\n",
+            "wrong header: no store column (store_code or store_id); found: Store_Kode, DATE, SALES",
+        ),
+    ] {
+        let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+        assert_eq!(status, 400, "{file}: {body}");
+        assert_eq!(body["error"]["details"]["reason"], message, "{file}: {body}");
+    }
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await,
+        5,
+        "the refused files queued nothing"
+    );
+    server.stop().await;
+}
+
+/// An NDJSON member of the other line shape is a rejected row naming it,
+/// not a member dropped: a record's top-level metrics, a daily row's year
+/// or month that is not its date's. A null member is one not given, `date`
+/// beside `dailyData` included, and a date that is not a string says so.
+#[tokio::test]
+async fn ndjson_members_of_the_other_shape_are_rejected() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let s = stores[0];
+    let nd = [
+        json!({"storeId": s, "year": 2024, "month": 6, "sales": 99, "customers": 5, "dailyData": {"1": {"sales": 1}}}),
+        json!({"storeCode": "T001", "date": "2024-05-01", "year": 2025, "month": 9, "sales": 1}),
+        json!({"storeCode": "T001", "date": "2024-05-02", "year": "junk", "sales": 1}),
+        json!({"storeCode": "T001", "date": 20240503, "sales": 1}),
+        json!({"storeCode": "T001", "date": "2024-05-04", "year": 2024, "month": 5, "sales": 4}),
+        json!({"storeCode": "T001", "date": null, "year": 2024, "month": 6, "dailyData": {"2": {"sales": 2}}}),
+    ]
+    .iter()
+    .map(|l| format!("{l}\n"))
+    .collect::<String>();
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    let errors: Vec<(i64, String, String)> = doc["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_i64().unwrap(),
+                e["column"].as_str().unwrap_or("-").to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let daily_member = "belongs to a daily row (with a date); a record's days go in dailyData";
+    let e = |line: i64, column: &str, reason: &str| (line, column.to_string(), reason.to_string());
+    assert_eq!(
+        errors,
+        vec![
+            e(1, "sales", daily_member),
+            e(1, "customers", daily_member),
+            e(2, "year", "2025 contradicts date 2024-05-01"),
+            e(2, "month", "9 contradicts date 2024-05-01"),
+            e(3, "year", "must be a whole number"),
+            e(4, "date", "must be a string (YYYY-MM-DD)"),
+        ],
+        "{doc}"
+    );
+    assert_eq!(
+        (doc["rowsRejected"].as_i64(), doc["rowsWritten"].as_i64()),
+        (Some(4), Some(2)),
+        "{doc}"
+    );
+    assert_eq!(day_of(&db, s, 2024, 6, 1).await, Value::Null);
+    assert_eq!(day_of(&db, s, 2024, 5, 4).await, json!({"sales": 4}));
+    assert_eq!(day_of(&db, s, 2024, 6, 2).await, json!({"sales": 2}));
+    server.stop().await;
+}
+
+/// The line limit is exact and names the long line: a line of 1 MiB
+/// (1048576 bytes before its line break) is read, one byte more refuses
+/// the file naming that line, however many lines follow it.
+#[tokio::test]
+async fn the_line_limit_is_exact_and_names_the_long_line() {
+    const MAX: usize = 1 << 20;
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let line = |len: usize| {
+        let head = "T001,2024-05-01,5,";
+        format!("{head}{}", "x".repeat(len - head.len()))
+    };
+    let file = |len: usize, after: usize| {
+        format!(
+            "store_code,date,sales,note\r\nT001,2024-05-02,6,\r\n{}\r\n{}",
+            line(len),
+            "T001,2024-05-03,7,\r\n".repeat(after)
+        )
+    };
+    for after in [0, 1, 2000] {
+        let (status, body, _) = post_file(&api, "", "text/csv", file(MAX + 1, after)).await;
+        assert_eq!(status, 400, "{after}: {body}");
+        assert_eq!(
+            body["error"]["details"]["reason"], "line 3 is longer than 1048576 bytes",
+            "{after}: {body}"
+        );
+    }
+    assert_eq!(scalar_i64(&db, "SELECT count(*) FROM jobs.jobs").await, 0);
+    let (status, body, _) = post_file(&api, "", "text/csv", file(MAX, 2000)).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(
+        (doc["rowsRead"].as_i64(), doc["rowsRejected"].as_i64()),
+        (Some(2002), Some(0)),
+        "{doc}"
+    );
+    assert_eq!(
+        day_of(&db, stores[0], 2024, 5, 1).await,
+        json!({"sales": 5})
+    );
+    // NDJSON: the same limit.
+    let nd = |len: usize| {
+        let head = r#"{"storeCode": "T001", "date": "2024-05-04", "sales": 8}"#;
+        format!("{head}\n{head}{}\n{head}\n", " ".repeat(len - head.len()))
+    };
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd(MAX + 1)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["details"]["reason"], "line 2 is longer than 1048576 bytes",
+        "{body}"
+    );
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd(MAX)).await;
+    assert_eq!(status, 202, "{body}");
+    server.stop().await;
+}

@@ -118,9 +118,10 @@ pub enum FileError {
     QuoteSpansLines(u64, u64),
 }
 
-/// The longest data line (or quoted record) read; a longer one refuses the
-/// file, as nothing in a sales file comes near it and reading it would
-/// hold it in memory.
+/// The longest line (or record of lines joined by a quoted value) read,
+/// in bytes, not counting the line break that ends it (a line break inside
+/// quotes counts as one byte); a longer one refuses the file, as nothing
+/// in a sales file comes near it and reading it would hold it in memory.
 pub const MAX_LINE_BYTES: u64 = 1 << 20;
 
 /// The first 40 characters of `raw` when it has more: how much of a value
@@ -218,24 +219,38 @@ fn looks_binary(head: &[u8]) -> bool {
     }
 }
 
-/// `Store Code`, `storeCode`, `store-code`, `Store_Code` -> `store_code`.
+/// A header name in snake_case, as a rejected row names its column:
+/// `Store Code`, `storeCode`, `store-code`, `STORE_CODE` -> `store_code`.
+/// A capital begins a word after a small letter or a digit, and before a
+/// small letter after another capital, so a run of capitals is one word
+/// (`SALES` -> `sales`, `storeID` -> `store_id`, `STORECode` ->
+/// `store_code`, `D1SALES` -> `d1_sales`).
 fn normalize(name: &str) -> String {
     let name = name.trim().trim_start_matches('\u{feff}').trim();
-    let spaced = name.contains(['_', ' ', '-']);
-    let name = if spaced {
-        name.to_string()
-    } else {
-        sales_core::names::to_snake(name)
-    };
-    let mut out = String::with_capacity(name.len());
-    for c in name.to_ascii_lowercase().chars() {
+    let chars: Vec<char> = name.chars().collect();
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
         let c = if c == ' ' || c == '-' { '_' } else { c };
+        if c.is_uppercase() && i > 0 {
+            let prev = chars[i - 1];
+            let next_small = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+            if prev.is_lowercase() || prev.is_ascii_digit() || (prev.is_uppercase() && next_small) {
+                out.push('_');
+            }
+        }
         if c == '_' && (out.is_empty() || out.ends_with('_')) {
             continue;
         }
-        out.push(c);
+        out.extend(c.to_lowercase());
     }
     out.trim_end_matches('_').to_string()
+}
+
+/// What a header name is matched by: its snake_case form without the
+/// `_`, so every spelling of a name is one key (`store_code`, `StoreCode`,
+/// `STORECODE`, `Store Code` -> `storecode`).
+fn match_key(snake: &str) -> String {
+    snake.replace('_', "")
 }
 
 const METRIC_NAMES: [&str; 3] = ["sales", "customers", "transactions"];
@@ -252,47 +267,49 @@ struct Columns {
     metrics: [Option<usize>; 3],
     /// Monthly shape: (column, day, metric index).
     days: Vec<(usize, u32, usize)>,
+    /// The names in snake_case, as rejected rows name their column.
     names: Vec<String>,
 }
 
-fn read_header(names: Vec<String>) -> Result<Columns, FileError> {
+/// Reads a header's names as written (a refusal quotes them so).
+fn read_header(written: &[String]) -> Result<Columns, FileError> {
+    let names: Vec<String> = written.iter().map(|n| normalize(n)).collect();
     let mut c = Columns {
         names: names.clone(),
         ..Default::default()
     };
-    let mut seen = std::collections::HashSet::new();
-    // Two names for one field (`date` and `day`, `d1_sales` and
-    // `d01_sales`) are a repeated column as much as one name twice: which
-    // of the two a line means cannot be told.
+    // A name is matched in any spelling (`Sales`, `SALES`), so two
+    // spellings of one name are one column given twice; and two names
+    // for one field (`date` and `day`, `d1_sales` and `d01_sales`) are a
+    // repeated column as much as one name twice: which of the two a line
+    // means cannot be told.
+    let mut seen = std::collections::HashMap::new();
     let mut days = std::collections::HashMap::new();
-    let twice = |a: usize, b: usize| {
-        FileError::Header(format!(
-            "columns {} and {} are the same field",
-            cut_name(&names[a]),
-            cut_name(&names[b])
-        ))
+    let shown = |i: usize| cut_name(as_written(&written[i]));
+    let twice = |a: usize, b: usize, what: &str| {
+        let (a, b) = (shown(a), shown(b));
+        FileError::Header(if a == b {
+            format!("column {a} appears twice")
+        } else {
+            format!("columns {a} and {b} are the same {what}")
+        })
     };
     let set = |slot: &mut Option<usize>, i: usize| match *slot {
-        Some(j) => Err(twice(j, i)),
+        Some(j) => Err(twice(j, i, "field")),
         None => {
             *slot = Some(i);
             Ok(())
         }
     };
     for (i, n) in names.iter().enumerate() {
-        if n.is_empty() {
+        let key = match_key(n);
+        if key.is_empty() {
             continue;
         }
-        if !seen.insert(n.clone()) {
-            return Err(FileError::Header(format!(
-                "column {} appears twice",
-                cut_name(n)
-            )));
-        }
-        match n.as_str() {
-            "store_code" | "store" | "code" => set(&mut c.store_code, i)?,
-            "store_id" => set(&mut c.store_id, i)?,
-            "date" | "day" | "business_date" => set(&mut c.date, i)?,
+        match key.as_str() {
+            "storecode" | "store" | "code" => set(&mut c.store_code, i)?,
+            "storeid" => set(&mut c.store_id, i)?,
+            "date" | "day" | "businessdate" => set(&mut c.date, i)?,
             "year" => set(&mut c.year, i)?,
             "month" => set(&mut c.month, i)?,
             m => {
@@ -300,11 +317,14 @@ fn read_header(names: Vec<String>) -> Result<Columns, FileError> {
                     set(&mut c.metrics[k], i)?;
                 } else if let Some((d, k)) = day_column(m) {
                     if let Some(j) = days.insert((d, k), i) {
-                        return Err(twice(j, i));
+                        return Err(twice(j, i, "field"));
                     }
                     c.days.push((i, d, k));
                 }
             }
+        }
+        if let Some(j) = seen.insert(key, i) {
+            return Err(twice(j, i, "column"));
         }
     }
     Ok(c)
@@ -318,6 +338,12 @@ fn cut_name(name: &str) -> String {
     }
 }
 
+/// A header name as a refusal quotes it: without the spaces around it (or
+/// a BOM before it).
+fn as_written(name: &str) -> &str {
+    name.trim().trim_start_matches('\u{feff}').trim()
+}
+
 /// The header's names as a refusal lists them: each cut short, and at
 /// most 20 of them.
 fn found(names: &[String]) -> String {
@@ -325,7 +351,7 @@ fn found(names: &[String]) -> String {
     let mut s = names
         .iter()
         .take(LISTED)
-        .map(|n| cut_name(n))
+        .map(|n| cut_name(as_written(n)))
         .collect::<Vec<_>>()
         .join(", ");
     if names.len() > LISTED {
@@ -351,10 +377,11 @@ impl Columns {
     }
 }
 
-/// `d12_sales` -> (12, 0).
-fn day_column(name: &str) -> Option<(u32, usize)> {
-    let rest = name.strip_prefix('d')?;
-    let (day, metric) = rest.split_once('_')?;
+/// `d12sales` (the key of `d12_sales`) -> (12, 0).
+fn day_column(key: &str) -> Option<(u32, usize)> {
+    let rest = key.strip_prefix('d')?;
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let (day, metric) = rest.split_at(digits);
     let d: u32 = day.parse().ok().filter(|d| (1..=31).contains(d))?;
     let k = METRIC_NAMES.iter().position(|x| *x == metric)?;
     Some((d, k))
@@ -393,11 +420,11 @@ fn parse_csv<R: Read>(
     if !got {
         return Err(FileError::Empty);
     }
-    let names: Vec<String> = record
+    let written: Vec<String> = record
         .iter()
-        .map(|f| normalize(&String::from_utf8_lossy(f)))
+        .map(|f| String::from_utf8_lossy(f).into_owned())
         .collect();
-    let cols = read_header(names)?;
+    let cols = read_header(&written)?;
     let shape = match requested {
         Requested::Daily => Shape::Daily,
         Requested::Monthly => Shape::Monthly,
@@ -405,7 +432,7 @@ fn parse_csv<R: Read>(
         _ if cols.year.is_some() && cols.month.is_some() => Shape::Monthly,
         _ => Shape::Daily,
     };
-    let found = found(&cols.names);
+    let found = found(&written);
     if cols.store_code.is_none() && cols.store_id.is_none() {
         return Err(FileError::Header(format!(
             "no store column (store_code or store_id); found: {found}"
@@ -559,10 +586,12 @@ struct Breaks {
     runs: std::collections::VecDeque<(u64, u64)>,
     /// `\n` seen so far.
     total: u64,
-    /// Bytes read since the parser last took a record, blank lines left
-    /// out: what the record being read holds in memory, give or take the
-    /// csv reader's buffer.
-    pending: u64,
+    /// Bytes of the record being read: from its first byte up to (not
+    /// counting) the line break that ends it, a line break inside quotes
+    /// counting as one byte. Blank lines before it are not part of it.
+    record_bytes: u64,
+    /// `\n` before the record being read: its line is one more.
+    record_start: u64,
     /// Where the csv reader is in its grammar, byte by byte (the same
     /// states as `csv_core`'s): a blank line, an open quoted value.
     state: Quoting,
@@ -588,10 +617,36 @@ enum Quoting {
 }
 
 impl Breaks {
-    /// Moves the grammar past byte `b` (`delimiter` separates fields).
-    fn step(&mut self, b: u8, delimiter: u8) {
+    /// Moves the grammar past byte `b` (`delimiter` separates fields) and
+    /// measures the record it belongs to: a record longer than
+    /// MAX_LINE_BYTES is refused, naming the line it starts on (or the
+    /// line of a quote still open).
+    fn step(&mut self, b: u8, delimiter: u8) -> Result<(), FileError> {
+        let state = self.next_state(b, delimiter);
+        if b == b'\n' && state == Quoting::StartRecord {
+            // The break that ends a record (or a blank line).
+            self.state = state;
+            self.record_bytes = 0;
+            self.record_start = self.total;
+            return Ok(());
+        }
+        self.state = state;
+        self.record_bytes += 1;
+        if self.record_bytes > MAX_LINE_BYTES {
+            return Err(match state {
+                Quoting::InQuotes | Quoting::QuoteInQuotes => {
+                    FileError::QuoteTooLong(self.quote_line)
+                }
+                _ => FileError::LineTooLong(self.record_start + 1),
+            });
+        }
+        Ok(())
+    }
+
+    /// The grammar's state after byte `b`.
+    fn next_state(&mut self, b: u8, delimiter: u8) -> Quoting {
         use Quoting::*;
-        self.state = match (self.state, b) {
+        match (self.state, b) {
             (StartRecord | StartField, b'"') => {
                 self.quote_line = self.total + 1;
                 InQuotes
@@ -602,7 +657,7 @@ impl Breaks {
             (_, b'\n') => StartRecord,
             (_, b) if b == delimiter => StartField,
             _ => InField,
-        };
+        }
     }
 }
 
@@ -621,7 +676,6 @@ struct LineOf {
 impl LineOf {
     fn at(&mut self, byte: u64) -> u64 {
         let mut b = self.breaks.borrow_mut();
-        b.pending = 0;
         while let Some(&(start, n)) = b.runs.front() {
             if start + n <= byte {
                 b.runs.pop_front();
@@ -706,7 +760,6 @@ impl<R: Read> Read for Lf<R> {
                 let mut br = self.breaks.borrow_mut();
                 for (i, b) in buf[..w].iter().enumerate() {
                     let at = self.offset + i as u64;
-                    let blank = *b == b'\n' && br.state == Quoting::StartRecord;
                     if *b == b'\n' {
                         br.total += 1;
                         match br.runs.back_mut() {
@@ -714,20 +767,11 @@ impl<R: Read> Read for Lf<R> {
                             _ => br.runs.push_back((at, 1)),
                         }
                     }
-                    // The csv reader drops a BOM at the start of the file.
+                    // The csv reader drops a BOM at the start of the file
+                    // (and the line limit does not count it).
                     if at >= 3 || *b != b"\xEF\xBB\xBF"[at as usize] {
-                        br.step(*b, self.delimiter);
+                        br.step(*b, self.delimiter).map_err(std::io::Error::other)?;
                     }
-                    if !blank {
-                        br.pending += 1;
-                    }
-                }
-                if br.pending > MAX_LINE_BYTES {
-                    let e = match br.state {
-                        Quoting::InQuotes => FileError::QuoteTooLong(br.quote_line),
-                        _ => FileError::LineTooLong(br.total + 1),
-                    };
-                    return Err(std::io::Error::other(e));
                 }
                 self.offset += w as u64;
                 return Ok(w);
@@ -1166,7 +1210,7 @@ fn parse_ndjson<R: Read>(
             break;
         }
         n += 1;
-        if buf.len() as u64 > MAX_LINE_BYTES {
+        if line_bytes(&buf) > MAX_LINE_BYTES {
             return Err(FileError::LineTooLong(n));
         }
         let text = match std::str::from_utf8(&buf) {
@@ -1210,9 +1254,19 @@ fn parse_ndjson<R: Read>(
     Ok(())
 }
 
+/// The bytes of a line as the line limit counts them: not its line break,
+/// nor a BOM before it.
+fn line_bytes(line: &[u8]) -> u64 {
+    let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.len() as u64
+}
+
 /// Reads one line into `buf`, its break included: ended by `\n`, `\r\n` or
 /// a `\r` alone (as the CSV reader takes them), or cut once it holds more
-/// than MAX_LINE_BYTES. Returns the bytes read (0 at the end).
+/// than MAX_LINE_BYTES before its break ([`line_bytes`]). Returns the bytes
+/// read (0 at the end).
 fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let mut got = 0;
     let mut after_cr = false;
@@ -1242,11 +1296,11 @@ fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize>
         got += used;
         match end {
             Some(b'\n') => return Ok(got),
+            // A `\n` may follow in the next read: the line is not cut
+            // before it is known.
             Some(_) => after_cr = true,
+            None if line_bytes(buf) > MAX_LINE_BYTES => return Ok(got),
             None => {}
-        }
-        if buf.len() as u64 > MAX_LINE_BYTES {
-            return Ok(got);
         }
     }
 }
@@ -1382,16 +1436,40 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         }
     }
     let daily = given("dailyData");
-    if let Some((_, date)) = get("date") {
-        if daily.is_some() {
+    let date = given("date");
+    // A line with a date is a daily row, and so is one with top-level
+    // metrics and no dailyData (its date missing).
+    let metrics_given = METRIC_NAMES.iter().any(|name| given(name).is_some());
+    if date.is_some() || (daily.is_none() && metrics_given) {
+        if date.is_some() && daily.is_some() {
             errors.push((
                 Some("dailyData".into()),
                 "a line gives a date (one day) or dailyData (a month), not both".into(),
             ));
         }
-        let date = date.as_str().unwrap_or_default();
         let mut values: [Option<String>; 3] = Default::default();
-        let period = parse_date(date).map_err(|e| errors.push((Some("date".into()), e)));
+        let period = match date {
+            None => Err("is missing".to_string()),
+            Some((_, Value::String(date))) => parse_date(date),
+            Some(_) => Err("must be a string (YYYY-MM-DD)".to_string()),
+        }
+        .map_err(|e| errors.push((Some("date".into()), e)));
+        // A daily row's year and month, when it gives them, are its date's.
+        let of_date = period.ok().map(|(y, m, _)| (i64::from(y), i64::from(m)));
+        for (name, want) in [
+            ("year", of_date.map(|p| p.0)),
+            ("month", of_date.map(|p| p.1)),
+        ] {
+            let Some((_, v)) = given(name) else { continue };
+            match v.as_i64() {
+                None => errors.push((Some(name.into()), "must be a whole number".into())),
+                Some(n) if want.is_some_and(|w| w != n) => {
+                    let date = date.and_then(|(_, d)| d.as_str()).unwrap_or_default();
+                    errors.push((Some(name.into()), format!("{n} contradicts date {date}")));
+                }
+                Some(_) => {}
+            }
+        }
         for (k, name) in METRIC_NAMES.iter().enumerate() {
             if let Some((key, v)) = given(name) {
                 let text = raw.get(key).filter(|_| v.is_number());
@@ -1447,6 +1525,16 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             None
         }
     };
+    // A record's values are in dailyData: a top-level metric belongs to a
+    // daily row, and is not dropped.
+    for name in METRIC_NAMES {
+        if given(name).is_some() {
+            errors.push((
+                Some(name.into()),
+                "belongs to a daily row (with a date); a record's days go in dailyData".into(),
+            ));
+        }
+    }
     // Each day's members as the line wrote them.
     // Each day's members as the line wrote them, read once for the checks
     // and the rows alike.
@@ -1736,8 +1824,6 @@ mod tests {
     /// quotes count), or in NDJSON.
     #[test]
     fn an_overlong_line_refuses_the_file() {
-        // The csv reader reads ahead (8 KiB): a line is refused within that
-        // much of the limit.
         let long = "9".repeat(MAX_LINE_BYTES as usize + 65_536);
         let f = format!("store_code,date,sales\nS1,2024-01-01,5\nS1,2024-01-02,{long}\n");
         let r = run(&f, Requested::Auto).map(|x| (x.0, x.2, x.3));
@@ -1991,5 +2077,316 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].sales.as_deref(), Some("12345678.123456789012"));
         assert_eq!((rows[0].store_id, rows[0].id_too), (None, Some(4)));
+    }
+
+    /// Header names match whatever their case: a run of capitals is one
+    /// word (`SALES`, `storeID`), a capital after a small letter or a digit
+    /// begins one (`d1Sales`), and `_`, ` ` or `-` between words do not
+    /// matter (`STORECODE` is `store_code`).
+    #[test]
+    fn header_names_match_whatever_their_case() {
+        for (written, snake) in [
+            ("SALES", "sales"),
+            ("Sales", "sales"),
+            ("STORE_ID", "store_id"),
+            ("storeID", "store_id"),
+            ("StoreId", "store_id"),
+            ("storeId", "store_id"),
+            ("Store ID", "store_id"),
+            ("STORECode", "store_code"),
+            ("D1_SALES", "d1_sales"),
+            ("d1Sales", "d1_sales"),
+            ("D1SALES", "d1_sales"),
+            ("Store Code", "store_code"),
+            ("store-code", "store_code"),
+            ("\u{feff} Business_Date ", "business_date"),
+        ] {
+            assert_eq!(normalize(written), snake, "{written}");
+        }
+        let f = "STORE_CODE,DATE,SALES,CUSTOMERS\nST0189,2091-07-05,5,1\n";
+        let (shape, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!(shape, Shape::Daily);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(rows[0].store_code.as_deref(), Some("ST0189"));
+        assert_eq!(
+            (rows[0].sales.as_deref(), rows[0].customers.as_deref()),
+            (Some("5"), Some("1"))
+        );
+        // One capitalised column among small ones is read, not dropped.
+        let f = "store_code,date,sales,CUSTOMERS\nST0189,2091-07-05,5,1\n";
+        let (_, rows, _, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!(rows[0].customers.as_deref(), Some("1"));
+        let f = "STORE,YEAR,MONTH,D1_SALES,D2CUSTOMERS\nST0189,2091,7,5,3\n";
+        let (shape, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!(shape, Shape::Monthly);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.day, r.col.as_deref().unwrap_or("-")))
+                .collect::<Vec<_>>(),
+            vec![(1, "d1_sales"), (2, "d2_customers")]
+        );
+        assert_eq!(rows[1].customers.as_deref(), Some("3"));
+        for h in ["STORECODE", "StoreCode", "storecode", "Store Code"] {
+            let f = format!("{h},date,sales\nST0189,2091-07-05,5\n");
+            let (_, rows, bad, _) = run(&f, Requested::Auto).unwrap();
+            assert!(bad.is_empty(), "{h}: {bad:?}");
+            assert_eq!(rows[0].store_code.as_deref(), Some("ST0189"), "{h}");
+        }
+        for h in ["storeID", "STORE_ID", "StoreId", "STOREID"] {
+            let f = format!("{h},date,sales\n189,2091-07-05,5\n");
+            let (_, rows, bad, _) = run(&f, Requested::Auto).unwrap();
+            assert!(bad.is_empty(), "{h}: {bad:?}");
+            assert_eq!(rows[0].store_id, Some(189), "{h}");
+        }
+        // A rejected row names its column in snake_case.
+        let f = "STORE_CODE,BUSINESSDATE,SALES\nST0189,2091-07-05,x\n";
+        let (_, _, bad, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!(bad[0].column.as_deref(), Some("sales"));
+        // A refusal lists the columns as the header wrote them.
+        let Some(FileError::Header(m)) =
+            run("Store_Kode,DATE,SALES\nS1,2091-07-05,5\n", Requested::Auto).err()
+        else {
+            panic!("no header error");
+        };
+        assert_eq!(
+            m,
+            "no store column (store_code or store_id); found: Store_Kode, DATE, SALES"
+        );
+    }
+
+    /// A field given twice in any spelling refuses the file, naming both
+    /// columns as the header wrote them.
+    #[test]
+    fn a_field_given_twice_in_any_spelling_is_refused() {
+        for (h, why) in [
+            (
+                "store_code,date,Sales,SALES",
+                "columns Sales and SALES are the same field",
+            ),
+            ("store_code,date,sales,sales", "column sales appears twice"),
+            (
+                "STORE_CODE,StoreCode,date,sales",
+                "columns STORE_CODE and StoreCode are the same field",
+            ),
+            (
+                "store_code,year,month,D1_SALES,d01Sales",
+                "columns D1_SALES and d01Sales are the same field",
+            ),
+            (
+                "store_code,date,sales,note,NOTE",
+                "columns note and NOTE are the same column",
+            ),
+        ] {
+            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
+            assert_eq!(
+                run(&f, Requested::Auto).err(),
+                Some(FileError::Header(why.into())),
+                "{h}"
+            );
+        }
+    }
+
+    /// Rejected rows of an NDJSON file: (line, column, reason).
+    fn ndjson_rejections(lines: &[&str]) -> (Vec<Row>, Vec<(u64, String, String)>) {
+        let (_, rows, bad, _) = run(&lines.join("\n"), Requested::Ndjson).unwrap();
+        let bad = bad
+            .into_iter()
+            .map(|b| (b.line, b.column.unwrap_or_else(|| "-".into()), b.reason))
+            .collect();
+        (rows, bad)
+    }
+
+    /// A member of the other line shape is refused, not dropped: a
+    /// record's top-level metrics, a daily row's year or month that is not
+    /// its date's; a null member is one not given, `date` included.
+    #[test]
+    fn ndjson_members_of_the_other_shape_are_rejected() {
+        let (rows, bad) = ndjson_rejections(&[
+            r#"{"storeId":189,"year":2091,"month":6,"sales":99,"customers":5,"dailyData":{"1":{"sales":1}}}"#,
+            r#"{"storeCode":"ST0189","date":"2091-05-01","year":2095,"month":9,"sales":1}"#,
+            r#"{"storeCode":"ST0189","date":"2091-05-02","year":"junk","sales":1}"#,
+            r#"{"storeCode":"ST0189","date":"2091-05-03","month":5.5,"sales":1}"#,
+            r#"{"storeCode":"ST0189","date":"2091-05-04","year":2091,"month":5,"sales":4}"#,
+            r#"{"storeCode":"ST0189","date":null,"year":2091,"month":6,"dailyData":{"2":{"sales":2}}}"#,
+            r#"{"storeCode":"ST0189","date":"2091-05-05","dailyData":null,"sales":5,"year":null}"#,
+            r#"{"storeCode":"ST0189","year":2091,"month":6,"sales":null,"dailyData":{"3":{"sales":3}}}"#,
+            r#"{"storeCode":"ST0189","sales":6}"#,
+        ]);
+        let b = |l: u64, c: &str, r: &str| (l, c.to_string(), r.to_string());
+        let daily_member = "belongs to a daily row (with a date); a record's days go in dailyData";
+        assert_eq!(
+            bad,
+            vec![
+                b(1, "sales", daily_member),
+                b(1, "customers", daily_member),
+                b(2, "year", "2095 contradicts date 2091-05-01"),
+                b(2, "month", "9 contradicts date 2091-05-01"),
+                b(3, "year", "must be a whole number"),
+                b(4, "month", "must be a whole number"),
+                b(9, "date", "is missing"),
+            ]
+        );
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.line, r.year, r.month, r.day))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (5, 2091, 5, 4),
+                (6, 2091, 6, 2),
+                (7, 2091, 5, 5),
+                (8, 2091, 6, 3)
+            ]
+        );
+    }
+
+    /// A date that is not a string says so, whatever it holds.
+    #[test]
+    fn an_ndjson_date_must_be_a_string() {
+        let (_, bad) = ndjson_rejections(&[
+            r#"{"storeCode":"ST0189","date":20910410,"sales":1}"#,
+            r#"{"storeCode":"ST0189","date":["2091-04-10"],"sales":1}"#,
+            r#"{"storeCode":"ST0189","date":"20910410","sales":1}"#,
+        ]);
+        let must = "must be a string (YYYY-MM-DD)";
+        assert_eq!(
+            bad,
+            vec![
+                (1, "date".into(), must.into()),
+                (2, "date".into(), must.into()),
+                (
+                    3,
+                    "date".into(),
+                    "\"20910410\" is not a date; use YYYY-MM-DD".into()
+                ),
+            ]
+        );
+    }
+
+    /// The line limit is exact: MAX_LINE_BYTES bytes of a line (its line
+    /// break not counted) are read, one more refuses the file, naming that
+    /// line whatever follows it.
+    #[test]
+    fn the_line_limit_is_exact_and_names_the_long_line() {
+        let max = MAX_LINE_BYTES as usize;
+        let csv_line = |len: usize| {
+            let head = "S1,2024-01-01,5,";
+            format!("{head}{}", "x".repeat(len - head.len()))
+        };
+        for end in ["\n", "\r\n", "\r"] {
+            for trickle in [false, true] {
+                let f = format!(
+                    "store_code,date,sales,note{end}S1,2024-01-02,6,{end}{}{end}{}",
+                    csv_line(max),
+                    format!("S1,2024-01-03,7,{end}").repeat(2000)
+                );
+                let mut rows = 0;
+                let counted = |i| {
+                    if let Item::Row(_) = i {
+                        rows += 1;
+                    }
+                    Ok(())
+                };
+                let r = if trickle {
+                    parse(Trickle(f.as_bytes()), Requested::Auto, counted)
+                } else {
+                    parse(f.as_bytes(), Requested::Auto, counted)
+                };
+                assert_eq!(r, Ok(Shape::Daily), "{end:?}");
+                assert_eq!(rows, 2002, "{end:?}");
+                for after in [0, 1, 2000] {
+                    let f = format!(
+                        "store_code,date,sales,note{end}S1,2024-01-02,6,{end}{}{end}{}",
+                        csv_line(max + 1),
+                        format!("S1,2024-01-03,7,{end}").repeat(after)
+                    );
+                    let r = if trickle {
+                        parse(Trickle(f.as_bytes()), Requested::Auto, |_| Ok(()))
+                    } else {
+                        parse(f.as_bytes(), Requested::Auto, |_| Ok(()))
+                    };
+                    assert_eq!(r, Err(FileError::LineTooLong(3)), "{end:?} {after}");
+                }
+            }
+        }
+        // The header is a line too, and the last line needs no break.
+        let f = format!(
+            "store_code,date,sales,{}\nS1,2024-01-02,6\n",
+            "n".repeat(max)
+        );
+        assert_eq!(
+            run(&f, Requested::Auto).err(),
+            Some(FileError::LineTooLong(1))
+        );
+        let f = format!("store_code,date,sales,note\n{}", csv_line(max + 1));
+        assert_eq!(
+            run(&f, Requested::Auto).err(),
+            Some(FileError::LineTooLong(2))
+        );
+        // Blank lines before the long line are not part of it.
+        let f = format!(
+            "store_code,date,sales,note\n\n\n{}\nS1,2024-01-02,6,\n",
+            csv_line(max)
+        );
+        assert!(run(&f, Requested::Auto).is_ok());
+        // A quoted value over lines counts each line break as one byte.
+        let quoted = |len: usize| {
+            let head = "S1,2024-01-01,5,\"";
+            let body = len - head.len() - 1;
+            format!(
+                "{head}{}\r\n{}\"",
+                "y".repeat(body / 2),
+                "y".repeat(body - body / 2 - 1)
+            )
+        };
+        let f = format!(
+            "store_code,date,sales,note\n{}\nS1,2024-01-02,6,\n",
+            quoted(max)
+        );
+        let (_, rows, bad, _) = run(&f, Requested::Auto).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!((rows[0].line, rows[1].line), (2, 4));
+        let f = format!(
+            "store_code,date,sales,note\n{}\nS1,2024-01-02,6,\n",
+            quoted(max + 1)
+        );
+        assert_eq!(
+            run(&f, Requested::Auto).err(),
+            Some(FileError::QuoteTooLong(2))
+        );
+
+        // NDJSON: the same limit, the same lines.
+        let nd_line = |len: usize, day: u32| {
+            let head =
+                format!("{{\"storeCode\": \"S1\", \"date\": \"2024-01-{day:02}\", \"sales\": 5}}");
+            format!("{head}{}", " ".repeat(len.saturating_sub(head.len())))
+        };
+        for end in ["\n", "\r\n", "\r"] {
+            let f = format!(
+                "{}{end}{}{end}{}",
+                nd_line(10, 1),
+                nd_line(max, 2),
+                format!("{}{end}", nd_line(60, 3)).repeat(2000)
+            );
+            let (_, rows, bad, lines) = run(&f, Requested::Auto).unwrap();
+            assert!(bad.is_empty(), "{end:?}: {:?}", &bad[..1]);
+            assert_eq!((rows.len(), lines), (2002, 2002), "{end:?}");
+            assert_eq!((rows[1].line, rows[2001].line), (2, 2002), "{end:?}");
+            for after in [0, 1, 2000] {
+                let f = format!(
+                    "{}{end}{}{end}{}",
+                    nd_line(10, 1),
+                    nd_line(max + 1, 2),
+                    format!("{}{end}", nd_line(60, 3)).repeat(after)
+                );
+                assert_eq!(
+                    run(&f, Requested::Auto).err(),
+                    Some(FileError::LineTooLong(2)),
+                    "{end:?} {after}"
+                );
+            }
+        }
     }
 }
