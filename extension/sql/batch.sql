@@ -1,5 +1,7 @@
 -- pg_sales schema, 4 of 4: batch writes (the SQL face of src/upsert.rs),
--- last of all the extension's SQL (finalize).
+-- last of all the extension's SQL (finalize). The wrappers run with
+-- `search_path = pg_catalog, pg_temp` (see surface.sql), and so do the
+-- statements the Rust functions run under them.
 
 ---------------------------------------------------------------------------
 -- Batch entry points: the Rust functions validate and write; these wrappers
@@ -13,7 +15,7 @@
 -- the rest reported). allowed_stores: the caller's store scope (NULL = any).
 CREATE FUNCTION sales.batch_upsert(records jsonb, mode text DEFAULT 'merge', atomic boolean DEFAULT true,
                                    allowed_stores bigint[] DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE result jsonb;
 BEGIN
     IF mode IS NULL OR mode NOT IN ('merge', 'replace') THEN
@@ -30,7 +32,7 @@ END $$;
 
 CREATE FUNCTION sales.batch_delete(ids bigint[] DEFAULT NULL, keys jsonb DEFAULT NULL, atomic boolean DEFAULT true,
                                    allowed_stores bigint[] DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE result jsonb;
 BEGIN
     result := sales.batch_delete_impl(ids, keys, coalesce(atomic, true), allowed_stores);

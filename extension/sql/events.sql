@@ -1,16 +1,20 @@
 -- pg_sales schema, 3 of 4: the event log's triggers and functions, after
 -- documents.sql and the Rust functions they call (src/events.rs,
--- src/delivery.rs).
+-- src/delivery.rs). Each runs with `search_path = pg_catalog, pg_temp`
+-- (see surface.sql), except sales.current_actor(), which is inlined.
 
 ---------------------------------------------------------------------------
 -- Events: one row per changed row, one NOTIFY per transaction.
 ---------------------------------------------------------------------------
 
 -- The acting user, when the caller said who it is (the server does, with
--- set_config('sales.user_id', ..., true)).
+-- set_config('sales.user_id', ..., true)). Inlined into its callers'
+-- queries (no SET clause), so it names its function and operator with
+-- their schema (see documents.sql).
 CREATE FUNCTION sales.current_actor() RETURNS bigint
 LANGUAGE sql STABLE AS $$
-    SELECT nullif(current_setting('sales.user_id', true), '')::bigint
+    SELECT CASE WHEN pg_catalog.current_setting('sales.user_id', true) OPERATOR(pg_catalog.<>) ''
+                THEN pg_catalog.current_setting('sales.user_id', true)::bigint END
 $$;
 
 -- One NOTIFY per writing transaction at most, whatever it does, sent just
@@ -196,7 +200,7 @@ REVOKE EXECUTE ON FUNCTION sales.tg_sales_deleted(), sales.tg_stores_changed(), 
 -- returns its id. `user_id` makes it a user-only event: set it only for
 -- events meant for that one user.
 CREATE FUNCTION sales.emit(kind text, payload jsonb, store_id bigint DEFAULT NULL, user_id bigint DEFAULT NULL)
-RETURNS bigint LANGUAGE plpgsql AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE new_id bigint;
 BEGIN
     IF kind IS NULL OR length(btrim(kind)) = 0 THEN
@@ -210,7 +214,7 @@ END $$;
 
 -- A system announcement for everyone; returns its event id.
 CREATE FUNCTION sales.announce(message text, level text DEFAULT 'info', data jsonb DEFAULT '{}')
-RETURNS bigint LANGUAGE plpgsql AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF message IS NULL OR length(btrim(message)) = 0 THEN
         RAISE EXCEPTION 'announcement message must not be empty' USING ERRCODE = '22023';
@@ -227,7 +231,7 @@ END $$;
 -- A notification for one user (user_id set: delivered to that user only);
 -- returns its event id.
 CREATE FUNCTION sales.notify_user(user_id bigint, message text, data jsonb DEFAULT '{}')
-RETURNS bigint LANGUAGE plpgsql AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF user_id IS NULL OR NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = notify_user.user_id) THEN
         RAISE EXCEPTION 'user % does not exist', coalesce(user_id::text, 'NULL') USING ERRCODE = '22023';
@@ -246,7 +250,7 @@ END $$;
 -- seq range is an index condition (the volatile functions called directly
 -- in the WHERE clause would be evaluated per row, over the whole log).
 CREATE FUNCTION sales.transaction_events() RETURNS SETOF sales.events
-LANGUAGE sql VOLATILE AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT e.* FROM sales.events e
     WHERE e.seq BETWEEN (SELECT sales.transaction_first_seq()) AND (SELECT sales.transaction_last_seq())
       AND e.xid = (SELECT pg_current_xact_id_if_assigned())
@@ -256,7 +260,7 @@ $$;
 -- The delivery position of a retained event; PS410 when it is not (or no
 -- longer) in the table. 0 is the start of the log.
 CREATE FUNCTION sales.event_position(event_id bigint) RETURNS bigint
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE pos bigint;
 BEGIN
     IF event_id IS NULL OR event_id < 0 THEN
@@ -287,7 +291,7 @@ END $$;
 -- row query. Under REPEATABLE READ the snapshot would be older than the
 -- horizon, so it is refused.
 CREATE FUNCTION sales.events_after_seq(after_seq bigint, max_rows integer DEFAULT 1000, wait_ms integer DEFAULT 0)
-RETURNS SETOF sales.events LANGUAGE plpgsql VOLATILE AS $$
+RETURNS SETOF sales.events LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     g bigint;
     h bigint;
@@ -325,20 +329,20 @@ END $$;
 -- The same after an event id (0 = from the start). An id that is not (or no
 -- longer) in the table raises SQLSTATE PS410 (resync required).
 CREATE FUNCTION sales.events_next(after_id bigint, max_rows integer DEFAULT 1000, wait_ms integer DEFAULT 0)
-RETURNS SETOF sales.events LANGUAGE sql VOLATILE AS $$
+RETURNS SETOF sales.events LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM sales.events_after_seq(sales.event_position(after_id), max_rows, wait_ms)
 $$;
 
 -- Events after `after_id`, in delivery order, without waiting.
 CREATE FUNCTION sales.events_since(after_id bigint, max_rows integer DEFAULT 1000)
-RETURNS SETOF sales.events LANGUAGE sql VOLATILE AS $$
+RETURNS SETOF sales.events LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM sales.events_after_seq(sales.event_position(after_id), max_rows, 0)
 $$;
 
 -- The position a new reader starts from: the last event that events_since
 -- would return, or 0 when there is none.
 CREATE FUNCTION sales.events_head() RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE h bigint := sales.events_horizon();
 BEGIN
     RETURN coalesce((SELECT e.id FROM sales.events e WHERE e.seq < h ORDER BY e.seq DESC LIMIT 1), 0);
@@ -350,7 +354,7 @@ END $$;
 CREATE FUNCTION sales.event_holders()
 RETURNS TABLE (pid integer, xid xid8, first_seq bigint, since timestamptz, held_for interval,
                query_start timestamptz, state text, query text)
-LANGUAGE sql VOLATILE AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT h.pid, (h.xid::text)::xid8, h.first_seq,
            timestamptz '2000-01-01 00:00:00+00' + h.since_us * interval '1 microsecond',
            clock_timestamp() - (timestamptz '2000-01-01 00:00:00+00' + h.since_us * interval '1 microsecond'),
@@ -403,9 +407,12 @@ CREATE VIEW sales.event_delivery AS
 -- sales.event_history) in the same transaction: histories and past
 -- versions that readers cached are then shorter than they were, whoever ran
 -- the pruning (the server's maintenance or a scheduled SQL call).
+--
+-- A retention reaching back before the earliest time a timestamp holds (a
+-- million years) keeps everything it covers, as a long one does.
 CREATE FUNCTION sales.prune_events(retention interval DEFAULT '7 days', history_retention interval DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n bigint := 0;
     expired bigint;
@@ -413,6 +420,8 @@ DECLARE
     last_seq bigint;
     keep_from bigint;
     cut bigint;
+    log_since timestamptz;
+    history_since timestamptz;
 BEGIN
     IF retention IS NULL OR retention < interval '0' THEN
         RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
@@ -421,7 +430,19 @@ BEGIN
         RAISE EXCEPTION 'history_retention must be at least retention (%), not %', retention, history_retention
             USING ERRCODE = '22023';
     END IF;
-    DELETE FROM sales.event_history h WHERE h.created_at < now() - coalesce(history_retention, retention);
+    -- The oldest times kept; -infinity for a retention that reaches back
+    -- past what a timestamp holds (now() - retention is out of range).
+    BEGIN
+        log_since := now() - retention;
+    EXCEPTION WHEN datetime_field_overflow THEN
+        log_since := '-infinity';
+    END;
+    BEGIN
+        history_since := now() - coalesce(history_retention, retention);
+    EXCEPTION WHEN datetime_field_overflow THEN
+        history_since := '-infinity';
+    END;
+    DELETE FROM sales.event_history h WHERE h.created_at < history_since;
     GET DIAGNOSTICS expired = ROW_COUNT;
     horizon := sales.events_horizon();
     SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
@@ -432,7 +453,7 @@ BEGIN
         RETURN 0;
     END IF;
     SELECT e.seq INTO keep_from FROM sales.events e
-    WHERE e.created_at >= now() - retention AND e.seq <= last_seq
+    WHERE e.created_at >= log_since AND e.seq <= last_seq
     ORDER BY e.seq LIMIT 1;
     cut := least(coalesce(keep_from, last_seq), last_seq);
     IF history_retention IS NOT NULL AND history_retention > retention THEN
@@ -441,7 +462,7 @@ BEGIN
         FROM sales.events e
         WHERE e.seq < cut AND e.row_id IS NOT NULL
           AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
-          AND e.created_at >= now() - history_retention
+          AND e.created_at >= history_since
         ON CONFLICT DO NOTHING;
     END IF;
     DELETE FROM sales.events e WHERE e.seq < cut;

@@ -23,13 +23,14 @@
 -- the whole retained chain tells (its oldest version, the stores the record
 -- was in) is read from the events' columns, without rebuilding any month.
 --
--- plpgsql, resolved when it runs; a change here needs the same change in
--- the next upgrade script.
+-- plpgsql, resolved when it runs, with `search_path = pg_catalog, pg_temp`
+-- (see surface.sql); a change here needs the same change in the next
+-- upgrade script.
 
 -- `daily` with the days of `previous` put back: a day whose old value is
 -- null was not reported before, and is removed.
 CREATE FUNCTION sales.daily_undo(daily jsonb, previous jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM (
         SELECT d.key AS k, d.value AS v FROM jsonb_each(coalesce(daily, '{}'::jsonb)) d
         WHERE NOT coalesce(previous, '{}'::jsonb) ? d.key
@@ -53,7 +54,7 @@ CREATE TYPE sales.record_version AS (version bigint, at timestamptz, event_id bi
 -- stops at the first missing version (pruned).
 CREATE FUNCTION sales.record_versions(id bigint, down_to bigint DEFAULT NULL)
 RETURNS SETOF sales.record_version
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
     o sales.record_version;
@@ -131,7 +132,7 @@ END $$;
 -- of sales.record_versions would reach, and the oldest one's kind. NULLs
 -- when it reaches none.
 CREATE FUNCTION sales.record_chain(id bigint, OUT newest bigint, OUT oldest bigint, OUT oldest_kind text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
     expect bigint;
@@ -160,7 +161,7 @@ END $$;
 -- rebuilding versions: every retained event counts, also those past a gap
 -- in the versions, so the answer is never narrower than the history shown.
 CREATE FUNCTION sales.record_stores(id bigint) RETURNS bigint[]
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(array_agg(DISTINCT s ORDER BY s), '{}') FROM (
         SELECT m.store_id AS s FROM sales.monthly_sales m WHERE m.id = record_stores.id
         UNION ALL
@@ -180,7 +181,7 @@ $$;
 -- moved it), and each changed day with its old and new value (null: not
 -- reported).
 CREATE FUNCTION sales.history_entry(v sales.record_version) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     changes jsonb;
     actor jsonb;
@@ -223,7 +224,7 @@ END $$;
 --    are no longer retained}.
 -- NULL when nothing is known of the record (no row, no retained event).
 CREATE FUNCTION sales.history(id bigint, max_rows integer DEFAULT 50, before_version bigint DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     cur_version bigint;
     vs sales.record_version;
@@ -293,7 +294,7 @@ END $$;
 -- than the retained history.
 CREATE FUNCTION sales.get_sales_as_of(id bigint, as_of timestamptz, fields text[] DEFAULT NULL,
     exclude text[] DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     m sales.monthly_sales;
     hit sales.record_version;

@@ -17,9 +17,10 @@
 --              (advisory: `maintain` drops these only when asked)
 --   bloated    a btree at least min_bloat_bytes and over twice the size its
 --              rows need (estimate from pg_stats widths)
+-- Runs with `search_path = pg_catalog, pg_temp` (see surface.sql).
 CREATE FUNCTION sales.index_report(min_unused_bytes bigint DEFAULT 1048576, min_bloat_bytes bigint DEFAULT 8388608)
 RETURNS TABLE (index_name text, table_name text, size_bytes bigint, reason text, detail text, fix text)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 WITH idx AS (
     SELECT i.indexrelid, i.indrelid, c.relname::text AS iname, t.relname::text AS tname,
            i.indisvalid AS valid, i.indisunique AS uniq,

@@ -5,6 +5,9 @@
 -- Loaded before tables.sql (see lib.rs): nothing here may name a sales table
 -- at creation time; the views read the statistics catalogs by schema name.
 --
+-- sales.statement_stats() runs with `search_path = pg_catalog, pg_temp`
+-- (see surface.sql).
+--
 -- A change here needs the same change in the next upgrade script
 -- (sql/pg_sales--<old>--<new>.sql); tests/tests/extension_upgrade.rs fails
 -- when an upgraded database differs from a fresh install.
@@ -96,7 +99,7 @@ CREATE FUNCTION sales.statement_stats()
 RETURNS TABLE (query_id bigint, query text, calls bigint, total_ms double precision,
                mean_ms double precision, max_ms double precision, rows bigint,
                shared_blks_hit bigint, shared_blks_read bigint, touches_sales boolean)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     nsp text;
     hint constant text := 'add shared_preload_libraries = ''pg_stat_statements'' to postgresql.conf, '

@@ -112,3 +112,170 @@ ALTER TABLE sales.stores
     ADD CONSTRAINT stores_version_check CHECK (version BETWEEN 1 AND 4611686018427387903);
 ALTER TABLE sales.monthly_sales
     ADD CONSTRAINT monthly_sales_version_check CHECK (version BETWEEN 1 AND 4611686018427387903);
+
+-- The extension's SQL and PL/pgSQL functions resolve names in a fixed
+-- search path, not in their caller's: in a privileged caller's search path,
+-- a function or operator of another schema taking the exact argument types
+-- (`cardinality(text[])`, `unnest(bigint[])`, `jsonb_object_agg(text,
+-- jsonb)`, `text[] || text`) was chosen over the polymorphic or "any"
+-- built-in even with pg_catalog searched first, and ran with that caller's
+-- rights. Each runs with `search_path = pg_catalog, pg_temp` (as the event
+-- triggers above do), and so does the SQL they run with EXECUTE and the
+-- statements of the Rust functions they call; their bodies are unchanged.
+ALTER FUNCTION sales.statement_stats() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.sort_sql(text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.list_sales(bigint[], text, integer, integer, text, text, numeric, numeric, text[], text[], text, integer, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.get_sales(bigint, text[], text[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.sales_summary(text, bigint[], text, integer, integer, text, text, numeric, numeric) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.list_stores(text, text, text[], integer, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.export_key_arg(text, boolean) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.export_monthly(bigint[], text, integer, integer, text, text, numeric, numeric, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.export_daily(bigint[], text, integer, integer, text, text, numeric, numeric, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.summary(text, text, text, integer, text, bigint[], text, integer, integer, text, text, numeric, numeric) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.tg_stores_version() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.emit(text, jsonb, bigint, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.announce(text, text, jsonb) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.notify_user(bigint, text, jsonb) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.transaction_events() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.event_position(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.events_after_seq(bigint, integer, integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.events_next(bigint, integer, integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.events_since(bigint, integer) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.events_head() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.event_holders() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.index_report(bigint, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.daily_undo(jsonb, jsonb) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.record_versions(bigint, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.record_chain(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.record_stores(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.history_entry(sales.record_version) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.history(bigint, integer, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.get_sales_as_of(bigint, timestamptz, text[], text[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.batch_upsert(jsonb, text, boolean, bigint[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION sales.batch_delete(bigint[], jsonb, boolean, bigint[]) SET search_path = pg_catalog, pg_temp;
+
+-- The functions inlined into their callers' queries (a SET clause would
+-- prevent that: the API's lists build a document per row) name every
+-- function and operator with its schema instead.
+CREATE OR REPLACE FUNCTION sales.store_doc(s sales.stores) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT pg_catalog.jsonb_build_object(
+        'id', s.id, 'code', s.code, 'name', s.name, 'region', s.region,
+        'status', s.status, 'version', s.version,
+        'createdAt', s.created_at, 'updatedAt', s.updated_at)
+$$;
+
+CREATE OR REPLACE FUNCTION sales.sales_doc(m sales.monthly_sales) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT pg_catalog.jsonb_build_object(
+        'id', m.id, 'storeId', m.store_id, 'year', m.year, 'month', m.month,
+        'dailyData', m.daily_data, 'totalSales', m.total_sales,
+        'totalCustomers', m.total_customers, 'daysReported', m.days_reported,
+        'version', m.version, 'createdAt', m.created_at, 'updatedAt', m.updated_at)
+$$;
+
+CREATE OR REPLACE FUNCTION sales.sales_doc(m sales.monthly_sales, s sales.stores) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT sales.sales_doc(m) OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('store', sales.store_doc(s))
+$$;
+
+CREATE OR REPLACE FUNCTION sales.current_actor() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN pg_catalog.current_setting('sales.user_id', true) OPERATOR(pg_catalog.<>) ''
+                THEN pg_catalog.current_setting('sales.user_id', true)::bigint END
+$$;
+
+-- sales.prune_events: a retention reaching back before the earliest time a
+-- timestamp holds ('1000000 years') keeps everything it covers, where it
+-- failed with 22008 (timestamp out of range).
+CREATE OR REPLACE FUNCTION sales.prune_events(retention interval DEFAULT '7 days', history_retention interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint := 0;
+    expired bigint;
+    horizon bigint;
+    last_seq bigint;
+    keep_from bigint;
+    cut bigint;
+    log_since timestamptz;
+    history_since timestamptz;
+BEGIN
+    IF retention IS NULL OR retention < interval '0' THEN
+        RAISE EXCEPTION 'retention must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    IF history_retention IS NOT NULL AND history_retention < retention THEN
+        RAISE EXCEPTION 'history_retention must be at least retention (%), not %', retention, history_retention
+            USING ERRCODE = '22023';
+    END IF;
+    -- The oldest times kept; -infinity for a retention that reaches back
+    -- past what a timestamp holds (now() - retention is out of range).
+    BEGIN
+        log_since := now() - retention;
+    EXCEPTION WHEN datetime_field_overflow THEN
+        log_since := '-infinity';
+    END;
+    BEGIN
+        history_since := now() - coalesce(history_retention, retention);
+    EXCEPTION WHEN datetime_field_overflow THEN
+        history_since := '-infinity';
+    END;
+    DELETE FROM sales.event_history h WHERE h.created_at < history_since;
+    GET DIAGNOSTICS expired = ROW_COUNT;
+    horizon := sales.events_horizon();
+    SELECT e.seq INTO last_seq FROM sales.events e WHERE e.seq < horizon ORDER BY e.seq DESC LIMIT 1;
+    IF last_seq IS NULL THEN
+        IF expired > 0 THEN
+            PERFORM sales.emit('events-pruned', jsonb_build_object('pruned', 0, 'expired', expired));
+        END IF;
+        RETURN 0;
+    END IF;
+    SELECT e.seq INTO keep_from FROM sales.events e
+    WHERE e.created_at >= log_since AND e.seq <= last_seq
+    ORDER BY e.seq LIMIT 1;
+    cut := least(coalesce(keep_from, last_seq), last_seq);
+    IF history_retention IS NOT NULL AND history_retention > retention THEN
+        INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
+        SELECT e.row_id, e.id, e.kind, e.store_id, e.actor_id, e.row_version, e.payload, e.created_at
+        FROM sales.events e
+        WHERE e.seq < cut AND e.row_id IS NOT NULL
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+          AND e.created_at >= history_since
+        ON CONFLICT DO NOTHING;
+    END IF;
+    DELETE FROM sales.events e WHERE e.seq < cut;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 OR expired > 0 THEN
+        PERFORM sales.emit('events-pruned', jsonb_build_object('pruned', n, 'expired', expired));
+    END IF;
+    RETURN n;
+END $$;
+
+-- sales.daily_data_valid() is false whenever sales.daily_data_errors()
+-- reports something, a year outside 2000..2100 and a month outside 1..12
+-- included (it was true for those, leaving them to their own constraints).
+-- The CHECK constraint on monthly_sales.daily_data keeps that leniency, so
+-- that a bad year or month is refused by its own constraint, which names
+-- the column (constraints are checked in name order, and
+-- monthly_sales_daily_data_check comes first): it calls
+-- sales.daily_data_check(), which is the function it called until now,
+-- renamed and pointed at a library entry of the same behaviour. No row is
+-- judged differently, so nothing is checked again; sales.daily_data_valid
+-- is created anew.
+ALTER FUNCTION sales.daily_data_valid(integer, integer, jsonb) RENAME TO daily_data_check;
+CREATE OR REPLACE FUNCTION sales.daily_data_check(
+	"year" INT, /* i32 */
+	"month" INT, /* i32 */
+	"daily" jsonb /* RawJsonb */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'daily_data_check_wrapper';
+CREATE FUNCTION sales.daily_data_valid(
+	"year" INT, /* i32 */
+	"month" INT, /* i32 */
+	"daily" jsonb /* RawJsonb */
+) RETURNS bool /* bool */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'daily_data_valid_wrapper';

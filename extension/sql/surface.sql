@@ -15,6 +15,16 @@
 -- literals, so a prepared or COPY statement can carry them) by the same
 -- rules as the server.
 --
+-- Every function here runs with `search_path = pg_catalog, pg_temp` and
+-- names the extension's objects with their schema, and so does the SQL it
+-- runs with EXECUTE: in the caller's search path, a function or operator of
+-- another schema taking the exact argument types (`cardinality(text[])`,
+-- `text[] || text`) would be chosen over a polymorphic or "any" built-in,
+-- even with pg_catalog searched first, and run with the caller's rights.
+-- The extension's other SQL and PL/pgSQL functions do the same, except
+-- those inlined into their callers' queries (documents.sql,
+-- sales.current_actor), which name every function and operator instead.
+--
 -- A change here needs the same change in the next upgrade script
 -- (tests/tests/extension_upgrade.rs compares an upgraded database with a
 -- fresh install).
@@ -27,7 +37,7 @@
 -- `-period,storeId` (the API's `sort`) -> an ORDER BY list; the id is added
 -- last so the order is total.
 CREATE FUNCTION sales.sort_sql(sort text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     part text;
     name text;
@@ -77,7 +87,7 @@ CREATE FUNCTION sales.list_sales(store_ids bigint[] DEFAULT NULL, region text DE
     min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL,
     fields text[] DEFAULT NULL, exclude text[] DEFAULT NULL,
     sort text DEFAULT 'storeId,year,month', max_rows integer DEFAULT 50, skip_rows bigint DEFAULT 0)
-RETURNS SETOF jsonb LANGUAGE plpgsql STABLE AS $$
+RETURNS SETOF jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
     o text := sales.sort_sql(sort);
@@ -106,7 +116,7 @@ END $$;
 
 -- One record as a document (`GET /api/v2/sales/{id}`); NULL when there is none.
 CREATE FUNCTION sales.get_sales(id bigint, fields text[] DEFAULT NULL, exclude text[] DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE r jsonb;
 BEGIN
     IF id IS NULL THEN
@@ -131,7 +141,7 @@ CREATE FUNCTION sales.sales_summary(group_by text DEFAULT 'store', store_ids big
     min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL)
 RETURNS TABLE (key text, total_sales numeric, total_customers numeric, months bigint, stores bigint,
                store_code text, store_name text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
     k text;
@@ -159,7 +169,7 @@ END $$;
 -- Stores as documents (`GET /api/v2/stores`), in id order.
 CREATE FUNCTION sales.list_stores(region text DEFAULT NULL, status text DEFAULT NULL,
     fields text[] DEFAULT NULL, max_rows integer DEFAULT NULL, skip_rows bigint DEFAULT 0)
-RETURNS SETOF jsonb LANGUAGE plpgsql STABLE AS $$
+RETURNS SETOF jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF status IS NOT NULL AND status NOT IN ('open', 'closed', 'renovating') THEN
         RAISE EXCEPTION 'status must be open, closed or renovating, not %', status USING ERRCODE = '22023';
@@ -183,7 +193,7 @@ END $$;
 
 -- A resume key ('12:2024-03', daily '12:2024-03-05') -> {store, year, month, day}.
 CREATE FUNCTION sales.export_key_arg(after_key text, daily boolean) RETURNS bigint[]
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE p text[];
 BEGIN
     IF after_key IS NULL THEN
@@ -247,7 +257,7 @@ CREATE FUNCTION sales.export_monthly(store_ids bigint[] DEFAULT NULL, region tex
     from_period text DEFAULT NULL, to_period text DEFAULT NULL,
     min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL, after_key text DEFAULT NULL)
 RETURNS SETOF sales.export_monthly_row
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
     a bigint[] := sales.export_key_arg(after_key, false);
@@ -303,7 +313,7 @@ CREATE FUNCTION sales.export_daily(store_ids bigint[] DEFAULT NULL, region text 
     min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL, after_key text DEFAULT NULL)
 RETURNS TABLE (key text, store_id bigint, store_code text, store_name text, date text,
                sales text, customers text, transactions text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     w text := sales.filter_sql(store_ids, region, year, month, from_period, to_period, min_total_sales, max_total_sales);
     a bigint[] := sales.export_key_arg(after_key, true);
@@ -337,7 +347,7 @@ CREATE FUNCTION sales.summary(group_by text DEFAULT NULL, metrics text DEFAULT N
     year integer DEFAULT NULL, month integer DEFAULT NULL,
     from_period text DEFAULT NULL, to_period text DEFAULT NULL,
     min_total_sales numeric DEFAULT NULL, max_total_sales numeric DEFAULT NULL)
-RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     q text := sales.summary_sql(group_by, metrics, compare_to, top, order_by, store_ids, region,
                                 year, month, from_period, to_period, min_total_sales, max_total_sales);

@@ -1,7 +1,7 @@
 -- pg_sales schema, 1 of 4: tables, their derived columns and constraints,
 -- indexes, and the triggers that keep versions and timestamps. Runs after
 -- the Rust functions it calls exist (see `requires` in src/lib.rs): the
--- CHECK on daily_data calls sales.daily_data_valid(), the row trigger
+-- CHECK on daily_data calls sales.daily_data_check(), the row trigger
 -- sales.tg_sales_row(), and the events' `seq` default sales.event_seq().
 
 CREATE TABLE sales.stores (
@@ -29,8 +29,12 @@ CREATE TABLE sales.monthly_sales (
     store_id         bigint NOT NULL REFERENCES sales.stores (id) ON DELETE CASCADE,
     year             integer NOT NULL CONSTRAINT monthly_sales_year_check CHECK (year BETWEEN 2000 AND 2100),
     month            integer NOT NULL CONSTRAINT monthly_sales_month_check CHECK (month BETWEEN 1 AND 12),
+    -- sales.daily_data_check() is sales.daily_data_valid() except that it
+    -- leaves a year or month out of range to their own constraints, which
+    -- Postgres checks after this one (in name order): the error then names
+    -- the column that is wrong.
     daily_data       jsonb NOT NULL DEFAULT '{}'::jsonb
-                     CONSTRAINT monthly_sales_daily_data_check CHECK (sales.daily_data_valid(year, month, daily_data)),
+                     CONSTRAINT monthly_sales_daily_data_check CHECK (sales.daily_data_check(year, month, daily_data)),
     total_sales      numeric,
     total_customers  bigint,
     days_reported    integer,
@@ -165,9 +169,10 @@ SELECT pg_catalog.pg_extension_config_dump('sales.events_id_seq', '');
 -- replaced, and on update so are the version and timestamps.
 --
 -- A store's version and timestamps, the same way, in PL/pgSQL (stores
--- change rarely).
+-- change rarely), with `search_path = pg_catalog, pg_temp` (see
+-- surface.sql).
 CREATE FUNCTION sales.tg_stores_version() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NEW.id <> OLD.id THEN
         RAISE EXCEPTION 'the id of a store cannot change' USING ERRCODE = '22023';

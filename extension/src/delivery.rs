@@ -33,6 +33,7 @@
 //! `shared_preload_libraries`; without it, writing an event fails with a
 //! message that says so.
 
+use crate::error::raise;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{PgBuiltInOids, PgOid};
@@ -151,9 +152,10 @@ unsafe extern "C-unwind" fn shmem_startup() {
 fn shared() -> &'static Shared {
     unsafe {
         if SHARED.is_null() {
-            error!(
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "pg_sales is not loaded through shared_preload_libraries; add it there \
-                 (shared_preload_libraries = 'pg_sales') and restart Postgres"
+                 (shared_preload_libraries = 'pg_sales') and restart Postgres",
             );
         }
         &*SHARED
@@ -214,9 +216,12 @@ fn see_clock(s: &Shared) {
     // shares, it would make the next values wrap to negative ones, below
     // every horizon: no event of any database would be delivered again.
     if max > SEQ_LOG_LIMIT {
-        error!(
-            "pg_sales: sales.events holds seq {max}, beyond any the extension gives \
-             (at most {SEQ_LOG_LIMIT}); delete that event row (it was not written by the extension)"
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_sales: sales.events holds seq {max}, beyond any the extension gives \
+                 (at most {SEQ_LOG_LIMIT}); delete that event row (it was not written by the extension)"
+            ),
         );
     }
     s.clock.fetch_max(max, Ordering::AcqRel);
@@ -253,7 +258,10 @@ const SEQ_LOG_LIMIT: u64 = 1 << 61;
 #[pg_extern(volatile, parallel_unsafe)]
 fn event_seq() -> i64 {
     if !may_insert_events() {
-        error!("pg_sales: permission denied: sales.event_seq() is for roles that may insert into sales.events");
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "pg_sales: permission denied: sales.event_seq() is for roles that may insert into sales.events",
+        );
     }
     next_seq()
 }
@@ -339,7 +347,10 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         XACT_EVENT_PRE_PREPARE => {
             // A prepared transaction outlives its backend's slot, and its
             // events could then commit below a horizon readers have passed.
-            error!("pg_sales: a transaction that wrote sales events cannot be prepared (PREPARE TRANSACTION)");
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "pg_sales: a transaction that wrote sales events cannot be prepared (PREPARE TRANSACTION)",
+            );
         }
         _ => {}
     }
@@ -453,7 +464,10 @@ fn notify_at_commit() {
 #[pg_extern(volatile, parallel_unsafe)]
 fn take_notify_lock() -> bool {
     if !unsafe { pg_sys::superuser() } {
-        error!("pg_sales: permission denied: sales.take_notify_lock() is for superusers (tests)");
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "pg_sales: permission denied: sales.take_notify_lock() is for superusers (tests)",
+        );
     }
     try_notify_lock()
 }

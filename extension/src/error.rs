@@ -28,6 +28,12 @@ impl SalesError {
     }
 }
 
+/// Raises an error with SQLSTATE `code`; does not return.
+pub fn raise(code: PgSqlErrorCode, message: impl Into<String>) -> ! {
+    ErrorReport::new(code, message.into(), "pg_sales").report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
 /// Unwraps or raises.
 pub trait OrRaise<T> {
     fn or_raise(self) -> T;

@@ -285,11 +285,11 @@ impl SalesRow {
         if td.tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
             || (op != pg_sys::TRIGGER_EVENT_INSERT && op != pg_sys::TRIGGER_EVENT_UPDATE)
         {
-            error!("{misuse}");
+            misused(misuse.to_string());
         }
         unsafe {
             if !is_sales_table(td.tg_relation) {
-                error!("{misuse} on sales.monthly_sales");
+                misused(format!("{misuse} on sales.monthly_sales"));
             }
             let desc = (*td.tg_relation).rd_att;
             let (old, new) = if op == pg_sys::TRIGGER_EVENT_INSERT {
@@ -320,6 +320,16 @@ impl SalesRow {
             // SAFETY: daily_data is a jsonb column.
             .and_then(|d| unsafe { RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID) })
     }
+}
+
+/// Refuses a row trigger call the function was not made for (another
+/// timing, level, event or table): SQLSTATE 39P01, as Postgres' own trigger
+/// functions answer one.
+pub(crate) fn misused(message: String) -> ! {
+    crate::error::raise(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        message,
+    )
 }
 
 /// Whether `rel` is `sales.monthly_sales` itself. The row triggers read its

@@ -77,7 +77,10 @@ pub(crate) fn document(root: Node<'_>) -> Option<Vec<u8>> {
 pub(crate) fn document_datum(root: Node<'_>, what: &str) -> JsonbDatum {
     match document(root) {
         Some(bytes) => JsonbDatum::from_bytes(&bytes),
-        None => error!("pg_sales: {what} is larger than jsonb allows"),
+        None => crate::error::raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("pg_sales: {what} is larger than jsonb allows"),
+        ),
     }
 }
 

@@ -37,7 +37,7 @@ extension_sql_file!(
     "../sql/tables.sql",
     name = "tables",
     requires = [
-        validate::daily_data_valid,
+        validate::daily_data_check,
         rows::tg_sales_row,
         delivery::event_seq,
         delivery::delivery_ready

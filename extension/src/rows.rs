@@ -26,7 +26,7 @@ fn tg_sales_row<'a>(
     let td = trigger.trigger_data();
     const MISUSE: &str = "sales.tg_sales_row must run BEFORE INSERT OR UPDATE ... FOR EACH ROW";
     if td.tg_event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_BEFORE {
-        error!("{MISUSE}");
+        crate::events::misused(MISUSE.to_string());
     }
     // SAFETY: a row-level BEFORE INSERT/UPDATE trigger call (checked by
     // SalesRow::of): the relation, its descriptor and tuples are valid for

@@ -20,7 +20,7 @@ pub static NOTIFY_COALESCE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub fn init() {
     // The actor and the job are claims the events record as facts (a
     // record's history names the actor): only a role trusted to write the
-    // event log may make them (see `check_claim`).
+    // event log may make them, and only as ids (see `check_claim`).
     unsafe {
         pg_sys::DefineCustomStringVariable(
             c"sales.user_id".as_ptr(),
@@ -31,7 +31,7 @@ pub fn init() {
             std::ptr::null(),
             pg_sys::GucContext::PGC_USERSET,
             0,
-            Some(check_claim),
+            Some(check_user_id),
             None,
             None,
         );
@@ -44,7 +44,7 @@ pub fn init() {
             std::ptr::null(),
             pg_sys::GucContext::PGC_USERSET,
             0,
-            Some(check_claim),
+            Some(check_job_id),
             None,
             None,
         );
@@ -78,25 +78,78 @@ pub(crate) fn with_string<R>(
     }
 }
 
-/// The check of `sales.user_id` and `sales.job_id`: set to a value (not
-/// cleared) in a session, a role's or a database's settings, only by a
-/// role that may insert into `sales.events` (the server's; the event log's
-/// writers are trusted with what it records). Any other writer could name
-/// any user as the author of its writes, which a record's history then
-/// shows as fact. What the server's configuration sets (the file, the
-/// command line), and a parallel worker restoring its leader's settings,
-/// pass.
+/// The check of `sales.user_id`.
 #[pg_guard]
-unsafe extern "C-unwind" fn check_claim(
+unsafe extern "C-unwind" fn check_user_id(
     newval: *mut *mut std::ffi::c_char,
     _extra: *mut *mut std::ffi::c_void,
     source: pg_sys::GucSource::Type,
 ) -> bool {
     unsafe {
-        let v = *newval;
-        if v.is_null()
-            || *v == 0
-            || source < pg_sys::GucSource::PGC_S_DATABASE
+        check_claim(
+            *newval,
+            source,
+            c"sales.user_id names the acting user by id: a whole number from 1 up (digits only), or empty for none.",
+        )
+    }
+}
+
+/// The check of `sales.job_id`.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_job_id(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        check_claim(
+            *newval,
+            source,
+            c"sales.job_id names the writing job by id: a whole number from 1 up (digits only), or empty for none.",
+        )
+    }
+}
+
+/// Whether `v` (not empty) is an id as the events record one: a whole
+/// number from 1 to 2^63 - 1, in ASCII digits.
+fn is_id(v: &[u8]) -> bool {
+    v.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(v)
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+            .is_some_and(|id| id > 0)
+}
+
+/// The check of `sales.user_id` and `sales.job_id`, wherever a value comes
+/// from: empty (none) or an id (`shape` says what one is, in the error's
+/// DETAIL), so that a value that could not be recorded is refused when it
+/// is set (22023) instead of failing the writes that record it, and a
+/// value that could (`-3`) is not recorded as an id. And set to a value in
+/// a session, a role's or a database's settings, only by a role that may
+/// insert into `sales.events` (the server's; the event log's writers are
+/// trusted with what it records). Any other writer could name any user as
+/// the author of its writes, which a record's history then shows as fact.
+/// What the server's configuration sets (the file, the command line), and
+/// a parallel worker restoring its leader's settings, pass that second
+/// check.
+///
+/// # Safety
+/// `v` is the proposed value of a check hook call (NULL or a C string).
+unsafe fn check_claim(
+    v: *const std::ffi::c_char,
+    source: pg_sys::GucSource::Type,
+    shape: &CStr,
+) -> bool {
+    unsafe {
+        if v.is_null() || *v == 0 {
+            return true;
+        }
+        if !is_id(CStr::from_ptr(v).to_bytes()) {
+            pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+            pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(shape.as_ptr());
+            return false;
+        }
+        if source < pg_sys::GucSource::PGC_S_DATABASE
             || !pg_sys::IsTransactionState()
             || pg_sys::ParallelWorkerNumber >= 0
             || crate::delivery::may_insert_events()

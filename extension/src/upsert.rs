@@ -183,7 +183,7 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 /// extension has not been updated to this library's version yet.
 fn merge_days_function() -> &'static str {
     let exists = Spi::get_one::<bool>(
-        "SELECT to_regprocedure('sales.daily_merge(jsonb,jsonb)') IS NOT NULL",
+        "SELECT pg_catalog.to_regprocedure('sales.daily_merge(jsonb,jsonb)') IS NOT NULL",
     );
     if matches!(exists, Ok(Some(true))) {
         "sales.daily_merge"

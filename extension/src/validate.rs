@@ -9,11 +9,27 @@ use pgrx::prelude::*;
 use sales_core::daily;
 use sales_core::json::JsonRead;
 
-/// True when `daily` is valid for `year`-`month`: day keys that exist in that
-/// month, known metrics, non-negative numbers. Backs a CHECK constraint, so
-/// every writer, SQL or API, is held to the same rules.
+/// True when `daily` is valid for `year`-`month`: a year in 2000..2100, a
+/// month in 1..12, day keys that exist in that month, known metrics,
+/// non-negative numbers. False exactly when [`daily_data_errors`] reports
+/// something.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn daily_data_valid(year: i32, month: i32, daily: RawJsonb) -> bool {
+    let (year, month) = (year as i64, month as i64);
+    (daily::MIN_YEAR..=daily::MAX_YEAR).contains(&year)
+        && daily::days_in_month(year, month).is_some()
+        && daily::is_valid_json(year, month, daily.root())
+}
+
+/// What the CHECK constraint on `monthly_sales.daily_data` calls, so that
+/// every writer, SQL or API, is held to the same rules: [`daily_data_valid`],
+/// except that a year or month out of range is left to the constraints on
+/// those columns (true here), so that the error names the column that is
+/// wrong (Postgres checks a table's constraints in name order, and
+/// `monthly_sales_daily_data_check` sorts before the year's and the
+/// month's).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn daily_data_check(year: i32, month: i32, daily: RawJsonb) -> bool {
     daily::is_valid_json(year as i64, month as i64, daily.root())
 }
 

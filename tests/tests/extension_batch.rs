@@ -933,6 +933,69 @@ async fn daily_data_errors_lists_every_problem() {
     assert!(ok);
 }
 
+/// `daily_data_valid` is false exactly when `daily_data_errors` reports
+/// something, a year outside 2000..2100 or a month outside 1..12 included
+/// (it was true for those: 1900-02 with a 29th, month 13 with a 31st). The
+/// CHECK constraint leaves those to the year's and the month's own
+/// constraints (`daily_data_check`), so a bad year or month is still
+/// refused naming its column.
+#[tokio::test]
+async fn daily_data_valid_agrees_with_its_report() {
+    let db = TestDb::new().await;
+    let docs = [
+        json!({}),
+        json!({"29": {"sales": 1}}),
+        json!({"31": {"sales": 1}}),
+        json!({"1": {"sales": -1}}),
+        json!([]),
+    ];
+    let mut seen_false = 0;
+    for year in [1900, 1999, 2000, 2023, 2024, 2100, 2101] {
+        for month in [-1, 0, 1, 2, 4, 12, 13] {
+            for doc in &docs {
+                let (valid, errors, check): (bool, Value, bool) = sqlx::query_as(
+                    "SELECT sales.daily_data_valid($1, $2, $3), sales.daily_data_errors($1, $2, $3),
+                            sales.daily_data_check($1, $2, $3)",
+                )
+                .bind(year)
+                .bind(month)
+                .bind(doc)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+                let reported = !errors.as_array().unwrap().is_empty();
+                assert_eq!(valid, !reported, "{year}-{month} {doc}: {errors}");
+                let in_range = (2000..=2100).contains(&year) && (1..=12).contains(&month);
+                assert_eq!(check, valid || !in_range, "{year}-{month} {doc}");
+                seen_false += usize::from(!valid);
+            }
+        }
+    }
+    assert!(seen_false > 0);
+    let s = db.stores(1).await[0];
+    for (year, month, constraint) in [
+        (1999, 1, "monthly_sales_year_check"),
+        (1900, 2, "monthly_sales_year_check"),
+        (2024, 13, "monthly_sales_month_check"),
+    ] {
+        let e = sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(s)
+        .bind(year)
+        .bind(month)
+        .bind(json!({"29": {"sales": 1}, "31": {"sales": 1}}))
+        .execute(&db.pool)
+        .await
+        .expect_err("a bad year or month");
+        let named = e
+            .as_database_error()
+            .and_then(|d| d.constraint())
+            .unwrap_or_default();
+        assert_eq!(named, constraint, "{year}-{month}");
+    }
+}
+
 /// Numbers reach the table exactly as sent (no float round trip), and totals
 /// are exact numeric sums.
 #[tokio::test]

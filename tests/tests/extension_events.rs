@@ -875,6 +875,80 @@ async fn events_head_prune_and_resync() {
     assert_eq!(code, "PS410", "an id that never existed");
 }
 
+/// A retention that reaches back past the earliest time a timestamp holds
+/// (a million years) keeps everything, as a long retention does: it failed
+/// with 22008 (timestamp out of range), for the log's retention and for
+/// the history's alike.
+#[tokio::test]
+async fn retentions_past_the_earliest_timestamp_keep_everything() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    upsert_ok(&db, &json!([record(s[0], 2024, 1, days(1, 2, 1.0, 1))])).await;
+    upsert_ok(&db, &json!([record(s[0], 2024, 1, days(2, 3, 2.0, 1))])).await;
+    exec(
+        &db,
+        "UPDATE sales.events SET created_at = created_at - interval '4000 years'",
+    )
+    .await;
+    let events = scalar_i64(&db, "SELECT count(*) FROM sales.events").await;
+    for call in [
+        "SELECT sales.prune_events('1000000 years')",
+        "SELECT sales.prune_events('1000000 years', '2000000 years')",
+    ] {
+        assert_eq!(scalar_i64(&db, call).await, 0, "{call}");
+    }
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.events").await,
+        events
+    );
+    // A short retention of the log with such a history retention moves the
+    // sales events it prunes to the history, and keeps them there.
+    let moved = scalar_i64(
+        &db,
+        "SELECT count(*) FROM sales.events
+         WHERE kind LIKE 'sales-data-%' AND seq < (SELECT max(seq) FROM sales.events)",
+    )
+    .await;
+    assert!(moved >= 2, "{moved}");
+    let pruned = scalar_i64(&db, "SELECT sales.prune_events('1 day', '1000000 years')").await;
+    assert_eq!(pruned, events - 1, "all but the newest event");
+    let kept = "SELECT count(*) FROM sales.event_history";
+    assert_eq!(scalar_i64(&db, kept).await, moved);
+    exec(
+        &db,
+        "UPDATE sales.event_history SET created_at = created_at - interval '1000 years'",
+    )
+    .await;
+    scalar_i64(&db, "SELECT sales.prune_events('1 day', '1000000 years')").await;
+    assert_eq!(scalar_i64(&db, kept).await, moved, "the history keeps them");
+}
+
+/// `PREPARE TRANSACTION` of a transaction that wrote events is refused as
+/// a feature not supported (0A000), as Postgres refuses one that sent a
+/// NOTIFY, rather than as an internal error.
+#[tokio::test]
+async fn an_event_writing_transaction_cannot_be_prepared() {
+    let db = TestDb::new().await;
+    let mut conn = db.connect().await;
+    let e = sqlx::raw_sql(
+        "BEGIN;
+         INSERT INTO sales.stores (code, name, region) VALUES ('P1', 'Prepared', 'North');
+         PREPARE TRANSACTION 'pgs_prepared_events'",
+    )
+    .execute(&mut conn)
+    .await
+    .expect_err("an event writer is prepared");
+    let (code, message, _) = pg_error(&e);
+    assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("cannot be prepared"), "{message}");
+    drop(conn);
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.stores").await,
+        0,
+        "nothing was written"
+    );
+}
+
 /// Coalescing (the default): a transaction that commits while another is
 /// committing its NOTIFY sends none of its own, yet a reader waiting in
 /// `events_next` still wakes for it at once. `sales.notify_coalesce = off`
@@ -1568,8 +1642,9 @@ async fn row_triggers_refuse_other_tables() {
         .execute(&mut *conn)
         .await
         .expect_err(name);
-        let (_, message, _) = pg_error(&err);
+        let (code, message, _) = pg_error(&err);
         assert!(message.contains("sales.monthly_sales"), "{name}: {message}");
+        assert_eq!(code, "39P01", "{name}: {message}");
     }
     // The connection (and its server process) lives on; no event was written.
     let one: i32 = sqlx::query_scalar("SELECT 1")
@@ -1663,7 +1738,9 @@ async fn a_seq_written_by_hand_cannot_stop_the_clock() {
 /// `sales.event_seq()` registers its transaction as an event writer, whose
 /// events the delivery horizon waits for while it runs: only a role that
 /// may insert event rows may call it, so one that may only read cannot
-/// hold every later event back by leaving such a transaction open.
+/// hold every later event back by leaving such a transaction open. The
+/// refusal, like that of `sales.take_notify_lock()` to any role but a
+/// superuser, is a privilege error (42501), not an internal one.
 #[tokio::test]
 async fn only_event_writers_take_a_seq() {
     let db = TestDb::new().await;
@@ -1686,7 +1763,22 @@ async fn only_event_writers_take_a_seq() {
         .fetch_one(&mut *tx)
         .await
         .expect_err("a reader takes no seq");
-    let (_, message, _) = pg_error(&err);
+    let (code, message, _) = pg_error(&err);
+    assert!(message.contains("permission denied"), "{message}");
+    assert_eq!(code, "42501", "{message}");
+    tx.rollback().await.unwrap();
+    // Nor the NOTIFY lock, which is a superuser's.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = sqlx::query_scalar::<_, bool>("SELECT sales.take_notify_lock()")
+        .fetch_one(&mut *tx)
+        .await
+        .expect_err("a reader takes the NOTIFY lock");
+    let (code, message, _) = pg_error(&err);
+    assert_eq!(code, "42501", "{message}");
     assert!(message.contains("permission denied"), "{message}");
     tx.rollback().await.unwrap();
     // Given INSERT on the log, it may.
@@ -1856,6 +1948,86 @@ async fn a_writer_needs_no_privilege_on_the_event_log() {
         &format!("DROP OWNED BY {role} CASCADE; DROP ROLE {role}"),
     )
     .await;
+}
+
+/// `sales.user_id` and `sales.job_id` hold ids: a value that is not a whole
+/// number from 1 up is refused when it is set (22023, naming the setting),
+/// wherever it is set, instead of failing the writes that record it with an
+/// error that names nothing (`abc`) or being recorded as an actor (`-3`).
+/// Empty clears it.
+#[tokio::test]
+async fn actor_and_job_settings_take_ids_only() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let mut conn = db.connect().await;
+    for setting in ["sales.user_id", "sales.job_id"] {
+        for bad in ["abc", "-3", "0", "+5", " 5", "1.5", "9223372036854775808"] {
+            for sql in [
+                format!("SET {setting} = '{bad}'"),
+                format!("SELECT set_config('{setting}', '{bad}', true)"),
+                format!("ALTER DATABASE {} SET {setting} = '{bad}'", db.name),
+            ] {
+                let e = sqlx::raw_sql(&sql)
+                    .execute(&mut conn)
+                    .await
+                    .expect_err(&sql);
+                let (code, message, _) = pg_error(&e);
+                assert_eq!(code, "22023", "{sql}: {message}");
+                assert!(message.contains(setting), "{sql}: {message}");
+            }
+        }
+        for good in ["7", "9223372036854775807", ""] {
+            sqlx::raw_sql(&format!("SET {setting} = '{good}'"))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{setting} = '{good}': {e}"));
+        }
+    }
+    // Refused, the setting keeps its value: the writes go on with it.
+    sqlx::raw_sql("SET sales.user_id = '42'; SET sales.job_id = '9'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for bad in ["abc", "-3"] {
+        sqlx::raw_sql(&format!("SET sales.user_id = '{bad}'"))
+            .execute(&mut conn)
+            .await
+            .expect_err(bad);
+    }
+    let before = max_event(&db).await;
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(json!([record(s[0], 2024, 1, days(1, 2, 1.0, 1))]))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "UPDATE sales.stores SET status = 'closed' WHERE id = {}",
+        s[0]
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let written: Vec<(String, Option<i64>, Value)> = sqlx::query_as(
+        "SELECT kind, actor_id, payload FROM sales.events WHERE id > $1 ORDER BY id",
+    )
+    .bind(before)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = written.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "sales-data-created",
+            "batch-completed",
+            "store-status-changed"
+        ]
+    );
+    assert!(
+        written.iter().all(|(_, actor, _)| *actor == Some(42)),
+        "{written:?}"
+    );
+    assert_eq!(written[0].2["jobId"], 9, "{:?}", written[0]);
 }
 
 /// The acting user and job a transaction names (`sales.user_id`,

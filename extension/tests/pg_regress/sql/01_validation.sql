@@ -23,6 +23,14 @@ SELECT sales.daily_data_valid(2024, 4, '{"31": {"sales": 1}}');
 SELECT sales.daily_data_valid(2024, 4, '{}');
 SELECT sales.daily_data_valid(2024, 4, '[]');
 SELECT sales.daily_data_valid(NULL, 4, '{}'), sales.daily_data_valid(2024, NULL, '{}'), sales.daily_data_valid(2024, 4, NULL);
+-- A year or month out of range is invalid too, as daily_data_errors says;
+-- the CHECK constraint's daily_data_check leaves those to the year's and
+-- the month's own constraints.
+SELECT sales.daily_data_valid(1900, 2, '{"29": {"sales": 1}}'), sales.daily_data_check(1900, 2, '{"29": {"sales": 1}}');
+SELECT sales.daily_data_valid(2024, 13, '{"31": {"sales": 1}}'), sales.daily_data_check(2024, 13, '{"31": {"sales": 1}}');
+SELECT sales.daily_data_valid(1999, 1, '{}'), sales.daily_data_check(1999, 1, '{}');
+SELECT sales.daily_data_check(2024, 4, '{"31": {"sales": 1}}'), sales.daily_data_check(2024, 4, '{"30": {"sales": 1}}');
+SELECT sales.daily_data_check(NULL, 4, '{}') IS NULL AS strict;
 
 SELECT sales.daily_data_errors(2024, 4, '{"1": {"sales": 1}}');
 SELECT jsonb_pretty(sales.daily_data_errors(2024, 4,

@@ -75,10 +75,13 @@ SELECT sales.prune_events('0') < (SELECT count(*) FROM sales.events) AS keeps_th
 SELECT count(*) >= 1 AS something_kept FROM sales.events;
 SELECT pg_temp.err($$SELECT sales.prune_events('-1 day')$$);
 SELECT pg_temp.err($$SELECT sales.prune_events(NULL)$$);
+-- A retention reaching back past what a timestamp holds keeps everything.
+SELECT sales.prune_events('1000000 years') AS past_the_earliest_time;
+SELECT sales.prune_events('1 day', '1000000 years') AS history_past_the_earliest_time;
 
--- The library defines its settings: an actor or job that is not a bigint
--- fails the write that would record it, and coalescing takes only a
--- Boolean (`false` turns it off as `off` does).
+-- The library defines its settings: the actor and the job take ids (a
+-- whole number from 1 up, or empty for none), refused when set otherwise,
+-- and coalescing takes only a Boolean (`false` turns it off as `off` does).
 SELECT current_setting('sales.user_id') = '' AS actor_unset, current_setting('sales.job_id') = '' AS job_unset;
 SELECT current_setting('sales.notify_coalesce') AS coalesce_default;
 SELECT pg_temp.err($$SET sales.notify_coalesce = maybe$$);
@@ -86,10 +89,18 @@ SET sales.notify_coalesce = false;
 SELECT current_setting('sales.notify_coalesce') AS coalesce_off;
 RESET sales.notify_coalesce;
 INSERT INTO sales.stores (id, code, name, region) OVERRIDING SYSTEM VALUE VALUES (302, 'E2', 'Settings', 'West');
-SELECT set_config('sales.user_id', 'forty-two', false);
-SELECT pg_temp.err($$SELECT sales.batch_upsert('[{"storeId": 302, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 1}}}]')$$);
-SELECT set_config('sales.user_id', '', false);
-SELECT count(*) AS nothing_written FROM sales.monthly_sales WHERE store_id = 302;
+SELECT pg_temp.err($$SELECT set_config('sales.user_id', 'forty-two', false)$$);
+SELECT pg_temp.err($$SET sales.user_id = '-3'$$);
+SELECT pg_temp.err($$SET sales.user_id = '0'$$);
+SELECT pg_temp.err($$SET sales.job_id = '1.5'$$);
+SELECT current_setting('sales.user_id') = '' AS actor_still_unset;
+SET sales.user_id = '43';
+SET sales.job_id = '8';
+SELECT sales.batch_upsert('[{"storeId": 302, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 1}}}]') ->> 'inserted' AS inserted;
+SELECT kind, actor_id, payload ->> 'jobId' AS job FROM sales.events
+WHERE store_id = 302 AND kind = 'sales-data-created';
+RESET sales.user_id;
+RESET sales.job_id;
 DELETE FROM sales.stores WHERE id = 302;
 
 -- The lock a committing NOTIFY holds, taken to the end of the transaction
