@@ -2,6 +2,23 @@
 
 use clap::{Args, Parser, Subcommand};
 
+/// Prints a line of a command's output on stdout. A reader that has gone
+/// (`sales-server maintain | head`) does not end the command: what it does
+/// (a maintenance run) goes on, and the rest of its output is dropped.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// A command stopped by the operator (Ctrl-C) before it finished: it exits
+/// 130, as a shell reports a command ended by SIGINT.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sales-server",

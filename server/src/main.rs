@@ -1,7 +1,7 @@
 use clap::Parser;
 use sales_server::cli::{Cli, Command, UserCommand};
 use sales_server::config::Config;
-use sales_server::{db, logging, maintain, seed, users, Server};
+use sales_server::{db, logging, maintain, say, seed, users, Server};
 use std::process::ExitCode;
 
 /// jemalloc rather than glibc's malloc: its size classes keep each
@@ -34,20 +34,40 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A setting found wrong only when used (JWT_SECRET for `serve`) is
         // a configuration error as well: the same message and exit code.
-        Err(e) => match e
-            .chain()
-            .find_map(|c| c.downcast_ref::<sales_server::config::ConfigError>())
-        {
-            Some(c) => {
+        Err(e) => {
+            if let Some(c) = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<sales_server::config::ConfigError>())
+            {
                 eprintln!("configuration error: {c}");
-                ExitCode::from(2)
+                return ExitCode::from(2);
             }
-            None => {
-                eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
+            if e.downcast_ref::<sales_server::cli::Interrupted>().is_some() {
+                ExitCode::from(130)
+            } else {
                 ExitCode::FAILURE
             }
-        },
+        }
     }
+}
+
+/// An error and its causes, `: `-joined, leaving out a cause whose text
+/// the message before it already holds (sqlx's errors print their source
+/// in their own text, so `{:#}` said each twice).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 async fn shutdown_signal() {
@@ -76,7 +96,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             config.require_jwt_secret()?;
             let server = Server::bind(config).await?;
             tracing::info!(addr = %server.addr, version = sales_server::VERSION, "listening");
-            println!("listening on http://{}", server.addr);
+            say!("listening on http://{}", server.addr);
             server.run(shutdown_signal()).await
         }
         Command::Migrate => {
@@ -85,7 +105,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
                 .fetch_one(&pool)
                 .await?;
-            println!("migrations applied: {applied}");
+            say!("migrations applied: {applied}");
             Ok(())
         }
         Command::Seed(args) => {
@@ -95,11 +115,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let s = seed::seed(&pool, &args).await?;
             if s.skipped {
-                println!(
-                    "database already has stores; nothing seeded (drop --if-empty to add anyway)"
-                );
+                say!("database already has stores; nothing seeded (drop --if-empty to add anyway)");
             } else {
-                println!(
+                say!(
                     "seeded {} stores, {} store-months ({} new, {} updated) in {:.1}s",
                     s.stores,
                     s.records,
@@ -118,16 +136,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if end == "failed" {
                 anyhow::bail!("the import failed");
             }
+            if end.starts_with("interrupted") {
+                return Err(sales_server::cli::Interrupted(format!("the import was {end}")).into());
+            }
             Ok(())
         }
         Command::User(UserCommand::Add(args)) => {
             let password = users::read_password(args.password)?;
             users::check_cli_user(&args.email, &password)?;
+            users::check_cli_role(&args.role, &args.stores)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let (id, created) =
                 users::upsert_user(&pool, &args.email, &args.role, &args.stores, &password).await?;
-            println!(
+            say!(
                 "{} user {} ({}) with id {id}",
                 if created { "created" } else { "updated" },
                 args.email,
@@ -138,9 +160,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::User(UserCommand::List) => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            println!(
+            say!(
                 "{:>6}  {:<32} {:<8} {:<8} {:<16} identity",
-                "id", "email", "role", "state", "stores"
+                "id",
+                "email",
+                "role",
+                "state",
+                "stores"
             );
             for u in users::list(&pool, None, i64::MAX, 0).await? {
                 let stores = u
@@ -153,7 +179,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     .identity
                     .map(|i| format!("{} {}", i.issuer, i.subject))
                     .unwrap_or_default();
-                println!(
+                say!(
                     "{:>6}  {:<32} {:<8} {:<8} {:<16} {identity}",
                     u.id,
                     u.email,
@@ -168,14 +194,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let id = users::set_disabled(&pool, &r.email, true).await?;
-            println!("disabled user {} (id {id})", r.email);
+            say!("disabled user {} (id {id})", r.email);
             Ok(())
         }
         Command::User(UserCommand::Enable(r)) => {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let id = users::set_disabled(&pool, &r.email, false).await?;
-            println!("enabled user {} (id {id})", r.email);
+            say!("enabled user {} (id {id})", r.email);
             Ok(())
         }
         Command::User(UserCommand::Link(args)) => {
@@ -188,9 +214,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 config.jwt_issuer.as_deref(),
             )
             .await?;
-            println!(
+            say!(
                 "linked user {} (id {id}) to issuer {} subject {}",
-                args.email, args.issuer, args.subject
+                args.email,
+                args.issuer,
+                args.subject
             );
             Ok(())
         }
@@ -198,11 +226,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             match users::set_identity(&pool, &r.email, None, None).await? {
-                (id, true) => println!(
+                (id, true) => say!(
                     "unlinked the outside identity of user {} (id {id})",
                     r.email
                 ),
-                (id, false) => println!("user {} (id {id}) had no linked identity", r.email),
+                (id, false) => say!("user {} (id {id}) had no linked identity", r.email),
             }
             Ok(())
         }
@@ -212,7 +240,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let id = users::set_password(&pool, &args.email, &password).await?;
-            println!(
+            say!(
                 "password of user {} (id {id}) changed; their sessions ended",
                 args.email
             );
@@ -248,48 +276,52 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             };
             let mut findings = maintain::report(&pool).await?;
             for (index, pid) in maintain::skip_building(&pool, &mut findings).await? {
-                println!("building  {index}: being built by Postgres pid {pid}; left alone");
+                say!("building  {index}: being built by Postgres pid {pid}; left alone");
             }
             if findings.is_empty() {
-                println!("index report: nothing to fix");
+                say!("index report: nothing to fix");
             }
             for f in &findings {
-                println!(
+                say!(
                     "{:<9} {} on {} ({} bytes): {}",
-                    f.reason, f.index_name, f.table_name, f.size_bytes, f.detail
+                    f.reason,
+                    f.index_name,
+                    f.table_name,
+                    f.size_bytes,
+                    f.detail
                 );
             }
             let statements = maintain::plan(&findings, args.drop_unused);
             if args.dry_run {
                 for s in &statements {
-                    println!("would run: {s}");
+                    say!("would run: {s}");
                 }
                 return Ok(());
             }
             let mut failed = 0;
             for a in maintain::apply(&config.database_url, &statements).await? {
                 match &a.outcome {
-                    Ok(()) => println!(
+                    Ok(()) => say!(
                         "ran: {} ({:.0} ms)",
                         a.statement,
                         a.elapsed.as_secs_f64() * 1000.0
                     ),
                     Err(e) => {
                         failed += 1;
-                        println!("failed: {}: {e}", a.statement)
+                        say!("failed: {}: {e}", a.statement)
                     }
                 }
             }
             let pruned =
                 maintain::prune_events(&pool, config.event_retention, config.history_retention)
                     .await?;
-            println!(
+            say!(
                 "pruned {pruned} events older than {}s",
                 config.event_retention.as_secs()
             );
             let gone = maintain::prune_sessions(&pool, config.jwt_expiry, config.refresh_token_ttl)
                 .await?;
-            println!(
+            say!(
                 "pruned {} ended sessions and {} refresh tokens used more than {}s ago",
                 gone.sessions,
                 gone.used_tokens,
@@ -306,7 +338,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Openapi => {
             // The spec needs no live connections: a lazy pool never connects.
             let state = sales_server::state::AppState::offline(config)?;
-            println!("{}", sales_server::http::openapi_json(state));
+            say!("{}", sales_server::http::openapi_json(state));
             Ok(())
         }
     }

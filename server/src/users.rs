@@ -943,6 +943,22 @@ fn read_password_line(input: impl std::io::Read) -> anyhow::Result<String> {
 
 /// Checks what a `user add` or `user set-password` command was given
 /// before it touches the database: the email's form and the password.
+/// The command line's role and stores, as far as they can be checked
+/// without the database (whether the stores exist is checked in it): a
+/// command refuses them before it connects or migrates.
+pub fn check_cli_role(role: &str, stores: &[i64]) -> anyhow::Result<()> {
+    let role = Role::parse(role).ok_or_else(|| {
+        anyhow::anyhow!("--role: must be one of admin, manager, staff (got {role:?})")
+    })?;
+    if role != Role::Admin && stores.is_empty() {
+        return Err(cli_error(UserError::invalid(
+            "stores",
+            format!("a {} needs at least one store", role.as_str()),
+        )));
+    }
+    Ok(())
+}
+
 pub fn check_cli_user(email: &str, password: &str) -> anyhow::Result<()> {
     let email = check_email(email).map_err(cli_error)?;
     check_password(password, &email).map_err(cli_error)

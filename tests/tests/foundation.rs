@@ -550,6 +550,11 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
         ),
         (&["import", "/tmp"][..], &b""[..], "/tmp: is a directory"),
         (
+            &["user", "add", "--email", "a@example.com", "--role", "staff", "--password", "long-enough-1"][..],
+            &b""[..],
+            "--store: a staff needs at least one store",
+        ),
+        (
             &["import", "--max-errors=-1", "/tmp"][..],
             &b""[..],
             "--max-errors",
@@ -560,6 +565,52 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
         assert!(text.contains(expected), "{args:?}: {text}");
         assert!(!text.contains("connect"), "{args:?} connected first: {text}");
     }
+
+    // A database that cannot be reached: where, and why (not only that
+    // the pool timed out).
+    let out = Command::new(server_bin())
+        .arg("migrate")
+        .env("DATABASE_URL", &nowhere)
+        .env("DB_CONNECTION_TIMEOUT", "1s")
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    let port = nowhere
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "cannot connect to Postgres at 127.0.0.1:{port}/nothing"
+        )) && text.contains("refused"),
+        "{text}"
+    );
+    // Output read only in part (`| head`): the command still ends well.
+    let mut child = Command::new(server_bin())
+        .arg("openapi")
+        .env("JWT_SECRET", "a-secret-of-at-least-thirty-two-bytes-0123")
+        .env("LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Read;
+        let mut head = [0u8; 16];
+        child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let db = TestDb::new().await;
     let seed = [

@@ -27,8 +27,43 @@ pub fn connect_options(url: &str, cfg: &Config) -> Result<PgConnectOptions, sqlx
 
 /// The primary's pool. See [`checked`] for when a connection is checked
 /// before use.
-pub async fn connect(cfg: &Config) -> Result<PgPool, sqlx::Error> {
-    pool_for(&cfg.database_url, cfg).await
+///
+/// When no connection can be made, the error says where to and why: the
+/// pool's own error says only that it timed out waiting, so one connection
+/// is tried on its own for the cause (`Connection refused`, a password
+/// refused, a database that does not exist).
+pub async fn connect(cfg: &Config) -> anyhow::Result<PgPool> {
+    let opts = connect_options(&cfg.database_url, cfg)?;
+    let target = format!(
+        "{}:{}/{}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or_default()
+    );
+    match pool_for(&cfg.database_url, cfg).await {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => {
+            use sqlx::Connection;
+            let why = match tokio::time::timeout(
+                cfg.db_connection_timeout,
+                sqlx::PgConnection::connect_with(&opts),
+            )
+            .await
+            {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                    "no connection within DB_CONNECTION_TIMEOUT (one made on its own succeeded: try again)".into()
+                }
+                Err(_) => format!(
+                    "no answer within DB_CONNECTION_TIMEOUT ({:?})",
+                    cfg.db_connection_timeout
+                ),
+            };
+            anyhow::bail!("cannot connect to Postgres at {target}: {why}")
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("connecting to Postgres at {target}"))),
+    }
 }
 
 pub async fn pool_for(url: &str, cfg: &Config) -> Result<PgPool, sqlx::Error> {

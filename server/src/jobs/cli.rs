@@ -109,7 +109,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         }
     };
     bar.finish_and_clear();
-    println!(
+    crate::say!(
         "read {} lines ({} shape) as job {}; {} rejected while reading",
         staged.lines,
         staged.shape.map_or("unknown", |s| s.name()),
@@ -202,8 +202,8 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         bar.finish_and_clear();
     }
     if let Some(doc) = super::status(pool, staged.job_id, None).await? {
-        println!(
-            "job {}: {end}{}: {} lines, {} rows written, {} rejected in {:.1}s",
+        crate::say!(
+            "job {}: {end}{}: {} lines, {} rows {}, {} rejected in {:.1}s",
             staged.job_id,
             if args.dry_run {
                 " (dry run, nothing written)"
@@ -212,14 +212,19 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             },
             doc["rowsRead"],
             doc["rowsWritten"],
+            if args.dry_run {
+                "would be written"
+            } else {
+                "written"
+            },
             doc["rowsRejected"],
             started.elapsed().as_secs_f64()
         );
         if let Some(e) = doc["lastError"].as_str() {
-            println!("last error: {e}");
+            crate::say!("last error: {e}");
         }
         for e in doc["errors"].as_array().into_iter().flatten().take(20) {
-            println!(
+            crate::say!(
                 "  line {}{}: {}",
                 e["line"],
                 e["column"]
@@ -241,7 +246,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             .len() as i64;
         let omitted = doc["rowsRejected"].as_i64().unwrap_or(0) - printed;
         if omitted > 0 {
-            println!("  ... and {omitted} more rejected lines");
+            crate::say!("  ... and {omitted} more rejected lines");
         }
     }
     Ok(end)
