@@ -130,8 +130,11 @@ impl Server {
         let workers = jobs::Workers::spawn(self.state.clone());
         let jwks = self.state.auth.jwks().map(|j| j.spawn());
         let hub = self.state.hub.clone();
+        let asked = Arc::new(std::sync::OnceLock::new());
+        let asked_at = asked.clone();
         let shutdown = async move {
             shutdown.await;
+            let _ = asked_at.set(std::time::Instant::now());
             hub.begin_shutdown();
         };
         // h2c stays served (proxies such as Envoy or Caddy speak it to
@@ -142,6 +145,14 @@ impl Server {
             .http2_max_concurrent_streams(HTTP2_MAX_STREAMS)
             .run_with_graceful_shutdown(app, shutdown, Some(timeout))
             .await;
+        if asked.get().is_some_and(|t| t.elapsed() >= timeout) {
+            // Requests still running then were cut off with their
+            // connections (a long export's client has part of its file).
+            tracing::warn!(
+                timeout_secs = timeout.as_secs_f64(),
+                "SHUTDOWN_TIMEOUT ran out: connections still open were closed, requests in flight cut off"
+            );
+        }
         heartbeat
             .stop(
                 &self.state.hub,

@@ -74,6 +74,15 @@ fn parse_end(raw: Option<&str>) -> anyhow::Result<((i32, u32), Option<u32>)> {
     match raw {
         None => Ok(((today.year(), today.month()), Some(today.day()))),
         Some(s) => {
+            // Exactly YYYY-MM: `26-1` is not read as the year 26, nor
+            // `+2026-11` or `02026-11` as 2026.
+            let shaped = s.len() == 7
+                && s.bytes()
+                    .enumerate()
+                    .all(|(i, b)| if i == 4 { b == b'-' } else { b.is_ascii_digit() });
+            if !shaped {
+                bail!("--end must look like 2025-06 (YYYY-MM), got {s:?}");
+            }
             let (y, m) = s.split_once('-').context("--end must look like 2025-06")?;
             let y: i32 = y.parse().context("--end: bad year")?;
             let m: u32 = m.parse().context("--end: bad month")?;
@@ -358,5 +367,13 @@ mod tests {
         let next = format!("{}-{:02}", today.year() + 1, today.month());
         let e = parse_end(Some(&next)).unwrap_err().to_string();
         assert!(e.contains("after the current month"), "{e}");
+    }
+
+    #[test]
+    fn the_end_is_exactly_year_and_month() {
+        for bad in ["26-1", "2026-1", "+2026-11", "02026-11", "2026-011", "2026/11", "2026-1x"] {
+            let e = parse_end(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("YYYY-MM"), "{bad}: {e}");
+        }
     }
 }
