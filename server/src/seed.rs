@@ -77,9 +77,13 @@ fn parse_end(raw: Option<&str>) -> anyhow::Result<((i32, u32), Option<u32>)> {
             // Exactly YYYY-MM: `26-1` is not read as the year 26, nor
             // `+2026-11` or `02026-11` as 2026.
             let shaped = s.len() == 7
-                && s.bytes()
-                    .enumerate()
-                    .all(|(i, b)| if i == 4 { b == b'-' } else { b.is_ascii_digit() });
+                && s.bytes().enumerate().all(|(i, b)| {
+                    if i == 4 {
+                        b == b'-'
+                    } else {
+                        b.is_ascii_digit()
+                    }
+                });
             if !shaped {
                 bail!("--end must look like 2025-06 (YYYY-MM), got {s:?}");
             }
@@ -371,7 +375,9 @@ mod tests {
 
     #[test]
     fn the_end_is_exactly_year_and_month() {
-        for bad in ["26-1", "2026-1", "+2026-11", "02026-11", "2026-011", "2026/11", "2026-1x"] {
+        for bad in [
+            "26-1", "2026-1", "+2026-11", "02026-11", "2026-011", "2026/11", "2026-1x",
+        ] {
             let e = parse_end(Some(bad)).unwrap_err().to_string();
             assert!(e.contains("YYYY-MM"), "{bad}: {e}");
         }
