@@ -128,13 +128,44 @@ pub const WELL_KNOWN_SECRETS: &[&str] = &[
     "change-me-change-me-change-me-change-me",
 ];
 
+/// The shortest `JWT_SECRET`, in bytes: HS256 wants a key at least as long
+/// as its hash (256 bits).
+pub const JWT_SECRET_MIN_BYTES: usize = 32;
+
 pub const DEFAULT_DATABASE_URL: &str = "postgres://sales_app:pg_sales_dev@127.0.0.1:5432/pg_sales";
 
 struct Env<'a>(&'a HashMap<String, String>);
 
+#[cfg(test)]
+thread_local! {
+    /// Every variable [`Env::get`] was asked for on this thread (tests
+    /// check that each refuses an empty value).
+    static READ: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Env<'_> {
-    fn get(&self, var: &'static str) -> Option<&str> {
-        self.0.get(var).map(|s| s.trim()).filter(|s| !s.is_empty())
+    /// The value of `var`, trimmed; `None` when unset. Set but empty (or
+    /// only blanks) is refused rather than read as unset: a value that went
+    /// missing (`REDIS_URL=` in an env file, `VAR=$UNSET` in a script) would
+    /// otherwise silently become the default: the demo database (which
+    /// seed, user and maintain commands would then write to), no Redis (a
+    /// cache per instance), the default `CACHE_PREFIX` (another deployment's
+    /// keys), an open `/metrics`.
+    fn get(&self, var: &'static str) -> Result<Option<&str>, ConfigError> {
+        #[cfg(test)]
+        READ.with(|r| r.borrow_mut().push(var));
+        match self.0.get(var).map(|s| s.trim()) {
+            None => Ok(None),
+            Some("") => Err(Self::err(
+                var,
+                &self.0[var],
+                format!(
+                    "is set but empty; give it a value, or unset it (`unset {var}`, \
+                     or leave it out of the environment) for the default"
+                ),
+            )),
+            Some(v) => Ok(Some(v)),
+        }
     }
 
     fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -145,12 +176,12 @@ impl Env<'_> {
         }
     }
 
-    fn string(&self, var: &'static str, default: &str) -> String {
-        self.get(var).unwrap_or(default).to_string()
+    fn string(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        Ok(self.get(var)?.unwrap_or(default).to_string())
     }
 
-    fn opt(&self, var: &'static str) -> Option<String> {
-        self.get(var).map(str::to_string)
+    fn opt(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        Ok(self.get(var)?.map(str::to_string))
     }
 
     fn num<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
@@ -160,7 +191,7 @@ impl Env<'_> {
         min: T,
         max: T,
     ) -> Result<T, ConfigError> {
-        let Some(raw) = self.get(var) else {
+        let Some(raw) = self.get(var)? else {
             return Ok(default);
         };
         let v: T = raw.parse().map_err(|_| {
@@ -200,7 +231,7 @@ impl Env<'_> {
         max: Duration,
         bare: Duration,
     ) -> Result<Duration, ConfigError> {
-        let Some(raw) = self.get(var) else {
+        let Some(raw) = self.get(var)? else {
             return Ok(default);
         };
         let unit = if bare == Duration::from_millis(1) {
@@ -233,7 +264,7 @@ impl Env<'_> {
     }
 
     fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(var).map(|s| s.to_ascii_lowercase()) {
+        match self.get(var)?.map(|s| s.to_ascii_lowercase()) {
             None => Ok(default),
             Some(s) if matches!(s.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
             Some(s) if matches!(s.as_str(), "0" | "false" | "no" | "off") => Ok(false),
@@ -244,7 +275,7 @@ impl Env<'_> {
     /// A comma-separated list of addresses (`10.0.0.5`, `::1`) and networks
     /// (`10.0.0.0/8`, `fd00::/8`).
     fn networks(&self, var: &'static str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
-        self.list(var)
+        self.list(var)?
             .iter()
             .map(|p| {
                 p.parse::<ipnet::IpNet>()
@@ -264,7 +295,7 @@ impl Env<'_> {
     /// Browser origins: `scheme://host[:port]`, exactly as a browser sends
     /// them in `Origin` (no path, no trailing slash), or `*`.
     fn origins(&self, var: &'static str) -> Result<Vec<String>, ConfigError> {
-        let list = self.list(var);
+        let list = self.list(var)?;
         for o in &list {
             // Any scheme browsers send (`https`, `chrome-extension`,
             // `capacitor`, ...), then a host and maybe a port.
@@ -290,15 +321,28 @@ impl Env<'_> {
         Ok(list)
     }
 
-    fn list(&self, var: &'static str) -> Vec<String> {
-        self.get(var)
-            .map(|s| {
-                s.split(',')
-                    .map(|p| p.trim().to_string())
-                    .filter(|p| !p.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// A comma-separated list; empty entries are skipped, but a value with
+    /// no entry at all (`,`) is refused like an empty one.
+    fn list(&self, var: &'static str) -> Result<Vec<String>, ConfigError> {
+        let Some(raw) = self.get(var)? else {
+            return Ok(Vec::new());
+        };
+        let list: Vec<String> = raw
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if list.is_empty() {
+            return Err(Self::err(
+                var,
+                raw,
+                format!(
+                    "is set but names nothing; give it a value, or unset it (`unset {var}`, \
+                     or leave it out of the environment) for the default"
+                ),
+            ));
+        }
+        Ok(list)
     }
 }
 
@@ -367,12 +411,24 @@ fn log_filter_has_levels(filter: &str) -> bool {
         })
 }
 
+/// Whether this build's Postgres driver can speak TLS: server/Cargo.toml
+/// enables no `tls-*` feature of sqlx, so a connection whose sslmode
+/// requires TLS fails every time ("TLS upgrade required by connect options
+/// but SQLx was built without TLS support enabled"). The test
+/// `postgres_tls_matches_the_driver` fails when this stops being true.
+const POSTGRES_TLS: bool = false;
+
 /// A Postgres URL the driver can use: the scheme, then everything else as
-/// sqlx reads it (a port that is not a number, an unknown `sslmode`).
-fn check_pg_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
+/// sqlx reads it (a port that is not a number, an unknown `sslmode`), and
+/// no sslmode that requires TLS when the driver has none. The sslmode is
+/// the URL's (`sslmode` or `ssl-mode`, the last one), else `pgsslmode`
+/// (PGSSLMODE, read by sqlx when it is one of its modes), else `prefer`,
+/// which connects without TLS when the driver has none.
+fn check_pg_url(var: &'static str, url: &str, pgsslmode: Option<&str>) -> Result<(), ConfigError> {
+    use sqlx::postgres::PgSslMode;
     check_url(var, url, &["postgres", "postgresql"])?;
-    url.parse::<sqlx::postgres::PgConnectOptions>()
-        .map(|_| ())
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
         .map_err(|e| {
             // The URL may hold a password: name the variable, not the value.
             Env::err(
@@ -380,7 +436,43 @@ fn check_pg_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
                 "<hidden>",
                 format!("is not a usable Postgres URL: {e}"),
             )
-        })
+        })?;
+    if POSTGRES_TLS {
+        return Ok(());
+    }
+    let in_url = reqwest::Url::parse(url).ok().and_then(|u| {
+        u.query_pairs()
+            .filter(|(k, _)| k == "sslmode" || k == "ssl-mode")
+            .last()
+            .map(|(k, v)| format!("{k}={v}"))
+    });
+    let (mode, source, shown) = match in_url {
+        Some(pair) => (options.get_ssl_mode(), var, pair),
+        None => match pgsslmode.and_then(|m| m.parse::<PgSslMode>().ok()) {
+            Some(mode) => (mode, "PGSSLMODE", pgsslmode.unwrap_or_default().to_string()),
+            None => return Ok(()),
+        },
+    };
+    if matches!(
+        mode,
+        PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    ) {
+        let whose = if source == var {
+            String::new()
+        } else {
+            format!(" (for {var}, which names no sslmode of its own)")
+        };
+        return Err(Env::err(
+            source,
+            &shown,
+            format!(
+                "requires TLS{whose}, and this build connects to Postgres without TLS; \
+                 use sslmode=disable, allow or prefer (each connects without TLS here), \
+                 or reach Postgres through a TLS-terminating proxy"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `url` with whatever stands between `://` (or the start) and the last `@`
@@ -483,27 +575,19 @@ impl Config {
         let e = Env(vars);
         let s = Duration::from_secs;
         let ms = Duration::from_millis(1);
-        // Set but empty (`DATABASE_URL=` in a file whose value went
-        // missing) is refused, not read as unset: the default is the demo
-        // database, which seed, user and maintain commands would then write to.
-        if vars
-            .get("DATABASE_URL")
-            .is_some_and(|v| v.trim().is_empty())
-        {
-            return Err(Env::err(
-                "DATABASE_URL",
-                "",
-                "is set but empty; unset it for the default, or give a postgres:// URL",
-            ));
-        }
-        let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL);
-        check_pg_url("DATABASE_URL", &database_url)?;
-        let database_replica_url = e.opt("DATABASE_REPLICA_URL");
+        // Set but empty is refused by every read (see `Env::get`).
+        let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL)?;
+        // sqlx reads PGSSLMODE (as libpq does) when a URL names no sslmode.
+        let pgsslmode = vars.get("PGSSLMODE").map(String::as_str);
+        check_pg_url("DATABASE_URL", &database_url, pgsslmode)?;
+        let database_replica_url = e.opt("DATABASE_REPLICA_URL")?;
         if let Some(u) = &database_replica_url {
-            check_pg_url("DATABASE_REPLICA_URL", u)?;
+            check_pg_url("DATABASE_REPLICA_URL", u, pgsslmode)?;
         }
-        let db_pool_min = e.num("DB_POOL_MIN", 2u32, 0, 1000)?;
         let db_pool_max = e.num("DB_POOL_MAX", 20u32, 1, 1000)?;
+        // The default minimum (2) follows a smaller maximum; a minimum set
+        // above the maximum is refused.
+        let db_pool_min = e.num("DB_POOL_MIN", 2u32.min(db_pool_max), 0, 1000)?;
         if db_pool_min > db_pool_max {
             return Err(Env::err(
                 "DB_POOL_MIN",
@@ -511,17 +595,17 @@ impl Config {
                 format!("must not exceed DB_POOL_MAX ({db_pool_max})"),
             ));
         }
-        let redis_url = match e.opt("REDIS_URL") {
+        let redis_url = match e.opt("REDIS_URL")? {
             Some(u) => {
                 check_redis_url("REDIS_URL", &u)?;
                 Some(u)
             }
-            None => match e.opt("REDIS_HOST") {
+            None => match e.opt("REDIS_HOST")? {
                 Some(host) => {
                     let port = e.num("REDIS_PORT", 6379u16, 1, 65535)?;
                     let db = e.num("REDIS_DB", 0u32, 0, 15)?;
                     let auth = e
-                        .opt("REDIS_PASSWORD")
+                        .opt("REDIS_PASSWORD")?
                         .map(|p| format!(":{}@", percent_encode(&p)))
                         .unwrap_or_default();
                     let host = match host.parse::<std::net::Ipv6Addr>() {
@@ -547,12 +631,30 @@ impl Config {
                 None => None,
             },
         };
-        let redis_cluster_urls = e.list("REDIS_CLUSTER_URLS");
+        let redis_cluster_urls = e.list("REDIS_CLUSTER_URLS")?;
         for u in &redis_cluster_urls {
             check_redis_url("REDIS_CLUSTER_URLS", u)?;
         }
+        // The cluster is used whenever it is set: a single Redis named as
+        // well would be ignored, and is refused instead.
+        if !redis_cluster_urls.is_empty() {
+            if let Some(u) = e.get("REDIS_URL")? {
+                return Err(Env::err(
+                    "REDIS_URL",
+                    &without_password(u),
+                    "set REDIS_URL or REDIS_CLUSTER_URLS, not both",
+                ));
+            }
+            if let Some(host) = e.get("REDIS_HOST")? {
+                return Err(Env::err(
+                    "REDIS_HOST",
+                    host,
+                    "set REDIS_HOST or REDIS_CLUSTER_URLS, not both",
+                ));
+            }
+        }
         let log_format = match e
-            .string("LOG_FORMAT", "pretty")
+            .string("LOG_FORMAT", "pretty")?
             .to_ascii_lowercase()
             .as_str()
         {
@@ -560,7 +662,7 @@ impl Config {
             "json" => LogFormat::Json,
             other => return Err(Env::err("LOG_FORMAT", other, "must be json or pretty")),
         };
-        let log_level = e.string("LOG_LEVEL", "info");
+        let log_level = e.string("LOG_LEVEL", "info")?;
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err()
             || !log_filter_has_levels(&log_level)
         {
@@ -577,31 +679,38 @@ impl Config {
             event_retention,
             s(10 * 366 * 86400),
         )?;
-        let jwt_secret = e.opt("JWT_SECRET");
+        let jwt_secret = e.opt("JWT_SECRET")?;
         if let Some(secret) = &jwt_secret {
-            if secret.len() < 32 {
+            // Counted in bytes, as HMAC uses it: HS256 wants a key at least
+            // as long as its 256-bit hash (RFC 7518, 3.2).
+            if secret.len() < JWT_SECRET_MIN_BYTES {
                 return Err(Env::err(
                     "JWT_SECRET",
                     "<hidden>",
-                    "must be at least 32 characters",
+                    format!(
+                        "must be at least {JWT_SECRET_MIN_BYTES} bytes (this one has {}; e.g. `openssl rand -hex 32`)",
+                        secret.len()
+                    ),
                 ));
             }
         }
         // NODE_ENV (the seed's) and APP_ENV name the environment; only
-        // `development` relaxes anything.
+        // `development` relaxes anything. Other software reads them too, so
+        // an empty one is read as unset (not development, the strict side)
+        // rather than refused.
         let dev_mode = e.bool("PG_SALES_DEV", false)?
             || ["APP_ENV", "NODE_ENV"].iter().any(|v| {
-                e.get(v)
-                    .is_some_and(|x| x.eq_ignore_ascii_case("development"))
+                vars.get(*v)
+                    .is_some_and(|x| x.trim().eq_ignore_ascii_case("development"))
             });
         let rate_limit_per_minute = e.num("RATE_LIMIT_PER_MINUTE", 600u32, 1, 10_000_000)?;
         let export_max_concurrent = e.num("EXPORT_MAX_CONCURRENT", 4usize, 1, 1000)?;
-        let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE");
+        let jwt_public_key_file = e.opt("JWT_PUBLIC_KEY_FILE")?;
         if let Some(path) = &jwt_public_key_file {
             check_public_key_file(path)?;
         }
-        let jwt_jwks_url = e.opt("JWT_JWKS_URL");
-        let jwt_jwks_file = e.opt("JWT_JWKS_FILE");
+        let jwt_jwks_url = e.opt("JWT_JWKS_URL")?;
+        let jwt_jwks_file = e.opt("JWT_JWKS_FILE")?;
         if let Some(url) = &jwt_jwks_url {
             check_jwks_url(url).map_err(|why| Env::err("JWT_JWKS_URL", url, why))?;
             if jwt_jwks_file.is_some() {
@@ -644,7 +753,7 @@ impl Config {
                 s(60),
             )?,
             bind_addr: {
-                let b = e.string("BIND_ADDR", "127.0.0.1");
+                let b = e.string("BIND_ADDR", "127.0.0.1")?;
                 // An address (`::` or `[::]` alike), or a name that resolves.
                 let bare = b.trim_start_matches('[').trim_end_matches(']');
                 let usable = bare.parse::<std::net::IpAddr>().is_ok()
@@ -665,15 +774,15 @@ impl Config {
             compression_level: e.num("COMPRESSION_LEVEL", 3u32, 1, 9)?,
             cache_ttl: e.duration("CACHE_TTL", s(60), s(1), s(86400 * 7))?,
             cache_l1_ttl: e.duration("CACHE_L1_TTL", s(5), Duration::ZERO, s(3600))?,
-            cache_prefix: e.string("CACHE_PREFIX", "pg_sales"),
+            cache_prefix: e.string("CACHE_PREFIX", "pg_sales")?,
             cache_compress_min: e.num("CACHE_COMPRESS_MIN", 1024usize, 0, 1 << 30)?,
             jwt_secret,
             jwt_public_key_file,
             jwt_jwks_url,
             jwt_jwks_file,
             jwt_jwks_refresh: e.duration("JWT_JWKS_REFRESH", s(300), s(1), s(86400))?,
-            jwt_issuer: e.opt("JWT_ISSUER"),
-            jwt_audience: e.opt("JWT_AUDIENCE"),
+            jwt_issuer: e.opt("JWT_ISSUER")?,
+            jwt_audience: e.opt("JWT_AUDIENCE")?,
             jwt_expiry: e.duration(
                 "JWT_EXPIRY",
                 s(900),
@@ -704,7 +813,7 @@ impl Config {
             ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
             ws_replay_max_events: e.num("WS_REPLAY_MAX_EVENTS", 100_000u64, 10, 10_000_000)?,
             slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
-            metrics_token: e.opt("METRICS_TOKEN").filter(|t| !t.is_empty()),
+            metrics_token: e.opt("METRICS_TOKEN")?,
             shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,
             dev_mode,
             login_attempts_per_minute: e.num("LOGIN_ATTEMPTS_PER_MINUTE", 5u32, 1, 10_000)?,
@@ -783,7 +892,7 @@ impl Config {
             Env::err(
                 "JWT_SECRET",
                 "",
-                "must be set (at least 32 characters) to issue and verify tokens",
+                format!("must be set (at least {JWT_SECRET_MIN_BYTES} bytes) to issue and verify tokens"),
             )
         })
     }
@@ -1119,5 +1228,220 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    /// An sslmode that requires TLS is refused at start (this build's
+    /// driver has none), from the URL or from PGSSLMODE, for either URL;
+    /// the modes that connect without TLS here are accepted.
+    #[test]
+    fn sslmodes_requiring_tls_are_refused() {
+        let base = "postgres://app:s3cret@db.example:5432/sales";
+        for q in [
+            "sslmode=require",
+            "sslmode=verify-ca",
+            "sslmode=verify-full",
+            "sslmode=REQUIRE",
+            "ssl-mode=require",
+            "sslmode=disable&sslmode=require",
+            "application_name=x&sslmode=verify-full",
+        ] {
+            let url = format!("{base}?{q}");
+            for var in ["DATABASE_URL", "DATABASE_REPLICA_URL"] {
+                let e = cfg(&[(var, &url)]).unwrap_err();
+                assert_eq!(e.var, var, "{q}");
+                assert!(
+                    e.reason.contains("without TLS") && e.reason.contains("sslmode=disable"),
+                    "{e}"
+                );
+                assert!(!e.to_string().contains("s3cret"), "{e}");
+            }
+        }
+        for q in [
+            "",
+            "?sslmode=prefer",
+            "?sslmode=allow",
+            "?sslmode=disable",
+            "?sslmode=require&sslmode=prefer",
+        ] {
+            let url = format!("{base}{q}");
+            assert!(cfg(&[("DATABASE_URL", &url)]).is_ok(), "{q}");
+            assert!(cfg(&[("DATABASE_REPLICA_URL", &url)]).is_ok(), "{q}");
+        }
+        // PGSSLMODE applies to a URL that names no sslmode (the default
+        // URL too), as sqlx reads it.
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let e = cfg(&[("PGSSLMODE", mode)]).unwrap_err();
+            assert_eq!(e.var, "PGSSLMODE", "{mode}");
+            assert!(e.reason.contains("for DATABASE_URL"), "{e}");
+            let e = cfg(&[
+                ("PGSSLMODE", mode),
+                ("DATABASE_URL", &format!("{base}?sslmode=disable")),
+                ("DATABASE_REPLICA_URL", base),
+            ])
+            .unwrap_err();
+            assert_eq!(e.var, "PGSSLMODE", "{mode}");
+            assert!(e.reason.contains("for DATABASE_REPLICA_URL"), "{e}");
+            // A URL's own sslmode wins over PGSSLMODE.
+            let url = format!("{base}?sslmode=prefer");
+            assert!(cfg(&[("PGSSLMODE", mode), ("DATABASE_URL", &url)]).is_ok());
+        }
+        // Modes without TLS, and values sqlx does not read (it ignores them).
+        for mode in ["prefer", "allow", "disable", "", "tls-please"] {
+            assert!(cfg(&[("PGSSLMODE", mode)]).is_ok(), "{mode}");
+        }
+    }
+
+    /// [`POSTGRES_TLS`] says what the driver does: a connection that
+    /// requires TLS fails before any byte is sent when it has none.
+    #[tokio::test]
+    async fn postgres_tls_matches_the_driver() {
+        use sqlx::ConnectOptions;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts and closes, so a driver with TLS fails too (differently).
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .host("127.0.0.1")
+            .port(port)
+            .username("nobody")
+            .ssl_mode(sqlx::postgres::PgSslMode::Require);
+        let e = tokio::time::timeout(Duration::from_secs(10), options.connect())
+            .await
+            .expect("the connection attempt ends")
+            .expect_err("nothing answers as Postgres");
+        let no_tls = e.to_string().contains("without TLS support");
+        assert_eq!(no_tls, !POSTGRES_TLS, "{e}");
+    }
+
+    #[test]
+    fn the_default_pool_minimum_follows_a_smaller_maximum() {
+        let c = cfg(&[("DB_POOL_MAX", "1")]).unwrap();
+        assert_eq!((c.db_pool_min, c.db_pool_max), (1, 1));
+        let c = cfg(&[("DB_POOL_MAX", "2")]).unwrap();
+        assert_eq!((c.db_pool_min, c.db_pool_max), (2, 2));
+        let c = cfg(&[]).unwrap();
+        assert_eq!((c.db_pool_min, c.db_pool_max), (2, 20));
+        let c = cfg(&[("DB_POOL_MAX", "1"), ("DB_POOL_MIN", "0")]).unwrap();
+        assert_eq!((c.db_pool_min, c.db_pool_max), (0, 1));
+        // Both set and in conflict: refused.
+        let e = cfg(&[("DB_POOL_MAX", "1"), ("DB_POOL_MIN", "2")]).unwrap_err();
+        assert_eq!(e.var, "DB_POOL_MIN");
+        assert_eq!(e.reason, "must not exceed DB_POOL_MAX (1)");
+        // A minimum alone above the default maximum: refused as before.
+        assert_eq!(
+            cfg(&[("DB_POOL_MIN", "21")]).unwrap_err().var,
+            "DB_POOL_MIN"
+        );
+    }
+
+    /// Every variable the configuration reads refuses a value that is set
+    /// but empty (or only blanks), naming it and saying how to unset it.
+    #[test]
+    fn set_but_empty_is_refused_for_every_variable() {
+        READ.with(|r| r.borrow_mut().clear());
+        cfg(&[]).unwrap();
+        // The Redis parts are read only when REDIS_HOST is set.
+        cfg(&[("REDIS_HOST", "cache.local")]).unwrap();
+        let mut read = READ.with(|r| r.borrow().clone());
+        read.sort_unstable();
+        read.dedup();
+        for var in [
+            "DATABASE_URL",
+            "REDIS_URL",
+            "REDIS_PASSWORD",
+            "REDIS_CLUSTER_URLS",
+            "CACHE_PREFIX",
+            "METRICS_TOKEN",
+            "PORT",
+            "LOG_LEVEL",
+            "JWT_SECRET",
+            "PG_SALES_DEV",
+            "JOB_LEASE",
+        ] {
+            assert!(read.contains(&var), "{var} is not read: {read:?}");
+        }
+        assert!(read.len() >= 60, "{read:?}");
+        for var in read {
+            for value in ["", " ", "\t "] {
+                let mut pairs = vec![(var, value)];
+                if var.starts_with("REDIS_") && var != "REDIS_HOST" {
+                    pairs.push(("REDIS_HOST", "cache.local"));
+                }
+                let e = cfg(&pairs).expect_err(var);
+                assert_eq!(e.var, var);
+                assert_eq!(e.value, value);
+                assert!(
+                    e.reason.starts_with("is set but empty")
+                        && e.reason.contains(&format!("`unset {var}`")),
+                    "{e}"
+                );
+            }
+        }
+        // A list that names nothing is refused the same way.
+        for var in ["CORS_ORIGINS", "TRUSTED_PROXIES", "REDIS_CLUSTER_URLS"] {
+            for value in [",", " , ,"] {
+                let e = cfg(&[(var, value)]).unwrap_err();
+                assert_eq!(e.var, var);
+                assert!(e.reason.contains(&format!("`unset {var}`")), "{e}");
+            }
+        }
+        // APP_ENV and NODE_ENV are other software's as well: empty is
+        // "not development", never refused.
+        for var in ["APP_ENV", "NODE_ENV"] {
+            assert!(!cfg(&[(var, "")]).unwrap().dev_mode);
+            assert!(cfg(&[(var, " development ")]).unwrap().dev_mode);
+        }
+    }
+
+    /// The cluster would win: a single Redis named as well is refused.
+    #[test]
+    fn redis_url_and_cluster_are_not_both_set() {
+        let cluster = "redis://10.0.0.1:7000,redis://10.0.0.2:7000";
+        let e = cfg(&[
+            ("REDIS_URL", "redis://:topsecret@10.0.0.9:6379/0"),
+            ("REDIS_CLUSTER_URLS", cluster),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "REDIS_URL");
+        assert_eq!(e.reason, "set REDIS_URL or REDIS_CLUSTER_URLS, not both");
+        assert!(!e.to_string().contains("topsecret"), "{e}");
+        let e = cfg(&[("REDIS_HOST", "10.0.0.9"), ("REDIS_CLUSTER_URLS", cluster)]).unwrap_err();
+        assert_eq!(e.var, "REDIS_HOST");
+        assert_eq!(e.reason, "set REDIS_HOST or REDIS_CLUSTER_URLS, not both");
+        let c = cfg(&[("REDIS_CLUSTER_URLS", cluster)]).unwrap();
+        assert_eq!(c.redis_cluster_urls.len(), 2);
+        assert!(c.redis_url.is_none());
+        // REDIS_URL over REDIS_HOST stays as documented.
+        let c = cfg(&[("REDIS_URL", "redis://a:6379"), ("REDIS_HOST", "b")]).unwrap();
+        assert_eq!(c.redis_url.as_deref(), Some("redis://a:6379"));
+    }
+
+    /// The minimum is in bytes, as HMAC uses the secret, and says so.
+    #[test]
+    fn jwt_secret_minimum_is_in_bytes() {
+        let e = cfg(&[("JWT_SECRET", &"a".repeat(31))]).unwrap_err();
+        assert_eq!(e.var, "JWT_SECRET");
+        assert!(
+            e.reason
+                .starts_with("must be at least 32 bytes (this one has 31;"),
+            "{e}"
+        );
+        // 16 characters, 31 bytes: refused.
+        let short = format!("{}a", "é".repeat(15));
+        assert_eq!(short.chars().count(), 16);
+        assert!(cfg(&[("JWT_SECRET", &short)])
+            .unwrap_err()
+            .reason
+            .contains("32 bytes"));
+        // 16 characters, 32 bytes: accepted.
+        assert!(cfg(&[("JWT_SECRET", &"é".repeat(16))]).is_ok());
+        assert!(cfg(&[("JWT_SECRET", &"a".repeat(32))]).is_ok());
+        let unset = cfg(&[]).unwrap().require_jwt_secret().unwrap_err();
+        assert!(unset.reason.contains("at least 32 bytes"), "{unset}");
+        assert!(!unset.reason.contains("characters"), "{unset}");
     }
 }

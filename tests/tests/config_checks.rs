@@ -1,0 +1,121 @@
+//! Configuration refused at start by the binary (exit 2, `configuration
+//! error:` naming the variable) rather than at the first connection, and
+//! what must keep starting: sslmodes that need TLS this build lacks, values
+//! set but empty, a Redis named twice, the pool's default minimum.
+
+use sales_e2e::{free_port, server_bin, TestDb};
+use std::process::{Command, Output};
+
+/// The binary with exactly `env` (plus PATH), so the runner's own
+/// DATABASE_URL or REDIS_URL cannot decide the outcome.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(server_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_LEVEL", "warn")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the server binary")
+}
+
+/// `url` with `sslmode=<mode>` appended (the last one counts).
+fn with_sslmode(url: &str, mode: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode={mode}")
+}
+
+#[test]
+fn settings_refused_at_start_exit_2_naming_the_variable() {
+    // Nothing listens there: a command that got as far as connecting
+    // would fail with another message.
+    let nowhere = format!("postgres://app:secret-pw@127.0.0.1:{}/x", free_port());
+    let require = with_sslmode(&nowhere, "require");
+    let verify_full = with_sslmode(&nowhere, "verify-full");
+    let disable = with_sslmode(&nowhere, "disable");
+    let cases = [
+        (
+            "migrate",
+            vec![("DATABASE_URL", require.as_str())],
+            "DATABASE_URL",
+            "without TLS",
+        ),
+        (
+            "serve",
+            vec![
+                ("DATABASE_URL", disable.as_str()),
+                ("DATABASE_REPLICA_URL", verify_full.as_str()),
+            ],
+            "DATABASE_REPLICA_URL",
+            "without TLS",
+        ),
+        (
+            "migrate",
+            vec![
+                ("DATABASE_URL", nowhere.as_str()),
+                ("PGSSLMODE", "verify-ca"),
+            ],
+            "PGSSLMODE",
+            "for DATABASE_URL",
+        ),
+        (
+            "serve",
+            vec![("DATABASE_URL", nowhere.as_str()), ("REDIS_URL", "")],
+            "REDIS_URL",
+            "`unset REDIS_URL`",
+        ),
+        (
+            "serve",
+            vec![("DATABASE_URL", nowhere.as_str()), ("METRICS_TOKEN", " ")],
+            "METRICS_TOKEN",
+            "`unset METRICS_TOKEN`",
+        ),
+        (
+            "serve",
+            vec![
+                ("DATABASE_URL", nowhere.as_str()),
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+                ("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000"),
+            ],
+            "REDIS_URL",
+            "not both",
+        ),
+    ];
+    for (command, env, var, says) in cases {
+        let out = run(&[command], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("configuration error: {var}: ")),
+            "{var}: {stderr}"
+        );
+        assert!(stderr.contains(says), "{var}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!stderr.contains("secret-pw"), "{stderr}");
+    }
+}
+
+/// `prefer` (and `allow`, `disable`) connect without TLS; a URL's own
+/// sslmode wins over PGSSLMODE; DB_POOL_MAX=1 alone is a usable pool.
+#[tokio::test]
+async fn sslmodes_without_tls_and_a_pool_of_one_still_connect() {
+    let db = TestDb::new().await;
+    for (url, extra) in [
+        (with_sslmode(&db.url, "prefer"), None),
+        (with_sslmode(&db.url, "allow"), None),
+        (
+            with_sslmode(&db.url, "disable"),
+            Some(("PGSSLMODE", "require")),
+        ),
+        (db.url.clone(), Some(("DB_POOL_MAX", "1"))),
+    ] {
+        let mut env = vec![("DATABASE_URL", url.as_str())];
+        env.extend(extra);
+        let out = run(&["migrate"], &env);
+        assert!(
+            out.status.success(),
+            "{env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
