@@ -458,11 +458,7 @@ impl Summary {
         } else {
             names
         } {
-            let Some(d) = DIMS
-                .iter()
-                .find(|(k, _)| *k == n)
-                .map(|(_, d)| *d)
-            else {
+            let Some(d) = DIMS.iter().find(|(k, _)| *k == n).map(|(_, d)| *d) else {
                 return err(
                     "groupBy",
                     format!(

@@ -216,8 +216,10 @@ impl ExportApi {
             .map(|a| match a.trim() {
                 // A client resuming from an unset variable would start
                 // over and get every row twice.
-                "" => Err("is empty; give the key of the last row you have, or leave after out"
-                    .to_string()),
+                "" => Err(
+                    "is empty; give the key of the last row you have, or leave after out"
+                        .to_string(),
+                ),
                 a => RowKey::parse(a, shape),
             })
             .transpose()
