@@ -575,7 +575,12 @@ impl Config {
         let e = Env(vars);
         let s = Duration::from_secs;
         let ms = Duration::from_millis(1);
-        // Set but empty is refused by every read (see `Env::get`).
+        // Set but empty is refused by every read (see `Env::get`); the
+        // Redis parts are read below only when REDIS_HOST is the source,
+        // so an empty one is looked for here whatever the source.
+        for var in ["REDIS_HOST", "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD"] {
+            e.get(var)?;
+        }
         let database_url = e.string("DATABASE_URL", DEFAULT_DATABASE_URL)?;
         // sqlx reads PGSSLMODE (as libpq does) when a URL names no sslmode.
         let pgsslmode = vars.get("PGSSLMODE").map(String::as_str);
@@ -1367,11 +1372,9 @@ mod tests {
         assert!(read.len() >= 60, "{read:?}");
         for var in read {
             for value in ["", " ", "\t "] {
-                let mut pairs = vec![(var, value)];
-                if var.starts_with("REDIS_") && var != "REDIS_HOST" {
-                    pairs.push(("REDIS_HOST", "cache.local"));
-                }
-                let e = cfg(&pairs).expect_err(var);
+                // Alone: a Redis part is refused empty whatever the source
+                // of the Redis address (it is read only with REDIS_HOST).
+                let e = cfg(&[(var, value)]).expect_err(var);
                 assert_eq!(e.var, var);
                 assert_eq!(e.value, value);
                 assert!(

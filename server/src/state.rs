@@ -105,9 +105,7 @@ impl Replica {
 impl AppState {
     pub async fn connect(config: Config) -> anyhow::Result<Arc<Self>> {
         let auth = Arc::new(Auth::from_config(&config)?);
-        let pool = db::connect(&config)
-            .await
-            .context("connecting to Postgres (DATABASE_URL)")?;
+        let pool = db::connect(&config).await?;
         let cache = Arc::new(Cache::new(&config));
         // Give Redis a moment so a healthy instance does not start degraded.
         cache.wait_ready(std::time::Duration::from_secs(2)).await;

@@ -43,9 +43,7 @@ pub async fn upsert_user(
     password: &str,
 ) -> anyhow::Result<(i64, bool)> {
     let email = check_email(email).map_err(cli_error)?;
-    let role = Role::parse(role).ok_or_else(|| {
-        anyhow::anyhow!("--role: must be one of admin, manager, staff (got {role:?})")
-    })?;
+    let role = cli_role(role)?;
     check_password(password, &email).map_err(cli_error)?;
     let mut tx = pool.begin().await?;
     lock(&mut tx).await?;
@@ -228,7 +226,8 @@ impl UserError {
     }
 }
 
-/// Trims and checks an email address; returns it as given (case kept).
+/// Trims and checks an email address; returns it as stored: composed
+/// (see [`normal_email`]), its case kept.
 pub fn check_email(email: &str) -> Result<String, UserError> {
     let email = normal_email(email);
     let Some((local, domain)) = email.split_once('@') else {
@@ -265,7 +264,9 @@ pub const MAX_EMAIL_CHARS: usize = 320;
 /// An email address as it is stored and looked up: without surrounding
 /// blanks, in Unicode normalization form C. The same address typed with a
 /// precomposed `ü` or with `u` and a combining diaeresis looks the same and
-/// is the same account.
+/// is the same account. A lookup also finds an address stored decomposed
+/// before, which migration 0023 left so because its composed form was
+/// taken: typed exactly as stored, it names that account.
 pub fn normal_email(email: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
     email.trim().nfc().collect()
@@ -513,11 +514,14 @@ pub async fn get_by_email<'e>(
     exec: impl PgExecutor<'e>,
     email: &str,
 ) -> Result<Option<User>, sqlx::Error> {
-    let row: Option<UserRow> =
-        sqlx::query_as(&format!("{SELECT_USER} WHERE lower(u.email) = lower($1)"))
-            .bind(normal_email(email))
-            .fetch_optional(exec)
-            .await?;
+    let row: Option<UserRow> = sqlx::query_as(&format!(
+        "{SELECT_USER} WHERE lower(u.email) IN (lower($1), lower($2))
+         ORDER BY lower(u.email) = lower($2) DESC LIMIT 1"
+    ))
+    .bind(normal_email(email))
+    .bind(email.trim())
+    .fetch_optional(exec)
+    .await?;
     Ok(row.map(from_row))
 }
 
@@ -553,10 +557,7 @@ async fn check_stores(
     stores.sort_unstable();
     stores.dedup();
     if stores.is_empty() {
-        return Err(UserError::invalid(
-            "stores",
-            format!("a {} needs at least one store", role.as_str()),
-        ));
+        return Err(no_store(role));
     }
     let missing: Vec<i64> = sqlx::query_scalar(
         "SELECT s FROM unnest($1::bigint[]) s WHERE NOT EXISTS (SELECT 1 FROM sales.stores WHERE id = s) ORDER BY s",
@@ -734,16 +735,26 @@ pub async fn update(
     if identity != old.identity {
         changed.push("identity");
     }
+    // Who may enable the user again is decided when they are disabled: a
+    // manager's disable is a manager's to undo, an admin's an admin's; an
+    // admin disabling a user a manager had disabled makes it theirs.
+    let was_managers = old.disabled && manager_may_enable(conn, id).await?;
+    let managers = match (old.disabled, disabled) {
+        (_, false) => false,
+        (false, true) => patch.by_manager,
+        // An admin's explicit disable takes it over; anything else keeps it.
+        (true, true) => was_managers && (patch.by_manager || patch.disabled != Some(true)),
+    };
     if changed.is_empty() {
-        if patch.disabled == Some(true) && !patch.by_manager {
-            // An admin disables a user a manager had disabled: from now on
-            // only an admin may enable them again. Their access does not
-            // change, so nothing is revoked and no event is written.
+        if managers != was_managers {
+            // The user's access does not change: nothing is revoked and no
+            // event is written.
             sqlx::query(
-                "UPDATE auth.user_state SET manager_may_enable = false, updated_at = now()
-                 WHERE user_id = $1 AND manager_may_enable",
+                "UPDATE auth.user_state SET manager_may_enable = $2, updated_at = now()
+                 WHERE user_id = $1",
             )
             .bind(id)
+            .bind(managers)
             .execute(&mut *conn)
             .await?;
         }
@@ -763,22 +774,16 @@ pub async fn update(
     .execute(&mut *conn)
     .await
     .map_err(|e| duplicate(e, &email))?;
-    // Who may enable the user again is decided when they are disabled.
-    let manager_may_enable = disabled && patch.by_manager;
     sqlx::query(
         "INSERT INTO auth.user_state (user_id, generation, disabled, manager_may_enable)
          VALUES ($1, 1, $2, $3)
          ON CONFLICT (user_id) DO UPDATE
              SET generation = auth.user_state.generation + 1, disabled = EXCLUDED.disabled,
-                 manager_may_enable = CASE WHEN EXCLUDED.disabled AND NOT auth.user_state.disabled
-                                           THEN EXCLUDED.manager_may_enable
-                                           WHEN NOT EXCLUDED.disabled THEN false
-                                           ELSE auth.user_state.manager_may_enable END,
-                 updated_at = now()",
+                 manager_may_enable = EXCLUDED.manager_may_enable, updated_at = now()",
     )
     .bind(id)
     .bind(disabled)
-    .bind(manager_may_enable)
+    .bind(managers)
     .execute(&mut *conn)
     .await?;
     if identity != old.identity {
@@ -941,24 +946,34 @@ fn read_password_line(input: impl std::io::Read) -> anyhow::Result<String> {
     String::from_utf8(line).map_err(|_| anyhow::anyhow!("password: must be UTF-8 text"))
 }
 
-/// Checks what a `user add` or `user set-password` command was given
-/// before it touches the database: the email's form and the password.
 /// The command line's role and stores, as far as they can be checked
 /// without the database (whether the stores exist is checked in it): a
 /// command refuses them before it connects or migrates.
 pub fn check_cli_role(role: &str, stores: &[i64]) -> anyhow::Result<()> {
-    let role = Role::parse(role).ok_or_else(|| {
-        anyhow::anyhow!("--role: must be one of admin, manager, staff (got {role:?})")
-    })?;
+    let role = cli_role(role)?;
     if role != Role::Admin && stores.is_empty() {
-        return Err(cli_error(UserError::invalid(
-            "stores",
-            format!("a {} needs at least one store", role.as_str()),
-        )));
+        return Err(cli_error(no_store(role)));
     }
     Ok(())
 }
 
+/// `--role` read.
+fn cli_role(role: &str) -> anyhow::Result<Role> {
+    Role::parse(role).ok_or_else(|| {
+        anyhow::anyhow!("--role: must be one of admin, manager, staff (got {role:?})")
+    })
+}
+
+/// A manager or staff given no store.
+fn no_store(role: Role) -> UserError {
+    UserError::invalid(
+        "stores",
+        format!("a {} needs at least one store", role.as_str()),
+    )
+}
+
+/// Checks what a `user add` or `user set-password` command was given
+/// before it touches the database: the email's form and the password.
 pub fn check_cli_user(email: &str, password: &str) -> anyhow::Result<()> {
     let email = check_email(email).map_err(cli_error)?;
     check_password(password, &email).map_err(cli_error)

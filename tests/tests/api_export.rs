@@ -666,6 +666,15 @@ async fn roles_scope_and_bad_parameters() {
     // Past the double range: said so, not "non-negative".
     let e = export(&f.admin, "format=csv&maxTotalSales=1e400", None).await;
     assert!(e.text().contains("out of range"), "{}", e.text());
+    // NaN and -inf are below no bound: refused as under the minimum.
+    for query in [
+        "format=csv&minTotalSales=NaN",
+        "format=csv&minTotalSales=-inf",
+    ] {
+        let e = export(&f.admin, query, None).await;
+        assert_eq!(e.status, 400, "{query}: {}", e.text());
+        assert!(e.text().contains("at least 0"), "{query}: {}", e.text());
+    }
     // A region name with quotes is a value, never SQL.
     let e = export(&f.admin, "format=csv&region=No'rth%22%3B--", None).await;
     assert_eq!(e.status, 200);

@@ -1136,8 +1136,9 @@ async fn merge_unchanged_is_judged_day_by_day() {
     );
 }
 
-/// The generated totals (`sales.daily_sum`) and the CHECK (`sales.daily_data_valid`)
-/// read jsonb's binary layout directly: compared here, on random months,
+/// The generated totals (`sales.daily_sum`) and the validation
+/// (`sales.daily_data_valid`, whose rules the CHECK's `daily_data_check`
+/// applies for a year and month in range) read jsonb's binary layout directly: compared here, on random months,
 /// with sums computed by Postgres from `jsonb_each` and with validity known
 /// from how each month was made.
 #[tokio::test]

@@ -586,7 +586,7 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
         .unwrap();
     assert!(
         text.contains(&format!(
-            "cannot connect to Postgres at 127.0.0.1:{port}/nothing"
+            "cannot connect to Postgres at 127.0.0.1:{port}/nothing (DATABASE_URL)"
         )) && text.contains("refused"),
         "{text}"
     );

@@ -2401,6 +2401,20 @@ async fn a_manager_does_not_undo_an_admins_disable() {
     assert_eq!(st, 200, "{body}");
     let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
     assert_eq!(st, 403, "{body}");
+    // The same when the admin's request changes something else too.
+    let (st, _) = patch(&w.admin, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 200);
+    let (st, _) = patch(&w.manager, &path, json!({"disabled": true})).await;
+    assert_eq!(st, 200);
+    let (st, body) = patch(
+        &w.admin,
+        &path,
+        json!({"disabled": true, "stores": [w.stores[0], w.stores[1]]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = patch(&w.manager, &path, json!({"disabled": false})).await;
+    assert_eq!(st, 403, "{body}");
     // A user a manager creates disabled is the manager's to enable.
     let (st, body) = w
         .manager
@@ -2490,6 +2504,16 @@ async fn the_migration_composes_stored_addresses_it_can() {
     );
     let (st, body) = login(&w.server, "zoe\u{308}@x.test", PASSWORD).await;
     assert_eq!(st, 200, "{body}");
+    // Each of the two left as they were logs in as itself, typed as stored.
+    for email in ["ana\u{301}@x.test", "an\u{e1}@x.test"] {
+        let (st, body) = login(&w.server, email, PASSWORD).await;
+        assert_eq!(st, 200, "{body}");
+        let token = body["token"].as_str().unwrap();
+        let (_, me) = Api::new(&w.server, Some(token))
+            .get("/api/v2/auth/me")
+            .await;
+        assert_eq!(me["email"], email, "{me}");
+    }
     w.server.stop().await;
 }
 

@@ -60,9 +60,10 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<PgPool> {
                     cfg.db_connection_timeout
                 ),
             };
-            anyhow::bail!("cannot connect to Postgres at {target}: {why}")
+            anyhow::bail!("cannot connect to Postgres at {target} (DATABASE_URL): {why}")
         }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("connecting to Postgres at {target}"))),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context(format!("connecting to Postgres at {target} (DATABASE_URL)"))),
     }
 }
 

@@ -159,16 +159,19 @@ impl SalesFilter {
             ("maxTotalSales", raw.max_total_sales),
         ] {
             if let Some(v) = v {
-                if !v.is_finite() {
+                if v.is_nan() {
+                    return Err(ApiError::bad_param(name, "must be a number, not NaN"));
+                }
+                if v < 0.0 {
+                    return Err(ApiError::bad_param(name, "must be a non-negative number"));
+                }
+                if v.is_infinite() {
                     // A number past the double range (`1e400`) reads as
                     // infinite.
                     return Err(ApiError::bad_param(
                         name,
                         format!("is out of range; at most {:e}", f64::MAX),
                     ));
-                }
-                if v < 0.0 {
-                    return Err(ApiError::bad_param(name, "must be a non-negative number"));
                 }
             }
         }

@@ -467,11 +467,16 @@ impl LoginApi {
         let pool = &self.state.pool;
         let (key, id, hash): (String, Option<i64>, Option<String>) =
             crate::db::retry("login_user", true, || {
+                // The composed address, or one stored decomposed before
+                // that is typed exactly so (see users::normal_email).
                 sqlx::query_as(
                     "SELECT lower($1), u.id, u.password_hash FROM (SELECT) one \
-                     LEFT JOIN sales.users u ON lower(u.email) = lower($1)",
+                     LEFT JOIN LATERAL (SELECT id, password_hash FROM sales.users \
+                         WHERE lower(email) IN (lower($1), lower($2)) \
+                         ORDER BY lower(email) = lower($2) DESC LIMIT 1) u ON true",
                 )
                 .bind(crate::users::normal_email(email))
+                .bind(email.trim())
                 .fetch_one(pool)
             })
             .await?;

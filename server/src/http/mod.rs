@@ -209,7 +209,15 @@ pub fn finish_spec(raw: &str) -> String {
                         }
                     }
                 }
-                let media: Vec<String> = content.keys().map(|m| format!("`{m}`")).collect();
+                // Without parameters: `application/json` is taken with or
+                // without `; charset=utf-8`.
+                let mut media: Vec<String> = Vec::new();
+                for m in content.keys() {
+                    let bare = format!("`{}`", m.split(';').next().unwrap_or(m).trim());
+                    if !media.contains(&bare) {
+                        media.push(bare);
+                    }
+                }
                 let described = format!("The body's media type is not {}.", or_list(&media));
                 if let Some(responses) = op["responses"].as_object_mut() {
                     responses.entry("415").or_insert_with(|| {

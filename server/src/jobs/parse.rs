@@ -320,11 +320,13 @@ fn read_header(written: &[String]) -> Result<Columns, FileError> {
                         return Err(twice(j, i, "field"));
                     }
                     c.days.push((i, d, k));
+                } else if let Some(j) = seen.insert(as_written(&written[i]), i) {
+                    // A column the import does not read, named twice as
+                    // written (`note`, `note`). Names that differ (`note`,
+                    // `NOTE`) are two such columns, neither of them read.
+                    return Err(twice(j, i, "column"));
                 }
             }
-        }
-        if let Some(j) = seen.insert(key, i) {
-            return Err(twice(j, i, "column"));
         }
     }
     Ok(c)
@@ -2174,8 +2176,8 @@ mod tests {
                 "columns D1_SALES and d01Sales are the same field",
             ),
             (
-                "store_code,date,sales,note,NOTE",
-                "columns note and NOTE are the same column",
+                "store_code,date,sales,note,note",
+                "column note appears twice",
             ),
         ] {
             let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
@@ -2184,6 +2186,15 @@ mod tests {
                 Some(FileError::Header(why.into())),
                 "{h}"
             );
+        }
+        // Columns the import does not read are ignored, whatever their
+        // names: two that differ in case are two columns.
+        for h in [
+            "store_code,date,sales,note,NOTE",
+            "store_code,date,sales,a_b,ab",
+        ] {
+            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
+            assert!(run(&f, Requested::Auto).is_ok(), "{h}");
         }
     }
 
