@@ -142,6 +142,25 @@ pub enum AuthError {
     Revoked(crate::access::Revoked),
 }
 
+/// What a client is told of a token the library refused: the kind of
+/// fault, not the parser's own text (which named its offsets, the serde
+/// type it expected and every algorithm it knows).
+fn token_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    let why = match e.kind() {
+        K::ExpiredSignature => return AuthError::Expired,
+        K::ImmatureSignature => "not valid yet (nbf)".to_string(),
+        K::InvalidSignature => "bad signature".to_string(),
+        K::InvalidIssuer => "wrong issuer".to_string(),
+        K::InvalidAudience => "wrong audience".to_string(),
+        K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => "algorithm not accepted".to_string(),
+        K::Json(_) => "claims or header not as expected".to_string(),
+        _ => "malformed".to_string(),
+    };
+    AuthError::Invalid(why)
+}
+
 /// Clock skew allowed when checking `exp`.
 pub const LEEWAY_SECS: u64 = 5;
 
@@ -279,6 +298,9 @@ impl Auth {
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut v = Validation::new(alg);
         v.leeway = LEEWAY_SECS;
+        // A token is not accepted before its `nbf` (RFC 7519 4.1.5): an
+        // identity provider may issue one for later.
+        v.validate_nbf = true;
         // A configured issuer or audience must be present, not just match when present.
         let mut required = vec!["exp", "sub"];
         if self.issuer.is_some() {
@@ -362,8 +384,7 @@ impl Auth {
     }
 
     fn verify_token(&self, token: &str) -> Result<Principal, AuthError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| token_error(&e))?;
         let outside = header.alg != Algorithm::HS256;
         let key: Arc<DecodingKey> = match (header.alg, &header.kid, &self.jwks, &self.external) {
             (Algorithm::HS256, ..) => self.hs_decoding.clone(),
@@ -386,11 +407,12 @@ impl Auth {
             }
         };
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation(header.alg))
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
-            })?;
+            .map_err(|e| token_error(&e))?;
         let c = data.claims;
+        if c.iat > chrono::Utc::now().timestamp() + LEEWAY_SECS as i64 {
+            // Issued in the future: a clock far off, or a forged token.
+            return Err(AuthError::Invalid("issued in the future (iat)".into()));
+        }
         // An outside token stands for the user its (iss, sub) is linked to,
         // and for nobody else: not the user with its email (anyone who may
         // create users could take that address), not the user whose id its
@@ -575,6 +597,61 @@ mod tests {
         .unwrap();
         let (t, _) = other.issue(1, "a@x.io", Role::Admin, vec![]).unwrap();
         assert!(matches!(a.verify(&t), Err(AuthError::Invalid(_))));
+    }
+
+    /// A token with `nbf` or `iat` in the future is refused; what a client
+    /// reads of a refused token is the kind of fault, not the parser's text.
+    #[test]
+    fn tokens_for_later_are_refused_and_refusals_say_little() {
+        let a = auth(&[]);
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let now = chrono::Utc::now().timestamp();
+        let sign = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"sub": "1", "role": "admin", "exp": now + 600});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).unwrap()
+        };
+        assert!(a.verify(&sign(serde_json::json!({}))).is_ok());
+        assert!(a
+            .verify(&sign(serde_json::json!({"nbf": now - 60})))
+            .is_ok());
+        for (extra, why) in [
+            (serde_json::json!({"nbf": now + 1_000_000}), "nbf"),
+            (serde_json::json!({"iat": now + 1_000_000}), "iat"),
+        ] {
+            match a.verify(&sign(extra.clone())) {
+                Err(AuthError::Invalid(m)) => assert!(m.contains(why), "{extra}: {m}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let none = format!(
+            "{}.{}.",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                r#"{"alg":"none","typ":"JWT"}"#
+            ),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                r#"{"sub":"1","role":"admin","exp":9999999999}"#
+            )
+        );
+        let missing_exp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "1", "role": "admin"}),
+            &key,
+        )
+        .unwrap();
+        for t in ["a.b.c", "garbage", none.as_str(), missing_exp.as_str()] {
+            let Err(e) = a.verify(t) else {
+                panic!("{t} accepted")
+            };
+            let m = e.to_string();
+            for leak in ["JSON", "Base64", "column", "variant", "HS384", "offset"] {
+                assert!(!m.contains(leak), "{t}: {m}");
+            }
+        }
     }
 
     #[test]

@@ -1894,6 +1894,69 @@ async fn options_says_what_a_resource_allows() {
     }
 }
 
+/// A body in a transfer coding other than chunked (`gzip, chunked`) is
+/// 501: it was read as if plain. Two `Authorization` headers are 400: the
+/// server read the first, a proxy may read the last.
+#[tokio::test]
+async fn unknown_transfer_codings_and_two_authorizations_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture(&[]).await;
+    let token = f.admin.token.clone().unwrap();
+    let raw = |request: Vec<u8>| {
+        let addr = f.server.addr;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&request).await.unwrap();
+            let mut out = Vec::new();
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_end(&mut out))
+                    .await;
+            String::from_utf8_lossy(&out).to_string()
+        }
+    };
+    let body = br#"{"ids": [999999]}"#;
+    // Chunked alone is read: the batch reports the unknown id (422).
+    for (coding, status) in [("gzip, chunked", "501"), ("chunked", "422")] {
+        let mut req = format!(
+            "DELETE /api/v2/sales/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n{:x}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        req.extend_from_slice(b"\r\n0\r\n\r\n");
+        let answer = raw(req).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{coding}: {answer}"
+        );
+    }
+    let r = f
+        .admin
+        .req(reqwest::Method::GET, "/api/v2/auth/me")
+        .header("authorization", "Bearer junk")
+        .send()
+        .await
+        .unwrap();
+    // reqwest adds the fixture's header beside the one given here.
+    assert_eq!(r.status().as_u16(), 400);
+    let doc: Value = r.json().await.unwrap();
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("one Authorization"),
+        "{doc}"
+    );
+    // The dashboard and the explorer connect to this server only (no
+    // `ws:`/`wss:` to any host for a script injected into the page).
+    for path in ["/", "/docs"] {
+        let r = reqwest::get(f.server.url(path)).await.unwrap();
+        let csp = r.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("connect-src 'self';"), "{path}: {csp}");
+    }
+}
+
 /// A request body with a `Content-Encoding` (the server reads bodies as
 /// sent) is 415: a gzip batch was a 400 "not valid JSON", and a plain body
 /// labelled `br` was written as if uncompressed.

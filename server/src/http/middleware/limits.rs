@@ -329,6 +329,33 @@ async fn limited<E: Endpoint>(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
         )));
     }
+    // A transfer coding other than chunked (`gzip, chunked`) is one the
+    // server does not undo: the body would be taken as written (RFC 9112
+    // 6.1 has such a request answered 501).
+    for v in req.headers().get_all(header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+        if let Some(coding) = text
+            .split(',')
+            .map(str::trim)
+            .find(|c| !c.is_empty() && *c != "chunked")
+        {
+            return Ok(error_response(poem::Error::from_string(
+                format!(
+                    "Transfer-Encoding {coding:?} is not supported: send the body as is or chunked"
+                ),
+                StatusCode::NOT_IMPLEMENTED,
+            )));
+        }
+    }
+    // One caller per request: with two Authorization headers, a proxy that
+    // reads the last one and this server, which would read the first, would
+    // each see a different caller.
+    if req.headers().get_all(header::AUTHORIZATION).iter().count() > 1 {
+        return Ok(error_response(poem::Error::from_string(
+            "give one Authorization header",
+            StatusCode::BAD_REQUEST,
+        )));
+    }
     let upgrade = is_ws && req.method() == poem::http::Method::GET;
     if upgrade || crate::http::imports::streams_body(&req) {
         // A WebSocket upgrade has no body to read; an import counts its body

@@ -25,6 +25,44 @@ pub fn offer_cached(body: Arc<CachedBody>) {
     let _ = CACHED.try_with(|c| *c.borrow_mut() = Some(body));
 }
 
+/// The last body each of the documents every caller is served the same
+/// (the OpenAPI document, the API explorer, the dashboard's files) answered
+/// with: its ETag digest and encodings are computed once per body, as a
+/// cache entry's are, not for every request. The explorer's page is 1.9 MB,
+/// which brotli took about a second of CPU to compress, on paths no login
+/// or rate limit bounds. Only 200 answers are kept, so the map holds at
+/// most one body per file served.
+static STATIC_BODIES: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<CachedBody>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn is_static(path: &str) -> bool {
+    path == "/"
+        || path == "/index.html"
+        || path == "/openapi.json"
+        || path == "/docs"
+        || path.starts_with("/docs/")
+        || path.starts_with("/assets/")
+}
+
+/// The kept body of a static document, when it is `bytes`; else `bytes`
+/// kept as its body from now on.
+fn static_body(path: &str, bytes: &Bytes) -> Arc<CachedBody> {
+    let mut m = STATIC_BODIES.lock().unwrap_or_else(|p| p.into_inner());
+    match m.get(path) {
+        Some(c) if c.bytes == *bytes => c.clone(),
+        _ => {
+            let c = Arc::new(CachedBody {
+                bytes: bytes.clone(),
+                etag: Default::default(),
+                encoded: Default::default(),
+            });
+            m.insert(path.to_string(), c.clone());
+            c
+        }
+    }
+}
+
 /// The ETag digest of a body.
 fn digest(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..12])
@@ -204,8 +242,12 @@ pub async fn with_representation<E: Endpoint>(
             &[Encoding::Zstd, Encoding::Brotli, Encoding::Gzip],
         );
     }
-    // The cache entry this body came from, when it is that entry's body.
+    // The cache entry this body came from, when it is that entry's body;
+    // for a static document, the body it answered with last time.
     let cached = cached.filter(|c| c.bytes == bytes);
+    let from_cache = cached.is_some();
+    let cached =
+        cached.or_else(|| (cacheable && is_static(&path)).then(|| static_body(&path, &bytes)));
     let mut resp = Response::from_parts(parts, poem::Body::empty());
     if cacheable {
         // Strong ETag of the representation: the body's digest, plus the
@@ -233,11 +275,13 @@ pub async fn with_representation<E: Endpoint>(
         let compressed = match &cached {
             Some(c) => match c.encoded[i].get() {
                 Some(done) => {
-                    state
-                        .cache
-                        .stats
-                        .encodings_reused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if from_cache {
+                        state
+                            .cache
+                            .stats
+                            .encodings_reused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     done.clone()
                 }
                 None => {
@@ -292,6 +336,23 @@ mod tests {
         assert!(!if_match_holds("\"nonsense\"", body));
         assert!(!if_match_holds("", body));
         assert!(!if_match_holds(&tag, b"{\"data\":{\"id\":2}}"));
+    }
+
+    /// A static document's body is kept with its encodings while it is
+    /// the same, and replaced when it changes; other paths are not kept.
+    #[test]
+    fn static_documents_keep_their_encodings() {
+        let a = Bytes::from_static(b"<html>explorer</html>");
+        let first = static_body("/docs/test-page", &a);
+        let _ = first.encoded[0].set(Some(Bytes::from_static(b"z")));
+        let again = static_body("/docs/test-page", &Bytes::copy_from_slice(&a));
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(again.encoded[0].get().is_some());
+        let changed = static_body("/docs/test-page", &Bytes::from_static(b"<html>new</html>"));
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert!(changed.encoded[0].get().is_none());
+        assert!(is_static("/") && is_static("/openapi.json") && is_static("/assets/app.js"));
+        assert!(!is_static("/api/v2/sales") && !is_static("/docsx") && !is_static("/health"));
     }
 
     #[test]
