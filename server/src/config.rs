@@ -159,13 +159,18 @@ impl Env<'_> {
             Some("") => Err(Self::err(
                 var,
                 &self.0[var],
-                format!(
-                    "is set but empty; give it a value, or unset it (`unset {var}`, \
-                     or leave it out of the environment) for the default"
-                ),
+                format!("is set but empty; {}", Self::unset_hint(var)),
             )),
             Some(v) => Ok(Some(v)),
         }
+    }
+
+    /// What a refusal of an empty value tells to do instead.
+    fn unset_hint(var: &str) -> String {
+        format!(
+            "give it a value, or unset it (`unset {var}`, or leave it out of the \
+             environment) for the default"
+        )
     }
 
     fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -336,10 +341,7 @@ impl Env<'_> {
             return Err(Self::err(
                 var,
                 raw,
-                format!(
-                    "is set but names nothing; give it a value, or unset it (`unset {var}`, \
-                     or leave it out of the environment) for the default"
-                ),
+                format!("is set but names nothing; {}", Self::unset_hint(var)),
             ));
         }
         Ok(list)
@@ -1349,7 +1351,6 @@ mod tests {
     fn set_but_empty_is_refused_for_every_variable() {
         READ.with(|r| r.borrow_mut().clear());
         cfg(&[]).unwrap();
-        // The Redis parts are read only when REDIS_HOST is set.
         cfg(&[("REDIS_HOST", "cache.local")]).unwrap();
         let mut read = READ.with(|r| r.borrow().clone());
         read.sort_unstable();

@@ -510,18 +510,24 @@ pub async fn get<'e>(exec: impl PgExecutor<'e>, id: i64) -> Result<Option<User>,
     Ok(row.map(from_row))
 }
 
+/// The id of the user an email names, with `$1` the address composed
+/// ([`normal_email`]) and `$2` as typed: the composed address, or one
+/// stored decomposed before that is typed exactly so (see
+/// [`normal_email`]).
+pub const USER_BY_EMAIL: &str = "SELECT id FROM sales.users \
+     WHERE lower(email) IN (lower($1), lower($2)) \
+     ORDER BY lower(email) = lower($2) DESC LIMIT 1";
+
 pub async fn get_by_email<'e>(
     exec: impl PgExecutor<'e>,
     email: &str,
 ) -> Result<Option<User>, sqlx::Error> {
-    let row: Option<UserRow> = sqlx::query_as(&format!(
-        "{SELECT_USER} WHERE lower(u.email) IN (lower($1), lower($2))
-         ORDER BY lower(u.email) = lower($2) DESC LIMIT 1"
-    ))
-    .bind(normal_email(email))
-    .bind(email.trim())
-    .fetch_optional(exec)
-    .await?;
+    let row: Option<UserRow> =
+        sqlx::query_as(&format!("{SELECT_USER} WHERE u.id = ({USER_BY_EMAIL})"))
+            .bind(normal_email(email))
+            .bind(email.trim())
+            .fetch_optional(exec)
+            .await?;
     Ok(row.map(from_row))
 }
 

@@ -294,7 +294,7 @@ pub struct CachedBody {
 }
 
 impl CachedBody {
-    pub fn new(bytes: Vec<u8>) -> Self {
+    pub fn new(bytes: impl Into<bytes::Bytes>) -> Self {
         Self {
             bytes: bytes.into(),
             etag: Default::default(),

@@ -159,10 +159,7 @@ impl SalesFilter {
             ("maxTotalSales", raw.max_total_sales),
         ] {
             if let Some(v) = v {
-                if v.is_nan() {
-                    return Err(ApiError::bad_param(name, "must be a number, not NaN"));
-                }
-                if v < 0.0 {
+                if v.is_nan() || v < 0.0 {
                     return Err(ApiError::bad_param(name, "must be a non-negative number"));
                 }
                 if v.is_infinite() {

@@ -465,19 +465,17 @@ impl LoginApi {
     /// account it names.
     async fn lookup(&self, email: &str) -> ApiResult<(String, Option<(i64, String)>)> {
         let pool = &self.state.pool;
+        let sql = format!(
+            "SELECT lower($1), u.id, u.password_hash FROM (SELECT) one \
+             LEFT JOIN sales.users u ON u.id = ({})",
+            crate::users::USER_BY_EMAIL
+        );
         let (key, id, hash): (String, Option<i64>, Option<String>) =
             crate::db::retry("login_user", true, || {
-                // The composed address, or one stored decomposed before
-                // that is typed exactly so (see users::normal_email).
-                sqlx::query_as(
-                    "SELECT lower($1), u.id, u.password_hash FROM (SELECT) one \
-                     LEFT JOIN LATERAL (SELECT id, password_hash FROM sales.users \
-                         WHERE lower(email) IN (lower($1), lower($2)) \
-                         ORDER BY lower(email) = lower($2) DESC LIMIT 1) u ON true",
-                )
-                .bind(crate::users::normal_email(email))
-                .bind(email.trim())
-                .fetch_one(pool)
+                sqlx::query_as(&sql)
+                    .bind(crate::users::normal_email(email))
+                    .bind(email.trim())
+                    .fetch_one(pool)
             })
             .await?;
         Ok((key, id.zip(hash)))

@@ -226,7 +226,7 @@ fn looks_binary(head: &[u8]) -> bool {
 /// (`SALES` -> `sales`, `storeID` -> `store_id`, `STORECode` ->
 /// `store_code`, `D1SALES` -> `d1_sales`).
 fn normalize(name: &str) -> String {
-    let name = name.trim().trim_start_matches('\u{feff}').trim();
+    let name = as_written(name);
     let chars: Vec<char> = name.chars().collect();
     let mut out = String::with_capacity(name.len() + 4);
     for (i, &c) in chars.iter().enumerate() {
@@ -1537,7 +1537,6 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
             ));
         }
     }
-    // Each day's members as the line wrote them.
     // Each day's members as the line wrote them, read once for the checks
     // and the rows alike.
     let raw_days: Vec<(String, Members)> = daily

@@ -52,11 +52,7 @@ fn static_body(path: &str, bytes: &Bytes) -> Arc<CachedBody> {
     match m.get(path) {
         Some(c) if c.bytes == *bytes => c.clone(),
         _ => {
-            let c = Arc::new(CachedBody {
-                bytes: bytes.clone(),
-                etag: Default::default(),
-                encoded: Default::default(),
-            });
+            let c = Arc::new(CachedBody::new(bytes.clone()));
             m.insert(path.to_string(), c.clone());
             c
         }
