@@ -61,11 +61,27 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
     Ok(out)
 }
 
-/// `2024-06` -> (2024, 6).
+/// The `region` query parameter: trimmed and checked. Given but empty is a
+/// 400, as `after=` is for exports: a client that sends an unset variable
+/// must not get every region's rows as if it had asked for them.
+pub fn region_filter(raw: Option<&str>) -> ApiResult<Option<String>> {
+    let Some(r) = raw.map(str::trim) else {
+        return Ok(None);
+    };
+    if r.is_empty() {
+        return Err(ApiError::bad_param(
+            "region",
+            "must not be empty (leave the parameter out for every region)",
+        ));
+    }
+    check_region(r)?;
+    Ok(Some(r.to_string()))
+}
+
 /// A region as a filter: what a store's region can be (1..100 characters,
 /// counted as Postgres counts them), so a filter no store can match is a 400
 /// naming `region` rather than an empty page or an encoding error.
-pub fn check_region(r: &str) -> ApiResult<()> {
+fn check_region(r: &str) -> ApiResult<()> {
     // The characters a store's region may not hold (ASCII controls, as
     // the store endpoints' pattern has it).
     if r.chars().any(|c| c < ' ' || c == '\x7f') {
@@ -80,6 +96,7 @@ pub fn check_region(r: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// `2024-06` -> (2024, 6).
 pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
     sales_core::sql::parse_period(raw)
         .ok_or_else(|| ApiError::bad_param(param, format!("{raw:?} is not a month like 2024-06")))
@@ -182,15 +199,7 @@ impl SalesFilter {
                 ));
             }
         }
-        let region = raw
-            .region
-            .as_deref()
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_string);
-        if let Some(r) = &region {
-            check_region(r)?;
-        }
+        let region = region_filter(raw.region.as_deref())?;
         Ok(Self {
             store_ids: raw
                 .store_id

@@ -143,10 +143,8 @@ impl StoresApi {
             ));
         }
         let scope = auth.0.scope();
-        let region = region.0.as_deref().map(str::trim).filter(|r| !r.is_empty());
-        if let Some(r) = region {
-            crate::http::filters::check_region(r)?;
-        }
+        let region = crate::http::filters::region_filter(region.0.as_deref())?;
+        let region = region.as_deref();
         let data: String = crate::db::retry("stores_list", true, || async {
             let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
                 "SELECT coalesce(jsonb_agg(d ORDER BY id), '[]')::text FROM (SELECT s.id, ",
