@@ -131,6 +131,19 @@ async fn call_everything(
         ),
         "SELECT * FROM sales.index_report(0, 0)".to_string(),
         "SELECT * FROM sales.statement_stats()".to_string(),
+        // The migrations' users triggers (schema auth), as an operator's
+        // hand-written changes fire them.
+        "INSERT INTO sales.users (id, email, password_hash, role) \
+         VALUES (990001, 'shadow@example.test', '$argon2id$x', 'staff')"
+            .to_string(),
+        "UPDATE sales.users SET email = 'shadow2@example.test', role = 'manager', \
+         store_ids = '{1}', password_hash = '$argon2id$y' WHERE id = 990001"
+            .to_string(),
+        "INSERT INTO auth.identities (user_id, issuer, subject) VALUES (990001, 'https://idp.test', 's1')"
+            .to_string(),
+        "UPDATE auth.identities SET subject = 's2' WHERE user_id = 990001".to_string(),
+        "DELETE FROM auth.identities WHERE user_id = 990001".to_string(),
+        "DELETE FROM sales.users WHERE id = 990001".to_string(),
     ];
     sqlx::raw_sql(&format!("SET search_path = {path}"))
         .execute(&mut *conn)
@@ -242,6 +255,35 @@ async fn every_sql_function_has_a_fixed_search_path_or_is_inlined() {
         ],
         "SQL and PL/pgSQL functions without search_path = pg_catalog, pg_temp"
     );
+    // The migrations' own functions (the users triggers in `auth`) run as
+    // whoever writes those tables by hand: pinned the same way.
+    let outside: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text
+         FROM pg_proc p
+         JOIN pg_namespace n ON n.oid = p.pronamespace
+         JOIN pg_language l ON l.oid = p.prolang
+         WHERE n.nspname IN ('sales', 'auth') AND l.lanname IN ('sql', 'plpgsql')
+           AND NOT EXISTS (SELECT FROM pg_depend d
+                           WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+           AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        outside,
+        Vec::<String>::new(),
+        "the migrations' functions without search_path = pg_catalog, pg_temp"
+    );
+    let owned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = 'auth' AND p.proname LIKE 'tg\\_%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(owned, 3, "the users triggers' functions are where this test looks");
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN (VERBOSE, COSTS OFF)
          SELECT sales.sales_doc(m, s), sales.store_doc(s), sales.current_actor()
