@@ -283,7 +283,10 @@ async fn every_sql_function_has_a_fixed_search_path_or_is_inlined() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(owned, 3, "the users triggers' functions are where this test looks");
+    assert_eq!(
+        owned, 3,
+        "the users triggers' functions are where this test looks"
+    );
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN (VERBOSE, COSTS OFF)
          SELECT sales.sales_doc(m, s), sales.store_doc(s), sales.current_actor()

@@ -282,6 +282,8 @@ pub struct Hub {
     pub replay_slots: tokio::sync::Semaphore,
     /// Replays in progress per user (bounded by `replay_slots_per_user`).
     replaying: Mutex<HashMap<i64, usize>>,
+    /// Woken when a replay ends and gives its user's turn back.
+    replay_freed: Notify,
     /// Connections in their opening hold, in the order they opened, with
     /// when it runs out (ended by [`Hub::end_openings`], from the
     /// heartbeat's task: no task or timer per connection).
@@ -306,6 +308,7 @@ impl Hub {
             empty: Notify::new(),
             replay_slots: tokio::sync::Semaphore::new(cfg.replay_slots.max(1)),
             replaying: Mutex::new(HashMap::new()),
+            replay_freed: Notify::new(),
             openings: Mutex::new(std::collections::VecDeque::new()),
             cfg,
         }

@@ -141,6 +141,11 @@ impl Hub {
     pub async fn replay_turn(self: &Arc<Self>, conn: &Conn) -> Option<ReplayTurn> {
         let user = conn.user_id();
         loop {
+            // Registered before the count is read, so a turn given back
+            // between the read and the wait still wakes this one.
+            let freed = self.replay_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             if conn.is_closing() {
                 return None;
             }
@@ -155,7 +160,9 @@ impl Hub {
                     });
                 }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Woken when one of the user's replays ends; the bound only
+            // notices a connection that starts closing while it waits.
+            let _ = tokio::time::timeout(Duration::from_millis(250), freed).await;
         }
     }
 
@@ -257,5 +264,7 @@ impl Drop for ReplayTurn {
                 m.remove(&self.user);
             }
         }
+        drop(m);
+        self.hub.replay_freed.notify_waiters();
     }
 }

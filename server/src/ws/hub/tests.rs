@@ -636,3 +636,34 @@ fn held_progress_does_not_hold_answers_and_pings_never_wait() {
     h.heartbeat();
     assert_eq!(h.queued_len(&c), 2, "the first pong and the ping");
 }
+
+/// A replay waiting for its user's turn is woken as the running one ends,
+/// not by a poll: with the clock paused, it gets the turn before any time
+/// passes.
+#[tokio::test(start_paused = true)]
+async fn a_replay_turn_given_back_wakes_the_next_at_once() {
+    let h = Arc::new(hub(16));
+    let a = h.register(principal(7, Role::Staff, &[1])).unwrap();
+    let b = h.register(principal(7, Role::Staff, &[1])).unwrap();
+    let first = h.replay_turn(&a).await.expect("a turn");
+    let waiting = {
+        let h = h.clone();
+        let b = b.clone();
+        tokio::spawn(async move { h.replay_turn(&b).await.is_some() })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !waiting.is_finished(),
+        "one turn per user: the second waits"
+    );
+    let started = tokio::time::Instant::now();
+    drop(first);
+    assert!(waiting.await.unwrap(), "the second gets the turn");
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "woken by the turn given back, not by a timer"
+    );
+}
