@@ -1189,6 +1189,80 @@ async fn open_ws(server: &RunningServer, token: &str) -> sales_e2e_ws::Socket {
     }
 }
 
+/// A change of a user's stores and a write to a store it takes away, in one
+/// transaction (plain SQL, so every instance learns of the change from the
+/// relay only): the user's open connections close with 4012 before that
+/// write's event goes out, on every instance. The event of the change comes
+/// first in the log; the connections used to get the write's event and
+/// only then close, once the change had been read back.
+#[tokio::test]
+async fn a_narrowed_scope_closes_before_the_events_it_takes_away() {
+    let w = world(&[]).await;
+    let b = w.db.server(&[]).await;
+    for round in 0..3 {
+        let mut sockets = Vec::new();
+        for server in [&w.server, &b] {
+            let (_, m) = client(server, "manager@x.test").await;
+            let mut ws = open_ws(server, m["token"].as_str().unwrap()).await;
+            futures_util::SinkExt::send(
+                &mut ws,
+                Message::text(json!({"type": "subscribe", "event": "all-stores"}).to_string()),
+            )
+            .await
+            .unwrap();
+            // The answer: subscribed (and the opening hold released).
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let Some(Ok(Message::Text(t))) = ws.next().await {
+                        if t.contains("subscribed") {
+                            return;
+                        }
+                    }
+                }
+            })
+            .await
+            .expect("subscribed");
+            sockets.push(ws);
+        }
+        let (keep, lose) = (w.stores[1], w.stores[0]);
+        sqlx::raw_sql(&format!(
+            "BEGIN;
+             UPDATE sales.users SET store_ids = '{{{keep}}}' WHERE id = {m};
+             INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ({lose}, 2024, {month}, '{{\"1\": {{\"sales\": 5, \"customers\": 1}}}}');
+             COMMIT;
+             UPDATE sales.users SET store_ids = '{{{keep},{lose}}}' WHERE id = {m};",
+            m = w.manager_id,
+            month = round + 1,
+        ))
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+        for (i, ws) in sockets.iter_mut().enumerate() {
+            let code = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                        Some(Ok(Message::Text(t))) => {
+                            let v: Value = serde_json::from_str(&t).unwrap();
+                            assert_ne!(
+                                v["data"]["storeId"].as_i64(),
+                                Some(lose),
+                                "round {round}, instance {i}: an event of a store taken away: {v}"
+                            );
+                        }
+                        Some(Ok(_)) => continue,
+                        other => panic!("round {round}, instance {i}: no close frame: {other:?}"),
+                    }
+                }
+            })
+            .await
+            .expect("closed in time");
+            assert_eq!(code, 4012, "round {round}, instance {i}");
+        }
+    }
+}
+
 /// Two instances on one database: a change made through one is refused
 /// on the other within a second, for REST and WebSockets alike, with a close
 /// code that says why; the admins' `admin` channel sees the change.

@@ -171,8 +171,12 @@ async fn apply_verified(
 /// events after it go out, and as all that is applied when the database
 /// cannot be read back): a user disabled is marked so, their generation
 /// left as it is; a user deleted gets a tombstone for no longer than a token
-/// lives. The read-back then sets what the database holds, so an event
-/// that lied refuses tokens only until then.
+/// lives; a user whose generation moved (role, stores, email, password)
+/// loses the open connections whose tokens are older, so none of them gets
+/// an event the change put out of its scope (the change and a write in one
+/// transaction reach the relay together, the change first). The read-back
+/// then sets what the database holds, so an event that lied refuses tokens
+/// only until then, and closes nothing more than connections.
 fn take_away(hub: &Hub, access: &Revocations, change: Change, token_lifetime: i64) {
     match change {
         Change::User {
@@ -180,6 +184,18 @@ fn take_away(hub: &Hub, access: &Revocations, change: Change, token_lifetime: i6
         } => {
             access.mark_disabled(id);
             close_if_revoked(hub, access, id);
+        }
+        Change::User {
+            id,
+            generation,
+            why,
+            ..
+        } => {
+            // Tokens of an outside identity provider carry no generation
+            // of ours (`Revocations::check_account`).
+            hub.close_user(id, |p| {
+                (!p.outside && p.generation < generation).then(|| (why.close_code(), why.message()))
+            });
         }
         Change::Deleted { id, until } => {
             let cap = chrono::Utc::now().timestamp() + token_lifetime;
