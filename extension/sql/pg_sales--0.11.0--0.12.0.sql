@@ -64,8 +64,10 @@ BEGIN
         WHERE n.version <> o.version ORDER BY n.id;
     ELSE
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
+        -- The region too: readers give a deleted store's earlier rows,
+        -- and their deletions, to that region's followers.
         SELECT 'store-deleted', o.id, sales.current_actor(), o.id, o.version + 1,
-               jsonb_build_object('id', o.id, 'code', o.code, 'version', o.version + 1)
+               jsonb_build_object('id', o.id, 'code', o.code, 'region', o.region, 'version', o.version + 1)
             FROM old_rows o ORDER BY o.id;
     END IF;
     RETURN NULL;

@@ -1103,6 +1103,11 @@ async fn an_export_failing_before_its_first_byte_names_the_request() {
         .unwrap();
     sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
     assert_eq!(r.status(), 503);
+    // A 503 says when to come back.
+    assert_eq!(
+        r.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["requestId"], "export-req-7", "{body}");
 }

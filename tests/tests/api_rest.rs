@@ -2143,3 +2143,83 @@ async fn a_key_given_twice_is_refused_by_name() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// A batch delete that Postgres picks as the victim of a deadlock with
+/// another writer is run again, as a batch upsert is: the answer is 200
+/// with both rows deleted, not a 503 for the client to retry. A 503 that
+/// is still given (a conflict retried three times, Postgres down) says
+/// when to come back (`Retry-After`).
+#[tokio::test]
+async fn a_batch_delete_that_loses_a_deadlock_is_run_again() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let store = f.stores[0];
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month IN (1, 2)
+         ORDER BY month",
+    )
+    .bind(store)
+    .fetch_all(&f.db.pool)
+    .await
+    .unwrap();
+    let mut writer = f.db.pool.begin().await.unwrap();
+    // The delete starts waiting first, so its deadlock check runs first and
+    // picks it as the victim; the writer's own check would come a minute
+    // later.
+    sqlx::query("SET LOCAL deadlock_timeout = '60s'")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let writer_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    let lock = |id: i64| {
+        sqlx::query("SELECT 1 FROM sales.monthly_sales WHERE id = $1 FOR UPDATE").bind(id)
+    };
+    lock(ids[1]).execute(&mut *writer).await.unwrap();
+    let delete = {
+        let admin = f.admin.clone();
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            admin
+                .send_json(
+                    Method::DELETE,
+                    "/api/v2/sales/batch",
+                    &json!({ "ids": ids }),
+                )
+                .await
+        })
+    };
+    sales_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "the delete to wait for February's row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            )
+            .bind(writer_pid)
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // January's row is the delete's: asking for it closes the circle.
+    lock(ids[0])
+        .execute(&mut *writer)
+        .await
+        .expect("January's row, once the delete lost the deadlock");
+    writer.commit().await.unwrap();
+    let (st, body) = delete.await.unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["deleted"], 2, "{body}");
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}

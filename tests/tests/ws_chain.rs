@@ -225,3 +225,141 @@ async fn a_row_moved_away_from_a_whole_chain_follower_is_deleted_for_it() {
         .await;
     server.stop().await;
 }
+
+/// Replays `channel` from after event `last` on a new connection: the
+/// replayed events' (event, storeId), in order.
+async fn replay_region(addr: std::net::SocketAddr, last: i64, channel: &str) -> Vec<(String, i64)> {
+    let mut c = Client::connect(addr, &token(996, "admin", &[])).await;
+    c.send(json!({"type": "resume", "lastEventId": last, "events": [channel]}))
+        .await;
+    let mut got = Vec::new();
+    loop {
+        let f = c.frame().await.expect("open");
+        match f["type"].as_str() {
+            Some("resumed") => return got,
+            Some("subscribed") => {}
+            None => got.push((
+                f["event"].as_str().unwrap().to_string(),
+                f["data"]["storeId"].as_i64().unwrap(),
+            )),
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+}
+
+/// A store's region is read once its events are final, live and on replay
+/// alike: a store created with its first row, moved to another region with
+/// a change to a row, or deleted with its rows, each in one transaction,
+/// reaches the followers of the region the transaction left it in, and a
+/// resume from before any of it gives the same region's followers the same
+/// events. (Live delivery read the regions with the long poll's snapshot,
+/// older than the events it waited for: the new store's row reached no
+/// region and the moved store's row went to the old one. A replay placed a
+/// deleted store's rows in no region; the deletion event names it now.)
+#[tokio::test]
+async fn regions_are_read_as_the_events_left_them_live_and_on_replay() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let mut a = Client::connect(server.addr, &token(999, "admin", &[])).await;
+    let mut b = Client::connect(server.addr, &token(998, "admin", &[])).await;
+    assert_eq!(a.subscribe("region-Upland").await["type"], "subscribed");
+    assert_eq!(b.subscribe("region-Lowland").await["type"], "subscribed");
+    let head = || async {
+        sqlx::query_scalar::<_, i64>("SELECT coalesce(max(id), 0) FROM sales.events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let start = head().await;
+
+    // A new store in Upland and its first row, one transaction.
+    let store: i64 = {
+        let mut tx = db.pool.begin().await.unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sales.stores (code, name, region) VALUES ('RG1', 'Regions', 'Upland') RETURNING id",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ($1, 2024, 1, '{\"1\": {\"sales\": 5}}')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        id
+    };
+    let e = a.event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["data"]["storeId"].as_i64()),
+        (Some("sales-data-created"), Some(store)),
+        "{e}"
+    );
+    b.assert_no_event(Duration::from_millis(300)).await;
+    a.assert_no_event(Duration::from_millis(0)).await;
+    assert_eq!(
+        replay_region(server.addr, start, "region-Upland").await,
+        [("sales-data-created".to_string(), store)]
+    );
+    let moved_at = head().await;
+
+    // Moved to Lowland with a change to its row, one transaction.
+    sqlx::raw_sql(&format!(
+        "BEGIN;
+         UPDATE sales.stores SET region = 'Lowland' WHERE id = {store};
+         UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 6}}}}' WHERE store_id = {store};
+         COMMIT;"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let e = b.event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["data"]["storeId"].as_i64()),
+        (Some("sales-data-updated"), Some(store)),
+        "{e}"
+    );
+    a.assert_no_event(Duration::from_millis(300)).await;
+    b.assert_no_event(Duration::from_millis(0)).await;
+    assert_eq!(
+        replay_region(server.addr, moved_at, "region-Lowland").await,
+        [("sales-data-updated".to_string(), store)]
+    );
+    assert_eq!(
+        replay_region(server.addr, moved_at, "region-Upland").await,
+        []
+    );
+    let deleted_at = head().await;
+
+    // Deleted with its rows.
+    sqlx::query("DELETE FROM sales.stores WHERE id = $1")
+        .bind(store)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let e = b.event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["data"]["storeId"].as_i64()),
+        (Some("sales-data-deleted"), Some(store)),
+        "{e}"
+    );
+    a.assert_no_event(Duration::from_millis(300)).await;
+    assert_eq!(
+        replay_region(server.addr, deleted_at, "region-Lowland").await,
+        [("sales-data-deleted".to_string(), store)]
+    );
+    // From before it all: the store's region is now the one its deletion
+    // names, for every one of its rows' events.
+    assert_eq!(
+        replay_region(server.addr, start, "region-Lowland").await,
+        [
+            ("sales-data-created".to_string(), store),
+            ("sales-data-updated".to_string(), store),
+            ("sales-data-deleted".to_string(), store),
+        ]
+    );
+    assert_eq!(replay_region(server.addr, start, "region-Upland").await, []);
+}

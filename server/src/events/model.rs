@@ -47,15 +47,21 @@ pub struct Event {
 const COLUMNS: &str = "e.id, e.seq, e.kind, e.store_id, e.user_id, e.actor_id, e.row_id, \
      e.row_version, e.payload::text AS payload, e.created_at";
 
-/// The region of event `e`'s store, one lookup per event: right for the
-/// relay's pages, which are mostly an event or a few, but only by the
-/// stores' key. A chain has few enough stores that Postgres would rather
-/// scan the table than its key for one lookup, and a page of 1,000 events
-/// then read every store 1,000 times (about a tenth of Postgres' CPU
-/// behind a batch through the API), so the relay's connection turns
-/// sequential scans off (see `relay::reader_options`).
-const REGION_PER_EVENT: &str =
-    "(SELECT s.region FROM sales.stores s WHERE s.id = e.store_id) AS region";
+/// The regions of the stores a page's sales events name, read by a
+/// statement of its own once the page is in hand: its snapshot is taken
+/// after the events became final, so a store created, moved to another
+/// region or deleted by the transaction that wrote an event is seen as that
+/// transaction left it. (Read inside the page's own statement, the long
+/// poll's snapshot predates the events it waited for: a new store's rows
+/// reached no region follower and a region change in the same transaction
+/// was missed.) A deleted store's region is the one its `store-deleted`
+/// event names, so live delivery and replay both give its rows, their
+/// deletions included, to that region's followers.
+const REGIONS_SQL: &str = "SELECT i.id, coalesce(s.region, \
+       (SELECT d.payload->>'region' FROM sales.events d \
+        WHERE d.row_id = i.id AND d.kind = 'store-deleted' \
+        ORDER BY d.row_version DESC LIMIT 1)) \
+     FROM unnest($1::bigint[]) i(id) LEFT JOIN sales.stores s ON s.id = i.id";
 
 /// The last event a new reader starts after (see [`Event::head`]).
 pub const HEAD_SQL: &str =
@@ -89,38 +95,66 @@ impl Event {
                 source: Box::new(e),
             })?,
             created_at: row.try_get("created_at")?,
-            region: row
-                .try_get::<Option<String>, _>("region")?
-                .and_then(|r| super::vocab::RegionKey::of(&r)),
+            region: None,
         })
+    }
+
+    /// Sets the region of every sales event in `events` (see
+    /// [`REGIONS_SQL`]); one query, none when no sales event names a store.
+    async fn fill_regions<'e>(
+        exec: impl PgExecutor<'e>,
+        events: &mut [Event],
+    ) -> Result<(), sqlx::Error> {
+        let mut stores: Vec<i64> = events
+            .iter()
+            .filter(|e| e.kind.is_sales())
+            .filter_map(|e| e.store_id)
+            .collect();
+        if stores.is_empty() {
+            return Ok(());
+        }
+        stores.sort_unstable();
+        stores.dedup();
+        let rows: Vec<(i64, Option<String>)> = sqlx::query_as(REGIONS_SQL)
+            .bind(&stores)
+            .fetch_all(exec)
+            .await?;
+        let regions: std::collections::HashMap<i64, super::vocab::RegionKey> = rows
+            .into_iter()
+            .filter_map(|(id, r)| Some((id, super::vocab::RegionKey::of(&r?)?)))
+            .collect();
+        for e in events.iter_mut().filter(|e| e.kind.is_sales()) {
+            e.region = e.store_id.and_then(|s| regions.get(&s).copied());
+        }
+        Ok(())
     }
 
     /// Events after `after_id` in delivery order (see `sales.events_since`).
     /// A pruned `after_id` fails with SQLSTATE PS410.
-    pub async fn since<'e>(
-        exec: impl PgExecutor<'e>,
+    pub async fn since(
+        pool: &sqlx::PgPool,
         after_id: i64,
         max_rows: i32,
     ) -> Result<Vec<Event>, sqlx::Error> {
-        // Replay's pages are full ones: the regions come by one join (the
-        // stores read once), in delivery order.
-        let sql = format!(
-            "SELECT {COLUMNS}, s.region FROM sales.events_since($1, $2) e \
-             LEFT JOIN sales.stores s ON s.id = e.store_id ORDER BY e.seq"
-        );
+        let sql = format!("SELECT {COLUMNS} FROM sales.events_since($1, $2) e ORDER BY e.seq");
         let rows = sqlx::query(&sql)
             .bind(after_id)
             .bind(max_rows)
-            .fetch_all(exec)
+            .fetch_all(pool)
             .await?;
-        rows.iter().map(Event::from_row).collect()
+        let mut events = rows
+            .iter()
+            .map(Event::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::fill_regions(pool, &mut events).await?;
+        Ok(events)
     }
 
     /// The relay's page query (see [`Event::after_seq`]): after a seq
     /// (`$1`), at most `$2` rows, waiting up to `$3` ms.
     pub fn after_seq_sql() -> String {
         format!(
-            "SELECT {COLUMNS}, {REGION_PER_EVENT}, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn
+            "SELECT {COLUMNS}, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS lsn
              FROM sales.events_after_seq($1, $2, $3) e"
         )
     }
@@ -130,27 +164,32 @@ impl Event {
     /// were read; when nothing is deliverable Postgres waits up to `wait_ms`
     /// for an event-writing transaction to end (a long poll,
     /// `sales.events_after_seq`). May return nothing: call again.
-    pub async fn after_seq<'e>(
-        exec: impl PgExecutor<'e>,
+    pub async fn after_seq(
+        conn: &mut sqlx::PgConnection,
         pos: Pos,
         max_rows: i32,
         wait_ms: i32,
     ) -> Result<(Vec<Event>, Option<u64>), sqlx::Error> {
         // The primary's WAL position comes with the rows (evaluated after the
-        // function has returned them), for the replica read floor: no
-        // second round trip before dispatch.
+        // function has returned them), for the replica read floor; the
+        // regions of a page with sales events come by a second statement
+        // (see `REGIONS_SQL`).
         let sql = Self::after_seq_sql();
         let rows = sqlx::query(&sql)
             .bind(pos.seq)
             .bind(max_rows)
             .bind(wait_ms)
-            .fetch_all(exec)
+            .fetch_all(&mut *conn)
             .await?;
         let lsn = match rows.last() {
             Some(r) => Some(r.try_get::<i64, _>("lsn")? as u64),
             None => None,
         };
-        let events = rows.iter().map(Event::from_row).collect::<Result<_, _>>()?;
+        let mut events = rows
+            .iter()
+            .map(Event::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::fill_regions(&mut *conn, &mut events).await?;
         Ok((events, lsn))
     }
 

@@ -132,8 +132,8 @@ pub fn reader_options(connect: &PgConnectOptions) -> PgConnectOptions {
         .clone()
         .application_name("sales-server-relay")
         // Above the long poll: a wait is never cut short by the timeout.
-        // Each event's region is looked up by the stores' key, whatever the
-        // planner thinks of a small table (see `model::REGION_PER_EVENT`).
+        // A page's regions are looked up by the stores' key, whatever the
+        // planner thinks of a small table (see `model::REGIONS_SQL`).
         .options([
             ("statement_timeout", format!("{}", LONG_POLL_MS as u64 * 3)),
             ("enable_seqscan", "off".to_string()),

@@ -114,9 +114,10 @@ pub enum ApiError {
     /// Unexpected failure (logged with the request id).
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// A dependency is unavailable or the query timed out; retry later.
+    /// A dependency is unavailable, the query timed out or a concurrent
+    /// write conflicted; retry after the `Retry-After` seconds.
     #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
 
 impl ApiError {
@@ -235,7 +236,7 @@ impl ApiError {
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ApiError::Unavailable(ErrorBody::new("unavailable", message, None))
+        ApiError::Unavailable(ErrorBody::new("unavailable", message, None), 1)
     }
 
     /// Logs the cause and returns an opaque 500.
@@ -260,7 +261,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => 422,
             ApiError::TooManyRequests(..) => 429,
             ApiError::Internal(_) => 500,
-            ApiError::Unavailable(_) => 503,
+            ApiError::Unavailable(..) => 503,
         }
     }
 }
@@ -351,7 +352,7 @@ impl From<crate::db::TxFailure> for ApiError {
                     "the database connection was lost while committing: the write may or may not \
                      have happened; read the records back before sending it again",
                     Some(serde_json::json!({"outcome": "unknown"})),
-                ))
+                ), 1)
             }
             crate::db::TxFailure::AtCommit(e) => ApiError::from(e),
         }

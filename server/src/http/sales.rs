@@ -687,65 +687,73 @@ impl SalesApi {
             }
         }
         let atomic = body.atomic.unwrap_or(true);
-        let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
-        let summary: Value = sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
-            .bind(if ids.is_empty() {
-                None
-            } else {
-                Some(ids.clone())
-            })
-            .bind(if keys.is_empty() {
-                None
-            } else {
-                Some(Value::Array(sent_keys))
-            })
-            .bind(atomic)
-            .bind(auth.0.scope())
-            .fetch_one(w.conn())
-            .await?;
-        let mut summary = summary;
         let n_ids = ids.len();
-        if let Some(errors) = summary["errors"].as_array_mut() {
-            for e in errors.iter_mut() {
-                let index = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
-                if hidden.contains(&index) {
-                    e["reason"] = Value::from("no such sales record");
-                }
-                // Renumber keys as the caller sent them.
-                if index >= n_ids && index != usize::MAX {
-                    if let Some(&j) = kept_keys.get(index - n_ids) {
-                        let sent = format!("keys[{}]", index - n_ids);
-                        let field = e["field"].as_str().unwrap_or_default().to_string();
-                        e["index"] = json!(n_ids + j);
-                        e["field"] = json!(field.replacen(&sent, &format!("keys[{j}]"), 1));
+        // The extension's report as the caller sent the items: hidden ids
+        // said missing, keys renumbered, the keys refused here added.
+        let finish = |summary: &mut Value| {
+            if let Some(errors) = summary["errors"].as_array_mut() {
+                for e in errors.iter_mut() {
+                    let index = e["index"].as_u64().unwrap_or(u64::MAX) as usize;
+                    if hidden.contains(&index) {
+                        e["reason"] = Value::from("no such sales record");
+                    }
+                    // Renumber keys as the caller sent them.
+                    if index >= n_ids && index != usize::MAX {
+                        if let Some(&j) = kept_keys.get(index - n_ids) {
+                            let sent = format!("keys[{}]", index - n_ids);
+                            let field = e["field"].as_str().unwrap_or_default().to_string();
+                            e["index"] = json!(n_ids + j);
+                            e["field"] = json!(field.replacen(&sent, &format!("keys[{j}]"), 1));
+                        }
                     }
                 }
+                let had = errors.len();
+                errors.extend(rejected.iter().cloned());
+                if errors.len() > had {
+                    errors.sort_by_key(|e| e["index"].as_u64().unwrap_or(u64::MAX));
+                }
             }
-            let had = errors.len();
-            errors.extend(rejected.iter().cloned());
-            if errors.len() > had {
-                errors.sort_by_key(|e| e["index"].as_u64().unwrap_or(u64::MAX));
+            if !rejected.is_empty() {
+                let failed_keys: std::collections::HashSet<u64> = rejected
+                    .iter()
+                    .filter_map(|e| e["index"].as_u64())
+                    .collect();
+                summary["failed"] =
+                    json!(summary["failed"].as_u64().unwrap_or(0) + failed_keys.len() as u64);
+                summary["total"] = json!(n);
             }
-        }
-        if !rejected.is_empty() {
-            let failed_keys: std::collections::HashSet<u64> = rejected
-                .iter()
-                .filter_map(|e| e["index"].as_u64())
-                .collect();
-            summary["failed"] =
-                json!(summary["failed"].as_u64().unwrap_or(0) + failed_keys.len() as u64);
-            summary["total"] = json!(n);
-        }
-        super::error::cap_report(&mut summary);
-        let failed = summary["failed"].as_i64().unwrap_or(0);
-        if atomic && failed > 0 {
-            w.rollback().await?;
+            super::error::cap_report(summary);
+        };
+        let ids_arg = (!ids.is_empty()).then(|| ids.clone());
+        let keys_arg = (!keys.is_empty()).then(|| Value::Array(sent_keys.clone()));
+        let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
+        // Retried as a batch upsert is: a deadlock, a serialization failure
+        // or a connection lost before COMMIT runs the delete again.
+        let (summary, changes) = crate::db::retry_tx("batch_delete", || async {
+            let mut w = Write::begin(pool, user).await?;
+            let mut summary: Value =
+                sqlx::query_scalar("SELECT sales.batch_delete_impl($1, $2, $3, $4)")
+                    .bind(&ids_arg)
+                    .bind(&keys_arg)
+                    .bind(atomic)
+                    .bind(&scope)
+                    .fetch_one(w.conn())
+                    .await?;
+            finish(&mut summary);
+            if atomic && summary["failed"].as_i64().unwrap_or(0) > 0 {
+                w.rollback().await?;
+                return Ok((summary, None));
+            }
+            Ok((summary, Some(w.commit().await?)))
+        })
+        .await?;
+        let Some(changes) = changes else {
+            let failed = summary["failed"].as_i64().unwrap_or(0);
             return Err(ApiError::unprocessable(
                 format!("{failed} of {n} items failed; nothing was deleted"),
                 Some(summary),
             ));
-        }
-        let changes = w.commit().await?;
+        };
         self.state.publish(changes).await;
         Ok(DeleteResponse::Ok(RawJson::new(summary.to_string())))
     }
