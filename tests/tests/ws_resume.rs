@@ -573,3 +573,52 @@ async fn an_expired_token_gets_no_replay() {
     assert_eq!(events, 0);
     assert_eq!(u16::from(close.expect("a close frame").code), 4001);
 }
+
+/// Answers come in the order of their requests while a resume runs too:
+/// requests sent right behind a resume are answered after its `resumed`,
+/// not ahead of it (they were, except an unsubscribe's).
+#[tokio::test]
+async fn requests_sent_behind_a_resume_are_answered_after_it() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    upsert(
+        &db,
+        (1..=20).map(|d| record(s[0], 2024, 1, d, 10)).collect(),
+    )
+    .await;
+    let server = db.server(&[]).await;
+    relayed_all(&db, &server).await;
+    let mut c = Client::connect(server.addr, &token(999, "admin", &[])).await;
+    let channel = format!("sales-data-{}", s[0]);
+    for request in [
+        json!({"type": "resume", "lastEventId": 0, "events": [channel]}),
+        json!({"type": "ping"}),
+        json!({"type": "subscribe", "event": "stores"}),
+        json!({"type": "unsubscribe", "event": "stores"}),
+        json!({"type": "ping"}),
+    ] {
+        c.send(request).await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 5 {
+        let f = c.frame().await.expect("open");
+        if let Some(t) = f["type"].as_str() {
+            answers.push(match f["event"].as_str() {
+                Some(e) => format!("{t} {e}"),
+                None => t.to_string(),
+            });
+        }
+    }
+    assert_eq!(
+        answers,
+        [
+            format!("subscribed {channel}"),
+            "resumed".to_string(),
+            "pong".to_string(),
+            "subscribed stores".to_string(),
+            "unsubscribed stores".to_string(),
+        ]
+    );
+    let f = c.frame().await.expect("open");
+    assert_eq!(f["type"], "pong", "{f}");
+}

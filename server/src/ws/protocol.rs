@@ -56,12 +56,20 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     pub fn parse(text: &str) -> Result<Self, String> {
+        const TYPES: &str = "type must be subscribe, unsubscribe, ping or resume";
         serde_json::from_str(text).map_err(|e| {
-            let e = e.to_string();
-            if e.contains("unknown variant") {
-                "type must be subscribe, unsubscribe, ping or resume".to_string()
-            } else {
-                format!("malformed message: {e}")
+            // Worded by the request's shape where the parser's own words
+            // would name its types ("internally tagged enum
+            // ClientMessage", "variant identifier").
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v) if !v.is_object() => {
+                    "a request is a JSON object with a type, such as {\"type\":\"ping\"}"
+                        .to_string()
+                }
+                Ok(v) if v.get("type").is_none() => format!("missing member type; {TYPES}"),
+                Ok(v) if !v["type"].is_string() => TYPES.to_string(),
+                _ if e.to_string().contains("unknown variant") => TYPES.to_string(),
+                _ => format!("malformed message: {e}"),
             }
         })
     }
@@ -158,6 +166,22 @@ mod tests {
             .unwrap_err()
             .contains("type must be"));
         assert!(ClientMessage::parse("{").is_err());
+        // Worded for a client, never with the parser's names for its types.
+        for (text, says) in [
+            (r#""""#, "a request is a JSON object"),
+            ("[1,2]", "a request is a JSON object"),
+            ("7", "a request is a JSON object"),
+            (r#"{"event":"stores"}"#, "missing member type"),
+            (r#"{"type":1}"#, "type must be"),
+            (r#"{"type":null,"event":"stores"}"#, "type must be"),
+        ] {
+            let e = ClientMessage::parse(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+            assert!(
+                !e.contains("ClientMessage") && !e.contains("variant"),
+                "{text}: {e}"
+            );
+        }
         // No request takes a member it does not have, ping included.
         for extra in [
             r#"{"type":"ping","id":1}"#,

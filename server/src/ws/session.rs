@@ -376,6 +376,7 @@ impl Session {
                             answers[*at] = Some(subscribe_reply(name, result));
                         }
                         hub.replies(conn, answers.into_iter().flatten().collect());
+                        hub.hold_answers_until_resumed(conn);
                         tokio::spawn(super::replay::replay(
                             self.ctx.clone(),
                             conn.clone(),

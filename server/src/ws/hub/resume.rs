@@ -135,6 +135,18 @@ impl Hub {
         Ok((snap, added))
     }
 
+    /// From here until the resume ends, answers to later requests wait
+    /// with the held-back events, behind the resume's own answer
+    /// (`resumed`), so answers come in the order of their requests. Called
+    /// once the resume's acknowledgements of the channels it adds are
+    /// queued.
+    pub fn hold_answers_until_resumed(&self, conn: &Conn) {
+        let mut st = conn.lock();
+        if st.catch_up.is_some() && !st.opening {
+            st.held_reply = true;
+        }
+    }
+
     /// Takes one of `conn`'s user's replay turns, waiting (only behind that
     /// user's own replays) while they have `replay_slots_per_user` running.
     /// None once `conn` is closing.

@@ -667,3 +667,34 @@ async fn a_replay_turn_given_back_wakes_the_next_at_once() {
         "woken by the turn given back, not by a timer"
     );
 }
+
+/// Requests answered while a resume runs wait behind its answer: the
+/// client reads `resumed` first, then the answers to what it sent after
+/// the resume, in that order (the heartbeat's pings do not wait).
+#[test]
+fn answers_during_a_resume_come_after_resumed() {
+    let h = hub(16);
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.end_opening(&c);
+    let (snap, _) = h.begin_resume(&c, &[Channel::Sales(1)]).unwrap();
+    h.replies(&c, vec![protocol::subscribed("sales-data-1", false)]);
+    h.hold_answers_until_resumed(&c);
+    h.reply(&c, protocol::pong());
+    h.reply(
+        &c,
+        protocol::error("bad_request", "a resume is already in progress", None),
+    );
+    assert_eq!(kinds(&h, &c), ["subscribed"]);
+    h.finish_resume(
+        &c,
+        &snap,
+        snap.upto,
+        None,
+        protocol::resumed(0, 0, 0, &[], false, 0),
+    );
+    assert_eq!(kinds(&h, &c), ["subscribed", "resumed", "pong", "error"]);
+    // After it, answers go out at once.
+    h.reply(&c, protocol::pong());
+    assert_eq!(kinds(&h, &c).last().map(String::as_str), Some("pong"));
+    assert_eq!(h.queued(&c).len(), 5);
+}
