@@ -295,3 +295,71 @@ async fn two_instances_share_the_queue_and_never_run_a_job_twice() {
     assert_no_duplicate_events(&db).await;
     drop((a, b));
 }
+
+/// Every connection of the server ended under a running import (what a
+/// Postgres restart does): the job is given back at once and finished by
+/// its next attempt, without waiting for its lease to run out (set far
+/// beyond the wait here) and without using up a further attempt on a
+/// pooled connection that died with the others. The give-back used to take
+/// such a connection, fail, and leave the job `running` until the lease
+/// freed it.
+#[tokio::test]
+async fn an_import_whose_connections_all_ended_is_given_back_at_once() {
+    let db = TestDb::new().await;
+    db.stores(20).await;
+    let token = admin_token(&db).await;
+    let env = [
+        ("IMPORT_CHUNK_LINES", "200"),
+        ("JOB_WORKERS", "1"),
+        ("JOB_LEASE", "600s"),
+    ];
+    let server = ServerProc::start(&db, &env);
+    let api = server.api(&token);
+    let n = 40_000;
+    let r = api
+        .req(reqwest::Method::POST, "/api/v2/imports")
+        .header("content-type", "text/csv")
+        .body(daily_file(20, n, 2001))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    eventually(WAIT, "some chunks to commit", || async {
+        let (_, written, ..) = job(&db, id).await;
+        (written >= 1000).then_some(())
+    })
+    .await;
+    let ended = i64_of(
+        &db,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                               WHERE datname = current_database()
+                                 AND application_name = 'sales-server') t",
+    )
+    .await;
+    assert!(
+        ended > 1,
+        "the job's connection and idle pooled ones: {ended}"
+    );
+    let (state, written, rejected, _, attempts) = eventually(
+        Duration::from_secs(120),
+        "the job to end well before its lease",
+        || async {
+            let j = job(&db, id).await;
+            (j.0 != "running" && j.0 != "queued").then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(state, "completed");
+    assert_eq!((written, rejected), (n as i64, 0));
+    assert_eq!(attempts, 2, "one attempt cut short, one that finished");
+    let days = i64_of(
+        &db,
+        "SELECT sum(days_reported)::bigint FROM sales.monthly_sales",
+    )
+    .await;
+    assert_eq!(days, n as i64);
+    assert_each_store_month_written_once(&db).await;
+    assert_no_duplicate_events(&db).await;
+    drop(server);
+}

@@ -194,12 +194,42 @@ async fn once(
         Ok(end) => tracing::info!(job = job.id, end = %end, "job ended"),
         Err(e) => {
             tracing::warn!(job = job.id, error = %e, "job failed; given back");
-            // The connection may be broken: another one reports it.
+            // A connection lost (Postgres restarted, the backend ended):
+            // the pool checks every connection before handing it out for a
+            // while, so the give-back and the next attempt do not take
+            // another dead one that was idle less than a second.
+            crate::db::broken_connection(&e);
             drop(conn);
-            super::release(&state.pool, &job, Some(&e.to_string())).await?;
+            release_retried(state, &job, &e.to_string()).await?;
         }
     }
     Ok(true)
+}
+
+/// Gives a failed job back, trying again (up to three more times, on a
+/// fresh connection) when the give-back itself meets a lost connection or
+/// a conflict: left undone, the job would stay `running` until its lease
+/// ran out. Trying again is safe: the give-back changes the job only while
+/// it still holds this run's lease token.
+async fn release_retried(
+    state: &Arc<AppState>,
+    job: &super::Claimed,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    let mut wait = std::time::Duration::from_millis(50);
+    let mut tries = 1;
+    loop {
+        match super::release(&state.pool, job, Some(error)).await {
+            Err(e) if tries <= 3 && crate::db::is_transient(&e, true) => {
+                crate::db::broken_connection(&e);
+                tracing::warn!(job = job.id, error = %e, "could not give the job back; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Renews the job's lease every third of it while this process runs the
