@@ -1269,6 +1269,27 @@ async fn refused_parameters_are_named_and_explained() {
         ),
         ("/api/v2/stores/x", "id", "must be a whole number"),
         ("/api/v2/users/1.5", "id", "must be a whole number"),
+        // A month written right but out of range says which part is.
+        (
+            "/api/v2/sales?from=1999-12",
+            "from",
+            "\"1999-12\": the year must be between 2000 and 2100",
+        ),
+        (
+            "/api/v2/sales/summary?to=2101-01",
+            "to",
+            "\"2101-01\": the year must be between 2000 and 2100",
+        ),
+        (
+            "/api/v2/sales/export?from=2024-13",
+            "from",
+            "\"2024-13\": the month must be between 01 and 12",
+        ),
+        (
+            "/api/v2/sales?to=2024-6-1",
+            "to",
+            "\"2024-6-1\" is not a month like 2024-06",
+        ),
     ] {
         let (st, body) = f.admin.get(path).await;
         assert_eq!(st, 400, "{path}: {body}");

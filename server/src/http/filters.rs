@@ -98,8 +98,27 @@ fn check_region(r: &str) -> ApiResult<()> {
 
 /// `2024-06` -> (2024, 6).
 pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
-    sales_core::sql::parse_period(raw)
-        .ok_or_else(|| ApiError::bad_param(param, format!("{raw:?} is not a month like 2024-06")))
+    sales_core::sql::parse_period(raw).ok_or_else(|| {
+        // A month written right but outside what a record can hold says
+        // which part is out of range.
+        let parts = raw
+            .trim()
+            .split_once('-')
+            .filter(|(y, m)| {
+                y.len() == 4
+                    && (1..=2).contains(&m.len())
+                    && y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
+            })
+            .and_then(|(y, m)| Some((y.parse::<i32>().ok()?, m.parse::<i32>().ok()?)));
+        let why = match parts {
+            Some((y, _)) if !(2000..=2100).contains(&y) => {
+                format!("{raw:?}: the year must be between 2000 and 2100")
+            }
+            Some(_) => format!("{raw:?}: the month must be between 01 and 12"),
+            None => format!("{raw:?} is not a month like 2024-06"),
+        };
+        ApiError::bad_param(param, why)
+    })
 }
 
 /// Comma-separated field paths -> a checked projection (400 naming the field).
