@@ -2244,3 +2244,42 @@ async fn a_batch_delete_that_loses_a_deadlock_is_run_again() {
             .unwrap();
     assert_eq!(left, 0);
 }
+
+/// `If-Match` on a batch is evaluated, not ignored: a batch endpoint has no
+/// representation to match, so the condition is false (RFC 9110) and the
+/// answer is 412 with nothing written or deleted.
+#[tokio::test]
+async fn if_match_on_a_batch_writes_nothing() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let store = f.stores[0];
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sales.monthly_sales")
+            .fetch_one(&f.db.pool)
+            .await
+            .unwrap()
+    };
+    let before = count().await;
+    let r = f
+        .admin
+        .req(Method::POST, "/api/v2/sales/batch")
+        .header("if-match", "\"nope\"")
+        .json(&json!({"salesDataArray": [month(store, 2025, 1, 28, 5.0)]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 412);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "precondition_failed", "{body}");
+    assert_eq!(body["error"]["details"]["header"], "If-Match", "{body}");
+    let r = f
+        .admin
+        .req(Method::DELETE, "/api/v2/sales/batch")
+        .header("if-match", "*")
+        .json(&json!({"keys": [{"storeId": store, "year": 2024, "month": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 412);
+    assert_eq!(count().await, before, "nothing written or deleted");
+}

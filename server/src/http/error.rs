@@ -175,6 +175,21 @@ impl ApiError {
         ))
     }
 
+    /// `If-Match` sent to a resource that has no representation to match
+    /// (a batch endpoint): RFC 9110 makes the condition false, so nothing
+    /// is written rather than the header being ignored.
+    pub fn nothing_to_match(path: &str) -> Self {
+        ApiError::PreconditionFailed(ErrorBody::new(
+            "precondition_failed",
+            format!(
+                "If-Match: {path} has no representation to match, so the condition is false and \
+                 nothing was written; sales records take no conditional writes (read them back \
+                 after a batch instead: each record's version says which write it holds)"
+            ),
+            Some(serde_json::json!({"header": "If-Match"})),
+        ))
+    }
+
     pub fn too_large(message: impl Into<String>) -> Self {
         ApiError::PayloadTooLarge(ErrorBody::new("payload_too_large", message, None))
     }

@@ -29,7 +29,7 @@ use crate::state::AppState;
 pub(crate) use batch::merge_report;
 use batch::named_store;
 use list::one_body;
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::{payload::Json, OpenApi};
 use sales_core::projection::SALES_DOC;
 use sales_core::summary::Summary;
@@ -439,7 +439,13 @@ impl SalesApi {
         /// Queue the batch and answer 202 with a job (see `/api/v2/imports/{id}`).
         #[oai(name = "async")]
         run_async: Query<Option<bool>>,
+        /// Refused (412): a batch has no representation to match.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
     ) -> ApiResult<BatchResponse> {
+        if if_match.0.is_some() {
+            return Err(ApiError::nothing_to_match("/api/v2/sales/batch"));
+        }
         let max = self.state.config.batch_max_records;
         let n = body.records.len();
         if n > max {
@@ -625,7 +631,13 @@ impl SalesApi {
         &self,
         auth: BearerAuth,
         body: Json<BatchDeleteRequest>,
+        /// Refused (412): a batch has no representation to match.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
     ) -> ApiResult<DeleteResponse> {
+        if if_match.0.is_some() {
+            return Err(ApiError::nothing_to_match("/api/v2/sales/batch"));
+        }
         let ids = body.ids.clone().unwrap_or_default();
         let keys = body.keys.clone().unwrap_or_default();
         let n = ids.len() + keys.len();
