@@ -369,11 +369,11 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
     assert_eq!(head, last);
 }
 
-/// The relay's page query looks each event's store up by the stores' key.
-/// A chain of a few hundred stores fits in a few pages, and Postgres would
-/// rather scan them than the key for one lookup, once per event: a page of
-/// 1,000 events then read every store 1,000 times. The relay's connection
-/// turns sequential scans off for that.
+/// The relay looks up the regions of a page's stores by the stores' key,
+/// and a deleted store's by the event log's row index. A chain of a few
+/// hundred stores fits in a few pages, and Postgres would rather scan them
+/// than the key; the relay's connection turns sequential scans off for
+/// that.
 #[tokio::test]
 async fn the_relay_looks_up_each_events_store_by_key() {
     use sqlx::{ConnectOptions, Connection};
@@ -390,17 +390,17 @@ async fn the_relay_looks_up_each_events_store_by_key() {
         .connect()
         .await
         .unwrap();
-    let sql = sales_server::events::model::Event::after_seq_sql();
+    let sql = sales_server::events::model::REGIONS_SQL;
     let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {sql}"))
-        .bind(0_i64)
-        .bind(1000_i32)
-        .bind(0_i32)
+        .bind((1..=200).collect::<Vec<i64>>())
         .fetch_one(&mut relay)
         .await
         .unwrap();
     let text = plan.to_string();
     assert!(
-        text.contains("\"Index Name\":\"stores_pkey\"") && !text.contains("Seq Scan"),
+        text.contains("\"Index Name\":\"stores_pkey\"")
+            && text.contains("\"Index Name\":\"events_row_idx\"")
+            && !text.contains("Seq Scan"),
         "{plan:#}"
     );
 }

@@ -57,7 +57,7 @@ const COLUMNS: &str = "e.id, e.seq, e.kind, e.store_id, e.user_id, e.actor_id, e
 /// was missed.) A deleted store's region is the one its `store-deleted`
 /// event names, so live delivery and replay both give its rows, their
 /// deletions included, to that region's followers.
-const REGIONS_SQL: &str = "SELECT i.id, coalesce(s.region, \
+pub const REGIONS_SQL: &str = "SELECT i.id, coalesce(s.region, \
        (SELECT d.payload->>'region' FROM sales.events d \
         WHERE d.row_id = i.id AND d.kind = 'store-deleted' \
         ORDER BY d.row_version DESC LIMIT 1)) \
