@@ -141,6 +141,10 @@ struct ConnState {
     /// it, so answers keep the order of their requests. Held events of no
     /// position (export progress, notifications) are not replies.
     held_reply: bool,
+    /// Answers waiting in `catch_up` (see `held_reply`): bounded like the
+    /// replies in the queue, so a client that floods requests during a
+    /// resume is closed as one (1008), not as a slow consumer.
+    held_answers: usize,
 }
 
 impl Conn {
@@ -435,6 +439,7 @@ impl Hub {
             st.opened = reg.position;
             st.catch_up = Some(Vec::new());
             st.held_reply = false;
+            st.held_answers = 0;
             st.opening = true;
         }
         self.openings
@@ -586,28 +591,29 @@ impl Hub {
             return;
         }
         let limit = self.cfg.catch_up_limit;
-        let hold = answers && st.held_reply;
-        if let (true, Some(buf)) = (hold, st.catch_up.as_mut()) {
+        let most = self.cfg.send_queue + CONTROL_HEADROOM;
+        if answers && st.held_reply && st.catch_up.is_some() {
             for msg in msgs {
+                if st.held_answers >= most {
+                    self.flooded(&mut st);
+                    break;
+                }
+                let Some(buf) = st.catch_up.as_mut() else {
+                    break;
+                };
                 if buf.len() >= limit {
                     self.overflow(&mut st);
                     break;
                 }
                 buf.push((None, msg));
+                st.held_answers += 1;
             }
             drop(st);
             conn.waker.wake();
             return;
         }
-        if st.replies_at.len() >= self.cfg.send_queue + CONTROL_HEADROOM {
-            st.queue = VecDeque::new();
-            st.replies_at = VecDeque::new();
-            st.backlog = 0;
-            st.close = Some((
-                protocol::CLOSE_POLICY,
-                "too many requests without reading the replies",
-            ));
-            self.counters.closed_policy.fetch_add(1, Relaxed);
+        if st.replies_at.len() >= most {
+            self.flooded(&mut st);
         } else {
             for msg in msgs {
                 let at = st.popped + st.queue.len() as u64;
@@ -645,6 +651,20 @@ impl Hub {
             }
             st.queue.push_back(msg);
         }
+    }
+
+    /// Closes a connection that sends requests without reading the
+    /// answers (1008).
+    fn flooded(&self, st: &mut ConnState) {
+        st.queue = VecDeque::new();
+        st.replies_at = VecDeque::new();
+        st.backlog = 0;
+        st.catch_up = None;
+        st.close = Some((
+            protocol::CLOSE_POLICY,
+            "too many requests without reading the replies",
+        ));
+        self.counters.closed_policy.fetch_add(1, Relaxed);
     }
 
     fn overflow(&self, st: &mut ConnState) {

@@ -124,6 +124,7 @@ impl Hub {
         if st.catch_up.is_none() {
             st.catch_up = Some(Vec::new());
             st.held_reply = false;
+            st.held_answers = 0;
         }
         self.counters.resumes.fetch_add(1, Relaxed);
         let snap = ResumeSnapshot {

@@ -698,3 +698,36 @@ fn answers_during_a_resume_come_after_resumed() {
     assert_eq!(kinds(&h, &c).last().map(String::as_str), Some("pong"));
     assert_eq!(h.queued(&c).len(), 5);
 }
+
+/// A client flooding requests during a resume, whose answers wait behind
+/// it, is closed as one that sends without reading (1008) at the same
+/// bound as outside a resume, not as a slow consumer (4008) once the
+/// held-back buffer is full.
+#[test]
+fn a_flood_during_a_resume_is_closed_as_a_flood() {
+    let h = Hub::new(HubConfig {
+        send_queue: 4,
+        catch_up_limit: 10_000,
+        max_subscriptions: 4,
+        ping_interval: Duration::from_secs(1),
+        max_per_user: 3,
+        replay_slots: 2,
+        replay_slots_per_user: 1,
+        replay_timeout: Duration::from_secs(5),
+        replay_max_events: 100,
+    });
+    let c = h.register(principal(1, Role::Staff, &[1])).unwrap();
+    h.end_opening(&c);
+    let (_snap, _) = h.begin_resume(&c, &[]).unwrap();
+    h.hold_answers_until_resumed(&c);
+    let bound = 4 + CONTROL_HEADROOM;
+    for _ in 0..bound {
+        h.reply(&c, protocol::pong());
+    }
+    assert_eq!(c.close_requested(), None, "within the bound");
+    h.reply(&c, protocol::pong());
+    assert_eq!(
+        c.close_requested().map(|c| c.0),
+        Some(protocol::CLOSE_POLICY)
+    );
+}
