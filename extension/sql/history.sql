@@ -8,6 +8,21 @@
 -- nothing after a delete), gives the daily data before and after every
 -- retained version: no copy of the month is stored per version.
 --
+-- The walk needs the record's last daily data whole: an event names the
+-- days it changed and their old values, never their new ones (an insert's
+-- names its days only). A TRUNCATE of sales.monthly_sales writes no delete
+-- event (no row trigger fires), so before it runs the last state of each
+-- row it removes is kept in sales.event_history (kind
+-- `sales-data-truncated`, see sales.tg_sales_truncating below), where the
+-- walk of a truncated record starts: its history and `asOf` answer what
+-- they answered before the truncate. A row removed with nothing of the kind
+-- (a DELETE or TRUNCATE run with session_replication_role = replica, which
+-- fires neither trigger; a TRUNCATE before pg_sales 0.12.0; or a kept state
+-- pruned before the record's events) has lost its last daily data, and with
+-- it every version's: those versions are answered with `known` false, and
+-- `asOf` raises PSGON saying so, rather than with days rebuilt from the
+-- changed days alone.
+--
 -- The event log is pruned (sales.prune_events): versions older than what
 -- sales.events and sales.event_history still hold are gone, and the
 -- functions here say so rather than answer as if the record had no past.
@@ -40,6 +55,74 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
     ) x
 $$;
 
+-- TRUNCATE fires no row trigger and writes no delete event (events.sql:
+-- one `table-truncated` event for the table). Before it runs, the last
+-- state of every row of sales.monthly_sales is kept in
+-- sales.event_history: one row per record, kind `sales-data-truncated`,
+-- `row_version` the row's version (no new version: the history ends at the
+-- record's last one), the row (`to_jsonb`) as payload, under one id taken
+-- from the event log's sequence (no event has it), dated no earlier than
+-- the row's last write. sales.prune_events deletes it with the rest of
+-- sales.event_history (after `history_retention`). Runs as its owner (the
+-- truncating role needs no privilege on sales.event_history), on
+-- sales.monthly_sales only (a trigger on another table would write
+-- forged history with the owner's rights), with EXECUTE revoked from
+-- PUBLIC. Not in replica mode (a TRUNCATE applied by replication fires no
+-- ordinary trigger): such a record's last daily data is then lost (see
+-- sales.record_versions).
+CREATE FUNCTION sales.tg_sales_truncating() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mark bigint;
+BEGIN
+    IF TG_RELID <> 'sales.monthly_sales'::regclass THEN
+        RAISE EXCEPTION 'pg_sales: sales.tg_sales_truncating() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
+            USING ERRCODE = '42501';
+    END IF;
+    mark := nextval(pg_get_serial_sequence('sales.events', 'id'));
+    INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
+    SELECT m.id, mark, 'sales-data-truncated', m.store_id, sales.current_actor(), m.version, to_jsonb(m),
+           greatest(now(), m.updated_at)
+    FROM sales.monthly_sales m;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER monthly_sales_truncating BEFORE TRUNCATE ON sales.monthly_sales
+    FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_truncating();
+REVOKE EXECUTE ON FUNCTION sales.tg_sales_truncating() FROM PUBLIC;
+
+-- A sales record's row as it is now or, when a TRUNCATE removed it, as it
+-- was then (the newest state sales.tg_sales_truncating kept); a row of
+-- NULLs when there is neither (never inserted, deleted, or removed
+-- without a trace).
+CREATE FUNCTION sales.record_row(id bigint) RETURNS sales.monthly_sales
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m sales.monthly_sales;
+BEGIN
+    SELECT * INTO m FROM sales.monthly_sales x WHERE x.id = record_row.id;
+    IF NOT FOUND THEN
+        SELECT (jsonb_populate_record(NULL::sales.monthly_sales, h.payload)).* INTO m
+        FROM sales.event_history h
+        WHERE h.row_id = record_row.id AND h.kind = 'sales-data-truncated'
+        ORDER BY h.id DESC LIMIT 1;
+        -- Not when a retained event is newer (the id was given again, by
+        -- hand, after the TRUNCATE): that record's walk does not start here.
+        IF m.version IS NOT NULL AND EXISTS (
+            SELECT 1 FROM sales.events e
+            WHERE e.row_id = record_row.id AND e.row_version > m.version
+              AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+            UNION ALL
+            SELECT 1 FROM sales.event_history h
+            WHERE h.row_id = record_row.id AND h.row_version > m.version
+              AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted'))
+        THEN
+            m := NULL;
+        END IF;
+    END IF;
+    RETURN m;
+END $$;
+
 -- One retained version of a sales record (sales.record_versions).
 CREATE TYPE sales.record_version AS (version bigint, at timestamptz, event_id bigint, kind text,
     actor_id bigint, job_id bigint, store_id bigint, year integer, month integer, daily_after jsonb,
@@ -50,8 +133,13 @@ CREATE TYPE sales.record_version AS (version bigint, at timestamptz, event_id bi
 -- where the record was after and before it (store, year, month) and its
 -- daily data after and before it. `known` is false where the old values
 -- are not in the events (written before pg_sales 0.3.0): the daily data
--- before that version, and of every older one, is then NULL. The walk
--- stops at the first missing version (pruned).
+-- before that version, and of every older one, is then NULL. It is false
+-- for every version, and every daily data NULL, when the record's row is
+-- gone without a delete event and without a state kept by a TRUNCATE
+-- (sales.record_row): its last daily data is lost, and the older ones
+-- are rebuilt from it. The walk starts at the version of the row (as
+-- sales.record_row gives it) and stops at the first missing version
+-- (pruned).
 CREATE FUNCTION sales.record_versions(id bigint, down_to bigint DEFAULT NULL)
 RETURNS SETOF sales.record_version
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -68,8 +156,11 @@ BEGIN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
     END IF;
     SELECT m.daily_data, m.version INTO cur_daily, cur_version
-    FROM sales.monthly_sales m WHERE m.id = record_versions.id;
+    FROM sales.record_row(record_versions.id) m;
     state := cur_daily;
+    -- No row: after a delete, its event holds the last daily data (and
+    -- sets state_known below); otherwise it is lost.
+    state_known := cur_version IS NOT NULL;
     expect := cur_version;
     FOR r IN
         SELECT x.eid, x.ekind, x.eactor, x.ever, x.p,
@@ -84,6 +175,7 @@ BEGIN
             SELECT h.id, h.kind, h.actor_id, h.row_version, h.payload, h.created_at
             FROM sales.event_history h
             WHERE h.row_id = record_versions.id
+              AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         ) x
         ORDER BY x.ever DESC, x.eid DESC
     LOOP
@@ -137,13 +229,15 @@ DECLARE
     r record;
     expect bigint;
 BEGIN
-    SELECT m.version INTO expect FROM sales.monthly_sales m WHERE m.id = record_chain.id;
+    SELECT m.version INTO expect FROM sales.record_row(record_chain.id) m;
     FOR r IN
         SELECT e.row_version AS v, e.kind AS k, e.id AS eid FROM sales.events e
         WHERE e.row_id = record_chain.id
           AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         UNION ALL
-        SELECT h.row_version, h.kind, h.id FROM sales.event_history h WHERE h.row_id = record_chain.id
+        SELECT h.row_version, h.kind, h.id FROM sales.event_history h
+        WHERE h.row_id = record_chain.id
+          AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         ORDER BY 1 DESC, 3 DESC
     LOOP
         EXIT WHEN expect IS NOT NULL AND r.v <> expect;
@@ -227,6 +321,7 @@ CREATE FUNCTION sales.history(id bigint, max_rows integer DEFAULT 50, before_ver
 RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     cur_version bigint;
+    kept_version bigint;
     vs sales.record_version;
     entries jsonb := '[]';
     n integer := 0;
@@ -248,6 +343,8 @@ BEGIN
         RAISE EXCEPTION 'before_version: must be 1 or more' USING ERRCODE = '22023';
     END IF;
     SELECT m.version INTO cur_version FROM sales.monthly_sales m WHERE m.id = history.id;
+    -- A truncated record's last version, as the TRUNCATE kept it.
+    SELECT m.version INTO kept_version FROM sales.record_row(history.id) m;
     SELECT c.newest, c.oldest, c.oldest_kind INTO newest, oldest, oldest_kind
     FROM sales.record_chain(history.id) c;
     -- The page: versions below before_version, from the newest retained.
@@ -262,11 +359,11 @@ BEGIN
         n := n + 1;
     END LOOP;
     more := n > 0 AND last_version > oldest;
-    IF oldest IS NULL AND cur_version IS NULL THEN
+    IF oldest IS NULL AND kept_version IS NULL THEN
         RETURN NULL;
     END IF;
     IF oldest IS NULL THEN
-        gone_through := cur_version;
+        gone_through := kept_version;
     ELSIF oldest_kind <> 'sales-data-created' AND oldest > 1 THEN
         gone_through := oldest - 1;
     END IF;
@@ -288,10 +385,14 @@ END $$;
 -- the document sales.sales_doc builds (totals recomputed from the daily
 -- data of that version; `createdAt` from its insert, `updatedAt` the
 -- version's time), projected by `fields` / `exclude`. The store, when a
--- field asks for it, is the store as it is now. NULL when nothing is known
+-- field asks for it, is the store as it is now. A record removed by a
+-- TRUNCATE is read from the state the TRUNCATE kept (sales.record_row):
+-- its last version is answered from then on. NULL when nothing is known
 -- of the record. Raises PS404 when the record did not exist at `as_of`
 -- (not yet inserted, or deleted), and PSGON when that version is older
--- than the retained history.
+-- than the retained history, or its daily data is not known (events
+-- written before pg_sales 0.3.0, or a row removed without a trace: see
+-- sales.record_versions).
 CREATE FUNCTION sales.get_sales_as_of(id bigint, as_of timestamptz, fields text[] DEFAULT NULL,
     exclude text[] DEFAULT NULL)
 RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -314,7 +415,9 @@ BEGIN
         RAISE EXCEPTION 'as_of must not be NULL' USING ERRCODE = '22023';
     END IF;
     PERFORM sales.project('{}'::jsonb, fields, exclude);
-    SELECT * INTO m FROM sales.monthly_sales x WHERE x.id = get_sales_as_of.id;
+    -- The row, or as a TRUNCATE left it: asOf after the truncate still
+    -- answers its last version.
+    m := sales.record_row(get_sales_as_of.id);
     -- Which version was current at as_of is read from the events' columns
     -- (their times, made monotonic as sales.record_versions makes them);
     -- the walk then goes only as far down as that version.
@@ -333,6 +436,7 @@ BEGIN
                 UNION ALL
                 SELECT h.id, h.row_version, h.created_at FROM sales.event_history h
                 WHERE h.row_id = get_sales_as_of.id
+                  AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
             ) x
         ) y;
         IF target IS NOT NULL THEN
@@ -367,6 +471,15 @@ BEGIN
     ELSIF hit.kind = 'sales-data-deleted' THEN
         RAISE EXCEPTION 'sales record % did not exist at %: it was deleted at %', id, as_of, hit.at
             USING ERRCODE = 'PS404';
+    ELSIF NOT hit.known AND m.id IS NULL AND NOT EXISTS (
+        SELECT 1 FROM sales.events e
+        WHERE e.row_id = get_sales_as_of.id AND e.row_version = newest AND e.kind = 'sales-data-deleted'
+        UNION ALL
+        SELECT 1 FROM sales.event_history h
+        WHERE h.row_id = get_sales_as_of.id AND h.row_version = newest AND h.kind = 'sales-data-deleted')
+    THEN
+        RAISE EXCEPTION 'the daily data of sales record % at % is not known: its row was removed without a delete event and without a copy of its last daily data (a DELETE or TRUNCATE run with session_replication_role = replica, a TRUNCATE before pg_sales 0.12.0, or a copy pruned before the events), and the events hold only the days each version changed',
+            id, as_of USING ERRCODE = 'PSGON';
     ELSIF NOT hit.known THEN
         RAISE EXCEPTION 'the daily data of sales record % at % is not in its events (written before pg_sales 0.3.0)',
             id, as_of USING ERRCODE = 'PSGON';

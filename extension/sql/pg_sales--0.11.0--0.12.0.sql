@@ -281,3 +281,342 @@ CREATE FUNCTION sales.daily_data_valid(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'daily_data_valid_wrapper';
+
+-- A truncated record's history and `asOf` answer what they answered before
+-- the TRUNCATE. The walk back through a record's events starts from its
+-- row (an event names the days it changed and their old values, never the
+-- new ones): after a TRUNCATE, which writes no delete event, there was
+-- none, and every version came out wrong (the newest with every day gone,
+-- older ones with only the days they changed, `asOf` a null dailyData).
+-- Before a TRUNCATE of sales.monthly_sales, sales.tg_sales_truncating now
+-- keeps each row's last state in sales.event_history (kind
+-- `sales-data-truncated`), where sales.record_row finds it and the walk
+-- starts; the history readers leave those rows out of the events they
+-- walk. A row removed without a delete event and without such a copy (a
+-- DELETE or TRUNCATE in replica mode, a TRUNCATE before this version) is
+-- answered as not known (`known` false, `asOf` PSGON), no longer rebuilt
+-- from the changed days alone.
+CREATE FUNCTION sales.tg_sales_truncating() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mark bigint;
+BEGIN
+    IF TG_RELID <> 'sales.monthly_sales'::regclass THEN
+        RAISE EXCEPTION 'pg_sales: sales.tg_sales_truncating() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
+            USING ERRCODE = '42501';
+    END IF;
+    mark := nextval(pg_get_serial_sequence('sales.events', 'id'));
+    INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
+    SELECT m.id, mark, 'sales-data-truncated', m.store_id, sales.current_actor(), m.version, to_jsonb(m),
+           greatest(now(), m.updated_at)
+    FROM sales.monthly_sales m;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER monthly_sales_truncating BEFORE TRUNCATE ON sales.monthly_sales
+    FOR EACH STATEMENT EXECUTE FUNCTION sales.tg_sales_truncating();
+REVOKE EXECUTE ON FUNCTION sales.tg_sales_truncating() FROM PUBLIC;
+
+CREATE FUNCTION sales.record_row(id bigint) RETURNS sales.monthly_sales
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m sales.monthly_sales;
+BEGIN
+    SELECT * INTO m FROM sales.monthly_sales x WHERE x.id = record_row.id;
+    IF NOT FOUND THEN
+        SELECT (jsonb_populate_record(NULL::sales.monthly_sales, h.payload)).* INTO m
+        FROM sales.event_history h
+        WHERE h.row_id = record_row.id AND h.kind = 'sales-data-truncated'
+        ORDER BY h.id DESC LIMIT 1;
+        -- Not when a retained event is newer (the id was given again, by
+        -- hand, after the TRUNCATE): that record's walk does not start here.
+        IF m.version IS NOT NULL AND EXISTS (
+            SELECT 1 FROM sales.events e
+            WHERE e.row_id = record_row.id AND e.row_version > m.version
+              AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+            UNION ALL
+            SELECT 1 FROM sales.event_history h
+            WHERE h.row_id = record_row.id AND h.row_version > m.version
+              AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted'))
+        THEN
+            m := NULL;
+        END IF;
+    END IF;
+    RETURN m;
+END $$;
+
+CREATE OR REPLACE FUNCTION sales.record_versions(id bigint, down_to bigint DEFAULT NULL)
+RETURNS SETOF sales.record_version
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    o sales.record_version;
+    cur_daily jsonb;
+    cur_version bigint;
+    state jsonb;
+    state_known boolean := true;
+    expect bigint;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT m.daily_data, m.version INTO cur_daily, cur_version
+    FROM sales.record_row(record_versions.id) m;
+    state := cur_daily;
+    -- No row: after a delete, its event holds the last daily data (and
+    -- sets state_known below); otherwise it is lost.
+    state_known := cur_version IS NOT NULL;
+    expect := cur_version;
+    FOR r IN
+        SELECT x.eid, x.ekind, x.eactor, x.ever, x.p,
+               max(x.eat) OVER (ORDER BY x.ever, x.eid ROWS UNBOUNDED PRECEDING) AS eat
+        FROM (
+            SELECT e.id AS eid, e.kind AS ekind, e.actor_id AS eactor, e.row_version AS ever,
+                   e.payload AS p, e.created_at AS eat
+            FROM sales.events e
+            WHERE e.row_id = record_versions.id
+              AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+            UNION ALL
+            SELECT h.id, h.kind, h.actor_id, h.row_version, h.payload, h.created_at
+            FROM sales.event_history h
+            WHERE h.row_id = record_versions.id
+              AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+        ) x
+        ORDER BY x.ever DESC, x.eid DESC
+    LOOP
+        -- Versions are consecutive; a gap is where pruning cut.
+        EXIT WHEN expect IS NOT NULL AND r.ever <> expect;
+        EXIT WHEN down_to IS NOT NULL AND r.ever < down_to;
+        o.version := r.ever;
+        o.at := r.eat;
+        o.event_id := r.eid;
+        o.kind := r.ekind;
+        o.actor_id := r.eactor;
+        o.job_id := (r.p->>'jobId')::bigint;
+        o.store_id := (r.p->>'storeId')::bigint;
+        o.year := (r.p->>'year')::int;
+        o.month := (r.p->>'month')::int;
+        o.before_store_id := coalesce((r.p->>'previousStoreId')::bigint, o.store_id);
+        o.before_year := coalesce((r.p->>'previousYear')::int, o.year);
+        o.before_month := coalesce((r.p->>'previousMonth')::int, o.month);
+        IF r.ekind = 'sales-data-deleted' THEN
+            o.daily_after := NULL;
+            state_known := r.p ? 'previousDays';
+            o.daily_before := r.p->'previousDays';
+            o.known := state_known;
+        ELSIF r.ekind = 'sales-data-created' THEN
+            o.daily_after := CASE WHEN state_known THEN state END;
+            o.daily_before := NULL;
+            o.before_store_id := NULL;
+            o.before_year := NULL;
+            o.before_month := NULL;
+            o.known := state_known;
+        ELSE
+            o.daily_after := CASE WHEN state_known THEN state END;
+            state_known := state_known AND r.p ? 'previousDays';
+            o.daily_before := CASE WHEN state_known THEN sales.daily_undo(state, r.p->'previousDays') END;
+            o.known := state_known;
+        END IF;
+        RETURN NEXT o;
+        state := o.daily_before;
+        expect := r.ever - 1;
+        EXIT WHEN r.ekind = 'sales-data-created';
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION sales.record_chain(id bigint, OUT newest bigint, OUT oldest bigint, OUT oldest_kind text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    expect bigint;
+BEGIN
+    SELECT m.version INTO expect FROM sales.record_row(record_chain.id) m;
+    FOR r IN
+        SELECT e.row_version AS v, e.kind AS k, e.id AS eid FROM sales.events e
+        WHERE e.row_id = record_chain.id
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+        UNION ALL
+        SELECT h.row_version, h.kind, h.id FROM sales.event_history h
+        WHERE h.row_id = record_chain.id
+          AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+        ORDER BY 1 DESC, 3 DESC
+    LOOP
+        EXIT WHEN expect IS NOT NULL AND r.v <> expect;
+        newest := coalesce(newest, r.v);
+        oldest := r.v;
+        oldest_kind := r.k;
+        expect := r.v - 1;
+        EXIT WHEN r.k = 'sales-data-created';
+    END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION sales.history(id bigint, max_rows integer DEFAULT 50, before_version bigint DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    cur_version bigint;
+    kept_version bigint;
+    vs sales.record_version;
+    entries jsonb := '[]';
+    n integer := 0;
+    more boolean := false;
+    newest bigint;
+    oldest bigint;
+    oldest_kind text;
+    top bigint;
+    last_version bigint;
+    gone_through bigint;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 OR max_rows > 1000 THEN
+        RAISE EXCEPTION 'max_rows: must be between 1 and 1000' USING ERRCODE = '22023';
+    END IF;
+    IF before_version IS NOT NULL AND before_version < 1 THEN
+        RAISE EXCEPTION 'before_version: must be 1 or more' USING ERRCODE = '22023';
+    END IF;
+    SELECT m.version INTO cur_version FROM sales.monthly_sales m WHERE m.id = history.id;
+    -- A truncated record's last version, as the TRUNCATE kept it.
+    SELECT m.version INTO kept_version FROM sales.record_row(history.id) m;
+    SELECT c.newest, c.oldest, c.oldest_kind INTO newest, oldest, oldest_kind
+    FROM sales.record_chain(history.id) c;
+    -- The page: versions below before_version, from the newest retained.
+    top := least(newest, before_version - 1);
+    IF top IS NULL THEN
+        top := newest;
+    END IF;
+    FOR vs IN SELECT * FROM sales.record_versions(history.id, top - max_rows + 1) LOOP
+        CONTINUE WHEN vs.version > top;
+        entries := entries || sales.history_entry(vs);
+        last_version := vs.version;
+        n := n + 1;
+    END LOOP;
+    more := n > 0 AND last_version > oldest;
+    IF oldest IS NULL AND kept_version IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF oldest IS NULL THEN
+        gone_through := kept_version;
+    ELSIF oldest_kind <> 'sales-data-created' AND oldest > 1 THEN
+        gone_through := oldest - 1;
+    END IF;
+    RETURN jsonb_build_object(
+        'id', history.id,
+        'currentVersion', cur_version,
+        'deleted', cur_version IS NULL,
+        'versions', entries,
+        'nextBeforeVersion', CASE WHEN more THEN last_version END,
+        'complete', gone_through IS NULL,
+        'gone', CASE WHEN gone_through IS NOT NULL THEN jsonb_build_object(
+            'throughVersion', gone_through,
+            'message', format('versions 1 to %s of sales record %s are older than the retained history '
+                              '(the event log and sales.event_history are pruned by sales.prune_events)',
+                              gone_through, history.id)) END);
+END $$;
+
+CREATE OR REPLACE FUNCTION sales.get_sales_as_of(id bigint, as_of timestamptz, fields text[] DEFAULT NULL,
+    exclude text[] DEFAULT NULL)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m sales.monthly_sales;
+    hit sales.record_version;
+    have boolean := false;
+    newest bigint;
+    target bigint;
+    oldest_version bigint;
+    oldest_at timestamptz;
+    created timestamptz;
+    doc jsonb;
+    n integer := 0;
+BEGIN
+    IF id IS NULL THEN
+        RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF as_of IS NULL THEN
+        RAISE EXCEPTION 'as_of must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    PERFORM sales.project('{}'::jsonb, fields, exclude);
+    -- The row, or as a TRUNCATE left it: asOf after the truncate still
+    -- answers its last version.
+    m := sales.record_row(get_sales_as_of.id);
+    -- Which version was current at as_of is read from the events' columns
+    -- (their times, made monotonic as sales.record_versions makes them);
+    -- the walk then goes only as far down as that version.
+    SELECT c.newest, c.oldest INTO newest, oldest_version FROM sales.record_chain(get_sales_as_of.id) c;
+    IF newest IS NOT NULL THEN
+        n := 1;
+        SELECT max(y.ever) FILTER (WHERE y.eff <= as_of AND y.ever BETWEEN oldest_version AND newest),
+               max(y.eff) FILTER (WHERE y.ever = oldest_version)
+        INTO target, oldest_at
+        FROM (
+            SELECT x.ever, max(x.eat) OVER (ORDER BY x.ever, x.eid ROWS UNBOUNDED PRECEDING) AS eff
+            FROM (
+                SELECT e.id AS eid, e.row_version AS ever, e.created_at AS eat FROM sales.events e
+                WHERE e.row_id = get_sales_as_of.id
+                  AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+                UNION ALL
+                SELECT h.id, h.row_version, h.created_at FROM sales.event_history h
+                WHERE h.row_id = get_sales_as_of.id
+                  AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+            ) x
+        ) y;
+        IF target IS NOT NULL THEN
+            SELECT * INTO hit FROM sales.record_versions(get_sales_as_of.id, target) rv
+            WHERE rv.version = target;
+            have := FOUND;
+        END IF;
+    END IF;
+    SELECT x.at INTO created FROM (
+        SELECT e.created_at AS at FROM sales.events e
+        WHERE e.row_id = get_sales_as_of.id AND e.kind = 'sales-data-created'
+        UNION ALL
+        SELECT h.created_at FROM sales.event_history h
+        WHERE h.row_id = get_sales_as_of.id AND h.kind = 'sales-data-created'
+    ) x LIMIT 1;
+    IF n = 0 AND m.id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF NOT have THEN
+        -- Nothing retained at or before as_of.
+        IF n = 0 AND m.updated_at <= as_of THEN
+            -- Unchanged since before as_of: the row as it is.
+            doc := sales.sales_doc(m);
+        ELSIF coalesce(created, m.created_at) > as_of THEN
+            RAISE EXCEPTION 'sales record % did not exist yet at %: it was created at %', id, as_of,
+                coalesce(created, m.created_at) USING ERRCODE = 'PS404';
+        ELSE
+            RAISE EXCEPTION 'the version of sales record % at % is older than the retained history (oldest retained: version % at %)',
+                id, as_of, coalesce(oldest_version, m.version), coalesce(oldest_at, m.updated_at)
+                USING ERRCODE = 'PSGON';
+        END IF;
+    ELSIF hit.kind = 'sales-data-deleted' THEN
+        RAISE EXCEPTION 'sales record % did not exist at %: it was deleted at %', id, as_of, hit.at
+            USING ERRCODE = 'PS404';
+    ELSIF NOT hit.known AND m.id IS NULL AND NOT EXISTS (
+        SELECT 1 FROM sales.events e
+        WHERE e.row_id = get_sales_as_of.id AND e.row_version = newest AND e.kind = 'sales-data-deleted'
+        UNION ALL
+        SELECT 1 FROM sales.event_history h
+        WHERE h.row_id = get_sales_as_of.id AND h.row_version = newest AND h.kind = 'sales-data-deleted')
+    THEN
+        RAISE EXCEPTION 'the daily data of sales record % at % is not known: its row was removed without a delete event and without a copy of its last daily data (a DELETE or TRUNCATE run with session_replication_role = replica, a TRUNCATE before pg_sales 0.12.0, or a copy pruned before the events), and the events hold only the days each version changed',
+            id, as_of USING ERRCODE = 'PSGON';
+    ELSIF NOT hit.known THEN
+        RAISE EXCEPTION 'the daily data of sales record % at % is not in its events (written before pg_sales 0.3.0)',
+            id, as_of USING ERRCODE = 'PSGON';
+    ELSE
+        doc := jsonb_build_object(
+            'id', get_sales_as_of.id, 'storeId', hit.store_id, 'year', hit.year, 'month', hit.month,
+            'dailyData', hit.daily_after,
+            'totalSales', sales.daily_sum(hit.daily_after, 'sales'),
+            'totalCustomers', sales.daily_sum(hit.daily_after, 'customers')::bigint,
+            'daysReported', sales.daily_days(hit.daily_after),
+            'version', hit.version,
+            'createdAt', coalesce(created, m.created_at), 'updatedAt', hit.at);
+    END IF;
+    IF sales.needs_store(fields) THEN
+        doc := doc || jsonb_build_object('store',
+            (SELECT sales.store_doc(s) FROM sales.stores s WHERE s.id = (doc->>'storeId')::bigint));
+    END IF;
+    RETURN sales.project(doc, fields, exclude);
+END $$;

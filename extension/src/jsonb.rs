@@ -64,6 +64,14 @@ impl RawJsonb {
         same || self.root().equals(other.root())
     }
 
+    /// Whether two documents have the same bytes (and so are the same
+    /// value written the same way: `10.5` and `10.500` are equal values,
+    /// not the same bytes).
+    pub fn same_bytes(&self, other: &RawJsonb) -> bool {
+        // SAFETY: both are detoasted jsonb datums (see from_polymorphic_datum).
+        unsafe { same_bytes(self.0 as *const _, other.0 as *const _) }
+    }
+
     /// The datum, to pass on to a query unchanged.
     pub fn datum(&self) -> JsonbDatum {
         JsonbDatum(pg_sys::Datum::from(self.0))
@@ -620,6 +628,12 @@ pub struct RawMember<'a> {
 impl<'a> RawMember<'a> {
     pub fn key(&self) -> &'a str {
         text_of(self.key)
+    }
+
+    /// Whether the two members' values are stored alike (the same type and
+    /// bytes): equal values written differently (`10.5`, `10.500`) are not.
+    pub fn same_stored(&self, other: &RawMember<'_>) -> bool {
+        self.entry & JENTRY_TYPE == other.entry & JENTRY_TYPE && self.data == other.data
     }
 
     /// The value, to be copied as stored into another document.

@@ -5,9 +5,11 @@
 //! a PL/pgSQL trigger.
 
 use crate::events::SalesRow;
-use crate::jsonb::{Jb, NumericSum};
+use crate::jsonb::{walk_together, Jb, JsonbDatum, NumericSum, RawJsonb};
+use crate::jsonb_text::Node;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use std::borrow::Cow;
 
 /// `BEFORE INSERT OR UPDATE ... FOR EACH ROW` on `sales.monthly_sales`.
 ///
@@ -19,6 +21,14 @@ use pgrx::prelude::*;
 ///   or daily data changed (jsonb equality: `1.0` and `1.00` are the same
 ///   value), otherwise both keep their old values, so a no-op update makes
 ///   no new version and no event; `created_at` never changes.
+/// - On update, a value equal to the stored one keeps the stored bytes:
+///   daily data equal to the old (`{"1": {"sales": 10.500}}` over
+///   `{"1": {"sales": 10.5}}`) is not written at all, and a day equal to its
+///   old value in a month that changed elsewhere keeps its old value as
+///   stored. So the stored bytes never change without a new version and an
+///   event naming the day (which the history is rebuilt from), and plain
+///   SQL stores what `sales.batch_upsert` stores: it counts such a record
+///   unchanged and leaves it as it was (merge and replace modes alike).
 #[pg_trigger]
 fn tg_sales_row<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -36,13 +46,40 @@ fn tg_sales_row<'a>(
         let row = SalesRow::of(td, MISUSE);
         let (desc, cols, old, new) = (row.desc, &row.cols, row.old, row.new);
         let get = |t, att| row.get(t, att);
-        let new_daily = row.daily(new);
         let old_daily = old.and_then(|t| row.daily(t));
-
         // Columns set here, by attribute number, with their values (at most
-        // six: the three totals, the version and the two timestamps).
+        // seven: the daily data, the three totals, the version and the two
+        // timestamps).
         let mut set = Replacements::default();
-        let (sales, customers, days) = match &new_daily {
+        // The daily data stored: on update, the old values where the new
+        // ones are equal (see above).
+        let written = row.daily(new);
+        let same_data = match (&written, &old_daily) {
+            (Some(n), Some(o)) => n.equals(o),
+            (None, None) => true,
+            _ => false,
+        };
+        let mut rebuilt: Option<RawJsonb> = None;
+        if let (Some(n), Some(o), Some(old)) = (&written, &old_daily, old) {
+            if same_data {
+                if !n.same_bytes(o) {
+                    // The old datum as the old row holds it (a TOAST
+                    // pointer stays one: nothing is written again).
+                    set.push(cols.daily_data, get(old, cols.daily_data));
+                }
+            } else if let Some(d) = keep_equal_days(o, n).and_then(|d| d.into_datum()) {
+                set.push(cols.daily_data, Some(d));
+                rebuilt = RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID);
+            }
+        }
+        let new_daily = if same_data && old_daily.is_some() {
+            old_daily.as_ref()
+        } else if rebuilt.is_some() {
+            rebuilt.as_ref()
+        } else {
+            written.as_ref()
+        };
+        let (sales, customers, days) = match new_daily {
             Some(j) => totals(j.root()),
             None => (None, None, None),
         };
@@ -61,11 +98,6 @@ fn tg_sales_row<'a>(
                     "the id of a sales record cannot change"
                 );
             }
-            let same_data = match (&new_daily, &old_daily) {
-                (Some(n), Some(o)) => n.equals(o),
-                (None, None) => true,
-                _ => false,
-            };
             let changed = !same_data
                 || int(new, cols.store_id) != int(old, cols.store_id)
                 || int4(new, cols.year) != int4(old, cols.year)
@@ -102,7 +134,7 @@ fn tg_sales_row<'a>(
         // monthly_sales_events, as an ON CONFLICT insert may still turn
         // into an update after this call.
         if old.is_some() && crate::events::updates_write_events(td.tg_relation) {
-            crate::events::write_row_event(&row, tuple, old_daily.as_ref(), new_daily.as_ref());
+            crate::events::write_row_event(&row, tuple, old_daily.as_ref(), new_daily);
         }
         Ok(Some(PgHeapTuple::from_heap_tuple(
             pgrx::PgTupleDesc::from_pg_unchecked(desc),
@@ -114,18 +146,18 @@ fn tg_sales_row<'a>(
 /// Replaced columns for `heap_modify_tuple_by_cols`, without an allocation.
 struct Replacements {
     n: usize,
-    atts: [i32; 6],
-    values: [pg_sys::Datum; 6],
-    nulls: [bool; 6],
+    atts: [i32; 7],
+    values: [pg_sys::Datum; 7],
+    nulls: [bool; 7],
 }
 
 impl Default for Replacements {
     fn default() -> Self {
         Replacements {
             n: 0,
-            atts: [0; 6],
-            values: [pg_sys::Datum::from(0); 6],
-            nulls: [false; 6],
+            atts: [0; 7],
+            values: [pg_sys::Datum::from(0); 7],
+            nulls: [false; 7],
         }
     }
 }
@@ -137,6 +169,39 @@ impl Replacements {
         self.nulls[self.n] = value.is_none();
         self.n += 1;
     }
+}
+
+/// `new` with the days whose value equals their value in `old` as `old`
+/// stores them, or None when it has none stored differently (nothing to
+/// rebuild): `{"1": {"sales": 10.500}, "2": ...}` over `{"1": {"sales":
+/// 10.5}, ...}` keeps `10.5`. Only for two objects (months).
+fn keep_equal_days(old: &RawJsonb, new: &RawJsonb) -> Option<JsonbDatum> {
+    let (Jb::Object(a), Jb::Object(b)) = (old.root(), new.root()) else {
+        return None;
+    };
+    let mut rewrite = false;
+    walk_together(Some(a.members()), Some(b.members()), |o, n| {
+        if let (Some(o), Some(n)) = (o, n) {
+            if !rewrite && !o.same_stored(&n) && o.value().equals(n.value()) {
+                rewrite = true;
+            }
+        }
+    });
+    if !rewrite {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(b.len());
+    walk_together(Some(a.members()), Some(b.members()), |o, n| match (o, n) {
+        (Some(o), Some(n)) if o.value().equals(n.value()) => {
+            pairs.push((Cow::Borrowed(n.key().as_bytes()), o.stored()))
+        }
+        (_, Some(n)) => pairs.push((Cow::Borrowed(n.key().as_bytes()), n.stored())),
+        _ => {}
+    });
+    Some(crate::jsonb_text::document_datum(
+        Node::Obj(pairs),
+        "a month",
+    ))
 }
 
 /// One pass over a month's days: the sum of `sales` (numeric), of

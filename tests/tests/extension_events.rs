@@ -1587,7 +1587,18 @@ async fn ids_are_not_given_twice_after_truncate_restart_identity() {
     exec(&db, "TRUNCATE sales.monthly_sales").await;
     let fourth = scalar_i64(&db, &insert).await;
     assert_eq!(fourth, third + 1);
-    // Nor does RESTART IDENTITY when the log holds no record's id.
+    // A truncated record's last state is kept for its history
+    // (sales.event_history): its id is not given again either, even when
+    // its events are gone.
+    exec(
+        &db,
+        "DELETE FROM sales.event_history; DELETE FROM sales.events",
+    )
+    .await;
+    exec(&db, "TRUNCATE sales.monthly_sales RESTART IDENTITY").await;
+    assert_eq!(scalar_i64(&db, &insert).await, fourth + 1);
+    // RESTART IDENTITY sets it back when the logs hold no record's id.
+    exec(&db, "TRUNCATE sales.monthly_sales").await;
     exec(
         &db,
         "DELETE FROM sales.event_history; DELETE FROM sales.events",
@@ -2199,7 +2210,12 @@ async fn the_owners_triggers_refuse_other_tables() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    for f in ["tg_sales_deleted", "tg_stores_changed", "tg_truncated"] {
+    for f in [
+        "tg_sales_deleted",
+        "tg_stores_changed",
+        "tg_truncated",
+        "tg_sales_truncating",
+    ] {
         let mut sp = sqlx::Connection::begin(&mut *tx).await.unwrap();
         let e = sqlx::raw_sql(&format!(
             "CREATE TRIGGER t_{f} AFTER DELETE ON pg_temp.monthly_sales FOR EACH ROW EXECUTE FUNCTION sales.{f}()"
@@ -2260,4 +2276,121 @@ async fn no_sql_session_can_silence_the_commit_notify() {
     upsert_ok(&db, &json!([record(s[0], 2024, 1, days(1, 1, 1.0, 1))])).await;
     let newest = max_event(&db).await;
     assert_eq!(notifications.drain(&db).await, vec![newest]);
+}
+
+/// A value equal to the stored one keeps its stored bytes, by plain SQL as
+/// by `sales.batch_upsert`: `10.500` over `10.5` is the same number, so
+/// the record does not change (no version, no event) and stays `10.5`.
+/// Before, an UPDATE stored the new bytes without a version or an event,
+/// so readers keyed on versions and events kept serving `10.5` while an
+/// export showed `10.500`. Within a month that changes elsewhere, such a
+/// day keeps its stored value too (the event names only the days that
+/// changed, and history rebuilds the rest from the row), whichever path
+/// writes.
+#[tokio::test]
+async fn an_equal_value_written_with_another_scale_changes_nothing() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let id = scalar_i64(
+        &db,
+        &format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ({s}, 2024, 1, '{{\"1\": {{\"sales\": 10.5}}}}') RETURNING id"
+        ),
+    )
+    .await;
+    let row = |db: &TestDb| {
+        let sql = format!(
+            "SELECT daily_data::text || ' ' || total_sales::text || ' v' || version
+             FROM sales.monthly_sales WHERE id = {id}"
+        );
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(row(&db).await, r#"{"1": {"sales": 10.5}} 10.5 v1"#);
+    let start = max_event(&db).await;
+
+    // Plain SQL.
+    exec(
+        &db,
+        &format!("UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 10.500}}}}' WHERE id = {id}"),
+    )
+    .await;
+    assert_eq!(row(&db).await, r#"{"1": {"sales": 10.5}} 10.5 v1"#);
+    assert!(events_after(&db, start).await.is_empty());
+
+    // The batch function, both modes: unchanged, nothing stored.
+    for mode in ["merge", "replace"] {
+        let summary = upsert(
+            &db,
+            &json!([{"storeId": s, "year": 2024, "month": 1,
+                     "dailyData": serde_json::from_str::<Value>(r#"{"1": {"sales": 10.500}}"#).unwrap()}]),
+            mode,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(summary["unchanged"], 1, "{mode}: {summary}");
+        assert_eq!(
+            row(&db).await,
+            r#"{"1": {"sales": 10.5}} 10.5 v1"#,
+            "{mode}"
+        );
+    }
+    let kinds_after = |evs: &[Ev]| {
+        evs.iter()
+            .filter(|e| e.kind.starts_with("sales-data"))
+            .count()
+    };
+    assert_eq!(kinds_after(&events_after(&db, start).await), 0);
+
+    // A month that changes elsewhere: day 1 keeps 10.5, the event names day 2.
+    let start = max_event(&db).await;
+    exec(
+        &db,
+        &format!(
+            "UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 10.500}}, \"2\": {{\"sales\": 1}}}}' WHERE id = {id}"
+        ),
+    )
+    .await;
+    assert_eq!(
+        row(&db).await,
+        r#"{"1": {"sales": 10.5}, "2": {"sales": 1}} 11.5 v2"#
+    );
+    let evs = events_after(&db, start).await;
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].payload["changedDays"], json!(["2"]));
+    // The batch too, in merge mode: day 1 as stored, day 3 added.
+    let summary = upsert(
+        &db,
+        &serde_json::from_str::<Value>(&format!(
+            r#"[{{"storeId": {s}, "year": 2024, "month": 1,
+                 "dailyData": {{"1": {{"sales": 10.50}}, "3": {{"sales": 2}}}}}}]"#
+        ))
+        .unwrap(),
+        "merge",
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary["updated"], 1, "{summary}");
+    assert_eq!(
+        row(&db).await,
+        r#"{"1": {"sales": 10.5}, "2": {"sales": 1}, "3": {"sales": 2}} 13.5 v3"#
+    );
+    // And the history shows version 1 as it was stored.
+    let v1: String = sqlx::query_scalar(
+        "SELECT (sales.get_sales_as_of($1, (SELECT created_at FROM sales.events
+                 WHERE row_id = $1 AND kind = 'sales-data-created')) -> 'dailyData')::text",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(v1, r#"{"1": {"sales": 10.5}}"#);
 }

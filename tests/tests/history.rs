@@ -806,3 +806,175 @@ async fn a_history_keeps_every_digit() {
         assert_eq!(email.is_null(), who == "staff", "{who}: {doc}");
     }
 }
+
+/// A sales record's history and as-of reads, as text (every digit as
+/// stored): the versions of `sales.history`, and `sales.get_sales_as_of`
+/// now and at each version's time.
+async fn history_texts(pool: &sqlx::PgPool, id: i64) -> (String, Vec<String>) {
+    let versions: String = sqlx::query_scalar("SELECT (sales.history($1) -> 'versions')::text")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let times: Vec<String> = sqlx::query_scalar(
+        "SELECT v ->> 'at' FROM jsonb_array_elements(sales.history($1) -> 'versions') v
+         UNION ALL SELECT now()::text",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut as_of = Vec::new();
+    for at in times {
+        let doc: String =
+            sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2::timestamptz)::text")
+                .bind(id)
+                .bind(&at)
+                .fetch_one(pool)
+                .await
+                .unwrap_or_else(|e| panic!("as of {at}: {e}"));
+        as_of.push(doc);
+    }
+    (versions, as_of)
+}
+
+/// After a `TRUNCATE` of `sales.monthly_sales` (which writes no delete
+/// event), a record's history and its `asOf` answer exactly what they
+/// answered before: every version with its whole daily data, to the digit.
+/// The walk started from the row as it is now, which was gone: the newest
+/// version showed every day changing to null, older ones only the days
+/// they changed, and `asOf` a null `dailyData` with null totals. A record
+/// whose events were all pruned still answers `asOf` with the truncated
+/// row. A row removed without any trace (a DELETE with
+/// `session_replication_role = replica`, which fires no trigger) cannot be
+/// rebuilt: its versions say `valuesKnown: false` and `asOf` is PSGON,
+/// never days rebuilt from the changed days alone.
+#[tokio::test]
+async fn a_truncated_record_keeps_its_history_and_as_of() {
+    let db = sales_e2e::TestDb::new().await;
+    let stores = db.stores(2).await;
+    let pool = &db.pool;
+    let mut ids = Vec::new();
+    for (s, month) in [(stores[0], 1), (stores[0], 2), (stores[1], 3)] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ($1, 2024, $2, '{\"1\": {\"sales\": 10.50, \"customers\": 3}, \"2\": {\"sales\": 20}}')
+             RETURNING id",
+        )
+        .bind(s)
+        .bind(month)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        for set in [
+            "daily_data || '{\"2\": {\"sales\": 21.000, \"customers\": 2}}'",
+            "daily_data || '{\"3\": {\"sales\": 100000000000.123456789}}'",
+            "daily_data - '1'",
+            "daily_data || '{\"1\": {\"sales\": 7}}'",
+        ] {
+            sqlx::query(&format!(
+                "UPDATE sales.monthly_sales SET daily_data = {set} WHERE id = $1"
+            ))
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        ids.push(id);
+    }
+    let (kept, old_pruned, replica) = (ids[0], ids[1], ids[2]);
+    // The second record's events are gone (pruned): only the row is known.
+    sqlx::query("DELETE FROM sales.events WHERE row_id = $1")
+        .bind(old_pruned)
+        .execute(pool)
+        .await
+        .unwrap();
+    let before = history_texts(pool, kept).await;
+    assert!(before.0.contains("100000000000.123456789"), "{}", before.0);
+    assert_eq!(before.1.len(), 6, "five versions and now");
+    let before_pruned: String = sqlx::query_scalar("SELECT sales.get_sales_as_of($1, now())::text")
+        .bind(old_pruned)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let gone_before: String = sqlx::query_scalar("SELECT (sales.history($1) -> 'gone')::text")
+        .bind(old_pruned)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let current: String =
+        sqlx::query_scalar("SELECT m.daily_data::text FROM sales.monthly_sales m WHERE m.id = $1")
+            .bind(kept)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+
+    // A delete that fires no trigger: nothing records the row's last state.
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(&format!(
+        "SET session_replication_role = replica; DELETE FROM sales.monthly_sales WHERE id = {replica}"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    sqlx::query("TRUNCATE sales.monthly_sales")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let after = history_texts(pool, kept).await;
+    assert_eq!(after.0, before.0, "the versions after the truncate");
+    assert_eq!(after.1, before.1, "asOf each version's time, and now");
+    let now: Value = serde_json::from_str(after.1.last().unwrap()).unwrap();
+    assert_eq!(now["version"], 5, "{now}");
+    let data: String =
+        sqlx::query_scalar("SELECT (sales.get_sales_as_of($1, now()) -> 'dailyData')::text")
+            .bind(kept)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(data, current, "the truncated row's last daily data");
+    let meta: Value = sqlx::query_scalar("SELECT sales.history($1) - 'versions'")
+        .bind(kept)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(meta["deleted"], true, "{meta}");
+    assert_eq!(meta["complete"], true, "{meta}");
+
+    // Only the row was known: it still is.
+    let after_pruned: String = sqlx::query_scalar("SELECT sales.get_sales_as_of($1, now())::text")
+        .bind(old_pruned)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(after_pruned, before_pruned);
+    let gone_after: String = sqlx::query_scalar("SELECT (sales.history($1) -> 'gone')::text")
+        .bind(old_pruned)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(gone_after, gone_before);
+
+    // Removed without a trace: said, not guessed.
+    let h: Value = sqlx::query_scalar("SELECT sales.history($1)")
+        .bind(replica)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let versions = h["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 5, "{h}");
+    for v in versions {
+        assert_eq!(v["valuesKnown"], false, "{h}");
+        assert!(v["changes"].is_null(), "{h}");
+    }
+    let e = sqlx::query_scalar::<_, Value>("SELECT sales.get_sales_as_of($1, now())")
+        .bind(replica)
+        .fetch_one(pool)
+        .await
+        .expect_err("the daily data of a row removed without a trace");
+    let d = e.as_database_error().expect("a database error");
+    assert_eq!(d.code().as_deref(), Some("PSGON"), "{e}");
+    assert!(d.message().contains("is not known"), "{e}");
+}

@@ -148,12 +148,17 @@ RETURNING total_sales, total_customers, days_reported, version;
 UPDATE sales.monthly_sales SET daily_data = daily_data RETURNING version;
 UPDATE sales.monthly_sales SET daily_data = daily_data || '{"2": {"sales": 1}}' RETURNING version, total_sales, days_reported;
 -- The totals are derived whatever a writer gives; equal jsonb (10.5 and
--- 10.50) is no change of the data, so no new version; a version or
--- timestamps a writer sets are ignored.
+-- 10.50) is no change of the data, so no new version, and the data stays
+-- as stored (10.5, and its totals: the bytes never change without a
+-- version and an event); a version or timestamps a writer sets are
+-- ignored.
 UPDATE sales.monthly_sales SET total_sales = 1, total_customers = 2, days_reported = 3
 RETURNING version, total_sales, total_customers, days_reported;
 UPDATE sales.monthly_sales SET daily_data = '{"29": {"sales": 10.50, "customers": 4}, "1": {"sales": 1.0}, "2": {"sales": 1}}'
-RETURNING version, total_sales;
+RETURNING version, total_sales, daily_data;
+-- A day equal to its stored value keeps it in a month that changes.
+UPDATE sales.monthly_sales SET daily_data = '{"29": {"sales": 10.50, "customers": 4}, "1": {"sales": 1.0}, "2": {"sales": 2}}'
+RETURNING version, total_sales, daily_data;
 UPDATE sales.monthly_sales SET version = 42, created_at = '2000-01-01', updated_at = '2000-01-01'
 RETURNING version, created_at = '2000-01-01' AS created_moved, updated_at = '2000-01-01' AS updated_moved;
 UPDATE sales.monthly_sales SET daily_data = '{}' RETURNING version, total_sales, total_customers, days_reported;
