@@ -3,10 +3,14 @@
 // REST (/api/v2) for the initial state, one WebSocket (/ws?token=JWT) for live
 // events (one `all-stores` subscription follows the whole chain). Sales events
 // refetch the summaries and the region x month / year-over-year analytics
-// (debounced); store events patch the
-// store list; export-progress events drive the export progress bar. When the
-// socket drops, the page shows that it is reconnecting, reconnects with
-// exponential backoff, re-subscribes and resumes from the last event id it saw.
+// (debounced); store events patch the store list (a store's name or region
+// changing, or a store removed, refetches the figures too); a truncated table,
+// `resync_required`, a reconnect and a change of access (4012) reload
+// everything the page shows from the API; export-progress events drive the
+// export progress bar. When the socket drops, the page shows that it is
+// reconnecting, reconnects with exponential backoff, re-subscribes and
+// resumes from the last event id it saw. Logging out clears every figure of
+// the session, so the next user never sees the previous one's.
 // Sessions: a short access token and a rotating refresh token; the page
 // refreshes before the access token expires, after a 401 (once) and when the
 // socket is closed because the user's access changed (4012). Admins get a
@@ -46,8 +50,9 @@
     month: currentMonth(),
     topN: 20,
     stores: new Map(), // id -> store document
-    byStore: [], // summary rows (groupBy=store)
-    byRegion: [], // summary rows (groupBy=region)
+    byStore: null, // summary rows (groupBy=store); null until loaded
+    byRegion: null, // summary rows (groupBy=region); null until loaded
+    summaryError: null, // why the summaries could not be loaded
     salesVersions: new Map(), // monthly_sales id -> highest version seen
     lastEventId: null,
     seen: new Set(),
@@ -301,9 +306,6 @@
     state.cookieSession = false;
     state.tokenExpiresAt = 0;
     clearTimeout(state.tokenTimer);
-    clearTimeout(state.usersTimer);
-    state.users = [];
-    $('users-card').hidden = true;
     state.token = null;
     state.user = null;
     state.ws = null;
@@ -311,17 +313,13 @@
     clearTimeout(state.reconnectTimer);
     clearInterval(state.countdownTimer);
     clearInterval(state.pingTimer);
-    clearTimeout(state.refreshTimer);
+    state.reconnectTimer = null;
     try { sessionStorage.removeItem(SESSION_KEY); } catch (_) { /* ignore */ }
-    state.stores.clear();
-    state.salesVersions.clear();
-    state.seen.clear();
-    state.seenOrder = [];
+    state.wsSubs = new Set();
     state.lastEventId = null;
     state.everConnected = false;
     state.attempt = 0;
-    $('feed').replaceChildren();
-    $('feed-empty').hidden = false;
+    clearUserData();
     $('session').hidden = true;
     $('reconnect-banner').hidden = true;
     $('dashboard-view').hidden = true;
@@ -330,11 +328,61 @@
     $('email').focus();
   }
 
+  // Forgets every figure of the session and empties what showed them: the
+  // next user to sign in in this tab sees nothing of the previous one's, even
+  // while their own answers are on the way or if they fail. Answers still in
+  // flight are dropped (the sequence numbers move; loadStores and loadUsers
+  // check the session).
+  function clearUserData() {
+    clearTimeout(state.refreshTimer);
+    state.refreshTimer = null;
+    state.refreshFlash = new Set();
+    clearTimeout(state.analyticsTimer);
+    state.analyticsTimer = null;
+    clearTimeout(state.usersTimer);
+    state.usersTimer = null;
+    state.summarySeq += 1;
+    state.analyticsSeq += 1;
+    state.users = [];
+    state.stores.clear();
+    state.byStore = null;
+    state.byRegion = null;
+    state.summaryError = null;
+    state.salesVersions.clear();
+    state.seen.clear();
+    state.seenOrder = [];
+    state.exportJob = null;
+    state.exportProgressEvents = 0;
+    state.month = currentMonth();
+    $('month').value = state.month;
+    $('who').textContent = '';
+    $('store-filter').value = '';
+    $('feed').replaceChildren();
+    $('feed-empty').hidden = false;
+    $('users-card').hidden = true;
+    $('users').querySelector('tbody').replaceChildren();
+    $('users-count').textContent = '';
+    $('user-error').textContent = '';
+    $('export-status').textContent = '';
+    $('export-progress').hidden = true;
+    renderStores();
+    $('stores-count').textContent = '';
+    renderChart();
+    renderRegions();
+    renderRegionMonths([], analyticsYear(), 'Loading…');
+    renderYoy([], analyticsYear());
+    $('yoy-caption').textContent = 'Loading…';
+  }
+
+  function showUser() {
+    $('who').textContent = state.user ? `${state.user.email} · ${state.user.role}` : '';
+  }
+
   function start() {
     $('login-view').hidden = true;
     $('dashboard-view').hidden = false;
     $('session').hidden = false;
-    $('who').textContent = state.user ? `${state.user.email} · ${state.user.role}` : '';
+    showUser();
     $('month').value = state.month;
     $('main').focus();
     loadStores().then(subscribeAll, () => {});
@@ -349,9 +397,11 @@
   // Every store of the caller's scope, a page of 1,000 (the API's most) at
   // a time, up to 100,000.
   async function loadStores() {
+    const gen = state.sessionGen;
     const all = [];
     for (let offset = 0; offset < 100000; offset += 1000) {
       const body = await api(`/api/v2/stores?limit=1000&offset=${offset}`);
+      if (gen !== state.sessionGen) throw new ApiError('the session changed', 0);
       const page = body.data || [];
       all.push(...page);
       if (page.length < 1000) break;
@@ -403,13 +453,20 @@
       if (seq !== state.summarySeq) return; // a newer request won
       state.byStore = stores.data || [];
       state.byRegion = regions.data || [];
+      state.summaryError = null;
       const flash = state.refreshFlash;
       state.refreshFlash = new Set();
       renderChart(flash);
       renderRegions(flash.size > 0);
     } catch (e) {
-      if (e.status === 401) return;
-      $('chart-caption').textContent = `Could not load the sales summary: ${e.message}`;
+      if (e.status === 401 || seq !== state.summarySeq) return;
+      state.summaryError = `Could not load the sales summary: ${e.message}`;
+      if (!state.byStore) {
+        // Nothing shown yet: the chart and the region totals say why.
+        renderChart();
+        renderRegions();
+      }
+      $('chart-caption').textContent = state.summaryError;
     }
   }
 
@@ -432,7 +489,9 @@
     const wrap = $('chart-wrap');
     $('chart-month').textContent = `· ${monthLabel(state.month)}`;
     $('regions-month').textContent = `· ${monthLabel(state.month)}`;
-    const rows = [...state.byStore].sort((a, b) => num(b.totalSales) - num(a.totalSales));
+    const rows = [...(state.byStore || [])].sort((a, b) => num(b.totalSales) - num(a.totalSales));
+    // No rows: none yet this month, or not loaded (yet).
+    const none = state.byStore ? `No sales reported for ${monthLabel(state.month)} yet.` : state.summaryError || 'Loading…';
     const shown = state.topN > 0 ? rows.slice(0, state.topN) : rows;
     const width = Math.max(260, Math.floor(wrap.clientWidth || 600));
     // Narrow (phone) widths put each store's name above its bar.
@@ -453,7 +512,7 @@
     const total = rows.reduce((acc, r) => acc + num(r.totalSales), 0);
     const parts = [];
     if (shown.length === 0) {
-      parts.push(svg('text', { class: 'empty', x: 8, y: top + 16 }, `No sales reported for ${monthLabel(state.month)} yet.`));
+      parts.push(svg('text', { class: 'empty', x: 8, y: top + 16 }, none));
     } else {
       const max = Math.max(...shown.map((r) => num(r.totalSales)), 1);
       const ticks = narrow ? 2 : 4;
@@ -495,7 +554,7 @@
     const which = state.topN > 0 && rows.length > state.topN ? `Top ${shown.length} of ${rows.length} stores` : `${rows.length} stores`;
     $('chart-caption').textContent = rows.length
       ? `${which} by sales in ${monthLabel(state.month)}; all stores together: ${nf2.format(total)}.`
-      : `No sales reported for ${monthLabel(state.month)} yet.`;
+      : none;
     const tbody = $('chart-table').tBodies[0];
     tbody.replaceChildren(...rows.map((r) => el('tr', {},
       el('th', { scope: 'row', text: r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key) }),
@@ -504,7 +563,7 @@
   }
 
   function renderRegions(flash) {
-    const rows = [...state.byRegion].sort((a, b) => num(b.totalSales) - num(a.totalSales));
+    const rows = [...(state.byRegion || [])].sort((a, b) => num(b.totalSales) - num(a.totalSales));
     const total = rows.reduce((acc, r) => acc + num(r.totalSales), 0);
     const customers = rows.reduce((acc, r) => acc + num(r.totalCustomers), 0);
     const stores = rows.reduce((acc, r) => acc + num(r.stores), 0);
@@ -520,7 +579,8 @@
       return tr;
     }));
     if (rows.length === 0) {
-      body.append(el('tr', {}, el('td', { colspan: '4', class: 'muted', text: 'No sales this month yet.' })));
+      const none = state.byRegion ? 'No sales this month yet.' : state.summaryError || 'Loading…';
+      body.append(el('tr', {}, el('td', { colspan: '4', class: 'muted', text: none })));
     }
     $('regions-total-sales').textContent = nf0.format(total);
     $('regions-total-customers').textContent = nf0.format(customers);
@@ -540,20 +600,29 @@
     return Number(String(state.month).slice(0, 4));
   }
 
+  // The year-over-year chart reads both years' own months in one request
+  // (groupBy=month from January of last year to December of this one), not
+  // compareTo=previousYear: that answers no row for a month of this year
+  // that has not begun, so last year's bar for it would read 0.
   async function loadAnalytics() {
+    clearTimeout(state.analyticsTimer);
+    state.analyticsTimer = null;
     const seq = ++state.analyticsSeq;
     const y = analyticsYear();
     try {
       const [grid, yoy] = await Promise.all([
         api(`/api/v2/sales/summary?groupBy=region,month&metrics=totalSales&year=${y}`),
-        api(`/api/v2/sales/summary?groupBy=month&metrics=totalSales&year=${y}&compareTo=previousYear`),
+        api(`/api/v2/sales/summary?groupBy=month&metrics=totalSales&from=${y - 1}-01&to=${y}-12`),
       ]);
       if (seq !== state.analyticsSeq) return; // a newer request won
       renderRegionMonths(grid.data || [], y);
       renderYoy(yoy.data || [], y);
     } catch (e) {
-      if (e.status === 401) return;
+      if (e.status === 401 || seq !== state.analyticsSeq) return;
       $('yoy-caption').textContent = `Could not load the analytics: ${e.message}`;
+      if (!$('region-months').tBodies[0].querySelector('tr[data-region]')) {
+        renderRegionMonths([], y, 'Could not load the analytics.');
+      }
     }
   }
 
@@ -565,7 +634,20 @@
     }, REFRESH_DEBOUNCE_MS);
   }
 
-  function renderRegionMonths(rows, y) {
+  // Everything the page shows from the API, fetched again: after a
+  // reconnect, a change of access (4012: the token now has another scope),
+  // `resync_required` and a truncated table. The figures are debounced like
+  // the live refreshes, so the sales events of a replay add no requests.
+  function reloadAll() {
+    showUser();
+    scheduleRefresh();
+    scheduleAnalytics();
+    loadStores().then(subscribeAll, () => {});
+    startUsers();
+  }
+
+  // `empty`: what an empty table says (default: no sales that year yet).
+  function renderRegionMonths(rows, y, empty) {
     $('analytics-year').textContent = `· ${y}`;
     const table = $('region-months');
     const months = MONTHS.map((_, i) => `${y}-${String(i + 1).padStart(2, '0')}`);
@@ -592,17 +674,18 @@
         el('td', { class: 'num', 'data-value': String(total), text: compact.format(total) }));
     }));
     if (regions.length === 0) {
-      table.tBodies[0].append(el('tr', {}, el('td', { colspan: '14', class: 'muted', text: `No sales in ${y} yet.` })));
+      table.tBodies[0].append(el('tr', {}, el('td', { colspan: '14', class: 'muted', text: empty || `No sales in ${y} yet.` })));
     }
     $('analytics-caption').textContent = 'Sales per region and month; updates live.';
   }
 
+  // rows: groupBy=month over last year and this one.
   function renderYoy(rows, y) {
     const chart = $('yoy-chart');
-    const byMonth = new Map(rows.map((r) => [r.month, r]));
+    const byMonth = new Map(rows.map((r) => [r.month, num(r.totalSales)]));
     const data = MONTHS.map((label, i) => {
-      const r = byMonth.get(`${y}-${String(i + 1).padStart(2, '0')}`);
-      return { label, cur: r ? num(r.totalSales) : 0, prev: r && r.previous ? num(r.previous.totalSales) : 0 };
+      const mm = String(i + 1).padStart(2, '0');
+      return { label, cur: byMonth.get(`${y}-${mm}`) || 0, prev: byMonth.get(`${y - 1}-${mm}`) || 0 };
     });
     const width = Math.max(260, Math.floor(chart.clientWidth || 600));
     const height = 180;
@@ -729,9 +812,8 @@
       state.pingTimer = setInterval(heartbeat, PING_EVERY_MS / 2);
       if (wasDown) {
         addFeed('other', 'Reconnected', 'Live updates resumed.', null, null);
-        // Whatever the replay brings, the totals are refetched once.
-        scheduleRefresh();
-        loadStores().then(subscribeAll, () => {});
+        // Whatever the replay brings, everything is refetched once.
+        reloadAll();
       }
     };
     ws.onmessage = (e) => {
@@ -759,7 +841,9 @@
         refreshSession().then(() => {
           state.attempt = 0;
           connect();
-          if (e.code === 4012) { loadStores().then(subscribeAll, () => {}); loadSummaries(); }
+          // The stores, totals and analytics of the new scope (also if the
+          // reconnect fails).
+          if (e.code === 4012) reloadAll();
         }, () => { if (state.token) scheduleReconnect(); });
         return;
       }
@@ -825,6 +909,14 @@
           }
           break;
         case 'error':
+          if (msg.code === 'resync_required') {
+            // What was missed cannot be replayed (too much, or pruned); the
+            // subscriptions stand and live events continue: reload through
+            // the REST API.
+            addFeed('other', 'Reloaded', 'The missed events could not be replayed; everything was reloaded.', null, null);
+            reloadAll();
+            break;
+          }
           if (msg.event) state.wsSubs.delete(msg.event);
           console.warn('websocket error', msg.code, msg.message, msg.event || '');
           break;
@@ -891,6 +983,14 @@
         else state.stores.set(sid, { ...(known || {}), ...d });
         renderStores(sid);
         if (kind === 'store-created') subscribeAll();
+        // A name, code or region shows in the chart's labels, the region
+        // totals and the region x month table; a removed store's figures go.
+        const moved = kind === 'store-deleted' || (kind === 'store-updated'
+          && (!known || ['name', 'code', 'region'].some((k) => d[k] !== undefined && d[k] !== known[k])));
+        if (moved) {
+          scheduleRefresh();
+          scheduleAnalytics();
+        }
         const name = d.name ? `${d.name} (${d.code})` : storeLabel(sid);
         if (kind === 'store-status-changed') {
           addFeed('store', 'Store status', `${name}: ${d.previousStatus || '?'} → ${d.status}`, ts, id);
@@ -909,6 +1009,11 @@
         break;
       case 'export-progress':
         exportProgress(d);
+        break;
+      case 'table-truncated':
+        // Every row of that table went at once: whatever came from it is gone.
+        addFeed('other', 'Table emptied', `every row of ${d.table || 'a table'} was removed`, ts, id);
+        reloadAll();
         break;
       case 'user-created':
       case 'user-updated':
@@ -953,7 +1058,13 @@
 
   function startUsers() {
     $('users-card').hidden = !isAdmin();
-    if (isAdmin()) loadUsers();
+    if (isAdmin()) {
+      loadUsers();
+    } else if (state.users.length) {
+      // No longer an admin (4012): the list goes.
+      state.users = [];
+      renderUsers();
+    }
   }
 
   function scheduleUsers() {
@@ -964,12 +1075,14 @@
 
   async function loadUsers() {
     if (!isAdmin()) return;
+    const gen = state.sessionGen;
     try {
       const body = await api('/api/v2/users?limit=1000');
+      if (gen !== state.sessionGen || !isAdmin()) return;
       state.users = body.data;
       renderUsers();
     } catch (e) {
-      $('user-error').textContent = `Users: ${e.message}`;
+      if (gen === state.sessionGen) $('user-error').textContent = `Users: ${e.message}`;
     }
   }
 
@@ -1102,6 +1215,7 @@
       params.set('to', state.month);
     }
     const job = { id: null, wsSeen: false, finished: false };
+    const gen = state.sessionGen;
     state.exportJob = job;
     btn.disabled = true;
     btn.setAttribute('aria-busy', 'true');
@@ -1119,6 +1233,10 @@
         for (;;) {
           const { done, value } = await reader.read();
           if (done) break;
+          if (gen !== state.sessionGen) {
+            reader.cancel().catch(() => {});
+            return;
+          }
           chunks.push(value);
           bytes += value.length;
           for (let i = 0; i < value.length; i++) if (value[i] === 10) lines++;
@@ -1132,6 +1250,8 @@
       } else {
         chunks.push(await res.arrayBuffer());
       }
+      // Logged out meanwhile: the file is not the next user's to save.
+      if (gen !== state.sessionGen) return;
       const blob = new Blob(chunks, { type: 'text/csv' });
       const name = filenameFrom(res, range === 'month' ? `sales-${state.month}.csv` : 'sales-all.csv');
       const url = URL.createObjectURL(blob);
@@ -1146,6 +1266,7 @@
       // Keep listening a little for the server's final progress event.
       setTimeout(() => { if (state.exportJob === job) state.exportJob = null; }, 5000);
     } catch (e) {
+      if (gen !== state.sessionGen) return;
       if (e.status !== 401) status.textContent = `Export failed: ${e.message}`;
       $('export-progress').hidden = true;
       state.exportJob = null;
@@ -1202,6 +1323,11 @@
       // must refresh its way back).
       spoilToken() {
         state.token = 'not.a.token';
+      },
+      // Handles `msg` as if the socket had brought it (for events no API
+      // call can make, such as `table-truncated`).
+      receive(msg) {
+        handleMessage(msg);
       },
     };
 

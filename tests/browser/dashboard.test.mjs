@@ -347,6 +347,205 @@ async function main() {
     assert.equal(after.status, 401, after.text);
     // "ended" (the logout revoked it), not "already used" (a reuse would say so).
     assert.match(after.json.error.message, /session has ended/, after.text);
+    log('logged out: the cookie is gone and the session ended on the server');
+
+    // ---- the next user in this tab sees nothing of the previous one's ----
+    // A manager of two stores in different regions logs in where the admin
+    // was. Their summaries are held back until the page has been looked at,
+    // so what it shows meanwhile can only be left over from the admin.
+    const near = (a, b) => Math.abs(Number(a) - Number(b)) < 0.005;
+    const yearRows = await api('GET', `/api/v2/sales/summary?groupBy=store,region&metrics=totalSales&year=${now.year}`, token);
+    assert.equal(yearRows.status, 200, yearRows.text);
+    const storeA = yearRows.json.data.find((r) => Number(r.totalSales) > 0);
+    const storeB = yearRows.json.data.find((r) => Number(r.totalSales) > 0 && r.region !== storeA.region);
+    assert.ok(storeA && storeB, 'two stores with sales in different regions');
+    const MGR = { email: 'browser-manager@example.com', password: 'browser-manager-pass-1' };
+    const created = await api('POST', '/api/v2/users', token, {
+      email: MGR.email, role: 'manager', stores: [Number(storeA.storeId), Number(storeB.storeId)], password: MGR.password,
+    });
+    assert.equal(created.status, 201, created.text);
+    const mgrId = created.json.data ? created.json.data.id : created.json.id;
+    const mgrToken = async () => {
+      const r = await api('POST', '/api/v2/auth/login', null, MGR);
+      assert.equal(r.status, 200, r.text);
+      return r.json.token;
+    };
+    // What the page must show for the manager's scope, from the REST API.
+    const scopeFigures = async () => {
+      const t = await mgrToken();
+      const get = async (q) => {
+        const r = await api('GET', `/api/v2/sales/summary?${q}`, t);
+        assert.equal(r.status, 200, r.text);
+        return r.json.data;
+      };
+      const grid = {};
+      for (const r of await get(`groupBy=region,month&metrics=totalSales&year=${now.year}`)) {
+        grid[r.region] = (grid[r.region] || 0) + Number(r.totalSales);
+      }
+      const stores = (await get(`groupBy=store&from=${now.ym}&to=${now.ym}`)).map((r) => String(r.key)).sort();
+      const regions = (await get(`groupBy=region&from=${now.ym}&to=${now.ym}`)).map((r) => [r.key, Number(r.totalSales)]);
+      const byMonth = {};
+      for (const r of await get(`groupBy=month&metrics=totalSales&year=${now.year}`)) byMonth[r.month.slice(5)] = Number(r.totalSales);
+      return { grid, stores, regions: Object.fromEntries(regions), byMonth };
+    };
+    // The page's figures: bars, region totals, the region x month table's year column.
+    const shown = () => page.evaluate(() => ({
+      bars: [...document.querySelectorAll('#chart g.row')].map((g) => g.getAttribute('data-store-id')).sort(),
+      regions: Object.fromEntries([...document.querySelectorAll('#regions tbody tr[data-region]')].map((r) => [r.dataset.region, Number(r.dataset.value)])),
+      grid: Object.fromEntries([...document.querySelectorAll('#region-months tbody tr[data-region]')].map((r) => [r.dataset.region, Number(r.lastElementChild.dataset.value)])),
+    }));
+    // Waits until the page shows exactly the figures of `exp`.
+    const showsScope = (exp) => page.waitForFunction((exp) => {
+      const near = (a, b) => Math.abs(a - b) < 0.005;
+      const same = (got, want) => Object.keys(got).length === Object.keys(want).length
+        && Object.entries(want).every(([k, v]) => got[k] !== undefined && near(got[k], v));
+      const bars = [...document.querySelectorAll('#chart g.row')].map((g) => g.getAttribute('data-store-id')).sort();
+      const regions = Object.fromEntries([...document.querySelectorAll('#regions tbody tr[data-region]')].map((r) => [r.dataset.region, Number(r.dataset.value)]));
+      const grid = Object.fromEntries([...document.querySelectorAll('#region-months tbody tr[data-region]')].map((r) => [r.dataset.region, Number(r.lastElementChild.dataset.value)]));
+      return JSON.stringify(bars) === JSON.stringify(exp.stores) && same(regions, exp.regions) && same(grid, exp.grid);
+    }, exp).catch(async (e) => {
+      throw new Error(`${e.message}\nwanted ${JSON.stringify(exp)}\nshown ${JSON.stringify(await shown())}`);
+    });
+
+    let summaryRequests = 0;
+    let storeRequests = 0;
+    page.on('request', (r) => {
+      if (r.url().includes('/api/v2/sales/summary')) summaryRequests += 1;
+      if (r.url().includes('/api/v2/stores?')) storeRequests += 1;
+    });
+    let release;
+    const held = new Promise((resolve) => { release = resolve; });
+    // Released with false, the held requests fail (503, as while the
+    // database is down).
+    await page.route('**/api/v2/sales/summary**', async (route) => {
+      const pass = await held;
+      await (pass ? route.continue() : route.fulfill({
+        status: 503,
+        contentType: 'application/json',
+        body: '{"error":{"code":"unavailable","message":"database unavailable"}}',
+      })).catch(() => {});
+    });
+    const heldFrom = summaryRequests;
+    await page.getByLabel('Email').fill(MGR.email);
+    await page.getByLabel('Password').fill(MGR.password);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#dashboard-view').waitFor({ state: 'visible' });
+    await page.locator('#who').filter({ hasText: MGR.email }).waitFor();
+    // The manager's own stores are in (names may redraw the chart) and their
+    // four summary requests (store, region, region x month, by month) wait.
+    await page.waitForFunction(() => document.querySelectorAll('#stores li').length === 2);
+    for (let i = 0; i < 300 && summaryRequests - heldFrom < 4; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.ok(summaryRequests - heldFrom >= 4, `summary requests while held: ${summaryRequests - heldFrom}`);
+    const leftOverNow = () => page.evaluate(() => ({
+      bars: document.querySelectorAll('#chart g.row').length,
+      table: document.querySelectorAll('#chart-table tbody tr').length,
+      regions: document.querySelectorAll('#regions tbody tr[data-region]').length,
+      regionsTotal: document.querySelector('#regions-total-sales').textContent,
+      grid: document.querySelectorAll('#region-months tbody tr[data-region]').length,
+      yoy: [...document.querySelectorAll('#yoy-chart rect')].filter((r) => Number(r.dataset.value) !== 0).length,
+      captions: ['chart-caption', 'yoy-caption'].map((id) => document.getElementById(id).textContent).join(' | '),
+      feed: document.querySelectorAll('#feed li').length,
+      exportStatus: document.querySelector('#export-status').textContent,
+      users: document.querySelectorAll('#users tbody tr').length,
+    }));
+    const noneLeft = async (when) => {
+      const leftOver = await leftOverNow();
+      assert.deepEqual(leftOver, {
+        bars: 0, table: 0, regions: 0, regionsTotal: '0', grid: 0, yoy: 0,
+        captions: leftOver.captions, feed: 0, exportStatus: '', users: 0,
+      }, `${when}: the previous user's figures are gone: ${JSON.stringify(leftOver)}`);
+      assert.doesNotMatch(leftOver.captions, /\d{3}/, `${when}: captions: ${leftOver.captions}`);
+    };
+    await noneLeft('while the summaries load');
+    // They fail: the page says so, and still shows nothing of the admin's.
+    release(false);
+    await page.locator('#chart-caption').filter({ hasText: /Could not load the sales summary/ }).waitFor();
+    await page.locator('#yoy-caption').filter({ hasText: /Could not load the analytics/ }).waitFor();
+    await noneLeft('after the summaries failed');
+    await page.unroute('**/api/v2/sales/summary**');
+    // Choosing the month again loads them.
+    await page.dispatchEvent('#month', 'change');
+    const both = await scopeFigures();
+    assert.equal(Object.keys(both.grid).length, 2, `two regions: ${JSON.stringify(both)}`);
+    await showsScope(both);
+    log(`next user (manager of stores ${storeA.storeId}, ${storeB.storeId}): none of the admin's figures while theirs load or when they fail, then their own`);
+
+    // ---- access changed (4012): the page reloads everything for the new scope ----
+    await page.locator('#conn[data-state="live"]').waitFor();
+    const narrowed = await api('PATCH', `/api/v2/users/${mgrId}`, token, { stores: [Number(storeA.storeId)] });
+    assert.equal(narrowed.status, 200, narrowed.text);
+    const onlyA = await scopeFigures();
+    assert.deepEqual(Object.keys(onlyA.grid), [storeA.region]);
+    await showsScope(onlyA);
+    await page.waitForFunction(({ ym, v }) => {
+      const r = document.querySelector(`#yoy-chart rect.cur[data-month="${ym}"]`);
+      return r && Math.abs(Number(r.dataset.value) - v) < 0.005;
+    }, { ym: now.ym, v: onlyA.byMonth[now.ym.slice(5)] || 0 });
+    await page.locator('#stores li').nth(1).waitFor({ state: 'detached' });
+    log(`4012 after the manager lost store ${storeB.storeId}: chart, region totals, region x month and year-over-year follow`);
+
+    // ---- last year's bars are last year's own figures ----
+    // Next year has no sales yet (every month of it is ahead): each of its
+    // months shows this year's total as "last year".
+    await page.fill('#month', `${now.year + 1}-01`);
+    await page.dispatchEvent('#month', 'change');
+    await page.waitForFunction(({ y, want }) => {
+      const prev = [...document.querySelectorAll('#yoy-chart rect.prev')];
+      const cur = [...document.querySelectorAll('#yoy-chart rect.cur')];
+      return prev.length === 12 && cur.every((r) => Number(r.dataset.value) === 0)
+        && prev.every((r) => r.dataset.month.startsWith(`${y}-`)
+          && Math.abs(Number(r.dataset.value) - (want[r.dataset.month.slice(5)] || 0)) < 0.005);
+    }, { y: now.year + 1, want: onlyA.byMonth }).catch(async (e) => {
+      const got = await page.$$eval('#yoy-chart rect.prev', (rs) => rs.map((r) => `${r.dataset.month}=${r.dataset.value}`));
+      throw new Error(`${e.message}\nwanted ${JSON.stringify(onlyA.byMonth)}\nshown ${got}`);
+    });
+    assert.ok(Object.values(onlyA.byMonth).some((v) => v > 0), 'this year has sales');
+    assert.match(await page.locator('#yoy-caption').innerText(), new RegExp(`${now.year} \\(grey\\): [1-9]`));
+    await page.fill('#month', now.ym);
+    await page.dispatchEvent('#month', 'change');
+    await showsScope(onlyA);
+    log(`${now.year + 1} against ${now.year}: every month of ${now.year} drawn from its own figures`);
+
+    // ---- a store's new name and region reach the chart and the region figures live ----
+    const renamed = await api('PATCH', `/api/v2/stores/${storeA.storeId}`, token, { name: 'Browser Renamed Store', region: 'Browser Test Region' });
+    assert.equal(renamed.status, 200, renamed.text);
+    const moved = await scopeFigures();
+    assert.deepEqual(Object.keys(moved.grid), ['Browser Test Region']);
+    await showsScope(moved);
+    await page.locator(`#chart g.row[data-store-id="${storeA.storeId}"] text.label`).filter({ hasText: 'Browser Renamed Store' }).waitFor();
+    log('store-updated (name and region): chart label, region totals and region x month follow');
+
+    // ---- resync_required and table-truncated reload everything ----
+    // A resume from an id the log does not have is answered resync_required.
+    const reloads = () => ({ summaries: summaryRequests, stores: storeRequests });
+    const waitReload = async (from, what) => {
+      for (let i = 0; i < 300; i++) {
+        const cur = reloads();
+        if (cur.summaries - from.summaries >= 4 && cur.stores > from.stores) return;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      throw new Error(`${what}: no reload (${JSON.stringify(from)} -> ${JSON.stringify(reloads())})`);
+    };
+    await page.locator('#conn[data-state="live"]').waitFor();
+    await page.evaluate(() => {
+      window.pgSalesDashboard.state.lastEventId = 9007199254740000;
+      window.pgSalesDashboard.dropConnection();
+    });
+    await page.locator('#feed li').filter({ hasText: /missed events could not be replayed/ }).first().waitFor();
+    await page.locator('#conn[data-state="live"]').waitFor();
+    let mark = reloads();
+    // After the reconnect's own reload: only resync_required itself.
+    await page.evaluate(() => window.pgSalesDashboard.receive({ type: 'error', code: 'resync_required', message: 'reload' }));
+    await waitReload(mark, 'resync_required');
+    mark = reloads();
+    await page.evaluate(() => window.pgSalesDashboard.receive({ event: 'table-truncated', data: { table: 'monthly_sales' }, ts: new Date().toISOString() }));
+    await page.locator('#feed li').filter({ hasText: /monthly_sales/ }).first().waitFor();
+    await waitReload(mark, 'table-truncated');
+    await showsScope(moved);
+    log('resync_required and table-truncated: everything reloaded');
+
+    await page.getByRole('button', { name: 'Log out' }).click();
+    await page.locator('#login-view').waitFor({ state: 'visible' });
 
     const real = problems.filter((p) => !/WebSocket|ERR_INTERNET_DISCONNECTED|Failed to load resource/.test(p));
     assert.deepEqual(real, [], 'errors in the page');

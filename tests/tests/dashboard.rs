@@ -2,7 +2,12 @@
 //! `node tests/browser/dashboard.test.mjs` (playwright-core driving Debian's
 //! chromium) logs in, checks the chart, posts batches and watches the page
 //! update live, drops the network and sees it resume, exports, and leaves
-//! screenshots in `test-output/`.
+//! screenshots in `test-output/`. Then a manager logs in where the admin
+//! logged out (none of the admin's figures may show while theirs load), loses
+//! a store (4012: every figure follows the new scope), looks at next year
+//! (last year's bars are last year's own months), sees a store renamed and
+//! moved to another region live, and sees `resync_required` and
+//! `table-truncated` reload everything.
 //!
 //! Needs `node` (20+), `/usr/bin/chromium` and `tests/browser/node_modules`
 //! (`make test` installs all three; this test runs `npm ci` itself when the
