@@ -63,11 +63,15 @@ struct Slot {
 struct DbGeneration {
     db: AtomicU32,
     generation: AtomicU64,
+    /// Broadcast when the generation moves: only this database's readers
+    /// wake (one variable for the cluster woke every waiting reader of
+    /// every database at each event-writing commit anywhere, each a
+    /// signal from the committing backend and a context switch).
+    cv: pg_sys::ConditionVariable,
 }
 
 #[repr(C)]
 struct Shared {
-    cv: pg_sys::ConditionVariable,
     clock: AtomicU64,
     nslots: usize,
     dbs: [DbGeneration; DATABASES],
@@ -141,7 +145,9 @@ unsafe extern "C-unwind" fn shmem_startup() {
             pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), slots_size(n), &mut found) as *mut Shared;
         if !found {
             std::ptr::write_bytes(p as *mut u8, 0, slots_size(n));
-            pg_sys::ConditionVariableInit(&raw mut (*p).cv);
+            for i in 0..DATABASES {
+                pg_sys::ConditionVariableInit(&raw mut (*p).dbs[i].cv);
+            }
             (*p).nslots = n;
         }
         SHARED = p;
@@ -338,10 +344,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             let db = my_db();
             let i = my_slot_index(s);
             unsafe { (*slots(s).add(i)).first_seq.store(0, Ordering::SeqCst) };
-            generation_entry(s, db)
-                .generation
-                .fetch_add(1, Ordering::AcqRel);
-            unsafe { pg_sys::ConditionVariableBroadcast(&raw const s.cv as *mut _) };
+            let entry = generation_entry(s, db);
+            entry.generation.fetch_add(1, Ordering::AcqRel);
+            unsafe { pg_sys::ConditionVariableBroadcast(&raw const entry.cv as *mut _) };
         }
         XACT_EVENT_PRE_COMMIT => notify_at_commit(),
         XACT_EVENT_PRE_PREPARE => {
@@ -532,7 +537,7 @@ fn events_wait(known: i64, wait_ms: i32) -> i64 {
     let entry = generation_entry(s, my_db());
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(wait_ms.max(0) as u64);
-    let cv = &raw const s.cv as *mut pg_sys::ConditionVariable;
+    let cv = &raw const entry.cv as *mut pg_sys::ConditionVariable;
     unsafe { pg_sys::ConditionVariablePrepareToSleep(cv) };
     let g = loop {
         let g = entry.generation.load(Ordering::Acquire) as i64;

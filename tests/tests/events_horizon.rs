@@ -51,3 +51,74 @@ async fn other_databases_hold_nothing_back() {
     assert_eq!(delivered(&here).await.len(), 4);
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
 }
+
+/// A reader waiting for this database's events (`sales.events_wait`, as
+/// the relay's long poll does) is woken by this database's event-writing
+/// commits only. With one condition variable for the cluster, every such
+/// commit in any database woke every waiting reader of every database (a
+/// signal from the committing backend, a context switch in each reader):
+/// 300 commits elsewhere cost this reader about 300 wake-ups.
+#[tokio::test]
+async fn commits_in_another_database_do_not_wake_this_ones_readers() {
+    use sales_e2e::fixtures::procfs::context_switches;
+    let here = TestDb::new().await;
+    let elsewhere = TestDb::new().await;
+    let store = elsewhere.stores(1).await[0];
+    let mut reader = sqlx::PgConnection::connect(&here.url).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    let generation: i64 = sqlx::query_scalar("SELECT sales.events_generation()")
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        sqlx::query_scalar::<_, i64>("SELECT sales.events_wait($1, 60000)")
+            .bind(generation)
+            .fetch_one(&mut reader)
+            .await
+            .unwrap()
+    });
+    sales_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "the reader to wait",
+        || async {
+            let ev: Option<String> =
+                sqlx::query_scalar("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_optional(&here.pool)
+                    .await
+                    .unwrap()
+                    .flatten();
+            (ev.as_deref() == Some("Extension")).then_some(())
+        },
+    )
+    .await;
+    let before = context_switches(pid as u32);
+    let mut writer = sqlx::PgConnection::connect(&elsewhere.url).await.unwrap();
+    for i in 0..300 {
+        sqlx::query("UPDATE sales.stores SET name = $2 WHERE id = $1")
+            .bind(store)
+            .bind(format!("Elsewhere {i}"))
+            .execute(&mut writer)
+            .await
+            .unwrap();
+    }
+    let woken = context_switches(pid as u32) - before;
+    assert!(
+        woken < 60,
+        "300 event-writing commits in another database woke this database's reader {woken} times"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "nothing of this database's has come"
+    );
+    // A commit here wakes it.
+    here.stores(1).await;
+    let moved = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("woken by this database's commit")
+        .unwrap();
+    assert!(moved > generation);
+}
