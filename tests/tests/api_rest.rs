@@ -2283,3 +2283,88 @@ async fn if_match_on_a_batch_writes_nothing() {
     assert_eq!(r.status().as_u16(), 412);
     assert_eq!(count().await, before, "nothing written or deleted");
 }
+
+/// A number a double cannot hold (`1e309`) in one record of a batch is
+/// that record's error, naming its field, not a 400 for the whole request:
+/// the other records of an `atomic: false` batch are written.
+#[tokio::test]
+async fn a_number_past_the_double_range_is_its_records_error() {
+    let f = fixture(&[]).await;
+    let s = f.stores[0];
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"atomic": false, "salesDataArray": []}),
+        )
+        .await;
+    assert_eq!(st, 400, "an empty batch: {body}");
+    let text = format!(
+        r#"{{"atomic": false, "salesDataArray": [
+            {{"storeId": {s}, "year": 2024, "month": 1, "dailyData": {{"1": {{"sales": 5, "customers": 1}}}}}},
+            {{"storeId": {s}, "year": 2024, "month": 2, "dailyData": {{"1": {{"sales": 1e309, "customers": 1}}}}}},
+            {{"storeId": {s}, "year": 2024, "month": 3, "dailyData": {{"1": {{"sales": 1, "customers": -1e400}}}}}},
+            {{"storeId": {s}, "year": 2024, "month": 4, "note": 1e400, "dailyData": {{"1": {{"sales": 1}}}}}}
+        ]}}"#
+    );
+    let r = f
+        .admin
+        .req(Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body(text.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["inserted"].as_i64(), body["failed"].as_i64()),
+        (Some(1), Some(3)),
+        "{body}"
+    );
+    let fields: Vec<(i64, String)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_i64().unwrap(),
+                e["field"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            (1, "dailyData.1.sales".to_string()),
+            (2, "dailyData.1.customers".to_string()),
+            (3, "note".to_string())
+        ],
+        "{body}"
+    );
+    assert!(
+        body["errors"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("out of range"),
+        "{body}"
+    );
+    // Atomic: nothing written, the same report in the 422.
+    let r = f
+        .admin
+        .req(Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body(
+            text.replace(r#""atomic": false"#, r#""atomic": true"#)
+                .replace("\"month\": 1,", "\"month\": 5,"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "only the first batch's good record");
+}

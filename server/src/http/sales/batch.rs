@@ -63,7 +63,23 @@ fn check_range(
 ) -> Result<Vec<Checked>, String> {
     let mut out = Vec::with_capacity(range.len());
     for raw in &records[range] {
-        let tape = sales_core::json::Tape::parse(raw.get()).map_err(|e| e.to_string())?;
+        let tape = match sales_core::json::Tape::parse(raw.get()) {
+            Ok(t) => t,
+            // A number a double cannot hold (`1e309`): that record's error,
+            // so the others of an `atomic: false` batch still go through.
+            Err(e) if e.to_string().starts_with("number out of range") => {
+                let path = number_past_double(raw.get(), "").unwrap_or_default();
+                out.push(Checked::Refused {
+                    store: raw_store(raw.get()),
+                    errors: vec![sales_core::FieldError::new(
+                        path,
+                        "number out of range (beyond ±1.8e308)",
+                    )],
+                });
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let r = tape.root();
         // A key given twice: jsonb would keep its last value, which the
         // sender may not have meant.
@@ -87,6 +103,46 @@ fn check_range(
         });
     }
     Ok(out)
+}
+
+/// The dotted path (as the record rules name fields) of the first number
+/// in `raw`, one JSON value, that a double cannot hold; objects are read
+/// in key order.
+fn number_past_double(raw: &str, path: &str) -> Option<String> {
+    use std::collections::BTreeMap;
+    let t = raw.trim();
+    match t.as_bytes().first()? {
+        b'{' => {
+            let members: BTreeMap<String, Box<RawValue>> = serde_json::from_str(t).ok()?;
+            members.iter().find_map(|(k, v)| {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                number_past_double(v.get(), &p)
+            })
+        }
+        b'[' => {
+            let items: Vec<Box<RawValue>> = serde_json::from_str(t).ok()?;
+            items.iter().find_map(|v| number_past_double(v.get(), path))
+        }
+        b'-' | b'0'..=b'9' => {
+            let v: f64 = t.parse().ok()?;
+            (!v.is_finite()).then(|| path.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The store a record names when it cannot be read whole (see
+/// [`named_store`]): its `storeId` member as written, if an id.
+fn raw_store(raw: &str) -> Option<i64> {
+    let map: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(raw).ok()?;
+    map.iter()
+        .find(|(k, _)| sales_core::record::spelled_as(k, "storeId"))
+        .and_then(|(_, v)| v.get().trim().parse::<i64>().ok())
+        .filter(|id| *id > 0)
 }
 
 /// The store a record or key names, by the one spelling rule (the first
