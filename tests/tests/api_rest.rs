@@ -1290,6 +1290,22 @@ async fn refused_parameters_are_named_and_explained() {
             "to",
             "\"2024-6-1\" is not a month like 2024-06",
         ),
+        // Given but naming nothing: refused, not read as a default.
+        (
+            "/api/v2/sales?sort=,",
+            "sort",
+            "names no key (leave the parameter out for the default, storeId,year,month)",
+        ),
+        (
+            "/api/v2/sales?sort=",
+            "sort",
+            "names no key (leave the parameter out for the default, storeId,year,month)",
+        ),
+        (
+            "/api/v2/sales/summary?year=2024&compareTo=",
+            "compareTo",
+            "must be previousYear or previousPeriod (leave the parameter out for no comparison)",
+        ),
     ] {
         let (st, body) = f.admin.get(path).await;
         assert_eq!(st, 400, "{path}: {body}");
@@ -1304,6 +1320,35 @@ async fn refused_parameters_are_named_and_explained() {
             "{path}: {body}"
         );
     }
+}
+
+/// More paths than a projection takes are blamed on the list given:
+/// `fields` alone is `fields` (it was called `exclude`), both together say
+/// so.
+#[tokio::test]
+async fn too_many_projection_paths_name_the_list_given() {
+    let f = fixture(&[]).await;
+    let many = vec!["year"; 300].join(",");
+    let (st, body) = f.admin.get(&format!("/api/v2/sales?fields={many}")).await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "fields", "{body}");
+    let (st, body) = f.admin.get(&format!("/api/v2/sales?exclude={many}")).await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "exclude", "{body}");
+    let half = vec!["year"; 150].join(",");
+    let (st, body) = f
+        .admin
+        .get(&format!("/api/v2/sales?fields={half}&exclude={half}"))
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "fields", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fields and exclude together"),
+        "{body}"
+    );
 }
 
 /// A JSON body the typed extractors refuse is a 400 naming the first field

@@ -138,8 +138,19 @@ pub fn parse_projection(
     };
     let f = split(fields);
     let x = split(exclude);
-    Projection::new(shape, &f, &x).map_err(|e| {
-        let param = if f.iter().any(|p| p == &e.field) {
+    Projection::new(shape, &f, &x).map_err(|mut e| {
+        let param = if e.field.is_empty() {
+            // The bound on both lists together: named by the list given,
+            // `fields` when both are.
+            if !f.is_empty() && !x.is_empty() {
+                e.reason = format!("{} (fields and exclude together)", e.reason);
+            }
+            if f.is_empty() {
+                "exclude"
+            } else {
+                "fields"
+            }
+        } else if f.iter().any(|p| p == &e.field) {
             "fields"
         } else {
             "exclude"

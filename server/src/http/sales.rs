@@ -235,6 +235,14 @@ impl SalesApi {
         let bad = |e: sales_core::summary::SummaryError| ApiError::bad_param(e.param, e.reason);
         let period = sales_core::summary::period(filter.year, filter.month, filter.from, filter.to)
             .map_err(bad)?;
+        // Given, it names a comparison (an empty one, an unset variable in
+        // a client, is refused rather than read as none).
+        if compare_to.0.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return Err(ApiError::bad_param(
+                "compareTo",
+                "must be previousYear or previousPeriod (leave the parameter out for no comparison)",
+            ));
+        }
         let spec = Summary::parse(
             group_by.0.as_deref(),
             metrics.0.as_deref(),

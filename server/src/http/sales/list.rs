@@ -39,10 +39,15 @@ pub struct SortKey {
 
 /// `-year,-month,storeId` -> keys (camelCase or snake_case; `period` = year, month).
 pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
-    let raw = raw
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .unwrap_or("storeId,year,month");
+    // Given, it names keys: `sort=` or `sort=,` (an unset variable in a
+    // client) is refused rather than read as the default or as `id` alone.
+    if raw.is_some_and(|r| r.split(',').all(|p| p.trim().is_empty())) {
+        return Err(ApiError::bad_param(
+            "sort",
+            "names no key (leave the parameter out for the default, storeId,year,month)",
+        ));
+    }
+    let raw = raw.unwrap_or("storeId,year,month");
     let mut keys: Vec<SortKey> = Vec::new();
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (desc, name) = match part.strip_prefix('-') {
