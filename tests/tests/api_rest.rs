@@ -1963,6 +1963,91 @@ async fn options_says_what_a_resource_allows() {
     }
 }
 
+/// Routes served beside the document (the explorer, the document, the
+/// dashboard's assets) answer a method they do not take with 405 and
+/// `Allow`, and OPTIONS with 204 and the same `Allow` (a POST to the
+/// explorer used to get the page, an OPTIONS on an asset a bare 405); a
+/// CORS preflight with no CORS configured is such an OPTIONS. Refusals
+/// made before the API (405, 415) carry `Vary` like every answer; a 401
+/// names its scheme; a GET's Content-Type says nothing (it has no body).
+#[tokio::test]
+async fn every_route_says_what_it_allows_and_refusals_are_marked() {
+    let f = fixture(&[]).await;
+    let client = reqwest::Client::new();
+    for path in ["/openapi.json", "/assets/app.js", "/docs", "/"] {
+        let r = client
+            .request(reqwest::Method::POST, f.server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "POST {path}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD, OPTIONS", "{path}");
+        assert!(r.headers().contains_key("vary"), "{path}");
+        let r = client
+            .request(reqwest::Method::OPTIONS, f.server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204, "OPTIONS {path}");
+        assert_eq!(r.headers()["allow"], "GET, HEAD, OPTIONS", "{path}");
+    }
+    let r = client
+        .request(reqwest::Method::OPTIONS, f.server.url("/api/v2/sales"))
+        .header("origin", "https://elsewhere.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        204,
+        "a preflight with no CORS configured"
+    );
+    assert!(r.headers().contains_key("allow"));
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+    // 415 made before the API: marked.
+    let r = client
+        .post(f.server.url("/api/v2/auth/login"))
+        .header("content-type", "application/json; charset=latin1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    assert!(r.headers().contains_key("vary"));
+    // A GET has no body: its Content-Type is not read.
+    let r = f
+        .admin
+        .req(reqwest::Method::GET, "/api/v2/sales?limit=1")
+        .header("content-type", "text/plain; charset=latin1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // 401: the scheme, and whether a token was refused.
+    let r = client
+        .get(f.server.url("/api/v2/auth/me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        r#"Bearer realm="pg_sales""#
+    );
+    let r = client
+        .get(f.server.url("/api/v2/auth/me"))
+        .header("authorization", "Bearer x.y.z")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        r#"Bearer realm="pg_sales", error="invalid_token""#
+    );
+}
+
 /// A body in a transfer coding other than chunked (`gzip, chunked`) is
 /// 501: it was read as if plain. Two `Authorization` headers are 400: the
 /// server read the first, a proxy may read the last.
@@ -1999,6 +2084,19 @@ async fn unknown_transfer_codings_and_two_authorizations_are_refused() {
             answer.starts_with(&format!("HTTP/1.1 {status}")),
             "{coding}: {answer}"
         );
+        if status == "501" {
+            // The client's fault, said so and named (it was an opaque
+            // "internal error"), marked like every refusal.
+            assert!(
+                answer.contains("\"code\":\"not_implemented\"")
+                    && answer.contains("Transfer-Encoding \\\"gzip\\\" is not supported"),
+                "{answer}"
+            );
+            assert!(
+                answer.to_ascii_lowercase().contains("\r\nvary: "),
+                "{answer}"
+            );
+        }
     }
     let r = f
         .admin

@@ -174,6 +174,20 @@ impl Routes {
         Some(m)
     }
 
+    /// The methods a route answers, the document's or one served beside it
+    /// (the dashboard, its assets, the explorer, the document itself, the
+    /// metrics and the WebSocket: GET and HEAD), or None for a path the
+    /// server does not serve.
+    pub fn allowed_any(&self, path: &str) -> Option<Vec<&str>> {
+        self.allowed(path).or_else(|| match path {
+            "/" | "/index.html" | "/openapi.json" | "/metrics" | "/ws" => Some(vec!["GET", "HEAD"]),
+            p if p == "/docs" || p.starts_with("/docs/") || p.starts_with("/assets/") => {
+                Some(vec!["GET", "HEAD"])
+            }
+            _ => None,
+        })
+    }
+
     /// A label from a bounded set: a template of the document, one of the
     /// routes served beside it, or [`UNMATCHED`].
     pub fn label<'a>(&'a self, path: &'a str) -> &'a str {

@@ -233,13 +233,35 @@ pub async fn with_limits<E: Endpoint>(
     routes: Arc<Routes>,
 ) -> poem::Result<Response> {
     let cors = !state.config.cors_origins.is_empty();
+    let had_token = req.headers().contains_key(header::AUTHORIZATION);
     let mut resp = limited(ep, req, state, limits, routes).await?;
-    // A refusal made here (429, 400, 405, 413) never reached the layer
-    // that marks responses: mark it as that layer marks an error.
-    if !resp.headers().contains_key(header::CACHE_CONTROL) {
-        let h = resp.headers_mut();
+    // A refusal made here (429, 400, 405, 413, 415, 501) never reached the
+    // layer that marks responses: mark it as that layer marks an error.
+    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    if upgraded {
+        return Ok(resp);
+    }
+    if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    if !h.contains_key(header::VARY) {
         h.insert(header::VARY, super::representation::vary(cors));
+    }
+    // Every 401 names the scheme to authenticate with (RFC 9110 11.6.1),
+    // and says a token was sent and refused (RFC 6750 3.1).
+    if resp.status() == StatusCode::UNAUTHORIZED
+        && !resp.headers().contains_key(header::WWW_AUTHENTICATE)
+    {
+        let challenge = if had_token {
+            r#"Bearer realm="pg_sales", error="invalid_token""#
+        } else {
+            r#"Bearer realm="pg_sales""#
+        };
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
     }
     Ok(resp)
 }
@@ -263,15 +285,20 @@ async fn limited<E: Endpoint>(
             return Ok(ApiError::too_many(retry).into_response());
         }
     }
-    if let Some(allowed) = routes.allowed(req.uri().path()) {
+    if let Some(allowed) = routes.allowed_any(req.uri().path()) {
         let method = req.method().as_str();
         // What the resource allows, OPTIONS included: the same `Allow` on
         // an OPTIONS request and on a 405, as RFC 9110 has both answer.
         let mut methods = allowed.to_vec();
         methods.push("OPTIONS");
         let allow = HeaderValue::from_str(&methods.join(", ")).ok();
-        if method == "OPTIONS" && !req.headers().contains_key("access-control-request-method") {
-            // Not a CORS preflight (those go on to the CORS layer).
+        let cors = !state.config.cors_origins.is_empty();
+        if method == "OPTIONS"
+            && !(cors && req.headers().contains_key("access-control-request-method"))
+        {
+            // Not a CORS preflight (those go on to the CORS layer when
+            // CORS_ORIGINS is set; without it, a preflight is an OPTIONS
+            // request like any, answered with no CORS header).
             let mut resp = Response::builder().status(StatusCode::NO_CONTENT).finish();
             if let Some(v) = allow {
                 resp.headers_mut().insert(header::ALLOW, v);
@@ -293,7 +320,12 @@ async fn limited<E: Endpoint>(
         return Ok(e.into_response());
     }
     // Bodies are read as UTF-8: one declared in another charset is refused
-    // rather than misread.
+    // rather than misread. (A GET, HEAD or OPTIONS has no body to read: its
+    // Content-Type and Content-Encoding say nothing.)
+    let bodiless = matches!(
+        *req.method(),
+        poem::http::Method::GET | poem::http::Method::HEAD | poem::http::Method::OPTIONS
+    );
     if let Some(charset) = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -304,7 +336,7 @@ async fn limited<E: Endpoint>(
                 (k.trim() == "charset").then(|| v.trim().trim_matches('"').to_string())
             })
         })
-        .filter(|c| c != "utf-8" && c != "utf8")
+        .filter(|c| c != "utf-8" && c != "utf8" && !bodiless)
     {
         return Ok(error_response(poem::Error::from_string(
             format!("charset {charset:?} is not accepted: bodies are read as UTF-8"),
@@ -322,7 +354,7 @@ async fn limited<E: Endpoint>(
                 .trim()
                 .to_ascii_lowercase()
         })
-        .filter(|c| !c.is_empty() && c != "identity")
+        .filter(|c| !c.is_empty() && c != "identity" && !bodiless)
     {
         return Ok(error_response(poem::Error::from_string(
             format!("Content-Encoding {coding:?} is not accepted: send the body uncompressed"),
@@ -339,12 +371,16 @@ async fn limited<E: Endpoint>(
             .map(str::trim)
             .find(|c| !c.is_empty() && *c != "chunked")
         {
-            return Ok(error_response(poem::Error::from_string(
+            // The client's request, not a fault of the server: said so,
+            // naming the coding (not the opaque answer of a 5xx).
+            return Ok(crate::http::error::ErrorBody::response(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
                 format!(
                     "Transfer-Encoding {coding:?} is not supported: send the body as is or chunked"
                 ),
-                StatusCode::NOT_IMPLEMENTED,
-            )));
+                Some(serde_json::json!({"header": "Transfer-Encoding", "coding": coding})),
+            ));
         }
     }
     // One caller per request: with two Authorization headers, a proxy that
