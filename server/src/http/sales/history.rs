@@ -99,7 +99,7 @@ pub struct HistoryMeta {
     pub deleted: bool,
     /// The retained versions reach back to the record's insert.
     pub complete: bool,
-    /// Pass as `beforeVersion` for the next (older) page; absent on the last.
+    /// Pass as `beforeVersion` for the next (older) page; null on the last.
     pub next_before_version: Option<i64>,
     /// Set when older versions are no longer retained.
     pub gone: Option<HistoryGone>,

@@ -45,7 +45,7 @@ pub struct ListMeta {
     pub limit: i64,
     /// True when the requested limit was above 200 and was lowered.
     pub limit_clamped: bool,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
     pub sort: String,
 }
