@@ -2015,6 +2015,19 @@ async fn every_route_says_what_it_allows_and_refusals_are_marked() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
     assert!(r.headers().contains_key("vary"));
+    // Spaces around the `;` of a media type are allowed (RFC 9110 5.6.6).
+    let r = f
+        .admin
+        .req(
+            reqwest::Method::PATCH,
+            &format!("/api/v2/stores/{}", f.stores[0]),
+        )
+        .header("content-type", "application/json ; charset=utf-8")
+        .body(r#"{"name": "Spaced"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     // A GET has no body: its Content-Type is not read.
     let r = f
         .admin

@@ -392,6 +392,30 @@ async fn limited<E: Endpoint>(
             StatusCode::BAD_REQUEST,
         )));
     }
+    // `application/json ; charset=utf-8` is the same media type as
+    // `application/json; charset=utf-8` (RFC 9110 5.6.6 allows spaces
+    // around the `;`), which the typed extractors alone would refuse (415).
+    let mut req = req;
+    if let Some(canonical) = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            ct.split(';')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|c| {
+            req.headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes() != c.as_bytes())
+        })
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        req.headers_mut().insert(header::CONTENT_TYPE, canonical);
+    }
     let upgrade = is_ws && req.method() == poem::http::Method::GET;
     if upgrade || crate::http::imports::streams_body(&req) {
         // A WebSocket upgrade has no body to read; an import counts its body
