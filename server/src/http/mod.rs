@@ -355,9 +355,16 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
                     if same_origin(&req) {
                         poem::Endpoint::call(&*plain, req).await
                     } else {
-                        poem::Endpoint::call(&*ep, req)
-                            .await
-                            .map(poem::IntoResponse::into_response)
+                        // The CORS layer's own answers (a preflight) vary
+                        // by origin too, as every answer says.
+                        poem::Endpoint::call(&*ep, req).await.map(|r| {
+                            let mut r = poem::IntoResponse::into_response(r);
+                            if !r.headers().contains_key(poem::http::header::VARY) {
+                                r.headers_mut()
+                                    .insert(poem::http::header::VARY, middleware::vary(true));
+                            }
+                            r
+                        })
                     }
                 }
             })
