@@ -28,10 +28,37 @@ impl Encoding {
     }
 }
 
-/// Picks the best encoding the client accepts (q > 0), preferring zstd, br,
-/// gzip. As RFC 9110 has it, a coding named in the header takes its own
-/// weight (`q=0`: not acceptable) and `*` stands only for the codings the
-/// header does not name.
+/// Every line of a list-valued header field as one list (RFC 9110 5.3:
+/// `A: x` and `A: y` mean `A: x, y`), or `None` when the request has none.
+/// A line that is not visible ASCII is kept (lossily) rather than dropped,
+/// so that it still counts as sent: an `If-Match` made only of such a line
+/// matches nothing instead of being ignored.
+pub fn field_list(
+    headers: &poem::http::HeaderMap,
+    name: impl poem::http::header::AsHeaderName,
+) -> Option<String> {
+    let lines: Vec<String> = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(", "))
+}
+
+/// The request's `Accept-Encoding`, every line of it (see [`field_list`]).
+pub fn accept_encoding(headers: &poem::http::HeaderMap) -> Option<String> {
+    field_list(headers, poem::http::header::ACCEPT_ENCODING)
+}
+
+/// Picks the encoding the client weighs highest (RFC 9110 12.5.3) among
+/// `offered` and `identity`; on a tie, the earlier in `offered` (the
+/// server's preference: zstd, br, gzip), then identity. A coding named in
+/// the header takes its own weight (`q=0`: not acceptable) and `*` stands
+/// only for the codings the header does not name. `identity` takes its own
+/// weight when named (`gzip;q=0.1, identity` is sent without a coding),
+/// else that of `*`; named by neither, it is acceptable but comes after
+/// every coding the header accepts. When nothing is acceptable, identity
+/// included (`identity;q=0, *;q=0`), the body is sent without a coding.
 pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
     let Some(accept) = accept else {
         return Encoding::Identity;
@@ -56,6 +83,7 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
             "zstd" => Encoding::Zstd,
             "br" => Encoding::Brotli,
             "gzip" | "x-gzip" => Encoding::Gzip,
+            "identity" => Encoding::Identity,
             "*" => {
                 star = Some(star.map_or(q, |s: f32| s.max(q)));
                 continue;
@@ -67,20 +95,21 @@ pub fn negotiate(accept: Option<&str>, offered: &[Encoding]) -> Encoding {
             None => named.push((enc, q)),
         }
     }
+    let weight = |enc: Encoding| named.iter().find(|(e, _)| *e == enc).map(|&(_, q)| q);
     let mut best: Option<(Encoding, f32)> = None;
-    for &enc in offered {
-        let q = named
-            .iter()
-            .find(|(e, _)| *e == enc)
-            .map(|&(_, q)| q)
-            .or(star)
-            .unwrap_or(0.0);
+    for &enc in offered.iter().filter(|&&e| e != Encoding::Identity) {
+        let q = weight(enc).or(star).unwrap_or(0.0);
         // `offered` is in preference order: a tie keeps the earlier one.
         if q > 0.0 && best.is_none_or(|(_, bq)| q > bq) {
             best = Some((enc, q));
         }
     }
-    best.map(|(e, _)| e).unwrap_or(Encoding::Identity)
+    // Identity, last in preference, wins only by a higher weight.
+    match (best, weight(Encoding::Identity).or(star)) {
+        (Some((_, bq)), Some(iq)) if iq > bq => Encoding::Identity,
+        (Some((enc, _)), _) => enc,
+        (None, _) => Encoding::Identity,
+    }
 }
 
 /// An RFC 9110 qvalue: `0`, `0.` and up to three digits, `1`, or `1.`
@@ -210,6 +239,68 @@ mod tests {
             Encoding::Gzip
         );
         assert_eq!(negotiate(None, &all), Encoding::Identity);
+    }
+
+    /// `identity` is weighed against the codings (RFC 9110 12.5.3): it
+    /// used to be ignored, so `gzip;q=0.1, identity;q=1` answered gzip.
+    #[test]
+    fn identity_takes_its_weight() {
+        let all = [Encoding::Zstd, Encoding::Brotli, Encoding::Gzip];
+        for accept in [
+            "gzip;q=0.1, identity;q=1",
+            "gzip;q=0.1, identity",
+            "identity;q=0.6, br;q=0.5, zstd;q=0.2",
+            "zstd;q=0.5, *;q=0.9, br;q=0, gzip;q=0.4",
+            "IDENTITY, gzip;q=0.999",
+        ] {
+            assert_eq!(
+                negotiate(Some(accept), &all),
+                Encoding::Identity,
+                "{accept}"
+            );
+        }
+        // A tie goes to the server's preference, codings before identity.
+        assert_eq!(
+            negotiate(Some("gzip;q=0.5, identity;q=0.5"), &all),
+            Encoding::Gzip
+        );
+        assert_eq!(negotiate(Some("identity, *"), &all), Encoding::Zstd);
+        // Identity not named: it comes after any coding accepted.
+        assert_eq!(negotiate(Some("gzip;q=0.1"), &all), Encoding::Gzip);
+        assert_eq!(negotiate(Some("gzip;q=0.2, *;q=0.1"), &all), Encoding::Gzip);
+        assert_eq!(
+            negotiate(Some("identity;q=0, gzip;q=0.1"), &all),
+            Encoding::Gzip
+        );
+        assert_eq!(
+            negotiate(Some("identity;q=0.9, gzip"), &[Encoding::Zstd]),
+            Encoding::Identity
+        );
+        assert_eq!(
+            negotiate(
+                Some("identity;q=0.9, gzip"),
+                &[Encoding::Zstd, Encoding::Gzip]
+            ),
+            Encoding::Gzip
+        );
+    }
+
+    #[test]
+    fn field_lines_make_one_list() {
+        use poem::http::{header, HeaderMap, HeaderValue};
+        let mut h = HeaderMap::new();
+        assert_eq!(accept_encoding(&h), None);
+        h.append(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        h.append(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(accept_encoding(&h).as_deref(), Some("identity, gzip"));
+        h.append(
+            header::IF_MATCH,
+            HeaderValue::from_bytes(b"\"\xff\"").unwrap(),
+        );
+        assert!(field_list(&h, header::IF_MATCH).is_some());
     }
 
     #[test]

@@ -104,9 +104,68 @@ pub enum OneResponse {
 
 #[derive(ApiResponse)]
 pub enum CreatedResponse {
-    /// Created.
+    /// Created; `Location` is the new store's URL.
     #[oai(status = 201)]
-    Created(RawJson<StoreOne>),
+    Created(RawJson<StoreOne>, #[oai(header = "Location")] String),
+}
+
+/// The preconditions of a write to one resource (RFC 9110 13.1): every
+/// line of `If-Match` and of `If-None-Match`, each read as one list (5.3).
+/// They are judged against the body the resource's GET would answer now,
+/// read under the lock the write holds until it commits.
+#[derive(Debug, Default)]
+pub struct Preconditions {
+    pub if_match: Option<String>,
+    pub if_none_match: Option<String>,
+}
+
+impl Preconditions {
+    pub fn of(req: &poem::Request) -> Self {
+        use crate::http::compress::field_list;
+        use poem::http::header;
+        Preconditions {
+            if_match: field_list(req.headers(), header::IF_MATCH),
+            if_none_match: field_list(req.headers(), header::IF_NONE_MATCH),
+        }
+    }
+
+    /// Whether the write has a condition to judge.
+    pub fn any(&self) -> bool {
+        self.if_match.is_some() || self.if_none_match.is_some()
+    }
+
+    /// 412 (with the current ETag) unless both conditions hold for
+    /// `what` (`store 3`), whose GET would answer `current`: If-Match
+    /// first, then If-None-Match (13.2.2), which is false when `*` is
+    /// listed (the resource exists) or a tag naming `current` is, by weak
+    /// comparison (`W/` ignored) and in any content coding.
+    pub fn check(&self, what: &str, current: &[u8]) -> ApiResult<()> {
+        use crate::http::middleware::{etag_of, if_match_holds};
+        if let Some(wanted) = &self.if_match {
+            if !if_match_holds(wanted, current) {
+                return Err(ApiError::precondition_failed(
+                    format!("If-Match: {what} changed since that ETag was read; GET it again"),
+                    &etag_of(current),
+                ));
+            }
+        }
+        if let Some(unwanted) = &self.if_none_match {
+            let hit = unwanted.split(',').any(|t| {
+                let t = t.trim();
+                !t.is_empty() && if_match_holds(t.strip_prefix("W/").unwrap_or(t), current)
+            });
+            if hit {
+                return Err(ApiError::precondition_failed(
+                    format!(
+                        "If-None-Match: {what} exists in a state the header lists (or `*`), \
+                         so nothing was changed"
+                    ),
+                    &etag_of(current),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -213,8 +272,8 @@ impl StoresApi {
         not_blank("name", Some(&body.name))?;
         not_blank("region", Some(&body.region))?;
         let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
-        let doc: String = sqlx::query_scalar(
-            "INSERT INTO sales.stores AS s (code, name, region, status) VALUES ($1, $2, $3, $4) RETURNING sales.store_doc(s)::text",
+        let (id, doc): (i64, String) = sqlx::query_as(
+            "INSERT INTO sales.stores AS s (code, name, region, status) VALUES ($1, $2, $3, $4) RETURNING s.id, sales.store_doc(s)::text",
         )
         .bind(body.code.trim())
         .bind(body.name.trim())
@@ -228,9 +287,10 @@ impl StoresApi {
         })?;
         let changes = w.commit().await?;
         self.state.publish(changes).await;
-        Ok(CreatedResponse::Created(RawJson::new(format!(
-            "{{\"data\":{doc}}}"
-        ))))
+        Ok(CreatedResponse::Created(
+            RawJson::new(format!("{{\"data\":{doc}}}")),
+            format!("/api/v2/stores/{id}"),
+        ))
     }
 
     /// Change a store. Admins may change anything; managers only the status of their stores.
@@ -242,10 +302,19 @@ impl StoresApi {
         id: Path<i64>,
         body: Json<UpdateStore>,
         /// Change the store only in the state this ETag (from a GET of it)
-        /// names; else 412 with the current one.
+        /// names; else 412 with the current one. Several lines make one list.
         #[oai(name = "If-Match")]
-        if_match: Header<Option<String>>,
+        _if_match: Header<Option<String>>,
+        /// Change the store only if it is in none of the states these ETags
+        /// name (`*` names any state: the change is refused); else 412 with
+        /// the current one. Several lines make one list.
+        #[oai(name = "If-None-Match")]
+        _if_none_match: Header<Option<String>>,
+        req: &poem::Request,
     ) -> ApiResult<OneResponse> {
+        // Read from the request, not the parameters above (which document
+        // them): those hold the first line only.
+        let conditions = Preconditions::of(req);
         if body.status.is_none() && body.name.is_none() && body.region.is_none() {
             return Err(ApiError::bad_param("body", "give status, name or region"));
         }
@@ -263,7 +332,7 @@ impl StoresApi {
             }
         }
         let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
-        if let Some(wanted) = &if_match.0 {
+        if conditions.any() {
             // The state the GET answers, locked until the update commits,
             // so that two writers holding the same ETag cannot both pass.
             let doc: Option<String> = sqlx::query_scalar(
@@ -274,15 +343,7 @@ impl StoresApi {
             .await?;
             let doc = doc.ok_or_else(|| ApiError::not_found(format!("no store {}", id.0)))?;
             let current = format!("{{\"data\":{doc}}}");
-            if !crate::http::middleware::if_match_holds(wanted, current.as_bytes()) {
-                return Err(ApiError::precondition_failed(
-                    format!(
-                        "If-Match: store {} changed since that ETag was read; GET it again",
-                        id.0
-                    ),
-                    &crate::http::middleware::etag_of(current.as_bytes()),
-                ));
-            }
+            conditions.check(&format!("store {}", id.0), current.as_bytes())?;
         }
         let row = sqlx::query(
             "UPDATE sales.stores AS s SET status = coalesce($2, status), name = coalesce($3, name), region = coalesce($4, region)
@@ -312,4 +373,33 @@ fn not_blank(field: &str, value: Option<&String>) -> ApiResult<()> {
         return Err(ApiError::bad_param(field, "must not be blank"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preconditions_of_a_write() {
+        let body = b"{\"data\":{\"id\":1}}";
+        let tag = crate::http::middleware::etag_of(body);
+        let bare = tag.trim_matches('"');
+        let given = |im: Option<&str>, inm: Option<&str>| Preconditions {
+            if_match: im.map(str::to_string),
+            if_none_match: inm.map(str::to_string),
+        };
+        let holds = |p: Preconditions| p.check("store 1", body).is_ok();
+        assert!(holds(given(None, None)));
+        assert!(holds(given(Some(&tag), None)));
+        assert!(holds(given(None, Some("\"zz\""))));
+        assert!(holds(given(None, Some(""))));
+        assert!(!holds(given(None, Some("*"))));
+        assert!(!holds(given(None, Some(&tag))));
+        assert!(!holds(given(None, Some(&format!("W/{tag}")))));
+        assert!(!holds(given(None, Some(&format!("\"zz\", \"{bare}-br\"")))));
+        assert!(!holds(given(Some("\"zz\""), Some("\"yy\""))));
+        assert!(!holds(given(Some(&tag), Some("*"))));
+        let e = given(None, Some("*")).check("store 1", body).unwrap_err();
+        assert_eq!(e.status(), 412);
+    }
 }

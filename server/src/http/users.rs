@@ -6,6 +6,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::security::BearerAuth;
+use super::stores::Preconditions;
 use super::ApiTags;
 use crate::auth::{Principal, Role};
 use crate::state::AppState;
@@ -165,9 +166,9 @@ pub enum OneResponse {
 
 #[derive(ApiResponse)]
 pub enum CreatedResponse {
-    /// Created.
+    /// Created; `Location` is the new user's URL.
     #[oai(status = 201)]
-    Created(Json<UserOne>),
+    Created(Json<UserOne>, #[oai(header = "Location")] String),
 }
 
 #[derive(Object, Debug)]
@@ -283,18 +284,19 @@ impl UsersApi {
     }
 
     /// With `If-Match`, 412 unless it names the state of user `id` that a
-    /// GET by `who` answers now (read on `conn`, under the users' lock the
+    /// GET by `who` answers now; with `If-None-Match`, 412 when it names
+    /// that state or is `*` (read on `conn`, under the users' lock the
     /// change holds until it commits, so two writers holding one ETag
     /// cannot both pass).
     async fn require_match(
         conn: &mut sqlx::PgConnection,
         who: &Principal,
         id: i64,
-        if_match: Option<&str>,
+        conditions: &Preconditions,
     ) -> ApiResult<()> {
-        let Some(wanted) = if_match else {
+        if !conditions.any() {
             return Ok(());
-        };
+        }
         let u = users::get(conn, id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no user {id}")))?;
@@ -305,14 +307,7 @@ impl UsersApi {
         use poem_openapi::types::ToJSON;
         let body = serde_json::to_vec(&UserOne { data: doc(&u, who) }.to_json())
             .map_err(ApiError::internal)?;
-        if crate::http::middleware::if_match_holds(wanted, &body) {
-            Ok(())
-        } else {
-            Err(ApiError::precondition_failed(
-                format!("If-Match: user {id} changed since that ETag was read; GET it again"),
-                &crate::http::middleware::etag_of(&body),
-            ))
-        }
+        conditions.check(&format!("user {id}"), &body)
     }
 
     async fn load(&self, id: i64) -> ApiResult<User> {
@@ -435,9 +430,13 @@ impl UsersApi {
         .map_err(user_error)?;
         tx.commit().await?;
         self.state.access.apply(&change);
-        Ok(CreatedResponse::Created(Json(UserOne {
-            data: doc(&user, who),
-        })))
+        let location = format!("/api/v2/users/{}", user.id);
+        Ok(CreatedResponse::Created(
+            Json(UserOne {
+                data: doc(&user, who),
+            }),
+            location,
+        ))
     }
 
     /// Change a user's email, role, stores, disabled flag or (admins)
@@ -452,10 +451,20 @@ impl UsersApi {
         id: Path<i64>,
         body: Json<UpdateUser>,
         /// Change the user only in the state this ETag (from a GET of the
-        /// user) names; else 412 with the current one.
+        /// user) names; else 412 with the current one. Several lines make
+        /// one list.
         #[oai(name = "If-Match")]
-        if_match: Header<Option<String>>,
+        _if_match: Header<Option<String>>,
+        /// Change the user only if they are in none of the states these
+        /// ETags name (`*` names any state: the change is refused); else
+        /// 412 with the current one. Several lines make one list.
+        #[oai(name = "If-None-Match")]
+        _if_none_match: Header<Option<String>>,
+        req: &poem::Request,
     ) -> ApiResult<OneResponse> {
+        // Read from the request, not the parameters above (which document
+        // them): those hold the first line only.
+        let conditions = Preconditions::of(req);
         let who = &auth.0;
         let b = &body.0;
         if b.email.is_none()
@@ -549,7 +558,7 @@ impl UsersApi {
         }
         // After the refusals that do not depend on the user's state, so a
         // stale ETag does not hide them.
-        Self::require_match(tx.conn(), who, id.0, if_match.0.as_deref()).await?;
+        Self::require_match(tx.conn(), who, id.0, &conditions).await?;
         let patch = UserPatch {
             email: b.email.clone(),
             role: b.role.map(Role::from),
@@ -607,14 +616,22 @@ impl UsersApi {
         auth: BearerAuth,
         id: Path<i64>,
         /// Delete the user only in the state this ETag (from a GET of the
-        /// user) names; else 412 with the current one.
+        /// user) names; else 412 with the current one. Several lines make
+        /// one list.
         #[oai(name = "If-Match")]
-        if_match: Header<Option<String>>,
+        _if_match: Header<Option<String>>,
+        /// Delete the user only if they are in none of the states these
+        /// ETags name (`*` names any state: the deletion is refused); else
+        /// 412 with the current one. Several lines make one list.
+        #[oai(name = "If-None-Match")]
+        _if_none_match: Header<Option<String>>,
+        req: &poem::Request,
     ) -> ApiResult<DeletedResponse> {
         auth.require_admin()?;
+        let conditions = Preconditions::of(req);
         let mut tx = crate::db::Write::begin(&self.state.pool, auth.0.user_id).await?;
         users::lock(tx.conn()).await?;
-        Self::require_match(tx.conn(), &auth.0, id.0, if_match.0.as_deref()).await?;
+        Self::require_match(tx.conn(), &auth.0, id.0, &conditions).await?;
         let (_, change) = users::delete(tx.conn(), id.0, self.state.auth.expiry_secs())
             .await
             .map_err(user_error)?;

@@ -59,14 +59,13 @@ pub use sql::{
     build_sql, where_sql, ExportSpec, ExportSql, DAILY_CSV_COLUMNS, MONTHLY_CSV_COLUMNS,
 };
 
-use super::compress::{negotiate, Encoding};
+use super::compress::{accept_encoding, negotiate, Encoding};
 use super::error::{ApiError, ApiResult};
 use super::filters::{parse_projection, RawFilter, SalesFilter};
 use super::security::BearerAuth;
 use super::ApiTags;
 use crate::state::AppState;
 use bytes::Bytes;
-use poem::http::header;
 use poem::Request;
 use poem_openapi::param::Query;
 use poem_openapi::OpenApi;
@@ -224,10 +223,10 @@ impl ExportApi {
             })
             .transpose()
             .map_err(|e| ApiError::bad_param("after", e))?;
+        // Every `Accept-Encoding` line: they make one list (RFC 9110 5.3),
+        // as for buffered responses.
         let encoding = negotiate(
-            req.headers()
-                .get(header::ACCEPT_ENCODING)
-                .and_then(|v| v.to_str().ok()),
+            accept_encoding(req.headers()).as_deref(),
             &[Encoding::Zstd, Encoding::Gzip],
         );
         let slot = self.slots.take_or_429(auth.0.user_id)?;

@@ -3,7 +3,10 @@
 use super::limits::RawBody;
 use super::request_id::explained_error;
 use crate::cache::CachedBody;
-use crate::http::compress::{compress, negotiate, Encoding, COMPRESS_MIN};
+use crate::http::compress::{
+    accept_encoding, compress, field_list, negotiate, Encoding, COMPRESS_MIN,
+};
+use crate::http::error::ApiError;
 use crate::http::routes::Routes;
 use crate::state::AppState;
 use bytes::Bytes;
@@ -112,7 +115,11 @@ pub fn etag_of(body: &[u8]) -> String {
 /// content coding of that body (`"<digest>-gzip"`) matches too: each names
 /// the same state.
 pub fn if_match_holds(header_value: &str, body: &[u8]) -> bool {
-    let current = digest(body);
+    if_match_holds_for(header_value, &digest(body))
+}
+
+/// [`if_match_holds`] for the body whose ETag digest is `current`.
+fn if_match_holds_for(header_value: &str, current: &str) -> bool {
     header_value.split(',').any(|t| {
         let t = t.trim();
         if t == "*" {
@@ -122,7 +129,7 @@ pub fn if_match_holds(header_value: &str, body: &[u8]) -> bool {
             return false;
         };
         tag == current
-            || tag.strip_prefix(current.as_str()).is_some_and(|coding| {
+            || tag.strip_prefix(current).is_some_and(|coding| {
                 [Encoding::Zstd, Encoding::Brotli, Encoding::Gzip]
                     .iter()
                     .any(|e| coding.strip_prefix('-') == Some(e.token()))
@@ -160,15 +167,7 @@ pub async fn with_representation<E: Endpoint>(
     let path = req.uri().path().to_string();
     let raw_body = req.extensions().get::<RawBody>().cloned();
     // Every `Accept-Encoding` line: they make one list (RFC 9110 5.3).
-    let accept = {
-        let lines: Vec<&str> = req
-            .headers()
-            .get_all(header::ACCEPT_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        (!lines.is_empty()).then(|| lines.join(", "))
-    };
+    let accept = accept_encoding(req.headers());
     // A HEAD is answered as its GET would be, body left out: its ETag,
     // encoding and 304 are the GET's (the router would otherwise drop the
     // body before its digest is taken).
@@ -177,11 +176,9 @@ pub async fn with_representation<E: Endpoint>(
     if head {
         req.set_method(Method::GET);
     }
-    let inm = req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // The preconditions of a read, each header's lines as one list.
+    let im = field_list(req.headers(), header::IF_MATCH);
+    let inm = field_list(req.headers(), header::IF_NONE_MATCH);
     let (result, cached) = CACHED
         .scope(RefCell::new(None), async {
             let r = ep.call(req).await;
@@ -259,6 +256,32 @@ pub async fn with_representation<E: Endpoint>(
         if let Ok(v) = HeaderValue::from_str(&etag) {
             resp.headers_mut().insert(header::ETAG, v);
         }
+        // If-Match first (RFC 9110 13.2.2): when no listed tag names this
+        // body (in any content coding; `*` names any), 412 whatever
+        // If-None-Match says.
+        if im
+            .as_deref()
+            .is_some_and(|v| !if_match_holds_for(v, &digest))
+        {
+            let mut failed = ApiError::precondition_failed(
+                format!(
+                    "If-Match: no tag listed names the current state of {path} \
+                     (details.etag does); GET it again"
+                ),
+                &etag,
+            )
+            .into_response();
+            failed
+                .headers_mut()
+                .insert(header::VARY, vary(!state.config.cors_origins.is_empty()));
+            failed
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if head {
+                failed.set_body(());
+            }
+            return Ok(failed);
+        }
         if if_none_match_hits(inm.as_deref(), &etag) {
             resp.set_status(StatusCode::NOT_MODIFIED);
             resp.headers_mut().remove(header::CONTENT_TYPE);
@@ -332,6 +355,8 @@ mod tests {
         assert!(!if_match_holds("\"nonsense\"", body));
         assert!(!if_match_holds("", body));
         assert!(!if_match_holds(&tag, b"{\"data\":{\"id\":2}}"));
+        // Two header lines joined into one list.
+        assert!(if_match_holds(&format!("\"zz\", {tag}"), body));
     }
 
     /// A static document's body is kept with its encodings while it is
