@@ -205,6 +205,13 @@ pub(super) async fn run(
             discard(conn, pid, &job.state).await;
             let state = match &stop {
                 Stop::Cancelled(why) => {
+                    // The connection closed during a shutdown: the server cut
+                    // it (SHUTDOWN_TIMEOUT), not the client.
+                    let why = if *why == "client disconnected" && job.state.hub.is_shutting_down() {
+                        "the server shut down (SHUTDOWN_TIMEOUT ran out)"
+                    } else {
+                        why
+                    };
                     tracing::info!(export_id = %job.export_id, rows, reason = why, "export cancelled");
                     RunState::Cancelled
                 }

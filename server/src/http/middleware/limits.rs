@@ -64,8 +64,11 @@ impl RateLimits {
         }
     }
 
+    /// Whole seconds until the next request is allowed, rounded up: a
+    /// client that waits `Retry-After` seconds gets through (rounded down,
+    /// it came back up to a second early and was refused again).
     fn wait(&self, nu: governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
-        nu.wait_time_from(self.clock.now()).as_secs().max(1)
+        retry_after(nu.wait_time_from(self.clock.now()))
     }
 
     /// `Err(seconds to wait)` when the IP's budget is spent.
@@ -93,6 +96,11 @@ impl RateLimits {
 /// Entries left of it were written by the client and are ignored (a client
 /// cannot pick the address it is throttled as). A malformed entry ends the
 /// walk at the last proxy before it.
+/// `Retry-After` for a wait: whole seconds, rounded up, at least 1.
+fn retry_after(wait: std::time::Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
 pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
     forwarded_client(peer_ip(req), trusted, || {
         req.headers()
@@ -626,5 +634,15 @@ mod tests {
         assert!(l.check_ip(ip).is_err());
         assert!(l.check_ip("1.2.3.5".parse().unwrap()).is_ok());
         assert!(l.check_ws(ip).is_ok() && l.check_ws(ip).is_err());
+    }
+
+    #[test]
+    fn retry_after_is_rounded_up() {
+        use std::time::Duration;
+        assert_eq!(retry_after(Duration::from_millis(9_200)), 10);
+        assert_eq!(retry_after(Duration::from_millis(5_999)), 6);
+        assert_eq!(retry_after(Duration::from_secs(6)), 6);
+        assert_eq!(retry_after(Duration::from_millis(300)), 1);
+        assert_eq!(retry_after(Duration::ZERO), 1);
     }
 }
