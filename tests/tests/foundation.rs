@@ -409,6 +409,77 @@ async fn health_reports_postgres_and_redis() {
     server.stop().await;
 }
 
+/// A TCP proxy to Postgres that `cut` closes: its connections end and new
+/// ones are refused, as when Postgres goes away.
+async fn postgres_proxy(upstream: &str) -> (u16, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cut, on_cut) = tokio::sync::watch::channel(false);
+    let upstream = upstream.to_string();
+    tokio::spawn(async move {
+        loop {
+            let mut stop = on_cut.clone();
+            tokio::select! {
+                _ = stop.changed() => return,
+                accepted = listener.accept() => {
+                    let Ok((mut client, _)) = accepted else { return };
+                    let mut stop = on_cut.clone();
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = stop.changed() => {}
+                        }
+                    });
+                }
+            }
+        }
+    });
+    (port, cut)
+}
+
+/// With Postgres gone, `/health` tells an admin why, as the driver said it
+/// (here: the connection was refused), not only that its probe's pool
+/// found no connection in time.
+#[tokio::test]
+async fn health_tells_an_admin_why_postgres_is_unreachable() {
+    let db = TestDb::new().await;
+    let (port, cut) = postgres_proxy("127.0.0.1:5432").await;
+    let url = db.url.replacen(":5432/", &format!(":{port}/"), 1);
+    assert_ne!(url, db.url, "the test database is on 127.0.0.1:5432");
+    let server = db.server(&[("DATABASE_URL", url.as_str())]).await;
+    let admin = sales_e2e::token(999, "admin", &[]);
+    let health = || async {
+        reqwest::Client::new()
+            .get(server.url("/health"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(health().await.status(), 200);
+    cut.send(true).unwrap();
+    let body: Value = sales_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "health to see Postgres gone",
+        || async {
+            let r = health().await;
+            let body: Value = r.json().await.ok()?;
+            (body["postgres"]["up"] == false).then_some(body)
+        },
+    )
+    .await;
+    let error = body["postgres"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.to_ascii_lowercase().contains("refused"),
+        "the cause, not the pool's timeout: {body}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn openapi_file_matches_the_server() {
     let db = TestDb::new().await;

@@ -181,10 +181,31 @@ fn event_delivery(holders: Vec<crate::events::holders::Holder>, admin: bool) -> 
     }
 }
 
+/// `SELECT 1` on the probe pool. When the pool found no connection in
+/// time, one connection of its own says why (refused, no such host, bad
+/// password) instead of the pool's "timed out while waiting".
+async fn select_one(pool: &sqlx::PgPool) -> Result<i32, sqlx::Error> {
+    use sqlx::Connection;
+    match sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(pool)
+        .await
+    {
+        Err(sqlx::Error::PoolTimedOut) => {
+            let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+            let one = sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&mut conn)
+                .await;
+            let _ = conn.close().await;
+            one
+        }
+        r => r,
+    }
+}
+
 /// Postgres, Redis and what holds delivery back, as found now.
 async fn probe_health(state: &AppState) -> HealthProbe {
     let started = Instant::now();
-    let postgres = bounded(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.probe_pool))
+    let postgres = bounded(select_one(&state.probe_pool))
         .await
         .map(|_| ms(started.elapsed()))
         .inspect_err(|e| tracing::warn!(error = %e, "health: postgres unreachable"));
