@@ -42,8 +42,12 @@ use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 const SHMEM_NAME: &CStr = c"pg_sales delivery";
-/// Databases whose generation is tracked on its own; beyond this they share
-/// the last entry (readers of those wake a little more often, nothing worse).
+/// Wake-up entries: a database uses the one its oid picks (oid modulo
+/// this). Databases that pick the same one share its counter and condition
+/// variable: their readers wake a little more often, nothing worse. Picked
+/// by oid, never claimed, so a dropped database leaves nothing behind (an
+/// entry claimed per database was never given back, and after as many
+/// databases as entries every later one shared the last).
 const DATABASES: usize = 64;
 
 /// One backend's registration. Only its backend writes it; readers scan
@@ -61,7 +65,6 @@ struct Slot {
 
 #[repr(C)]
 struct DbGeneration {
-    db: AtomicU32,
     generation: AtomicU64,
     /// Broadcast when the generation moves: only this database's readers
     /// wake (one variable for the cluster woke every waiting reader of
@@ -185,23 +188,7 @@ fn my_db() -> u32 {
 }
 
 fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
-    for e in &s.dbs[..DATABASES - 1] {
-        let have = e.db.load(Ordering::Acquire);
-        if have == db {
-            return e;
-        }
-        if have == 0
-            && e.db
-                .compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            return e;
-        }
-        if e.db.load(Ordering::Acquire) == db {
-            return e;
-        }
-    }
-    &s.dbs[DATABASES - 1]
+    &s.dbs[db as usize % DATABASES]
 }
 
 /// After a restart the clock starts at 0: before this backend takes a value
