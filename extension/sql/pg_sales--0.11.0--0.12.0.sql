@@ -321,22 +321,27 @@ CREATE FUNCTION sales.record_row(id bigint) RETURNS sales.monthly_sales
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     m sales.monthly_sales;
+    kept jsonb;
+    mark bigint;
 BEGIN
     SELECT * INTO m FROM sales.monthly_sales x WHERE x.id = record_row.id;
     IF NOT FOUND THEN
-        SELECT (jsonb_populate_record(NULL::sales.monthly_sales, h.payload)).* INTO m
+        SELECT h.payload, h.id INTO kept, mark
         FROM sales.event_history h
         WHERE h.row_id = record_row.id AND h.kind = 'sales-data-truncated'
         ORDER BY h.id DESC LIMIT 1;
-        -- Not when a retained event is newer (the id was given again, by
-        -- hand, after the TRUNCATE): that record's walk does not start here.
+        m := jsonb_populate_record(NULL::sales.monthly_sales, kept);
+        -- Not when an event was written after the TRUNCATE (the id was
+        -- given again, by hand): that record's walk does not start here.
+        -- By event id (the kept state's id comes from the same sequence),
+        -- not by version: a record given the id again starts at version 1.
         IF m.version IS NOT NULL AND EXISTS (
             SELECT 1 FROM sales.events e
-            WHERE e.row_id = record_row.id AND e.row_version > m.version
+            WHERE e.row_id = record_row.id AND e.id > mark
               AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
             UNION ALL
             SELECT 1 FROM sales.event_history h
-            WHERE h.row_id = record_row.id AND h.row_version > m.version
+            WHERE h.row_id = record_row.id AND h.id > mark
               AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted'))
         THEN
             m := NULL;

@@ -1749,6 +1749,11 @@ async fn cors_origins_leave_the_servers_own_origin_alone() {
     );
     let r = login("https://evil.example.com".into()).await;
     assert_eq!(r.status(), 403);
+    // Marked like every refusal, in the API's shape.
+    assert!(r.headers().contains_key("vary"), "{:?}", r.headers());
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden", "{body}");
     // A listed origin may send a conditional PATCH and a PUT: the preflight
     // allows `If-Match` and the method.
     for (method, header) in [("PATCH", "if-match"), ("PUT", "content-type")] {

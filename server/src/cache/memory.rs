@@ -10,9 +10,10 @@ use tokio::time::Instant;
 
 /// How long past the entries' lifetime a tag's version is kept: longer
 /// than any read takes between reading the versions and storing its entry
-/// (bounded by `DB_QUERY_TIMEOUT`), so an entry stored under a version from
-/// before a bump has expired before that bump is forgotten.
-const TAG_MARGIN: Duration = Duration::from_secs(3600);
+/// (a few statements and their retries, each bounded by `DB_QUERY_TIMEOUT`,
+/// at most an hour), so an entry stored under a version from before a bump
+/// has expired before that bump is forgotten.
+const TAG_MARGIN: Duration = Duration::from_secs(6 * 3600);
 
 pub struct MemoryCache {
     entries: Moka<String, Arc<Vec<u8>>>,

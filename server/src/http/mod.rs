@@ -356,15 +356,25 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
                         poem::Endpoint::call(&*plain, req).await
                     } else {
                         // The CORS layer's own answers (a preflight) vary
-                        // by origin too, as every answer says.
-                        poem::Endpoint::call(&*ep, req).await.map(|r| {
-                            let mut r = poem::IntoResponse::into_response(r);
-                            if !r.headers().contains_key(poem::http::header::VARY) {
-                                r.headers_mut()
-                                    .insert(poem::http::header::VARY, middleware::vary(true));
-                            }
-                            r
-                        })
+                        // by origin too, as every answer says. A refusal
+                        // (origin, method or header not allowed) is an
+                        // error here: answered in the API's shape and
+                        // marked like every refusal.
+                        let mut r = match poem::Endpoint::call(&*ep, req).await {
+                            Ok(r) => poem::IntoResponse::into_response(r),
+                            Err(e) => middleware::error_response(e),
+                        };
+                        let h = r.headers_mut();
+                        if !h.contains_key(poem::http::header::VARY) {
+                            h.insert(poem::http::header::VARY, middleware::vary(true));
+                        }
+                        if !h.contains_key(poem::http::header::CACHE_CONTROL) {
+                            h.insert(
+                                poem::http::header::CACHE_CONTROL,
+                                poem::http::HeaderValue::from_static("no-store"),
+                            );
+                        }
+                        Ok(r)
                     }
                 }
             })

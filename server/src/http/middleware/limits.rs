@@ -241,7 +241,11 @@ pub async fn with_limits<E: Endpoint>(
     routes: Arc<Routes>,
 ) -> poem::Result<Response> {
     let cors = !state.config.cors_origins.is_empty();
-    let had_token = req.headers().contains_key(header::AUTHORIZATION);
+    let had_token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
     let mut resp = limited(ep, req, state, limits, routes).await?;
     // A refusal made here (429, 400, 405, 413, 415, 501) never reached the
     // layer that marks responses: mark it as that layer marks an error.
@@ -408,6 +412,8 @@ async fn limited<E: Endpoint>(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
+        // A quoted parameter value may hold a `;` of its own: left as sent.
+        .filter(|ct| !ct.contains('"'))
         .map(|ct| {
             ct.split(';')
                 .map(str::trim)
