@@ -263,6 +263,14 @@ struct Inner {
     deleted: HashMap<i64, i64>,
     /// Revoked session -> until when its access tokens could still be presented.
     sessions: HashMap<String, i64>,
+    /// A relayed event's generation not read back yet: user -> (the
+    /// generation the event names, why it moved, until when it is held).
+    /// Tokens below it are refused until the read-back sets what the
+    /// database holds (and clears this), so a token whose scope a change
+    /// narrowed is not accepted again in between (a client reconnecting at
+    /// once would otherwise be replayed under its old scope). An event that
+    /// lied only refuses tokens, and only until the read-back or the hold.
+    pending: HashMap<i64, (i64, Revoked, i64)>,
 }
 
 impl Inner {
@@ -338,6 +346,11 @@ impl Revocations {
                 return Err(u.why);
             }
         }
+        if let Some((generation, why, until)) = inner.pending.get(&p.user_id) {
+            if p.generation < *generation && *until > chrono::Utc::now().timestamp() {
+                return Err(*why);
+            }
+        }
         if let Some(s) = &p.session {
             if inner.sessions.contains_key(s) {
                 return Err(Revoked::SessionEnded);
@@ -390,6 +403,20 @@ impl Revocations {
         }
     }
 
+    /// Holds a relayed event's generation until the read-back (see
+    /// `Inner::pending`), for no longer than `until` (seconds since the
+    /// epoch).
+    pub fn hold_generation(&self, id: i64, generation: i64, why: Revoked, until: i64) {
+        let mut inner = self.write();
+        let keep = inner
+            .pending
+            .get(&id)
+            .is_none_or(|(g, ..)| *g <= generation);
+        if keep {
+            inner.pending.insert(id, (generation, why, until));
+        }
+    }
+
     /// Forgets a deletion applied from a relayed event that the database
     /// then did not bear out (the user is there: ids are never reused).
     pub fn undelete(&self, id: i64) {
@@ -410,6 +437,9 @@ impl Revocations {
                 why,
                 identity,
             } => {
+                // What the database holds now stands: a generation held
+                // from an event is no longer needed (or was not borne out).
+                inner.pending.remove(id);
                 if inner.deleted.contains_key(id) {
                     return;
                 }
@@ -662,5 +692,28 @@ mod tests {
         r.apply(&Change::Deleted { id: 2, until: far });
         assert_eq!(r.user_by_identity("https://idp", "a"), None);
         assert_eq!(r.check_token(&p), Err(Revoked::Deleted));
+    }
+
+    /// A generation held from a relayed event refuses older tokens until
+    /// the read-back applies what the database holds (which clears it), or
+    /// until the hold runs out; a token at that generation passes.
+    #[test]
+    fn a_held_generation_refuses_older_tokens_until_the_read_back() {
+        let r = Revocations::default();
+        let now = chrono::Utc::now().timestamp();
+        r.apply(&user(7, 1, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 1, None)), Ok(()));
+        r.hold_generation(7, 2, Revoked::AccessChanged, now + 600);
+        assert_eq!(r.check(&principal(7, 1, None)), Err(Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 2, None)), Ok(()));
+        // An older hold does not lower it.
+        r.hold_generation(7, 1, Revoked::AccessChanged, now + 600);
+        assert_eq!(r.check(&principal(7, 1, None)), Err(Revoked::AccessChanged));
+        // The read-back: the database says generation 1 (the event lied).
+        r.apply(&user(7, 1, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 1, None)), Ok(()));
+        // A hold that ran out refuses nothing.
+        r.hold_generation(8, 5, Revoked::PasswordChanged, now - 1);
+        assert_eq!(r.check(&principal(8, 1, None)), Ok(()));
     }
 }

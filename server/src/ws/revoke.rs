@@ -191,6 +191,10 @@ fn take_away(hub: &Hub, access: &Revocations, change: Change, token_lifetime: i6
             why,
             ..
         } => {
+            // The tokens too, until the read-back: a client that reconnects
+            // at once is not served under its old scope meanwhile.
+            let cap = chrono::Utc::now().timestamp() + token_lifetime;
+            access.hold_generation(id, generation, why, cap);
             // Tokens of an outside identity provider carry no generation
             // of ours (`Revocations::check_account`).
             hub.close_user(id, |p| {
