@@ -104,13 +104,19 @@ pub fn text_lit(s: &str) -> String {
 /// A period like `2024-06` -> (2024, 6): years 2000..=2100, months 1..=12.
 /// The API's `from`/`to` and the extension's `from_period`/`to_period`.
 pub fn parse_period(raw: &str) -> Option<(i32, i32)> {
+    let (y, m) = period_parts(raw)?;
+    ((2000..=2100).contains(&y) && (1..=12).contains(&m)).then_some((y, m))
+}
+
+/// The year and month a period is written as (four digits, `-`, one or
+/// two digits), whatever their range: what [`parse_period`] then checks.
+pub fn period_parts(raw: &str) -> Option<(i32, i32)> {
     let (y, m) = raw.trim().split_once('-')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(y) || !digits(m) || y.len() != 4 || m.len() > 2 {
         return None;
     }
-    let (y, m): (i32, i32) = (y.parse().ok()?, m.parse().ok()?);
-    ((2000..=2100).contains(&y) && (1..=12).contains(&m)).then_some((y, m))
+    Some((y.parse().ok()?, m.parse().ok()?))
 }
 
 /// One condition of a sales query, on `m` (monthly_sales) and `s` (stores).

@@ -101,16 +101,7 @@ pub fn parse_period(param: &str, raw: &str) -> ApiResult<(i32, i32)> {
     sales_core::sql::parse_period(raw).ok_or_else(|| {
         // A month written right but outside what a record can hold says
         // which part is out of range.
-        let parts = raw
-            .trim()
-            .split_once('-')
-            .filter(|(y, m)| {
-                y.len() == 4
-                    && (1..=2).contains(&m.len())
-                    && y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
-            })
-            .and_then(|(y, m)| Some((y.parse::<i32>().ok()?, m.parse::<i32>().ok()?)));
-        let why = match parts {
+        let why = match sales_core::sql::period_parts(raw) {
             Some((y, _)) if !(2000..=2100).contains(&y) => {
                 format!("{raw:?}: the year must be between 2000 and 2100")
             }

@@ -364,16 +364,7 @@ pub fn app(state: Arc<AppState>) -> poem::endpoint::BoxEndpoint<'static> {
                             Ok(r) => poem::IntoResponse::into_response(r),
                             Err(e) => middleware::error_response(e),
                         };
-                        let h = r.headers_mut();
-                        if !h.contains_key(poem::http::header::VARY) {
-                            h.insert(poem::http::header::VARY, middleware::vary(true));
-                        }
-                        if !h.contains_key(poem::http::header::CACHE_CONTROL) {
-                            h.insert(
-                                poem::http::header::CACHE_CONTROL,
-                                poem::http::HeaderValue::from_static("no-store"),
-                            );
-                        }
+                        middleware::mark(&mut r, true);
                         Ok(r)
                     }
                 }

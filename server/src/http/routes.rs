@@ -175,17 +175,11 @@ impl Routes {
     }
 
     /// The methods a route answers, the document's or one served beside it
-    /// (the dashboard, its assets, the explorer, the document itself, the
-    /// metrics and the WebSocket: GET and HEAD), or None for a path the
-    /// server does not serve.
+    /// (GET and HEAD, see [`beside`]), or None for a path the server does
+    /// not serve.
     pub fn allowed_any(&self, path: &str) -> Option<Vec<&str>> {
-        self.allowed(path).or_else(|| match path {
-            "/" | "/index.html" | "/openapi.json" | "/metrics" | "/ws" => Some(vec!["GET", "HEAD"]),
-            p if p == "/docs" || p.starts_with("/docs/") || p.starts_with("/assets/") => {
-                Some(vec!["GET", "HEAD"])
-            }
-            _ => None,
-        })
+        self.allowed(path)
+            .or_else(|| beside(path).map(|_| vec!["GET", "HEAD"]))
     }
 
     /// A label from a bounded set: a template of the document, one of the
@@ -193,13 +187,20 @@ impl Routes {
     pub fn label<'a>(&'a self, path: &'a str) -> &'a str {
         match self.route(path) {
             Some(r) => &r.label,
-            None => match path {
-                "/" | "/index.html" | "/openapi.json" => path,
-                p if p == "/docs" || p.starts_with("/docs/") => "/docs",
-                p if p.starts_with("/assets/") => "/assets/:file",
-                _ => UNMATCHED,
-            },
+            None => beside(path).unwrap_or(UNMATCHED),
         }
+    }
+}
+
+/// The label of a route served beside the document, the same to every
+/// caller (the dashboard, its assets, the API explorer, the document
+/// itself; GET and HEAD), when `path` is one.
+pub fn beside(path: &str) -> Option<&str> {
+    match path {
+        "/" | "/index.html" | "/openapi.json" => Some(path),
+        p if p == "/docs" || p.starts_with("/docs/") => Some("/docs"),
+        p if p.starts_with("/assets/") => Some("/assets/:file"),
+        _ => None,
     }
 }
 

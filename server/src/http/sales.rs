@@ -751,7 +751,7 @@ impl SalesApi {
             super::error::cap_report(summary);
         };
         let ids_arg = (!ids.is_empty()).then(|| ids.clone());
-        let keys_arg = (!keys.is_empty()).then(|| Value::Array(sent_keys.clone()));
+        let keys_arg = (!keys.is_empty()).then(|| Value::Array(sent_keys));
         let (pool, user, scope) = (&self.state.pool, auth.0.user_id, auth.0.scope());
         // Retried as a batch upsert is: a deadlock, a serialization failure
         // or a connection lost before COMMIT runs the delete again.

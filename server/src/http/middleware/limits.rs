@@ -26,6 +26,11 @@ pub struct RateLimits {
     calls: std::sync::atomic::AtomicU64,
 }
 
+/// `Retry-After` for a wait: whole seconds, rounded up, at least 1.
+fn retry_after(wait: std::time::Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
 fn quota(per_minute: u32) -> Quota {
     let n = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
     Quota::per_minute(n).allow_burst(n)
@@ -96,11 +101,6 @@ impl RateLimits {
 /// Entries left of it were written by the client and are ignored (a client
 /// cannot pick the address it is throttled as). A malformed entry ends the
 /// walk at the last proxy before it.
-/// `Retry-After` for a wait: whole seconds, rounded up, at least 1.
-fn retry_after(wait: std::time::Duration) -> u64 {
-    wait.as_secs_f64().ceil().max(1.0) as u64
-}
-
 pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
     forwarded_client(peer_ip(req), trusted, || {
         req.headers()
@@ -249,17 +249,10 @@ pub async fn with_limits<E: Endpoint>(
     let mut resp = limited(ep, req, state, limits, routes).await?;
     // A refusal made here (429, 400, 405, 413, 415, 501) never reached the
     // layer that marks responses: mark it as that layer marks an error.
-    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    if upgraded {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return Ok(resp);
     }
-    if !h.contains_key(header::CACHE_CONTROL) {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    if !h.contains_key(header::VARY) {
-        h.insert(header::VARY, super::representation::vary(cors));
-    }
+    super::representation::mark(&mut resp, cors);
     // Every 401 names the scheme to authenticate with (RFC 9110 11.6.1),
     // and says a token was sent and refused (RFC 6750 3.1).
     if resp.status() == StatusCode::UNAUTHORIZED

@@ -40,12 +40,7 @@ static STATIC_BODIES: std::sync::LazyLock<
 > = std::sync::LazyLock::new(Default::default);
 
 fn is_static(path: &str) -> bool {
-    path == "/"
-        || path == "/index.html"
-        || path == "/openapi.json"
-        || path == "/docs"
-        || path.starts_with("/docs/")
-        || path.starts_with("/assets/")
+    crate::http::routes::beside(path).is_some()
 }
 
 /// The kept body of a static document, when it is `bytes`; else `bytes`
@@ -154,6 +149,19 @@ pub fn vary(cors: bool) -> HeaderValue {
     } else {
         "Authorization, Accept-Encoding"
     })
+}
+
+/// Marks an answer made outside this layer (a refusal of the limits or the
+/// CORS layer, a failed precondition) as this layer marks an error:
+/// `no-store` and `Vary`, unless it says otherwise.
+pub fn mark(resp: &mut Response, cors: bool) {
+    let h = resp.headers_mut();
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    if !h.contains_key(header::VARY) {
+        h.insert(header::VARY, vary(cors));
+    }
 }
 
 /// ETag / 304, Cache-Control, Vary and compression for buffered bodies.
@@ -271,12 +279,7 @@ pub async fn with_representation<E: Endpoint>(
                 &etag,
             )
             .into_response();
-            failed
-                .headers_mut()
-                .insert(header::VARY, vary(!state.config.cors_origins.is_empty()));
-            failed
-                .headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            mark(&mut failed, !state.config.cors_origins.is_empty());
             if head {
                 failed.set_body(());
             }
