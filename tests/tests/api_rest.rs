@@ -360,6 +360,44 @@ async fn list_projection_pagination_and_sorting() {
             .0,
         400
     );
+    // And to its filters: reused under others it is refused, not resumed
+    // as another listing's position; the same filters written otherwise
+    // (ids reordered or repeated) are the same filters.
+    let s0 = f.stores[0];
+    let s1 = f.stores[1];
+    let (_, body) = a
+        .get(&format!(
+            "/api/v2/sales?storeId={s0},{s1}&sort=-totalSales&limit=2"
+        ))
+        .await;
+    let c = body["meta"]["nextCursor"].as_str().unwrap().to_string();
+    for other in [
+        format!("storeId={s0}"),
+        format!("storeId={s0},{s1}&year=2024"),
+        format!("storeId={s0},{s1}&minTotalSales=1"),
+        String::new(),
+    ] {
+        let (st, body) = a
+            .get(&format!(
+                "/api/v2/sales?{other}&sort=-totalSales&limit=2&cursor={c}"
+            ))
+            .await;
+        assert_eq!(st, 400, "{other}: {body}");
+        assert_eq!(body["error"]["details"]["parameter"], "cursor", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("other filters"),
+            "{body}"
+        );
+    }
+    let (st, body) = a
+        .get(&format!(
+            "/api/v2/sales?storeId={s1},{s0},{s1}&sort=-totalSales&limit=2&cursor={c}"
+        ))
+        .await;
+    assert_eq!(st, 200, "{body}");
 
     // Filters, ranges, offset, includeMetadata=false.
     let s = f.stores[2];
@@ -1185,16 +1223,26 @@ async fn sorting_by_a_column_with_nulls_pages_through_every_row_once() {
         }
     }
     // A NULL where the column never is: a tampered cursor, 400 naming it.
-    let tampered = base64::Engine::encode(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-        r#"{"s":"storeId,id","v":[null,"1"]}"#,
-    );
+    let (_, body) = f.admin.get("/api/v2/sales?sort=storeId&limit=1").await;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let real = body["meta"]["nextCursor"].as_str().unwrap();
+    let mut c: Value =
+        serde_json::from_slice(&base64::Engine::decode(&b64, real).unwrap()).unwrap();
+    c["v"] = json!([null, "1"]);
+    let tampered = base64::Engine::encode(&b64, c.to_string());
     let (st, body) = f
         .admin
         .get(&format!("/api/v2/sales?sort=storeId&cursor={tampered}"))
         .await;
     assert_eq!(st, 400, "{body}");
     assert_eq!(body["error"]["details"]["parameter"], "cursor");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never null"),
+        "{body}"
+    );
 }
 
 /// A region filter is what a store's region can be: 1..100 characters as

@@ -12,8 +12,8 @@ mod model;
 
 pub use history::{parse_as_of, HistoryPage, HistoryResponse, MAX_HISTORY_LIMIT};
 pub use list::{
-    check_cursor_values, decode_cursor, encode_cursor, list_body, parse_sort, sort_spec, ListQuery,
-    SortKey,
+    check_cursor_values, decode_cursor, encode_cursor, filters_digest, list_body, parse_sort,
+    sort_spec, ListQuery, SortKey,
 };
 pub use model::*;
 
@@ -129,7 +129,7 @@ impl SalesApi {
                 ));
             }
             Some(c) => {
-                let vals = decode_cursor(c, &spec, keys.len())?;
+                let vals = decode_cursor(c, &spec, &filters_digest(&filter), keys.len())?;
                 check_cursor_values(&keys, &vals)?;
                 Some(vals)
             }

@@ -106,14 +106,29 @@ pub fn sort_spec(keys: &[SortKey]) -> String {
         .join(",")
 }
 
-/// Opaque keyset cursor: the sort it belongs to and the last row's key values
-/// (JSON null for a NULL).
-pub fn encode_cursor(spec: &str, values: &[Option<String>]) -> String {
+/// Opaque keyset cursor: the sort it belongs to, a digest of the filters it
+/// was issued under, and the last row's key values (JSON null for a NULL).
+pub fn encode_cursor(spec: &str, filters: &str, values: &[Option<String>]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(json!({"s": spec, "v": values}).to_string())
+        .encode(json!({"s": spec, "f": filters, "v": values}).to_string())
 }
 
-pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<Option<String>>> {
+/// The digest a cursor carries of the filters its page was read with
+/// (`SalesFilter`'s fields, ids sorted and deduplicated by the parser), so
+/// a cursor reused under other filters is refused rather than resuming
+/// another listing from this one's position.
+pub fn filters_digest(filter: &SalesFilter) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{filter:?}").as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d[..9])
+}
+
+pub fn decode_cursor(
+    raw: &str,
+    spec: &str,
+    filters: &str,
+    n: usize,
+) -> ApiResult<Vec<Option<String>>> {
     let bad = |why: &str| ApiError::bad_param("cursor", why.to_string());
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw.trim())
@@ -122,6 +137,12 @@ pub fn decode_cursor(raw: &str, spec: &str, n: usize) -> ApiResult<Vec<Option<St
     if v["s"].as_str() != Some(spec) {
         return Err(bad(
             "the cursor belongs to a different sort; keep `sort` the same across pages",
+        ));
+    }
+    if v["f"].as_str() != Some(filters) {
+        return Err(bad(
+            "the cursor belongs to other filters; keep storeId, region, year, month, from, to, \
+             minTotalSales and maxTotalSales the same across pages",
         ));
     }
     let vals: Vec<Option<String>> = v["v"]
@@ -310,8 +331,13 @@ pub async fn list_body(state: &AppState, q: ListQuery<'_>) -> ApiResult<String> 
     body.push(']');
     if q.include_meta {
         let next = if has_more {
-            rows.last()
-                .map(|r| encode_cursor(q.spec, &r.get::<Vec<Option<String>>, _>(1)))
+            rows.last().map(|r| {
+                encode_cursor(
+                    q.spec,
+                    &filters_digest(q.filter),
+                    &r.get::<Vec<Option<String>>, _>(1),
+                )
+            })
         } else {
             None
         };
@@ -407,17 +433,30 @@ mod tests {
 
     #[test]
     fn cursor_round_trip() {
-        let c = encode_cursor("storeId,id", &some(&["1", "9"]));
+        let c = encode_cursor("storeId,id", "f1", &some(&["1", "9"]));
         assert_eq!(
-            decode_cursor(&c, "storeId,id", 2).unwrap(),
+            decode_cursor(&c, "storeId,id", "f1", 2).unwrap(),
             some(&["1", "9"])
         );
-        let c = encode_cursor("totalSales,id", &[None, Some("9".into())]);
+        let c = encode_cursor("totalSales,id", "f2", &[None, Some("9".into())]);
         assert_eq!(
-            decode_cursor(&c, "totalSales,id", 2).unwrap(),
+            decode_cursor(&c, "totalSales,id", "f2", 2).unwrap(),
             vec![None, Some("9".to_string())]
         );
-        assert!(decode_cursor(&c, "-storeId,id", 2).is_err());
-        assert!(decode_cursor("garbage!", "storeId,id", 2).is_err());
+        assert!(decode_cursor(&c, "-storeId,id", "f2", 2).is_err());
+        // Other filters than the page was read with.
+        assert!(decode_cursor(&c, "totalSales,id", "f1", 2).is_err());
+        assert!(decode_cursor("garbage!", "storeId,id", "f1", 2).is_err());
+        // Filters that differ digest differently; equal ones alike.
+        let a = SalesFilter {
+            store_ids: Some(vec![1, 2]),
+            ..Default::default()
+        };
+        let b = SalesFilter {
+            store_ids: Some(vec![1]),
+            ..Default::default()
+        };
+        assert_ne!(filters_digest(&a), filters_digest(&b));
+        assert_eq!(filters_digest(&a), filters_digest(&a.clone()));
     }
 }
