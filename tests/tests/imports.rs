@@ -2489,8 +2489,23 @@ async fn header_names_match_whatever_their_case() {
             "wrong header: columns D1_SALES and d01Sales are the same field",
         ),
         (
+            "Shop_Number,DATE,SALES\nT001,2024-07-10,1\n",
+            "wrong header: no store column (store_code or store_id); found: Shop_Number, DATE, SALES",
+        ),
+        // One slip from a field it reads: refused, not ignored with its
+        // values.
+        (
             "Store_Kode,DATE,SALES\nT001,2024-07-10,1\n",
-            "wrong header: no store column (store_code or store_id); found: Store_Kode, DATE, SALES",
+            "wrong header: column Store_Kode is not one the import reads: did you mean store_code?",
+        ),
+        (
+            "store_code,date,sales,Customer\nT001,2024-07-10,1,2\n",
+            "wrong header: column Customer is not one the import reads: did you mean customers?",
+        ),
+        (
+            "store_code,year,month,d1_sales,d32_sales\nT001,2024,7,1,2\n",
+            "wrong header: column d32_sales is not one the import reads: \
+             day 32 is not a day of a month (d1_sales .. d31_sales)",
         ),
     ] {
         let (status, body, _) = post_file(&api, "", "text/csv", file).await;

@@ -325,6 +325,11 @@ fn read_header(written: &[String]) -> Result<Columns, FileError> {
                     // written (`note`, `note`). Names that differ (`note`,
                     // `NOTE`) are two such columns, neither of them read.
                     return Err(twice(j, i, "column"));
+                } else if let Some(why) = misspelt(m) {
+                    return Err(FileError::Header(format!(
+                        "column {} is not one the import reads: {why}",
+                        shown(i)
+                    )));
                 }
             }
         }
@@ -377,6 +382,94 @@ impl Columns {
             || self.metrics.contains(&some)
             || self.days.iter().any(|d| d.0 == i)
     }
+}
+
+/// The fields a column may name, by their match key, as a refusal names
+/// them.
+const FIELD_NAMES: [(&str, &str); 8] = [
+    ("storecode", "store_code"),
+    ("storeid", "store_id"),
+    ("date", "date"),
+    ("year", "year"),
+    ("month", "month"),
+    ("sales", "sales"),
+    ("customers", "customers"),
+    ("transactions", "transactions"),
+];
+
+/// The columns of the product's own exports that the import does not read.
+const EXPORT_ONLY: [&str; 7] = [
+    "key",
+    "storename",
+    "region",
+    "totalsales",
+    "totalcustomers",
+    "totaltransactions",
+    "daysreported",
+];
+
+/// Why a column the import does not read looks like a misspelt one that it
+/// does (its match key `key`): one edit from a field of up to five letters,
+/// two from a longer one (`Customer`, `transaction`, `storcode`), or a day
+/// column with a day no month has or a metric one edit away (`d32_sales`,
+/// `d1_sale`). Such a column would be ignored and its values lost, so the
+/// file is refused naming it; other unknown columns (`note`, `cashier`) are
+/// ignored, as are the exports' own (`key`, `store_name`, totals).
+fn misspelt(key: &str) -> Option<String> {
+    if EXPORT_ONLY.contains(&key) {
+        return None;
+    }
+    let near = |a: &str, b: &str| edits(a, b) <= if b.len() <= 5 { 1 } else { 2 };
+    if let Some(rest) = key.strip_prefix('d') {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits > 0 {
+            let (day, metric) = rest.split_at(digits);
+            let known = METRIC_NAMES
+                .iter()
+                .find(|m| **m == metric || near(metric, m));
+            if let Some(m) = known {
+                let d: u64 = day.parse().unwrap_or(u64::MAX);
+                return Some(if !(1..=31).contains(&d) {
+                    format!("day {day} is not a day of a month (d1_{m} .. d31_{m})")
+                } else {
+                    format!("did you mean d{d}_{m}?")
+                });
+            }
+        }
+    }
+    FIELD_NAMES
+        .iter()
+        .find(|(k, _)| near(key, k))
+        .map(|(_, name)| format!("did you mean {name}?"))
+}
+
+/// Edits (insertions, deletions, substitutions, swaps of neighbours)
+/// between two short names.
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 {
+        return 3;
+    }
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// `d12sales` (the key of `d12_sales`) -> (12, 0).
@@ -2146,14 +2239,75 @@ mod tests {
         assert_eq!(bad[0].column.as_deref(), Some("sales"));
         // A refusal lists the columns as the header wrote them.
         let Some(FileError::Header(m)) =
-            run("Store_Kode,DATE,SALES\nS1,2091-07-05,5\n", Requested::Auto).err()
+            run("Shop_Number,DATE,SALES\nS1,2091-07-05,5\n", Requested::Auto).err()
         else {
             panic!("no header error");
         };
         assert_eq!(
             m,
-            "no store column (store_code or store_id); found: Store_Kode, DATE, SALES"
+            "no store column (store_code or store_id); found: Shop_Number, DATE, SALES"
         );
+    }
+
+    /// A column one slip away from a field the import reads would be
+    /// ignored and its values lost: the file is refused naming it and the
+    /// field meant. Columns far from every field, and the exports' own,
+    /// are still ignored.
+    #[test]
+    fn a_misspelt_column_refuses_the_file() {
+        for (h, why) in [
+            (
+                "store_code,date,sales,Customer",
+                "column Customer is not one the import reads: did you mean customers?",
+            ),
+            (
+                "store_code,date,sales,transaction",
+                "column transaction is not one the import reads: did you mean transactions?",
+            ),
+            (
+                "Store_Kode,date,sales",
+                "column Store_Kode is not one the import reads: did you mean store_code?",
+            ),
+            (
+                "store_code,dtae,sales",
+                "column dtae is not one the import reads: did you mean date?",
+            ),
+            (
+                "store_code,year,month,d1_sales,d1_sale",
+                "column d1_sale is not one the import reads: did you mean d1_sales?",
+            ),
+            (
+                "store_code,year,month,d1_sales,d32_sales",
+                "column d32_sales is not one the import reads: \
+                 day 32 is not a day of a month (d1_sales .. d31_sales)",
+            ),
+            (
+                "store_code,year,month,d0_customers,d1_sales",
+                "column d0_customers is not one the import reads: \
+                 day 0 is not a day of a month (d1_customers .. d31_customers)",
+            ),
+        ] {
+            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
+            assert_eq!(
+                run(&f, Requested::Auto).err(),
+                Some(FileError::Header(why.into())),
+                "{h}"
+            );
+        }
+        for h in [
+            "store_code,date,sales,note,cashier,register,id,total",
+            "key,store_id,store_code,store_name,date,sales,customers,transactions",
+            "key,store_id,store_code,store_name,region,year,month,total_sales,\
+             total_customers,total_transactions,days_reported,d1_sales",
+        ] {
+            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
+            let r = run(&f, Requested::Auto);
+            assert!(
+                !matches!(r, Err(FileError::Header(_))),
+                "{h}: {:?}",
+                r.err()
+            );
+        }
     }
 
     /// A field given twice in any spelling refuses the file, naming both
