@@ -767,3 +767,114 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
     let (ok, text) = run(&seed, &db.url, b"");
     assert!(ok && text.contains("nothing seeded"), "{text}");
 }
+
+/// The statuses the layers around every operation give (a 304 or 412 to a
+/// conditional GET, a 415 to a body-bearing method with a Content-Encoding,
+/// a 501 to a transfer coding the server does not undo, a 400 to an
+/// undeclared parameter of a health check, a 401 from `/metrics` with
+/// `METRICS_TOKEN` set) are listed in the OpenAPI document for the
+/// operation that gave them.
+#[tokio::test]
+async fn statuses_given_around_the_handlers_are_in_the_document() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await;
+    let server = db
+        .server(&[("METRICS_TOKEN", "scrape-me-0123456789")])
+        .await;
+    let (_, token) = sales_e2e::user_token(&db, &server, "a@x.test", "admin", &[]).await;
+    let spec: Value = reqwest::get(server.url("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = |path: &str, method: &str, status: u16| {
+        spec["paths"][path][method]["responses"]
+            .get(status.to_string())
+            .is_some()
+    };
+    let client = reqwest::Client::new();
+    let mut seen = Vec::new();
+    // Conditional GETs: the ETag of a first answer, then If-None-Match
+    // (304) and an If-Match that names nothing current (412).
+    for (path, template) in [
+        ("/health/live", "/health/live"),
+        ("/api/v2/stores", "/api/v2/stores"),
+        ("/api/v2/auth/me", "/api/v2/auth/me"),
+    ] {
+        let first = client
+            .get(server.url(path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(first.status().as_u16(), 200, "{path}");
+        let etag = first.headers()["etag"].to_str().unwrap().to_string();
+        for (name, value, status) in [
+            ("if-none-match", etag.as_str(), 304),
+            ("if-match", "\"not-this-one\"", 412),
+        ] {
+            let r = client
+                .get(server.url(path))
+                .bearer_auth(&token)
+                .header(name, value)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), status, "{path} {name}");
+            seen.push((template, "get", status));
+        }
+    }
+    // A body-bearing method with a Content-Encoding, on an operation that
+    // takes no body.
+    let r = client
+        .delete(server.url("/api/v2/imports/999999"))
+        .bearer_auth(&token)
+        .header("content-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    seen.push(("/api/v2/imports/{id}", "delete", 415));
+    // Undeclared parameters beside the API, and /metrics without its token.
+    for path in ["/health", "/health/live", "/health/ready", "/metrics"] {
+        let r = client
+            .get(server.url(&format!("{path}?verbose=1")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        seen.push((path, "get", 400));
+    }
+    let r = client.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    seen.push(("/metrics", "get", 401));
+    // A transfer coding other than chunked, on a GET and on a POST.
+    for (method, path, template, lower) in [
+        ("GET", "/api/v2/stores", "/api/v2/stores", "get"),
+        ("POST", "/api/v2/auth/login", "/api/v2/auth/login", "post"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\
+             Connection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_end(&mut out)).await;
+        let answer = String::from_utf8_lossy(&out);
+        assert!(
+            answer.starts_with("HTTP/1.1 501"),
+            "{method} {path}: {answer}"
+        );
+        seen.push((template, lower, 501));
+    }
+    let missing: Vec<_> = seen
+        .iter()
+        .filter(|(path, method, status)| !listed(path, method, *status))
+        .collect();
+    assert!(missing.is_empty(), "not in the document: {missing:?}");
+    server.stop().await;
+}

@@ -231,7 +231,87 @@ pub fn finish_spec(raw: &str) -> String {
             }
         }
     }
+    outside_statuses(&mut doc);
     serde_json::to_string_pretty(&doc).unwrap_or_else(|_| raw.to_string())
+}
+
+/// Statuses given before or after an operation's handler, by the layers
+/// every request passes through (see `middleware`), listed on the
+/// operations they reach:
+/// * 501 to a request with a transfer coding other than `chunked`;
+/// * 415 to a request with a body-bearing method whose Content-Type names
+///   a charset other than UTF-8, or that has a Content-Encoding;
+/// * 304 and 412 to a GET whose `If-None-Match` / `If-Match` names (or
+///   fails to name) the body's ETag: every GET answered 200 with a
+///   buffered body, so every one but the export (streamed) and `/ws`;
+/// * 400 to a query parameter an operation does not declare, also on the
+///   health checks and `/metrics`, and 401 on `/metrics` when
+///   `METRICS_TOKEN` is set and not given.
+fn outside_statuses(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json; charset=utf-8": {
+                "schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        })
+    };
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, ops) in paths.iter_mut() {
+        let Some(ops) = ops.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in ops.iter_mut() {
+            let Some(responses) = op["responses"].as_object_mut() else {
+                continue;
+            };
+            responses.entry("501").or_insert_with(|| {
+                error(
+                    "The request has a transfer coding other than `chunked` \
+                     (`Transfer-Encoding: gzip, chunked`): the server does not undo it.",
+                )
+            });
+            let get = method == "get";
+            if !get {
+                responses.entry("415").or_insert_with(|| {
+                    error(
+                        "The request declares a charset other than UTF-8, or a \
+                         Content-Encoding: bodies are read as sent, in UTF-8.",
+                    )
+                });
+            }
+            let buffered = get
+                && responses.contains_key("200")
+                && path != "/api/v2/sales/export"
+                && path != "/ws";
+            if buffered {
+                responses.entry("304").or_insert_with(|| {
+                    json!({"description": "Not Modified: `If-None-Match` names the \
+                        current representation's ETag (a strong tag of the body's \
+                        digest and content coding)."})
+                });
+                responses.entry("412").or_insert_with(|| {
+                    error("`If-Match` names no current representation of the resource.")
+                });
+            }
+            let outside_api = path.starts_with("/health") || path == "/metrics";
+            if outside_api {
+                responses
+                    .entry("400")
+                    .or_insert_with(|| error("A query parameter the operation does not take."));
+            }
+            if path == "/metrics" {
+                responses.entry("401").or_insert_with(|| {
+                    error(
+                        "`METRICS_TOKEN` is set and the request does not give it as \
+                         `Authorization: Bearer <token>`.",
+                    )
+                });
+            }
+        }
+    }
 }
 
 /// `a`, `a or b`, `a, b or c`.
