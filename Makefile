@@ -52,9 +52,11 @@ run: seed demo-admin
 ## The same set-up, then every test: unit, extension (SQL) and end-to-end,
 ## then the API fuzzer (schemathesis, pinned and seeded) with zero failures.
 test: setup
+	./scripts/setup.sh browser
 	cargo build -p sales-server
 	status=0; \
 	$(SQL_TESTS) || status=$$?; \
+	cargo test -p pg_sales --lib || status=$$?; \
 	cargo test --workspace --exclude pg_sales --no-fail-fast -- --test-threads=$${TEST_THREADS:-4} || status=$$?; \
 	./scripts/fuzz_api.sh || status=$$?; \
 	exit $$status

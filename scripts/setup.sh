@@ -38,7 +38,20 @@ deps() {
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
-    # The dashboard's browser test: Debian's Chromium driven by playwright-core.
+    if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx ${PGRX_VERSION}" ]; then
+        log "installing cargo-pgrx ${PGRX_VERSION} (takes a few minutes once)"
+        cargo install cargo-pgrx --version "${PGRX_VERSION}" --locked
+    fi
+    if ! grep -qs "^pg${PG_MAJOR} = \"${PG_CONFIG}\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+        log "cargo pgrx init --pg${PG_MAJOR} ${PG_CONFIG}"
+        cargo pgrx init --pg${PG_MAJOR} "${PG_CONFIG}" >/dev/null
+    fi
+}
+
+# What only the tests need (`make test`, not `make run`): the dashboard's
+# browser test drives Debian's Chromium with playwright-core.
+browser_deps() {
+    need_root
     if [ ! -x /usr/bin/chromium ]; then
         log "installing chromium (browser tests)"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
@@ -50,14 +63,6 @@ deps() {
     if [ ! -d "$ROOT/tests/browser/node_modules/playwright-core" ]; then
         log "npm ci in tests/browser"
         (cd "$ROOT/tests/browser" && npm ci --no-audit --no-fund >/dev/null)
-    fi
-    if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx ${PGRX_VERSION}" ]; then
-        log "installing cargo-pgrx ${PGRX_VERSION} (takes a few minutes once)"
-        cargo install cargo-pgrx --version "${PGRX_VERSION}" --locked
-    fi
-    if ! grep -qs "^pg${PG_MAJOR} = \"${PG_CONFIG}\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-        log "cargo pgrx init --pg${PG_MAJOR} ${PG_CONFIG}"
-        cargo pgrx init --pg${PG_MAJOR} "${PG_CONFIG}" >/dev/null
     fi
 }
 
@@ -181,6 +186,7 @@ SQL
 
 case "${1:-all}" in
     deps) deps ;;
+    browser) browser_deps ;;
     services) postgres_up; redis_up ;;
     extension) extension ;;
     database) database ;;

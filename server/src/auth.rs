@@ -42,7 +42,10 @@ impl Role {
 /// What a token carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
-    /// The user id.
+    /// The user id. `sub` and `exp` are required by the validation (see
+    /// `Auth::validation`), which reports a missing one by name; a default
+    /// here lets the claims parse far enough for it to.
+    #[serde(default)]
     pub sub: String,
     #[serde(default)]
     pub email: Option<String>,
@@ -50,6 +53,7 @@ pub struct Claims {
     /// Stores a non-admin may see.
     #[serde(default)]
     pub stores: Vec<i64>,
+    #[serde(default)]
     pub exp: i64,
     #[serde(default)]
     pub iat: i64,
@@ -490,6 +494,32 @@ mod tests {
             vars.insert(k.to_string(), v.to_string());
         }
         Auth::from_config(&Config::from_map(&vars).unwrap()).unwrap()
+    }
+
+    /// A token whose signature holds but that lacks `exp` or `sub` is
+    /// refused naming the claim.
+    #[test]
+    fn a_missing_required_claim_is_named() {
+        let a = auth(&[]);
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let exp = chrono::Utc::now().timestamp() + 600;
+        for (claims, why) in [
+            (
+                serde_json::json!({"sub": "7", "role": "staff"}),
+                "missing claim exp",
+            ),
+            (
+                serde_json::json!({"role": "staff", "exp": exp}),
+                "missing claim sub",
+            ),
+        ] {
+            let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+            assert_eq!(
+                a.verify(&t).err(),
+                Some(AuthError::Invalid(why.into())),
+                "{claims}"
+            );
+        }
     }
 
     #[test]

@@ -367,6 +367,34 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
             .await
             .unwrap();
     assert_eq!(head, last);
+
+    // Whether a resume is too far behind: read from the seq index, at most
+    // the bound's number of entries.
+    let plan: Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        sales_server::events::model::MORE_THAN_BETWEEN_SQL
+    ))
+    .bind(head.1 - 15_000)
+    .bind(head.1)
+    .bind(100_000i64)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let text = plan.to_string();
+    assert!(
+        text.contains("\"Index Name\":\"events_seq_idx\"") && !text.contains("Seq Scan"),
+        "{plan:#}"
+    );
+    for (max, more) in [(100i64, true), (20_001, false)] {
+        let got: bool = sqlx::query_scalar(sales_server::events::model::MORE_THAN_BETWEEN_SQL)
+            .bind(0i64)
+            .bind(head.1)
+            .bind(max)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(got, more, "more than {max}");
+    }
 }
 
 /// The relay looks up the regions of a page's stores by the stores' key,

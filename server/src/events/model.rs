@@ -63,6 +63,11 @@ pub const REGIONS_SQL: &str = "SELECT i.id, coalesce(s.region, \
         ORDER BY d.row_version DESC LIMIT 1)) \
      FROM unnest($1::bigint[]) i(id) LEFT JOIN sales.stores s ON s.id = i.id";
 
+/// Whether more than `$3` events lie after seq `$1` up to seq `$2` (see
+/// [`Event::more_than_between`]).
+pub const MORE_THAN_BETWEEN_SQL: &str = "SELECT count(*) > $3 FROM (SELECT 1 FROM sales.events e \
+     WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3 + 1) f";
+
 /// The last event a new reader starts after (see [`Event::head`]).
 pub const HEAD_SQL: &str =
     "SELECT e.id, e.seq FROM sales.events e WHERE e.id = (SELECT sales.events_head())";
@@ -224,6 +229,24 @@ impl Event {
         .bind(within)
         .fetch_one(exec)
         .await
+    }
+
+    /// Whether more than `max` events lie after `from`, up to `upto`, in
+    /// delivery order: a replay over them would stop as too long, so a
+    /// resume asks this before it sends anything. Reads at most `max + 1`
+    /// entries of the log's `seq` index.
+    pub async fn more_than_between<'e>(
+        exec: impl PgExecutor<'e>,
+        from: Pos,
+        upto: Pos,
+        max: i64,
+    ) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(MORE_THAN_BETWEEN_SQL)
+            .bind(from.seq)
+            .bind(upto.seq)
+            .bind(max)
+            .fetch_one(exec)
+            .await
     }
 
     /// Where a new reader starts: the last event `events_since` would return.
