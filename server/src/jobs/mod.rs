@@ -1,4 +1,4 @@
-//! The durable job queue (`jobs.jobs`, migration 0008) and what runs on it:
+//! The durable job queue (`jobs.jobs`, migration 0009) and what runs on it:
 //! imports of POS and export files, and asynchronous batches.
 //!
 //! * A job is a row. Workers of every server instance (JOB_WORKERS each)
