@@ -58,7 +58,7 @@ browser_deps() {
     fi
     if ! command -v node >/dev/null; then
         log "installing nodejs (browser tests)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
     fi
     if [ ! -d "$ROOT/tests/browser/node_modules/playwright-core" ]; then
         log "npm ci in tests/browser"
@@ -192,5 +192,5 @@ case "${1:-all}" in
     database) database ;;
     # The extension is installed before Postgres starts: the cluster preloads it.
     all) deps; extension; postgres_up; redis_up; database ;;
-    *) echo "usage: $0 [deps|services|extension|database|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [deps|browser|services|extension|database|all]" >&2; exit 2 ;;
 esac

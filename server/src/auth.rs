@@ -44,7 +44,9 @@ impl Role {
 pub struct Claims {
     /// The user id. `sub` and `exp` are required by the validation (see
     /// `Auth::validation`), which reports a missing one by name; a default
-    /// here lets the claims parse far enough for it to.
+    /// here lets the claims parse far enough for it to. So decode claims
+    /// only through `Auth::verify*`: parsed any other way, a token without
+    /// them would read as `sub = ""`, `exp = 0`.
     #[serde(default)]
     pub sub: String,
     #[serde(default)]

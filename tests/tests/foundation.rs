@@ -779,7 +779,10 @@ async fn statuses_given_around_the_handlers_are_in_the_document() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::new().await;
     let server = db
-        .server(&[("METRICS_TOKEN", "scrape-me-0123456789")])
+        .server(&[
+            ("METRICS_TOKEN", "scrape-me-0123456789"),
+            ("CORS_ORIGINS", "https://app.example"),
+        ])
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "a@x.test", "admin", &[]).await;
     let spec: Value = reqwest::get(server.url("/openapi.json"))
@@ -849,6 +852,25 @@ async fn statuses_given_around_the_handlers_are_in_the_document() {
     let r = client.get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
     seen.push(("/metrics", "get", 401));
+    // Beside the API too: a body past BODY_LIMIT, an Origin not listed.
+    for path in ["/health", "/health/live", "/health/ready", "/metrics"] {
+        let r = client
+            .get(server.url(path))
+            .body(vec![b'x'; 300_000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 413, "{path}");
+        seen.push((path, "get", 413));
+        let r = client
+            .get(server.url(path))
+            .header("origin", "https://elsewhere.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path}");
+        seen.push((path, "get", 403));
+    }
     // A transfer coding other than chunked, on a GET and on a POST.
     for (method, path, template, lower) in [
         ("GET", "/api/v2/stores", "/api/v2/stores", "get"),

@@ -385,7 +385,15 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
         text.contains("\"Index Name\":\"events_seq_idx\"") && !text.contains("Seq Scan"),
         "{plan:#}"
     );
-    for (max, more) in [(100i64, true), (20_001, false)] {
+    // Exactly at the bound is not more than it; one under is.
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sales.events WHERE seq > 0 AND seq <= $1")
+            .bind(head.1)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert!(n >= 20_000, "{n}");
+    for (max, more) in [(100i64, true), (n - 1, true), (n, false), (n + 1, false)] {
         let got: bool = sqlx::query_scalar(sales_server::events::model::MORE_THAN_BETWEEN_SQL)
             .bind(0i64)
             .bind(head.1)

@@ -416,8 +416,8 @@ async fn a_resume_is_bounded_by_the_log_it_goes_through() {
     let mine = got[0]["id"].as_i64().unwrap();
     drop(c);
     // Past the bound: one event of the client's, then 60 of the other
-    // store. The client is told before anything is replayed (its own event
-    // came first, and was sent ahead of the refusal).
+    // store. The client is told before anything is replayed: its own
+    // event, first in the log, is not sent ahead of the refusal.
     upsert(&db, vec![record(s1, 2024, 1, 4, 1)]).await;
     upsert(&db, months(60, 20)).await;
     relayed_all(&db, &server).await;

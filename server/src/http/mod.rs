@@ -246,7 +246,10 @@ pub fn finish_spec(raw: &str) -> String {
 ///   buffered body, so every one but the export (streamed) and `/ws`;
 /// * 400 to a query parameter an operation does not declare, also on the
 ///   health checks and `/metrics`, and 401 on `/metrics` when
-///   `METRICS_TOKEN` is set and not given.
+///   `METRICS_TOKEN` is set and not given;
+/// * 413 to a body past `BODY_LIMIT`, on any method (the API's operations
+///   list it already), and 403 to an `Origin` that `CORS_ORIGINS` does not
+///   list (likewise), on the routes beside the API.
 fn outside_statuses(doc: &mut serde_json::Value) {
     use serde_json::json;
     let error = |description: &str| {
@@ -274,13 +277,19 @@ fn outside_statuses(doc: &mut serde_json::Value) {
                 )
             });
             let get = method == "get";
+            const CODED: &str = "The request declares a charset other than UTF-8, or a \
+                                 Content-Encoding: bodies are read as sent, in UTF-8.";
             if !get {
-                responses.entry("415").or_insert_with(|| {
-                    error(
-                        "The request declares a charset other than UTF-8, or a \
-                         Content-Encoding: bodies are read as sent, in UTF-8.",
-                    )
-                });
+                match responses.get_mut("415") {
+                    Some(r) => {
+                        if let Some(d) = r["description"].as_str() {
+                            r["description"] = json!(format!("{d} Or: {CODED}"));
+                        }
+                    }
+                    None => {
+                        responses.insert("415".into(), error(CODED));
+                    }
+                }
             }
             let buffered = get
                 && responses.contains_key("200")
@@ -301,6 +310,17 @@ fn outside_statuses(doc: &mut serde_json::Value) {
                 responses
                     .entry("400")
                     .or_insert_with(|| error("A query parameter the operation does not take."));
+                responses
+                    .entry("413")
+                    .or_insert_with(|| error("The request has a body larger than `BODY_LIMIT`."));
+            }
+            if outside_api || path == "/ws" {
+                responses.entry("403").or_insert_with(|| {
+                    error(
+                        "`CORS_ORIGINS` is set and the request's `Origin` is neither \
+                         listed nor the server's own.",
+                    )
+                });
             }
             if path == "/metrics" {
                 responses.entry("401").or_insert_with(|| {

@@ -4,7 +4,8 @@
 //! records. Pure: no database. Every data line becomes staged rows (one per
 //! day) or one rejected row with its line, column and reason; the file as a
 //! whole is refused only when it is empty, binary or has a header that names
-//! no store or date.
+//! no store or date, gives a field twice, or has a column that looks like a
+//! misspelt field it lacks (see `misspelt`).
 //!
 //! Values are checked with the rules of `sales_core::daily` (the ones the
 //! extension and the table's CHECK apply), so a staged row is one the merge
@@ -285,6 +286,7 @@ fn read_header(written: &[String]) -> Result<Columns, FileError> {
     // means cannot be told.
     let mut seen = std::collections::HashMap::new();
     let mut days = std::collections::HashMap::new();
+    let mut unread: Vec<(usize, String)> = Vec::new();
     let shown = |i: usize| cut_name(as_written(&written[i]));
     let twice = |a: usize, b: usize, what: &str| {
         let (a, b) = (shown(a), shown(b));
@@ -325,13 +327,20 @@ fn read_header(written: &[String]) -> Result<Columns, FileError> {
                     // written (`note`, `note`). Names that differ (`note`,
                     // `NOTE`) are two such columns, neither of them read.
                     return Err(twice(j, i, "column"));
-                } else if let Some(why) = misspelt(m) {
-                    return Err(FileError::Header(format!(
-                        "column {} is not one the import reads: {why}",
-                        shown(i)
-                    )));
+                } else {
+                    unread.push((i, key));
                 }
             }
+        }
+    }
+    // Once every known field is placed: a column one slip from a field the
+    // header lacks would be ignored with its values.
+    for (i, key) in unread {
+        if let Some(why) = misspelt(&key, &c) {
+            return Err(FileError::Header(format!(
+                "column {} is not one the import reads: {why}",
+                shown(i)
+            )));
         }
     }
     Ok(c)
@@ -408,38 +417,69 @@ const EXPORT_ONLY: [&str; 7] = [
     "daysreported",
 ];
 
-/// Why a column the import does not read looks like a misspelt one that it
-/// does (its match key `key`): one edit from a field of up to five letters,
-/// two from a longer one (`Customer`, `transaction`, `storcode`), or a day
-/// column with a day no month has or a metric one edit away (`d32_sales`,
-/// `d1_sale`). Such a column would be ignored and its values lost, so the
-/// file is refused naming it; other unknown columns (`note`, `cashier`) are
-/// ignored, as are the exports' own (`key`, `store_name`, totals).
-fn misspelt(key: &str) -> Option<String> {
+/// What a field's name followed by one of these names is another column
+/// (`Customer #`, `Sales %`, `Transaction No`), not a misspelt field.
+const SUFFIXES: [&str; 8] = ["id", "no", "nr", "num", "number", "#", "%", "$"];
+
+/// Why a column the import does not read (its match key `key`) looks like
+/// a misspelt field that the header `c` lacks: one edit (an insertion,
+/// deletion, substitution or swap of neighbours) from its name
+/// (`Customer`, `transaction`, `Store_Kode`, `dtae`), or a day column with a
+/// day no month has or a metric one edit away (`d32_sales`, `d1_sale`).
+/// Such a column would be ignored and its values lost, so the file is
+/// refused naming it. A field the header already has is not looked for
+/// again (`customer_id` beside `customers`), a field's name with an id or
+/// unit after it is another column (`Customer #`, `Sales %`), and other
+/// unknown columns (`note`, `cashier`) and the exports' own (`key`,
+/// `store_name`, totals) are ignored.
+fn misspelt(key: &str, c: &Columns) -> Option<String> {
     if EXPORT_ONLY.contains(&key) {
         return None;
     }
-    let near = |a: &str, b: &str| edits(a, b) <= if b.len() <= 5 { 1 } else { 2 };
+    let near = |a: &str, b: &str| {
+        edits(a, b) <= 1
+            && !SUFFIXES.iter().any(|s| {
+                a.strip_suffix(s)
+                    .is_some_and(|stem| !stem.is_empty() && b.starts_with(stem))
+            })
+    };
     if let Some(rest) = key.strip_prefix('d') {
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         if digits > 0 {
             let (day, metric) = rest.split_at(digits);
             let known = METRIC_NAMES
                 .iter()
-                .find(|m| **m == metric || near(metric, m));
-            if let Some(m) = known {
+                .position(|m| *m == metric || near(metric, m));
+            if let Some(k) = known {
+                let m = METRIC_NAMES[k];
                 let d: u64 = day.parse().unwrap_or(u64::MAX);
-                return Some(if !(1..=31).contains(&d) {
-                    format!("day {day} is not a day of a month (d1_{m} .. d31_{m})")
-                } else {
-                    format!("did you mean d{d}_{m}?")
-                });
+                if !(1..=31).contains(&d) {
+                    return Some(format!(
+                        "day {day} is not a day of a month (d1_{m} .. d31_{m})"
+                    ));
+                }
+                let given = c
+                    .days
+                    .iter()
+                    .any(|&(_, dd, kk)| u64::from(dd) == d && kk == k);
+                return (!given).then(|| format!("did you mean d{d}_{m}?"));
             }
         }
     }
+    let has = |field: &str| match field {
+        "storecode" => c.store_code.is_some(),
+        "storeid" => c.store_id.is_some(),
+        "date" => c.date.is_some(),
+        "year" => c.year.is_some(),
+        "month" => c.month.is_some(),
+        m => METRIC_NAMES
+            .iter()
+            .position(|x| *x == m)
+            .is_some_and(|k| c.metrics[k].is_some()),
+    };
     FIELD_NAMES
         .iter()
-        .find(|(k, _)| near(key, k))
+        .find(|(k, _)| !has(k) && near(key, k))
         .map(|(_, name)| format!("did you mean {name}?"))
 }
 
@@ -2250,7 +2290,7 @@ mod tests {
                 "column dtae is not one the import reads: did you mean date?",
             ),
             (
-                "store_code,year,month,d1_sales,d1_sale",
+                "store_code,year,month,d2_sales,d1_sale",
                 "column d1_sale is not one the import reads: did you mean d1_sales?",
             ),
             (
@@ -2273,6 +2313,13 @@ mod tests {
         }
         for h in [
             "store_code,date,sales,note,cashier,register,id,total",
+            // A field the header has is not looked for again; a field's
+            // name with an id or unit after it is another column.
+            "store_code,date,sales,customers,transactions,customer_id",
+            "Store Code,Store No,Date,Sales",
+            "store_code,date,sales,Sales %,Customer #,Transaction No",
+            "store_code,date,customers,Customer",
+            "store_code,year,month,d1_sales,d1Sales %",
             "key,store_id,store_code,store_name,date,sales,customers,transactions",
             "key,store_id,store_code,store_name,region,year,month,total_sales,\
              total_customers,total_transactions,days_reported,d1_sales",

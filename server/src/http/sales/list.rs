@@ -113,13 +113,46 @@ pub fn encode_cursor(spec: &str, filters: &str, values: &[Option<String>]) -> St
         .encode(json!({"s": spec, "f": filters, "v": values}).to_string())
 }
 
-/// The digest a cursor carries of the filters its page was read with
-/// (`SalesFilter`'s fields, ids sorted and deduplicated by the parser), so
+/// The digest a cursor carries of the filters its page was read with, so
 /// a cursor reused under other filters is refused rather than resuming
-/// another listing from this one's position.
+/// another listing from this one's position. Each filter given is written
+/// by its parameter's name and a canonical value (ids sorted and
+/// deduplicated by the parser, `-0` as `0`); filters not given are left
+/// out, so a filter added in a later version changes no earlier digest.
 pub fn filters_digest(filter: &SalesFilter) -> String {
     use sha2::Digest;
-    let d = sha2::Sha256::digest(format!("{filter:?}").as_bytes());
+    let SalesFilter {
+        store_ids,
+        region,
+        year,
+        month,
+        from,
+        to,
+        min_total_sales,
+        max_total_sales,
+    } = filter;
+    let number = |v: &f64| if *v == 0.0 { 0.0 } else { *v }.to_string();
+    let parts = [
+        store_ids.as_ref().map(|ids| {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            ("storeId", ids.join(","))
+        }),
+        region.as_ref().map(|r| ("region", r.clone())),
+        year.map(|y| ("year", y.to_string())),
+        month.map(|m| ("month", m.to_string())),
+        from.map(|(y, m)| ("from", format!("{y}-{m}"))),
+        to.map(|(y, m)| ("to", format!("{y}-{m}"))),
+        min_total_sales
+            .as_ref()
+            .map(|v| ("minTotalSales", number(v))),
+        max_total_sales
+            .as_ref()
+            .map(|v| ("maxTotalSales", number(v))),
+    ];
+    // JSON of the pairs: no value can pass for a separator.
+    let text =
+        serde_json::to_string(&parts.iter().flatten().collect::<Vec<_>>()).unwrap_or_default();
+    let d = sha2::Sha256::digest(text.as_bytes());
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d[..9])
 }
 
@@ -139,7 +172,10 @@ pub fn decode_cursor(
             "the cursor belongs to a different sort; keep `sort` the same across pages",
         ));
     }
-    if v["f"].as_str() != Some(filters) {
+    // A cursor without a digest was issued before cursors carried one (a
+    // page read from an earlier version during an upgrade): it is taken as
+    // it was then, bound to its sort only.
+    if v.get("f").is_some() && v["f"].as_str() != Some(filters) {
         return Err(bad(
             "the cursor belongs to other filters; keep storeId, region, year, month, from, to, \
              minTotalSales and maxTotalSales the same across pages",
@@ -458,5 +494,25 @@ mod tests {
         };
         assert_ne!(filters_digest(&a), filters_digest(&b));
         assert_eq!(filters_digest(&a), filters_digest(&a.clone()));
+        let zero = |v: f64| SalesFilter {
+            min_total_sales: Some(v),
+            ..Default::default()
+        };
+        assert_eq!(filters_digest(&zero(0.0)), filters_digest(&zero(-0.0)));
+        assert_ne!(filters_digest(&zero(0.0)), filters_digest(&zero(0.5)));
+        // A year is not a month, nor a region a store.
+        let year = SalesFilter {
+            year: Some(2024),
+            ..Default::default()
+        };
+        let month = SalesFilter {
+            month: Some(2024),
+            ..Default::default()
+        };
+        assert_ne!(filters_digest(&year), filters_digest(&month));
+        // A cursor from before digests: bound to its sort only.
+        let legacy = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"s":"storeId,id","v":["1","9"]}"#);
+        assert!(decode_cursor(&legacy, "storeId,id", "any", 2).is_ok());
     }
 }
