@@ -161,12 +161,22 @@ impl Change {
         e: &Event,
         token_lifetime: i64,
     ) -> Result<Option<Change>, sqlx::Error> {
-        let p = &e.payload.value();
+        Self::verified(pool, e.kind, &e.payload.value(), token_lifetime).await
+    }
+
+    /// [`Change::from_event_verified`] for an event of `kind` whose
+    /// payload (or announcement on `sales_access`) is `p`.
+    pub async fn verified(
+        pool: &sqlx::PgPool,
+        kind: Kind,
+        p: &Value,
+        token_lifetime: i64,
+    ) -> Result<Option<Change>, sqlx::Error> {
         let Some(id) = p.get("userId").and_then(Value::as_i64) else {
             return Ok(None);
         };
         let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
-        match e.kind {
+        match kind {
             Kind::UserCreated | Kind::UserUpdated | Kind::UserDeleted => {
                 let row: Option<UserRow> =
                     sqlx::query_as(&format!("{USER_ACCESS_SQL} WHERE u.id = $1"))

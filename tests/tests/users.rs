@@ -623,20 +623,23 @@ async fn users_changed_by_plain_sql_are_revoked() {
     let present = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_trigger
-             WHERE tgname IN ('users_changed_outside', 'users_truncated_outside')",
+             WHERE tgname IN ('users_changed_outside', 'users_truncated_outside', 'access_notify')",
         )
         .fetch_one(pool)
         .await
         .unwrap()
     };
-    assert_eq!(present().await, 2);
-    sqlx::raw_sql("DROP TRIGGER users_changed_outside ON sales.users; DROP TRIGGER users_truncated_outside ON sales.users")
-        .execute(pool)
-        .await
-        .unwrap();
+    assert_eq!(present().await, 3);
+    sqlx::raw_sql(
+        "DROP TRIGGER users_changed_outside ON sales.users; DROP TRIGGER users_truncated_outside ON sales.users;
+         DROP TRIGGER access_notify ON sales.events",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
     assert_eq!(present().await, 0);
     sales_server::db::migrate(pool).await.unwrap();
-    assert_eq!(present().await, 2, "migrate created the triggers again");
+    assert_eq!(present().await, 3, "migrate created the triggers again");
     assert!(
         !sales_server::db::restore_users_triggers(&mut pool.acquire().await.unwrap())
             .await
@@ -1261,6 +1264,87 @@ async fn a_narrowed_scope_closes_before_the_events_it_takes_away() {
             assert_eq!(code, 4012, "round {round}, instance {i}");
         }
     }
+}
+
+/// While another transaction that wrote an event stays open (a long batch,
+/// a bulk load in psql), the events after it wait their turn in delivery
+/// order, and so did a user's change: the other instance kept accepting the
+/// user's older token, for REST writes too, until that transaction ended.
+/// The change is announced as it commits (`sales_access`), so the other
+/// instance refuses the token and closes its WebSocket while the
+/// transaction is still open; the change's event still comes in its turn.
+#[tokio::test]
+async fn revocation_reaches_the_other_instance_while_a_transaction_holds_events_back() {
+    use sqlx::Connection;
+    let w = world(&[]).await;
+    let b = w.db.server(&[]).await;
+    let (_, staff_session) = client(&b, "staff@x.test").await;
+    let staff_token = staff_session["token"].as_str().unwrap().to_string();
+    let (_, manager_session) = client(&b, "manager@x.test").await;
+    let manager_token = manager_session["token"].as_str().unwrap().to_string();
+    let staff_on_b = Api::new(&b, Some(&staff_token));
+    let manager_on_b = Api::new(&b, Some(&manager_token));
+    assert_eq!(staff_on_b.get("/api/v2/auth/me").await.0, 200);
+    let mut ws = open_ws(&b, &staff_token).await;
+
+    // An event-writing transaction left open.
+    let mut holder = sqlx::PgConnection::connect(&w.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT sales.emit('test-holder', '{}')")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let held = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.event_holders()")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n > 0
+        }
+    };
+    assert!(held(&w.db).await, "the holder holds delivery back");
+
+    // Disabled, and a manager's stores narrowed, through instance A.
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.staff_id),
+        json!({"disabled": true}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, _) = patch(
+        &w.admin,
+        &format!("/api/v2/users/{}", w.manager_id),
+        json!({"stores": [w.stores[0]]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    eventually(
+        Duration::from_secs(10),
+        "both refused on instance B",
+        || async {
+            let staff = staff_on_b.get("/api/v2/auth/me").await.0;
+            let manager = manager_on_b.get("/api/v2/auth/me").await.0;
+            (staff == 401 && manager == 401).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(close_code(&mut ws).await, 4010, "closed: account disabled");
+    // The manager's old token writes nothing to the store taken away.
+    let (st, _) = manager_on_b
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [sales_e2e::month(w.stores[1], 2031, 1, 1, 5.0)]}),
+        )
+        .await;
+    assert_eq!(st, 401);
+    assert!(
+        held(&w.db).await,
+        "all of this while the transaction still held events back"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 }
 
 /// Two instances on one database: a change made through one is refused

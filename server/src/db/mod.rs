@@ -452,38 +452,49 @@ pub async fn restore_table_settings(conn: &mut PgConnection) -> Result<bool, sql
 }
 
 /// The triggers of migrations 0014 and 0015 (revocation of users changed
-/// by plain SQL), as those migrations create them.
-const USERS_TRIGGERS: [(&str, &str); 2] = [
+/// by plain SQL) and 0025 (access changes announced at commit), with their
+/// tables, as those migrations create them.
+const USERS_TRIGGERS: [(&str, &str, &str); 3] = [
     (
+        "sales.users",
         "users_changed_outside",
         "CREATE OR REPLACE TRIGGER users_changed_outside AFTER UPDATE OR DELETE ON sales.users
              FOR EACH ROW EXECUTE FUNCTION auth.tg_users_changed_outside()",
     ),
     (
+        "sales.users",
         "users_truncated_outside",
         "CREATE OR REPLACE TRIGGER users_truncated_outside BEFORE TRUNCATE ON sales.users
              FOR EACH STATEMENT EXECUTE FUNCTION auth.tg_users_truncated_outside()",
     ),
+    (
+        "sales.events",
+        "access_notify",
+        "CREATE OR REPLACE TRIGGER access_notify AFTER INSERT ON sales.events FOR EACH ROW
+             WHEN (NEW.kind IN ('user-created', 'user-updated', 'user-deleted', 'session-revoked'))
+             EXECUTE FUNCTION auth.tg_access_notify()",
+    ),
 ];
 
-/// Puts back the triggers of migrations 0014 and 0015 when they are
-/// missing. They sit on `sales.users`, a table of the extension, and
-/// `pg_dump` leaves out triggers on extension tables, so a restored
-/// database has the migrations recorded but not the triggers. Returns
-/// whether any had to be created.
+/// Puts back the triggers of migrations 0014, 0015 and 0025 when they are
+/// missing. They sit on `sales.users` and `sales.events`, tables of the
+/// extension, and `pg_dump` leaves out triggers on extension tables, so a
+/// restored database has the migrations recorded but not the triggers.
+/// Returns whether any had to be created.
 pub async fn restore_users_triggers(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     let mut created = false;
-    for (name, create) in USERS_TRIGGERS {
+    for (table, name, create) in USERS_TRIGGERS {
         let present: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = $1
-                            AND tgrelid = 'sales.users'::regclass)",
+                            AND tgrelid = $2::regclass)",
         )
         .bind(name)
+        .bind(table)
         .fetch_one(&mut *conn)
         .await?;
         if !present {
             sqlx::query(create).execute(&mut *conn).await?;
-            tracing::warn!(trigger = name, "a trigger that revokes users changed by plain SQL was missing (a restored dump?); created it again");
+            tracing::warn!(trigger = name, table, "a trigger that revokes users changed by plain SQL, or announces access changes, was missing (a restored dump?); created it again");
             created = true;
         }
     }

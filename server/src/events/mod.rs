@@ -11,4 +11,6 @@ pub mod sealed;
 pub mod vocab;
 
 pub use model::{Ephemeral, Event, Pos};
-pub use vocab::{Channel, Kind, Recipient, Variant, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
+pub use vocab::{
+    Channel, Kind, Recipient, Variant, ACCESS_CHANNEL, EPHEMERAL_CHANNEL, EVENTS_CHANNEL,
+};

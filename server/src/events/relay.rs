@@ -13,8 +13,11 @@
 //!   with nothing after `wait` (then it simply asks again). No NOTIFY is
 //!   needed, so a coalesced or lost NOTIFY cannot delay or lose anything,
 //!   and a (re)connect catches up from the table.
-//! - the listener LISTENs on `sales_ephemeral` only: NOTIFY-only messages
-//!   (export progress) that are never stored.
+//! - the listener LISTENs on `sales_ephemeral`: NOTIFY-only messages
+//!   (export progress) that are never stored; and on `sales_access`: each
+//!   user or session event announced as it commits (migration 0025), so
+//!   that a revocation is applied at once even while an open transaction
+//!   holds that event back in delivery order.
 //!
 //! Nothing waits on Redis or on a socket between reading a page and
 //! dispatching it: cache invalidation is marked in process and applied in
@@ -22,7 +25,7 @@
 
 use super::model::{Ephemeral, Event, Pos};
 use super::rules;
-use super::vocab::EPHEMERAL_CHANNEL;
+use super::vocab::{ACCESS_CHANNEL, EPHEMERAL_CHANNEL};
 use crate::cache::Invalidator;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
@@ -46,6 +49,9 @@ pub trait Sink: Send + Sync + 'static {
     /// queue is filling up (the relay then yields before the next event).
     fn deliver(&self, e: &Event) -> bool;
     fn ephemeral(&self, e: &Ephemeral);
+    /// A user or session event announced on `sales_access` as it committed
+    /// (a hint to read that user's access back; see `ws::revoke`).
+    fn access(&self, _hint: &serde_json::Value) {}
     /// Whether the reader is connected.
     fn connected(&self, up: bool);
     fn reconnected(&self);
@@ -259,12 +265,25 @@ async fn listen_session(
     };
     listener.eager_reconnect(false);
     listener.ignore_pool_close_event(true);
-    if let Err(e) = listener.listen(EPHEMERAL_CHANNEL).await {
+    if let Err(e) = listener
+        .listen_all([EPHEMERAL_CHANNEL, ACCESS_CHANNEL])
+        .await
+    {
         return e.to_string();
     }
     *backoff = BACKOFF_MIN;
     loop {
         match listener.try_recv().await {
+            Ok(Some(n)) if n.channel() == ACCESS_CHANNEL => {
+                match serde_json::from_str::<serde_json::Value>(n.payload()) {
+                    Ok(hint) => deps.sink.access(&hint),
+                    Err(why) => tracing::warn!(
+                        %why,
+                        sender_pid = n.process_id(),
+                        "ignoring a sales_access notification"
+                    ),
+                }
+            }
             Ok(Some(n)) => {
                 let now = chrono::Utc::now().timestamp_millis();
                 match replays

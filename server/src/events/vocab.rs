@@ -8,6 +8,11 @@ pub const EVENTS_CHANNEL: &str = "sales_events";
 /// NOTIFY channel for messages that are delivered live and never stored:
 /// payload `{"userId": 5, "event": "export-progress", "data": {...}}`.
 pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
+/// NOTIFY channel on which each user or session event is announced as its
+/// transaction commits (migration 0025), ahead of its turn in delivery
+/// order: `{"id", "kind", "userId", "sessionId", "generation", "revoke"}`.
+/// A hint to read the user's access back, never trusted by itself.
+pub const ACCESS_CHANNEL: &str = "sales_access";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -18,7 +18,21 @@ pub struct Revoking {
     pub token_lifetime: i64,
     /// User and session events to read back and apply (see
     /// [`Revoking::spawn`]).
-    verify: tokio::sync::mpsc::UnboundedSender<Event>,
+    verify: tokio::sync::mpsc::UnboundedSender<Claim>,
+}
+
+/// A user or session event to read back: relayed in delivery order, or
+/// announced on `sales_access` as its transaction committed.
+struct Claim {
+    /// The event's id (for logs).
+    id: i64,
+    kind: crate::events::Kind,
+    /// The event's payload, or the announcement (which names the same
+    /// user, session, generation and reason).
+    payload: serde_json::Value,
+    /// What the relayed event takes away, applied when the database cannot
+    /// be read back (none for an announcement: its event follows).
+    fallback: Option<Change>,
 }
 
 impl Revoking {
@@ -33,7 +47,7 @@ impl Revoking {
         token_lifetime: i64,
         pool: sqlx::PgPool,
     ) -> Self {
-        let (verify, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let (verify, mut rx) = tokio::sync::mpsc::unbounded_channel::<Claim>();
         let (h, a) = (hub.clone(), access.clone());
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -44,33 +58,29 @@ impl Revoking {
                         Err(_) => break,
                     }
                 }
-                // The latest event per user or session (its `revoke`
+                // The latest claim per user or session (its `revoke`
                 // reason matches the stored generation most often).
-                let mut latest: Vec<(String, Event)> = Vec::new();
-                for e in batch {
-                    let key = match e.kind {
+                let mut latest: Vec<(String, Claim)> = Vec::new();
+                for c in batch {
+                    let key = match c.kind {
                         crate::events::Kind::SessionRevoked => format!(
                             "s:{}",
-                            e.payload
-                                .value()
+                            c.payload
                                 .get("sessionId")
                                 .unwrap_or(&serde_json::Value::Null)
                         ),
                         _ => format!(
                             "u:{}",
-                            e.payload
-                                .value()
-                                .get("userId")
-                                .unwrap_or(&serde_json::Value::Null)
+                            c.payload.get("userId").unwrap_or(&serde_json::Value::Null)
                         ),
                     };
                     match latest.iter_mut().find(|(k, _)| *k == key) {
-                        Some(slot) => slot.1 = e,
-                        None => latest.push((key, e)),
+                        Some(slot) => slot.1 = c,
+                        None => latest.push((key, c)),
                     }
                 }
-                for (_, e) in latest {
-                    apply_verified(&h, &a, &pool, &e, token_lifetime).await;
+                for (_, c) in latest {
+                    apply_verified(&h, &a, &pool, &c, token_lifetime).await;
                 }
             }
         });
@@ -111,12 +121,12 @@ async fn apply_verified(
     hub: &Hub,
     access: &Revocations,
     pool: &sqlx::PgPool,
-    e: &Event,
+    e: &Claim,
     token_lifetime: i64,
 ) {
     let mut wait = std::time::Duration::from_millis(100);
     for attempt in 1..=5 {
-        match Change::from_event_verified(pool, e, token_lifetime).await {
+        match Change::verified(pool, e.kind, &e.payload, token_lifetime).await {
             Ok(Some(change)) => {
                 if let Change::User { id, .. } = &change {
                     // The user is there (ids are never reused): a deletion
@@ -128,7 +138,7 @@ async fn apply_verified(
                 return;
             }
             Ok(None) => {
-                tracing::warn!(event = e.id, kind = %e.kind_name,
+                tracing::warn!(event = e.id, kind = ?e.kind,
                     "a user or session event the database does not bear out; not applied");
                 return;
             }
@@ -136,7 +146,7 @@ async fn apply_verified(
                 // Only what the event takes away, and never for longer than
                 // a token lives: a forged event can then refuse tokens for a
                 // while, never move a user's generation or accept a token.
-                let Some(change) = Change::from_event(e, token_lifetime) else {
+                let Some(change) = e.fallback.clone() else {
                     return;
                 };
                 tracing::warn!(event = e.id, error = %err,
@@ -221,8 +231,14 @@ impl Sink for Revoking {
                 // holds at once, before the events after it go out; the
                 // rest (a moved generation, a session's end) after the
                 // read-back, which sets what the database holds.
-                take_away(&self.hub, &self.access, change, self.token_lifetime);
-                if self.verify.send(e.clone()).is_err() {
+                take_away(&self.hub, &self.access, change.clone(), self.token_lifetime);
+                let claim = Claim {
+                    id: e.id,
+                    kind: e.kind,
+                    payload: e.payload.value(),
+                    fallback: Some(change),
+                };
+                if self.verify.send(claim).is_err() {
                     tracing::error!(
                         event = e.id,
                         "the revocation task is gone; a user event was not applied"
@@ -235,6 +251,27 @@ impl Sink for Revoking {
 
     fn ephemeral(&self, e: &Ephemeral) {
         self.hub.ephemeral(e)
+    }
+
+    /// A user or session event announced as it committed: its user's
+    /// access is read back and applied now, and the connections it revoked
+    /// closed, while the event itself may still wait its turn behind an
+    /// open transaction. Only the database's state is applied, so a NOTIFY
+    /// sent by hand makes this instance read a user again, nothing more.
+    fn access(&self, hint: &serde_json::Value) {
+        let kind = crate::events::Kind::parse(hint["kind"].as_str().unwrap_or(""));
+        if !kind.is_user() {
+            return;
+        }
+        let claim = Claim {
+            id: hint["id"].as_i64().unwrap_or(0),
+            kind,
+            payload: hint.clone(),
+            fallback: None,
+        };
+        if self.verify.send(claim).is_err() {
+            tracing::error!("the revocation task is gone; an access change was not applied");
+        }
     }
 
     fn connected(&self, up: bool) {
