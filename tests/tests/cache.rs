@@ -337,6 +337,62 @@ async fn invalidation_by_sql_and_across_instances() {
     two.stop().await;
 }
 
+/// An admin's clear through one instance reaches the other instances'
+/// first levels: a value changed where no event tells the relays (replica
+/// mode), then the cache cleared (all of it, or one tag) through instance
+/// one, is read fresh from instance two at once. It was served from
+/// instance two's memory until its entry expired (here a minute).
+#[tokio::test]
+async fn a_clear_through_one_instance_empties_every_first_level() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let long = [("CACHE_L1_TTL", "60s")];
+    let one = db.server(&long).await;
+    let two = db.server(&long).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    let a2 = Api::new(&two, Some(&token));
+    setup(&db, &stores, &a1).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    for (round, (clear, sales)) in [
+        (json!({}), 7),
+        (json!({"tag": format!("store:{s}:2024-01")}), 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Cached in instance two's first level.
+        let before = total(&a2.get(&path).await.1);
+        let (_, again) = a2.get(&path).await;
+        assert_eq!(total(&again), before, "round {round}");
+        // Changed with no event for the relays to see.
+        sqlx::raw_sql(&format!(
+            "SET session_replication_role = replica;
+             UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": {sales}}}}}',
+                    total_sales = {sales}
+             WHERE store_id = {s} AND year = 2024 AND month = 1;
+             SET session_replication_role = origin;"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let (st, body) = a1.post("/api/admin/cache/clear", &clear).await;
+        assert_eq!(st, 200, "{body}");
+        eventually(
+            Duration::from_secs(10),
+            "instance two reads the value after the clear",
+            || async {
+                let (_, b) = a2.get(&path).await;
+                (total(&b) == sales as f64).then_some(())
+            },
+        )
+        .await;
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
 /// A batch whose events touch more tags than Redis is asked to bump in one
 /// call (1,000): every tag is bumped, the first and the last in sort order
 /// too (their counters in Redis move), and the values read are the new ones.

@@ -100,6 +100,12 @@ impl Invalidator {
         Self { cache, tx }
     }
 
+    /// Makes every entry of this instance's in-process first level stale
+    /// (another instance cleared the shared cache).
+    pub fn drop_first_level(&self) {
+        self.cache.drop_l1();
+    }
+
     /// Marks `tags` stale on this instance now; the backend follows.
     pub fn invalidate_soon(&self, tags: Vec<String>) {
         self.invalidate_soon_upto(tags, None);

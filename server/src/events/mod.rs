@@ -12,5 +12,6 @@ pub mod vocab;
 
 pub use model::{Ephemeral, Event, Pos};
 pub use vocab::{
-    Channel, Kind, Recipient, Variant, ACCESS_CHANNEL, EPHEMERAL_CHANNEL, EVENTS_CHANNEL,
+    Channel, Kind, Recipient, Variant, ACCESS_CHANNEL, CACHE_CHANNEL, EPHEMERAL_CHANNEL,
+    EVENTS_CHANNEL,
 };

@@ -17,7 +17,9 @@
 //!   (export progress) that are never stored; and on `sales_access`: each
 //!   user or session event announced as it commits (migration 0025), so
 //!   that a revocation is applied at once even while an open transaction
-//!   holds that event back in delivery order.
+//!   holds that event back in delivery order; and on `sales_cache`: an
+//!   admin's cache clear on another instance (this one's in-process first
+//!   level is dropped).
 //!
 //! Nothing waits on Redis or on a socket between reading a page and
 //! dispatching it: cache invalidation is marked in process and applied in
@@ -25,7 +27,7 @@
 
 use super::model::{Ephemeral, Event, Pos};
 use super::rules;
-use super::vocab::{ACCESS_CHANNEL, EPHEMERAL_CHANNEL};
+use super::vocab::{ACCESS_CHANNEL, CACHE_CHANNEL, EPHEMERAL_CHANNEL};
 use crate::cache::Invalidator;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
@@ -266,7 +268,7 @@ async fn listen_session(
     listener.eager_reconnect(false);
     listener.ignore_pool_close_event(true);
     if let Err(e) = listener
-        .listen_all([EPHEMERAL_CHANNEL, ACCESS_CHANNEL])
+        .listen_all([EPHEMERAL_CHANNEL, ACCESS_CHANNEL, CACHE_CHANNEL])
         .await
     {
         return e.to_string();
@@ -274,6 +276,9 @@ async fn listen_session(
     *backoff = BACKOFF_MIN;
     loop {
         match listener.try_recv().await {
+            Ok(Some(n)) if n.channel() == CACHE_CHANNEL => {
+                deps.invalidator.drop_first_level();
+            }
             Ok(Some(n)) if n.channel() == ACCESS_CHANNEL => {
                 match serde_json::from_str::<serde_json::Value>(n.payload()) {
                     Ok(hint) => deps.sink.access(&hint),

@@ -13,6 +13,13 @@ pub const EPHEMERAL_CHANNEL: &str = "sales_ephemeral";
 /// order: `{"id", "kind", "userId", "sessionId", "generation", "revoke"}`.
 /// A hint to read the user's access back, never trusted by itself.
 pub const ACCESS_CHANNEL: &str = "sales_access";
+/// NOTIFY channel on which an admin's cache clear (`POST
+/// /api/admin/cache/clear`) tells the other instances to drop their
+/// in-process first level: Redis is shared, the first level is not, and a
+/// clear writes no event for their relays to see. Payload: the tag
+/// cleared, or `*` for everything; any notification drops the whole first
+/// level.
+pub const CACHE_CHANNEL: &str = "sales_cache";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

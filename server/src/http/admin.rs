@@ -228,6 +228,15 @@ impl AdminApi {
             }
             None => self.state.cache.clear_all().await,
         }
+        // The other instances' first levels: Redis is shared, they are not.
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::events::CACHE_CHANNEL)
+            .bind(tag.as_deref().unwrap_or("*"))
+            .execute(&self.state.pool)
+            .await
+        {
+            tracing::warn!(error = %e, "could not tell the other instances to drop their first-level cache; their entries expire within CACHE_L1_TTL");
+        }
         Ok(Json(CacheCleared {
             cleared: tag.unwrap_or_else(|| crate::cache::TAG_ALL.into()),
         }))
