@@ -564,6 +564,11 @@ impl Cache {
         keys.sort();
         keys.dedup();
         let ok = match &self.backend {
+            // Marked unavailable: not tried, so a write during an outage
+            // does not wait `REDIS_TIMEOUT` for it (only the one that finds
+            // the outage does). Counted as lost below, which makes every
+            // entry stale before anything is served from Redis again.
+            Backend::Redis(_) if self.degraded.load(Ordering::Relaxed) => false,
             Backend::Redis(r) => r.bump(&keys).await.is_ok(),
             Backend::Memory(m) => {
                 m.bump(&keys).await;

@@ -356,8 +356,9 @@ impl RedisCache {
     /// Bumps each tag (see [`BUMP`]): up to [`BUMP_CHUNK`] tags per call,
     /// or one by one in a cluster, where tag keys live in different slots.
     pub async fn bump(&self, tag_keys: &[String]) -> Result<(), ()> {
-        // Tried even while Redis is marked unavailable: an invalidation
-        // not applied is made up for by making every entry stale.
+        // `Cache::invalidate` does not call this while Redis is marked
+        // unavailable: an invalidation not applied is made up for by
+        // making every entry stale.
         let Some(conn) = self.conn.read().await.clone() else {
             return Err(());
         };
