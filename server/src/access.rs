@@ -394,9 +394,13 @@ impl Revocations {
     /// relayed event that takes access away applies at once, before the
     /// database is read back (see `ws::revoke`). The read-back then sets
     /// what the database holds (enabled again, for an event that lied).
-    pub fn mark_disabled(&self, id: i64) {
+    /// An event older than what is known (its `generation` below the
+    /// user's: a later change, announced at its commit, was applied
+    /// already) changes nothing.
+    pub fn mark_disabled(&self, id: i64, generation: i64) {
         let mut inner = self.write();
         match inner.users.get_mut(&id) {
+            Some(u) if u.generation > generation => {}
             Some(u) => u.disabled = true,
             None => {
                 inner.users.insert(
@@ -725,5 +729,19 @@ mod tests {
         // A hold that ran out refuses nothing.
         r.hold_generation(8, 5, Revoked::PasswordChanged, now - 1);
         assert_eq!(r.check(&principal(8, 1, None)), Ok(()));
+    }
+
+    /// A disable relayed after a later change was already applied (it
+    /// was announced at its commit while the disable's event waited behind
+    /// an open transaction) does not refuse the newer token: a user
+    /// disabled and enabled again stays enabled.
+    #[test]
+    fn a_disable_older_than_what_is_known_changes_nothing() {
+        let r = Revocations::default();
+        r.apply(&user(7, 3, false, Revoked::AccessChanged));
+        r.mark_disabled(7, 2);
+        assert_eq!(r.check(&principal(7, 3, None)), Ok(()));
+        r.mark_disabled(7, 3);
+        assert_eq!(r.check(&principal(7, 3, None)), Err(Revoked::Disabled));
     }
 }

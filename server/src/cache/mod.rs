@@ -523,7 +523,7 @@ impl Cache {
             // Not before the probe finds Redis answering: no read waits.
             return false;
         }
-        if r.bump(&[self.tag_key(TAG_ALL)]).await.is_err() {
+        if r.bump(&[self.tag_key(TAG_ALL)], false).await.is_err() {
             return false;
         }
         if self.settled.fetch_max(lost, Ordering::AcqRel) < lost {
@@ -564,12 +564,16 @@ impl Cache {
         keys.sort();
         keys.dedup();
         let ok = match &self.backend {
-            // Marked unavailable: not tried, so a write during an outage
-            // does not wait `REDIS_TIMEOUT` for it (only the one that finds
-            // the outage does). Counted as lost below, which makes every
-            // entry stale before anything is served from Redis again.
-            Backend::Redis(_) if self.degraded.load(Ordering::Relaxed) => false,
-            Backend::Redis(r) => r.bump(&keys).await.is_ok(),
+            // Marked unavailable: still tried (Redis may be back before the
+            // probe says so, and another instance may be reading it), but
+            // bounded by QUICK_BUMP rather than `REDIS_TIMEOUT`, so a
+            // write during an outage does not wait the whole bound. One
+            // that fails is counted as lost below, which makes every entry
+            // stale before anything is served from Redis again.
+            Backend::Redis(r) => r
+                .bump(&keys, self.degraded.load(Ordering::Relaxed))
+                .await
+                .is_ok(),
             Backend::Memory(m) => {
                 m.bump(&keys).await;
                 true

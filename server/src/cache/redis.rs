@@ -17,6 +17,9 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// How long a write's invalidation waits for a Redis marked unavailable.
+pub const QUICK_BUMP: Duration = Duration::from_millis(100);
+
 pub struct RedisCache {
     conn: Arc<RwLock<Option<Conn>>>,
     cluster: bool,
@@ -355,10 +358,13 @@ impl RedisCache {
 
     /// Bumps each tag (see [`BUMP`]): up to [`BUMP_CHUNK`] tags per call,
     /// or one by one in a cluster, where tag keys live in different slots.
-    pub async fn bump(&self, tag_keys: &[String]) -> Result<(), ()> {
-        // `Cache::invalidate` does not call this while Redis is marked
-        // unavailable: an invalidation not applied is made up for by
-        // making every entry stale.
+    /// Bumps the tags' versions, bounded by `REDIS_TIMEOUT` (at least
+    /// 500 ms), or by [`QUICK_BUMP`] when `quick` (Redis is marked
+    /// unavailable: tried all the same, since it may be back before the
+    /// probe says so, but a write during an outage does not wait long).
+    pub async fn bump(&self, tag_keys: &[String], quick: bool) -> Result<(), ()> {
+        // Tried even while Redis is marked unavailable: an invalidation
+        // not applied is made up for by making every entry stale.
         let Some(conn) = self.conn.read().await.clone() else {
             return Err(());
         };
@@ -378,8 +384,12 @@ impl RedisCache {
             }
             Ok(())
         };
-        self.bounded(self.timeout.max(Duration::from_millis(500)), fut)
-            .await
+        let bound = if quick {
+            QUICK_BUMP
+        } else {
+            self.timeout.max(Duration::from_millis(500))
+        };
+        self.bounded(bound, fut).await
     }
 
     /// Records the `run_id` of the Redis in use now, so that a restart from

@@ -277,12 +277,23 @@ async fn listen_session(
     loop {
         match listener.try_recv().await {
             Ok(Some(n)) if n.channel() == CACHE_CHANNEL => {
-                deps.invalidator.drop_first_level();
+                // Sealed by the instance that cleared: one sent by hand
+                // would otherwise let any role that can connect keep every
+                // first level empty.
+                let now = chrono::Utc::now().timestamp_millis();
+                match replays.open(n.payload(), now) {
+                    Ok(_) => deps.invalidator.drop_first_level(),
+                    Err(why) => tracing::debug!(
+                        why,
+                        sender_pid = n.process_id(),
+                        "ignoring a sales_cache notification"
+                    ),
+                }
             }
             Ok(Some(n)) if n.channel() == ACCESS_CHANNEL => {
                 match serde_json::from_str::<serde_json::Value>(n.payload()) {
                     Ok(hint) => deps.sink.access(&hint),
-                    Err(why) => tracing::warn!(
+                    Err(why) => tracing::debug!(
                         %why,
                         sender_pid = n.process_id(),
                         "ignoring a sales_access notification"

@@ -16,9 +16,9 @@ pub const ACCESS_CHANNEL: &str = "sales_access";
 /// NOTIFY channel on which an admin's cache clear (`POST
 /// /api/admin/cache/clear`) tells the other instances to drop their
 /// in-process first level: Redis is shared, the first level is not, and a
-/// clear writes no event for their relays to see. Payload: the tag
-/// cleared, or `*` for everything; any notification drops the whole first
-/// level.
+/// clear writes no event for their relays to see. The payload is sealed
+/// (`events::sealed`, event `cache-cleared`); one that does not open is
+/// ignored.
 pub const CACHE_CHANNEL: &str = "sales_cache";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -229,9 +229,11 @@ impl AdminApi {
             None => self.state.cache.clear_all().await,
         }
         // The other instances' first levels: Redis is shared, they are not.
+        let sealed =
+            crate::events::sealed::seal(auth.0.user_id, "cache-cleared", serde_json::json!({}));
         if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(crate::events::CACHE_CHANNEL)
-            .bind(tag.as_deref().unwrap_or("*"))
+            .bind(sealed)
             .execute(&self.state.pool)
             .await
         {

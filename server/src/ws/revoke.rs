@@ -19,7 +19,18 @@ pub struct Revoking {
     /// User and session events to read back and apply (see
     /// [`Revoking::spawn`]).
     verify: tokio::sync::mpsc::UnboundedSender<Claim>,
+    /// Announcements from `sales_access`, bounded: any role that can
+    /// connect may NOTIFY on that channel, so a flood of them is dropped
+    /// past [`HINTS_QUEUED`] (each one's event still follows in delivery
+    /// order) rather than growing memory or delaying relayed events, which
+    /// the task serves first.
+    hints: tokio::sync::mpsc::Sender<Claim>,
+    /// When a dropped announcement was last logged (Unix seconds).
+    hint_dropped_logged: std::sync::atomic::AtomicI64,
 }
+
+/// Announcements waiting to be read back, at most.
+const HINTS_QUEUED: usize = 1024;
 
 /// A user or session event to read back: relayed in delivery order, or
 /// announced on `sales_access` as its transaction committed.
@@ -48,12 +59,29 @@ impl Revoking {
         pool: sqlx::PgPool,
     ) -> Self {
         let (verify, mut rx) = tokio::sync::mpsc::unbounded_channel::<Claim>();
+        let (hints, mut hints_rx) = tokio::sync::mpsc::channel::<Claim>(HINTS_QUEUED);
         let (h, a) = (hub.clone(), access.clone());
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
+            loop {
+                // Relayed events first: announcements are hints that their
+                // events follow anyway.
+                let first = tokio::select! {
+                    biased;
+                    c = rx.recv() => match c {
+                        Some(c) => c,
+                        None => break,
+                    },
+                    Some(c) = hints_rx.recv() => c,
+                };
                 let mut batch = vec![first];
                 while batch.len() < 1000 {
                     match rx.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                while batch.len() < 1000 {
+                    match hints_rx.try_recv() {
                         Ok(e) => batch.push(e),
                         Err(_) => break,
                     }
@@ -75,7 +103,12 @@ impl Revoking {
                         ),
                     };
                     match latest.iter_mut().find(|(k, _)| *k == key) {
-                        Some(slot) => slot.1 = c,
+                        Some(slot) => {
+                            // The newer claim, keeping a relayed one's
+                            // fallback when the newer is an announcement.
+                            let fallback = c.fallback.clone().or(slot.1.fallback.take());
+                            slot.1 = Claim { fallback, ..c };
+                        }
                         None => latest.push((key, c)),
                     }
                 }
@@ -89,6 +122,8 @@ impl Revoking {
             access,
             token_lifetime,
             verify,
+            hints,
+            hint_dropped_logged: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -190,9 +225,12 @@ async fn apply_verified(
 fn take_away(hub: &Hub, access: &Revocations, change: Change, token_lifetime: i64) {
     match change {
         Change::User {
-            id, disabled: true, ..
+            id,
+            disabled: true,
+            generation,
+            ..
         } => {
-            access.mark_disabled(id);
+            access.mark_disabled(id, generation);
             close_if_revoked(hub, access, id);
         }
         Change::User {
@@ -260,17 +298,53 @@ impl Sink for Revoking {
     /// sent by hand makes this instance read a user again, nothing more.
     fn access(&self, hint: &serde_json::Value) {
         let kind = crate::events::Kind::parse(hint["kind"].as_str().unwrap_or(""));
+        let Some(user) = hint["userId"].as_i64() else {
+            return;
+        };
         if !kind.is_user() {
             return;
+        }
+        // Only what names the change, each part bounded: nothing else of
+        // an announcement is read.
+        let mut payload = serde_json::json!({ "userId": user });
+        if let Some(g) = hint["generation"].as_i64() {
+            payload["generation"] = g.into();
+        }
+        if let Some(r) = hint["revoke"].as_str().filter(|r| r.len() <= 32) {
+            payload["revoke"] = r.into();
+        }
+        if let Some(s) = hint["sessionId"].as_str().filter(|s| s.len() <= 64) {
+            payload["sessionId"] = s.into();
         }
         let claim = Claim {
             id: hint["id"].as_i64().unwrap_or(0),
             kind,
-            payload: hint.clone(),
+            payload,
             fallback: None,
         };
-        if self.verify.send(claim).is_err() {
-            tracing::error!("the revocation task is gone; an access change was not applied");
+        if let Err(e) = self.hints.try_send(claim) {
+            use std::sync::atomic::Ordering;
+            let now = chrono::Utc::now().timestamp();
+            let last = self.hint_dropped_logged.load(Ordering::Relaxed);
+            if now > last
+                && self
+                    .hint_dropped_logged
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let why = match e {
+                    tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                        "too many announcements queued"
+                    }
+                    tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                        "the revocation task is gone"
+                    }
+                };
+                tracing::warn!(
+                    why,
+                    "an access announcement was dropped (its event still applies in delivery order)"
+                );
+            }
         }
     }
 
