@@ -173,8 +173,17 @@ async fn apply_verified(
                 return;
             }
             Ok(None) => {
-                tracing::warn!(event = e.id, kind = ?e.kind,
-                    "a user or session event the database does not bear out; not applied");
+                // An announcement naming no such user or session is one
+                // sent by hand (or its transaction's change is already
+                // gone): not worth a warning each, since anyone who can
+                // connect may send them.
+                if e.fallback.is_some() {
+                    tracing::warn!(event = e.id, kind = ?e.kind,
+                        "a user or session event the database does not bear out; not applied");
+                } else {
+                    tracing::debug!(event = e.id, kind = ?e.kind,
+                        "an access announcement the database does not bear out; ignored");
+                }
                 return;
             }
             Err(err) if attempt == 5 => {
