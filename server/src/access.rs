@@ -114,7 +114,7 @@ pub enum Change {
 /// A user's access as the database holds it: id, email (lowercase),
 /// generation, disabled, and the linked outside identity's issuer and
 /// subject. Read whole at start ([`Revocations::load`]) and per user for a
-/// relayed event ([`Change::from_event_verified`]).
+/// relayed event ([`Change::verified`]).
 const USER_ACCESS_SQL: &str =
     "SELECT u.id, lower(u.email), coalesce(s.generation, 0), coalesce(s.disabled, false),
             i.issuer, i.subject
@@ -149,23 +149,14 @@ impl Change {
         }
     }
 
-    /// The change a user or session event stands for, read from the
-    /// database: the event only says which user or session to look at. Any
-    /// role allowed to write event rows (`sales.emit` takes any kind) could
-    /// write one that says a disabled user is enabled, or links an outside
-    /// identity to an admin; what this returns is what the database holds.
-    /// The reason a token is refused (`revoke`) comes from the event only
-    /// when its generation is the stored one.
-    pub async fn from_event_verified(
-        pool: &sqlx::PgPool,
-        e: &Event,
-        token_lifetime: i64,
-    ) -> Result<Option<Change>, sqlx::Error> {
-        Self::verified(pool, e.kind, &e.payload.value(), token_lifetime).await
-    }
-
-    /// [`Change::from_event_verified`] for an event of `kind` whose
-    /// payload (or announcement on `sales_access`) is `p`.
+    /// The change a user or session event of `kind` stands for (its
+    /// payload, or its announcement on `sales_access`, is `p`), read from
+    /// the database: the event only says which user or session to look at.
+    /// Any role allowed to write event rows (`sales.emit` takes any kind)
+    /// could write one that says a disabled user is enabled, or links an
+    /// outside identity to an admin; what this returns is what the
+    /// database holds. The reason a token is refused (`revoke`) comes from
+    /// the event only when its generation is the stored one.
     pub async fn verified(
         pool: &sqlx::PgPool,
         kind: Kind,

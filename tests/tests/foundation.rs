@@ -480,16 +480,21 @@ async fn health_tells_an_admin_why_postgres_is_unreachable() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn openapi_file_matches_the_server() {
-    let db = TestDb::new().await;
-    let server = db.server(&[]).await;
-    let served: Value = reqwest::get(server.url("/openapi.json"))
+/// The OpenAPI document a server serves.
+async fn served_spec(server: &sales_e2e::RunningServer) -> Value {
+    reqwest::get(server.url("/openapi.json"))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn openapi_file_matches_the_server() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let served: Value = served_spec(&server).await;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
     let committed: Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("openapi/openapi.json exists"))
@@ -510,12 +515,7 @@ async fn the_import_takes_every_media_type_its_document_lists() {
     let stores = db.stores(1).await;
     let server = db.server(&[]).await;
     let (_, token) = sales_e2e::user_token(&db, &server, "a@x.test", "admin", &[]).await;
-    let spec: Value = reqwest::get(server.url("/openapi.json"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = served_spec(&server).await;
     let op = &spec["paths"]["/api/v2/imports"]["post"];
     let listed: Vec<String> = op["requestBody"]["content"]
         .as_object()
@@ -785,12 +785,7 @@ async fn statuses_given_around_the_handlers_are_in_the_document() {
         ])
         .await;
     let (_, token) = sales_e2e::user_token(&db, &server, "a@x.test", "admin", &[]).await;
-    let spec: Value = reqwest::get(server.url("/openapi.json"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = served_spec(&server).await;
     let listed = |path: &str, method: &str, status: u16| {
         spec["paths"][path][method]["responses"]
             .get(status.to_string())

@@ -220,13 +220,9 @@ pub fn finish_spec(raw: &str) -> String {
                 }
                 let described = format!("The body's media type is not {}.", or_list(&media));
                 if let Some(responses) = op["responses"].as_object_mut() {
-                    responses.entry("415").or_insert_with(|| {
-                        json!({
-                            "description": described,
-                            "content": {"application/json; charset=utf-8": {
-                                "schema": {"$ref": "#/components/schemas/ErrorBody"}}}
-                        })
-                    });
+                    responses
+                        .entry("415")
+                        .or_insert_with(|| error_response(&described));
                 }
             }
         }
@@ -252,13 +248,7 @@ pub fn finish_spec(raw: &str) -> String {
 ///   list (likewise), on the routes beside the API.
 fn outside_statuses(doc: &mut serde_json::Value) {
     use serde_json::json;
-    let error = |description: &str| {
-        json!({
-            "description": description,
-            "content": {"application/json; charset=utf-8": {
-                "schema": {"$ref": "#/components/schemas/ErrorBody"}}}
-        })
-    };
+    let error = error_response;
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
     };
@@ -332,6 +322,15 @@ fn outside_statuses(doc: &mut serde_json::Value) {
             }
         }
     }
+}
+
+/// A response of the document answered with the API's error body.
+fn error_response(description: &str) -> serde_json::Value {
+    serde_json::json!({
+        "description": description,
+        "content": {"application/json; charset=utf-8": {
+            "schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    })
 }
 
 /// `a`, `a or b`, `a, b or c`.

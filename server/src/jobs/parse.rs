@@ -2137,8 +2137,7 @@ mod tests {
             "store_code,year,month,d1_sales,d01_sales",
             "store_code,date,sales,Sales",
         ] {
-            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
-            let e = run(&f, Requested::Auto).err();
+            let e = header_of(h).err();
             assert!(matches!(e, Some(FileError::Header(_))), "{h}: {e:?}");
         }
         let long = "x".repeat(100_000);
@@ -2304,9 +2303,8 @@ mod tests {
                  day 0 is not a day of a month (d1_customers .. d31_customers)",
             ),
         ] {
-            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
             assert_eq!(
-                run(&f, Requested::Auto).err(),
+                header_of(h).err(),
                 Some(FileError::Header(why.into())),
                 "{h}"
             );
@@ -2324,8 +2322,7 @@ mod tests {
             "key,store_id,store_code,store_name,region,year,month,total_sales,\
              total_customers,total_transactions,days_reported,d1_sales",
         ] {
-            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
-            let r = run(&f, Requested::Auto);
+            let r = header_of(h);
             assert!(
                 !matches!(r, Err(FileError::Header(_))),
                 "{h}: {:?}",
@@ -2357,9 +2354,8 @@ mod tests {
                 "column note appears twice",
             ),
         ] {
-            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
             assert_eq!(
-                run(&f, Requested::Auto).err(),
+                header_of(h).err(),
                 Some(FileError::Header(why.into())),
                 "{h}"
             );
@@ -2370,9 +2366,13 @@ mod tests {
             "store_code,date,sales,note,NOTE",
             "store_code,date,sales,a_b,ab",
         ] {
-            let f = format!("{h}\nS1,2024-01-01,1,1,1\n");
-            assert!(run(&f, Requested::Auto).is_ok(), "{h}");
+            assert!(header_of(h).is_ok(), "{h}");
         }
+    }
+
+    /// A file of header `h` and one data line, read.
+    fn header_of(h: &str) -> Result<(Shape, Vec<Row>, Vec<Rejected>, u64), FileError> {
+        run(&format!("{h}\nS1,2024-01-01,1,1,1\n"), Requested::Auto)
     }
 
     /// Rejected rows of an NDJSON file: (line, column, reason).

@@ -56,37 +56,38 @@ pub(super) async fn replay(
             return Ok::<_, sqlx::Error>(ReplayEnd::Closed);
         }
         let max = i64::try_from(hub.cfg.replay_max_events).unwrap_or(i64::MAX - 1);
-        let from = {
+        let start = {
             let _slot = hub
                 .replay_slots
                 .acquire()
                 .await
                 .map_err(|_| sqlx::Error::PoolClosed)?;
             let within = max.saturating_add(1);
-            if last_event_id == 0 && !Event::log_start_kept(pool, within).await? {
+            let from = if last_event_id == 0 && !Event::log_start_kept(pool, within).await? {
                 // From the start, but the start is gone: a replay would
                 // leave out what was pruned without saying so.
                 None
             } else {
                 Event::position_of(pool, last_event_id).await?
+            };
+            match from {
+                None => Err(ReplayEnd::Pruned),
+                // Too far behind is said before anything is replayed: a
+                // client told `resync_required` reloads, and events sent
+                // ahead of it would only be shown and then reloaded.
+                Some(from)
+                    if from < snap.upto
+                        && Event::more_than_between(pool, from, snap.upto, max).await? =>
+                {
+                    Err(ReplayEnd::TooLong)
+                }
+                Some(from) => Ok(from),
             }
         };
-        let Some(from) = from else {
-            return Ok::<_, sqlx::Error>(ReplayEnd::Pruned);
+        let from = match start {
+            Ok(from) => from,
+            Err(end) => return Ok::<_, sqlx::Error>(end),
         };
-        // Too far behind is said before anything is replayed: a client
-        // told `resync_required` reloads, and events sent ahead of it
-        // would only be shown and then reloaded.
-        if from < snap.upto {
-            let _slot = hub
-                .replay_slots
-                .acquire()
-                .await
-                .map_err(|_| sqlx::Error::PoolClosed)?;
-            if Event::more_than_between(pool, from, snap.upto, max).await? {
-                return Ok(ReplayEnd::TooLong);
-            }
-        }
         let mut count = 0u64;
         let mut superseded = 0u64;
         let mut superseded_rows: Vec<i64> = Vec::new();

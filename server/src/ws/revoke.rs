@@ -48,7 +48,7 @@ struct Claim {
 
 impl Revoking {
     /// The sink, with the task that applies relayed user and session events
-    /// as the database holds them (see [`Change::from_event_verified`]).
+    /// as the database holds them (see [`Change::verified`]).
     /// Events queued meanwhile are read back together, once per user and
     /// per session (what is applied is the database's state, whichever
     /// event named it).
