@@ -65,7 +65,8 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("websocket_closed_heartbeat_total", "Connections closed because the client stopped answering pings."),
     ("websocket_closed_revoked_total", "Connections closed because their user or session lost access."),
     ("events_relayed_total", "Events the relay read from the log and dispatched."),
-    ("events_relay_connected", "1 while the relay's LISTEN connection is up."),
+    ("events_relay_connected", "1 while the relay's reader connection is up."),
+    ("events_listener_connected", "1 while the listener (access announcements, cache clears, export progress) is LISTENing."),
     ("events_relay_last_event_id", "Id of the last event this instance relayed."),
     ("events_relay_lag_events", "Events in the log past the last one this instance relayed, counted up to 10000 (10000: at least that many)."),
     ("events_delivery_held_back_max_seconds", "Longest time a running transaction has held event delivery back (over 1 s; NaN when unknown)."),
@@ -226,6 +227,14 @@ pub async fn render(state: &AppState) -> String {
     gauge(
         "events_relay_connected",
         if state.hub.relay.connected.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    gauge(
+        "events_listener_connected",
+        if state.hub.relay.listening.load(Ordering::Relaxed) {
             1.0
         } else {
             0.0

@@ -402,6 +402,56 @@ async fn a_clear_through_one_instance_empties_every_first_level() {
     two.stop().await;
 }
 
+/// A clear made through one instance while another's listener was away
+/// (its connection cut just before) still empties that instance's first
+/// level: it drops it as it listens again, since whatever was NOTIFYed
+/// meanwhile is lost. It served the older value until `CACHE_L1_TTL`.
+#[tokio::test]
+async fn a_clear_missed_by_a_listener_that_was_away_empties_its_first_level() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let long = [("CACHE_L1_TTL", "60s")];
+    let one = db.server(&long).await;
+    let two = db.server(&long).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    let a2 = Api::new(&two, Some(&token));
+    setup(&db, &stores, &a1).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    let before = total(&a2.get(&path).await.1);
+    eventually(
+        Duration::from_secs(10),
+        "a first-level hit on instance two",
+        || async {
+            let l1 = stats(&a2).await["l1Hits"].as_u64().unwrap();
+            assert_eq!(total(&a2.get(&path).await.1), before);
+            (stats(&a2).await["l1Hits"].as_u64().unwrap() > l1).then_some(())
+        },
+    )
+    .await;
+    sqlx::raw_sql(&format!(
+        "SET session_replication_role = replica;
+         UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 9}}}}', total_sales = 9
+         WHERE store_id = {s} AND year = 2024 AND month = 1;
+         SET session_replication_role = origin;"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(db.cut_listeners().await, 2);
+    let (st, body) = a1.post("/api/admin/cache/clear", &json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    eventually(
+        Duration::from_secs(10),
+        "instance two reads the value after the clear",
+        || async { (total(&a2.get(&path).await.1) == 9.0).then_some(()) },
+    )
+    .await;
+    one.stop().await;
+    two.stop().await;
+}
+
 /// A batch whose events touch more tags than Redis is asked to bump in one
 /// call (1,000): every tag is bumped, the first and the last in sort order
 /// too (their counters in Redis move), and the values read are the new ones.

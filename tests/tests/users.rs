@@ -1347,6 +1347,73 @@ async fn revocation_reaches_the_other_instance_while_a_transaction_holds_events_
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 }
 
+/// Announcements made while an instance's listener was away are not lost:
+/// once it listens again it reads every user's access back. A user's
+/// stores changed by plain SQL (the trigger moves the generation and
+/// writes the event) while an event-writing transaction holds delivery
+/// back and the listener's connection is cut: the old token is refused and
+/// its WebSocket closed with 4012, while the transaction still runs.
+#[tokio::test]
+async fn a_change_announced_while_the_listener_was_away_is_read_back() {
+    use sqlx::Connection;
+    let w = world(&[]).await;
+    let (_, staff_session) = client(&w.server, "staff@x.test").await;
+    let staff_token = staff_session["token"].as_str().unwrap().to_string();
+    let staff = Api::new(&w.server, Some(&staff_token));
+    assert_eq!(staff.get("/api/v2/auth/me").await.0, 200);
+    let mut ws = open_ws(&w.server, &staff_token).await;
+    let relay = || async {
+        let (st, body) = w.admin.get("/api/admin/websocket/stats").await;
+        assert_eq!(st, 200, "{body}");
+        body["relay"].clone()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the listener listening",
+        || async { (relay().await["listening"] == json!(true)).then_some(()) },
+    )
+    .await;
+
+    let mut holder = sqlx::PgConnection::connect(&w.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT sales.emit('test-holder', '{}')")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let mut changer = sqlx::PgConnection::connect(&w.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut changer).await.unwrap();
+    sqlx::query("UPDATE sales.users SET store_ids = $1 WHERE id = $2")
+        .bind(vec![w.stores[1]])
+        .bind(w.staff_id)
+        .execute(&mut changer)
+        .await
+        .unwrap();
+    // The announcement goes out at this commit, with no listener to hear it.
+    assert_eq!(w.db.cut_listeners().await, 1);
+    sqlx::query("COMMIT").execute(&mut changer).await.unwrap();
+
+    eventually(Duration::from_secs(15), "the old token refused", || async {
+        (staff.get("/api/v2/auth/me").await.0 == 401).then_some(())
+    })
+    .await;
+    assert_eq!(close_code(&mut ws).await, 4012, "closed: access changed");
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.event_holders()")
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        held > 0,
+        "all of this while the transaction held events back"
+    );
+    let relay = relay().await;
+    assert!(
+        relay["listenerReconnects"].as_u64().unwrap() >= 1,
+        "{relay}"
+    );
+    assert_eq!(relay["listening"], json!(true), "{relay}");
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+}
+
 /// Two instances on one database: a change made through one is refused
 /// on the other within a second, for REST and WebSockets alike, with a close
 /// code that says why; the admins' `admin` channel sees the change.

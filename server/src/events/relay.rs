@@ -54,6 +54,12 @@ pub trait Sink: Send + Sync + 'static {
     /// A user or session event announced on `sales_access` as it committed
     /// (a hint to read that user's access back; see `ws::revoke`).
     fn access(&self, _hint: &serde_json::Value) {}
+    /// The listener is LISTENing again after a (re)connect: announcements
+    /// sent while it was away were missed (every user's access is read
+    /// back; see `ws::revoke`).
+    fn announcements_missed(&self) {}
+    /// Whether the listener is LISTENing.
+    fn listening(&self, _up: bool) {}
     /// Whether the reader is connected.
     fn connected(&self, up: bool);
     fn reconnected(&self);
@@ -231,6 +237,7 @@ async fn listen_loop(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             r = listen_session(&deps, &mut backoff, &mut replays) => r,
         };
+        deps.sink.listening(false);
         tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "ephemeral listener lost its connection");
         if !pause(&mut backoff, &mut stop).await {
             return;
@@ -274,6 +281,13 @@ async fn listen_session(
         return e.to_string();
     }
     *backoff = BACKOFF_MIN;
+    deps.sink.listening(true);
+    // What was NOTIFYed while nothing listened is lost: a cache clear made
+    // through another instance (this first level is dropped) and access
+    // announcements (every user's access is read back). At the first
+    // session this covers what changed between the start-up load and now.
+    deps.invalidator.drop_first_level();
+    deps.sink.announcements_missed();
     loop {
         match listener.try_recv().await {
             Ok(Some(n)) if n.channel() == CACHE_CHANNEL => {

@@ -414,6 +414,17 @@ impl HealthApi {
         {
             problems.push("event relay is not listening".into());
         }
+        if !self
+            .state
+            .hub
+            .relay
+            .listening
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            problems.push(
+                "event listener (access announcements, cache clears) is not listening".into(),
+            );
+        }
         let applied = applied.unwrap_or(0);
         // Unreachable: no count to judge (it said "0 of N applied").
         if reachable && applied < expected {

@@ -27,7 +27,13 @@ pub struct Revoking {
     hints: tokio::sync::mpsc::Sender<Claim>,
     /// When a dropped announcement was last logged (Unix seconds).
     hint_dropped_logged: std::sync::atomic::AtomicI64,
+    /// Asks for every user's access to be read back: announcements were
+    /// missed (the listener was away, or some were dropped).
+    read_back_all: Arc<tokio::sync::Notify>,
 }
+
+/// Everyone's access is read back at most this often.
+const READ_BACK_ALL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Announcements waiting to be read back, at most.
 const HINTS_QUEUED: usize = 1024;
@@ -61,7 +67,13 @@ impl Revoking {
         let (verify, mut rx) = tokio::sync::mpsc::unbounded_channel::<Claim>();
         let (hints, mut hints_rx) = tokio::sync::mpsc::channel::<Claim>(HINTS_QUEUED);
         let (h, a) = (hub.clone(), access.clone());
+        let read_back_all = Arc::new(tokio::sync::Notify::new());
+        let everyone = read_back_all.clone();
         tokio::spawn(async move {
+            // When everyone's access is to be read back next (asked for and
+            // not done yet), and when it last was.
+            let mut due: Option<tokio::time::Instant> = None;
+            let mut last_all: Option<tokio::time::Instant> = None;
             loop {
                 // Relayed events first: announcements are hints that their
                 // events follow anyway.
@@ -71,6 +83,18 @@ impl Revoking {
                         Some(c) => c,
                         None => break,
                     },
+                    _ = everyone.notified(), if due.is_none() => {
+                        let now = tokio::time::Instant::now();
+                        due = Some(last_all.map_or(now, |t| (t + READ_BACK_ALL_EVERY).max(now)));
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                        if due.is_some() => {
+                        due = None;
+                        last_all = Some(tokio::time::Instant::now());
+                        read_back_everyone(&h, &a, &pool, token_lifetime).await;
+                        continue;
+                    }
                     Some(c) = hints_rx.recv() => c,
                 };
                 let mut batch = vec![first];
@@ -124,6 +148,7 @@ impl Revoking {
             verify,
             hints,
             hint_dropped_logged: std::sync::atomic::AtomicI64::new(0),
+            read_back_all,
         }
     }
 
@@ -211,6 +236,41 @@ async fn apply_verified(
                 } else {
                     take_away(hub, access, change, token_lifetime);
                 }
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+}
+
+/// Reads every user's access back (what the start-up load reads) and
+/// closes the connections it now refuses: after announcements were missed,
+/// so that a change whose event an open transaction holds back in delivery
+/// order is applied anyway. A few tries over about three seconds; then the
+/// events, in delivery order, are what remains.
+async fn read_back_everyone(
+    hub: &Hub,
+    access: &Revocations,
+    pool: &sqlx::PgPool,
+    token_lifetime: i64,
+) {
+    let mut wait = std::time::Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match access.load(pool, token_lifetime).await {
+            Ok(()) => {
+                let mut closed = 0;
+                for user in hub.connected_users() {
+                    closed += close_if_revoked(hub, access, user);
+                }
+                tracing::debug!(closed, "every user's access read back");
+                return;
+            }
+            Err(e) if attempt == 5 => {
+                tracing::warn!(error = %e,
+                    "could not read users' access back after missed announcements; their events still apply in delivery order");
                 return;
             }
             Err(_) => {
@@ -333,6 +393,8 @@ impl Sink for Revoking {
         };
         if let Err(e) = self.hints.try_send(claim) {
             use std::sync::atomic::Ordering;
+            // Read back with everyone else's (at most once a second).
+            self.read_back_all.notify_one();
             let now = chrono::Utc::now().timestamp();
             let last = self.hint_dropped_logged.load(Ordering::Relaxed);
             if now > last
@@ -355,6 +417,14 @@ impl Sink for Revoking {
                 );
             }
         }
+    }
+
+    fn announcements_missed(&self) {
+        self.read_back_all.notify_one();
+    }
+
+    fn listening(&self, up: bool) {
+        self.hub.listening(up)
     }
 
     fn connected(&self, up: bool) {

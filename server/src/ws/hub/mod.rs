@@ -814,6 +814,11 @@ impl Hub {
 
     /// Closes the connections of `user` for which `revoked` gives a close
     /// code and reason (their token was revoked); returns how many.
+    /// The users with an open connection.
+    pub fn connected_users(&self) -> Vec<i64> {
+        self.reg().users.keys().copied().collect()
+    }
+
     pub fn close_user(
         &self,
         user: i64,
@@ -892,6 +897,13 @@ impl crate::events::relay::Sink for Hub {
 
     fn connected(&self, up: bool) {
         self.relay.connected.store(up, Relaxed);
+    }
+
+    fn listening(&self, up: bool) {
+        if up && self.relay.listened.swap(true, Relaxed) {
+            self.relay.listener_reconnects.fetch_add(1, Relaxed);
+        }
+        self.relay.listening.store(up, Relaxed);
     }
 
     fn reconnected(&self) {

@@ -30,8 +30,14 @@ pub struct Counters {
 
 #[derive(Default)]
 pub struct RelayStatus {
+    /// The reader.
     pub connected: AtomicBool,
     pub reconnects: AtomicU64,
+    /// The listener (`sales_ephemeral`, `sales_access`, `sales_cache`).
+    pub listening: AtomicBool,
+    /// Whether it ever listened (so a later session counts a reconnect).
+    pub listened: AtomicBool,
+    pub listener_reconnects: AtomicU64,
 }
 
 impl Hub {
@@ -104,6 +110,8 @@ impl Hub {
             "relay": {
                 "connected": self.relay.connected.load(Relaxed),
                 "reconnects": n(&self.relay.reconnects),
+                "listening": self.relay.listening.load(Relaxed),
+                "listenerReconnects": n(&self.relay.listener_reconnects),
                 "lastEventId": position.id,
                 "eventsRelayed": n(&k.events_relayed),
                 "ephemeralRelayed": n(&k.ephemeral_relayed),
