@@ -132,6 +132,122 @@ async fn migrate_puts_back_what_a_restore_or_a_dropped_extension_lost() {
     );
 }
 
+/// Ids that other tables still name are not given out again. A record
+/// deleted (its versions stay in the event log) and a user gone (their job
+/// and tombstone stay), with the id sequences as a dump from before
+/// extension 0.8.0, or the extension dropped and created again, leaves
+/// them: after `migrate` a new record's history is its own (it used to
+/// be empty, "older than the retained history") and a new user does not
+/// take over the old one's jobs.
+#[tokio::test]
+async fn ids_other_tables_still_name_are_not_given_again() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let sql = |q: String| {
+        let pool = db.pool.clone();
+        async move { sqlx::query(&q).execute(&pool).await.unwrap() }
+    };
+    let old_record: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 1, '{\"1\": {\"sales\": 5}}') RETURNING id",
+    )
+    .bind(stores[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sql(format!(
+        "DELETE FROM sales.monthly_sales WHERE id = {old_record}"
+    ))
+    .await;
+    let old_user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, role, password_hash) VALUES ('a@x.test', 'staff', '$argon2id$x')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sql(format!(
+        "INSERT INTO jobs.jobs (kind, state, user_id, scope) VALUES ('batch', 'completed', {old_user}, '{{}}')"
+    ))
+    .await;
+    sql(format!("DELETE FROM sales.users WHERE id = {old_user}")).await;
+    let tombstones: i64 = sqlx::query_scalar("SELECT count(*) FROM auth.deleted_users")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tombstones, 1, "the user's tombstone");
+    sql("SELECT setval('sales.monthly_sales_id_seq', 1, false)".into()).await;
+    sql("SELECT setval('sales.users_id_seq', 1, false)".into()).await;
+
+    sales_server::db::migrate(&db.pool).await.expect("migrate");
+
+    let record: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 2, '{\"1\": {\"sales\": 7}}') RETURNING id",
+    )
+    .bind(stores[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(record > old_record, "{record} after {old_record}");
+    let history: serde_json::Value = sqlx::query_scalar("SELECT sales.history($1)")
+        .bind(record)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(history["complete"], serde_json::json!(true), "{history}");
+    assert_eq!(
+        history["versions"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
+    let user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, role, password_hash) VALUES ('b@x.test', 'staff', '$argon2id$x')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(user > old_user, "{user} after {old_user}");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs.jobs WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "the new user has no jobs of the old one");
+}
+
+/// `migrate` on a database whose extension was dropped (its migrations
+/// still recorded) says so and what to do, instead of failing on a
+/// missing table; after `CREATE EXTENSION pg_sales` it migrates.
+#[tokio::test]
+async fn a_dropped_extension_is_named_not_failed_on() {
+    let db = TestDb::new().await;
+    sqlx::query("DROP EXTENSION pg_sales CASCADE")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = migrate_cmd(&db.url).output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("extension pg_sales is not installed in this database")
+            && err.contains("CREATE EXTENSION pg_sales"),
+        "{err}"
+    );
+    assert!(!err.contains("does not exist"), "{err}");
+    sqlx::query("CREATE EXTENSION pg_sales")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = migrate_cmd(&db.url).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A database whose extension is newer than the files installed here
 /// (another server updated it) is left as it is: `migrate` succeeds with
 /// a warning instead of failing on an update with no way down.

@@ -202,6 +202,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         let done = async {
+            extension_present(&mut conn).await?;
             update_extension(&mut conn).await.map_err(Execute)?;
             // The lock is held already: the migrator must not wait for it.
             let mut migrator = sqlx::migrate!("../migrations");
@@ -223,6 +224,39 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     .await;
     let _ = sqlx::Connection::close(conn).await;
     out
+}
+
+/// Refuses a database whose migrations are recorded but whose extension
+/// is gone (`DROP EXTENSION pg_sales CASCADE`): the first migration, which
+/// creates it, is not run again, and the later ones failed on a missing
+/// table ("relation sales.users does not exist"). Its data went with it,
+/// so it is not made again behind the operator's back.
+async fn extension_present(conn: &mut PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+    use sqlx::migrate::MigrateError::Execute;
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Execute)?;
+    if !recorded {
+        return Ok(());
+    }
+    let (created, present): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = 1 AND success),
+                EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_sales')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(Execute)?;
+    if created && !present {
+        return Err(Execute(sqlx::Error::Configuration(
+            "extension pg_sales is not installed in this database, though its migrations are \
+             recorded (was it dropped? its tables and their data went with it): to start over \
+             empty, run CREATE EXTENSION pg_sales as its owner and migrate again; to get the \
+             data back, restore a dump (README, Operations, \"Backups\")"
+                .into(),
+        )));
+    }
+    Ok(())
 }
 
 /// This binary's migrations the database has not applied yet (version and
@@ -324,6 +358,42 @@ pub async fn restore_user_keys(conn: &mut PgConnection) -> Result<usize, sqlx::E
     Ok(made)
 }
 
+/// Ids a table gives out that other tables go on naming after the row is
+/// gone: a new row given such an id again would take over what they say of
+/// the old one. A record deleted, or lost with a dump taken before
+/// extension 0.8.0, keeps its versions in the event log and the event
+/// history (a new record with its id showed an empty history, "older than
+/// the retained history"); a user gone with `DROP EXTENSION pg_sales
+/// CASCADE` keeps their jobs (a new user with the id was shown them) and
+/// their tombstone. Each column leads an index, so its `max` is read from
+/// the index's end. Store ids are named by events too, but by no index.
+/// Each reference is (table, column, which of its rows): the log's
+/// `row_id` names a store in store events, and only sales records'
+/// events count (the newest such from the index's end, past at most the
+/// store events above it).
+const ID_REFERENCES: [(&str, &str, &[(&str, &str, &str)]); 2] = [
+    (
+        "sales.monthly_sales",
+        "id",
+        &[
+            (
+                "sales.events",
+                "row_id",
+                "kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')",
+            ),
+            ("sales.event_history", "row_id", "true"),
+        ],
+    ),
+    (
+        "sales.users",
+        "id",
+        &[
+            ("jobs.jobs", "user_id", "true"),
+            ("auth.deleted_users", "user_id", "true"),
+        ],
+    ),
+];
+
 /// Moves every id sequence of the product's tables past the ids its table
 /// holds. A dump taken before extension 0.8.0 did not carry the
 /// extension's sequences, so after a restore they started again at 1 and
@@ -332,10 +402,12 @@ pub async fn restore_user_keys(conn: &mut PgConnection) -> Result<usize, sqlx::E
 /// covers every id a key is made of alone; `jobs.job_errors.n` is unique
 /// only with its job, whose id is covered. The event history needs no look
 /// of its own: its ids came from the log, and a prune keeps the log's
-/// newest event. Returns the sequences moved.
+/// newest event. Ids that only other tables still name count too
+/// ([`ID_REFERENCES`]). Returns the sequences moved.
 pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    let owned: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT s.oid::regclass::text, t.oid::regclass::text, quote_ident(a.attname)
+    let owned: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT s.oid::regclass::text, t.oid::regclass::text, quote_ident(a.attname),
+                n.nspname || '.' || t.relname
          FROM pg_class s
          JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.oid
               AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
@@ -350,10 +422,35 @@ pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, s
     .fetch_all(&mut *conn)
     .await?;
     let mut moved = Vec::new();
-    for (seq, table, column) in owned {
-        let top: Option<i64> = sqlx::query_scalar(&format!("SELECT max({column}) FROM {table}"))
-            .fetch_one(&mut *conn)
-            .await?;
+    for (seq, table, column, name) in owned {
+        let mut top: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT max({column}) FROM {table}"))
+                .fetch_one(&mut *conn)
+                .await?;
+        let column_only = column.trim_matches('"');
+        for (t, c, others) in ID_REFERENCES {
+            if (t, c) != (name.as_str(), column_only) {
+                continue;
+            }
+            for (other, other_column, which) in others {
+                // Some are there only from some extension version on.
+                let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                    .bind(other)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if !exists {
+                    continue;
+                }
+                let there: Option<i64> = sqlx::query_scalar(&format!(
+                    "SELECT {other_column} FROM {other}
+                     WHERE {other_column} IS NOT NULL AND {which}
+                     ORDER BY {other_column} DESC LIMIT 1"
+                ))
+                .fetch_optional(&mut *conn)
+                .await?;
+                top = top.max(there);
+            }
+        }
         let Some(top) = top else { continue };
         let (last, called): (i64, bool) =
             sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
