@@ -371,7 +371,7 @@ pub async fn restore_user_keys(conn: &mut PgConnection) -> Result<usize, sqlx::E
 /// `row_id` names a store in store events, and only sales records'
 /// events count (the newest such from the index's end, past at most the
 /// store events above it).
-const ID_REFERENCES: [(&str, &str, &[(&str, &str, &str)]); 2] = [
+const ID_REFERENCES: [(&str, &str, &[Reference]); 2] = [
     (
         "sales.monthly_sales",
         "id",
@@ -393,6 +393,9 @@ const ID_REFERENCES: [(&str, &str, &[(&str, &str, &str)]); 2] = [
         ],
     ),
 ];
+
+/// A table's column that names ids, and which of its rows do (SQL).
+type Reference = (&'static str, &'static str, &'static str);
 
 /// Moves every id sequence of the product's tables past the ids its table
 /// holds. A dump taken before extension 0.8.0 did not carry the
