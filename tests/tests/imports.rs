@@ -1040,6 +1040,55 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
     server.stop().await;
 }
 
+/// A cancel that comes while chunks are still merging (one waits for a
+/// row a writer holds, the other for its turn) writes none of them: the
+/// job ends `cancelled` with nothing written. A chunk merged again after
+/// waiting for its turn used to commit after the cancel, and the job said
+/// `cancelled` with the whole file written.
+#[tokio::test]
+async fn a_cancel_while_chunks_merge_writes_none_of_them() {
+    let db = TestDb::new().await;
+    let store = store_with_two_months(&db).await;
+    let server = db
+        .server(&[("IMPORT_CHUNK_LINES", "1"), ("IMPORT_PARALLELISM", "2")])
+        .await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let retries_before = chunk_retries(&server).await;
+    let mut writer = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    lock_month(store, 1).execute(&mut *writer).await.unwrap();
+    let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    // February's chunk has merged and let go while January's waits.
+    eventually(WAIT, "February's chunk waiting for its turn", || async {
+        (chunk_retries(&server).await > retries_before).then_some(())
+    })
+    .await;
+    let r = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    writer.commit().await.unwrap();
+    let doc = wait_job(&api, id, &["cancelled", "completed", "failed"]).await;
+    assert_eq!(doc["state"], "cancelled", "{doc}");
+    assert_eq!(doc["rowsWritten"], 0, "{doc}");
+    let months: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT month, version FROM sales.monthly_sales ORDER BY month")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(months, vec![(1, 1), (2, 1)], "neither month written");
+    server.stop().await;
+}
+
 /// A chunk that Postgres picks as the victim of a deadlock with another
 /// writer is merged again in the same run: the job completes on its first
 /// attempt, each row written once, with no error recorded.

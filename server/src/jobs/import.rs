@@ -968,9 +968,9 @@ fn notify_due<F>(l: &Lanes<'_, F>) -> bool {
 }
 
 /// One connection's chunks until the staged rows run out or the run ends.
-/// A connection that fails, loses the lease or passes maxErrors ends the
-/// run: the others roll back the chunk they hold. (Cancellation and
-/// shutdown each connection sees for itself before its next chunk.)
+/// A connection that fails, loses the lease, passes maxErrors or finds the
+/// job cancelled ends the run: the others roll back the chunk they hold.
+/// (Shutdown each connection sees for itself before its next chunk.)
 async fn lane<F: FnMut(&Progress)>(
     conn: &mut PgConnection,
     l: &Lanes<'_, F>,
@@ -978,7 +978,10 @@ async fn lane<F: FnMut(&Progress)>(
     let end = chunks(conn, l).await;
     if matches!(
         end,
-        Err(_) | Ok(LaneEnd::LostLease) | Ok(LaneEnd::TooManyErrors { .. })
+        Err(_)
+            | Ok(LaneEnd::LostLease)
+            | Ok(LaneEnd::TooManyErrors { .. })
+            | Ok(LaneEnd::Cancelled)
     ) {
         l.turn.send_modify(|t| t.1 = true);
     }
@@ -1179,14 +1182,17 @@ async fn chunks<F: FnMut(&Progress)>(
         let new_rejected = distinct_lines(&rejected);
         // The job row is locked from here to COMMIT: the lease token fences
         // out a run that lost the job, and the counts add up whatever order
-        // the run's connections commit in.
-        let totals: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+        // the run's connections commit in. A cancel that committed while
+        // the chunk merged (it may wait long for a row another writer
+        // holds) is seen here, and nothing of the chunk is written; one
+        // that comes later waits for this commit.
+        let totals: Option<(i64, i64, i64, i64, i64, bool)> = sqlx::query_as(
             "UPDATE jobs.jobs
              SET last_line = greatest(last_line, $3), rows_written = rows_written + $4,
                  rows_rejected = rows_rejected + $5, chunks = chunks + 1,
                  lease_until = now() + $6 * interval '1 millisecond', updated_at = now()
              WHERE id = $1 AND lease_token = $2::uuid
-             RETURNING rows_read, last_line, rows_written, rows_rejected, chunks",
+             RETURNING rows_read, last_line, rows_written, rows_rejected, chunks, cancel_requested",
         )
         .bind(job.id)
         .bind(&job.token)
@@ -1200,6 +1206,10 @@ async fn chunks<F: FnMut(&Progress)>(
             tx.rollback().await?;
             return Ok(LaneEnd::LostLease);
         };
+        if t.5 {
+            tx.rollback().await?;
+            return Ok(LaneEnd::Cancelled);
+        }
         if t.3 > l.max_errors {
             // Nothing of this chunk is written.
             tx.rollback().await?;
