@@ -125,7 +125,6 @@ ALTER TABLE sales.monthly_sales
 -- triggers above do), and so does the SQL they run with EXECUTE and the
 -- statements of the Rust functions they call; their bodies are unchanged.
 ALTER FUNCTION sales.statement_stats() SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION sales.sort_sql(text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION sales.list_sales(bigint[], text, integer, integer, text, text, numeric, numeric, text[], text[], text, integer, bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION sales.get_sales(bigint, text[], text[]) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION sales.sales_summary(text, bigint[], text, integer, integer, text, text, numeric, numeric) SET search_path = pg_catalog, pg_temp;
@@ -624,4 +623,55 @@ BEGIN
             (SELECT sales.store_doc(s) FROM sales.stores s WHERE s.id = (doc->>'storeId')::bigint));
     END IF;
     RETURN sales.project(doc, fields, exclude);
+END $$;
+
+-- A sort key is its camelCase or exactly its snake_case spelling, as the
+-- API's: `store__id`, `_store_id`, `TotalSales` and `--totalSales` were
+-- folded into a key.
+CREATE OR REPLACE FUNCTION sales.sort_sql(sort text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    part text;
+    name text;
+    dir text;
+    col text;
+    cols text[] := '{}';
+    seen text[] := '{}';
+    k text;
+BEGIN
+    FOREACH part IN ARRAY string_to_array(coalesce(nullif(btrim(sort), ''), 'storeId,year,month'), ',') LOOP
+        part := btrim(part);
+        CONTINUE WHEN part = '';
+        dir := CASE WHEN left(part, 1) = '-' THEN ' DESC' ELSE '' END;
+        -- One sign at most; a key is its camelCase or exactly its snake_case
+        -- spelling, as the API's (`store__id`, `_store_id`, `TotalSales`
+        -- and `--totalSales` name none).
+        name := CASE WHEN left(part, 1) IN ('-', '+') THEN substr(part, 2) ELSE part END;
+        FOREACH k IN ARRAY CASE WHEN name = 'period' THEN ARRAY['year', 'month'] ELSE ARRAY[name] END LOOP
+            col := CASE k
+                WHEN 'id' THEN 'm.id'
+                WHEN 'storeId' THEN 'm.store_id' WHEN 'store_id' THEN 'm.store_id'
+                WHEN 'year' THEN 'm.year' WHEN 'month' THEN 'm.month'
+                WHEN 'totalSales' THEN 'm.total_sales' WHEN 'total_sales' THEN 'm.total_sales'
+                WHEN 'totalCustomers' THEN 'm.total_customers' WHEN 'total_customers' THEN 'm.total_customers'
+                WHEN 'daysReported' THEN 'm.days_reported' WHEN 'days_reported' THEN 'm.days_reported'
+                WHEN 'updatedAt' THEN 'm.updated_at' WHEN 'updated_at' THEN 'm.updated_at'
+                WHEN 'createdAt' THEN 'm.created_at' WHEN 'created_at' THEN 'm.created_at' END;
+            IF col IS NULL THEN
+                RAISE EXCEPTION 'sort: cannot sort by "%"; allowed: period, id, storeId, year, month, totalSales, totalCustomers, daysReported, updatedAt, createdAt',
+                    name USING ERRCODE = '22023';
+            END IF;
+            IF col = ANY (seen) THEN
+                RAISE EXCEPTION 'sort: % given twice%', k,
+                    CASE WHEN position('period' IN sort) > 0 THEN ' (period is year, month)' ELSE '' END
+                    USING ERRCODE = '22023';
+            END IF;
+            seen := seen || col;
+            cols := cols || (col || dir);
+        END LOOP;
+    END LOOP;
+    IF NOT 'm.id' = ANY (seen) THEN
+        cols := cols || 'm.id'::text;
+    END IF;
+    RETURN array_to_string(cols, ', ');
 END $$;

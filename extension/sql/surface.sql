@@ -51,22 +51,28 @@ BEGIN
         part := btrim(part);
         CONTINUE WHEN part = '';
         dir := CASE WHEN left(part, 1) = '-' THEN ' DESC' ELSE '' END;
-        name := ltrim(part, '+-');
-        -- snake_case and camelCase alike
-        name := lower(replace(name, '_', ''));
+        -- One sign at most; a key is its camelCase or exactly its snake_case
+        -- spelling, as the API's (`store__id`, `_store_id`, `TotalSales`
+        -- and `--totalSales` name none).
+        name := CASE WHEN left(part, 1) IN ('-', '+') THEN substr(part, 2) ELSE part END;
         FOREACH k IN ARRAY CASE WHEN name = 'period' THEN ARRAY['year', 'month'] ELSE ARRAY[name] END LOOP
             col := CASE k
-                WHEN 'id' THEN 'm.id' WHEN 'storeid' THEN 'm.store_id'
+                WHEN 'id' THEN 'm.id'
+                WHEN 'storeId' THEN 'm.store_id' WHEN 'store_id' THEN 'm.store_id'
                 WHEN 'year' THEN 'm.year' WHEN 'month' THEN 'm.month'
-                WHEN 'totalsales' THEN 'm.total_sales' WHEN 'totalcustomers' THEN 'm.total_customers'
-                WHEN 'daysreported' THEN 'm.days_reported'
-                WHEN 'updatedat' THEN 'm.updated_at' WHEN 'createdat' THEN 'm.created_at' END;
+                WHEN 'totalSales' THEN 'm.total_sales' WHEN 'total_sales' THEN 'm.total_sales'
+                WHEN 'totalCustomers' THEN 'm.total_customers' WHEN 'total_customers' THEN 'm.total_customers'
+                WHEN 'daysReported' THEN 'm.days_reported' WHEN 'days_reported' THEN 'm.days_reported'
+                WHEN 'updatedAt' THEN 'm.updated_at' WHEN 'updated_at' THEN 'm.updated_at'
+                WHEN 'createdAt' THEN 'm.created_at' WHEN 'created_at' THEN 'm.created_at' END;
             IF col IS NULL THEN
                 RAISE EXCEPTION 'sort: cannot sort by "%"; allowed: period, id, storeId, year, month, totalSales, totalCustomers, daysReported, updatedAt, createdAt',
-                    ltrim(part, '+-') USING ERRCODE = '22023';
+                    name USING ERRCODE = '22023';
             END IF;
             IF col = ANY (seen) THEN
-                RAISE EXCEPTION 'sort: % given twice', k USING ERRCODE = '22023';
+                RAISE EXCEPTION 'sort: % given twice%', k,
+                    CASE WHEN position('period' IN sort) > 0 THEN ' (period is year, month)' ELSE '' END
+                    USING ERRCODE = '22023';
             END IF;
             seen := seen || col;
             cols := cols || (col || dir);

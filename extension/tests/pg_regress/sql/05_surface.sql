@@ -49,6 +49,14 @@ SELECT pg_temp.err($$SELECT sales.list_sales(min_total_sales => -1)$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(max_total_sales => 'NaN')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'colour')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'year,-period')$$);
+-- A key is its camelCase or exactly its snake_case spelling, one sign at most.
+SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'store__id')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(sort => '_store_id')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'year_')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'TotalSales')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(sort => '--totalSales')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'storeId,store_id')$$);
+SELECT sales.sort_sql('-total_sales,+storeId,days_reported');
 SELECT pg_temp.err($$SELECT sales.list_sales(fields => '{colour}')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(exclude => '{store.colour}')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(max_rows => 0)$$);

@@ -72,7 +72,15 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
                 ));
             };
             if keys.iter().any(|e| e.name == *k) {
-                return Err(ApiError::bad_param("sort", format!("{k} given twice")));
+                let hint = if raw.contains("period") {
+                    " (period is year, month)"
+                } else {
+                    ""
+                };
+                return Err(ApiError::bad_param(
+                    "sort",
+                    format!("{k} given twice{hint}"),
+                ));
             }
             keys.push(SortKey {
                 name: k,
@@ -430,6 +438,10 @@ mod tests {
         assert_eq!(sort_spec(&k), "-year,-month,storeId,id");
         assert!(parse_sort(Some("name")).is_err());
         assert!(parse_sort(Some("year,-year")).is_err());
+        // A key that `period` holds too is named with what period is.
+        let twice = |raw| format!("{:?}", parse_sort(Some(raw)).unwrap_err());
+        assert!(twice("year,-period").contains("year given twice (period is year, month)"));
+        assert!(!twice("year,-year").contains("period"));
         assert_eq!(
             sort_spec(&parse_sort(None).unwrap()),
             "storeId,year,month,id"
