@@ -80,6 +80,7 @@ thread_local! {
     /// about as much as its write).
     static EMIT_PLAN: std::cell::OnceCell<OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
     static STORES_PLAN: std::cell::OnceCell<OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+    static STORES_KEPT_PLAN: std::cell::OnceCell<OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
 }
 
 /// `sql`, taking one argument of type `arg`, prepared in this backend the
@@ -104,27 +105,55 @@ fn kept_plan<'c>(
     })
 }
 
-/// Store ids among `ids` that exist.
-fn existing_stores(client: &SpiClient<'_>, ids: Vec<i64>) -> HashSet<i64> {
+/// Store ids among `ids` that exist. With `keep` (a best-effort batch),
+/// each is kept so to the end of the transaction (the lock the records'
+/// foreign key takes anyway, taken first, in id order): a store deleted by
+/// a transaction still running is waited for, and found gone, its records
+/// are reported by index. Checked without the lock, such a store passed,
+/// and the foreign key then failed the whole statement: a best-effort
+/// batch lost its valid records too. An atomic batch fails whole either
+/// way, so it takes no lock (a locked row is a WAL record and a dirtied
+/// page of `sales.stores` per store and batch).
+fn existing_stores(client: &mut SpiClient<'_>, ids: Vec<i64>, keep: bool) -> HashSet<i64> {
     if ids.is_empty() {
         return HashSet::new();
     }
-    STORES_PLAN.with(|cell| {
-        let plan = kept_plan(
-            cell,
-            client,
-            "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM sales.stores WHERE id = ANY($1)",
-            PgBuiltInOids::INT8ARRAYOID,
-            false,
-        );
-        client
-            .select(plan, Some(1), &[ids.into()])
-            .and_then(|t| t.first().get_one::<Vec<i64>>())
+    let found = |client: &mut SpiClient<'_>, plan: &OwnedPreparedStatement| {
+        let rows = if keep {
+            client.update(plan, Some(1), &[ids.into()])
+        } else {
+            client.select(plan, Some(1), &[ids.into()])
+        };
+        rows.and_then(|t| t.first().get_one::<Vec<i64>>())
             .or_raise()
             .unwrap_or_default()
             .into_iter()
             .collect()
-    })
+    };
+    if keep {
+        STORES_KEPT_PLAN.with(|cell| {
+            let plan = kept_plan(
+                cell,
+                client,
+                "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM (
+                     SELECT id FROM sales.stores WHERE id = ANY($1) ORDER BY id FOR KEY SHARE) s",
+                PgBuiltInOids::INT8ARRAYOID,
+                true,
+            );
+            found(client, plan)
+        })
+    } else {
+        STORES_PLAN.with(|cell| {
+            let plan = kept_plan(
+                cell,
+                client,
+                "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM sales.stores WHERE id = ANY($1)",
+                PgBuiltInOids::INT8ARRAYOID,
+                false,
+            );
+            found(client, plan)
+        })
+    }
 }
 
 fn scope_set(allowed: Option<Vec<Option<i64>>>) -> Option<HashSet<i64>> {
@@ -332,7 +361,7 @@ fn batch_upsert_impl(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let exists = existing_stores(client, wanted);
+        let exists = existing_stores(client, wanted, !atomic);
         let mut by_key: BTreeMap<MonthKey, Sources> = BTreeMap::new();
         let mut duplicates = Vec::new();
         for (i, key, field) in valid {

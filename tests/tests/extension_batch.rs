@@ -383,6 +383,68 @@ async fn best_effort_writes_the_valid_records_and_reports_the_rest() {
     assert!(r["eventId"].is_null());
 }
 
+/// A store deleted by a transaction still running when a best-effort
+/// batch names it: the batch waits for that transaction, then reports the
+/// store's record as naming no store and writes the others. The store was
+/// found (the delete not yet committed), and the foreign key then failed
+/// the whole statement: the valid records were lost with it.
+#[tokio::test]
+async fn a_store_deleted_meanwhile_fails_its_records_only() {
+    use sqlx::Connection;
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let mut deleter = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut deleter).await.unwrap();
+    sqlx::query("DELETE FROM sales.stores WHERE id = $1")
+        .bind(s[1])
+        .execute(&mut deleter)
+        .await
+        .unwrap();
+    let batch = json!([
+        record(s[0], 2024, 1, days(1, 3, 1.0, 1)),
+        record(s[1], 2024, 1, days(1, 3, 2.0, 1)),
+    ]);
+    let mut writer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut writer)
+        .await
+        .unwrap();
+    let write = tokio::spawn(async move {
+        sqlx::query_scalar::<_, Value>("SELECT sales.batch_upsert($1, 'merge', false)")
+            .bind(batch)
+            .fetch_one(&mut writer)
+            .await
+    });
+    sales_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "the batch waiting for the delete",
+        || async {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+            )
+            .bind(pid)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            waiting.then_some(())
+        },
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut deleter).await.unwrap();
+    let r = write.await.unwrap().expect("best effort does not raise");
+    assert_eq!(
+        (r["inserted"].as_i64(), r["failed"].as_i64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
+    assert!(has_error(&r, 1, "storeId", "does not exist"), "{r}");
+    let stores: Vec<i64> = sqlx::query_scalar("SELECT store_id FROM sales.monthly_sales")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stores, vec![s[0]]);
+}
+
 #[tokio::test]
 async fn null_non_array_and_empty_input() {
     let db = TestDb::new().await;
