@@ -1089,6 +1089,75 @@ async fn a_cancel_while_chunks_merge_writes_none_of_them() {
     server.stop().await;
 }
 
+/// A running batch is one transaction: cancelling it is refused at once
+/// (409, saying why), where the request used to wait for the whole batch
+/// and then answer `completed`; and the job's `finishedAt` is when it
+/// finished, not its transaction's start (it said a few milliseconds after
+/// `startedAt` for a batch that ran for seconds).
+#[tokio::test]
+async fn a_running_batch_refuses_a_cancel_and_says_when_it_finished() {
+    let db = TestDb::new().await;
+    let store = store_with_two_months(&db).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let mut writer = db.pool.begin().await.unwrap();
+    lock_month(store, 1).execute(&mut *writer).await.unwrap();
+    let held = std::time::Instant::now();
+    let records = json!({"salesDataArray": [sales_e2e::month(store, 2024, 1, 3, 10.0)]});
+    let (status, body) = api.post("/api/v2/sales/batch?async=true", &records).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    eventually(WAIT, "the batch waiting for the row", || async {
+        let waiting = scalar_i64(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await;
+        (waiting > 0).then_some(())
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    let r = api
+        .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be stopped"),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "answered without waiting for the batch"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held_for = held.elapsed();
+    writer.commit().await.unwrap();
+    let doc = wait_job(&api, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["cancelRequested"], false, "{doc}");
+    let ran: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM finished_at - started_at)::float8 FROM jobs.jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        ran >= 0.3 && ran <= held_for.as_secs_f64() + 60.0,
+        "ran {ran} s while the row was held {held_for:?}"
+    );
+    server.stop().await;
+}
+
 /// A chunk that Postgres picks as the victim of a deadlock with another
 /// writer is merged again in the same run: the job completes on its first
 /// attempt, each row written once, with no error recorded.

@@ -205,10 +205,12 @@ async fn end(
 ) -> Result<(), sqlx::Error> {
     let written = data["rowsWritten"].as_i64().unwrap_or(0);
     let rejected = data["rowsRejected"].as_i64().unwrap_or(0);
+    // The batch's transaction began as it started: `now()` would say it
+    // finished then.
     sqlx::query(
         "UPDATE jobs.jobs
          SET state = $3, last_error = $4, result = $5, rows_written = $6, rows_rejected = $7,
-             input = NULL, finished_at = now(), updated_at = now(),
+             input = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp(),
              lease_token = NULL, lease_until = NULL, worker_pid = NULL
          WHERE id = $1 AND lease_token = $2::uuid",
     )
