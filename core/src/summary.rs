@@ -436,17 +436,24 @@ impl Summary {
         order_by: Option<&str>,
         period: Option<Period>,
     ) -> Result<Summary, SummaryError> {
-        let list = |raw: Option<&str>| -> Vec<String> {
-            raw.map(|r| {
-                r.split(',')
-                    .map(|p| p.trim().to_string())
-                    .filter(|p| !p.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
+        // Given, a list names something in every place: `store,,region`
+        // or a trailing comma (a value a client left out) is refused
+        // rather than read as the names around it.
+        let list = |param: &'static str, raw: Option<&str>| -> Result<Vec<String>, SummaryError> {
+            let Some(r) = raw else {
+                return Ok(Vec::new());
+            };
+            let names: Vec<String> = r.split(',').map(|p| p.trim().to_string()).collect();
+            if names.iter().all(|n| n.is_empty()) {
+                return Ok(Vec::new());
+            }
+            if names.iter().any(|n| n.is_empty()) {
+                return err(param, format!("{r:?} has an empty name between commas"));
+            }
+            Ok(names)
         };
         let mut dims = Vec::new();
-        let names = list(group_by);
+        let names = list("groupBy", group_by)?;
         if group_by.is_some() && names.is_empty() {
             return err(
                 "groupBy",
@@ -473,7 +480,7 @@ impl Summary {
             dims.push(d);
         }
         let mut ms = Vec::new();
-        let names = list(metrics);
+        let names = list("metrics", metrics)?;
         if metrics.is_some() && names.is_empty() {
             return err("metrics", "give at least one metric");
         }
@@ -519,7 +526,14 @@ impl Summary {
             Some(n) => return err("top", format!("{n} is outside 1..{MAX_TOP}")),
         };
         let mut order = Vec::new();
-        for part in list(order_by) {
+        let keys = list("orderBy", order_by)?;
+        if order_by.is_some() && keys.is_empty() {
+            return err(
+                "orderBy",
+                "names no key (leave the parameter out for the default order)",
+            );
+        }
+        for part in keys {
             let (desc, name) = match part.strip_prefix('-') {
                 Some(n) => (true, n.to_string()),
                 None => (false, part.trim_start_matches('+').to_string()),
@@ -897,6 +911,22 @@ mod tests {
         assert_eq!(bad(None, None, None, None, Some("month"), None), "orderBy");
         assert_eq!(
             bad(None, None, None, None, Some("totalSalesChangePct"), None),
+            "orderBy"
+        );
+        // A list names something in every place; a given order names a key.
+        assert_eq!(
+            bad(Some("store,,region"), None, None, None, None, None),
+            "groupBy"
+        );
+        assert_eq!(bad(Some("store,"), None, None, None, None, None), "groupBy");
+        assert_eq!(
+            bad(None, Some("sumSales,,avgSales"), None, None, None, None),
+            "metrics"
+        );
+        assert_eq!(bad(None, None, None, None, Some(""), None), "orderBy");
+        assert_eq!(bad(None, None, None, None, Some(" , "), None), "orderBy");
+        assert_eq!(
+            bad(None, None, None, None, Some("store,,"), None),
             "orderBy"
         );
         let s = Summary::parse(

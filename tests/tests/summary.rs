@@ -367,6 +367,12 @@ async fn bad_input_scope_and_cache() {
         ),
         ("orderBy=sumSales", "orderBy"),
         ("orderBy=month", "orderBy"),
+        // A list names something in every place; a given order, a key
+        // (both were read as the names around the gap, or as no order).
+        ("groupBy=store,,region", "groupBy"),
+        ("groupBy=store,", "groupBy"),
+        ("metrics=sumSales,,avgSales", "metrics"),
+        ("orderBy=", "orderBy"),
     ] {
         let (st, body) = f.admin.get(&format!("/api/v2/sales/summary?{q}")).await;
         assert_eq!(st, 400, "{q}: {body}");

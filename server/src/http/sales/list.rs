@@ -47,9 +47,15 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
             "names no key (leave the parameter out for the default, storeId,year,month)",
         ));
     }
+    if let Some(r) = raw.filter(|r| r.split(',').any(|p| p.trim().is_empty())) {
+        return Err(ApiError::bad_param(
+            "sort",
+            format!("{r:?} has an empty key between commas"),
+        ));
+    }
     let raw = raw.unwrap_or("storeId,year,month");
     let mut keys: Vec<SortKey> = Vec::new();
-    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in raw.split(',').map(str::trim) {
         let (desc, name) = match part.strip_prefix('-') {
             Some(n) => (true, n),
             None => (false, part.strip_prefix('+').unwrap_or(part)),
@@ -438,6 +444,8 @@ mod tests {
         assert_eq!(sort_spec(&k), "-year,-month,storeId,id");
         assert!(parse_sort(Some("name")).is_err());
         assert!(parse_sort(Some("year,-year")).is_err());
+        assert!(parse_sort(Some("year,,month")).is_err());
+        assert!(parse_sort(Some("year,")).is_err());
         // A key that `period` holds too is named with what period is.
         let twice = |raw| format!("{:?}", parse_sort(Some(raw)).unwrap_err());
         assert!(twice("year,-period").contains("year given twice (period is year, month)"));
