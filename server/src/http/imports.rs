@@ -203,7 +203,8 @@ pub struct JobStatus {
     pub started_at: Option<String>,
     pub updated_at: String,
     pub finished_at: Option<String>,
-    /// The first rejected rows, by line.
+    /// The first rejected rows, by line (in the list of jobs: none; every rejected row
+    /// counts in `errorsOmitted`, read them from the job itself).
     pub errors: Vec<RowError>,
     /// Rejected rows not listed.
     pub errors_omitted: i64,
@@ -211,6 +212,8 @@ pub struct JobStatus {
 
 #[derive(Object, Debug)]
 pub struct JobList {
+    /// The jobs without their rejected rows (`errors` empty, all counted in
+    /// `errorsOmitted`): `GET /api/v2/imports/{id}` lists them.
     pub data: Vec<JobStatus>,
 }
 

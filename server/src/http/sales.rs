@@ -201,6 +201,7 @@ impl SalesApi {
         #[oai(name = "compareTo")]
         compare_to: Query<Option<String>>,
         /// Only the first N groups (1..1000) by `orderBy` (default: the first metric, largest first).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         top: Query<Option<i64>>,
         /// Comma-separated, `-` for descending: a groupBy dimension, a metric, or
         /// `<metric>ChangePct` (with compareTo). Ties by the dimensions.

@@ -334,7 +334,44 @@ pub struct SummaryChange {
 #[oai(rename_all = "camelCase")]
 pub struct SummaryPage {
     pub data: Vec<SummaryRow>,
-    pub meta: Value,
+    pub meta: SummaryMeta,
+}
+
+/// What a summary was asked for and how many groups it found.
+#[derive(Object, Debug)]
+#[oai(rename_all = "camelCase")]
+pub struct SummaryMeta {
+    /// The dimensions grouped by, in order.
+    pub group_by: Vec<String>,
+    /// The metrics of each group, in order.
+    pub metrics: Vec<String>,
+    /// The filters `year`, `month`, `from` and `to` (`YYYY-MM`), null when not given.
+    pub year: Option<i32>,
+    pub month: Option<i32>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// The span of months the filters select; null when they select none (no period
+    /// filter, or a month of every year).
+    pub period: Option<SummarySpan>,
+    /// `previousYear` or `previousPeriod`, null without a comparison.
+    pub compare_to: Option<String>,
+    /// The span compared with, null without a comparison.
+    pub compared_period: Option<SummarySpan>,
+    /// `top` as given, null when not given.
+    pub top: Option<i64>,
+    /// Groups found, before `top` or the most a summary returns.
+    pub groups: i64,
+    /// Whether groups were left out.
+    pub truncated: bool,
+}
+
+/// A span of months, both ends included.
+#[derive(Object, Debug)]
+pub struct SummarySpan {
+    /// First month, `YYYY-MM`.
+    pub from: String,
+    /// Last month, `YYYY-MM`.
+    pub to: String,
 }
 
 #[derive(ApiResponse)]
