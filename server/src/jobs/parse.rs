@@ -955,6 +955,14 @@ fn metric(raw: &str, k: usize, decimal_comma: bool) -> Result<Option<String>, St
         raw.to_string()
     };
     let Ok(n) = Decimal::read(&text, false) else {
+        // Read as JSON reads it (NDJSON takes `1e3`), it is a number: say
+        // what a CSV cell wants instead.
+        if Decimal::read(&text, true).is_ok() {
+            return Err(format!(
+                "{} has an exponent; write the number in plain digits (1000, not 1e3)",
+                shown(raw)
+            ));
+        }
         return Err(format!("{} is not a number", shown(raw)));
     };
     n.check(k)?;
@@ -2049,7 +2057,11 @@ mod tests {
         assert_eq!(m("-0.00", 1), Ok(Some("-0.00".into())));
         assert_eq!(m("-0.01", 0), Err("must not be negative".into()));
         assert_eq!(m(".5", 0), Ok(Some(".5".into())));
-        assert!(m("1e3", 0).unwrap_err().contains("not a number"));
+        // Not in a CSV cell, and said so (NDJSON takes it).
+        assert!(m("1e3", 0)
+            .unwrap_err()
+            .contains("has an exponent; write the number in plain digits"));
+        assert!(m("1,5e2", 0).unwrap_err().contains("not a number"));
         assert!(m("NaN", 0).unwrap_err().contains("not a number"));
         let tiny = format!("0.{}1", "0".repeat(20_000));
         assert!(m(&tiny, 0)
