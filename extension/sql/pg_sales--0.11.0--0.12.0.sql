@@ -675,3 +675,9 @@ BEGIN
     END IF;
     RETURN array_to_string(cols, ', ');
 END $$;
+
+-- A metric array given as NULL is that metric not reported on any row
+-- (STRICT made one NULL metric array turn the whole result NULL); a NULL
+-- key array is refused naming it.
+ALTER FUNCTION sales.day_records(bigint[], integer[], integer[], integer[], numeric[], numeric[], numeric[])
+    CALLED ON NULL INPUT;

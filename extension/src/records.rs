@@ -17,22 +17,39 @@ use std::ffi::CStr;
 /// in the order given. `dailyData` has a member per day, from that day's
 /// last row, holding the metrics that are not NULL (NaN and ±Infinity as
 /// strings, as `jsonb_build_object` writes them, which `batch_upsert`
-/// refuses like any non-numeric value). Arrays of different
-/// lengths, or a NULL store, year, month or day, raise SQLSTATE 22023.
-/// Nothing is validated here beyond that: `batch_upsert` validates the
-/// records as it does any others.
+/// refuses like any non-numeric value). A metric array given as NULL is
+/// that metric not reported on any row. Arrays of different lengths, a
+/// NULL key array, or a NULL store, year, month or day, raise SQLSTATE
+/// 22023 (the function was STRICT: one NULL metric array made the whole
+/// result NULL, silently). Nothing is validated here beyond that:
+/// `batch_upsert` validates the records as it does any others.
 #[pg_extern(immutable, parallel_safe)]
 fn day_records(
-    store_ids: Vec<Option<i64>>,
-    years: Vec<Option<i32>>,
-    months: Vec<Option<i32>>,
-    days: Vec<Option<i32>>,
-    sales: NumericArray,
-    customers: NumericArray,
-    transactions: NumericArray,
+    store_ids: Option<Vec<Option<i64>>>,
+    years: Option<Vec<Option<i32>>>,
+    months: Option<Vec<Option<i32>>>,
+    days: Option<Vec<Option<i32>>>,
+    sales: Option<NumericArray>,
+    customers: Option<NumericArray>,
+    transactions: Option<NumericArray>,
 ) -> JsonbDatum {
-    let (sales, customers, transactions) = (sales.0, customers.0, transactions.0);
+    fn given<T>(v: Option<T>, name: &str) -> T {
+        v.unwrap_or_else(|| {
+            SalesError::InvalidParameter(format!(
+                "day_records: {name} is NULL (give an array of one per row)"
+            ))
+            .raise()
+        })
+    }
+    let store_ids = given(store_ids, "store_ids");
+    let (years, months, days) = (
+        given(years, "years"),
+        given(months, "months"),
+        given(days, "days"),
+    );
     let n = store_ids.len();
+    let metric = |a: Option<NumericArray>| a.map_or_else(|| vec![None; n], |a| a.0);
+    let (sales, customers, transactions) = (metric(sales), metric(customers), metric(transactions));
     for (name, len) in [
         ("years", years.len()),
         ("months", months.len()),

@@ -123,7 +123,11 @@ SELECT plain.j::text = fold.j::text AS same_records, jsonb_array_length(fold.j) 
 SELECT sales.day_records('{101}', '{2024}', '{1}', '{1}', '{NaN}', '{Infinity}', '{-Infinity}');
 SELECT jsonb_path_query(sales.batch_upsert_impl(
     sales.day_records('{101}', '{2024}', '{1}', '{1}', '{NaN}', '{1}', '{1}')), '$.errors') AS nan_refused;
-SELECT sales.day_records(NULL, '{}', '{}', '{}', '{}', '{}', '{}') IS NULL AS strict;
+-- A NULL metric array is that metric not reported; a NULL key array is refused.
+SELECT sales.day_records('{1,1}', '{2024,2024}', '{1,1}', '{1,2}', '{5,6}', NULL, NULL);
+SELECT sales.day_records('{1}', '{2024}', '{1}', '{1}', NULL, NULL, NULL);
+SELECT pg_temp.err($$SELECT sales.day_records(NULL, '{}', '{}', '{}', '{}', '{}', '{}')$$);
+SELECT pg_temp.err($$SELECT sales.day_records('{1}', '{2024}', '{1}', NULL, '{1}', '{1}', '{1}')$$);
 SELECT pg_temp.err($$SELECT sales.day_records('{1,1}', '{2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
 SELECT pg_temp.err($$SELECT sales.day_records('{1,NULL}', '{2024,2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
 SELECT pg_temp.err($$SELECT sales.day_records('{1}', '{2024}', '{1}', '{NULL}', '{1}', '{1}', '{1}')$$);
