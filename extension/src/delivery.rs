@@ -96,6 +96,10 @@ thread_local! {
     /// Whether a subtransaction of this event-writing transaction rolled
     /// back (so a row noted above may be gone).
     static SUB_ABORTED: Cell<bool> = const { Cell::new(false) };
+    /// The subtransaction that took the first `seq` (or, once it was
+    /// released, the one it was released into): when it rolls back, every
+    /// event of the transaction goes with it, and so does the registration.
+    static FIRST_SUB: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
     /// Whether this backend has raised the clock to its database's log.
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
     /// The commit NOTIFY's statement, planned once per backend.
@@ -298,6 +302,7 @@ pub fn next_seq() -> i64 {
         let seq = s.clock.fetch_add(1, Ordering::SeqCst) + 1;
         slot.first_seq.store(seq, Ordering::SeqCst);
         FIRST_SEQ.set(seq);
+        FIRST_SUB.set(unsafe { pg_sys::GetCurrentSubTransactionId() });
         seq
     } else {
         s.clock.fetch_add(1, Ordering::SeqCst) + 1
@@ -323,17 +328,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         | XACT_EVENT_PARALLEL_ABORT => {
             // Runs after the commit is visible to new snapshots: a reader
             // that sees the slot gone also sees the transaction's events.
-            FIRST_SEQ.set(0);
-            LAST_SEQ.set(0);
-            KNOWN_EVENT.set((0, 0));
-            SUB_ABORTED.set(false);
-            let s = unsafe { &*SHARED };
-            let db = my_db();
-            let i = my_slot_index(s);
-            unsafe { (*slots(s).add(i)).first_seq.store(0, Ordering::SeqCst) };
-            let entry = generation_entry(s, db);
-            entry.generation.fetch_add(1, Ordering::AcqRel);
-            unsafe { pg_sys::ConditionVariableBroadcast(&raw const entry.cv as *mut _) };
+            leave();
         }
         XACT_EVENT_PRE_COMMIT => notify_at_commit(),
         XACT_EVENT_PRE_PREPARE => {
@@ -348,6 +343,24 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+/// Ends this backend's registration: the transaction ended, or every
+/// event it wrote was rolled back with a subtransaction. Readers waiting
+/// for it wake.
+fn leave() {
+    FIRST_SEQ.set(0);
+    LAST_SEQ.set(0);
+    KNOWN_EVENT.set((0, 0));
+    SUB_ABORTED.set(false);
+    FIRST_SUB.set(0);
+    let s = unsafe { &*SHARED };
+    let db = my_db();
+    let i = my_slot_index(s);
+    unsafe { (*slots(s).add(i)).first_seq.store(0, Ordering::SeqCst) };
+    let entry = generation_entry(s, db);
+    entry.generation.fetch_add(1, Ordering::AcqRel);
+    unsafe { pg_sys::ConditionVariableBroadcast(&raw const entry.cv as *mut _) };
+}
+
 /// Remembers the event row the sales trigger just wrote, so the commit's
 /// NOTIFY can name it without a lookup.
 pub fn note_event(id: i64, seq: i64) {
@@ -357,12 +370,25 @@ pub fn note_event(id: i64, seq: i64) {
 #[pg_guard]
 unsafe extern "C-unwind" fn subxact_callback(
     event: pg_sys::SubXactEvent::Type,
-    _mine: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
+    mine: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
     _arg: *mut c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && FIRST_SEQ.get() != 0 {
-        SUB_ABORTED.set(true);
+    if FIRST_SEQ.get() == 0 {
+        return;
+    }
+    match event {
+        // Its events now belong to the parent.
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB if mine == FIRST_SUB.get() => {
+            FIRST_SUB.set(parent)
+        }
+        // The first event went with it, and every later one too (written
+        // in it, or in subtransactions of it, which end first): nothing of
+        // the transaction can commit any more, so it holds nothing back
+        // (it held every later event back until it ended).
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB if mine == FIRST_SUB.get() => leave(),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => SUB_ABORTED.set(true),
+        _ => {}
     }
 }
 

@@ -2401,3 +2401,91 @@ async fn an_equal_value_written_with_another_scale_changes_nothing() {
     .unwrap();
     assert_eq!(v1, r#"{"1": {"sales": 10.5}}"#);
 }
+
+/// A transaction whose every event went with a rolled-back savepoint holds
+/// delivery back no longer: its registration goes with them (it held every
+/// later event of the database back until it ended). One whose first event
+/// survives (released into the transaction before another savepoint rolls
+/// back) still holds it while it runs.
+#[tokio::test]
+async fn a_savepoint_that_takes_every_event_back_stops_holding_delivery() {
+    async fn run(c: &mut sqlx::PgConnection, q: &str) {
+        sqlx::query(q).execute(c).await.unwrap();
+    }
+    let db = TestDb::new().await;
+    let s = db.stores(2).await;
+    let holders = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sales.event_holders()")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let insert = "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data) \
+                  VALUES ($1, 2024, $2, '{\"1\": {\"sales\": 1}}')";
+    let mut a = db.connect().await;
+    run(&mut a, "BEGIN").await;
+    run(&mut a, "SAVEPOINT one").await;
+    sqlx::query(insert)
+        .bind(s[0])
+        .bind(1)
+        .execute(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(holders().await, 1, "an event written: delivery held");
+    run(&mut a, "ROLLBACK TO SAVEPOINT one").await;
+    assert_eq!(holders().await, 0, "every event rolled back: nothing held");
+    let first: Option<i64> = sqlx::query_scalar("SELECT sales.transaction_first_seq()")
+        .fetch_one(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(first, None);
+
+    // Another transaction's event is delivered while this one stays open.
+    let before = max_event(&db).await;
+    let other = upsert_ok(&db, &json!([record(s[1], 2024, 1, days(1, 1, 1.0, 1))])).await;
+    let other = other["eventId"].as_i64().unwrap();
+    let got: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events_next($1, 1000, 30000)")
+        .bind(before)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.last(),
+        Some(&other),
+        "delivered while the transaction is open: {got:?}"
+    );
+
+    // An event released into the transaction survives a later savepoint's
+    // rollback, and so does the hold.
+    run(&mut a, "SAVEPOINT two").await;
+    sqlx::query(insert)
+        .bind(s[0])
+        .bind(2)
+        .execute(&mut a)
+        .await
+        .unwrap();
+    run(&mut a, "RELEASE SAVEPOINT two").await;
+    run(&mut a, "SAVEPOINT three").await;
+    sqlx::query(insert)
+        .bind(s[0])
+        .bind(3)
+        .execute(&mut a)
+        .await
+        .unwrap();
+    run(&mut a, "ROLLBACK TO SAVEPOINT three").await;
+    assert_eq!(
+        holders().await,
+        1,
+        "the released event still holds delivery"
+    );
+    run(&mut a, "COMMIT").await;
+    assert_eq!(holders().await, 0);
+    let months: Vec<i32> = sqlx::query_scalar(
+        "SELECT (payload->>'month')::int FROM sales.events WHERE id > $1 AND kind = 'sales-data-created' ORDER BY id",
+    )
+    .bind(other)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(months, vec![2], "the released event, committed");
+}
