@@ -113,7 +113,9 @@ fn kept_plan<'c>(
 /// and the foreign key then failed the whole statement: a best-effort
 /// batch lost its valid records too. An atomic batch fails whole either
 /// way, so it takes no lock (a locked row is a WAL record and a dirtied
-/// page of `sales.stores` per store and batch).
+/// page of `sales.stores` per store and batch). The lock is taken as the
+/// tables' owner, as the foreign key's own check runs: a lock needs UPDATE
+/// on the table, which a writer of sales rows need not have.
 fn existing_stores(client: &mut SpiClient<'_>, ids: Vec<i64>, keep: bool) -> HashSet<i64> {
     if ids.is_empty() {
         return HashSet::new();
@@ -131,16 +133,18 @@ fn existing_stores(client: &mut SpiClient<'_>, ids: Vec<i64>, keep: bool) -> Has
             .collect()
     };
     if keep {
-        STORES_KEPT_PLAN.with(|cell| {
-            let plan = kept_plan(
-                cell,
-                client,
-                "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM (
-                     SELECT id FROM sales.stores WHERE id = ANY($1) ORDER BY id FOR KEY SHARE) s",
-                PgBuiltInOids::INT8ARRAYOID,
-                true,
-            );
-            found(client, plan)
+        crate::events::as_log_owner(|| {
+            STORES_KEPT_PLAN.with(|cell| {
+                let plan = kept_plan(
+                    cell,
+                    client,
+                    "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM (
+                         SELECT id FROM sales.stores WHERE id = ANY($1) ORDER BY id FOR KEY SHARE) s",
+                    PgBuiltInOids::INT8ARRAYOID,
+                    true,
+                );
+                found(client, plan)
+            })
         })
     } else {
         STORES_PLAN.with(|cell| {

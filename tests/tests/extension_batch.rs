@@ -1510,3 +1510,47 @@ async fn parse_json_hands_long_texts_to_jsonb_input() {
         assert!(same, "{n} elements");
     }
 }
+
+/// A best-effort batch locks its stores as the tables' owner (a lock needs
+/// UPDATE on `sales.stores`): a role that may write sales rows and only read
+/// stores writes one, as it did before the lock.
+#[tokio::test]
+async fn a_best_effort_batch_needs_no_right_to_change_stores() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let role = format!("pgs_rows_{}", rand::random::<u32>());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role}; GRANT USAGE ON SCHEMA sales TO {role};
+         GRANT SELECT, INSERT, UPDATE ON sales.monthly_sales TO {role};
+         GRANT SELECT ON sales.stores TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA sales TO {role}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1, 'merge', false)")
+        .bind(json!([
+            record(s, 2024, 1, days(1, 2, 1.0, 1)),
+            record(424_242, 2024, 1, days(1, 2, 1.0, 1)),
+        ]))
+        .fetch_one(&mut *tx)
+        .await
+        .expect("a writer of sales rows, best effort");
+    assert_eq!(
+        (r["inserted"].as_i64(), r["failed"].as_i64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
+    tx.commit().await.unwrap();
+    drop(conn);
+    sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
