@@ -272,9 +272,19 @@ struct Inner {
     /// once would otherwise be replayed under its old scope). An event that
     /// lied only refuses tokens, and only until the read-back or the hold.
     pending: HashMap<i64, (i64, Revoked, i64)>,
+    /// Counts changes to users' state; `touched` says when each user's
+    /// last changed (see [`Revocations::read_back`]).
+    epoch: u64,
+    touched: HashMap<i64, u64>,
 }
 
 impl Inner {
+    fn touch(&mut self, id: i64) {
+        self.epoch += 1;
+        let e = self.epoch;
+        self.touched.insert(id, e);
+    }
+
     /// `user` no longer holds `identity`.
     fn unclaim(&mut self, identity: &Identity, user: i64) {
         if let Some(users) = self.by_identity.get_mut(identity) {
@@ -390,6 +400,7 @@ impl Revocations {
     /// already) changes nothing.
     pub fn mark_disabled(&self, id: i64, generation: i64) {
         let mut inner = self.write();
+        inner.touch(id);
         match inner.users.get_mut(&id) {
             Some(u) if u.generation > generation => {}
             Some(u) => u.disabled = true,
@@ -413,6 +424,7 @@ impl Revocations {
     /// epoch).
     pub fn hold_generation(&self, id: i64, generation: i64, why: Revoked, until: i64) {
         let mut inner = self.write();
+        inner.touch(id);
         let keep = inner
             .pending
             .get(&id)
@@ -425,7 +437,9 @@ impl Revocations {
     /// Forgets a deletion applied from a relayed event that the database
     /// then did not bear out (the user is there: ids are never reused).
     pub fn undelete(&self, id: i64) {
-        self.write().deleted.remove(&id);
+        let mut inner = self.write();
+        inner.touch(id);
+        inner.deleted.remove(&id);
     }
 
     /// Applies a change; a user's state only moves forward (events may be
@@ -433,6 +447,14 @@ impl Revocations {
     pub fn apply(&self, c: &Change) {
         let now = chrono::Utc::now().timestamp();
         let mut inner = self.write();
+        Self::apply_to(&mut inner, c, now);
+        Self::forget_past(&mut inner, now);
+    }
+
+    fn apply_to(inner: &mut Inner, c: &Change, now: i64) {
+        if let Change::User { id, .. } | Change::Deleted { id, .. } = c {
+            inner.touch(*id);
+        }
         match c {
             Change::User {
                 id,
@@ -491,7 +513,10 @@ impl Revocations {
                 }
             }
         }
-        // Forget what can no longer matter.
+    }
+
+    /// Forgets what can no longer matter.
+    fn forget_past(inner: &mut Inner, now: i64) {
         if inner.sessions.len() + inner.deleted.len() > 1024 {
             inner.sessions.retain(|_, u| *u > now);
             inner.deleted.retain(|_, u| *u > now);
@@ -502,52 +527,115 @@ impl Revocations {
     /// within `token_lifetime` seconds (older ones can have no valid token
     /// left). Prunes older tombstones.
     pub async fn load(&self, pool: &sqlx::PgPool, token_lifetime: i64) -> Result<(), sqlx::Error> {
-        let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
-        let users: Vec<UserRow> = sqlx::query_as(USER_ACCESS_SQL).fetch_all(pool).await?;
-        let tombstone = tombstone_keep(token_lifetime);
-        sqlx::query(
-            "DELETE FROM auth.deleted_users WHERE deleted_at < now() - make_interval(secs => $1)",
-        )
-        .bind(tombstone as f64)
-        .execute(pool)
-        .await?;
-        let deleted: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT user_id, extract(epoch FROM deleted_at)::bigint + $1 FROM auth.deleted_users",
-        )
-        .bind(tombstone)
-        .fetch_all(pool)
-        .await?;
-        // Revoked sessions whose tokens may still be presented (see
-        // `session_refused_until`).
-        let sessions: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
-            "SELECT id::text, user_id, {until} FROM auth.sessions
-             WHERE revoked_at IS NOT NULL AND {until} > extract(epoch FROM now())",
-            until = session_refused_until("$1", "$2")
-        ))
-        .bind(keep)
-        .bind(crate::auth::LEEWAY_SECS as i64)
-        .fetch_all(pool)
-        .await?;
-        for row in users {
+        let state = read_state(pool, token_lifetime).await?;
+        self.apply_state(state, None);
+        Ok(())
+    }
+
+    /// As [`Self::load`], while events are applied meanwhile (announcements
+    /// were missed): a user whose state this instance changed after the
+    /// read began (a relayed event's disable or held generation, another
+    /// read-back) keeps it, since the rows read may be older than that
+    /// change; their own read-back follows. A user whose generation and
+    /// disabled flag are as known keeps why they were last refused.
+    pub async fn read_back(
+        &self,
+        pool: &sqlx::PgPool,
+        token_lifetime: i64,
+    ) -> Result<(), sqlx::Error> {
+        let since = self.read().epoch;
+        let state = read_state(pool, token_lifetime).await?;
+        self.apply_state(state, Some(since));
+        Ok(())
+    }
+
+    fn apply_state(&self, state: State, since: Option<u64>) {
+        let now = chrono::Utc::now().timestamp();
+        let mut inner = self.write();
+        for row in state.users {
+            if let Some(since) = since {
+                if inner.touched.get(&row.0).is_some_and(|t| *t > since) {
+                    continue;
+                }
+                let identity = row
+                    .4
+                    .clone()
+                    .zip(row.5.clone())
+                    .map(|(issuer, subject)| Identity { issuer, subject });
+                let same = inner.users.get(&row.0).is_some_and(|u| {
+                    u.generation == row.2
+                        && u.disabled == row.3
+                        && u.email == row.1
+                        && u.identity == identity
+                });
+                if same {
+                    continue;
+                }
+            }
             let why = if row.3 {
                 Revoked::Disabled
             } else {
                 Revoked::AccessChanged
             };
-            self.apply(&user_change(row, why));
+            Self::apply_to(&mut inner, &user_change(row, why), now);
         }
-        for (id, until) in deleted {
-            self.apply(&Change::Deleted { id, until });
+        for (id, until) in state.deleted {
+            Self::apply_to(&mut inner, &Change::Deleted { id, until }, now);
         }
-        for (session, user, until) in sessions {
-            self.apply(&Change::Session {
-                user,
-                session,
-                until,
-            });
+        for (session, user, until) in state.sessions {
+            Self::apply_to(
+                &mut inner,
+                &Change::Session {
+                    user,
+                    session,
+                    until,
+                },
+                now,
+            );
         }
-        Ok(())
+        Self::forget_past(&mut inner, now);
     }
+}
+
+/// What [`Revocations::load`] reads.
+struct State {
+    users: Vec<UserRow>,
+    deleted: Vec<(i64, i64)>,
+    sessions: Vec<(String, i64, i64)>,
+}
+
+async fn read_state(pool: &sqlx::PgPool, token_lifetime: i64) -> Result<State, sqlx::Error> {
+    let keep = token_lifetime + crate::auth::LEEWAY_SECS as i64;
+    let users: Vec<UserRow> = sqlx::query_as(USER_ACCESS_SQL).fetch_all(pool).await?;
+    let tombstone = tombstone_keep(token_lifetime);
+    sqlx::query(
+        "DELETE FROM auth.deleted_users WHERE deleted_at < now() - make_interval(secs => $1)",
+    )
+    .bind(tombstone as f64)
+    .execute(pool)
+    .await?;
+    let deleted: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT user_id, extract(epoch FROM deleted_at)::bigint + $1 FROM auth.deleted_users",
+    )
+    .bind(tombstone)
+    .fetch_all(pool)
+    .await?;
+    // Revoked sessions whose tokens may still be presented (see
+    // `session_refused_until`).
+    let sessions: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT id::text, user_id, {until} FROM auth.sessions
+         WHERE revoked_at IS NOT NULL AND {until} > extract(epoch FROM now())",
+        until = session_refused_until("$1", "$2")
+    ))
+    .bind(keep)
+    .bind(crate::auth::LEEWAY_SECS as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(State {
+        users,
+        deleted,
+        sessions,
+    })
 }
 
 /// Until when (Unix seconds) a revoked session's tokens are refused: the
@@ -602,6 +690,61 @@ mod tests {
             why,
             identity: None,
         }
+    }
+
+    /// A read-back of everyone leaves alone the users this instance changed
+    /// after it began (their rows may be older than that change), and keeps
+    /// why a user was last refused when nothing about them moved.
+    #[test]
+    fn a_read_back_leaves_users_changed_since_it_began() {
+        let r = Revocations::default();
+        r.apply(&user(1, 3, false, Revoked::AccessChanged));
+        r.apply(&user(2, 3, false, Revoked::PasswordChanged));
+        r.apply(&user(3, 3, false, Revoked::AccessChanged));
+        let since = r.read().epoch;
+        // While the rows are read: a relayed disable of user 1 (generation
+        // 4) and a held generation of user 3.
+        r.mark_disabled(1, 4);
+        let far = chrono::Utc::now().timestamp() + 600;
+        r.hold_generation(3, 4, Revoked::AccessChanged, far);
+        let row = |id: i64, generation: i64| -> UserRow {
+            (id, format!("u{id}@x.io"), generation, false, None, None)
+        };
+        r.apply_state(
+            State {
+                users: vec![row(1, 3), row(2, 3), row(3, 3), row(4, 7)],
+                deleted: vec![],
+                sessions: vec![],
+            },
+            Some(since),
+        );
+        assert_eq!(
+            r.check(&principal(1, 3, None)),
+            Err(Revoked::Disabled),
+            "the disable stands over the older row"
+        );
+        assert_eq!(
+            r.check(&principal(3, 3, None)),
+            Err(Revoked::AccessChanged),
+            "the held generation stands"
+        );
+        assert_eq!(
+            r.check(&principal(2, 2, None)),
+            Err(Revoked::PasswordChanged),
+            "why is kept when nothing moved"
+        );
+        assert_eq!(r.check(&principal(4, 6, None)), Err(Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(4, 7, None)), Ok(()), "a new user read");
+        // The start-up load applies every row.
+        r.apply_state(
+            State {
+                users: vec![row(1, 4)],
+                deleted: vec![],
+                sessions: vec![],
+            },
+            None,
+        );
+        assert_eq!(r.check(&principal(1, 4, None)), Ok(()));
     }
 
     #[test]

@@ -445,30 +445,19 @@ impl ImportsApi {
     #[oai(path = "/api/v2/imports/:id", method = "delete")]
     async fn cancel(&self, auth: BearerAuth, id: Path<i64>) -> ApiResult<CancelResponse> {
         let owner = (!auth.0.is_admin()).then_some(auth.0.user_id);
-        // A running batch is one transaction, holding its job's row to the
-        // end: a cancel would wait for it and change nothing.
-        let running_batch: Option<bool> = sqlx::query_scalar(
-            "SELECT kind = 'batch' AND state = 'running' FROM jobs.jobs
-             WHERE id = $1 AND ($2::bigint IS NULL OR user_id = $2)",
-        )
-        .bind(id.0)
-        .bind(owner)
-        .fetch_optional(&self.state.pool)
-        .await?;
-        if running_batch == Some(true) {
-            return Err(ApiError::conflict(
-                format!(
-                    "job {} is a batch that is running: it is written in one transaction, which cannot be stopped part way; it ends completed or failed (a queued batch can be cancelled)",
-                    id.0
-                ),
-                None,
-            ));
-        }
-        if crate::jobs::cancel(&self.state.pool, id.0, owner)
-            .await?
-            .is_none()
-        {
-            return Err(ApiError::not_found(format!("no job {}", id.0)));
+        match crate::jobs::cancel(&self.state.pool, id.0, owner).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(ApiError::not_found(format!("no job {}", id.0))),
+            Err(crate::jobs::CancelError::RunningBatch) => {
+                return Err(ApiError::conflict(
+                    format!(
+                        "job {} is a batch that is running: it is written in one transaction, which cannot be stopped part way; it ends completed or failed (a queued batch can be cancelled)",
+                        id.0
+                    ),
+                    None,
+                ))
+            }
+            Err(crate::jobs::CancelError::Db(e)) => return Err(e.into()),
         }
         match crate::jobs::status(&self.state.pool, id.0, owner).await? {
             Some(doc) => Ok(CancelResponse::Ok(RawJson::new(doc.to_string()))),

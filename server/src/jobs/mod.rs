@@ -309,6 +309,16 @@ async fn release_with(
     Ok(())
 }
 
+/// Why a cancel was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// A batch is running: one transaction, it cannot be stopped part way.
+    #[error("the batch is running")]
+    RunningBatch,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
 /// Requests cancellation. A queued job is cancelled at once (and announced:
 /// its `import-completed`, state `cancelled`); a running one stops before
 /// its next chunk. Returns the state after the request, or None when no
@@ -317,8 +327,32 @@ pub async fn cancel(
     pool: &PgPool,
     id: i64,
     user: Option<i64>,
-) -> Result<Option<String>, sqlx::Error> {
+) -> Result<Option<String>, CancelError> {
     let mut tx = pool.begin().await?;
+    // A batch runs in one transaction that holds its job's row to the end:
+    // waiting for the row would wait for the whole batch, to change
+    // nothing. Its row held means it runs; a batch whose worker is gone
+    // (its row free, `running` until it is claimed again) is cancelled as
+    // any job is.
+    let kind: Option<String> = sqlx::query_scalar(
+        "SELECT kind FROM jobs.jobs WHERE id = $1 AND ($2::bigint IS NULL OR user_id = $2)",
+    )
+    .bind(id)
+    .bind(user)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if kind.as_deref() == Some("batch") {
+        if let Err(e) = sqlx::query("SELECT 1 FROM jobs.jobs WHERE id = $1 FOR UPDATE NOWAIT")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+        {
+            if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03") {
+                return Err(CancelError::RunningBatch);
+            }
+            return Err(e.into());
+        }
+    }
     let row: Option<(String, Option<i64>, Option<Value>)> = sqlx::query_as(&format!(
         "WITH old AS (
              SELECT id AS old_id, state AS was FROM jobs.jobs

@@ -68,12 +68,28 @@ impl Revoking {
         let (hints, mut hints_rx) = tokio::sync::mpsc::channel::<Claim>(HINTS_QUEUED);
         let (h, a) = (hub.clone(), access.clone());
         let read_back_all = Arc::new(tokio::sync::Notify::new());
-        let everyone = read_back_all.clone();
+        {
+            // Everyone's access read back, at most once a second, in a task
+            // of its own: relayed revocations are not held up meanwhile.
+            let (h, a, pool, everyone) = (
+                hub.clone(),
+                access.clone(),
+                pool.clone(),
+                read_back_all.clone(),
+            );
+            tokio::spawn(async move {
+                let mut last: Option<tokio::time::Instant> = None;
+                loop {
+                    everyone.notified().await;
+                    if let Some(t) = last {
+                        tokio::time::sleep_until(t + READ_BACK_ALL_EVERY).await;
+                    }
+                    last = Some(tokio::time::Instant::now());
+                    read_back_everyone(&h, &a, &pool, token_lifetime).await;
+                }
+            });
+        }
         tokio::spawn(async move {
-            // When everyone's access is to be read back next (asked for and
-            // not done yet), and when it last was.
-            let mut due: Option<tokio::time::Instant> = None;
-            let mut last_all: Option<tokio::time::Instant> = None;
             loop {
                 // Relayed events first: announcements are hints that their
                 // events follow anyway.
@@ -83,18 +99,6 @@ impl Revoking {
                         Some(c) => c,
                         None => break,
                     },
-                    _ = everyone.notified(), if due.is_none() => {
-                        let now = tokio::time::Instant::now();
-                        due = Some(last_all.map_or(now, |t| (t + READ_BACK_ALL_EVERY).max(now)));
-                        continue;
-                    }
-                    _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
-                        if due.is_some() => {
-                        due = None;
-                        last_all = Some(tokio::time::Instant::now());
-                        read_back_everyone(&h, &a, &pool, token_lifetime).await;
-                        continue;
-                    }
                     Some(c) = hints_rx.recv() => c,
                 };
                 let mut batch = vec![first];
@@ -246,11 +250,13 @@ async fn apply_verified(
     }
 }
 
-/// Reads every user's access back (what the start-up load reads) and
-/// closes the connections it now refuses: after announcements were missed,
-/// so that a change whose event an open transaction holds back in delivery
-/// order is applied anyway. A few tries over about three seconds; then the
-/// events, in delivery order, are what remains.
+/// Reads every user's access back (what the start-up load reads, leaving
+/// the users changed meanwhile to their own read-back: see
+/// [`Revocations::read_back`]) and closes the connections it now refuses:
+/// after announcements were missed, so that a change whose event an open
+/// transaction holds back in delivery order is applied anyway. A few tries
+/// over about three seconds; then the events, in delivery order, are what
+/// remains.
 async fn read_back_everyone(
     hub: &Hub,
     access: &Revocations,
@@ -259,7 +265,7 @@ async fn read_back_everyone(
 ) {
     let mut wait = std::time::Duration::from_millis(100);
     for attempt in 1..=5 {
-        match access.load(pool, token_lifetime).await {
+        match access.read_back(pool, token_lifetime).await {
             Ok(()) => {
                 let mut closed = 0;
                 for user in hub.connected_users() {

@@ -812,13 +812,13 @@ impl Hub {
         }
     }
 
-    /// Closes the connections of `user` for which `revoked` gives a close
-    /// code and reason (their token was revoked); returns how many.
     /// The users with an open connection.
     pub fn connected_users(&self) -> Vec<i64> {
         self.reg().users.keys().copied().collect()
     }
 
+    /// Closes the connections of `user` for which `revoked` gives a close
+    /// code and reason (their token was revoked); returns how many.
     pub fn close_user(
         &self,
         user: i64,
