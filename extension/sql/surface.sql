@@ -49,7 +49,9 @@ DECLARE
 BEGIN
     FOREACH part IN ARRAY string_to_array(coalesce(nullif(btrim(sort), ''), 'storeId,year,month'), ',') LOOP
         part := btrim(part);
-        CONTINUE WHEN part = '';
+        IF part = '' THEN
+            RAISE EXCEPTION 'sort: "%" has an empty key between commas', sort USING ERRCODE = '22023';
+        END IF;
         dir := CASE WHEN left(part, 1) = '-' THEN ' DESC' ELSE '' END;
         -- One sign at most; a key is its camelCase or exactly its snake_case
         -- spelling, as the API's (`store__id`, `_store_id`, `TotalSales`
@@ -71,7 +73,9 @@ BEGIN
             END IF;
             IF col = ANY (seen) THEN
                 RAISE EXCEPTION 'sort: % given twice%', k,
-                    CASE WHEN position('period' IN sort) > 0 THEN ' (period is year, month)' ELSE '' END
+                    CASE WHEN k IN ('year', 'month')
+                              AND 'period' = ANY (SELECT ltrim(btrim(p), '+-') FROM unnest(string_to_array(sort, ',')) p)
+                         THEN ' (period is year, month)' ELSE '' END
                     USING ERRCODE = '22023';
             END IF;
             seen := seen || col;

@@ -203,8 +203,9 @@ pub struct JobStatus {
     pub started_at: Option<String>,
     pub updated_at: String,
     pub finished_at: Option<String>,
-    /// The first rejected rows, by line (in the list of jobs: none; every rejected row
-    /// counts in `errorsOmitted`, read them from the job itself).
+    /// The first rejected rows, by line (in the list of jobs: none; an import's rejected
+    /// rows all count in `errorsOmitted` there, read them from the job itself; a batch's
+    /// refused records are in its `result`).
     pub errors: Vec<RowError>,
     /// Rejected rows not listed.
     pub errors_omitted: i64,
@@ -212,7 +213,7 @@ pub struct JobStatus {
 
 #[derive(Object, Debug)]
 pub struct JobList {
-    /// The jobs without their rejected rows (`errors` empty, all counted in
+    /// The jobs without their rejected rows (`errors` empty; an import's all counted in
     /// `errorsOmitted`): `GET /api/v2/imports/{id}` lists them.
     pub data: Vec<JobStatus>,
 }

@@ -78,7 +78,10 @@ pub fn parse_sort(raw: Option<&str>) -> ApiResult<Vec<SortKey>> {
                 ));
             };
             if keys.iter().any(|e| e.name == *k) {
-                let hint = if raw.contains("period") {
+                let by_period = raw
+                    .split(',')
+                    .any(|p| p.trim().trim_start_matches(['-', '+']) == "period");
+                let hint = if by_period && (*k == "year" || *k == "month") {
                     " (period is year, month)"
                 } else {
                     ""
@@ -450,6 +453,7 @@ mod tests {
         let twice = |raw| format!("{:?}", parse_sort(Some(raw)).unwrap_err());
         assert!(twice("year,-period").contains("year given twice (period is year, month)"));
         assert!(!twice("year,-year").contains("period"));
+        assert!(!twice("period,storeId,storeId").contains("period is"));
         assert_eq!(
             sort_spec(&parse_sort(None).unwrap()),
             "storeId,year,month,id"
