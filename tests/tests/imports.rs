@@ -1298,6 +1298,54 @@ async fn a_slow_upload_keeps_its_lease() {
     server.stop().await;
 }
 
+/// While a file uploads, its job shows the lines read so far as
+/// `rowsRead` (it said 0 until the upload ended).
+#[tokio::test]
+async fn an_upload_shows_the_lines_read_so_far() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let server = db.server(&[("JOB_LEASE", "2")]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    use chrono::Datelike;
+    let mut first = String::from("store_code,date,sales\n");
+    let mut day = chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap();
+    while day.year() == 2024 {
+        first.push_str(&format!("T001,{day},12345.67\n"));
+        day = day.succ_opt().unwrap();
+    }
+    // Past the first 8 KiB, which the upload reads before it parses.
+    assert!(first.len() > 8192);
+    // The rest of the body waits until the test has seen the progress.
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    use futures_util::StreamExt;
+    let parts = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(first.into_bytes())])
+        .chain(futures_util::stream::once(async move {
+            let _ = wait.await;
+            Ok::<_, std::io::Error>(b"T001,2025-01-02,6\n".to_vec())
+        }));
+    let upload = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            post_file(&api, "", "text/csv", reqwest::Body::wrap_stream(parts)).await
+        })
+    };
+    let id = eventually(WAIT, "the uploading job showing 366 lines read", || async {
+        let (_, list) = api.get("/api/v2/imports?limit=1").await;
+        let job = &list["data"][0];
+        (job["state"] == "uploading" && job["rowsRead"] == 366).then(|| job["id"].as_i64().unwrap())
+    })
+    .await;
+    let _ = go.send(());
+    let (status, body, _) = upload.await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["id"], id);
+    let doc = wait_job(&api, id, &["completed", "failed"]).await;
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert_eq!(doc["rowsRead"], 367, "{doc}");
+    server.stop().await;
+}
+
 /// A job whose user was disabled after queueing it is failed by the worker
 /// that takes it, not run: a real server's worker, a queued batch.
 #[tokio::test]

@@ -119,6 +119,9 @@ pub async fn stage<R: Read + Send + 'static>(
             .into_iter()
             .collect();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(2);
+    // Data lines read so far, for the job's `rowsRead` while it uploads.
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read_by_parser = read.clone();
     let requested = req.requested;
     let scope = req.scope.clone();
     let parser = tokio::task::spawn_blocking(move || {
@@ -241,6 +244,7 @@ pub async fn stage<R: Read + Send + 'static>(
                         return Err(gone());
                     }
                     lines += 1;
+                    read_by_parser.store(lines, std::sync::atomic::Ordering::Relaxed);
                     rejected_lines += u64::from(std::mem::take(&mut line_rejected));
                     if lines == 1 {
                         // The header passed: the job may be created.
@@ -284,7 +288,8 @@ pub async fn stage<R: Read + Send + 'static>(
                     None => break,
                 },
                 _ = renew.tick() => {
-                    if job.is_some() && !renew_upload(&mut conn, id, req.lease).await? {
+                    let so_far = read.load(std::sync::atomic::Ordering::Relaxed) as i64;
+                    if job.is_some() && !renew_upload(&mut conn, id, req.lease, so_far).await? {
                         cancelled = true;
                         break;
                     }
@@ -303,7 +308,8 @@ pub async fn stage<R: Read + Send + 'static>(
                 Msg::Rows(text, n) => {
                     copy_rows(&mut conn, text).await?;
                     rows += n as u64;
-                    if !renew_upload(&mut conn, id, req.lease).await? {
+                    let so_far = read.load(std::sync::atomic::Ordering::Relaxed) as i64;
+                    if !renew_upload(&mut conn, id, req.lease, so_far).await? {
                         cancelled = true;
                         break;
                     }
@@ -500,13 +506,18 @@ async fn renew_upload(
     conn: &mut PgConnection,
     id: i64,
     lease: Duration,
+    read: i64,
 ) -> Result<bool, sqlx::Error> {
+    // The lines read so far show as the job's `rowsRead` while it uploads
+    // (it was 0 until the upload ended).
     let renewed = sqlx::query(
-        "UPDATE jobs.jobs SET lease_until = now() + $2 * interval '1 millisecond', updated_at = now()
+        "UPDATE jobs.jobs SET lease_until = now() + $2 * interval '1 millisecond', updated_at = now(),
+                              rows_read = greatest(rows_read, $3)
          WHERE id = $1 AND state = 'uploading'",
     )
     .bind(id)
     .bind(lease.as_millis() as i64)
+    .bind(read)
     .execute(&mut *conn)
     .await?;
     Ok(renewed.rows_affected() > 0)
