@@ -337,6 +337,22 @@ async fn invalidation_by_sql_and_across_instances() {
     two.stop().await;
 }
 
+/// Waits until `path` is served from `api`'s instance's first level (a
+/// repeat counts a first-level hit), its value unchanged meanwhile.
+async fn cached_in_first_level(api: &Api, path: &str, round: usize) {
+    let before = total(&api.get(path).await.1);
+    eventually(
+        Duration::from_secs(10),
+        "a first-level hit on instance two",
+        || async {
+            let l1 = stats(api).await["l1Hits"].as_u64().unwrap();
+            assert_eq!(total(&api.get(path).await.1), before, "round {round}");
+            (stats(api).await["l1Hits"].as_u64().unwrap() > l1).then_some(())
+        },
+    )
+    .await;
+}
+
 /// An admin's clear through one instance reaches the other instances'
 /// first levels: a value changed where no event tells the relays (replica
 /// mode), then the cache cleared (all of it, or one tag) through instance
@@ -363,18 +379,7 @@ async fn a_clear_through_one_instance_empties_every_first_level() {
     .enumerate()
     {
         // Cached in instance two's first level: a repeat is a first-level hit.
-        let before = total(&a2.get(&path).await.1);
-        eventually(
-            Duration::from_secs(10),
-            "a first-level hit on instance two",
-            || async {
-                let l1 = stats(&a2).await["l1Hits"].as_u64().unwrap();
-                let (_, again) = a2.get(&path).await;
-                assert_eq!(total(&again), before, "round {round}");
-                (stats(&a2).await["l1Hits"].as_u64().unwrap() > l1).then_some(())
-            },
-        )
-        .await;
+        cached_in_first_level(&a2, &path, round).await;
         // Changed with no event for the relays to see.
         sqlx::raw_sql(&format!(
             "SET session_replication_role = replica;
@@ -435,17 +440,7 @@ async fn a_clear_missed_by_a_listener_that_was_away_empties_its_first_level() {
             )
             .await;
         }
-        let before = total(&a2.get(&path).await.1);
-        eventually(
-            Duration::from_secs(10),
-            "a first-level hit on instance two",
-            || async {
-                let l1 = stats(&a2).await["l1Hits"].as_u64().unwrap();
-                assert_eq!(total(&a2.get(&path).await.1), before, "round {round}");
-                (stats(&a2).await["l1Hits"].as_u64().unwrap() > l1).then_some(())
-            },
-        )
-        .await;
+        cached_in_first_level(&a2, &path, round).await;
         sqlx::raw_sql(&format!(
             "SET session_replication_role = replica;
              UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": {sales}}}}}',

@@ -981,30 +981,33 @@ fn lock_month(
     .bind(month)
 }
 
-/// Chunks merge side by side but commit in key order, and a chunk merged
-/// ahead of its turn does not keep its rows locked while it waits: a
-/// writer that holds a row of an earlier chunk and asks for one of a later
-/// chunk's would otherwise wait for ever, in a circle Postgres cannot see
-/// (earlier chunk → writer → later chunk → earlier chunk's commit).
-#[tokio::test]
-async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
-    let db = TestDb::new().await;
-    let store = store_with_two_months(&db).await;
+/// An import of two chunks (January and February 2024 of one store) while
+/// a writer holds January's row: January's chunk waits for the row,
+/// February's merges, waits for its turn and rolls back to wait without
+/// its rows. Returns once it has (the server, the admin's client, the
+/// writer's open transaction, the store and the job's id).
+async fn january_held(
+    db: &TestDb,
+) -> (
+    sales_e2e::RunningServer,
+    Api,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    i64,
+    i64,
+) {
+    let store = store_with_two_months(db).await;
     let server = db
         .server(&[("IMPORT_CHUNK_LINES", "1"), ("IMPORT_PARALLELISM", "2")])
         .await;
-    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let (_, token) = user_token(db, &server, "admin@x.test", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
     let retries_before = chunk_retries(&server).await;
-    // The writer holds January's row: the first chunk (January) waits for
-    // it, the second (February) merges and waits for its turn.
     let mut writer = db.pool.begin().await.unwrap();
     sqlx::query("SET LOCAL lock_timeout = '30s'")
         .execute(&mut *writer)
         .await
         .unwrap();
-    let lock = |month: i32| lock_month(store, month);
-    lock(1).execute(&mut *writer).await.unwrap();
+    lock_month(store, 1).execute(&mut *writer).await.unwrap();
     let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
     let (status, body, _) = post_file(&api, "", "text/csv", file).await;
     assert_eq!(status, 202, "{body}");
@@ -1015,8 +1018,20 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
         || async { (chunk_retries(&server).await > retries_before).then_some(()) },
     )
     .await;
+    (server, api, writer, store, id)
+}
+
+/// Chunks merge side by side but commit in key order, and a chunk merged
+/// ahead of its turn does not keep its rows locked while it waits: a
+/// writer that holds a row of an earlier chunk and asks for one of a later
+/// chunk's would otherwise wait for ever, in a circle Postgres cannot see
+/// (earlier chunk → writer → later chunk → earlier chunk's commit).
+#[tokio::test]
+async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
+    let db = TestDb::new().await;
+    let (server, api, mut writer, store, id) = january_held(&db).await;
     // February's row is free again: the writer takes it, and commits.
-    lock(2)
+    lock_month(store, 2)
         .execute(&mut *writer)
         .await
         .expect("February's row, while its merged chunk waits for its turn");
@@ -1048,28 +1063,7 @@ async fn a_chunk_waiting_for_its_turn_lets_go_of_its_rows() {
 #[tokio::test]
 async fn a_cancel_while_chunks_merge_writes_none_of_them() {
     let db = TestDb::new().await;
-    let store = store_with_two_months(&db).await;
-    let server = db
-        .server(&[("IMPORT_CHUNK_LINES", "1"), ("IMPORT_PARALLELISM", "2")])
-        .await;
-    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
-    let api = Api::new(&server, Some(&token));
-    let retries_before = chunk_retries(&server).await;
-    let mut writer = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL lock_timeout = '30s'")
-        .execute(&mut *writer)
-        .await
-        .unwrap();
-    lock_month(store, 1).execute(&mut *writer).await.unwrap();
-    let file = "store_code,date,sales\nT001,2024-01-05,10\nT001,2024-02-05,20\n";
-    let (status, body, _) = post_file(&api, "", "text/csv", file).await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["id"].as_i64().unwrap();
-    // February's chunk has merged and let go while January's waits.
-    eventually(WAIT, "February's chunk waiting for its turn", || async {
-        (chunk_retries(&server).await > retries_before).then_some(())
-    })
-    .await;
+    let (server, api, writer, _, id) = january_held(&db).await;
     let r = api
         .req(reqwest::Method::DELETE, &format!("/api/v2/imports/{id}"))
         .send()
