@@ -685,3 +685,26 @@ END $$;
 -- key array is refused naming it.
 ALTER FUNCTION sales.day_records(bigint[], integer[], integer[], integer[], numeric[], numeric[], numeric[])
     CALLED ON NULL INPUT;
+
+-- A daily after_key naming a day its month lacks (2023-02-29) is refused
+-- like any other malformed key, rather than read as the next day's start.
+CREATE OR REPLACE FUNCTION sales.export_key_arg(after_key text, daily boolean) RETURNS bigint[]
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE p text[];
+BEGIN
+    IF after_key IS NULL THEN
+        RETURN NULL;
+    END IF;
+    p := CASE WHEN daily THEN regexp_match(after_key, '^([0-9]{1,18}):([0-9]{4})-([0-9]{2})-([0-9]{2})$')
+              ELSE regexp_match(after_key, '^([0-9]{1,18}):([0-9]{4})-([0-9]{2})$') END;
+    -- A daily key's day must exist in its month (2024-02-30 is no row's key).
+    IF p IS NULL OR p[3]::int NOT BETWEEN 1 AND 12
+       OR (daily AND p[4]::int NOT BETWEEN 1 AND extract(day FROM
+               make_date(greatest(p[2]::int, 1), p[3]::int, 1) + interval '1 month' - interval '1 day')) THEN
+        RAISE EXCEPTION 'after_key: "%" is not a % row key like %', after_key,
+            CASE WHEN daily THEN 'daily' ELSE 'monthly' END,
+            CASE WHEN daily THEN '12:2024-03-05' ELSE '12:2024-03' END
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN ARRAY[p[1]::bigint, p[2]::bigint, p[3]::bigint, coalesce(p[4]::bigint, 0)];
+END $$;

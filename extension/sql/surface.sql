@@ -211,7 +211,10 @@ BEGIN
     END IF;
     p := CASE WHEN daily THEN regexp_match(after_key, '^([0-9]{1,18}):([0-9]{4})-([0-9]{2})-([0-9]{2})$')
               ELSE regexp_match(after_key, '^([0-9]{1,18}):([0-9]{4})-([0-9]{2})$') END;
-    IF p IS NULL OR p[3]::int NOT BETWEEN 1 AND 12 OR (daily AND p[4]::int NOT BETWEEN 1 AND 31) THEN
+    -- A daily key's day must exist in its month (2024-02-30 is no row's key).
+    IF p IS NULL OR p[3]::int NOT BETWEEN 1 AND 12
+       OR (daily AND p[4]::int NOT BETWEEN 1 AND extract(day FROM
+               make_date(greatest(p[2]::int, 1), p[3]::int, 1) + interval '1 month' - interval '1 day')) THEN
         RAISE EXCEPTION 'after_key: "%" is not a % row key like %', after_key,
             CASE WHEN daily THEN 'daily' ELSE 'monthly' END,
             CASE WHEN daily THEN '12:2024-03-05' ELSE '12:2024-03' END

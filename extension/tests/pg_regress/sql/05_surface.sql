@@ -100,6 +100,8 @@ COPY (SELECT * FROM sales.export_daily(year => 2025)) TO STDOUT WITH (FORMAT csv
 SELECT pg_temp.err($$SELECT * FROM sales.export_monthly(after_key => '401:2024-12-01')$$);
 SELECT pg_temp.err($$SELECT * FROM sales.export_daily(after_key => '401:2024-12')$$);
 SELECT pg_temp.err($$SELECT * FROM sales.export_daily(after_key => '401:2024-13-01')$$);
+SELECT pg_temp.err($$SELECT * FROM sales.export_daily(after_key => '401:2023-02-29')$$);
+SELECT count(*) FROM sales.export_daily(after_key => '401:2024-02-29');
 SELECT pg_temp.err($$SELECT * FROM sales.export_monthly(month => 13)$$);
 
 -- Leave the tables empty for the next file.
