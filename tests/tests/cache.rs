@@ -105,6 +105,71 @@ async fn hits_misses_and_read_your_writes() {
     server.stop().await;
 }
 
+/// A clear of `store:N` reaches the store's month entries too (they carry
+/// only their month's tag), and leaves other stores' entries cached; a tag
+/// in no form entries carry is refused naming `tag`, not taken as cleared.
+#[tokio::test]
+async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
+    let db = TestDb::new().await;
+    let stores = db.stores(2).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    setup(&db, &stores, &admin).await;
+    let (s, other) = (stores[0], stores[1]);
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=2&fields=totalSales");
+    let kept = format!("/api/v2/sales?storeId={other}&year=2024&month=2&fields=totalSales");
+    warm(&admin, &path).await;
+    warm(&admin, &kept).await;
+    // Changed with no event: only a clear makes the cache let go of it.
+    sqlx::raw_sql(&format!(
+        "SET session_replication_role = replica;
+         UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 777}}}}', total_sales = 777
+         WHERE store_id = {s} AND year = 2024 AND month = 2;
+         SET session_replication_role = origin;"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (_, stale) = admin.get(&path).await;
+    assert_ne!(total(&stale), 777.0, "cached before the clear");
+
+    let (st, body) = admin
+        .post(
+            "/api/admin/cache/clear",
+            &json!({"tag": format!("store:{s}")}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["cleared"], format!("store:{s}"));
+    let r = admin.req(reqwest::Method::GET, &path).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "miss", "the month entry is cleared");
+    let fresh: Value = r.json().await.unwrap();
+    assert_eq!(total(&fresh), 777.0);
+    let r = admin.req(reqwest::Method::GET, &kept).send().await.unwrap();
+    assert_eq!(
+        r.headers()["x-cache"],
+        "hit",
+        "another store's month stays cached"
+    );
+
+    for bad in ["store-12", "store:12:2024-3", "row:x", "everything"] {
+        let (st, body) = admin
+            .post("/api/admin/cache/clear", &json!({"tag": bad}))
+            .await;
+        assert_eq!(st, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["details"]["parameter"], "tag", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("store:N:YYYY-MM"),
+            "{body}"
+        );
+    }
+    server.stop().await;
+}
+
 /// The in-process first level: a repeated read is served from memory
 /// without Redis; a write through this instance, and one through another
 /// instance (heard by the relay), stop it serving the old body.

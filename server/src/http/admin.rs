@@ -217,13 +217,35 @@ impl AdminApi {
         body: Json<CacheClear>,
     ) -> ApiResult<Json<CacheCleared>> {
         auth.require_admin()?;
-        let tag = body
-            .0
-            .tag
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty());
+        let tag = match body.0.tag.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) => Some(ClearTag::parse(t).map_err(|why| ApiError::bad_param("tag", why))?),
+        };
         match &tag {
-            Some(t) => {
+            Some(ClearTag::Store(store)) => {
+                // Everything of the store: its lists, its documents, and the
+                // entries of each of its months (which carry only the
+                // month's tag, so that a write to one month leaves the
+                // others cached).
+                let months: Vec<(i32, i32)> = sqlx::query_as(
+                    "SELECT DISTINCT year, month FROM sales.monthly_sales WHERE store_id = $1",
+                )
+                .bind(store)
+                .fetch_all(&self.state.pool)
+                .await?;
+                let mut tags = vec![
+                    crate::cache::tag_store(*store),
+                    crate::cache::tag_store_doc(*store),
+                ];
+                tags.extend(months.into_iter().map(|(y, m)| {
+                    crate::cache::tag_store_month(*store, i64::from(y), i64::from(m))
+                }));
+                self.state.cache.invalidate(&tags).await;
+            }
+            Some(ClearTag::One(t)) if t == crate::cache::TAG_ALL => {
+                self.state.cache.clear_all().await
+            }
+            Some(ClearTag::One(t)) => {
                 self.state.cache.invalidate(std::slice::from_ref(t)).await;
             }
             None => self.state.cache.clear_all().await,
@@ -240,7 +262,11 @@ impl AdminApi {
             tracing::warn!(error = %e, "could not tell the other instances to drop their first-level cache; their entries expire within CACHE_L1_TTL");
         }
         Ok(Json(CacheCleared {
-            cleared: tag.unwrap_or_else(|| crate::cache::TAG_ALL.into()),
+            cleared: match tag {
+                Some(ClearTag::Store(store)) => crate::cache::tag_store(store),
+                Some(ClearTag::One(t)) => t,
+                None => crate::cache::TAG_ALL.into(),
+            },
         }))
     }
 
@@ -389,10 +415,70 @@ pub struct CacheStats {
 #[derive(Object, Debug)]
 #[oai(deny_unknown_fields)]
 pub struct CacheClear {
-    /// Clear only entries with this tag (e.g. `store:12`, `store:12:2024-03`, `stores`, `sales:all`);
-    /// absent: everything.
+    /// Clear only entries with this tag: `store:12` (everything of store 12:
+    /// its lists, documents and months), `store:12:2024-03` (one month),
+    /// `row:7`, `storedoc:12`, `stores`, `sales:all` (cross-store lists and
+    /// summaries), `users`, `history`, or `all`; absent: everything. Another
+    /// form is refused (400 naming `tag`).
     #[oai(validator(max_length = 200))]
     pub tag: Option<String>,
+}
+
+/// A tag an admin's cache clear names, in one of the forms entries carry.
+#[derive(Debug, PartialEq)]
+enum ClearTag {
+    /// `store:N`: every entry of the store, whichever of its tags it carries.
+    Store(i64),
+    /// Any other tag, cleared as entries carry it.
+    One(String),
+}
+
+impl ClearTag {
+    const FORMS: &'static str =
+        "all, sales:all, stores, users, history, store:N, store:N:YYYY-MM, storedoc:N or row:N";
+
+    fn parse(t: &str) -> Result<ClearTag, String> {
+        let id = |s: &str| {
+            (!s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<i64>().ok())
+                .flatten()
+                .filter(|n| *n > 0)
+        };
+        let unknown = || format!("{t:?} is no cache tag; the forms are {}", Self::FORMS);
+        use crate::cache::{TAG_ALL, TAG_HISTORY, TAG_SALES_ALL, TAG_STORES, TAG_USERS};
+        if [TAG_ALL, TAG_SALES_ALL, TAG_STORES, TAG_USERS, TAG_HISTORY].contains(&t) {
+            return Ok(ClearTag::One(t.to_string()));
+        }
+        let (kind, rest) = t.split_once(':').ok_or_else(unknown)?;
+        match kind {
+            "row" => id(rest)
+                .map(crate::cache::tag_row)
+                .map(ClearTag::One)
+                .ok_or_else(unknown),
+            "storedoc" => id(rest)
+                .map(crate::cache::tag_store_doc)
+                .map(ClearTag::One)
+                .ok_or_else(unknown),
+            "store" => match rest.split_once(':') {
+                None => id(rest).map(ClearTag::Store).ok_or_else(unknown),
+                Some((store, period)) => {
+                    let store = id(store).ok_or_else(unknown)?;
+                    let (y, m) = period
+                        .split_once('-')
+                        .filter(|(y, m)| {
+                            y.len() == 4
+                                && m.len() == 2
+                                && (y.bytes().chain(m.bytes())).all(|b| b.is_ascii_digit())
+                        })
+                        .and_then(|(y, m)| Some((y.parse::<i64>().ok()?, m.parse::<i64>().ok()?)))
+                        .filter(|(_, m)| (1..=12).contains(m))
+                        .ok_or_else(unknown)?;
+                    Ok(ClearTag::One(crate::cache::tag_store_month(store, y, m)))
+                }
+            },
+            _ => Err(unknown()),
+        }
+    }
 }
 
 #[derive(Object, Debug)]
@@ -465,5 +551,45 @@ fn to_finding(f: crate::maintain::Finding) -> IndexFinding {
         reason: f.reason,
         detail: f.detail,
         fix: f.fix,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClearTag;
+
+    #[test]
+    fn clear_tags_take_the_forms_entries_carry() {
+        assert_eq!(ClearTag::parse("store:12"), Ok(ClearTag::Store(12)));
+        for t in [
+            "store:12:2024-03",
+            "row:7",
+            "storedoc:3",
+            "stores",
+            "sales:all",
+            "all",
+            "users",
+            "history",
+        ] {
+            assert_eq!(ClearTag::parse(t), Ok(ClearTag::One(t.to_string())), "{t}");
+        }
+        for t in [
+            "store-12",
+            "store:",
+            "store:0",
+            "store:x",
+            "store:12:2024-3",
+            "store:12:2024-13",
+            "row:-1",
+            "stores:1",
+            "Store:12",
+            "store:12:2024-03:x",
+        ] {
+            let e = ClearTag::parse(t).unwrap_err();
+            assert!(
+                e.contains("is no cache tag") && e.contains("store:N:YYYY-MM"),
+                "{t}: {e}"
+            );
+        }
     }
 }
