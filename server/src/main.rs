@@ -142,17 +142,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(UserCommand::Add(args)) => {
-            let password = users::read_password(args.password)?;
-            users::check_cli_user(&args.email, &password)?;
+            // Everything that needs no password is checked before one is asked for.
+            let email = users::check_cli_email(&args.email)?;
             users::check_cli_role(&args.role, &args.stores)?;
+            let password = users::read_password(args.password)?;
+            users::check_cli_password(&email, &password)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let (id, created) =
-                users::upsert_user(&pool, &args.email, &args.role, &args.stores, &password).await?;
+                users::upsert_user(&pool, &email, &args.role, &args.stores, &password).await?;
             say!(
-                "{} user {} ({}) with id {id}",
+                "{} user {email} ({}) with id {id}",
                 if created { "created" } else { "updated" },
-                args.email,
                 args.role
             );
             Ok(())
@@ -191,59 +192,58 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(UserCommand::Disable(r)) => {
+            let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let id = users::set_disabled(&pool, &r.email, true).await?;
-            say!("disabled user {} (id {id})", r.email);
+            let id = users::set_disabled(&pool, &email, true).await?;
+            say!("disabled user {email} (id {id})");
             Ok(())
         }
         Command::User(UserCommand::Enable(r)) => {
+            let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let id = users::set_disabled(&pool, &r.email, false).await?;
-            say!("enabled user {} (id {id})", r.email);
+            let id = users::set_disabled(&pool, &email, false).await?;
+            say!("enabled user {email} (id {id})");
             Ok(())
         }
         Command::User(UserCommand::Link(args)) => {
+            let email = users::check_cli_email(&args.email)?;
+            users::check_cli_identity(&args.issuer, &args.subject, config.jwt_issuer.as_deref())?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let (id, _) = users::set_identity(
                 &pool,
-                &args.email,
+                &email,
                 Some((args.issuer.as_str(), args.subject.as_str())),
                 config.jwt_issuer.as_deref(),
             )
             .await?;
             say!(
-                "linked user {} (id {id}) to issuer {} subject {}",
-                args.email,
+                "linked user {email} (id {id}) to issuer {} subject {}",
                 args.issuer,
                 args.subject
             );
             Ok(())
         }
         Command::User(UserCommand::Unlink(r)) => {
+            let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            match users::set_identity(&pool, &r.email, None, None).await? {
-                (id, true) => say!(
-                    "unlinked the outside identity of user {} (id {id})",
-                    r.email
-                ),
-                (id, false) => say!("user {} (id {id}) had no linked identity", r.email),
+            match users::set_identity(&pool, &email, None, None).await? {
+                (id, true) => say!("unlinked the outside identity of user {email} (id {id})"),
+                (id, false) => say!("user {email} (id {id}) had no linked identity"),
             }
             Ok(())
         }
         Command::User(UserCommand::SetPassword(args)) => {
+            let email = users::check_cli_email(&args.email)?;
             let password = users::read_password(args.password)?;
-            users::check_cli_user(&args.email, &password)?;
+            users::check_cli_password(&email, &password)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            let id = users::set_password(&pool, &args.email, &password).await?;
-            say!(
-                "password of user {} (id {id}) changed; their sessions ended",
-                args.email
-            );
+            let id = users::set_password(&pool, &email, &password).await?;
+            say!("password of user {email} (id {id}) changed; their sessions ended");
             Ok(())
         }
         Command::Maintain(args) => {

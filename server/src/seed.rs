@@ -93,6 +93,12 @@ fn parse_end(raw: Option<&str>) -> anyhow::Result<((i32, u32), Option<u32>)> {
             if !(1..=12).contains(&m) {
                 bail!("--end: month must be 1..12");
             }
+            if i64::from(y) < sales_core::daily::MIN_YEAR {
+                bail!(
+                    "--end: {s} is before {}, the first year a record may have",
+                    sales_core::daily::MIN_YEAR
+                );
+            }
             if (y, m) > (today.year(), today.month()) {
                 bail!(
                     "--end: {y}-{m:02} is after the current month ({}-{:02}); demo data has no future sales",

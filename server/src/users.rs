@@ -931,23 +931,33 @@ pub fn read_password(flag: Option<String>) -> anyhow::Result<String> {
     }
 }
 
-/// The first line of `input`, read no further than a password can be long
-/// (a line ending, CR LF or LF, may follow it): a longer line, or a whole
-/// file piped in by mistake, is refused without reading the rest.
+/// The one line `input` holds, read no further than a password can be long
+/// (a line ending, CR LF or LF, may follow it, and blank lines after it): a
+/// longer line, or more lines (a file piped in by mistake), is refused
+/// without reading more than a few kilobytes past the password's bound.
 fn read_password_line(input: impl std::io::Read) -> anyhow::Result<String> {
-    use std::io::BufRead;
-    let mut line = Vec::new();
-    std::io::BufReader::new(input.take(MAX_PASSWORD_LEN as u64 + 2))
-        .read_until(b'\n', &mut line)?;
-    let ended = line.last() == Some(&b'\n');
-    if ended {
+    use std::io::Read;
+    // What may follow the line and still be taken for its end: blank lines.
+    const TAIL: usize = 4096;
+    let mut all = Vec::new();
+    input
+        .take((MAX_PASSWORD_LEN + 2 + TAIL) as u64)
+        .read_to_end(&mut all)?;
+    let (mut line, rest) = match all.iter().position(|b| *b == b'\n') {
+        Some(i) => (all[..i].to_vec(), &all[i + 1..]),
+        None => (all.clone(), &all[all.len()..]),
+    };
+    if line.last() == Some(&b'\r') {
         line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
     }
     if line.len() > MAX_PASSWORD_LEN {
         bail!("password: must be at most {MAX_PASSWORD_LEN} bytes");
+    }
+    if !rest.iter().all(|b| b.is_ascii_whitespace()) || rest.len() >= TAIL {
+        bail!(
+            "password: standard input holds more than one line (a file piped in by mistake?); \
+             give the password alone on one line"
+        );
     }
     String::from_utf8(line).map_err(|_| anyhow::anyhow!("password: must be UTF-8 text"))
 }
@@ -978,11 +988,36 @@ fn no_store(role: Role) -> UserError {
     )
 }
 
-/// Checks what a `user add` or `user set-password` command was given
-/// before it touches the database: the email's form and the password.
-pub fn check_cli_user(email: &str, password: &str) -> anyhow::Result<()> {
-    let email = check_email(email).map_err(cli_error)?;
-    check_password(password, &email).map_err(cli_error)
+/// Checks a command's `--email` before it asks for a password or touches
+/// the database: the address as it is stored (trimmed, in its one form).
+pub fn check_cli_email(email: &str) -> anyhow::Result<String> {
+    check_email(email).map_err(cli_error)
+}
+
+/// How a command that only names an existing user (`disable`, `enable`,
+/// `unlink`) looks it up and shows it: the stored form when the address
+/// passes today's rules, else as given (trimmed), so that a user stored
+/// before a rule was added can still be named.
+pub fn stored_email(email: &str) -> String {
+    check_email(email).unwrap_or_else(|_| email.trim().to_string())
+}
+
+/// Checks the password a `user add` or `user set-password` command was
+/// given for the (checked) `email`, before it touches the database.
+pub fn check_cli_password(email: &str, password: &str) -> anyhow::Result<()> {
+    check_password(password, email).map_err(cli_error)
+}
+
+/// Checks `user link`'s issuer and subject before it touches the database
+/// (whether the issuer is the one `JWT_ISSUER` requires included).
+pub fn check_cli_identity(
+    issuer: &str,
+    subject: &str,
+    required_issuer: Option<&str>,
+) -> anyhow::Result<()> {
+    Identity::new(issuer, subject, required_issuer)
+        .map(drop)
+        .map_err(cli_error)
 }
 
 #[cfg(test)]
@@ -993,7 +1028,16 @@ mod tests {
     fn a_piped_password_is_read_up_to_its_bound() {
         let read = |s: &[u8]| read_password_line(s).map_err(|e| e.to_string());
         assert_eq!(read(b"secret-one\n").unwrap(), "secret-one");
-        assert_eq!(read(b"secret-one\r\nmore\n").unwrap(), "secret-one");
+        assert_eq!(read(b"secret-one\r\n\r\n\n").unwrap(), "secret-one");
+        // A file's first line is not taken for a password.
+        for file in [
+            &b"# pg_sales\nsecond line\n"[..],
+            b"secret-one\r\nmore",
+            b"a\n\n  x",
+        ] {
+            let err = read(file).unwrap_err();
+            assert!(err.contains("more than one line"), "{err}");
+        }
         assert_eq!(read(b"no-newline").unwrap(), "no-newline");
         let longest = "p".repeat(MAX_PASSWORD_LEN);
         assert_eq!(read(format!("{longest}\r\n").as_bytes()).unwrap(), longest);
@@ -1003,7 +1047,7 @@ mod tests {
         // A long input is not read past the bound.
         let mut big = std::io::Cursor::new(vec![b'a'; 10 << 20]);
         assert!(read_password_line(&mut big).is_err());
-        assert_eq!(big.position(), MAX_PASSWORD_LEN as u64 + 2);
+        assert!(big.position() <= MAX_PASSWORD_LEN as u64 + 2 + 4096);
         assert!(read(b"\xff\xfe\n").unwrap_err().contains("UTF-8"));
     }
 

@@ -595,12 +595,34 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
         ),
         (&["seed", "--end", "2024-13"][..], &b""[..], "--end: month must be 1..12"),
         (
+            &["seed", "--end", "1990-01", "--months", "1"][..],
+            &b""[..],
+            "--end: 1990-01 is before 2000",
+        ),
+        (
+            // A file piped in by mistake: its first line is not a password.
+            &["user", "set-password", "--email", "a@example.com"][..],
+            &b"# pg_sales\nA Postgres-native backend\n"[..],
+            "password: standard input holds more than one line",
+        ),
+        (
+            // The email is checked before any password is read.
+            &["user", "add", "--email", "not-an-email", "--role", "staff", "--store", "1"][..],
+            &b"# pg_sales\nA Postgres-native backend\n"[..],
+            "email",
+        ),
+        (
+            &["user", "link", "--email", "a@example.com", "--issuer", " ", "--subject", "s"][..],
+            &b""[..],
+            "--issuer",
+        ),
+        (
             &["user", "add", "--email", "a@example.com", "--role", "boss"][..],
             &b"long-enough-1\n"[..],
             "--role",
         ),
         (
-            &["user", "add", "--email", "a@example.com", "--role", "staff"][..],
+            &["user", "add", "--email", "a@example.com", "--role", "staff", "--store", "1"][..],
             &[b'x'; 100_000][..],
             "password: must be at most 1024 bytes",
         ),
