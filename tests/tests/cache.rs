@@ -153,7 +153,14 @@ async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
         "another store's month stays cached"
     );
 
-    for bad in ["store-12", "store:12:2024-3", "row:x", "everything"] {
+    for bad in [
+        "store-12",
+        "store:12:2024-3",
+        "row:x",
+        "everything",
+        "",
+        "  ",
+    ] {
         let (st, body) = admin
             .post("/api/admin/cache/clear", &json!({"tag": bad}))
             .await;

@@ -218,7 +218,7 @@ impl AdminApi {
     ) -> ApiResult<Json<CacheCleared>> {
         auth.require_admin()?;
         let tag = match body.0.tag.as_deref().map(str::trim) {
-            None | Some("") => None,
+            None => None,
             Some(t) => Some(ClearTag::parse(t).map_err(|why| ApiError::bad_param("tag", why))?),
         };
         match &tag {
@@ -419,7 +419,7 @@ pub struct CacheClear {
     /// its lists, documents and months), `store:12:2024-03` (one month),
     /// `row:7`, `storedoc:12`, `stores`, `sales:all` (cross-store lists and
     /// summaries), `users`, `history`, or `all`; absent: everything. Another
-    /// form is refused (400 naming `tag`).
+    /// form, or an empty or blank tag, is refused (400 naming `tag`).
     #[oai(validator(max_length = 200))]
     pub tag: Option<String>,
 }
@@ -444,6 +444,13 @@ impl ClearTag {
                 .flatten()
                 .filter(|n| *n > 0)
         };
+        if t.is_empty() {
+            // An unset variable in a client's request: not "everything".
+            return Err(format!(
+                "must not be empty (leave tag out to clear everything); the forms are {}",
+                Self::FORMS
+            ));
+        }
         let unknown = || format!("{t:?} is no cache tag; the forms are {}", Self::FORMS);
         use crate::cache::{TAG_ALL, TAG_HISTORY, TAG_SALES_ALL, TAG_STORES, TAG_USERS};
         if [TAG_ALL, TAG_SALES_ALL, TAG_STORES, TAG_USERS, TAG_HISTORY].contains(&t) {
