@@ -275,7 +275,7 @@ pub fn normal_email(email: &str) -> String {
 /// Characters that show as nothing (Unicode format characters: zero-width
 /// spaces and joiners, direction marks, the soft hyphen, the byte order
 /// mark..., and the blank Hangul fillers and Braille pattern): an address holding one looks like another user's.
-fn invisible(c: char) -> bool {
+pub(crate) fn invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
         | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'

@@ -1878,6 +1878,49 @@ async fn blank_store_names_and_regions_name_the_field() {
         .await;
     assert_eq!(st, 400, "{body}");
     assert_eq!(body["error"]["details"]["parameter"], "region");
+    // Characters that show as nothing, or break a line or a label: a C1
+    // control, line and paragraph separators, a name of zero-width spaces.
+    for (name, region, field) in [
+        ("x\u{85}y", "North", "name"),
+        ("Shop", "No\u{2028}rth", "region"),
+        ("Shop", "No\u{2029}rth", "region"),
+        ("\u{200b}\u{200b}", "North", "name"),
+        ("Shop", "\u{feff} \u{2060}", "region"),
+    ] {
+        let (st, body) = f
+            .admin
+            .post(
+                "/api/v2/stores",
+                &json!({"code": "B2", "name": name, "region": region}),
+            )
+            .await;
+        assert_eq!(st, 400, "{name:?} {region:?}: {body}");
+        let said = body.to_string();
+        assert!(said.contains(field), "{name:?} {region:?}: {body}");
+    }
+    let (st, body) = f
+        .admin
+        .send_json(
+            Method::PATCH,
+            &format!("/api/v2/stores/{}", f.stores[0]),
+            &json!({"name": "\u{200b}"}),
+        )
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "name");
+    // Invisible characters between visible ones are part of a name (an
+    // emoji sequence's joiners).
+    let (st, body) = f
+        .admin
+        .post(
+            "/api/v2/stores",
+            &json!({"code": "B3", "name": "Family \u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}", "region": "North"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = f.admin.get("/api/v2/stores?region=No%E2%80%A8rth").await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "region");
 }
 
 /// A metric whose number Postgres' `numeric` cannot store (more than 16,383

@@ -82,12 +82,14 @@ pub fn region_filter(raw: Option<&str>) -> ApiResult<Option<String>> {
 /// counted as Postgres counts them), so a filter no store can match is a 400
 /// naming `region` rather than an empty page or an encoding error.
 fn check_region(r: &str) -> ApiResult<()> {
-    // The characters a store's region may not hold (ASCII controls, as
-    // the store endpoints' pattern has it).
-    if r.chars().any(|c| c < ' ' || c == '\x7f') {
+    // The characters a store's region may not hold (controls and line
+    // separators, as the store endpoints' pattern has it).
+    if r.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
         return Err(ApiError::bad_param(
             "region",
-            "must not contain control characters",
+            "must not contain control characters or line separators",
         ));
     }
     if r.chars().count() > 100 {

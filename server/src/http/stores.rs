@@ -70,10 +70,19 @@ pub struct CreateStore {
     /// Unique; letters, digits, `_` and `-`, at most 32.
     #[oai(validator(pattern = r"^[A-Za-z0-9_-]{1,32}$"))]
     pub code: String,
-    /// No control characters (Postgres text cannot hold NUL).
-    #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1f\x7f]+$"))]
+    /// No control characters (C0, DEL, C1; Postgres text cannot hold NUL)
+    /// nor line or paragraph separators, and something visible.
+    #[oai(validator(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+    ))]
     pub name: String,
-    #[oai(validator(min_length = 1, max_length = 100, pattern = r"^[^\x00-\x1f\x7f]+$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+    ))]
     pub region: String,
     pub status: Option<StoreStatus>,
 }
@@ -82,9 +91,17 @@ pub struct CreateStore {
 #[oai(deny_unknown_fields)]
 pub struct UpdateStore {
     pub status: Option<StoreStatus>,
-    #[oai(validator(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1f\x7f]+$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+    ))]
     pub name: Option<String>,
-    #[oai(validator(min_length = 1, max_length = 100, pattern = r"^[^\x00-\x1f\x7f]+$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+    ))]
     pub region: Option<String>,
 }
 
@@ -367,9 +384,25 @@ impl StoresApi {
     }
 }
 
-/// Names and regions are stored trimmed: one of spaces only would be empty.
+/// Names and regions are stored trimmed: one of spaces only would be
+/// empty, and one of characters that show as nothing (a zero-width space)
+/// names nothing a person can read. Invisible characters between visible
+/// ones (the joiners of an emoji sequence) are kept. What the schema's
+/// pattern refuses is checked here too, for callers of this function that
+/// are not the endpoints.
 fn not_blank(field: &str, value: Option<&String>) -> ApiResult<()> {
-    if value.is_some_and(|v| v.trim().is_empty()) {
+    let Some(v) = value else { return Ok(()) };
+    if v.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return Err(ApiError::bad_param(
+            field,
+            "must not contain control characters or line separators",
+        ));
+    }
+    if v.chars()
+        .all(|c| c.is_whitespace() || crate::users::invisible(c))
+    {
         return Err(ApiError::bad_param(field, "must not be blank"));
     }
     Ok(())
