@@ -2626,3 +2626,93 @@ async fn a_number_past_the_double_range_is_its_records_error() {
         .unwrap();
     assert_eq!(n, 1, "only the first batch's good record");
 }
+
+/// A list parameter given names something in every place: `fields=` (a
+/// client's unset variable) is not the whole document, `id,,year` not the
+/// two names, `storeId=1,` not store 1 alone; each is a 400 naming the
+/// parameter, on the list, one record, stores and exports alike. The bound
+/// on the paths of both lists names no single path.
+#[tokio::test]
+async fn lists_name_something_in_every_place() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let s = f.stores[0];
+    let id: i64 = sqlx::query_scalar("SELECT min(id) FROM sales.monthly_sales")
+        .fetch_one(&f.db.pool)
+        .await
+        .unwrap();
+    for (path, param, why) in [
+        (
+            format!("/api/v2/sales?storeId={s}&fields="),
+            "fields",
+            "at least one",
+        ),
+        (
+            format!("/api/v2/sales?storeId={s}&fields=,"),
+            "fields",
+            "at least one",
+        ),
+        (
+            format!("/api/v2/sales?storeId={s}&fields=id,,year"),
+            "fields",
+            "empty name",
+        ),
+        (
+            format!("/api/v2/sales?storeId={s}&exclude=dailyData,"),
+            "exclude",
+            "empty name",
+        ),
+        (
+            format!("/api/v2/sales/{id}?fields="),
+            "fields",
+            "at least one",
+        ),
+        (
+            format!("/api/v2/stores/{s}?fields=code,,name"),
+            "fields",
+            "empty name",
+        ),
+        (
+            format!("/api/v2/sales?storeId={s},"),
+            "storeId",
+            "empty item",
+        ),
+        (
+            format!("/api/v2/sales?storeId=,{s}"),
+            "storeId",
+            "empty item",
+        ),
+        (
+            format!("/api/v2/sales/export?storeId={s},,{s}"),
+            "storeId",
+            "empty item",
+        ),
+        (
+            format!("/api/v2/sales/export?storeId={s}&format=json&fields=storeId,"),
+            "fields",
+            "empty name",
+        ),
+    ] {
+        let (st, body) = f.admin.get(&path).await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert_eq!(
+            body["error"]["details"]["parameter"], param,
+            "{path}: {body}"
+        );
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(why), "{path}: {body}");
+    }
+    let many = (1..=201)
+        .map(|d| format!("dailyData.{}", d % 31 + 1))
+        .collect::<Vec<_>>();
+    let (st, body) = f
+        .admin
+        .get(&format!(
+            "/api/v2/sales?storeId={s}&fields={}",
+            many.join(",")
+        ))
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "fields", "{body}");
+    assert!(body["error"]["details"].get("field").is_none(), "{body}");
+}

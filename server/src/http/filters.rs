@@ -35,10 +35,17 @@ pub struct RawFilter {
 /// `1,2,3` -> ids; each must be a positive integer; at most 1,000.
 pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
     let mut out = Vec::new();
+    if raw.split(',').all(|p| p.trim().is_empty()) {
+        return Err(ApiError::bad_param(param, "give at least one id"));
+    }
     for part in raw.split(',') {
         let p = part.trim();
         if p.is_empty() {
-            continue;
+            // `1,` or `1,,2`: a value the client left out, not "no more".
+            return Err(ApiError::bad_param(
+                param,
+                format!("{raw:?} has an empty item between commas"),
+            ));
         }
         match p.parse::<i64>() {
             Ok(v) if v > 0 => out.push(v),
@@ -120,17 +127,27 @@ pub fn parse_projection(
     fields: Option<&str>,
     exclude: Option<&str>,
 ) -> ApiResult<Projection> {
-    let split = |s: Option<&str>| -> Vec<String> {
-        s.map(|v| {
-            v.split(',')
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect()
-        })
-        .unwrap_or_default()
+    // Given, a list names a field in every place: `fields=` (an unset
+    // variable) is not the whole document, nor `id,,year` the two names.
+    let split = |param: &str, s: Option<&str>| -> ApiResult<Vec<String>> {
+        let Some(v) = s else { return Ok(Vec::new()) };
+        let names: Vec<String> = v.split(',').map(|p| p.trim().to_string()).collect();
+        if names.iter().all(String::is_empty) {
+            return Err(ApiError::bad_param(
+                param,
+                "give at least one field path (leave the parameter out for the whole document)",
+            ));
+        }
+        if names.iter().any(String::is_empty) {
+            return Err(ApiError::bad_param(
+                param,
+                format!("{v:?} has an empty name between commas"),
+            ));
+        }
+        Ok(names)
     };
-    let f = split(fields);
-    let x = split(exclude);
+    let f = split("fields", fields)?;
+    let x = split("exclude", exclude)?;
     Projection::new(shape, &f, &x).map_err(|mut e| {
         let param = if e.field.is_empty() {
             // The bound on both lists together: named by the list given,
@@ -151,7 +168,12 @@ pub fn parse_projection(
         ApiError::BadRequest(super::error::ErrorBody::new(
             "bad_parameter",
             format!("{param}: {e}"),
-            Some(serde_json::json!({"parameter": param, "field": e.field, "reason": e.reason})),
+            Some(if e.field.is_empty() {
+                // A bound on the lists, not on one path.
+                serde_json::json!({"parameter": param, "reason": e.reason})
+            } else {
+                serde_json::json!({"parameter": param, "field": e.field, "reason": e.reason})
+            }),
         ))
     })
 }
@@ -302,6 +324,10 @@ mod tests {
         assert!(parse_id_list("storeId", "1,x").is_err());
         assert!(parse_id_list("storeId", "-1").is_err());
         assert!(parse_id_list("storeId", ",").is_err());
+        for gap in ["1,", ",1", "1,,2", "1, ,2"] {
+            let e = parse_id_list("storeId", gap).unwrap_err();
+            assert!(format!("{e:?}").contains("empty item"), "{gap}: {e:?}");
+        }
     }
 
     #[test]
