@@ -1275,3 +1275,70 @@ async fn filters_that_select_no_month_are_refused_everywhere() {
     }
     f.server.stop().await;
 }
+
+/// A HEAD of an export answers the GET's status and headers without
+/// running it: no export id or row estimate (only a run has them), no body;
+/// and its errors are the GET's.
+#[tokio::test]
+async fn a_head_answers_without_running_the_export() {
+    let f = fixture(&[]).await;
+    seed(&f).await;
+    let s = f.stores[0];
+    let head = |path: String| {
+        let api = &f.admin;
+        async move {
+            let r = api
+                .req(reqwest::Method::HEAD, &path)
+                .header("accept-encoding", "gzip")
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().clone(),
+                r.bytes().await.unwrap(),
+            )
+        }
+    };
+    let (st, headers, body) = head(format!("/api/v2/sales/export?storeId={s}&format=ndjson")).await;
+    assert_eq!(st, 200);
+    assert!(body.is_empty());
+    assert_eq!(
+        headers["content-disposition"],
+        format!("attachment; filename=\"sales-store{s}-all-monthly.ndjson\"")
+    );
+    assert_eq!(headers["content-type"], "application/x-ndjson");
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert!(headers.get("x-export-id").is_none(), "{headers:?}");
+    assert!(
+        headers.get("x-export-estimated-rows").is_none(),
+        "{headers:?}"
+    );
+    // A GET of the same runs and says so.
+    let r = f
+        .admin
+        .req(
+            reqwest::Method::GET,
+            &format!("/api/v2/sales/export?storeId={s}&format=ndjson"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-export-id").is_some());
+    assert_eq!(r.headers()["x-export-estimated-rows"], "6");
+    let _ = r.bytes().await.unwrap();
+    // Errors as for a GET.
+    let (st, _, _) = head(format!("/api/v2/sales/export?storeId={s},&format=csv")).await;
+    assert_eq!(st, 400);
+    let (_, staff) = user_token(&f.db, &f.server, "staff@example.com", "staff", &[s]).await;
+    let r = Api::new(&f.server, Some(&staff))
+        .req(
+            reqwest::Method::HEAD,
+            &format!("/api/v2/sales/export?storeId={s}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}

@@ -196,8 +196,16 @@ pub fn file_name(
         period.push("all".to_string());
     }
     let _ = write!(name, "-{}", period.join("-"));
+    // As written when short (`min10_5`); past 15 characters in scientific
+    // form (`max1e300`, not 301 digits), so that the name stays within
+    // what file systems hold (255 bytes).
     let amount = |v: f64| {
-        let s = format!("{v}");
+        let plain = format!("{v}");
+        let s = if plain.len() > 15 {
+            format!("{v:e}")
+        } else {
+            plain
+        };
         s.replace(['.', '-'], "_")
     };
     if let Some(v) = f.min_total_sales {
@@ -319,6 +327,27 @@ mod tests {
         assert_eq!(
             file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None),
             "sales-month10-2025-03_latest-monthly.csv"
+        );
+        // Totals at the ends of the double range keep the name short.
+        let f = SalesFilter {
+            store_ids: Some(vec![384]),
+            min_total_sales: Some(1e-300),
+            max_total_sales: Some(1e300),
+            ..Default::default()
+        };
+        assert_eq!(
+            file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None),
+            "sales-store384-all-min1e_300-max1e300-monthly.csv"
+        );
+        let f = SalesFilter {
+            min_total_sales: Some(123456789012.75),
+            max_total_sales: Some(f64::MAX),
+            ..Default::default()
+        };
+        let name = file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None);
+        assert_eq!(
+            name,
+            "sales-all-min123456789012_75-max1_7976931348623157e308-monthly.csv"
         );
     }
 }

@@ -229,9 +229,25 @@ impl ExportApi {
             accept_encoding(req.headers()).as_deref(),
             &[Encoding::Zstd, Encoding::Gzip],
         );
-        let slot = self.slots.take_or_429(auth.0.user_id)?;
         let csv_header = header.0.unwrap_or(true);
         let name = file_name(&filter, format, shape, after.as_ref());
+        if req
+            .extensions()
+            .get::<crate::http::middleware::Head>()
+            .is_some()
+        {
+            // The GET's status and headers, without running it: no slot,
+            // no query, no progress events.
+            return Ok(ExportResponse {
+                body: poem::Body::empty(),
+                format,
+                encoding,
+                file_name: name,
+                export_id: None,
+                estimated_total: None,
+            });
+        }
+        let slot = self.slots.take_or_429(auth.0.user_id)?;
         let sql = build_sql(&ExportSpec {
             format,
             shape,
@@ -301,8 +317,8 @@ impl ExportApi {
             format,
             encoding,
             file_name: name,
-            export_id,
-            estimated_total,
+            export_id: Some(export_id),
+            estimated_total: Some(estimated_total),
         })
     }
 }

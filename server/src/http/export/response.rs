@@ -17,8 +17,11 @@ pub struct ExportResponse {
     pub(super) format: ExportFormat,
     pub(super) encoding: Encoding,
     pub(super) file_name: String,
-    pub(super) export_id: String,
-    pub(super) estimated_total: u64,
+    /// The running export's id and row estimate; none for a HEAD, which
+    /// runs no export (RFC 9110 9.3.2 lets it leave out what only
+    /// producing the content determines).
+    pub(super) export_id: Option<String>,
+    pub(super) estimated_total: Option<u64>,
 }
 
 impl IntoResponse for ExportResponse {
@@ -30,9 +33,18 @@ impl IntoResponse for ExportResponse {
                 format!("attachment; filename=\"{}\"", self.file_name),
             )
             .header(header::CACHE_CONTROL, "no-store")
-            .header("x-export-id", self.export_id.as_str())
-            .header("x-export-estimated-rows", self.estimated_total.to_string())
             .body(self.body);
+        if let Some(id) = self
+            .export_id
+            .as_deref()
+            .and_then(|i| HeaderValue::from_str(i).ok())
+        {
+            resp.headers_mut().insert("x-export-id", id);
+        }
+        if let Some(total) = self.estimated_total {
+            resp.headers_mut()
+                .insert("x-export-estimated-rows", HeaderValue::from(total));
+        }
         if self.encoding != Encoding::Identity {
             resp.headers_mut().insert(
                 header::CONTENT_ENCODING,
@@ -92,11 +104,11 @@ impl ApiResponse for ExportResponse {
                     header("Content-Encoding", "zstd or gzip when negotiated"),
                     header(
                         "X-Export-Id",
-                        "Identifies this export in export-progress events",
+                        "Identifies this export in export-progress events (not sent for HEAD, which runs no export)",
                     ),
                     header(
                         "X-Export-Estimated-Rows",
-                        "Rows the export will hold (counted in the export's snapshot)",
+                        "Rows the export will hold (counted in the export's snapshot; not sent for HEAD)",
                     ),
                 ],
             }],

@@ -12,6 +12,6 @@ mod request_id;
 pub use headers::with_security_headers;
 pub use limits::{check_query, client_ip, forwarded_https, with_limits, RateLimits};
 pub use representation::{
-    etag_of, if_match_holds, mark, offer_cached, with_representation, Streaming,
+    etag_of, if_match_holds, mark, offer_cached, with_representation, Head, Streaming,
 };
 pub use request_id::{error_response, request_id, with_request_id};

@@ -183,6 +183,7 @@ pub async fn with_representation<E: Endpoint>(
     let mut req = req;
     if head {
         req.set_method(Method::GET);
+        req.extensions_mut().insert(Head);
     }
     // The preconditions of a read, each header's lines as one list.
     let im = field_list(req.headers(), header::IF_MATCH);
@@ -324,6 +325,12 @@ pub async fn with_representation<E: Endpoint>(
     }
     Ok(with_body(resp, bytes, head))
 }
+
+/// Marks a request that came as a HEAD and is handled as its GET: a
+/// handler whose GET has effects beyond its answer (an export runs) skips
+/// them.
+#[derive(Clone, Copy, Debug)]
+pub struct Head;
 
 /// The response with its body, or for a HEAD with the length it would have.
 fn with_body(mut resp: Response, body: impl Into<bytes::Bytes>, head: bool) -> Response {
