@@ -1313,7 +1313,17 @@ async fn refused_parameters_are_named_and_explained() {
         (
             "/api/v2/sales/99999999999999999999/history",
             "id",
-            "must be a whole number",
+            "is out of range (a whole number in -9223372036854775808..9223372036854775807)",
+        ),
+        (
+            "/api/v2/sales?limit=99999999999999999999",
+            "limit",
+            "is out of range (a whole number in -9223372036854775808..9223372036854775807)",
+        ),
+        (
+            "/api/v2/sales?storeId=99999999999999999999",
+            "storeId",
+            "\"99999999999999999999\" is out of range (ids are at most 9223372036854775807)",
         ),
         ("/api/v2/stores/x", "id", "must be a whole number"),
         ("/api/v2/users/1.5", "id", "must be a whole number"),

@@ -49,6 +49,12 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
         }
         match p.parse::<i64>() {
             Ok(v) if v > 0 => out.push(v),
+            Err(_) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(ApiError::bad_param(
+                    param,
+                    format!("{p:?} is out of range (ids are at most {})", i64::MAX),
+                ))
+            }
             _ => {
                 return Err(ApiError::bad_param(
                     param,

@@ -211,6 +211,15 @@ fn plain_reason(reason: &str) -> String {
     if let Some(rest) = reason.strip_prefix("failed to parse \"") {
         let ty = rest.split('"').next().unwrap_or("");
         if ty.starts_with("integer") {
+            // Digits past the type's range are a whole number, too big.
+            if reason.contains("too large") || reason.contains("too small") {
+                let range = if ty.contains("int32") {
+                    "-2147483648..2147483647"
+                } else {
+                    "-9223372036854775808..9223372036854775807"
+                };
+                return format!("is out of range (a whole number in {range})");
+            }
             return "must be a whole number".to_string();
         }
         if ty.starts_with("number") {
@@ -244,7 +253,11 @@ mod tests {
         );
         assert_eq!(
             f("failed to parse path `param0`: failed to parse \"integer(int64)\": number too large to fit in target type").as_deref(),
-            Some("id: must be a whole number")
+            Some("id: is out of range (a whole number in -9223372036854775808..9223372036854775807)")
+        );
+        assert_eq!(
+            f("failed to parse parameter `year`: failed to parse \"integer(int32)\": number too large to fit in target type").as_deref(),
+            Some("year: is out of range (a whole number in -2147483648..2147483647)")
         );
         assert_eq!(
             f("failed to parse parameter `format`: expected one of csv, json").as_deref(),
