@@ -526,7 +526,9 @@
         const value = num(r.totalSales);
         const y = top + i * rowH;
         const name = r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key);
-        const label = name.length > maxChars ? `${name.slice(0, maxChars - 1)}…` : name;
+        // Cut by characters, not UTF-16 units: never inside an emoji.
+        const chars = Array.from(name);
+        const label = chars.length > maxChars ? `${chars.slice(0, maxChars - 1).join('')}…` : name;
         const w = Math.max(value > 0 ? 2 : 0, Math.round((value / max) * barMax));
         const g = svg('g', { class: 'row', 'data-store-id': r.key, 'data-value': String(value) });
         g.append(svg('title', {}, `${name}: ${nf2.format(value)} sales, ${nf0.format(num(r.totalCustomers))} customers`));
@@ -1058,6 +1060,8 @@
 
   function startUsers() {
     $('users-card').hidden = !isAdmin();
+    // Exports are for admins and managers: staff would only get a 403.
+    $('export-card').hidden = !(state.user && (state.user.role === 'admin' || state.user.role === 'manager'));
     if (isAdmin()) {
       loadUsers();
     } else if (state.users.length) {

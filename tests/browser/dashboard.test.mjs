@@ -431,6 +431,7 @@ async function main() {
     await page.getByRole('button', { name: 'Sign in' }).click();
     await page.locator('#dashboard-view').waitFor({ state: 'visible' });
     await page.locator('#who').filter({ hasText: MGR.email }).waitFor();
+    assert.ok(await page.locator('#export-card').isVisible(), 'a manager may export');
     // The manager's own stores are in (names may redraw the chart) and their
     // four summary requests (store, region, region x month, by month) wait.
     await page.waitForFunction(() => document.querySelectorAll('#stores li').length === 2);
@@ -544,6 +545,17 @@ async function main() {
     await showsScope(moved);
     log('resync_required and table-truncated: everything reloaded');
 
+    await page.getByRole('button', { name: 'Log out' }).click();
+    await page.locator('#login-view').waitFor({ state: 'visible' });
+
+    // Staff may not export: the page offers no export they would be refused.
+    await page.getByLabel('Email').fill('browser-staff@example.com');
+    await page.getByLabel('Password').fill('browser-staff-pass-1');
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#who').filter({ hasText: 'browser-staff@example.com' }).waitFor();
+    await page.locator('#export-card').waitFor({ state: 'hidden' });
+    assert.ok(await page.locator('#users-card').isHidden(), 'staff see no users card');
+    log('staff: no export card');
     await page.getByRole('button', { name: 'Log out' }).click();
     await page.locator('#login-view').waitFor({ state: 'visible' });
 
