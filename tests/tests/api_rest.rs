@@ -1012,6 +1012,25 @@ async fn admin_endpoints() {
             .0,
         400
     );
+    // A blank message is named, on both routes.
+    for (path, body) in [
+        ("/api/admin/announcements", json!({"message": "   "})),
+        (
+            "/api/admin/notifications",
+            json!({"userId": uid, "message": " \n\t "}),
+        ),
+    ] {
+        let (st, body) = f.admin.post(path, &body).await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert_eq!(
+            body["error"]["message"], "message: must not be blank",
+            "{path}: {body}"
+        );
+        assert_eq!(
+            body["error"]["details"]["parameter"], "message",
+            "{path}: {body}"
+        );
+    }
     let (st, _) = f
         .admin
         .post(

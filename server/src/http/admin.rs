@@ -104,6 +104,12 @@ fn refuse_nul(field: &str, message: &str, data: Option<&serde_json::Value>) -> A
             _ => false,
         }
     }
+    // Named here rather than by `sales.announce`'s or `sales.notify_user`'s
+    // SQLSTATE (they refuse spaces only; a message of line breaks and tabs
+    // is as blank on a screen).
+    if message.trim().is_empty() {
+        return Err(ApiError::bad_param(field, "must not be blank"));
+    }
     if message.contains('\0') {
         return Err(ApiError::bad_param(
             field,
