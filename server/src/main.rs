@@ -136,6 +136,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if end == "failed" {
                 anyhow::bail!("the import failed");
             }
+            if end == sales_server::jobs::cli::ALL_REJECTED {
+                anyhow::bail!(
+                    "the import wrote nothing: every line was rejected (is --format right for this file?)"
+                );
+            }
             if end.starts_with("interrupted") {
                 return Err(sales_server::cli::Interrupted(format!("the import was {end}")).into());
             }

@@ -2802,3 +2802,66 @@ async fn the_line_limit_is_exact_and_names_the_long_line() {
     assert_eq!(status, 202, "{body}");
     server.stop().await;
 }
+
+/// The command line fails a job that rejected every line and wrote
+/// nothing (a CSV read as NDJSON), dry run or not; a file with some
+/// rejected lines and some written still succeeds.
+#[tokio::test]
+async fn the_command_line_fails_an_import_that_rejected_every_line() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let dir = std::env::temp_dir().join(format!("pgs_rej_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("pos.csv");
+    std::fs::write(
+        &csv,
+        "store_code,date,sales\nT001,2024-05-01,1\nT001,2024-05-02,2\n",
+    )
+    .unwrap();
+    let some_bad = dir.join("some-bad.csv");
+    std::fs::write(
+        &some_bad,
+        "store_code,date,sales\nT001,2024-05-01,1\nT001,2024-05-32,2\n",
+    )
+    .unwrap();
+    let run = |args: Vec<std::ffi::OsString>| {
+        let env = db.env();
+        async move {
+            let out = tokio::process::Command::new(sales_e2e::server_bin())
+                .arg("import")
+                .args(args)
+                .envs(env)
+                .output()
+                .await
+                .expect("run sales-server import");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        }
+    };
+    for dry in [true, false] {
+        let mut args: Vec<std::ffi::OsString> = vec!["--format".into(), "ndjson".into()];
+        if dry {
+            args.push("--dry-run".into());
+        }
+        args.push(csv.clone().into());
+        let (ok, text) = run(args).await;
+        assert!(!ok, "dry run {dry}: {text}");
+        assert!(text.contains("every line was rejected"), "{text}");
+    }
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        0
+    );
+    let (ok, text) = run(vec![some_bad.clone().into()]).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("1 rejected"), "{text}");
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -201,7 +201,8 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         };
         bar.finish_and_clear();
     }
-    if let Some(doc) = super::status(pool, staged.job_id, None).await? {
+    let doc = super::status(pool, staged.job_id, None).await?;
+    if let Some(doc) = &doc {
         crate::say!(
             "job {}: {end}{}: {} lines, {} rows {}, {} rejected in {:.1}s",
             staged.job_id,
@@ -248,6 +249,17 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         if omitted > 0 {
             crate::say!("  ... and {omitted} more rejected lines");
         }
+        // A job that ends with every line rejected and nothing written
+        // (a file read in the wrong format) is no success for a script.
+        if end == "completed"
+            && doc["rowsWritten"].as_i64() == Some(0)
+            && doc["rowsRejected"].as_i64().unwrap_or(0) > 0
+        {
+            return Ok(ALL_REJECTED.into());
+        }
     }
     Ok(end)
 }
+
+/// What [`import`] returns for a completed job that rejected every line.
+pub const ALL_REJECTED: &str = "completed with every line rejected";
