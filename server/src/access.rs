@@ -60,6 +60,7 @@ impl Revoked {
         match s {
             "disabled" => Revoked::Disabled,
             "password" => Revoked::PasswordChanged,
+            "session" => Revoked::SessionEnded,
             _ => Revoked::AccessChanged,
         }
     }

@@ -151,6 +151,21 @@ pub enum AuthError {
 /// What a client is told of a token the library refused: the kind of
 /// fault, not the parser's own text (which named its offsets, the serde
 /// type it expected and every algorithm it knows).
+/// Whether a token's protected header has a `crit` member (which
+/// jsonwebtoken's `Header` does not read). The header was decoded once
+/// already; a header that does not decode here is judged by that.
+fn names_critical_extensions(token: &str) -> bool {
+    use base64::Engine;
+    let Some(first) = token.split('.').next() else {
+        return false;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(first) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes)
+        .is_ok_and(|h| h.contains_key("crit"))
+}
+
 fn token_error(e: &jsonwebtoken::errors::Error) -> AuthError {
     use jsonwebtoken::errors::ErrorKind as K;
     let why = match e.kind() {
@@ -391,6 +406,13 @@ impl Auth {
 
     fn verify_token(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| token_error(&e))?;
+        if names_critical_extensions(token) {
+            // RFC 7515 4.1.11: extensions a token says must be understood,
+            // and this server understands none.
+            return Err(AuthError::Invalid(
+                "the token's crit header names extensions this server does not understand".into(),
+            ));
+        }
         let outside = header.alg != Algorithm::HS256;
         let key: Arc<DecodingKey> = match (header.alg, &header.kid, &self.jwks, &self.external) {
             (Algorithm::HS256, ..) => self.hs_decoding.clone(),
@@ -675,6 +697,26 @@ mod tests {
             &key,
         )
         .unwrap();
+        // A header naming extensions that must be understood (RFC 7515
+        // 4.1.11), however well signed.
+        let crit = {
+            let h = base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                r#"{"alg":"HS256","typ":"JWT","crit":["foo"],"foo":1}"#,
+            );
+            let c = base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                serde_json::json!({"sub": "1", "role": "admin", "exp": now + 600}).to_string(),
+            );
+            let sig =
+                jsonwebtoken::crypto::sign(format!("{h}.{c}").as_bytes(), &key, Algorithm::HS256)
+                    .unwrap();
+            format!("{h}.{c}.{sig}")
+        };
+        match a.verify(&crit) {
+            Err(AuthError::Invalid(m)) => assert!(m.contains("crit"), "{m}"),
+            other => panic!("crit accepted: {other:?}"),
+        }
         for t in ["a.b.c", "garbage", none.as_str(), missing_exp.as_str()] {
             let Err(e) = a.verify(t) else {
                 panic!("{t} accepted")

@@ -202,11 +202,14 @@ pub async fn refresh(
         tracing::warn!(user_id, session = %session, "refresh token reused; session revoked");
         return Err(RefreshError::Reused(change));
     }
-    if expired {
-        return Err(RefreshError::Expired);
-    }
+    // A session's expiry never passes SESSION_MAX_AGE from its login, so
+    // one that reached that bound has also expired: it is named by the
+    // bound, which refreshing could not have moved.
     if too_old {
         return Err(RefreshError::TooOld);
+    }
+    if expired {
+        return Err(RefreshError::Expired);
     }
     let user = crate::users::get(&mut *tx, user_id)
         .await?

@@ -272,15 +272,20 @@ pub fn normal_email(email: &str) -> String {
     email.trim().nfc().collect()
 }
 
-/// Characters that show as nothing (Unicode format characters: zero-width
-/// spaces and joiners, direction marks, the soft hyphen, the byte order
-/// mark..., and the blank Hangul fillers and Braille pattern): an address holding one looks like another user's.
+/// Characters that show as nothing: Unicode's Default_Ignorable_Code_Point
+/// set (zero-width spaces and joiners, direction marks, the soft hyphen,
+/// the byte order mark, the shorthand format controls...), the other
+/// format controls that draw nothing by themselves (interlinear
+/// annotation marks, Egyptian hieroglyph format controls), and the blank
+/// Hangul fillers and Braille pattern: an address holding one looks like
+/// another user's.
 pub(crate) fn invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
         | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
         | '\u{2060}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
-        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{13430}'..='\u{1343F}'
+        | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
         | '\u{E0000}'..='\u{E0FFF}')
 }
 
@@ -825,6 +830,10 @@ pub async fn update(
         Revoked::Disabled
     } else if changed.contains(&"password") {
         Revoked::PasswordChanged
+    } else if changed.contains(&"disabled") {
+        // Enabled again: the disable ended every session, so a token from
+        // before it cannot be refreshed; its holder logs in again.
+        Revoked::SessionEnded
     } else {
         Revoked::AccessChanged
     };
@@ -833,6 +842,7 @@ pub async fn update(
     payload["revoke"] = match why {
         Revoked::Disabled => "disabled",
         Revoked::PasswordChanged => "password",
+        Revoked::SessionEnded => "session",
         _ => "access",
     }
     .into();
