@@ -189,6 +189,21 @@ async fn every_event_kind_reaches_its_subscribers() {
         .send(json!({"type": "unsubscribe", "event": "announcements"}))
         .await;
     assert_eq!(staff.reply("unsubscribed").await["event"], "announcements");
+    // The user's own channels cannot be left: the error says so without
+    // naming the channel as `event` (which would say it is not followed).
+    for own in ["notifications", "user-notifications", "export-progress"] {
+        staff
+            .send(json!({"type": "unsubscribe", "event": own}))
+            .await;
+        let e = staff.reply("unsubscribed").await;
+        assert_eq!(e["type"], "error", "{own}: {e}");
+        assert_eq!(e["code"], "bad_request", "{own}: {e}");
+        assert!(e.get("event").is_none(), "{own}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().starts_with(own),
+            "{own}: {e}"
+        );
+    }
     sqlx::query("SELECT sales.announce('second')")
         .execute(&db.pool)
         .await

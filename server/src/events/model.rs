@@ -105,14 +105,18 @@ impl Event {
     }
 
     /// Sets the region of every sales event in `events` (see
-    /// [`REGIONS_SQL`]); one query, none when no sales event names a store.
+    /// [`REGIONS_SQL`]), and makes the region of every store a store event
+    /// names known (a new store's, or one a store moved to), so that a
+    /// client may follow a region from its first store on, whatever names
+    /// clients have taken of their bounded room; one query, none when no
+    /// event names a store.
     async fn fill_regions<'e>(
         exec: impl PgExecutor<'e>,
         events: &mut [Event],
     ) -> Result<(), sqlx::Error> {
         let mut stores: Vec<i64> = events
             .iter()
-            .filter(|e| e.kind.is_sales())
+            .filter(|e| e.kind.is_sales() || e.kind.is_store())
             .filter_map(|e| e.store_id)
             .collect();
         if stores.is_empty() {

@@ -314,12 +314,16 @@ impl Session {
                 }
                 // A region nobody follows: nothing to leave.
                 Some(Err(())) => hub.reply(conn, protocol::unsubscribed(&event)),
+                // Named in the message, not as `event`: an error naming a
+                // channel says it is not followed, and this one always is.
                 None if protocol::IMPLICIT.contains(&event.as_str()) => hub.reply(
                     conn,
                     protocol::error(
                         "bad_request",
-                        "your own notifications cannot be unsubscribed",
-                        Some(&event),
+                        &format!(
+                            "{event} cannot be unsubscribed: your own notifications always arrive"
+                        ),
+                        None,
                     ),
                 ),
                 None => hub.reply(
