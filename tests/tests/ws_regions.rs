@@ -7,7 +7,6 @@
 mod ws_common;
 
 use sales_e2e::TestDb;
-use serde_json::json;
 use std::time::Duration;
 use ws_common::*;
 
