@@ -213,7 +213,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(UserCommand::Link(args)) => {
-            let email = users::check_cli_email(&args.email)?;
+            let email = users::stored_email(&args.email);
             users::check_cli_identity(&args.issuer, &args.subject, config.jwt_issuer.as_deref())?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;

@@ -937,31 +937,45 @@ pub fn read_password(flag: Option<String>) -> anyhow::Result<String> {
         }
         Ok(first)
     } else {
-        read_password_line(std::io::stdin().lock())
+        read_password_line(std::io::stdin().lock(), stdin_ready)
     }
 }
 
-/// The one line `input` holds, read no further than a password can be long
-/// (a line ending, CR LF or LF, may follow it, and blank lines after it): a
-/// longer line, or more lines (a file piped in by mistake), is refused
-/// without reading more than a few kilobytes past the password's bound.
-fn read_password_line(input: impl std::io::Read) -> anyhow::Result<String> {
-    use std::io::Read;
+/// The password line of `input` (a line ending, CR LF or LF, may follow
+/// it, and blank lines after it), read no further than a password can be
+/// long: a longer line, or more lines (a file piped in by mistake, whose
+/// first line would become the password), is refused. What follows the
+/// line is what the reader already holds and, when `ready` says more input
+/// waits, one read of at most 4 kB: a pipe left open after the line (a
+/// password typed over `ssh host sales-server ...`, a program that writes
+/// the line and waits) is not waited on.
+fn read_password_line(
+    input: impl std::io::Read,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<String> {
+    use std::io::{BufRead, Read};
     // What may follow the line and still be taken for its end: blank lines.
     const TAIL: usize = 4096;
-    let mut all = Vec::new();
-    input
-        .take((MAX_PASSWORD_LEN + 2 + TAIL) as u64)
-        .read_to_end(&mut all)?;
-    let (mut line, rest) = match all.iter().position(|b| *b == b'\n') {
-        Some(i) => (all[..i].to_vec(), &all[i + 1..]),
-        None => (all.clone(), &all[all.len()..]),
-    };
+    let mut reader = std::io::BufReader::new(input.take((MAX_PASSWORD_LEN + 2 + TAIL) as u64));
+    let mut line = Vec::new();
+    (&mut reader)
+        .take(MAX_PASSWORD_LEN as u64 + 2)
+        .read_until(b'\n', &mut line)?;
+    let ended = line.last() == Some(&b'\n');
+    if ended {
+        line.pop();
+    }
     if line.last() == Some(&b'\r') {
         line.pop();
     }
     if line.len() > MAX_PASSWORD_LEN {
         bail!("password: must be at most {MAX_PASSWORD_LEN} bytes");
+    }
+    let mut rest = reader.buffer().to_vec();
+    if ended && rest.is_empty() && ready() {
+        let mut more = vec![0; TAIL];
+        let n = reader.read(&mut more)?;
+        rest.extend_from_slice(&more[..n]);
     }
     if !rest.iter().all(|b| b.is_ascii_whitespace()) || rest.len() >= TAIL {
         bail!(
@@ -970,6 +984,18 @@ fn read_password_line(input: impl std::io::Read) -> anyhow::Result<String> {
         );
     }
     String::from_utf8(line).map_err(|_| anyhow::anyhow!("password: must be UTF-8 text"))
+}
+
+/// Whether standard input has something to read now (data or its end),
+/// without waiting.
+fn stdin_ready() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
 
 /// The command line's role and stores, as far as they can be checked
@@ -1005,7 +1031,7 @@ pub fn check_cli_email(email: &str) -> anyhow::Result<String> {
 }
 
 /// How a command that only names an existing user (`disable`, `enable`,
-/// `unlink`) looks it up and shows it: the stored form when the address
+/// `link`, `unlink`) looks it up and shows it: the stored form when the address
 /// passes today's rules, else as given (trimmed), so that a user stored
 /// before a rule was added can still be named.
 pub fn stored_email(email: &str) -> String {
@@ -1036,7 +1062,7 @@ mod tests {
 
     #[test]
     fn a_piped_password_is_read_up_to_its_bound() {
-        let read = |s: &[u8]| read_password_line(s).map_err(|e| e.to_string());
+        let read = |s: &[u8]| read_password_line(s, || true).map_err(|e| e.to_string());
         assert_eq!(read(b"secret-one\n").unwrap(), "secret-one");
         assert_eq!(read(b"secret-one\r\n\r\n\n").unwrap(), "secret-one");
         // A file's first line is not taken for a password.
@@ -1056,7 +1082,7 @@ mod tests {
         assert!(err.starts_with("password: must be at most"), "{err}");
         // A long input is not read past the bound.
         let mut big = std::io::Cursor::new(vec![b'a'; 10 << 20]);
-        assert!(read_password_line(&mut big).is_err());
+        assert!(read_password_line(&mut big, || true).is_err());
         assert!(big.position() <= MAX_PASSWORD_LEN as u64 + 2 + 4096);
         assert!(read(b"\xff\xfe\n").unwrap_err().contains("UTF-8"));
     }

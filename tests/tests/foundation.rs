@@ -606,10 +606,11 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
             "password: standard input holds more than one line",
         ),
         (
-            // The email is checked before any password is read.
+            // The email is checked before any password is read (this one
+            // would be refused as a password too).
             &["user", "add", "--email", "not-an-email", "--role", "staff", "--store", "1"][..],
-            &b"# pg_sales\nA Postgres-native backend\n"[..],
-            "email",
+            &[b'x'; 100_000][..],
+            "--email",
         ),
         (
             &["user", "link", "--email", "a@example.com", "--issuer", " ", "--subject", "s"][..],
@@ -657,6 +658,43 @@ async fn cli_checks_arguments_first_and_completes_an_interrupted_seed() {
         assert!(!ok, "{args:?}: {text}");
         assert!(text.contains(expected), "{args:?}: {text}");
         assert!(!text.contains("connect"), "{args:?} connected first: {text}");
+    }
+
+    // A password line on a stdin left open (a program that writes it and
+    // waits, or `ssh host ...` without a terminal) is read without waiting
+    // for the input's end: the command goes on (here to the unreachable
+    // database) instead of hanging.
+    {
+        use std::io::Write;
+        let mut child = Command::new(server_bin())
+            .args(["user", "set-password", "--email", "a@example.com"])
+            .env("DATABASE_URL", &nowhere)
+            .env("DB_CONNECTION_TIMEOUT", "1s")
+            .env("LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"a-long-enough-password-1\n").unwrap();
+        stdin.flush().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("set-password waited for the end of an open stdin");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!status.success(), "{text}");
+        assert!(text.contains("cannot connect to Postgres"), "{text}");
     }
 
     // A database that cannot be reached: where, and why (not only that
