@@ -38,7 +38,17 @@ pub fn parse_id(v: &Value) -> Result<i64, &'static str> {
 /// [`parse_id`] for any [`JsonRead`] value.
 pub fn parse_id_json<'a, J: JsonRead<'a>>(v: J) -> Result<i64, &'static str> {
     let n = match v.kind() {
-        Kind::Number => v.as_i64().ok_or("must be a whole number")?,
+        Kind::Number => match v.as_i64() {
+            Some(n) => n,
+            // Whole, but past what an id can be (`99999999999999999999`).
+            None if v
+                .as_f64()
+                .is_some_and(|f| f.fract() == 0.0 && f.abs() >= i64::MAX as f64) =>
+            {
+                return Err("is out of range")
+            }
+            None => return Err("must be a whole number"),
+        },
         Kind::String => {
             // Spaces around a numeric string are forgiven; only ASCII ones
             // (a no-break space is not part of a number).
@@ -264,6 +274,22 @@ mod tests {
         assert_eq!(parse_id(&serde_json::json!(" 12 ")), Ok(12));
         assert!(parse_id(&serde_json::json!("\u{a0}12")).is_err());
         assert!(parse_id(&serde_json::json!("12\u{2003}")).is_err());
+    }
+
+    #[test]
+    fn ids_past_i64_are_out_of_range_in_either_form() {
+        let big: serde_json::Value = serde_json::from_str("99999999999999999999").unwrap();
+        assert_eq!(parse_id(&big), Err("is out of range"));
+        assert_eq!(
+            parse_id(&json!(10_000_000_000_000_000_000u64)),
+            Err("is out of range")
+        );
+        assert_eq!(
+            parse_id(&json!("99999999999999999999")),
+            Err("is out of range")
+        );
+        assert_eq!(parse_id(&json!(12.5)), Err("must be a whole number"));
+        assert_eq!(parse_id(&json!(12.0)), Err("must be a whole number"));
     }
 
     #[test]

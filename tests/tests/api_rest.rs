@@ -2745,3 +2745,65 @@ async fn lists_name_something_in_every_place() {
     assert_eq!(body["error"]["details"]["parameter"], "fields", "{body}");
     assert!(body["error"]["details"].get("field").is_none(), "{body}");
 }
+
+/// A store outside the caller's scope refuses the whole batch (403, nothing
+/// written) however a refused record names it: as a string beside a
+/// number past the double range, in a key given twice, in a second
+/// spelling of the key, as `404.0`; and in a delete key's second spelling.
+#[tokio::test]
+async fn a_store_outside_the_scope_refuses_the_batch_however_it_is_named() {
+    let f = fixture(&[]).await;
+    let (mine, other) = (f.stores[0], f.stores[1]);
+    let (_, staff) = user_token(&f.db, &f.server, "scoped@example.com", "staff", &[mine]).await;
+    let staff = Api::new(&f.server, Some(&staff));
+    let good = format!(
+        r#"{{"storeId": {mine}, "year": 2024, "month": 1, "dailyData": {{"1": {{"sales": 1}}}}}}"#
+    );
+    for bad in [
+        format!(
+            r#"{{"storeId": "{other}", "year": 2024, "month": 1, "dailyData": {{"1": {{"sales": 1e400}}}}}}"#
+        ),
+        format!(
+            r#"{{"storeId": {other}, "storeId": {mine}, "year": 2024, "month": 2, "dailyData": {{}}}}"#
+        ),
+        format!(
+            r#"{{"storeId": {mine}, "store_id": {other}, "year": 2024, "month": 3, "dailyData": {{}}}}"#
+        ),
+        format!(r#"{{"storeId": {other}.0, "year": 2024, "month": 4, "dailyData": {{}}}}"#),
+    ] {
+        let body = format!(r#"{{"atomic": false, "salesDataArray": [{good}, {bad}]}}"#);
+        let r = staff
+            .req(reqwest::Method::POST, "/api/v2/sales/batch")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        let doc: Value = r.json().await.unwrap();
+        assert_eq!(st, 403, "{bad}: {doc}");
+        assert_eq!(
+            doc["error"]["details"]["storeIds"],
+            json!([other]),
+            "{bad}: {doc}"
+        );
+    }
+    let (_, page) = f
+        .admin
+        .get(&format!("/api/v2/sales?storeId={mine},{other}&limit=1"))
+        .await;
+    assert_eq!(page["data"], json!([]), "nothing written: {page}");
+    let (st, body) = staff
+        .send_json(
+            Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"atomic": false, "keys": [{"storeId": mine, "store_id": other, "year": 2024, "month": 1}]}),
+        )
+        .await;
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(
+        body["error"]["details"]["storeIds"],
+        json!([other]),
+        "{body}"
+    );
+}

@@ -27,7 +27,7 @@ use crate::db::sql::Binds;
 use crate::db::{Changes, Write};
 use crate::state::AppState;
 pub(crate) use batch::merge_report;
-use batch::named_store;
+use batch::named_stores;
 use list::one_body;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::{payload::Json, OpenApi};
@@ -489,8 +489,8 @@ impl SalesApi {
                         rejected.push((i, unstorable));
                     }
                 }
-                batch::Checked::Refused { store, errors } => {
-                    denied.extend(store.filter(|s| !auth.0.can_access_store(*s)));
+                batch::Checked::Refused { stores, errors } => {
+                    denied.extend(stores.into_iter().filter(|s| !auth.0.can_access_store(*s)));
                     rejected.push((i, errors));
                 }
             }
@@ -665,7 +665,7 @@ impl SalesApi {
         // not see.
         let denied: Vec<i64> = keys
             .iter()
-            .filter_map(named_store)
+            .flat_map(named_stores)
             .filter(|s| !auth.0.can_access_store(*s))
             .collect();
         let hidden: std::collections::HashSet<usize> = match auth.0.scope() {

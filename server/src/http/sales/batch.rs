@@ -13,10 +13,10 @@ pub(super) enum Checked {
         store: i64,
         unstorable: Vec<sales_core::FieldError>,
     },
-    /// A refused record, and the store it names if it names one (the
-    /// scope check covers refused records too).
+    /// A refused record, and every store it names (the scope check covers
+    /// refused records too).
     Refused {
-        store: Option<i64>,
+        stores: Vec<i64>,
         errors: Vec<sales_core::FieldError>,
     },
 }
@@ -70,7 +70,7 @@ fn check_range(
             Err(e) if e.to_string().starts_with("number out of range") => {
                 let path = number_past_double(raw.get(), "").unwrap_or_default();
                 out.push(Checked::Refused {
-                    store: raw_store(raw.get()),
+                    stores: stores_named(raw.get()),
                     errors: vec![sales_core::FieldError::new(
                         path,
                         "number out of range (beyond ±1.8e308)",
@@ -86,7 +86,7 @@ fn check_range(
         if let Some(path) = tape.repeated() {
             let e = sales_core::FieldError::new(path, sales_core::json::REPEATED);
             out.push(Checked::Refused {
-                store: named_store(r),
+                stores: stores_named(raw.get()),
                 errors: vec![e],
             });
             continue;
@@ -97,7 +97,7 @@ fn check_range(
                 unstorable: super::numbers_numeric_refuses(raw.get()),
             },
             Err(errors) => Checked::Refused {
-                store: named_store(r),
+                stores: stores_named(raw.get()),
                 errors,
             },
         });
@@ -135,26 +135,69 @@ fn number_past_double(raw: &str, path: &str) -> Option<String> {
     }
 }
 
-/// The store a record names when it cannot be read whole (see
-/// [`named_store`]): its `storeId` member as written, if an id.
-fn raw_store(raw: &str) -> Option<i64> {
-    let map: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(raw).ok()?;
-    map.iter()
-        .find(|(k, _)| sales_core::record::spelled_as(k, "storeId"))
-        .and_then(|(_, v)| v.get().trim().parse::<i64>().ok())
-        .filter(|id| *id > 0)
+/// Every store a refused record names, for the scope check: each member
+/// spelled as `storeId` (`store_id`, ...), a key given twice counted each
+/// time, its value read as an id or, past that, as any whole positive
+/// number it could be taken for (`"404"`, `404.0`). Read from the text, so
+/// a record the tape could not read whole (a number past the double
+/// range elsewhere in it) is covered too. A store named in any of these
+/// ways that the caller may not write refuses the whole batch, as one
+/// named plainly does.
+fn stores_named(raw: &str) -> Vec<i64> {
+    struct Members(Vec<(String, Box<RawValue>)>);
+    impl<'de> serde::Deserialize<'de> for Members {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Members;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut a: A,
+                ) -> Result<Members, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(m) = a.next_entry::<String, Box<RawValue>>()? {
+                        out.push(m);
+                    }
+                    Ok(Members(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let Ok(Members(members)) = serde_json::from_str::<Members>(raw) else {
+        return Vec::new();
+    };
+    members
+        .iter()
+        .filter(|(k, _)| sales_core::record::spelled_as(k, "storeId"))
+        .filter_map(|(_, v)| {
+            let v: Value = serde_json::from_str(v.get()).ok()?;
+            sales_core::record::parse_id_json(&v).ok().or_else(|| {
+                let f = match &v {
+                    Value::Number(n) => n.as_f64()?,
+                    Value::String(s) => s.trim().parse::<f64>().ok()?,
+                    _ => return None,
+                };
+                (f.fract() == 0.0 && f >= 1.0 && f < i64::MAX as f64).then_some(f as i64)
+            })
+        })
+        .collect()
 }
 
-/// The store a record or key names, by the one spelling rule (the first
-/// member spelled as `storeId`, if it holds an id).
-pub(super) fn named_store<'a, J: sales_core::json::JsonRead<'a>>(v: J) -> Option<i64> {
-    let mut named: Option<Option<i64>> = None;
+/// Every store a delete key names: each member spelled as `storeId`
+/// that holds an id (a key naming two is refused by the key rules, but its
+/// stores are still judged for scope first).
+pub(super) fn named_stores<'a, J: sales_core::json::JsonRead<'a>>(v: J) -> Vec<i64> {
+    let mut named = Vec::new();
     v.each_member(|k, m| {
-        if named.is_none() && sales_core::record::spelled_as(k, "storeId") {
-            named = Some(sales_core::record::parse_id_json(m).ok());
+        if sales_core::record::spelled_as(k, "storeId") {
+            named.extend(sales_core::record::parse_id_json(m).ok());
         }
     });
-    named.flatten()
+    named
 }
 
 /// The report of the records sent to the extension (numbered among
