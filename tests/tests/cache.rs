@@ -116,11 +116,22 @@ async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
     let admin = Api::new(&server, Some(&token));
     setup(&db, &stores, &admin).await;
+    // The batch's own invalidations applied before anything is cached.
+    relay_caught_up(&db, &server).await;
     let (s, other) = (stores[0], stores[1]);
     let path = format!("/api/v2/sales?storeId={s}&year=2024&month=2&fields=totalSales");
     let kept = format!("/api/v2/sales?storeId={other}&year=2024&month=2&fields=totalSales");
+    let id: i64 = sqlx::query_scalar(
+        "SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = 2",
+    )
+    .bind(s)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let record = format!("/api/v2/sales/{id}?fields=totalSales");
     warm(&admin, &path).await;
     warm(&admin, &kept).await;
+    warm(&admin, &record).await;
     // Changed with no event: only a clear makes the cache let go of it.
     sqlx::raw_sql(&format!(
         "SET session_replication_role = replica;
@@ -146,6 +157,19 @@ async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
     assert_eq!(r.headers()["x-cache"], "miss", "the month entry is cleared");
     let fresh: Value = r.json().await.unwrap();
     assert_eq!(total(&fresh), 777.0);
+    // And the record read by id.
+    let r = admin
+        .req(reqwest::Method::GET, &record)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-cache"],
+        "miss",
+        "the record entry is cleared"
+    );
+    let fresh: Value = r.json().await.unwrap();
+    assert_eq!(fresh["data"]["totalSales"].as_f64(), Some(777.0), "{fresh}");
     let r = admin.req(reqwest::Method::GET, &kept).send().await.unwrap();
     assert_eq!(
         r.headers()["x-cache"],

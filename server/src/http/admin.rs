@@ -229,23 +229,26 @@ impl AdminApi {
         };
         match &tag {
             Some(ClearTag::Store(store)) => {
-                // Everything of the store: its lists, its documents, and the
-                // entries of each of its months (which carry only the
-                // month's tag, so that a write to one month leaves the
-                // others cached).
-                let months: Vec<(i32, i32)> = sqlx::query_as(
-                    "SELECT DISTINCT year, month FROM sales.monthly_sales WHERE store_id = $1",
-                )
-                .bind(store)
-                .fetch_all(&self.state.pool)
-                .await?;
+                // Everything of the store: its lists, its documents, each
+                // month a record can have (entries of a month carry only
+                // its tag, so that a write to one month leaves the others
+                // cached; every month, not only those with rows now, as a
+                // clear is for what was changed by hand), and each of its
+                // records read by id.
+                let rows: Vec<i64> =
+                    sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1")
+                        .bind(store)
+                        .fetch_all(&self.state.pool)
+                        .await?;
                 let mut tags = vec![
                     crate::cache::tag_store(*store),
                     crate::cache::tag_store_doc(*store),
                 ];
-                tags.extend(months.into_iter().map(|(y, m)| {
-                    crate::cache::tag_store_month(*store, i64::from(y), i64::from(m))
+                let (first, last) = (sales_core::daily::MIN_YEAR, sales_core::daily::MAX_YEAR);
+                tags.extend((first..=last).flat_map(|y| {
+                    (1..=12).map(move |m| crate::cache::tag_store_month(*store, y, m))
                 }));
+                tags.extend(rows.into_iter().map(crate::cache::tag_row));
                 self.state.cache.invalidate(&tags).await;
             }
             Some(ClearTag::One(t)) if t == crate::cache::TAG_ALL => {
@@ -433,7 +436,9 @@ pub struct CacheClear {
 /// A tag an admin's cache clear names, in one of the forms entries carry.
 #[derive(Debug, PartialEq)]
 enum ClearTag {
-    /// `store:N`: every entry of the store, whichever of its tags it carries.
+    /// `store:N`: every entry of the store, whichever of its tags it carries
+    /// (a record deleted by hand since is not found by id: `row:N` or a
+    /// clear of everything reaches it).
     Store(i64),
     /// Any other tag, cleared as entries carry it.
     One(String),
