@@ -117,6 +117,15 @@
     return e;
   }
 
+  const segmenter = typeof Intl !== 'undefined' && Intl.Segmenter
+    ? new Intl.Segmenter(undefined, { granularity: 'grapheme' })
+    : null;
+  // The user-perceived characters of `text` (code points where the
+  // browser has no segmenter).
+  function graphemes(text) {
+    return segmenter ? Array.from(segmenter.segment(text), (g) => g.segment) : Array.from(text);
+  }
+
   function svg(tag, attrs, text) {
     const e = document.createElementNS(svgNS, tag);
     for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
@@ -526,8 +535,10 @@
         const value = num(r.totalSales);
         const y = top + i * rowH;
         const name = r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key);
-        // Cut by characters, not UTF-16 units: never inside an emoji.
-        const chars = Array.from(name);
+        // Cut between characters as the reader sees them (grapheme
+        // clusters): never inside an emoji sequence, a flag or a letter
+        // with its accent.
+        const chars = graphemes(name);
         const label = chars.length > maxChars ? `${chars.slice(0, maxChars - 1).join('')}…` : name;
         const w = Math.max(value > 0 ? 2 : 0, Math.round((value / max) * barMax));
         const g = svg('g', { class: 'row', 'data-store-id': r.key, 'data-value': String(value) });

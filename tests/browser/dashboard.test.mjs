@@ -516,6 +516,21 @@ async function main() {
     await page.locator(`#chart g.row[data-store-id="${storeA.storeId}"] text.label`).filter({ hasText: 'Browser Renamed Store' }).waitFor();
     log('store-updated (name and region): chart label, region totals and region x month follow');
 
+    // A name too long for its label is cut between whole characters: a
+    // family emoji (five code points, eight UTF-16 units) is never split.
+    const family = '\u{1F468}\u200D\u{1F469}\u200D\u{1F467}';
+    const long = await api('PATCH', `/api/v2/stores/${storeA.storeId}`, token, { name: family.repeat(40) });
+    assert.equal(long.status, 200, long.text);
+    const labelOf = page.locator(`#chart g.row[data-store-id="${storeA.storeId}"] text.label`);
+    await labelOf.filter({ hasText: '\u2026' }).waitFor();
+    const label = await labelOf.textContent();
+    assert.ok(label.endsWith('\u2026'), label);
+    assert.equal(label.slice(0, -1).split(family).join(''), '', `only whole families before the cut: ${JSON.stringify(label)}`);
+    const back = await api('PATCH', `/api/v2/stores/${storeA.storeId}`, token, { name: 'Browser Renamed Store' });
+    assert.equal(back.status, 200, back.text);
+    await labelOf.filter({ hasText: 'Browser Renamed Store' }).waitFor();
+    log('a long name is cut between whole characters');
+
     // ---- resync_required and table-truncated reload everything ----
     // A resume from an id the log does not have is answered resync_required.
     const reloads = () => ({ summaries: summaryRequests, stores: storeRequests });
