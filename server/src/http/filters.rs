@@ -78,25 +78,34 @@ pub fn parse_id_list(param: &str, raw: &str) -> ApiResult<Vec<i64>> {
 /// 400, as `after=` is for exports: a client that sends an unset variable
 /// must not get every region's rows as if it had asked for them.
 pub fn region_filter(raw: Option<&str>) -> ApiResult<Option<String>> {
-    let Some(r) = raw.map(str::trim) else {
+    let Some(raw) = raw else {
         return Ok(None);
     };
+    // Characters no region holds are refused before trimming, which would
+    // take a line separator or U+0085 at either end off unseen.
+    check_region_chars(raw)?;
+    let r = raw.trim();
     if r.is_empty() {
         return Err(ApiError::bad_param(
             "region",
             "must not be empty (leave the parameter out for every region)",
         ));
     }
+    // As store regions are judged: one of invisible characters only names
+    // no region a store can have.
+    if r.chars()
+        .all(|c| c.is_whitespace() || crate::users::invisible(c))
+    {
+        return Err(ApiError::bad_param(
+            "region",
+            "has nothing visible; no store's region is blank",
+        ));
+    }
     check_region(r)?;
     Ok(Some(r.to_string()))
 }
 
-/// A region as a filter: what a store's region can be (1..100 characters,
-/// counted as Postgres counts them), so a filter no store can match is a 400
-/// naming `region` rather than an empty page or an encoding error.
-fn check_region(r: &str) -> ApiResult<()> {
-    // The characters a store's region may not hold (controls and line
-    // separators, as the store endpoints' pattern has it).
+fn check_region_chars(r: &str) -> ApiResult<()> {
     if r.chars()
         .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
     {
@@ -105,6 +114,16 @@ fn check_region(r: &str) -> ApiResult<()> {
             "must not contain control characters or line separators",
         ));
     }
+    Ok(())
+}
+
+/// A region as a filter: what a store's region can be (1..100 characters,
+/// counted as Postgres counts them), so a filter no store can match is a 400
+/// naming `region` rather than an empty page or an encoding error.
+fn check_region(r: &str) -> ApiResult<()> {
+    // The characters a store's region may not hold (controls and line
+    // separators, as the store endpoints' pattern has it).
+    check_region_chars(r)?;
     if r.chars().count() > 100 {
         return Err(ApiError::bad_param("region", "at most 100 characters"));
     }
