@@ -486,12 +486,25 @@ impl Revocations {
                             inner.by_identity.entry(i.clone()).or_default().push(*id);
                         }
                     }
+                    // At the generation already held, a reason known from
+                    // the change itself (its event, or the writer) stands
+                    // over the default an older event of the same user
+                    // reads the row with: its generation no longer being
+                    // the stored one, it cannot say why the row moved last.
+                    let why = match inner.users.get(id) {
+                        Some(u)
+                            if u.generation == *generation && *why == Revoked::AccessChanged =>
+                        {
+                            u.why
+                        }
+                        _ => *why,
+                    };
                     inner.users.insert(
                         *id,
                         UserAccess {
                             generation: *generation,
                             disabled: *disabled,
-                            why: *why,
+                            why,
                             email: email.clone(),
                             identity,
                         },
@@ -691,6 +704,21 @@ mod tests {
             why,
             identity: None,
         }
+    }
+
+    /// An older event of a user, read after a newer change was applied
+    /// (the row it reads is the newer one's, the reason unknown), leaves
+    /// that change's reason: a token from before a disable since undone
+    /// still says to log in again.
+    #[test]
+    fn an_older_event_leaves_the_reason_of_the_change_applied() {
+        let r = Revocations::default();
+        r.apply(&user(1, 3, false, Revoked::SessionEnded));
+        r.apply(&user(1, 3, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(1, 2, None)), Err(Revoked::SessionEnded));
+        // A newer generation's reason is its own.
+        r.apply(&user(1, 4, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(1, 3, None)), Err(Revoked::AccessChanged));
     }
 
     /// A read-back of everyone leaves alone the users this instance changed
