@@ -148,9 +148,6 @@ pub enum AuthError {
     Revoked(crate::access::Revoked),
 }
 
-/// What a client is told of a token the library refused: the kind of
-/// fault, not the parser's own text (which named its offsets, the serde
-/// type it expected and every algorithm it knows).
 /// Whether a token's protected header has a `crit` member (which
 /// jsonwebtoken's `Header` does not read). The header was decoded once
 /// already; a header that does not decode here is judged by that.
@@ -166,6 +163,9 @@ fn names_critical_extensions(token: &str) -> bool {
         .is_ok_and(|h| h.contains_key("crit"))
 }
 
+/// What a client is told of a token the library refused: the kind of
+/// fault, not the parser's own text (which named its offsets, the serde
+/// type it expected and every algorithm it knows).
 fn token_error(e: &jsonwebtoken::errors::Error) -> AuthError {
     use jsonwebtoken::errors::ErrorKind as K;
     let why = match e.kind() {

@@ -437,7 +437,8 @@ async fn sessions_end_at_session_max_age_however_often_refreshed() {
         "refreshing never passes the cap: {second}"
     );
     // The session was made 121 s ago. As the cap left it (its expiry the
-    // bound, a second ago), and with an expiry further off (the bound
+    // bound, about a second ago: the right side reads the login's
+    // created_at, about now), and with an expiry further off (the bound
     // lowered since): either way it is over, and the answer names the
     // bound, not an expiry that refreshing would have moved.
     for expiry in [

@@ -92,10 +92,11 @@ pub struct MaintenanceResult {
     pub dry_run: bool,
 }
 
-/// 400 naming the field when a message or its data holds a NUL character,
-/// which Postgres' text and jsonb cannot store (it refused the statement,
-/// naming no field).
-fn refuse_nul(field: &str, message: &str, data: Option<&serde_json::Value>) -> ApiResult<()> {
+/// 400 naming the field when a message is blank (nothing but spaces, tabs
+/// or line breaks), or when it or its data holds a NUL character, which
+/// Postgres' text and jsonb cannot store (it refused the statement, naming
+/// no field).
+fn check_message(field: &str, message: &str, data: Option<&serde_json::Value>) -> ApiResult<()> {
     fn has_nul(v: &serde_json::Value) -> bool {
         match v {
             serde_json::Value::String(s) => s.contains('\0'),
@@ -135,7 +136,7 @@ impl AdminApi {
         body: Json<Announcement>,
     ) -> ApiResult<EventResponse> {
         auth.require_admin()?;
-        refuse_nul("message", &body.message, body.data.as_ref())?;
+        check_message("message", &body.message, body.data.as_ref())?;
         let level = format!("{:?}", body.level.unwrap_or(Level::Info)).to_lowercase();
         let mut w = Write::begin(&self.state.pool, auth.0.user_id).await?;
         let id: i64 =
@@ -154,7 +155,7 @@ impl AdminApi {
     #[oai(path = "/api/admin/notifications", method = "post")]
     async fn notify(&self, auth: BearerAuth, body: Json<Notification>) -> ApiResult<EventResponse> {
         auth.require_admin()?;
-        refuse_nul("message", &body.message, body.data.as_ref())?;
+        check_message("message", &body.message, body.data.as_ref())?;
         let pool = &self.state.pool;
         let exists: bool = crate::db::retry("notify_user_exists", true, || {
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sales.users WHERE id = $1)")
