@@ -436,12 +436,17 @@ fn batch_upsert_impl(
         summary["inserted"] = json!(inserted);
         summary["updated"] = json!(updated);
         summary["unchanged"] = json!(unchanged);
-        let event = json!({
-            "operation": "upsert", "mode": if replace { "replace" } else { "merge" },
-            "total": total, "inserted": inserted, "updated": updated,
-            "unchanged": unchanged, "failed": failed, "storeIds": batch_stores,
-        });
-        summary["eventId"] = json!(emit_batch_event(client, event));
+        // A batch that wrote nothing (every record as stored already, as
+        // when one is sent again) has nothing to announce: no
+        // `batch-completed`, and `eventId` stays null.
+        if inserted + updated > 0 {
+            let event = json!({
+                "operation": "upsert", "mode": if replace { "replace" } else { "merge" },
+                "total": total, "inserted": inserted, "updated": updated,
+                "unchanged": unchanged, "failed": failed, "storeIds": batch_stores,
+            });
+            summary["eventId"] = json!(emit_batch_event(client, event));
+        }
         pgrx::JsonB(summary)
     })
 }
@@ -621,8 +626,10 @@ fn batch_delete_impl(
             .or_raise();
         let (count, stores) = (count.unwrap_or_default(), stores.unwrap_or_default());
         summary["deleted"] = json!(count);
-        let event = json!({"operation": "delete", "total": total, "deleted": count, "failed": failed, "storeIds": stores});
-        summary["eventId"] = json!(emit_batch_event(client, event));
+        if count > 0 {
+            let event = json!({"operation": "delete", "total": total, "deleted": count, "failed": failed, "storeIds": stores});
+            summary["eventId"] = json!(emit_batch_event(client, event));
+        }
         pgrx::JsonB(summary)
     })
 }

@@ -132,6 +132,14 @@ SELECT pg_temp.err($$SELECT sales.day_records('{1,1}', '{2024}', '{1,1}', '{1,2}
 SELECT pg_temp.err($$SELECT sales.day_records('{1,NULL}', '{2024,2024}', '{1,1}', '{1,2}', '{1,2}', '{1,2}', '{1,2}')$$);
 SELECT pg_temp.err($$SELECT sales.day_records('{1}', '{2024}', '{1}', '{NULL}', '{1}', '{1}', '{1}')$$);
 
+-- A batch that writes nothing (sent again as stored) announces nothing:
+-- eventId null, no batch-completed event; a delete of nothing likewise.
+SELECT count(*) AS batches_before FROM sales.events WHERE kind = 'batch-completed' \gset
+SELECT sales.batch_upsert('[{"storeId": 101, "year": 2024, "month": 9, "dailyData": {"1": {"sales": 9}}}]') ? 'eventId' AS has_event,
+       sales.batch_upsert('[{"storeId": 101, "year": 2024, "month": 9, "dailyData": {"1": {"sales": 9}}}]') -> 'eventId' AS again;
+SELECT count(*) - :batches_before AS new_batch_events FROM sales.events WHERE kind = 'batch-completed';
+SELECT sales.batch_delete(ids => '{999999999}', atomic => false) -> 'eventId' AS deleted_nothing;
+
 -- arm_notify: true for the first event row of a transaction only.
 BEGIN;
 SELECT sales.arm_notify() AS first, sales.arm_notify() AS second;
