@@ -2783,6 +2783,9 @@ async fn a_store_outside_the_scope_refuses_the_batch_however_it_is_named() {
             r#"{{"storeId": {mine}, "store_id": {other}, "year": 2024, "month": 3, "dailyData": {{}}}}"#
         ),
         format!(r#"{{"storeId": {other}.0, "year": 2024, "month": 4, "dailyData": {{}}}}"#),
+        format!(
+            r#"{{"storeId": {other}, "\ud800": 1, "year": 2024, "month": 5, "dailyData": {{}}}}"#
+        ),
     ] {
         let body = format!(r#"{{"atomic": false, "salesDataArray": [{good}, {bad}]}}"#);
         let r = staff
@@ -2819,4 +2822,36 @@ async fn a_store_outside_the_scope_refuses_the_batch_however_it_is_named() {
         json!([other]),
         "{body}"
     );
+}
+
+/// A record the body's parser took but the record reader cannot (a lone
+/// surrogate escape) is that record's error: the other records of an
+/// `"atomic": false` batch are written (the whole batch was a 400 giving a
+/// position counted from the record's own start).
+#[tokio::test]
+async fn a_record_with_a_lone_surrogate_is_its_own_error() {
+    let f = fixture(&[]).await;
+    let s = f.stores[0];
+    let body = format!(
+        r#"{{"atomic": false, "salesDataArray": [
+            {{"storeId": {s}, "year": 2024, "month": 10, "dailyData": {{"1": {{"sales": 1}}}}}},
+            {{"storeId": {s}, "year": 2024, "month": 11, "\ud800": 1}}]}}"#
+    );
+    let r = f
+        .admin
+        .req(reqwest::Method::POST, "/api/v2/sales/batch")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(st, 200, "{doc}");
+    assert_eq!(doc["inserted"], 1, "{doc}");
+    assert_eq!(doc["failed"], 1, "{doc}");
+    assert_eq!(doc["errors"][0]["index"], 1, "{doc}");
+    let reason = doc["errors"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("lone surrogate"), "{doc}");
+    assert!(!reason.contains("column"), "{doc}");
 }

@@ -2865,3 +2865,39 @@ async fn the_command_line_fails_an_import_that_rejected_every_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An asynchronous batch with a record refused for a field named "\u0000"
+/// (which jsonb cannot hold) is queued like any: the job reports that
+/// record, writes the other, and the name shows as `\u0000`.
+#[tokio::test]
+async fn an_async_batch_reports_a_field_named_nul() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let s = stores[0];
+    let body = format!(
+        r#"{{"atomic": false, "salesDataArray": [
+            {{"storeId": {s}, "year": 2024, "month": 12, "dailyData": {{"1": {{"sales": 1}}}}}},
+            {{"storeId": {s}, "year": 2024, "month": 11, "dailyData": {{"\u0000": {{"sales": 1}}}}}}]}}"#
+    );
+    let r = api
+        .req(reqwest::Method::POST, "/api/v2/sales/batch?async=true")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(st, 202, "{doc}");
+    let job = wait_job(&api, doc["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(job["state"], "completed", "{job}");
+    let result = &job["result"];
+    assert_eq!(result["inserted"], 1, "{job}");
+    assert_eq!(result["failed"], 1, "{job}");
+    assert_eq!(result["errors"][0]["index"], 1, "{job}");
+    assert_eq!(result["errors"][0]["field"], "dailyData.\\u0000", "{job}");
+    server.stop().await;
+}

@@ -32,7 +32,7 @@ pub async fn enqueue(
             json!([
                 i,
                 errs.iter()
-                    .map(|e| json!({"field": e.field, "reason": e.reason}))
+                    .map(|e| json!({"field": storable(&e.field), "reason": storable(&e.reason)}))
                     .collect::<Vec<_>>()
             ])
         })
@@ -59,6 +59,18 @@ pub async fn enqueue(
     tx.commit().await?;
     super::WAKE.notify_waiters();
     Ok(Ok(id))
+}
+
+/// A report's text as jsonb can hold it: a NUL (a refused record's field
+/// named `"\u0000"`) written as the six characters `\u0000`, as a JSON
+/// answer shows it, since jsonb refuses the character itself (the whole
+/// job was refused with a 400 naming nothing).
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\\u0000").into()
+    } else {
+        text.into()
+    }
 }
 
 /// Runs a batch job on the connection that claimed it. Returns the end state.

@@ -28,8 +28,8 @@ pub(super) enum Checked {
 const CHECKED_INLINE: usize = 256;
 
 /// Checks every record with the rules the extension applies (one
-/// `sales_core` for both). A 400 for a record that is not one JSON value
-/// (the body parsed, so only a value nested past the tape's depth).
+/// `sales_core` for both). A record the tape cannot read is that record's
+/// error (field ""), like any other.
 pub(super) async fn check_records(
     records: Arc<Vec<Box<RawValue>>>,
 ) -> crate::http::error::ApiResult<Vec<Checked>> {
@@ -78,7 +78,24 @@ fn check_range(
                 });
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            // Anything else the tape cannot read in a record the body's
+            // parser took (a lone surrogate escape, `"\ud800"`): that
+            // record's error too, not the whole batch's, and not with a
+            // position counted from the record's own start.
+            Err(e) => {
+                let why = e.to_string();
+                let why = why.split(" at line ").next().unwrap_or(&why);
+                let reason = if why.contains("escape") {
+                    format!("cannot be read: {why} (an escape that is no Unicode character, such as a lone surrogate \\ud800)")
+                } else {
+                    format!("cannot be read: {why}")
+                };
+                out.push(Checked::Refused {
+                    stores: stores_named(raw.get()),
+                    errors: vec![sales_core::FieldError::new("", reason)],
+                });
+                continue;
+            }
         };
         let r = tape.root();
         // A key given twice: jsonb would keep its last value, which the
@@ -167,8 +184,21 @@ fn stores_named(raw: &str) -> Vec<i64> {
             d.deserialize_map(V)
         }
     }
-    let Ok(Members(members)) = serde_json::from_str::<Members>(raw) else {
-        return Vec::new();
+    let members = match serde_json::from_str::<Members>(raw) {
+        Ok(Members(m)) => m,
+        // A surrogate escape that is no character (`"\ud800"`) elsewhere in
+        // the record: read again with each such escape as U+FFFD, so the
+        // stores it names are still found.
+        Err(_) => {
+            static SURROGATE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+                regex::Regex::new(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}").expect("pattern")
+            });
+            let mended = SURROGATE.replace_all(raw, r"\ufffd");
+            match serde_json::from_str::<Members>(&mended) {
+                Ok(Members(m)) => m,
+                Err(_) => return Vec::new(),
+            }
+        }
     };
     members
         .iter()
