@@ -2855,3 +2855,52 @@ async fn a_record_with_a_lone_surrogate_is_its_own_error() {
     assert!(reason.contains("lone surrogate"), "{doc}");
     assert!(!reason.contains("column"), "{doc}");
 }
+
+/// A delete key holding a number a double cannot hold is that key's
+/// error: the other items of an `"atomic": false` delete go (the whole
+/// request was a 400 saying the JSON was not valid); a key naming a store
+/// outside the scope beside such a number still refuses the request.
+#[tokio::test]
+async fn a_delete_key_past_the_double_range_is_its_own_error() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let (s, other) = (f.stores[0], f.stores[1]);
+    let body = format!(
+        r#"{{"atomic": false, "keys": [{{"storeId": {s}, "year": 1e400, "month": 1}}, {{"storeId": {s}, "year": 2024, "month": 2}}]}}"#
+    );
+    let send = |api: &Api, body: String| {
+        api.req(reqwest::Method::DELETE, "/api/v2/sales/batch")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = send(&f.admin, body).await.unwrap();
+    let st = r.status().as_u16();
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(st, 200, "{doc}");
+    assert_eq!(doc["deleted"], 1, "{doc}");
+    assert_eq!(doc["failed"], 1, "{doc}");
+    assert_eq!(doc["total"], 2, "{doc}");
+    assert_eq!(doc["errors"][0]["index"], 0, "{doc}");
+    assert_eq!(doc["errors"][0]["field"], "keys[0].year", "{doc}");
+    assert_eq!(
+        doc["errors"][0]["reason"], "number out of range (beyond ±1.8e308)",
+        "{doc}"
+    );
+    let (_, page) = f
+        .admin
+        .get(&format!("/api/v2/sales?storeId={s}&year=2024&month=2"))
+        .await;
+    assert_eq!(page["data"], json!([]), "{page}");
+
+    let (_, staff) = user_token(&f.db, &f.server, "deleter@example.com", "staff", &[s]).await;
+    let staff = Api::new(&f.server, Some(&staff));
+    let body = format!(
+        r#"{{"atomic": false, "keys": [{{"storeId": {other}, "year": 1e400, "month": 1}}, {{"storeId": {s}, "year": 2024, "month": 3}}]}}"#
+    );
+    let r = send(&staff, body).await.unwrap();
+    let st = r.status().as_u16();
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(st, 403, "{doc}");
+    assert_eq!(doc["error"]["details"]["storeIds"], json!([other]), "{doc}");
+}

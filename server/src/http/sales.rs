@@ -639,7 +639,7 @@ impl SalesApi {
     async fn batch_delete(
         &self,
         auth: BearerAuth,
-        body: Json<BatchDeleteRequest>,
+        body: BatchDeleteBody,
         /// Refused (412): a batch has no representation to match.
         #[oai(name = "If-Match")]
         if_match: Header<Option<String>>,
@@ -648,7 +648,33 @@ impl SalesApi {
             return Err(ApiError::nothing_to_match("/api/v2/sales/batch"));
         }
         let ids = body.ids.clone().unwrap_or_default();
-        let keys = body.keys.clone().unwrap_or_default();
+        let raw_keys = body.keys.unwrap_or_default();
+        // Each key read as a value; one holding a number a double cannot
+        // hold is that key's error (its stores still judged for scope).
+        let mut unreadable: std::collections::HashMap<usize, (String, String)> = Default::default();
+        let mut unreadable_stores: Vec<i64> = Vec::new();
+        let keys: Vec<Value> = raw_keys
+            .iter()
+            .enumerate()
+            .map(|(j, raw)| match serde_json::from_str::<Value>(raw.get()) {
+                Ok(v) => v,
+                Err(e) => {
+                    let why = e.to_string();
+                    let error = if why.starts_with("number out of range") {
+                        (
+                            batch::number_past_double(raw.get(), "").unwrap_or_default(),
+                            "number out of range (beyond ±1.8e308)".to_string(),
+                        )
+                    } else {
+                        let why = why.split(" at line ").next().unwrap_or(&why);
+                        (String::new(), format!("cannot be read: {why}"))
+                    };
+                    unreadable.insert(j, error);
+                    unreadable_stores.extend(batch::stores_named(raw.get()));
+                    Value::Null
+                }
+            })
+            .collect();
         let n = ids.len() + keys.len();
         if n == 0 {
             return Err(ApiError::bad_param("ids", "give ids or keys to delete"));
@@ -666,6 +692,7 @@ impl SalesApi {
         let denied: Vec<i64> = keys
             .iter()
             .flat_map(named_stores)
+            .chain(unreadable_stores)
             .filter(|s| !auth.0.can_access_store(*s))
             .collect();
         let hidden: std::collections::HashSet<usize> = match auth.0.scope() {
@@ -697,6 +724,14 @@ impl SalesApi {
         let mut sent_keys: Vec<Value> = Vec::with_capacity(keys.len());
         let mut rejected: Vec<Value> = Vec::new();
         for (j, k) in keys.iter().enumerate() {
+            if let Some((path, reason)) = unreadable.get(&j) {
+                rejected.push(json!({
+                    "index": ids.len() + j,
+                    "field": sales_core::record::key_field(j, path),
+                    "reason": reason,
+                }));
+                continue;
+            }
             match sales_core::record::check_month_key(k) {
                 Ok(mk) => {
                     kept_keys.push(j);

@@ -125,7 +125,7 @@ fn check_range(
 /// The dotted path (as the record rules name fields) of the first number
 /// in `raw`, one JSON value, that a double cannot hold; objects are read
 /// in key order.
-fn number_past_double(raw: &str, path: &str) -> Option<String> {
+pub(super) fn number_past_double(raw: &str, path: &str) -> Option<String> {
     use std::collections::BTreeMap;
     let t = raw.trim();
     match t.as_bytes().first()? {
@@ -160,7 +160,7 @@ fn number_past_double(raw: &str, path: &str) -> Option<String> {
 /// range elsewhere in it) is covered too. A store named in any of these
 /// ways that the caller may not write refuses the whole batch, as one
 /// named plainly does.
-fn stores_named(raw: &str) -> Vec<i64> {
+pub(super) fn stores_named(raw: &str) -> Vec<i64> {
     struct Members(Vec<(String, Box<RawValue>)>);
     impl<'de> serde::Deserialize<'de> for Members {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -222,6 +222,67 @@ pub struct BatchDeleteRequest {
     pub atomic: Option<bool>,
 }
 
+/// The body of `DELETE /api/v2/sales/batch` as received, documented as
+/// [`BatchDeleteRequest`]: each key kept as its JSON text, so that a key
+/// holding a number a double cannot hold (`1e400`) is that key's error
+/// rather than the whole body's ("not valid JSON").
+pub struct BatchDeleteBody {
+    pub ids: Option<Vec<i64>>,
+    pub keys: Option<Vec<Box<serde_json::value::RawValue>>>,
+    pub atomic: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchDeleteWire {
+    #[serde(default)]
+    ids: Option<Vec<i64>>,
+    #[serde(default)]
+    keys: Option<Vec<Box<serde_json::value::RawValue>>>,
+    #[serde(default)]
+    atomic: Option<bool>,
+}
+
+impl Payload for BatchDeleteBody {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn check_content_type(content_type: &str) -> bool {
+        <Json<BatchDeleteRequest> as Payload>::check_content_type(content_type)
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        <BatchDeleteRequest as poem_openapi::types::Type>::schema_ref()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        <BatchDeleteRequest as poem_openapi::types::Type>::register(registry);
+    }
+}
+
+impl poem_openapi::payload::ParsePayload for BatchDeleteBody {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(
+        request: &poem::Request,
+        body: &mut poem::RequestBody,
+    ) -> poem::Result<Self> {
+        let bad = |reason: String| poem_openapi::error::ParseRequestPayloadError { reason };
+        let data = <Vec<u8> as poem::FromRequest>::from_request(request, body).await?;
+        if data.is_empty() {
+            return Err(bad("the body must be a JSON object with ids or keys".into()).into());
+        }
+        let wire: BatchDeleteWire =
+            serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            ids: wire.ids,
+            keys: wire.keys,
+            atomic: wire.atomic,
+        })
+    }
+}
+
+impl_apirequest_for_payload!(BatchDeleteBody);
+
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
 pub struct DeleteSummary {
