@@ -469,7 +469,7 @@ FOR UPDATE OF m
 /// Deletes monthly records by id and/or by `{storeId, year, month}` keys.
 /// Unknown ids or keys are reported; with `atomic` nothing is deleted when
 /// any item fails. Item `i` of the report is `ids[i]` for the ids, then
-/// `keys[i - len(ids)]`. Returns `{total, deleted, failed, eventId, errors}`.
+/// `keys[i - len(ids)]`. Returns `{total, deleted, failed, duplicates, eventId, errors}`.
 /// Both NULL is a mistake (22023); empty arrays delete nothing.
 #[pg_extern(volatile)]
 fn batch_delete_impl(
@@ -606,11 +606,17 @@ fn batch_delete_impl(
                 (_, None) => report.add(*i, &field, "no such sales record"),
             }
         }
+        // Items naming a row another item named already (an id twice, or
+        // an id and its row's key): counted, so that deleted, failed and
+        // duplicates add up to total.
+        let named = targets.len();
         targets.sort_unstable();
         targets.dedup();
+        let duplicates = named - targets.len();
         let failed = report.failed.len();
         let mut summary = json!({
-            "total": total, "deleted": 0, "failed": failed, "eventId": null, "errors": report.into_json(),
+            "total": total, "deleted": 0, "failed": failed, "duplicates": duplicates,
+            "eventId": null, "errors": report.into_json(),
         });
         if (atomic && failed > 0) || targets.is_empty() {
             return pgrx::JsonB(summary);

@@ -2904,3 +2904,33 @@ async fn a_delete_key_past_the_double_range_is_its_own_error() {
     assert_eq!(st, 403, "{doc}");
     assert_eq!(doc["error"]["details"]["storeIds"], json!([other]), "{doc}");
 }
+
+/// A batch delete naming one row twice (its id twice, or its id and its
+/// key) deletes it once and counts the repeats in `duplicates`, so that
+/// deleted, failed and duplicates add up to total.
+#[tokio::test]
+async fn a_delete_naming_a_row_twice_counts_the_repeat() {
+    let f = fixture(&[]).await;
+    seed_months(&f).await;
+    let s = f.stores[0];
+    let id: i64 = sqlx::query_scalar(
+        "SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND year = 2024 AND month = 1",
+    )
+    .bind(s)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    let (st, doc) = f
+        .admin
+        .send_json(
+            Method::DELETE,
+            "/api/v2/sales/batch",
+            &json!({"ids": [id, id], "keys": [{"storeId": s, "year": 2024, "month": 1}, {"storeId": s, "year": 2024, "month": 2}]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{doc}");
+    assert_eq!(doc["total"], 4, "{doc}");
+    assert_eq!(doc["deleted"], 2, "{doc}");
+    assert_eq!(doc["failed"], 0, "{doc}");
+    assert_eq!(doc["duplicates"], 2, "{doc}");
+}

@@ -72,6 +72,12 @@ SELECT sales.batch_delete(ids => ARRAY[(SELECT id FROM sales.monthly_sales WHERE
 SELECT sales.batch_delete(keys => '[{"storeId": 101, "year": 2024, "month": 7}]') - 'eventId';
 SELECT pg_temp.err($$SELECT sales.batch_delete(ids => '{987654}', keys => '[{"storeId": 101, "year": 2030, "month": 1}]')$$);
 SELECT sales.batch_delete(ids => '{987654}', keys => '[{"storeId": 101, "year": 2024, "month": 6}]', atomic => false) - 'eventId';
+-- One row named three times (its id twice, its key): deleted once, the
+-- other two counted as duplicates, so the counts add up to total.
+SELECT sales.batch_upsert('[{"storeId": 101, "year": 2024, "month": 11, "dailyData": {"1": {"sales": 1}}}]') -> 'inserted' AS inserted;
+SELECT sales.batch_delete(ids => ARRAY[(SELECT id FROM sales.monthly_sales WHERE store_id = 101 AND month = 11),
+                                       (SELECT id FROM sales.monthly_sales WHERE store_id = 101 AND month = 11)],
+                          keys => '[{"storeId": 101, "year": 2024, "month": 11}]') - 'eventId';
 SELECT pg_temp.err($$SELECT sales.batch_delete(keys => '[{"storeId": 102, "year": 2024, "month": 1}]', allowed_stores => '{101}')$$);
 SELECT pg_temp.err($$SELECT sales.batch_delete(ids => '{1,NULL}')$$);
 SELECT pg_temp.err($$SELECT sales.batch_delete(keys => '{"storeId": 1}')$$);

@@ -289,6 +289,10 @@ pub struct DeleteSummary {
     pub total: i64,
     pub deleted: i64,
     pub failed: i64,
+    /// Items that named a row another item of the request named already
+    /// (an id given twice, or an id and its row's key): with `deleted` and
+    /// `failed` they add up to `total`.
+    pub duplicates: i64,
     pub event_id: Option<i64>,
     pub errors: Vec<RecordError>,
 }
