@@ -2788,15 +2788,9 @@ async fn a_store_outside_the_scope_refuses_the_batch_however_it_is_named() {
         ),
     ] {
         let body = format!(r#"{{"atomic": false, "salesDataArray": [{good}, {bad}]}}"#);
-        let r = staff
-            .req(reqwest::Method::POST, "/api/v2/sales/batch")
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        let doc: Value = r.json().await.unwrap();
+        let (st, doc) = staff
+            .send_text(Method::POST, "/api/v2/sales/batch", &body)
+            .await;
         assert_eq!(st, 403, "{bad}: {doc}");
         assert_eq!(
             doc["error"]["details"]["storeIds"],
@@ -2837,16 +2831,10 @@ async fn a_record_with_a_lone_surrogate_is_its_own_error() {
             {{"storeId": {s}, "year": 2024, "month": 10, "dailyData": {{"1": {{"sales": 1}}}}}},
             {{"storeId": {s}, "year": 2024, "month": 11, "\ud800": 1}}]}}"#
     );
-    let r = f
+    let (st, doc) = f
         .admin
-        .req(reqwest::Method::POST, "/api/v2/sales/batch")
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    let doc: Value = r.json().await.unwrap();
+        .send_text(Method::POST, "/api/v2/sales/batch", &body)
+        .await;
     assert_eq!(st, 200, "{doc}");
     assert_eq!(doc["inserted"], 1, "{doc}");
     assert_eq!(doc["failed"], 1, "{doc}");
@@ -2868,15 +2856,10 @@ async fn a_delete_key_past_the_double_range_is_its_own_error() {
     let body = format!(
         r#"{{"atomic": false, "keys": [{{"storeId": {s}, "year": 1e400, "month": 1}}, {{"storeId": {s}, "year": 2024, "month": 2}}]}}"#
     );
-    let send = |api: &Api, body: String| {
-        api.req(reqwest::Method::DELETE, "/api/v2/sales/batch")
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-    };
-    let r = send(&f.admin, body).await.unwrap();
-    let st = r.status().as_u16();
-    let doc: Value = r.json().await.unwrap();
+    let (st, doc) = f
+        .admin
+        .send_text(Method::DELETE, "/api/v2/sales/batch", &body)
+        .await;
     assert_eq!(st, 200, "{doc}");
     assert_eq!(doc["deleted"], 1, "{doc}");
     assert_eq!(doc["failed"], 1, "{doc}");
@@ -2898,9 +2881,9 @@ async fn a_delete_key_past_the_double_range_is_its_own_error() {
     let body = format!(
         r#"{{"atomic": false, "keys": [{{"storeId": {other}, "year": 1e400, "month": 1}}, {{"storeId": {s}, "year": 2024, "month": 3}}]}}"#
     );
-    let r = send(&staff, body).await.unwrap();
-    let st = r.status().as_u16();
-    let doc: Value = r.json().await.unwrap();
+    let (st, doc) = staff
+        .send_text(Method::DELETE, "/api/v2/sales/batch", &body)
+        .await;
     assert_eq!(st, 403, "{doc}");
     assert_eq!(doc["error"]["details"]["storeIds"], json!([other]), "{doc}");
 }

@@ -31,6 +31,22 @@ fn total(body: &Value) -> f64 {
     body["data"][0]["totalSales"].as_f64().unwrap_or(-1.0)
 }
 
+/// Sets a store-month's sales to `sales` (day 1 only) with the event
+/// triggers off: a change no relay sees, which only a cache clear (or an
+/// entry's expiry) makes the caches let go of.
+async fn change_unseen(db: &TestDb, store: i64, month: i32, sales: i64) {
+    sqlx::raw_sql(&format!(
+        "SET session_replication_role = replica;
+         UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": {sales}}}}}',
+                total_sales = {sales}
+         WHERE store_id = {store} AND year = 2024 AND month = {month};
+         SET session_replication_role = origin;"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn hits_misses_and_read_your_writes() {
     let db = TestDb::new().await;
@@ -133,15 +149,7 @@ async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
     warm(&admin, &kept).await;
     warm(&admin, &record).await;
     // Changed with no event: only a clear makes the cache let go of it.
-    sqlx::raw_sql(&format!(
-        "SET session_replication_role = replica;
-         UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 777}}}}', total_sales = 777
-         WHERE store_id = {s} AND year = 2024 AND month = 2;
-         SET session_replication_role = origin;"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    change_unseen(&db, s, 2, 777).await;
     let (_, stale) = admin.get(&path).await;
     assert_ne!(total(&stale), 777.0, "cached before the clear");
 
@@ -477,16 +485,7 @@ async fn a_clear_through_one_instance_empties_every_first_level() {
         // Cached in instance two's first level: a repeat is a first-level hit.
         cached_in_first_level(&a2, &path, round).await;
         // Changed with no event for the relays to see.
-        sqlx::raw_sql(&format!(
-            "SET session_replication_role = replica;
-             UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": {sales}}}}}',
-                    total_sales = {sales}
-             WHERE store_id = {s} AND year = 2024 AND month = 1;
-             SET session_replication_role = origin;"
-        ))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        change_unseen(&db, s, 1, sales).await;
         let (st, body) = a1.post("/api/admin/cache/clear", &clear).await;
         assert_eq!(st, 200, "{body}");
         eventually(
@@ -537,16 +536,7 @@ async fn a_clear_missed_by_a_listener_that_was_away_empties_its_first_level() {
             .await;
         }
         cached_in_first_level(&a2, &path, round).await;
-        sqlx::raw_sql(&format!(
-            "SET session_replication_role = replica;
-             UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": {sales}}}}}',
-                    total_sales = {sales}
-             WHERE store_id = {s} AND year = 2024 AND month = 1;
-             SET session_replication_role = origin;"
-        ))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        change_unseen(&db, s, 1, sales).await;
         assert_eq!(db.cut_listeners().await, 2);
         let (st, body) = a1.post("/api/admin/cache/clear", &json!({})).await;
         assert_eq!(st, 200, "{body}");

@@ -710,6 +710,21 @@ async fn an_async_batch_answers_202_and_reports_through_the_job() {
     server.stop().await;
 }
 
+/// `sales-server import <args>` against `db`, run to its end.
+async fn cli_import<I, A>(db: &TestDb, args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    tokio::process::Command::new(sales_e2e::server_bin())
+        .arg("import")
+        .args(args)
+        .envs(db.env())
+        .output()
+        .await
+        .expect("run sales-server import")
+}
+
 #[tokio::test]
 async fn the_command_line_imports_with_a_report() {
     let db = TestDb::new().await;
@@ -722,18 +737,7 @@ async fn the_command_line_imports_with_a_report() {
         "date,store_code,sales\n2024-06-01,T001,5\n2024-06-31,T001,5\n2024-06-02,T002,7\n",
     )
     .unwrap();
-    let run = |args: Vec<String>| {
-        let env = db.env();
-        async move {
-            tokio::process::Command::new(sales_e2e::server_bin())
-                .arg("import")
-                .args(args)
-                .envs(env)
-                .output()
-                .await
-                .expect("run sales-server import")
-        }
-    };
+    let run = |args: Vec<String>| cli_import(&db, args);
     let p = file.to_string_lossy().to_string();
     let out = run(vec![p.clone(), "--dry-run".into()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -1702,13 +1706,7 @@ async fn a_stray_quote_refuses_the_file_naming_its_line() {
         big.push_str("T001,2024-05-03,3\n");
     }
     std::fs::write(&path, big).unwrap();
-    let out = tokio::process::Command::new(sales_e2e::server_bin())
-        .arg("import")
-        .arg(&path)
-        .envs(db.env())
-        .output()
-        .await
-        .expect("run sales-server import");
+    let out = cli_import(&db, [&path]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -2825,15 +2823,9 @@ async fn the_command_line_fails_an_import_that_rejected_every_line() {
     )
     .unwrap();
     let run = |args: Vec<std::ffi::OsString>| {
-        let env = db.env();
+        let db = &db;
         async move {
-            let out = tokio::process::Command::new(sales_e2e::server_bin())
-                .arg("import")
-                .args(args)
-                .envs(env)
-                .output()
-                .await
-                .expect("run sales-server import");
+            let out = cli_import(db, args).await;
             let text = format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -2882,15 +2874,13 @@ async fn an_async_batch_reports_a_field_named_nul() {
             {{"storeId": {s}, "year": 2024, "month": 12, "dailyData": {{"1": {{"sales": 1}}}}}},
             {{"storeId": {s}, "year": 2024, "month": 11, "dailyData": {{"\u0000": {{"sales": 1}}}}}}]}}"#
     );
-    let r = api
-        .req(reqwest::Method::POST, "/api/v2/sales/batch?async=true")
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    let doc: Value = r.json().await.unwrap();
+    let (st, doc) = api
+        .send_text(
+            reqwest::Method::POST,
+            "/api/v2/sales/batch?async=true",
+            &body,
+        )
+        .await;
     assert_eq!(st, 202, "{doc}");
     let job = wait_job(&api, doc["id"].as_i64().unwrap(), &["completed", "failed"]).await;
     assert_eq!(job["state"], "completed", "{job}");

@@ -651,7 +651,8 @@ impl SalesApi {
         let raw_keys = body.keys.unwrap_or_default();
         // Each key read as a value; one holding a number a double cannot
         // hold is that key's error (its stores still judged for scope).
-        let mut unreadable: std::collections::HashMap<usize, (String, String)> = Default::default();
+        let mut unreadable: std::collections::HashMap<usize, sales_core::FieldError> =
+            Default::default();
         let mut unreadable_stores: Vec<i64> = Vec::new();
         let keys: Vec<Value> = raw_keys
             .iter()
@@ -659,17 +660,7 @@ impl SalesApi {
             .map(|(j, raw)| match serde_json::from_str::<Value>(raw.get()) {
                 Ok(v) => v,
                 Err(e) => {
-                    let why = e.to_string();
-                    let error = if why.starts_with("number out of range") {
-                        (
-                            batch::number_past_double(raw.get(), "").unwrap_or_default(),
-                            "number out of range (beyond ±1.8e308)".to_string(),
-                        )
-                    } else {
-                        let why = why.split(" at line ").next().unwrap_or(&why);
-                        (String::new(), format!("cannot be read: {why}"))
-                    };
-                    unreadable.insert(j, error);
+                    unreadable.insert(j, batch::unreadable(raw.get(), &e.to_string()));
                     unreadable_stores.extend(batch::stores_named(raw.get()));
                     Value::Null
                 }
@@ -724,11 +715,11 @@ impl SalesApi {
         let mut sent_keys: Vec<Value> = Vec::with_capacity(keys.len());
         let mut rejected: Vec<Value> = Vec::new();
         for (j, k) in keys.iter().enumerate() {
-            if let Some((path, reason)) = unreadable.get(&j) {
+            if let Some(e) = unreadable.get(&j) {
                 rejected.push(json!({
                     "index": ids.len() + j,
-                    "field": sales_core::record::key_field(j, path),
-                    "reason": reason,
+                    "field": sales_core::record::key_field(j, &e.field),
+                    "reason": e.reason,
                 }));
                 continue;
             }

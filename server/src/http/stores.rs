@@ -392,17 +392,13 @@ impl StoresApi {
 /// are not the endpoints.
 fn not_blank(field: &str, value: Option<&String>) -> ApiResult<()> {
     let Some(v) = value else { return Ok(()) };
-    if v.chars()
-        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
-    {
+    if v.chars().any(crate::http::filters::breaks_text) {
         return Err(ApiError::bad_param(
             field,
             "must not contain control characters or line separators",
         ));
     }
-    if v.chars()
-        .all(|c| c.is_whitespace() || crate::users::invisible(c))
-    {
+    if crate::http::filters::shows_nothing(v) {
         return Err(ApiError::bad_param(field, "must not be blank"));
     }
     Ok(())

@@ -34,10 +34,9 @@ pub(super) async fn check_records(
     records: Arc<Vec<Box<RawValue>>>,
 ) -> crate::http::error::ApiResult<Vec<Checked>> {
     use crate::http::error::ApiError;
-    let refused = |e: String| ApiError::bad_param("salesDataArray", e);
     let n = records.len();
     if n <= CHECKED_INLINE {
-        return check_range(&records, 0..n).map_err(refused);
+        return Ok(check_range(&records, 0..n));
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let parts = cores.min(n.div_ceil(CHECKED_INLINE)).max(1);
@@ -52,47 +51,23 @@ pub(super) async fn check_records(
     let mut out = Vec::with_capacity(n);
     for t in tasks {
         // A part that panicked is the server's failure, not the request's.
-        out.extend(t.await.map_err(ApiError::internal)?.map_err(refused)?);
+        out.extend(t.await.map_err(ApiError::internal)?);
     }
     Ok(out)
 }
 
-fn check_range(
-    records: &[Box<RawValue>],
-    range: std::ops::Range<usize>,
-) -> Result<Vec<Checked>, String> {
+fn check_range(records: &[Box<RawValue>], range: std::ops::Range<usize>) -> Vec<Checked> {
     let mut out = Vec::with_capacity(range.len());
     for raw in &records[range] {
         let tape = match sales_core::json::Tape::parse(raw.get()) {
             Ok(t) => t,
-            // A number a double cannot hold (`1e309`): that record's error,
-            // so the others of an `atomic: false` batch still go through.
-            Err(e) if e.to_string().starts_with("number out of range") => {
-                let path = number_past_double(raw.get(), "").unwrap_or_default();
-                out.push(Checked::Refused {
-                    stores: stores_named(raw.get()),
-                    errors: vec![sales_core::FieldError::new(
-                        path,
-                        "number out of range (beyond ±1.8e308)",
-                    )],
-                });
-                continue;
-            }
-            // Anything else the tape cannot read in a record the body's
-            // parser took (a lone surrogate escape, `"\ud800"`): that
-            // record's error too, not the whole batch's, and not with a
-            // position counted from the record's own start.
+            // What the tape cannot read in a record the body's parser
+            // took: that record's error, so the others of an `atomic:
+            // false` batch still go through.
             Err(e) => {
-                let why = e.to_string();
-                let why = why.split(" at line ").next().unwrap_or(&why);
-                let reason = if why.contains("escape") {
-                    format!("cannot be read: {why} (an escape that is no Unicode character, such as a lone surrogate \\ud800)")
-                } else {
-                    format!("cannot be read: {why}")
-                };
                 out.push(Checked::Refused {
                     stores: stores_named(raw.get()),
-                    errors: vec![sales_core::FieldError::new("", reason)],
+                    errors: vec![unreadable(raw.get(), &e.to_string())],
                 });
                 continue;
             }
@@ -119,13 +94,33 @@ fn check_range(
             },
         });
     }
-    Ok(out)
+    out
+}
+
+/// The error of one item (a record, a delete key) that parsed as part of
+/// the body but cannot be read on its own, from the reader's message
+/// `why`: a number a double cannot hold (`1e309`) is named by its path;
+/// anything else (a lone surrogate escape, `"\ud800"`) is the item's own,
+/// without the reader's position (counted from the item's start, not the
+/// body's).
+pub(super) fn unreadable(raw: &str, why: &str) -> sales_core::FieldError {
+    if why.starts_with("number out of range") {
+        let path = number_past_double(raw, "").unwrap_or_default();
+        return sales_core::FieldError::new(path, "number out of range (beyond ±1.8e308)");
+    }
+    let why = why.split(" at line ").next().unwrap_or(why);
+    let reason = if why.contains("escape") || why.contains("surrogate") {
+        format!("cannot be read: {why} (an escape that is no Unicode character, such as a lone surrogate \\ud800)")
+    } else {
+        format!("cannot be read: {why}")
+    };
+    sales_core::FieldError::new("", reason)
 }
 
 /// The dotted path (as the record rules name fields) of the first number
 /// in `raw`, one JSON value, that a double cannot hold; objects are read
 /// in key order.
-pub(super) fn number_past_double(raw: &str, path: &str) -> Option<String> {
+fn number_past_double(raw: &str, path: &str) -> Option<String> {
     use std::collections::BTreeMap;
     let t = raw.trim();
     match t.as_bytes().first()? {

@@ -122,21 +122,45 @@ struct BatchUpsertWire {
     atomic: Option<bool>,
 }
 
-impl Payload for BatchUpsertBody {
-    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+/// A JSON body read by the handler's own type, documented (and its
+/// content type checked) as the `Object` it stands for.
+macro_rules! documented_as {
+    ($body:ty, $doc:ty) => {
+        impl Payload for $body {
+            const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
 
-    fn check_content_type(content_type: &str) -> bool {
-        <Json<BatchUpsertRequest> as Payload>::check_content_type(content_type)
-    }
+            fn check_content_type(content_type: &str) -> bool {
+                <Json<$doc> as Payload>::check_content_type(content_type)
+            }
 
-    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
-        <BatchUpsertRequest as poem_openapi::types::Type>::schema_ref()
-    }
+            fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+                <$doc as poem_openapi::types::Type>::schema_ref()
+            }
 
-    fn register(registry: &mut poem_openapi::registry::Registry) {
-        <BatchUpsertRequest as poem_openapi::types::Type>::register(registry);
-    }
+            fn register(registry: &mut poem_openapi::registry::Registry) {
+                <$doc as poem_openapi::types::Type>::register(registry);
+            }
+        }
+
+        impl_apirequest_for_payload!($body);
+    };
 }
+
+/// The request's body parsed as `T`; an empty one refused saying `empty`.
+async fn read_body<T: serde::de::DeserializeOwned>(
+    request: &poem::Request,
+    body: &mut poem::RequestBody,
+    empty: &str,
+) -> poem::Result<T> {
+    let bad = |reason: String| poem_openapi::error::ParseRequestPayloadError { reason };
+    let data = <Vec<u8> as poem::FromRequest>::from_request(request, body).await?;
+    if data.is_empty() {
+        return Err(bad(empty.into()).into());
+    }
+    Ok(serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?)
+}
+
+documented_as!(BatchUpsertBody, BatchUpsertRequest);
 
 impl poem_openapi::payload::ParsePayload for BatchUpsertBody {
     const IS_REQUIRED: bool = true;
@@ -146,12 +170,12 @@ impl poem_openapi::payload::ParsePayload for BatchUpsertBody {
         body: &mut poem::RequestBody,
     ) -> poem::Result<Self> {
         let bad = |reason: String| poem_openapi::error::ParseRequestPayloadError { reason };
-        let data = <Vec<u8> as poem::FromRequest>::from_request(request, body).await?;
-        if data.is_empty() {
-            return Err(bad("the body must be a JSON object with salesDataArray".into()).into());
-        }
-        let wire: BatchUpsertWire =
-            serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
+        let wire: BatchUpsertWire = read_body(
+            request,
+            body,
+            "the body must be a JSON object with salesDataArray",
+        )
+        .await?;
         let mode = match wire.mode.as_deref() {
             None => None,
             Some("merge") => Some(BatchMode::Merge),
@@ -167,8 +191,6 @@ impl poem_openapi::payload::ParsePayload for BatchUpsertBody {
         })
     }
 }
-
-impl_apirequest_for_payload!(BatchUpsertBody);
 
 #[derive(Object, Debug)]
 pub struct RecordError {
@@ -226,38 +248,18 @@ pub struct BatchDeleteRequest {
 /// [`BatchDeleteRequest`]: each key kept as its JSON text, so that a key
 /// holding a number a double cannot hold (`1e400`) is that key's error
 /// rather than the whole body's ("not valid JSON").
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BatchDeleteBody {
+    #[serde(default)]
     pub ids: Option<Vec<i64>>,
+    #[serde(default)]
     pub keys: Option<Vec<Box<serde_json::value::RawValue>>>,
+    #[serde(default)]
     pub atomic: Option<bool>,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchDeleteWire {
-    #[serde(default)]
-    ids: Option<Vec<i64>>,
-    #[serde(default)]
-    keys: Option<Vec<Box<serde_json::value::RawValue>>>,
-    #[serde(default)]
-    atomic: Option<bool>,
-}
-
-impl Payload for BatchDeleteBody {
-    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
-
-    fn check_content_type(content_type: &str) -> bool {
-        <Json<BatchDeleteRequest> as Payload>::check_content_type(content_type)
-    }
-
-    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
-        <BatchDeleteRequest as poem_openapi::types::Type>::schema_ref()
-    }
-
-    fn register(registry: &mut poem_openapi::registry::Registry) {
-        <BatchDeleteRequest as poem_openapi::types::Type>::register(registry);
-    }
-}
+documented_as!(BatchDeleteBody, BatchDeleteRequest);
 
 impl poem_openapi::payload::ParsePayload for BatchDeleteBody {
     const IS_REQUIRED: bool = true;
@@ -266,22 +268,14 @@ impl poem_openapi::payload::ParsePayload for BatchDeleteBody {
         request: &poem::Request,
         body: &mut poem::RequestBody,
     ) -> poem::Result<Self> {
-        let bad = |reason: String| poem_openapi::error::ParseRequestPayloadError { reason };
-        let data = <Vec<u8> as poem::FromRequest>::from_request(request, body).await?;
-        if data.is_empty() {
-            return Err(bad("the body must be a JSON object with ids or keys".into()).into());
-        }
-        let wire: BatchDeleteWire =
-            serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
-        Ok(Self {
-            ids: wire.ids,
-            keys: wire.keys,
-            atomic: wire.atomic,
-        })
+        read_body(
+            request,
+            body,
+            "the body must be a JSON object with ids or keys",
+        )
+        .await
     }
 }
-
-impl_apirequest_for_payload!(BatchDeleteBody);
 
 #[derive(Object, Debug)]
 #[oai(rename_all = "camelCase")]
