@@ -6,6 +6,7 @@
 //! extension enforces.
 
 pub mod daily;
+pub mod decimal;
 pub mod json;
 pub mod names;
 pub mod pgnumeric;

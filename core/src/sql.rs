@@ -7,6 +7,7 @@
 //! through [`Literals`]. Both get the same conditions from the same terms,
 //! so a rule added for one cannot miss the other.
 
+use crate::decimal::Bound;
 use crate::projection::Projection;
 use std::fmt::Write as _;
 
@@ -19,8 +20,8 @@ pub enum SqlValue<'a> {
     Id(i64),
     /// `integer`.
     Int(i32),
-    /// `numeric` (finite, checked by the caller).
-    Numeric(f64),
+    /// `numeric`: a plain decimal ([`Bound`]'s text: digits and a point).
+    Numeric(&'a str),
     Text(&'a str),
     /// `text[]`.
     Texts(&'a [String]),
@@ -36,8 +37,8 @@ pub trait SqlWriter {
 
 /// Renders values as literals into a string.
 ///
-/// Only typed values are rendered: numbers through their `Display` (an
-/// `f64` never uses exponents there), text through an escaped `E''`
+/// Only typed values are rendered: numbers through their `Display` (a
+/// [`Bound`] is digits and a point only), text through an escaped `E''`
 /// literal. Callers reject control characters in text first (a NUL could
 /// not be sent anyway).
 #[derive(Debug, Default, Clone)]
@@ -131,8 +132,8 @@ pub enum Term<'a> {
     From(i32, i32),
     /// Up to this (year, month), inclusive.
     To(i32, i32),
-    MinTotalSales(f64),
-    MaxTotalSales(f64),
+    MinTotalSales(&'a Bound),
+    MaxTotalSales(&'a Bound),
 }
 
 /// Appends ` AND <condition>` for each term.
@@ -178,11 +179,11 @@ pub fn push_terms(w: &mut impl SqlWriter, terms: &[Term<'_>]) {
             }
             Term::MinTotalSales(v) => {
                 w.sql(" AND m.total_sales >= ");
-                w.value(SqlValue::Numeric(v));
+                w.value(SqlValue::Numeric(v.as_str()));
             }
             Term::MaxTotalSales(v) => {
                 w.sql(" AND m.total_sales <= ");
-                w.value(SqlValue::Numeric(v));
+                w.value(SqlValue::Numeric(v.as_str()));
             }
         }
     }
@@ -265,12 +266,13 @@ mod tests {
     #[test]
     fn literals_are_escaped() {
         assert_eq!(text_lit("O'Brien \\ x"), "E'O''Brien \\\\ x'");
+        let (lo, hi) = (Bound::parse("0.5").unwrap(), Bound::parse("1e21").unwrap());
         let w = render(&[
             Term::StoreIn(&[1, 2]),
             Term::Region("a'); DROP TABLE x; --"),
             Term::From(2024, 1),
-            Term::MinTotalSales(0.5),
-            Term::MaxTotalSales(1e21),
+            Term::MinTotalSales(&lo),
+            Term::MaxTotalSales(&hi),
         ]);
         assert!(w.contains("s.region = E'a''); DROP TABLE x; --'"), "{w}");
         assert!(w.contains("ANY(ARRAY[1,2]::bigint[])"), "{w}");

@@ -107,9 +107,13 @@ impl Dim {
     /// `shift` months (`d0`: the date as stored). A weekday is the row's
     /// own (Monday compares with Monday, not with the weekday a date a year
     /// on falls on), and a week moved by whole years is the same ISO week
-    /// number that many ISO years on; the rest follow the moved date.
-    fn expr_shifted(self, shift: i32) -> String {
+    /// number that many ISO years on; the rest follow the moved date. With
+    /// `day` among the dimensions (`by_day`) every dimension follows the
+    /// moved date: a day's weekday and week are the day's, so the compared
+    /// day meets its counterpart under the same keys.
+    fn expr_shifted(self, shift: i32, by_day: bool) -> String {
         match self {
+            _ if by_day => self.expr().into(),
             Dim::Weekday if shift != 0 => "extract(isodow FROM d0)::int".into(),
             Dim::Week if shift != 0 && shift % 12 == 0 => format!(
                 "lpad((extract(isoyear FROM d0)::int + {})::text, 4, '0') || '-W' || to_char(d0, 'IW')",
@@ -509,10 +513,18 @@ impl Summary {
         if ms.len() > 20 {
             return err("metrics", "at most 20 metrics");
         }
+        // Given, it names a comparison: an empty one (an unset variable in
+        // a client) is refused rather than read as none.
         let compare = compare_to
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(Compare::parse)
+            .map(|c| {
+                if c.trim().is_empty() {
+                    return err(
+                        "compareTo",
+                        "must be previousYear or previousPeriod (leave it out for no comparison)",
+                    );
+                }
+                Compare::parse(c.trim())
+            })
             .transpose()?;
         if compare.is_some() && period.is_none() {
             return err(
@@ -756,8 +768,9 @@ impl Summary {
     ) {
         w.sql(name);
         w.sql(" AS (SELECT ");
+        let by_day = self.group_by.contains(&Dim::Day);
         for (i, d) in self.group_by.iter().enumerate() {
-            w.sql(&format!("{} AS k{i}, ", d.expr_shifted(shift)));
+            w.sql(&format!("{} AS k{i}, ", d.expr_shifted(shift, by_day)));
         }
         if self.group_by.contains(&Dim::Store) {
             w.sql("min(store_code) AS store_code, min(store_name) AS store_name, ");

@@ -199,14 +199,16 @@ CREATE TRIGGER stores_truncated AFTER TRUNCATE ON sales.stores
 REVOKE EXECUTE ON FUNCTION sales.tg_sales_deleted(), sales.tg_stores_changed(), sales.tg_truncated() FROM PUBLIC;
 
 -- Appends one event (announcements, notifications, batch summaries) and
--- returns its id. `user_id` makes it a user-only event: set it only for
+-- returns its id. A kind, like an announcement's or a notification's
+-- message, must show something: spaces, line breaks, tabs and zero-width
+-- characters only are refused (SQLSTATE 22023). `user_id` makes it a user-only event: set it only for
 -- events meant for that one user.
 CREATE FUNCTION sales.emit(kind text, payload jsonb, store_id bigint DEFAULT NULL, user_id bigint DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE new_id bigint;
 BEGIN
-    IF kind IS NULL OR length(btrim(kind)) = 0 THEN
-        RAISE EXCEPTION 'event kind must not be empty' USING ERRCODE = '22023';
+    IF kind IS NULL OR kind ~ '^[[:space:]\u0085\u00A0\u1680\u180E\u2000-\u200F\u2028-\u202F\u205F-\u2064\u3000\uFEFF]*$' THEN
+        RAISE EXCEPTION 'event kind must not be blank' USING ERRCODE = '22023';
     END IF;
     INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload)
     VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'))
@@ -218,8 +220,8 @@ END $$;
 CREATE FUNCTION sales.announce(message text, level text DEFAULT 'info', data jsonb DEFAULT '{}')
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF message IS NULL OR length(btrim(message)) = 0 THEN
-        RAISE EXCEPTION 'announcement message must not be empty' USING ERRCODE = '22023';
+    IF message IS NULL OR message ~ '^[[:space:]\u0085\u00A0\u1680\u180E\u2000-\u200F\u2028-\u202F\u205F-\u2064\u3000\uFEFF]*$' THEN
+        RAISE EXCEPTION 'announcement message must not be blank' USING ERRCODE = '22023';
     END IF;
     IF level IS NULL OR level NOT IN ('info', 'warning', 'critical') THEN
         RAISE EXCEPTION 'announcement level must be info, warning or critical, not %', coalesce(level, 'NULL')
@@ -238,8 +240,8 @@ BEGIN
     IF user_id IS NULL OR NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = notify_user.user_id) THEN
         RAISE EXCEPTION 'user % does not exist', coalesce(user_id::text, 'NULL') USING ERRCODE = '22023';
     END IF;
-    IF message IS NULL OR length(btrim(message)) = 0 THEN
-        RAISE EXCEPTION 'notification message must not be empty' USING ERRCODE = '22023';
+    IF message IS NULL OR message ~ '^[[:space:]\u0085\u00A0\u1680\u180E\u2000-\u200F\u2028-\u202F\u205F-\u2064\u3000\uFEFF]*$' THEN
+        RAISE EXCEPTION 'notification message must not be blank' USING ERRCODE = '22023';
     END IF;
     RETURN sales.emit('user-notification',
                       jsonb_build_object('message', message, 'data', coalesce(data, '{}'), 'from', sales.current_actor()),

@@ -349,6 +349,45 @@ BEGIN
     RETURN m;
 END $$;
 
+-- Where a sales record's current life begins: the id of its newest
+-- retained insert event (0 when none is retained). An id given again by
+-- hand after a delete (`INSERT ... (id, ...)`, a row restored from a
+-- backup) starts a record of its own at version 1; the events of the
+-- record that had the id before are not its history, so every reader here
+-- reads the events from this one on. (Within one life a record has one
+-- insert, and its events' ids grow with its versions: each version is
+-- written under the row's lock, after the one before it committed.)
+CREATE FUNCTION sales.record_life(id bigint) RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(max(x.eid), 0) FROM (
+        SELECT max(e.id) AS eid FROM sales.events e
+        WHERE e.row_id = record_life.id AND e.kind = 'sales-data-created'
+        UNION ALL
+        SELECT max(h.id) FROM sales.event_history h
+        WHERE h.row_id = record_life.id AND h.kind = 'sales-data-created'
+    ) x
+$$;
+
+-- Every store a record belonged to, now and in its retained events of its
+-- current life (sales.record_life; a caller sees a record's history only
+-- when all of them are in its scope). Read from the events' columns and
+-- the stores a move names, never by rebuilding versions: every retained
+-- event of the life counts, also those past a gap in the versions, so the
+-- answer is never narrower than the history shown.
+CREATE OR REPLACE FUNCTION sales.record_stores(id bigint) RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(DISTINCT s ORDER BY s), '{}') FROM (
+        SELECT m.store_id AS s FROM sales.monthly_sales m WHERE m.id = record_stores.id
+        UNION ALL
+        SELECT unnest(ARRAY[e.store_id, (e.payload->>'previousStoreId')::bigint]) FROM sales.events e
+        WHERE e.row_id = record_stores.id AND e.id >= sales.record_life(record_stores.id)
+          AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
+        UNION ALL
+        SELECT unnest(ARRAY[h.store_id, (h.payload->>'previousStoreId')::bigint]) FROM sales.event_history h
+        WHERE h.row_id = record_stores.id AND h.id >= sales.record_life(record_stores.id)
+    ) x WHERE s IS NOT NULL
+$$;
+
 CREATE OR REPLACE FUNCTION sales.record_versions(id bigint, down_to bigint DEFAULT NULL)
 RETURNS SETOF sales.record_version
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -360,12 +399,14 @@ DECLARE
     state jsonb;
     state_known boolean := true;
     expect bigint;
+    life bigint;
 BEGIN
     IF id IS NULL THEN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
     END IF;
     SELECT m.daily_data, m.version INTO cur_daily, cur_version
     FROM sales.record_row(record_versions.id) m;
+    life := sales.record_life(record_versions.id);
     state := cur_daily;
     -- No row: after a delete, its event holds the last daily data (and
     -- sets state_known below); otherwise it is lost.
@@ -378,12 +419,12 @@ BEGIN
             SELECT e.id AS eid, e.kind AS ekind, e.actor_id AS eactor, e.row_version AS ever,
                    e.payload AS p, e.created_at AS eat
             FROM sales.events e
-            WHERE e.row_id = record_versions.id
+            WHERE e.row_id = record_versions.id AND e.id >= life
               AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
             UNION ALL
             SELECT h.id, h.kind, h.actor_id, h.row_version, h.payload, h.created_at
             FROM sales.event_history h
-            WHERE h.row_id = record_versions.id
+            WHERE h.row_id = record_versions.id AND h.id >= life
               AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         ) x
         ORDER BY x.ever DESC, x.eid DESC
@@ -433,15 +474,16 @@ LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
     expect bigint;
+    life bigint := sales.record_life(record_chain.id);
 BEGIN
     SELECT m.version INTO expect FROM sales.record_row(record_chain.id) m;
     FOR r IN
         SELECT e.row_version AS v, e.kind AS k, e.id AS eid FROM sales.events e
-        WHERE e.row_id = record_chain.id
+        WHERE e.row_id = record_chain.id AND e.id >= life
           AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         UNION ALL
         SELECT h.row_version, h.kind, h.id FROM sales.event_history h
-        WHERE h.row_id = record_chain.id
+        WHERE h.row_id = record_chain.id AND h.id >= life
           AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         ORDER BY 1 DESC, 3 DESC
     LOOP
@@ -532,10 +574,12 @@ DECLARE
     created timestamptz;
     doc jsonb;
     n integer := 0;
+    life bigint;
 BEGIN
     IF id IS NULL THEN
         RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = '22023';
     END IF;
+    life := sales.record_life(get_sales_as_of.id);
     IF as_of IS NULL THEN
         RAISE EXCEPTION 'as_of must not be NULL' USING ERRCODE = '22023';
     END IF;
@@ -556,11 +600,11 @@ BEGIN
             SELECT x.ever, max(x.eat) OVER (ORDER BY x.ever, x.eid ROWS UNBOUNDED PRECEDING) AS eff
             FROM (
                 SELECT e.id AS eid, e.row_version AS ever, e.created_at AS eat FROM sales.events e
-                WHERE e.row_id = get_sales_as_of.id
+                WHERE e.row_id = get_sales_as_of.id AND e.id >= life
                   AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
                 UNION ALL
                 SELECT h.id, h.row_version, h.created_at FROM sales.event_history h
-                WHERE h.row_id = get_sales_as_of.id
+                WHERE h.row_id = get_sales_as_of.id AND h.id >= life
                   AND h.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
             ) x
         ) y;
@@ -570,12 +614,14 @@ BEGIN
             have := FOUND;
         END IF;
     END IF;
+    -- The insert that began this life (none retained: the row's own
+    -- created_at is used).
     SELECT x.at INTO created FROM (
         SELECT e.created_at AS at FROM sales.events e
-        WHERE e.row_id = get_sales_as_of.id AND e.kind = 'sales-data-created'
+        WHERE e.row_id = get_sales_as_of.id AND e.id = life AND e.kind = 'sales-data-created'
         UNION ALL
         SELECT h.created_at FROM sales.event_history h
-        WHERE h.row_id = get_sales_as_of.id AND h.kind = 'sales-data-created'
+        WHERE h.row_id = get_sales_as_of.id AND h.id = life AND h.kind = 'sales-data-created'
     ) x LIMIT 1;
     IF n = 0 AND m.id IS NULL THEN
         RETURN NULL;
@@ -598,10 +644,12 @@ BEGIN
             USING ERRCODE = 'PS404';
     ELSIF NOT hit.known AND m.id IS NULL AND NOT EXISTS (
         SELECT 1 FROM sales.events e
-        WHERE e.row_id = get_sales_as_of.id AND e.row_version = newest AND e.kind = 'sales-data-deleted'
+        WHERE e.row_id = get_sales_as_of.id AND e.id >= life AND e.row_version = newest
+          AND e.kind = 'sales-data-deleted'
         UNION ALL
         SELECT 1 FROM sales.event_history h
-        WHERE h.row_id = get_sales_as_of.id AND h.row_version = newest AND h.kind = 'sales-data-deleted')
+        WHERE h.row_id = get_sales_as_of.id AND h.id >= life AND h.row_version = newest
+          AND h.kind = 'sales-data-deleted')
     THEN
         RAISE EXCEPTION 'the daily data of sales record % at % is not known: its row was removed without a delete event and without a copy of its last daily data (a DELETE or TRUNCATE run with session_replication_role = replica, a TRUNCATE before pg_sales 0.12.0, or a copy pruned before the events), and the events hold only the days each version changed',
             id, as_of USING ERRCODE = 'PSGON';
@@ -707,4 +755,48 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
     RETURN ARRAY[p[1]::bigint, p[2]::bigint, p[3]::bigint, coalesce(p[4]::bigint, 0)];
+END $$;
+
+-- A blank kind or message is one of spaces, line breaks, tabs or
+-- zero-width characters, not of spaces only.
+CREATE OR REPLACE FUNCTION sales.emit(kind text, payload jsonb, store_id bigint DEFAULT NULL, user_id bigint DEFAULT NULL)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE new_id bigint;
+BEGIN
+    IF kind IS NULL OR kind ~ '^[[:space:]\u0085\u00A0\u1680\u180E\u2000-\u200F\u2028-\u202F\u205F-\u2064\u3000\uFEFF]*$' THEN
+        RAISE EXCEPTION 'event kind must not be blank' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO sales.events (kind, store_id, user_id, actor_id, payload)
+    VALUES (kind, store_id, user_id, sales.current_actor(), coalesce(payload, '{}'))
+    RETURNING id INTO new_id;
+    RETURN new_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION sales.announce(message text, level text DEFAULT 'info', data jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF message IS NULL OR message ~ '^[[:space:]\u0085\u00A0\u1680\u180E\u2000-\u200F\u2028-\u202F\u205F-\u2064\u3000\uFEFF]*$' THEN
+        RAISE EXCEPTION 'announcement message must not be blank' USING ERRCODE = '22023';
+    END IF;
+    IF level IS NULL OR level NOT IN ('info', 'warning', 'critical') THEN
+        RAISE EXCEPTION 'announcement level must be info, warning or critical, not %', coalesce(level, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN sales.emit('system-announcement',
+                      jsonb_build_object('message', message, 'level', level, 'data', coalesce(data, '{}'),
+                                         'from', sales.current_actor()));
+END $$;
+
+CREATE OR REPLACE FUNCTION sales.notify_user(user_id bigint, message text, data jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF user_id IS NULL OR NOT EXISTS (SELECT 1 FROM sales.users u WHERE u.id = notify_user.user_id) THEN
+        RAISE EXCEPTION 'user % does not exist', coalesce(user_id::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF message IS NULL OR message ~ '^[[:space:]\u0085\u00A0\u1680\u180E\u2000-\u200F\u2028-\u202F\u205F-\u2064\u3000\uFEFF]*$' THEN
+        RAISE EXCEPTION 'notification message must not be blank' USING ERRCODE = '22023';
+    END IF;
+    RETURN sales.emit('user-notification',
+                      jsonb_build_object('message', message, 'data', coalesce(data, '{}'), 'from', sales.current_actor()),
+                      NULL, notify_user.user_id);
 END $$;

@@ -302,6 +302,33 @@ impl NumericDatum {
         NumericDatum(unsafe { pg_sys::int64_to_numeric(0) })
     }
 
+    /// Whether `numeric_int8` takes it without an error (rounded, within
+    /// the bigint range; NaN and infinities do not fit).
+    pub fn fits_int8(&self) -> bool {
+        self.as_f64().is_some_and(|v| v.abs() < 9.2e18)
+    }
+
+    pub fn is_negative(&self) -> bool {
+        self.as_f64().is_some_and(|v| v < 0.0)
+    }
+
+    /// Its value as a double (None for NaN), read from `numeric_out`.
+    fn as_f64(&self) -> Option<f64> {
+        // SAFETY: numeric_out takes one numeric and returns a cstring.
+        let text = unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::numeric_out,
+                &[Some(pg_sys::Datum::from(self.0))],
+            )
+            .map(|d| std::ffi::CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>()))?
+        };
+        text.to_str()
+            .ok()?
+            .parse::<f64>()
+            .ok()
+            .filter(|v| !v.is_nan())
+    }
+
     /// self + n, exactly (numeric arithmetic, no rounding).
     pub fn add(&self, n: Num<'_>) -> Self {
         let mut error = false;
@@ -359,6 +386,17 @@ impl NumericSum {
         }
         let sum = self.exact.take().unwrap_or_else(NumericDatum::zero).add(n);
         self.exact = Some(sum);
+    }
+
+    /// Whether the sum, rounded, fits a bigint: known from the units while
+    /// the sum is kept in them (always, for values under 10^28 with at most
+    /// eight decimal places), else read from the numeric.
+    pub fn fits_int8(&self) -> bool {
+        match (self.units, &self.exact) {
+            (Some(u), _) => u.unsigned_abs() / 10u128.pow(8) < 9_200_000_000_000_000_000,
+            (None, Some(e)) => e.fits_int8(),
+            (None, None) => true,
+        }
     }
 
     pub fn finish(self) -> NumericDatum {

@@ -17,7 +17,8 @@ use std::borrow::Cow;
 ///   `daily_data` (the sum of each metric over the days, exactly; the
 ///   number of days), whatever the writer put in them.
 /// - On update: the id may not change; `version` moves up by one and
-///   `updated_at` to the transaction's time only when the store, year, month
+///   `updated_at` to the transaction's time (or the old value, if later)
+///   only when the store, year, month
 ///   or daily data changed (jsonb equality: `1.0` and `1.00` are the same
 ///   value), otherwise both keep their old values, so a no-op update makes
 ///   no new version and no event; `created_at` never changes.
@@ -108,11 +109,16 @@ fn tg_sales_row<'a>(
                     cols.version,
                     Some(pg_sys::Datum::from(old_version.saturating_add(1))),
                 );
+                // The transaction's time, or the old version's where that is
+                // later: a transaction that waited for this row's lock
+                // while a younger one wrote it must not date its newer
+                // version before the older one (history dates versions the
+                // same way, so `asOf` a record's `updatedAt` finds it).
+                let now = pg_sys::GetCurrentTransactionStartTimestamp();
+                let before = get(old, cols.updated_at).map(|d| d.value() as i64);
                 set.push(
                     cols.updated_at,
-                    Some(pg_sys::Datum::from(
-                        pg_sys::GetCurrentTransactionStartTimestamp(),
-                    )),
+                    Some(pg_sys::Datum::from(before.map_or(now, |b| b.max(now)))),
                 );
             } else {
                 set.push(cols.version, Some(pg_sys::Datum::from(old_version)));
@@ -234,13 +240,23 @@ fn totals(
             }
         }
     }
-    // SAFETY: numeric_int8 takes one numeric argument; it raises the
-    // cast's own error when the sum does not fit a bigint.
-    let customers = unsafe {
-        pgrx::direct_function_call_as_datum(
-            pg_sys::numeric_int8,
-            &[customers.finish().into_datum()],
-        )
+    // A sum past the bigint range (a day of 1e20 customers) is stored as
+    // the range's end rather than failing here with "bigint out of range",
+    // which names neither the field nor the rule: such a day breaks the
+    // daily data's CHECK constraint, which then refuses the row by name.
+    let fits = customers.fits_int8();
+    let customers = customers.finish();
+    let customers = if fits {
+        // SAFETY: numeric_int8 takes one numeric argument, which fits.
+        unsafe {
+            pgrx::direct_function_call_as_datum(pg_sys::numeric_int8, &[customers.into_datum()])
+        }
+    } else {
+        Some(pg_sys::Datum::from(if customers.is_negative() {
+            i64::MIN
+        } else {
+            i64::MAX
+        }))
     };
     (
         sales.finish().into_datum(),

@@ -5,12 +5,27 @@
 
 use crate::error::{OrRaise, SalesError};
 use pgrx::prelude::*;
+use sales_core::decimal::Bound;
 use sales_core::projection::{Projection, SALES_DOC};
 use sales_core::sql::{parse_period, push_terms, Literals, Term};
 use sales_core::summary::{self, Summary, SummaryError};
 
 fn invalid(msg: String) -> ! {
     SalesError::InvalidParameter(msg).raise()
+}
+
+/// The SQL argument a parameter of the API is.
+fn sql_arg(param: &str) -> &str {
+    match param {
+        "groupBy" => "group_by",
+        "compareTo" => "compare_to",
+        "orderBy" => "order_by",
+        "from" => "from_period",
+        "to" => "to_period",
+        "minTotalSales" => "min_total_sales",
+        "maxTotalSales" => "max_total_sales",
+        other => other,
+    }
 }
 
 fn period(arg: &str, value: Option<&str>) -> Option<(i32, i32)> {
@@ -20,14 +35,11 @@ fn period(arg: &str, value: Option<&str>) -> Option<(i32, i32)> {
     })
 }
 
-fn total(arg: &str, v: Option<AnyNumeric>) -> Option<f64> {
-    v.map(|n| {
-        let f: f64 = n.clone().try_into().unwrap_or(f64::NAN);
-        if f.is_nan() || f < 0.0 || !f.is_finite() {
-            invalid(format!("{arg}: must be a non-negative number"));
-        }
-        f
-    })
+/// A total bound, every digit kept (`numeric_out` writes it plainly; a
+/// double would keep 15–17 significant digits and miss the row whose total
+/// it is), checked as the API checks `minTotalSales`.
+fn total(arg: &str, v: Option<AnyNumeric>) -> Option<Bound> {
+    v.map(|n| Bound::parse(&n.to_string()).unwrap_or_else(|e| invalid(format!("{arg}: {e}"))))
 }
 
 /// The filter arguments of the SQL surface, checked (SQLSTATE 22023
@@ -39,8 +51,8 @@ struct Filters<'a> {
     month: Option<i32>,
     from: Option<(i32, i32)>,
     to: Option<(i32, i32)>,
-    min: Option<f64>,
-    max: Option<f64>,
+    min: Option<Bound>,
+    max: Option<Bound>,
 }
 
 impl<'a> Filters<'a> {
@@ -77,6 +89,32 @@ impl<'a> Filters<'a> {
                 ));
             }
         }
+        // A year or month outside from..to selects no month: refused as
+        // the API refuses it (a list of nothing would hide the mistake).
+        if let Err(e) = summary::period(year, month, from, to) {
+            invalid(format!("{}: {}", sql_arg(e.param), e.reason));
+        }
+        let min = total("min_total_sales", min_total_sales);
+        let max = total("max_total_sales", max_total_sales);
+        if let (Some(lo), Some(hi)) = (&min, &max) {
+            if lo > hi {
+                invalid("min_total_sales: must not be above max_total_sales".into());
+            }
+        }
+        // As the API reads `region`: trimmed, and a blank one or one with
+        // a control character names no store's region.
+        let region = region.map(|r| {
+            if r.chars()
+                .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+            {
+                invalid("region: must not contain control characters or line breaks".into());
+            }
+            let r = r.trim();
+            if r.is_empty() {
+                invalid("region: must not be empty (NULL for every region)".into());
+            }
+            r
+        });
         Filters {
             ids,
             region,
@@ -84,8 +122,8 @@ impl<'a> Filters<'a> {
             month,
             from,
             to,
-            min: total("min_total_sales", min_total_sales),
-            max: total("max_total_sales", max_total_sales),
+            min,
+            max,
         }
     }
 
@@ -101,8 +139,8 @@ impl<'a> Filters<'a> {
         terms.extend(self.month.map(Term::Month));
         terms.extend(self.from.map(|(y, m)| Term::From(y, m)));
         terms.extend(self.to.map(|(y, m)| Term::To(y, m)));
-        terms.extend(self.min.map(Term::MinTotalSales));
-        terms.extend(self.max.map(Term::MaxTotalSales));
+        terms.extend(self.min.as_ref().map(Term::MinTotalSales));
+        terms.extend(self.max.as_ref().map(Term::MaxTotalSales));
         terms
     }
 }
@@ -168,16 +206,7 @@ fn summary_sql(
         min_total_sales,
         max_total_sales,
     );
-    let arg = |e: SummaryError| -> ! {
-        let name = match e.param {
-            "groupBy" => "group_by",
-            "compareTo" => "compare_to",
-            "orderBy" => "order_by",
-            "from" => "from_period",
-            other => other,
-        };
-        invalid(format!("{name}: {}", e.reason))
-    };
+    let arg = |e: SummaryError| -> ! { invalid(format!("{}: {}", sql_arg(e.param), e.reason)) };
     let period = summary::period(f.year, f.month, f.from, f.to).unwrap_or_else(|e| arg(e));
     let spec = Summary::parse(
         group_by,
@@ -201,8 +230,8 @@ fn summary_sql(
         month: None,
         from: Some(p.from),
         to: Some(p.to),
-        min: f.min,
-        max: f.max,
+        min: f.min.clone(),
+        max: f.max.clone(),
     });
     let mut w = Literals::default();
     spec.render(

@@ -1178,41 +1178,53 @@ async fn a_monthly_csv_export_imports_back_unchanged() {
 }
 
 /// `minTotalSales` / `maxTotalSales` pick the same rows in the list, the
-/// summary and the export: each compares with the decimal the parameter's
-/// number reads as (the list bound it as a double cast to numeric, 15
-/// significant digits, while the export wrote up to 17).
+/// summary and the export: each compares with the decimal the parameter is
+/// written as, every digit of it (a double keeps 15–17 significant
+/// digits: `1234567890123.4567` read as one missed the row whose total it
+/// is), in any form a number takes (`1.2345678901234567e12`).
 #[tokio::test]
 async fn total_sales_filters_pick_the_same_rows_everywhere() {
     let f = fixture(&[]).await;
     let s = f.stores[0];
     sqlx::query(
         r#"INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
-           VALUES ($1, 2024, 1, '{"1": {"sales": 1234567890.1234567}}')"#,
+           VALUES ($1, 2024, 1, '{"1": {"sales": 1234567890.1234567}}'),
+                  ($1, 2024, 2, '{"1": {"sales": 617283945061.7283}, "2": {"sales": 617283945061.7284}}')"#,
     )
     .bind(s)
     .execute(&f.db.pool)
     .await
     .unwrap();
     for (filter, expected) in [
-        ("maxTotalSales=1234567890.123456", 0),
-        ("minTotalSales=1234567890.1234567", 1),
-        ("maxTotalSales=1234567890.1234567", 1),
-        ("minTotalSales=1234567890.123457", 0),
+        ("month=1&maxTotalSales=1234567890.123456", 0),
+        ("month=1&minTotalSales=1234567890.1234567", 1),
+        ("month=1&maxTotalSales=1234567890.1234567", 1),
+        ("month=1&minTotalSales=1234567890.123457", 0),
+        ("month=1&minTotalSales=1.2345678901234567e9", 1),
+        ("month=1&minTotalSales=1234567890.12345670001", 0),
+        ("month=2&minTotalSales=1234567890123.4567", 1),
+        ("month=2&maxTotalSales=1234567890123.4567", 1),
+        (
+            "month=2&minTotalSales=1234567890123.4567&maxTotalSales=1234567890123.4567",
+            1,
+        ),
+        ("month=2&maxTotalSales=1234567890123.4566", 0),
+        ("month=2&minTotalSales=1234567890123.45670000000001", 0),
     ] {
-        let q = format!("storeId={s}&year=2024&month=1&{filter}");
+        let q = format!("storeId={s}&year=2024&{filter}");
         let (st, list) = f.admin.get(&format!("/api/v2/sales?{q}&fields=id")).await;
         assert_eq!(st, 200, "{list}");
         let listed = list["data"].as_array().unwrap().len();
         let (st, sum) = f
             .admin
-            .get(&format!("/api/v2/sales/summary?{q}&metrics=count"))
+            .get(&format!("/api/v2/sales/summary?{q}&metrics=months"))
             .await;
         assert_eq!(st, 200, "{sum}");
         let counted = sum["data"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|g| g["count"].as_i64().unwrap())
+            .map(|g| g["months"].as_i64().unwrap())
             .sum::<i64>() as usize;
         let e = export(&f.admin, &format!("{q}&format=ndjson"), None).await;
         assert_eq!(e.status, 200);

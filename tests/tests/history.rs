@@ -568,6 +568,147 @@ async fn a_version_written_by_an_older_transaction_is_not_dated_before_its_prede
         times.windows(2).all(|w| w[0] >= w[1]),
         "newest first, never going backwards: {history}"
     );
+    // The row's own updatedAt is its newest version's time too (it was
+    // the older transaction's start, before version 2's), so `asOf` the
+    // record's updatedAt finds the record as it is.
+    let updated: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM sales.monthly_sales WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(updated, times[0], "{history}");
+    let doc: Value = sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2)")
+        .bind(id)
+        .bind(updated)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(doc["version"], 3, "{doc}");
+}
+
+/// An id given again by hand after its record was deleted (a row restored
+/// from a backup, an explicit-id insert) starts a record of its own: its
+/// history is its versions from 1, complete, and the stores of the record
+/// that had the id before are not its stores. (Both lives' events were
+/// walked as one chain, which stopped at the old life's delete and
+/// answered the new record's history as pruned.)
+#[tokio::test]
+async fn an_id_given_again_after_a_delete_has_a_history_of_its_own() {
+    let db = sales_e2e::TestDb::new().await;
+    let stores = db.stores(2).await;
+    let (a, b) = (stores[0], stores[1]);
+    let exec = |sql: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::raw_sql(&sql).execute(&pool).await.unwrap();
+        }
+    };
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ($1, 2024, 1, '{\"1\": {\"sales\": 1}}') RETURNING id",
+    )
+    .bind(a)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    exec(format!(
+        "UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 2}}}}' WHERE id = {id};
+         DELETE FROM sales.monthly_sales WHERE id = {id};"
+    ))
+    .await;
+    let history = |pool: sqlx::PgPool| async move {
+        let h: Value = sqlx::query_scalar("SELECT sales.history($1)")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        h
+    };
+    let old = history(db.pool.clone()).await;
+    assert_eq!(old["versions"].as_array().unwrap().len(), 3, "{old}");
+    assert_eq!(old["complete"], true, "{old}");
+    let before_new: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // Given again, in another store and month, then changed twice.
+    exec(format!(
+        "INSERT INTO sales.monthly_sales (id, store_id, year, month, daily_data)
+         VALUES ({id}, {b}, 2024, 5, '{{\"5\": {{\"sales\": 9}}}}')"
+    ))
+    .await;
+    for v in [10, 11] {
+        exec(format!(
+            "UPDATE sales.monthly_sales SET daily_data = '{{\"5\": {{\"sales\": {v}}}}}' WHERE id = {id}"
+        ))
+        .await;
+    }
+    let h = history(db.pool.clone()).await;
+    let versions: Vec<(i64, String)> = h["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_i64().unwrap(),
+                v["operation"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (3, "update".into()),
+            (2, "update".into()),
+            (1, "insert".into())
+        ],
+        "{h}"
+    );
+    assert_eq!(
+        (h["complete"].clone(), h["gone"].clone()),
+        (json!(true), Value::Null),
+        "{h}"
+    );
+    assert_eq!(h["versions"][2]["storeId"], b, "{h}");
+    let stores: Vec<i64> = sqlx::query_scalar("SELECT sales.record_stores($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stores, [b], "the old record's store is not this one's");
+    // As of now: the record as it is; before it was given again: it did
+    // not exist yet (the old record is not its past).
+    let now: Value = sqlx::query_scalar("SELECT sales.get_sales_as_of($1, clock_timestamp())")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (now["version"].clone(), now["storeId"].clone()),
+        (json!(3), json!(b)),
+        "{now}"
+    );
+    let err = sqlx::query("SELECT sales.get_sales_as_of($1, $2)")
+        .bind(id)
+        .bind(before_new)
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .unwrap_or_default();
+    assert_eq!(code, "PS404", "{err}");
+    // Deleted again: its history is the second record's, delete included.
+    exec(format!("DELETE FROM sales.monthly_sales WHERE id = {id}")).await;
+    let h = history(db.pool.clone()).await;
+    assert_eq!(h["versions"].as_array().unwrap().len(), 4, "{h}");
+    assert_eq!(
+        (h["complete"].clone(), h["deleted"].clone()),
+        (json!(true), json!(true)),
+        "{h}"
+    );
 }
 
 /// A history names each version's actor by their email as it is now: a

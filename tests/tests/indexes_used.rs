@@ -252,13 +252,15 @@ async fn a_one_store_list_is_planned_once_per_connection() {
             let mut qb: QueryBuilder<sqlx::Postgres> = QueryBuilder::new("SELECT (");
             push_sales_doc(&mut Binds(&mut qb), &projection);
             qb.push(")::text FROM sales.monthly_sales m LEFT JOIN sales.stores s ON s.id = m.store_id WHERE true");
+            let bound =
+                sales_core::decimal::Bound::parse(&(1_000_000_000_000 + i).to_string()).unwrap();
             push_terms(
                 &mut Binds(&mut qb),
                 &[
                     Term::StoreIn(&ids),
                     Term::Year(2024),
                     Term::Month((i % 12) as i32 + 1),
-                    Term::MaxTotalSales(1e12 + i as f64),
+                    Term::MaxTotalSales(&bound),
                 ],
             );
             qb.push(" ORDER BY m.store_id, m.year, m.month, m.id LIMIT ")

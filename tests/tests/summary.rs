@@ -508,6 +508,73 @@ async fn year_over_year_by_weekday_and_week_compares_like_with_like() {
     }
 }
 
+/// With `day` among the dimensions, a weekday or week beside it is the
+/// day's own: each day meets the same day a year before, as by `day`
+/// alone. (The compared side keyed its weekday and week on the date as
+/// stored, so no key met and every comparison was lost, and compared
+/// days came back as groups of their own with another day's weekday.)
+#[tokio::test]
+async fn a_day_with_its_weekday_or_week_compares_as_the_day_alone() {
+    let f = fixture().await;
+    let s = f.stores[0];
+    let by_day = get(
+        &f.admin,
+        &format!(
+            "groupBy=day&metrics=sumSales&storeId={s}&year=2024&month=3&compareTo=previousYear"
+        ),
+    )
+    .await;
+    let previous_of = |body: &Value| -> Vec<(String, Value)> {
+        let mut v: Vec<(String, Value)> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["day"].as_str().unwrap().to_string(),
+                    r["previous"]["sumSales"].clone(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let expected = previous_of(&by_day);
+    assert_eq!(expected.len(), 31, "{by_day}");
+    assert!(expected.iter().all(|(_, p)| !p.is_null()), "{by_day}");
+    for group_by in ["day,weekday", "weekday,day", "week,day", "day,week,weekday"] {
+        let body = get(
+            &f.admin,
+            &format!(
+                "groupBy={group_by}&metrics=sumSales&storeId={s}&year=2024&month=3&compareTo=previousYear"
+            ),
+        )
+        .await;
+        assert_eq!(previous_of(&body), expected, "{group_by}: {body}");
+        for r in body["data"].as_array().unwrap() {
+            let day =
+                chrono::NaiveDate::parse_from_str(r["day"].as_str().unwrap(), "%Y-%m-%d").unwrap();
+            if let Some(w) = r.get("weekday") {
+                assert_eq!(
+                    w.as_u64(),
+                    Some(u64::from(
+                        chrono::Datelike::weekday(&day).number_from_monday()
+                    )),
+                    "{group_by}: {r}"
+                );
+            }
+            if let Some(w) = r.get("week") {
+                let iso = chrono::Datelike::iso_week(&day);
+                assert_eq!(
+                    w.as_str(),
+                    Some(format!("{}-W{:02}", iso.year(), iso.week()).as_str()),
+                    "{group_by}: {r}"
+                );
+            }
+        }
+    }
+}
+
 /// Every metric, as the API names them.
 const METRICS: &[&str] = &[
     "totalSales",

@@ -17,10 +17,9 @@ impl SqlWriter for Binds<'_, '_> {
             SqlValue::Ids(ids) => self.0.push_bind(ids.to_vec()),
             SqlValue::Id(n) => self.0.push_bind(n).push("::bigint"),
             SqlValue::Int(n) => self.0.push_bind(n).push("::int"),
-            // As the text the literal writer puts in a query (the shortest
-            // that reads back as the same double): a float8 bound and cast
-            // would keep only 15 significant digits, so a list and an
-            // export of the same filter could pick different rows.
+            // As the text the literal writer puts in a query, every digit
+            // as the client wrote it: a float8 bound and cast would keep
+            // only 15 significant digits.
             SqlValue::Numeric(n) => self.0.push_bind(n.to_string()).push("::numeric"),
             SqlValue::Text(t) => self.0.push_bind(t.to_string()),
             SqlValue::Texts(t) => self.0.push_bind(t.to_vec()).push("::text[]"),

@@ -4,8 +4,12 @@
 
 use super::error::{ApiError, ApiResult};
 use crate::auth::Principal;
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::types::{ParseFromParameter, ParseResult, Type};
+use sales_core::decimal::Bound;
 use sales_core::projection::{Projection, Shape};
 use sales_core::sql::{push_terms, SqlWriter, Term};
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, Default)]
 pub struct SalesFilter {
@@ -15,8 +19,49 @@ pub struct SalesFilter {
     pub month: Option<i32>,
     pub from: Option<(i32, i32)>,
     pub to: Option<(i32, i32)>,
-    pub min_total_sales: Option<f64>,
-    pub max_total_sales: Option<f64>,
+    pub min_total_sales: Option<Bound>,
+    pub max_total_sales: Option<Bound>,
+}
+
+/// A total bound as it arrives (`minTotalSales=1234567890123.4567`): its
+/// text, kept whole so that no digit is lost to a double, checked by
+/// [`SalesFilter::parse`] (which names the parameter). Documented as a
+/// number of at least 0.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TotalParam(pub String);
+
+impl Type for TotalParam {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "number_decimal".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            minimum: Some(0.0),
+            description: Some("a decimal, compared with totals digit for digit"),
+            ..MetaSchema::new("number")
+        }))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ParseFromParameter for TotalParam {
+    fn parse_from_parameter(value: &str) -> ParseResult<Self> {
+        Ok(TotalParam(value.to_string()))
+    }
 }
 
 /// Raw filter parameters as they arrive.
@@ -28,8 +73,8 @@ pub struct RawFilter {
     pub month: Option<i32>,
     pub from: Option<String>,
     pub to: Option<String>,
-    pub min_total_sales: Option<f64>,
-    pub max_total_sales: Option<f64>,
+    pub min_total_sales: Option<TotalParam>,
+    pub max_total_sales: Option<TotalParam>,
 }
 
 /// `1,2,3` -> ids; each must be a positive integer; at most 1,000.
@@ -250,27 +295,16 @@ impl SalesFilter {
         // 200, would hide the mistake).
         sales_core::summary::period(raw.year, raw.month, from, to)
             .map_err(|e| ApiError::bad_param(e.param, e.reason))?;
-        for (name, v) in [
-            ("minTotalSales", raw.min_total_sales),
-            ("maxTotalSales", raw.max_total_sales),
-        ] {
-            if let Some(v) = v {
-                if v.is_nan() || v < 0.0 {
-                    return Err(ApiError::bad_param(name, "must be a non-negative number"));
-                }
-                if v.is_infinite() {
-                    // A number past the double range (`1e400`) reads as
-                    // infinite.
-                    return Err(ApiError::bad_param(
-                        name,
-                        format!("is out of range; at most {:e}", f64::MAX),
-                    ));
-                }
-            }
-        }
+        let bound = |name: &str, v: &Option<TotalParam>| {
+            v.as_ref()
+                .map(|v| Bound::parse(&v.0).map_err(|e| ApiError::bad_param(name, e.to_string())))
+                .transpose()
+        };
+        let min_total_sales = bound("minTotalSales", &raw.min_total_sales)?;
+        let max_total_sales = bound("maxTotalSales", &raw.max_total_sales)?;
         // Bounds that admit no total: refused like a period that selects
         // no month.
-        if let (Some(lo), Some(hi)) = (raw.min_total_sales, raw.max_total_sales) {
+        if let (Some(lo), Some(hi)) = (&min_total_sales, &max_total_sales) {
             if lo > hi {
                 return Err(ApiError::bad_param(
                     "minTotalSales",
@@ -290,8 +324,8 @@ impl SalesFilter {
             month: raw.month,
             from,
             to,
-            min_total_sales: raw.min_total_sales,
-            max_total_sales: raw.max_total_sales,
+            min_total_sales,
+            max_total_sales,
         })
     }
 
@@ -334,8 +368,8 @@ impl SalesFilter {
         terms.extend(self.month.map(Term::Month));
         terms.extend(self.from.map(|(y, m)| Term::From(y, m)));
         terms.extend(self.to.map(|(y, m)| Term::To(y, m)));
-        terms.extend(self.min_total_sales.map(Term::MinTotalSales));
-        terms.extend(self.max_total_sales.map(Term::MaxTotalSales));
+        terms.extend(self.min_total_sales.as_ref().map(Term::MinTotalSales));
+        terms.extend(self.max_total_sales.as_ref().map(Term::MaxTotalSales));
         terms
     }
 

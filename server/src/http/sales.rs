@@ -19,7 +19,7 @@ pub use model::*;
 
 use super::cached::{cached, sales_tags};
 use super::error::{ApiError, ApiResult};
-use super::filters::{parse_projection, RawFilter, SalesFilter};
+use super::filters::{parse_projection, RawFilter, SalesFilter, TotalParam};
 use super::raw::RawJson;
 use super::security::BearerAuth;
 use super::ApiTags;
@@ -67,12 +67,8 @@ impl SalesApi {
         from: Query<Option<String>>,
         /// Last month of a range, `YYYY-MM` (inclusive).
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
-            Option<f64>,
-        >,
-        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
-            Option<f64>,
-        >,
+        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<TotalParam>>,
+        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<TotalParam>>,
         /// Comma-separated paths to include.
         fields: Query<Option<String>>,
         /// Comma-separated paths to leave out (applied after `fields`).
@@ -215,12 +211,8 @@ impl SalesApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "12")))] month: Query<Option<i32>>,
         from: Query<Option<String>>,
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
-            Option<f64>,
-        >,
-        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
-            Option<f64>,
-        >,
+        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<TotalParam>>,
+        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<TotalParam>>,
     ) -> ApiResult<SummaryResponse> {
         let filter = SalesFilter::parse(&RawFilter {
             store_id: store_id.0,
@@ -236,14 +228,6 @@ impl SalesApi {
         let bad = |e: sales_core::summary::SummaryError| ApiError::bad_param(e.param, e.reason);
         let period = sales_core::summary::period(filter.year, filter.month, filter.from, filter.to)
             .map_err(bad)?;
-        // Given, it names a comparison (an empty one, an unset variable in
-        // a client, is refused rather than read as none).
-        if compare_to.0.as_deref().is_some_and(|c| c.trim().is_empty()) {
-            return Err(ApiError::bad_param(
-                "compareTo",
-                "must be previousYear or previousPeriod (leave the parameter out for no comparison)",
-            ));
-        }
         let spec = Summary::parse(
             group_by.0.as_deref(),
             metrics.0.as_deref(),

@@ -51,6 +51,12 @@ SELECT pg_temp.err($$SELECT sales.notify_user(NULL, 'x')$$);
 SELECT pg_temp.err($$SELECT sales.notify_user(7, ' ')$$);
 SELECT pg_temp.err($$SELECT sales.emit(' ', '{}')$$);
 SELECT pg_temp.err($$SELECT sales.emit(NULL, '{}')$$);
+-- Blank is anything that shows nothing: line breaks, tabs, zero-width
+-- and no-break spaces, not spaces alone.
+SELECT pg_temp.err($$SELECT sales.announce(E'\n\t ')$$);
+SELECT pg_temp.err($$SELECT sales.announce(E'\u200b\u00a0\ufeff')$$);
+SELECT pg_temp.err($$SELECT sales.notify_user(7, E'\r\n')$$);
+SELECT pg_temp.err($$SELECT sales.emit(E'\t', '{}')$$);
 
 -- Reading the log: everything of finished transactions, in delivery (seq)
 -- order. Nothing of this database is running, so that is every event.

@@ -47,6 +47,29 @@ SELECT pg_temp.err($$SELECT sales.list_sales(to_period => 'June')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(from_period => '2025-01', to_period => '2024-12')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(min_total_sales => -1)$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(max_total_sales => 'NaN')$$);
+-- Filters mean what the API's parameters mean: a year outside the range,
+-- bounds that admit no total, a blank or broken region are refused, not
+-- answered with nothing; a region is trimmed.
+SELECT pg_temp.err($$SELECT sales.list_sales(year => 2024, from_period => '2025-01')$$);
+SELECT pg_temp.err($$SELECT sales.export_monthly(month => 2, from_period => '2024-03', to_period => '2024-04')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(min_total_sales => 10, max_total_sales => 5)$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(region => '')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(region => E'  \t')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(region => E'North\n')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(max_total_sales => '1e400')$$);
+SELECT pg_temp.err($$SELECT sales.list_sales(min_total_sales => 'Infinity')$$);
+SELECT count(*) AS trimmed_region FROM sales.list_sales(region => ' North ');
+-- Total bounds keep every digit: the row whose total a bound is stays in.
+SELECT sales.batch_upsert('[{"storeId": 402, "year": 2023, "month": 3, "dailyData":
+  {"1": {"sales": 617283945061.7283}, "2": {"sales": 617283945061.7284}}}]') ->> 'inserted' AS inserted;
+SELECT sales.filter_sql(min_total_sales => 1234567890123.4567, max_total_sales => 99999999999999.999999);
+SELECT count(*) AS at_its_own_total FROM sales.list_sales(store_ids => '{402}', year => 2023, month => 3,
+    min_total_sales => 1234567890123.4567, max_total_sales => 1234567890123.4567);
+SELECT count(*) AS just_above FROM sales.list_sales(store_ids => '{402}', year => 2023,
+    min_total_sales => 1234567890123.45670001);
+SELECT count(*) AS exported FROM sales.export_monthly(store_ids => '{402}', year => 2023,
+    min_total_sales => 1234567890123.4567);
+SELECT sales.batch_delete(ARRAY(SELECT id FROM sales.monthly_sales WHERE store_id = 402 AND year = 2023)) ->> 'deleted' AS deleted;
 SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'colour')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(sort => 'year,-period')$$);
 -- A key is its camelCase or exactly its snake_case spelling, one sign at most.
@@ -79,6 +102,15 @@ SELECT * FROM sales.sales_summary('month', from_period => '2024-12');
 SELECT * FROM sales.sales_summary('store', store_ids => '{999}');
 SELECT pg_temp.err($$SELECT * FROM sales.sales_summary('week')$$);
 SELECT pg_temp.err($$SELECT * FROM sales.sales_summary(NULL)$$);
+-- A comparison given but empty is refused, as by the API.
+SELECT pg_temp.err($$SELECT sales.summary(compare_to => '', year => 2024)$$);
+SELECT pg_temp.err($$SELECT sales.summary(compare_to => '  ', year => 2024)$$);
+-- A day of customers past the bigint range breaks the daily data's CHECK,
+-- which names the rule, rather than failing in the totals.
+SELECT pg_temp.err($$INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+                     VALUES (401, 2023, 11, '{"1": {"customers": 1e20}}')$$);
+SELECT pg_temp.err($$UPDATE sales.monthly_sales SET daily_data = '{"1": {"customers": 99999999999999999999}}'
+                     WHERE store_id = 401 AND year = 2024 AND month = 11$$);
 
 SELECT s - 'createdAt' - 'updatedAt' FROM sales.list_stores() s WHERE (s ->> 'id')::int > 400;
 SELECT * FROM sales.list_stores(region => 'North', status => 'open', fields => '{code,region,status}');

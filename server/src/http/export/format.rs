@@ -199,19 +199,11 @@ pub fn file_name(
     // As written when short (`min10_5`); past 15 characters in scientific
     // form (`max1e300`, not 301 digits), so that the name stays within
     // what file systems hold (255 bytes).
-    let amount = |v: f64| {
-        let plain = format!("{v}");
-        let s = if plain.len() > 15 {
-            format!("{v:e}")
-        } else {
-            plain
-        };
-        s.replace(['.', '-'], "_")
-    };
-    if let Some(v) = f.min_total_sales {
+    let amount = |v: &sales_core::decimal::Bound| v.short().replace(['.', '-'], "_");
+    if let Some(v) = &f.min_total_sales {
         let _ = write!(name, "-min{}", amount(v));
     }
-    if let Some(v) = f.max_total_sales {
+    if let Some(v) = &f.max_total_sales {
         let _ = write!(name, "-max{}", amount(v));
     }
     if let Some(k) = after {
@@ -225,6 +217,7 @@ pub fn file_name(
 mod tests {
     use super::*;
     use crate::http::filters::SalesFilter;
+    use sales_core::decimal::Bound;
 
     #[test]
     fn keys() {
@@ -290,7 +283,7 @@ mod tests {
             year: Some(2026),
             from: Some((2025, 3)),
             to: Some((2025, 5)),
-            min_total_sales: Some(100.5),
+            min_total_sales: Some(Bound::parse("100.5").unwrap()),
             ..Default::default()
         };
         let after = RowKey::parse("12:2024-03", ExportShape::Monthly).unwrap();
@@ -331,8 +324,8 @@ mod tests {
         // Totals at the ends of the double range keep the name short.
         let f = SalesFilter {
             store_ids: Some(vec![384]),
-            min_total_sales: Some(1e-300),
-            max_total_sales: Some(1e300),
+            min_total_sales: Some(Bound::parse("1e-300").unwrap()),
+            max_total_sales: Some(Bound::parse("1e300").unwrap()),
             ..Default::default()
         };
         assert_eq!(
@@ -340,8 +333,8 @@ mod tests {
             "sales-store384-all-min1e_300-max1e300-monthly.csv"
         );
         let f = SalesFilter {
-            min_total_sales: Some(123456789012.75),
-            max_total_sales: Some(f64::MAX),
+            min_total_sales: Some(Bound::parse("123456789012.75").unwrap()),
+            max_total_sales: Some(Bound::parse("1.7976931348623157e308").unwrap()),
             ..Default::default()
         };
         let name = file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None);

@@ -61,7 +61,7 @@ pub use sql::{
 
 use super::compress::{accept_encoding, negotiate, Encoding};
 use super::error::{ApiError, ApiResult};
-use super::filters::{parse_projection, RawFilter, SalesFilter};
+use super::filters::{parse_projection, RawFilter, SalesFilter, TotalParam};
 use super::security::BearerAuth;
 use super::ApiTags;
 use crate::state::AppState;
@@ -149,12 +149,8 @@ impl ExportApi {
         from: Query<Option<String>>,
         /// Last month, `YYYY-MM` (inclusive).
         to: Query<Option<String>>,
-        #[oai(name = "minTotalSales", validator(minimum(value = "0")))] min_total_sales: Query<
-            Option<f64>,
-        >,
-        #[oai(name = "maxTotalSales", validator(minimum(value = "0")))] max_total_sales: Query<
-            Option<f64>,
-        >,
+        #[oai(name = "minTotalSales")] min_total_sales: Query<Option<TotalParam>>,
+        #[oai(name = "maxTotalSales")] max_total_sales: Query<Option<TotalParam>>,
         /// Paths to include (monthly JSON/NDJSON only), as in `GET /api/v2/sales`.
         fields: Query<Option<String>>,
         /// Paths to leave out (monthly JSON/NDJSON only).

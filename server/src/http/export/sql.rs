@@ -247,7 +247,7 @@ mod tests {
         let f = SalesFilter {
             region: Some("a'); DROP TABLE x; --".into()),
             store_ids: Some(vec![1, 2]),
-            min_total_sales: Some(0.5),
+            min_total_sales: Some(sales_core::decimal::Bound::parse("0.5").unwrap()),
             from: Some((2024, 1)),
             ..Default::default()
         };
@@ -257,7 +257,7 @@ mod tests {
         assert!(w.contains("m.total_sales >= '0.5'::numeric"), "{w}");
         assert!(w.contains("(m.year, m.month) >= (2024, 1)"), "{w}");
         let big = SalesFilter {
-            max_total_sales: Some(1e21),
+            max_total_sales: Some(sales_core::decimal::Bound::parse("1e21").unwrap()),
             ..Default::default()
         };
         assert!(where_sql(&big, &admin()).contains("<= '1000000000000000000000'::numeric"));

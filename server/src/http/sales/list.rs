@@ -148,7 +148,7 @@ pub fn filters_digest(filter: &SalesFilter) -> String {
         min_total_sales,
         max_total_sales,
     } = filter;
-    let number = |v: &f64| if *v == 0.0 { 0.0 } else { *v }.to_string();
+    let number = |v: &sales_core::decimal::Bound| v.to_string();
     let parts = [
         store_ids.as_ref().map(|ids| {
             let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
@@ -518,12 +518,17 @@ mod tests {
         };
         assert_ne!(filters_digest(&a), filters_digest(&b));
         assert_eq!(filters_digest(&a), filters_digest(&a.clone()));
-        let zero = |v: f64| SalesFilter {
-            min_total_sales: Some(v),
+        let zero = |v: &str| SalesFilter {
+            min_total_sales: Some(sales_core::decimal::Bound::parse(v).unwrap()),
             ..Default::default()
         };
-        assert_eq!(filters_digest(&zero(0.0)), filters_digest(&zero(-0.0)));
-        assert_ne!(filters_digest(&zero(0.0)), filters_digest(&zero(0.5)));
+        assert_eq!(filters_digest(&zero("0")), filters_digest(&zero("-0")));
+        assert_eq!(filters_digest(&zero("10")), filters_digest(&zero("1e1")));
+        assert_ne!(filters_digest(&zero("0")), filters_digest(&zero("0.5")));
+        assert_ne!(
+            filters_digest(&zero("1234567890123.4567")),
+            filters_digest(&zero("1234567890123.4568"))
+        );
         // A year is not a month, nor a region a store.
         let year = SalesFilter {
             year: Some(2024),
