@@ -375,6 +375,7 @@ impl ImportsApi {
             file_name: None,
             lease: self.state.config.job_lease,
             max_jobs: Some(max_jobs),
+            job_id: None,
         };
         let reader = ChannelReader {
             rx,

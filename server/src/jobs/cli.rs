@@ -42,13 +42,18 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// Checks the arguments before the command touches the database: the file
-/// can be opened and is a file.
+/// exists and is not a directory, and a regular file can be opened. A pipe
+/// (`<(zcat sales.csv.gz)`, `/dev/stdin`, a named pipe) is not opened
+/// here: opening it twice would give what its writer sends to this check,
+/// and leave the import waiting for a writer that already left.
 pub fn check(args: &ImportArgs) -> anyhow::Result<()> {
-    let meta = std::fs::File::open(&args.file)
-        .and_then(|f| f.metadata())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let shown = |e: std::io::Error| anyhow::anyhow!("{}: {e}", args.file.display());
+    let meta = std::fs::metadata(&args.file).map_err(shown)?;
     if meta.is_dir() {
         anyhow::bail!("{}: is a directory, not a file", args.file.display());
+    }
+    if meta.is_file() {
+        std::fs::File::open(&args.file).map_err(shown)?;
     }
     Ok(())
 }
@@ -78,6 +83,9 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             }
         })
     };
+    let job_id: i64 = sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
+        .fetch_one(pool)
+        .await?;
     let req = ImportRequest {
         requested: Requested::parse(&args.format).unwrap_or(Requested::Auto),
         dry_run: args.dry_run,
@@ -90,17 +98,46 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             .map(|f| f.to_string_lossy().into_owned()),
         lease: config.job_lease,
         max_jobs: None,
+        job_id: Some(job_id),
     };
-    let staged = import::stage(
+    let stage = import::stage(
         pool,
         Counting {
             inner: file,
             read: read.clone(),
         },
         &req,
-    )
-    .await;
+    );
+    tokio::pin!(stage);
+    // Ctrl-C while the file is read: the upload is cancelled (the reader
+    // stops at its next check, its staged rows go) and nothing is written.
+    let mut interrupted = false;
+    let staged = loop {
+        tokio::select! {
+            staged = &mut stage => break staged,
+            signal = tokio::signal::ctrl_c(), if !interrupted => {
+                if signal.is_ok() {
+                    interrupted = true;
+                    bar.set_message("stopping");
+                    let _ = super::cancel(pool, job_id, None).await;
+                }
+            }
+        }
+    };
     ticker.abort();
+    if interrupted {
+        bar.abandon();
+        // A Ctrl-C before the job's row existed: the cancel found nothing,
+        // and the file was staged whole; it is cancelled now, unmerged.
+        if staged.as_ref().is_ok_and(|s| s.queued) {
+            let _ = super::cancel(pool, job_id, None).await;
+        }
+        return Err(crate::cli::Interrupted(format!(
+            "interrupted while reading {}: job {job_id} cancelled, nothing written",
+            args.file.display()
+        ))
+        .into());
+    }
     let staged = match staged {
         Ok(s) => s,
         Err(e) => {

@@ -55,6 +55,9 @@ pub struct ImportRequest {
     /// Unfinished jobs the user may have (JOBS_MAX_PER_USER); none from
     /// the command line.
     pub max_jobs: Option<i64>,
+    /// The job's id when the caller took it beforehand (the command line,
+    /// which cancels the upload by it on Ctrl-C); None: taken here.
+    pub job_id: Option<i64>,
 }
 
 /// A staged import.
@@ -104,9 +107,14 @@ pub async fn stage<R: Read + Send + 'static>(
 ) -> Result<Staged, StageError> {
     // The id is taken first so that every staged row can carry it; a file
     // refused whole leaves only a gap in the sequence.
-    let id: i64 = sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
-        .fetch_one(pool)
-        .await?;
+    let id: i64 = match req.job_id {
+        Some(id) => id,
+        None => {
+            sqlx::query_scalar("SELECT nextval('jobs.jobs_id_seq')")
+                .fetch_one(pool)
+                .await?
+        }
+    };
     // Store codes as the stores have them now: a line naming its store by
     // code is staged with that store's id as well, so its rows share the
     // staged key (and chunk) with lines naming the same store by id. The

@@ -505,9 +505,18 @@ fn parse_csv<R: Read>(
     requested: Requested,
     out: &mut impl FnMut(Item) -> Result<(), FileError>,
 ) -> Result<Shape, FileError> {
+    // The header is the first line with something in it: blank lines and
+    // a spreadsheet's empty rows (`,,,`, `;;;`, spaces) before it are
+    // not data, and guessing the delimiter from one of them would split
+    // the header wrongly.
     let header_line = head
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(head)
         .split(|b| *b == b'\n' || *b == b'\r')
-        .next()
+        .find(|l| {
+            l.iter()
+                .any(|b| !b.is_ascii_whitespace() && !matches!(b, b',' | b';'))
+        })
         .unwrap_or(head);
     let (commas, semis) = header_line.iter().fold((0, 0), |(c, s), b| match b {
         b',' => (c + 1, s),
@@ -528,9 +537,17 @@ fn parse_csv<R: Read>(
             delimiter,
         });
     let mut record = csv::ByteRecord::new();
-    let got = csv.read_byte_record(&mut record).map_err(csv_read_error)?;
-    if !got {
-        return Err(FileError::Empty);
+    loop {
+        let got = csv.read_byte_record(&mut record).map_err(csv_read_error)?;
+        if !got {
+            return Err(FileError::Empty);
+        }
+        // Either delimiter: an empty row of the other one (`,,,` above a
+        // `;` header) is one field of commas.
+        let empty = |b: &u8| b.is_ascii_whitespace() || matches!(b, b',' | b';');
+        if !record.iter().all(|f| f.iter().all(empty)) {
+            break;
+        }
     }
     let written: Vec<String> = record
         .iter()
@@ -562,8 +579,26 @@ fn parse_csv<R: Read>(
                     "no metric column (sales, customers, transactions); found: {found}"
                 )));
             }
+            if let Some(&(i, _, _)) = cols.days.first() {
+                return Err(FileError::Header(format!(
+                    "column {} is not read in the daily shape, which reads a date and its \
+                     day's sales, customers, transactions (format=monthly reads day columns); \
+                     found: {found}",
+                    cut_name(as_written(&written[i]))
+                )));
+            }
         }
         Shape::Monthly => {
+            // A date or a day's metric column is read in the daily shape
+            // only: here its values would be dropped without a word.
+            let daily_only = [cols.date].into_iter().chain(cols.metrics).flatten().next();
+            if let Some(i) = daily_only {
+                return Err(FileError::Header(format!(
+                    "column {} is not read in the monthly shape, which reads d1_sales ... \
+                     d31_transactions (format=daily reads a date and its day's metrics); found: {found}",
+                    cut_name(as_written(&written[i]))
+                )));
+            }
             if cols.year.is_none() || cols.month.is_none() {
                 return Err(FileError::Header(format!(
                     "the monthly shape needs year and month columns; found: {found}"
@@ -600,8 +635,24 @@ fn parse_csv<R: Read>(
                 return Err(csv_read_error(e));
             }
         }
-        let line = record.position().map_or(0, |p| line_of.at(p.byte()));
+        let start = record.position().map_or(0, |p| p.byte());
+        let line = line_of.at(start);
         lines += 1;
+        // Text right after a closing quote within this record: the value
+        // it was glued to is not what the file says.
+        let glued = {
+            let end = csv.position().byte();
+            let mut b = line_of.breaks.borrow_mut();
+            while b.stray.front().is_some_and(|&at| at < start) {
+                b.stray.pop_front();
+            }
+            let mut glued = false;
+            while b.stray.front().is_some_and(|&at| at < end) {
+                b.stray.pop_front();
+                glued = true;
+            }
+            glued
+        };
         // A line of delimiters only (a spreadsheet's empty row, `,,,`) or
         // of spaces is not data, whatever its number of fields.
         if record.iter().all(|f| f.iter().all(u8::is_ascii_whitespace)) {
@@ -639,6 +690,17 @@ fn parse_csv<R: Read>(
                     record.len(),
                     cols.names.len()
                 ),
+            }))?;
+            out(Item::LineDone)?;
+            continue;
+        }
+        if glued {
+            out(Item::Rejected(Rejected {
+                line,
+                column: None,
+                reason: "malformed line: text after a closing quote (a quote inside a value \
+                         is written twice, `\"\"`, and the whole value quoted)"
+                    .to_string(),
             }))?;
             out(Item::LineDone)?;
             continue;
@@ -709,6 +771,10 @@ struct Breaks {
     state: Quoting,
     /// The line of the quote that opened the quoted value being read.
     quote_line: u64,
+    /// Offsets of text right after a closing quote (`"12"50`), not yet
+    /// behind the parser: the csv reader would append it to the value
+    /// (`1250`), so the line is rejected instead.
+    stray: std::collections::VecDeque<u64>,
 }
 
 /// The csv reader's states that matter for line breaks and quotes, as
@@ -733,7 +799,15 @@ impl Breaks {
     /// measures the record it belongs to: a record longer than
     /// MAX_LINE_BYTES is refused, naming the line it starts on (or the
     /// line of a quote still open).
-    fn step(&mut self, b: u8, delimiter: u8) -> Result<(), FileError> {
+    fn step(&mut self, b: u8, at: u64, delimiter: u8) -> Result<(), FileError> {
+        // Blanks after a closing quote are trimmed off the value anyway;
+        // anything else would be glued to it.
+        if self.state == Quoting::QuoteInQuotes
+            && !matches!(b, b'"' | b'\n' | b' ' | b'\t')
+            && b != delimiter
+        {
+            self.stray.push_back(at);
+        }
         let state = self.next_state(b, delimiter);
         if b == b'\n' && state == Quoting::StartRecord {
             // The break that ends a record (or a blank line).
@@ -882,7 +956,8 @@ impl<R: Read> Read for Lf<R> {
                     // The csv reader drops a BOM at the start of the file
                     // (and the line limit does not count it).
                     if at >= 3 || *b != b"\xEF\xBB\xBF"[at as usize] {
-                        br.step(*b, self.delimiter).map_err(std::io::Error::other)?;
+                        br.step(*b, at, self.delimiter)
+                            .map_err(std::io::Error::other)?;
                     }
                 }
                 self.offset += w as u64;
@@ -1178,6 +1253,26 @@ fn daily_line(
     let date_col = cols.date.expect("checked with the header");
     let date =
         parse_date(f[date_col]).map_err(|e| errors.push((Some(cols.names[date_col].clone()), e)));
+    // A daily line's year and month, when the file has those columns and
+    // the line fills them, are its date's (as for an NDJSON line): one
+    // that says otherwise is a mistake the date alone would hide.
+    for (c, of_date) in [
+        (cols.year, date.as_ref().ok().map(|d| i64::from(d.0))),
+        (cols.month, date.as_ref().ok().map(|d| i64::from(d.1))),
+    ] {
+        let Some(i) = c else { continue };
+        if f[i].is_empty() {
+            continue;
+        }
+        match f[i].parse::<i64>() {
+            Err(_) => errors.push((Some(cols.names[i].clone()), "must be a whole number".into())),
+            Ok(n) if of_date.is_some_and(|w| w != n) => errors.push((
+                Some(cols.names[i].clone()),
+                format!("{n} contradicts date {}", f[date_col]),
+            )),
+            Ok(_) => {}
+        }
+    }
     let mut values: [Option<String>; 3] = Default::default();
     for (k, c) in cols.metrics.iter().enumerate() {
         if let Some(i) = c {
@@ -1520,6 +1615,9 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
     let given = |camel: &str| get(camel).filter(|(_, v)| !v.is_null());
     let store_code = match given("storeCode") {
         None => None,
+        // As an empty store_code field in a CSV line: not given (the line
+        // may name its store by id), never a store whose code is "".
+        Some((_, Value::String(s))) if s.trim().is_empty() => None,
         Some((_, Value::String(s))) => Some(s.clone()),
         Some(_) => {
             errors.push((Some("storeCode".into()), "must be a string".into()));
@@ -2139,6 +2237,107 @@ mod tests {
         let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
         assert!(bad.is_empty(), "{bad:?}");
         assert_eq!((rows[0].line, rows[1].line), (2, 4));
+    }
+
+    /// Text after a closing quote was glued to the value (`"12"50` read
+    /// as 1250): such a line is rejected, its neighbours read; blanks
+    /// after the quote and `""` inside it are not text after it.
+    #[test]
+    fn text_after_a_closing_quote_rejects_its_line() {
+        for f in [
+            "store_code,date,sales,customers\nS1,2024-05-01,1,2\nS1,2024-05-02,\"12\"50,\"4\"2\nS1,2024-05-03,3,4\n",
+            "store_code,date,sales,customers\r\nS1,2024-05-01,1,2\r\n\"S\"1,2024-05-02,5,1\r\nS1,2024-05-03,3,4\r\n",
+            "\u{feff}store_code;date;sales\nS1;2024-05-01;1\nS1;\"2024-05\"-02;1,5\nS1;2024-05-03;3\n",
+            "store_code,date,sales\nS1,2024-05-01,1\nS1,2024-05-02,\"\"7\nS1,2024-05-03,3\n",
+        ] {
+            let (_, rows, bad, lines) = run(f, Requested::Auto).unwrap();
+            assert_eq!(bad.len(), 1, "{f:?}: {bad:?}");
+            assert_eq!(bad[0].line, 3, "{f:?}");
+            assert!(bad[0].reason.contains("after a closing quote"), "{bad:?}");
+            assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), [2, 4], "{f:?}");
+            assert_eq!(lines, 3);
+        }
+        for f in [
+            "store_code,date,sales\nS1,2024-05-01,\"12\" \nS1,\"2024-05-02\"\t,\"1\"\"\"\n",
+            "store_code,store_name,date,sales\nS1,\"Main \"\"Street\"\"\",2024-05-01,\"3\"\n",
+        ] {
+            let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+            assert!(
+                bad.iter().all(|b| !b.reason.contains("closing quote")),
+                "{f:?}: {bad:?}"
+            );
+            assert!(!rows.is_empty(), "{f:?}");
+        }
+    }
+
+    /// Empty rows before the header (a blank line of spaces, `,,,`, a BOM
+    /// then CRLF) are skipped: the header is the first line with
+    /// something in it, and its delimiter is guessed from it.
+    #[test]
+    fn empty_rows_before_the_header_are_skipped() {
+        for f in [
+            "\nstore_code;date;sales\nS1;2024-05-01;1,5\n",
+            "\u{feff}\r\nstore_code;date;sales\r\nS1;2024-05-01;1,5\r\n",
+            ",,,\nstore_code;date;sales\nS1;2024-05-01;1,5\n",
+            "   \n;;\nstore_code;date;sales\nS1;2024-05-01;1,5\n",
+        ] {
+            let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+            assert!(bad.is_empty(), "{f:?}: {bad:?}");
+            assert_eq!(rows.len(), 1, "{f:?}");
+            assert_eq!(rows[0].sales.as_deref(), Some("1.5"), "{f:?}");
+            assert_eq!(rows[0].line, f.matches('\n').count() as u64, "{f:?}");
+        }
+        assert!(matches!(
+            run("\n,,,\n  \n", Requested::Auto),
+            Err(FileError::Empty)
+        ));
+    }
+
+    /// A daily line's year and month columns are checked against its
+    /// date, and columns one shape does not read refuse the file.
+    #[test]
+    fn columns_of_the_other_shape_are_not_dropped() {
+        let f = "store_code,year,month,date,sales\nS1,2024,5,2024-05-01,1\nS1,2023,3,2024-05-02,2\nS1,abc,,2024-05-03,3\nS1,,,2024-05-04,4\n";
+        let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), [2, 5]);
+        let why: Vec<(u64, Option<&str>, &str)> = bad
+            .iter()
+            .map(|b| (b.line, b.column.as_deref(), b.reason.as_str()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                (3, Some("year"), "2023 contradicts date 2024-05-02"),
+                (3, Some("month"), "3 contradicts date 2024-05-02"),
+                (4, Some("year"), "must be a whole number"),
+            ]
+        );
+        let f = "store_code,year,month,sales,d1_sales\nS1,2024,5,9,1\n";
+        match run(f, Requested::Auto) {
+            Err(FileError::Header(h)) => assert!(h.contains("column sales is not read"), "{h}"),
+            other => panic!("{other:?}"),
+        }
+        let f = "store_code,date,sales,d1_sales\nS1,2024-05-01,9,1\n";
+        match run(f, Requested::Auto) {
+            Err(FileError::Header(h)) => assert!(h.contains("column d1_sales is not read"), "{h}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// An empty `storeCode` is one not given, as an empty CSV field is.
+    #[test]
+    fn an_empty_store_code_in_ndjson_is_not_given() {
+        let nd =
+            "{\"storeCode\": \"\", \"storeId\": 412, \"date\": \"2024-01-01\", \"sales\": 1}\n\
+                  {\"storeCode\": \"  \", \"date\": \"2024-01-02\", \"sales\": 1}\n";
+        let (_, rows, bad, _) = run(nd, Requested::Auto).unwrap();
+        assert_eq!(rows.len(), 1, "{bad:?}");
+        assert_eq!(
+            (rows[0].store_code.as_deref(), rows[0].store_id),
+            (None, Some(412))
+        );
+        assert_eq!(bad.len(), 1);
+        assert_eq!((bad[0].line, bad[0].reason.as_str()), (2, "no store given"));
     }
 
     #[test]
