@@ -134,6 +134,12 @@ pub const JWT_SECRET_MIN_BYTES: usize = 32;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://sales_app:pg_sales_dev@127.0.0.1:5432/pg_sales";
 
+/// The key under which `Config::from_env` lists the variables whose
+/// values are not UTF-8 (a name no environment can hold: it has a NUL),
+/// and what such a value reads as meanwhile.
+const NOT_UTF8: &str = "\0not-utf8";
+const NOT_UTF8_VALUE: &str = "<not UTF-8>";
+
 struct Env<'a>(&'a HashMap<String, String>);
 
 #[cfg(test)]
@@ -154,6 +160,18 @@ impl Env<'_> {
     fn get(&self, var: &'static str) -> Result<Option<&str>, ConfigError> {
         #[cfg(test)]
         READ.with(|r| r.borrow_mut().push(var));
+        if self
+            .0
+            .get(NOT_UTF8)
+            .is_some_and(|names| names.split('\n').any(|n| n == var))
+        {
+            return Err(Self::err(
+                var,
+                NOT_UTF8_VALUE,
+                "is not UTF-8 text (a byte that is not part of any character); \
+                 set it again as plain text",
+            ));
+        }
         match self.0.get(var).map(|s| s.trim()) {
             None => Ok(None),
             Some("") => Err(Self::err(
@@ -310,16 +328,18 @@ impl Env<'_> {
                     && c.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
                 ok.then_some(rest)
             });
-            let ok = o == "*"
-                || rest.is_some_and(|r| {
-                    !r.is_empty() && !r.contains(['/', '?', '#', '@', ' ']) && !r.ends_with(':')
-                });
+            // `*` is not an origin: the list is compared with each
+            // request's `Origin`, so `*` would let no browser in.
+            let ok = rest.is_some_and(|r| {
+                !r.is_empty() && !r.contains(['/', '?', '#', '@', ' ']) && !r.ends_with(':')
+            });
             if !ok {
                 return Err(Self::err(
                     var,
                     o,
                     "must be origins as browsers send them, scheme://host[:port] \
-                     (https://app.example.com, no path or trailing slash), separated by commas",
+                     (https://app.example.com, no path or trailing slash), separated by commas; \
+                     `*` is not one (name each origin)",
                 ));
             }
         }
@@ -450,8 +470,20 @@ fn check_pg_url(var: &'static str, url: &str, pgsslmode: Option<&str>) -> Result
     });
     let (mode, source, shown) = match in_url {
         Some(pair) => (options.get_ssl_mode(), var, pair),
-        None => match pgsslmode.and_then(|m| m.parse::<PgSslMode>().ok()) {
-            Some(mode) => (mode, "PGSSLMODE", pgsslmode.unwrap_or_default().to_string()),
+        None => match pgsslmode.filter(|m| !m.is_empty()) {
+            // libpq refuses a mode it does not know; sqlx would ignore it
+            // and connect without TLS, so ` require` would mean plaintext.
+            Some(m) => match m.parse::<PgSslMode>() {
+                Ok(mode) => (mode, "PGSSLMODE", m.to_string()),
+                Err(_) => {
+                    return Err(Env::err(
+                        "PGSSLMODE",
+                        m,
+                        "must be one of disable, allow, prefer, require, verify-ca, \
+                         verify-full (as libpq reads it)",
+                    ))
+                }
+            },
             None => return Ok(()),
         },
     };
@@ -477,15 +509,37 @@ fn check_pg_url(var: &'static str, url: &str, pgsslmode: Option<&str>) -> Result
     Ok(())
 }
 
-/// `url` with whatever stands between `://` (or the start) and the last `@`
-/// of its authority replaced by `<hidden>`: a password is never echoed.
+/// `url` with whatever stands between `//` (or the start) and the last `@`
+/// before its query replaced by `<hidden>`, and the values of its query's
+/// password-like parameters (`password`, `sslpassword`, anything with
+/// `pass`, `secret` or `token` in its name) too: a password is never
+/// echoed, also in a URL whose `://` is mistyped (`redis//:pw@host`) or
+/// that gives it libpq's way (`?password=`).
 fn without_password(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
-        Some(at) => format!("{}<hidden>{}", &url[..start], &url[start + at..]),
-        None => url.to_string(),
+    let (main, query) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
+    let mut out = match main.rfind('@') {
+        Some(at) => {
+            let start = main[..at].rfind("//").map_or(0, |i| i + 2);
+            format!("{}<hidden>{}", &main[..start], &main[at..])
+        }
+        None => main.to_string(),
+    };
+    if let Some(sep) = query.chars().next() {
+        out.push(sep);
+        let sensitive = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            ["pass", "secret", "token"].iter().any(|w| k.contains(w))
+        };
+        let parts: Vec<String> = query[1..]
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if sensitive(k) => format!("{k}=<hidden>"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
     }
+    out
 }
 
 /// A Redis URL the client accepts (port, database number, options), not
@@ -493,16 +547,26 @@ fn without_password(url: &str) -> String {
 /// server running without its cache, warning that Redis is unreachable.
 fn check_redis_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
     check_url(var, url, &["redis", "rediss"])?;
-    redis::IntoConnectionInfo::into_connection_info(url)
-        .map(|_| ())
-        .map_err(|e| {
-            let why = e.to_string().replace("- InvalidClientConfig", "");
-            Env::err(
-                var,
-                &without_password(url),
-                format!("not a Redis URL the client accepts: {why}"),
-            )
-        })
+    let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
+        let why = e.to_string().replace("- InvalidClientConfig", "");
+        Env::err(
+            var,
+            &without_password(url),
+            format!("not a Redis URL the client accepts: {why}"),
+        )
+    })?;
+    // The client takes any number; Redis has databases 0..15 (as
+    // REDIS_DB), and another one fails every command once connected,
+    // which the server would report as Redis being unreachable.
+    let db = info.redis.db;
+    if !(0..=15).contains(&db) {
+        return Err(Env::err(
+            var,
+            &without_password(url),
+            format!("names database {db}; Redis has databases 0 to 15"),
+        ));
+    }
+    Ok(())
 }
 
 /// The key in `JWT_PUBLIC_KEY_FILE`: an RSA or EC public key in PEM form.
@@ -561,15 +625,27 @@ fn check_url(var: &'static str, url: &str, schemes: &[&str]) -> Result<(), Confi
 }
 
 impl Config {
-    /// Reads the process environment. A value that is not UTF-8 is read
-    /// with its bad bytes replaced (so a setting of ours that holds one is
-    /// refused by its own check, naming it), and a name that is not UTF-8
-    /// is skipped: `std::env::vars` panicked on either, whatever the
-    /// variable.
+    /// Reads the process environment. A value that is not UTF-8 is
+    /// refused when the variable is one of ours (read by `Env::get`, which
+    /// names it; free-form values such as `JWT_SECRET` or `METRICS_TOKEN`
+    /// would otherwise be read with U+FFFD for their bad bytes, a key that
+    /// is not the one configured), and a name that is not UTF-8 is
+    /// skipped: `std::env::vars` panicked on either, whatever the variable.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let vars = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+        let mut not_utf8 = Vec::new();
+        let mut vars: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let k = k.into_string().ok()?;
+                let v = v.into_string().unwrap_or_else(|_| {
+                    not_utf8.push(k.clone());
+                    NOT_UTF8_VALUE.to_string()
+                });
+                Some((k, v))
+            })
             .collect();
+        if !not_utf8.is_empty() {
+            vars.insert(NOT_UTF8.to_string(), not_utf8.join("\n"));
+        }
         Self::from_map(&vars)
     }
 
@@ -1003,6 +1079,45 @@ mod tests {
         let e = cfg(&[("REDIS_URL", "redi://:topsecret@cache:6379/0")]).unwrap_err();
         assert!(!e.value.contains("topsecret"), "{}", e.value);
         assert_eq!(without_password("redis://cache/0"), "redis://cache/0");
+        // A mistyped `://`, or the password given libpq's way, in a query
+        // parameter: hidden all the same.
+        for (var, url) in [
+            ("REDIS_URL", "redis//:TopSecret99@127.0.0.1:6379"),
+            ("REDIS_URL", "redis:/u:TopSecret99@cache/0"),
+            (
+                "DATABASE_REPLICA_URL",
+                "pg://replica.internal/pg_sales?user=sales_app&password=TopSecret99",
+            ),
+            (
+                "DATABASE_URL",
+                "postgres//sales_app@127.0.0.1/pg_sales?sslpassword=TopSecret99&x=1",
+            ),
+            (
+                "DATABASE_URL",
+                "postgres:/a:TopSecret99@h/db#Token=TopSecret99",
+            ),
+        ] {
+            let e = cfg(&[(var, url)]).unwrap_err();
+            assert_eq!(e.var, var);
+            assert!(!e.to_string().contains("TopSecret99"), "{e}");
+        }
+        assert_eq!(
+            without_password("pg://h/db?user=u&password=x&sslmode=disable"),
+            "pg://h/db?user=u&password=<hidden>&sslmode=disable"
+        );
+        // An unknown PGSSLMODE is refused, as libpq refuses it, rather
+        // than read as none (and so no TLS).
+        for m in ["bogus", "requir"] {
+            let e = cfg(&[("PGSSLMODE", m)]).unwrap_err();
+            assert_eq!(e.var, "PGSSLMODE", "{m}");
+        }
+        assert!(cfg(&[("PGSSLMODE", "disable")]).is_ok());
+        // A Redis database number outside 0..15, which the client takes.
+        for url in ["redis://127.0.0.1:6379/-1", "redis://127.0.0.1:6379/99"] {
+            let e = cfg(&[("REDIS_URL", url)]).unwrap_err();
+            assert!(e.reason.contains("databases 0 to 15"), "{e}");
+        }
+        assert!(cfg(&[("REDIS_URL", "redis://127.0.0.1:6379/15")]).is_ok());
     }
 
     #[test]
@@ -1063,10 +1178,10 @@ mod tests {
             "chrome-extension://abcdef",
             "capacitor://localhost",
             "http://[::1]:3000",
-            "*",
         ] {
             assert!(cfg(&[("CORS_ORIGINS", o)]).is_ok(), "{o}");
         }
+        assert!(bad("CORS_ORIGINS", "*").reason.contains("`*` is not one"));
         for l in [
             "3",
             "sales_server=4",
@@ -1292,9 +1407,18 @@ mod tests {
             let url = format!("{base}?sslmode=prefer");
             assert!(cfg(&[("PGSSLMODE", mode), ("DATABASE_URL", &url)]).is_ok());
         }
-        // Modes without TLS, and values sqlx does not read (it ignores them).
-        for mode in ["prefer", "allow", "disable", "", "tls-please"] {
+        // Modes without TLS, and an empty value (unset).
+        for mode in ["prefer", "allow", "disable", ""] {
             assert!(cfg(&[("PGSSLMODE", mode)]).is_ok(), "{mode}");
+        }
+        // A value sqlx does not read (it ignored it, and connected without
+        // TLS) is refused, as libpq refuses it.
+        for mode in ["tls-please", " require", "REQUIRE "] {
+            assert_eq!(
+                cfg(&[("PGSSLMODE", mode)]).unwrap_err().var,
+                "PGSSLMODE",
+                "{mode:?}"
+            );
         }
     }
 

@@ -1062,6 +1062,16 @@ async fn admin_endpoints() {
         .unwrap()
         .iter()
         .any(|a| a["statement"].as_str().unwrap().starts_with("ANALYZE")));
+    // A flag sent as null (an unset client variable) is refused naming it:
+    // `dryRun: null` used to run the fixes for real.
+    for (body, param) in [
+        (json!({"dryRun": null}), "dryRun"),
+        (json!({"dryRun": true, "dropUnused": null}), "dropUnused"),
+    ] {
+        let (st, answer) = f.admin.post("/api/admin/maintenance", &body).await;
+        assert_eq!(st, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["details"]["parameter"], param, "{answer}");
+    }
     // One run at a time, whether from here or `sales-server maintain`.
     let mut holder = f.db.connect().await;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -1381,7 +1391,7 @@ async fn refused_parameters_are_named_and_explained() {
         (
             "/api/v2/sales/summary?year=2024&compareTo=",
             "compareTo",
-            "must be previousYear or previousPeriod (leave the parameter out for no comparison)",
+            "must be previousYear or previousPeriod (leave it out for no comparison)",
         ),
     ] {
         let (st, body) = f.admin.get(path).await;

@@ -206,6 +206,22 @@ async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
             "{body}"
         );
     }
+    // `null`, as an unset variable in a client sends it: refused like an
+    // empty tag, not read as "clear everything".
+    let (st, body) = admin
+        .post("/api/admin/cache/clear", &json!({"tag": null}))
+        .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["details"]["parameter"], "tag", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("must not be null"),
+        "{body}"
+    );
+    let r = admin.req(reqwest::Method::GET, &kept).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "hit", "nothing was cleared");
     server.stop().await;
 }
 

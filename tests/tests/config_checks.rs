@@ -95,6 +95,73 @@ fn settings_refused_at_start_exit_2_naming_the_variable() {
     }
 }
 
+/// A value that is not UTF-8 is refused naming its variable, free-form
+/// ones included (a secret or token read with U+FFFD for its bad bytes is
+/// not the one configured: `...\xff` and `...\xfe` were one key); a URL
+/// whose `://` is mistyped, or that gives its password as a parameter,
+/// is refused without the password; an unknown PGSSLMODE and a CORS `*`
+/// are refused rather than read as "no TLS" and as an origin no browser
+/// sends.
+#[test]
+fn values_that_cannot_mean_what_they_say_are_refused() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let nowhere = format!("postgres://app@127.0.0.1:{}/x", free_port());
+    for (var, value) in [
+        (
+            "JWT_SECRET",
+            &b"a-secret-of-at-least-thirty-two-bytes\xff"[..],
+        ),
+        ("METRICS_TOKEN", &b"s15o-tok\xff"[..]),
+        ("CACHE_PREFIX", &b"ab\xfe"[..]),
+    ] {
+        let out = Command::new(server_bin())
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_LEVEL", "warn")
+            .env("DATABASE_URL", &nowhere)
+            .env(var, OsStr::from_bytes(value))
+            .output()
+            .expect("run the server binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("configuration error: {var}: ")),
+            "{var}: {stderr}"
+        );
+        assert!(stderr.contains("not UTF-8"), "{var}: {stderr}");
+    }
+    for (var, value, says) in [
+        (
+            "REDIS_URL",
+            "redis//:TopSecret99@127.0.0.1:6379",
+            "redis://",
+        ),
+        (
+            "DATABASE_REPLICA_URL",
+            "pg://replica.internal/pg_sales?user=sales_app&password=TopSecret99",
+            "postgres://",
+        ),
+        ("PGSSLMODE", "bogus", "verify-full"),
+        ("PGSSLMODE", " require", "verify-full"),
+        ("CORS_ORIGINS", "*", "`*` is not one"),
+    ] {
+        let out = run(
+            &["serve"],
+            &[("DATABASE_URL", nowhere.as_str()), (var, value)],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("configuration error: {var}: ")),
+            "{var}: {stderr}"
+        );
+        assert!(stderr.contains(says), "{var}: {stderr}");
+        assert!(!stderr.contains("TopSecret99"), "{stderr}");
+    }
+}
+
 /// `prefer` (and `allow`, `disable`) connect without TLS; a URL's own
 /// sslmode wins over PGSSLMODE; DB_POOL_MAX=1 alone is a usable pool.
 #[tokio::test]

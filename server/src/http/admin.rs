@@ -5,6 +5,7 @@ use super::security::BearerAuth;
 use super::ApiTags;
 use crate::db::Write;
 use crate::state::AppState;
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{payload::Json, ApiResponse, Enum, Object, OpenApi};
 use std::sync::Arc;
 
@@ -69,10 +70,11 @@ pub struct IndexFinding {
 #[oai(rename_all = "camelCase")]
 #[oai(deny_unknown_fields)]
 pub struct MaintenanceRequest {
-    /// Only report what would run.
-    pub dry_run: Option<bool>,
-    /// Also drop indexes reported as unused.
-    pub drop_unused: Option<bool>,
+    /// Only report what would run (absent: false; null is refused, so an
+    /// unset client variable never runs the fixes for real).
+    pub dry_run: MaybeUndefined<bool>,
+    /// Also drop indexes reported as unused (absent: false).
+    pub drop_unused: MaybeUndefined<bool>,
 }
 
 #[derive(Object, Debug)]
@@ -224,9 +226,19 @@ impl AdminApi {
         body: Json<CacheClear>,
     ) -> ApiResult<Json<CacheCleared>> {
         auth.require_admin()?;
-        let tag = match body.0.tag.as_deref().map(str::trim) {
-            None => None,
-            Some(t) => Some(ClearTag::parse(t).map_err(|why| ApiError::bad_param("tag", why))?),
+        let tag = match &body.0.tag {
+            MaybeUndefined::Undefined => None,
+            // An unset variable in a client, as an empty tag is: refused
+            // rather than read as "everything".
+            MaybeUndefined::Null => {
+                return Err(ApiError::bad_param(
+                    "tag",
+                    "must not be null (leave tag out to clear everything)",
+                ))
+            }
+            MaybeUndefined::Value(t) => {
+                Some(ClearTag::parse(t.trim()).map_err(|why| ApiError::bad_param("tag", why))?)
+            }
         };
         match &tag {
             Some(ClearTag::Store(store)) => {
@@ -351,7 +363,16 @@ impl AdminApi {
     ) -> ApiResult<Json<MaintenanceResult>> {
         auth.require_admin()?;
         let pool = &self.state.pool;
-        let dry_run = body.dry_run.unwrap_or(false);
+        let flag = |name: &str, v: &MaybeUndefined<bool>| match v {
+            MaybeUndefined::Null => Err(ApiError::bad_param(
+                name,
+                "must be true or false (leave it out for false)",
+            )),
+            MaybeUndefined::Value(b) => Ok(*b),
+            MaybeUndefined::Undefined => Ok(false),
+        };
+        let dry_run = flag("dryRun", &body.dry_run)?;
+        let drop_unused = flag("dropUnused", &body.drop_unused)?;
         // One run at a time, whether from here or the command line.
         let lock = if dry_run {
             None
@@ -365,7 +386,7 @@ impl AdminApi {
         let mut findings =
             crate::db::retry("index_report", true, || crate::maintain::report(pool)).await?;
         crate::maintain::skip_building(pool, &mut findings).await?;
-        let plan = crate::maintain::plan(&findings, body.drop_unused.unwrap_or(false));
+        let plan = crate::maintain::plan(&findings, drop_unused);
         let actions = if dry_run {
             plan.into_iter()
                 .map(|statement| MaintenanceAction {
@@ -431,7 +452,7 @@ pub struct CacheClear {
     /// summaries), `users`, `history`, or `all`; absent: everything. Another
     /// form, or an empty or blank tag, is refused (400 naming `tag`).
     #[oai(validator(max_length = 200))]
-    pub tag: Option<String>,
+    pub tag: MaybeUndefined<String>,
 }
 
 /// A tag an admin's cache clear names, in one of the forms entries carry.
