@@ -391,6 +391,7 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     let http = reqwest::Client::new();
     let login: Value = http
         .post(format!("http://127.0.0.1:{port}/api/v2/auth/login"))
+        .header("x-request-id", "log-login-7")
         .json(&json!({"email": "log@example.com", "password": "password-123"}))
         .send()
         .await
@@ -440,6 +441,46 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     .await;
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
     assert_eq!(request.await.unwrap(), 200);
+    // A statement no `metrics::timed` names (the stores list) is logged as
+    // slow too, in its request's span: only the named ones were.
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE sales.stores IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let stores = tokio::spawn({
+        let (http, token) = (http.clone(), token.to_string());
+        async move {
+            http.get(format!("http://127.0.0.1:{port}/api/v2/stores"))
+                .bearer_auth(token)
+                .header("x-request-id", "log-test-43")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the stores list waiting on the lock",
+        || {
+            let pool = db.pool.clone();
+            async move {
+                let waiting: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE wait_event_type = 'Lock' AND query LIKE '%sales.stores%'
+                                  AND pid <> pg_backend_pid())",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                waiting.then_some(())
+            }
+        },
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    assert_eq!(stores.await.unwrap(), 200);
     let lines: Vec<Value> = eventually(Duration::from_secs(5), "request log lines", || {
         let parsed: Vec<Value> = server
             .log()
@@ -455,6 +496,16 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         }
     })
     .await;
+    eventually(
+        Duration::from_secs(5),
+        "the stores list's log lines",
+        || {
+            let done = server.log().contains("log-test-43");
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    let log_lines = server.log();
     drop(server);
     for l in &lines {
         let span = &l["span"];
@@ -469,6 +520,29 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
         .expect("a slow query line");
     assert_eq!(slow["statement"], "sales_list");
     assert!(slow["duration_ms"].as_f64().unwrap() >= 0.0);
+    let parsed: Vec<Value> = log_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of = |id: &str| -> Vec<&Value> {
+        parsed
+            .iter()
+            .filter(|v| v["span"]["request_id"] == id)
+            .collect()
+    };
+    assert!(
+        of("log-test-43")
+            .iter()
+            .any(|v| v.to_string().contains("slow statement")),
+        "the stores list's statement logged as slow: {:?}",
+        of("log-test-43")
+    );
+    // The login's access line names who logged in.
+    let login_line = of("log-login-7")
+        .into_iter()
+        .find(|v| v["message"] == "request")
+        .expect("the login's access line");
+    assert_eq!(login_line["span"]["user_id"], uid, "{login_line}");
 }
 
 #[tokio::test]

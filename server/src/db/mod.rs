@@ -9,6 +9,7 @@ pub use write::{set_actor, set_job, Changes, Write};
 use crate::config::Config;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::ConnectOptions;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,7 +23,13 @@ pub fn connect_options(url: &str, cfg: &Config) -> Result<PgConnectOptions, sqlx
         .options([(
             "statement_timeout",
             format!("{}", cfg.db_query_timeout.as_millis()),
-        )]))
+        )])
+        // Every statement slower than SLOW_QUERY_MS is logged (with its SQL,
+        // in the request's span), not only those `metrics::timed` names.
+        .log_slow_statements(
+            log::LevelFilter::Warn,
+            std::time::Duration::from_millis(cfg.slow_query_ms),
+        ))
 }
 
 /// The primary's pool. See [`checked`] for when a connection is checked

@@ -558,6 +558,8 @@ impl LoginApi {
         })
         .await?;
         let (issued, user) = opened?;
+        // The access line names who logged in, as it names who a token is.
+        tracing::Span::current().record("user_id", user.id);
         let carrier = Carrier::cookie_if(body.refresh_cookie.unwrap_or(false));
         Ok(answer(issued, &user, carrier, self.secure(req)))
     }
@@ -596,7 +598,10 @@ impl LoginApi {
         })
         .await?;
         match refreshed {
-            Ok((issued, user)) => Ok(answer(issued, &user, carrier, secure)),
+            Ok((issued, user)) => {
+                tracing::Span::current().record("user_id", user.id);
+                Ok(answer(issued, &user, carrier, secure))
+            }
             Err(E::Reused(change)) => {
                 self.state.access.apply(&change);
                 Err(ApiError::unauthorized(E::Reused(change).to_string()).with_cookie(clear))

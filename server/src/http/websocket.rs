@@ -105,7 +105,12 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
         );
     };
     let principal = match ctx.auth.verify_once(&token) {
-        Ok(p) => p,
+        Ok(p) => {
+            // The upgrade's access line names the user, as every other
+            // authenticated request's does.
+            tracing::Span::current().record("user_id", p.user_id);
+            p
+        }
         Err(e) => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     };
     if req.method() != poem::http::Method::GET
