@@ -513,6 +513,15 @@ impl ClearTag {
                         .and_then(|(y, m)| Some((y.parse::<i64>().ok()?, m.parse::<i64>().ok()?)))
                         .filter(|(_, m)| (1..=12).contains(m))
                         .ok_or_else(unknown)?;
+                    // No record has a month outside 2000..2100, so no
+                    // entry carries such a tag: "cleared" would mislead.
+                    if !(2000..=2100).contains(&y) {
+                        return Err(format!(
+                            "{t:?} is no cache tag (records are of the years 2000 to 2100); \
+                             the forms are {}",
+                            Self::FORMS
+                        ));
+                    }
                     Ok(ClearTag::One(crate::cache::tag_store_month(store, y, m)))
                 }
             },
@@ -619,6 +628,8 @@ mod tests {
             "store:0",
             "store:x",
             "store:12:2024-3",
+            "store:12:1999-01",
+            "store:12:2101-12",
             "store:12:2024-13",
             "row:-1",
             "stores:1",
