@@ -72,6 +72,11 @@ pub struct Config {
     /// A resume past this many events of the log is answered `resync_required`.
     pub ws_replay_max_events: u64,
     pub slow_query_ms: u64,
+    /// Whether every statement slower than `slow_query_ms` is logged (the
+    /// server: its statements are requests'); the commands, whose long
+    /// statements are their work (a seed, a merge, a maintenance run),
+    /// keep the driver's own threshold.
+    pub log_slow_statements: bool,
     /// When set, `/metrics` answers only requests bearing this token.
     pub metrics_token: Option<String>,
     pub shutdown_timeout: Duration,
@@ -896,6 +901,7 @@ impl Config {
             ws_send_queue: e.num("WS_SEND_QUEUE", 256usize, 1, 1_000_000)?,
             ws_replay_max_events: e.num("WS_REPLAY_MAX_EVENTS", 100_000u64, 10, 10_000_000)?,
             slow_query_ms: e.num("SLOW_QUERY_MS", 500u64, 1, 3_600_000)?,
+            log_slow_statements: true,
             metrics_token: e.opt("METRICS_TOKEN")?,
             shutdown_timeout: e.duration("SHUTDOWN_TIMEOUT", s(30), Duration::ZERO, s(3600))?,
             dev_mode,

@@ -86,7 +86,9 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested; finishing requests in flight");
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
+    // A command's long statements are its work, not slow requests.
+    config.log_slow_statements = matches!(command, Command::Serve);
     // Commands that end jobs (maintain) send live messages as servers do.
     if let Some(secret) = &config.jwt_secret {
         sales_server::events::sealed::init(secret);

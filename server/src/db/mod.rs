@@ -17,19 +17,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 pub fn connect_options(url: &str, cfg: &Config) -> Result<PgConnectOptions, sqlx::Error> {
-    Ok(PgConnectOptions::from_str(url)?
+    let opts = PgConnectOptions::from_str(url)?
         .application_name("sales-server")
         // DB_QUERY_TIMEOUT bounds every statement on the server side.
         .options([(
             "statement_timeout",
             format!("{}", cfg.db_query_timeout.as_millis()),
-        )])
-        // Every statement slower than SLOW_QUERY_MS is logged (with its SQL,
-        // in the request's span), not only those `metrics::timed` names.
-        .log_slow_statements(
+        )]);
+    Ok(if cfg.log_slow_statements {
+        // Every statement slower than SLOW_QUERY_MS is logged (with its
+        // SQL, in the request's span), not only those `metrics::timed`
+        // names.
+        opts.log_slow_statements(
             log::LevelFilter::Warn,
             std::time::Duration::from_millis(cfg.slow_query_ms),
-        ))
+        )
+    } else {
+        opts
+    })
 }
 
 /// The primary's pool. See [`checked`] for when a connection is checked
