@@ -59,7 +59,11 @@ BEGIN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT CASE WHEN n.status <> o.status THEN 'store-status-changed' ELSE 'store-updated' END,
                n.id, sales.current_actor(), n.id, n.version,
-               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status)
+               -- What changed that followers act on: a status, and a
+               -- region (a dashboard following regions reloads a store
+               -- that moved, without remembering every store's region).
+               sales.store_doc(n) || jsonb_build_object('previousStatus', o.status,
+                                                        'previousRegion', o.region)
             FROM new_rows n JOIN old_rows o ON o.id = n.id
         WHERE n.version <> o.version ORDER BY n.id;
     ELSE

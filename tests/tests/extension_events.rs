@@ -222,6 +222,8 @@ async fn every_write_path_appends_events() {
     assert_eq!(kinds, vec!["store-status-changed", "store-updated"]);
     assert_eq!(evs[0].payload["status"], "renovating");
     assert_eq!(evs[0].payload["previousStatus"], "open");
+    // The region it had: a region's follower sees a store leave it.
+    assert_eq!(evs[1].payload["previousRegion"], evs[1].payload["region"]);
     assert_eq!((evs[0].row_version, evs[1].row_version), (Some(2), Some(3)));
     assert_eq!(evs[1].payload["name"], "Renamed");
 

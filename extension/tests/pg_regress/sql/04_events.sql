@@ -26,6 +26,7 @@ INSERT INTO sales.stores (id, code, name, region) OVERRIDING SYSTEM VALUE VALUES
 SELECT sales.batch_upsert('[{"storeId": 301, "year": 2024, "month": 5, "dailyData": {"1": {"sales": 1}}}]') ->> 'inserted' AS inserted;
 UPDATE sales.stores SET status = 'renovating' WHERE id = 301;
 UPDATE sales.stores SET status = 'renovating' WHERE id = 301;   -- no change, no event
+UPDATE sales.stores SET region = 'East' WHERE id = 301;           -- previousRegion: West
 DELETE FROM sales.stores WHERE id = 301;                          -- cascades to its month
 SELECT kind, store_id, actor_id, row_version, payload - 'createdAt' - 'updatedAt' AS payload
 FROM sales.events WHERE id > :before ORDER BY id;
