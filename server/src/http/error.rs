@@ -284,13 +284,19 @@ impl ApiError {
 /// Per-item errors listed in one report at most.
 pub const MAX_REPORTED_ERRORS: usize = 100;
 
-/// Caps `errors` of a batch report; `errorsOmitted` says how many more there were.
+/// Caps `errors` of a batch report; `errorsOmitted` says how many more there
+/// were (added to those the extension's report already left out: it lists
+/// at most 1,000).
 pub fn cap_report(report: &mut Value) {
+    let before = report
+        .get("errorsOmitted")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     if let Some(errors) = report.get_mut("errors").and_then(Value::as_array_mut) {
         if errors.len() > MAX_REPORTED_ERRORS {
-            let omitted = errors.len() - MAX_REPORTED_ERRORS;
+            let omitted = (errors.len() - MAX_REPORTED_ERRORS) as u64;
             errors.truncate(MAX_REPORTED_ERRORS);
-            report["errorsOmitted"] = Value::from(omitted);
+            report["errorsOmitted"] = Value::from(omitted + before);
         }
     }
 }
@@ -381,3 +387,22 @@ impl From<anyhow::Error> for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    /// The extension lists at most 1,000 errors and counts the rest; the
+    /// API's cap of 100 adds what it leaves out to that count.
+    #[test]
+    fn a_capped_report_counts_every_omitted_error() {
+        let errors: Vec<Value> = (0..1000).map(|i| serde_json::json!({"index": i})).collect();
+        let mut r = serde_json::json!({"errors": errors, "errorsOmitted": 200});
+        cap_report(&mut r);
+        assert_eq!(r["errors"].as_array().unwrap().len(), MAX_REPORTED_ERRORS);
+        assert_eq!(r["errorsOmitted"], 1100);
+        let mut r = serde_json::json!({"errors": [{"index": 0}]});
+        cap_report(&mut r);
+        assert!(r.get("errorsOmitted").is_none());
+    }
+}

@@ -42,6 +42,24 @@ SELECT pg_temp.err($$SELECT sales.batch_upsert('[{"storeId": 101, "year": 2024, 
                                                  {"year": 2024, "month": 5},
                                                  {"storeId": 101, "year": 2024, "month": 6, "dailyData": {"1": {"sales": 1}}}]')$$);
 SELECT count(*) AS rows_after_rejection FROM sales.monthly_sales;
+-- A report lists at most 1,000 errors and counts the rest, in the result
+-- and in an atomic batch's DETAIL alike (1,200 records of a year out of
+-- range made a DETAIL of every one).
+SELECT jsonb_array_length(r -> 'errors') AS listed, r -> 'errorsOmitted' AS omitted, r -> 'failed' AS failed
+FROM (SELECT sales.batch_upsert((SELECT jsonb_agg(jsonb_build_object('storeId', 101, 'year', 1999, 'month', 1,
+                                                                     'dailyData', '{}'::jsonb))
+                                 FROM generate_series(1, 1200)), atomic => false) AS r) x;
+DO $$
+DECLARE detail text;
+BEGIN
+    PERFORM sales.batch_upsert((SELECT jsonb_agg(jsonb_build_object('storeId', 101, 'year', 1999, 'month', 1,
+                                                                    'dailyData', '{}'::jsonb))
+                                FROM generate_series(1, 1200)));
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+    RAISE NOTICE 'PS422 DETAIL lists %, omits %', jsonb_array_length(detail::jsonb -> 'errors'),
+        detail::jsonb -> 'errorsOmitted';
+END $$;
 -- Every kind of record-level mistake, one report.
 SELECT jsonb_pretty((sales.batch_upsert_impl('[
     "not an object",
