@@ -12,8 +12,9 @@
 use std::cmp::Ordering;
 use std::fmt;
 
-/// The largest bound: a total above 10^308 cannot be stored in any column a
-/// client reads it from as a JSON number.
+/// Digits before the point a bound may have: up to 10^309 (exclusive), a
+/// little past the largest double (about 1.8e308), which clients read
+/// totals as.
 pub const MAX_INTEGER_DIGITS: usize = 309;
 /// Digits after the point a bound may have (`numeric` keeps up to 16,383).
 pub const MAX_FRACTION_DIGITS: usize = 400;
@@ -31,7 +32,7 @@ pub enum BoundError {
     NotANumber,
     /// Below zero (`-1`, `-inf`).
     Negative,
-    /// More than [`MAX_INTEGER_DIGITS`] digits before the point.
+    /// [`MAX_INTEGER_DIGITS`] digits before the point are too many (10^309 or more).
     TooLarge,
     /// More than [`MAX_FRACTION_DIGITS`] digits after the point.
     TooPrecise,
@@ -42,7 +43,7 @@ impl fmt::Display for BoundError {
         f.write_str(match self {
             BoundError::NotANumber => "must be a number",
             BoundError::Negative => "must be at least 0",
-            BoundError::TooLarge => "is out of range; at most 1e308",
+            BoundError::TooLarge => "is out of range (10^309 or more)",
             BoundError::TooPrecise => "has too many digits after the point (at most 400)",
         })
     }

@@ -40,6 +40,23 @@ pub fn to_snake(name: &str) -> String {
     out
 }
 
+/// Characters that show as nothing: Unicode's Default_Ignorable_Code_Point
+/// set (zero-width spaces and joiners, direction marks, the soft hyphen,
+/// the byte order mark, the shorthand format controls...), the other
+/// format controls that draw nothing by themselves (interlinear
+/// annotation marks, Egyptian hieroglyph format controls), and the blank
+/// Hangul fillers and Braille pattern: an address holding one looks like
+/// another user's.
+pub fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{13430}'..='\u{1343F}'
+        | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,8 +20,8 @@ pub enum SqlValue<'a> {
     Id(i64),
     /// `integer`.
     Int(i32),
-    /// `numeric`: a plain decimal ([`Bound`]'s text: digits and a point).
-    Numeric(&'a str),
+    /// `numeric`: a checked decimal (its text is digits and a point only).
+    Numeric(&'a Bound),
     Text(&'a str),
     /// `text[]`.
     Texts(&'a [String]),
@@ -69,7 +69,7 @@ impl SqlWriter for Literals {
                 let _ = write!(out, "{n}");
             }
             SqlValue::Numeric(n) => {
-                let _ = write!(out, "'{n}'::numeric");
+                let _ = write!(out, "'{}'::numeric", n.as_str());
             }
             SqlValue::Text(t) => out.push_str(&text_lit(t)),
             SqlValue::Texts(items) => {
@@ -179,11 +179,11 @@ pub fn push_terms(w: &mut impl SqlWriter, terms: &[Term<'_>]) {
             }
             Term::MinTotalSales(v) => {
                 w.sql(" AND m.total_sales >= ");
-                w.value(SqlValue::Numeric(v.as_str()));
+                w.value(SqlValue::Numeric(v));
             }
             Term::MaxTotalSales(v) => {
                 w.sql(" AND m.total_sales <= ");
-                w.value(SqlValue::Numeric(v.as_str()));
+                w.value(SqlValue::Numeric(v));
             }
         }
     }

@@ -377,18 +377,19 @@ $$;
 -- when all of them are in its scope). Read from the events' columns and
 -- the stores a move names, never by rebuilding versions: every retained
 -- event of the life counts, also those past a gap in the versions, so the
--- answer is never narrower than the history shown.
+-- answer is never narrower than the history shown. (The life is a scalar
+-- subquery, computed once, not once per event.)
 CREATE OR REPLACE FUNCTION sales.record_stores(id bigint) RETURNS bigint[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce(array_agg(DISTINCT s ORDER BY s), '{}') FROM (
         SELECT m.store_id AS s FROM sales.monthly_sales m WHERE m.id = record_stores.id
         UNION ALL
         SELECT unnest(ARRAY[e.store_id, (e.payload->>'previousStoreId')::bigint]) FROM sales.events e
-        WHERE e.row_id = record_stores.id AND e.id >= sales.record_life(record_stores.id)
+        WHERE e.row_id = record_stores.id AND e.id >= (SELECT sales.record_life(record_stores.id))
           AND e.kind IN ('sales-data-created', 'sales-data-updated', 'sales-data-deleted')
         UNION ALL
         SELECT unnest(ARRAY[h.store_id, (h.payload->>'previousStoreId')::bigint]) FROM sales.event_history h
-        WHERE h.row_id = record_stores.id AND h.id >= sales.record_life(record_stores.id)
+        WHERE h.row_id = record_stores.id AND h.id >= (SELECT sales.record_life(record_stores.id))
     ) x WHERE s IS NOT NULL
 $$;
 

@@ -101,17 +101,27 @@ impl<'a> Filters<'a> {
                 invalid("min_total_sales: must not be above max_total_sales".into());
             }
         }
-        // As the API reads `region`: trimmed, and a blank one or one with
-        // a control character names no store's region.
+        // As the API reads `region`: trimmed; a blank one, one of
+        // invisible characters only, one with a control character or line
+        // separator, or one longer than a region can be names no store's
+        // region.
         let region = region.map(|r| {
             if r.chars()
                 .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
             {
-                invalid("region: must not contain control characters or line breaks".into());
+                invalid("region: must not contain control characters or line separators".into());
             }
             let r = r.trim();
             if r.is_empty() {
                 invalid("region: must not be empty (NULL for every region)".into());
+            }
+            if r.chars()
+                .all(|c| c.is_whitespace() || sales_core::names::invisible(c))
+            {
+                invalid("region: has nothing visible; no store's region is blank".into());
+            }
+            if r.chars().count() > 100 {
+                invalid("region: at most 100 characters".into());
             }
             r
         });

@@ -403,8 +403,16 @@ fn batch_upsert_impl(
         let mut summary = json!({
             "total": total, "inserted": 0, "updated": 0, "unchanged": 0, "failed": failed,
             "merged": duplicates.len(), "eventId": null,
-            "errors": [], "duplicates": duplicates,
+            "errors": [], "duplicates": [],
         });
+        // Listed as errors are: the first MAX_LISTED_ERRORS, `merged`
+        // counting them all.
+        let omitted = duplicates.len().saturating_sub(MAX_LISTED_ERRORS);
+        duplicates.truncate(MAX_LISTED_ERRORS);
+        summary["duplicates"] = Value::Array(duplicates);
+        if omitted > 0 {
+            summary["duplicatesOmitted"] = json!(omitted);
+        }
         report.add_to(&mut summary);
         if (atomic && failed > 0) || by_key.is_empty() {
             return pgrx::JsonB(summary);

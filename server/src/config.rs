@@ -521,14 +521,17 @@ fn check_pg_url(var: &'static str, url: &str, pgsslmode: Option<&str>) -> Result
 /// echoed, also in a URL whose `://` is mistyped (`redis//:pw@host`) or
 /// that gives it libpq's way (`?password=`).
 fn without_password(url: &str) -> String {
-    let (main, query) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
-    let mut out = match main.rfind('@') {
-        Some(at) => {
-            let start = main[..at].rfind("//").map_or(0, |i| i + 2);
-            format!("{}<hidden>{}", &main[..start], &main[at..])
-        }
-        None => main.to_string(),
+    // The userinfo first, up to the last `@` of the whole value: a
+    // password may hold `?`, `#` or `/` (unencoded, which is what makes
+    // such a URL refused and shown). A query holding an `@` hides more
+    // than the userinfo, never less.
+    let start = url.find("//").map_or(0, |i| i + 2);
+    let (mut out, rest) = match url[start..].rfind('@') {
+        Some(at) => (format!("{}<hidden>", &url[..start]), &url[start + at..]),
+        None => (url[..start].to_string(), &url[start..]),
     };
+    let (main, query) = rest.split_at(rest.find(['?', '#']).unwrap_or(rest.len()));
+    out.push_str(main);
     if let Some(sep) = query.chars().next() {
         out.push(sep);
         let sensitive = |k: &str| {
@@ -1102,6 +1105,10 @@ mod tests {
                 "DATABASE_URL",
                 "postgres:/a:TopSecret99@h/db#Token=TopSecret99",
             ),
+            // Unencoded `?`, `#` or `/` in the password itself.
+            ("REDIS_URL", "redis://:Top?Secret99@cache:6379/0"),
+            ("REDIS_URL", "redis://:TopSecret99#x@cache:6379/0"),
+            ("DATABASE_URL", "postgres://app:Top/Secret99?x@db/x"),
         ] {
             let e = cfg(&[(var, url)]).unwrap_err();
             assert_eq!(e.var, var);

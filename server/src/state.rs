@@ -57,26 +57,38 @@ impl Replica {
         let up = Arc::new(AtomicBool::new(false));
         let (p, flag) = (pool.clone(), up.clone());
         tokio::spawn(async move {
-            let mut was: Option<bool> = None;
+            // None: unreachable; Some(false): answers but is not in
+            // recovery (a promoted or detached replica, or a primary), so it
+            // does not follow this primary's writes and never is a replica
+            // to read from.
+            let mut was: Option<Option<bool>> = None;
             loop {
-                let ok = tokio::time::timeout(
+                let state = tokio::time::timeout(
                     Duration::from_millis(800),
-                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery() OR true")
-                        .fetch_one(&p),
+                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&p),
                 )
                 .await
-                .map(|r| r.is_ok())
-                .unwrap_or(false);
+                .ok()
+                .and_then(Result::ok);
+                let ok = state == Some(true);
                 flag.store(ok, Ordering::Relaxed);
-                if was != Some(ok) {
-                    if ok {
-                        tracing::info!(
+                if was != Some(state) {
+                    match state {
+                        Some(true) => tracing::info!(
                             "read replica reachable; list, summary and export reads go to it"
-                        );
-                    } else {
-                        tracing::warn!("read replica unreachable; reads fall back to the primary");
+                        ),
+                        Some(false) => tracing::warn!(
+                            "DATABASE_REPLICA_URL names a server that is not in recovery (a \
+                             promoted or detached replica, or a primary): it does not follow \
+                             this primary's writes; reads go to the primary"
+                        ),
+                        None => {
+                            tracing::warn!(
+                                "read replica unreachable; reads fall back to the primary"
+                            )
+                        }
                     }
-                    was = Some(ok);
+                    was = Some(state);
                 }
                 if p.is_closed() {
                     return;
@@ -284,7 +296,7 @@ impl AppState {
                     tokio::time::timeout(Duration::from_millis(500), r.pool.acquire()).await
                 {
                     let caught_up: Result<bool, _> = sqlx::query_scalar(
-                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, true)",
+                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
                     )
                     .bind(&min)
                     .fetch_one(&mut *conn)

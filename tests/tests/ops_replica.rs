@@ -151,3 +151,44 @@ fn rand_offset() -> u32 {
     use rand::Rng;
     rand::thread_rng().gen_range(0..1000)
 }
+
+/// A `DATABASE_REPLICA_URL` that names a server not in recovery (a
+/// promoted or detached replica, or another primary) does not follow this
+/// primary's writes: reads go to the primary. (It counted as always caught
+/// up, so a write read back through it was answered from the other
+/// database: the old version, or nothing.)
+#[tokio::test]
+async fn a_replica_url_that_is_not_in_recovery_is_not_read_from() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let other = TestDb::new().await;
+    let server = db
+        .server(&[("DATABASE_REPLICA_URL", other.url.as_str())])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (st, body) = api
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(stores[0], 2024, 1, 28, 2.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Given a moment to be taken for a replica: it never is.
+    for i in 0..5 {
+        // A query of its own each time: read from a database, not the cache.
+        let (st, body) = api
+            .get(&format!(
+                "/api/v2/sales?storeId={}&fields=totalSales&maxTotalSales={}",
+                stores[0],
+                1_000_000_000 + i
+            ))
+            .await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(1), "{body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let state = server.state.replica.as_ref().expect("a replica configured");
+    assert!(!state.up.load(std::sync::atomic::Ordering::Relaxed));
+    server.stop().await;
+}

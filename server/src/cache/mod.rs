@@ -642,7 +642,24 @@ impl Cache {
             .get_i64(&self.relayed_key())
             .await
             .map_err(|()| anyhow::anyhow!("redis unavailable"))?;
+        // Relayed past the log's newest event (by `seq`, the delivery
+        // order positions are kept in): this cache prefix saw events
+        // the database does not have (a restore from a dump taken before
+        // them, or another database under the same prefix), so what it
+        // holds may be of rows that are no longer so: everything is made
+        // stale. (Past `head` alone is other instances relaying meanwhile.)
+        let behind = match relayed {
+            Some(done) if done > head => {
+                let newest: i64 =
+                    sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM sales.events")
+                        .fetch_one(pool)
+                        .await?;
+                done > newest
+            }
+            _ => false,
+        };
         let tags = match relayed {
+            _ if behind => None,
             Some(done) if done >= head => Some(Vec::new()),
             Some(done) => {
                 crate::db::write::range_cache_tags(pool, done, head, CATCH_UP_EVENTS).await?

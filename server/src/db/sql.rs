@@ -20,7 +20,7 @@ impl SqlWriter for Binds<'_, '_> {
             // As the text the literal writer puts in a query, every digit
             // as the client wrote it: a float8 bound and cast would keep
             // only 15 significant digits.
-            SqlValue::Numeric(n) => self.0.push_bind(n.to_string()).push("::numeric"),
+            SqlValue::Numeric(n) => self.0.push_bind(n.as_str().to_string()).push("::numeric"),
             SqlValue::Text(t) => self.0.push_bind(t.to_string()),
             SqlValue::Texts(t) => self.0.push_bind(t.to_vec()).push("::text[]"),
         };

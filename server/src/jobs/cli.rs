@@ -110,34 +110,62 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
     );
     tokio::pin!(stage);
     // Ctrl-C while the file is read: the upload is cancelled (the reader
-    // stops at its next check, its staged rows go) and nothing is written.
+    // stops at its next line, its staged rows go) and nothing is written. A
+    // reader blocked on a pipe whose writer sends nothing stops only when
+    // the writer does: a second Ctrl-C leaves at once.
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut interrupted = false;
     let staged = loop {
         tokio::select! {
-            staged = &mut stage => break staged,
-            signal = tokio::signal::ctrl_c(), if !interrupted => {
-                if signal.is_ok() {
-                    interrupted = true;
-                    bar.set_message("stopping");
-                    let _ = super::cancel(pool, job_id, None).await;
+            staged = &mut stage => break Some(staged),
+            _ = interrupts.recv() => {
+                if interrupted {
+                    break None;
                 }
+                interrupted = true;
+                bar.set_message("stopping");
+                crate::say!("stopping: job {job_id} is cancelled (Ctrl-C again to leave at once)");
+                let _ = super::cancel(pool, job_id, None).await;
             }
         }
     };
     ticker.abort();
     if interrupted {
         bar.abandon();
-        // A Ctrl-C before the job's row existed: the cancel found nothing,
-        // and the file was staged whole; it is cancelled now, unmerged.
-        if staged.as_ref().is_ok_and(|s| s.queued) {
-            let _ = super::cancel(pool, job_id, None).await;
-        }
-        return Err(crate::cli::Interrupted(format!(
-            "interrupted while reading {}: job {job_id} cancelled, nothing written",
+        // A Ctrl-C before the job's row existed found nothing to cancel,
+        // and the file may have been staged whole: cancelled now, and its
+        // staged rows removed (also when the reader was left behind).
+        let _ = super::cancel(pool, job_id, None).await;
+        let _ = super::purge_rows(pool, job_id).await;
+        // A server's worker may have claimed the job in the moment it was
+        // queued: say what it wrote, if anything.
+        let written: i64 =
+            sqlx::query_scalar("SELECT coalesce(rows_written, 0) FROM jobs.jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(pool)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+        let what = if written == 0 {
+            "nothing written".to_string()
+        } else {
+            format!("{written} rows written before the cancel")
+        };
+        let message = format!(
+            "interrupted while reading {}: job {job_id} cancelled, {what}",
             args.file.display()
-        ))
-        .into());
+        );
+        if staged.is_none() {
+            // The reader is left blocked on the pipe; the runtime would wait
+            // for it at exit, so the process ends here (as main would end an
+            // interrupted command).
+            eprintln!("error: {message}");
+            std::process::exit(130);
+        }
+        return Err(crate::cli::Interrupted(message).into());
     }
+    let staged = staged.expect("the stage ended");
     let staged = match staged {
         Ok(s) => s,
         Err(e) => {

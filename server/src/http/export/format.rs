@@ -197,9 +197,19 @@ pub fn file_name(
     }
     let _ = write!(name, "-{}", period.join("-"));
     // As written when short (`min10_5`); past 15 characters in scientific
-    // form (`max1e300`, not 301 digits), so that the name stays within
-    // what file systems hold (255 bytes).
-    let amount = |v: &sales_core::decimal::Bound| v.short().replace(['.', '-'], "_");
+    // form (`max1e300`, not 301 digits), and one whose digits are many
+    // whichever way it is written (400 after the point) as its first 16
+    // characters and a digest of the whole, so that the name stays within
+    // what file systems hold (255 bytes) and different bounds differ.
+    let amount = |v: &sales_core::decimal::Bound| {
+        let short = v.short();
+        let shown = if short.len() > 24 {
+            format!("{}_{}", &short[..16], short_digest(v.as_str()))
+        } else {
+            short
+        };
+        shown.replace(['.', '-'], "_")
+    };
     if let Some(v) = &f.min_total_sales {
         let _ = write!(name, "-min{}", amount(v));
     }
@@ -342,5 +352,17 @@ mod tests {
             name,
             "sales-all-min123456789012_75-max1_7976931348623157e308-monthly.csv"
         );
+        // Many digits either way: bounded, and told apart by a digest.
+        let long = |digits: &str| {
+            let f = SalesFilter {
+                min_total_sales: Some(Bound::parse(&format!("0.{digits}")).unwrap()),
+                max_total_sales: Some(Bound::parse(&"9".repeat(309)).unwrap()),
+                ..Default::default()
+            };
+            file_name(&f, ExportFormat::Csv, ExportShape::Monthly, None)
+        };
+        let (a, b) = (long(&"12".repeat(200)), long(&"13".repeat(200)));
+        assert!(a.len() < 120 && b.len() < 120, "{a} {b}");
+        assert_ne!(a, b);
     }
 }

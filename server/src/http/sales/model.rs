@@ -214,8 +214,14 @@ pub struct BatchSummary {
     pub merged: i64,
     /// The batch-completed event (None when nothing was written).
     pub event_id: Option<i64>,
+    /// The first 100 problems.
     pub errors: Vec<RecordError>,
+    /// Problems past those listed (absent when none).
+    pub errors_omitted: Option<i64>,
+    /// The first 1,000 folds (`merged` counts them all).
     pub duplicates: Vec<Value>,
+    /// Folds past those listed (absent when none).
+    pub duplicates_omitted: Option<i64>,
 }
 
 #[derive(ApiResponse)]
