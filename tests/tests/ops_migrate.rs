@@ -176,10 +176,53 @@ async fn ids_other_tables_still_name_are_not_given_again() {
         .await
         .unwrap();
     assert_eq!(tombstones, 1, "the user's tombstone");
+    // A store deleted before the dump: only the event log names its id.
+    let gone_store: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.stores (code, name, region) VALUES ('GONE', 'Gone', 'North') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sql(format!("DELETE FROM sales.stores WHERE id = {gone_store}")).await;
+    // A record restored without its totals (a dump from 0.4.0 or older,
+    // whose totals were generated columns pg_dump leaves out).
+    sqlx::raw_sql(&format!(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ({s}, 2024, 3, '{{\"1\": {{\"sales\": 9, \"customers\": 2}}}}');
+         SET session_replication_role = replica;
+         UPDATE sales.monthly_sales SET total_sales = NULL, total_customers = NULL, days_reported = NULL
+             WHERE store_id = {s} AND year = 2024 AND month = 3;
+         SET session_replication_role = origin;",
+        s = stores[0]
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     sql("SELECT setval('sales.monthly_sales_id_seq', 1, false)".into()).await;
     sql("SELECT setval('sales.users_id_seq', 1, false)".into()).await;
+    sql("SELECT setval('sales.stores_id_seq', 1, false)".into()).await;
 
     sales_server::db::migrate(&db.pool).await.expect("migrate");
+
+    let store: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.stores (code, name, region) VALUES ('NEW', 'New', 'North') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        store > gone_store,
+        "store {store} after the deleted {gone_store}"
+    );
+    let totals: (Option<f64>, Option<i64>, Option<i32>) = sqlx::query_as(
+        "SELECT total_sales::float8, total_customers, days_reported FROM sales.monthly_sales
+         WHERE store_id = $1 AND year = 2024 AND month = 3",
+    )
+    .bind(stores[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(totals, (Some(9.0), Some(2), Some(1)), "totals computed");
 
     let record: i64 = sqlx::query_scalar(
         "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)

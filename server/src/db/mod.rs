@@ -320,7 +320,24 @@ async fn restore_after_dump(conn: &mut PgConnection) -> Result<(), sqlx::Error> 
     restore_users_triggers(&mut tx).await?;
     restore_table_settings(&mut tx).await?;
     restore_user_keys(&mut tx).await?;
-    restore_sequences(&mut tx).await?;
+    let moved = restore_sequences(&mut tx).await?;
+    if !moved.is_empty() {
+        // A dump from before 0.8.0 (its sequences were not in it). Up to
+        // 0.4.0 the totals were generated columns, which pg_dump leaves
+        // out, and the data step runs with triggers off: written again
+        // here through the row trigger, which computes them (equal daily
+        // data makes no new version and no event).
+        let n = sqlx::query(
+            "UPDATE sales.monthly_sales SET daily_data = daily_data
+             WHERE total_sales IS NULL OR days_reported IS NULL",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            tracing::warn!(rows = n, "sales records restored without their totals (a dump from extension 0.4.0 or older); computed them");
+        }
+    }
     tx.commit().await
 }
 
@@ -480,6 +497,39 @@ pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, s
                 .await?;
             tracing::warn!(sequence = %seq, from = next, to = top + 1, "an id sequence was behind its table's ids (a dump restored from an older extension?); moved it past them");
             moved.push(seq);
+        }
+    }
+    if !moved.is_empty() {
+        // A dump from before 0.8.0 was restored. Its events also name
+        // stores deleted before it was taken, which no index leads with (a
+        // scan of the log, so only now, not at every start): a new store
+        // must not take such an id, or it would inherit that store's
+        // history and replayed events.
+        let named: Option<i64> = sqlx::query_scalar(
+            "SELECT greatest((SELECT max(store_id) FROM sales.events),
+                             (SELECT max(store_id) FROM sales.event_history))",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let seq: Option<String> =
+            sqlx::query_scalar("SELECT pg_get_serial_sequence('sales.stores', 'id')")
+                .fetch_one(&mut *conn)
+                .await?;
+        if let (Some(top), Some(seq)) = (named, seq) {
+            let (last, called): (i64, bool) =
+                sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let next = if called { last + 1 } else { last };
+            if next <= top {
+                sqlx::query("SELECT setval($1::regclass, $2)")
+                    .bind(&seq)
+                    .bind(top)
+                    .execute(&mut *conn)
+                    .await?;
+                tracing::warn!(sequence = %seq, from = next, to = top + 1, "store ids that only the event log names (deleted stores of a restored dump); moved the store sequence past them");
+                moved.push(seq);
+            }
         }
     }
     Ok(moved)
