@@ -262,6 +262,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 ..config.clone()
             };
             let pool = db::connect(&config).await?;
+            db::check_extension(&pool).await?;
             // Maintenance does not migrate (a newer binary run by a
             // schedule before its deploy would): it refuses a database
             // that lacks this binary's migrations, before changing anything.

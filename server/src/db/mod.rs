@@ -271,6 +271,18 @@ async fn extension_present(conn: &mut PgConnection) -> Result<(), sqlx::migrate:
     Ok(())
 }
 
+/// [`extension_present`] for a command that does not migrate (`maintain`):
+/// a dropped extension is named, not failed on as a missing function.
+pub async fn check_extension(pool: &PgPool) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    extension_present(&mut conn).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(sqlx::Error::Configuration(m)) => {
+            anyhow::anyhow!("{m}")
+        }
+        other => other.into(),
+    })
+}
+
 /// This binary's migrations the database has not applied yet (version and
 /// description), in order; all of them when it was never migrated.
 pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
