@@ -2892,104 +2892,27 @@ async fn an_async_batch_reports_a_field_named_nul() {
     server.stop().await;
 }
 
-/// Ctrl-C while `sales-server import` still reads its file: the upload is
-/// cancelled and nothing is written, and the command says so and exits
-/// 130. (The signal's default action ended the process silently there,
-/// and the job was later failed as an interrupted upload.) The file is a
-/// named pipe the test writes into, so the signal surely comes while the
-/// file is being read.
-#[tokio::test]
-async fn the_command_line_interrupted_while_reading_cancels_its_upload() {
-    let db = TestDb::new().await;
-    db.stores(1).await;
-    let dir = std::env::temp_dir().join(format!("pgs_fifo_{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fifo = dir.join("pos.csv");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
-    let child = tokio::process::Command::new(sales_e2e::server_bin())
-        .arg("import")
-        .arg(&fifo)
-        .envs(db.env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run sales-server import");
-    let pid = child.id().expect("a pid").to_string();
-    // Opening the pipe waits for the command to open it for reading.
-    let path = fifo.clone();
-    let mut writer = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        // More than the 8 KiB read before the first line is parsed.
-        let mut text = String::from("store_code,date,sales\n");
-        for y in 2020..=2023 {
-            for m in 1..=12 {
-                for d in 1..=28 {
-                    text.push_str(&format!("T001,{y}-{m:02}-{d:02},{d}\n"));
-                }
-            }
-        }
-        w.write_all(text.as_bytes()).unwrap();
-        w.flush().unwrap();
-        w
-    })
-    .await
-    .unwrap();
-    let state = |pool: sqlx::PgPool| async move {
-        sqlx::query_scalar::<_, String>("SELECT state FROM jobs.jobs ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-    };
-    eventually(Duration::from_secs(60), "the upload's job", || {
-        let pool = db.pool.clone();
-        async move { (state(pool).await.as_deref() == Some("uploading")).then_some(()) }
-    })
-    .await;
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
-    eventually(Duration::from_secs(60), "the upload cancelled", || {
-        let pool = db.pool.clone();
-        async move { (state(pool).await.as_deref() == Some("cancelled")).then_some(()) }
-    })
-    .await;
-    // The end of the file: the reader, blocked on the pipe, sees it.
-    {
-        use std::io::Write;
-        writer.write_all(b"T001,2024-02-29,29\n").unwrap();
-    }
-    drop(writer);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+/// The newest job's state.
+async fn last_job_state(pool: &sqlx::PgPool) -> Option<String> {
+    sqlx::query_scalar("SELECT state FROM jobs.jobs ORDER BY id DESC LIMIT 1")
+        .fetch_optional(pool)
         .await
-        .expect("the command ends")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("interrupted while reading"), "{stderr}");
-    assert!(stderr.contains("nothing written"), "{stderr}");
-    assert_eq!(state(db.pool.clone()).await.as_deref(), Some("cancelled"));
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(rows, 0);
-    let _ = std::fs::remove_dir_all(&dir);
+        .unwrap()
 }
 
-/// A reader blocked on a pipe whose writer sends nothing more stops only
-/// when the writer does: a second Ctrl-C leaves at once, the upload
-/// cancelled and its staged rows removed.
-#[tokio::test]
-async fn a_second_ctrl_c_leaves_a_reader_blocked_on_a_pipe() {
-    let db = TestDb::new().await;
-    db.stores(1).await;
+/// `sales-server import` of a named pipe the test writes into (so a signal
+/// surely comes while the file is being read): some lines written and the
+/// pipe held open, one Ctrl-C sent once the upload's job exists, and back
+/// once the job is cancelled. Returns the command, its pid, the pipe's
+/// writer and the directory to remove.
+async fn import_interrupted_on_a_pipe(
+    db: &TestDb,
+) -> (
+    tokio::process::Child,
+    String,
+    std::fs::File,
+    std::path::PathBuf,
+) {
     let dir = std::env::temp_dir().join(format!("pgs_fifo_{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let fifo = dir.join("pos.csv");
@@ -3027,15 +2950,9 @@ async fn a_second_ctrl_c_leaves_a_reader_blocked_on_a_pipe() {
     })
     .await
     .unwrap();
-    let state = |pool: sqlx::PgPool| async move {
-        sqlx::query_scalar::<_, String>("SELECT state FROM jobs.jobs ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-    };
     eventually(Duration::from_secs(60), "the upload's job", || {
         let pool = db.pool.clone();
-        async move { (state(pool).await.as_deref() == Some("uploading")).then_some(()) }
+        async move { (last_job_state(&pool).await.as_deref() == Some("uploading")).then_some(()) }
     })
     .await;
     let sent = std::process::Command::new("kill")
@@ -3045,9 +2962,54 @@ async fn a_second_ctrl_c_leaves_a_reader_blocked_on_a_pipe() {
     assert!(sent.success());
     eventually(Duration::from_secs(60), "the upload cancelled", || {
         let pool = db.pool.clone();
-        async move { (state(pool).await.as_deref() == Some("cancelled")).then_some(()) }
+        async move { (last_job_state(&pool).await.as_deref() == Some("cancelled")).then_some(()) }
     })
     .await;
+    (child, pid, writer, dir)
+}
+
+/// Ctrl-C while `sales-server import` still reads its file: the upload is
+/// cancelled and nothing is written, and the command says so and exits
+/// 130. (The signal's default action ended the process silently there,
+/// and the job was later failed as an interrupted upload.) The file is a
+/// named pipe the test writes into, so the signal surely comes while the
+/// file is being read.
+#[tokio::test]
+async fn the_command_line_interrupted_while_reading_cancels_its_upload() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let (child, _pid, mut writer, dir) = import_interrupted_on_a_pipe(&db).await;
+    // The end of the file: the reader, blocked on the pipe, sees it.
+    {
+        use std::io::Write;
+        writer.write_all(b"T001,2024-02-29,29\n").unwrap();
+    }
+    drop(writer);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the command ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted while reading"), "{stderr}");
+    assert!(stderr.contains("nothing written"), "{stderr}");
+    assert_eq!(last_job_state(&db.pool).await.as_deref(), Some("cancelled"));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reader blocked on a pipe whose writer sends nothing more stops only
+/// when the writer does: a second Ctrl-C leaves at once, the upload
+/// cancelled and its staged rows removed.
+#[tokio::test]
+async fn a_second_ctrl_c_leaves_a_reader_blocked_on_a_pipe() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let (child, pid, writer, dir) = import_interrupted_on_a_pipe(&db).await;
     // The writer stays: the reader is blocked on the pipe.
     let again = std::process::Command::new("kill")
         .args(["-INT", &pid])
@@ -3062,7 +3024,7 @@ async fn a_second_ctrl_c_leaves_a_reader_blocked_on_a_pipe() {
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted while reading"), "{stderr}");
     assert!(stderr.contains("nothing written"), "{stderr}");
-    assert_eq!(state(db.pool.clone()).await.as_deref(), Some("cancelled"));
+    assert_eq!(last_job_state(&db.pool).await.as_deref(), Some("cancelled"));
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.monthly_sales")
         .fetch_one(&db.pool)
         .await

@@ -496,17 +496,7 @@ pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, s
             }
         }
         let Some(top) = top else { continue };
-        let (last, called): (i64, bool) =
-            sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
-                .fetch_one(&mut *conn)
-                .await?;
-        let next = if called { last + 1 } else { last };
-        if next <= top {
-            sqlx::query("SELECT setval($1::regclass, $2)")
-                .bind(&seq)
-                .bind(top)
-                .execute(&mut *conn)
-                .await?;
+        if let Some(next) = move_past(conn, &seq, top).await? {
             tracing::warn!(sequence = %seq, from = next, to = top + 1, "an id sequence was behind its table's ids (a dump restored from an older extension?); moved it past them");
             moved.push(seq);
         }
@@ -528,23 +518,36 @@ pub async fn restore_sequences(conn: &mut PgConnection) -> Result<Vec<String>, s
                 .fetch_one(&mut *conn)
                 .await?;
         if let (Some(top), Some(seq)) = (named, seq) {
-            let (last, called): (i64, bool) =
-                sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
-                    .fetch_one(&mut *conn)
-                    .await?;
-            let next = if called { last + 1 } else { last };
-            if next <= top {
-                sqlx::query("SELECT setval($1::regclass, $2)")
-                    .bind(&seq)
-                    .bind(top)
-                    .execute(&mut *conn)
-                    .await?;
+            if let Some(next) = move_past(conn, &seq, top).await? {
                 tracing::warn!(sequence = %seq, from = next, to = top + 1, "store ids that only the event log names (deleted stores of a restored dump); moved the store sequence past them");
                 moved.push(seq);
             }
         }
     }
     Ok(moved)
+}
+
+/// Moves sequence `seq` past `top` when its next value is not past it;
+/// returns the next value it had then (None: it was already past).
+async fn move_past(
+    conn: &mut PgConnection,
+    seq: &str,
+    top: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    let (last, called): (i64, bool) =
+        sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+            .fetch_one(&mut *conn)
+            .await?;
+    let next = if called { last + 1 } else { last };
+    if next > top {
+        return Ok(None);
+    }
+    sqlx::query("SELECT setval($1::regclass, $2)")
+        .bind(seq)
+        .bind(top)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(next))
 }
 
 /// What migrations 0002, 0006, 0007, 0011 and 0020 add to the extension's tables
