@@ -55,6 +55,9 @@
     summaryError: null, // why the summaries could not be loaded
     salesVersions: new Map(), // monthly_sales id -> highest version seen
     lastEventId: null,
+    epoch: null, // the event log's epoch lastEventId was read under
+    readyLast: null, // the latest `ready`: where this connection starts
+    readyEpoch: null,
     seen: new Set(),
     seenOrder: [],
     ws: null,
@@ -326,6 +329,7 @@
     try { sessionStorage.removeItem(SESSION_KEY); } catch (_) { /* ignore */ }
     state.wsSubs = new Set();
     state.lastEventId = null;
+    state.epoch = null;
     state.everConnected = false;
     state.attempt = 0;
     clearUserData();
@@ -815,7 +819,11 @@
       // otherwise plain subscriptions.
       if (state.lastEventId !== null) {
         const events = wantedChannels();
-        if (send({ type: 'resume', lastEventId: state.lastEventId, events })) {
+        const resume = { type: 'resume', lastEventId: state.lastEventId, events };
+        // Ids are given again after a restore: the server tells an id of
+        // another epoch to resync instead of replaying other events.
+        if (state.epoch) resume.epoch = state.epoch;
+        if (send(resume)) {
           for (const event of events) state.wsSubs.add(event);
         }
       } else {
@@ -914,9 +922,15 @@
     if (msg.type) {
       switch (msg.type) {
         case 'ready':
-          if (state.lastEventId === null && Number.isFinite(msg.lastEventId)) state.lastEventId = msg.lastEventId;
+          state.readyLast = Number.isFinite(msg.lastEventId) ? msg.lastEventId : null;
+          state.readyEpoch = typeof msg.epoch === 'string' ? msg.epoch : null;
+          if (state.lastEventId === null && state.readyLast !== null) {
+            state.lastEventId = state.readyLast;
+            state.epoch = state.readyEpoch;
+          }
           break;
         case 'resumed':
+          state.epoch = state.readyEpoch;
           if (msg.replayed > 0) {
             addFeed('other', 'Caught up', `${msg.replayed} event${msg.replayed === 1 ? '' : 's'} missed while offline were replayed.`, null, null);
           }
@@ -927,6 +941,18 @@
             // subscriptions stand and live events continue: reload through
             // the REST API.
             addFeed('other', 'Reloaded', 'The missed events could not be replayed; everything was reloaded.', null, null);
+            // Later resumes start from this connection's start, in its epoch.
+            if (state.readyEpoch !== state.epoch) {
+              // Another log (a restore): its ids and versions are given
+              // again, so what was seen of the old one says nothing.
+              state.seen = new Set();
+              state.seenOrder = [];
+              state.salesVersions.clear();
+            }
+            if (state.readyLast !== null) {
+              state.lastEventId = state.readyLast;
+              state.epoch = state.readyEpoch;
+            }
             reloadAll();
             break;
           }

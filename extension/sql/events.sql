@@ -347,6 +347,21 @@ RETURNS SETOF sales.events LANGUAGE sql VOLATILE SET search_path = pg_catalog, p
     SELECT * FROM sales.events_after_seq(sales.event_position(after_id), max_rows, 0)
 $$;
 
+-- Names the event log that event ids are numbers of: this log's identity
+-- (made anew when a dump is restored) and the WAL timeline (a new one after
+-- a point-in-time recovery or a standby's promotion, which can lose the
+-- newest events, whose ids are then given again). An id is only meaningful
+-- with the epoch it was read under: a consumer that resumes from an id
+-- read under another epoch reloads instead (the WebSocket resume does).
+CREATE FUNCTION sales.event_log_epoch() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.epoch::text || '.' ||
+           CASE WHEN pg_is_in_recovery() THEN (pg_control_checkpoint()).timeline_id::text
+                ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text
+           END
+    FROM sales.event_log_identity i
+$$;
+
 -- The position a new reader starts from: the last event that events_since
 -- would return, or 0 when there is none.
 CREATE FUNCTION sales.events_head() RETURNS bigint

@@ -805,3 +805,30 @@ BEGIN
                       jsonb_build_object('message', message, 'data', coalesce(data, '{}'), 'from', sales.current_actor()),
                       NULL, notify_user.user_id);
 END $$;
+
+-- Which event log this is. Event ids are numbered again after a restore
+-- (the log goes on from the dump's newest event), so an id alone does not
+-- say which event a client last had. The row is made as the extension is
+-- created and is left out of dumps on purpose (the table is not marked for
+-- pg_dump): a database restored from a dump gets a new one. See
+-- sales.event_log_epoch().
+CREATE TABLE sales.event_log_identity (
+    epoch  uuid NOT NULL DEFAULT gen_random_uuid(),
+    one    boolean PRIMARY KEY DEFAULT true CHECK (one)
+);
+INSERT INTO sales.event_log_identity DEFAULT VALUES;
+
+-- Names the event log that event ids are numbers of: this log's identity
+-- (made anew when a dump is restored) and the WAL timeline (a new one after
+-- a point-in-time recovery or a standby's promotion, which can lose the
+-- newest events, whose ids are then given again). An id is only meaningful
+-- with the epoch it was read under: a consumer that resumes from an id
+-- read under another epoch reloads instead (the WebSocket resume does).
+CREATE FUNCTION sales.event_log_epoch() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.epoch::text || '.' ||
+           CASE WHEN pg_is_in_recovery() THEN (pg_control_checkpoint()).timeline_id::text
+                ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text
+           END
+    FROM sales.event_log_identity i
+$$;

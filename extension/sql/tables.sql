@@ -143,6 +143,18 @@ EXCEPTION WHEN feature_not_supported THEN
     NULL;
 END $$;
 
+-- Which event log this is. Event ids are numbered again after a restore
+-- (the log goes on from the dump's newest event), so an id alone does not
+-- say which event a client last had. The row is made as the extension is
+-- created and is left out of dumps on purpose (the table is not marked for
+-- pg_dump): a database restored from a dump gets a new one. See
+-- sales.event_log_epoch().
+CREATE TABLE sales.event_log_identity (
+    epoch  uuid NOT NULL DEFAULT gen_random_uuid(),
+    one    boolean PRIMARY KEY DEFAULT true CHECK (one)
+);
+INSERT INTO sales.event_log_identity DEFAULT VALUES;
+
 -- Keep table data in pg_dump output even though the tables belong to the extension.
 SELECT pg_catalog.pg_extension_config_dump('sales.stores', '');
 SELECT pg_catalog.pg_extension_config_dump('sales.monthly_sales', '');

@@ -60,6 +60,10 @@ impl Server {
             .await
             .context("reading the event log position")?;
         state.hub.set_position(head);
+        let (epoch, _) = events::model::Event::log_identity(&state.pool)
+            .await
+            .context("reading the event log's epoch")?;
+        state.hub.set_epoch(&epoch);
         // What was written while no instance relayed is made stale in the
         // shared cache before this instance serves anything from it.
         {

@@ -223,6 +223,8 @@ pub async fn render(state: &AppState) -> String {
         .absolute(n(&ws["closed"]["revoked"]) as u64);
     metrics::counter!("events_relayed_total")
         .absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
+    metrics::counter!("events_log_replaced_total")
+        .absolute(state.hub.relay.log_replaced.load(Ordering::Relaxed));
     let relayed_to = state.hub.position().id;
     gauge(
         "events_relay_connected",

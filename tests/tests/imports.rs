@@ -2035,6 +2035,23 @@ async fn ndjson_store_code_and_id_must_agree() {
         format!("unknown store {}, or not one of your stores", stores[2]),
         "{doc}"
     );
+    // Named by the member, as in the file (it named the CSV column,
+    // `store_id`).
+    assert_eq!(doc["errors"][0]["column"], "storeId", "{doc}");
+    let nd = format!(
+        "{}\n{}\n",
+        json!({"storeCode": "NOPE", "date": "2024-07-01", "sales": 1}),
+        json!({"storeId": i64::MAX / 2, "date": "2024-07-02", "sales": 1}),
+    );
+    let (status, body, _) = post_file(&api, "", "application/x-ndjson", nd).await;
+    assert_eq!(status, 202, "{body}");
+    let doc = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(
+        error_lines(&doc),
+        vec![(1, "storeCode".to_string()), (2, "storeId".to_string())],
+        "{doc}"
+    );
+    assert_eq!(doc["errors"][0]["reason"], "unknown store 'NOPE'", "{doc}");
     server.stop().await;
 }
 

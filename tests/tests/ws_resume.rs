@@ -291,6 +291,84 @@ async fn a_pruned_id_requires_resync_and_the_connection_goes_on() {
     server.stop().await;
 }
 
+/// Event ids are given again after a restore (the log goes on from the
+/// dump's newest event), so an id is only meaningful with the log's epoch
+/// (`ready.epoch`): a resume under another epoch is told to resync instead
+/// of being replayed other events. A log replaced while the server runs (a
+/// restore, a recovery to an earlier point, a promoted standby) is noticed
+/// as the relay connects again: every connection is closed with 1012 so
+/// that each client resumes.
+#[tokio::test]
+async fn an_id_of_another_epoch_of_the_log_requires_resync() {
+    let db = TestDb::new().await;
+    let s1 = db.stores(1).await[0];
+    let channel = format!("sales-data-{s1}");
+    let server = db.server(&[]).await;
+    let epoch_now = || async {
+        sqlx::query_scalar::<_, String>("SELECT sales.event_log_epoch()")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let old = epoch_now().await;
+    let mut c = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
+    assert_eq!(c.ready["epoch"], old.as_str(), "{}", c.ready);
+    c.subscribe(&channel).await;
+    upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await;
+    let first = c.event().await["id"].as_i64().unwrap();
+    upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
+    let second = c.event().await["id"].as_i64().unwrap();
+
+    // Under its own epoch the id is replayed from as always.
+    let mut r = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
+    r.send(json!({"type": "resume", "lastEventId": first, "epoch": old, "events": [channel]}))
+        .await;
+    let (got, resumed) = after_resume(&mut r, 1).await;
+    assert_eq!(got[0]["id"], second, "{got:?}");
+    assert_eq!(resumed["replayed"], 1, "{resumed}");
+
+    // A new identity, as a restored dump has, and the relay's connection
+    // lost: as it connects again it finds another log.
+    sqlx::query("UPDATE sales.event_log_identity SET epoch = gen_random_uuid()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let new = epoch_now().await;
+    assert_ne!(new, old);
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'sales-server-relay'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for client in [&mut c, &mut r] {
+        let close = client.closed().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1012, "{close:?}");
+    }
+
+    let mut c = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
+    assert_eq!(c.ready["epoch"], new.as_str(), "{}", c.ready);
+    c.send(json!({"type": "resume", "lastEventId": first, "epoch": old, "events": [channel]}))
+        .await;
+    let err = c.reply("resumed").await;
+    assert_eq!(err["code"], "resync_required", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("another epoch"),
+        "{err}"
+    );
+    // Subscribed by the resume, live events go on.
+    upsert(&db, vec![record(s1, 2024, 1, 3, 1)]).await;
+    let live = c.event().await;
+    assert_eq!(live["event"], "sales-data-updated", "{live}");
+    assert!(live["id"].as_i64().unwrap() > second, "{live}");
+    let st = stats(server.addr).await;
+    assert_eq!(st["relay"]["logReplaced"], 1, "{st}");
+    assert_eq!(st["relay"]["epoch"], new.as_str(), "{st}");
+    assert_eq!(st["closed"]["logReplaced"], 2, "{st}");
+    server.stop().await;
+}
+
 /// A client that subscribes before it resumes may get a row's newer version
 /// live before the replay reaches the older ones it missed: those are
 /// skipped (counted as `superseded`), so the row's version never goes

@@ -214,6 +214,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         let done = async {
+            not_mid_restore(&mut conn).await?;
             extension_present(&mut conn).await?;
             update_extension(&mut conn).await.map_err(Execute)?;
             // The lock is held already: the migrator must not wait for it.
@@ -265,6 +266,33 @@ async fn extension_present(conn: &mut PgConnection) -> Result<(), sqlx::migrate:
              recorded (was it dropped? its tables and their data went with it): to start over \
              empty, run CREATE EXTENSION pg_sales as its owner and migrate again; to get the \
              data back, restore a dump (README, Operations, \"Backups\")"
+                .into(),
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a database that a `pg_restore` is still filling: its first step
+/// (`--section=pre-data`) makes the server's tables, `_sqlx_migrations`
+/// among them, without their keys, which come with the last step
+/// (`--section=post-data`). Migrating in between recorded every migration
+/// in the empty table; the data step then added the dump's records beside
+/// them, and the last step failed to make the key over the duplicates.
+async fn not_mid_restore(conn: &mut PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+    use sqlx::migrate::MigrateError::Execute;
+    let keyless: bool = sqlx::query_scalar(
+        "SELECT to_regclass('_sqlx_migrations') IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM pg_constraint
+                            WHERE conrelid = to_regclass('_sqlx_migrations') AND contype = 'p')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(Execute)?;
+    if keyless {
+        return Err(Execute(sqlx::Error::Configuration(
+            "this database is being restored: _sqlx_migrations has no primary key yet \
+             (pg_restore's --section=post-data step has not run); finish the restore's steps \
+             (README, Operations, \"Backups\"), then migrate"
                 .into(),
         )));
     }

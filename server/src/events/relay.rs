@@ -63,6 +63,12 @@ pub trait Sink: Send + Sync + 'static {
     /// Whether the reader is connected.
     fn connected(&self, up: bool);
     fn reconnected(&self);
+    /// The epoch of the log events are delivered from (see
+    /// `Event::log_identity`).
+    fn epoch(&self) -> Arc<str>;
+    /// The log was replaced while the relay was away: it goes on from
+    /// `head` of the log of `epoch`.
+    fn log_replaced(&self, epoch: &str, head: Pos);
     /// The position of the last event delivered.
     fn position(&self) -> Pos;
 }
@@ -176,6 +182,32 @@ async fn read_session(
     };
     if !std::mem::take(first) {
         deps.sink.reconnected();
+    }
+    // A log restored from a dump, recovered to an earlier point or a
+    // standby promoted without the newest events: its ids and positions
+    // are given again, so reading on after the last one relayed would skip
+    // new events, and the cache holds rows that are no longer so.
+    let (epoch, newest) = match Event::log_identity(&mut conn).await {
+        Ok(x) => x,
+        Err(e) => return e.to_string(),
+    };
+    if *epoch != *deps.sink.epoch() || newest < last.seq {
+        let head = match Event::head(&mut conn).await {
+            Ok(h) => h,
+            Err(e) => return e.to_string(),
+        };
+        tracing::warn!(
+            epoch = %epoch,
+            was = %deps.sink.epoch(),
+            newest_seq = newest,
+            relayed_seq = last.seq,
+            head = head.id,
+            "the event log is not the one relayed before (restored, recovered to an earlier point, or a standby promoted): relaying from its head, every WebSocket client resumes, the cache is made stale"
+        );
+        deps.invalidator
+            .invalidate_soon(vec![crate::cache::TAG_ALL.to_string()]);
+        *last = head;
+        deps.sink.log_replaced(&epoch, head);
     }
     deps.sink.connected(true);
     tracing::info!(last_event_id = last.id, "event relay reading");

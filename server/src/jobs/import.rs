@@ -610,8 +610,9 @@ fn chunk_query<'q>(
 /// staged rows is part of the statement: a committed chunk cannot be merged
 /// twice. The records go from the aggregate straight into the merge, never
 /// to the server and back. Takes the staged rows of the store-months after
-/// `$2..$4` up to `$5..$7` (keys as in [`CHUNK_END_SQL`]) and the scope
-/// (`$8`). Returns (refused rows, rows written, the chunk's last and first
+/// `$2..$4` up to `$5..$7` (keys as in [`CHUNK_END_SQL`]), the scope
+/// (`$8`) and whether the file was NDJSON (`$9`: a refused store is named
+/// by its member, `storeCode` or `storeId`, not by a CSV column). Returns (refused rows, rows written, the chunk's last and first
 /// line).
 const CHUNK_SQL: &str = concat!(
     r#"
@@ -627,7 +628,8 @@ WITH d AS (
     LEFT JOIN sales.stores si ON si.id = d.store_id AND d.store_code IS NULL
 ), bad AS (
     SELECT DISTINCT ON (line) line,
-           CASE WHEN store_code IS NOT NULL THEN 'store_code' ELSE 'store_id' END AS col,
+           CASE WHEN store_code IS NOT NULL THEN CASE WHEN $9 THEN 'storeCode' ELSE 'store_code' END
+                ELSE CASE WHEN $9 THEN 'storeId' ELSE 'store_id' END END AS col,
            -- A caller with a scope is told the same of a store that does
            -- not exist and of one outside the scope: stores it cannot see
            -- stay unseen, as everywhere else.
@@ -1054,6 +1056,7 @@ async fn merge<F>(
     }
     let row = chunk_query(CHUNK_SQL, job.id, after, end)
         .bind(&job.scope)
+        .bind(job.params["format"] == "ndjson")
         .fetch_one(&mut *tx)
         .await?;
     let refused: Value = row.get(0);

@@ -4,7 +4,8 @@
 //! Client → server:
 //! `{"type":"subscribe","event":"sales-data-12"}`, `{"type":"unsubscribe","event":"stores"}`,
 //! `{"type":"ping"}`, `{"type":"resume","lastEventId":1234}` (optionally with
-//! `"events":["sales-data-12",...]` to subscribe and resume in one step).
+//! `"events":["sales-data-12",...]` to subscribe and resume in one step, and
+//! the `"epoch"` the id was read under, from `ready`).
 //!
 //! Server → client: `{"type":"ready",...}` once, acks (`subscribed`, `unsubscribed`,
 //! `resumed`), `{"type":"pong"}`, `{"type":"error","code":...,"message":...}` and
@@ -25,6 +26,10 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_HEARTBEAT: u16 = 4000;
 /// The token the connection was opened with has expired.
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// The relay found the event log replaced (a restore, a point-in-time
+/// recovery, a promoted standby): resume, and reload if told to resync.
+pub const CLOSE_LOG_REPLACED: u16 = 1012;
+pub const REASON_LOG_REPLACED: &str = "event log replaced; resume with lastEventId and epoch";
 /// The send queue overflowed: the client reads too slowly. It can reconnect
 /// and resume from the last event id it processed.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -51,6 +56,10 @@ pub enum ClientMessage {
         last_event_id: i64,
         #[serde(default)]
         events: Vec<String>,
+        /// The `epoch` of the `ready` message of the connection the id
+        /// came on (optional): under another, the id names another event.
+        #[serde(default)]
+        epoch: Option<String>,
     },
 }
 
@@ -79,12 +88,13 @@ pub fn ready(
     user_id: i64,
     role: &str,
     position: i64,
+    epoch: &str,
     heartbeat_ms: u128,
     send_queue: usize,
 ) -> String {
     json!({
         "type": "ready", "userId": user_id, "role": role, "lastEventId": position,
-        "heartbeatMs": heartbeat_ms as u64, "sendQueue": send_queue,
+        "epoch": epoch, "heartbeatMs": heartbeat_ms as u64, "sendQueue": send_queue,
     })
     .to_string()
 }
@@ -159,7 +169,8 @@ mod tests {
             ClientMessage::parse(r#"{"type":"resume","lastEventId":42}"#),
             Ok(ClientMessage::Resume {
                 last_event_id: 42,
-                events: vec![]
+                events: vec![],
+                epoch: None,
             })
         );
         assert!(ClientMessage::parse(r#"{"type":"dance"}"#)
@@ -195,7 +206,16 @@ mod tests {
             ClientMessage::parse(r#"{"type":"resume","lastEventId":1,"events":["stores"]}"#),
             Ok(ClientMessage::Resume {
                 last_event_id: 1,
-                events: vec!["stores".into()]
+                events: vec!["stores".into()],
+                epoch: None,
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"resume","lastEventId":1,"epoch":"e.1"}"#),
+            Ok(ClientMessage::Resume {
+                last_event_id: 1,
+                events: vec![],
+                epoch: Some("e.1".into()),
             })
         );
     }

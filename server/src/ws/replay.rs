@@ -20,6 +20,8 @@ enum ReplayEnd {
     /// rows they were of and whether some of those rows were left out.
     Done(crate::events::Pos, u64, u64, Vec<i64>, bool),
     Pruned,
+    /// The id was read under another epoch of the log.
+    OtherLog,
     TooLong,
     Closed,
 }
@@ -43,6 +45,7 @@ pub(super) async fn replay(
     conn: Arc<Conn>,
     snap: ResumeSnapshot,
     last_event_id: i64,
+    epoch: Option<String>,
 ) {
     let hub = &ctx.hub;
     let pool = &ctx.pool;
@@ -54,6 +57,11 @@ pub(super) async fn replay(
     let run = async {
         if hub.close_if_expired(&conn) {
             return Ok::<_, sqlx::Error>(ReplayEnd::Closed);
+        }
+        // Ids are given again after a restore or a recovery to an earlier
+        // point: under another epoch the id names another event, or none.
+        if epoch.is_some_and(|e| *e != *hub.epoch()) {
+            return Ok(ReplayEnd::OtherLog);
         }
         let max = i64::try_from(hub.cfg.replay_max_events).unwrap_or(i64::MAX - 1);
         let start = {
@@ -186,6 +194,10 @@ pub(super) async fn replay(
         Ok(Ok(ReplayEnd::Pruned)) => resync(&format!(
             "event {last_event_id} is older than the retention ({} days) or unknown; reload, then follow live events",
             ctx.event_retention.as_secs() / 86400
+        )),
+        Ok(Ok(ReplayEnd::OtherLog)) => resync(&format!(
+            "event {last_event_id} is of another epoch of the event log (it was restored from a backup or recovered to an earlier point since; now {}): reload, then follow live events",
+            hub.epoch()
         )),
         Ok(Ok(ReplayEnd::TooLong)) => resync(&format!(
             "more than {} events were missed; reload, then follow live events",

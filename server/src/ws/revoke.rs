@@ -441,6 +441,14 @@ impl Sink for Revoking {
         self.hub.reconnected()
     }
 
+    fn epoch(&self) -> std::sync::Arc<str> {
+        Sink::epoch(&*self.hub)
+    }
+
+    fn log_replaced(&self, epoch: &str, head: Pos) {
+        Sink::log_replaced(&*self.hub, epoch, head)
+    }
+
     fn position(&self) -> Pos {
         Sink::position(&*self.hub)
     }

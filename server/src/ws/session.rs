@@ -133,6 +133,7 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, ctx: Arc<Context>) 
             conn.user_id(),
             conn.principal.role.as_str(),
             conn.opened_at().id,
+            &hub.epoch(),
             hub.cfg.ping_interval.as_millis(),
             hub.cfg.send_queue,
         ),
@@ -334,6 +335,7 @@ impl Session {
             ClientMessage::Resume {
                 last_event_id,
                 events,
+                epoch,
             } => {
                 if last_event_id < 0 {
                     return hub.reply(
@@ -386,6 +388,7 @@ impl Session {
                             conn.clone(),
                             snap,
                             last_event_id,
+                            epoch,
                         ));
                     }
                     Err(m) => hub.reply(conn, protocol::error("bad_request", m, None)),

@@ -66,6 +66,11 @@ SELECT (SELECT array_agg(id ORDER BY seq) FROM sales.events)
 SELECT count(*) FROM sales.events_since(:before, 2);
 SELECT sales.events_head() = (SELECT id FROM sales.events ORDER BY seq DESC LIMIT 1) AS head_is_last;
 SELECT sales.events_horizon() > (SELECT max(seq) FROM sales.events) AS horizon_past_the_log;
+-- The log's epoch: its identity (one row, made with the extension) and the
+-- WAL timeline.
+SELECT sales.event_log_epoch() ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.[1-9][0-9]*$' AS epoch_shape,
+       sales.event_log_epoch() LIKE (SELECT epoch::text FROM sales.event_log_identity) || '.%' AS epoch_is_the_identity;
+SELECT pg_temp.err($$INSERT INTO sales.event_log_identity DEFAULT VALUES$$);
 SELECT count(*) AS holders FROM sales.event_holders();
 SELECT pg_temp.err($$SELECT * FROM sales.events_next(0, 10, -1)$$);
 SELECT pg_temp.err($$SELECT * FROM sales.events_after_seq(-1)$$);

@@ -292,6 +292,10 @@ pub struct Hub {
     /// when it runs out (ended by [`Hub::end_openings`], from the
     /// heartbeat's task: no task or timer per connection).
     openings: Mutex<std::collections::VecDeque<(std::time::Instant, std::sync::Weak<Conn>)>>,
+    /// The epoch of the event log the relay reads (`sales.event_log_epoch()`):
+    /// event ids are only meaningful under it, so `ready` names it and a
+    /// resume under another is told to resync.
+    epoch: std::sync::RwLock<Arc<str>>,
 }
 
 /// What pushing into a queue did.
@@ -314,7 +318,40 @@ impl Hub {
             replaying: Mutex::new(HashMap::new()),
             replay_freed: Notify::new(),
             openings: Mutex::new(std::collections::VecDeque::new()),
+            epoch: std::sync::RwLock::new(Arc::from("")),
             cfg,
+        }
+    }
+
+    /// The epoch of the event log (see the field); empty until set.
+    pub fn epoch(&self) -> Arc<str> {
+        self.epoch.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the epoch of the event log; set once before serving, and again
+    /// by [`Hub::log_replaced`].
+    pub fn set_epoch(&self, epoch: &str) {
+        *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(epoch);
+    }
+
+    /// The relay found, as it connected again, that the log is not the one
+    /// it was reading (restored from a dump, recovered to a point in time,
+    /// or a standby promoted without the newest events): every connection
+    /// is closed with 1012, so that each client resumes, and one resuming
+    /// from an id of the old log is told to resync (ids are given again).
+    pub fn log_replaced(&self, epoch: &str, head: Pos) {
+        self.set_epoch(epoch);
+        self.reg().position = head;
+        self.relay.log_replaced.fetch_add(1, Relaxed);
+        let conns: Vec<Arc<Conn>> = self.reg().conns.values().cloned().collect();
+        for c in conns {
+            if self.close(
+                &c,
+                protocol::CLOSE_LOG_REPLACED,
+                protocol::REASON_LOG_REPLACED,
+            ) {
+                self.counters.closed_log_replaced.fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -908,6 +945,14 @@ impl crate::events::relay::Sink for Hub {
 
     fn reconnected(&self) {
         self.relay.reconnects.fetch_add(1, Relaxed);
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        Hub::epoch(self)
+    }
+
+    fn log_replaced(&self, epoch: &str, head: Pos) {
+        Hub::log_replaced(self, epoch, head)
     }
 
     fn position(&self) -> Pos {

@@ -17,6 +17,7 @@ pub struct Counters {
     /// Closed because the user's access was revoked (4010-4014).
     pub closed_revoked: AtomicU64,
     pub closed_shutdown: AtomicU64,
+    pub closed_log_replaced: AtomicU64,
     pub closed_policy: AtomicU64,
     pub refused_subscriptions: AtomicU64,
     pub refused_connections: AtomicU64,
@@ -38,6 +39,8 @@ pub struct RelayStatus {
     /// Whether it ever listened (so a later session counts a reconnect).
     pub listened: AtomicBool,
     pub listener_reconnects: AtomicU64,
+    /// Times the relay found the log replaced (see `Hub::log_replaced`).
+    pub log_replaced: AtomicU64,
 }
 
 impl Hub {
@@ -100,6 +103,7 @@ impl Hub {
                 "tokenExpired": n(&k.closed_expired),
                 "revoked": n(&k.closed_revoked),
                 "shutdown": n(&k.closed_shutdown),
+                "logReplaced": n(&k.closed_log_replaced),
                 "policy": n(&k.closed_policy),
             },
             "refusedSubscriptions": n(&k.refused_subscriptions),
@@ -113,6 +117,8 @@ impl Hub {
                 "listening": self.relay.listening.load(Relaxed),
                 "listenerReconnects": n(&self.relay.listener_reconnects),
                 "lastEventId": position.id,
+                "epoch": &*self.epoch(),
+                "logReplaced": n(&self.relay.log_replaced),
                 "eventsRelayed": n(&k.events_relayed),
                 "ephemeralRelayed": n(&k.ephemeral_relayed),
             },
