@@ -243,6 +243,26 @@ async function main() {
     assert.equal(await page.evaluate(() => window.__noReload), true, 'no reload');
     log('back online: resumed, missed event in the feed, chart updated');
 
+    // ---- an id of another epoch of the log (a restored database) ----
+    // The page resumes with the epoch its last id was read under: the server
+    // answers resync_required instead of replaying other events, and the
+    // page's later resumes use this connection's epoch.
+    const resyncs = async () => (await api('GET', '/api/admin/websocket/stats', token)).json.resyncRequired;
+    const resyncsBefore = await resyncs();
+    const epoch = await page.evaluate(() => window.pgSalesDashboard.state.epoch);
+    assert.match(epoch, /^[0-9a-f-]{36}\.[0-9]+$/, `the page keeps the log's epoch: ${epoch}`);
+    await page.evaluate(() => {
+      window.pgSalesDashboard.state.epoch = 'another-log.1';
+      window.pgSalesDashboard.dropConnection();
+    });
+    await page.waitForFunction((e) => window.pgSalesDashboard.state.epoch === e, epoch, { timeout: 30000 });
+    for (let i = 0; i < 300 && (await resyncs()) === resyncsBefore; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(await resyncs(), resyncsBefore + 1, 'a resume under another epoch is told to resync');
+    await page.locator('#conn[data-state="live"]').waitFor();
+    log('an id of another epoch: resync_required, then this epoch');
+
     // ---- export with progress ----
     if (WITH_EXPORT) {
       await page.selectOption('#export-range', 'all');
