@@ -366,6 +366,31 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
     assert_eq!(st["relay"]["logReplaced"], 1, "{st}");
     assert_eq!(st["relay"]["epoch"], new.as_str(), "{st}");
     assert_eq!(st["closed"]["logReplaced"], 2, "{st}");
+
+    // The same epoch with the newest events gone (a file-system snapshot
+    // of the database put back): also another log. The relay relays from
+    // its head and every connection resumes.
+    relayed_all(&db, &server).await;
+    sqlx::query("DELETE FROM sales.events WHERE id > $1")
+        .bind(second)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'sales-server-relay'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let close = c.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1012, "{close:?}");
+    let mut c = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
+    c.subscribe(&channel).await;
+    upsert(&db, vec![record(s1, 2024, 1, 4, 1)]).await;
+    let live = c.event().await;
+    assert_eq!(live["event"], "sales-data-updated", "{live}");
+    assert_eq!(stats(server.addr).await["relay"]["logReplaced"], 2);
     server.stop().await;
 }
 
