@@ -1105,6 +1105,16 @@ async fn login_throttling_per_address_behind_a_trusted_proxy() {
     if st != 429 {
         assert!(failed_at.elapsed() >= Duration::from_secs(1), "{st} {body}");
     }
+    // An IPv6 client counts as its /64, whatever address in it it picks
+    // (each new address started afresh); another /64 is another client.
+    for from in ["2001:db8:1:2::1", "2001:db8:1:2::ffff"] {
+        assert_eq!(login_from(&proxied, from, "wrong-password").await.0, 401);
+    }
+    let failed_at = Instant::now();
+    let (st, body) = login_from(&proxied, "2001:db8:1:2:abcd::9", PASSWORD).await;
+    address_throttled(st, &body, failed_at);
+    let (st, body) = login_from(&proxied, "2001:db8:1:3::1", PASSWORD).await;
+    assert_eq!(st, 200, "another /64: {body}");
 
     // No trusted proxies: every attempt counts as the peer's (127.0.0.1),
     // whatever the header says.

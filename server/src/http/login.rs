@@ -512,7 +512,12 @@ impl LoginApi {
         req: &poem::Request,
         body: Json<LoginRequest>,
     ) -> ApiResult<LoginResponse> {
-        let ip = super::middleware::client_ip(req, &self.state.config.trusted_proxies).to_string();
+        // Failures are counted per address, an IPv6 client's per /64.
+        let ip = super::middleware::throttle_key(super::middleware::client_ip(
+            req,
+            &self.state.config.trusted_proxies,
+        ))
+        .to_string();
         if body.email.contains('\0') {
             // No account has one (emails are checked when set), and
             // Postgres' text cannot hold it: a wrong email.
@@ -704,7 +709,12 @@ impl LoginApi {
                 "this account has no password here (its tokens come from an identity provider)",
             ));
         };
-        let ip = super::middleware::client_ip(req, &self.state.config.trusted_proxies).to_string();
+        // Failures are counted per address, an IPv6 client's per /64.
+        let ip = super::middleware::throttle_key(super::middleware::client_ip(
+            req,
+            &self.state.config.trusted_proxies,
+        ))
+        .to_string();
         let verified = match self
             .check_credentials(&user.email, &body.current_password, &ip)
             .await?

@@ -76,10 +76,13 @@ impl RateLimits {
         retry_after(nu.wait_time_from(self.clock.now()))
     }
 
-    /// `Err(seconds to wait)` when the IP's budget is spent.
+    /// `Err(seconds to wait)` when the IP's budget is spent (an IPv6
+    /// client's budget is its /64's: see [`throttle_key`]).
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), u64> {
         self.upkeep();
-        self.by_ip.check_key(&ip).map_err(|nu| self.wait(nu))
+        self.by_ip
+            .check_key(&throttle_key(ip))
+            .map_err(|nu| self.wait(nu))
     }
 
     /// For a token that has verified, by its SHA-256 ([`crate::auth::Auth::digest`]:
@@ -90,7 +93,22 @@ impl RateLimits {
     }
 
     pub fn check_ws(&self, ip: IpAddr) -> Result<(), u64> {
-        self.ws_by_ip.check_key(&ip).map_err(|nu| self.wait(nu))
+        self.ws_by_ip
+            .check_key(&throttle_key(ip))
+            .map_err(|nu| self.wait(nu))
+    }
+}
+
+/// The address a client is throttled as: an IPv4 address itself (IPv4-mapped
+/// IPv6 read as IPv4), an IPv6 address its /64. A single IPv6 subscriber is
+/// given at least a /64 and picks addresses in it at will (privacy
+/// addresses change by themselves), so a limit per address limited nothing.
+pub fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
     }
 }
 
@@ -633,6 +651,26 @@ mod tests {
         assert!(l.check_ip(ip).is_err());
         assert!(l.check_ip("1.2.3.5".parse().unwrap()).is_ok());
         assert!(l.check_ws(ip).is_ok() && l.check_ws(ip).is_err());
+    }
+
+    /// An IPv6 client is throttled as its /64 (it picks addresses in it at
+    /// will); another /64 has its own budget; IPv4-mapped IPv6 is IPv4.
+    #[test]
+    fn an_ipv6_client_is_throttled_as_its_64() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(
+            throttle_key(ip("2001:db8:1:2:abcd::9")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(throttle_key(ip("::ffff:1.2.3.4")), ip("1.2.3.4"));
+        assert_eq!(throttle_key(ip("1.2.3.4")), ip("1.2.3.4"));
+        let l = RateLimits::new(3, 2, 1);
+        assert!(l.check_ip(ip("2001:db8:1:2::1")).is_ok());
+        assert!(l.check_ip(ip("2001:db8:1:2::ffff")).is_ok());
+        assert!(l.check_ip(ip("2001:db8:1:2:9:9:9:9")).is_err());
+        assert!(l.check_ip(ip("2001:db8:1:3::1")).is_ok());
+        assert!(l.check_ws(ip("2001:db8:1:2::1")).is_ok());
+        assert!(l.check_ws(ip("2001:db8:1:2::2")).is_err());
     }
 
     #[test]
