@@ -65,6 +65,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("websocket_closed_heartbeat_total", "Connections closed because the client stopped answering pings."),
     ("websocket_closed_revoked_total", "Connections closed because their user or session lost access."),
     ("events_relayed_total", "Events the relay read from the log and dispatched."),
+    ("events_log_replaced_total", "Times the relay found, as it connected again, that the event log was replaced (a restore or a failover)."),
     ("events_relay_connected", "1 while the relay's reader connection is up."),
     ("events_listener_connected", "1 while the listener (access announcements, cache clears, export progress) is LISTENing."),
     ("events_relay_last_event_id", "Id of the last event this instance relayed."),
