@@ -668,6 +668,18 @@ async fn health_is_up_while_the_request_pool_is_busy() {
         .server(&[("DB_POOL_MAX", "2"), ("DB_POOL_MIN", "1")])
         .await;
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let anon = Api::new(&server, None);
+    // The relay and the listener connect in the background, later on a busy
+    // machine: what is asked below is whether a busy pool makes the server
+    // unready, so they are up first (read from the hub, not through
+    // /health/ready, whose answer is reused for a second).
+    eventually(Duration::from_secs(30), "the relay to connect", || async {
+        let r = &server.state.hub.relay;
+        (r.connected.load(std::sync::atomic::Ordering::Relaxed)
+            && r.listening.load(std::sync::atomic::Ordering::Relaxed))
+        .then_some(())
+    })
+    .await;
     let mut locker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE sales.stores IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *locker)
@@ -696,7 +708,6 @@ async fn health_is_up_while_the_request_pool_is_busy() {
         },
     )
     .await;
-    let anon = Api::new(&server, None);
     let (st, health) = anon.get("/health").await;
     assert_eq!(st, 200, "{health}");
     assert_eq!(health["postgres"]["up"], true, "{health}");
