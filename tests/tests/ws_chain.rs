@@ -78,6 +78,21 @@ async fn chain_and_region_channels() {
     );
     let long = format!("region-{}", "x".repeat(101));
     assert_eq!(north.subscribe(&long).await["type"], "error");
+    // The longest name a region can have, in 2-byte letters, is confirmed
+    // whole (it was cut at 200 bytes, so the answer named another channel).
+    let widest = format!("region-{}", "ö".repeat(100));
+    let ack = north.subscribe(&widest).await;
+    assert_eq!(ack["event"], widest.as_str(), "{ack}");
+    north
+        .send(json!({"type": "unsubscribe", "event": widest}))
+        .await;
+    assert_eq!(north.reply("unsubscribed").await["event"], widest.as_str());
+    // A new name no store can have is refused, not given room among the
+    // names clients introduce (the REST region filter refuses the same).
+    for made_up in ["region- ", "region-\u{0}", "region-North "] {
+        let e = north.subscribe(made_up).await;
+        assert_eq!(e["code"], "unknown_channel", "{made_up:?}: {e}");
+    }
 
     // Resume replays a region channel: each replayed event's store is
     // placed in its region as the relay places live ones.

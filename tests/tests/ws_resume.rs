@@ -640,6 +640,24 @@ async fn own_events_written_before_the_resume_arrive_in_order() {
         .await
         .unwrap();
     assert_eq!(quiet.event().await["event"], "user-notification");
+
+    // A resume refused outright is a request like any other: the held
+    // events are released ahead of its answer (they waited for the hold
+    // to run out, 5 to 6 s).
+    let mut refused = Client::connect(server.addr, &t).await;
+    sqlx::query("SELECT sales.notify_user($1, 'held')")
+        .bind(me)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    relayed_all(&db, &server).await;
+    refused
+        .send(json!({"type": "resume", "lastEventId": -1}))
+        .await;
+    let first = refused.frame().await.expect("open");
+    assert_eq!(first["event"], "user-notification", "{first}");
+    let answer = refused.frame().await.expect("open");
+    assert_eq!(answer["code"], "bad_request", "{answer}");
 }
 
 /// A token that expires while its connection is open gets nothing more on

@@ -175,8 +175,24 @@ impl RegionKey {
     }
 
     /// The key of a region name a client sent: a known name, or a new one
-    /// while fewer than CLIENT_MAX names came from clients.
+    /// while fewer than CLIENT_MAX names came from clients. A new name no
+    /// store written through the API can have (blank, only invisible
+    /// characters, blanks at either end, a control character or a line
+    /// separator: the REST region filter refuses the same) is refused
+    /// rather than given room in the table.
     pub fn named_by_client(name: &str) -> Option<RegionKey> {
+        if let Some(k) = Self::known(name) {
+            return Some(k);
+        }
+        let breaks = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+        if name.chars().any(breaks)
+            || name.trim() != name
+            || name
+                .chars()
+                .all(|c| c.is_whitespace() || sales_core::names::invisible(c))
+        {
+            return None;
+        }
         Self::intern(name, true)
     }
 
@@ -354,6 +370,25 @@ mod tests {
         assert_ne!(Channel::parse("region-South"), Some(north));
         assert_eq!(Channel::parse("region-"), None);
         assert_eq!(Channel::parse(&format!("region-{}", "x".repeat(101))), None);
+        // A new name no store can have through the API is not taken from a
+        // client: blank, invisible only, blanks at an end, controls.
+        for made_up in [
+            " ",
+            "\u{200b}",
+            " North",
+            "North ",
+            "No\u{0}rth",
+            "a\u{2028}b",
+        ] {
+            assert_eq!(
+                Channel::parse(&format!("region-{made_up}")),
+                None,
+                "{made_up:?}"
+            );
+        }
+        // Known to the database, such a name is followed as it is.
+        RegionKey::of("Odd ").unwrap();
+        assert!(Channel::parse("region-Odd ").is_some());
     }
 
     /// Clients naming made-up regions fill only their share of the table:

@@ -104,8 +104,14 @@ pub fn ready(
 /// request's, whatever the client sent.
 const MAX_EVENT_ECHO: usize = 200;
 
+/// Longest channel name a confirmation carries, in bytes: every valid name
+/// whole (`region-` and 100 characters of up to 4 bytes each), so that a
+/// client matches confirmations to its requests by name; an error quotes
+/// less ([`MAX_EVENT_ECHO`]).
+const MAX_NAME_ECHO: usize = 512;
+
 pub fn subscribed(event: &str, implicit: bool) -> String {
-    let event = clip(event, MAX_EVENT_ECHO);
+    let event = clip(event, MAX_NAME_ECHO);
     if implicit {
         json!({"type": "subscribed", "event": event, "implicit": true}).to_string()
     } else {
@@ -114,7 +120,7 @@ pub fn subscribed(event: &str, implicit: bool) -> String {
 }
 
 pub fn unsubscribed(event: &str) -> String {
-    json!({"type": "unsubscribed", "event": clip(event, MAX_EVENT_ECHO)}).to_string()
+    json!({"type": "unsubscribed", "event": clip(event, MAX_NAME_ECHO)}).to_string()
 }
 
 pub fn pong() -> String {

@@ -337,7 +337,11 @@ impl Session {
                 events,
                 epoch,
             } => {
+                // A resume refused outright is answered like any other
+                // request: the events held since the connection opened are
+                // released (they waited for the hold to run out).
                 if last_event_id < 0 {
+                    hub.end_opening(conn);
                     return hub.reply(
                         conn,
                         protocol::error(
@@ -349,6 +353,7 @@ impl Session {
                 }
                 let most = hub.cfg.max_subscriptions;
                 if events.len() > most {
+                    hub.end_opening(conn);
                     return hub.reply(
                         conn,
                         protocol::error(
@@ -391,7 +396,10 @@ impl Session {
                             epoch,
                         ));
                     }
-                    Err(m) => hub.reply(conn, protocol::error("bad_request", m, None)),
+                    Err(m) => {
+                        hub.end_opening(conn);
+                        hub.reply(conn, protocol::error("bad_request", m, None))
+                    }
                 }
             }
         }
