@@ -217,7 +217,16 @@ impl Projection {
             let mut names = Vec::new();
             for f in list {
                 let segs = parse_path(shape, f.as_ref())?;
-                names.push(segs.join("."));
+                let name = segs.join(".");
+                // One path named twice (in any spelling) is refused, as a
+                // sort key given twice is: the list is echoed as given.
+                if names.contains(&name) {
+                    return Err(ProjectionError {
+                        field: name,
+                        reason: "given twice".into(),
+                    });
+                }
+                names.push(name);
                 trie.insert(&segs);
             }
             Ok((Some(trie), names))
@@ -423,6 +432,21 @@ mod tests {
         assert!(p(&["year.x"], &[]).is_err());
         assert!(p(&[""], &[]).is_err());
         assert!(p(&[], &["nope"]).is_err());
+    }
+
+    #[test]
+    fn a_path_named_twice_is_refused() {
+        for list in [
+            &["id", "totalSales", "id"][..],
+            &["total_sales", "totalSales"][..],
+            &["dailyData.1", "dailyData.*", "dailyData.1"][..],
+        ] {
+            let e = p(list, &[]).unwrap_err();
+            assert_eq!(e.reason, "given twice", "{list:?}");
+        }
+        assert_eq!(p(&[], &["year", "year"]).unwrap_err().field, "year");
+        // A path and a part of it are two names.
+        assert!(p(&["store", "store.name"], &[]).is_ok());
     }
 
     #[test]

@@ -379,8 +379,12 @@ pub fn period(
     let lo = [ylo, from].into_iter().flatten().max();
     let hi = [yhi, to].into_iter().flatten().min();
     // A month without a year selects that month of every year: the period
-    // must hold one.
-    if let (None, Some(m), Some(l), Some(h)) = (year, month, lo, hi) {
+    // must hold one. An open end is the first or last month a record can
+    // have (`to=2000-01&month=2` holds no February).
+    let first = (crate::daily::MIN_YEAR as i32, 1);
+    let last = (crate::daily::MAX_YEAR as i32, 12);
+    let (lo_m, hi_m) = (lo.or(hi.map(|_| first)), hi.or(lo.map(|_| last)));
+    if let (None, Some(m), Some(l), Some(h)) = (year, month, lo_m, hi_m) {
         if l <= h && !(l.0..=h.0).any(|y| (y, m) >= l && (y, m) <= h) {
             return err(
                 "month",
@@ -995,6 +999,17 @@ mod tests {
             period(None, Some(12), Some((2024, 12)), Some((2024, 12))).unwrap(),
             p((2024, 12), (2024, 12))
         );
+        // One end open: it is the first or last month a record can have.
+        for (from, to) in [(None, Some((2000, 1))), (Some((2100, 12)), None)] {
+            let e = period(None, Some(2), from, to).unwrap_err();
+            assert_eq!(e.param, "month", "{from:?} {to:?}");
+        }
+        assert_eq!(
+            period(None, Some(2), None, Some((2000, 2))).unwrap(),
+            None,
+            "open from: no period of its own"
+        );
+        assert!(period(None, Some(11), Some((2100, 11)), None).is_ok());
         assert_eq!(
             Period {
                 from: (2024, 1),

@@ -1248,6 +1248,10 @@ async fn filters_that_select_no_month_are_refused_everywhere() {
     for (q, param) in [
         ("year=2024&from=2023-01&to=2023-12", "year"),
         ("month=2&from=2024-03&to=2024-04", "month"),
+        // One end open: no record is older than 2000-01 or newer than
+        // 2100-12 (these answered 200 with nothing).
+        ("month=2&to=2000-01", "month"),
+        ("month=1&from=2100-12", "month"),
         // Total bounds that admit no total, likewise.
         ("minTotalSales=10&maxTotalSales=5", "minTotalSales"),
     ] {

@@ -1393,6 +1393,12 @@ async fn refused_parameters_are_named_and_explained() {
             "compareTo",
             "must be previousYear or previousPeriod (leave it out for no comparison)",
         ),
+        // One path in two spellings (meta.fields echoed it twice).
+        (
+            "/api/v2/sales?fields=id,total_sales,totalSales",
+            "fields",
+            "given twice",
+        ),
     ] {
         let (st, body) = f.admin.get(path).await;
         assert_eq!(st, 400, "{path}: {body}");
@@ -1401,10 +1407,31 @@ async fn refused_parameters_are_named_and_explained() {
             "{path}: {body}"
         );
         assert_eq!(body["error"]["details"]["reason"], reason, "{path}: {body}");
-        assert_eq!(
-            body["error"]["message"],
-            format!("{param}: {reason}"),
-            "{path}: {body}"
+        // A projection's message names the path it refuses.
+        let message = match param {
+            "fields" => format!("{param}: field \"totalSales\": {reason}"),
+            _ => format!("{param}: {reason}"),
+        };
+        assert_eq!(body["error"]["message"], message, "{path}: {body}");
+    }
+    // A refused value is quoted in part: a 20 kB `fields` or `storeId` was
+    // answered in full, twice (message and details).
+    let long = "a".repeat(20_000);
+    for path in [
+        format!("/api/v2/sales?fields={long}"),
+        format!("/api/v2/sales?storeId={long}"),
+        format!("/api/v2/sales/summary?groupBy={long}"),
+    ] {
+        let (st, body) = f.admin.get(&path).await;
+        assert_eq!(st, 400, "{body}");
+        let size = body.to_string().len();
+        assert!(size < 2_000, "{} bytes: {}", size, &body.to_string()[..300]);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .ends_with("… (cut)"),
+            "{body}"
         );
     }
 }

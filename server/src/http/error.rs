@@ -123,10 +123,32 @@ pub enum ApiError {
 impl ApiError {
     pub fn bad_param(parameter: &str, message: impl Into<String>) -> Self {
         let message = message.into();
+        Self::bad_param_with(
+            format!("{parameter}: {message}"),
+            serde_json::json!({"parameter": parameter, "reason": message}),
+        )
+    }
+
+    /// A 400 for a parameter, its message and every text of its details
+    /// cut at [`crate::MAX_MESSAGE`] bytes: they quote the value refused,
+    /// and a 60 kB `fields=` was answered twice over (in the message and in
+    /// `details`).
+    pub fn bad_param_with(message: String, mut details: Value) -> Self {
+        fn clip_texts(v: &mut Value) {
+            match v {
+                Value::String(t) if t.len() > crate::MAX_MESSAGE => {
+                    *t = crate::clip(t, crate::MAX_MESSAGE).into_owned();
+                }
+                Value::Array(a) => a.iter_mut().for_each(clip_texts),
+                Value::Object(o) => o.values_mut().for_each(clip_texts),
+                _ => {}
+            }
+        }
+        clip_texts(&mut details);
         ApiError::BadRequest(ErrorBody::new(
             "bad_parameter",
-            format!("{parameter}: {message}"),
-            Some(serde_json::json!({"parameter": parameter, "reason": message})),
+            crate::clip(&message, crate::MAX_MESSAGE).into_owned(),
+            Some(details),
         ))
     }
 

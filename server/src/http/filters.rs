@@ -244,16 +244,15 @@ pub fn parse_projection(
         } else {
             "exclude"
         };
-        ApiError::BadRequest(super::error::ErrorBody::new(
-            "bad_parameter",
+        ApiError::bad_param_with(
             format!("{param}: {e}"),
-            Some(if e.field.is_empty() {
+            if e.field.is_empty() {
                 // A bound on the lists, not on one path.
                 serde_json::json!({"parameter": param, "reason": e.reason})
             } else {
                 serde_json::json!({"parameter": param, "field": e.field, "reason": e.reason})
-            }),
-        ))
+            },
+        )
     })
 }
 
