@@ -719,6 +719,15 @@ async fn stores_endpoints() {
 
     let (_, body) = a.get("/api/v2/stores?region=West&fields=code").await;
     assert_eq!(body["data"], json!([{"code": "NEW-1"}]));
+    // `meta` says what the page was read with, `exclude` too (it was left
+    // out, and the OpenAPI document described `meta` as any value).
+    let (_, body) = a
+        .get("/api/v2/stores?region=West&exclude=created_at&limit=5")
+        .await;
+    assert_eq!(
+        body["meta"],
+        json!({"limit": 5, "offset": 0, "fields": [], "exclude": ["createdAt"]})
+    );
     assert_eq!(a.get("/api/v2/stores?fields=colour").await.0, 400);
     assert_eq!(a.get("/api/v2/stores/424242").await.0, 404);
 
@@ -1134,6 +1143,15 @@ async fn openapi_describes_every_endpoint() {
     for status in ["200", "400", "401", "403", "429"] {
         assert!(list["responses"][status].is_object(), "list lacks {status}");
     }
+    // The streamed export judges no precondition (it has no ETag): no 412.
+    let export = &spec["paths"]["/api/v2/sales/export"]["get"]["responses"];
+    assert!(
+        export["200"].is_object() && export["412"].is_null(),
+        "{export}"
+    );
+    // Every list's `meta` is described member by member.
+    let page = &spec["components"]["schemas"]["StorePage"]["properties"]["meta"];
+    assert!(page["$ref"].is_string(), "StorePage.meta: {page}");
     let r = reqwest::get(format!("http://{}/docs", f.server.addr))
         .await
         .unwrap();

@@ -53,10 +53,21 @@ pub struct Store {
     pub updated_at: Option<String>,
 }
 
+/// A page of the store list: what it was read with.
+#[derive(Object, Debug)]
+pub struct StoreListMeta {
+    pub limit: i64,
+    pub offset: i64,
+    /// The canonical paths of `fields` (empty: all).
+    pub fields: Vec<String>,
+    /// The canonical paths of `exclude`.
+    pub exclude: Vec<String>,
+}
+
 #[derive(Object, Debug)]
 pub struct StorePage {
     pub data: Vec<Store>,
-    pub meta: serde_json::Value,
+    pub meta: StoreListMeta,
 }
 
 #[derive(Object, Debug)]
@@ -246,8 +257,8 @@ impl StoresApi {
                 .await
         })
         .await?;
-        let meta =
-            serde_json::json!({"limit": limit, "offset": offset, "fields": projection.fields});
+        let meta = serde_json::json!({"limit": limit, "offset": offset,
+            "fields": projection.fields, "exclude": projection.excluded});
         Ok(ListResponse::Ok(RawJson::new(format!(
             "{{\"data\":{data},\"meta\":{meta}}}"
         ))))
