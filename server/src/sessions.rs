@@ -6,7 +6,8 @@
 //! current role, stores and access generation. Presenting a token that was
 //! already used means it was copied: the whole session is revoked (every
 //! access token of it is refused on every instance through
-//! `session-revoked`). A logout revokes its session the same way.
+//! `session-revoked`), also when the used token comes back to a logout.
+//! A logout revokes its session the same way.
 
 use crate::access::Change;
 use crate::auth::{Auth, Role};
@@ -250,30 +251,52 @@ pub async fn refresh(
     Ok((issued, user))
 }
 
-/// Ends the session of a refresh token (logout). `None` for an unknown token;
-/// a session already ended is not revoked twice.
+/// What a logout did.
+#[derive(Debug)]
+pub enum Ended {
+    /// No such refresh token.
+    Unknown,
+    /// The session had already ended: nothing was revoked again.
+    Already,
+    /// The session is revoked now (`logout`).
+    LoggedOut(Change),
+    /// The token had been used by a refresh: it was copied, and the session
+    /// is revoked now as for a reuse at refresh (`reuse`).
+    Reused(Change),
+}
+
+/// Ends the session of a refresh token (logout). A session already ended
+/// is not revoked twice. A token already used up by a refresh is a reuse,
+/// as at [`refresh`]: the session is revoked with the reason `reuse`.
 pub async fn end(
     pool: &PgPool,
     token: &str,
     token_lifetime: i64,
-) -> Result<Option<Option<Change>>, crate::db::TxFailure> {
+) -> Result<Ended, crate::db::TxFailure> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, i64, bool)> = sqlx::query_as(
-        "SELECT s.id::text, s.user_id, s.revoked_at IS NOT NULL
+    // The token's row is locked too, so that a refresh using it up
+    // concurrently is seen (as `refresh` locks both).
+    let row: Option<(String, i64, bool, bool)> = sqlx::query_as(
+        "SELECT s.id::text, s.user_id, t.used_at IS NOT NULL, s.revoked_at IS NOT NULL
          FROM auth.refresh_tokens t JOIN auth.sessions s ON s.id = t.session_id
-         WHERE t.token_hash = $1 FOR UPDATE OF s",
+         WHERE t.token_hash = $1 FOR UPDATE OF t, s",
     )
     .bind(hash(token))
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((session, user, revoked)) = row else {
-        return Ok(None);
+    let Some((session, user, used, revoked)) = row else {
+        return Ok(Ended::Unknown);
     };
     if revoked {
-        return Ok(Some(None));
+        return Ok(Ended::Already);
     }
     crate::db::write::set_actor(&mut *tx, user).await?;
-    let change = revoke(&mut tx, &session, user, "logout", token_lifetime).await?;
+    let reason = if used { "reuse" } else { "logout" };
+    let change = revoke(&mut tx, &session, user, reason, token_lifetime).await?;
     tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
-    Ok(Some(Some(change)))
+    if used {
+        tracing::warn!(user_id = user, session = %session, "refresh token reused; session revoked");
+        return Ok(Ended::Reused(change));
+    }
+    Ok(Ended::LoggedOut(change))
 }

@@ -228,13 +228,19 @@ impl UserError {
 
 /// Trims and checks an email address; returns it as stored: composed
 /// (see [`normal_email`]), its case kept.
+///
+/// An address is a local part, `@` and a domain. The domain is labels
+/// separated by dots, none empty; the local part is dot-separated parts,
+/// none empty, without the characters RFC 5322 allows only in a quoted
+/// local part (`"..."`), which is not supported. Letters of any script are
+/// allowed in both; blanks, control and invisible characters in neither.
 pub fn check_email(email: &str) -> Result<String, UserError> {
     let email = normal_email(email);
+    let not_an_address = |why: &str| {
+        UserError::invalid("email", format!("{email:?} is not an email address: {why}"))
+    };
     let Some((local, domain)) = email.split_once('@') else {
-        return Err(UserError::invalid(
-            "email",
-            format!("{email:?} is not an email address"),
-        ));
+        return Err(not_an_address("it has no @"));
     };
     let chars = email.chars().count();
     if chars > MAX_EMAIL_CHARS {
@@ -243,20 +249,54 @@ pub fn check_email(email: &str) -> Result<String, UserError> {
             format!("{chars} characters; at most {MAX_EMAIL_CHARS}"),
         ));
     }
-    if local.is_empty()
-        || domain.is_empty()
-        || domain.contains('@')
-        || email
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
+    if let Some(c) = email
+        .chars()
+        .find(|&c| c.is_whitespace() || c.is_control() || invisible(c))
     {
-        return Err(UserError::invalid(
-            "email",
-            format!("{email:?} is not an email address"),
+        return Err(not_an_address(&format!(
+            "it holds {}, a blank, control or invisible character",
+            c.escape_unicode()
+        )));
+    }
+    if local.is_empty() {
+        return Err(not_an_address("nothing before the @"));
+    }
+    if domain.is_empty() {
+        return Err(not_an_address("nothing after the @"));
+    }
+    if domain.contains('@') {
+        return Err(not_an_address(
+            "it has more than one @ (quoted local parts are not supported)",
+        ));
+    }
+    if let Some(c) = local.chars().find(|c| QUOTED_ONLY.contains(c)) {
+        return Err(not_an_address(&format!(
+            "the part before the @ holds {c:?}, allowed only in a quoted local part \
+             (\"...\"@), and those are not supported"
+        )));
+    }
+    if local.split('.').any(str::is_empty) {
+        return Err(not_an_address(
+            "the part before the @ starts or ends with a dot, or has two dots in a row",
+        ));
+    }
+    if let Some(c) = domain.chars().find(|c| QUOTED_ONLY.contains(c)) {
+        return Err(not_an_address(&format!(
+            "the domain holds {c:?}; a domain is names separated by dots \
+             (address literals such as [192.0.2.1] are not supported)"
+        )));
+    }
+    if domain.split('.').any(str::is_empty) {
+        return Err(not_an_address(
+            "the domain starts or ends with a dot, or has two dots in a row",
         ));
     }
     Ok(email)
 }
+
+/// Characters an address holds only in a quoted local part (RFC 5322's
+/// specials other than `@` and `.`, and the backslash that escapes them).
+const QUOTED_ONLY: &[char] = &['(', ')', '<', '>', '[', ']', ',', ';', ':', '\\', '"'];
 
 /// The longest email address, in characters (as the API's schema counts).
 pub const MAX_EMAIL_CHARS: usize = 320;
@@ -1133,5 +1173,90 @@ mod tests {
         for bad in ["", "a", "@b", "a@", "a@b@c", "a b@c.io", "a@b\n.io"] {
             assert!(check_email(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The reason an address is refused, as the API and the command line say it.
+    fn email_refusal(email: &str) -> String {
+        match check_email(email) {
+            Err(UserError::Invalid { field, reason }) => format!("{field}: {reason}"),
+            other => panic!("{email:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn addresses_of_every_kind_are_accepted() {
+        for good in [
+            "a@b",
+            "a@b.io",
+            "first.last+tag@mail.example.co.uk",
+            "o'brien@x.test",
+            "a_b-c!#$%&*/=?^`{|}~@x-y.test",
+            "j\u{fc}rgen@x.test",
+            "zo\u{eb}@b\u{fc}cher.de",
+            "\u{7528}\u{6237}@\u{4f8b}\u{5b50}.\u{5e7f}\u{544a}",
+            "\u{43f}\u{440}\u{438}\u{43c}\u{435}\u{440}@\u{43f}\u{440}\u{438}\u{43c}\u{435}\u{440}.\u{440}\u{444}",
+        ] {
+            assert_eq!(check_email(good).ok().as_deref(), Some(good), "{good}");
+        }
+        // Stored composed, its case kept.
+        assert_eq!(
+            check_email("Ju\u{308}rgen@X.test").unwrap(),
+            "J\u{fc}rgen@X.test"
+        );
+    }
+
+    #[test]
+    fn a_refused_address_says_what_is_wrong() {
+        for (bad, why) in [
+            ("not-an-email", "it has no @"),
+            ("@x.test", "nothing before the @"),
+            ("a@", "nothing after the @"),
+            ("a@b@x.test", "more than one @"),
+            ("\"a@b\"@x.test", "quoted local parts are not supported"),
+            (
+                "admin\u{200b}@x.test",
+                "\\u{200b}, a blank, control or invisible",
+            ),
+            // The domain: labels separated by dots, none empty.
+            ("dot@..", "the domain starts or ends with a dot"),
+            ("a@.x.test", "the domain starts or ends with a dot"),
+            ("a@x.test.", "the domain starts or ends with a dot"),
+            ("a@x..test", "two dots in a row"),
+            ("a@<x>.test", "the domain holds '<'"),
+            (
+                "a@[192.0.2.1]",
+                "address literals such as [192.0.2.1] are not supported",
+            ),
+            // The local part: dot-separated parts, none empty.
+            (
+                ".a@x.test",
+                "the part before the @ starts or ends with a dot",
+            ),
+            (
+                "a.@x.test",
+                "the part before the @ starts or ends with a dot",
+            ),
+            (
+                "a..b@x.test",
+                "the part before the @ starts or ends with a dot, or has two dots",
+            ),
+        ] {
+            let said = email_refusal(bad);
+            assert!(said.starts_with("email: "), "{bad:?}: {said}");
+            assert!(said.contains(why), "{bad:?}: {said}");
+        }
+        // Every character allowed only in a quoted local part.
+        for c in ['(', ')', '<', '>', '[', ']', ',', ';', ':', '\\', '"'] {
+            let bad = format!("a{c}b@x.test");
+            let said = email_refusal(&bad);
+            assert!(
+                said.contains(&format!("the part before the @ holds {c:?}"))
+                    && said.contains("quoted local part")
+                    && said.contains("not supported"),
+                "{bad:?}: {said}"
+            );
+        }
+        assert!(email_refusal("a,b@probe2.local").contains("','"));
+        assert!(email_refusal("<script>@probe2.local").contains("'<'"));
     }
 }

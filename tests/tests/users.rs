@@ -236,6 +236,18 @@ async fn permissions_matrix() {
         st, 403,
         "a manager does not change managers, themselves included"
     );
+    // Nor their own email, even given as it is: the refusal says so.
+    let (st, body) = patch(
+        &w.manager,
+        &manager_path,
+        json!({"email": "manager@x.test"}),
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "managers do not change their own email, role, stores or state"
+    );
     // The admin gives s2 store C too; the manager then changes only A/B.
     let (st, _) = patch(&w.admin, &s2_path, json!({"stores": [a, c]})).await;
     assert_eq!(st, 200);
@@ -314,6 +326,26 @@ async fn bad_input_is_refused_with_why() {
             post(json!({"email": email, "role": "admin", "password": "a-fine-password"})).await;
         assert_eq!(st, 422, "{email:?}: {body}");
         assert_eq!(body["error"]["details"]["field"], "email", "{email:?}");
+    }
+    // Nor is a domain with an empty label, nor a local part holding what
+    // only a quoted local part may (not supported): the reason says which.
+    for (email, why) in [
+        ("dot@..", "the domain starts or ends with a dot"),
+        ("a,b@probe2.local", "the part before the @ holds ','"),
+        ("<script>@probe2.local", "the part before the @ holds '<'"),
+    ] {
+        let (st, body) =
+            post(json!({"email": email, "role": "admin", "password": "a-fine-password"})).await;
+        assert_eq!(st, 422, "{email:?}: {body}");
+        assert_eq!(body["error"]["details"]["field"], "email", "{email:?}");
+        let reason = body["error"]["details"]["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{email:?}: {body}");
+        if email.contains(['<', ',']) {
+            assert!(
+                reason.contains("quoted local part") && reason.contains("not supported"),
+                "{email:?}: {body}"
+            );
+        }
     }
     let (st, _) =
         post(json!({"email": "n@x.test", "role": "owner", "password": "a-fine-password"})).await;
@@ -989,6 +1021,15 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
         ],
         "{h}"
     );
+    // An event without stores is shown as it is: no `"stores": null`.
+    let no_stores = |h: &Value| {
+        for e in h["data"].as_array().unwrap() {
+            if e["event"] == "session-revoked" {
+                assert!(e["data"].get("stores").is_none(), "{e}");
+            }
+        }
+    };
+    no_stores(&h);
     let (_, me) = w.admin.get("/api/v2/auth/me").await;
     assert_eq!(h["data"][0]["actorId"], me["id"], "the admin disabled them");
     assert_eq!(h["data"][0]["data"]["changed"], json!(["disabled"]));
@@ -1008,6 +1049,7 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
     let (st, mine) = w.manager.get(&history).await;
     assert_eq!(st, 200, "{mine}");
     assert_eq!(mine["data"][0]["data"]["stores"], json!([a]), "{mine}");
+    no_stores(&mine);
     for e in mine["data"].as_array().unwrap() {
         assert!(
             !e["data"]["stores"]
@@ -1016,6 +1058,158 @@ async fn refresh_rotates_and_reuse_revokes_the_session() {
             "{e}"
         );
     }
+    w.server.stop().await;
+}
+
+/// A refresh token a refresh has already used, presented to a logout, was
+/// copied as surely as one presented to a refresh: the session is revoked
+/// as a reuse (401, `session-revoked` with `"reason": "reuse"`), not ended
+/// as an ordinary logout. A logout of the session once it has ended is
+/// still no error.
+#[tokio::test]
+async fn a_logout_with_a_used_refresh_token_revokes_the_session_as_a_reuse() {
+    let w = world(&[]).await;
+    let anon = Api::new(&w.server, None);
+    let logout = |token: &Value| {
+        let (anon, body) = (anon.clone(), json!({"refreshToken": token}));
+        async move { anon.post("/api/v2/auth/logout", &body).await }
+    };
+    let (_, first) = client(&w.server, "staff@x.test").await;
+    let (st, second) = refresh_session(&w.server, &first).await;
+    assert_eq!(st, 200, "{second}");
+    let access = Api::new(&w.server, second["token"].as_str());
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
+
+    let (st, body) = logout(&first["refreshToken"]).await;
+    assert_eq!(st, 401, "the used token: {body}");
+    assert_eq!(
+        body["error"]["message"],
+        "refresh token already used; the session is revoked, log in again"
+    );
+    let (st, body) = access.get("/api/v2/auth/me").await;
+    assert_eq!(st, 401, "the session's access token: {body}");
+    let (st, body) = refresh_session(&w.server, &second).await;
+    assert_eq!(st, 401, "and its newest refresh token: {body}");
+    let reason: String =
+        sqlx::query_scalar("SELECT revoked_reason FROM auth.sessions WHERE id::text = $1")
+            .bind(first["sessionId"].as_str().unwrap())
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "reuse");
+    let (_, h) = w
+        .admin
+        .get(&format!("/api/v2/users/{}/history", w.staff_id))
+        .await;
+    assert_eq!(h["data"][0]["event"], "session-revoked", "{h}");
+    assert_eq!(h["data"][0]["data"]["reason"], "reuse", "{h}");
+    // The session has ended: logging out of it again, with either token,
+    // is no error and revokes nothing more.
+    assert_eq!(logout(&first["refreshToken"]).await.0, 204);
+    assert_eq!(logout(&second["refreshToken"]).await.0, 204);
+    let revoked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sales.events WHERE kind = 'session-revoked'
+         AND payload->>'sessionId' = $1",
+    )
+    .bind(first["sessionId"].as_str().unwrap())
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(revoked, 1, "one revocation");
+
+    // From a cookie, as from the body; the refusal removes the cookie.
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", w.server.addr);
+    let cookie_of = |r: &reqwest::Response| -> Option<String> {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .find(|c| c.starts_with("pg_sales_refresh="))
+    };
+    let value = |set_cookie: &str| -> String {
+        set_cookie["pg_sales_refresh=".len()..]
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let post = |path: &str, cookie: Option<&str>, body: Value| {
+        let mut rq = http.post(url(path)).json(&body);
+        if let Some(c) = cookie {
+            rq = rq.header("cookie", format!("pg_sales_refresh={c}"));
+        }
+        rq.send()
+    };
+    let r = post(
+        "/api/v2/auth/login",
+        None,
+        json!({"email": "staff@x.test", "password": PASSWORD, "refreshCookie": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = value(&cookie_of(&r).expect("a refresh cookie"));
+    let r = post("/api/v2/auth/refresh", Some(&first), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let second = value(&cookie_of(&r).expect("a rotated cookie"));
+    let r = post("/api/v2/auth/logout", Some(&first), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let removed = cookie_of(&r).expect("a removing cookie");
+    assert!(
+        removed.starts_with("pg_sales_refresh=;") && removed.contains("Max-Age=0"),
+        "{removed}"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{body}"
+    );
+    let r = post("/api/v2/auth/refresh", Some(&second), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the whole session ended");
+    w.server.stop().await;
+}
+
+/// An access token past its expiry is refused with a message that points to
+/// the refresh, which its session's refresh token still answers.
+#[tokio::test]
+async fn an_expired_access_token_says_to_refresh_it() {
+    use base64::Engine;
+    let w = world(&[]).await;
+    let (_, login) = client(&w.server, "staff@x.test").await;
+    // The session's own token, as the server issued it, but past its
+    // expiry (and the clock-skew leeway).
+    let token = login["token"].as_str().unwrap();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let payload = b64.decode(token.split('.').nth(1).unwrap()).unwrap();
+    let mut claims: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(claims["sid"], login["sessionId"], "{claims}");
+    let now = chrono::Utc::now().timestamp();
+    claims["iat"] = json!(now - 1000);
+    claims["exp"] = json!(now - 100);
+    let expired = sales_e2e::fixtures::token::sign_claims(&claims, sales_e2e::TEST_JWT_SECRET);
+    let (st, body) = Api::new(&w.server, Some(&expired))
+        .get("/api/v2/auth/me")
+        .await;
+    assert_eq!(st, 401, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "token expired; refresh it (POST /api/v2/auth/refresh) or log in again"
+    );
+    // As it says: the session's refresh token still answers a new token.
+    let (st, refreshed) = refresh_session(&w.server, &login).await;
+    assert_eq!(st, 200, "{refreshed}");
+    let access = Api::new(&w.server, refreshed["token"].as_str());
+    assert_eq!(access.get("/api/v2/auth/me").await.0, 200);
     w.server.stop().await;
 }
 

@@ -628,6 +628,7 @@ impl LoginApi {
         req: &poem::Request,
         body: Json<RefreshRequest>,
     ) -> ApiResult<LoggedOut> {
+        use crate::sessions::{Ended, RefreshError};
         let secure = self.secure(req);
         let (token, carrier) = presented(req, &body, secure)?;
         let clear = (carrier == Carrier::Cookie).then(|| refresh_cookie(None, secure));
@@ -638,12 +639,22 @@ impl LoginApi {
         })
         .await?;
         match ended {
-            None => Err(ApiError::unauthorized("unknown refresh token").with_cookie(clear)),
-            Some(change) => {
-                if let Some(c) = change {
-                    self.state.access.apply(&c);
-                }
+            Ended::Unknown => {
+                Err(ApiError::unauthorized("unknown refresh token").with_cookie(clear))
+            }
+            Ended::Already => Ok(LoggedOut::Done(clear)),
+            Ended::LoggedOut(change) => {
+                self.state.access.apply(&change);
                 Ok(LoggedOut::Done(clear))
+            }
+            // A token a refresh already used up was copied: the session is
+            // revoked as a reuse, and answered as a refresh answers one.
+            Ended::Reused(change) => {
+                self.state.access.apply(&change);
+                Err(
+                    ApiError::unauthorized(RefreshError::Reused(change).to_string())
+                        .with_cookie(clear),
+                )
             }
         }
     }

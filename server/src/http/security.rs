@@ -36,7 +36,12 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
         }
         Err(e) => {
             let msg = match e {
-                AuthError::Expired => "token expired; log in again".to_string(),
+                // The session's refresh token may well outlive its access
+                // tokens: a refresh is the first thing to try.
+                AuthError::Expired => {
+                    "token expired; refresh it (POST /api/v2/auth/refresh) or log in again"
+                        .to_string()
+                }
                 AuthError::Invalid(why) => format!("invalid token: {why}"),
                 AuthError::Revoked(why) => format!("token revoked: {}", why.message()),
             };

@@ -383,9 +383,14 @@ impl UsersApi {
         let (pool, limit) = (&self.state.pool, limit.0.unwrap_or(100));
         let mut data =
             crate::db::retry("users_history", true, || users::history(pool, id.0, limit)).await?;
-        // The stores in each change as the user's document shows them.
+        // The stores in each change as the user's document shows them; an
+        // event without stores (such as `session-revoked`) is left as it is.
         for entry in &mut data {
-            if let Some(stores) = entry["data"]["stores"].as_array_mut() {
+            let stores = entry
+                .get_mut("data")
+                .and_then(|d| d.get_mut("stores"))
+                .and_then(|s| s.as_array_mut());
+            if let Some(stores) = stores {
                 stores.retain(|s| s.as_i64().is_some_and(|s| shows_store(&who, id.0, s)));
             }
         }
@@ -527,7 +532,7 @@ impl UsersApi {
                 .ok_or_else(|| ApiError::not_found(format!("no user {}", id.0)))?;
             if old.id == who.user_id {
                 return Err(ApiError::forbidden(
-                    "managers do not change their own role, stores or state",
+                    "managers do not change their own email, role, stores or state",
                 ));
             }
             if !manages(who, &old) {
