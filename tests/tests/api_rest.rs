@@ -1150,8 +1150,10 @@ async fn openapi_describes_every_endpoint() {
         "{export}"
     );
     // Every list's `meta` is described member by member.
-    let page = &spec["components"]["schemas"]["StorePage"]["properties"]["meta"];
-    assert!(page["$ref"].is_string(), "StorePage.meta: {page}");
+    for list in ["StorePage", "UserPage"] {
+        let meta = &spec["components"]["schemas"][list]["properties"]["meta"];
+        assert!(meta["$ref"].is_string(), "{list}.meta: {meta}");
+    }
     let r = reqwest::get(format!("http://{}/docs", f.server.addr))
         .await
         .unwrap();

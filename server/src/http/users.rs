@@ -108,10 +108,19 @@ fn doc(u: &User, viewer: &Principal) -> UserDoc {
     }
 }
 
+/// A page of the user list: what it was read with.
+#[derive(Object, Debug)]
+pub struct UserListMeta {
+    pub limit: i64,
+    pub offset: i64,
+    /// Users on this page (not the total).
+    pub count: i64,
+}
+
 #[derive(Object, Debug)]
 pub struct UserPage {
     pub data: Vec<UserDoc>,
-    pub meta: serde_json::Value,
+    pub meta: UserListMeta,
 }
 
 #[derive(Object, Debug)]
@@ -347,7 +356,11 @@ impl UsersApi {
         .await?;
         Ok(ListResponse::Ok(Json(UserPage {
             data: rows.iter().map(|u| doc(u, who)).collect(),
-            meta: serde_json::json!({"limit": limit, "offset": offset, "count": rows.len()}),
+            meta: UserListMeta {
+                limit,
+                offset,
+                count: rows.len() as i64,
+            },
         })))
     }
 
