@@ -2329,6 +2329,8 @@ async fn unknown_transfer_codings_and_two_authorizations_are_refused() {
             .contains("one Authorization"),
         "{doc}"
     );
+    // Naming what it refuses, as every 400 does (details were null).
+    assert_eq!(doc["error"]["details"]["header"], "Authorization", "{doc}");
     // The dashboard and the explorer connect to this server only (no
     // `ws:`/`wss:` to any host for a script injected into the page).
     for path in ["/", "/docs"] {

@@ -410,10 +410,12 @@ async fn limited<E: Endpoint>(
     // reads the last one and this server, which would read the first, would
     // each see a different caller.
     if req.headers().get_all(header::AUTHORIZATION).iter().count() > 1 {
-        return Ok(error_response(poem::Error::from_string(
-            "give one Authorization header",
+        return Ok(crate::http::error::ErrorBody::response(
             StatusCode::BAD_REQUEST,
-        )));
+            "bad_parameter",
+            "give one Authorization header".to_string(),
+            Some(serde_json::json!({"header": "Authorization", "reason": "given twice"})),
+        ));
     }
     // `application/json ; charset=utf-8` is the same media type as
     // `application/json; charset=utf-8` (RFC 9110 5.6.6 allows spaces
