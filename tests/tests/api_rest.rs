@@ -2875,6 +2875,45 @@ async fn a_store_outside_the_scope_refuses_the_batch_however_it_is_named() {
         json!([other]),
         "{body}"
     );
+    // A delete key naming the other store as no id reads it (`3.0`,
+    // `"3.0"`, `3e0`) refuses the whole request too: it was that key's own
+    // error, and the caller's own row beside it was deleted.
+    let (st, body) = f
+        .admin
+        .send_text(
+            Method::POST,
+            "/api/v2/sales/batch",
+            &format!(r#"{{"salesDataArray": [{good}]}}"#),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    for named in [
+        format!("{other}.0"),
+        format!("\"{other}.0\""),
+        format!("{other}e0"),
+    ] {
+        let body = format!(
+            r#"{{"atomic": false, "keys": [{{"storeId": {mine}, "year": 2024, "month": 1}}, {{"storeId": {named}, "year": 2024, "month": 1}}]}}"#
+        );
+        let (st, doc) = staff
+            .send_text(Method::DELETE, "/api/v2/sales/batch", &body)
+            .await;
+        assert_eq!(st, 403, "{named}: {doc}");
+        assert_eq!(
+            doc["error"]["details"]["storeIds"],
+            json!([other]),
+            "{named}: {doc}"
+        );
+        let (_, page) = f
+            .admin
+            .get(&format!("/api/v2/sales?storeId={mine}&year=2024&month=1"))
+            .await;
+        assert_eq!(
+            page["data"].as_array().unwrap().len(),
+            1,
+            "{named}: deleted: {page}"
+        );
+    }
 }
 
 /// A record the body's parser took but the record reader cannot (a lone

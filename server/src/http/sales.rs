@@ -27,7 +27,6 @@ use crate::db::sql::Binds;
 use crate::db::{Changes, Write};
 use crate::state::AppState;
 pub(crate) use batch::merge_report;
-use batch::named_stores;
 use list::one_body;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::{payload::Json, OpenApi};
@@ -637,7 +636,6 @@ impl SalesApi {
         // hold is that key's error (its stores still judged for scope).
         let mut unreadable: std::collections::HashMap<usize, sales_core::FieldError> =
             Default::default();
-        let mut unreadable_stores: Vec<i64> = Vec::new();
         let keys: Vec<Value> = raw_keys
             .iter()
             .enumerate()
@@ -645,7 +643,6 @@ impl SalesApi {
                 Ok(v) => v,
                 Err(e) => {
                     unreadable.insert(j, batch::unreadable(raw.get(), &e.to_string()));
-                    unreadable_stores.extend(batch::stores_named(raw.get()));
                     Value::Null
                 }
             })
@@ -660,14 +657,16 @@ impl SalesApi {
                 "{n} items; at most {max} per batch (BATCH_MAX_RECORDS)"
             )));
         }
-        // Scope: a store the caller names in a key is 403. An id whose row
-        // lies outside the scope is reported as missing, never with its
-        // store: the answer must not tell who owns a record the caller may
-        // not see.
-        let denied: Vec<i64> = keys
+        // Scope: a store the caller names in a key is 403, however the key
+        // names it (`3`, `"3"`, `3.0`, `"3.0"`, `3e0`, in any spelling of
+        // `storeId`), as for upserts; a key refused for its own reasons
+        // (`3.0` is not an id) is judged for scope first, so it never lets
+        // the rest of the request through. An id whose row lies outside the
+        // scope is reported as missing, never with its store: the answer
+        // must not tell who owns a record the caller may not see.
+        let denied: Vec<i64> = raw_keys
             .iter()
-            .flat_map(named_stores)
-            .chain(unreadable_stores)
+            .flat_map(|raw| batch::stores_named(raw.get()))
             .filter(|s| !auth.0.can_access_store(*s))
             .collect();
         let hidden: std::collections::HashSet<usize> = match auth.0.scope() {

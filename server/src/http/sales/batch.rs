@@ -212,19 +212,6 @@ pub(super) fn stores_named(raw: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Every store a delete key names: each member spelled as `storeId`
-/// that holds an id (a key naming two is refused by the key rules, but its
-/// stores are still judged for scope first).
-pub(super) fn named_stores<'a, J: sales_core::json::JsonRead<'a>>(v: J) -> Vec<i64> {
-    let mut named = Vec::new();
-    v.each_member(|k, m| {
-        if sales_core::record::spelled_as(k, "storeId") {
-            named.extend(sales_core::record::parse_id_json(m).ok());
-        }
-    });
-    named
-}
-
 /// The report of the records sent to the extension (numbered among
 /// `kept`), with the records refused before it, numbered as in the request.
 pub(crate) fn merge_report(
