@@ -845,11 +845,19 @@ impl Config {
             )?,
             bind_addr: {
                 let b = e.string("BIND_ADDR", "127.0.0.1")?;
-                // An address (`::` or `[::]` alike), or a name that resolves.
-                let bare = b.trim_start_matches('[').trim_end_matches(']');
-                let usable = bare.parse::<std::net::IpAddr>().is_ok()
-                    || std::net::ToSocketAddrs::to_socket_addrs(&(bare, 0))
-                        .is_ok_and(|mut a| a.next().is_some());
+                // An address (`::` or `[::]` alike: brackets only around an
+                // IPv6 address, one pair), or a name that resolves.
+                let bare = match b.strip_prefix('[') {
+                    Some(inner) => inner
+                        .strip_suffix(']')
+                        .filter(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+                    None => Some(b.as_str()).filter(|a| !a.contains(['[', ']'])),
+                };
+                let usable = bare.is_some_and(|bare| {
+                    bare.parse::<std::net::IpAddr>().is_ok()
+                        || std::net::ToSocketAddrs::to_socket_addrs(&(bare, 0))
+                            .is_ok_and(|mut a| a.next().is_some())
+                });
                 if !usable {
                     return Err(Env::err(
                         "BIND_ADDR",
@@ -1187,6 +1195,10 @@ mod tests {
             assert!(cfg(&[("BIND_ADDR", b)]).is_ok(), "{b}");
         }
         assert_eq!(bad("BIND_ADDR", "no-such-host.invalid").var, "BIND_ADDR");
+        // Brackets: one pair, around an IPv6 address only.
+        for b in ["[::1", "::1]", "[[::1]]", "[127.0.0.1]", "[localhost]"] {
+            assert_eq!(bad("BIND_ADDR", b).var, "BIND_ADDR", "{b}");
+        }
         for o in [
             "chrome-extension://abcdef",
             "capacitor://localhost",

@@ -101,10 +101,20 @@ impl Server {
             }
         }
         let bind = format!("{}:{}", state.config.bind_addr, state.config.port);
-        let acceptor = TcpListener::bind(bind.clone())
-            .into_acceptor()
-            .await
-            .with_context(|| format!("binding {bind}"))?;
+        let acceptor = match TcpListener::bind(bind.clone()).into_acceptor().await {
+            Ok(a) => a,
+            // An address this machine does not have is a bad BIND_ADDR
+            // (exit 2 naming it); a port in use is not a bad value.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                return Err(config::ConfigError {
+                    var: "BIND_ADDR",
+                    value: state.config.bind_addr.clone(),
+                    reason: format!("is not an address of this machine ({e})"),
+                }
+                .into());
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("binding {bind}"))),
+        };
         let addr = acceptor
             .local_addr()
             .first()

@@ -158,6 +158,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             db::migrate(&pool).await?;
             let (id, created) =
                 users::upsert_user(&pool, &email, &args.role, &args.stores, &password).await?;
+            let email = stored_email_of(&pool, id, email).await;
             say!(
                 "{} user {email} ({}) with id {id}",
                 if created { "created" } else { "updated" },
@@ -203,6 +204,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let id = users::set_disabled(&pool, &email, true).await?;
+            let email = stored_email_of(&pool, id, email).await;
             say!("disabled user {email} (id {id})");
             Ok(())
         }
@@ -211,6 +213,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let id = users::set_disabled(&pool, &email, false).await?;
+            let email = stored_email_of(&pool, id, email).await;
             say!("enabled user {email} (id {id})");
             Ok(())
         }
@@ -226,6 +229,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 config.jwt_issuer.as_deref(),
             )
             .await?;
+            let email = stored_email_of(&pool, id, email).await;
             say!(
                 "linked user {email} (id {id}) to issuer {} subject {}",
                 args.issuer,
@@ -237,9 +241,12 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
-            match users::set_identity(&pool, &email, None, None).await? {
-                (id, true) => say!("unlinked the outside identity of user {email} (id {id})"),
-                (id, false) => say!("user {email} (id {id}) had no linked identity"),
+            let (id, had) = users::set_identity(&pool, &email, None, None).await?;
+            let email = stored_email_of(&pool, id, email).await;
+            if had {
+                say!("unlinked the outside identity of user {email} (id {id})");
+            } else {
+                say!("user {email} (id {id}) had no linked identity");
             }
             Ok(())
         }
@@ -250,6 +257,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             let id = users::set_password(&pool, &email, &password).await?;
+            let email = stored_email_of(&pool, id, email).await;
             say!("password of user {email} (id {id}) changed; their sessions ended");
             Ok(())
         }
@@ -350,4 +358,16 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The address of user `id` as stored (lookups ignore case, so what was
+/// typed may differ from it); `typed` when it cannot be read.
+async fn stored_email_of(pool: &sqlx::PgPool, id: i64, typed: String) -> String {
+    sqlx::query_scalar("SELECT email FROM sales.users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(typed)
 }

@@ -186,3 +186,35 @@ async fn sslmodes_without_tls_and_a_pool_of_one_still_connect() {
         );
     }
 }
+
+/// A `BIND_ADDR` that is no address of this machine is refused naming it
+/// (exit 2), as other bad values are: it failed after start-up with exit 1
+/// and "binding 192.0.2.1:...: Cannot assign requested address", and
+/// unbalanced brackets (`[::1`) passed the check to fail the same way.
+#[tokio::test]
+async fn a_bind_address_this_machine_does_not_have_is_refused() {
+    let db = TestDb::new().await;
+    let port = free_port().to_string();
+    for bind in ["192.0.2.1", "[::1", "::1]", "[[::1]]"] {
+        let out = run(
+            &["serve"],
+            &[
+                ("DATABASE_URL", db.url.as_str()),
+                ("PG_SALES_DEV", "1"),
+                (
+                    "JWT_SECRET",
+                    "pg-sales-development-secret-change-me-in-production",
+                ),
+                ("JOB_WORKERS", "0"),
+                ("PORT", port.as_str()),
+                ("BIND_ADDR", bind),
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bind}: {stderr}");
+        assert!(
+            stderr.contains("configuration error: BIND_ADDR"),
+            "{bind}: {stderr}"
+        );
+    }
+}

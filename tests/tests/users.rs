@@ -2197,6 +2197,12 @@ async fn command_line_user_management() {
 
     let out = cli(&w.db, &["user", "disable", "--email", "STAFF@x.test"], None);
     assert!(out.status.success(), "{}", text(&out));
+    // Named as stored, whatever case it was typed in.
+    assert!(
+        text(&out).contains("disabled user staff@x.test (id "),
+        "{}",
+        text(&out)
+    );
     eventually(
         Duration::from_secs(5),
         "the running server refuses the token",
