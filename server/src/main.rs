@@ -152,10 +152,11 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             // Everything that needs no password is checked before one is asked for.
             let email = users::check_cli_email(&args.email)?;
             users::check_cli_role(&args.role, &args.stores)?;
-            let password = users::read_password(args.password)?;
-            users::check_cli_password(&email, &password)?;
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
+            users::check_cli_stores(&pool, &args.role, &args.stores).await?;
+            let password = users::read_password(args.password)?;
+            users::check_cli_password(&email, &password)?;
             let (id, created) =
                 users::upsert_user(&pool, &email, &args.role, &args.stores, &password).await?;
             let email = stored_email_of(&pool, id, email).await;

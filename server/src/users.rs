@@ -1043,6 +1043,16 @@ pub fn check_cli_role(role: &str, stores: &[i64]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The stores of `user add` that do not exist, refused before a password is
+/// asked for (it was asked, twice on a terminal, and then refused).
+pub async fn check_cli_stores(pool: &PgPool, role: &str, stores: &[i64]) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    check_stores(&mut conn, cli_role(role)?, stores)
+        .await
+        .map(|_| ())
+        .map_err(cli_error)
+}
+
 /// `--role` read.
 fn cli_role(role: &str) -> anyhow::Result<Role> {
     Role::parse(role).ok_or_else(|| {

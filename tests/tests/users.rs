@@ -2203,6 +2203,28 @@ async fn command_line_user_management() {
         "{}",
         text(&out)
     );
+    // A store that does not exist is refused before a password is read
+    // (here none is given: it was read first and refused as too short).
+    let out = cli(
+        &w.db,
+        &[
+            "user",
+            "add",
+            "--email",
+            "new@x.test",
+            "--role",
+            "staff",
+            "--store",
+            "99999999",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--store: no store with id [99999999]"),
+        "{}",
+        text(&out)
+    );
     eventually(
         Duration::from_secs(5),
         "the running server refuses the token",
