@@ -78,7 +78,7 @@ pub struct SeedArgs {
 pub enum UserCommand {
     /// Create a user, or update the one with this email.
     Add(UserAddArgs),
-    /// List users (id, email, role, stores, disabled).
+    /// List users (id, email, role, state, stores, linked identity).
     List,
     /// Disable a user: no login, and their tokens and WebSockets are
     /// refused on every running server within a second.
