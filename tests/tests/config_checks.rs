@@ -218,3 +218,29 @@ async fn a_bind_address_this_machine_does_not_have_is_refused() {
         );
     }
 }
+
+/// A Postgres address that accepts connections and never answers: the
+/// command gives up, saying how long it waited and that it tried twice (it
+/// named one timeout and took two).
+#[test]
+fn a_database_that_never_answers_is_named_with_both_waits() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "postgres://u:p@127.0.0.1:{}/db",
+        silent.local_addr().unwrap().port()
+    );
+    let out = run(
+        &["migrate"],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("DB_CONNECTION_TIMEOUT", "1s"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no answer within DB_CONNECTION_TIMEOUT (1s), twice"),
+        "{stderr}"
+    );
+    drop(silent);
+}

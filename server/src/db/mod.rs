@@ -68,7 +68,8 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<PgPool> {
                     "no connection within DB_CONNECTION_TIMEOUT (one made on its own succeeded: try again)".into()
                 }
                 Err(_) => format!(
-                    "no answer within DB_CONNECTION_TIMEOUT ({:?})",
+                    "no answer within DB_CONNECTION_TIMEOUT ({:?}), twice (the pool's \
+                     attempt, then one on its own for the cause)",
                     cfg.db_connection_timeout
                 ),
             };
