@@ -123,6 +123,12 @@ pub struct Config {
     pub job_workers: usize,
     /// How long a running job stays its worker's without a renewal.
     pub job_lease: Duration,
+    /// Settings given that nothing reads, with why (the Redis parts when
+    /// REDIS_URL names the Redis, or when REDIS_HOST is not set): warned
+    /// about at start rather than refused, since platforms set such
+    /// variables for their own reasons (a Kubernetes service named `redis`
+    /// sets `REDIS_PORT=tcp://...`).
+    pub ignored: Vec<(&'static str, &'static str)>,
 }
 
 /// JWT secrets published in this repository (Makefile, compose file, README):
@@ -722,6 +728,21 @@ impl Config {
                 None => None,
             },
         };
+        let mut ignored = Vec::new();
+        let parts = ["REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD"];
+        if e.get("REDIS_URL")?.is_some() {
+            for var in ["REDIS_HOST"].into_iter().chain(parts) {
+                if e.get(var)?.is_some() {
+                    ignored.push((var, "REDIS_URL is set and names the Redis"));
+                }
+            }
+        } else if e.get("REDIS_HOST")?.is_none() {
+            for var in parts {
+                if e.get(var)?.is_some() {
+                    ignored.push((var, "read only with REDIS_HOST, which is not set"));
+                }
+            }
+        }
         let redis_cluster_urls = e.list("REDIS_CLUSTER_URLS")?;
         for u in &redis_cluster_urls {
             check_redis_url("REDIS_CLUSTER_URLS", u)?;
@@ -816,6 +837,7 @@ impl Config {
             check_jwks_file(path)?;
         }
         Ok(Config {
+            ignored,
             database_url,
             database_replica_url,
             db_pool_min,
@@ -960,6 +982,13 @@ impl Config {
     /// import connections are taken only when the pool gives them within a
     /// second, so jobs never wait on each other; but while they hold the
     /// pool, requests wait for a connection.
+    /// Warns of each setting given that nothing reads (see `ignored`).
+    pub fn warn_ignored(&self) {
+        for (var, why) in &self.ignored {
+            tracing::warn!(variable = *var, "{var} is set but not read: {why}");
+        }
+    }
+
     pub fn warn_if_imports_can_fill_the_pool(&self) {
         let most = self.job_workers * self.import_parallelism;
         if most >= self.db_pool_max as usize {
@@ -1195,6 +1224,21 @@ mod tests {
             assert!(cfg(&[("BIND_ADDR", b)]).is_ok(), "{b}");
         }
         assert_eq!(bad("BIND_ADDR", "no-such-host.invalid").var, "BIND_ADDR");
+        // Redis parts nothing reads are warned about, not refused (and
+        // not read: a bad value of one is not an error).
+        let c = cfg(&[
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("REDIS_PORT", "abc"),
+            ("REDIS_HOST", "10.0.0.1"),
+        ])
+        .unwrap();
+        let vars: Vec<&str> = c.ignored.iter().map(|(v, _)| *v).collect();
+        assert_eq!(vars, ["REDIS_HOST", "REDIS_PORT"]);
+        let c = cfg(&[("REDIS_DB", "x")]).unwrap();
+        assert_eq!(c.ignored.len(), 1);
+        assert!(cfg(&[]).unwrap().ignored.is_empty());
+        let e = cfg(&[("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", "6379x")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_PORT", "read with REDIS_HOST");
         // Brackets: one pair, around an IPv6 address only.
         for b in ["[::1", "::1]", "[[::1]]", "[127.0.0.1]", "[localhost]"] {
             assert_eq!(bad("BIND_ADDR", b).var, "BIND_ADDR", "{b}");

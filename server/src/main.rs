@@ -30,6 +30,7 @@ async fn main() -> ExitCode {
         }
     };
     logging::init(&config);
+    config.warn_ignored();
     match run(cli.command.unwrap_or(Command::Serve), config).await {
         Ok(()) => ExitCode::SUCCESS,
         // A setting found wrong only when used (JWT_SECRET for `serve`) is
@@ -152,11 +153,31 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             // Everything that needs no password is checked before one is asked for.
             let email = users::check_cli_email(&args.email)?;
             users::check_cli_role(&args.role, &args.stores)?;
+            // A password given or piped in is checked before connecting,
+            // as every argument is; one to be typed at a prompt (twice) is
+            // asked for only once the stores are known to exist.
+            let prompted = {
+                use std::io::IsTerminal;
+                args.password.is_none() && std::io::stdin().is_terminal()
+            };
+            let password = if prompted {
+                None
+            } else {
+                let p = users::read_password(args.password.clone())?;
+                users::check_cli_password(&email, &p)?;
+                Some(p)
+            };
             let pool = db::connect(&config).await?;
             db::migrate(&pool).await?;
             users::check_cli_stores(&pool, &args.role, &args.stores).await?;
-            let password = users::read_password(args.password)?;
-            users::check_cli_password(&email, &password)?;
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let p = users::read_password(args.password)?;
+                    users::check_cli_password(&email, &p)?;
+                    p
+                }
+            };
             let (id, created) =
                 users::upsert_user(&pool, &email, &args.role, &args.stores, &password).await?;
             let email = stored_email_of(&pool, id, email).await;

@@ -244,3 +244,25 @@ fn a_database_that_never_answers_is_named_with_both_waits() {
     );
     drop(silent);
 }
+
+/// Redis parts nothing reads (REDIS_URL names the Redis) are warned about
+/// at start, not refused: platforms set such variables for their own
+/// reasons. They were ignored without a word, whatever their value.
+#[tokio::test]
+async fn redis_parts_nothing_reads_are_warned_about() {
+    let db = TestDb::new().await;
+    let out = run(
+        &["migrate"],
+        &[
+            ("DATABASE_URL", db.url.as_str()),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("REDIS_PORT", "tcp://10.0.0.1:6379"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("REDIS_PORT is set but not read: REDIS_URL is set and names the Redis"),
+        "{stderr}"
+    );
+}

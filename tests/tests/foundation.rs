@@ -18,6 +18,7 @@ async fn tables_exist_in_schema_sales() {
         tables,
         vec![
             "event_history",
+            "event_log_identity",
             "events",
             "monthly_sales",
             "stores",
