@@ -114,6 +114,7 @@ async fn index_usage_and_table_health_follow_the_tables() {
         tables,
         [
             "sales.event_history",
+            "sales.event_log_identity",
             "sales.events",
             "sales.monthly_sales",
             "sales.stores",
