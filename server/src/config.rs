@@ -978,10 +978,6 @@ impl Config {
         })
     }
 
-    /// For `serve`: a warning when imports could hold the whole pool. Extra
-    /// import connections are taken only when the pool gives them within a
-    /// second, so jobs never wait on each other; but while they hold the
-    /// pool, requests wait for a connection.
     /// Warns of each setting given that nothing reads (see `ignored`).
     pub fn warn_ignored(&self) {
         for (var, why) in &self.ignored {
@@ -989,6 +985,10 @@ impl Config {
         }
     }
 
+    /// For `serve`: a warning when imports could hold the whole pool. Extra
+    /// import connections are taken only when the pool gives them within a
+    /// second, so jobs never wait on each other; but while they hold the
+    /// pool, requests wait for a connection.
     pub fn warn_if_imports_can_fill_the_pool(&self) {
         let most = self.job_workers * self.import_parallelism;
         if most >= self.db_pool_max as usize {

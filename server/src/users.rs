@@ -1044,7 +1044,7 @@ pub fn check_cli_role(role: &str, stores: &[i64]) -> anyhow::Result<()> {
 }
 
 /// The stores of `user add` that do not exist, refused before a password is
-/// asked for (it was asked, twice on a terminal, and then refused).
+/// asked for at a terminal prompt.
 pub async fn check_cli_stores(pool: &PgPool, role: &str, stores: &[i64]) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     check_stores(&mut conn, cli_role(role)?, stores)

@@ -335,6 +335,12 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
         .unwrap();
     let new = epoch_now().await;
     assert_ne!(new, old);
+    // Before the relay notices, a resume is judged by the log's own epoch,
+    // not by the relay's copy of it.
+    r.send(json!({"type": "resume", "lastEventId": first, "epoch": old}))
+        .await;
+    let err = r.reply("resumed").await;
+    assert_eq!(err["code"], "resync_required", "{err}");
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = current_database() AND application_name = 'sales-server-relay'",
@@ -368,9 +374,11 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
     assert_eq!(st["closed"]["logReplaced"], 2, "{st}");
 
     // The same epoch with the newest events gone (a file-system snapshot
-    // of the database put back): also another log. The relay relays from
-    // its head and every connection resumes.
+    // of the database put back): also another log. The relay gives it a
+    // new identity (so the ids given again are of another epoch for every
+    // client), relays from its head and every connection resumes.
     relayed_all(&db, &server).await;
+    let last_seen = live["id"].as_i64().unwrap();
     sqlx::query("DELETE FROM sales.events WHERE id > $1")
         .bind(second)
         .execute(&db.pool)
@@ -385,8 +393,14 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
     .unwrap();
     let close = c.closed().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1012, "{close:?}");
+    let renewed = epoch_now().await;
+    assert_ne!(renewed, new, "the identity is renewed");
     let mut c = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
-    c.subscribe(&channel).await;
+    assert_eq!(c.ready["epoch"], renewed.as_str(), "{}", c.ready);
+    c.send(json!({"type": "resume", "lastEventId": last_seen, "epoch": new, "events": [channel]}))
+        .await;
+    let err = c.reply("resumed").await;
+    assert_eq!(err["code"], "resync_required", "{err}");
     upsert(&db, vec![record(s1, 2024, 1, 4, 1)]).await;
     let live = c.event().await;
     assert_eq!(live["event"], "sales-data-updated", "{live}");

@@ -256,21 +256,37 @@ impl Event {
     /// Where a new reader starts: the last event `events_since` would return.
     /// (`sales.events_head()` is volatile: as a scalar subquery it runs once;
     /// compared in the WHERE clause it would run for every row of the log.)
-    /// The log's epoch (`sales.event_log_epoch()`: its identity, made anew
-    /// by a restore, and the WAL timeline) and its newest `seq` (0 when
-    /// empty): together they tell whether this is still the log a reader
-    /// was reading.
-    pub async fn log_identity<'e>(exec: impl PgExecutor<'e>) -> Result<(String, i64), sqlx::Error> {
-        sqlx::query_as(
-            "SELECT sales.event_log_epoch(), coalesce((SELECT max(seq) FROM sales.events), 0)",
-        )
-        .fetch_one(exec)
-        .await
-    }
-
     pub async fn head<'e>(exec: impl PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
         let row: Option<(i64, i64)> = sqlx::query_as(HEAD_SQL).fetch_optional(exec).await?;
         Ok(row.map(|(id, seq)| Pos { seq, id }).unwrap_or(Pos::START))
+    }
+
+    /// The log's epoch (`sales.event_log_epoch()`: its identity, made anew
+    /// by a restore, and the WAL timeline) and its newest `seq` (0 when
+    /// empty): together they tell whether this is still the log a reader
+    /// was reading. An identity row that is gone (the table emptied by
+    /// hand) is an error saying how to put one back.
+    pub async fn log_identity<'e>(exec: impl PgExecutor<'e>) -> Result<(String, i64), sqlx::Error> {
+        let (epoch, newest): (Option<String>, i64) = sqlx::query_as(
+            "SELECT sales.event_log_epoch(), coalesce((SELECT max(seq) FROM sales.events), 0)",
+        )
+        .fetch_one(exec)
+        .await?;
+        let epoch = epoch.ok_or_else(|| {
+            sqlx::Error::Protocol(
+                "sales.event_log_identity has no row, so the event log has no epoch: \
+                 INSERT INTO sales.event_log_identity DEFAULT VALUES"
+                    .into(),
+            )
+        })?;
+        Ok((epoch, newest))
+    }
+
+    /// The log's epoch now (None without an identity row).
+    pub async fn epoch<'e>(exec: impl PgExecutor<'e>) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT sales.event_log_epoch()")
+            .fetch_one(exec)
+            .await
     }
 
     /// The frame clients receive:

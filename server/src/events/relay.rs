@@ -187,11 +187,33 @@ async fn read_session(
     // standby promoted without the newest events: its ids and positions
     // are given again, so reading on after the last one relayed would skip
     // new events, and the cache holds rows that are no longer so.
-    let (epoch, newest) = match Event::log_identity(&mut conn).await {
+    let (mut epoch, newest) = match Event::log_identity(&mut conn).await {
         Ok(x) => x,
         Err(e) => return e.to_string(),
     };
     if *epoch != *deps.sink.epoch() || newest < last.seq {
+        if *epoch == *deps.sink.epoch() {
+            // The newest events are gone under the same epoch (a copy of
+            // the database put back without a recovery): the log is given
+            // a new identity, so the ids given again are of another epoch
+            // for every instance and every client. Only the first instance
+            // to find it renews it (the identity it read is the one it
+            // replaces).
+            let renewed = sqlx::query(
+                "UPDATE sales.event_log_identity SET epoch = gen_random_uuid()
+                 WHERE epoch::text = split_part($1, '.', 1)",
+            )
+            .bind(&epoch)
+            .execute(&mut conn)
+            .await;
+            if let Err(e) = renewed {
+                tracing::warn!(error = %e, "could not give the event log a new epoch");
+            }
+            epoch = match Event::log_identity(&mut conn).await {
+                Ok((e, _)) => e,
+                Err(e) => return e.to_string(),
+            };
+        }
         let head = match Event::head(&mut conn).await {
             Ok(h) => h,
             Err(e) => return e.to_string(),

@@ -60,8 +60,13 @@ pub(super) async fn replay(
         }
         // Ids are given again after a restore or a recovery to an earlier
         // point: under another epoch the id names another event, or none.
-        if epoch.is_some_and(|e| *e != *hub.epoch()) {
-            return Ok(ReplayEnd::OtherLog);
+        // The log's own epoch is read, not the relay's copy, which lags a
+        // replaced log until the relay connects again.
+        if let Some(e) = &epoch {
+            let now = Event::epoch(pool).await?;
+            if now.as_deref().unwrap_or(&hub.epoch()) != e.as_str() {
+                return Ok(ReplayEnd::OtherLog);
+            }
         }
         let max = i64::try_from(hub.cfg.replay_max_events).unwrap_or(i64::MAX - 1);
         let start = {
@@ -196,8 +201,7 @@ pub(super) async fn replay(
             ctx.event_retention.as_secs() / 86400
         )),
         Ok(Ok(ReplayEnd::OtherLog)) => resync(&format!(
-            "event {last_event_id} is of another epoch of the event log (it was restored from a backup or recovered to an earlier point since; now {}): reload, then follow live events",
-            hub.epoch()
+            "event {last_event_id} is of another epoch of the event log (it was restored from a backup or recovered to an earlier point since): reload, then follow live events"
         )),
         Ok(Ok(ReplayEnd::TooLong)) => resync(&format!(
             "more than {} events were missed; reload, then follow live events",

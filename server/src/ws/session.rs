@@ -133,7 +133,7 @@ async fn run_connection(mut socket: Socket, conn: Arc<Conn>, ctx: Arc<Context>) 
             conn.user_id(),
             conn.principal.role.as_str(),
             conn.opened_at().id,
-            &hub.epoch(),
+            &conn.opened_epoch(),
             hub.cfg.ping_interval.as_millis(),
             hub.cfg.send_queue,
         ),

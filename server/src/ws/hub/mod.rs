@@ -107,8 +107,10 @@ struct ConnState {
     /// back, so that a resume sent first replays them in order instead of
     /// finding them already delivered ahead of older events.
     opening: bool,
-    /// The relay position at registration (what `ready` reports).
+    /// The relay position at registration (what `ready` reports), and the
+    /// epoch of the log it is a position of.
     opened: Pos,
+    opened_epoch: Arc<str>,
     close: Option<(u16, &'static str)>,
     /// Explicit subscriptions and the relay position each started at: events
     /// after it were delivered live.
@@ -160,6 +162,12 @@ impl Conn {
     /// its id, from which a resume covers everything held back since.
     pub fn opened_at(&self) -> Pos {
         self.lock().opened
+    }
+
+    /// The epoch of the log [`Conn::opened_at`] is a position of (what
+    /// `ready` names with it).
+    pub fn opened_epoch(&self) -> Arc<str> {
+        self.lock().opened_epoch.clone()
     }
 
     /// Whether its token has expired at `now` (seconds since the epoch):
@@ -234,6 +242,10 @@ pub enum SubscribeError {
 #[derive(Default)]
 struct Registry {
     position: Pos,
+    /// The epoch of the event log the relay reads (`sales.event_log_epoch()`):
+    /// ids and `position` are numbers of that log, so the two change
+    /// together (under this lock) and a connection takes both at once.
+    epoch: Arc<str>,
     conns: HashMap<u64, Arc<Conn>>,
     channels: HashMap<Channel, HashMap<u64, Arc<Conn>>>,
     users: HashMap<i64, HashMap<u64, Arc<Conn>>>,
@@ -292,10 +304,6 @@ pub struct Hub {
     /// when it runs out (ended by [`Hub::end_openings`], from the
     /// heartbeat's task: no task or timer per connection).
     openings: Mutex<std::collections::VecDeque<(std::time::Instant, std::sync::Weak<Conn>)>>,
-    /// The epoch of the event log the relay reads (`sales.event_log_epoch()`):
-    /// event ids are only meaningful under it, so `ready` names it and a
-    /// resume under another is told to resync.
-    epoch: std::sync::RwLock<Arc<str>>,
 }
 
 /// What pushing into a queue did.
@@ -318,20 +326,19 @@ impl Hub {
             replaying: Mutex::new(HashMap::new()),
             replay_freed: Notify::new(),
             openings: Mutex::new(std::collections::VecDeque::new()),
-            epoch: std::sync::RwLock::new(Arc::from("")),
             cfg,
         }
     }
 
-    /// The epoch of the event log (see the field); empty until set.
+    /// The epoch of the event log (see `Registry::epoch`); empty until set.
     pub fn epoch(&self) -> Arc<str> {
-        self.epoch.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reg().epoch.clone()
     }
 
     /// Sets the epoch of the event log; set once before serving, and again
     /// by [`Hub::log_replaced`].
     pub fn set_epoch(&self, epoch: &str) {
-        *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(epoch);
+        self.reg().epoch = Arc::from(epoch);
     }
 
     /// The relay found, as it connected again, that the log is not the one
@@ -340,10 +347,13 @@ impl Hub {
     /// is closed with 1012, so that each client resumes, and one resuming
     /// from an id of the old log is told to resync (ids are given again).
     pub fn log_replaced(&self, epoch: &str, head: Pos) {
-        self.set_epoch(epoch);
-        self.reg().position = head;
+        let conns: Vec<Arc<Conn>> = {
+            let mut reg = self.reg();
+            reg.epoch = Arc::from(epoch);
+            reg.position = head;
+            reg.conns.values().cloned().collect()
+        };
         self.relay.log_replaced.fetch_add(1, Relaxed);
-        let conns: Vec<Arc<Conn>> = self.reg().conns.values().cloned().collect();
         for c in conns {
             if self.close(
                 &c,
@@ -474,6 +484,7 @@ impl Hub {
             let mut st = conn.lock();
             st.user_since = reg.position;
             st.opened = reg.position;
+            st.opened_epoch = reg.epoch.clone();
             st.catch_up = Some(Vec::new());
             st.held_reply = false;
             st.held_answers = 0;
