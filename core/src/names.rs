@@ -57,6 +57,18 @@ pub fn invisible(c: char) -> bool {
         | '\u{E0000}'..='\u{E0FFF}')
 }
 
+/// A character no store name or region holds: a control (C0, DEL, C1)
+/// or a line or paragraph separator.
+pub fn breaks_text(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// Whether a reader sees nothing of `s`: blanks and characters that show
+/// as nothing (a zero-width space) only.
+pub fn shows_nothing(s: &str) -> bool {
+    s.chars().all(|c| c.is_whitespace() || invisible(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -691,6 +691,24 @@ async fn users_changed_by_plain_sql_are_revoked() {
     w.server.stop().await;
 }
 
+/// The `Set-Cookie` of the refresh token a response sets, if any.
+fn cookie_of(r: &reqwest::Response) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|c| c.starts_with("pg_sales_refresh="))
+}
+
+/// The token a refresh-token `Set-Cookie` holds.
+fn value(set_cookie: &str) -> String {
+    set_cookie["pg_sales_refresh=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// `refreshCookie`: the refresh token lives in an HttpOnly, SameSite=Strict
 /// cookie scoped to `/api/v2/auth`, never in a body; refresh, password
 /// change and logout read and rotate it there; reusing an old one still
@@ -700,20 +718,6 @@ async fn a_session_can_keep_its_refresh_token_in_an_httponly_cookie() {
     let w = world(&[]).await;
     let http = reqwest::Client::new();
     let url = |p: &str| format!("http://{}{p}", w.server.addr);
-    let cookie_of = |r: &reqwest::Response| -> Option<String> {
-        r.headers()
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| v.to_str().unwrap().to_string())
-            .find(|c| c.starts_with("pg_sales_refresh="))
-    };
-    let value = |set_cookie: &str| -> String {
-        set_cookie["pg_sales_refresh=".len()..]
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string()
-    };
     let post = |path: &str, cookie: Option<&str>, body: Value| {
         let mut rq = http.post(url(path)).json(&body);
         if let Some(c) = cookie {
@@ -1120,20 +1124,6 @@ async fn a_logout_with_a_used_refresh_token_revokes_the_session_as_a_reuse() {
     // From a cookie, as from the body; the refusal removes the cookie.
     let http = reqwest::Client::new();
     let url = |p: &str| format!("http://{}{p}", w.server.addr);
-    let cookie_of = |r: &reqwest::Response| -> Option<String> {
-        r.headers()
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| v.to_str().unwrap().to_string())
-            .find(|c| c.starts_with("pg_sales_refresh="))
-    };
-    let value = |set_cookie: &str| -> String {
-        set_cookie["pg_sales_refresh=".len()..]
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string()
-    };
     let post = |path: &str, cookie: Option<&str>, body: Value| {
         let mut rq = http.post(url(path)).json(&body);
         if let Some(c) = cookie {

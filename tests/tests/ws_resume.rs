@@ -25,6 +25,18 @@ async fn relayed_all(db: &TestDb, server: &sales_e2e::RunningServer) {
     .await;
 }
 
+/// Ends the server's relay connection to this test's database (it
+/// connects again by itself).
+async fn cut_relay(db: &TestDb) {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'sales-server-relay'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 /// Frames after a resume until `n` events have arrived: (events, the resumed reply).
 async fn after_resume(c: &mut Client, n: usize) -> (Vec<Value>, Value) {
     let mut got: Vec<Value> = c.pending.drain(..).collect();
@@ -341,13 +353,7 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
         .await;
     let err = r.reply("resumed").await;
     assert_eq!(err["code"], "resync_required", "{err}");
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'sales-server-relay'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    cut_relay(&db).await;
     for client in [&mut c, &mut r] {
         let close = client.closed().await.expect("a close frame");
         assert_eq!(u16::from(close.code), 1012, "{close:?}");
@@ -384,13 +390,7 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'sales-server-relay'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    cut_relay(&db).await;
     let close = c.closed().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1012, "{close:?}");
     let renewed = epoch_now().await;

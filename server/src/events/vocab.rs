@@ -184,13 +184,8 @@ impl RegionKey {
         if let Some(k) = Self::known(name) {
             return Some(k);
         }
-        let breaks = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
-        if name.chars().any(breaks)
-            || name.trim() != name
-            || name
-                .chars()
-                .all(|c| c.is_whitespace() || sales_core::names::invisible(c))
-        {
+        use sales_core::names::{breaks_text, shows_nothing};
+        if name.chars().any(breaks_text) || name.trim() != name || shows_nothing(name) {
             return None;
         }
         Self::intern(name, true)

@@ -148,18 +148,7 @@ pub fn region_filter(raw: Option<&str>) -> ApiResult<Option<String>> {
     Ok(Some(r.to_string()))
 }
 
-/// A character no store name or region holds: a control (C0, DEL, C1)
-/// or a line or paragraph separator (the store endpoints' pattern).
-pub(crate) fn breaks_text(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
-}
-
-/// Whether a reader sees nothing of `s`: blanks and characters that show
-/// as nothing (a zero-width space) only.
-pub(crate) fn shows_nothing(s: &str) -> bool {
-    s.chars()
-        .all(|c| c.is_whitespace() || crate::users::invisible(c))
-}
+pub(crate) use sales_core::names::{breaks_text, shows_nothing};
 
 fn check_region_chars(r: &str) -> ApiResult<()> {
     if r.chars().any(breaks_text) {

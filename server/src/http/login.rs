@@ -403,6 +403,16 @@ static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 impl LoginApi {
+    /// The address login failures are counted under: the client's, an
+    /// IPv6 client's /64.
+    fn throttled_as(&self, req: &poem::Request) -> String {
+        super::middleware::throttle_key(super::middleware::client_ip(
+            req,
+            &self.state.config.trusted_proxies,
+        ))
+        .to_string()
+    }
+
     /// Checks a password against the account of `email`: the same work
     /// (one argon2 verification) whether or not the email exists, so timing
     /// tells nothing; failures count against the account and the address.
@@ -512,12 +522,7 @@ impl LoginApi {
         req: &poem::Request,
         body: Json<LoginRequest>,
     ) -> ApiResult<LoginResponse> {
-        // Failures are counted per address, an IPv6 client's per /64.
-        let ip = super::middleware::throttle_key(super::middleware::client_ip(
-            req,
-            &self.state.config.trusted_proxies,
-        ))
-        .to_string();
+        let ip = self.throttled_as(req);
         if body.email.contains('\0') {
             // No account has one (emails are checked when set), and
             // Postgres' text cannot hold it: a wrong email.
@@ -720,12 +725,7 @@ impl LoginApi {
                 "this account has no password here (its tokens come from an identity provider)",
             ));
         };
-        // Failures are counted per address, an IPv6 client's per /64.
-        let ip = super::middleware::throttle_key(super::middleware::client_ip(
-            req,
-            &self.state.config.trusted_proxies,
-        ))
-        .to_string();
+        let ip = self.throttled_as(req);
         let verified = match self
             .check_credentials(&user.email, &body.current_password, &ip)
             .await?
