@@ -140,12 +140,34 @@ impl Principal {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
+    /// `outside`: the token came from an identity provider (which alone
+    /// gives a new one), not from this server's login.
     #[error("token expired")]
-    Expired,
+    Expired { outside: bool },
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("token revoked: {}", .0.message())]
     Revoked(crate::access::Revoked),
+}
+
+impl AuthError {
+    /// What a client is told (the REST 401 and the WebSocket upgrade's):
+    /// for an expired token, how to get another one.
+    pub fn client_message(&self) -> String {
+        match self {
+            // The session's refresh token may well outlive its access
+            // tokens: a refresh is the first thing to try.
+            AuthError::Expired { outside: false } => {
+                "token expired; refresh it (POST /api/v2/auth/refresh) or log in again".into()
+            }
+            // Refresh tokens are of this server's sessions only.
+            AuthError::Expired { outside: true } => {
+                "token expired; get a new one from the identity provider that issued it".into()
+            }
+            AuthError::Invalid(why) => format!("invalid token: {why}"),
+            AuthError::Revoked(why) => format!("token revoked: {}", why.message()),
+        }
+    }
 }
 
 /// Whether a token's protected header has a `crit` member (which
@@ -166,10 +188,10 @@ fn names_critical_extensions(token: &str) -> bool {
 /// What a client is told of a token the library refused: the kind of
 /// fault, not the parser's own text (which named its offsets, the serde
 /// type it expected and every algorithm it knows).
-fn token_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+fn token_error(e: &jsonwebtoken::errors::Error, outside: bool) -> AuthError {
     use jsonwebtoken::errors::ErrorKind as K;
     let why = match e.kind() {
-        K::ExpiredSignature => return AuthError::Expired,
+        K::ExpiredSignature => return AuthError::Expired { outside },
         K::ImmatureSignature => "not valid yet (nbf)".to_string(),
         K::InvalidSignature => "bad signature".to_string(),
         K::InvalidIssuer => "wrong issuer".to_string(),
@@ -388,7 +410,7 @@ impl Auth {
             let now = chrono::Utc::now().timestamp();
             if p.exp.is_some_and(|exp| exp < now - LEEWAY_SECS as i64) {
                 self.verified.invalidate(digest);
-                return Err(AuthError::Expired);
+                return Err(AuthError::Expired { outside: p.outside });
             }
             self.revocations
                 .check_token(&p)
@@ -405,7 +427,7 @@ impl Auth {
     }
 
     fn verify_token(&self, token: &str) -> Result<Principal, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| token_error(&e))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| token_error(&e, false))?;
         if names_critical_extensions(token) {
             // RFC 7515 4.1.11: extensions a token says must be understood,
             // and this server understands none.
@@ -435,7 +457,7 @@ impl Auth {
             }
         };
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation(header.alg))
-            .map_err(|e| token_error(&e))?;
+            .map_err(|e| token_error(&e, outside))?;
         let c = data.claims;
         if c.iat > chrono::Utc::now().timestamp() + LEEWAY_SECS as i64 {
             // Issued in the future: a clock far off, or a forged token.
@@ -585,7 +607,10 @@ mod tests {
         p.exp = Some(chrono::Utc::now().timestamp() - LEEWAY_SECS as i64 - 1);
         let d2 = Auth::digest(&t2);
         a.verified.insert(d2, Arc::new(p));
-        assert!(matches!(a.verify(&t2), Err(AuthError::Expired)));
+        assert!(matches!(
+            a.verify(&t2),
+            Err(AuthError::Expired { outside: false })
+        ));
         assert!(
             a.verified.get(&d2).is_none(),
             "an expired token is forgotten"
@@ -744,7 +769,9 @@ mod tests {
             sid: None,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap();
-        assert_eq!(a.verify(&t).unwrap_err(), AuthError::Expired);
+        let e = a.verify(&t).unwrap_err();
+        assert_eq!(e, AuthError::Expired { outside: false });
+        assert!(e.client_message().contains("POST /api/v2/auth/refresh"));
     }
 
     #[test]
@@ -840,6 +867,21 @@ mod tests {
                 assert!(a.verify(&t).is_err(), "{alg:?} {iss:?}");
             }
             assert!(p.can_access_store(4) && !p.can_access_store(5));
+            // Expired: the provider gives the next one (refresh tokens are
+            // of this server's sessions only).
+            let old = Claims {
+                exp: now - 600,
+                iat: now - 1200,
+                ..claims.clone()
+            };
+            let t = jsonwebtoken::encode(&Header::new(alg), &old, &enc).unwrap();
+            let e = a.verify(&t).unwrap_err();
+            assert_eq!(e, AuthError::Expired { outside: true }, "{alg:?}");
+            let m = e.client_message();
+            assert!(
+                m.contains("identity provider") && !m.contains("refresh"),
+                "{m}"
+            );
             // Without the key configured, the same token is refused.
             assert!(auth(&[]).verify(&token).is_err());
         }

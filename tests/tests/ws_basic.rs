@@ -302,10 +302,12 @@ async fn tokens_are_checked_before_the_upgrade() {
     let (status, body) =
         http_status(tokio_tungstenite::connect_async(ws_url(addr, &expired)).await).await;
     assert_eq!(status, 401);
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("expired"));
+    // Told what to do next, as the REST API tells it.
+    assert_eq!(
+        body["error"]["message"],
+        "token expired; refresh it (POST /api/v2/auth/refresh) or log in again",
+        "{body}"
+    );
     let wrong_key = sales_e2e::fixtures::token::sign(
         "some-other-secret-some-other-secret!",
         1,

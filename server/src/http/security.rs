@@ -35,16 +35,7 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
             Ok(p)
         }
         Err(e) => {
-            let msg = match e {
-                // The session's refresh token may well outlive its access
-                // tokens: a refresh is the first thing to try.
-                AuthError::Expired => {
-                    "token expired; refresh it (POST /api/v2/auth/refresh) or log in again"
-                        .to_string()
-                }
-                AuthError::Invalid(why) => format!("invalid token: {why}"),
-                AuthError::Revoked(why) => format!("token revoked: {}", why.message()),
-            };
+            let msg = e.client_message();
             Err(poem::Error::from_response(
                 poem::IntoResponse::into_response(ApiError::unauthorized(msg)),
             ))

@@ -111,7 +111,13 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
             tracing::Span::current().record("user_id", p.user_id);
             p
         }
-        Err(e) => return error_response(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+        Err(e) => {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                &e.client_message(),
+            )
+        }
     };
     if req.method() != poem::http::Method::GET
         || !header_has_token(req, header::UPGRADE, "websocket")
