@@ -2,7 +2,7 @@
 //! [`BearerAuth`] only run for a verified caller.
 
 use super::error::ApiError;
-use crate::auth::{AuthError, Principal};
+use crate::auth::Principal;
 use crate::state::AppState;
 use poem::Request;
 use poem_openapi::{auth::Bearer, SecurityScheme};
