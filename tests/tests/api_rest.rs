@@ -1500,6 +1500,9 @@ async fn refused_bodies_name_the_field_and_the_rule() {
         (Method::POST, "/api/v2/users", json!({"email": "x@example.com", "password": "a-long-password-1", "role": "king"}).to_string(), "role", "must be one of admin, manager, staff"),
         (Method::POST, "/api/v2/users", json!({"email": "x@example.com", "password": "a-long-password-1", "role": "staff", "stores": [1, "two"]}).to_string(), "stores[1]", "must be a whole number"),
         (Method::POST, "/api/v2/sales/batch", json!({}).to_string(), "salesDataArray", "required"),
+        // A misspelt member is named, not the one it stands for as missing.
+        (Method::POST, "/api/v2/sales/batch", json!({"sales_data_array": []}).to_string(), "sales_data_array", "unknown field; did you mean salesDataArray (required)?"),
+        (Method::POST, "/api/v2/stores", json!({"code": "ok-2", "name": "A", "regoin": "North"}).to_string(), "regoin", "unknown field; did you mean region (required)?"),
         (Method::POST, "/api/v2/sales/batch", json!({"salesDataArray": 5}).to_string(), "salesDataArray", "must be an array"),
         (Method::POST, "/api/v2/sales/batch", json!({"salesDataArray": [], "mode": "bogus"}).to_string(), "mode", "must be one of merge, replace"),
         (Method::POST, "/api/v2/sales/batch", json!({"salesDataArray": [], "atomic": "yes"}).to_string(), "atomic", "must be true or false"),

@@ -82,6 +82,30 @@ fn named(path: &str) -> String {
     }
 }
 
+/// A key of `obj` that the closed object schema `s` does not know and that
+/// reads as `name` misspelt: the same letters in another case or with
+/// separators (`sales_data_array`), or at most two edits away (`regoin`).
+fn misspelling_of<'a>(name: &str, obj: &'a Map<String, Value>, s: &Value) -> Option<&'a str> {
+    if s.get("additionalProperties") != Some(&Value::Bool(false)) {
+        return None;
+    }
+    let props = s.get("properties").and_then(Value::as_object);
+    let squash = |k: &str| -> String {
+        k.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let wanted = squash(name);
+    obj.keys()
+        .filter(|k| !props.is_some_and(|p| p.contains_key(*k)))
+        .find(|k| {
+            let k = squash(k);
+            k == wanted || (wanted.len() > 3 && strsim::osa_distance(&k, &wanted) <= 2)
+        })
+        .map(String::as_str)
+}
+
 fn check(
     v: &Value,
     s: &Value,
@@ -147,6 +171,15 @@ fn check(
             {
                 let Some(name) = name.as_str() else { continue };
                 if obj.get(name).is_none_or(Value::is_null) {
+                    // A member this closed object does not know, given
+                    // instead (`sales_data_array`, `regoin`): named as
+                    // what it most likely is.
+                    if let Some(k) = misspelling_of(name, obj, s) {
+                        return Some((
+                            field(path, k),
+                            format!("unknown field; did you mean {name} (required)?"),
+                        ));
+                    }
                     return Some((field(path, name), "required".into()));
                 }
             }
@@ -441,6 +474,49 @@ mod tests {
             Some("b: unknown field; allowed: a")
         );
         assert_eq!(problem(r#"{"a": 1}"#, "Strict"), None);
+    }
+
+    #[test]
+    fn a_misspelt_required_member_is_named_as_such() {
+        let defs = json!({
+            "Req": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["salesDataArray", "region"],
+                "properties": {
+                    "salesDataArray": {"type": "array"},
+                    "region": {"type": "string"},
+                    "mode": {"type": "string"},
+                },
+            },
+        });
+        let defs = defs.as_object().unwrap();
+        let p = |body: &str| {
+            body_problem(
+                body.as_bytes(),
+                &json!({"$ref": "#/components/schemas/Req"}),
+                defs,
+            )
+            .map(|(f, why)| format!("{f}: {why}"))
+        };
+        assert_eq!(
+            p(r#"{"sales_data_array": [], "region": "N"}"#).as_deref(),
+            Some("sales_data_array: unknown field; did you mean salesDataArray (required)?")
+        );
+        assert_eq!(
+            p(r#"{"salesDataArray": [], "regoin": "N"}"#).as_deref(),
+            Some("regoin: unknown field; did you mean region (required)?")
+        );
+        // Nothing like it given: the required member is named.
+        assert_eq!(
+            p(r#"{"salesDataArray": [], "colour": "N"}"#).as_deref(),
+            Some("region: required")
+        );
+        // A known member is never taken for a misspelling.
+        assert_eq!(
+            p(r#"{"salesDataArray": [], "mode": "N"}"#).as_deref(),
+            Some("region: required")
+        );
     }
 
     #[test]
