@@ -936,6 +936,20 @@ impl<'a> Num<'a> {
         Decoded::from_words(n_words, word)
     }
 
+    /// The value, when it is an integer written with a scale (`2.0`,
+    /// `2.50e1`; `int8_numeric` would store it without one) that fits an
+    /// `i64`. None for any other number.
+    pub fn scaled_integer(self) -> Option<i64> {
+        let mut d = self.decode();
+        if d.dscale == 0 {
+            return None;
+        }
+        // Whole: no base-10000 digit after the point (trailing zero digits
+        // are stripped), which `to_i64` checks once the scale is gone.
+        d.dscale = 0;
+        d.to_i64()
+    }
+
     /// What the metric rules ask of a number, decided exactly from its
     /// digits (no `f64` rounding).
     pub fn class(self) -> NumberClass {

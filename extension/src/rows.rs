@@ -52,33 +52,50 @@ fn tg_sales_row<'a>(
         // seven: the daily data, the three totals, the version and the two
         // timestamps).
         let mut set = Replacements::default();
-        // The daily data stored: on update, the old values where the new
-        // ones are equal (see above).
-        let written = row.daily(new);
-        let same_data = match (&written, &old_daily) {
+        // The daily data as given, and as stored: counts written with a
+        // scale as the integers they are, then, on update, the old values
+        // where the new ones are equal (see above).
+        let given = row.daily(new);
+        let whole = given
+            .as_ref()
+            .and_then(whole_counts)
+            .and_then(|d| d.into_datum());
+        let whole_raw =
+            whole.and_then(|d| RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID));
+        let written = whole_raw.as_ref().or(given.as_ref());
+        let same_data = match (written, &old_daily) {
             (Some(n), Some(o)) => n.equals(o),
             (None, None) => true,
             _ => false,
         };
         let mut rebuilt: Option<RawJsonb> = None;
-        if let (Some(n), Some(o), Some(old)) = (&written, &old_daily, old) {
+        let mut replaced = false;
+        if let (Some(n), Some(o), Some(old)) = (&given, &old_daily, old) {
             if same_data {
                 if !n.same_bytes(o) {
                     // The old datum as the old row holds it (a TOAST
                     // pointer stays one: nothing is written again).
                     set.push(cols.daily_data, get(old, cols.daily_data));
                 }
-            } else if let Some(d) = keep_equal_days(o, n).and_then(|d| d.into_datum()) {
+                replaced = true;
+            } else if let Some(d) = written
+                .and_then(|w| keep_equal_days(o, w))
+                .and_then(|d| d.into_datum())
+            {
                 set.push(cols.daily_data, Some(d));
                 rebuilt = RawJsonb::from_polymorphic_datum(d, false, pg_sys::JSONBOID);
+                replaced = true;
             }
+        }
+        if let (false, Some(d)) = (replaced, whole) {
+            set.push(cols.daily_data, Some(d));
         }
         let new_daily = if same_data && old_daily.is_some() {
             old_daily.as_ref()
         } else if rebuilt.is_some() {
             rebuilt.as_ref()
         } else {
-            written.as_ref()
+            written
         };
         let (sales, customers, days) = match new_daily {
             Some(j) => totals(j.root()),
@@ -206,6 +223,59 @@ fn keep_equal_days(old: &RawJsonb, new: &RawJsonb) -> Option<JsonbDatum> {
     });
     Some(crate::jsonb_text::document_datum(
         Node::Obj(pairs),
+        "a month",
+    ))
+}
+
+/// The metrics that count (whole numbers).
+const COUNTS: [&str; 2] = ["customers", "transactions"];
+
+/// Whether `v`, the value of metric `k`, is a count written with a scale.
+fn scaled_count(k: &str, v: Jb<'_>) -> bool {
+    COUNTS.contains(&k) && matches!(v, Jb::Number(n) if n.scaled_integer().is_some())
+}
+
+/// `month` with its counts written with a scale (`"customers": 2.0`, or
+/// `1.0e3`: whole numbers, which the rules accept) as the integers they
+/// are, or None when it has none (nothing to rebuild). The OpenAPI document
+/// types counts as integers, and a strict decoder refuses `2.0` for one;
+/// every other value is kept as written.
+fn whole_counts(month: &RawJsonb) -> Option<JsonbDatum> {
+    let Jb::Object(m) = month.root() else {
+        return None;
+    };
+    let has_scaled =
+        |day: Jb<'_>| matches!(day, Jb::Object(d) if d.members().any(|(k, v)| scaled_count(k, v)));
+    if !m.members().any(|(_, day)| has_scaled(day)) {
+        return None;
+    }
+    let mut days = Vec::with_capacity(m.len());
+    let mut each_day = m.members();
+    while let Some(day) = each_day.next_raw() {
+        let node = match day.value() {
+            Jb::Object(d) if has_scaled(day.value()) => {
+                let mut metrics = Vec::with_capacity(d.len());
+                let mut each_metric = d.members();
+                while let Some(x) = each_metric.next_raw() {
+                    let v = match x.value() {
+                        Jb::Number(n) if COUNTS.contains(&x.key()) => {
+                            n.scaled_integer().map(Node::Int)
+                        }
+                        _ => None,
+                    };
+                    metrics.push((
+                        Cow::Borrowed(x.key().as_bytes()),
+                        v.unwrap_or_else(|| x.stored()),
+                    ));
+                }
+                Node::Obj(metrics)
+            }
+            _ => day.stored(),
+        };
+        days.push((Cow::Borrowed(day.key().as_bytes()), node));
+    }
+    Some(crate::jsonb_text::document_datum(
+        Node::Obj(days),
         "a month",
     ))
 }

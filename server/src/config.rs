@@ -747,6 +747,29 @@ impl Config {
         for u in &redis_cluster_urls {
             check_redis_url("REDIS_CLUSTER_URLS", u)?;
         }
+        // What the cluster client refuses of the nodes together (another
+        // password or user on one of them), without connecting: refused
+        // here rather than retried for ever.
+        if !redis_cluster_urls.is_empty() {
+            if let Err(e) = redis::cluster::ClusterClient::new(redis_cluster_urls.clone()) {
+                let shown: Vec<String> = redis_cluster_urls
+                    .iter()
+                    .map(|u| without_password(u))
+                    .collect();
+                return Err(Env::err(
+                    "REDIS_CLUSTER_URLS",
+                    &shown.join(","),
+                    format!(
+                        "give every node the same user and password (the cluster client says: {})",
+                        e.to_string()
+                            .split("- ")
+                            .next()
+                            .unwrap_or_default()
+                            .trim_end_matches(['.', ' '])
+                    ),
+                ));
+            }
+        }
         // The cluster is used whenever it is set: a single Redis named as
         // well would be ignored, and is refused instead.
         if !redis_cluster_urls.is_empty() {
@@ -1312,6 +1335,21 @@ mod tests {
             assert_eq!(e.var, "REDIS_CLUSTER_URLS", "{bad}");
         }
         assert!(cfg(&[("REDIS_URL", "redis://:pw@127.0.0.1:6380/3")]).is_ok());
+        // Nodes of one cluster with different passwords: the client would
+        // refuse them at every connection attempt.
+        let e = cfg(&[(
+            "REDIS_CLUSTER_URLS",
+            "redis://:topsecret@127.0.0.1:7000,redis://127.0.0.1:7001",
+        )])
+        .unwrap_err();
+        assert_eq!(e.var, "REDIS_CLUSTER_URLS");
+        assert!(e.reason.contains("same user and password"), "{e}");
+        assert!(!e.to_string().contains("topsecret"), "{e}");
+        assert!(cfg(&[(
+            "REDIS_CLUSTER_URLS",
+            "redis://:pw@127.0.0.1:7000,redis://:pw@127.0.0.1:7001"
+        )])
+        .is_ok());
         // This build's Redis client has no TLS: said at start, not at the
         // first connection.
         let e = cfg(&[("REDIS_URL", "rediss://cache.example:6379")]).unwrap_err();

@@ -1110,6 +1110,95 @@ async fn numbers_are_stored_and_summed_exactly() {
     );
 }
 
+/// Counts written with a scale (`2.0`, `1.0e3`, `30.00`), whole numbers the
+/// rules accept, are stored as the integers they are (the OpenAPI document
+/// types them as integers), by a batch and by plain SQL alike; sales keep
+/// their digits as written; writing the same values again changes nothing.
+#[tokio::test]
+async fn whole_counts_written_with_a_scale_are_stored_as_integers() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let text = format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 3,
+             "dailyData": {{"1": {{"sales": 10.50, "customers": 2.0, "transactions": 1.0e3}},
+                            "2": {{"sales": 1.0, "customers": 7}}}}}}]"#
+    );
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1::jsonb)")
+        .bind(&text)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(r["inserted"], 1, "{r}");
+    let stored = || async {
+        sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT daily_data::text, total_customers, version FROM sales.monthly_sales
+             WHERE store_id = $1 AND year = 2024 AND month = 3",
+        )
+        .bind(s)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let (doc, customers, v1) = stored().await;
+    assert_eq!(
+        doc,
+        r#"{"1": {"sales": 10.50, "customers": 2, "transactions": 1000}, "2": {"sales": 1.0, "customers": 7}}"#
+    );
+    assert_eq!(customers, 9);
+    // The same values again, in either form: unchanged, no new version.
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1::jsonb)")
+        .bind(&text)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["unchanged"].as_i64(), r["updated"].as_i64()),
+        (Some(1), Some(0)),
+        "{r}"
+    );
+    assert_eq!(stored().await.2, v1);
+    // Merged into, and written by plain SQL: the new days' counts too.
+    let text = format!(
+        r#"[{{"storeId": {s}, "year": 2024, "month": 3, "dailyData": {{"3": {{"customers": 4.00}}}}}}]"#
+    );
+    let r: Value = sqlx::query_scalar("SELECT sales.batch_upsert($1::jsonb)")
+        .bind(&text)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(r["updated"], 1, "{r}");
+    sqlx::query(
+        r#"UPDATE sales.monthly_sales SET daily_data = daily_data || '{"4": {"transactions": 5.0, "sales": 2.50}}'
+           WHERE store_id = $1 AND year = 2024 AND month = 3"#,
+    )
+    .bind(s)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        r#"INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+           VALUES ($1, 2024, 4, '{"1": {"customers": 3.0}}')"#,
+    )
+    .bind(s)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (doc, customers, _) = stored().await;
+    assert_eq!(
+        doc,
+        r#"{"1": {"sales": 10.50, "customers": 2, "transactions": 1000}, "2": {"sales": 1.0, "customers": 7}, "3": {"customers": 4}, "4": {"sales": 2.50, "transactions": 5}}"#
+    );
+    assert_eq!(customers, 13);
+    let april: String = sqlx::query_scalar(
+        "SELECT daily_data::text FROM sales.monthly_sales WHERE store_id = $1 AND month = 4",
+    )
+    .bind(s)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(april, r#"{"1": {"customers": 3}}"#);
+}
+
 /// Duplicates spelled differently (`dailyData` / `daily_data`) fold too.
 #[tokio::test]
 async fn duplicates_fold_across_spellings() {

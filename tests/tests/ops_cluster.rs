@@ -10,12 +10,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// Three cluster nodes on loopback, each in its own temporary directory;
-/// killed and removed on drop.
+/// Cluster nodes on loopback, each in its own temporary directory; killed
+/// and removed on drop.
 struct RedisCluster {
     ports: Vec<u16>,
     dirs: Vec<PathBuf>,
-    children: Vec<Child>,
+    children: Vec<Option<Child>>,
+    node_timeout_ms: u32,
 }
 
 /// A port `p` such that `p` and the cluster bus port `p + 10000` are both free
@@ -47,54 +48,40 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits (bounded) until `what` holds.
+fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl RedisCluster {
-    fn start() -> Self {
+    /// `masters` primaries and `replicas` replicas of each.
+    fn start(masters: usize, replicas: usize) -> Self {
         let mut c = RedisCluster {
             ports: Vec::new(),
             dirs: Vec::new(),
             children: Vec::new(),
+            // Short with replicas, so that one takes over quickly.
+            node_timeout_ms: if replicas > 0 { 2000 } else { 5000 },
         };
-        for _ in 0..3 {
+        for _ in 0..masters * (1 + replicas) {
             let port = cluster_port(&c.ports);
             let dir = std::env::temp_dir()
                 .join(format!("pgs_rcluster_{}", uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&dir).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(dir.join("nodes.conf"))
-                .args([
-                    "--cluster-node-timeout",
-                    "5000",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("redis-server");
             c.ports.push(port);
             c.dirs.push(dir);
-            c.children.push(child);
-        }
-        for &p in &c.ports {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while redis_cli(p, &["ping"]).trim() != "PONG" {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "cluster node {p} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            c.children.push(None);
+            c.spawn(c.ports.len() - 1);
         }
         let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -103,17 +90,76 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        c.wait_ok(&(0..c.ports.len()).collect::<Vec<_>>());
+        // Replicas synchronised (one that never was may not take over).
         for &p in &c.ports {
-            while !redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok") {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "cluster_state never became ok on {p}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            wait_for(&format!("replica {p} never synchronised"), 30, || {
+                let r = redis_cli(p, &["info", "replication"]);
+                r.contains("role:master") || r.contains("master_link_status:up")
+            });
         }
         c
+    }
+
+    /// Starts node `i` (again: with its directory, so its cluster
+    /// configuration and any snapshot saved there) and waits for it.
+    fn spawn(&mut self, i: usize) {
+        let (port, dir) = (self.ports[i], &self.dirs[i]);
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+            .arg(dir.join("nodes.conf"))
+            .args([
+                "--cluster-node-timeout",
+                &self.node_timeout_ms.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.children[i] = Some(child);
+        wait_for(&format!("cluster node {port} did not start"), 10, || {
+            redis_cli(port, &["ping"]).trim() == "PONG"
+        });
+    }
+
+    /// Kills node `i` at once (no shutdown save).
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until each of `nodes` says the cluster is whole.
+    fn wait_ok(&self, nodes: &[usize]) {
+        for &i in nodes {
+            let p = self.ports[i];
+            wait_for(&format!("cluster_state never became ok on {p}"), 30, || {
+                redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+    }
+
+    /// The node (index) serving `key`'s slot: the one that does not answer
+    /// MOVED.
+    fn owner(&self, key: &str) -> usize {
+        self.serving(key)
+            .unwrap_or_else(|| panic!("no node serves {key}"))
+    }
+
+    fn serving(&self, key: &str) -> Option<usize> {
+        (0..self.ports.len()).find(|&i| {
+            self.children[i].is_some() && {
+                let r = redis_cli(self.ports[i], &["exists", key]);
+                matches!(r.trim(), "0" | "1")
+            }
+        })
     }
 
     fn urls(&self) -> Vec<String> {
@@ -137,7 +183,7 @@ impl RedisCluster {
             .collect()
     }
 
-    /// The node (index) that holds `key`'s slot, and the value there.
+    /// The value of `key`, from the node that holds its slot.
     fn get(&self, key: &str) -> Option<String> {
         self.ports.iter().find_map(|&p| {
             let v = redis_cli(p, &["get", key]);
@@ -149,7 +195,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in self.children.iter_mut().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -196,7 +242,7 @@ fn total_of(body: &Value, store: i64) -> f64 {
 
 #[tokio::test]
 async fn cache_over_redis_cluster_invalidates_across_slots() {
-    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
         .await
         .unwrap();
     let db = TestDb::new().await;
@@ -365,6 +411,147 @@ async fn cache_over_redis_cluster_invalidates_across_slots() {
     let st = stats(&admin).await;
     assert_eq!(n(&st, "errors"), 0, "no cluster errors: {st}");
     two.stop().await;
+    server.stop().await;
+    drop(cluster);
+}
+
+/// A server on `cluster` with entries kept long (a stale one would stay).
+async fn cluster_server(db: &TestDb, cluster: &RedisCluster) -> sales_server::RunningServer {
+    let mut cfg = db.config(&[("REDIS_TIMEOUT", "1s"), ("CACHE_TTL", "600s")]);
+    cfg.redis_url = None;
+    cfg.redis_cluster_urls = cluster.urls();
+    sales_server::Server::bind(cfg).await.expect("bind").spawn()
+}
+
+/// A node that restarts from a snapshot taken before an invalidation has
+/// that tag counter's older value again: the entry cached before it would
+/// match it and be served (for as long as it lives). Each primary's
+/// `run_id` is watched, as a single Redis's is: a restarted one makes every
+/// entry stale.
+#[tokio::test]
+async fn a_node_restarted_from_an_older_snapshot_leaves_nothing_stale() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+        .await
+        .unwrap();
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let server = cluster_server(&db, &cluster).await;
+    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    let (st, body) = admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 28, 10.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    relay_caught_up(&db, &server).await;
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=storeId,totalSales");
+    sales_e2e::warm(&admin, &path).await;
+    assert_eq!(total_of(&admin.get(&path).await.1, s), 280.0);
+
+    let tag = format!("{}:t:store:{s}:2024-01", db.name);
+    let node = cluster.owner(&tag);
+    let saved = cluster.get(&tag).expect("the tag's counter");
+    assert_eq!(redis_cli(cluster.ports[node], &["save"]).trim(), "OK");
+    // Changed by plain SQL: the relay bumps the tag (not read since).
+    sqlx::query(
+        "UPDATE sales.monthly_sales SET daily_data = '{\"1\": {\"sales\": 7}}' WHERE store_id = $1",
+    )
+    .bind(s)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the relay's bump", || async {
+        (cluster.get(&tag).as_deref() != Some(saved.as_str())).then_some(())
+    })
+    .await;
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill(node);
+        cluster.spawn(node);
+        cluster.wait_ok(&[0, 1, 2]);
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        cluster.get(&tag).as_deref(),
+        Some(saved.as_str()),
+        "the node came back with the snapshot's counter"
+    );
+    // Never the old value (the node is not used again before its restart
+    // is handled), and the cache serves again: the new value from it.
+    eventually(
+        Duration::from_secs(20),
+        "a hit of the value written",
+        || async {
+            let r = admin.req(reqwest::Method::GET, &path).send().await.ok()?;
+            assert_eq!(r.status(), 200);
+            let hit = r.headers().get("x-cache").is_some_and(|v| v == "hit");
+            let body: Value = r.json().await.ok()?;
+            assert_eq!(total_of(&body, s), 7.0, "hit {hit}: {body}");
+            hit.then_some(())
+        },
+    )
+    .await;
+    server.stop().await;
+}
+
+/// A primary killed: its replica takes over, and the instance's cache
+/// comes back (its connection made again when the cluster stays not
+/// wholly reachable through it), with what was cached before made stale.
+#[tokio::test]
+async fn a_replica_taking_over_brings_the_cache_back() {
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let server = cluster_server(&db, &cluster).await;
+    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(&server, Some(&token));
+    let anon = Api::new(&server, None);
+    let (st, body) = admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 28, 10.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    relay_caught_up(&db, &server).await;
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=storeId,totalSales");
+    sales_e2e::warm(&admin, &path).await;
+
+    // The primary of the entry's tag goes away.
+    let tag = format!("{}:t:store:{s}:2024-01", db.name);
+    let node = cluster.owner(&tag);
+    let others: Vec<usize> = (0..cluster.ports.len()).filter(|&i| i != node).collect();
+    let key = tag.clone();
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill(node);
+        wait_for("a replica took over", 30, || {
+            cluster.serving(&key).is_some()
+        });
+        cluster.wait_ok(&others);
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_ne!(cluster.owner(&tag), node, "a replica took over");
+    // Reads answer all along, and hit the cache again.
+    eventually(Duration::from_secs(30), "cache hits again", || async {
+        let r = admin.req(reqwest::Method::GET, &path).send().await.ok()?;
+        assert_eq!(r.status(), 200);
+        (r.headers().get("x-cache").is_some_and(|v| v == "hit")).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "health ok again", || async {
+        let (_, health) = anon.get("/health").await;
+        (health["status"] == "ok").then_some(())
+    })
+    .await;
+    assert_eq!(total_of(&admin.get(&path).await.1, s), 280.0);
     server.stop().await;
     drop(cluster);
 }

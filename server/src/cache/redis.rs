@@ -35,7 +35,19 @@ pub struct RedisCache {
     l1_generation: Arc<AtomicU64>,
     /// The `run_id` of the Redis in use, as last seen (None: not yet).
     run_id: Arc<std::sync::Mutex<Option<String>>>,
+    /// A cluster's primaries (address -> `run_id`), as last seen (None:
+    /// not yet).
+    primaries: Arc<std::sync::Mutex<Option<Primaries>>>,
+    /// The cluster's nodes, to connect again (empty: a single Redis).
+    cluster_urls: Vec<String>,
 }
+
+/// A cluster's primaries: each node's address and `run_id`.
+type Primaries = std::collections::BTreeMap<String, String>;
+
+/// How long a cluster may stay not wholly reachable before its connection
+/// is made again (the client's map of slots may name a node that is gone).
+const CLUSTER_RECONNECT_AFTER: Duration = Duration::from_secs(3);
 
 /// Sets KEYS[1] to ARGV[1] unless it holds a number at least as high.
 const MARK_MAX: &str = "local v = tonumber(redis.call('GET', KEYS[1])) \
@@ -82,6 +94,104 @@ fn random_start() -> u64 {
     rand::random::<u32>() as u64 + 1
 }
 
+/// A connection to the cluster made of `urls`.
+async fn connect_cluster(
+    urls: &[String],
+    timeout: Duration,
+) -> Result<ClusterConnection, redis::RedisError> {
+    redis::cluster::ClusterClient::builder(urls.to_vec())
+        .connection_timeout(timeout.max(Duration::from_millis(500)))
+        .response_timeout(timeout)
+        .build()?
+        .get_async_connection()
+        .await
+}
+
+/// The cluster's primaries, when the cluster is whole: its state is `ok`
+/// and every primary that serves slots (`cluster_size` of them) answered
+/// `INFO` through this connection. The client sends a command for every
+/// primary only to those it holds a connection to, so a node that went
+/// away (before a replica takes its place) or a map of slots that still
+/// names it shows as fewer answers. Err says what is missing.
+async fn cluster_primaries(cc: &mut ClusterConnection) -> Result<Primaries, String> {
+    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+    let by_node = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::Special),
+    ));
+    // Every primary this connection reaches says the cluster is whole, and
+    // how many primaries serve slots.
+    let mut info = redis::cmd("CLUSTER");
+    info.arg("INFO");
+    let states = answers_by_node(
+        cc.route_command(&info, by_node.clone())
+            .await
+            .map_err(|e| e.to_string())?,
+    )?;
+    let mut size = 0;
+    for (node, state) in &states {
+        let field = |name: &str| {
+            state
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("cluster_state") != Some("ok") {
+            return Err(format!(
+                "{node} says the cluster state is {}",
+                field("cluster_state").unwrap_or("unknown")
+            ));
+        }
+        size = size.max(
+            field("cluster_size")
+                .and_then(|v| v.parse().ok())
+                .ok_or("CLUSTER INFO has no cluster_size")?,
+        );
+    }
+    let mut server = redis::cmd("INFO");
+    server.arg("server");
+    let answers = answers_by_node(
+        cc.route_command(&server, by_node)
+            .await
+            .map_err(|e| e.to_string())?,
+    )?;
+    let mut out = Primaries::new();
+    for (node, answer) in answers {
+        let run_id = run_id_of(&answer).ok_or("INFO server without run_id")?;
+        out.insert(node, run_id);
+    }
+    if out.is_empty() || out.len() < size {
+        return Err(format!(
+            "{} of the cluster's {size} primaries answered",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// A command's answers from several nodes, by node address.
+fn answers_by_node(v: redis::Value) -> Result<Vec<(String, String)>, String> {
+    let redis::Value::Map(pairs) = v else {
+        return Err("the answers did not come back by node".into());
+    };
+    pairs
+        .into_iter()
+        .map(|(node, answer)| {
+            Ok((
+                redis::from_redis_value(&node).map_err(|e| e.to_string())?,
+                redis::from_redis_value(&answer).map_err(|e| e.to_string())?,
+            ))
+        })
+        .collect()
+}
+
+/// Whether `now` has a primary `before` did not (a replica took over, or
+/// a node was added) or one whose `run_id` changed (it restarted, maybe
+/// from an older snapshot).
+fn primaries_changed(before: &Primaries, now: &Primaries) -> bool {
+    now.iter().any(|(node, id)| before.get(node) != Some(id))
+}
+
 /// How long tag counters live (see `RedisCache::tag_ttl`).
 pub fn tag_ttl(entry_ttl: Duration) -> Duration {
     (entry_ttl * 2).max(Duration::from_secs(24 * 3600))
@@ -108,14 +218,9 @@ impl RedisCache {
             let mut warned = false;
             loop {
                 let attempt: Result<Conn, redis::RedisError> = if !cluster_urls.is_empty() {
-                    match redis::cluster::ClusterClient::builder(cluster_urls.clone())
-                        .connection_timeout(timeout.max(Duration::from_millis(500)))
-                        .response_timeout(timeout)
-                        .build()
-                    {
-                        Ok(c) => c.get_async_connection().await.map(Conn::Cluster),
-                        Err(e) => Err(e),
-                    }
+                    connect_cluster(&cluster_urls, timeout)
+                        .await
+                        .map(Conn::Cluster)
                 } else {
                     let cfg = ConnectionManagerConfig::new()
                         .set_connection_timeout(timeout.max(Duration::from_millis(500)))
@@ -159,6 +264,8 @@ impl RedisCache {
             tag_ttl: tag_ttl(config.cache_ttl),
             l1_generation,
             run_id: Default::default(),
+            primaries: Default::default(),
+            cluster_urls: config.redis_cluster_urls.clone(),
         };
         cache.watch_restarts(format!("{}:t:all", config.cache_prefix));
         cache
@@ -178,7 +285,11 @@ impl RedisCache {
         let (timeout, ttl) = (self.timeout, self.tag_ttl);
         let (degraded, l1_generation) = (self.degraded.clone(), self.l1_generation.clone());
         let seen = self.run_id.clone();
+        let (seen_primaries, urls) = (self.primaries.clone(), self.cluster_urls.clone());
+        let last_error = self.last_error.clone();
         tokio::spawn(async move {
+            // Since when the cluster has not been whole (None: it is).
+            let mut broken_since: Option<Instant> = None;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if Arc::strong_count(&conn) == 1 {
@@ -190,14 +301,52 @@ impl RedisCache {
                 let single = match c.clone() {
                     Conn::Single(s) => s,
                     Conn::Cluster(mut cc) => {
-                        // A cluster's nodes each have their own `run_id`:
-                        // only whether it answers is watched.
-                        let cmd = redis::cmd("PING");
-                        let ping = cmd.query_async::<String>(&mut cc);
-                        if let Ok(Ok(_)) = tokio::time::timeout(timeout, ping).await {
-                            if degraded.swap(false, Ordering::Relaxed) {
-                                tracing::info!("redis is back; cache enabled");
+                        let bound = timeout.max(Duration::from_millis(500));
+                        let found = tokio::time::timeout(bound, cluster_primaries(&mut cc))
+                            .await
+                            .unwrap_or_else(|_| Err("timed out".into()));
+                        let now = match found {
+                            Ok(p) => p,
+                            Err(why) => {
+                                // Not whole: no read waits on it meanwhile.
+                                *last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(why.clone());
+                                if !degraded.swap(true, Ordering::Relaxed) {
+                                    tracing::warn!(error = %why, "redis cluster not wholly reachable; serving from Postgres");
+                                }
+                                let since = *broken_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= CLUSTER_RECONNECT_AFTER {
+                                    // A fresh connection reads the slots
+                                    // anew (a replica that took over).
+                                    if let Ok(Ok(fresh)) =
+                                        tokio::time::timeout(bound, connect_cluster(&urls, timeout))
+                                            .await
+                                    {
+                                        *conn.write().await = Some(Conn::Cluster(fresh));
+                                        tracing::info!("redis cluster connected again");
+                                    }
+                                    broken_since = Some(Instant::now());
+                                }
+                                continue;
                             }
+                        };
+                        broken_since = None;
+                        let before = seen_primaries
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        if before.as_ref().is_some_and(|b| primaries_changed(b, &now)) {
+                            let bump = bump_call(&[tag_all.as_str()], ttl);
+                            let done = bump.invoke_async::<i64>(&mut cc);
+                            if !matches!(tokio::time::timeout(bound, done).await, Ok(Ok(_))) {
+                                continue;
+                            }
+                            l1_generation.fetch_add(1, Ordering::AcqRel);
+                            tracing::warn!("a redis cluster primary restarted or was replaced; every cache entry made stale");
+                        }
+                        *seen_primaries.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+                        if degraded.swap(false, Ordering::Relaxed) {
+                            tracing::info!("redis is back; cache enabled");
                         }
                         continue;
                     }
@@ -396,8 +545,23 @@ impl RedisCache {
     /// here on is noticed (see `watch_restarts`).
     pub async fn note_run_id(&self) -> Result<(), ()> {
         if self.cluster {
-            // Not watched for a cluster (see `watch_restarts`); it answers?
-            return self.run::<String>(&redis::cmd("PING")).await.map(|_| ());
+            let Some(Conn::Cluster(mut cc)) = self.usable().await else {
+                return Err(());
+            };
+            let bound = self.timeout.max(Duration::from_millis(500));
+            let found = tokio::time::timeout(bound, cluster_primaries(&mut cc))
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
+            return match found {
+                Ok(p) => {
+                    *self.primaries.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+                    Ok(())
+                }
+                Err(why) => {
+                    self.fail(&why);
+                    Err(())
+                }
+            };
         }
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server");
