@@ -940,10 +940,12 @@ impl<'a> Num<'a> {
     /// `2.50e1`; `int8_numeric` would store it without one) that fits an
     /// `i64`. None for any other number.
     pub fn scaled_integer(self) -> Option<i64> {
-        let mut d = self.decode();
-        if d.dscale == 0 {
+        // Most numbers have no scale: told by the header alone.
+        let (n_words, word) = self.words();
+        if Header::from_words(n_words, word).ok()?.dscale == 0 {
             return None;
         }
+        let mut d = self.decode();
         // Whole: no base-10000 digit after the point (trailing zero digits
         // are stripped), which `to_i64` checks once the scale is gone.
         d.dscale = 0;

@@ -280,6 +280,10 @@ impl RedisCache {
     /// The same check is the probe that ends an outage: while Redis is
     /// marked unavailable, requests do not wait on it (they miss at once),
     /// and the first answer here marks it available again.
+    ///
+    /// A cluster is checked node by node (see [`cluster_primaries`]): each
+    /// primary's `run_id`, and that the cluster is whole; not whole for
+    /// [`CLUSTER_RECONNECT_AFTER`], its connection is made again.
     fn watch_restarts(&self, tag_all: String) {
         let conn = self.conn.clone();
         let (timeout, ttl) = (self.timeout, self.tag_ttl);
