@@ -51,6 +51,10 @@ pub struct Replica {
     pub min_lsn: Arc<AtomicU64>,
 }
 
+/// How long a read waits for the replica's connection and its answer to
+/// whether it has replayed far enough, before going to the primary.
+const REPLICA_CHECK: Duration = Duration::from_millis(500);
+
 impl Replica {
     fn start(url: &str, config: &Config) -> anyhow::Result<Self> {
         let pool = db::lazy_pool_for(url, config).context("DATABASE_REPLICA_URL")?;
@@ -124,6 +128,12 @@ impl AppState {
         let replica = match &config.database_replica_url {
             Some(url) => {
                 let r = Replica::start(url, &config)?;
+                // Whatever was committed before this instance started (its
+                // own writes before a restart, what the start-up catch-up
+                // invalidates) is read from the replica only once it has
+                // replayed it: the floor starts at the primary's position,
+                // not at 0.
+                db::write::raise_read_floor(&pool, &r.min_lsn).await;
                 r.wait_up(Duration::from_secs(2)).await;
                 Some(r)
             }
@@ -276,6 +286,16 @@ impl AppState {
         }
     }
 
+    /// Raises the replica read floor to the primary's current position:
+    /// before a cache clear, so that what is read to fill the cache again
+    /// is not older than what the clear was for (a change made by hand,
+    /// which the replica may not have replayed yet).
+    pub async fn raise_read_floor(&self) {
+        if let Some(r) = &self.replica {
+            db::write::raise_read_floor(&self.pool, &r.min_lsn).await;
+        }
+    }
+
     /// Publishes a committed write: raises the replica read floor, then
     /// invalidates the cache (see [`db::Changes::publish`]).
     pub async fn publish(&self, changes: db::Changes) {
@@ -293,17 +313,31 @@ impl AppState {
             if r.up.load(Ordering::Relaxed) {
                 let min = db::format_lsn(r.min_lsn.load(Ordering::Relaxed));
                 if let Ok(Ok(mut conn)) =
-                    tokio::time::timeout(Duration::from_millis(500), r.pool.acquire()).await
+                    tokio::time::timeout(REPLICA_CHECK, r.pool.acquire()).await
                 {
-                    let caught_up: Result<bool, _> = sqlx::query_scalar(
-                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
+                    // Bounded: a replica that stopped answering (a hung
+                    // host) held the read, and an export its slot, for as
+                    // long as the client waited.
+                    let caught_up = tokio::time::timeout(
+                        REPLICA_CHECK,
+                        sqlx::query_scalar::<_, bool>(
+                            "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
+                        )
+                        .bind(&min)
+                        .fetch_one(&mut *conn),
                     )
-                    .bind(&min)
-                    .fetch_one(&mut *conn)
                     .await;
-                    if let Ok(true) = caught_up {
-                        r.reads.fetch_add(1, Ordering::Relaxed);
-                        return Ok(conn);
+                    match caught_up {
+                        Ok(Ok(true)) => {
+                            r.reads.fetch_add(1, Ordering::Relaxed);
+                            return Ok(conn);
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            // Left mid-query: not given to anyone again.
+                            conn.close_on_drop();
+                            r.up.store(false, Ordering::Relaxed);
+                        }
                     }
                 }
             }

@@ -192,3 +192,135 @@ async fn a_replica_url_that_is_not_in_recovery_is_not_read_from() {
     assert!(!state.up.load(std::sync::atomic::Ordering::Relaxed));
     server.stop().await;
 }
+
+/// Waits (bounded) until the replica's replay is paused (a pause is asked
+/// for, and takes effect at the next record).
+async fn replay_paused(replica_url: &str) {
+    eventually(Duration::from_secs(10), "replay paused", || async {
+        let mut c = sqlx::PgConnection::connect(replica_url).await.ok()?;
+        let state: String = sqlx::query_scalar("SELECT pg_get_wal_replay_pause_state()")
+            .fetch_one(&mut c)
+            .await
+            .ok()?;
+        (state == "paused").then_some(())
+    })
+    .await;
+}
+
+/// Nothing a read could miss is read from the replica: what was committed
+/// before the server started (its floor began at 0, so a paused replica
+/// was read from and its answer cached), what a cache clear is for (a
+/// change by hand, with no event: the refill came from the replica), and a
+/// write committed asynchronously (`synchronous_commit = off`: the floor
+/// was the primary's WAL write position, which can be short of the commit).
+#[tokio::test]
+async fn nothing_the_replica_has_not_replayed_is_read_from_it() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    sqlx::query(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = off",
+        db.name
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let replica = PgReplica::start();
+    let replica_url = replica.url_for(&db);
+    let mut standby = eventually(Duration::from_secs(30), "the replica answers", || async {
+        sqlx::PgConnection::connect(&replica_url).await.ok()
+    })
+    .await;
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    replay_paused(&replica_url).await;
+    // Written before the server starts; the replica does not have it.
+    let batch = json!([month(s, 2024, 1, 10, 10.0)]);
+    sqlx::query("SELECT sales.batch_upsert($1)")
+        .bind(&batch)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let server = db
+        .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    for _ in 0..2 {
+        let (st, body) = api.get(&path).await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(
+            body["data"][0]["totalSales"].as_f64(),
+            Some(100.0),
+            "{body}"
+        );
+    }
+
+    // The replica catches up, and stops replaying again.
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    let primary_lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the replica caught up", || async {
+        let mut c = sqlx::PgConnection::connect(&replica_url).await.ok()?;
+        let done: bool = sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+            .bind(&primary_lsn)
+            .fetch_one(&mut c)
+            .await
+            .ok()?;
+        done.then_some(())
+    })
+    .await;
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    replay_paused(&replica_url).await;
+    // Read from the replica now (caught up), then changed by hand with no
+    // event, and the cache cleared.
+    sqlx::raw_sql(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         UPDATE sales.monthly_sales SET daily_data = '{{\"1\": {{\"sales\": 7}}}}', total_sales = 7
+         WHERE store_id = {s};
+         COMMIT;"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (st, body) = api.post("/api/admin/cache/clear", &json!({})).await;
+    assert_eq!(st, 200, "{body}");
+    for _ in 0..2 {
+        let (_, body) = api.get(&path).await;
+        assert_eq!(body["data"][0]["totalSales"].as_f64(), Some(7.0), "{body}");
+    }
+
+    // Replaying again: each asynchronous write is read back at once.
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    for v in 1..=10 {
+        let (st, body) = api
+            .post(
+                "/api/v2/sales/batch",
+                &json!({"mode": "replace", "salesDataArray": [
+                    {"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": v}}}]}),
+            )
+            .await;
+        assert_eq!(st, 200, "{body}");
+        let (_, body) = api.get(&path).await;
+        assert_eq!(
+            body["data"][0]["totalSales"].as_f64(),
+            Some(v as f64),
+            "write {v}: {body}"
+        );
+    }
+    server.stop().await;
+}

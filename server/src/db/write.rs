@@ -101,9 +101,13 @@ impl Changes {
     }
 }
 
-/// Moves `floor` up to the primary's current WAL position.
+/// Moves `floor` up to the primary's current WAL insert position: past
+/// every commit made so far, an asynchronous one (`synchronous_commit =
+/// off`) included, whose commit record may not be written out yet (the
+/// write position, `pg_current_wal_lsn()`, can be short of it, and a
+/// replica that had replayed that far was read from without the change).
 pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
-    if let Ok(lsn) = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+    if let Ok(lsn) = sqlx::query_scalar::<_, String>(READ_FLOOR_SQL)
         .fetch_one(pool)
         .await
     {
@@ -112,6 +116,9 @@ pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
         }
     }
 }
+
+/// The position [`raise_read_floor`] raises the floor to.
+pub const READ_FLOOR_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
 
 /// What [`tx_cache_tags`] reads of the current transaction's events.
 ///

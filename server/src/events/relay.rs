@@ -350,7 +350,24 @@ async fn listen_session(
                 // first level empty.
                 let now = chrono::Utc::now().timestamp_millis();
                 match replays.open(n.payload(), now) {
-                    Ok(_) => deps.invalidator.drop_first_level(),
+                    Ok(_) => {
+                        // Refilled from the replica only once it has
+                        // replayed what the clear was for.
+                        if let Some(floor) = &deps.lsn_floor {
+                            let lsn =
+                                sqlx::query_scalar::<_, String>(crate::db::write::READ_FLOOR_SQL)
+                                    .fetch_one(&mut listener)
+                                    .await;
+                            match lsn.map(|l| crate::db::parse_lsn(&l)) {
+                                Ok(Some(v)) => {
+                                    floor.fetch_max(v, Ordering::Relaxed);
+                                }
+                                Ok(None) => {}
+                                Err(e) => return e.to_string(),
+                            }
+                        }
+                        deps.invalidator.drop_first_level()
+                    }
                     Err(why) => tracing::debug!(
                         why,
                         sender_pid = n.process_id(),

@@ -240,6 +240,9 @@ impl AdminApi {
                 Some(ClearTag::parse(t.trim()).map_err(|why| ApiError::bad_param("tag", why))?)
             }
         };
+        // What fills the cache again is not read from a replica that has
+        // not replayed what the clear is for.
+        self.state.raise_read_floor().await;
         match &tag {
             Some(ClearTag::Store(store)) => {
                 // Everything of the store: its lists, its documents, each
