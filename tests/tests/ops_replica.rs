@@ -324,3 +324,119 @@ async fn nothing_the_replica_has_not_replayed_is_read_from_it() {
     }
     server.stop().await;
 }
+
+/// The replica's processes stopped (SIGSTOP: a hung host) and continued
+/// again on drop, whatever the test's outcome.
+struct Frozen(Vec<String>);
+
+impl Frozen {
+    fn replica(replica: &PgReplica) -> Self {
+        let pid = std::fs::read_to_string(replica.dir.join("postmaster.pid"))
+            .expect("postmaster.pid")
+            .lines()
+            .next()
+            .expect("pid line")
+            .trim()
+            .to_string();
+        let children = std::process::Command::new("pgrep")
+            .args(["-P", &pid])
+            .output()
+            .expect("pgrep");
+        let mut pids = vec![pid];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty()),
+        );
+        let ok = std::process::Command::new("kill")
+            .arg("-STOP")
+            .args(&pids)
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "could not stop {pids:?}");
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-CONT")
+            .args(&self.0)
+            .status();
+    }
+}
+
+/// A replica that stops answering without closing its connections (a hung
+/// host) sends reads to the primary: asking whether it has replayed far
+/// enough is bounded. The read waited for as long as the client did.
+#[tokio::test]
+async fn a_replica_that_stops_answering_sends_reads_to_the_primary() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let replica = PgReplica::start();
+    let replica_url = replica.url_for(&db);
+    let server = db
+        .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
+        .await;
+    let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
+    let api = Api::new(&server, Some(&token));
+    let (st, body) = api
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 10, 10.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // A read served by the replica: its pool keeps the connection.
+    let metric = |name: &'static str| {
+        let url = server.url("/metrics");
+        async move {
+            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
+            m.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "a read from the replica",
+        || async {
+            let (st, _) = api
+                .get(&format!(
+                    "/api/v2/sales?storeId={s}&limit={}",
+                    1 + rand_offset() % 100
+                ))
+                .await;
+            assert_eq!(st, 200);
+            (metric("db_replica_reads_total ").await? >= 1.0).then_some(())
+        },
+    )
+    .await;
+
+    let frozen = Frozen::replica(&replica);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    for limit in [3, 4] {
+        let r = client
+            .get(server.url(&format!(
+                "/api/v2/sales?storeId={s}&limit={limit}&fields=totalSales"
+            )))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("answered while the replica hangs");
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["data"][0]["totalSales"].as_f64(),
+            Some(100.0),
+            "{body}"
+        );
+    }
+    drop(frozen);
+    server.stop().await;
+}
