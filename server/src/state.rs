@@ -55,45 +55,93 @@ pub struct Replica {
 /// whether it has replayed far enough, before going to the primary.
 const REPLICA_CHECK: Duration = Duration::from_millis(500);
 
+/// What the replica check found of the server `DATABASE_REPLICA_URL` names.
+#[derive(Debug, Clone, PartialEq)]
+enum Follows {
+    /// A standby of this primary: read from.
+    Yes,
+    /// Not in recovery (a promoted or detached replica, or a primary).
+    NotInRecovery,
+    /// In recovery, but of another primary or another timeline: its event
+    /// log's epoch (`sales.event_log_epoch()`: the log's identity and the
+    /// WAL timeline) is not the primary's.
+    Other { replica: String, primary: String },
+    /// Did not answer (the reason).
+    Unreachable(String),
+}
+
+/// Whether the server behind `replica` is a standby that follows `primary`.
+async fn follows(replica: &PgPool, primary: &PgPool) -> Follows {
+    let check = async {
+        let (recovering, theirs): (bool, Option<String>) =
+            sqlx::query_as("SELECT pg_is_in_recovery(), sales.event_log_epoch()")
+                .fetch_one(replica)
+                .await?;
+        if !recovering {
+            return Ok::<_, sqlx::Error>(Follows::NotInRecovery);
+        }
+        let ours: Option<String> = sqlx::query_scalar("SELECT sales.event_log_epoch()")
+            .fetch_one(primary)
+            .await?;
+        Ok(if theirs == ours {
+            Follows::Yes
+        } else {
+            Follows::Other {
+                replica: theirs.unwrap_or_default(),
+                primary: ours.unwrap_or_default(),
+            }
+        })
+    };
+    match tokio::time::timeout(Duration::from_millis(800), check).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => Follows::Unreachable(e.to_string()),
+        Err(_) => Follows::Unreachable("no answer within 800 ms".into()),
+    }
+}
+
 impl Replica {
-    fn start(url: &str, config: &Config) -> anyhow::Result<Self> {
+    fn start(url: &str, config: &Config, primary: PgPool) -> anyhow::Result<Self> {
         let pool = db::lazy_pool_for(url, config).context("DATABASE_REPLICA_URL")?;
         let up = Arc::new(AtomicBool::new(false));
         let (p, flag) = (pool.clone(), up.clone());
         tokio::spawn(async move {
-            // None: unreachable; Some(false): answers but is not in
-            // recovery (a promoted or detached replica, or a primary), so it
-            // does not follow this primary's writes and never is a replica
-            // to read from.
-            let mut was: Option<Option<bool>> = None;
+            let mut was: Option<Follows> = None;
             loop {
-                let state = tokio::time::timeout(
-                    Duration::from_millis(800),
-                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&p),
-                )
-                .await
-                .ok()
-                .and_then(Result::ok);
-                let ok = state == Some(true);
+                let state = follows(&p, &primary).await;
+                let ok = state == Follows::Yes;
                 flag.store(ok, Ordering::Relaxed);
-                if was != Some(state) {
-                    match state {
-                        Some(true) => tracing::info!(
+                // Logged when it changes (an unreachable replica's reason
+                // only when the kind of state changes).
+                let changed = match (&was, &state) {
+                    (Some(Follows::Unreachable(_)), Follows::Unreachable(_)) => false,
+                    (Some(w), s) => w != s,
+                    (None, _) => true,
+                };
+                if changed {
+                    match &state {
+                        Follows::Yes => tracing::info!(
                             "read replica reachable; list, summary and export reads go to it"
                         ),
-                        Some(false) => tracing::warn!(
+                        Follows::NotInRecovery => tracing::warn!(
                             "DATABASE_REPLICA_URL names a server that is not in recovery (a \
                              promoted or detached replica, or a primary): it does not follow \
                              this primary's writes; reads go to the primary"
                         ),
-                        None => {
-                            tracing::warn!(
-                                "read replica unreachable; reads fall back to the primary"
-                            )
-                        }
+                        Follows::Other { replica, primary } => tracing::warn!(
+                            replica_epoch = %replica,
+                            primary_epoch = %primary,
+                            "DATABASE_REPLICA_URL names a standby that does not follow this \
+                             primary (another timeline, or a copy of another database); reads \
+                             go to the primary (a standby of a newly promoted primary is read \
+                             from again once its next restartpoint records the new timeline)"
+                        ),
+                        Follows::Unreachable(why) => tracing::warn!(
+                            error = %why,
+                            "read replica unreachable; reads fall back to the primary"
+                        ),
                     }
-                    was = Some(state);
                 }
+                was = Some(state);
                 if p.is_closed() {
                     return;
                 }
@@ -127,7 +175,7 @@ impl AppState {
         cache.wait_ready(std::time::Duration::from_secs(2)).await;
         let replica = match &config.database_replica_url {
             Some(url) => {
-                let r = Replica::start(url, &config)?;
+                let r = Replica::start(url, &config, pool.clone())?;
                 // Whatever was committed before this instance started (its
                 // own writes before a restart, what the start-up catch-up
                 // invalidates) is read from the replica only once it has

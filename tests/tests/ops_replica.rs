@@ -440,3 +440,65 @@ async fn a_replica_that_stops_answering_sends_reads_to_the_primary() {
     drop(frozen);
     server.stop().await;
 }
+
+/// The value of a metric line `name value` on `/metrics`.
+async fn metric(server: &sales_server::RunningServer, name: &str) -> Option<f64> {
+    let m = reqwest::get(server.url("/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A standby whose event log is not the primary's is not read from: its
+/// epoch (`sales.event_log_epoch()`, the log's identity and the WAL
+/// timeline) differs after a promotion it follows (another timeline) or in
+/// a copy of another database; here the primary's log is given a new
+/// identity while the standby does not replay. It was read from whenever it
+/// was in recovery and had replayed past the floor, comparing positions of
+/// unrelated WAL histories.
+#[tokio::test]
+async fn a_standby_of_another_log_is_not_read_from() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let replica = PgReplica::start();
+    let replica_url = replica.url_for(&db);
+    let server = db
+        .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
+        .await;
+    eventually(Duration::from_secs(30), "the replica is up", || async {
+        (metric(&server, "db_replica_up").await? == 1.0).then_some(())
+    })
+    .await;
+    let mut standby = sqlx::PgConnection::connect(&replica_url).await.unwrap();
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    replay_paused(&replica_url).await;
+    sqlx::query("UPDATE sales.event_log_identity SET epoch = gen_random_uuid()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the replica is not read from",
+        || async { (metric(&server, "db_replica_up").await? == 0.0).then_some(()) },
+    )
+    .await;
+    // Once it has replayed the new identity, it is the primary's log again.
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the replica is up again",
+        || async { (metric(&server, "db_replica_up").await? == 1.0).then_some(()) },
+    )
+    .await;
+    server.stop().await;
+}
