@@ -48,7 +48,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("db_pool_max_connections", "Most connections the primary's pool may hold (DB_POOL_MAX)."),
     ("db_replica_up", "1 while the replica answers reads, 0 while they go to the primary."),
     ("db_replica_reads_total", "Reads answered by the replica."),
-    ("db_replica_fallbacks_total", "Reads sent to the primary because the replica failed."),
+    ("db_replica_fallbacks_total", "Reads sent to the primary because the replica was down, did not follow this primary, or had not replayed far enough (lag)."),
     ("db_replica_pool_connections", "Connections the replica's pool holds."),
     ("cache_hits_total", "Cache lookups answered from the cache (either level)."),
     ("cache_misses_total", "Cache lookups answered from Postgres."),
