@@ -57,10 +57,14 @@ pub fn invisible(c: char) -> bool {
         | '\u{E0000}'..='\u{E0FFF}')
 }
 
-/// A character no store name or region holds: a control (C0, DEL, C1)
-/// or a line or paragraph separator.
+/// A character no store name or region holds: a control (C0, DEL, C1),
+/// a line or paragraph separator, or a bidirectional embedding, override
+/// or isolate control (U+202A..U+202E, U+2066..U+2069), which makes what
+/// follows it on a line read in another direction (a name holding U+202E
+/// showed the figures after it reversed in a list).
 pub fn breaks_text(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Whether a reader sees nothing of `s`: blanks and characters that show

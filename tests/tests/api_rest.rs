@@ -1973,6 +1973,9 @@ async fn blank_store_names_and_regions_name_the_field() {
         ("x\u{85}y", "North", "name"),
         ("Shop", "No\u{2028}rth", "region"),
         ("Shop", "No\u{2029}rth", "region"),
+        // Direction overrides and isolates: the rest of a line reads reversed.
+        ("\u{202e}evil reversed name", "North", "name"),
+        ("Shop", "No\u{2067}rth", "region"),
         ("\u{200b}\u{200b}", "North", "name"),
         ("Shop", "\u{feff} \u{2060}", "region"),
     ] {

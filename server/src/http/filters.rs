@@ -154,7 +154,7 @@ fn check_region_chars(r: &str) -> ApiResult<()> {
     if r.chars().any(breaks_text) {
         return Err(ApiError::bad_param(
             "region",
-            "must not contain control characters or line separators",
+            "must not contain control characters, line separators or direction overrides",
         ));
     }
     Ok(())

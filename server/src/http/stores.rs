@@ -86,13 +86,13 @@ pub struct CreateStore {
     #[oai(validator(
         min_length = 1,
         max_length = 200,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+$"
     ))]
     pub name: String,
     #[oai(validator(
         min_length = 1,
         max_length = 100,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+$"
     ))]
     pub region: String,
     pub status: Option<StoreStatus>,
@@ -105,13 +105,13 @@ pub struct UpdateStore {
     #[oai(validator(
         min_length = 1,
         max_length = 200,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+$"
     ))]
     pub name: Option<String>,
     #[oai(validator(
         min_length = 1,
         max_length = 100,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]+$"
     ))]
     pub region: Option<String>,
 }
@@ -406,7 +406,7 @@ fn not_blank(field: &str, value: Option<&String>) -> ApiResult<()> {
     if v.chars().any(crate::http::filters::breaks_text) {
         return Err(ApiError::bad_param(
             field,
-            "must not contain control characters or line separators",
+            "must not contain control characters, line separators or direction overrides",
         ));
     }
     if crate::http::filters::shows_nothing(v) {
