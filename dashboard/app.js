@@ -13,8 +13,16 @@
 // the session, so the next user never sees the previous one's.
 // Sessions: a short access token and a rotating refresh token; the page
 // refreshes before the access token expires, after a 401 (once) and when the
-// socket is closed because the user's access changed (4012). Admins get a
-// users panel (list, add, disable, delete), kept current by the `admin` channel.
+// socket is closed because the user's access changed (4012), and once after
+// a socket that failed to open (its upgrade may have been refused). The
+// refresh cookie is the browser's, shared by every tab: refreshes take turns
+// across tabs (Web Locks) and hand the new token to the other tabs of the
+// same session (BroadcastChannel); a refresh answering another user (who
+// signed in in another tab) is not adopted; "Log out" ends the tab's own
+// session by its access token. Failed loads (summaries, analytics, stores)
+// are shown and tried again. Names are isolated (<bdi>) so a direction
+// control in one cannot reorder the rest of its line. Admins get a users
+// panel (list, add, disable, delete), kept current by the `admin` channel.
 'use strict';
 
 (() => {
@@ -27,6 +35,16 @@
   const SILENCE_LIMIT_MS = 50000;
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_MAX_MS = 15000;
+  // Retries of a failed load (summaries, analytics, the store list).
+  const RETRY_BASE_MS = 1000;
+  const RETRY_MAX_MS = 30000;
+  // Every tab of this origin shares the refresh cookie: one refresh at a
+  // time across them (Web Locks), and each new access token is told to the
+  // other tabs of the same session (BroadcastChannel).
+  const REFRESH_LOCK = 'pg_sales_refresh';
+  const SESSION_CHANNEL = 'pg_sales.session';
+  const OTHER_USER_MSG = 'You signed in as another user in another tab; sign in again.';
+  const ENDED_MSG = 'Your session has ended; please sign in again.';
 
   const $ = (id) => document.getElementById(id);
   const svgNS = 'http://www.w3.org/2000/svg';
@@ -39,6 +57,7 @@
     // only for a session that was handed one in a body.
     refreshToken: null,
     cookieSession: false,
+    sessionId: null, // the session (refresh-token family) the token belongs to
     // Moves with every login and logout: a refresh that fails after a new
     // session began must not end the new one.
     sessionGen: 0,
@@ -53,6 +72,12 @@
     byStore: null, // summary rows (groupBy=store); null until loaded
     byRegion: null, // summary rows (groupBy=region); null until loaded
     summaryError: null, // why the summaries could not be loaded
+    summaryRetry: null, // timer of the next try after a failed load
+    summaryFailures: 0,
+    analyticsRetry: null,
+    analyticsFailures: 0,
+    storesRetry: null,
+    storesFailures: 0,
     salesVersions: new Map(), // monthly_sales id -> highest version seen
     lastEventId: null,
     epoch: null, // the event log's epoch lastEventId was read under
@@ -69,6 +94,9 @@
     countdownTimer: null,
     pingTimer: null,
     lastMessageAt: 0,
+    lastTickAt: 0, // when the heartbeat timer last ran
+    silentMs: 0, // silence counted by the heartbeat (see silenceAfterTick)
+    wsRefreshTried: false, // a refresh after a failed connect, once per streak
     refreshTimer: null,
     refreshFirstAt: 0,
     refreshFlash: new Set(),
@@ -101,9 +129,32 @@
     return Number.isFinite(n) ? n : 0;
   }
 
-  function storeLabel(id) {
+  // A name (store, region, code) as the page shows it in a line of text:
+  // isolated, so a direction control in it (say U+202E, right-to-left
+  // override) cannot reorder the rest of the line.
+  function bdi(text) {
+    const b = document.createElement('bdi');
+    b.textContent = String(text ?? '');
+    return b;
+  }
+
+  // "Name (CODE)" as nodes for a line of text.
+  function nameParts(name, code) {
+    return code === undefined || code === null || code === ''
+      ? [bdi(name)]
+      : [bdi(name), ' (', bdi(code), ')'];
+  }
+
+  function storeParts(id) {
     const s = state.stores.get(Number(id));
-    return s ? `${s.name} (${s.code})` : `store ${id}`;
+    return s ? nameParts(s.name, s.code) : [`store ${id}`];
+  }
+
+  // For a string shown on its own (a tooltip): the name between first
+  // strong isolate and pop directional isolate, its own isolate controls
+  // removed so that none can end the isolate early.
+  function isolated(text) {
+    return `\u2068${String(text ?? '').replace(/[\u2066-\u2069]/g, '')}\u2069`;
   }
 
   function el(tag, attrs, ...children) {
@@ -182,6 +233,7 @@
       sessionStorage.setItem(SESSION_KEY, JSON.stringify({
         token: state.token,
         cookieSession: state.cookieSession,
+        sessionId: state.sessionId,
         tokenExpiresAt: state.tokenExpiresAt,
         user: state.user,
       }));
@@ -194,9 +246,57 @@
     state.refreshToken = body.refreshToken || null;
     state.cookieSession = !body.refreshToken;
     state.tokenExpiresAt = Date.now() + (Number(body.expiresIn) || 900) * 1000;
+    state.sessionId = body.sessionId || null;
     state.user = body.user;
     saveSession();
     scheduleTokenRefresh();
+  }
+
+  // Tells the other tabs of this origin the access token a refresh gave:
+  // those of the same user and session take it rather than refresh again.
+  const channel = typeof BroadcastChannel === 'function' ? new BroadcastChannel(SESSION_CHANNEL) : null;
+
+  function announceToken() {
+    if (!channel || !state.user || !state.sessionId) return;
+    channel.postMessage({
+      type: 'refreshed',
+      userId: state.user.id,
+      sessionId: state.sessionId,
+      token: state.token,
+      tokenExpiresAt: state.tokenExpiresAt,
+      user: state.user,
+    });
+  }
+
+  function tokenAnnounced(m) {
+    if (!m || m.type !== 'refreshed' || !state.token || !state.cookieSession || !state.user) return;
+    if (m.userId !== state.user.id || !m.sessionId || m.sessionId !== state.sessionId) return;
+    if (typeof m.token !== 'string' || !(Number(m.tokenExpiresAt) > state.tokenExpiresAt)) return;
+    state.token = m.token;
+    state.tokenExpiresAt = Number(m.tokenExpiresAt);
+    if (m.user && m.user.id === state.user.id) state.user = m.user;
+    saveSession();
+    scheduleTokenRefresh();
+    showUser();
+  }
+
+  // Runs `fn` holding the origin-wide refresh lock, so that two tabs never
+  // present the same refresh cookie at once (that counts as a copied token
+  // and revokes the session). Without Web Locks (an insecure context) it
+  // runs at once.
+  function withRefreshLock(fn) {
+    if (navigator.locks && typeof navigator.locks.request === 'function') {
+      return navigator.locks.request(REFRESH_LOCK, fn);
+    }
+    return fn();
+  }
+
+  // What a refused refresh tells the user: the server's reason, but not the
+  // developer's text of a request with no cookie at all (another tab's
+  // logout removed it).
+  function refreshRefusedMessage(status, msg) {
+    if (status === 400 || status === 401 && /^unknown refresh token/i.test(msg)) return ENDED_MSG;
+    return `Your session has ended (${msg}); please sign in again.`;
   }
 
   // Refreshes a minute before the access token expires.
@@ -213,28 +313,58 @@
     return Boolean(state.refreshToken || state.cookieSession);
   }
 
+  // The refresh request itself (under the lock for a cookie session).
+  function postRefresh(rt) {
+    // A cookie session sends {}: the browser adds the HttpOnly cookie.
+    return fetch('/api/v2/auth/refresh', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      body: JSON.stringify(rt ? { refreshToken: rt } : {}),
+      credentials: 'same-origin',
+      cache: 'no-store',
+    });
+  }
+
+  // The cookie is the browser's, not the tab's: another tab's login puts
+  // its own session (maybe another user's) there. A refresh that answers
+  // another user is not adopted: the tab signs out (and ends its own
+  // session, which it still holds an access token of) without keeping the
+  // other user's token.
   function refreshSession() {
     if (state.refreshing) return state.refreshing;
     if (!canRefresh()) return Promise.reject(new ApiError('no session', 401));
     const rt = state.refreshToken;
     const gen = state.sessionGen;
+    const asked = state.token;
+    const userId = state.user ? state.user.id : undefined;
+    const run = async () => {
+      if (state.sessionGen !== gen) throw new ApiError('the session changed', 0);
+      // Another tab of this session refreshed while this one waited for
+      // the lock, and told this one its token: no second refresh.
+      if (!rt && state.token !== asked && state.tokenExpiresAt - Date.now() > 60000) return state.token;
+      const res = await postRefresh(rt);
+      if (!res.ok) {
+        const msg = await errorMessage(res);
+        // Refused (400, 401, 403) ends the session; a server that cannot
+        // answer now (5xx, 429) does not.
+        if (state.sessionGen === gen && res.status >= 400 && res.status <= 403) {
+          logout(refreshRefusedMessage(res.status, msg));
+        }
+        throw new ApiError(msg, res.status);
+      }
+      const body = await res.json();
+      if (state.sessionGen !== gen) throw new ApiError('the session changed', 0);
+      if (!rt && userId !== undefined && !(body.user && body.user.id === userId)) {
+        logout(OTHER_USER_MSG);
+        throw new ApiError('another user signed in in another tab', 401);
+      }
+      adoptSession(body);
+      if (!rt) announceToken();
+      return state.token;
+    };
     state.refreshing = (async () => {
       try {
-        // A cookie session sends {}: the browser adds the HttpOnly cookie.
-        const res = await fetch('/api/v2/auth/refresh', {
-          method: 'POST',
-          headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
-          body: JSON.stringify(rt ? { refreshToken: rt } : {}),
-          credentials: 'same-origin',
-          cache: 'no-store',
-        });
-        if (!res.ok) {
-          const msg = await errorMessage(res);
-          if (state.sessionGen === gen) logout(`Your session has ended (${msg}); please sign in again.`);
-          throw new ApiError(msg, res.status);
-        }
-        adoptSession(await res.json());
-        return state.token;
+        return await (rt ? run() : withRefreshLock(run));
       } finally {
         state.refreshing = null;
       }
@@ -300,22 +430,58 @@
     }
   }
 
-  function logout(message) {
+  // Ends this tab's session on the server (every instance refuses its
+  // tokens). A cookie session names it by its access token: the cookie may
+  // hold another tab's session (another user's), which is left alone; when
+  // it is this session's, the answer removes it. An expired access token
+  // is refreshed first (`mayRefresh`: a logout the user asked for), if the
+  // cookie still gives this user.
+  async function endServerSession(ended, mayRefresh) {
+    const send = (headers, body) => fetch('/api/v2/auth/logout', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', ...headers },
+      body: JSON.stringify(body),
+      credentials: 'same-origin',
+      keepalive: true,
+    });
+    if (ended.refreshToken) {
+      await send({}, { refreshToken: ended.refreshToken });
+      return;
+    }
+    let token = ended.token;
+    if (ended.tokenExpiresAt - Date.now() < 5000) {
+      if (!mayRefresh) return;
+      token = await withRefreshLock(async () => {
+        const res = await postRefresh(null);
+        if (!res.ok) return null;
+        const body = await res.json();
+        // Only this tab's own session is ended (the cookie may hold another's).
+        const ours = body.user && ended.user && body.user.id === ended.user.id
+          && (!ended.sessionId || body.sessionId === ended.sessionId);
+        return ours ? body.token : null;
+      });
+      if (!token) return;
+    }
+    await send({ Authorization: `Bearer ${token}` }, {});
+  }
+
+  // `opts.endSession`: a logout the user asked for (an expired access
+  // token is refreshed to end the session).
+  function logout(message, opts = {}) {
     const ws = state.ws;
-    if (canRefresh()) {
-      // Ends the session on the server too (every instance refuses its
-      // tokens); for a cookie session the answer also removes the cookie.
-      fetch('/api/v2/auth/logout', {
-        method: 'POST',
-        headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify(state.refreshToken ? { refreshToken: state.refreshToken } : {}),
-        credentials: 'same-origin',
-        keepalive: true,
-      }).catch(() => {});
+    if (canRefresh() && state.token) {
+      endServerSession({
+        refreshToken: state.refreshToken,
+        token: state.token,
+        tokenExpiresAt: state.tokenExpiresAt,
+        user: state.user,
+        sessionId: state.sessionId,
+      }, opts.endSession === true).catch(() => {});
     }
     state.sessionGen += 1;
     state.refreshToken = null;
     state.cookieSession = false;
+    state.sessionId = null;
     state.tokenExpiresAt = 0;
     clearTimeout(state.tokenTimer);
     state.token = null;
@@ -332,6 +498,7 @@
     state.epoch = null;
     state.everConnected = false;
     state.attempt = 0;
+    state.wsRefreshTried = false;
     clearUserData();
     $('session').hidden = true;
     $('reconnect-banner').hidden = true;
@@ -354,6 +521,15 @@
     state.analyticsTimer = null;
     clearTimeout(state.usersTimer);
     state.usersTimer = null;
+    for (const t of ['summaryRetry', 'analyticsRetry', 'storesRetry']) {
+      clearTimeout(state[t]);
+      state[t] = null;
+    }
+    state.summaryFailures = 0;
+    state.analyticsFailures = 0;
+    state.storesFailures = 0;
+    $('stores-error').hidden = true;
+    $('stores-error').textContent = '';
     state.summarySeq += 1;
     state.analyticsSeq += 1;
     state.users = [];
@@ -384,7 +560,7 @@
     renderRegions();
     renderRegionMonths([], analyticsYear(), 'Loading…');
     renderYoy([], analyticsYear());
-    $('yoy-caption').textContent = 'Loading…';
+    yoyNote('Loading…');
   }
 
   function showUser() {
@@ -398,7 +574,7 @@
     showUser();
     $('month').value = state.month;
     $('main').focus();
-    loadStores().then(subscribeAll, () => {});
+    loadStoresAndSubscribe();
     loadSummaries();
     loadAnalytics();
     connect();
@@ -426,6 +602,35 @@
     renderChart();
   }
 
+  // A delay before the next try of a failed load: doubling from a second
+  // to half a minute, with some jitter.
+  function retryDelay(failures) {
+    const exp = Math.min(RETRY_MAX_MS, RETRY_BASE_MS * 2 ** Math.min(failures, 10));
+    return Math.round(exp * (0.8 + Math.random() * 0.4));
+  }
+
+  // The store list, then the subscriptions. A failure is shown in the
+  // Stores card and tried again (backoff) until the list loads.
+  function loadStoresAndSubscribe() {
+    clearTimeout(state.storesRetry);
+    state.storesRetry = null;
+    const gen = state.sessionGen;
+    const shown = $('stores-error');
+    return loadStores().then(() => {
+      state.storesFailures = 0;
+      shown.hidden = true;
+      shown.textContent = '';
+      subscribeAll();
+    }, (e) => {
+      if (gen !== state.sessionGen || !state.token || e.status === 401) return;
+      const delay = retryDelay(state.storesFailures);
+      state.storesFailures += 1;
+      shown.textContent = `Could not load the stores (${e.message}); trying again in ${Math.ceil(delay / 1000)} s.`;
+      shown.hidden = false;
+      state.storesRetry = setTimeout(loadStoresAndSubscribe, delay);
+    });
+  }
+
   function renderStores(flashId) {
     const filter = $('store-filter').value.trim().toLowerCase();
     const list = $('stores');
@@ -438,8 +643,8 @@
       if (filter && !hay.includes(filter)) continue;
       const li = el('li', { 'data-store-id': s.id, 'data-status': s.status },
         el('span', { class: 'store-name' },
-          el('span', { text: s.name }), ' ',
-          el('span', { class: 'store-meta', text: `${s.code} · ${s.region}` })),
+          bdi(s.name), ' ',
+          el('span', { class: 'store-meta' }, bdi(s.code), ' · ', bdi(s.region))),
         el('span', { class: `badge badge-${s.status}`, text: s.status }));
       if (flashId !== undefined && Number(s.id) === Number(flashId)) {
         li.classList.add('flash');
@@ -454,7 +659,10 @@
 
   // ---------- summaries ----------
 
+  // A failed load is shown and tried again (backoff) until it succeeds.
   async function loadSummaries() {
+    clearTimeout(state.summaryRetry);
+    state.summaryRetry = null;
     const seq = ++state.summarySeq;
     const m = state.month;
     const q = `from=${encodeURIComponent(m)}&to=${encodeURIComponent(m)}`;
@@ -467,6 +675,7 @@
       state.byStore = stores.data || [];
       state.byRegion = regions.data || [];
       state.summaryError = null;
+      state.summaryFailures = 0;
       const flash = state.refreshFlash;
       state.refreshFlash = new Set();
       renderChart(flash);
@@ -480,6 +689,9 @@
         renderRegions();
       }
       $('chart-caption').textContent = state.summaryError;
+      const delay = retryDelay(state.summaryFailures);
+      state.summaryFailures += 1;
+      state.summaryRetry = setTimeout(loadSummaries, delay);
     }
   }
 
@@ -538,18 +750,31 @@
       shown.forEach((r, i) => {
         const value = num(r.totalSales);
         const y = top + i * rowH;
-        const name = r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key);
+        const known = state.stores.get(Number(r.key));
+        const storeName = r.storeName ? r.storeName : known ? known.name : `store ${r.key}`;
+        const storeCode = r.storeName ? r.storeCode : known ? known.code : '';
+        const name = storeCode ? `${storeName} (${storeCode})` : storeName;
         // Cut between characters as the reader sees them (grapheme
         // clusters): never inside an emoji sequence, a flag or a letter
         // with its accent.
         const chars = graphemes(name);
-        const label = chars.length > maxChars ? `${chars.slice(0, maxChars - 1).join('')}…` : name;
+        const cut = chars.length > maxChars;
+        const kept = cut ? chars.slice(0, maxChars - 1) : chars;
+        // The store's name in an isolating tspan: a direction control in
+        // it stays inside (the code and the cut's ellipsis stay in place).
+        const inName = Math.min(graphemes(storeName).length, kept.length);
+        const label = () => {
+          const t = svg('tspan', { class: 'isolate name' }, kept.slice(0, inName).join(''));
+          return [t, `${kept.slice(inName).join('')}${cut ? '…' : ''}`];
+        };
         const w = Math.max(value > 0 ? 2 : 0, Math.round((value / max) * barMax));
         const g = svg('g', { class: 'row', 'data-store-id': r.key, 'data-value': String(value) });
-        g.append(svg('title', {}, `${name}: ${nf2.format(value)} sales, ${nf0.format(num(r.totalCustomers))} customers`));
-        g.append(narrow
-          ? svg('text', { class: 'label above', x: x0, y: y + 15, 'text-anchor': 'start' }, label)
-          : svg('text', { class: 'label', x: labelW - 6, y: y + 17, 'text-anchor': 'end' }, label));
+        g.append(svg('title', {}, `${isolated(storeName)}${storeCode ? ` (${storeCode})` : ''}: ${nf2.format(value)} sales, ${nf0.format(num(r.totalCustomers))} customers`));
+        const labelEl = narrow
+          ? svg('text', { class: 'label above', x: x0, y: y + 15, 'text-anchor': 'start' })
+          : svg('text', { class: 'label', x: labelW - 6, y: y + 17, 'text-anchor': 'end' });
+        labelEl.append(...label());
+        g.append(labelEl);
         const bar = svg('rect', { class: 'bar', x: x0, y: y + barY, width: w, height: barH, rx: 3, 'data-value': String(value) });
         if (flash && flash.has(String(r.key))) {
           bar.classList.add('flash');
@@ -574,7 +799,7 @@
       : none;
     const tbody = $('chart-table').tBodies[0];
     tbody.replaceChildren(...rows.map((r) => el('tr', {},
-      el('th', { scope: 'row', text: r.storeName ? `${r.storeName} (${r.storeCode})` : storeLabel(r.key) }),
+      el('th', { scope: 'row' }, ...(r.storeName ? nameParts(r.storeName, r.storeCode) : storeParts(r.key))),
       el('td', { class: 'num', text: nf2.format(num(r.totalSales)) }),
       el('td', { class: 'num', text: nf0.format(num(r.totalCustomers)) }))));
   }
@@ -588,7 +813,7 @@
     body.replaceChildren(...rows.map((r) => {
       const share = total > 0 ? (num(r.totalSales) / total) * 100 : 0;
       const tr = el('tr', { 'data-region': r.key, 'data-value': String(num(r.totalSales)) },
-        el('th', { scope: 'row' }, r.key,
+        el('th', { scope: 'row' }, bdi(r.key),
           el('span', { class: 'share', style: { width: `${share.toFixed(1)}%` }, 'aria-hidden': 'true' })),
         el('td', { class: 'num', text: nf0.format(num(r.totalSales)) }),
         el('td', { class: 'num', text: nf0.format(num(r.totalCustomers)) }),
@@ -624,6 +849,8 @@
   async function loadAnalytics() {
     clearTimeout(state.analyticsTimer);
     state.analyticsTimer = null;
+    clearTimeout(state.analyticsRetry);
+    state.analyticsRetry = null;
     const seq = ++state.analyticsSeq;
     const y = analyticsYear();
     try {
@@ -632,14 +859,18 @@
         api(`/api/v2/sales/summary?groupBy=month&metrics=totalSales&from=${y - 1}-01&to=${y}-12`),
       ]);
       if (seq !== state.analyticsSeq) return; // a newer request won
+      state.analyticsFailures = 0;
       renderRegionMonths(grid.data || [], y);
       renderYoy(yoy.data || [], y);
     } catch (e) {
       if (e.status === 401 || seq !== state.analyticsSeq) return;
-      $('yoy-caption').textContent = `Could not load the analytics: ${e.message}`;
+      yoyNote(`Could not load the analytics: ${e.message}`);
       if (!$('region-months').tBodies[0].querySelector('tr[data-region]')) {
         renderRegionMonths([], y, 'Could not load the analytics.');
       }
+      const delay = retryDelay(state.analyticsFailures);
+      state.analyticsFailures += 1;
+      state.analyticsRetry = setTimeout(loadAnalytics, delay);
     }
   }
 
@@ -659,7 +890,7 @@
     showUser();
     scheduleRefresh();
     scheduleAnalytics();
-    loadStores().then(subscribeAll, () => {});
+    loadStoresAndSubscribe();
     startUsers();
   }
 
@@ -687,7 +918,7 @@
         return el('td', { class: 'num', 'data-month': ym, 'data-value': String(v || 0), text: v === undefined ? '–' : compact.format(v) });
       });
       return el('tr', { 'data-region': region },
-        el('th', { scope: 'row', text: region }), ...tds,
+        el('th', { scope: 'row' }, bdi(region)), ...tds,
         el('td', { class: 'num', 'data-value': String(total), text: compact.format(total) }));
     }));
     if (regions.length === 0) {
@@ -724,9 +955,64 @@
       parts.push(prev, cur, svg('text', { x: (x + bar).toFixed(1), y: String(height - 6), 'text-anchor': 'middle' }, d.label));
     });
     chart.replaceChildren(...parts);
-    const sum = (k) => data.reduce((a, d) => a + d[k], 0);
-    const change = sum('prev') > 0 ? ` (${(((sum('cur') - sum('prev')) / sum('prev')) * 100).toFixed(1)}%)` : '';
-    $('yoy-caption').textContent = `${y} (blue): ${nf0.format(sum('cur'))} · ${y - 1} (grey): ${nf0.format(sum('prev'))}${change}`;
+    const cmp = yoyCompare(rows, y);
+    const caption = $('yoy-caption');
+    caption.textContent = cmp.text;
+    caption.dataset.months = String(cmp.months);
+    caption.dataset.cur = String(cmp.cur);
+    caption.dataset.prev = String(cmp.prev);
+  }
+
+  // The year-over-year caption says "Loading…" or why it could not load.
+  function yoyNote(text) {
+    const caption = $('yoy-caption');
+    caption.textContent = text;
+    delete caption.dataset.months;
+    delete caption.dataset.cur;
+    delete caption.dataset.prev;
+  }
+
+  // How many months of `y` have begun on `today`: all twelve of a past
+  // year, January to this month of the current one, none of a year to come.
+  function monthsBegun(y, today) {
+    const ty = today.getFullYear();
+    if (y < ty) return 12;
+    if (y > ty) return 0;
+    return today.getMonth() + 1;
+  }
+
+  // The caption's comparison: the months of `y` that have begun against
+  // the same months of `y - 1` (it compared this year so far with all of
+  // last year: "-99.7%" in January). rows: groupBy=month over both years.
+  function yoyCompare(rows, y, today = new Date()) {
+    const day = today instanceof Date ? today : new Date(today);
+    const byMonth = new Map(rows.map((r) => [r.month, num(r.totalSales)]));
+    const months = monthsBegun(y, day);
+    let cur = 0;
+    let prev = 0;
+    let prevYear = 0;
+    for (let i = 1; i <= 12; i++) {
+      const mm = String(i).padStart(2, '0');
+      const p = byMonth.get(`${y - 1}-${mm}`) || 0;
+      prevYear += p;
+      if (i <= months) {
+        cur += byMonth.get(`${y}-${mm}`) || 0;
+        prev += p;
+      }
+    }
+    if (months === 0) {
+      return {
+        months, cur, prev, change: null,
+        text: `No month of ${y} has begun yet · ${y - 1} (grey): ${nf0.format(prevYear)} in the whole year`,
+      };
+    }
+    const change = prev > 0 ? ((cur - prev) / prev) * 100 : null;
+    const range = months === 1 ? MONTHS[0] : `${MONTHS[0]}–${MONTHS[months - 1]}`;
+    const which = months === 12 ? 'the whole year' : `the month${months === 1 ? '' : 's'} ${y} has reached`;
+    return {
+      months, cur, prev, change,
+      text: `${range} (${which}) against the same months of ${y - 1}: ${y} (blue): ${nf0.format(cur)} · ${y - 1} (grey): ${nf0.format(prev)}${change === null ? '' : ` (${change >= 0 ? '+' : ''}${change.toFixed(1)}%)`}`,
+    };
   }
 
   // ---------- feed ----------
@@ -737,7 +1023,7 @@
     const li = el('li', { class: 'new', 'data-event-id': id ?? '' },
       el('time', { datetime: when.toISOString(), text: when.toLocaleTimeString() }),
       el('span', { class: `kind kind-${kindClass}`, text: kindText }),
-      el('span', { class: 'text', text }));
+      el('span', { class: 'text' }, ...[].concat(text)));
     feed.prepend(li);
     while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
     $('feed-empty').hidden = true;
@@ -806,12 +1092,17 @@
     }
     state.ws = ws;
     state.wsSubs = new Set();
+    let opened = false;
     ws.onopen = () => {
       if (state.ws !== ws) return;
+      opened = true;
       const wasDown = state.everConnected;
       state.everConnected = true;
       state.attempt = 0;
+      state.wsRefreshTried = false;
       state.lastMessageAt = Date.now();
+      state.lastTickAt = state.lastMessageAt;
+      state.silentMs = 0;
       setConn('live', 'Live');
       $('reconnect-banner').hidden = true;
       // After a drop, one resume subscribes and replays what was missed
@@ -872,14 +1163,46 @@
         logout('Your session has expired; please sign in again.');
         return;
       }
+      if (!opened && !state.wsRefreshTried && canRefresh()) {
+        // Closed before it opened: the upgrade may have been refused
+        // (401: the token was revoked, or the signing secret rotated, while
+        // the socket was down). One refresh per streak of failures, then
+        // at once another try; the backoff is for what a refresh cannot fix.
+        state.wsRefreshTried = true;
+        refreshSession().then(() => {
+          if (!state.token) return;
+          state.attempt = 0;
+          connect();
+        }, () => { if (state.token) scheduleReconnect(); });
+        return;
+      }
       scheduleReconnect();
     };
     ws.onerror = () => { /* a close event follows */ };
   }
 
+  // The silence counted after a heartbeat tick. The time since the
+  // previous tick counts for at most one and a half of the timer's period:
+  // a hidden tab's timers fire as rarely as once a minute (and not at all
+  // while the machine sleeps), and that lateness is the timer's, not the
+  // socket's. Anything heard since the previous tick starts it again. The
+  // pong to each tick's ping arrives between ticks (network events are not
+  // throttled), so a healthy hidden socket never reaches the limit; a dead
+  // one does, after a few of the late ticks.
+  function silenceAfterTick(silentMs, { now, lastTickAt, lastMessageAt, tickMs }) {
+    const cap = tickMs * 1.5;
+    if (lastMessageAt >= lastTickAt) return Math.min(Math.max(0, now - lastMessageAt), cap);
+    return silentMs + Math.min(Math.max(0, now - lastTickAt), cap);
+  }
+
   function heartbeat() {
     if (!state.ws) return;
-    if (Date.now() - state.lastMessageAt > SILENCE_LIMIT_MS) {
+    const now = Date.now();
+    state.silentMs = silenceAfterTick(state.silentMs, {
+      now, lastTickAt: state.lastTickAt, lastMessageAt: state.lastMessageAt, tickMs: PING_EVERY_MS / 2,
+    });
+    state.lastTickAt = now;
+    if (state.silentMs > SILENCE_LIMIT_MS) {
       // Nothing heard (not even a pong): the connection is dead.
       const ws = state.ws;
       ws.onclose({ code: 4000 });
@@ -991,14 +1314,14 @@
           state.salesVersions.set(rowId, d.version);
         }
         const ym = `${d.year}-${String(d.month).padStart(2, '0')}`;
-        let text = `${storeLabel(d.storeId)} · ${ym}`;
+        let text = ` · ${ym}`;
         if (kind !== 'sales-data-deleted' && d.totalSales !== undefined) {
           text += ` · total ${nf2.format(num(d.totalSales))}`;
           if (Array.isArray(d.changedDays) && d.changedDays.length) {
             text += ` (${d.changedDays.length} day${d.changedDays.length === 1 ? '' : 's'} changed)`;
           }
         }
-        addFeed('sales', SALES_VERBS[kind], text, ts, id);
+        addFeed('sales', SALES_VERBS[kind], [...storeParts(d.storeId), text], ts, id);
         if (ym === state.month) scheduleRefresh(d.storeId);
         if (Number(d.year) === analyticsYear() || Number(d.year) === analyticsYear() - 1) scheduleAnalytics();
         break;
@@ -1018,6 +1341,8 @@
         const sid = Number(d.id);
         const known = state.stores.get(sid);
         if (known && known.version !== undefined && d.version !== undefined && known.version >= d.version) return;
+        // Named before a removed store leaves the list (it said "store 21").
+        const name = d.name ? nameParts(d.name, d.code) : storeParts(sid);
         if (kind === 'store-deleted') state.stores.delete(sid);
         else state.stores.set(sid, { ...(known || {}), ...d });
         renderStores(sid);
@@ -1030,9 +1355,8 @@
           scheduleRefresh();
           scheduleAnalytics();
         }
-        const name = d.name ? `${d.name} (${d.code})` : storeLabel(sid);
         if (kind === 'store-status-changed') {
-          addFeed('store', 'Store status', `${name}: ${d.previousStatus || '?'} → ${d.status}`, ts, id);
+          addFeed('store', 'Store status', [...name, `: ${d.previousStatus || '?'} → ${d.status}`], ts, id);
         } else {
           addFeed('store', kind === 'store-created' ? 'Store opened' : kind === 'store-deleted' ? 'Store removed' : 'Store changed', name, ts, id);
         }
@@ -1321,11 +1645,33 @@
 
   function init() {
     $('login-form').addEventListener('submit', login);
-    $('logout').addEventListener('click', () => logout(''));
+    $('logout').addEventListener('click', () => logout('', { endSession: true }));
     $('reconnect-now').addEventListener('click', () => { state.attempt = 0; connect(); });
     $('month').addEventListener('change', (e) => {
       if (!/^\d{4}-\d{2}$/.test(e.target.value)) return;
-      state.month = e.target.value;
+      const month = e.target.value;
+      if (month !== state.month) {
+        const yearChanged = month.slice(0, 4) !== state.month.slice(0, 4);
+        state.month = month;
+        // The previous month's figures go at once: none is ever shown
+        // under this month's name ("Loading…" until this month's arrive,
+        // or why they could not be loaded, tried again until they are).
+        state.summarySeq += 1;
+        state.byStore = null;
+        state.byRegion = null;
+        state.summaryError = null;
+        state.refreshFlash = new Set();
+        renderChart();
+        renderRegions();
+        if (yearChanged) {
+          state.analyticsSeq += 1;
+          renderRegionMonths([], analyticsYear(), 'Loading…');
+          renderYoy([], analyticsYear());
+          yoyNote('Loading…');
+        }
+      }
+      state.summaryFailures = 0;
+      state.analyticsFailures = 0;
       loadSummaries();
       loadAnalytics();
     });
@@ -1370,12 +1716,25 @@
       receive(msg) {
         handleMessage(msg);
       },
+      // Refreshes the session now (as the timer or a 401 would); resolves
+      // to 'ok' or to why it failed.
+      refresh() {
+        return refreshSession().then(() => 'ok', (e) => `failed: ${e.message}`);
+      },
+      // Pure pieces of logic, for the test.
+      silenceAfterTick,
+      silenceLimitMs: SILENCE_LIMIT_MS,
+      tickMs: PING_EVERY_MS / 2,
+      yoyCompare,
     };
+
+    if (channel) channel.onmessage = (e) => tokenAnnounced(e.data);
 
     const saved = loadSession();
     if (saved) {
       state.token = saved.token;
       state.cookieSession = saved.cookieSession === true;
+      state.sessionId = typeof saved.sessionId === 'string' ? saved.sessionId : null;
       state.tokenExpiresAt = Number(saved.tokenExpiresAt) || 0;
       state.user = saved.user;
       scheduleTokenRefresh();

@@ -6,6 +6,7 @@
 //   DASHBOARD_PASSWORD   its password
 //   DASHBOARD_OUT        folder for screenshots (default: <repo>/test-output)
 //   DASHBOARD_EXPORT     "1" when the server has /api/v2/sales/export (then the export is tested)
+//   DASHBOARD_BIDI_STORE id of a store (code BIDI1) named "\u202Eevil store", made by plain SQL
 //   CHROMIUM             browser binary (default /usr/bin/chromium)
 // Exits non-zero on the first failed check.
 import { chromium } from 'playwright-core';
@@ -21,11 +22,13 @@ const EMAIL = process.env.DASHBOARD_EMAIL;
 const PASSWORD = process.env.DASHBOARD_PASSWORD;
 const OUT = process.env.DASHBOARD_OUT || path.resolve(here, '../../test-output');
 const WITH_EXPORT = process.env.DASHBOARD_EXPORT === '1';
+// Id of a store whose name starts with U+202E (right-to-left override).
+const BIDI_STORE = process.env.DASHBOARD_BIDI_STORE;
 const EXECUTABLE = process.env.CHROMIUM || '/usr/bin/chromium';
 const STEP_TIMEOUT = 15000;
 
-if (!BASE || !EMAIL || !PASSWORD) {
-  console.error('set DASHBOARD_URL, DASHBOARD_EMAIL and DASHBOARD_PASSWORD');
+if (!BASE || !EMAIL || !PASSWORD || !BIDI_STORE) {
+  console.error('set DASHBOARD_URL, DASHBOARD_EMAIL, DASHBOARD_PASSWORD and DASHBOARD_BIDI_STORE');
   process.exit(2);
 }
 
@@ -202,6 +205,75 @@ async function main() {
     assert.equal(await page.locator('#yoy-chart rect.prev').count(), 12);
     log(`region x month: ${rowsShown} regions, ${region} ${now.ym} = ${cell.totalSales}; year-over-year chart drawn`);
 
+    // The caption compares the same months of both years: January to this
+    // month (it compared this year so far with all of last year).
+    const sumMonths = (y, upTo) => yoy.json.data
+      .filter((r) => Number(r.month.slice(0, 4)) === y && Number(r.month.slice(5)) <= upTo)
+      .reduce((a, r) => a + Number(r.totalSales), 0);
+    await page.waitForFunction(({ months, cur, prev }) => {
+      const c = document.getElementById('yoy-caption').dataset;
+      return Number(c.months) === months && Math.abs(Number(c.cur) - cur) < 0.5 && Math.abs(Number(c.prev) - prev) < 0.5;
+    }, { months: now.month, cur: sumMonths(now.year, now.month), prev: sumMonths(now.year - 1, now.month) }).catch(async (e) => {
+      throw new Error(`${e.message}\nyoy caption: ${JSON.stringify(await page.$eval('#yoy-caption', (c) => ({ ...c.dataset, text: c.textContent })))}`);
+    });
+    assert.match(await page.locator('#yoy-caption').innerText(), /against the same months of/);
+    // The comparison itself, on fixed dates.
+    const cmp = await page.evaluate(() => {
+      const { yoyCompare } = window.pgSalesDashboard;
+      const rows = [];
+      for (let m = 1; m <= 12; m++) rows.push({ month: `2026-${String(m).padStart(2, '0')}`, totalSales: 1000 });
+      rows.push({ month: '2027-01', totalSales: 100 }, { month: '2027-02', totalSales: 5000 });
+      return {
+        january: yoyCompare(rows, 2027, '2027-01-15T12:00:00'),
+        pastYear: yoyCompare(rows, 2027, '2028-03-01T12:00:00'),
+        ahead: yoyCompare(rows, 2027, '2026-06-01T12:00:00'),
+      };
+    });
+    assert.deepEqual([cmp.january.months, cmp.january.cur, cmp.january.prev], [1, 100, 1000], JSON.stringify(cmp.january));
+    assert.match(cmp.january.text, /^Jan \(the month 2027 has reached\) against the same months of 2026: .*\(-90\.0%\)$/, cmp.january.text);
+    assert.deepEqual([cmp.pastYear.months, cmp.pastYear.cur, cmp.pastYear.prev], [12, 5100, 12000], JSON.stringify(cmp.pastYear));
+    assert.match(cmp.pastYear.text, /^Jan–Dec \(the whole year\)/, cmp.pastYear.text);
+    assert.equal(cmp.ahead.months, 0, JSON.stringify(cmp.ahead));
+    assert.match(cmp.ahead.text, /^No month of 2027 has begun yet/, cmp.ahead.text);
+    assert.doesNotMatch(cmp.ahead.text, /%/, cmp.ahead.text);
+    log('year-over-year caption: the same months of both years');
+
+    // ---- a hidden tab's throttled timer is not taken for a silent socket ----
+    // Chrome runs a hidden page's timers about once a minute; the heartbeat
+    // judged the time since the last message by that timer and closed
+    // healthy sockets. The judgement, on simulated clocks:
+    const silence = await page.evaluate(() => {
+      const { silenceAfterTick, silenceLimitMs: limit, tickMs } = window.pgSalesDashboard;
+      // Ticks `every` ms apart for an hour; `pong`: a message arrives 5 ms after each tick.
+      const run = (every, pong) => {
+        let silent = 0;
+        let lastTick = 0;
+        let lastMsg = 0;
+        for (let t = every; t <= 3600000; t += every) {
+          silent = silenceAfterTick(silent, { now: t, lastTickAt: lastTick, lastMessageAt: lastMsg, tickMs });
+          lastTick = t;
+          if (silent > limit) return t;
+          if (pong) lastMsg = t + 5;
+        }
+        return null;
+      };
+      return {
+        limit,
+        tickMs,
+        hiddenHealthy: run(60000, true),
+        visibleHealthy: run(tickMs, true),
+        hiddenDead: run(60000, false),
+        visibleDead: run(tickMs, false),
+        asleep: run(3600000, true),
+      };
+    });
+    assert.equal(silence.hiddenHealthy, null, `a hidden tab's healthy socket stays: ${JSON.stringify(silence)}`);
+    assert.equal(silence.visibleHealthy, null, JSON.stringify(silence));
+    assert.equal(silence.asleep, null, `an hour asleep is not an hour of silence: ${JSON.stringify(silence)}`);
+    assert.ok(silence.visibleDead > silence.limit && silence.visibleDead <= silence.limit + 2 * silence.tickMs, JSON.stringify(silence));
+    assert.ok(silence.hiddenDead !== null && silence.hiddenDead <= 5 * 60000, `a dead socket in a hidden tab is still found: ${JSON.stringify(silence)}`);
+    log('heartbeat: a throttled timer is no silence; a dead socket is still found');
+
     // ---- a store status change shows in the list and the feed ----
     const statusStore = before[1].storeId;
     const patch = await api('PATCH', `/api/v2/stores/${statusStore}`, token, { status: 'renovating' });
@@ -310,6 +382,103 @@ async function main() {
     assert.notEqual((await refreshCookie()).value, cookie401.value, 'the cookie rotated');
     assert.equal(await page.locator('#dashboard-view').isVisible(), true, 'still signed in');
     log('401 -> refresh (from the HttpOnly cookie) -> retried; the cookie rotated');
+
+    // ---- a WebSocket upgrade refused (401) is followed by a refresh ----
+    // The token was revoked or the secret rotated while the socket was
+    // down: the page refreshes and reconnects at once (it kept trying the
+    // refused token with a backoff up to minutes).
+    await page.locator('#conn[data-state="live"]').waitFor();
+    await page.evaluate(() => {
+      window.pgSalesDashboard.spoilToken();
+      window.pgSalesDashboard.dropConnection();
+    });
+    await page.waitForFunction(() => {
+      const s = window.pgSalesDashboard.state;
+      return s.token && s.token !== 'not.a.token' && s.ws && s.ws.readyState === 1;
+    });
+    await page.locator('#conn[data-state="live"]').waitFor();
+    log('websocket upgrade refused: refreshed and reconnected');
+
+    // ---- a month whose figures fail to load is never shown with another's ----
+    const prevDate = new Date(now.year, now.month - 2, 1);
+    const prevYm = `${prevDate.getFullYear()}-${String(prevDate.getMonth() + 1).padStart(2, '0')}`;
+    let prevFailures = 0;
+    const isPrevSummary = (url) => url.pathname === '/api/v2/sales/summary' && url.searchParams.get('from') === prevYm;
+    const failPrev = async (route) => {
+      prevFailures += 1;
+      await route.fulfill({
+        status: 503,
+        contentType: 'application/json',
+        body: '{"error":{"code":"unavailable","message":"database timeout"}}',
+      }).catch(() => {});
+    };
+    await page.route(isPrevSummary, failPrev);
+    await page.locator('#chart g.row').first().waitFor();
+    await page.$eval('#month', (e, v) => {
+      e.value = v;
+      e.dispatchEvent(new Event('change'));
+    }, prevYm);
+    await page.locator('#chart-caption').filter({ hasText: /Could not load the sales summary/ }).waitFor();
+    // Something redraws the chart (here: how many bars): still none of
+    // this month's figures under last month's name.
+    await page.selectOption('#top-n', '10');
+    const afterFailure = await page.evaluate(() => ({
+      bars: document.querySelectorAll('#chart g.row').length,
+      table: document.querySelectorAll('#chart-table tbody tr').length,
+      regions: document.querySelectorAll('#regions tbody tr[data-region]').length,
+      month: document.getElementById('chart-month').textContent,
+      caption: document.getElementById('chart-caption').textContent,
+    }));
+    assert.deepEqual({ ...afterFailure, month: undefined, caption: undefined },
+      { bars: 0, table: 0, regions: 0, month: undefined, caption: undefined },
+      `no figures under ${prevYm} while its own could not load: ${JSON.stringify(afterFailure)}`);
+    // It is tried again by itself (a retry is due; one more failed try is
+    // seen), and once the database answers, the month's own figures show.
+    await page.waitForFunction(() => window.pgSalesDashboard.state.summaryRetry !== null);
+    const failedSoFar = prevFailures;
+    for (let i = 0; i < 200 && prevFailures < failedSoFar + 2; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.ok(prevFailures >= failedSoFar + 2, `the failed load was tried again: ${failedSoFar} then ${prevFailures} requests`);
+    await page.locator('#chart-caption').filter({ hasText: /Could not load the sales summary/ }).waitFor();
+    assert.equal(await page.locator('#chart g.row').count(), 0, 'still nothing under its name');
+    await page.unroute(isPrevSummary, failPrev);
+    const prevSummary = await api('GET', `/api/v2/sales/summary?groupBy=store&from=${prevYm}&to=${prevYm}`, token);
+    assert.equal(prevSummary.status, 200, prevSummary.text);
+    const prevTop = [...prevSummary.json.data].sort((a, b) => Number(b.totalSales) - Number(a.totalSales))[0];
+    await page.waitForFunction(({ id, v }) => {
+      const g = document.querySelector('#chart g.row');
+      return g && g.getAttribute('data-store-id') === id && Number(g.getAttribute('data-value')) === v;
+    }, { id: String(prevTop.key), v: Number(prevTop.totalSales) });
+    await page.selectOption('#top-n', '20');
+    await page.fill('#month', now.ym);
+    await page.dispatchEvent('#month', 'change');
+    await page.waitForFunction((id) => {
+      const g = document.querySelector('#chart g.row');
+      return g && g.getAttribute('data-store-id') === id;
+    }, String(missed));
+    log(`${prevYm} failed to load: no figures shown under its name, retried by itself and then shown`);
+
+    // ---- a failed store list is shown and tried again ----
+    let storeFailures = 0;
+    const isStores = (url) => url.pathname === '/api/v2/stores';
+    const failStores = async (route) => {
+      storeFailures += 1;
+      await route.fulfill({
+        status: 503,
+        contentType: 'application/json',
+        body: '{"error":{"code":"unavailable","message":"database unavailable"}}',
+      }).catch(() => {});
+    };
+    await page.route(isStores, failStores);
+    await page.evaluate(() => window.pgSalesDashboard.receive({ event: 'table-truncated', data: { table: 'stores' }, ts: new Date().toISOString() }));
+    await page.locator('#stores-error').filter({ hasText: /Could not load the stores/ }).waitFor();
+    await page.waitForFunction(() => window.pgSalesDashboard.state.storesRetry !== null);
+    const storesFailedSoFar = storeFailures;
+    for (let i = 0; i < 200 && storeFailures <= storesFailedSoFar; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.ok(storeFailures > storesFailedSoFar, `the store list was tried again: ${storesFailedSoFar} then ${storeFailures}`);
+    await page.unroute(isStores, failStores);
+    await page.locator('#stores-error').waitFor({ state: 'hidden' });
+    assert.equal(await page.locator('#stores li').count(), storeCount);
+    log('store list: the failure is shown, tried again, then loaded');
 
     // ---- users (admins): add one, disable it, the admin channel keeps the table current ----
     await page.locator('#users-card').waitFor({ state: 'visible' });
@@ -593,6 +762,161 @@ async function main() {
     log('staff: no export card');
     await page.getByRole('button', { name: 'Log out' }).click();
     await page.locator('#login-view').waitFor({ state: 'visible' });
+
+    // ---- tabs: one refresh cookie for the browser, a session per tab ----
+    const STAFF = { email: 'browser-staff@example.com', password: 'browser-staff-pass-1' };
+    const watch = (p) => {
+      p.setDefaultTimeout(STEP_TIMEOUT);
+      p.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+      p.on('console', (m) => { if (m.type() === 'error') problems.push(`console error: ${m.text()}`); });
+      return p;
+    };
+    const signOut = async (p) => {
+      await p.getByRole('button', { name: 'Log out' }).click();
+      await p.locator('#login-view').waitFor({ state: 'visible' });
+    };
+    const signIn = async (p, who) => {
+      if (await p.locator('#dashboard-view').isVisible()) await signOut(p);
+      await p.getByLabel('Email').fill(who.email);
+      await p.getByLabel('Password').fill(who.password);
+      await p.getByRole('button', { name: 'Sign in' }).click();
+      await p.locator('#who').filter({ hasText: who.email }).waitFor();
+    };
+    const tokenOf = (p) => p.evaluate(() => window.pgSalesDashboard.state.token);
+    const refreshIn = (p) => p.evaluate(() => window.pgSalesDashboard.refresh());
+    // Waits (bounded) until the server refuses `t`: its session ended.
+    const sessionEnded = async (t, what) => {
+      let st = 0;
+      for (let i = 0; i < 200; i++) {
+        st = (await api('GET', '/api/v2/auth/me', t)).status;
+        if (st === 401) return;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.fail(`${what}: the token is still accepted (${st})`);
+    };
+    const ADMIN = { email: EMAIL, password: PASSWORD };
+
+    // Two tabs of one session refreshing at the same moment: one refresh
+    // at a time across tabs, so neither presents a used cookie (which
+    // would revoke the whole session as a copied token).
+    await signIn(page, ADMIN);
+    await page.locator('#conn[data-state="live"]').waitFor();
+    const twin = watch(await context.newPage());
+    await twin.goto(`${BASE}/`);
+    const saved = await page.evaluate(() => sessionStorage.getItem('pg_sales.session'));
+    await twin.evaluate((v) => sessionStorage.setItem('pg_sales.session', v), saved);
+    await twin.reload();
+    await twin.locator('#who').filter({ hasText: EMAIL }).waitFor();
+    for (let round = 0; round < 3; round++) {
+      const both = await Promise.all([refreshIn(page), refreshIn(twin)]);
+      assert.deepEqual(both, ['ok', 'ok'], `round ${round}: both tabs refreshed`);
+    }
+    for (const p of [page, twin]) {
+      assert.ok(await p.locator('#dashboard-view').isVisible(), 'still signed in');
+      assert.equal((await api('GET', '/api/v2/auth/me', await tokenOf(p))).status, 200, 'the token works');
+    }
+    const sids = await Promise.all([page, twin].map((p) => p.evaluate(() => window.pgSalesDashboard.state.sessionId)));
+    assert.ok(sids[0] && sids[0] === sids[1], `one session: ${sids}`);
+    await twin.close();
+    log('two tabs of one session refreshing at once: both still signed in');
+
+    // Names with a right-to-left override stay inside their own text.
+    // The store (code BIDI1) was written by plain SQL (the API refuses
+    // direction controls in names, but a name stored otherwise may hold one).
+    const rlo = '\u202Eevil store';
+    const bidiId = Number(BIDI_STORE);
+    assert.equal((await api('GET', `/api/v2/stores/${bidiId}`, token)).json.data.name, rlo);
+    await postDay(token, bidiId, now, 2, 10);
+    await page.selectOption('#top-n', '0');
+    const reported = page.locator('#feed li').filter({ hasText: /Sales (reported|updated)/ }).filter({ hasText: 'BIDI1' }).first();
+    await reported.waitFor();
+    await page.locator(`#stores li[data-store-id="${bidiId}"]`).waitFor();
+    await page.locator(`#chart g.row[data-store-id="${bidiId}"] text.label`).waitFor();
+    const bidiCheck = await page.evaluate(({ id, name }) => {
+      const after = (b) => {
+        // The text right after the name starts where the name ends.
+        const range = document.createRange();
+        range.selectNodeContents(b.nextSibling);
+        return range.getBoundingClientRect().left - b.getBoundingClientRect().right;
+      };
+      const feedLine = [...document.querySelectorAll('#feed li')].find((li) => /Sales (reported|updated)/.test(li.textContent) && li.textContent.includes('BIDI1'));
+      const feedName = feedLine.querySelector('.text bdi');
+      const listName = document.querySelector(`#stores li[data-store-id="${id}"] .store-name bdi`);
+      const meta = document.querySelector(`#stores li[data-store-id="${id}"] .store-meta`);
+      const label = document.querySelector(`#chart g.row[data-store-id="${id}"] text.label`);
+      const tspan = label.querySelector('tspan');
+      if (!feedName || !listName || !tspan) {
+        return { feed: !!feedName, list: !!listName, tspan: !!tspan, text: feedLine.textContent };
+      }
+      const text = label.textContent;
+      const open = text.indexOf('(');
+      const xs = [];
+      for (let i = 0; i < text.length; i++) xs.push(label.getExtentOfChar(i).x);
+      const nameXs = xs.slice(1, name.length);
+      return {
+        feed: feedName && feedName.textContent === name && getComputedStyle(feedName).unicodeBidi === 'isolate',
+        feedAfter: after(feedName),
+        list: listName && listName.textContent === name && getComputedStyle(listName).unicodeBidi === 'isolate',
+        metaAfter: meta.getBoundingClientRect().left - listName.getBoundingClientRect().right,
+        tspan: tspan && tspan.textContent === name && getComputedStyle(tspan).unicodeBidi === 'isolate',
+        codeAfterName: xs[open] > Math.max(...nameXs),
+        text,
+      };
+    }, { id: bidiId, name: rlo });
+    assert.ok(bidiCheck.feed && bidiCheck.list && bidiCheck.tspan, `names in isolating elements: ${JSON.stringify(bidiCheck)}`);
+    assert.ok(bidiCheck.feedAfter >= -1 && bidiCheck.metaAfter >= -1, `the rest of the line follows the name: ${JSON.stringify(bidiCheck)}`);
+    assert.ok(bidiCheck.codeAfterName, `the chart label's code follows the name: ${JSON.stringify(bidiCheck)}`);
+    // A removed store is named in the feed (it said "store <id>").
+    await page.evaluate((id) => window.pgSalesDashboard.receive({ event: 'store-deleted', data: { id }, ts: new Date().toISOString() }), bidiId);
+    const removed = page.locator('#feed li').filter({ hasText: /Store removed/ }).first();
+    await removed.waitFor();
+    assert.ok((await removed.innerText()).includes('BIDI1'), `removed store named: ${await removed.innerText()}`);
+    await page.selectOption('#top-n', '20');
+    log('a name with U+202E is isolated in the feed, the store list and the chart; a removed store is named');
+
+    // Tab B (staff) and then tab A (admin) sign in: the cookie is the
+    // admin's. B's refresh gets the admin's session: not adopted, B signs
+    // out (its own session ended) and A is not disturbed.
+    await signOut(page);
+    const tabB = watch(await context.newPage());
+    await tabB.goto(`${BASE}/`);
+    await signIn(tabB, STAFF);
+    await signIn(page, ADMIN);
+    const staffToken = await tokenOf(tabB);
+    assert.match(await refreshIn(tabB), /^failed/);
+    await tabB.locator('#login-view').waitFor({ state: 'visible' });
+    assert.equal(await tabB.locator('#login-error').innerText(), 'You signed in as another user in another tab; sign in again.');
+    assert.equal(await tabB.evaluate(() => sessionStorage.getItem('pg_sales.session')), null);
+    assert.equal(await tokenOf(tabB), null, "the admin's token is not kept");
+    await sessionEnded(staffToken, "B's own session");
+    assert.equal(await refreshIn(page), 'ok');
+    assert.match(await page.locator('#who').innerText(), new RegExp(EMAIL.replace(/[.]/g, '\\.')));
+    log("a refresh answering another tab's user: not adopted, signed out with why");
+
+    // A's "Log out" ends A's session, not the cookie's (B's, another user's).
+    await signIn(tabB, STAFF);
+    const adminTabToken = await tokenOf(page);
+    const staffCookie = (await refreshCookie()).value;
+    await signOut(page);
+    await sessionEnded(adminTabToken, "A's session");
+    assert.equal((await refreshCookie())?.value, staffCookie, "B's cookie is left alone");
+    assert.equal(await refreshIn(tabB), 'ok', "B's session lives");
+    await tabB.locator('#who').filter({ hasText: STAFF.email }).waitFor();
+    log("log out in one tab ends that tab's session, not the other user's");
+
+    // The cookie gone (A signed in and out again): B's refresh finds none
+    // and says so plainly.
+    await signIn(page, ADMIN);
+    await signOut(page);
+    for (let i = 0; i < 100 && (await refreshCookie()); i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(await refreshCookie(), undefined, "A's logout removed its cookie");
+    const staffToken2 = await tokenOf(tabB);
+    assert.match(await refreshIn(tabB), /^failed/);
+    await tabB.locator('#login-view').waitFor({ state: 'visible' });
+    assert.equal(await tabB.locator('#login-error').innerText(), 'Your session has ended; please sign in again.');
+    await sessionEnded(staffToken2, "B's session, ended as it signed out");
+    await tabB.close();
+    log('no cookie left: "Your session has ended", without the developer text');
 
     const real = problems.filter((p) => !/WebSocket|ERR_INTERNET_DISCONNECTED|Failed to load resource/.test(p));
     assert.deepEqual(real, [], 'errors in the page');

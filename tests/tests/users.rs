@@ -709,6 +709,136 @@ fn value(set_cookie: &str) -> String {
         .to_string()
 }
 
+/// A browser's tabs share one refresh cookie, which names the session of
+/// whoever logged in there last. A logout with `{}` and the tab's access
+/// token (`Authorization: Bearer`) ends that token's session: when the cookie
+/// holds another session's token, that session and the cookie are left
+/// alone (the cookie's session used to be ended, another user's, while the
+/// tab's own stayed alive); when it holds the same session's, the cookie is
+/// removed as before. A bearer that does not verify is 401, never a logout
+/// of the cookie's session.
+#[tokio::test]
+async fn a_logout_with_an_access_token_ends_that_tokens_session_not_the_cookies() {
+    let w = world(&[]).await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", w.server.addr);
+    let cookie_login = |email: &'static str| {
+        let http = http.clone();
+        let url = url("/api/v2/auth/login");
+        async move {
+            let r = http
+                .post(url)
+                .json(&json!({"email": email, "password": PASSWORD, "refreshCookie": true}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let cookie = value(&cookie_of(&r).expect("a refresh cookie"));
+            let body: Value = r.json().await.unwrap();
+            (body["token"].as_str().unwrap().to_string(), cookie)
+        }
+    };
+    let post = |path: &str, bearer: Option<&str>, cookie: Option<&str>| {
+        let mut rq = http.post(url(path)).json(&json!({}));
+        if let Some(t) = bearer {
+            rq = rq.bearer_auth(t);
+        }
+        if let Some(c) = cookie {
+            rq = rq.header("cookie", format!("pg_sales_refresh={c}"));
+        }
+        rq.send()
+    };
+    let me = |t: &str| {
+        let api = Api::new(&w.server, Some(t));
+        async move { api.get("/api/v2/auth/me").await.0 }
+    };
+
+    // Tab A logs in as staff, then tab B as the admin: the cookie is B's.
+    let (staff_token, _) = cookie_login("staff@x.test").await;
+    let (admin_token, admin_cookie) = cookie_login("admin@x.test").await;
+
+    // A's logout ends A's session only: no Set-Cookie, B's session lives.
+    let r = post(
+        "/api/v2/auth/logout",
+        Some(&staff_token),
+        Some(&admin_cookie),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(cookie_of(&r).is_none(), "the cookie is not A's to remove");
+    assert_eq!(me(&staff_token).await, 401, "A's session ended");
+    assert_eq!(me(&admin_token).await, 200, "B's session lives");
+    let r = post("/api/v2/auth/refresh", None, Some(&admin_cookie))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "B's refresh token is still good");
+    let admin_cookie = value(&cookie_of(&r).expect("rotated"));
+    let admin_token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A's token again (its session ended): 401, and the cookie's session
+    // is not ended in its place.
+    let r = post(
+        "/api/v2/auth/logout",
+        Some(&staff_token),
+        Some(&admin_cookie),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(cookie_of(&r).is_none());
+    let r = post(
+        "/api/v2/auth/logout",
+        Some("not.a.token"),
+        Some(&admin_cookie),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(cookie_of(&r).is_none());
+    assert_eq!(me(&admin_token).await, 200, "B's session still lives");
+
+    // B's logout with its own token and its own cookie: ended, cookie removed.
+    let r = post(
+        "/api/v2/auth/logout",
+        Some(&admin_token),
+        Some(&admin_cookie),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 204);
+    let removed = cookie_of(&r).expect("a removing cookie");
+    assert!(removed.contains("Max-Age=0"), "{removed}");
+    assert_eq!(me(&admin_token).await, 401);
+    let r = post("/api/v2/auth/refresh", None, Some(&admin_cookie))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // No cookie at all (another tab's logout removed it): the access token
+    // alone ends its session.
+    let (token, _) = cookie_login("manager@x.test").await;
+    let r = post("/api/v2/auth/logout", Some(&token), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(cookie_of(&r).is_none());
+    assert_eq!(me(&token).await, 401);
+    // Neither an access token nor a cookie: 400, as before.
+    assert_eq!(
+        post("/api/v2/auth/logout", None, None)
+            .await
+            .unwrap()
+            .status(),
+        400,
+        "neither a token nor a cookie"
+    );
+    w.server.stop().await;
+}
+
 /// `refreshCookie`: the refresh token lives in an HttpOnly, SameSite=Strict
 /// cookie scoped to `/api/v2/auth`, never in a body; refresh, password
 /// change and logout read and rotate it there; reusing an old one still

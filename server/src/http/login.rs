@@ -470,6 +470,92 @@ impl LoginApi {
             || super::middleware::forwarded_https(req, &self.state.config.trusted_proxies)
     }
 
+    /// The user and session of the request's `Authorization: Bearer`
+    /// access token, for a token issued here for a session; `None` without
+    /// one. A token that does not verify (expired, revoked, forged) is 401:
+    /// a logout never falls back to the cookie, which may name another
+    /// user's session.
+    fn bearer_session(&self, req: &poem::Request) -> ApiResult<Option<(i64, String)>> {
+        let Some(header) = req.headers().get(poem::http::header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(crate::auth::bearer)
+            .ok_or_else(|| ApiError::unauthorized("malformed Authorization header"))?;
+        let p = self
+            .state
+            .auth
+            .verify_once(token)
+            .map_err(|e| ApiError::unauthorized(e.client_message()))?;
+        Ok(p.session.filter(|_| !p.outside).map(|s| (p.user_id, s)))
+    }
+
+    /// The session of the refresh token in the request's cookie, if it has
+    /// one that was issued.
+    async fn cookie_session(&self, req: &poem::Request) -> ApiResult<Option<String>> {
+        let Some(token) = cookie_token(req).filter(|t| t.len() <= 256) else {
+            return Ok(None);
+        };
+        let hash = crate::sessions::hash(&token);
+        let pool = &self.state.pool;
+        Ok(crate::db::retry("logout_cookie_session", true, || {
+            sqlx::query_scalar(
+                "SELECT session_id::text FROM auth.refresh_tokens WHERE token_hash = $1",
+            )
+            .bind(&hash)
+            .fetch_optional(pool)
+        })
+        .await?)
+    }
+
+    /// Ends `session` of `user` (a logout by its access token), leaving
+    /// any cookie as it is. Ending an ended session again is no error.
+    async fn end_session(&self, user: i64, session: &str) -> ApiResult<LoggedOut> {
+        let pool = &self.state.pool;
+        let lifetime = self.state.auth.expiry_secs();
+        let ended = crate::db::retry_tx("logout", || async {
+            let mut tx = pool.begin().await?;
+            let live: Option<bool> = sqlx::query_scalar(
+                "SELECT revoked_at IS NULL FROM auth.sessions
+                 WHERE id = $1::uuid AND user_id = $2 FOR UPDATE",
+            )
+            .bind(session)
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if live != Some(true) {
+                return Ok(None);
+            }
+            crate::db::write::set_actor(&mut *tx, user).await?;
+            sqlx::query(
+                "UPDATE auth.sessions SET revoked_at = now(), revoked_reason = 'logout'
+                 WHERE id = $1::uuid",
+            )
+            .bind(session)
+            .execute(&mut *tx)
+            .await?;
+            crate::users::emit(
+                &mut tx,
+                "session-revoked",
+                serde_json::json!({"userId": user, "sessionId": session, "reason": "logout"}),
+            )
+            .await?;
+            tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
+            Ok(Some(crate::access::Change::Session {
+                user,
+                session: session.to_string(),
+                until: chrono::Utc::now().timestamp() + lifetime + crate::auth::LEEWAY_SECS as i64,
+            }))
+        })
+        .await?;
+        if let Some(change) = ended {
+            self.state.access.apply(&change);
+        }
+        Ok(LoggedOut::Done(None))
+    }
+
     /// The email as the unique index compares it (Postgres' `lower`), the
     /// throttle's key for known and unknown addresses alike, and the
     /// account it names.
@@ -626,7 +712,11 @@ impl LoginApi {
     /// access token of the session are refused from now on, on every
     /// server instance. Ending an ended session again is no error. The
     /// token comes as for a refresh (body, or the cookie with `{}`); a
-    /// cookie is removed.
+    /// cookie is removed. With `{}` and an `Authorization: Bearer` access
+    /// token, the session that token belongs to is ended: a browser's tabs
+    /// share one cookie, which names the session of whoever logged in there
+    /// last. When the cookie holds another session's token, that session
+    /// and the cookie are left alone.
     #[oai(path = "/api/v2/auth/logout", method = "post")]
     async fn logout(
         &self,
@@ -635,6 +725,13 @@ impl LoginApi {
     ) -> ApiResult<LoggedOut> {
         use crate::sessions::{Ended, RefreshError};
         let secure = self.secure(req);
+        if body.refresh_token.is_none() {
+            if let Some((user, session)) = self.bearer_session(req)? {
+                if self.cookie_session(req).await?.as_deref() != Some(session.as_str()) {
+                    return self.end_session(user, &session).await;
+                }
+            }
+        }
         let (token, carrier) = presented(req, &body, secure)?;
         let clear = (carrier == Carrier::Cookie).then(|| refresh_cookie(None, secure));
         // Ending a session twice is no error, so a logout is retried on a
