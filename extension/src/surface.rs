@@ -102,14 +102,15 @@ impl<'a> Filters<'a> {
             }
         }
         // As the API reads `region`: trimmed; a blank one, one of
-        // invisible characters only, one with a control character or line
-        // separator, or one longer than a region can be names no store's
-        // region.
+        // invisible characters only, one with a control character, line
+        // separator or direction override, or one longer than a region can
+        // be names no store's region.
         let region = region.map(|r| {
-            if r.chars()
-                .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
-            {
-                invalid("region: must not contain control characters or line separators".into());
+            if r.chars().any(sales_core::names::breaks_text) {
+                invalid(
+                    "region: must not contain control characters, line separators or direction overrides"
+                        .into(),
+                );
             }
             let r = r.trim();
             if r.is_empty() {

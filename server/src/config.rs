@@ -747,11 +747,20 @@ impl Config {
         for u in &redis_cluster_urls {
             check_redis_url("REDIS_CLUSTER_URLS", u)?;
         }
-        // What the cluster client refuses of the nodes together (another
-        // password or user on one of them), without connecting: refused
-        // here rather than retried for ever.
-        if !redis_cluster_urls.is_empty() {
-            if let Err(e) = redis::cluster::ClusterClient::new(redis_cluster_urls.clone()) {
+        // One user and password for every node: the cluster client refuses
+        // nodes given different ones, or uses the first node's for all
+        // (a node named without a password then answers NOAUTH), at every
+        // connection attempt. Refused here rather than retried for ever.
+        let credentials = |u: &String| {
+            redis::IntoConnectionInfo::into_connection_info(u.as_str())
+                .ok()
+                .map(|i| (i.redis.username, i.redis.password))
+        };
+        if let Some(first) = redis_cluster_urls.first().and_then(credentials) {
+            if redis_cluster_urls
+                .iter()
+                .any(|u| credentials(u).is_some_and(|c| c != first))
+            {
                 let shown: Vec<String> = redis_cluster_urls
                     .iter()
                     .map(|u| without_password(u))
@@ -759,14 +768,7 @@ impl Config {
                 return Err(Env::err(
                     "REDIS_CLUSTER_URLS",
                     &shown.join(","),
-                    format!(
-                        "give every node the same user and password (the cluster client says: {})",
-                        e.to_string()
-                            .split("- ")
-                            .next()
-                            .unwrap_or_default()
-                            .trim_end_matches(['.', ' '])
-                    ),
+                    "give every node the same user and password",
                 ));
             }
         }
@@ -1335,16 +1337,19 @@ mod tests {
             assert_eq!(e.var, "REDIS_CLUSTER_URLS", "{bad}");
         }
         assert!(cfg(&[("REDIS_URL", "redis://:pw@127.0.0.1:6380/3")]).is_ok());
-        // Nodes of one cluster with different passwords: the client would
-        // refuse them at every connection attempt.
-        let e = cfg(&[(
-            "REDIS_CLUSTER_URLS",
+        // Nodes of one cluster with different passwords (or users): the
+        // client would refuse them, or use the first's for all, at every
+        // connection attempt.
+        for mixed in [
             "redis://:topsecret@127.0.0.1:7000,redis://127.0.0.1:7001",
-        )])
-        .unwrap_err();
-        assert_eq!(e.var, "REDIS_CLUSTER_URLS");
-        assert!(e.reason.contains("same user and password"), "{e}");
-        assert!(!e.to_string().contains("topsecret"), "{e}");
+            "redis://127.0.0.1:7000,redis://:topsecret@127.0.0.1:7001",
+            "redis://a:topsecret@127.0.0.1:7000,redis://b:topsecret@127.0.0.1:7001",
+        ] {
+            let e = cfg(&[("REDIS_CLUSTER_URLS", mixed)]).unwrap_err();
+            assert_eq!(e.var, "REDIS_CLUSTER_URLS");
+            assert!(e.reason.contains("same user and password"), "{e}");
+            assert!(!e.to_string().contains("topsecret"), "{e}");
+        }
         assert!(cfg(&[(
             "REDIS_CLUSTER_URLS",
             "redis://:pw@127.0.0.1:7000,redis://:pw@127.0.0.1:7001"

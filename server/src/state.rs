@@ -70,33 +70,71 @@ enum Follows {
     Unreachable(String),
 }
 
-/// Whether the server behind `replica` is a standby that follows `primary`.
-async fn follows(replica: &PgPool, primary: &PgPool) -> Follows {
-    let check = async {
-        let (recovering, theirs): (bool, Option<String>) =
-            sqlx::query_as("SELECT pg_is_in_recovery(), sales.event_log_epoch()")
-                .fetch_one(replica)
-                .await?;
-        if !recovering {
-            return Ok::<_, sqlx::Error>(Follows::NotInRecovery);
-        }
-        let ours: Option<String> = sqlx::query_scalar("SELECT sales.event_log_epoch()")
-            .fetch_one(primary)
-            .await?;
-        Ok(if theirs == ours {
-            Follows::Yes
-        } else {
-            Follows::Other {
-                replica: theirs.unwrap_or_default(),
-                primary: ours.unwrap_or_default(),
-            }
-        })
+/// The primary's event log epoch as last read (it changes only with a
+/// promotion or a restore): read again when a standby's differs, and when
+/// older than [`PRIMARY_EPOCH_FOR`], so the check rarely takes one of the
+/// request pool's connections.
+#[derive(Default)]
+struct PrimaryEpoch {
+    value: Option<String>,
+    read_at: Option<Instant>,
+}
+
+const PRIMARY_EPOCH_FOR: Duration = Duration::from_secs(5);
+
+/// A standby's epoch as comparable with the primary's
+/// (`sales.event_log_epoch()`, `identity.timeline`): the timeline its WAL
+/// receiver streams when the role may see it (pg_read_all_stats), else the
+/// timeline of its last restartpoint (which after a promotion upstream
+/// only moves at the next one).
+const STANDBY_EPOCH_SQL: &str = "SELECT pg_is_in_recovery(),
+        split_part(e, '.', 1) || '.' ||
+        coalesce((SELECT received_tli FROM pg_stat_wal_receiver)::text, split_part(e, '.', 2))
+ FROM sales.event_log_epoch() AS e";
+
+/// Whether the server behind `replica` is a standby that follows `primary`;
+/// None when the primary's epoch cannot be read (nothing is concluded: a
+/// busy request pool says nothing of the replica).
+async fn follows(replica: &PgPool, primary: &PgPool, ours: &mut PrimaryEpoch) -> Option<Follows> {
+    let limit = Duration::from_millis(800);
+    let theirs = tokio::time::timeout(
+        limit,
+        sqlx::query_as::<_, (bool, Option<String>)>(STANDBY_EPOCH_SQL).fetch_one(replica),
+    )
+    .await;
+    let (recovering, theirs) = match theirs {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Some(Follows::Unreachable(e.to_string())),
+        Err(_) => return Some(Follows::Unreachable("no answer within 800 ms".into())),
     };
-    match tokio::time::timeout(Duration::from_millis(800), check).await {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => Follows::Unreachable(e.to_string()),
-        Err(_) => Follows::Unreachable("no answer within 800 ms".into()),
+    if !recovering {
+        return Some(Follows::NotInRecovery);
     }
+    let stale = ours.read_at.is_none_or(|t| t.elapsed() > PRIMARY_EPOCH_FOR);
+    if stale || ours.value != theirs {
+        let read = tokio::time::timeout(
+            limit,
+            sqlx::query_scalar::<_, Option<String>>("SELECT sales.event_log_epoch()")
+                .fetch_one(primary),
+        )
+        .await;
+        match read {
+            Ok(Ok(v)) => {
+                ours.value = v;
+                ours.read_at = Some(Instant::now());
+            }
+            _ if ours.read_at.is_none() => return None,
+            _ => {}
+        }
+    }
+    Some(if theirs == ours.value {
+        Follows::Yes
+    } else {
+        Follows::Other {
+            replica: theirs.unwrap_or_default(),
+            primary: ours.value.clone().unwrap_or_default(),
+        }
+    })
 }
 
 impl Replica {
@@ -106,8 +144,12 @@ impl Replica {
         let (p, flag) = (pool.clone(), up.clone());
         tokio::spawn(async move {
             let mut was: Option<Follows> = None;
+            let mut ours = PrimaryEpoch::default();
             loop {
-                let state = follows(&p, &primary).await;
+                let Some(state) = follows(&p, &primary, &mut ours).await else {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                };
                 let ok = state == Follows::Yes;
                 flag.store(ok, Ordering::Relaxed);
                 // Logged when it changes (an unreachable replica's reason
@@ -342,6 +384,40 @@ impl AppState {
         if let Some(r) = &self.replica {
             db::write::raise_read_floor(&self.pool, &r.min_lsn).await;
         }
+    }
+
+    /// Runs `then` (in the background) once the replica has replayed up to
+    /// the read floor as it is now, or after 30 s at most (it is late, or
+    /// down: then reads go to the primary anyway). Nothing without a
+    /// replica.
+    pub fn once_replica_caught_up<F, Fut>(self: &Arc<Self>, then: F)
+    where
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let Some(r) = &self.replica else { return };
+        let floor = db::format_lsn(r.min_lsn.load(Ordering::Relaxed));
+        let state = self.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let Some(r) = &state.replica else { break };
+                let done = tokio::time::timeout(
+                    REPLICA_CHECK,
+                    sqlx::query_scalar::<_, bool>(
+                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
+                    )
+                    .bind(&floor)
+                    .fetch_one(&r.pool),
+                )
+                .await;
+                if let Ok(Ok(true)) = done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            then(state).await;
+        });
     }
 
     /// Publishes a committed write: raises the replica read floor, then

@@ -300,12 +300,38 @@ async fn nothing_the_replica_has_not_replayed_is_read_from_it() {
         let (_, body) = api.get(&path).await;
         assert_eq!(body["data"][0]["totalSales"].as_f64(), Some(7.0), "{body}");
     }
+    // Once the replica has replayed the change, the clear is applied again
+    // (what another instance filled from the replica before it heard of
+    // the clear is made stale): the tag every entry carries moves again.
+    let all_tag = || async {
+        let out = tokio::process::Command::new("redis-cli")
+            .args([
+                "-u",
+                &sales_e2e::redis_url(),
+                "GET",
+                &format!("{}:t:all", db.name),
+            ])
+            .output()
+            .await
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .ok()
+    };
+    let cleared = all_tag().await.expect("the clear's bump");
 
     // Replaying again: each asynchronous write is read back at once.
     sqlx::query("SELECT pg_wal_replay_resume()")
         .execute(&mut standby)
         .await
         .unwrap();
+    eventually(
+        Duration::from_secs(40),
+        "the clear applied again",
+        || async { (all_tag().await? > cleared).then_some(()) },
+    )
+    .await;
     for v in 1..=10 {
         let (st, body) = api
             .post(

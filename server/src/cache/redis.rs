@@ -49,6 +49,30 @@ type Primaries = std::collections::BTreeMap<String, String>;
 /// is made again (the client's map of slots may name a node that is gone).
 const CLUSTER_RECONNECT_AFTER: Duration = Duration::from_secs(3);
 
+/// How long making the cluster connection again may take at least.
+const CLUSTER_RECONNECT_LIMIT: Duration = Duration::from_secs(30);
+
+/// After a restart (or a primary replaced): moves the tag every entry
+/// carries by a random amount, not by one. A counter that came back from
+/// an older snapshot would give out again, by one, the values entries
+/// stored after the snapshot recorded (entries that live on other nodes).
+async fn restart_bump<C: redis::aio::ConnectionLike>(
+    c: &mut C,
+    tag_all: &str,
+    ttl: Duration,
+) -> redis::RedisResult<()> {
+    let mut p = redis::pipe();
+    p.cmd("INCRBY")
+        .arg(tag_all)
+        .arg(random_start())
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(tag_all)
+        .arg(ttl.as_millis() as u64)
+        .ignore();
+    p.query_async::<()>(c).await
+}
+
 /// Sets KEYS[1] to ARGV[1] unless it holds a number at least as high.
 const MARK_MAX: &str = "local v = tonumber(redis.call('GET', KEYS[1])) \
     if v == nil or tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
@@ -113,7 +137,10 @@ async fn connect_cluster(
 /// primary only to those it holds a connection to, so a node that went
 /// away (before a replica takes its place) or a map of slots that still
 /// names it shows as fewer answers. Err says what is missing.
-async fn cluster_primaries(cc: &mut ClusterConnection) -> Result<Primaries, String> {
+async fn cluster_primaries(
+    cc: &mut ClusterConnection,
+    bound: Duration,
+) -> Result<Primaries, String> {
     use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
     let by_node = RoutingInfo::MultiNode((
         MultipleNodeRoutingInfo::AllMasters,
@@ -124,8 +151,9 @@ async fn cluster_primaries(cc: &mut ClusterConnection) -> Result<Primaries, Stri
     let mut info = redis::cmd("CLUSTER");
     info.arg("INFO");
     let states = answers_by_node(
-        cc.route_command(&info, by_node.clone())
+        tokio::time::timeout(bound, cc.route_command(&info, by_node.clone()))
             .await
+            .map_err(|_| "CLUSTER INFO timed out".to_string())?
             .map_err(|e| e.to_string())?,
     )?;
     let mut size = 0;
@@ -151,8 +179,9 @@ async fn cluster_primaries(cc: &mut ClusterConnection) -> Result<Primaries, Stri
     let mut server = redis::cmd("INFO");
     server.arg("server");
     let answers = answers_by_node(
-        cc.route_command(&server, by_node)
+        tokio::time::timeout(bound, cc.route_command(&server, by_node))
             .await
+            .map_err(|_| "INFO timed out".to_string())?
             .map_err(|e| e.to_string())?,
     )?;
     let mut out = Primaries::new();
@@ -306,9 +335,7 @@ impl RedisCache {
                     Conn::Single(s) => s,
                     Conn::Cluster(mut cc) => {
                         let bound = timeout.max(Duration::from_millis(500));
-                        let found = tokio::time::timeout(bound, cluster_primaries(&mut cc))
-                            .await
-                            .unwrap_or_else(|_| Err("timed out".into()));
+                        let found = cluster_primaries(&mut cc, bound).await;
                         let now = match found {
                             Ok(p) => p,
                             Err(why) => {
@@ -322,8 +349,12 @@ impl RedisCache {
                                 if since.elapsed() >= CLUSTER_RECONNECT_AFTER {
                                     // A fresh connection reads the slots
                                     // anew (a replica that took over).
+                                    // Given time to connect to every node
+                                    // (one that does not answer costs a
+                                    // connection timeout, more than once).
+                                    let limit = CLUSTER_RECONNECT_LIMIT.max(bound * 8);
                                     if let Ok(Ok(fresh)) =
-                                        tokio::time::timeout(bound, connect_cluster(&urls, timeout))
+                                        tokio::time::timeout(limit, connect_cluster(&urls, timeout))
                                             .await
                                     {
                                         *conn.write().await = Some(Conn::Cluster(fresh));
@@ -340,8 +371,9 @@ impl RedisCache {
                             .unwrap_or_else(|p| p.into_inner())
                             .clone();
                         if before.as_ref().is_some_and(|b| primaries_changed(b, &now)) {
-                            let bump = bump_call(&[tag_all.as_str()], ttl);
-                            let done = bump.invoke_async::<i64>(&mut cc);
+                            // Nothing is served from Redis until it is done.
+                            degraded.store(true, Ordering::Relaxed);
+                            let done = restart_bump(&mut cc, &tag_all, ttl);
                             if !matches!(tokio::time::timeout(bound, done).await, Ok(Ok(_))) {
                                 continue;
                             }
@@ -381,11 +413,10 @@ impl RedisCache {
                     continue;
                 }
                 {
-                    let bump = bump_call(&[tag_all.as_str()], ttl);
                     let done = async {
                         match c {
-                            Conn::Single(mut c) => bump.invoke_async::<i64>(&mut c).await,
-                            Conn::Cluster(mut c) => bump.invoke_async::<i64>(&mut c).await,
+                            Conn::Single(mut c) => restart_bump(&mut c, &tag_all, ttl).await,
+                            Conn::Cluster(mut c) => restart_bump(&mut c, &tag_all, ttl).await,
                         }
                     };
                     if !matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(_))) {
@@ -553,12 +584,14 @@ impl RedisCache {
                 return Err(());
             };
             let bound = self.timeout.max(Duration::from_millis(500));
-            let found = tokio::time::timeout(bound, cluster_primaries(&mut cc))
-                .await
-                .unwrap_or_else(|_| Err("timed out".into()));
-            return match found {
+            return match cluster_primaries(&mut cc, bound).await {
                 Ok(p) => {
-                    *self.primaries.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+                    // The first sight only: a restart between two tries of
+                    // the catch-up is the watcher's to find.
+                    self.primaries
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(p);
                     Ok(())
                 }
                 Err(why) => {
@@ -570,7 +603,10 @@ impl RedisCache {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server");
         let info: String = self.run(&cmd).await?;
-        *self.run_id.lock().unwrap_or_else(|p| p.into_inner()) = run_id_of(&info);
+        let mut seen = self.run_id.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.is_none() {
+            *seen = run_id_of(&info);
+        }
         Ok(())
     }
 

@@ -107,18 +107,38 @@ impl Changes {
 /// write position, `pg_current_wal_lsn()`, can be short of it, and a
 /// replica that had replayed that far was read from without the change).
 pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
-    if let Ok(lsn) = sqlx::query_scalar::<_, String>(READ_FLOOR_SQL)
+    match sqlx::query_scalar::<_, i64>(&read_floor_sql())
         .fetch_one(pool)
         .await
     {
-        if let Some(v) = super::parse_lsn(&lsn) {
-            floor.fetch_max(v, Ordering::Relaxed);
+        Ok(v) => {
+            floor.fetch_max(v as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the primary's WAL position for the replica read floor")
         }
     }
 }
 
-/// The position [`raise_read_floor`] raises the floor to.
-pub const READ_FLOOR_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
+/// The primary's WAL insert position as a byte number, as a standby that
+/// has replayed everything inserted so far reports it: where the insert
+/// position sits just past a page header (a page or segment begun, nothing
+/// in it yet: after a WAL switch, or a record that ended at the page's
+/// end), the header is not counted, since `pg_last_wal_replay_lsn()`
+/// stops at the end of the last record. Counted, the floor was out of a
+/// standby's reach until the next write, and an idle system never read
+/// from its replica. (24 and 40 bytes: the short and long page headers of
+/// a 64-bit build.)
+pub const READ_FLOOR_EXPR: &str = "(SELECT CASE
+        WHEN x.i % pg_size_bytes(current_setting('wal_segment_size')) = 40 THEN x.i - 40
+        WHEN x.i % current_setting('wal_block_size')::bigint = 24 THEN x.i - 24
+        ELSE x.i END
+    FROM (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS i) x)";
+
+/// The query [`raise_read_floor`] raises the floor with.
+pub fn read_floor_sql() -> String {
+    format!("SELECT {READ_FLOOR_EXPR}")
+}
 
 /// What [`tx_cache_tags`] reads of the current transaction's events.
 ///

@@ -163,8 +163,9 @@ impl Event {
     /// (`$1`), at most `$2` rows, waiting up to `$3` ms.
     pub fn after_seq_sql() -> String {
         format!(
-            "SELECT {COLUMNS}, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn
-             FROM sales.events_after_seq($1, $2, $3) e"
+            "SELECT {COLUMNS}, {floor} AS lsn
+             FROM sales.events_after_seq($1, $2, $3) e",
+            floor = crate::db::write::READ_FLOOR_EXPR
         )
     }
 

@@ -355,14 +355,13 @@ async fn listen_session(
                         // replayed what the clear was for.
                         if let Some(floor) = &deps.lsn_floor {
                             let lsn =
-                                sqlx::query_scalar::<_, String>(crate::db::write::READ_FLOOR_SQL)
+                                sqlx::query_scalar::<_, i64>(&crate::db::write::read_floor_sql())
                                     .fetch_one(&mut listener)
                                     .await;
-                            match lsn.map(|l| crate::db::parse_lsn(&l)) {
-                                Ok(Some(v)) => {
-                                    floor.fetch_max(v, Ordering::Relaxed);
+                            match lsn {
+                                Ok(v) => {
+                                    floor.fetch_max(v as u64, Ordering::Relaxed);
                                 }
-                                Ok(None) => {}
                                 Err(e) => return e.to_string(),
                             }
                         }

@@ -243,7 +243,7 @@ impl AdminApi {
         // What fills the cache again is not read from a replica that has
         // not replayed what the clear is for.
         self.state.raise_read_floor().await;
-        match &tag {
+        let tags = match &tag {
             Some(ClearTag::Store(store)) => {
                 // Everything of the store: its lists, its documents, each
                 // month a record can have (entries of a month carry only
@@ -265,16 +265,19 @@ impl AdminApi {
                     (1..=12).map(move |m| crate::cache::tag_store_month(*store, y, m))
                 }));
                 tags.extend(rows.into_iter().map(crate::cache::tag_row));
-                self.state.cache.invalidate(&tags).await;
+                tags
             }
-            Some(ClearTag::One(t)) if t == crate::cache::TAG_ALL => {
-                self.state.cache.clear_all().await
-            }
-            Some(ClearTag::One(t)) => {
-                self.state.cache.invalidate(std::slice::from_ref(t)).await;
-            }
-            None => self.state.cache.clear_all().await,
-        }
+            Some(ClearTag::One(t)) => vec![t.clone()],
+            None => vec![crate::cache::TAG_ALL.to_string()],
+        };
+        self.state.cache.invalidate(&tags).await;
+        // Another instance may fill an entry again from the replica before
+        // it hears of the clear (and raises its own floor): once the
+        // replica has replayed what the clear is for, the same tags are
+        // made stale again.
+        self.state.once_replica_caught_up(move |state| async move {
+            state.cache.invalidate(&tags).await;
+        });
         // The other instances' first levels: Redis is shared, they are not.
         let sealed =
             crate::events::sealed::seal(auth.0.user_id, "cache-cleared", serde_json::json!({}));

@@ -56,6 +56,8 @@ SELECT pg_temp.err($$SELECT sales.list_sales(min_total_sales => 10, max_total_sa
 SELECT pg_temp.err($$SELECT sales.list_sales(region => '')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(region => E'  \t')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(region => E'North\n')$$);
+-- A direction override, which no region written through the API holds.
+SELECT pg_temp.err($$SELECT sales.list_sales(region => E'No\u202Erth')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(region => E'\u200b\u2060')$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(region => repeat('n', 101))$$);
 SELECT pg_temp.err($$SELECT sales.list_sales(max_total_sales => '1e400')$$);
