@@ -818,6 +818,55 @@ async fn a_logout_with_an_access_token_ends_that_tokens_session_not_the_cookies(
         .unwrap();
     assert_eq!(r.status(), 401);
 
+    // A stale header does not stop a cookie logout: another scheme (a
+    // proxy's Basic) is not the caller's token, and an expired token of
+    // the cookie's own session lets the cookie end it (as `{}` with the
+    // cookie alone would). An expired token of another session does not.
+    let (token, cookie) = cookie_login("manager@x.test").await;
+    let r = http
+        .post(url("/api/v2/auth/logout"))
+        .json(&json!({}))
+        .header("authorization", "Basic eDp5")
+        .header("cookie", format!("pg_sales_refresh={cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(me(&token).await, 401, "ended through the cookie");
+    let expired = |t: &str| {
+        use base64::Engine;
+        let payload = t.split('.').nth(1).unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        let mut claims: Value = serde_json::from_slice(&bytes).unwrap();
+        let now = chrono::Utc::now().timestamp();
+        claims["exp"] = json!(now - 3600);
+        claims["iat"] = json!(now - 7200);
+        sales_e2e::fixtures::token::sign_claims(
+            &claims,
+            sales_e2e::fixtures::token::TEST_JWT_SECRET,
+        )
+    };
+    let (other_token, _) = cookie_login("staff@x.test").await;
+    let (token, cookie) = cookie_login("manager@x.test").await;
+    let r = post(
+        "/api/v2/auth/logout",
+        Some(&expired(&other_token)),
+        Some(&cookie),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401, "another session's expired token");
+    assert_eq!(me(&token).await, 200, "the cookie's session lives");
+    let r = post("/api/v2/auth/logout", Some(&expired(&token)), Some(&cookie))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "its own session's expired token");
+    assert!(cookie_of(&r).is_some_and(|c| c.contains("Max-Age=0")));
+    assert_eq!(me(&token).await, 401);
+    assert_eq!(me(&other_token).await, 200, "the other session lives");
+
     // No cookie at all (another tab's logout removed it): the access token
     // alone ends its session.
     let (token, _) = cookie_login("manager@x.test").await;

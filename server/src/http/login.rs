@@ -274,6 +274,33 @@ fn cookie_token(req: &poem::Request) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// What a logout's `Authorization: Bearer` says of the session to end.
+enum LogoutBearer {
+    /// No bearer token (or another scheme): the body's or the cookie's
+    /// refresh token says.
+    None,
+    /// A token issued here for `session`: that session is ended, and the
+    /// cookie left alone when it is another session's.
+    Verified { user: i64, session: String },
+    /// A verified token of no session here (an identity provider's).
+    Sessionless { user: i64 },
+    /// A token that does not verify (expired, revoked, forged), with the
+    /// session its claims name, unverified (only ever compared with the
+    /// cookie's, which its holder may end anyway).
+    Refused { sid: Option<String>, why: String },
+}
+
+/// The `sid` claim of a token, read without verifying it.
+fn unverified_sid(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("sid")?.as_str().map(str::to_string)
+}
+
 /// The token a refresh or logout acts on: the body's, else the cookie's.
 /// A cookie too long to be a refresh token is refused and removed.
 fn presented(
@@ -470,39 +497,46 @@ impl LoginApi {
             || super::middleware::forwarded_https(req, &self.state.config.trusted_proxies)
     }
 
-    /// The user and session of the request's `Authorization: Bearer`
-    /// access token, for a token issued here for a session; `None` without
-    /// one. A token that does not verify (expired, revoked, forged) is 401:
-    /// a logout never falls back to the cookie, which may name another
-    /// user's session.
-    fn bearer_session(&self, req: &poem::Request) -> ApiResult<Option<(i64, String)>> {
-        let Some(header) = req.headers().get(poem::http::header::AUTHORIZATION) else {
-            return Ok(None);
-        };
-        let token = header
-            .to_str()
-            .ok()
+    /// What the request's `Authorization: Bearer` access token says of the
+    /// session a logout ends (see [`LogoutBearer`]).
+    fn bearer_session(&self, req: &poem::Request) -> LogoutBearer {
+        let Some(token) = req
+            .headers()
+            .get(poem::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
             .and_then(crate::auth::bearer)
-            .ok_or_else(|| ApiError::unauthorized("malformed Authorization header"))?;
-        let p = self
-            .state
-            .auth
-            .verify_once(token)
-            .map_err(|e| ApiError::unauthorized(e.client_message()))?;
-        Ok(p.session.filter(|_| !p.outside).map(|s| (p.user_id, s)))
+        else {
+            // None, or another scheme (a proxy's Basic): not the caller's
+            // access token.
+            return LogoutBearer::None;
+        };
+        match self.state.auth.verify_once(token) {
+            Ok(p) => match p.session.filter(|_| !p.outside) {
+                Some(session) => LogoutBearer::Verified {
+                    user: p.user_id,
+                    session,
+                },
+                None => LogoutBearer::Sessionless { user: p.user_id },
+            },
+            Err(e) => LogoutBearer::Refused {
+                sid: unverified_sid(token),
+                why: e.client_message(),
+            },
+        }
     }
 
-    /// The session of the refresh token in the request's cookie, if it has
-    /// one that was issued.
-    async fn cookie_session(&self, req: &poem::Request) -> ApiResult<Option<String>> {
+    /// The session of the refresh token in the request's cookie, and its
+    /// user, if it has one that was issued.
+    async fn cookie_owner(&self, req: &poem::Request) -> ApiResult<Option<(String, i64)>> {
         let Some(token) = cookie_token(req).filter(|t| t.len() <= 256) else {
             return Ok(None);
         };
         let hash = crate::sessions::hash(&token);
         let pool = &self.state.pool;
         Ok(crate::db::retry("logout_cookie_session", true, || {
-            sqlx::query_scalar(
-                "SELECT session_id::text FROM auth.refresh_tokens WHERE token_hash = $1",
+            sqlx::query_as(
+                "SELECT r.session_id::text, s.user_id FROM auth.refresh_tokens r
+                 JOIN auth.sessions s ON s.id = r.session_id WHERE r.token_hash = $1",
             )
             .bind(&hash)
             .fetch_optional(pool)
@@ -716,7 +750,9 @@ impl LoginApi {
     /// token, the session that token belongs to is ended: a browser's tabs
     /// share one cookie, which names the session of whoever logged in there
     /// last. When the cookie holds another session's token, that session
-    /// and the cookie are left alone.
+    /// and the cookie are left alone. A bearer token that no longer
+    /// verifies ends the cookie's session only when it is the same
+    /// session (401 otherwise); a header of another scheme is ignored.
     #[oai(path = "/api/v2/auth/logout", method = "post")]
     async fn logout(
         &self,
@@ -726,9 +762,30 @@ impl LoginApi {
         use crate::sessions::{Ended, RefreshError};
         let secure = self.secure(req);
         if body.refresh_token.is_none() {
-            if let Some((user, session)) = self.bearer_session(req)? {
-                if self.cookie_session(req).await?.as_deref() != Some(session.as_str()) {
-                    return self.end_session(user, &session).await;
+            let cookie = || self.cookie_owner(req);
+            match self.bearer_session(req) {
+                LogoutBearer::None => {}
+                LogoutBearer::Verified { user, session } => {
+                    if cookie().await?.map(|(s, _)| s) != Some(session.clone()) {
+                        return self.end_session(user, &session).await;
+                    }
+                }
+                // Only the cookie's own session, by whoever holds it (a
+                // logout with `{}` and the cookie alone ends it too): one
+                // the token names, or, for a token of no session here
+                // (an identity provider's), one of the token's user.
+                LogoutBearer::Refused { sid, why } => {
+                    let mine = matches!((cookie().await?, sid), (Some((c, _)), Some(t)) if c == t);
+                    if !mine {
+                        return Err(ApiError::unauthorized(why));
+                    }
+                }
+                LogoutBearer::Sessionless { user } => {
+                    if cookie().await?.is_some_and(|(_, u)| u != user) {
+                        return Err(ApiError::forbidden(
+                            "the refresh cookie is another user's session; log out with its own token",
+                        ));
+                    }
                 }
             }
         }
