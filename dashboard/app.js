@@ -19,8 +19,10 @@
 // across tabs (Web Locks) and hand the new token to the other tabs of the
 // same session (BroadcastChannel); a refresh answering another user (who
 // signed in in another tab) is not adopted; "Log out" ends the tab's own
-// session by its access token. Failed loads (summaries, analytics, stores)
-// are shown and tried again. Names are isolated (<bdi>) so a direction
+// session by its access token (refreshing once under the lock if that token
+// is refused); a login takes the refresh lock too. Failed loads (summaries,
+// analytics, stores) are shown; network failures, 5xx and 429 are tried
+// again, other answers (400, 403, 404, 422) are final. Names are isolated (<bdi>) so a direction
 // control in one cannot reorder the rest of its line. Admins get a users
 // panel (list, add, disable, delete), kept current by the `admin` channel.
 'use strict';
@@ -38,6 +40,9 @@
   // Retries of a failed load (summaries, analytics, the store list).
   const RETRY_BASE_MS = 1000;
   const RETRY_MAX_MS = 30000;
+  // The longest a request under the refresh lock (a login, a refresh) may
+  // take: a request that never answers must not hold the lock for ever.
+  const LOCKED_REQUEST_MS = 15000;
   // Every tab of this origin shares the refresh cookie: one refresh at a
   // time across them (Web Locks), and each new access token is told to the
   // other tabs of the same session (BroadcastChannel).
@@ -78,6 +83,7 @@
     analyticsFailures: 0,
     storesRetry: null,
     storesFailures: 0,
+    storesSeq: 0, // the latest store-list load (loadStoresAndSubscribe)
     salesVersions: new Map(), // monthly_sales id -> highest version seen
     lastEventId: null,
     epoch: null, // the event log's epoch lastEventId was read under
@@ -214,15 +220,26 @@
         // The access token expired or was revoked: one refresh, one retry.
         try {
           await refreshSession();
-        } catch (_) {
-          throw new ApiError('unauthorized', 401);
+        } catch (e) {
+          // A refresh the server could not answer (network, timeout, 5xx,
+          // 429) is tried again later like any such failure; a refused one
+          // has signed the tab out.
+          if (e && typeof e.status === 'number' && (e.status === 0 || (e.status >= 400 && e.status < 500 && e.status !== 429))) {
+            throw new ApiError('unauthorized', 401);
+          }
+          throw e;
         }
         return api(path, { ...options, retried: true });
       }
       logout('Your session has ended; please sign in again.');
       throw new ApiError('unauthorized', 401);
     }
-    if (!res.ok) throw new ApiError(await errorMessage(res), res.status);
+    if (!res.ok) {
+      const err = new ApiError(await errorMessage(res), res.status);
+      const ra = (res.headers.get('Retry-After') || '').trim();
+      if (/^\d+$/.test(ra)) err.retryAfter = Number(ra);
+      throw err;
+    }
     return options.raw ? res : res.json();
   }
 
@@ -304,7 +321,20 @@
     clearTimeout(state.tokenTimer);
     if (!canRefresh()) return;
     const wait = Math.max(5000, state.tokenExpiresAt - Date.now() - 60000);
-    state.tokenTimer = setTimeout(() => { refreshSession().catch(() => {}); }, wait);
+    refreshAfter(wait);
+  }
+
+  // A refresh in `wait` ms; one the server could not answer (network,
+  // timeout, 5xx, 429) is tried again half a minute later (a refused one
+  // has signed the tab out).
+  function refreshAfter(wait) {
+    clearTimeout(state.tokenTimer);
+    state.tokenTimer = setTimeout(() => {
+      const gen = state.sessionGen;
+      refreshSession().catch(() => {
+        if (gen === state.sessionGen && canRefresh()) refreshAfter(RETRY_MAX_MS);
+      });
+    }, wait);
   }
 
   // One refresh at a time: a refresh token is good for one use, so every
@@ -322,7 +352,24 @@
       body: JSON.stringify(rt ? { refreshToken: rt } : {}),
       credentials: 'same-origin',
       cache: 'no-store',
+      // A request that never answers would hold the lock for ever: it
+      // fails (as a network failure: no sign-out, tried again later).
+      signal: AbortSignal.timeout(LOCKED_REQUEST_MS),
     });
+  }
+
+  // Ends a session by its access token, best effort (failures ignored):
+  // the tab's old session when a refresh answered a new one of the same
+  // user.
+  function endSessionByToken(token) {
+    return fetch('/api/v2/auth/logout', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${token}` },
+      body: '{}',
+      credentials: 'same-origin',
+      cache: 'no-store',
+      signal: AbortSignal.timeout(LOCKED_REQUEST_MS),
+    }).catch(() => {});
   }
 
   // The cookie is the browser's, not the tab's: another tab's login puts
@@ -337,6 +384,7 @@
     const gen = state.sessionGen;
     const asked = state.token;
     const userId = state.user ? state.user.id : undefined;
+    const oldSid = state.sessionId;
     const run = async () => {
       if (state.sessionGen !== gen) throw new ApiError('the session changed', 0);
       // Another tab of this session refreshed while this one waited for
@@ -354,9 +402,23 @@
       }
       const body = await res.json();
       if (state.sessionGen !== gen) throw new ApiError('the session changed', 0);
-      if (!rt && userId !== undefined && !(body.user && body.user.id === userId)) {
+      // A session whose user the tab does not know cannot be told from
+      // another user's: not adopted either.
+      if (!rt && userId === undefined) {
+        logout(ENDED_MSG);
+        throw new ApiError('the session names no user', 401);
+      }
+      if (!rt && !(body.user && body.user.id === userId)) {
         logout(OTHER_USER_MSG);
         throw new ApiError('another user signed in in another tab', 401);
+      }
+      // The same user, another session (they signed in again in another
+      // tab): the tab's old session would stay alive on the server; it is
+      // ended by its access token first (best effort), then the new one is
+      // taken.
+      if (!rt && oldSid && body.sessionId && body.sessionId !== oldSid && asked) {
+        await endSessionByToken(asked);
+        if (state.sessionGen !== gen) throw new ApiError('the session changed', 0);
       }
       adoptSession(body);
       if (!rt) announceToken();
@@ -404,13 +466,18 @@
     btn.disabled = true;
     btn.textContent = 'Signing in…';
     try {
-      const res = await fetch('/api/v2/auth/login', {
+      // Under the refresh lock: a refresh of another tab answering after
+      // this login would put the old session's rotated token in the cookie
+      // over the new one.
+      const body = JSON.stringify({ email: email.value.trim(), password: password.value, refreshCookie: true });
+      const res = await withRefreshLock(() => fetch('/api/v2/auth/login', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
-        body: JSON.stringify({ email: email.value.trim(), password: password.value, refreshCookie: true }),
+        body,
         credentials: 'same-origin',
         cache: 'no-store',
-      });
+        signal: AbortSignal.timeout(LOCKED_REQUEST_MS),
+      }));
       if (!res.ok) {
         const msg = res.status === 401 ? 'Wrong email or password.' : await errorMessage(res);
         password.setAttribute('aria-invalid', 'true');
@@ -433,9 +500,12 @@
   // Ends this tab's session on the server (every instance refuses its
   // tokens). A cookie session names it by its access token: the cookie may
   // hold another tab's session (another user's), which is left alone; when
-  // it is this session's, the answer removes it. An expired access token
-  // is refreshed first (`mayRefresh`: a logout the user asked for), if the
-  // cookie still gives this user.
+  // it is this session's, the answer removes it. For a logout the user
+  // asked for (`mayRefresh`), an access token that has expired by the
+  // clock, or that the server refuses (401: access changed, secret
+  // rotated), is refreshed under the lock, once, if the cookie still gives
+  // this user's session, and the logout sent again with the new one; a
+  // refresh answering another user or session is not used.
   async function endServerSession(ended, mayRefresh) {
     const send = (headers, body) => fetch('/api/v2/auth/logout', {
       method: 'POST',
@@ -448,21 +518,27 @@
       await send({}, { refreshToken: ended.refreshToken });
       return;
     }
+    const ownToken = () => withRefreshLock(async () => {
+      const res = await postRefresh(null);
+      if (!res.ok) return null;
+      const body = await res.json();
+      // Only this tab's own session is ended (the cookie may hold another's).
+      const ours = body.user && ended.user && body.user.id === ended.user.id
+        && (!ended.sessionId || body.sessionId === ended.sessionId);
+      return ours ? body.token : null;
+    });
     let token = ended.token;
+    let refreshed = false;
     if (ended.tokenExpiresAt - Date.now() < 5000) {
       if (!mayRefresh) return;
-      token = await withRefreshLock(async () => {
-        const res = await postRefresh(null);
-        if (!res.ok) return null;
-        const body = await res.json();
-        // Only this tab's own session is ended (the cookie may hold another's).
-        const ours = body.user && ended.user && body.user.id === ended.user.id
-          && (!ended.sessionId || body.sessionId === ended.sessionId);
-        return ours ? body.token : null;
-      });
+      token = await ownToken();
+      refreshed = true;
       if (!token) return;
     }
-    await send({ Authorization: `Bearer ${token}` }, {});
+    const res = await send({ Authorization: `Bearer ${token}` }, {});
+    if (res.status !== 401 || !mayRefresh || refreshed) return;
+    token = await ownToken();
+    if (token) await send({ Authorization: `Bearer ${token}` }, {});
   }
 
   // `opts.endSession`: a logout the user asked for (an expired access
@@ -532,6 +608,7 @@
     $('stores-error').textContent = '';
     state.summarySeq += 1;
     state.analyticsSeq += 1;
+    state.storesSeq += 1;
     state.users = [];
     state.stores.clear();
     state.byStore = null;
@@ -585,12 +662,13 @@
 
   // Every store of the caller's scope, a page of 1,000 (the API's most) at
   // a time, up to 100,000.
-  async function loadStores() {
+  async function loadStores(seq) {
     const gen = state.sessionGen;
     const all = [];
     for (let offset = 0; offset < 100000; offset += 1000) {
       const body = await api(`/api/v2/stores?limit=1000&offset=${offset}`);
       if (gen !== state.sessionGen) throw new ApiError('the session changed', 0);
+      if (seq !== state.storesSeq) throw new ApiError('a newer load began', 0);
       const page = body.data || [];
       all.push(...page);
       if (page.length < 1000) break;
@@ -609,24 +687,47 @@
     return Math.round(exp * (0.8 + Math.random() * 0.4));
   }
 
+  // Whether and when a failed load is tried again: a network failure (no
+  // status), a server error (5xx) and 429 are (429 after its Retry-After
+  // seconds when it gives them); anything else (400, 403, 404, 422, ...) is
+  // final and only shown. Returns the delay in ms, or null for no retry.
+  function retryPlan(status, retryAfter, failures) {
+    if (typeof status === 'number' && !(status >= 500 || status === 429)) return null;
+    if (status === 429 && Number.isFinite(retryAfter) && retryAfter >= 0) return retryAfter * 1000;
+    return retryDelay(failures);
+  }
+
+  function retryPlanFor(e, failures) {
+    return retryPlan(e && typeof e.status === 'number' ? e.status : undefined, e && e.retryAfter, failures);
+  }
+
   // The store list, then the subscriptions. A failure is shown in the
-  // Stores card and tried again (backoff) until the list loads.
+  // Stores card and tried again (backoff) while it may pass (retryPlan).
+  // Only the latest load's answer counts (storesSeq), so overlapping loads
+  // schedule one retry at most.
   function loadStoresAndSubscribe() {
     clearTimeout(state.storesRetry);
     state.storesRetry = null;
     const gen = state.sessionGen;
+    const seq = ++state.storesSeq;
     const shown = $('stores-error');
-    return loadStores().then(() => {
+    return loadStores(seq).then(() => {
+      if (seq !== state.storesSeq) return;
       state.storesFailures = 0;
       shown.hidden = true;
       shown.textContent = '';
       subscribeAll();
     }, (e) => {
-      if (gen !== state.sessionGen || !state.token || e.status === 401) return;
-      const delay = retryDelay(state.storesFailures);
+      if (gen !== state.sessionGen || seq !== state.storesSeq || !state.token || e.status === 401) return;
+      const delay = retryPlanFor(e, state.storesFailures);
+      shown.hidden = false;
+      if (delay === null) {
+        shown.textContent = `Could not load the stores (${e.message}).`;
+        return;
+      }
       state.storesFailures += 1;
       shown.textContent = `Could not load the stores (${e.message}); trying again in ${Math.ceil(delay / 1000)} s.`;
-      shown.hidden = false;
+      clearTimeout(state.storesRetry);
       state.storesRetry = setTimeout(loadStoresAndSubscribe, delay);
     });
   }
@@ -659,7 +760,8 @@
 
   // ---------- summaries ----------
 
-  // A failed load is shown and tried again (backoff) until it succeeds.
+  // A failed load is shown and, while it may pass (retryPlan), tried again
+  // (backoff) until it succeeds.
   async function loadSummaries() {
     clearTimeout(state.summaryRetry);
     state.summaryRetry = null;
@@ -689,7 +791,8 @@
         renderRegions();
       }
       $('chart-caption').textContent = state.summaryError;
-      const delay = retryDelay(state.summaryFailures);
+      const delay = retryPlanFor(e, state.summaryFailures);
+      if (delay === null) return; // final (400, 403, 404, 422, ...): shown only
       state.summaryFailures += 1;
       state.summaryRetry = setTimeout(loadSummaries, delay);
     }
@@ -868,7 +971,8 @@
       if (!$('region-months').tBodies[0].querySelector('tr[data-region]')) {
         renderRegionMonths([], y, 'Could not load the analytics.');
       }
-      const delay = retryDelay(state.analyticsFailures);
+      const delay = retryPlanFor(e, state.analyticsFailures);
+      if (delay === null) return; // final: shown only
       state.analyticsFailures += 1;
       state.analyticsRetry = setTimeout(loadAnalytics, delay);
     }
@@ -961,6 +1065,7 @@
     caption.dataset.months = String(cmp.months);
     caption.dataset.cur = String(cmp.cur);
     caption.dataset.prev = String(cmp.prev);
+    caption.dataset.partial = String(cmp.partial);
   }
 
   // The year-over-year caption says "Loading…" or why it could not load.
@@ -970,24 +1075,33 @@
     delete caption.dataset.months;
     delete caption.dataset.cur;
     delete caption.dataset.prev;
+    delete caption.dataset.partial;
   }
+
+  const MONTH_NAMES = ['January', 'February', 'March', 'April', 'May', 'June', 'July',
+    'August', 'September', 'October', 'November', 'December'];
 
   // How many months of `y` have begun on `today`: all twelve of a past
   // year, January to this month of the current one, none of a year to come.
+  // In UTC, as the server's months are.
   function monthsBegun(y, today) {
-    const ty = today.getFullYear();
+    const ty = today.getUTCFullYear();
     if (y < ty) return 12;
     if (y > ty) return 0;
-    return today.getMonth() + 1;
+    return today.getUTCMonth() + 1;
   }
 
   // The caption's comparison: the months of `y` that have begun against
   // the same months of `y - 1` (it compared this year so far with all of
   // last year: "-99.7%" in January). rows: groupBy=month over both years.
+  // The page has monthly totals only, so the current month (in progress)
+  // cannot be cut at today's day of last year's: the caption says it is
+  // partial (`partial`: this month so far against all of last year's).
   function yoyCompare(rows, y, today = new Date()) {
     const day = today instanceof Date ? today : new Date(today);
     const byMonth = new Map(rows.map((r) => [r.month, num(r.totalSales)]));
     const months = monthsBegun(y, day);
+    const partial = y === day.getUTCFullYear(); // the current year: its last month is in progress
     let cur = 0;
     let prev = 0;
     let prevYear = 0;
@@ -1002,16 +1116,18 @@
     }
     if (months === 0) {
       return {
-        months, cur, prev, change: null,
+        months, cur, prev, change: null, partial: false,
         text: `No month of ${y} has begun yet · ${y - 1} (grey): ${nf0.format(prevYear)} in the whole year`,
       };
     }
     const change = prev > 0 ? ((cur - prev) / prev) * 100 : null;
     const range = months === 1 ? MONTHS[0] : `${MONTHS[0]}–${MONTHS[months - 1]}`;
-    const which = months === 12 ? 'the whole year' : `the month${months === 1 ? '' : 's'} ${y} has reached`;
+    const head = partial
+      ? `${range} (${MONTH_NAMES[months - 1]} so far) against ${range} of ${y - 1}`
+      : `${range} (the whole year) against the same months of ${y - 1}`;
     return {
-      months, cur, prev, change,
-      text: `${range} (${which}) against the same months of ${y - 1}: ${y} (blue): ${nf0.format(cur)} · ${y - 1} (grey): ${nf0.format(prev)}${change === null ? '' : ` (${change >= 0 ? '+' : ''}${change.toFixed(1)}%)`}`,
+      months, cur, prev, change, partial,
+      text: `${head}: ${y} (blue): ${nf0.format(cur)} · ${y - 1} (grey): ${nf0.format(prev)}${change === null ? '' : ` (${change >= 0 ? '+' : ''}${change.toFixed(1)}%)`}`,
     };
   }
 
@@ -1643,6 +1759,8 @@
 
   // ---------- wiring ----------
 
+  let lockRelease = null; // holdRefreshLock's (tests)
+
   function init() {
     $('login-form').addEventListener('submit', login);
     $('logout').addEventListener('click', () => logout('', { endSession: true }));
@@ -1726,6 +1844,27 @@
       silenceLimitMs: SILENCE_LIMIT_MS,
       tickMs: PING_EVERY_MS / 2,
       yoyCompare,
+      retryPlan,
+      // Takes the origin-wide refresh lock and keeps it until
+      // releaseRefreshLock(): resolves once it is held (so a test can show
+      // that logins and refreshes of every tab wait for it).
+      holdRefreshLock() {
+        return new Promise((held) => {
+          withRefreshLock(() => new Promise((release) => {
+            lockRelease = release;
+            held('held');
+          }));
+        });
+      },
+      releaseRefreshLock() {
+        if (lockRelease) lockRelease();
+        lockRelease = null;
+      },
+      // How many requests wait for the refresh lock (in every tab).
+      async refreshLockWaiters() {
+        const q = await navigator.locks.query();
+        return (q.pending || []).filter((l) => l.name === REFRESH_LOCK).length;
+      },
     };
 
     if (channel) channel.onmessage = (e) => tokenAnnounced(e.data);

@@ -207,16 +207,20 @@ async function main() {
 
     // The caption compares the same months of both years: January to this
     // month (it compared this year so far with all of last year).
+    // The page counts the months in UTC (the server's months are UTC).
+    const utcMonth = new Date().getUTCFullYear() === now.year ? new Date().getUTCMonth() + 1 : now.month;
     const sumMonths = (y, upTo) => yoy.json.data
       .filter((r) => Number(r.month.slice(0, 4)) === y && Number(r.month.slice(5)) <= upTo)
       .reduce((a, r) => a + Number(r.totalSales), 0);
     await page.waitForFunction(({ months, cur, prev }) => {
       const c = document.getElementById('yoy-caption').dataset;
       return Number(c.months) === months && Math.abs(Number(c.cur) - cur) < 0.5 && Math.abs(Number(c.prev) - prev) < 0.5;
-    }, { months: now.month, cur: sumMonths(now.year, now.month), prev: sumMonths(now.year - 1, now.month) }).catch(async (e) => {
+    }, { months: utcMonth, cur: sumMonths(now.year, utcMonth), prev: sumMonths(now.year - 1, utcMonth) }).catch(async (e) => {
       throw new Error(`${e.message}\nyoy caption: ${JSON.stringify(await page.$eval('#yoy-caption', (c) => ({ ...c.dataset, text: c.textContent })))}`);
     });
-    assert.match(await page.locator('#yoy-caption').innerText(), /against the same months of/);
+    // This year's last month is in progress: the caption says so.
+    assert.match(await page.locator('#yoy-caption').innerText(), / so far\) against Jan(–[A-Z][a-z]{2})? of \d{4}:/);
+    assert.equal(await page.$eval('#yoy-caption', (c) => c.dataset.partial), 'true');
     // The comparison itself, on fixed dates.
     const cmp = await page.evaluate(() => {
       const { yoyCompare } = window.pgSalesDashboard;
@@ -224,13 +228,19 @@ async function main() {
       for (let m = 1; m <= 12; m++) rows.push({ month: `2026-${String(m).padStart(2, '0')}`, totalSales: 1000 });
       rows.push({ month: '2027-01', totalSales: 100 }, { month: '2027-02', totalSales: 5000 });
       return {
-        january: yoyCompare(rows, 2027, '2027-01-15T12:00:00'),
-        pastYear: yoyCompare(rows, 2027, '2028-03-01T12:00:00'),
-        ahead: yoyCompare(rows, 2027, '2026-06-01T12:00:00'),
+        january: yoyCompare(rows, 2027, '2027-01-15T12:00:00Z'),
+        pastYear: yoyCompare(rows, 2027, '2028-03-01T12:00:00Z'),
+        ahead: yoyCompare(rows, 2027, '2026-06-01T12:00:00Z'),
+        // 23:30 on 28 February in New York is 1 March in UTC: March has begun.
+        march: yoyCompare(rows, 2027, '2027-02-28T23:30:00-05:00'),
       };
     });
     assert.deepEqual([cmp.january.months, cmp.january.cur, cmp.january.prev], [1, 100, 1000], JSON.stringify(cmp.january));
-    assert.match(cmp.january.text, /^Jan \(the month 2027 has reached\) against the same months of 2026: .*\(-90\.0%\)$/, cmp.january.text);
+    assert.match(cmp.january.text, /^Jan \(January so far\) against Jan of 2026: .*\(-90\.0%\)$/, cmp.january.text);
+    assert.equal(cmp.january.partial, true);
+    assert.deepEqual([cmp.march.months, cmp.march.cur, cmp.march.prev], [3, 5100, 3000], JSON.stringify(cmp.march));
+    assert.match(cmp.march.text, /^Jan–Mar \(March so far\) against Jan–Mar of 2026: /, cmp.march.text);
+    assert.equal(cmp.pastYear.partial, false);
     assert.deepEqual([cmp.pastYear.months, cmp.pastYear.cur, cmp.pastYear.prev], [12, 5100, 12000], JSON.stringify(cmp.pastYear));
     assert.match(cmp.pastYear.text, /^Jan–Dec \(the whole year\)/, cmp.pastYear.text);
     assert.equal(cmp.ahead.months, 0, JSON.stringify(cmp.ahead));
@@ -456,6 +466,58 @@ async function main() {
       return g && g.getAttribute('data-store-id') === id;
     }, String(missed));
     log(`${prevYm} failed to load: no figures shown under its name, retried by itself and then shown`);
+
+    // ---- only what may pass is tried again ----
+    const plans = await page.evaluate(() => {
+      const { retryPlan } = window.pgSalesDashboard;
+      return {
+        network: retryPlan(undefined, undefined, 0),
+        s500: retryPlan(500, undefined, 0),
+        s503: retryPlan(503, undefined, 3),
+        s429: retryPlan(429, undefined, 0),
+        s429after: retryPlan(429, 7, 0),
+        final: [400, 401, 403, 404, 422].map((st) => retryPlan(st, 7, 0)),
+      };
+    });
+    assert.ok(plans.network >= 800 && plans.network <= 1200, JSON.stringify(plans));
+    assert.ok(plans.s500 >= 800 && plans.s500 <= 1200 && plans.s503 >= 6400 && plans.s503 <= 9600, JSON.stringify(plans));
+    assert.ok(plans.s429 >= 800 && plans.s429 <= 1200, JSON.stringify(plans));
+    assert.equal(plans.s429after, 7000, 'Retry-After seconds are honoured');
+    assert.deepEqual(plans.final, [null, null, null, null, null], '4xx other than 429 are final');
+    // A 404 on the summary is shown and not tried again.
+    const goneDate = new Date(now.year, now.month - 3, 1);
+    const goneYm = `${goneDate.getFullYear()}-${String(goneDate.getMonth() + 1).padStart(2, '0')}`;
+    let goneRequests = 0;
+    const isGoneSummary = (url) => url.pathname === '/api/v2/sales/summary' && url.searchParams.get('from') === goneYm;
+    const failGone = async (route) => {
+      goneRequests += 1;
+      await route.fulfill({
+        status: 404,
+        contentType: 'application/json',
+        body: '{"error":{"code":"not_found","message":"no such summary"}}',
+      }).catch(() => {});
+    };
+    await page.route(isGoneSummary, failGone);
+    await page.$eval('#month', (e, v) => {
+      e.value = v;
+      e.dispatchEvent(new Event('change'));
+    }, goneYm);
+    await page.locator('#chart-caption').filter({ hasText: /Could not load the sales summary: no such summary/ }).waitFor();
+    // The retry would be scheduled as the error is shown: none is due.
+    assert.equal(await page.evaluate(() => window.pgSalesDashboard.state.summaryRetry), null, 'no retry scheduled after a 404');
+    const goneSoFar = goneRequests;
+    // The first backoff would fire within 1.2 s: nothing more comes in 2.5 s.
+    await page.waitForTimeout(2500);
+    assert.equal(goneRequests, goneSoFar, `a 404 is not tried again: ${goneSoFar} then ${goneRequests}`);
+    assert.match(await page.locator('#chart-caption').innerText(), /no such summary/);
+    await page.unroute(isGoneSummary, failGone);
+    await page.fill('#month', now.ym);
+    await page.dispatchEvent('#month', 'change');
+    await page.waitForFunction((id) => {
+      const g = document.querySelector('#chart g.row');
+      return g && g.getAttribute('data-store-id') === id;
+    }, String(missed));
+    log(`a 404 on ${goneYm}'s summary: shown and not tried again; 5xx, 429 (Retry-After) and network failures are`);
 
     // ---- a failed store list is shown and tried again ----
     let storeFailures = 0;
@@ -807,9 +869,25 @@ async function main() {
     await twin.evaluate((v) => sessionStorage.setItem('pg_sales.session', v), saved);
     await twin.reload();
     await twin.locator('#who').filter({ hasText: EMAIL }).waitFor();
+    // The lock is held while both refreshes start, so both wait for it
+    // and then run one after the other: without the lock they would both
+    // present the same cookie (the second a rotated-away one, refused).
+    const lockWaiters = (p) => p.evaluate(() => window.pgSalesDashboard.refreshLockWaiters());
+    const waitForLockWaiters = async (p, n, what) => {
+      let w = 0;
+      for (let i = 0; i < 200; i++) {
+        w = await lockWaiters(p);
+        if (w >= n) return;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.fail(`${what}: ${w} waiting for the refresh lock, wanted ${n}`);
+    };
     for (let round = 0; round < 3; round++) {
-      const both = await Promise.all([refreshIn(page), refreshIn(twin)]);
-      assert.deepEqual(both, ['ok', 'ok'], `round ${round}: both tabs refreshed`);
+      await twin.evaluate(() => window.pgSalesDashboard.holdRefreshLock());
+      const both = Promise.all([refreshIn(page), refreshIn(twin)]);
+      await waitForLockWaiters(twin, 2, `round ${round}`);
+      await twin.evaluate(() => window.pgSalesDashboard.releaseRefreshLock());
+      assert.deepEqual(await both, ['ok', 'ok'], `round ${round}: both tabs refreshed`);
     }
     for (const p of [page, twin]) {
       assert.ok(await p.locator('#dashboard-view').isVisible(), 'still signed in');
@@ -818,7 +896,7 @@ async function main() {
     const sids = await Promise.all([page, twin].map((p) => p.evaluate(() => window.pgSalesDashboard.state.sessionId)));
     assert.ok(sids[0] && sids[0] === sids[1], `one session: ${sids}`);
     await twin.close();
-    log('two tabs of one session refreshing at once: both still signed in');
+    log('two tabs of one session refreshing at once (both waited for the lock): both still signed in');
 
     // Names with a right-to-left override stay inside their own text.
     // The store (code BIDI1) was written by plain SQL (the API refuses
@@ -877,10 +955,57 @@ async function main() {
     // Tab B (staff) and then tab A (admin) sign in: the cookie is the
     // admin's. B's refresh gets the admin's session: not adopted, B signs
     // out (its own session ended) and A is not disturbed.
+    // "Log out" whose token the server refuses (401: access changed,
+    // secret rotated) refreshes once under the lock and logs out again
+    // with the new token: the session ends on the server.
+    const logoutAuth = [];
+    let refreshes = 0;
+    const onReq = (r) => {
+      const u = new URL(r.url());
+      if (u.pathname === '/api/v2/auth/logout') logoutAuth.push(r.headers().authorization || '');
+      if (u.pathname === '/api/v2/auth/refresh') refreshes += 1;
+    };
+    let refusedOnce = false;
+    const refuseLogoutOnce = async (route) => {
+      if (refusedOnce) return route.continue().catch(() => {});
+      refusedOnce = true;
+      await route.fulfill({
+        status: 401,
+        contentType: 'application/json',
+        body: '{"error":{"code":"unauthorized","message":"invalid token"}}',
+      }).catch(() => {});
+    };
+    page.on('request', onReq);
+    await page.route('**/api/v2/auth/logout', refuseLogoutOnce);
+    const tokenBeforeLogout = await tokenOf(page);
     await signOut(page);
+    for (let i = 0; i < 200 && logoutAuth.length < 2; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(logoutAuth.length, 2, `a refused logout is sent again once: ${logoutAuth.length}`);
+    assert.equal(refreshes, 1, 'one refresh between the two logouts');
+    assert.equal(logoutAuth[0], `Bearer ${tokenBeforeLogout}`);
+    assert.match(logoutAuth[1], /^Bearer /);
+    assert.notEqual(logoutAuth[1], logoutAuth[0], 'the second logout carries the refreshed token');
+    await sessionEnded(logoutAuth[1].slice(7), 'the logout retried with the refreshed token');
+    await sessionEnded(tokenBeforeLogout, 'the logged-out session');
+    for (let i = 0; i < 100 && (await refreshCookie()); i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(await refreshCookie(), undefined, 'the retried logout removed the cookie');
+    await page.unroute('**/api/v2/auth/logout', refuseLogoutOnce);
+    page.off('request', onReq);
+    log('a logout refused (401) once: refreshed under the lock, logged out again, the session ended');
+
+    // A login waits for the refresh lock: a refresh of another tab
+    // finishing after it cannot put the old session's token in the cookie.
     const tabB = watch(await context.newPage());
     await tabB.goto(`${BASE}/`);
-    await signIn(tabB, STAFF);
+    await tabB.evaluate(() => window.pgSalesDashboard.holdRefreshLock());
+    await tabB.getByLabel('Email').fill(STAFF.email);
+    await tabB.getByLabel('Password').fill(STAFF.password);
+    await tabB.getByRole('button', { name: 'Sign in' }).click();
+    await waitForLockWaiters(tabB, 1, 'the login');
+    assert.ok(await tabB.locator('#login-view').isVisible(), 'the login waits for the lock');
+    await tabB.evaluate(() => window.pgSalesDashboard.releaseRefreshLock());
+    await tabB.locator('#who').filter({ hasText: STAFF.email }).waitFor();
+    log('a login waits for the refresh lock');
     await signIn(page, ADMIN);
     const staffToken = await tokenOf(tabB);
     assert.match(await refreshIn(tabB), /^failed/);
