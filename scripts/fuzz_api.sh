@@ -73,23 +73,34 @@ for _ in $(seq 1 200); do
     kill -0 "$pid" 2>/dev/null || { cat "$log"; exit 1; }
     sleep 0.1
 done
-token=$(curl -fs "$url/api/v2/auth/login" -H 'content-type: application/json' \
-    -d "{\"email\":\"fuzz-admin@pg-sales.local\",\"password\":\"$password\"}" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+login() {
+    curl -fs "$url/api/v2/auth/login" -H 'content-type: application/json' \
+        -d "{\"email\":\"fuzz-admin@pg-sales.local\",\"password\":\"$password\"}" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+}
 
 echo "fuzzing $url (schemathesis $SCHEMATHESIS_VERSION, seed $SEED, $EXAMPLES examples per operation)"
 status=0
 # schemathesis keeps a crash cache in its working directory: keep it in target/.
 rm -rf target/fuzz-work && mkdir -p target/fuzz-work
 venv_bin=$(cd "$VENV/bin" && pwd)
-(cd target/fuzz-work && timeout "$LIMIT" "$venv_bin/schemathesis" run "$url/openapi.json" \
-    --header "Authorization: Bearer $token" \
-    --seed "$SEED" --max-examples "$EXAMPLES" --workers 2 \
-    --phases examples,coverage,fuzzing \
-    --exclude-checks positive_data_acceptance,negative_data_rejection \
-    --request-timeout 30 --no-color \
-    --generation-database none \
-    "$@") || status=$?
+fuzz() {
+    local token=$1
+    shift
+    (cd target/fuzz-work && timeout "$LIMIT" "$venv_bin/schemathesis" run "$url/openapi.json" \
+        --header "Authorization: Bearer $token" \
+        --seed "$SEED" --max-examples "$EXAMPLES" --workers 2 \
+        --phases examples,coverage,fuzzing \
+        --exclude-checks positive_data_acceptance,negative_data_rejection \
+        --request-timeout 30 --no-color \
+        --generation-database none \
+        "$@") || status=$?
+}
+# A logout with the access token ends that token's session: it is fuzzed
+# on its own, with a session of its own, so that the rest of the run keeps
+# its token.
+fuzz "$(login)" --exclude-path /api/v2/auth/logout "$@"
+fuzz "$(login)" --include-path /api/v2/auth/logout "$@"
 if [[ $status -ne 0 ]]; then
     echo "fuzz_api: schemathesis exited with $status; server log: $log" >&2
     grep -E "ERROR|panicked" "$log" | tail -20 >&2 || true
