@@ -265,6 +265,32 @@ pub enum Ended {
     Reused(Change),
 }
 
+/// Ends `session` of `user` by its id (a logout by the session's access
+/// token). None when it is not the user's or already ended.
+pub async fn end_by_id(
+    pool: &PgPool,
+    session: &str,
+    user: i64,
+    token_lifetime: i64,
+) -> Result<Option<Change>, crate::db::TxFailure> {
+    let mut tx = pool.begin().await?;
+    let live: Option<bool> = sqlx::query_scalar(
+        "SELECT revoked_at IS NULL FROM auth.sessions
+         WHERE id = $1::uuid AND user_id = $2 FOR UPDATE",
+    )
+    .bind(session)
+    .bind(user)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if live != Some(true) {
+        return Ok(None);
+    }
+    crate::db::write::set_actor(&mut *tx, user).await?;
+    let change = revoke(&mut tx, session, user, "logout", token_lifetime).await?;
+    tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
+    Ok(Some(change))
+}
+
 /// Ends the session of a refresh token (logout). A session already ended
 /// is not revoked twice. A token already used up by a refresh is a reuse,
 /// as at [`refresh`]: the session is revoked with the reason `reuse`.

@@ -55,6 +55,9 @@ pub struct Replica {
 /// whether it has replayed far enough, before going to the primary.
 const REPLICA_CHECK: Duration = Duration::from_millis(500);
 
+/// Whether the replica has replayed up to a position (`$1`).
+const REPLAYED_SQL: &str = "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)";
+
 /// What the replica check found of the server `DATABASE_REPLICA_URL` names.
 #[derive(Debug, Clone, PartialEq)]
 enum Follows {
@@ -404,11 +407,9 @@ impl AppState {
                 let Some(r) = &state.replica else { break };
                 let done = tokio::time::timeout(
                     REPLICA_CHECK,
-                    sqlx::query_scalar::<_, bool>(
-                        "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
-                    )
-                    .bind(&floor)
-                    .fetch_one(&r.pool),
+                    sqlx::query_scalar::<_, bool>(REPLAYED_SQL)
+                        .bind(&floor)
+                        .fetch_one(&r.pool),
                 )
                 .await;
                 if let Ok(Ok(true)) = done {
@@ -444,11 +445,9 @@ impl AppState {
                     // long as the client waited.
                     let caught_up = tokio::time::timeout(
                         REPLICA_CHECK,
-                        sqlx::query_scalar::<_, bool>(
-                            "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)",
-                        )
-                        .bind(&min)
-                        .fetch_one(&mut *conn),
+                        sqlx::query_scalar::<_, bool>(REPLAYED_SQL)
+                            .bind(&min)
+                            .fetch_one(&mut *conn),
                     )
                     .await;
                     match caught_up {

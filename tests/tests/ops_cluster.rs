@@ -429,6 +429,26 @@ async fn cluster_server(db: &TestDb, cluster: &RedisCluster) -> sales_server::Ru
     sales_server::Server::bind(cfg).await.expect("bind").spawn()
 }
 
+/// On `server`: a store with one month written (28 days of 10, through the
+/// API, the relay caught up) and that month's list read and cached. The
+/// admin's client, the store and the list's path.
+async fn cached_month(db: &TestDb, server: &sales_server::RunningServer) -> (Api, i64, String) {
+    let s = db.stores(1).await[0];
+    let (_, token) = user_token(db, server, "admin@example.com", "admin", &[]).await;
+    let admin = Api::new(server, Some(&token));
+    let (st, body) = admin
+        .post(
+            "/api/v2/sales/batch",
+            &json!({"salesDataArray": [month(s, 2024, 1, 28, 10.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    relay_caught_up(db, server).await;
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=storeId,totalSales");
+    sales_e2e::warm(&admin, &path).await;
+    (admin, s, path)
+}
+
 /// A node that restarts from a snapshot taken before an invalidation has
 /// that tag counter's older value again: the entry cached before it would
 /// match it and be served (for as long as it lives). Each primary's
@@ -440,20 +460,8 @@ async fn a_node_restarted_from_an_older_snapshot_leaves_nothing_stale() {
         .await
         .unwrap();
     let db = TestDb::new().await;
-    let s = db.stores(1).await[0];
     let server = cluster_server(&db, &cluster).await;
-    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
-    let admin = Api::new(&server, Some(&token));
-    let (st, body) = admin
-        .post(
-            "/api/v2/sales/batch",
-            &json!({"salesDataArray": [month(s, 2024, 1, 28, 10.0)]}),
-        )
-        .await;
-    assert_eq!(st, 200, "{body}");
-    relay_caught_up(&db, &server).await;
-    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=storeId,totalSales");
-    sales_e2e::warm(&admin, &path).await;
+    let (admin, s, path) = cached_month(&db, &server).await;
     assert_eq!(total_of(&admin.get(&path).await.1, s), 280.0);
 
     let tag = format!("{}:t:store:{s}:2024-01", db.name);
@@ -516,21 +524,9 @@ async fn a_replica_taking_over_brings_the_cache_back() {
         .await
         .unwrap();
     let db = TestDb::new().await;
-    let s = db.stores(1).await[0];
     let server = cluster_server(&db, &cluster).await;
-    let (_, token) = user_token(&db, &server, "admin@example.com", "admin", &[]).await;
-    let admin = Api::new(&server, Some(&token));
+    let (admin, s, path) = cached_month(&db, &server).await;
     let anon = Api::new(&server, None);
-    let (st, body) = admin
-        .post(
-            "/api/v2/sales/batch",
-            &json!({"salesDataArray": [month(s, 2024, 1, 28, 10.0)]}),
-        )
-        .await;
-    assert_eq!(st, 200, "{body}");
-    relay_caught_up(&db, &server).await;
-    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=storeId,totalSales");
-    sales_e2e::warm(&admin, &path).await;
 
     // Changed by hand with no event (nothing invalidates it): only a
     // replaced primary, which may have lost the newest bumps, makes every

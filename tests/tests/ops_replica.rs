@@ -193,6 +193,15 @@ async fn a_replica_url_that_is_not_in_recovery_is_not_read_from() {
     server.stop().await;
 }
 
+/// Pauses the standby's replay and waits (bounded) until it is paused.
+async fn pause_replay(standby: &mut sqlx::PgConnection, replica_url: &str) {
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&mut *standby)
+        .await
+        .unwrap();
+    replay_paused(replica_url).await;
+}
+
 /// Waits (bounded) until the replica's replay is paused (a pause is asked
 /// for, and takes effect at the next record).
 async fn replay_paused(replica_url: &str) {
@@ -230,11 +239,7 @@ async fn nothing_the_replica_has_not_replayed_is_read_from_it() {
         sqlx::PgConnection::connect(&replica_url).await.ok()
     })
     .await;
-    sqlx::query("SELECT pg_wal_replay_pause()")
-        .execute(&mut standby)
-        .await
-        .unwrap();
-    replay_paused(&replica_url).await;
+    pause_replay(&mut standby, &replica_url).await;
     // Written before the server starts; the replica does not have it.
     let batch = json!([month(s, 2024, 1, 10, 10.0)]);
     sqlx::query("SELECT sales.batch_upsert($1)")
@@ -278,11 +283,7 @@ async fn nothing_the_replica_has_not_replayed_is_read_from_it() {
         done.then_some(())
     })
     .await;
-    sqlx::query("SELECT pg_wal_replay_pause()")
-        .execute(&mut standby)
-        .await
-        .unwrap();
-    replay_paused(&replica_url).await;
+    pause_replay(&mut standby, &replica_url).await;
     // Read from the replica now (caught up), then changed by hand with no
     // event, and the cache cleared.
     sqlx::raw_sql(&format!(
@@ -417,14 +418,6 @@ async fn a_replica_that_stops_answering_sends_reads_to_the_primary() {
         .await;
     assert_eq!(st, 200, "{body}");
     // A read served by the replica: its pool keeps the connection.
-    let metric = |name: &'static str| {
-        let url = server.url("/metrics");
-        async move {
-            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
-            m.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        }
-    };
     eventually(
         Duration::from_secs(30),
         "a read from the replica",
@@ -436,7 +429,7 @@ async fn a_replica_that_stops_answering_sends_reads_to_the_primary() {
                 ))
                 .await;
             assert_eq!(st, 200);
-            (metric("db_replica_reads_total ").await? >= 1.0).then_some(())
+            (metric(&server, "db_replica_reads_total").await? >= 1.0).then_some(())
         },
     )
     .await;
@@ -500,11 +493,7 @@ async fn a_standby_of_another_log_is_not_read_from() {
     })
     .await;
     let mut standby = sqlx::PgConnection::connect(&replica_url).await.unwrap();
-    sqlx::query("SELECT pg_wal_replay_pause()")
-        .execute(&mut standby)
-        .await
-        .unwrap();
-    replay_paused(&replica_url).await;
+    pause_replay(&mut standby, &replica_url).await;
     sqlx::query("UPDATE sales.event_log_identity SET epoch = gen_random_uuid()")
         .execute(&db.pool)
         .await

@@ -549,39 +549,8 @@ impl LoginApi {
     async fn end_session(&self, user: i64, session: &str) -> ApiResult<LoggedOut> {
         let pool = &self.state.pool;
         let lifetime = self.state.auth.expiry_secs();
-        let ended = crate::db::retry_tx("logout", || async {
-            let mut tx = pool.begin().await?;
-            let live: Option<bool> = sqlx::query_scalar(
-                "SELECT revoked_at IS NULL FROM auth.sessions
-                 WHERE id = $1::uuid AND user_id = $2 FOR UPDATE",
-            )
-            .bind(session)
-            .bind(user)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if live != Some(true) {
-                return Ok(None);
-            }
-            crate::db::write::set_actor(&mut *tx, user).await?;
-            sqlx::query(
-                "UPDATE auth.sessions SET revoked_at = now(), revoked_reason = 'logout'
-                 WHERE id = $1::uuid",
-            )
-            .bind(session)
-            .execute(&mut *tx)
-            .await?;
-            crate::users::emit(
-                &mut tx,
-                "session-revoked",
-                serde_json::json!({"userId": user, "sessionId": session, "reason": "logout"}),
-            )
-            .await?;
-            tx.commit().await.map_err(crate::db::TxFailure::AtCommit)?;
-            Ok(Some(crate::access::Change::Session {
-                user,
-                session: session.to_string(),
-                until: chrono::Utc::now().timestamp() + lifetime + crate::auth::LEEWAY_SECS as i64,
-            }))
+        let ended = crate::db::retry_tx("logout", || {
+            crate::sessions::end_by_id(pool, session, user, lifetime)
         })
         .await?;
         if let Some(change) = ended {
