@@ -41,6 +41,88 @@ $$;
 -- rows come in the order the rows were written, before those of inserted
 -- rows (batch_upsert writes in (store, year, month) order); a row's own
 -- events are always in version order.
+-- The functions of this schema that run as their owner (SECURITY DEFINER:
+-- the event triggers written in plpgsql, sales.event_log_epoch) read and
+-- write its tables. Whoever owns one of those tables can attach code to it
+-- (a trigger, a rule, a column default, an index expression) that such a
+-- function would then run with its owner's rights: a server role given the
+-- tables could act as the superuser that created the extension. So each
+-- of them first calls this, which refuses (42501) unless every table,
+-- view, sequence and composite type of the schema belongs to the role it
+-- runs as or to a superuser. sales.hand_over gives one role the tables
+-- together with those functions.
+CREATE FUNCTION sales.check_owners() RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me oid := (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user);
+    other text;
+BEGIN
+    SELECT format('%s is owned by %s', c.oid::regclass, c.relowner::regrole) INTO other
+    FROM pg_class c
+    WHERE c.relnamespace = 'sales'::regnamespace
+      AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+      AND c.relowner <> me
+      AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = c.relowner AND r.rolsuper)
+    ORDER BY c.oid
+    LIMIT 1;
+    IF other IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_sales: % while the functions that write the event log run as %', other, current_user
+            USING ERRCODE = '42501',
+                  DETAIL = 'Such a function would run code that the owner of that table attached to it with the rights of ' || current_user || '.',
+                  HINT = 'A superuser gives one role the schema''s tables and these functions together: SELECT sales.hand_over(''role'').';
+    END IF;
+END $$;
+
+-- Gives `new_owner` every table, view, sequence and composite type of the
+-- schema with the functions that run as their owner (so that those run as
+-- `new_owner`, never as a more privileged role over tables `new_owner`
+-- controls; see sales.check_owners), and USAGE and CREATE on the schema
+-- (the server's migrations add indexes and statistics to its tables). For
+-- a superuser, once after CREATE EXTENSION, and again after each ALTER
+-- EXTENSION pg_sales UPDATE (whatever an update creates belongs to whoever
+-- ran it). The schema's other functions stay their owner's: none of them
+-- runs code `new_owner` can change when a superuser calls it. Returns the
+-- number of objects given.
+CREATE FUNCTION sales.hand_over(new_owner regrole) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o record;
+    given integer := 0;
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user), false) THEN
+        RAISE EXCEPTION 'pg_sales: sales.hand_over() is for superusers' USING ERRCODE = '42501';
+    END IF;
+    IF new_owner IS NULL THEN
+        RAISE EXCEPTION 'pg_sales: sales.hand_over() needs a role' USING ERRCODE = '22004';
+    END IF;
+    -- Tables first: a table takes the sequences of its columns along.
+    FOR o IN
+        SELECT c.oid, c.relkind FROM pg_class c
+        WHERE c.relnamespace = 'sales'::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+        ORDER BY c.relkind = 'S', c.oid
+    LOOP
+        CONTINUE WHEN (SELECT c.relowner FROM pg_class c WHERE c.oid = o.oid) = new_owner;
+        EXECUTE format('ALTER %s %s OWNER TO %s',
+                       CASE o.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                      WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                                      WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END,
+                       o.oid::regclass, new_owner);
+        given := given + 1;
+    END LOOP;
+    FOR o IN
+        SELECT p.oid FROM pg_proc p
+        WHERE p.pronamespace = 'sales'::regnamespace AND p.prosecdef AND p.proowner <> new_owner
+        ORDER BY p.oid
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', o.oid::regprocedure, new_owner);
+        given := given + 1;
+    END LOOP;
+    EXECUTE format('GRANT USAGE, CREATE ON SCHEMA sales TO %s', new_owner);
+    RETURN given;
+END $$;
+REVOKE EXECUTE ON FUNCTION sales.hand_over(regrole) FROM PUBLIC;
+
 -- The event triggers written in plpgsql (deletes, stores, truncates) run as
 -- their owner (SECURITY DEFINER, with a fixed search_path), as the Rust
 -- ones write the log directly: a role that may change sales rows or stores
@@ -64,6 +146,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_sales_deleted() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     IF TG_LEVEL = 'ROW' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         VALUES ('sales-data-deleted', OLD.store_id, sales.current_actor(), OLD.id, OLD.version + 1,
@@ -118,6 +201,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_stores_changed() is a trigger of sales.stores only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     IF TG_OP = 'INSERT' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n)
@@ -175,6 +259,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_truncated() is a trigger of sales.monthly_sales and sales.stores only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     INSERT INTO sales.events (kind, actor_id, payload)
     VALUES ('table-truncated', sales.current_actor(), jsonb_build_object('table', TG_TABLE_NAME));
     IF TG_TABLE_NAME = 'monthly_sales' THEN
@@ -354,13 +439,15 @@ $$;
 -- with the epoch it was read under: a consumer that resumes from an id
 -- read under another epoch reloads instead (the WebSocket resume does).
 CREATE FUNCTION sales.event_log_epoch() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT i.epoch::text || '.' ||
-           CASE WHEN pg_is_in_recovery() THEN (pg_control_checkpoint()).timeline_id::text
-                ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text
-           END
-    FROM sales.event_log_identity i
-$$;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sales.check_owners();
+    RETURN (SELECT i.epoch::text || '.' ||
+                   CASE WHEN pg_is_in_recovery() THEN (pg_control_checkpoint()).timeline_id::text
+                        ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text
+                   END
+            FROM sales.event_log_identity i);
+END $$;
 
 -- The position a new reader starts from: the last event that events_since
 -- would return, or 0 when there is none.

@@ -79,6 +79,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_sales_truncating() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     mark := nextval(pg_get_serial_sequence('sales.events', 'id'));
     INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
     SELECT m.id, mark, 'sales-data-truncated', m.store_id, sales.current_actor(), m.version, to_jsonb(m),

@@ -11,6 +11,96 @@
 -- delivery clock's first read, a batch's batch-completed event, the
 -- commit's NOTIFY lookup). Before, deletes and store writes needed INSERT
 -- on the log, and every write SELECT on it.
+--
+-- Those functions refuse to run while a table of the schema belongs to a
+-- role that is neither the one they run as nor a superuser (whoever owns a
+-- table can attach code to it, which they would run with their owner's
+-- rights): a database whose tables were given to the server's role by
+-- ALTER ... OWNER alone gets 42501 on deletes, store changes and truncates
+-- until a superuser runs SELECT sales.hand_over('that role'), which gives
+-- it the functions along with the tables.
+
+-- The functions of this schema that run as their owner (SECURITY DEFINER:
+-- the event triggers written in plpgsql, sales.event_log_epoch) read and
+-- write its tables. Whoever owns one of those tables can attach code to it
+-- (a trigger, a rule, a column default, an index expression) that such a
+-- function would then run with its owner's rights: a server role given the
+-- tables could act as the superuser that created the extension. So each
+-- of them first calls this, which refuses (42501) unless every table,
+-- view, sequence and composite type of the schema belongs to the role it
+-- runs as or to a superuser. sales.hand_over gives one role the tables
+-- together with those functions.
+CREATE FUNCTION sales.check_owners() RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    me oid := (SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user);
+    other text;
+BEGIN
+    SELECT format('%s is owned by %s', c.oid::regclass, c.relowner::regrole) INTO other
+    FROM pg_class c
+    WHERE c.relnamespace = 'sales'::regnamespace
+      AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+      AND c.relowner <> me
+      AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = c.relowner AND r.rolsuper)
+    ORDER BY c.oid
+    LIMIT 1;
+    IF other IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_sales: % while the functions that write the event log run as %', other, current_user
+            USING ERRCODE = '42501',
+                  DETAIL = 'Such a function would run code that the owner of that table attached to it with the rights of ' || current_user || '.',
+                  HINT = 'A superuser gives one role the schema''s tables and these functions together: SELECT sales.hand_over(''role'').';
+    END IF;
+END $$;
+
+-- Gives `new_owner` every table, view, sequence and composite type of the
+-- schema with the functions that run as their owner (so that those run as
+-- `new_owner`, never as a more privileged role over tables `new_owner`
+-- controls; see sales.check_owners), and USAGE and CREATE on the schema
+-- (the server's migrations add indexes and statistics to its tables). For
+-- a superuser, once after CREATE EXTENSION, and again after each ALTER
+-- EXTENSION pg_sales UPDATE (whatever an update creates belongs to whoever
+-- ran it). The schema's other functions stay their owner's: none of them
+-- runs code `new_owner` can change when a superuser calls it. Returns the
+-- number of objects given.
+CREATE FUNCTION sales.hand_over(new_owner regrole) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    o record;
+    given integer := 0;
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user), false) THEN
+        RAISE EXCEPTION 'pg_sales: sales.hand_over() is for superusers' USING ERRCODE = '42501';
+    END IF;
+    IF new_owner IS NULL THEN
+        RAISE EXCEPTION 'pg_sales: sales.hand_over() needs a role' USING ERRCODE = '22004';
+    END IF;
+    -- Tables first: a table takes the sequences of its columns along.
+    FOR o IN
+        SELECT c.oid, c.relkind FROM pg_class c
+        WHERE c.relnamespace = 'sales'::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+        ORDER BY c.relkind = 'S', c.oid
+    LOOP
+        CONTINUE WHEN (SELECT c.relowner FROM pg_class c WHERE c.oid = o.oid) = new_owner;
+        EXECUTE format('ALTER %s %s OWNER TO %s',
+                       CASE o.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                      WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                                      WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END,
+                       o.oid::regclass, new_owner);
+        given := given + 1;
+    END LOOP;
+    FOR o IN
+        SELECT p.oid FROM pg_proc p
+        WHERE p.pronamespace = 'sales'::regnamespace AND p.prosecdef AND p.proowner <> new_owner
+        ORDER BY p.oid
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', o.oid::regprocedure, new_owner);
+        given := given + 1;
+    END LOOP;
+    EXECUTE format('GRANT USAGE, CREATE ON SCHEMA sales TO %s', new_owner);
+    RETURN given;
+END $$;
+REVOKE EXECUTE ON FUNCTION sales.hand_over(regrole) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION sales.tg_sales_deleted() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -23,6 +113,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_sales_deleted() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     IF TG_LEVEL = 'ROW' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         VALUES ('sales-data-deleted', OLD.store_id, sales.current_actor(), OLD.id, OLD.version + 1,
@@ -51,6 +142,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_stores_changed() is a trigger of sales.stores only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     IF TG_OP = 'INSERT' THEN
         INSERT INTO sales.events (kind, store_id, actor_id, row_id, row_version, payload)
         SELECT 'store-created', n.id, sales.current_actor(), n.id, n.version, sales.store_doc(n)
@@ -91,6 +183,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_truncated() is a trigger of sales.monthly_sales and sales.stores only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     INSERT INTO sales.events (kind, actor_id, payload)
     VALUES ('table-truncated', sales.current_actor(), jsonb_build_object('table', TG_TABLE_NAME));
     IF TG_TABLE_NAME = 'monthly_sales' THEN
@@ -308,6 +401,7 @@ BEGIN
         RAISE EXCEPTION 'pg_sales: sales.tg_sales_truncating() is a trigger of sales.monthly_sales only, not of %', TG_RELID::regclass
             USING ERRCODE = '42501';
     END IF;
+    PERFORM sales.check_owners();
     mark := nextval(pg_get_serial_sequence('sales.events', 'id'));
     INSERT INTO sales.event_history (row_id, id, kind, store_id, actor_id, row_version, payload, created_at)
     SELECT m.id, mark, 'sales-data-truncated', m.store_id, sales.current_actor(), m.version, to_jsonb(m),
@@ -817,6 +911,13 @@ CREATE TABLE sales.event_log_identity (
     one    boolean PRIMARY KEY DEFAULT true CHECK (one)
 );
 INSERT INTO sales.event_log_identity DEFAULT VALUES;
+-- Owned like the log: a database whose tables were given to the server's
+-- role (sales.hand_over) keeps them all with one owner.
+DO $$
+BEGIN
+    EXECUTE format('ALTER TABLE sales.event_log_identity OWNER TO %s',
+                   (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = 'sales.events'::regclass));
+END $$;
 
 -- Names the event log that event ids are numbers of: this log's identity
 -- (made anew when a dump is restored) and the WAL timeline (a new one after
@@ -825,10 +926,12 @@ INSERT INTO sales.event_log_identity DEFAULT VALUES;
 -- with the epoch it was read under: a consumer that resumes from an id
 -- read under another epoch reloads instead (the WebSocket resume does).
 CREATE FUNCTION sales.event_log_epoch() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT i.epoch::text || '.' ||
-           CASE WHEN pg_is_in_recovery() THEN (pg_control_checkpoint()).timeline_id::text
-                ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text
-           END
-    FROM sales.event_log_identity i
-$$;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM sales.check_owners();
+    RETURN (SELECT i.epoch::text || '.' ||
+                   CASE WHEN pg_is_in_recovery() THEN (pg_control_checkpoint()).timeline_id::text
+                        ELSE (('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text
+                   END
+            FROM sales.event_log_identity i);
+END $$;

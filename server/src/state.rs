@@ -429,13 +429,20 @@ impl AppState {
     }
 
     /// A connection for a read whose result may be cached: from the replica
-    /// when it is up and has replayed every change this instance knows of,
-    /// else from the primary.
+    /// when it is up and has replayed every change this instance knows of
+    /// and every write another instance sharing the cache published, else
+    /// from the primary.
     pub async fn read_conn(
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
         if let Some(r) = &self.replica {
             if r.up.load(Ordering::Relaxed) {
+                // Another instance's write that made an entry stale, which
+                // this instance's relay may not have read yet (delivery
+                // waits for transactions still writing events).
+                if let Some(shared) = self.cache.shared_read_floor().await {
+                    r.min_lsn.fetch_max(shared, Ordering::Relaxed);
+                }
                 let min = db::format_lsn(r.min_lsn.load(Ordering::Relaxed));
                 if let Ok(Ok(mut conn)) =
                     tokio::time::timeout(REPLICA_CHECK, r.pool.acquire()).await

@@ -517,3 +517,80 @@ async fn a_standby_of_another_log_is_not_read_from() {
     .await;
     server.stop().await;
 }
+
+/// Two instances sharing Redis, each reading from the replica, while a
+/// transaction writing events stays open (so neither relay delivers the
+/// events committed after it): a write through one instance is read
+/// through the other at once, and the writer then reads its own write.
+/// The other instance read from the replica, which had not replayed the
+/// write (its own floor knew nothing of it), and cached that answer under
+/// the tag versions the write had already moved: the writer then served
+/// the old answer as a cache hit until the open transaction ended.
+#[tokio::test]
+async fn another_instances_write_is_read_while_delivery_is_held_back() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    let replica = PgReplica::start();
+    let replica_url = replica.url_for(&db);
+    let mut standby = eventually(Duration::from_secs(30), "the replica answers", || async {
+        sqlx::PgConnection::connect(&replica_url).await.ok()
+    })
+    .await;
+    let a = db
+        .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
+        .await;
+    let b = db
+        .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
+        .await;
+    let (_, token) = user_token(&db, &a, "a@example.com", "admin", &[]).await;
+    let (api_a, api_b) = (Api::new(&a, Some(&token)), Api::new(&b, Some(&token)));
+
+    // An event-writing transaction left open: delivery waits for it.
+    let mut holder = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT sales.emit('held-open', '{}')")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let holders: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.event_holders()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(holders, 1, "the open transaction holds delivery back");
+    pause_replay(&mut standby, &replica_url).await;
+
+    for (round, month_no) in (1..=3).enumerate() {
+        let (st, body) = api_b
+            .post(
+                "/api/v2/sales/batch",
+                &json!({"salesDataArray": [month(s, 2024, month_no, 3, 10.0 + round as f64)]}),
+            )
+            .await;
+        assert_eq!(st, 200, "{body}");
+        let path =
+            format!("/api/v2/sales?storeId={s}&year=2024&month={month_no}&fields=totalSales");
+        let want = Some(30.0 + 3.0 * round as f64);
+        let (st, body) = api_a.get(&path).await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(
+            body["data"][0]["totalSales"].as_f64(),
+            want,
+            "the other instance: {body}"
+        );
+        let (_, body) = api_b.get(&path).await;
+        assert_eq!(
+            body["data"][0]["totalSales"].as_f64(),
+            want,
+            "the writer: {body}"
+        );
+    }
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&mut standby)
+        .await
+        .unwrap();
+    a.stop().await;
+    b.stop().await;
+}

@@ -605,6 +605,48 @@ impl Cache {
         format!("{}:relayed", self.prefix)
     }
 
+    /// Whether other instances may share this cache (Redis): they then
+    /// learn each write's WAL position through it ([`Cache::share_read_floor`]).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Redis(_))
+    }
+
+    /// Raises the WAL position every instance sharing this cache waits for
+    /// before it reads from a replica: a committed write's, before its
+    /// invalidation is applied. An instance that finds an entry made stale
+    /// by another instance's write then reads the new value, even while its
+    /// own relay has not heard of the write yet (a transaction still
+    /// writing events holds delivery back, not the commit or its
+    /// invalidation).
+    pub async fn share_read_floor(&self, lsn: u64) {
+        if let Backend::Redis(r) = &self.backend {
+            if r.mark_max(&self.read_floor_key(), lsn as i64)
+                .await
+                .is_err()
+            {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The highest WAL position any instance shared ([`Cache::share_read_floor`]);
+    /// None without Redis, or when it does not answer.
+    pub async fn shared_read_floor(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Redis(r) if !self.degraded.load(Ordering::Relaxed) => r
+                .get_i64(&self.read_floor_key())
+                .await
+                .ok()
+                .flatten()
+                .map(|v| v.max(0) as u64),
+            _ => None,
+        }
+    }
+
+    fn read_floor_key(&self) -> String {
+        format!("{}:read-floor", self.prefix)
+    }
+
     /// Before a starting instance serves anything from Redis: the events
     /// after the last position whose invalidation any instance applied, up
     /// to `head` (where this instance's relay starts), may never have been

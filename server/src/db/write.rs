@@ -91,13 +91,35 @@ impl Changes {
     }
 
     /// Raises `read_floor` (with a replica) to the primary's WAL position,
-    /// so that no read cached from now on comes from a replica that has not
-    /// replayed the write, then invalidates the entries the events name.
+    /// and with a cache other instances share, theirs too (each reads it
+    /// before it reads from its replica), so that no read cached from now
+    /// on comes from a replica that has not replayed the write; then
+    /// invalidates the entries the events name.
     pub async fn publish(self, pool: &PgPool, read_floor: Option<&AtomicU64>, cache: &Cache) {
-        if let Some(floor) = read_floor {
-            raise_read_floor(pool, floor).await;
+        if read_floor.is_some() || cache.is_shared() {
+            if let Some(lsn) = primary_read_floor(pool).await {
+                if let Some(floor) = read_floor {
+                    floor.fetch_max(lsn, Ordering::Relaxed);
+                }
+                cache.share_read_floor(lsn).await;
+            }
         }
         cache.invalidate(&self.tags).await;
+    }
+}
+
+/// The primary's current WAL insert position ([`READ_FLOOR_EXPR`]); None,
+/// with a warning, when it cannot be read.
+async fn primary_read_floor(pool: &PgPool) -> Option<u64> {
+    match sqlx::query_scalar::<_, i64>(&read_floor_sql())
+        .fetch_one(pool)
+        .await
+    {
+        Ok(v) => Some(v.max(0) as u64),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the primary's WAL position for the replica read floor");
+            None
+        }
     }
 }
 
@@ -107,16 +129,8 @@ impl Changes {
 /// write position, `pg_current_wal_lsn()`, can be short of it, and a
 /// replica that had replayed that far was read from without the change).
 pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
-    match sqlx::query_scalar::<_, i64>(&read_floor_sql())
-        .fetch_one(pool)
-        .await
-    {
-        Ok(v) => {
-            floor.fetch_max(v as u64, Ordering::Relaxed);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read the primary's WAL position for the replica read floor")
-        }
+    if let Some(lsn) = primary_read_floor(pool).await {
+        floor.fetch_max(lsn, Ordering::Relaxed);
     }
 }
 
