@@ -54,6 +54,19 @@ impl Server {
         db::migrate(&state.pool)
             .await
             .context("running migrations")?;
+        // Serving needs the extension at this release's version or newer; an
+        // older one that this role may not update (`migrate` warned) stops
+        // the start here, saying what to do, rather than at the first
+        // function the older version lacks.
+        if let Some(have) = db::extension_version(&state.pool).await? {
+            if db::version_older(&have, VERSION) {
+                anyhow::bail!(
+                    "extension pg_sales in the database is {have} and this server needs {VERSION}: \
+                     its owner or a superuser must run ALTER EXTENSION pg_sales UPDATE \
+                     (this server's role may not), then start the server again"
+                );
+            }
+        }
         // A new instance relays what happens from now on (clients ask for
         // older events with resume).
         let head = events::relay::head(&state.pool)

@@ -167,51 +167,15 @@ async fn a_table_given_alone_is_refused_until_handed_over() {
     .await;
 }
 
-/// README's production recipe: a login role that owns the database, the
-/// extension created by a superuser and handed over to that role; then
-/// migrations, and a server, as that role: writes, deletes, store changes
-/// and their events, readiness, the monitoring views behind the admin
-/// index report.
+/// The server migrates and serves as the role the tables were handed to:
+/// writes, deletes, store changes and their events, readiness, the
+/// monitoring views behind the admin index report.
 #[tokio::test]
 async fn the_server_migrates_and_serves_as_the_role_handed_the_tables() {
-    let (name, _, admin) = create_database("pgs_test", 2).await;
-    let role = format!("pgs_server_{}", rand::random::<u32>());
-    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-    exec(
-        &admin,
-        &format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
-             ALTER DATABASE {name} OWNER TO {role};
-             CREATE EXTENSION pg_sales;
-             SELECT sales.hand_over('{role}');"
-        ),
-    )
-    .await;
-    admin.close().await;
-    let opts = PgConnectOptions::from_str(&base_url())
-        .unwrap()
-        .database(&name)
-        .username(&role)
-        .password(&password);
-    let pool = PgPoolOptions::new()
-        .max_connections(10)
-        .connect_with(opts.clone())
-        .await
-        .expect("connect as the server's role");
-    let is_super: bool =
-        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert!(!is_super);
-    sales_server::db::migrate(&pool)
+    let (db, role) = handed_over_database().await;
+    sales_server::db::migrate(&db.pool)
         .await
         .expect("migrations as the server's role");
-    let db = TestDb {
-        name,
-        url: opts.to_url_lossy().to_string(),
-        pool,
-    };
     let store: i64 = sqlx::query_scalar(
         "INSERT INTO sales.stores (code, name, region) VALUES ('OWN1', 'Own', 'North') RETURNING id",
     )
@@ -264,6 +228,90 @@ async fn the_server_migrates_and_serves_as_the_role_handed_the_tables() {
     assert_eq!(st, 200, "{body}");
 
     drop(server);
+    drop_with_role(db, &role).await;
+}
+
+/// An extension older than the server's own version that the server's
+/// role may not update stops the start with what to do (it failed at the
+/// first function the older version lacked, naming that function).
+#[tokio::test]
+async fn an_older_extension_the_role_may_not_update_stops_the_start_saying_why() {
+    let (db, role) = handed_over_database().await;
+    sales_server::db::migrate(&db.pool)
+        .await
+        .expect("migrations as the server's role");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            PgConnectOptions::from_str(&base_url())
+                .unwrap()
+                .database(&db.name),
+        )
+        .await
+        .unwrap();
+    exec(
+        &admin,
+        "UPDATE pg_extension SET extversion = '0.11.0' WHERE extname = 'pg_sales'",
+    )
+    .await;
+    admin.close().await;
+    let err = match sales_server::Server::bind(db.config(&[])).await {
+        Ok(_) => panic!("a server started on an older extension"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("extension pg_sales in the database is 0.11.0 and this server needs")
+            && err.contains("ALTER EXTENSION pg_sales UPDATE"),
+        "{err}"
+    );
+    drop_with_role(db, &role).await;
+}
+
+/// README's production recipe: a login role that owns the database, the
+/// extension created by a superuser and handed over to that role.
+/// Returns the database (its pool as the role, not migrated yet) and the
+/// role's name.
+async fn handed_over_database() -> (TestDb, String) {
+    let (name, _, admin) = create_database("pgs_test", 2).await;
+    let role = format!("pgs_server_{}", rand::random::<u32>());
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    exec(
+        &admin,
+        &format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+             ALTER DATABASE {name} OWNER TO {role};
+             CREATE EXTENSION pg_sales;
+             SELECT sales.hand_over('{role}');"
+        ),
+    )
+    .await;
+    admin.close().await;
+    let opts = PgConnectOptions::from_str(&base_url())
+        .unwrap()
+        .database(&name)
+        .username(&role)
+        .password(&password);
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect_with(opts.clone())
+        .await
+        .expect("connect as the server's role");
+    let is_super: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!is_super);
+    let db = TestDb {
+        name,
+        url: opts.to_url_lossy().to_string(),
+        pool,
+    };
+    (db, role)
+}
+
+/// Drops `db`, then `role` once the database is gone.
+async fn drop_with_role(db: TestDb, role: &str) {
     let db_name = db.name.clone();
     drop(db);
     // The database goes with `db`; then the role, which owns nothing else.

@@ -762,6 +762,26 @@ pub async fn update_extension(
     }
 }
 
+/// The installed version of pg_sales in the database, None without it.
+pub async fn extension_version(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'")
+        .fetch_optional(pool)
+        .await
+}
+
+/// Whether version `a` (`major.minor.patch`) comes before `b`; a version
+/// that is not three numbers compares as neither.
+pub fn version_older(a: &str, b: &str) -> bool {
+    let parse = |v: &str| -> Option<Vec<u64>> {
+        let parts: Vec<u64> = v
+            .split('.')
+            .map(|p| p.parse().ok())
+            .collect::<Option<_>>()?;
+        (parts.len() == 3).then_some(parts)
+    };
+    matches!((parse(a), parse(b)), (Some(a), Some(b)) if a < b)
+}
+
 /// `16/B374D848` -> a comparable number.
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;
@@ -927,6 +947,18 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert!(version_older("0.11.0", "0.12.0"));
+        assert!(version_older("0.9.0", "0.12.0"));
+        assert!(version_older("0.12.0", "1.0.0"));
+        assert!(!version_older("0.12.0", "0.12.0"));
+        assert!(!version_older("0.12.1", "0.12.0"));
+        assert!(!version_older("99.0.0", "0.12.0"));
+        assert!(!version_older("0.12", "0.13.0"));
+        assert!(!version_older("0.12.0-dev", "0.13.0"));
+    }
 
     #[test]
     fn lsn_round_trip() {
