@@ -2167,6 +2167,13 @@ async fn options_says_what_a_resource_allows() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 405, "{path}");
         assert_eq!(r.headers()["allow"].to_str().unwrap(), allow, "{path}");
+        // Its message names the methods `Allow` names.
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            format!("PUT is not allowed here; use {allow}"),
+            "{path}"
+        );
     }
 }
 

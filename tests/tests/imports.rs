@@ -751,6 +751,14 @@ async fn the_command_line_imports_with_a_report() {
         scalar_i64(&db, "SELECT count(*) FROM sales.monthly_sales").await,
         0
     );
+    // One of each is said in the singular.
+    let one = dir.join("one.csv");
+    std::fs::write(&one, "date,store_code,sales\n2024-06-01,T001,5\n").unwrap();
+    let out = run(vec![one.to_string_lossy().to_string(), "--dry-run".into()]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("read 1 line ("), "{text}");
+    assert!(text.contains(": 1 line, 1 row would be written"), "{text}");
     let out = run(vec![p.clone()]).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}");

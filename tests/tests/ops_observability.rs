@@ -65,6 +65,8 @@ async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
         api.get("/api/v2/sales?fields=id").await;
     }
     api.get("/api/v2/sales/999999").await;
+    api.get("/api/v2/users/1/history").await;
+    reqwest::get(server.url("/assets/app.js")).await.unwrap();
     let r = reqwest::get(server.url("/metrics")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
@@ -75,7 +77,9 @@ async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
     for needle in [
         "http_request_duration_seconds_bucket{",
         "route=\"/api/v2/sales\"",
-        "route=\"/api/v2/sales/:id\"",
+        "route=\"/api/v2/sales/{id}\"",
+        "route=\"/api/v2/users/{id}/history\"",
+        "route=\"/assets/{file}\"",
         "status=\"404\"",
         "http_requests_total{",
         "db_query_duration_seconds_bucket{statement=\"sales_list\"",
@@ -93,6 +97,14 @@ async fn metrics_cover_requests_queries_pool_cache_ws_and_process() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}\n{text}");
     }
+    // Route labels are the document's templates, not poem's `:id` spelling.
+    let poem_spelled: Vec<&str> = text
+        .split("route=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|route| route.contains(':'))
+        .collect();
+    assert!(poem_spelled.is_empty(), "{poem_spelled:?}");
     // No negative zero (an empty sum of subscriptions showed `-0`).
     assert!(
         !text.lines().any(|l| l.ends_with(" -0")),

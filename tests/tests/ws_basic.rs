@@ -372,6 +372,60 @@ async fn tokens_are_checked_before_the_upgrade() {
     server.stop().await;
 }
 
+/// A refused upgrade challenges as every 401 of the API does: the realm,
+/// and `invalid_token` when a token was given (by query, `Authorization`
+/// or `Sec-WebSocket-Protocol`) and refused.
+#[tokio::test]
+async fn refused_upgrades_challenge_as_the_api_does() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let addr = server.addr;
+    let challenge = |result: Result<_, WsError>| match result {
+        Err(WsError::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401);
+            resp.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, the upgrade succeeded"),
+    };
+    let connect = |query: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        tokio_tungstenite::connect_async(request(addr, query, headers))
+    };
+    const REALM: &str = r#"Bearer realm="pg_sales""#;
+    const INVALID: &str = r#"Bearer realm="pg_sales", error="invalid_token""#;
+    assert_eq!(challenge(connect("", &[]).await), REALM);
+    assert_eq!(
+        challenge(connect("", &[("authorization", "Bearer garbage")]).await),
+        INVALID
+    );
+    assert_eq!(challenge(connect("?token=garbage", &[]).await), INVALID);
+    assert_eq!(
+        challenge(connect("", &[("sec-websocket-protocol", "bearer, garbage")]).await),
+        INVALID
+    );
+    // A plain GET (no upgrade asked) is refused alike.
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("http://{addr}/ws"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], REALM);
+    let r = client
+        .get(format!("http://{addr}/ws"))
+        .header("authorization", "Bearer garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], INVALID);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn stats_are_for_admins() {
     let db = TestDb::new().await;

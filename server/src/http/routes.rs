@@ -1,7 +1,8 @@
 //! The routes the OpenAPI document declares, read back from it once at
 //! start: which query parameters each operation takes (anything else is a
 //! 400 naming it, so a parameter the handler ignores cannot slip into a
-//! cache key), and a bounded set of route labels for metrics.
+//! cache key), and a bounded set of route labels for metrics: the
+//! document's own templates (`/api/v2/sales/{id}`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,9 +11,8 @@ use std::collections::{HashMap, HashSet};
 pub const UNMATCHED: &str = "unmatched";
 
 struct Route {
+    /// The document's template (`/api/v2/sales/{id}`), also the metrics label.
     template: String,
-    /// The template in poem's spelling (`/api/v2/sales/:id`), for metrics.
-    label: String,
     segments: Vec<Option<String>>,
     /// Method (upper case) -> what it takes.
     methods: HashMap<String, Operation>,
@@ -92,19 +92,8 @@ impl Routes {
                         },
                     );
                 }
-                let label = template
-                    .split('/')
-                    .map(
-                        |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                            Some(name) => format!(":{name}"),
-                            None => s.to_string(),
-                        },
-                    )
-                    .collect::<Vec<_>>()
-                    .join("/");
                 routes.push(Route {
                     template: template.clone(),
-                    label,
                     segments,
                     methods,
                 });
@@ -186,7 +175,7 @@ impl Routes {
     /// routes served beside it, or [`UNMATCHED`].
     pub fn label<'a>(&'a self, path: &'a str) -> &'a str {
         match self.route(path) {
-            Some(r) => &r.label,
+            Some(r) => &r.template,
             None => beside(path).unwrap_or(UNMATCHED),
         }
     }
@@ -199,7 +188,7 @@ pub fn beside(path: &str) -> Option<&str> {
     match path {
         "/" | "/index.html" | "/openapi.json" => Some(path),
         p if p == "/docs" || p.starts_with("/docs/") => Some("/docs"),
-        p if p.starts_with("/assets/") => Some("/assets/:file"),
+        p if p.starts_with("/assets/") => Some("/assets/{file}"),
         _ => None,
     }
 }
@@ -248,9 +237,9 @@ mod tests {
         assert!(matches!(r.find("POST", "/api/v2/sales/7"), Match::Route(_)));
         assert!(matches!(r.find("GET", "/api/v2/sales//"), Match::None));
         assert_eq!(r.label("/nope/123"), UNMATCHED);
-        assert_eq!(r.label("/api/v2/sales/99"), "/api/v2/sales/:id");
+        assert_eq!(r.label("/api/v2/sales/99"), "/api/v2/sales/{id}");
         assert_eq!(r.label("/api/v2/sales/summary"), "/api/v2/sales/summary");
-        assert_eq!(r.label("/assets/app.js"), "/assets/:file");
+        assert_eq!(r.label("/assets/app.js"), "/assets/{file}");
         assert_eq!(method_label("BREW"), "OTHER");
     }
 }

@@ -3,7 +3,8 @@
 //! The token comes from `?token=`, the `Authorization: Bearer` header, or the
 //! `Sec-WebSocket-Protocol` bearer form (`bearer, <token>`; the server answers
 //! with the `bearer` protocol). A missing or bad token is refused with 401
-//! before the upgrade.
+//! before the upgrade, with the `WWW-Authenticate` every 401 has; a token
+//! given any of those ways and refused is an `invalid_token` there.
 
 use super::error::ErrorBody;
 use crate::ws::Context;
@@ -15,11 +16,17 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// A refused upgrade, in the error body every endpoint uses.
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let mut resp = ErrorBody::response(status, code, message, None);
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
+    ErrorBody::response(status, code, message, None)
+}
+
+/// A 401, challenging as the API does; `token_sent`: a token was given
+/// (whichever way) and refused.
+fn unauthorized(message: &str, token_sent: bool) -> Response {
+    let mut resp = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        super::middleware::bearer_challenge(token_sent),
+    );
     resp
 }
 
@@ -98,10 +105,9 @@ impl Endpoint for WsEndpoint {
 
 fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
     let Some(token) = find_token(req) else {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        return unauthorized(
             "a token is required: ?token=, Authorization: Bearer, or Sec-WebSocket-Protocol: bearer, <token>",
+            false,
         );
     };
     let principal = match ctx.auth.verify_once(&token) {
@@ -111,13 +117,7 @@ fn upgrade(req: &Request, ctx: &Arc<Context>) -> Response {
             tracing::Span::current().record("user_id", p.user_id);
             p
         }
-        Err(e) => {
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                &e.client_message(),
-            )
-        }
+        Err(e) => return unauthorized(&e.client_message(), true),
     };
     if req.method() != poem::http::Method::GET
         || !header_has_token(req, header::UPGRADE, "websocket")

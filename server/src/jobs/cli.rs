@@ -150,7 +150,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         let what = if written == 0 {
             "nothing written".to_string()
         } else {
-            format!("{written} rows written before the cancel")
+            format!("{} written before the cancel", counted(written, "row"))
         };
         let message = format!(
             "interrupted while reading {}: job {job_id} cancelled, {what}",
@@ -175,8 +175,8 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
     };
     bar.finish_and_clear();
     crate::say!(
-        "read {} lines ({} shape) as job {}; {} rejected while reading",
-        staged.lines,
+        "read {} ({} shape) as job {}; {} rejected while reading",
+        counted(staged.lines, "line"),
         staged.shape.map_or("unknown", |s| s.name()),
         staged.job_id,
         staged.rejected
@@ -269,15 +269,15 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
     let doc = super::status(pool, staged.job_id, None).await?;
     if let Some(doc) = &doc {
         crate::say!(
-            "job {}: {end}{}: {} lines, {} rows {}, {} rejected in {:.1}s",
+            "job {}: {end}{}: {}, {} {}, {} rejected in {:.1}s",
             staged.job_id,
             if args.dry_run {
                 " (dry run, nothing written)"
             } else {
                 ""
             },
-            doc["rowsRead"],
-            doc["rowsWritten"],
+            counted(doc["rowsRead"].as_i64().unwrap_or(0), "line"),
+            counted(doc["rowsWritten"].as_i64().unwrap_or(0), "row"),
             if args.dry_run {
                 "would be written"
             } else {
@@ -312,7 +312,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
             .len() as i64;
         let omitted = doc["rowsRejected"].as_i64().unwrap_or(0) - printed;
         if omitted > 0 {
-            crate::say!("  ... and {omitted} more rejected lines");
+            crate::say!("  ... and {}", counted(omitted, "more rejected line"));
         }
         // A job that ends with every line rejected and nothing written
         // (a file read in the wrong format) is no success for a script.
@@ -326,5 +326,23 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
     Ok(end)
 }
 
+/// `1 line`, `2 lines`: a count and its noun, singular for one.
+fn counted(n: impl Into<i128>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// What [`import`] returns for a completed job that rejected every line.
 pub const ALL_REJECTED: &str = "completed with every line rejected";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(super::counted(1i64, "row"), "1 row");
+        assert_eq!(super::counted(0i64, "row"), "0 rows");
+        assert_eq!(super::counted(2u64, "line"), "2 lines");
+    }
+}

@@ -271,22 +271,25 @@ pub async fn with_limits<E: Endpoint>(
         return Ok(resp);
     }
     super::representation::mark(&mut resp, cors);
-    // Every 401 names the scheme to authenticate with (RFC 9110 11.6.1),
-    // and says a token was sent and refused (RFC 6750 3.1).
+    // Every 401 challenges (`/ws` sets its own, by the same rule).
     if resp.status() == StatusCode::UNAUTHORIZED
         && !resp.headers().contains_key(header::WWW_AUTHENTICATE)
     {
-        let challenge = if had_token {
-            r#"Bearer realm="pg_sales", error="invalid_token""#
-        } else {
-            r#"Bearer realm="pg_sales""#
-        };
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(challenge),
-        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, bearer_challenge(had_token));
     }
     Ok(resp)
+}
+
+/// The `WWW-Authenticate` of a 401: it names the scheme to authenticate
+/// with (RFC 9110 11.6.1), and says whether a token was sent and refused
+/// (RFC 6750 3.1).
+pub fn bearer_challenge(token_sent: bool) -> HeaderValue {
+    HeaderValue::from_static(if token_sent {
+        r#"Bearer realm="pg_sales", error="invalid_token""#
+    } else {
+        r#"Bearer realm="pg_sales""#
+    })
 }
 
 async fn limited<E: Endpoint>(
@@ -311,10 +314,12 @@ async fn limited<E: Endpoint>(
     if let Some(allowed) = routes.allowed_any(req.uri().path()) {
         let method = req.method().as_str();
         // What the resource allows, OPTIONS included: the same `Allow` on
-        // an OPTIONS request and on a 405, as RFC 9110 has both answer.
+        // an OPTIONS request and on a 405 (and in the 405's message), as
+        // RFC 9110 has both answer.
         let mut methods = allowed.to_vec();
         methods.push("OPTIONS");
-        let allow = HeaderValue::from_str(&methods.join(", ")).ok();
+        let methods = methods.join(", ");
+        let allow = HeaderValue::from_str(&methods).ok();
         let cors = !state.config.cors_origins.is_empty();
         if method == "OPTIONS"
             && !(cors && req.headers().contains_key("access-control-request-method"))
@@ -330,7 +335,7 @@ async fn limited<E: Endpoint>(
         }
         if !allowed.contains(&method) && method != "OPTIONS" {
             let mut resp = error_response(poem::Error::from_string(
-                format!("{method} is not allowed here; use {}", allowed.join(", ")),
+                format!("{method} is not allowed here; use {methods}"),
                 StatusCode::METHOD_NOT_ALLOWED,
             ));
             if let Some(v) = allow {

@@ -10,7 +10,10 @@ mod representation;
 mod request_id;
 
 pub use headers::with_security_headers;
-pub use limits::{check_query, client_ip, forwarded_https, throttle_key, with_limits, RateLimits};
+pub use limits::{
+    bearer_challenge, check_query, client_ip, forwarded_https, throttle_key, with_limits,
+    RateLimits,
+};
 pub use representation::{
     etag_of, if_match_holds, mark, offer_cached, with_representation, Head, Streaming,
 };
