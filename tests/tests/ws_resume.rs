@@ -278,6 +278,15 @@ async fn a_pruned_id_requires_resync_and_the_connection_goes_on() {
     let err = c.reply("resumed").await;
     assert_eq!(err["type"], "error");
     assert_eq!(err["code"], "resync_required");
+    // Pruned by whoever pruned, with whatever retention: the message does
+    // not name this instance's (it read "older than the retention (7
+    // days)" after a prune of everything).
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("event {old} was pruned from the event log"))
+            && !message.contains("days"),
+        "{err}"
+    );
     upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
     assert_eq!(c.event().await["event"], "sales-data-updated");
     assert_eq!(stats(server.addr).await["resyncRequired"], 1);

@@ -192,13 +192,14 @@ pub(super) async fn replay(
             );
         }
         Ok(Ok(ReplayEnd::Closed)) => {}
-        Ok(Ok(ReplayEnd::Pruned)) if last_event_id == 0 => resync(&format!(
-            "events from the start of the log were pruned (retention {} days); reload, then follow live events",
-            ctx.event_retention.as_secs() / 86400
-        )),
+        // The log's retention is not named: whoever pruned (`maintain`, an
+        // admin's call, another instance) may have kept less than this
+        // instance's EVENT_RETENTION, which read "0 days" below a day.
+        Ok(Ok(ReplayEnd::Pruned)) if last_event_id == 0 => resync(
+            "events from the start of the log were pruned; reload, then follow live events",
+        ),
         Ok(Ok(ReplayEnd::Pruned)) => resync(&format!(
-            "event {last_event_id} is older than the retention ({} days) or unknown; reload, then follow live events",
-            ctx.event_retention.as_secs() / 86400
+            "event {last_event_id} was pruned from the event log, or is unknown; reload, then follow live events"
         )),
         Ok(Ok(ReplayEnd::OtherLog)) => resync(&format!(
             "event {last_event_id} is of another epoch of the event log (it was restored from a backup or recovered to an earlier point since): reload, then follow live events"
