@@ -628,3 +628,64 @@ async fn the_list_agrees_with_the_job_and_cancelling_an_ended_job_changes_nothin
     assert_eq!(api.etag(&path).await, etag);
     server.stop().await;
 }
+
+/// An asynchronous batch run by another instance, while a transaction
+/// writing events holds every relay's delivery back: a client that sees
+/// the job completed through this instance then reads the new values
+/// here. This instance's first level held the old entry (its relay had not
+/// read the batch's events) until `CACHE_L1_TTL`, and Redis did until the
+/// running instance invalidated, just after the commit that made the end
+/// visible.
+#[tokio::test]
+async fn a_batch_seen_completed_through_another_instance_is_read_there() {
+    use sales_e2e::{eventually, month, relay_caught_up, user_token, Api};
+    let db = TestDb::new().await;
+    let s = db.stores(1).await[0];
+    // This instance runs no job; the other runs them all.
+    let here = db
+        .server(&[("JOB_WORKERS", "0"), ("CACHE_L1_TTL", "60s")])
+        .await;
+    let worker = db.server(&[]).await;
+    let (_, token) = user_token(&db, &here, "a@example.com", "admin", &[]).await;
+    let (api, other) = (
+        Api::new(&here, Some(&token)),
+        Api::new(&worker, Some(&token)),
+    );
+    let (st, body) = api
+        .post(
+            "/api/v2/sales/batch",
+            &serde_json::json!({"salesDataArray": [month(s, 2024, 1, 3, 1.0)]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    relay_caught_up(&db, &here).await;
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    sales_e2e::warm(&api, &path).await;
+
+    let mut holder = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT sales.emit('held-open', '{}')")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (st, body) = other
+        .post(
+            "/api/v2/sales/batch?async=true",
+            &serde_json::json!({"salesDataArray": [month(s, 2024, 1, 3, 2.0)]}),
+        )
+        .await;
+    assert_eq!(st, 202, "{body}");
+    let id = body["id"].as_i64().expect("job id");
+    eventually(Duration::from_secs(60), "the batch completed", || async {
+        let (_, job) = api.get(&format!("/api/v2/imports/{id}")).await;
+        (job["state"] == "completed").then_some(())
+    })
+    .await;
+    let (_, body) = api.get(&path).await;
+    assert_eq!(body["data"][0]["totalSales"].as_f64(), Some(6.0), "{body}");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    here.stop().await;
+    worker.stop().await;
+}

@@ -259,6 +259,9 @@ pub struct Cache {
     /// Tags with an invalidation marked but not yet applied (see
     /// [`Invalidator`]): entries under them are not served meanwhile.
     pending: Mutex<HashMap<String, u32>>,
+    /// Jobs whose end this instance has applied to the cache, and when
+    /// ([`Cache::first_settle`]).
+    settled_jobs: Mutex<HashMap<i64, std::time::Instant>>,
     pending_count: AtomicUsize,
     /// The first level in front of Redis: entries a Redis lookup found
     /// fresh, served from memory until the next invalidation of any tag on
@@ -338,6 +341,7 @@ impl Cache {
             settled: AtomicU64::new(0),
             starting: AtomicBool::new(redis),
             pending: Mutex::new(HashMap::new()),
+            settled_jobs: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
             // The in-process backend is a first level already.
             l1: (redis && !config.cache_l1_ttl.is_zero()).then(|| L1 {
@@ -354,6 +358,22 @@ impl Cache {
                 generation: l1_generation,
             }),
         }
+    }
+
+    /// Empties this instance's first level (its entries are read again
+    /// from Redis, which every instance's invalidations reach).
+    pub fn drop_first_level(&self) {
+        self.drop_l1();
+    }
+
+    /// True the first time job `id` is settled here: a job that ended
+    /// is applied to the cache once per instance. Ids older than `keep`
+    /// are forgotten as new ones come.
+    pub fn first_settle(&self, id: i64, keep: Duration) -> bool {
+        let now = std::time::Instant::now();
+        let mut seen = self.settled_jobs.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, at| now.duration_since(*at) < keep);
+        seen.insert(id, now).is_none()
     }
 
     /// Moves the first level's generation: every entry in it is stale.

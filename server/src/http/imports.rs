@@ -410,7 +410,10 @@ impl ImportsApi {
     async fn status(&self, auth: BearerAuth, id: Path<i64>) -> ApiResult<StatusResponse> {
         let owner = (!auth.0.is_admin()).then_some(auth.0.user_id);
         match crate::jobs::status(&self.state.pool, id.0, owner).await? {
-            Some(doc) => Ok(StatusResponse::Ok(RawJson::new(doc.to_string()))),
+            Some(doc) => {
+                settle_ended(&self.state, std::slice::from_ref(&doc)).await?;
+                Ok(StatusResponse::Ok(RawJson::new(doc.to_string())))
+            }
             None => Err(ApiError::not_found(format!("no job {}", id.0))),
         }
     }
@@ -426,6 +429,7 @@ impl ImportsApi {
     ) -> ApiResult<ListResponse> {
         let owner = (!auth.0.is_admin()).then_some(auth.0.user_id);
         let mut data = crate::jobs::list(&self.state.pool, owner, limit.0.unwrap_or(50)).await?;
+        settle_ended(&self.state, &data).await?;
         for d in &mut data {
             // The list shows no error: every rejected line is omitted,
             // except a batch's, whose refused records are in its `result`.
@@ -466,4 +470,54 @@ impl ImportsApi {
             None => Err(ApiError::not_found(format!("no job {}", id.0))),
         }
     }
+}
+
+/// Before a job is shown ended: a job that wrote rows and ended lately
+/// (within the first level's lifetime, `CACHE_L1_TTL`, and a margin for
+/// clocks) may be ended before its writes' invalidation reached this
+/// instance. Its commit makes the end visible everywhere at once, while
+/// the instance that ran it invalidates Redis only after it, and this
+/// instance's first level empties only when its relay reads the events
+/// (later still while a transaction writing events holds delivery back).
+/// The first time this instance shows such a job, it applies the job's
+/// cache tags itself (an asynchronous batch keeps them in its row), or,
+/// for an import (whose chunks were each invalidated before the next),
+/// empties its first level; so a client that sees the job end reads the
+/// new values here.
+async fn settle_ended(state: &Arc<AppState>, jobs: &[serde_json::Value]) -> ApiResult<()> {
+    let margin = std::time::Duration::from_secs(2);
+    let recent = chrono::Utc::now()
+        - chrono::Duration::from_std(state.config.cache_l1_ttl + margin)
+            .unwrap_or_else(|_| chrono::Duration::zero());
+    for j in jobs {
+        let ended_recently = matches!(
+            j["state"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) && j["rowsWritten"].as_i64().unwrap_or(0) > 0
+            && j["finishedAt"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t >= recent);
+        let Some(id) = j["id"].as_i64() else { continue };
+        if !ended_recently
+            || !state
+                .cache
+                .first_settle(id, state.config.cache_l1_ttl + margin * 5)
+        {
+            continue;
+        }
+        let tags: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT cache_tags FROM jobs.jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&state.pool)
+                .await?
+                .flatten();
+        match tags {
+            Some(tags) if !tags.is_empty() => {
+                state.publish(crate::db::Changes::from_tags(tags)).await
+            }
+            _ => state.cache.drop_first_level(),
+        }
+    }
+    Ok(())
 }

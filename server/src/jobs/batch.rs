@@ -191,6 +191,15 @@ pub async fn run(
     let d = data(state_name, &summary);
     end(&mut tx, job, state_name, error.as_deref(), &summary, d).await?;
     let tags = crate::db::write::tx_cache_tags(&mut tx).await?;
+    if !tags.is_empty() {
+        // For the instances that show the job ended before this one has
+        // invalidated (`http::imports`, settle_ended).
+        sqlx::query("UPDATE jobs.jobs SET cache_tags = $2 WHERE id = $1")
+            .bind(job.id)
+            .bind(&tags)
+            .execute(&mut *tx)
+            .await?;
+    }
     // The commit makes the job's end visible together with its writes: until
     // the invalidation is applied, this instance serves none of the entries
     // it touches, so a client that saw the job end reads the new values.
