@@ -366,14 +366,21 @@ impl Cache {
         self.drop_l1();
     }
 
-    /// True the first time job `id` is settled here: a job that ended
-    /// is applied to the cache once per instance. Ids older than `keep`
-    /// are forgotten as new ones come.
-    pub fn first_settle(&self, id: i64, keep: Duration) -> bool {
+    /// Whether job `id`'s end was applied to the cache on this instance
+    /// within `keep` ([`Cache::mark_settled`]); older ids are forgotten.
+    pub fn settled(&self, id: i64, keep: Duration) -> bool {
         let now = std::time::Instant::now();
         let mut seen = self.settled_jobs.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|_, at| now.duration_since(*at) < keep);
-        seen.insert(id, now).is_none()
+        seen.contains_key(&id)
+    }
+
+    /// Records that job `id`'s end was applied to the cache here.
+    pub fn mark_settled(&self, id: i64) {
+        self.settled_jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, std::time::Instant::now());
     }
 
     /// Moves the first level's generation: every entry in it is stale.

@@ -500,9 +500,9 @@ async fn settle_ended(state: &Arc<AppState>, jobs: &[serde_json::Value]) -> ApiR
                 .is_some_and(|t| t >= recent);
         let Some(id) = j["id"].as_i64() else { continue };
         if !ended_recently
-            || !state
+            || state
                 .cache
-                .first_settle(id, state.config.cache_l1_ttl + margin * 5)
+                .settled(id, state.config.cache_l1_ttl + margin * 5)
         {
             continue;
         }
@@ -518,6 +518,7 @@ async fn settle_ended(state: &Arc<AppState>, jobs: &[serde_json::Value]) -> ApiR
             }
             _ => state.cache.drop_first_level(),
         }
+        state.cache.mark_settled(id);
     }
     Ok(())
 }
