@@ -632,12 +632,6 @@ impl Cache {
         format!("{}:relayed", self.prefix)
     }
 
-    /// Whether other instances may share this cache (Redis): they then
-    /// learn each write's WAL position through it ([`Cache::share_read_floor`]).
-    pub fn is_shared(&self) -> bool {
-        matches!(self.backend, Backend::Redis(_))
-    }
-
     /// Raises the WAL position every instance sharing this cache waits for
     /// before it reads from a replica: a committed write's, before its
     /// invalidation is applied. An instance that finds an entry made stale
