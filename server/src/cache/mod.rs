@@ -260,7 +260,7 @@ pub struct Cache {
     /// [`Invalidator`]): entries under them are not served meanwhile.
     pending: Mutex<HashMap<String, u32>>,
     /// Jobs whose end this instance has applied to the cache, and when
-    /// ([`Cache::first_settle`]).
+    /// ([`Cache::settled`], [`Cache::mark_settled`]).
     settled_jobs: Mutex<HashMap<i64, std::time::Instant>>,
     pending_count: AtomicUsize,
     /// The first level in front of Redis: entries a Redis lookup found
