@@ -73,16 +73,19 @@ BEGIN
     END IF;
 END $$;
 
--- Gives `new_owner` every table, view, sequence and composite type of the
+-- Gives `new_owner` every table, sequence and composite type of the
 -- schema with the functions that run as their owner (so that those run as
 -- `new_owner`, never as a more privileged role over tables `new_owner`
--- controls; see sales.check_owners), and USAGE and CREATE on the schema
--- (the server's migrations add indexes and statistics to its tables). For
--- a superuser, once after CREATE EXTENSION, and again after each ALTER
--- EXTENSION pg_sales UPDATE (whatever an update creates belongs to whoever
--- ran it). The schema's other functions stay their owner's: none of them
--- runs code `new_owner` can change when a superuser calls it. Returns the
--- number of objects given.
+-- controls; see sales.check_owners), SELECT on its views, and USAGE and
+-- CREATE on the schema (the server's migrations add indexes and
+-- statistics to its tables). For a superuser, once after CREATE
+-- EXTENSION, and again after each ALTER EXTENSION pg_sales UPDATE
+-- (whatever an update creates belongs to whoever ran it). The views and
+-- the schema's other functions stay their owner's: a view's owner could
+-- redefine it to call a function of its own, which would run as whoever
+-- reads the view (a superuser looking at the monitoring views), and none
+-- of those functions runs code `new_owner` can change when a superuser
+-- calls it. Returns the number of objects given.
 CREATE FUNCTION sales.hand_over(new_owner regrole) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -99,16 +102,22 @@ BEGIN
     FOR o IN
         SELECT c.oid, c.relkind FROM pg_class c
         WHERE c.relnamespace = 'sales'::regnamespace
-          AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c')
+          AND c.relkind IN ('r', 'p', 'S', 'f', 'c')
         ORDER BY c.relkind = 'S', c.oid
     LOOP
         CONTINUE WHEN (SELECT c.relowner FROM pg_class c WHERE c.oid = o.oid) = new_owner;
         EXECUTE format('ALTER %s %s OWNER TO %s',
-                       CASE o.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-                                      WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                       CASE o.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
                                       WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END,
                        o.oid::regclass, new_owner);
         given := given + 1;
+    END LOOP;
+    FOR o IN
+        SELECT c.oid FROM pg_class c
+        WHERE c.relnamespace = 'sales'::regnamespace AND c.relkind IN ('v', 'm')
+        ORDER BY c.oid
+    LOOP
+        EXECUTE format('GRANT SELECT ON %s TO %s', o.oid::regclass, new_owner);
     END LOOP;
     FOR o IN
         SELECT p.oid FROM pg_proc p
