@@ -190,9 +190,6 @@ async fn a_table_given_alone_is_refused_until_handed_over() {
 #[tokio::test]
 async fn the_server_migrates_and_serves_as_the_role_handed_the_tables() {
     let (db, role) = handed_over_database().await;
-    sales_server::db::migrate(&db.pool)
-        .await
-        .expect("migrations as the server's role");
     let store: i64 = sqlx::query_scalar(
         "INSERT INTO sales.stores (code, name, region) VALUES ('OWN1', 'Own', 'North') RETURNING id",
     )
@@ -254,18 +251,7 @@ async fn the_server_migrates_and_serves_as_the_role_handed_the_tables() {
 #[tokio::test]
 async fn an_older_extension_the_role_may_not_update_stops_the_start_saying_why() {
     let (db, role) = handed_over_database().await;
-    sales_server::db::migrate(&db.pool)
-        .await
-        .expect("migrations as the server's role");
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            PgConnectOptions::from_str(&base_url())
-                .unwrap()
-                .database(&db.name),
-        )
-        .await
-        .unwrap();
+    let admin = superuser_pool(&db.name).await;
     exec(
         &admin,
         "UPDATE pg_extension SET extversion = '0.11.0' WHERE extname = 'pg_sales'",
@@ -284,10 +270,23 @@ async fn an_older_extension_the_role_may_not_update_stops_the_start_saying_why()
     drop_with_role(db, &role).await;
 }
 
+/// One connection to database `name` as the tests' (superuser) role.
+async fn superuser_pool(name: &str) -> sqlx::PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            PgConnectOptions::from_str(&base_url())
+                .unwrap()
+                .database(name),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect to {name}: {e}"))
+}
+
 /// README's production recipe: a login role that owns the database, the
-/// extension created by a superuser and handed over to that role.
-/// Returns the database (its pool as the role, not migrated yet) and the
-/// role's name.
+/// extension created by a superuser and handed over to that role, then
+/// the migrations run as that role. Returns the database (its pool as the
+/// role) and the role's name.
 async fn handed_over_database() -> (TestDb, String) {
     let (name, _, admin) = create_database("pgs_test", 2).await;
     let role = format!("pgs_server_{}", rand::random::<u32>());
@@ -319,6 +318,9 @@ async fn handed_over_database() -> (TestDb, String) {
             .await
             .unwrap();
     assert!(!is_super);
+    sales_server::db::migrate(&pool)
+        .await
+        .expect("migrations as the server's role");
     let db = TestDb {
         name,
         url: opts.to_url_lossy().to_string(),
@@ -332,14 +334,7 @@ async fn drop_with_role(db: TestDb, role: &str) {
     let db_name = db.name.clone();
     drop(db);
     // The database goes with `db`; then the role, which owns nothing else.
-    let postgres = PgConnectOptions::from_str(&base_url())
-        .unwrap()
-        .database("postgres");
-    let postgres = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(postgres)
-        .await
-        .expect("connect to postgres");
+    let postgres = superuser_pool("postgres").await;
     sales_e2e::eventually(
         std::time::Duration::from_secs(60),
         "the test database dropped",

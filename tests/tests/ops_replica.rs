@@ -193,6 +193,14 @@ async fn a_replica_url_that_is_not_in_recovery_is_not_read_from() {
     server.stop().await;
 }
 
+/// A connection to the replica, once it answers (bounded).
+async fn standby(replica_url: &str) -> sqlx::PgConnection {
+    eventually(Duration::from_secs(30), "the replica answers", || async {
+        sqlx::PgConnection::connect(replica_url).await.ok()
+    })
+    .await
+}
+
 /// Pauses the standby's replay and waits (bounded) until it is paused.
 async fn pause_replay(standby: &mut sqlx::PgConnection, replica_url: &str) {
     sqlx::query("SELECT pg_wal_replay_pause()")
@@ -235,10 +243,7 @@ async fn nothing_the_replica_has_not_replayed_is_read_from_it() {
     .unwrap();
     let replica = PgReplica::start();
     let replica_url = replica.url_for(&db);
-    let mut standby = eventually(Duration::from_secs(30), "the replica answers", || async {
-        sqlx::PgConnection::connect(&replica_url).await.ok()
-    })
-    .await;
+    let mut standby = standby(&replica_url).await;
     pause_replay(&mut standby, &replica_url).await;
     // Written before the server starts; the replica does not have it.
     let batch = json!([month(s, 2024, 1, 10, 10.0)]);
@@ -532,10 +537,7 @@ async fn another_instances_write_is_read_while_delivery_is_held_back() {
     let s = db.stores(1).await[0];
     let replica = PgReplica::start();
     let replica_url = replica.url_for(&db);
-    let mut standby = eventually(Duration::from_secs(30), "the replica answers", || async {
-        sqlx::PgConnection::connect(&replica_url).await.ok()
-    })
-    .await;
+    let mut standby = standby(&replica_url).await;
     let a = db
         .server(&[("DATABASE_REPLICA_URL", replica_url.as_str())])
         .await;

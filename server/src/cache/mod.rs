@@ -103,7 +103,7 @@ impl Invalidator {
     /// Makes every entry of this instance's in-process first level stale
     /// (another instance cleared the shared cache).
     pub fn drop_first_level(&self) {
-        self.cache.drop_l1();
+        self.cache.drop_first_level();
     }
 
     /// Marks `tags` stale on this instance now; the backend follows.
@@ -360,12 +360,6 @@ impl Cache {
         }
     }
 
-    /// Empties this instance's first level (its entries are read again
-    /// from Redis, which every instance's invalidations reach).
-    pub fn drop_first_level(&self) {
-        self.drop_l1();
-    }
-
     /// Whether job `id`'s end was applied to the cache on this instance
     /// within `keep` ([`Cache::mark_settled`]); older ids are forgotten.
     pub fn settled(&self, id: i64, keep: Duration) -> bool {
@@ -383,8 +377,9 @@ impl Cache {
             .insert(id, std::time::Instant::now());
     }
 
-    /// Moves the first level's generation: every entry in it is stale.
-    fn drop_l1(&self) {
+    /// Moves the first level's generation: every entry in it is stale (and
+    /// read again from Redis, which every instance's invalidations reach).
+    pub fn drop_first_level(&self) {
         if let Some(l1) = &self.l1 {
             l1.generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -515,7 +510,7 @@ impl Cache {
     }
 
     fn mark_pending(&self, tags: &[String]) {
-        self.drop_l1();
+        self.drop_first_level();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for t in tags {
             *p.entry(t.clone()).or_insert(0) += 1;
@@ -586,7 +581,7 @@ impl Cache {
         if tags.is_empty() {
             return true;
         }
-        self.drop_l1();
+        self.drop_first_level();
         let mut keys: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
         keys.sort();
         keys.dedup();
@@ -608,7 +603,7 @@ impl Cache {
         };
         // Again after the bump: a lookup that read the generation after the
         // first move but Redis before the bump verified the old entry.
-        self.drop_l1();
+        self.drop_first_level();
         if ok {
             self.stats
                 .invalidations
@@ -687,7 +682,7 @@ impl Cache {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        self.drop_l1();
+        self.drop_first_level();
         self.starting.store(false, Ordering::Release);
     }
 

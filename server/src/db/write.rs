@@ -100,8 +100,7 @@ impl Changes {
     /// alike (README, "Read replicas").
     pub async fn publish(self, pool: &PgPool, read_floor: Option<&AtomicU64>, cache: &Cache) {
         if let Some(floor) = read_floor {
-            if let Some(lsn) = primary_read_floor(pool).await {
-                floor.fetch_max(lsn, Ordering::Relaxed);
+            if let Some(lsn) = raise_read_floor(pool, floor).await {
                 cache.share_read_floor(lsn).await;
             }
         }
@@ -129,10 +128,11 @@ async fn primary_read_floor(pool: &PgPool) -> Option<u64> {
 /// off`) included, whose commit record may not be written out yet (the
 /// write position, `pg_current_wal_lsn()`, can be short of it, and a
 /// replica that had replayed that far was read from without the change).
-pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) {
-    if let Some(lsn) = primary_read_floor(pool).await {
-        floor.fetch_max(lsn, Ordering::Relaxed);
-    }
+/// Returns the position read (None, with a warning, when it could not be).
+pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) -> Option<u64> {
+    let lsn = primary_read_floor(pool).await?;
+    floor.fetch_max(lsn, Ordering::Relaxed);
+    Some(lsn)
 }
 
 /// The primary's WAL insert position as a byte number, as a standby that

@@ -368,13 +368,8 @@ impl HealthApi {
     async fn probe_ready(&self) -> Readiness {
         let mut problems = Vec::new();
         let expected = crate::db::MIGRATOR.iter().count() as i64;
-        let ext: Result<Option<String>, _> = bounded(
-            sqlx::query_scalar(
-                "SELECT extversion::text FROM pg_extension WHERE extname = 'pg_sales'",
-            )
-            .fetch_optional(&self.state.probe_pool),
-        )
-        .await;
+        let ext: Result<Option<String>, _> =
+            bounded(crate::db::extension_version(&self.state.probe_pool)).await;
         let applied: Result<i64, _> = match &ext {
             Ok(_) => {
                 bounded(
