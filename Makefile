@@ -13,8 +13,8 @@ export DEMO_ADMIN_EMAIL    ?= admin@pg-sales.local
 export DEMO_ADMIN_PASSWORD ?= demo-admin-password
 export CARGO_TERM_COLOR ?= never
 # The secret above is published here: `serve` accepts it only in development
-# mode, which `make run` and `make test` are.
-run test fuzz: export PG_SALES_DEV := 1
+# mode, which `make run`, `make test` and the benchmarks are.
+run test fuzz bench soak: export PG_SALES_DEV := 1
 
 SERVER_RELEASE := target/release/sales-server
 SERVER_DEBUG   := target/debug/sales-server
