@@ -5,6 +5,10 @@ SHELL := /bin/bash
 DB_USER     ?= sales_app
 DB_PASSWORD ?= pg_sales_dev
 DB_NAME     ?= pg_sales
+# scripts/setup.sh creates the role and database under these names.
+export PG_SALES_DB_USER     = $(DB_USER)
+export PG_SALES_DB_PASSWORD = $(DB_PASSWORD)
+export PG_SALES_DB_NAME     = $(DB_NAME)
 export DATABASE_URL ?= postgres://$(DB_USER):$(DB_PASSWORD)@127.0.0.1:5432/$(DB_NAME)
 export REDIS_URL    ?= redis://127.0.0.1:6379
 export JWT_SECRET   ?= pg-sales-development-secret-change-me-in-production
@@ -92,7 +96,8 @@ lint:
 
 ## Regenerates openapi/openapi.json from the server's code.
 openapi: build-debug
-	$(SERVER_DEBUG) openapi > openapi/openapi.json
+	$(SERVER_DEBUG) openapi > openapi/openapi.json.tmp
+	mv openapi/openapi.json.tmp openapi/openapi.json
 
 ## Drops and recreates the demo database (after an incompatible extension change).
 reset-db: setup

@@ -12,27 +12,38 @@ TOKEN=$(bench_token "$PORT")
 URL="http://127.0.0.1:${PORT}"
 AUTH="Authorization: Bearer ${TOKEN}"
 
+# wrk takes one script: each request generator wrapped with the reporter.
+WRAP=$(mktemp /tmp/pg_sales_wrk.XXXXXX.lua)
+trap 'rm -f "$WRAP"; bench_cleanup' EXIT
+failed=0
 run() { # name, wrk args...
     local name=$1
     shift
     local line
-    line=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --timeout 10s --latency -s "$ROOT/scripts/wrk/report_wrap.lua" "$@" 2>&1 | grep '^RESULT' || true)
+    line=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --timeout 10s --latency -s "$WRAP" "$@" 2>&1 | grep '^RESULT' || true)
     printf '%-22s %s\n' "$name" "${line#RESULT }"
+    if [[ -z $line ]]; then
+        echo "bench_api: wrk printed no result for $name" >&2
+        exit 1
+    fi
     eval "$(echo "${line#RESULT }" | tr ' ' '\n' | sed "s/^/${name}_/")"
+    # A run answered with errors measures the errors: the benchmark fails.
+    local errors="${name}_errors"
+    if [[ ${!errors} != 0 ]]; then
+        echo "bench_api: $name had ${!errors} errors (non-2xx answers or failed connections)" >&2
+        failed=1
+    fi
 }
-
-# wrk takes one script: wrap each request generator with the reporter.
-mk_script() { cat "$ROOT/scripts/wrk/$1.lua" "$ROOT/scripts/wrk/report.lua" > "$ROOT/scripts/wrk/report_wrap.lua"; }
+mk_script() { cat "$ROOT/scripts/wrk/$1.lua" "$ROOT/scripts/wrk/report.lua" > "$WRAP"; }
 
 echo "== REST API, ${CONNS} connections, ${SECS}s each (pg_sales bench database: 200 stores x 24 months)"
-cat "$ROOT/scripts/wrk/report.lua" > "$ROOT/scripts/wrk/report_wrap.lua"
+cat "$ROOT/scripts/wrk/report.lua" > "$WRAP"
 run static "$URL/health/live"
 HIT_PATH="/api/v2/sales?storeId=7&year=2025&month=6&fields=storeId,year,month,totalSales"
 curl -sf -H "$AUTH" "$URL$HIT_PATH" >/dev/null
 run hit -H "$AUTH" "$URL$HIT_PATH"
 mk_script page; run page200 -H "$AUTH" "$URL"
 mk_script batch; run batch50 -H "$AUTH" "$URL"
-rm -f "$ROOT/scripts/wrk/report_wrap.lua"
 
 # pgbench: the statement a miss runs (as the server renders it for
 # scripts/wrk/miss.lua's requests, cache buster included), over TCP like
@@ -62,7 +73,6 @@ for i in $(seq 1 "${MISS_PAIRS:-3}"); do
     printf '%-22s tps=%s\n' "pgbench(miss SQL)" "$PGB"
     pair_ratios+=("$(python3 -c "print(float('$miss_rps') / float('$PGB'))")")
 done
-rm -f "$ROOT/scripts/wrk/report_wrap.lua"
 
 ratio() { python3 -c "a=float('$1'); b=float('$2'); print(f'{a/b:.2f}' if b else 'n/a')"; }
 echo
@@ -81,3 +91,8 @@ for q in "storeId=7&year=2025&month=6" "storeId=7&year=2025&month=6&fields=store
         printf '%-60s %-9s %8s bytes\n' "$q" "$enc" "$n"
     done
 done
+
+if [[ $failed != 0 ]]; then
+    echo "bench_api: a run had errors (above)" >&2
+    exit 1
+fi

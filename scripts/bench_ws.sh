@@ -84,7 +84,8 @@ stop_server() {
     fi
     SERVER_PID=""
 }
-trap 'stop_server; stop_pg' EXIT INT TERM
+trap 'stop_server; stop_pg' EXIT
+trap 'exit 130' INT TERM
 
 if [ ! -x "$SERVER" ] || [ ! -x "$BENCH" ]; then
     echo "building release binaries..."
@@ -118,6 +119,7 @@ start_server() {
 echo "pg_sales WebSocket benchmark: $(nproc) cores, $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg), writes through POST /api/v2/sales/batch"
 OUT=$(mktemp /tmp/bench_ws_out.XXXXXX)
 RATE_ARG=()
+failed=0
 if [ "$PROBE_MS" = 0 ]; then RATE_ARG=(--rate "$RATE"); fi
 for spread in $SPREADS; do
     for size in $SIZES; do
@@ -126,7 +128,7 @@ for spread in $SPREADS; do
             --clients "$size" --stores "$spread" --per-proc "$PER_PROC" "${RATE_ARG[@]}" \
             --probe-ms "$PROBE_MS" --seconds "$SECONDS_FIXED" --saturate-seconds "$SECONDS_SAT" \
             --writers "$WRITERS" | tee -a "$OUT" \
-            || echo "  (run for $size clients over $spread stores failed: exit $?)"
+            || { echo "  (run for $size clients over $spread stores failed: exit $?)"; failed=1; }
         stop_server
     done
 done
@@ -146,3 +148,7 @@ for f in "$OUT".run.*; do
 done
 rm -f "$OUT".run.*
 rm -f "$OUT"
+if [ "$failed" != 0 ]; then
+    echo "bench_ws: at least one run failed (above)" >&2
+    exit 1
+fi

@@ -3,7 +3,8 @@
 # (pinned), as an admin, against a server of its own: a fresh database with
 # demo data, a free port, a random JWT secret. Zero failures or it exits
 # non-zero. Bounded: FUZZ_EXAMPLES cases per operation, FUZZ_TIMEOUT seconds
-# overall; the server and the database are removed however it ends.
+# for all its schemathesis runs together; the server and the database are
+# removed however it ends.
 #
 # Every check that the responses match the document runs. Two checks about
 # which *requests* are valid are left out, and why: positive_data_acceptance
@@ -45,7 +46,8 @@ cleanup() {
     fi
     psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 psql -q "$base/postgres" -c "CREATE DATABASE $db" >/dev/null
 export DATABASE_URL="$db_url" REDIS_URL PORT="$port"
@@ -68,15 +70,31 @@ psql -q "$db_url" -c "SELECT setval(pg_get_serial_sequence('sales.users', 'id'),
 
 "$SERVER_BIN" serve >"$log" 2>&1 &
 pid=$!
+ready=no
 for _ in $(seq 1 200); do
-    curl -fs "$url/health/live" >/dev/null 2>&1 && break
+    curl -fs "$url/health/live" >/dev/null 2>&1 && { ready=yes; break; }
     kill -0 "$pid" 2>/dev/null || { cat "$log"; exit 1; }
     sleep 0.1
 done
+if [[ $ready != yes ]]; then
+    echo "fuzz_api: the server did not answer on $url within 20 s; its log:" >&2
+    cat "$log" >&2
+    exit 1
+fi
 login() {
     curl -fs "$url/api/v2/auth/login" -H 'content-type: application/json' \
         -d "{\"email\":\"fuzz-admin@pg-sales.local\",\"password\":\"$password\"}" |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+}
+# Sets TOKEN to a new session's access token, or stops the run: without a
+# token every operation answers 401, which the document allows, and the
+# run would pass having tested nothing.
+new_token() {
+    TOKEN=$(login) && [[ -n $TOKEN ]] || {
+        echo "fuzz_api: the fuzzing admin could not log in; server log:" >&2
+        tail -20 "$log" >&2
+        exit 1
+    }
 }
 
 echo "fuzzing $url (schemathesis $SCHEMATHESIS_VERSION, seed $SEED, $EXAMPLES examples per operation)"
@@ -84,11 +102,17 @@ status=0
 # schemathesis keeps a crash cache in its working directory: keep it in target/.
 rm -rf target/fuzz-work && mkdir -p target/fuzz-work
 venv_bin=$(cd "$VENV/bin" && pwd)
+# FUZZ_TIMEOUT bounds the whole fuzzing, every run together.
+deadline=$((SECONDS + LIMIT))
 # One schemathesis run; its output is kept in target/fuzz-work/run.log.
 run_once() {
-    local token=$1
+    local token=$1 left=$((deadline - SECONDS))
     shift
-    (cd target/fuzz-work && timeout "$LIMIT" "$venv_bin/schemathesis" run "$url/openapi.json" \
+    if [[ $left -le 0 ]]; then
+        echo "fuzz_api: FUZZ_TIMEOUT (${LIMIT} s) ran out before this run" >&2
+        return 124
+    fi
+    (cd target/fuzz-work && timeout "$left" "$venv_bin/schemathesis" run "$url/openapi.json" \
         --header "Authorization: Bearer $token" \
         --seed "$SEED" --max-examples "$EXAMPLES" --workers 2 \
         --phases examples,coverage,fuzzing \
@@ -113,15 +137,18 @@ fuzz() {
         ! sed -n '/^Errors:/,/^$/p' target/fuzz-work/run.log | grep "🚫" | grep -qv "Runtime Error"; then
         echo "fuzz_api: schemathesis ended with an error of its own (no check failed); running again" >&2
         rc=0
-        run_once "$(login)" "$@" || rc=$?
+        new_token
+        run_once "$TOKEN" "$@" || rc=$?
     fi
     [[ $rc -eq 0 ]] || status=$rc
 }
 # A logout with the access token ends that token's session: it is fuzzed
 # on its own, with a session of its own, so that the rest of the run keeps
 # its token.
-fuzz "$(login)" --exclude-path /api/v2/auth/logout "$@"
-fuzz "$(login)" --include-path /api/v2/auth/logout "$@"
+new_token
+fuzz "$TOKEN" --exclude-path /api/v2/auth/logout "$@"
+new_token
+fuzz "$TOKEN" --include-path /api/v2/auth/logout "$@"
 if [[ $status -ne 0 ]]; then
     echo "fuzz_api: schemathesis exited with $status; server log: $log" >&2
     grep -E "ERROR|panicked" "$log" | tail -20 >&2 || true

@@ -26,8 +26,10 @@ need_root() {
 
 deps() {
     need_root
+    # python3 (with venv, for the API fuzzer), curl and jq: the tests, the
+    # benchmarks and README's examples use them.
     local pkgs=(postgresql-${PG_MAJOR} postgresql-contrib postgresql-server-dev-${PG_MAJOR} libclang-dev clang
-                pkg-config libssl-dev redis-server sudo ca-certificates)
+                pkg-config libssl-dev redis-server sudo ca-certificates python3 python3-venv curl jq)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -124,7 +126,7 @@ extension() {
     need_root
     mkdir -p "$STAMP_DIR"
     local hash
-    hash=$(cd "$ROOT" && cat Cargo.toml Cargo.lock extension/Cargo.toml extension/pg_sales.control \
+    hash=$(cd "$ROOT" && cat Cargo.toml Cargo.lock extension/Cargo.toml core/Cargo.toml extension/pg_sales.control \
         $(find extension/src extension/sql core/src -type f | sort) | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$STAMP_DIR/extension" 2>/dev/null)" = "$hash" ] && [ -f /usr/lib/postgresql/${PG_MAJOR}/lib/pg_sales.so ]; then
         return 0
@@ -188,7 +190,12 @@ case "${1:-all}" in
     deps) deps ;;
     browser) browser_deps ;;
     services) postgres_up; redis_up ;;
-    extension) extension ;;
+    # A new build reaches a running cluster only through a restart (it is
+    # preloaded); postgres_up restarts it when EXTENSION_CHANGED says so.
+    extension)
+        extension
+        if [ "${EXTENSION_CHANGED:-no}" = yes ]; then postgres_up; fi
+        ;;
     database) database ;;
     # The extension is installed before Postgres starts: the cluster preloads it.
     all) deps; extension; postgres_up; redis_up; database ;;
