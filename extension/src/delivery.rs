@@ -102,6 +102,10 @@ thread_local! {
     static FIRST_SUB: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
     /// Whether this backend has raised the clock to its database's log.
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
+    /// Whether that was while the server was a standby in recovery: the log
+    /// it read then has grown by replay since, so once the server is
+    /// promoted the clock is raised again before a value is taken.
+    static CLOCK_SEEN_IN_RECOVERY: Cell<bool> = const { Cell::new(false) };
     /// The commit NOTIFY's statement, planned once per backend.
     static NOTIFY_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
         const { std::cell::RefCell::new(None) };
@@ -197,15 +201,30 @@ fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
 
 /// After a restart the clock starts at 0: before this backend takes a value
 /// from it or reads a horizon, raise it past this database's log (once per
-/// backend; a backend serves one database).
+/// backend; a backend serves one database). On a standby the log grows by
+/// replay, which moves no clock: a backend that saw the clock there sees it
+/// again after a promotion, so a session that outlives the promotion takes
+/// values past every replayed event rather than after its first read.
 fn see_clock(s: &Shared) {
-    if CLOCK_SEEN.get() {
+    // Seen, and not in a recovery that has ended since.
+    if CLOCK_SEEN.get()
+        && (!CLOCK_SEEN_IN_RECOVERY.get() || unsafe { pg_sys::RecoveryInProgress() })
+    {
         return;
     }
     // As the log's owner: a writer needs no privilege on the log.
-    let max: Option<i64> =
-        crate::events::as_log_owner(|| Spi::get_one("SELECT max(seq) FROM sales.events"))
-            .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
+    // A read-only query: `Spi::get_one` runs it as an update, which takes a
+    // transaction id (refused on a standby, where any call reading a
+    // horizon failed so; on a primary, an id for every reader's first read).
+    let max: Option<i64> = crate::events::as_log_owner(|| {
+        Spi::connect(|client| {
+            client
+                .select("SELECT max(seq) FROM sales.events", Some(1), &[])?
+                .first()
+                .get_one::<i64>()
+        })
+    })
+    .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
     let max = max.unwrap_or(0).max(0) as u64;
     // A seq near the end of the range can only have been written by hand
     // (`seq` is a column default a role allowed to insert events may
@@ -223,6 +242,7 @@ fn see_clock(s: &Shared) {
     }
     s.clock.fetch_max(max, Ordering::AcqRel);
     CLOCK_SEEN.set(true);
+    CLOCK_SEEN_IN_RECOVERY.set(unsafe { pg_sys::RecoveryInProgress() });
 }
 
 /// The highest `seq` the clock gives (2^62), far from where an `i64` wraps.

@@ -107,6 +107,47 @@ pub(crate) unsafe fn updates_write_events(rel: pg_sys::Relation) -> bool {
     }
 }
 
+/// Refuses, naming it, a `BEFORE UPDATE` row trigger on the sales table
+/// that fires after the current one (`monthly_sales_row`; triggers of one
+/// kind fire in the order of their names). An update's event is written
+/// with the row as `monthly_sales_row` leaves it, so a trigger after it
+/// that changed the row or skipped the update would leave an event, and
+/// the history built from it, describing a version never stored. One whose
+/// name sorts first runs before, and its changes are the row's.
+///
+/// # Safety
+/// `td` is a row trigger call in progress.
+pub(crate) unsafe fn refuse_later_before_update_triggers(td: &pg_sys::TriggerData) {
+    unsafe {
+        let desc = (*td.tg_relation).trigdesc;
+        if desc.is_null() || td.tg_trigger.is_null() {
+            return;
+        }
+        let me = CStr::from_ptr((*td.tg_trigger).tgname);
+        let triggers = std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize);
+        for t in triggers {
+            let kind = t.tgtype as u32;
+            let name = CStr::from_ptr(t.tgname);
+            if kind & pg_sys::TRIGGER_TYPE_ROW != 0
+                && kind & pg_sys::TRIGGER_TYPE_TIMING_MASK == pg_sys::TRIGGER_TYPE_BEFORE
+                && kind & pg_sys::TRIGGER_TYPE_UPDATE != 0
+                && fires_in_session(t.tgenabled as u8)
+                && name.to_bytes() > me.to_bytes()
+            {
+                crate::error::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "pg_sales: the BEFORE UPDATE trigger {} on sales.monthly_sales fires after {}, which writes the update's event: it could change or skip the update after its event is written; rename it to sort before {} (or make it an AFTER trigger)",
+                        name.to_string_lossy(),
+                        me.to_string_lossy(),
+                        me.to_string_lossy()
+                    ),
+                );
+            }
+        }
+    }
+}
+
 /// Whether `monthly_sales_replica_updates` (`AFTER UPDATE`, enabled for
 /// `session_replication_role = replica` only, as logical replication's
 /// apply runs) writes an update's event: when `monthly_sales_events` fires
@@ -509,7 +550,14 @@ thread_local! {
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_events_table(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     if let Some(t) = EVENTS_TABLE.get() {
-        if relid == pg_sys::InvalidOid || relid == t.relid {
+        // The table, or one of the indexes described (an index's own
+        // change, such as a rename or a storage parameter, invalidates
+        // that index only).
+        if relid == pg_sys::InvalidOid
+            || relid == t.relid
+            || t.indexes
+                .is_some_and(|ix| ix.iter().any(|i| i.oid == relid))
+        {
             EVENTS_TABLE.set(None);
         }
     }
@@ -633,7 +681,10 @@ unsafe fn log_owner() -> pg_sys::Oid {
 
 /// The indexes of `rel` described once (`BuildIndexInfo`, as
 /// `ExecOpenIndices` does for every statement), when every one of them is
-/// a plain, immediate index on columns; None otherwise.
+/// a plain, immediate btree or hash index on columns; None otherwise. Only
+/// those: other access methods keep state in the description
+/// (`ii_AmCache`: GIN, GiST and BRIN point it into the index's relation
+/// cache entry) that is meant to last one statement, not a session.
 unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<&'static [EventIndex]> {
     unsafe {
         if !INDEX_CONTEXT.is_null() {
@@ -661,7 +712,9 @@ unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<&'static [EventIndex]> 
             let irel = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
             let info = pg_sys::BuildIndexInfo(irel);
             let form = (*irel).rd_index;
-            if !(*info).ii_Expressions.is_null()
+            let am = (*(*irel).rd_rel).relam;
+            if (am != pg_sys::BTREE_AM_OID && am != pg_sys::HASH_AM_OID)
+                || !(*info).ii_Expressions.is_null()
                 || !(*info).ii_Predicate.is_null()
                 || !(*info).ii_ExclusionOps.is_null()
                 || !(*form).indimmediate
@@ -680,13 +733,66 @@ unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<&'static [EventIndex]> 
     }
 }
 
+/// Refuses, naming it, what the executor would run for an event row and
+/// [`insert_event`] does not: a CHECK constraint of `sales.events`, or a
+/// trigger on its inserts that fires in this session (a foreign key from
+/// it is such a trigger). Left alone: migration 0025's `access_notify`,
+/// whose `WHEN` clause takes access events only, never the sales events
+/// written here, and a deferrable unique constraint's recheck, whose
+/// duplicate the insert refuses at once.
+///
+/// # Safety
+/// `rel` is `sales.events`, open.
+unsafe fn refuse_what_the_insert_skips(rel: pg_sys::Relation) {
+    unsafe {
+        let constr = (*(*rel).rd_att).constr;
+        if !constr.is_null() && (*constr).num_check > 0 {
+            let name = CStr::from_ptr((*(*constr).check).ccname).to_string_lossy();
+            crate::error::raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "pg_sales: sales.events has the CHECK constraint {name}, which the sales event trigger's rows (written straight into the table) would not be checked against; drop it to write sales events"
+                ),
+            );
+        }
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return;
+        }
+        let triggers = std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize);
+        for t in triggers {
+            let name = CStr::from_ptr(t.tgname);
+            // A deferrable unique constraint's own recheck trigger: a
+            // duplicate it would find is refused by the insert itself.
+            let recheck =
+                t.tgisinternal && t.tgfoid == pg_sys::Oid::from(pg_sys::F_UNIQUE_KEY_RECHECK);
+            if t.tgtype as u32 & pg_sys::TRIGGER_TYPE_INSERT != 0
+                && fires_in_session(t.tgenabled as u8)
+                && name.to_bytes() != b"access_notify"
+                && !recheck
+            {
+                crate::error::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "pg_sales: the trigger {} on sales.events would not run for the sales event trigger's rows (written straight into the table); drop or disable it to write sales events (a foreign key from sales.events is such a trigger)",
+                        name.to_string_lossy()
+                    ),
+                );
+            }
+        }
+    }
+}
+
 /// Appends one row to `sales.events`, filling the columns as their defaults
 /// would (id from its identity sequence, `seq` from the delivery clock, the
 /// transaction id and start time), straight into the table and its indexes:
 /// a statement through SPI spent more on setting up its executor than on
 /// the insert. What is bypassed: permission checks on `sales.events` (the
-/// trigger writes the extension's own log) and any trigger a user adds to
-/// `sales.events` (the extension defines none).
+/// trigger writes the extension's own log). What the executor would also
+/// run for the row, a CHECK constraint or a trigger someone added to
+/// `sales.events` (a foreign key from it is one), is refused rather than
+/// skipped ([`refuse_what_the_insert_skips`]), and so is a column of
+/// another type than the extension made it (its value would be misread).
 unsafe fn insert_event(
     kind: &CStr,
     store_id: i64,
@@ -703,6 +809,7 @@ unsafe fn insert_event(
         if table.relid != (*rel).rd_id {
             error!("pg_sales: sales.events was replaced during the write; retry");
         }
+        refuse_what_the_insert_skips(rel);
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0usize); natts];
@@ -715,25 +822,57 @@ unsafe fn insert_event(
             if a.attisdropped {
                 continue;
             }
-            let v = match CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() {
-                b"id" => Some(pg_sys::Datum::from(id)),
-                b"kind" => Some(pg_sys::Datum::from(pg_sys::cstring_to_text(kind.as_ptr()))),
-                b"store_id" => Some(pg_sys::Datum::from(store_id)),
-                b"user_id" => None,
-                b"actor_id" => actor.map(pg_sys::Datum::from),
-                b"row_id" => Some(pg_sys::Datum::from(row_id)),
-                b"row_version" => Some(pg_sys::Datum::from(row_version)),
-                b"payload" => Some(payload),
-                b"xid" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
-                b"created_at" => Some(pg_sys::Datum::from(
-                    pg_sys::GetCurrentTransactionStartTimestamp(),
-                )),
-                b"seq" => Some(pg_sys::Datum::from(seq)),
+            let name = CStr::from_ptr(a.attname.data.as_ptr()).to_bytes();
+            let (v, ty) = match name {
+                b"id" => (Some(pg_sys::Datum::from(id)), pg_sys::INT8OID),
+                b"kind" => (None, pg_sys::TEXTOID),
+                b"store_id" => (Some(pg_sys::Datum::from(store_id)), pg_sys::INT8OID),
+                b"user_id" => (None, pg_sys::INT8OID),
+                b"actor_id" => (actor.map(pg_sys::Datum::from), pg_sys::INT8OID),
+                b"row_id" => (Some(pg_sys::Datum::from(row_id)), pg_sys::INT8OID),
+                b"row_version" => (Some(pg_sys::Datum::from(row_version)), pg_sys::INT8OID),
+                b"payload" => (Some(payload), pg_sys::JSONBOID),
+                b"xid" => (
+                    Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
+                    pg_sys::XID8OID,
+                ),
+                b"created_at" => (
+                    Some(pg_sys::Datum::from(
+                        pg_sys::GetCurrentTransactionStartTimestamp(),
+                    )),
+                    pg_sys::TIMESTAMPTZOID,
+                ),
+                b"seq" => (Some(pg_sys::Datum::from(seq)), pg_sys::INT8OID),
                 other => error!(
                     "pg_sales: sales.events has a column the sales event trigger does not fill: {}",
                     String::from_utf8_lossy(other)
                 ),
             };
+            // Values are written as these types: a column of another type
+            // would take an integer as a pointer, or the reverse.
+            if a.atttypid != ty {
+                crate::error::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "pg_sales: the column {} of sales.events is not of the type the extension made it; the sales event trigger cannot write events until it is",
+                        String::from_utf8_lossy(name)
+                    ),
+                );
+            }
+            let v = if name == b"kind" {
+                Some(pg_sys::Datum::from(pg_sys::cstring_to_text(kind.as_ptr())))
+            } else {
+                v
+            };
+            if v.is_none() && a.attnotnull {
+                crate::error::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "pg_sales: the column {} of sales.events is NOT NULL, and the sales event trigger leaves it empty for sales events; drop the constraint",
+                        String::from_utf8_lossy(name)
+                    ),
+                );
+            }
             if let Some(v) = v {
                 values[i] = v;
                 nulls[i] = false;
@@ -807,6 +946,15 @@ unsafe fn insert_event(
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                 );
+                // A deferrable unique index checks a possible duplicate
+                // at commit through an AFTER trigger the executor queues;
+                // this insert queues none, so such a row is refused now.
+                if !recheck.is_null() {
+                    crate::error::raise(
+                        PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                        "pg_sales: an event row may duplicate another under a deferrable unique index of sales.events, which the sales event trigger cannot check at commit",
+                    );
+                }
                 pg_sys::list_free(recheck);
                 pg_sys::ExecCloseIndices(rri);
                 pg_sys::FreeExecutorState(estate);

@@ -157,6 +157,7 @@ fn tg_sales_row<'a>(
         // monthly_sales_events, as an ON CONFLICT insert may still turn
         // into an update after this call.
         if old.is_some() && crate::events::updates_write_events(td.tg_relation) {
+            crate::events::refuse_later_before_update_triggers(td);
             crate::events::write_row_event(&row, tuple, old_daily.as_ref(), new_daily);
         }
         Ok(Some(PgHeapTuple::from_heap_tuple(

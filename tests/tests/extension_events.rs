@@ -2491,3 +2491,219 @@ async fn a_savepoint_that_takes_every_event_back_stops_holding_delivery() {
     .unwrap();
     assert_eq!(months, vec![2], "the released event, committed");
 }
+
+/// The sales trigger writes its event rows straight into `sales.events`
+/// and its indexes. What the executor would also do for such a row and
+/// that insert does not is refused, naming it, rather than skipped: a CHECK
+/// constraint, a NOT NULL on a column the trigger leaves empty, a trigger
+/// on the log's inserts (a foreign key from it is one), a deferrable
+/// unique constraint that finds a duplicate, a column changed to another
+/// type (its values would be misread: an integer taken for a pointer).
+/// Indexes of other access methods than btree and hash (GIN here) are
+/// maintained, also after the index alone changes (a rename).
+#[tokio::test]
+async fn what_the_direct_event_insert_cannot_do_is_refused() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let mut day = 0;
+    let mut write = |db: &TestDb| {
+        day += 1;
+        let sql = merge_day(s[0], day);
+        let url = db.url.clone();
+        async move {
+            // A backend of its own each time: the log's description is
+            // built afresh, as in a new session.
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(&sql).execute(&mut c).await.map(|_| ())
+        }
+    };
+    let refused = |r: Result<(), sqlx::Error>, code: &str, names: &str| {
+        let message = expect_code(r, code);
+        assert!(message.contains(names), "{message}");
+    };
+    write(&db).await.unwrap();
+
+    // GIN: maintained, before and after a rename of the index alone.
+    exec(
+        &db,
+        "CREATE INDEX events_gin_test ON sales.events USING gin (payload jsonb_path_ops)",
+    )
+    .await;
+    write(&db).await.unwrap();
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&merge_day(s[0], 20))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    exec(
+        &db,
+        "ALTER INDEX sales.events_gin_test RENAME TO events_gin_renamed",
+    )
+    .await;
+    sqlx::raw_sql(&merge_day(s[0], 21))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    write(&db).await.unwrap();
+    let by_scan = scalar_i64(
+        &db,
+        "SELECT count(*) FROM sales.events WHERE payload @> '{\"month\": 3}'",
+    )
+    .await;
+    let mut ix = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("SET enable_seqscan = off")
+        .execute(&mut ix)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT count(*) FROM sales.events WHERE payload @> '{\"month\": 3}'",
+    )
+    .fetch_all(&mut ix)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("events_gin_renamed")),
+        "{plan:?}"
+    );
+    let by_index: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sales.events WHERE payload @> '{\"month\": 3}'")
+            .fetch_one(&mut ix)
+            .await
+            .unwrap();
+    assert!(by_scan >= 4, "{by_scan}");
+    assert_eq!(by_index, by_scan);
+    exec(&db, "DROP INDEX sales.events_gin_renamed").await;
+
+    // A CHECK constraint.
+    exec(
+        &db,
+        "ALTER TABLE sales.events ADD CONSTRAINT events_check_test CHECK (store_id > 0) NOT VALID",
+    )
+    .await;
+    refused(write(&db).await, "55000", "events_check_test");
+    exec(
+        &db,
+        "ALTER TABLE sales.events DROP CONSTRAINT events_check_test",
+    )
+    .await;
+    write(&db).await.unwrap();
+
+    // NOT NULL on a column the trigger leaves empty (user_id).
+    exec(
+        &db,
+        "UPDATE sales.events SET user_id = 0 WHERE user_id IS NULL",
+    )
+    .await;
+    exec(
+        &db,
+        "ALTER TABLE sales.events ALTER COLUMN user_id SET NOT NULL",
+    )
+    .await;
+    refused(write(&db).await, "55000", "user_id");
+    exec(
+        &db,
+        "ALTER TABLE sales.events ALTER COLUMN user_id DROP NOT NULL",
+    )
+    .await;
+    write(&db).await.unwrap();
+
+    // A trigger on the log's inserts; disabled, it is not in the way.
+    exec(
+        &db,
+        "CREATE FUNCTION sales.events_spy_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER events_spy_test AFTER INSERT ON sales.events FOR EACH ROW EXECUTE FUNCTION sales.events_spy_test()",
+    )
+    .await;
+    refused(write(&db).await, "55000", "events_spy_test");
+    exec(
+        &db,
+        "ALTER TABLE sales.events DISABLE TRIGGER events_spy_test",
+    )
+    .await;
+    write(&db).await.unwrap();
+    exec(&db, "DROP TRIGGER events_spy_test ON sales.events").await;
+
+    // A deferrable unique constraint: rows it accepts go in, a duplicate
+    // it would only find at commit is refused at once.
+    exec(&db, "DELETE FROM sales.events WHERE row_id IS NOT NULL").await;
+    exec(&db, "ALTER TABLE sales.events ADD CONSTRAINT events_unique_test UNIQUE (row_id) DEFERRABLE INITIALLY DEFERRED").await;
+    write(&db).await.unwrap();
+    refused(write(&db).await, "23505", "deferrable unique");
+    exec(
+        &db,
+        "ALTER TABLE sales.events DROP CONSTRAINT events_unique_test",
+    )
+    .await;
+    write(&db).await.unwrap();
+
+    // A column of another type: refused, and the server is still up.
+    exec(
+        &db,
+        "ALTER TABLE sales.events ALTER COLUMN store_id TYPE text",
+    )
+    .await;
+    refused(write(&db).await, "55000", "store_id");
+    assert_eq!(scalar_i64(&db, "SELECT 1::bigint").await, 1);
+    exec(
+        &db,
+        "ALTER TABLE sales.events ALTER COLUMN store_id TYPE bigint USING store_id::bigint",
+    )
+    .await;
+    write(&db).await.unwrap();
+}
+
+/// An update's event is written inside `monthly_sales_row`, with the row as
+/// it leaves it. A `BEFORE UPDATE` row trigger that fires after it (a name
+/// that sorts later) could still change or skip the update: refused,
+/// naming it. One that fires before it is the row's own business, and its
+/// change is what the event carries.
+#[tokio::test]
+async fn a_before_update_trigger_after_the_row_trigger_is_refused() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    exec(&db, &merge_day(s[0], 1)).await;
+    exec(
+        &db,
+        "CREATE FUNCTION sales.skip_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+         CREATE TRIGGER zz_skip_test BEFORE UPDATE ON sales.monthly_sales FOR EACH ROW EXECUTE FUNCTION sales.skip_test()",
+    )
+    .await;
+    let before = max_event(&db).await;
+    let message = expect_code(
+        sqlx::raw_sql(&merge_day(s[0], 2)).execute(&db.pool).await,
+        "55000",
+    );
+    assert!(message.contains("zz_skip_test"), "{message}");
+    assert_eq!(
+        max_event(&db).await,
+        before,
+        "no event for the refused update"
+    );
+    exec(&db, "DROP TRIGGER zz_skip_test ON sales.monthly_sales").await;
+
+    // Sorting first, it runs before the row trigger: its change is in the
+    // stored row and in the event.
+    exec(
+        &db,
+        r#"CREATE FUNCTION sales.add_day_test() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN NEW.daily_data = NEW.daily_data || '{"9": {"sales": 9}}'; RETURN NEW; END $$;
+           CREATE TRIGGER aa_add_day_test BEFORE UPDATE ON sales.monthly_sales FOR EACH ROW EXECUTE FUNCTION sales.add_day_test()"#,
+    )
+    .await;
+    exec(&db, &merge_day(s[0], 3)).await;
+    let days: Vec<String> = sqlx::query_scalar(
+        "SELECT jsonb_object_keys(daily_data) FROM sales.monthly_sales WHERE store_id = $1",
+    )
+    .bind(s[0])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(days.contains(&"9".to_string()), "{days:?}");
+    let ev = events_after(&db, before).await;
+    let last = ev.last().expect("the update's event");
+    assert!(
+        last.payload.to_string().contains("\"9\""),
+        "{:?}",
+        last.payload
+    );
+}

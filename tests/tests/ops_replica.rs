@@ -596,3 +596,88 @@ async fn another_instances_write_is_read_while_delivery_is_held_back() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A session opened on a standby that outlives the standby's promotion
+/// (a pooled connection after a failover) writes its events after every
+/// event the standby replayed. The delivery clock is raised to the log
+/// when a session first reads it; on a standby the log grows by replay
+/// afterwards, and such a session took its next values from where the
+/// clock stood at that first read: below events already delivered from
+/// the old primary (or onto one of their values).
+#[tokio::test]
+async fn a_session_that_outlives_a_promotion_writes_after_every_replayed_event() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let write = |day: u32| {
+        format!(
+            "INSERT INTO sales.monthly_sales AS t (store_id, year, month, daily_data) VALUES ({}, 2024, 3, '{{\"{day}\": {{\"sales\": {day}}}}}')
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = t.daily_data || EXCLUDED.daily_data",
+            s[0]
+        )
+    };
+    sqlx::raw_sql(&write(1)).execute(&db.pool).await.unwrap();
+    let replica = PgReplica::start();
+    let replica_url = replica.url_for(&db);
+    let mut session = standby(&replica_url).await;
+    let max_seq = "SELECT coalesce(max(seq), 0) FROM sales.events";
+    let first: i64 = sqlx::query_scalar(max_seq)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the standby has the first event",
+        || async {
+            let n: i64 = sqlx::query_scalar(max_seq).fetch_one(&db.pool).await.ok()?;
+            let mut c = sqlx::PgConnection::connect(&replica_url).await.ok()?;
+            let m: i64 = sqlx::query_scalar(max_seq).fetch_one(&mut c).await.ok()?;
+            (m == n && n == first).then_some(())
+        },
+    )
+    .await;
+    // The session reads the clock while the server is a standby.
+    let _: i64 = sqlx::query_scalar("SELECT sales.events_horizon()")
+        .fetch_one(&mut session)
+        .await
+        .unwrap();
+    // The primary writes on; the standby replays it.
+    for day in 2..=6 {
+        sqlx::raw_sql(&write(day)).execute(&db.pool).await.unwrap();
+    }
+    let last: i64 = sqlx::query_scalar(max_seq)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(last > first);
+    eventually(
+        Duration::from_secs(30),
+        "the standby has every event",
+        || async {
+            let mut c = sqlx::PgConnection::connect(&replica_url).await.ok()?;
+            let m: i64 = sqlx::query_scalar(max_seq).fetch_one(&mut c).await.ok()?;
+            (m == last).then_some(())
+        },
+    )
+    .await;
+    // Promoted, the same session writes: its event comes after them all.
+    let promoted: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)")
+        .fetch_one(&mut session)
+        .await
+        .unwrap();
+    assert!(promoted);
+    sqlx::raw_sql(&write(7))
+        .execute(&mut session)
+        .await
+        .unwrap();
+    let (seq, version): (i64, i64) = sqlx::query_as(
+        "SELECT seq, row_version FROM sales.events WHERE row_id IS NOT NULL ORDER BY row_version DESC LIMIT 1",
+    )
+    .fetch_one(&mut session)
+    .await
+    .unwrap();
+    assert_eq!(version, 7);
+    assert!(
+        seq > last,
+        "the promoted session's event seq {seq}, the last replayed {last}"
+    );
+}

@@ -146,6 +146,9 @@ fn start_server(db: &TestDb, o: &Opts) -> ServerProc {
         ("BIND_ADDR", "127.0.0.1"),
         ("LOG_LEVEL", "warn"),
         ("RATE_LIMIT_PER_MINUTE", "100000"),
+        // One token for the whole run, which takes longer than the default
+        // lifetime of 15 minutes at 10M rows.
+        ("JWT_EXPIRY", "24h"),
     ];
     ServerProc::start(std::path::Path::new(server), &env).unwrap_or_else(|e| {
         panic!("starting {server}: {e} (build it with cargo build --release -p sales-server)")
@@ -485,7 +488,7 @@ async fn bench(o: Opts) {
     )
     .await
     .expect("user");
-    let cfg = db.config(&[]);
+    let cfg = db.config(&[("JWT_EXPIRY", "24h")]);
     let auth = sales_server::auth::Auth::from_config(&cfg).expect("auth");
     let (token, _) = auth
         .issue(id, "bench@example.com", Role::Admin, vec![])
