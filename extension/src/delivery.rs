@@ -1,7 +1,7 @@
 //! Delivery order of the event log, kept in shared memory.
 //!
-//! Every event row gets `seq` from one cluster-wide clock as it is written
-//! (the column default calls [`event_seq`]). Readers deliver in `seq` order,
+//! Every event row gets `seq` from its database's clock as it is written
+//! (the column default calls [`event_seq`]; see [`DbClock`]). Readers deliver in `seq` order,
 //! and only below the *horizon*: the first `seq` of the oldest event-writing
 //! transaction of this database that is still running, or past the clock when
 //! there is none. Why this order and this horizon:
@@ -26,8 +26,9 @@
 //! a reader hears of a commit, or of an abort that unblocks others, at once
 //! and without NOTIFY.
 //!
-//! The clock survives nothing: after a restart, each backend raises it to the
-//! largest `seq` in its database's log before its first event.
+//! The clocks survive nothing: after a restart, each backend raises its
+//! database's clock to the largest `seq` in that database's log before its
+//! first event.
 //!
 //! All of this needs shared memory, so the library must be in
 //! `shared_preload_libraries`; without it, writing an event fails with a
@@ -73,11 +74,29 @@ struct DbGeneration {
     cv: pg_sys::ConditionVariable,
 }
 
+/// Clocks: one per database, claimed by the first backend of the database
+/// that reads or takes a `seq` (its oid picks where the search for a free
+/// entry starts) and kept until the server stops. A database's clock moves
+/// only with its own log: a `seq` written there by hand (a role allowed to
+/// insert events may override the default) moves no other database's
+/// clock. Past `CLOCKS` databases that used events since the server
+/// started, later ones share [`Shared::overflow_clock`].
+const CLOCKS: usize = 1024;
+
+#[repr(C)]
+struct DbClock {
+    /// The database's oid; 0 while the entry is free.
+    db: AtomicU32,
+    value: AtomicU64,
+}
+
 #[repr(C)]
 struct Shared {
-    clock: AtomicU64,
+    /// The clock of the databases that found no entry of their own.
+    overflow_clock: AtomicU64,
     nslots: usize,
     dbs: [DbGeneration; DATABASES],
+    clocks: [DbClock; CLOCKS],
     // followed by `nslots` slots
 }
 
@@ -100,6 +119,8 @@ thread_local! {
     /// released, the one it was released into): when it rolls back, every
     /// event of the transaction goes with it, and so does the registration.
     static FIRST_SUB: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
+    /// This backend's database's clock, once found.
+    static MY_CLOCK: Cell<*const AtomicU64> = const { Cell::new(std::ptr::null()) };
     /// Whether this backend has raised the clock to its database's log.
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
     /// Whether that was while the server was a standby in recovery: the log
@@ -199,13 +220,47 @@ fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
     &s.dbs[db as usize % DATABASES]
 }
 
+/// This backend's database's clock: its entry, claimed if it has none yet
+/// (without a lock: an entry's oid is set once, by compare-and-swap, and
+/// never cleared, so every backend of a database finds the same entry,
+/// the first one along its search that holds its oid or was free), or the
+/// overflow clock when every entry is another database's.
+fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
+    let known = MY_CLOCK.get();
+    if !known.is_null() {
+        return unsafe { &*known };
+    }
+    let db = my_db();
+    let start = db as usize % CLOCKS;
+    let mut clock = &s.overflow_clock;
+    for k in 0..CLOCKS {
+        let entry = &s.clocks[(start + k) % CLOCKS];
+        let holder = match entry.db.load(Ordering::Acquire) {
+            0 => match entry
+                .db
+                .compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => db,
+                Err(other) => other,
+            },
+            other => other,
+        };
+        if holder == db {
+            clock = &entry.value;
+            break;
+        }
+    }
+    MY_CLOCK.set(clock as *const AtomicU64);
+    clock
+}
+
 /// After a restart the clock starts at 0: before this backend takes a value
 /// from it or reads a horizon, raise it past this database's log (once per
 /// backend; a backend serves one database). On a standby the log grows by
 /// replay, which moves no clock: a backend that saw the clock there sees it
 /// again after a promotion, so a session that outlives the promotion takes
 /// values past every replayed event rather than after its first read.
-fn see_clock(s: &Shared) {
+fn see_clock(s: &'static Shared) {
     // Seen, and not in a recovery that has ended since.
     if CLOCK_SEEN.get()
         && (!CLOCK_SEEN_IN_RECOVERY.get() || unsafe { pg_sys::RecoveryInProgress() })
@@ -228,10 +283,12 @@ fn see_clock(s: &Shared) {
     let max = max.unwrap_or(0).max(0) as u64;
     // A seq near the end of the range can only have been written by hand
     // (`seq` is a column default a role allowed to insert events may
-    // override). Taken into the clock, which every database of the cluster
-    // shares, it would make the next values wrap to negative ones, below
-    // every horizon: no event of any database would be delivered again.
-    if max > SEQ_LOG_LIMIT {
+    // override), unless this database's clock has given it since the
+    // server started. Taken into the clock, it would make the next values
+    // wrap to negative ones, below every horizon: no event of the database
+    // would be delivered again.
+    let clock = my_clock(s);
+    if max > SEQ_LOG_LIMIT && max > clock.load(Ordering::Acquire) {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
@@ -240,7 +297,7 @@ fn see_clock(s: &Shared) {
             ),
         );
     }
-    s.clock.fetch_max(max, Ordering::AcqRel);
+    clock.fetch_max(max, Ordering::AcqRel);
     CLOCK_SEEN.set(true);
     CLOCK_SEEN_IN_RECOVERY.set(unsafe { pg_sys::RecoveryInProgress() });
 }
@@ -248,11 +305,11 @@ fn see_clock(s: &Shared) {
 /// The highest `seq` the clock gives (2^62), far from where an `i64` wraps.
 const SEQ_LIMIT: u64 = 1 << 62;
 
-/// The highest `seq` the clock takes from a log (2^61: at a million events a
-/// second, about 73,000 years of them). Far below [`SEQ_LIMIT`], so a value
-/// written by hand just under the limit the clock refuses to pass cannot
-/// bring every database of the cluster to it: between the two lie 2^61
-/// values.
+/// The highest `seq` a clock takes from a log it has not given since the
+/// server started (2^61: at a million events a second, about 73,000 years
+/// of them). Far below [`SEQ_LIMIT`], so a value written by hand just under
+/// the limit the clock refuses to pass cannot bring the database to it:
+/// between the two lie 2^61 values.
 const SEQ_LOG_LIMIT: u64 = 1 << 61;
 
 /// The next `seq` for an event row of the current transaction (the default
@@ -317,15 +374,16 @@ pub fn next_seq() -> i64 {
         );
         slot.since
             .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
+        let clock = my_clock(s);
         slot.first_seq
-            .store(s.clock.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
-        let seq = s.clock.fetch_add(1, Ordering::SeqCst) + 1;
+            .store(clock.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+        let seq = clock.fetch_add(1, Ordering::SeqCst) + 1;
         slot.first_seq.store(seq, Ordering::SeqCst);
         FIRST_SEQ.set(seq);
         FIRST_SUB.set(unsafe { pg_sys::GetCurrentSubTransactionId() });
         seq
     } else {
-        s.clock.fetch_add(1, Ordering::SeqCst) + 1
+        my_clock(s).fetch_add(1, Ordering::SeqCst) + 1
     };
     if seq > SEQ_LIMIT {
         // Never reached by values the clock gave; refuse rather than wrap.
@@ -531,10 +589,10 @@ fn try_notify_lock() -> bool {
 }
 
 /// The `seq` below which every event of this database is final.
-fn horizon(s: &Shared) -> u64 {
+fn horizon(s: &'static Shared) -> u64 {
     see_clock(s);
     let db = my_db();
-    let mut h = s.clock.load(Ordering::SeqCst) + 1;
+    let mut h = my_clock(s).load(Ordering::SeqCst) + 1;
     let slots = slots(s);
     for i in 0..s.nslots {
         let slot = unsafe { &*slots.add(i) };

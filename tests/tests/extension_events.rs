@@ -1681,11 +1681,11 @@ async fn row_triggers_refuse_other_tables() {
 }
 
 /// `seq` is a column default, so a role allowed to insert event rows can
-/// write one by hand. A value at the end of the range must not reach the
-/// delivery clock, which every database of the cluster shares: its next
-/// values would wrap below every horizon and no event of any database would
-/// be delivered again. The database holding such a row refuses event
-/// writes, naming the row, until it is deleted; other databases go on.
+/// write one by hand. A value at the end of the range must not reach its
+/// database's delivery clock: its next values would wrap below every
+/// horizon and no event would be delivered again. The database holding
+/// such a row refuses event writes, naming the row, until it is deleted;
+/// other databases go on.
 #[tokio::test]
 async fn a_seq_written_by_hand_cannot_stop_the_clock() {
     let db = TestDb::new().await;
@@ -2705,5 +2705,62 @@ async fn a_before_update_trigger_after_the_row_trigger_is_refused() {
         last.payload.to_string().contains("\"9\""),
         "{:?}",
         last.payload
+    );
+}
+
+/// Each database has a delivery clock of its own: a `seq` written by hand
+/// in one database, which its clock takes (any value up to 2^61), moves no
+/// other database's. With one clock for the cluster, every database's
+/// events went on from that value, and once they passed 2^61 a new session
+/// of any database refused to write or read events (it took them for
+/// values written by hand) until they were deleted everywhere. The database
+/// that holds the value goes on from it.
+#[tokio::test]
+async fn a_seq_written_by_hand_moves_only_its_own_databases_clock() {
+    let db = TestDb::new().await;
+    let other = TestDb::new().await;
+    let s = db.stores(1).await;
+    let o = other.stores(1).await;
+    let write = |url: String, store: i64, day: u32| async move {
+        // A session of its own: each reads its database's log once.
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("SELECT sales.batch_upsert($1)")
+            .bind(json!([record(store, 2024, 1, days(day, day, 1.0, 1))]))
+            .fetch_one(&mut c)
+            .await
+            .map(|_| ())
+    };
+    let last_seq = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT max(seq) FROM sales.events")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    write(other.url.clone(), o[0], 1).await.unwrap();
+    let forged = 1i64 << 61;
+    sqlx::query("INSERT INTO sales.events (kind, payload, seq) VALUES ('forged', '{}', $1)")
+        .bind(forged)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The database holding it goes on from it, session after session.
+    for day in 1..=3 {
+        write(db.url.clone(), s[0], day).await.unwrap();
+        assert!(last_seq(db.pool.clone()).await > forged);
+    }
+    // The other database's clock did not move.
+    for day in 2..=4 {
+        write(other.url.clone(), o[0], day).await.unwrap();
+        let seq = last_seq(other.pool.clone()).await;
+        assert!(seq < 1 << 40, "another database's event took seq {seq}");
+    }
+    let mut reader = sqlx::PgConnection::connect(&other.url).await.unwrap();
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM sales.events_since(0, 100)")
+        .fetch_all(&mut reader)
+        .await
+        .unwrap();
+    assert!(
+        seqs.len() >= 4 && seqs.iter().all(|&q| q < 1 << 40),
+        "{seqs:?}"
     );
 }
