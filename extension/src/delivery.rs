@@ -75,12 +75,13 @@ struct DbGeneration {
 }
 
 /// Clocks: one per database, claimed by the first backend of the database
-/// that reads or takes a `seq` (its oid picks where the search for a free
-/// entry starts) and kept until the server stops. A database's clock moves
-/// only with its own log: a `seq` written there by hand (a role allowed to
-/// insert events may override the default) moves no other database's
-/// clock. Past `CLOCKS` databases that used events since the server
-/// started, later ones share [`Shared::overflow_clock`].
+/// that reads or takes a `seq`, under [`CLOCK_LOCK`]: the database's entry
+/// if it has one, else a free one or one of a database since dropped. A
+/// database's clock moves only with its own log: a `seq` written there by
+/// hand (a role allowed to insert events may override the default) moves
+/// no other database's clock. Past `CLOCKS` databases that exist and used
+/// events since the server started, later ones share
+/// [`Shared::overflow_clock`].
 const CLOCKS: usize = 1024;
 
 #[repr(C)]
@@ -101,6 +102,9 @@ struct Shared {
 }
 
 static mut SHARED: *mut Shared = std::ptr::null_mut();
+/// Taken to find or claim a database's clock (once per backend).
+static mut CLOCK_LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+const CLOCK_TRANCHE: &CStr = c"pg_sales clocks";
 static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
@@ -160,6 +164,7 @@ unsafe extern "C-unwind" fn shmem_request() {
             prev();
         }
         pg_sys::RequestAddinShmemSpace(slots_size(pg_sys::MaxBackends as usize));
+        pg_sys::RequestNamedLWLockTranche(CLOCK_TRANCHE.as_ptr(), 1);
     }
 }
 
@@ -183,6 +188,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
             (*p).nslots = n;
         }
         SHARED = p;
+        CLOCK_LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(CLOCK_TRANCHE.as_ptr())).lock;
         pg_sys::LWLockRelease(addin_lock);
     }
 }
@@ -220,11 +226,13 @@ fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
     &s.dbs[db as usize % DATABASES]
 }
 
-/// This backend's database's clock: its entry, claimed if it has none yet
-/// (without a lock: an entry's oid is set once, by compare-and-swap, and
-/// never cleared, so every backend of a database finds the same entry,
-/// the first one along its search that holds its oid or was free), or the
-/// overflow clock when every entry is another database's.
+/// This backend's database's clock, or the overflow clock when every entry
+/// is another existing database's. Found once per backend, under
+/// [`CLOCK_LOCK`]: the database's entry if one holds its oid, else the
+/// first free entry, or one whose database no longer exists (no backend of
+/// a dropped database is left to use it), claimed with its value set to 0
+/// (the first read of the log raises it). So every backend of a database
+/// uses the same entry while the database exists.
 fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
     let known = MY_CLOCK.get();
     if !known.is_null() {
@@ -232,24 +240,36 @@ fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
     }
     let db = my_db();
     let start = db as usize % CLOCKS;
-    let mut clock = &s.overflow_clock;
-    for k in 0..CLOCKS {
-        let entry = &s.clocks[(start + k) % CLOCKS];
-        let holder = match entry.db.load(Ordering::Acquire) {
-            0 => match entry
-                .db
-                .compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => db,
-                Err(other) => other,
-            },
-            other => other,
-        };
-        if holder == db {
-            clock = &entry.value;
-            break;
+    let exists = |oid: u32| unsafe {
+        pg_sys::SearchSysCacheExists(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(oid),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    };
+    let lock = unsafe { CLOCK_LOCK };
+    unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+    let mut clock = s
+        .clocks
+        .iter()
+        .find(|e| e.db.load(Ordering::Acquire) == db)
+        .map(|e| &e.value);
+    if clock.is_none() {
+        for k in 0..CLOCKS {
+            let entry = &s.clocks[(start + k) % CLOCKS];
+            let holder = entry.db.load(Ordering::Acquire);
+            if holder == 0 || !exists(holder) {
+                entry.value.store(0, Ordering::Release);
+                entry.db.store(db, Ordering::Release);
+                clock = Some(&entry.value);
+                break;
+            }
         }
     }
+    unsafe { pg_sys::LWLockRelease(lock) };
+    let clock = clock.unwrap_or(&s.overflow_clock);
     MY_CLOCK.set(clock as *const AtomicU64);
     clock
 }
@@ -267,6 +287,9 @@ fn see_clock(s: &'static Shared) {
     {
         return;
     }
+    // Sampled before the read: a promotion that ends during it leaves the
+    // flag set, and the log is read again at the next call.
+    let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
     // As the log's owner: a writer needs no privilege on the log.
     // A read-only query: `Spi::get_one` runs it as an update, which takes a
     // transaction id (refused on a standby, where any call reading a
@@ -292,14 +315,15 @@ fn see_clock(s: &'static Shared) {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
-                "pg_sales: sales.events holds seq {max}, beyond any the extension gives \
-                 (at most {SEQ_LOG_LIMIT}); delete that event row (it was not written by the extension)"
+                "pg_sales: sales.events holds seq {max}, beyond {SEQ_LOG_LIMIT}, past which only a seq \
+                 written by hand (and the events after it, since the server started) takes the clock; \
+                 delete the event rows above {SEQ_LOG_LIMIT}"
             ),
         );
     }
     clock.fetch_max(max, Ordering::AcqRel);
     CLOCK_SEEN.set(true);
-    CLOCK_SEEN_IN_RECOVERY.set(unsafe { pg_sys::RecoveryInProgress() });
+    CLOCK_SEEN_IN_RECOVERY.set(in_recovery);
 }
 
 /// The highest `seq` the clock gives (2^62), far from where an `i64` wraps.
@@ -590,6 +614,16 @@ fn try_notify_lock() -> bool {
 
 /// The `seq` below which every event of this database is final.
 fn horizon(s: &'static Shared) -> u64 {
+    // A standby registers none of the primary's running transactions: a
+    // horizon computed there would pass an event a transaction still
+    // running on the primary may yet commit below it.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_sales: the delivery horizon is kept on the primary only; read events there \
+             (a standby knows nothing of the primary's running transactions)",
+        );
+    }
     see_clock(s);
     let db = my_db();
     let mut h = my_clock(s).load(Ordering::SeqCst) + 1;

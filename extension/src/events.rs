@@ -734,9 +734,9 @@ unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<&'static [EventIndex]> 
 }
 
 /// Refuses, naming it, what the executor would run for an event row and
-/// [`insert_event`] does not: a CHECK constraint of `sales.events`, or a
-/// trigger on its inserts that fires in this session (a foreign key from
-/// it is such a trigger). Left alone: migration 0025's `access_notify`,
+/// [`insert_event`] does not: a CHECK constraint of `sales.events`, a rule
+/// on its inserts, or a trigger on its inserts that fires in this session
+/// (a foreign key from it is such a trigger). Left alone: migration 0025's `access_notify`,
 /// whose `WHEN` clause takes access events only, never the sales events
 /// written here, and a deferrable unique constraint's recheck, whose
 /// duplicate the insert refuses at once.
@@ -754,6 +754,22 @@ unsafe fn refuse_what_the_insert_skips(rel: pg_sys::Relation) {
                     "pg_sales: sales.events has the CHECK constraint {name}, which the sales event trigger's rows (written straight into the table) would not be checked against; drop it to write sales events"
                 ),
             );
+        }
+        // A rule on the log's inserts (`CREATE RULE ... ON INSERT TO
+        // sales.events DO ALSO ...`) is the rewriter's, which this insert
+        // never goes through.
+        let rules = (*rel).rd_rules;
+        if !rules.is_null() {
+            let rules = std::slice::from_raw_parts((*rules).rules, (*rules).numLocks as usize);
+            if rules
+                .iter()
+                .any(|r| (**r).event == pg_sys::CmdType::CMD_INSERT && (**r).enabled as u8 != b'D')
+            {
+                crate::error::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pg_sales: sales.events has a rule on its inserts, which the sales event trigger's rows (written straight into the table) would not go through; drop it to write sales events",
+                );
+            }
         }
         let desc = (*rel).trigdesc;
         if desc.is_null() {

@@ -1714,7 +1714,7 @@ async fn a_seq_written_by_hand_cannot_stop_the_clock() {
             .expect_err("an event write in the database holding the row");
         let (_, message, _) = pg_error(&err);
         assert!(
-            message.contains("beyond any the extension gives"),
+            message.contains("written by hand") && message.contains("delete the event rows above"),
             "{forged}: {message}"
         );
     }
@@ -2605,6 +2605,17 @@ async fn what_the_direct_event_insert_cannot_do_is_refused() {
         "ALTER TABLE sales.events ALTER COLUMN user_id DROP NOT NULL",
     )
     .await;
+    write(&db).await.unwrap();
+
+    // A rule on the log's inserts.
+    exec(
+        &db,
+        "CREATE TABLE sales.events_copy_test (id bigint);
+         CREATE RULE events_rule_test AS ON INSERT TO sales.events DO ALSO INSERT INTO sales.events_copy_test VALUES (NEW.id)",
+    )
+    .await;
+    refused(write(&db).await, "55000", "rule");
+    exec(&db, "DROP RULE events_rule_test ON sales.events").await;
     write(&db).await.unwrap();
 
     // A trigger on the log's inserts; disabled, it is not in the way.
