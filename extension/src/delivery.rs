@@ -74,27 +74,32 @@ struct DbGeneration {
     cv: pg_sys::ConditionVariable,
 }
 
-/// Clocks: one per database, claimed by the first backend of the database
-/// that reads or takes a `seq`, under [`CLOCK_LOCK`]: the database's entry
-/// if it has one, else a free one or one of a database since dropped. A
-/// database's clock moves only with its own log: a `seq` written there by
-/// hand (a role allowed to insert events may override the default) moves
-/// no other database's clock. Past `CLOCKS` databases that exist and used
-/// events since the server started, later ones share
-/// [`Shared::overflow_clock`].
+/// Clocks: one per database that has backends using events, found or
+/// claimed once per backend under [`CLOCK_LOCK`]: the entry holding the
+/// database's oid, else one no backend uses (its value set to 0: the first
+/// read of the log raises it, as after a restart, which is what a database
+/// with no backend left is in). Each entry counts the backends using it;
+/// a backend gives its count back as it exits. A database's clock moves
+/// only with its own log: a `seq` written there by hand (a role allowed to
+/// insert events may override the default) moves no other database's
+/// clock. More than `CLOCKS` databases using events at once are refused:
+/// a clock shared past that, as a first version did, let a database whose
+/// first backends shared it and whose later ones got an entry of their own
+/// run on two clocks.
 const CLOCKS: usize = 1024;
 
 #[repr(C)]
 struct DbClock {
-    /// The database's oid; 0 while the entry is free.
+    /// The database's oid; 0 for an entry never used.
     db: AtomicU32,
+    /// Backends using the entry; only changed under [`CLOCK_LOCK`], but
+    /// for the decrement at a backend's exit.
+    refs: AtomicU32,
     value: AtomicU64,
 }
 
 #[repr(C)]
 struct Shared {
-    /// The clock of the databases that found no entry of their own.
-    overflow_clock: AtomicU64,
     nslots: usize,
     dbs: [DbGeneration; DATABASES],
     clocks: [DbClock; CLOCKS],
@@ -226,13 +231,7 @@ fn generation_entry(s: &Shared, db: u32) -> &DbGeneration {
     &s.dbs[db as usize % DATABASES]
 }
 
-/// This backend's database's clock, or the overflow clock when every entry
-/// is another existing database's. Found once per backend, under
-/// [`CLOCK_LOCK`]: the database's entry if one holds its oid, else the
-/// first free entry, or one whose database no longer exists (no backend of
-/// a dropped database is left to use it), claimed with its value set to 0
-/// (the first read of the log raises it). So every backend of a database
-/// uses the same entry while the database exists.
+/// This backend's database's clock (see [`DbClock`]).
 fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
     let known = MY_CLOCK.get();
     if !known.is_null() {
@@ -240,38 +239,48 @@ fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
     }
     let db = my_db();
     let start = db as usize % CLOCKS;
-    let exists = |oid: u32| unsafe {
-        pg_sys::SearchSysCacheExists(
-            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
-            pg_sys::Datum::from(oid),
-            pg_sys::Datum::from(0),
-            pg_sys::Datum::from(0),
-            pg_sys::Datum::from(0),
-        )
-    };
     let lock = unsafe { CLOCK_LOCK };
     unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
-    let mut clock = s
+    let found = s
         .clocks
         .iter()
-        .find(|e| e.db.load(Ordering::Acquire) == db)
-        .map(|e| &e.value);
-    if clock.is_none() {
-        for k in 0..CLOCKS {
-            let entry = &s.clocks[(start + k) % CLOCKS];
-            let holder = entry.db.load(Ordering::Acquire);
-            if holder == 0 || !exists(holder) {
-                entry.value.store(0, Ordering::Release);
-                entry.db.store(db, Ordering::Release);
-                clock = Some(&entry.value);
-                break;
-            }
+        .position(|e| e.db.load(Ordering::Acquire) == db)
+        .or_else(|| {
+            (0..CLOCKS)
+                .map(|k| (start + k) % CLOCKS)
+                .find(|&i| s.clocks[i].refs.load(Ordering::Acquire) == 0)
+        });
+    if let Some(i) = found {
+        let entry = &s.clocks[i];
+        if entry.db.load(Ordering::Acquire) != db {
+            entry.value.store(0, Ordering::Release);
+            entry.db.store(db, Ordering::Release);
         }
+        entry.refs.fetch_add(1, Ordering::AcqRel);
     }
     unsafe { pg_sys::LWLockRelease(lock) };
-    let clock = clock.unwrap_or(&s.overflow_clock);
+    let Some(i) = found else {
+        raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("pg_sales: more than {CLOCKS} databases use events at once"),
+        );
+    };
+    unsafe { pg_sys::before_shmem_exit(Some(release_clock), pg_sys::Datum::from(i)) };
+    let clock = &s.clocks[i].value;
     MY_CLOCK.set(clock as *const AtomicU64);
     clock
+}
+
+/// Gives this backend's count of its clock entry back as it exits.
+#[pg_guard]
+unsafe extern "C-unwind" fn release_clock(_code: std::ffi::c_int, entry: pg_sys::Datum) {
+    unsafe {
+        if !SHARED.is_null() {
+            (*SHARED).clocks[entry.value()]
+                .refs
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// After a restart the clock starts at 0: before this backend takes a value

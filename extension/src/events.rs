@@ -761,10 +761,9 @@ unsafe fn refuse_what_the_insert_skips(rel: pg_sys::Relation) {
         let rules = (*rel).rd_rules;
         if !rules.is_null() {
             let rules = std::slice::from_raw_parts((*rules).rules, (*rules).numLocks as usize);
-            if rules
-                .iter()
-                .any(|r| (**r).event == pg_sys::CmdType::CMD_INSERT && (**r).enabled as u8 != b'D')
-            {
+            if rules.iter().any(|r| {
+                (**r).event == pg_sys::CmdType::CMD_INSERT && fires_in_session((**r).enabled as u8)
+            }) {
                 crate::error::raise(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     "pg_sales: sales.events has a rule on its inserts, which the sales event trigger's rows (written straight into the table) would not go through; drop it to write sales events",
