@@ -130,6 +130,10 @@ thread_local! {
     static FIRST_SUB: Cell<pg_sys::SubTransactionId> = const { Cell::new(0) };
     /// This backend's database's clock, once found.
     static MY_CLOCK: Cell<*const AtomicU64> = const { Cell::new(std::ptr::null()) };
+    /// The clock entry this backend counts itself in (usize::MAX: none),
+    /// and whether its exit callback, which gives the count back, is set.
+    static HELD_CLOCK: Cell<usize> = const { Cell::new(usize::MAX) };
+    static EXIT_REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// Whether this backend has raised the clock to its database's log.
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
     /// Whether that was while the server was a standby in recovery: the log
@@ -239,17 +243,27 @@ fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
     }
     let db = my_db();
     let start = db as usize % CLOCKS;
+    // Registered before the count is taken: registering can fail (a
+    // backend has a few such slots), and a count taken without it would
+    // never be given back.
+    if !EXIT_REGISTERED.get() {
+        unsafe { pg_sys::before_shmem_exit(Some(release_clock), pg_sys::Datum::from(0)) };
+        EXIT_REGISTERED.set(true);
+    }
     let lock = unsafe { CLOCK_LOCK };
     unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
+    // The database's entry; else one never used; else one no backend uses.
+    let probe = |free: &dyn Fn(&DbClock) -> bool| {
+        (0..CLOCKS)
+            .map(|k| (start + k) % CLOCKS)
+            .find(|&i| free(&s.clocks[i]))
+    };
     let found = s
         .clocks
         .iter()
         .position(|e| e.db.load(Ordering::Acquire) == db)
-        .or_else(|| {
-            (0..CLOCKS)
-                .map(|k| (start + k) % CLOCKS)
-                .find(|&i| s.clocks[i].refs.load(Ordering::Acquire) == 0)
-        });
+        .or_else(|| probe(&|e| e.db.load(Ordering::Acquire) == 0))
+        .or_else(|| probe(&|e| e.refs.load(Ordering::Acquire) == 0));
     if let Some(i) = found {
         let entry = &s.clocks[i];
         if entry.db.load(Ordering::Acquire) != db {
@@ -257,6 +271,7 @@ fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
             entry.db.store(db, Ordering::Release);
         }
         entry.refs.fetch_add(1, Ordering::AcqRel);
+        HELD_CLOCK.set(i);
     }
     unsafe { pg_sys::LWLockRelease(lock) };
     let Some(i) = found else {
@@ -265,7 +280,6 @@ fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
             format!("pg_sales: more than {CLOCKS} databases use events at once"),
         );
     };
-    unsafe { pg_sys::before_shmem_exit(Some(release_clock), pg_sys::Datum::from(i)) };
     let clock = &s.clocks[i].value;
     MY_CLOCK.set(clock as *const AtomicU64);
     clock
@@ -273,12 +287,11 @@ fn my_clock(s: &'static Shared) -> &'static AtomicU64 {
 
 /// Gives this backend's count of its clock entry back as it exits.
 #[pg_guard]
-unsafe extern "C-unwind" fn release_clock(_code: std::ffi::c_int, entry: pg_sys::Datum) {
+unsafe extern "C-unwind" fn release_clock(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    let i = HELD_CLOCK.replace(usize::MAX);
     unsafe {
-        if !SHARED.is_null() {
-            (*SHARED).clocks[entry.value()]
-                .refs
-                .fetch_sub(1, Ordering::AcqRel);
+        if i < CLOCKS && !SHARED.is_null() {
+            (*SHARED).clocks[i].refs.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -299,17 +312,31 @@ fn see_clock(s: &'static Shared) {
     // Sampled before the read: a promotion that ends during it leaves the
     // flag set, and the log is read again at the next call.
     let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
-    // As the log's owner: a writer needs no privilege on the log.
-    // A read-only query: `Spi::get_one` runs it as an update, which takes a
-    // transaction id (refused on a standby, where any call reading a
-    // horizon failed so; on a primary, an id for every reader's first read).
-    let max: Option<i64> = crate::events::as_log_owner(|| {
-        Spi::connect(|client| {
-            client
-                .select("SELECT max(seq) FROM sales.events", Some(1), &[])?
-                .first()
-                .get_one::<i64>()
-        })
+    // The entry first, then the log: an entry is given to this database
+    // afresh (its value 0) only when no backend counted itself in it, so
+    // no transaction of the database that took a value from it is still
+    // running, and every event it wrote is in the log read below.
+    let clock = my_clock(s);
+    // As the log's owner: a writer needs no privilege on the log. Read-only
+    // (an SPI update takes a transaction id, refused on a standby) and with
+    // the latest snapshot, not the statement's or, under REPEATABLE READ,
+    // the transaction's: those can predate events committed since, and a
+    // clock raised only to the log they show would give those events'
+    // values again.
+    let max: Option<i64> = crate::events::as_log_owner(|| unsafe {
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+        let read = Spi::connect(|_client| {
+            let rc = pg_sys::SPI_execute(c"SELECT max(seq) FROM sales.events".as_ptr(), true, 1);
+            let table = pg_sys::SPI_tuptable;
+            if rc != pg_sys::SPI_OK_SELECT as i32 || table.is_null() || (*table).numvals < 1 {
+                return Err(format!("SPI_execute returned {rc}"));
+            }
+            let mut null = false;
+            let d = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut null);
+            Ok((!null).then(|| d.value() as i64))
+        });
+        pg_sys::PopActiveSnapshot();
+        read
     })
     .unwrap_or_else(|e| error!("pg_sales: reading the event log's last seq: {e}"));
     let max = max.unwrap_or(0).max(0) as u64;
@@ -319,7 +346,6 @@ fn see_clock(s: &'static Shared) {
     // server started. Taken into the clock, it would make the next values
     // wrap to negative ones, below every horizon: no event of the database
     // would be delivered again.
-    let clock = my_clock(s);
     if max > SEQ_LOG_LIMIT && max > clock.load(Ordering::Acquire) {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
