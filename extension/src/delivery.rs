@@ -313,9 +313,10 @@ fn see_clock(s: &'static Shared) {
     // flag set, and the log is read again at the next call.
     let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
     // The entry first, then the log: an entry is given to this database
-    // afresh (its value 0) only when no backend counted itself in it, so
-    // no transaction of the database that took a value from it is still
-    // running, and every event it wrote is in the log read below.
+    // afresh (its value 0) only when no backend counts itself in it, so
+    // every transaction that took a value from it has committed (its events
+    // are in the log read below) or is aborting (a backend gives its count
+    // back as it exits, just before its open transaction is aborted).
     let clock = my_clock(s);
     // As the log's owner: a writer needs no privilege on the log. Read-only
     // (an SPI update takes a transaction id, refused on a standby) and with
