@@ -134,12 +134,9 @@ thread_local! {
     /// and whether its exit callback, which gives the count back, is set.
     static HELD_CLOCK: Cell<usize> = const { Cell::new(usize::MAX) };
     static EXIT_REGISTERED: Cell<bool> = const { Cell::new(false) };
-    /// Whether this backend has raised the clock to its database's log.
+    /// Whether this backend has raised the clock to its database's log
+    /// (never during recovery: see [`see_clock`]).
     static CLOCK_SEEN: Cell<bool> = const { Cell::new(false) };
-    /// Whether that was while the server was a standby in recovery: the log
-    /// it read then has grown by replay since, so once the server is
-    /// promoted the clock is raised again before a value is taken.
-    static CLOCK_SEEN_IN_RECOVERY: Cell<bool> = const { Cell::new(false) };
     /// The commit NOTIFY's statement, planned once per backend.
     static NOTIFY_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
         const { std::cell::RefCell::new(None) };
@@ -298,20 +295,18 @@ unsafe extern "C-unwind" fn release_clock(_code: std::ffi::c_int, _arg: pg_sys::
 
 /// After a restart the clock starts at 0: before this backend takes a value
 /// from it or reads a horizon, raise it past this database's log (once per
-/// backend; a backend serves one database). On a standby the log grows by
-/// replay, which moves no clock: a backend that saw the clock there sees it
-/// again after a promotion, so a session that outlives the promotion takes
-/// values past every replayed event rather than after its first read.
+/// backend; a backend serves one database).
+///
+/// Never during recovery: on a standby the log grows by replay, which
+/// moves no clock, so a read there would be outdated by the time the
+/// server is promoted. Both callers refuse to run in recovery
+/// ([`refuse_in_recovery`]) before they come here; recovery, once ended,
+/// does not come back, so a backend that saw the clock has seen it after
+/// every replayed event, also a session that outlived a promotion.
 fn see_clock(s: &'static Shared) {
-    // Seen, and not in a recovery that has ended since.
-    if CLOCK_SEEN.get()
-        && (!CLOCK_SEEN_IN_RECOVERY.get() || unsafe { pg_sys::RecoveryInProgress() })
-    {
+    if CLOCK_SEEN.get() {
         return;
     }
-    // Sampled before the read: a promotion that ends during it leaves the
-    // flag set, and the log is read again at the next call.
-    let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
     // The entry first, then the log: an entry is given to this database
     // afresh (its value 0) only when no backend counts itself in it, so
     // every transaction that took a value from it has committed (its events
@@ -359,7 +354,23 @@ fn see_clock(s: &'static Shared) {
     }
     clock.fetch_max(max, Ordering::AcqRel);
     CLOCK_SEEN.set(true);
-    CLOCK_SEEN_IN_RECOVERY.set(in_recovery);
+}
+
+/// Refuses, saying why, what the delivery clock serves only on a primary:
+/// taking an event `seq` and reading the horizon. A standby registers none
+/// of the primary's running transactions (a horizon computed there would
+/// pass an event one of them may yet commit below it), writes no events,
+/// and its log grows by replay, which moves no clock.
+fn refuse_in_recovery(code: PgSqlErrorCode, what: &str) {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        raise(
+            code,
+            format!(
+                "pg_sales: {what} is kept on the primary only; this server is a standby in recovery \
+                 (it knows nothing of the primary's running transactions)"
+            ),
+        );
+    }
 }
 
 /// The highest `seq` the clock gives (2^62), far from where an `i64` wraps.
@@ -420,6 +431,11 @@ pub(crate) fn may_insert_events() -> bool {
 
 /// [`event_seq`], for event rows the extension writes itself.
 pub fn next_seq() -> i64 {
+    // As Postgres refuses `nextval()` there: 25006.
+    refuse_in_recovery(
+        PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+        "the event clock (sales.event_seq)",
+    );
     let s = shared();
     see_clock(s);
     let seq = if FIRST_SEQ.get() == 0 {
@@ -650,16 +666,10 @@ fn try_notify_lock() -> bool {
 
 /// The `seq` below which every event of this database is final.
 fn horizon(s: &'static Shared) -> u64 {
-    // A standby registers none of the primary's running transactions: a
-    // horizon computed there would pass an event a transaction still
-    // running on the primary may yet commit below it.
-    if unsafe { pg_sys::RecoveryInProgress() } {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "pg_sales: the delivery horizon is kept on the primary only; read events there \
-             (a standby knows nothing of the primary's running transactions)",
-        );
-    }
+    refuse_in_recovery(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "the delivery horizon",
+    );
     see_clock(s);
     let db = my_db();
     let mut h = my_clock(s).load(Ordering::SeqCst) + 1;

@@ -601,9 +601,10 @@ async fn another_instances_write_is_read_while_delivery_is_held_back() {
 /// knows nothing of the primary's running transactions, so a horizon
 /// computed there could pass an event one of them may still commit below
 /// it (the call failed before with "cannot assign TransactionIds during
-/// recovery"). A session opened on the standby that outlives its promotion
-/// (a pooled connection after a failover) then writes its events after
-/// every event the standby replayed.
+/// recovery"), and so is an event seq (25006). A session opened on the
+/// standby that outlives its promotion (a pooled connection after a
+/// failover) then writes its events after every event the standby
+/// replayed.
 #[tokio::test]
 async fn a_session_that_outlives_a_promotion_writes_after_every_replayed_event() {
     let db = TestDb::new().await;
@@ -640,6 +641,19 @@ async fn a_session_that_outlives_a_promotion_writes_after_every_replayed_event()
         .fetch_one(&mut session)
         .await
         .expect_err("no horizon on a standby");
+    let message = refused.to_string();
+    assert!(message.contains("primary only"), "{message}");
+    // So is an event seq, refused before the session's clock reads the
+    // log: read here, it would miss the events replayed after it.
+    let refused = sqlx::query_scalar::<_, i64>("SELECT sales.event_seq()")
+        .fetch_one(&mut session)
+        .await
+        .expect_err("no event seq on a standby");
+    let code = refused
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("25006"), "{refused}");
     let message = refused.to_string();
     assert!(message.contains("primary only"), "{message}");
     // The primary writes on; the standby replays it.
