@@ -280,6 +280,11 @@ struct Inner {
 }
 
 impl Inner {
+    /// Whether `id`'s tombstone still refuses their tokens at `now`.
+    fn is_deleted(&self, id: i64, now: i64) -> bool {
+        self.deleted.get(&id).is_some_and(|until| *until > now)
+    }
+
     fn touch(&mut self, id: i64) {
         self.epoch += 1;
         let e = self.epoch;
@@ -318,7 +323,7 @@ impl Revocations {
     /// identity): an open WebSocket is closed as for a change of access.
     pub fn check_account(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();
-        if inner.deleted.contains_key(&p.user_id) {
+        if inner.is_deleted(p.user_id, chrono::Utc::now().timestamp()) {
             return Err(Revoked::Deleted);
         }
         let user = inner.users.get(&p.user_id);
@@ -347,7 +352,7 @@ impl Revocations {
     /// Whether a verified token's holder still has access.
     pub fn check(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();
-        if inner.deleted.contains_key(&p.user_id) {
+        if inner.is_deleted(p.user_id, chrono::Utc::now().timestamp()) {
             return Err(Revoked::Deleted);
         }
         if let Some(u) = inner.users.get(&p.user_id) {
@@ -468,9 +473,14 @@ impl Revocations {
                 // What the database holds now stands: a generation held
                 // from an event is no longer needed (or was not borne out).
                 inner.pending.remove(id);
-                if inner.deleted.contains_key(id) {
+                if inner.is_deleted(*id, now) {
                     return;
                 }
+                // A tombstone past its time refuses nothing: no token of
+                // a user really deleted can be presented any more, and a
+                // deletion the database did not bear out (see `undelete`)
+                // ends there at the latest.
+                inner.deleted.remove(id);
                 let newer = inner
                     .users
                     .get(id)
@@ -813,6 +823,29 @@ mod tests {
         // A late user-updated event does not bring a deleted user back.
         r.apply(&user(1, 3, false, Revoked::AccessChanged));
         assert_eq!(r.check(&principal(1, 3, None)), Err(Revoked::Deleted));
+    }
+
+    /// A tombstone refuses tokens until its time only (however many
+    /// others there are): one applied from an event the database could
+    /// not be asked about, and never borne out, ends there.
+    #[test]
+    fn a_tombstone_past_its_time_refuses_nothing() {
+        let r = Revocations::default();
+        let now = chrono::Utc::now().timestamp();
+        r.apply(&user(1, 2, false, Revoked::AccessChanged));
+        r.apply(&Change::Deleted {
+            id: 1,
+            until: now + 600,
+        });
+        assert_eq!(r.check(&principal(1, 2, None)), Err(Revoked::Deleted));
+        // Its time passes (set here rather than waited for).
+        r.write().deleted.insert(1, now - 1);
+        assert_eq!(r.check(&principal(1, 2, None)), Ok(()));
+        assert_eq!(r.check_account(&principal(1, 2, None)), Ok(()));
+        // The user's next change applies again, and refuses what it should.
+        r.apply(&user(1, 3, true, Revoked::Disabled));
+        assert_eq!(r.check(&principal(1, 3, None)), Err(Revoked::Disabled));
+        assert!(!r.read().deleted.contains_key(&1));
     }
 
     #[test]

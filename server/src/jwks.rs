@@ -107,8 +107,12 @@ impl Jwks {
                 .await
                 .with_context(|| format!("JWT_JWKS_FILE: reading {path}")),
             Source::Url(url) => {
+                // No redirects: only the configured `https` address is
+                // trusted for keys, and a redirect could lead elsewhere,
+                // over plain http too.
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
+                    .redirect(reqwest::redirect::Policy::none())
                     .build()?;
                 let resp = client
                     .get(url)
@@ -191,5 +195,59 @@ mod tests {
         assert_eq!(keys["r1"].0, Algorithm::RS256);
         assert_eq!(keys["e1"].0, Algorithm::ES256);
         assert!(parse("{}").is_err());
+    }
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers every request on loopback with `head` and `body`.
+    async fn answer(head: String, body: &'static str) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let resp = format!(
+                        "{head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// The key set is read from the configured address only: a redirect
+    /// is an error, not followed (it could lead anywhere, over plain http).
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let keys = answer(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json".into(),
+            r#"{"keys": []}"#,
+        )
+        .await;
+        let direct = Jwks::new(
+            Source::Url(format!("http://{keys}/jwks.json")),
+            Duration::from_secs(60),
+        );
+        assert_eq!(direct.reload().await.unwrap(), 0);
+        let redirect = answer(
+            format!("HTTP/1.1 302 Found\r\nlocation: http://{keys}/jwks.json"),
+            "",
+        )
+        .await;
+        let jwks = Jwks::new(
+            Source::Url(format!("http://{redirect}/jwks.json")),
+            Duration::from_secs(60),
+        );
+        let err = format!("{:#}", jwks.reload().await.unwrap_err());
+        assert!(err.contains("302"), "{err}");
     }
 }

@@ -14,22 +14,37 @@ use sqlx::{PgConnection, PgExecutor};
 
 pub const MIN_PASSWORD_LEN: usize = 8;
 
+/// A password as it is hashed: in Unicode normal form C, as emails are
+/// kept, so the same password typed on keyboards that compose an accent
+/// differently (`é` as one code point, or `e` and a combining accent) is
+/// the same password.
+fn normal_password(password: &str) -> std::borrow::Cow<'_, str> {
+    use unicode_normalization::UnicodeNormalization;
+    if unicode_normalization::is_nfc(password) {
+        std::borrow::Cow::Borrowed(password)
+    } else {
+        std::borrow::Cow::Owned(password.nfc().collect())
+    }
+}
+
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
     let salt = SaltString::generate(&mut OsRng);
     Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password(normal_password(password).as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?
         .to_string())
 }
 
+/// Checks a password against its hash, in normal form C; a password that
+/// is not in that form is also checked as it came, for a hash made before
+/// passwords were normalised.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash)
-        .map(|h| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        })
-        .unwrap_or(false)
+    let Ok(h) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let check = |p: &str| Argon2::default().verify_password(p.as_bytes(), &h).is_ok();
+    let normal = normal_password(password);
+    check(&normal) || (*normal != *password && check(password))
 }
 
 /// Creates the user or, when the email exists, updates role, stores and
@@ -368,6 +383,7 @@ const COMMON_PASSWORDS: &[&str] = &[
 /// characters, at most MAX_PASSWORD_LEN bytes, at least 4 different
 /// characters, not a common password, not the email or its name part.
 pub fn password_weakness(password: &str, email: &str) -> Option<String> {
+    let password = &*normal_password(password);
     let chars = password.chars().count();
     if chars < MIN_PASSWORD_LEN {
         return Some(format!("must be at least {MIN_PASSWORD_LEN} characters"));
@@ -1163,6 +1179,31 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong horse", &h));
         assert!(!verify_password("x", "not a hash"));
+    }
+
+    /// A password is the same password however its accents are composed;
+    /// a hash made from a password as it came (before normalising) still
+    /// takes it as it came.
+    #[test]
+    fn passwords_are_compared_in_normal_form_c() {
+        let (composed, decomposed) = ("Caf\u{e9}-2024!", "Cafe\u{301}-2024!");
+        let h = hash_password(composed).unwrap();
+        assert!(verify_password(decomposed, &h));
+        assert!(verify_password(composed, &h));
+        let h = hash_password(decomposed).unwrap();
+        assert!(verify_password(composed, &h));
+        let raw = Argon2::default()
+            .hash_password(decomposed.as_bytes(), &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string();
+        assert!(verify_password(decomposed, &raw));
+        assert!(!verify_password("Cafe-2024!", &raw));
+        // Combining marks do not make up the length.
+        assert!(
+            password_weakness("e\u{301}e\u{301}e\u{301}e\u{301}", "a@b.io")
+                .unwrap()
+                .contains("at least 8")
+        );
     }
 
     #[test]

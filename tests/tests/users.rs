@@ -445,6 +445,21 @@ async fn me_and_password_change() {
         login(&w.server, "staff@x.test", "a-new-password-1").await.0,
         200
     );
+    // A password is the same whichever way a keyboard composes its accents
+    // (Unicode normal form C): set with a precomposed é, it logs in with
+    // an e and a combining accent, and is the same password again.
+    let (composed, decomposed) = ("caf\u{e9}-password-9", "cafe\u{301}-password-9");
+    let body = json!({"currentPassword": "a-new-password-1", "newPassword": composed});
+    let (st, body) = fresh.post("/api/v2/auth/password", &body).await;
+    assert_eq!(st, 200, "{body}");
+    let again = Api::new(&w.server, Some(body["token"].as_str().unwrap()));
+    let body = json!({"currentPassword": decomposed, "newPassword": decomposed});
+    let (st, body) = again.post("/api/v2/auth/password", &body).await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["error"]["details"]["field"], "newPassword");
+    let (st, body) = login(&w.server, "staff@x.test", decomposed).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(login(&w.server, "staff@x.test", composed).await.0, 200);
     w.server.stop().await;
 }
 
