@@ -596,3 +596,27 @@ async fn a_resume_answers_its_channels_in_order() {
     .collect();
     assert_eq!(answers, want);
 }
+
+/// An event row whose payload holds a number past a double's range where
+/// the relay reads an integer (`year`, `month`: jsonb keeps `1e400` as its
+/// 401 digits) is relayed past, not stopped at: the writes after it reach
+/// their subscribers (before, the relay's page read failed at that row on
+/// every instance, again at every reconnect).
+#[tokio::test]
+async fn a_payload_number_past_a_doubles_range_does_not_stop_the_relay() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let staff_id = user(&db, "staff@example.test", "staff", &[s[0]]).await;
+    let server = db.server(&[]).await;
+    let mut staff = Client::connect(server.addr, &token(staff_id, "staff", &[s[0]])).await;
+    staff.subscribe(&format!("sales-data-{}", s[0])).await;
+    sqlx::query("SELECT sales.emit('test-huge', '{\"year\": 1e400, \"month\": -1e400, \"previousStoreId\": 1e400}')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    upsert(&db, vec![record(s[0], 2024, 1, 1, 100)]).await;
+    let e = staff.event().await;
+    assert_eq!(e["event"], "sales-data-created", "{e}");
+    assert_eq!(e["data"]["storeId"], s[0]);
+    server.stop().await;
+}

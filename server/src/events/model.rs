@@ -576,9 +576,16 @@ impl<'de> serde::de::Visitor<'de> for KeysVisitor {
             ..PayloadKeys::default()
         };
         // A member the server reads as an integer: anything else reads as
-        // absent (as `Value::as_i64` would).
+        // absent (as `Value::as_i64` would). Taken as text, not as a
+        // `Value`: a number past an `f64`'s range (jsonb keeps `1e400` as
+        // its 401 digits) is an error to `Value`, and would stop the relay
+        // at this event on every instance.
         fn int<'de, A: serde::de::MapAccess<'de>>(map: &mut A) -> Result<Option<i64>, A::Error> {
-            Ok(map.next_value::<Value>()?.as_i64())
+            Ok(map
+                .next_value::<&serde_json::value::RawValue>()?
+                .get()
+                .parse::<i64>()
+                .ok())
         }
         while let Some(key) = map.next_key::<Key>()? {
             match key {
@@ -740,18 +747,32 @@ mod tests {
                 assert_eq!(e.payload.value(), parsed);
             }
         }
-        // Nested past the parser's depth (jsonb allows it): kept as text,
-        // no member read, so the relay goes on past such an event.
-        let deep = format!(
-            "{{\"year\": 2024, \"month\": {}1{}}}",
-            "[".repeat(300),
-            "]".repeat(300)
-        );
-        let p = Payload::from_json(&deep).expect("a deep document is still a payload");
-        assert_eq!(p.text(), deep.replace(' ', ""));
-        assert_eq!(p.keys().year, None);
+        // Nested past the parser's depth (jsonb allows it), in a member
+        // the server reads or another: kept as text, so the relay goes on
+        // past such an event; the members beside it are read.
+        for member in ["month", "note"] {
+            let deep = format!(
+                "{{\"year\": 2024, \"{member}\": {}1{}}}",
+                "[".repeat(300),
+                "]".repeat(300)
+            );
+            let p = Payload::from_json(&deep).expect("a deep document is still a payload");
+            assert_eq!(p.text(), deep.replace(' ', ""));
+            assert_eq!((p.keys().year, p.keys().month), (Some(2024), None));
+        }
         let deep_array = format!("{}1{}", "[".repeat(300), "]".repeat(300));
         assert!(Payload::from_json(&deep_array).is_ok());
+        // Numbers past an f64's range, where the server reads an integer
+        // and elsewhere: read as absent, sent as they are.
+        let huge = format!("1{}", "0".repeat(400));
+        for text in [
+            format!(r#"{{"year": {huge}, "month": -{huge}, "previousStoreId": {huge}.5}}"#),
+            format!(r#"{{"year": 2024, "changedDays": [{huge}], "x": {{"y": {huge}}}}}"#),
+        ] {
+            let p = Payload::from_json(&text).expect("a huge number is still a payload");
+            assert_eq!(p.text(), text.replace(' ', ""));
+            assert_eq!((p.keys().month, p.keys().previous_store_id), (None, None));
+        }
         assert!(Payload::from_json("{").is_err());
         assert!(Payload::from_json("{} x").is_err());
         assert!(Payload::from_json("").is_err());
