@@ -1116,3 +1116,180 @@ async fn an_answer_computed_again_keeps_its_etag() {
     }
     server.stop().await;
 }
+
+/// A TCP proxy to a Redis that can lose what is sent through it, as a
+/// network partition does: while `cut`, bytes from the client are read and
+/// dropped (a command sent then never reaches Redis, unlike one sent to a
+/// stopped process, which runs once it resumes); `heal` closes every
+/// connection made so far, so clients connect again.
+struct RedisHole {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reset: tokio::sync::watch::Sender<u64>,
+}
+
+impl RedisHole {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (reset, reset_rx) = tokio::sync::watch::channel(0u64);
+        let c = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (cut, mut r1, mut r2) = (c.clone(), reset_rx.clone(), reset_rx.clone());
+                r1.mark_unchanged();
+                r2.mark_unchanged();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        tokio::select! {
+                            _ = r1.changed() => return,
+                            n = cr.read(&mut buf) => match n {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) if !cut.load(Ordering::Acquire) => {
+                                    if sw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(_) => {}
+                            },
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        tokio::select! {
+                            _ = r2.changed() => return,
+                            n = sr.read(&mut buf) => match n {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if cw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            },
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, cut, reset }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Release);
+        self.reset.send_modify(|g| *g += 1);
+    }
+}
+
+/// The position up to which invalidations were applied (`{prefix}:relayed`)
+/// is not recorded past one that failed and was not made good: with one
+/// instance, an invalidation lost in a partition from Redis, a later one
+/// applied once it has healed, and the instance restarted before any read
+/// made the loss good, the new instance does not serve the entry the lost
+/// one left stale (before, the later position was recorded, the new
+/// instance found nothing to catch up on, and served it until `CACHE_TTL`).
+#[tokio::test]
+async fn a_lost_invalidation_is_not_recorded_as_applied() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let s = stores[0];
+    let port = free_port();
+    let _redis = OwnRedis::start(port);
+    let direct = format!("redis://127.0.0.1:{port}");
+    eventually(Duration::from_secs(5), "private redis up", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let hole = RedisHole::start(port).await;
+    let url = format!("redis://127.0.0.1:{}", hole.port);
+    let settings = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_TIMEOUT", "1s"),
+        ("CACHE_L1_TTL", "0"),
+    ];
+    let one = db.server(&settings).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    let anon = Api::new(&one, None);
+    setup(&db, &stores, &a1).await;
+    relay_caught_up(&db, &one).await;
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    warm(&a1, &path).await;
+    let (_, b) = a1.get(&path).await;
+    assert_eq!(total(&b), 280.0 * s as f64, "{b}");
+
+    // Written by plain SQL while the server is cut off from Redis: the
+    // relay's invalidation of it is lost, counted as an error. No read
+    // through the server from here on (a read makes the loss good).
+    let errors = stats(&a1).await["errors"].as_u64().unwrap();
+    hole.cut();
+    let write = |m: i32, sales: i32| {
+        sqlx::query(
+            "UPDATE sales.monthly_sales SET daily_data = jsonb_build_object('1', jsonb_build_object('sales', $2))
+             WHERE store_id = $1 AND year = 2024 AND month = $3",
+        )
+        .bind(s)
+        .bind(sales)
+        .bind(m)
+        .execute(&db.pool)
+    };
+    write(1, 7).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the relay's invalidation failed",
+        || async { (stats(&a1).await["errors"].as_u64().unwrap() > errors).then_some(()) },
+    )
+    .await;
+    hole.heal();
+    eventually(Duration::from_secs(30), "redis healthy again", || async {
+        let (_, h) = anon.get("/health").await;
+        (h["status"] == "ok").then_some(())
+    })
+    .await;
+    // Another month written and relayed, its invalidation applied.
+    write(2, 8).await.unwrap();
+    let newest: i64 = sqlx::query_scalar("SELECT max(seq) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let relayed = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &direct, "GET", &format!("{}:relayed", db.name)])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(0)
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the later position recorded",
+        || async { (relayed() >= newest).then_some(()) },
+    )
+    .await;
+    one.stop().await;
+
+    let two = db.server(&settings).await;
+    let a2 = Api::new(&two, Some(&token));
+    let (st, b) = a2.get(&path).await;
+    assert_eq!((st, total(&b)), (200, 7.0), "{b}");
+    two.stop().await;
+}

@@ -90,7 +90,9 @@ impl Invalidator {
                 tags.dedup();
                 let applied = c.invalidate(&tags).await;
                 if let (true, Some(upto)) = (applied, marked.iter().filter_map(|m| m.1).max()) {
-                    c.mark_relayed(upto).await;
+                    if c.may_mark_relayed().await {
+                        c.mark_relayed(upto).await;
+                    }
                 }
                 for (m, _) in &marked {
                     c.unmark_pending(m);
@@ -613,6 +615,18 @@ impl Cache {
             self.lost.fetch_add(1, Ordering::AcqRel);
         }
         ok
+    }
+
+    /// Whether the position of invalidations just applied may be recorded
+    /// as the point up to which every event's were: not while this
+    /// instance's start-up catch-up is unfinished (the events before its
+    /// relay's start may not be invalidated yet; the catch-up records its
+    /// own position when done), nor while an invalidation that failed
+    /// earlier is not made good (every entry is made stale first, as a
+    /// lookup would). Recorded past them, a restarted instance would find
+    /// nothing to catch up on and serve what they left stale.
+    async fn may_mark_relayed(&self) -> bool {
+        !self.starting.load(Ordering::Acquire) && self.settle_lost_invalidations().await
     }
 
     /// Records that every event up to delivery position `seq` has had its
