@@ -139,6 +139,14 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             if end == "failed" {
                 anyhow::bail!("the import failed");
             }
+            // Ended before every line was read and merged: what it wrote
+            // is the part before the cancel.
+            if end == "cancelled" {
+                anyhow::bail!("the import was cancelled before it finished");
+            }
+            if end == "gone" {
+                anyhow::bail!("the import's job was deleted before it finished");
+            }
             if end == sales_server::jobs::cli::ALL_REJECTED {
                 anyhow::bail!(
                     "the import wrote nothing: every line was rejected (is --format right for this file?)"

@@ -3064,3 +3064,153 @@ async fn a_second_ctrl_c_leaves_a_reader_blocked_on_a_pipe() {
     drop(writer);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sales-server import` of a named pipe: returns the command (output
+/// piped), the pipe's writer (holding it open) once the job is uploading,
+/// and the directory to remove. `env` is added to the database's.
+async fn import_of_a_pipe(
+    db: &TestDb,
+    env: &[(&str, &str)],
+    lines: usize,
+) -> (tokio::process::Child, std::fs::File, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("pgs_fifo_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("pos.csv");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let child = tokio::process::Command::new(sales_e2e::server_bin())
+        .arg("import")
+        .arg(&fifo)
+        .envs(db.env())
+        .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sales-server import");
+    let path = fifo.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let mut text = String::from("store_code,date,sales\n");
+        let mut n = 0;
+        'all: for y in 2000..=2099 {
+            for m in 1..=12 {
+                for d in 1..=28 {
+                    if n == lines {
+                        break 'all;
+                    }
+                    text.push_str(&format!("T001,{y}-{m:02}-{d:02},{d}\n"));
+                    n += 1;
+                }
+            }
+        }
+        w.write_all(text.as_bytes()).unwrap();
+        w.flush().unwrap();
+        w
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "the upload's job", || {
+        let pool = db.pool.clone();
+        async move { (last_job_state(&pool).await.as_deref() == Some("uploading")).then_some(()) }
+    })
+    .await;
+    (child, writer, dir)
+}
+
+/// Ctrl-C while the command follows a job a server's worker took (here:
+/// the job's row held, so the command's own claim skips it) stops the
+/// following, not the job: it exits 130 at once, saying the job runs on
+/// (it followed on, ignoring the signal, until the job ended).
+#[tokio::test]
+async fn ctrl_c_while_following_a_servers_worker_leaves_at_once() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    let (child, writer, dir) = import_of_a_pipe(&db, &[], 1_000).await;
+    let job: i64 = sqlx::query_scalar("SELECT max(id) FROM jobs.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // As a worker holds the job it runs: the command's claim (FOR UPDATE
+    // SKIP LOCKED) passes it by; queueing it (an update of no key) does not
+    // wait for this lock.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs.jobs WHERE id = $1 FOR KEY SHARE")
+        .bind(job)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(writer);
+    eventually(Duration::from_secs(60), "the job queued", || {
+        let pool = db.pool.clone();
+        async move { (last_job_state(&pool).await.as_deref() == Some("queued")).then_some(()) }
+    })
+    .await;
+    let pid = child.id().expect("a pid").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the command ends at the Ctrl-C")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!("interrupted while following job {job}")),
+        "{stderr}"
+    );
+    holder.rollback().await.unwrap();
+    assert_eq!(last_job_state(&db.pool).await.as_deref(), Some("queued"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An import cancelled while the command runs it (`DELETE
+/// /api/v2/imports/{id}` from elsewhere) exits non-zero, saying so: what
+/// it wrote is only the part before the cancel (it exited 0).
+#[tokio::test]
+async fn the_command_line_fails_an_import_cancelled_while_it_runs() {
+    let db = TestDb::new().await;
+    db.stores(1).await;
+    // One line per chunk, so that the merge surely runs when cancelled.
+    let (child, writer, dir) = import_of_a_pipe(&db, &[("IMPORT_CHUNK_LINES", "1")], 2_000).await;
+    drop(writer);
+    eventually(Duration::from_secs(60), "the job merging", || {
+        let pool = db.pool.clone();
+        async move {
+            let written: Option<i64> = sqlx::query_scalar(
+                "SELECT rows_written FROM jobs.jobs WHERE state = 'running' ORDER BY id DESC LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .flatten();
+            (written.unwrap_or(0) > 0).then_some(())
+        }
+    })
+    .await;
+    let job: i64 = sqlx::query_scalar("SELECT max(id) FROM jobs.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let cancelled = sales_server::jobs::cancel(&db.pool, job, None).await;
+    assert!(cancelled.is_ok());
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the command ends")
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("cancelled before it finished"), "{text}");
+    assert_eq!(last_job_state(&db.pool).await.as_deref(), Some("cancelled"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

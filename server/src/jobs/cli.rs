@@ -237,7 +237,10 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                 };
                 match ended {
                     import::Ended::Finished(s) => s,
-                    import::Ended::LostLease => "taken over by a server's worker".into(),
+                    // A server's worker runs it on: followed there.
+                    import::Ended::LostLease => {
+                        follow(pool, staged.job_id, &bar, &mut interrupts).await?
+                    }
                     import::Ended::Stopped => {
                         super::release(pool, &job, None).await?;
                         "interrupted; queued for the servers' workers".into()
@@ -249,20 +252,7 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
                 }
             }
             // A server's worker took the job first: follow it there.
-            None => loop {
-                let Some(doc) = super::status(pool, staged.job_id, None).await? else {
-                    break "gone".into();
-                };
-                let done = doc["rowsWritten"].as_i64().unwrap_or(0)
-                    + doc["rowsRejected"].as_i64().unwrap_or(0);
-                bar.set_position(done.max(0) as u64);
-                match doc["state"].as_str().unwrap_or_default() {
-                    "queued" | "running" | "uploading" => {
-                        tokio::time::sleep(Duration::from_millis(200)).await
-                    }
-                    s => break s.to_string(),
-                }
-            },
+            None => follow(pool, staged.job_id, &bar, &mut interrupts).await?,
         };
         bar.finish_and_clear();
     }
@@ -324,6 +314,41 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         }
     }
     Ok(end)
+}
+
+/// Follows a job a server's worker runs until it ends; returns its state
+/// (`gone` when its row is). Ctrl-C stops following, not the job: the
+/// command then ends as interrupted (exit 130), saying so.
+async fn follow(
+    pool: &PgPool,
+    job_id: i64,
+    bar: &ProgressBar,
+    interrupts: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<String> {
+    loop {
+        let Some(doc) = super::status(pool, job_id, None).await? else {
+            return Ok("gone".into());
+        };
+        let done =
+            doc["rowsWritten"].as_i64().unwrap_or(0) + doc["rowsRejected"].as_i64().unwrap_or(0);
+        bar.set_position(done.max(0) as u64);
+        match doc["state"].as_str().unwrap_or_default() {
+            "queued" | "running" | "uploading" => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = interrupts.recv() => {
+                        bar.abandon();
+                        return Err(crate::cli::Interrupted(format!(
+                            "interrupted while following job {job_id}, which a server's worker runs on \
+                             (GET /api/v2/imports/{job_id} says how it ends)"
+                        ))
+                        .into());
+                    }
+                }
+            }
+            s => return Ok(s.to_string()),
+        }
+    }
 }
 
 /// `1 line`, `2 lines`: a count and its noun, singular for one.

@@ -673,7 +673,8 @@ SELECT (SELECT coalesce(jsonb_agg(x.j ORDER BY x.line), '[]')
        (SELECT coalesce(sum(cardinality(lines)), 0)::int8 FROM g
         WHERE EXISTS (SELECT FROM up) AND idx NOT IN (SELECT idx FROM failed)),
        (SELECT max(line) FROM d),
-       (SELECT min(line) FROM d)
+       (SELECT min(line) FROM d),
+       (SELECT coalesce((summary->>'errorsOmitted')::int8, 0) FROM up)
 "#
 );
 
@@ -1061,6 +1062,18 @@ async fn merge<F>(
         .await?;
     let refused: Value = row.get(0);
     let written: i64 = row.get(1);
+    // Lines are counted as written unless their record is listed as
+    // refused, and the merge lists 1,000 refusals at most: past that, the
+    // count would take refused lines for written ones. The parser checks
+    // every line by the merge's rules first, so a chunk does not come
+    // near; should they ever differ, the chunk fails rather than
+    // miscounting.
+    let omitted: Option<i64> = row.get(4);
+    if let Some(n @ 1..) = omitted {
+        return Err(sqlx::Error::Protocol(format!(
+            "the merge refused {n} more records than it lists; the chunk is not counted"
+        )));
+    }
     if l.dry_run {
         sqlx::query("ROLLBACK TO SAVEPOINT dry_run")
             .execute(&mut *tx)
