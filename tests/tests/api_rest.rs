@@ -975,15 +975,20 @@ async fn rate_limit_answers_429_with_retry_after() {
     assert_eq!(&statuses[..5], &[200; 5]);
     assert_eq!(statuses[5], 429, "{statuses:?}");
     assert!(retry.unwrap() >= 1);
-    // Another token has its own budget.
+    // Another user has a budget of their own; a fresh token of a user
+    // whose budget is spent brings none (a refresh or a new login gave a
+    // new budget before).
     let (_, other) = user_token(&f.db, &f.server, "o@example.com", "admin", &[]).await;
-    assert_eq!(
-        Api::new(&f.server, Some(&other))
-            .get("/api/v2/stores")
-            .await
-            .0,
-        200
-    );
+    let o = Api::new(&f.server, Some(&other));
+    for _ in 0..5 {
+        assert_eq!(o.get("/api/v2/stores").await.0, 200);
+    }
+    let (_, fresh) = user_token(&f.db, &f.server, "o@example.com", "admin", &[]).await;
+    assert_ne!(fresh, other);
+    let (st, body) = Api::new(&f.server, Some(&fresh))
+        .get("/api/v2/stores")
+        .await;
+    assert_eq!(st, 429, "{body}");
 }
 
 #[tokio::test]

@@ -24,9 +24,9 @@ async fn verify_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal>
     match state.auth.verify_digested(&bearer.token, &digest) {
         Ok(p) => {
             tracing::Span::current().record("user_id", p.user_id);
-            // A token gets a budget of its own only once it has verified.
+            // A token spends its user's budget only once it has verified.
             if let Some(limits) = req.data::<Arc<super::middleware::RateLimits>>() {
-                if let Err(retry) = limits.check_token(&digest) {
+                if let Err(retry) = limits.check_user(p.user_id) {
                     return Err(poem::Error::from_response(
                         poem::IntoResponse::into_response(ApiError::too_many(retry)),
                     ));

@@ -14,13 +14,15 @@ use std::sync::Arc;
 
 /// Request budgets. Every `/api/*` and `/ws` request spends from its IP's
 /// bucket (RATE_LIMIT_PER_IP_PER_MINUTE), whatever it carries; a request
-/// whose bearer token verifies also spends from that token's bucket
-/// (RATE_LIMIT_PER_MINUTE), checked in the security scheme after
-/// verification, so junk tokens never get a bucket of their own. WebSocket
+/// whose bearer token verifies also spends from its user's bucket
+/// (RATE_LIMIT_PER_MINUTE, shared by every token of the user: a fresh
+/// token from `/auth/refresh` or another login brings no fresh budget),
+/// checked in the security scheme after verification, so junk tokens
+/// never get a bucket of their own. WebSocket
 /// upgrades have their own per-IP budget (WS_UPGRADES_PER_MINUTE).
 pub struct RateLimits {
     by_ip: DefaultKeyedRateLimiter<IpAddr>,
-    by_token: DefaultKeyedRateLimiter<[u8; 16]>,
+    by_user: DefaultKeyedRateLimiter<i64>,
     ws_by_ip: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
     calls: std::sync::atomic::AtomicU64,
@@ -37,10 +39,10 @@ fn quota(per_minute: u32) -> Quota {
 }
 
 impl RateLimits {
-    pub fn new(per_token: u32, per_ip: u32, ws_per_ip: u32) -> Self {
+    pub fn new(per_user: u32, per_ip: u32, ws_per_ip: u32) -> Self {
         Self {
             by_ip: RateLimiter::keyed(quota(per_ip)),
-            by_token: RateLimiter::keyed(quota(per_token)),
+            by_user: RateLimiter::keyed(quota(per_user)),
             ws_by_ip: RateLimiter::keyed(quota(ws_per_ip)),
             clock: DefaultClock::default(),
             calls: Default::default(),
@@ -64,7 +66,7 @@ impl RateLimits {
             == 9_999
         {
             self.by_ip.retain_recent();
-            self.by_token.retain_recent();
+            self.by_user.retain_recent();
             self.ws_by_ip.retain_recent();
         }
     }
@@ -85,11 +87,10 @@ impl RateLimits {
             .map_err(|nu| self.wait(nu))
     }
 
-    /// For a token that has verified, by its SHA-256 ([`crate::auth::Auth::digest`]:
-    /// raw tokens are not kept in memory).
-    pub fn check_token(&self, digest: &crate::auth::TokenDigest) -> Result<(), u64> {
-        let key: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
-        self.by_token.check_key(&key).map_err(|nu| self.wait(nu))
+    /// For a token that has verified: its user's budget (an outside
+    /// identity provider's token spends that of the user it stands for).
+    pub fn check_user(&self, user_id: i64) -> Result<(), u64> {
+        self.by_user.check_key(&user_id).map_err(|nu| self.wait(nu))
     }
 
     pub fn check_ws(&self, ip: IpAddr) -> Result<(), u64> {
@@ -643,14 +644,13 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit_per_token_and_ip() {
+    fn rate_limit_per_user_and_ip() {
         let l = RateLimits::new(3, 5, 1);
-        let token = |t: &str| crate::auth::Auth::digest(t);
         for _ in 0..3 {
-            assert!(l.check_token(&token("tok")).is_ok());
+            assert!(l.check_user(7).is_ok());
         }
-        assert!(l.check_token(&token("tok")).is_err());
-        assert!(l.check_token(&token("other")).is_ok());
+        assert!(l.check_user(7).is_err());
+        assert!(l.check_user(8).is_ok());
         let ip: IpAddr = "1.2.3.4".parse().unwrap();
         for _ in 0..5 {
             assert!(l.check_ip(ip).is_ok());
