@@ -256,6 +256,11 @@ impl Hub {
             if st.user_since == snap.user_since && from < st.user_since {
                 st.user_since = from;
             }
+        } else if st.user_since == snap.user_since && seam < st.user_since {
+            // Nothing replayed (`resync_required`): the user's own events
+            // after the seam went out live just now, released from the
+            // hold, so a later resume does not send them again.
+            st.user_since = seam;
         }
         drop(st);
         conn.waker.wake();

@@ -519,9 +519,14 @@ fn a_resync_during_the_opening_hold_keeps_own_events() {
         protocol::error("resync_required", "reload", None),
     );
     assert_eq!(ids(&h, &c), vec![1, 2]);
-    // A resume begun after the hold releases only what came after it.
+    // A resume begun after the hold releases only what came after it, and
+    // does not replay the own event the resync released live (a client
+    // resuming from where it opened, as told to, got it twice).
     let (snap, _) = h.begin_resume(&c, &[]).unwrap();
     assert_eq!(snap.resync_seam(), snap.upto);
+    assert!(snap
+        .wants(&c, &event(1, "user-notification", None, Some(1)))
+        .is_none());
 }
 
 /// The bound on a client that sends requests without reading counts the
