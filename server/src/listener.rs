@@ -120,6 +120,52 @@ fn tcp_state(_fd: RawFd) -> Option<u8> {
 
 pub struct Breakable<A>(pub A);
 
+/// Accepts the next connection, waiting out failures. poem takes an
+/// accept error as nothing and asks again at once; when the process is out
+/// of file descriptors (EMFILE: WebSockets and pool connections reach the
+/// open-file limit) the waiting connection keeps the socket readable, so
+/// that spun a core with nothing logged. An error that concerns one
+/// connection only (aborted, reset before it was taken) is passed over;
+/// any other is logged (at most every 10 s) and waited out, from 10 ms
+/// doubling to a second, so connections closing meanwhile make room.
+async fn accept_or_wait<A: Acceptor>(
+    a: &mut A,
+) -> (A::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme) {
+    static LAST_WARNING: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    let mut wait = std::time::Duration::from_millis(10);
+    loop {
+        match a.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                let due = {
+                    let mut last = LAST_WARNING.lock().unwrap_or_else(|p| p.into_inner());
+                    let due =
+                        last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10));
+                    if due {
+                        *last = Some(std::time::Instant::now());
+                    }
+                    due
+                };
+                if due {
+                    tracing::warn!(
+                        error = %e,
+                        "accepting a connection failed; waiting before the next (out of file descriptors? raise the open-file limit)"
+                    );
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 impl<A: Acceptor> Acceptor for Breakable<A>
 where
     A::Io: AsRawFd,
@@ -133,7 +179,7 @@ where
     async fn accept(
         &mut self,
     ) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let (io, local, remote, scheme) = self.0.accept().await?;
+        let (io, local, remote, scheme) = accept_or_wait(&mut self.0).await;
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let key = key(&local, &remote);
         if let Some(key) = key {

@@ -1070,3 +1070,80 @@ async fn a_stalled_redis_delays_no_event_and_no_read_gets_the_old_value() {
     assert_eq!(month.read().await, 2.0);
     server.stop().await;
 }
+
+/// Out of file descriptors, the server waits out the accepts that fail,
+/// saying so once, instead of asking again at once (which spun a core with
+/// nothing logged), and serves again once connections close. The server
+/// runs with an open-file limit of 128; the test holds 200 connections.
+#[tokio::test]
+async fn out_of_file_descriptors_the_server_waits_and_says_so() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await;
+    let port = sales_e2e::free_port();
+    let mut child = tokio::process::Command::new("prlimit")
+        .args(["--nofile=128:128", "--"])
+        .arg(sales_e2e::server_bin())
+        .arg("serve")
+        .envs(db.env())
+        .env("PORT", port.to_string())
+        .env("DB_POOL_MAX", "4")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit and the server binary");
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = l.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let live = format!("http://127.0.0.1:{port}/health/live");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    eventually(Duration::from_secs(60), "the server answers", || async {
+        let r = client.get(&live).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let c = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await;
+        if let Ok(Ok(c)) = c {
+            held.push(c);
+        }
+    }
+    assert!(held.len() > 128, "{} connections made", held.len());
+    eventually(
+        Duration::from_secs(30),
+        "the accept failure logged",
+        || async {
+            log.lock()
+                .unwrap()
+                .contains("accepting a connection failed")
+                .then_some(())
+        },
+    )
+    .await;
+    drop(held);
+    eventually(
+        Duration::from_secs(30),
+        "the server answers again",
+        || async {
+            let r = client.get(&live).send().await.ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
+    let _ = child.kill().await;
+}
