@@ -554,16 +554,19 @@ impl Summary {
                 Some(n) => (true, n.to_string()),
                 None => (false, part.trim_start_matches('+').to_string()),
             };
+            // Its camelCase or exactly its snake_case spelling, as for
+            // metrics (`store_id`, `total_sales_change_pct`).
+            let camel = crate::names::camel_of(&name).unwrap_or_else(|| name.clone());
             let key = if let Some(d) = DIMS
                 .iter()
-                .find(|(k, d)| *k == name || d.key() == name)
+                .find(|(k, d)| *k == name || d.key() == camel)
                 .map(|(_, d)| *d)
             {
                 if !dims.contains(&d) {
                     return err("orderBy", format!("{name} is not a groupBy dimension"));
                 }
                 OrderKey::Dim(d)
-            } else if let Some(m) = name.strip_suffix("ChangePct").and_then(Metric::parse) {
+            } else if let Some(m) = camel.strip_suffix("ChangePct").and_then(Metric::parse) {
                 if compare.is_none() {
                     return err("orderBy", format!("{name} needs compareTo"));
                 }
@@ -959,6 +962,31 @@ mod tests {
         assert!(s.daily());
         assert_eq!(s.offset_months(), Some(12));
         assert_eq!(s.compared_period(), p((2023, 1), (2023, 3)));
+        // orderBy takes the snake_case spelling too, as metrics do: of a
+        // change and of a dimension's key.
+        let snake = Summary::parse(
+            Some("store,month"),
+            Some("total_sales"),
+            Some("previousYear"),
+            Some(5),
+            Some("-total_sales_change_pct,store_id"),
+            p((2024, 1), (2024, 3)),
+        )
+        .unwrap();
+        let camel = Summary::parse(
+            Some("store,month"),
+            Some("totalSales"),
+            Some("previousYear"),
+            Some(5),
+            Some("-totalSalesChangePct,storeId"),
+            p((2024, 1), (2024, 3)),
+        )
+        .unwrap();
+        assert_eq!(snake.order_by, camel.order_by);
+        assert_eq!(
+            bad(None, None, None, None, Some("total__sales"), None),
+            "orderBy"
+        );
     }
 
     #[test]

@@ -269,6 +269,14 @@ async fn every_write_path_is_in_the_history_with_old_and_new_values() {
         .await;
     assert_eq!(st, 400);
     assert_eq!(body["error"]["details"]["parameter"], "asOf");
+    // A date's year is four digits, as an RFC 3339 time's: a signed or
+    // longer one (out of Postgres' range) is named too (it reached
+    // Postgres, whose "timestamp out of range" named nothing).
+    for q in ["-5000-01-01", "%2B300000-01-01", "12345-01-01"] {
+        let (st, body) = f.admin.get(&format!("/api/v2/sales/{id}?asOf={q}")).await;
+        assert_eq!(st, 400, "{q}: {body}");
+        assert_eq!(body["error"]["details"]["parameter"], "asOf", "{q}: {body}");
+    }
     // A projection applies to the past version too.
     let at2 = url_time(v(2)["at"].as_str().unwrap());
     let (st, body) = f

@@ -294,8 +294,11 @@ pub fn parse_as_of(raw: &str) -> ApiResult<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
         return Ok(t.with_timezone(&Utc));
     }
+    // A year of four digits, as RFC 3339 has it (`%Y` also takes a sign
+    // and more digits, past what a Postgres timestamp holds).
+    let four_digit_year = raw.len() == 10 && raw.as_bytes()[..4].iter().all(u8::is_ascii_digit);
     if let Ok(d) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
-        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+        if let Some(t) = d.and_hms_opt(0, 0, 0).filter(|_| four_digit_year) {
             return Ok(t.and_utc());
         }
     }
