@@ -1010,19 +1010,35 @@ impl Config {
         }
     }
 
-    /// For `serve`: a warning when imports could hold the whole pool. Extra
-    /// import connections are taken only when the pool gives them within a
-    /// second, so jobs never wait on each other; but while they hold the
-    /// pool, requests wait for a connection.
-    pub fn warn_if_imports_can_fill_the_pool(&self) {
-        let most = self.job_workers * self.import_parallelism;
-        if most >= self.db_pool_max as usize {
+    /// For `serve`: a warning when what holds a pooled connection for long
+    /// could hold the whole pool: imports merging (JOB_WORKERS x
+    /// IMPORT_PARALLELISM; extra import connections are taken only when the
+    /// pool gives them within a second, so jobs never wait on each other),
+    /// exports streaming (one each, up to `EXPORT_MAX_DURATION`) and
+    /// uploads arriving (one each while the body is read). While they hold
+    /// the pool, requests wait for a connection (and are answered 503 past
+    /// DB_CONNECTION_TIMEOUT).
+    pub fn warn_if_long_holders_can_fill_the_pool(&self) {
+        if let Some(most) = self.long_holders_over_pool() {
             tracing::warn!(
-                "imports may hold {most} connections (JOB_WORKERS x IMPORT_PARALLELISM), \
+                "imports, exports and uploads may hold {most} connections at once \
+                 (JOB_WORKERS x IMPORT_PARALLELISM = {}, EXPORT_MAX_CONCURRENT = {}, IMPORT_MAX_UPLOADS = {}), \
                  not fewer than DB_POOL_MAX ({}): requests may wait for a connection while they run",
+                self.job_workers * self.import_parallelism,
+                self.export_max_concurrent,
+                self.import_max_uploads,
                 self.db_pool_max
             );
         }
+    }
+
+    /// How many pooled connections imports, exports and uploads may hold
+    /// at once, when that is not fewer than the pool.
+    fn long_holders_over_pool(&self) -> Option<usize> {
+        let most = self.job_workers * self.import_parallelism
+            + self.export_max_concurrent
+            + self.import_max_uploads;
+        (most >= self.db_pool_max as usize).then_some(most)
     }
 
     /// For `serve`: the secret must not be one this repository publishes,
@@ -1391,6 +1407,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.redis_url.as_deref(), Some("redis://:pw@10.0.0.5:6380/2"));
+    }
+
+    /// Imports, exports and uploads counted together against the pool (the
+    /// warning counted imports alone: 4 exports and 4 uploads beside them
+    /// could take a pool of 10 unwarned).
+    #[test]
+    fn long_holders_are_counted_against_the_pool() {
+        assert_eq!(cfg(&[]).unwrap().long_holders_over_pool(), None);
+        let c = cfg(&[
+            ("DB_POOL_MAX", "10"),
+            ("JOB_WORKERS", "2"),
+            ("IMPORT_PARALLELISM", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.long_holders_over_pool(), Some(12));
+        let c = cfg(&[("DB_POOL_MAX", "13"), ("EXPORT_MAX_CONCURRENT", "2")]).unwrap();
+        assert_eq!(c.long_holders_over_pool(), None);
     }
 
     #[test]

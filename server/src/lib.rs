@@ -48,7 +48,7 @@ impl Server {
         if let Some(secret) = &config.jwt_secret {
             events::sealed::init(secret);
         }
-        config.warn_if_imports_can_fill_the_pool();
+        config.warn_if_long_holders_can_fill_the_pool();
         metrics::init(config.slow_query_ms);
         let state = AppState::connect(config).await?;
         db::migrate(&state.pool)

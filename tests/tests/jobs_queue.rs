@@ -159,9 +159,10 @@ async fn finished_jobs_are_removed_after_the_retention() {
     server.stop().await;
 }
 
-/// Imports whose connections could take the whole pool
-/// (`JOB_WORKERS x IMPORT_PARALLELISM >= DB_POOL_MAX`) are named in the log
-/// before the server listens; the defaults (2 x 2 of 20) are not.
+/// Imports, exports and uploads whose connections could take the whole
+/// pool (`JOB_WORKERS x IMPORT_PARALLELISM + EXPORT_MAX_CONCURRENT +
+/// IMPORT_MAX_UPLOADS >= DB_POOL_MAX`) are named in the log before the
+/// server listens; the defaults (2 x 2 + 4 + 4 of 20) are not.
 #[tokio::test]
 async fn imports_that_could_hold_the_whole_pool_are_named_at_start() {
     let db = TestDb::new().await;
@@ -170,21 +171,29 @@ async fn imports_that_could_hold_the_whole_pool_are_named_at_start() {
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         sales_e2e::ServerProc::start(&sales_e2e::server_bin(), &env).expect("server")
     };
-    const WARNING: &str = "(JOB_WORKERS x IMPORT_PARALLELISM)";
+    const WARNING: &str = "imports, exports and uploads may hold";
 
     let crowded = start(&[
         ("JOB_WORKERS", "4"),
         ("IMPORT_PARALLELISM", "3"),
-        ("DB_POOL_MAX", "12"),
+        ("DB_POOL_MAX", "20"),
     ]);
     let log = crowded.log();
     let line = log
         .lines()
         .find(|l| l.contains(WARNING))
         .unwrap_or_else(|| panic!("no warning before listening: {log}"));
-    assert!(line.contains("imports may hold 12 connections"), "{line}");
-    assert!(line.contains("DB_POOL_MAX (12)"), "{line}");
+    assert!(line.contains("may hold 20 connections"), "{line}");
+    assert!(line.contains("DB_POOL_MAX (20)"), "{line}");
     drop(crowded);
+    // Imports alone within the pool, exports and uploads beside them not.
+    let shared = start(&[("DB_POOL_MAX", "10")]);
+    let log = shared.log();
+    assert!(
+        log.lines().any(|l| l.contains("may hold 12 connections")),
+        "{log}"
+    );
+    drop(shared);
 
     let roomy = start(&[]);
     assert!(!roomy.log().contains(WARNING), "{}", roomy.log());
