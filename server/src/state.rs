@@ -436,11 +436,23 @@ impl AppState {
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
         if let Some(r) = &self.replica {
-            if r.up.load(Ordering::Relaxed) {
-                // Another instance's write that made an entry stale, which
-                // this instance's relay may not have read yet (delivery
-                // waits for transactions still writing events).
-                if let Some(shared) = self.cache.shared_read_floor().await {
+            // Another instance's write that made an entry stale, which
+            // this instance's relay may not have read yet (delivery waits
+            // for transactions still writing events); unknown while Redis
+            // does not answer, and this instance's own floor is unknown
+            // while the primary's position could not be read after a write
+            // (see `db::write::raise_read_floor`): the read then goes to
+            // the primary (before, the replica was read on the floor known,
+            // and what it had not replayed was read, and cached, as stale).
+            let shared = if r.up.load(Ordering::Relaxed) {
+                self.cache.shared_read_floor().await
+            } else {
+                Err(())
+            };
+            let known =
+                shared.is_ok() && db::write::settle_unknown_floor(&self.pool, &r.min_lsn).await;
+            if let (true, Ok(shared)) = (known, shared) {
+                if let Some(shared) = shared {
                     r.min_lsn.fetch_max(shared, Ordering::Relaxed);
                 }
                 let min = db::format_lsn(r.min_lsn.load(Ordering::Relaxed));

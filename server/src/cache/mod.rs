@@ -659,17 +659,18 @@ impl Cache {
         }
     }
 
-    /// The highest WAL position any instance shared ([`Cache::share_read_floor`]);
-    /// None without Redis, or when it does not answer.
-    pub async fn shared_read_floor(&self) -> Option<u64> {
+    /// The highest WAL position any instance shared ([`Cache::share_read_floor`]):
+    /// `Ok(None)` without Redis, or when none was shared yet; `Err` when
+    /// Redis does not answer (another instance's write may then be past
+    /// the floor this instance knows of).
+    pub async fn shared_read_floor(&self) -> Result<Option<u64>, ()> {
         match &self.backend {
-            Backend::Redis(r) if !self.degraded.load(Ordering::Relaxed) => r
+            Backend::Redis(_) if self.degraded.load(Ordering::Relaxed) => Err(()),
+            Backend::Redis(r) => Ok(r
                 .get_i64(&self.read_floor_key())
-                .await
-                .ok()
-                .flatten()
-                .map(|v| v.max(0) as u64),
-            _ => None,
+                .await?
+                .map(|v| v.max(0) as u64)),
+            Backend::Memory(_) => Ok(None),
         }
     }
 

@@ -130,9 +130,37 @@ async fn primary_read_floor(pool: &PgPool) -> Option<u64> {
 /// replica that had replayed that far was read from without the change).
 /// Returns the position read (None, with a warning, when it could not be).
 pub async fn raise_read_floor(pool: &PgPool, floor: &AtomicU64) -> Option<u64> {
-    let lsn = primary_read_floor(pool).await?;
+    let Some(lsn) = primary_read_floor(pool).await else {
+        // A write this instance made or learned of may be past every
+        // position known: until one is read again, no read may come from
+        // the replica ([`settle_unknown_floor`]).
+        floor.store(FLOOR_UNKNOWN, Ordering::Relaxed);
+        return None;
+    };
     floor.fetch_max(lsn, Ordering::Relaxed);
     Some(lsn)
+}
+
+/// The read floor when the primary's position could not be read as it
+/// should have been: reads go to the primary until it is.
+pub const FLOOR_UNKNOWN: u64 = u64::MAX;
+
+/// Whether `floor` is known: when it is [`FLOOR_UNKNOWN`], the primary's
+/// position is read now and taken in its place (read after the failure
+/// that set it, so past the write that could not raise it). False while
+/// it cannot be read.
+pub async fn settle_unknown_floor(pool: &PgPool, floor: &AtomicU64) -> bool {
+    if floor.load(Ordering::Relaxed) != FLOOR_UNKNOWN {
+        return true;
+    }
+    match primary_read_floor(pool).await {
+        Some(lsn) => {
+            let _ =
+                floor.compare_exchange(FLOOR_UNKNOWN, lsn, Ordering::Relaxed, Ordering::Relaxed);
+            floor.load(Ordering::Relaxed) != FLOOR_UNKNOWN
+        }
+        None => false,
+    }
 }
 
 /// The primary's WAL insert position as a byte number, as a standby that
