@@ -11,6 +11,10 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::borrow::Cow;
 
+/// The highest version a sales row may be inserted with (2^61), far below
+/// the CHECK's 2^62 - 1, so that its updates never reach the ceiling.
+const INSERT_VERSION_LIMIT: i64 = 1 << 61;
+
 /// `BEFORE INSERT OR UPDATE ... FOR EACH ROW` on `sales.monthly_sales`.
 ///
 /// - `total_sales`, `total_customers` and `days_reported` are computed from
@@ -30,6 +34,7 @@ use std::borrow::Cow;
 ///   event naming the day (which the history is rebuilt from), and plain
 ///   SQL stores what `sales.batch_upsert` stores: it counts such a record
 ///   unchanged and leaves it as it was (merge and replace modes alike).
+/// - On insert, a version above [`INSERT_VERSION_LIMIT`] is refused.
 #[pg_trigger]
 fn tg_sales_row<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -142,6 +147,21 @@ fn tg_sales_row<'a>(
                 set.push(cols.updated_at, get(old, cols.updated_at));
             }
             set.push(cols.created_at, get(old, cols.created_at));
+        } else if let Some(v) = get(new, cols.version).map(|d| d.value() as i64) {
+            // A version chosen on insert leaves room for its updates: at
+            // the CHECK's ceiling (2^62 - 1) the row's next version would
+            // break it, and every statement touching the row (a whole
+            // best-effort batch) would fail. 2^61 updates are far more
+            // than any row sees.
+            if v > INSERT_VERSION_LIMIT {
+                ereport!(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+                    format!(
+                        "the version of a new sales record is at most {INSERT_VERSION_LIMIT} (2^61), not {v}: the row's later versions must stay below 2^62"
+                    )
+                );
+            }
         }
 
         let tuple = pg_sys::heap_modify_tuple_by_cols(

@@ -2155,8 +2155,43 @@ async fn planted_versions_and_shadowed_builtins_are_refused() {
         let e = sqlx::raw_sql(&sql).execute(&db.pool).await.expect_err(&sql);
         let (code, message, _) = pg_error(&e);
         assert_eq!(code, "23514", "{sql}: {message}");
-        assert!(message.contains("version_check"), "{message}");
+        assert!(
+            message.contains("version_check") || message.contains("at most 2305843009213693952"),
+            "{message}"
+        );
     }
+    // Within the CHECK but at its ceiling, a sales row's next version
+    // would break it, and every statement touching the row (a whole
+    // best-effort batch) would fail: a version above 2^61 is refused on
+    // insert; 2^61 itself is taken and updated.
+    let insert = |version: i64, month: i32| {
+        format!(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data, version)
+             VALUES ({}, 2030, {month}, '{{}}', {version})",
+            s[0]
+        )
+    };
+    let sql = insert(4611686018427387903, 2);
+    let e = sqlx::raw_sql(&sql).execute(&db.pool).await.expect_err(&sql);
+    let (code, message, _) = pg_error(&e);
+    assert_eq!(code, "23514", "{message}");
+    assert!(message.contains("at most 2305843009213693952"), "{message}");
+    exec(&db, &insert(1 << 61, 3)).await;
+    let summary: serde_json::Value = sqlx::query_scalar(
+        "SELECT sales.batch_upsert(jsonb_build_array(jsonb_build_object('storeId', $1::bigint, 'year', 2030, 'month', 3, 'dailyData', '{\"1\": {\"sales\": 5}}'::jsonb)), atomic => false)",
+    )
+    .bind(s[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(summary["updated"], 1, "{summary}");
+    let version: i64 = sqlx::query_scalar(
+        "SELECT version FROM sales.monthly_sales WHERE year = 2030 AND month = 3",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(version, (1 << 61) + 1);
     let schema = format!("shadow_{}", rand::random::<u32>());
     exec(
         &db,
