@@ -2939,48 +2939,9 @@ async fn import_interrupted_on_a_pipe(
     std::fs::File,
     std::path::PathBuf,
 ) {
-    let dir = std::env::temp_dir().join(format!("pgs_fifo_{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fifo = dir.join("pos.csv");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
-    let child = tokio::process::Command::new(sales_e2e::server_bin())
-        .arg("import")
-        .arg(&fifo)
-        .envs(db.env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run sales-server import");
+    // More than the 8 KiB read before the first line is parsed.
+    let (child, writer, dir) = import_of_a_pipe(db, &[], 4 * 12 * 28).await;
     let pid = child.id().expect("a pid").to_string();
-    // Opening the pipe waits for the command to open it for reading.
-    let path = fifo.clone();
-    let writer = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        // More than the 8 KiB read before the first line is parsed.
-        let mut text = String::from("store_code,date,sales\n");
-        for y in 2020..=2023 {
-            for m in 1..=12 {
-                for d in 1..=28 {
-                    text.push_str(&format!("T001,{y}-{m:02}-{d:02},{d}\n"));
-                }
-            }
-        }
-        w.write_all(text.as_bytes()).unwrap();
-        w.flush().unwrap();
-        w
-    })
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(60), "the upload's job", || {
-        let pool = db.pool.clone();
-        async move { (last_job_state(&pool).await.as_deref() == Some("uploading")).then_some(()) }
-    })
-    .await;
     let sent = std::process::Command::new("kill")
         .args(["-INT", &pid])
         .status()
