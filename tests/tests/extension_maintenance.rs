@@ -429,6 +429,58 @@ async fn the_required_marks_go_on_even_where_an_index_was_dropped() {
     }
 }
 
+/// Putting back an index at start waits a bounded time for its table's
+/// lock: behind a long transaction writing the table, the start fails
+/// after 10 s, saying why, and changes nothing (it waited for the
+/// transaction, and every query on the table queued behind it); once the
+/// transaction ends, the next start puts the index back.
+#[tokio::test]
+async fn putting_an_index_back_does_not_queue_behind_a_long_transaction() {
+    let db = TestDb::new().await;
+    exec(&db, "DROP INDEX sales.monthly_sales_period_idx").await;
+    let mut writer = db.connect().await;
+    // As a long write (an import's chunk, a bulk update) holds it.
+    sqlx::raw_sql("BEGIN; LOCK TABLE sales.monthly_sales IN ROW EXCLUSIVE MODE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let migrate = || {
+        tokio::process::Command::new(server_bin())
+            .arg("migrate")
+            .envs(db.env())
+            .output()
+    };
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), migrate())
+        .await
+        .expect("the start waits a bounded time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("waited 10 s for a lock"), "{stderr}");
+    let back: bool =
+        sqlx::query_scalar("SELECT to_regclass('sales.monthly_sales_period_idx') IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!back, "nothing changed");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let out = migrate().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back: bool =
+        sqlx::query_scalar("SELECT to_regclass('sales.monthly_sales_period_idx') IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(back, "put back once the transaction ended");
+}
+
 /// `maintain` changes nothing on a database that lacks this release's
 /// migrations, runs one at a time (a second run is refused, naming the
 /// first's Postgres pid), and leaves alone an index that another session

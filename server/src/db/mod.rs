@@ -358,10 +358,40 @@ async fn restore_after_dump(conn: &mut PgConnection) -> Result<(), sqlx::Error> 
         .bind(RESTORE_LOCK)
         .execute(&mut *tx)
         .await?;
-    restore_users_triggers(&mut tx).await?;
-    restore_table_settings(&mut tx).await?;
-    restore_user_keys(&mut tx).await?;
-    let moved = restore_sequences(&mut tx).await?;
+    // What is put back takes strong locks (an index dropped and built
+    // again holds its table ACCESS EXCLUSIVE to the end). Waiting for them
+    // behind a long transaction (an export's snapshot) queued every query
+    // of every instance on those tables behind this one: the start fails
+    // instead, saying why, and the next start tries again.
+    sqlx::query(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        RESTORE_LOCK_TIMEOUT.as_millis()
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let restored = restore_in(&mut tx).await;
+    if let Err(e) = &restored {
+        if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03") {
+            tracing::error!(
+                "putting back what a restored dump lacks waited {} s for a lock on the extension's tables \
+                 (a long transaction holds one: see pg_locks); nothing was changed, the next start tries again",
+                RESTORE_LOCK_TIMEOUT.as_secs()
+            );
+        }
+    }
+    restored?;
+    tx.commit().await
+}
+
+/// How long [`restore_after_dump`] waits for each lock it takes.
+const RESTORE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The statements of [`restore_after_dump`], in its transaction.
+async fn restore_in(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    restore_users_triggers(tx).await?;
+    restore_table_settings(tx).await?;
+    restore_user_keys(tx).await?;
+    let moved = restore_sequences(tx).await?;
     if !moved.is_empty() {
         // A dump from before 0.8.0 (its sequences were not in it). Up to
         // 0.4.0 the totals were generated columns, which pg_dump leaves
@@ -379,7 +409,7 @@ async fn restore_after_dump(conn: &mut PgConnection) -> Result<(), sqlx::Error> 
             tracing::warn!(rows = n, "sales records restored without their totals (a dump from extension 0.4.0 or older); computed them");
         }
     }
-    tx.commit().await
+    Ok(())
 }
 
 /// The foreign keys from the server's `auth` tables to `sales.users` (a
