@@ -448,6 +448,7 @@ async fn putting_an_index_back_does_not_queue_behind_a_long_transaction() {
         tokio::process::Command::new(server_bin())
             .arg("migrate")
             .envs(db.env())
+            .kill_on_drop(true)
             .output()
     };
     let out = tokio::time::timeout(std::time::Duration::from_secs(60), migrate())
