@@ -1643,3 +1643,28 @@ async fn a_best_effort_batch_needs_no_right_to_change_stores() {
         .await
         .unwrap();
 }
+
+/// Daily sales summing past what a numeric holds (jsonb takes each day's
+/// 9e131071) are refused by the daily data CHECK, naming it, as customers
+/// summing past the bigint range are (the row trigger failed first with
+/// 22023 "numeric overflow in a daily total", which named neither).
+#[tokio::test]
+async fn daily_sales_summing_past_numeric_are_refused_by_the_check() {
+    let db = TestDb::new().await;
+    let s = db.stores(1).await;
+    let sql = format!(
+        "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+         VALUES ({}, 2024, 1, '{{\"1\": {{\"sales\": 9e131071}}, \"2\": {{\"sales\": 9e131071}}}}')",
+        s[0]
+    );
+    let e = sqlx::raw_sql(&sql)
+        .execute(&db.pool)
+        .await
+        .expect_err("refused");
+    let (code, message, _) = pg_error(&e);
+    assert_eq!(code, "23514", "{message}");
+    assert!(
+        message.contains("monthly_sales_daily_data_check"),
+        "{message}"
+    );
+}
