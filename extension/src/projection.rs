@@ -19,6 +19,18 @@ fn build(
     exclude: Option<Vec<Option<String>>>,
     store: bool,
 ) -> Projection {
+    // A list of NULLs names nothing, as an API `fields=` naming nothing
+    // does; read as "every field" (what an empty list means), it leaked
+    // the whole document where the caller asked for a selection.
+    if fields
+        .as_ref()
+        .is_some_and(|f| !f.is_empty() && f.iter().all(Option::is_none))
+    {
+        crate::error::raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "fields names nothing (only NULLs): give paths, or NULL or an empty array for every field",
+        );
+    }
     let f: Vec<String> = fields.unwrap_or_default().into_iter().flatten().collect();
     let x: Vec<String> = exclude.unwrap_or_default().into_iter().flatten().collect();
     let shape = if store { &STORE_DOC } else { &SALES_DOC };
@@ -28,7 +40,8 @@ fn build(
 /// Projects a sales document (`sales.sales_doc(...)`): `fields` picks dotted
 /// paths (camelCase or snake_case, `dailyData.1.sales`, `dailyData.*.sales`,
 /// `store.name`), then `exclude` removes paths. NULL or empty `fields` keeps
-/// everything. An unknown path raises SQLSTATE 22023 naming it. Values are
+/// everything; NULL entries are passed over, and a list of NULLs only is
+/// refused (22004). An unknown path raises SQLSTATE 22023 naming it. Values are
 /// copied as the document stores them (numbers keep their digits and
 /// scale: `10.50` stays `10.50`).
 #[pg_extern(immutable, parallel_safe)]

@@ -182,6 +182,30 @@ async fn unknown_and_hostile_field_names_are_refused_by_name() {
         .fetch_one(&db.pool)
         .await;
     assert!(expect_code(r, "22023").contains("at most 200"));
+    // A list of NULLs names nothing: refused (it read as every field, the
+    // whole document); a NULL beside a path is passed over.
+    for sql in [
+        "SELECT sales.project($1, ARRAY[NULL]::text[])",
+        "SELECT sales.project($1, ARRAY[NULL, NULL]::text[])",
+    ] {
+        let r = sqlx::query_scalar::<_, Value>(sql)
+            .bind(&doc)
+            .fetch_one(&db.pool)
+            .await;
+        assert!(expect_code(r, "22004").contains("names nothing"), "{sql}");
+    }
+    let r = sqlx::query_scalar::<_, Value>(
+        "SELECT count(*)::int FROM sales.list_sales(fields => ARRAY[NULL]::text[])",
+    )
+    .fetch_one(&db.pool)
+    .await;
+    assert!(expect_code(r, "22004").contains("names nothing"));
+    let kept: Value = sqlx::query_scalar("SELECT sales.project($1, ARRAY['id', NULL])")
+        .bind(&doc)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, json!({"id": doc["id"]}));
 }
 
 #[tokio::test]
