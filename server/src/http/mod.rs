@@ -83,7 +83,7 @@ fn apis(state: Arc<AppState>) -> Apis {
 
 const DESCRIPTION: &str = "Store sales: batch writes, projected reads, exports and live events, backed by the pg_sales Postgres extension. \
      Every error has the shape {\"error\": {\"code\", \"message\", \"details\", \"requestId\"}}. \
-     Requests are rate limited per IP, and per token once it verifies (429 with Retry-After); \
+     Requests are rate limited per IP, and per user once their token verifies (429 with Retry-After); \
      bodies are limited to BODY_LIMIT bytes (413), query parameters an operation does not declare are 400.";
 
 /// The routed OpenAPI service.
