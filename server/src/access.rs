@@ -280,9 +280,10 @@ struct Inner {
 }
 
 impl Inner {
-    /// Whether `id`'s tombstone still refuses their tokens at `now`.
-    fn is_deleted(&self, id: i64, now: i64) -> bool {
-        self.deleted.get(&id).is_some_and(|until| *until > now)
+    /// Whether `id`'s tombstone still refuses their tokens at `now` (read
+    /// only when there is one: this is on every request's path).
+    fn is_deleted(&self, id: i64, now: impl FnOnce() -> i64) -> bool {
+        self.deleted.get(&id).is_some_and(|until| *until > now())
     }
 
     fn touch(&mut self, id: i64) {
@@ -323,7 +324,7 @@ impl Revocations {
     /// identity): an open WebSocket is closed as for a change of access.
     pub fn check_account(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();
-        if inner.is_deleted(p.user_id, chrono::Utc::now().timestamp()) {
+        if inner.is_deleted(p.user_id, || chrono::Utc::now().timestamp()) {
             return Err(Revoked::Deleted);
         }
         let user = inner.users.get(&p.user_id);
@@ -352,7 +353,7 @@ impl Revocations {
     /// Whether a verified token's holder still has access.
     pub fn check(&self, p: &Principal) -> Result<(), Revoked> {
         let inner = self.read();
-        if inner.is_deleted(p.user_id, chrono::Utc::now().timestamp()) {
+        if inner.is_deleted(p.user_id, || chrono::Utc::now().timestamp()) {
             return Err(Revoked::Deleted);
         }
         if let Some(u) = inner.users.get(&p.user_id) {
@@ -473,7 +474,7 @@ impl Revocations {
                 // What the database holds now stands: a generation held
                 // from an event is no longer needed (or was not borne out).
                 inner.pending.remove(id);
-                if inner.is_deleted(*id, now) {
+                if inner.is_deleted(*id, || now) {
                     return;
                 }
                 // A tombstone past its time refuses nothing: no token of

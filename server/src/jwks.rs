@@ -196,15 +196,10 @@ mod tests {
         assert_eq!(keys["e1"].0, Algorithm::ES256);
         assert!(parse("{}").is_err());
     }
-}
-
-#[cfg(test)]
-mod redirect_tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Answers every request on loopback with `head` and `body`.
     async fn answer(head: String, body: &'static str) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {

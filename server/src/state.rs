@@ -444,17 +444,17 @@ impl AppState {
             // (see `db::write::raise_read_floor`): the read then goes to
             // the primary (before, the replica was read on the floor known,
             // and what it had not replayed was read, and cached, as stale).
-            let shared = if r.up.load(Ordering::Relaxed) {
-                self.cache.shared_read_floor().await
-            } else {
-                Err(())
-            };
-            let known =
-                shared.is_ok() && db::write::settle_unknown_floor(&self.pool, &r.min_lsn).await;
-            if let (true, Ok(shared)) = (known, shared) {
-                if let Some(shared) = shared {
-                    r.min_lsn.fetch_max(shared, Ordering::Relaxed);
-                }
+            let floor_known = r.up.load(Ordering::Relaxed)
+                && match self.cache.shared_read_floor().await {
+                    Ok(shared) => {
+                        if let Some(shared) = shared {
+                            r.min_lsn.fetch_max(shared, Ordering::Relaxed);
+                        }
+                        db::write::settle_unknown_floor(&self.pool, &r.min_lsn).await
+                    }
+                    Err(()) => false,
+                };
+            if floor_known {
                 let min = db::format_lsn(r.min_lsn.load(Ordering::Relaxed));
                 if let Ok(Ok(mut conn)) =
                     tokio::time::timeout(REPLICA_CHECK, r.pool.acquire()).await

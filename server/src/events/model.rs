@@ -426,36 +426,28 @@ impl Payload {
     /// From JSON text (Postgres's `jsonb` output, with its spaces).
     pub fn from_json(text: &str) -> Result<Payload, serde_json::Error> {
         let text = compact(text);
-        // A document nested deeper than the parser goes (128 levels; jsonb
-        // allows more) is still the event's payload: it is sent as it is,
-        // with none of its members read, rather than stopping the relay at
-        // this event.
-        let too_deep =
-            |e: &serde_json::Error| e.to_string().starts_with("recursion limit exceeded");
+        // Nothing here builds a tree: the members read go through
+        // `KeysVisitor`, the rest is skipped as raw text (serde_json skips
+        // without recursing), so a document nested deeper than its parser
+        // goes (128 levels; jsonb allows more) is still a payload, its
+        // members beside the deep one read, rather than stopping the relay
+        // at this event.
         let keys = match text.as_bytes().first() {
             Some(b'{') => {
                 let mut de = serde_json::Deserializer::from_str(&text);
-                match serde::Deserializer::deserialize_map(&mut de, KeysVisitor)
-                    .and_then(|keys| de.end().map(|()| keys))
-                {
-                    Ok(keys) => keys,
-                    Err(e) if too_deep(&e) => PayloadKeys {
-                        shape: Shape::Object,
-                        ..PayloadKeys::default()
-                    },
-                    Err(e) => return Err(e),
-                }
+                let keys = serde::Deserializer::deserialize_map(&mut de, KeysVisitor)?;
+                de.end()?;
+                keys
             }
             _ => {
                 // Checks the text is one JSON value.
-                let shape = match serde_json::from_str::<&serde_json::value::RawValue>(&text) {
-                    Ok(v) if v.get() == "null" => Shape::Null,
-                    Ok(_) => Shape::Other,
-                    Err(e) if too_deep(&e) => Shape::Other,
-                    Err(e) => return Err(e),
-                };
+                let v = serde_json::from_str::<&serde_json::value::RawValue>(&text)?;
                 PayloadKeys {
-                    shape,
+                    shape: if v.get() == "null" {
+                        Shape::Null
+                    } else {
+                        Shape::Other
+                    },
                     ..PayloadKeys::default()
                 }
             }
