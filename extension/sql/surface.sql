@@ -176,11 +176,14 @@ BEGIN
         k, extra, w, g, g);
 END $$;
 
--- Stores as documents (`GET /api/v2/stores`), in id order.
+-- Stores as documents (`GET /api/v2/stores`), in id order. The region is
+-- read as the API and sales.list_sales read it: trimmed, and refused when
+-- blank, too long or holding control characters (sales.region_filter).
 CREATE FUNCTION sales.list_stores(region text DEFAULT NULL, status text DEFAULT NULL,
     fields text[] DEFAULT NULL, max_rows integer DEFAULT NULL, skip_rows bigint DEFAULT 0)
 RETURNS SETOF jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    list_stores.region := sales.region_filter(list_stores.region);
     IF status IS NOT NULL AND status NOT IN ('open', 'closed', 'renovating') THEN
         RAISE EXCEPTION 'status must be open, closed or renovating, not %', status USING ERRCODE = '22023';
     END IF;

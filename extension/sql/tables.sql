@@ -186,6 +186,16 @@ SELECT pg_catalog.pg_extension_config_dump('sales.events_id_seq', '');
 CREATE FUNCTION sales.tg_stores_version() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- A version chosen on insert leaves room for the store's updates, as a
+    -- sales row's does (sales.tg_sales_row): at the CHECK's ceiling
+    -- (2^62 - 1) its next change would break the CHECK.
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.version > 2305843009213693952 THEN
+            RAISE EXCEPTION 'the version of a new store is at most 2305843009213693952 (2^61), not %: the store''s later versions must stay below 2^62', NEW.version
+                USING ERRCODE = '23514';
+        END IF;
+        RETURN NEW;
+    END IF;
     IF NEW.id <> OLD.id THEN
         RAISE EXCEPTION 'the id of a store cannot change' USING ERRCODE = '22023';
     END IF;
@@ -202,5 +212,5 @@ END $$;
 
 CREATE TRIGGER monthly_sales_row BEFORE INSERT OR UPDATE ON sales.monthly_sales
     FOR EACH ROW EXECUTE FUNCTION sales.tg_sales_row();
-CREATE TRIGGER stores_bump_version BEFORE UPDATE ON sales.stores
+CREATE TRIGGER stores_bump_version BEFORE INSERT OR UPDATE ON sales.stores
     FOR EACH ROW EXECUTE FUNCTION sales.tg_stores_version();

@@ -42,6 +42,39 @@ fn total(arg: &str, v: Option<AnyNumeric>) -> Option<Bound> {
     v.map(|n| Bound::parse(&n.to_string()).unwrap_or_else(|e| invalid(format!("{arg}: {e}"))))
 }
 
+/// A region argument as the API reads `region`: trimmed; a blank one, one
+/// of invisible characters only, one with a control character, line
+/// separator or direction override, or one longer than a region can be
+/// names no store's region, and is refused (SQLSTATE 22023 naming `region`).
+fn region_arg(r: &str) -> &str {
+    if r.chars().any(sales_core::names::breaks_text) {
+        invalid(
+            "region: must not contain control characters, line separators or direction overrides"
+                .into(),
+        );
+    }
+    let r = r.trim();
+    if r.is_empty() {
+        invalid("region: must not be empty (NULL for every region)".into());
+    }
+    if r.chars()
+        .all(|c| c.is_whitespace() || sales_core::names::invisible(c))
+    {
+        invalid("region: has nothing visible; no store's region is blank".into());
+    }
+    if r.chars().count() > 100 {
+        invalid("region: at most 100 characters".into());
+    }
+    r
+}
+
+/// The region filter of `sales.list_stores`, checked and trimmed as the
+/// other functions' `region` is (see [`region_arg`]).
+#[pg_extern(immutable, parallel_safe, strict)]
+fn region_filter(region: &str) -> String {
+    region_arg(region).to_string()
+}
+
 /// The filter arguments of the SQL surface, checked (SQLSTATE 22023
 /// naming the argument).
 struct Filters<'a> {
@@ -101,31 +134,7 @@ impl<'a> Filters<'a> {
                 invalid("min_total_sales: must not be above max_total_sales".into());
             }
         }
-        // As the API reads `region`: trimmed; a blank one, one of
-        // invisible characters only, one with a control character, line
-        // separator or direction override, or one longer than a region can
-        // be names no store's region.
-        let region = region.map(|r| {
-            if r.chars().any(sales_core::names::breaks_text) {
-                invalid(
-                    "region: must not contain control characters, line separators or direction overrides"
-                        .into(),
-                );
-            }
-            let r = r.trim();
-            if r.is_empty() {
-                invalid("region: must not be empty (NULL for every region)".into());
-            }
-            if r.chars()
-                .all(|c| c.is_whitespace() || sales_core::names::invisible(c))
-            {
-                invalid("region: has nothing visible; no store's region is blank".into());
-            }
-            if r.chars().count() > 100 {
-                invalid("region: at most 100 characters".into());
-            }
-            r
-        });
+        let region = region.map(region_arg);
         Filters {
             ids,
             region,

@@ -2177,6 +2177,27 @@ async fn planted_versions_and_shadowed_builtins_are_refused() {
     assert_eq!(code, "23514", "{message}");
     assert!(message.contains("at most 2305843009213693952"), "{message}");
     exec(&db, &insert(1 << 61, 3)).await;
+    // A store the same way: above 2^61 refused on insert, 2^61 taken and
+    // updated.
+    let sql = "INSERT INTO sales.stores (code, name, region, version) VALUES ('V3', 'v', 'North', 4611686018427387903)";
+    let e = sqlx::raw_sql(sql).execute(&db.pool).await.expect_err(sql);
+    let (code, message, _) = pg_error(&e);
+    assert_eq!(code, "23514", "{message}");
+    assert!(
+        message.contains("version of a new store is at most 2305843009213693952"),
+        "{message}"
+    );
+    exec(
+        &db,
+        "INSERT INTO sales.stores (code, name, region, version) VALUES ('V4', 'v', 'North', 2305843009213693952);
+         UPDATE sales.stores SET name = 'w' WHERE code = 'V4'",
+    )
+    .await;
+    let version: i64 = sqlx::query_scalar("SELECT version FROM sales.stores WHERE code = 'V4'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(version, (1 << 61) + 1);
     let summary: serde_json::Value = sqlx::query_scalar(
         "SELECT sales.batch_upsert(jsonb_build_array(jsonb_build_object('storeId', $1::bigint, 'year', 2030, 'month', 3, 'dailyData', '{\"1\": {\"sales\": 5}}'::jsonb)), atomic => false)",
     )

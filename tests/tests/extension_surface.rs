@@ -185,6 +185,18 @@ async fn sql_functions_answer_what_http_answers() {
     .await;
     assert_eq!(rows.len(), 3);
     assert_eq!(body["data"], Value::Array(rows));
+    // A region is trimmed as the API trims it.
+    let (status, body) = api
+        .get("/api/v2/stores?region=%20North%20&fields=id,region")
+        .await;
+    assert_eq!(status, 200);
+    let rows = sql_docs(
+        &db,
+        "SELECT sales.list_stores(region => ' North ', fields => '{id,region}')",
+    )
+    .await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(body["data"], Value::Array(rows));
 
     // Exports: the same CSV bytes, also when resuming after a key.
     let after_month = format!("{s2}:2024-03");
@@ -249,6 +261,18 @@ async fn sql_surface_rejects_bad_arguments_naming_them() {
         (
             "SELECT * FROM sales.list_stores(status => 'gone')",
             "status must be open, closed or renovating, not gone",
+        ),
+        (
+            "SELECT * FROM sales.list_stores(region => ' ')",
+            "region: must not be empty (NULL for every region)",
+        ),
+        (
+            "SELECT * FROM sales.list_stores(region => E'North\\n')",
+            "region: must not contain control characters",
+        ),
+        (
+            "SELECT * FROM sales.list_stores(region => repeat('n', 101))",
+            "region: at most 100 characters",
         ),
     ];
     for (sql, message) in cases {
