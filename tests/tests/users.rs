@@ -2355,6 +2355,72 @@ fn cli(db: &TestDb, args: &[&str], stdin: Option<&str>) -> std::process::Output 
     child.wait_with_output().unwrap()
 }
 
+/// A command other than `migrate` and `serve` changes nothing on a database
+/// migrated before: with the extension older than this release (updating
+/// it would leave the instances serving the database on an extension newer
+/// than theirs) or a migration missing, `user list` and `seed` refuse,
+/// saying to run `migrate`, and the extension keeps its version.
+#[tokio::test]
+async fn commands_leave_an_older_database_to_migrate() {
+    let db = TestDb::new().await;
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let version = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pg_sales'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    sqlx::query("UPDATE pg_extension SET extversion = '0.1.0' WHERE extname = 'pg_sales'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for args in [
+        &["user", "list"][..],
+        &["seed", "--stores", "1", "--months", "1"][..],
+    ] {
+        let out = cli(&db, args, None);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!(
+                "extension pg_sales in the database is 0.1.0 and this release needs {}; run `sales-server migrate` first",
+                sales_server::VERSION
+            )),
+            "{args:?}: {}",
+            text(&out)
+        );
+        assert_eq!(version().await, "0.1.0", "{args:?} changed the extension");
+    }
+    sqlx::query("UPDATE pg_extension SET extversion = $1 WHERE extname = 'pg_sales'")
+        .bind(sales_server::VERSION)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = cli(&db, &["user", "list"], None);
+    assert!(out.status.success(), "{}", text(&out));
+
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let out = cli(&db, &["user", "list"], None);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("lacks 1 of this release's migrations")
+            && text(&out).contains("run `sales-server migrate` first"),
+        "{}",
+        text(&out)
+    );
+    let stores: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stores, 0, "seed wrote to a database it refused");
+}
+
 /// `user list|disable|enable|set-password|link|unlink`: a change from the command line
 /// reaches a running server through its event, like any other.
 #[tokio::test]

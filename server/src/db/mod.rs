@@ -312,6 +312,43 @@ pub async fn check_extension(pool: &PgPool) -> anyhow::Result<()> {
     })
 }
 
+/// What a command other than `migrate` and `serve` (seed, import, user,
+/// maintain) needs before it works on the database. It changes nothing on
+/// a database that was migrated before: one that lacks this release's
+/// migrations, or whose extension is older than this release, is refused
+/// with what to run (an `ALTER EXTENSION pg_sales UPDATE` run by a newer
+/// binary's `user list` would leave the instances serving the database on
+/// an extension newer than theirs, their readiness failing, before their
+/// deploy). A database never migrated is migrated when `migrate_new` is
+/// set (nothing serves it yet: `seed` or `user add` on a new database sets
+/// it up), and refused otherwise.
+pub async fn require_migrated(pool: &PgPool, migrate_new: bool) -> anyhow::Result<()> {
+    let never: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NULL")
+        .fetch_one(pool)
+        .await?;
+    if never && migrate_new {
+        migrate(pool).await?;
+        return Ok(());
+    }
+    check_extension(pool).await?;
+    let pending = pending_migrations(pool).await?;
+    if let Some(first) = pending.first() {
+        anyhow::bail!(
+            "the database lacks {} of this release's migrations (first: {first}); run `sales-server migrate` first",
+            pending.len()
+        );
+    }
+    if let Some(have) = extension_version(pool).await? {
+        if version_older(&have, crate::VERSION) {
+            anyhow::bail!(
+                "extension pg_sales in the database is {have} and this release needs {}; run `sales-server migrate` first (it updates the extension)",
+                crate::VERSION
+            );
+        }
+    }
+    Ok(())
+}
+
 /// This binary's migrations the database has not applied yet (version and
 /// description), in order; all of them when it was never migrated.
 pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
