@@ -322,6 +322,17 @@ pub async fn with_representation<E: Endpoint>(
             resp.headers_mut().remove(header::CONTENT_LENGTH);
             return Ok(with_body(resp, c, head));
         }
+        // Not compressed after all (the compressor failed): the body goes
+        // without a coding, and so does its tag.
+        if let Some(tag) = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.strip_suffix(&format!("-{}\"", enc.token())))
+            .and_then(|t| HeaderValue::from_str(&format!("{t}\"")).ok())
+        {
+            resp.headers_mut().insert(header::ETAG, tag);
+        }
     }
     Ok(with_body(resp, bytes, head))
 }
