@@ -68,6 +68,24 @@ BEGIN
     RETURN NEW;
 END $$;
 
-DROP TRIGGER stores_bump_version ON sales.stores;
-CREATE TRIGGER stores_bump_version BEFORE INSERT OR UPDATE ON sales.stores
-    FOR EACH ROW EXECUTE FUNCTION sales.tg_stores_version();
+-- The trigger runs before inserts too, kept disabled or enabled as it was
+-- (ALWAYS, REPLICA); one that was dropped stays dropped.
+DO $$
+DECLARE state "char";
+BEGIN
+    SELECT tgenabled INTO state FROM pg_trigger
+    WHERE tgrelid = 'sales.stores'::regclass AND tgname = 'stores_bump_version';
+    IF state IS NULL THEN
+        RETURN;
+    END IF;
+    DROP TRIGGER stores_bump_version ON sales.stores;
+    CREATE TRIGGER stores_bump_version BEFORE INSERT OR UPDATE ON sales.stores
+        FOR EACH ROW EXECUTE FUNCTION sales.tg_stores_version();
+    IF state = 'D' THEN
+        ALTER TABLE sales.stores DISABLE TRIGGER stores_bump_version;
+    ELSIF state = 'A' THEN
+        ALTER TABLE sales.stores ENABLE ALWAYS TRIGGER stores_bump_version;
+    ELSIF state = 'R' THEN
+        ALTER TABLE sales.stores ENABLE REPLICA TRIGGER stores_bump_version;
+    END IF;
+END $$;

@@ -114,7 +114,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         Command::Seed(args) => {
             seed::check(&args)?;
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let started = std::time::Instant::now();
             let s = seed::seed(&pool, &args).await?;
             if s.skipped {
@@ -134,7 +134,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         Command::Import(args) => {
             sales_server::jobs::cli::check(&args)?;
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let end = sales_server::jobs::cli::import(&pool, &config, &args).await?;
             if end == "failed" {
                 anyhow::bail!("the import failed");
@@ -176,7 +176,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 Some(p)
             };
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             users::check_cli_stores(&pool, &args.role, &args.stores).await?;
             let password = match password {
                 Some(p) => p,
@@ -198,7 +198,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         }
         Command::User(UserCommand::List) => {
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             say!(
                 "{:>6}  {:<32} {:<8} {:<8} {:<16} identity",
                 "id",
@@ -232,7 +232,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         Command::User(UserCommand::Disable(r)) => {
             let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let id = users::set_disabled(&pool, &email, true).await?;
             let email = stored_email_of(&pool, id, email).await;
             say!("disabled user {email} (id {id})");
@@ -241,7 +241,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         Command::User(UserCommand::Enable(r)) => {
             let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let id = users::set_disabled(&pool, &email, false).await?;
             let email = stored_email_of(&pool, id, email).await;
             say!("enabled user {email} (id {id})");
@@ -251,7 +251,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let email = users::stored_email(&args.email);
             users::check_cli_identity(&args.issuer, &args.subject, config.jwt_issuer.as_deref())?;
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let (id, _) = users::set_identity(
                 &pool,
                 &email,
@@ -270,7 +270,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         Command::User(UserCommand::Unlink(r)) => {
             let email = users::stored_email(&r.email);
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let (id, had) = users::set_identity(&pool, &email, None, None).await?;
             let email = stored_email_of(&pool, id, email).await;
             if had {
@@ -285,7 +285,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let password = users::read_password(args.password)?;
             users::check_cli_password(&email, &password)?;
             let pool = db::connect(&config).await?;
-            db::require_migrated(&pool, true).await?;
+            db::prepare_for_command(&pool).await?;
             let id = users::set_password(&pool, &email, &password).await?;
             let email = stored_email_of(&pool, id, email).await;
             say!("password of user {email} (id {id}) changed; their sessions ended");
@@ -304,7 +304,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             // schedule before its deploy would), not even a new database:
             // it refuses one that lacks this binary's migrations or
             // extension version, before changing anything.
-            db::require_migrated(&pool, false).await?;
+            db::require_migrated(&pool).await?;
             let lock = if args.dry_run {
                 None
             } else {

@@ -387,3 +387,41 @@ async fn the_server_migration_updates_an_older_extension_in_place() {
         "a second start has nothing to update"
     );
 }
+
+/// 0.13.0 makes `stores_bump_version` run before inserts too: a trigger an
+/// operator disabled stays disabled, and one dropped stays dropped (the
+/// update does not fail on it).
+#[tokio::test]
+async fn the_store_version_trigger_keeps_its_state_through_0_13_0() {
+    for (prepare, want) in [
+        (
+            "ALTER TABLE sales.stores DISABLE TRIGGER stores_bump_version",
+            Some("D"),
+        ),
+        (
+            "ALTER TABLE sales.stores ENABLE REPLICA TRIGGER stores_bump_version",
+            Some("R"),
+        ),
+        ("DROP TRIGGER stores_bump_version ON sales.stores", None),
+    ] {
+        let db = BareDb::new().await;
+        exec(&db, "CREATE EXTENSION pg_sales VERSION '0.12.0'").await;
+        exec(&db, prepare).await;
+        exec(&db, "ALTER EXTENSION pg_sales UPDATE TO '0.13.0'").await;
+        let state: Option<(String, bool)> = sqlx::query_as(
+            "SELECT tgenabled::text, (tgtype & 4) <> 0 FROM pg_trigger
+             WHERE tgrelid = 'sales.stores'::regclass AND tgname = 'stores_bump_version'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        match want {
+            Some(w) => {
+                let (enabled, on_insert) = state.expect("the trigger is there");
+                assert_eq!(enabled, w, "{prepare}");
+                assert!(on_insert, "{prepare}: the trigger runs before inserts");
+            }
+            None => assert!(state.is_none(), "{prepare}: made again"),
+        }
+    }
+}

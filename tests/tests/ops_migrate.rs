@@ -132,6 +132,59 @@ async fn migrate_puts_back_what_a_restore_or_a_dropped_extension_lost() {
     );
 }
 
+/// The commands that work on a migrated database without migrating it
+/// (`user add` here) put back what a recreated extension lost first, as
+/// `migrate` does: the new user does not take the id of a user whose
+/// identity link was still there.
+#[tokio::test]
+async fn a_command_puts_back_what_a_dropped_extension_lost() {
+    let db = TestDb::new().await;
+    let user: i64 = sqlx::query_scalar(
+        "INSERT INTO sales.users (email, role, password_hash) VALUES ('a@x.test', 'admin', '$argon2id$x')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "SELECT setval('sales.users_id_seq', 1, false);
+         ALTER TABLE auth.identities DROP CONSTRAINT identities_user_id_fkey",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO auth.identities (user_id, issuer, subject) VALUES ($1, 'https://idp', 'kept'),
+                                                                      ($1 + 1000, 'https://idp', 'orphan')",
+    )
+    .bind(user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let out = std::process::Command::new(sales_e2e::server_bin())
+        .args(["user", "add", "--email", "b@x.test", "--role", "admin"])
+        .args(["--password", "a long enough passphrase 42"])
+        .envs(db.env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next_user: i64 = sqlx::query_scalar("SELECT id FROM sales.users WHERE email = 'b@x.test'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(next_user > user, "{next_user} took an id already used");
+    let identities: Vec<String> =
+        sqlx::query_scalar("SELECT subject FROM auth.identities ORDER BY subject")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(identities, ["kept"]);
+}
+
 /// Ids that other tables still name are not given out again. A record
 /// deleted (its versions stay in the event log) and a user gone (their job
 /// and tombstone stay), with the id sequences as a dump from before

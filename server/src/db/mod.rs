@@ -312,24 +312,44 @@ pub async fn check_extension(pool: &PgPool) -> anyhow::Result<()> {
     })
 }
 
-/// What a command other than `migrate` and `serve` (seed, import, user,
-/// maintain) needs before it works on the database. It changes nothing on
-/// a database that was migrated before: one that lacks this release's
-/// migrations, or whose extension is older than this release, is refused
-/// with what to run (an `ALTER EXTENSION pg_sales UPDATE` run by a newer
-/// binary's `user list` would leave the instances serving the database on
-/// an extension newer than theirs, their readiness failing, before their
-/// deploy). A database never migrated is migrated when `migrate_new` is
-/// set (nothing serves it yet: `seed` or `user add` on a new database sets
-/// it up), and refused otherwise.
-pub async fn require_migrated(pool: &PgPool, migrate_new: bool) -> anyhow::Result<()> {
-    let never: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NULL")
+/// What `seed`, `import` and the `user` commands need before they work on
+/// the database. A database never migrated (no migration recorded as
+/// applied) is migrated: nothing serves it yet, and a command run on a new
+/// database sets it up. Any other is left at its extension version and
+/// migrations ([`require_migrated`]: an `ALTER EXTENSION pg_sales UPDATE`
+/// run by a newer binary's `user list` would leave the instances serving
+/// the database on an extension newer than theirs, not ready, before their
+/// deploy), and what a restored dump or a recreated extension lacks is put
+/// back first, as `migrate` does (a user added over a recreated extension's
+/// fresh id sequence took the id of a user whose sessions and identity
+/// link were still there).
+pub async fn prepare_for_command(pool: &PgPool) -> anyhow::Result<()> {
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(pool)
         .await?;
-    if never && migrate_new {
+    let applied = recorded
+        && sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE success)",
+        )
+        .fetch_one(pool)
+        .await?;
+    if !applied {
         migrate(pool).await?;
-        return Ok(());
     }
+    require_migrated(pool).await?;
+    if applied {
+        let mut conn = pool.acquire().await?;
+        not_mid_restore(&mut conn).await?;
+        restore_after_dump(&mut conn).await?;
+    }
+    Ok(())
+}
+
+/// Refuses, changing nothing, a database that lacks one of this release's
+/// migrations or whose extension is older than this release, saying what
+/// to run (`maintain`, and the other commands after a database's first
+/// migration; see [`prepare_for_command`]).
+pub async fn require_migrated(pool: &PgPool) -> anyhow::Result<()> {
     check_extension(pool).await?;
     let pending = pending_migrations(pool).await?;
     if let Some(first) = pending.first() {
@@ -341,7 +361,8 @@ pub async fn require_migrated(pool: &PgPool, migrate_new: bool) -> anyhow::Resul
     if let Some(have) = extension_version(pool).await? {
         if version_older(&have, crate::VERSION) {
             anyhow::bail!(
-                "extension pg_sales in the database is {have} and this release needs {}; run `sales-server migrate` first (it updates the extension)",
+                "extension pg_sales in the database is {have} and this release needs {}; run `sales-server migrate` first, \
+                 which updates it (where its role may not, the extension's owner or a superuser runs ALTER EXTENSION pg_sales UPDATE)",
                 crate::VERSION
             );
         }

@@ -250,6 +250,13 @@ pub async fn with_representation<E: Endpoint>(
     let from_cache = cached.is_some();
     let cached =
         cached.or_else(|| (cacheable && is_static(&path)).then(|| static_body(&path, &bytes)));
+    // A body the compressor failed on before is sent without a coding,
+    // under its uncompressed tag (so a client's If-None-Match matches it).
+    if let (Some(c), Some(i)) = (&cached, slot(enc)) {
+        if matches!(c.encoded[i].get(), Some(None)) {
+            enc = Encoding::Identity;
+        }
+    }
     let mut resp = Response::from_parts(parts, poem::Body::empty());
     if cacheable {
         // Strong ETag of the representation: the body's digest, plus the
