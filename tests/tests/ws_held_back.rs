@@ -9,7 +9,7 @@ mod ws_common;
 
 use sales_e2e::{eventually, TestDb};
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use ws_common::*;
 
 async fn get(url: String, token: Option<&str>) -> reqwest::Response {
@@ -36,14 +36,10 @@ async fn a_long_event_writing_transaction_is_named_and_an_idle_one_delays_nothin
         .execute(&mut *idle)
         .await
         .unwrap();
-    let started = Instant::now();
+    // The event arrives while the idle transaction is still open (one that
+    // held delivery back would hold it until the rollback below).
     upsert(&db, vec![record(s2, 2024, 1, 1, 1)]).await;
     c.event().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "an idle transaction delayed delivery by {:?}",
-        started.elapsed()
-    );
     idle.rollback().await.unwrap();
 
     // An event-writing transaction left open.

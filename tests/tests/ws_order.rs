@@ -14,7 +14,7 @@ use sales_e2e::{eventually, TestDb};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use ws_common::*;
 
@@ -272,14 +272,14 @@ async fn a_client_that_never_reads_does_not_delay_another_users_resume() {
         .await
         .unwrap();
     let mut c = Client::connect(server.addr, &token(700, "admin", &[])).await;
-    let started = Instant::now();
     c.send(json!({"type": "resume", "lastEventId": recent, "events": [everything[4].clone()]}))
         .await;
-    let resumed = tokio::time::timeout(Duration::from_secs(5), c.reply("resumed"))
+    // The stuck replays stay stuck until `stuck` is dropped below: a resume
+    // waiting behind them would not be answered before then.
+    let resumed = tokio::time::timeout(Duration::from_secs(30), c.reply("resumed"))
         .await
         .expect("a resume answered while other users' replays are stuck");
     assert_eq!(resumed["lastEventId"], recent);
-    assert!(started.elapsed() < Duration::from_secs(5));
     drop(stuck);
     server.stop().await;
 }
