@@ -238,8 +238,11 @@ async fn a_store_clear_reaches_its_months_and_a_wrong_tag_is_refused() {
 async fn first_level_serves_repeats_until_a_write() {
     let db = TestDb::new().await;
     let stores = db.stores(1).await;
-    let one = db.server(&[]).await;
-    let two = db.server(&[]).await;
+    // Entries outlive every wait below: a value read fresh was
+    // invalidated, not expired.
+    let long = [("CACHE_TTL", "300"), ("CACHE_L1_TTL", "300")];
+    let one = db.server(&long).await;
+    let two = db.server(&long).await;
     let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
     let a1 = Api::new(&one, Some(&token));
     let a2 = Api::new(&two, Some(&token));
@@ -282,7 +285,7 @@ async fn first_level_serves_repeats_until_a_write() {
     let (st, _) = a1.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 12}}}]})).await;
     assert_eq!(st, 200);
     eventually(
-        Duration::from_secs(2),
+        Duration::from_secs(30),
         "instance two serves the new value",
         || async {
             let (_, b) = a2.get(&path).await;
@@ -417,8 +420,11 @@ async fn scope_isolation() {
 async fn invalidation_by_sql_and_across_instances() {
     let db = TestDb::new().await;
     let stores = db.stores(1).await;
-    let one = db.server(&[]).await;
-    let two = db.server(&[]).await;
+    // Entries outlive every wait below: a value read fresh was
+    // invalidated, not expired.
+    let long = [("CACHE_TTL", "300"), ("CACHE_L1_TTL", "300")];
+    let one = db.server(&long).await;
+    let two = db.server(&long).await;
     let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
     let a1 = Api::new(&one, Some(&token));
     let a2 = Api::new(&two, Some(&token));
@@ -437,7 +443,7 @@ async fn invalidation_by_sql_and_across_instances() {
         .unwrap();
     for api in [&a1, &a2] {
         eventually(
-            Duration::from_secs(2),
+            Duration::from_secs(30),
             "fresh value after SQL update",
             || async {
                 let (_, b) = api.get(&path).await;
@@ -451,7 +457,7 @@ async fn invalidation_by_sql_and_across_instances() {
     let (st, _) = a1.post("/api/v2/sales/batch", &json!({"mode": "replace", "salesDataArray": [{"storeId": s, "year": 2024, "month": 1, "dailyData": {"1": {"sales": 9}}}]})).await;
     assert_eq!(st, 200);
     eventually(
-        Duration::from_secs(2),
+        Duration::from_secs(30),
         "instance two serves the new value",
         || async {
             let (_, b) = a2.get(&path).await;
@@ -643,7 +649,7 @@ async fn a_batch_over_many_tags_invalidates_every_one() {
     assert_eq!(st, 200, "{body}");
     relay_caught_up(&db, &one).await;
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "the first and the last tag bumped",
         || async {
             let now: Vec<u64> = tags.iter().map(|t| counter(t)).collect();
@@ -959,7 +965,7 @@ async fn redis_outage_and_recovery() {
     let port = free_port();
     let mut redis = OwnRedis::start(port);
     let url = format!("redis://127.0.0.1:{port}");
-    eventually(Duration::from_secs(5), "private redis up", || async {
+    eventually(Duration::from_secs(30), "private redis up", || async {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
             .map(|_| ())
@@ -998,7 +1004,7 @@ async fn redis_outage_and_recovery() {
     )
     .await;
     // Hits resume.
-    eventually(Duration::from_secs(5), "cache hits again", || async {
+    eventually(Duration::from_secs(30), "cache hits again", || async {
         let h0 = stats(&admin).await["hits"].as_u64().unwrap();
         admin.get(&path).await;
         admin.get(&path).await;
@@ -1213,7 +1219,7 @@ async fn a_lost_invalidation_is_not_recorded_as_applied() {
     let port = free_port();
     let _redis = OwnRedis::start(port);
     let direct = format!("redis://127.0.0.1:{port}");
-    eventually(Duration::from_secs(5), "private redis up", || async {
+    eventually(Duration::from_secs(30), "private redis up", || async {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
             .map(|_| ())

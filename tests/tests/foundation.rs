@@ -386,13 +386,14 @@ async fn health_reports_postgres_and_redis() {
     assert_eq!(body["version"], sales_server::VERSION);
 
     // Ready once the event relay listens (it connects right after start).
-    let body: Value = sales_e2e::eventually(std::time::Duration::from_secs(5), "ready", || async {
-        let r = reqwest::get(server.url("/health/ready")).await.ok()?;
-        let ok = r.status() == 200;
-        let body: Value = r.json().await.ok()?;
-        ok.then_some(body)
-    })
-    .await;
+    let body: Value =
+        sales_e2e::eventually(std::time::Duration::from_secs(30), "ready", || async {
+            let r = reqwest::get(server.url("/health/ready")).await.ok()?;
+            let ok = r.status() == 200;
+            let body: Value = r.json().await.ok()?;
+            ok.then_some(body)
+        })
+        .await;
     assert_eq!(body["ready"], true, "{body}");
     assert_eq!(body["migrationsApplied"], body["migrationsExpected"]);
 

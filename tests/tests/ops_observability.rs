@@ -493,7 +493,7 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     .await;
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
     assert_eq!(stores.await.unwrap(), 200);
-    let lines: Vec<Value> = eventually(Duration::from_secs(5), "request log lines", || {
+    let lines: Vec<Value> = eventually(Duration::from_secs(30), "request log lines", || {
         let parsed: Vec<Value> = server
             .log()
             .lines()
@@ -509,7 +509,7 @@ async fn json_logs_carry_request_and_user_ids_and_slow_queries() {
     })
     .await;
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "the stores list's log lines",
         || {
             let done = server.log().contains("log-test-43");

@@ -80,14 +80,16 @@ async fn reads_go_to_the_replica_and_fall_back() {
     }
     let (st, _) = api.get("/api/v2/sales/summary?groupBy=region").await;
     assert_eq!(st, 200);
+    // A backend idle after its reads reports them within
+    // PGSTAT_IDLE_INTERVAL (10 s): waited for on both sides.
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "replica scan counters move",
         || async { (scans(&replica_url).await >= replica_before + 6).then_some(()) },
     )
     .await;
     assert_eq!(
-        scans(&db.url).await,
+        settled_scans(&db.url).await,
         primary_before,
         "no read scanned the primary"
     );
@@ -714,7 +716,7 @@ async fn with_redis_down_another_instances_write_is_read_from_the_primary() {
     let port = sales_e2e::free_port();
     let mut redis = sales_e2e::OwnRedis::start(port);
     let redis_url = format!("redis://127.0.0.1:{port}");
-    eventually(Duration::from_secs(5), "private redis up", || async {
+    eventually(Duration::from_secs(30), "private redis up", || async {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
             .map(|_| ())
