@@ -601,7 +601,11 @@ async fn a_clear_missed_by_a_listener_that_was_away_empties_its_first_level() {
 async fn a_batch_over_many_tags_invalidates_every_one() {
     let db = TestDb::new().await;
     let stores = db.stores(25).await;
-    let one = db.server(&[]).await;
+    // Entries outlive every wait below: a value read fresh was
+    // invalidated, not expired.
+    let one = db
+        .server(&[("CACHE_TTL", "300"), ("CACHE_L1_TTL", "300")])
+        .await;
     let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
     let a1 = Api::new(&one, Some(&token));
     // 25 stores x 24 months: 600 row tags, 600 store-month tags, 25 store

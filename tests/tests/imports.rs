@@ -839,17 +839,19 @@ async fn the_command_line_follows_an_import_another_worker_took() {
     .await
     .unwrap();
     writer.commit().await.unwrap();
-    // The command wrote nothing of its chunk and follows the job: it is
-    // still running under the other token.
-    eventually(WAIT, "the command's chunk given up", || async {
-        let waiting: i64 = sqlx::query_scalar(
+    // The command's chunk ends (no transaction of the database writes
+    // any more) having written nothing: its rows are still staged, the
+    // month lacks them, and the command follows the job, still running
+    // under the other token.
+    eventually(WAIT, "the command's chunk ended", || async {
+        let writing: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+             WHERE datname = current_database() AND backend_xid IS NOT NULL",
         )
         .fetch_one(&db.pool)
         .await
         .unwrap();
-        (waiting == 0).then_some(())
+        (writing == 0).then_some(())
     })
     .await;
     assert!(
@@ -860,6 +862,19 @@ async fn the_command_line_follows_an_import_another_worker_took() {
         scalar_i64(&db, "SELECT rows_written FROM jobs.jobs").await,
         0,
         "the fenced-out chunk wrote nothing"
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM jobs.import_rows").await,
+        28,
+        "the fenced-out chunk left its rows staged"
+    );
+    assert_eq!(
+        scalar_i64(
+            &db,
+            "SELECT count(*) FROM sales.monthly_sales WHERE daily_data ? '28'"
+        )
+        .await,
+        0
     );
     // A server's worker finds the lease run out and runs the job again.
     let server = db.server(&[]).await;

@@ -29,9 +29,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Bounded, above every REDIS_TIMEOUT here (a read may wait for a stalled
+/// Redis that long before it is known to be away).
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(60))
         .build()
         .unwrap()
 }
@@ -351,10 +353,11 @@ async fn postgres_restart_under_load() {
             .await
             .unwrap();
     eprintln!("postgres down for {:?}", back_at - down_at);
-    // The load goes on until every kind of request has succeeded a few
-    // times after the first success that began once Postgres was back
-    // (how long that takes is printed, not asserted: a busy machine takes
-    // longer), bounded so that a server that never recovers fails here.
+    // The load goes on until every kind of request has succeeded 30 times
+    // after the first success that began once Postgres was back, giving a
+    // stale pooled connection chances to answer 503. How long that takes
+    // is printed, not asserted (a busy machine takes longer); the bound
+    // fails a server that never recovers.
     const KINDS: [&str; 4] = ["write", "list", "get", "summary"];
     let first_ok = |ops: &[Op], kind: &str| {
         ops.iter()
@@ -368,7 +371,7 @@ async fn postgres_restart_under_load() {
                 ops.iter()
                     .filter(|o| o.kind == *kind && o.start > first && o.outcome == Ok(200))
                     .count()
-                    >= 3
+                    >= 30
             })
         }) && ops
             .iter()
@@ -457,6 +460,10 @@ async fn postgres_restart_under_load() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let lost = missing();
+    eprintln!(
+        "every owed event delivered {:?} after the load stopped",
+        Instant::now() - (deadline - Duration::from_secs(60))
+    );
     assert!(
         lost.is_empty(),
         "events owed to followers not delivered within 60 s of the end of the load: {lost:?}\n{}",

@@ -274,12 +274,17 @@ async fn a_client_that_never_reads_does_not_delay_another_users_resume() {
     let mut c = Client::connect(server.addr, &token(700, "admin", &[])).await;
     c.send(json!({"type": "resume", "lastEventId": recent, "events": [everything[4].clone()]}))
         .await;
-    // The stuck replays stay stuck until `stuck` is dropped below: a resume
-    // waiting behind them would not be answered before then.
     let resumed = tokio::time::timeout(Duration::from_secs(30), c.reply("resumed"))
         .await
         .expect("a resume answered while other users' replays are stuck");
     assert_eq!(resumed["lastEventId"], recent);
+    // Answered while they were still stuck (each ends after its replay
+    // timeout): not after them.
+    assert_eq!(
+        server.state.hub.stats()["connections"]["resuming"].as_u64(),
+        Some(12),
+        "the stuck replays had ended"
+    );
     drop(stuck);
     server.stop().await;
 }
