@@ -2418,6 +2418,18 @@ async fn commands_leave_an_older_database_to_migrate() {
         "{}",
         text(&out)
     );
+    // One left partly applied is named as such (`migrate` refuses it too).
+    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = 1")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = cli(&db, &["user", "list"], None);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("migration 0001 extension was left partly applied"),
+        "{}",
+        text(&out)
+    );
     let stores: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.stores")
         .fetch_one(&db.pool)
         .await

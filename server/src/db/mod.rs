@@ -351,6 +351,25 @@ pub async fn prepare_for_command(pool: &PgPool) -> anyhow::Result<()> {
 /// migration; see [`prepare_for_command`]).
 pub async fn require_migrated(pool: &PgPool) -> anyhow::Result<()> {
     check_extension(pool).await?;
+    // A migration run outside a transaction that stopped midway is
+    // recorded as not successful; `migrate` refuses it too (sqlx's
+    // "partially applied"), so running it is no advice.
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if recorded {
+        let dirty: Option<(i64, String)> = sqlx::query_as(
+            "SELECT version, description FROM _sqlx_migrations WHERE NOT success ORDER BY version LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await?;
+        if let Some((version, description)) = dirty {
+            anyhow::bail!(
+                "migration {version:04} {description} was left partly applied (a run stopped inside it): \
+                 finish or undo what it did, delete its row from _sqlx_migrations, then run `sales-server migrate`"
+            );
+        }
+    }
     let pending = pending_migrations(pool).await?;
     if let Some(first) = pending.first() {
         anyhow::bail!(
