@@ -2238,12 +2238,17 @@ async fn csv_store_codes_win_over_ids_from_another_database() {
 /// writer holds) keeps its job: the lease is renewed while the worker's
 /// process lives, so the job is neither taken again by another worker nor
 /// failed as lost after its attempts, and completes once the lock goes.
+/// The lease a chunk sets as it commits runs from its commit, not from
+/// the start of its transaction: one that began before a long wait set a
+/// lease already run out, and another worker could take the job before
+/// the next renewal (it did, once, in a loaded CI run: attempts 2).
 #[tokio::test]
 async fn a_job_waiting_on_a_lock_keeps_its_lease() {
     let db = TestDb::new().await;
     let stores = db.stores(1).await;
+    // One store-month a chunk: January, then February.
     let server = db
-        .server(&[("JOB_LEASE", "3"), ("IMPORT_CHUNK_LINES", "200")])
+        .server(&[("JOB_LEASE", "3"), ("IMPORT_CHUNK_LINES", "31")])
         .await;
     let (_, token) = user_token(&db, &server, "admin@x.test", "admin", &[]).await;
     let api = Api::new(&server, Some(&token));
@@ -2254,21 +2259,37 @@ async fn a_job_waiting_on_a_lock_keeps_its_lease() {
         .unwrap();
     sqlx::query(
         r#"INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
-           VALUES ($1, 2001, 1, '{"1": {"sales": 1}}')"#,
+           VALUES ($1, 2001, 1, '{"1": {"sales": 1}}'), ($1, 2001, 2, '{"1": {"sales": 1}}')"#,
     )
     .bind(stores[0])
     .execute(&db.pool)
     .await
     .unwrap();
-    let mut writer = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 FOR UPDATE")
-        .bind(stores[0])
-        .execute(&mut *writer)
-        .await
-        .unwrap();
+    // Both months locked, each by a writer of its own.
+    let store = stores[0];
+    let lock = |month: i32| {
+        let pool = db.pool.clone();
+        async move {
+            let mut writer = pool.begin().await.unwrap();
+            sqlx::query(
+                "SELECT 1 FROM sales.monthly_sales WHERE store_id = $1 AND year = 2001 AND month = $2 FOR UPDATE",
+            )
+            .bind(store)
+            .bind(month)
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+            writer
+        }
+    };
+    let mut january = lock(1).await;
+    let february = lock(2).await;
     let mut file = String::from("store_code,date,sales\n");
     for d in 1..=31 {
         file.push_str(&format!("{code},2001-01-{d:02},{d}.5\n"));
+    }
+    for d in 1..=28 {
+        file.push_str(&format!("{code},2001-02-{d:02},{d}.5\n"));
     }
     let (status, body, _) = post_file(&api, "", "text/csv", file).await;
     assert_eq!(status, 202, "{body}");
@@ -2305,11 +2326,34 @@ async fn a_job_waiting_on_a_lock_keeps_its_lease() {
     .await
     .unwrap();
     assert_eq!((attempts, live, error), (1, true, None));
-    writer.commit().await.unwrap();
+    // January's chunk commits; the lease it sets runs past that moment
+    // (February's chunk still waits, so the job runs on).
+    let released: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&mut *january)
+        .await
+        .unwrap();
+    january.commit().await.unwrap();
+    let (lease_until, chunks): (chrono::DateTime<chrono::Utc>, i64) =
+        eventually(WAIT, "January's chunk committed", || async {
+            let row: (chrono::DateTime<chrono::Utc>, i64) =
+                sqlx::query_as("SELECT lease_until, chunks::int8 FROM jobs.jobs WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            (row.1 >= 1).then_some(row)
+        })
+        .await;
+    assert_eq!(chunks, 1);
+    assert!(
+        lease_until > released,
+        "the chunk's lease ran out before it committed: {lease_until} <= {released}"
+    );
+    february.commit().await.unwrap();
     let doc = wait_job(&api, id, &["completed", "failed", "cancelled"]).await;
     assert_eq!(doc["state"], "completed", "{doc}");
     assert_eq!(doc["attempts"], 1, "{doc}");
-    assert_eq!(doc["rowsWritten"], 31, "{doc}");
+    assert_eq!(doc["rowsWritten"], 59, "{doc}");
     server.stop().await;
 }
 

@@ -519,7 +519,7 @@ async fn renew_upload(
     // The lines read so far show as the job's `rowsRead` while it uploads
     // (it was 0 until the upload ended).
     let renewed = sqlx::query(
-        "UPDATE jobs.jobs SET lease_until = now() + $2 * interval '1 millisecond', updated_at = now(),
+        "UPDATE jobs.jobs SET lease_until = clock_timestamp() + $2 * interval '1 millisecond', updated_at = now(),
                               rows_read = greatest(rows_read, $3)
          WHERE id = $1 AND state = 'uploading'",
     )
@@ -1215,6 +1215,10 @@ async fn chunks<F: FnMut(&Progress)>(
             last: chunk_last,
         } = m;
         let new_rejected = distinct_lines(&rejected);
+        // The lease runs from now, not from the start of the chunk's
+        // transaction (`now()`), which may lie more than a lease back (a
+        // merge that waited for a row): a lease already run out at commit
+        // let another worker take the job before the next renewal.
         // The job row is locked from here to COMMIT: the lease token fences
         // out a run that lost the job, and the counts add up whatever order
         // the run's connections commit in. A cancel that committed while
@@ -1225,7 +1229,7 @@ async fn chunks<F: FnMut(&Progress)>(
             "UPDATE jobs.jobs
              SET last_line = greatest(last_line, $3), rows_written = rows_written + $4,
                  rows_rejected = rows_rejected + $5, chunks = chunks + 1,
-                 lease_until = now() + $6 * interval '1 millisecond', updated_at = now()
+                 lease_until = clock_timestamp() + $6 * interval '1 millisecond', updated_at = now()
              WHERE id = $1 AND lease_token = $2::uuid
              RETURNING rows_read, last_line, rows_written, rows_rejected, chunks, cancel_requested",
         )
