@@ -247,10 +247,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// so it is not made again behind the operator's back.
 async fn extension_present(conn: &mut PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
     use sqlx::migrate::MigrateError::Execute;
-    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(Execute)?;
+    let recorded = migrations_recorded(&mut *conn).await.map_err(Execute)?;
     if !recorded {
         return Ok(());
     }
@@ -324,9 +321,7 @@ pub async fn check_extension(pool: &PgPool) -> anyhow::Result<()> {
 /// fresh id sequence took the id of a user whose sessions and identity
 /// link were still there).
 pub async fn prepare_for_command(pool: &PgPool) -> anyhow::Result<()> {
-    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
+    let recorded = migrations_recorded(pool).await?;
     let applied = recorded
         && sqlx::query_scalar::<_, bool>(
             "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE success)",
@@ -354,9 +349,7 @@ pub async fn require_migrated(pool: &PgPool) -> anyhow::Result<()> {
     // A migration run outside a transaction that stopped midway is
     // recorded as not successful; `migrate` refuses it too (sqlx's
     // "partially applied"), so running it is no advice.
-    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
+    let recorded = migrations_recorded(pool).await?;
     if recorded {
         let dirty: Option<(i64, String)> = sqlx::query_as(
             "SELECT version, description FROM _sqlx_migrations WHERE NOT success ORDER BY version LIMIT 1",
@@ -389,13 +382,18 @@ pub async fn require_migrated(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the database has sqlx's record of migrations (any migration
+/// was ever run on it).
+async fn migrations_recorded<'e>(exec: impl sqlx::PgExecutor<'e>) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(exec)
+        .await
+}
+
 /// This binary's migrations the database has not applied yet (version and
 /// description), in order; all of them when it was never migrated.
 pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    let applied: Vec<i64> = if exists {
+    let applied: Vec<i64> = if migrations_recorded(pool).await? {
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
             .fetch_all(pool)
             .await?

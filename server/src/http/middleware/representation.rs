@@ -258,6 +258,8 @@ pub async fn with_representation<E: Endpoint>(
         }
     }
     let mut resp = Response::from_parts(parts, poem::Body::empty());
+    // The tag of the body without a coding, for a compression that fails.
+    let mut identity_tag = None;
     if cacheable {
         // Strong ETag of the representation: the body's digest, plus the
         // encoding, since each encoding is a different byte sequence.
@@ -267,7 +269,10 @@ pub async fn with_representation<E: Endpoint>(
         };
         let etag = match enc {
             Encoding::Identity => format!("\"{digest}\""),
-            e => format!("\"{digest}-{}\"", e.token()),
+            e => {
+                identity_tag = HeaderValue::from_str(&format!("\"{digest}\"")).ok();
+                format!("\"{digest}-{}\"", e.token())
+            }
         };
         if let Ok(v) = HeaderValue::from_str(&etag) {
             resp.headers_mut().insert(header::ETAG, v);
@@ -331,13 +336,7 @@ pub async fn with_representation<E: Endpoint>(
         }
         // Not compressed after all (the compressor failed): the body goes
         // without a coding, and so does its tag.
-        if let Some(tag) = resp
-            .headers()
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|t| t.strip_suffix(&format!("-{}\"", enc.token())))
-            .and_then(|t| HeaderValue::from_str(&format!("{t}\"")).ok())
-        {
+        if let Some(tag) = identity_tag {
             resp.headers_mut().insert(header::ETAG, tag);
         }
     }
