@@ -7,7 +7,6 @@ mod ws_common;
 
 use sales_e2e::TestDb;
 use serde_json::json;
-use std::time::Duration;
 use ws_common::*;
 
 #[tokio::test]
@@ -47,7 +46,7 @@ async fn chain_and_region_channels() {
         .collect();
     assert_eq!(stores, s);
     assert!(got.iter().all(|e| e["event"] == "sales-data-created"));
-    admin.assert_no_event(Duration::from_millis(300)).await;
+    admin.assert_nothing_more(&db, &server).await;
 
     // region-North: T001 and T004.
     let got = north.events(2).await;
@@ -57,7 +56,7 @@ async fn chain_and_region_channels() {
             .collect::<Vec<_>>(),
         vec![s[0], s[3]]
     );
-    north.assert_no_event(Duration::from_millis(300)).await;
+    north.assert_nothing_more(&db, &server).await;
 
     // The manager: their two stores on all-stores, only T001 on region-North
     // (one frame each).
@@ -68,7 +67,7 @@ async fn chain_and_region_channels() {
             .collect::<Vec<_>>(),
         vec![s[0], s[1]]
     );
-    manager.assert_no_event(Duration::from_millis(300)).await;
+    manager.assert_nothing_more(&db, &server).await;
 
     // A region with no stores is a channel like any (nothing arrives), a
     // name longer than a region can be is refused.
@@ -111,7 +110,7 @@ async fn chain_and_region_channels() {
         }
     }
     assert_eq!(replayed, vec![s[0], s[3]]);
-    back.assert_no_event(Duration::from_millis(300)).await;
+    back.assert_nothing_more(&db, &server).await;
 }
 
 /// Region names are bounded per instance, but that bound never decides
@@ -236,8 +235,8 @@ async fn a_row_moved_away_from_a_whole_chain_follower_is_deleted_for_it() {
     let moved = wide.event().await;
     assert_eq!(moved["event"], "sales-data-updated", "{moved}");
     assert_eq!(moved["data"]["storeId"], s[1], "{moved}");
-    wide.assert_no_event(std::time::Duration::from_millis(300))
-        .await;
+    wide.assert_nothing_more(&db, &server).await;
+    scoped.assert_nothing_more(&db, &server).await;
     server.stop().await;
 }
 
@@ -313,8 +312,8 @@ async fn regions_are_read_as_the_events_left_them_live_and_on_replay() {
         (Some("sales-data-created"), Some(store)),
         "{e}"
     );
-    b.assert_no_event(Duration::from_millis(300)).await;
-    a.assert_no_event(Duration::from_millis(0)).await;
+    b.assert_nothing_more(&db, &server).await;
+    a.assert_nothing_more(&db, &server).await;
     assert_eq!(
         replay_region(server.addr, start, "region-Upland").await,
         [("sales-data-created".to_string(), store)]
@@ -337,8 +336,8 @@ async fn regions_are_read_as_the_events_left_them_live_and_on_replay() {
         (Some("sales-data-updated"), Some(store)),
         "{e}"
     );
-    a.assert_no_event(Duration::from_millis(300)).await;
-    b.assert_no_event(Duration::from_millis(0)).await;
+    a.assert_nothing_more(&db, &server).await;
+    b.assert_nothing_more(&db, &server).await;
     assert_eq!(
         replay_region(server.addr, moved_at, "region-Lowland").await,
         [("sales-data-updated".to_string(), store)]
@@ -361,7 +360,7 @@ async fn regions_are_read_as_the_events_left_them_live_and_on_replay() {
         (Some("sales-data-deleted"), Some(store)),
         "{e}"
     );
-    a.assert_no_event(Duration::from_millis(300)).await;
+    a.assert_nothing_more(&db, &server).await;
     assert_eq!(
         replay_region(server.addr, deleted_at, "region-Lowland").await,
         [("sales-data-deleted".to_string(), store)]

@@ -101,6 +101,10 @@ async fn a_long_event_writing_transaction_is_named_and_an_idle_one_delays_nothin
             .join("\n")
     );
 
+    // Delivery has been held back for more than a second (`heldBackSeconds`
+    // above), and the waiting event has still not arrived.
+    c.assert_no_event(Duration::ZERO).await;
+
     // It ends: the waiting event arrives, and nothing is named any more.
     holder.commit().await.unwrap();
     let e = c.event().await;

@@ -12,19 +12,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 use ws_common::*;
 
-/// Waits until the server has relayed everything logged so far (the
-/// horizon is cluster-wide: other databases' transactions can hold it back).
-async fn relayed_all(db: &TestDb, server: &sales_e2e::RunningServer) {
-    let max: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    sales_e2e::eventually(WAIT, "the relay to catch up", || async {
-        (server.state.hub.position().id >= max).then_some(())
-    })
-    .await;
-}
-
 /// Ends the server's relay connection to this test's database (it
 /// connects again by itself).
 async fn cut_relay(db: &TestDb) {
@@ -38,7 +25,12 @@ async fn cut_relay(db: &TestDb) {
 }
 
 /// Frames after a resume until `n` events have arrived: (events, the resumed reply).
-async fn after_resume(c: &mut Client, n: usize) -> (Vec<Value>, Value) {
+async fn after_resume(
+    c: &mut Client,
+    n: usize,
+    db: &TestDb,
+    server: &sales_e2e::RunningServer,
+) -> (Vec<Value>, Value) {
     let mut got: Vec<Value> = c.pending.drain(..).collect();
     let mut resumed = None;
     while got.len() < n || resumed.is_none() {
@@ -50,7 +42,7 @@ async fn after_resume(c: &mut Client, n: usize) -> (Vec<Value>, Value) {
             _ => panic!("unexpected frame {f}"),
         }
     }
-    c.assert_no_event(Duration::from_millis(300)).await;
+    c.assert_nothing_more(db, server).await;
     (got, resumed.unwrap())
 }
 
@@ -127,7 +119,7 @@ async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
         .await
         .unwrap();
     assert_eq!(logged_ids(&db, s1, last_seen).await.len(), 100);
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
 
     // Writes keep coming while it reconnects, subscribes and resumes.
     let writer = {
@@ -163,7 +155,7 @@ async fn resume_after_missing_100_events_then_live_without_gap_or_duplicate() {
     let expected_sales = logged_ids(&db, s1, last_seen).await;
     assert_eq!(expected_sales.len(), 160);
     for (name, c) in [("atomic", &mut atomic), ("separate", &mut separate)] {
-        let (got, resumed) = after_resume(c, expected_sales.len() + 1).await;
+        let (got, resumed) = after_resume(c, expected_sales.len() + 1, &db, &server).await;
         assert_eq!(resumed["lastEventId"], last_seen);
         let ids: Vec<i64> = got.iter().map(|e| e["id"].as_i64().unwrap()).collect();
         let unique: HashSet<i64> = ids.iter().copied().collect();
@@ -245,7 +237,7 @@ async fn resume_from_zero_replays_what_is_retained() {
     let s1 = db.stores(1).await[0];
     upsert(&db, vec![record(s1, 2024, 1, 1, 1)]).await; // before the server started
     let server = db.server(&[]).await;
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     let mut c = Client::connect(server.addr, &token(1, "admin", &[])).await;
     c.subscribe("stores").await;
     c.subscribe(&format!("sales-data-{s1}")).await;
@@ -344,7 +336,7 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
     let mut r = Client::connect(server.addr, &token(1, "staff", &[s1])).await;
     r.send(json!({"type": "resume", "lastEventId": first, "epoch": old, "events": [channel]}))
         .await;
-    let (got, resumed) = after_resume(&mut r, 1).await;
+    let (got, resumed) = after_resume(&mut r, 1, &db, &server).await;
     assert_eq!(got[0]["id"], second, "{got:?}");
     assert_eq!(resumed["replayed"], 1, "{resumed}");
 
@@ -392,7 +384,7 @@ async fn an_id_of_another_epoch_of_the_log_requires_resync() {
     // of the database put back): also another log. The relay gives it a
     // new identity (so the ids given again are of another epoch for every
     // client), relays from its head and every connection resumes.
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     let last_seen = live["id"].as_i64().unwrap();
     sqlx::query("DELETE FROM sales.events WHERE id > $1")
         .bind(second)
@@ -442,7 +434,7 @@ async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
     upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
     upsert(&db, vec![record(s1, 2024, 1, 3, 1)]).await;
     upsert(&db, vec![record(s1, 2024, 2, 1, 1)]).await;
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
 
     let other: i64 =
         sqlx::query_scalar("SELECT id FROM sales.monthly_sales WHERE store_id = $1 AND month = 2")
@@ -485,7 +477,7 @@ async fn subscribing_before_resuming_never_sends_a_row_version_backwards() {
         "{renamed}"
     );
     c.send(json!({"type": "resume", "lastEventId": last})).await;
-    let (got, resumed) = after_resume(&mut c, 1).await;
+    let (got, resumed) = after_resume(&mut c, 1, &db, &server).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(
         got[0]["data"]["month"], 2,
@@ -532,11 +524,11 @@ async fn a_resume_is_bounded_by_the_log_it_goes_through() {
     };
     upsert(&db, months(20, 0)).await;
     upsert(&db, vec![record(s1, 2024, 1, 2, 1)]).await;
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     let mut c = Client::connect(server.addr, &t).await;
     c.send(json!({"type": "resume", "lastEventId": last, "events": [channel]}))
         .await;
-    let (got, resumed) = after_resume(&mut c, 1).await;
+    let (got, resumed) = after_resume(&mut c, 1, &db, &server).await;
     assert_eq!(got[0]["event"], "sales-data-updated", "{got:?}");
     assert_eq!(resumed["replayed"], 1, "{resumed}");
     let mine = got[0]["id"].as_i64().unwrap();
@@ -546,7 +538,7 @@ async fn a_resume_is_bounded_by_the_log_it_goes_through() {
     // event, first in the log, is not sent ahead of the refusal.
     upsert(&db, vec![record(s1, 2024, 1, 4, 1)]).await;
     upsert(&db, months(60, 20)).await;
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     let mut c = Client::connect(server.addr, &t).await;
     c.send(json!({"type": "resume", "lastEventId": mine, "events": [channel]}))
         .await;
@@ -622,10 +614,10 @@ async fn own_events_written_before_the_resume_arrive_in_order() {
     upsert_as(&db, Some(me), vec![record(s, 2024, 1, 1, 1)]).await;
     let mut c = Client::connect(server.addr, &t).await;
     upsert_as(&db, Some(me), vec![record(s, 2024, 1, 2, 2)]).await;
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     c.send(json!({"type": "resume", "lastEventId": start, "events": [format!("sales-data-{s}")]}))
         .await;
-    let (got, resumed) = after_resume(&mut c, 4).await;
+    let (got, resumed) = after_resume(&mut c, 4, &db, &server).await;
     let logged: Vec<(i64, String)> =
         sqlx::query_as("SELECT id, kind FROM sales.events WHERE id > $1 ORDER BY seq")
             .bind(start)
@@ -673,7 +665,7 @@ async fn own_events_written_before_the_resume_arrive_in_order() {
         .execute(&db.pool)
         .await
         .unwrap();
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     refused
         .send(json!({"type": "resume", "lastEventId": -1}))
         .await;
@@ -696,7 +688,7 @@ async fn an_expired_token_gets_no_replay() {
     for i in 0..5 {
         upsert(&db, vec![record(s, 2024, 1, 1 + i, 1)]).await;
     }
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     let exp = chrono::Utc::now().timestamp() + 2;
     let t = token_expiring(me, "staff", &[s], exp);
     let mut c = Client::connect(server.addr, &t).await;
@@ -741,7 +733,7 @@ async fn requests_sent_behind_a_resume_are_answered_after_it() {
     )
     .await;
     let server = db.server(&[]).await;
-    relayed_all(&db, &server).await;
+    sales_e2e::relay_caught_up(&db, &server).await;
     let mut c = Client::connect(server.addr, &token(999, "admin", &[])).await;
     let channel = format!("sales-data-{}", s[0]);
     for request in [

@@ -191,6 +191,16 @@ impl Client {
         }
     }
 
+    /// Asserts that nothing more is on its way to this connection from the
+    /// event log: once the relay has dispatched every logged event, each
+    /// frame meant for this connection is queued, and the answer to a ping
+    /// is queued behind them (no quiet period to outwait, so a late frame
+    /// cannot slip past the check on a busy machine).
+    pub async fn assert_nothing_more(&mut self, db: &TestDb, server: &sales_e2e::RunningServer) {
+        sales_e2e::relay_caught_up(db, server).await;
+        self.assert_no_event(Duration::ZERO).await;
+    }
+
     /// Reads until the server closes; returns the close frame.
     pub async fn closed(&mut self) -> Option<CloseFrame> {
         loop {
