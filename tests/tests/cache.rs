@@ -976,7 +976,7 @@ async fn redis_outage_and_recovery() {
     })
     .await;
     let server = db
-        .server(&[("REDIS_URL", url.as_str()), ("REDIS_TIMEOUT", "200ms")])
+        .server(&[("REDIS_URL", url.as_str()), ("REDIS_TIMEOUT", "1s")])
         .await;
     let (_, token) = user_token(&db, &server, "a@example.com", "admin", &[]).await;
     let admin = Api::new(&server, Some(&token));
@@ -999,7 +999,7 @@ async fn redis_outage_and_recovery() {
 
     let _redis = OwnRedis::start(port);
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "health ok after redis restart",
         || async {
             let (_, h) = anon.get("/health").await;
