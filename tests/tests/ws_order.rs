@@ -70,14 +70,7 @@ async fn overlapping_transactions_on_the_same_rows_never_send_a_version_backward
     upsert(&db, seed).await;
     // Start counting once the relay has passed the seed's events (a server
     // started right after a commit may still relay it).
-    let seeded: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    eventually(WAIT, "the relay past the seed", || async {
-        (server.state.hub.position().id >= seeded).then_some(())
-    })
-    .await;
+    sales_e2e::relay_caught_up(&db, &server).await;
 
     let mut clients = vec![];
     for (name, role, stores) in [
