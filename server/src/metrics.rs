@@ -209,7 +209,7 @@ pub async fn render(state: &AppState) -> String {
         .absolute(state.hub.counters.events_relayed.load(Ordering::Relaxed));
     metrics::counter!("events_log_replaced_total")
         .absolute(state.hub.relay.log_replaced.load(Ordering::Relaxed));
-    let relayed_to = state.hub.position().id;
+    let relayed_to = state.hub.position();
     gauge(
         "events_relay_connected",
         if state.hub.relay.connected.load(Ordering::Relaxed) {
@@ -226,12 +226,12 @@ pub async fn render(state: &AppState) -> String {
             0.0
         },
     );
-    gauge("events_relay_last_event_id", relayed_to as f64);
+    gauge("events_relay_last_event_id", relayed_to.id as f64);
     // Relay lag: events the log holds past what this instance has relayed,
     // counted up to RELAY_LAG_COUNTED, so that a scrape costs the same
     // however far behind the relay is (a full count of a large backlog is
     // what a scrape during an incident would pay).
-    if let Ok(head) = relay_lag(pool, relayed_to).await {
+    if let Ok(head) = relay_lag(pool, relayed_to.seq).await {
         gauge("events_relay_lag_events", head as f64);
     }
     let holders = held_back(pool).await;
@@ -251,13 +251,17 @@ pub async fn render(state: &AppState) -> String {
 /// counts at most.
 pub const RELAY_LAG_COUNTED: i64 = 10_000;
 
-/// Events in the log past `relayed_to`, counted up to
-/// [`RELAY_LAG_COUNTED`] (an index range of at most that many entries).
-pub async fn relay_lag(pool: &sqlx::PgPool, relayed_to: i64) -> Result<i64, sqlx::Error> {
+/// Events in the log past the relay's position (its `seq`, the order the
+/// relay delivers in: an event's id and its seq are taken one after the
+/// other, so two writers' events can be ordered apart by the two, and an
+/// event relayed with a higher id than the last one was counted as lag
+/// until a later event came), counted up to [`RELAY_LAG_COUNTED`] (an
+/// index range of at most that many entries).
+pub async fn relay_lag(pool: &sqlx::PgPool, relayed_seq: i64) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM sales.events WHERE id > $1 LIMIT $2) behind",
+        "SELECT count(*) FROM (SELECT 1 FROM sales.events WHERE seq > $1 LIMIT $2) behind",
     )
-    .bind(relayed_to)
+    .bind(relayed_seq)
     .bind(RELAY_LAG_COUNTED)
     .fetch_one(pool)
     .await

@@ -39,7 +39,7 @@ async fn relay_lag_is_exact_below_its_bound_and_the_bound_above() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let head: i64 = sqlx::query_scalar("SELECT max(id) FROM sales.events")
+    let head: i64 = sqlx::query_scalar("SELECT max(seq) FROM sales.events")
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -51,6 +51,66 @@ async fn relay_lag_is_exact_below_its_bound_and_the_bound_above() {
         RELAY_LAG_COUNTED - 1
     );
     assert_eq!(relay_lag(&db.pool, 0).await.unwrap(), RELAY_LAG_COUNTED);
+
+    // Two writers can take their events' ids and seqs in opposite orders:
+    // the event with the higher id is delivered first. Once the relay has
+    // passed both (its position is the later seq, the lower id), nothing
+    // is behind; it used to count the higher id as lag until another event.
+    let mut ids = Vec::new();
+    for seq in [head + 2, head + 1] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id",
+        )
+        .bind(seq)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    assert!(ids[0] < ids[1], "{ids:?}");
+    assert_eq!(relay_lag(&db.pool, head + 1).await.unwrap(), 1);
+    assert_eq!(relay_lag(&db.pool, head + 2).await.unwrap(), 0);
+}
+
+/// Once the relay has passed two events whose ids and seqs were taken in
+/// opposite orders (two writers interleaving), the metric says nothing is
+/// behind: the lag is counted by seq, the order the relay delivers in. (By
+/// id, the event relayed first, with the higher id, stayed counted as lag
+/// until another event came.)
+#[tokio::test]
+async fn the_relay_lag_is_counted_in_delivery_order() {
+    let db = TestDb::new().await;
+    let server = db.server(&[]).await;
+    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for seq in [head + 2, head + 1] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id",
+        )
+        .bind(seq)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    assert!(ids[0] < ids[1], "{ids:?}");
+    sales_e2e::relay_caught_up(&db, &server).await;
+    assert_eq!(server.state.hub.position().id, ids[0]);
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lag = text
+        .lines()
+        .find_map(|l| l.strip_prefix("events_relay_lag_events "))
+        .unwrap_or_else(|| panic!("no lag in\n{text}"));
+    assert_eq!(lag.trim(), "0", "ids {ids:?}");
+    server.stop().await;
 }
 
 #[tokio::test]
