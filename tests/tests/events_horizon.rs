@@ -177,3 +177,56 @@ async fn commits_in_another_database_do_not_wake_this_ones_readers() {
     }
     panic!("five attempts in a row were ended by commits of databases sharing this one's entry");
 }
+
+/// Where a starting relay begins (the log's head) is an event the log
+/// holds, however many writers commit meanwhile: the head was looked up by
+/// an id that `sales.events_head()` read with a snapshot of its own, newer
+/// than the lookup's, so an event committed between the two was found by
+/// the function and not by the lookup, and the relay started from the
+/// beginning of the log (every retained event relayed again as live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_is_found_while_writers_commit() {
+    use sales_server::events::model::{Event, Pos};
+    let db = TestDb::new().await;
+    sqlx::query("SELECT sales.emit('test-filler', '{}')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let (pool, stop) = (db.pool.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query("SELECT sales.emit('test-filler', '{}')")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut conn = db.connect().await;
+    let mut last = Pos::START;
+    for _ in 0..3000 {
+        let head = Event::head(&mut conn).await.unwrap();
+        assert!(head > Pos::START, "the head lost after {last:?}");
+        assert!(head >= last, "the head went back from {last:?} to {head:?}");
+        let (id, seq): (i64, i64) =
+            sqlx::query_as("SELECT id, seq FROM sales.events WHERE id = $1")
+                .bind(head.id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(Pos { seq, id }, head);
+        last = head;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    assert!(written > 0);
+}

@@ -345,11 +345,11 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
     assert_eq!(mine, ["test-event"]);
     tx.rollback().await.unwrap();
 
-    // Where a starting server begins relaying: one lookup by id, not the
-    // volatile head function evaluated for every row of the log.
+    // Where a starting server begins relaying: the head's id, then its seq
+    // by one lookup of that id.
     let plan: Value = sqlx::query_scalar(&format!(
         "EXPLAIN (FORMAT JSON) {}",
-        sales_server::events::model::HEAD_SQL
+        sales_server::events::model::SEQ_OF_SQL.replace("$1", "1")
     ))
     .fetch_one(&mut conn)
     .await
@@ -359,8 +359,7 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
         text.contains("\"Index Name\":\"events_pkey\"") && !text.contains("Seq Scan"),
         "{plan:#}"
     );
-    let head: (i64, i64) = sqlx::query_as(sales_server::events::model::HEAD_SQL)
-        .fetch_one(&mut conn)
+    let head = sales_server::events::model::Event::head(&mut conn)
         .await
         .unwrap();
     let last: (i64, i64) =
@@ -368,7 +367,7 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
             .fetch_one(&mut conn)
             .await
             .unwrap();
-    assert_eq!(head, last);
+    assert_eq!((head.id, head.seq), last);
 
     // Whether a resume is too far behind: read from the seq index, at most
     // the bound's number of entries.
@@ -376,8 +375,8 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
         "EXPLAIN (FORMAT JSON) {}",
         sales_server::events::model::MORE_THAN_BETWEEN_SQL
     ))
-    .bind(head.1 - 15_000)
-    .bind(head.1)
+    .bind(head.seq - 15_000)
+    .bind(head.seq)
     .bind(100_000i64)
     .fetch_one(&mut conn)
     .await
@@ -390,7 +389,7 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
     // Exactly at the bound is not more than it; one under is.
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM sales.events WHERE seq > 0 AND seq <= $1")
-            .bind(head.1)
+            .bind(head.seq)
             .fetch_one(&mut conn)
             .await
             .unwrap();
@@ -398,7 +397,7 @@ async fn the_event_log_is_read_by_index_whatever_its_length() {
     for (max, more) in [(100i64, true), (n - 1, true), (n, false), (n + 1, false)] {
         let got: bool = sqlx::query_scalar(sales_server::events::model::MORE_THAN_BETWEEN_SQL)
             .bind(0i64)
-            .bind(head.1)
+            .bind(head.seq)
             .bind(max)
             .fetch_one(&mut conn)
             .await

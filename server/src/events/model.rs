@@ -68,9 +68,11 @@ pub const REGIONS_SQL: &str = "SELECT i.id, coalesce(s.region, \
 pub const MORE_THAN_BETWEEN_SQL: &str = "SELECT count(*) > $3 FROM (SELECT 1 FROM sales.events e \
      WHERE e.seq > $1 AND e.seq <= $2 ORDER BY e.seq LIMIT $3 + 1) f";
 
-/// The last event a new reader starts after (see [`Event::head`]).
-pub const HEAD_SQL: &str =
-    "SELECT e.id, e.seq FROM sales.events e WHERE e.id = (SELECT sales.events_head())";
+/// The id of the last event a new reader starts after (see [`Event::head`]).
+pub const HEAD_ID_SQL: &str = "SELECT sales.events_head()";
+
+/// An event's `seq` from its id (see [`Event::head`]).
+pub const SEQ_OF_SQL: &str = "SELECT e.seq FROM sales.events e WHERE e.id = $1";
 
 impl Event {
     pub fn pos(&self) -> Pos {
@@ -255,11 +257,35 @@ impl Event {
     }
 
     /// Where a new reader starts: the last event `events_since` would return.
-    /// (`sales.events_head()` is volatile: as a scalar subquery it runs once;
-    /// compared in the WHERE clause it would run for every row of the log.)
-    pub async fn head<'e>(exec: impl PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
-        let row: Option<(i64, i64)> = sqlx::query_as(HEAD_SQL).fetch_optional(exec).await?;
-        Ok(row.map(|(id, seq)| Pos { seq, id }).unwrap_or(Pos::START))
+    ///
+    /// Two statements: `sales.events_head()` reads the delivery horizon and
+    /// then, with a snapshot of its own, the newest event below it. Its
+    /// seq looked up in the same statement used that statement's snapshot,
+    /// older than the function's: an event committed between the two was
+    /// named by the function and not found by the lookup, and the reader
+    /// started from the beginning of the log (a relay then sent every
+    /// retained event again as live). A statement of its own comes after
+    /// the function's and sees what it saw, unless the event was pruned
+    /// meanwhile (then the head is read again).
+    pub async fn head(conn: &mut sqlx::PgConnection) -> Result<Pos, sqlx::Error> {
+        for _ in 0..10 {
+            let id: i64 = sqlx::query_scalar(HEAD_ID_SQL)
+                .fetch_one(&mut *conn)
+                .await?;
+            if id == 0 {
+                return Ok(Pos::START);
+            }
+            let seq: Option<i64> = sqlx::query_scalar(SEQ_OF_SQL)
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(seq) = seq {
+                return Ok(Pos { seq, id });
+            }
+        }
+        Err(sqlx::Error::Protocol(
+            "the event log's head was pruned each of ten times it was read".into(),
+        ))
     }
 
     /// The log's epoch (`sales.event_log_epoch()`: its identity, made anew

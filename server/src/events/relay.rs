@@ -86,8 +86,8 @@ pub struct Deps {
 
 /// Where a new instance starts: the head of the log. It relays what
 /// happens from now on (clients ask for older events with resume).
-pub async fn head<'e>(exec: impl sqlx::PgExecutor<'e>) -> Result<Pos, sqlx::Error> {
-    Event::head(exec).await
+pub async fn head(pool: &sqlx::PgPool) -> Result<Pos, sqlx::Error> {
+    Event::head(&mut *pool.acquire().await?).await
 }
 
 pub struct Relay {
