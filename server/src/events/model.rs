@@ -71,7 +71,7 @@ pub const MORE_THAN_BETWEEN_SQL: &str = "SELECT count(*) > $3 FROM (SELECT 1 FRO
 /// The id of the last event a new reader starts after (see [`Event::head`]).
 pub const HEAD_ID_SQL: &str = "SELECT sales.events_head()";
 
-/// An event's `seq` from its id (see [`Event::head`]).
+/// An event's `seq` from its id (see [`Event::position_of`]).
 pub const SEQ_OF_SQL: &str = "SELECT e.seq FROM sales.events e WHERE e.id = $1";
 
 impl Event {
@@ -213,7 +213,7 @@ impl Event {
         if id == 0 {
             return Ok(Some(Pos::START));
         }
-        let seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
+        let seq: Option<i64> = sqlx::query_scalar(SEQ_OF_SQL)
             .bind(id)
             .fetch_optional(exec)
             .await?;
@@ -275,12 +275,8 @@ impl Event {
             if id == 0 {
                 return Ok(Pos::START);
             }
-            let seq: Option<i64> = sqlx::query_scalar(SEQ_OF_SQL)
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?;
-            if let Some(seq) = seq {
-                return Ok(Pos { seq, id });
+            if let Some(pos) = Self::position_of(&mut *conn, id).await? {
+                return Ok(pos);
             }
         }
         Err(sqlx::Error::Protocol(
