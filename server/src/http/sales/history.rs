@@ -125,26 +125,20 @@ pub enum HistoryResponse {
     Gone(Json<ErrorBody>),
 }
 
-/// 404 unless the record is known and every store it belonged to is in the
-/// caller's scope.
-pub(super) async fn check_record_scope(
-    state: &AppState,
-    id: i64,
-    who: &Principal,
-) -> ApiResult<()> {
-    let stores: Vec<i64> = crate::db::retry("sales_record_stores", true, || async {
-        sqlx::query_scalar("SELECT sales.record_stores($1)")
-            .bind(id)
-            .fetch_one(&mut *state.read_conn().await?)
-            .await
-    })
-    .await?;
-    let visible = !stores.is_empty() && stores.iter().all(|s| who.can_access_store(*s));
-    if visible {
-        Ok(())
-    } else {
-        Err(ApiError::not_found(format!("no sales record {id}")))
-    }
+/// Whether the caller may see record `$1`: it is known, and every store it
+/// belonged to is in `scope` (`NULL`: every store). Read by the statement
+/// that reads the record, with the same snapshot: checked in a statement of
+/// its own, a record moved out of the caller's stores between the two was
+/// answered with the days of its new store.
+fn visible_sql(scope: &str) -> String {
+    format!(
+        "(SELECT cardinality(r) > 0 AND ({scope}::bigint[] IS NULL OR r <@ {scope}::bigint[]) \
+          FROM sales.record_stores($1) r)"
+    )
+}
+
+fn not_found(id: i64) -> ApiError {
+    ApiError::not_found(format!("no sales record {id}"))
 }
 
 /// The history page as the API answers it (cached as text; a page that is
@@ -156,30 +150,40 @@ pub(super) async fn history_body(
     limit: i64,
     before_version: Option<i64>,
 ) -> ApiResult<String> {
-    check_record_scope(state, id, who).await?;
     // Composed in SQL and read as text: day values keep every digit (a
     // `serde_json::Value` would read them as f64).
-    let doc: Option<String> = crate::db::retry("sales_history", true, || async {
-        crate::metrics::timed(
-            "sales_history",
-            sqlx::query_scalar(
-                "SELECT CASE WHEN h IS NOT NULL THEN
+    let sql = format!(
+        "WITH s AS MATERIALIZED (SELECT {} AS visible)
+         SELECT s.visible, CASE WHEN s.visible THEN
+                (SELECT CASE WHEN h IS NOT NULL THEN
                         jsonb_build_object('data', coalesce(h -> 'versions', '[]'::jsonb),
                                            'meta', (h - 'versions')
                                                    || jsonb_build_object('historyRetentionSeconds', $4::bigint))::text
                         END
-                 FROM sales.history($1, $2, $3) h",
+                 FROM sales.history($1, $2, $3) h)
+                END
+         FROM s",
+        visible_sql("$5")
+    );
+    let (visible, doc): (bool, Option<String>) =
+        crate::db::retry("sales_history", true, || async {
+            crate::metrics::timed(
+                "sales_history",
+                sqlx::query_as(&sql)
+                    .bind(id)
+                    .bind(limit as i32)
+                    .bind(before_version)
+                    .bind(state.config.history_retention.as_secs() as i64)
+                    .bind(who.scope())
+                    .fetch_one(&mut *state.read_conn().await?),
             )
-            .bind(id)
-            .bind(limit as i32)
-            .bind(before_version)
-            .bind(state.config.history_retention.as_secs() as i64)
-            .fetch_one(&mut *state.read_conn().await?),
-        )
-        .await
-    })
-    .await?;
-    doc.ok_or_else(|| ApiError::not_found(format!("no sales record {id}")))
+            .await
+        })
+        .await?;
+    match doc {
+        Some(doc) if visible => Ok(doc),
+        _ => Err(not_found(id)),
+    }
 }
 
 /// The actors whose emails the caller may not see in a page (cached
@@ -320,17 +324,26 @@ pub(super) async fn as_of_body(
     exclude: &[String],
     who: &Principal,
 ) -> ApiResult<String> {
-    check_record_scope(state, id, who).await?;
     let none = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
-    let found: Result<Option<String>, sqlx::Error> =
+    // The record's document is only looked for once the same statement has
+    // found the caller may see it (an unknown or gone version of a record
+    // out of scope is a 404 like the record).
+    let sql = format!(
+        "WITH s AS MATERIALIZED (SELECT {} AS visible)
+         SELECT s.visible, CASE WHEN s.visible THEN sales.get_sales_as_of($1, $2, $3, $4)::text END
+         FROM s",
+        visible_sql("$5")
+    );
+    let found: Result<(bool, Option<String>), sqlx::Error> =
         crate::db::retry("sales_get_as_of", true, || async {
             crate::metrics::timed(
                 "sales_get_as_of",
-                sqlx::query_scalar("SELECT sales.get_sales_as_of($1, $2, $3, $4)::text")
+                sqlx::query_as(&sql)
                     .bind(id)
                     .bind(at)
                     .bind(none(fields))
                     .bind(none(exclude))
+                    .bind(who.scope())
                     .fetch_one(&mut *state.read_conn().await?),
             )
             .await
@@ -342,8 +355,8 @@ pub(super) async fn as_of_body(
             .map(|d| d.message().to_string())
     };
     match found {
-        Ok(Some(doc)) => Ok(format!("{{\"data\":{doc}}}")),
-        Ok(None) => Err(ApiError::not_found(format!("no sales record {id}"))),
+        Ok((true, Some(doc))) => Ok(format!("{{\"data\":{doc}}}")),
+        Ok(_) => Err(not_found(id)),
         Err(e) => {
             if let Some(m) = why(&e, "PS404") {
                 Ok(json!({"missing": m}).to_string())
