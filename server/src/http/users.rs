@@ -283,10 +283,13 @@ impl UsersApi {
         let (user, change) = users::update(tx.conn(), id, patch)
             .await
             .map_err(user_error)?;
-        tx.commit().await?;
+        // The histories that name this user are stale at once (the relay
+        // may deliver the event much later: behind a running writer).
+        let changes = tx.commit().await?;
         if let Some(c) = change {
             self.state.access.apply(&c);
         }
+        self.state.publish(changes).await;
         Ok(OneResponse::Ok(Json(UserOne {
             data: doc(&user, who),
         })))
@@ -446,8 +449,9 @@ impl UsersApi {
         )
         .await
         .map_err(user_error)?;
-        tx.commit().await?;
+        let changes = tx.commit().await?;
         self.state.access.apply(&change);
+        self.state.publish(changes).await;
         let location = format!("/api/v2/users/{}", user.id);
         Ok(CreatedResponse::Created(
             Json(UserOne {
@@ -653,8 +657,9 @@ impl UsersApi {
         let (_, change) = users::delete(tx.conn(), id.0, self.state.auth.expiry_secs())
             .await
             .map_err(user_error)?;
-        tx.commit().await?;
+        let changes = tx.commit().await?;
         self.state.access.apply(&change);
+        self.state.publish(changes).await;
         Ok(DeletedResponse::Deleted)
     }
 }
