@@ -77,6 +77,7 @@ impl Server {
             .await
             .context("reading the event log's epoch")?;
         state.hub.set_epoch(&epoch);
+        state.cache.set_log_epoch(&epoch);
         // What was written while no instance relayed is made stale in the
         // shared cache before this instance serves anything from it.
         {

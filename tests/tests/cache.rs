@@ -736,21 +736,66 @@ async fn a_database_restored_behind_the_cache_leaves_nothing_stale() {
     one.stop().await;
 
     change_unseen(&db, s, 1, 99).await;
-    let newest: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let (newest, epoch): (i64, String) =
+        sqlx::query_as("SELECT coalesce(max(seq), 0), sales.event_log_epoch() FROM sales.events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     let set = std::process::Command::new("redis-cli")
         .args([
             "-u",
             &redis_url(),
             "SET",
-            &format!("{}:relayed", db.name),
+            &format!("{}:relayed:{epoch}", db.name),
             &(newest + 50).to_string(),
         ])
         .output()
         .expect("redis-cli");
     assert!(set.status.success());
+
+    let two = db.server(&[]).await;
+    let a2 = Api::new(&two, Some(&token));
+    let (st, b) = a2.get(&path).await;
+    assert_eq!((st, total(&b)), (200, 99.0), "{b}");
+    two.stop().await;
+}
+
+/// A database restored from a dump gets an event log of its own (a new
+/// epoch), whose positions are given again from the dump's. Written past
+/// the position recorded for the old log before any instance started (by
+/// plain SQL, say), it used to be caught up on from that position: only
+/// the new log's events after it were invalidated, and what the restore
+/// took back was served from the cache until it expired. Positions are
+/// kept per log: the new log has none recorded, and everything is made
+/// stale. Simulated: a change no relay sees, a new epoch, and the new
+/// log's events past the old position.
+#[tokio::test]
+async fn a_restored_log_that_passed_the_old_position_leaves_nothing_stale() {
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let one = db.server(&[]).await;
+    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    setup(&db, &stores, &a1).await;
+    relay_caught_up(&db, &one).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    warm(&a1, &path).await;
+    let (_, b) = a1.get(&path).await;
+    assert_eq!(total(&b), 280.0 * s as f64, "{b}");
+    one.stop().await;
+
+    change_unseen(&db, s, 1, 99).await;
+    sqlx::query("UPDATE sales.event_log_identity SET epoch = gen_random_uuid()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Events of the new log (none of them about that month) past every
+    // position the old one reached.
+    sqlx::query("SELECT sales.emit('test-filler', '{}') FROM generate_series(1, 20)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
 
     let two = db.server(&[]).await;
     let a2 = Api::new(&two, Some(&token));
@@ -1208,7 +1253,7 @@ impl RedisHole {
     }
 }
 
-/// The position up to which invalidations were applied (`{prefix}:relayed`)
+/// The position up to which invalidations were applied (`{prefix}:relayed:{epoch}`)
 /// is not recorded past one that failed and was not made good: with one
 /// instance, an invalidation lost in a partition from Redis, a later one
 /// applied once it has healed, and the instance restarted before any read
@@ -1281,9 +1326,18 @@ async fn a_lost_invalidation_is_not_recorded_as_applied() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
+    let epoch: String = sqlx::query_scalar("SELECT sales.event_log_epoch()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     let relayed = || {
         let out = std::process::Command::new("redis-cli")
-            .args(["-u", &direct, "GET", &format!("{}:relayed", db.name)])
+            .args([
+                "-u",
+                &direct,
+                "GET",
+                &format!("{}:relayed:{epoch}", db.name),
+            ])
             .output()
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout)

@@ -66,18 +66,22 @@ pub fn tag_store_doc(store: i64) -> String {
 ///
 /// The relay also says up to which delivery position its events are:
 /// once their invalidation is applied, the backend records that position
-/// (`{prefix}:relayed`, the highest any instance reached), from which a
-/// starting instance knows what it must invalidate itself (see
-/// [`Cache::catch_up`]).
+/// (`{prefix}:relayed:{epoch}`, the highest any instance reached in the
+/// event log of that epoch), from which a starting instance knows what it
+/// must invalidate itself (see [`Cache::catch_up`]).
 #[derive(Clone)]
 pub struct Invalidator {
     cache: Arc<Cache>,
-    tx: tokio::sync::mpsc::UnboundedSender<(Vec<String>, Option<i64>)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Marked>,
 }
+
+/// Tags marked stale, and the delivery position (in the event log of the
+/// epoch named) their events reach.
+type Marked = (Vec<String>, Option<(Arc<str>, i64)>);
 
 impl Invalidator {
     pub fn spawn(cache: Arc<Cache>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<String>, Option<i64>)>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Marked>();
         let c = cache.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -89,7 +93,16 @@ impl Invalidator {
                 tags.sort();
                 tags.dedup();
                 let applied = c.invalidate(&tags).await;
-                if let (true, Some(upto)) = (applied, marked.iter().filter_map(|m| m.1).max()) {
+                // Positions in the log being read now only: one marked
+                // before the log was replaced is a number of the old log.
+                let epoch = c.log_epoch();
+                let upto = marked
+                    .iter()
+                    .filter_map(|m| m.1.as_ref())
+                    .filter(|(e, _)| *e == epoch)
+                    .map(|(_, u)| *u)
+                    .max();
+                if let (true, Some(upto)) = (applied, upto) {
                     if c.may_mark_relayed().await {
                         c.mark_relayed(upto).await;
                     }
@@ -108,6 +121,12 @@ impl Invalidator {
         self.cache.drop_first_level();
     }
 
+    /// The relay reads another event log from here on (see
+    /// [`Cache::set_log_epoch`]).
+    pub fn set_log_epoch(&self, epoch: &str) {
+        self.cache.set_log_epoch(epoch);
+    }
+
     /// Marks `tags` stale on this instance now; the backend follows.
     pub fn invalidate_soon(&self, tags: Vec<String>) {
         self.invalidate_soon_upto(tags, None);
@@ -120,6 +139,7 @@ impl Invalidator {
             return;
         }
         self.cache.mark_pending(&tags);
+        let upto = upto.map(|u| (self.cache.log_epoch(), u));
         if let Err(e) = self.tx.send((tags, upto)) {
             // The worker is gone (runtime shutting down): nothing to serve.
             self.cache.unmark_pending(&e.0 .0);
@@ -269,6 +289,9 @@ pub struct Cache {
     /// fresh, served from memory until the next invalidation of any tag on
     /// this instance (`generation` moves), or `CACHE_L1_TTL`. See [`L1`].
     l1: Option<L1>,
+    /// The epoch of the event log the relay reads (`sales.event_log_epoch()`):
+    /// positions recorded in Redis are numbers of that log's delivery order.
+    log_epoch: std::sync::RwLock<Arc<str>>,
 }
 
 /// Entries of the first level, each with the invalidation generation it
@@ -359,7 +382,27 @@ impl Cache {
                     .build(),
                 generation: l1_generation,
             }),
+            log_epoch: std::sync::RwLock::new(Arc::from("")),
         }
+    }
+
+    /// Names the event log whose delivery positions this instance records
+    /// (set before the relay starts, and again when it finds the log
+    /// replaced: restored from a dump, recovered to a point in time, a
+    /// standby promoted). A position is kept per epoch, so one recorded in
+    /// another log is never taken for this one's: a restored log gives its
+    /// positions again, and a starting instance that read the old log's
+    /// position as this one's caught up on too little and served what the
+    /// restore had taken back until `CACHE_TTL`.
+    pub fn set_log_epoch(&self, epoch: &str) {
+        *self.log_epoch.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(epoch);
+    }
+
+    fn log_epoch(&self) -> Arc<str> {
+        self.log_epoch
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether job `id`'s end was applied to the cache on this instance
@@ -638,7 +681,7 @@ impl Cache {
     }
 
     fn relayed_key(&self) -> String {
-        format!("{}:relayed", self.prefix)
+        format!("{}:relayed:{}", self.prefix, self.log_epoch())
     }
 
     /// Raises the WAL position every instance sharing this cache waits for

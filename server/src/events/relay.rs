@@ -226,6 +226,7 @@ async fn read_session(
             head = head.id,
             "the event log is not the one relayed before (restored, recovered to an earlier point, or a standby promoted): relaying from its head, every WebSocket client resumes, the cache is made stale"
         );
+        deps.invalidator.set_log_epoch(&epoch);
         deps.invalidator
             .invalidate_soon(vec![crate::cache::TAG_ALL.to_string()]);
         *last = head;
