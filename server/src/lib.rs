@@ -68,21 +68,23 @@ impl Server {
             }
         }
         // A new instance relays what happens from now on (clients ask for
-        // older events with resume).
+        // older events with resume). The epoch first: a log replaced after
+        // it was read is then one the relay finds of another epoch, while
+        // a head read first could be of the log the epoch replaced.
+        let (epoch, _) = events::model::Event::log_identity(&state.pool)
+            .await
+            .context("reading the event log's epoch")?;
         let head = events::relay::head(&state.pool)
             .await
             .context("reading the event log position")?;
         state.hub.set_position(head);
-        let (epoch, _) = events::model::Event::log_identity(&state.pool)
-            .await
-            .context("reading the event log's epoch")?;
         state.hub.set_epoch(&epoch);
         state.cache.set_log_epoch(&epoch);
         // What was written while no instance relayed is made stale in the
         // shared cache before this instance serves anything from it.
         {
             let (cache, pool) = (state.cache.clone(), state.pool.clone());
-            tokio::spawn(async move { cache.catch_up(&pool, head.seq).await });
+            tokio::spawn(async move { cache.catch_up(&pool, &epoch, head.seq).await });
         }
         // Every region that has stores is known before any client names
         // one (later ones come with their stores' events), so the bounded

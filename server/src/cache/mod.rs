@@ -104,7 +104,9 @@ impl Invalidator {
                     .max();
                 if let (true, Some(upto)) = (applied, upto) {
                     if c.may_mark_relayed().await {
-                        c.mark_relayed(upto).await;
+                        // Under the epoch the position was checked against
+                        // (the log may be found replaced meanwhile).
+                        c.mark_relayed(&epoch, upto).await;
                     }
                 }
                 for (m, _) in &marked {
@@ -674,14 +676,15 @@ impl Cache {
 
     /// Records that every event up to delivery position `seq` has had its
     /// invalidation applied (the highest any instance reached is kept).
-    async fn mark_relayed(&self, seq: i64) {
+    async fn mark_relayed(&self, epoch: &str, seq: i64) {
         if let Backend::Redis(r) = &self.backend {
-            let _ = r.mark_max(&self.relayed_key(), seq).await;
+            let _ = r.mark_max(&self.relayed_key(epoch), seq).await;
         }
     }
 
-    fn relayed_key(&self) -> String {
-        format!("{}:relayed:{}", self.prefix, self.log_epoch())
+    /// Where the position reached in the event log of `epoch` is kept.
+    fn relayed_key(&self, epoch: &str) -> String {
+        format!("{}:relayed:{epoch}", self.prefix)
     }
 
     /// Raises the WAL position every instance sharing this cache waits for
@@ -728,13 +731,15 @@ impl Cache {
     /// committed during a restart). Their tags are bumped now; with no
     /// position recorded (a first start, or Redis emptied), too many of
     /// them, or the log pruned in between, every entry is made stale.
-    /// Retries until Redis answers; until then lookups miss.
-    pub async fn catch_up(&self, pool: &sqlx::PgPool, head: i64) {
+    /// `head` is a position in the event log of `epoch`, whose recorded
+    /// position is read and raised. Retries until Redis answers; until
+    /// then lookups miss.
+    pub async fn catch_up(&self, pool: &sqlx::PgPool, epoch: &str, head: i64) {
         let Backend::Redis(r) = &self.backend else {
             return;
         };
         loop {
-            match self.try_catch_up(r, pool, head).await {
+            match self.try_catch_up(r, pool, epoch, head).await {
                 Ok(()) => break,
                 Err(e) => tracing::debug!(error = %e, "cache catch-up not done yet; retrying"),
             }
@@ -748,6 +753,7 @@ impl Cache {
         &self,
         r: &redis::RedisCache,
         pool: &sqlx::PgPool,
+        epoch: &str,
         head: i64,
     ) -> anyhow::Result<()> {
         // Restarts of Redis are watched from here on.
@@ -755,7 +761,7 @@ impl Cache {
             .await
             .map_err(|()| anyhow::anyhow!("redis unavailable"))?;
         let relayed = r
-            .get_i64(&self.relayed_key())
+            .get_i64(&self.relayed_key(epoch))
             .await
             .map_err(|()| anyhow::anyhow!("redis unavailable"))?;
         // Relayed past the log's newest event (by `seq`, the delivery
@@ -795,7 +801,7 @@ impl Cache {
                 "cache: made stale what was written while this instance was not relaying"
             );
         }
-        self.mark_relayed(head).await;
+        self.mark_relayed(epoch, head).await;
         Ok(())
     }
 
