@@ -25,6 +25,25 @@ async fn one_month() -> Fixture {
     f
 }
 
+/// Two events after seq `head` whose ids and seqs are in opposite orders,
+/// as two writers interleaving can take them: the first (the lower id)
+/// has seq `head + 2`, the second `head + 1`. Their ids, in that order.
+async fn ids_and_seqs_apart(db: &TestDb, head: i64) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for seq in [head + 2, head + 1] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id",
+        )
+        .bind(seq)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    assert!(ids[0] < ids[1], "{ids:?}");
+    ids
+}
+
 /// `events_relay_lag_events` counts the events past the relay's position
 /// up to a bound, so a scrape during a large backlog costs no more than one
 /// during a small one: exact below the bound, the bound above it.
@@ -56,18 +75,7 @@ async fn relay_lag_is_exact_below_its_bound_and_the_bound_above() {
     // the event with the higher id is delivered first. Once the relay has
     // passed both (its position is the later seq, the lower id), nothing
     // is behind; it used to count the higher id as lag until another event.
-    let mut ids = Vec::new();
-    for seq in [head + 2, head + 1] {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id",
-        )
-        .bind(seq)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        ids.push(id);
-    }
-    assert!(ids[0] < ids[1], "{ids:?}");
+    ids_and_seqs_apart(&db, head).await;
     assert_eq!(relay_lag(&db.pool, head + 1).await.unwrap(), 1);
     assert_eq!(relay_lag(&db.pool, head + 2).await.unwrap(), 0);
 }
@@ -85,18 +93,7 @@ async fn the_relay_lag_is_counted_in_delivery_order() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let mut ids = Vec::new();
-    for seq in [head + 2, head + 1] {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id",
-        )
-        .bind(seq)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        ids.push(id);
-    }
-    assert!(ids[0] < ids[1], "{ids:?}");
+    let ids = ids_and_seqs_apart(&db, head).await;
     sales_e2e::relay_caught_up(&db, &server).await;
     assert_eq!(server.state.hub.position().id, ids[0]);
     let text = reqwest::get(server.url("/metrics"))
