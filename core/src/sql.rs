@@ -193,7 +193,9 @@ pub fn push_terms(w: &mut impl SqlWriter, terms: &[Term<'_>]) {
 /// directly: the same members in jsonb's key order (by length, then
 /// bytes), the same separators, numbers and days as `numeric_out` and
 /// `jsonb_out` print them, timestamps as `to_json` writes them (the
-/// session's time zone, as `jsonb_build_object` does), `null` for a NULL.
+/// session's time zone, as `jsonb_build_object` does), `null` for a NULL,
+/// and a total that is not a finite number (only written past the row
+/// trigger) as a string, as jsonb does (printed bare, it was not JSON).
 /// Building the jsonb document and printing it cost about a third of a
 /// page of full documents (`sales_doc_text_is_sales_doc` compares the two
 /// over stored rows).
@@ -201,7 +203,9 @@ pub const SALES_DOC_TEXT: &str = "concat('{\"id\": ', m.id, ', \"year\": ', m.ye
      ', \"month\": ', m.month, ', \"storeId\": ', m.store_id, ', \"version\": ', m.version, \
      ', \"createdAt\": ', to_json(m.created_at), ', \"dailyData\": ', m.daily_data, \
      ', \"updatedAt\": ', to_json(m.updated_at), \
-     ', \"totalSales\": ', coalesce(m.total_sales::text, 'null'), \
+     ', \"totalSales\": ', CASE WHEN m.total_sales IN ('NaN', 'Infinity', '-Infinity') \
+                              THEN '\"' || m.total_sales || '\"' \
+                              ELSE coalesce(m.total_sales::text, 'null') END, \
      ', \"daysReported\": ', coalesce(m.days_reported::text, 'null'), \
      ', \"totalCustomers\": ', coalesce(m.total_customers::text, 'null'), '}')";
 

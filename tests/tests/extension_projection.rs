@@ -398,6 +398,17 @@ async fn sales_doc_text_is_sales_doc() {
         &json!([record(s[1], 2025, 12, days(1, 31, 1234.5, 17))]),
     )
     .await;
+    // Totals that are not finite numbers, written past the row trigger.
+    sqlx::raw_sql(
+        "SET session_replication_role = replica;
+         UPDATE sales.monthly_sales m SET total_sales = v.t
+         FROM (VALUES (2, 'NaN'::numeric), (3, 'Infinity'), (4, '-Infinity')) v(month, t)
+         WHERE m.year = 2024 AND m.month = v.month;
+         SET session_replication_role = origin;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
     for zone in ["UTC", "Asia/Kolkata", "America/St_Johns"] {
         sqlx::query(&format!("SET TimeZone = '{zone}'"))
@@ -414,6 +425,8 @@ async fn sales_doc_text_is_sales_doc() {
         assert_eq!(rows.len(), 5);
         for (doc, text) in rows {
             assert_eq!(text, doc, "{zone}");
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(&text);
+            assert!(parsed.is_ok(), "not JSON: {text}");
         }
     }
 }
