@@ -25,23 +25,40 @@ async fn one_month() -> Fixture {
     f
 }
 
-/// Two events after seq `head` whose ids and seqs are in opposite orders,
-/// as two writers interleaving can take them: the first (the lower id)
-/// has seq `head + 2`, the second `head + 1`. Their ids, in that order.
-async fn ids_and_seqs_apart(db: &TestDb, head: i64) -> Vec<i64> {
-    let mut ids = Vec::new();
-    for seq in [head + 2, head + 1] {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id",
-        )
-        .bind(seq)
-        .fetch_one(&db.pool)
+/// Two events whose ids and seqs are in opposite orders, as two writers
+/// interleave them: A takes its seq, then B; B writes its row (the lower
+/// id), then A; both commit. Seqs come from the delivery clock, so the
+/// relay delivers both. (id, seq) of each, B's first: the lower id with
+/// the higher seq.
+async fn ids_and_seqs_apart(db: &TestDb) -> [(i64, i64); 2] {
+    let mut a = db.pool.begin().await.unwrap();
+    let mut b = db.pool.begin().await.unwrap();
+    let seq_a: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
+        .fetch_one(&mut *a)
         .await
         .unwrap();
-        ids.push(id);
-    }
-    assert!(ids[0] < ids[1], "{ids:?}");
-    ids
+    let seq_b: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    let insert = "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id";
+    let id_b: i64 = sqlx::query_scalar(insert)
+        .bind(seq_b)
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    let id_a: i64 = sqlx::query_scalar(insert)
+        .bind(seq_a)
+        .fetch_one(&mut *a)
+        .await
+        .unwrap();
+    b.commit().await.unwrap();
+    a.commit().await.unwrap();
+    assert!(
+        id_b < id_a && seq_b > seq_a,
+        "{id_b} {seq_b}, {id_a} {seq_a}"
+    );
+    [(id_b, seq_b), (id_a, seq_a)]
 }
 
 /// `events_relay_lag_events` counts the events past the relay's position
@@ -75,9 +92,9 @@ async fn relay_lag_is_exact_below_its_bound_and_the_bound_above() {
     // the event with the higher id is delivered first. Once the relay has
     // passed both (its position is the later seq, the lower id), nothing
     // is behind; it used to count the higher id as lag until another event.
-    ids_and_seqs_apart(&db, head).await;
-    assert_eq!(relay_lag(&db.pool, head + 1).await.unwrap(), 1);
-    assert_eq!(relay_lag(&db.pool, head + 2).await.unwrap(), 0);
+    let [(_, later), (_, earlier)] = ids_and_seqs_apart(&db).await;
+    assert_eq!(relay_lag(&db.pool, earlier).await.unwrap(), 1);
+    assert_eq!(relay_lag(&db.pool, later).await.unwrap(), 0);
 }
 
 /// Once the relay has passed two events whose ids and seqs were taken in
@@ -89,13 +106,10 @@ async fn relay_lag_is_exact_below_its_bound_and_the_bound_above() {
 async fn the_relay_lag_is_counted_in_delivery_order() {
     let db = TestDb::new().await;
     let server = db.server(&[]).await;
-    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM sales.events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    let ids = ids_and_seqs_apart(&db, head).await;
+    let ids = ids_and_seqs_apart(&db).await;
     sales_e2e::relay_caught_up(&db, &server).await;
-    assert_eq!(server.state.hub.position().id, ids[0]);
+    // Delivered last: the lower id, with the higher seq.
+    assert_eq!(server.state.hub.position().id, ids[0].0);
     let text = reqwest::get(server.url("/metrics"))
         .await
         .unwrap()
