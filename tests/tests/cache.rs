@@ -714,6 +714,24 @@ async fn a_new_instance_serves_nothing_written_while_none_ran() {
     two.stop().await;
 }
 
+/// A store's January total cached in Redis by an instance that has then
+/// stopped: (the store, an admin token, the cached path).
+async fn cached_by_a_stopped_instance(db: &TestDb) -> (i64, String, String) {
+    let stores = db.stores(1).await;
+    let one = db.server(&[]).await;
+    let (_, token) = user_token(db, &one, "a@example.com", "admin", &[]).await;
+    let a1 = Api::new(&one, Some(&token));
+    setup(db, &stores, &a1).await;
+    relay_caught_up(db, &one).await;
+    let s = stores[0];
+    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
+    warm(&a1, &path).await;
+    let (_, b) = a1.get(&path).await;
+    assert_eq!(total(&b), 280.0 * s as f64, "{b}");
+    one.stop().await;
+    (s, token, path)
+}
+
 /// A database restored from a dump taken before events this cache prefix
 /// has relayed: the shared Redis remembers having relayed past the log's
 /// newest event, and what it holds may be of rows the restore took back. A
@@ -723,18 +741,7 @@ async fn a_new_instance_serves_nothing_written_while_none_ran() {
 #[tokio::test]
 async fn a_database_restored_behind_the_cache_leaves_nothing_stale() {
     let db = TestDb::new().await;
-    let stores = db.stores(1).await;
-    let one = db.server(&[]).await;
-    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
-    let a1 = Api::new(&one, Some(&token));
-    setup(&db, &stores, &a1).await;
-    let s = stores[0];
-    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
-    warm(&a1, &path).await;
-    let (_, b) = a1.get(&path).await;
-    assert_eq!(total(&b), 280.0 * s as f64, "{b}");
-    one.stop().await;
-
+    let (s, token, path) = cached_by_a_stopped_instance(&db).await;
     change_unseen(&db, s, 1, 99).await;
     let (newest, epoch): (i64, String) =
         sqlx::query_as("SELECT coalesce(max(seq), 0), sales.event_log_epoch() FROM sales.events")
@@ -772,19 +779,7 @@ async fn a_database_restored_behind_the_cache_leaves_nothing_stale() {
 #[tokio::test]
 async fn a_restored_log_that_passed_the_old_position_leaves_nothing_stale() {
     let db = TestDb::new().await;
-    let stores = db.stores(1).await;
-    let one = db.server(&[]).await;
-    let (_, token) = user_token(&db, &one, "a@example.com", "admin", &[]).await;
-    let a1 = Api::new(&one, Some(&token));
-    setup(&db, &stores, &a1).await;
-    relay_caught_up(&db, &one).await;
-    let s = stores[0];
-    let path = format!("/api/v2/sales?storeId={s}&year=2024&month=1&fields=totalSales");
-    warm(&a1, &path).await;
-    let (_, b) = a1.get(&path).await;
-    assert_eq!(total(&b), 280.0 * s as f64, "{b}");
-    one.stop().await;
-
+    let (s, token, path) = cached_by_a_stopped_instance(&db).await;
     change_unseen(&db, s, 1, 99).await;
     sqlx::query("UPDATE sales.event_log_identity SET epoch = gen_random_uuid()")
         .execute(&db.pool)

@@ -126,16 +126,13 @@ pub enum HistoryResponse {
 }
 
 /// Whether the caller may see record `$1`: it is known, and every store it
-/// belonged to is in `scope` (`NULL`: every store). Read by the statement
-/// that reads the record, with the same snapshot: checked in a statement of
-/// its own, a record moved out of the caller's stores between the two was
-/// answered with the days of its new store.
-fn visible_sql(scope: &str) -> String {
-    format!(
-        "(SELECT cardinality(r) > 0 AND ({scope}::bigint[] IS NULL OR r <@ {scope}::bigint[]) \
-          FROM sales.record_stores($1) r)"
-    )
-}
+/// belonged to is in the caller's scope `$5` (`NULL`: every store). Read by
+/// the statement that reads the record, with the same snapshot: checked in
+/// a statement of its own, a record moved out of the caller's stores
+/// between the two was answered with the days of its new store.
+const VISIBLE_SQL: &str =
+    "(SELECT cardinality(r) > 0 AND ($5::bigint[] IS NULL OR r <@ $5::bigint[]) \
+     FROM sales.record_stores($1) r)";
 
 fn not_found(id: i64) -> ApiError {
     ApiError::not_found(format!("no sales record {id}"))
@@ -153,7 +150,7 @@ pub(super) async fn history_body(
     // Composed in SQL and read as text: day values keep every digit (a
     // `serde_json::Value` would read them as f64).
     let sql = format!(
-        "WITH s AS MATERIALIZED (SELECT {} AS visible)
+        "WITH s AS MATERIALIZED (SELECT {VISIBLE_SQL} AS visible)
          SELECT s.visible, CASE WHEN s.visible THEN
                 (SELECT CASE WHEN h IS NOT NULL THEN
                         jsonb_build_object('data', coalesce(h -> 'versions', '[]'::jsonb),
@@ -162,8 +159,7 @@ pub(super) async fn history_body(
                         END
                  FROM sales.history($1, $2, $3) h)
                 END
-         FROM s",
-        visible_sql("$5")
+         FROM s"
     );
     let (visible, doc): (bool, Option<String>) =
         crate::db::retry("sales_history", true, || async {
@@ -329,10 +325,9 @@ pub(super) async fn as_of_body(
     // found the caller may see it (an unknown or gone version of a record
     // out of scope is a 404 like the record).
     let sql = format!(
-        "WITH s AS MATERIALIZED (SELECT {} AS visible)
+        "WITH s AS MATERIALIZED (SELECT {VISIBLE_SQL} AS visible)
          SELECT s.visible, CASE WHEN s.visible THEN sales.get_sales_as_of($1, $2, $3, $4)::text END
-         FROM s",
-        visible_sql("$5")
+         FROM s"
     );
     let found: Result<(bool, Option<String>), sqlx::Error> =
         crate::db::retry("sales_get_as_of", true, || async {
