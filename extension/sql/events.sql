@@ -459,11 +459,20 @@ BEGIN
 END $$;
 
 -- The position a new reader starts from: the last event that events_since
--- would return, or 0 when there is none.
+-- would return, or 0 when there is none. It reads the horizon, then the log
+-- with a snapshot taken after it, so it needs READ COMMITTED, as
+-- events_after_seq does: under REPEATABLE READ the snapshot predates the
+-- horizon, and an event committed in between, below the head, would be
+-- neither in what the caller reads nor after the head.
 CREATE FUNCTION sales.events_head() RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE h bigint := sales.events_horizon();
+DECLARE h bigint;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'reading the event log needs READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25000';
+    END IF;
+    h := sales.events_horizon();
     RETURN coalesce((SELECT e.id FROM sales.events e WHERE e.seq < h ORDER BY e.seq DESC LIMIT 1), 0);
 END $$;
 
@@ -483,22 +492,45 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     ORDER BY h.first_seq
 $$;
 
+-- The head, the horizon, the newest event (in delivery order) and the
+-- committed events held back, read together: the horizon first, then the
+-- log with one snapshot taken after it (READ COMMITTED, as events_head).
+-- Subqueries of a view would read the log with the calling statement's
+-- snapshot, older than the horizon, and could show a head newer than the
+-- newest event.
+CREATE FUNCTION sales.event_delivery_state(OUT head_id bigint, OUT horizon bigint, OUT newest_id bigint,
+                                           OUT held_back bigint, OUT oldest_held_id bigint)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'reading the event log needs READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25000';
+    END IF;
+    horizon := sales.events_horizon();
+    SELECT coalesce((SELECT e.id FROM sales.events e WHERE e.seq < event_delivery_state.horizon
+                     ORDER BY e.seq DESC LIMIT 1), 0),
+           (SELECT e.id FROM sales.events e ORDER BY e.seq DESC LIMIT 1),
+           (SELECT count(*) FROM sales.events e WHERE e.seq >= event_delivery_state.horizon),
+           (SELECT e.id FROM sales.events e WHERE e.seq >= event_delivery_state.horizon ORDER BY e.seq LIMIT 1)
+    INTO head_id, newest_id, held_back, oldest_held_id;
+END $$;
+
 -- Delivery at a glance (monitoring): the last deliverable event, the
--- horizon, committed events that are held back and the oldest transaction
--- holding them.
+-- horizon, the newest event, committed events that are held back and the
+-- oldest transaction holding them.
 CREATE VIEW sales.event_delivery AS
     SELECT d.head_id,
            d.horizon,
-           (SELECT max(e.id) FROM sales.events e) AS newest_id,
-           (SELECT count(*) FROM sales.events e WHERE e.seq >= d.horizon) AS held_back,
-           (SELECT e.id FROM sales.events e WHERE e.seq >= d.horizon ORDER BY e.seq LIMIT 1) AS oldest_held_id,
+           d.newest_id,
+           d.held_back,
+           d.oldest_held_id,
            h.pid AS holder_pid,
            h.since AS holder_since,
            h.held_for AS holder_held_for,
            h.query_start AS holder_query_start,
            h.state AS holder_state,
            h.query AS holder_query
-    FROM (SELECT sales.events_horizon() AS horizon, sales.events_head() AS head_id) d
+    FROM sales.event_delivery_state() d
     LEFT JOIN LATERAL (SELECT * FROM sales.event_holders() LIMIT 1) h ON true;
 
 -- Deletes events older than `retention`; returns how many went.

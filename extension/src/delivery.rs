@@ -72,6 +72,14 @@ struct DbGeneration {
     /// every database at each event-writing commit anywhere, each a
     /// signal from the committing backend and a context switch).
     cv: pg_sys::ConditionVariable,
+    /// The end of the newest commit record of an event-writing transaction
+    /// that committed without waiting for its flush (`synchronous_commit =
+    /// off`); 0 for none since the server started. Such a commit is
+    /// visible before it is durable: a crash can still take it back, and
+    /// the clock would then give its events' seqs again. The horizon
+    /// flushes the WAL this far before it lets a reader pass those events
+    /// (see [`horizon`]).
+    async_commit_end: AtomicU64,
 }
 
 /// Clocks: one per database that has backends using events, found or
@@ -476,14 +484,14 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         return;
     }
     match event {
-        XACT_EVENT_COMMIT
-        | XACT_EVENT_ABORT
-        | XACT_EVENT_PARALLEL_COMMIT
-        | XACT_EVENT_PARALLEL_ABORT => {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Runs after the commit is visible to new snapshots: a reader
-            // that sees the slot gone also sees the transaction's events.
+            // that sees the slot gone also sees the transaction's events,
+            // and the end of an asynchronous commit noted before it.
+            note_async_commit();
             leave();
         }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => leave(),
         XACT_EVENT_PRE_COMMIT => notify_at_commit(),
         XACT_EVENT_PRE_PREPARE => {
             // A prepared transaction outlives its backend's slot, and its
@@ -494,6 +502,24 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             );
         }
         _ => {}
+    }
+}
+
+/// Notes the end of this transaction's commit record when the commit did
+/// not wait for its flush (`synchronous_commit = off`: the setting is still
+/// the transaction's when the commit callbacks run). A synchronous commit
+/// is flushed before it becomes visible, so it needs nothing.
+fn note_async_commit() {
+    unsafe {
+        if pg_sys::synchronous_commit != pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 {
+            return;
+        }
+        let end = pg_sys::XactLastCommitEnd;
+        if end != 0 {
+            generation_entry(&*SHARED, my_db())
+                .async_commit_end
+                .fetch_max(end, Ordering::SeqCst);
+        }
     }
 }
 
@@ -664,7 +690,13 @@ fn try_notify_lock() -> bool {
     }
 }
 
-/// The `seq` below which every event of this database is final.
+/// The `seq` below which every event of this database is final, and
+/// durable: every event below it was committed by a transaction that has
+/// left its slot, and the WAL is flushed past the newest asynchronous commit
+/// noted before it left (see [`DbGeneration::async_commit_end`]). So no
+/// reader is handed an event a crash could take back, and whose seq the
+/// clock would then give again to a new event, which a reader already past
+/// it would skip. With every commit synchronous there is nothing to flush.
 fn horizon(s: &'static Shared) -> u64 {
     refuse_in_recovery(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -680,6 +712,15 @@ fn horizon(s: &'static Shared) -> u64 {
         if first != 0 && first < h && slot.db.load(Ordering::Relaxed) == db {
             h = first;
         }
+    }
+    // Read after the slots: a transaction seen gone from its slot noted
+    // its commit's end before it left.
+    let async_end = generation_entry(s, db)
+        .async_commit_end
+        .load(Ordering::SeqCst);
+    if async_end != 0 {
+        // Returns at once when the WAL is flushed that far already.
+        unsafe { pg_sys::XLogFlush(async_end) };
     }
     h
 }

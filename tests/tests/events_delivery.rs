@@ -358,6 +358,103 @@ async fn delivery_order_survives_a_restart() {
     assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), vec![after]);
 }
 
+/// A commit that does not wait for its flush (`synchronous_commit = off`)
+/// is visible before it is durable, and a crash can take it back. A reader
+/// is handed its event only once it is durable: after a crash the event is
+/// still in the log, so the clock does not give its seq again to a new
+/// event, which a reader already past that seq would skip.
+#[tokio::test]
+async fn an_event_read_after_an_asynchronous_commit_survives_a_crash() {
+    let pg = tokio::task::spawn_blocking(PrivatePg::start).await.unwrap();
+    let (url, pool) = pg.create_database("async_commit").await;
+    // The WAL writer writes an asynchronous commit out only every 10 s
+    // here (its longest wait), or at once when it is idle (hibernating);
+    // nothing else flushes in this cluster.
+    for sql in [
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
+        "ALTER SYSTEM SET autovacuum = off",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "the new settings", || async {
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        let delay: String = sqlx::query_scalar("SHOW wal_writer_delay")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        (delay == "10s").then_some(())
+    })
+    .await;
+    let mut writer = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    // A first asynchronous commit wakes an idle WAL writer, which writes
+    // it out and then sleeps its 10 s.
+    announce_on(&mut writer, "wakes the WAL writer").await;
+    let written: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the first commit flushed",
+        || async {
+            sqlx::query_scalar::<_, bool>("SELECT pg_current_wal_flush_lsn() >= $1::pg_lsn")
+                .bind(&written)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .then_some(())
+        },
+    )
+    .await;
+    let id = announce_on(&mut writer, "asynchronous").await;
+    let seq: i64 = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let read: Vec<i64> = sqlx::query_scalar("SELECT id FROM sales.events_since(0, 1000)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(read.last(), Some(&id), "the event is read");
+    drop(writer);
+    pool.close().await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop_server("immediate").unwrap();
+        pg.start_server().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let pool = pg.pool(&url, 2).await;
+    let kept: Option<i64> = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(seq), "the event read before the crash is kept");
+    let next = announce(&pool, "after the crash").await;
+    let next_seq: i64 = sqlx::query_scalar("SELECT seq FROM sales.events WHERE id = $1")
+        .bind(next)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(next_seq > seq, "{next_seq} > {seq}");
+}
+
+async fn announce_on(c: &mut sqlx::PgConnection, msg: &str) -> i64 {
+    sqlx::query_scalar("SELECT sales.announce($1)")
+        .bind(msg)
+        .fetch_one(c)
+        .await
+        .unwrap()
+}
+
 /// A row moved to another store or month by plain SQL names the key it left,
 /// so consumers can clear the old store-month (the cache) and tell the old
 /// store's subscribers.

@@ -2831,3 +2831,88 @@ async fn a_seq_written_by_hand_moves_only_its_own_databases_clock() {
         "{seqs:?}"
     );
 }
+
+/// Every reader of the delivery horizon needs READ COMMITTED: it reads the
+/// horizon, then the log with a snapshot taken after it. Under REPEATABLE
+/// READ the transaction's snapshot predates the horizon, so `events_head`,
+/// `events_after_seq` and the `event_delivery` view refuse it (25000,
+/// naming the isolation level) rather than answer from an older log.
+#[tokio::test]
+async fn readers_of_the_horizon_refuse_repeatable_read() {
+    let db = TestDb::new().await;
+    let id = scalar_i64(&db, "SELECT sales.announce('there')").await;
+    for sql in [
+        "SELECT sales.events_head()",
+        "SELECT count(*) FROM sales.events_after_seq(0)",
+        "SELECT count(*) FROM sales.events_since(0)",
+        "SELECT count(*) FROM sales.event_delivery",
+    ] {
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        let err = sqlx::raw_sql(sql).execute(&mut c).await.expect_err(sql);
+        let (code, message, _) = pg_error(&err);
+        assert_eq!(code, "25000", "{sql}: {message}");
+        assert!(
+            message.contains("needs READ COMMITTED, not repeatable read"),
+            "{sql}: {message}"
+        );
+        sqlx::raw_sql("ROLLBACK").execute(&mut c).await.unwrap();
+        sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+    }
+    assert_eq!(scalar_i64(&db, "SELECT sales.events_head()").await, id);
+}
+
+/// `event_delivery` reads its head and its newest event with one snapshot,
+/// taken after its horizon, and its newest event is the last in delivery
+/// order: two writers that took their events' ids and seqs in opposite
+/// orders show the one with the higher seq (the lower id) as both the head
+/// and the newest. (The newest was the highest id, read with an older
+/// snapshot than the head's.)
+#[tokio::test]
+async fn event_delivery_shows_the_newest_event_in_delivery_order() {
+    let db = TestDb::new().await;
+    let mut a = db.pool.begin().await.unwrap();
+    let mut b = db.pool.begin().await.unwrap();
+    let seq_a: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
+        .fetch_one(&mut *a)
+        .await
+        .unwrap();
+    let seq_b: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    let insert =
+        "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id";
+    let id_b: i64 = sqlx::query_scalar(insert)
+        .bind(seq_b)
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    let id_a: i64 = sqlx::query_scalar(insert)
+        .bind(seq_a)
+        .fetch_one(&mut *a)
+        .await
+        .unwrap();
+    b.commit().await.unwrap();
+    let delivery = || async {
+        sqlx::query_as::<_, (i64, Option<i64>, i64, Option<i64>)>(
+            "SELECT head_id, newest_id, held_back, oldest_held_id FROM sales.event_delivery",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    // `a` holds `b`'s event back.
+    let (head, newest, held, oldest) = delivery().await;
+    assert_eq!((newest, held, oldest), (Some(id_b), 1, Some(id_b)));
+    assert!(head < id_b, "{head} {id_b}");
+    a.commit().await.unwrap();
+    assert!(
+        id_b < id_a && seq_b > seq_a,
+        "{id_b} {seq_b}, {id_a} {seq_a}"
+    );
+    assert_eq!(delivery().await, (id_b, Some(id_b), 0, None));
+}

@@ -119,6 +119,7 @@ async fn call_everything(
         "SELECT * FROM sales.events_next(0, 5, 1)".to_string(),
         "SELECT sales.events_head()".to_string(),
         "SELECT * FROM sales.event_holders()".to_string(),
+        "SELECT * FROM sales.event_delivery".to_string(),
         "SELECT * FROM sales.transaction_events()".to_string(),
         "SELECT sales.announce('from a shadowed search path')".to_string(),
         format!("UPDATE sales.stores SET status = 'renovating' WHERE id = {store}"),
