@@ -1,9 +1,10 @@
 -- pg_sales 0.13.0 -> 0.14.0.
 --
--- sales.events_head() needs READ COMMITTED, as sales.events_after_seq does
--- (25000 otherwise): it reads the horizon, then the log with a snapshot
--- taken after it, and under REPEATABLE READ the transaction's snapshot
--- predates the horizon.
+-- sales.events_head() refuses REPEATABLE READ and SERIALIZABLE (25000), as
+-- sales.events_after_seq does: it reads the horizon, then the log with a
+-- snapshot taken after it, and under those the transaction's snapshot
+-- predates the horizon. sales.events_after_seq now takes READ UNCOMMITTED,
+-- which Postgres runs as READ COMMITTED (it was refused).
 --
 -- The view sales.event_delivery reads its head, newest event and held-back
 -- count together, after its horizon, through the new
@@ -11,11 +12,47 @@
 -- delivery order (it was the highest id, read with the statement's older
 -- snapshot, and could be below head_id).
 
+CREATE OR REPLACE FUNCTION sales.events_after_seq(after_seq bigint, max_rows integer DEFAULT 1000, wait_ms integer DEFAULT 0)
+RETURNS SETOF sales.events LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    g bigint;
+    h bigint;
+    deadline timestamptz;
+BEGIN
+    IF after_seq IS NULL OR after_seq < 0 THEN
+        RAISE EXCEPTION 'after_seq must be 0 or a delivery position' USING ERRCODE = '22023';
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 OR max_rows > 100000 THEN
+        RAISE EXCEPTION 'max_rows must be between 1 and 100000' USING ERRCODE = '22023';
+    END IF;
+    IF wait_ms IS NULL OR wait_ms < 0 OR wait_ms > 600000 THEN
+        RAISE EXCEPTION 'wait_ms must be between 0 and 600000' USING ERRCODE = '22023';
+    END IF;
+    IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
+        RAISE EXCEPTION 'reading the event log needs READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25000';
+    END IF;
+    deadline := clock_timestamp() + make_interval(secs => wait_ms / 1000.0);
+    LOOP
+        g := sales.events_generation();
+        h := sales.events_horizon();
+        RETURN QUERY
+            SELECT e.* FROM sales.events e
+            WHERE e.seq > after_seq AND e.seq < h
+            ORDER BY e.seq
+            LIMIT max_rows;
+        IF FOUND OR clock_timestamp() >= deadline THEN
+            RETURN;
+        END IF;
+        PERFORM sales.events_wait(g, greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000))::int);
+    END LOOP;
+END $$;
+
 CREATE OR REPLACE FUNCTION sales.events_head() RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE h bigint;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'reading the event log needs READ COMMITTED, not %', current_setting('transaction_isolation')
             USING ERRCODE = '25000';
     END IF;
@@ -27,7 +64,7 @@ CREATE FUNCTION sales.event_delivery_state(OUT head_id bigint, OUT horizon bigin
                                            OUT held_back bigint, OUT oldest_held_id bigint)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'reading the event log needs READ COMMITTED, not %', current_setting('transaction_isolation')
             USING ERRCODE = '25000';
     END IF;

@@ -697,6 +697,9 @@ fn try_notify_lock() -> bool {
 /// reader is handed an event a crash could take back, and whose seq the
 /// clock would then give again to a new event, which a reader already past
 /// it would skip. With every commit synchronous there is nothing to flush.
+/// (An event whose `seq` was written by hand, not taken from the clock, is
+/// outside this as it is outside the horizon: its transaction never
+/// registered, so an asynchronous commit of it is not noted.)
 fn horizon(s: &'static Shared) -> u64 {
     refuse_in_recovery(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -1354,3 +1354,59 @@ async fn a_lost_invalidation_is_not_recorded_as_applied() {
     assert_eq!((st, total(&b)), (200, 7.0), "{b}");
     two.stop().await;
 }
+
+/// A log's relayed position lives `RELAYED_TTL` from its last mark, so the
+/// positions of logs no instance relays any more (a restored dump's old
+/// epoch, the timeline before a promotion) do not stay in Redis for good
+/// (they used to: one key per restore, recovery or promotion). Each mark
+/// renews it.
+#[tokio::test]
+async fn the_relayed_position_expires_unless_marked_again() {
+    use sales_server::cache::RELAYED_TTL;
+    let db = TestDb::new().await;
+    let stores = db.stores(1).await;
+    let server = db.server(&[]).await;
+    let epoch: String = sqlx::query_scalar("SELECT sales.event_log_epoch()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let key = format!("{}:relayed:{epoch}", db.name);
+    let redis = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &redis_url()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(-3)
+    };
+    let limit = RELAYED_TTL.as_millis() as i64;
+    for sales in [5, 6] {
+        sqlx::query(
+            "INSERT INTO sales.monthly_sales (store_id, year, month, daily_data)
+             VALUES ($1, 2024, 1, jsonb_build_object('1', jsonb_build_object('sales', $2)))
+             ON CONFLICT (store_id, year, month) DO UPDATE SET daily_data = EXCLUDED.daily_data",
+        )
+        .bind(stores[0])
+        .bind(sales)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let newest: i64 = sqlx::query_scalar("SELECT max(seq) FROM sales.events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(30), "the position recorded", || async {
+            (redis(&["GET", &key]) >= newest).then_some(())
+        })
+        .await;
+        let ttl = redis(&["PTTL", &key]);
+        assert!(ttl > 600_000 && ttl <= limit, "{key}: PTTL {ttl}");
+        // Shortened, as time would: the next mark renews it.
+        assert_eq!(redis(&["PEXPIRE", &key, "600000"]), 1);
+    }
+    server.stop().await;
+}

@@ -153,6 +153,12 @@ impl Invalidator {
 /// tags itself; past this many it makes every entry stale instead.
 const CATCH_UP_EVENTS: i64 = 10_000;
 
+/// How long a log's relayed position (`{prefix}:relayed:{epoch}`) lives
+/// after its last mark. Marked with every invalidation the relay applies
+/// and at every start; one that expired (a log no instance relays, or no event in
+/// 30 days) is what a first start finds: every entry is made stale once.
+pub const RELAYED_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Tags held pending by [`Cache::hold`]; released when dropped.
 pub struct Held {
     cache: Arc<Cache>,
@@ -676,9 +682,14 @@ impl Cache {
 
     /// Records that every event up to delivery position `seq` has had its
     /// invalidation applied (the highest any instance reached is kept).
+    /// The position lives [`RELAYED_TTL`] from its last mark, so the keys
+    /// of logs no instance relays any more (a restored dump's old epoch,
+    /// the timeline before a promotion) do not stay for good.
     async fn mark_relayed(&self, epoch: &str, seq: i64) {
         if let Backend::Redis(r) = &self.backend {
-            let _ = r.mark_max(&self.relayed_key(epoch), seq).await;
+            let _ = r
+                .mark_max(&self.relayed_key(epoch), seq, Some(RELAYED_TTL))
+                .await;
         }
     }
 
@@ -696,7 +707,7 @@ impl Cache {
     /// invalidation).
     pub async fn share_read_floor(&self, lsn: u64) {
         if let Backend::Redis(r) = &self.backend {
-            if r.mark_max(&self.read_floor_key(), lsn as i64)
+            if r.mark_max(&self.read_floor_key(), lsn as i64, None)
                 .await
                 .is_err()
             {

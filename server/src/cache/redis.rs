@@ -75,7 +75,8 @@ async fn restart_bump<C: redis::aio::ConnectionLike>(
 
 /// Sets KEYS[1] to ARGV[1] unless it holds a number at least as high.
 const MARK_MAX: &str = "local v = tonumber(redis.call('GET', KEYS[1])) \
-    if v == nil or tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1]) end return 1";
+    if v == nil or tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1]) end \
+    if ARGV[2] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 1";
 
 /// `run_id` from the answer to `INFO server`.
 fn run_id_of(info: &str) -> Option<String> {
@@ -616,8 +617,10 @@ impl RedisCache {
         Ok(v.and_then(|v| v.parse().ok()))
     }
 
-    /// Raises the number under `key` to `value` (never lowers it).
-    pub async fn mark_max(&self, key: &str, value: i64) -> Result<(), ()> {
+    /// Raises the number under `key` to `value` (never lowers it); with
+    /// `ttl`, the key then lives that long (from this call, whether it was
+    /// raised or not).
+    pub async fn mark_max(&self, key: &str, value: i64, ttl: Option<Duration>) -> Result<(), ()> {
         static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
         let script = SCRIPT.get_or_init(|| redis::Script::new(MARK_MAX));
         let Some(conn) = self.usable().await else {
@@ -625,6 +628,9 @@ impl RedisCache {
         };
         let mut call = script.prepare_invoke();
         call.key(key).arg(value);
+        if let Some(ttl) = ttl {
+            call.arg(ttl.as_millis().max(1) as u64);
+        }
         let fut = async move {
             match conn {
                 Conn::Single(mut c) => call.invoke_async::<i64>(&mut c).await,
