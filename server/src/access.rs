@@ -449,6 +449,25 @@ impl Revocations {
         inner.deleted.remove(&id);
     }
 
+    /// Applies what the database holds for the relayed events that held
+    /// `held` (their highest generation; None: they held none): their
+    /// hold goes, also when the database does not bear it out (an event
+    /// that lied refuses tokens only until its read-back). A hold of a
+    /// newer event stays until its own read-back: one that began before
+    /// that event committed reads the older row, and would otherwise let
+    /// the tokens the newer change refused in again meanwhile.
+    pub fn apply_read_back(&self, c: &Change, held: Option<i64>) {
+        let now = chrono::Utc::now().timestamp();
+        let mut inner = self.write();
+        if let (Change::User { id, .. }, Some(held)) = (c, held) {
+            if inner.pending.get(id).is_some_and(|(g, ..)| *g <= held) {
+                inner.pending.remove(id);
+            }
+        }
+        Self::apply_to(&mut inner, c, now);
+        Self::forget_past(&mut inner, now);
+    }
+
     /// Applies a change; a user's state only moves forward (events may be
     /// seen again after the start-up load).
     pub fn apply(&self, c: &Change) {
@@ -472,8 +491,17 @@ impl Revocations {
                 identity,
             } => {
                 // What the database holds now stands: a generation held
-                // from an event is no longer needed (or was not borne out).
-                inner.pending.remove(id);
+                // from an event is no longer needed once reached. A hold
+                // past it stays: a newer change's, whose own read-back
+                // clears it (see `apply_read_back`; this read may have
+                // begun before that change committed).
+                if inner
+                    .pending
+                    .get(id)
+                    .is_some_and(|(held, ..)| *held <= *generation)
+                {
+                    inner.pending.remove(id);
+                }
                 if inner.is_deleted(*id, || now) {
                     return;
                 }
@@ -921,11 +949,37 @@ mod tests {
         r.hold_generation(7, 1, Revoked::AccessChanged, now + 600);
         assert_eq!(r.check(&principal(7, 1, None)), Err(Revoked::AccessChanged));
         // The read-back: the database says generation 1 (the event lied).
-        r.apply(&user(7, 1, false, Revoked::AccessChanged));
+        r.apply_read_back(&user(7, 1, false, Revoked::AccessChanged), Some(2));
         assert_eq!(r.check(&principal(7, 1, None)), Ok(()));
         // A hold that ran out refuses nothing.
         r.hold_generation(8, 5, Revoked::PasswordChanged, now - 1);
         assert_eq!(r.check(&principal(8, 1, None)), Ok(()));
+    }
+
+    /// Two changes of a user relayed one after the other: the read-back
+    /// of the first, begun before the second committed, reads the first's
+    /// row. The second's hold stays until its own read-back, so a token
+    /// the second change refused is not accepted again in between (it was,
+    /// for as long as that read-back took: a client reconnecting then was
+    /// replayed events under the scope the second change took away).
+    #[test]
+    fn an_older_read_back_leaves_a_newer_hold() {
+        let r = Revocations::default();
+        let now = chrono::Utc::now().timestamp();
+        r.apply(&user(7, 3, false, Revoked::AccessChanged));
+        r.hold_generation(7, 4, Revoked::AccessChanged, now + 600);
+        r.hold_generation(7, 5, Revoked::AccessChanged, now + 600);
+        // The first event's read-back: the row at generation 4.
+        r.apply_read_back(&user(7, 4, false, Revoked::AccessChanged), Some(4));
+        assert_eq!(r.check(&principal(7, 3, None)), Err(Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 4, None)), Err(Revoked::AccessChanged));
+        // So does the writer's own change, applied at its commit.
+        r.apply(&user(7, 4, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 4, None)), Err(Revoked::AccessChanged));
+        // The second's: the row at generation 5.
+        r.apply_read_back(&user(7, 5, false, Revoked::AccessChanged), Some(5));
+        assert_eq!(r.check(&principal(7, 4, None)), Err(Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 5, None)), Ok(()));
     }
 
     /// A disable relayed after a later change was already applied (it

@@ -50,6 +50,11 @@ struct Claim {
     /// What the relayed event takes away, applied when the database cannot
     /// be read back (none for an announcement: its event follows).
     fallback: Option<Change>,
+    /// The generation the relayed events of this claim held (the highest,
+    /// when several were read back together; none for an announcement):
+    /// their read-back releases holds up to it (see
+    /// `Revocations::apply_read_back`).
+    held: Option<i64>,
 }
 
 impl Revoking {
@@ -135,7 +140,12 @@ impl Revoking {
                             // The newer claim, keeping a relayed one's
                             // fallback when the newer is an announcement.
                             let fallback = c.fallback.clone().or(slot.1.fallback.take());
-                            slot.1 = Claim { fallback, ..c };
+                            let held = c.held.max(slot.1.held);
+                            slot.1 = Claim {
+                                fallback,
+                                held,
+                                ..c
+                            };
                         }
                         None => latest.push((key, c)),
                     }
@@ -197,7 +207,7 @@ async fn apply_verified(
                     // applied at once from the event, a forged one, goes.
                     access.undelete(*id);
                 }
-                access.apply(&change);
+                access.apply_read_back(&change, e.held);
                 close_if_revoked(hub, access, change.user_id());
                 return;
             }
@@ -344,12 +354,21 @@ impl Sink for Revoking {
                 // holds at once, before the events after it go out; the
                 // rest (a moved generation, a session's end) after the
                 // read-back, which sets what the database holds.
+                let held = match &change {
+                    Change::User {
+                        generation,
+                        disabled: false,
+                        ..
+                    } => Some(*generation),
+                    _ => None,
+                };
                 take_away(&self.hub, &self.access, change.clone(), self.token_lifetime);
                 let claim = Claim {
                     id: e.id,
                     kind: e.kind,
                     payload: e.payload.value(),
                     fallback: Some(change),
+                    held,
                 };
                 if self.verify.send(claim).is_err() {
                     tracing::error!(
@@ -396,6 +415,7 @@ impl Sink for Revoking {
             kind,
             payload,
             fallback: None,
+            held: None,
         };
         if let Err(e) = self.hints.try_send(claim) {
             use std::sync::atomic::Ordering;
