@@ -265,14 +265,17 @@ struct Inner {
     deleted: HashMap<i64, i64>,
     /// Revoked session -> until when its access tokens could still be presented.
     sessions: HashMap<String, i64>,
-    /// A relayed event's generation not read back yet: user -> (the
-    /// generation the event names, why it moved, until when it is held).
-    /// Tokens below it are refused until the read-back sets what the
-    /// database holds (and clears this), so a token whose scope a change
-    /// narrowed is not accepted again in between (a client reconnecting at
-    /// once would otherwise be replayed under its old scope). An event that
-    /// lied only refuses tokens, and only until the read-back or the hold.
-    pending: HashMap<i64, (i64, Revoked, i64)>,
+    /// Relayed events' generations not read back yet: user -> each (the
+    /// generation an event names, why it moved, until when it is held).
+    /// Tokens below one are refused until the read-back of its event (or
+    /// what the database is then known to hold reaches it), so a token
+    /// whose scope a change narrowed is not accepted again in between (a
+    /// client reconnecting at once would otherwise be replayed under its
+    /// old scope). Kept one per generation: an event that lied (a
+    /// generation the database does not have) only refuses tokens, until
+    /// its own read-back or the hold's end, and its release leaves the
+    /// holds of other events.
+    pending: HashMap<i64, Vec<(i64, Revoked, i64)>>,
     /// Counts changes to users' state; `touched` says when each user's
     /// last changed (see [`Revocations::read_back`]).
     epoch: u64,
@@ -364,8 +367,13 @@ impl Revocations {
                 return Err(u.why);
             }
         }
-        if let Some((generation, why, until)) = inner.pending.get(&p.user_id) {
-            if p.generation < *generation && *until > chrono::Utc::now().timestamp() {
+        if let Some(holds) = inner.pending.get(&p.user_id) {
+            let now = chrono::Utc::now().timestamp();
+            if let Some((_, why, _)) = holds
+                .iter()
+                .filter(|(g, _, until)| p.generation < *g && *until > now)
+                .max_by_key(|(g, ..)| *g)
+            {
                 return Err(*why);
             }
         }
@@ -432,40 +440,65 @@ impl Revocations {
     pub fn hold_generation(&self, id: i64, generation: i64, why: Revoked, until: i64) {
         let mut inner = self.write();
         inner.touch(id);
-        let keep = inner
-            .pending
-            .get(&id)
-            .is_none_or(|(g, ..)| *g <= generation);
-        if keep {
-            inner.pending.insert(id, (generation, why, until));
-        }
-    }
-
-    /// Forgets a deletion applied from a relayed event that the database
-    /// then did not bear out (the user is there: ids are never reused).
-    pub fn undelete(&self, id: i64) {
-        let mut inner = self.write();
-        inner.touch(id);
-        inner.deleted.remove(&id);
-    }
-
-    /// Applies what the database holds for the relayed events that held
-    /// `held` (their highest generation; None: they held none): their
-    /// hold goes, also when the database does not bear it out (an event
-    /// that lied refuses tokens only until its read-back). A hold of a
-    /// newer event stays until its own read-back: one that began before
-    /// that event committed reads the older row, and would otherwise let
-    /// the tokens the newer change refused in again meanwhile.
-    pub fn apply_read_back(&self, c: &Change, held: Option<i64>) {
         let now = chrono::Utc::now().timestamp();
-        let mut inner = self.write();
-        if let (Change::User { id, .. }, Some(held)) = (c, held) {
-            if inner.pending.get(id).is_some_and(|(g, ..)| *g <= held) {
-                inner.pending.remove(id);
+        let holds = inner.pending.entry(id).or_default();
+        holds.retain(|(g, _, u)| *g != generation && *u > now);
+        holds.push((generation, why, until));
+    }
+
+    /// Drops `id`'s holds at or below `upto`.
+    fn release(inner: &mut Inner, id: i64, upto: i64) {
+        if let Some(holds) = inner.pending.get_mut(&id) {
+            holds.retain(|(g, ..)| *g > upto);
+            if holds.is_empty() {
+                inner.pending.remove(&id);
             }
         }
-        Self::apply_to(&mut inner, c, now);
-        Self::forget_past(&mut inner, now);
+    }
+
+    /// Where this instance's changes to users' state stand: what a
+    /// read-back notes before it reads (see [`Self::apply_read_back`]).
+    pub fn epoch(&self) -> u64 {
+        self.read().epoch
+    }
+
+    /// Applies what the database holds for a user or session event, read
+    /// back after `since` (the [`Self::epoch`] noted before the read).
+    /// A user's row is not applied when the user's state changed on this
+    /// instance after `since` (a newer event's disable, deletion or hold,
+    /// the writer's own change, another read-back): the row may be older
+    /// than that change; nothing is done and false is returned, to read
+    /// again. Otherwise the holds of the relayed events it was read for go
+    /// (`held`, their highest generation; None: they held none), also when
+    /// the database does not bear them out (an event that lied refuses
+    /// tokens only until its read-back), a user the database has loses a
+    /// tombstone a relayed deletion left (ids are never reused), and `c` is
+    /// applied. A deletion or a session's end the database holds is final
+    /// and always applied. None for `c`: the database has nothing to apply
+    /// (no such user or session); only the holds go.
+    pub fn apply_read_back(
+        &self,
+        c: Option<&Change>,
+        user: i64,
+        held: Option<i64>,
+        since: u64,
+    ) -> bool {
+        let now = chrono::Utc::now().timestamp();
+        let mut inner = self.write();
+        if let Some(Change::User { id, .. }) = c {
+            if inner.touched.get(id).is_some_and(|t| *t > since) {
+                return false;
+            }
+            inner.deleted.remove(id);
+        }
+        if let Some(held) = held {
+            Self::release(&mut inner, user, held);
+        }
+        if let Some(c) = c {
+            Self::apply_to(&mut inner, c, now);
+            Self::forget_past(&mut inner, now);
+        }
+        true
     }
 
     /// Applies a change; a user's state only moves forward (events may be
@@ -493,15 +526,8 @@ impl Revocations {
                 // What the database holds now stands: a generation held
                 // from an event is no longer needed once reached. A hold
                 // past it stays: a newer change's, whose own read-back
-                // clears it (see `apply_read_back`; this read may have
-                // begun before that change committed).
-                if inner
-                    .pending
-                    .get(id)
-                    .is_some_and(|(held, ..)| *held <= *generation)
-                {
-                    inner.pending.remove(id);
-                }
+                // clears it (see `apply_read_back`).
+                Self::release(inner, *id, *generation);
                 if inner.is_deleted(*id, || now) {
                     return;
                 }
@@ -949,7 +975,13 @@ mod tests {
         r.hold_generation(7, 1, Revoked::AccessChanged, now + 600);
         assert_eq!(r.check(&principal(7, 1, None)), Err(Revoked::AccessChanged));
         // The read-back: the database says generation 1 (the event lied).
-        r.apply_read_back(&user(7, 1, false, Revoked::AccessChanged), Some(2));
+        let since = r.epoch();
+        assert!(r.apply_read_back(
+            Some(&user(7, 1, false, Revoked::AccessChanged)),
+            7,
+            Some(2),
+            since
+        ));
         assert_eq!(r.check(&principal(7, 1, None)), Ok(()));
         // A hold that ran out refuses nothing.
         r.hold_generation(8, 5, Revoked::PasswordChanged, now - 1);
@@ -957,10 +989,11 @@ mod tests {
     }
 
     /// Two changes of a user relayed one after the other: the read-back
-    /// of the first, begun before the second committed, reads the first's
-    /// row. The second's hold stays until its own read-back, so a token
-    /// the second change refused is not accepted again in between (it was,
-    /// for as long as that read-back took: a client reconnecting then was
+    /// of the first, begun before the second reached this instance, may
+    /// have read the first's row. It is not applied (it is read again), so
+    /// the second's hold stays, and a token the second change refused is
+    /// not accepted again in between (the first's read-back used to apply
+    /// its row and release every hold: a client reconnecting then was
     /// replayed events under the scope the second change took away).
     #[test]
     fn an_older_read_back_leaves_a_newer_hold() {
@@ -968,18 +1001,92 @@ mod tests {
         let now = chrono::Utc::now().timestamp();
         r.apply(&user(7, 3, false, Revoked::AccessChanged));
         r.hold_generation(7, 4, Revoked::AccessChanged, now + 600);
+        let since = r.epoch();
         r.hold_generation(7, 5, Revoked::AccessChanged, now + 600);
         // The first event's read-back: the row at generation 4.
-        r.apply_read_back(&user(7, 4, false, Revoked::AccessChanged), Some(4));
-        assert_eq!(r.check(&principal(7, 3, None)), Err(Revoked::AccessChanged));
+        let row4 = user(7, 4, false, Revoked::AccessChanged);
+        assert!(!r.apply_read_back(Some(&row4), 7, Some(4), since));
         assert_eq!(r.check(&principal(7, 4, None)), Err(Revoked::AccessChanged));
-        // So does the writer's own change, applied at its commit.
-        r.apply(&user(7, 4, false, Revoked::AccessChanged));
+        // The writer's own change, applied at its commit, leaves the
+        // newer hold too.
+        r.apply(&row4);
         assert_eq!(r.check(&principal(7, 4, None)), Err(Revoked::AccessChanged));
-        // The second's: the row at generation 5.
-        r.apply_read_back(&user(7, 5, false, Revoked::AccessChanged), Some(5));
+        // Read again: the row at generation 5 releases both holds.
+        let since = r.epoch();
+        let row5 = user(7, 5, false, Revoked::AccessChanged);
+        assert!(r.apply_read_back(Some(&row5), 7, Some(4), since));
         assert_eq!(r.check(&principal(7, 4, None)), Err(Revoked::AccessChanged));
         assert_eq!(r.check(&principal(7, 5, None)), Ok(()));
+        assert!(!r.read().pending.contains_key(&7));
+    }
+
+    /// A disable or a deletion relayed while an older change's read-back
+    /// is under way is not undone by it (the row it read predates them),
+    /// nor, for the disable, by the writer's own older change applied at
+    /// its commit: older tokens stay refused until their own read-back.
+    #[test]
+    fn an_older_read_back_undoes_no_disable_or_deletion() {
+        let r = Revocations::default();
+        let now = chrono::Utc::now().timestamp();
+        r.apply(&user(7, 5, false, Revoked::AccessChanged));
+        r.apply(&user(8, 5, false, Revoked::AccessChanged));
+        let since = r.epoch();
+        // User 7 disabled (generation 7), as `ws::revoke` takes it away.
+        r.mark_disabled(7, 7);
+        r.hold_generation(7, 7, Revoked::Disabled, now + 600);
+        // User 8 deleted.
+        r.apply(&Change::Deleted {
+            id: 8,
+            until: now + 600,
+        });
+        let old7 = user(7, 6, false, Revoked::AccessChanged);
+        let old8 = user(8, 6, false, Revoked::AccessChanged);
+        assert!(!r.apply_read_back(Some(&old7), 7, Some(6), since));
+        assert!(!r.apply_read_back(Some(&old8), 8, Some(6), since));
+        assert_eq!(r.check(&principal(7, 6, None)), Err(Revoked::Disabled));
+        assert_eq!(r.check(&principal(8, 6, None)), Err(Revoked::Deleted));
+        r.apply(&old7);
+        assert_eq!(r.check(&principal(7, 6, None)), Err(Revoked::Disabled));
+        // The disable's own read-back.
+        let since = r.epoch();
+        assert!(r.apply_read_back(
+            Some(&user(7, 7, true, Revoked::Disabled)),
+            7,
+            Some(7),
+            since
+        ));
+        assert_eq!(r.check(&principal(7, 7, None)), Err(Revoked::Disabled));
+    }
+
+    /// Holds are kept one per event: the read-back of an event that lied
+    /// (a generation the database does not have) releases its own hold,
+    /// and a user event naming a user the database does not have holds
+    /// nothing after its read-back, so a user created later with that id
+    /// is not refused.
+    #[test]
+    fn a_lying_event_holds_only_until_its_read_back() {
+        let r = Revocations::default();
+        let now = chrono::Utc::now().timestamp();
+        r.apply(&user(7, 5, false, Revoked::AccessChanged));
+        r.hold_generation(7, 1000, Revoked::AccessChanged, now + 600);
+        r.hold_generation(7, 6, Revoked::AccessChanged, now + 600);
+        assert_eq!(r.check(&principal(7, 6, None)), Err(Revoked::AccessChanged));
+        // The lie's read-back, begun after both: the row at generation 6.
+        let since = r.epoch();
+        assert!(r.apply_read_back(
+            Some(&user(7, 6, false, Revoked::AccessChanged)),
+            7,
+            Some(1000),
+            since
+        ));
+        assert_eq!(r.check(&principal(7, 5, None)), Err(Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 6, None)), Ok(()));
+        // No such user yet.
+        r.hold_generation(9, 1000, Revoked::AccessChanged, now + 600);
+        let since = r.epoch();
+        assert!(r.apply_read_back(None, 9, Some(1000), since));
+        r.apply(&user(9, 1, false, Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(9, 1, None)), Ok(()));
     }
 
     /// A disable relayed after a later change was already applied (it

@@ -6,7 +6,7 @@
 //! dispatched like any other (the admins' `admin` channel).
 
 use super::Hub;
-use crate::access::{Change, Revocations};
+use crate::access::{Change, Revocations, Revoked};
 use crate::events::model::{Ephemeral, Event, Pos};
 use crate::events::relay::Sink;
 use std::sync::Arc;
@@ -199,19 +199,30 @@ async fn apply_verified(
     token_lifetime: i64,
 ) {
     let mut wait = std::time::Duration::from_millis(100);
+    let user = e.payload.get("userId").and_then(serde_json::Value::as_i64);
     for attempt in 1..=5 {
+        let since = access.epoch();
         match Change::verified(pool, e.kind, &e.payload, token_lifetime).await {
             Ok(Some(change)) => {
-                if let Change::User { id, .. } = &change {
-                    // The user is there (ids are never reused): a deletion
-                    // applied at once from the event, a forged one, goes.
-                    access.undelete(*id);
+                // A deletion applied at once from the event, a forged one,
+                // goes when the user is there. A row read while a newer
+                // change of the user reached this instance is read again
+                // (see `Revocations::apply_read_back`); after the last try
+                // the holds stay, to their end or a change that reaches
+                // them.
+                let applied =
+                    access.apply_read_back(Some(&change), change.user_id(), e.held, since);
+                if !applied && attempt < 5 {
+                    continue;
                 }
-                access.apply_read_back(&change, e.held);
                 close_if_revoked(hub, access, change.user_id());
                 return;
             }
             Ok(None) => {
+                if let Some(user) = user {
+                    // What the event held is not borne out.
+                    access.apply_read_back(None, user, e.held, since);
+                }
                 // An announcement naming no such user or session is one
                 // sent by hand (or its transaction's change is already
                 // gone): not worth a warning each, since anyone who can
@@ -316,6 +327,11 @@ fn take_away(hub: &Hub, access: &Revocations, change: Change, token_lifetime: i6
             ..
         } => {
             access.mark_disabled(id, generation);
+            // Older tokens stay refused until the read-back also when an
+            // older change of the user is applied meanwhile (the writer's
+            // own, at its commit), which sets the user enabled.
+            let cap = chrono::Utc::now().timestamp() + token_lifetime;
+            access.hold_generation(id, generation, Revoked::Disabled, cap);
             close_if_revoked(hub, access, id);
         }
         Change::User {
@@ -355,11 +371,7 @@ impl Sink for Revoking {
                 // rest (a moved generation, a session's end) after the
                 // read-back, which sets what the database holds.
                 let held = match &change {
-                    Change::User {
-                        generation,
-                        disabled: false,
-                        ..
-                    } => Some(*generation),
+                    Change::User { generation, .. } => Some(*generation),
                     _ => None,
                 };
                 take_away(&self.hub, &self.access, change.clone(), self.token_lifetime);
