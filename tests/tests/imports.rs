@@ -350,6 +350,26 @@ async fn a_manager_imports_only_their_stores() {
         none["errors"][0]["reason"],
         format!("unknown store {}, or not one of your stores", i64::MAX / 2)
     );
+    // A code no store can have, refused as the file is read, reads the
+    // same as one the merge finds unknown.
+    let file = "store_code,date,sales\nNOPE,2024-05-03,10\nNO PE,2024-05-03,10\n";
+    let (status, body, _) = post_file(&api, "", "text/csv", file.to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    let codes = wait_job(&api, body["id"].as_i64().unwrap(), &["completed", "failed"]).await;
+    let reasons: Vec<&str> = codes["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "unknown store 'NOPE', or not one of your stores",
+            "unknown store 'NO PE', or not one of your stores"
+        ],
+        "{codes}"
+    );
     assert_eq!(
         scalar_i64(
             &db,

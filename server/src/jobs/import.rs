@@ -38,9 +38,12 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Staged rows per COPY statement (each commits on its own); with the
+/// Staged rows per COPY statement (each commits on its own), and the bytes
+/// of their values at most (a row's values, its metrics written out to
+/// 16383 digits after the point, may be far larger than usual); with the
 /// channel's two batches in flight this bounds the upload's memory.
 const COPY_ROWS: usize = 10_000;
+const COPY_BYTES: usize = 8 << 20;
 
 /// How an import was asked for.
 #[derive(Debug, Clone)]
@@ -178,6 +181,7 @@ pub async fn stage<R: Read + Send + 'static>(
         // in key order": `psql \copy` of 1M staged rows 15-25% faster, a
         // whole upload about 8%).
         let mut batch: Vec<(Option<i64>, parse::Row)> = Vec::with_capacity(COPY_ROWS);
+        let mut batch_bytes = 0usize;
         let flush = |batch: &mut Vec<(Option<i64>, parse::Row)>| -> Result<Vec<u8>, FileError> {
             batch.sort_unstable_by(|(a_sid, a), (b_sid, b)| {
                 (
@@ -220,10 +224,18 @@ pub async fn stage<R: Read + Send + 'static>(
                         });
                         return Ok(());
                     }
+                    let len = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+                    batch_bytes += 64
+                        + len(&r.store_code)
+                        + len(&r.sales)
+                        + len(&r.customers)
+                        + len(&r.transactions)
+                        + len(&r.col);
                     batch.push((store_of(&r), r));
-                    if batch.len() >= COPY_ROWS {
+                    if batch.len() >= COPY_ROWS || batch_bytes >= COPY_BYTES {
                         let n = batch.len();
                         let chunk = flush(&mut batch)?;
+                        batch_bytes = 0;
                         tx.blocking_send(Msg::Rows(chunk, n)).map_err(|_| gone())?;
                     }
                 }
@@ -236,6 +248,11 @@ pub async fn stage<R: Read + Send + 'static>(
                             c.truncate(i);
                             c.push_str("...");
                         }
+                    }
+                    // A code no store can have reads, to a caller with a
+                    // scope, as the merge tells it any unknown code.
+                    if scope.is_some() && r.reason.starts_with(parse::UNKNOWN_STORE) {
+                        r.reason.push_str(", or not one of your stores");
                     }
                     rejected.push(r);
                     if rejected.len() >= 1000 {

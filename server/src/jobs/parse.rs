@@ -986,11 +986,50 @@ fn unquoted_code(raw: &str) -> &str {
     }
 }
 
+/// The reason a store code no store can have is refused (a code is 1 to
+/// 32 letters, digits, `_` or `-`: the CHECK on `sales.stores.code`), None
+/// for one a store may have. The reason is the merge's for an unknown code,
+/// `unknown store 'X'` (quoted as Postgres' `quote_literal` quotes, cut to
+/// 40 characters); the upload adds `, or not one of your stores` for a
+/// caller with a scope, as the merge does. Refused as the line is read, so
+/// that a long one is neither copied into every day of its line nor
+/// staged (a 1 MiB code in a monthly line was held, and staged, 31 times).
+pub(super) fn impossible_code(code: &str) -> Option<String> {
+    let possible = (1..=32).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if possible {
+        return None;
+    }
+    let quote = |t: &str| {
+        let body = t.replace('\'', "''");
+        if t.contains('\\') {
+            format!("E'{}'", body.replace('\\', "\\\\"))
+        } else {
+            format!("'{body}'")
+        }
+    };
+    let shown = match code.char_indices().nth(40) {
+        None => quote(code),
+        Some((cut, _)) => format!("{}... ({} bytes)", quote(&code[..cut]), code.len()),
+    };
+    Some(format!("{UNKNOWN_STORE}{shown}"))
+}
+
+/// How the reason for an unknown store code begins.
+pub(super) const UNKNOWN_STORE: &str = "unknown store ";
+
 /// The store named by a line: its code, else its id.
 fn store_of(cols: &Columns, f: &[&str], errors: &mut LineErrors) -> (Option<String>, Option<i64>) {
     if let Some(i) = cols.store_code {
         if !f[i].is_empty() {
-            return (Some(unquoted_code(f[i]).to_string()), None);
+            let code = unquoted_code(f[i]);
+            if let Some(why) = impossible_code(code) {
+                errors.push((Some(cols.names[i].clone()), why));
+                return (None, None);
+            }
+            return (Some(code.to_string()), None);
         }
     }
     if let Some(i) = cols.store_id {
@@ -1618,7 +1657,13 @@ fn ndjson_line(text: &str, line: u64) -> Result<Vec<Row>, LineErrors> {
         // As an empty store_code field in a CSV line: not given (the line
         // may name its store by id), never a store whose code is "".
         Some((_, Value::String(s))) if s.trim().is_empty() => None,
-        Some((_, Value::String(s))) => Some(s.clone()),
+        Some((_, Value::String(s))) => match impossible_code(s) {
+            Some(why) => {
+                errors.push((Some("storeCode".into()), why));
+                None
+            }
+            None => Some(s.clone()),
+        },
         Some(_) => {
             errors.push((Some("storeCode".into()), "must be a string".into()));
             None
@@ -1858,6 +1903,42 @@ mod tests {
             Ok(())
         })?;
         Ok((shape, rows, bad, lines))
+    }
+
+    /// A store code no store can have (over 32 characters, or a character
+    /// outside letters, digits, `_` and `-`) refuses its line as it is
+    /// read, with the merge's reason for an unknown code: a monthly line's
+    /// days are not each given a copy of it.
+    #[test]
+    fn a_code_no_store_can_have_refuses_its_line_at_once() {
+        let days: String = (1..=31).map(|d| format!(",d{d}_sales")).collect();
+        let cells: String = (1..=31).map(|_| ",1").collect();
+        let long = "Q".repeat(100_000);
+        let f = format!(
+            "store_code,year,month{days}\n{long},2024,1{cells}\nT 1,2024,1{cells}\nIt's,2024,1{cells}\nT001,2024,1{cells}\n"
+        );
+        let (_, rows, bad, lines) = run(&f, Requested::Auto).unwrap();
+        assert_eq!(lines, 4);
+        assert_eq!(rows.len(), 31, "only T001's days");
+        assert!(rows.iter().all(|r| r.store_code.as_deref() == Some("T001")));
+        let reasons: Vec<(u64, &str, &str)> = bad
+            .iter()
+            .map(|r| (r.line, r.column.as_deref().unwrap_or(""), r.reason.as_str()))
+            .collect();
+        let cut = format!("unknown store '{}'... (100000 bytes)", "Q".repeat(40));
+        assert_eq!(
+            reasons,
+            vec![
+                (2, "store_code", cut.as_str()),
+                (3, "store_code", "unknown store 'T 1'"),
+                (4, "store_code", "unknown store 'It''s'"),
+            ]
+        );
+        let f = r#"{"storeCode": "a\\b", "date": "2024-01-01", "sales": 1}"#;
+        let (_, rows, bad, _) = run(f, Requested::Auto).unwrap();
+        assert!(rows.is_empty());
+        assert_eq!(bad[0].column.as_deref(), Some("storeCode"));
+        assert_eq!(bad[0].reason, r"unknown store E'a\\b'");
     }
 
     #[test]
