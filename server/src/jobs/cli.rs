@@ -134,9 +134,18 @@ pub async fn import(pool: &PgPool, config: &Config, args: &ImportArgs) -> anyhow
         bar.abandon();
         // A Ctrl-C before the job's row existed found nothing to cancel,
         // and the file may have been staged whole: cancelled now, and its
-        // staged rows removed (also when the reader was left behind).
-        let _ = super::cancel(pool, job_id, None).await;
-        let _ = super::purge_rows(pool, job_id).await;
+        // staged rows removed (also when the reader was left behind), when
+        // no job can use them: the job is cancelled, or has no row. A job
+        // a server's worker holds, or one the cancel could not reach, keeps
+        // them: its run (or its end) purges them.
+        let unused = match super::cancel(pool, job_id, None).await {
+            Ok(None) => true,
+            Ok(Some(state)) => state == "cancelled",
+            Err(_) => false,
+        };
+        if unused {
+            let _ = super::purge_rows(pool, job_id).await;
+        }
         // A server's worker may have claimed the job in the moment it was
         // queued: say what it wrote, if anything.
         let written: i64 =

@@ -352,9 +352,11 @@ pub async fn stage<R: Read + Send + 'static>(
     }
     .await;
     drop(rx);
+    // A parser that panicked ends the upload as a refused file does: the
+    // partial upload goes (below), rather than waiting for the lease.
     let parsed = parser
         .await
-        .map_err(|e| FileError::Read(format!("parser stopped: {e}")))?;
+        .unwrap_or_else(|e| Err(FileError::Read(format!("parser stopped: {e}"))));
     if cancelled && result.is_ok() {
         // Cancelled while it was read: the parser stopped at its next
         // batch (its channel closed) and the rest of the body is left.
