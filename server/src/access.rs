@@ -466,9 +466,10 @@ impl Revocations {
     /// back after `since` (the [`Self::epoch`] noted before the read).
     /// A user's row is not applied when the user's state changed on this
     /// instance after `since` (a newer event's disable, deletion or hold,
-    /// the writer's own change, another read-back): the row may be older
-    /// than that change; nothing is done and false is returned, to read
-    /// again. Otherwise the holds of the relayed events it was read for go
+    /// the writer's own change, another read-back) and the row's generation
+    /// is not past every one known for the user (or the user was deleted
+    /// here): the row may be older than that change; nothing is done and
+    /// false is returned, to read again. Otherwise the holds of the relayed events it was read for go
     /// (`held`, their highest generation; None: they held none), also when
     /// the database does not bear them out (an event that lied refuses
     /// tokens only until its read-back), a user the database has loses a
@@ -485,8 +486,22 @@ impl Revocations {
     ) -> bool {
         let now = chrono::Utc::now().timestamp();
         let mut inner = self.write();
-        if let Some(Change::User { id, .. }) = c {
-            if inner.touched.get(id).is_some_and(|t| *t > since) {
+        if let Some(Change::User { id, generation, .. }) = c {
+            // A row past every generation this instance knows of the user
+            // (stored or held) is newer than whatever touched it: applied
+            // however busy the user is (a stream of changes would
+            // otherwise keep every read-back from being applied).
+            let known = inner
+                .pending
+                .get(id)
+                .into_iter()
+                .flatten()
+                .map(|(g, ..)| *g)
+                .chain(inner.users.get(id).map(|u| u.generation))
+                .max();
+            // (Never over a deletion: a row read before it would undo it.)
+            let newer = !inner.is_deleted(*id, || now) && known.is_none_or(|k| *generation > k);
+            if !newer && inner.touched.get(id).is_some_and(|t| *t > since) {
                 return false;
             }
             inner.deleted.remove(id);
@@ -1056,6 +1071,34 @@ mod tests {
             since
         ));
         assert_eq!(r.check(&principal(7, 7, None)), Err(Revoked::Disabled));
+    }
+
+    /// A user changed again and again while rows are read back: a row
+    /// past every generation this instance knows is applied all the same
+    /// (it is newer than whatever touched the user), so a stream of
+    /// changes does not keep every read-back from being applied.
+    #[test]
+    fn a_row_newer_than_everything_known_is_applied_however_busy() {
+        let r = Revocations::default();
+        let now = chrono::Utc::now().timestamp();
+        r.apply(&user(7, 5, false, Revoked::AccessChanged));
+        let since = r.epoch();
+        r.hold_generation(7, 6, Revoked::AccessChanged, now + 600);
+        assert!(r.apply_read_back(
+            Some(&user(7, 7, false, Revoked::AccessChanged)),
+            7,
+            Some(6),
+            since
+        ));
+        assert_eq!(r.check(&principal(7, 6, None)), Err(Revoked::AccessChanged));
+        assert_eq!(r.check(&principal(7, 7, None)), Ok(()));
+        // At the generation held, it is read again.
+        let since = r.epoch();
+        r.hold_generation(7, 8, Revoked::AccessChanged, now + 600);
+        let row8 = user(7, 8, false, Revoked::AccessChanged);
+        assert!(!r.apply_read_back(Some(&row8), 7, Some(8), since));
+        assert!(r.apply_read_back(Some(&row8), 7, Some(8), r.epoch()));
+        assert_eq!(r.check(&principal(7, 8, None)), Ok(()));
     }
 
     /// Holds are kept one per event: the read-back of an event that lied

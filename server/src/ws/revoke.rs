@@ -213,7 +213,14 @@ async fn apply_verified(
                 let applied =
                     access.apply_read_back(Some(&change), change.user_id(), e.held, since);
                 if !applied && attempt < 5 {
+                    // Read again once the change that touched the user
+                    // has had a moment to commit its neighbours.
+                    tokio::time::sleep(std::time::Duration::from_millis(5 << attempt)).await;
                     continue;
+                }
+                if !applied {
+                    tracing::debug!(event = e.id, user = change.user_id(),
+                        "a user's row read back kept being older than changes applied meanwhile;                          their own read-backs follow");
                 }
                 close_if_revoked(hub, access, change.user_id());
                 return;
