@@ -106,15 +106,15 @@ venv_bin=$(cd "$VENV/bin" && pwd)
 deadline=$((SECONDS + LIMIT))
 # One schemathesis run; its output is kept in target/fuzz-work/run.log.
 run_once() {
-    local token=$1 left=$((deadline - SECONDS))
-    shift
+    local token=$1 seed=$2 left=$((deadline - SECONDS))
+    shift 2
     if [[ $left -le 0 ]]; then
         echo "fuzz_api: FUZZ_TIMEOUT (${LIMIT} s) ran out before this run" >&2
         return 124
     fi
     (cd target/fuzz-work && timeout "$left" "$venv_bin/schemathesis" run "$url/openapi.json" \
         --header "Authorization: Bearer $token" \
-        --seed "$SEED" --max-examples "$EXAMPLES" --workers 2 \
+        --seed "$seed" --max-examples "$EXAMPLES" --workers 2 \
         --phases examples,coverage,fuzzing \
         --exclude-checks positive_data_acceptance,negative_data_rejection \
         --request-timeout 30 --no-color \
@@ -126,20 +126,25 @@ run_once() {
 # in its summary: a crash while it generates cases, such as CPython's
 # "AST constructor recursion depth mismatch" inside hypothesis; no check
 # failed, no request went unanswered) says nothing of the API: it is run
-# once more, and that run's outcome counts. A failed check, or any other
-# error, fails at once.
-fuzz() {
-    local token=$1 rc=0
-    shift
-    run_once "$token" "$@" || rc=$?
-    if [[ $rc -ne 0 ]] && ! grep -q "^Failures:" target/fuzz-work/run.log &&
+# again, up to three runs in all, the later ones with the next seeds (the
+# crash came back in a second run with the same seed), and the last run's
+# outcome counts. A failed check, or any other error, fails at once.
+only_own_errors() {
+    ! grep -q "^Failures:" target/fuzz-work/run.log &&
         [[ $(sed -n '/^Errors:/,/^$/p' target/fuzz-work/run.log | grep -c "🚫") -ge 1 ]] &&
-        ! sed -n '/^Errors:/,/^$/p' target/fuzz-work/run.log | grep "🚫" | grep -qv "Runtime Error"; then
-        echo "fuzz_api: schemathesis ended with an error of its own (no check failed); running again" >&2
+        ! sed -n '/^Errors:/,/^$/p' target/fuzz-work/run.log | grep "🚫" | grep -qv "Runtime Error"
+}
+fuzz() {
+    local token=$1 rc=0 try=0
+    shift
+    run_once "$token" "$SEED" "$@" || rc=$?
+    while [[ $rc -ne 0 && $try -lt 2 ]] && only_own_errors; do
+        try=$((try + 1))
+        echo "fuzz_api: schemathesis ended with an error of its own (no check failed); running again with seed $((SEED + try))" >&2
         rc=0
         new_token
-        run_once "$TOKEN" "$@" || rc=$?
-    fi
+        run_once "$TOKEN" "$((SEED + try))" "$@" || rc=$?
+    done
     [[ $rc -eq 0 ]] || status=$rc
 }
 # A logout with the access token ends that token's session: it is fuzzed

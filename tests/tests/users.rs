@@ -2633,8 +2633,12 @@ async fn parallel_wrong_logins_are_throttled() {
         .collect();
     let refused = statuses.iter().filter(|s| **s == 401).count();
     let waiting = statuses.iter().filter(|s| **s == 429).count();
+    // A machine busy enough to keep a request waiting for a database
+    // connection past its bound answers it 503 (busy): it was not
+    // verified either.
+    let busy = statuses.iter().filter(|s| **s == 503).count();
     assert!(refused <= 3, "at most the free attempts: {statuses:?}");
-    assert_eq!(refused + waiting, statuses.len(), "{statuses:?}");
+    assert_eq!(refused + waiting + busy, statuses.len(), "{statuses:?}");
     server.stop().await;
 }
 
