@@ -469,8 +469,9 @@ impl Revocations {
     /// the writer's own change, another read-back) and the row's generation
     /// is not past every one known for the user (or the user was deleted
     /// here): the row may be older than that change; nothing is done and
-    /// false is returned, to read again. Otherwise the holds of the relayed events it was read for go
-    /// (`held`, their highest generation; None: they held none), also when
+    /// false is returned, to read again. Otherwise the holds of the relayed
+    /// events it was read for go (`held`, their highest generation; None:
+    /// they held none), also when
     /// the database does not bear them out (an event that lied refuses
     /// tokens only until its read-back), a user the database has loses a
     /// tombstone a relayed deletion left (ids are never reused), and `c` is

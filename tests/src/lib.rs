@@ -11,4 +11,7 @@ pub use fixtures::db::{base_url, redis_url, user_token, Config, RunningServer, T
 pub use fixtures::server::{server_bin, ServerProc};
 pub use fixtures::services::{OwnRedis, PgReplica};
 pub use fixtures::token::{token, TEST_JWT_SECRET};
-pub use fixtures::{eventually, free_port, private_pg, relay_caught_up, sqlstate};
+pub use fixtures::{
+    eventually, free_port, ids_and_seqs_apart, ids_and_seqs_apart_holding, private_pg,
+    relay_caught_up, sqlstate,
+};

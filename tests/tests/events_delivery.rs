@@ -32,10 +32,10 @@ async fn head(pool: &sqlx::PgPool) -> i64 {
         .unwrap()
 }
 
-async fn announce(pool: &sqlx::PgPool, msg: &str) -> i64 {
+async fn announce<'e>(on: impl sqlx::PgExecutor<'e>, msg: &str) -> i64 {
     sqlx::query_scalar("SELECT sales.announce($1)")
         .bind(msg)
-        .fetch_one(pool)
+        .fetch_one(on)
         .await
         .unwrap()
 }
@@ -393,7 +393,7 @@ async fn an_event_read_after_an_asynchronous_commit_survives_a_crash() {
         .unwrap();
     // A first asynchronous commit wakes an idle WAL writer, which writes
     // it out and then sleeps its 10 s.
-    announce_on(&mut writer, "wakes the WAL writer").await;
+    announce(&mut writer, "wakes the WAL writer").await;
     let written: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
         .fetch_one(&pool)
         .await
@@ -417,7 +417,7 @@ async fn an_event_read_after_an_asynchronous_commit_survives_a_crash() {
     // once; it is idle no more after that.
     let mut id = 0;
     for _ in 0..20 {
-        id = announce_on(&mut writer, "asynchronous").await;
+        id = announce(&mut writer, "asynchronous").await;
         let unwritten: bool =
             sqlx::query_scalar("SELECT pg_current_wal_lsn() < pg_current_wal_insert_lsn()")
                 .fetch_one(&mut writer)
@@ -467,14 +467,6 @@ async fn an_event_read_after_an_asynchronous_commit_survives_a_crash() {
         .await
         .unwrap();
     assert!(next_seq > seq, "{next_seq} > {seq}");
-}
-
-async fn announce_on(c: &mut sqlx::PgConnection, msg: &str) -> i64 {
-    sqlx::query_scalar("SELECT sales.announce($1)")
-        .bind(msg)
-        .fetch_one(c)
-        .await
-        .unwrap()
 }
 
 /// A row moved to another store or month by plain SQL names the key it left,

@@ -2,7 +2,9 @@
 //! slow-query logs, query statistics, readiness, surviving killed database
 //! connections, and graceful shutdown.
 
-use sales_e2e::{eventually, month, server_bin, user_token, Api, Fixture, ServerProc, TestDb};
+use sales_e2e::{
+    eventually, ids_and_seqs_apart, month, server_bin, user_token, Api, Fixture, ServerProc, TestDb,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -23,42 +25,6 @@ async fn one_month() -> Fixture {
         .post("/api/v2/sales/batch", &json!({"salesDataArray": [one]}))
         .await;
     f
-}
-
-/// Two events whose ids and seqs are in opposite orders, as two writers
-/// interleave them: A takes its seq, then B; B writes its row (the lower
-/// id), then A; both commit. Seqs come from the delivery clock, so the
-/// relay delivers both. (id, seq) of each, B's first: the lower id with
-/// the higher seq.
-async fn ids_and_seqs_apart(db: &TestDb) -> [(i64, i64); 2] {
-    let mut a = db.pool.begin().await.unwrap();
-    let mut b = db.pool.begin().await.unwrap();
-    let seq_a: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
-        .fetch_one(&mut *a)
-        .await
-        .unwrap();
-    let seq_b: i64 = sqlx::query_scalar("SELECT sales.event_seq()")
-        .fetch_one(&mut *b)
-        .await
-        .unwrap();
-    let insert = "INSERT INTO sales.events (kind, payload, seq) VALUES ('test-filler', '{}', $1) RETURNING id";
-    let id_b: i64 = sqlx::query_scalar(insert)
-        .bind(seq_b)
-        .fetch_one(&mut *b)
-        .await
-        .unwrap();
-    let id_a: i64 = sqlx::query_scalar(insert)
-        .bind(seq_a)
-        .fetch_one(&mut *a)
-        .await
-        .unwrap();
-    b.commit().await.unwrap();
-    a.commit().await.unwrap();
-    assert!(
-        id_b < id_a && seq_b > seq_a,
-        "{id_b} {seq_b}, {id_a} {seq_a}"
-    );
-    [(id_b, seq_b), (id_a, seq_a)]
 }
 
 /// `events_relay_lag_events` counts the events past the relay's position

@@ -155,8 +155,9 @@ const CATCH_UP_EVENTS: i64 = 10_000;
 
 /// How long a log's relayed position (`{prefix}:relayed:{epoch}`) lives
 /// after its last mark. Marked with every invalidation the relay applies
-/// and at every start; one that expired (a log no instance relays, or no event in
-/// 30 days) is what a first start finds: every entry is made stale once.
+/// and at every start; one that expired (a log no instance relays, or no
+/// event in 30 days) is what a first start finds: every entry is made
+/// stale once.
 pub const RELAYED_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Tags held pending by [`Cache::hold`]; released when dropped.
